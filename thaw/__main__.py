@@ -1,0 +1,5 @@
+import sys
+
+from thaw.cli import main
+
+sys.exit(main())
