@@ -1,0 +1,43 @@
+"""Image transforms built from an adapter's Preprocessing, so inputs match the weights."""
+
+from __future__ import annotations
+
+import torch
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms import v2
+
+from thaw.models.adapter import Preprocessing
+
+
+def _interpolation(preprocessing: Preprocessing) -> InterpolationMode:
+    return InterpolationMode(preprocessing.interpolation)
+
+
+def _to_normalised_tensor(preprocessing: Preprocessing) -> list[v2.Transform]:
+    return [
+        v2.ToImage(),
+        v2.ToDtype(torch.float32, scale=True),
+        v2.Normalize(mean=list(preprocessing.mean), std=list(preprocessing.std)),
+    ]
+
+
+def eval_transform(preprocessing: Preprocessing) -> v2.Compose:
+    """Resize the short side, centre-crop, normalise: torchvision's own evaluation preset."""
+    return v2.Compose(
+        [
+            v2.Resize(preprocessing.resize_size, interpolation=_interpolation(preprocessing), antialias=True),
+            v2.CenterCrop(preprocessing.crop_size),
+            *_to_normalised_tensor(preprocessing),
+        ]
+    )
+
+
+def train_transform(preprocessing: Preprocessing) -> v2.Compose:
+    """The standard fine-tuning augmentation: random resized crop and horizontal flip."""
+    return v2.Compose(
+        [
+            v2.RandomResizedCrop(preprocessing.crop_size, interpolation=_interpolation(preprocessing), antialias=True),
+            v2.RandomHorizontalFlip(),
+            *_to_normalised_tensor(preprocessing),
+        ]
+    )

@@ -1,0 +1,34 @@
+"""Model adapters: build or wrap a pretrained model and answer thaw's contract about it."""
+
+from __future__ import annotations
+
+import torch
+
+from thaw.models.adapter import LayerGroup, ModelAdapter, Preprocessing
+from thaw.models.generic import adapt
+from thaw.models.timm_models import build_timm
+from thaw.models.torchvision_models import build_torchvision, list_torchvision_models
+
+TIMM_PREFIX = "timm/"
+
+__all__ = [
+    "LayerGroup",
+    "ModelAdapter",
+    "Preprocessing",
+    "adapt",
+    "build_model",
+    "list_torchvision_models",
+]
+
+
+def build_model(
+    name: str,
+    *,
+    weights: str | None = None,
+    num_classes: int | None = None,
+    device: str | torch.device = "cpu",
+) -> ModelAdapter:
+    """A torchvision model by name, or a timm one as ``timm/NAME``, adapted to `num_classes`."""
+    if name.startswith(TIMM_PREFIX):
+        return build_timm(name[len(TIMM_PREFIX) :], weights=weights, num_classes=num_classes, device=device)
+    return build_torchvision(name, weights=weights, num_classes=num_classes, device=device)

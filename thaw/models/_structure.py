@@ -1,0 +1,268 @@
+"""General rules that find a model's head and layer groups from its structure.
+
+These rules hold for every torchvision classifier and for most hand-written
+models; users override them by naming modules (``head="classifier.1"``,
+explicit groups) when they do not.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from torch import nn
+
+from thaw.errors import ThawError
+from thaw.models.adapter import LayerGroup
+
+NORM_TYPES: tuple[type[nn.Module], ...] = (
+    nn.modules.batchnorm._BatchNorm,
+    nn.LayerNorm,
+    nn.GroupNorm,
+    nn.modules.instancenorm._InstanceNorm,
+    nn.LocalResponseNorm,
+)
+HEAD_TYPES = (nn.Linear, nn.Conv2d)
+# A container holding more than this share of the parameters is a trunk
+# (ViT's encoder.layers, RegNet's trunk_output): split it into its blocks.
+TRUNK_SHARE = 0.9
+# Fewer groups than this cannot express discriminative learning rates.
+MIN_GROUPS = 4
+
+
+def has_params(module: nn.Module) -> bool:
+    return next(module.parameters(), None) is not None
+
+
+def is_norm(module: nn.Module) -> bool:
+    return isinstance(module, NORM_TYPES)
+
+
+def last_linear_name(model: nn.Module) -> str:
+    """The last nn.Linear in registration order: the head of almost every classifier."""
+    names = [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
+    if not names:
+        raise ThawError(
+            f"no nn.Linear found in {type(model).__name__} to use as the head; "
+            "name it explicitly, e.g. adapt(model, head='classifier.1') or --head classifier.1"
+        )
+    return names[-1]
+
+
+def check_head(model: nn.Module, head_name: str) -> nn.Module:
+    try:
+        head = model.get_submodule(head_name)
+    except AttributeError:
+        modules = [name for name, module in model.named_modules() if isinstance(module, HEAD_TYPES)]
+        raise ThawError(
+            f"head {head_name!r} is not a module of {type(model).__name__}; "
+            f"Linear/Conv2d modules are: {', '.join(modules[-6:]) or 'none'}"
+        ) from None
+    if not isinstance(head, HEAD_TYPES):
+        raise ThawError(f"head {head_name!r} is a {type(head).__name__}; it must be an nn.Linear or a 1x1 nn.Conv2d")
+    return head
+
+
+def replace_head(model: nn.Module, head_name: str, num_classes: int) -> nn.Module:
+    """Swap the head for a fresh N-class layer in place, so dropout and pooling around it stay."""
+    if num_classes < 1:
+        raise ThawError(f"num_classes must be at least 1, got {num_classes}")
+    old = check_head(model, head_name)
+    like = {"device": old.weight.device, "dtype": old.weight.dtype, "bias": old.bias is not None}
+    if isinstance(old, nn.Linear):
+        new: nn.Module = nn.Linear(old.in_features, num_classes, **like)
+    else:
+        new = nn.Conv2d(old.in_channels, num_classes, kernel_size=old.kernel_size, **like)
+    parent_name, _, child_name = head_name.rpartition(".")
+    setattr(model.get_submodule(parent_name), child_name, new)
+    return new
+
+
+def head_block(model: nn.Module, head_name: str) -> list[str]:
+    """The head plus the parameter-free modules next to it in its Sequential (dropout, pooling).
+
+    Features are the input of this block, so a cached-feature head still sees
+    its dropout in training.
+    """
+    parent_name, _, child_name = head_name.rpartition(".")
+    parent = model.get_submodule(parent_name)
+    if not isinstance(parent, nn.Sequential):
+        return [head_name]
+    names = [name for name, _ in parent.named_children()]
+    start = end = names.index(child_name)
+    while start > 0 and not has_params(parent.get_submodule(names[start - 1])):
+        start -= 1
+    while end + 1 < len(names) and not has_params(parent.get_submodule(names[end + 1])):
+        end += 1
+    prefix = f"{parent_name}." if parent_name else ""
+    return [prefix + name for name in names[start : end + 1]]
+
+
+class _FeaturesReady(Exception):
+    """Raised by a hook to stop the forward pass once the head's input is known."""
+
+    def __init__(self, features: torch.Tensor) -> None:
+        self.features = features
+
+
+def hook_split(
+    model: nn.Module, block: list[str]
+) -> tuple[Callable[[torch.Tensor], torch.Tensor], Callable[[torch.Tensor], torch.Tensor]]:
+    """forward_features / forward_head for a model whose forward ends with `block`."""
+    first = model.get_submodule(block[0])
+    modules = [model.get_submodule(name) for name in block]
+
+    def stop_at_head(_module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+        raise _FeaturesReady(args[0])
+
+    def forward_features(images: torch.Tensor) -> torch.Tensor:
+        handle = first.register_forward_pre_hook(stop_at_head)
+        try:
+            model(images)
+        except _FeaturesReady as ready:
+            return ready.features
+        finally:
+            handle.remove()
+        raise ThawError(f"the forward pass never reached the head {block[0]!r}; name the head explicitly")
+
+    def forward_head(features: torch.Tensor) -> torch.Tensor:
+        out = features
+        for module in modules:
+            out = module(out)
+        # A 1x1-conv head (SqueezeNet) ends in pooled maps that forward flattens.
+        return torch.flatten(out, 1) if out.dim() > 2 else out
+
+    return forward_features, forward_head
+
+
+@dataclass
+class _Unit:
+    """A candidate piece of a group: one module, or the parameters a module owns directly."""
+
+    path: str
+    params: list[str]
+    module: nn.Module | None  # None for directly-owned parameters (ViT's class_token)
+    members: list[str] = field(default_factory=list)
+
+    @property
+    def is_leaf(self) -> bool:
+        return self.module is not None and not any(has_params(c) for c in self.module.children())
+
+
+class _Grouper:
+    """Walks the module tree, splitting trunks, to produce ordered layer groups."""
+
+    def __init__(self, model: nn.Module, head_modules: list[str]) -> None:
+        self.model = model
+        self.head_modules = set(head_modules)
+        self.canonical = {id(p): name for name, p in model.named_parameters()}
+        self.claimed: set[str] = set()
+
+    def _params_of(self, module: nn.Module, prefix: str, recurse: bool) -> list[str]:
+        names = []
+        for param in module.parameters(recurse=recurse):
+            name = self.canonical[id(param)]
+            if name not in self.claimed and not self._in_head(name):
+                self.claimed.add(name)
+                names.append(name)
+        return names
+
+    def _in_head(self, param_name: str) -> bool:
+        return any(param_name.startswith(head + ".") for head in self.head_modules)
+
+    def units_of(self, module: nn.Module, prefix: str) -> list[_Unit]:
+        units = []
+        direct = self._params_of(module, prefix, recurse=False)
+        if direct:
+            units.append(_Unit(prefix or "<root>", direct, None))
+        for name, child in module.named_children():
+            path = f"{prefix}.{name}" if prefix else name
+            if path in self.head_modules or not has_params(child):
+                continue
+            if any(head.startswith(path + ".") for head in self.head_modules):
+                units.extend(self.units_of(child, path))
+                continue
+            params = self._params_of(child, path, recurse=True)
+            if params:
+                units.append(_Unit(path, params, child, [path]))
+        return units
+
+    def expand(self, unit: _Unit) -> list[_Unit]:
+        self.claimed.difference_update(unit.params)
+        return self.units_of(unit.module, unit.path)
+
+
+def _split_trunks(grouper: _Grouper, units: list[_Unit]) -> list[_Unit]:
+    numel = {name: p.numel() for name, p in grouper.model.named_parameters()}
+
+    def weight(unit: _Unit) -> int:
+        return sum(numel[name] for name in unit.params)
+
+    while True:
+        splittable = [u for u in units if u.module is not None and not u.is_leaf]
+        if not splittable:
+            return units
+        biggest = max(splittable, key=weight)
+        total = sum(weight(u) for u in units) or 1
+        if len(units) >= MIN_GROUPS and weight(biggest) <= TRUNK_SHARE * total:
+            return units
+        index = units.index(biggest)
+        units[index : index + 1] = grouper.expand(biggest)
+
+
+def _merge_small_units(units: list[_Unit]) -> list[_Unit]:
+    """A norm layer joins the layer before it; loose parameters join their neighbour."""
+    merged: list[_Unit] = []
+    pending: list[_Unit] = []  # loose parameters seen before any layer
+    for unit in units:
+        joins_previous = unit.module is None or (unit.is_leaf and is_norm(unit.module))
+        if joins_previous and merged:
+            merged[-1].params.extend(unit.params)
+            merged[-1].members.extend(unit.members or [unit.path])
+        elif unit.module is None:
+            pending.append(unit)
+        else:
+            for loose in pending:
+                unit.params[:0] = loose.params
+                unit.members.insert(0, loose.path)
+            pending.clear()
+            merged.append(unit)
+    return merged
+
+
+def infer_groups(model: nn.Module, head_modules: list[str]) -> list[LayerGroup]:
+    """Ordered groups from stem to head by the general rule (see module docstring)."""
+    grouper = _Grouper(model, head_modules)
+    units = _merge_small_units(_split_trunks(grouper, grouper.units_of(model, "")))
+    groups = []
+    for index, unit in enumerate(units):
+        name = "stem" if index == 0 and len(unit.members) > 1 else unit.path
+        groups.append(LayerGroup(name, tuple(unit.members or [unit.path]), tuple(unit.params)))
+    head_params = [
+        name for name, _ in model.named_parameters() if any(name.startswith(h + ".") for h in head_modules)
+    ]
+    groups.append(LayerGroup("head", tuple(head_modules), tuple(head_params)))
+    return groups
+
+
+def explicit_groups(model: nn.Module, spec: dict[str, list[str]], head_modules: list[str]) -> list[LayerGroup]:
+    """Groups named by the user, stem first; the head group is added last."""
+    canonical = {id(p): name for name, p in model.named_parameters()}
+    groups, problems = [], []
+    for group_name, module_names in spec.items():
+        params: list[str] = []
+        for module_name in module_names:
+            try:
+                module = model.get_submodule(module_name)
+            except AttributeError:
+                problems.append(f"group {group_name!r}: no module named {module_name!r}")
+                continue
+            params.extend(canonical[id(p)] for p in module.parameters())
+        groups.append(LayerGroup(group_name, tuple(module_names), tuple(dict.fromkeys(params))))
+    if problems:
+        raise ThawError("; ".join(problems))
+    head_params = [n for n, _ in model.named_parameters() if any(n.startswith(h + ".") for h in head_modules)]
+    groups = [LayerGroup(g.name, g.modules, tuple(p for p in g.params if p not in head_params)) for g in groups]
+    groups.append(LayerGroup("head", tuple(head_modules), tuple(head_params)))
+    return groups

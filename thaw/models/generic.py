@@ -1,0 +1,71 @@
+"""Adapters for any nn.Module, by the general structural rules or by names the user gives."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from thaw.models import _structure
+from thaw.models.adapter import ModelAdapter, Preprocessing
+
+
+def adapt_module(
+    model: nn.Module,
+    *,
+    num_classes: int | None = None,
+    head: str | None = None,
+    groups: dict[str, list[str]] | None = None,
+    preprocessing: Preprocessing | None = None,
+    family: str = "generic",
+) -> ModelAdapter:
+    """Wrap any classifier: the last Linear is the head unless `head` names another module.
+
+    `groups` maps group names (stem first) to module names; without it groups
+    come from the model's structure (see thaw.models._structure).
+    """
+    head_name = head or _structure.last_linear_name(model)
+    _structure.check_head(model, head_name)
+    if num_classes is not None:
+        _structure.replace_head(model, head_name, num_classes)
+    block = _structure.head_block(model, head_name)
+    if groups:
+        layer_groups = _structure.explicit_groups(model, groups, block)
+    else:
+        layer_groups = _structure.infer_groups(model, block)
+    features_fn, head_fn = _structure.hook_split(model, block)
+    return ModelAdapter(
+        model,
+        family=family,
+        head_name=head_name,
+        groups=layer_groups,
+        preprocessing=preprocessing or Preprocessing(),
+        features_fn=features_fn,
+        head_fn=head_fn,
+    )
+
+
+def is_timm_model(model: nn.Module) -> bool:
+    return all(hasattr(model, attr) for attr in ("group_matcher", "reset_classifier", "forward_head"))
+
+
+def is_torchvision_model(model: nn.Module) -> bool:
+    return type(model).__module__.startswith("torchvision.models")
+
+
+def adapt(model: nn.Module, **options: object) -> ModelAdapter:
+    """The one entry point for a model you already built: picks the family's adapter."""
+    if is_timm_model(model) and not options.get("head") and not options.get("groups"):
+        from thaw.models.timm_models import adapt_timm
+
+        return adapt_timm(model, num_classes=options.get("num_classes"))  # type: ignore[arg-type]
+    if is_torchvision_model(model):
+        from thaw.models.torchvision_models import adapt_torchvision
+
+        return adapt_torchvision(model, **options)  # type: ignore[arg-type]
+    return adapt_module(model, **options)  # type: ignore[arg-type]
+
+
+def dummy_input(adapter: ModelAdapter, batch: int = 2, device: torch.device | str = "cpu") -> torch.Tensor:
+    """A batch at the size the weights expect, for shape checks and tests."""
+    size = adapter.preprocessing.crop_size
+    return torch.randn(batch, 3, size, size, device=device)

@@ -1,0 +1,116 @@
+"""timm models through timm's own contract: get_classifier, reset_classifier, group_matcher, pretrained_cfg."""
+
+from __future__ import annotations
+
+import os
+from contextlib import nullcontext
+
+import torch
+from torch import nn
+
+from thaw.errors import ThawError
+from thaw.models.adapter import LayerGroup, ModelAdapter, Preprocessing
+
+
+def _import_timm():
+    try:
+        import timm
+    except ImportError:
+        raise ThawError("timm is not installed; install it with `pip install 'thaw[timm]'`") from None
+    return timm
+
+
+def _module_name(model: nn.Module, module: nn.Module) -> str:
+    for name, candidate in model.named_modules():
+        if candidate is module:
+            return name
+    raise ThawError(f"{type(model).__name__}.get_classifier() returned a module that is not part of the model")
+
+
+def _group_name(index: int, params: list[str]) -> str:
+    """Name a timm group by the module path its parameters share (stem when they share none)."""
+    common = os.path.commonprefix([p.split(".") for p in params])
+    if common and len(common) == len(params[0].split(".")):
+        common = common[:-1]  # a single parameter: name its module
+    return ".".join(common) if common else ("stem" if index == 0 else f"group{index}")
+
+
+def timm_groups(model: nn.Module, head_name: str) -> list[LayerGroup]:
+    from timm.models import group_parameters
+
+    head_params = tuple(n for n, _ in model.named_parameters() if n.startswith(head_name + "."))
+    ordered = group_parameters(model, model.group_matcher(coarse=True))
+    groups, seen = [], set()
+    for _, names in sorted(ordered.items()):
+        body = [n for n in names if n not in head_params]
+        if body:
+            name = _group_name(len(groups), body)
+            name = name if name not in seen and name != "head" else f"{name}#{len(groups)}"
+            seen.add(name)
+            modules = tuple(dict.fromkeys(n.rsplit(".", 1)[0] for n in body))
+            groups.append(LayerGroup(name, modules, tuple(body)))
+    groups.append(LayerGroup("head", (head_name,), head_params))
+    return groups
+
+
+def timm_preprocessing(model: nn.Module) -> Preprocessing:
+    from timm.data import resolve_data_config
+
+    config = resolve_data_config({}, model=model)
+    crop = int(config["input_size"][-1])
+    return Preprocessing(
+        mean=tuple(config["mean"]),
+        std=tuple(config["std"]),
+        resize_size=int(round(crop / config.get("crop_pct", 0.875))),
+        crop_size=crop,
+        interpolation=str(config.get("interpolation", "bicubic")),
+        source="timm pretrained_cfg",
+    )
+
+
+def adapt_timm(model: nn.Module, *, num_classes: int | None = None) -> ModelAdapter:
+    if num_classes is not None:
+        if num_classes < 1:
+            raise ThawError(f"num_classes must be at least 1, got {num_classes}")
+        model.reset_classifier(num_classes)
+    classifier = model.get_classifier()
+    if not isinstance(classifier, (nn.Linear, nn.Conv2d)) or classifier is None:
+        raise ThawError(f"{type(model).__name__} has no Linear classifier; build it with num_classes >= 1")
+    head_name = _module_name(model, classifier)
+    return ModelAdapter(
+        model,
+        family="timm",
+        head_name=head_name,
+        groups=timm_groups(model, head_name),
+        preprocessing=timm_preprocessing(model),
+        features_fn=model.forward_features,
+        head_fn=model.forward_head,
+    )
+
+
+def build_timm(
+    name: str,
+    *,
+    weights: str | None = None,
+    num_classes: int | None = None,
+    device: str | torch.device = "cpu",
+) -> ModelAdapter:
+    """`weights`: None for random init, "DEFAULT" for timm's pretrained download, or a file path."""
+    timm = _import_timm()
+    if name not in timm.list_models():
+        raise ThawError(f"unknown timm model {name!r}; see timm.list_models() for names")
+    on_meta = torch.device(device).type == "meta"
+    options: dict[str, object] = {}
+    if weights and weights.lower() not in ("none", "default") and not on_meta:
+        options = {"pretrained": True, "pretrained_cfg_overlay": {"file": weights}}
+    elif weights and weights.lower() == "default" and not on_meta:
+        options = {"pretrained": True}
+    try:
+        with torch.device("meta") if on_meta else nullcontext():
+            model = timm.create_model(name, **options)
+    except (OSError, RuntimeError) as error:
+        raise ThawError(
+            f"could not load timm weights for {name} ({str(error).splitlines()[0]}); "
+            "offline, pass a local file with --weights PATH"
+        ) from None
+    return adapt_timm(model.to(device) if not on_meta else model, num_classes=num_classes)

@@ -1,0 +1,133 @@
+"""Every classification builder in torchvision.models, by the general rules plus two special cases."""
+
+from __future__ import annotations
+
+import difflib
+from contextlib import contextmanager
+from typing import Iterator
+from pathlib import Path
+
+import torch
+import torchvision
+from torch import nn
+from torchvision import models as tv_models
+
+from thaw.errors import ThawError
+from thaw.models import weights as weights_io
+from thaw.models.adapter import Preprocessing
+from thaw.models.generic import adapt_module
+
+# SqueezeNet classifies with a 1x1 convolution, not a Linear.
+SPECIAL_HEADS = {"SqueezeNet": "classifier.1"}
+
+
+def list_torchvision_models() -> list[str]:
+    return sorted(tv_models.list_models(module=tv_models))
+
+
+def check_model_name(name: str) -> None:
+    known = list_torchvision_models()
+    if name not in known:
+        close = difflib.get_close_matches(name, known, n=3)
+        hint = f"did you mean {', '.join(close)}? " if close else ""
+        raise ThawError(f"unknown model {name!r}; {hint}run `thaw models` for the list (timm models: timm/NAME)")
+
+
+def weights_enum(name: str, weights: str) -> torchvision.models.WeightsEnum:
+    enum = tv_models.get_model_weights(name)
+    try:
+        return enum[weights]
+    except KeyError:
+        valid = ", ".join(enum.__members__)
+        raise ThawError(f"{name} has no weights {weights!r}; choose one of {valid}, a file path, or none") from None
+
+
+def preprocessing_of(entry: torchvision.models.WeightsEnum, note: str = "") -> Preprocessing:
+    """The preset torchvision attaches to the weights (resize, crop, mean, std, interpolation)."""
+    preset = entry.transforms()
+    return Preprocessing(
+        mean=tuple(preset.mean),
+        std=tuple(preset.std),
+        resize_size=int(preset.resize_size[0]),
+        crop_size=int(preset.crop_size[0]),
+        interpolation=preset.interpolation.value,
+        source=f"{entry}{note}",
+    )
+
+
+def drop_aux_heads(model: nn.Module) -> None:
+    """GoogLeNet and Inception v3 carry ImageNet auxiliary heads that only help training from scratch."""
+    if hasattr(model, "aux_logits"):
+        model.aux_logits = False
+        for attr in ("AuxLogits", "aux1", "aux2"):
+            if hasattr(model, attr):
+                setattr(model, attr, None)
+
+
+def adapt_torchvision(model: nn.Module, **options: object):
+    drop_aux_heads(model)
+    options.setdefault("head", SPECIAL_HEADS.get(type(model).__name__))
+    return adapt_module(model, family="torchvision", **options)  # type: ignore[arg-type]
+
+
+def build_torchvision(
+    name: str,
+    *,
+    weights: str | None = None,
+    num_classes: int | None = None,
+    device: str | torch.device = "cpu",
+):
+    """Build `name` with `weights` (a torchvision weights name, a file path, or None) and adapt it.
+
+    On the meta device nothing is loaded: enough for plans and parameter counts.
+    """
+    check_model_name(name)
+    default = tv_models.get_model_weights(name).DEFAULT
+    is_path = weights is not None and (Path(weights).suffix in {".pth", ".pt", ".bin", ".safetensors"} or "/" in weights)
+    entry = weights_enum(name, weights) if weights and not is_path and weights.lower() != "none" else None
+    on_meta = torch.device(device).type == "meta"
+    if entry is not None and not on_meta:
+        weights_io.ensure_cached(entry.url)
+    if on_meta:
+        # Nothing is loaded on meta, so the architecture is the builder's default one.
+        model = _build_on_meta(name)
+    else:
+        model = tv_models.get_model(name, weights=entry)
+    if is_path and not on_meta:
+        weights_io.load_into(model, weights_io.load_state_dict_file(Path(weights)), str(weights))
+    note = "" if entry or is_path else " preprocessing (no weights loaded)"
+    preprocessing = preprocessing_of(entry or default, note)
+    if not on_meta:
+        model.to(device)
+    return adapt_torchvision(model, num_classes=num_classes, preprocessing=preprocessing)
+
+
+
+def _build_on_meta(name: str) -> nn.Module:
+    try:
+        with torch.device("meta"):
+            return tv_models.get_model(name, weights=None)
+    except NotImplementedError:
+        # RegNet computes its widths with tensors while building; move parameters instead.
+        with _parameters_on_meta():
+            return tv_models.get_model(name, weights=None)
+
+
+@contextmanager
+def _parameters_on_meta() -> Iterator[None]:
+    """Each parameter and buffer moves to meta as it is registered (as accelerate's init_empty_weights)."""
+    register_parameter, register_buffer = nn.Module.register_parameter, nn.Module.register_buffer
+
+    def on_meta_parameter(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
+        if param is not None:
+            param = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+        register_parameter(module, name, param)
+
+    def on_meta_buffer(module: nn.Module, name: str, tensor: torch.Tensor | None, persistent: bool = True) -> None:
+        register_buffer(module, name, None if tensor is None else tensor.to("meta"), persistent)
+
+    nn.Module.register_parameter, nn.Module.register_buffer = on_meta_parameter, on_meta_buffer
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter, nn.Module.register_buffer = register_parameter, register_buffer

