@@ -1,0 +1,47 @@
+"""Plans: freezing, parameter groups, learning rates and stages, resolved against an adapter."""
+
+from __future__ import annotations
+
+import torch
+
+from thaw.models.adapter import ModelAdapter
+from thaw.plan.config import load_plan, plan_from_dict
+from thaw.plan.freeze import apply_trainable
+from thaw.plan.lr import ConstantLr, DecayLr, ExplicitLr, RangeLr
+from thaw.plan.optim import audit_optimizer, build_optimizer, param_groups
+from thaw.plan.report import count_parameters, plan_report, render_plan, trainable_line
+from thaw.plan.selectors import resolve
+from thaw.plan.stages import Plan, ResolvedStage, Stage, resolve_stage
+from thaw.plan.strategies import STRATEGIES, build_plan
+
+__all__ = [
+    "ConstantLr",
+    "DecayLr",
+    "ExplicitLr",
+    "Plan",
+    "RangeLr",
+    "ResolvedStage",
+    "STRATEGIES",
+    "Stage",
+    "apply_stage",
+    "apply_trainable",
+    "audit_optimizer",
+    "build_optimizer",
+    "build_plan",
+    "count_parameters",
+    "load_plan",
+    "param_groups",
+    "plan_from_dict",
+    "plan_report",
+    "render_plan",
+    "resolve",
+    "resolve_stage",
+    "trainable_line",
+]
+
+
+def apply_stage(adapter: ModelAdapter, stage: Stage, optimizer: str = "adamw") -> tuple[ResolvedStage, torch.optim.Optimizer]:
+    """Freeze, set the BatchNorm policy and build an audited optimizer for one stage, in that order."""
+    resolved = resolve_stage(adapter, stage)
+    apply_trainable(adapter, list(resolved.trainable), stage.batchnorm)
+    return resolved, build_optimizer(adapter, resolved, optimizer)

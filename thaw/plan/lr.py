@@ -1,0 +1,83 @@
+"""Learning-rate rules: how a stage gives each layer group its lr.
+
+Rules assign an lr to every group (stem = index 0, head = last), frozen or
+not, so a group keeps the same lr as later stages unfreeze more of the model.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from thaw.errors import ThawError
+
+
+def check_lr(value: float, what: str) -> float:
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or value <= 0:
+        raise ThawError(f"{what} must be a positive finite number, got {value!r}; try 1e-3 for a head")
+    return float(value)
+
+
+@dataclass(frozen=True)
+class ConstantLr:
+    """Every trainable group at one lr (a head-only stage needs nothing else)."""
+
+    lr: float
+
+    def lrs(self, group_names: list[str]) -> dict[str, float]:
+        return {name: check_lr(self.lr, "lr") for name in group_names}
+
+
+@dataclass(frozen=True)
+class RangeLr:
+    """fastai's slice(lo, hi): geometric from the stem (lo) to the head (hi)."""
+
+    low: float
+    high: float
+
+    def lrs(self, group_names: list[str]) -> dict[str, float]:
+        low, high = check_lr(self.low, "lr range start"), check_lr(self.high, "lr range end")
+        steps = max(len(group_names) - 1, 1)
+        return {name: low * (high / low) ** (index / steps) for index, name in enumerate(group_names)}
+
+
+@dataclass(frozen=True)
+class DecayLr:
+    """Layer-wise decay: each group's lr is head_lr x decay^(groups between it and the head)."""
+
+    head_lr: float
+    decay: float
+
+    def lrs(self, group_names: list[str]) -> dict[str, float]:
+        head_lr = check_lr(self.head_lr, "lr")
+        if not 0 < self.decay <= 1:
+            raise ThawError(f"layer decay must be in (0, 1], got {self.decay!r}; 0.75 is a common choice")
+        last = len(group_names) - 1
+        return {name: head_lr * self.decay ** (last - index) for index, name in enumerate(group_names)}
+
+
+@dataclass(frozen=True)
+class ExplicitLr:
+    """An lr per group, named by group or by a module inside it. Trainable groups left out are an error."""
+
+    by_name: dict[str, float] = field(default_factory=dict)
+
+    def lrs(self, group_names: list[str]) -> dict[str, float]:
+        # Names are mapped to groups by the plan resolver, which knows the model.
+        return {name: check_lr(lr, f"lr for {name}") for name, lr in self.by_name.items() if name in group_names}
+
+
+LrRule = ConstantLr | RangeLr | DecayLr | ExplicitLr
+
+
+def describe(rule: LrRule) -> str:
+    match rule:
+        case ConstantLr(lr):
+            return f"{lr:g}"
+        case RangeLr(low, high):
+            return f"range {low:g}:{high:g}"
+        case DecayLr(head_lr, decay):
+            return f"{head_lr:g} with layer decay {decay:g}"
+        case ExplicitLr(by_name):
+            return ", ".join(f"{k}={v:g}" for k, v in by_name.items())
+    raise TypeError(rule)

@@ -1,0 +1,81 @@
+"""What is trainable: counted first (data, also for --json), rendered second."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from thaw.models.adapter import ModelAdapter
+from thaw.plan.stages import Plan, ResolvedStage, resolve_stage
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total), each shared parameter counted once."""
+    params = list(model.parameters())
+    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+
+
+def trainable_line(trainable: int, total: int) -> str:
+    share = 100.0 * trainable / total if total else 0.0
+    return f"Trainable: {trainable:,} / {total:,} ({share:.1f}%)"
+
+
+def stage_report(resolved: ResolvedStage) -> dict:
+    return {
+        "name": resolved.stage.name,
+        "epochs": resolved.stage.epochs,
+        "trainable_params": resolved.trainable_params,
+        "groups": [
+            {
+                "name": g.name,
+                "params": g.params,
+                "trainable": g.trainable,
+                "lr": g.lr,
+                "weight_decay": g.weight_decay,
+                "batchnorm": g.batchnorm,
+            }
+            for g in resolved.groups
+        ],
+    }
+
+
+def plan_report(adapter: ModelAdapter, plan: Plan, model_name: str) -> dict:
+    """The whole plan for one model as data; resolving every stage also validates it."""
+    _, total = count_parameters(adapter.model)
+    return {
+        "model": model_name,
+        "num_classes": adapter.num_classes,
+        "total_params": total,
+        "preprocessing": vars(adapter.preprocessing) | {"mean": list(adapter.preprocessing.mean), "std": list(adapter.preprocessing.std)},
+        "stages": [stage_report(resolve_stage(adapter, stage)) for stage in plan.stages],
+    }
+
+
+def _cell(value: object) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.3g}"
+    if isinstance(value, int):
+        return f"{value:,}"
+    return str(value)
+
+
+def render_table(rows: list[list[str]], header: list[str]) -> str:
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+    lines = ["  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths))) for row in [header, *rows]]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def render_plan(report: dict) -> str:
+    out = [f"{report['model']}: {report['num_classes']} classes, {report['total_params']:,} parameters"]
+    header = ["group", "params", "trainable", "lr", "weight decay", "batchnorm"]
+    for index, stage in enumerate(report["stages"], 1):
+        out.append("")
+        out.append(f"Stage {index}/{len(report['stages'])} {stage['name']!r}: {stage['epochs']} epochs")
+        out.append(trainable_line(stage["trainable_params"], report["total_params"]))
+        rows = [[_cell(g[k]) for k in ("name", "params", "trainable", "lr", "weight_decay", "batchnorm")] for g in stage["groups"]]
+        out.append(render_table(rows, header))
+    out.append("")
+    out.append("Frozen groups get no lr, no weight decay and no optimizer state; norm and bias parameters never decay.")
+    return "\n".join(out)

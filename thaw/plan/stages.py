@@ -1,0 +1,137 @@
+"""Plans: a list of stages, each saying what trains, at which lrs, with which BatchNorm policy.
+
+A plan is pure data (frozen dataclasses). `resolve_stage` turns a stage into
+numbers for one model without changing the model: what `thaw plan` prints and
+what the training loop applies.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from thaw.errors import ThawError
+from thaw.models.adapter import ModelAdapter
+from thaw.plan import selectors
+from thaw.plan.freeze import BatchNormPolicy, batchnorm_layers, trainable_names
+from thaw.plan.lr import ConstantLr, ExplicitLr, LrRule, check_lr
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    epochs: int
+    train: tuple[str, ...] = ("head",)
+    lr: LrRule = ConstantLr(1e-3)
+    weight_decay: float = 0.01
+    batchnorm: BatchNormPolicy = "frozen"
+
+
+@dataclass(frozen=True)
+class Plan:
+    stages: tuple[Stage, ...]
+
+    def __post_init__(self) -> None:
+        if not self.stages:
+            raise ThawError("a plan needs at least one stage")
+
+
+@dataclass(frozen=True)
+class GroupView:
+    name: str
+    params: int
+    trainable: int
+    lr: float | None
+    weight_decay: float | None
+    batchnorm: str | None
+
+
+@dataclass(frozen=True)
+class ResolvedStage:
+    stage: Stage
+    trainable: tuple[str, ...]
+    group_lrs: dict[str, float] = field(repr=False)
+    groups: tuple[GroupView, ...] = ()
+
+    @property
+    def trainable_params(self) -> int:
+        return sum(g.trainable for g in self.groups)
+
+    @property
+    def total_params(self) -> int:
+        return sum(g.params for g in self.groups)
+
+
+def _explicit_group_lrs(adapter: ModelAdapter, rule: ExplicitLr) -> dict[str, float]:
+    """Map `--lr NAME=LR` names (groups, or modules inside groups) onto groups."""
+    by_group: dict[str, float] = {}
+    for name, lr in rule.by_name.items():
+        group = name if name in adapter.group_names else selectors.group_of_module(adapter, name)
+        lr = check_lr(lr, f"lr for {name}")
+        if group in by_group and by_group[group] != lr:
+            raise ThawError(f"two lrs given for group {group!r} ({by_group[group]:g} and {lr:g}, via {name!r})")
+        by_group[group] = lr
+    return by_group
+
+
+def _numel(adapter: ModelAdapter) -> dict[str, int]:
+    return {name: p.numel() for name, p in adapter.model.named_parameters()}
+
+
+def _check_every_trainable_group_has_lr(
+    adapter: ModelAdapter, rule: ExplicitLr, lrs: dict[str, float], trainable: set[str]
+) -> None:
+    numel = _numel(adapter)
+    left_out = []
+    for group in adapter.groups:
+        count = sum(numel[p] for p in group.params if p in trainable)
+        if count and group.name not in lrs:
+            modules = f" ({', '.join(group.modules)})" if group.modules != (group.name,) else ""
+            left_out.append((f"{group.name}{modules}", count))
+    if left_out:
+        missing = sum(count for _, count in left_out)
+        total = sum(numel[p] for p in trainable)
+        listed = ", ".join(f"{name}: {count:,}" for name, count in left_out)
+        raise ThawError(
+            f"lrs given for {', '.join(rule.by_name)} leave {missing:,} of {total:,} trainable parameters "
+            f"in no optimizer group: {listed}; give each an lr (--lr NAME=LR), use --lr-range or "
+            "--layer-decay, or freeze them"
+        )
+
+
+def _batchnorm_by_group(adapter: ModelAdapter) -> dict[str, bool]:
+    has_bn = {group.name: False for group in adapter.groups}
+    for name, _ in batchnorm_layers(adapter.model):
+        try:
+            has_bn[selectors.group_of_module(adapter, name)] = True
+        except ThawError:
+            continue
+    return has_bn
+
+
+def resolve_stage(adapter: ModelAdapter, stage: Stage) -> ResolvedStage:
+    """What a stage means for this model: trainable parameters and each group's lr, wd and BatchNorm policy."""
+    if stage.epochs < 0:
+        raise ThawError(f"stage {stage.name!r}: epochs must be 0 or more, got {stage.epochs}")
+    trainable = set(trainable_names(adapter, selectors.resolve(adapter, stage.train), stage.batchnorm))
+    if isinstance(stage.lr, ExplicitLr):
+        lrs = _explicit_group_lrs(adapter, stage.lr)
+        _check_every_trainable_group_has_lr(adapter, stage.lr, lrs, trainable)
+    else:
+        lrs = stage.lr.lrs(adapter.group_names)
+    numel, has_bn = _numel(adapter), _batchnorm_by_group(adapter)
+    views = []
+    for group in adapter.groups:
+        count = sum(numel[p] for p in group.params if p in trainable)
+        frozen_policy = stage.batchnorm if has_bn[group.name] else None
+        views.append(
+            GroupView(
+                name=group.name,
+                params=sum(numel[p] for p in group.params),
+                trainable=count,
+                lr=lrs.get(group.name) if count else None,
+                weight_decay=stage.weight_decay if count else None,
+                batchnorm=("train" if count and has_bn[group.name] else frozen_policy),
+            )
+        )
+    ordered = tuple(name for name in numel if name in trainable)
+    return ResolvedStage(stage, ordered, {v.name: v.lr for v in views if v.lr is not None}, tuple(views))

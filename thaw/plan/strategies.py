@@ -1,0 +1,98 @@
+"""The built-in strategies, named after the seed recipe.
+
+Defaults follow fastai's fine_tune, whose values hold across many datasets:
+AdamW at 1e-3 for a new head; once everything trains, the head lr halves and
+the stem trains 100x slower than the head (a geometric range in between).
+"""
+
+from __future__ import annotations
+
+import math
+
+from thaw.errors import ThawError
+from thaw.plan.freeze import BatchNormPolicy
+from thaw.plan.lr import ConstantLr, DecayLr, ExplicitLr, LrRule, RangeLr
+from thaw.plan.stages import Plan, Stage
+
+STRATEGIES = ("feature-extract", "fine-tune", "two-phase", "gradual")
+DEFAULT_HEAD_LR = 1e-3
+AFTER_HEAD_PHASE_FACTOR = 0.5  # fastai halves the lr once the head is trained
+STEM_TO_HEAD_RATIO = 100.0  # fastai's lr_mult
+
+
+def unfrozen_rule(
+    head_lr: float,
+    *,
+    lr_range: tuple[float, float] | None = None,
+    layer_decay: float | None = None,
+    lrs: dict[str, float] | None = None,
+) -> LrRule:
+    """The lr rule for a stage that trains more than the head."""
+    chosen = [option for option in (lr_range, layer_decay, lrs) if option]
+    if len(chosen) > 1:
+        raise ThawError("give only one of --lr-range, --layer-decay and per-group --lr NAME=LR")
+    if lrs:
+        return ExplicitLr(dict(lrs))
+    if lr_range:
+        return RangeLr(*lr_range)
+    if layer_decay is not None:
+        return DecayLr(head_lr, layer_decay)
+    return RangeLr(head_lr / STEM_TO_HEAD_RATIO, head_lr)
+
+
+def build_plan(
+    strategy: str,
+    *,
+    num_groups: int,
+    epochs: int = 3,
+    head_epochs: int = 3,
+    lr: float = DEFAULT_HEAD_LR,
+    lr_range: tuple[float, float] | None = None,
+    layer_decay: float | None = None,
+    lrs: dict[str, float] | None = None,
+    weight_decay: float = 0.01,
+    batchnorm: BatchNormPolicy = "frozen",
+    groups_per_stage: int = 1,
+) -> Plan:
+    """A plan for one of STRATEGIES. `epochs` is per stage after the head phase (gradual: per stage)."""
+    if not isinstance(weight_decay, (int, float)) or not math.isfinite(weight_decay) or weight_decay < 0:
+        raise ThawError(f"weight decay must be a finite number >= 0, got {weight_decay!r}")
+    head_rule: LrRule = ExplicitLr(dict(lrs)) if lrs else ConstantLr(lr)
+    later_lr = lr * AFTER_HEAD_PHASE_FACTOR
+    common = {"weight_decay": weight_decay, "batchnorm": batchnorm}
+    rule_options = {"lr_range": lr_range, "layer_decay": layer_decay, "lrs": lrs}
+    if strategy == "feature-extract":
+        stages = [Stage("head", epochs, ("head",), head_rule, **common)]
+    elif strategy == "fine-tune":
+        stages = [Stage("all", epochs, ("all",), unfrozen_rule(lr, **rule_options), **common)]
+    elif strategy == "two-phase":
+        stages = [
+            Stage("head", head_epochs, ("head",), head_rule, **common),
+            Stage("all", epochs, ("all",), unfrozen_rule(later_lr, **rule_options), **common),
+        ]
+    elif strategy == "gradual":
+        stages = _gradual(num_groups, head_epochs, epochs, head_rule, unfrozen_rule(later_lr, **rule_options), groups_per_stage, common)
+    else:
+        raise ThawError(f"unknown strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}, or --config plan.yaml")
+    return Plan(tuple(stages))
+
+
+def _gradual(
+    num_groups: int,
+    head_epochs: int,
+    epochs: int,
+    head_rule: LrRule,
+    rule: LrRule,
+    step: int,
+    common: dict,
+) -> list[Stage]:
+    """ULMFiT-style: the head, then one more group from the top each stage, until all train."""
+    if step < 1:
+        raise ThawError(f"groups per stage must be at least 1, got {step}")
+    stages = [Stage("head", head_epochs, ("head",), head_rule, **common)]
+    for count in range(1 + step, num_groups + step, step):
+        count = min(count, num_groups)
+        train = ("all",) if count == num_groups else (f"-{count}:",)
+        name = "all" if count == num_groups else f"top{count}"
+        stages.append(Stage(name, epochs, train, rule, **common))
+    return stages
