@@ -1,0 +1,38 @@
+"""The `thaw` command: a thin layer over the library. Errors become one line and exit code 2."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import NoReturn, Sequence
+
+from thaw.errors import ThawError
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a usage mistake is one line that says where to look, not a usage dump."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from thaw.cli import models_cmd, plan_cmd
+
+    parser = OneLineParser(prog="thaw", description="Fine-tune pretrained PyTorch models the way experts do.")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
+    plan_cmd.register(commands)
+    models_cmd.register(commands)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.run(args) or 0)
+    except ThawError as error:
+        print(f"thaw: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("thaw: interrupted", file=sys.stderr)
+        return 130

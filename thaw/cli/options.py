@@ -1,0 +1,81 @@
+"""Command-line options shared by commands that build a model and a plan."""
+
+from __future__ import annotations
+
+import argparse
+import math
+
+from thaw.plan import Plan, build_plan, load_plan
+from thaw.plan.freeze import BATCHNORM_POLICIES
+from thaw.plan.strategies import DEFAULT_HEAD_LR, STRATEGIES
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {text}")
+    return value
+
+
+def lr_value(text: str) -> tuple[str | None, float]:
+    """`1e-3` (the head lr) or `NAME=1e-3` (one group's lr, by group or module name)."""
+    name, _, number = text.rpartition("=")
+    try:
+        value = float(number)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected LR or NAME=LR, got {text!r}") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"an lr must be a positive finite number, got {number}")
+    return (name or None), value
+
+
+def lr_range(text: str) -> tuple[float, float]:
+    try:
+        low, high = (float(part) for part in text.split(":"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected LOW:HIGH like 1e-5:1e-3, got {text!r}") from None
+    if not (0 < low <= high and math.isfinite(high)):
+        raise argparse.ArgumentTypeError(f"expected 0 < LOW <= HIGH, got {text!r}")
+    return low, high
+
+
+def add_model_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, help="torchvision name (resnet50) or timm/NAME")
+    parser.add_argument("--weights", help="weights name (DEFAULT, IMAGENET1K_V1), a file path, or none")
+
+
+def add_plan_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("plan")
+    group.add_argument("--strategy", choices=STRATEGIES, default="two-phase")
+    group.add_argument("--config", metavar="PLAN.yaml", help="a plan file (overrides --strategy and lr options)")
+    group.add_argument("--epochs", type=positive_int, default=3, help="epochs per stage after the head phase")
+    group.add_argument("--head-epochs", type=positive_int, default=3, help="epochs of the head-only phase")
+    group.add_argument(
+        "--lr", type=lr_value, action="append", default=[], metavar="LR|NAME=LR",
+        help=f"head lr (default {DEFAULT_HEAD_LR:g}); NAME=LR sets one group's lr, repeat for each group",
+    )
+    group.add_argument("--lr-range", type=lr_range, metavar="LOW:HIGH", help="geometric lrs from stem to head")
+    group.add_argument("--layer-decay", type=float, help="each group's lr = head lr x decay^depth")
+    group.add_argument("--weight-decay", type=float, default=0.01)
+    group.add_argument("--batchnorm", choices=BATCHNORM_POLICIES, default="frozen", help="policy for frozen BatchNorm")
+    group.add_argument("--groups-per-stage", type=int, default=1, help="gradual: groups unfrozen per stage")
+
+
+def plan_from_args(args: argparse.Namespace, num_groups: int) -> Plan:
+    if args.config:
+        return load_plan(args.config)
+    head_lr = next((value for name, value in args.lr if name is None), DEFAULT_HEAD_LR)
+    named = {name: value for name, value in args.lr if name is not None}
+    return build_plan(
+        args.strategy,
+        num_groups=num_groups,
+        epochs=args.epochs,
+        head_epochs=args.head_epochs,
+        lr=head_lr,
+        lr_range=args.lr_range,
+        layer_decay=args.layer_decay,
+        lrs=named or None,
+        weight_decay=args.weight_decay,
+        batchnorm=args.batchnorm,
+        groups_per_stage=args.groups_per_stage,
+    )

@@ -1,0 +1,27 @@
+"""`thaw plan`: show, per stage and per group, what trains and how. Needs no data and no weights."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from thaw.cli.options import add_model_options, add_plan_options, plan_from_args
+from thaw.models import build_model
+from thaw.plan import plan_report, render_plan
+
+
+def register(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser("plan", help="dry run: what trains in each stage, at which lr")
+    add_model_options(parser)
+    parser.add_argument("--num-classes", type=int, required=True)
+    add_plan_options(parser)
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
+    parser.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    # The meta device gives exact counts without allocating or loading weights.
+    adapter = build_model(args.model, weights=args.weights, num_classes=args.num_classes, device="meta")
+    report = plan_report(adapter, plan_from_args(args, len(adapter.groups)), args.model)
+    print(json.dumps(report) if args.json else render_plan(report))
+    return 0
