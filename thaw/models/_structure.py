@@ -199,16 +199,27 @@ def _split_trunks(grouper: _Grouper, units: list[_Unit]) -> list[_Unit]:
     def weight(unit: _Unit) -> int:
         return sum(numel[name] for name in unit.params)
 
+    settled: set[int] = set()
     while True:
-        splittable = [u for u in units if u.module is not None and not u.is_leaf]
+        splittable = [u for u in units if u.module is not None and not u.is_leaf and id(u) not in settled]
         if not splittable:
             return units
         biggest = max(splittable, key=weight)
         total = sum(weight(u) for u in units) or 1
         if len(units) >= MIN_GROUPS and weight(biggest) <= TRUNK_SHARE * total:
             return units
+        pieces = grouper.expand(biggest)
+        if sum(not _joins_neighbour(piece) for piece in pieces) <= 1:
+            # Splitting would only rename the group (conv + its norm): keep it whole.
+            grouper.claimed.update(biggest.params)
+            settled.add(id(biggest))
+            continue
         index = units.index(biggest)
-        units[index : index + 1] = grouper.expand(biggest)
+        units[index : index + 1] = pieces
+
+
+def _joins_neighbour(unit: _Unit) -> bool:
+    return unit.module is None or (unit.is_leaf and is_norm(unit.module))
 
 
 def _merge_small_units(units: list[_Unit]) -> list[_Unit]:
@@ -216,8 +227,7 @@ def _merge_small_units(units: list[_Unit]) -> list[_Unit]:
     merged: list[_Unit] = []
     pending: list[_Unit] = []  # loose parameters seen before any layer
     for unit in units:
-        joins_previous = unit.module is None or (unit.is_leaf and is_norm(unit.module))
-        if joins_previous and merged:
+        if _joins_neighbour(unit) and merged:
             merged[-1].params.extend(unit.params)
             merged[-1].members.extend(unit.members or [unit.path])
         elif unit.module is None:

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import os
 from contextlib import nullcontext
 
 import torch
 from torch import nn
 
 from thaw.errors import ThawError
+from thaw.models._structure import is_norm
 from thaw.models.adapter import LayerGroup, ModelAdapter, Preprocessing
 
 
@@ -27,12 +27,21 @@ def _module_name(model: nn.Module, module: nn.Module) -> str:
     raise ThawError(f"{type(model).__name__}.get_classifier() returned a module that is not part of the model")
 
 
-def _group_name(index: int, params: list[str]) -> str:
-    """Name a timm group by the module path its parameters share (stem when they share none)."""
-    common = os.path.commonprefix([p.split(".") for p in params])
-    if common and len(common) == len(params[0].split(".")):
-        common = common[:-1]  # a single parameter: name its module
-    return ".".join(common) if common else ("stem" if index == 0 else f"group{index}")
+def _shared_module(params: list[str]) -> str:
+    parts = [p.split(".")[:-1] for p in params]
+    shared = parts[0]
+    for other in parts[1:]:
+        while other[: len(shared)] != shared:
+            shared = shared[:-1]
+    return ".".join(shared)
+
+
+def _group_name(index: int, params: list[str], norm_params: set[str]) -> str:
+    """Name a timm group by the module its parameters share; timm folds a trailing norm into the last block."""
+    shared = _shared_module(params)
+    if shared or index == 0:
+        return shared or "stem"
+    return _shared_module([p for p in params if p not in norm_params] or params) or f"group{index}"
 
 
 def timm_groups(model: nn.Module, head_name: str) -> list[LayerGroup]:
@@ -40,11 +49,15 @@ def timm_groups(model: nn.Module, head_name: str) -> list[LayerGroup]:
 
     head_params = tuple(n for n, _ in model.named_parameters() if n.startswith(head_name + "."))
     ordered = group_parameters(model, model.group_matcher(coarse=True))
+    norm_params = {
+        f"{module_name}.{p}" for module_name, module in model.named_modules() if is_norm(module)
+        for p, _ in module.named_parameters()
+    }
     groups, seen = [], set()
     for _, names in sorted(ordered.items()):
         body = [n for n in names if n not in head_params]
         if body:
-            name = _group_name(len(groups), body)
+            name = _group_name(len(groups), body, norm_params)
             name = name if name not in seen and name != "head" else f"{name}#{len(groups)}"
             seen.add(name)
             modules = tuple(dict.fromkeys(n.rsplit(".", 1)[0] for n in body))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+from dataclasses import replace
 from contextlib import contextmanager
 from typing import Iterator
 from pathlib import Path
@@ -89,28 +90,46 @@ def build_torchvision(
     if entry is not None and not on_meta:
         weights_io.ensure_cached(entry.url)
     if on_meta:
-        # Nothing is loaded on meta, so the architecture is the builder's default one.
-        model = _build_on_meta(name)
+        model = _build_on_meta(name, **_architecture_of(name, entry))
     else:
         model = tv_models.get_model(name, weights=entry)
     if is_path and not on_meta:
         weights_io.load_into(model, weights_io.load_state_dict_file(Path(weights)), str(weights))
     note = "" if entry or is_path else " preprocessing (no weights loaded)"
-    preprocessing = preprocessing_of(entry or default, note)
+    preprocessing = _fit_to_model(model, preprocessing_of(entry or default, note))
     if not on_meta:
         model.to(device)
     return adapt_torchvision(model, num_classes=num_classes, preprocessing=preprocessing)
 
 
 
-def _build_on_meta(name: str) -> nn.Module:
+def _architecture_of(name: str, entry: torchvision.models.WeightsEnum | None) -> dict[str, object]:
+    """What torchvision's builder would change for these weights, so a meta build has the same shape.
+
+    Only ViT changes shape with its weights (SWAG weights run at 384-518 px).
+    """
+    if entry is not None and name.startswith("vit_"):
+        return {"image_size": entry.meta["min_size"][0]}
+    return {}
+
+
+def _fit_to_model(model: nn.Module, preprocessing: Preprocessing) -> Preprocessing:
+    """A ViT built without weights takes 224 px even where its DEFAULT weights want 518."""
+    size = getattr(model, "image_size", None)
+    if not isinstance(size, int) or size == preprocessing.crop_size:
+        return preprocessing
+    resize = round(size * preprocessing.resize_size / preprocessing.crop_size)
+    return replace(preprocessing, crop_size=size, resize_size=resize, source=preprocessing.source + f" at {size} px")
+
+
+def _build_on_meta(name: str, **options: object) -> nn.Module:
     try:
         with torch.device("meta"):
-            return tv_models.get_model(name, weights=None)
+            return tv_models.get_model(name, weights=None, **options)
     except NotImplementedError:
         # RegNet computes its widths with tensors while building; move parameters instead.
         with _parameters_on_meta():
-            return tv_models.get_model(name, weights=None)
+            return tv_models.get_model(name, weights=None, **options)
 
 
 @contextmanager
