@@ -1,0 +1,67 @@
+"""The adapter contract, over every classification builder in torchvision.models."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+from thaw.models import build_model, list_torchvision_models
+
+ALL_BUILDERS = list_torchvision_models()
+# Built for real (random weights) to compare outputs; the rest are checked on the meta device.
+REAL_SIZE_LIMIT = 30_000_000
+NUM_CLASSES = 7
+
+
+def test_every_torchvision_classifier_is_covered() -> None:
+    assert len(ALL_BUILDERS) == 80
+
+
+def _meta_adapter(name: str):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # googlenet/inception init notices
+        return build_model(name, num_classes=NUM_CLASSES, device="meta")
+
+
+@pytest.mark.parametrize("name", ALL_BUILDERS)
+def test_groups_are_ordered_and_cover_every_parameter_once(name: str) -> None:
+    adapter = _meta_adapter(name)
+    names = [n for n, _ in adapter.model.named_parameters()]
+    grouped = [p for g in adapter.groups for p in g.params]
+    assert sorted(grouped) == sorted(names)
+    assert len(grouped) == len(set(grouped))
+    assert adapter.groups[-1].name == "head" and len(adapter.groups) >= 3
+    # Stem to head: each group's parameters come after the previous group's in registration order.
+    position = {n: i for i, n in enumerate(names)}
+    firsts = [min(position[p] for p in g.params) for g in adapter.groups[:-1]]
+    assert firsts == sorted(firsts)
+    assert len({g.name for g in adapter.groups}) == len(adapter.groups)
+
+
+@pytest.mark.parametrize("name", ALL_BUILDERS)
+def test_new_head_gives_n_outputs_and_split_matches_forward(name: str) -> None:
+    adapter = _meta_adapter(name)
+    assert adapter.num_classes == NUM_CLASSES
+    assert set(adapter.group("head").params) == {
+        f"{adapter.head_name}.{n}" for n, _ in adapter.model.get_submodule(adapter.head_name).named_parameters()
+    }
+    size = adapter.preprocessing.crop_size
+    if sum(p.numel() for p in adapter.model.parameters()) > REAL_SIZE_LIMIT:
+        images = torch.empty(2, 3, size, size, device="meta")
+        adapter.model.eval()
+        assert adapter.model(images).shape == (2, NUM_CLASSES)
+        assert adapter.forward_head(adapter.forward_features(images)).shape == (2, NUM_CLASSES)
+        return
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        adapter = build_model(name, num_classes=NUM_CLASSES)
+    adapter.model.eval()
+    images = torch.randn(2, 3, size, size)
+    with torch.no_grad():
+        full = adapter.model(images)
+        split = adapter.forward_head(adapter.forward_features(images))
+    assert full.shape == (2, NUM_CLASSES)
+    torch.testing.assert_close(split, full, rtol=1e-4, atol=1e-5)

@@ -1,0 +1,110 @@
+"""Pretrained weights: real files offline, safe loading, and one-line errors."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from tests.conftest import HYMENOPTERA
+from thaw import ThawError, build_model
+from thaw.data import eval_transform
+from thaw.models.weights import packaged_copy
+
+IMAGENET_BEE, IMAGENET_ANT = 309, 310
+
+
+def test_real_mobilenet_weights_recognise_ants_and_bees(torch_home: Path) -> None:
+    """The real IMAGENET1K_V1 file, with its own preprocessing, sees ants and bees in the val photos."""
+    adapter = build_model("mobilenet_v2", weights="IMAGENET1K_V1")
+    files = sorted((HYMENOPTERA / "val").glob("*/*.jpg"))
+    assert len(files) == 153
+    transform = eval_transform(adapter.preprocessing)
+    adapter.model.eval()
+    hits = 0
+    with torch.no_grad():
+        for start in range(0, len(files), 51):
+            batch = torch.stack([transform(Image.open(f).convert("RGB")) for f in files[start : start + 51]])
+            top5 = adapter.model(batch).topk(5).indices
+            hits += int(((top5 == IMAGENET_BEE) | (top5 == IMAGENET_ANT)).any(dim=1).sum())
+    assert hits / len(files) > 0.8
+
+
+def test_packaged_weights_land_in_the_hub_cache_torchvision_reads(torch_home: Path) -> None:
+    shipped = packaged_copy("mobilenet_v2-b0353104.pth")
+    assert shipped is not None and shipped.is_file()
+    build_model("mobilenet_v2", weights="IMAGENET1K_V1", num_classes=2)
+    cached = torch_home / "hub" / "checkpoints" / "mobilenet_v2-b0353104.pth"
+    assert cached.resolve() == shipped.resolve()
+
+
+def test_missing_weights_offline_say_which_file_and_where(torch_home: Path) -> None:
+    # resnet18's file is neither cached nor shipped here, and this machine cannot download it.
+    with pytest.raises(ThawError) as error:
+        build_model("resnet18", weights="IMAGENET1K_V1")
+    message = str(error.value)
+    assert "resnet18-f37072fd.pth" in message
+    assert str(torch_home / "hub" / "checkpoints") in message
+    assert "--weights PATH" in message and "\n" not in message
+
+
+def test_unknown_weights_name_lists_the_valid_ones() -> None:
+    with pytest.raises(ThawError, match="IMAGENET1K_V1, IMAGENET1K_V2"):
+        build_model("resnet50", weights="IMAGENET2K", device="meta")
+
+
+def test_local_state_dict_file_loads_by_path(tmp_path: Path) -> None:
+    torch.manual_seed(1)
+    source = build_model("mobilenet_v3_small")
+    path = tmp_path / "mine.pth"
+    torch.save(source.model.state_dict(), path)
+    loaded = build_model("mobilenet_v3_small", weights=str(path), num_classes=3)
+    original = source.model.state_dict()
+    for name, tensor in loaded.model.state_dict().items():
+        if not name.startswith("classifier.3"):
+            assert torch.equal(tensor, original[name]), name
+    assert loaded.num_classes == 3
+
+
+def test_safetensors_file_loads_by_path(tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    source = build_model("squeezenet1_1")
+    path = tmp_path / "squeeze.safetensors"
+    save_file(source.model.state_dict(), str(path))
+    loaded = build_model("squeezenet1_1", weights=str(path))
+    assert torch.equal(loaded.model.features[0].weight, source.model.features[0].weight)
+
+
+def test_weights_for_another_architecture_are_refused(tmp_path: Path) -> None:
+    path = tmp_path / "other.pth"
+    torch.save(build_model("squeezenet1_1").model.state_dict(), path)
+    with pytest.raises(ThawError, match="do not fit MobileNetV3"):
+        build_model("mobilenet_v3_small", weights=str(path))
+
+
+def test_file_whose_hash_does_not_match_its_name_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "mobilenet_v2-b0353104.pth"
+    torch.save({"x": torch.zeros(1)}, path)
+    with pytest.raises(ThawError, match="damaged or not the file its name says"):
+        build_model("mobilenet_v2", weights=str(path))
+
+
+class _RunsCode:
+    def __reduce__(self):
+        return (os.system, ("echo pwned > /dev/null",))
+
+
+def test_pickle_that_would_run_code_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "evil.pth"
+    torch.save({"weight": _RunsCode()}, path)
+    with pytest.raises(ThawError, match="cannot load .* safely"):
+        build_model("mobilenet_v3_small", weights=str(path))
+
+
+def test_missing_weights_file_path() -> None:
+    with pytest.raises(ThawError, match="does not exist"):
+        build_model("resnet18", weights="/nonexistent/resnet.pth", device="cpu")

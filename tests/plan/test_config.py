@@ -1,0 +1,74 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from thaw import ThawError, build_model, load_plan, resolve_stage
+from thaw.plan import DecayLr, ExplicitLr, RangeLr
+
+GOOD = """
+weight_decay: 0.02
+stages:
+  - name: head
+    epochs: 2
+    train: head
+    lr: 1e-3
+  - name: top
+    epochs: 1
+    train: ["-3:"]
+    lr_range: [1.0e-5, 5.0e-4]
+  - name: everything
+    epochs: 1
+    train: [all]
+    lr: 5e-4
+    layer_decay: 0.7
+    batchnorm: train
+  - name: named
+    epochs: 1
+    train: [all]
+    lrs: {conv1: 1e-6, layer1: 1e-5, layer2: 1e-5, layer3: 1e-4, layer4: 1e-4, fc: 1e-3}
+"""
+
+
+def test_yaml_plan_describes_any_plan(tmp_path: Path) -> None:
+    path = tmp_path / "plan.yaml"
+    path.write_text(GOOD)
+    plan = load_plan(path)
+    assert [s.name for s in plan.stages] == ["head", "top", "everything", "named"]
+    assert plan.stages[0].lr.lr == 1e-3 and plan.stages[0].weight_decay == 0.02
+    assert plan.stages[1].lr == RangeLr(1e-5, 5e-4)
+    assert plan.stages[2].lr == DecayLr(5e-4, 0.7) and plan.stages[2].batchnorm == "train"
+    assert isinstance(plan.stages[3].lr, ExplicitLr)
+    adapter = build_model("resnet50", num_classes=5, device="meta")
+    assert resolve_stage(adapter, plan.stages[1]).trainable_params == 14_964_736 + 7_098_368 + 10_245
+
+
+def test_every_unknown_key_is_reported_at_once_with_a_suggestion(tmp_path: Path) -> None:
+    path = tmp_path / "plan.yaml"
+    path.write_text("stage_defaults: 1\nstages:\n  - name: a\n    epoch: 2\n    learning_rate: 1e-3\n    batchnrom: train\n")
+    with pytest.raises(ThawError) as error:
+        load_plan(path)
+    message = str(error.value)
+    for wrong, right in [("epoch", "epochs"), ("batchnrom", "batchnorm")]:
+        assert f"unknown key {wrong!r} (did you mean {right!r}?)" in message
+    assert "'learning_rate'" in message and "'stage_defaults'" in message
+    assert message.startswith(f"{path}: 4 problems")
+
+
+def test_bad_values_are_reported(tmp_path: Path) -> None:
+    path = tmp_path / "plan.yaml"
+    path.write_text("stages:\n  - {epochs: -1, lr: fast, batchnorm: sometimes}\n")
+    with pytest.raises(ThawError) as error:
+        load_plan(path)
+    assert "epochs" in str(error.value) and "lr: expected a number" in str(error.value)
+    assert "batchnorm" in str(error.value)
+
+
+def test_not_yaml_and_missing_file(tmp_path: Path) -> None:
+    path = tmp_path / "plan.yaml"
+    path.write_text("stages: [\n  - a: b\n")
+    with pytest.raises(ThawError, match="not valid YAML"):
+        load_plan(path)
+    with pytest.raises(ThawError, match="cannot read plan file"):
+        load_plan(tmp_path / "missing.yaml")

@@ -1,0 +1,113 @@
+"""Frozen means frozen: weights, BatchNorm statistics, optimizer state, weight decay."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from tests.conftest import SmallConvNet
+from thaw import adapt, apply_stage, apply_trainable, build_model, resolve
+from thaw.plan import Stage, audit_optimizer
+from thaw.plan.freeze import batchnorm_layers, is_eval_locked
+from thaw.plan.lr import RangeLr
+
+
+def _small_models():
+    torch.manual_seed(0)
+    return {
+        "generic": lambda: adapt(SmallConvNet(), num_classes=3),
+        "mobilenet_v3_small": lambda: build_model("mobilenet_v3_small", num_classes=3),
+        "resnet18": lambda: build_model("resnet18", num_classes=3),
+    }
+
+
+MODELS = _small_models()
+
+
+def _train_steps(adapter, optimizer, steps: int = 2) -> None:
+    torch.manual_seed(1)
+    adapter.model.train()  # the call that un-freezes BatchNorm in naive code
+    for _ in range(steps):
+        images, labels = torch.randn(4, 3, 32, 32), torch.randint(0, 3, (4,))
+        loss = nn.functional.cross_entropy(adapter.model(images), labels)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+
+
+def _bn_buffers(adapter, frozen_only: bool) -> dict[str, torch.Tensor]:
+    return {
+        f"{name}.{b}": t.clone()
+        for name, layer in batchnorm_layers(adapter.model)
+        if not frozen_only or is_eval_locked(layer)
+        for b, t in layer.named_buffers()
+    }
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    model_name=st.sampled_from(sorted(MODELS)),
+    picks=st.lists(st.integers(min_value=0, max_value=40), min_size=1, max_size=3),
+    batchnorm=st.sampled_from(["frozen", "train"]),
+    weight_decay=st.sampled_from([0.0, 0.05, 0.5]),
+)
+def test_frozen_parameters_and_statistics_are_bit_identical_after_training(
+    model_name: str, picks: list[int], batchnorm: str, weight_decay: float
+) -> None:
+    adapter = MODELS[model_name]()
+    selectors = sorted({adapter.group_names[i % len(adapter.groups)] for i in picks})
+    stage = Stage("s", 1, tuple(selectors), RangeLr(1e-3, 1e-1), weight_decay, batchnorm)
+    resolved, optimizer = apply_stage(adapter, stage)
+    before = copy.deepcopy(adapter.model.state_dict())
+    frozen = [n for n, p in adapter.model.named_parameters() if not p.requires_grad]
+    frozen_bn = _bn_buffers(adapter, frozen_only=True)
+
+    _train_steps(adapter, optimizer)
+
+    after = adapter.model.state_dict()
+    for name in frozen:
+        assert torch.equal(after[name], before[name]), f"frozen {name} moved"
+    for name, tensor in frozen_bn.items():
+        assert torch.equal(after[name], tensor), f"frozen BatchNorm buffer {name} moved"
+    if batchnorm == "train":
+        assert not frozen_bn
+    params = dict(adapter.model.named_parameters())
+    assert not any(params[n] in optimizer.state for n in frozen)
+    audit_optimizer(adapter.model, optimizer)
+    assert any(not torch.equal(after[n], before[n]) for n in resolved.trainable)
+
+
+def test_frozen_batchnorm_stays_in_eval_after_model_train(small_net) -> None:
+    adapter = adapt(small_net, num_classes=3)
+    apply_trainable(adapter, resolve(adapter, ["head"]), batchnorm="frozen")
+    small_net.train()
+    stats = small_net.stem[1].running_mean.clone(), small_net.stem[1].num_batches_tracked.clone()
+    small_net(torch.randn(4, 3, 8, 8) * 5 + 3)
+    assert torch.equal(small_net.stem[1].running_mean, stats[0])
+    assert torch.equal(small_net.stem[1].num_batches_tracked, stats[1])
+    # Nothing else about the layer changed (the Lightning #15062 complaint).
+    assert small_net.stem[1].track_running_stats and small_net.stem[1].momentum == 0.1
+
+
+def test_unfreezing_releases_batchnorm(small_net) -> None:
+    adapter = adapt(small_net, num_classes=3)
+    apply_trainable(adapter, resolve(adapter, ["head"]))
+    apply_trainable(adapter, resolve(adapter, ["all"]))
+    small_net.train()
+    before = small_net.stem[1].running_mean.clone()
+    small_net(torch.randn(4, 3, 8, 8) + 3)
+    assert not torch.equal(small_net.stem[1].running_mean, before)
+
+
+def test_train_policy_trains_batchnorm_affine_in_frozen_groups(small_net) -> None:
+    adapter = adapt(small_net, num_classes=3)
+    trainable = apply_trainable(adapter, resolve(adapter, ["head"]), batchnorm="train")
+    assert "stem.1.weight" in trainable and "stem.0.weight" not in trainable
+    small_net.train()
+    before = small_net.block1[1].running_var.clone()
+    small_net(torch.randn(4, 3, 8, 8) * 3)
+    assert not torch.equal(small_net.block1[1].running_var, before)

@@ -1,0 +1,104 @@
+"""Optimizer groups and learning rates, including the seed recipe's three strategies."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from thaw import ThawError, apply_stage, build_model, build_plan, count_parameters, trainable_line
+from thaw.plan import ConstantLr, DecayLr, ExplicitLr, RangeLr, Stage, audit_optimizer, resolve_stage
+
+
+@pytest.fixture(scope="module")
+def resnet50():
+    return build_model("resnet50", num_classes=5, device="meta")
+
+
+def test_seed_strategy_1_feature_extraction_counts(resnet50) -> None:
+    resolved = resolve_stage(resnet50, Stage("head", 3, ("head",), ConstantLr(1e-3)))
+    _, total = count_parameters(resnet50.model)
+    assert trainable_line(resolved.trainable_params, total) == "Trainable: 10,245 / 23,518,277 (0.0%)"
+
+
+def test_seed_strategy_2_leaving_groups_out_is_refused_with_counts(resnet50) -> None:
+    stage = Stage("all", 1, ("all",), ExplicitLr({"layer1": 1e-5, "layer4": 1e-4, "fc": 1e-3}))
+    with pytest.raises(ThawError) as error:
+        resolve_stage(resnet50, stage)
+    message = str(error.value)
+    assert "leave 8,327,488 of 23,518,277 trainable parameters" in message
+    assert "stem (conv1, bn1): 9,536" in message
+    assert "layer2: 1,219,584" in message and "layer3: 7,098,368" in message
+
+
+def test_seed_strategy_2_with_every_group_named_is_accepted(resnet50) -> None:
+    lrs = {"conv1": 1e-6, "layer1": 1e-5, "layer2": 2e-5, "layer3": 5e-5, "layer4": 1e-4, "fc": 1e-3}
+    resolved = resolve_stage(resnet50, Stage("all", 1, ("all",), ExplicitLr(lrs)))
+    assert resolved.group_lrs == {"stem": 1e-6, "layer1": 1e-5, "layer2": 2e-5, "layer3": 5e-5, "layer4": 1e-4, "head": 1e-3}
+
+
+def test_seed_strategy_3_head_then_everything(resnet50) -> None:
+    plan = build_plan("two-phase", num_groups=len(resnet50.groups), head_epochs=3, epochs=2)
+    head, everything = (resolve_stage(resnet50, s) for s in plan.stages)
+    assert head.trainable_params == 10_245 and everything.trainable_params == 23_518_277
+    assert head.group_lrs == {"head": 1e-3}
+    assert everything.group_lrs["head"] == pytest.approx(5e-4)
+    assert everything.group_lrs["stem"] == pytest.approx(5e-6)
+
+
+def test_geometric_range_and_layer_decay() -> None:
+    names = ["a", "b", "c", "d", "e"]
+    ranged = RangeLr(1e-5, 1e-3).lrs(names)
+    assert ranged["a"] == pytest.approx(1e-5) and ranged["e"] == pytest.approx(1e-3)
+    ratios = [ranged[y] / ranged[x] for x, y in zip(names, names[1:])]
+    assert all(r == pytest.approx(ratios[0]) for r in ratios)
+    decayed = DecayLr(1e-3, 0.5).lrs(names)
+    assert [decayed[n] for n in names] == pytest.approx([1e-3 * 0.5**k for k in (4, 3, 2, 1, 0)])
+
+
+@pytest.mark.parametrize("bad", [0.0, -1e-3, math.nan, math.inf])
+def test_bad_lrs_are_refused(resnet50, bad: float) -> None:
+    with pytest.raises(ThawError, match="positive finite"):
+        resolve_stage(resnet50, Stage("head", 1, ("head",), ConstantLr(bad)))
+
+
+def test_optimizer_groups_follow_the_plan_and_skip_decay_on_norms_and_biases() -> None:
+    torch.manual_seed(0)
+    adapter = build_model("resnet18", num_classes=4)
+    resolved, optimizer = apply_stage(adapter, Stage("all", 1, ("all",), DecayLr(1e-3, 0.5), weight_decay=0.05))
+    names = {id(p): n for n, p in adapter.model.named_parameters()}
+    for group in optimizer.param_groups:
+        assert group["lr"] == pytest.approx(resolved.group_lrs[group["thaw_group"]])
+        for param in group["params"]:
+            name = names[id(param)]
+            decays = param.ndim > 1 and ".bn" not in name and not name.startswith("bn1")
+            assert group["weight_decay"] == (0.05 if decays else 0.0), name
+    assert {g["thaw_group"] for g in optimizer.param_groups} == set(adapter.group_names)
+
+
+def test_audit_catches_left_out_and_frozen_parameters() -> None:
+    adapter = build_model("resnet18", num_classes=4)
+    for param in adapter.model.parameters():
+        param.requires_grad_(True)
+    left_out = torch.optim.AdamW([{"params": adapter.model.fc.parameters()}])
+    with pytest.raises(ThawError, match="in no optimizer group and would never train"):
+        audit_optimizer(adapter.model, left_out)
+    adapter.model.layer1.requires_grad_(False)
+    with_frozen = torch.optim.AdamW(adapter.model.parameters())
+    with pytest.raises(ThawError, match="frozen parameter layer1"):
+        audit_optimizer(adapter.model, with_frozen)
+
+
+def test_gradual_unfreezes_one_group_per_stage_from_the_top(resnet50) -> None:
+    plan = build_plan("gradual", num_groups=len(resnet50.groups), head_epochs=1, epochs=1)
+    counts = [resolve_stage(resnet50, s).trainable_params for s in plan.stages]
+    assert len(plan.stages) == len(resnet50.groups)
+    assert counts == sorted(counts) and counts[0] == 10_245 and counts[-1] == 23_518_277
+    second = resolve_stage(resnet50, plan.stages[1])
+    assert {g.name for g in second.groups if g.trainable} == {"layer4", "head"}
+
+
+def test_unknown_strategy_lists_the_valid_ones() -> None:
+    with pytest.raises(ThawError, match="feature-extract, fine-tune, two-phase, gradual"):
+        build_plan("freeze-all", num_groups=3)
