@@ -4,6 +4,7 @@ The path data takes: thaw.data -> thaw.models (adapters) -> thaw.plan
 (freezing, groups, lrs, stages) -> training -> export.
 """
 
+from thaw._version import __version__
 from thaw.errors import ThawError
 from thaw.models import LayerGroup, ModelAdapter, Preprocessing, adapt, build_model
 from thaw.plan import (
@@ -22,7 +23,6 @@ from thaw.plan import (
     trainable_line,
 )
 
-__version__ = "0.1.0"
 
 __all__ = [
     "LayerGroup",

@@ -27,8 +27,13 @@ def build_model(
     weights: str | None = None,
     num_classes: int | None = None,
     device: str | torch.device = "cpu",
+    load: bool = True,
 ) -> ModelAdapter:
-    """A torchvision model by name, or a timm one as ``timm/NAME``, adapted to `num_classes`."""
+    """A torchvision model by name, or a timm one as ``timm/NAME``, adapted to `num_classes`.
+
+    load=False builds the architecture `weights` imply without loading them.
+    """
+    options = {"weights": weights, "num_classes": num_classes, "device": device, "load": load}
     if name.startswith(TIMM_PREFIX):
-        return build_timm(name[len(TIMM_PREFIX) :], weights=weights, num_classes=num_classes, device=device)
-    return build_torchvision(name, weights=weights, num_classes=num_classes, device=device)
+        return build_timm(name[len(TIMM_PREFIX) :], **options)
+    return build_torchvision(name, **options)

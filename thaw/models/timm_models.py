@@ -107,16 +107,18 @@ def build_timm(
     weights: str | None = None,
     num_classes: int | None = None,
     device: str | torch.device = "cpu",
+    load: bool = True,
 ) -> ModelAdapter:
     """`weights`: None for random init, "DEFAULT" for timm's pretrained download, or a file path."""
     timm = _import_timm()
     if name not in timm.list_models():
         raise ThawError(f"unknown timm model {name!r}; see timm.list_models() for names")
     on_meta = torch.device(device).type == "meta"
+    load = load and not on_meta
     options: dict[str, object] = {}
-    if weights and weights.lower() not in ("none", "default") and not on_meta:
+    if weights and weights.lower() not in ("none", "default") and load:
         options = {"pretrained": True, "pretrained_cfg_overlay": {"file": weights}}
-    elif weights and weights.lower() == "default" and not on_meta:
+    elif weights and weights.lower() == "default" and load:
         options = {"pretrained": True}
     try:
         with torch.device("meta") if on_meta else nullcontext():

@@ -77,23 +77,28 @@ def build_torchvision(
     weights: str | None = None,
     num_classes: int | None = None,
     device: str | torch.device = "cpu",
+    load: bool = True,
 ):
     """Build `name` with `weights` (a torchvision weights name, a file path, or None) and adapt it.
 
-    On the meta device nothing is loaded: enough for plans and parameter counts.
+    With load=False, or on the meta device, the architecture those weights
+    imply is built without loading them: for plans, and for runs that bring their own weights.
     """
     check_model_name(name)
     default = tv_models.get_model_weights(name).DEFAULT
     is_path = weights is not None and (Path(weights).suffix in {".pth", ".pt", ".bin", ".safetensors"} or "/" in weights)
     entry = weights_enum(name, weights) if weights and not is_path and weights.lower() != "none" else None
     on_meta = torch.device(device).type == "meta"
-    if entry is not None and not on_meta:
+    load = load and not on_meta
+    if entry is not None and load:
         weights_io.ensure_cached(entry.url)
     if on_meta:
         model = _build_on_meta(name, **_architecture_of(name, entry))
+    elif not load:
+        model = tv_models.get_model(name, weights=None, **_architecture_of(name, entry))
     else:
         model = tv_models.get_model(name, weights=entry)
-    if is_path and not on_meta:
+    if is_path and load:
         weights_io.load_into(model, weights_io.load_state_dict_file(Path(weights)), str(weights))
     note = "" if entry or is_path else " preprocessing (no weights loaded)"
     preprocessing = _fit_to_model(model, preprocessing_of(entry or default, note))
@@ -106,10 +111,15 @@ def build_torchvision(
 def _architecture_of(name: str, entry: torchvision.models.WeightsEnum | None) -> dict[str, object]:
     """What torchvision's builder would change for these weights, so a meta build has the same shape.
 
-    Only ViT changes shape with its weights (SWAG weights run at 384-518 px).
+    ViT changes shape with its weights (SWAG weights run at 384-518 px); GoogLeNet
+    and Inception v3 weights expect their own input transform.
     """
-    if entry is not None and name.startswith("vit_"):
+    if entry is None:
+        return {}
+    if name.startswith("vit_"):
         return {"image_size": entry.meta["min_size"][0]}
+    if name in ("googlenet", "inception_v3"):
+        return {"transform_input": True, "init_weights": False}
     return {}
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from thaw.models.adapter import ModelAdapter
-from thaw.plan.config import load_plan, plan_from_dict
+from thaw.plan.config import load_plan, plan_from_dict, plan_to_dict
 from thaw.plan.freeze import apply_trainable
 from thaw.plan.lr import ConstantLr, DecayLr, ExplicitLr, RangeLr
 from thaw.plan.optim import audit_optimizer, build_optimizer, param_groups
@@ -32,6 +32,7 @@ __all__ = [
     "load_plan",
     "param_groups",
     "plan_from_dict",
+    "plan_to_dict",
     "plan_report",
     "render_plan",
     "resolve",

@@ -113,3 +113,26 @@ def load_plan(path: str | Path) -> Plan:
         where = f" at line {mark.line + 1}" if mark else ""
         raise ThawError(f"{path} is not valid YAML{where}; check indentation and colons") from None
     return plan_from_dict(raw, str(path))
+
+
+def _lr_to_dict(rule: LrRule) -> dict[str, Any]:
+    match rule:
+        case ConstantLr(lr):
+            return {"lr": lr}
+        case RangeLr(low, high):
+            return {"lr_range": [low, high]}
+        case DecayLr(head_lr, decay):
+            return {"lr": head_lr, "layer_decay": decay}
+        case ExplicitLr(by_name):
+            return {"lrs": dict(by_name)}
+    raise TypeError(rule)
+
+
+def plan_to_dict(plan: Plan) -> dict[str, Any]:
+    """The YAML form of a plan: plan_from_dict(plan_to_dict(p)) == p."""
+    stages = []
+    for stage in plan.stages:
+        entry = {"name": stage.name, "epochs": stage.epochs, "train": list(stage.train)}
+        entry |= _lr_to_dict(stage.lr) | {"weight_decay": stage.weight_decay, "batchnorm": stage.batchnorm}
+        stages.append(entry)
+    return {"stages": stages}

@@ -53,14 +53,19 @@ def param_groups(adapter: ModelAdapter, resolved: ResolvedStage) -> list[dict]:
     return groups
 
 
-def build_optimizer(adapter: ModelAdapter, resolved: ResolvedStage, name: str = "adamw") -> torch.optim.Optimizer:
-    groups = param_groups(adapter, resolved)
+OPTIMIZERS = ("adamw", "sgd")
+
+
+def make_optimizer(groups: list[dict], name: str = "adamw") -> torch.optim.Optimizer:
     if name == "adamw":
-        optimizer: torch.optim.Optimizer = torch.optim.AdamW(groups)
-    elif name == "sgd":
-        optimizer = torch.optim.SGD(groups, momentum=0.9)
-    else:
-        raise ThawError(f"unknown optimizer {name!r}; choose adamw or sgd")
+        return torch.optim.AdamW(groups)
+    if name == "sgd":
+        return torch.optim.SGD(groups, momentum=0.9)
+    raise ThawError(f"unknown optimizer {name!r}; choose one of {', '.join(OPTIMIZERS)}")
+
+
+def build_optimizer(adapter: ModelAdapter, resolved: ResolvedStage, name: str = "adamw") -> torch.optim.Optimizer:
+    optimizer = make_optimizer(param_groups(adapter, resolved), name)
     audit_optimizer(adapter.model, optimizer)
     return optimizer
 
