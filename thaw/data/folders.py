@@ -1,0 +1,178 @@
+"""Finding labelled images: split folders, one folder split by seed, or a CSV manifest.
+
+Everything that would make a run meaningless (no images, one class, classes
+that differ between splits, missing files) is an error before any work starts.
+Files that are not decodable images are skipped and listed.
+"""
+
+from __future__ import annotations
+
+import csv
+import random
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from thaw.data.images import IMAGE_SUFFIXES, UnreadableImage, probe
+from thaw.errors import ThawError
+
+VAL_NAMES = ("val", "valid", "validation")
+Sample = tuple[Path, int]
+
+
+@dataclass(frozen=True)
+class ImageData:
+    classes: tuple[str, ...]
+    train: tuple[Sample, ...]
+    val: tuple[Sample, ...]
+    test: tuple[Sample, ...] | None
+    layout: str
+    skipped: tuple[tuple[str, str], ...] = field(default=())  # (path, reason)
+
+    def split(self, name: str) -> tuple[Sample, ...]:
+        samples = {"train": self.train, "val": self.val, "test": self.test}.get(name)
+        if samples is None:
+            raise ThawError(f"this dataset has no {name!r} split; splits: train, val" + (", test" if self.test else ""))
+        return samples
+
+
+def _class_folders(split_dir: Path) -> list[Path]:
+    return sorted(p for p in split_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def _candidate_files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith("."))
+
+
+def _usable(files: list[Path], skipped: list[tuple[str, str]]) -> list[Path]:
+    """Keep files that are decodable images by their header; list the rest with a reason."""
+    usable = []
+    for path in files:
+        try:
+            probe(path)
+        except UnreadableImage as reason:
+            skipped.append((str(path), str(reason)))
+            continue
+        usable.append(path)
+    return usable
+
+
+def _scan_split(split_dir: Path, skipped: list[tuple[str, str]]) -> dict[str, list[Path]]:
+    by_class = {}
+    for folder in _class_folders(split_dir):
+        by_class[folder.name] = _usable(_candidate_files(folder), skipped)
+    return by_class
+
+
+def _check_classes(splits: dict[str, dict[str, list[Path]]], root: Path) -> tuple[str, ...]:
+    problems = []
+    reference_name, reference = next(iter(splits.items()))
+    for name, by_class in splits.items():
+        empty = [c for c, files in by_class.items() if not files]
+        if empty:
+            problems.append(f"{name}: class folders with no readable images: {', '.join(empty)}")
+        if set(by_class) != set(reference):
+            only_here = sorted(set(by_class) - set(reference))
+            missing = sorted(set(reference) - set(by_class))
+            problems.append(
+                f"classes differ between {reference_name} and {name} (only in {name}: {only_here or 'none'}; "
+                f"missing from {name}: {missing or 'none'})"
+            )
+    if len(reference) < 2:
+        problems.append(f"found {len(reference)} class folder(s) in {root}; a classifier needs at least 2")
+    if problems:
+        raise ThawError(f"{root}: " + "; ".join(problems))
+    return tuple(sorted(reference))
+
+
+def _samples(by_class: dict[str, list[Path]], classes: tuple[str, ...]) -> tuple[Sample, ...]:
+    index = {name: i for i, name in enumerate(classes)}
+    return tuple((path, index[name]) for name in classes for path in by_class.get(name, []))
+
+
+def stratified_split(samples: list[Sample], fraction: float, seed: int) -> tuple[list[Sample], list[Sample]]:
+    """A seeded split that keeps each class's share, with at least one sample per class on each side."""
+    if not 0 < fraction < 1:
+        raise ThawError(f"--val-split must be between 0 and 1, got {fraction}")
+    by_label: dict[int, list[Sample]] = defaultdict(list)
+    for sample in samples:
+        by_label[sample[1]].append(sample)
+    rng = random.Random(seed)
+    train, held_out = [], []
+    for label in sorted(by_label):
+        group = sorted(by_label[label])
+        rng.shuffle(group)
+        count = min(max(1, round(len(group) * fraction)), len(group) - 1)
+        held_out += group[:count]
+        train += group[count:]
+    return train, held_out
+
+
+def _from_split_folders(root: Path, val_dir: Path) -> ImageData:
+    skipped: list[tuple[str, str]] = []
+    splits = {"train": _scan_split(root / "train", skipped), val_dir.name: _scan_split(val_dir, skipped)}
+    if (root / "test").is_dir():
+        splits["test"] = _scan_split(root / "test", skipped)
+    classes = _check_classes(splits, root)
+    test = _samples(splits["test"], classes) if "test" in splits else None
+    return ImageData(classes, _samples(splits["train"], classes), _samples(splits[val_dir.name], classes), test, "split folders", tuple(skipped))
+
+
+def _from_class_folders(root: Path, val_split: float, seed: int) -> ImageData:
+    skipped: list[tuple[str, str]] = []
+    by_class = _scan_split(root, skipped)
+    classes = _check_classes({"data": by_class}, root)
+    train, val = stratified_split(list(_samples(by_class, classes)), val_split, seed)
+    return ImageData(classes, tuple(train), tuple(val), None, f"class folders, {val_split:.0%} held out (seed {seed})", tuple(skipped))
+
+
+def _from_manifest(path: Path, val_split: float, seed: int) -> ImageData:
+    with path.open(newline="") as handle:
+        rows = [row for row in csv.reader(handle) if row and not row[0].startswith("#")]
+    if rows and [c.strip().lower() for c in rows[0][:2]] == ["path", "label"]:
+        rows = rows[1:]
+    problems = [f"line {i + 2}: expected path,label" for i, row in enumerate(rows) if len(row) < 2]
+    entries = [(path.parent / row[0].strip(), row[1].strip()) for row in rows if len(row) >= 2]
+    missing = [str(p) for p, _ in entries if not p.is_file()]
+    if missing:
+        problems.append(f"{len(missing)} listed files do not exist (first: {missing[0]})")
+    if problems:
+        raise ThawError(f"{path}: " + "; ".join(problems[:5]))
+    skipped: list[tuple[str, str]] = []
+    usable = set(_usable([p for p, _ in entries], skipped))
+    by_class: dict[str, list[Path]] = defaultdict(list)
+    for file, label in entries:
+        if file in usable:
+            by_class[label].append(file)
+    classes = _check_classes({"manifest": dict(by_class)}, path)
+    train, val = stratified_split(list(_samples(by_class, classes)), val_split, seed)
+    return ImageData(classes, tuple(train), tuple(val), None, f"CSV manifest, {val_split:.0%} held out", tuple(skipped))
+
+
+def discover(root: str | Path, *, val_split: float = 0.2, seed: int = 0) -> ImageData:
+    """Find the dataset at `root`; see the module docstring for the layouts."""
+    root = Path(root)
+    if not root.exists():
+        raise ThawError(f"data path {root} does not exist")
+    if root.is_file():
+        if root.suffix.lower() != ".csv":
+            raise ThawError(f"{root} is a file; pass a folder of class folders, a folder with train/ and val/, or a .csv manifest")
+        return _from_manifest(root, val_split, seed)
+    val_dir = next((root / name for name in VAL_NAMES if (root / name).is_dir()), None)
+    if (root / "train").is_dir():
+        if val_dir is None:
+            raise ThawError(f"{root} has train/ but no val/ (or valid/, validation/); add one, or point at train/ to split it")
+        return _from_split_folders(root, val_dir)
+    if not _class_folders(root):
+        raise ThawError(f"{root} holds no class folders; expected {root}/CLASS/IMAGE or {root}/train/CLASS/IMAGE")
+    return _from_class_folders(root, val_split, seed)
+
+
+def describe_skipped(skipped: tuple[tuple[str, str], ...], limit: int = 5) -> str:
+    shown = "; ".join(f"{path} ({reason})" for path, reason in skipped[:limit])
+    more = f"; and {len(skipped) - limit} more" if len(skipped) > limit else ""
+    return f"skipped {len(skipped)} unreadable file(s): {shown}{more}"
+
+
+def suffix_is_image(path: Path) -> bool:
+    return path.suffix.lower() in IMAGE_SUFFIXES

@@ -1,0 +1,82 @@
+"""Decoding that survives real folders: odd modes, EXIF rotation, animations, bombs, junk files."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".pbm"}
+# Pillow's own bomb threshold (about 89 MP); past it we skip the file instead of risking memory.
+MAX_PIXELS = Image.MAX_IMAGE_PIXELS or 89_478_485
+
+
+class UnreadableImage(Exception):
+    """A file that is not an image thaw can decode; the reason is the message."""
+
+
+def probe(path: Path) -> None:
+    """Cheap check from the header: is this an image of a sane size? Raises UnreadableImage."""
+    if path.stat().st_size == 0:
+        raise UnreadableImage("empty file")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                width, height = image.size
+    except (UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
+        raise UnreadableImage(_reason(error)) from None
+    except OSError as error:
+        raise UnreadableImage(str(error)) from None
+    if width * height > MAX_PIXELS:
+        raise UnreadableImage(f"{width}x{height} pixels is over the {MAX_PIXELS:,}-pixel safety limit")
+
+
+def _reason(error: Exception) -> str:
+    if isinstance(error, UnidentifiedImageError):
+        return "not an image"
+    return f"too large ({error})"
+
+
+def _to_8bit(image: Image.Image) -> Image.Image:
+    """16- and 32-bit greyscale (medical, scientific PNGs) scaled to 8 bits by their own range."""
+    array = np.asarray(image, dtype=np.float64)
+    low, high = float(array.min()), float(array.max())
+    scaled = (array - low) / (high - low) * 255.0 if high > low else np.zeros_like(array)
+    return Image.fromarray(scaled.astype(np.uint8), mode="L")
+
+
+def _flatten_alpha(image: Image.Image) -> Image.Image:
+    """Transparent pixels become white, not whatever colour hides under the alpha."""
+    rgba = image.convert("RGBA")
+    background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+    return Image.alpha_composite(background, rgba).convert("RGB")
+
+
+def load_rgb(path: Path, draft_size: int | None = None) -> Image.Image:
+    """An RGB image, upright, first frame; JPEGs decode at reduced size when `draft_size` allows."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                if draft_size and image.format == "JPEG":
+                    # Decode at 1/2, 1/4 or 1/8 scale while staying at least draft_size on each side.
+                    image.draft("RGB", (draft_size, draft_size))
+                image.seek(0)
+                image.load()
+                upright = ImageOps.exif_transpose(image)
+                return _convert(upright)
+    except (UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
+        raise UnreadableImage(_reason(error)) from None
+    except (OSError, ValueError, SyntaxError) as error:
+        raise UnreadableImage(str(error) or type(error).__name__) from None
+
+
+def _convert(image: Image.Image) -> Image.Image:
+    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        return _to_8bit(image).convert("RGB")
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        return _flatten_alpha(image)
+    return image.convert("RGB")
