@@ -17,12 +17,13 @@ class OneLineParser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from thaw.cli import models_cmd, plan_cmd
+    from thaw.cli import models_cmd, plan_cmd, train_cmd
 
     parser = OneLineParser(prog="thaw", description="Fine-tune pretrained PyTorch models the way experts do.")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
     plan_cmd.register(commands)
     models_cmd.register(commands)
+    train_cmd.register(commands)
     return parser
 
 

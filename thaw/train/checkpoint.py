@@ -1,0 +1,32 @@
+"""Checkpoints written atomically (temp file, fsync, rename) and read without running code."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+
+from thaw._io import atomic_write
+from thaw.errors import ThawError
+
+CHECKPOINT = "checkpoint.pt"
+
+
+def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
+    atomic_write(path, lambda target: torch.save(state, target))
+
+
+def save_weights(path: Path, model: torch.nn.Module) -> None:
+    tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    atomic_write(path, lambda target: save_file(tensors, str(target)))
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ThawError(f"no checkpoint at {path}; --resume needs a run folder that thaw train wrote")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # damaged files raise several types
+        raise ThawError(f"cannot read checkpoint {path} ({str(error).splitlines()[0]}); start a new run") from None

@@ -1,0 +1,257 @@
+"""Running a plan: setup, the stages and their epochs, the best epoch kept, a checkpoint every epoch.
+
+Randomness (shuffling, augmentation, dropout) is reseeded from (seed, stage,
+epoch) at the start of every epoch, so a run resumed at an epoch boundary
+replays exactly what the uninterrupted run would have done.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from thaw.data.folders import ImageData, describe_skipped
+from thaw.data.loaders import ImageDataset, make_loader
+from thaw.data.transforms import eval_transform, train_transform
+from thaw.errors import ThawError
+from thaw.models.adapter import ModelAdapter, Preprocessing
+from thaw.plan import Plan, plan_to_dict
+from thaw.train import checkpoint as ckpt
+from thaw.train.config import TrainConfig
+from thaw.train.loop import Engine, StageSchedule, evaluate, train_one_epoch
+from thaw.train.stage_change import enter_stage
+
+BEST_WEIGHTS = "model.safetensors"
+
+
+@dataclass
+class RunState:
+    stage: int = 0
+    epoch: int = 0  # epochs finished in `stage`
+    history: list[dict] = field(default_factory=list)
+    best: dict = field(default_factory=dict)
+    stale: int = 0  # epochs since the stage last improved the best metric
+
+
+@dataclass
+class RunResult:
+    out: Path
+    best: dict
+    history: list[dict]
+    wall_s: float
+    images_per_s: float
+    skipped: list[tuple[str, str]]
+    engine: Engine
+
+
+EpochCallback = Callable[[RunState], None]
+
+
+def choose_engine(config: TrainConfig, model: nn.Module) -> Engine:
+    wanted = config.device if config.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(wanted)
+    if config.precision == "auto":
+        bf16 = torch.cuda.is_bf16_supported() if device.type == "cuda" else torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    else:
+        bf16 = config.precision == "bf16"
+    has_conv = any(isinstance(m, nn.Conv2d) for m in model.modules())
+    return Engine(device, bf16, config.channels_last and has_conv, quiet=config.quiet, strict=config.strict)
+
+
+def effective_preprocessing(adapter: ModelAdapter, config: TrainConfig) -> Preprocessing:
+    if config.image_size is None:
+        return adapter.preprocessing
+    pre = adapter.preprocessing
+    resize = round(config.image_size * pre.resize_size / pre.crop_size)
+    return replace(pre, crop_size=config.image_size, resize_size=resize, source=pre.source + f" at {config.image_size} px")
+
+
+def _seed_epoch(seed: int, stage: int, epoch: int) -> int:
+    value = (seed * 1_000_003 + stage * 1_009 + epoch) % (2**31)
+    torch.manual_seed(value)
+    random.seed(value)
+    np.random.seed(value)
+    return value
+
+
+def _check_writable(out: Path) -> None:
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".thaw-write-test"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as error:
+        raise ThawError(f"output folder {out} is not writable ({error.strerror}); choose another with --out") from None
+
+
+def _is_better(metric: str, value: float, best: dict) -> bool:
+    if not best:
+        return True
+    return value < best["value"] if metric == "loss" else value > best["value"]
+
+
+class Trainer:
+    """Holds what one run needs; `fit` is the only public entry."""
+
+    def __init__(self, adapter: ModelAdapter, data: ImageData, plan: Plan, config: TrainConfig, out: Path, meta: dict):
+        self.adapter, self.data, self.plan, self.config, self.out, self.meta = adapter, data, plan, config, out, meta
+        self.model = adapter.model
+        self.engine = choose_engine(config, self.model)
+        self.model.to(self.engine.device)
+        if self.engine.channels_last:
+            self.model.to(memory_format=torch.channels_last)
+        self.preprocessing = effective_preprocessing(adapter, config)
+        draft = 2 * self.preprocessing.resize_size
+        train_tf = train_transform(self.preprocessing) if config.augment else eval_transform(self.preprocessing)
+        self.train_set = ImageDataset(data.train, train_tf, draft)
+        self.val_loader = make_loader(ImageDataset(data.val, eval_transform(self.preprocessing), draft), batch_size=config.batch_size, shuffle=False, seed=config.seed, workers=config.workers)
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.state = RunState()
+        self.train_images, self.train_seconds = 0, 0.0
+
+    def _steps_per_epoch(self) -> int:
+        batches = math.ceil(len(self.data.train) / self.config.batch_size)
+        return math.ceil(batches / self.config.accumulate)
+
+    def _schedule(self, epochs: int) -> StageSchedule:
+        per_epoch = self._steps_per_epoch()
+        c = self.config
+        return StageSchedule(c.schedule, per_epoch, per_epoch * epochs, c.warmup, c.grad_clip, c.accumulate)
+
+    def _checkpoint_state(self) -> dict:
+        return {
+            "format": 1,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "stage": self.state.stage,
+            "epoch": self.state.epoch,
+            "history": self.state.history,
+            "best": self.state.best,
+            "stale": self.state.stale,
+            "plan": plan_to_dict(self.plan),
+            "classes": list(self.data.classes),
+            "model_name": self.meta["model"],
+        }
+
+    def restore(self) -> None:
+        saved = ckpt.load_checkpoint(self.out / ckpt.CHECKPOINT)
+        if saved.get("classes") != list(self.data.classes):
+            raise ThawError(
+                f"the run in {self.out} was trained on {len(saved.get('classes', []))} classes "
+                f"({', '.join(saved.get('classes', [])[:5])}), this data has {len(self.data.classes)}; "
+                "resume with the same data, or start a new run with another --out"
+            )
+        if saved.get("plan") != plan_to_dict(self.plan) or saved.get("model_name") != self.meta["model"]:
+            raise ThawError(f"the run in {self.out} used another model or plan; resume with the same options")
+        self.model.load_state_dict(saved["model"])
+        self.state = RunState(saved["stage"], saved["epoch"], saved["history"], saved["best"], saved.get("stale", 0))
+        _, self.optimizer = enter_stage(self.adapter, self.plan.stages[self.state.stage], None, self.config.optimizer)
+        self.optimizer.load_state_dict(saved["optimizer"])
+
+    def run_epoch(self, stage_index: int, schedule: StageSchedule) -> dict:
+        stage, state = self.plan.stages[stage_index], self.state
+        seed = _seed_epoch(self.config.seed, stage_index, state.epoch)
+        loader = make_loader(self.train_set, batch_size=self.config.batch_size, shuffle=True, seed=seed, workers=self.config.workers)
+        label = f"{stage.name} {state.epoch + 1}/{stage.epochs}"
+        first_step = state.epoch * schedule.steps_per_epoch
+        train = train_one_epoch(self.model, loader, self.optimizer, self.engine, schedule, first_step, label, len(self.data.classes))
+        val = evaluate(self.model, self.val_loader, self.engine, len(self.data.classes), label=f"{label} val")
+        self.train_images += train["count"]
+        self.train_seconds += train["seconds"]
+        return self._record(stage_index, train, val)
+
+    def _record(self, stage_index: int, train: dict, val: dict) -> dict:
+        stage, state = self.plan.stages[stage_index], self.state
+        row = {
+            "epoch": len(state.history) + 1,
+            "stage": stage.name,
+            "stage_index": stage_index,
+            "stage_epoch": state.epoch + 1,
+            "train_loss": train["loss"],
+            "train_accuracy": train["accuracy"],
+            "val_loss": val["loss"],
+            "val_accuracy": val["accuracy"],
+            "val_macro_f1": val["macro_f1"],
+            "val_top5": val.get("top5"),
+            "images_per_s": train["count"] / max(train["seconds"], 1e-9),
+            "seconds": train["seconds"] + val["seconds"],
+        }
+        state.history.append(row)
+        value = val["loss"] if self.config.metric == "loss" else val[self.config.metric]
+        if _is_better(self.config.metric, value, state.best):
+            state.best = {"metric": self.config.metric, "value": value, "epoch": row["epoch"], "stage": stage.name, "val": {k: v for k, v in val.items() if k != "seconds"}}
+            state.stale = 0
+            ckpt.save_weights(self.out / BEST_WEIGHTS, self.model)
+        else:
+            state.stale += 1
+        return row
+
+    def run_stage(self, stage_index: int, callbacks: list[EpochCallback]) -> None:
+        stage, state = self.plan.stages[stage_index], self.state
+        if self.optimizer is None or state.epoch == 0:
+            _, self.optimizer = enter_stage(self.adapter, stage, self.optimizer, self.config.optimizer)
+        schedule = self._schedule(stage.epochs)
+        while state.epoch < stage.epochs:
+            self.run_epoch(stage_index, schedule)
+            state.epoch += 1
+            ckpt.save_checkpoint(self.out / ckpt.CHECKPOINT, self._checkpoint_state())
+            for callback in callbacks:
+                callback(state)
+            patience = self.config.early_stopping
+            if patience and state.stale >= patience and state.epoch < stage.epochs:
+                self._say(f"stage {stage.name!r}: no improvement in {patience} epochs, moving on")
+                break
+
+    def _say(self, message: str) -> None:
+        if not self.config.quiet:
+            print(message, flush=True)
+
+    def fit(self, resume: bool, callbacks: list[EpochCallback]) -> RunResult:
+        started = time.perf_counter()
+        if resume:
+            self.restore()
+        while self.state.stage < len(self.plan.stages):
+            self.run_stage(self.state.stage, callbacks)
+            if self.state.stage + 1 == len(self.plan.stages):
+                break
+            # No checkpoint here: the last epoch's one already says this stage is finished,
+            # and its optimizer still holds this stage's groups.
+            self.state.stage, self.state.epoch, self.state.stale = self.state.stage + 1, 0, 0
+        wall = time.perf_counter() - started
+        skipped = list(self.data.skipped) + self.engine.failed
+        if skipped and not self.config.quiet:
+            print(f"thaw: warning: {describe_skipped(tuple(skipped))}", flush=True)
+        rate = self.train_images / self.train_seconds if self.train_seconds else 0.0
+        return RunResult(self.out, self.state.best, self.state.history, wall, rate, skipped, self.engine)
+
+
+def fit(
+    adapter: ModelAdapter,
+    data: ImageData,
+    plan: Plan,
+    config: TrainConfig,
+    out: Path,
+    *,
+    meta: dict,
+    resume: bool = False,
+    callbacks: list[EpochCallback] | None = None,
+) -> RunResult:
+    """Train `adapter` on `data` by `plan`; RUN/ gets the best weights and a checkpoint every epoch."""
+    _check_writable(out)
+    if data.skipped and config.strict:
+        path, reason = data.skipped[0]
+        raise ThawError(f"cannot decode {path} ({reason}); remove it, or drop --strict to skip such files")
+    trainer = Trainer(adapter, data, plan, config, out, meta)
+    return trainer.fit(resume, callbacks or [])
+
+
+def config_dict(config: TrainConfig) -> dict:
+    return asdict(config)

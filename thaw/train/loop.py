@@ -1,0 +1,122 @@
+"""The training step, one epoch of training, and evaluation."""
+
+from __future__ import annotations
+
+import math
+import time
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from thaw.errors import ThawError
+from thaw.train.metrics import MetricTracker
+from thaw.train.schedule import apply_lrs, multiplier
+
+
+@dataclass
+class Engine:
+    """Where and how tensors run: device, precision, memory format."""
+
+    device: torch.device
+    bf16: bool
+    channels_last: bool
+    quiet: bool = False
+    failed: list[tuple[str, str]] = field(default_factory=list)
+    strict: bool = False
+
+    def autocast(self) -> AbstractContextManager:
+        if not self.bf16:
+            return nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
+
+    def to_device(self, images: torch.Tensor) -> torch.Tensor:
+        images = images.to(self.device, non_blocking=True)
+        return images.contiguous(memory_format=torch.channels_last) if self.channels_last else images
+
+    def note_failures(self, failed: list[tuple[str, str]]) -> None:
+        if failed and self.strict:
+            path, reason = failed[0]
+            raise ThawError(f"cannot decode {path} ({reason}); remove it, or drop --strict to skip such files")
+        self.failed.extend(f for f in failed if f not in self.failed)
+
+
+@dataclass
+class StageSchedule:
+    name: str
+    steps_per_epoch: int
+    total_steps: int
+    warmup: float
+    grad_clip: float | None
+    accumulate: int
+
+    def factor(self, step: int) -> float:
+        return multiplier(self.name, step, self.total_steps, self.warmup)
+
+
+def _check_finite(loss: torch.Tensor, where: str) -> None:
+    if not math.isfinite(loss.item()):
+        raise ThawError(
+            f"loss became {loss.item()} at {where}; the stage stopped and no checkpoint was overwritten. "
+            "Lower the lr (e.g. --lr 1e-4) or add --grad-clip 1.0"
+        )
+
+
+def train_one_epoch(
+    model: nn.Module,
+    loader: DataLoader,
+    optimizer: torch.optim.Optimizer,
+    engine: Engine,
+    schedule: StageSchedule,
+    first_step: int,
+    label: str,
+    num_classes: int,
+) -> dict:
+    model.train()  # frozen BatchNorm layers stay in eval: their hook wins
+    tracker, step, started = MetricTracker(num_classes), first_step, time.perf_counter()
+    optimizer.zero_grad(set_to_none=True)
+    progress = tqdm(loader, desc=label, disable=engine.quiet, leave=False, unit="batch")
+    for index, batch in enumerate(progress):
+        engine.note_failures(batch.failed)
+        if not len(batch.labels):
+            continue
+        images, labels = engine.to_device(batch.images), batch.labels.to(engine.device)
+        with engine.autocast():
+            logits = model(images)
+        loss = nn.functional.cross_entropy(logits.float(), labels)
+        _check_finite(loss, f"{label}, batch {index + 1}")
+        (loss / schedule.accumulate).backward()
+        if (index + 1) % schedule.accumulate == 0 or index + 1 == len(loader):
+            _optimizer_step(model, optimizer, schedule, step)
+            step += 1
+        tracker.update(logits, labels, loss.item())
+        rate = tracker.count / max(time.perf_counter() - started, 1e-9)
+        progress.set_postfix(loss=f"{loss.item():.3f}", img_s=f"{rate:.0f}")
+    return tracker.summary() | {"seconds": time.perf_counter() - started}
+
+
+def _optimizer_step(model: nn.Module, optimizer: torch.optim.Optimizer, schedule: StageSchedule, step: int) -> None:
+    if schedule.grad_clip:
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        torch.nn.utils.clip_grad_norm_(trainable, schedule.grad_clip)
+    apply_lrs(optimizer, schedule.factor(step))
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: DataLoader, engine: Engine, num_classes: int, label: str = "eval") -> dict:
+    model.eval()
+    tracker, started = MetricTracker(num_classes), time.perf_counter()
+    for batch in tqdm(loader, desc=label, disable=engine.quiet, leave=False, unit="batch"):
+        engine.note_failures(batch.failed)
+        if not len(batch.labels):
+            continue
+        with engine.autocast():
+            logits = model(engine.to_device(batch.images))
+        loss = nn.functional.cross_entropy(logits.float(), batch.labels.to(engine.device))
+        tracker.update(logits, batch.labels, loss.item())
+    return tracker.summary() | {"seconds": time.perf_counter() - started, "confusion": tracker.confusion.tolist()}

@@ -1,0 +1,48 @@
+"""Classification metrics from a confusion matrix: accuracy, macro-F1, per-class accuracy, top-5."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class MetricTracker:
+    num_classes: int
+    confusion: torch.Tensor = field(init=False)
+    loss_sum: float = 0.0
+    top5_hits: int = 0
+    count: int = 0
+
+    def __post_init__(self) -> None:
+        self.confusion = torch.zeros(self.num_classes, self.num_classes, dtype=torch.long)
+
+    def update(self, logits: torch.Tensor, labels: torch.Tensor, loss: float) -> None:
+        logits, labels = logits.detach().float().cpu(), labels.cpu()
+        predictions = logits.argmax(dim=1)
+        index = labels * self.num_classes + predictions
+        self.confusion += torch.bincount(index, minlength=self.num_classes**2).view(self.num_classes, self.num_classes)
+        if self.num_classes > 5:
+            self.top5_hits += int((logits.topk(5, dim=1).indices == labels[:, None]).any(dim=1).sum())
+        self.loss_sum += loss * len(labels)
+        self.count += len(labels)
+
+    def summary(self) -> dict:
+        confusion = self.confusion.double()
+        true_positive = confusion.diag()
+        per_class_total = confusion.sum(dim=1)
+        predicted_total = confusion.sum(dim=0)
+        recall = true_positive / per_class_total.clamp(min=1)
+        precision = true_positive / predicted_total.clamp(min=1)
+        f1 = 2 * precision * recall / (precision + recall).clamp(min=1e-12)
+        result = {
+            "loss": self.loss_sum / max(1, self.count),
+            "accuracy": float(true_positive.sum() / max(1, self.count)),
+            "macro_f1": float(f1.mean()),
+            "per_class_accuracy": [float(r) for r in recall],
+            "count": self.count,
+        }
+        if self.num_classes > 5:
+            result["top5"] = self.top5_hits / max(1, self.count)
+        return result
