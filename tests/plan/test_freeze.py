@@ -111,3 +111,14 @@ def test_train_policy_trains_batchnorm_affine_in_frozen_groups(small_net) -> Non
     before = small_net.block1[1].running_var.clone()
     small_net(torch.randn(4, 3, 8, 8) * 3)
     assert not torch.equal(small_net.block1[1].running_var, before)
+
+
+def test_eval_policy_fixes_statistics_even_where_layers_train(small_net) -> None:
+    adapter = adapt(small_net, num_classes=3)
+    trainable = apply_trainable(adapter, resolve(adapter, ["all"]), batchnorm="eval")
+    assert "stem.1.weight" in trainable and "stem.0.weight" in trainable
+    small_net.train()
+    before = small_net.block1[1].running_mean.clone()
+    small_net(torch.randn(4, 3, 8, 8) + 5)
+    assert torch.equal(small_net.block1[1].running_mean, before)
+    assert all(is_eval_locked(layer) for _, layer in batchnorm_layers(small_net))

@@ -102,3 +102,12 @@ def test_gradual_unfreezes_one_group_per_stage_from_the_top(resnet50) -> None:
 def test_unknown_strategy_lists_the_valid_ones() -> None:
     with pytest.raises(ThawError, match="feature-extract, fine-tune, two-phase, gradual"):
         build_plan("freeze-all", num_groups=3)
+
+
+def test_strategies_keep_batchnorm_statistics_once_pretrained_layers_train(resnet50) -> None:
+    head, everything = build_plan("two-phase", num_groups=len(resnet50.groups)).stages
+    assert head.batchnorm == "frozen" and everything.batchnorm == "eval"
+    view = resolve_stage(resnet50, everything)
+    assert {g.batchnorm for g in view.groups if g.name != "head"} == {"eval"}
+    chosen = build_plan("two-phase", num_groups=len(resnet50.groups), batchnorm="train").stages
+    assert {s.batchnorm for s in chosen} == {"train"}

@@ -57,7 +57,10 @@ def add_plan_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--lr-range", type=lr_range, metavar="LOW:HIGH", help="geometric lrs from stem to head")
     group.add_argument("--layer-decay", type=float, help="each group's lr = head lr x decay^depth")
     group.add_argument("--weight-decay", type=float, default=0.01)
-    group.add_argument("--batchnorm", choices=BATCHNORM_POLICIES, default="frozen", help="policy for frozen BatchNorm")
+    group.add_argument(
+        "--batchnorm", choices=BATCHNORM_POLICIES,
+        help="BatchNorm policy for every stage (default: frozen for head-only stages, eval once pretrained layers train)",
+    )
     group.add_argument("--groups-per-stage", type=int, default=1, help="gradual: groups unfrozen per stage")
 
 

@@ -4,6 +4,10 @@ BatchNorm policy for frozen layers:
   frozen  eval mode with fixed running statistics, kept through any later
           model.train() call (a forward pre-hook re-asserts eval mode);
   train   fastai's train_bn: affine parameters trainable, statistics update.
+  eval    every BatchNorm layer, trainable or not, in eval mode with fixed
+          statistics (affine parameters of trainable layers still train):
+          Keras's advice for fine-tuning, so unfreezing does not swap the
+          statistics the head was trained on for batch statistics.
 Nothing else about a BatchNorm layer (momentum, track_running_stats) is touched.
 """
 
@@ -16,8 +20,8 @@ from torch import nn
 from thaw.errors import ThawError
 from thaw.models.adapter import ModelAdapter
 
-BatchNormPolicy = Literal["frozen", "train"]
-BATCHNORM_POLICIES: tuple[str, ...] = ("frozen", "train")
+BatchNormPolicy = Literal["frozen", "train", "eval"]
+BATCHNORM_POLICIES: tuple[str, ...] = ("frozen", "train", "eval")
 _HOOK_ATTR = "_thaw_frozen_bn_hook"
 
 
@@ -71,7 +75,7 @@ def apply_trainable(adapter: ModelAdapter, selected: list[str], batchnorm: Batch
         param.requires_grad_(name in chosen)
     training = adapter.model.training
     for name, layer in bn_layers:
-        if batchnorm == "frozen" and _layer_is_frozen(adapter, name, layer, chosen):
+        if batchnorm == "eval" or (batchnorm == "frozen" and _layer_is_frozen(adapter, name, layer, chosen)):
             _lock_eval(layer)
         else:
             _unlock(layer, training)

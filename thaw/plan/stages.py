@@ -108,6 +108,15 @@ def _batchnorm_by_group(adapter: ModelAdapter) -> dict[str, bool]:
     return has_bn
 
 
+def _group_batchnorm(policy: str, trains: bool, has_bn: bool) -> str | None:
+    """What the group's BatchNorm layers do in this stage: train, frozen, or eval."""
+    if not has_bn:
+        return None
+    if policy == "eval":
+        return "eval"
+    return "train" if trains else policy
+
+
 def resolve_stage(adapter: ModelAdapter, stage: Stage) -> ResolvedStage:
     """What a stage means for this model: trainable parameters and each group's lr, wd and BatchNorm policy."""
     if stage.epochs < 0:
@@ -122,7 +131,6 @@ def resolve_stage(adapter: ModelAdapter, stage: Stage) -> ResolvedStage:
     views = []
     for group in adapter.groups:
         count = sum(numel[p] for p in group.params if p in trainable)
-        frozen_policy = stage.batchnorm if has_bn[group.name] else None
         views.append(
             GroupView(
                 name=group.name,
@@ -130,7 +138,7 @@ def resolve_stage(adapter: ModelAdapter, stage: Stage) -> ResolvedStage:
                 trainable=count,
                 lr=lrs.get(group.name) if count else None,
                 weight_decay=stage.weight_decay if count else None,
-                batchnorm=("train" if count and has_bn[group.name] else frozen_policy),
+                batchnorm=_group_batchnorm(stage.batchnorm, bool(count), has_bn[group.name]),
             )
         )
     ordered = tuple(name for name in numel if name in trainable)

@@ -3,6 +3,11 @@
 Defaults follow fastai's fine_tune, whose values hold across many datasets:
 AdamW at 1e-3 for a new head; once everything trains, the head lr halves and
 the stem trains 100x slower than the head (a geometric range in between).
+
+BatchNorm: head-only stages use `frozen`; stages that train pretrained layers
+use `eval` (Keras's fine-tuning advice). Letting BatchNorm switch to batch
+statistics at the unfreeze changes the features the head was trained on; on
+upscaled digits that took val accuracy from 0.83 to 0.33 (see the README).
 """
 
 from __future__ import annotations
@@ -18,6 +23,8 @@ STRATEGIES = ("feature-extract", "fine-tune", "two-phase", "gradual")
 DEFAULT_HEAD_LR = 1e-3
 AFTER_HEAD_PHASE_FACTOR = 0.5  # fastai halves the lr once the head is trained
 STEM_TO_HEAD_RATIO = 100.0  # fastai's lr_mult
+HEAD_STAGE_BATCHNORM: BatchNormPolicy = "frozen"
+UNFROZEN_STAGE_BATCHNORM: BatchNormPolicy = "eval"
 
 
 def unfrozen_rule(
@@ -51,27 +58,32 @@ def build_plan(
     layer_decay: float | None = None,
     lrs: dict[str, float] | None = None,
     weight_decay: float = 0.01,
-    batchnorm: BatchNormPolicy = "frozen",
+    batchnorm: BatchNormPolicy | None = None,
     groups_per_stage: int = 1,
 ) -> Plan:
-    """A plan for one of STRATEGIES. `epochs` is per stage after the head phase (gradual: per stage)."""
+    """A plan for one of STRATEGIES. `epochs` is per stage after the head phase (gradual: per stage).
+
+    `batchnorm` sets every stage's policy; by default head stages use frozen, the others eval.
+    """
     if not isinstance(weight_decay, (int, float)) or not math.isfinite(weight_decay) or weight_decay < 0:
         raise ThawError(f"weight decay must be a finite number >= 0, got {weight_decay!r}")
     head_rule: LrRule = ExplicitLr(dict(lrs)) if lrs else ConstantLr(lr)
     later_lr = lr * AFTER_HEAD_PHASE_FACTOR
-    common = {"weight_decay": weight_decay, "batchnorm": batchnorm}
+    head_only = {"weight_decay": weight_decay, "batchnorm": batchnorm or HEAD_STAGE_BATCHNORM}
+    unfrozen = {"weight_decay": weight_decay, "batchnorm": batchnorm or UNFROZEN_STAGE_BATCHNORM}
     rule_options = {"lr_range": lr_range, "layer_decay": layer_decay, "lrs": lrs}
     if strategy == "feature-extract":
-        stages = [Stage("head", epochs, ("head",), head_rule, **common)]
+        stages = [Stage("head", epochs, ("head",), head_rule, **head_only)]
     elif strategy == "fine-tune":
-        stages = [Stage("all", epochs, ("all",), unfrozen_rule(lr, **rule_options), **common)]
+        stages = [Stage("all", epochs, ("all",), unfrozen_rule(lr, **rule_options), **unfrozen)]
     elif strategy == "two-phase":
         stages = [
-            Stage("head", head_epochs, ("head",), head_rule, **common),
-            Stage("all", epochs, ("all",), unfrozen_rule(later_lr, **rule_options), **common),
+            Stage("head", head_epochs, ("head",), head_rule, **head_only),
+            Stage("all", epochs, ("all",), unfrozen_rule(later_lr, **rule_options), **unfrozen),
         ]
     elif strategy == "gradual":
-        stages = _gradual(num_groups, head_epochs, epochs, head_rule, unfrozen_rule(later_lr, **rule_options), groups_per_stage, common)
+        later = unfrozen_rule(later_lr, **rule_options)
+        stages = _gradual(num_groups, head_epochs, epochs, head_rule, later, groups_per_stage, head_only, unfrozen)
     else:
         raise ThawError(f"unknown strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}, or --config plan.yaml")
     return Plan(tuple(stages))
@@ -84,15 +96,16 @@ def _gradual(
     head_rule: LrRule,
     rule: LrRule,
     step: int,
-    common: dict,
+    head_only: dict,
+    unfrozen: dict,
 ) -> list[Stage]:
     """ULMFiT-style: the head, then one more group from the top each stage, until all train."""
     if step < 1:
         raise ThawError(f"groups per stage must be at least 1, got {step}")
-    stages = [Stage("head", head_epochs, ("head",), head_rule, **common)]
+    stages = [Stage("head", head_epochs, ("head",), head_rule, **head_only)]
     for count in range(1 + step, num_groups + step, step):
         count = min(count, num_groups)
         train = ("all",) if count == num_groups else (f"-{count}:",)
         name = "all" if count == num_groups else f"top{count}"
-        stages.append(Stage(name, epochs, train, rule, **common))
+        stages.append(Stage(name, epochs, train, rule, **unfrozen))
     return stages
