@@ -17,20 +17,23 @@ class OneLineParser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from thaw.cli import models_cmd, plan_cmd, train_cmd
+    from thaw.cli import demo_cmd, lrfind_cmd, models_cmd, plan_cmd, train_cmd, use_cmds
 
     parser = OneLineParser(prog="thaw", description="Fine-tune pretrained PyTorch models the way experts do.")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
     plan_cmd.register(commands)
     models_cmd.register(commands)
     train_cmd.register(commands)
+    use_cmds.register(commands)
+    lrfind_cmd.register(commands)
+    demo_cmd.register(commands)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return int(args.run(args) or 0)
+        return int(args.handler(args) or 0)
     except ThawError as error:
         print(f"thaw: error: {error}", file=sys.stderr)
         return 2

@@ -14,7 +14,7 @@ from thaw.models.weights import hub_cache_path, packaged_copy
 def register(commands: argparse._SubParsersAction) -> None:
     parser = commands.add_parser("models", help="list supported models and offline weights")
     parser.add_argument("--json", action="store_true")
-    parser.set_defaults(run=run)
+    parser.set_defaults(handler=run)
 
 
 def weights_status(name: str) -> list[dict]:

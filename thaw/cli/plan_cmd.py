@@ -16,7 +16,7 @@ def register(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--num-classes", type=int, required=True)
     add_plan_options(parser)
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
-    parser.set_defaults(run=run)
+    parser.set_defaults(handler=run)
 
 
 def run(args: argparse.Namespace) -> int:

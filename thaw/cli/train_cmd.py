@@ -24,7 +24,7 @@ def register(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--out", help="run folder (default runs/MODEL-STRATEGY)")
     parser.add_argument("--resume", metavar="RUN", help="continue the run in RUN from its last checkpoint")
     parser.add_argument("--json", action="store_true", help="end with one JSON line of results")
-    parser.set_defaults(run=run)
+    parser.set_defaults(handler=run)
 
 
 def add_training_options(parser: argparse.ArgumentParser) -> None:

@@ -36,7 +36,7 @@ def train_images(
     if isinstance(plan, str):
         plan = build_plan(plan, num_groups=len(adapter.groups), **(plan_options or {}))
     out = Path(out)
-    meta = {"format": "thaw-run/1", "model": model, "weights": weights, "classes": list(data.classes)}
+    meta = {"format": "thaw-run/1", "model": model, "weights": weights, "classes": list(data.classes), "val_split": val_split}
     result = fit(adapter, data, plan, config, out, meta=meta, resume=resume, callbacks=callbacks)
     metadata = meta | {
         "family": adapter.family,

@@ -1,0 +1,77 @@
+"""Commands that use a finished run: evaluate, predict, export."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from thaw.data.folders import describe_skipped
+from thaw.errors import ThawError
+from thaw.export.formats import FORMATS, export_model
+from thaw.export.inference import evaluate_run, image_files, predict_files
+from thaw.export.plots import plot_confusion
+from thaw.export.run_dir import load_run
+from thaw.plan.report import render_table
+
+
+def register(commands: argparse._SubParsersAction) -> None:
+    evaluate = commands.add_parser("evaluate", help="accuracy, macro-F1, per-class accuracy and confusion matrix of a run")
+    evaluate.add_argument("run")
+    evaluate.add_argument("data")
+    evaluate.add_argument("--split", choices=("train", "val", "test"), default="val")
+    evaluate.add_argument("--json", action="store_true")
+    evaluate.set_defaults(handler=run_evaluate)
+
+    predict = commands.add_parser("predict", help="class names and probabilities for image files or folders")
+    predict.add_argument("run")
+    predict.add_argument("paths", nargs="+")
+    predict.add_argument("--top-k", type=int, default=3)
+    predict.add_argument("--json", action="store_true")
+    predict.set_defaults(handler=run_predict)
+
+    export = commands.add_parser("export", help="export a run to ONNX or TorchScript, verified against PyTorch")
+    export.add_argument("run")
+    export.add_argument("--format", choices=FORMATS, default="onnx")
+    export.add_argument("--output", help="file to write (default RUN/model.onnx or RUN/model.pt)")
+    export.set_defaults(handler=run_export)
+
+
+def run_evaluate(args: argparse.Namespace) -> int:
+    adapter, meta = load_run(args.run)
+    metrics = evaluate_run(adapter, meta, args.data, args.split)
+    picture = plot_confusion(metrics["confusion"], metrics["classes"], Path(args.run) / f"confusion-{args.split}.png", f"{args.split} split")
+    if args.json:
+        print(json.dumps({k: v for k, v in metrics.items() if k != "seconds"} | {"confusion_png": str(picture)}))
+        return 0
+    print(f"{args.split}: {metrics['count']} images, accuracy {metrics['accuracy']:.4f}, macro-F1 {metrics['macro_f1']:.4f}" + (f", top-5 {metrics['top5']:.4f}" if "top5" in metrics else ""))
+    rows = [[name, f"{acc:.3f}", *map(str, counts)] for name, acc, counts in zip(metrics["classes"], metrics["per_class_accuracy"], metrics["confusion"])]
+    print(render_table(rows, ["class", "accuracy", *[f"->{c}" for c in metrics["classes"]]]))
+    print(f"confusion matrix: {picture}")
+    return 0
+
+
+def run_predict(args: argparse.Namespace) -> int:
+    if args.top_k < 1:
+        raise ThawError(f"--top-k must be at least 1, got {args.top_k}")
+    adapter, meta = load_run(args.run)
+    predictions, skipped = predict_files(adapter, meta["classes"], image_files(args.paths), args.top_k)
+    if args.json:
+        entries = [{"path": p.path, "predictions": [{"label": l, "probability": v} for l, v in p.labels]} for p in predictions]
+        print(json.dumps({"predictions": entries, "skipped": [{"path": p, "reason": r} for p, r in skipped]}))
+    else:
+        for prediction in predictions:
+            print(prediction.path + ": " + ", ".join(f"{label} {value:.3f}" for label, value in prediction.labels))
+        if skipped:
+            print(f"thaw: warning: {describe_skipped(tuple(skipped))}")
+    if not predictions:
+        raise ThawError(describe_skipped(tuple(skipped)))
+    return 0
+
+
+def run_export(args: argparse.Namespace) -> int:
+    adapter, _ = load_run(args.run)
+    output = Path(args.output or Path(args.run) / ("model.onnx" if args.format == "onnx" else "model.pt"))
+    difference = export_model(adapter, output, args.format)
+    print(f"wrote {output}; outputs match PyTorch within {difference:.1e}")
+    return 0
