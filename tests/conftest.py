@@ -38,3 +38,28 @@ class SmallConvNet(nn.Module):
 def small_net() -> SmallConvNet:
     torch.manual_seed(0)
     return SmallConvNet()
+
+
+def write_class_images(root: Path, classes: tuple[str, ...] = ("red", "green", "blue"), per_class: int = 12, size: int = 24, seed: int = 0) -> Path:
+    """Small PNGs whose class is their dominant colour, with noise: learnable in a few steps."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    for index, name in enumerate(classes):
+        folder = root / name
+        folder.mkdir(parents=True, exist_ok=True)
+        for item in range(per_class):
+            pixels = rng.integers(0, 90, size=(size, size, 3))
+            pixels[..., index % 3] += 150
+            Image.fromarray(pixels.clip(0, 255).astype("uint8")).save(folder / f"{item:03d}.png")
+    return root
+
+
+@pytest.fixture
+def tiny_split_data(tmp_path: Path) -> Path:
+    """train/ and val/ folders of three colour classes."""
+    root = tmp_path / "colours"
+    write_class_images(root / "train", per_class=12, seed=0)
+    write_class_images(root / "val", per_class=6, seed=1)
+    return root

@@ -1,0 +1,89 @@
+"""thaw train, evaluate, predict, export, lr-find and demo as a user runs them."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tests.cli.test_cli import thaw
+from thaw.cli import main
+
+TINY = ["--model", "mobilenet_v3_small", "--weights", "none", "--image-size", "32", "--batch-size", "8"]
+
+
+@pytest.fixture
+def trained_run(tiny_split_data: Path, tmp_path: Path) -> Path:
+    out = tmp_path / "run"
+    code = main(["train", str(tiny_split_data), *TINY, "--strategy", "two-phase", "--head-epochs", "1", "--epochs", "1", "--out", str(out), "--quiet"])
+    assert code == 0
+    return out
+
+
+def test_train_json_is_one_line_with_the_documented_keys(tiny_split_data: Path, tmp_path: Path) -> None:
+    result = thaw("train", str(tiny_split_data), *TINY, "--strategy", "feature-extract", "--epochs", "1", "--out", str(tmp_path / "r"), "--json")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.strip().splitlines()
+    assert len(lines) == 1
+    summary = json.loads(lines[0])
+    assert set(summary) == {"val_accuracy", "best_epoch", "wall_s", "images_per_s", "skipped_files", "out"}
+    assert summary["best_epoch"] == 1 and summary["out"] == str(tmp_path / "r") and summary["skipped_files"] == 0
+
+
+def test_evaluate_predict_and_export(trained_run: Path, tiny_split_data: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["evaluate", str(trained_run), str(tiny_split_data), "--json"]) == 0
+    metrics = json.loads(capsys.readouterr().out)
+    assert metrics["count"] == 18 and len(metrics["per_class_accuracy"]) == 3
+    assert sum(map(sum, metrics["confusion"])) == 18 and Path(metrics["confusion_png"]).is_file()
+
+    assert main(["predict", str(trained_run), str(tiny_split_data / "val" / "red"), "--top-k", "2", "--json"]) == 0
+    predictions = json.loads(capsys.readouterr().out)["predictions"]
+    assert len(predictions) == 6
+    for entry in predictions:
+        assert len(entry["predictions"]) == 2 and {p["label"] for p in entry["predictions"]} <= {"red", "green", "blue"}
+        assert entry["predictions"][0]["probability"] >= entry["predictions"][1]["probability"]
+
+    for fmt, name in (("torchscript", "model.pt"), ("onnx", "model.onnx")):
+        assert main(["export", str(trained_run), "--format", fmt]) == 0
+        assert (trained_run / name).is_file()
+        assert "outputs match PyTorch within" in capsys.readouterr().out
+
+
+def test_lr_find_suggests_an_lr_and_plots(tiny_split_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    plot = tmp_path / "lr.png"
+    args = ["lr-find", str(tiny_split_data / "train"), "--model", "mobilenet_v3_small", "--weights", "none", "--steps", "20", "--batch-size", "8"]
+    assert main([*args, "--out", str(plot), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["lrs"][0] < report["suggested_lr"] < report["lrs"][-1]
+    assert report["lrs"] == sorted(report["lrs"]) and plot.is_file()
+
+
+@pytest.mark.parametrize(
+    "make_args, expected",
+    [
+        (lambda data, tmp: ["train", str(tmp / "nothing")], "does not exist"),
+        (lambda data, tmp: ["train", str(data), "--out", "/etc/hostname/run"], "is not writable"),
+        (lambda data, tmp: ["evaluate", str(tmp), str(data)], "not a thaw run folder"),
+        (lambda data, tmp: ["train", str(data), "--strategy", "feature-extract", "--lr", "nan"], "positive finite"),
+    ],
+)
+def test_bad_input_is_one_line(tiny_split_data: Path, tmp_path: Path, make_args, expected: str) -> None:
+    args = make_args(tiny_split_data, tmp_path)
+    if args[0] == "train":
+        args += TINY + ["--epochs", "1", "--head-epochs", "1"]
+        if "--out" not in args:
+            args += ["--out", str(tmp_path / "run")]
+    result = thaw(*args)
+    assert result.returncode == 2
+    assert expected in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+def test_demo_runs_offline_and_reports_both_strategies(tmp_path: Path, torch_home: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["demo", "--out", str(tmp_path / "demo"), "--json"]) == 0
+    rows = {row["strategy"]: row for row in json.loads(capsys.readouterr().out)}
+    assert set(rows) == {"feature-extract", "two-phase"}
+    assert rows["feature-extract"]["trainable_share"] < 0.01 and rows["two-phase"]["trainable_share"] == 1.0
+    for row in rows.values():
+        assert row["test_accuracy"] > 0.8  # real ImageNet features on real digits
+        assert (Path(row["out"]) / "curves.png").is_file() and (Path(row["out"]) / "confusion.png").is_file()

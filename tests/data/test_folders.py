@@ -1,0 +1,79 @@
+"""Dataset layouts and the errors that must come before any work."""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import HYMENOPTERA, write_class_images
+from thaw import ThawError
+from thaw.data.folders import discover
+
+
+def test_split_folders_with_any_val_name(tmp_path: Path) -> None:
+    write_class_images(tmp_path / "train", per_class=4)
+    write_class_images(tmp_path / "valid", per_class=2)
+    write_class_images(tmp_path / "test", per_class=3)
+    data = discover(tmp_path)
+    assert data.classes == ("blue", "green", "red")
+    assert (len(data.train), len(data.val), len(data.test)) == (12, 6, 9)
+
+
+def test_real_hymenoptera_layout() -> None:
+    data = discover(HYMENOPTERA)
+    assert data.classes == ("ants", "bees") and (len(data.train), len(data.val)) == (245, 153)
+
+
+def test_class_folders_split_stratified_and_seeded(tmp_path: Path) -> None:
+    write_class_images(tmp_path, per_class=10)
+    first, again, other = discover(tmp_path, seed=3), discover(tmp_path, seed=3), discover(tmp_path, seed=4)
+    assert first.val == again.val and first.val != other.val
+    assert Counter(label for _, label in first.val) == {0: 2, 1: 2, 2: 2}
+    assert not set(first.train) & set(first.val)
+
+
+def test_csv_manifest(tmp_path: Path) -> None:
+    write_class_images(tmp_path / "images", per_class=5)
+    rows = ["path,label"] + [f"images/{p.parent.name}/{p.name},{p.parent.name}" for p in sorted((tmp_path / "images").rglob("*.png"))]
+    (tmp_path / "labels.csv").write_text("\n".join(rows))
+    data = discover(tmp_path / "labels.csv")
+    assert data.classes == ("blue", "green", "red") and len(data.train) + len(data.val) == 15
+
+
+def test_csv_manifest_with_missing_files(tmp_path: Path) -> None:
+    (tmp_path / "labels.csv").write_text("path,label\nnope.png,cat\n")
+    with pytest.raises(ThawError, match="1 listed files do not exist"):
+        discover(tmp_path / "labels.csv")
+
+
+def test_unreadable_files_are_skipped_and_listed(tmp_path: Path) -> None:
+    write_class_images(tmp_path, per_class=4)
+    (tmp_path / "red" / "notes.jpg").write_text("not an image")
+    (tmp_path / "red" / "empty.png").write_bytes(b"")
+    data = discover(tmp_path)
+    assert len(data.train) + len(data.val) == 12
+    assert sorted(Path(p).name for p, _ in data.skipped) == ["empty.png", "notes.jpg"]
+
+
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda root: (write_class_images(root, per_class=3), (root / "empty").mkdir()), "no readable images: empty"),
+        (lambda root: write_class_images(root, classes=("only",)), "needs at least 2"),
+        (lambda root: (write_class_images(root / "train"), write_class_images(root / "val", classes=("red", "green", "cyan"))), "only in val: \\['cyan'\\]"),
+        (lambda root: write_class_images(root / "train"), "has train/ but no val/"),
+        (lambda root: root.mkdir(), "holds no class folders"),
+    ],
+)
+def test_meaningless_datasets_fail_before_any_work(tmp_path: Path, make, message: str) -> None:
+    root = tmp_path / "data"
+    make(root)
+    with pytest.raises(ThawError, match=message):
+        discover(root)
+
+
+def test_missing_path() -> None:
+    with pytest.raises(ThawError, match="does not exist"):
+        discover("/no/such/folder")

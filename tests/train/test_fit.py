@@ -1,0 +1,95 @@
+"""Training runs on small generated data: what a run leaves, resume, stage changes."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from thaw import ThawError, build_model
+from thaw.plan import ConstantLr, Plan, RangeLr, Stage
+from thaw.train import TrainConfig, train_images
+
+CONFIG = TrainConfig(image_size=32, batch_size=8, quiet=True)
+PLAN = Plan((Stage("head", 2, ("head",), ConstantLr(3e-3)), Stage("all", 2, ("all",), RangeLr(1e-4, 1e-3), batchnorm="eval")))
+
+
+class Crash(Exception):
+    pass
+
+
+def crash_after(epochs: int):
+    def callback(state) -> None:
+        if len(state.history) == epochs:
+            raise Crash
+
+    return callback
+
+
+def run(data: Path, out: Path, **options):
+    return train_images(data, model="mobilenet_v3_small", weights=None, plan=PLAN, config=CONFIG, out=out, **options)
+
+
+def test_a_run_leaves_weights_metadata_metrics_plots_and_checkpoint(tiny_split_data: Path, tmp_path: Path, torch_home: Path) -> None:
+    out = tmp_path / "run"
+    result = train_images(tiny_split_data, model="mobilenet_v2", weights="IMAGENET1K_V1", plan=PLAN, config=CONFIG, out=out)
+    for name in ("model.safetensors", "thaw.json", "metrics.csv", "curves.png", "confusion.png", "checkpoint.pt"):
+        assert (out / name).is_file(), name
+    meta = json.loads((out / "thaw.json").read_text())
+    assert meta["classes"] == ["blue", "green", "red"] and meta["model"] == "mobilenet_v2"
+    assert meta["preprocessing"]["crop_size"] == 32 and [s["name"] for s in meta["plan"]["stages"]] == ["head", "all"]
+    assert set(meta["versions"]) == {"thaw", "torch", "torchvision"}
+    rows = list(csv.DictReader((out / "metrics.csv").open()))
+    assert [(r["stage"], r["stage_epoch"]) for r in rows] == [("head", "1"), ("head", "2"), ("all", "1"), ("all", "2")]
+    assert result.best["epoch"] == max(range(1, 5), key=lambda e: (float(rows[e - 1]["val_accuracy"]), -e))
+    assert result.best["val"]["accuracy"] > 0.8  # pretrained features tell three colours apart
+
+
+@pytest.mark.parametrize("crash_at", [1, 2, 3])
+def test_resumed_run_ends_with_the_same_weights(tiny_split_data: Path, tmp_path: Path, crash_at: int) -> None:
+    run(tiny_split_data, tmp_path / "whole")
+    with pytest.raises(Crash):
+        run(tiny_split_data, tmp_path / "cut", callbacks=[crash_after(crash_at)])
+    resumed = run(tiny_split_data, tmp_path / "cut", resume=True)
+    whole = torch.load(tmp_path / "whole" / "checkpoint.pt", weights_only=True)
+    again = torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=True)
+    for name, tensor in whole["model"].items():
+        assert torch.equal(tensor, again["model"][name]), name
+    assert [r["val_loss"] for r in whole["history"]] == [r["val_loss"] for r in resumed.history]
+    best_whole, best_again = load_file(str(tmp_path / "whole" / "model.safetensors")), load_file(str(tmp_path / "cut" / "model.safetensors"))
+    assert all(torch.equal(best_whole[k], best_again[k]) for k in best_whole)
+
+
+def test_resume_with_other_classes_is_refused(tiny_split_data: Path, tmp_path: Path) -> None:
+    with pytest.raises(Crash):
+        run(tiny_split_data, tmp_path / "cut", callbacks=[crash_after(1)])
+    other = tmp_path / "other"
+    from tests.conftest import write_class_images
+
+    write_class_images(other / "train", classes=("a", "b"), per_class=4)
+    write_class_images(other / "val", classes=("a", "b"), per_class=2)
+    with pytest.raises(ThawError, match="trained on 3 classes .* this data has 2"):
+        run(other, tmp_path / "cut", resume=True)
+
+
+def test_frozen_layers_are_untouched_by_the_head_stage(tiny_split_data: Path, tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    before = build_model("mobilenet_v3_small", num_classes=3).model.state_dict()
+    with pytest.raises(Crash):
+        run(tiny_split_data, tmp_path / "run", callbacks=[crash_after(2)])
+    after = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)["model"]
+    changed = {name for name in before if not torch.equal(before[name], after[name])}
+    assert changed == {"classifier.3.weight", "classifier.3.bias"}
+
+
+def test_strict_fails_on_an_unreadable_file(tiny_split_data: Path, tmp_path: Path) -> None:
+    (tiny_split_data / "train" / "red" / "broken.jpg").write_text("not a jpeg")
+    strict = TrainConfig(**{**CONFIG.__dict__, "strict": True})
+    with pytest.raises(ThawError, match="broken.jpg .*drop --strict"):
+        train_images(tiny_split_data, model="mobilenet_v3_small", weights=None, plan=PLAN, config=strict, out=tmp_path / "run")
+    result = run(tiny_split_data, tmp_path / "lenient")
+    assert [Path(p).name for p, _ in result.skipped] == ["broken.jpg"]

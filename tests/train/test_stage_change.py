@@ -1,0 +1,57 @@
+"""A stage change moves requires_grad, BatchNorm, optimizer groups and state together."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from tests.conftest import SmallConvNet
+from thaw import adapt
+from thaw.plan import ConstantLr, RangeLr, Stage, audit_optimizer
+from thaw.plan.freeze import is_eval_locked
+from thaw.train.stage_change import enter_stage
+
+
+def _step(adapter, optimizer) -> None:
+    loss = nn.functional.cross_entropy(adapter.model(torch.randn(4, 3, 8, 8)), torch.tensor([0, 1, 2, 0]))
+    optimizer.zero_grad()
+    loss.backward()
+    optimizer.step()
+
+
+def test_continuing_groups_keep_state_new_groups_join_frozen_ones_lose_it() -> None:
+    torch.manual_seed(0)
+    adapter = adapt(SmallConvNet(), num_classes=3)
+    head = adapter.model.classifier[2].weight
+    _, optimizer = enter_stage(adapter, Stage("head", 1, ("head",), ConstantLr(1e-3)), None)
+    _step(adapter, optimizer)
+    head_state = optimizer.state[head]["exp_avg"].clone()
+
+    _, same = enter_stage(adapter, Stage("all", 1, ("all",), RangeLr(1e-5, 1e-3)), optimizer)
+    assert same is optimizer
+    assert torch.equal(optimizer.state[head]["exp_avg"], head_state)
+    assert {g["thaw_group"] for g in optimizer.param_groups} == set(adapter.group_names)
+    assert not is_eval_locked(adapter.model.stem[1])
+    audit_optimizer(adapter.model, optimizer)
+    _step(adapter, optimizer)
+    stem = adapter.model.stem[0].weight
+    assert stem in optimizer.state
+
+    enter_stage(adapter, Stage("head again", 1, ("head",), ConstantLr(1e-3)), optimizer)
+    assert stem not in optimizer.state and not stem.requires_grad
+    assert is_eval_locked(adapter.model.stem[1])
+    audit_optimizer(adapter.model, optimizer)
+
+
+def test_a_bad_stage_leaves_the_model_unchanged() -> None:
+    adapter = adapt(SmallConvNet(), num_classes=3)
+    _, optimizer = enter_stage(adapter, Stage("head", 1, ("head",), ConstantLr(1e-3)), None)
+    trainable = [n for n, p in adapter.model.named_parameters() if p.requires_grad]
+    try:
+        enter_stage(adapter, Stage("bad", 1, ("nothing*",), ConstantLr(1e-3)), optimizer)
+    except Exception:
+        pass
+    else:
+        raise AssertionError("a selector that matches nothing must fail")
+    assert [n for n, p in adapter.model.named_parameters() if p.requires_grad] == trainable
+    audit_optimizer(adapter.model, optimizer)
