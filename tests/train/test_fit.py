@@ -55,8 +55,8 @@ def test_resumed_run_ends_with_the_same_weights(tiny_split_data: Path, tmp_path:
     with pytest.raises(Crash):
         run(tiny_split_data, tmp_path / "cut", callbacks=[crash_after(crash_at)])
     resumed = run(tiny_split_data, tmp_path / "cut", resume=True)
-    whole = torch.load(tmp_path / "whole" / "checkpoint.pt", weights_only=True)
-    again = torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=True)
+    whole = torch.load(tmp_path / "whole" / "checkpoint.pt", map_location="cpu", weights_only=True)
+    again = torch.load(tmp_path / "cut" / "checkpoint.pt", map_location="cpu", weights_only=True)
     for name, tensor in whole["model"].items():
         assert torch.equal(tensor, again["model"][name]), name
     assert [r["val_loss"] for r in whole["history"]] == [r["val_loss"] for r in resumed.history]
@@ -81,7 +81,7 @@ def test_frozen_layers_are_untouched_by_the_head_stage(tiny_split_data: Path, tm
     before = build_model("mobilenet_v3_small", num_classes=3).model.state_dict()
     with pytest.raises(Crash):
         run(tiny_split_data, tmp_path / "run", callbacks=[crash_after(2)])
-    after = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)["model"]
+    after = torch.load(tmp_path / "run" / "checkpoint.pt", map_location="cpu", weights_only=True)["model"]
     changed = {name for name in before if not torch.equal(before[name], after[name])}
     assert changed == {"classifier.3.weight", "classifier.3.bias"}
 
