@@ -46,6 +46,8 @@ def add_training_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--image-size", type=int, help="override the weights' input size")
     group.add_argument("--strict", action="store_true", help="fail on unreadable files instead of skipping them")
     group.add_argument("--device", default="auto")
+    group.add_argument("--no-cache", dest="cache", action="store_false", help="never train on cached frozen features")
+    group.add_argument("--cache-views", type=positive_int, default=0, metavar="K", help="cache K augmented views per image (default: the evaluation view)")
     group.add_argument("--quiet", action="store_true")
 
 

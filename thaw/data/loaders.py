@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Callable
+from pathlib import Path
+from typing import Callable, Iterator
 
 import torch
-from torch.utils.data import DataLoader, Dataset
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from thaw.data.folders import Sample
 from thaw.data.images import UnreadableImage, load_rgb
@@ -20,11 +22,36 @@ class Batch:
     failed: list[tuple[str, str]]  # files that passed the header check but did not decode
 
 
+class DecodedImages:
+    """Images kept decoded in memory (up to a budget), so later epochs skip decoding.
+
+    The images are kept exactly as first decoded, so results do not depend on
+    the budget. Worker processes keep their own copies, which die with them:
+    the store pays off with in-process loading (workers=0, the default below 4 cores).
+    """
+
+    def __init__(self, budget_bytes: int) -> None:
+        self.images: dict[Path, Image.Image] = {}
+        self.budget, self.used = budget_bytes, 0
+
+    def load(self, path: Path, draft_size: int | None) -> Image.Image:
+        image = self.images.get(path)
+        if image is None:
+            image = load_rgb(path, draft_size)
+            size = image.width * image.height * 3
+            if self.used + size <= self.budget:
+                self.images[path], self.used = image, self.used + size
+        return image
+
+
 class ImageDataset(Dataset):
-    def __init__(self, samples: tuple[Sample, ...], transform: Callable, draft_size: int | None = None) -> None:
+    def __init__(
+        self, samples: tuple[Sample, ...], transform: Callable, draft_size: int | None = None, decoded: DecodedImages | None = None
+    ) -> None:
         self.samples = samples
         self.transform = transform
         self.draft_size = draft_size
+        self.decoded = decoded
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -32,7 +59,7 @@ class ImageDataset(Dataset):
     def __getitem__(self, index: int) -> tuple[torch.Tensor | None, int, tuple[str, str] | None]:
         path, label = self.samples[index]
         try:
-            image = load_rgb(path, self.draft_size)
+            image = self.decoded.load(path, self.draft_size) if self.decoded else load_rgb(path, self.draft_size)
         except UnreadableImage as reason:
             return None, label, (str(path), str(reason))
         return self.transform(image), label, None
@@ -52,15 +79,37 @@ def default_workers() -> int:
     return 0 if cores < 4 else min(8, cores // 2)
 
 
+def configure_threads(workers: int) -> None:
+    """Compute threads plus decoding workers never exceed the cores (2 workers + 2 threads fight on 2 cores)."""
+    cores = os.cpu_count() or 1
+    torch.set_num_threads(max(1, cores - workers))
+
+
+def seeded_order(count: int, seed: int) -> list[int]:
+    """The shuffled order for one epoch; image batches and cached-feature batches share it."""
+    return torch.randperm(count, generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+class SeededPermutation(Sampler[int]):
+    def __init__(self, count: int, seed: int) -> None:
+        self.count, self.seed = count, seed
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(seeded_order(self.count, self.seed))
+
+
 def make_loader(
     dataset: Dataset, *, batch_size: int, shuffle: bool, seed: int, workers: int | None = None
 ) -> DataLoader:
     workers = default_workers() if workers is None else workers
-    generator = torch.Generator().manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed)  # seeds the workers' augmentation
     return DataLoader(
         dataset,
         batch_size=batch_size,
-        shuffle=shuffle,
+        sampler=SeededPermutation(len(dataset), seed) if shuffle else None,
         num_workers=workers,
         collate_fn=collate,
         generator=generator,

@@ -21,7 +21,7 @@ from thaw.models.weights import load_into
 
 METADATA = "thaw.json"
 WEIGHTS = "model.safetensors"
-CSV_COLUMNS = ["epoch", "stage", "stage_index", "stage_epoch", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "val_macro_f1", "val_top5", "images_per_s", "seconds"]
+CSV_COLUMNS = ["epoch", "stage", "stage_index", "stage_epoch", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "val_macro_f1", "val_top5", "images_per_s", "seconds", "cached"]
 
 
 def write_text(path: Path, text: str) -> None:

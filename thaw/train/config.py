@@ -28,3 +28,7 @@ class TrainConfig:
     strict: bool = False  # unreadable files fail the run instead of being skipped
     device: str = "auto"
     quiet: bool = False
+    cache: bool = True  # frozen-feature cache for head-only stages, where it is exact
+    cache_views: int = 0  # 0: cache the evaluation view; K: K augmented views, cycled by epoch
+    cache_memory_gb: float = 4.0  # per split; past it features spill to a memory-mapped file
+    decoded_memory_gb: float = 2.0  # decoded images kept in memory between epochs

@@ -19,13 +19,14 @@ import torch
 from torch import nn
 
 from thaw.data.folders import ImageData, describe_skipped
-from thaw.data.loaders import ImageDataset, make_loader
+from thaw.data.loaders import DecodedImages, ImageDataset, configure_threads, default_workers, make_loader
 from thaw.data.transforms import eval_transform, train_transform
 from thaw.errors import ThawError
 from thaw.models.adapter import ModelAdapter, Preprocessing
 from thaw.plan import Plan, plan_to_dict
 from thaw.train import checkpoint as ckpt
 from thaw.train.config import TrainConfig
+from thaw.train.feature_cache import CachedStage, FeatureBatches, build_cache, fingerprint, why_not_cached
 from thaw.train.loop import Engine, StageSchedule, evaluate, train_one_epoch
 from thaw.train.stage_change import enter_stage
 
@@ -109,13 +110,43 @@ class Trainer:
         if self.engine.channels_last:
             self.model.to(memory_format=torch.channels_last)
         self.preprocessing = effective_preprocessing(adapter, config)
-        draft = 2 * self.preprocessing.resize_size
-        train_tf = train_transform(self.preprocessing) if config.augment else eval_transform(self.preprocessing)
-        self.train_set = ImageDataset(data.train, train_tf, draft)
-        self.val_loader = make_loader(ImageDataset(data.val, eval_transform(self.preprocessing), draft), batch_size=config.batch_size, shuffle=False, seed=config.seed, workers=config.workers)
+        self.workers = default_workers() if config.workers is None else config.workers
+        configure_threads(self.workers)
+        self.decoded = DecodedImages(int(config.decoded_memory_gb * 2**30))
+        self.train_set = self.dataset("train" if config.augment else "train-eval")
+        self.val_loader = make_loader(self.dataset("val"), batch_size=config.batch_size, shuffle=False, seed=config.seed, workers=self.workers)
+        self.cached: CachedStage | None = None
         self.optimizer: torch.optim.Optimizer | None = None
         self.state = RunState()
         self.train_images, self.train_seconds = 0, 0.0
+
+    def dataset(self, kind: str, _view: int = 0) -> ImageDataset:
+        """train (augmented), train-eval (the evaluation view of train) or val."""
+        augmented = kind == "train"
+        transform = train_transform(self.preprocessing) if augmented else eval_transform(self.preprocessing)
+        samples = self.data.val if kind == "val" else self.data.train
+        return ImageDataset(samples, transform, 2 * self.preprocessing.resize_size, self.decoded)
+
+    def stage_cache(self, stage_index: int) -> CachedStage | None:
+        """The cached features this stage trains on, computed when missing; None when not exact here."""
+        trainable = tuple(n for n, p in self.model.named_parameters() if p.requires_grad)
+        reason = why_not_cached(self.adapter, trainable) if self.config.cache else "--no-cache"
+        if reason:
+            if len(trainable) < len(list(self.model.parameters())):
+                self._say(f"stage {self.plan.stages[stage_index].name!r}: frozen-feature cache off ({reason})")
+            return None
+        views = self.config.cache_views
+        key = fingerprint(self.adapter, trainable, self.preprocessing, self.data.train + self.data.val, f"views={views} seed={self.config.seed}")
+        if self.cached is None or self.cached.key != key:
+            self.cached, started = None, time.perf_counter()  # what the frozen part computed before no longer holds
+            self.cached = build_cache(
+                self.adapter, key, self.dataset, views, self.engine, batch_size=self.config.batch_size,
+                workers=self.workers, budget_bytes=int(self.config.cache_memory_gb * 2**30),
+                folder=self.out / "feature-cache", seed=self.config.seed,
+            )
+            counts = f"{len(self.cached.train_views[0].labels)} train x {max(1, views)} view(s), {len(self.cached.val.labels)} val"
+            self._say(f"stage {self.plan.stages[stage_index].name!r}: frozen features cached once ({counts}) in {time.perf_counter() - started:.1f} s")
+        return self.cached
 
     def _steps_per_epoch(self) -> int:
         batches = math.ceil(len(self.data.train) / self.config.batch_size)
@@ -156,19 +187,26 @@ class Trainer:
         _, self.optimizer = enter_stage(self.adapter, self.plan.stages[self.state.stage], None, self.config.optimizer)
         self.optimizer.load_state_dict(saved["optimizer"])
 
-    def run_epoch(self, stage_index: int, schedule: StageSchedule) -> dict:
-        stage, state = self.plan.stages[stage_index], self.state
+    def run_epoch(self, stage_index: int, schedule: StageSchedule, cached: CachedStage | None) -> dict:
+        stage, state, classes = self.plan.stages[stage_index], self.state, len(self.data.classes)
         seed = _seed_epoch(self.config.seed, stage_index, state.epoch)
-        loader = make_loader(self.train_set, batch_size=self.config.batch_size, shuffle=True, seed=seed, workers=self.config.workers)
         label = f"{stage.name} {state.epoch + 1}/{stage.epochs}"
         first_step = state.epoch * schedule.steps_per_epoch
-        train = train_one_epoch(self.model, loader, self.optimizer, self.engine, schedule, first_step, label, len(self.data.classes))
-        val = evaluate(self.model, self.val_loader, self.engine, len(self.data.classes), label=f"{label} val")
+        if cached is None:
+            loader = make_loader(self.train_set, batch_size=self.config.batch_size, shuffle=True, seed=seed, workers=self.workers)
+            train = train_one_epoch(self.model, loader, self.optimizer, self.engine, schedule, first_step, label, classes)
+            val = evaluate(self.model, self.val_loader, self.engine, classes, label=f"{label} val")
+        else:
+            head, size = self.adapter.forward_head, self.config.batch_size
+            dtype = torch.bfloat16 if self.engine.bf16 else torch.float32  # what the live network would hand the head
+            features = FeatureBatches(cached.train_view(state.epoch), size, seed, dtype)
+            train = train_one_epoch(self.model, features, self.optimizer, self.engine, schedule, first_step, label, classes, forward=head)
+            val = evaluate(self.model, FeatureBatches(cached.val, size, None, dtype), self.engine, classes, f"{label} val", forward=head)
         self.train_images += train["count"]
         self.train_seconds += train["seconds"]
-        return self._record(stage_index, train, val)
+        return self._record(stage_index, train, val, cached is not None)
 
-    def _record(self, stage_index: int, train: dict, val: dict) -> dict:
+    def _record(self, stage_index: int, train: dict, val: dict, cached: bool) -> dict:
         stage, state = self.plan.stages[stage_index], self.state
         row = {
             "epoch": len(state.history) + 1,
@@ -183,6 +221,7 @@ class Trainer:
             "val_top5": val.get("top5"),
             "images_per_s": train["count"] / max(train["seconds"], 1e-9),
             "seconds": train["seconds"] + val["seconds"],
+            "cached": cached,
         }
         state.history.append(row)
         value = val["loss"] if self.config.metric == "loss" else val[self.config.metric]
@@ -199,8 +238,9 @@ class Trainer:
         if self.optimizer is None or state.epoch == 0:
             _, self.optimizer = enter_stage(self.adapter, stage, self.optimizer, self.config.optimizer)
         schedule = self._schedule(stage.epochs)
+        cached = self.stage_cache(stage_index) if state.epoch < stage.epochs else None
         while state.epoch < stage.epochs:
-            self.run_epoch(stage_index, schedule)
+            self.run_epoch(stage_index, schedule, cached)
             state.epoch += 1
             ckpt.save_checkpoint(self.out / ckpt.CHECKPOINT, self._checkpoint_state())
             for callback in callbacks:

@@ -6,11 +6,13 @@ import math
 import time
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
+from typing import Callable, Iterable
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
 from tqdm import tqdm
+
+from thaw.data.loaders import Batch
 
 from thaw.errors import ThawError
 from thaw.train.metrics import MetricTracker
@@ -35,7 +37,9 @@ class Engine:
 
     def to_device(self, images: torch.Tensor) -> torch.Tensor:
         images = images.to(self.device, non_blocking=True)
-        return images.contiguous(memory_format=torch.channels_last) if self.channels_last else images
+        if self.channels_last and images.dim() == 4:
+            return images.contiguous(memory_format=torch.channels_last)
+        return images
 
     def note_failures(self, failed: list[tuple[str, str]]) -> None:
         if failed and self.strict:
@@ -67,14 +71,17 @@ def _check_finite(loss: torch.Tensor, where: str) -> None:
 
 def train_one_epoch(
     model: nn.Module,
-    loader: DataLoader,
+    loader: Iterable[Batch],
     optimizer: torch.optim.Optimizer,
     engine: Engine,
     schedule: StageSchedule,
     first_step: int,
     label: str,
     num_classes: int,
+    forward: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> dict:
+    """One pass over `loader`; `forward` defaults to the model (the feature cache passes the head)."""
+    forward = forward or model
     model.train()  # frozen BatchNorm layers stay in eval: their hook wins
     tracker, step, started = MetricTracker(num_classes), first_step, time.perf_counter()
     optimizer.zero_grad(set_to_none=True)
@@ -85,7 +92,7 @@ def train_one_epoch(
             continue
         images, labels = engine.to_device(batch.images), batch.labels.to(engine.device)
         with engine.autocast():
-            logits = model(images)
+            logits = forward(images)
         loss = nn.functional.cross_entropy(logits.float(), labels)
         _check_finite(loss, f"{label}, batch {index + 1}")
         (loss / schedule.accumulate).backward()
@@ -108,7 +115,15 @@ def _optimizer_step(model: nn.Module, optimizer: torch.optim.Optimizer, schedule
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader: DataLoader, engine: Engine, num_classes: int, label: str = "eval") -> dict:
+def evaluate(
+    model: nn.Module,
+    loader: Iterable[Batch],
+    engine: Engine,
+    num_classes: int,
+    label: str = "eval",
+    forward: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> dict:
+    forward = forward or model
     model.eval()
     tracker, started = MetricTracker(num_classes), time.perf_counter()
     for batch in tqdm(loader, desc=label, disable=engine.quiet, leave=False, unit="batch"):
@@ -116,7 +131,7 @@ def evaluate(model: nn.Module, loader: DataLoader, engine: Engine, num_classes: 
         if not len(batch.labels):
             continue
         with engine.autocast():
-            logits = model(engine.to_device(batch.images))
+            logits = forward(engine.to_device(batch.images))
         loss = nn.functional.cross_entropy(logits.float(), batch.labels.to(engine.device))
         tracker.update(logits, batch.labels, loss.item())
     return tracker.summary() | {"seconds": time.perf_counter() - started, "confusion": tracker.confusion.tolist()}

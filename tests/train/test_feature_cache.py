@@ -1,0 +1,82 @@
+"""The frozen-feature cache: exact, keyed by what produced it, off where it would not be exact."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from tests.conftest import SmallConvNet
+from thaw import adapt, apply_trainable, resolve
+from thaw.data.folders import discover
+from thaw.plan import ConstantLr, Plan, RangeLr, Stage
+from thaw.train import TrainConfig, train_images
+from thaw.train.feature_cache import fingerprint, why_not_cached
+
+HEAD_ONLY = Plan((Stage("head", 3, ("head",), ConstantLr(3e-3)),))
+BASE = dict(image_size=32, batch_size=8, quiet=True, augment=False)
+
+
+def _final_weights(out: Path) -> dict[str, torch.Tensor]:
+    return torch.load(out / "checkpoint.pt", map_location="cpu", weights_only=True)["model"]
+
+
+def _train(data: Path, out: Path, plan: Plan = HEAD_ONLY, **config):
+    return train_images(data, model="mobilenet_v3_small", weights=None, plan=plan, config=TrainConfig(**(BASE | config)), out=out)
+
+
+def test_training_on_cached_features_equals_running_the_network(tiny_split_data: Path, tmp_path: Path) -> None:
+    cached = _train(tiny_split_data, tmp_path / "cached")
+    direct = _train(tiny_split_data, tmp_path / "direct", cache=False)
+    assert all(row["cached"] for row in cached.history) and not any(row["cached"] for row in direct.history)
+    a, b = _final_weights(tmp_path / "cached"), _final_weights(tmp_path / "direct")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert [r["val_loss"] for r in cached.history] == [r["val_loss"] for r in direct.history]
+
+
+def test_features_spill_to_disk_past_the_memory_budget(tiny_split_data: Path, tmp_path: Path) -> None:
+    spilled = _train(tiny_split_data, tmp_path / "spilled", cache_memory_gb=1e-9)
+    assert list((tmp_path / "spilled" / "feature-cache").glob("*.npy"))
+    in_memory = _train(tiny_split_data, tmp_path / "memory")
+    assert [r["val_loss"] for r in spilled.history] == [r["val_loss"] for r in in_memory.history]
+
+
+def test_a_stage_that_unfreezes_runs_the_network_again(tiny_split_data: Path, tmp_path: Path) -> None:
+    plan = Plan((Stage("head", 1, ("head",), ConstantLr(3e-3)), Stage("all", 1, ("all",), RangeLr(1e-5, 1e-3), batchnorm="eval")))
+    result = _train(tiny_split_data, tmp_path / "r", plan=plan)
+    assert [row["cached"] for row in result.history] == [True, False]
+
+
+def test_augmented_views_are_cached_and_cycled(tiny_split_data: Path, tmp_path: Path) -> None:
+    result = _train(tiny_split_data, tmp_path / "views", cache_views=2, augment=True)
+    assert all(row["cached"] for row in result.history)
+    losses = [row["train_loss"] for row in result.history]
+    assert len(set(losses)) == 3
+
+
+def test_cache_is_off_where_it_would_not_be_exact(small_net) -> None:
+    adapter = adapt(small_net, num_classes=3)
+    trainable = tuple(apply_trainable(adapter, resolve(adapter, ["head"]), batchnorm="frozen"))
+    assert why_not_cached(adapter, trainable) is None
+    trainable = tuple(apply_trainable(adapter, resolve(adapter, ["head"]), batchnorm="train"))
+    assert "policy train" in why_not_cached(adapter, trainable)
+    trainable = tuple(apply_trainable(adapter, resolve(adapter, ["block2", "head"])))
+    assert why_not_cached(adapter, trainable) == "layers before the head train in this stage"
+
+
+def test_fingerprint_follows_weights_trainable_set_and_files(small_net, tiny_split_data: Path) -> None:
+    adapter = adapt(small_net, num_classes=3)
+    data = discover(tiny_split_data)
+    head = tuple(resolve(adapter, ["head"]))
+    key = fingerprint(adapter, head, adapter.preprocessing, data.train, "views=0")
+    assert fingerprint(adapter, head, adapter.preprocessing, data.train, "views=0") == key
+    assert fingerprint(adapter, head, adapter.preprocessing, data.train, "views=2") != key
+    assert fingerprint(adapter, tuple(resolve(adapter, ["block2", "head"])), adapter.preprocessing, data.train, "views=0") != key
+    first = data.train[0][0]
+    stat = first.stat()
+    os.utime(first, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000))
+    assert fingerprint(adapter, head, adapter.preprocessing, data.train, "views=0") != key
+    with torch.no_grad():
+        small_net.stem[0].weight.add_(1e-3)
+    assert fingerprint(adapter, head, adapter.preprocessing, data.train, "views=0") != key
