@@ -17,5 +17,10 @@ def scratch(name: str) -> Path:
 
 
 def offline_torch_home() -> None:
-    """Use a private torch hub cache so results never depend on what a machine cached before."""
+    """A private torch hub cache holding the offline MobileNetV2 file, so every row loads the same weights."""
     os.environ.setdefault("TORCH_HOME", str(scratch("torch-home")))
+    from torchvision.models import MobileNet_V2_Weights
+
+    from thaw.models.weights import ensure_cached
+
+    ensure_cached(MobileNet_V2_Weights.IMAGENET1K_V1.url)
