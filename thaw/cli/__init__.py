@@ -7,6 +7,7 @@ import sys
 from typing import NoReturn, Sequence
 
 from thaw.errors import ThawError
+from thaw.train.fit import RunInterrupted
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -37,6 +38,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ThawError as error:
         print(f"thaw: error: {error}", file=sys.stderr)
         return 2
+    except RunInterrupted as stopped:
+        print(f"thaw: {stopped}", file=sys.stderr)
+        return 130
     except KeyboardInterrupt:
-        print("thaw: interrupted", file=sys.stderr)
+        print("thaw: interrupted; the last checkpoint is intact (resume with --resume RUN)", file=sys.stderr)
         return 130

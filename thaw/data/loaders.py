@@ -91,25 +91,27 @@ def seeded_order(count: int, seed: int) -> list[int]:
 
 
 class SeededPermutation(Sampler[int]):
-    def __init__(self, count: int, seed: int) -> None:
-        self.count, self.seed = count, seed
+    """One epoch's seeded order; `skip` drops its first samples, to resume mid-epoch."""
+
+    def __init__(self, count: int, seed: int, skip: int = 0) -> None:
+        self.count, self.seed, self.skip = count, seed, skip
 
     def __len__(self) -> int:
-        return self.count
+        return max(0, self.count - self.skip)
 
     def __iter__(self) -> Iterator[int]:
-        return iter(seeded_order(self.count, self.seed))
+        return iter(seeded_order(self.count, self.seed)[self.skip :])
 
 
 def make_loader(
-    dataset: Dataset, *, batch_size: int, shuffle: bool, seed: int, workers: int | None = None
+    dataset: Dataset, *, batch_size: int, shuffle: bool, seed: int, workers: int | None = None, skip_batches: int = 0
 ) -> DataLoader:
     workers = default_workers() if workers is None else workers
     generator = torch.Generator().manual_seed(seed)  # seeds the workers' augmentation
     return DataLoader(
         dataset,
         batch_size=batch_size,
-        sampler=SeededPermutation(len(dataset), seed) if shuffle else None,
+        sampler=SeededPermutation(len(dataset), seed, skip_batches * batch_size) if shuffle else None,
         num_workers=workers,
         collate_fn=collate,
         generator=generator,

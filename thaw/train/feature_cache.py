@@ -112,16 +112,17 @@ def compute_features(
 class FeatureBatches:
     """Batches over cached features, shuffled by a seed (the same per-epoch seed as images)."""
 
-    def __init__(self, features: FeatureSet, batch_size: int, seed: int | None, dtype: torch.dtype) -> None:
+    def __init__(self, features: FeatureSet, batch_size: int, seed: int | None, dtype: torch.dtype, skip_batches: int = 0) -> None:
         self.features, self.batch_size, self.seed, self.dtype = features, batch_size, seed, dtype
+        self.skip = skip_batches * batch_size
 
     def __len__(self) -> int:
-        return (len(self.features.labels) + self.batch_size - 1) // self.batch_size
+        return (len(self.features.labels) - self.skip + self.batch_size - 1) // self.batch_size
 
     def __iter__(self) -> Iterator[Batch]:
         count = len(self.features.labels)
         order = torch.arange(count) if self.seed is None else torch.tensor(seeded_order(count, self.seed), dtype=torch.long)
-        for start in range(0, count, self.batch_size):
+        for start in range(self.skip, count, self.batch_size):
             index = order[start : start + self.batch_size]
             yield Batch(self.features.features[index].to(self.dtype), self.features.labels[index], [])
 

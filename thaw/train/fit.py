@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import math
 import random
+import signal
+import threading
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -28,6 +30,7 @@ from thaw.train import checkpoint as ckpt
 from thaw.train.config import TrainConfig
 from thaw.train.feature_cache import CachedStage, FeatureBatches, build_cache, fingerprint, why_not_cached
 from thaw.train.loop import Engine, StageSchedule, evaluate, train_one_epoch
+from thaw.train.metrics import MetricTracker
 from thaw.train.stage_change import enter_stage
 
 BEST_WEIGHTS = "model.safetensors"
@@ -54,6 +57,10 @@ class RunResult:
 
 
 EpochCallback = Callable[[RunState], None]
+
+
+class RunInterrupted(Exception):
+    """Ctrl-C: the current step finished and a resumable checkpoint was written."""
 
 
 def choose_engine(config: TrainConfig, model: nn.Module) -> Engine:
@@ -117,6 +124,8 @@ class Trainer:
         self.val_loader = make_loader(self.dataset("val"), batch_size=config.batch_size, shuffle=False, seed=config.seed, workers=self.workers)
         self.cached: CachedStage | None = None
         self.optimizer: torch.optim.Optimizer | None = None
+        self.stop_requested = False
+        self.resume_point: dict | None = None  # where a run interrupted mid-epoch stopped
         self.state = RunState()
         self.train_images, self.train_seconds = 0, 0.0
 
@@ -184,27 +193,53 @@ class Trainer:
             raise ThawError(f"the run in {self.out} used another model or plan; resume with the same options")
         self.model.load_state_dict(saved["model"])
         self.state = RunState(saved["stage"], saved["epoch"], saved["history"], saved["best"], saved.get("stale", 0))
+        if saved.get("batch"):
+            self.resume_point = {key: saved[key] for key in ("batch", "rng", "tracker")}
         _, self.optimizer = enter_stage(self.adapter, self.plan.stages[self.state.stage], None, self.config.optimizer)
         self.optimizer.load_state_dict(saved["optimizer"])
+
+    def _resume_mid_epoch(self) -> tuple[int, MetricTracker]:
+        """Batches already done in this epoch, and its metrics so far; the RNG continues where it stopped."""
+        tracker = MetricTracker(len(self.data.classes))
+        point, self.resume_point = self.resume_point, None
+        if point is None:
+            return 0, tracker
+        torch.set_rng_state(point["rng"])
+        tracker.restore(point["tracker"])
+        return point["batch"], tracker
 
     def run_epoch(self, stage_index: int, schedule: StageSchedule, cached: CachedStage | None) -> dict:
         stage, state, classes = self.plan.stages[stage_index], self.state, len(self.data.classes)
         seed = _seed_epoch(self.config.seed, stage_index, state.epoch)
+        done, tracker = self._resume_mid_epoch()
         label = f"{stage.name} {state.epoch + 1}/{stage.epochs}"
-        first_step = state.epoch * schedule.steps_per_epoch
+        first_step = state.epoch * schedule.steps_per_epoch + done // schedule.accumulate
+        options = {"tracker": tracker, "should_stop": lambda: self.stop_requested}
         if cached is None:
-            loader = make_loader(self.train_set, batch_size=self.config.batch_size, shuffle=True, seed=seed, workers=self.workers)
-            train = train_one_epoch(self.model, loader, self.optimizer, self.engine, schedule, first_step, label, classes)
+            loader = make_loader(self.train_set, batch_size=self.config.batch_size, shuffle=True, seed=seed, workers=self.workers, skip_batches=done)
+            train = train_one_epoch(self.model, loader, self.optimizer, self.engine, schedule, first_step, label, classes, **options)
+        else:
+            dtype = torch.bfloat16 if self.engine.bf16 else torch.float32  # what the live network would hand the head
+            features = FeatureBatches(cached.train_view(state.epoch), self.config.batch_size, seed, dtype, skip_batches=done)
+            train = train_one_epoch(self.model, features, self.optimizer, self.engine, schedule, first_step, label, classes, forward=self.adapter.forward_head, **options)
+        if train["interrupted"]:
+            self._save_interrupted(done + train["batches"], train["tracker"])
+        if cached is None:
             val = evaluate(self.model, self.val_loader, self.engine, classes, label=f"{label} val")
         else:
-            head, size = self.adapter.forward_head, self.config.batch_size
-            dtype = torch.bfloat16 if self.engine.bf16 else torch.float32  # what the live network would hand the head
-            features = FeatureBatches(cached.train_view(state.epoch), size, seed, dtype)
-            train = train_one_epoch(self.model, features, self.optimizer, self.engine, schedule, first_step, label, classes, forward=head)
-            val = evaluate(self.model, FeatureBatches(cached.val, size, None, dtype), self.engine, classes, f"{label} val", forward=head)
+            val = evaluate(self.model, FeatureBatches(cached.val, self.config.batch_size, None, dtype), self.engine, classes, f"{label} val", forward=self.adapter.forward_head)
         self.train_images += train["count"]
         self.train_seconds += train["seconds"]
         return self._record(stage_index, train, val, cached is not None)
+
+    def _save_interrupted(self, batches: int, tracker: MetricTracker) -> None:
+        state = self._checkpoint_state() | {"batch": batches, "rng": torch.get_rng_state(), "tracker": tracker.state()}
+        ckpt.save_checkpoint(self.out / ckpt.CHECKPOINT, state)
+        stage = self.plan.stages[self.state.stage]
+        raise RunInterrupted(
+            f"interrupted in stage {stage.name!r}, epoch {self.state.epoch + 1}, after batch {batches}; "
+            f"a checkpoint is saved. Continue with the same command plus --resume {self.out}"
+        )
 
     def _record(self, stage_index: int, train: dict, val: dict, cached: bool) -> dict:
         stage, state = self.plan.stages[stage_index], self.state
@@ -254,10 +289,27 @@ class Trainer:
         if not self.config.quiet:
             print(message, flush=True)
 
+    def _on_interrupt(self, _signum: int, _frame: object) -> None:
+        if self.stop_requested:  # a second Ctrl-C: stop now, the last checkpoint stays as it is
+            raise KeyboardInterrupt
+        self.stop_requested = True
+        print("\nthaw: finishing the current step to save a resumable checkpoint (Ctrl-C again to abort)", flush=True)
+
     def fit(self, resume: bool, callbacks: list[EpochCallback]) -> RunResult:
+        in_main_thread = threading.current_thread() is threading.main_thread()
+        previous = signal.signal(signal.SIGINT, self._on_interrupt) if in_main_thread else None
+        try:
+            return self._fit(resume, callbacks)
+        finally:
+            if in_main_thread:
+                signal.signal(signal.SIGINT, previous)
+
+    def _fit(self, resume: bool, callbacks: list[EpochCallback]) -> RunResult:
         started = time.perf_counter()
-        if resume:
+        if resume and (self.out / ckpt.CHECKPOINT).is_file():
             self.restore()
+        elif resume:
+            self._say(f"no checkpoint in {self.out} yet: starting the run from the beginning")
         while self.state.stage < len(self.plan.stages):
             self.run_stage(self.state.stage, callbacks)
             if self.state.stage + 1 == len(self.plan.stages):

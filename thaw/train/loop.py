@@ -79,14 +79,22 @@ def train_one_epoch(
     label: str,
     num_classes: int,
     forward: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    tracker: MetricTracker | None = None,
+    should_stop: Callable[[], bool] = lambda: False,
 ) -> dict:
-    """One pass over `loader`; `forward` defaults to the model (the feature cache passes the head)."""
+    """One pass over `loader`; `forward` defaults to the model (the feature cache passes the head).
+
+    When `should_stop` turns true the epoch ends after the current optimizer step,
+    and the result says how many batches it consumed.
+    """
     forward = forward or model
     model.train()  # frozen BatchNorm layers stay in eval: their hook wins
-    tracker, step, started = MetricTracker(num_classes), first_step, time.perf_counter()
+    tracker = tracker or MetricTracker(num_classes)
+    step, started, batches = first_step, time.perf_counter(), 0
     optimizer.zero_grad(set_to_none=True)
     progress = tqdm(loader, desc=label, disable=engine.quiet, leave=False, unit="batch")
     for index, batch in enumerate(progress):
+        batches = index + 1
         engine.note_failures(batch.failed)
         if not len(batch.labels):
             continue
@@ -96,13 +104,17 @@ def train_one_epoch(
         loss = nn.functional.cross_entropy(logits.float(), labels)
         _check_finite(loss, f"{label}, batch {index + 1}")
         (loss / schedule.accumulate).backward()
-        if (index + 1) % schedule.accumulate == 0 or index + 1 == len(loader):
+        stepped = (index + 1) % schedule.accumulate == 0 or index + 1 == len(loader)
+        if stepped:
             _optimizer_step(model, optimizer, schedule, step)
             step += 1
         tracker.update(logits, labels, loss.item())
         rate = tracker.count / max(time.perf_counter() - started, 1e-9)
         progress.set_postfix(loss=f"{loss.item():.3f}", img_s=f"{rate:.0f}")
-    return tracker.summary() | {"seconds": time.perf_counter() - started}
+        if stepped and should_stop() and index + 1 < len(loader):
+            progress.close()
+            return {"interrupted": True, "batches": batches, "tracker": tracker, "seconds": time.perf_counter() - started}
+    return tracker.summary() | {"seconds": time.perf_counter() - started, "interrupted": False}
 
 
 def _optimizer_step(model: nn.Module, optimizer: torch.optim.Optimizer, schedule: StageSchedule, step: int) -> None:

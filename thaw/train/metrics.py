@@ -28,6 +28,14 @@ class MetricTracker:
         self.loss_sum += loss * len(labels)
         self.count += len(labels)
 
+    def state(self) -> dict:
+        """What a mid-epoch checkpoint keeps, so the epoch's metrics survive a resume."""
+        return {"confusion": self.confusion.clone(), "loss_sum": self.loss_sum, "top5_hits": self.top5_hits, "count": self.count}
+
+    def restore(self, state: dict) -> None:
+        self.confusion = state["confusion"].clone()
+        self.loss_sum, self.top5_hits, self.count = state["loss_sum"], state["top5_hits"], state["count"]
+
     def summary(self) -> dict:
         confusion = self.confusion.double()
         true_positive = confusion.diag()

@@ -1,0 +1,145 @@
+"""Kills, Ctrl-C, NaN and full disks: nothing lost, and resumed runs end where whole runs do."""
+
+from __future__ import annotations
+
+import errno
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from tests.conftest import SmallConvNet
+from thaw import ThawError, adapt
+from thaw.data.folders import discover
+from thaw.plan import ConstantLr, Plan, RangeLr, Stage
+from thaw.train import TrainConfig, train_images
+from thaw.train.checkpoint import load_checkpoint
+from thaw.train.fit import RunInterrupted, fit
+
+PLAN = Plan((Stage("head", 2, ("head",), ConstantLr(3e-3)), Stage("all", 2, ("all",), RangeLr(1e-4, 1e-3), batchnorm="eval")))
+CONFIG = TrainConfig(image_size=32, batch_size=8, quiet=True)
+
+
+def _weights(run: Path) -> dict[str, torch.Tensor]:
+    return load_checkpoint(run / "checkpoint.pt")["model"]
+
+
+def _same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _train(data: Path, out: Path, config: TrainConfig = CONFIG, **options):
+    return train_images(data, model="mobilenet_v3_small", weights=None, plan=PLAN, config=config, out=out, **options)
+
+
+@pytest.mark.parametrize("after_epoch", [1, 3])  # 1: inside the cached head stage; 3: inside the full stage
+@pytest.mark.parametrize("accumulate", [1, 2])
+def test_ctrl_c_finishes_the_step_saves_and_resumes_exactly(tiny_split_data: Path, tmp_path: Path, after_epoch: int, accumulate: int) -> None:
+    config = TrainConfig(**{**CONFIG.__dict__, "accumulate": accumulate, "batch_size": 4})
+    _train(tiny_split_data, tmp_path / "whole", config)
+
+    def press_ctrl_c(state) -> None:
+        if len(state.history) == after_epoch:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    with pytest.raises(RunInterrupted, match=f"--resume {tmp_path / 'cut'}"):
+        _train(tiny_split_data, tmp_path / "cut", config, callbacks=[press_ctrl_c])
+    saved = load_checkpoint(tmp_path / "cut" / "checkpoint.pt")
+    assert saved["batch"] == accumulate  # the step in flight finished, then it stopped
+    resumed = _train(tiny_split_data, tmp_path / "cut", config, resume=True)
+    assert _same(_weights(tmp_path / "whole"), _weights(tmp_path / "cut"))
+    assert len(resumed.history) == 4
+
+
+def _cli_train(data: Path, out: Path, *extra: str) -> subprocess.Popen:
+    args = [sys.executable, "-m", "thaw", "train", str(data), "--model", "mobilenet_v3_small", "--weights", "none",
+            "--image-size", "32", "--batch-size", "4", "--strategy", "two-phase", "--head-epochs", "2", "--epochs", "3",
+            "--out", str(out), "--quiet", *extra]
+    return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def test_kill_9_at_any_point_then_resume_ends_with_the_same_weights(tiny_split_data: Path, tmp_path: Path) -> None:
+    whole = _cli_train(tiny_split_data, tmp_path / "whole")
+    assert whole.wait(timeout=300) == 0, whole.stderr.read()
+    run = tmp_path / "killed"
+    landed = []
+    # Seconds after start: during start-up (no checkpoint yet), and at points through the run.
+    for delay in (1.0, 5.5, 7.0, 8.5, 10.0):
+        process = _cli_train(tiny_split_data, run, "--resume", str(run))
+        time.sleep(delay)
+        process.send_signal(signal.SIGKILL)
+        process.wait(timeout=60)
+        if (run / "checkpoint.pt").exists():
+            epoch = load_checkpoint(run / "checkpoint.pt")  # never damaged
+            landed.append((epoch["stage"], epoch["epoch"], (run / "thaw.json").exists()))
+    assert any(not finished for *_, finished in landed), "no kill landed inside the run"
+    final = _cli_train(tiny_split_data, run, "--resume", str(run))
+    assert final.wait(timeout=300) == 0, final.stderr.read()
+    assert _same(_weights(tmp_path / "whole"), _weights(run))
+
+
+def test_nan_loss_stops_the_stage_and_keeps_the_last_good_checkpoint(tiny_split_data: Path, tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    adapter = adapt(SmallConvNet(), num_classes=3)
+    calls = {"n": 0}
+
+    def poison_after_a_while(_module, _inputs, output):
+        calls["n"] += 1
+        return output * float("nan") if calls["n"] > 12 else output
+
+    adapter.model.classifier.register_forward_hook(poison_after_a_while)
+    config = TrainConfig(batch_size=8, quiet=True, cache=False, image_size=16)
+    plan = Plan((Stage("all", 5, ("all",), ConstantLr(1e-3), batchnorm="eval"),))
+    with pytest.raises(ThawError, match=r"loss became nan at all 2/5, batch \d+.*Lower the lr"):
+        fit(adapter, discover(tiny_split_data), plan, config, tmp_path / "run", meta={"model": "small"})
+    saved = load_checkpoint(tmp_path / "run" / "checkpoint.pt")
+    assert saved["epoch"] == 1 and all(torch.isfinite(t.float()).all() for t in saved["model"].values())
+
+
+def test_full_disk_while_checkpointing_leaves_the_previous_checkpoint(tiny_split_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    real_save, calls = torch.save, {"n": 0}
+
+    def disk_fills_up(obj, target, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            Path(target).write_bytes(b"partial")
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(obj, target, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", disk_fills_up)
+    with pytest.raises(ThawError, match="No space left on device; the previous file is intact"):
+        _train(tiny_split_data, tmp_path / "run")
+    saved = load_checkpoint(tmp_path / "run" / "checkpoint.pt")
+    assert saved["epoch"] == 1
+    assert not [p for p in (tmp_path / "run").iterdir() if p.name.endswith(".tmp")]
+
+
+def test_loading_a_run_never_unpickles(tiny_split_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from thaw.export.run_dir import load_run
+
+    _train(tiny_split_data, tmp_path / "run")
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("load_run must not use torch.load / pickle")
+
+    monkeypatch.setattr(torch, "load", refuse)
+    adapter, meta = load_run(tmp_path / "run")
+    assert meta["classes"] == ["blue", "green", "red"] and isinstance(adapter.model, nn.Module)
+
+
+class _RunsCode:
+    def __reduce__(self):
+        return (os.system, ("echo pwned > /dev/null",))
+
+
+def test_a_checkpoint_that_would_run_code_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "checkpoint.pt"
+    torch.save({"model": _RunsCode()}, path)
+    with pytest.raises(ThawError, match="cannot read checkpoint"):
+        load_checkpoint(path)
