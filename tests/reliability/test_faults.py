@@ -64,20 +64,36 @@ def _cli_train(data: Path, out: Path, *extra: str) -> subprocess.Popen:
     return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
 
+def _wait_for_new_checkpoint(path: Path, previous: int | None, process: subprocess.Popen) -> int | None:
+    """Block until the running process writes a newer checkpoint (or exits); its mtime."""
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and process.poll() is None:
+        if path.exists() and path.stat().st_mtime_ns != previous:
+            return path.stat().st_mtime_ns
+        time.sleep(0.01)
+    return previous
+
+
 def test_kill_9_at_any_point_then_resume_ends_with_the_same_weights(tiny_split_data: Path, tmp_path: Path) -> None:
     whole = _cli_train(tiny_split_data, tmp_path / "whole")
     assert whole.wait(timeout=300) == 0, whole.stderr.read()
-    run = tmp_path / "killed"
-    landed = []
-    # Seconds after start: during start-up (no checkpoint yet), and at points through the run.
-    for delay in (1.0, 5.5, 7.0, 8.5, 10.0):
+    run, checkpoint = tmp_path / "killed", tmp_path / "killed" / "checkpoint.pt"
+    landed, written = [], None
+    # The first kill lands during start-up (no checkpoint yet); each later one just after the
+    # resumed process writes an epoch, then a little later: data loading, a step, the next write.
+    for after in (None, 0.0, 0.05, 0.2, 0.4):
         process = _cli_train(tiny_split_data, run, "--resume", str(run))
-        time.sleep(delay)
+        if after is None:
+            time.sleep(1.0)
+        else:
+            written = _wait_for_new_checkpoint(checkpoint, written, process)
+            time.sleep(after)
         process.send_signal(signal.SIGKILL)
         process.wait(timeout=60)
-        if (run / "checkpoint.pt").exists():
-            epoch = load_checkpoint(run / "checkpoint.pt")  # never damaged
-            landed.append((epoch["stage"], epoch["epoch"], (run / "thaw.json").exists()))
+        if checkpoint.exists():
+            saved = load_checkpoint(checkpoint)  # never damaged
+            written = checkpoint.stat().st_mtime_ns
+            landed.append((saved["stage"], saved["epoch"], (run / "thaw.json").exists()))
     assert any(not finished for *_, finished in landed), "no kill landed inside the run"
     final = _cli_train(tiny_split_data, run, "--resume", str(run))
     assert final.wait(timeout=300) == 0, final.stderr.read()
@@ -143,3 +159,22 @@ def test_a_checkpoint_that_would_run_code_is_refused(tmp_path: Path) -> None:
     torch.save({"model": _RunsCode()}, path)
     with pytest.raises(ThawError, match="cannot read checkpoint"):
         load_checkpoint(path)
+
+
+def test_non_finite_weights_are_never_written(tiny_split_data: Path, tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    adapter = adapt(SmallConvNet(), num_classes=3)
+    steps = {"n": 0}
+
+    def poison_a_weight(optimizer, step, factor) -> None:
+        steps["n"] += 1
+        if steps["n"] == 10:  # the last step of epoch 2 (5 a epoch): no training loss sees it
+            with torch.no_grad():
+                adapter.model.block1[0].weight[0, 0, 0, 0] = float("nan")
+
+    config = TrainConfig(batch_size=8, quiet=True, cache=False, image_size=16)
+    plan = Plan((Stage("all", 3, ("all",), ConstantLr(1e-3), batchnorm="eval"),))
+    with pytest.raises(ThawError, match=r"1 trainable tensors hold NaN or inf after stage 'all' epoch 2 \(first: block1.0.weight\)"):
+        fit(adapter, discover(tiny_split_data), plan, config, tmp_path / "run", meta={"model": "small"}, step_hooks=[poison_a_weight])
+    saved = load_checkpoint(tmp_path / "run" / "checkpoint.pt")
+    assert saved["epoch"] == 1 and all(torch.isfinite(t.float()).all() for t in saved["model"].values())

@@ -241,8 +241,21 @@ class Trainer:
             f"a checkpoint is saved. Continue with the same command plus --resume {self.out}"
         )
 
+    def _check_weights_finite(self, stage_index: int) -> None:
+        """Before anything is written: a finite loss does not prove finite weights (taps that never
+        touch the input can turn NaN unseen; seen with bf16 channels_last depthwise convolutions on CPU)."""
+        bad = [n for n, p in self.model.named_parameters() if p.requires_grad and not torch.isfinite(p).all()]
+        if bad:
+            stage = self.plan.stages[stage_index]
+            raise ThawError(
+                f"{len(bad)} trainable tensors hold NaN or inf after stage {stage.name!r} epoch {self.state.epoch + 1} "
+                f"(first: {bad[0]}); nothing was written and the last checkpoint is kept. Lower the lr, or try "
+                "--precision fp32 or --no-channels-last, or a larger --image-size"
+            )
+
     def _record(self, stage_index: int, train: dict, val: dict, cached: bool) -> dict:
         stage, state = self.plan.stages[stage_index], self.state
+        self._check_weights_finite(stage_index)
         row = {
             "epoch": len(state.history) + 1,
             "stage": stage.name,
@@ -335,6 +348,7 @@ def fit(
     meta: dict,
     resume: bool = False,
     callbacks: list[EpochCallback] | None = None,
+    step_hooks: list[Callable[[torch.optim.Optimizer, int, float], None]] | None = None,
 ) -> RunResult:
     """Train `adapter` on `data` by `plan`; RUN/ gets the best weights and a checkpoint every epoch."""
     _check_writable(out)
@@ -342,6 +356,7 @@ def fit(
         path, reason = data.skipped[0]
         raise ThawError(f"cannot decode {path} ({reason}); remove it, or drop --strict to skip such files")
     trainer = Trainer(adapter, data, plan, config, out, meta)
+    trainer.engine.step_hooks.extend(step_hooks or [])
     return trainer.fit(resume, callbacks or [])
 
 

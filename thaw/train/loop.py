@@ -29,6 +29,8 @@ class Engine:
     quiet: bool = False
     failed: list[tuple[str, str]] = field(default_factory=list)
     strict: bool = False
+    # Called after every optimizer step with (optimizer, step, lr multiplier): audits, tests, loggers.
+    step_hooks: list[Callable[[torch.optim.Optimizer, int, float], None]] = field(default_factory=list)
 
     def autocast(self) -> AbstractContextManager:
         if not self.bf16:
@@ -107,6 +109,8 @@ def train_one_epoch(
         stepped = (index + 1) % schedule.accumulate == 0 or index + 1 == len(loader)
         if stepped:
             _optimizer_step(model, optimizer, schedule, step)
+            for hook in engine.step_hooks:
+                hook(optimizer, step, schedule.factor(step))
             step += 1
         tracker.update(logits, labels, loss.item())
         rate = tracker.count / max(time.perf_counter() - started, 1e-9)

@@ -1,0 +1,110 @@
+"""Frozen means frozen, proved step by step over random models and random multi-stage plans,
+through stage changes and a resume."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from tests.conftest import SmallConvNet, write_class_images
+from thaw import adapt, build_model
+from thaw.data.folders import discover
+from thaw.plan import ConstantLr, DecayLr, Plan, RangeLr, Stage, audit_optimizer, resolve_stage
+from thaw.plan.freeze import batchnorm_layers, is_eval_locked
+from thaw.train import TrainConfig
+from thaw.train.fit import fit
+
+DATA_ROOT = Path(tempfile.mkdtemp(prefix="thaw-props-"))
+write_class_images(DATA_ROOT / "train", per_class=8, size=16, seed=0)
+write_class_images(DATA_ROOT / "val", per_class=3, size=16, seed=1)
+# 128 px keeps every feature map at least as large as its kernel (MobileNetV3's 5x5 depthwise
+# convolutions), so no weight sits where it never touches the input.
+IMAGE_SIZE = 128
+DATA = discover(DATA_ROOT)
+MODELS = {
+    "generic": lambda: adapt(SmallConvNet(), num_classes=3),
+    "mobilenet_v3_small": lambda: build_model("mobilenet_v3_small", num_classes=3),
+}
+RULES = st.sampled_from([ConstantLr(2e-3), RangeLr(1e-4, 3e-3), DecayLr(3e-3, 0.6)])
+
+
+class Crash(Exception):
+    pass
+
+
+class StepChecker:
+    """After every optimizer step: the audit, the plan's lrs, frozen weights and statistics unmoved."""
+
+    def __init__(self, adapter, plan: Plan) -> None:
+        self.adapter, self.plan, self.stage, self.steps = adapter, plan, 0, 0
+        self.expected = [resolve_stage(adapter, s).group_lrs for s in plan.stages]
+        self.frozen: dict[str, torch.Tensor] | None = None
+
+    def next_epoch(self, state) -> None:
+        self.stage, self.frozen = len(state.history), None  # one epoch per stage
+
+    def _frozen_now(self) -> dict[str, torch.Tensor]:
+        model = self.adapter.model
+        tensors = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+        for name, layer in batchnorm_layers(model):
+            if is_eval_locked(layer):
+                tensors |= {f"{name}.{b}": t.clone() for b, t in layer.named_buffers()}
+        return tensors
+
+    def __call__(self, optimizer, step: int, factor: float) -> None:
+        self.steps += 1
+        audit_optimizer(self.adapter.model, optimizer)
+        for group in optimizer.param_groups:
+            assert group["lr"] == pytest.approx(self.expected[self.stage][group["thaw_group"]] * factor, rel=1e-9)
+        now = self._frozen_now()
+        if self.frozen is not None:
+            assert now.keys() == self.frozen.keys()
+            moved = [k for k in now if not torch.equal(now[k], self.frozen[k])]
+            if moved:
+                params = dict(self.adapter.model.named_parameters())
+                live = dict(self.adapter.model.named_parameters())
+                detail = [(k, int(now[k].isnan().sum()), int(self.frozen[k].isnan().sum()), int(live[k].isnan().sum()) if k in live else None, now[k].numel()) for k in moved]
+                raise AssertionError(f"frozen tensors moved in stage {self.stage} step {step}: {detail[:3]}; plan {self.plan}")
+        self.frozen = now
+        params = dict(self.adapter.model.named_parameters())
+        assert not any(not p.requires_grad and p in optimizer.state for p in params.values())
+
+
+def _stages(draw, group_count: int) -> list[Stage]:
+    stages = []
+    for index in range(draw(st.integers(min_value=2, max_value=3))):
+        picks = draw(st.lists(st.integers(0, group_count - 1), min_size=1, max_size=3, unique=True))
+        policy = draw(st.sampled_from(["frozen", "train", "eval"]))
+        stages.append(Stage(f"s{index}", 1, tuple(f"{i}" for i in sorted(picks)), draw(RULES), 0.05, policy))
+    return stages
+
+
+@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(model_name=st.sampled_from(sorted(MODELS)), data=st.data(), crash_after=st.sampled_from([None, 1]))
+def test_every_step_of_every_stage_keeps_the_plan(tmp_path: Path, model_name: str, data, crash_after: int | None) -> None:
+    torch.manual_seed(0)
+    adapter = MODELS[model_name]()
+    plan = Plan(tuple(_stages(data.draw, len(adapter.groups))))
+    config = TrainConfig(image_size=IMAGE_SIZE, batch_size=4, quiet=True, augment=False)
+    out = Path(tempfile.mkdtemp(dir=tmp_path))
+    checker = StepChecker(adapter, plan)
+    callbacks = [checker.next_epoch]
+    if crash_after is not None:
+        def crash(state) -> None:
+            if len(state.history) == crash_after:
+                raise Crash
+
+        with pytest.raises(Crash):
+            fit(adapter, DATA, plan, config, out, meta={"model": model_name}, callbacks=[*callbacks, crash], step_hooks=[checker])
+        torch.manual_seed(0)
+        adapter = MODELS[model_name]()
+        checker = StepChecker(adapter, plan)
+        checker.stage = crash_after
+        callbacks = [checker.next_epoch]
+    result = fit(adapter, DATA, plan, config, out, meta={"model": model_name}, resume=crash_after is not None, callbacks=callbacks, step_hooks=[checker])
+    assert len(result.history) == len(plan.stages) and checker.steps > 0
