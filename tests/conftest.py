@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -63,3 +64,10 @@ def tiny_split_data(tmp_path: Path) -> Path:
     write_class_images(root / "train", per_class=12, seed=0)
     write_class_images(root / "val", per_class=6, seed=1)
     return root
+
+
+class RunsCode:
+    """Unpickling this runs a shell command: what a malicious weights file does."""
+
+    def __reduce__(self):
+        return (os.system, ("echo pwned > /dev/null",))

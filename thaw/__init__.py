@@ -4,7 +4,7 @@ The path data takes: thaw.data -> thaw.models (adapters) -> thaw.plan
 (freezing, groups, lrs, stages) -> training -> export.
 """
 
-from thaw._version import __version__
+from thaw._version import __version__ as __version__
 from thaw.errors import ThawError
 from thaw.models import LayerGroup, ModelAdapter, Preprocessing, adapt, build_model
 from thaw.plan import (

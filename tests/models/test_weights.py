@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
 import torch
 from PIL import Image
 
-from tests.conftest import HYMENOPTERA
+from tests.conftest import HYMENOPTERA, RunsCode
 from thaw import ThawError, build_model
 from thaw.data import eval_transform
 from thaw.models.weights import packaged_copy
@@ -93,14 +92,10 @@ def test_file_whose_hash_does_not_match_its_name_is_refused(tmp_path: Path) -> N
         build_model("mobilenet_v2", weights=str(path))
 
 
-class _RunsCode:
-    def __reduce__(self):
-        return (os.system, ("echo pwned > /dev/null",))
-
 
 def test_pickle_that_would_run_code_is_refused(tmp_path: Path) -> None:
     path = tmp_path / "evil.pth"
-    torch.save({"weight": _RunsCode()}, path)
+    torch.save({"weight": RunsCode()}, path)
     with pytest.raises(ThawError, match="cannot load .* safely"):
         build_model("mobilenet_v3_small", weights=str(path))
 

@@ -14,7 +14,7 @@ import pytest
 import torch
 from torch import nn
 
-from tests.conftest import SmallConvNet
+from tests.conftest import RunsCode, SmallConvNet
 from thaw import ThawError, adapt
 from thaw.data.folders import discover
 from thaw.plan import ConstantLr, Plan, RangeLr, Stage
@@ -149,14 +149,10 @@ def test_loading_a_run_never_unpickles(tiny_split_data: Path, tmp_path: Path, mo
     assert meta["classes"] == ["blue", "green", "red"] and isinstance(adapter.model, nn.Module)
 
 
-class _RunsCode:
-    def __reduce__(self):
-        return (os.system, ("echo pwned > /dev/null",))
-
 
 def test_a_checkpoint_that_would_run_code_is_refused(tmp_path: Path) -> None:
     path = tmp_path / "checkpoint.pt"
-    torch.save({"model": _RunsCode()}, path)
+    torch.save({"model": RunsCode()}, path)
     with pytest.raises(ThawError, match="cannot read checkpoint"):
         load_checkpoint(path)
 

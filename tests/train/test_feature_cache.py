@@ -7,7 +7,6 @@ from pathlib import Path
 
 import torch
 
-from tests.conftest import SmallConvNet
 from thaw import adapt, apply_trainable, resolve
 from thaw.data.folders import discover
 from thaw.plan import ConstantLr, Plan, RangeLr, Stage

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import torch
 from torch import nn
 
 from thaw.models import _structure
@@ -64,8 +63,3 @@ def adapt(model: nn.Module, **options: object) -> ModelAdapter:
         return adapt_torchvision(model, **options)  # type: ignore[arg-type]
     return adapt_module(model, **options)  # type: ignore[arg-type]
 
-
-def dummy_input(adapter: ModelAdapter, batch: int = 2, device: torch.device | str = "cpu") -> torch.Tensor:
-    """A batch at the size the weights expect, for shape checks and tests."""
-    size = adapter.preprocessing.crop_size
-    return torch.randn(batch, 3, size, size, device=device)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -11,7 +12,7 @@ from thaw.export.run_dir import preprocessing_dict, write_run
 from thaw.models import build_model
 from thaw.plan import Plan, build_plan, plan_to_dict
 from thaw.train.config import TrainConfig
-from thaw.train.fit import EpochCallback, RunResult, RunState, config_dict, effective_preprocessing, fit
+from thaw.train.fit import EpochCallback, RunResult, RunState, effective_preprocessing, fit
 
 __all__ = ["EpochCallback", "RunResult", "RunState", "TrainConfig", "train_images"]
 
@@ -44,7 +45,7 @@ def train_images(
         "groups": adapter.group_names,
         "preprocessing": preprocessing_dict(effective_preprocessing(adapter, config)),
         "plan": plan_to_dict(plan),
-        "train_config": config_dict(config),
+        "train_config": asdict(config),
         "data": {"path": str(data_path), "layout": data.layout, "train": len(data.train), "val": len(data.val), "test": len(data.test or ())},
         "skipped_files": [{"path": p, "reason": r} for p, r in result.skipped],
         "best": {k: v for k, v in result.best.items() if k != "val"} | {"val": {k: v for k, v in result.best.get("val", {}).items() if k != "confusion"}},

@@ -12,7 +12,7 @@ import random
 import signal
 import threading
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -359,6 +359,3 @@ def fit(
     trainer.engine.step_hooks.extend(step_hooks or [])
     return trainer.fit(resume, callbacks or [])
 
-
-def config_dict(config: TrainConfig) -> dict:
-    return asdict(config)
