@@ -140,7 +140,7 @@ class CachedStage:
 def build_cache(
     adapter: ModelAdapter,
     key: str,
-    make_dataset: Callable[[str, int], ImageDataset],
+    make_dataset: Callable[[str], ImageDataset],
     views: int,
     engine: Engine,
     *,
@@ -154,7 +154,7 @@ def build_cache(
     train_views = []
     for view in range(max(1, views)):
         torch.manual_seed(seed * 7919 + view)  # each augmented view is fixed, so a resumed run sees the same
-        dataset = make_dataset("train", view) if views else make_dataset("train-eval", 0)
+        dataset = make_dataset("train" if views else "train-eval")  # views differ by their seed
         train_views.append(compute_features(adapter, dataset, engine, batch_size=batch_size, workers=workers, budget_bytes=budget_bytes, spill_path=folder / f"{key}-train{view}.npy", label=f"caching train view {view + 1}"))
-    val = compute_features(adapter, make_dataset("val", 0), engine, batch_size=batch_size, workers=workers, budget_bytes=budget_bytes, spill_path=folder / f"{key}-val.npy", label="caching val")
+    val = compute_features(adapter, make_dataset("val"), engine, batch_size=batch_size, workers=workers, budget_bytes=budget_bytes, spill_path=folder / f"{key}-val.npy", label="caching val")
     return CachedStage(key, train_views, val)

@@ -129,7 +129,7 @@ class Trainer:
         self.state = RunState()
         self.train_images, self.train_seconds = 0, 0.0
 
-    def dataset(self, kind: str, _view: int = 0) -> ImageDataset:
+    def dataset(self, kind: str) -> ImageDataset:
         """train (augmented), train-eval (the evaluation view of train) or val."""
         augmented = kind == "train"
         transform = train_transform(self.preprocessing) if augmented else eval_transform(self.preprocessing)

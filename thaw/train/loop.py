@@ -63,10 +63,10 @@ class StageSchedule:
         return multiplier(self.name, step, self.total_steps, self.warmup)
 
 
-def _check_finite(loss: torch.Tensor, where: str) -> None:
-    if not math.isfinite(loss.item()):
+def _check_finite(value: float, where: str) -> None:
+    if not math.isfinite(value):
         raise ThawError(
-            f"loss became {loss.item()} at {where}; the stage stopped and no checkpoint was overwritten. "
+            f"loss became {value} at {where}; the stage stopped and no checkpoint was overwritten. "
             "Lower the lr (e.g. --lr 1e-4) or add --grad-clip 1.0"
         )
 
@@ -104,7 +104,8 @@ def train_one_epoch(
         with engine.autocast():
             logits = forward(images)
         loss = nn.functional.cross_entropy(logits.float(), labels)
-        _check_finite(loss, f"{label}, batch {index + 1}")
+        value = loss.item()  # one device sync a batch, shared by the check, the metrics and the bar
+        _check_finite(value, f"{label}, batch {index + 1}")
         (loss / schedule.accumulate).backward()
         stepped = (index + 1) % schedule.accumulate == 0 or index + 1 == len(loader)
         if stepped:
@@ -112,9 +113,9 @@ def train_one_epoch(
             for hook in engine.step_hooks:
                 hook(optimizer, step, schedule.factor(step))
             step += 1
-        tracker.update(logits, labels, loss.item())
+        tracker.update(logits, labels, value)
         rate = tracker.count / max(time.perf_counter() - started, 1e-9)
-        progress.set_postfix(loss=f"{loss.item():.3f}", img_s=f"{rate:.0f}")
+        progress.set_postfix(loss=f"{value:.3f}", img_s=f"{rate:.0f}")
         if stepped and should_stop() and index + 1 < len(loader):
             progress.close()
             return {"interrupted": True, "batches": batches, "tracker": tracker, "seconds": time.perf_counter() - started}
