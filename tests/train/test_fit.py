@@ -10,24 +10,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from tests.conftest import Crash, crash_after
 from thaw import ThawError, build_model
 from thaw.plan import ConstantLr, Plan, RangeLr, Stage
 from thaw.train import TrainConfig, train_images
 
 CONFIG = TrainConfig(image_size=32, batch_size=8, quiet=True)
 PLAN = Plan((Stage("head", 2, ("head",), ConstantLr(3e-3)), Stage("all", 2, ("all",), RangeLr(1e-4, 1e-3), batchnorm="eval")))
-
-
-class Crash(Exception):
-    pass
-
-
-def crash_after(epochs: int):
-    def callback(state) -> None:
-        if len(state.history) == epochs:
-            raise Crash
-
-    return callback
 
 
 def run(data: Path, out: Path, **options):

@@ -9,18 +9,21 @@ from pathlib import Path
 
 from thaw.cli.options import add_model_options, add_plan_options, plan_from_args, positive_int
 from thaw.models import build_model
-from thaw.train import RunState, TrainConfig, train_images
+from thaw.models.hf_text import DEFAULT_MAX_LENGTH, POOLINGS, build_text_model
+from thaw.models.sources import TASKS, hf_source, task_of
+from thaw.train import RunResult, RunState, TextColumns, TrainConfig, train_images, train_text
 from thaw.train.config import METRICS, PRECISIONS, SCHEDULES
 from thaw.plan.optim import OPTIMIZERS
 
 
 def register(commands: argparse._SubParsersAction) -> None:
-    parser = commands.add_parser("train", help="fine-tune a model on a folder of labelled images")
-    parser.add_argument("data", help="folder with train/ and val/, a folder of class folders, or a CSV manifest")
+    parser = commands.add_parser("train", help="fine-tune a model on labelled images or text")
+    parser.add_argument("data", help="images: folder with train/ and val/, folder of class folders, or CSV manifest; text: a CSV/TSV table")
     add_model_options(parser)
     parser.set_defaults(weights="DEFAULT")
     add_plan_options(parser)
     add_training_options(parser)
+    add_text_options(parser)
     parser.add_argument("--out", help="run folder (default runs/MODEL-STRATEGY)")
     parser.add_argument("--resume", metavar="RUN", help="continue the run in RUN from its last checkpoint")
     parser.add_argument("--json", action="store_true", help="end with one JSON line of results")
@@ -30,7 +33,7 @@ def register(commands: argparse._SubParsersAction) -> None:
 def add_training_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("training")
     group.add_argument("--batch-size", type=int, default=32)
-    group.add_argument("--val-split", type=float, default=0.2, help="share held out when DATA has no val/")
+    group.add_argument("--val-split", type=float, help="share held out for validation when DATA has no val/ (images 0.2, text 0.1)")
     group.add_argument("--optimizer", choices=OPTIMIZERS, default="adamw")
     group.add_argument("--schedule", choices=SCHEDULES, default="cosine")
     group.add_argument("--warmup", type=float, default=0.1, help="share of each stage's steps spent warming up")
@@ -51,6 +54,17 @@ def add_training_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--quiet", action="store_true")
 
 
+def add_text_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("text (Hugging Face encoders)")
+    group.add_argument("--task", choices=TASKS, help="default: text when --model is a Hugging Face folder (config.json) or hf/ID, else image")
+    group.add_argument("--text-column", help="name or 0-based position of the text column (default: inferred)")
+    group.add_argument("--label-column", help="name or 0-based position of the label column (default: inferred)")
+    group.add_argument("--delimiter", help="column separator (default: tab for .tsv or tab-separated files, else comma)")
+    group.add_argument("--test-split", type=float, default=0.0, help="share held out first as a test split (thaw evaluate --split test)")
+    group.add_argument("--max-length", type=int, default=DEFAULT_MAX_LENGTH, help="tokens kept per text")
+    group.add_argument("--pooling", choices=POOLINGS, default="mean", help="how token states become one vector")
+
+
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     names = {f.name for f in fields(TrainConfig)}
     return TrainConfig(**{name: getattr(args, name) for name in names if hasattr(args, name)})
@@ -67,18 +81,29 @@ def print_epoch(state: RunState) -> None:
     )
 
 
+def _start(args: argparse.Namespace, config: TrainConfig, out: Path) -> RunResult:
+    callbacks = [] if config.quiet else [print_epoch]
+    if task_of(args) == "text":
+        adapter = build_text_model(hf_source(args.model), num_classes=2, device="meta", load=False)
+        columns = TextColumns(args.text_column, args.label_column, args.delimiter)
+        return train_text(
+            args.data, model=hf_source(args.model), plan=plan_from_args(args, len(adapter.groups)), config=config, out=out,
+            columns=columns, val_split=0.1 if args.val_split is None else args.val_split, test_split=args.test_split,
+            pooling=args.pooling, max_length=args.max_length, resume=bool(args.resume), callbacks=callbacks,
+        )
+    adapter_groups = len(build_model(args.model, num_classes=2, device="meta").groups)
+    return train_images(
+        args.data, model=args.model, weights=args.weights, plan=plan_from_args(args, adapter_groups), config=config, out=out,
+        val_split=0.2 if args.val_split is None else args.val_split, resume=bool(args.resume), callbacks=callbacks,
+    )
+
+
 def run(args: argparse.Namespace) -> int:
-    out = Path(args.resume or args.out or f"runs/{args.model.replace('/', '_')}-{args.strategy}")
+    out = Path(args.resume or args.out or f"runs/{Path(args.model).name or args.model.replace('/', '_')}-{args.strategy}")
     config = config_from_args(args)
     if args.json:
         config = TrainConfig(**{**config.__dict__, "quiet": True})
-    adapter_groups = len(build_model(args.model, num_classes=2, device="meta").groups)
-    plan = plan_from_args(args, adapter_groups)
-    callbacks = [] if config.quiet else [print_epoch]
-    result = train_images(
-        args.data, model=args.model, weights=args.weights, plan=plan, config=config, out=out,
-        val_split=args.val_split, resume=bool(args.resume), callbacks=callbacks,
-    )
+    result = _start(args, config, out)
     best = result.best
     if args.json:
         summary = {

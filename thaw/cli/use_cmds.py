@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 from thaw.data.folders import describe_skipped
 from thaw.errors import ThawError
 from thaw.export.formats import FORMATS, export_model
-from thaw.export.inference import evaluate_run, image_files, predict_files
+from thaw.export.inference import evaluate_run, image_files, predict_files, predict_texts
 from thaw.export.plots import plot_confusion
 from thaw.export.run_dir import load_run
 from thaw.plan.report import render_table
@@ -23,9 +24,10 @@ def register(commands: argparse._SubParsersAction) -> None:
     evaluate.add_argument("--json", action="store_true")
     evaluate.set_defaults(handler=run_evaluate)
 
-    predict = commands.add_parser("predict", help="class names and probabilities for image files or folders")
+    predict = commands.add_parser("predict", help="class names and probabilities for image files or folders, or for texts")
     predict.add_argument("run")
-    predict.add_argument("paths", nargs="+")
+    predict.add_argument("paths", nargs="*", help="image files or folders; for a text run, the texts themselves")
+    predict.add_argument("--file", help="text runs: a file with one text per line (- for standard input)")
     predict.add_argument("--top-k", type=int, default=3)
     predict.add_argument("--json", action="store_true")
     predict.set_defaults(handler=run_predict)
@@ -44,9 +46,11 @@ def run_evaluate(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({k: v for k, v in metrics.items() if k != "seconds"} | {"confusion_png": str(picture)}))
         return 0
-    print(f"{args.split}: {metrics['count']} images, accuracy {metrics['accuracy']:.4f}, macro-F1 {metrics['macro_f1']:.4f}" + (f", top-5 {metrics['top5']:.4f}" if "top5" in metrics else ""))
-    rows = [[name, f"{acc:.3f}", *map(str, counts)] for name, acc, counts in zip(metrics["classes"], metrics["per_class_accuracy"], metrics["confusion"])]
-    print(render_table(rows, ["class", "accuracy", *[f"->{c}" for c in metrics["classes"]]]))
+    unit = "texts" if meta.get("task") == "text" else "images"
+    print(f"{args.split}: {metrics['count']} {unit}, accuracy {metrics['accuracy']:.4f}, macro-F1 {metrics['macro_f1']:.4f}" + (f", top-5 {metrics['top5']:.4f}" if "top5" in metrics else ""))
+    columns = zip(metrics["classes"], metrics["per_class_accuracy"], metrics["per_class_f1"], metrics["confusion"])
+    rows = [[name, f"{acc:.3f}", f"{f1:.3f}", *map(str, counts)] for name, acc, f1, counts in columns]
+    print(render_table(rows, ["class", "recall", "F1", *[f"->{c}" for c in metrics["classes"]]]))
     print(f"confusion matrix: {picture}")
     return 0
 
@@ -55,6 +59,10 @@ def run_predict(args: argparse.Namespace) -> int:
     if args.top_k < 1:
         raise ThawError(f"--top-k must be at least 1, got {args.top_k}")
     adapter, meta = load_run(args.run)
+    if meta.get("task") == "text":
+        return _predict_texts(args, adapter, meta)
+    if not args.paths:
+        raise ThawError("give image files or folders to classify")
     predictions, skipped = predict_files(adapter, meta["classes"], image_files(args.paths), args.top_k)
     if args.json:
         entries = [{"path": p.path, "predictions": [{"label": l, "probability": v} for l, v in p.labels]} for p in predictions]
@@ -66,6 +74,29 @@ def run_predict(args: argparse.Namespace) -> int:
             print(f"thaw: warning: {describe_skipped(tuple(skipped))}")
     if not predictions:
         raise ThawError(describe_skipped(tuple(skipped)))
+    return 0
+
+
+def _read_texts(args: argparse.Namespace) -> list[str]:
+    texts = list(args.paths)
+    if args.file:
+        source = sys.stdin if args.file == "-" else None
+        if source is None and not Path(args.file).is_file():
+            raise ThawError(f"{args.file} does not exist; pass a file with one text per line, or - for standard input")
+        lines = (source.read() if source else Path(args.file).read_text(encoding="utf-8")).splitlines()
+        texts += [line for line in lines if line.strip()]
+    return texts
+
+
+def _predict_texts(args: argparse.Namespace, adapter: object, meta: dict) -> int:
+    predictions = predict_texts(adapter, meta["classes"], _read_texts(args), args.top_k)
+    if args.json:
+        entries = [{"text": p.path, "label": p.labels[0][0], "probability": p.labels[0][1], "predictions": [{"label": l, "probability": v} for l, v in p.labels]} for p in predictions]
+        print(json.dumps({"predictions": entries}))
+        return 0
+    for prediction in predictions:
+        label, probability = prediction.labels[0]
+        print(f"{label}\t{probability:.3f}\t{prediction.path}")
     return 0
 
 

@@ -17,7 +17,7 @@ from thaw.data.images import UnreadableImage, load_rgb
 
 @dataclass
 class Batch:
-    images: torch.Tensor
+    images: torch.Tensor | dict[str, torch.Tensor]  # a text batch holds the tokenizer's tensors
     labels: torch.Tensor
     failed: list[tuple[str, str]]  # files that passed the header check but did not decode
 
@@ -106,6 +106,9 @@ class SeededPermutation(Sampler[int]):
 def make_loader(
     dataset: Dataset, *, batch_size: int, shuffle: bool, seed: int, workers: int | None = None, skip_batches: int = 0
 ) -> DataLoader:
+    if hasattr(dataset, "batch_sampler"):  # text: tokenised up front, batched by length, padded per batch
+        sampler = dataset.batch_sampler(batch_size, seed if shuffle else None, skip_batches)
+        return DataLoader(dataset, batch_sampler=sampler, num_workers=0, collate_fn=dataset.collate)
     workers = default_workers() if workers is None else workers
     generator = torch.Generator().manual_seed(seed)  # seeds the workers' augmentation
     return DataLoader(

@@ -7,9 +7,10 @@ from pathlib import Path
 
 import torch
 
-from thaw.data.folders import discover, suffix_is_image
+from thaw.data.folders import ImageData, discover, suffix_is_image
 from thaw.data.images import UnreadableImage, load_rgb
 from thaw.data.loaders import ImageDataset, make_loader
+from thaw.data.text import TextColumns, TextData, TextDataset, load_text_data
 from thaw.data.transforms import eval_transform
 from thaw.errors import ThawError
 from thaw.models import ModelAdapter
@@ -18,18 +19,29 @@ from thaw.train.fit import choose_engine
 from thaw.train.loop import evaluate
 
 
+def _run_data(meta: dict, data_path: str | Path) -> ImageData | TextData:
+    """The run's data, split exactly as in training (same shares, same seed)."""
+    seed = meta.get("train_config", {}).get("seed", 0)
+    if meta.get("task") == "text":
+        columns = TextColumns(**meta.get("columns", {}))
+        return load_text_data(data_path, columns=columns, val_split=meta["val_split"], test_split=meta.get("test_split", 0.0), seed=seed)
+    return discover(data_path, val_split=meta.get("val_split", 0.2), seed=seed)
+
+
 def evaluate_run(adapter: ModelAdapter, meta: dict, data_path: str | Path, split: str = "val", batch_size: int = 64, quiet: bool = True) -> dict:
     """Metrics of the run's model on one split of `data_path`; classes must match the run's."""
-    config = meta.get("train_config", {})
-    data = discover(data_path, val_split=meta.get("val_split", 0.2), seed=config.get("seed", 0))
+    data = _run_data(meta, data_path)
     if list(data.classes) != meta["classes"]:
         raise ThawError(
             f"the data's classes ({', '.join(data.classes[:6])}) differ from the run's ({', '.join(meta['classes'][:6])}); "
-            "evaluate on data with the same class folders"
+            "evaluate on data with the same classes"
         )
     engine = choose_engine(TrainConfig(quiet=quiet), adapter.model)
     adapter.model.to(engine.device)
-    dataset = ImageDataset(data.split(split), eval_transform(adapter.preprocessing), 2 * adapter.preprocessing.resize_size)
+    if isinstance(data, TextData):
+        dataset = TextDataset(data.split(split), adapter.tokenizer, adapter.preprocessing.max_length)
+    else:
+        dataset = ImageDataset(data.split(split), eval_transform(adapter.preprocessing), 2 * adapter.preprocessing.resize_size)
     loader = make_loader(dataset, batch_size=batch_size, shuffle=False, seed=0)
     metrics = evaluate(adapter.model, loader, engine, len(data.classes), label=split)
     skipped = list(data.skipped) + engine.failed
@@ -80,3 +92,22 @@ def predict_files(adapter: ModelAdapter, classes: list[str], files: list[Path], 
         for path, values, indices in zip(kept, top.values, top.indices):
             predictions.append(Prediction(str(path), [(classes[i], float(v)) for v, i in zip(values, indices)]))
     return predictions, skipped
+
+
+@torch.no_grad()
+def predict_texts(adapter: ModelAdapter, classes: list[str], texts: list[str], top_k: int = 3, batch_size: int = 64) -> list[Prediction]:
+    """Labels and probabilities for each text, in the order given."""
+    if not texts or not all(text.strip() for text in texts):
+        raise ThawError("give one or more non-empty texts to classify")
+    engine = choose_engine(TrainConfig(quiet=True), adapter.model)
+    adapter.model.to(engine.device).eval()
+    predictions = []
+    for start in range(0, len(texts), batch_size):
+        chunk = texts[start : start + batch_size]
+        inputs = adapter.tokenizer(chunk, truncation=True, max_length=adapter.preprocessing.max_length, padding=True, return_tensors="pt")
+        with engine.autocast():
+            logits = adapter.model(engine.to_device(dict(inputs)))
+        top = logits.float().softmax(dim=1).cpu().topk(min(top_k, len(classes)), dim=1)
+        for text, values, indices in zip(chunk, top.values, top.indices):
+            predictions.append(Prediction(text, [(classes[i], float(v)) for v, i in zip(values, indices)]))
+    return predictions

@@ -45,7 +45,7 @@ def plan_report(adapter: ModelAdapter, plan: Plan, model_name: str) -> dict:
         "model": model_name,
         "num_classes": adapter.num_classes,
         "total_params": total,
-        "preprocessing": vars(adapter.preprocessing) | {"mean": list(adapter.preprocessing.mean), "std": list(adapter.preprocessing.std)},
+        "preprocessing": {key: list(value) if isinstance(value, tuple) else value for key, value in vars(adapter.preprocessing).items()},
         "stages": [stage_report(resolve_stage(adapter, stage)) for stage in plan.stages],
     }
 

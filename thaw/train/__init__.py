@@ -1,4 +1,4 @@
-"""Training: run a plan on a folder of labelled images and leave a run folder behind."""
+"""Training: run a plan on labelled images or text and leave a run folder behind."""
 
 from __future__ import annotations
 
@@ -7,14 +7,17 @@ from pathlib import Path
 
 import torch
 
-from thaw.data.folders import discover
-from thaw.export.run_dir import preprocessing_dict, write_run
-from thaw.models import build_model
+from thaw.data.folders import ImageData, discover
+from thaw.data.text import TextColumns, TextData, load_text_data
+from thaw.export.run_dir import preprocessing_dict, save_adapter, save_text_model, write_run
+from thaw.models import ModelAdapter, build_model
+from thaw.models.hf_text import DEFAULT_MAX_LENGTH, build_text_model
+from thaw.models.lora import add_lora
 from thaw.plan import Plan, build_plan, plan_to_dict
 from thaw.train.config import TrainConfig
 from thaw.train.fit import EpochCallback, RunResult, RunState, effective_preprocessing, fit
 
-__all__ = ["EpochCallback", "RunResult", "RunState", "TrainConfig", "train_images"]
+__all__ = ["EpochCallback", "RunResult", "RunState", "TextColumns", "TrainConfig", "train_images", "train_text"]
 
 
 def train_images(
@@ -34,10 +37,52 @@ def train_images(
     data = discover(data_path, val_split=val_split, seed=config.seed)
     torch.manual_seed(config.seed)  # the new head's initial weights are part of the run's seed
     adapter = build_model(model, weights=weights, num_classes=len(data.classes))
+    meta = {"format": "thaw-run/1", "task": "image", "model": model, "weights": weights, "classes": list(data.classes), "val_split": val_split}
+    return _run(adapter, data, data_path, plan, plan_options, config, Path(out), meta, resume, callbacks)
+
+
+def train_text(
+    data_path: str | Path,
+    *,
+    model: str,
+    out: str | Path,
+    plan: Plan | str = "two-phase",
+    plan_options: dict | None = None,
+    config: TrainConfig = TrainConfig(),
+    columns: TextColumns = TextColumns(),
+    val_split: float = 0.1,
+    test_split: float = 0.0,
+    pooling: str = "mean",
+    max_length: int = DEFAULT_MAX_LENGTH,
+    resume: bool = False,
+    callbacks: list[EpochCallback] | None = None,
+) -> RunResult:
+    """Fine-tune a Hugging Face encoder (`model`: a folder or hub id) on a CSV/TSV table of text and labels.
+
+    `test_split` holds out a seeded stratified share first (for `thaw evaluate --split test`);
+    `val_split` of the rest picks the best epoch.
+    """
+    data = load_text_data(data_path, columns=columns, val_split=val_split, test_split=test_split, seed=config.seed)
+    torch.manual_seed(config.seed)
+    adapter = build_text_model(model, num_classes=len(data.classes), pooling=pooling, max_length=max_length)
+    meta = {
+        "format": "thaw-run/1", "task": "text", "model": model, "weights": None, "classes": list(data.classes),
+        "val_split": val_split, "test_split": test_split, "columns": asdict(columns),
+    }
+    out = Path(out)
+    result = _run(adapter, data, data_path, plan, plan_options, config, out, meta, resume, callbacks)
+    result.files["text_model"] = save_text_model(out, adapter)
+    return result
+
+
+def _run(
+    adapter: ModelAdapter, data: ImageData | TextData, data_path: str | Path, plan: Plan | str, plan_options: dict | None,
+    config: TrainConfig, out: Path, meta: dict, resume: bool, callbacks: list[EpochCallback] | None,
+) -> RunResult:
     if isinstance(plan, str):
         plan = build_plan(plan, num_groups=len(adapter.groups), **(plan_options or {}))
-    out = Path(out)
-    meta = {"format": "thaw-run/1", "model": model, "weights": weights, "classes": list(data.classes), "val_split": val_split}
+    if plan.lora is not None:
+        add_lora(adapter, plan.lora)
     result = fit(adapter, data, plan, config, out, meta=meta, resume=resume, callbacks=callbacks)
     metadata = meta | {
         "family": adapter.family,
@@ -53,4 +98,6 @@ def train_images(
         "images_per_s": result.images_per_s,
     }
     result.files = write_run(out, metadata, result.history, list(data.classes), result.best)
+    if plan.lora is not None:
+        result.files["adapter"] = save_adapter(out, adapter, metadata["plan"])
     return result

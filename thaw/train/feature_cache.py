@@ -20,9 +20,10 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from thaw.data.folders import Sample
-from thaw.data.loaders import Batch, ImageDataset, make_loader, seeded_order
-from thaw.models.adapter import ModelAdapter, Preprocessing
+from torch.utils.data import Dataset
+
+from thaw.data.loaders import Batch, make_loader, seeded_order
+from thaw.models.adapter import ModelAdapter
 from thaw.plan.freeze import batchnorm_layers, is_eval_locked
 from thaw.train.loop import Engine
 
@@ -41,7 +42,7 @@ def why_not_cached(adapter: ModelAdapter, trainable: tuple[str, ...]) -> str | N
     return None
 
 
-def fingerprint(adapter: ModelAdapter, trainable: tuple[str, ...], preprocessing: Preprocessing, samples: tuple[Sample, ...], views: str) -> str:
+def fingerprint(adapter: ModelAdapter, trainable: tuple[str, ...], preprocessing: object, samples: tuple[tuple[object, int], ...], views: str) -> str:
     """Everything that decides the features: frozen weights, what trains, preprocessing, views, the files."""
     digest = hashlib.sha256()
     description = {"head": adapter.head_name, "trainable": sorted(trainable), "preprocessing": asdict(preprocessing), "views": views, "torch": torch.__version__}
@@ -51,9 +52,12 @@ def fingerprint(adapter: ModelAdapter, trainable: tuple[str, ...], preprocessing
         if name not in head:
             digest.update(name.encode())
             digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
-    for path, label in samples:
-        stat = path.stat()
-        digest.update(f"{path}|{label}|{stat.st_size}|{stat.st_mtime_ns}".encode())
+    for item, label in samples:
+        if isinstance(item, Path):  # an image file: its size and time stand for its content
+            stat = item.stat()
+            digest.update(f"{item}|{label}|{stat.st_size}|{stat.st_mtime_ns}".encode())
+        else:  # a text sample is its own content
+            digest.update(f"{label}|{len(item)}|{item}".encode())
     return digest.hexdigest()[:20]
 
 
@@ -88,7 +92,7 @@ class _Store:
 
 @torch.no_grad()
 def compute_features(
-    adapter: ModelAdapter, dataset: ImageDataset, engine: Engine, *, batch_size: int, workers: int | None, budget_bytes: int, spill_path: Path, label: str
+    adapter: ModelAdapter, dataset: Dataset, engine: Engine, *, batch_size: int, workers: int | None, budget_bytes: int, spill_path: Path, label: str
 ) -> FeatureSet:
     """forward_features for every decodable sample, once, in eval mode."""
     adapter.model.eval()
@@ -140,7 +144,7 @@ class CachedStage:
 def build_cache(
     adapter: ModelAdapter,
     key: str,
-    make_dataset: Callable[[str], ImageDataset],
+    make_dataset: Callable[[str], Dataset],
     views: int,
     engine: Engine,
     *,

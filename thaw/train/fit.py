@@ -22,6 +22,7 @@ from torch import nn
 
 from thaw.data.folders import ImageData, describe_skipped
 from thaw.data.loaders import DecodedImages, ImageDataset, configure_threads, default_workers, make_loader
+from thaw.data.text import TextData, TextDataset
 from thaw.data.transforms import eval_transform, train_transform
 from thaw.errors import ThawError
 from thaw.models.adapter import ModelAdapter, Preprocessing
@@ -75,7 +76,7 @@ def choose_engine(config: TrainConfig, model: nn.Module) -> Engine:
 
 
 def effective_preprocessing(adapter: ModelAdapter, config: TrainConfig) -> Preprocessing:
-    if config.image_size is None:
+    if config.image_size is None or not isinstance(adapter.preprocessing, Preprocessing):
         return adapter.preprocessing
     pre = adapter.preprocessing
     resize = round(config.image_size * pre.resize_size / pre.crop_size)
@@ -109,7 +110,7 @@ def _is_better(metric: str, value: float, best: dict) -> bool:
 class Trainer:
     """Holds what one run needs; `fit` is the only public entry."""
 
-    def __init__(self, adapter: ModelAdapter, data: ImageData, plan: Plan, config: TrainConfig, out: Path, meta: dict):
+    def __init__(self, adapter: ModelAdapter, data: ImageData | TextData, plan: Plan, config: TrainConfig, out: Path, meta: dict):
         self.adapter, self.data, self.plan, self.config, self.out, self.meta = adapter, data, plan, config, out, meta
         self.model = adapter.model
         self.engine = choose_engine(config, self.model)
@@ -120,6 +121,7 @@ class Trainer:
         self.workers = default_workers() if config.workers is None else config.workers
         configure_threads(self.workers)
         self.decoded = DecodedImages(int(config.decoded_memory_gb * 2**30))
+        self.text_sets: dict[str, TextDataset] = {}
         self.train_set = self.dataset("train" if config.augment else "train-eval")
         self.val_loader = make_loader(self.dataset("val"), batch_size=config.batch_size, shuffle=False, seed=config.seed, workers=self.workers)
         self.cached: CachedStage | None = None
@@ -129,8 +131,13 @@ class Trainer:
         self.state = RunState()
         self.train_images, self.train_seconds = 0, 0.0
 
-    def dataset(self, kind: str) -> ImageDataset:
+    def dataset(self, kind: str) -> ImageDataset | TextDataset:
         """train (augmented), train-eval (the evaluation view of train) or val."""
+        if isinstance(self.data, TextData):  # text is not augmented: train and train-eval are one dataset
+            split = "val" if kind == "val" else "train"
+            if split not in self.text_sets:
+                self.text_sets[split] = TextDataset(self.data.split(split), self.adapter.tokenizer, self.preprocessing.max_length)
+            return self.text_sets[split]
         augmented = kind == "train"
         transform = train_transform(self.preprocessing) if augmented else eval_transform(self.preprocessing)
         samples = self.data.val if kind == "val" else self.data.train

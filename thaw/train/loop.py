@@ -37,7 +37,9 @@ class Engine:
             return nullcontext()
         return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
 
-    def to_device(self, images: torch.Tensor) -> torch.Tensor:
+    def to_device(self, images: torch.Tensor | dict[str, torch.Tensor]) -> torch.Tensor | dict[str, torch.Tensor]:
+        if isinstance(images, dict):  # a text batch: token ids and masks, never channels_last
+            return {key: value.to(self.device, non_blocking=True) for key, value in images.items()}
         images = images.to(self.device, non_blocking=True)
         if self.channels_last and images.dim() == 4:
             return images.contiguous(memory_format=torch.channels_last)

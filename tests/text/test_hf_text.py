@@ -1,0 +1,78 @@
+"""The Hugging Face text adapter: groups in order, the feature/head split, loading errors, plans."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.conftest import write_tiny_encoder
+from thaw.cli import main
+from thaw.errors import ThawError
+from thaw.models.adapter import check_groups_cover_model
+from thaw.models.hf_text import build_text_model
+
+
+def test_minilm_groups_run_embeddings_then_each_layer_then_head(minilm: Path) -> None:
+    adapter = build_text_model(str(minilm), num_classes=2)
+    assert adapter.group_names == ["embeddings", *[f"layer.{i}" for i in range(6)], "head"]
+    check_groups_cover_model(adapter.model, adapter.groups)
+    assert adapter.num_classes == 2 and adapter.family == "hf-text:bert"
+
+
+def test_features_then_head_equals_the_full_forward(minilm: Path) -> None:
+    adapter = build_text_model(str(minilm), num_classes=3)
+    adapter.model.eval()
+    inputs = dict(adapter.tokenizer(["free prize, call now", "see you soon"], padding=True, return_tensors="pt"))
+    with torch.no_grad():
+        assert torch.equal(adapter.forward_head(adapter.forward_features(inputs)), adapter.model(inputs))
+
+
+def test_mean_pooling_ignores_padding(minilm: Path) -> None:
+    adapter = build_text_model(str(minilm), num_classes=2)
+    adapter.model.eval()
+    alone = dict(adapter.tokenizer(["hi"], return_tensors="pt"))
+    padded = dict(adapter.tokenizer(["hi", "a much longer message that forces padding on the first"], padding=True, return_tensors="pt"))
+    with torch.no_grad():
+        assert torch.allclose(adapter.forward_features(alone)[0], adapter.forward_features(padded)[0], atol=1e-5)
+
+
+@pytest.mark.parametrize("model_type", ["distilbert", "roberta", "bert"])
+def test_other_encoder_families_group_the_same_way(tmp_path: Path, minilm: Path, model_type: str) -> None:
+    folder = write_tiny_encoder(tmp_path / model_type, minilm, model_type, layers=3)
+    adapter = build_text_model(str(folder), num_classes=4)
+    assert adapter.group_names[0] == "embeddings" and adapter.group_names[-1] == "head"
+    assert adapter.group_names[1:4] == ["layer.0", "layer.1", "layer.2"]
+    check_groups_cover_model(adapter.model, adapter.groups)
+
+
+def test_a_missing_model_is_one_clear_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # read at import: the variable alone is too late
+    with pytest.raises(ThawError, match="not a local folder and the hub did not provide it"):
+        build_text_model("no-such-org/no-such-model", num_classes=2)
+
+
+def test_a_folder_without_weights_is_one_clear_error(tmp_path: Path, minilm: Path) -> None:
+    folder = tmp_path / "config-only"
+    folder.mkdir()
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json", "vocab.txt"):
+        (folder / name).write_bytes((minilm / name).read_bytes())
+    with pytest.raises(ThawError, match="cannot load a Hugging Face model from"):
+        build_text_model(str(folder), num_classes=2)
+
+
+def test_plan_shows_layer_decay_and_gradual_unfreezing_from_the_top(minilm: Path, capsys: pytest.CaptureFixture) -> None:
+    args = ["plan", "--model", str(minilm), "--num-classes", "2", "--strategy", "gradual", "--layer-decay", "0.8", "--json"]
+    assert main(args) == 0
+    report = json.loads(capsys.readouterr().out)
+    stages = report["stages"]
+    assert [s["name"] for s in stages] == ["head", "top2", "top3", "top4", "top5", "top6", "top7", "all"]
+    second = {g["name"]: g for g in stages[1]["groups"]}
+    assert second["layer.5"]["trainable"] > 0 and second["layer.4"]["trainable"] == 0
+    lrs = [g["lr"] for g in stages[-1]["groups"]]
+    assert all(lower < upper for lower, upper in zip(lrs, lrs[1:]))  # every group slower than the one above it
+    assert lrs[-2] == pytest.approx(lrs[-1] * 0.8)

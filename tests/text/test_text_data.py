@@ -1,0 +1,102 @@
+"""Reading labelled text tables: columns, headers, delimiters, splits, bad input, length-grouped batches."""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import SMS_SPAM
+from thaw.data.text import LengthGroupedBatches, TextColumns, load_text_data, read_table
+from thaw.errors import ThawError
+
+
+@pytest.mark.skipif(not SMS_SPAM.is_file(), reason="needs ../shared/data/sms_spam beside the repository")
+def test_sms_collection_reads_every_message_with_the_label_column_inferred() -> None:
+    pairs, skipped = read_table(SMS_SPAM)
+    assert len(pairs) == 5574 and not skipped
+    assert Counter(label for _, label in pairs) == {"ham": 4827, "spam": 747}
+    # Quotes inside messages stay text: no line swallowed the next one.
+    assert all("\t" not in text and "\n" not in text for text, _ in pairs)
+
+
+@pytest.mark.skipif(not SMS_SPAM.is_file(), reason="needs ../shared/data/sms_spam beside the repository")
+def test_test_split_is_seeded_stratified_and_disjoint() -> None:
+    data = load_text_data(SMS_SPAM, val_split=0.1, test_split=0.2, seed=0)
+    again = load_text_data(SMS_SPAM, val_split=0.1, test_split=0.2, seed=0)
+    assert data.test == again.test and data.train == again.train
+    assert len(data.test) == round(4827 * 0.2) + round(747 * 0.2)
+    spam = data.classes.index("spam")
+    assert abs(sum(label == spam for _, label in data.test) / len(data.test) - 747 / 5574) < 0.002
+    assert len(data.train) + len(data.val) + len(data.test) == 5574
+
+
+def test_csv_with_header_names_and_quoted_commas(tmp_path: Path) -> None:
+    table = tmp_path / "reviews.csv"
+    table.write_text('id,review,sentiment\n1,"good, really good",pos\n2,"bad, not good",neg\n3,fine,pos\n4,awful,neg\n')
+    pairs, _ = read_table(table, TextColumns(text="review", label="sentiment"))
+    assert pairs[0] == ("good, really good", "pos") and len(pairs) == 4
+    by_position, _ = read_table(table, TextColumns(text=1, label=2))
+    assert by_position == pairs
+
+
+def test_header_is_recognised_without_names(tmp_path: Path) -> None:
+    table = tmp_path / "t.csv"
+    table.write_text("label,text\na,one thing\nb,another thing\na,more\nb,less\n")
+    pairs, _ = read_table(table)
+    assert pairs[0] == ("one thing", "a")
+
+
+def test_unknown_column_names_the_columns(tmp_path: Path) -> None:
+    table = tmp_path / "t.csv"
+    table.write_text("label,body\na,x\nb,y\n")
+    with pytest.raises(ThawError, match="no text column named 'text'; columns are label, body"):
+        read_table(table, TextColumns(text="text", label="label"))
+
+
+def test_short_and_empty_rows_are_skipped_with_their_line(tmp_path: Path) -> None:
+    table = tmp_path / "t.tsv"
+    table.write_text("a\tone\nb\ttwo\nbroken line\na\t \na\tthree\nb\tfour\n")
+    pairs, skipped = read_table(table)
+    assert len(pairs) == 4
+    assert [where.rsplit(":", 1)[1] for where, _ in skipped] == ["3", "4"]
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ("a\tone\na\ttwo\n", "1 label value"),
+        ("a\tone\nb\ttwo\nb\tthree\n", "label\\(s\\) a occur once"),
+        ("", "is empty"),
+    ],
+)
+def test_unusable_tables_are_one_clear_error(tmp_path: Path, content: str, message: str) -> None:
+    table = tmp_path / "t.tsv"
+    table.write_text(content)
+    with pytest.raises(ThawError, match=message):
+        load_text_data(table)
+
+
+def test_non_utf8_file_is_refused(tmp_path: Path) -> None:
+    table = tmp_path / "t.csv"
+    table.write_bytes("label,text\na,caf\xe9\n".encode("latin-1"))
+    with pytest.raises(ThawError, match="not UTF-8"):
+        read_table(table)
+
+
+def test_length_grouped_batches_cover_each_sample_once_and_cut_padding() -> None:
+    import random
+
+    rng = random.Random(1)
+    lengths = [rng.randint(3, 120) for _ in range(1000)]
+    sampler = LengthGroupedBatches(lengths, 16, seed=5)
+    batches = list(sampler)
+    assert sorted(i for batch in batches for i in batch) == list(range(1000))
+    assert batches == list(LengthGroupedBatches(lengths, 16, seed=5)) != list(LengthGroupedBatches(lengths, 16, seed=6))
+    padded = sum(len(b) * max(lengths[i] for i in b) for b in batches)
+    order = list(range(1000))
+    rng.shuffle(order)
+    random_padded = sum(16 * max(lengths[i] for i in order[s : s + 16]) for s in range(0, 1000, 16))
+    assert padded < 0.7 * random_padded
+    assert list(LengthGroupedBatches(lengths, 16, seed=5, skip_batches=3)) == batches[3:]

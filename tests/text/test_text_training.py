@@ -1,0 +1,90 @@
+"""Text runs end to end: frozen means frozen, resume is exact, evaluate/predict/export, and the SMS target."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.conftest import SMS_SPAM, Crash, crash_after, write_text_table
+from thaw.cli import main
+from thaw.export.run_dir import load_run
+from thaw.train import TrainConfig, train_text
+
+QUICK = TrainConfig(batch_size=8, quiet=True, seed=3)
+
+
+def test_feature_extract_leaves_the_encoder_bit_identical(tmp_path: Path, tiny_encoder: Path) -> None:
+    table = write_text_table(tmp_path / "t.tsv")
+    result = train_text(table, model=str(tiny_encoder), out=tmp_path / "run", plan="feature-extract", plan_options={"epochs": 2}, config=QUICK)
+    from thaw.models.hf_text import build_text_model
+
+    original = build_text_model(str(tiny_encoder), num_classes=2).model.state_dict()
+    trained = load_file(str(tmp_path / "run" / "model.safetensors"))
+    encoder = [name for name in original if name.startswith("encoder.")]
+    assert encoder and all(torch.equal(original[name], trained[name]) for name in encoder)
+    assert not torch.equal(original["head.weight"], trained["head.weight"])
+    assert all(row["cached"] for row in result.history)  # the head trained on features computed once
+
+
+def test_resumed_text_run_ends_with_the_same_weights(tmp_path: Path, tiny_encoder: Path) -> None:
+    table = write_text_table(tmp_path / "t.tsv")
+    options = {"plan": "two-phase", "plan_options": {"epochs": 2, "head_epochs": 1}, "config": QUICK}
+    train_text(table, model=str(tiny_encoder), out=tmp_path / "whole", **options)
+    with pytest.raises(Crash):
+        train_text(table, model=str(tiny_encoder), out=tmp_path / "cut", callbacks=[crash_after(2)], **options)
+    train_text(table, model=str(tiny_encoder), out=tmp_path / "cut", resume=True, **options)
+    whole, resumed = load_file(str(tmp_path / "whole" / "model.safetensors")), load_file(str(tmp_path / "cut" / "model.safetensors"))
+    assert whole.keys() == resumed.keys() and all(torch.equal(whole[k], resumed[k]) for k in whole)
+
+
+def test_text_run_evaluates_predicts_and_exports(tmp_path: Path, tiny_encoder: Path, capsys: pytest.CaptureFixture) -> None:
+    table = write_text_table(tmp_path / "t.tsv", rows_per_class=40)
+    run = tmp_path / "run"
+    args = ["train", str(table), "--model", str(tiny_encoder), "--strategy", "two-phase", "--epochs", "1", "--head-epochs", "1",
+            "--test-split", "0.25", "--batch-size", "8", "--out", str(run), "--json"]
+    assert main(args) == 0
+    capsys.readouterr()
+    assert main(["evaluate", str(run), str(table), "--split", "test", "--json"]) == 0
+    metrics = json.loads(capsys.readouterr().out)
+    assert metrics["count"] == 20 and len(metrics["per_class_f1"]) == 2
+    assert main(["predict", str(run), "win a free prize now", "see you at lunch", "--json"]) == 0
+    predictions = json.loads(capsys.readouterr().out)["predictions"]
+    assert [p["text"] for p in predictions] == ["win a free prize now", "see you at lunch"]
+    assert all(p["label"] in ("ham", "spam") and 0.5 <= p["probability"] <= 1 for p in predictions)
+    assert main(["export", str(run), "--format", "onnx"]) == 0
+    assert "outputs match PyTorch" in capsys.readouterr().out
+    # The run folder alone rebuilds the model: tokenizer and config travel with it.
+    adapter, meta = load_run(run)
+    assert meta["task"] == "text" and (run / "text-model" / "config.json").is_file()
+
+
+def test_predict_reads_texts_from_a_file(tmp_path: Path, tiny_encoder: Path, capsys: pytest.CaptureFixture) -> None:
+    table = write_text_table(tmp_path / "t.tsv")
+    train_text(table, model=str(tiny_encoder), out=tmp_path / "run", plan="feature-extract", plan_options={"epochs": 1}, config=QUICK)
+    texts = tmp_path / "texts.txt"
+    texts.write_text("first message\n\nsecond message\n")
+    assert main(["predict", str(tmp_path / "run"), "--file", str(texts)]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert [line.split("\t")[2] for line in lines] == ["first message", "second message"]
+    assert main(["predict", str(tmp_path / "run")]) == 2  # nothing to classify: one line, not a traceback
+    assert "give one or more non-empty texts" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not SMS_SPAM.is_file(), reason="needs ../shared/data/sms_spam beside the repository")
+def test_sms_spam_two_phase_meets_the_target_on_a_held_out_test_split(tmp_path: Path, minilm: Path, capsys: pytest.CaptureFixture) -> None:
+    """The issue's command (plus the held-out test share): >= 0.98 accuracy and >= 0.92 spam F1 on 20% test."""
+    run = tmp_path / "sms"
+    args = ["train", str(SMS_SPAM), "--task", "text", "--model", str(minilm), "--strategy", "two-phase",
+            "--test-split", "0.2", "--out", str(run), "--json"]
+    assert main(args) == 0
+    capsys.readouterr()
+    assert main(["evaluate", str(run), str(SMS_SPAM), "--split", "test", "--json"]) == 0
+    metrics = json.loads(capsys.readouterr().out)
+    spam = metrics["classes"].index("spam")
+    assert metrics["count"] == round(4827 * 0.2) + round(747 * 0.2)
+    assert metrics["accuracy"] >= 0.98
+    assert metrics["per_class_f1"][spam] >= 0.92

@@ -1,0 +1,226 @@
+"""Labelled text from a CSV or TSV table: read, check, split, tokenise, batch.
+
+A table has one text column and one label column, chosen by name (with a
+header) or by position. Without names, a header is recognised by its
+column names, and in a two-column table the label column is the one with
+few distinct values (SMS Spam Collection: `ham<TAB>text`). Tab-separated
+files are read without quote handling, as the TSV convention has it: SMS
+text is full of stray quotes.
+"""
+
+from __future__ import annotations
+
+import csv
+from collections import Counter
+import random
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from torch.utils.data import Dataset, Sampler
+
+from thaw.data.folders import stratified_split
+from thaw.data.loaders import Batch
+from thaw.errors import ThawError
+
+TextSample = tuple[str, int]
+HEADER_NAMES = {"text", "label", "sentence", "message", "sms", "review", "content", "class", "category", "target", "labels"}
+LENGTH_GROUP_BATCHES = 50  # batches per length-sorted chunk (the HF Trainer's group_by_length uses 50 too)
+
+
+@dataclass(frozen=True)
+class TextColumns:
+    """Which columns hold the text and the label: a name, a 0-based position, or None to infer."""
+
+    text: str | int | None = None
+    label: str | int | None = None
+    delimiter: str | None = None  # None: tab for .tsv/.tab or tab-separated first line, else comma
+
+
+@dataclass(frozen=True)
+class TextData:
+    classes: tuple[str, ...]
+    train: tuple[TextSample, ...]
+    val: tuple[TextSample, ...]
+    test: tuple[TextSample, ...] | None
+    layout: str
+    skipped: tuple[tuple[str, str], ...] = field(default=())  # (line, reason)
+
+    def split(self, name: str) -> tuple[TextSample, ...]:
+        samples = {"train": self.train, "val": self.val, "test": self.test}.get(name)
+        if samples is None:
+            raise ThawError(f"this dataset has no {name!r} split; splits: train, val" + (", test (use --test-split)" if self.test else ""))
+        return samples
+
+
+def _delimiter(path: Path, first_line: str, wanted: str | None) -> str:
+    if wanted:
+        return "\t" if wanted in ("tab", "\\t") else wanted
+    if path.suffix.lower() in (".tsv", ".tab") or "\t" in first_line:
+        return "\t"
+    return ","
+
+
+def read_rows(path: Path, delimiter: str | None) -> tuple[list[list[str]], str]:
+    """All non-empty rows of the table, and the delimiter used."""
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as error:
+        raise ThawError(f"{path} is not UTF-8 text (byte {error.start}); save it as UTF-8 CSV or TSV") from None
+    lines = text.splitlines()
+    if not lines:
+        raise ThawError(f"{path} is empty; expected one text and one label per line")
+    chosen = _delimiter(path, lines[0], delimiter)
+    quoting = csv.QUOTE_NONE if chosen == "\t" else csv.QUOTE_MINIMAL
+    csv.field_size_limit(sys.maxsize)
+    rows = [row for row in csv.reader(lines, delimiter=chosen, quoting=quoting) if any(cell.strip() for cell in row)]
+    return rows, chosen
+
+
+def _column_index(header: list[str] | None, wanted: str | int, what: str, path: Path) -> int:
+    if isinstance(wanted, int) or (isinstance(wanted, str) and wanted.isdigit()):
+        return int(wanted)
+    names = [cell.strip() for cell in header or []]
+    if wanted not in names:
+        shown = ", ".join(names) if names else "none: the file has no header row"
+        raise ThawError(f"{path}: no {what} column named {wanted!r}; columns are {shown}. Name one with --{what}-column")
+    return names.index(wanted)
+
+
+def _guess_columns(rows: list[list[str]], header: list[str] | None) -> tuple[int, int]:
+    """(text, label) positions: header names first, else the column with the fewest distinct values is the label."""
+    if header:
+        lowered = [cell.strip().lower() for cell in header]
+        text = next((i for i, n in enumerate(lowered) if n in ("text", "sentence", "message", "sms", "review", "content")), None)
+        label = next((i for i, n in enumerate(lowered) if n in ("label", "labels", "class", "category", "target")), None)
+        if text is not None and label is not None:
+            return text, label
+    sample = rows[:1000]
+    width = Counter(len(row) for row in sample).most_common(1)[0][0]  # a broken line must not decide
+    sample = [row for row in sample if len(row) == width]
+    if width < 2:
+        raise ThawError("the table needs a text column and a label column; found one column")
+    distinct = [len({row[i] for row in sample}) for i in range(width)]
+    label = distinct.index(min(distinct))
+    lengths = [sum(len(row[i]) for row in sample) for i in range(width)]
+    text = max((i for i in range(width) if i != label), key=lambda i: lengths[i])
+    return text, label
+
+
+def read_table(path: str | Path, columns: TextColumns = TextColumns()) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+    """(text, label name) pairs, and the lines skipped with a reason."""
+    path = Path(path)
+    if not path.is_file():
+        raise ThawError(f"text data {path} does not exist or is not a file; pass a CSV or TSV file")
+    rows, _ = read_rows(path, columns.delimiter)
+    named = any(isinstance(c, str) and not c.isdigit() for c in (columns.text, columns.label))
+    has_header = named or any(cell.strip().lower() in HEADER_NAMES for cell in rows[0])
+    header, body = (rows[0], rows[1:]) if has_header else (None, rows)
+    if not body:
+        raise ThawError(f"{path} has a header but no rows")
+    guessed = _guess_columns(body, header) if columns.text is None or columns.label is None else (0, 0)
+    text_at = guessed[0] if columns.text is None else _column_index(header, columns.text, "text", path)
+    label_at = guessed[1] if columns.label is None else _column_index(header, columns.label, "label", path)
+    pairs, skipped = [], []
+    first_line = 2 if has_header else 1
+    for number, row in enumerate(body, start=first_line):
+        if max(text_at, label_at) >= len(row):
+            skipped.append((f"{path}:{number}", f"{len(row)} column(s), expected at least {max(text_at, label_at) + 1}"))
+        elif not row[text_at].strip() or not row[label_at].strip():
+            skipped.append((f"{path}:{number}", "empty text or label"))
+        else:
+            pairs.append((row[text_at], row[label_at].strip()))
+    return pairs, skipped
+
+
+def _classes(pairs: list[tuple[str, str]], path: Path) -> tuple[str, ...]:
+    counts: dict[str, int] = {}
+    for _, label in pairs:
+        counts[label] = counts.get(label, 0) + 1
+    if len(counts) < 2:
+        raise ThawError(f"{path} has {len(counts)} label value(s) ({', '.join(counts)}); classification needs at least 2")
+    if len(counts) > max(100, len(pairs) // 2):
+        raise ThawError(f"{path}: {len(counts)} distinct labels in {len(pairs)} rows; is --label-column the right column?")
+    few = [name for name, count in counts.items() if count < 2]
+    if few:
+        raise ThawError(f"{path}: label(s) {', '.join(few[:5])} occur once; each class needs 2 rows to be split into train and val")
+    return tuple(sorted(counts))
+
+
+def load_text_data(
+    path: str | Path, *, columns: TextColumns = TextColumns(), val_split: float = 0.2, test_split: float = 0.0, seed: int = 0
+) -> TextData:
+    """Read the table, then hold out a seeded stratified test share, then a val share of the rest."""
+    path = Path(path)
+    pairs, skipped = read_table(path, columns)
+    classes = _classes(pairs, path)
+    index = {name: i for i, name in enumerate(classes)}
+    samples = [(text, index[label]) for text, label in pairs]
+    test = None
+    if test_split:
+        samples, held = stratified_split(samples, test_split, seed)
+        test = tuple(held)
+    train, val = stratified_split(samples, val_split, seed)
+    layout = f"text table, {test_split:.0%} test then {val_split:.0%} val held out (seed {seed})" if test_split else f"text table, {val_split:.0%} val held out (seed {seed})"
+    return TextData(classes, tuple(train), tuple(val), test, layout, tuple(skipped))
+
+
+class TextDataset(Dataset):
+    """Token ids per sample, computed once with the model's own tokenizer (truncated, not padded)."""
+
+    def __init__(self, samples: tuple[TextSample, ...], tokenizer: object, max_length: int) -> None:
+        self.samples = samples
+        self.tokenizer = tokenizer
+        encoded = tokenizer([text for text, _ in samples], truncation=True, max_length=max_length)
+        self.features = [{key: encoded[key][i] for key in encoded} for i in range(len(samples))]
+        self.lengths = [len(ids) for ids in encoded["input_ids"]]
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> tuple[dict, int, None]:
+        return self.features[index], self.samples[index][1], None
+
+    def batch_sampler(self, batch_size: int, seed: int | None, skip_batches: int) -> Sampler[list[int]]:
+        return LengthGroupedBatches(self.lengths, batch_size, seed, skip_batches)
+
+    def collate(self, items: list[tuple[dict, int, None]]) -> Batch:
+        """Dynamic padding: each batch is padded to its own longest sample."""
+        padded = self.tokenizer.pad([features for features, _, _ in items], return_tensors="pt")
+        return Batch(dict(padded), torch.tensor([label for _, label, _ in items]), [])
+
+
+class LengthGroupedBatches(Sampler[list[int]]):
+    """Seeded shuffle, then batches of similar length (less padding), in shuffled order.
+
+    Like the HF Trainer's group_by_length: the shuffled order is cut into chunks
+    of LENGTH_GROUP_BATCHES batches, each chunk sorted by length, and the batches
+    shuffled again. `skip_batches` drops the first batches, to resume mid-epoch.
+    """
+
+    def __init__(self, lengths: list[int], batch_size: int, seed: int | None, skip_batches: int = 0) -> None:
+        self.lengths, self.batch_size, self.seed, self.skip = lengths, batch_size, seed, skip_batches
+
+    def batches(self) -> list[list[int]]:
+        count = len(self.lengths)
+        if self.seed is None:  # evaluation: sorted by length, the least padding
+            order = sorted(range(count), key=lambda i: self.lengths[i])
+            return [order[i : i + self.batch_size] for i in range(0, count, self.batch_size)]
+        rng = random.Random(self.seed)
+        order = list(range(count))
+        rng.shuffle(order)
+        chunk = self.batch_size * LENGTH_GROUP_BATCHES
+        batches = []
+        for start in range(0, count, chunk):
+            part = sorted(order[start : start + chunk], key=lambda i: self.lengths[i], reverse=True)
+            batches += [part[i : i + self.batch_size] for i in range(0, len(part), self.batch_size)]
+        rng.shuffle(batches)
+        return batches
+
+    def __len__(self) -> int:
+        return max(0, -(-len(self.lengths) // self.batch_size) - self.skip)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        return iter(self.batches()[self.skip :])

@@ -1,0 +1,176 @@
+"""Hugging Face text encoders (BERT, MiniLM, RoBERTa, DistilBERT, ...) as thaw classifiers.
+
+The encoder comes from `transformers.AutoModel` (a local folder, or a hub id
+for users online); thaw adds a pooling of the token states and a new linear
+head for N labels. Groups run embeddings, each encoder layer in order, any
+encoder parameters after the layers ("top"), then the head.
+
+Pooling defaults to the mean over real tokens: sentence-transformers models
+are trained for it, and for plain BERT-style checkpoints it gives frozen
+features at least as good as the [CLS] token. `cls` is the alternative.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from thaw.errors import ThawError
+from thaw.models.adapter import LayerGroup, ModelAdapter
+
+POOLINGS = ("mean", "cls")
+DEFAULT_MAX_LENGTH = 128
+HEAD_DROPOUT = 0.1  # BERT's own classifier dropout
+
+
+@dataclass(frozen=True)
+class TextPreprocessing:
+    """What turns text into model inputs: the tokenizer's folder, truncation length, pooling."""
+
+    tokenizer: str
+    max_length: int = DEFAULT_MAX_LENGTH
+    pooling: str = "mean"
+    source: str = "the model's own tokenizer"
+
+
+def pool(states: torch.Tensor, mask: torch.Tensor, pooling: str) -> torch.Tensor:
+    if pooling == "cls":
+        return states[:, 0]
+    weights = mask.unsqueeze(-1).to(states.dtype)
+    return (states * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1.0)
+
+
+class TextClassifier(nn.Module):
+    """Encoder, pooling, dropout, linear head; takes the tokenizer's dict of tensors."""
+
+    def __init__(self, encoder: nn.Module, num_classes: int, pooling: str = "mean", dropout: float = HEAD_DROPOUT) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.pooling = pooling
+        self.dropout = nn.Dropout(dropout)
+        self.head = nn.Linear(encoder.config.hidden_size, num_classes)
+
+    def features(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        states = self.encoder(**inputs).last_hidden_state
+        return pool(states, inputs["attention_mask"], self.pooling)
+
+    def classify(self, features: torch.Tensor) -> torch.Tensor:
+        return self.head(self.dropout(features))
+
+    def forward(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.classify(self.features(inputs))
+
+
+def _transformers():
+    try:
+        import transformers
+    except ImportError:
+        raise ThawError("text models need Hugging Face transformers: pip install 'thaw[text]'") from None
+    transformers.logging.set_verbosity_error()  # load reports (an unused pooler, ...) are not the user's problem
+    transformers.utils.logging.disable_progress_bar()
+    return transformers
+
+
+def _load_error(source: str, error: Exception) -> ThawError:
+    local = Path(source).expanduser()
+    if local.exists():
+        return ThawError(f"cannot load a Hugging Face model from {local} ({type(error).__name__}: {str(error).splitlines()[0][:160]}); it needs config.json, weights and tokenizer files")
+    return ThawError(
+        f"cannot load model {source!r}: it is not a local folder and the hub did not provide it "
+        f"({type(error).__name__}). Pass the folder of a downloaded model, or go online and unset HF_HUB_OFFLINE"
+    )
+
+
+def load_encoder(source: str, *, load: bool = True) -> tuple[nn.Module, object]:
+    """The encoder (without any pooler: thaw pools itself) and its tokenizer."""
+    transformers = _transformers()
+    try:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(source)
+        if not load:
+            config = transformers.AutoConfig.from_pretrained(source)
+            return _without_pooler(lambda **kw: transformers.AutoModel.from_config(config, **kw)), tokenizer
+        return _without_pooler(lambda **kw: transformers.AutoModel.from_pretrained(source, **kw)), tokenizer
+    except ThawError:
+        raise
+    except (OSError, ValueError, KeyError) as error:
+        raise _load_error(source, error) from None
+
+
+def _without_pooler(make: object) -> nn.Module:
+    """BERT-like encoders take add_pooling_layer=False; others have no pooler to drop."""
+    try:
+        return make(add_pooling_layer=False)
+    except TypeError:
+        return make()
+
+
+def _layer_list(encoder: nn.Module) -> tuple[str, nn.ModuleList]:
+    """The encoder's stack of transformer layers: its longest ModuleList."""
+    lists = [(name, module) for name, module in encoder.named_modules() if isinstance(module, nn.ModuleList) and len(module)]
+    if not lists:
+        raise ThawError(f"{type(encoder).__name__} has no list of layers; thaw groups text encoders by their layer stack")
+    return max(lists, key=lambda item: len(item[1]))
+
+
+def text_groups(model: TextClassifier) -> list[LayerGroup]:
+    """embeddings, layer.0 ... layer.N-1, top (parameters after the layers, if any), head."""
+    list_name, layers = _layer_list(model.encoder)
+    prefix = f"encoder.{list_name}."
+    names = [name for name, _ in model.named_parameters()]
+    layer_params: list[list[str]] = [[] for _ in layers]
+    before, after = [], []
+    for name in names:
+        if name.startswith("head."):
+            continue
+        if name.startswith(prefix):
+            layer_params[int(name[len(prefix) :].split(".")[0])].append(name)
+        elif not any(layer_params):
+            before.append(name)
+        else:
+            after.append(name)
+    groups = [LayerGroup("embeddings", _owners(before), tuple(before))]
+    groups += [LayerGroup(f"layer.{i}", (f"{prefix}{i}",), tuple(params)) for i, params in enumerate(layer_params) if params]
+    if after:
+        groups.append(LayerGroup("top", _owners(after), tuple(after)))
+    groups.append(LayerGroup("head", ("head",), tuple(n for n in names if n.startswith("head."))))
+    return [group for group in groups if group.params]
+
+
+def _owners(params: list[str]) -> tuple[str, ...]:
+    """The modules that own `params`, for selectors and reports."""
+    return tuple(dict.fromkeys(name.rsplit(".", 1)[0] for name in params))
+
+
+def adapt_text_model(model: TextClassifier, preprocessing: TextPreprocessing, family: str) -> ModelAdapter:
+    adapter = ModelAdapter(
+        model, family=family, head_name="head", groups=text_groups(model), preprocessing=preprocessing,
+        features_fn=model.features, head_fn=model.classify,
+    )
+    adapter.tokenizer = model.tokenizer
+    return adapter
+
+
+def build_text_model(
+    source: str,
+    *,
+    num_classes: int,
+    pooling: str = "mean",
+    max_length: int = DEFAULT_MAX_LENGTH,
+    device: str | torch.device = "cpu",
+    load: bool = True,
+) -> ModelAdapter:
+    """A Hugging Face encoder from `source` (folder or hub id) with a new `num_classes` head."""
+    if pooling not in POOLINGS:
+        raise ThawError(f"unknown pooling {pooling!r}; choose {', '.join(POOLINGS)}")
+    if num_classes < 2:
+        raise ThawError(f"a classifier needs at least 2 classes, got {num_classes}")
+    encoder, tokenizer = load_encoder(source, load=load and str(device) != "meta")
+    model = TextClassifier(encoder, num_classes, pooling).to(device)
+    model.tokenizer = tokenizer
+    limit = getattr(tokenizer, "model_max_length", max_length) or max_length
+    preprocessing = TextPreprocessing(str(Path(source).resolve()) if os.path.isdir(source) else source, min(max_length, limit), pooling)
+    return adapt_text_model(model, preprocessing, f"hf-text:{encoder.config.model_type}")
