@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import math
 
+from thaw.models.lora import LoraSpec
 from thaw.plan import Plan, build_plan, load_plan
 from thaw.plan.freeze import BATCHNORM_POLICIES
 from thaw.plan.strategies import DEFAULT_HEAD_LR, STRATEGIES
@@ -40,7 +41,7 @@ def lr_range(text: str) -> tuple[float, float]:
 
 
 def add_model_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True, help="torchvision name (resnet50) or timm/NAME")
+    parser.add_argument("--model", required=True, help="torchvision name (resnet50), timm/NAME, or a Hugging Face folder or hf/ORG/NAME (text)")
     parser.add_argument("--weights", help="weights name (DEFAULT, IMAGENET1K_V1), a file path, or none")
 
 
@@ -62,6 +63,13 @@ def add_plan_options(parser: argparse.ArgumentParser) -> None:
         help="BatchNorm policy for every stage (default: frozen for head-only stages, eval once pretrained layers train)",
     )
     group.add_argument("--groups-per-stage", type=int, default=1, help="gradual: groups unfrozen per stage")
+    group.add_argument("--lora-rank", type=int, default=8, help="lora: rank of each adapter")
+    group.add_argument("--lora-alpha", type=float, default=16.0, help="lora: scaling (alpha / rank multiplies the update)")
+    group.add_argument("--lora-dropout", type=float, default=0.0)
+    group.add_argument(
+        "--lora-targets", action="append", default=[], metavar="SELECTOR",
+        help="lora: layers to adapt (default: attention query/value for text, every Linear/Conv2d for vision); repeatable",
+    )
 
 
 def plan_from_args(args: argparse.Namespace, num_groups: int) -> Plan:
@@ -81,4 +89,5 @@ def plan_from_args(args: argparse.Namespace, num_groups: int) -> Plan:
         weight_decay=args.weight_decay,
         batchnorm=args.batchnorm,
         groups_per_stage=args.groups_per_stage,
+        lora=LoraSpec(args.lora_rank, args.lora_alpha, args.lora_dropout, tuple(args.lora_targets)) if args.strategy == "lora" else None,
     )

@@ -7,6 +7,9 @@ import json
 
 from thaw.cli.options import add_model_options, add_plan_options, plan_from_args
 from thaw.models import build_model
+from thaw.models.hf_text import build_text_model
+from thaw.models.lora import add_lora
+from thaw.models.sources import task_of, hf_source
 from thaw.plan import plan_report, render_plan
 
 
@@ -15,13 +18,20 @@ def register(commands: argparse._SubParsersAction) -> None:
     add_model_options(parser)
     parser.add_argument("--num-classes", type=int, required=True)
     add_plan_options(parser)
+    parser.add_argument("--task", choices=("image", "text"), help="default: text for a Hugging Face folder or hf/ID")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
     parser.set_defaults(handler=run)
 
 
 def run(args: argparse.Namespace) -> int:
     # The meta device gives exact counts without allocating or loading weights.
-    adapter = build_model(args.model, weights=args.weights, num_classes=args.num_classes, device="meta")
-    report = plan_report(adapter, plan_from_args(args, len(adapter.groups)), args.model)
+    if task_of(args) == "text":
+        adapter = build_text_model(hf_source(args.model), num_classes=args.num_classes, device="meta", load=False)
+    else:
+        adapter = build_model(args.model, weights=args.weights, num_classes=args.num_classes, device="meta")
+    plan = plan_from_args(args, len(adapter.groups))
+    if plan.lora is not None:
+        add_lora(adapter, plan.lora)
+    report = plan_report(adapter, plan, args.model)
     print(json.dumps(report) if args.json else render_plan(report))
     return 0

@@ -11,9 +11,11 @@ import yaml
 from thaw.errors import ThawError, join_problems
 from thaw.plan.freeze import BATCHNORM_POLICIES
 from thaw.plan.lr import ConstantLr, DecayLr, ExplicitLr, LrRule, RangeLr
+from thaw.models.lora import LoraSpec
 from thaw.plan.stages import Plan, Stage
 
-PLAN_KEYS = ("stages", "weight_decay", "batchnorm")
+PLAN_KEYS = ("stages", "weight_decay", "batchnorm", "lora")
+LORA_KEYS = ("rank", "alpha", "dropout", "targets")
 STAGE_KEYS = ("name", "epochs", "train", "lr", "lr_range", "layer_decay", "lrs", "weight_decay", "batchnorm")
 EXAMPLE = "stages: [{name: head, epochs: 3, train: [head], lr: 1.0e-3}]"
 
@@ -97,9 +99,24 @@ def plan_from_dict(raw: Any, source: str = "plan") -> Plan:
         raise ThawError(join_problems(problems))
     defaults = {k: raw[k] for k in ("weight_decay", "batchnorm") if k in raw}
     stages = [_stage(item, i, defaults, problems) for i, item in enumerate(raw["stages"])]
+    lora = _lora(raw["lora"], problems) if raw.get("lora") is not None else None
     if problems:
         raise ThawError(f"{source}: " + join_problems(problems))
-    return Plan(tuple(s for s in stages if s is not None))
+    return Plan(tuple(s for s in stages if s is not None), lora)
+
+
+def _lora(raw: Any, problems: list[str]) -> LoraSpec | None:
+    if not isinstance(raw, dict):
+        problems.append("lora: expected a mapping like {rank: 8, alpha: 16, targets: [layer4]}")
+        return None
+    problems.extend(_unknown_keys(raw, LORA_KEYS, "lora"))
+    targets = raw.get("targets", [])
+    targets = [targets] if isinstance(targets, str) else targets
+    try:
+        return LoraSpec(int(raw.get("rank", 8)), float(raw.get("alpha", 16.0)), float(raw.get("dropout", 0.0)), tuple(str(t) for t in targets))
+    except (TypeError, ValueError, ThawError) as error:
+        problems.append(f"lora: {error}")
+        return None
 
 
 def load_plan(path: str | Path) -> Plan:
@@ -135,4 +152,7 @@ def plan_to_dict(plan: Plan) -> dict[str, Any]:
         entry = {"name": stage.name, "epochs": stage.epochs, "train": list(stage.train)}
         entry |= _lr_to_dict(stage.lr) | {"weight_decay": stage.weight_decay, "batchnorm": stage.batchnorm}
         stages.append(entry)
-    return {"stages": stages}
+    if plan.lora is None:
+        return {"stages": stages}
+    lora = plan.lora
+    return {"stages": stages, "lora": {"rank": lora.rank, "alpha": lora.alpha, "dropout": lora.dropout, "targets": list(lora.targets)}}

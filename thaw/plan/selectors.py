@@ -7,6 +7,7 @@ A selector resolves once, by identity, to parameter names:
   norm, batchnorm, conv, linear, embedding
                          every module of that type
   features.1*, fc        module names (fnmatch globs; a module brings its submodules)
+  adapters               every LoRA weight added by the lora strategy
 """
 
 from __future__ import annotations
@@ -63,6 +64,12 @@ def resolve_one(adapter: ModelAdapter, selector: str) -> list[str]:
     selector = selector.strip()
     if selector == "all":
         names = [name for name, _ in adapter.model.named_parameters()]
+    elif selector == "adapters":
+        from thaw.models.lora import adapter_param_names
+
+        names = adapter_param_names(adapter.model)
+        if not names:
+            raise ThawError("selector 'adapters' matches no parameters: this model has no LoRA layers; use --strategy lora")
     elif selector in adapter.group_names:
         names = list(adapter.group(selector).params)
     else:

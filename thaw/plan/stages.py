@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 from thaw.errors import ThawError
 from thaw.models.adapter import ModelAdapter
+from thaw.models.lora import LoraSpec
 from thaw.plan import selectors
 from thaw.plan.freeze import BatchNormPolicy, batchnorm_layers, trainable_names
 from thaw.plan.lr import ConstantLr, ExplicitLr, LrRule, check_lr
@@ -29,6 +30,7 @@ class Stage:
 @dataclass(frozen=True)
 class Plan:
     stages: tuple[Stage, ...]
+    lora: LoraSpec | None = None  # adapters added to the model before the first stage
 
     def __post_init__(self) -> None:
         if not self.stages:
@@ -98,14 +100,20 @@ def _check_every_trainable_group_has_lr(
         )
 
 
-def _batchnorm_by_group(adapter: ModelAdapter) -> dict[str, bool]:
-    has_bn = {group.name: False for group in adapter.groups}
-    for name, _ in batchnorm_layers(adapter.model):
+def _batchnorm_by_group(adapter: ModelAdapter) -> dict[str, list[list[str]]]:
+    """Each group's BatchNorm layers, as their parameter names (empty for affine-free layers)."""
+    layers: dict[str, list[list[str]]] = {group.name: [] for group in adapter.groups}
+    for name, layer in batchnorm_layers(adapter.model):
         try:
-            has_bn[selectors.group_of_module(adapter, name)] = True
+            layers[selectors.group_of_module(adapter, name)].append([f"{name}.{p}" for p, _ in layer.named_parameters()])
         except ThawError:
             continue
-    return has_bn
+    return layers
+
+
+def _batchnorm_trains(layers: list[list[str]], trainable: set[str], group_trains: bool) -> bool:
+    """A layer trains when its own parameters do (affine-free layers: when their group does), as apply_trainable decides."""
+    return any((any(p in trainable for p in params) if params else group_trains) for params in layers)
 
 
 def _group_batchnorm(policy: str, trains: bool, has_bn: bool) -> str | None:
@@ -127,7 +135,7 @@ def resolve_stage(adapter: ModelAdapter, stage: Stage) -> ResolvedStage:
         _check_every_trainable_group_has_lr(adapter, stage.lr, lrs, trainable)
     else:
         lrs = stage.lr.lrs(adapter.group_names)
-    numel, has_bn = _numel(adapter), _batchnorm_by_group(adapter)
+    numel, bn = _numel(adapter), _batchnorm_by_group(adapter)
     views = []
     for group in adapter.groups:
         count = sum(numel[p] for p in group.params if p in trainable)
@@ -138,7 +146,7 @@ def resolve_stage(adapter: ModelAdapter, stage: Stage) -> ResolvedStage:
                 trainable=count,
                 lr=lrs.get(group.name) if count else None,
                 weight_decay=stage.weight_decay if count else None,
-                batchnorm=_group_batchnorm(stage.batchnorm, bool(count), has_bn[group.name]),
+                batchnorm=_group_batchnorm(stage.batchnorm, _batchnorm_trains(bn[group.name], trainable, bool(count)), bool(bn[group.name])),
             )
         )
     ordered = tuple(name for name in numel if name in trainable)

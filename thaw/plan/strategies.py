@@ -15,11 +15,12 @@ from __future__ import annotations
 import math
 
 from thaw.errors import ThawError
+from thaw.models.lora import LoraSpec
 from thaw.plan.freeze import BatchNormPolicy
 from thaw.plan.lr import ConstantLr, DecayLr, ExplicitLr, LrRule, RangeLr
 from thaw.plan.stages import Plan, Stage
 
-STRATEGIES = ("feature-extract", "fine-tune", "two-phase", "gradual")
+STRATEGIES = ("feature-extract", "fine-tune", "two-phase", "gradual", "lora")
 DEFAULT_HEAD_LR = 1e-3
 AFTER_HEAD_PHASE_FACTOR = 0.5  # fastai halves the lr once the head is trained
 STEM_TO_HEAD_RATIO = 100.0  # fastai's lr_mult
@@ -60,6 +61,7 @@ def build_plan(
     weight_decay: float = 0.01,
     batchnorm: BatchNormPolicy | None = None,
     groups_per_stage: int = 1,
+    lora: LoraSpec | None = None,
 ) -> Plan:
     """A plan for one of STRATEGIES. `epochs` is per stage after the head phase (gradual: per stage).
 
@@ -84,6 +86,9 @@ def build_plan(
     elif strategy == "gradual":
         later = unfrozen_rule(later_lr, **rule_options)
         stages = _gradual(num_groups, head_epochs, epochs, head_rule, later, groups_per_stage, head_only, unfrozen)
+    elif strategy == "lora":
+        # Pretrained weights stay frozen (BatchNorm too, unless --batchnorm train); adapters and head train.
+        return Plan((Stage("lora", epochs, ("head", "adapters"), head_rule, **head_only),), lora or LoraSpec())
     else:
         raise ThawError(f"unknown strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}, or --config plan.yaml")
     return Plan(tuple(stages))

@@ -1,0 +1,124 @@
+"""LoRA through PEFT: what trains, what is saved with the adapter, merging for export, text and vision."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.conftest import write_class_images, write_text_table
+from thaw.cli import main
+from thaw.errors import ThawError
+from thaw.export.formats import merge_adapters
+from thaw.export.run_dir import ADAPTER, load_adapter, load_run
+from thaw.models import build_model
+from thaw.models.lora import LoraSpec, add_lora, adapter_param_names
+from thaw.plan import plan_from_dict, plan_to_dict
+from thaw.train import TrainConfig, train_images, train_text
+
+QUICK = TrainConfig(batch_size=8, quiet=True, seed=1, image_size=32, augment=False)
+
+
+@pytest.fixture
+def lora_run(tmp_path: Path, torch_home: Path) -> tuple[Path, Path]:
+    """A resnet18 LoRA run whose BatchNorm statistics train (the case PEFT once saved wrong)."""
+    data = write_class_images(tmp_path / "data", per_class=10, size=32)
+    run = tmp_path / "run"
+    plan_options = {"epochs": 2, "batchnorm": "train", "lora": LoraSpec(rank=4)}
+    train_images(data, model="resnet18", weights=None, out=run, plan="lora", plan_options=plan_options, config=QUICK)
+    return data, run
+
+
+def _base_with_adapter(run: Path, with_batchnorm: bool) -> torch.nn.Module:
+    torch.manual_seed(QUICK.seed)  # the run's base weights: same seed, same initialisation
+    adapter = build_model("resnet18", weights=None, num_classes=3)
+    add_lora(adapter, LoraSpec(rank=4))
+    if with_batchnorm:
+        load_adapter(adapter, run / ADAPTER)
+    else:  # what PEFT users once got: everything but the BatchNorm statistics
+        saved = load_file(str(run / ADAPTER))
+        adapter.model.load_state_dict({k: v for k, v in saved.items() if "running" not in k and "num_batches" not in k}, strict=False)
+    return adapter.model.eval()
+
+
+def test_lora_trains_adapters_and_head_only(lora_run: tuple[Path, Path]) -> None:
+    _, run = lora_run
+    torch.manual_seed(QUICK.seed)
+    initial = build_model("resnet18", weights=None, num_classes=3).model.state_dict()
+    trained = load_file(str(run / "model.safetensors"))
+    conv = "layer4.1.conv2"
+    assert torch.equal(initial[f"{conv}.weight"], trained[f"{conv}.base_layer.weight"])  # the pretrained weight never moves
+    assert trained[f"{conv}.lora_B.default.weight"].abs().sum() > 0  # B starts at zero, so it trained
+    assert not torch.equal(initial["fc.weight"], trained["fc.weight"])
+
+
+def test_adapter_file_restores_the_model_including_batchnorm_statistics(lora_run: tuple[Path, Path]) -> None:
+    _, run = lora_run
+    saved = load_file(str(run / ADAPTER))
+    assert any(k.endswith("running_mean") for k in saved) and any("lora_A" in k for k in saved) and "fc.weight" in saved
+    assert not any(k.endswith("base_layer.weight") for k in saved)  # only what changed, not the base model
+    adapted, _ = load_run(run)
+    images = torch.rand(4, 3, 32, 32)
+    with torch.no_grad():
+        expected = adapted.model(images)
+        assert torch.equal(_base_with_adapter(run, with_batchnorm=True)(images), expected)
+        # Without the statistics the reloaded model differs: why they are part of the adapter.
+        assert not torch.allclose(_base_with_adapter(run, with_batchnorm=False)(images), expected, atol=1e-3)
+
+
+def test_export_merges_the_adapter_and_outputs_match(lora_run: tuple[Path, Path], capsys: pytest.CaptureFixture) -> None:
+    _, run = lora_run
+    adapter, _ = load_run(run)
+    difference = merge_adapters(adapter)
+    assert difference is not None and difference < 1e-4
+    assert not adapter_param_names(adapter.model)  # plain layers again
+    assert all("base_layer" not in name for name in adapter.model.state_dict())
+    assert main(["export", str(run), "--format", "onnx"]) == 0
+    assert "outputs match PyTorch" in capsys.readouterr().out
+
+
+def test_lora_on_a_text_encoder_adapts_attention_query_and_value(tmp_path: Path, tiny_encoder: Path) -> None:
+    table = write_text_table(tmp_path / "t.tsv")
+    run = tmp_path / "run"
+    train_text(table, model=str(tiny_encoder), out=run, plan="lora", plan_options={"epochs": 1}, config=TrainConfig(batch_size=8, quiet=True))
+    adapter, meta = load_run(run)
+    names = adapter_param_names(adapter.model)
+    assert names and {n.split(".lora_")[0].rsplit(".", 1)[1] for n in names} == {"query", "value"}
+    saved = load_file(str(run / ADAPTER))
+    assert set(saved) == set(names) | {"head.weight", "head.bias"}
+    assert meta["plan"]["lora"]["rank"] == 8
+
+
+def test_plan_reports_adapter_parameters_in_their_groups(capsys: pytest.CaptureFixture) -> None:
+    args = ["plan", "--model", "resnet18", "--num-classes", "3", "--strategy", "lora", "--lora-rank", "4", "--lora-targets", "layer4", "--json"]
+    assert main(args) == 0
+    (stage,) = json.loads(capsys.readouterr().out)["stages"]
+    groups = {g["name"]: g for g in stage["groups"]}
+    assert groups["layer4"]["trainable"] > 0 and groups["layer3"]["trainable"] == 0
+    assert groups["head"]["trainable"] == groups["head"]["params"]
+    assert stage["trainable_params"] == groups["layer4"]["trainable"] + groups["head"]["trainable"]
+
+
+def test_lora_targets_that_match_no_layer_are_refused() -> None:
+    adapter = build_model("resnet18", weights=None, num_classes=3, device="meta")
+    with pytest.raises(ThawError, match="select no Linear or Conv2d layer outside the head"):
+        add_lora(adapter, LoraSpec(targets=("fc",)))
+
+
+def test_lora_plans_round_trip_through_yaml_and_reject_unknown_keys() -> None:
+    plan = plan_from_dict({"stages": [{"name": "lora", "epochs": 2, "train": ["head", "adapters"]}], "lora": {"rank": 4, "targets": ["layer4"]}})
+    assert plan.lora == LoraSpec(rank=4, targets=("layer4",))
+    assert plan_from_dict(plan_to_dict(plan)) == plan
+    with pytest.raises(ThawError, match="unknown key 'rnak' \\(did you mean 'rank'\\?\\)"):
+        plan_from_dict({"stages": [{"name": "s", "epochs": 1}], "lora": {"rnak": 4}})
+
+
+def test_adapters_selector_without_lora_says_what_to_do() -> None:
+    adapter = build_model("resnet18", weights=None, num_classes=3, device="meta")
+    from thaw.plan.selectors import resolve
+
+    with pytest.raises(ThawError, match="no LoRA layers; use --strategy lora"):
+        resolve(adapter, ["adapters"])
