@@ -100,3 +100,15 @@ def test_length_grouped_batches_cover_each_sample_once_and_cut_padding() -> None
     random_padded = sum(16 * max(lengths[i] for i in order[s : s + 16]) for s in range(0, 1000, 16))
     assert padded < 0.7 * random_padded
     assert list(LengthGroupedBatches(lengths, 16, seed=5, skip_batches=3)) == batches[3:]
+
+
+def test_length_grouped_batches_split_evenly_across_ranks() -> None:
+    from thaw.distributed import Processes
+
+    lengths = [(i * 37) % 90 + 3 for i in range(203)]
+    shares = [list(LengthGroupedBatches(lengths, 16, seed=2, processes=Processes(rank, 3))) for rank in range(3)]
+    assert len({len(share) for share in shares}) == 1  # every rank takes as many steps
+    seen = [i for share in shares for batch in share for i in batch]
+    assert set(seen) == set(range(203))  # together they cover the epoch (a few batches repeat as padding)
+    evaluation = [list(LengthGroupedBatches(lengths, 16, seed=None, processes=Processes(rank, 3))) for rank in range(3)]
+    assert sorted(i for share in evaluation for batch in share for i in batch) == list(range(203))  # exact, no padding

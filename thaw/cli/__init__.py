@@ -6,6 +6,7 @@ import argparse
 import sys
 from typing import NoReturn, Sequence
 
+from thaw import distributed
 from thaw.errors import ThawError
 from thaw.train.fit import RunInterrupted
 
@@ -36,7 +37,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.handler(args) or 0)
     except ThawError as error:
-        print(f"thaw: error: {error}", file=sys.stderr)
+        print(f"thaw: error{_which_rank()}: {error}", file=sys.stderr)
         return 2
     except RunInterrupted as stopped:
         print(f"thaw: {stopped}", file=sys.stderr)
@@ -44,3 +45,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("thaw: interrupted; the last checkpoint is intact (resume with --resume RUN)", file=sys.stderr)
         return 130
+    finally:
+        distributed.stop()
+
+
+def _which_rank() -> str:
+    """Under torchrun, say which process failed: torchrun stops the others and reports this one's exit."""
+    processes = distributed.from_environment()
+    return f" (rank {processes.rank} of {processes.world})" if processes.distributed else ""

@@ -7,6 +7,7 @@ import json
 from dataclasses import fields
 from pathlib import Path
 
+from thaw import distributed
 from thaw.cli.options import add_model_options, add_plan_options, plan_from_args, positive_int
 from thaw.models import build_model
 from thaw.models.hf_text import DEFAULT_MAX_LENGTH, POOLINGS, build_text_model
@@ -101,9 +102,12 @@ def _start(args: argparse.Namespace, config: TrainConfig, out: Path) -> RunResul
 def run(args: argparse.Namespace) -> int:
     out = Path(args.resume or args.out or f"runs/{Path(args.model).name or args.model.replace('/', '_')}-{args.strategy}")
     config = config_from_args(args)
-    if args.json:
+    main_rank = distributed.from_environment().is_main  # under torchrun only rank 0 prints
+    if args.json or not main_rank:
         config = TrainConfig(**{**config.__dict__, "quiet": True})
     result = _start(args, config, out)
+    if not main_rank:
+        return 0
     best = result.best
     if args.json:
         summary = {

@@ -13,6 +13,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from thaw.data.folders import Sample
 from thaw.data.images import UnreadableImage, load_rgb
+from thaw.distributed import SINGLE, Processes, ShardedPermutation, shard
 
 
 @dataclass
@@ -73,16 +74,21 @@ def collate(items: list[tuple[torch.Tensor | None, int, tuple[str, str] | None]]
     return Batch(torch.stack([i for i, _ in good]), torch.tensor([label for _, label in good]), failed)
 
 
+def cores_per_process() -> int:
+    """This process's share of the machine's cores (torchrun's processes on one machine split them)."""
+    return max(1, (os.cpu_count() or 1) // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
+
+
 def default_workers() -> int:
     """Decoding workers that leave the compute threads a core each: none below 4 cores."""
-    cores = os.cpu_count() or 1
+    cores = cores_per_process()
     return 0 if cores < 4 else min(8, cores // 2)
 
 
 def configure_threads(workers: int) -> None:
-    """Compute threads plus decoding workers never exceed the cores (2 workers + 2 threads fight on 2 cores)."""
-    cores = os.cpu_count() or 1
-    torch.set_num_threads(max(1, cores - workers))
+    """Compute threads plus decoding workers never exceed this process's share of the cores
+    (2 workers + 2 threads fight on 2 cores; torchrun's processes on one machine split them)."""
+    torch.set_num_threads(max(1, cores_per_process() - workers))
 
 
 def seeded_order(count: int, seed: int) -> list[int]:
@@ -103,18 +109,26 @@ class SeededPermutation(Sampler[int]):
         return iter(seeded_order(self.count, self.seed)[self.skip :])
 
 
+def _sampler(count: int, shuffle: bool, seed: int, skip: int, processes: Processes) -> Sampler[int] | list[int] | None:
+    """Single process: the seeded order (or none). Several: this rank's shard of it (evaluation: exact, unpadded)."""
+    if processes.distributed:
+        return ShardedPermutation(count, seed, processes, skip) if shuffle else shard(count, processes, pad=False)
+    return SeededPermutation(count, seed, skip) if shuffle else None
+
+
 def make_loader(
-    dataset: Dataset, *, batch_size: int, shuffle: bool, seed: int, workers: int | None = None, skip_batches: int = 0
+    dataset: Dataset, *, batch_size: int, shuffle: bool, seed: int, workers: int | None = None, skip_batches: int = 0,
+    processes: Processes = SINGLE,
 ) -> DataLoader:
     if hasattr(dataset, "batch_sampler"):  # text: tokenised up front, batched by length, padded per batch
-        sampler = dataset.batch_sampler(batch_size, seed if shuffle else None, skip_batches)
+        sampler = dataset.batch_sampler(batch_size, seed if shuffle else None, skip_batches, processes)
         return DataLoader(dataset, batch_sampler=sampler, num_workers=0, collate_fn=dataset.collate)
     workers = default_workers() if workers is None else workers
     generator = torch.Generator().manual_seed(seed)  # seeds the workers' augmentation
     return DataLoader(
         dataset,
         batch_size=batch_size,
-        sampler=SeededPermutation(len(dataset), seed, skip_batches * batch_size) if shuffle else None,
+        sampler=_sampler(len(dataset), shuffle, seed, skip_batches * batch_size, processes),
         num_workers=workers,
         collate_fn=collate,
         generator=generator,

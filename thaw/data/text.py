@@ -24,6 +24,7 @@ from torch.utils.data import Dataset, Sampler
 from thaw.data.folders import stratified_split
 from thaw.data.loaders import Batch
 from thaw.errors import ThawError
+from thaw.distributed import SINGLE, Processes
 
 TextSample = tuple[str, int]
 HEADER_NAMES = {"text", "label", "sentence", "message", "sms", "review", "content", "class", "category", "target", "labels"}
@@ -183,8 +184,8 @@ class TextDataset(Dataset):
     def __getitem__(self, index: int) -> tuple[dict, int, None]:
         return self.features[index], self.samples[index][1], None
 
-    def batch_sampler(self, batch_size: int, seed: int | None, skip_batches: int) -> Sampler[list[int]]:
-        return LengthGroupedBatches(self.lengths, batch_size, seed, skip_batches)
+    def batch_sampler(self, batch_size: int, seed: int | None, skip_batches: int, processes: Processes = SINGLE) -> Sampler[list[int]]:
+        return LengthGroupedBatches(self.lengths, batch_size, seed, skip_batches, processes)
 
     def collate(self, items: list[tuple[dict, int, None]]) -> Batch:
         """Dynamic padding: each batch is padded to its own longest sample."""
@@ -200,8 +201,18 @@ class LengthGroupedBatches(Sampler[list[int]]):
     shuffled again. `skip_batches` drops the first batches, to resume mid-epoch.
     """
 
-    def __init__(self, lengths: list[int], batch_size: int, seed: int | None, skip_batches: int = 0) -> None:
+    def __init__(self, lengths: list[int], batch_size: int, seed: int | None, skip_batches: int = 0, processes: Processes = SINGLE) -> None:
         self.lengths, self.batch_size, self.seed, self.skip = lengths, batch_size, seed, skip_batches
+        self.processes = processes
+
+    def _my_share(self, batches: list[list[int]]) -> list[list[int]]:
+        """Under several processes, every rank's batches: training pads so all ranks step equally often."""
+        world, rank = self.processes.world, self.processes.rank
+        if world == 1:
+            return batches
+        if self.seed is not None and len(batches) % world:
+            batches = batches + batches[: world - len(batches) % world]
+        return batches[rank::world]
 
     def batches(self) -> list[list[int]]:
         count = len(self.lengths)
@@ -220,7 +231,7 @@ class LengthGroupedBatches(Sampler[list[int]]):
         return batches
 
     def __len__(self) -> int:
-        return max(0, -(-len(self.lengths) // self.batch_size) - self.skip)
+        return max(0, len(self._my_share(self.batches())) - self.skip)
 
     def __iter__(self) -> Iterator[list[int]]:
-        return iter(self.batches()[self.skip :])
+        return iter(self._my_share(self.batches())[self.skip :])

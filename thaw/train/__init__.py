@@ -15,7 +15,8 @@ from thaw.models.hf_text import DEFAULT_MAX_LENGTH, build_text_model
 from thaw.models.lora import add_lora
 from thaw.plan import Plan, build_plan, plan_to_dict
 from thaw.train.config import TrainConfig
-from thaw.train.fit import EpochCallback, RunResult, RunState, effective_preprocessing, fit
+from thaw import distributed
+from thaw.train.fit import EpochCallback, RunResult, RunState, StepHook, effective_preprocessing, fit
 
 __all__ = ["EpochCallback", "RunResult", "RunState", "TextColumns", "TrainConfig", "train_images", "train_text"]
 
@@ -32,13 +33,14 @@ def train_images(
     val_split: float = 0.2,
     resume: bool = False,
     callbacks: list[EpochCallback] | None = None,
+    step_hooks: list[StepHook] | None = None,
 ) -> RunResult:
     """Fine-tune `model` on the images at `data_path` by `plan` (a Plan or a strategy name)."""
     data = discover(data_path, val_split=val_split, seed=config.seed)
     torch.manual_seed(config.seed)  # the new head's initial weights are part of the run's seed
     adapter = build_model(model, weights=weights, num_classes=len(data.classes))
     meta = {"format": "thaw-run/1", "task": "image", "model": model, "weights": weights, "classes": list(data.classes), "val_split": val_split}
-    return _run(adapter, data, data_path, plan, plan_options, config, Path(out), meta, resume, callbacks)
+    return _run(adapter, data, data_path, plan, plan_options, config, Path(out), meta, resume, callbacks, step_hooks)
 
 
 def train_text(
@@ -56,6 +58,7 @@ def train_text(
     max_length: int = DEFAULT_MAX_LENGTH,
     resume: bool = False,
     callbacks: list[EpochCallback] | None = None,
+    step_hooks: list[StepHook] | None = None,
 ) -> RunResult:
     """Fine-tune a Hugging Face encoder (`model`: a folder or hub id) on a CSV/TSV table of text and labels.
 
@@ -70,20 +73,24 @@ def train_text(
         "val_split": val_split, "test_split": test_split, "columns": asdict(columns),
     }
     out = Path(out)
-    result = _run(adapter, data, data_path, plan, plan_options, config, out, meta, resume, callbacks)
-    result.files["text_model"] = save_text_model(out, adapter)
+    result = _run(adapter, data, data_path, plan, plan_options, config, out, meta, resume, callbacks, step_hooks)
+    if distributed.from_environment().is_main:
+        result.files["text_model"] = save_text_model(out, adapter)
     return result
 
 
 def _run(
     adapter: ModelAdapter, data: ImageData | TextData, data_path: str | Path, plan: Plan | str, plan_options: dict | None,
-    config: TrainConfig, out: Path, meta: dict, resume: bool, callbacks: list[EpochCallback] | None,
+    config: TrainConfig, out: Path, meta: dict, resume: bool, callbacks: list[EpochCallback] | None, step_hooks: list[StepHook] | None,
 ) -> RunResult:
     if isinstance(plan, str):
         plan = build_plan(plan, num_groups=len(adapter.groups), **(plan_options or {}))
     if plan.lora is not None:
         add_lora(adapter, plan.lora)
-    result = fit(adapter, data, plan, config, out, meta=meta, resume=resume, callbacks=callbacks)
+    result = fit(adapter, data, plan, config, out, meta=meta, resume=resume, callbacks=callbacks, step_hooks=step_hooks)
+    if not distributed.from_environment().is_main:  # under torchrun, rank 0 writes the run folder
+        result.files = {}
+        return result
     metadata = meta | {
         "family": adapter.family,
         "head": adapter.head_name,

@@ -23,6 +23,7 @@ from tqdm import tqdm
 from torch.utils.data import Dataset
 
 from thaw.data.loaders import Batch, make_loader, seeded_order
+from thaw.distributed import SINGLE, Processes
 from thaw.models.adapter import ModelAdapter
 from thaw.plan.freeze import batchnorm_layers, is_eval_locked
 from thaw.train.loop import Engine
@@ -92,12 +93,13 @@ class _Store:
 
 @torch.no_grad()
 def compute_features(
-    adapter: ModelAdapter, dataset: Dataset, engine: Engine, *, batch_size: int, workers: int | None, budget_bytes: int, spill_path: Path, label: str
+    adapter: ModelAdapter, dataset: Dataset, engine: Engine, *, batch_size: int, workers: int | None, budget_bytes: int, spill_path: Path, label: str,
+    processes: Processes = SINGLE,
 ) -> FeatureSet:
-    """forward_features for every decodable sample, once, in eval mode."""
+    """forward_features for every decodable sample (under several processes: this rank's shard), once, in eval mode."""
     adapter.model.eval()
     store, labels = None, []
-    loader = make_loader(dataset, batch_size=batch_size, shuffle=False, seed=0, workers=workers)
+    loader = make_loader(dataset, batch_size=batch_size, shuffle=False, seed=0, workers=workers, processes=processes)
     for batch in tqdm(loader, desc=label, disable=engine.quiet, leave=False, unit="batch"):
         engine.note_failures(batch.failed)
         if not len(batch.labels):
@@ -153,12 +155,32 @@ def build_cache(
     budget_bytes: int,
     folder: Path,
     seed: int,
+    processes: Processes = SINGLE,
 ) -> CachedStage:
-    """Train features (the eval view, or `views` augmented views) and val features (eval view)."""
+    """Train features (the eval view, or `views` augmented views) and val features (eval view).
+
+    Under several processes each rank computes only its shard; train shards are then padded to
+    the same length (DistributedSampler does the same), so every rank takes as many steps.
+    """
+    options = {"batch_size": batch_size, "workers": workers, "budget_bytes": budget_bytes, "processes": processes}
+    suffix = f"-rank{processes.rank}" if processes.distributed else ""
     train_views = []
     for view in range(max(1, views)):
-        torch.manual_seed(seed * 7919 + view)  # each augmented view is fixed, so a resumed run sees the same
+        torch.manual_seed(seed * 7919 + view + processes.rank * 104_729)  # each augmented view is fixed, so a resumed run sees the same
         dataset = make_dataset("train" if views else "train-eval")  # views differ by their seed
-        train_views.append(compute_features(adapter, dataset, engine, batch_size=batch_size, workers=workers, budget_bytes=budget_bytes, spill_path=folder / f"{key}-train{view}.npy", label=f"caching train view {view + 1}"))
-    val = compute_features(adapter, make_dataset("val"), engine, batch_size=batch_size, workers=workers, budget_bytes=budget_bytes, spill_path=folder / f"{key}-val.npy", label="caching val")
+        features = compute_features(adapter, dataset, engine, spill_path=folder / f"{key}-train{view}{suffix}.npy", label=f"caching train view {view + 1}", **options)
+        train_views.append(_pad_to_longest_shard(features) if processes.distributed else features)
+    val = compute_features(adapter, make_dataset("val"), engine, spill_path=folder / f"{key}-val{suffix}.npy", label="caching val", **options)
     return CachedStage(key, train_views, val)
+
+
+def _pad_to_longest_shard(features: FeatureSet) -> FeatureSet:
+    import torch.distributed as dist
+
+    longest = torch.tensor([len(features.labels)], device="cuda" if dist.get_backend() == "nccl" else "cpu")
+    dist.all_reduce(longest, op=dist.ReduceOp.MAX)
+    missing = int(longest) - len(features.labels)
+    if missing <= 0 or not len(features.labels):
+        return features
+    extra = torch.arange(missing) % len(features.labels)  # repeat the first rows, as DistributedSampler pads
+    return FeatureSet(torch.cat([features.features, features.features[extra]]), torch.cat([features.labels, features.labels[extra]]))

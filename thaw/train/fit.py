@@ -23,6 +23,8 @@ from torch import nn
 from thaw.data.folders import ImageData, describe_skipped
 from thaw.data.loaders import DecodedImages, ImageDataset, configure_threads, default_workers, make_loader
 from thaw.data.text import TextData, TextDataset
+from thaw import distributed
+from thaw.distributed import Processes
 from thaw.data.transforms import eval_transform, train_transform
 from thaw.errors import ThawError
 from thaw.models.adapter import ModelAdapter, Preprocessing
@@ -58,6 +60,7 @@ class RunResult:
 
 
 EpochCallback = Callable[[RunState], None]
+StepHook = Callable[[torch.optim.Optimizer, int, float], None]  # (optimizer, step, lr multiplier) after every step
 
 
 class RunInterrupted(Exception):
@@ -83,11 +86,14 @@ def effective_preprocessing(adapter: ModelAdapter, config: TrainConfig) -> Prepr
     return replace(pre, crop_size=config.image_size, resize_size=resize, source=pre.source + f" at {config.image_size} px")
 
 
-def _seed_epoch(seed: int, stage: int, epoch: int) -> int:
+def _seed_epoch(seed: int, stage: int, epoch: int, rank: int = 0) -> int:
+    """Seed this epoch's randomness; returns the shuffling seed, which every rank shares
+    (augmentation and dropout get a per-rank offset, so ranks do not draw the same masks)."""
     value = (seed * 1_000_003 + stage * 1_009 + epoch) % (2**31)
-    torch.manual_seed(value)
-    random.seed(value)
-    np.random.seed(value)
+    local = (value + rank * 7_919) % (2**31)
+    torch.manual_seed(local)
+    random.seed(local)
+    np.random.seed(local)
     return value
 
 
@@ -110,10 +116,16 @@ def _is_better(metric: str, value: float, best: dict) -> bool:
 class Trainer:
     """Holds what one run needs; `fit` is the only public entry."""
 
-    def __init__(self, adapter: ModelAdapter, data: ImageData | TextData, plan: Plan, config: TrainConfig, out: Path, meta: dict):
+    def __init__(
+        self, adapter: ModelAdapter, data: ImageData | TextData, plan: Plan, config: TrainConfig, out: Path, meta: dict,
+        processes: Processes = distributed.SINGLE,
+    ):
         self.adapter, self.data, self.plan, self.config, self.out, self.meta = adapter, data, plan, config, out, meta
+        self.processes = processes
         self.model = adapter.model
+        self.wrapped: nn.Module | None = None  # the DDP wrapper of the current stage, under several processes
         self.engine = choose_engine(config, self.model)
+        self.engine.distributed = processes.distributed
         self.model.to(self.engine.device)
         if self.engine.channels_last:
             self.model.to(memory_format=torch.channels_last)
@@ -123,7 +135,9 @@ class Trainer:
         self.decoded = DecodedImages(int(config.decoded_memory_gb * 2**30))
         self.text_sets: dict[str, TextDataset] = {}
         self.train_set = self.dataset("train" if config.augment else "train-eval")
-        self.val_loader = make_loader(self.dataset("val"), batch_size=config.batch_size, shuffle=False, seed=config.seed, workers=self.workers)
+        self.val_loader = make_loader(
+            self.dataset("val"), batch_size=config.batch_size, shuffle=False, seed=config.seed, workers=self.workers, processes=processes
+        )
         self.cached: CachedStage | None = None
         self.optimizer: torch.optim.Optimizer | None = None
         self.stop_requested = False
@@ -158,18 +172,22 @@ class Trainer:
             self.cached = build_cache(
                 self.adapter, key, self.dataset, views, self.engine, batch_size=self.config.batch_size,
                 workers=self.workers, budget_bytes=int(self.config.cache_memory_gb * 2**30),
-                folder=self.out / "feature-cache", seed=self.config.seed,
+                folder=self.out / "feature-cache", seed=self.config.seed, processes=self.processes,
             )
             counts = f"{len(self.cached.train_views[0].labels)} train x {max(1, views)} view(s), {len(self.cached.val.labels)} val"
             self._say(f"stage {self.plan.stages[stage_index].name!r}: frozen features cached once ({counts}) in {time.perf_counter() - started:.1f} s")
         return self.cached
 
-    def _steps_per_epoch(self) -> int:
-        batches = math.ceil(len(self.data.train) / self.config.batch_size)
+    def _steps_per_epoch(self, cached: CachedStage | None) -> int:
+        """Optimizer steps in one epoch of this rank (every rank takes as many)."""
+        if cached is not None:
+            batches = math.ceil(len(cached.train_view(0).labels) / self.config.batch_size)
+        else:
+            batches = len(make_loader(self.train_set, batch_size=self.config.batch_size, shuffle=True, seed=0, workers=0, processes=self.processes))
         return math.ceil(batches / self.config.accumulate)
 
-    def _schedule(self, epochs: int) -> StageSchedule:
-        per_epoch = self._steps_per_epoch()
+    def _schedule(self, epochs: int, cached: CachedStage | None) -> StageSchedule:
+        per_epoch = self._steps_per_epoch(cached)
         c = self.config
         return StageSchedule(c.schedule, per_epoch, per_epoch * epochs, c.warmup, c.grad_clip, c.accumulate)
 
@@ -189,7 +207,9 @@ class Trainer:
         }
 
     def restore(self) -> None:
-        saved = ckpt.load_checkpoint(self.out / ckpt.CHECKPOINT)
+        saved = ckpt.load_checkpoint(self.out / ckpt.CHECKPOINT) if self.processes.is_main else None
+        if self.processes.distributed:  # rank 0 reads it; every rank continues from the same state
+            saved = distributed.broadcast(saved)
         if saved.get("classes") != list(self.data.classes):
             raise ThawError(
                 f"the run in {self.out} was trained on {len(saved.get('classes', []))} classes "
@@ -202,7 +222,7 @@ class Trainer:
         self.state = RunState(saved["stage"], saved["epoch"], saved["history"], saved["best"], saved.get("stale", 0))
         if saved.get("batch"):
             self.resume_point = {key: saved[key] for key in ("batch", "rng", "tracker")}
-        _, self.optimizer = enter_stage(self.adapter, self.plan.stages[self.state.stage], None, self.config.optimizer)
+        _, self.optimizer = self._enter(self.state.stage, None)
         self.optimizer.load_state_dict(saved["optimizer"])
 
     def _resume_mid_epoch(self) -> tuple[int, MetricTracker]:
@@ -217,14 +237,16 @@ class Trainer:
 
     def run_epoch(self, stage_index: int, schedule: StageSchedule, cached: CachedStage | None) -> dict:
         stage, state, classes = self.plan.stages[stage_index], self.state, len(self.data.classes)
-        seed = _seed_epoch(self.config.seed, stage_index, state.epoch)
+        seed = _seed_epoch(self.config.seed, stage_index, state.epoch, self.processes.rank)
         done, tracker = self._resume_mid_epoch()
         label = f"{stage.name} {state.epoch + 1}/{stage.epochs}"
         first_step = state.epoch * schedule.steps_per_epoch + done // schedule.accumulate
         options = {"tracker": tracker, "should_stop": lambda: self.stop_requested}
         if cached is None:
-            loader = make_loader(self.train_set, batch_size=self.config.batch_size, shuffle=True, seed=seed, workers=self.workers, skip_batches=done)
-            train = train_one_epoch(self.model, loader, self.optimizer, self.engine, schedule, first_step, label, classes, **options)
+            loader = make_loader(
+                self.train_set, batch_size=self.config.batch_size, shuffle=True, seed=seed, workers=self.workers, skip_batches=done, processes=self.processes
+            )
+            train = train_one_epoch(self.model, loader, self.optimizer, self.engine, schedule, first_step, label, classes, forward=self.wrapped, **options)
         else:
             dtype = torch.bfloat16 if self.engine.bf16 else torch.float32  # what the live network would hand the head
             features = FeatureBatches(cached.train_view(state.epoch), self.config.batch_size, seed, dtype, skip_batches=done)
@@ -241,7 +263,7 @@ class Trainer:
 
     def _save_interrupted(self, batches: int, tracker: MetricTracker) -> None:
         state = self._checkpoint_state() | {"batch": batches, "rng": torch.get_rng_state(), "tracker": tracker.state()}
-        ckpt.save_checkpoint(self.out / ckpt.CHECKPOINT, state)
+        self._save_checkpoint(state)
         stage = self.plan.stages[self.state.stage]
         raise RunInterrupted(
             f"interrupted in stage {stage.name!r}, epoch {self.state.epoch + 1}, after batch {batches}; "
@@ -283,21 +305,35 @@ class Trainer:
         if _is_better(self.config.metric, value, state.best):
             state.best = {"metric": self.config.metric, "value": value, "epoch": row["epoch"], "stage": stage.name, "val": {k: v for k, v in val.items() if k != "seconds"}}
             state.stale = 0
-            ckpt.save_weights(self.out / BEST_WEIGHTS, self.model)
+            if self.processes.is_main:
+                ckpt.save_weights(self.out / BEST_WEIGHTS, self.model)
         else:
             state.stale += 1
         return row
 
+    def _save_checkpoint(self, state: dict) -> None:
+        if self.processes.is_main:
+            ckpt.save_checkpoint(self.out / ckpt.CHECKPOINT, state)
+
+    def _enter(self, stage_index: int, optimizer: torch.optim.Optimizer | None) -> tuple[object, torch.optim.Optimizer]:
+        """enter_stage, then (several processes) a new DDP wrapper over exactly what trains now."""
+        resolved, optimizer = enter_stage(self.adapter, self.plan.stages[stage_index], optimizer, self.config.optimizer)
+        self.wrapped = None
+        if self.processes.distributed:
+            self.wrapped = distributed.wrap(self.model, self.engine.device)
+        return resolved, optimizer
+
     def run_stage(self, stage_index: int, callbacks: list[EpochCallback]) -> None:
         stage, state = self.plan.stages[stage_index], self.state
         if self.optimizer is None or state.epoch == 0:
-            _, self.optimizer = enter_stage(self.adapter, stage, self.optimizer, self.config.optimizer)
-        schedule = self._schedule(stage.epochs)
+            _, self.optimizer = self._enter(stage_index, self.optimizer)
         cached = self.stage_cache(stage_index) if state.epoch < stage.epochs else None
+        schedule = self._schedule(stage.epochs, cached)
+        self.engine.before_step = distributed.average_gradients if (cached is not None and self.processes.distributed) else None
         while state.epoch < stage.epochs:
             self.run_epoch(stage_index, schedule, cached)
             state.epoch += 1
-            ckpt.save_checkpoint(self.out / ckpt.CHECKPOINT, self._checkpoint_state())
+            self._save_checkpoint(self._checkpoint_state())
             for callback in callbacks:
                 callback(state)
             patience = self.config.early_stopping
@@ -306,7 +342,7 @@ class Trainer:
                 break
 
     def _say(self, message: str) -> None:
-        if not self.config.quiet:
+        if not self.config.quiet and self.processes.is_main:
             print(message, flush=True)
 
     def _on_interrupt(self, _signum: int, _frame: object) -> None:
@@ -316,7 +352,9 @@ class Trainer:
         print("\nthaw: finishing the current step to save a resumable checkpoint (Ctrl-C again to abort)", flush=True)
 
     def fit(self, resume: bool, callbacks: list[EpochCallback]) -> RunResult:
-        in_main_thread = threading.current_thread() is threading.main_thread()
+        # Under torchrun, Ctrl-C reaches every rank at a different step: let torchrun stop them all,
+        # and resume from the last epoch checkpoint.
+        in_main_thread = threading.current_thread() is threading.main_thread() and not self.processes.distributed
         previous = signal.signal(signal.SIGINT, self._on_interrupt) if in_main_thread else None
         try:
             return self._fit(resume, callbacks)
@@ -326,7 +364,10 @@ class Trainer:
 
     def _fit(self, resume: bool, callbacks: list[EpochCallback]) -> RunResult:
         started = time.perf_counter()
-        if resume and (self.out / ckpt.CHECKPOINT).is_file():
+        exists = (self.out / ckpt.CHECKPOINT).is_file() if self.processes.is_main else False
+        if self.processes.distributed:
+            exists = distributed.broadcast(exists)
+        if resume and exists:
             self.restore()
         elif resume:
             self._say(f"no checkpoint in {self.out} yet: starting the run from the beginning")
@@ -347,7 +388,7 @@ class Trainer:
 
 def fit(
     adapter: ModelAdapter,
-    data: ImageData,
+    data: ImageData | TextData,
     plan: Plan,
     config: TrainConfig,
     out: Path,
@@ -355,14 +396,20 @@ def fit(
     meta: dict,
     resume: bool = False,
     callbacks: list[EpochCallback] | None = None,
-    step_hooks: list[Callable[[torch.optim.Optimizer, int, float], None]] | None = None,
+    step_hooks: list[StepHook] | None = None,
 ) -> RunResult:
-    """Train `adapter` on `data` by `plan`; RUN/ gets the best weights and a checkpoint every epoch."""
-    _check_writable(out)
+    """Train `adapter` on `data` by `plan`; RUN/ gets the best weights and a checkpoint every epoch.
+
+    Under torchrun (WORLD_SIZE > 1) every rank calls this; rank 0 writes.
+    """
+    processes = distributed.from_environment()
+    config = replace(config, device=distributed.start(processes, config.device), quiet=config.quiet or not processes.is_main)
+    if processes.is_main:
+        _check_writable(out)
     if data.skipped and config.strict:
         path, reason = data.skipped[0]
         raise ThawError(f"cannot decode {path} ({reason}); remove it, or drop --strict to skip such files")
-    trainer = Trainer(adapter, data, plan, config, out, meta)
+    trainer = Trainer(adapter, data, plan, config, out, meta, processes)
     trainer.engine.step_hooks.extend(step_hooks or [])
     return trainer.fit(resume, callbacks or [])
 

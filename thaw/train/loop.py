@@ -31,6 +31,13 @@ class Engine:
     strict: bool = False
     # Called after every optimizer step with (optimizer, step, lr multiplier): audits, tests, loggers.
     step_hooks: list[Callable[[torch.optim.Optimizer, int, float], None]] = field(default_factory=list)
+    distributed: bool = False  # metrics are summed over ranks at the end of each pass
+    before_step: Callable[[nn.Module], None] | None = None  # e.g. averaging gradients across ranks
+
+    def finish(self, tracker: MetricTracker) -> MetricTracker:
+        if self.distributed:
+            tracker.all_reduce()
+        return tracker
 
     def autocast(self) -> AbstractContextManager:
         if not self.bf16:
@@ -111,6 +118,8 @@ def train_one_epoch(
         (loss / schedule.accumulate).backward()
         stepped = (index + 1) % schedule.accumulate == 0 or index + 1 == len(loader)
         if stepped:
+            if engine.before_step is not None:
+                engine.before_step(model)
             _optimizer_step(model, optimizer, schedule, step)
             for hook in engine.step_hooks:
                 hook(optimizer, step, schedule.factor(step))
@@ -121,7 +130,7 @@ def train_one_epoch(
         if stepped and should_stop() and index + 1 < len(loader):
             progress.close()
             return {"interrupted": True, "batches": batches, "tracker": tracker, "seconds": time.perf_counter() - started}
-    return tracker.summary() | {"seconds": time.perf_counter() - started, "interrupted": False}
+    return engine.finish(tracker).summary() | {"seconds": time.perf_counter() - started, "interrupted": False}
 
 
 def _optimizer_step(model: nn.Module, optimizer: torch.optim.Optimizer, schedule: StageSchedule, step: int) -> None:
@@ -153,4 +162,5 @@ def evaluate(
             logits = forward(engine.to_device(batch.images))
         loss = nn.functional.cross_entropy(logits.float(), batch.labels.to(engine.device))
         tracker.update(logits, batch.labels, loss.item())
+    engine.finish(tracker)
     return tracker.summary() | {"seconds": time.perf_counter() - started, "confusion": tracker.confusion.tolist()}

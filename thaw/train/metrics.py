@@ -36,6 +36,18 @@ class MetricTracker:
         self.confusion = state["confusion"].clone()
         self.loss_sum, self.top5_hits, self.count = state["loss_sum"], state["top5_hits"], state["count"]
 
+    def all_reduce(self) -> None:
+        """Sum this pass's counts over every rank, so each rank reports the whole dataset."""
+        import torch.distributed as dist
+
+        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+        numbers = torch.tensor([self.loss_sum, float(self.top5_hits), float(self.count)], dtype=torch.float64, device=device)
+        confusion = self.confusion.to(device)
+        dist.all_reduce(confusion)
+        dist.all_reduce(numbers)
+        self.confusion = confusion.cpu()
+        self.loss_sum, self.top5_hits, self.count = float(numbers[0]), int(numbers[1]), int(numbers[2])
+
     def summary(self) -> dict:
         confusion = self.confusion.double()
         true_positive = confusion.diag()

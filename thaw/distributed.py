@@ -1,0 +1,127 @@
+"""Several processes under torchrun: process group, data shards, gradient and metric reduction.
+
+torchrun sets WORLD_SIZE, RANK and LOCAL_RANK; thaw then joins a process
+group (NCCL when every process has a CUDA device, gloo otherwise), gives each
+rank an equal shard of every epoch's seeded order (DistributedSampler), and
+sums metrics across ranks. Only rank 0 writes files or prints.
+
+Gradients: stages that run the network wrap it in DistributedDataParallel,
+built anew at every stage change, because DDP registers only the parameters
+that require grad when it is built (unfreezing under an old wrapper silently
+leaves new parameters unsynchronised). Stages that train the head on cached
+features never call the network, so their few gradients are averaged with
+one all-reduce before each step.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Iterator
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.utils.data import DistributedSampler, Sampler
+
+from thaw.errors import ThawError
+
+COLLECTIVE_TIMEOUT = timedelta(minutes=10)  # a rank that died mid-collective must not hang the rest forever
+
+
+@dataclass(frozen=True)
+class Processes:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+SINGLE = Processes()
+
+
+def from_environment() -> Processes:
+    """The process layout torchrun announced, or a single process."""
+    try:
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    except ValueError:
+        raise ThawError("WORLD_SIZE, RANK and LOCAL_RANK must be whole numbers; launch with torchrun") from None
+    return Processes(rank, world, local)
+
+
+def start(processes: Processes, device: str) -> str:
+    """Join the process group; returns the device this rank uses ('cuda:N' per local rank, or 'cpu')."""
+    if not processes.distributed or dist.is_initialized():
+        return device
+    use_cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
+    if use_cuda:
+        torch.cuda.set_device(processes.local_rank)
+        device = f"cuda:{processes.local_rank}"
+    elif device == "auto":
+        device = "cpu"
+    backend = "nccl" if use_cuda else "gloo"
+    dist.init_process_group(backend, timeout=COLLECTIVE_TIMEOUT)
+    return device
+
+
+def stop() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+class ShardedPermutation(Sampler[int]):
+    """This rank's share of one epoch's seeded order (padded so every rank gets as many);
+    `skip` drops the first samples, to resume mid-epoch."""
+
+    def __init__(self, count: int, seed: int, processes: Processes, skip: int = 0) -> None:
+        self.sampler = DistributedSampler(range(count), num_replicas=processes.world, rank=processes.rank, shuffle=True, seed=seed)
+        self.skip = skip
+
+    def __len__(self) -> int:
+        return max(0, len(self.sampler) - self.skip)
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(list(self.sampler)[self.skip :])
+
+
+def shard(count: int, processes: Processes, pad: bool) -> list[int]:
+    """Indices of this rank in a fixed order: padded for training (equal steps on every rank), exact for evaluation."""
+    if pad:
+        return list(DistributedSampler(range(count), num_replicas=processes.world, rank=processes.rank, shuffle=False))
+    return list(range(processes.rank, count, processes.world))
+
+
+def average_gradients(model: nn.Module) -> None:
+    """Average the gradients of what trains, across ranks (cached-feature stages, where DDP is not in the path)."""
+    grads = [p.grad for p in model.parameters() if p.requires_grad and p.grad is not None]
+    if not grads:
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    flat /= dist.get_world_size()
+    offset = 0
+    for grad in grads:
+        grad.copy_(flat[offset : offset + grad.numel()].view_as(grad))
+        offset += grad.numel()
+
+
+def wrap(model: nn.Module, device: torch.device) -> nn.Module:
+    """A fresh DDP wrapper over what trains now; built at every stage change."""
+    ids = [device.index] if device.type == "cuda" else None
+    return nn.parallel.DistributedDataParallel(model, device_ids=ids)  # buffers follow rank 0 (a train BatchNorm policy)
+
+
+def broadcast(value: object) -> object:
+    """Rank 0's value on every rank (a checkpoint read by rank 0, for example)."""
+    holder = [value]
+    dist.broadcast_object_list(holder, src=0)
+    return holder[0]
