@@ -88,3 +88,21 @@ def test_sms_spam_two_phase_meets_the_target_on_a_held_out_test_split(tmp_path: 
     assert metrics["count"] == round(4827 * 0.2) + round(747 * 0.2)
     assert metrics["accuracy"] >= 0.98
     assert metrics["per_class_f1"][spam] >= 0.92
+
+
+
+def test_gradual_unfreezing_with_layer_decay_on_a_text_encoder(tmp_path: Path, tiny_encoder: Path) -> None:
+    """Groups embeddings, layer.0, layer.1, head: the head, then the top layers, then everything."""
+    table = write_text_table(tmp_path / "t.tsv")
+    seen: list[dict[str, float]] = []
+
+    def record(optimizer: torch.optim.Optimizer, _step: int, _factor: float) -> None:
+        seen.append({g["thaw_group"]: g["thaw_base_lr"] for g in optimizer.param_groups})
+
+    options = {"epochs": 1, "head_epochs": 1, "lr": 1e-3, "layer_decay": 0.5, "groups_per_stage": 2}
+    result = train_text(table, model=str(tiny_encoder), out=tmp_path / "run", plan="gradual", plan_options=options, config=QUICK, step_hooks=[record])
+    assert [row["stage"] for row in result.history] == ["head", "top3", "all"]
+    stages = [dict(lrs) for lrs in {tuple(sorted(lrs.items())): None for lrs in seen}]
+    assert [sorted(lrs) for lrs in stages] == [["head"], ["head", "layer.0", "layer.1"], ["embeddings", "head", "layer.0", "layer.1"]]
+    last = stages[-1]
+    assert last["layer.1"] == pytest.approx(last["head"] * 0.5) and last["embeddings"] == pytest.approx(last["head"] * 0.5**3)
