@@ -175,6 +175,8 @@ class Trainer:
                 folder=self.out / "feature-cache", seed=self.config.seed, processes=self.processes,
             )
             counts = f"{len(self.cached.train_views[0].labels)} train x {max(1, views)} view(s), {len(self.cached.val.labels)} val"
+            if self.processes.distributed:
+                counts += f" on rank 0 of {self.processes.world}, each rank caching its shard"
             self._say(f"stage {self.plan.stages[stage_index].name!r}: frozen features cached once ({counts}) in {time.perf_counter() - started:.1f} s")
         return self.cached
 
