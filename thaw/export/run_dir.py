@@ -17,10 +17,10 @@ from thaw._version import __version__
 from thaw.errors import ThawError
 from thaw.export.plots import plot_confusion, plot_curves
 from thaw.models import ModelAdapter, Preprocessing, build_model
-from thaw.models.lora import LoraSpec, adapter_param_names, add_lora
-from thaw.plan.freeze import batchnorm_layers
 from thaw.models.hf_text import TextPreprocessing, build_text_model
+from thaw.models.lora import LoraSpec, adapter_param_names, add_lora
 from thaw.models.weights import load_into
+from thaw.plan.freeze import batchnorm_layers
 
 METADATA = "thaw.json"
 WEIGHTS = "model.safetensors"

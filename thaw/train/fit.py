@@ -20,12 +20,12 @@ import numpy as np
 import torch
 from torch import nn
 
+from thaw import distributed
 from thaw.data.folders import ImageData, describe_skipped
 from thaw.data.loaders import DecodedImages, ImageDataset, configure_threads, default_workers, make_loader
 from thaw.data.text import TextData, TextDataset
-from thaw import distributed
-from thaw.distributed import Processes
 from thaw.data.transforms import eval_transform, train_transform
+from thaw.distributed import Processes
 from thaw.errors import ThawError
 from thaw.models.adapter import ModelAdapter, Preprocessing
 from thaw.plan import Plan, plan_to_dict
