@@ -61,6 +61,8 @@ def run_predict(args: argparse.Namespace) -> int:
     adapter, meta = load_run(args.run)
     if meta.get("task") == "text":
         return _predict_texts(args, adapter, meta)
+    if args.file:
+        raise ThawError("--file is for text runs; for an image run pass image files or folders")
     if not args.paths:
         raise ThawError("give image files or folders to classify")
     predictions, skipped = predict_files(adapter, meta["classes"], image_files(args.paths), args.top_k)
