@@ -122,3 +122,14 @@ def test_adapters_selector_without_lora_says_what_to_do() -> None:
 
     with pytest.raises(ThawError, match="no LoRA layers; use --strategy lora"):
         resolve(adapter, ["adapters"])
+
+
+def test_lora_defaults_adapt_every_transformer_block_of_a_timm_vit() -> None:
+    pytest.importorskip("timm", reason="timm models are an optional extra: pip install 'thaw[timm]'")
+    adapter = build_model("timm/vit_tiny_patch16_224", weights=None, num_classes=3, device="meta")
+    add_lora(adapter, LoraSpec(rank=4))
+    names = set(adapter_param_names(adapter.model))
+    for group in adapter.groups:
+        if group.name.startswith("blocks."):
+            assert any(p in names for p in group.params), group.name  # qkv, proj and the MLP's Linear layers
+    assert not any(p in names for p in adapter.group("head").params)  # the head trains in full instead
