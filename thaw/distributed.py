@@ -100,6 +100,13 @@ def shard(count: int, processes: Processes, pad: bool) -> list[int]:
     return list(range(processes.rank, count, processes.world))
 
 
+def collective_device() -> torch.device:
+    """Where tensors must live for a collective: the rank's GPU under NCCL, the CPU under gloo."""
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def average_gradients(model: nn.Module) -> None:
     """Average the gradients of what trains, across ranks (cached-feature stages, where DDP is not in the path)."""
     grads = [p.grad for p in model.parameters() if p.requires_grad and p.grad is not None]

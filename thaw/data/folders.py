@@ -21,19 +21,25 @@ Sample = tuple[Path, int]
 
 
 @dataclass(frozen=True)
-class ImageData:
-    classes: tuple[str, ...]
-    train: tuple[Sample, ...]
-    val: tuple[Sample, ...]
-    test: tuple[Sample, ...] | None
-    layout: str
-    skipped: tuple[tuple[str, str], ...] = field(default=())  # (path, reason)
+class LabelledData:
+    """Classes and their train/val(/test) samples: (image path or text, class index)."""
 
-    def split(self, name: str) -> tuple[Sample, ...]:
+    classes: tuple[str, ...]
+    train: tuple
+    val: tuple
+    test: tuple | None
+    layout: str
+    skipped: tuple[tuple[str, str], ...] = field(default=())  # (where, reason)
+
+    def split(self, name: str) -> tuple:
         samples = {"train": self.train, "val": self.val, "test": self.test}.get(name)
         if samples is None:
-            raise ThawError(f"this dataset has no {name!r} split; splits: train, val" + (", test" if self.test else ""))
+            raise ThawError(f"this dataset has no {name!r} split; splits: train, val" + (", test" if self.test else " (hold one out with --test-split for text)"))
         return samples
+
+
+class ImageData(LabelledData):
+    """Samples are (image path, class index)."""
 
 
 def _class_folders(split_dir: Path) -> list[Path]:

@@ -14,14 +14,14 @@ import csv
 from collections import Counter
 import random
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
 import torch
 from torch.utils.data import Dataset, Sampler
 
-from thaw.data.folders import stratified_split
+from thaw.data.folders import LabelledData, stratified_split
 from thaw.data.loaders import Batch
 from thaw.errors import ThawError
 from thaw.distributed import SINGLE, Processes
@@ -40,20 +40,8 @@ class TextColumns:
     delimiter: str | None = None  # None: tab for .tsv/.tab or tab-separated first line, else comma
 
 
-@dataclass(frozen=True)
-class TextData:
-    classes: tuple[str, ...]
-    train: tuple[TextSample, ...]
-    val: tuple[TextSample, ...]
-    test: tuple[TextSample, ...] | None
-    layout: str
-    skipped: tuple[tuple[str, str], ...] = field(default=())  # (line, reason)
-
-    def split(self, name: str) -> tuple[TextSample, ...]:
-        samples = {"train": self.train, "val": self.val, "test": self.test}.get(name)
-        if samples is None:
-            raise ThawError(f"this dataset has no {name!r} split; splits: train, val" + (", test (use --test-split)" if self.test else ""))
-        return samples
+class TextData(LabelledData):
+    """Samples are (text, class index); skipped lists (file:line, reason)."""
 
 
 def _delimiter(path: Path, first_line: str, wanted: str | None) -> str:
@@ -204,6 +192,7 @@ class LengthGroupedBatches(Sampler[list[int]]):
     def __init__(self, lengths: list[int], batch_size: int, seed: int | None, skip_batches: int = 0, processes: Processes = SINGLE) -> None:
         self.lengths, self.batch_size, self.seed, self.skip = lengths, batch_size, seed, skip_batches
         self.processes = processes
+        self._mine: list[list[int]] | None = None
 
     def _my_share(self, batches: list[list[int]]) -> list[list[int]]:
         """Under several processes, every rank's batches: training pads so all ranks step equally often."""
@@ -230,8 +219,14 @@ class LengthGroupedBatches(Sampler[list[int]]):
         rng.shuffle(batches)
         return batches
 
+    def mine(self) -> list[list[int]]:
+        """This rank's batches for the epoch, worked out once (len() is asked for often)."""
+        if self._mine is None:
+            self._mine = self._my_share(self.batches())[self.skip :]
+        return self._mine
+
     def __len__(self) -> int:
-        return max(0, len(self._my_share(self.batches())) - self.skip)
+        return len(self.mine())
 
     def __iter__(self) -> Iterator[list[int]]:
-        return iter(self._my_share(self.batches())[self.skip :])
+        return iter(self.mine())

@@ -23,7 +23,7 @@ from tqdm import tqdm
 from torch.utils.data import Dataset
 
 from thaw.data.loaders import Batch, make_loader, seeded_order
-from thaw.distributed import SINGLE, Processes
+from thaw.distributed import SINGLE, Processes, collective_device
 from thaw.models.adapter import ModelAdapter
 from thaw.plan.freeze import batchnorm_layers, is_eval_locked
 from thaw.train.loop import Engine
@@ -177,7 +177,7 @@ def build_cache(
 def _pad_to_longest_shard(features: FeatureSet) -> FeatureSet:
     import torch.distributed as dist
 
-    longest = torch.tensor([len(features.labels)], device="cuda" if dist.get_backend() == "nccl" else "cpu")
+    longest = torch.tensor([len(features.labels)], device=collective_device())
     dist.all_reduce(longest, op=dist.ReduceOp.MAX)
     missing = int(longest) - len(features.labels)
     if missing <= 0 or not len(features.labels):

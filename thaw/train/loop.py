@@ -104,6 +104,7 @@ def train_one_epoch(
     step, started, batches = first_step, time.perf_counter(), 0
     optimizer.zero_grad(set_to_none=True)
     progress = tqdm(loader, desc=label, disable=engine.quiet, leave=False, unit="batch")
+    total = len(loader)
     for index, batch in enumerate(progress):
         batches = index + 1
         engine.note_failures(batch.failed)
@@ -116,7 +117,7 @@ def train_one_epoch(
         value = loss.item()  # one device sync a batch, shared by the check, the metrics and the bar
         _check_finite(value, f"{label}, batch {index + 1}")
         (loss / schedule.accumulate).backward()
-        stepped = (index + 1) % schedule.accumulate == 0 or index + 1 == len(loader)
+        stepped = (index + 1) % schedule.accumulate == 0 or index + 1 == total
         if stepped:
             if engine.before_step is not None:
                 engine.before_step(model)
@@ -127,7 +128,7 @@ def train_one_epoch(
         tracker.update(logits, labels, value)
         rate = tracker.count / max(time.perf_counter() - started, 1e-9)
         progress.set_postfix(loss=f"{value:.3f}", img_s=f"{rate:.0f}")
-        if stepped and should_stop() and index + 1 < len(loader):
+        if stepped and should_stop() and index + 1 < total:
             progress.close()
             return {"interrupted": True, "batches": batches, "tracker": tracker, "seconds": time.perf_counter() - started}
     return engine.finish(tracker).summary() | {"seconds": time.perf_counter() - started, "interrupted": False}

@@ -40,7 +40,9 @@ class MetricTracker:
         """Sum this pass's counts over every rank, so each rank reports the whole dataset."""
         import torch.distributed as dist
 
-        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+        from thaw.distributed import collective_device
+
+        device = collective_device()
         numbers = torch.tensor([self.loss_sum, float(self.top5_hits), float(self.count)], dtype=torch.float64, device=device)
         confusion = self.confusion.to(device)
         dist.all_reduce(confusion)
