@@ -5,7 +5,8 @@ set -euo pipefail
 cd "$(dirname "$0")"
 python=${THAW_PYTHON:-python3}
 [ -x .venv/bin/python ] || "$python" -m venv .venv
-pip() { .venv/bin/python -m pip "$@"; }
+# No pip cache: the CUDA build of torch is several GB, and a cached copy would double the disk it needs.
+pip() { .venv/bin/python -m pip --no-cache-dir "$@"; }
 pip install -q --upgrade pip
 pip install -q -r .ci/requirements-ci.txt
 # These two ship only data; their metadata pins ancient torch/numpy, so never let pip resolve it.
