@@ -64,6 +64,7 @@ def start(processes: Processes, device: str) -> str:
         return device
     use_cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
     if use_cuda:
+        _check_gpu_per_process(processes)
         torch.cuda.set_device(processes.local_rank)
         device = f"cuda:{processes.local_rank}"
     elif device == "auto":
@@ -71,6 +72,16 @@ def start(processes: Processes, device: str) -> str:
     backend = "nccl" if use_cuda else "gloo"
     dist.init_process_group(backend, timeout=COLLECTIVE_TIMEOUT)
     return device
+
+
+def _check_gpu_per_process(processes: Processes) -> None:
+    """NCCL needs one GPU per process; two ranks on one device fail deep inside NCCL, so say it first."""
+    count = torch.cuda.device_count()
+    if processes.local_rank >= count:
+        raise ThawError(
+            f"this machine has {count} CUDA device(s) but torchrun started more processes on it; "
+            f"launch with --nproc_per_node={max(count, 1)}, or pass --device cpu to train on CPU processes"
+        )
 
 
 def stop() -> None:

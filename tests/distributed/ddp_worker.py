@@ -38,8 +38,18 @@ def main() -> int:
     parser.add_argument("--fail-rank", type=int)
     parser.add_argument("--crash-after", type=int, help="every rank stops after this many epochs (a crash to resume from)")
     parser.add_argument("--resume", action="store_true")
+    parser.add_argument("--device", default="cpu", help="cpu (gloo, the default) or cuda (NCCL, one GPU per process)")
+    parser.add_argument(
+        "--collectives-at-one", action="store_true",
+        help="take the several-process path even when torchrun starts one process (NCCL on a one-GPU machine)",
+    )
     args = parser.parse_args()
     rank = int(os.environ.get("RANK", "0"))
+    if args.collectives_at_one:
+        # One GPU cannot host two NCCL ranks; a world of one still runs every collective, DDP wrapper and shard.
+        from thaw import distributed
+
+        distributed.Processes.distributed = property(lambda self: True)
     log: list[dict] = []
 
     def record(optimizer: torch.optim.Optimizer, step: int, _factor: float) -> None:
@@ -53,13 +63,16 @@ def main() -> int:
         if args.crash_after and len(state.history) == args.crash_after and rank == 0:
             sys.exit(3)  # after rank 0 wrote this epoch's checkpoint; torchrun then stops the others
 
-    config = TrainConfig(image_size=64, batch_size=args.batch_size, quiet=True, precision="fp32", augment=False, seed=0)
+    config = TrainConfig(
+        image_size=64, batch_size=args.batch_size, quiet=True, precision="fp32", augment=False, seed=0, device=args.device
+    )
     result = train_images(
         args.data, model="mobilenet_v2", weights="IMAGENET1K_V1", plan=PLAN, config=config, out=args.out,
         resume=args.resume, callbacks=[epoch_end], step_hooks=[record],
     )
     history = result.history
-    final = {"log": log, "best": result.best.get("value"), "history": [h["val_accuracy"] for h in history], "cached": [h["cached"] for h in history]}
+    backend = torch.distributed.get_backend() if torch.distributed.is_initialized() else None
+    final = {"backend": backend, "log": log, "best": result.best.get("value"), "history": [h["val_accuracy"] for h in history], "cached": [h["cached"] for h in history]}
     Path(args.out, f"rank{rank}.json").write_text(json.dumps(final))
     return 0
 

@@ -9,8 +9,10 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from tests.conftest import write_class_images
+from thaw import ThawError, distributed
 
 WORKER = Path(__file__).with_name("ddp_worker.py")
 ROOT = Path(__file__).resolve().parents[2]
@@ -87,6 +89,13 @@ def test_a_failing_rank_stops_the_whole_run_with_its_message(setting: dict) -> N
 
 
 def test_cli_errors_under_torchrun_say_which_rank(setting: dict, tmp_path: Path) -> None:
-    done = torchrun("-m", "thaw", "train", str(tmp_path / "missing"), "--model", "mobilenet_v2", "--out", str(tmp_path / "run"), env=setting["env"])
+    done = torchrun("-m", "thaw", "train", str(tmp_path / "missing"), "--model", "mobilenet_v2", "--out", str(tmp_path / "run"),
+                    "--device", "cpu", env=setting["env"])
     assert done.returncode != 0
     assert "thaw: error (rank 1 of 2): data path" in done.stderr and "Traceback" not in done.stderr.split("thaw: error")[0]
+
+
+def test_more_processes_than_gpus_is_one_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(ThawError, match=r"1 CUDA device\(s\) but torchrun started more processes .*--nproc_per_node=1"):
+        distributed.start(distributed.Processes(rank=1, world=2, local_rank=1), "cuda")
