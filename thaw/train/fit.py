@@ -87,8 +87,9 @@ def effective_preprocessing(adapter: ModelAdapter, config: TrainConfig) -> Prepr
 
 
 def _seed_epoch(seed: int, stage: int, epoch: int, rank: int = 0) -> int:
-    """Seed this epoch's randomness; returns the shuffling seed, which every rank shares
-    (augmentation and dropout get a per-rank offset, so ranks do not draw the same masks)."""
+    """Seed this epoch's randomness; returns the shuffling seed, which every rank shares.
+    Augmentation is seeded per sample from it (see AugmentationSeeds); dropout draws from the
+    global generators, seeded here with a per-rank offset so ranks do not draw the same masks."""
     value = (seed * 1_000_003 + stage * 1_009 + epoch) % (2**31)
     local = (value + rank * 7_919) % (2**31)
     torch.manual_seed(local)
@@ -223,7 +224,7 @@ class Trainer:
         self.model.load_state_dict(saved["model"])
         self.state = RunState(saved["stage"], saved["epoch"], saved["history"], saved["best"], saved.get("stale", 0))
         if saved.get("batch"):
-            self.resume_point = {key: saved[key] for key in ("batch", "rng", "tracker")}
+            self.resume_point = {key: saved.get(key) for key in ("batch", "rng", "cuda_rng", "tracker")}
         _, self.optimizer = self._enter(self.state.stage, None)
         self.optimizer.load_state_dict(saved["optimizer"])
 
@@ -234,6 +235,8 @@ class Trainer:
         if point is None:
             return 0, tracker
         torch.set_rng_state(point["rng"])
+        if point["cuda_rng"] is not None and self.engine.device.type == "cuda":  # dropout on the GPU draws from its own generator
+            torch.cuda.set_rng_state(point["cuda_rng"], self.engine.device)
         tracker.restore(point["tracker"])
         return point["batch"], tracker
 
@@ -264,7 +267,8 @@ class Trainer:
         return self._record(stage_index, train, val, cached is not None)
 
     def _save_interrupted(self, batches: int, tracker: MetricTracker) -> None:
-        state = self._checkpoint_state() | {"batch": batches, "rng": torch.get_rng_state(), "tracker": tracker.state()}
+        cuda_rng = torch.cuda.get_rng_state(self.engine.device) if self.engine.device.type == "cuda" else None
+        state = self._checkpoint_state() | {"batch": batches, "rng": torch.get_rng_state(), "cuda_rng": cuda_rng, "tracker": tracker.state()}
         self._save_checkpoint(state)
         stage = self.plan.stages[self.state.stage]
         raise RunInterrupted(
