@@ -38,10 +38,13 @@ def _train(data: Path, out: Path, config: TrainConfig = CONFIG, **options):
     return train_images(data, model="mobilenet_v3_small", weights=None, plan=PLAN, config=config, out=out, **options)
 
 
-@pytest.mark.parametrize("after_epoch", [1, 3])  # 1: inside the cached head stage; 3: inside the full stage
-@pytest.mark.parametrize("accumulate", [1, 2])
-def test_ctrl_c_finishes_the_step_saves_and_resumes_exactly(tiny_split_data: Path, tmp_path: Path, after_epoch: int, accumulate: int) -> None:
-    config = TrainConfig(**{**CONFIG.__dict__, "accumulate": accumulate, "batch_size": 4})
+# after_epoch 1: inside the cached head stage; 3: inside the full stage.
+# workers 2: images decoded in worker processes, the default on machines of 4 cores or more.
+@pytest.mark.parametrize(("after_epoch", "accumulate", "workers"), [(1, 1, 0), (1, 2, 0), (3, 1, 0), (3, 2, 0), (3, 1, 2)])
+def test_ctrl_c_finishes_the_step_saves_and_resumes_exactly(
+    tiny_split_data: Path, tmp_path: Path, after_epoch: int, accumulate: int, workers: int
+) -> None:
+    config = TrainConfig(**{**CONFIG.__dict__, "accumulate": accumulate, "batch_size": 4, "workers": workers})
     _train(tiny_split_data, tmp_path / "whole", config)
 
     def press_ctrl_c(state) -> None:

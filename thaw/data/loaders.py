@@ -57,13 +57,19 @@ class ImageDataset(Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor | None, int, tuple[str, str] | None]:
+    def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor | None, int, tuple[str, str] | None]:
+        """`key` is an index, or (index, augmentation seed) from AugmentationSeeds."""
+        index, seed = key if isinstance(key, tuple) else (key, None)
         path, label = self.samples[index]
         try:
             image = self.decoded.load(path, self.draft_size) if self.decoded else load_rgb(path, self.draft_size)
         except UnreadableImage as reason:
             return None, label, (str(path), str(reason))
-        return self.transform(image), label, None
+        if seed is None:
+            return self.transform(image), label, None
+        with torch.random.fork_rng(devices=[]):  # the caller's random stream (dropout, say) is left as it was
+            torch.manual_seed(seed)
+            return self.transform(image), label, None
 
 
 def collate(items: list[tuple[torch.Tensor | None, int, tuple[str, str] | None]]) -> Batch:
@@ -109,26 +115,57 @@ class SeededPermutation(Sampler[int]):
         return iter(seeded_order(self.count, self.seed)[self.skip :])
 
 
-def _sampler(count: int, shuffle: bool, seed: int, skip: int, processes: Processes) -> Sampler[int] | list[int] | None:
-    """Single process: the seeded order (or none). Several: this rank's shard of it (evaluation: exact, unpadded)."""
-    if processes.distributed:
-        return ShardedPermutation(count, seed, processes, skip) if shuffle else shard(count, processes, pad=False)
-    return SeededPermutation(count, seed, skip) if shuffle else None
+def sample_seed(seed: int, index: int) -> int:
+    """The augmentation seed of sample `index` under `seed` (an epoch's, or a cached view's)."""
+    return (seed * 1_000_003 + index * 7_919) % 2**62
+
+
+class AugmentationSeeds(Sampler[tuple[int, int]]):
+    """Pairs every index with its own augmentation seed.
+
+    A sample's random crop then depends only on (seed, index), not on which
+    worker process decodes it, how many came before it there, or which rank
+    holds it: a run resumed mid-epoch, or run with another number of workers,
+    sees the same augmented images.
+    """
+
+    def __init__(self, indices: Sampler[int] | list[int], seed: int) -> None:
+        self.indices, self.seed = indices, seed
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        return ((index, sample_seed(self.seed, index)) for index in self.indices)
+
+
+def _sampler(
+    count: int, shuffle: bool, seed: int, skip: int, processes: Processes, augment_seed: int | None
+) -> Sampler | list[int] | None:
+    """Single process: the seeded order (or none). Several: this rank's shard of it (evaluation: exact, unpadded).
+    Shuffled orders carry per-sample augmentation seeds from the epoch's seed; fixed orders from `augment_seed`."""
+    if shuffle:
+        order = ShardedPermutation(count, seed, processes, skip) if processes.distributed else SeededPermutation(count, seed, skip)
+        return AugmentationSeeds(order, seed)
+    fixed = shard(count, processes, pad=False) if processes.distributed else None
+    if augment_seed is None:
+        return fixed
+    return AugmentationSeeds(fixed if fixed is not None else range(count), augment_seed)
 
 
 def make_loader(
     dataset: Dataset, *, batch_size: int, shuffle: bool, seed: int, workers: int | None = None, skip_batches: int = 0,
-    processes: Processes = SINGLE,
+    processes: Processes = SINGLE, augment_seed: int | None = None,
 ) -> DataLoader:
     if hasattr(dataset, "batch_sampler"):  # text: tokenised up front, batched by length, padded per batch
         sampler = dataset.batch_sampler(batch_size, seed if shuffle else None, skip_batches, processes)
         return DataLoader(dataset, batch_sampler=sampler, num_workers=0, collate_fn=dataset.collate)
     workers = default_workers() if workers is None else workers
-    generator = torch.Generator().manual_seed(seed)  # seeds the workers' augmentation
+    generator = torch.Generator().manual_seed(seed)  # seeds the workers; augmentation has its own per-sample seeds
     return DataLoader(
         dataset,
         batch_size=batch_size,
-        sampler=_sampler(len(dataset), shuffle, seed, skip_batches * batch_size, processes),
+        sampler=_sampler(len(dataset), shuffle, seed, skip_batches * batch_size, processes, augment_seed),
         num_workers=workers,
         collate_fn=collate,
         generator=generator,

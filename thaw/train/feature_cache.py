@@ -94,12 +94,13 @@ class _Store:
 @torch.no_grad()
 def compute_features(
     adapter: ModelAdapter, dataset: Dataset, engine: Engine, *, batch_size: int, workers: int | None, budget_bytes: int, spill_path: Path, label: str,
-    processes: Processes = SINGLE,
+    processes: Processes = SINGLE, augment_seed: int | None = None,
 ) -> FeatureSet:
-    """forward_features for every decodable sample (under several processes: this rank's shard), once, in eval mode."""
+    """forward_features for every decodable sample (under several processes: this rank's shard), once, in eval mode.
+    `augment_seed` fixes the random augmentation of an augmented view."""
     adapter.model.eval()
     store, labels = None, []
-    loader = make_loader(dataset, batch_size=batch_size, shuffle=False, seed=0, workers=workers, processes=processes)
+    loader = make_loader(dataset, batch_size=batch_size, shuffle=False, seed=0, workers=workers, processes=processes, augment_seed=augment_seed)
     for batch in tqdm(loader, desc=label, disable=engine.quiet, leave=False, unit="batch"):
         engine.note_failures(batch.failed)
         if not len(batch.labels):
@@ -166,9 +167,12 @@ def build_cache(
     suffix = f"-rank{processes.rank}" if processes.distributed else ""
     train_views = []
     for view in range(max(1, views)):
-        torch.manual_seed(seed * 7919 + view + processes.rank * 104_729)  # each augmented view is fixed, so a resumed run sees the same
-        dataset = make_dataset("train" if views else "train-eval")  # views differ by their seed
-        features = compute_features(adapter, dataset, engine, spill_path=folder / f"{key}-train{view}{suffix}.npy", label=f"caching train view {view + 1}", **options)
+        dataset = make_dataset("train" if views else "train-eval")
+        features = compute_features(
+            adapter, dataset, engine, spill_path=folder / f"{key}-train{view}{suffix}.npy", label=f"caching train view {view + 1}",
+            augment_seed=seed * 7919 + view if views else None,  # each view fixed by its seed, so a resumed run sees the same
+            **options,
+        )
         train_views.append(_pad_to_longest_shard(features) if processes.distributed else features)
     val = compute_features(adapter, make_dataset("val"), engine, spill_path=folder / f"{key}-val{suffix}.npy", label="caching val", **options)
     return CachedStage(key, train_views, val)
