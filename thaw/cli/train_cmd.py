@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
-from dataclasses import fields
+from dataclasses import fields, replace
 from pathlib import Path
 
 from thaw import distributed
@@ -104,7 +104,7 @@ def run(args: argparse.Namespace) -> int:
     config = config_from_args(args)
     main_rank = distributed.from_environment().is_main  # under torchrun only rank 0 prints
     if args.json or not main_rank:
-        config = TrainConfig(**{**config.__dict__, "quiet": True})
+        config = replace(config, quiet=True)
     result = _start(args, config, out)
     if not main_rank:
         return 0

@@ -141,16 +141,14 @@ class AugmentationSeeds(Sampler[tuple[int, int]]):
 
 def _sampler(
     count: int, shuffle: bool, seed: int, skip: int, processes: Processes, augment_seed: int | None
-) -> Sampler | list[int] | None:
+) -> Sampler | list[int] | range:
     """Single process: the seeded order (or none). Several: this rank's shard of it (evaluation: exact, unpadded).
     Shuffled orders carry per-sample augmentation seeds from the epoch's seed; fixed orders from `augment_seed`."""
     if shuffle:
         order = ShardedPermutation(count, seed, processes, skip) if processes.distributed else SeededPermutation(count, seed, skip)
         return AugmentationSeeds(order, seed)
-    fixed = shard(count, processes, pad=False) if processes.distributed else None
-    if augment_seed is None:
-        return fixed
-    return AugmentationSeeds(fixed if fixed is not None else range(count), augment_seed)
+    order = shard(count, processes, pad=False) if processes.distributed else range(count)
+    return order if augment_seed is None else AugmentationSeeds(order, augment_seed)
 
 
 def make_loader(

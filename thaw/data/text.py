@@ -27,7 +27,8 @@ from thaw.errors import ThawError
 from thaw.distributed import SINGLE, Processes
 
 TextSample = tuple[str, int]
-HEADER_NAMES = {"text", "label", "sentence", "message", "sms", "review", "content", "class", "category", "target", "labels"}
+TEXT_HEADERS = ("text", "sentence", "message", "sms", "review", "content")
+LABEL_HEADERS = ("label", "labels", "class", "category", "target")
 LENGTH_GROUP_BATCHES = 50  # batches per length-sorted chunk (the HF Trainer's group_by_length uses 50 too)
 
 
@@ -82,8 +83,8 @@ def _guess_columns(rows: list[list[str]], header: list[str] | None) -> tuple[int
     """(text, label) positions: header names first, else the column with the fewest distinct values is the label."""
     if header:
         lowered = [cell.strip().lower() for cell in header]
-        text = next((i for i, n in enumerate(lowered) if n in ("text", "sentence", "message", "sms", "review", "content")), None)
-        label = next((i for i, n in enumerate(lowered) if n in ("label", "labels", "class", "category", "target")), None)
+        text = next((i for i, n in enumerate(lowered) if n in TEXT_HEADERS), None)
+        label = next((i for i, n in enumerate(lowered) if n in LABEL_HEADERS), None)
         if text is not None and label is not None:
             return text, label
     sample = rows[:1000]
@@ -105,7 +106,7 @@ def read_table(path: str | Path, columns: TextColumns = TextColumns()) -> tuple[
         raise ThawError(f"text data {path} does not exist or is not a file; pass a CSV or TSV file")
     rows, _ = read_rows(path, columns.delimiter)
     named = any(isinstance(c, str) and not c.isdigit() for c in (columns.text, columns.label))
-    has_header = named or any(cell.strip().lower() in HEADER_NAMES for cell in rows[0])
+    has_header = named or any(cell.strip().lower() in TEXT_HEADERS + LABEL_HEADERS for cell in rows[0])
     header, body = (rows[0], rows[1:]) if has_header else (None, rows)
     if not body:
         raise ThawError(f"{path} has a header but no rows")
@@ -125,9 +126,7 @@ def read_table(path: str | Path, columns: TextColumns = TextColumns()) -> tuple[
 
 
 def _classes(pairs: list[tuple[str, str]], path: Path) -> tuple[str, ...]:
-    counts: dict[str, int] = {}
-    for _, label in pairs:
-        counts[label] = counts.get(label, 0) + 1
+    counts = Counter(label for _, label in pairs)
     if len(counts) < 2:
         raise ThawError(f"{path} has {len(counts)} label value(s) ({', '.join(counts)}); classification needs at least 2")
     if len(counts) > max(100, len(pairs) // 2):

@@ -18,8 +18,9 @@ from thaw.errors import ThawError
 from thaw.export.plots import plot_confusion, plot_curves
 from thaw.models import ModelAdapter, Preprocessing, build_model
 from thaw.models.hf_text import TextPreprocessing, build_text_model
-from thaw.models.lora import LoraSpec, adapter_param_names, add_lora
+from thaw.models.lora import adapter_param_names, add_lora
 from thaw.models.weights import load_into
+from thaw.plan.config import plan_from_dict
 from thaw.plan.freeze import batchnorm_layers
 
 METADATA = "thaw.json"
@@ -79,9 +80,8 @@ def load_run(run: str | Path, device: str | torch.device = "cpu") -> tuple[Model
     else:
         adapter = build_model(meta["model"], weights=meta.get("weights"), num_classes=len(meta["classes"]), load=False)
         adapter.preprocessing = Preprocessing(**{k: tuple(v) if isinstance(v, list) else v for k, v in meta["preprocessing"].items()})
-    plan = meta.get("plan") or {}
-    if plan.get("lora"):
-        add_lora(adapter, LoraSpec(**{k: tuple(v) if isinstance(v, list) else v for k, v in plan["lora"].items()}))
+    if (meta.get("plan") or {}).get("lora"):  # the same LoRA layers as in training, so the weights fit
+        add_lora(adapter, plan_from_dict(meta["plan"], f"{run}/{METADATA} plan").lora)
     load_into(adapter.model, load_file(str(weights_path)), str(weights_path))
     adapter.model.to(device).eval()
     return adapter, meta

@@ -19,7 +19,7 @@ from thaw.errors import ThawError
 from thaw.models.adapter import ModelAdapter
 from thaw.plan import Plan, apply_trainable, resolve_stage
 from thaw.plan.optim import make_optimizer, no_decay_names
-from thaw.train.schedule import multiplier
+from thaw.train.schedule import apply_lrs, multiplier
 
 
 class PlanDriver:
@@ -33,6 +33,10 @@ class PlanDriver:
     @property
     def total_epochs(self) -> int:
         return sum(stage.epochs for stage in self.plan.stages)
+
+    def first_epoch(self, stage_index: int) -> int:
+        """The 0-based epoch at which `stage_index` begins."""
+        return sum(stage.epochs for stage in self.plan.stages[:stage_index])
 
     def stage_at(self, epoch: int) -> int:
         """The stage that owns 0-based `epoch`; past the plan, the last stage."""
@@ -75,9 +79,7 @@ class PlanDriver:
 
     def set_lrs(self, optimizer: torch.optim.Optimizer, step_in_stage: int, steps_in_stage: int) -> None:
         """Every group's lr = the plan's lr x the schedule at this step (the trainer's own scheduler is overruled)."""
-        factor = multiplier(self.schedule, step_in_stage, steps_in_stage, self.warmup)
-        for group in optimizer.param_groups:
-            group["lr"] = group["thaw_base_lr"] * factor
+        apply_lrs(optimizer, multiplier(self.schedule, step_in_stage, steps_in_stage, self.warmup))
 
     def audit(self, optimizer: torch.optim.Optimizer) -> None:
         """Every parameter in exactly one group; frozen ones without gradient or state."""

@@ -39,5 +39,5 @@ class ThawCallback(TrainerCallback):
         self._sync(state, optimizer)
         optimizer = getattr(optimizer, "optimizer", optimizer)
         index = self.driver.stage_index
-        first = sum(s.epochs for s in self.driver.plan.stages[:index]) * self.steps_per_epoch
+        first = self.driver.first_epoch(index) * self.steps_per_epoch
         self.driver.set_lrs(optimizer, state.global_step - first, self.driver.plan.stages[index].epochs * self.steps_per_epoch)

@@ -25,6 +25,7 @@ class ThawFinetuning(pl.Callback):
     def __init__(self, driver: PlanDriver) -> None:
         self.driver = driver
         self.stage_start_step = 0
+        self.steps_per_epoch = 1
 
     def on_fit_start(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
         if trainer.lr_scheduler_configs:
@@ -35,9 +36,8 @@ class ThawFinetuning(pl.Callback):
         stage = self.driver.stage_at(trainer.current_epoch)
         if stage != self.driver.stage_index:
             self.driver.enter(stage, trainer.optimizers[0])
-        first_epoch = sum(s.epochs for s in self.driver.plan.stages[:stage])
         self.steps_per_epoch = trainer.num_training_batches // max(1, trainer.accumulate_grad_batches)
-        self.stage_start_step = first_epoch * self.steps_per_epoch
+        self.stage_start_step = self.driver.first_epoch(stage) * self.steps_per_epoch
 
     def on_train_batch_start(self, trainer: pl.Trainer, module: pl.LightningModule, batch: object, batch_idx: int) -> None:
         stage = self.driver.plan.stages[self.driver.stage_index]
