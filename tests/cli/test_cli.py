@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -80,6 +81,14 @@ def test_bad_input_is_one_line_and_exit_2(args: list[str], expected: str) -> Non
     assert expected in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_broken_torchrun_variables_are_one_line(tmp_path: Path) -> None:
+    environment = os.environ | {"WORLD_SIZE": "two"}
+    result = subprocess.run([sys.executable, "-m", "thaw", "train", str(tmp_path), "--model", "mobilenet_v2"],
+                            capture_output=True, text=True, timeout=300, env=environment)
+    assert result.returncode == 2
+    assert result.stderr.strip() == "thaw: error: WORLD_SIZE, RANK and LOCAL_RANK must be whole numbers; launch with torchrun"
 
 
 def test_models_lists_80_builders_and_offline_weights(capsys: pytest.CaptureFixture[str]) -> None:

@@ -51,5 +51,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _which_rank() -> str:
     """Under torchrun, say which process failed: torchrun stops the others and reports this one's exit."""
-    processes = distributed.from_environment()
+    try:
+        processes = distributed.from_environment()
+    except ThawError:  # the launch variables themselves are what is wrong; the error says so
+        return ""
     return f" (rank {processes.rank} of {processes.world})" if processes.distributed else ""
