@@ -13,10 +13,11 @@ from tests.conftest import write_class_images, write_text_table
 from thaw.cli import main
 from thaw.errors import ThawError
 from thaw.export.formats import merge_adapters
-from thaw.export.run_dir import ADAPTER, load_adapter, load_run
-from thaw.models import build_model
+from thaw.export.run_dir import ADAPTER, WEIGHTS, load_adapter, load_run
+from thaw.models import ModelAdapter, build_model
 from thaw.models.lora import LoraSpec, add_lora, adapter_param_names
-from thaw.plan import plan_from_dict, plan_to_dict
+from thaw.plan import Plan, plan_from_dict, plan_to_dict
+from thaw.plan.lora_targets import lora_targets
 from thaw.train import TrainConfig, train_images, train_text
 
 QUICK = TrainConfig(batch_size=8, quiet=True, seed=1, image_size=32, augment=False)
@@ -105,7 +106,15 @@ def test_plan_reports_adapter_parameters_in_their_groups(capsys: pytest.CaptureF
 def test_lora_targets_that_match_no_layer_are_refused() -> None:
     adapter = build_model("resnet18", weights=None, num_classes=3, device="meta")
     with pytest.raises(ThawError, match="select no Linear or Conv2d layer outside the head"):
-        add_lora(adapter, LoraSpec(targets=("fc",)))
+        lora_targets(adapter, LoraSpec(targets=("fc",)))
+
+
+def test_add_lora_refuses_selectors_it_was_not_given_resolved() -> None:
+    adapter = build_model("resnet18", weights=None, num_classes=3, device="meta")
+    with pytest.raises(ThawError, match="resolve them first"):  # not silently the default targets instead
+        add_lora(adapter, LoraSpec(targets=("layer4",)))
+    add_lora(adapter, LoraSpec(targets=("layer4",)), lora_targets(adapter, LoraSpec(targets=("layer4",))))
+    assert adapter.lora_targets and all(name.startswith("layer4.") for name in adapter.lora_targets)
 
 
 def test_lora_plans_round_trip_through_yaml_and_reject_unknown_keys() -> None:
@@ -133,3 +142,57 @@ def test_lora_defaults_adapt_every_transformer_block_of_a_timm_vit() -> None:
         if group.name.startswith("blocks."):
             assert any(p in names for p in group.params), group.name  # qkv, proj and the MLP's Linear layers
     assert not any(p in names for p in adapter.group("head").params)  # the head trains in full instead
+
+
+def _stage(name: str, train: list[str], **options: str) -> dict:
+    return {"name": name, "epochs": 1, "train": train, **options}
+
+
+# Every shape of LoRA plan the config accepts: what trains besides the adapters decides what the adapter file must hold.
+LORA_PLANS: dict[str, dict] = {
+    "lora strategy": {},
+    "adapters and head, batchnorm train": {"stages": [_stage("lora", ["adapters", "head"], batchnorm="train")]},
+    "adapters, head and layer4": {"stages": [_stage("lora", ["adapters", "head", "layer4"])]},
+    "adapters, head and norm, batchnorm eval": {"stages": [_stage("lora", ["adapters", "head", "norm"], batchnorm="eval")]},
+    "two stages, the second trains layer4": {
+        "stages": [_stage("lora", ["adapters", "head"]), _stage("deeper", ["adapters", "head", "layer4"])],
+        "lora": {"rank": 4, "targets": ["layer3", "layer4"]},  # layer4's base weights move under its adapters
+    },
+}
+
+
+def _lora_plan(shape: dict) -> Plan | str:
+    return plan_from_dict(shape | {"lora": shape.get("lora", {"rank": 4})}) if shape else "lora"
+
+
+def _base_model(spec: LoraSpec) -> ModelAdapter:
+    """What a user of the adapter file starts from: the base weights (same seed as the run) with the same LoRA layers."""
+    torch.manual_seed(QUICK.seed)
+    adapter = build_model("resnet18", weights=None, num_classes=3)
+    return add_lora(adapter, spec, lora_targets(adapter, spec))
+
+
+@pytest.mark.parametrize("shape", list(LORA_PLANS), ids=list(LORA_PLANS))
+def test_base_weights_plus_adapter_file_are_the_trained_model(shape: str, tmp_path: Path, torch_home: Path) -> None:
+    data = write_class_images(tmp_path / "data", per_class=6, size=32)
+    plan = _lora_plan(LORA_PLANS[shape])
+    options = {"epochs": 1, "lora": LoraSpec(rank=4)} if plan == "lora" else None
+    train_images(data, model="resnet18", weights=None, out=tmp_path / "run", plan=plan, plan_options=options, config=QUICK)
+    trained_model, meta = load_run(tmp_path / "run")
+    trained = load_file(str(tmp_path / "run" / WEIGHTS))
+    rebuilt = _base_model(plan_from_dict(meta["plan"]).lora)
+    base = {name: tensor.clone() for name, tensor in rebuilt.model.state_dict().items()}
+    load_adapter(rebuilt, tmp_path / "run" / ADAPTER)
+
+    rebuilt_state = rebuilt.model.state_dict()
+    assert rebuilt_state.keys() == trained.keys()
+    assert [name for name in trained if not torch.equal(rebuilt_state[name], trained[name])] == []  # none missing from the file
+    images = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(rebuilt.model.eval()(images), trained_model.model(images))
+    # The file holds what changed, plus adapter weights and head (always), and nothing else of the base.
+    changed = {name for name in trained if not torch.equal(trained[name], base[name])}
+    always = set(adapter_param_names(rebuilt.model)) | set(rebuilt.group("head").params)
+    assert set(load_file(str(tmp_path / "run" / ADAPTER))) == changed | always
+    if "layer4" in shape:  # the case the adapter file once lost: a layer trained in full beside the adapters
+        assert any(name.startswith("layer4.") and "lora_" not in name for name in changed)

@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from tests.conftest import HYMENOPTERA, RunsCode
+from tests.conftest import RunsCode, shared_data
 from thaw import ThawError, build_model
 from thaw.data import eval_transform
 from thaw.models.weights import packaged_copy
@@ -19,7 +19,7 @@ IMAGENET_BEE, IMAGENET_ANT = 309, 310
 def test_real_mobilenet_weights_recognise_ants_and_bees(torch_home: Path) -> None:
     """The real IMAGENET1K_V1 file, with its own preprocessing, sees ants and bees in the val photos."""
     adapter = build_model("mobilenet_v2", weights="IMAGENET1K_V1")
-    files = sorted((HYMENOPTERA / "val").glob("*/*.jpg"))
+    files = sorted((shared_data("hymenoptera_data") / "val").glob("*/*.jpg"))
     assert len(files) == 153
     transform = eval_transform(adapter.preprocessing)
     adapter.model.eval()

@@ -72,3 +72,29 @@ def test_not_yaml_and_missing_file(tmp_path: Path) -> None:
         load_plan(path)
     with pytest.raises(ThawError, match="cannot read plan file"):
         load_plan(tmp_path / "missing.yaml")
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("weight_decay: -0.1\nstages: [{name: head, epochs: 1}]", "weight_decay: expected a weight decay >= 0 like 0.01, got -0.1"),
+        ("stages: [{name: head, epochs: 1, weight_decay: -1}]", "stages[0].weight_decay: expected a weight decay >= 0"),
+        ("stages: [{name: head, epochs: 1, weight_decay: .nan}]", "stages[0].weight_decay: expected a finite number, got nan"),
+        ("stages: [{name: head, epochs: 1, lr: 1e400}]", "stages[0].lr: expected a finite number, got '1e400'"),
+        ("stages: [{name: head, epochs: 1, lr: 1.0e+300}]", "stages[0].lr: expected a positive lr up to 1000"),
+        ("stages: [{name: all, epochs: 1, train: [all], lr: 1.0e-3, layer_decay: 1.5}]", "layer_decay: expected a decay in (0, 1]"),
+        ("stages: [{name: top, epochs: 1, lr_range: [1.0e-3, 1.0e-5]}]", "lr_range: expected [low, high] from stem to head with low <="),
+        ("stages: [{name: head, epochs: 1, lr: 1.0e-3, lrs: {head: 1.0e-3}}]", "lr and lrs both set the lrs; keep one"),
+        ("stages: [{name: head, epochs: 0}, {name: all, epochs: 0}]", "every stage of the plan (head, all) has 0 epochs"),
+        ("stages: [{name: lora, epochs: 1}]\nlora: {rank: 2.5}", "lora.rank: expected a whole number from 1 to 4096, got 2.5"),
+        ("stages: [{name: lora, epochs: 1}]\nlora: {alpha: .nan, targets: {a: 1}}", "2 problems: lora.alpha: expected a finite number"),
+    ],
+)
+def test_yaml_values_are_checked_as_flags_are(tmp_path: Path, text: str, expected: str) -> None:
+    """A plan file cannot hold what `thaw train` refuses as a flag (a negative weight decay, an lr past float range, ...)."""
+    path = tmp_path / "plan.yaml"
+    path.write_text(text + "\n")
+    with pytest.raises(ThawError) as error:
+        load_plan(path)
+    assert expected in str(error.value)
+    assert "\n" not in str(error.value)

@@ -77,6 +77,40 @@ def test_optimizer_groups_follow_the_plan_and_skip_decay_on_norms_and_biases() -
     assert {g["thaw_group"] for g in optimizer.param_groups} == set(adapter.group_names)
 
 
+def test_vit_class_and_position_tokens_do_not_decay_but_attention_weights_do() -> None:
+    from torchvision.models import VisionTransformer
+
+    from thaw import adapt
+
+    model = VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=2, hidden_dim=32, mlp_dim=64, num_classes=3)
+    adapter = adapt(model, num_classes=3)
+    _, optimizer = apply_stage(adapter, Stage("all", 1, ("all",), ConstantLr(1e-3), weight_decay=0.05))
+    decay = {id(p): group["weight_decay"] for group in optimizer.param_groups for p in group["params"]}
+    named = dict(model.named_parameters())
+    assert decay[id(named["class_token"])] == decay[id(named["encoder.pos_embedding"])] == 0.0
+    assert decay[id(named["encoder.layers.encoder_layer_0.self_attention.in_proj_weight"])] == 0.05  # torch.nn's own layer
+    assert decay[id(named["conv_proj.weight"])] == decay[id(named["heads.head.weight"])] == 0.05
+
+
+def test_a_weight_matrix_held_outside_torch_nn_layers_still_decays() -> None:
+    from torch import nn
+
+    from thaw import adapt
+
+    class Conv1D(nn.Module):  # Hugging Face GPT-2's linear layer: a weight held directly, not an nn.Linear
+        def __init__(self, inputs: int, outputs: int) -> None:
+            super().__init__()
+            self.weight, self.bias = nn.Parameter(torch.randn(inputs, outputs)), nn.Parameter(torch.zeros(outputs))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x @ self.weight + self.bias
+
+    model = nn.Sequential(Conv1D(8, 8), nn.ReLU(), nn.Linear(8, 3))
+    _, optimizer = apply_stage(adapt(model, num_classes=3), Stage("all", 1, ("all",), ConstantLr(1e-3), weight_decay=0.05))
+    decay = {id(p): group["weight_decay"] for group in optimizer.param_groups for p in group["params"]}
+    assert decay[id(model[0].weight)] == 0.05 and decay[id(model[0].bias)] == 0.0
+
+
 def test_audit_catches_left_out_and_frozen_parameters() -> None:
     adapter = build_model("resnet18", num_classes=4)
     for param in adapter.model.parameters():

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from thaw.errors import ThawError
-from thaw.models.adapter import LayerGroup
+from thaw.models.adapter import LayerGroup, is_within
 
 NORM_TYPES: tuple[type[nn.Module], ...] = (
     nn.modules.batchnorm._BatchNorm,
@@ -169,7 +169,7 @@ class _Grouper:
         return names
 
     def _in_head(self, param_name: str) -> bool:
-        return any(param_name.startswith(head + ".") for head in self.head_modules)
+        return any(is_within(param_name, head) for head in self.head_modules)
 
     def units_of(self, module: nn.Module, prefix: str) -> list[_Unit]:
         units = []
@@ -249,9 +249,7 @@ def infer_groups(model: nn.Module, head_modules: list[str]) -> list[LayerGroup]:
     for index, unit in enumerate(units):
         name = "stem" if index == 0 and len(unit.members) > 1 else unit.path
         groups.append(LayerGroup(name, tuple(unit.members or [unit.path]), tuple(unit.params)))
-    head_params = [
-        name for name, _ in model.named_parameters() if any(name.startswith(h + ".") for h in head_modules)
-    ]
+    head_params = [name for name, _ in model.named_parameters() if any(is_within(name, h) for h in head_modules)]
     groups.append(LayerGroup("head", tuple(head_modules), tuple(head_params)))
     return groups
 
@@ -272,7 +270,7 @@ def explicit_groups(model: nn.Module, spec: dict[str, list[str]], head_modules: 
         groups.append(LayerGroup(group_name, tuple(module_names), tuple(dict.fromkeys(params))))
     if problems:
         raise ThawError("; ".join(problems))
-    head_params = [n for n, _ in model.named_parameters() if any(n.startswith(h + ".") for h in head_modules)]
+    head_params = [n for n, _ in model.named_parameters() if any(is_within(n, h) for h in head_modules)]
     groups = [LayerGroup(g.name, g.modules, tuple(p for p in g.params if p not in head_params)) for g in groups]
     groups.append(LayerGroup("head", tuple(head_modules), tuple(head_params)))
     return groups

@@ -20,6 +20,11 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
+def is_within(name: str, root: str) -> bool:
+    """Whether module or parameter `name` is `root` itself or lies inside it (`fc.weight` in `fc`, not in `fc2`)."""
+    return name == root or name.startswith(root + ".")
+
+
 @dataclass(frozen=True)
 class Preprocessing:
     """How inputs must be prepared for the weights (resize, then centre crop, then normalise)."""
@@ -73,6 +78,10 @@ class ModelAdapter:
             if group.name == name:
                 return group
         raise ThawError(f"no layer group named {name!r}; groups are: {', '.join(self.group_names)}")
+
+    def in_head(self, name: str) -> bool:
+        """Whether a module or parameter name lies inside the head."""
+        return any(is_within(name, root) for root in self.group("head").modules)
 
     @property
     def num_classes(self) -> int:

@@ -4,7 +4,9 @@ PEFT injects low-rank layers in place (`inject_adapter_in_model`), so the
 model keeps its own forward and names; thaw then moves every parameter into
 the layer group of the module it belongs to, so plans, reports and the
 optimizer audit treat adapter weights like any other group's. The new head
-is never a target: it trains in full.
+is never a target: it trains in full. Which modules to adapt arrives here as
+module names: resolving the user's selectors is the plan layer's job
+(plan/lora_targets.py), as models never import the plan layer.
 
 Default targets: for Hugging Face encoders, PEFT's own per-architecture list
 (BERT: query, value); for vision, every Linear and ungrouped Conv2d outside
@@ -14,6 +16,8 @@ ordinary convolutions.
 
 from __future__ import annotations
 
+import hashlib
+import math
 from dataclasses import dataclass
 
 import torch
@@ -23,6 +27,7 @@ from thaw.errors import ThawError
 from thaw.models.adapter import LayerGroup, ModelAdapter, check_groups_cover_model
 
 ADAPTERS_SELECTOR = "adapters"
+MAX_LORA_RANK = 4096  # wider than the layers of the encoders and vision models thaw adapts: no more capacity, only memory
 
 
 @dataclass(frozen=True)
@@ -33,8 +38,13 @@ class LoraSpec:
     targets: tuple[str, ...] = ()  # selectors; empty: the family's default
 
     def __post_init__(self) -> None:
-        if self.rank < 1 or self.alpha <= 0 or not 0 <= self.dropout < 1:
-            raise ThawError(f"LoRA needs rank >= 1, alpha > 0 and 0 <= dropout < 1; got rank {self.rank}, alpha {self.alpha}, dropout {self.dropout}")
+        rank_ok = isinstance(self.rank, int) and not isinstance(self.rank, bool) and 1 <= self.rank <= MAX_LORA_RANK
+        numbers_ok = all(isinstance(v, (int, float)) and math.isfinite(v) for v in (self.alpha, self.dropout))
+        if not (rank_ok and numbers_ok and self.alpha > 0 and 0 <= self.dropout < 1):
+            raise ThawError(
+                f"LoRA needs a whole rank from 1 to {MAX_LORA_RANK}, a finite alpha > 0 and 0 <= dropout < 1; "
+                f"got rank {self.rank!r}, alpha {self.alpha!r}, dropout {self.dropout!r}"
+            )
 
 
 def _peft():
@@ -45,14 +55,11 @@ def _peft():
     return peft
 
 
-def _adaptable(module: nn.Module) -> bool:
+def adaptable(module: nn.Module) -> bool:
+    """Whether PEFT's LoRA can adapt this module: a Linear, or an ordinary (not grouped) Conv2d."""
     if isinstance(module, nn.Conv2d):
         return module.groups == 1
     return isinstance(module, nn.Linear)
-
-
-def _in_head(adapter: ModelAdapter, name: str) -> bool:
-    return any(name == h or name.startswith(h + ".") for h in adapter.group("head").modules)
 
 
 def default_targets(adapter: ModelAdapter) -> list[str]:
@@ -64,38 +71,52 @@ def default_targets(adapter: ModelAdapter) -> list[str]:
         suffixes = by_type.get(config.model_type)
         if suffixes:
             return [n for n, m in adapter.model.named_modules() if n.rsplit(".", 1)[-1] in suffixes and isinstance(m, nn.Linear)]
-    return [n for n, m in adapter.model.named_modules() if n and _adaptable(m) and not _in_head(adapter, n)]
+    return [n for n, m in adapter.model.named_modules() if n and adaptable(m) and not adapter.in_head(n)]
 
 
-def targets_from_selectors(adapter: ModelAdapter, selectors: tuple[str, ...]) -> list[str]:
-    """Linear/Conv2d modules all of whose parameters the selectors choose (the head excluded)."""
-    from thaw.plan.selectors import resolve
+def add_lora(adapter: ModelAdapter, spec: LoraSpec, targets: list[str] | None = None) -> ModelAdapter:
+    """Inject LoRA layers into the modules named by `targets` (None: the family's default) and regroup.
 
-    chosen = set(resolve(adapter, list(selectors)))
-    targets = [
-        name for name, module in adapter.model.named_modules()
-        if name and _adaptable(module) and not _in_head(adapter, name)
-        and all(f"{name}.{p}" in chosen for p, _ in module.named_parameters(recurse=False))
-    ]
-    if not targets:
-        raise ThawError(f"LoRA targets {', '.join(selectors)} select no Linear or Conv2d layer outside the head; name layers like 'layer4' or 'encoder*'")
-    return targets
-
-
-def add_lora(adapter: ModelAdapter, spec: LoraSpec) -> ModelAdapter:
-    """Inject LoRA layers into `adapter.model` (in place) and regroup its parameters."""
+    Selectors in `spec.targets` are the plan layer's to resolve (`lora_targets`); pass its result here.
+    The model holds exactly the base weights now, so their digests are kept (`adapter.lora_base`): the adapter
+    file then saves every tensor training changed, whatever the plan trained.
+    """
     peft = _peft()
-    targets = targets_from_selectors(adapter, spec.targets) if spec.targets else default_targets(adapter)
+    if targets is None:
+        if spec.targets:
+            raise ThawError(
+                f"add_lora got LoRA targets as selectors ({', '.join(spec.targets)}); "
+                "resolve them first: add_lora(adapter, spec, lora_targets(adapter, spec)), lora_targets from the plan layer"
+            )
+        targets = default_targets(adapter)
     if not targets:
         raise ThawError(f"found no Linear or Conv2d layer to adapt in {type(adapter.model).__name__}; name targets with --lora-targets")
     before = {id(p): n for n, p in adapter.model.named_parameters()}
     owner = {n: g.name for g in adapter.groups for n in g.params}
-    config = peft.LoraConfig(r=spec.rank, lora_alpha=spec.alpha, lora_dropout=spec.dropout, target_modules=targets)
+    config = peft.LoraConfig(r=spec.rank, lora_alpha=spec.alpha, lora_dropout=spec.dropout, target_modules=list(targets))
     peft.inject_adapter_in_model(config, adapter.model)
     adapter.groups = _regroup(adapter.model, adapter.groups, before, owner)
     check_groups_cover_model(adapter.model, adapter.groups)
-    adapter.lora_targets = targets
+    adapter.lora_targets = list(targets)
+    adapter.lora_base = base_digests(adapter.model)
     return adapter
+
+
+def tensor_digest(tensor: torch.Tensor) -> str | None:
+    """A fingerprint of a tensor's dtype, shape and bytes (None on the meta device, which holds no values)."""
+    if tensor.is_meta:
+        return None
+    data = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
+    digest = hashlib.sha1(f"{tensor.dtype}{tuple(tensor.shape)}".encode())
+    digest.update(memoryview(data))
+    return digest.hexdigest()
+
+
+def base_digests(model: nn.Module) -> dict[str, str | None]:
+    """Every base tensor of the state dict (under its post-injection name), digested instead of copied:
+    a copy would double the memory of a large model."""
+    added = set(adapter_param_names(model))
+    return {name: tensor_digest(tensor) for name, tensor in model.state_dict().items() if name not in added}
 
 
 def _regroup(model: nn.Module, groups: list[LayerGroup], before: dict[int, str], owner: dict[str, str]) -> list[LayerGroup]:

@@ -9,7 +9,7 @@ from torch import nn
 
 from thaw.errors import ThawError
 from thaw.models._structure import is_norm
-from thaw.models.adapter import LayerGroup, ModelAdapter, Preprocessing
+from thaw.models.adapter import LayerGroup, ModelAdapter, Preprocessing, is_within
 
 
 def _import_timm():
@@ -47,7 +47,7 @@ def _group_name(index: int, params: list[str], norm_params: set[str]) -> str:
 def timm_groups(model: nn.Module, head_name: str) -> list[LayerGroup]:
     from timm.models import group_parameters
 
-    head_params = tuple(n for n, _ in model.named_parameters() if n.startswith(head_name + "."))
+    head_params = tuple(n for n, _ in model.named_parameters() if is_within(n, head_name))
     ordered = group_parameters(model, model.group_matcher(coarse=True))
     norm_params = {
         f"{module_name}.{p}" for module_name, module in model.named_modules() if is_norm(module)

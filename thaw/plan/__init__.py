@@ -8,9 +8,10 @@ from thaw.models.adapter import ModelAdapter
 from thaw.plan.config import load_plan, plan_from_dict, plan_to_dict
 from thaw.plan.freeze import apply_trainable
 from thaw.plan.lr import ConstantLr, DecayLr, ExplicitLr, RangeLr
-from thaw.plan.optim import audit_optimizer, build_optimizer, param_groups
+from thaw.plan.optim import audit_gradients, audit_optimizer, build_optimizer, param_groups
 from thaw.plan.report import count_parameters, plan_report, render_plan, trainable_line
 from thaw.plan.selectors import resolve
+from thaw.plan.stage_change import enter_stage
 from thaw.plan.stages import Plan, ResolvedStage, Stage, resolve_stage
 from thaw.plan.strategies import STRATEGIES, build_plan
 
@@ -25,10 +26,12 @@ __all__ = [
     "Stage",
     "apply_stage",
     "apply_trainable",
+    "audit_gradients",
     "audit_optimizer",
     "build_optimizer",
     "build_plan",
     "count_parameters",
+    "enter_stage",
     "load_plan",
     "param_groups",
     "plan_from_dict",
@@ -42,7 +45,6 @@ __all__ = [
 
 
 def apply_stage(adapter: ModelAdapter, stage: Stage, optimizer: str = "adamw") -> tuple[ResolvedStage, torch.optim.Optimizer]:
-    """Freeze, set the BatchNorm policy and build an audited optimizer for one stage, in that order."""
-    resolved = resolve_stage(adapter, stage)
-    apply_trainable(adapter, list(resolved.trainable), stage.batchnorm)
-    return resolved, build_optimizer(adapter, resolved, optimizer)
+    """Freeze, set the BatchNorm policy and build an audited optimizer (`optimizer` names it) for one stage:
+    thaw's one stage change, `enter_stage`, with a new optimizer."""
+    return enter_stage(adapter, stage, None, optimizer)

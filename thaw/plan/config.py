@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import difflib
+import math
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import yaml
 
 from thaw.errors import ThawError, join_problems
 from thaw.plan.freeze import BATCHNORM_POLICIES
-from thaw.plan.lr import ConstantLr, DecayLr, ExplicitLr, LrRule, RangeLr
-from thaw.models.lora import LoraSpec
+from thaw.plan.lr import MAX_LR, ConstantLr, DecayLr, ExplicitLr, LrRule, RangeLr
+from thaw.models.lora import MAX_LORA_RANK, LoraSpec
 from thaw.plan.stages import Plan, Stage
 
 PLAN_KEYS = ("stages", "weight_decay", "batchnorm", "lora")
@@ -31,37 +32,88 @@ def _unknown_keys(mapping: dict, allowed: tuple[str, ...], where: str) -> list[s
 
 
 def _number(value: Any, where: str, problems: list[str]) -> float | None:
-    # YAML reads 1e-3 (no dot) as a string; accept it as the number users meant.
-    try:
-        return float(value)
-    except (TypeError, ValueError):
+    """A finite number, or None with the problem noted. YAML reads 1e-3 (no dot) as a string:
+    it is accepted as the number users meant; true/false, NaN and infinities are not numbers here."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
         problems.append(f"{where}: expected a number, got {value!r}")
         return None
+    try:
+        number = float(value)
+    except ValueError:
+        problems.append(f"{where}: expected a number, got {value!r}")
+        return None
+    except OverflowError:  # an int too large for a float
+        number = math.inf
+    if not math.isfinite(number):
+        problems.append(f"{where}: expected a finite number, got {value!r}")
+        return None
+    return number
+
+
+def _in_range(value: Any, where: str, problems: list[str], valid: Callable[[float], bool], expected: str) -> float | None:
+    number = _number(value, where, problems)
+    if number is not None and not valid(number):
+        problems.append(f"{where}: expected {expected}, got {value!r}")
+        return None
+    return number
+
+
+def _lr(value: Any, where: str, problems: list[str]) -> float | None:
+    return _in_range(value, where, problems, lambda lr: 0 < lr <= MAX_LR, f"a positive lr up to {MAX_LR:g}, like 1.0e-3")
+
+
+def _weight_decay(value: Any, where: str, problems: list[str]) -> float | None:
+    return _in_range(value, where, problems, lambda wd: wd >= 0, "a weight decay >= 0 like 0.01")
+
+
+def _whole(value: Any, where: str, problems: list[str], low: int, high: int | None = None) -> int | None:
+    if isinstance(value, int) and not isinstance(value, bool) and value >= low and (high is None or value <= high):
+        return value
+    bound = f">= {low}" if high is None else f"from {low} to {high}"
+    problems.append(f"{where}: expected a whole number {bound}, got {value!r}")
+    return None
+
+
+def _names(value: Any, where: str, problems: list[str], example: str) -> tuple[str, ...] | None:
+    """A selector or a list of selectors (names, globs, index ranges; YAML may read an index as an int)."""
+    items = [value] if isinstance(value, (str, int)) else value
+    if not isinstance(items, list) or not all(isinstance(v, (str, int)) and not isinstance(v, bool) for v in items):
+        problems.append(f"{where}: expected a selector or a list of selectors like {example}, got {value!r}")
+        return None
+    return tuple(str(item) for item in items)
 
 
 def _lr_rule(raw: dict, where: str, problems: list[str]) -> LrRule | None:
-    given = [k for k in ("lr_range", "lrs") if k in raw] + (["layer_decay"] if "layer_decay" in raw else [])
+    given = [k for k in ("lr_range", "layer_decay", "lrs") if k in raw]
     if len(given) > 1:
         problems.append(f"{where}: give only one of lr_range, layer_decay, lrs")
+        return None
+    if "lr" in raw and given in (["lr_range"], ["lrs"]):
+        problems.append(f"{where}: lr and {given[0]} both set the lrs; keep one (lr goes with layer_decay)")
         return None
     if "lrs" in raw:
         if not isinstance(raw["lrs"], dict) or not raw["lrs"]:
             problems.append(f"{where}.lrs: expected a mapping of group or module names to lrs")
             return None
-        values = {str(k): _number(v, f"{where}.lrs.{k}", problems) for k, v in raw["lrs"].items()}
+        values = {str(k): _lr(v, f"{where}.lrs.{k}", problems) for k, v in raw["lrs"].items()}
         return ExplicitLr(values) if None not in values.values() else None  # type: ignore[arg-type]
     if "lr_range" in raw:
         pair = raw["lr_range"]
         if not isinstance(pair, (list, tuple)) or len(pair) != 2:
             problems.append(f"{where}.lr_range: expected [low, high]")
             return None
-        low, high = (_number(v, f"{where}.lr_range", problems) for v in pair)
-        return RangeLr(low, high) if low is not None and high is not None else None
-    lr = _number(raw.get("lr", 1e-3), f"{where}.lr", problems)
+        low, high = (_lr(v, f"{where}.lr_range", problems) for v in pair)
+        if low is None or high is None:
+            return None
+        if low > high:
+            problems.append(f"{where}.lr_range: expected [low, high] from stem to head with low <= high, got {pair!r}")
+            return None
+        return RangeLr(low, high)
+    lr = _lr(raw.get("lr", 1e-3), f"{where}.lr", problems)
     if lr is None:
         return None
     if "layer_decay" in raw:
-        decay = _number(raw["layer_decay"], f"{where}.layer_decay", problems)
+        decay = _in_range(raw["layer_decay"], f"{where}.layer_decay", problems, lambda d: 0 < d <= 1, "a decay in (0, 1] like 0.75")
         return DecayLr(lr, decay) if decay is not None else None
     return ConstantLr(lr)
 
@@ -73,21 +125,37 @@ def _stage(raw: Any, index: int, defaults: dict, problems: list[str]) -> Stage |
         return None
     before = len(problems)
     problems.extend(_unknown_keys(raw, STAGE_KEYS, where))
-    epochs = raw.get("epochs", 1)
-    if not isinstance(epochs, int) or isinstance(epochs, bool) or epochs < 0:
-        problems.append(f"{where}.epochs: expected a whole number >= 0, got {epochs!r}")
-    train = raw.get("train", ["head"])
-    train = [train] if isinstance(train, str) else train
-    if not isinstance(train, list) or not all(isinstance(t, (str, int)) for t in train) or not train:
-        problems.append(f"{where}.train: expected a selector or a list of selectors")
+    name = raw.get("name", f"stage{index + 1}")
+    if not isinstance(name, (str, int)) or isinstance(name, bool) or str(name) == "":
+        problems.append(f"{where}.name: expected a name like head, got {name!r}")
+    epochs = _whole(raw.get("epochs", 1), f"{where}.epochs", problems, 0)
+    train = _names(raw.get("train", ["head"]), f"{where}.train", problems, "[head, layer4]")
+    if train == ():
+        problems.append(f"{where}.train: expected at least one selector, like [head]")
     batchnorm = raw.get("batchnorm", defaults.get("batchnorm", "frozen"))
     if batchnorm not in BATCHNORM_POLICIES:
         problems.append(f"{where}.batchnorm: expected one of {', '.join(BATCHNORM_POLICIES)}, got {batchnorm!r}")
-    weight_decay = _number(raw.get("weight_decay", defaults.get("weight_decay", 0.01)), f"{where}.weight_decay", problems)
+    weight_decay = defaults["weight_decay"]
+    if "weight_decay" in raw:
+        weight_decay = _weight_decay(raw["weight_decay"], f"{where}.weight_decay", problems)
     rule = _lr_rule(raw, where, problems)
     if len(problems) > before:
         return None
-    return Stage(str(raw.get("name", f"stage{index + 1}")), epochs, tuple(str(t) for t in train), rule, weight_decay, batchnorm)
+    return Stage(str(name), epochs, train, rule, weight_decay, batchnorm)  # type: ignore[arg-type]
+
+
+def _plan_defaults(raw: dict, source: str, problems: list[str]) -> dict:
+    """The plan-level weight_decay and batchnorm, checked once here rather than in every stage."""
+    defaults = {"weight_decay": 0.01}
+    if "weight_decay" in raw:
+        value = _weight_decay(raw["weight_decay"], f"{source}.weight_decay", problems)
+        defaults["weight_decay"] = 0.0 if value is None else value  # a stand-in: the plan is refused anyway
+    if "batchnorm" in raw:
+        if raw["batchnorm"] in BATCHNORM_POLICIES:
+            defaults["batchnorm"] = raw["batchnorm"]
+        else:
+            problems.append(f"{source}.batchnorm: expected one of {', '.join(BATCHNORM_POLICIES)}, got {raw['batchnorm']!r}")
+    return defaults
 
 
 def plan_from_dict(raw: Any, source: str = "plan") -> Plan:
@@ -97,7 +165,7 @@ def plan_from_dict(raw: Any, source: str = "plan") -> Plan:
     if not isinstance(raw["stages"], list) or not raw["stages"]:
         problems.append(f"{source}.stages: expected a non-empty list of stages")
         raise ThawError(join_problems(problems))
-    defaults = {k: raw[k] for k in ("weight_decay", "batchnorm") if k in raw}
+    defaults = _plan_defaults(raw, source, problems)
     stages = [_stage(item, i, defaults, problems) for i, item in enumerate(raw["stages"])]
     lora = _lora(raw["lora"], problems) if raw.get("lora") is not None else None
     if problems:
@@ -109,22 +177,25 @@ def _lora(raw: Any, problems: list[str]) -> LoraSpec | None:
     if not isinstance(raw, dict):
         problems.append("lora: expected a mapping like {rank: 8, alpha: 16, targets: [layer4]}")
         return None
+    before = len(problems)
     problems.extend(_unknown_keys(raw, LORA_KEYS, "lora"))
-    targets = raw.get("targets", [])
-    targets = [targets] if isinstance(targets, str) else targets
-    try:
-        return LoraSpec(int(raw.get("rank", 8)), float(raw.get("alpha", 16.0)), float(raw.get("dropout", 0.0)), tuple(str(t) for t in targets))
-    except (TypeError, ValueError, ThawError) as error:
-        problems.append(f"lora: {error}")
+    rank = _whole(raw.get("rank", 8), "lora.rank", problems, 1, MAX_LORA_RANK)
+    alpha = _in_range(raw.get("alpha", 16.0), "lora.alpha", problems, lambda a: a > 0, "a scaling > 0 like 16")
+    dropout = _in_range(raw.get("dropout", 0.0), "lora.dropout", problems, lambda d: 0 <= d < 1, "a dropout in [0, 1)")
+    targets = _names(raw.get("targets", []), "lora.targets", problems, "[layer4]")
+    if len(problems) > before:
         return None
+    return LoraSpec(rank, alpha, dropout, targets)  # type: ignore[arg-type]
 
 
 def load_plan(path: str | Path) -> Plan:
     path = Path(path)
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
     except OSError as error:
         raise ThawError(f"cannot read plan file {path}: {error.strerror}") from None
+    except UnicodeDecodeError as error:
+        raise ThawError(f"{path} is not UTF-8 text (byte {error.start}); save the plan as UTF-8 YAML") from None
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""

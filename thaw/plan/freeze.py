@@ -19,6 +19,7 @@ from torch import nn
 
 from thaw.errors import ThawError
 from thaw.models.adapter import ModelAdapter
+from thaw.plan.selectors import group_of_module
 
 BatchNormPolicy = Literal["frozen", "train", "eval"]
 BATCHNORM_POLICIES: tuple[str, ...] = ("frozen", "train", "eval")
@@ -61,35 +62,36 @@ def trainable_names(adapter: ModelAdapter, selected: list[str], batchnorm: Batch
     return [name for name, _ in adapter.model.named_parameters() if name in chosen]
 
 
-def apply_trainable(adapter: ModelAdapter, selected: list[str], batchnorm: BatchNormPolicy = "frozen") -> list[str]:
-    """Set requires_grad for exactly what trains and apply the BatchNorm policy; returns what trains.
+def batchnorm_trains(adapter: ModelAdapter, name: str, layer: nn.Module, trainable: set[str]) -> bool:
+    """Whether a BatchNorm layer trains in a stage: when its own parameters do (affine-free layers:
+    when their group does; outside every group: always, as in plain PyTorch). apply_trainable
+    acts on this rule and resolve_stage reports it, so the two cannot disagree."""
+    own = [f"{name}.{p}" for p, _ in layer.named_parameters()]
+    if own:
+        return any(p in trainable for p in own)
+    try:
+        group = adapter.group(group_of_module(adapter, name))
+    except ThawError:
+        return True
+    return any(p in trainable for p in group.params)
 
-    A BatchNorm layer counts as frozen when none of its parameters trains
-    (for affine-free layers: when its group does not train).
-    """
+
+def locks_statistics(policy: BatchNormPolicy, trains: bool) -> bool:
+    """Whether a BatchNorm layer is held in eval mode with fixed statistics under `policy`."""
+    return policy == "eval" or (policy == "frozen" and not trains)
+
+
+def apply_trainable(adapter: ModelAdapter, selected: list[str], batchnorm: BatchNormPolicy = "frozen") -> list[str]:
+    """Set requires_grad for exactly what trains and apply the BatchNorm policy; returns what trains."""
     if batchnorm not in BATCHNORM_POLICIES:
         raise ThawError(f"batchnorm policy must be one of {', '.join(BATCHNORM_POLICIES)}, got {batchnorm!r}")
     chosen = set(trainable_names(adapter, selected, batchnorm))
-    bn_layers = batchnorm_layers(adapter.model)
     for name, param in adapter.model.named_parameters():
         param.requires_grad_(name in chosen)
     training = adapter.model.training
-    for name, layer in bn_layers:
-        if batchnorm == "eval" or (batchnorm == "frozen" and _layer_is_frozen(adapter, name, layer, chosen)):
+    for name, layer in batchnorm_layers(adapter.model):
+        if locks_statistics(batchnorm, batchnorm_trains(adapter, name, layer, chosen)):
             _lock_eval(layer)
         else:
             _unlock(layer, training)
     return [name for name, _ in adapter.model.named_parameters() if name in chosen]
-
-
-def _layer_is_frozen(adapter: ModelAdapter, name: str, layer: nn.Module, chosen: set[str]) -> bool:
-    own = [f"{name}.{p}" for p, _ in layer.named_parameters()]
-    if own:
-        return not any(p in chosen for p in own)
-    from thaw.plan.selectors import group_of_module
-
-    try:
-        group = adapter.group(group_of_module(adapter, name))
-    except ThawError:  # a parameter-free layer outside every group behaves as plain PyTorch
-        return False
-    return not any(p in chosen for p in group.params)

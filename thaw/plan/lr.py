@@ -12,9 +12,12 @@ from dataclasses import dataclass, field
 from thaw.errors import ThawError
 
 
+MAX_LR = 1e3  # far above any fine-tuning lr; past float32's range (3e38) the optimizer step itself overflows
+
+
 def check_lr(value: float, what: str) -> float:
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or value <= 0:
-        raise ThawError(f"{what} must be a positive finite number, got {value!r}; try 1e-3 for a head")
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or not 0 < value <= MAX_LR:
+        raise ThawError(f"{what} must be a positive finite number up to {MAX_LR:g}, got {value!r}; try 1e-3 for a head")
     return float(value)
 
 

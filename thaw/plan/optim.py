@@ -15,10 +15,32 @@ from thaw.models.adapter import ModelAdapter
 from thaw.plan.stages import ResolvedStage
 
 
+def _is_torch_layer(module: nn.Module) -> bool:
+    """An instance of a torch.nn layer or of a subclass of one (timm's Linear), not a plain container."""
+    for cls in type(module).__mro__:
+        if cls.__module__.startswith("torch.nn"):
+            return cls not in (nn.Module, nn.Sequential, nn.ModuleList, nn.ModuleDict)
+    return False
+
+
+def _tokens(model: nn.Module) -> set[str]:
+    """Tokens: parameters a model's own module holds outside any torch.nn layer, broadcast over the
+    batch (a leading dimension of 1): ViT's class token and position embedding. timm lists these in
+    no_weight_decay(); torchvision lists nothing, so the structure decides. A weight matrix held the
+    same way (Hugging Face's Conv1D) does not qualify and decays."""
+    names = set()
+    for module_name, module in model.named_modules():
+        if _is_torch_layer(module):
+            continue
+        prefix = f"{module_name}." if module_name else ""
+        names.update(prefix + n for n, p in module.named_parameters(recurse=False) if p.ndim > 1 and p.shape[0] == 1)
+    return names
+
+
 def no_decay_names(adapter: ModelAdapter) -> set[str]:
     """Biases, norm parameters and tokens don't decay (what nanoGPT and timm do)."""
     model = adapter.model
-    names = {name for name, p in model.named_parameters() if p.ndim <= 1}
+    names = {name for name, p in model.named_parameters() if p.ndim <= 1} | _tokens(model)
     for module_name, module in model.named_modules():
         if is_norm(module):
             names.update(f"{module_name}.{p}" if module_name else p for p, _ in module.named_parameters())
@@ -30,7 +52,8 @@ def no_decay_names(adapter: ModelAdapter) -> set[str]:
 
 
 def param_groups(adapter: ModelAdapter, resolved: ResolvedStage) -> list[dict]:
-    """One optimizer group per (layer group, decays or not), tagged with the layer group's name."""
+    """One optimizer group per (layer group, decays or not), tagged with the layer group's name.
+    `thaw_base_lr` is the plan's lr; the schedule scales it at every step."""
     params = dict(adapter.model.named_parameters())
     trainable, no_decay = set(resolved.trainable), no_decay_names(adapter)
     groups = []
@@ -41,16 +64,36 @@ def param_groups(adapter: ModelAdapter, resolved: ResolvedStage) -> list[dict]:
         for decays in (True, False):
             chosen = [params[n] for n in members if (n not in no_decay) == decays]
             if chosen:
-                groups.append(
-                    {
-                        "params": chosen,
-                        "lr": view.lr,
-                        "weight_decay": view.weight_decay if decays else 0.0,
-                        "thaw_group": view.name,
-                        "thaw_decay": decays,
-                    }
-                )
+                weight_decay = view.weight_decay if decays else 0.0
+                groups.append(_group(chosen, view.lr, weight_decay, view.name, decays))
     return groups
+
+
+def _group(params: list[nn.Parameter], lr: float, weight_decay: float, name: str, decays: bool, fixed: bool = False) -> dict:
+    return {
+        "params": params, "lr": lr, "thaw_base_lr": lr, "weight_decay": weight_decay,
+        "thaw_group": name, "thaw_decay": decays, "thaw_fixed": fixed,
+    }
+
+
+def fixed_param_groups(adapter: ModelAdapter) -> list[dict]:
+    """Groups that never change: every parameter, one group per (layer group, decays or not).
+    For trainers that restore optimizer state before any callback runs (Lightning, the HF
+    Trainer); a stage change then only sets lrs, and frozen parameters sit at lr 0 with no
+    gradient, so no optimizer steps or decays them."""
+    params = dict(adapter.model.named_parameters())
+    no_decay = no_decay_names(adapter)
+    groups = []
+    for group in adapter.groups:
+        for decays in (True, False):
+            members = [params[n] for n in group.params if (n not in no_decay) == decays]
+            if members:
+                groups.append(_group(members, 0.0, 0.0, group.name, decays, fixed=True))
+    return groups
+
+
+def is_fixed(optimizer: torch.optim.Optimizer) -> bool:
+    return any(group.get("thaw_fixed") for group in optimizer.param_groups)
 
 
 OPTIMIZERS = ("adamw", "sgd")
@@ -70,9 +113,15 @@ def build_optimizer(adapter: ModelAdapter, resolved: ResolvedStage, name: str = 
     return optimizer
 
 
+def _shown(names: list[str]) -> str:
+    return ", ".join(names[:5]) + (" ..." if len(names) > 5 else "")
+
+
 def audit_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
-    """Every trainable parameter in exactly one group, no frozen parameter anywhere, no state for frozen ones."""
+    """Every trainable parameter in exactly one group, no state for frozen ones. Frozen parameters
+    sit in no group; in fixed groups (is_fixed) they sit at lr 0 with no gradient."""
     names = {id(p): n for n, p in model.named_parameters()}
+    fixed = is_fixed(optimizer)
     seen: dict[int, int] = {}
     problems = []
     for index, group in enumerate(optimizer.param_groups):
@@ -81,18 +130,47 @@ def audit_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
             seen[id(param)] = seen.get(id(param), 0) + 1
             if id(param) not in names:
                 problems.append(f"group {label} holds a tensor that is not a parameter of the model")
-            elif not param.requires_grad:
+            elif not param.requires_grad and not fixed:
                 problems.append(f"frozen parameter {names[id(param)]} is in optimizer group {label}")
+            elif not param.requires_grad and param.grad is not None:
+                problems.append(f"frozen parameter {names[id(param)]} has a gradient")
     twice = [names.get(i, "?") for i, count in seen.items() if count > 1]
     if twice:
-        problems.append(f"parameters in more than one group: {', '.join(twice[:5])}")
-    left_out = [(n, p.numel()) for n, p in model.named_parameters() if p.requires_grad and id(p) not in seen]
+        problems.append(f"parameters in more than one group: {_shown(twice)}")
+    left_out = [(n, p.numel()) for n, p in model.named_parameters() if (p.requires_grad or fixed) and id(p) not in seen]
     if left_out:
         count = sum(c for _, c in left_out)
-        shown = ", ".join(n for n, _ in left_out[:5]) + (" ..." if len(left_out) > 5 else "")
-        problems.append(f"{count:,} trainable parameters are in no optimizer group and would never train: {shown}")
+        problems.append(f"{count:,} trainable parameters are in no optimizer group and would never train: {_shown([n for n, _ in left_out])}")
     stale = [names[id(p)] for p in optimizer.state if id(p) in names and not p.requires_grad]
     if stale:
-        problems.append(f"optimizer holds state for frozen parameters: {', '.join(stale[:5])}")
+        problems.append(f"optimizer holds state for frozen parameters: {_shown(stale)}")
     if problems:
         raise ThawError("optimizer audit failed: " + "; ".join(problems))
+
+
+def audit_gradients(model: nn.Module, where: str, require_finite: bool = True) -> None:
+    """Before a step: every trainable parameter has a (finite) gradient, no frozen one has any.
+    A trainable parameter without a gradient is one the forward pass never used: the plan
+    says it trains, and it silently would not. `require_finite=False` where a gradient scaler
+    (fp16 mixed precision) skips overflowing steps itself."""
+    missing, non_finite, frozen = [], [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            if param.grad is not None:
+                frozen.append(name)
+        elif param.grad is None:
+            missing.append(name)
+        elif require_finite and not torch.isfinite(param.grad).all():
+            non_finite.append(name)
+    problems = []
+    if missing:
+        problems.append(
+            f"{len(missing)} trainable parameters got no gradient ({_shown(missing)}): the forward pass does not use them, "
+            "so they would never train; leave them out of the stage's selectors"
+        )
+    if non_finite:
+        problems.append(f"{len(non_finite)} parameters got a NaN or inf gradient ({_shown(non_finite)}); lower the lr or try --precision fp32")
+    if frozen:
+        problems.append(f"frozen parameters got a gradient ({_shown(frozen)})")
+    if problems:
+        raise ThawError(f"gradient audit failed at {where}: " + "; ".join(problems))

@@ -18,7 +18,8 @@ import re
 from torch import nn
 
 from thaw.errors import ThawError
-from thaw.models.adapter import ModelAdapter
+from thaw.models.adapter import ModelAdapter, is_within
+from thaw.models.lora import ADAPTERS_SELECTOR, adapter_param_names
 from thaw.models._structure import NORM_TYPES
 
 MODULE_TYPES: dict[str, tuple[type[nn.Module], ...]] = {
@@ -64,9 +65,7 @@ def resolve_one(adapter: ModelAdapter, selector: str) -> list[str]:
     selector = selector.strip()
     if selector == "all":
         names = [name for name, _ in adapter.model.named_parameters()]
-    elif selector == "adapters":
-        from thaw.models.lora import adapter_param_names
-
+    elif selector == ADAPTERS_SELECTOR:
         names = adapter_param_names(adapter.model)
         if not names:
             raise ThawError("selector 'adapters' matches no parameters: this model has no LoRA layers; use --strategy lora")
@@ -102,9 +101,8 @@ def resolve(adapter: ModelAdapter, selectors: list[str] | tuple[str, ...]) -> li
 def group_of_module(adapter: ModelAdapter, module_name: str) -> str:
     """The group that owns a module (`fc` -> head), for per-group learning rates given by module."""
     for group in adapter.groups:
-        for root in group.modules:
-            if module_name == root or module_name.startswith(root + "."):
-                return group.name
+        if any(is_within(module_name, root) for root in group.modules):
+            return group.name
     for group in adapter.groups:
         if any(param.startswith(module_name + ".") for param in group.params):
             return group.name

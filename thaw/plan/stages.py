@@ -13,7 +13,7 @@ from thaw.errors import ThawError
 from thaw.models.adapter import ModelAdapter
 from thaw.models.lora import LoraSpec
 from thaw.plan import selectors
-from thaw.plan.freeze import BatchNormPolicy, batchnorm_layers, trainable_names
+from thaw.plan.freeze import BatchNormPolicy, batchnorm_layers, batchnorm_trains, locks_statistics, trainable_names
 from thaw.plan.lr import ConstantLr, ExplicitLr, LrRule, check_lr
 
 
@@ -35,6 +35,12 @@ class Plan:
     def __post_init__(self) -> None:
         if not self.stages:
             raise ThawError("a plan needs at least one stage")
+        if all(stage.epochs == 0 for stage in self.stages):  # the run would end with no epoch and no best model
+            names = ", ".join(str(stage.name) for stage in self.stages)
+            raise ThawError(
+                f"every stage of the plan ({names}) has 0 epochs, so nothing would train; give a stage 1 epoch or more "
+                "(on the command line: --epochs, --head-epochs)"
+            )
 
 
 @dataclass(frozen=True)
@@ -100,29 +106,21 @@ def _check_every_trainable_group_has_lr(
         )
 
 
-def _batchnorm_by_group(adapter: ModelAdapter) -> dict[str, list[list[str]]]:
-    """Each group's BatchNorm layers, as their parameter names (empty for affine-free layers)."""
-    layers: dict[str, list[list[str]]] = {group.name: [] for group in adapter.groups}
+def _batchnorm_by_group(adapter: ModelAdapter, trainable: set[str], policy: BatchNormPolicy) -> dict[str, str]:
+    """What each group's BatchNorm layers do in this stage (train, frozen or eval), by the rule apply_trainable applies."""
+    trains: dict[str, bool] = {}
     for name, layer in batchnorm_layers(adapter.model):
         try:
-            layers[selectors.group_of_module(adapter, name)].append([f"{name}.{p}" for p, _ in layer.named_parameters()])
-        except ThawError:
+            group = selectors.group_of_module(adapter, name)
+        except ThawError:  # outside every group: not part of any group's report
             continue
-    return layers
+        trains[group] = trains.get(group, False) or batchnorm_trains(adapter, name, layer, trainable)
+    return {group: _statistics(policy, any_trains) for group, any_trains in trains.items()}
 
 
-def _batchnorm_trains(layers: list[list[str]], trainable: set[str], group_trains: bool) -> bool:
-    """A layer trains when its own parameters do (affine-free layers: when their group does), as apply_trainable decides."""
-    return any((any(p in trainable for p in params) if params else group_trains) for params in layers)
-
-
-def _group_batchnorm(policy: str, trains: bool, has_bn: bool) -> str | None:
-    """What the group's BatchNorm layers do in this stage: train, frozen, or eval."""
-    if not has_bn:
-        return None
-    if policy == "eval":
-        return "eval"
-    return "train" if trains else policy
+def _statistics(policy: BatchNormPolicy, trains: bool) -> str:
+    """The label `thaw plan` shows: eval and frozen hold statistics fixed (locks_statistics), train updates them."""
+    return policy if locks_statistics(policy, trains) else "train"
 
 
 def resolve_stage(adapter: ModelAdapter, stage: Stage) -> ResolvedStage:
@@ -135,7 +133,7 @@ def resolve_stage(adapter: ModelAdapter, stage: Stage) -> ResolvedStage:
         _check_every_trainable_group_has_lr(adapter, stage.lr, lrs, trainable)
     else:
         lrs = stage.lr.lrs(adapter.group_names)
-    numel, bn = _numel(adapter), _batchnorm_by_group(adapter)
+    numel, bn = _numel(adapter), _batchnorm_by_group(adapter, trainable, stage.batchnorm)
     views = []
     for group in adapter.groups:
         count = sum(numel[p] for p in group.params if p in trainable)
@@ -146,7 +144,7 @@ def resolve_stage(adapter: ModelAdapter, stage: Stage) -> ResolvedStage:
                 trainable=count,
                 lr=lrs.get(group.name) if count else None,
                 weight_decay=stage.weight_decay if count else None,
-                batchnorm=_group_batchnorm(stage.batchnorm, _batchnorm_trains(bn[group.name], trainable, bool(count)), bool(bn[group.name])),
+                batchnorm=bn.get(group.name),
             )
         )
     ordered = tuple(name for name in numel if name in trainable)
