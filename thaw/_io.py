@@ -26,3 +26,14 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
         raise
+
+
+def check_writable(folder: Path) -> None:
+    """Before any work: a folder thaw can create and write in (a run that cannot save is lost work)."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / ".thaw-write-test"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as error:
+        raise ThawError(f"output folder {folder} is not writable ({error.strerror or error}); choose another with --out") from None

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import pytest
 import torch
 
 from thaw import adapt, apply_trainable, resolve
@@ -25,20 +26,56 @@ def _train(data: Path, out: Path, plan: Plan = HEAD_ONLY, **config):
     return train_images(data, model="mobilenet_v3_small", weights=None, plan=plan, config=TrainConfig(**(BASE | config)), out=out)
 
 
-def test_training_on_cached_features_equals_running_the_network(tiny_split_data: Path, tmp_path: Path) -> None:
-    cached = _train(tiny_split_data, tmp_path / "cached")
-    direct = _train(tiny_split_data, tmp_path / "direct", cache=False)
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_training_on_cached_features_equals_running_the_network(tiny_split_data: Path, tmp_path: Path, precision: str) -> None:
+    cached = _train(tiny_split_data, tmp_path / "cached", precision=precision)
+    direct = _train(tiny_split_data, tmp_path / "direct", cache=False, precision=precision)
     assert all(row["cached"] for row in cached.history) and not any(row["cached"] for row in direct.history)
     a, b = _final_weights(tmp_path / "cached"), _final_weights(tmp_path / "direct")
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert [r["val_loss"] for r in cached.history] == [r["val_loss"] for r in direct.history]
 
 
-def test_features_spill_to_disk_past_the_memory_budget(tiny_split_data: Path, tmp_path: Path) -> None:
-    spilled = _train(tiny_split_data, tmp_path / "spilled", cache_memory_gb=1e-9)
-    assert list((tmp_path / "spilled" / "feature-cache").glob("*.npy"))
+def _spill_files(out: Path) -> list[str]:
+    return sorted(path.name for path in (out / "feature-cache").glob("*.npy"))
+
+
+def test_features_spill_to_disk_past_the_memory_budget_and_the_files_go_with_the_stage(tiny_split_data: Path, tmp_path: Path) -> None:
+    out, seen = tmp_path / "spilled", []
+    spilled = train_images(
+        tiny_split_data, model="mobilenet_v3_small", weights=None, plan=HEAD_ONLY, out=out,
+        config=TrainConfig(**(BASE | {"cache_memory_gb": 1e-9})), callbacks=[lambda state: seen.append(_spill_files(out))],
+    )
+    assert all(len(files) == 2 for files in seen)  # train and val features on disk while the stage runs
+    assert not (out / "feature-cache").exists()  # and gone once it ended
     in_memory = _train(tiny_split_data, tmp_path / "memory")
     assert [r["val_loss"] for r in spilled.history] == [r["val_loss"] for r in in_memory.history]
+
+
+def test_one_memory_budget_for_the_whole_run(tiny_split_data: Path, tmp_path: Path) -> None:
+    # fp32 features of mobilenet_v3_small's head input: 1,024 floats a row; 36 train rows fill the budget exactly.
+    budget_gb = 36 * 1024 * 4 / 2**30
+    out, seen = tmp_path / "run", []
+    train_images(
+        tiny_split_data, model="mobilenet_v3_small", weights=None, plan=HEAD_ONLY, out=out,
+        config=TrainConfig(**(BASE | {"cache_memory_gb": budget_gb, "precision": "fp32"})),
+        callbacks=[lambda state: seen.append(_spill_files(out))],
+    )
+    assert seen and all(len(files) == 1 and files[0].endswith("-val.npy") for files in seen), seen
+
+
+def test_spill_files_a_killed_run_left_are_removed(tiny_split_data: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    (out / "feature-cache").mkdir(parents=True)
+    (out / "feature-cache" / "0123456789-train0.npy").write_bytes(b"left by kill -9")
+    _train(tiny_split_data, out)
+    assert not (out / "feature-cache").exists()
+
+
+def test_cache_views_without_augmentation_cache_the_evaluation_view_once(tiny_split_data: Path, tmp_path: Path) -> None:
+    views = _train(tiny_split_data, tmp_path / "views", cache_views=3, augment=False)
+    plain = _train(tiny_split_data, tmp_path / "plain", augment=False)
+    assert [r["train_loss"] for r in views.history] == [r["train_loss"] for r in plain.history]
 
 
 def test_a_stage_that_unfreezes_runs_the_network_again(tiny_split_data: Path, tmp_path: Path) -> None:
@@ -54,14 +91,17 @@ def test_augmented_views_are_cached_and_cycled(tiny_split_data: Path, tmp_path: 
     assert len(set(losses)) == 3
 
 
-def test_cache_is_off_where_it_would_not_be_exact(small_net) -> None:
+def test_cache_is_off_where_it_would_not_be_exact_or_would_leave_a_trainable_parameter_out(small_net) -> None:
     adapter = adapt(small_net, num_classes=3)
     trainable = tuple(apply_trainable(adapter, resolve(adapter, ["head"]), batchnorm="frozen"))
     assert why_not_cached(adapter, trainable) is None
     trainable = tuple(apply_trainable(adapter, resolve(adapter, ["head"]), batchnorm="train"))
-    assert "policy train" in why_not_cached(adapter, trainable)
+    assert why_not_cached(adapter, trainable).startswith("parameters before the head train in this stage (stem.1.weight")
+    # fastai's train_bn with fixed statistics: BatchNorm weights train, so they must be in the graph.
+    trainable = tuple(apply_trainable(adapter, resolve(adapter, ["head", "norm"]), batchnorm="eval"))
+    assert why_not_cached(adapter, trainable).startswith("parameters before the head train in this stage (stem.1.weight")
     trainable = tuple(apply_trainable(adapter, resolve(adapter, ["block2", "head"])))
-    assert why_not_cached(adapter, trainable) == "layers before the head train in this stage"
+    assert why_not_cached(adapter, trainable).startswith("parameters before the head train in this stage (block2.0.weight")
 
 
 def test_fingerprint_follows_weights_trainable_set_and_files(small_net, tiny_split_data: Path) -> None:

@@ -82,3 +82,42 @@ def test_strict_fails_on_an_unreadable_file(tiny_split_data: Path, tmp_path: Pat
         train_images(tiny_split_data, model="mobilenet_v3_small", weights=None, plan=PLAN, config=strict, out=tmp_path / "run")
     result = run(tiny_split_data, tmp_path / "lenient")
     assert [Path(p).name for p, _ in result.skipped] == ["broken.jpg"]
+
+
+@pytest.mark.parametrize(
+    "change, expected",
+    [
+        ({"batch_size": 4}, r"batch-size \(the run: 8, now: 4\)"),
+        ({"accumulate": 2}, r"accumulate \(the run: 1, now: 2\)"),
+        ({"seed": 3}, r"seed \(the run: 0, now: 3\)"),
+        ({"image_size": 48}, r"image-size \(the run: 32, now: 48\)"),
+        ({"schedule": "onecycle"}, r"schedule \(the run: 'cosine', now: 'onecycle'\)"),
+        ({"precision": "bf16"}, r"precision \(the run: 'fp32', now: 'bf16'\)"),
+        ({"cache_views": 2}, r"cache-views \(the run: 0, now: 2\)"),
+    ],
+)
+def test_resume_refuses_other_training_settings(tiny_split_data: Path, tmp_path: Path, change: dict, expected: str) -> None:
+    started = TrainConfig(**(CONFIG.__dict__ | {"precision": "fp32"}))
+    with pytest.raises(Crash):
+        train_images(tiny_split_data, model="mobilenet_v3_small", weights=None, plan=PLAN, config=started, out=tmp_path / "cut",
+                     callbacks=[crash_after(1)])
+    other = TrainConfig(**(started.__dict__ | change))
+    with pytest.raises(ThawError, match=f"started with other settings; different now: {expected}"):
+        train_images(tiny_split_data, model="mobilenet_v3_small", weights=None, plan=PLAN, config=other, out=tmp_path / "cut", resume=True)
+
+
+def test_resume_refuses_changed_data_and_accepts_other_workers(tiny_split_data: Path, tmp_path: Path) -> None:
+    from tests.conftest import write_class_images
+
+    with pytest.raises(Crash):
+        run(tiny_split_data, tmp_path / "cut", callbacks=[crash_after(1)])
+    write_class_images(tmp_path / "extra", per_class=1, seed=5)
+    (tmp_path / "extra" / "red" / "000.png").rename(tiny_split_data / "train" / "red" / "new.png")
+    with pytest.raises(ThawError, match="different now: the data: its files, sizes or labels changed"):
+        run(tiny_split_data, tmp_path / "cut", resume=True)
+    (tiny_split_data / "train" / "red" / "new.png").unlink()
+    moved = tmp_path / "moved"
+    tiny_split_data.rename(moved)  # the same files in another place: the same data
+    other_runtime = TrainConfig(**(CONFIG.__dict__ | {"workers": 1, "quiet": True}))
+    resumed = train_images(moved, model="mobilenet_v3_small", weights=None, plan=PLAN, config=other_runtime, out=tmp_path / "cut", resume=True)
+    assert len(resumed.history) == 4

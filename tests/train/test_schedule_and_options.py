@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
+import torch
 
+from tests.conftest import Crash, crash_after
+from thaw import ThawError, adapt
+from thaw.data.folders import discover
 from thaw.plan import ConstantLr, Plan, Stage
 from thaw.train import TrainConfig, train_images
+from thaw.train.checkpoint import load_checkpoint
+from thaw.train.fit import fit
 from thaw.train.schedule import multiplier
 
 
@@ -29,14 +36,54 @@ def test_constant_schedule() -> None:
     assert {multiplier("constant", step, 10, 0.3) for step in range(10)} == {1.0}
 
 
+@pytest.mark.parametrize("schedule", ["cosine", "onecycle"])
+def test_past_the_last_step_the_schedule_stays_at_its_end(schedule: str) -> None:
+    end = multiplier(schedule, 19, 20, 0.1)
+    assert [multiplier(schedule, step, 20, 0.1) for step in (20, 25, 40)] == [end] * 3
+
+
 def _plan(epochs: int, lr: float) -> Plan:
     return Plan((Stage("head", epochs, ("head",), ConstantLr(lr)),))
 
 
-def test_accumulation_and_clipping_train(tiny_split_data: Path, tmp_path: Path) -> None:
-    config = TrainConfig(image_size=32, batch_size=4, accumulate=3, grad_clip=0.5, quiet=True)
-    result = train_images(tiny_split_data, model="mobilenet_v3_small", weights=None, plan=_plan(2, 1e-2), config=config, out=tmp_path / "r")
-    assert len(result.history) == 2 and result.history[-1]["train_loss"] < result.history[0]["train_loss"] * 1.5
+class _NoDropoutNet(torch.nn.Module):
+    """Convolution, BatchNorm and a head, without dropout: one sample's gradient does not depend on its batch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1))
+        self.head = torch.nn.Linear(8, 3)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.head(self.body(images).flatten(1))
+
+
+def _gradients_per_step(data: Path, out: Path, batch_size: int, accumulate: int, grad_clip: float | None = None) -> list[list[torch.Tensor]]:
+    torch.manual_seed(0)
+    adapter = adapt(_NoDropoutNet(), num_classes=3)
+    steps: list[list[torch.Tensor]] = []
+
+    def record(optimizer, step: int, factor: float) -> None:  # runs before the gradients are cleared
+        steps.append([p.grad.clone() for group in optimizer.param_groups for p in group["params"]])
+
+    plan = Plan((Stage("all", 1, ("all",), ConstantLr(1e-3), batchnorm="eval"),))  # fixed statistics: no batch effects
+    config = TrainConfig(image_size=16, batch_size=batch_size, accumulate=accumulate, grad_clip=grad_clip, quiet=True,
+                         augment=False, precision="fp32", channels_last=False)
+    fit(adapter, discover(data), plan, config, out, meta={"model": "no-dropout"}, step_hooks=[record])
+    return steps
+
+
+@pytest.mark.parametrize("grad_clip", [None, 0.05])
+def test_accumulation_steps_like_one_big_batch_including_the_last_partial_group(tiny_split_data: Path, tmp_path: Path, grad_clip) -> None:
+    # 36 images: batches of 16 are 16, 16, 4; batches of 8 in pairs are (8, 8), (8, 8), (4): the same samples per step.
+    big = _gradients_per_step(tiny_split_data, tmp_path / "big", 16, 1, grad_clip)
+    accumulated = _gradients_per_step(tiny_split_data, tmp_path / "acc", 8, 2, grad_clip)
+    assert len(big) == len(accumulated) == math.ceil(36 / 16)
+    for step, (a, b) in enumerate(zip(big, accumulated)):
+        for x, y in zip(a, b):
+            torch.testing.assert_close(y, x, rtol=1e-4, atol=1e-6, msg=f"step {step}")
+    if grad_clip:
+        assert all(torch.linalg.vector_norm(torch.cat([g.flatten() for g in grads])) <= grad_clip * (1 + 1e-5) for grads in accumulated)
 
 
 def test_early_stopping_ends_a_stage_without_improvement(tiny_split_data: Path, tmp_path: Path) -> None:
@@ -44,3 +91,34 @@ def test_early_stopping_ends_a_stage_without_improvement(tiny_split_data: Path, 
     config = TrainConfig(image_size=32, batch_size=8, early_stopping=2, metric="loss", quiet=True, augment=False)
     result = train_images(tiny_split_data, model="mobilenet_v3_small", weights=None, plan=_plan(10, 1e-12), config=config, out=tmp_path / "r")
     assert len(result.history) < 10
+
+
+def test_a_crash_right_after_an_early_stop_resumes_into_the_next_stage(tiny_split_data: Path, tmp_path: Path) -> None:
+    plan = Plan((Stage("head", 8, ("head",), ConstantLr(1e-12)), Stage("all", 1, ("all",), ConstantLr(1e-4), batchnorm="eval")))
+    config = TrainConfig(image_size=32, batch_size=8, early_stopping=1, metric="loss", quiet=True, augment=False)
+    options = {"model": "mobilenet_v3_small", "weights": None, "plan": plan, "config": config}
+    whole = train_images(tiny_split_data, out=tmp_path / "whole", **options)
+    head_epochs = sum(row["stage"] == "head" for row in whole.history)
+    assert head_epochs < 8 and whole.history[-1]["stage"] == "all"  # the head stage did end early
+    with pytest.raises(Crash):  # dies just after the early stop was written, before the next stage's first checkpoint
+        train_images(tiny_split_data, out=tmp_path / "cut", callbacks=[crash_after(head_epochs)], **options)
+    resumed = train_images(tiny_split_data, out=tmp_path / "cut", resume=True, **options)
+    assert [(r["stage"], r["stage_epoch"]) for r in resumed.history] == [(r["stage"], r["stage_epoch"]) for r in whole.history]
+    a, b = load_checkpoint(tmp_path / "whole" / "checkpoint.pt")["model"], load_checkpoint(tmp_path / "cut" / "checkpoint.pt")["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_last_batch_of_one_is_left_out_where_batchnorm_trains(tiny_split_data: Path, tmp_path: Path) -> None:
+    # 36 images in batches of 5 leave one image last; at 32 px mobilenet_v3_small's last BatchNorm sees a 1x1 map,
+    # and batch statistics of a single value do not exist.
+    plan = Plan((Stage("all", 1, ("all",), ConstantLr(1e-3), batchnorm="train"),))
+    steps: list[int] = []
+    config = TrainConfig(image_size=32, batch_size=5, quiet=True, augment=False)
+    result = train_images(
+        tiny_split_data, model="mobilenet_v3_small", weights=None, plan=plan, config=config, out=tmp_path / "r",
+        step_hooks=[lambda optimizer, step, factor: steps.append(step)],
+    )
+    assert steps == list(range(7)) and len(result.history) == 1  # 35 images in 7 steps; the lone last one is left out
+    with pytest.raises(ThawError, match="BatchNorm layers use batch statistics .* one image per batch does not have; use --batch-size 2"):
+        train_images(tiny_split_data, model="mobilenet_v3_small", weights=None, plan=plan, out=tmp_path / "one",
+                     config=TrainConfig(image_size=32, batch_size=1, quiet=True, augment=False))

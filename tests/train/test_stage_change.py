@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import nn
 
 from tests.conftest import SmallConvNet
-from thaw import adapt
-from thaw.plan import ConstantLr, RangeLr, Stage, audit_optimizer
+from thaw import ThawError, adapt
+from thaw.plan import ConstantLr, RangeLr, Stage, audit_optimizer, enter_stage
 from thaw.plan.freeze import is_eval_locked
-from thaw.train.stage_change import enter_stage
 
 
 def _step(adapter, optimizer) -> None:
@@ -47,11 +47,7 @@ def test_a_bad_stage_leaves_the_model_unchanged() -> None:
     adapter = adapt(SmallConvNet(), num_classes=3)
     _, optimizer = enter_stage(adapter, Stage("head", 1, ("head",), ConstantLr(1e-3)), None)
     trainable = [n for n, p in adapter.model.named_parameters() if p.requires_grad]
-    try:
+    with pytest.raises(ThawError, match=r"selector 'nothing\*' matches no parameters; use all, a group"):
         enter_stage(adapter, Stage("bad", 1, ("nothing*",), ConstantLr(1e-3)), optimizer)
-    except Exception:
-        pass
-    else:
-        raise AssertionError("a selector that matches nothing must fail")
     assert [n for n, p in adapter.model.named_parameters() if p.requires_grad] == trainable
     audit_optimizer(adapter.model, optimizer)

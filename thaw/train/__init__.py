@@ -9,16 +9,20 @@ import torch
 
 from thaw.data.folders import ImageData, discover
 from thaw.data.text import TextColumns, TextData, load_text_data
-from thaw.export.run_dir import preprocessing_dict, save_adapter, save_text_model, write_run
 from thaw.models import ModelAdapter, build_model
 from thaw.models.hf_text import DEFAULT_MAX_LENGTH, build_text_model
 from thaw.models.lora import add_lora
-from thaw.plan import Plan, build_plan, plan_to_dict
+from thaw.plan import Plan, build_plan, plan_from_dict, plan_to_dict
+from thaw.plan.lora_targets import lora_targets
+from thaw.errors import ThawError
+from thaw.train import checkpoint
 from thaw.train.config import TrainConfig
+from thaw.train.settings import RUNTIME_FIELDS, config_from_settings, source_name
 from thaw import distributed
 from thaw.train.fit import EpochCallback, RunResult, RunState, StepHook, effective_preprocessing, fit
+from thaw.train.run_folder import preprocessing_dict, save_adapter, save_text_model, write_run
 
-__all__ = ["EpochCallback", "RunResult", "RunState", "TextColumns", "TrainConfig", "train_images", "train_text"]
+__all__ = ["EpochCallback", "RunResult", "RunState", "TextColumns", "TrainConfig", "resume_run", "train_images", "train_text"]
 
 
 def train_images(
@@ -39,7 +43,10 @@ def train_images(
     data = discover(data_path, val_split=val_split, seed=config.seed)
     torch.manual_seed(config.seed)  # the new head's initial weights are part of the run's seed
     adapter = build_model(model, weights=weights, num_classes=len(data.classes))
-    meta = {"format": "thaw-run/1", "task": "image", "model": model, "weights": weights, "classes": list(data.classes), "val_split": val_split}
+    meta = {
+        "format": "thaw-run/1", "task": "image", "model": model, "weights": source_name(weights), "classes": list(data.classes),
+        "val_split": val_split, "data_path": str(Path(data_path).resolve()),
+    }
     return _run(adapter, data, data_path, plan, plan_options, config, Path(out), meta, resume, callbacks, step_hooks)
 
 
@@ -69,8 +76,9 @@ def train_text(
     torch.manual_seed(config.seed)
     adapter = build_text_model(model, num_classes=len(data.classes), pooling=pooling, max_length=max_length)
     meta = {
-        "format": "thaw-run/1", "task": "text", "model": model, "weights": None, "classes": list(data.classes),
-        "val_split": val_split, "test_split": test_split, "columns": asdict(columns),
+        "format": "thaw-run/1", "task": "text", "model": source_name(model), "weights": None, "classes": list(data.classes),
+        "val_split": val_split, "test_split": test_split, "columns": asdict(columns), "pooling": pooling, "max_length": max_length,
+        "data_path": str(Path(data_path).resolve()),
     }
     out = Path(out)
     result = _run(adapter, data, data_path, plan, plan_options, config, out, meta, resume, callbacks, step_hooks)
@@ -86,7 +94,7 @@ def _run(
     if isinstance(plan, str):
         plan = build_plan(plan, num_groups=len(adapter.groups), **(plan_options or {}))
     if plan.lora is not None:
-        add_lora(adapter, plan.lora)
+        add_lora(adapter, plan.lora, lora_targets(adapter, plan.lora))
     result = fit(adapter, data, plan, config, out, meta=meta, resume=resume, callbacks=callbacks, step_hooks=step_hooks)
     if not distributed.from_environment().is_main:  # under torchrun, rank 0 writes the run folder
         result.files = {}
@@ -98,7 +106,7 @@ def _run(
         "preprocessing": preprocessing_dict(effective_preprocessing(adapter, config)),
         "plan": plan_to_dict(plan),
         "train_config": asdict(config),
-        "data": {"path": str(data_path), "layout": data.layout, "train": len(data.train), "val": len(data.val), "test": len(data.test or ())},
+        "data": {"path": str(Path(data_path).resolve()), "layout": data.layout, "train": len(data.train), "val": len(data.val), "test": len(data.test or ())},
         "skipped_files": [{"path": p, "reason": r} for p, r in result.skipped],
         "best": {k: v for k, v in result.best.items() if k != "val"} | {"val": {k: v for k, v in result.best.get("val", {}).items() if k != "confusion"}},
         "wall_s": result.wall_s,
@@ -106,5 +114,51 @@ def _run(
     }
     result.files = write_run(out, metadata, result.history, list(data.classes), result.best)
     if plan.lora is not None:
-        result.files["adapter"] = save_adapter(out, adapter, metadata["plan"])
+        result.files["adapter"] = save_adapter(out, adapter)
     return result
+
+
+def saved_settings(run: str | Path) -> dict | None:
+    """The settings a run's checkpoint recorded (what `resume_run` continues with) and its data path;
+    None when there is no checkpoint yet, or an older thaw wrote it."""
+    path = Path(run) / checkpoint.CHECKPOINT
+    if not path.is_file():
+        return None
+    saved = checkpoint.load_checkpoint(path)
+    return saved["settings"] | {"data_path": saved.get("data_path")} if "settings" in saved else None
+
+
+def resume_run(
+    run: str | Path,
+    *,
+    data_path: str | Path | None = None,
+    callbacks: list[EpochCallback] | None = None,
+    step_hooks: list[StepHook] | None = None,
+    **runtime: object,
+) -> RunResult:
+    """Continue the run in `run` with its own settings (model, weights, plan, training options, data).
+
+    `data_path` points at the data when it moved (it must hold the same files); `runtime` may set
+    what does not change results: workers, device, quiet, strict, cache_memory_gb, decoded_memory_gb.
+    """
+    unknown = sorted(set(runtime) - RUNTIME_FIELDS)
+    if unknown:
+        raise ThawError(f"{', '.join(unknown)} would change the run; a resume keeps the run's own settings")
+    settings = saved_settings(run)
+    if settings is None:
+        raise ThawError(
+            f"{run} holds no checkpoint that records its settings (none yet, or an older thaw wrote it); "
+            "give DATA and the run's options to start or resume it"
+        )
+    data_path = data_path or settings["data_path"]
+    if data_path is None or not Path(data_path).exists():
+        raise ThawError(f"the run's data was at {data_path}, which does not exist now; pass its new place as DATA")
+    config = config_from_settings(settings, **runtime)
+    plan = plan_from_dict(settings["plan"], f"{run} plan")
+    options = {"plan": plan, "config": config, "out": run, "resume": True, "callbacks": callbacks, "step_hooks": step_hooks}
+    if settings.get("task") == "text":
+        return train_text(
+            data_path, model=settings["model"], columns=TextColumns(**settings["columns"]), val_split=settings["val_split"],
+            test_split=settings["test_split"], pooling=settings["pooling"], max_length=settings["max_length"], **options,
+        )
+    return train_images(data_path, model=settings["model"], weights=settings["weights"], val_split=settings["val_split"], **options)

@@ -1,12 +1,28 @@
-"""How to train (not what: that is the plan). A frozen dataclass the CLI and YAML only fill."""
+"""How to train (not what: that is the plan). A frozen dataclass the CLI and YAML only fill.
+
+Impossible values are refused when the config is made, all at once, so that neither the
+library nor the CLI discovers them halfway through a run (a DataLoader with batch size 0,
+a division by an accumulation of 0).
+"""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+
+import torch
+
+from thaw.errors import ThawError, join_problems
+from thaw.models.adapter import ModelAdapter, Preprocessing
+from thaw.plan.optim import OPTIMIZERS
 
 SCHEDULES = ("cosine", "onecycle", "constant")
 PRECISIONS = ("auto", "bf16", "fp32")
 METRICS = ("accuracy", "macro_f1", "loss")
+MAX_IMAGE_SIZE = 4096  # a 4096 px batch of one already needs tens of GB of activations in a ResNet
+MAX_WORKERS = 256  # each worker is a process holding a copy of the dataset
+MAX_CACHE_VIEWS = 1000  # every view is one pass over the train set, computed before the stage starts
+MAX_SEED = 2**63  # torch's generators take seeds below 2**64; leave headroom for per-epoch offsets
 
 
 @dataclass(frozen=True)
@@ -32,3 +48,128 @@ class TrainConfig:
     cache_views: int = 0  # 0: cache the evaluation view; K: K augmented views, cycled by epoch
     cache_memory_gb: float = 4.0  # per split; past it features spill to a memory-mapped file
     decoded_memory_gb: float = 2.0  # decoded images kept in memory between epochs
+
+    def __post_init__(self) -> None:
+        problems = config_problems(self)
+        if problems:
+            raise ThawError(join_problems(problems))
+
+
+def _whole(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _finite(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _count_problem(name: str, value: object, low: int, high: int | None = None, hint: str = "") -> str | None:
+    """`name` must be a whole number in [low, high]."""
+    if _whole(value) and value >= low and (high is None or value <= high):
+        return None
+    bound = f">= {low}" if high is None else f"from {low} to {high}"
+    return f"{name} must be a whole number {bound}, got {value!r}{hint}"
+
+
+def _choice_problem(name: str, value: object, valid: tuple[str, ...]) -> str | None:
+    return None if value in valid else f"{name} must be one of {', '.join(valid)}, got {value!r}"
+
+
+def _device_problem(device: object) -> str | None:
+    if device == "auto":
+        return None
+    try:
+        torch.device(device)  # type: ignore[arg-type]
+    except (RuntimeError, TypeError):
+        return f"device must be auto, cpu, cuda, cuda:N or another torch device name, got {device!r}"
+    return None
+
+
+def config_problems(config: TrainConfig) -> list[str]:
+    """Every impossible value of `config`, each as what is wrong and what to do."""
+    c = config
+    problems = [
+        _count_problem("batch size", c.batch_size, 1, hint="; try 32, or 8 on small machines"),
+        _count_problem("accumulate", c.accumulate, 1, hint="; 1 steps after every batch"),
+        _count_problem("seed", c.seed, 0, MAX_SEED - 1),
+        _count_problem("cache views", c.cache_views, 0, MAX_CACHE_VIEWS, "; 0 caches the evaluation view once"),
+        _choice_problem("optimizer", c.optimizer, OPTIMIZERS),
+        _choice_problem("schedule", c.schedule, SCHEDULES),
+        _choice_problem("precision", c.precision, PRECISIONS),
+        _choice_problem("metric", c.metric, METRICS),
+        _device_problem(c.device),
+    ]
+    if c.workers is not None:
+        problems.append(_count_problem("workers", c.workers, 0, MAX_WORKERS, "; 0 decodes in the training process"))
+    if c.early_stopping is not None:
+        problems.append(_count_problem("early stopping", c.early_stopping, 1, hint=" epochs; leave it unset to train every epoch"))
+    if c.image_size is not None:
+        problems.append(_count_problem("image size", c.image_size, 1, MAX_IMAGE_SIZE, " px; leave it unset for the weights' own size"))
+    if not (_finite(c.warmup) and 0 <= c.warmup < 1):
+        problems.append(f"warmup must be a share of the stage's steps in [0, 1), got {c.warmup!r}; 0.1 is usual")
+    if c.grad_clip is not None and not (_finite(c.grad_clip) and c.grad_clip > 0):
+        problems.append(f"grad clip must be a positive finite norm, got {c.grad_clip!r}; 1.0 is usual, or leave it unset")
+    for name in ("cache_memory_gb", "decoded_memory_gb"):
+        value = getattr(c, name)
+        if not (_finite(value) and value >= 0):
+            problems.append(f"{name} must be a finite number of GB >= 0, got {value!r}")
+    return [problem for problem in problems if problem is not None]
+
+
+def check_device(device: str) -> None:
+    """Refuse a device this machine does not have, before the model is moved there (torch's own
+    error comes from deep inside the first `.to()`). Not part of TrainConfig's checks: a config
+    may be written on one machine and run on another."""
+    problem = _device_problem(device)
+    if problem:
+        raise ThawError(problem)
+    if device in ("auto", "cpu"):
+        return
+    kind = torch.device(device)
+    if kind.type == "meta":
+        raise ThawError("the meta device holds shapes, not numbers: it cannot train; use --device cpu or cuda")
+    if kind.type == "cuda" and not torch.cuda.is_available():
+        raise ThawError(f"--device {device}: this machine has no CUDA device that torch can use; use --device cpu or auto")
+    if kind.type == "cuda" and kind.index is not None and kind.index >= torch.cuda.device_count():
+        raise ThawError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s), numbered from 0")
+    if kind.type == "mps" and not torch.backends.mps.is_available():
+        raise ThawError(f"--device {device}: MPS (Apple GPUs) is not available here; use --device cpu or auto")
+
+
+def check_image_size(adapter: ModelAdapter, config: TrainConfig, model_name: str) -> None:
+    """Refuse an `image_size` the network cannot take, before any data is read.
+
+    A forward pass on the meta device computes only shapes: it fails where a real one would
+    (a torchvision ViT asserts its own size; AlexNet or Inception v3 pool a small image to nothing).
+    """
+    size = config.image_size
+    if size is None or not isinstance(adapter.preprocessing, Preprocessing) or size == adapter.preprocessing.crop_size:
+        return
+    fixed = getattr(adapter.model, "image_size", None)
+    if isinstance(fixed, int) and fixed != size:  # torchvision's ViT: position embeddings for one grid of patches
+        raise ThawError(
+            f"{model_name} takes {fixed} px images only (its position embeddings are learned for that size); "
+            "leave --image-size unset"
+        )
+    failure = _meta_forward_failure(adapter, size)
+    if failure and not _meta_forward_failure(adapter, adapter.preprocessing.crop_size):
+        raise ThawError(
+            f"{model_name} cannot take {size} px images ({failure}); "
+            f"use a larger --image-size, or leave it unset for its own {adapter.preprocessing.crop_size} px"
+        )
+
+
+def _meta_forward_failure(adapter: ModelAdapter, size: int) -> str | None:
+    """Why a forward pass at `size` px fails, or None; costs no memory and no compute."""
+    model = adapter.model
+    meta = {name: torch.empty_like(t, device="meta") for name, t in [*model.named_parameters(), *model.named_buffers()]}
+    training = model.training
+    model.eval()  # no running-statistics update, and BatchNorm accepts a 1x1 map
+    try:
+        with torch.no_grad():
+            torch.func.functional_call(model, meta, (torch.empty(2, 3, size, size, device="meta"),))
+    except (RuntimeError, AssertionError, ValueError) as error:
+        return (str(error).strip().splitlines() or [type(error).__name__])[0][:160]
+    finally:
+        model.train(training)
+    return None

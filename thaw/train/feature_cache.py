@@ -3,8 +3,9 @@
 A stage qualifies when only the head trains and every BatchNorm before it is
 eval-locked (policies frozen and eval), so the features cannot change between
 epochs. The frozen part runs in eval mode (dropout and stochastic depth off),
-as a frozen feature extractor should. Features are stored in half precision,
-in memory up to a budget and in a memory-mapped file past it, keyed by a
+as a frozen feature extractor should. Features are stored as computed (bf16
+under bf16 autocast, fp32 otherwise), in memory up to the run's budget and in a
+memory-mapped file past it (deleted when the stage ends), keyed by a
 fingerprint of everything that produced them.
 """
 
@@ -30,15 +31,16 @@ from thaw.train.loop import Engine
 
 
 def why_not_cached(adapter: ModelAdapter, trainable: tuple[str, ...]) -> str | None:
-    """None when a stage can train on cached features, else the reason it cannot."""
-    head_modules = adapter.group("head").modules
-    outside = [(n, m) for n, m in batchnorm_layers(adapter.model) if not any(n == h or n.startswith(h + ".") for h in head_modules)]
-    bn_params = {f"{n}.{p}" for n, m in outside for p, _ in m.named_parameters()}
-    extra = set(trainable) - set(adapter.group("head").params)
-    if extra - bn_params:
-        return "layers before the head train in this stage"
-    for name, layer in outside:
-        if not is_eval_locked(layer):
+    """None when a stage can train on cached features, else the reason it cannot.
+
+    Only the head may train: anything before it (BatchNorm weights included) is not in the
+    graph when the head runs on stored features, so it would get no gradient and never train.
+    """
+    outside_head = [name for name in trainable if not adapter.in_head(name)]
+    if outside_head:
+        return f"parameters before the head train in this stage ({outside_head[0]}{' ...' if len(outside_head) > 1 else ''})"
+    for name, layer in batchnorm_layers(adapter.model):
+        if not adapter.in_head(name) and not is_eval_locked(layer):
             return f"BatchNorm {name} updates its statistics (policy train), so features change every step"
     return None
 
@@ -62,28 +64,72 @@ def fingerprint(adapter: ModelAdapter, trainable: tuple[str, ...], preprocessing
     return digest.hexdigest()[:20]
 
 
+CACHE_FOLDER = "feature-cache"  # in the run folder: features past the memory budget, deleted when their stage ends
+
+
+class MemoryBudget:
+    """One memory budget for every cached feature of a run; a store that does not fit what is left spills to disk."""
+
+    def __init__(self, total_bytes: int) -> None:
+        self.total, self.used = total_bytes, 0
+
+    def take(self, size: int) -> bool:
+        if self.used + size > self.total:
+            return False
+        self.used += size
+        return True
+
+    def give_back(self, size: int) -> None:
+        self.used -= size
+
+
 @dataclass
 class FeatureSet:
-    features: torch.Tensor  # 16-bit, in memory or over a memory-mapped file
+    features: torch.Tensor  # as computed, in memory or over a memory-mapped file
     labels: torch.Tensor
+    budget: MemoryBudget | None = None  # where its in-memory bytes came from
+    reserved: int = 0
+    spill: Path | None = None  # its memory-mapped file, if it spilled
+
+    def release(self) -> None:
+        """Give the memory back to the run's budget and delete the spill file."""
+        if self.budget is not None:
+            self.budget.give_back(self.reserved)
+        self.budget, self.reserved, self.features = None, 0, torch.empty(0)
+        if self.spill is not None:
+            self.spill.unlink(missing_ok=True)
+            self.spill = None
 
 
-def storage_dtype(produced: torch.dtype) -> torch.dtype:
-    """Half precision: bf16 features (bf16 autocast) stay bf16, so the head sees exactly what it would live."""
-    return produced if produced in (torch.bfloat16, torch.float16) else torch.float16
+def remove_spill_files(folder: Path) -> None:
+    """Delete spill files a killed run left behind, and the folder once empty."""
+    if folder.is_dir():
+        for path in folder.glob("*.npy"):
+            path.unlink(missing_ok=True)
+        remove_if_empty(folder)
+
+
+def remove_if_empty(folder: Path) -> None:
+    try:
+        folder.rmdir()
+    except OSError:  # missing, or another rank's files are still there
+        pass
 
 
 class _Store:
-    """Pre-allocated 16-bit rows, in memory or on disk past the budget."""
+    """Pre-allocated rows, in memory while the run's budget lasts, else in a memory-mapped file."""
 
-    def __init__(self, rows: int, shape: tuple[int, ...], dtype: torch.dtype, budget_bytes: int, spill_path: Path) -> None:
-        if rows * int(np.prod(shape)) * 2 <= budget_bytes:
-            self.tensor = torch.empty((rows, *shape), dtype=dtype)
+    def __init__(self, rows: int, shape: tuple[int, ...], dtype: torch.dtype, budget: MemoryBudget, spill_path: Path) -> None:
+        size = rows * int(np.prod(shape)) * dtype.itemsize
+        self.budget, self.reserved, self.spill = budget, 0, None
+        if budget.take(size):
+            self.tensor, self.reserved = torch.empty((rows, *shape), dtype=dtype), size
         else:
-            # numpy has no bfloat16: the file holds the raw 16-bit patterns.
+            # numpy has no bfloat16: the file holds the raw bit patterns.
             spill_path.parent.mkdir(parents=True, exist_ok=True)
-            array = np.lib.format.open_memmap(spill_path, mode="w+", dtype=np.uint16, shape=(rows, *shape))
-            self.tensor = torch.from_numpy(array).view(dtype)
+            raw = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}[dtype.itemsize]
+            array = np.lib.format.open_memmap(spill_path, mode="w+", dtype=raw, shape=(rows, *shape))
+            self.tensor, self.spill = torch.from_numpy(array).view(dtype), spill_path
         self.count = 0
 
     def add(self, rows: torch.Tensor) -> None:
@@ -93,8 +139,8 @@ class _Store:
 
 @torch.no_grad()
 def compute_features(
-    adapter: ModelAdapter, dataset: Dataset, engine: Engine, *, batch_size: int, workers: int | None, budget_bytes: int, spill_path: Path, label: str,
-    processes: Processes = SINGLE, augment_seed: int | None = None,
+    adapter: ModelAdapter, dataset: Dataset, engine: Engine, *, batch_size: int, workers: int | None, budget: MemoryBudget,
+    spill_path: Path, label: str, processes: Processes = SINGLE, augment_seed: int | None = None,
 ) -> FeatureSet:
     """forward_features for every decodable sample (under several processes: this rank's shard), once, in eval mode.
     `augment_seed` fixes the random augmentation of an augmented view."""
@@ -108,12 +154,13 @@ def compute_features(
         with engine.autocast():
             features = adapter.forward_features(engine.to_device(batch.images))
         if store is None:
-            store = _Store(len(dataset), tuple(features.shape[1:]), storage_dtype(features.dtype), budget_bytes, spill_path)
+            # Kept as computed (bf16 under bf16 autocast, else fp32): the head sees exactly what it would see live.
+            store = _Store(len(dataset), tuple(features.shape[1:]), features.dtype, budget, spill_path)
         store.add(features)
         labels.append(batch.labels)
     if store is None:
-        return FeatureSet(torch.empty(0, dtype=torch.float16), torch.empty(0, dtype=torch.long))
-    return FeatureSet(store.tensor[: store.count], torch.cat(labels))
+        return FeatureSet(torch.empty(0), torch.empty(0, dtype=torch.long))
+    return FeatureSet(store.tensor[: store.count], torch.cat(labels), store.budget, store.reserved, store.spill)
 
 
 class FeatureBatches:
@@ -143,6 +190,10 @@ class CachedStage:
     def train_view(self, epoch: int) -> FeatureSet:
         return self.train_views[epoch % len(self.train_views)]
 
+    def release(self) -> None:
+        for features in [*self.train_views, self.val]:
+            features.release()
+
 
 def build_cache(
     adapter: ModelAdapter,
@@ -153,7 +204,7 @@ def build_cache(
     *,
     batch_size: int,
     workers: int | None,
-    budget_bytes: int,
+    budget: MemoryBudget,
     folder: Path,
     seed: int,
     processes: Processes = SINGLE,
@@ -163,7 +214,7 @@ def build_cache(
     Under several processes each rank computes only its shard; train shards are then padded to
     the same length (DistributedSampler does the same), so every rank takes as many steps.
     """
-    options = {"batch_size": batch_size, "workers": workers, "budget_bytes": budget_bytes, "processes": processes}
+    options = {"batch_size": batch_size, "workers": workers, "budget": budget, "processes": processes}
     suffix = f"-rank{processes.rank}" if processes.distributed else ""
     train_views = []
     for view in range(max(1, views)):
@@ -187,4 +238,5 @@ def _pad_to_longest_shard(features: FeatureSet) -> FeatureSet:
     if missing <= 0 or not len(features.labels):
         return features
     extra = torch.arange(missing) % len(features.labels)  # repeat the first rows, as DistributedSampler pads
-    return FeatureSet(torch.cat([features.features, features.features[extra]]), torch.cat([features.labels, features.labels[extra]]))
+    padded = torch.cat([features.features, features.features[extra]])
+    return FeatureSet(padded, torch.cat([features.labels, features.labels[extra]]), features.budget, features.reserved, features.spill)

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from thaw import distributed
+from thaw._io import check_writable
 from thaw.data.folders import ImageData, describe_skipped
 from thaw.data.loaders import DecodedImages, ImageDataset, configure_threads, default_workers, make_loader
 from thaw.data.text import TextData, TextDataset
@@ -28,13 +29,17 @@ from thaw.data.transforms import eval_transform, train_transform
 from thaw.distributed import Processes
 from thaw.errors import ThawError
 from thaw.models.adapter import ModelAdapter, Preprocessing
-from thaw.plan import Plan, plan_to_dict
+from thaw.plan import Plan, enter_stage, plan_to_dict
+from thaw.plan.freeze import batchnorm_layers, is_eval_locked
 from thaw.train import checkpoint as ckpt
-from thaw.train.config import TrainConfig
-from thaw.train.feature_cache import CachedStage, FeatureBatches, build_cache, fingerprint, why_not_cached
+from thaw.train.config import TrainConfig, check_device, check_image_size
+from thaw.train.feature_cache import (
+    CACHE_FOLDER, CachedStage, FeatureBatches, MemoryBudget, build_cache, fingerprint, remove_if_empty, remove_spill_files,
+    why_not_cached,
+)
 from thaw.train.loop import Engine, StageSchedule, evaluate, train_one_epoch
 from thaw.train.metrics import MetricTracker
-from thaw.train.stage_change import enter_stage
+from thaw.train.settings import differences, run_settings
 
 BEST_WEIGHTS = "model.safetensors"
 
@@ -46,6 +51,7 @@ class RunState:
     history: list[dict] = field(default_factory=list)
     best: dict = field(default_factory=dict)
     stale: int = 0  # epochs since the stage last improved the best metric
+    stopped: bool = False  # the stage ended early (--early-stopping): a resume moves on to the next stage
 
 
 @dataclass
@@ -67,13 +73,21 @@ class RunInterrupted(Exception):
     """Ctrl-C: the current step finished and a resumable checkpoint was written."""
 
 
+def resolve_device(device: str) -> torch.device:
+    return torch.device(device if device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+def uses_bf16(precision: str, device: torch.device) -> bool:
+    """Whether a run computes in bf16: `auto` means where the device does it natively."""
+    if precision != "auto":
+        return precision == "bf16"
+    return torch.cuda.is_bf16_supported() if device.type == "cuda" else torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
 def choose_engine(config: TrainConfig, model: nn.Module) -> Engine:
-    wanted = config.device if config.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(wanted)
-    if config.precision == "auto":
-        bf16 = torch.cuda.is_bf16_supported() if device.type == "cuda" else torch.ops.mkldnn._is_mkldnn_bf16_supported()
-    else:
-        bf16 = config.precision == "bf16"
+    check_device(config.device)  # one this machine has, before the model is moved there
+    device = resolve_device(config.device)
+    bf16 = uses_bf16(config.precision, device)
     has_conv = any(isinstance(m, nn.Conv2d) for m in model.modules())
     return Engine(device, bf16, config.channels_last and has_conv, quiet=config.quiet, strict=config.strict)
 
@@ -98,16 +112,6 @@ def _seed_epoch(seed: int, stage: int, epoch: int, rank: int = 0) -> int:
     return value
 
 
-def _check_writable(out: Path) -> None:
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".thaw-write-test"
-        probe.write_text("ok")
-        probe.unlink()
-    except OSError as error:
-        raise ThawError(f"output folder {out} is not writable ({error.strerror}); choose another with --out") from None
-
-
 def _is_better(metric: str, value: float, best: dict) -> bool:
     if not best:
         return True
@@ -126,7 +130,7 @@ class Trainer:
         self.model = adapter.model
         self.wrapped: nn.Module | None = None  # the DDP wrapper of the current stage, under several processes
         self.engine = choose_engine(config, self.model)
-        self.engine.distributed = processes.distributed
+        self.engine.distributed, self.engine.world = processes.distributed, processes.world
         self.model.to(self.engine.device)
         if self.engine.channels_last:
             self.model.to(memory_format=torch.channels_last)
@@ -145,6 +149,12 @@ class Trainer:
         self.resume_point: dict | None = None  # where a run interrupted mid-epoch stopped
         self.state = RunState()
         self.train_images, self.train_seconds = 0, 0.0
+        self.settings = run_settings(config, data, meta, plan_to_dict(plan), bf16=self.engine.bf16, processes=processes.world)
+        self.cache_budget = MemoryBudget(int(config.cache_memory_gb * 2**30))
+        # Without augmentation every cached view would be the evaluation view: cache that one only.
+        self.views = config.cache_views if config.augment else 0
+        if config.cache_views and not config.augment:
+            self._say(f"--cache-views {config.cache_views} ignored: with --no-augment the evaluation view is cached once")
 
     def dataset(self, kind: str) -> ImageDataset | TextDataset:
         """train (augmented), train-eval (the evaluation view of train) or val."""
@@ -166,14 +176,15 @@ class Trainer:
             if len(trainable) < len(list(self.model.parameters())):
                 self._say(f"stage {self.plan.stages[stage_index].name!r}: frozen-feature cache off ({reason})")
             return None
-        views = self.config.cache_views
+        views = min(self.views, self.plan.stages[stage_index].epochs)  # a view past the stage's last epoch is never used
         key = fingerprint(self.adapter, trainable, self.preprocessing, self.data.train + self.data.val, f"views={views} seed={self.config.seed}")
         if self.cached is None or self.cached.key != key:
-            self.cached, started = None, time.perf_counter()  # what the frozen part computed before no longer holds
+            self.release_cache()  # what the frozen part computed before no longer holds
+            started = time.perf_counter()
             self.cached = build_cache(
                 self.adapter, key, self.dataset, views, self.engine, batch_size=self.config.batch_size,
-                workers=self.workers, budget_bytes=int(self.config.cache_memory_gb * 2**30),
-                folder=self.out / "feature-cache", seed=self.config.seed, processes=self.processes,
+                workers=self.workers, budget=self.cache_budget, folder=self.out / CACHE_FOLDER, seed=self.config.seed,
+                processes=self.processes,
             )
             counts = f"{len(self.cached.train_views[0].labels)} train x {max(1, views)} view(s), {len(self.cached.val.labels)} val"
             if self.processes.distributed:
@@ -181,12 +192,24 @@ class Trainer:
             self._say(f"stage {self.plan.stages[stage_index].name!r}: frozen features cached once ({counts}) in {time.perf_counter() - started:.1f} s")
         return self.cached
 
+    def release_cache(self) -> None:
+        """Drop the cached features, give their memory back to the run's budget and delete their spill files."""
+        if self.cached is not None:
+            self.cached.release()
+            self.cached = None
+            remove_if_empty(self.out / CACHE_FOLDER)
+
+    def batchnorm_updates(self) -> bool:
+        """Whether some BatchNorm layer normalises with batch statistics in this stage (policy train)."""
+        return any(not is_eval_locked(layer) for _, layer in batchnorm_layers(self.model))
+
     def _steps_per_epoch(self, cached: CachedStage | None) -> int:
         """Optimizer steps in one epoch of this rank (every rank takes as many)."""
         if cached is not None:
             batches = math.ceil(len(cached.train_view(0).labels) / self.config.batch_size)
         else:
-            batches = len(make_loader(self.train_set, batch_size=self.config.batch_size, shuffle=True, seed=0, workers=0, processes=self.processes))
+            loader = make_loader(self.train_set, batch_size=self.config.batch_size, shuffle=True, seed=0, workers=0, processes=self.processes)
+            batches = len(loader)
         return math.ceil(batches / self.config.accumulate)
 
     def _schedule(self, epochs: int, cached: CachedStage | None) -> StageSchedule:
@@ -204,9 +227,12 @@ class Trainer:
             "history": self.state.history,
             "best": self.state.best,
             "stale": self.state.stale,
+            "stopped": self.state.stopped,
             "plan": plan_to_dict(self.plan),
             "classes": list(self.data.classes),
             "model_name": self.meta["model"],
+            "settings": self.settings,
+            "data_path": self.meta.get("data_path"),
         }
 
     def restore(self) -> None:
@@ -219,10 +245,18 @@ class Trainer:
                 f"({', '.join(saved.get('classes', [])[:5])}), this data has {len(self.data.classes)}; "
                 "resume with the same data, or start a new run with another --out"
             )
+        changed = differences(saved["settings"], self.settings) if "settings" in saved else []
         if saved.get("plan") != plan_to_dict(self.plan) or saved.get("model_name") != self.meta["model"]:
-            raise ThawError(f"the run in {self.out} used another model or plan; resume with the same options")
+            changed = changed or ["the model or the plan"]
+        if changed:
+            raise ThawError(
+                f"the run in {self.out} was started with other settings; different now: {'; '.join(changed)}. "
+                f"Resume with the run's own settings: `thaw train --resume {self.out}` reads them from the run"
+            )
         self.model.load_state_dict(saved["model"])
-        self.state = RunState(saved["stage"], saved["epoch"], saved["history"], saved["best"], saved.get("stale", 0))
+        self.state = RunState(
+            saved["stage"], saved["epoch"], saved["history"], saved["best"], saved.get("stale", 0), saved.get("stopped", False)
+        )
         if saved.get("batch"):
             self.resume_point = {key: saved.get(key) for key in ("batch", "rng", "cuda_rng", "tracker")}
         _, self.optimizer = self._enter(self.state.stage, None)
@@ -249,7 +283,8 @@ class Trainer:
         options = {"tracker": tracker, "should_stop": lambda: self.stop_requested}
         if cached is None:
             loader = make_loader(
-                self.train_set, batch_size=self.config.batch_size, shuffle=True, seed=seed, workers=self.workers, skip_batches=done, processes=self.processes
+                self.train_set, batch_size=self.config.batch_size, shuffle=True, seed=seed, workers=self.workers, skip_batches=done,
+                processes=self.processes,
             )
             train = train_one_epoch(self.model, loader, self.optimizer, self.engine, schedule, first_step, label, classes, forward=self.wrapped, **options)
         else:
@@ -323,7 +358,15 @@ class Trainer:
 
     def _enter(self, stage_index: int, optimizer: torch.optim.Optimizer | None) -> tuple[object, torch.optim.Optimizer]:
         """enter_stage, then (several processes) a new DDP wrapper over exactly what trains now."""
-        resolved, optimizer = enter_stage(self.adapter, self.plan.stages[stage_index], optimizer, self.config.optimizer)
+        stage = self.plan.stages[stage_index]
+        resolved, optimizer = enter_stage(self.adapter, stage, optimizer, self.config.optimizer)
+        self.engine.audit_next_step = f"the first step of stage {stage.name!r}"
+        self.engine.min_batch = 2 if self.batchnorm_updates() else 1
+        if self.engine.min_batch > self.config.batch_size:
+            raise ThawError(
+                f"stage {stage.name!r}: BatchNorm layers use batch statistics (policy train), which one image per batch "
+                "does not have; use --batch-size 2 or more, or --batchnorm eval"
+            )
         self.wrapped = None
         if self.processes.distributed:
             self.wrapped = distributed.wrap(self.model, self.engine.device)
@@ -333,19 +376,20 @@ class Trainer:
         stage, state = self.plan.stages[stage_index], self.state
         if self.optimizer is None or state.epoch == 0:
             _, self.optimizer = self._enter(stage_index, self.optimizer)
-        cached = self.stage_cache(stage_index) if state.epoch < stage.epochs else None
+        cached = self.stage_cache(stage_index) if state.epoch < stage.epochs and not state.stopped else None
         schedule = self._schedule(stage.epochs, cached)
         self.engine.before_step = distributed.average_gradients if (cached is not None and self.processes.distributed) else None
-        while state.epoch < stage.epochs:
+        while state.epoch < stage.epochs and not state.stopped:
             self.run_epoch(stage_index, schedule, cached)
             state.epoch += 1
+            patience = self.config.early_stopping
+            # Decided before the checkpoint, so a crash after an early stop resumes into the next stage.
+            state.stopped = bool(patience and state.stale >= patience and state.epoch < stage.epochs)
             self._save_checkpoint(self._checkpoint_state())
             for callback in callbacks:
                 callback(state)
-            patience = self.config.early_stopping
-            if patience and state.stale >= patience and state.epoch < stage.epochs:
+            if state.stopped:
                 self._say(f"stage {stage.name!r}: no improvement in {patience} epochs, moving on")
-                break
 
     def _say(self, message: str) -> None:
         if not self.config.quiet and self.processes.is_main:
@@ -365,11 +409,13 @@ class Trainer:
         try:
             return self._fit(resume, callbacks)
         finally:
+            self.release_cache()
             if in_main_thread:
                 signal.signal(signal.SIGINT, previous)
 
     def _fit(self, resume: bool, callbacks: list[EpochCallback]) -> RunResult:
         started = time.perf_counter()
+        remove_spill_files(self.out / CACHE_FOLDER)  # left by a run that was killed
         exists = (self.out / ckpt.CHECKPOINT).is_file() if self.processes.is_main else False
         if self.processes.distributed:
             exists = distributed.broadcast(exists)
@@ -383,9 +429,14 @@ class Trainer:
                 break
             # No checkpoint here: the last epoch's one already says this stage is finished,
             # and its optimizer still holds this stage's groups.
-            self.state.stage, self.state.epoch, self.state.stale = self.state.stage + 1, 0, 0
+            self.release_cache()  # the stage is over: its features (and spill files) go
+            state = self.state
+            state.stage, state.epoch, state.stale, state.stopped = state.stage + 1, 0, 0, False
         wall = time.perf_counter() - started
-        skipped = list(self.data.skipped) + self.engine.failed
+        failed = self.engine.failed
+        if self.processes.distributed:  # each rank decodes its own shard: report what failed anywhere
+            failed = distributed.gather_lists([tuple(item) for item in failed])
+        skipped = list(self.data.skipped) + failed
         if skipped and not self.config.quiet:
             print(f"thaw: warning: {describe_skipped(tuple(skipped))}", flush=True)
         rate = self.train_images / self.train_seconds if self.train_seconds else 0.0
@@ -408,10 +459,11 @@ def fit(
 
     Under torchrun (WORLD_SIZE > 1) every rank calls this; rank 0 writes.
     """
+    check_image_size(adapter, config, meta.get("model", type(adapter.model).__name__))  # before any data is decoded
     processes = distributed.from_environment()
     config = replace(config, device=distributed.start(processes, config.device), quiet=config.quiet or not processes.is_main)
     if processes.is_main:
-        _check_writable(out)
+        check_writable(out)
     if data.skipped and config.strict:
         path, reason = data.skipped[0]
         raise ThawError(f"cannot decode {path} ({reason}); remove it, or drop --strict to skip such files")

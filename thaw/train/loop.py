@@ -9,12 +9,14 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from tqdm import tqdm
 
 from thaw.data.loaders import Batch
-
+from thaw.distributed import collective_device
 from thaw.errors import ThawError
+from thaw.plan import audit_gradients
 from thaw.train.metrics import MetricTracker
 from thaw.train.schedule import apply_lrs, multiplier
 
@@ -32,7 +34,21 @@ class Engine:
     # Called after every optimizer step with (optimizer, step, lr multiplier): audits, tests, loggers.
     step_hooks: list[Callable[[torch.optim.Optimizer, int, float], None]] = field(default_factory=list)
     distributed: bool = False  # metrics are summed over ranks at the end of each pass
+    world: int = 1  # processes that train together
+    # Fewest samples a training batch needs: 2 where BatchNorm layers use batch statistics (one sample has none).
+    min_batch: int = 1
+    audit_next_step: str | None = None  # set at a stage change: the next step's gradients are audited
     before_step: Callable[[nn.Module], None] | None = None  # e.g. averaging gradients across ranks
+
+    def count_everywhere(self, count: int) -> tuple[int, bool]:
+        """A batch's samples summed over every rank, and whether any rank has fewer than `min_batch`
+        (then every rank skips it, so their collectives stay matched; one all-reduce under torchrun)."""
+        short = int(count < self.min_batch)
+        if not self.distributed:
+            return count, bool(short)
+        totals = torch.tensor([count, short], dtype=torch.long, device=collective_device())
+        dist.all_reduce(totals)
+        return int(totals[0]), bool(totals[1])
 
     def finish(self, tracker: MetricTracker) -> MetricTracker:
         if self.distributed:
@@ -95,51 +111,71 @@ def train_one_epoch(
 ) -> dict:
     """One pass over `loader`; `forward` defaults to the model (the feature cache passes the head).
 
-    When `should_stop` turns true the epoch ends after the current optimizer step,
-    and the result says how many batches it consumed.
+    Gradients are of summed per-sample losses, divided at each optimizer step by the number of
+    samples in its accumulation group (over all ranks), so a step is the mean over exactly the
+    samples it saw: `--batch-size 8 --accumulate 2` steps like `--batch-size 16`, the last
+    partial group included. When `should_stop` turns true the epoch ends after the current
+    optimizer step, and the result says how many batches it consumed.
     """
     forward = forward or model
     model.train()  # frozen BatchNorm layers stay in eval: their hook wins
     tracker = tracker or MetricTracker(num_classes)
-    step, started, batches = first_step, time.perf_counter(), 0
+    step, started, batches, in_group = first_step, time.perf_counter(), 0, 0
     optimizer.zero_grad(set_to_none=True)
     progress = tqdm(loader, desc=label, disable=engine.quiet, leave=False, unit="batch")
     total = len(loader)
     for index, batch in enumerate(progress):
         batches = index + 1
         engine.note_failures(batch.failed)
-        if not len(batch.labels):
-            continue
-        images, labels = engine.to_device(batch.images), batch.labels.to(engine.device)
-        with engine.autocast():
-            logits = forward(images)
-        loss = nn.functional.cross_entropy(logits.float(), labels)
-        value = loss.item()  # one device sync a batch, shared by the check, the metrics and the bar
-        _check_finite(value, f"{label}, batch {index + 1}")
-        (loss / schedule.accumulate).backward()
-        stepped = (index + 1) % schedule.accumulate == 0 or index + 1 == total
-        if stepped:
-            if engine.before_step is not None:
-                engine.before_step(model)
-            _optimizer_step(model, optimizer, schedule, step)
-            for hook in engine.step_hooks:
-                hook(optimizer, step, schedule.factor(step))
-            step += 1
-        tracker.update(logits, labels, value)
-        rate = tracker.count / max(time.perf_counter() - started, 1e-9)
-        progress.set_postfix(loss=f"{value:.3f}", img_s=f"{rate:.0f}")
-        if stepped and should_stop() and index + 1 < total:
-            progress.close()
-            return {"interrupted": True, "batches": batches, "tracker": tracker, "seconds": time.perf_counter() - started}
+        everywhere, some_rank_short = engine.count_everywhere(len(batch.labels))
+        if not some_rank_short:
+            value = _forward_backward(forward, batch, engine, f"{label}, batch {index + 1}", tracker)
+            in_group += everywhere
+            progress.set_postfix(loss=f"{value:.3f}", img_s=f"{tracker.count / max(time.perf_counter() - started, 1e-9):.0f}")
+        if (index + 1) % schedule.accumulate == 0 or index + 1 == total:
+            if in_group:
+                _optimizer_step(model, optimizer, engine, schedule, step, in_group)
+            step, in_group = step + 1, 0
+            if should_stop() and index + 1 < total:
+                progress.close()
+                return {"interrupted": True, "batches": batches, "tracker": tracker, "seconds": time.perf_counter() - started}
     return engine.finish(tracker).summary() | {"seconds": time.perf_counter() - started, "interrupted": False}
 
 
-def _optimizer_step(model: nn.Module, optimizer: torch.optim.Optimizer, schedule: StageSchedule, step: int) -> None:
+def _forward_backward(forward: Callable, batch: Batch, engine: Engine, where: str, tracker: MetricTracker) -> float:
+    """Backward of the batch's summed loss; returns its mean loss per sample."""
+    images, labels = engine.to_device(batch.images), batch.labels.to(engine.device)
+    with engine.autocast():
+        logits = forward(images)
+    loss = nn.functional.cross_entropy(logits.float(), labels, reduction="sum")
+    value = loss.item() / len(labels)  # one device sync a batch, shared by the check, the metrics and the bar
+    _check_finite(value, where)
+    loss.backward()
+    tracker.update(logits, labels, value)
+    return value
+
+
+def _optimizer_step(
+    model: nn.Module, optimizer: torch.optim.Optimizer, engine: Engine, schedule: StageSchedule, step: int, samples: int
+) -> None:
+    """Average (across ranks, then over the group's samples), audit, clip, set lrs, step, hooks, zero."""
+    if engine.before_step is not None:
+        engine.before_step(model)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    scale = engine.world / samples  # DDP and the cache's all-reduce average over ranks; this makes it a per-sample mean
+    for param in trainable:
+        if param.grad is not None:
+            param.grad.mul_(scale)
+    if engine.audit_next_step is not None:  # the first step of a stage (or after a resume)
+        audit_gradients(model, engine.audit_next_step)
+        engine.audit_next_step = None
     if schedule.grad_clip:
-        trainable = [p for p in model.parameters() if p.requires_grad]
         torch.nn.utils.clip_grad_norm_(trainable, schedule.grad_clip)
-    apply_lrs(optimizer, schedule.factor(step))
+    factor = schedule.factor(step)
+    apply_lrs(optimizer, factor)
     optimizer.step()
+    for hook in engine.step_hooks:  # before zero_grad: hooks see the gradients this step used
+        hook(optimizer, step, factor)
     optimizer.zero_grad(set_to_none=True)
 
 

@@ -14,10 +14,10 @@ from thaw.data.transforms import train_transform
 from thaw.errors import ThawError
 from thaw.models import ModelAdapter
 from thaw.plan import Stage
-from thaw.plan.lr import ConstantLr
+from thaw.plan.lr import MAX_LR, ConstantLr
 from thaw.train.config import TrainConfig
 from thaw.train.fit import choose_engine
-from thaw.train.stage_change import enter_stage
+from thaw.plan import enter_stage
 
 SMOOTHING = 0.9  # exponential moving average of the loss, as fastai and Leslie Smith do
 
@@ -26,11 +26,11 @@ def lr_range_test(
     adapter: ModelAdapter, data: ImageData, *, train: tuple[str, ...] = ("head",), start: float = 1e-7, end: float = 1.0, steps: int = 100, config: TrainConfig = TrainConfig()
 ) -> tuple[list[float], list[float]]:
     """(lrs, smoothed losses), stopping once the loss explodes."""
-    if not 0 < start < end:
-        raise ThawError(f"lr-find needs 0 < start < end, got {start} and {end}")
+    if not (math.isfinite(end) and 0 < start < end <= MAX_LR):
+        raise ThawError(f"lr-find needs 0 < start < end <= {MAX_LR:g}, got {start} and {end}")
     engine = choose_engine(config, adapter.model)
     adapter.model.to(engine.device)
-    _, optimizer = enter_stage(adapter, Stage("lr-find", 1, train, ConstantLr(start)), None, config.optimizer)
+    _, optimizer = enter_stage(adapter, Stage("lr-find", 1, train, ConstantLr(start)), optimizer_name=config.optimizer)
     dataset = ImageDataset(data.train, train_transform(adapter.preprocessing), 2 * adapter.preprocessing.resize_size)
     torch.manual_seed(config.seed)
     lrs, losses, average, best = [], [], 0.0, math.inf
@@ -68,7 +68,7 @@ def suggest(lrs: list[float], losses: list[float]) -> float:
 
 
 def plot_lr_find(lrs: list[float], losses: list[float], suggestion: float, path: Path) -> Path:
-    from thaw.export.plots import plt
+    from thaw.train.plots import plt
 
     figure, axis = plt.subplots(figsize=(6, 4))
     axis.plot(lrs, losses)

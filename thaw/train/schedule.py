@@ -9,9 +9,11 @@ import torch
 
 
 def multiplier(schedule: str, step: int, total: int, warmup: float) -> float:
-    """The share of each group's base lr at `step` (0-based) of a stage of `total` steps."""
+    """The share of each group's base lr at `step` (0-based) of a stage of `total` steps.
+    Past the last step the schedule stays at its end (a cosine must not rise again)."""
     if schedule == "constant" or total <= 1:
         return 1.0
+    step = min(max(step, 0), total - 1)
     if schedule == "onecycle":
         # fastai's one-cycle: cosine up from 1/25 over the first quarter, cosine down to ~0.
         peak = max(1, round(0.25 * total))

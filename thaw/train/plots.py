@@ -1,0 +1,53 @@
+"""Pictures of a run: learning curves with stage boundaries, and the confusion matrix."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only; no display on servers
+import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
+
+
+def plot_curves(history: list[dict], path: Path) -> Path:
+    epochs = [row["epoch"] for row in history]
+    figure, (loss_axis, accuracy_axis) = plt.subplots(1, 2, figsize=(11, 4))
+    loss_axis.plot(epochs, [r["train_loss"] for r in history], "o-", label="train")
+    loss_axis.plot(epochs, [r["val_loss"] for r in history], "o-", label="val")
+    accuracy_axis.plot(epochs, [r["train_accuracy"] for r in history], "o-", label="train")
+    accuracy_axis.plot(epochs, [r["val_accuracy"] for r in history], "o-", label="val")
+    for previous, row in zip(history, history[1:]):
+        if row["stage_index"] != previous["stage_index"]:
+            for axis in (loss_axis, accuracy_axis):
+                axis.axvline(row["epoch"] - 0.5, color="grey", linestyle="--")
+                axis.text(row["epoch"] - 0.45, axis.get_ylim()[1], row["stage"], va="top", fontsize=8, color="grey")
+    for axis, title in ((loss_axis, "loss"), (accuracy_axis, "accuracy")):
+        axis.set_xlabel("epoch")
+        axis.xaxis.set_major_locator(MaxNLocator(integer=True))
+        axis.set_title(title)
+        axis.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+    return path
+
+
+def plot_confusion(confusion: list[list[int]], classes: list[str], path: Path, title: str = "confusion matrix") -> Path:
+    size = max(4.0, 0.5 * len(classes) + 2)
+    figure, axis = plt.subplots(figsize=(size, size))
+    axis.imshow(confusion, cmap="Blues")
+    axis.set_xticks(range(len(classes)), classes, rotation=45, ha="right")
+    axis.set_yticks(range(len(classes)), classes)
+    axis.set_xlabel("predicted")
+    axis.set_ylabel("true")
+    peak = max((max(row) for row in confusion), default=0)
+    for i, row in enumerate(confusion):
+        for j, count in enumerate(row):
+            axis.text(j, i, str(count), ha="center", va="center", color="white" if count > peak / 2 else "black")
+    axis.set_title(title)
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+    return path

@@ -1,0 +1,93 @@
+"""Writing a run folder: safetensors weights plus JSON (loading it never runs code), metrics.csv, plots.
+
+Training writes the folder; the export layer's run_dir reads it back by the names declared here.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+import torchvision
+from safetensors.torch import load_file, save_file
+
+from thaw._io import atomic_write
+from thaw._version import __version__
+from thaw.models import ModelAdapter, Preprocessing
+from thaw.models.hf_text import TextPreprocessing
+from thaw.models.lora import adapter_param_names, tensor_digest
+from thaw.train.plots import plot_confusion, plot_curves
+
+METADATA = "thaw.json"
+WEIGHTS = "model.safetensors"
+ADAPTER = "adapter.safetensors"
+TEXT_MODEL = "text-model"  # tokenizer files and the encoder's config.json
+CSV_COLUMNS = [
+    "epoch", "stage", "stage_index", "stage_epoch", "train_loss", "train_accuracy", "val_loss", "val_accuracy",
+    "val_macro_f1", "val_top5", "images_per_s", "seconds", "cached",
+]
+
+
+def write_text(path: Path, text: str) -> None:
+    atomic_write(path, lambda target: target.write_text(text))
+
+
+def write_metrics_csv(path: Path, history: list[dict]) -> None:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=CSV_COLUMNS, extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(history)
+    write_text(path, buffer.getvalue())
+
+
+def versions() -> dict[str, str]:
+    return {"thaw": __version__, "torch": torch.__version__, "torchvision": torchvision.__version__}
+
+
+def write_run(out: Path, metadata: dict, history: list[dict], classes: list[str], best: dict) -> dict[str, Path]:
+    """Everything a user reads after a run; returns the files written."""
+    write_text(out / METADATA, json.dumps(metadata | {"versions": versions()}, indent=2))
+    write_metrics_csv(out / "metrics.csv", history)
+    files = {"metadata": out / METADATA, "metrics": out / "metrics.csv", "weights": out / WEIGHTS}
+    if history:
+        files["curves"] = plot_curves(history, out / "curves.png")
+    if best.get("val", {}).get("confusion"):
+        files["confusion"] = plot_confusion(best["val"]["confusion"], classes, out / "confusion.png", f"val, epoch {best['epoch']}")
+    return files
+
+
+def adapter_state_names(adapter: ModelAdapter, state: dict[str, torch.Tensor]) -> list[str]:
+    """What a LoRA run changed, in `state`: adapter weights and the head always, and every other tensor whose
+    digest differs from the base weights `add_lora` saw (layers a stage trained in full, BatchNorm statistics
+    and any buffer; PEFT once left the statistics out, so a reloaded model differed: huggingface/peft #1732)."""
+    always = set(adapter_param_names(adapter.model)) | set(adapter.group("head").params)
+    base = getattr(adapter, "lora_base", {})  # none recorded: keep everything rather than guess
+    return [name for name, tensor in state.items() if name in always or _differs(tensor, base.get(name))]
+
+
+def _differs(tensor: torch.Tensor, base_digest: str | None) -> bool:
+    return base_digest is None or tensor_digest(tensor) != base_digest
+
+
+def save_adapter(out: Path, adapter: ModelAdapter) -> Path:
+    """ADAPTER beside the full weights: the best epoch's changed tensors only, for use on the base model."""
+    best = load_file(str(out / WEIGHTS))
+    kept = {name: best[name] for name in adapter_state_names(adapter, best)}
+    atomic_write(out / ADAPTER, lambda target: save_file(kept, str(target), metadata={"format": "thaw-lora/1"}))
+    return out / ADAPTER
+
+
+def save_text_model(out: Path, adapter: ModelAdapter) -> Path:
+    """The tokenizer and encoder config, so the run loads without the folder it was trained from."""
+    folder = out / TEXT_MODEL
+    adapter.tokenizer.save_pretrained(str(folder))
+    adapter.model.encoder.config.save_pretrained(str(folder))
+    return folder
+
+
+def preprocessing_dict(preprocessing: Preprocessing | TextPreprocessing) -> dict:
+    return asdict(preprocessing)

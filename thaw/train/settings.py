@@ -1,0 +1,94 @@
+"""What decides a run's result, recorded in its checkpoint so that a resume continues the same run.
+
+A resume with another batch size, seed, image size, schedule or data would mix two runs (a
+mid-epoch batch offset reused with a new batch size, say), so every such difference is refused.
+Settings that change how a run goes but not what it computes (workers, device, printing, memory
+budgets) may differ.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import asdict, fields
+from pathlib import Path
+
+from thaw.data.folders import LabelledData
+from thaw.train.config import TrainConfig
+
+# How the run goes, not what it computes: free to change when resuming.
+RUNTIME_FIELDS = frozenset({"workers", "device", "quiet", "strict", "cache_memory_gb", "decoded_memory_gb"})
+META_KEYS = ("task", "model", "weights", "val_split", "test_split", "columns", "pooling", "max_length")
+
+
+def source_name(value: str | None) -> str | None:
+    """A weights or model source as a run records it: a local path resolved (so a resume from
+    another folder names the same file), `none` as None, a registry name as given."""
+    if value is None or str(value).lower() == "none":
+        return None
+    path = Path(value).expanduser()
+    return str(path.resolve()) if path.exists() else str(value)
+
+
+def samples_digest(data: LabelledData) -> str:
+    """The samples training reads (train and val): image files by their path inside the data folder
+    and size, texts by content. A moved folder keeps its digest; an added, removed, relabelled or
+    rewritten file changes it. The test split is left out: training never reads it."""
+    digest = hashlib.sha256()
+    splits = {"train": data.train, "val": data.val}
+    paths = [item for samples in splits.values() for item, _ in samples if isinstance(item, Path)]
+    root = os.path.commonpath([os.path.abspath(p) for p in paths]) if paths else ""
+    for name, samples in splits.items():
+        digest.update(f"[{name}]".encode())
+        for item, label in samples:
+            if isinstance(item, Path):
+                entry = f"{os.path.relpath(os.path.abspath(item), root)}|{item.stat().st_size}|{label}"
+            else:
+                entry = f"{len(item)}|{item}|{label}"
+            digest.update(entry.encode() + b"\n")
+    return digest.hexdigest()[:20]
+
+
+def training_config(config: TrainConfig, bf16: bool) -> dict:
+    """The fields of a TrainConfig that decide the result, with the precision `auto` resolved to:
+    the same run resumed on a machine with other bf16 support must compute the same way."""
+    chosen = {key: value for key, value in asdict(config).items() if key not in RUNTIME_FIELDS}
+    return chosen | {"precision": "bf16" if bf16 else "fp32"}
+
+
+def run_settings(config: TrainConfig, data: LabelledData, meta: dict, plan: dict, *, bf16: bool, processes: int) -> dict:
+    """Everything a resume must match: how it trains, what it trains, on which samples, in how many processes."""
+    return {
+        "config": training_config(config, bf16),
+        "plan": plan,
+        "classes": list(data.classes),
+        "samples": samples_digest(data),
+        "processes": processes,  # the global batch, the steps per epoch and each rank's shard depend on it
+        **{key: meta[key] for key in META_KEYS if key in meta},
+    }
+
+
+def differences(saved: dict, now: dict) -> list[str]:
+    """Each setting both record that differs, as 'name (the run: X, now: Y)'. A setting only one side
+    records (a field a later thaw added, a text option of an image run) does not count."""
+    found = []
+    for key in sorted(set(saved) & set(now)):
+        if key == "config":
+            found += differences(saved[key], now[key])
+        elif saved[key] != now[key]:
+            found.append(_describe(key, saved[key], now[key]))
+    return found
+
+
+def _describe(key: str, then: object, now: object) -> str:
+    if key == "samples":
+        return "the data: its files, sizes or labels changed"
+    if key in ("plan", "classes"):
+        return f"the {key}"
+    return f"{key.replace('_', '-')} (the run: {then!r}, now: {now!r})"
+
+
+def config_from_settings(settings: dict, **runtime: object) -> TrainConfig:
+    """The run's own TrainConfig, with runtime fields (workers, device, quiet, ...) as given."""
+    known = {f.name for f in fields(TrainConfig)}
+    return TrainConfig(**{k: v for k, v in settings["config"].items() if k in known}, **runtime)
