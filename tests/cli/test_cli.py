@@ -83,12 +83,91 @@ def test_bad_input_is_one_line_and_exit_2(args: list[str], expected: str) -> Non
     assert "Traceback" not in result.stderr
 
 
-def test_broken_torchrun_variables_are_one_line(tmp_path: Path) -> None:
-    environment = os.environ | {"WORLD_SIZE": "two"}
+TINY_RUN = ["--model", "mobilenet_v3_small", "--weights", "none", "--image-size", "32", "--batch-size", "8", "--head-epochs", "1",
+            "--epochs", "1", "--quiet", "--out", "TMP/run"]
+LR_FIND = ["lr-find", "DATA", "--model", "mobilenet_v3_small", "--weights", "none", "--steps", "6", "--batch-size", "4"]
+MOBILENET_PLAN = ["plan", "--model", "mobilenet_v3_small", "--num-classes", "3"]
+
+
+@pytest.fixture(scope="module")
+def colours(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from tests.conftest import write_class_images
+
+    root = tmp_path_factory.mktemp("colours")
+    write_class_images(root / "train", per_class=4, size=16, seed=0)
+    write_class_images(root / "val", per_class=2, size=16, seed=1)
+    return root
+
+
+@pytest.mark.parametrize(
+    "args, expected",
+    [
+        (["train", "DATA", *TINY_RUN, "--accumulate", "0"], "argument --accumulate: expected a whole number >= 1, got 0"),
+        (["train", "DATA", *TINY_RUN, "--batch-size", "0"], "argument --batch-size: expected a whole number >= 1, got 0"),
+        (["train", "DATA", *TINY_RUN, "--batch-size", "-1"], "argument --batch-size: expected a whole number >= 1, got -1"),
+        (["train", "DATA", *TINY_RUN, "--head-epochs", "0", "--epochs", "0"], "has 0 epochs, so nothing would train"),
+        (["train", "DATA", *TINY_RUN, "--model", "vit_b_16"], "vit_b_16 takes 224 px images only"),
+        (["train", "DATA", *TINY_RUN, "--model", "alexnet", "--image-size", "16"], "alexnet cannot take 16 px images"),
+        (["train", "DATA", *TINY_RUN, "--image-size", "100000"], "image size must be a whole number from 1 to 4096"),
+        (["train", "DATA", *TINY_RUN, "--workers", "1000000000000"], "workers must be a whole number from 0 to 256"),
+        (["train", "DATA", *TINY_RUN, "--cache-views", "1000000000000"], "cache views must be a whole number from 0 to 1000"),
+        (["train", "DATA", *TINY_RUN, "--warmup", "nan", "--grad-clip", "0"], "2 problems: warmup must be a share"),
+        (["train", "DATA", *TINY_RUN, "--device", "cuda:99"], "--device cuda:99: this machine has"),
+        (["train", "DATA", *TINY_RUN, "--device", "bogus"], "device must be auto, cpu, cuda"),
+        (["train", "DATA", *TINY_RUN, "--lr", "1e300"], "argument --lr: an lr must be a positive finite number up to 1000"),
+        (["train", "DATA", *TINY_RUN, "--val-split", "nan"], "argument --val-split: expected a share above 0 and below 1"),
+        (["train", "DATA", *TINY_RUN, "--out", ""], "argument --out: expected a path, got an empty string"),
+        ([*MOBILENET_PLAN, "--strategy", "lora", "--lora-alpha", "nan"], "argument --lora-alpha: expected a finite number, got nan"),
+        ([*MOBILENET_PLAN, "--config", "TMP/decay.yaml"], "weight_decay: expected a weight decay >= 0"),
+        ([*LR_FIND, "--out", "TMP"], "is a folder; name the plot file"),
+        ([*LR_FIND, "--out", "TMP/plot.xyz"], "cannot draw a .xyz file"),
+        ([*LR_FIND, "--end", "1e300"], "argument --end: an lr must be a positive finite number up to 1000"),
+        (["demo", "--out", "TMP/decay.yaml"], "decay.yaml is not writable"),
+    ],
+)
+def test_impossible_values_are_one_line_and_exit_2(
+    args: list[str], expected: str, colours: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Values that crashed (or trained on nonsense) before: refused before any work, in one line."""
+    monkeypatch.chdir(tmp_path)  # an empty path would otherwise mean the folder the tests run in
+    (tmp_path / "decay.yaml").write_text("weight_decay: -0.1\nstages:\n  - {name: head, epochs: 1}\n")
+    argv = [arg.replace("DATA", str(colours)).replace("TMP", str(tmp_path)) for arg in args]
+    try:
+        code = main(argv)
+    except SystemExit as exit:  # argparse's own usage errors
+        code = exit.code
+    stderr = capsys.readouterr().err
+    assert code == 2, stderr
+    assert expected in stderr
+    assert len(stderr.strip().splitlines()) == 1, stderr
+
+
+@pytest.mark.parametrize(
+    "variables, expected",
+    [
+        ({"WORLD_SIZE": "two"}, "WORLD_SIZE, RANK and LOCAL_RANK must be whole numbers; launch with torchrun"),
+        ({"WORLD_SIZE": "2", "RANK": "3"}, "WORLD_SIZE=2 with RANK=3 and LOCAL_RANK=0 is not a process layout"),
+        ({"WORLD_SIZE": "0"}, "WORLD_SIZE=0 with RANK=0 and LOCAL_RANK=0 is not a process layout"),
+        ({"WORLD_SIZE": "2", "RANK": "0"}, "WORLD_SIZE=2 but MASTER_ADDR and MASTER_PORT are not set"),  # left over from SLURM, say
+    ],
+)
+def test_broken_torchrun_variables_are_one_line(tmp_path: Path, variables: dict, expected: str) -> None:
+    environment = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT")} | variables
     result = subprocess.run([sys.executable, "-m", "thaw", "train", str(tmp_path), "--model", "mobilenet_v2"],
                             capture_output=True, text=True, timeout=300, env=environment)
     assert result.returncode == 2
-    assert result.stderr.strip() == "thaw: error: WORLD_SIZE, RANK and LOCAL_RANK must be whole numbers; launch with torchrun"
+    assert result.stderr.strip().startswith(f"thaw: error: {expected}") and len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+@pytest.mark.parametrize("kind", ["plan", "manifest"])
+def test_files_that_are_not_utf8_are_one_line(tmp_path: Path, kind: str) -> None:
+    junk = tmp_path / ("plan.yaml" if kind == "plan" else "data.csv")
+    junk.write_bytes(b"stages:\n  - {name: \xff\xfe head}\n" if kind == "plan" else b"path,label\n\xff\xfe.png,a\n")
+    args = ["plan", "--model", "resnet18", "--num-classes", "2", "--config", str(junk)] if kind == "plan" else \
+        ["train", str(junk), "--model", "mobilenet_v3_small", "--weights", "none", "--out", str(tmp_path / "run")]
+    result = thaw(*args)
+    assert result.returncode == 2 and "is not UTF-8 text (byte" in result.stderr, result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
 
 
 def test_models_lists_80_builders_and_offline_weights(capsys: pytest.CaptureFixture[str]) -> None:

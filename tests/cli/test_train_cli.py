@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from tests.cli.test_cli import thaw
+from tests.conftest import write_class_images
 from thaw.cli import main
 
 TINY = ["--model", "mobilenet_v3_small", "--weights", "none", "--image-size", "32", "--batch-size", "8"]
@@ -48,6 +49,39 @@ def test_evaluate_predict_and_export(trained_run: Path, tiny_split_data: Path, c
         assert main(["export", str(trained_run), "--format", fmt]) == 0
         assert (trained_run / name).is_file()
         assert "outputs match PyTorch within" in capsys.readouterr().out
+
+
+def test_evaluate_scores_a_folder_without_split_folders_whole(
+    trained_run: Path, tiny_split_data: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A user's own held-out folder of class folders: every image counts, not a 20% share of it."""
+    held_out = tiny_split_data / "val"  # 3 classes x 6 images, no split folders
+    assert main(["evaluate", str(trained_run), str(held_out), "--json"]) == 0
+    metrics = json.loads(capsys.readouterr().out)
+    assert metrics["split"] == "all" and metrics["count"] == 18 and sum(map(sum, metrics["confusion"])) == 18
+    assert main(["evaluate", str(trained_run), str(held_out)]) == 0
+    assert capsys.readouterr().out.startswith(f"all: 18 images (every readable one in {held_out}), accuracy ")
+    # Naming a split reproduces the run's own split of such a folder: 20% per class, seed 0.
+    assert main(["evaluate", str(trained_run), str(held_out), "--split", "val", "--json"]) == 0
+    metrics = json.loads(capsys.readouterr().out)
+    assert metrics["split"] == "val" and metrics["count"] == 3
+
+
+def test_train_and_test_folders_without_val_train_and_evaluate(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    data = tmp_path / "pets"
+    write_class_images(data / "train", per_class=10)
+    write_class_images(data / "test", per_class=4, seed=1)
+    run = tmp_path / "run"
+    assert main(["train", str(data), *TINY, "--strategy", "feature-extract", "--epochs", "1", "--out", str(run), "--quiet"]) == 0
+    recorded = json.loads((run / "thaw.json").read_text())["data"]
+    assert recorded["layout"] == "split folders (train/test), 20% of train held out as val (seed 0)"
+    assert (recorded["train"], recorded["val"], recorded["test"]) == (24, 6, 12)
+    capsys.readouterr()
+    assert main(["evaluate", str(run), str(data), "--json"]) == 0  # split folders: val by default, held out as in training
+    assert json.loads(capsys.readouterr().out)["count"] == 6
+    assert main(["evaluate", str(run), str(data), "--split", "test", "--json"]) == 0
+    metrics = json.loads(capsys.readouterr().out)
+    assert metrics["split"] == "test" and metrics["count"] == 12
 
 
 def test_lr_find_suggests_an_lr_and_plots(tiny_split_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -33,8 +33,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
     try:
+        # Inside the try: argparse turns only its own ArgumentTypeError into a usage line, and an
+        # option's type may check its value with the library's own checks, which raise ThawError.
+        args = build_parser().parse_args(argv)
+        args.argv = argv  # which options were typed (thaw train --resume compares them with the run's own)
         return int(args.handler(args) or 0)
     except ThawError as error:
         print(f"thaw: error{_which_rank()}: {error}", file=sys.stderr)

@@ -8,36 +8,76 @@ from pathlib import Path
 
 import torch
 
-from thaw.cli.options import add_model_options
+from thaw.cli.options import add_model_options, checked_lr, path_text, positive_int
 from thaw.data.folders import discover
+from thaw.errors import ThawError
 from thaw.models import build_model
 from thaw.train.config import TrainConfig
 from thaw.train.lr_find import lr_range_test, plot_lr_find, suggest
 
+MAX_STEPS = 10_000  # the lr moves start -> end over the steps: beyond this it barely moves per step
+
 
 def register(commands: argparse._SubParsersAction) -> None:
     parser = commands.add_parser("lr-find", help="lr range test: plot loss against lr and suggest one")
-    parser.add_argument("data")
+    parser.add_argument("data", type=path_text)
     add_model_options(parser)
     parser.set_defaults(weights="DEFAULT")
     parser.add_argument("--train", nargs="+", default=["head"], help="selectors that train during the test (default: head)")
-    parser.add_argument("--start", type=float, default=1e-7)
-    parser.add_argument("--end", type=float, default=1.0)
-    parser.add_argument("--steps", type=int, default=100)
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--out", default="lr_find.png", help="where to write the plot")
+    parser.add_argument("--start", type=positive_lr, default=1e-7)
+    parser.add_argument("--end", type=positive_lr, default=1.0)
+    parser.add_argument("--steps", type=steps, default=100)
+    parser.add_argument("--batch-size", type=positive_int, default=32)
+    parser.add_argument("--out", type=path_text, default="lr_find.png", help="where to write the plot (.png, .svg, .pdf)")
     parser.add_argument("--json", action="store_true")
     parser.set_defaults(handler=run)
 
 
+def positive_lr(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an lr like 1e-7, got {text!r}") from None
+    return checked_lr(value, text)
+
+
+def steps(text: str) -> int:
+    value = positive_int(text)
+    if value > MAX_STEPS:
+        raise argparse.ArgumentTypeError(f"expected at most {MAX_STEPS:,} steps (100 is usual), got {text}")
+    return value
+
+
+def plot_path(text: str) -> Path:
+    """Where the plot goes, checked before the test runs: a file matplotlib can write, in a folder that exists."""
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    path = Path(text)
+    if path.is_dir():
+        raise ThawError(f"--out {text} is a folder; name the plot file, like {path / 'lr_find.png'}")
+    if not path.suffix:  # matplotlib would add .png itself; say the name it really writes
+        path = path.with_name(path.name + ".png")
+    if path.suffix[1:].lower() not in FigureCanvasBase.get_supported_filetypes():
+        raise ThawError(f"--out {text}: cannot draw a {path.suffix} file; name it .png, .svg or .pdf")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise ThawError(f"cannot create the folder of --out {text} ({error.strerror}); choose another --out") from None
+    return path
+
+
 def run(args: argparse.Namespace) -> int:
+    out = plot_path(args.out)
     data = discover(args.data)
     torch.manual_seed(0)
     adapter = build_model(args.model, weights=args.weights, num_classes=len(data.classes))
     config = TrainConfig(batch_size=args.batch_size, quiet=True)
     lrs, losses = lr_range_test(adapter, data, train=tuple(args.train), start=args.start, end=args.end, steps=args.steps, config=config)
     suggestion = suggest(lrs, losses)
-    picture = plot_lr_find(lrs, losses, suggestion, Path(args.out))
+    try:
+        picture = plot_lr_find(lrs, losses, suggestion, out)
+    except OSError as error:
+        raise ThawError(f"cannot write the plot to {out} ({error.strerror}); choose another --out") from None
     if args.json:
         print(json.dumps({"suggested_lr": suggestion, "plot": str(picture), "lrs": lrs, "losses": losses}))
     else:

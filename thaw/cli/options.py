@@ -7,15 +7,68 @@ import math
 
 from thaw.models.lora import LoraSpec
 from thaw.plan import Plan, build_plan, load_plan
+from thaw.models.lora import MAX_LORA_RANK
+from thaw.plan.lr import MAX_LR
 from thaw.plan.freeze import BATCHNORM_POLICIES
 from thaw.plan.strategies import DEFAULT_HEAD_LR, STRATEGIES
 
 
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {text}")
+def _whole_number(text: str, low: int, high: int | None) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < low or (high is not None and value > high):
+        bound = f">= {low}" if high is None else f"from {low} to {high}"
+        raise argparse.ArgumentTypeError(f"expected a whole number {bound}, got {text}")
     return value
+
+
+def path_text(text: str) -> str:
+    """A path as typed; an empty one (an unset shell variable) would silently mean the current folder."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("expected a path, got an empty string")
+    return text
+
+
+def non_negative_int(text: str) -> int:
+    """Counts where 0 means something: epochs (none in that stage), workers (decode in-process), cached views."""
+    return _whole_number(text, 0, None)
+
+
+def positive_int(text: str) -> int:
+    """Sizes and counts that must be at least 1: batch size, accumulation, LoRA rank, steps, top-k."""
+    return _whole_number(text, 1, None)
+
+
+def lora_rank(text: str) -> int:
+    return _whole_number(text, 1, MAX_LORA_RANK)
+
+
+def finite_float(text: str) -> float:
+    """A number that is neither NaN nor infinite (range checks are the library's)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text}")
+    return value
+
+
+def share(text: str, zero: bool = False) -> float:
+    """A share of the data held out: above 0 (or 0 itself, where `zero`) and below 1."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a share like 0.2, got {text!r}") from None
+    if not ((0 <= value if zero else 0 < value) and value < 1):
+        raise argparse.ArgumentTypeError(f"expected a share {'from 0' if zero else 'above 0'} and below 1, like 0.2, got {text}")
+    return value
+
+
+def share_or_zero(text: str) -> float:
+    return share(text, zero=True)
 
 
 def lr_value(text: str) -> tuple[str | None, float]:
@@ -25,9 +78,7 @@ def lr_value(text: str) -> tuple[str | None, float]:
         value = float(number)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected LR or NAME=LR, got {text!r}") from None
-    if not math.isfinite(value) or value <= 0:
-        raise argparse.ArgumentTypeError(f"an lr must be a positive finite number, got {number}")
-    return (name or None), value
+    return (name or None), checked_lr(value, number)
 
 
 def lr_range(text: str) -> tuple[float, float]:
@@ -35,41 +86,52 @@ def lr_range(text: str) -> tuple[float, float]:
         low, high = (float(part) for part in text.split(":"))
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected LOW:HIGH like 1e-5:1e-3, got {text!r}") from None
-    if not (0 < low <= high and math.isfinite(high)):
-        raise argparse.ArgumentTypeError(f"expected 0 < LOW <= HIGH, got {text!r}")
+    low, high = checked_lr(low, text), checked_lr(high, text)
+    if low > high:
+        raise argparse.ArgumentTypeError(f"expected LOW <= HIGH (stem to head), got {text!r}")
     return low, high
 
 
-def add_model_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True, help="torchvision name (resnet50), timm/NAME, or a Hugging Face folder or hf/ORG/NAME (text)")
+def checked_lr(value: float, text: str) -> float:
+    if not (math.isfinite(value) and 0 < value <= MAX_LR):
+        raise argparse.ArgumentTypeError(f"an lr must be a positive finite number up to {MAX_LR:g}, got {text}")
+    return value
+
+
+def add_model_options(parser: argparse.ArgumentParser, required: bool = True) -> None:
+    parser.add_argument(
+        "--model", required=required, help="torchvision name (resnet50), timm/NAME, or a Hugging Face folder or hf/ORG/NAME (text)"
+    )
     parser.add_argument("--weights", help="weights name (DEFAULT, IMAGENET1K_V1), a file path, or none")
 
 
-def add_plan_options(parser: argparse.ArgumentParser) -> None:
+def add_plan_options(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
+    """The options that make the plan; returns their group."""
     group = parser.add_argument_group("plan")
     group.add_argument("--strategy", choices=STRATEGIES, default="two-phase")
-    group.add_argument("--config", metavar="PLAN.yaml", help="a plan file (overrides --strategy and lr options)")
-    group.add_argument("--epochs", type=positive_int, default=3, help="epochs per stage after the head phase")
-    group.add_argument("--head-epochs", type=positive_int, default=3, help="epochs of the head-only phase")
+    group.add_argument("--config", type=path_text, metavar="PLAN.yaml", help="a plan file (overrides --strategy and lr options)")
+    group.add_argument("--epochs", type=non_negative_int, default=3, help="epochs per stage after the head phase")
+    group.add_argument("--head-epochs", type=non_negative_int, default=3, help="epochs of the head-only phase")
     group.add_argument(
         "--lr", type=lr_value, action="append", default=[], metavar="LR|NAME=LR",
         help=f"head lr (default {DEFAULT_HEAD_LR:g}); NAME=LR sets one group's lr, repeat for each group",
     )
     group.add_argument("--lr-range", type=lr_range, metavar="LOW:HIGH", help="geometric lrs from stem to head")
-    group.add_argument("--layer-decay", type=float, help="each group's lr = head lr x decay^depth")
-    group.add_argument("--weight-decay", type=float, default=0.01)
+    group.add_argument("--layer-decay", type=finite_float, help="each group's lr = head lr x decay^depth")
+    group.add_argument("--weight-decay", type=finite_float, default=0.01)
     group.add_argument(
         "--batchnorm", choices=BATCHNORM_POLICIES,
         help="BatchNorm policy for every stage (default: frozen for head-only stages, eval once pretrained layers train)",
     )
-    group.add_argument("--groups-per-stage", type=int, default=1, help="gradual: groups unfrozen per stage")
-    group.add_argument("--lora-rank", type=int, default=8, help="lora: rank of each adapter")
-    group.add_argument("--lora-alpha", type=float, default=16.0, help="lora: scaling (alpha / rank multiplies the update)")
-    group.add_argument("--lora-dropout", type=float, default=0.0)
+    group.add_argument("--groups-per-stage", type=positive_int, default=1, help="gradual: groups unfrozen per stage")
+    group.add_argument("--lora-rank", type=lora_rank, default=8, help="lora: rank of each adapter")
+    group.add_argument("--lora-alpha", type=finite_float, default=16.0, help="lora: scaling (alpha / rank multiplies the update)")
+    group.add_argument("--lora-dropout", type=finite_float, default=0.0)
     group.add_argument(
         "--lora-targets", action="append", default=[], metavar="SELECTOR",
         help="lora: layers to adapt (default: attention query/value for text, every Linear/Conv2d for vision); repeatable",
     )
+    return group
 
 
 def plan_from_args(args: argparse.Namespace, num_groups: int) -> Plan:

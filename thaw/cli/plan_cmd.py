@@ -5,18 +5,19 @@ from __future__ import annotations
 import argparse
 import json
 
-from thaw.cli.options import add_model_options, add_plan_options, plan_from_args
+from thaw.cli.options import add_model_options, add_plan_options, plan_from_args, positive_int
 from thaw.models import build_model
 from thaw.models.hf_text import build_text_model
 from thaw.models.lora import add_lora
 from thaw.models.sources import task_of, hf_source
 from thaw.plan import plan_report, render_plan
+from thaw.plan.lora_targets import lora_targets
 
 
 def register(commands: argparse._SubParsersAction) -> None:
     parser = commands.add_parser("plan", help="dry run: what trains in each stage, at which lr")
     add_model_options(parser)
-    parser.add_argument("--num-classes", type=int, required=True)
+    parser.add_argument("--num-classes", type=positive_int, required=True)
     add_plan_options(parser)
     parser.add_argument("--task", choices=("image", "text"), help="default: text for a Hugging Face folder or hf/ID")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
@@ -31,7 +32,7 @@ def run(args: argparse.Namespace) -> int:
         adapter = build_model(args.model, weights=args.weights, num_classes=args.num_classes, device="meta")
     plan = plan_from_args(args, len(adapter.groups))
     if plan.lora is not None:
-        add_lora(adapter, plan.lora)
+        add_lora(adapter, plan.lora, lora_targets(adapter, plan.lora))
     report = plan_report(adapter, plan, args.model)
     print(json.dumps(report) if args.json else render_plan(report))
     return 0

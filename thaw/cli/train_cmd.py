@@ -8,61 +8,91 @@ from dataclasses import fields, replace
 from pathlib import Path
 
 from thaw import distributed
-from thaw.cli.options import add_model_options, add_plan_options, plan_from_args, positive_int
+from thaw.cli.options import (
+    add_model_options, add_plan_options, non_negative_int, path_text, plan_from_args, positive_int, share, share_or_zero,
+)
 from thaw.models import build_model
 from thaw.models.hf_text import DEFAULT_MAX_LENGTH, POOLINGS, build_text_model
 from thaw.models.sources import TASKS, hf_source, task_of
-from thaw.train import RunResult, RunState, TextColumns, TrainConfig, train_images, train_text
+from thaw.errors import ThawError
+from thaw.plan import plan_to_dict
+from thaw._io import atomic_write, check_writable
+from thaw.train import RunResult, RunState, TextColumns, TrainConfig, resume_run, saved_settings, train_images, train_text
 from thaw.train.config import METRICS, PRECISIONS, SCHEDULES
+from thaw.train.fit import resolve_device, uses_bf16
+from thaw.train.settings import RUNTIME_FIELDS, differences, source_name
 from thaw.plan.optim import OPTIMIZERS
 
 
 def register(commands: argparse._SubParsersAction) -> None:
-    parser = commands.add_parser("train", help="fine-tune a model on labelled images or text")
-    parser.add_argument("data", help="images: folder with train/ and val/, folder of class folders, or CSV manifest; text: a CSV/TSV table")
-    add_model_options(parser)
+    # No abbreviated options: a resume must know exactly which options were typed.
+    parser = commands.add_parser("train", help="fine-tune a model on labelled images or text", allow_abbrev=False)
+    parser.add_argument(
+        "data", nargs="?", type=path_text,
+        help="images: folder with train/ and val/, folder of class folders, or CSV manifest; text: a CSV/TSV table "
+        "(with --resume: optional)",
+    )
+    add_model_options(parser, required=False)
     parser.set_defaults(weights="DEFAULT")
-    add_plan_options(parser)
+    PLAN_DESTS.update(action.dest for action in add_plan_options(parser)._group_actions)
     add_training_options(parser)
     add_text_options(parser)
-    parser.add_argument("--out", help="run folder (default runs/MODEL-STRATEGY)")
-    parser.add_argument("--resume", metavar="RUN", help="continue the run in RUN from its last checkpoint")
+    parser.add_argument("--out", type=path_text, help="run folder (default runs/MODEL-STRATEGY)")
+    parser.add_argument(
+        "--resume", type=path_text, metavar="RUN", help="continue the run in RUN from its last checkpoint, with its own settings"
+    )
     parser.add_argument("--json", action="store_true", help="end with one JSON line of results")
-    parser.set_defaults(handler=run)
+    parser.set_defaults(handler=run, parser=parser)
+
+
+PLAN_DESTS: set[str] = set()
+# Options that change how a run goes, not what it computes: free to differ on --resume.
+RUNTIME_DESTS = RUNTIME_FIELDS | {"json", "resume", "out", "data"}
+TEXT_DESTS = {"text_column": "text", "label_column": "label", "delimiter": "delimiter"}
+COMMAND = "command.json"  # in the run folder: the plan options as typed, so a resume can compare typed ones
 
 
 def add_training_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("training")
-    group.add_argument("--batch-size", type=int, default=32)
-    group.add_argument("--val-split", type=float, help="share held out for validation when DATA has no val/ (images 0.2, text 0.1)")
+    group.add_argument("--batch-size", type=positive_int, default=32)
+    group.add_argument("--val-split", type=share, help="share held out for validation when DATA has no val/ (images 0.2, text 0.1)")
     group.add_argument("--optimizer", choices=OPTIMIZERS, default="adamw")
     group.add_argument("--schedule", choices=SCHEDULES, default="cosine")
     group.add_argument("--warmup", type=float, default=0.1, help="share of each stage's steps spent warming up")
     group.add_argument("--precision", choices=PRECISIONS, default="auto", help="auto: bf16 where the device supports it")
     group.add_argument("--no-channels-last", dest="channels_last", action="store_false")
     group.add_argument("--grad-clip", type=float)
-    group.add_argument("--accumulate", type=int, default=1, help="gradient accumulation steps")
+    group.add_argument("--accumulate", type=positive_int, default=1, help="gradient accumulation steps")
     group.add_argument("--seed", type=int, default=0)
-    group.add_argument("--workers", type=positive_int, help="DataLoader workers (default: 0 below 4 cores)")
+    group.add_argument("--workers", type=non_negative_int, help="DataLoader workers (default: 0 below 4 cores)")
     group.add_argument("--metric", choices=METRICS, default="accuracy", help="validation metric that picks the best epoch")
-    group.add_argument("--early-stopping", type=int, metavar="EPOCHS", help="end a stage after this many epochs without improvement")
+    group.add_argument(
+        "--early-stopping", type=positive_int, metavar="EPOCHS", help="end a stage after this many epochs without improvement"
+    )
     group.add_argument("--no-augment", dest="augment", action="store_false")
-    group.add_argument("--image-size", type=int, help="override the weights' input size")
+    group.add_argument("--image-size", type=positive_int, help="override the weights' input size")
     group.add_argument("--strict", action="store_true", help="fail on unreadable files instead of skipping them")
     group.add_argument("--device", default="auto")
     group.add_argument("--no-cache", dest="cache", action="store_false", help="never train on cached frozen features")
-    group.add_argument("--cache-views", type=positive_int, default=0, metavar="K", help="cache K augmented views per image (default: the evaluation view)")
+    group.add_argument(
+        "--cache-views", type=non_negative_int, default=0, metavar="K",
+        help="cache K augmented views per image (default: the evaluation view)",
+    )
     group.add_argument("--quiet", action="store_true")
 
 
 def add_text_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("text (Hugging Face encoders)")
-    group.add_argument("--task", choices=TASKS, help="default: text when --model is a Hugging Face folder (config.json) or hf/ID, else image")
+    group.add_argument(
+        "--task", choices=TASKS, help="default: text when --model is a Hugging Face folder (config.json) or hf/ID, else image"
+    )
     group.add_argument("--text-column", help="name or 0-based position of the text column (default: inferred)")
     group.add_argument("--label-column", help="name or 0-based position of the label column (default: inferred)")
     group.add_argument("--delimiter", help="column separator (default: tab for .tsv or tab-separated files, else comma)")
-    group.add_argument("--test-split", type=float, default=0.0, help="share held out first as a test split (thaw evaluate --split test)")
-    group.add_argument("--max-length", type=int, default=DEFAULT_MAX_LENGTH, help="tokens kept per text")
+    group.add_argument(
+        "--test-split", type=share_or_zero, default=0.0, help="share held out first as a test split (thaw evaluate --split test)"
+    )
+    group.add_argument("--max-length", type=positive_int, default=DEFAULT_MAX_LENGTH, help="tokens kept per text")
     group.add_argument("--pooling", choices=POOLINGS, default="mean", help="how token states become one vector")
 
 
@@ -82,8 +112,7 @@ def print_epoch(state: RunState) -> None:
     )
 
 
-def _start(args: argparse.Namespace, config: TrainConfig, out: Path) -> RunResult:
-    callbacks = [] if config.quiet else [print_epoch]
+def _start(args: argparse.Namespace, config: TrainConfig, out: Path, callbacks: list) -> RunResult:
     if task_of(args) == "text":
         adapter = build_text_model(hf_source(args.model), num_classes=2, device="meta", load=False)
         columns = TextColumns(args.text_column, args.label_column, args.delimiter)
@@ -92,20 +121,97 @@ def _start(args: argparse.Namespace, config: TrainConfig, out: Path) -> RunResul
             columns=columns, val_split=0.1 if args.val_split is None else args.val_split, test_split=args.test_split,
             pooling=args.pooling, max_length=args.max_length, resume=bool(args.resume), callbacks=callbacks,
         )
-    adapter_groups = len(build_model(args.model, num_classes=2, device="meta").groups)
+    adapter = build_model(args.model, num_classes=2, device="meta")
     return train_images(
-        args.data, model=args.model, weights=args.weights, plan=plan_from_args(args, adapter_groups), config=config, out=out,
+        args.data, model=args.model, weights=args.weights, plan=plan_from_args(args, len(adapter.groups)), config=config, out=out,
         val_split=0.2 if args.val_split is None else args.val_split, resume=bool(args.resume), callbacks=callbacks,
     )
 
 
+def given_options(parser: argparse.ArgumentParser, argv: list[str]) -> set[str]:
+    """The dests of the options typed on the command line, whatever their values."""
+    typed = set()
+    for action in parser._actions:
+        if any(token == option or token.startswith(option + "=") for option in action.option_strings for token in argv):
+            typed.add(action.dest)
+    return typed
+
+
+def _claimed(args: argparse.Namespace, typed: set[str], settings: dict, run: Path) -> dict:
+    """What the typed options say, in the shape of the run's recorded settings."""
+    claimed: dict = {"config": {}}
+    for dest in typed - RUNTIME_DESTS - PLAN_DESTS:
+        value = getattr(args, dest)
+        if dest in settings["config"]:
+            claimed["config"][dest] = value
+        elif dest in TEXT_DESTS:
+            claimed.setdefault("columns", dict(settings.get("columns") or {}))[TEXT_DESTS[dest]] = value
+        else:  # model, weights, task, val/test split, pooling, max length
+            claimed[dest] = source_name(hf_source(value)) if dest in ("model", "weights") else value
+    if claimed["config"].get("precision") == "auto":  # what auto means here, as the run recorded it
+        bf16 = uses_bf16("auto", resolve_device(args.device))
+        claimed["config"]["precision"] = "bf16" if bf16 else "fp32"
+    if typed & PLAN_DESTS:  # untyped plan options as the run was started, so only typed ones can differ
+        started = argparse.Namespace(**(vars(args) | _typed_plan_options(run)))
+        for dest in typed & PLAN_DESTS:
+            setattr(started, dest, getattr(args, dest))
+        started.model, started.task = settings["model"], settings.get("task")
+        claimed["plan"] = plan_to_dict(plan_from_args(started, _group_count(started)))
+    return claimed
+
+
+def _typed_plan_options(run: Path) -> dict:
+    """The plan options of the command that started the run (empty when it was started from Python)."""
+    try:
+        return json.loads((run / COMMAND).read_text())["plan_options"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
+
+
+def _record_plan_options(args: argparse.Namespace, out: Path) -> None:
+    options = {dest: getattr(args, dest) for dest in sorted(PLAN_DESTS)}
+    atomic_write(out / COMMAND, lambda target: target.write_text(json.dumps({"plan_options": options})))
+
+
+def _group_count(args: argparse.Namespace) -> int:
+    if task_of(args) == "text":
+        return len(build_text_model(hf_source(args.model), num_classes=2, device="meta", load=False).groups)
+    return len(build_model(args.model, num_classes=2, device="meta").groups)
+
+
+def _resume(args: argparse.Namespace, run: Path, settings: dict, callbacks: list) -> RunResult:
+    """Continue RUN with the settings it recorded; typed options must agree with them."""
+    if args.out and Path(args.out).resolve() != run.resolve():
+        raise ThawError(f"--out {args.out} and --resume {run} name two runs; a resume writes into the run it continues")
+    claimed = _claimed(args, given_options(args.parser, args.argv), settings, run)
+    found = differences({key: settings[key] for key in claimed if key in settings}, claimed)
+    if found:
+        raise ThawError(
+            f"--resume {run}: the typed options contradict the run's own settings: {'; '.join(found)}; "
+            f"`thaw train --resume {run}` alone continues the run as it was started"
+        )
+    runtime = {"workers": args.workers, "device": args.device, "quiet": args.quiet or args.json, "strict": args.strict}
+    return resume_run(run, data_path=args.data, callbacks=callbacks, **runtime)
+
+
 def run(args: argparse.Namespace) -> int:
-    out = Path(args.resume or args.out or f"runs/{Path(args.model).name or args.model.replace('/', '_')}-{args.strategy}")
-    config = config_from_args(args)
     main_rank = distributed.from_environment().is_main  # under torchrun only rank 0 prints
-    if args.json or not main_rank:
-        config = replace(config, quiet=True)
-    result = _start(args, config, out)
+    quiet = args.json or args.quiet or not main_rank
+    callbacks = [] if quiet else [print_epoch]
+    settings = saved_settings(args.resume) if args.resume else None
+    if settings is not None:
+        out = Path(args.resume)
+        result = _resume(args, out, settings, callbacks)
+    else:  # a new run; or a resume before the first checkpoint, or of a checkpoint an older thaw wrote
+        if args.data is None or args.model is None:
+            why = f"{args.resume} holds no checkpoint that records its settings, so " if args.resume else ""
+            raise ThawError(f"{why}thaw train needs DATA and --model (see `thaw train --help`)")
+        out = Path(args.resume or args.out or f"runs/{Path(args.model).name or args.model.replace('/', '_')}-{args.strategy}")
+        config = replace(config_from_args(args), quiet=quiet)
+        if distributed.from_environment().is_main:
+            check_writable(out)
+            _record_plan_options(args, out)
+        result = _start(args, config, out, callbacks)
     if not main_rank:
         return 0
     best = result.best

@@ -7,11 +7,12 @@ import json
 import sys
 from pathlib import Path
 
+from thaw.cli.options import path_text, positive_int
 from thaw.data.folders import describe_skipped
 from thaw.errors import ThawError
-from thaw.export.formats import FORMATS, export_model
-from thaw.export.inference import evaluate_run, image_files, predict_files, predict_texts
-from thaw.export.plots import plot_confusion
+from thaw.export.formats import FORMATS, ExportCheck, export_model
+from thaw.export.inference import check_images, evaluate_run, image_files, predict_files, predict_texts
+from thaw.train.plots import plot_confusion
 from thaw.export.run_dir import load_run
 from thaw.plan.report import render_table
 
@@ -20,15 +21,18 @@ def register(commands: argparse._SubParsersAction) -> None:
     evaluate = commands.add_parser("evaluate", help="accuracy, macro-F1, per-class accuracy and confusion matrix of a run")
     evaluate.add_argument("run")
     evaluate.add_argument("data")
-    evaluate.add_argument("--split", choices=("train", "val", "test"), default="val")
+    evaluate.add_argument(
+        "--split", choices=("train", "val", "test"),
+        help="data in split folders: which one (default val); other data is scored whole unless a split of the run's is named",
+    )
     evaluate.add_argument("--json", action="store_true")
     evaluate.set_defaults(handler=run_evaluate)
 
     predict = commands.add_parser("predict", help="class names and probabilities for image files or folders, or for texts")
-    predict.add_argument("run")
+    predict.add_argument("run", type=path_text)
     predict.add_argument("paths", nargs="*", help="image files or folders; for a text run, the texts themselves")
     predict.add_argument("--file", help="text runs: a file with one text per line (- for standard input)")
-    predict.add_argument("--top-k", type=int, default=3)
+    predict.add_argument("--top-k", type=positive_int, default=3)
     predict.add_argument("--json", action="store_true")
     predict.set_defaults(handler=run_predict)
 
@@ -42,12 +46,15 @@ def register(commands: argparse._SubParsersAction) -> None:
 def run_evaluate(args: argparse.Namespace) -> int:
     adapter, meta = load_run(args.run)
     metrics = evaluate_run(adapter, meta, args.data, args.split)
-    picture = plot_confusion(metrics["confusion"], metrics["classes"], Path(args.run) / f"confusion-{args.split}.png", f"{args.split} split")
+    split = metrics["split"]
+    picture = plot_confusion(metrics["confusion"], metrics["classes"], Path(args.run) / f"confusion-{split}.png", f"{split} split")
     if args.json:
         print(json.dumps({k: v for k, v in metrics.items() if k != "seconds"} | {"confusion_png": str(picture)}))
         return 0
     unit = "texts" if meta.get("task") == "text" else "images"
-    print(f"{args.split}: {metrics['count']} {unit}, accuracy {metrics['accuracy']:.4f}, macro-F1 {metrics['macro_f1']:.4f}" + (f", top-5 {metrics['top5']:.4f}" if "top5" in metrics else ""))
+    what = f"every readable one in {args.data}" if split == "all" else f"the {split} split of {args.data}"
+    top5 = f", top-5 {metrics['top5']:.4f}" if "top5" in metrics else ""
+    print(f"{split}: {metrics['count']} {unit} ({what}), accuracy {metrics['accuracy']:.4f}, macro-F1 {metrics['macro_f1']:.4f}{top5}")
     columns = zip(metrics["classes"], metrics["per_class_accuracy"], metrics["per_class_f1"], metrics["confusion"])
     rows = [[name, f"{acc:.3f}", f"{f1:.3f}", *map(str, counts)] for name, acc, f1, counts in columns]
     print(render_table(rows, ["class", "recall", "F1", *[f"->{c}" for c in metrics["classes"]]]))
@@ -56,8 +63,6 @@ def run_evaluate(args: argparse.Namespace) -> int:
 
 
 def run_predict(args: argparse.Namespace) -> int:
-    if args.top_k < 1:
-        raise ThawError(f"--top-k must be at least 1, got {args.top_k}")
     adapter, meta = load_run(args.run)
     if meta.get("task") == "text":
         return _predict_texts(args, adapter, meta)
@@ -65,6 +70,8 @@ def run_predict(args: argparse.Namespace) -> int:
         raise ThawError("--file is for text runs; for an image run pass image files or folders")
     if not args.paths:
         raise ThawError("give image files or folders to classify")
+    if not all(path.strip() for path in args.paths):  # an unset shell variable; it would mean the current folder
+        raise ThawError("an empty path names no image; give image files or folders to classify")
     predictions, skipped = predict_files(adapter, meta["classes"], image_files(args.paths), args.top_k)
     if args.json:
         entries = [{"path": p.path, "predictions": [{"label": l, "probability": v} for l, v in p.labels]} for p in predictions]
@@ -93,7 +100,11 @@ def _read_texts(args: argparse.Namespace) -> list[str]:
 def _predict_texts(args: argparse.Namespace, adapter: object, meta: dict) -> int:
     predictions = predict_texts(adapter, meta["classes"], _read_texts(args), args.top_k)
     if args.json:
-        entries = [{"text": p.path, "label": p.labels[0][0], "probability": p.labels[0][1], "predictions": [{"label": l, "probability": v} for l, v in p.labels]} for p in predictions]
+        entries = [
+            {"text": p.path, "label": p.labels[0][0], "probability": p.labels[0][1],
+             "predictions": [{"label": label, "probability": value} for label, value in p.labels]}
+            for p in predictions
+        ]
         print(json.dumps({"predictions": entries}))
         return 0
     for prediction in predictions:
@@ -103,8 +114,35 @@ def _predict_texts(args: argparse.Namespace, adapter: object, meta: dict) -> int
 
 
 def run_export(args: argparse.Namespace) -> int:
-    adapter, _ = load_run(args.run)
+    adapter, meta = load_run(args.run)
     output = Path(args.output or Path(args.run) / ("model.onnx" if args.format == "onnx" else "model.pt"))
-    difference = export_model(adapter, output, args.format)
-    print(f"wrote {output}; outputs match PyTorch within {difference:.1e}")
+    _check_output(output)
+    images = [] if meta.get("task") == "text" else check_images(meta, adapter.preprocessing)
+    try:
+        check = export_model(adapter, output, args.format, images)
+    except OSError as error:
+        raise ThawError(f"cannot write {output} ({error.strerror or error}); choose another --output") from None
+    print(f"wrote {output}; outputs match PyTorch within {check.difference:.1e}, {_checked_on(check, meta)}")
     return 0
+
+
+def _check_output(output: Path) -> None:
+    """A file the export can write: not a folder; its folder is made when missing."""
+    if output.is_dir():
+        raise ThawError(f"--output {output} is a folder; name the file to write, such as {output / 'model.onnx'}")
+    try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise ThawError(f"cannot write {output}: its folder cannot be made ({error.strerror or error}); choose another --output") from None
+
+
+def _checked_on(check: ExportCheck, meta: dict) -> str:
+    if check.token_lengths:
+        sizes = ", ".join(f"{b}x{t}" for b, t in zip(check.batch_sizes, check.token_lengths))
+        return f"checked on text batches of {sizes} (texts x tokens)"
+    noise = f"{check.noise_batches} noise batches"
+    if check.real_images:
+        return f"checked on {check.real_images} real images of the run's data and {noise}"
+    folder = meta.get("data", {}).get("path")
+    why = f"no readable images found in {folder}" if folder and Path(folder).exists() else "the run's data folder is gone"
+    return f"checked on noise only ({noise}): {why}"

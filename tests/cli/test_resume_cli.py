@@ -1,0 +1,96 @@
+"""`thaw train --resume RUN`: the run's own settings, no other flag needed; contradicting flags refused."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.cli.test_cli import thaw
+from tests.conftest import Crash, crash_after
+from thaw.cli import main
+from thaw.train import TrainConfig, train_images
+from thaw.train.checkpoint import load_checkpoint
+
+TINY = ["--model", "mobilenet_v3_small", "--weights", "none", "--image-size", "32", "--batch-size", "8", "--head-epochs", "1", "--epochs", "1"]
+
+
+@pytest.fixture
+def cut_run(tiny_split_data: Path, tmp_path: Path) -> Path:
+    """A two-phase run (the CLI's settings above) that crashed after its first epoch."""
+    run = tmp_path / "cut"
+    with pytest.raises(Crash):
+        train_images(
+            tiny_split_data, model="mobilenet_v3_small", weights=None, plan="two-phase", plan_options={"head_epochs": 1, "epochs": 1},
+            config=TrainConfig(image_size=32, batch_size=8, quiet=True), out=run, callbacks=[crash_after(1)],
+        )
+    return run
+
+
+def test_resume_needs_no_other_flag_and_ends_like_the_uninterrupted_run(cut_run: Path, tiny_split_data: Path, tmp_path: Path) -> None:
+    whole = tmp_path / "whole"
+    assert main(["train", str(tiny_split_data), *TINY, "--out", str(whole), "--quiet"]) == 0
+    assert main(["train", "--resume", str(cut_run), "--quiet", "--workers", "0"]) == 0  # runtime options may differ
+    a, b = load_checkpoint(whole / "checkpoint.pt"), load_checkpoint(cut_run / "checkpoint.pt")
+    assert len(b["history"]) == 2 and all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+
+
+def test_the_same_command_plus_resume_is_accepted(cut_run: Path, tiny_split_data: Path) -> None:
+    assert main(["train", str(tiny_split_data), *TINY, "--resume", str(cut_run), "--quiet"]) == 0
+
+
+@pytest.mark.parametrize(
+    "extra, expected",
+    [
+        (["--batch-size", "16"], "batch-size (the run: 8, now: 16)"),
+        (["--seed", "1", "--accumulate", "2"], "accumulate (the run: 1, now: 2); seed (the run: 0, now: 1)"),
+        (["--epochs", "4"], "the plan"),
+        (["--model", "resnet18"], "model (the run: 'mobilenet_v3_small', now: 'resnet18')"),
+        (["--no-augment"], "augment (the run: True, now: False)"),
+        (["--out", "elsewhere"], "name two runs"),
+    ],
+)
+def test_options_that_contradict_the_run_are_one_line(cut_run: Path, extra: list[str], expected: str) -> None:
+    result = thaw("train", "--resume", str(cut_run), *extra)
+    assert result.returncode == 2
+    assert expected in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+def test_typed_options_that_agree_with_the_run_are_accepted(tiny_split_data: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    one_epoch = ["--model", "mobilenet_v3_small", "--weights", "none", "--image-size", "32", "--head-epochs", "1", "--epochs", "0"]
+    assert main(["train", str(tiny_split_data), *one_epoch, "--out", str(run), "--quiet"]) == 0
+    # Only some of the run's plan options typed, each with the run's value: nothing contradicts.
+    assert main(["train", "--resume", str(run), "--epochs", "0", "--lr", "1e-3", "--precision", "auto", "--quiet"]) == 0
+
+
+def test_a_run_stopped_mid_epoch_resumes_from_the_command_line_exactly(tiny_split_data: Path, tmp_path: Path) -> None:
+    import os
+    import signal
+
+    from thaw.train.fit import RunInterrupted
+
+    whole = tmp_path / "whole"
+    assert main(["train", str(tiny_split_data), *TINY, "--batch-size", "4", "--out", str(whole), "--quiet"]) == 0
+
+    def press_ctrl_c(state) -> None:  # during the second epoch's first steps, after the first epoch's checkpoint
+        if len(state.history) == 1:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    cut = tmp_path / "cut"
+    with pytest.raises(RunInterrupted):
+        train_images(
+            tiny_split_data, model="mobilenet_v3_small", weights=None, plan="two-phase", plan_options={"head_epochs": 1, "epochs": 1},
+            config=TrainConfig(image_size=32, batch_size=4, quiet=True), out=cut, callbacks=[press_ctrl_c],
+        )
+    assert load_checkpoint(cut / "checkpoint.pt")["batch"] > 0  # stopped inside an epoch
+    assert main(["train", "--resume", str(cut), "--quiet"]) == 0
+    a, b = load_checkpoint(whole / "checkpoint.pt")["model"], load_checkpoint(cut / "checkpoint.pt")["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_without_a_checkpoint_and_without_data_says_what_is_missing(tmp_path: Path) -> None:
+    result = thaw("train", "--resume", str(tmp_path / "nothing"))
+    assert result.returncode == 2
+    assert "holds no checkpoint that records its settings" in result.stderr and "needs DATA and --model" in result.stderr
