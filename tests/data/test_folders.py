@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import HYMENOPTERA, write_class_images
+from tests.conftest import shared_data, write_class_images
 from thaw import ThawError
 from thaw.data.folders import discover
 
@@ -21,8 +21,30 @@ def test_split_folders_with_any_val_name(tmp_path: Path) -> None:
     assert (len(data.train), len(data.val), len(data.test)) == (12, 6, 9)
 
 
+def test_train_and_test_without_val_hold_out_a_seeded_stratified_val_from_train(tmp_path: Path) -> None:
+    """Oxford Pets and many Kaggle sets come as train/ and test/: val comes from train/, test/ stays test."""
+    write_class_images(tmp_path / "train", per_class=10)
+    write_class_images(tmp_path / "test", per_class=3, seed=1)
+    first, again, other = discover(tmp_path, seed=3), discover(tmp_path, seed=3), discover(tmp_path, seed=4)
+    assert (len(first.train), len(first.val), len(first.test)) == (24, 6, 9)
+    assert first.val == again.val and first.val != other.val
+    assert Counter(label for _, label in first.val) == {0: 2, 1: 2, 2: 2}
+    train_files = set((tmp_path / "train").rglob("*.png"))
+    assert {path for path, _ in first.train + first.val} == train_files and not set(first.train) & set(first.val)
+    assert {path.parent.parent.name for path, _ in first.test} == {"test"}
+    assert first.layout == "split folders (train/test), 20% of train held out as val (seed 3)"
+    assert discover(tmp_path, val_split=0.3).layout.startswith("split folders (train/test), 30% of train held out")
+
+
+def test_train_alone_holds_out_val_as_a_folder_of_class_folders_would(tmp_path: Path) -> None:
+    write_class_images(tmp_path / "train", per_class=10)
+    data, same_images = discover(tmp_path), discover(tmp_path / "train")
+    assert data.test is None and "train only" in data.layout
+    assert data.val == same_images.val and data.train == same_images.train
+
+
 def test_real_hymenoptera_layout() -> None:
-    data = discover(HYMENOPTERA)
+    data = discover(shared_data("hymenoptera_data"))
     assert data.classes == ("ants", "bees") and (len(data.train), len(data.val)) == (245, 153)
 
 
@@ -63,7 +85,7 @@ def test_unreadable_files_are_skipped_and_listed(tmp_path: Path) -> None:
         (lambda root: (write_class_images(root, per_class=3), (root / "empty").mkdir()), "no readable images: empty"),
         (lambda root: write_class_images(root, classes=("only",)), "needs at least 2"),
         (lambda root: (write_class_images(root / "train"), write_class_images(root / "val", classes=("red", "green", "cyan"))), "only in val: \\['cyan'\\]"),
-        (lambda root: write_class_images(root / "train"), "has train/ but no val/"),
+        (lambda root: (write_class_images(root / "train"), write_class_images(root / "test", classes=("red", "green"))), "missing from test: \\['blue'\\]"),
         (lambda root: root.mkdir(), "holds no class folders"),
     ],
 )

@@ -7,24 +7,22 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import SMS_SPAM
+from tests.conftest import shared_data
 from thaw.data.text import LengthGroupedBatches, TextColumns, load_text_data, read_table
 from thaw.errors import ThawError
 
 
-@pytest.mark.skipif(not SMS_SPAM.is_file(), reason="needs ../shared/data/sms_spam beside the repository")
 def test_sms_collection_reads_every_message_with_the_label_column_inferred() -> None:
-    pairs, skipped = read_table(SMS_SPAM)
+    pairs, skipped = read_table(shared_data("sms_spam/SMSSpamCollection"))
     assert len(pairs) == 5574 and not skipped
     assert Counter(label for _, label in pairs) == {"ham": 4827, "spam": 747}
     # Quotes inside messages stay text: no line swallowed the next one.
     assert all("\t" not in text and "\n" not in text for text, _ in pairs)
 
 
-@pytest.mark.skipif(not SMS_SPAM.is_file(), reason="needs ../shared/data/sms_spam beside the repository")
 def test_test_split_is_seeded_stratified_and_disjoint() -> None:
-    data = load_text_data(SMS_SPAM, val_split=0.1, test_split=0.2, seed=0)
-    again = load_text_data(SMS_SPAM, val_split=0.1, test_split=0.2, seed=0)
+    data = load_text_data(shared_data("sms_spam/SMSSpamCollection"), val_split=0.1, test_split=0.2, seed=0)
+    again = load_text_data(shared_data("sms_spam/SMSSpamCollection"), val_split=0.1, test_split=0.2, seed=0)
     assert data.test == again.test and data.train == again.train
     assert len(data.test) == round(4827 * 0.2) + round(747 * 0.2)
     spam = data.classes.index("spam")
@@ -39,6 +37,22 @@ def test_csv_with_header_names_and_quoted_commas(tmp_path: Path) -> None:
     assert pairs[0] == ("good, really good", "pos") and len(pairs) == 4
     by_position, _ = read_table(table, TextColumns(text=1, label=2))
     assert by_position == pairs
+
+
+def test_a_quoted_csv_field_may_span_lines(tmp_path: Path) -> None:
+    table = tmp_path / "t.csv"  # as Excel saves it: a byte order mark, CRLF line ends
+    table.write_text('\ufefflabel,text\r\nspam,"win a prize\r\ncall now, today"\r\nham,see you\r\nspam,free\r\nham,ok\r\n', newline="")
+    pairs, skipped = read_table(table)
+    assert pairs == [("win a prize\r\ncall now, today", "spam"), ("see you", "ham"), ("free", "spam"), ("ok", "ham")] and not skipped
+
+
+def test_only_line_feeds_and_carriage_returns_end_a_row(tmp_path: Path) -> None:
+    """Vertical tab, file separator and Unicode line separator are text (str.splitlines() cut rows there)."""
+    table = tmp_path / "t.tsv"
+    texts = ["free\u2028prize", "hi\x0bthere", "call\x1cnow", 'a "quoted" word']
+    table.write_text("".join(f"{label}\t{text}\n" for label, text in zip(["spam", "ham", "spam", "ham"], texts)), encoding="utf-8")
+    pairs, skipped = read_table(table)
+    assert [text for text, _ in pairs] == texts and not skipped
 
 
 def test_header_is_recognised_without_names(tmp_path: Path) -> None:
@@ -69,6 +83,7 @@ def test_short_and_empty_rows_are_skipped_with_their_line(tmp_path: Path) -> Non
         ("a\tone\na\ttwo\n", "1 label value"),
         ("a\tone\nb\ttwo\nb\tthree\n", "label\\(s\\) a occur once"),
         ("", "is empty"),
+        ("\n\n \n", "is empty"),
     ],
 )
 def test_unusable_tables_are_one_clear_error(tmp_path: Path, content: str, message: str) -> None:
@@ -83,6 +98,18 @@ def test_non_utf8_file_is_refused(tmp_path: Path) -> None:
     table.write_bytes("label,text\na,caf\xe9\n".encode("latin-1"))
     with pytest.raises(ThawError, match="not UTF-8"):
         read_table(table)
+    # Past the reader's first chunk, the byte named is still counted from the start of the file.
+    lines = "label,text\n" + "a,plain text\n" * 5000
+    table.write_bytes(lines.encode() + "b,caf\xe9\n".encode("latin-1"))
+    with pytest.raises(ThawError, match=f"not UTF-8 text \\(byte {len(lines) + 5}\\)"):
+        read_table(table)
+
+
+def test_a_delimiter_of_several_characters_is_one_line(tmp_path: Path) -> None:
+    table = tmp_path / "t.csv"
+    table.write_text("a;;one\nb;;two\n")
+    with pytest.raises(ThawError, match="--delimiter must be one character"):
+        read_table(table, TextColumns(delimiter=";;"))
 
 
 def test_length_grouped_batches_cover_each_sample_once_and_cut_padding() -> None:

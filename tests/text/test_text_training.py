@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import SMS_SPAM, Crash, crash_after, write_text_table
+from tests.conftest import Crash, crash_after, shared_data, write_text_table
 from thaw.cli import main
 from thaw.export.run_dir import load_run
 from thaw.train import TrainConfig, train_text
@@ -74,15 +74,14 @@ def test_predict_reads_texts_from_a_file(tmp_path: Path, tiny_encoder: Path, cap
     assert "give one or more non-empty texts" in capsys.readouterr().err
 
 
-@pytest.mark.skipif(not SMS_SPAM.is_file(), reason="needs ../shared/data/sms_spam beside the repository")
 def test_sms_spam_two_phase_meets_the_target_on_a_held_out_test_split(tmp_path: Path, minilm: Path, capsys: pytest.CaptureFixture) -> None:
     """The issue's command (plus the held-out test share): >= 0.98 accuracy and >= 0.92 spam F1 on 20% test."""
-    run = tmp_path / "sms"
-    args = ["train", str(SMS_SPAM), "--task", "text", "--model", str(minilm), "--strategy", "two-phase",
+    sms, run = shared_data("sms_spam/SMSSpamCollection"), tmp_path / "sms"
+    args = ["train", str(sms), "--task", "text", "--model", str(minilm), "--strategy", "two-phase",
             "--test-split", "0.2", "--out", str(run), "--json"]
     assert main(args) == 0
     capsys.readouterr()
-    assert main(["evaluate", str(run), str(SMS_SPAM), "--split", "test", "--json"]) == 0
+    assert main(["evaluate", str(run), str(sms), "--split", "test", "--json"]) == 0
     metrics = json.loads(capsys.readouterr().out)
     spam = metrics["classes"].index("spam")
     assert metrics["count"] == round(4827 * 0.2) + round(747 * 0.2)

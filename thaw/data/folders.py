@@ -1,5 +1,10 @@
 """Finding labelled images: split folders, one folder split by seed, or a CSV manifest.
 
+Split folders are train/ with val/ (or valid/, validation/) and optionally test/.
+Without a val folder (train/ and test/, as Oxford Pets and many Kaggle sets come,
+or train/ alone) a seeded stratified share of train/ is held out as val, and
+test/ stays the test split.
+
 Everything that would make a run meaningless (no images, one class, classes
 that differ between splits, missing files) is an error before any work starts.
 Files that are not decodable images are skipped and listed.
@@ -30,16 +35,27 @@ class LabelledData:
     test: tuple | None
     layout: str
     skipped: tuple[tuple[str, str], ...] = field(default=())  # (where, reason)
+    # True when the data came as train/ (+ val/, test/) folders: evaluation then scores one split, not the whole.
+    split_folders: bool = False
+
+    no_test_hint = "hold one out with --test-split"
 
     def split(self, name: str) -> tuple:
         samples = {"train": self.train, "val": self.val, "test": self.test}.get(name)
         if samples is None:
-            raise ThawError(f"this dataset has no {name!r} split; splits: train, val" + (", test" if self.test else " (hold one out with --test-split for text)"))
+            splits = "train, val, test" if self.test else f"train, val ({self.no_test_hint})"
+            raise ThawError(f"this dataset has no {name!r} split; splits: {splits}")
         return samples
+
+    def everything(self) -> tuple:
+        """Every readable sample, whatever split it was put in."""
+        return self.train + self.val + (self.test or ())
 
 
 class ImageData(LabelledData):
     """Samples are (image path, class index)."""
+
+    no_test_hint = "put test images in a test/ folder beside train/"
 
 
 def _class_folders(split_dir: Path) -> list[Path]:
@@ -114,14 +130,22 @@ def stratified_split(samples: list[Sample], fraction: float, seed: int) -> tuple
     return train, held_out
 
 
-def _from_split_folders(root: Path, val_dir: Path) -> ImageData:
+def _from_split_folders(root: Path, val_dir: Path | None, val_split: float, seed: int) -> ImageData:
+    """train/ with val/ as given; without val/, a seeded stratified share of train/ is held out as val."""
     skipped: list[tuple[str, str]] = []
-    splits = {"train": _scan_split(root / "train", skipped), val_dir.name: _scan_split(val_dir, skipped)}
-    if (root / "test").is_dir():
-        splits["test"] = _scan_split(root / "test", skipped)
+    folders = [root / "train", *([val_dir] if val_dir else []), *([root / "test"] if (root / "test").is_dir() else [])]
+    splits = {folder.name: _scan_split(folder, skipped) for folder in folders}
     classes = _check_classes(splits, root)
+    train = _samples(splits["train"], classes)
     test = _samples(splits["test"], classes) if "test" in splits else None
-    return ImageData(classes, _samples(splits["train"], classes), _samples(splits[val_dir.name], classes), test, "split folders", tuple(skipped))
+    if val_dir is not None:
+        val, layout = _samples(splits[val_dir.name], classes), "split folders"
+    else:
+        kept, held_out = stratified_split(list(train), val_split, seed)
+        train, val = tuple(kept), tuple(held_out)
+        given = "train/test" if test is not None else "train only"
+        layout = f"split folders ({given}), {val_split:.0%} of train held out as val (seed {seed})"
+    return ImageData(classes, train, val, test, layout, tuple(skipped), split_folders=True)
 
 
 def _from_class_folders(root: Path, val_split: float, seed: int) -> ImageData:
@@ -132,9 +156,21 @@ def _from_class_folders(root: Path, val_split: float, seed: int) -> ImageData:
     return ImageData(classes, tuple(train), tuple(val), None, f"class folders, {val_split:.0%} held out (seed {seed})", tuple(skipped))
 
 
+def _manifest_rows(path: Path) -> list[list[str]]:
+    """The non-comment rows of a CSV manifest; a file that is not UTF-8 CSV is one line saying so."""
+    try:
+        with path.open(newline="", encoding="utf-8-sig") as handle:
+            return [row for row in csv.reader(handle) if row and not row[0].startswith("#")]
+    except UnicodeDecodeError as error:
+        raise ThawError(f"{path} is not UTF-8 text (byte {error.start}); save the manifest as UTF-8 CSV (path,label)") from None
+    except csv.Error as error:
+        raise ThawError(f"{path} is not a readable CSV manifest ({error}); expected lines of path,label") from None
+    except OSError as error:
+        raise ThawError(f"cannot read {path} ({error.strerror or error})") from None
+
+
 def _from_manifest(path: Path, val_split: float, seed: int) -> ImageData:
-    with path.open(newline="") as handle:
-        rows = [row for row in csv.reader(handle) if row and not row[0].startswith("#")]
+    rows = _manifest_rows(path)
     if rows and [c.strip().lower() for c in rows[0][:2]] == ["path", "label"]:
         rows = rows[1:]
     problems = [f"line {i + 2}: expected path,label" for i, row in enumerate(rows) if len(row) < 2]
@@ -164,11 +200,9 @@ def discover(root: str | Path, *, val_split: float = 0.2, seed: int = 0) -> Imag
         if root.suffix.lower() != ".csv":
             raise ThawError(f"{root} is a file; pass a folder of class folders, a folder with train/ and val/, or a .csv manifest")
         return _from_manifest(root, val_split, seed)
-    val_dir = next((root / name for name in VAL_NAMES if (root / name).is_dir()), None)
     if (root / "train").is_dir():
-        if val_dir is None:
-            raise ThawError(f"{root} has train/ but no val/ (or valid/, validation/); add one, or point at train/ to split it")
-        return _from_split_folders(root, val_dir)
+        val_dir = next((root / name for name in VAL_NAMES if (root / name).is_dir()), None)
+        return _from_split_folders(root, val_dir, val_split, seed)
     if not _class_folders(root):
         raise ThawError(f"{root} holds no class folders; expected {root}/CLASS/IMAGE or {root}/train/CLASS/IMAGE")
     return _from_class_folders(root, val_split, seed)

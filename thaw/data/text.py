@@ -11,9 +11,10 @@ text is full of stray quotes.
 from __future__ import annotations
 
 import csv
-from collections import Counter
+import itertools
 import random
 import sys
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -47,26 +48,46 @@ class TextData(LabelledData):
 
 def _delimiter(path: Path, first_line: str, wanted: str | None) -> str:
     if wanted:
-        return "\t" if wanted in ("tab", "\\t") else wanted
+        chosen = "\t" if wanted in ("tab", "\\t") else wanted
+        if len(chosen) != 1:
+            raise ThawError(f"--delimiter must be one character (or tab), got {wanted!r}")
+        return chosen
     if path.suffix.lower() in (".tsv", ".tab") or "\t" in first_line:
         return "\t"
     return ","
 
 
 def read_rows(path: Path, delimiter: str | None) -> tuple[list[list[str]], str]:
-    """All non-empty rows of the table, and the delimiter used."""
-    try:
-        text = path.read_text(encoding="utf-8-sig")
-    except UnicodeDecodeError as error:
-        raise ThawError(f"{path} is not UTF-8 text (byte {error.start}); save it as UTF-8 CSV or TSV") from None
-    lines = text.splitlines()
-    if not lines:
-        raise ThawError(f"{path} is empty; expected one text and one label per line")
-    chosen = _delimiter(path, lines[0], delimiter)
-    quoting = csv.QUOTE_NONE if chosen == "\t" else csv.QUOTE_MINIMAL
+    """All non-empty rows of the table, and the delimiter used.
+
+    `csv` reads the file object itself (newline=""), so a quoted CSV field may span lines, and
+    only a line feed or carriage return ends a row: a vertical tab, a file separator or a Unicode
+    line separator inside a text stays in the text (str.splitlines() would cut the row there).
+    """
     csv.field_size_limit(sys.maxsize)
-    rows = [row for row in csv.reader(lines, delimiter=chosen, quoting=quoting) if any(cell.strip() for cell in row)]
+    try:
+        with path.open(newline="", encoding="utf-8-sig") as handle:
+            first_line = handle.readline()  # the delimiter is sniffed from it, then it is read again as a row
+            chosen = _delimiter(path, first_line, delimiter)
+            quoting = csv.QUOTE_NONE if chosen == "\t" else csv.QUOTE_MINIMAL
+            reader = csv.reader(itertools.chain([first_line], handle), delimiter=chosen, quoting=quoting)
+            rows = [row for row in reader if any(cell.strip() for cell in row)]
+    except UnicodeDecodeError:
+        raise ThawError(f"{path} is not UTF-8 text (byte {_first_bad_byte(path)}); save it as UTF-8 CSV or TSV") from None
+    except csv.Error as error:
+        raise ThawError(f"{path}: unreadable table ({error}); check its quotes, or pass --delimiter") from None
+    if not rows:
+        raise ThawError(f"{path} is empty; expected one text and one label per line")
     return rows, chosen
+
+
+def _first_bad_byte(path: Path) -> int:
+    """Where UTF-8 decoding fails, counted from the file's start (a streaming decoder counts per chunk)."""
+    try:
+        path.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        return error.start
+    return 0
 
 
 def _column_index(header: list[str] | None, wanted: str | int, what: str, path: Path) -> int:
@@ -151,7 +172,8 @@ def load_text_data(
         samples, held = stratified_split(samples, test_split, seed)
         test = tuple(held)
     train, val = stratified_split(samples, val_split, seed)
-    layout = f"text table, {test_split:.0%} test then {val_split:.0%} val held out (seed {seed})" if test_split else f"text table, {val_split:.0%} val held out (seed {seed})"
+    held_out = f"{test_split:.0%} test then {val_split:.0%} val" if test_split else f"{val_split:.0%} val"
+    layout = f"text table, {held_out} held out (seed {seed})"
     return TextData(classes, tuple(train), tuple(val), test, layout, tuple(skipped))
 
 
@@ -188,7 +210,9 @@ class LengthGroupedBatches(Sampler[list[int]]):
     shuffled again. `skip_batches` drops the first batches, to resume mid-epoch.
     """
 
-    def __init__(self, lengths: list[int], batch_size: int, seed: int | None, skip_batches: int = 0, processes: Processes = SINGLE) -> None:
+    def __init__(
+        self, lengths: list[int], batch_size: int, seed: int | None, skip_batches: int = 0, processes: Processes = SINGLE
+    ) -> None:
         self.lengths, self.batch_size, self.seed, self.skip = lengths, batch_size, seed, skip_batches
         self.processes = processes
         self._mine: list[list[int]] | None = None
