@@ -30,6 +30,20 @@ from thaw.errors import ThawError
 COLLECTIVE_TIMEOUT = timedelta(minutes=10)  # a rank that died mid-collective must not hang the rest forever
 
 
+def collective_timeout() -> timedelta:
+    """COLLECTIVE_TIMEOUT, or THAW_COLLECTIVE_TIMEOUT_S seconds (tests end a hung run in seconds, not minutes)."""
+    text = os.environ.get("THAW_COLLECTIVE_TIMEOUT_S")
+    if text is None:
+        return COLLECTIVE_TIMEOUT
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = 0.0
+    if not 0 < seconds < float("inf"):  # also refuses nan
+        raise ThawError(f"THAW_COLLECTIVE_TIMEOUT_S must be a number of seconds above 0, got {text!r}")
+    return timedelta(seconds=seconds)
+
+
 @dataclass(frozen=True)
 class Processes:
     rank: int = 0
@@ -55,6 +69,13 @@ def from_environment() -> Processes:
         rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
     except ValueError:
         raise ThawError("WORLD_SIZE, RANK and LOCAL_RANK must be whole numbers; launch with torchrun") from None
+    if world < 1 or not 0 <= rank < world or local < 0:
+        raise ThawError(f"WORLD_SIZE={world} with RANK={rank} and LOCAL_RANK={local} is not a process layout; launch with torchrun")
+    if world > 1 and not (os.environ.get("MASTER_ADDR") and os.environ.get("MASTER_PORT")):
+        raise ThawError(
+            f"WORLD_SIZE={world} but MASTER_ADDR and MASTER_PORT are not set (left over from another launcher?); "
+            "launch with torchrun, or unset WORLD_SIZE for one process"
+        )
     return Processes(rank, world, local)
 
 
@@ -70,7 +91,11 @@ def start(processes: Processes, device: str) -> str:
     elif device == "auto":
         device = "cpu"
     backend = "nccl" if use_cuda else "gloo"
-    dist.init_process_group(backend, timeout=COLLECTIVE_TIMEOUT)
+    try:
+        dist.init_process_group(backend, timeout=collective_timeout())
+    except (ValueError, RuntimeError) as error:  # an unreachable MASTER_ADDR, a port in use, a missing backend
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
+        raise ThawError(f"cannot join the {backend} process group ({reason}); check the torchrun launch") from None
     return device
 
 
@@ -143,3 +168,10 @@ def broadcast(value: object) -> object:
     holder = [value]
     dist.broadcast_object_list(holder, src=0)
     return holder[0]
+
+
+def gather_lists(items: list) -> list:
+    """Every rank's items, in rank order without repeats, on every rank (files that failed to decode, say)."""
+    everyone: list[list] = [[] for _ in range(dist.get_world_size())]
+    dist.all_gather_object(everyone, items)
+    return list(dict.fromkeys(item for part in everyone for item in part))

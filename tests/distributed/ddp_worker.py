@@ -3,7 +3,12 @@
 A two-phase run on a small image folder; after every optimizer step each rank
 appends a digest of every parameter that trains, so the test can compare ranks
 step by step. `--fail-rank R` makes rank R's epoch callback raise, as a user's
-code might.
+code might. `--no-cache` and `--no-dropout` take away the two things that make
+two processes of batch 8 differ from one process of batch 16 (each rank shuffles
+its own shard of cached features; each rank draws its own dropout masks), and
+`--save-final` keeps the initial and final weights, so the test can compare the two runs
+(with `--optimizer sgd`: see the test for why). `--one-epoch` trains one head epoch instead.
+Each rank writes rank{RANK}.json (RANK is global: nodes sharing a disk do not collide).
 """
 
 from __future__ import annotations
@@ -16,11 +21,15 @@ import sys
 from pathlib import Path
 
 import torch
+from torch import nn
 
+import thaw.train
+from thaw.models import ModelAdapter
 from thaw.plan import ConstantLr, Plan, RangeLr, Stage
 from thaw.train import TrainConfig, train_images
 
 PLAN = Plan((Stage("head", 2, ("head",), ConstantLr(3e-3)), Stage("all", 2, ("all",), RangeLr(1e-5, 1e-4), batchnorm="eval")))
+ONE_EPOCH = Plan((Stage("head", 1, ("head",), ConstantLr(3e-3)),))
 
 
 def digest(tensors: list[torch.Tensor]) -> str:
@@ -30,32 +39,64 @@ def digest(tensors: list[torch.Tensor]) -> str:
     return hasher.hexdigest()[:16]
 
 
-def main() -> int:
+def capture_models(no_dropout: bool) -> tuple[list[ModelAdapter], list[dict]]:
+    """Wrap the model builder train_images calls: the adapters it built (to save their final weights)
+    and their weights as built, with every dropout probability set to 0 when asked."""
+    built: list[ModelAdapter] = []
+    initial: list[dict] = []
+    original = thaw.train.build_model
+
+    def build(*args, **kwargs) -> ModelAdapter:
+        adapter = original(*args, **kwargs)
+        if no_dropout:
+            for module in adapter.model.modules():
+                if isinstance(module, nn.Dropout):
+                    module.p = 0.0
+        built.append(adapter)
+        initial.append({name: tensor.clone() for name, tensor in adapter.model.state_dict().items()})
+        return adapter
+
+    thaw.train.build_model = build
+    return built, initial
+
+
+def parse() -> argparse.Namespace:
     parser = argparse.ArgumentParser()
     parser.add_argument("data")
     parser.add_argument("out")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--fail-rank", type=int)
-    parser.add_argument("--crash-after", type=int, help="every rank stops after this many epochs (a crash to resume from)")
+    parser.add_argument("--crash-after", type=int, help="rank 0 stops after this many epochs (a crash to resume from)")
     parser.add_argument("--resume", action="store_true")
+    parser.add_argument("--no-cache", action="store_true", help="head stages run the network too")
+    parser.add_argument("--no-dropout", action="store_true", help="every nn.Dropout gets p=0")
+    parser.add_argument("--optimizer", default="adamw")
+    parser.add_argument("--one-epoch", action="store_true", help="a plan of one head epoch instead of 2 head + 2 full")
+    parser.add_argument("--save-final", action="store_true", help="write initial-rank{RANK}.pt and final-rank{RANK}.pt (state_dicts)")
     parser.add_argument("--device", default="cpu", help="cpu (gloo, the default) or cuda (NCCL, one GPU per process)")
     parser.add_argument(
         "--collectives-at-one", action="store_true",
         help="take the several-process path even when torchrun starts one process (NCCL on a one-GPU machine)",
     )
-    args = parser.parse_args()
+    return parser.parse_args()
+
+
+def main() -> int:
+    args = parse()
     rank = int(os.environ.get("RANK", "0"))
     if args.collectives_at_one:
         # One GPU cannot host two NCCL ranks; a world of one still runs every collective, DDP wrapper and shard.
         from thaw import distributed
 
         distributed.Processes.distributed = property(lambda self: True)
+    built, initial = capture_models(args.no_dropout)
     log: list[dict] = []
 
     def record(optimizer: torch.optim.Optimizer, step: int, _factor: float) -> None:
         params = [p for group in optimizer.param_groups for p in group["params"]]
         body = [p for group in optimizer.param_groups if group["thaw_group"] != "head" for p in group["params"]]
-        log.append({"step": step, "trainable": sum(p.numel() for p in params), "digest": digest(params), "body": digest(body) if body else None})
+        trainable = sum(p.numel() for p in params)
+        log.append({"step": step, "trainable": trainable, "digest": digest(params), "body": digest(body) if body else None})
 
     def epoch_end(state) -> None:
         if args.fail_rank == rank and len(state.history) == 1:
@@ -64,15 +105,23 @@ def main() -> int:
             sys.exit(3)  # after rank 0 wrote this epoch's checkpoint; torchrun then stops the others
 
     config = TrainConfig(
-        image_size=64, batch_size=args.batch_size, quiet=True, precision="fp32", augment=False, seed=0, device=args.device
+        image_size=64, batch_size=args.batch_size, quiet=True, precision="fp32", augment=False, seed=0, device=args.device,
+        cache=not args.no_cache, optimizer=args.optimizer,
     )
     result = train_images(
-        args.data, model="mobilenet_v2", weights="IMAGENET1K_V1", plan=PLAN, config=config, out=args.out,
+        args.data, model="mobilenet_v2", weights="IMAGENET1K_V1", plan=ONE_EPOCH if args.one_epoch else PLAN, config=config, out=args.out,
         resume=args.resume, callbacks=[epoch_end], step_hooks=[record],
     )
-    history = result.history
+    if len(built) != 1:
+        raise RuntimeError(f"train_images built {len(built)} models through thaw.train.build_model; the worker's patch missed")
+    if args.save_final:
+        torch.save(initial[0], Path(args.out, f"initial-rank{rank}.pt"))
+        torch.save(built[0].model.state_dict(), Path(args.out, f"final-rank{rank}.pt"))
     backend = torch.distributed.get_backend() if torch.distributed.is_initialized() else None
-    final = {"backend": backend, "log": log, "best": result.best.get("value"), "history": [h["val_accuracy"] for h in history], "cached": [h["cached"] for h in history]}
+    final = {
+        "backend": backend, "log": log, "best": result.best.get("value"), "history": [h["val_accuracy"] for h in result.history],
+        "cached": [h["cached"] for h in result.history], "skipped": sorted(path for path, _ in result.skipped),
+    }
     Path(args.out, f"rank{rank}.json").write_text(json.dumps(final))
     return 0
 

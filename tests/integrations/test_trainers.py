@@ -102,6 +102,38 @@ def test_lightning_resume_across_the_stage_change_matches_an_uninterrupted_run(t
     assert all(torch.allclose(expected[k].float(), got[k].float(), atol=1e-6) for k in expected)
 
 
+class WithUnusedLayer(SmallConvNet):
+    """A model with a layer its forward never calls (a leftover auxiliary head, say)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.unused = nn.Conv2d(16, 16, 1)
+
+
+def test_lightning_refuses_a_stage_whose_trainable_parameter_gets_no_gradient(tmp_path: Path) -> None:
+    from thaw.errors import ThawError
+
+    torch.manual_seed(0)
+    adapter = adapt(WithUnusedLayer(), head="classifier.2")
+    driver = PlanDriver(adapter, build_plan("two-phase", num_groups=len(adapter.groups), **EPOCHS))
+    with pytest.raises(ThawError, match=r"first step of stage 'all'.*no gradient \(unused.weight, unused.bias\)"):
+        _lightning(tmp_path, driver, driver.total_epochs)
+
+
+def test_lightning_schedule_counts_the_last_partial_accumulation_step(tmp_path: Path) -> None:
+    from thaw.integrations.lightning import ThawFinetuning
+
+    driver = _driver()
+    callback = ThawFinetuning(driver)
+    trainer = L.Trainer(
+        max_epochs=driver.total_epochs, callbacks=[callback], default_root_dir=str(tmp_path), accumulate_grad_batches=3,
+        enable_progress_bar=False, logger=False, enable_model_summary=False, accelerator="cpu", enable_checkpointing=False,
+    )
+    trainer.fit(LitClassifier(driver), DataLoader(_data(), batch_size=8, shuffle=False))  # 4 batches an epoch: steps after 3 and 4
+    assert trainer.global_step == 2 * driver.total_epochs
+    assert callback.steps_per_epoch == 2
+
+
 # ---------------------------------------------------------------- Hugging Face Trainer
 
 transformers = pytest.importorskip("transformers", reason="the HF callback is an optional extra: pip install 'thaw[text]'")

@@ -17,8 +17,8 @@ import torch
 
 from thaw.errors import ThawError
 from thaw.models.adapter import ModelAdapter
-from thaw.plan import Plan, apply_trainable, resolve_stage
-from thaw.plan.optim import make_optimizer, no_decay_names
+from thaw.plan import Plan, audit_gradients, audit_optimizer, enter_stage, resolve_stage
+from thaw.plan.optim import fixed_param_groups, is_fixed, make_optimizer
 from thaw.train.schedule import apply_lrs, multiplier
 
 
@@ -27,8 +27,10 @@ class PlanDriver:
 
     def __init__(self, adapter: ModelAdapter, plan: Plan, *, schedule: str = "constant", warmup: float = 0.0) -> None:
         self.adapter, self.plan, self.schedule, self.warmup = adapter, plan, schedule, warmup
-        self.resolved = [resolve_stage(adapter, stage) for stage in plan.stages]  # validates every stage up front
+        for stage in plan.stages:  # validates every stage up front
+            resolve_stage(adapter, stage)
         self.stage_index: int | None = None
+        self.audit_next_step = False  # the first step of each stage proves every trainable parameter got a gradient
 
     @property
     def total_epochs(self) -> int:
@@ -48,48 +50,30 @@ class PlanDriver:
 
     def make_optimizer(self, name: str = "adamw") -> torch.optim.Optimizer:
         """Hand this to the trainer (Lightning's configure_optimizers, the HF Trainer's `optimizers`)."""
-        params = dict(self.adapter.model.named_parameters())
-        no_decay = no_decay_names(self.adapter)
-        groups = []
-        for group in self.adapter.groups:
-            for decays in (True, False):
-                members = [params[n] for n in group.params if (n not in no_decay) == decays]
-                if members:
-                    groups.append({"params": members, "lr": 0.0, "weight_decay": 0.0, "thaw_group": group.name, "thaw_decay": decays, "thaw_base_lr": 0.0})
-        optimizer = make_optimizer(groups, name)
+        optimizer = make_optimizer(fixed_param_groups(self.adapter), name)
         self.enter(0, optimizer)
         return optimizer
 
     def enter(self, stage_index: int, optimizer: torch.optim.Optimizer) -> None:
-        """Make `stage_index` current: what trains, BatchNorm, base lrs; frozen parameters lose their state."""
-        resolved, stage = self.resolved[stage_index], self.plan.stages[stage_index]
-        apply_trainable(self.adapter, list(resolved.trainable), stage.batchnorm)
-        for group in optimizer.param_groups:
-            if "thaw_group" not in group:
-                raise ThawError("this optimizer was not made by PlanDriver.make_optimizer; build it with driver.make_optimizer()")
-            lr = resolved.group_lrs.get(group["thaw_group"], 0.0)
-            group["thaw_base_lr"] = group["lr"] = lr
-            group["weight_decay"] = stage.weight_decay if group["thaw_decay"] and lr else 0.0
-            for param in group["params"]:
-                if not param.requires_grad:
-                    optimizer.state.pop(param, None)
-                    param.grad = None
+        """Make `stage_index` current through thaw's one stage change (fixed groups: lrs change, members do not)."""
+        if not is_fixed(optimizer):
+            raise ThawError("this optimizer was not made by PlanDriver.make_optimizer; build it with driver.make_optimizer()")
+        enter_stage(self.adapter, self.plan.stages[stage_index], optimizer)
         self.stage_index = stage_index
-        self.audit(optimizer)
+        self.audit_next_step = True
 
     def set_lrs(self, optimizer: torch.optim.Optimizer, step_in_stage: int, steps_in_stage: int) -> None:
         """Every group's lr = the plan's lr x the schedule at this step (the trainer's own scheduler is overruled)."""
         apply_lrs(optimizer, multiplier(self.schedule, step_in_stage, steps_in_stage, self.warmup))
 
     def audit(self, optimizer: torch.optim.Optimizer) -> None:
-        """Every parameter in exactly one group; frozen ones without gradient or state."""
-        names = {id(p): n for n, p in self.adapter.model.named_parameters()}
-        seen = [id(p) for group in optimizer.param_groups for p in group["params"]]
-        problems = []
-        if sorted(seen) != sorted(names):
-            problems.append("the optimizer's groups do not hold every parameter exactly once")
-        for param in (p for group in optimizer.param_groups for p in group["params"]):
-            if not param.requires_grad and (param.grad is not None or param in optimizer.state):
-                problems.append(f"frozen parameter {names.get(id(param), '?')} has a gradient or optimizer state")
-        if problems:
-            raise ThawError("optimizer audit failed: " + "; ".join(problems[:3]))
+        """thaw's optimizer audit: every parameter in exactly one group; frozen ones without gradient or state."""
+        audit_optimizer(self.adapter.model, optimizer)
+
+    def before_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Call with the gradients in place, before the optimizer steps: the first step of each
+        stage proves that everything the stage trains got a finite gradient, and nothing else did."""
+        if self.audit_next_step:  # presence only: under fp16 a trainer's gradient scaler skips overflowing steps itself
+            where = f"the first step of stage {self.plan.stages[self.stage_index].name!r}"
+            audit_gradients(self.adapter.model, where, require_finite=False)
+            self.audit_next_step = False

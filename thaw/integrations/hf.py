@@ -41,3 +41,6 @@ class ThawCallback(TrainerCallback):
         index = self.driver.stage_index
         first = self.driver.first_epoch(index) * self.steps_per_epoch
         self.driver.set_lrs(optimizer, state.global_step - first, self.driver.plan.stages[index].epochs * self.steps_per_epoch)
+
+    def on_pre_optimizer_step(self, args, state, control, optimizer=None, **kwargs) -> None:
+        self.driver.before_step(getattr(optimizer, "optimizer", optimizer))

@@ -12,6 +12,8 @@ stage, and the stage comes from the restored epoch.
 
 from __future__ import annotations
 
+import math
+
 try:
     import lightning.pytorch as pl
 except ImportError as error:  # pragma: no cover - the message is the point
@@ -36,9 +38,13 @@ class ThawFinetuning(pl.Callback):
         stage = self.driver.stage_at(trainer.current_epoch)
         if stage != self.driver.stage_index:
             self.driver.enter(stage, trainer.optimizers[0])
-        self.steps_per_epoch = trainer.num_training_batches // max(1, trainer.accumulate_grad_batches)
+        # Lightning steps on the last partial accumulation group too, so an epoch has ceil(batches / k) steps.
+        self.steps_per_epoch = math.ceil(trainer.num_training_batches / max(1, trainer.accumulate_grad_batches))
         self.stage_start_step = self.driver.first_epoch(stage) * self.steps_per_epoch
 
     def on_train_batch_start(self, trainer: pl.Trainer, module: pl.LightningModule, batch: object, batch_idx: int) -> None:
         stage = self.driver.plan.stages[self.driver.stage_index]
         self.driver.set_lrs(trainer.optimizers[0], trainer.global_step - self.stage_start_step, stage.epochs * self.steps_per_epoch)
+
+    def on_before_optimizer_step(self, trainer: pl.Trainer, module: pl.LightningModule, optimizer: object) -> None:
+        self.driver.before_step(trainer.optimizers[0])
