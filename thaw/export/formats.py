@@ -1,10 +1,16 @@
-"""Export to ONNX or TorchScript; the exported model is run and compared before success is reported."""
+"""Export to ONNX or TorchScript; the exported model is run and compared before success is reported.
+
+The comparison runs on inputs the export example never showed: text at other token lengths and
+batch sizes (a sequence length baked in as a constant fails there), images at other batch sizes,
+and real images in the run's preprocessing where the caller has them (noise alone hides
+failures that only show on real pixel statistics).
+"""
 
 from __future__ import annotations
 
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
-
 from typing import Callable
 
 import torch
@@ -16,6 +22,23 @@ from thaw.models.lora import merge_lora
 
 FORMATS = ("onnx", "torchscript")
 TOLERANCE = 1e-3
+TEXT_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+EXAMPLE_TEXTS = ("a short text", "a somewhat longer text to classify, with more tokens in it")
+NOISE_BATCH_SIZES = (3, 1)  # the example has 2
+
+Inputs = tuple[torch.Tensor, ...]
+Runner = Callable[[Inputs], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class ExportCheck:
+    """The largest output difference from PyTorch, and what the exported model was compared on."""
+
+    difference: float
+    real_images: int = 0
+    noise_batches: int = 0
+    token_lengths: tuple[int, ...] = ()
+    batch_sizes: tuple[int, ...] = ()
 
 
 class _PositionalText(nn.Module):
@@ -32,52 +55,97 @@ class _PositionalText(nn.Module):
         return self.model(inputs)
 
 
-def _text_inputs(adapter: ModelAdapter, batch: int) -> dict[str, torch.Tensor]:
-    texts = ["a short text", "a somewhat longer text to classify, with more tokens in it", "third"][:batch]
-    encoded = adapter.tokenizer(texts, padding=True, return_tensors="pt")
-    return {name: encoded[name] for name in ("input_ids", "attention_mask", "token_type_ids") if name in encoded}
+@dataclass(frozen=True)
+class _Exportable:
+    """The module to export, its example inputs, their names, and the inputs to check the export on."""
+
+    model: nn.Module
+    example: Inputs
+    names: tuple[str, ...]
+    checks: tuple[Inputs, ...]
+
+    @property
+    def text(self) -> bool:
+        return self.names != ("images",)
 
 
-def _exportable(adapter: ModelAdapter) -> tuple[nn.Module, Callable[[int], tuple[torch.Tensor, ...]], tuple[str, ...]]:
-    """The module to export, example inputs by batch size, and the input names."""
+def _tokens(adapter: ModelAdapter, texts: tuple[str, ...]) -> dict[str, torch.Tensor]:
+    limit = adapter.preprocessing.max_length
+    encoded = adapter.tokenizer(list(texts), padding=True, truncation=True, max_length=limit, return_tensors="pt")
+    return {name: encoded[name] for name in TEXT_INPUTS if name in encoded}
+
+
+def _text_checks(adapter: ModelAdapter) -> tuple[tuple[str, ...], ...]:
+    """Texts at the example's length (batch 3), far shorter (batch 1) and at max_length (batch 4)."""
+    longest = " ".join(["word"] * 2 * adapter.preprocessing.max_length)  # truncated to max_length tokens
+    return (EXAMPLE_TEXTS + ("third",), ("hi",), ("a short text", longest, "third", "one more text"))
+
+
+def _noise(batch: int, size: int) -> Inputs:
+    return (torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(batch)),)
+
+
+def _exportable(adapter: ModelAdapter, images: list[torch.Tensor] | None = None) -> _Exportable:
     model = adapter.model.float().eval().to(memory_format=torch.contiguous_format)
     if hasattr(adapter, "tokenizer"):
-        names = tuple(_text_inputs(adapter, 2))
-        return _PositionalText(model), lambda batch: tuple(_text_inputs(adapter, batch).values()), names
+        example = _tokens(adapter, EXAMPLE_TEXTS)
+        checks = tuple(tuple(_tokens(adapter, texts).values()) for texts in _text_checks(adapter))
+        return _Exportable(_PositionalText(model), tuple(example.values()), tuple(example), checks)
     size = adapter.preprocessing.crop_size
-    return model, lambda batch: (torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(0)),), ("images",)
+    checks = tuple(_noise(batch, size) for batch in NOISE_BATCH_SIZES) + (((torch.stack(images),),) if images else ())
+    return _Exportable(model, _noise(2, size), ("images",), checks)
 
 
-def export_onnx(adapter: ModelAdapter, path: Path) -> float:
+def _export_onnx(exportable: _Exportable, path: Path, max_length: int | None) -> Runner:
     try:
         import onnxruntime
     except ImportError:
         raise ThawError("ONNX export needs onnx, onnxscript and onnxruntime: pip install 'thaw[export]'") from None
-    model, example, names = _exportable(adapter)
-    text = names != ("images",)
+    batch = torch.export.Dim("batch", min=1)
+    dims = {0: batch, 1: torch.export.Dim("tokens", min=2, max=max_length)} if exportable.text else {0: batch}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        batch = torch.export.Dim("batch", min=1)
-        dims = {0: batch, 1: torch.export.Dim("tokens", min=2, max=adapter.preprocessing.max_length)} if text else {0: batch}
-        torch.onnx.export(model, example(2), str(path), input_names=list(names), output_names=["logits"], dynamic_shapes=tuple(dims for _ in names), dynamo=True, verbose=False)
+        torch.onnx.export(
+            exportable.model, exportable.example, str(path), input_names=list(exportable.names), output_names=["logits"],
+            dynamic_shapes=tuple(dims for _ in exportable.names), dynamo=True, verbose=False,
+        )
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    check = example(3)
-    (exported,) = session.run(None, {name: tensor.numpy() for name, tensor in zip(names, check)})
-    with torch.no_grad():
-        expected = model(*check)
-    return float((torch.from_numpy(exported) - expected).abs().max())
+    names = exportable.names
+    return lambda inputs: torch.from_numpy(session.run(None, {n: t.numpy() for n, t in zip(names, inputs)})[0])
 
 
-def export_torchscript(adapter: ModelAdapter, path: Path) -> float:
-    model, example, _ = _exportable(adapter)
+def _export_torchscript(exportable: _Exportable, path: Path) -> Runner:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        traced = torch.jit.trace(model, example(2), strict=False)
+        traced = torch.jit.trace(exportable.model, exportable.example, strict=False)
         traced.save(str(path))
         loaded = torch.jit.load(str(path))
-    check = example(3)
-    with torch.no_grad():
-        return float((loaded(*check) - model(*check)).abs().max())
+    return lambda inputs: loaded(*inputs)
+
+
+def _shape(inputs: Inputs) -> str:
+    return "x".join(map(str, inputs[0].shape))
+
+
+@torch.no_grad()
+def _largest_difference(exportable: _Exportable, run_exported: Runner, fmt: str) -> float:
+    """Run PyTorch and the exported model on every check input; a run that fails or differs in shape refuses the export."""
+    differences = []
+    for inputs in exportable.checks:
+        expected = exportable.model(*inputs)
+        try:
+            exported = run_exported(inputs)
+        except Exception as error:  # whatever the runtime raises, the file cannot serve this input
+            first_line = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
+            shape = _shape(inputs)
+            raise ThawError(f"the exported {fmt} model fails on an input of shape {shape} ({first_line}); export refused") from None
+        if exported.shape != expected.shape:
+            raise ThawError(
+                f"the exported {fmt} model returns shape {tuple(exported.shape)} for an input of shape {_shape(inputs)}, "
+                f"PyTorch {tuple(expected.shape)}; export refused"
+            )
+        differences.append((exported.float() - expected.float()).abs().max())
+    return float(torch.stack(differences).max())  # torch's max keeps a NaN, Python's max() would drop it
 
 
 @torch.no_grad()
@@ -86,24 +154,40 @@ def merge_adapters(adapter: ModelAdapter) -> float | None:
 
     Returns the largest output difference between the adapted and the merged model.
     """
-    model, example, _ = _exportable(adapter)
-    check = example(3)
-    before = model(*check)
+    exportable = _exportable(adapter)
+    check = exportable.checks[0]
+    before = exportable.model(*check)
     if not merge_lora(adapter.model):
         return None
-    difference = float((model(*check) - before).abs().max())
+    difference = float((exportable.model(*check) - before).abs().max())
     if not difference <= TOLERANCE:
         raise ThawError(f"merging the LoRA adapters changed the outputs by {difference:.2e}; export refused")
     return difference
 
 
-def export_model(adapter: ModelAdapter, path: Path, fmt: str) -> float:
-    """Write `path` in `fmt` and return the largest output difference from PyTorch; refuse past TOLERANCE."""
+def _summary(exportable: _Exportable, difference: float, real_images: int) -> ExportCheck:
+    if exportable.text:
+        lengths = tuple(inputs[0].shape[1] for inputs in exportable.checks)
+        return ExportCheck(difference, token_lengths=lengths, batch_sizes=tuple(inputs[0].shape[0] for inputs in exportable.checks))
+    return ExportCheck(difference, real_images=real_images, noise_batches=len(NOISE_BATCH_SIZES))
+
+
+def export_model(adapter: ModelAdapter, path: Path, fmt: str, images: list[torch.Tensor] | None = None) -> ExportCheck:
+    """Write `path` in `fmt`, compare its outputs with PyTorch's, and refuse (deleting the file) past TOLERANCE.
+
+    `images`: preprocessed image tensors (C, H, W) of the run's data, compared on besides noise.
+    """
     if fmt not in FORMATS:
         raise ThawError(f"unknown export format {fmt!r}; choose {', '.join(FORMATS)}")
     merge_adapters(adapter)
-    difference = export_onnx(adapter, path) if fmt == "onnx" else export_torchscript(adapter, path)
-    if not difference <= TOLERANCE:
+    exportable = _exportable(adapter, images)
+    max_length = adapter.preprocessing.max_length if exportable.text else None
+    run_exported = _export_onnx(exportable, path, max_length) if fmt == "onnx" else _export_torchscript(exportable, path)
+    try:
+        difference = _largest_difference(exportable, run_exported, fmt)
+        if not difference <= TOLERANCE:
+            raise ThawError(f"the exported {fmt} model's outputs differ from PyTorch's by {difference:.2e}; export refused")
+    except ThawError:
         path.unlink(missing_ok=True)
-        raise ThawError(f"the exported {fmt} model's outputs differ from PyTorch's by {difference:.2e}; export refused")
-    return difference
+        raise
+    return _summary(exportable, difference, len(images or ()))

@@ -1,4 +1,4 @@
-"""Using a finished run: evaluate it on a split, predict classes for image files."""
+"""Using a finished run: evaluate it on its data or a held-out set, predict classes, pick images to check an export on."""
 
 from __future__ import annotations
 
@@ -10,10 +10,11 @@ import torch
 from thaw.data.folders import ImageData, discover, suffix_is_image
 from thaw.data.images import UnreadableImage, load_rgb
 from thaw.data.loaders import ImageDataset, make_loader
-from thaw.data.text import TextColumns, TextData, TextDataset, load_text_data
+from thaw.data.text import TextColumns, TextData, TextDataset, load_text_data, read_table
 from thaw.data.transforms import eval_transform
 from thaw.errors import ThawError
 from thaw.models import ModelAdapter
+from thaw.models.adapter import Preprocessing
 from thaw.train.config import TrainConfig
 from thaw.train.fit import choose_engine
 from thaw.train.loop import evaluate
@@ -28,24 +29,82 @@ def _run_data(meta: dict, data_path: str | Path) -> ImageData | TextData:
     return discover(data_path, val_split=meta.get("val_split", 0.2), seed=seed)
 
 
-def evaluate_run(adapter: ModelAdapter, meta: dict, data_path: str | Path, split: str = "val", batch_size: int = 64, quiet: bool = True) -> dict:
-    """Metrics of the run's model on one split of `data_path`; classes must match the run's."""
+@dataclass(frozen=True)
+class EvaluationSet:
+    """What `thaw evaluate` scores: one split of the data, or all of it (split "all")."""
+
+    split: str
+    samples: tuple
+    classes: tuple[str, ...]
+    skipped: tuple[tuple[str, str], ...]
+
+
+def _whole_table(meta: dict, data_path: str | Path) -> EvaluationSet:
+    """Every usable row of a text table; no split, so no split's rules (such as two rows per label)."""
+    pairs, skipped = read_table(data_path, TextColumns(**meta.get("columns", {})))
+    classes = tuple(sorted({label for _, label in pairs}))
+    index = {name: i for i, name in enumerate(classes)}
+    return EvaluationSet("all", tuple((text, index[label]) for text, label in pairs), classes, tuple(skipped))
+
+
+def evaluation_set(meta: dict, data_path: str | Path, split: str | None = None) -> EvaluationSet:
+    """The samples to score. `split` None: val where the data comes in split folders, else all of it.
+
+    A folder of class folders, a CSV manifest or a text table is scored whole by default (a held-out
+    set of the user's own); naming a split there reproduces the training run's split of it.
+    """
+    if split is None and meta.get("task") == "text":
+        return _whole_table(meta, data_path)
     data = _run_data(meta, data_path)
-    if list(data.classes) != meta["classes"]:
+    if split is None:
+        split = "val" if data.split_folders else "all"
+    samples = data.everything() if split == "all" else data.split(split)
+    return EvaluationSet(split, samples, data.classes, data.skipped)
+
+
+def evaluate_run(
+    adapter: ModelAdapter, meta: dict, data_path: str | Path, split: str | None = None, batch_size: int = 64, quiet: bool = True
+) -> dict:
+    """Metrics of the run's model on `data_path` (see evaluation_set for what is scored); classes must match the run's."""
+    chosen = evaluation_set(meta, data_path, split)
+    if list(chosen.classes) != meta["classes"]:
         raise ThawError(
-            f"the data's classes ({', '.join(data.classes[:6])}) differ from the run's ({', '.join(meta['classes'][:6])}); "
+            f"the data's classes ({', '.join(chosen.classes[:6])}) differ from the run's ({', '.join(meta['classes'][:6])}); "
             "evaluate on data with the same classes"
         )
     engine = choose_engine(TrainConfig(quiet=quiet), adapter.model)
     adapter.model.to(engine.device)
-    if isinstance(data, TextData):
-        dataset = TextDataset(data.split(split), adapter.tokenizer, adapter.preprocessing.max_length)
+    if meta.get("task") == "text":
+        dataset = TextDataset(chosen.samples, adapter.tokenizer, adapter.preprocessing.max_length)
     else:
-        dataset = ImageDataset(data.split(split), eval_transform(adapter.preprocessing), 2 * adapter.preprocessing.resize_size)
+        dataset = ImageDataset(chosen.samples, eval_transform(adapter.preprocessing), 2 * adapter.preprocessing.resize_size)
     loader = make_loader(dataset, batch_size=batch_size, shuffle=False, seed=0)
-    metrics = evaluate(adapter.model, loader, engine, len(data.classes), label=split)
-    skipped = list(data.skipped) + engine.failed
-    return metrics | {"split": split, "classes": list(data.classes), "skipped_files": len(skipped)}
+    metrics = evaluate(adapter.model, loader, engine, len(chosen.classes), label=chosen.split)
+    skipped = list(chosen.skipped) + engine.failed
+    return metrics | {"split": chosen.split, "classes": list(chosen.classes), "skipped_files": len(skipped)}
+
+
+def check_images(meta: dict, preprocessing: Preprocessing, count: int = 4) -> list[torch.Tensor]:
+    """Up to `count` images of the run's data (its val split, spread over the classes) in the run's
+    evaluation preprocessing, to check an export on; none when the data folder is gone or unreadable."""
+    recorded = meta.get("data", {}).get("path")
+    if meta.get("task") == "text" or not recorded or not Path(recorded).exists():
+        return []
+    path = Path(recorded)
+    try:
+        data = _run_data(meta, path)
+        candidates = [file for file, _ in data.val[:: max(1, len(data.val) // count)]] + [file for file, _ in data.train]
+    except ThawError:  # the folder changed since training: any images in it will do
+        candidates = sorted(p for p in path.rglob("*") if p.is_file() and suffix_is_image(p)) if path.is_dir() else []
+    transform, images = eval_transform(preprocessing), []
+    for file in candidates:
+        try:
+            images.append(transform(load_rgb(file, 2 * preprocessing.resize_size)))
+        except UnreadableImage:
+            continue
+        if len(images) == count:
+            break
+    return images
 
 
 def image_files(paths: list[str]) -> list[Path]:
@@ -70,7 +129,9 @@ class Prediction:
 
 
 @torch.no_grad()
-def predict_files(adapter: ModelAdapter, classes: list[str], files: list[Path], top_k: int = 3, batch_size: int = 32) -> tuple[list[Prediction], list[tuple[str, str]]]:
+def predict_files(
+    adapter: ModelAdapter, classes: list[str], files: list[Path], top_k: int = 3, batch_size: int = 32
+) -> tuple[list[Prediction], list[tuple[str, str]]]:
     engine = choose_engine(TrainConfig(quiet=True), adapter.model)
     adapter.model.to(engine.device).eval()
     transform = eval_transform(adapter.preprocessing)

@@ -1,0 +1,37 @@
+"""What `thaw evaluate` scores on a text table: the whole table unless a split of the run's is named."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import write_text_table
+from thaw.errors import ThawError
+from thaw.export.inference import evaluate_run
+from thaw.export.run_dir import load_run
+from thaw.train import TrainConfig, train_text
+
+
+@pytest.fixture
+def text_run(tmp_path: Path, tiny_encoder: Path) -> tuple[Path, Path]:
+    table = write_text_table(tmp_path / "t.tsv", rows_per_class=30)
+    run = tmp_path / "run"
+    config = TrainConfig(batch_size=8, quiet=True)
+    train_text(table, model=str(tiny_encoder), out=run, plan="feature-extract", plan_options={"epochs": 1}, config=config)
+    return table, run
+
+
+def test_a_text_table_is_scored_whole_unless_a_split_is_named(text_run: tuple[Path, Path], tmp_path: Path) -> None:
+    table, run = text_run
+    adapter, meta = load_run(run)
+    whole = evaluate_run(adapter, meta, table)
+    assert whole["split"] == "all" and whole["count"] == 60
+    val = evaluate_run(adapter, meta, table, "val")
+    assert val["split"] == "val" and val["count"] == 6  # the run's own 10% per class, seed 0
+    with pytest.raises(ThawError, match="no 'test' split; splits: train, val \\(hold one out with --test-split\\)"):
+        evaluate_run(adapter, meta, table, "test")
+    # A small held-out table of the user's: scored whole, even where a label occurs once (no split to make).
+    held_out = tmp_path / "held_out.tsv"
+    held_out.write_text("spam\twin a free prize now\nham\tsee you at lunch\nham\tthanks for dinner\n", encoding="utf-8")
+    assert evaluate_run(adapter, meta, held_out)["count"] == 3

@@ -1,0 +1,126 @@
+"""An export is reported good only after it was compared with PyTorch where exports break:
+other token lengths and batch sizes for text, real images in the run's preprocessing for images."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.conftest import write_class_images
+from thaw.cli import main
+from thaw.data.images import load_rgb
+from thaw.data.transforms import eval_transform
+from thaw.errors import ThawError
+from thaw.export.formats import export_model
+from thaw.export.run_dir import load_run
+from thaw.models.hf_text import build_text_model
+from thaw.train import TrainConfig, train_images
+
+
+@pytest.fixture
+def text_adapter(tiny_encoder: Path):
+    torch.manual_seed(0)
+    return build_text_model(str(tiny_encoder), num_classes=2)
+
+
+def test_onnx_text_export_with_a_fixed_token_length_is_refused(
+    text_adapter, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An exporter that bakes the example's sequence length in: inputs of the example's length still pass."""
+    real_export = torch.onnx.export
+
+    def export_with_a_fixed_length(*args, dynamic_shapes, **kwargs):
+        batch_only = tuple({0: dims[0]} for dims in dynamic_shapes)
+        return real_export(*args, dynamic_shapes=batch_only, **kwargs)
+
+    monkeypatch.setattr(torch.onnx, "export", export_with_a_fixed_length)
+    path = tmp_path / "model.onnx"
+    with pytest.raises(ThawError, match="exported onnx model fails on an input of shape 1x3 .*export refused"):
+        export_model(text_adapter, path, "onnx")
+    assert not path.exists()
+
+
+def test_torchscript_text_export_wrong_at_other_lengths_is_refused(
+    text_adapter, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A traced model that is right only at the traced length (what a length traced as a constant gives)."""
+    real_trace, real_load = torch.jit.trace, torch.jit.load
+    traced_length = []
+
+    def trace(model, example, **kwargs):
+        traced_length.append(example[0].shape[1])
+        return real_trace(model, example, **kwargs)
+
+    def load_right_at_the_traced_length_only(path):
+        loaded = real_load(path)
+        return lambda *inputs: loaded(*inputs) + float(inputs[0].shape[1] != traced_length[0])
+
+    monkeypatch.setattr(torch.jit, "trace", trace)
+    monkeypatch.setattr(torch.jit, "load", load_right_at_the_traced_length_only)
+    with pytest.raises(ThawError, match="torchscript model's outputs differ from PyTorch's by 1.00e\\+00; export refused"):
+        export_model(text_adapter, tmp_path / "model.pt", "torchscript")
+
+
+@pytest.fixture
+def image_run(tmp_path: Path) -> tuple[Path, Path]:
+    data = write_class_images(tmp_path / "data", per_class=6, size=40)
+    run = tmp_path / "run"
+    config = TrainConfig(image_size=32, batch_size=8, quiet=True)
+    options = {"epochs": 1}
+    train_images(data, model="mobilenet_v3_small", weights=None, out=run, plan="feature-extract", plan_options=options, config=config)
+    return data, run
+
+
+def _record_exported_inputs(monkeypatch: pytest.MonkeyPatch, wrong_on: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
+    """Every batch the exported TorchScript model is run on; optionally wrong on batches holding `wrong_on` images."""
+    real_load, seen = torch.jit.load, []
+
+    def load(path):
+        loaded = real_load(path)
+
+        def run(images: torch.Tensor) -> torch.Tensor:
+            seen.append(images)
+            real = any(torch.equal(image, known) for image in images for known in wrong_on or [])
+            return loaded(images) + float(real)
+
+        return run
+
+    monkeypatch.setattr(torch.jit, "load", load)
+    return seen
+
+
+def _real_images(data: Path, run: Path) -> list[torch.Tensor]:
+    """Every image of the run's data in the run's evaluation preprocessing."""
+    adapter, _ = load_run(run)
+    transform = eval_transform(adapter.preprocessing)
+    return [transform(load_rgb(path)) for path in sorted(data.rglob("*.png"))]
+
+
+def test_image_export_is_checked_on_real_images_of_the_run_data(
+    image_run: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data, run = image_run
+    real = _real_images(data, run)
+    seen = _record_exported_inputs(monkeypatch)
+    assert main(["export", str(run), "--format", "torchscript"]) == 0
+    assert "checked on 4 real images of the run's data and 2 noise batches" in capsys.readouterr().out
+    checked = [image for batch in seen for image in batch if any(torch.equal(image, known) for known in real)]
+    assert len(checked) == 4
+
+    # An export that is right on noise but wrong on real images is refused.
+    _record_exported_inputs(monkeypatch, wrong_on=real)
+    assert main(["export", str(run), "--format", "torchscript"]) == 2
+    assert "outputs differ from PyTorch's by 1.00e+00; export refused" in capsys.readouterr().err
+    assert not (run / "model.pt").exists()
+
+
+def test_image_export_says_when_only_noise_was_checked(
+    image_run: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data, run = image_run
+    shutil.move(str(data), str(tmp_path / "moved"))
+    assert main(["export", str(run), "--format", "torchscript"]) == 0
+    assert "checked on noise only (2 noise batches): the run's data folder is gone" in capsys.readouterr().out
