@@ -97,6 +97,7 @@ TRAIN_OPTIONS = PLAN_OPTIONS | {
     "--out": ("@fresh", *PATHS),
     "--resume": ("@run_copy", *PATHS),
     "--json": FLAG,
+    "--report": FLAG,
 }
 COMMANDS = {
     "plan": (
@@ -111,7 +112,11 @@ COMMANDS = {
          "--head-epochs", "1", "--epochs", "0", "--quiet", "--out", "@fresh"],
         TRAIN_OPTIONS,
     ),
-    "evaluate": (["evaluate", "@run", "@data"], {"--split": choices(("train", "val", "test")), "--json": FLAG}),
+    "evaluate": (["evaluate", "@run", "@data"], {"--split": choices(("train", "val", "test")), "--json": FLAG, "--report": FLAG}),
+    "report": (
+        ["report", "@run", "@data", "--top-losses", "2"],
+        {"--split": choices(("train", "val", "test")), "--top-losses": (*INTS, "500", "501"), "--json": FLAG},
+    ),
     "predict": (
         ["predict", "@run", "@images"],
         {"--file": ("-", "@texts", *PATHS), "--top-k": INTS, "--json": FLAG},
@@ -131,6 +136,7 @@ COMMANDS = {
 POSITIONALS = {
     "train": ("@data", "@flat", "@texts", *PATHS),
     "evaluate": ("@run", "@data", "@flat", *PATHS),
+    "report": ("@run", "@data", "@flat", "@texts", *PATHS),
     "predict": ("@run", "@images", "@texts", *PATHS),
     "export": ("@run", *PATHS),
     "lr-find": ("@data", "@flat", *PATHS),
@@ -314,6 +320,14 @@ def test_train(argv: list[str], trained: dict[str, Path], capfd: pytest.CaptureF
 @fuzz(15)
 @given(argv=argument_vectors("evaluate"))
 def test_evaluate(argv: list[str], trained: dict[str, Path], capfd: pytest.CaptureFixture[str]) -> None:
+    assert_one_line_or_success(argv, trained, capfd)
+
+
+@fuzz(15)
+@given(argv=argument_vectors("report"))
+@example(argv=["report", "@run"])  # the data where the run recorded it
+@example(argv=["report", "@run", "@data", "--top-losses", "0"])
+def test_report(argv: list[str], trained: dict[str, Path], capfd: pytest.CaptureFixture[str]) -> None:
     assert_one_line_or_success(argv, trained, capfd)
 
 

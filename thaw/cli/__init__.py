@@ -19,7 +19,7 @@ class OneLineParser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from thaw.cli import demo_cmd, lrfind_cmd, models_cmd, plan_cmd, train_cmd, use_cmds
+    from thaw.cli import demo_cmd, lrfind_cmd, models_cmd, plan_cmd, report_cmd, train_cmd, use_cmds
 
     parser = OneLineParser(prog="thaw", description="Fine-tune pretrained PyTorch models the way experts do.")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
@@ -27,6 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
     models_cmd.register(commands)
     train_cmd.register(commands)
     use_cmds.register(commands)
+    report_cmd.register(commands)
     lrfind_cmd.register(commands)
     demo_cmd.register(commands)
     return parser

@@ -15,6 +15,7 @@ from thaw.models import build_model
 from thaw.models.hf_text import DEFAULT_MAX_LENGTH, POOLINGS, build_text_model
 from thaw.models.sources import TASKS, hf_source, task_of
 from thaw.errors import ThawError
+from thaw.export.report import write_report
 from thaw.plan import plan_to_dict
 from thaw._io import atomic_write, check_writable
 from thaw.train import RunResult, RunState, TextColumns, TrainConfig, resume_run, saved_settings, train_images, train_text
@@ -42,12 +43,14 @@ def register(commands: argparse._SubParsersAction) -> None:
         "--resume", type=path_text, metavar="RUN", help="continue the run in RUN from its last checkpoint, with its own settings"
     )
     parser.add_argument("--json", action="store_true", help="end with one JSON line of results")
+    add_output_options(parser)
     parser.set_defaults(handler=run, parser=parser)
 
 
 PLAN_DESTS: set[str] = set()
-# Options that change how a run goes, not what it computes: free to differ on --resume.
-RUNTIME_DESTS = RUNTIME_FIELDS | {"json", "resume", "out", "data"}
+# Options that change how a run goes, not what it computes: free to differ on --resume. What a run
+# writes beside its weights (a report, logs for other tools) is one of them: it never changes the weights.
+RUNTIME_DESTS = RUNTIME_FIELDS | {"json", "resume", "out", "data", "report"}
 TEXT_DESTS = {"text_column": "text", "label_column": "label", "delimiter": "delimiter"}
 COMMAND = "command.json"  # in the run folder: the plan options as typed, so a resume can compare typed ones
 
@@ -79,6 +82,11 @@ def add_training_options(parser: argparse.ArgumentParser) -> None:
         help="cache K augmented views per image (default: the evaluation view)",
     )
     group.add_argument("--quiet", action="store_true")
+
+
+def add_output_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("what the run writes besides its weights (never changes them)")
+    group.add_argument("--report", action="store_true", help="end by writing RUN/report.html on the val split (see thaw report)")
 
 
 def add_text_options(parser: argparse.ArgumentParser) -> None:
@@ -214,14 +222,15 @@ def run(args: argparse.Namespace) -> int:
         result = _start(args, config, out, callbacks)
     if not main_rank:
         return 0
+    report = write_report(out, args.data)[0] if args.report else None  # rank 0 only: the others returned above
     best = result.best
     if args.json:
         summary = {
             "val_accuracy": best["val"]["accuracy"], "best_epoch": best["epoch"], "wall_s": round(result.wall_s, 2),
             "images_per_s": round(result.images_per_s, 1), "skipped_files": len(result.skipped), "out": str(out),
-        }
+        } | ({"report": str(report)} if report else {})
         print(json.dumps(summary))
         return 0
     print(f"best val {best['metric']} {best['value']:.4f} at epoch {best['epoch']} ({best['stage']}); {result.wall_s:.1f} s")
-    print("wrote " + ", ".join(str(p) for p in result.files.values()))
+    print("wrote " + ", ".join(str(p) for p in [*result.files.values(), *([report] if report else [])]))
     return 0

@@ -11,7 +11,8 @@ from thaw.cli.options import path_text, positive_int
 from thaw.data.folders import describe_skipped
 from thaw.errors import ThawError
 from thaw.export.formats import FORMATS, ExportCheck, export_model
-from thaw.export.inference import check_images, evaluate_run, image_files, predict_files, predict_texts
+from thaw.export.inference import check_images, image_files, predict_files, predict_texts, score_run
+from thaw.export.report import save_report
 from thaw.train.plots import plot_confusion
 from thaw.export.run_dir import load_run
 from thaw.plan.report import render_table
@@ -26,6 +27,7 @@ def register(commands: argparse._SubParsersAction) -> None:
         help="data in split folders: which one (default val); other data is scored whole unless a split of the run's is named",
     )
     evaluate.add_argument("--json", action="store_true")
+    evaluate.add_argument("--report", action="store_true", help="also write RUN/report.html for this split (thaw report)")
     evaluate.set_defaults(handler=run_evaluate)
 
     predict = commands.add_parser("predict", help="class names and probabilities for image files or folders, or for texts")
@@ -45,11 +47,13 @@ def register(commands: argparse._SubParsersAction) -> None:
 
 def run_evaluate(args: argparse.Namespace) -> int:
     adapter, meta = load_run(args.run)
-    metrics = evaluate_run(adapter, meta, args.data, args.split)
-    split = metrics["split"]
+    scored = score_run(adapter, meta, args.data, args.split)
+    metrics, split = scored.metrics, scored.metrics["split"]
+    report = save_report(Path(args.run), adapter, meta, scored)[0] if args.report else None
     picture = plot_confusion(metrics["confusion"], metrics["classes"], Path(args.run) / f"confusion-{split}.png", f"{split} split")
     if args.json:
-        print(json.dumps({k: v for k, v in metrics.items() if k != "seconds"} | {"confusion_png": str(picture)}))
+        extra = {"confusion_png": str(picture)} | ({"report": str(report)} if report else {})
+        print(json.dumps({k: v for k, v in metrics.items() if k != "seconds"} | extra))
         return 0
     unit = "texts" if meta.get("task") == "text" else "images"
     what = f"every readable one in {args.data}" if split == "all" else f"the {split} split of {args.data}"
@@ -59,6 +63,8 @@ def run_evaluate(args: argparse.Namespace) -> int:
     rows = [[name, f"{acc:.3f}", f"{f1:.3f}", *map(str, counts)] for name, acc, f1, counts in columns]
     print(render_table(rows, ["class", "recall", "F1", *[f"->{c}" for c in metrics["classes"]]]))
     print(f"confusion matrix: {picture}")
+    if report:
+        print(f"report: {report}")
     return 0
 
 

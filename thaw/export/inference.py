@@ -62,10 +62,26 @@ def evaluation_set(meta: dict, data_path: str | Path, split: str | None = None) 
     return EvaluationSet(split, samples, data.classes, data.skipped)
 
 
+@dataclass(frozen=True)
+class ScoredSet:
+    """One evaluation pass: the metrics `thaw evaluate --json` prints, and each scored sample with its logits."""
+
+    metrics: dict
+    samples: tuple  # (image path or text, class index), in the order of `logits`; files that failed to decode left out
+    logits: torch.Tensor  # [samples, classes], float32
+
+
 def evaluate_run(
     adapter: ModelAdapter, meta: dict, data_path: str | Path, split: str | None = None, batch_size: int = 64, quiet: bool = True
 ) -> dict:
     """Metrics of the run's model on `data_path` (see evaluation_set for what is scored); classes must match the run's."""
+    return score_run(adapter, meta, data_path, split, batch_size, quiet).metrics
+
+
+def score_run(
+    adapter: ModelAdapter, meta: dict, data_path: str | Path, split: str | None = None, batch_size: int = 64, quiet: bool = True
+) -> ScoredSet:
+    """evaluate_run, keeping every sample's logits: the report's numbers are the same pass as `thaw evaluate`'s."""
     chosen = evaluation_set(meta, data_path, split)
     if list(chosen.classes) != meta["classes"]:
         raise ThawError(
@@ -79,9 +95,16 @@ def evaluate_run(
     else:
         dataset = ImageDataset(chosen.samples, eval_transform(adapter.preprocessing), 2 * adapter.preprocessing.resize_size)
     loader = make_loader(dataset, batch_size=batch_size, shuffle=False, seed=0)
-    metrics = evaluate(adapter.model, loader, engine, len(chosen.classes), label=chosen.split)
+    batches: list[torch.Tensor] = []
+    keep = lambda logits, _labels: batches.append(logits)  # noqa: E731
+    metrics = evaluate(adapter.model, loader, engine, len(chosen.classes), label=chosen.split, observe=keep)
     skipped = list(chosen.skipped) + engine.failed
-    return metrics | {"split": chosen.split, "classes": list(chosen.classes), "skipped_files": len(skipped)}
+    failed = {path for path, _ in engine.failed}
+    # The loader's own order (text is batched by length), less the files that did not decode.
+    order = [i for batch in loader.batch_sampler for i in batch if str(chosen.samples[i][0]) not in failed]
+    logits = torch.cat(batches) if batches else torch.empty(0, len(chosen.classes))
+    metrics = metrics | {"split": chosen.split, "classes": list(chosen.classes), "skipped_files": len(skipped)}
+    return ScoredSet(metrics, tuple(chosen.samples[i] for i in order), logits)
 
 
 def check_images(meta: dict, preprocessing: Preprocessing, count: int = 4) -> list[torch.Tensor]:

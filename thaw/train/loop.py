@@ -187,7 +187,9 @@ def evaluate(
     num_classes: int,
     label: str = "eval",
     forward: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    observe: Callable[[torch.Tensor, torch.Tensor], None] | None = None,
 ) -> dict:
+    """Metrics of one pass; `observe` sees each batch's float logits and labels (on the CPU), in loader order."""
     forward = forward or model
     model.eval()
     tracker, started = MetricTracker(num_classes), time.perf_counter()
@@ -199,5 +201,7 @@ def evaluate(
             logits = forward(engine.to_device(batch.images))
         loss = nn.functional.cross_entropy(logits.float(), batch.labels.to(engine.device))
         tracker.update(logits, batch.labels, loss.item())
+        if observe is not None:
+            observe(logits.detach().float().cpu(), batch.labels.cpu())
     engine.finish(tracker)
     return tracker.summary() | {"seconds": time.perf_counter() - started, "confusion": tracker.confusion.tolist()}

@@ -63,7 +63,9 @@ class MetricTracker:
             "accuracy": float(true_positive.sum() / max(1, self.count)),
             "macro_f1": float(f1.mean()),
             "per_class_accuracy": [float(r) for r in recall],
+            "per_class_precision": [float(value) for value in precision],
             "per_class_f1": [float(value) for value in f1],
+            "per_class_support": [int(value) for value in per_class_total],
             "count": self.count,
         }
         if self.num_classes > 5:

@@ -1,0 +1,211 @@
+"""RUN/report.html: valid HTML, images that decode, the numbers of `thaw evaluate --json`, top losses in order."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import re
+import shutil
+from html.parser import HTMLParser
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from torch import nn
+
+from tests.conftest import write_text_table
+from thaw.cli import main
+from thaw.export.interpret import feature_layer, grad_cam, is_convolutional
+from thaw.models import build_model
+from thaw.models.generic import adapt
+
+TINY = ["--model", "mobilenet_v3_small", "--weights", "none", "--image-size", "32", "--batch-size", "8"]
+VOID = {"meta", "img", "br", "hr", "input", "link"}
+
+
+class PageReader(HTMLParser):
+    """Python's own HTML parser, plus the checks a browser would not make: every tag closed in order."""
+
+    def __init__(self) -> None:
+        super().__init__(convert_charrefs=True)
+        self.open: list[str] = []
+        self.images: list[str] = []
+        self.numbers: dict[str, str] = {}
+        self.losses: list[float] = []
+        self.tags: set[str] = set()
+        self.text: list[str] = []
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        values = dict(attrs)
+        self.tags.add(tag)
+        if tag == "img":
+            self.images.append(values["src"])
+        if "data-key" in values:
+            self.numbers[values["data-key"]] = values["data-value"]
+        if "data-loss" in values:
+            self.losses.append(float(values["data-loss"]))
+        if tag not in VOID:
+            self.open.append(tag)
+
+    def handle_endtag(self, tag: str) -> None:
+        assert self.open and self.open[-1] == tag, f"</{tag}> closes <{self.open[-1] if self.open else None}>"
+        self.open.pop()
+
+    def handle_data(self, data: str) -> None:
+        self.text.append(data)
+
+
+def read_page(path: Path) -> PageReader:
+    page = path.read_text(encoding="utf-8")
+    assert page.startswith("<!DOCTYPE html>")
+    reader = PageReader()
+    reader.feed(page)
+    reader.close()
+    assert not reader.open, f"unclosed tags: {reader.open}"
+    assert "script" not in reader.tags and not re.search(r"(src|href)=\"https?:", page)  # nothing to run, nothing to fetch
+    for source in reader.images:  # every picture is inline and decodes
+        mime, _, data = source.removeprefix("data:").partition(";base64,")
+        assert mime in ("image/png", "image/jpeg"), source[:40]
+        picture = Image.open(io.BytesIO(base64.b64decode(data, validate=True)))
+        picture.load()
+        assert mime == "image/png" or max(picture.size) <= 96  # thumbnails and heat maps stay small
+    return reader
+
+
+def evaluate_json(run: Path, data: Path, split: str, capsys: pytest.CaptureFixture[str]) -> dict:
+    capsys.readouterr()
+    assert main(["evaluate", str(run), str(data), "--split", split, "--json"]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def assert_same_numbers(reader: PageReader, metrics: dict) -> None:
+    """Every number the page shows is the one `thaw evaluate --json` printed, to the last digit."""
+    expected = {key: metrics[key] for key in ("accuracy", "macro_f1", "loss")}
+    for key in ("per_class_precision", "per_class_accuracy", "per_class_f1", "per_class_support"):
+        expected |= {f"{key}.{i}": value for i, value in enumerate(metrics[key])}
+    expected |= {f"confusion.{t}.{p}": n for t, row in enumerate(metrics["confusion"]) for p, n in enumerate(row)}
+    assert {key: reader.numbers[key] for key in expected} == {key: repr(value) for key, value in expected.items()}
+
+
+@pytest.fixture(scope="module")
+def image_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A tiny two-phase run, trained with --report (the report written at the end of the run)."""
+    from tests.conftest import write_class_images
+
+    root = tmp_path_factory.mktemp("report")
+    data = root / "colours"
+    write_class_images(data / "train", per_class=8, size=32, seed=0)
+    write_class_images(data / "val", per_class=4, size=32, seed=1)
+    write_class_images(data / "test", per_class=3, size=32, seed=2)
+    run = root / "run"
+    args = ["train", str(data), *TINY, "--head-epochs", "1", "--epochs", "1", "--out", str(run), "--quiet", "--report"]
+    assert main(args) == 0
+    return run, data
+
+
+def test_train_report_holds_the_numbers_of_evaluate_json(image_run: tuple[Path, Path], capsys: pytest.CaptureFixture[str]) -> None:
+    run, data = image_run
+    reader = read_page(run / "report.html")
+    assert_same_numbers(reader, evaluate_json(run, data, "val", capsys))
+    assert len(reader.losses) == 12 and reader.losses == sorted(reader.losses, reverse=True)  # every val image, worst first
+    text = " ".join(reader.text)
+    for shown in ("The plan as run", "what trained", "Per class", "Most confused", "Grad-CAM of the predicted class", "torch 2."):
+        assert shown in text
+    # Two pictures per top loss (the original, the heat map) and the curves.
+    assert sum(src.startswith("data:image/jpeg") for src in reader.images) == 24
+    assert sum(src.startswith("data:image/png") for src in reader.images) == 1
+
+
+def test_report_on_a_copied_run_and_another_split(
+    image_run: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The run folder moved elsewhere (the old one gone): the report needs no path of the run's own."""
+    run, data = image_run
+    copy = tmp_path / "elsewhere" / "bees"
+    shutil.copytree(run, copy)
+    (copy / "report.html").unlink()
+    moved_away = run.with_name("run-moved")
+    run.rename(moved_away)
+    try:
+        capsys.readouterr()
+        assert main(["report", str(copy), "--split", "test", "--top-losses", "4", "--json"]) == 0
+        said = json.loads(capsys.readouterr().out)
+        assert said["report"] == str(copy / "report.html") and said["split"] == "test" and said["count"] == 9
+        reader = read_page(copy / "report.html")
+        assert_same_numbers(reader, evaluate_json(copy, data, "test", capsys))
+        assert len(reader.losses) == 4 and reader.losses == sorted(reader.losses, reverse=True)
+    finally:
+        moved_away.rename(run)
+
+
+def test_evaluate_report_writes_the_split_it_scored(image_run: tuple[Path, Path], capsys: pytest.CaptureFixture[str]) -> None:
+    run, data = image_run
+    assert main(["evaluate", str(run), str(data), "--split", "train", "--report", "--json"]) == 0
+    metrics = json.loads(capsys.readouterr().out)
+    assert metrics["report"] == str(run / "report.html")
+    reader = read_page(run / "report.html")
+    assert_same_numbers(reader, metrics)
+    assert "train split: 24 images" in " ".join(reader.text)
+    assert len(reader.losses) == 16  # the default gallery
+
+
+def test_report_without_its_data_is_one_line(image_run: tuple[Path, Path], tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    run, _ = image_run
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    meta = json.loads((copy / "thaw.json").read_text())
+    meta["data"]["path"] = str(tmp_path / "gone")
+    (copy / "thaw.json").write_text(json.dumps(meta))
+    capfd.readouterr()
+    assert main(["report", str(copy)]) == 2
+    error = capfd.readouterr().err.strip()
+    gone = tmp_path / "gone"
+    assert error == f"thaw: error: the run's data was at {gone}, which does not exist now; pass its place: thaw report {copy} DATA"
+
+
+def test_report_on_a_lora_run(image_run: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    _, data = image_run
+    run = tmp_path / "lora"
+    lora = ["--strategy", "lora", "--epochs", "1", "--lora-targets", "features.12"]
+    assert main(["train", str(data), *TINY, *lora, "--out", str(run), "--quiet"]) == 0
+    assert main(["report", str(run), str(data)]) == 0
+    reader = read_page(run / "report.html")
+    assert_same_numbers(reader, evaluate_json(run, data, "val", capsys))
+    text = " ".join(reader.text)
+    assert "LoRA" in text and "adapters" in text and "Grad-CAM of the predicted class" in text
+
+
+def test_report_on_a_text_run_shows_the_texts(tmp_path: Path, tiny_encoder: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    table = write_text_table(tmp_path / "t.tsv", rows_per_class=20)
+    run = tmp_path / "run"
+    args = ["train", str(table), "--task", "text", "--model", str(tiny_encoder), "--strategy", "feature-extract", "--epochs", "1",
+            "--batch-size", "8", "--out", str(run), "--quiet"]
+    assert main(args) == 0
+    assert main(["report", str(run), "--top-losses", "3"]) == 0
+    reader = read_page(run / "report.html")
+    assert_same_numbers(reader, evaluate_json(run, table, "val", capsys))
+    assert reader.losses == sorted(reader.losses, reverse=True) and len(reader.losses) == 3
+    assert not reader.images or all(src.startswith("data:image/png") for src in reader.images)  # curves only, no thumbnails
+    text = " ".join(reader.text)
+    assert "heat maps are for image models" in text and re.search(r"(win|claim|free|see|call|thanks|are we)", text)
+
+
+def test_heat_maps_only_for_convolutional_nets() -> None:
+    resnet = build_model("resnet18", weights=None, num_classes=2)
+    assert is_convolutional(resnet.model) and feature_layer(resnet, torch.rand(3, 64, 64)) == "layer4"
+    assert not is_convolutional(build_model("vit_b_16", num_classes=2, device="meta").model)
+
+
+def test_grad_cam_points_where_the_class_evidence_is() -> None:
+    """A net whose class 0 is the brightness of channel 0: the map must peak on the bright corner."""
+    model = nn.Sequential(nn.Conv2d(3, 3, 1, bias=False), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(3, 2))
+    with torch.no_grad():
+        model[0].weight.copy_(torch.eye(3)[:, :, None, None])
+        model[4].weight.copy_(torch.tensor([[1.0, 0, 0], [0, 1.0, 0]]))
+    adapter = adapt(model)
+    image = torch.zeros(3, 8, 8)
+    image[0, :3, 5:] = 1.0  # top right
+    cam = grad_cam(adapter, "0", image, target=0)
+    assert cam.shape == (8, 8) and cam[:3, 5:].min() == 1.0 and cam[3:, :].max() == 0.0 and cam[:, :5].max() == 0.0

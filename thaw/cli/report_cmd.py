@@ -1,0 +1,38 @@
+"""`thaw report RUN [DATA]`: RUN/report.html, a page that shows what the run learned."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from thaw.cli.options import path_text, positive_int
+from thaw.export.report import TOP_LOSSES, write_report
+
+MAX_TOP_LOSSES = 500  # each one is an inline thumbnail (and a Grad-CAM pass): past this the page stops being readable
+
+
+def register(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser("report", help="write RUN/report.html: curves, per-class scores, confusions, the top losses")
+    parser.add_argument("run", type=path_text)
+    parser.add_argument("data", nargs="?", type=path_text, help="the data (default: where the run recorded it)")
+    parser.add_argument("--split", choices=("train", "val", "test"), default="val", help="which split to score (default val)")
+    parser.add_argument("--top-losses", type=top_count, default=TOP_LOSSES, metavar="N", help="images or texts in the gallery")
+    parser.add_argument("--json", action="store_true", help="one JSON line: the file and the metrics it shows")
+    parser.set_defaults(handler=run)
+
+
+def top_count(text: str) -> int:
+    value = positive_int(text)
+    if value > MAX_TOP_LOSSES:
+        raise argparse.ArgumentTypeError(f"expected at most {MAX_TOP_LOSSES} top losses, got {text}")
+    return value
+
+
+def run(args: argparse.Namespace) -> int:
+    path, report = write_report(args.run, args.data, args.split, args.top_losses)
+    metrics = report["metrics"]
+    if args.json:
+        print(json.dumps({"report": str(path), "split": metrics["split"], "count": metrics["count"], "accuracy": metrics["accuracy"]}))
+    else:
+        print(f"wrote {path} ({metrics['split']}: {metrics['count']} samples, accuracy {metrics['accuracy']:.4f})")
+    return 0

@@ -1,0 +1,278 @@
+"""`RUN/report.html`: one self-contained page that shows what a run learned.
+
+Computed first (`build_report` returns plain data), rendered second (`render_html`). The page needs no
+network and no JavaScript: images are inline base64, tables are plain HTML with inline colours. Its
+numbers come from the same pass as `thaw evaluate --json` (`score_run`), so they are equal by construction.
+"""
+
+from __future__ import annotations
+
+import base64
+import csv
+import html
+import time
+from pathlib import Path
+
+from thaw._io import atomic_write
+from thaw.errors import ThawError
+from thaw.export.inference import ScoredSet, score_run
+from thaw.export.interpret import TopLoss, heat_maps, most_confused, thumbnail, top_losses
+from thaw.export.run_dir import load_run
+from thaw.models import ModelAdapter
+from thaw.plan import plan_from_dict, plan_report
+
+REPORT = "report.html"
+LR_FIND = "lr_find.png"  # `thaw lr-find DATA ... --out RUN/lr_find.png` puts its plot where the report finds it
+CURVES = "curves.png"
+TOP_LOSSES = 16
+
+
+def run_data_path(run: Path, meta: dict, data_path: str | Path | None) -> Path:
+    """DATA as given, else where the run recorded its data; one line when neither exists."""
+    path = Path(data_path) if data_path else Path(meta.get("data", {}).get("path") or meta.get("data_path") or "")
+    if not data_path and not path.exists():
+        raise ThawError(f"the run's data was at {path}, which does not exist now; pass its place: thaw report {run} DATA")
+    return path
+
+
+def write_report(
+    run: str | Path, data_path: str | Path | None = None, split: str | None = "val", top: int = TOP_LOSSES
+) -> tuple[Path, dict]:
+    """Score the run on `split` of its data and write RUN/report.html; returns the file and the report's data."""
+    run = Path(run)
+    adapter, meta = load_run(run)
+    scored = score_run(adapter, meta, run_data_path(run, meta, data_path), split)
+    return save_report(run, adapter, meta, scored, top)
+
+
+def save_report(run: Path, adapter: ModelAdapter, meta: dict, scored: ScoredSet, top: int = TOP_LOSSES) -> tuple[Path, dict]:
+    report = build_report(run, adapter, meta, scored, top)
+    atomic_write(run / REPORT, lambda target: target.write_text(render_html(report), encoding="utf-8"))
+    return run / REPORT, report
+
+
+def build_report(run: Path, adapter: ModelAdapter, meta: dict, scored: ScoredSet, top: int = TOP_LOSSES) -> dict:
+    """Everything the page shows, as data."""
+    metrics, classes = scored.metrics, scored.metrics["classes"]
+    losses = top_losses(scored, top)
+    maps, heat_note = heat_maps(adapter, losses)
+    return {
+        "run": run.name,
+        "task": meta.get("task", "image"),
+        "written": time.strftime("%Y-%m-%d %H:%M"),
+        "glance": _glance(adapter, meta),
+        "metrics": metrics,
+        "confused": most_confused(metrics["confusion"], classes),
+        "gallery": [_gallery_item(item, classes, maps.get(i)) for i, item in enumerate(losses)],
+        "heat_note": heat_note,
+        "history": _history(run),
+        "pictures": {name: _png(run / name) for name in (CURVES, LR_FIND) if (run / name).is_file()},
+    }
+
+
+def _glance(adapter: ModelAdapter, meta: dict) -> dict:
+    plan = plan_report(adapter, plan_from_dict(meta["plan"], "the run's plan"), meta["model"])
+    for stage, recorded in zip(plan["stages"], meta["plan"]["stages"]):
+        stage["train"] = recorded.get("train")
+    return {
+        "model": meta["model"], "weights": meta.get("weights"), "family": meta.get("family"), "classes": meta["classes"],
+        "data": meta.get("data", {}), "skipped": meta.get("skipped_files", []), "plan": plan, "lora": meta["plan"].get("lora"),
+        "best": meta.get("best", {}), "wall_s": meta.get("wall_s"), "images_per_s": meta.get("images_per_s"),
+        "versions": meta.get("versions", {}), "preprocessing": meta.get("preprocessing", {}),
+    }
+
+
+def _gallery_item(item: TopLoss, classes: list[str], heat_map: str | None) -> dict:
+    entry = {
+        "true": classes[item.true], "predicted": classes[item.predicted], "probability": item.probability,
+        "true_probability": item.true_probability, "loss": item.loss,
+    }
+    if isinstance(item.sample, str):
+        return entry | {"text": item.sample}
+    name = f"{item.sample.parent.name}/{item.sample.name}"  # class folder and file: enough to find it, no absolute path
+    return entry | {"file": name, "thumbnail": thumbnail(item.sample), "heat_map": heat_map}
+
+
+def _history(run: Path) -> list[dict]:
+    try:
+        with open(run / "metrics.csv", newline="") as stream:
+            return list(csv.DictReader(stream))
+    except OSError:
+        return []
+
+
+def _png(path: Path) -> str:
+    return base64.b64encode(path.read_bytes()).decode("ascii")
+
+
+# Rendering: plain HTML, every value escaped.
+
+STYLE = """
+body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1100px;color:#222}
+h1{margin-bottom:0}h2{border-bottom:1px solid #ccc;padding-bottom:.2em;margin-top:2em}
+table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #ddd;padding:.25em .6em;text-align:right}
+th{background:#f4f4f4}td:first-child,th:first-child{text-align:left}.note{color:#666}
+.gallery{display:flex;flex-wrap:wrap;gap:1em}.card{border:1px solid #ddd;padding:.5em;width:220px;font-size:.9em}
+.card img{display:inline-block;margin-right:4px}.wrong{color:#b00}.text{white-space:pre-wrap;word-break:break-word}
+"""
+
+
+def _e(value: object) -> str:
+    return html.escape(str(value), quote=True)
+
+
+def _number(value: float, key: str) -> str:
+    """A number shown to 4 places, with its exact value in data-value for readers that check it."""
+    return f'<td data-key="{_e(key)}" data-value="{value!r}">{value:.4f}</td>'
+
+
+def _table(header: list[str], rows: list[str]) -> str:
+    head = "".join(f"<th>{_e(h)}</th>" for h in header)
+    return f"<table><tr>{head}</tr>{''.join(rows)}</table>"
+
+
+def _image(data: str, mime: str, alt: str) -> str:
+    return f'<img src="data:{mime};base64,{data}" alt="{_e(alt)}">'
+
+
+def render_html(report: dict) -> str:
+    sections = [_glance_html(report), _curves_html(report), _metrics_html(report), _confused_html(report), _gallery_html(report)]
+    return (
+        f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>thaw report: {_e(report["run"])}</title>'
+        f"<style>{STYLE}</style></head><body>"
+        f"<h1>thaw report: {_e(report['run'])}</h1><p class=\"note\">written {_e(report['written'])}</p>"
+        + "".join(sections) + "</body></html>\n"
+    )
+
+
+def _glance_html(report: dict) -> str:
+    glance = report["glance"]
+    data, best = glance["data"], glance["best"]
+    counts = ", ".join(f"{split} {data[split]}" for split in ("train", "val", "test") if data.get(split))
+    skipped = glance["skipped"]
+    shown = "; ".join(f"{s['path']} ({s['reason']})" for s in skipped[:5]) + (" ..." if len(skipped) > 5 else "")
+    rows = [
+        ("data", f"{data.get('path', '?')}: {data.get('layout', '')}"),
+        ("classes", f"{len(glance['classes'])}: {', '.join(glance['classes'])}"),
+        ("samples per split", counts),
+        ("skipped files", f"{len(skipped)}{': ' + shown if skipped else ''}"),
+        ("model", f"{glance['model']} ({glance['family']}), weights {glance['weights']}"),
+        ("parameters", f"{glance['plan']['total_params']:,}"),
+        ("best epoch", f"{best.get('epoch')} ({best.get('stage')}): val {best.get('metric')} {best.get('value', 0):.4f}"),
+        ("wall time", f"{glance['wall_s'] or 0:.1f} s, {glance['images_per_s'] or 0:.1f} training samples/s"),
+        ("versions", ", ".join(f"{k} {v}" for k, v in glance["versions"].items())),
+    ]
+    facts = "".join(f"<tr><th>{_e(k)}</th><td style=\"text-align:left\">{_e(v)}</td></tr>" for k, v in rows)
+    return f"<h2>The run at a glance</h2><table>{facts}</table>{_plan_html(glance)}"
+
+
+def _plan_html(glance: dict) -> str:
+    total, rows = glance["plan"]["total_params"], []
+    for index, stage in enumerate(glance["plan"]["stages"], 1):
+        trained = [g for g in stage["groups"] if g["trainable"]]
+        lrs = ", ".join(f"{g['name']} {g['lr']:.2g}" for g in trained)
+        policies = ", ".join(sorted({g["batchnorm"] for g in stage["groups"] if g["batchnorm"]})) or "no BatchNorm"
+        share = 100 * stage["trainable_params"] / total if total else 0
+        cells = [f"{index}. {stage['name']}", stage["epochs"], ", ".join(stage.get("train") or []),
+                 f"{stage['trainable_params']:,} ({share:.1f}%)", lrs, policies]
+        rows.append("<tr>" + "".join(f"<td>{_e(c)}</td>" for c in cells) + "</tr>")
+    lora = f"<p>LoRA: {_e(glance['lora'])}</p>" if glance["lora"] else ""
+    header = ["stage", "epochs", "what trained", "trainable", "lr per group", "BatchNorm"]
+    return f"<h3>The plan as run</h3>{_table(header, rows)}{lora}"
+
+
+def _curves_html(report: dict) -> str:
+    pictures = report["pictures"]
+    parts = ["<h2>Learning curves</h2>"]
+    if CURVES in pictures:
+        parts.append(_image(pictures[CURVES], "image/png", "loss and accuracy per epoch, stage boundaries dashed"))
+    columns = ["epoch", "stage", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "val_macro_f1", "seconds"]
+    rows = ["<tr>" + "".join(f"<td>{_e(_short(row.get(c, '')))}</td>" for c in columns) + "</tr>" for row in report["history"]]
+    parts.append(_table(columns, rows))
+    if LR_FIND in pictures:
+        parts.append("<h3>lr finder</h3>" + _image(pictures[LR_FIND], "image/png", "loss against lr"))
+    else:
+        parts.append(f'<p class="note">No lr-finder plot: run thaw lr-find DATA ... --out {_e(report["run"])}/{LR_FIND} to add one.</p>')
+    return "".join(parts)
+
+
+def _short(text: str) -> str:
+    try:
+        return f"{float(text):.4g}"
+    except ValueError:
+        return text
+
+
+def _metrics_html(report: dict) -> str:
+    m = report["metrics"]
+    unit = "texts" if report["task"] == "text" else "images"
+    summary = (
+        f"<p>{_e(m['split'])} split: {m['count']} {unit}, {m['skipped_files']} skipped.</p>"
+        f'<table><tr><th>accuracy</th>{_number(m["accuracy"], "accuracy")}</tr>'
+        f'<tr><th>macro-F1</th>{_number(m["macro_f1"], "macro_f1")}</tr>'
+        f'<tr><th>loss</th>{_number(m["loss"], "loss")}</tr></table>'
+    )
+    rows = []
+    for i, name in enumerate(m["classes"]):
+        cells = [_number(m[f"per_class_{k}"][i], f"per_class_{k}.{i}") for k in ("precision", "accuracy", "f1")]
+        support = f'<td data-key="per_class_support.{i}" data-value="{m["per_class_support"][i]}">{m["per_class_support"][i]}</td>'
+        rows.append(f"<tr><td>{_e(name)}</td>{''.join(cells)}{support}</tr>")
+    per_class = _table(["class", "precision", "recall", "F1", "support"], rows)
+    return f"<h2>How well it does</h2>{summary}<h3>Per class</h3>{per_class}{_confusion_html(m)}"
+
+
+def _confusion_html(m: dict) -> str:
+    classes, confusion = m["classes"], m["confusion"]
+    counts, shares = [], []
+    for t, row in enumerate(confusion):
+        total = sum(row) or 1
+        cells = "".join(
+            f'<td data-key="confusion.{t}.{p}" data-value="{n}" style="{_shade(n / total)}">{n}</td>' for p, n in enumerate(row)
+        )
+        counts.append(f"<tr><th>{_e(classes[t])}</th>{cells}</tr>")
+        cells = "".join(f'<td style="{_shade(n / total)}">{n / total:.2f}</td>' for n in row)
+        shares.append(f"<tr><th>{_e(classes[t])}</th>{cells}</tr>")
+    header = ["true \\ predicted", *classes]
+    return (
+        f"<h3>Confusion matrix (counts; rows: true class)</h3>{_table(header, counts)}"
+        f"<h3>Confusion matrix (normalised: share of each true class)</h3>{_table(header, shares)}"
+    )
+
+
+def _shade(share: float) -> str:
+    level = round(255 - 175 * share)
+    return f"background:rgb({level},{level},255)" + (";color:#fff" if share > 0.6 else "")
+
+
+def _confused_html(report: dict) -> str:
+    pairs = report["confused"]
+    if not pairs:
+        return "<h2>Most confused</h2><p>No mistakes on this split.</p>"
+    rows = [f"<tr><td>{_e(t)}</td><td>{_e(p)}</td><td>{n}</td></tr>" for t, p, n in pairs]
+    return f"<h2>Most confused</h2>{_table(['true', 'predicted as', 'times'], rows)}"
+
+
+def _gallery_html(report: dict) -> str:
+    items = report["gallery"]
+    title = f"<h2>Top losses: the {len(items)} {'texts' if report['task'] == 'text' else 'images'} it got most wrong</h2>"
+    note = f'<p class="note">{_e(report["heat_note"])}. Loss is the cross-entropy of the true class.</p>'
+    cards = "".join(_card(item) for item in items)
+    return f'{title}{note}<div class="gallery">{cards}</div>'
+
+
+def _card(item: dict) -> str:
+    wrong = ' class="wrong"' if item["true"] != item["predicted"] else ""
+    if "text" in item:
+        shown = item["text"] if len(item["text"]) <= 400 else item["text"][:400] + " ..."
+        body = f'<div class="text">{_e(shown)}</div>'
+    else:
+        pictures = [_image(item["thumbnail"], "image/jpeg", item["file"])] if item["thumbnail"] else ["(no longer decodes)"]
+        if item["heat_map"]:
+            pictures.append(_image(item["heat_map"], "image/jpeg", f"where the model looked: {item['file']}"))
+        body = "".join(pictures) + f"<div>{_e(item['file'])}</div>"
+    return (
+        f'<div class="card" data-loss="{item["loss"]!r}">{body}'
+        f"<div>true <b>{_e(item['true'])}</b> ({item['true_probability']:.3f})</div>"
+        f"<div{wrong}>predicted <b>{_e(item['predicted'])}</b> ({item['probability']:.3f})</div>"
+        f"<div>loss {item['loss']:.3f}</div></div>"
+    )
