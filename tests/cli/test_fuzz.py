@@ -98,6 +98,7 @@ TRAIN_OPTIONS = PLAN_OPTIONS | {
     "--resume": ("@run_copy", *PATHS),
     "--json": FLAG,
     "--report": FLAG,
+    "--log": ("tensorboard", "mlflow", "bogus", ""),
 }
 COMMANDS = {
     "plan": (
@@ -196,7 +197,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="module", autouse=True)
-def bounded_runs() -> None:
+def bounded_runs(tmp_path_factory: pytest.TempPathFactory) -> None:
     """At most REAL_EPOCHS real epochs per run; the demo stops after its own argument checks; no network."""
     real_epoch = Trainer.run_epoch
 
@@ -214,6 +215,9 @@ def bounded_runs() -> None:
         patch.setattr(demo_cmd, "run_demo", run_demo)
         patch.setenv("HF_HUB_OFFLINE", "1")
         patch.setenv("TRANSFORMERS_OFFLINE", "1")
+        # --log mlflow writes to ./mlruns, and a draw without --out to ./runs: keep both out of the checkout
+        patch.delenv("MLFLOW_TRACKING_URI", raising=False)
+        patch.chdir(tmp_path_factory.mktemp("cwd"))
         yield
 
 

@@ -126,6 +126,7 @@ def test_report_on_a_copied_run_and_another_split(
     copy = tmp_path / "elsewhere" / "bees"
     shutil.copytree(run, copy)
     (copy / "report.html").unlink()
+    Image.new("RGB", (60, 40), "white").save(copy / "lr_find.png")  # as `thaw lr-find ... --out RUN/lr_find.png` leaves it
     moved_away = run.with_name("run-moved")
     run.rename(moved_away)
     try:
@@ -136,6 +137,7 @@ def test_report_on_a_copied_run_and_another_split(
         reader = read_page(copy / "report.html")
         assert_same_numbers(reader, evaluate_json(copy, data, "test", capsys))
         assert len(reader.losses) == 4 and reader.losses == sorted(reader.losses, reverse=True)
+        assert sum(src.startswith("data:image/png") for src in reader.images) == 2 and "lr finder" in " ".join(reader.text)
     finally:
         moved_away.rename(run)
 

@@ -16,6 +16,7 @@ from thaw.models.hf_text import DEFAULT_MAX_LENGTH, POOLINGS, build_text_model
 from thaw.models.sources import TASKS, hf_source, task_of
 from thaw.errors import ThawError
 from thaw.export.report import write_report
+from thaw.train.loggers import LOGGERS, make_loggers
 from thaw.plan import plan_to_dict
 from thaw._io import atomic_write, check_writable
 from thaw.train import RunResult, RunState, TextColumns, TrainConfig, resume_run, saved_settings, train_images, train_text
@@ -50,7 +51,7 @@ def register(commands: argparse._SubParsersAction) -> None:
 PLAN_DESTS: set[str] = set()
 # Options that change how a run goes, not what it computes: free to differ on --resume. What a run
 # writes beside its weights (a report, logs for other tools) is one of them: it never changes the weights.
-RUNTIME_DESTS = RUNTIME_FIELDS | {"json", "resume", "out", "data", "report"}
+RUNTIME_DESTS = RUNTIME_FIELDS | {"json", "resume", "out", "data", "report", "log"}
 TEXT_DESTS = {"text_column": "text", "label_column": "label", "delimiter": "delimiter"}
 COMMAND = "command.json"  # in the run folder: the plan options as typed, so a resume can compare typed ones
 
@@ -87,6 +88,10 @@ def add_training_options(parser: argparse.ArgumentParser) -> None:
 def add_output_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("what the run writes besides its weights (never changes them)")
     group.add_argument("--report", action="store_true", help="end by writing RUN/report.html on the val split (see thaw report)")
+    group.add_argument(
+        "--log", choices=LOGGERS, action="append", default=[],
+        help="also log to TensorBoard (RUN/tensorboard) or MLflow (./mlruns, or MLFLOW_TRACKING_URI); repeat for both",
+    )
 
 
 def add_text_options(parser: argparse.ArgumentParser) -> None:
@@ -120,19 +125,20 @@ def print_epoch(state: RunState) -> None:
     )
 
 
-def _start(args: argparse.Namespace, config: TrainConfig, out: Path, callbacks: list) -> RunResult:
+def _start(args: argparse.Namespace, config: TrainConfig, out: Path, callbacks: list, step_hooks: list) -> RunResult:
     if task_of(args) == "text":
         adapter = build_text_model(hf_source(args.model), num_classes=2, device="meta", load=False)
         columns = TextColumns(args.text_column, args.label_column, args.delimiter)
         return train_text(
             args.data, model=hf_source(args.model), plan=plan_from_args(args, len(adapter.groups)), config=config, out=out,
             columns=columns, val_split=0.1 if args.val_split is None else args.val_split, test_split=args.test_split,
-            pooling=args.pooling, max_length=args.max_length, resume=bool(args.resume), callbacks=callbacks,
+            pooling=args.pooling, max_length=args.max_length, resume=bool(args.resume), callbacks=callbacks, step_hooks=step_hooks,
         )
     adapter = build_model(args.model, num_classes=2, device="meta")
     return train_images(
         args.data, model=args.model, weights=args.weights, plan=plan_from_args(args, len(adapter.groups)), config=config, out=out,
         val_split=0.2 if args.val_split is None else args.val_split, resume=bool(args.resume), callbacks=callbacks,
+        step_hooks=step_hooks,
     )
 
 
@@ -187,7 +193,7 @@ def _group_count(args: argparse.Namespace) -> int:
     return len(build_model(args.model, num_classes=2, device="meta").groups)
 
 
-def _resume(args: argparse.Namespace, run: Path, settings: dict, callbacks: list) -> RunResult:
+def _resume(args: argparse.Namespace, run: Path, settings: dict, callbacks: list, step_hooks: list) -> RunResult:
     """Continue RUN with the settings it recorded; typed options must agree with them."""
     if args.out and Path(args.out).resolve() != run.resolve():
         raise ThawError(f"--out {args.out} and --resume {run} name two runs; a resume writes into the run it continues")
@@ -199,7 +205,7 @@ def _resume(args: argparse.Namespace, run: Path, settings: dict, callbacks: list
             f"`thaw train --resume {run}` alone continues the run as it was started"
         )
     runtime = {"workers": args.workers, "device": args.device, "quiet": args.quiet or args.json, "strict": args.strict}
-    return resume_run(run, data_path=args.data, callbacks=callbacks, **runtime)
+    return resume_run(run, data_path=args.data, callbacks=callbacks, step_hooks=step_hooks, **runtime)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -207,21 +213,49 @@ def run(args: argparse.Namespace) -> int:
     quiet = args.json or args.quiet or not main_rank
     callbacks = [] if quiet else [print_epoch]
     settings = saved_settings(args.resume) if args.resume else None
+    if settings is None and (args.data is None or args.model is None):  # a new run; or a resume of an older thaw's checkpoint
+        why = f"{args.resume} holds no checkpoint that records its settings, so " if args.resume else ""
+        raise ThawError(f"{why}thaw train needs DATA and --model (see `thaw train --help`)")
+    out = _out_folder(args)
+    if main_rank and args.log:  # before any work: a logger writes into the run folder, and a missing package stops here
+        check_writable(out)
+    loggers = make_loggers(args.log, out, settings or _typed_settings(args)) if main_rank else []
+    finished = False
+    try:
+        result = _train(args, out, settings, callbacks + [logger.epoch for logger in loggers], loggers)
+        code = _finish(args, out, result) if main_rank else 0
+        finished = True
+        return code
+    finally:  # after the report, so MLflow stores it with the run folder
+        for logger in loggers:
+            logger.close(failed=not finished)
+
+
+def _out_folder(args: argparse.Namespace) -> Path:
+    if args.resume:
+        return Path(args.resume)
+    return Path(args.out or f"runs/{Path(args.model).name or args.model.replace('/', '_')}-{args.strategy}")
+
+
+def _typed_settings(args: argparse.Namespace) -> dict:
+    """What MLflow records as params for a new run: the model, the data and every training and plan option."""
+    plan = {dest: getattr(args, dest) for dest in sorted(PLAN_DESTS)}
+    return {"model": args.model, "weights": args.weights, "data": args.data, "config": vars(config_from_args(args)), "plan": plan}
+
+
+def _train(args: argparse.Namespace, out: Path, settings: dict | None, callbacks: list, step_hooks: list) -> RunResult:
+    quiet = args.json or args.quiet or not distributed.from_environment().is_main
     if settings is not None:
-        out = Path(args.resume)
-        result = _resume(args, out, settings, callbacks)
-    else:  # a new run; or a resume before the first checkpoint, or of a checkpoint an older thaw wrote
-        if args.data is None or args.model is None:
-            why = f"{args.resume} holds no checkpoint that records its settings, so " if args.resume else ""
-            raise ThawError(f"{why}thaw train needs DATA and --model (see `thaw train --help`)")
-        out = Path(args.resume or args.out or f"runs/{Path(args.model).name or args.model.replace('/', '_')}-{args.strategy}")
-        config = replace(config_from_args(args), quiet=quiet)
-        if distributed.from_environment().is_main:
-            check_writable(out)
-            _record_plan_options(args, out)
-        result = _start(args, config, out, callbacks)
-    if not main_rank:
-        return 0
+        return _resume(args, out, settings, callbacks, step_hooks)
+    config = replace(config_from_args(args), quiet=quiet)  # a new run; or a resume before the first checkpoint
+    if distributed.from_environment().is_main:
+        check_writable(out)
+        _record_plan_options(args, out)
+    return _start(args, config, out, callbacks, step_hooks)
+
+
+def _finish(args: argparse.Namespace, out: Path, result: RunResult) -> int:
+    """Rank 0, after training: the report when asked, then the summary."""
     report = write_report(out, args.data)[0] if args.report else None  # rank 0 only: the others returned above
     best = result.best
     if args.json:

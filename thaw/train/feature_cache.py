@@ -28,6 +28,7 @@ from thaw.distributed import SINGLE, Processes, collective_device
 from thaw.models.adapter import ModelAdapter
 from thaw.plan.freeze import batchnorm_layers, is_eval_locked
 from thaw.train.loop import Engine
+from thaw.train.progress import bars_disabled
 
 
 def why_not_cached(adapter: ModelAdapter, trainable: tuple[str, ...]) -> str | None:
@@ -147,7 +148,7 @@ def compute_features(
     adapter.model.eval()
     store, labels = None, []
     loader = make_loader(dataset, batch_size=batch_size, shuffle=False, seed=0, workers=workers, processes=processes, augment_seed=augment_seed)
-    for batch in tqdm(loader, desc=label, disable=engine.quiet, leave=False, unit="batch"):
+    for batch in tqdm(loader, desc=label, disable=bars_disabled(engine.quiet), leave=False, unit="batch"):
         engine.note_failures(batch.failed)
         if not len(batch.labels):
             continue

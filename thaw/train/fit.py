@@ -30,6 +30,7 @@ from thaw.distributed import Processes
 from thaw.errors import ThawError
 from thaw.models.adapter import ModelAdapter, Preprocessing
 from thaw.plan import Plan, enter_stage, plan_to_dict
+from thaw.plan.stages import resolve_stage
 from thaw.plan.freeze import batchnorm_layers, is_eval_locked
 from thaw.train import checkpoint as ckpt
 from thaw.train.config import TrainConfig, check_device, check_image_size
@@ -39,6 +40,7 @@ from thaw.train.feature_cache import (
 )
 from thaw.train.loop import Engine, StageSchedule, evaluate, train_one_epoch
 from thaw.train.metrics import MetricTracker
+from thaw.train.progress import CACHED, FULL, PlanProgress
 from thaw.train.settings import differences, run_settings
 
 BEST_WEIGHTS = "model.safetensors"
@@ -149,6 +151,7 @@ class Trainer:
         self.resume_point: dict | None = None  # where a run interrupted mid-epoch stopped
         self.state = RunState()
         self.train_images, self.train_seconds = 0, 0.0
+        self.val_outputs: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # a logger that asks gets each val batch's logits
         self.settings = run_settings(config, data, meta, plan_to_dict(plan), bf16=self.engine.bf16, processes=processes.world)
         self.cache_budget = MemoryBudget(int(config.cache_memory_gb * 2**30))
         # Without augmentation every cached view would be the evaluation view: cache that one only.
@@ -203,7 +206,7 @@ class Trainer:
         """Whether some BatchNorm layer normalises with batch statistics in this stage (policy train)."""
         return any(not is_eval_locked(layer) for _, layer in batchnorm_layers(self.model))
 
-    def _steps_per_epoch(self, cached: CachedStage | None) -> int:
+    def steps_per_epoch(self, cached: CachedStage | None = None) -> int:
         """Optimizer steps in one epoch of this rank (every rank takes as many)."""
         if cached is not None:
             batches = math.ceil(len(cached.train_view(0).labels) / self.config.batch_size)
@@ -213,7 +216,7 @@ class Trainer:
         return math.ceil(batches / self.config.accumulate)
 
     def _schedule(self, epochs: int, cached: CachedStage | None) -> StageSchedule:
-        per_epoch = self._steps_per_epoch(cached)
+        per_epoch = self.steps_per_epoch(cached)
         c = self.config
         return StageSchedule(c.schedule, per_epoch, per_epoch * epochs, c.warmup, c.grad_clip, c.accumulate)
 
@@ -293,10 +296,15 @@ class Trainer:
             train = train_one_epoch(self.model, features, self.optimizer, self.engine, schedule, first_step, label, classes, forward=self.adapter.forward_head, **options)
         if train["interrupted"]:
             self._save_interrupted(done + train["batches"], train["tracker"])
+        observe = None
+        if self.val_outputs is not None:
+            self.val_outputs.clear()
+            observe = lambda logits, labels: self.val_outputs.append((logits, labels))  # noqa: E731
         if cached is None:
-            val = evaluate(self.model, self.val_loader, self.engine, classes, label=f"{label} val")
+            val = evaluate(self.model, self.val_loader, self.engine, classes, label=f"{label} val", observe=observe)
         else:
-            val = evaluate(self.model, FeatureBatches(cached.val, self.config.batch_size, None, dtype), self.engine, classes, f"{label} val", forward=self.adapter.forward_head)
+            batches = FeatureBatches(cached.val, self.config.batch_size, None, dtype)
+            val = evaluate(self.model, batches, self.engine, classes, f"{label} val", forward=self.adapter.forward_head, observe=observe)
         self.train_images += train["count"]
         self.train_seconds += train["seconds"]
         return self._record(stage_index, train, val, cached is not None)
@@ -372,11 +380,25 @@ class Trainer:
             self.wrapped = distributed.wrap(self.model, self.engine.device)
         return resolved, optimizer
 
+    def plan_progress(self) -> PlanProgress:
+        """The plan as the bar counts it: epochs per stage (stages that ended early cut to what they ran),
+        and which stages will train on cached features (predicted: only the head trains; the stage decides)."""
+        epochs = [stage.epochs for stage in self.plan.stages]
+        for index in range(self.state.stage + self.state.stopped):
+            epochs[index] = sum(1 for row in self.state.history if row["stage_index"] == index)
+        kinds = []
+        for stage in self.plan.stages:
+            trainable = resolve_stage(self.adapter, stage).trainable
+            kinds.append(CACHED if self.config.cache and all(self.adapter.in_head(name) for name in trainable) else FULL)
+        return PlanProgress(epochs, kinds, self.steps_per_epoch())
+
     def run_stage(self, stage_index: int, callbacks: list[EpochCallback]) -> None:
         stage, state = self.plan.stages[stage_index], self.state
         if self.optimizer is None or state.epoch == 0:
             _, self.optimizer = self._enter(stage_index, self.optimizer)
         cached = self.stage_cache(stage_index) if state.epoch < stage.epochs and not state.stopped else None
+        self.engine.stage = stage_index
+        self.engine.progress.kinds[stage_index] = CACHED if cached is not None else FULL
         schedule = self._schedule(stage.epochs, cached)
         self.engine.before_step = distributed.average_gradients if (cached is not None and self.processes.distributed) else None
         while state.epoch < stage.epochs and not state.stopped:
@@ -389,6 +411,7 @@ class Trainer:
             for callback in callbacks:
                 callback(state)
             if state.stopped:
+                self.engine.progress.epochs[stage_index] = state.epoch
                 self._say(f"stage {stage.name!r}: no improvement in {patience} epochs, moving on")
 
     def _say(self, message: str) -> None:
@@ -423,6 +446,7 @@ class Trainer:
             self.restore()
         elif resume:
             self._say(f"no checkpoint in {self.out} yet: starting the run from the beginning")
+        self.engine.progress = self.plan_progress()
         while self.state.stage < len(self.plan.stages):
             self.run_stage(self.state.stage, callbacks)
             if self.state.stage + 1 == len(self.plan.stages):
@@ -469,5 +493,8 @@ def fit(
         raise ThawError(f"cannot decode {path} ({reason}); remove it, or drop --strict to skip such files")
     trainer = Trainer(adapter, data, plan, config, out, meta, processes)
     trainer.engine.step_hooks.extend(step_hooks or [])
+    for hook in step_hooks or []:  # loggers read the trainer (steps, val outputs); they never change it
+        if hasattr(hook, "attach"):
+            hook.attach(trainer)
     return trainer.fit(resume, callbacks or [])
 

@@ -18,6 +18,7 @@ from thaw.distributed import collective_device
 from thaw.errors import ThawError
 from thaw.plan import audit_gradients
 from thaw.train.metrics import MetricTracker
+from thaw.train.progress import PlanProgress, bars_disabled
 from thaw.train.schedule import apply_lrs, multiplier
 
 
@@ -39,6 +40,10 @@ class Engine:
     min_batch: int = 1
     audit_next_step: str | None = None  # set at a stage change: the next step's gradients are audited
     before_step: Callable[[nn.Module], None] | None = None  # e.g. averaging gradients across ranks
+    # The step hooks' view of the step just taken: its mean loss on this rank, samples (all ranks), seconds.
+    last_step: dict = field(default_factory=dict)
+    progress: PlanProgress | None = None  # the whole plan, for the bar's step count and time left
+    stage: int = 0  # the stage being trained, as an index into the plan
 
     def count_everywhere(self, count: int) -> tuple[int, bool]:
         """A batch's samples summed over every rank, and whether any rank has fewer than `min_batch`
@@ -121,8 +126,9 @@ def train_one_epoch(
     model.train()  # frozen BatchNorm layers stay in eval: their hook wins
     tracker = tracker or MetricTracker(num_classes)
     step, started, batches, in_group = first_step, time.perf_counter(), 0, 0
+    group_loss, group_count, step_started = 0.0, 0, started
     optimizer.zero_grad(set_to_none=True)
-    progress = tqdm(loader, desc=label, disable=engine.quiet, leave=False, unit="batch")
+    progress = tqdm(loader, desc=_bar_label(engine, label), disable=bars_disabled(engine.quiet), leave=False, unit="batch")
     total = len(loader)
     for index, batch in enumerate(progress):
         batches = index + 1
@@ -131,15 +137,29 @@ def train_one_epoch(
         if not some_rank_short:
             value = _forward_backward(forward, batch, engine, f"{label}, batch {index + 1}", tracker)
             in_group += everywhere
-            progress.set_postfix(loss=f"{value:.3f}", img_s=f"{tracker.count / max(time.perf_counter() - started, 1e-9):.0f}")
+            group_loss, group_count = group_loss + value * len(batch.labels), group_count + len(batch.labels)
+            rate = tracker.count / max(time.perf_counter() - started, 1e-9)
+            if engine.progress is None:
+                progress.set_postfix(loss=f"{value:.3f}", img_s=f"{rate:.0f}")
+            else:
+                progress.set_postfix_str(engine.progress.postfix(engine.stage, step, value, rate))
         if (index + 1) % schedule.accumulate == 0 or index + 1 == total:
             if in_group:
+                now = time.perf_counter()
+                engine.last_step = {"loss": group_loss / max(group_count, 1), "samples": in_group, "seconds": now - step_started}
                 _optimizer_step(model, optimizer, engine, schedule, step, in_group)
-            step, in_group = step + 1, 0
+                if engine.progress is not None:
+                    engine.progress.record(engine.progress.kinds[engine.stage], now - step_started)
+                step_started = now
+            step, in_group, group_loss, group_count = step + 1, 0, 0.0, 0
             if should_stop() and index + 1 < total:
                 progress.close()
                 return {"interrupted": True, "batches": batches, "tracker": tracker, "seconds": time.perf_counter() - started}
     return engine.finish(tracker).summary() | {"seconds": time.perf_counter() - started, "interrupted": False}
+
+
+def _bar_label(engine: Engine, label: str) -> str:
+    return label if engine.progress is None else f"stage {engine.stage + 1}/{len(engine.progress.epochs)} {label}"
 
 
 def _forward_backward(forward: Callable, batch: Batch, engine: Engine, where: str, tracker: MetricTracker) -> float:
@@ -193,7 +213,7 @@ def evaluate(
     forward = forward or model
     model.eval()
     tracker, started = MetricTracker(num_classes), time.perf_counter()
-    for batch in tqdm(loader, desc=label, disable=engine.quiet, leave=False, unit="batch"):
+    for batch in tqdm(loader, desc=label, disable=bars_disabled(engine.quiet), leave=False, unit="batch"):
         engine.note_failures(batch.failed)
         if not len(batch.labels):
             continue

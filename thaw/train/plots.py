@@ -35,6 +35,14 @@ def plot_curves(history: list[dict], path: Path) -> Path:
 
 
 def plot_confusion(confusion: list[list[int]], classes: list[str], path: Path, title: str = "confusion matrix") -> Path:
+    figure = confusion_figure(confusion, classes, title)
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+    return path
+
+
+def confusion_figure(confusion: list[list[int]], classes: list[str], title: str = "confusion matrix") -> plt.Figure:
+    """The matrix with its counts; the caller saves or logs it (TensorBoard's add_figure closes it)."""
     size = max(4.0, 0.5 * len(classes) + 2)
     figure, axis = plt.subplots(figsize=(size, size))
     axis.imshow(confusion, cmap="Blues")
@@ -48,6 +56,4 @@ def plot_confusion(confusion: list[list[int]], classes: list[str], path: Path, t
             axis.text(j, i, str(count), ha="center", va="center", color="white" if count > peak / 2 else "black")
     axis.set_title(title)
     figure.tight_layout()
-    figure.savefig(path, dpi=100)
-    plt.close(figure)
-    return path
+    return figure

@@ -1,0 +1,127 @@
+"""--log tensorboard and --log mlflow: read back with the tools' own readers; the weights never change."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import write_class_images
+from thaw.cli import main
+
+TINY = ["--model", "mobilenet_v3_small", "--weights", "none", "--image-size", "32", "--batch-size", "8", "--quiet"]
+PLAN = ["--strategy", "two-phase", "--head-epochs", "1", "--epochs", "1"]  # 24 train images: 3 steps per epoch, 6 in all
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("logs") / "colours"
+    write_class_images(root / "train", per_class=8, size=32, seed=0)
+    write_class_images(root / "val", per_class=4, size=32, seed=1)
+    return root
+
+
+@pytest.fixture(scope="module")
+def runs(data: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """The same run twice: plainly, and with both loggers and the report (MLflow in a folder of its own)."""
+    root = tmp_path_factory.mktemp("runs")
+    plain, logged = root / "plain", root / "logged"
+    assert main(["train", str(data), *TINY, *PLAN, "--out", str(plain)]) == 0
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(root)
+        patch.delenv("MLFLOW_TRACKING_URI", raising=False)
+        assert main(["train", str(data), *TINY, *PLAN, "--out", str(logged), "--log", "tensorboard", "--log", "mlflow", "--report"]) == 0
+    return {"plain": plain, "logged": logged, "root": root}
+
+
+def test_logging_and_the_report_leave_the_weights_bit_identical(runs: dict[str, Path]) -> None:
+    assert (runs["plain"] / "model.safetensors").read_bytes() == (runs["logged"] / "model.safetensors").read_bytes()
+    plain = json.loads((runs["plain"] / "thaw.json").read_text())
+    logged = json.loads((runs["logged"] / "thaw.json").read_text())
+    assert plain["train_config"] == logged["train_config"] and plain["best"] == logged["best"]
+
+
+def test_tensorboard_events_read_back_with_tensorboards_reader(runs: dict[str, Path]) -> None:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(runs["logged"] / "tensorboard"), size_guidance={"scalars": 0, "images": 0}).Reload()
+    scalars, images = set(events.Tags()["scalars"]), set(events.Tags()["images"])
+    assert {"step/loss", "step/images_per_s", "lr/head", "lr/features.0", "epoch/train_loss", "epoch/val_accuracy"} <= scalars
+    assert {"epoch/images_per_s", "epoch/val_loss", "epoch/val_macro_f1", "epoch/train_accuracy"} <= scalars
+    assert [event.step for event in events.Scalars("step/loss")] == [1, 2, 3, 4, 5, 6]  # steps counted over both stages
+    assert [event.step for event in events.Scalars("lr/features.0")] == [4, 5, 6]  # the body trains in stage 2 only
+    history = _metrics_rows(runs["logged"])
+    assert [round(e.value, 5) for e in events.Scalars("epoch/val_accuracy")] == [round(float(r["val_accuracy"]), 5) for r in history]
+    assert {"val/confusion", "val/top_losses"} <= images
+    assert len(events.Images("val/top_losses")) == 2  # one per epoch
+    grid = events.Images("val/top_losses")[0]
+    assert (grid.width, grid.height) == (8 * 32, 32)  # the 8 worst val images, 32 px each, side by side
+
+
+def _metrics_rows(run: Path) -> list[dict]:
+    import csv
+
+    with open(run / "metrics.csv", newline="") as stream:
+        return list(csv.DictReader(stream))
+
+
+def test_mlflow_run_reads_back_with_get_run(runs: dict[str, Path]) -> None:
+    import mlflow
+
+    mlflow.set_tracking_uri(f"sqlite:///{runs['root'] / 'mlruns' / 'mlflow.db'}")
+    found = mlflow.search_runs(experiment_names=["thaw"], output_format="list")
+    assert len(found) == 1
+    run = mlflow.get_run(found[0].info.run_id)
+    params, metrics = run.data.params, run.data.metrics
+    assert run.info.status == "FINISHED"
+    assert params["model"] == "mobilenet_v3_small" and params["config.batch_size"] == "8" and params["plan.strategy"] == "two-phase"
+    history = _metrics_rows(runs["logged"])
+    assert metrics["epoch.val_accuracy"] == pytest.approx(float(history[-1]["val_accuracy"]))
+    assert {"step.loss", "lr.head", "epoch.train_loss", "epoch.images_per_s"} <= set(metrics)
+    stored = {item.path for item in mlflow.MlflowClient().list_artifacts(run.info.run_id)}
+    assert {"thaw.json", "metrics.csv", "model.safetensors", "report.html", "curves.png"} <= stored and "checkpoint.pt" not in stored
+
+
+def test_resume_with_log_and_report_is_allowed(runs: dict[str, Path], data: Path, tmp_path: Path) -> None:
+    """--log and --report are runtime options: a resume may add them without contradicting the run."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(runs["plain"], run)
+    assert main(["train", "--resume", str(run), "--log", "tensorboard", "--report", "--quiet"]) == 0
+    assert (run / "report.html").is_file() and any((run / "tensorboard").iterdir())
+    assert (run / "model.safetensors").read_bytes() == (runs["plain"] / "model.safetensors").read_bytes()
+
+
+@pytest.mark.parametrize("backend", ["tensorboard", "mlflow"])
+def test_a_missing_package_is_one_line_naming_the_extra(
+    backend: str, data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setitem(sys.modules, backend, None)  # import fails as if it were not installed
+    capfd.readouterr()
+    assert main(["train", str(data), *TINY, *PLAN, "--out", str(tmp_path / "run"), "--log", backend]) == 2
+    error = capfd.readouterr().err.strip()
+    assert error == f"thaw: error: --log {backend} needs the {backend} package: pip install 'thaw[{backend}]'"
+    assert not (tmp_path / "run" / "checkpoint.pt").exists()
+
+
+def test_a_resumed_run_continues_the_step_count(data: Path, tmp_path: Path) -> None:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from tests.conftest import Crash, crash_after
+    from thaw.train import TrainConfig, resume_run, train_images
+    from thaw.train.loggers import TensorBoardLogger
+
+    run, config = tmp_path / "run", TrainConfig(batch_size=8, image_size=32, quiet=True)
+    first = TensorBoardLogger(run)
+    with pytest.raises(Crash):
+        train_images(data, model="mobilenet_v3_small", weights=None, out=run, config=config, plan="two-phase",
+                     plan_options={"head_epochs": 1, "epochs": 1}, step_hooks=[first], callbacks=[first.epoch, crash_after(1)])
+    first.close()
+    second = TensorBoardLogger(run)
+    resume_run(run, step_hooks=[second], callbacks=[second.epoch], quiet=True)
+    second.close()
+    events = EventAccumulator(str(run / "tensorboard"), size_guidance={"scalars": 0}).Reload()
+    assert sorted(event.step for event in events.Scalars("step/loss")) == [1, 2, 3, 4, 5, 6]
