@@ -125,3 +125,25 @@ def test_a_resumed_run_continues_the_step_count(data: Path, tmp_path: Path) -> N
     second.close()
     events = EventAccumulator(str(run / "tensorboard"), size_guidance={"scalars": 0}).Reload()
     assert sorted(event.step for event in events.Scalars("step/loss")) == [1, 2, 3, 4, 5, 6]
+
+
+def test_a_text_run_logs_its_worst_texts_and_mlflow_follows_the_tracking_uri(
+    tiny_encoder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import mlflow
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from tests.conftest import write_text_table
+
+    table, run, store = write_text_table(tmp_path / "t.tsv", rows_per_class=20), tmp_path / "run", tmp_path / "elsewhere.db"
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{store}")
+    args = ["train", str(table), "--task", "text", "--model", str(tiny_encoder), "--strategy", "feature-extract", "--epochs", "1",
+            "--batch-size", "8", "--out", str(run), "--quiet", "--log", "tensorboard", "--log", "mlflow"]
+    assert main(args) == 0
+    events = EventAccumulator(str(run / "tensorboard"), size_guidance={"tensors": 0}).Reload()
+    worst = events.Tensors("val/top_losses/text_summary")[0].tensor_proto.string_val[0].decode()
+    assert worst.startswith("| label | text |") and "true " in worst and "loss " in worst
+    assert store.is_file() and not (tmp_path / "mlruns" / "mlflow.db").exists()  # the URI, not the default
+    mlflow.set_tracking_uri(f"sqlite:///{store}")
+    assert len(mlflow.search_runs(experiment_names=["thaw"], output_format="list")) == 1

@@ -30,7 +30,7 @@ from thaw.distributed import Processes
 from thaw.errors import ThawError
 from thaw.models.adapter import ModelAdapter, Preprocessing
 from thaw.plan import Plan, enter_stage, plan_to_dict
-from thaw.plan.stages import resolve_stage
+from thaw.plan.stages import Stage, resolve_stage
 from thaw.plan.freeze import batchnorm_layers, is_eval_locked
 from thaw.train import checkpoint as ckpt
 from thaw.train.config import TrainConfig, check_device, check_image_size
@@ -386,11 +386,14 @@ class Trainer:
         epochs = [stage.epochs for stage in self.plan.stages]
         for index in range(self.state.stage + self.state.stopped):
             epochs[index] = sum(1 for row in self.state.history if row["stage_index"] == index)
-        kinds = []
-        for stage in self.plan.stages:
+        return PlanProgress(epochs, [self._predicted_kind(stage) for stage in self.plan.stages], self.steps_per_epoch())
+
+    def _predicted_kind(self, stage: Stage) -> str:
+        try:
             trainable = resolve_stage(self.adapter, stage).trainable
-            kinds.append(CACHED if self.config.cache and all(self.adapter.in_head(name) for name in trainable) else FULL)
-        return PlanProgress(epochs, kinds, self.steps_per_epoch())
+        except ThawError:  # the stage reports its own problem when it starts, as it always has
+            return FULL
+        return CACHED if self.config.cache and all(self.adapter.in_head(name) for name in trainable) else FULL
 
     def run_stage(self, stage_index: int, callbacks: list[EpochCallback]) -> None:
         stage, state = self.plan.stages[stage_index], self.state
