@@ -23,6 +23,8 @@ from thaw.models.generic import adapt
 
 TINY = ["--model", "mobilenet_v3_small", "--weights", "none", "--image-size", "32", "--batch-size", "8"]
 VOID = {"meta", "img", "br", "hr", "input", "link"}
+HOSTILE_CLASSES = ("red", 'gr<i>een"', "bl&ue<td>")  # folder names are class names: the page must show them as text
+ALLOWED_TAGS = {"html", "head", "meta", "title", "style", "body", "h1", "h2", "h3", "p", "table", "tr", "th", "td", "div", "img", "b"}
 
 
 class PageReader(HTMLParser):
@@ -65,6 +67,7 @@ def read_page(path: Path) -> PageReader:
     reader.close()
     assert not reader.open, f"unclosed tags: {reader.open}"
     assert "script" not in reader.tags and not re.search(r"(src|href)=\"https?:", page)  # nothing to run, nothing to fetch
+    assert reader.tags <= ALLOWED_TAGS, reader.tags - ALLOWED_TAGS  # a name or text that became markup would add a tag
     for source in reader.images:  # every picture is inline and decodes
         mime, _, data = source.removeprefix("data:").partition(";base64,")
         assert mime in ("image/png", "image/jpeg"), source[:40]
@@ -96,9 +99,8 @@ def image_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 
     root = tmp_path_factory.mktemp("report")
     data = root / "colours"
-    write_class_images(data / "train", per_class=8, size=32, seed=0)
-    write_class_images(data / "val", per_class=4, size=32, seed=1)
-    write_class_images(data / "test", per_class=3, size=32, seed=2)
+    for split, count, seed in (("train", 8, 0), ("val", 4, 1), ("test", 3, 2)):  # class names a page must escape
+        write_class_images(data / split, classes=HOSTILE_CLASSES, per_class=count, size=32, seed=seed)
     run = root / "run"
     args = ["train", str(data), *TINY, "--head-epochs", "1", "--epochs", "1", "--out", str(run), "--quiet", "--report"]
     assert main(args) == 0
@@ -113,6 +115,8 @@ def test_train_report_holds_the_numbers_of_evaluate_json(image_run: tuple[Path, 
     text = " ".join(reader.text)
     for shown in ("The plan as run", "what trained", "Per class", "Most confused", "Grad-CAM of the predicted class", "torch 2."):
         assert shown in text
+    for name in HOSTILE_CLASSES:  # shown as typed, in the per-class table, both matrices and the gallery
+        assert text.count(name) >= 3, name
     # Two pictures per top loss (the original, the heat map) and the curves.
     assert sum(src.startswith("data:image/jpeg") for src in reader.images) == 24
     assert sum(src.startswith("data:image/png") for src in reader.images) == 1
@@ -181,6 +185,9 @@ def test_report_on_a_lora_run(image_run: tuple[Path, Path], tmp_path: Path, caps
 
 def test_report_on_a_text_run_shows_the_texts(tmp_path: Path, tiny_encoder: Path, capsys: pytest.CaptureFixture[str]) -> None:
     table = write_text_table(tmp_path / "t.tsv", rows_per_class=20)
+    hostile = [f"{label.replace('spam', '<b>spam')}\t{text} <script>alert(1)</script>" for label, text in
+               (line.split("\t") for line in table.read_text().splitlines())]
+    table.write_text("\n".join(hostile) + "\n", encoding="utf-8")
     run = tmp_path / "run"
     args = ["train", str(table), "--task", "text", "--model", str(tiny_encoder), "--strategy", "feature-extract", "--epochs", "1",
             "--batch-size", "8", "--out", str(run), "--quiet"]
@@ -192,6 +199,13 @@ def test_report_on_a_text_run_shows_the_texts(tmp_path: Path, tiny_encoder: Path
     assert not reader.images or all(src.startswith("data:image/png") for src in reader.images)  # curves only, no thumbnails
     text = " ".join(reader.text)
     assert "heat maps are for image models" in text and re.search(r"(win|claim|free|see|call|thanks|are we)", text)
+    assert "<script>alert(1)</script>" in text and "<b>spam" in text  # as text: no script tag, no stray <b> (ALLOWED_TAGS)
+    page = (run / "report.html").read_bytes()
+    capsys.readouterr()
+    assert main(["report", str(run), "--split", "test"]) == 2  # this table held no test split out
+    error = capsys.readouterr().err.strip()
+    assert error.startswith("thaw: error: this dataset has no 'test' split; splits: train, val") and "\n" not in error
+    assert (run / "report.html").read_bytes() == page  # the report that was there is kept
 
 
 def test_heat_maps_only_for_convolutional_nets() -> None:
@@ -211,3 +225,48 @@ def test_grad_cam_points_where_the_class_evidence_is() -> None:
     image[0, :3, 5:] = 1.0  # top right
     cam = grad_cam(adapter, "0", image, target=0)
     assert cam.shape == (8, 8) and cam[:3, 5:].min() == 1.0 and cam[3:, :].max() == 0.0 and cam[:, :5].max() == 0.0
+
+
+def test_heat_maps_on_a_frozen_model_leave_it_as_it_was(tmp_path: Path) -> None:
+    """Grad-CAM needs gradients at the feature map even when no weight wants one; afterwards the model's
+    modes, requires_grad flags, gradients and hooks are exactly as before."""
+    from thaw.export.interpret import TopLoss, heat_maps
+    from tests.conftest import write_class_images
+
+    images = sorted(write_class_images(tmp_path / "images", per_class=2, size=32).rglob("*.png"))
+    head = [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3)]
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), *head)
+    adapter = adapt(model)
+    model.train()
+    model[1].eval()  # a frozen BatchNorm: a mixed state that a plain model.train() afterwards would not restore
+    model.requires_grad_(False)
+    modes = [module.training for module in model.modules()]
+    losses = [TopLoss(path, 0, 1, 0.6, 0.3, 1.2) for path in images[:3]]
+    drawn, note = heat_maps(adapter, losses)
+    assert sorted(drawn) == [0, 1, 2] and "Grad-CAM" in note
+    for data in drawn.values():
+        Image.open(io.BytesIO(base64.b64decode(data))).load()
+    assert [module.training for module in model.modules()] == modes
+    assert all(not p.requires_grad and p.grad is None for p in model.parameters())
+    assert all(not module._forward_hooks and not module._backward_hooks for module in model.modules())
+
+
+def test_a_report_failing_at_the_end_of_training_keeps_the_run(
+    image_run: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """Hours of training are not lost to a report that fails: weights saved, summary printed, one line, exit 1."""
+    from thaw.cli import train_cmd
+
+    def broken(*_args: object) -> None:
+        raise RuntimeError("disk full\nsecond line")
+
+    monkeypatch.setattr(train_cmd, "write_report", broken)
+    _, data = image_run
+    run = tmp_path / "run"
+    capfd.readouterr()
+    assert main(["train", str(data), *TINY, "--head-epochs", "1", "--epochs", "0", "--out", str(run), "--report", "--json"]) == 1
+    said = capfd.readouterr()
+    assert json.loads(said.out)["out"] == str(run) and (run / "model.safetensors").is_file()
+    assert said.err.strip() == (
+        f"thaw: error: the run in {run} is saved, but its report failed (RuntimeError: disk full); `thaw report {run}` tries again"
+    )

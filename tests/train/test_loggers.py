@@ -70,17 +70,17 @@ def _metrics_rows(run: Path) -> list[dict]:
 def test_mlflow_run_reads_back_with_get_run(runs: dict[str, Path]) -> None:
     import mlflow
 
-    mlflow.set_tracking_uri(f"sqlite:///{runs['root'] / 'mlruns' / 'mlflow.db'}")
-    found = mlflow.search_runs(experiment_names=["thaw"], output_format="list")
+    client = mlflow.MlflowClient(f"sqlite:///{runs['root'] / 'mlruns' / 'mlflow.db'}")  # no global state: the next test keeps its URI
+    found = client.search_runs([client.get_experiment_by_name("thaw").experiment_id])
     assert len(found) == 1
-    run = mlflow.get_run(found[0].info.run_id)
+    run = client.get_run(found[0].info.run_id)
     params, metrics = run.data.params, run.data.metrics
     assert run.info.status == "FINISHED"
     assert params["model"] == "mobilenet_v3_small" and params["config.batch_size"] == "8" and params["plan.strategy"] == "two-phase"
     history = _metrics_rows(runs["logged"])
     assert metrics["epoch.val_accuracy"] == pytest.approx(float(history[-1]["val_accuracy"]))
     assert {"step.loss", "lr.head", "epoch.train_loss", "epoch.images_per_s"} <= set(metrics)
-    stored = {item.path for item in mlflow.MlflowClient().list_artifacts(run.info.run_id)}
+    stored = {item.path for item in client.list_artifacts(run.info.run_id)}
     assert {"thaw.json", "metrics.csv", "model.safetensors", "report.html", "curves.png"} <= stored and "checkpoint.pt" not in stored
 
 
@@ -100,11 +100,14 @@ def test_a_missing_package_is_one_line_naming_the_extra(
     backend: str, data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
 ) -> None:
     monkeypatch.setitem(sys.modules, backend, None)  # import fails as if it were not installed
+    monkeypatch.chdir(tmp_path)
     capfd.readouterr()
-    assert main(["train", str(data), *TINY, *PLAN, "--out", str(tmp_path / "run"), "--log", backend]) == 2
+    both = ["--log", "tensorboard", "--log", "mlflow"]  # the other one is installed: it must not start either
+    assert main(["train", str(data), *TINY, *PLAN, "--out", str(tmp_path / "run"), *both]) == 2
     error = capfd.readouterr().err.strip()
     assert error == f"thaw: error: --log {backend} needs the {backend} package: pip install 'thaw[{backend}]'"
     assert not (tmp_path / "run" / "checkpoint.pt").exists()
+    assert not (tmp_path / "run" / "tensorboard").exists() and not (tmp_path / "mlruns").exists()
 
 
 def test_a_resumed_run_continues_the_step_count(data: Path, tmp_path: Path) -> None:
@@ -145,5 +148,40 @@ def test_a_text_run_logs_its_worst_texts_and_mlflow_follows_the_tracking_uri(
     worst = events.Tensors("val/top_losses/text_summary")[0].tensor_proto.string_val[0].decode()
     assert worst.startswith("| label | text |") and "true " in worst and "loss " in worst
     assert store.is_file() and not (tmp_path / "mlruns" / "mlflow.db").exists()  # the URI, not the default
-    mlflow.set_tracking_uri(f"sqlite:///{store}")
-    assert len(mlflow.search_runs(experiment_names=["thaw"], output_format="list")) == 1
+    client = mlflow.MlflowClient(f"sqlite:///{store}")
+    assert len(client.search_runs([client.get_experiment_by_name("thaw").experiment_id])) == 1
+
+
+def test_a_logger_that_fails_mid_run_warns_once_and_the_training_goes_on(
+    runs: dict[str, Path], data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
+) -> None:
+    from thaw.train.loggers import TensorBoardLogger
+
+    def full_disk(*_args: object, **_kwargs: object) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(TensorBoardLogger, "log_step", full_disk)
+    monkeypatch.setattr(TensorBoardLogger, "close", full_disk)
+    run = tmp_path / "run"
+    capfd.readouterr()
+    assert main(["train", str(data), *TINY, *PLAN, "--out", str(run), "--log", "tensorboard"]) == 0
+    assert (run / "model.safetensors").read_bytes() == (runs["plain"] / "model.safetensors").read_bytes()
+    why = "OSError: [Errno 28] No space left on device"
+    assert capfd.readouterr().err.strip().splitlines() == [
+        f"thaw: warning: --log tensorboard stopped logging ({why}); the training goes on",
+        f"thaw: warning: --log tensorboard could not finish ({why}); the run folder {run} is complete",
+    ]
+
+
+def test_mlflow_where_it_cannot_write_is_one_line_before_any_work(
+    data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    (tmp_path / "mlruns").write_text("a file where the store would go")
+    capfd.readouterr()
+    assert main(["train", str(data), *TINY, *PLAN, "--out", str(tmp_path / "run"), "--log", "mlflow"]) == 2
+    error = capfd.readouterr().err.strip()
+    assert error.startswith(f"thaw: error: --log mlflow cannot create {tmp_path / 'mlruns'} (") and "\n" not in error
+    assert error.endswith("; run from a writable folder or set MLFLOW_TRACKING_URI")
+    assert not (tmp_path / "run" / "checkpoint.pt").exists()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from dataclasses import fields, replace
 from pathlib import Path
 
@@ -16,7 +17,7 @@ from thaw.models.hf_text import DEFAULT_MAX_LENGTH, POOLINGS, build_text_model
 from thaw.models.sources import TASKS, hf_source, task_of
 from thaw.errors import ThawError
 from thaw.export.report import write_report
-from thaw.train.loggers import LOGGERS, make_loggers
+from thaw.train.loggers import LOGGERS, close_loggers, make_loggers
 from thaw.plan import plan_to_dict
 from thaw._io import atomic_write, check_writable
 from thaw.train import RunResult, RunState, TextColumns, TrainConfig, resume_run, saved_settings, train_images, train_text
@@ -227,8 +228,7 @@ def run(args: argparse.Namespace) -> int:
         finished = True
         return code
     finally:  # after the report, so MLflow stores it with the run folder
-        for logger in loggers:
-            logger.close(failed=not finished)
+        close_loggers(loggers, failed=not finished)
 
 
 def _out_folder(args: argparse.Namespace) -> Path:
@@ -255,8 +255,28 @@ def _train(args: argparse.Namespace, out: Path, settings: dict | None, callbacks
 
 
 def _finish(args: argparse.Namespace, out: Path, result: RunResult) -> int:
-    """Rank 0, after training: the report when asked, then the summary."""
-    report = write_report(out, args.data)[0] if args.report else None  # rank 0 only: the others returned above
+    """Rank 0, after training: the report when asked, then the summary (exit 1 when the report failed)."""
+    report, problem = _try_report(out, args.data) if args.report else (None, None)
+    code = _summary(args, out, result, report)
+    if problem:  # after the summary: the trained run is saved and reported before the report's failure
+        print(f"thaw: error: the run in {out} is saved, but its report failed ({problem}); `thaw report {out}` tries again",
+              file=sys.stderr)
+        return 1
+    return code
+
+
+def _try_report(out: Path, data: str | None) -> tuple[Path | None, str | None]:
+    """RUN/report.html, or why it could not be written: at the end of a long run a report that fails
+    (data moved, a disk full) must not hide the trained model behind a traceback."""
+    try:
+        return write_report(out, data)[0], None
+    except ThawError as error:
+        return None, str(error)
+    except Exception as error:  # noqa: BLE001 - any failure of the report leaves the trained run intact
+        return None, f"{type(error).__name__}: {error}".splitlines()[0][:300]
+
+
+def _summary(args: argparse.Namespace, out: Path, result: RunResult, report: Path | None) -> int:
     best = result.best
     if args.json:
         summary = {

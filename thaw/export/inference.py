@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from thaw.data.folders import ImageData, discover, suffix_is_image
 from thaw.data.images import UnreadableImage, load_rgb
@@ -64,11 +65,17 @@ def evaluation_set(meta: dict, data_path: str | Path, split: str | None = None) 
 
 @dataclass(frozen=True)
 class ScoredSet:
-    """One evaluation pass: the metrics `thaw evaluate --json` prints, and each scored sample with its logits."""
+    """One evaluation pass: the metrics `thaw evaluate --json` prints, and how each sample scored.
+
+    Four numbers a sample, not its logits: a large set with many classes would not fit in memory as logits.
+    """
 
     metrics: dict
-    samples: tuple  # (image path or text, class index), in the order of `logits`; files that failed to decode left out
-    logits: torch.Tensor  # [samples, classes], float32
+    samples: tuple  # (image path or text, class index), in the order of the tensors; files that failed to decode left out
+    losses: torch.Tensor  # cross-entropy of the true class
+    predicted: torch.Tensor  # class index
+    probability: torch.Tensor  # of the predicted class
+    true_probability: torch.Tensor
 
 
 def evaluate_run(
@@ -96,15 +103,26 @@ def score_run(
         dataset = ImageDataset(chosen.samples, eval_transform(adapter.preprocessing), 2 * adapter.preprocessing.resize_size)
     loader = make_loader(dataset, batch_size=batch_size, shuffle=False, seed=0)
     batches: list[torch.Tensor] = []
-    keep = lambda logits, _labels: batches.append(logits)  # noqa: E731
+    keep = lambda logits, labels: batches.append(_per_sample(logits, labels))  # noqa: E731
     metrics = evaluate(adapter.model, loader, engine, len(chosen.classes), label=chosen.split, observe=keep)
     skipped = list(chosen.skipped) + engine.failed
     failed = {path for path, _ in engine.failed}
     # The loader's own order (text is batched by length), less the files that did not decode.
     order = [i for batch in loader.batch_sampler for i in batch if str(chosen.samples[i][0]) not in failed]
-    logits = torch.cat(batches) if batches else torch.empty(0, len(chosen.classes))
+    scores = torch.cat(batches) if batches else torch.empty(0, 4)
+    if len(order) != len(scores):  # a sample named for another's score would put wrong pictures in the report
+        raise ThawError(f"scored {len(scores)} samples but can name {len(order)}; please report this as a thaw bug")
     metrics = metrics | {"split": chosen.split, "classes": list(chosen.classes), "skipped_files": len(skipped)}
-    return ScoredSet(metrics, tuple(chosen.samples[i] for i in order), logits)
+    losses, predicted, probability, true_probability = scores.T
+    return ScoredSet(metrics, tuple(chosen.samples[i] for i in order), losses, predicted.long(), probability, true_probability)
+
+
+def _per_sample(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """[batch, 4]: loss of the true class, predicted class, its probability, the true class's probability."""
+    probabilities = logits.softmax(dim=1)
+    best, predicted = probabilities.max(dim=1)
+    losses = nn.functional.cross_entropy(logits, labels, reduction="none")
+    return torch.stack([losses, predicted.float(), best, probabilities.gather(1, labels[:, None])[:, 0]], dim=1)
 
 
 def check_images(meta: dict, preprocessing: Preprocessing, count: int = 4) -> list[torch.Tensor]:

@@ -38,16 +38,11 @@ class TopLoss:
 
 def top_losses(scored: ScoredSet, count: int) -> list[TopLoss]:
     """The `count` samples with the highest cross-entropy loss, highest first."""
-    if not scored.samples:
-        return []
-    labels = torch.tensor([label for _, label in scored.samples])
-    losses = nn.functional.cross_entropy(scored.logits, labels, reduction="none")
-    probabilities = scored.logits.softmax(dim=1)
-    order = torch.argsort(losses, descending=True, stable=True)[:count]
+    order = torch.argsort(scored.losses, descending=True, stable=True)[:count]
     return [
         TopLoss(
-            scored.samples[i][0], int(labels[i]), int(probabilities[i].argmax()), float(probabilities[i].max()),
-            float(probabilities[i, labels[i]]), float(losses[i]),
+            scored.samples[i][0], scored.samples[i][1], int(scored.predicted[i]), float(scored.probability[i]),
+            float(scored.true_probability[i]), float(scored.losses[i]),
         )
         for i in order.tolist()
     ]
@@ -143,9 +138,24 @@ def heat_maps(adapter: ModelAdapter, losses: list[TopLoss]) -> tuple[dict[int, s
         return {}, "heat maps are for image models"
     if not is_convolutional(model):
         return {}, "heat maps not shown: Grad-CAM needs a convolutional feature map, and this model is a transformer"
-    device = next(model.parameters()).device
-    transform, drawn, layer = eval_transform(adapter.preprocessing), {}, None
+    modes = {module: module.training for module in model.modules()}  # put back after: the caller's model, as it was
     model.eval()
+    try:
+        drawn, layer = _draw_heat_maps(adapter, losses)
+    finally:
+        for module, training in modes.items():
+            module.train(training)
+    if layer is None and drawn is not None:
+        return {}, "heat maps not shown: none of these images decodes now"
+    if drawn is None:
+        return {}, "heat maps not shown: the model has no spatial feature map before its head"
+    return drawn, f"Grad-CAM of the predicted class on `{layer}`, the last feature map before the head, over the model's crop"
+
+
+def _draw_heat_maps(adapter: ModelAdapter, losses: list[TopLoss]) -> tuple[dict[int, str] | None, str | None]:
+    """The overlays and the layer they explain; (None, None) when the model has no feature map to explain."""
+    device = next(adapter.model.parameters()).device
+    transform, drawn, layer = eval_transform(adapter.preprocessing), {}, None
     for index, item in enumerate(losses):
         try:
             image = transform(load_rgb(item.sample, 2 * adapter.preprocessing.resize_size)).to(device)
@@ -153,6 +163,6 @@ def heat_maps(adapter: ModelAdapter, losses: list[TopLoss]) -> tuple[dict[int, s
             continue
         layer = layer or feature_layer(adapter, image)
         if layer is None:
-            return {}, "heat maps not shown: the model has no spatial feature map before its head"
+            return None, None
         drawn[index] = jpeg_base64(heat_map_overlay(adapter, image, grad_cam(adapter, layer, image, item.predicted)))
-    return drawn, f"Grad-CAM of the predicted class on `{layer}`, the last feature map before the head, over the model's crop"
+    return drawn, layer

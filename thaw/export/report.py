@@ -150,7 +150,8 @@ def _glance_html(report: dict) -> str:
     data, best = glance["data"], glance["best"]
     counts = ", ".join(f"{split} {data[split]}" for split in ("train", "val", "test") if data.get(split))
     skipped = glance["skipped"]
-    shown = "; ".join(f"{s['path']} ({s['reason']})" for s in skipped[:5]) + (" ..." if len(skipped) > 5 else "")
+    root = data.get("path", "")
+    shown = "; ".join(f"{_inside(s['path'], root)} ({s['reason']})" for s in skipped[:5]) + (" ..." if len(skipped) > 5 else "")
     rows = [
         ("data", f"{data.get('path', '?')}: {data.get('layout', '')}"),
         ("classes", f"{len(glance['classes'])}: {', '.join(glance['classes'])}"),
@@ -164,6 +165,14 @@ def _glance_html(report: dict) -> str:
     ]
     facts = "".join(f"<tr><th>{_e(k)}</th><td style=\"text-align:left\">{_e(v)}</td></tr>" for k, v in rows)
     return f"<h2>The run at a glance</h2><table>{facts}</table>{_plan_html(glance)}"
+
+
+def _inside(path: str, root: str) -> str:
+    """A skipped file named inside the data folder: the page travels, the machine's folders need not."""
+    try:
+        return str(Path(path).relative_to(root)) if root else path
+    except ValueError:
+        return path
 
 
 def _plan_html(glance: dict) -> str:

@@ -10,7 +10,10 @@ from __future__ import annotations
 import importlib
 import logging
 import os
+import sys
+import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 from torch import nn
@@ -20,7 +23,8 @@ from thaw.train.fit import RunState, Trainer
 
 LOGGERS = ("tensorboard", "mlflow")
 TENSORBOARD_FOLDER = "tensorboard"  # in the run folder
-MLFLOW_FOLDER = "mlruns"  # in the current folder, like MLflow's own default
+MLFLOW_FOLDER = "mlruns"  # in the current folder, like MLflow's own default (so one store holds every run to compare)
+MLFLOW_EXPERIMENT = "thaw"
 TOP_IMAGES = 8  # val images with the highest loss, shown per epoch
 EPOCH_SCALARS = ("train_loss", "train_accuracy", "val_loss", "val_accuracy", "val_macro_f1", "images_per_s")
 
@@ -35,9 +39,23 @@ def require(package: str, extra: str) -> object:
 class RunLogger:
     """What both backends share: the trainer they watch, the lrs per group, the epoch's val outputs."""
 
+    name = "logger"
+
     def __init__(self, out: Path) -> None:
         self.out = out
         self.trainer: Trainer | None = None
+        self.broken: str | None = None  # why it stopped logging, once it has failed
+
+    def guarded(self, action: Callable[[], None]) -> None:
+        """Log, or if logging fails (a full disk, a locked database) say so once and stop logging:
+        hours of training are worth more than the log, and the run's own files still record it."""
+        if self.broken is not None:
+            return
+        try:
+            action()
+        except Exception as error:  # noqa: BLE001 - whatever the backend raises, the training goes on
+            self.broken = f"{type(error).__name__}: {error}".splitlines()[0][:300]
+            print(f"thaw: warning: --log {self.name} stopped logging ({self.broken}); the training goes on", file=sys.stderr, flush=True)
 
     def attach(self, trainer: Trainer) -> None:
         self.trainer = trainer
@@ -49,7 +67,7 @@ class RunLogger:
         stats = engine.last_step
         scalars = {"step/loss": stats["loss"], "step/images_per_s": stats["samples"] / max(stats["seconds"], 1e-9)}
         scalars |= {f"lr/{group.get('thaw_group', index)}": group["lr"] for index, group in enumerate(optimizer.param_groups)}
-        self.log_step(self.global_step(step), scalars)
+        self.guarded(lambda: self.log_step(self.global_step(step), scalars))
 
     def global_step(self, step: int) -> int:
         """Optimizer steps since the run began, over all stages (the hooks' `step` restarts with each stage);
@@ -61,7 +79,7 @@ class RunLogger:
     def epoch(self, state: RunState) -> None:
         row = state.history[-1]
         scalars = {f"epoch/{key}": float(row[key]) for key in EPOCH_SCALARS if row.get(key) is not None}
-        self.log_epoch(row["epoch"], scalars)
+        self.guarded(lambda: self.log_epoch(row["epoch"], scalars))
 
     def val_logits(self) -> tuple[torch.Tensor, torch.Tensor]:
         outputs = self.trainer.val_outputs or []
@@ -81,6 +99,8 @@ class RunLogger:
 
 class TensorBoardLogger(RunLogger):
     """RUN/tensorboard: scalars per step and per epoch, the val confusion matrix and top-loss images per epoch."""
+
+    name = "tensorboard"
 
     def __init__(self, out: Path) -> None:
         super().__init__(out)
@@ -146,32 +166,66 @@ class MLflowLogger(RunLogger):
 
     Tracking goes to MLFLOW_TRACKING_URI when set, else to a local SQLite file, ./mlruns/mlflow.db
     (MLflow 3 refuses plain `file:` stores unless MLFLOW_ALLOW_FILE_STORE=true); either works offline.
+    A client of its own, not mlflow's module-level state: thaw neither changes the caller's tracking URI
+    nor collides with a run the caller has active.
     """
+
+    name = "mlflow"
 
     def __init__(self, out: Path, params: dict) -> None:
         super().__init__(out)
-        self.mlflow = require("mlflow", "mlflow")
+        require("mlflow", "mlflow")
+        from mlflow.entities import Param
+        from mlflow.tracking import MlflowClient
+
         for name in ("mlflow", "alembic"):  # their INFO lines would read as errors on stderr
             logging.getLogger(name).setLevel(logging.WARNING)
-        if not os.environ.get("MLFLOW_TRACKING_URI"):
-            Path(MLFLOW_FOLDER).mkdir(exist_ok=True)
-            self.mlflow.set_tracking_uri(f"sqlite:///{Path(MLFLOW_FOLDER).resolve() / 'mlflow.db'}")
-        self.mlflow.set_experiment("thaw")
-        self.run = self.mlflow.start_run(run_name=out.name)
-        self.mlflow.log_params({key: str(value)[:500] for key, value in flatten(params).items()})
+        self.client = MlflowClient(tracking_uri())
+        experiment = self.client.get_experiment_by_name(MLFLOW_EXPERIMENT)
+        experiment_id = experiment.experiment_id if experiment else self.client.create_experiment(MLFLOW_EXPERIMENT)
+        self.run_id = self.client.create_run(experiment_id, run_name=out.name).info.run_id
+        try:
+            self.client.log_batch(self.run_id, params=[Param(key, str(value)[:500]) for key, value in flatten(params).items()])
+        except Exception:
+            self.client.set_terminated(self.run_id, "FAILED")  # no run left RUNNING forever
+            raise
 
     def log_step(self, step: int, scalars: dict[str, float]) -> None:
-        self.mlflow.log_metrics({tag.replace("/", "."): value for tag, value in scalars.items()}, step=step)
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        metrics = [Metric(tag.replace("/", "."), float(value), now, step) for tag, value in scalars.items()]
+        self.client.log_batch(self.run_id, metrics=metrics)
 
     def log_epoch(self, epoch: int, scalars: dict[str, float]) -> None:
         self.log_step(epoch, scalars)
 
     def close(self, failed: bool = False) -> None:
-        """The run folder (all but the checkpoint, which only a resume needs), then end the MLflow run."""
-        for path in sorted(self.out.iterdir()):
-            if path.is_file() and path.name != "checkpoint.pt" and not path.name.startswith("."):
-                self.mlflow.log_artifact(str(path))
-        self.mlflow.end_run("FAILED" if failed else "FINISHED")
+        """The run folder (all but the checkpoint, which only a resume needs), then end the MLflow run,
+        FAILED when the training failed or the artifacts could not be stored."""
+        try:
+            for path in sorted(self.out.iterdir()) if self.out.is_dir() else []:
+                if path.is_file() and path.name != "checkpoint.pt" and not path.name.startswith("."):
+                    self.client.log_artifact(self.run_id, str(path))
+        except Exception:
+            failed = True
+            raise
+        finally:
+            self.client.set_terminated(self.run_id, "FAILED" if failed or self.broken else "FINISHED")
+
+
+def tracking_uri() -> str:
+    """MLFLOW_TRACKING_URI, else SQLite in ./mlruns; a folder that cannot be made is one line, before any work."""
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return os.environ["MLFLOW_TRACKING_URI"]
+    folder = Path(MLFLOW_FOLDER).resolve()
+    try:
+        folder.mkdir(exist_ok=True)
+    except OSError as error:
+        raise ThawError(
+            f"--log mlflow cannot create {folder} ({error.strerror or error}); run from a writable folder or set MLFLOW_TRACKING_URI"
+        ) from None
+    return f"sqlite:///{folder / 'mlflow.db'}"
 
 
 def flatten(params: dict, prefix: str = "") -> dict:
@@ -186,11 +240,28 @@ def flatten(params: dict, prefix: str = "") -> dict:
 
 
 def make_loggers(names: list[str], out: Path, params: dict) -> list[RunLogger]:
-    """The loggers `--log` asked for, each once; a missing package fails here, before any training."""
+    """The loggers `--log` asked for, each once; a missing package fails here, before any training
+    (closing those already made, so no writer stays open and no MLflow run stays RUNNING)."""
+    for name in dict.fromkeys(names):  # every package first: a missing one stops before anything is written
+        require(name, name)
     made: list[RunLogger] = []
-    for name in dict.fromkeys(names):
-        made.append(TensorBoardLogger(out) if name == "tensorboard" else MLflowLogger(out, params))
+    try:
+        for name in dict.fromkeys(names):
+            made.append(TensorBoardLogger(out) if name == "tensorboard" else MLflowLogger(out, params))
+    except BaseException:
+        close_loggers(made, failed=True)
+        raise
     return made
 
 
-__all__ = ["LOGGERS", "MLflowLogger", "RunLogger", "TensorBoardLogger", "make_loggers"]
+def close_loggers(loggers: list[RunLogger], failed: bool) -> None:
+    """Close every logger, even when one fails to: its failure is a warning, the trained run is kept."""
+    for logger in loggers:
+        try:
+            logger.close(failed=failed)
+        except Exception as error:  # noqa: BLE001 - the run folder is complete; only the log is short
+            line = f"{type(error).__name__}: {error}".splitlines()[0][:300]
+            print(f"thaw: warning: --log {logger.name} could not finish ({line}); the run folder {logger.out} is complete", file=sys.stderr)
+
+
+__all__ = ["LOGGERS", "MLflowLogger", "RunLogger", "TensorBoardLogger", "close_loggers", "make_loggers"]
