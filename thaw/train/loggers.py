@@ -7,6 +7,7 @@ backends are optional extras: a missing package is one line that names the extra
 
 from __future__ import annotations
 
+import abc
 import importlib
 import logging
 import os
@@ -36,7 +37,7 @@ def require(package: str, extra: str) -> object:
         raise ThawError(f"--log {extra} needs the {package} package: pip install 'thaw[{extra}]'") from None
 
 
-class RunLogger:
+class RunLogger(abc.ABC):
     """What both backends share: the trainer they watch, the lrs per group, the epoch's val outputs."""
 
     name = "logger"
@@ -87,11 +88,13 @@ class RunLogger:
             return torch.empty(0, 0), torch.empty(0, dtype=torch.long)
         return torch.cat([logits for logits, _ in outputs]), torch.cat([labels for _, labels in outputs])
 
+    @abc.abstractmethod
     def log_step(self, step: int, scalars: dict[str, float]) -> None:
-        raise NotImplementedError
+        """Write one optimizer step's scalars to the tool."""
 
+    @abc.abstractmethod
     def log_epoch(self, epoch: int, scalars: dict[str, float]) -> None:
-        raise NotImplementedError
+        """Write one epoch's scalars (and images) to the tool."""
 
     def close(self, failed: bool = False) -> None:
         """The run ended (or `failed`): flush, and (MLflow) store the run folder."""
