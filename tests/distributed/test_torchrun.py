@@ -252,3 +252,44 @@ def test_more_processes_than_gpus_is_one_clear_error(monkeypatch: pytest.MonkeyP
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     with pytest.raises(ThawError, match=r"1 CUDA device\(s\) but torchrun started more processes .*--nproc_per_node=1"):
         distributed.start(distributed.Processes(rank=1, world=2, local_rank=1), "cuda")
+
+
+def test_under_torchrun_only_rank_0_writes_logs_and_the_report(setting: dict, tmp_path: Path) -> None:
+    """Two processes, one TensorBoard event file, one MLflow run, one report: a second rank writing would double them."""
+    import mlflow
+
+    out, store = tmp_path / "run", tmp_path / "mlflow.db"
+    env = setting["env"] | {"MLFLOW_TRACKING_URI": f"sqlite:///{store}"}
+    done = torchrun("-m", "thaw", "train", str(setting["data"]), "--model", "mobilenet_v3_small", "--weights", "none",
+                    "--image-size", "32", "--batch-size", "8", "--strategy", "two-phase", "--head-epochs", "1", "--epochs", "1",
+                    "--device", "cpu", "--out", str(out), "--log-to", "tensorboard", "--log-to", "mlflow", "--report", env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert len(list((out / "tensorboard").glob("events.out.tfevents.*"))) == 1
+    assert (out / "report.html").is_file() and done.stdout.count("report.html") == 1
+    client = mlflow.MlflowClient(f"sqlite:///{store}")
+    found = client.search_runs([client.get_experiment_by_name("thaw").experiment_id])
+    assert [run.info.status for run in found] == ["FINISHED"]
+    last_epoch = (out / "metrics.csv").read_text().splitlines()[-1].split(",")
+    header = (out / "metrics.csv").read_text().splitlines()[0].split(",")
+    assert found[0].data.metrics["epoch.val_accuracy"] == pytest.approx(float(last_epoch[header.index("val_accuracy")]))
+
+
+def test_every_train_option_reaches_thaw_through_torchrun() -> None:
+    """torchrun's parser matches prefixes of its own options anywhere on the line: a thaw option that is one would
+    be taken by torchrun (or refused as ambiguous) before thaw sees it. --log has --log-to for that."""
+    import contextlib
+    import io
+
+    from torch.distributed.run import get_args_parser
+
+    from thaw.cli import build_parser
+
+    train = build_parser()._subparsers._group_actions[0].choices["train"]
+    options = {option for action in train._actions for option in action.option_strings} - {"--log"}
+    for option in sorted(options):
+        with contextlib.redirect_stderr(io.StringIO()) as said:
+            try:
+                parsed = get_args_parser().parse_args(["--standalone", "-m", "thaw", "train", option, "1"])
+            except SystemExit:
+                pytest.fail(f"torchrun refuses thaw's {option}: {said.getvalue().strip().splitlines()[-1]}")
+        assert parsed.training_script_args == ["train", option, "1"], option

@@ -185,3 +185,33 @@ def test_mlflow_where_it_cannot_write_is_one_line_before_any_work(
     assert error.startswith(f"thaw: error: --log mlflow cannot create {tmp_path / 'mlruns'} (") and "\n" not in error
     assert error.endswith("; run from a writable folder or set MLFLOW_TRACKING_URI")
     assert not (tmp_path / "run" / "checkpoint.pt").exists()
+
+
+def test_ctrl_c_ends_the_mlflow_run_as_killed_and_the_run_resumes(data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Stopped by the user is not a failure: MLflow's KILLED, and the checkpoint resumes to the end."""
+    import os
+    import signal
+
+    import mlflow
+
+    from thaw.train.loggers import MLflowLogger
+
+    log_step = MLflowLogger.log_step
+
+    def ctrl_c_at_step_two(self: MLflowLogger, step: int, scalars: dict[str, float]) -> None:
+        log_step(self, step, scalars)
+        if step == 2 and "step/loss" in scalars:
+            os.kill(os.getpid(), signal.SIGINT)  # as a terminal's Ctrl-C: the trainer finishes the step and saves
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setattr(MLflowLogger, "log_step", ctrl_c_at_step_two)
+    run = tmp_path / "run"
+    assert main(["train", str(data), *TINY, *PLAN, "--out", str(run), "--log", "mlflow"]) == 130
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}")
+    found = client.search_runs([client.get_experiment_by_name("thaw").experiment_id])
+    assert [found_run.info.status for found_run in found] == ["KILLED"]
+    monkeypatch.setattr(MLflowLogger, "log_step", log_step)
+    assert main(["train", "--resume", str(run), "--log", "mlflow", "--quiet"]) == 0
+    statuses = sorted(found_run.info.status for found_run in client.search_runs([client.get_experiment_by_name("thaw").experiment_id]))
+    assert statuses == ["FINISHED", "KILLED"]

@@ -17,6 +17,7 @@ from thaw.models.hf_text import DEFAULT_MAX_LENGTH, POOLINGS, build_text_model
 from thaw.models.sources import TASKS, hf_source, task_of
 from thaw.errors import ThawError
 from thaw.export.report import write_report
+from thaw.train.fit import RunInterrupted
 from thaw.train.loggers import LOGGERS, close_loggers, make_loggers
 from thaw.plan import plan_to_dict
 from thaw._io import atomic_write, check_writable
@@ -90,8 +91,10 @@ def add_output_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("what the run writes besides its weights (never changes them)")
     group.add_argument("--report", action="store_true", help="end by writing RUN/report.html on the val split (see thaw report)")
     group.add_argument(
-        "--log", choices=LOGGERS, action="append", default=[],
-        help="also log to TensorBoard (RUN/tensorboard) or MLflow (./mlruns, or MLFLOW_TRACKING_URI); repeat for both",
+        # --log-to as well: torchrun's own parser reads a bare --log as an ambiguous prefix of its --log-dir
+        "--log", "--log-to", dest="log", choices=LOGGERS, action="append", default=[],
+        help="also log to TensorBoard (RUN/tensorboard) or MLflow (./mlruns, or MLFLOW_TRACKING_URI); repeat for both; "
+        "under torchrun write --log-to",
     )
 
 
@@ -221,14 +224,17 @@ def run(args: argparse.Namespace) -> int:
     if main_rank and args.log:  # before any work: a logger writes into the run folder, and a missing package stops here
         check_writable(out)
     loggers = make_loggers(args.log, out, settings or _typed_settings(args)) if main_rank else []
-    finished = False
+    ending = "FAILED"
     try:
         result = _train(args, out, settings, callbacks + [logger.epoch for logger in loggers], loggers)
         code = _finish(args, out, result) if main_rank else 0
-        finished = True
+        ending = "FINISHED"
         return code
+    except (RunInterrupted, KeyboardInterrupt):
+        ending = "KILLED"  # stopped by the user, with a checkpoint to resume from: not a failure
+        raise
     finally:  # after the report, so MLflow stores it with the run folder
-        close_loggers(loggers, failed=not finished)
+        close_loggers(loggers, ending)
 
 
 def _out_folder(args: argparse.Namespace) -> Path:

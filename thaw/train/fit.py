@@ -120,6 +120,11 @@ def _is_better(metric: str, value: float, best: dict) -> bool:
     return value < best["value"] if metric == "loss" else value > best["value"]
 
 
+def outcomes(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """What a logger keeps of one val batch: each sample's predicted class, loss and label."""
+    return logits.argmax(dim=1), nn.functional.cross_entropy(logits, labels, reduction="none"), labels
+
+
 class Trainer:
     """Holds what one run needs; `fit` is the only public entry."""
 
@@ -151,7 +156,8 @@ class Trainer:
         self.resume_point: dict | None = None  # where a run interrupted mid-epoch stopped
         self.state = RunState()
         self.train_images, self.train_seconds = 0, 0.0
-        self.val_outputs: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # a logger that asks gets each val batch's logits
+        # a logger that asks gets each val sample's (prediction, loss, label): O(samples), not the logits' O(samples x classes)
+        self.val_outputs: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None = None
         self.settings = run_settings(config, data, meta, plan_to_dict(plan), bf16=self.engine.bf16, processes=processes.world)
         self.cache_budget = MemoryBudget(int(config.cache_memory_gb * 2**30))
         # Without augmentation every cached view would be the evaluation view: cache that one only.
@@ -299,7 +305,7 @@ class Trainer:
         observe = None
         if self.val_outputs is not None:
             self.val_outputs.clear()
-            observe = lambda logits, labels: self.val_outputs.append((logits, labels))  # noqa: E731
+            observe = lambda logits, labels: self.val_outputs.append(outcomes(logits, labels))  # noqa: E731
         if cached is None:
             val = evaluate(self.model, self.val_loader, self.engine, classes, label=f"{label} val", observe=observe)
         else:

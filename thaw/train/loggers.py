@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from torch import nn
 
 from thaw.errors import ThawError
 from thaw.train.fit import RunState, Trainer
@@ -61,7 +60,7 @@ class RunLogger(abc.ABC):
     def attach(self, trainer: Trainer) -> None:
         self.trainer = trainer
         self.steps_per_epoch = trainer.steps_per_epoch()
-        trainer.val_outputs = []  # ask for each val batch's logits: the confusion matrix and top losses per epoch
+        trainer.val_outputs = []  # ask for each val sample's outcome: the confusion matrix and top losses per epoch
 
     def __call__(self, optimizer: torch.optim.Optimizer, step: int, factor: float) -> None:
         engine = self.trainer.engine
@@ -82,11 +81,13 @@ class RunLogger(abc.ABC):
         scalars = {f"epoch/{key}": float(row[key]) for key in EPOCH_SCALARS if row.get(key) is not None}
         self.guarded(lambda: self.log_epoch(row["epoch"], scalars))
 
-    def val_logits(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def val_outcomes(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The epoch's val predictions, losses and labels, in val order."""
         outputs = self.trainer.val_outputs or []
         if not outputs:
-            return torch.empty(0, 0), torch.empty(0, dtype=torch.long)
-        return torch.cat([logits for logits, _ in outputs]), torch.cat([labels for _, labels in outputs])
+            return torch.empty(0, dtype=torch.long), torch.empty(0), torch.empty(0, dtype=torch.long)
+        predicted, losses, labels = zip(*outputs)
+        return torch.cat(predicted), torch.cat(losses), torch.cat(labels)
 
     @abc.abstractmethod
     def log_step(self, step: int, scalars: dict[str, float]) -> None:
@@ -96,8 +97,8 @@ class RunLogger(abc.ABC):
     def log_epoch(self, epoch: int, scalars: dict[str, float]) -> None:
         """Write one epoch's scalars (and images) to the tool."""
 
-    def close(self, failed: bool = False) -> None:
-        """The run ended (or `failed`): flush, and (MLflow) store the run folder."""
+    def close(self, ending: str = "FINISHED") -> None:
+        """The run ended (`ending`: FINISHED, FAILED or KILLED, MLflow's words): flush, and (MLflow) store the run folder."""
 
 
 class TensorBoardLogger(RunLogger):
@@ -118,28 +119,27 @@ class TensorBoardLogger(RunLogger):
 
     def log_epoch(self, epoch: int, scalars: dict[str, float]) -> None:
         self.log_step(epoch, scalars)
-        logits, labels = self.val_logits()
+        predicted, losses, labels = self.val_outcomes()
         if len(labels):
-            self.writer.add_figure("val/confusion", self.confusion_figure(logits, labels), epoch)
-            self.top_losses(epoch, logits, labels)
+            self.writer.add_figure("val/confusion", self.confusion_figure(predicted, labels), epoch)
+            self.top_losses(epoch, predicted, losses, labels)
         self.writer.flush()
 
-    def confusion_figure(self, logits: torch.Tensor, labels: torch.Tensor) -> object:
+    def confusion_figure(self, predicted: torch.Tensor, labels: torch.Tensor) -> object:
         from thaw.train.plots import confusion_figure
 
         classes = list(self.trainer.data.classes)
         confusion = torch.zeros(len(classes), len(classes), dtype=torch.long)
-        confusion.index_put_((labels, logits.argmax(dim=1)), torch.ones_like(labels), accumulate=True)
+        confusion.index_put_((labels, predicted), torch.ones_like(labels), accumulate=True)
         return confusion_figure(confusion.tolist(), classes, "val")
 
-    def top_losses(self, epoch: int, logits: torch.Tensor, labels: torch.Tensor) -> None:
+    def top_losses(self, epoch: int, predicted: torch.Tensor, losses: torch.Tensor, labels: torch.Tensor) -> None:
         """The val samples with the highest loss: images as a grid, texts as a table."""
-        losses = nn.functional.cross_entropy(logits, labels, reduction="none")
         worst = torch.argsort(losses, descending=True)[:TOP_IMAGES].tolist()
         samples, classes = self.kept_val_samples(), self.trainer.data.classes
         if len(samples) != len(labels):  # under torchrun, rank 0 scores its shard only: no way to name the samples
             return
-        captions = [f"true {classes[labels[i]]}, predicted {classes[int(logits[i].argmax())]}, loss {float(losses[i]):.3f}" for i in worst]
+        captions = [f"true {classes[labels[i]]}, predicted {classes[int(predicted[i])]}, loss {float(losses[i]):.3f}" for i in worst]
         if isinstance(samples[0][0], str):
             lines = [f"| {caption} | {samples[i][0][:200]} |" for caption, i in zip(captions, worst)]
             self.writer.add_text("val/top_losses", "| label | text |\n|---|---|\n" + "\n".join(lines), epoch)
@@ -160,7 +160,7 @@ class TensorBoardLogger(RunLogger):
         image = eval_transform(pre)(load_rgb(path, 2 * pre.resize_size))
         return (image * torch.tensor(pre.std)[:, None, None] + torch.tensor(pre.mean)[:, None, None]).clamp(0, 1)
 
-    def close(self, failed: bool = False) -> None:
+    def close(self, ending: str = "FINISHED") -> None:
         self.writer.close()
 
 
@@ -203,18 +203,18 @@ class MLflowLogger(RunLogger):
     def log_epoch(self, epoch: int, scalars: dict[str, float]) -> None:
         self.log_step(epoch, scalars)
 
-    def close(self, failed: bool = False) -> None:
-        """The run folder (all but the checkpoint, which only a resume needs), then end the MLflow run,
-        FAILED when the training failed or the artifacts could not be stored."""
+    def close(self, ending: str = "FINISHED") -> None:
+        """The run folder (all but the checkpoint, which only a resume needs), then end the MLflow run as `ending`:
+        KILLED when the user stopped it, FAILED when the training failed or the artifacts could not be stored."""
         try:
             for path in sorted(self.out.iterdir()) if self.out.is_dir() else []:
                 if path.is_file() and path.name != "checkpoint.pt" and not path.name.startswith("."):
                     self.client.log_artifact(self.run_id, str(path))
         except Exception:
-            failed = True
+            ending = "FAILED"
             raise
         finally:
-            self.client.set_terminated(self.run_id, "FAILED" if failed or self.broken else "FINISHED")
+            self.client.set_terminated(self.run_id, "FAILED" if self.broken and ending == "FINISHED" else ending)
 
 
 def tracking_uri() -> str:
@@ -252,16 +252,16 @@ def make_loggers(names: list[str], out: Path, params: dict) -> list[RunLogger]:
         for name in dict.fromkeys(names):
             made.append(TensorBoardLogger(out) if name == "tensorboard" else MLflowLogger(out, params))
     except BaseException:
-        close_loggers(made, failed=True)
+        close_loggers(made, "FAILED")
         raise
     return made
 
 
-def close_loggers(loggers: list[RunLogger], failed: bool) -> None:
+def close_loggers(loggers: list[RunLogger], ending: str) -> None:
     """Close every logger, even when one fails to: its failure is a warning, the trained run is kept."""
     for logger in loggers:
         try:
-            logger.close(failed=failed)
+            logger.close(ending)
         except Exception as error:  # noqa: BLE001 - the run folder is complete; only the log is short
             line = f"{type(error).__name__}: {error}".splitlines()[0][:300]
             print(f"thaw: warning: --log {logger.name} could not finish ({line}); the run folder {logger.out} is complete", file=sys.stderr)
