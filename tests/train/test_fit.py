@@ -34,7 +34,9 @@ def test_a_run_leaves_weights_metadata_metrics_plots_and_checkpoint(tiny_split_d
     assert set(meta["versions"]) == {"thaw", "torch", "torchvision"}
     rows = list(csv.DictReader((out / "metrics.csv").open()))
     assert [(r["stage"], r["stage_epoch"]) for r in rows] == [("head", "1"), ("head", "2"), ("all", "1"), ("all", "2")]
-    assert result.best["epoch"] == max(range(1, 5), key=lambda e: (float(rows[e - 1]["val_accuracy"]), -e))
+    # the highest val accuracy; among tied epochs the lowest val loss
+    assert result.best["epoch"] == max(range(1, 5), key=lambda e: (float(rows[e - 1]["val_accuracy"]), -float(rows[e - 1]["val_loss"])))
+    assert meta["best"]["why"].startswith(f"highest val accuracy {result.best['value']:.4f}")
     assert result.best["val"]["accuracy"] > 0.8  # pretrained features tell three colours apart
 
 
@@ -121,3 +123,25 @@ def test_resume_refuses_changed_data_and_accepts_other_workers(tiny_split_data: 
     other_runtime = TrainConfig(**(CONFIG.__dict__ | {"workers": 1, "quiet": True}))
     resumed = train_images(moved, model="mobilenet_v3_small", weights=None, plan=PLAN, config=other_runtime, out=tmp_path / "cut", resume=True)
     assert len(resumed.history) == 4
+
+
+def _epoch(epoch: int, accuracy: float, loss: float) -> dict:
+    return {"epoch": epoch, "val_accuracy": accuracy, "val_loss": loss, "val": {"accuracy": accuracy, "loss": loss}}
+
+
+def test_tied_val_accuracy_delivers_the_epoch_with_the_lowest_val_loss_and_says_so() -> None:
+    """The issue's case: three epochs tie at one val accuracy; the earliest, right after the unfreeze, has the
+    highest val loss and was the worst model on test. The tie goes to the lowest val loss, and the summary says why."""
+    from thaw.train.fit import _is_better, why_delivered
+
+    history = [_epoch(1, 0.9130, 0.30), _epoch(2, 0.9565, 0.40), _epoch(3, 0.9565, 0.21), _epoch(4, 0.9565, 0.25)]
+    best: dict = {}
+    for row in history:
+        if _is_better("accuracy", row["val_accuracy"], row["val_loss"], best):
+            best = {"metric": "accuracy", "value": row["val_accuracy"], "epoch": row["epoch"], "val": row["val"]}
+    assert best["epoch"] == 3
+    assert why_delivered(best, history) == "highest val accuracy 0.9565, tied with epochs 2, 4: the lowest val loss of them"
+    assert why_delivered(best, history[:3]) == "highest val accuracy 0.9565, tied with epoch 2: the lowest val loss of them"
+    assert not _is_better("accuracy", 0.9565, 0.21, best)  # an exact tie in both keeps the earlier epoch
+    assert _is_better("accuracy", 0.9600, 0.90, best)  # higher accuracy wins whatever its loss
+    assert not _is_better("loss", 0.25, 0.25, {"metric": "loss", "value": 0.21, "val": {"loss": 0.21}})

@@ -286,11 +286,11 @@ def _summary(args: argparse.Namespace, out: Path, result: RunResult, report: Pat
     best = result.best
     if args.json:
         summary = {
-            "val_accuracy": best["val"]["accuracy"], "best_epoch": best["epoch"], "wall_s": round(result.wall_s, 2),
+            "val_accuracy": best["val"]["accuracy"], "best_epoch": best["epoch"], "why": best.get("why"), "wall_s": round(result.wall_s, 2),
             "images_per_s": round(result.images_per_s, 1), "skipped_files": len(result.skipped), "out": str(out),
         } | ({"report": str(report)} if report else {})
         print(json.dumps(summary))
         return 0
-    print(f"best val {best['metric']} {best['value']:.4f} at epoch {best['epoch']} ({best['stage']}); {result.wall_s:.1f} s")
+    print(f"delivered epoch {best['epoch']} ({best['stage']}): {best.get('why', '')}; {result.wall_s:.1f} s")
     print("wrote " + ", ".join(str(p) for p in [*result.files.values(), *([report] if report else [])]))
     return 0

@@ -114,10 +114,27 @@ def _seed_epoch(seed: int, stage: int, epoch: int, rank: int = 0) -> int:
     return value
 
 
-def _is_better(metric: str, value: float, best: dict) -> bool:
+def _is_better(metric: str, value: float, val_loss: float, best: dict) -> bool:
+    """Is this epoch the one to deliver? On a small val split accuracy moves by one image and ties are common,
+    and the earliest of tied epochs can be the worst model (right after an unfreeze): a tie goes to the lower
+    val loss, the measure that still tells tied epochs apart."""
     if not best:
         return True
-    return value < best["value"] if metric == "loss" else value > best["value"]
+    if metric == "loss":
+        return value < best["value"]
+    return value > best["value"] or (value == best["value"] and val_loss < best["val"]["loss"])
+
+
+def why_delivered(best: dict, history: list[dict]) -> str:
+    """One line for the run summary: the epoch delivered, and how ties were settled."""
+    metric, value = best["metric"], best["value"]
+    if metric == "loss":
+        return f"lowest val loss {value:.4f}"
+    tied = [row["epoch"] for row in history if row.get(f"val_{metric}") == value and row["epoch"] != best["epoch"]]
+    said = f"highest val {metric} {value:.4f}"
+    if tied:
+        said += f", tied with epoch{'s' if len(tied) > 1 else ''} {', '.join(map(str, tied))}: the lowest val loss of them"
+    return said
 
 
 def outcomes(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -357,13 +374,14 @@ class Trainer:
         }
         state.history.append(row)
         value = val["loss"] if self.config.metric == "loss" else val[self.config.metric]
-        if _is_better(self.config.metric, value, state.best):
+        if _is_better(self.config.metric, value, val["loss"], state.best):
             state.best = {"metric": self.config.metric, "value": value, "epoch": row["epoch"], "stage": stage.name, "val": {k: v for k, v in val.items() if k != "seconds"}}
             state.stale = 0
             if self.processes.is_main:
                 ckpt.save_weights(self.out / BEST_WEIGHTS, self.model)
         else:
             state.stale += 1
+        state.best["why"] = why_delivered(state.best, state.history)  # a later tie changes the reason, not the epoch
         return row
 
     def _save_checkpoint(self, state: dict) -> None:
