@@ -113,14 +113,14 @@ COMMANDS = {
          "--head-epochs", "1", "--epochs", "0", "--quiet", "--out", "@fresh"],
         TRAIN_OPTIONS,
     ),
-    "evaluate": (["evaluate", "@run", "@data"], {"--split": choices(("train", "val", "test")), "--json": FLAG, "--report": FLAG}),
+    "evaluate": (["evaluate", "@run", "@data"], {"--split": choices(("train", "val", "test")), "--json": FLAG, "--report": FLAG, "--tta": FLAG}),
     "report": (
         ["report", "@run", "@data", "--top-losses", "2"],
         {"--split": choices(("train", "val", "test")), "--top-losses": (*INTS, "500", "501"), "--json": FLAG},
     ),
     "predict": (
         ["predict", "@run", "@images"],
-        {"--file": ("-", "@texts", *PATHS), "--top-k": INTS, "--json": FLAG},
+        {"--file": ("-", "@texts", *PATHS), "--top-k": INTS, "--json": FLAG, "--tta": FLAG},
     ),
     # ONNX export takes 20 s of CPU here; tests/cli/test_train_cli.py exports to it. The options are the same.
     "export": (["export", "@run", "--format", "torchscript"], {"--format": choices(("torchscript",)), "--output": ("@fresh.pt", *PATHS)}),

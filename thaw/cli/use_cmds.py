@@ -11,11 +11,14 @@ from thaw.cli.options import path_text, positive_int
 from thaw.data.folders import describe_skipped
 from thaw.errors import ThawError
 from thaw.export.formats import FORMATS, ExportCheck, export_model
-from thaw.export.inference import check_images, image_files, predict_files, predict_texts, score_run
+from thaw.export.inference import check_images, image_files, predict_files, predict_texts, score_run, with_tta
 from thaw.export.report import save_report
 from thaw.train.plots import plot_confusion
 from thaw.export.run_dir import load_run
 from thaw.plan.report import render_table
+
+
+TTA_HELP = "test-time augmentation: average the softmax over each image and its mirror image (two forward passes)"
 
 
 def register(commands: argparse._SubParsersAction) -> None:
@@ -27,6 +30,7 @@ def register(commands: argparse._SubParsersAction) -> None:
         help="data in split folders: which one (default val); other data is scored whole unless a split of the run's is named",
     )
     evaluate.add_argument("--json", action="store_true")
+    evaluate.add_argument("--tta", action="store_true", help=TTA_HELP)
     evaluate.add_argument("--report", action="store_true", help="also write RUN/report.html for this split (thaw report)")
     evaluate.set_defaults(handler=run_evaluate)
 
@@ -36,6 +40,7 @@ def register(commands: argparse._SubParsersAction) -> None:
     predict.add_argument("--file", help="text runs: a file with one text per line (- for standard input)")
     predict.add_argument("--top-k", type=positive_int, default=3)
     predict.add_argument("--json", action="store_true")
+    predict.add_argument("--tta", action="store_true", help=TTA_HELP)
     predict.set_defaults(handler=run_predict)
 
     export = commands.add_parser("export", help="export a run to ONNX or TorchScript, verified against PyTorch")
@@ -47,7 +52,7 @@ def register(commands: argparse._SubParsersAction) -> None:
 
 def run_evaluate(args: argparse.Namespace) -> int:
     adapter, meta = load_run(args.run)
-    scored = score_run(adapter, meta, args.data, args.split)
+    scored = score_run(adapter, meta, args.data, args.split, tta=args.tta)
     metrics, split = scored.metrics, scored.metrics["split"]
     report = save_report(Path(args.run), adapter, meta, scored)[0] if args.report else None
     picture = plot_confusion(metrics["confusion"], metrics["classes"], Path(args.run) / f"confusion-{split}.png", f"{split} split")
@@ -58,6 +63,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
     unit = "texts" if meta.get("task") == "text" else "images"
     what = f"every readable one in {args.data}" if split == "all" else f"the {split} split of {args.data}"
     top5 = f", top-5 {metrics['top5']:.4f}" if "top5" in metrics else ""
+    what += ", averaged with mirror images (--tta)" if args.tta else ""
     print(f"{split}: {metrics['count']} {unit} ({what}), accuracy {metrics['accuracy']:.4f}, macro-F1 {metrics['macro_f1']:.4f}{top5}")
     columns = zip(metrics["classes"], metrics["per_class_accuracy"], metrics["per_class_f1"], metrics["confusion"])
     rows = [[name, f"{acc:.3f}", f"{f1:.3f}", *map(str, counts)] for name, acc, f1, counts in columns]
@@ -78,7 +84,7 @@ def run_predict(args: argparse.Namespace) -> int:
         raise ThawError("give image files or folders to classify")
     if not all(path.strip() for path in args.paths):  # an unset shell variable; it would mean the current folder
         raise ThawError("an empty path names no image; give image files or folders to classify")
-    predictions, skipped = predict_files(adapter, meta["classes"], image_files(args.paths), args.top_k)
+    predictions, skipped = predict_files(adapter, meta["classes"], image_files(args.paths), args.top_k, tta=args.tta)
     if args.json:
         entries = [{"path": p.path, "predictions": [{"label": l, "probability": v} for l, v in p.labels]} for p in predictions]
         print(json.dumps({"predictions": entries, "skipped": [{"path": p, "reason": r} for p, r in skipped]}))
@@ -104,6 +110,7 @@ def _read_texts(args: argparse.Namespace) -> list[str]:
 
 
 def _predict_texts(args: argparse.Namespace, adapter: object, meta: dict) -> int:
+    with_tta(adapter.model, meta, args.tta)  # --tta on a text run is one line
     predictions = predict_texts(adapter, meta["classes"], _read_texts(args), args.top_k)
     if args.json:
         entries = [

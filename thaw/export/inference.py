@@ -21,6 +21,33 @@ from thaw.train.fit import choose_engine
 from thaw.train.loop import evaluate
 
 
+class FlipAveraged(nn.Module):
+    """Test-time augmentation: the model's softmax averaged over each image and its mirror image.
+
+    Returns the log of the averaged probabilities, so everything downstream reads it as logits:
+    softmax gives the averaged probabilities back, cross-entropy is the loss of the averaged prediction.
+    One forward pass over both views, a batch twice the size.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        both = self.model(torch.cat([images, images.flip(-1)])).float().softmax(dim=1)
+        averaged = (both[: len(images)] + both[len(images) :]) / 2
+        return averaged.clamp_min(torch.finfo(averaged.dtype).tiny).log()  # a probability of 0 would be a logit of -inf
+
+
+def with_tta(model: nn.Module, meta: dict, tta: bool) -> nn.Module:
+    """The model, or (`tta`) the model averaged over mirror images; a text run has no mirror: one line."""
+    if not tta:
+        return model
+    if meta.get("task") == "text":
+        raise ThawError("--tta averages over mirrored images; a text run has no views to average: drop --tta")
+    return FlipAveraged(model)
+
+
 def _run_data(meta: dict, data_path: str | Path) -> ImageData | TextData:
     """The run's data, split exactly as in training (same shares, same seed)."""
     seed = meta.get("train_config", {}).get("seed", 0)
@@ -79,16 +106,20 @@ class ScoredSet:
 
 
 def evaluate_run(
-    adapter: ModelAdapter, meta: dict, data_path: str | Path, split: str | None = None, batch_size: int = 64, quiet: bool = True
+    adapter: ModelAdapter, meta: dict, data_path: str | Path, split: str | None = None, batch_size: int = 64, quiet: bool = True,
+    tta: bool = False,
 ) -> dict:
-    """Metrics of the run's model on `data_path` (see evaluation_set for what is scored); classes must match the run's."""
-    return score_run(adapter, meta, data_path, split, batch_size, quiet).metrics
+    """Metrics of the run's model on `data_path` (see evaluation_set for what is scored); classes must match the run's.
+    `tta`: average the softmax over each image and its mirror (FlipAveraged)."""
+    return score_run(adapter, meta, data_path, split, batch_size, quiet, tta).metrics
 
 
 def score_run(
-    adapter: ModelAdapter, meta: dict, data_path: str | Path, split: str | None = None, batch_size: int = 64, quiet: bool = True
+    adapter: ModelAdapter, meta: dict, data_path: str | Path, split: str | None = None, batch_size: int = 64, quiet: bool = True,
+    tta: bool = False,
 ) -> ScoredSet:
     """evaluate_run, keeping every sample's logits: the report's numbers are the same pass as `thaw evaluate`'s."""
+    model = with_tta(adapter.model, meta, tta)  # before any work: --tta on a text run is one line
     chosen = evaluation_set(meta, data_path, split)
     if list(chosen.classes) != meta["classes"]:
         raise ThawError(
@@ -104,7 +135,7 @@ def score_run(
     loader = make_loader(dataset, batch_size=batch_size, shuffle=False, seed=0)
     batches: list[torch.Tensor] = []
     keep = lambda logits, labels: batches.append(_per_sample(logits, labels))  # noqa: E731
-    metrics = evaluate(adapter.model, loader, engine, len(chosen.classes), label=chosen.split, observe=keep)
+    metrics = evaluate(adapter.model, loader, engine, len(chosen.classes), label=chosen.split, forward=model, observe=keep)
     skipped = list(chosen.skipped) + engine.failed
     failed = {path for path, _ in engine.failed}
     # The loader's own order (text is batched by length), less the files that did not decode.
@@ -112,7 +143,7 @@ def score_run(
     scores = torch.cat(batches) if batches else torch.empty(0, 4)
     if len(order) != len(scores):  # a sample named for another's score would put wrong pictures in the report
         raise ThawError(f"scored {len(scores)} samples but can name {len(order)}; please report this as a thaw bug")
-    metrics = metrics | {"split": chosen.split, "classes": list(chosen.classes), "skipped_files": len(skipped)}
+    metrics = metrics | {"split": chosen.split, "classes": list(chosen.classes), "skipped_files": len(skipped), "tta": "flip" if tta else None}
     losses, predicted, probability, true_probability = scores.T
     return ScoredSet(metrics, tuple(chosen.samples[i] for i in order), losses, predicted.long(), probability, true_probability)
 
@@ -171,10 +202,12 @@ class Prediction:
 
 @torch.no_grad()
 def predict_files(
-    adapter: ModelAdapter, classes: list[str], files: list[Path], top_k: int = 3, batch_size: int = 32
+    adapter: ModelAdapter, classes: list[str], files: list[Path], top_k: int = 3, batch_size: int = 32, tta: bool = False
 ) -> tuple[list[Prediction], list[tuple[str, str]]]:
+    """Top-k classes of each image file; `tta` averages each image's softmax with its mirror image's."""
     engine = choose_engine(TrainConfig(quiet=True), adapter.model)
     adapter.model.to(engine.device).eval()
+    model = FlipAveraged(adapter.model) if tta else adapter.model
     transform = eval_transform(adapter.preprocessing)
     predictions, skipped = [], []
     for start in range(0, len(files), batch_size):
@@ -188,7 +221,7 @@ def predict_files(
         if not batch:
             continue
         with engine.autocast():
-            logits = adapter.model(engine.to_device(torch.stack(batch)))
+            logits = model(engine.to_device(torch.stack(batch)))
         probabilities = logits.float().softmax(dim=1).cpu()
         top = probabilities.topk(min(top_k, len(classes)), dim=1)
         for path, values, indices in zip(kept, top.values, top.indices):
