@@ -75,6 +75,7 @@ TRAIN_OPTIONS = PLAN_OPTIONS | {
     "--precision": choices(PRECISIONS),
     "--no-channels-last": FLAG,
     "--grad-clip": FLOATS,
+    "--label-smoothing": FLOATS,
     "--accumulate": INTS,
     "--seed": INTS,
     "--workers": INTS,

@@ -122,3 +122,48 @@ def test_a_last_batch_of_one_is_left_out_where_batchnorm_trains(tiny_split_data:
     with pytest.raises(ThawError, match="BatchNorm layers use batch statistics .* one image per batch does not have; use --batch-size 2"):
         train_images(tiny_split_data, model="mobilenet_v3_small", weights=None, plan=plan, out=tmp_path / "one",
                      config=TrainConfig(image_size=32, batch_size=1, quiet=True, augment=False))
+
+
+def test_label_smoothing_changes_the_training_loss_by_the_formula() -> None:
+    """(1 - e) * cross-entropy + e * the mean over classes of -log p: the training loss, and so its gradients."""
+    from thaw.data.loaders import Batch
+    from thaw.train.loop import Engine, MetricTracker, _forward_backward
+
+    torch.manual_seed(0)
+    head = torch.nn.Linear(6, 4)
+    batch = Batch(torch.randn(5, 6), torch.tensor([0, 1, 2, 3, 1]), [])
+    log_p = head(batch.images).log_softmax(dim=1)
+    plain = -log_p[range(5), batch.labels].mean()
+    expected = (0.9 * plain - 0.1 * log_p.mean(dim=1).mean()).item()
+    losses = {}
+    for smoothing in (0.0, 0.1):
+        engine = Engine(torch.device("cpu"), bf16=False, channels_last=False, quiet=True, label_smoothing=smoothing)
+        head.zero_grad()
+        losses[smoothing] = _forward_backward(head, batch, engine, "test", MetricTracker(4))
+    assert losses[0.0] == pytest.approx(plain.item(), rel=1e-6)
+    assert losses[0.1] == pytest.approx(expected, rel=1e-6) and abs(losses[0.1] - losses[0.0]) > 1e-3
+
+
+def test_label_smoothing_reaches_the_run_and_a_resume_keeps_it(tiny_split_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib
+    import json
+
+    from thaw.cli import main
+
+    fit_module = importlib.import_module("thaw.train.fit")  # the module: thaw.train.fit the attribute is its function
+    choose_engine, smoothing_trained_with = fit_module.choose_engine, []
+
+    def recording(config: TrainConfig, model: torch.nn.Module):
+        engine = choose_engine(config, model)
+        smoothing_trained_with.append(engine.label_smoothing)
+        return engine
+
+    monkeypatch.setattr(fit_module, "choose_engine", recording)
+    base = [str(tiny_split_data), "--model", "mobilenet_v3_small", "--weights", "none", "--image-size", "32", "--batch-size", "8",
+            "--strategy", "feature-extract", "--epochs", "1", "--quiet"]
+    assert main(["train", *base, "--label-smoothing", "0.2", "--out", str(tmp_path / "smooth")]) == 0
+    assert smoothing_trained_with == [0.2]
+    assert json.loads((tmp_path / "smooth" / "thaw.json").read_text())["train_config"]["label_smoothing"] == 0.2
+    assert main(["train", "--resume", str(tmp_path / "smooth"), "--label-smoothing", "0.1"]) == 2  # contradicts the run
+    with pytest.raises(ThawError, match=r"label smoothing must be a share in \[0, 1\), got 1.0"):
+        TrainConfig(label_smoothing=1.0)

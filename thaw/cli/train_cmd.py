@@ -68,6 +68,10 @@ def add_training_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--precision", choices=PRECISIONS, default="auto", help="auto: bf16 where the device supports it")
     group.add_argument("--no-channels-last", dest="channels_last", action="store_false")
     group.add_argument("--grad-clip", type=float)
+    group.add_argument(
+        "--label-smoothing", type=share_or_zero, default=0.0, metavar="SHARE",
+        help="smooth the training targets by this share (0.1 is usual); val loss stays plain",
+    )
     group.add_argument("--accumulate", type=positive_int, default=1, help="gradient accumulation steps")
     group.add_argument("--seed", type=int, default=0)
     group.add_argument("--workers", type=non_negative_int, help="DataLoader workers (default: 0 below 4 cores)")

@@ -91,7 +91,7 @@ def choose_engine(config: TrainConfig, model: nn.Module) -> Engine:
     device = resolve_device(config.device)
     bf16 = uses_bf16(config.precision, device)
     has_conv = any(isinstance(m, nn.Conv2d) for m in model.modules())
-    return Engine(device, bf16, config.channels_last and has_conv, quiet=config.quiet, strict=config.strict)
+    return Engine(device, bf16, config.channels_last and has_conv, quiet=config.quiet, strict=config.strict, label_smoothing=config.label_smoothing)
 
 
 def effective_preprocessing(adapter: ModelAdapter, config: TrainConfig) -> Preprocessing:

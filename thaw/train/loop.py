@@ -44,6 +44,7 @@ class Engine:
     last_step: dict = field(default_factory=dict)
     progress: PlanProgress | None = None  # the whole plan, for the bar's step count and time left
     stage: int = 0  # the stage being trained, as an index into the plan
+    label_smoothing: float = 0.0  # of the training loss (torch's cross_entropy label_smoothing)
 
     def count_everywhere(self, count: int) -> tuple[int, bool]:
         """A batch's samples summed over every rank, and whether any rank has fewer than `min_batch`
@@ -167,7 +168,7 @@ def _forward_backward(forward: Callable, batch: Batch, engine: Engine, where: st
     images, labels = engine.to_device(batch.images), batch.labels.to(engine.device)
     with engine.autocast():
         logits = forward(images)
-    loss = nn.functional.cross_entropy(logits.float(), labels, reduction="sum")
+    loss = nn.functional.cross_entropy(logits.float(), labels, reduction="sum", label_smoothing=engine.label_smoothing)
     value = loss.item() / len(labels)  # one device sync a batch, shared by the check, the metrics and the bar
     _check_finite(value, where)
     loss.backward()
