@@ -5,6 +5,8 @@ For each image set, mobilenet_v2 IMAGENET1K_V1, the same images, size and split 
   seed       the seed recipe by hand: freeze all, new head, AdamW 1e-3 for 3 epochs (RandomResizedCrop + flip,
              BatchNorm in train mode, as a hand loop leaves it); then everything at 1e-4 for 1 epoch; fp32
   fastai     vision_learner + fine_tune(3, freeze_epochs=3), RandomResizedCrop item transform (the `bench` extra)
+  thaw-*     candidate changes to thaw's default, on request (--recipes): thaw-adapt (--batchnorm adapt),
+             thaw-smooth (--label-smoothing 0.1), thaw-views (--cache-views 4)
 Every recipe delivers the epoch with the best val accuracy (thaw by its own rule, the hand loop keeps the first
 best, fastai by SaveModelCallback over both fits); test is scored once, on that model, and never chooses anything.
 thaw's model is also scored with `--tta` (mirror images averaged), with the extra evaluation time.
@@ -38,7 +40,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import HYMENOPTERA, SHARED_DATA, offline_torch_home, scratch  # noqa: E402
 
 IMAGE_SETS = ("hymenoptera", "caltech40", "digits")
-IMAGE_RECIPES = ("thaw", "seed", "fastai")
+# thaw's default and candidate changes to it: (plan options, TrainConfig fields)
+THAW_RECIPES = {
+    "thaw": ({}, {}),
+    "thaw-adapt": ({"batchnorm": "adapt"}, {}),  # AdaBN: statistics re-estimated on the training images
+    "thaw-smooth": ({}, {"label_smoothing": 0.1}),
+    "thaw-views": ({}, {"cache_views": 4}),  # the head phase on 4 augmented cached views
+}
+IMAGE_RECIPES = (*THAW_RECIPES, "seed", "fastai")
+DEFAULT_IMAGE_RECIPES = ("thaw", "seed", "fastai")
 TEXT_RECIPES = ("two-phase", "feature-extract", "lora")
 BATCH = 32
 DIGITS_SIZE = 96  # the demo's size (thaw/demo.py)
@@ -88,17 +98,20 @@ def shrunk(folder: Path, per_class: int = 6, classes: int = 3) -> Path:
     return root
 
 
-def thaw_row(folder: Path, size: int, flips: bool, seed: int, epochs: dict) -> dict:
+def thaw_row(folder: Path, size: int, flips: bool, seed: int, epochs: dict, recipe: str = "thaw") -> dict:
     from thaw.export.inference import evaluate_run
     from thaw.export.run_dir import load_run
     from thaw.train import TrainConfig, train_images
 
     started = time.perf_counter()
-    config = TrainConfig(quiet=True, seed=seed)
+    plan_options, fields = THAW_RECIPES[recipe]
+    config = TrainConfig(quiet=True, seed=seed, **fields)
     if not flips:  # the demo's settings for its digits (thaw/demo.py)
-        config = TrainConfig(quiet=True, seed=seed, image_size=size, augment=False, batch_size=64)
+        config = TrainConfig(quiet=True, seed=seed, image_size=size, augment=False, batch_size=64, **fields)
     out = scratch("thaw")
-    result = train_images(folder, model="mobilenet_v2", weights="IMAGENET1K_V1", plan="two-phase", plan_options=epochs, config=config, out=out)
+    result = train_images(
+        folder, model="mobilenet_v2", weights="IMAGENET1K_V1", plan="two-phase", plan_options=epochs | plan_options, config=config, out=out
+    )
     wall = time.perf_counter() - started
     adapter, meta = load_run(out)
     tested = time.perf_counter()
@@ -240,8 +253,8 @@ def one_run(job: dict) -> dict:
         return text_row(job["recipe"], job["seed"], job["quick"])
     folder, size, flips = prepared_set(job["set"], job["seed"], job["quick"])
     epochs = {"head_epochs": 1, "full_epochs": 1} if job["quick"] else {"head_epochs": 3, "full_epochs": 1 if job["recipe"] == "seed" else 3}
-    if job["recipe"] == "thaw":
-        return thaw_row(folder, size, flips, job["seed"], {} if not job["quick"] else {"head_epochs": 1, "epochs": 1})
+    if job["recipe"] in THAW_RECIPES:
+        return thaw_row(folder, size, flips, job["seed"], {} if not job["quick"] else {"head_epochs": 1, "epochs": 1}, job["recipe"])
     return (seed_row if job["recipe"] == "seed" else fastai_row)(folder, size, flips, job["seed"], epochs)
 
 
@@ -257,7 +270,7 @@ def jobs(args: argparse.Namespace) -> list[dict]:
     for name in args.sets:
         recipes = TEXT_RECIPES if name == "sms" else args.recipes
         for recipe in recipes:
-            seeds = args.seeds if recipe in ("thaw", *TEXT_RECIPES) else args.baseline_seeds
+            seeds = args.seeds if recipe in (*THAW_RECIPES, *TEXT_RECIPES) else args.baseline_seeds
             planned += [{"set": name, "recipe": recipe, "seed": seed, "quick": args.quick} for seed in seeds]
     return planned
 
@@ -300,7 +313,7 @@ def extra_cells(chosen: list[dict]) -> str:
 def parse() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sets", nargs="+", choices=(*IMAGE_SETS, "sms"), default=[*IMAGE_SETS, "sms"])
-    parser.add_argument("--recipes", nargs="+", choices=IMAGE_RECIPES, default=list(IMAGE_RECIPES))
+    parser.add_argument("--recipes", nargs="+", choices=IMAGE_RECIPES, default=list(DEFAULT_IMAGE_RECIPES))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="seeds of thaw's rows (and the text rows)")
     parser.add_argument("--baseline-seeds", nargs="+", type=int, default=[0, 1, 2], help="seeds of the seed-recipe and fastai rows")
     parser.add_argument("--markdown", type=Path, help="also write the tables here")

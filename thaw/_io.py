@@ -12,10 +12,14 @@ from thaw.errors import ThawError
 
 def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     """Write through a temporary file in the same folder, fsync, then rename over the old file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as error:
+        raise ThawError(f"could not write {path}: {error.strerror or error}; the previous file is intact") from None
     os.close(handle)
     try:
+        os.chmod(temporary, 0o666 & ~_umask())  # mkstemp makes it private (0600); a saved file reads like any other
         write(Path(temporary))
         with open(temporary, "rb") as stream:
             os.fsync(stream.fileno())
@@ -26,6 +30,12 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)  # the only way to read it is to set it: put it straight back
+    os.umask(mask)
+    return mask
 
 
 def check_writable(folder: Path) -> None:

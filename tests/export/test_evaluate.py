@@ -35,3 +35,24 @@ def test_a_text_table_is_scored_whole_unless_a_split_is_named(text_run: tuple[Pa
     held_out = tmp_path / "held_out.tsv"
     held_out.write_text("spam\twin a free prize now\nham\tsee you at lunch\nham\tthanks for dinner\n", encoding="utf-8")
     assert evaluate_run(adapter, meta, held_out)["count"] == 3
+
+
+def test_a_held_out_split_is_not_rebuilt_from_changed_data(tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    """val held out of class folders is rebuilt by its seed; from the run's folder changed since training it would be
+    another split holding images the model trained on, so evaluate and report refuse it in one line (scoring the
+    folder whole still works)."""
+    from tests.conftest import write_class_images
+    from thaw.cli import main
+
+    data, run = write_class_images(tmp_path / "flat", per_class=10, size=32), tmp_path / "run"
+    assert main(["train", str(data), "--model", "mobilenet_v3_small", "--weights", "none", "--image-size", "32", "--batch-size", "8",
+                 "--strategy", "feature-extract", "--epochs", "1", "--quiet", "--out", str(run)]) == 0
+    assert main(["evaluate", str(run), str(data), "--split", "val", "--json"]) == 0  # the same files: the same split
+    (data / "red" / "000.png").write_bytes(b"not an image any more")
+    capfd.readouterr()
+    for command in (["evaluate", str(run), str(data), "--split", "val"], ["report", str(run), "--split", "val"], ["report", str(run)]):
+        assert main(command) == 2
+        error = capfd.readouterr().err.strip()
+        assert "\n" not in error and f"{data} differs from the data this run trained on" in error
+        assert error.endswith("score held-out data whole (no --split), or its test split")
+    assert main(["evaluate", str(run), str(data), "--json"]) == 0  # scored whole, as a held-out set

@@ -201,6 +201,7 @@ def test_report_on_a_text_run_shows_the_texts(tmp_path: Path, tiny_encoder: Path
     assert "heat maps are for image models" in text and re.search(r"(win|claim|free|see|call|thanks|are we)", text)
     assert "<script>alert(1)</script>" in text and "<b>spam" in text  # as text: no script tag, no stray <b> (ALLOWED_TAGS)
     page = (run / "report.html").read_bytes()
+    assert str(tmp_path).encode() not in page  # the encoder's and the table's folders on this machine: names only
     capsys.readouterr()
     assert main(["report", str(run), "--split", "test"]) == 2  # this table held no test split out
     error = capsys.readouterr().err.strip()
@@ -270,3 +271,81 @@ def test_a_report_failing_at_the_end_of_training_keeps_the_run(
     assert said.err.strip() == (
         f"thaw: error: the run in {run} is saved, but its report failed (RuntimeError: disk full); `thaw report {run}` tries again"
     )
+
+
+def _cut_last_row(copy: Path) -> None:
+    rows = (copy / "metrics.csv").read_text().splitlines()
+    (copy / "metrics.csv").write_text("\n".join(rows[:-1] + [rows[-1].split(",")[0]]) + "\n")
+
+
+DAMAGE = {
+    "thaw.json not UTF-8": (lambda copy: (copy / "thaw.json").write_bytes(b"\xff\xfe{"), "thaw.json is damaged (not JSON)"),
+    "thaw.json a list": (lambda copy: (copy / "thaw.json").write_text("[1, 2]"), "thaw.json is damaged (no model, classes"),
+    "thaw.json without its plan": (
+        lambda copy: (copy / "thaw.json").write_text(json.dumps({k: v for k, v in json.loads((copy / "thaw.json").read_text()).items()
+                                                                if k != "plan"})),
+        "thaw.json is damaged (no plan)",
+    ),
+    "weights cut short": (
+        lambda copy: (copy / "model.safetensors").write_bytes((copy / "model.safetensors").read_bytes()[:1000]),
+        "model.safetensors is damaged (",
+    ),
+}
+
+
+@pytest.mark.parametrize("damage", list(DAMAGE))
+def test_a_damaged_run_folder_is_one_line(
+    damage: str, image_run: tuple[Path, Path], tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    run, data = image_run
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    harm, expected = DAMAGE[damage]
+    harm(copy)
+    capfd.readouterr()
+    assert main(["report", str(copy), str(data)]) == 2
+    error = capfd.readouterr().err.strip()
+    assert error.startswith("thaw: error: ") and expected in error and "\n" not in error
+    assert error.endswith("retrain or restore it from a copy")
+
+
+def test_damaged_curves_and_metrics_leave_them_out_of_a_report_that_still_decodes(
+    image_run: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """A cut or non-UTF-8 metrics.csv and a curves.png that is not a PNG: the page leaves them out, every image decodes."""
+    run, data = image_run
+    for harm in (_cut_last_row, lambda copy: (copy / "metrics.csv").write_bytes(b"epoch,val\n\xff\xfe\n")):
+        copy = tmp_path / f"run{len(list(tmp_path.iterdir()))}"
+        shutil.copytree(run, copy)
+        harm(copy)
+        (copy / "curves.png").write_text("not a picture")
+        assert main(["report", str(copy), str(data)]) == 0
+        read_page(copy / "report.html")  # parses, and every image in it decodes
+        assert 'alt="loss and accuracy per epoch' not in (copy / "report.html").read_text(encoding="utf-8")
+
+
+def test_confusion_matrices_are_left_out_past_50_classes() -> None:
+    from thaw.export.report import _confusion_html
+
+    def metrics(classes: int) -> dict:
+        return {"classes": [f"c{i}" for i in range(classes)], "confusion": [[int(t == p) for p in range(classes)] for t in range(classes)]}
+
+    assert _confusion_html(metrics(50)).count("<table>") == 2
+    assert "<table>" not in _confusion_html(metrics(51)) and "51 classes: the confusion matrices are left out" in _confusion_html(metrics(51))
+
+
+def test_a_grad_cam_failure_costs_the_heat_maps_not_the_report(
+    image_run: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from thaw.export import interpret
+
+    def unusual_layer(*_args: object) -> None:
+        raise RuntimeError("hooks do not fire on this layer")
+
+    monkeypatch.setattr(interpret, "grad_cam", unusual_layer)
+    run, data = image_run
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    assert main(["report", str(copy), str(data)]) == 0
+    text = " ".join(read_page(copy / "report.html").text)
+    assert "heat maps not shown: Grad-CAM failed on this model (RuntimeError: hooks do not fire on this layer)" in text

@@ -177,3 +177,20 @@ def test_non_finite_weights_are_never_written(tiny_split_data: Path, tmp_path: P
         fit(adapter, discover(tiny_split_data), plan, config, tmp_path / "run", meta={"model": "small"}, step_hooks=[poison_a_weight])
     saved = load_checkpoint(tmp_path / "run" / "checkpoint.pt")
     assert saved["epoch"] == 1 and all(torch.isfinite(t.float()).all() for t in saved["model"].values())
+
+
+def test_saved_files_get_the_usual_permissions_and_a_folder_that_cannot_be_made_is_one_error(tmp_path: Path) -> None:
+    """Written through a private temporary file, a saved file still reads like any other (umask 022: 0644)."""
+    import os
+
+    from thaw._io import atomic_write
+
+    mask = os.umask(0o022)
+    try:
+        atomic_write(tmp_path / "saved.txt", lambda target: target.write_text("weights"))
+        assert (tmp_path / "saved.txt").stat().st_mode & 0o777 == 0o644
+        (tmp_path / "a file").write_text("where a folder should be")
+        with pytest.raises(ThawError, match=r"could not write .*a file/report.html: .*; the previous file is intact"):
+            atomic_write(tmp_path / "a file" / "report.html", lambda target: target.write_text("page"))
+    finally:
+        os.umask(mask)

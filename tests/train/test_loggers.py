@@ -48,9 +48,10 @@ def test_tensorboard_events_read_back_with_tensorboards_reader(runs: dict[str, P
 
     events = EventAccumulator(str(runs["logged"] / "tensorboard"), size_guidance={"scalars": 0, "images": 0}).Reload()
     scalars, images = set(events.Tags()["scalars"]), set(events.Tags()["images"])
-    assert {"step/loss", "step/images_per_s", "lr/head", "lr/features.0", "epoch/train_loss", "epoch/val_accuracy"} <= scalars
+    assert {"step/loss", "step/accuracy", "step/images_per_s", "lr/head", "lr/features.0", "epoch/train_loss", "epoch/val_accuracy"} <= scalars
     assert {"epoch/images_per_s", "epoch/val_loss", "epoch/val_macro_f1", "epoch/train_accuracy"} <= scalars
     assert [event.step for event in events.Scalars("step/loss")] == [1, 2, 3, 4, 5, 6]  # steps counted over both stages
+    assert {event.value * 8 for event in events.Scalars("step/accuracy")} <= set(range(9))  # correct of 8 per step
     assert [event.step for event in events.Scalars("lr/features.0")] == [4, 5, 6]  # the body trains in stage 2 only
     history = _metrics_rows(runs["logged"])
     assert [round(e.value, 5) for e in events.Scalars("epoch/val_accuracy")] == [round(float(r["val_accuracy"]), 5) for r in history]
@@ -91,7 +92,7 @@ def test_resume_with_log_and_report_is_allowed(runs: dict[str, Path], data: Path
     run = tmp_path / "run"
     shutil.copytree(runs["plain"], run)
     assert main(["train", "--resume", str(run), "--log", "tensorboard", "--report", "--quiet"]) == 0
-    assert (run / "report.html").is_file() and any((run / "tensorboard").iterdir())
+    assert (run / "report.html").is_file()  # a finished run trains no step, so TensorBoard gets nothing to write
     assert (run / "model.safetensors").read_bytes() == (runs["plain"] / "model.safetensors").read_bytes()
 
 
@@ -130,6 +131,33 @@ def test_a_resumed_run_continues_the_step_count(data: Path, tmp_path: Path) -> N
     assert sorted(event.step for event in events.Scalars("step/loss")) == [1, 2, 3, 4, 5, 6]
 
 
+def test_steps_logged_again_after_a_kill_inside_an_epoch_replace_the_first_copies(data: Path, tmp_path: Path) -> None:
+    """Killed after step 2 of the first epoch (no checkpoint yet): the resumed run logs steps 1 and 2 again,
+    and TensorBoard's reader sees each step once, from the run that went on."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from tests.conftest import Crash
+    from thaw.train import TrainConfig, train_images
+    from thaw.train.loggers import TensorBoardLogger
+
+    def killed_at_step_two(_optimizer: object, step: int, _factor: float) -> None:
+        if step == 1:  # the stage's second step (0-based), logged by the hook before this one
+            raise Crash
+
+    run, config = tmp_path / "run", TrainConfig(batch_size=8, image_size=32, quiet=True)
+    first = TensorBoardLogger(run)
+    with pytest.raises(Crash):
+        train_images(data, model="mobilenet_v3_small", weights=None, out=run, config=config, plan="two-phase",
+                     plan_options={"head_epochs": 1, "epochs": 1}, step_hooks=[first, killed_at_step_two], callbacks=[first.epoch])
+    first.close()
+    second = TensorBoardLogger(run)
+    train_images(data, model="mobilenet_v3_small", weights=None, out=run, config=config, plan="two-phase",
+                 plan_options={"head_epochs": 1, "epochs": 1}, step_hooks=[second], callbacks=[second.epoch], resume=True)
+    second.close()
+    events = EventAccumulator(str(run / "tensorboard"), size_guidance={"scalars": 0}).Reload()
+    assert [event.step for event in events.Scalars("step/loss")] == [1, 2, 3, 4, 5, 6]
+
+
 def test_a_text_run_logs_its_worst_texts_and_mlflow_follows_the_tracking_uri(
     tiny_encoder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -139,6 +167,10 @@ def test_a_text_run_logs_its_worst_texts_and_mlflow_follows_the_tracking_uri(
     from tests.conftest import write_text_table
 
     table, run, store = write_text_table(tmp_path / "t.tsv", rows_per_class=20), tmp_path / "run", tmp_path / "elsewhere.db"
+    # Chat far longer than offers: the val loader sorts texts by length, so it scores the offers (class 1) first,
+    # unlike the split, which lists class 0 (ham) first.
+    lines = [line.split("\t") for line in table.read_text().splitlines()]
+    table.write_text("\n".join(f"{label}\t{text}{' and more' * 6 * (label == 'ham')}" for label, text in lines) + "\n")
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{store}")
     args = ["train", str(table), "--task", "text", "--model", str(tiny_encoder), "--strategy", "feature-extract", "--epochs", "1",
@@ -147,9 +179,15 @@ def test_a_text_run_logs_its_worst_texts_and_mlflow_follows_the_tracking_uri(
     events = EventAccumulator(str(run / "tensorboard"), size_guidance={"tensors": 0}).Reload()
     worst = events.Tensors("val/top_losses/text_summary")[0].tensor_proto.string_val[0].decode()
     assert worst.startswith("| label | text |") and "true " in worst and "loss " in worst
+    # Each text beside its own caption: the val loader groups texts by length, so table order is not scored order.
+    labels = dict(reversed(line.split("\t", 1)) for line in table.read_text().splitlines())
+    rows = [line.split(" | ") for line in worst.splitlines()[2:]]
+    assert rows and all(caption.startswith(f"| true {labels[text.rstrip(' |')]},") for caption, text in rows)
     assert store.is_file() and not (tmp_path / "mlruns" / "mlflow.db").exists()  # the URI, not the default
     client = mlflow.MlflowClient(f"sqlite:///{store}")
-    assert len(client.search_runs([client.get_experiment_by_name("thaw").experiment_id])) == 1
+    (found,) = client.search_runs([client.get_experiment_by_name("thaw").experiment_id])
+    stored = {item.path for item in client.list_artifacts(found.info.run_id, "text-model")}
+    assert "text-model/config.json" in stored  # the tokenizer and config a text model needs to load again
 
 
 def test_a_logger_that_fails_mid_run_warns_once_and_the_training_goes_on(
@@ -215,3 +253,14 @@ def test_ctrl_c_ends_the_mlflow_run_as_killed_and_the_run_resumes(data: Path, tm
     assert main(["train", "--resume", str(run), "--log", "mlflow", "--quiet"]) == 0
     statuses = sorted(found_run.info.status for found_run in client.search_runs([client.get_experiment_by_name("thaw").experiment_id]))
     assert statuses == ["FINISHED", "KILLED"]
+
+
+def test_a_tracking_uri_mlflow_cannot_use_is_one_line_before_any_work(
+    data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "bogus://nowhere")
+    capfd.readouterr()
+    assert main(["train", str(data), *TINY, *PLAN, "--out", str(tmp_path / "run"), "--log", "mlflow"]) == 2
+    error = capfd.readouterr().err.strip()
+    assert error.startswith("thaw: error: --log mlflow cannot use the tracking URI bogus://nowhere (") and "\n" not in error
+    assert not (tmp_path / "run" / "checkpoint.pt").exists()

@@ -15,7 +15,11 @@ def register(commands: argparse._SubParsersAction) -> None:
     parser = commands.add_parser("report", help="write RUN/report.html: curves, per-class scores, confusions, the top losses")
     parser.add_argument("run", type=path_text)
     parser.add_argument("data", nargs="?", type=path_text, help="the data (default: where the run recorded it)")
-    parser.add_argument("--split", choices=("train", "val", "test"), default="val", help="which split to score (default val)")
+    parser.add_argument(
+        "--split", choices=("train", "val", "test"),
+        help="which split to score (default: the run's val split; for DATA given, what thaw evaluate scores: "
+        "val of split folders, else all of it)",
+    )
     parser.add_argument("--top-losses", type=top_count, default=TOP_LOSSES, metavar="N", help="images or texts in the gallery")
     parser.add_argument("--json", action="store_true", help="one JSON line: the file and the metrics it shows")
     parser.set_defaults(handler=run)
@@ -29,7 +33,8 @@ def top_count(text: str) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    path, report = write_report(args.run, args.data, args.split, args.top_losses)
+    split = args.split or ("val" if args.data is None else None)  # DATA given: the same rule as thaw evaluate
+    path, report = write_report(args.run, args.data, split, args.top_losses)
     metrics = report["metrics"]
     if args.json:
         print(json.dumps({"report": str(path), "split": metrics["split"], "count": metrics["count"], "accuracy": metrics["accuracy"]}))

@@ -37,6 +37,7 @@ class LabelledData:
     skipped: tuple[tuple[str, str], ...] = field(default=())  # (where, reason)
     # True when the data came as train/ (+ val/, test/) folders: evaluation then scores one split, not the whole.
     split_folders: bool = False
+    val_from_folder: bool = False  # val/ was given; else val is a seeded share held out of the training samples
 
     no_test_hint = "hold one out with --test-split"
 
@@ -145,7 +146,7 @@ def _from_split_folders(root: Path, val_dir: Path | None, val_split: float, seed
         train, val = tuple(kept), tuple(held_out)
         given = "train/test" if test is not None else "train only"
         layout = f"split folders ({given}), {val_split:.0%} of train held out as val (seed {seed})"
-    return ImageData(classes, train, val, test, layout, tuple(skipped), split_folders=True)
+    return ImageData(classes, train, val, test, layout, tuple(skipped), split_folders=True, val_from_folder=val_dir is not None)
 
 
 def _from_class_folders(root: Path, val_split: float, seed: int) -> ImageData:

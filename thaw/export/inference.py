@@ -19,6 +19,7 @@ from thaw.models.adapter import Preprocessing
 from thaw.train.config import TrainConfig
 from thaw.train.fit import choose_engine
 from thaw.train.loop import evaluate
+from thaw.train.settings import samples_digest
 
 
 class FlipAveraged(nn.Module):
@@ -86,8 +87,24 @@ def evaluation_set(meta: dict, data_path: str | Path, split: str | None = None) 
     data = _run_data(meta, data_path)
     if split is None:
         split = "val" if data.split_folders else "all"
+    if split in ("train", "val") and not getattr(data, "val_from_folder", False):
+        _check_same_samples(meta, data, data_path, split)
     samples = data.everything() if split == "all" else data.split(split)
     return EvaluationSet(split, samples, data.classes, data.skipped)
+
+
+def _check_same_samples(meta: dict, data: ImageData | TextData, data_path: str | Path, split: str) -> None:
+    """A val split held out of the training samples is rebuilt by its seed: from other samples (files added,
+    removed, changed or now unreadable) it would be another split, holding samples the model trained on."""
+    recorded = meta.get("data", {}).get("samples")  # runs written before thaw recorded it are not checked
+    # Another folder is the user's own data to split (a held-out set, say); the run's folder changed in place is not.
+    same_place = Path(data_path).resolve() == Path(meta.get("data", {}).get("path") or "/nonexistent").resolve()
+    if recorded and same_place and samples_digest(data) != recorded:
+        raise ThawError(
+            f"{data_path} differs from the data this run trained on (samples added, removed, changed or now unreadable), "
+            f"so the run's {split} split cannot be rebuilt from it and could hold samples the model trained on; "
+            "score held-out data whole (no --split), or its test split"
+        )
 
 
 @dataclass(frozen=True)

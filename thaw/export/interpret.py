@@ -134,7 +134,9 @@ def heat_maps(adapter: ModelAdapter, losses: list[TopLoss]) -> tuple[dict[int, s
     """Grad-CAM overlays (base64 JPEG) for image top losses, by position in `losses`, and a line saying
     where they come from, or why there are none."""
     model = adapter.model
-    if not losses or isinstance(losses[0].sample, str):
+    if not losses:
+        return {}, "no samples were scored"
+    if isinstance(losses[0].sample, str):
         return {}, "heat maps are for image models"
     if not is_convolutional(model):
         return {}, "heat maps not shown: Grad-CAM needs a convolutional feature map, and this model is a transformer"
@@ -142,6 +144,8 @@ def heat_maps(adapter: ModelAdapter, losses: list[TopLoss]) -> tuple[dict[int, s
     model.eval()
     try:
         drawn, layer = _draw_heat_maps(adapter, losses)
+    except Exception as error:  # noqa: BLE001 - an unusual layer should cost the heat maps, not the report
+        return {}, f"heat maps not shown: Grad-CAM failed on this model ({type(error).__name__}: {str(error).splitlines()[0][:200]})"
     finally:
         for module, training in modes.items():
             module.train(training)

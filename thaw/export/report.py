@@ -29,7 +29,10 @@ TOP_LOSSES = 16
 
 def run_data_path(run: Path, meta: dict, data_path: str | Path | None) -> Path:
     """DATA as given, else where the run recorded its data; one line when neither exists."""
-    path = Path(data_path) if data_path else Path(meta.get("data", {}).get("path") or meta.get("data_path") or "")
+    recorded = meta.get("data", {}).get("path") or meta.get("data_path")
+    if not data_path and not recorded:  # Path("") would be the current folder
+        raise ThawError(f"the run does not record where its data is; pass it: thaw report {run} DATA")
+    path = Path(data_path) if data_path else Path(recorded)
     if not data_path and not path.exists():
         raise ThawError(f"the run's data was at {path}, which does not exist now; pass its place: thaw report {run} DATA")
     return path
@@ -66,7 +69,7 @@ def build_report(run: Path, adapter: ModelAdapter, meta: dict, scored: ScoredSet
         "gallery": [_gallery_item(item, classes, maps.get(i)) for i, item in enumerate(losses)],
         "heat_note": heat_note,
         "history": _history(run),
-        "pictures": {name: _png(run / name) for name in (CURVES, LR_FIND) if (run / name).is_file()},
+        "pictures": {name: picture for name in (CURVES, LR_FIND) if (run / name).is_file() and (picture := _png(run / name))},
     }
 
 
@@ -94,15 +97,21 @@ def _gallery_item(item: TopLoss, classes: list[str], heat_map: str | None) -> di
 
 
 def _history(run: Path) -> list[dict]:
+    """metrics.csv's rows; a damaged file shows no curves rather than failing the report (a cut row reads as blanks)."""
     try:
-        with open(run / "metrics.csv", newline="") as stream:
-            return list(csv.DictReader(stream))
-    except OSError:
+        with open(run / "metrics.csv", newline="", encoding="utf-8") as stream:
+            return list(csv.DictReader(stream, restval=""))
+    except (OSError, UnicodeDecodeError, csv.Error):
         return []
 
 
-def _png(path: Path) -> str:
-    return base64.b64encode(path.read_bytes()).decode("ascii")
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def _png(path: Path) -> str | None:
+    """The plot inline, or None where the file is not a PNG (then the page leaves it out instead of a broken image)."""
+    data = path.read_bytes()
+    return base64.b64encode(data).decode("ascii") if data.startswith(PNG_SIGNATURE) else None
 
 
 # Rendering: plain HTML, every value escaped.
@@ -153,13 +162,14 @@ def _glance_html(report: dict) -> str:
     root = data.get("path", "")
     shown = "; ".join(f"{_inside(s['path'], root)} ({s['reason']})" for s in skipped[:5]) + (" ..." if len(skipped) > 5 else "")
     rows = [
-        ("data", f"{data.get('path', '?')}: {data.get('layout', '')}"),
+        ("data trained on", f"{Path(data.get('path') or '?').name}: {data.get('layout', '')}"),  # names, not this machine's folders
         ("classes", f"{len(glance['classes'])}: {', '.join(glance['classes'])}"),
         ("samples per split", counts),
         ("skipped files", f"{len(skipped)}{': ' + shown if skipped else ''}"),
-        ("model", f"{glance['model']} ({glance['family']}), weights {glance['weights']}"),
+        ("model", f"{Path(glance['model']).name if '/' in glance['model'] and Path(glance['model']).is_absolute() else glance['model']} "
+                  f"({glance['family']}), weights {glance['weights']}"),
         ("parameters", f"{glance['plan']['total_params']:,}"),
-        ("best epoch", f"{best.get('epoch')} ({best.get('stage')}): val {best.get('metric')} {best.get('value', 0):.4f}"),
+        ("delivered epoch", f"{best.get('epoch')} ({best.get('stage')}): {best.get('why') or 'val ' + str(best.get('metric'))}"),
         ("wall time", f"{glance['wall_s'] or 0:.1f} s, {glance['images_per_s'] or 0:.1f} training samples/s"),
         ("versions", ", ".join(f"{k} {v}" for k, v in glance["versions"].items())),
     ]
@@ -205,11 +215,11 @@ def _curves_html(report: dict) -> str:
     return "".join(parts)
 
 
-def _short(text: str) -> str:
+def _short(text: str | None) -> str:
     try:
         return f"{float(text):.4g}"
-    except ValueError:
-        return text
+    except (TypeError, ValueError):
+        return text or ""
 
 
 def _metrics_html(report: dict) -> str:
@@ -230,8 +240,14 @@ def _metrics_html(report: dict) -> str:
     return f"<h2>How well it does</h2>{summary}<h3>Per class</h3>{per_class}{_confusion_html(m)}"
 
 
+MAX_MATRIX_CLASSES = 50  # past this a matrix is megabytes of cells nobody reads: per-class scores and pairs tell it
+
+
 def _confusion_html(m: dict) -> str:
     classes, confusion = m["classes"], m["confusion"]
+    if len(classes) > MAX_MATRIX_CLASSES:
+        return (f'<p class="note">{len(classes)} classes: the confusion matrices are left out (over {MAX_MATRIX_CLASSES}); '
+                "the per-class table and the most confused pairs hold what they would show.</p>")
     counts, shares = [], []
     for t, row in enumerate(confusion):
         total = sum(row) or 1
@@ -263,7 +279,7 @@ def _confused_html(report: dict) -> str:
 
 def _gallery_html(report: dict) -> str:
     items = report["gallery"]
-    title = f"<h2>Top losses: the {len(items)} {'texts' if report['task'] == 'text' else 'images'} it got most wrong</h2>"
+    title = f"<h2>Top losses: the {len(items)} {'texts' if report['task'] == 'text' else 'images'} with the highest loss</h2>"
     note = f'<p class="note">{_e(report["heat_note"])}. Loss is the cross-entropy of the true class.</p>'
     cards = "".join(_card(item) for item in items)
     return f'{title}{note}<div class="gallery">{cards}</div>'

@@ -28,9 +28,16 @@ def read_metadata(run: Path) -> dict:
     if not path.is_file():
         raise ThawError(f"{run} is not a thaw run folder (no {METADATA}); pass the --out folder of thaw train")
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError):
         raise ThawError(f"{path} is damaged (not JSON); retrain or restore it from a copy") from None
+    missing = [key for key in REQUIRED_METADATA if key not in meta] if isinstance(meta, dict) else list(REQUIRED_METADATA)
+    if missing:
+        raise ThawError(f"{path} is damaged (no {', '.join(missing)}); retrain or restore it from a copy")
+    return meta
+
+
+REQUIRED_METADATA = ("model", "classes", "preprocessing", "plan")  # what loading and reporting a run read
 
 
 def load_run(run: str | Path, device: str | torch.device = "cpu") -> tuple[ModelAdapter, dict]:
@@ -48,9 +55,16 @@ def load_run(run: str | Path, device: str | torch.device = "cpu") -> tuple[Model
     if (meta.get("plan") or {}).get("lora"):  # the same LoRA layers as in training, so the weights fit
         spec = plan_from_dict(meta["plan"], f"{run}/{METADATA} plan").lora
         add_lora(adapter, spec, lora_targets(adapter, spec))
-    load_into(adapter.model, load_file(str(weights_path)), str(weights_path))
+    load_into(adapter.model, _read_weights(weights_path), str(weights_path))
     adapter.model.to(device).eval()
     return adapter, meta
+
+
+def _read_weights(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(str(path))
+    except Exception as error:  # noqa: BLE001 - safetensors raises its own error type for a cut or foreign file
+        raise ThawError(f"{path} is damaged ({str(error).splitlines()[0][:200]}); retrain or restore it from a copy") from None
 
 
 def load_adapter(adapter: ModelAdapter, path: str | Path) -> None:

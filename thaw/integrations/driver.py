@@ -27,6 +27,12 @@ class PlanDriver:
 
     def __init__(self, adapter: ModelAdapter, plan: Plan, *, schedule: str = "constant", warmup: float = 0.0) -> None:
         self.adapter, self.plan, self.schedule, self.warmup = adapter, plan, schedule, warmup
+        adapting = [stage.name for stage in plan.stages if stage.batchnorm == "adapt"]
+        if adapting:  # it needs a pass over the training images at the stage's start, which only thaw's loop makes
+            raise ThawError(
+                f"stage {adapting[0]!r} uses batchnorm: adapt, which re-estimates statistics in thaw's own loop; "
+                "inside another trainer use eval or frozen"
+            )
         for stage in plan.stages:  # validates every stage up front
             resolve_stage(adapter, stage)
         self.stage_index: int | None = None

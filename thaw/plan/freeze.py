@@ -8,12 +8,18 @@ BatchNorm policy for frozen layers:
           statistics (affine parameters of trainable layers still train):
           Keras's advice for fine-tuning, so unfreezing does not swap the
           statistics the head was trained on for batch statistics.
+  adapt   AdaBN: at the stage's start thaw's loop re-estimates every BatchNorm
+          layer's running statistics on the training images (one pass in
+          train mode, eval view, no gradients; thaw.train.adapt_bn), then
+          holds them fixed as `eval` does. The one policy that changes the
+          statistics of frozen layers, once, on purpose.
 Nothing else about a BatchNorm layer (momentum, track_running_stats) is touched.
 """
 
 from __future__ import annotations
 
-from typing import Literal
+from contextlib import contextmanager
+from typing import Iterator, Literal
 
 from torch import nn
 
@@ -21,8 +27,8 @@ from thaw.errors import ThawError
 from thaw.models.adapter import ModelAdapter
 from thaw.plan.selectors import group_of_module
 
-BatchNormPolicy = Literal["frozen", "train", "eval"]
-BATCHNORM_POLICIES: tuple[str, ...] = ("frozen", "train", "eval")
+BatchNormPolicy = Literal["frozen", "train", "eval", "adapt"]
+BATCHNORM_POLICIES: tuple[str, ...] = ("frozen", "train", "eval", "adapt")
 _HOOK_ATTR = "_thaw_frozen_bn_hook"
 
 
@@ -78,7 +84,7 @@ def batchnorm_trains(adapter: ModelAdapter, name: str, layer: nn.Module, trainab
 
 def locks_statistics(policy: BatchNormPolicy, trains: bool) -> bool:
     """Whether a BatchNorm layer is held in eval mode with fixed statistics under `policy`."""
-    return policy == "eval" or (policy == "frozen" and not trains)
+    return policy in ("eval", "adapt") or (policy == "frozen" and not trains)
 
 
 def apply_trainable(adapter: ModelAdapter, selected: list[str], batchnorm: BatchNormPolicy = "frozen") -> list[str]:
@@ -95,3 +101,28 @@ def apply_trainable(adapter: ModelAdapter, selected: list[str], batchnorm: Batch
         else:
             _unlock(layer, training)
     return [name for name, _ in adapter.model.named_parameters() if name in chosen]
+
+
+@contextmanager
+def estimating_statistics(model: nn.Module) -> Iterator[list[nn.modules.batchnorm._BatchNorm]]:
+    """For AdaBN: the model in eval mode (dropout off) but every BatchNorm layer that tracks statistics in train
+    mode, its statistics reset and averaged over every batch that follows (momentum None); afterwards each layer's
+    momentum, mode and eval lock as they were. Yields the layers."""
+    layers = [layer for _, layer in batchnorm_layers(model) if layer.track_running_stats]
+    modes = {module: module.training for module in model.modules()}
+    kept = [(layer.momentum, is_eval_locked(layer)) for layer in layers]
+    model.eval()
+    for layer in layers:
+        _unlock(layer, True)
+        layer.reset_running_stats()
+        layer.momentum = None  # a cumulative average: every batch counts the same
+    try:
+        yield layers
+    finally:
+        for layer, (momentum, locked) in zip(layers, kept):
+            layer.momentum = momentum
+        for module, training in modes.items():
+            module.train(training)
+        for layer, (_, locked) in zip(layers, kept):
+            if locked:
+                _lock_eval(layer)

@@ -17,7 +17,7 @@ from thaw.plan.lora_targets import lora_targets
 from thaw.errors import ThawError
 from thaw.train import checkpoint
 from thaw.train.config import TrainConfig
-from thaw.train.settings import RUNTIME_FIELDS, config_from_settings, source_name
+from thaw.train.settings import RUNTIME_FIELDS, config_from_settings, samples_digest, source_name
 from thaw import distributed
 from thaw.train.fit import EpochCallback, RunResult, RunState, StepHook, effective_preprocessing, fit
 from thaw.train.run_folder import preprocessing_dict, save_adapter, save_text_model, write_run
@@ -106,7 +106,8 @@ def _run(
         "preprocessing": preprocessing_dict(effective_preprocessing(adapter, config)),
         "plan": plan_to_dict(plan),
         "train_config": asdict(config),
-        "data": {"path": str(Path(data_path).resolve()), "layout": data.layout, "train": len(data.train), "val": len(data.val), "test": len(data.test or ())},
+        "data": {"path": str(Path(data_path).resolve()), "layout": data.layout, "train": len(data.train), "val": len(data.val), "test": len(data.test or ()),
+                 "samples": samples_digest(data)},  # so evaluation can tell whether it rebuilds the same split
         "skipped_files": [{"path": p, "reason": r} for p, r in result.skipped],
         "best": {k: v for k, v in result.best.items() if k != "val"} | {"val": {k: v for k, v in result.best.get("val", {}).items() if k != "confusion"}},
         "wall_s": result.wall_s,

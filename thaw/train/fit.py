@@ -33,6 +33,7 @@ from thaw.plan import Plan, enter_stage, plan_to_dict
 from thaw.plan.stages import Stage, resolve_stage
 from thaw.plan.freeze import batchnorm_layers, is_eval_locked
 from thaw.train import checkpoint as ckpt
+from thaw.train.adapt_bn import adapt_batchnorm, has_statistics
 from thaw.train.config import TrainConfig, check_device, check_image_size
 from thaw.train.feature_cache import (
     CACHE_FOLDER, CachedStage, FeatureBatches, MemoryBudget, build_cache, fingerprint, remove_if_empty, remove_spill_files,
@@ -423,6 +424,9 @@ class Trainer:
         stage, state = self.plan.stages[stage_index], self.state
         if self.optimizer is None or state.epoch == 0:
             _, self.optimizer = self._enter(stage_index, self.optimizer)
+            # A run resumed inside the stage's first epoch restored the statistics this pass gave it.
+            if stage.batchnorm == "adapt" and state.epoch == 0 and self.resume_point is None:
+                self.adapt_statistics(stage_index)
         cached = self.stage_cache(stage_index) if state.epoch < stage.epochs and not state.stopped else None
         self.engine.stage = stage_index
         self.engine.progress.kinds[stage_index] = CACHED if cached is not None else FULL
@@ -440,6 +444,19 @@ class Trainer:
             if state.stopped:
                 self.engine.progress.epochs[stage_index] = state.epoch
                 self._say(f"stage {stage.name!r}: no improvement in {patience} epochs, moving on")
+
+    def adapt_statistics(self, stage_index: int) -> None:
+        """BatchNorm policy adapt: the statistics re-estimated on the training images (evaluation view), then fixed."""
+        name = self.plan.stages[stage_index].name
+        if not has_statistics(self.model):
+            self._say(f"stage {name!r}: batchnorm adapt has nothing to adapt (no BatchNorm layer keeps statistics)")
+            return
+        started = time.perf_counter()
+        loader = make_loader(
+            self.dataset("train-eval"), batch_size=self.config.batch_size, shuffle=False, seed=0, workers=self.workers, processes=self.processes
+        )
+        seen = adapt_batchnorm(self.model, loader, self.engine, self.processes)
+        self._say(f"stage {name!r}: BatchNorm statistics re-estimated on {seen} training images in {time.perf_counter() - started:.1f} s")
 
     def _say(self, message: str) -> None:
         if not self.config.quiet and self.processes.is_main:

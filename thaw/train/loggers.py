@@ -19,6 +19,7 @@ from typing import Callable
 import torch
 
 from thaw.errors import ThawError
+from thaw.train.feature_cache import CACHE_FOLDER
 from thaw.train.fit import RunState, Trainer
 
 LOGGERS = ("tensorboard", "mlflow")
@@ -65,7 +66,7 @@ class RunLogger(abc.ABC):
     def __call__(self, optimizer: torch.optim.Optimizer, step: int, factor: float) -> None:
         engine = self.trainer.engine
         stats = engine.last_step
-        scalars = {"step/loss": stats["loss"], "step/images_per_s": stats["samples"] / max(stats["seconds"], 1e-9)}
+        scalars = {"step/loss": stats["loss"], "step/accuracy": stats["accuracy"], "step/images_per_s": stats["samples"] / max(stats["seconds"], 1e-9)}
         scalars |= {f"lr/{group.get('thaw_group', index)}": group["lr"] for index, group in enumerate(optimizer.param_groups)}
         self.guarded(lambda: self.log_step(self.global_step(step), scalars))
 
@@ -109,13 +110,26 @@ class TensorBoardLogger(RunLogger):
     def __init__(self, out: Path) -> None:
         super().__init__(out)
         require("tensorboard", "tensorboard")
-        from torch.utils.tensorboard import SummaryWriter
+        self._writer = None
 
-        self.writer = SummaryWriter(log_dir=str(out / TENSORBOARD_FOLDER))
+    def writer_from(self, step: int) -> object:
+        """The event writer, opened at the first step logged: a run resumed from an earlier checkpoint than its
+        last logged step (a kill inside an epoch) logs those steps again, and purge_step makes TensorBoard drop
+        the first copies instead of showing both."""
+        if self._writer is None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._writer = SummaryWriter(log_dir=str(self.out / TENSORBOARD_FOLDER), purge_step=step)
+        return self._writer
+
+    @property
+    def writer(self) -> object:
+        return self.writer_from(1)
 
     def log_step(self, step: int, scalars: dict[str, float]) -> None:
+        writer = self.writer_from(step)
         for tag, value in scalars.items():
-            self.writer.add_scalar(tag, value, step)
+            writer.add_scalar(tag, value, step)
 
     def log_epoch(self, epoch: int, scalars: dict[str, float]) -> None:
         self.log_step(epoch, scalars)
@@ -144,24 +158,32 @@ class TensorBoardLogger(RunLogger):
             lines = [f"| {caption} | {samples[i][0][:200]} |" for caption, i in zip(captions, worst)]
             self.writer.add_text("val/top_losses", "| label | text |\n|---|---|\n" + "\n".join(lines), epoch)
             return
-        self.writer.add_images("val/top_losses", torch.stack([self.model_view(samples[i][0]) for i in worst]), epoch)
+        size = self.trainer.preprocessing.crop_size
+        self.writer.add_images("val/top_losses", torch.stack([self.model_view(samples[i][0], size) for i in worst]), epoch)
         self.writer.add_text("val/top_losses_labels", "\n\n".join(f"{n + 1}. {c}" for n, c in enumerate(captions)), epoch)
 
     def kept_val_samples(self) -> list:
-        failed = {path for path, _ in self.trainer.engine.failed}
-        return [sample for sample in self.trainer.data.val if str(sample[0]) not in failed]
+        """The val samples in the order they were scored: the val loader's (text batches are grouped by length,
+        and the cached val features were computed by a loader of the same kind and batch size), less undecodable files."""
+        failed, val = {path for path, _ in self.trainer.engine.failed}, self.trainer.data.val
+        order = [index for batch in self.trainer.val_loader.batch_sampler for index in batch]
+        return [val[index] for index in order if str(val[index][0]) not in failed]
 
-    def model_view(self, path: Path) -> torch.Tensor:
-        """The image as the model saw it (evaluation crop), back in [0, 1]."""
-        from thaw.data.images import load_rgb
+    def model_view(self, path: Path, size: int) -> torch.Tensor:
+        """The image as the model saw it (evaluation crop), back in [0, 1]; grey where it no longer decodes."""
+        from thaw.data.images import UnreadableImage, load_rgb
         from thaw.data.transforms import eval_transform
 
         pre = self.trainer.preprocessing
-        image = eval_transform(pre)(load_rgb(path, 2 * pre.resize_size))
+        try:
+            image = eval_transform(pre)(load_rgb(path, 2 * pre.resize_size))
+        except (UnreadableImage, OSError):  # changed on disk since it was scored: one grey tile, not the end of the log
+            return torch.full((3, size, size), 0.5)
         return (image * torch.tensor(pre.std)[:, None, None] + torch.tensor(pre.mean)[:, None, None]).clamp(0, 1)
 
     def close(self, ending: str = "FINISHED") -> None:
-        self.writer.close()
+        if self._writer is not None:
+            self._writer.close()
 
 
 class MLflowLogger(RunLogger):
@@ -183,10 +205,15 @@ class MLflowLogger(RunLogger):
 
         for name in ("mlflow", "alembic"):  # their INFO lines would read as errors on stderr
             logging.getLogger(name).setLevel(logging.WARNING)
-        self.client = MlflowClient(tracking_uri())
-        experiment = self.client.get_experiment_by_name(MLFLOW_EXPERIMENT)
-        experiment_id = experiment.experiment_id if experiment else self.client.create_experiment(MLFLOW_EXPERIMENT)
-        self.run_id = self.client.create_run(experiment_id, run_name=out.name).info.run_id
+        uri = tracking_uri()
+        try:
+            self.client = MlflowClient(uri)
+            experiment = self.client.get_experiment_by_name(MLFLOW_EXPERIMENT)
+            experiment_id = experiment.experiment_id if experiment else self.client.create_experiment(MLFLOW_EXPERIMENT)
+            self.run_id = self.client.create_run(experiment_id, run_name=out.name).info.run_id
+        except Exception as error:  # noqa: BLE001 - an unknown scheme, a server that does not answer: before any work
+            line = f"{type(error).__name__}: {error}".splitlines()[0][:300]
+            raise ThawError(f"--log mlflow cannot use the tracking URI {uri} ({line}); check MLFLOW_TRACKING_URI or unset it") from None
         try:
             self.client.log_batch(self.run_id, params=[Param(key, str(value)[:500]) for key, value in flatten(params).items()])
         except Exception:
@@ -208,8 +235,12 @@ class MLflowLogger(RunLogger):
         KILLED when the user stopped it, FAILED when the training failed or the artifacts could not be stored."""
         try:
             for path in sorted(self.out.iterdir()) if self.out.is_dir() else []:
-                if path.is_file() and path.name != "checkpoint.pt" and not path.name.startswith("."):
+                if path.name in ("checkpoint.pt", CACHE_FOLDER) or path.name.startswith("."):
+                    continue
+                if path.is_file():
                     self.client.log_artifact(self.run_id, str(path))
+                elif path.is_dir():  # a text run's text-model/ (its tokenizer and config), the event files
+                    self.client.log_artifacts(self.run_id, str(path), artifact_path=path.name)
         except Exception:
             ending = "FAILED"
             raise

@@ -127,7 +127,7 @@ def train_one_epoch(
     model.train()  # frozen BatchNorm layers stay in eval: their hook wins
     tracker = tracker or MetricTracker(num_classes)
     step, started, batches, in_group = first_step, time.perf_counter(), 0, 0
-    group_loss, group_count, step_started = 0.0, 0, started
+    group_loss, group_count, step_started, correct_before = 0.0, 0, started, int(tracker.confusion.trace())
     optimizer.zero_grad(set_to_none=True)
     progress = tqdm(loader, desc=_bar_label(engine, label), disable=bars_disabled(engine.quiet), leave=False, unit="batch")
     total = len(loader)
@@ -147,7 +147,12 @@ def train_one_epoch(
         if (index + 1) % schedule.accumulate == 0 or index + 1 == total:
             if in_group:
                 now = time.perf_counter()
-                engine.last_step = {"loss": group_loss / max(group_count, 1), "samples": in_group, "seconds": now - step_started}
+                correct = int(tracker.confusion.trace())
+                engine.last_step = {
+                    "loss": group_loss / max(group_count, 1), "accuracy": (correct - correct_before) / max(group_count, 1),
+                    "samples": in_group, "seconds": now - step_started,
+                }
+                correct_before = correct
                 _optimizer_step(model, optimizer, engine, schedule, step, in_group)
                 if engine.progress is not None:
                     engine.progress.record(engine.progress.kinds[engine.stage], now - step_started)
