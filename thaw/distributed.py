@@ -157,12 +157,6 @@ def average_gradients(model: nn.Module) -> None:
         offset += grad.numel()
 
 
-def average_tensor(tensor: torch.Tensor) -> None:
-    """In place: the mean of `tensor` over every rank (BatchNorm statistics each rank estimated on its shard)."""
-    dist.all_reduce(tensor)
-    tensor /= dist.get_world_size()
-
-
 def wrap(model: nn.Module, device: torch.device) -> nn.Module:
     """A fresh DDP wrapper over what trains now; built at every stage change."""
     ids = [device.index] if device.type == "cuda" else None

@@ -80,3 +80,51 @@ def test_another_trainer_refuses_adapt_in_one_line() -> None:
     plan = Plan((Stage("head", 1, ("head",), ConstantLr(1e-3), batchnorm="adapt"),))
     with pytest.raises(ThawError, match="stage 'head' uses batchnorm: adapt, which re-estimates statistics in thaw's own loop"):
         PlanDriver(adapter, plan)
+
+
+def test_no_batch_of_two_images_keeps_the_statistics_as_they_were() -> None:
+    """Every batch a single image has no batch statistics: the estimate would be the reset values (mean 0, var 1)."""
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4))
+    model[1].running_mean.fill_(0.7)
+    model[1].running_var.fill_(2.5)
+    singles = [Batch(torch.randn(1, 3, 4, 4), torch.zeros(1, dtype=torch.long), []) for _ in range(3)]
+    assert adapt_batchnorm(model, singles, ENGINE, Processes(rank=0, world=1, local_rank=0)) == 0
+    assert torch.equal(model[1].running_mean, torch.full((4,), 0.7)) and torch.equal(model[1].running_var, torch.full((4,), 2.5))
+
+
+def test_ctrl_c_inside_an_adapt_stage_resumes_without_estimating_again(tiny_split_data: Path, tmp_path: Path) -> None:
+    """Stopped after the first step of the second adapt stage (the network has trained one step since that stage's
+    pass): the resumed run keeps the statistics it saved, and ends with the weights of an uninterrupted run."""
+    import os
+    import signal
+
+    from thaw.plan import RangeLr
+    from thaw.train.checkpoint import load_checkpoint
+    from thaw.train.fit import RunInterrupted
+
+    plan = Plan((Stage("head", 2, ("head",), ConstantLr(3e-3), batchnorm="adapt"),
+                 Stage("all", 2, ("all",), RangeLr(1e-4, 1e-3), batchnorm="adapt")))
+    config = TrainConfig(image_size=32, batch_size=4, quiet=True)
+
+    def run(out: Path, **options: object):
+        return train_images(tiny_split_data, model="mobilenet_v3_small", weights=None, plan=plan, config=config, out=out, **options)
+
+    run(tmp_path / "whole")
+
+    def press_ctrl_c(state: object) -> None:
+        if len(state.history) == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    with pytest.raises(RunInterrupted):
+        run(tmp_path / "cut", callbacks=[press_ctrl_c])
+    run(tmp_path / "cut", resume=True)
+    whole, cut = (load_checkpoint(tmp_path / name / "checkpoint.pt")["model"] for name in ("whole", "cut"))
+    assert whole.keys() == cut.keys() and all(torch.equal(whole[k], cut[k]) for k in whole)
+
+
+def test_apply_stage_in_a_hand_written_loop_refuses_adapt() -> None:
+    from thaw import apply_stage
+
+    adapter = build_model("mobilenet_v3_small", weights=None, num_classes=2)
+    with pytest.raises(ThawError, match="call thaw.train.adapt_bn.adapt_batchnorm before training"):
+        apply_stage(adapter, Stage("head", 1, ("head",), ConstantLr(1e-3), batchnorm="adapt"))

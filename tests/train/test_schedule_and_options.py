@@ -167,3 +167,16 @@ def test_label_smoothing_reaches_the_run_and_a_resume_keeps_it(tiny_split_data: 
     assert main(["train", "--resume", str(tmp_path / "smooth"), "--label-smoothing", "0.1"]) == 2  # contradicts the run
     with pytest.raises(ThawError, match=r"label smoothing must be a share in \[0, 1\), got 1.0"):
         TrainConfig(label_smoothing=1.0)
+
+
+def test_label_smoothing_leaves_the_val_loss_plain() -> None:
+    """The val loss ranks tied epochs: it stays plain cross-entropy whatever the training loss smooths."""
+    from thaw.data.loaders import Batch
+    from thaw.train.loop import Engine, evaluate
+
+    torch.manual_seed(0)
+    head = torch.nn.Linear(6, 4)
+    batches = [Batch(torch.randn(5, 6), torch.tensor([0, 1, 2, 3, 1]), [])]
+    plain = torch.nn.functional.cross_entropy(head(batches[0].images), batches[0].labels).item()
+    engine = Engine(torch.device("cpu"), bf16=False, channels_last=False, quiet=True, label_smoothing=0.3)
+    assert evaluate(head, batches, engine, 4)["loss"] == pytest.approx(plain, rel=1e-6)

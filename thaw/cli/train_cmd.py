@@ -295,6 +295,7 @@ def _summary(args: argparse.Namespace, out: Path, result: RunResult, report: Pat
         } | ({"report": str(report)} if report else {})
         print(json.dumps(summary))
         return 0
-    print(f"delivered epoch {best['epoch']} ({best['stage']}): {best.get('why', '')}; {result.wall_s:.1f} s")
+    why = best.get("why") or f"best val {best['metric']} {best['value']:.4f}"  # a checkpoint from before thaw said why
+    print(f"delivered epoch {best['epoch']} ({best['stage']}): {why}; {result.wall_s:.1f} s")
     print("wrote " + ", ".join(str(p) for p in [*result.files.values(), *([report] if report else [])]))
     return 0

@@ -55,7 +55,8 @@ def run_evaluate(args: argparse.Namespace) -> int:
     scored = score_run(adapter, meta, args.data, args.split, tta=args.tta)
     metrics, split = scored.metrics, scored.metrics["split"]
     report = save_report(Path(args.run), adapter, meta, scored)[0] if args.report else None
-    picture = plot_confusion(metrics["confusion"], metrics["classes"], Path(args.run) / f"confusion-{split}.png", f"{split} split")
+    suffix = "-tta" if args.tta else ""  # the plain scores' picture stays
+    picture = plot_confusion(metrics["confusion"], metrics["classes"], Path(args.run) / f"confusion-{split}{suffix}.png", f"{split} split")
     if args.json:
         extra = {"confusion_png": str(picture)} | ({"report": str(report)} if report else {})
         print(json.dumps({k: v for k, v in metrics.items() if k != "seconds"} | extra))

@@ -226,7 +226,8 @@ def _metrics_html(report: dict) -> str:
     m = report["metrics"]
     unit = "texts" if report["task"] == "text" else "images"
     summary = (
-        f"<p>{_e(m['split'])} split: {m['count']} {unit}, {m['skipped_files']} skipped.</p>"
+        f"<p>{_e(m['split'])} split: {m['count']} {unit}, {m['skipped_files']} skipped"
+        f"{', each averaged with its mirror image (--tta)' if m.get('tta') else ''}.</p>"
         f'<table><tr><th>accuracy</th>{_number(m["accuracy"], "accuracy")}</tr>'
         f'<tr><th>macro-F1</th>{_number(m["macro_f1"], "macro_f1")}</tr>'
         f'<tr><th>loss</th>{_number(m["loss"], "loss")}</tr></table>'

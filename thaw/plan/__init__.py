@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from thaw.errors import ThawError
 from thaw.models.adapter import ModelAdapter
 from thaw.plan.config import load_plan, plan_from_dict, plan_to_dict
 from thaw.plan.freeze import apply_trainable
@@ -46,5 +47,11 @@ __all__ = [
 
 def apply_stage(adapter: ModelAdapter, stage: Stage, optimizer: str = "adamw") -> tuple[ResolvedStage, torch.optim.Optimizer]:
     """Freeze, set the BatchNorm policy and build an audited optimizer (`optimizer` names it) for one stage:
-    thaw's one stage change, `enter_stage`, with a new optimizer."""
+    thaw's one stage change, `enter_stage`, with a new optimizer. `batchnorm: adapt` needs the pass over the
+    training images that thaw's own loop makes (thaw.train.adapt_bn), so it is refused here."""
+    if stage.batchnorm == "adapt":
+        raise ThawError(
+            f"stage {stage.name!r} uses batchnorm: adapt, which re-estimates statistics in thaw's own loop; "
+            "in your own loop use eval or frozen (or call thaw.train.adapt_bn.adapt_batchnorm before training)"
+        )
     return enter_stage(adapter, stage, None, optimizer)

@@ -382,7 +382,7 @@ class Trainer:
                 ckpt.save_weights(self.out / BEST_WEIGHTS, self.model)
         else:
             state.stale += 1
-        state.best["why"] = why_delivered(state.best, state.history)  # a later tie changes the reason, not the epoch
+        state.best["why"] = why_delivered(state.best, state.history)  # a later tie with a higher loss changes only the reason
         return row
 
     def _save_checkpoint(self, state: dict) -> None:
@@ -452,10 +452,16 @@ class Trainer:
             self._say(f"stage {name!r}: batchnorm adapt has nothing to adapt (no BatchNorm layer keeps statistics)")
             return
         started = time.perf_counter()
+        # Shuffled (by the run's seed, so a run repeats): batches of class-ordered samples would hold one class each.
+        # At least 2 images a batch: one image has no batch statistics.
         loader = make_loader(
-            self.dataset("train-eval"), batch_size=self.config.batch_size, shuffle=False, seed=0, workers=self.workers, processes=self.processes
+            self.dataset("train-eval"), batch_size=max(2, self.config.batch_size), shuffle=True, seed=self.config.seed,
+            workers=self.workers, processes=self.processes,
         )
         seen = adapt_batchnorm(self.model, loader, self.engine, self.processes)
+        if seen == 0:
+            self._say(f"stage {name!r}: batchnorm adapt found no batch of 2 training images; the statistics are kept as they were")
+            return
         self._say(f"stage {name!r}: BatchNorm statistics re-estimated on {seen} training images in {time.perf_counter() - started:.1f} s")
 
     def _say(self, message: str) -> None:
