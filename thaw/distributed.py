@@ -15,6 +15,7 @@ one all-reduce before each step.
 
 from __future__ import annotations
 
+import atexit
 import os
 from dataclasses import dataclass
 from datetime import timedelta
@@ -96,6 +97,9 @@ def start(processes: Processes, device: str) -> str:
     except (ValueError, RuntimeError) as error:  # an unreachable MASTER_ADDR, a port in use, a missing backend
         reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
         raise ThawError(f"cannot join the {backend} process group ({reason}); check the torchrun launch") from None
+    # A script that calls train_images under torchrun and simply ends would leave the group to interpreter exit,
+    # where tearing down its threads can abort the process ("terminate called without an active exception").
+    atexit.register(stop)
     return device
 
 

@@ -25,8 +25,9 @@ FULL_STAGE_MARGIN = 0.05
 
 
 def first_best_row(result: RunResult) -> dict:
-    """The epoch that should be delivered: the first with the highest val accuracy (later ties do not replace it)."""
-    return max(result.history, key=lambda row: (row["val_accuracy"], -row["epoch"]))
+    """The epoch that should be delivered: the highest val accuracy; among tied epochs the lowest val loss
+    (and among exact ties in both, the first)."""
+    return max(result.history, key=lambda row: (row["val_accuracy"], -row["val_loss"], -row["epoch"]))
 
 
 def delivered_val_accuracy(run: Path, data: Path, capsys: pytest.CaptureFixture) -> float:
