@@ -6,7 +6,9 @@ For each image set, mobilenet_v2 IMAGENET1K_V1, the same images, size and split 
              BatchNorm in train mode, as a hand loop leaves it); then everything at 1e-4 for 1 epoch; fp32
   fastai     vision_learner + fine_tune(3, freeze_epochs=3), RandomResizedCrop item transform (the `bench` extra)
   thaw-*     candidate changes to thaw's default, on request (--recipes): thaw-adapt (--batchnorm adapt),
-             thaw-smooth (--label-smoothing 0.1), thaw-views (--cache-views 4)
+             thaw-smooth (--label-smoothing 0.1), thaw-views (--cache-views 4),
+             thaw-adapt-views (both --batchnorm adapt and --cache-views 4), thaw-ema (--ema),
+             thaw-budget (--budget, the benchmark's --budget seconds: 180 unless given)
 Every recipe delivers the epoch with the best val accuracy (thaw by its own rule, the hand loop keeps the first
 best, fastai by SaveModelCallback over both fits); test is scored once, on that model, and never chooses anything.
 thaw's model is also scored with `--tta` (mirror images averaged), with the extra evaluation time.
@@ -46,6 +48,9 @@ THAW_RECIPES = {
     "thaw-adapt": ({"batchnorm": "adapt"}, {}),  # AdaBN: statistics re-estimated on the training images
     "thaw-smooth": ({}, {"label_smoothing": 0.1}),
     "thaw-views": ({}, {"cache_views": 4}),  # the head phase on 4 augmented cached views
+    "thaw-adapt-views": ({"batchnorm": "adapt"}, {"cache_views": 4}),  # both: closest to the seed's augmented head
+    "thaw-ema": ({}, {"ema": True}),  # the full phase measured and delivered as a moving average of its weights
+    "thaw-budget": ({}, {}),  # thaw's default with --budget (the benchmark's --budget, in seconds)
 }
 IMAGE_RECIPES = (*THAW_RECIPES, "seed", "fastai")
 DEFAULT_IMAGE_RECIPES = ("thaw", "seed", "fastai")
@@ -98,13 +103,14 @@ def shrunk(folder: Path, per_class: int = 6, classes: int = 3) -> Path:
     return root
 
 
-def thaw_row(folder: Path, size: int, flips: bool, seed: int, epochs: dict, recipe: str = "thaw") -> dict:
+def thaw_row(folder: Path, size: int, flips: bool, seed: int, epochs: dict, recipe: str = "thaw", budget: float | None = None) -> dict:
     from thaw.export.inference import evaluate_run
     from thaw.export.run_dir import load_run
     from thaw.train import TrainConfig, train_images
 
     started = time.perf_counter()
     plan_options, fields = THAW_RECIPES[recipe]
+    fields = fields | ({"budget": budget} if recipe == "thaw-budget" else {})
     config = TrainConfig(quiet=True, seed=seed, **fields)
     if not flips:  # the demo's settings for its digits (thaw/demo.py)
         config = TrainConfig(quiet=True, seed=seed, image_size=size, augment=False, batch_size=64, **fields)
@@ -122,6 +128,7 @@ def thaw_row(folder: Path, size: int, flips: bool, seed: int, epochs: dict, reci
         "wall_s": wall, "test_accuracy": plain["accuracy"], "tta_test_accuracy": mirrored["accuracy"],
         "test_eval_s": plain_s, "tta_eval_s": time.perf_counter() - tested, "delivered_epoch": result.best["epoch"],
         "why": result.best.get("why"), "val_accuracy": result.best["val"]["accuracy"], "epochs": len(result.history),
+        "budget": result.budget,
     }
 
 
@@ -254,7 +261,8 @@ def one_run(job: dict) -> dict:
     folder, size, flips = prepared_set(job["set"], job["seed"], job["quick"])
     epochs = {"head_epochs": 1, "full_epochs": 1} if job["quick"] else {"head_epochs": 3, "full_epochs": 1 if job["recipe"] == "seed" else 3}
     if job["recipe"] in THAW_RECIPES:
-        return thaw_row(folder, size, flips, job["seed"], {} if not job["quick"] else {"head_epochs": 1, "epochs": 1}, job["recipe"])
+        quick = {} if not job["quick"] else {"head_epochs": 1, "epochs": 1}
+        return thaw_row(folder, size, flips, job["seed"], quick, job["recipe"], job.get("budget"))
     return (seed_row if job["recipe"] == "seed" else fastai_row)(folder, size, flips, job["seed"], epochs)
 
 
@@ -271,7 +279,8 @@ def jobs(args: argparse.Namespace) -> list[dict]:
         recipes = TEXT_RECIPES if name == "sms" else args.recipes
         for recipe in recipes:
             seeds = args.seeds if recipe in (*THAW_RECIPES, *TEXT_RECIPES) else args.baseline_seeds
-            planned += [{"set": name, "recipe": recipe, "seed": seed, "quick": args.quick} for seed in seeds]
+            budget = {"budget": 20.0 if args.quick else args.budget} if recipe == "thaw-budget" else {}
+            planned += [{"set": name, "recipe": recipe, "seed": seed, "quick": args.quick} | budget for seed in seeds]
     return planned
 
 
@@ -317,6 +326,7 @@ def parse() -> argparse.Namespace:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="seeds of thaw's rows (and the text rows)")
     parser.add_argument("--baseline-seeds", nargs="+", type=int, default=[0, 1, 2], help="seeds of the seed-recipe and fastai rows")
     parser.add_argument("--markdown", type=Path, help="also write the tables here")
+    parser.add_argument("--budget", type=float, default=180.0, help="seconds, for the thaw-budget recipe (thaw train --budget)")
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--job", help=argparse.SUPPRESS)
     return parser.parse_args()

@@ -20,6 +20,8 @@ from thaw.export.report import write_report
 from thaw.train.fit import RunInterrupted
 from thaw.train.loggers import LOGGERS, close_loggers, make_loggers
 from thaw.plan import plan_to_dict
+from thaw.plan.config import read_plan_file
+from thaw.train.budget import parse_budget
 from thaw._io import atomic_write, check_writable
 from thaw.train import RunResult, RunState, TextColumns, TrainConfig, resume_run, saved_settings, train_images, train_text
 from thaw.train.config import METRICS, PRECISIONS, SCHEDULES
@@ -72,6 +74,15 @@ def add_training_options(parser: argparse.ArgumentParser) -> None:
         "--label-smoothing", type=share_or_zero, default=0.0, metavar="SHARE",
         help="smooth the training targets by this share (0.1 is usual); val loss stays plain",
     )
+    group.add_argument(
+        "--ema", action=argparse.BooleanOptionalAction, default=False,
+        help="measure and deliver a moving average of the weights in stages that train pretrained layers (needs timm); "
+        "--no-ema overrides a plan file's ema: true",
+    )
+    group.add_argument(
+        "--budget", type=budget_seconds, metavar="TIME",
+        help="choose the epochs per stage to finish training within TIME (90s, 3m, 1.5h), measured on this machine",
+    )
     group.add_argument("--accumulate", type=positive_int, default=1, help="gradient accumulation steps")
     group.add_argument("--seed", type=int, default=0)
     group.add_argument("--workers", type=non_negative_int, help="DataLoader workers (default: 0 below 4 cores)")
@@ -117,9 +128,21 @@ def add_text_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--pooling", choices=POOLINGS, default="mean", help="how token states become one vector")
 
 
+def budget_seconds(text: str) -> float:
+    try:
+        return parse_budget(text)
+    except ThawError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    """The training options typed, else the plan file's `training:` ones, else the defaults."""
     names = {f.name for f in fields(TrainConfig)}
-    return TrainConfig(**{name: getattr(args, name) for name in names if hasattr(args, name)})
+    values = {name: getattr(args, name) for name in names if hasattr(args, name)}
+    if getattr(args, "config", None):
+        typed = given_options(args.parser, args.argv)
+        values |= {key: value for key, value in read_plan_file(args.config)[1].items() if key not in typed}
+    return TrainConfig(**values)
 
 
 def print_epoch(state: RunState) -> None:
@@ -292,10 +315,13 @@ def _summary(args: argparse.Namespace, out: Path, result: RunResult, report: Pat
         summary = {
             "val_accuracy": best["val"]["accuracy"], "best_epoch": best["epoch"], "why": best.get("why"), "wall_s": round(result.wall_s, 2),
             "images_per_s": round(result.images_per_s, 1), "skipped_files": len(result.skipped), "out": str(out),
-        } | ({"report": str(report)} if report else {})
+        } | ({"report": str(report)} if report else {}) | ({"budget": result.budget} if result.budget else {})
         print(json.dumps(summary))
         return 0
     why = best.get("why") or f"best val {best['metric']} {best['value']:.4f}"  # a checkpoint from before thaw said why
     print(f"delivered epoch {best['epoch']} ({best['stage']}): {why}; {result.wall_s:.1f} s")
+    if result.budget:
+        ended = f", ended {result.budget['ended_early']} by the budget" if result.budget["ended_early"] else ""
+        print(f"budget {result.budget['seconds']:.0f} s: epochs per stage {result.budget.get('epochs', 'as resumed')}{ended}")
     print("wrote " + ", ".join(str(p) for p in [*result.files.values(), *([report] if report else [])]))
     return 0

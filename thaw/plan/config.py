@@ -16,6 +16,9 @@ from thaw.models.lora import MAX_LORA_RANK, LoraSpec
 from thaw.plan.stages import Plan, Stage
 
 PLAN_KEYS = ("stages", "weight_decay", "batchnorm", "lora")
+# Recipe options a plan file may carry beside its stages (TrainConfig fields; `thaw train` flags typed on the command
+# line win). Their values are checked where the TrainConfig is made, like the flags'.
+TRAINING_KEYS = ("label_smoothing", "ema", "cache_views")
 LORA_KEYS = ("rank", "alpha", "dropout", "targets")
 STAGE_KEYS = ("name", "epochs", "train", "lr", "lr_range", "layer_decay", "lrs", "weight_decay", "batchnorm")
 EXAMPLE = "stages: [{name: head, epochs: 3, train: [head], lr: 1.0e-3}]"
@@ -189,6 +192,12 @@ def _lora(raw: Any, problems: list[str]) -> LoraSpec | None:
 
 
 def load_plan(path: str | Path) -> Plan:
+    """The plan in a YAML file; its `training:` options, if any, come from read_plan_file."""
+    return read_plan_file(path)[0]
+
+
+def read_plan_file(path: str | Path) -> tuple[Plan, dict[str, Any]]:
+    """The plan in a YAML file and its `training:` options (TRAINING_KEYS)."""
     path = Path(path)
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8"))
@@ -200,7 +209,16 @@ def load_plan(path: str | Path) -> Plan:
         mark = getattr(error, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""
         raise ThawError(f"{path} is not valid YAML{where}; check indentation and colons") from None
-    return plan_from_dict(raw, str(path))
+    training = raw.pop("training", None) if isinstance(raw, dict) else None
+    plan = plan_from_dict(raw, str(path))
+    if training is None:
+        return plan, {}
+    if not isinstance(training, dict):
+        raise ThawError(f"{path}.training: expected a mapping like {{label_smoothing: 0.1, ema: true}}")
+    problems = _unknown_keys(training, TRAINING_KEYS, f"{path}.training")
+    if problems:
+        raise ThawError(join_problems(problems))
+    return plan, training
 
 
 def _lr_to_dict(rule: LrRule) -> dict[str, Any]:

@@ -104,13 +104,14 @@ def _run(
         "head": adapter.head_name,
         "groups": adapter.group_names,
         "preprocessing": preprocessing_dict(effective_preprocessing(adapter, config)),
-        "plan": plan_to_dict(plan),
+        "plan": plan_to_dict(result.plan),  # with --budget: the epochs it chose
         "train_config": asdict(config),
         "data": {"path": str(Path(data_path).resolve()), "layout": data.layout, "train": len(data.train), "val": len(data.val), "test": len(data.test or ()),
                  "samples": samples_digest(data)},  # so evaluation can tell whether it rebuilds the same split
         "skipped_files": [{"path": p, "reason": r} for p, r in result.skipped],
         "best": {k: v for k, v in result.best.items() if k != "val"} | {"val": {k: v for k, v in result.best.get("val", {}).items() if k != "confusion"}},
         "wall_s": result.wall_s,
+        "budget": result.budget,
         "images_per_s": result.images_per_s,
     }
     result.files = write_run(out, metadata, result.history, list(data.classes), result.best)

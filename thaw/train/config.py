@@ -49,6 +49,8 @@ class TrainConfig:
     cache_memory_gb: float = 4.0  # per split; past it features spill to a memory-mapped file
     decoded_memory_gb: float = 2.0  # decoded images kept in memory between epochs
     label_smoothing: float = 0.0  # of the training loss only: val loss, which picks among tied epochs, stays plain
+    budget: float | None = None  # seconds: epochs per stage chosen to fit them (thaw.train.budget)
+    ema: bool = False  # stages that train pretrained layers are measured and delivered as a moving average of their weights
 
     def __post_init__(self) -> None:
         problems = config_problems(self)
@@ -110,6 +112,10 @@ def config_problems(config: TrainConfig) -> list[str]:
         problems.append(f"warmup must be a share of the stage's steps in [0, 1), got {c.warmup!r}; 0.1 is usual")
     if not (_finite(c.label_smoothing) and 0 <= c.label_smoothing < 1):
         problems.append(f"label smoothing must be a share in [0, 1), got {c.label_smoothing!r}; 0.1 is usual, 0 turns it off")
+    if c.budget is not None and not (_finite(c.budget) and c.budget > 0):
+        problems.append(f"budget must be a positive number of seconds, got {c.budget!r}; e.g. 180 (--budget 3m)")
+    if not isinstance(c.ema, bool):
+        problems.append(f"ema must be true or false, got {c.ema!r}")
     if c.grad_clip is not None and not (_finite(c.grad_clip) and c.grad_clip > 0):
         problems.append(f"grad clip must be a positive finite norm, got {c.grad_clip!r}; 1.0 is usual, or leave it unset")
     for name in ("cache_memory_gb", "decoded_memory_gb"):

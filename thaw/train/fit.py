@@ -35,6 +35,8 @@ from thaw.plan.freeze import batchnorm_layers, is_eval_locked
 from thaw.train import checkpoint as ckpt
 from thaw.train.adapt_bn import adapt_batchnorm, has_statistics
 from thaw.train.config import TrainConfig, check_device, check_image_size
+from thaw.train.budget import Split, measure_costs, split_budget, with_epochs
+from thaw.train.ema import require_timm, weight_average
 from thaw.train.feature_cache import (
     CACHE_FOLDER, CachedStage, FeatureBatches, MemoryBudget, build_cache, fingerprint, remove_if_empty, remove_spill_files,
     why_not_cached,
@@ -66,6 +68,8 @@ class RunResult:
     images_per_s: float
     skipped: list[tuple[str, str]]
     engine: Engine
+    plan: Plan  # as run: with --budget, the epochs it chose
+    budget: dict | None = None  # with --budget: the split it planned, and where it ended the run early
 
 
 EpochCallback = Callable[[RunState], None]
@@ -150,7 +154,9 @@ class Trainer:
         self, adapter: ModelAdapter, data: ImageData | TextData, plan: Plan, config: TrainConfig, out: Path, meta: dict,
         processes: Processes = distributed.SINGLE,
     ):
+        self.began = time.perf_counter()  # a --budget counts from here: data and model are ready
         self.adapter, self.data, self.plan, self.config, self.out, self.meta = adapter, data, plan, config, out, meta
+        self.requested_plan = plan  # what the run records and a resume compares; --budget may change self.plan's epochs
         self.processes = processes
         self.model = adapter.model
         self.wrapped: nn.Module | None = None  # the DDP wrapper of the current stage, under several processes
@@ -169,6 +175,15 @@ class Trainer:
             self.dataset("val"), batch_size=config.batch_size, shuffle=False, seed=config.seed, workers=self.workers, processes=processes
         )
         self.cached: CachedStage | None = None
+        self.budget_split: Split | None = None  # with --budget: the epochs chosen and the time expected per part
+        self.deadline: float | None = None  # with --budget: no epoch starts that would end after it
+        self.budget_ended: str | None = None  # where the budget ended the run before its plan did
+        self.epoch_wall: dict[int, float] = {}  # per stage: seconds of its last epoch, checkpoint included (--budget)
+        self.restored = False  # continued from a checkpoint
+        if config.ema:
+            require_timm()
+        self.ema: nn.Module | None = None  # the weight average of the current stage (--ema, stages that train pretrained layers)
+        self.engine.step_hooks.append(self._update_ema)
         self.optimizer: torch.optim.Optimizer | None = None
         self.stop_requested = False
         self.resume_point: dict | None = None  # where a run interrupted mid-epoch stopped
@@ -255,11 +270,13 @@ class Trainer:
             "best": self.state.best,
             "stale": self.state.stale,
             "stopped": self.state.stopped,
-            "plan": plan_to_dict(self.plan),
+            "plan": plan_to_dict(self.requested_plan),
+            "budget": self.budget_split.to_dict() if self.budget_split else None,
             "classes": list(self.data.classes),
             "model_name": self.meta["model"],
             "settings": self.settings,
             "data_path": self.meta.get("data_path"),
+            "ema": self.ema.module.state_dict() if self.ema is not None else None,
         }
 
     def restore(self) -> None:
@@ -281,6 +298,10 @@ class Trainer:
                 f"Resume with the run's own settings: `thaw train --resume {self.out}` reads them from the run"
             )
         self.model.load_state_dict(saved["model"])
+        self.restored = True
+        if saved.get("budget"):  # the epochs the budget chose when the run started
+            self.budget_split = Split.from_dict(saved["budget"])
+            self.plan = with_epochs(self.requested_plan, self.budget_split.epochs)
         self.state = RunState(
             saved["stage"], saved["epoch"], saved["history"], saved["best"], saved.get("stale", 0), saved.get("stopped", False)
         )
@@ -288,6 +309,9 @@ class Trainer:
             self.resume_point = {key: saved.get(key) for key in ("batch", "rng", "cuda_rng", "tracker")}
         _, self.optimizer = self._enter(self.state.stage, None)
         self.optimizer.load_state_dict(saved["optimizer"])
+        if saved.get("ema") is not None:  # the average so far: restarting it from the restored weights would change the run
+            self.ema = weight_average(self.model)
+            self.ema.module.load_state_dict(saved["ema"])
 
     def _resume_mid_epoch(self) -> tuple[int, MetricTracker]:
         """Batches already done in this epoch, and its metrics so far; the RNG continues where it stopped."""
@@ -324,8 +348,8 @@ class Trainer:
         if self.val_outputs is not None:
             self.val_outputs.clear()
             observe = lambda logits, labels: self.val_outputs.append(outcomes(logits, labels))  # noqa: E731
-        if cached is None:
-            val = evaluate(self.model, self.val_loader, self.engine, classes, label=f"{label} val", observe=observe)
+        if cached is None:  # with --ema, val (and so the delivered epoch) is measured on the average
+            val = evaluate(self.delivered_model(), self.val_loader, self.engine, classes, label=f"{label} val", observe=observe)
         else:
             batches = FeatureBatches(cached.val, self.config.batch_size, None, dtype)
             val = evaluate(self.model, batches, self.engine, classes, f"{label} val", forward=self.adapter.forward_head, observe=observe)
@@ -379,7 +403,7 @@ class Trainer:
             state.best = {"metric": self.config.metric, "value": value, "epoch": row["epoch"], "stage": stage.name, "val": {k: v for k, v in val.items() if k != "seconds"}}
             state.stale = 0
             if self.processes.is_main:
-                ckpt.save_weights(self.out / BEST_WEIGHTS, self.model)
+                ckpt.save_weights(self.out / BEST_WEIGHTS, self.delivered_model())
         else:
             state.stale += 1
         state.best["why"] = why_delivered(state.best, state.history)  # a later tie with a higher loss changes only the reason
@@ -413,26 +437,41 @@ class Trainer:
             epochs[index] = sum(1 for row in self.state.history if row["stage_index"] == index)
         return PlanProgress(epochs, [self._predicted_kind(stage) for stage in self.plan.stages], self.steps_per_epoch())
 
+    def _trains_pretrained(self, stage: Stage) -> bool:
+        try:
+            return not all(self.adapter.in_head(name) for name in resolve_stage(self.adapter, stage).trainable)
+        except ThawError:  # the stage reports its own problem when it starts
+            return True
+
     def _predicted_kind(self, stage: Stage) -> str:
         try:
             trainable = resolve_stage(self.adapter, stage).trainable
         except ThawError:  # the stage reports its own problem when it starts, as it always has
             return FULL
-        return CACHED if self.config.cache and all(self.adapter.in_head(name) for name in trainable) else FULL
+        head_only = all(self.adapter.in_head(name) for name in trainable)
+        # policy train: BatchNorm statistics move every step, so the features cannot be cached (why_not_cached)
+        return CACHED if self.config.cache and head_only and stage.batchnorm != "train" else FULL
 
     def run_stage(self, stage_index: int, callbacks: list[EpochCallback]) -> None:
         stage, state = self.plan.stages[stage_index], self.state
+        if state.epoch < stage.epochs and not state.stopped and self.out_of_budget(stage_index, starting=True):
+            return  # before the stage's set-up: its feature cache alone could pass the budget
         if self.optimizer is None or state.epoch == 0:
             _, self.optimizer = self._enter(stage_index, self.optimizer)
-            # A run resumed inside the stage's first epoch restored the statistics this pass gave it.
-            if stage.batchnorm == "adapt" and state.epoch == 0 and self.resume_point is None:
-                self.adapt_statistics(stage_index)
+            # A run resumed inside the stage's first epoch restored the statistics this pass gave it, and its average.
+            if state.epoch == 0 and self.resume_point is None:
+                if stage.batchnorm == "adapt":
+                    self.adapt_statistics(stage_index)
+                self.ema = self.start_ema()
         cached = self.stage_cache(stage_index) if state.epoch < stage.epochs and not state.stopped else None
         self.engine.stage = stage_index
         self.engine.progress.kinds[stage_index] = CACHED if cached is not None else FULL
         schedule = self._schedule(stage.epochs, cached)
         self.engine.before_step = distributed.average_gradients if (cached is not None and self.processes.distributed) else None
         while state.epoch < stage.epochs and not state.stopped:
+            if self.out_of_budget(stage_index, starting=False):
+                return
+            epoch_started = time.perf_counter()
             self.run_epoch(stage_index, schedule, cached)
             state.epoch += 1
             patience = self.config.early_stopping
@@ -441,9 +480,79 @@ class Trainer:
             self._save_checkpoint(self._checkpoint_state())
             for callback in callbacks:
                 callback(state)
+            self.epoch_wall[stage_index] = time.perf_counter() - epoch_started
             if state.stopped:
                 self.engine.progress.epochs[stage_index] = state.epoch
                 self._say(f"stage {stage.name!r}: no improvement in {patience} epochs, moving on")
+
+    def plan_budget(self) -> None:
+        """--budget: time a few batches, then choose the epochs per stage; rank 0 decides for every rank."""
+        outcome: tuple | str | None = None
+        if self.processes.is_main:
+            try:
+                outcome = self._split_budget()
+            except Exception as error:  # noqa: BLE001 - every rank stops with rank 0's reason; none waits for a plan
+                outcome = str(error) if isinstance(error, ThawError) else f"the budget could not be planned ({type(error).__name__}: {error})"
+        if self.processes.distributed:
+            outcome = distributed.broadcast(outcome)
+        if isinstance(outcome, str):
+            raise ThawError(outcome.splitlines()[0])
+        self.plan, self.budget_split = outcome
+        self._say(self.budget_split.describe())
+        starved = [str(stage.name) for stage, kind in zip(self.plan.stages, self._predicted_kinds()) if kind == FULL and not stage.epochs]
+        if starved:
+            self._say(f"budget: warning: no epoch fits for {', '.join(starved)} (the full network); only the head will train")
+
+    def _split_budget(self) -> tuple[Plan, Split]:
+        kinds = self._predicted_kinds()
+        full = [resolve_stage(self.adapter, stage).trainable for stage, kind in zip(self.plan.stages, kinds) if kind == FULL]
+        costliest = frozenset(max(full, key=len)) if full else frozenset()
+        train = make_loader(self.train_set, batch_size=self.config.batch_size, shuffle=True, seed=self.config.seed,
+                            workers=self.workers, processes=self.processes)
+        costs = measure_costs(self.adapter, train, self.val_loader, self.engine, costliest)
+        world = self.processes.world
+        sizes = {"train": math.ceil(len(self.data.train) / world), "val": math.ceil(len(self.data.val) / world)}
+        return split_budget(self.plan, kinds, costs, sizes, self.config.budget, time.perf_counter() - self.began, self.views)
+
+    def _predicted_kinds(self) -> list[str]:
+        return [self._predicted_kind(stage) for stage in self.plan.stages]
+
+    def out_of_budget(self, stage_index: int, starting: bool) -> bool:
+        """Whether the stage's next epoch (with the stage's set-up when `starting`) would end past the budget; if so the
+        run ends here. The next epoch is timed like the stage's last one, else as the budget expected, else like the
+        slowest epoch so far. The first epoch of a run always runs: a run must deliver a model."""
+        if self.deadline is None or not self.state.history:
+            return False
+        split, expected = self.budget_split, self.epoch_wall.get(stage_index)
+        if expected is None:
+            expected = split.epoch_s[stage_index] if split else max(self.epoch_wall.values(), default=0.0)
+            if starting and split and self._predicted_kind(self.plan.stages[stage_index]) == CACHED and self.cached is None:
+                expected += split.cache_s
+        overruns = time.perf_counter() + expected > self.deadline
+        if self.processes.distributed:  # rank 0's clock decides for every rank
+            overruns = bool(distributed.broadcast(overruns))
+        if overruns:
+            stage = self.plan.stages[stage_index]
+            self.budget_ended = f"before {stage.name} epoch {self.state.epoch + 1}/{stage.epochs}"
+            self._say(f"budget: the next epoch would end after the budget; the run ends {self.budget_ended}")
+        return overruns
+
+    def start_ema(self) -> nn.Module | None:
+        """A new weight average for the stage just entered, where --ema asks and it trains pretrained layers.
+        A head-only stage trains on cached features and gains nothing: its head is what the next stage starts from."""
+        trainable = [name for name, param in self.model.named_parameters() if param.requires_grad]
+        if not self.config.ema or not self.plan.stages[self.state.stage].epochs or all(self.adapter.in_head(n) for n in trainable):
+            return None
+        return weight_average(self.model)
+
+    def _update_ema(self, _optimizer: torch.optim.Optimizer, step: int, _factor: float) -> None:
+        """After every optimizer step: the stage's step count sets the decay, so a resumed run averages the same."""
+        if self.ema is not None:
+            self.ema.update(self.model, step=step + 1)
+
+    def delivered_model(self) -> nn.Module:
+        """What val measures and the run delivers: the weight average where one is kept, else the weights."""
+        return self.ema.module if self.ema is not None else self.model
 
     def adapt_statistics(self, stage_index: int) -> None:
         """BatchNorm policy adapt: the statistics re-estimated on the training images (evaluation view), then fixed."""
@@ -496,10 +605,16 @@ class Trainer:
             self.restore()
         elif resume:
             self._say(f"no checkpoint in {self.out} yet: starting the run from the beginning")
+        if self.config.budget is not None:
+            if not self.restored:  # a resumed run keeps the epochs its budget chose, and gets the budget again
+                self.plan_budget()
+            self.deadline = (started if self.restored else self.began) + self.config.budget
+        if self.config.ema and not any(stage.epochs and self._trains_pretrained(stage) for stage in self.plan.stages):
+            self._say("--ema: no stage of this plan trains pretrained layers, so there is nothing to average; the run goes on without it")
         self.engine.progress = self.plan_progress()
         while self.state.stage < len(self.plan.stages):
             self.run_stage(self.state.stage, callbacks)
-            if self.state.stage + 1 == len(self.plan.stages):
+            if self.state.stage + 1 == len(self.plan.stages) or self.budget_ended:
                 break
             # No checkpoint here: the last epoch's one already says this stage is finished,
             # and its optimizer still holds this stage's groups.
@@ -514,7 +629,11 @@ class Trainer:
         if skipped and not self.config.quiet:
             print(f"thaw: warning: {describe_skipped(tuple(skipped))}", flush=True)
         rate = self.train_images / self.train_seconds if self.train_seconds else 0.0
-        return RunResult(self.out, self.state.best, self.state.history, wall, rate, skipped, self.engine)
+        budget = None
+        if self.config.budget is not None:
+            planned = self.budget_split.to_dict() if self.budget_split else {"seconds": self.config.budget}
+            budget = planned | {"ended_early": self.budget_ended}
+        return RunResult(self.out, self.state.best, self.state.history, wall, rate, skipped, self.engine, self.plan, budget)
 
 
 def fit(

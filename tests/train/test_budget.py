@@ -1,0 +1,142 @@
+"""--budget: epochs per stage chosen from throughput measured here, and a run that ends within the time."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.conftest import Crash, crash_after
+from thaw import ThawError, build_model
+from thaw.cli import main
+from thaw.data.loaders import Batch
+from thaw.plan import ConstantLr, Plan, Stage
+from thaw.train import TrainConfig, train_images
+from thaw.train.budget import MARGIN, MAX_EPOCHS, Costs, measure_costs, parse_budget, split_budget
+from thaw.train.checkpoint import load_checkpoint
+from thaw.train.fit import RunInterrupted
+from thaw.train.loop import Engine
+from thaw.train.progress import CACHED, FULL
+
+TWO_PHASE = Plan((Stage("head", 3, ("head",), ConstantLr(1e-3)), Stage("full", 3, ("all",), ConstantLr(1e-4), batchnorm="eval")))
+COSTS = Costs(forward=0.01, train_step=0.03, head_step=0.0001)
+SIZES = {"train": 100, "val": 50}
+
+
+@pytest.mark.parametrize("text, seconds", [("90s", 90), ("3m", 180), ("1.5h", 5400), ("120", 120), (" 2m ", 120)])
+def test_a_budget_reads_seconds_minutes_and_hours(text: str, seconds: float) -> None:
+    assert parse_budget(text) == seconds
+
+
+@pytest.mark.parametrize("text", ["3x", "0m", "-1s", "", "m", "1e3s", "nan"])
+def test_a_budget_that_is_not_a_time_is_one_line(text: str) -> None:
+    with pytest.raises(ThawError, match="budget must be a time like 90s, 3m or 1.5h"):
+        parse_budget(text)
+
+
+def test_the_cached_head_keeps_its_epochs_and_the_full_stage_gets_the_time_left() -> None:
+    budget, spent = 60.0, 2.0
+    plan, split = split_budget(TWO_PHASE, [CACHED, FULL], COSTS, SIZES, budget, spent, views=0)
+    head, full = plan.stages
+    assert head.epochs == 3 and split.epochs == (3, full.epochs)
+    assert sum(split.expected_s.values()) <= budget * (1 - MARGIN)  # what it plans fits
+    one_more = split.expected_s["full"] / full.epochs  # and one more full epoch would not
+    assert sum(split.expected_s.values()) + one_more > budget * (1 - MARGIN)
+    assert split.expected_s["feature cache"] == pytest.approx((100 + 50) * COSTS.forward)
+
+
+def test_several_full_stages_keep_their_ratio_and_no_stage_passes_the_cap() -> None:
+    gradual = Plan(tuple(Stage(name, epochs, ("all",), ConstantLr(1e-4)) for name, epochs in (("top", 1), ("all", 2))))
+    plan, _ = split_budget(gradual, [FULL, FULL], COSTS, SIZES, 100.0, 0.0, views=0)
+    top, every = (stage.epochs for stage in plan.stages)
+    assert top >= 2 and every in (2 * top, 2 * top + 1)
+    plan, _ = split_budget(gradual, [FULL, FULL], COSTS, SIZES, 10 * 3600.0, 0.0, views=0)
+    assert [stage.epochs for stage in plan.stages] == [MAX_EPOCHS, MAX_EPOCHS]
+
+
+def test_a_budget_that_fits_no_epoch_is_refused_and_a_small_one_keeps_the_head() -> None:
+    full_only = Plan((Stage("full", 3, ("all",), ConstantLr(1e-4)),))
+    with pytest.raises(ThawError, match="a budget of 0:03 does not fit one epoch here .*give a larger --budget"):
+        split_budget(full_only, [FULL], COSTS, SIZES, 3.0, 1.0, views=0)
+    plan, _ = split_budget(TWO_PHASE, [CACHED, FULL], COSTS, SIZES, 3.0, 1.0, views=0)
+    assert [stage.epochs for stage in plan.stages] == [3, 0]  # the cheap head phase alone fits
+
+
+def test_measuring_leaves_the_weights_statistics_gradients_and_random_state_as_they_were() -> None:
+    torch.manual_seed(0)
+    adapter = build_model("mobilenet_v3_small", weights=None, num_classes=3)  # BatchNorm and dropout: both would show
+    before = {name: tensor.clone() for name, tensor in adapter.model.state_dict().items()}
+    batches = [Batch(torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 0]), []) for _ in range(3)]
+    rng = torch.get_rng_state()
+    costs = measure_costs(adapter, batches, batches, Engine(torch.device("cpu"), bf16=False, channels_last=False, quiet=True))
+    assert costs.forward > 0 and costs.train_step > costs.forward and costs.head_step > 0
+    after = adapter.model.state_dict()
+    assert all(torch.equal(before[name], after[name]) for name in before)
+    assert all(param.grad is None for param in adapter.model.parameters())
+    assert torch.equal(torch.get_rng_state(), rng)
+
+
+def _budgeted(data: Path, out: Path, budget: float, plan: Plan = TWO_PHASE, **options: object):
+    config = TrainConfig(image_size=64, batch_size=8, quiet=True, budget=budget)
+    return train_images(data, model="mobilenet_v3_small", weights=None, plan=plan, config=config, out=out, **options)
+
+
+def test_a_budgeted_run_ends_within_its_budget_and_records_the_split(tiny_split_data: Path, tmp_path: Path) -> None:
+    plan = Plan((Stage("head", 2, ("head",), ConstantLr(1e-3)), Stage("full", 200, ("all",), ConstantLr(1e-4), batchnorm="eval")))
+    result = _budgeted(tiny_split_data, tmp_path / "run", 8.0, plan)
+    assert result.wall_s <= 8.0
+    meta = json.loads((tmp_path / "run" / "thaw.json").read_text())
+    chosen = [stage["epochs"] for stage in meta["plan"]["stages"]]
+    assert chosen == meta["budget"]["epochs"] and chosen[0] == 2 and 1 <= chosen[1] <= MAX_EPOCHS
+    assert len(result.history) <= sum(chosen)
+
+
+def test_when_epochs_run_slower_than_measured_the_run_ends_before_the_budget(
+    tiny_split_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The measurement said epochs were nearly free, so the plan asks for the cap: the run must stop by itself."""
+    import importlib
+
+    monkeypatch.setattr(importlib.import_module("thaw.train.fit"), "measure_costs", lambda *args: Costs(1e-7, 1e-7, 1e-7))
+    result = _budgeted(tiny_split_data, tmp_path / "run", 4.0)
+    assert result.budget["epochs"] == [3, MAX_EPOCHS]
+    assert result.budget["ended_early"].startswith("before full epoch") and result.wall_s <= 4.0
+    assert len(result.history) < 3 + MAX_EPOCHS
+
+
+@pytest.mark.parametrize("stop", ["crash after 4 epochs", "Ctrl-C at the first step"])
+def test_a_resumed_budgeted_run_keeps_the_epochs_its_budget_chose(
+    tiny_split_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, stop: str,
+) -> None:
+    """Resumed by the same call plus resume=True (the plan as asked): no second measurement, the same epochs."""
+    import importlib
+    import os
+    import signal
+
+    fit_module, measured = importlib.import_module("thaw.train.fit"), []
+    real = fit_module.measure_costs
+    monkeypatch.setattr(fit_module, "measure_costs", lambda *args: measured.append(True) or real(*args))
+    if stop.startswith("crash"):
+        options, raised = {"callbacks": [crash_after(4)]}, Crash
+    else:  # before any epoch ends: the checkpoint has no history yet
+        options, raised = {"step_hooks": [lambda *_: os.kill(os.getpid(), signal.SIGINT)]}, RunInterrupted
+    with pytest.raises(raised):
+        _budgeted(tiny_split_data, tmp_path / "run", 30.0, **options)
+    chosen = load_checkpoint(tmp_path / "run" / "checkpoint.pt")["budget"]["epochs"]
+    _budgeted(tiny_split_data, tmp_path / "run", 30.0, resume=True)
+    meta = json.loads((tmp_path / "run" / "thaw.json").read_text())
+    assert [stage["epochs"] for stage in meta["plan"]["stages"]] == chosen and measured == [True]
+
+
+def test_budget_on_the_command_line(tiny_split_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit) as refused:  # argparse's usage error: one line, exit 2
+        main(["train", str(tiny_split_data), "--model", "mobilenet_v3_small", "--weights", "none", "--budget", "soon"])
+    assert refused.value.code == 2
+    assert "budget must be a time like 90s, 3m or 1.5h, got 'soon'" in capsys.readouterr().err
+    args = [str(tiny_split_data), "--model", "mobilenet_v3_small", "--weights", "none", "--image-size", "32", "--batch-size", "8",
+            "--budget", "20s", "--json", "--out", str(tmp_path / "run")]
+    assert main(["train", *args]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["budget"]["seconds"] == 20 and summary["wall_s"] <= 20

@@ -1,0 +1,137 @@
+"""--ema: a moving average of the weights, measured on val and delivered, in stages that train pretrained layers."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.conftest import Crash, crash_after
+from thaw import ThawError, build_model
+from thaw.cli import main
+from thaw.export.inference import evaluate_run
+from thaw.export.run_dir import load_run
+from thaw.plan import ConstantLr, Plan, Stage
+from thaw.train import TrainConfig, train_images
+from thaw.train.checkpoint import load_checkpoint
+from thaw.train.ema import MAX_DECAY, WARMUP_POWER
+from thaw.train.fit import RunInterrupted
+
+CONFIG = TrainConfig(image_size=32, batch_size=8, quiet=True, ema=True)
+HEAD_THEN_TOP = Plan((Stage("head", 1, ("head",), ConstantLr(3e-3)), Stage("top", 2, ("-2:",), ConstantLr(1e-3), batchnorm="eval")))
+
+
+def train(data: Path, out: Path, plan: Plan = HEAD_THEN_TOP, **options: object):
+    return train_images(data, model="mobilenet_v3_small", weights=None, plan=plan, config=CONFIG, out=out, **options)
+
+
+class StepRecorder:
+    """A step hook that copies the raw and the averaged weights after every optimizer step."""
+
+    def attach(self, trainer) -> None:
+        self.trainer, self.raw, self.average = trainer, [], []
+
+    def __call__(self, _optimizer: torch.optim.Optimizer, _step: int, _factor: float) -> None:
+        self.raw.append({n: p.detach().clone() for n, p in self.trainer.model.named_parameters()})
+        self.average.append({n: p.detach().clone() for n, p in self.trainer.ema.module.named_parameters()})
+
+
+def test_the_average_follows_the_documented_decay_and_is_what_val_measures_and_the_run_delivers(tiny_split_data: Path, tmp_path: Path) -> None:
+    recorder = StepRecorder()
+    plan = Plan((Stage("all", 1, ("all",), ConstantLr(1e-3), batchnorm="eval"),))
+    result = train(tiny_split_data, tmp_path / "run", plan=plan, step_hooks=[recorder])
+    assert len(recorder.raw) == 5  # 36 images, batch 8
+    expected = recorder.raw[0]  # decay 0 at the first step: the average starts at the weights after it
+    assert all(torch.equal(recorder.average[0][n], expected[n]) for n in expected)
+    for step in range(1, len(recorder.raw)):
+        decay = min(1 - (1 + step) ** -WARMUP_POWER, MAX_DECAY)
+        expected = {n: decay * expected[n] + (1 - decay) * recorder.raw[step][n] for n in expected}
+        for name, tensor in recorder.average[step].items():
+            torch.testing.assert_close(tensor, expected[name], rtol=1e-5, atol=1e-6)
+    last_raw, last_average = recorder.raw[-1], recorder.average[-1]
+    assert any(not torch.equal(last_raw[n], last_average[n]) for n in last_raw)  # the average is not the weights
+    delivered = load_file(str(tmp_path / "run" / "model.safetensors"))
+    assert all(torch.equal(delivered[n], last_average[n]) for n in last_average)  # the only epoch: its average is delivered
+    adapter, meta = load_run(tmp_path / "run")
+    scored = evaluate_run(adapter, meta, tiny_split_data, split="val")
+    assert scored["loss"] == pytest.approx(result.best["val"]["loss"], rel=1e-4)  # val was measured on the average
+
+
+def test_frozen_layers_stay_bit_identical_and_a_head_stage_keeps_no_average(tiny_split_data: Path, tmp_path: Path) -> None:
+    with pytest.raises(Crash):
+        train(tiny_split_data, tmp_path / "cut", callbacks=[crash_after(1)])
+    assert load_checkpoint(tmp_path / "cut" / "checkpoint.pt")["ema"] is None  # the head trained on cached features, no average
+    train(tiny_split_data, tmp_path / "run")
+    saved = load_checkpoint(tmp_path / "run" / "checkpoint.pt")
+    raw, average = saved["model"], saved["ema"]
+    assert average is not None and raw.keys() == average.keys()
+    adapter = build_model("mobilenet_v3_small", weights=None, num_classes=3)
+    trained = [f"{member}." for group in adapter.groups[-2:] for member in group.modules]  # "-2:": the top group and the head
+    frozen = [name for name in raw if not name.startswith(tuple(trained))]
+    assert frozen and all(torch.equal(raw[name], average[name]) for name in frozen)  # weights and BatchNorm statistics
+    assert any(not torch.equal(raw[name], average[name]) for name in raw if name not in frozen)
+
+
+@pytest.mark.parametrize("stop", ["crash after the top stage's first epoch", "Ctrl-C inside the top stage's first epoch"])
+def test_a_resumed_run_ends_with_the_average_of_an_uninterrupted_one(tiny_split_data: Path, tmp_path: Path, stop: str) -> None:
+    train(tiny_split_data, tmp_path / "whole")
+
+    def press_ctrl_c(state: object) -> None:  # handled after the next optimizer step: the top stage's first
+        if len(state.history) == 1:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    callback, raised = (crash_after(2), Crash) if stop.startswith("crash") else (press_ctrl_c, RunInterrupted)
+    with pytest.raises(raised):
+        train(tiny_split_data, tmp_path / "cut", callbacks=[callback])
+    train(tiny_split_data, tmp_path / "cut", resume=True)
+    whole, cut = (load_checkpoint(tmp_path / name / "checkpoint.pt") for name in ("whole", "cut"))
+    assert all(torch.equal(whole["ema"][k], cut["ema"][k]) for k in whole["ema"])
+    delivered = [load_file(str(tmp_path / name / "model.safetensors")) for name in ("whole", "cut")]
+    assert all(torch.equal(delivered[0][k], delivered[1][k]) for k in delivered[0])
+
+
+def test_ema_on_the_command_line_is_recorded_and_checked(tiny_split_data: Path, tmp_path: Path) -> None:
+    args = [str(tiny_split_data), "--model", "mobilenet_v3_small", "--weights", "none", "--image-size", "32", "--batch-size", "8",
+            "--strategy", "fine-tune", "--epochs", "1", "--quiet", "--ema", "--out", str(tmp_path / "run")]
+    assert main(["train", *args]) == 0
+    assert json.loads((tmp_path / "run" / "thaw.json").read_text())["train_config"]["ema"] is True
+    assert load_checkpoint(tmp_path / "run" / "checkpoint.pt")["ema"] is not None
+    with pytest.raises(ThawError, match="ema must be true or false, got 'yes'"):
+        TrainConfig(ema="yes")
+
+
+def test_every_training_key_of_a_plan_file_is_a_training_option() -> None:
+    from dataclasses import fields
+
+    from thaw.plan.config import TRAINING_KEYS
+
+    assert set(TRAINING_KEYS) <= {field.name for field in fields(TrainConfig)}
+
+
+def test_a_plan_file_carries_recipe_options_and_typed_flags_win(tmp_path: Path) -> None:
+    from thaw.cli import build_parser
+    from thaw.cli.train_cmd import config_from_args
+
+    plan = tmp_path / "plan.yaml"
+    plan.write_text("stages: [{name: all, epochs: 1, train: [all], lr: 1.0e-4}]\ntraining: {label_smoothing: 0.2, ema: true}\n")
+
+    def config(*typed: str) -> TrainConfig:
+        argv = ["train", "data", "--model", "mobilenet_v2", "--config", str(plan), *typed]
+        args = build_parser().parse_args(argv)
+        args.argv = argv
+        return config_from_args(args)
+
+    assert (config().label_smoothing, config().ema) == (0.2, True)
+    assert config("--label-smoothing", "0.1").label_smoothing == 0.1  # typed on the command line: the flag wins
+    assert config("--no-ema").ema is False
+    plan.write_text("stages: [{name: all, epochs: 1, train: [all], lr: 1.0e-4}]\ntraining: {labl_smoothing: 0.2}\n")
+    with pytest.raises(ThawError, match=r"training: unknown key 'labl_smoothing' \(did you mean 'label_smoothing'\?\)"):
+        config()
+    plan.write_text("stages: [{name: all, epochs: 1, train: [all], lr: 1.0e-4}]\ntraining: {ema: maybe}\n")
+    with pytest.raises(ThawError, match="ema must be true or false, got 'maybe'"):
+        config()

@@ -1,0 +1,197 @@
+"""A time budget (`--budget 3m`): epochs per stage chosen to fit the time, from throughput measured on this machine.
+
+Before the first stage, a few batches of the run's own data are timed (the run's weights, statistics and random
+state are left as they were, so the run that follows is the one an unbudgeted run with the same epochs would be):
+a forward pass per image (what the feature cache and every val pass cost), a training step per image (forward,
+backward and an AdamW step on a copy of the model with what the costliest stage trains, decoding and augmentation
+included), and a head step.
+Stages that train the head alone on cached features are cheap: they keep their planned epochs. The time left goes
+to the stages that run the network, shared in proportion to their planned epochs, up to MAX_EPOCHS each: that is
+where more epochs still change the model. While training, an epoch that the measured time of the stage's last epoch
+says would end past the budget is not started; the run ends there, with the best epoch so far. The first epoch of a run always runs: a run must deliver a model.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import re
+import time
+from dataclasses import dataclass, replace
+from typing import Callable, Iterable
+
+import torch
+from torch import nn
+
+from thaw.data.loaders import Batch
+from thaw.errors import ThawError
+from thaw.models.adapter import ModelAdapter
+from thaw.plan import Plan
+from thaw.train.loop import Engine
+from thaw.train.progress import CACHED, clock
+
+MAX_EPOCHS = 20  # per stage: past this a longer cosine schedule on a small set mostly overfits
+MARGIN = 0.1  # of the budget, kept back for what the estimates miss (the run's last checkpoint and plots)
+PROBE_BATCHES = 3  # timed after one untimed batch (worker start-up, first-call allocations)
+HEAD_BACKWARD_FACTOR = 3  # a forward and a backward step of the head cost about three forwards; the head is a small share anyway
+UNITS = {"s": 1, "m": 60, "h": 3600}
+
+
+def parse_budget(text: str) -> float:
+    """'90s', '3m', '1.5h' (or a bare number of seconds) as seconds; one clear line for anything else."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smh]?)\s*", str(text))
+    seconds = float(match.group(1)) * UNITS[match.group(2) or "s"] if match else 0.0
+    if not seconds > 0 or not math.isfinite(seconds):
+        raise ThawError(f"budget must be a time like 90s, 3m or 1.5h, got {text!r}")
+    return seconds
+
+
+@dataclass(frozen=True)
+class Costs:
+    """Seconds per image, measured on this machine with the run's data, batch size, precision and workers."""
+
+    forward: float  # evaluation view, no gradients: the cache pass and every val pass
+    train_step: float  # augmented, forward and backward through the whole network
+    head_step: float  # the head alone on features
+
+
+@dataclass(frozen=True)
+class Split:
+    """How a budget was spent: the epochs chosen per stage and the seconds expected for each part."""
+
+    budget_s: float
+    epochs: tuple[int, ...]
+    expected_s: dict[str, float]  # "setup", "feature cache", then each stage by name
+    epoch_s: tuple[float, ...]  # expected seconds of one epoch, per stage
+    cache_s: float = 0.0  # expected seconds of the feature cache pass
+
+    @classmethod
+    def from_dict(cls, saved: dict) -> Split:
+        return cls(saved["seconds"], tuple(saved["epochs"]), saved["expected_s"], tuple(saved["epoch_s"]), saved.get("cache_s", 0.0))
+
+    def describe(self) -> str:
+        parts = ", ".join(f"{name} {clock(seconds)}" for name, seconds in self.expected_s.items())
+        return f"budget {clock(self.budget_s)}: epochs per stage {list(self.epochs)}; expected {parts}"
+
+    def to_dict(self) -> dict:
+        return {
+            "seconds": self.budget_s, "epochs": list(self.epochs), "expected_s": {k: round(v, 1) for k, v in self.expected_s.items()},
+            "epoch_s": list(self.epoch_s), "cache_s": self.cache_s,
+        }
+
+
+def split_budget(plan: Plan, kinds: list[str], costs: Costs, sizes: dict[str, int], budget_s: float, spent_s: float, views: int) -> tuple[Plan, Split]:
+    """Epochs per stage that fit `budget_s`, `spent_s` of it already gone (setup, the measurement).
+
+    `kinds` says which stages will train on cached features; `sizes` holds the train and val image counts.
+    """
+    train, val = sizes["train"], sizes["val"]
+    val_pass = val * costs.forward
+    cached_epoch = train * costs.head_step + val * costs.head_step
+    full_epoch = train * costs.train_step + val_pass
+    cache_pass = (train * max(1, views) + val) * costs.forward if CACHED in kinds else 0.0
+    cached_epochs = sum(stage.epochs for stage, kind in zip(plan.stages, kinds) if kind == CACHED)
+    left = budget_s * (1 - MARGIN) - spent_s - cache_pass - cached_epochs * cached_epoch
+    full = [i for i, kind in enumerate(kinds) if kind != CACHED]
+    planned = sum(plan.stages[i].epochs for i in full)
+    epochs = [stage.epochs for stage in plan.stages]
+    if full and planned:
+        share = max(left, 0.0) / (planned * full_epoch)  # the planned ratio between full stages is kept
+        for i in full:
+            epochs[i] = min(MAX_EPOCHS, math.floor(plan.stages[i].epochs * share))
+    if not any(epochs):
+        raise ThawError(
+            f"a budget of {clock(budget_s)} does not fit one epoch here (an epoch of the full network takes about "
+            f"{clock(full_epoch)}, the set-up took {clock(spent_s)}); give a larger --budget"
+        )
+    epoch_s = tuple(cached_epoch if kind == CACHED else full_epoch for kind in kinds)
+    expected = {"setup": spent_s} | ({"feature cache": cache_pass} if cache_pass else {})
+    for stage, count, seconds in zip(plan.stages, epochs, epoch_s):
+        expected[str(stage.name)] = count * seconds
+    return with_epochs(plan, tuple(epochs)), Split(budget_s, tuple(epochs), expected, epoch_s, cache_pass)
+
+
+def with_epochs(plan: Plan, epochs: tuple[int, ...]) -> Plan:
+    """`plan` with these epochs per stage."""
+    return replace(plan, stages=tuple(replace(stage, epochs=count) for stage, count in zip(plan.stages, epochs)))
+
+
+def measure_costs(
+    adapter: ModelAdapter, train_batches: Iterable, eval_batches: Iterable, engine: Engine, trainable: frozenset[str] | None = None,
+) -> Costs:
+    """Seconds per image of a forward pass, a training step of `trainable` (default: every parameter) and a head step.
+
+    The training step runs on a copy of the model; the run's own weights, BatchNorm statistics and gradients are
+    untouched, and torch's random state (the copy's dropout masks) is restored.
+    """
+    rng = torch.get_rng_state()
+    cuda_rng = torch.cuda.get_rng_state(engine.device) if engine.device.type == "cuda" else None
+    model, training = adapter.model, adapter.model.training
+    try:
+        model.eval()
+        forward = _seconds_per_image(eval_batches, engine, lambda images, labels: _forward(model, images, engine))
+        features = _features(adapter, next(iter(eval_batches)), engine)
+        head_step = HEAD_BACKWARD_FACTOR * _seconds_per_image(
+            [features] * (PROBE_BATCHES + 1), engine, lambda images, labels: _forward(adapter.forward_head, images, engine)
+        )
+        if trainable is not None and not trainable:  # every stage trains the head on cached features: nothing to time
+            return Costs(forward, HEAD_BACKWARD_FACTOR * forward, head_step)
+        probe = copy.deepcopy(model).train()
+        for name, param in probe.named_parameters():
+            param.requires_grad_(trainable is None or name in trainable)
+        optimizer = torch.optim.AdamW([param for param in probe.parameters() if param.requires_grad])
+        step = lambda images, labels: _train_step(probe, optimizer, images, labels, engine)  # noqa: E731
+        train_step = _seconds_per_image((batch for batch in train_batches if len(batch.labels) >= 2), engine, step)
+        del probe, optimizer
+    finally:
+        model.train(training)
+        torch.set_rng_state(rng)
+        if cuda_rng is not None:
+            torch.cuda.set_rng_state(cuda_rng, engine.device)
+    return Costs(forward, train_step, head_step)
+
+
+
+@torch.no_grad()
+def _forward(module, images: torch.Tensor, engine: Engine) -> None:
+    with engine.autocast():
+        module(images)
+
+
+@torch.no_grad()
+def _features(adapter: ModelAdapter, batch: Batch, engine: Engine) -> Batch:
+    with engine.autocast():
+        features = adapter.forward_features(engine.to_device(batch.images))
+    return Batch(features.float(), batch.labels, [])
+
+
+def _train_step(model: nn.Module, optimizer: torch.optim.Optimizer, images: torch.Tensor, labels: torch.Tensor, engine: Engine) -> None:
+    """What the loop does per batch: forward, backward, an AdamW step (BatchNorm in train mode needs 2 images a batch)."""
+    with engine.autocast():
+        logits = model(images)
+    nn.functional.cross_entropy(logits.float(), labels).backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def _seconds_per_image(batches: Iterable[Batch], engine: Engine, work: Callable[[torch.Tensor, torch.Tensor], None]) -> float:
+    """Mean seconds per image over up to PROBE_BATCHES batches after the first, which is untimed (worker start-up,
+    first-call allocations) unless it is the only one: then its time is the estimate, too high rather than too low."""
+    iterator, first_seconds, first_count, images = iter(batches), 0.0, 0, 0
+    started = time.perf_counter()
+    for index, batch in enumerate(iterator):
+        work(engine.to_device(batch.images), batch.labels.to(engine.device))
+        if engine.device.type == "cuda":
+            torch.cuda.synchronize(engine.device)
+        if index == 0:
+            first_seconds, first_count = time.perf_counter() - started, len(batch.labels)
+            started = time.perf_counter()
+        else:
+            images += len(batch.labels)
+        if index == PROBE_BATCHES:
+            break
+    if images:
+        return (time.perf_counter() - started) / images
+    if not first_count:
+        raise ThawError("the budget cannot be planned: the data gave no batch to time")
+    return first_seconds / first_count
