@@ -293,3 +293,19 @@ def test_every_train_option_reaches_thaw_through_torchrun() -> None:
             except SystemExit:
                 pytest.fail(f"torchrun refuses thaw's {option}: {said.getvalue().strip().splitlines()[-1]}")
         assert parsed.training_script_args == ["train", option, "1"], option
+
+
+def test_a_budget_under_torchrun_is_planned_by_rank_0_and_followed_by_every_rank(setting: dict, tmp_path: Path) -> None:
+    """Rank 0 times the batches and chooses the epochs; a rank that planned for itself, or not at all, would fail
+    or leave the ranks' collectives unmatched (a hang, which the timeout turns into a failure)."""
+    out = tmp_path / "run"
+    done = torchrun("-m", "thaw", "train", str(setting["data"]), "--model", "mobilenet_v3_small", "--weights", "none",
+                    "--image-size", "32", "--batch-size", "8", "--budget", "60s", "--device", "cpu", "--out", str(out), "--json",
+                    env=setting["env"])
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = json.loads(done.stdout.strip().splitlines()[-1])
+    meta = json.loads((out / "thaw.json").read_text())
+    chosen = [stage["epochs"] for stage in meta["plan"]["stages"]]
+    assert summary["budget"]["epochs"] == chosen == meta["budget"]["epochs"] and chosen[1] >= 1
+    rows = (out / "metrics.csv").read_text().splitlines()[1:]
+    assert len(rows) == sum(chosen) or meta["budget"]["ended_early"]

@@ -48,7 +48,7 @@ def test_explicit_groups_must_cover_every_parameter(small_net: SmallConvNet) -> 
 
 
 def test_timm_model_uses_timm_contract() -> None:
-    timm = pytest.importorskip("timm", reason="timm is an optional extra")
+    import timm
     model = timm.create_model("resnet18", pretrained=False)
     adapter = adapt(model, num_classes=4)
     assert adapter.family == "timm"
@@ -62,7 +62,7 @@ def test_timm_model_uses_timm_contract() -> None:
 
 
 def test_timm_vit_groups_blocks_in_order() -> None:
-    timm = pytest.importorskip("timm", reason="timm is an optional extra")
+    import timm
     from thaw.models import build_model
 
     adapter = build_model("timm/vit_tiny_patch16_224", num_classes=2, device="meta")

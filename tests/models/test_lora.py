@@ -134,7 +134,6 @@ def test_adapters_selector_without_lora_says_what_to_do() -> None:
 
 
 def test_lora_defaults_adapt_every_transformer_block_of_a_timm_vit() -> None:
-    pytest.importorskip("timm", reason="timm models are an optional extra: pip install 'thaw[timm]'")
     adapter = build_model("timm/vit_tiny_patch16_224", weights=None, num_classes=3, device="meta")
     add_lora(adapter, LoraSpec(rank=4))
     names = set(adapter_param_names(adapter.model))

@@ -36,7 +36,7 @@ def catalogue() -> list[dict]:
 def run(args: argparse.Namespace) -> int:
     models = catalogue()
     if args.json:
-        print(json.dumps({"models": models, "timm": "any timm model as timm/NAME (pip install 'thaw[timm]')"}))
+        print(json.dumps({"models": models, "timm": "any timm model as timm/NAME (timm installs with thaw)"}))
         return 0
     for model in models:
         weights = ", ".join(

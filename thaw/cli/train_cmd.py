@@ -71,13 +71,14 @@ def add_training_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--no-channels-last", dest="channels_last", action="store_false")
     group.add_argument("--grad-clip", type=float)
     group.add_argument(
-        "--label-smoothing", type=share_or_zero, default=0.0, metavar="SHARE",
-        help="smooth the training targets by this share (0.1 is usual); val loss stays plain",
+        "--label-smoothing", type=share_or_zero, default=0.1, metavar="SHARE",
+        help="smooth the training targets by this share (default 0.1, chosen by benchmarks/recipes.py; 0 turns it off); "
+        "val loss stays plain",
     )
     group.add_argument(
-        "--ema", action=argparse.BooleanOptionalAction, default=False,
-        help="measure and deliver a moving average of the weights in stages that train pretrained layers (needs timm); "
-        "--no-ema overrides a plan file's ema: true",
+        "--ema", action=argparse.BooleanOptionalAction, default=True,
+        help="measure and deliver a moving average of the weights in stages that train pretrained layers (default: on, "
+        "chosen by benchmarks/recipes.py); --no-ema trains and delivers the weights themselves",
     )
     group.add_argument(
         "--budget", type=budget_seconds, metavar="TIME",

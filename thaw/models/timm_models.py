@@ -16,7 +16,7 @@ def _import_timm():
     try:
         import timm
     except ImportError:
-        raise ThawError("timm is not installed; install it with `pip install 'thaw[timm]'`") from None
+        raise ThawError("timm is not installed; install it with `pip install timm`") from None
     return timm
 
 

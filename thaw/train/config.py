@@ -48,9 +48,9 @@ class TrainConfig:
     cache_views: int = 0  # 0: cache the evaluation view; K: K augmented views, cycled by epoch
     cache_memory_gb: float = 4.0  # per split; past it features spill to a memory-mapped file
     decoded_memory_gb: float = 2.0  # decoded images kept in memory between epochs
-    label_smoothing: float = 0.0  # of the training loss only: val loss, which picks among tied epochs, stays plain
+    label_smoothing: float = 0.1  # of the training loss only: val loss, which picks among tied epochs, stays plain
     budget: float | None = None  # seconds: epochs per stage chosen to fit them (thaw.train.budget)
-    ema: bool = False  # stages that train pretrained layers are measured and delivered as a moving average of their weights
+    ema: bool = True  # stages that train pretrained layers are measured and delivered as a moving average of their weights
 
     def __post_init__(self) -> None:
         problems = config_problems(self)

@@ -437,12 +437,6 @@ class Trainer:
             epochs[index] = sum(1 for row in self.state.history if row["stage_index"] == index)
         return PlanProgress(epochs, [self._predicted_kind(stage) for stage in self.plan.stages], self.steps_per_epoch())
 
-    def _trains_pretrained(self, stage: Stage) -> bool:
-        try:
-            return not all(self.adapter.in_head(name) for name in resolve_stage(self.adapter, stage).trainable)
-        except ThawError:  # the stage reports its own problem when it starts
-            return True
-
     def _predicted_kind(self, stage: Stage) -> str:
         try:
             trainable = resolve_stage(self.adapter, stage).trainable
@@ -609,8 +603,6 @@ class Trainer:
             if not self.restored:  # a resumed run keeps the epochs its budget chose, and gets the budget again
                 self.plan_budget()
             self.deadline = (started if self.restored else self.began) + self.config.budget
-        if self.config.ema and not any(stage.epochs and self._trains_pretrained(stage) for stage in self.plan.stages):
-            self._say("--ema: no stage of this plan trains pretrained layers, so there is nothing to average; the run goes on without it")
         self.engine.progress = self.plan_progress()
         while self.state.stage < len(self.plan.stages):
             self.run_stage(self.state.stage, callbacks)
