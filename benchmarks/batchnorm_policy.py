@@ -29,8 +29,9 @@ def plan(policy: str) -> Plan:
 def main() -> None:
     offline_torch_home()
     datasets = {
-        "hymenoptera (224 px)": (HYMENOPTERA, TrainConfig(quiet=True)),
-        "digits (96 px)": (write_digits_folder(scratch("digits")), TrainConfig(image_size=96, augment=False, batch_size=64, quiet=True)),
+        # No weight average: it would also average the BatchNorm statistics whose policies this compares.
+        "hymenoptera (224 px)": (HYMENOPTERA, TrainConfig(quiet=True, ema=False)),
+        "digits (96 px)": (write_digits_folder(scratch("digits")), TrainConfig(image_size=96, augment=False, batch_size=64, quiet=True, ema=False)),
     }
     rows = []
     for name, (data, config) in datasets.items():

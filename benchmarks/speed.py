@@ -7,7 +7,7 @@ Every training row trains 3 head-only epochs, then 1 epoch of everything, valida
   seed       the seed recipe by hand: ImageFolder, fp32, AdamW on what trains
   hand-opt   the same loop with channels_last and bf16 autocast (no cache)
   fastai     vision_learner + fine_tune(1, freeze_epochs=3) (needs the `bench` extra)
-  thaw       thaw's two-phase strategy with its defaults
+  thaw       thaw's two-phase strategy with its defaults (--ema --label-smoothing 0.1 since the recipe benchmark)
 
 bf16 (floor, hand-opt) follows thaw's `--precision auto`: on where the CPU runs it natively,
 off where oneDNN would emulate it (AVX2 only: many times slower than fp32).

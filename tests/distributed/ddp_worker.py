@@ -107,6 +107,9 @@ def main() -> int:
     config = TrainConfig(
         image_size=64, batch_size=args.batch_size, quiet=True, precision="fp32", augment=False, seed=0, device=args.device,
         cache=not args.no_cache, optimizer=args.optimizer,
+        # The exactness bounds below were measured without label smoothing; its gradients never vanish, so the same
+        # float rounding grows to about 4e-5 over the run. It changes the loss, not how DDP averages gradients.
+        label_smoothing=0.0,
     )
     result = train_images(
         args.data, model="mobilenet_v2", weights="IMAGENET1K_V1", plan=ONE_EPOCH if args.one_epoch else PLAN, config=config, out=args.out,

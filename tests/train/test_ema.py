@@ -95,15 +95,17 @@ def test_a_resumed_run_ends_with_the_average_of_an_uninterrupted_one(tiny_split_
     assert all(torch.equal(delivered[0][k], delivered[1][k]) for k in delivered[0])
 
 
-def test_ema_is_on_by_default_and_no_ema_turns_it_off(tiny_split_data: Path, tmp_path: Path) -> None:
-    """The recipe benchmark chose it (README, Which recipe): `thaw train` and TrainConfig() average by default."""
+def test_the_default_recipe_averages_and_smooths_and_flags_turn_both_off(tiny_split_data: Path, tmp_path: Path) -> None:
+    """The recipe benchmark chose --ema --label-smoothing 0.1 (README, Which recipe), for `thaw train` and TrainConfig()."""
     args = [str(tiny_split_data), "--model", "mobilenet_v3_small", "--weights", "none", "--image-size", "32", "--batch-size", "8",
             "--strategy", "fine-tune", "--epochs", "1", "--quiet"]
-    assert TrainConfig().ema is True
+    assert TrainConfig().ema is True and TrainConfig().label_smoothing == 0.1
     assert main(["train", *args, "--out", str(tmp_path / "default")]) == 0
-    assert json.loads((tmp_path / "default" / "thaw.json").read_text())["train_config"]["ema"] is True
+    recorded = json.loads((tmp_path / "default" / "thaw.json").read_text())["train_config"]
+    assert recorded["ema"] is True and recorded["label_smoothing"] == 0.1
     assert load_checkpoint(tmp_path / "default" / "checkpoint.pt")["ema"] is not None
-    assert main(["train", *args, "--no-ema", "--out", str(tmp_path / "off")]) == 0
+    assert main(["train", *args, "--no-ema", "--label-smoothing", "0", "--out", str(tmp_path / "off")]) == 0
+    assert json.loads((tmp_path / "off" / "thaw.json").read_text())["train_config"]["label_smoothing"] == 0.0
     saved = load_checkpoint(tmp_path / "off" / "checkpoint.pt")
     delivered = load_file(str(tmp_path / "off" / "model.safetensors"))
     assert saved["ema"] is None and all(torch.equal(delivered[k], saved["model"][k]) for k in delivered)  # the weights themselves
@@ -141,3 +143,27 @@ def test_a_plan_file_carries_recipe_options_and_typed_flags_win(tmp_path: Path) 
     plan.write_text("stages: [{name: all, epochs: 1, train: [all], lr: 1.0e-4}]\ntraining: {ema: maybe}\n")
     with pytest.raises(ThawError, match="ema must be true or false, got 'maybe'"):
         config()
+
+
+def test_a_run_recorded_before_the_weight_average_existed_resumes_without_one(tiny_split_data: Path, tmp_path: Path) -> None:
+    """Its settings have no `ema` (nor `budget`): the newer default would change the run halfway. `resume_run` continues
+    it without an average; a resume with today's defaults is refused in one line instead of silently switching."""
+    from thaw.train import resume_run
+    from thaw.train.checkpoint import save_checkpoint
+
+    plan = Plan((Stage("all", 2, ("all",), ConstantLr(1e-3), batchnorm="eval"),))
+    old = TrainConfig(image_size=32, batch_size=8, quiet=True, ema=False, label_smoothing=0.0)
+    with pytest.raises(Crash):
+        train_images(tiny_split_data, model="mobilenet_v3_small", weights=None, plan=plan, config=old, out=tmp_path / "old",
+                     callbacks=[crash_after(1)])
+    saved = load_checkpoint(tmp_path / "old" / "checkpoint.pt")
+    for key in ("ema", "budget"):  # as a thaw before them wrote it
+        del saved["settings"]["config"][key]
+    del saved["ema"]
+    save_checkpoint(tmp_path / "old" / "checkpoint.pt", saved)
+    with pytest.raises(ThawError, match=r"ema \(the run: False, now: True\)"):
+        train_images(tiny_split_data, model="mobilenet_v3_small", weights=None, plan=plan, out=tmp_path / "old", resume=True,
+                     config=TrainConfig(image_size=32, batch_size=8, quiet=True, label_smoothing=0.0))
+    resume_run(tmp_path / "old", quiet=True)
+    ended = load_checkpoint(tmp_path / "old" / "checkpoint.pt")
+    assert ended["ema"] is None and len(ended["history"]) == 2

@@ -26,7 +26,7 @@ from thaw._io import atomic_write, check_writable
 from thaw.train import RunResult, RunState, TextColumns, TrainConfig, resume_run, saved_settings, train_images, train_text
 from thaw.train.config import METRICS, PRECISIONS, SCHEDULES
 from thaw.train.fit import resolve_device, uses_bf16
-from thaw.train.settings import RUNTIME_FIELDS, differences, source_name
+from thaw.train.settings import ADDED_LATER, RUNTIME_FIELDS, differences, source_name
 from thaw.plan.optim import OPTIMIZERS
 
 
@@ -188,7 +188,7 @@ def _claimed(args: argparse.Namespace, typed: set[str], settings: dict, run: Pat
     claimed: dict = {"config": {}}
     for dest in typed - RUNTIME_DESTS - PLAN_DESTS:
         value = getattr(args, dest)
-        if dest in settings["config"]:
+        if dest in settings["config"] or dest in ADDED_LATER:  # a field the run predates: compared with its old value
             claimed["config"][dest] = value
         elif dest in TEXT_DESTS:
             claimed.setdefault("columns", dict(settings.get("columns") or {}))[TEXT_DESTS[dest]] = value

@@ -73,8 +73,8 @@ def differences(saved: dict, now: dict) -> list[str]:
     records (a field a later thaw added, a text option of an image run) does not count."""
     found = []
     for key in sorted(set(saved) & set(now)):
-        if key == "config":
-            found += differences(saved[key], now[key])
+        if key == "config":  # a field the run predates counts as the value it ran with
+            found += differences({k: v for k, v in ADDED_LATER.items() if k in now[key]} | saved[key], now[key])
         elif saved[key] != now[key]:
             found.append(_describe(key, saved[key], now[key]))
     return found
@@ -88,7 +88,13 @@ def _describe(key: str, then: object, now: object) -> str:
     return f"{key.replace('_', '-')} (the run: {then!r}, now: {now!r})"
 
 
+# Fields a later thaw added, with the value that reproduces a run recorded before them (a run resumed with
+# the newer default would change halfway: the weight average did not exist when such a run started).
+ADDED_LATER = {"ema": False, "budget": None, "label_smoothing": 0.0}
+
+
 def config_from_settings(settings: dict, **runtime: object) -> TrainConfig:
     """The run's own TrainConfig, with runtime fields (workers, device, quiet, ...) as given."""
     known = {f.name for f in fields(TrainConfig)}
-    return TrainConfig(**{k: v for k, v in settings["config"].items() if k in known}, **runtime)
+    saved = {k: v for k, v in settings["config"].items() if k in known}
+    return TrainConfig(**{k: v for k, v in ADDED_LATER.items() if k not in saved} | saved, **runtime)
