@@ -8,7 +8,7 @@ import torch
 
 from tests.conftest import write_class_images
 from thaw.data.folders import discover
-from thaw.data.loaders import ImageDataset, make_loader
+from thaw.data.loaders import ImageDataset, make_loader, next_epoch, stop_workers
 from thaw.data.transforms import train_transform
 from thaw.models.adapter import Preprocessing
 
@@ -54,3 +54,15 @@ def test_a_fixed_order_with_a_view_seed_repeats_and_views_differ(augmented: Imag
 
     assert torch.equal(view(1, workers=0), view(1, workers=2))
     assert not torch.equal(view(1, workers=2), view(2, workers=2))  # cached views are different augmentations
+
+
+def test_a_persistent_loader_gives_each_epoch_what_a_fresh_loader_gives(augmented: ImageDataset) -> None:
+    """The run keeps one training loader (its workers live on); each epoch and a mid-epoch resume see the same batches."""
+    kept = make_loader(augmented, batch_size=4, shuffle=True, seed=1, workers=2, persistent=True)
+    try:
+        for seed, skip in ((7, 0), (8, 0), (7, 2)):
+            batches = torch.cat([batch.images for batch in next_epoch(kept, seed, skip)])
+            assert torch.equal(batches, epoch(augmented, workers=0, seed=seed, skip_batches=skip))
+    finally:
+        stop_workers(kept)
+    assert kept._iterator is None

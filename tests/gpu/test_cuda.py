@@ -15,6 +15,10 @@ import torch
 
 from tests.conftest import Crash, crash_after, write_class_images
 from tests.distributed.test_torchrun import WORKER, ranks, torchrun
+from thaw.data.folders import discover
+from thaw.data.loaders import ImageDataset, make_loader
+from thaw.data.transforms import train_transform
+from thaw.models.adapter import Preprocessing
 from thaw.plan import ConstantLr, Plan, RangeLr, Stage
 from thaw.train import TrainConfig, train_images
 
@@ -65,3 +69,21 @@ def test_nccl_collectives_run_under_torchrun(tmp_path: Path) -> None:
     assert body and len(set(body)) == len(body)  # after the unfreeze the body moves at every step
     if processes == 2:
         assert ranks(out)[0]["log"] == ranks(out)[1]["log"]
+
+
+def test_augmentation_seeding_leaves_the_gpu_random_stream_alone(tmp_path: Path) -> None:
+    """Each image's crop is seeded on the CPU generator only: the GPU's dropout stream is the run's own."""
+    dataset = ImageDataset(discover(write_class_images(tmp_path / "data", per_class=4, size=40), val_split=0.2).train,
+                           train_transform(Preprocessing(resize_size=40, crop_size=32)))
+    torch.cuda.manual_seed(0)
+    expected = torch.rand(3, device="cuda")
+    torch.cuda.manual_seed(0)
+    dataset[(0, 123)]
+    assert torch.equal(torch.rand(3, device="cuda"), expected)
+
+
+def test_batches_for_the_gpu_are_page_locked(tmp_path: Path) -> None:
+    dataset = ImageDataset(discover(write_class_images(tmp_path / "data", per_class=4, size=40), val_split=0.2).train,
+                           train_transform(Preprocessing(resize_size=40, crop_size=32)))
+    batch = next(iter(make_loader(dataset, batch_size=4, shuffle=True, seed=0, workers=0, pin_memory=True)))
+    assert batch.images.is_pinned() and batch.labels.is_pinned()

@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable, Iterator
 
 import torch
-from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from thaw.data.folders import Sample
 from thaw.data.images import UnreadableImage, load_rgb
+from thaw.data.pixel_store import PixelStore, ignore_interrupts
 from thaw.distributed import SINGLE, Processes, ShardedPermutation, shard
 
 
@@ -22,37 +21,22 @@ class Batch:
     labels: torch.Tensor
     failed: list[tuple[str, str]]  # files that passed the header check but did not decode
 
-
-class DecodedImages:
-    """Images kept decoded in memory (up to a budget), so later epochs skip decoding.
-
-    The images are kept exactly as first decoded, so results do not depend on
-    the budget. Worker processes keep their own copies, which die with them:
-    the store pays off with in-process loading (workers=0, the default below 4 cores).
-    """
-
-    def __init__(self, budget_bytes: int) -> None:
-        self.images: dict[Path, Image.Image] = {}
-        self.budget, self.used = budget_bytes, 0
-
-    def load(self, path: Path, draft_size: int | None) -> Image.Image:
-        image = self.images.get(path)
-        if image is None:
-            image = load_rgb(path, draft_size)
-            size = image.width * image.height * 3
-            if self.used + size <= self.budget:
-                self.images[path], self.used = image, self.used + size
-        return image
+    def pin_memory(self) -> Batch:
+        """Page-locked copies (DataLoader's pin_memory calls this), so the copy to the GPU overlaps compute."""
+        images = {k: v.pin_memory() for k, v in self.images.items()} if isinstance(self.images, dict) else self.images.pin_memory()
+        return Batch(images, self.labels.pin_memory(), self.failed)
 
 
 class ImageDataset(Dataset):
+    """Labelled images through `transform`: decoded from their files, or read from a run's PixelStore."""
+
     def __init__(
-        self, samples: tuple[Sample, ...], transform: Callable, draft_size: int | None = None, decoded: DecodedImages | None = None
+        self, samples: tuple[Sample, ...], transform: Callable, draft_size: int | None = None, store: PixelStore | None = None
     ) -> None:
         self.samples = samples
         self.transform = transform
         self.draft_size = draft_size
-        self.decoded = decoded
+        self.store = store
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -62,13 +46,15 @@ class ImageDataset(Dataset):
         index, seed = key if isinstance(key, tuple) else (key, None)
         path, label = self.samples[index]
         try:
-            image = self.decoded.load(path, self.draft_size) if self.decoded else load_rgb(path, self.draft_size)
+            image = self.store.image(path) if self.store is not None else load_rgb(path, self.draft_size)
         except UnreadableImage as reason:
             return None, label, (str(path), str(reason))
         if seed is None:
             return self.transform(image), label, None
         with torch.random.fork_rng(devices=[]):  # the caller's random stream (dropout, say) is left as it was
-            torch.manual_seed(seed)
+            # The CPU generator only: torch.manual_seed would also reseed every GPU's generator (the run's dropout
+            # stream there) and, with CUDA not started, capture a stack trace per call, 2 ms a sample.
+            torch.default_generator.manual_seed(seed)
             return self.transform(image), label, None
 
 
@@ -151,22 +137,58 @@ def _sampler(
     return order if augment_seed is None else AugmentationSeeds(order, augment_seed)
 
 
+class EpochOrder(Sampler):
+    """The sampler of a loader whose workers outlive an epoch: each epoch hands it that epoch's order."""
+
+    def __init__(self, order: Sampler | list[int] | range) -> None:
+        self.order = order
+
+    def __len__(self) -> int:
+        return len(self.order)
+
+    def __iter__(self) -> Iterator:
+        return iter(self.order)
+
+
+def next_epoch(loader: DataLoader, seed: int, skip_batches: int = 0, processes: Processes = SINGLE) -> DataLoader:
+    """`loader` (from make_loader(persistent=True), shuffled) set to the epoch of `seed`, its first batches skipped."""
+    order = _sampler(len(loader.dataset), True, seed, skip_batches * loader.batch_size, processes, None)
+    loader.sampler.order = order
+    return loader
+
+
+def stop_workers(*loaders: DataLoader | None) -> None:
+    """End the worker processes of persistent loaders now, not when the last reference goes (a traceback,
+    a notebook's last exception, may keep one alive and its workers with it)."""
+    for loader in loaders:
+        iterator = getattr(loader, "_iterator", None)  # where DataLoader keeps its persistent workers
+        if iterator is not None and hasattr(iterator, "_shutdown_workers"):
+            iterator._shutdown_workers()
+        if loader is not None:
+            loader._iterator = None
+
+
 def make_loader(
     dataset: Dataset, *, batch_size: int, shuffle: bool, seed: int, workers: int | None = None, skip_batches: int = 0,
-    processes: Processes = SINGLE, augment_seed: int | None = None,
+    processes: Processes = SINGLE, augment_seed: int | None = None, pin_memory: bool = False, persistent: bool = False,
 ) -> DataLoader:
+    """Batches of `dataset` in a seeded order. `persistent`: the worker processes live on between epochs
+    (decoded pixels stay where they are, no start-up per epoch); set each epoch's order with next_epoch()."""
     if hasattr(dataset, "batch_sampler"):  # text: tokenised up front, batched by length, padded per batch
         sampler = dataset.batch_sampler(batch_size, seed if shuffle else None, skip_batches, processes)
         return DataLoader(dataset, batch_sampler=sampler, num_workers=0, collate_fn=dataset.collate)
     workers = default_workers() if workers is None else workers
     generator = torch.Generator().manual_seed(seed)  # seeds the workers; augmentation has its own per-sample seeds
+    order = _sampler(len(dataset), shuffle, seed, skip_batches * batch_size, processes, augment_seed)
     return DataLoader(
         dataset,
         batch_size=batch_size,
-        sampler=_sampler(len(dataset), shuffle, seed, skip_batches * batch_size, processes, augment_seed),
+        sampler=EpochOrder(order) if persistent else order,
         num_workers=workers,
         collate_fn=collate,
         generator=generator,
-        persistent_workers=False,
+        persistent_workers=persistent and workers > 0,
+        worker_init_fn=ignore_interrupts,
+        pin_memory=pin_memory,
         drop_last=False,
     )

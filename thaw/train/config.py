@@ -47,7 +47,7 @@ class TrainConfig:
     cache: bool = True  # frozen-feature cache for head-only stages, where it is exact
     cache_views: int = 0  # 0: cache the evaluation view; K: K augmented views, cycled by epoch
     cache_memory_gb: float = 4.0  # per split; past it features spill to a memory-mapped file
-    decoded_memory_gb: float = 2.0  # decoded images kept in memory between epochs
+    decoded_memory_gb: float = 2.0  # decoded pixels kept in memory (see PixelStore); past it they wait in a file in the run folder
     label_smoothing: float = 0.1  # of the training loss only: val loss, which picks among tied epochs, stays plain
     budget: float | None = None  # seconds: epochs per stage chosen to fit them (thaw.train.budget)
     ema: bool = True  # stages that train pretrained layers are measured and delivered as a moving average of their weights

@@ -24,6 +24,7 @@ from tqdm import tqdm
 from torch.utils.data import Dataset
 
 from thaw.data.loaders import Batch, make_loader, seeded_order
+from thaw.data.pixel_store import SPILL_SUFFIX
 from thaw.distributed import SINGLE, Processes, collective_device
 from thaw.models.adapter import ModelAdapter
 from thaw.plan.freeze import batchnorm_layers, is_eval_locked
@@ -105,7 +106,7 @@ class FeatureSet:
 def remove_spill_files(folder: Path) -> None:
     """Delete spill files a killed run left behind, and the folder once empty."""
     if folder.is_dir():
-        for path in folder.glob("*.npy"):
+        for path in (*folder.glob("*.npy"), *folder.glob(f"*{SPILL_SUFFIX}")):  # features, decoded pixels
             path.unlink(missing_ok=True)
         remove_if_empty(folder)
 

@@ -19,14 +19,16 @@ from typing import Callable
 import numpy as np
 import torch
 from torch import nn
+from torch.utils.data import DataLoader
 
 from thaw import distributed
 from thaw._io import check_writable
 from thaw.data.folders import ImageData, describe_skipped
-from thaw.data.loaders import DecodedImages, ImageDataset, configure_threads, default_workers, make_loader
+from thaw.data.loaders import ImageDataset, configure_threads, cores_per_process, default_workers, make_loader, next_epoch, stop_workers
+from thaw.data.pixel_store import SPILL_SUFFIX, PixelStore
 from thaw.data.text import TextData, TextDataset
 from thaw.data.transforms import eval_transform, train_transform
-from thaw.distributed import Processes
+from thaw.distributed import Processes, shard
 from thaw.errors import ThawError
 from thaw.models.adapter import ModelAdapter, Preprocessing
 from thaw.plan import Plan, enter_stage, plan_to_dict
@@ -70,6 +72,8 @@ class RunResult:
     engine: Engine
     plan: Plan  # as run: with --budget, the epochs it chose
     budget: dict | None = None  # with --budget: the split it planned, and where it ended the run early
+    cache_s: float = 0.0  # seconds spent computing frozen features (the head phase's one pass)
+    decode_s: float = 0.0  # seconds spent decoding every image once, before the first epoch
 
 
 EpochCallback = Callable[[RunState], None]
@@ -168,13 +172,22 @@ class Trainer:
         self.preprocessing = effective_preprocessing(adapter, config)
         self.workers = default_workers() if config.workers is None else config.workers
         configure_threads(self.workers)
-        self.decoded = DecodedImages(int(config.decoded_memory_gb * 2**30))
+        self.store: PixelStore | None = None  # every image decoded once, for every epoch and view (filled when the run starts)
+        if isinstance(data, ImageData):
+            spill = out / CACHE_FOLDER / f"pixels-rank{processes.rank}{SPILL_SUFFIX}"
+            budget = int(config.decoded_memory_gb * 2**30)
+            self.store = PixelStore(self.preprocessing.resize_size, budget, spill)
         self.text_sets: dict[str, TextDataset] = {}
         self.train_set = self.dataset("train" if config.augment else "train-eval")
+        self.persistent_train_loader: DataLoader | None = None  # see epoch_loader()
+        self.pin = self.engine.device.type == "cuda"  # page-locked batches: the copy to the GPU overlaps compute
         self.val_loader = make_loader(
-            self.dataset("val"), batch_size=config.batch_size, shuffle=False, seed=config.seed, workers=self.workers, processes=processes
+            self.dataset("val"), batch_size=config.batch_size, shuffle=False, seed=config.seed, workers=self.workers, processes=processes,
+            pin_memory=self.pin, persistent=True,  # the same fixed order every epoch; its workers live for the run
         )
         self.cached: CachedStage | None = None
+        self.cache_seconds = 0.0  # building feature caches, over the run (benchmarks/throughput.py reads it)
+        self.decode_seconds = 0.0  # decoding every image once into the pixel store
         self.budget_split: Split | None = None  # with --budget: the epochs chosen and the time expected per part
         self.deadline: float | None = None  # with --budget: no epoch starts that would end after it
         self.budget_ended: str | None = None  # where the budget ended the run before its plan did
@@ -208,7 +221,7 @@ class Trainer:
         augmented = kind == "train"
         transform = train_transform(self.preprocessing) if augmented else eval_transform(self.preprocessing)
         samples = self.data.val if kind == "val" else self.data.train
-        return ImageDataset(samples, transform, 2 * self.preprocessing.resize_size, self.decoded)
+        return ImageDataset(samples, transform, 2 * self.preprocessing.resize_size, self.store)
 
     def stage_cache(self, stage_index: int) -> CachedStage | None:
         """The cached features this stage trains on, computed when missing; None when not exact here."""
@@ -231,8 +244,27 @@ class Trainer:
             counts = f"{len(self.cached.train_views[0].labels)} train x {max(1, views)} view(s), {len(self.cached.val.labels)} val"
             if self.processes.distributed:
                 counts += f" on rank 0 of {self.processes.world}, each rank caching its shard"
-            self._say(f"stage {self.plan.stages[stage_index].name!r}: frozen features cached once ({counts}) in {time.perf_counter() - started:.1f} s")
+            took = time.perf_counter() - started
+            self.cache_seconds += took
+            self._say(f"stage {self.plan.stages[stage_index].name!r}: frozen features cached once ({counts}) in {took:.1f} s")
         return self.cached
+
+    def fill_store(self) -> None:
+        """Decode every train image and this rank's val images once, before the first epoch: later epochs,
+        views and workers read pixels. Decoding uses every core of this process's share (it is all there is to do)."""
+        if self.store is None:
+            return
+        started = time.perf_counter()
+        val = [self.data.val[index] for index in shard(len(self.data.val), self.processes, pad=False)]
+        paths = [path for path, _ in self.data.train + tuple(val)]
+        decoders = cores_per_process() if cores_per_process() > 1 else 0
+        if not self.store.fill(paths, decoders, should_stop=lambda: self.stop_requested):
+            raise KeyboardInterrupt  # Ctrl-C before the first step: nothing to save yet
+        self.decode_seconds = time.perf_counter() - started
+        where = f"{self.store.used / 2**20:.0f} MB in memory"
+        if self.store.spilled:
+            where += f", {self.store.spilled / 2**20:.0f} MB on disk past the {self.config.decoded_memory_gb:g} GB budget"
+        self._say(f"decoded {len(paths)} images once ({where}) in {self.decode_seconds:.1f} s")
 
     def release_cache(self) -> None:
         """Drop the cached features, give their memory back to the run's budget and delete their spill files."""
@@ -325,6 +357,15 @@ class Trainer:
         tracker.restore(point["tracker"])
         return point["batch"], tracker
 
+    def epoch_loader(self, seed: int, skip_batches: int) -> DataLoader:
+        """This epoch's training batches. Images: one loader for the run, so its worker processes live on."""
+        options = {"batch_size": self.config.batch_size, "workers": self.workers, "processes": self.processes, "pin_memory": self.pin}
+        if isinstance(self.train_set, TextDataset):  # tokenised up front and batched by length, in this process
+            return make_loader(self.train_set, shuffle=True, seed=seed, skip_batches=skip_batches, **options)
+        if self.persistent_train_loader is None:
+            self.persistent_train_loader = make_loader(self.train_set, shuffle=True, seed=seed, persistent=True, **options)
+        return next_epoch(self.persistent_train_loader, seed, skip_batches, self.processes)
+
     def run_epoch(self, stage_index: int, schedule: StageSchedule, cached: CachedStage | None) -> dict:
         stage, state, classes = self.plan.stages[stage_index], self.state, len(self.data.classes)
         seed = _seed_epoch(self.config.seed, stage_index, state.epoch, self.processes.rank)
@@ -333,10 +374,7 @@ class Trainer:
         first_step = state.epoch * schedule.steps_per_epoch + done // schedule.accumulate
         options = {"tracker": tracker, "should_stop": lambda: self.stop_requested}
         if cached is None:
-            loader = make_loader(
-                self.train_set, batch_size=self.config.batch_size, shuffle=True, seed=seed, workers=self.workers, skip_batches=done,
-                processes=self.processes,
-            )
+            loader = self.epoch_loader(seed, done)
             train = train_one_epoch(self.model, loader, self.optimizer, self.engine, schedule, first_step, label, classes, forward=self.wrapped, **options)
         else:
             dtype = torch.bfloat16 if self.engine.bf16 else torch.float32  # what the live network would hand the head
@@ -586,6 +624,11 @@ class Trainer:
             return self._fit(resume, callbacks)
         finally:
             self.release_cache()
+            stop_workers(self.persistent_train_loader, self.val_loader)  # a traceback may still hold the loaders
+            self.persistent_train_loader = None
+            if self.store is not None:
+                self.store.release()
+                remove_if_empty(self.out / CACHE_FOLDER)
             if in_main_thread:
                 signal.signal(signal.SIGINT, previous)
 
@@ -599,6 +642,7 @@ class Trainer:
             self.restore()
         elif resume:
             self._say(f"no checkpoint in {self.out} yet: starting the run from the beginning")
+        self.fill_store()
         if self.config.budget is not None:
             if not self.restored:  # a resumed run keeps the epochs its budget chose, and gets the budget again
                 self.plan_budget()
@@ -625,7 +669,7 @@ class Trainer:
         if self.config.budget is not None:
             planned = self.budget_split.to_dict() if self.budget_split else {"seconds": self.config.budget}
             budget = planned | {"ended_early": self.budget_ended}
-        return RunResult(self.out, self.state.best, self.state.history, wall, rate, skipped, self.engine, self.plan, budget)
+        return RunResult(self.out, self.state.best, self.state.history, wall, rate, skipped, self.engine, self.plan, budget, self.cache_seconds, self.decode_seconds)
 
 
 def fit(
