@@ -25,25 +25,26 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import psutil
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import HYMENOPTERA, offline_torch_home, scratch  # noqa: E402
+from _common import (
+    HYMENOPTERA,
+    QUICK_IMAGES_PER_CLASS,
+    markdown,
+    offline_torch_home,
+    run_with_peak_rss,
+    scratch,
+    shrunk_copy,
+)
 
 BASELINES = ("seed", "hand-opt", "fastai")
 WORKER_CHOICES = (0, 2)
 BATCH = 32  # thaw's default batch size, used by every row
-SAMPLE_EVERY_S = 0.05  # RSS of each known process
-SCAN_EVERY_S = 0.5  # finding new child processes reads every /proc entry (about 8 ms on a small VM)
-QUICK_IMAGES_PER_CLASS = 16  # per split: --quick trains on 32 images and validates on 32
 
 
 @dataclass(frozen=True)
@@ -188,7 +189,14 @@ def fastai_row(setup: Setup, workers: int) -> dict:
     try:
         from fastai.callback.core import Callback
         from fastai.vision.all import (
-            ImageDataLoaders, RandomResizedCrop, accuracy, default_split, imagenet_stats, model_meta, set_seed, vision_learner,
+            ImageDataLoaders,
+            RandomResizedCrop,
+            accuracy,
+            default_split,
+            imagenet_stats,
+            model_meta,
+            set_seed,
+            vision_learner,
         )
     except ImportError:
         return {"missing": "fastai is not installed (pip install 'thaw[bench]')"}
@@ -267,49 +275,12 @@ def run_row(name: str, setup: Setup, workers: int | None) -> dict:
     return rows[name](setup, workers)
 
 
-def tree_rss(tree: list[psutil.Process]) -> int:
-    total = 0
-    for process in tree:
-        try:
-            total += process.memory_info().rss
-        except (psutil.NoSuchProcess, psutil.ZombieProcess, psutil.AccessDenied):
-            pass  # a worker that ended between two scans
-    return total
-
-
 def run_measured(name: str, setup: Setup, workers: int | None) -> dict:
     """Run one row in a fresh process; its peak memory is the largest RSS sum over its process tree."""
     command = [sys.executable, __file__, "--row", name, "--data", str(setup.data), "--head-epochs", str(setup.head_epochs),
                "--full-epochs", str(setup.full_epochs)] + ([] if workers is None else ["--workers", str(workers)])
-    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
-        process = psutil.Popen(command, stdout=out, stderr=err, text=True)
-        tree, peak, next_scan = [process], 0, 0.0
-        while process.poll() is None:
-            if time.monotonic() >= next_scan:
-                try:
-                    tree = [process, *process.children(recursive=True)]
-                except psutil.NoSuchProcess:
-                    break
-                next_scan = time.monotonic() + SCAN_EVERY_S
-            peak = max(peak, tree_rss(tree))
-            time.sleep(SAMPLE_EVERY_S)
-        out.seek(0)
-        err.seek(0)
-        if process.wait() != 0:
-            raise SystemExit(f"row {name} (workers {workers}) failed:\n{err.read()[-3000:]}")
-        result = json.loads(out.read().strip().splitlines()[-1])
+    result, peak = run_with_peak_rss(command)
     return {"row": name} | result | {"peak_mb": peak / 2**20}
-
-
-def quick_subset(source: Path) -> Path:
-    """The first images of every class in train and val, copied: every row reads the same small folder."""
-    target = scratch("quick-data")
-    for split in ("train", "val"):
-        for class_dir in sorted(p for p in (source / split).iterdir() if p.is_dir()):
-            (target / split / class_dir.name).mkdir(parents=True)
-            for image in sorted(p for p in class_dir.iterdir() if p.is_file())[:QUICK_IMAGES_PER_CLASS]:
-                shutil.copy2(image, target / split / class_dir.name / image.name)
-    return target
 
 
 def run_all(setup: Setup) -> dict:
@@ -335,11 +306,6 @@ def two_phase_s(run: dict) -> float:
 
 def fastest(tries: list[dict]) -> dict:
     return tries[0] if "missing" in tries[0] else min(tries, key=two_phase_s)
-
-
-def markdown(rows: list[list[str]], header: list[str]) -> str:
-    lines = [header, ["---"] * len(header), *rows]
-    return "\n".join("| " + " | ".join(cells) + " |" for cells in lines)
 
 
 def training_cells(run: dict, full_epochs: int) -> list[str]:
@@ -438,7 +404,7 @@ def main() -> None:
         setup = Setup(args.data, args.head_epochs, args.full_epochs)
         print(json.dumps({"workers": args.workers} | run_row(args.row, setup, args.workers)))
         return
-    setup = Setup(quick_subset(HYMENOPTERA), 1, 1) if args.quick else Setup(HYMENOPTERA, args.head_epochs, args.full_epochs)
+    setup = Setup(shrunk_copy(HYMENOPTERA, QUICK_IMAGES_PER_CLASS), 1, 1) if args.quick else Setup(HYMENOPTERA, args.head_epochs, args.full_epochs)
     runs = run_all(setup)
     print()
     print(table(runs, setup))
