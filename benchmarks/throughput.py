@@ -152,7 +152,7 @@ ROWS = {"limit": limit_row, "full": full_row, "cache": cache_row}
 def measured(row: str, name: str, data: Path, model: str, args: argparse.Namespace) -> dict:
     """One row in a process of its own, with its peak memory (workers included)."""
     command = [sys.executable, __file__, "--row", row, "--data", str(data), "--models", model, "--weights", args.weights,
-               "--batch", str(args.batch), "--epochs", str(args.epochs), "--device", args.device, "--size", str(args.size)]
+               "--batch", str(args.batch), "--epochs", str(args.epochs), "--device", args.device]
     command += [] if args.workers is None else ["--workers", str(args.workers)]
     result, peak = run_with_peak_rss(command, proportional=True)  # forked workers share the parent's pages
     return {"row": row, "data": name, "model": model} | result | {"peak_mb": peak / 2**20}
@@ -184,7 +184,6 @@ def parse() -> argparse.Namespace:
     parser.add_argument("--weights", default="IMAGENET1K_V1", help="weights for every model (none is fine for throughput)")
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--epochs", type=int, default=2, help="full-phase epochs; the first is reported apart")
-    parser.add_argument("--size", type=int, default=224, help="the limit's input size (the weights' crop size)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--workers", type=int, default=None, help="default: thaw's choice (0 below 4 cores)")
     parser.add_argument("--quick", action="store_true", help="a few images per class: does every row run?")

@@ -57,12 +57,17 @@ def test_a_fixed_order_with_a_view_seed_repeats_and_views_differ(augmented: Imag
 
 
 def test_a_persistent_loader_gives_each_epoch_what_a_fresh_loader_gives(augmented: ImageDataset) -> None:
-    """The run keeps one training loader (its workers live on); each epoch and a mid-epoch resume see the same batches."""
+    """The run keeps one training loader: the same worker processes every epoch, and each epoch (and a mid-epoch
+    resume) sees the batches a fresh loader gives."""
     kept = make_loader(augmented, batch_size=4, shuffle=True, seed=1, workers=2, persistent=True)
+    workers = []
     try:
         for seed, skip in ((7, 0), (8, 0), (7, 2)):
             batches = torch.cat([batch.images for batch in next_epoch(kept, seed, skip)])
             assert torch.equal(batches, epoch(augmented, workers=0, seed=seed, skip_batches=skip))
+            workers.append([process.pid for process in kept._iterator._workers])  # where DataLoader keeps them
+        processes = kept._iterator._workers
     finally:
         stop_workers(kept)
-    assert kept._iterator is None
+    assert workers[0] == workers[1] == workers[2] and len(workers[0]) == 2
+    assert not any(process.is_alive() for process in processes)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import importlib
+import os
+import signal
 from pathlib import Path
 
 import numpy as np
@@ -178,6 +180,17 @@ def test_a_run_decodes_each_image_once_and_deletes_its_spill_file(tmp_path: Path
     assert not (tmp_path / "run" / "feature-cache").exists()
 
 
+def test_a_run_that_reads_each_image_once_keeps_no_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Feature extraction caches the evaluation view once: each file is decoded once, with no pixels kept or spilled."""
+    data = colours(tmp_path / "data")
+    decoded, seen = count_decodes(monkeypatch), []
+    config = TrainConfig(image_size=32, batch_size=8, quiet=True, workers=0, decoded_memory_gb=0.0)
+    result = train_images(data, model="mobilenet_v3_small", weights=None, plan=Plan((PLAN.stages[0],)), config=config,
+                          out=tmp_path / "run", callbacks=[spill_seen(tmp_path / "run", seen)])
+    assert sorted(decoded) == sorted(data.rglob("*.png"))
+    assert seen == [False] and result.decode_s == 0.0
+
+
 @pytest.mark.parametrize("workers", [0, 2])
 def test_the_memory_budget_never_changes_the_trained_weights(tmp_path: Path, workers: int) -> None:
     data = colours(tmp_path / "data")
@@ -193,3 +206,22 @@ def test_a_crashed_run_leaves_no_spill_file(tmp_path: Path) -> None:
     with pytest.raises(Crash):
         train(data, tmp_path / "run", [crash_after(2)], decoded_memory_gb=0.0, workers=0)
     assert not (tmp_path / "run" / SPILL).exists()
+
+
+def test_ctrl_c_while_decoding_stops_at_once_and_says_there_is_nothing_to_resume(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    data = colours(tmp_path / "data")
+    monkeypatch.setattr(fit, "cores_per_process", lambda: 1)  # decode in this process, where Ctrl-C lands
+    decoded: list[Path] = []
+
+    def interrupted(path: Path, draft_size: int | None = None):
+        decoded.append(path)
+        if len(decoded) == 1:
+            os.kill(os.getpid(), signal.SIGINT)  # what Ctrl-C does; the run's handler takes it
+        return load_rgb(path, draft_size)
+
+    monkeypatch.setattr(pixel_store, "load_rgb", interrupted)
+    with pytest.raises(fit.RunInterrupted, match="before training began: nothing to resume"):
+        train(data, tmp_path / "run", workers=0)
+    assert len(decoded) < 5 and not (tmp_path / "run" / "checkpoint.pt").exists()

@@ -46,7 +46,8 @@ class ImageDataset(Dataset):
         index, seed = key if isinstance(key, tuple) else (key, None)
         path, label = self.samples[index]
         try:
-            image = self.store.image(path) if self.store is not None else load_rgb(path, self.draft_size)
+            # Not in the store when the run reads each image once (it is not filled): the file gives the same pixels.
+            image = self.store.image(path) if self.store is not None and path in self.store else load_rgb(path, self.draft_size)
         except UnreadableImage as reason:
             return None, label, (str(path), str(reason))
         if seed is None:

@@ -120,7 +120,8 @@ class PixelStore:
             pixels = np.empty(shape, dtype=np.uint8)
             reader = self._spill_reader()
             reader.seek(offset)
-            reader.readinto(memoryview(pixels).cast("B"))
+            if reader.readinto(memoryview(pixels).cast("B")) != pixels.nbytes:  # never train on uninitialised memory
+                raise ThawError(f"{self.spill_path} lost decoded images while the run trained; do not delete it until the run ends")
             return torch.from_numpy(pixels)
         if path in self.unreadable:
             raise UnreadableImage(self.unreadable[path])

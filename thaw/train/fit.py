@@ -81,7 +81,7 @@ StepHook = Callable[[torch.optim.Optimizer, int, float], None]  # (optimizer, st
 
 
 class RunInterrupted(Exception):
-    """Ctrl-C: the current step finished and a resumable checkpoint was written."""
+    """Ctrl-C: the run stopped where it safely could; the message says whether there is a checkpoint to resume."""
 
 
 def resolve_device(device: str) -> torch.device:
@@ -250,21 +250,29 @@ class Trainer:
         return self.cached
 
     def fill_store(self) -> None:
-        """Decode every train image and this rank's val images once, before the first epoch: later epochs,
-        views and workers read pixels. Decoding uses every core of this process's share (it is all there is to do)."""
-        if self.store is None:
-            return
+        """Decode every train image and this rank's val images once, before the first epoch, where some image
+        would otherwise be decoded more than once: later epochs, views and workers read pixels. Decoding uses
+        every core of this process's share (it is all there is to do), or --workers processes where given."""
+        if self.store is None or not self.reads_images_again():
+            return  # the one pass (a cached head stage) decodes each file itself: the same pixels, no store to hold
         started = time.perf_counter()
         val = [self.data.val[index] for index in shard(len(self.data.val), self.processes, pad=False)]
         paths = [path for path, _ in self.data.train + tuple(val)]
-        decoders = cores_per_process() if cores_per_process() > 1 else 0
+        decoders = self.config.workers if self.config.workers is not None else (cores_per_process() if cores_per_process() > 1 else 0)
         if not self.store.fill(paths, decoders, should_stop=lambda: self.stop_requested):
-            raise KeyboardInterrupt  # Ctrl-C before the first step: nothing to save yet
+            raise RunInterrupted("interrupted while decoding images, before training began: nothing to resume; run the same command again")
         self.decode_seconds = time.perf_counter() - started
         where = f"{self.store.used / 2**20:.0f} MB in memory"
         if self.store.spilled:
             where += f", {self.store.spilled / 2**20:.0f} MB on disk past the {self.config.decoded_memory_gb:g} GB budget"
         self._say(f"decoded {len(paths)} images once ({where}) in {self.decode_seconds:.1f} s")
+
+    def reads_images_again(self) -> bool:
+        """Whether the rest of the run reads some image more than once: a stage that runs the network on images
+        every epoch, several cached views, or a BatchNorm adapt pass besides the cache's."""
+        remaining = self.plan.stages[self.state.stage :]
+        kinds = [self._predicted_kind(stage) for stage in remaining]
+        return FULL in kinds or self.views > 1 or any(stage.batchnorm == "adapt" for stage in remaining)
 
     def release_cache(self) -> None:
         """Drop the cached features, give their memory back to the run's budget and delete their spill files."""
@@ -623,14 +631,16 @@ class Trainer:
         try:
             return self._fit(resume, callbacks)
         finally:
-            self.release_cache()
-            stop_workers(self.persistent_train_loader, self.val_loader)  # a traceback may still hold the loaders
-            self.persistent_train_loader = None
-            if self.store is not None:
-                self.store.release()
-                remove_if_empty(self.out / CACHE_FOLDER)
-            if in_main_thread:
-                signal.signal(signal.SIGINT, previous)
+            try:
+                self.release_cache()
+            finally:  # whatever failed above, workers end, pixels go and Ctrl-C is the caller's again
+                stop_workers(self.persistent_train_loader, self.val_loader)  # a traceback may still hold the loaders
+                self.persistent_train_loader = None
+                if self.store is not None:
+                    self.store.release()
+                    remove_if_empty(self.out / CACHE_FOLDER)
+                if in_main_thread:
+                    signal.signal(signal.SIGINT, previous)
 
     def _fit(self, resume: bool, callbacks: list[EpochCallback]) -> RunResult:
         started = time.perf_counter()
