@@ -16,7 +16,6 @@ SHARED_DATA = ROOT.parent / "shared" / "data"
 HYMENOPTERA = SHARED_DATA / "hymenoptera_data"
 SAMPLE_EVERY_S = 0.05  # RSS of each known process
 PSS_EVERY_S = 0.5  # PSS walks the page tables (milliseconds for a few GB): sampled less often, so rows run undisturbed
-QUICK_IMAGES_PER_CLASS = 16  # speed.py --quick: 32 train and 32 val images of hymenoptera
 SCAN_EVERY_S = 0.5  # finding new child processes reads every /proc entry (about 8 ms on a small VM)
 
 

@@ -49,7 +49,7 @@ def photos(folder: Path) -> list[Path]:
 
 
 def filled(paths: list[Path], tmp_path: Path, budget: int = 2**30, workers: int = 0) -> PixelStore:
-    store = PixelStore(PRE.resize_size, budget, tmp_path / "spill" / "pixels.u8")
+    store = PixelStore(2 * PRE.resize_size, budget, tmp_path / "spill" / "pixels.u8")
     assert store.fill(paths, workers)
     return store
 
@@ -96,7 +96,7 @@ def test_decoding_workers_store_the_same_pixels(tmp_path: Path) -> None:
 
 def test_a_fill_asked_to_stop_stops_and_keeps_what_it_decoded(tmp_path: Path) -> None:
     paths = photos(tmp_path / "images")
-    store = PixelStore(PRE.resize_size, 2**30, tmp_path / "pixels.u8")
+    store = PixelStore(2 * PRE.resize_size, 2**30, tmp_path / "pixels.u8")
     decoded: list[int] = []
     assert not store.fill(paths, 0, should_stop=lambda: decoded.append(1) or len(decoded) > 2)
     assert len(store.in_memory) == 2

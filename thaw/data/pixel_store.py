@@ -27,9 +27,9 @@ from thaw.errors import ThawError
 SPILL_SUFFIX = ".u8"  # the part of a store past its memory budget, in the run folder while the run trains
 
 
-def decode_at(path: Path, short_side: int) -> np.ndarray:
-    """HxWx3 uint8: what the datasets decode from the file (JPEGs at reduced scale, at least twice `short_side`)."""
-    return np.array(load_rgb(path, 2 * short_side), dtype=np.uint8)  # a writable copy: torch shares it without a warning
+def decode_at(path: Path, draft_size: int | None) -> np.ndarray:
+    """HxWx3 uint8: what the datasets decode from the file, with the same `draft_size` (JPEGs at reduced scale)."""
+    return np.array(load_rgb(path, draft_size), dtype=np.uint8)  # a writable copy: torch shares it without a warning
 
 
 def ignore_interrupts(_worker: int) -> None:
@@ -41,15 +41,15 @@ def ignore_interrupts(_worker: int) -> None:
 class _Decoder(Dataset):
     """Decodes one file per item, in worker processes where the machine has cores to spare."""
 
-    def __init__(self, paths: Sequence[Path], short_side: int) -> None:
-        self.paths, self.short_side = paths, short_side
+    def __init__(self, paths: Sequence[Path], draft_size: int | None) -> None:
+        self.paths, self.draft_size = paths, draft_size
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, index: int) -> tuple[int, np.ndarray | None, str | None]:
         try:
-            return index, decode_at(self.paths[index], self.short_side), None
+            return index, decode_at(self.paths[index], self.draft_size), None
         except UnreadableImage as reason:
             return index, None, str(reason)
 
@@ -62,8 +62,8 @@ def _as_is(item: tuple) -> tuple:
 class PixelStore:
     """Decoded pixels by path: in memory up to `budget_bytes`, the rest in a spill file read back per image."""
 
-    def __init__(self, short_side: int, budget_bytes: int, spill_path: Path) -> None:
-        self.short_side = short_side  # the evaluation resize: JPEGs decode at no less than twice it
+    def __init__(self, draft_size: int | None, budget_bytes: int, spill_path: Path) -> None:
+        self.draft_size = draft_size  # the datasets' own: stored pixels are what they would decode
         self.budget, self.used, self.spilled = budget_bytes, 0, 0  # bytes in memory, bytes in the spill file
         self.in_memory: dict[Path, torch.Tensor] = {}
         self.on_disk: dict[Path, tuple[int, tuple[int, int, int]]] = {}  # offset and HxWx3 shape in the spill file
@@ -75,7 +75,7 @@ class PixelStore:
         """Decode every path not yet stored, each exactly once, in `workers` processes (in order).
         Returns False when `should_stop` turned true first (what was decoded stays)."""
         missing = [path for path in dict.fromkeys(paths) if path not in self]
-        decoder = _Decoder(missing, self.short_side)
+        decoder = _Decoder(missing, self.draft_size)
         loader = DataLoader(decoder, batch_size=None, num_workers=workers if missing else 0, collate_fn=_as_is,
                             worker_init_fn=ignore_interrupts)
         for index, pixels, reason in loader:

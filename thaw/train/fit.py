@@ -170,13 +170,14 @@ class Trainer:
         if self.engine.channels_last:
             self.model.to(memory_format=torch.channels_last)
         self.preprocessing = effective_preprocessing(adapter, config)
+        self.draft_size = 2 * self.preprocessing.resize_size  # JPEGs decode at reduced scale, no smaller than this
         self.workers = default_workers() if config.workers is None else config.workers
         configure_threads(self.workers)
         self.store: PixelStore | None = None  # every image decoded once, for every epoch and view (filled when the run starts)
         if isinstance(data, ImageData):
             spill = out / CACHE_FOLDER / f"pixels-rank{processes.rank}{SPILL_SUFFIX}"
             budget = int(config.decoded_memory_gb * 2**30)
-            self.store = PixelStore(self.preprocessing.resize_size, budget, spill)
+            self.store = PixelStore(self.draft_size, budget, spill)
         self.text_sets: dict[str, TextDataset] = {}
         self.train_set = self.dataset("train" if config.augment else "train-eval")
         self.persistent_train_loader: DataLoader | None = None  # see epoch_loader()
@@ -221,7 +222,7 @@ class Trainer:
         augmented = kind == "train"
         transform = train_transform(self.preprocessing) if augmented else eval_transform(self.preprocessing)
         samples = self.data.val if kind == "val" else self.data.train
-        return ImageDataset(samples, transform, 2 * self.preprocessing.resize_size, self.store)
+        return ImageDataset(samples, transform, self.draft_size, self.store)
 
     def stage_cache(self, stage_index: int) -> CachedStage | None:
         """The cached features this stage trains on, computed when missing; None when not exact here."""
