@@ -54,7 +54,7 @@ class ImageDataset(Dataset):
             return self.transform(image), label, None
         with torch.random.fork_rng(devices=[]):  # the caller's random stream (dropout, say) is left as it was
             # The CPU generator only: torch.manual_seed would also reseed every GPU's generator (the run's dropout
-            # stream there) and, with CUDA not started, capture a stack trace per call, 2 ms a sample.
+            # stream there) and, with CUDA not started, capture a Python stack trace on every call.
             torch.default_generator.manual_seed(seed)
             return self.transform(image), label, None
 
