@@ -170,11 +170,12 @@ class Trainer:
         if self.engine.channels_last:
             self.model.to(memory_format=torch.channels_last)
         self.preprocessing = effective_preprocessing(adapter, config)
-        self.draft_size = 2 * self.preprocessing.resize_size  # JPEGs decode at reduced scale, no smaller than this
+        self.draft_size = 0  # images only: JPEGs decode at reduced scale, no smaller than this
         self.workers = default_workers() if config.workers is None else config.workers
         configure_threads(self.workers)
         self.store: PixelStore | None = None  # every image decoded once, for every epoch and view (filled when the run starts)
         if isinstance(data, ImageData):
+            self.draft_size = 2 * self.preprocessing.resize_size
             spill = out / CACHE_FOLDER / f"pixels-rank{processes.rank}{SPILL_SUFFIX}"
             budget = int(config.decoded_memory_gb * 2**30)
             self.store = PixelStore(self.draft_size, budget, spill)
