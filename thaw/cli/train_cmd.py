@@ -92,6 +92,11 @@ def add_training_options(parser: argparse.ArgumentParser) -> None:
         "--early-stopping", type=positive_int, metavar="EPOCHS", help="end a stage after this many epochs without improvement"
     )
     group.add_argument("--no-augment", dest="augment", action="store_false")
+    group.add_argument(
+        "--progressive-resize", type=share, metavar="SHARE",
+        help="stages that run the whole network train their first epoch on crops this share of the image size, "
+        "growing to the full size by their last epoch (fastai's progressive resizing; less compute per early epoch)",
+    )
     group.add_argument("--image-size", type=positive_int, help="override the weights' input size")
     group.add_argument("--strict", action="store_true", help="fail on unreadable files instead of skipping them")
     group.add_argument("--device", default="auto")

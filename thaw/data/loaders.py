@@ -31,19 +31,23 @@ class ImageDataset(Dataset):
     """Labelled images through `transform`: decoded from their files, or read from a run's PixelStore."""
 
     def __init__(
-        self, samples: tuple[Sample, ...], transform: Callable, draft_size: int | None = None, store: PixelStore | None = None
+        self, samples: tuple[Sample, ...], transform: Callable, draft_size: int | None = None, store: PixelStore | None = None,
+        transform_at: Callable[[int], Callable] | None = None,
     ) -> None:
         self.samples = samples
         self.transform = transform
         self.draft_size = draft_size
         self.store = store
+        self.transform_at = transform_at  # the transform for another crop size (progressive resizing), where it has one
+        self.sized: dict[int, Callable] = {}
 
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor | None, int, tuple[str, str] | None]:
-        """`key` is an index, or (index, augmentation seed) from AugmentationSeeds."""
-        index, seed = key if isinstance(key, tuple) else (key, None)
+    def __getitem__(self, key: int | tuple[int, int] | tuple[int, int, int]) -> tuple[torch.Tensor | None, int, tuple[str, str] | None]:
+        """`key` is an index, or (index, augmentation seed) or (index, seed, crop size) from AugmentationSeeds."""
+        index, seed, size = (key + (None,))[:3] if isinstance(key, tuple) else (key, None, None)
+        transform = self.transform if size is None else self._transform_at(size)
         path, label = self.samples[index]
         try:
             # Not in the store when the run reads each image once (it is not filled): the file gives the same pixels.
@@ -51,12 +55,19 @@ class ImageDataset(Dataset):
         except UnreadableImage as reason:
             return None, label, (str(path), str(reason))
         if seed is None:
-            return self.transform(image), label, None
+            return transform(image), label, None
         with torch.random.fork_rng(devices=[]):  # the caller's random stream (dropout, say) is left as it was
             # The CPU generator only: torch.manual_seed would also reseed every GPU's generator (the run's dropout
             # stream there) and, with CUDA not started, capture a Python stack trace on every call.
             torch.default_generator.manual_seed(seed)
-            return self.transform(image), label, None
+            return transform(image), label, None
+
+    def _transform_at(self, size: int) -> Callable:
+        if self.transform_at is None:
+            raise ValueError("this dataset has one crop size: make it with transform_at to ask for others")
+        if size not in self.sized:
+            self.sized[size] = self.transform_at(size)
+        return self.sized[size]
 
 
 def collate(items: list[tuple[torch.Tensor | None, int, tuple[str, str] | None]]) -> Batch:
@@ -107,33 +118,37 @@ def sample_seed(seed: int, index: int) -> int:
     return (seed * 1_000_003 + index * 7_919) % 2**62
 
 
-class AugmentationSeeds(Sampler[tuple[int, int]]):
-    """Pairs every index with its own augmentation seed.
+class AugmentationSeeds(Sampler[tuple]):
+    """Pairs every index with its own augmentation seed (and the epoch's crop size, where it is not the dataset's).
 
     A sample's random crop then depends only on (seed, index), not on which
     worker process decodes it, how many came before it there, or which rank
     holds it: a run resumed mid-epoch, or run with another number of workers,
-    sees the same augmented images.
+    sees the same augmented images. The crop size travels with the index because
+    persistent workers hold their own copy of the dataset, made when they started.
     """
 
-    def __init__(self, indices: Sampler[int] | list[int], seed: int) -> None:
-        self.indices, self.seed = indices, seed
+    def __init__(self, indices: Sampler[int] | list[int], seed: int, size: int | None = None) -> None:
+        self.indices, self.seed, self.size = indices, seed, size
 
     def __len__(self) -> int:
         return len(self.indices)
 
-    def __iter__(self) -> Iterator[tuple[int, int]]:
-        return ((index, sample_seed(self.seed, index)) for index in self.indices)
+    def __iter__(self) -> Iterator[tuple]:
+        if self.size is None:
+            return ((index, sample_seed(self.seed, index)) for index in self.indices)
+        return ((index, sample_seed(self.seed, index), self.size) for index in self.indices)
 
 
 def _sampler(
-    count: int, shuffle: bool, seed: int, skip: int, processes: Processes, augment_seed: int | None
+    count: int, shuffle: bool, seed: int, skip: int, processes: Processes, augment_seed: int | None, size: int | None = None
 ) -> Sampler | list[int] | range:
     """Single process: the seeded order (or none). Several: this rank's shard of it (evaluation: exact, unpadded).
-    Shuffled orders carry per-sample augmentation seeds from the epoch's seed; fixed orders from `augment_seed`."""
+    Shuffled orders carry per-sample augmentation seeds from the epoch's seed (and `size`, a crop size other than
+    the dataset's); fixed orders from `augment_seed`."""
     if shuffle:
         order = ShardedPermutation(count, seed, processes, skip) if processes.distributed else SeededPermutation(count, seed, skip)
-        return AugmentationSeeds(order, seed)
+        return AugmentationSeeds(order, seed, size)
     order = shard(count, processes, pad=False) if processes.distributed else range(count)
     return order if augment_seed is None else AugmentationSeeds(order, augment_seed)
 
@@ -151,9 +166,12 @@ class EpochOrder(Sampler):
         return iter(self.order)
 
 
-def next_epoch(loader: DataLoader, seed: int, skip_batches: int = 0, processes: Processes = SINGLE) -> DataLoader:
-    """`loader` (from make_loader(persistent=True), shuffled) set to the epoch of `seed`, its first batches skipped."""
-    order = _sampler(len(loader.dataset), True, seed, skip_batches * loader.batch_size, processes, None)
+def next_epoch(
+    loader: DataLoader, seed: int, skip_batches: int = 0, processes: Processes = SINGLE, size: int | None = None
+) -> DataLoader:
+    """`loader` (from make_loader(persistent=True), shuffled) set to the epoch of `seed`, its first batches skipped,
+    its crops `size` px where given (the dataset must have transform_at)."""
+    order = _sampler(len(loader.dataset), True, seed, skip_batches * loader.batch_size, processes, None, size)
     loader.sampler.order = order
     return loader
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import v2
@@ -41,3 +43,8 @@ def train_transform(preprocessing: Preprocessing) -> v2.Compose:
             *_to_normalised_tensor(preprocessing),
         ]
     )
+
+
+def train_transform_at(preprocessing: Preprocessing, crop_size: int) -> v2.Compose:
+    """The training augmentation with crops of `crop_size` px (progressive resizing's smaller epochs)."""
+    return train_transform(replace(preprocessing, crop_size=crop_size))

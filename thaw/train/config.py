@@ -15,6 +15,7 @@ import torch
 from thaw.errors import ThawError, join_problems
 from thaw.models.adapter import ModelAdapter, Preprocessing
 from thaw.plan.optim import OPTIMIZERS
+from thaw.train.resizing import smallest_size
 
 SCHEDULES = ("cosine", "onecycle", "constant")
 PRECISIONS = ("auto", "bf16", "fp32")
@@ -51,6 +52,7 @@ class TrainConfig:
     label_smoothing: float = 0.1  # of the training loss only: val loss, which picks among tied epochs, stays plain
     budget: float | None = None  # seconds: epochs per stage chosen to fit them (thaw.train.budget)
     ema: bool = True  # stages that train pretrained layers are measured and delivered as a moving average of their weights
+    progressive_resize: float | None = None  # full-network epochs start at this share of the crop size (thaw.train.resizing)
 
     def __post_init__(self) -> None:
         problems = config_problems(self)
@@ -114,6 +116,14 @@ def config_problems(config: TrainConfig) -> list[str]:
         problems.append(f"label smoothing must be a share in [0, 1), got {c.label_smoothing!r}; 0.1 is usual, 0 turns it off")
     if c.budget is not None and not (_finite(c.budget) and c.budget > 0):
         problems.append(f"budget must be a positive number of seconds, got {c.budget!r}; e.g. 180 (--budget 3m)")
+    if c.progressive_resize is not None:
+        if not (_finite(c.progressive_resize) and 0 < c.progressive_resize < 1):
+            problems.append(
+                f"progressive resize must be a share of the image size above 0 and below 1, got {c.progressive_resize!r}; "
+                "0.6 starts at 60% of it, or leave it unset"
+            )
+        elif not c.augment:
+            problems.append("progressive resize resizes the random training crops, which --no-augment turns off; drop one of the two")
     if not isinstance(c.ema, bool):
         problems.append(f"ema must be true or false, got {c.ema!r}")
     if c.grad_clip is not None and not (_finite(c.grad_clip) and c.grad_clip > 0):
@@ -165,6 +175,25 @@ def check_image_size(adapter: ModelAdapter, config: TrainConfig, model_name: str
         raise ThawError(
             f"{model_name} cannot take {size} px images ({failure}); "
             f"use a larger --image-size, or leave it unset for its own {adapter.preprocessing.crop_size} px"
+        )
+
+
+def check_progressive_resize(adapter: ModelAdapter, config: TrainConfig, stage_epochs: list[int], model_name: str) -> None:
+    """Refuse progressive resizing where the network cannot take its smallest crops, before any data is read."""
+    start = config.progressive_resize
+    if start is None:
+        return
+    if not isinstance(adapter.preprocessing, Preprocessing):
+        raise ThawError("progressive resize resizes images; leave it unset for text")
+    final = config.image_size or adapter.preprocessing.crop_size
+    smallest = smallest_size(final, start, stage_epochs)
+    if smallest == final:
+        return
+    failure = _meta_forward_failure(adapter, smallest)
+    if failure and not _meta_forward_failure(adapter, final):
+        raise ThawError(
+            f"{model_name} cannot take the {smallest} px crops progressive resize {start:g} starts with ({failure}); "
+            "use a larger share, or leave it unset"
         )
 
 

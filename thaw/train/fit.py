@@ -12,6 +12,7 @@ import random
 import signal
 import threading
 import time
+from functools import partial
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
@@ -27,7 +28,7 @@ from thaw.data.folders import ImageData, describe_skipped
 from thaw.data.loaders import ImageDataset, configure_threads, cores_per_process, default_workers, make_loader, next_epoch, stop_workers
 from thaw.data.pixel_store import SPILL_SUFFIX, PixelStore
 from thaw.data.text import TextData, TextDataset
-from thaw.data.transforms import eval_transform, train_transform
+from thaw.data.transforms import eval_transform, train_transform, train_transform_at
 from thaw.distributed import Processes, shard
 from thaw.errors import ThawError
 from thaw.models.adapter import ModelAdapter, Preprocessing
@@ -36,7 +37,7 @@ from thaw.plan.stages import Stage, resolve_stage
 from thaw.plan.freeze import batchnorm_layers, is_eval_locked
 from thaw.train import checkpoint as ckpt
 from thaw.train.adapt_bn import adapt_batchnorm, has_statistics
-from thaw.train.config import TrainConfig, check_device, check_image_size
+from thaw.train.config import TrainConfig, check_device, check_image_size, check_progressive_resize
 from thaw.train.budget import Split, measure_costs, split_budget, with_epochs
 from thaw.train.ema import require_timm, weight_average
 from thaw.train.feature_cache import (
@@ -46,6 +47,7 @@ from thaw.train.feature_cache import (
 from thaw.train.loop import Engine, StageSchedule, evaluate, train_one_epoch
 from thaw.train.metrics import MetricTracker
 from thaw.train.progress import CACHED, FULL, PlanProgress
+from thaw.train.resizing import progressive_size
 from thaw.train.settings import differences, run_settings
 
 BEST_WEIGHTS = "model.safetensors"
@@ -223,7 +225,8 @@ class Trainer:
         augmented = kind == "train"
         transform = train_transform(self.preprocessing) if augmented else eval_transform(self.preprocessing)
         samples = self.data.val if kind == "val" else self.data.train
-        return ImageDataset(samples, transform, self.draft_size, self.store)
+        transform_at = partial(train_transform_at, self.preprocessing) if augmented else None  # progressive resizing
+        return ImageDataset(samples, transform, self.draft_size, self.store, transform_at)
 
     def stage_cache(self, stage_index: int) -> CachedStage | None:
         """The cached features this stage trains on, computed when missing; None when not exact here."""
@@ -367,14 +370,24 @@ class Trainer:
         tracker.restore(point["tracker"])
         return point["batch"], tracker
 
-    def epoch_loader(self, seed: int, skip_batches: int) -> DataLoader:
-        """This epoch's training batches. Images: one loader for the run, so its worker processes live on."""
+    def crop_size(self, stage_index: int, epoch: int) -> int | None:
+        """This full-network epoch's crop size under --progressive-resize; None: the full size."""
+        start = self.config.progressive_resize
+        if start is None or not isinstance(self.data, ImageData):
+            return None
+        final = self.preprocessing.crop_size
+        size = progressive_size(final, start, epoch, self.plan.stages[stage_index].epochs)
+        return None if size == final else size
+
+    def epoch_loader(self, seed: int, skip_batches: int, size: int | None = None) -> DataLoader:
+        """This epoch's training batches (images: crops of `size` px where given). Images: one loader for the run,
+        so its worker processes live on."""
         options = {"batch_size": self.config.batch_size, "workers": self.workers, "processes": self.processes, "pin_memory": self.pin}
         if isinstance(self.train_set, TextDataset):  # tokenised up front and batched by length, in this process
             return make_loader(self.train_set, shuffle=True, seed=seed, skip_batches=skip_batches, **options)
         if self.persistent_train_loader is None:
             self.persistent_train_loader = make_loader(self.train_set, shuffle=True, seed=seed, persistent=True, **options)
-        return next_epoch(self.persistent_train_loader, seed, skip_batches, self.processes)
+        return next_epoch(self.persistent_train_loader, seed, skip_batches, self.processes, size)
 
     def run_epoch(self, stage_index: int, schedule: StageSchedule, cached: CachedStage | None) -> dict:
         stage, state, classes = self.plan.stages[stage_index], self.state, len(self.data.classes)
@@ -384,7 +397,9 @@ class Trainer:
         first_step = state.epoch * schedule.steps_per_epoch + done // schedule.accumulate
         options = {"tracker": tracker, "should_stop": lambda: self.stop_requested}
         if cached is None:
-            loader = self.epoch_loader(seed, done)
+            size = self.crop_size(stage_index, state.epoch)
+            label += f" at {size} px" if size else ""
+            loader = self.epoch_loader(seed, done, size)
             train = train_one_epoch(self.model, loader, self.optimizer, self.engine, schedule, first_step, label, classes, forward=self.wrapped, **options)
         else:
             dtype = torch.bfloat16 if self.engine.bf16 else torch.float32  # what the live network would hand the head
@@ -700,7 +715,9 @@ def fit(
 
     Under torchrun (WORLD_SIZE > 1) every rank calls this; rank 0 writes.
     """
-    check_image_size(adapter, config, meta.get("model", type(adapter.model).__name__))  # before any data is decoded
+    model_name = meta.get("model", type(adapter.model).__name__)
+    check_image_size(adapter, config, model_name)  # before any data is decoded
+    check_progressive_resize(adapter, config, [stage.epochs for stage in plan.stages if stage.train != ("head",)], model_name)
     processes = distributed.from_environment()
     config = replace(config, device=distributed.start(processes, config.device), quiet=config.quiet or not processes.is_main)
     if processes.is_main:

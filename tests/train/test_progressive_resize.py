@@ -1,0 +1,158 @@
+"""Progressive resizing: smaller crops in a full stage's early epochs, the full size at its last and for every
+evaluation; a resumed run ends where a whole one does; sizes the network cannot take are refused up front."""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.conftest import SmallConvNet
+from thaw import ThawError, adapt
+from thaw.data.folders import discover
+from thaw.plan import ConstantLr, Plan, RangeLr, Stage
+from thaw.train import TrainConfig
+from thaw.train.checkpoint import load_checkpoint
+from thaw.train.fit import RunInterrupted, fit
+from thaw.train.resizing import progressive_size
+
+PLAN = Plan((Stage("head", 1, ("head",), ConstantLr(3e-3)), Stage("all", 3, ("all",), RangeLr(1e-4, 1e-3), batchnorm="eval")))
+CONFIG = TrainConfig(image_size=64, batch_size=8, quiet=True, progressive_resize=0.5)
+
+
+@pytest.mark.parametrize("final", [8, 30, 32, 64, 224, 384])
+@pytest.mark.parametrize("start", [0.3, 0.5, 0.75])
+@pytest.mark.parametrize("epochs", [1, 2, 3, 7])
+def test_sizes_grow_to_the_full_size_at_the_last_epoch(final: int, start: float, epochs: int) -> None:
+    sizes = [progressive_size(final, start, epoch, epochs) for epoch in range(epochs)]
+    assert sizes[-1] == final and sizes == sorted(sizes) and all(0 < size <= final for size in sizes)
+    step = 16 if final % 16 == 0 else 1
+    if epochs > 1:
+        assert abs(sizes[0] - start * final) <= max(step / 2, 1)  # the first epoch at the share asked for
+        assert all(size % step == 0 for size in sizes)
+
+
+def _adapter():
+    torch.manual_seed(0)
+    return adapt(SmallConvNet(), num_classes=3)
+
+
+def _train(data: Path, out: Path, config: TrainConfig = CONFIG, adapter=None, **options):
+    adapter = adapter or _adapter()
+    return fit(adapter, discover(data), PLAN, config, out, meta={"model": "small"}, **options)
+
+
+def test_the_full_stage_trains_on_growing_crops_and_evaluates_at_the_full_size(tiny_split_data: Path, tmp_path: Path) -> None:
+    adapter = _adapter()
+    seen: list[tuple[bool, int]] = []
+
+    def record(module, args) -> None:
+        if not args[0].is_meta:  # the up-front check that the network takes the smallest crops computes no numbers
+            seen.append((module.training, args[0].shape[-1]))
+
+    adapter.model.register_forward_pre_hook(record)
+    result = _train(tiny_split_data, tmp_path / "run", adapter=adapter)
+    batches = math.ceil(36 / CONFIG.batch_size)
+    assert [size for training, size in seen if training] == [32] * batches + [48] * batches + [64] * batches
+    assert {size for training, size in seen if not training} == {64}  # every val pass, the cache's too, at the full size
+    assert [row["stage"] for row in result.history] == ["head", "all", "all", "all"]
+
+
+def test_progressive_resize_changes_the_run_and_off_is_the_default(tiny_split_data: Path, tmp_path: Path) -> None:
+    off = TrainConfig(**{**CONFIG.__dict__, "progressive_resize": None})
+    assert TrainConfig().progressive_resize is None
+    _train(tiny_split_data, tmp_path / "on")
+    _train(tiny_split_data, tmp_path / "off", off)
+    on_weights, off_weights = (load_checkpoint(tmp_path / name / "checkpoint.pt")["model"] for name in ("on", "off"))
+    assert any(not torch.equal(on_weights[k], off_weights[k]) for k in on_weights)
+
+
+# after_epoch 2: the interrupt lands in the full stage's second epoch (48 px), which the resumed run finishes.
+@pytest.mark.parametrize("workers", [0, 2])
+def test_ctrl_c_in_a_smaller_epoch_resumes_to_the_same_weights(tiny_split_data: Path, tmp_path: Path, workers: int) -> None:
+    config = TrainConfig(**{**CONFIG.__dict__, "batch_size": 4, "workers": workers})
+    _train(tiny_split_data, tmp_path / "whole", config)
+
+    def press_ctrl_c(state) -> None:
+        if len(state.history) == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    with pytest.raises(RunInterrupted, match="--resume"):
+        _train(tiny_split_data, tmp_path / "cut", config, callbacks=[press_ctrl_c])
+    assert load_checkpoint(tmp_path / "cut" / "checkpoint.pt")["batch"] == 1
+    _train(tiny_split_data, tmp_path / "cut", config, resume=True)
+    whole, cut = (load_checkpoint(tmp_path / name / "checkpoint.pt")["model"] for name in ("whole", "cut"))
+    assert whole.keys() == cut.keys() and all(torch.equal(whole[k], cut[k]) for k in whole)
+
+
+def test_resume_refuses_another_progressive_share(tiny_split_data: Path, tmp_path: Path) -> None:
+    def stop(state) -> None:
+        if len(state.history) == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        _train(tiny_split_data, tmp_path / "run", callbacks=[stop])
+    other = TrainConfig(**{**CONFIG.__dict__, "progressive_resize": 0.75})
+    with pytest.raises(ThawError, match=r"progressive-resize \(the run: 0.5, now: 0.75\)"):
+        _train(tiny_split_data, tmp_path / "run", other, resume=True)
+
+
+@pytest.mark.parametrize(
+    "options, expected",
+    [
+        ({"progressive_resize": 1.0}, "above 0 and below 1"),
+        ({"progressive_resize": 0.0}, "above 0 and below 1"),
+        ({"progressive_resize": float("nan")}, "above 0 and below 1"),
+        ({"progressive_resize": 0.5, "augment": False}, "--no-augment"),
+    ],
+)
+def test_impossible_shares_are_refused_when_the_config_is_made(options: dict, expected: str) -> None:
+    with pytest.raises(ThawError, match=expected):
+        TrainConfig(**options)
+
+
+def _thaw(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "thaw", *args], capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize(
+    "extra, expected",
+    [
+        # torchvision's ViT has position embeddings for one grid of patches: the first of 2 epochs at 112 px is refused
+        # before any data is read
+        (["--model", "vit_b_16", "--epochs", "2", "--progressive-resize", "0.5"], "cannot take the 112 px crops progressive resize 0.5 starts with"),
+        (["--model", "mobilenet_v3_small", "--image-size", "32", "--progressive-resize", "0.5", "--no-augment"], "--no-augment"),
+        (["--model", "mobilenet_v3_small", "--progressive-resize", "2"], "expected a share"),
+    ],
+)
+def test_bad_progressive_resize_is_one_line(tiny_split_data: Path, tmp_path: Path, extra: list[str], expected: str) -> None:
+    result = _thaw("train", str(tiny_split_data), "--weights", "none", "--head-epochs", "1", "--out", str(tmp_path / "run"), *extra)
+    assert result.returncode != 0
+    assert expected in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert not (tmp_path / "run" / "checkpoint.pt").exists()
+
+
+def test_a_plan_file_sets_progressive_resize_and_a_typed_flag_wins(tmp_path: Path) -> None:
+    from thaw.cli import build_parser
+    from thaw.cli.train_cmd import config_from_args
+
+    plan = tmp_path / "plan.yaml"
+    plan.write_text("stages: [{name: all, epochs: 3, train: [all], lr: 1.0e-4}]\ntraining: {progressive_resize: 0.6}\n")
+
+    def config(*typed: str) -> TrainConfig:
+        argv = ["train", "data", "--model", "mobilenet_v2", "--config", str(plan), *typed]
+        args = build_parser().parse_args(argv)
+        args.argv = argv
+        return config_from_args(args)
+
+    assert config().progressive_resize == 0.6
+    assert config("--progressive-resize", "0.8").progressive_resize == 0.8
+    plan.write_text("stages: [{name: all, epochs: 3, train: [all], lr: 1.0e-4}]\ntraining: {progressive_resize: 3}\n")
+    with pytest.raises(ThawError, match="progressive resize must be a share of the image size above 0 and below 1, got 3"):
+        config()
