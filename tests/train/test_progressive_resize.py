@@ -36,6 +36,13 @@ def test_sizes_grow_to_the_full_size_at_the_last_epoch(final: int, start: float,
     if epochs > 1:
         assert abs(sizes[0] - start * final) <= max(step / 2, 1)  # the first epoch at the share asked for
         assert all(size % step == 0 for size in sizes)
+        if start * final <= final - step:
+            assert sizes[0] < final
+
+
+def test_the_documented_example_and_halves_round_up() -> None:
+    assert [progressive_size(224, 0.6, epoch, 3) for epoch in range(3)] == [128, 176, 224]  # README, recipes.py
+    assert progressive_size(80, 0.5, 0, 2) == 48  # 40 px is 2.5 steps of 16: up to 3, not to the even 2
 
 
 def _adapter():
@@ -48,7 +55,9 @@ def _train(data: Path, out: Path, config: TrainConfig = CONFIG, adapter=None, **
     return fit(adapter, discover(data), PLAN, config, out, meta={"model": "small"}, **options)
 
 
-def test_the_full_stage_trains_on_growing_crops_and_evaluates_at_the_full_size(tiny_split_data: Path, tmp_path: Path) -> None:
+# workers 2: the crops are cut in persistent worker processes, which must follow each epoch's size
+@pytest.mark.parametrize("workers", [0, 2])
+def test_the_full_stage_trains_on_growing_crops_and_evaluates_at_the_full_size(tiny_split_data: Path, tmp_path: Path, workers: int) -> None:
     adapter = _adapter()
     seen: list[tuple[bool, int]] = []
 
@@ -57,20 +66,28 @@ def test_the_full_stage_trains_on_growing_crops_and_evaluates_at_the_full_size(t
             seen.append((module.training, args[0].shape[-1]))
 
     adapter.model.register_forward_pre_hook(record)
-    result = _train(tiny_split_data, tmp_path / "run", adapter=adapter)
+    result = _train(tiny_split_data, tmp_path / "run", TrainConfig(**{**CONFIG.__dict__, "workers": workers}), adapter=adapter)
     batches = math.ceil(36 / CONFIG.batch_size)
     assert [size for training, size in seen if training] == [32] * batches + [48] * batches + [64] * batches
     assert {size for training, size in seen if not training} == {64}  # every val pass, the cache's too, at the full size
     assert [row["stage"] for row in result.history] == ["head", "all", "all", "all"]
 
 
-def test_progressive_resize_changes_the_run_and_off_is_the_default(tiny_split_data: Path, tmp_path: Path) -> None:
-    off = TrainConfig(**{**CONFIG.__dict__, "progressive_resize": None})
-    assert TrainConfig().progressive_resize is None
-    _train(tiny_split_data, tmp_path / "on")
-    _train(tiny_split_data, tmp_path / "off", off)
-    on_weights, off_weights = (load_checkpoint(tmp_path / name / "checkpoint.pt")["model"] for name in ("on", "off"))
-    assert any(not torch.equal(on_weights[k], off_weights[k]) for k in on_weights)
+def test_off_by_default_in_the_library_and_the_cli() -> None:
+    from thaw.cli import build_parser
+    from thaw.cli.train_cmd import config_from_args
+
+    argv = ["train", "data", "--model", "mobilenet_v2"]
+    args = build_parser().parse_args(argv)
+    args.argv = argv
+    assert TrainConfig().progressive_resize is None and config_from_args(args).progressive_resize is None
+
+
+def test_a_plan_where_nothing_resizes_says_so(tiny_split_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    config = TrainConfig(**{**CONFIG.__dict__, "quiet": False})
+    head_only = Plan((Stage("head", 3, ("head",), ConstantLr(3e-3)),))  # trained on cached full-size features
+    fit(_adapter(), discover(tiny_split_data), head_only, config, tmp_path / "run", meta={"model": "small"})
+    assert "--progressive-resize changes nothing here" in capsys.readouterr().out
 
 
 # after_epoch 2: the interrupt lands in the full stage's second epoch (48 px), which the resumed run finishes.
@@ -126,9 +143,13 @@ def _thaw(*args: str) -> subprocess.CompletedProcess:
     [
         # torchvision's ViT has position embeddings for one grid of patches: the first of 2 epochs at 112 px is refused
         # before any data is read
-        (["--model", "vit_b_16", "--epochs", "2", "--progressive-resize", "0.5"], "cannot take the 112 px crops progressive resize 0.5 starts with"),
+        (["--model", "vit_b_16", "--epochs", "2", "--progressive-resize", "0.5"], "cannot take the 112 px crops progressive resize 0.5 trains with"),
         (["--model", "mobilenet_v3_small", "--image-size", "32", "--progressive-resize", "0.5", "--no-augment"], "--no-augment"),
         (["--model", "mobilenet_v3_small", "--progressive-resize", "2"], "expected a share"),
+        # a head stage without the cache runs the network on images too; a budget may give a 1-epoch stage more epochs
+        (["--model", "vit_b_16", "--strategy", "feature-extract", "--epochs", "2", "--no-cache", "--progressive-resize", "0.5"],
+         "cannot take the 112 px crops"),
+        (["--model", "vit_b_16", "--epochs", "1", "--budget", "60", "--progressive-resize", "0.5"], "cannot take the 112 px crops"),
     ],
 )
 def test_bad_progressive_resize_is_one_line(tiny_split_data: Path, tmp_path: Path, extra: list[str], expected: str) -> None:
@@ -156,3 +177,14 @@ def test_a_plan_file_sets_progressive_resize_and_a_typed_flag_wins(tmp_path: Pat
     plan.write_text("stages: [{name: all, epochs: 3, train: [all], lr: 1.0e-4}]\ntraining: {progressive_resize: 3}\n")
     with pytest.raises(ThawError, match="progressive resize must be a share of the image size above 0 and below 1, got 3"):
         config()
+
+
+def test_a_text_run_refuses_progressive_resize_in_one_line(tmp_path: Path, tiny_encoder: Path) -> None:
+    from tests.conftest import write_text_table
+
+    table = write_text_table(tmp_path / "t.tsv", rows_per_class=10)
+    result = _thaw("train", str(table), "--task", "text", "--model", str(tiny_encoder), "--epochs", "2",
+                   "--progressive-resize", "0.5", "--out", str(tmp_path / "run"))
+    assert result.returncode != 0
+    assert "progressive resize resizes images; leave it unset for text" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr

@@ -57,7 +57,7 @@ def finite_float(text: str) -> float:
 
 
 def share(text: str, zero: bool = False) -> float:
-    """A share of the data held out: above 0 (or 0 itself, where `zero`) and below 1."""
+    """A share (of the data held out, of the image size): above 0 (or 0 itself, where `zero`) and below 1."""
     try:
         value = float(text)
     except ValueError:

@@ -64,7 +64,7 @@ class ImageDataset(Dataset):
 
     def _transform_at(self, size: int) -> Callable:
         if self.transform_at is None:
-            raise ValueError("this dataset has one crop size: make it with transform_at to ask for others")
+            raise ValueError("this dataset has one crop size (progressive resizing needs ImageDataset(transform_at=...))")
         if size not in self.sized:
             self.sized[size] = self.transform_at(size)
         return self.sized[size]

@@ -15,7 +15,7 @@ import torch
 from thaw.errors import ThawError, join_problems
 from thaw.models.adapter import ModelAdapter, Preprocessing
 from thaw.plan.optim import OPTIMIZERS
-from thaw.train.resizing import smallest_size
+from thaw.train.resizing import sizes_used
 
 SCHEDULES = ("cosine", "onecycle", "constant")
 PRECISIONS = ("auto", "bf16", "fp32")
@@ -23,6 +23,7 @@ METRICS = ("accuracy", "macro_f1", "loss")
 MAX_IMAGE_SIZE = 4096  # a 4096 px batch of one already needs tens of GB of activations in a ResNet
 MAX_WORKERS = 256  # each worker is a process holding a copy of the dataset
 MAX_CACHE_VIEWS = 1000  # every view is one pass over the train set, computed before the stage starts
+MAX_PROGRESSIVE_EPOCHS = 64  # enough epochs to produce every crop size a share can give (sizes step by 16 px)
 MAX_SEED = 2**63  # torch's generators take seeds below 2**64; leave headroom for per-epoch offsets
 
 
@@ -179,22 +180,23 @@ def check_image_size(adapter: ModelAdapter, config: TrainConfig, model_name: str
 
 
 def check_progressive_resize(adapter: ModelAdapter, config: TrainConfig, stage_epochs: list[int], model_name: str) -> None:
-    """Refuse progressive resizing where the network cannot take its smallest crops, before any data is read."""
+    """Refuse progressive resizing where the network cannot take one of the crop sizes the stages of these epoch
+    counts would train at (every stage's: any may run the whole network), before any data is read."""
     start = config.progressive_resize
     if start is None:
         return
     if not isinstance(adapter.preprocessing, Preprocessing):
         raise ThawError("progressive resize resizes images; leave it unset for text")
     final = config.image_size or adapter.preprocessing.crop_size
-    smallest = smallest_size(final, start, stage_epochs)
-    if smallest == final:
-        return
-    failure = _meta_forward_failure(adapter, smallest)
-    if failure and not _meta_forward_failure(adapter, final):
-        raise ThawError(
-            f"{model_name} cannot take the {smallest} px crops progressive resize {start:g} starts with ({failure}); "
-            "use a larger share, or leave it unset"
-        )
+    if config.budget is not None:  # the budget may give any stage more epochs than the plan: check every size
+        stage_epochs = [*stage_epochs, MAX_PROGRESSIVE_EPOCHS]
+    for size in sizes_used(final, start, stage_epochs):
+        failure = _meta_forward_failure(adapter, size)
+        if failure and not _meta_forward_failure(adapter, final):
+            raise ThawError(
+                f"{model_name} cannot take the {size} px crops progressive resize {start:g} trains with ({failure}); "
+                "use a larger share, or leave it unset"
+            )
 
 
 def _meta_forward_failure(adapter: ModelAdapter, size: int) -> str | None:

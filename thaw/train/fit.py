@@ -12,8 +12,8 @@ import random
 import signal
 import threading
 import time
-from functools import partial
 from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
 from typing import Callable
 
@@ -214,6 +214,14 @@ class Trainer:
         self.views = config.cache_views if config.augment else 0
         if config.cache_views and not config.augment:
             self._say(f"--cache-views {config.cache_views} ignored: with --no-augment the evaluation view is cached once")
+        if config.progressive_resize is not None and config.budget is None and not self.resizes():
+            self._say("--progressive-resize changes nothing here: no stage runs the whole network for more than one epoch")
+
+    def resizes(self) -> bool:
+        """Whether --progressive-resize shrinks some epoch of this plan: a stage that runs the network on images for
+        more than one epoch (a stage on cached features trains on full-size views)."""
+        full = [stage for stage, kind in zip(self.plan.stages, self._predicted_kinds()) if kind == FULL]
+        return isinstance(self.data, ImageData) and any(stage.epochs > 1 for stage in full)
 
     def dataset(self, kind: str) -> ImageDataset | TextDataset:
         """train (augmented), train-eval (the evaluation view of train) or val."""
@@ -378,6 +386,12 @@ class Trainer:
         final = self.preprocessing.crop_size
         size = progressive_size(final, start, epoch, self.plan.stages[stage_index].epochs)
         return None if size == final else size
+
+    def pixels(self, stage_index: int, epoch: int) -> int:
+        """Pixels of one crop in this epoch (text: 1): a train step's compute grows with them."""
+        if not isinstance(self.data, ImageData):
+            return 1
+        return (self.crop_size(stage_index, max(epoch, 0)) or self.preprocessing.crop_size) ** 2
 
     def epoch_loader(self, seed: int, skip_batches: int, size: int | None = None) -> DataLoader:
         """This epoch's training batches (images: crops of `size` px where given). Images: one loader for the run,
@@ -581,6 +595,8 @@ class Trainer:
         if self.deadline is None or not self.state.history:
             return False
         split, expected = self.budget_split, self.epoch_wall.get(stage_index)
+        if expected is not None:  # progressive resizing: the next epoch's crops may be larger than the last one's
+            expected *= self.pixels(stage_index, self.state.epoch) / self.pixels(stage_index, self.state.epoch - 1)
         if expected is None:
             expected = split.epoch_s[stage_index] if split else max(self.epoch_wall.values(), default=0.0)
             if starting and split and self._predicted_kind(self.plan.stages[stage_index]) == CACHED and self.cached is None:
@@ -717,7 +733,7 @@ def fit(
     """
     model_name = meta.get("model", type(adapter.model).__name__)
     check_image_size(adapter, config, model_name)  # before any data is decoded
-    check_progressive_resize(adapter, config, [stage.epochs for stage in plan.stages if stage.train != ("head",)], model_name)
+    check_progressive_resize(adapter, config, [stage.epochs for stage in plan.stages], model_name)
     processes = distributed.from_environment()
     config = replace(config, device=distributed.start(processes, config.device), quiet=config.quiet or not processes.is_main)
     if processes.is_main:

@@ -3,7 +3,9 @@ crops, which cost less compute; the last epoch sees the full size, the size the 
 
 from __future__ import annotations
 
-SIZE_STEP = 16  # crop sizes are multiples of this where the full size is (convolutional strides divide them evenly)
+import math
+
+SIZE_STEP = 16  # crop sizes are multiples of this where the full size is: the sizes networks are usually run at
 
 
 def progressive_size(final: int, start: float, epoch: int, epochs: int) -> int:
@@ -13,9 +15,9 @@ def progressive_size(final: int, start: float, epoch: int, epochs: int) -> int:
         return final
     share = start + (1 - start) * epoch / (epochs - 1)
     step = SIZE_STEP if final % SIZE_STEP == 0 else 1
-    return min(final, max(step, round(final * share / step) * step))
+    return max(step, math.floor(final * share / step + 0.5) * step)  # halves round up: 2.5 steps are 3, not 2
 
 
-def smallest_size(final: int, start: float, stage_epochs: list[int]) -> int:
-    """The smallest crop any of these stages would train at: the first epoch of the longest."""
-    return min((progressive_size(final, start, 0, epochs) for epochs in stage_epochs), default=final)
+def sizes_used(final: int, start: float, stage_epochs: list[int]) -> list[int]:
+    """Every crop size smaller than `final` that stages of these epoch counts train at, smallest first."""
+    return sorted({progressive_size(final, start, epoch, epochs) for epochs in stage_epochs for epoch in range(epochs)} - {final})
