@@ -112,6 +112,19 @@ def test_bad_input_is_one_line(tiny_split_data: Path, tmp_path: Path, make_args,
     result = thaw(*args)
     assert result.returncode == 2
     assert expected in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert not (tmp_path / "run").exists()  # a run refused before its first epoch leaves no folder behind
+
+
+def test_a_refused_run_removes_only_what_it_created(tiny_split_data: Path, tmp_path: Path) -> None:
+    kept = tmp_path / "runs" / "mine"
+    (kept / "notes.txt").parent.mkdir(parents=True)
+    (kept / "notes.txt").write_text("the user's")
+    result = thaw("train", str(tmp_path / "nothing"), *TINY, "--out", str(kept / "a" / "b"))
+    assert result.returncode == 2 and "does not exist" in result.stderr
+    assert sorted(p.name for p in kept.iterdir()) == ["notes.txt"]  # a/ and a/b/ were made by the run and are gone
+    result = thaw("train", str(tmp_path / "nothing"), *TINY, "--out", str(kept))
+    assert result.returncode == 2 and (kept / "notes.txt").read_text() == "the user's"
+    assert sorted(p.name for p in kept.iterdir()) == ["notes.txt"]
 
 
 def test_demo_runs_offline_and_reports_both_strategies(tmp_path: Path, torch_home: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -17,6 +17,7 @@ from thaw.models.hf_text import DEFAULT_MAX_LENGTH, POOLINGS, build_text_model
 from thaw.models.sources import TASKS, hf_source, task_of
 from thaw.errors import ThawError
 from thaw.export.report import write_report
+from thaw.train.checkpoint import CHECKPOINT
 from thaw.train.fit import RunInterrupted
 from thaw.train.loggers import LOGGERS, close_loggers, make_loggers
 from thaw.plan import plan_to_dict
@@ -287,10 +288,37 @@ def _train(args: argparse.Namespace, out: Path, settings: dict | None, callbacks
     if settings is not None:
         return _resume(args, out, settings, callbacks, step_hooks)
     config = replace(config_from_args(args), quiet=quiet)  # a new run; or a resume before the first checkpoint
-    if distributed.from_environment().is_main:
+    main_rank = distributed.from_environment().is_main
+    created = _missing_folders(out)
+    if main_rank:
         check_writable(out)
         _record_plan_options(args, out)
-    return _start(args, config, out, callbacks, step_hooks)
+    try:
+        return _start(args, config, out, callbacks, step_hooks)
+    except ThawError:
+        if main_rank and not (out / CHECKPOINT).exists():  # bad input before the first epoch: leave no run folder behind
+            _remove_started_run(out, created)
+        raise
+
+
+def _missing_folders(out: Path) -> list[Path]:
+    """`out` and its parents that do not exist yet, deepest first: what starting a run there creates."""
+    missing = []
+    for folder in (out, *out.parents):
+        if folder.exists():
+            break
+        missing.append(folder)
+    return missing
+
+
+def _remove_started_run(out: Path, created: list[Path]) -> None:
+    """Undo what starting the run wrote (the typed options, and the folders it made where they are still empty)."""
+    (out / COMMAND).unlink(missing_ok=True)
+    for folder in created:
+        try:
+            folder.rmdir()
+        except OSError:  # something else is in it now: not ours to remove
+            break
 
 
 def _finish(args: argparse.Namespace, out: Path, result: RunResult) -> int:
