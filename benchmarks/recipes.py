@@ -58,7 +58,7 @@ THAW_RECIPES = {
     "thaw-ema-views": ({}, OLD_DEFAULT | {"ema": True, "cache_views": 4}),
     "thaw-ema-smooth": ({}, {"ema": True, "label_smoothing": 0.1}),  # the default's options, stated
     "thaw-budget": ({}, {}),  # thaw's default with --budget (the benchmark's --budget, in seconds)
-    # fastai's progressive resizing (issue 14): the full phase's 3 epochs at 128, 176 and 224 px (on 224 px weights);
+    # fastai's progressive resizing: the full phase's 3 epochs at 128, 176 and 224 px (on 224 px weights);
     # augmented sets only. Under --quick the full phase has 1 epoch, so this row trains as "thaw" does
     "thaw-progressive": ({}, {"progressive_resize": 0.6}),
 }

@@ -40,6 +40,13 @@ def test_sizes_grow_to_the_full_size_at_the_last_epoch(final: int, start: float,
             assert sizes[0] < final
 
 
+def test_the_size_check_covers_every_epoch_count_a_budget_can_choose() -> None:
+    from thaw.train.budget import MAX_EPOCHS
+    from thaw.train.config import MAX_PROGRESSIVE_EPOCHS
+
+    assert MAX_PROGRESSIVE_EPOCHS >= MAX_EPOCHS
+
+
 def test_the_documented_example_and_halves_round_up() -> None:
     assert [progressive_size(224, 0.6, epoch, 3) for epoch in range(3)] == [128, 176, 224]  # README, recipes.py
     assert progressive_size(80, 0.5, 0, 2) == 48  # 40 px is 2.5 steps of 16: up to 3, not to the even 2
@@ -154,9 +161,9 @@ def _thaw(*args: str) -> subprocess.CompletedProcess:
 )
 def test_bad_progressive_resize_is_one_line(tiny_split_data: Path, tmp_path: Path, extra: list[str], expected: str) -> None:
     result = _thaw("train", str(tiny_split_data), "--weights", "none", "--head-epochs", "1", "--out", str(tmp_path / "run"), *extra)
-    assert result.returncode != 0
+    assert result.returncode == 2
     assert expected in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
-    assert not (tmp_path / "run" / "checkpoint.pt").exists()
+    assert not (tmp_path / "run").exists()  # refused before its first checkpoint: no run folder is left
 
 
 def test_a_plan_file_sets_progressive_resize_and_a_typed_flag_wins(tmp_path: Path) -> None:

@@ -255,10 +255,11 @@ def run(args: argparse.Namespace) -> int:
         why = f"{args.resume} holds no checkpoint that records its settings, so " if args.resume else ""
         raise ThawError(f"{why}thaw train needs DATA and --model (see `thaw train --help`)")
     out = _out_folder(args)
+    created = _missing_folders(out)  # removed again if the run is refused before its first checkpoint
     if main_rank and args.log:  # before any work: a logger writes into the run folder, and a missing package stops here
         check_writable(out)
     loggers = make_loggers(args.log, out, settings or _typed_settings(args)) if main_rank else []
-    ending = "FAILED"
+    ending, refused = "FAILED", False
     try:
         result = _train(args, out, settings, callbacks + [logger.epoch for logger in loggers], loggers)
         code = _finish(args, out, result) if main_rank else 0
@@ -267,8 +268,13 @@ def run(args: argparse.Namespace) -> int:
     except (RunInterrupted, KeyboardInterrupt):
         ending = "KILLED"  # stopped by the user, with a checkpoint to resume from: not a failure
         raise
+    except ThawError:
+        refused = main_rank and settings is None and not (out / CHECKPOINT).exists()  # bad input: nothing to resume
+        raise
     finally:  # after the report, so MLflow stores it with the run folder
         close_loggers(loggers, ending)
+        if refused:
+            _remove_started_run(out, created)
 
 
 def _out_folder(args: argparse.Namespace) -> Path:
@@ -288,17 +294,10 @@ def _train(args: argparse.Namespace, out: Path, settings: dict | None, callbacks
     if settings is not None:
         return _resume(args, out, settings, callbacks, step_hooks)
     config = replace(config_from_args(args), quiet=quiet)  # a new run; or a resume before the first checkpoint
-    main_rank = distributed.from_environment().is_main
-    created = _missing_folders(out)
-    if main_rank:
+    if distributed.from_environment().is_main:
         check_writable(out)
         _record_plan_options(args, out)
-    try:
-        return _start(args, config, out, callbacks, step_hooks)
-    except ThawError:
-        if main_rank and not (out / CHECKPOINT).exists():  # bad input before the first epoch: leave no run folder behind
-            _remove_started_run(out, created)
-        raise
+    return _start(args, config, out, callbacks, step_hooks)
 
 
 def _missing_folders(out: Path) -> list[Path]:
@@ -312,8 +311,12 @@ def _missing_folders(out: Path) -> list[Path]:
 
 
 def _remove_started_run(out: Path, created: list[Path]) -> None:
-    """Undo what starting the run wrote (the typed options, and the folders it made where they are still empty)."""
-    (out / COMMAND).unlink(missing_ok=True)
+    """Undo what starting the run wrote: the typed options, and the folders it made where nothing else is in them
+    (a logger's files stay, with their folder)."""
+    try:
+        (out / COMMAND).unlink(missing_ok=True)
+    except OSError:  # out never became a folder (its parent is a file, say): there is nothing to undo
+        return
     for folder in created:
         try:
             folder.rmdir()

@@ -23,7 +23,7 @@ METRICS = ("accuracy", "macro_f1", "loss")
 MAX_IMAGE_SIZE = 4096  # a 4096 px batch of one already needs tens of GB of activations in a ResNet
 MAX_WORKERS = 256  # each worker is a process holding a copy of the dataset
 MAX_CACHE_VIEWS = 1000  # every view is one pass over the train set, computed before the stage starts
-MAX_PROGRESSIVE_EPOCHS = 64  # enough epochs to produce every crop size a share can give (sizes step by 16 px)
+MAX_PROGRESSIVE_EPOCHS = 64  # above the most epochs --budget gives a stage (thaw.train.budget.MAX_EPOCHS)
 MAX_SEED = 2**63  # torch's generators take seeds below 2**64; leave headroom for per-epoch offsets
 
 
@@ -188,8 +188,8 @@ def check_progressive_resize(adapter: ModelAdapter, config: TrainConfig, stage_e
     if not isinstance(adapter.preprocessing, Preprocessing):
         raise ThawError("progressive resize resizes images; leave it unset for text")
     final = config.image_size or adapter.preprocessing.crop_size
-    if config.budget is not None:  # the budget may give any stage more epochs than the plan: check every size
-        stage_epochs = [*stage_epochs, MAX_PROGRESSIVE_EPOCHS]
+    if config.budget is not None:  # the budget may give any stage other epoch counts than the plan: check them all
+        stage_epochs = [*stage_epochs, *range(2, MAX_PROGRESSIVE_EPOCHS + 1)]
     for size in sizes_used(final, start, stage_epochs):
         failure = _meta_forward_failure(adapter, size)
         if failure and not _meta_forward_failure(adapter, final):

@@ -388,8 +388,10 @@ class Trainer:
         return None if size == final else size
 
     def pixels(self, stage_index: int, epoch: int) -> int:
-        """Pixels of one crop in this epoch (text: 1): a train step's compute grows with them."""
-        if not isinstance(self.data, ImageData):
+        """Pixels of one crop in this epoch of a stage that runs the network on images (else 1: text, and cached
+        features, computed at the full size): a train step's compute grows with them."""
+        cached = self.engine.progress is not None and self.engine.progress.kinds[stage_index] == CACHED
+        if cached or not isinstance(self.data, ImageData):
             return 1
         return (self.crop_size(stage_index, max(epoch, 0)) or self.preprocessing.crop_size) ** 2
 
