@@ -86,6 +86,16 @@ def tiny_split_data(tmp_path: Path) -> Path:
     return root
 
 
+def cli_config(*argv: str):
+    """The TrainConfig `thaw train ARGV` would run with (flags, a plan file's `training:` keys, defaults)."""
+    from thaw.cli import build_parser
+    from thaw.cli.train_cmd import config_from_args
+
+    args = build_parser().parse_args(["train", *argv])
+    args.argv = ["train", *argv]
+    return config_from_args(args)
+
+
 class RunsCode:
     """Unpickling this runs a shell command: what a malicious weights file does."""
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import Crash, crash_after
+from tests.conftest import Crash, cli_config, crash_after
 from thaw import ThawError, build_model
 from thaw.cli import main
 from thaw.export.inference import evaluate_run
@@ -122,17 +122,11 @@ def test_every_training_key_of_a_plan_file_is_a_training_option() -> None:
 
 
 def test_a_plan_file_carries_recipe_options_and_typed_flags_win(tmp_path: Path) -> None:
-    from thaw.cli import build_parser
-    from thaw.cli.train_cmd import config_from_args
-
     plan = tmp_path / "plan.yaml"
     plan.write_text("stages: [{name: all, epochs: 1, train: [all], lr: 1.0e-4}]\ntraining: {label_smoothing: 0.2, ema: true}\n")
 
     def config(*typed: str) -> TrainConfig:
-        argv = ["train", "data", "--model", "mobilenet_v2", "--config", str(plan), *typed]
-        args = build_parser().parse_args(argv)
-        args.argv = argv
-        return config_from_args(args)
+        return cli_config("data", "--model", "mobilenet_v2", "--config", str(plan), *typed)
 
     assert (config().label_smoothing, config().ema) == (0.2, True)
     assert config("--label-smoothing", "0.1").label_smoothing == 0.1  # typed on the command line: the flag wins

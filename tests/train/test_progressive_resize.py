@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import SmallConvNet
+from tests.conftest import SmallConvNet, cli_config
 from thaw import ThawError, adapt
 from thaw.data.folders import discover
 from thaw.plan import ConstantLr, Plan, RangeLr, Stage
@@ -81,13 +81,7 @@ def test_the_full_stage_trains_on_growing_crops_and_evaluates_at_the_full_size(t
 
 
 def test_off_by_default_in_the_library_and_the_cli() -> None:
-    from thaw.cli import build_parser
-    from thaw.cli.train_cmd import config_from_args
-
-    argv = ["train", "data", "--model", "mobilenet_v2"]
-    args = build_parser().parse_args(argv)
-    args.argv = argv
-    assert TrainConfig().progressive_resize is None and config_from_args(args).progressive_resize is None
+    assert TrainConfig().progressive_resize is None and cli_config("data", "--model", "mobilenet_v2").progressive_resize is None
 
 
 def test_a_plan_where_nothing_resizes_says_so(tiny_split_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -167,17 +161,11 @@ def test_bad_progressive_resize_is_one_line(tiny_split_data: Path, tmp_path: Pat
 
 
 def test_a_plan_file_sets_progressive_resize_and_a_typed_flag_wins(tmp_path: Path) -> None:
-    from thaw.cli import build_parser
-    from thaw.cli.train_cmd import config_from_args
-
     plan = tmp_path / "plan.yaml"
     plan.write_text("stages: [{name: all, epochs: 3, train: [all], lr: 1.0e-4}]\ntraining: {progressive_resize: 0.6}\n")
 
     def config(*typed: str) -> TrainConfig:
-        argv = ["train", "data", "--model", "mobilenet_v2", "--config", str(plan), *typed]
-        args = build_parser().parse_args(argv)
-        args.argv = argv
-        return config_from_args(args)
+        return cli_config("data", "--model", "mobilenet_v2", "--config", str(plan), *typed)
 
     assert config().progressive_resize == 0.6
     assert config("--progressive-resize", "0.8").progressive_resize == 0.8
