@@ -10,7 +10,9 @@ For each image set, mobilenet_v2 IMAGENET1K_V1, the same images, size and split 
              (--label-smoothing 0.1), thaw-views (--cache-views 4), thaw-adapt-views, thaw-ema (--ema),
              thaw-ema-views, thaw-ema-smooth (--ema --label-smoothing 0.1: the default since);
              thaw-budget (the default with --budget, the benchmark's --budget seconds: 180 unless given);
-             thaw-progressive (the default with --progressive-resize 0.6; not on digits, which trains unaugmented)
+             thaw-progressive (the default with --progressive-resize 0.6); thaw-trivial (--auto-augment trivial),
+             thaw-rand (--auto-augment rand), thaw-mixup (--mixup 0.2), thaw-cutmix (--cutmix 1.0), thaw-mix
+             (--mixup 0.2 --cutmix 1.0); these last six augment, so not on digits, which trains unaugmented
 Every recipe delivers the epoch with the best val accuracy (thaw by its own rule, the hand loop keeps the first
 best, fastai by SaveModelCallback over both fits); test is scored once, on that model, and never chooses anything.
 thaw's model is also scored with `--tta` (mirror images averaged), with the extra evaluation time.
@@ -61,7 +63,14 @@ THAW_RECIPES = {
     # fastai's progressive resizing: the full phase's 3 epochs at 128, 176 and 224 px (on 224 px weights);
     # augmented sets only. Under --quick the full phase has 1 epoch, so this row trains as "thaw" does
     "thaw-progressive": ({}, {"progressive_resize": 0.6}),
+    # augmentations of the full phase's images (the head phase trains on cached features of the evaluation view)
+    "thaw-trivial": ({}, {"auto_augment": "trivial"}),
+    "thaw-rand": ({}, {"auto_augment": "rand"}),
+    "thaw-mixup": ({}, {"mixup": 0.2}),
+    "thaw-cutmix": ({}, {"cutmix": 1.0}),
+    "thaw-mix": ({}, {"mixup": 0.2, "cutmix": 1.0}),
 }
+AUGMENTING = ("thaw-progressive", "thaw-trivial", "thaw-rand", "thaw-mixup", "thaw-cutmix", "thaw-mix")
 IMAGE_RECIPES = (*THAW_RECIPES, "seed", "fastai")
 DEFAULT_IMAGE_RECIPES = ("thaw", "seed", "fastai")
 TEXT_RECIPES = ("two-phase", "feature-extract", "lora")
@@ -288,8 +297,8 @@ def jobs(args: argparse.Namespace) -> list[dict]:
     for name in args.sets:
         recipes = TEXT_RECIPES if name == "sms" else args.recipes
         for recipe in recipes:
-            if recipe == "thaw-progressive" and name == "digits":  # trained unaugmented (the demo's settings): no crops to resize
-                print("thaw-progressive skipped on digits: it trains without augmentation", file=sys.stderr)
+            if recipe in AUGMENTING and name == "digits":  # trained unaugmented (the demo's settings)
+                print(f"{recipe} skipped on digits: it trains without augmentation", file=sys.stderr)
                 continue
             seeds = args.seeds if recipe in (*THAW_RECIPES, *TEXT_RECIPES) else args.baseline_seeds
             budget = {"budget": 20.0 if args.quick else args.budget} if recipe == "thaw-budget" else {}

@@ -56,6 +56,14 @@ def finite_float(text: str) -> float:
     return value
 
 
+def beta_alpha(text: str) -> float:
+    """Mixup's and cutmix's alpha: a finite number >= 0 (0 turns the blending off)."""
+    value = finite_float(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an alpha >= 0 like 0.2 (0 turns it off), got {text}")
+    return value
+
+
 def share(text: str, zero: bool = False) -> float:
     """A share (of the data held out, of the image size): above 0 (or 0 itself, where `zero`) and below 1."""
     try:

@@ -10,8 +10,9 @@ from pathlib import Path
 
 from thaw import distributed
 from thaw.cli.options import (
-    add_model_options, add_plan_options, non_negative_int, path_text, plan_from_args, positive_int, share, share_or_zero,
+    add_model_options, add_plan_options, beta_alpha, non_negative_int, path_text, plan_from_args, positive_int, share, share_or_zero,
 )
+from thaw.data.transforms import AUTO_AUGMENTS
 from thaw.models import build_model
 from thaw.models.hf_text import DEFAULT_MAX_LENGTH, POOLINGS, build_text_model
 from thaw.models.sources import TASKS, hf_source, task_of
@@ -97,6 +98,21 @@ def add_training_options(parser: argparse.ArgumentParser) -> None:
         "--progressive-resize", type=share, metavar="SHARE",
         help="stages that run the whole network train their first epoch on crops this share of the image size, "
         "growing to the full size by their last epoch (fastai's progressive resizing; less compute per early epoch)",
+    )
+    group.add_argument(
+        "--auto-augment", choices=AUTO_AUGMENTS,
+        help="after the random crop and flip, torchvision's TrivialAugmentWide (trivial) or RandAugment (rand: 2 ops at "
+        "strength 9) on each training image (default: off, see benchmarks/recipes.py)",
+    )
+    group.add_argument(
+        "--mixup", type=beta_alpha, default=0.0, metavar="ALPHA",
+        help="blend each training batch's images pairwise, and their labels in the same shares drawn from Beta(ALPHA, ALPHA) "
+        "(0.2 is usual; default 0: off); stages on cached features are not blended",
+    )
+    group.add_argument(
+        "--cutmix", type=beta_alpha, default=0.0, metavar="ALPHA",
+        help="paste a box of one training image into its neighbour, labels in the shares of area (1.0 is usual; "
+        "default 0: off); with --mixup too, each batch takes one of the two",
     )
     group.add_argument("--image-size", type=positive_int, help="override the weights' input size")
     group.add_argument("--strict", action="store_true", help="fail on unreadable files instead of skipping them")

@@ -34,17 +34,35 @@ def eval_transform(preprocessing: Preprocessing) -> v2.Compose:
     )
 
 
-def train_transform(preprocessing: Preprocessing) -> v2.Compose:
-    """The standard fine-tuning augmentation: random resized crop and horizontal flip."""
+# --auto-augment: torchvision's automatic augmentation policies, with the settings of its training references.
+AUTO_AUGMENTS = ("trivial", "rand")
+
+
+def _policy(name: str | None, preprocessing: Preprocessing) -> list[v2.Transform]:
+    """TrivialAugmentWide (one random op at a random strength per image) or RandAugment (two ops at strength 9)."""
+    if name is None:
+        return []
+    interpolation = _interpolation(preprocessing)
+    if name == "trivial":
+        return [v2.TrivialAugmentWide(interpolation=interpolation)]
+    if name == "rand":
+        return [v2.RandAugment(num_ops=2, magnitude=9, interpolation=interpolation)]
+    raise ValueError(f"auto augment must be one of {', '.join(AUTO_AUGMENTS)}, got {name!r}")
+
+
+def train_transform(preprocessing: Preprocessing, auto_augment: str | None = None) -> v2.Compose:
+    """The standard fine-tuning augmentation: random resized crop and horizontal flip, then an
+    automatic augmentation policy where one is named (after the crop, as torchvision's references do)."""
     return v2.Compose(
         [
             v2.RandomResizedCrop(preprocessing.crop_size, interpolation=_interpolation(preprocessing), antialias=True),
             v2.RandomHorizontalFlip(),
+            *_policy(auto_augment, preprocessing),
             *_to_normalised_tensor(preprocessing),
         ]
     )
 
 
-def train_transform_at(preprocessing: Preprocessing, crop_size: int) -> v2.Compose:
+def train_transform_at(preprocessing: Preprocessing, crop_size: int, auto_augment: str | None = None) -> v2.Compose:
     """The training augmentation with crops of `crop_size` px (progressive resizing's smaller epochs)."""
-    return train_transform(replace(preprocessing, crop_size=crop_size))
+    return train_transform(replace(preprocessing, crop_size=crop_size), auto_augment)

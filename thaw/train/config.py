@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
+from thaw.data.transforms import AUTO_AUGMENTS
 from thaw.errors import ThawError, join_problems
 from thaw.models.adapter import ModelAdapter, Preprocessing
 from thaw.plan.optim import OPTIMIZERS
@@ -54,6 +55,9 @@ class TrainConfig:
     budget: float | None = None  # seconds: epochs per stage chosen to fit them (thaw.train.budget)
     ema: bool = True  # stages that train pretrained layers are measured and delivered as a moving average of their weights
     progressive_resize: float | None = None  # full-network epochs start at this share of the crop size (thaw.train.resizing)
+    auto_augment: str | None = None  # trivial (TrivialAugmentWide) or rand (RandAugment) after the random crop and flip
+    mixup: float = 0.0  # alpha of the Beta distribution of mixup's mixing weight; 0: off (thaw.train.mixing)
+    cutmix: float = 0.0  # alpha of cutmix's; with both on, each batch takes one of the two at random
 
     def __post_init__(self) -> None:
         problems = config_problems(self)
@@ -125,6 +129,7 @@ def config_problems(config: TrainConfig) -> list[str]:
             )
         elif not c.augment:
             problems.append("progressive resize resizes the random training crops, which --no-augment turns off; drop one of the two")
+    problems += _augment_problems(c)
     if not isinstance(c.ema, bool):
         problems.append(f"ema must be true or false, got {c.ema!r}")
     if c.grad_clip is not None and not (_finite(c.grad_clip) and c.grad_clip > 0):
@@ -134,6 +139,24 @@ def config_problems(config: TrainConfig) -> list[str]:
         if not (_finite(value) and value >= 0):
             problems.append(f"{name} must be a finite number of GB >= 0, got {value!r}")
     return [problem for problem in problems if problem is not None]
+
+
+def _augment_problems(c: TrainConfig) -> list[str]:
+    """The augmentation options: valid values, and none of them beside --no-augment (which they would contradict)."""
+    problems = []
+    if c.auto_augment is not None and c.auto_augment not in AUTO_AUGMENTS:
+        problems.append(f"auto augment must be one of {', '.join(AUTO_AUGMENTS)}, got {c.auto_augment!r}; or leave it unset")
+    for name in ("mixup", "cutmix"):
+        value = getattr(c, name)
+        if not (_finite(value) and value >= 0):
+            problems.append(f"{name} must be a Beta alpha >= 0, got {value!r}; {MIX_HINTS[name]}, 0 turns it off")
+    if not c.augment:
+        chosen = [flag for flag, on in (("--auto-augment", c.auto_augment), ("--mixup", c.mixup), ("--cutmix", c.cutmix)) if on]
+        problems += [f"{flag} augments the training images, which --no-augment turns off; drop one of the two" for flag in chosen]
+    return problems
+
+
+MIX_HINTS = {"mixup": "0.2 is usual", "cutmix": "1.0 is usual"}
 
 
 def check_device(device: str) -> None:
@@ -197,6 +220,13 @@ def check_progressive_resize(adapter: ModelAdapter, config: TrainConfig, stage_e
                 f"{model_name} cannot take the {size} px crops progressive resize {start:g} trains with ({failure}); "
                 "use a larger share, or leave it unset"
             )
+
+
+def check_image_augments(adapter: ModelAdapter, config: TrainConfig) -> None:
+    """Refuse image augmentations for text, before any data is read."""
+    chosen = [flag for flag, on in (("--auto-augment", config.auto_augment), ("--mixup", config.mixup), ("--cutmix", config.cutmix)) if on]
+    if chosen and not isinstance(adapter.preprocessing, Preprocessing):
+        raise ThawError(f"{' and '.join(chosen)} augment images; leave {'them' if len(chosen) > 1 else 'it'} unset for text")
 
 
 def _meta_forward_failure(adapter: ModelAdapter, size: int) -> str | None:

@@ -37,13 +37,14 @@ from thaw.plan.stages import Stage, resolve_stage
 from thaw.plan.freeze import batchnorm_layers, is_eval_locked
 from thaw.train import checkpoint as ckpt
 from thaw.train.adapt_bn import adapt_batchnorm, has_statistics
-from thaw.train.config import TrainConfig, check_device, check_image_size, check_progressive_resize
+from thaw.train.config import TrainConfig, check_device, check_image_augments, check_image_size, check_progressive_resize
 from thaw.train.budget import Split, measure_costs, split_budget, with_epochs
 from thaw.train.ema import require_timm, weight_average
 from thaw.train.feature_cache import (
     CACHE_FOLDER, CachedStage, FeatureBatches, MemoryBudget, build_cache, fingerprint, remove_if_empty, remove_spill_files,
     why_not_cached,
 )
+from thaw.train.mixing import batch_mixer
 from thaw.train.loop import Engine, StageSchedule, evaluate, train_one_epoch
 from thaw.train.metrics import MetricTracker
 from thaw.train.progress import CACHED, FULL, PlanProgress
@@ -216,6 +217,20 @@ class Trainer:
             self._say(f"--cache-views {config.cache_views} ignored: with --no-augment the evaluation view is cached once")
         if config.progressive_resize is not None and config.budget is None and not self.resizes():
             self._say("--progressive-resize changes nothing here: no stage runs the whole network for more than one epoch")
+        # mixup and cutmix blend the images a stage runs the network on: stages on cached features train on them unblended
+        self.mixer = batch_mixer(len(data.classes), config.mixup, config.cutmix) if isinstance(data, ImageData) else None
+        self._say_unused_augments()
+
+    def _say_unused_augments(self) -> None:
+        """Augmentations that no stage of this plan would see: every stage trains on cached features."""
+        if FULL in self._predicted_kinds() or not isinstance(self.data, ImageData):
+            return
+        unused = [flag for flag, on in (("--mixup", self.config.mixup), ("--cutmix", self.config.cutmix)) if on]
+        if self.config.auto_augment and not self.views:
+            unused.append("--auto-augment")
+        if unused:
+            self._say(f"{', '.join(unused)} changes nothing here: every stage trains on cached features of the evaluation view"
+                      " (--cache-views K caches augmented views; --no-cache trains on the images)")
 
     def resizes(self) -> bool:
         """Whether --progressive-resize shrinks some epoch of this plan: a stage that runs the network on images for
@@ -231,9 +246,10 @@ class Trainer:
                 self.text_sets[split] = TextDataset(self.data.split(split), self.adapter.tokenizer, self.preprocessing.max_length)
             return self.text_sets[split]
         augmented = kind == "train"
-        transform = train_transform(self.preprocessing) if augmented else eval_transform(self.preprocessing)
+        policy = self.config.auto_augment
+        transform = train_transform(self.preprocessing, policy) if augmented else eval_transform(self.preprocessing)
         samples = self.data.val if kind == "val" else self.data.train
-        transform_at = partial(train_transform_at, self.preprocessing) if augmented else None  # progressive resizing
+        transform_at = partial(train_transform_at, self.preprocessing, auto_augment=policy) if augmented else None  # progressive resizing
         return ImageDataset(samples, transform, self.draft_size, self.store, transform_at)
 
     def stage_cache(self, stage_index: int) -> CachedStage | None:
@@ -416,7 +432,9 @@ class Trainer:
             size = self.crop_size(stage_index, state.epoch)
             label += f" at {size} px" if size else ""
             loader = self.epoch_loader(seed, done, size)
-            train = train_one_epoch(self.model, loader, self.optimizer, self.engine, schedule, first_step, label, classes, forward=self.wrapped, **options)
+            mix = None if self.mixer is None else self.mixer.for_epoch(seed, first_batch=done)
+            train = train_one_epoch(self.model, loader, self.optimizer, self.engine, schedule, first_step, label, classes,
+                                    forward=self.wrapped, mix=mix, **options)
         else:
             dtype = torch.bfloat16 if self.engine.bf16 else torch.float32  # what the live network would hand the head
             features = FeatureBatches(cached.train_view(state.epoch), self.config.batch_size, seed, dtype, skip_batches=done)
@@ -736,6 +754,7 @@ def fit(
     model_name = meta.get("model", type(adapter.model).__name__)
     check_image_size(adapter, config, model_name)  # before any data is decoded
     check_progressive_resize(adapter, config, [stage.epochs for stage in plan.stages], model_name)
+    check_image_augments(adapter, config)
     processes = distributed.from_environment()
     config = replace(config, device=distributed.start(processes, config.device), quiet=config.quiet or not processes.is_main)
     if processes.is_main:

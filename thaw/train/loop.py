@@ -18,6 +18,7 @@ from thaw.distributed import collective_device
 from thaw.errors import ThawError
 from thaw.plan import audit_gradients
 from thaw.train.metrics import MetricTracker
+from thaw.train.mixing import Mix
 from thaw.train.progress import PlanProgress, bars_disabled
 from thaw.train.schedule import apply_lrs, multiplier
 
@@ -114,8 +115,10 @@ def train_one_epoch(
     forward: Callable[[torch.Tensor], torch.Tensor] | None = None,
     tracker: MetricTracker | None = None,
     should_stop: Callable[[], bool] = lambda: False,
+    mix: Mix | None = None,
 ) -> dict:
-    """One pass over `loader`; `forward` defaults to the model (the feature cache passes the head).
+    """One pass over `loader`; `forward` defaults to the model (the feature cache passes the head);
+    `mix` blends each batch and its labels (mixup, cutmix) before the forward pass.
 
     Gradients are of summed per-sample losses, divided at each optimizer step by the number of
     samples in its accumulation group (over all ranks), so a step is the mean over exactly the
@@ -136,7 +139,8 @@ def train_one_epoch(
         engine.note_failures(batch.failed)
         everywhere, some_rank_short = engine.count_everywhere(len(batch.labels))
         if not some_rank_short:
-            value = _forward_backward(forward, batch, engine, f"{label}, batch {index + 1}", tracker)
+            mixed = None if mix is None else mix(batch.images, batch.labels, index)
+            value = _forward_backward(forward, batch, engine, f"{label}, batch {index + 1}", tracker, mixed)
             in_group += everywhere
             group_loss, group_count = group_loss + value * len(batch.labels), group_count + len(batch.labels)
             rate = tracker.count / max(time.perf_counter() - started, 1e-9)
@@ -168,12 +172,18 @@ def _bar_label(engine: Engine, label: str) -> str:
     return label if engine.progress is None else f"stage {engine.stage + 1}/{len(engine.progress.epochs)} {label}"
 
 
-def _forward_backward(forward: Callable, batch: Batch, engine: Engine, where: str, tracker: MetricTracker) -> float:
-    """Backward of the batch's summed loss; returns its mean loss per sample."""
-    images, labels = engine.to_device(batch.images), batch.labels.to(engine.device)
+def _forward_backward(
+    forward: Callable, batch: Batch, engine: Engine, where: str, tracker: MetricTracker,
+    mixed: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> float:
+    """Backward of the batch's summed loss (against `mixed`'s blended images and soft targets where given;
+    train accuracy still counts the labels the images had); returns its mean loss per sample."""
+    images, targets = (batch.images, batch.labels) if mixed is None else mixed
+    labels = batch.labels.to(engine.device)
     with engine.autocast():
-        logits = forward(images)
-    loss = nn.functional.cross_entropy(logits.float(), labels, reduction="sum", label_smoothing=engine.label_smoothing)
+        logits = forward(engine.to_device(images))
+    targets = targets.to(engine.device)
+    loss = nn.functional.cross_entropy(logits.float(), targets, reduction="sum", label_smoothing=engine.label_smoothing)
     value = loss.item() / len(labels)  # one device sync a batch, shared by the check, the metrics and the bar
     _check_finite(value, where)
     loss.backward()

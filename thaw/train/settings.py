@@ -90,7 +90,9 @@ def _describe(key: str, then: object, now: object) -> str:
 
 # Fields a later thaw added, with the value that reproduces a run recorded before them (a run resumed with
 # the newer default would change halfway: the weight average did not exist when such a run started).
-ADDED_LATER = {"ema": False, "budget": None, "label_smoothing": 0.0, "progressive_resize": None}
+ADDED_LATER = {
+    "ema": False, "budget": None, "label_smoothing": 0.0, "progressive_resize": None, "auto_augment": None, "mixup": 0.0, "cutmix": 0.0,
+}
 
 
 def config_from_settings(settings: dict, **runtime: object) -> TrainConfig:

@@ -1,0 +1,236 @@
+"""--auto-augment, --mixup and --cutmix: each changes training as documented, repeats exactly under a seed and
+across a resume, leaves stages on cached features and every evaluation alone, and bad values are refused up front."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torchvision.transforms import v2
+
+from tests.conftest import SmallConvNet, cli_config, write_text_table
+from thaw import ThawError, adapt
+from thaw.data.folders import discover
+from thaw.data.loaders import Batch, ImageDataset
+from thaw.data.transforms import train_transform
+from thaw.models.adapter import Preprocessing
+from thaw.plan import ConstantLr, Plan, RangeLr, Stage
+from thaw.train import TrainConfig
+from thaw.train.checkpoint import load_checkpoint
+from thaw.train.fit import RunInterrupted, fit
+from thaw.train.loop import Engine, MetricTracker, _forward_backward
+from thaw.train.mixing import BatchMixer
+
+PREPROCESSING = Preprocessing(crop_size=32, resize_size=36)
+PLAN = Plan((Stage("head", 1, ("head",), ConstantLr(3e-3)), Stage("all", 2, ("all",), RangeLr(1e-4, 1e-3), batchnorm="eval")))
+CONFIG = TrainConfig(image_size=32, batch_size=8, quiet=True, auto_augment="trivial", mixup=0.2, cutmix=1.0)
+
+
+def _images(count: int = 6, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.rand(count, 3, 8, 8, generator=generator), torch.tensor([0, 1, 2, 3, 0, 1][:count])
+
+
+@pytest.mark.parametrize("policy, kind", [("trivial", v2.TrivialAugmentWide), ("rand", v2.RandAugment)])
+def test_a_policy_runs_after_the_crop_and_flip_and_only_when_asked(policy: str, kind: type) -> None:
+    steps = [type(step) for step in train_transform(PREPROCESSING, policy).transforms]
+    assert steps[:3] == [v2.RandomResizedCrop, v2.RandomHorizontalFlip, kind]
+    assert not any(issubclass(step, (v2.TrivialAugmentWide, v2.RandAugment)) for step in map(type, train_transform(PREPROCESSING).transforms))
+
+
+@pytest.mark.parametrize("policy", ["trivial", "rand"])
+def test_a_policy_changes_the_training_images_and_repeats_under_a_seed(tiny_split_data: Path, policy: str) -> None:
+    samples = discover(tiny_split_data).train[:4]
+    plain, augmented = (ImageDataset(samples, train_transform(PREPROCESSING, chosen)) for chosen in (None, policy))
+    keys = [(index, seed) for index in range(4) for seed in range(3)]
+    first = [augmented[key][0] for key in keys]
+    assert all(torch.equal(a, augmented[key][0]) for a, key in zip(first, keys))  # the same (sample, seed): the same image
+    assert any(not torch.equal(a, plain[key][0]) for a, key in zip(first, keys))  # the policy altered what training sees
+
+
+def test_mixup_blends_images_and_labels_in_the_same_share() -> None:
+    images, labels = _images()
+    mixed, targets = BatchMixer(4, mixup=0.4, cutmix=0.0)(images, labels, seed=3)
+    share = targets[0, labels[0]].item()  # image 0 is blended with image 5 (the batch rolled by one), label 0 with 1
+    assert 0 < share < 1 and torch.allclose(targets.sum(dim=1), torch.ones(6))
+    assert torch.allclose(mixed, share * images + (1 - share) * images.roll(1, 0), atol=1e-6)
+    assert torch.allclose(targets, share * torch.eye(4)[labels] + (1 - share) * torch.eye(4)[labels.roll(1, 0)], atol=1e-6)
+
+
+def test_cutmix_pastes_a_box_whose_area_is_the_label_share() -> None:
+    images, labels = _images()
+    mixed, targets = BatchMixer(4, mixup=0.0, cutmix=1.0)(images, labels, seed=5)
+    pasted = (mixed != images).all(dim=1)[0]  # the pixels of image 0 that now come from image 5
+    assert torch.equal(mixed[:, :, pasted], images.roll(1, 0)[:, :, pasted]) and torch.equal(mixed[:, :, ~pasted], images[:, :, ~pasted])
+    own = targets[0, labels[0]].item()
+    assert own == pytest.approx(1 - pasted.float().mean().item(), abs=1e-6) and 0 < own < 1
+
+
+def test_mixing_repeats_for_a_seed_and_leaves_the_run_s_random_stream_alone() -> None:
+    images, labels = _images()
+    mixer = BatchMixer(4, mixup=0.2, cutmix=1.0)
+    torch.manual_seed(7)
+    before = torch.get_rng_state()
+    first = [mixer(images, labels, seed) for seed in range(6)]
+    assert torch.equal(torch.get_rng_state(), before)
+    again = [mixer(images, labels, seed) for seed in range(6)]
+    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(first, again))
+    assert len({tuple(targets[0].tolist()) for _, targets in first}) > 1  # each batch its own draw
+    # an epoch's batches are seeded by their number in the epoch: a loader resumed at batch 2 blends batch 2 as before
+    whole, resumed = mixer.for_epoch(11), mixer.for_epoch(11, first_batch=2)
+    assert torch.equal(whole(images, labels, 2)[1], resumed(images, labels, 0)[1])
+
+
+def test_the_training_loss_is_the_cross_entropy_against_the_smoothed_blend() -> None:
+    torch.manual_seed(0)
+    head = torch.nn.Linear(6, 4)
+    batch = Batch(torch.randn(5, 6), torch.tensor([0, 1, 2, 3, 1]), [])
+    targets = torch.softmax(torch.randn(5, 4), dim=1)
+    images = torch.randn(5, 6)
+    smoothed = 0.9 * targets + 0.1 / 4
+    expected = -(smoothed * head(images).log_softmax(dim=1)).sum(dim=1).mean().item()
+    engine = Engine(torch.device("cpu"), bf16=False, channels_last=False, quiet=True, label_smoothing=0.1)
+    tracker = MetricTracker(4)
+    assert _forward_backward(head, batch, engine, "test", tracker, (images, targets)) == pytest.approx(expected, rel=1e-6)
+    predicted = head(images).argmax(dim=1)
+    assert int(tracker.confusion.trace()) == int((predicted == batch.labels).sum())  # accuracy counts the images' own labels
+
+
+def _adapter():
+    torch.manual_seed(0)
+    return adapt(SmallConvNet(), num_classes=3)
+
+
+def _train(data: Path, out: Path, config: TrainConfig = CONFIG, adapter=None, **options):
+    return fit(adapter or _adapter(), discover(data), PLAN, config, out, meta={"model": "small"}, **options)
+
+
+def _weights(run: Path) -> dict[str, torch.Tensor]:
+    return load_checkpoint(run / "checkpoint.pt")["model"]
+
+
+@pytest.mark.parametrize("options", [{"auto_augment": "trivial"}, {"mixup": 0.2}, {"cutmix": 1.0}])
+def test_each_option_changes_only_the_stages_that_train_on_images(tiny_split_data: Path, tmp_path: Path, options: dict) -> None:
+    plain = TrainConfig(image_size=32, batch_size=8, quiet=True)
+    without = _train(tiny_split_data, tmp_path / "without", plain)
+    with_option = _train(tiny_split_data, tmp_path / "with", TrainConfig(**{**plain.__dict__, **options}))
+    # the head stage trains on cached features of the evaluation view: neither blended nor policy-augmented
+    assert with_option.history[0]["train_loss"] == without.history[0]["train_loss"]
+    assert with_option.history[1]["train_loss"] != without.history[1]["train_loss"]
+    assert with_option.history[-1]["val_loss"] != without.history[-1]["val_loss"]
+
+
+def test_val_batches_are_never_blended(tiny_split_data: Path, tmp_path: Path) -> None:
+    adapter, seen = _adapter(), []
+    adapter.model.register_forward_pre_hook(lambda module, args: seen.append((module.training, args[0].clone())) if not args[0].is_meta else None)
+    _train(tiny_split_data, tmp_path / "run", TrainConfig(**{**CONFIG.__dict__, "auto_augment": None, "ema": False}), adapter=adapter)
+    evaluated = torch.cat([images for training, images in seen if not training])
+    # the cache's passes (36 train images, then the 18 val images: before any blending), then each full epoch's val pass
+    assert len(evaluated) == 36 + 18 * 3
+    cached_val = evaluated[36:54]
+    assert torch.equal(evaluated[54:72], cached_val) and torch.equal(evaluated[72:], cached_val)
+
+
+# workers 2: the policy runs in persistent worker processes; the blending in this process after them
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_fixed_seed_repeats_and_ctrl_c_resumes_to_the_same_weights(tiny_split_data: Path, tmp_path: Path, workers: int) -> None:
+    config = TrainConfig(**{**CONFIG.__dict__, "batch_size": 4, "workers": workers})
+    _train(tiny_split_data, tmp_path / "whole", config)
+    _train(tiny_split_data, tmp_path / "again", config)
+
+    def press_ctrl_c(state) -> None:
+        if len(state.history) == 2:  # in the full stage's second epoch, which the resumed run finishes
+            os.kill(os.getpid(), signal.SIGINT)
+
+    with pytest.raises(RunInterrupted, match="--resume"):
+        _train(tiny_split_data, tmp_path / "cut", config, callbacks=[press_ctrl_c])
+    assert load_checkpoint(tmp_path / "cut" / "checkpoint.pt")["batch"] == 1
+    _train(tiny_split_data, tmp_path / "cut", config, resume=True)
+    whole, again, cut = (_weights(tmp_path / name) for name in ("whole", "again", "cut"))
+    assert all(torch.equal(whole[k], again[k]) and torch.equal(whole[k], cut[k]) for k in whole)
+
+
+def test_resume_refuses_other_augmentation(tiny_split_data: Path, tmp_path: Path) -> None:
+    def stop(state) -> None:
+        if len(state.history) == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        _train(tiny_split_data, tmp_path / "run", callbacks=[stop])
+    for field, value, message in (("mixup", 0.4, r"mixup \(the run: 0.2, now: 0.4\)"), ("auto_augment", "rand", r"auto-augment \(the run: 'trivial'")):
+        with pytest.raises(ThawError, match=message):
+            _train(tiny_split_data, tmp_path / "run", TrainConfig(**{**CONFIG.__dict__, field: value}), resume=True)
+
+
+def test_off_by_default_in_the_library_and_the_cli() -> None:
+    for config in (TrainConfig(), cli_config("data", "--model", "mobilenet_v2")):
+        assert (config.auto_augment, config.mixup, config.cutmix) == (None, 0.0, 0.0)
+
+
+@pytest.mark.parametrize(
+    "options, expected",
+    [
+        ({"auto_augment": "auto"}, "auto augment must be one of trivial, rand, got 'auto'"),
+        ({"mixup": -0.1}, "mixup must be a Beta alpha >= 0, got -0.1"),
+        ({"cutmix": float("inf")}, "cutmix must be a Beta alpha >= 0, got inf"),
+        ({"mixup": 0.2, "augment": False}, "--mixup augments the training images, which --no-augment turns off"),
+        ({"auto_augment": "rand", "augment": False}, "--auto-augment augments the training images"),
+    ],
+)
+def test_impossible_values_are_refused_when_the_config_is_made(options: dict, expected: str) -> None:
+    with pytest.raises(ThawError, match=expected):
+        TrainConfig(**options)
+
+
+def test_a_plan_file_sets_them_and_a_typed_flag_wins(tmp_path: Path) -> None:
+    plan = tmp_path / "plan.yaml"
+    plan.write_text("stages: [{name: all, epochs: 3, train: [all], lr: 1.0e-4}]\ntraining: {auto_augment: rand, mixup: 0.2, cutmix: 1.0}\n")
+
+    def config(*typed: str) -> TrainConfig:
+        return cli_config("data", "--model", "mobilenet_v2", "--config", str(plan), *typed)
+
+    assert (config().auto_augment, config().mixup, config().cutmix) == ("rand", 0.2, 1.0)
+    chosen = config("--auto-augment", "trivial", "--mixup", "0")
+    assert (chosen.auto_augment, chosen.mixup, chosen.cutmix) == ("trivial", 0.0, 1.0)
+
+
+def _thaw(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "thaw", *args], capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize(
+    "extra, expected",
+    [
+        (["--mixup", "-1"], "expected an alpha >= 0"),
+        (["--cutmix", "nan"], "expected a finite number"),
+        (["--auto-augment", "wide"], "invalid choice: 'wide'"),
+        (["--mixup", "0.2", "--no-augment"], "--mixup augments the training images, which --no-augment turns off"),
+    ],
+)
+def test_bad_values_are_one_line(tiny_split_data: Path, tmp_path: Path, extra: list[str], expected: str) -> None:
+    result = _thaw("train", str(tiny_split_data), "--model", "mobilenet_v3_small", "--weights", "none", "--out", str(tmp_path / "run"), *extra)
+    assert result.returncode == 2
+    assert expected in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_text_run_refuses_them_in_one_line(tmp_path: Path, tiny_encoder: Path) -> None:
+    table = write_text_table(tmp_path / "t.tsv", rows_per_class=10)
+    result = _thaw("train", str(table), "--task", "text", "--model", str(tiny_encoder), "--epochs", "1",
+                   "--mixup", "0.2", "--auto-augment", "trivial", "--out", str(tmp_path / "run"))
+    assert result.returncode == 2
+    assert "--auto-augment and --mixup augment images; leave them unset for text" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_plan_on_cached_features_only_says_they_change_nothing(tiny_split_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    head_only = Plan((Stage("head", 2, ("head",), ConstantLr(3e-3)),))
+    config = TrainConfig(**{**CONFIG.__dict__, "quiet": False})
+    fit(_adapter(), discover(tiny_split_data), head_only, config, tmp_path / "run", meta={"model": "small"})
+    assert "--mixup, --cutmix, --auto-augment changes nothing here: every stage trains on cached features" in capsys.readouterr().out
