@@ -15,7 +15,9 @@ For each image set, mobilenet_v2 IMAGENET1K_V1, the same images, size and split 
              (--mixup 0.2 --cutmix 1.0); these last six augment, so not on digits, which trains unaugmented
 Every recipe delivers the epoch with the best val accuracy (thaw by its own rule, the hand loop keeps the first
 best, fastai by SaveModelCallback over both fits); test is scored once, on that model, and never chooses anything.
-thaw's model is also scored with `--tta` (mirror images averaged), with the extra evaluation time.
+thaw's model is also scored with `--tta` (mirror images averaged), with the extra evaluation time, and evaluated
+at 8/7 and 9/7 of its size (256 and 288 px for 224 px weights, resize in the weights' ratio; nothing retrained):
+FixRes's observation that a model trained on random crops may score higher evaluated at a larger size.
 
 Sets: hymenoptera (its val/ is the test set; a seeded stratified 20% of train/ is the val split, a new one per
 seed, the same for every recipe), caltech40 (train/val/test as shipped), digits (the demo's set: 8x8 scans at
@@ -143,12 +145,34 @@ def thaw_row(folder: Path, size: int, flips: bool, seed: int, epochs: dict, reci
     plain = evaluate_run(adapter, meta, folder, "test")
     plain_s, tested = time.perf_counter() - tested, time.perf_counter()
     mirrored = evaluate_run(adapter, meta, folder, "test", tta=True)
-    return {
+    tta_s = time.perf_counter() - tested
+    larger = {f"test_accuracy_at_{pixels}": at_size(adapter, meta, folder, pixels) for pixels in larger_eval_sizes(adapter)}
+    return larger | {
         "wall_s": wall, "test_accuracy": plain["accuracy"], "tta_test_accuracy": mirrored["accuracy"],
-        "test_eval_s": plain_s, "tta_eval_s": time.perf_counter() - tested, "delivered_epoch": result.best["epoch"],
+        "test_eval_s": plain_s, "tta_eval_s": tta_s, "delivered_epoch": result.best["epoch"],
         "why": result.best.get("why"), "val_accuracy": result.best["val"]["accuracy"], "epochs": len(result.history),
         "budget": result.budget,
     }
+
+
+def larger_eval_sizes(adapter) -> tuple[int, ...]:
+    """FixRes: the train size's crops show objects larger than the evaluation's centre crop does, so a model
+    trained at 224 px may score higher evaluated at 256 or 288 (the resize keeps the weights' crop/resize ratio)."""
+    size = adapter.preprocessing.crop_size
+    return (round(size * 8 / 7 / 16) * 16, round(size * 9 / 7 / 16) * 16) if size >= 64 else ()
+
+
+def at_size(adapter, meta: dict, folder: Path, size: int) -> float:
+    """Test accuracy of the run's model evaluated at `size` px (nothing retrained)."""
+    import copy
+    from dataclasses import replace
+
+    from thaw.export.inference import evaluate_run
+
+    weights = adapter.preprocessing
+    resized = copy.copy(adapter)  # the same model, another preprocessing; the run's adapter is left as it was
+    resized.preprocessing = replace(weights, crop_size=size, resize_size=round(size * weights.resize_size / weights.crop_size))
+    return evaluate_run(resized, meta, folder, "test")["accuracy"]
 
 
 def seed_row(folder: Path, size: int, flips: bool, seed: int, epochs: dict) -> dict:
@@ -334,6 +358,8 @@ def extra_cells(chosen: list[dict]) -> str:
         tta = [row["tta_test_accuracy"] for row in chosen]
         cost = statistics.mean(row["tta_eval_s"] for row in chosen) / max(statistics.mean(row["test_eval_s"] for row in chosen), 1e-9)
         said.append(f"with --tta: {statistics.mean(tta):.4f} mean, {cost:.1f}x the evaluation time")
+    for key in sorted(k for k in chosen[0] if k.startswith("test_accuracy_at_")):
+        said.append(f"evaluated at {key.rsplit('_', 1)[1]} px: {statistics.mean(row[key] for row in chosen):.4f} mean")
     if "spam_f1" in chosen[0]:
         said.append(f"spam F1 {statistics.mean(row['spam_f1'] for row in chosen):.3f} mean")
     if "delivered_epoch" in chosen[0]:

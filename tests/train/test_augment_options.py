@@ -20,7 +20,7 @@ from thaw.data.loaders import Batch, ImageDataset
 from thaw.data.transforms import train_transform
 from thaw.models.adapter import Preprocessing
 from thaw.plan import ConstantLr, Plan, RangeLr, Stage
-from thaw.train import TrainConfig
+from thaw.train import TrainConfig, train_text
 from thaw.train.checkpoint import load_checkpoint
 from thaw.train.fit import RunInterrupted, fit
 from thaw.train.loop import Engine, MetricTracker, _forward_backward
@@ -96,9 +96,16 @@ def test_the_training_loss_is_the_cross_entropy_against_the_smoothed_blend() -> 
     expected = -(smoothed * head(images).log_softmax(dim=1)).sum(dim=1).mean().item()
     engine = Engine(torch.device("cpu"), bf16=False, channels_last=False, quiet=True, label_smoothing=0.1)
     tracker = MetricTracker(4)
-    assert _forward_backward(head, batch, engine, "test", tracker, (images, targets)) == pytest.approx(expected, rel=1e-6)
+    assert _forward_backward(head, batch, engine, "test", tracker, lambda x, y: (images, targets)) == pytest.approx(expected, rel=1e-6)
     predicted = head(images).argmax(dim=1)
     assert int(tracker.confusion.trace()) == int((predicted == batch.labels).sum())  # accuracy counts the images' own labels
+
+
+def test_ranks_draw_their_own_blends() -> None:
+    images, labels = _images()
+    mixer = BatchMixer(4, mixup=0.2, cutmix=0.0)
+    first, second = (mixer.for_epoch(11, rank=rank)(images, labels, 0)[1] for rank in (0, 1))
+    assert not torch.equal(first, second)
 
 
 def _adapter():
@@ -114,32 +121,64 @@ def _weights(run: Path) -> dict[str, torch.Tensor]:
     return load_checkpoint(run / "checkpoint.pt")["model"]
 
 
+def _recorded(data: Path, out: Path, config: TrainConfig, plan: Plan = PLAN) -> tuple[list[float], list[torch.Tensor], list[torch.Tensor]]:
+    """The run's train losses, and the images its network was given in training and in evaluation, in order."""
+    adapter, trained, evaluated = _adapter(), [], []
+
+    def record(module, args) -> None:
+        if not args[0].is_meta:
+            (trained if module.training else evaluated).append(args[0].clone())
+
+    adapter.model.register_forward_pre_hook(record)
+    result = fit(adapter, discover(data), plan, config, out, meta={"model": "small"})
+    return [row["train_loss"] for row in result.history], trained, evaluated
+
+
+# progressive resize 0.5: the full stage's first epoch trains on 16 px crops, which the options reach too
 @pytest.mark.parametrize("options", [{"auto_augment": "trivial"}, {"mixup": 0.2}, {"cutmix": 1.0}])
-def test_each_option_changes_only_the_stages_that_train_on_images(tiny_split_data: Path, tmp_path: Path, options: dict) -> None:
-    plain = TrainConfig(image_size=32, batch_size=8, quiet=True)
-    without = _train(tiny_split_data, tmp_path / "without", plain)
-    with_option = _train(tiny_split_data, tmp_path / "with", TrainConfig(**{**plain.__dict__, **options}))
+def test_each_option_changes_the_images_the_network_trains_on_and_nothing_else(tiny_split_data: Path, tmp_path: Path, options: dict) -> None:
+    plain = TrainConfig(image_size=32, batch_size=8, quiet=True, progressive_resize=0.5)
+    losses, trained, evaluated = _recorded(tiny_split_data, tmp_path / "without", plain)
+    losses_with, trained_with, evaluated_with = _recorded(tiny_split_data, tmp_path / "with", TrainConfig(**{**plain.__dict__, **options}))
     # the head stage trains on cached features of the evaluation view: neither blended nor policy-augmented
-    assert with_option.history[0]["train_loss"] == without.history[0]["train_loss"]
-    assert with_option.history[1]["train_loss"] != without.history[1]["train_loss"]
-    assert with_option.history[-1]["val_loss"] != without.history[-1]["val_loss"]
+    assert losses_with[0] == losses[0] and losses_with[1:] != losses[1:]
+    assert [x.shape[-1] for x in trained_with] == [x.shape[-1] for x in trained] == [16] * 5 + [32] * 5
+    changed = [not torch.equal(a, b) for a, b in zip(trained, trained_with)]
+    assert any(changed[:5]) and any(changed[5:])  # at both sizes (a cutmix box can shrink to no pixel in one batch)
+    assert len(evaluated_with) == len(evaluated) == 5 + 3 + 3 + 3  # the cache's passes (train, val), then each epoch's val
+    assert all(torch.equal(a, b) for a, b in zip(evaluated[:8], evaluated_with[:8]))  # up to the first val of trained weights
 
 
-def test_val_batches_are_never_blended(tiny_split_data: Path, tmp_path: Path) -> None:
-    adapter, seen = _adapter(), []
-    adapter.model.register_forward_pre_hook(lambda module, args: seen.append((module.training, args[0].clone())) if not args[0].is_meta else None)
-    _train(tiny_split_data, tmp_path / "run", TrainConfig(**{**CONFIG.__dict__, "auto_augment": None, "ema": False}), adapter=adapter)
-    evaluated = torch.cat([images for training, images in seen if not training])
-    # the cache's passes (36 train images, then the 18 val images: before any blending), then each full epoch's val pass
-    assert len(evaluated) == 36 + 18 * 3
-    cached_val = evaluated[36:54]
-    assert torch.equal(evaluated[54:72], cached_val) and torch.equal(evaluated[72:], cached_val)
+def test_mixup_blends_the_network_s_training_images_with_their_neighbours(tiny_split_data: Path, tmp_path: Path) -> None:
+    plain = TrainConfig(image_size=32, batch_size=8, quiet=True)
+    _, trained, evaluated = _recorded(tiny_split_data, tmp_path / "without", plain)
+    _, blended, evaluated_with = _recorded(tiny_split_data, tmp_path / "with", TrainConfig(**{**plain.__dict__, "mixup": 0.2}))
+    shares = []
+    for images, mixed in zip(trained, blended):
+        rolled = images.roll(1, 0)
+        share = ((mixed - rolled) * (images - rolled)).sum() / ((images - rolled) ** 2).sum()  # the least-squares weight
+        assert torch.allclose(mixed, share * images + (1 - share) * rolled, atol=1e-5)
+        shares.append(float(share))
+    # Beta(0.2, 0.2) puts most weight near 0 and 1: some batches are barely blended, never all
+    assert all(-1e-6 <= share <= 1 + 1e-6 for share in shares) and any(0.01 < share < 0.99 for share in shares)
+    assert [x.shape for x in evaluated_with] == [x.shape for x in evaluated]
+    val = evaluated[5:8]  # the cache's val pass, before any training; every later val pass shows the same images
+    assert all(torch.equal(a, b) for a, b in zip(evaluated_with[5:], val + val + val))
 
 
-# workers 2: the policy runs in persistent worker processes; the blending in this process after them
-@pytest.mark.parametrize("workers", [0, 2])
-def test_a_fixed_seed_repeats_and_ctrl_c_resumes_to_the_same_weights(tiny_split_data: Path, tmp_path: Path, workers: int) -> None:
-    config = TrainConfig(**{**CONFIG.__dict__, "batch_size": 4, "workers": workers})
+def test_cached_views_carry_the_policy(tiny_split_data: Path, tmp_path: Path) -> None:
+    head_only = Plan((Stage("head", 2, ("head",), ConstantLr(3e-3)),))
+    views = TrainConfig(image_size=32, batch_size=8, quiet=True, cache_views=2)
+    plain, _, _ = _recorded(tiny_split_data, tmp_path / "plain", views, head_only)
+    policy, _, _ = _recorded(tiny_split_data, tmp_path / "policy", TrainConfig(**{**views.__dict__, "auto_augment": "trivial"}), head_only)
+    assert plain[0] != policy[0] and plain[1] != policy[1]
+
+
+# workers 2: the policy runs in persistent worker processes, the blending in this process after them;
+# accumulate 2: the interrupt lands after an optimizer step, two batches into the epoch
+@pytest.mark.parametrize("workers, accumulate", [(0, 1), (2, 1), (0, 2)])
+def test_a_fixed_seed_repeats_and_ctrl_c_resumes_to_the_same_weights(tiny_split_data: Path, tmp_path: Path, workers: int, accumulate: int) -> None:
+    config = TrainConfig(**{**CONFIG.__dict__, "batch_size": 4, "workers": workers, "accumulate": accumulate})
     _train(tiny_split_data, tmp_path / "whole", config)
     _train(tiny_split_data, tmp_path / "again", config)
 
@@ -149,7 +188,7 @@ def test_a_fixed_seed_repeats_and_ctrl_c_resumes_to_the_same_weights(tiny_split_
 
     with pytest.raises(RunInterrupted, match="--resume"):
         _train(tiny_split_data, tmp_path / "cut", config, callbacks=[press_ctrl_c])
-    assert load_checkpoint(tmp_path / "cut" / "checkpoint.pt")["batch"] == 1
+    assert load_checkpoint(tmp_path / "cut" / "checkpoint.pt")["batch"] == accumulate
     _train(tiny_split_data, tmp_path / "cut", config, resume=True)
     whole, again, cut = (_weights(tmp_path / name) for name in ("whole", "again", "cut"))
     assert all(torch.equal(whole[k], again[k]) and torch.equal(whole[k], cut[k]) for k in whole)
@@ -197,6 +236,22 @@ def test_a_plan_file_sets_them_and_a_typed_flag_wins(tmp_path: Path) -> None:
     assert (config().auto_augment, config().mixup, config().cutmix) == ("rand", 0.2, 1.0)
     chosen = config("--auto-augment", "trivial", "--mixup", "0")
     assert (chosen.auto_augment, chosen.mixup, chosen.cutmix) == ("trivial", 0.0, 1.0)
+    assert config("--auto-augment", "none").auto_augment is None  # typed: turns the file's policy off
+
+
+@pytest.mark.parametrize(
+    "training, expected",
+    [
+        ("{mixup: true}", "mixup must be a Beta alpha >= 0, got True"),
+        ("{cutmix: abc}", "cutmix must be a Beta alpha >= 0, got 'abc'"),
+        ("{auto_augment: 3}", "auto augment must be one of trivial, rand, got 3"),
+    ],
+)
+def test_bad_plan_file_values_are_refused_by_name(tmp_path: Path, training: str, expected: str) -> None:
+    plan = tmp_path / "plan.yaml"
+    plan.write_text(f"stages: [{{name: all, epochs: 1, train: [all], lr: 1.0e-4}}]\ntraining: {training}\n")
+    with pytest.raises(ThawError, match=expected):
+        cli_config("data", "--model", "mobilenet_v2", "--config", str(plan))
 
 
 def _thaw(*args: str) -> subprocess.CompletedProcess:
@@ -208,7 +263,7 @@ def _thaw(*args: str) -> subprocess.CompletedProcess:
     [
         (["--mixup", "-1"], "expected an alpha >= 0"),
         (["--cutmix", "nan"], "expected a finite number"),
-        (["--auto-augment", "wide"], "invalid choice: 'wide'"),
+        (["--auto-augment", "wide"], "expected one of trivial, rand, none, got 'wide'"),
         (["--mixup", "0.2", "--no-augment"], "--mixup augments the training images, which --no-augment turns off"),
     ],
 )
@@ -227,10 +282,14 @@ def test_a_text_run_refuses_them_in_one_line(tmp_path: Path, tiny_encoder: Path)
     assert "--auto-augment and --mixup augment images; leave them unset for text" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr
     assert not (tmp_path / "run").exists()
+    with pytest.raises(ThawError, match="--cutmix augments images"):  # refused before the table is read: there is none
+        train_text(tmp_path / "missing.tsv", model=str(tiny_encoder), config=TrainConfig(cutmix=1.0), out=tmp_path / "lib")
 
 
-def test_a_plan_on_cached_features_only_says_they_change_nothing(tiny_split_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_a_plan_on_cached_features_only_says_they_change_nothing(
+    tiny_split_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     head_only = Plan((Stage("head", 2, ("head",), ConstantLr(3e-3)),))
     config = TrainConfig(**{**CONFIG.__dict__, "quiet": False})
     fit(_adapter(), discover(tiny_split_data), head_only, config, tmp_path / "run", meta={"model": "small"})
-    assert "--mixup, --cutmix, --auto-augment changes nothing here: every stage trains on cached features" in capsys.readouterr().out
+    assert "--auto-augment, --mixup, --cutmix change nothing here: every stage trains on cached features" in capsys.readouterr().out

@@ -60,7 +60,7 @@ def beta_alpha(text: str) -> float:
     """Mixup's and cutmix's alpha: a finite number >= 0 (0 turns the blending off)."""
     value = finite_float(text)
     if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an alpha >= 0 like 0.2 (0 turns it off), got {text}")
+        raise argparse.ArgumentTypeError(f"expected an alpha >= 0 (0.2 is usual for mixup, 1.0 for cutmix; 0 turns it off), got {text}")
     return value
 
 

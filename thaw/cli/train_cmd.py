@@ -100,14 +100,15 @@ def add_training_options(parser: argparse.ArgumentParser) -> None:
         "growing to the full size by their last epoch (fastai's progressive resizing; less compute per early epoch)",
     )
     group.add_argument(
-        "--auto-augment", choices=AUTO_AUGMENTS,
+        "--auto-augment", type=auto_augment, metavar="{" + ",".join((*AUTO_AUGMENTS, "none")) + "}",
         help="after the random crop and flip, torchvision's TrivialAugmentWide (trivial) or RandAugment (rand: 2 ops at "
-        "strength 9) on each training image (default: off, see benchmarks/recipes.py)",
+        "strength 9) on each training image (default: none; none also overrides a plan file's auto_augment)",
     )
     group.add_argument(
         "--mixup", type=beta_alpha, default=0.0, metavar="ALPHA",
         help="blend each training batch's images pairwise, and their labels in the same shares drawn from Beta(ALPHA, ALPHA) "
-        "(0.2 is usual; default 0: off); stages on cached features are not blended",
+        "(0.2 is usual; default 0: off); stages on cached features are not blended; train accuracy counts each image's "
+        "own label, so it reads lower on blended batches",
     )
     group.add_argument(
         "--cutmix", type=beta_alpha, default=0.0, metavar="ALPHA",
@@ -149,6 +150,15 @@ def add_text_options(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument("--max-length", type=positive_int, default=DEFAULT_MAX_LENGTH, help="tokens kept per text")
     group.add_argument("--pooling", choices=POOLINGS, default="mean", help="how token states become one vector")
+
+
+def auto_augment(text: str) -> str | None:
+    """An --auto-augment policy; `none` is no policy (a typed flag that overrides a plan file's)."""
+    if text == "none":
+        return None
+    if text not in AUTO_AUGMENTS:
+        raise argparse.ArgumentTypeError(f"expected one of {', '.join((*AUTO_AUGMENTS, 'none'))}, got {text!r}")
+    return text
 
 
 def budget_seconds(text: str) -> float:

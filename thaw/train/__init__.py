@@ -16,7 +16,7 @@ from thaw.plan import Plan, build_plan, plan_from_dict, plan_to_dict
 from thaw.plan.lora_targets import lora_targets
 from thaw.errors import ThawError
 from thaw.train import checkpoint
-from thaw.train.config import TrainConfig
+from thaw.train.config import TrainConfig, check_image_augments
 from thaw.train.settings import RUNTIME_FIELDS, config_from_settings, samples_digest, source_name
 from thaw import distributed
 from thaw.train.fit import EpochCallback, RunResult, RunState, StepHook, effective_preprocessing, fit
@@ -72,6 +72,7 @@ def train_text(
     `test_split` holds out a seeded stratified share first (for `thaw evaluate --split test`);
     `val_split` of the rest picks the best epoch.
     """
+    check_image_augments(config, "text")  # before the table is read and the model built
     data = load_text_data(data_path, columns=columns, val_split=val_split, test_split=test_split, seed=config.seed)
     torch.manual_seed(config.seed)
     adapter = build_text_model(model, num_classes=len(data.classes), pooling=pooling, max_length=max_length)

@@ -25,6 +25,7 @@ MAX_IMAGE_SIZE = 4096  # a 4096 px batch of one already needs tens of GB of acti
 MAX_WORKERS = 256  # each worker is a process holding a copy of the dataset
 MAX_CACHE_VIEWS = 1000  # every view is one pass over the train set, computed before the stage starts
 MAX_PROGRESSIVE_EPOCHS = 64  # above the most epochs --budget gives a stage (thaw.train.budget.MAX_EPOCHS)
+MIX_HINTS = {"mixup": "0.2 is usual", "cutmix": "1.0 is usual"}
 MAX_SEED = 2**63  # torch's generators take seeds below 2**64; leave headroom for per-epoch offsets
 
 
@@ -141,6 +142,12 @@ def config_problems(config: TrainConfig) -> list[str]:
     return [problem for problem in problems if problem is not None]
 
 
+def image_augment_flags(config: TrainConfig) -> list[str]:
+    """The image augmentations `config` turns on, as their flags."""
+    chosen = (("--auto-augment", config.auto_augment), ("--mixup", config.mixup), ("--cutmix", config.cutmix))
+    return [flag for flag, value in chosen if value]
+
+
 def _augment_problems(c: TrainConfig) -> list[str]:
     """The augmentation options: valid values, and none of them beside --no-augment (which they would contradict)."""
     problems = []
@@ -151,12 +158,8 @@ def _augment_problems(c: TrainConfig) -> list[str]:
         if not (_finite(value) and value >= 0):
             problems.append(f"{name} must be a Beta alpha >= 0, got {value!r}; {MIX_HINTS[name]}, 0 turns it off")
     if not c.augment:
-        chosen = [flag for flag, on in (("--auto-augment", c.auto_augment), ("--mixup", c.mixup), ("--cutmix", c.cutmix)) if on]
-        problems += [f"{flag} augments the training images, which --no-augment turns off; drop one of the two" for flag in chosen]
+        problems += [f"{flag} augments the training images, which --no-augment turns off; drop one of the two" for flag in image_augment_flags(c)]
     return problems
-
-
-MIX_HINTS = {"mixup": "0.2 is usual", "cutmix": "1.0 is usual"}
 
 
 def check_device(device: str) -> None:
@@ -222,11 +225,12 @@ def check_progressive_resize(adapter: ModelAdapter, config: TrainConfig, stage_e
             )
 
 
-def check_image_augments(adapter: ModelAdapter, config: TrainConfig) -> None:
-    """Refuse image augmentations for text, before any data is read."""
-    chosen = [flag for flag, on in (("--auto-augment", config.auto_augment), ("--mixup", config.mixup), ("--cutmix", config.cutmix)) if on]
-    if chosen and not isinstance(adapter.preprocessing, Preprocessing):
-        raise ThawError(f"{' and '.join(chosen)} augment images; leave {'them' if len(chosen) > 1 else 'it'} unset for text")
+def check_image_augments(config: TrainConfig, task: str) -> None:
+    """Refuse image augmentations for a text run (train_text calls this before it reads the table)."""
+    chosen = image_augment_flags(config)
+    if chosen and task == "text":
+        verb, pronoun = ("augment", "them") if len(chosen) > 1 else ("augments", "it")
+        raise ThawError(f"{' and '.join(chosen)} {verb} images; leave {pronoun} unset for text")
 
 
 def _meta_forward_failure(adapter: ModelAdapter, size: int) -> str | None:

@@ -37,7 +37,7 @@ from thaw.plan.stages import Stage, resolve_stage
 from thaw.plan.freeze import batchnorm_layers, is_eval_locked
 from thaw.train import checkpoint as ckpt
 from thaw.train.adapt_bn import adapt_batchnorm, has_statistics
-from thaw.train.config import TrainConfig, check_device, check_image_augments, check_image_size, check_progressive_resize
+from thaw.train.config import TrainConfig, check_device, check_image_augments, check_image_size, check_progressive_resize, image_augment_flags
 from thaw.train.budget import Split, measure_costs, split_budget, with_epochs
 from thaw.train.ema import require_timm, weight_average
 from thaw.train.feature_cache import (
@@ -225,11 +225,10 @@ class Trainer:
         """Augmentations that no stage of this plan would see: every stage trains on cached features."""
         if FULL in self._predicted_kinds() or not isinstance(self.data, ImageData):
             return
-        unused = [flag for flag, on in (("--mixup", self.config.mixup), ("--cutmix", self.config.cutmix)) if on]
-        if self.config.auto_augment and not self.views:
-            unused.append("--auto-augment")
+        unused = [flag for flag in image_augment_flags(self.config) if flag != "--auto-augment" or not self.views]
         if unused:
-            self._say(f"{', '.join(unused)} changes nothing here: every stage trains on cached features of the evaluation view"
+            verb = "change" if len(unused) > 1 else "changes"
+            self._say(f"{', '.join(unused)} {verb} nothing here: every stage trains on cached features of the evaluation view"
                       " (--cache-views K caches augmented views; --no-cache trains on the images)")
 
     def resizes(self) -> bool:
@@ -432,7 +431,7 @@ class Trainer:
             size = self.crop_size(stage_index, state.epoch)
             label += f" at {size} px" if size else ""
             loader = self.epoch_loader(seed, done, size)
-            mix = None if self.mixer is None else self.mixer.for_epoch(seed, first_batch=done)
+            mix = None if self.mixer is None else self.mixer.for_epoch(seed, first_batch=done, rank=self.processes.rank)
             train = train_one_epoch(self.model, loader, self.optimizer, self.engine, schedule, first_step, label, classes,
                                     forward=self.wrapped, mix=mix, **options)
         else:
@@ -754,7 +753,7 @@ def fit(
     model_name = meta.get("model", type(adapter.model).__name__)
     check_image_size(adapter, config, model_name)  # before any data is decoded
     check_progressive_resize(adapter, config, [stage.epochs for stage in plan.stages], model_name)
-    check_image_augments(adapter, config)
+    check_image_augments(config, "image" if isinstance(adapter.preprocessing, Preprocessing) else "text")
     processes = distributed.from_environment()
     config = replace(config, device=distributed.start(processes, config.device), quiet=config.quiet or not processes.is_main)
     if processes.is_main:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import time
+from functools import partial
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
@@ -139,8 +140,8 @@ def train_one_epoch(
         engine.note_failures(batch.failed)
         everywhere, some_rank_short = engine.count_everywhere(len(batch.labels))
         if not some_rank_short:
-            mixed = None if mix is None else mix(batch.images, batch.labels, index)
-            value = _forward_backward(forward, batch, engine, f"{label}, batch {index + 1}", tracker, mixed)
+            blend = None if mix is None else partial(mix, index=index)
+            value = _forward_backward(forward, batch, engine, f"{label}, batch {index + 1}", tracker, blend)
             in_group += everywhere
             group_loss, group_count = group_loss + value * len(batch.labels), group_count + len(batch.labels)
             rate = tracker.count / max(time.perf_counter() - started, 1e-9)
@@ -174,15 +175,17 @@ def _bar_label(engine: Engine, label: str) -> str:
 
 def _forward_backward(
     forward: Callable, batch: Batch, engine: Engine, where: str, tracker: MetricTracker,
-    mixed: tuple[torch.Tensor, torch.Tensor] | None = None,
+    blend: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None,
 ) -> float:
-    """Backward of the batch's summed loss (against `mixed`'s blended images and soft targets where given;
+    """Backward of the batch's summed loss (where `blend` is given, of its blended images against its soft targets;
     train accuracy still counts the labels the images had); returns its mean loss per sample."""
-    images, targets = (batch.images, batch.labels) if mixed is None else mixed
-    labels = batch.labels.to(engine.device)
+    images, labels = engine.to_device(batch.images), batch.labels.to(engine.device)
+    targets = labels
+    if blend is not None:  # on the device, after the (pinned, asynchronous) copy
+        images, targets = blend(images, labels)
+        images = engine.to_device(images)  # mixup's sum may come back without the channels_last layout
     with engine.autocast():
-        logits = forward(engine.to_device(images))
-    targets = targets.to(engine.device)
+        logits = forward(images)
     loss = nn.functional.cross_entropy(logits.float(), targets, reduction="sum", label_smoothing=engine.label_smoothing)
     value = loss.item() / len(labels)  # one device sync a batch, shared by the check, the metrics and the bar
     _check_finite(value, where)

@@ -13,9 +13,12 @@ from typing import Callable
 import torch
 from torchvision.transforms import v2
 
-# (images, labels, the batch's index in the loader) -> (blended images, soft targets: one row of class shares per image)
-Mix = Callable[[torch.Tensor, torch.Tensor, int], tuple[torch.Tensor, torch.Tensor]]
-SEED_STRIDE = 1_000_003  # a prime above any batch count, so (epoch seed, batch) pairs never share a seed
+# (images, labels, index: the batch's in the loader) -> (blended images, soft targets: one row of class shares per image)
+Mix = Callable[..., tuple[torch.Tensor, torch.Tensor]]
+# Each (epoch seed, batch, rank) gets a seed of its own while batches number under BATCH_STRIDE and ranks under
+# RANK_STRIDE; epoch seeds are below 2**31, so the products stay below 2**63 and the modulo never wraps.
+BATCH_STRIDE = 2**20
+RANK_STRIDE = 2**10
 
 
 class BatchMixer:
@@ -36,10 +39,16 @@ class BatchMixer:
             torch.default_generator.manual_seed(seed)
             return self.transform(images, labels)
 
-    def for_epoch(self, epoch_seed: int, first_batch: int = 0) -> Mix:
+    def for_epoch(self, epoch_seed: int, first_batch: int = 0, rank: int = 0) -> Mix:
         """The blending of one epoch whose loader starts at batch `first_batch` (a resumed epoch's), each batch
-        seeded by its number counted from the epoch's start."""
-        return lambda images, labels, index: self(images, labels, (epoch_seed * SEED_STRIDE + first_batch + index) % 2**63)
+        seeded by its number counted from the epoch's start and by the rank (under torchrun every rank shares the
+        epoch's seed; each blends its own shard with draws of its own, as separate batches would)."""
+
+        def blend(images: torch.Tensor, labels: torch.Tensor, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+            batch = first_batch + index
+            return self(images, labels, ((epoch_seed * BATCH_STRIDE + batch) * RANK_STRIDE + rank) % 2**63)
+
+        return blend
 
 
 def batch_mixer(num_classes: int, mixup: float, cutmix: float) -> BatchMixer | None:
