@@ -87,3 +87,25 @@ def test_batches_for_the_gpu_are_page_locked(tmp_path: Path) -> None:
                            train_transform(Preprocessing(resize_size=40, crop_size=32)))
     batch = next(iter(make_loader(dataset, batch_size=4, shuffle=True, seed=0, workers=0, pin_memory=True)))
     assert batch.images.is_pinned() and batch.labels.is_pinned()
+
+
+def test_blending_on_the_gpu_draws_as_on_the_cpu() -> None:
+    """Mixup and cutmix blend batches on the device; their draws come from the CPU generator, so a seed gives the
+    same blend on either (and a resumed run on the GPU blends as the uninterrupted one did)."""
+    from thaw.train.mixing import BatchMixer
+
+    images, labels = torch.rand(6, 3, 8, 8, generator=torch.Generator().manual_seed(0)), torch.tensor([0, 1, 2, 3, 0, 1])
+    mixer = BatchMixer(4, mixup=0.2, cutmix=1.0)
+    for seed in range(6):
+        on_cpu = mixer(images, labels, seed)
+        on_gpu = mixer(images.cuda().contiguous(memory_format=torch.channels_last), labels.cuda(), seed)
+        assert all(torch.allclose(gpu.cpu(), cpu, atol=1e-6) for gpu, cpu in zip(on_gpu, on_cpu))
+
+
+def test_cuda_run_with_every_augmentation(tiny_split_data: Path, tmp_path: Path) -> None:
+    from dataclasses import replace
+
+    config = replace(CONFIG, auto_augment="trivial", mixup=0.2, cutmix=1.0)
+    result = train_images(tiny_split_data, model="mobilenet_v3_small", weights=None, plan=PLAN, config=config, out=tmp_path / "run")
+    assert result.engine.device.type == "cuda" and len(result.history) == 4
+    assert all(torch.isfinite(torch.tensor(h["train_loss"])) for h in result.history)

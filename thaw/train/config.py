@@ -152,7 +152,9 @@ def _augment_problems(c: TrainConfig) -> list[str]:
     """The augmentation options: valid values, and none of them beside --no-augment (which they would contradict)."""
     problems = []
     if c.auto_augment is not None and c.auto_augment not in AUTO_AUGMENTS:
-        problems.append(f"auto augment must be one of {', '.join(AUTO_AUGMENTS)}, got {c.auto_augment!r}; or leave it unset")
+        problems.append(
+            f"auto augment must be one of {', '.join(AUTO_AUGMENTS)}, got {c.auto_augment!r}; or leave it unset (null in a plan file)"
+        )
     for name in ("mixup", "cutmix"):
         value = getattr(c, name)
         if not (_finite(value) and value >= 0):
