@@ -13,7 +13,7 @@ import pytest
 import torch
 from torchvision.transforms import v2
 
-from tests.conftest import SmallConvNet, cli_config, write_text_table
+from tests.conftest import Crash, SmallConvNet, crash_after, cli_config, write_text_table
 from thaw import ThawError, adapt
 from thaw.data.folders import discover
 from thaw.data.loaders import Batch, ImageDataset
@@ -206,12 +206,8 @@ def test_a_fixed_seed_repeats_and_ctrl_c_resumes_to_the_same_weights(tiny_split_
 
 
 def test_resume_refuses_other_augmentation(tiny_split_data: Path, tmp_path: Path) -> None:
-    def stop(state) -> None:
-        if len(state.history) == 2:
-            raise KeyboardInterrupt
-
-    with pytest.raises(KeyboardInterrupt):
-        _train(tiny_split_data, tmp_path / "run", callbacks=[stop])
+    with pytest.raises(Crash):
+        _train(tiny_split_data, tmp_path / "run", callbacks=[crash_after(2)])
     for field, value, message in (("mixup", 0.4, r"mixup \(the run: 0.2, now: 0.4\)"), ("auto_augment", "rand", r"auto-augment \(the run: 'trivial'")):
         with pytest.raises(ThawError, match=message):
             _train(tiny_split_data, tmp_path / "run", TrainConfig(**{**CONFIG.__dict__, field: value}), resume=True)

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import SmallConvNet, cli_config
+from tests.conftest import Crash, SmallConvNet, crash_after, cli_config
 from thaw import ThawError, adapt
 from thaw.data.folders import discover
 from thaw.plan import ConstantLr, Plan, RangeLr, Stage
@@ -110,12 +110,8 @@ def test_ctrl_c_in_a_smaller_epoch_resumes_to_the_same_weights(tiny_split_data: 
 
 
 def test_resume_refuses_another_progressive_share(tiny_split_data: Path, tmp_path: Path) -> None:
-    def stop(state) -> None:
-        if len(state.history) == 2:
-            raise KeyboardInterrupt
-
-    with pytest.raises(KeyboardInterrupt):
-        _train(tiny_split_data, tmp_path / "run", callbacks=[stop])
+    with pytest.raises(Crash):
+        _train(tiny_split_data, tmp_path / "run", callbacks=[crash_after(2)])
     other = TrainConfig(**{**CONFIG.__dict__, "progressive_resize": 0.75})
     with pytest.raises(ThawError, match=r"progressive-resize \(the run: 0.5, now: 0.75\)"):
         _train(tiny_split_data, tmp_path / "run", other, resume=True)

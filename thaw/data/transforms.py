@@ -34,20 +34,13 @@ def eval_transform(preprocessing: Preprocessing) -> v2.Compose:
     )
 
 
-# --auto-augment: torchvision's automatic augmentation policies, with the settings of its training references.
-AUTO_AUGMENTS = ("trivial", "rand")
-
-
-def _policy(name: str | None, preprocessing: Preprocessing) -> list[v2.Transform]:
-    """TrivialAugmentWide (one random op at a random strength per image) or RandAugment (two ops at strength 9)."""
-    if name is None:
-        return []
-    interpolation = _interpolation(preprocessing)
-    if name == "trivial":
-        return [v2.TrivialAugmentWide(interpolation=interpolation)]
-    if name == "rand":
-        return [v2.RandAugment(num_ops=2, magnitude=9, interpolation=interpolation)]
-    raise ValueError(f"auto augment must be one of {', '.join(AUTO_AUGMENTS)}, got {name!r}")
+# --auto-augment: torchvision's automatic augmentation policies, with the settings of its training references:
+# TrivialAugmentWide (one random op at a random strength per image), RandAugment (two ops at strength 9).
+POLICIES = {
+    "trivial": lambda interpolation: v2.TrivialAugmentWide(interpolation=interpolation),
+    "rand": lambda interpolation: v2.RandAugment(num_ops=2, magnitude=9, interpolation=interpolation),
+}
+AUTO_AUGMENTS = tuple(POLICIES)
 
 
 def train_transform(preprocessing: Preprocessing, auto_augment: str | None = None) -> v2.Compose:
@@ -57,7 +50,7 @@ def train_transform(preprocessing: Preprocessing, auto_augment: str | None = Non
         [
             v2.RandomResizedCrop(preprocessing.crop_size, interpolation=_interpolation(preprocessing), antialias=True),
             v2.RandomHorizontalFlip(),
-            *_policy(auto_augment, preprocessing),
+            *([POLICIES[auto_augment](_interpolation(preprocessing))] if auto_augment else []),
             *_to_normalised_tensor(preprocessing),
         ]
     )
