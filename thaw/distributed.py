@@ -17,8 +17,10 @@ from __future__ import annotations
 
 import atexit
 import os
+import time
 from dataclasses import dataclass
 from datetime import timedelta
+from pathlib import Path
 from typing import Iterator
 
 import torch
@@ -113,9 +115,48 @@ def _check_gpu_per_process(processes: Processes) -> None:
         )
 
 
+# gloo runs collectives on threads of this name; they outlive the group whenever DDP still holds it.
+COLLECTIVE_THREAD = "pt_gloo_runloop"
+
+
 def stop() -> None:
+    """Leave the process group, then let gloo's threads finish letting go of the last collective's tensors.
+
+    A gloo thread drops a finished collective (and the tensors it holds) a moment after the caller
+    sees it complete. When a rank's last collective is its last work, the interpreter may be
+    finalizing by then, and that drop, which needs the GIL, aborts the process with
+    "terminate called without an active exception" (a rank that finished its work exits -6).
+    """
     if dist.is_initialized():
         dist.destroy_process_group()
+    wait_for_idle_collective_threads()
+
+
+def wait_for_idle_collective_threads(limit_s: float = 5.0) -> None:
+    """Sleep (giving up the GIL a waiting thread needs) until no gloo thread is runnable twice in a row."""
+    deadline = time.monotonic() + limit_s
+    idle_checks = 0
+    while idle_checks < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+        idle_checks = idle_checks + 1 if not _runnable_collective_threads() else 0
+
+
+def _runnable_collective_threads() -> int:
+    """gloo threads of this process that are running or waiting for a core (Linux; elsewhere none are seen)."""
+    count = 0
+    try:
+        tasks = os.listdir("/proc/self/task")
+    except OSError:
+        return 0
+    for task in tasks:
+        try:
+            name = Path(f"/proc/self/task/{task}/comm").read_text().strip()
+            # stat is "pid (comm) STATE ..."; comm may hold spaces, so read the state after the last ")".
+            state = Path(f"/proc/self/task/{task}/stat").read_text().rpartition(")")[2].split()[0]
+        except (OSError, IndexError):
+            continue  # the thread ended while we looked
+        count += name == COLLECTIVE_THREAD and state == "R"
+    return count
 
 
 class ShardedPermutation(Sampler[int]):

@@ -22,6 +22,7 @@ from thaw.distributed import Processes, ShardedPermutation
 from thaw.train.fit import _seed_epoch
 
 WORKER = Path(__file__).with_name("ddp_worker.py")
+EXIT_WORKER = Path(__file__).with_name("exit_worker.py")
 ROOT = Path(__file__).resolve().parents[2]
 TIMEOUT = 300  # seconds; a hang fails the test instead of the CI job
 
@@ -98,6 +99,15 @@ def two_process_run(setting: dict) -> Path:
     done = torchrun(str(WORKER), str(setting["data"]), str(out), "--batch-size", "8", env=setting["env"])
     assert done.returncode == 0, done.stderr[-3000:]
     return out
+
+
+def test_ranks_exit_cleanly_when_their_last_work_is_a_collective() -> None:
+    # Without the wait at exit about half of such launches died with SIGABRT ("terminate called without
+    # an active exception") as gloo's threads dropped the gather's tensors during interpreter shutdown.
+    for launch in range(6):
+        done = torchrun(str(EXIT_WORKER))
+        assert done.returncode == 0, f"launch {launch}: {done.stderr[-2000:]}"
+        assert "terminate called" not in done.stderr
 
 
 def test_unfrozen_parameters_train_and_stay_identical_across_ranks_every_step(two_process_run: Path) -> None:
