@@ -31,6 +31,13 @@ from torch.utils.data import DistributedSampler, Sampler
 from thaw.errors import ThawError
 
 COLLECTIVE_TIMEOUT = timedelta(minutes=10)  # a rank that died mid-collective must not hang the rest forever
+# What stop() watches at exit: gloo names its collective threads so; R and D mean running (or about to).
+TASKS = "/proc/self/task"
+COLLECTIVE_THREAD = "pt_gloo_runloop"
+BUSY_STATES = ("R", "D")
+IDLE_CHECK_INTERVAL_S = 0.01
+IDLE_CHECKS = 2  # a thread that blocks for a moment on a lock shows idle once; twice in a row means done
+IDLE_WAIT_LIMIT_S = 5.0  # a thread busy past this is not finishing a drop: exit anyway
 
 
 def collective_timeout() -> timedelta:
@@ -115,48 +122,52 @@ def _check_gpu_per_process(processes: Processes) -> None:
         )
 
 
-# gloo runs collectives on threads of this name; they outlive the group whenever DDP still holds it.
-COLLECTIVE_THREAD = "pt_gloo_runloop"
-
-
 def stop() -> None:
-    """Leave the process group, then let gloo's threads finish letting go of the last collective's tensors.
+    """Leave the process group; after gloo, also wait (best effort) for its threads to go idle.
 
     A gloo thread drops a finished collective (and the tensors it holds) a moment after the caller
     sees it complete. When a rank's last collective is its last work, the interpreter may be
     finalizing by then, and that drop, which needs the GIL, aborts the process with
     "terminate called without an active exception" (a rank that finished its work exits -6).
+    destroy_process_group does not join those threads while a DDP wrapper still holds the group.
     """
-    if dist.is_initialized():
-        dist.destroy_process_group()
-    wait_for_idle_collective_threads()
+    if not dist.is_initialized():
+        return
+    gloo = dist.get_backend() == "gloo"
+    dist.destroy_process_group()
+    if gloo:
+        _wait_for_idle_collective_threads()
 
 
-def wait_for_idle_collective_threads(limit_s: float = 5.0) -> None:
-    """Sleep (giving up the GIL a waiting thread needs) until no gloo thread is runnable twice in a row."""
-    deadline = time.monotonic() + limit_s
+def _wait_for_idle_collective_threads() -> None:
+    """Sleep (giving up the GIL that a waiting thread needs) until no gloo thread is runnable
+    at IDLE_CHECKS checks in a row, for at most IDLE_WAIT_LIMIT_S. Linux only: elsewhere it returns."""
+    if not Path(TASKS).is_dir():
+        return
+    deadline = time.monotonic() + IDLE_WAIT_LIMIT_S
     idle_checks = 0
-    while idle_checks < 2 and time.monotonic() < deadline:
-        time.sleep(0.01)
-        idle_checks = idle_checks + 1 if not _runnable_collective_threads() else 0
+    while idle_checks < IDLE_CHECKS and time.monotonic() < deadline:
+        time.sleep(IDLE_CHECK_INTERVAL_S)
+        idle_checks = 0 if _collective_thread_busy() else idle_checks + 1
 
 
-def _runnable_collective_threads() -> int:
-    """gloo threads of this process that are running or waiting for a core (Linux; elsewhere none are seen)."""
-    count = 0
-    try:
-        tasks = os.listdir("/proc/self/task")
-    except OSError:
-        return 0
-    for task in tasks:
+def _collective_thread_busy() -> bool:
+    """Whether a gloo thread of this process is running, waiting for a core, or in uninterruptible sleep."""
+    return any(name == COLLECTIVE_THREAD and state in BUSY_STATES for name, state in _thread_states())
+
+
+def _thread_states() -> list[tuple[str, str]]:
+    """(name, state) of this process's threads, from /proc/self/task/*/stat ("tid (name) STATE ...")."""
+    states = []
+    for task in Path(TASKS).iterdir():
         try:
-            name = Path(f"/proc/self/task/{task}/comm").read_text().strip()
-            # stat is "pid (comm) STATE ..."; comm may hold spaces, so read the state after the last ")".
-            state = Path(f"/proc/self/task/{task}/stat").read_text().rpartition(")")[2].split()[0]
-        except (OSError, IndexError):
+            stat = (task / "stat").read_text()
+        except OSError:
             continue  # the thread ended while we looked
-        count += name == COLLECTIVE_THREAD and state == "R"
-    return count
+        name, _, rest = stat.partition(" (")[2].rpartition(")")
+        if rest.split():  # a name may hold spaces and brackets: the state follows the last ")"
+            states.append((name, rest.split()[0]))
+    return states
 
 
 class ShardedPermutation(Sampler[int]):
