@@ -24,6 +24,13 @@ def scratch(name: str) -> Path:
     return Path(tempfile.mkdtemp(prefix=f"thaw-bench-{name}-"))
 
 
+def native_bf16() -> bool:
+    """thaw's rule for `--precision auto` on the CPU, so that no row pays for emulated bf16."""
+    import torch
+
+    return torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
 def offline_torch_home() -> None:
     """A private torch hub cache holding the offline MobileNetV2 file, so every row loads the same weights."""
     os.environ.setdefault("TORCH_HOME", str(scratch("torch-home")))

@@ -5,6 +5,8 @@ For each image set, mobilenet_v2 IMAGENET1K_V1, the same images, size and split 
   seed       the seed recipe by hand: freeze all, new head, AdamW 1e-3 for 3 epochs (RandomResizedCrop + flip,
              BatchNorm in train mode, as a hand loop leaves it); then everything at 1e-4 for 1 epoch; fp32
   fastai     vision_learner + fine_tune(3, freeze_epochs=3), RandomResizedCrop item transform (the `bench` extra)
+  fastai-bf16  the same with bf16 autocast and channels_last on a CPU that runs bf16 natively (fastai's own
+             to_bf16() autocasts CUDA only, so a fastai user on the CPU would add a callback like this one)
   thaw-*     candidates, on request (--recipes): thaw-old (the default before this benchmark chose one: no
              EMA, no label smoothing) and changes to it: thaw-adapt (--batchnorm adapt), thaw-smooth
              (--label-smoothing 0.1), thaw-views (--cache-views 4), thaw-adapt-views, thaw-ema (--ema),
@@ -45,7 +47,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import HYMENOPTERA, SHARED_DATA, offline_torch_home, scratch  # noqa: E402
+from _common import HYMENOPTERA, SHARED_DATA, native_bf16, offline_torch_home, scratch  # noqa: E402
 
 IMAGE_SETS = ("hymenoptera", "caltech40", "digits")
 # thaw's default and candidate changes to it: (plan options, TrainConfig fields)
@@ -73,7 +75,7 @@ THAW_RECIPES = {
     "thaw-mix": ({}, {"mixup": 0.2, "cutmix": 1.0}),
 }
 AUGMENTING = ("thaw-progressive", "thaw-trivial", "thaw-rand", "thaw-mixup", "thaw-cutmix", "thaw-mix")
-IMAGE_RECIPES = (*THAW_RECIPES, "seed", "fastai")
+IMAGE_RECIPES = (*THAW_RECIPES, "seed", "fastai", "fastai-bf16")
 DEFAULT_IMAGE_RECIPES = ("thaw", "seed", "fastai")
 TEXT_RECIPES = ("two-phase", "feature-extract", "lora")
 BATCH = 32
@@ -230,7 +232,33 @@ def seed_row(folder: Path, size: int, flips: bool, seed: int, epochs: dict) -> d
     return {"wall_s": wall, "test_accuracy": accuracy("test"), "delivered_epoch": delivered, "val_accuracy": best, "epochs": epoch}
 
 
-def fastai_row(folder: Path, size: int, flips: bool, seed: int, epochs: dict) -> dict:
+def cpu_bf16_callback():
+    """A fastai callback that does on the CPU what fastai's MixedPrecision does on CUDA (bf16 autocast from
+    the batch to the loss), plus channels_last, as thaw's --precision auto does."""
+    import torch
+    from fastai.callback.core import Callback
+
+    class CpuBf16(Callback):
+        order = 10  # after the batch is on the device, before the forward pass
+
+        def before_fit(self) -> None:
+            self.learn.model.to(memory_format=torch.channels_last)
+
+        def before_batch(self) -> None:
+            self.learn.xb = tuple(x.contiguous(memory_format=torch.channels_last) for x in self.xb)
+            self.autocast = torch.autocast("cpu", dtype=torch.bfloat16)
+            self.autocast.__enter__()
+
+        def after_pred(self) -> None:
+            self.learn.pred = self.pred.float()  # metrics and the loss in fp32, as MixedPrecision does
+
+        def after_loss(self) -> None:
+            self.autocast.__exit__(None, None, None)
+
+    return CpuBf16()
+
+
+def fastai_row(folder: Path, size: int, flips: bool, seed: int, epochs: dict, bf16: bool = False) -> dict:
     try:
         import numpy as np
         from fastai.callback.tracker import SaveModelCallback
@@ -252,7 +280,8 @@ def fastai_row(folder: Path, size: int, flips: bool, seed: int, epochs: dict) ->
     item = RandomResizedCrop(size) if flips else Resize(size)
     dls = ImageDataLoaders.from_folder(folder, train="train", valid="val", item_tfms=item, bs=BATCH, num_workers=2)
     best = SaveModelCallback(monitor="accuracy", comp=np.greater, reset_on_fit=False, fname="best")
-    learn = vision_learner(dls, mobilenet_v2, metrics=accuracy, path=scratch("fastai"), cbs=best)
+    callbacks = [best, cpu_bf16_callback()] if bf16 else [best]
+    learn = vision_learner(dls, mobilenet_v2, metrics=accuracy, path=scratch("fastai"), cbs=callbacks)
     with learn.no_bar(), learn.no_logging():
         learn.fine_tune(epochs["full_epochs"], freeze_epochs=epochs["head_epochs"])
     wall = time.perf_counter() - started
@@ -261,7 +290,7 @@ def fastai_row(folder: Path, size: int, flips: bool, seed: int, epochs: dict) ->
     with learn.no_bar(), learn.no_logging():
         probabilities, labels = learn.get_preds(dl=test)
     test_accuracy = float((probabilities.argmax(dim=1) == labels).float().mean())
-    return {"wall_s": wall, "test_accuracy": test_accuracy, "val_accuracy": float(best.best)}
+    return {"wall_s": wall, "test_accuracy": test_accuracy, "val_accuracy": float(best.best), "precision": "bf16" if bf16 else "fp32"}
 
 
 def text_row(recipe: str, seed: int, quick: bool) -> dict:
@@ -306,7 +335,11 @@ def one_run(job: dict) -> dict:
     if job["recipe"] in THAW_RECIPES:
         quick = {} if not job["quick"] else {"head_epochs": 1, "epochs": 1}
         return thaw_row(folder, size, flips, job["seed"], quick, job["recipe"], job.get("budget"))
-    return (seed_row if job["recipe"] == "seed" else fastai_row)(folder, size, flips, job["seed"], epochs)
+    if job["recipe"] == "seed":
+        return seed_row(folder, size, flips, job["seed"], epochs)
+    if job["recipe"] == "fastai-bf16" and not native_bf16():
+        return {"missing": "this CPU has no native bf16: the fastai row is the one to read"}
+    return fastai_row(folder, size, flips, job["seed"], epochs, bf16=job["recipe"] == "fastai-bf16")
 
 
 def run_in_process(job: dict) -> dict:

@@ -35,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (
     HYMENOPTERA,
     markdown,
+    native_bf16,
     offline_torch_home,
     run_with_peak_rss,
     scratch,
@@ -54,13 +55,6 @@ class Setup:
     data: Path
     head_epochs: int
     full_epochs: int
-
-
-def native_bf16() -> bool:
-    """thaw's rule for `--precision auto` on the CPU, so that no row pays for emulated bf16."""
-    import torch
-
-    return torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
 def precision_name() -> str:
