@@ -25,10 +25,12 @@ def scratch(name: str) -> Path:
 
 
 def native_bf16() -> bool:
-    """thaw's rule for `--precision auto` on the CPU, so that no row pays for emulated bf16."""
+    """Whether thaw's `--precision auto` trains in bf16 on this CPU, so that no row pays for emulated bf16."""
     import torch
 
-    return torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    from thaw.train.fit import uses_bf16
+
+    return uses_bf16("auto", torch.device("cpu"))
 
 
 def offline_torch_home() -> None:

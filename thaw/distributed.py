@@ -165,8 +165,9 @@ def _thread_states() -> list[tuple[str, str]]:
         except OSError:
             continue  # the thread ended while we looked
         name, _, rest = stat.partition(" (")[2].rpartition(")")
-        if rest.split():  # a name may hold spaces and brackets: the state follows the last ")"
-            states.append((name, rest.split()[0]))
+        fields = rest.split()  # a name may hold spaces and brackets: the state follows the last ")"
+        if fields:
+            states.append((name, fields[0]))
     return states
 
 
