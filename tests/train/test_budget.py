@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import Crash, crash_after
+from tests.conftest import Crash, cli_config, crash_after
 from thaw import ThawError, build_model
 from thaw.cli import main
 from thaw.data.loaders import Batch
@@ -144,3 +144,20 @@ def test_budget_on_the_command_line(tiny_split_data: Path, tmp_path: Path, capsy
     assert main(["train", *args]) == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["budget"]["seconds"] == 20 and summary["wall_s"] <= 20
+
+
+def test_a_plan_file_budget_is_read_like_the_flag(tmp_path: Path) -> None:
+    plan = tmp_path / "plan.yaml"
+
+    def budget(value: str, *typed: str) -> float | None:
+        plan.write_text(f"stages: [{{name: all, epochs: 1, train: [all], lr: 1.0e-4}}]\ntraining: {{budget: {value}}}\n")
+        return cli_config("data", "--model", "mobilenet_v2", "--config", str(plan), *typed).budget
+
+    assert budget("3m") == 180.0
+    assert budget("1.5h") == 5400.0
+    assert budget("90") == 90.0  # a bare number is seconds, as on the command line
+    assert budget("3m", "--budget", "90s") == 90.0  # typed on the command line: the flag wins
+    with pytest.raises(ThawError, match="budget must be a time like 90s, 3m or 1.5h, got 'soon'"):
+        budget("soon")
+    with pytest.raises(ThawError, match="budget must be a time like 90s, 3m or 1.5h, got 0"):
+        budget("0")

@@ -174,7 +174,10 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     values = {name: getattr(args, name) for name in names if hasattr(args, name)}
     if getattr(args, "config", None):
         typed = given_options(args.parser, args.argv)
-        values |= {key: value for key, value in read_plan_file(args.config)[1].items() if key not in typed}
+        from_file = {key: value for key, value in read_plan_file(args.config)[1].items() if key not in typed}
+        if from_file.get("budget") is not None:  # written like the flag (3m, 90s) or as seconds
+            from_file["budget"] = parse_budget(from_file["budget"])
+        values |= from_file
     return TrainConfig(**values)
 
 
