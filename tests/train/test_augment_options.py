@@ -146,7 +146,7 @@ def _recorded(data: Path, out: Path, config: TrainConfig, plan: Plan = PLAN) -> 
 
 
 # progressive resize 0.5: the full stage's first epoch trains on 16 px crops, which the options reach too
-@pytest.mark.parametrize("options", [{"auto_augment": "trivial"}, {"mixup": 0.2}, {"cutmix": 1.0}])
+@pytest.mark.parametrize("options", [{"auto_augment": "trivial"}, {"auto_augment": "rand"}, {"mixup": 0.2}, {"cutmix": 1.0}])
 def test_each_option_changes_the_images_the_network_trains_on_and_nothing_else(tiny_split_data: Path, tmp_path: Path, options: dict) -> None:
     plain = TrainConfig(image_size=32, batch_size=8, quiet=True, progressive_resize=0.5)
     losses, trained, evaluated = _recorded(tiny_split_data, tmp_path / "without", plain)
@@ -208,7 +208,12 @@ def test_a_fixed_seed_repeats_and_ctrl_c_resumes_to_the_same_weights(tiny_split_
 def test_resume_refuses_other_augmentation(tiny_split_data: Path, tmp_path: Path) -> None:
     with pytest.raises(Crash):
         _train(tiny_split_data, tmp_path / "run", callbacks=[crash_after(2)])
-    for field, value, message in (("mixup", 0.4, r"mixup \(the run: 0.2, now: 0.4\)"), ("auto_augment", "rand", r"auto-augment \(the run: 'trivial'")):
+    refused = (
+        ("mixup", 0.4, r"mixup \(the run: 0.2, now: 0.4\)"),
+        ("cutmix", 0.0, r"cutmix \(the run: 1.0, now: 0.0\)"),
+        ("auto_augment", "rand", r"auto-augment \(the run: 'trivial'"),
+    )
+    for field, value, message in refused:
         with pytest.raises(ThawError, match=message):
             _train(tiny_split_data, tmp_path / "run", TrainConfig(**{**CONFIG.__dict__, field: value}), resume=True)
 
