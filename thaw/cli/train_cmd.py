@@ -86,6 +86,11 @@ def add_training_options(parser: argparse.ArgumentParser) -> None:
         "--budget", type=budget_seconds, metavar="TIME",
         help="choose the epochs per stage to finish training within TIME (90s, 3m, 1.5h), measured on this machine",
     )
+    group.add_argument(
+        "--compile", action="store_true",
+        help="torch.compile the training forward of stages that run the network (off by default: slower on the 2-core CPU "
+        "it was measured on, compile time included); free to differ on --resume",
+    )
     group.add_argument("--accumulate", type=positive_int, default=1, help="gradient accumulation steps")
     group.add_argument("--seed", type=int, default=0)
     group.add_argument("--workers", type=non_negative_int, help="DataLoader workers (default: 0 below 4 cores)")
@@ -271,7 +276,7 @@ def _resume(args: argparse.Namespace, run: Path, settings: dict, callbacks: list
             f"--resume {run}: the typed options contradict the run's own settings: {'; '.join(found)}; "
             f"`thaw train --resume {run}` alone continues the run as it was started"
         )
-    runtime = {"workers": args.workers, "device": args.device, "quiet": args.quiet or args.json, "strict": args.strict}
+    runtime = {"workers": args.workers, "device": args.device, "quiet": args.quiet or args.json, "strict": args.strict, "compile": args.compile}
     return resume_run(run, data_path=args.data, callbacks=callbacks, step_hooks=step_hooks, **runtime)
 
 

@@ -142,7 +142,7 @@ def resume_run(
     """Continue the run in `run` with its own settings (model, weights, plan, training options, data).
 
     `data_path` points at the data when it moved (it must hold the same files); `runtime` may set
-    what does not change results: workers, device, quiet, strict, cache_memory_gb, decoded_memory_gb.
+    what does not change the recipe: workers, device, quiet, strict, cache_memory_gb, decoded_memory_gb, compile.
     """
     unknown = sorted(set(runtime) - RUNTIME_FIELDS)
     if unknown:

@@ -59,6 +59,7 @@ class TrainConfig:
     auto_augment: str | None = None  # trivial (TrivialAugmentWide) or rand (RandAugment) after the random crop and flip
     mixup: float = 0.0  # alpha of the Beta distribution of mixup's mixing weight; 0: off (thaw.train.mixing)
     cutmix: float = 0.0  # alpha of cutmix's; with both on, each batch takes one of the two at random
+    compile: bool = False  # torch.compile the training forward of stages that run the network (thaw.train.compiled)
 
     def __post_init__(self) -> None:
         problems = config_problems(self)
@@ -133,6 +134,10 @@ def config_problems(config: TrainConfig) -> list[str]:
     problems += _augment_problems(c)
     if not isinstance(c.ema, bool):
         problems.append(f"ema must be true or false, got {c.ema!r}")
+    if not isinstance(c.compile, bool):
+        problems.append(f"compile must be true or false, got {c.compile!r}")
+    elif c.compile and c.budget is not None:  # the budget times eager steps; a compile's first batches would overrun it
+        problems.append("--budget plans from eager training steps and does not count compile time; drop --compile or --budget")
     if c.grad_clip is not None and not (_finite(c.grad_clip) and c.grad_clip > 0):
         problems.append(f"grad clip must be a positive finite norm, got {c.grad_clip!r}; 1.0 is usual, or leave it unset")
     for name in ("cache_memory_gb", "decoded_memory_gb"):

@@ -45,6 +45,7 @@ from thaw.train.feature_cache import (
     why_not_cached,
 )
 from thaw.train.mixing import batch_mixer
+from thaw.train.compiled import compiled_forward
 from thaw.train.loop import Engine, StageSchedule, evaluate, train_one_epoch
 from thaw.train.metrics import MetricTracker
 from thaw.train.progress import CACHED, FULL, PlanProgress
@@ -166,7 +167,8 @@ class Trainer:
         self.requested_plan = plan  # what the run records and a resume compares; --budget may change self.plan's epochs
         self.processes = processes
         self.model = adapter.model
-        self.wrapped: nn.Module | None = None  # the DDP wrapper of the current stage, under several processes
+        # The current stage's forward where it is not the model's own: a DDP wrapper (several processes), compiled (--compile).
+        self.wrapped: Callable[..., torch.Tensor] | None = None
         self.engine = choose_engine(config, self.model)
         self.engine.distributed, self.engine.world = processes.distributed, processes.world
         self.model.to(self.engine.device)
@@ -523,6 +525,8 @@ class Trainer:
         self.wrapped = None
         if self.processes.distributed:
             self.wrapped = distributed.wrap(self.model, self.engine.device)
+        if self.config.compile:  # compiles lazily: a stage on cached features never calls it
+            self.wrapped = compiled_forward(self.wrapped or self.model)
         return resolved, optimizer
 
     def plan_progress(self) -> PlanProgress:

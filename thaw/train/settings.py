@@ -17,7 +17,9 @@ from thaw.data.folders import LabelledData
 from thaw.train.config import TrainConfig
 
 # How the run goes, not what it computes: free to change when resuming.
-RUNTIME_FIELDS = frozenset({"workers", "device", "quiet", "strict", "cache_memory_gb", "decoded_memory_gb"})
+# How a run computes, not what: free to differ on --resume (like the device, --compile changes the floating-point
+# rounding of the steps after it, not the recipe).
+RUNTIME_FIELDS = frozenset({"workers", "device", "quiet", "strict", "cache_memory_gb", "decoded_memory_gb", "compile"})
 META_KEYS = ("task", "model", "weights", "val_split", "test_split", "columns", "pooling", "max_length")
 
 
