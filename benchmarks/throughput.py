@@ -10,6 +10,9 @@ For each (set, model), on one device, every row in a process of its own:
              once before the first epoch, and the run's wall time
   cache      thaw's caching pass (`--strategy feature-extract`, 1 epoch): train + val images decoded once and
              through the frozen part once, images/s against the forward-only limit
+With --compile, instead of those: the train-step limit eager and through torch.compile (its first step, the compile,
+timed apart), and the full row with and without thaw's --compile (whole-run wall time, compile included). Each
+compiled row starts with an empty compile cache, as a user's first --compile run does.
 Ratios are taken within one run of this script, so a busy machine slows both sides. Peak memory is the
 largest sum of PSS (shared pages split between the processes that share them) over a row's process and
 its children (DataLoader workers), sampled from outside.
@@ -17,12 +20,14 @@ its children (DataLoader workers), sampled from outside.
     .venv/bin/python benchmarks/throughput.py                                  # caltech40 + hymenoptera, mobilenet_v2
     .venv/bin/python benchmarks/throughput.py --models mobilenet_v2 resnet50 --weights none --batch 128   # on a GPU
     .venv/bin/python benchmarks/throughput.py --quick                          # a few images, 2 epochs: does it run?
+    .venv/bin/python benchmarks/throughput.py --compile --sets caltech40       # eager against torch.compile (--compile)
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -50,11 +55,12 @@ def thaw_config(args: argparse.Namespace, **fields):
     return TrainConfig(quiet=True, batch_size=args.batch, device=args.device, workers=args.workers, **fields)
 
 
-def limit_row(args: argparse.Namespace) -> dict:
+def limit_row(args: argparse.Namespace, compiled: bool = False) -> dict:
     """thaw's train step and forward pass on one batch already on the device: nothing to wait for.
 
     The step does what thaw's full phase does per batch: forward (BatchNorm in eval mode, thaw's policy once
-    pretrained layers train), loss with label smoothing read back once, backward, AdamW, the weight average."""
+    pretrained layers train), loss with label smoothing read back once, backward, AdamW, the weight average.
+    `compiled`: the forward through torch.compile, as `--compile` runs it; its first step (the compile) is timed apart."""
     import torch
 
     from thaw.data.folders import discover
@@ -76,10 +82,11 @@ def limit_row(args: argparse.Namespace) -> dict:
     labels = torch.randint(0, classes, (args.batch,), device=engine.device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     average = weight_average(model) if config.ema else None
+    run_forward = torch.compile(model) if compiled else model
 
     def train_step() -> None:
         with engine.autocast():
-            logits = model(images)
+            logits = run_forward(images)
         loss = torch.nn.functional.cross_entropy(logits.float(), labels, label_smoothing=config.label_smoothing)
         loss.item()  # thaw reads each batch's loss once (NaN check, metrics)
         loss.backward()
@@ -95,11 +102,16 @@ def limit_row(args: argparse.Namespace) -> dict:
     model.train()
     for _, layer in batchnorm_layers(model):
         layer.eval()
+    started = time.perf_counter()
+    train_step()  # the first step: a compile, where there is one
+    first_step_s = time.perf_counter() - started
     train_s = timed(train_step, engine.device)
+    described = {"precision": "bf16" if engine.bf16 else "fp32", "device": str(engine.device), "size": size,
+                 "train_img_s": args.batch / train_s, "first_step_s": first_step_s}
+    if compiled:  # --compile compiles the training forward only
+        return described
     model.eval()
-    forward_s = timed(forward, engine.device)
-    return {"precision": "bf16" if engine.bf16 else "fp32", "device": str(engine.device), "size": size,
-            "train_img_s": args.batch / train_s, "forward_img_s": args.batch / forward_s}
+    return described | {"forward_img_s": args.batch / timed(forward, engine.device)}
 
 
 def timed(step, device) -> float:
@@ -118,13 +130,13 @@ def timed(step, device) -> float:
     return (time.perf_counter() - started) / LIMIT_STEPS
 
 
-def full_row(args: argparse.Namespace) -> dict:
+def full_row(args: argparse.Namespace, compiled: bool = False) -> dict:
     from thaw.train import train_images
 
     started = time.perf_counter()
     result = train_images(
         args.data, model=args.model, weights=args.weights, plan="fine-tune", plan_options={"epochs": args.epochs},
-        config=thaw_config(args), out=scratch("throughput"),
+        config=thaw_config(args, compile=compiled), out=scratch("throughput"),
     )
     rates = [row["images_per_s"] for row in result.history]
     later = rates[1:] or rates
@@ -146,7 +158,20 @@ def cache_row(args: argparse.Namespace) -> dict:
     return {"decode_s": result.decode_s, "cache_s": result.cache_s, "cached_images": images, "cache_img_s": images / once}
 
 
-ROWS = {"limit": limit_row, "full": full_row, "cache": cache_row}
+def cold(row):
+    """`row` compiling from nothing, as a user's first --compile run does: torch's compile cache in a fresh folder."""
+
+    def run(args: argparse.Namespace) -> dict:
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(scratch("inductor-cache"))
+        return row(args, compiled=True)
+
+    return run
+
+
+ROWS = {
+    "limit": limit_row, "full": full_row, "cache": cache_row, "limit-compiled": cold(limit_row), "full-compiled": cold(full_row),
+}
+COMPILE_ROWS = ("limit", "limit-compiled", "full", "full-compiled")  # --compile: eager and compiled, side by side
 
 
 def measured(row: str, name: str, data: Path, model: str, args: argparse.Namespace) -> dict:
@@ -156,6 +181,25 @@ def measured(row: str, name: str, data: Path, model: str, args: argparse.Namespa
     command += [] if args.workers is None else ["--workers", str(args.workers)]
     result, peak = run_with_peak_rss(command, proportional=True)  # forked workers share the parent's pages
     return {"row": row, "data": name, "model": model} | result | {"peak_mb": peak / 2**20}
+
+
+def compile_summary(rows: list[dict]) -> str:
+    """Eager against torch.compile: the train step alone, and a whole thaw run with its compile time."""
+    by_key = {(row["data"], row["model"], row["row"]): row for row in rows}
+    lines = []
+    for data, model in dict.fromkeys((row["data"], row["model"]) for row in rows):
+        limit, limit_c, full, full_c = (by_key[(data, model, name)] for name in COMPILE_ROWS)
+        lines.append([
+            data, model, f"{limit['device']} {limit['precision']}",
+            f"{limit['train_img_s']:.1f}", f"{limit_c['train_img_s']:.1f}", f"{limit_c['train_img_s'] / limit['train_img_s']:.2f}x",
+            f"{limit_c['first_step_s']:.1f} s",
+            f"{full['later_img_s']:.1f}", f"{full_c['later_img_s']:.1f}", f"{full_c['first_epoch_img_s']:.1f}",
+            f"{full['wall_s']:.0f} s", f"{full_c['wall_s']:.0f} s", f"{full_c['wall_s'] / full['wall_s']:.2f}x",
+        ])
+    header = ["set", "model", "device", "train-step limit img/s, eager", "compiled", "ratio", "first compiled step",
+              "thaw full phase img/s (epochs 2+), eager", "--compile", "--compile first epoch img/s",
+              "thaw run wall, eager", "--compile", "ratio"]
+    return markdown(lines, header)
 
 
 def summary(rows: list[dict]) -> str:
@@ -187,6 +231,9 @@ def parse() -> argparse.Namespace:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--workers", type=int, default=None, help="default: thaw's choice (0 below 4 cores)")
     parser.add_argument("--quick", action="store_true", help="a few images per class: does every row run?")
+    parser.add_argument(
+        "--compile", action="store_true", help="instead: the train step and a thaw run, eager against torch.compile (--compile)"
+    )
     parser.add_argument("--markdown", type=Path, help="also write the table here")
     parser.add_argument("--row", choices=tuple(ROWS), help=argparse.SUPPRESS)
     parser.add_argument("--data", type=Path, help=argparse.SUPPRESS)
@@ -205,10 +252,10 @@ def main() -> None:
     for name in args.sets:
         data = shrunk_copy(SETS[name], per_class=4, classes=3) if args.quick else SETS[name]
         for model in args.models:
-            for row in ROWS:
+            for row in COMPILE_ROWS if args.compile else ("limit", "full", "cache"):
                 rows.append(measured(row, name, data, model, args))
                 print(json.dumps(rows[-1]), flush=True)
-    table = summary(rows)
+    table = compile_summary(rows) if args.compile else summary(rows)
     print(table)
     if args.markdown:
         args.markdown.write_text(table + "\n")
