@@ -157,7 +157,7 @@ def test_a_plan_file_budget_is_read_like_the_flag(tmp_path: Path) -> None:
     assert budget("1.5h") == 5400.0
     assert budget("90") == 90.0  # a bare number is seconds, as on the command line
     assert budget("3m", "--budget", "90s") == 90.0  # typed on the command line: the flag wins
-    with pytest.raises(ThawError, match="budget must be a time like 90s, 3m or 1.5h, got 'soon'"):
+    with pytest.raises(ThawError, match=r"plan\.yaml\.training: budget must be a time like 90s, 3m or 1\.5h, got 'soon'"):
         budget("soon")
     with pytest.raises(ThawError, match="budget must be a time like 90s, 3m or 1.5h, got 0"):
         budget("0")

@@ -89,7 +89,7 @@ def add_training_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--compile", action="store_true",
         help="torch.compile the training forward of stages that run the network (off by default: slower on the 2-core CPU "
-        "it was measured on, compile time included); free to differ on --resume",
+        "it was measured on, compile time included: README, Speed); image models; free to differ on --resume",
     )
     group.add_argument("--accumulate", type=positive_int, default=1, help="gradient accumulation steps")
     group.add_argument("--seed", type=int, default=0)
@@ -181,7 +181,10 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         typed = given_options(args.parser, args.argv)
         from_file = {key: value for key, value in read_plan_file(args.config)[1].items() if key not in typed}
         if from_file.get("budget") is not None:  # written like the flag (3m, 90s) or as seconds
-            from_file["budget"] = parse_budget(from_file["budget"])
+            try:
+                from_file["budget"] = parse_budget(from_file["budget"])
+            except ThawError as error:
+                raise ThawError(f"{args.config}.training: {error}") from None
         values |= from_file
     return TrainConfig(**values)
 

@@ -137,7 +137,7 @@ def config_problems(config: TrainConfig) -> list[str]:
     if not isinstance(c.compile, bool):
         problems.append(f"compile must be true or false, got {c.compile!r}")
     elif c.compile and c.budget is not None:  # the budget times eager steps; a compile's first batches would overrun it
-        problems.append("--budget plans from eager training steps and does not count compile time; drop --compile or --budget")
+        problems.append("--compile cannot run with a budget: the budget is planned from eager training steps and does not count compile time")
     if c.grad_clip is not None and not (_finite(c.grad_clip) and c.grad_clip > 0):
         problems.append(f"grad clip must be a positive finite norm, got {c.grad_clip!r}; 1.0 is usual, or leave it unset")
     for name in ("cache_memory_gb", "decoded_memory_gb"):

@@ -39,13 +39,13 @@ from thaw.train import checkpoint as ckpt
 from thaw.train.adapt_bn import adapt_batchnorm, has_statistics
 from thaw.train.config import TrainConfig, check_device, check_image_augments, check_image_size, check_progressive_resize, image_augment_flags
 from thaw.train.budget import Split, measure_costs, split_budget, with_epochs
+from thaw.train.compiled import compile_problem, compiled_forward
 from thaw.train.ema import require_timm, weight_average
 from thaw.train.feature_cache import (
     CACHE_FOLDER, CachedStage, FeatureBatches, MemoryBudget, build_cache, fingerprint, remove_if_empty, remove_spill_files,
     why_not_cached,
 )
 from thaw.train.mixing import batch_mixer
-from thaw.train.compiled import compiled_forward
 from thaw.train.loop import Engine, StageSchedule, evaluate, train_one_epoch
 from thaw.train.metrics import MetricTracker
 from thaw.train.progress import CACHED, FULL, PlanProgress
@@ -757,9 +757,13 @@ def fit(
     model_name = meta.get("model", type(adapter.model).__name__)
     check_image_size(adapter, config, model_name)  # before any data is decoded
     check_progressive_resize(adapter, config, [stage.epochs for stage in plan.stages], model_name)
-    check_image_augments(config, "image" if isinstance(adapter.preprocessing, Preprocessing) else "text")
+    task = "image" if isinstance(adapter.preprocessing, Preprocessing) else "text"
+    check_image_augments(config, task)
     processes = distributed.from_environment()
     config = replace(config, device=distributed.start(processes, config.device), quiet=config.quiet or not processes.is_main)
+    problem = compile_problem(resolve_device(config.device), task) if config.compile else None
+    if problem:
+        raise ThawError(problem)
     if processes.is_main:
         check_writable(out)
     if data.skipped and config.strict:

@@ -16,7 +16,6 @@ from pathlib import Path
 from thaw.data.folders import LabelledData
 from thaw.train.config import TrainConfig
 
-# How the run goes, not what it computes: free to change when resuming.
 # How a run computes, not what: free to differ on --resume (like the device, --compile changes the floating-point
 # rounding of the steps after it, not the recipe).
 RUNTIME_FIELDS = frozenset({"workers", "device", "quiet", "strict", "cache_memory_gb", "decoded_memory_gb", "compile"})
