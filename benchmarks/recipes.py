@@ -258,7 +258,7 @@ def cpu_bf16_callback():
     return CpuBf16()
 
 
-def fastai_row(folder: Path, size: int, flips: bool, seed: int, epochs: dict, bf16: bool = False) -> dict:
+def fastai_row(folder: Path, size: int, flips: bool, seed: int, epochs: dict, bf16: bool = False, workers: int = 2) -> dict:
     try:
         import numpy as np
         from fastai.callback.tracker import SaveModelCallback
@@ -278,7 +278,7 @@ def fastai_row(folder: Path, size: int, flips: bool, seed: int, epochs: dict, bf
     started = time.perf_counter()
     set_seed(seed)
     item = RandomResizedCrop(size) if flips else Resize(size)
-    dls = ImageDataLoaders.from_folder(folder, train="train", valid="val", item_tfms=item, bs=BATCH, num_workers=2)
+    dls = ImageDataLoaders.from_folder(folder, train="train", valid="val", item_tfms=item, bs=BATCH, num_workers=workers)
     best = SaveModelCallback(monitor="accuracy", comp=np.greater, reset_on_fit=False, fname="best")
     callbacks = [best, cpu_bf16_callback()] if bf16 else [best]
     learn = vision_learner(dls, mobilenet_v2, metrics=accuracy, path=scratch("fastai"), cbs=callbacks)
@@ -290,7 +290,7 @@ def fastai_row(folder: Path, size: int, flips: bool, seed: int, epochs: dict, bf
     with learn.no_bar(), learn.no_logging():
         probabilities, labels = learn.get_preds(dl=test)
     test_accuracy = float((probabilities.argmax(dim=1) == labels).float().mean())
-    return {"wall_s": wall, "test_accuracy": test_accuracy, "val_accuracy": float(best.best), "precision": "bf16" if bf16 else "fp32"}
+    return {"wall_s": wall, "test_accuracy": test_accuracy, "val_accuracy": float(best.best), "precision": "bf16" if bf16 else "fp32", "workers": workers}
 
 
 def text_row(recipe: str, seed: int, quick: bool) -> dict:
@@ -339,7 +339,7 @@ def one_run(job: dict) -> dict:
         return seed_row(folder, size, flips, job["seed"], epochs)
     if job["recipe"] == "fastai-bf16" and not native_bf16():
         return {"missing": "this CPU has no native bf16: the fastai row is the one to read"}
-    return fastai_row(folder, size, flips, job["seed"], epochs, bf16=job["recipe"] == "fastai-bf16")
+    return fastai_row(folder, size, flips, job["seed"], epochs, bf16=job["recipe"] == "fastai-bf16", workers=job.get("fastai_workers", 2))
 
 
 def run_in_process(job: dict) -> dict:
@@ -359,7 +359,8 @@ def jobs(args: argparse.Namespace) -> list[dict]:
                 continue
             seeds = args.seeds if recipe in (*THAW_RECIPES, *TEXT_RECIPES) else args.baseline_seeds
             budget = {"budget": 20.0 if args.quick else args.budget} if recipe == "thaw-budget" else {}
-            planned += [{"set": name, "recipe": recipe, "seed": seed, "quick": args.quick} | budget for seed in seeds]
+            workers = {"fastai_workers": args.fastai_workers} if recipe.startswith("fastai") else {}
+            planned += [{"set": name, "recipe": recipe, "seed": seed, "quick": args.quick} | budget | workers for seed in seeds]
     return planned
 
 
@@ -408,6 +409,10 @@ def parse() -> argparse.Namespace:
     parser.add_argument("--baseline-seeds", nargs="+", type=int, default=[0, 1, 2], help="seeds of the seed-recipe and fastai rows")
     parser.add_argument("--markdown", type=Path, help="also write the tables here")
     parser.add_argument("--budget", type=float, default=180.0, help="seconds, for the thaw-budget recipe (thaw train --budget)")
+    parser.add_argument(
+        "--fastai-workers", type=int, default=2,
+        help="DataLoader workers of the fastai rows (which is faster depends on the machine: benchmarks/speed.py runs both)",
+    )
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--job", help=argparse.SUPPRESS)
     return parser.parse_args()
