@@ -109,6 +109,7 @@ def test_the_flag_is_off_by_default_and_refused_beside_a_budget() -> None:
         TrainConfig(compile="yes")
 
 
+@needs_compiler  # --compile is refused up front without one, whatever the plan
 def test_a_plan_on_cached_features_only_compiles_nothing(tiny_split_data: Path, tmp_path: Path) -> None:
     counters.clear()
     head_only = Plan((Stage("head", 2, ("head",), ConstantLr(3e-3)),))
