@@ -3,6 +3,8 @@ through stage changes and a resume."""
 
 from __future__ import annotations
 
+import atexit
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -20,7 +22,10 @@ from thaw.train import TrainConfig
 from thaw.train.checkpoint import load_checkpoint
 from thaw.train.fit import fit
 
+# Module-level (hypothesis runs many examples per test, and function-scoped fixtures would be shared
+# between them anyway); removed when the test process ends, so no run leaves it behind.
 DATA_ROOT = Path(tempfile.mkdtemp(prefix="thaw-props-"))
+atexit.register(shutil.rmtree, DATA_ROOT, ignore_errors=True)
 write_class_images(DATA_ROOT / "train", per_class=8, size=16, seed=0)
 write_class_images(DATA_ROOT / "val", per_class=3, size=16, seed=1)
 # 128 px keeps every feature map at least as large as its kernel (MobileNetV3's 5x5 depthwise
