@@ -290,7 +290,7 @@ def fastai_row(folder: Path, size: int, flips: bool, seed: int, epochs: dict, bf
     with learn.no_bar(), learn.no_logging():
         probabilities, labels = learn.get_preds(dl=test)
     test_accuracy = float((probabilities.argmax(dim=1) == labels).float().mean())
-    return {"wall_s": wall, "test_accuracy": test_accuracy, "val_accuracy": float(best.best), "precision": "bf16" if bf16 else "fp32", "workers": workers}
+    return {"wall_s": wall, "test_accuracy": test_accuracy, "val_accuracy": float(best.best), "precision": "bf16" if bf16 else "fp32"}
 
 
 def text_row(recipe: str, seed: int, quick: bool) -> dict:
