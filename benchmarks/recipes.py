@@ -73,6 +73,9 @@ THAW_RECIPES = {
     "thaw-mixup": ({}, {"mixup": 0.2}),
     "thaw-cutmix": ({}, {"cutmix": 1.0}),
     "thaw-mix": ({}, {"mixup": 0.2, "cutmix": 1.0}),
+    # gradual as issue 14 measures it: the head, then the top 2 groups, then all (each stage the full phase's epochs)
+    "thaw-gradual": ({"plan": "top2-gradual"}, {}),  # the top 2 groups train on the frozen bottom's cached output
+    "thaw-gradual-live": ({"plan": "top2-gradual"}, {"cache_prefix": False}),  # ... on the images, every epoch
 }
 AUGMENTING = ("thaw-progressive", "thaw-trivial", "thaw-rand", "thaw-mixup", "thaw-cutmix", "thaw-mix")
 IMAGE_RECIPES = (*THAW_RECIPES, "seed", "fastai", "fastai-bf16")
@@ -133,13 +136,16 @@ def thaw_row(folder: Path, size: int, flips: bool, seed: int, epochs: dict, reci
 
     started = time.perf_counter()
     plan_options, fields = THAW_RECIPES[recipe]
+    plan = top2_gradual(epochs) if plan_options.get("plan") == "top2-gradual" else "two-phase"
+    plan_options = {} if plan != "two-phase" else plan_options
     fields = fields | ({"budget": budget} if recipe == "thaw-budget" else {})
     config = TrainConfig(quiet=True, seed=seed, **fields)
     if not flips:  # the demo's settings for its digits (thaw/demo.py)
         config = TrainConfig(quiet=True, seed=seed, image_size=size, augment=False, batch_size=64, **fields)
     out = scratch("thaw")
     result = train_images(
-        folder, model="mobilenet_v2", weights="IMAGENET1K_V1", plan="two-phase", plan_options=epochs | plan_options, config=config, out=out
+        folder, model="mobilenet_v2", weights="IMAGENET1K_V1", plan=plan, plan_options=None if plan != "two-phase" else epochs | plan_options,
+        config=config, out=out,
     )
     wall = time.perf_counter() - started
     adapter, meta = load_run(out)
@@ -153,8 +159,27 @@ def thaw_row(folder: Path, size: int, flips: bool, seed: int, epochs: dict, reci
         "wall_s": wall, "test_accuracy": plain["accuracy"], "tta_test_accuracy": mirrored["accuracy"],
         "test_eval_s": plain_s, "tta_eval_s": tta_s, "delivered_epoch": result.best["epoch"],
         "why": result.best.get("why"), "val_accuracy": result.best["val"]["accuracy"], "epochs": len(result.history),
-        "budget": result.budget,
+        "budget": result.budget, "cache_s": result.cache_s, "stage_s": stage_seconds(result.history),
     }
+
+
+def stage_seconds(history: list[dict]) -> dict[str, float]:
+    """Seconds of training and val per stage (feature caching not included: see cache_s)."""
+    seconds: dict[str, float] = {}
+    for row in history:
+        seconds[row["stage"]] = seconds.get(row["stage"], 0.0) + row["seconds"]
+    return seconds
+
+
+def top2_gradual(epochs: dict):
+    """thaw's two-phase plan with a stage between its two: the top 2 groups (the last block and the head), by the
+    same lr rule and BatchNorm policy as the full phase, for as many epochs."""
+    from dataclasses import replace
+
+    from thaw.plan import Plan, build_plan
+
+    head, whole = build_plan("two-phase", num_groups=20, **epochs).stages  # mobilenet_v2: 19 blocks and the head
+    return Plan((head, replace(whole, name="top2", train=("-2:",)), whole))
 
 
 def larger_eval_sizes(adapter) -> tuple[int, ...]:

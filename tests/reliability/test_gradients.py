@@ -102,8 +102,8 @@ def check_first_steps(families: dict, family: str, make_plan, cache: bool, out: 
     result = fit(adapter, data, plan, config, out, meta={"model": family}, step_hooks=[checker])
     assert len(checker.checked) == len(plan.stages), "every stage took a first step and it was checked"
     for row, expected in zip(result.history, checker.expected):
-        if row["cached"]:  # features stand in for the network only where nothing before the head trains
-            assert cache and all(adapter.in_head(name) for name in expected)
+        if row["cached"]:  # a ViT (reshapes outside its layers) and text are entered mid-way nowhere but at the head
+            assert cache and (family == "torchvision-cnn" or all(adapter.in_head(name) for name in expected))
 
 
 @pytest.mark.parametrize(

@@ -128,6 +128,10 @@ def add_training_options(parser: argparse.ArgumentParser) -> None:
         "--cache-views", type=non_negative_int, default=0, metavar="K",
         help="cache K augmented views per image (default: the evaluation view)",
     )
+    group.add_argument(
+        "--no-prefix-cache", dest="cache_prefix", action="store_false",
+        help="stages that train only the top groups run the frozen bottom on the images every epoch, instead of once per cached view",
+    )
     group.add_argument("--quiet", action="store_true")
 
 

@@ -99,11 +99,28 @@ def head_block(model: nn.Module, head_name: str) -> list[str]:
     return [prefix + name for name in names[start : end + 1]]
 
 
-class _FeaturesReady(Exception):
-    """Raised by a hook to stop the forward pass once the head's input is known."""
+class _InputReached(Exception):
+    """Raised by a hook to stop the forward pass once a module's input is known."""
 
-    def __init__(self, features: torch.Tensor) -> None:
-        self.features = features
+    def __init__(self, args: tuple, kwargs: dict) -> None:
+        self.inputs = (args, kwargs)
+
+
+def input_of(model: nn.Module, module: nn.Module, images: torch.Tensor) -> tuple[tuple, dict] | None:
+    """The positional and keyword inputs `module` first receives when `model` runs on `images` (the rest of the
+    forward is not run), or None when the forward never reaches it."""
+
+    def stop(_module: nn.Module, args: tuple, kwargs: dict) -> None:
+        raise _InputReached(args, kwargs)
+
+    handle = module.register_forward_pre_hook(stop, with_kwargs=True)
+    try:
+        model(images)
+    except _InputReached as reached:
+        return reached.inputs
+    finally:
+        handle.remove()
+    return None
 
 
 def hook_split(
@@ -113,18 +130,11 @@ def hook_split(
     first = model.get_submodule(block[0])
     modules = [model.get_submodule(name) for name in block]
 
-    def stop_at_head(_module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
-        raise _FeaturesReady(args[0])
-
     def forward_features(images: torch.Tensor) -> torch.Tensor:
-        handle = first.register_forward_pre_hook(stop_at_head)
-        try:
-            model(images)
-        except _FeaturesReady as ready:
-            return ready.features
-        finally:
-            handle.remove()
-        raise ThawError(f"the forward pass never reached the head {block[0]!r}; name the head explicitly")
+        inputs = input_of(model, first, images)
+        if inputs is None:
+            raise ThawError(f"the forward pass never reached the head {block[0]!r}; name the head explicitly")
+        return inputs[0][0]
 
     def forward_head(features: torch.Tensor) -> torch.Tensor:
         out = features

@@ -18,7 +18,7 @@ from thaw.plan.stages import Plan, Stage
 PLAN_KEYS = ("stages", "weight_decay", "batchnorm", "lora")
 # Recipe options a plan file may carry beside its stages (TrainConfig fields; `thaw train` flags typed on the command
 # line win). Their values are checked where the TrainConfig is made, like the flags'.
-TRAINING_KEYS = ("label_smoothing", "ema", "cache_views", "progressive_resize", "auto_augment", "mixup", "cutmix", "budget")
+TRAINING_KEYS = ("label_smoothing", "ema", "cache_views", "cache_prefix", "progressive_resize", "auto_augment", "mixup", "cutmix", "budget")
 LORA_KEYS = ("rank", "alpha", "dropout", "targets")
 STAGE_KEYS = ("name", "epochs", "train", "lr", "lr_range", "layer_decay", "lrs", "weight_decay", "batchnorm")
 EXAMPLE = "stages: [{name: head, epochs: 3, train: [head], lr: 1.0e-3}]"

@@ -50,6 +50,7 @@ class TrainConfig:
     quiet: bool = False
     cache: bool = True  # frozen-feature cache for head-only stages, where it is exact
     cache_views: int = 0  # 0: cache the evaluation view; K: K augmented views, cycled by epoch
+    cache_prefix: bool = True  # stages that train only the top groups: cache the frozen bottom's output (thaw.train.prefix_cache)
     cache_memory_gb: float = 4.0  # per split; past it features spill to a memory-mapped file
     decoded_memory_gb: float = 2.0  # decoded pixels kept in memory (see PixelStore); past it they wait in a file in the run folder
     label_smoothing: float = 0.1  # of the training loss only: val loss, which picks among tied epochs, stays plain
@@ -134,6 +135,8 @@ def config_problems(config: TrainConfig) -> list[str]:
     problems += _augment_problems(c)
     if not isinstance(c.ema, bool):
         problems.append(f"ema must be true or false, got {c.ema!r}")
+    if not isinstance(c.cache_prefix, bool):
+        problems.append(f"cache prefix must be true or false, got {c.cache_prefix!r}")
     if not isinstance(c.compile, bool):
         problems.append(f"compile must be true or false, got {c.compile!r}")
     elif c.compile and c.budget is not None:  # the budget times eager steps; a compile's first batches would overrun it

@@ -2,7 +2,8 @@
 
 A stage qualifies when only the head trains and every BatchNorm before it is
 eval-locked (policies frozen and eval), so the features cannot change between
-epochs. The frozen part runs in eval mode (dropout and stochastic depth off),
+epochs. A stage that trains the top groups caches the frozen bottom's output the same
+way (thaw.train.prefix_cache says where it enters the network). The frozen part runs in eval mode (dropout and stochastic depth off),
 as a frozen feature extractor should. Features are stored as computed (bf16
 under bf16 autocast, fp32 otherwise), in memory up to the run's budget and in a
 memory-mapped file past it (deleted when the stage ends), keyed by a
@@ -19,6 +20,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 import torch
+from torch import nn
 from tqdm import tqdm
 
 from torch.utils.data import Dataset
@@ -26,9 +28,10 @@ from torch.utils.data import Dataset
 from thaw.data.loaders import Batch, make_loader, seeded_order
 from thaw.data.pixel_store import SPILL_SUFFIX
 from thaw.distributed import SINGLE, Processes, collective_device
-from thaw.models.adapter import ModelAdapter
+from thaw.models.adapter import ModelAdapter, is_within
 from thaw.plan.freeze import batchnorm_layers, is_eval_locked
 from thaw.train.loop import Engine
+from thaw.train.prefix_cache import Entry, capture, tail_forward
 from thaw.train.progress import bars_disabled
 
 
@@ -47,14 +50,22 @@ def why_not_cached(adapter: ModelAdapter, trainable: tuple[str, ...]) -> str | N
     return None
 
 
-def fingerprint(adapter: ModelAdapter, trainable: tuple[str, ...], preprocessing: object, samples: tuple[tuple[object, int], ...], views: str) -> str:
-    """Everything that decides the features: frozen weights, what trains, preprocessing, views, the files."""
+def fingerprint(
+    adapter: ModelAdapter, trainable: tuple[str, ...], preprocessing: object, samples: tuple[tuple[object, int], ...], views: str,
+    entry: Entry | None = None,
+) -> str:
+    """Everything that decides the features: frozen weights, what trains, preprocessing, views, the files. With
+    `entry` (the frozen bottom's output): every weight outside the modules that run from the boundary on, not what
+    trains, so the next stage of a gradual plan finds the features the stage before cached for it."""
     digest = hashlib.sha256()
-    description = {"head": adapter.head_name, "trainable": sorted(trainable), "preprocessing": asdict(preprocessing), "views": views, "torch": torch.__version__}
+    description = {
+        "head": adapter.head_name, "trainable": sorted(trainable) if entry is None else None, "entry": asdict(entry) if entry else None,
+        "preprocessing": asdict(preprocessing), "views": views, "torch": torch.__version__,
+    }
     digest.update(json.dumps(description, sort_keys=True).encode())
-    head = set(adapter.group("head").params)
+    changing = set(adapter.group("head").params) | set(trainable)
     for name, tensor in adapter.model.state_dict().items():
-        if name not in head:
+        if (name not in changing) if entry is None else not any(is_within(name, root) for root in entry.tail):
             digest.update(name.encode())
             digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
     for item, label in samples:
@@ -142,11 +153,12 @@ class _Store:
 @torch.no_grad()
 def compute_features(
     adapter: ModelAdapter, dataset: Dataset, engine: Engine, *, batch_size: int, workers: int | None, budget: MemoryBudget,
-    spill_path: Path, label: str, processes: Processes = SINGLE, augment_seed: int | None = None,
+    spill_path: Path, label: str, processes: Processes = SINGLE, augment_seed: int | None = None, entry: Entry | None = None,
 ) -> FeatureSet:
-    """forward_features for every decodable sample (under several processes: this rank's shard), once, in eval mode.
-    `augment_seed` fixes the random augmentation of an augmented view."""
+    """forward_features (with `entry`: the boundary's input) for every decodable sample (under several processes:
+    this rank's shard), once, in eval mode. `augment_seed` fixes the random augmentation of an augmented view."""
     adapter.model.eval()
+    forward = adapter.forward_features if entry is None else capture(adapter.model, entry)
     store, labels = None, []
     loader = make_loader(dataset, batch_size=batch_size, shuffle=False, seed=0, workers=workers, processes=processes, augment_seed=augment_seed)
     for batch in tqdm(loader, desc=label, disable=bars_disabled(engine.quiet), leave=False, unit="batch"):
@@ -154,7 +166,7 @@ def compute_features(
         if not len(batch.labels):
             continue
         with engine.autocast():
-            features = adapter.forward_features(engine.to_device(batch.images))
+            features = forward(engine.to_device(batch.images))
         if store is None:
             # Kept as computed (bf16 under bf16 autocast, else fp32): the head sees exactly what it would see live.
             store = _Store(len(dataset), tuple(features.shape[1:]), features.dtype, budget, spill_path)
@@ -168,7 +180,7 @@ def compute_features(
 class FeatureBatches:
     """Batches over cached features, shuffled by a seed (the same per-epoch seed as images)."""
 
-    def __init__(self, features: FeatureSet, batch_size: int, seed: int | None, dtype: torch.dtype, skip_batches: int = 0) -> None:
+    def __init__(self, features: FeatureSet, batch_size: int, seed: int | None, dtype: torch.dtype | None, skip_batches: int = 0) -> None:
         self.features, self.batch_size, self.seed, self.dtype = features, batch_size, seed, dtype
         self.skip = skip_batches * batch_size
 
@@ -180,7 +192,8 @@ class FeatureBatches:
         order = torch.arange(count) if self.seed is None else torch.tensor(seeded_order(count, self.seed), dtype=torch.long)
         for start in range(self.skip, count, self.batch_size):
             index = order[start : start + self.batch_size]
-            yield Batch(self.features.features[index].to(self.dtype), self.features.labels[index], [])
+            rows = self.features.features[index]
+            yield Batch(rows if self.dtype is None else rows.to(self.dtype), self.features.labels[index], [])
 
 
 @dataclass
@@ -188,6 +201,11 @@ class CachedStage:
     key: str
     train_views: list[FeatureSet]
     val: FeatureSet
+    entry: Entry | None = None  # where the features are taken: None, the head's input
+
+    def forward(self, adapter: ModelAdapter, model: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+        """Cached features to logits: the head alone, or `model` (the weights or their average) from the boundary on."""
+        return adapter.forward_head if self.entry is None else tail_forward(model, self.entry)
 
     def train_view(self, epoch: int) -> FeatureSet:
         return self.train_views[epoch % len(self.train_views)]
@@ -210,13 +228,14 @@ def build_cache(
     folder: Path,
     seed: int,
     processes: Processes = SINGLE,
+    entry: Entry | None = None,
 ) -> CachedStage:
     """Train features (the eval view, or `views` augmented views) and val features (eval view).
 
     Under several processes each rank computes only its shard; train shards are then padded to
     the same length (DistributedSampler does the same), so every rank takes as many steps.
     """
-    options = {"batch_size": batch_size, "workers": workers, "budget": budget, "processes": processes}
+    options = {"batch_size": batch_size, "workers": workers, "budget": budget, "processes": processes, "entry": entry}
     suffix = f"-rank{processes.rank}" if processes.distributed else ""
     train_views = []
     for view in range(max(1, views)):
@@ -228,7 +247,7 @@ def build_cache(
         )
         train_views.append(_pad_to_longest_shard(features) if processes.distributed else features)
     val = compute_features(adapter, make_dataset("val"), engine, spill_path=folder / f"{key}-val{suffix}.npy", label="caching val", **options)
-    return CachedStage(key, train_views, val)
+    return CachedStage(key, train_views, val, entry)
 
 
 def _pad_to_longest_shard(features: FeatureSet) -> FeatureSet:

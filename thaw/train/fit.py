@@ -48,7 +48,8 @@ from thaw.train.feature_cache import (
 from thaw.train.mixing import batch_mixer
 from thaw.train.loop import Engine, StageSchedule, evaluate, train_one_epoch
 from thaw.train.metrics import MetricTracker
-from thaw.train.progress import CACHED, FULL, PlanProgress
+from thaw.train.prefix_cache import Entry, check_skipped, disagreement, draws_at_random, find_entry, in_tail, lowest_trainable_group
+from thaw.train.progress import CACHED, FULL, PREFIX, PlanProgress
 from thaw.train.resizing import progressive_size
 from thaw.train.settings import differences, run_settings
 
@@ -254,30 +255,110 @@ class Trainer:
         return ImageDataset(samples, transform, self.draft_size, self.store, transform_at)
 
     def stage_cache(self, stage_index: int) -> CachedStage | None:
-        """The cached features this stage trains on, computed when missing; None when not exact here."""
+        """The cached features this stage trains on (the head's input, or the frozen bottom's output where only
+        the top groups train), computed when missing; None when not exact here."""
         trainable = tuple(n for n, p in self.model.named_parameters() if p.requires_grad)
         reason = why_not_cached(self.adapter, trainable) if self.config.cache else "--no-cache"
+        entry = None
+        if reason and self.config.cache and trainable:
+            found = self.prefix_entry(trainable)
+            entry, reason = (found, None) if isinstance(found, Entry) else (None, found)
+        name = self.plan.stages[stage_index].name
         if reason:
+            self.release_cache()  # an earlier stage's features: this stage runs the network
             if len(trainable) < len(list(self.model.parameters())):
-                self._say(f"stage {self.plan.stages[stage_index].name!r}: frozen-feature cache off ({reason})")
+                self._say(f"stage {name!r}: frozen-feature cache off ({reason})")
             return None
+        if entry is None:  # a head stage: where the next stage enters lower, one pass serves both
+            entry = self.shared_entry(stage_index, trainable)
         views = min(self.views, self.plan.stages[stage_index].epochs)  # a view past the stage's last epoch is never used
-        key = fingerprint(self.adapter, trainable, self.preprocessing, self.data.train + self.data.val, f"views={views} seed={self.config.seed}")
-        if self.cached is None or self.cached.key != key:
+        key = fingerprint(self.adapter, trainable, self.preprocessing, self.data.train + self.data.val, f"views={views} seed={self.config.seed}", entry)
+        if self.cached is not None and self.cached.key == key:
+            what = f"the output of the frozen layers below {entry.boundary}" if entry else "the frozen features"
+            self._say(f"stage {name!r}: trains on {what} cached in the stage before")
+        else:
             self.release_cache()  # what the frozen part computed before no longer holds
             started = time.perf_counter()
             self.cached = build_cache(
                 self.adapter, key, self.dataset, views, self.engine, batch_size=self.config.batch_size,
                 workers=self.workers, budget=self.cache_budget, folder=self.out / CACHE_FOLDER, seed=self.config.seed,
-                processes=self.processes,
+                processes=self.processes, entry=entry,
             )
             counts = f"{len(self.cached.train_views[0].labels)} train x {max(1, views)} view(s), {len(self.cached.val.labels)} val"
             if self.processes.distributed:
                 counts += f" on rank 0 of {self.processes.world}, each rank caching its shard"
             took = time.perf_counter() - started
             self.cache_seconds += took
-            self._say(f"stage {self.plan.stages[stage_index].name!r}: frozen features cached once ({counts}) in {took:.1f} s")
+            what = f"the frozen layers below {entry.boundary} ran" if entry else "frozen features cached"
+            self._say(f"stage {name!r}: {what} once ({counts}) in {took:.1f} s")
+            if entry and not views and self.config.augment and not all(self.adapter.in_head(n) for n in trainable):
+                self._say(f"stage {name!r}: the top trains on the evaluation view, not a new random crop each epoch "
+                          "(--cache-views K caches K augmented views; --no-prefix-cache trains it on the images)")
         return self.cached
+
+    def shared_entry(self, stage_index: int, trainable: tuple[str, ...]) -> Entry | None:
+        """For a head stage: the next stage's entry, where this stage can take its features there too, so one pass
+        of the frozen bottom serves both (gradual: the head stage caches what the top-2 stage trains on). Decided by
+        the plan alone, so a resumed run caches where the uninterrupted one did. The next stage checks the entry
+        again under its own BatchNorm policy, and recomputes if it differs."""
+        stages = self.plan.stages
+        if stage_index + 1 >= len(stages) or not stages[stage_index + 1].epochs:
+            return None
+        if min(self.views, stages[stage_index + 1].epochs) != min(self.views, stages[stage_index].epochs):
+            return None  # other views: nothing to share
+        try:
+            later = resolve_stage(self.adapter, stages[stage_index + 1]).trainable
+        except ThawError:  # the next stage reports its own problem when it starts
+            return None
+        if not set(trainable) <= set(later):  # gradual: each stage trains what the one before did, and more
+            return None
+        found = self.prefix_entry(tuple(later))
+        if not isinstance(found, Entry):
+            return None
+        usable = check_skipped(self.model, trainable, found)  # under this stage's policies
+        # The frozen layers between the two run in train mode here: where they draw at random (dropout, stochastic
+        # depth), the head would no longer train on the fixed features of a frozen extractor.
+        between = [name for name, module in self.model.named_modules()
+                   if in_tail(name, found) and not self.adapter.in_head(name) and draws_at_random(module)]
+        return found if isinstance(usable, Entry) and not between else None
+
+    def prefix_entry(self, trainable: tuple[str, ...]) -> Entry | str:
+        """Where a stage that trains only the top groups enters the network over cached inputs, or why it trains
+        on the images. Options that change the images every epoch keep it on the images. Rank 0 decides for every rank."""
+        c = self.config
+        if not c.cache_prefix:
+            return "the frozen-bottom cache is off (--no-prefix-cache)"
+        if not isinstance(self.data, ImageData):
+            return "a text stage that trains layers below the head runs on the tokens"
+        if self.mixer is not None:
+            return "--mixup and --cutmix blend the images this stage trains on"
+        if c.auto_augment and not self.views:
+            return "--auto-augment changes the images every epoch (--cache-views K caches K augmented views)"
+        if c.progressive_resize is not None:
+            return "--progressive-resize changes the crop size every epoch"
+        if c.budget is not None:  # the budget plans a stage that trains layers as running the network every epoch
+            return "--budget times stages that train layers on the images"
+        if lowest_trainable_group(self.adapter, trainable) == 0:
+            return "the lowest layer group trains"
+        if self.processes.distributed and self.batchnorm_updates():  # DDP keeps their statistics in step; cached stages do not run through it
+            return "under torchrun, BatchNorm statistics that update need the network to run through DDP"
+        found: Entry | str | None = None
+        if self.processes.is_main:
+            found = self._find_entry(trainable)
+        if self.processes.distributed:
+            found = distributed.broadcast(found)
+        return found
+
+    def _find_entry(self, trainable: tuple[str, ...]) -> Entry | str:
+        sample = make_loader(self.dataset("val"), batch_size=min(self.config.batch_size, 8), shuffle=False, seed=0, workers=0)
+        batch = next((batch for batch in sample if len(batch.labels)), None)
+        if batch is None:
+            return "no val image decodes to check the entry against"
+        images = self.engine.to_device(batch.images)
+        found = find_entry(self.adapter, trainable, images, self.engine)
+        if isinstance(found, Entry):
+            return disagreement(self.model, found, images, self.engine) or found
+        return found
 
     def fill_store(self) -> None:
         """Decode every train image and this rank's val images once, before the first epoch, where some image
@@ -407,7 +488,7 @@ class Trainer:
     def pixels(self, stage_index: int, epoch: int) -> int:
         """Pixels of one crop in this epoch of a stage that runs the network on images (else 1: text, and cached
         features, computed at the full size): a train step's compute grows with them."""
-        cached = self.engine.progress is not None and self.engine.progress.kinds[stage_index] == CACHED
+        cached = self.engine.progress is not None and self.engine.progress.kinds[stage_index] in (CACHED, PREFIX)
         if cached or not isinstance(self.data, ImageData):
             return 1
         return (self.crop_size(stage_index, max(epoch, 0)) or self.preprocessing.crop_size) ** 2
@@ -437,9 +518,12 @@ class Trainer:
             train = train_one_epoch(self.model, loader, self.optimizer, self.engine, schedule, first_step, label, classes,
                                     forward=self.wrapped, mix=mix, **options)
         else:
-            dtype = torch.bfloat16 if self.engine.bf16 else torch.float32  # what the live network would hand the head
+            # The head gets what the live network would hand it; the boundary of an entry gets its input as computed
+            # (under autocast a LayerNorm's output stays fp32).
+            dtype = None if cached.entry else (torch.bfloat16 if self.engine.bf16 else torch.float32)
             features = FeatureBatches(cached.train_view(state.epoch), self.config.batch_size, seed, dtype, skip_batches=done)
-            train = train_one_epoch(self.model, features, self.optimizer, self.engine, schedule, first_step, label, classes, forward=self.adapter.forward_head, **options)
+            forward = cached.forward(self.adapter, self.model)
+            train = train_one_epoch(self.model, features, self.optimizer, self.engine, schedule, first_step, label, classes, forward=forward, **options)
         if train["interrupted"]:
             self._save_interrupted(done + train["batches"], train["tracker"])
         observe = None
@@ -450,7 +534,8 @@ class Trainer:
             val = evaluate(self.delivered_model(), self.val_loader, self.engine, classes, label=f"{label} val", observe=observe)
         else:
             batches = FeatureBatches(cached.val, self.config.batch_size, None, dtype)
-            val = evaluate(self.model, batches, self.engine, classes, f"{label} val", forward=self.adapter.forward_head, observe=observe)
+            model = self.delivered_model()  # the weight average, where a stage that trains layers keeps one
+            val = evaluate(model, batches, self.engine, classes, f"{label} val", forward=cached.forward(self.adapter, model), observe=observe)
         self.train_images += train["count"]
         self.train_seconds += train["seconds"]
         return self._record(stage_index, train, val, cached is not None)
@@ -559,7 +644,8 @@ class Trainer:
                 self.ema = self.start_ema()
         cached = self.stage_cache(stage_index) if state.epoch < stage.epochs and not state.stopped else None
         self.engine.stage = stage_index
-        self.engine.progress.kinds[stage_index] = CACHED if cached is not None else FULL
+        head_only = all(self.adapter.in_head(name) for name, p in self.model.named_parameters() if p.requires_grad)
+        self.engine.progress.kinds[stage_index] = FULL if cached is None else (CACHED if head_only else PREFIX)
         schedule = self._schedule(stage.epochs, cached)
         self.engine.before_step = distributed.average_gradients if (cached is not None and self.processes.distributed) else None
         while state.epoch < stage.epochs and not state.stopped:
@@ -720,7 +806,6 @@ class Trainer:
                 break
             # No checkpoint here: the last epoch's one already says this stage is finished,
             # and its optimizer still holds this stage's groups.
-            self.release_cache()  # the stage is over: its features (and spill files) go
             state = self.state
             state.stage, state.epoch, state.stale, state.stopped = state.stage + 1, 0, 0, False
         wall = time.perf_counter() - started

@@ -10,13 +10,13 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass, field
 
-CACHED, FULL = "cached head", "full network"
+CACHED, PREFIX, FULL = "cached head", "cached bottom", "full network"
 
 
 @dataclass
 class PlanProgress:
     epochs: list[int]  # per stage, as planned; a stage that stops early is cut to what it ran
-    kinds: list[str]  # per stage: CACHED or FULL, predicted at the start, the real one once the stage begins
+    kinds: list[str]  # per stage: CACHED, PREFIX (only the top trains, on the frozen bottom's cached output) or FULL, predicted at the start, the real one once the stage begins
     steps_per_epoch: int
     timed: dict[str, tuple[float, int]] = field(default_factory=dict)  # kind -> (seconds, steps)
 

@@ -93,6 +93,7 @@ def _describe(key: str, then: object, now: object) -> str:
 # the newer default would change halfway: the weight average did not exist when such a run started).
 ADDED_LATER = {
     "ema": False, "budget": None, "label_smoothing": 0.0, "progressive_resize": None, "auto_augment": None, "mixup": 0.0, "cutmix": 0.0,
+    "cache_prefix": False,
 }
 
 

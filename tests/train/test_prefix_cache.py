@@ -1,0 +1,274 @@
+"""Stages that train only the top groups run the frozen bottom once, on cached views, and train as if it ran every epoch."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from torch import nn
+from torchvision.models import VisionTransformer, mobilenet_v3_small
+
+from tests.conftest import Crash, cli_config, crash_after
+from thaw import adapt, apply_trainable, resolve
+from thaw.plan import ConstantLr, Plan, RangeLr, Stage
+from thaw.train import TrainConfig, train_images
+from thaw.data.folders import discover
+from thaw.train.feature_cache import fingerprint
+from thaw.train.fit import choose_engine, fit
+from thaw.train.prefix_cache import Entry, disagreement, find_entry, tail_forward
+
+HEAD_THEN_TOP = Plan((Stage("head", 1, ("head",), ConstantLr(3e-3)), Stage("top2", 2, ("-2:",), RangeLr(1e-4, 1e-3), batchnorm="eval")))
+BASE = dict(image_size=32, batch_size=8, quiet=True, augment=False)
+
+
+def _train(data: Path, out: Path, model: str = "mobilenet_v3_small", plan: Plan = HEAD_THEN_TOP, **config):
+    return train_images(data, model=model, weights=None, plan=plan, config=TrainConfig(**(BASE | config)), out=out)
+
+
+def _fit_module(model: nn.Module, data: Path, plan: Plan, out: Path):
+    return fit(adapt(model, num_classes=3), discover(data), plan, TrainConfig(**BASE), out, meta={"model": type(model).__name__})
+
+
+def _weights(out: Path) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """The last epoch's weights and the delivered ones (the weight average of the best epoch)."""
+    last = torch.load(out / "checkpoint.pt", map_location="cpu", weights_only=True)["model"]
+    return last, load_file(str(out / "model.safetensors"))
+
+
+def _same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize(
+    "model, precision",
+    [("mobilenet_v3_small", "fp32"), ("mobilenet_v3_small", "bf16"), ("resnet18", "bf16")],  # resnet18: its stem's relu and maxpool are skipped too
+)
+def test_the_top_trained_on_the_cached_bottom_equals_running_the_network(tiny_split_data: Path, tmp_path: Path, model: str, precision: str) -> None:
+    cached = _train(tiny_split_data, tmp_path / "cached", model, precision=precision)
+    live = _train(tiny_split_data, tmp_path / "live", model, precision=precision, cache_prefix=False)
+    assert [row["cached"] for row in cached.history] == [True, True, True]
+    assert [row["cached"] for row in live.history] == [True, False, False]
+    assert [r["val_loss"] for r in cached.history] == [r["val_loss"] for r in live.history]
+    for a, b in zip(_weights(tmp_path / "cached"), _weights(tmp_path / "live")):
+        assert _same(a, b)
+
+
+def test_the_frozen_bottom_stays_bit_identical_and_the_top_trains(tiny_split_data: Path, tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = mobilenet_v3_small(num_classes=3)
+    before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    plan = Plan((Stage("top2", 2, ("-2:",), ConstantLr(1e-3), batchnorm="eval"),))  # the last Linear before the head, and the head
+    result = _fit_module(model, tiny_split_data, plan, tmp_path / "run")
+    assert all(row["cached"] for row in result.history)
+    trained, _ = _weights(tmp_path / "run")
+    bottom = [name for name in before if name.startswith("features.")]  # weights and BatchNorm statistics
+    assert bottom and all(torch.equal(before[name], trained[name]) for name in bottom)
+    assert all(not torch.equal(before[name], trained[name]) for name in ("classifier.0.weight", "classifier.3.weight"))
+
+
+def test_a_crash_in_a_cached_top_stage_resumes_to_the_uninterrupted_weights(tiny_split_data: Path, tmp_path: Path) -> None:
+    whole = _train(tiny_split_data, tmp_path / "whole")
+    with pytest.raises(Crash):
+        train_images(tiny_split_data, model="mobilenet_v3_small", weights=None, plan=HEAD_THEN_TOP, config=TrainConfig(**BASE),
+                     out=tmp_path / "crashed", callbacks=[crash_after(2)])  # after the head and the first top epoch
+    resumed = train_images(tiny_split_data, model="mobilenet_v3_small", weights=None, plan=HEAD_THEN_TOP, config=TrainConfig(**BASE),
+                           out=tmp_path / "crashed", resume=True)
+    assert [r["val_loss"] for r in resumed.history] == [r["val_loss"] for r in whole.history]
+    for a, b in zip(_weights(tmp_path / "crashed"), _weights(tmp_path / "whole")):
+        assert _same(a, b)
+
+
+def test_in_a_longer_gradual_plan_the_head_stage_serves_the_top_2_and_later_stages_cache_their_own(
+    tiny_split_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture,
+) -> None:
+    rule = RangeLr(1e-4, 1e-3)
+    plan = Plan((*HEAD_THEN_TOP.stages, Stage("top3", 1, ("-3:",), rule, batchnorm="eval"), Stage("top4", 1, ("-4:",), rule, batchnorm="eval")))
+    cached = _train(tiny_split_data, tmp_path / "cached", plan=plan, quiet=False)
+    said = capsys.readouterr().out
+    live = _train(tiny_split_data, tmp_path / "live", plan=plan, cache_prefix=False)
+    assert said.count(" ran once (") == 3 and said.count("cached in the stage before") == 1, said
+    assert all(row["cached"] for row in cached.history)
+    assert [r["val_loss"] for r in cached.history] == [r["val_loss"] for r in live.history]
+    for a, b in zip(_weights(tmp_path / "cached"), _weights(tmp_path / "live")):
+        assert _same(a, b)
+
+
+def test_a_crash_in_the_top_2_stage_of_a_longer_plan_resumes_to_the_uninterrupted_weights(tiny_split_data: Path, tmp_path: Path) -> None:
+    # Uninterrupted, the top-2 stage trains on what the head stage cached; resumed, it caches the same itself.
+    plan = Plan((*HEAD_THEN_TOP.stages, Stage("top3", 1, ("-3:",), RangeLr(1e-4, 1e-3), batchnorm="eval")))
+    whole = _train(tiny_split_data, tmp_path / "whole", plan=plan)
+    options = {"model": "mobilenet_v3_small", "weights": None, "plan": plan, "config": TrainConfig(**BASE), "out": tmp_path / "crashed"}
+    with pytest.raises(Crash):
+        train_images(tiny_split_data, callbacks=[crash_after(2)], **options)
+    resumed = train_images(tiny_split_data, resume=True, **options)
+    assert [r["val_loss"] for r in resumed.history] == [r["val_loss"] for r in whole.history]
+    for a, b in zip(_weights(tmp_path / "crashed"), _weights(tmp_path / "whole")):
+        assert _same(a, b)
+
+
+def test_cached_bottom_outputs_spill_past_the_memory_budget_and_go_with_the_stage(tiny_split_data: Path, tmp_path: Path) -> None:
+    out, seen = tmp_path / "spilled", []
+    spilled = train_images(
+        tiny_split_data, model="mobilenet_v3_small", weights=None, plan=HEAD_THEN_TOP, out=out,
+        config=TrainConfig(**(BASE | {"cache_memory_gb": 1e-9})),
+        callbacks=[lambda state: seen.append(sorted(p.name for p in (out / "feature-cache").glob("*.npy")))],
+    )
+    assert [len(files) for files in seen] == [2, 2, 2]  # train and val, on disk while the stages run
+    assert seen[0] == seen[1] == seen[2]  # the head stage cached the top stage's boundary: one pass serves both
+    assert not (out / "feature-cache").exists()
+    in_memory = _train(tiny_split_data, tmp_path / "memory")
+    assert [r["val_loss"] for r in spilled.history] == [r["val_loss"] for r in in_memory.history]
+
+
+@pytest.mark.parametrize(
+    "options, cached",
+    [
+        ({"augment": True}, True),  # the evaluation view, as the head stage
+        ({"augment": True, "mixup": 0.2}, False),  # blends images
+        ({"augment": True, "auto_augment": "trivial"}, False),  # changes the images every epoch
+        ({"augment": True, "auto_augment": "trivial", "cache_views": 2}, True),  # ... inside each cached view
+        ({"augment": True, "progressive_resize": 0.5}, False),  # changes the crop size every epoch
+        ({"budget": 600.0}, False),  # plans stages that train layers as running the network
+        ({"cache": False}, False),
+    ],
+)
+def test_options_that_change_the_images_every_epoch_keep_the_top_on_the_images(
+    tiny_split_data: Path, tmp_path: Path, options: dict, cached: bool,
+) -> None:
+    result = _train(tiny_split_data, tmp_path / "run", **options)
+    assert {row["cached"] for row in result.history if row["stage"] == "top2"} == {cached}
+
+
+def test_augmented_views_of_the_bottom_are_cycled_by_epoch(tiny_split_data: Path, tmp_path: Path) -> None:
+    plan = Plan((Stage("top2", 2, ("-2:",), ConstantLr(1e-3), batchnorm="eval"),))
+    # resnet18: its random weights learn at 32 px (mobilenet_v3_small's reach the same loss, ln 3, on every view)
+    one = _train(tiny_split_data, tmp_path / "one", "resnet18", plan=plan, augment=True, cache_views=1)
+    two = _train(tiny_split_data, tmp_path / "two", "resnet18", plan=plan, augment=True, cache_views=2)
+    assert all(row["cached"] for row in one.history + two.history)
+    assert one.history[0]["train_loss"] == two.history[0]["train_loss"]  # the first view is the same
+    assert one.history[1]["train_loss"] != two.history[1]["train_loss"]  # the second epoch: view 1 against view 0 again
+
+
+class DropoutInTheTopBlock(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, stride=2, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+        self.block1 = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+        self.block2 = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Dropout(0.5))
+        self.fc = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.block2(self.block1(self.stem(x))).mean(dim=(2, 3)))
+
+
+def test_a_head_stage_keeps_its_own_features_where_the_frozen_block_above_the_boundary_draws_at_random(
+    tiny_split_data: Path, tmp_path: Path,
+) -> None:
+    # Sharing the top-2 boundary would run block2's dropout in train mode under the head: not a fixed feature extractor.
+    plan = Plan((Stage("head", 1, ("head",), ConstantLr(3e-3)), Stage("top2", 1, ("-2:",), ConstantLr(1e-3), batchnorm="eval")))
+    torch.manual_seed(0)
+    cached = fit(adapt(DropoutInTheTopBlock(), num_classes=3), discover(tiny_split_data), plan, TrainConfig(**BASE), tmp_path / "cached", meta={"model": "d"})
+    torch.manual_seed(0)
+    live = fit(adapt(DropoutInTheTopBlock(), num_classes=3), discover(tiny_split_data), plan, TrainConfig(**(BASE | {"cache_prefix": False})),
+               tmp_path / "live", meta={"model": "d"})
+    assert [row["cached"] for row in cached.history] == [True, True] and [row["cached"] for row in live.history] == [True, False]
+    assert [r["val_loss"] for r in cached.history] == [r["val_loss"] for r in live.history]
+    for a, b in zip(_weights(tmp_path / "cached"), _weights(tmp_path / "live")):
+        assert _same(a, b)
+
+
+def test_entering_leaves_no_hook_and_gives_back_a_forward_the_module_had_even_when_the_tail_fails(small_net) -> None:
+    own = small_net.stem.forward  # a forward set on the instance, as wrappers do
+    small_net.stem.forward = own
+    entry = Entry("block2", ("block1", "stem"), ("block2", "classifier", "pool"))
+    with pytest.raises(RuntimeError):
+        tail_forward(small_net, entry)(torch.randn(2, 5, 8, 8))  # 5 channels: block2's convolution refuses
+    assert small_net.stem.__dict__["forward"] is own and "forward" not in small_net.block1.__dict__
+    assert not small_net.block2._forward_pre_hooks
+
+
+class SkipAcrossTheBoundary(nn.Module):
+    """Its forward reuses a tensor from below the top block after it: entering mid-way cannot give its logits."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, stride=2, padding=1), nn.BatchNorm2d(8), nn.ReLU())  # a boundary smaller than the image
+        self.block1 = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+        self.block2 = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+        self.fc = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        early = self.block1(self.stem(x))
+        top = self.block2(early * 2.0) + early
+        return self.fc(top.mean(dim=(2, 3)))
+
+
+def _entry_of(adapter, selectors: list[str], images: torch.Tensor) -> Entry | str:
+    trainable = tuple(apply_trainable(adapter, resolve(adapter, selectors), batchnorm="eval"))
+    engine = choose_engine(TrainConfig(precision="fp32", quiet=True), adapter.model)
+    found = find_entry(adapter, trainable, images, engine)
+    return found if isinstance(found, str) else (disagreement(adapter.model, found, images, engine) or found)
+
+
+def test_a_forward_that_computes_across_the_boundary_trains_on_the_images(tiny_split_data: Path, tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    adapter = adapt(SkipAcrossTheBoundary(), num_classes=3)
+    found = _entry_of(adapter, ["-2:"], torch.randn(4, 3, 32, 32))
+    assert isinstance(found, str) and "does not give its own logits" in found
+    plan = Plan((Stage("top2", 1, ("-2:",), ConstantLr(1e-3), batchnorm="eval"),))
+    result = _fit_module(SkipAcrossTheBoundary(), tiny_split_data, plan, tmp_path / "run")
+    assert not result.history[0]["cached"]
+
+
+def test_a_torchvision_vit_trains_its_top_on_the_images_and_says_why() -> None:
+    torch.manual_seed(0)
+    model = VisionTransformer(image_size=32, patch_size=8, num_layers=3, num_heads=2, hidden_dim=32, mlp_dim=64, num_classes=3)
+    adapter = adapt(model, num_classes=3)
+    found = _entry_of(adapter, ["-2:"], torch.randn(4, 3, 32, 32))
+    assert isinstance(found, str) and "cannot be entered" in found  # its forward reshapes the patches outside a layer
+
+
+def test_where_the_bottom_output_is_larger_than_the_image_the_stage_trains_on_the_images(small_net) -> None:
+    adapter = adapt(small_net, num_classes=3)  # its first blocks keep the full resolution with 8 and 16 channels
+    found = _entry_of(adapter, ["block2", "head"], torch.randn(4, 3, 32, 32))
+    assert isinstance(found, str) and "larger than the image" in found
+
+
+def test_a_batchnorm_that_updates_below_the_boundary_keeps_the_stage_on_the_images() -> None:
+    torch.manual_seed(0)
+    # Policy train on a BatchNorm without affine parameters: nothing of it trains, yet its statistics move every step.
+    model = nn.Sequential(
+        nn.Sequential(nn.Conv2d(3, 8, 3, stride=2), nn.BatchNorm2d(8, affine=False), nn.ReLU()),
+        nn.Sequential(nn.Conv2d(8, 8, 3), nn.BatchNorm2d(8), nn.ReLU()),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 3),
+    )
+    adapter = adapt(model, num_classes=3)
+    trainable = tuple(apply_trainable(adapter, resolve(adapter, ["-2:"]), batchnorm="train"))
+    engine = choose_engine(TrainConfig(precision="fp32", quiet=True), adapter.model)
+    found = find_entry(adapter, trainable, torch.randn(4, 3, 32, 32), engine)
+    assert isinstance(found, str) and "BatchNorm 0.1 below 1 updates its statistics" in found
+
+
+def test_the_flag_and_the_plan_file_key(tmp_path: Path) -> None:
+    assert cli_config("data", "--model", "mobilenet_v2").cache_prefix is True
+    assert cli_config("data", "--model", "mobilenet_v2", "--no-prefix-cache").cache_prefix is False
+    plan = tmp_path / "plan.yaml"
+    plan.write_text("stages: [{name: all, epochs: 1, train: [all], lr: 1.0e-4}]\ntraining: {cache_prefix: false}\n")
+    assert cli_config("data", "--model", "mobilenet_v2", "--config", str(plan)).cache_prefix is False
+
+
+def test_a_bottom_cache_is_keyed_by_what_runs_below_the_boundary_not_by_what_trains(small_net, tiny_split_data: Path) -> None:
+    adapter = adapt(small_net, num_classes=3)
+    samples = discover(tiny_split_data).train
+    entry = Entry("block2", ("block1", "stem"), ("block2", "classifier", "pool"))
+    head_only, with_block2 = tuple(resolve(adapter, ["head"])), tuple(resolve(adapter, ["block2", "head"]))
+    key = fingerprint(adapter, head_only, adapter.preprocessing, samples, "views=0", entry)
+    assert fingerprint(adapter, with_block2, adapter.preprocessing, samples, "views=0", entry) == key  # the next stage finds it
+    with torch.no_grad():
+        small_net.block2[0].weight.add_(1.0)  # above the boundary: the cached tensor is the same
+    assert fingerprint(adapter, head_only, adapter.preprocessing, samples, "views=0", entry) == key
+    with torch.no_grad():
+        small_net.block1[0].weight.add_(1e-3)
+    assert fingerprint(adapter, head_only, adapter.preprocessing, samples, "views=0", entry) != key
