@@ -103,3 +103,35 @@ def test_pickle_that_would_run_code_is_refused(tmp_path: Path) -> None:
 def test_missing_weights_file_path() -> None:
     with pytest.raises(ThawError, match="does not exist"):
         build_model("resnet18", weights="/nonexistent/resnet.pth", device="cpu")
+
+
+def _link_when_all_are_ready(barrier, url: str, results) -> None:
+    from thaw.models.weights import ensure_cached
+
+    barrier.wait()
+    try:
+        results.put(str(ensure_cached(url).resolve()))
+    except Exception as error:  # noqa: BLE001 - the parent reports what failed
+        results.put(f"{type(error).__name__}: {error}")
+
+
+def test_processes_linking_the_packaged_weights_at_once_all_succeed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """torchrun's ranks on a first offline run each put the packaged file in one fresh hub cache at the same moment."""
+    import multiprocessing
+
+    from torchvision.models import MobileNet_V2_Weights
+
+    shipped = packaged_copy("mobilenet_v2-b0353104.pth")
+    assert shipped is not None
+    context, processes = multiprocessing.get_context("fork"), 8
+    for attempt in range(10):
+        monkeypatch.setenv("TORCH_HOME", str(tmp_path / f"home{attempt}"))
+        barrier, results = context.Barrier(processes), context.Queue()
+        workers = [context.Process(target=_link_when_all_are_ready, args=(barrier, MobileNet_V2_Weights.IMAGENET1K_V1.url, results))
+                   for _ in range(processes)]
+        for worker in workers:
+            worker.start()
+        outcomes = [results.get(timeout=60) for _ in workers]
+        for worker in workers:
+            worker.join(timeout=60)
+        assert outcomes == [str(shipped.resolve())] * processes, outcomes

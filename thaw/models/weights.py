@@ -75,10 +75,11 @@ def ensure_cached(url: str) -> Path:
     if shipped is not None:
         check_hash_in_name(shipped)
         cached.parent.mkdir(parents=True, exist_ok=True)
-        temporary = cached.with_name(cached.name + ".thaw-link")
+        # A name of this process's own: torchrun's ranks link the same file into one cache at the same moment.
+        temporary = cached.with_name(f"{cached.name}.{os.getpid()}.thaw-link")
         temporary.unlink(missing_ok=True)
         temporary.symlink_to(shipped)
-        temporary.replace(cached)
+        temporary.replace(cached)  # atomic: a reader sees no file or the whole link
         return cached
     try:
         torch.hub.download_url_to_file(url, str(cached), hash_prefix=None, progress=False)
