@@ -30,6 +30,7 @@ from thaw.train import TrainConfig, train_images
 
 PLAN = Plan((Stage("head", 2, ("head",), ConstantLr(3e-3)), Stage("all", 2, ("all",), RangeLr(1e-5, 1e-4), batchnorm="eval")))
 ONE_EPOCH = Plan((Stage("head", 1, ("head",), ConstantLr(3e-3)),))
+TOP_2 = Plan((Stage("head", 1, ("head",), ConstantLr(3e-3)), Stage("top2", 2, ("-2:",), RangeLr(1e-4, 1e-3), batchnorm="eval")))
 
 
 def digest(tensors: list[torch.Tensor]) -> str:
@@ -72,6 +73,7 @@ def parse() -> argparse.Namespace:
     parser.add_argument("--no-dropout", action="store_true", help="every nn.Dropout gets p=0")
     parser.add_argument("--optimizer", default="adamw")
     parser.add_argument("--one-epoch", action="store_true", help="a plan of one head epoch instead of 2 head + 2 full")
+    parser.add_argument("--top-2", action="store_true", help="1 head epoch, then 2 epochs of the top 2 groups (on the cached bottom)")
     parser.add_argument("--save-final", action="store_true", help="write initial-rank{RANK}.pt and final-rank{RANK}.pt (state_dicts)")
     parser.add_argument("--device", default="cpu", help="cpu (gloo, the default) or cuda (NCCL, one GPU per process)")
     parser.add_argument(
@@ -112,7 +114,7 @@ def main() -> int:
         label_smoothing=0.0,
     )
     result = train_images(
-        args.data, model="mobilenet_v2", weights="IMAGENET1K_V1", plan=ONE_EPOCH if args.one_epoch else PLAN, config=config, out=args.out,
+        args.data, model="mobilenet_v2", weights="IMAGENET1K_V1", plan=ONE_EPOCH if args.one_epoch else TOP_2 if args.top_2 else PLAN, config=config, out=args.out,
         resume=args.resume, callbacks=[epoch_end], step_hooks=[record],
     )
     if len(built) != 1:

@@ -121,6 +121,18 @@ def test_unfrozen_parameters_train_and_stay_identical_across_ranks_every_step(tw
     assert zero["cached"] == [True, True, False, False]  # the head stage trained on features cached in shards
 
 
+def test_the_top_2_groups_on_the_cached_bottom_stay_identical_across_ranks_every_step(setting: dict) -> None:
+    out = setting["root"] / "top2"
+    done = torchrun(str(WORKER), str(setting["data"]), str(out), "--batch-size", "8", "--top-2", env=setting["env"])
+    assert done.returncode == 0, done.stderr[-3000:]
+    zero, one = ranks(out)
+    assert zero["cached"] == one["cached"] == [True, True, True]  # each rank cached the bottom's output for its shard
+    assert [s["digest"] for s in zero["log"]] == [s["digest"] for s in one["log"]]  # gradients averaged over ranks
+    top = [s["body"] for s in zero["log"] if s["body"] is not None]
+    assert top and len(set(top)) == len(top)  # the top group moves at every step
+    assert zero["history"] == one["history"]
+
+
 def test_cached_two_processes_take_the_steps_of_one_process_with_the_same_global_batch(setting: dict, two_process_run: Path) -> None:
     """With the cache (and dropout), the runs are not the same run: each rank shuffles its own shard of cached
     features and draws its own dropout masks. What holds is the schedule, and that both learn the task."""

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import signal
 from pathlib import Path
 
 import pytest
@@ -16,7 +18,7 @@ from thaw.plan import ConstantLr, Plan, RangeLr, Stage
 from thaw.train import TrainConfig, train_images
 from thaw.data.folders import discover
 from thaw.train.feature_cache import fingerprint
-from thaw.train.fit import choose_engine, fit
+from thaw.train.fit import RunInterrupted, choose_engine, fit
 from thaw.train.prefix_cache import Entry, disagreement, find_entry, tail_forward
 
 HEAD_THEN_TOP = Plan((Stage("head", 1, ("head",), ConstantLr(3e-3)), Stage("top2", 2, ("-2:",), RangeLr(1e-4, 1e-3), batchnorm="eval")))
@@ -68,15 +70,22 @@ def test_the_frozen_bottom_stays_bit_identical_and_the_top_trains(tiny_split_dat
     assert all(not torch.equal(before[name], trained[name]) for name in ("classifier.0.weight", "classifier.3.weight"))
 
 
-def test_a_crash_in_a_cached_top_stage_resumes_to_the_uninterrupted_weights(tiny_split_data: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("stop", ["crash after the top stage's first epoch", "Ctrl-C inside the top stage's first epoch"])
+def test_a_stop_in_a_cached_top_stage_resumes_to_the_uninterrupted_weights(tiny_split_data: Path, tmp_path: Path, stop: str) -> None:
     whole = _train(tiny_split_data, tmp_path / "whole")
-    with pytest.raises(Crash):
-        train_images(tiny_split_data, model="mobilenet_v3_small", weights=None, plan=HEAD_THEN_TOP, config=TrainConfig(**BASE),
-                     out=tmp_path / "crashed", callbacks=[crash_after(2)])  # after the head and the first top epoch
-    resumed = train_images(tiny_split_data, model="mobilenet_v3_small", weights=None, plan=HEAD_THEN_TOP, config=TrainConfig(**BASE),
-                           out=tmp_path / "crashed", resume=True)
+
+    def press_ctrl_c(state: object) -> None:  # handled after the next optimizer step: the top stage's first
+        if len(state.history) == 1:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    callback, raised = (crash_after(2), Crash) if stop.startswith("crash") else (press_ctrl_c, RunInterrupted)
+    options = {"model": "mobilenet_v3_small", "weights": None, "plan": HEAD_THEN_TOP, "config": TrainConfig(**BASE), "out": tmp_path / "cut"}
+    with pytest.raises(raised):
+        train_images(tiny_split_data, callbacks=[callback], **options)
+    resumed = train_images(tiny_split_data, resume=True, **options)
     assert [r["val_loss"] for r in resumed.history] == [r["val_loss"] for r in whole.history]
-    for a, b in zip(_weights(tmp_path / "crashed"), _weights(tmp_path / "whole")):
+    assert all(row["cached"] for row in resumed.history)
+    for a, b in zip(_weights(tmp_path / "cut"), _weights(tmp_path / "whole")):
         assert _same(a, b)
 
 
