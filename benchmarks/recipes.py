@@ -421,6 +421,9 @@ def extra_cells(chosen: list[dict]) -> str:
         said.append(f"evaluated at {key.rsplit('_', 1)[1]} px: {statistics.mean(row[key] for row in chosen):.4f} mean")
     if "spam_f1" in chosen[0]:
         said.append(f"spam F1 {statistics.mean(row['spam_f1'] for row in chosen):.3f} mean")
+    if chosen[0].get("stage_s"):
+        stages = ", ".join(f"{name} {statistics.mean(row['stage_s'][name] for row in chosen):.1f}" for name in chosen[0]["stage_s"])
+        said.append(f"seconds per stage, mean: {stages}; caching {statistics.mean(row['cache_s'] for row in chosen):.1f}")
     if "delivered_epoch" in chosen[0]:
         said.append("delivered epochs " + ", ".join(str(row["delivered_epoch"]) for row in chosen))
     return "; ".join(said)

@@ -11,6 +11,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 from torchvision.models import VisionTransformer, mobilenet_v3_small
+from torchvision.ops import StochasticDepth
 
 from tests.conftest import Crash, cli_config, crash_after
 from thaw import adapt, apply_trainable, resolve
@@ -19,7 +20,7 @@ from thaw.train import TrainConfig, train_images
 from thaw.data.folders import discover
 from thaw.train.feature_cache import fingerprint
 from thaw.train.fit import RunInterrupted, choose_engine, fit
-from thaw.train.prefix_cache import Entry, disagreement, find_entry, tail_forward
+from thaw.train.prefix_cache import Entry, check_skipped, disagreement, find_entry, tail_forward
 
 HEAD_THEN_TOP = Plan((Stage("head", 1, ("head",), ConstantLr(3e-3)), Stage("top2", 2, ("-2:",), RangeLr(1e-4, 1e-3), batchnorm="eval")))
 BASE = dict(image_size=32, batch_size=8, quiet=True, augment=False)
@@ -45,7 +46,8 @@ def _same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
 
 @pytest.mark.parametrize(
     "model, precision",
-    [("mobilenet_v3_small", "fp32"), ("mobilenet_v3_small", "bf16"), ("resnet18", "bf16")],  # resnet18: its stem's relu and maxpool are skipped too
+    # resnet18: its stem's relu and maxpool are skipped too, and the boundary is a block's feature map
+    [("mobilenet_v3_small", "fp32"), ("mobilenet_v3_small", "bf16"), ("resnet18", "fp32"), ("resnet18", "bf16")],
 )
 def test_the_top_trained_on_the_cached_bottom_equals_running_the_network(tiny_split_data: Path, tmp_path: Path, model: str, precision: str) -> None:
     cached = _train(tiny_split_data, tmp_path / "cached", model, precision=precision)
@@ -136,6 +138,7 @@ def test_cached_bottom_outputs_spill_past_the_memory_budget_and_go_with_the_stag
     [
         ({"augment": True}, True),  # the evaluation view, as the head stage
         ({"augment": True, "mixup": 0.2}, False),  # blends images
+        ({"augment": True, "cutmix": 1.0}, False),
         ({"augment": True, "auto_augment": "trivial"}, False),  # changes the images every epoch
         ({"augment": True, "auto_augment": "trivial", "cache_views": 2}, True),  # ... inside each cached view
         ({"augment": True, "progressive_resize": 0.5}, False),  # changes the crop size every epoch
@@ -160,27 +163,36 @@ def test_augmented_views_of_the_bottom_are_cycled_by_epoch(tiny_split_data: Path
     assert one.history[1]["train_loss"] != two.history[1]["train_loss"]  # the second epoch: view 1 against view 0 again
 
 
-class DropoutInTheTopBlock(nn.Module):
-    def __init__(self) -> None:
+class RandomInTheTopBlock(nn.Module):
+    """Its top block draws at random in train mode: a dropout layer, stochastic depth, or dropout in the forward."""
+
+    def __init__(self, kind: str) -> None:
         super().__init__()
+        self.kind = kind
         self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, stride=2, padding=1), nn.BatchNorm2d(8), nn.ReLU())
         self.block1 = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
-        self.block2 = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Dropout(0.5))
+        random_layer = {"dropout layer": nn.Dropout(0.5), "stochastic depth": StochasticDepth(0.5, "row")}.get(kind, nn.Identity())
+        self.block2 = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), random_layer)
         self.fc = nn.Linear(8, 3)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(self.block2(self.block1(self.stem(x))).mean(dim=(2, 3)))
+        top = self.block2(self.block1(self.stem(x))).mean(dim=(2, 3))
+        if self.kind == "dropout in the forward":
+            top = nn.functional.dropout(top, 0.5, self.training)
+        return self.fc(top)
 
 
+@pytest.mark.parametrize("kind", ["dropout layer", "stochastic depth", "dropout in the forward"])
 def test_a_head_stage_keeps_its_own_features_where_the_frozen_block_above_the_boundary_draws_at_random(
-    tiny_split_data: Path, tmp_path: Path,
+    tiny_split_data: Path, tmp_path: Path, kind: str,
 ) -> None:
-    # Sharing the top-2 boundary would run block2's dropout in train mode under the head: not a fixed feature extractor.
+    # Sharing the top-2 boundary would run block2's randomness in train mode under the head: not a fixed feature extractor.
     plan = Plan((Stage("head", 1, ("head",), ConstantLr(3e-3)), Stage("top2", 1, ("-2:",), ConstantLr(1e-3), batchnorm="eval")))
     torch.manual_seed(0)
-    cached = fit(adapt(DropoutInTheTopBlock(), num_classes=3), discover(tiny_split_data), plan, TrainConfig(**BASE), tmp_path / "cached", meta={"model": "d"})
+    model = RandomInTheTopBlock(kind)
+    cached = fit(adapt(model, num_classes=3), discover(tiny_split_data), plan, TrainConfig(**BASE), tmp_path / "cached", meta={"model": "d"})
     torch.manual_seed(0)
-    live = fit(adapt(DropoutInTheTopBlock(), num_classes=3), discover(tiny_split_data), plan, TrainConfig(**(BASE | {"cache_prefix": False})),
+    live = fit(adapt(RandomInTheTopBlock(kind), num_classes=3), discover(tiny_split_data), plan, TrainConfig(**(BASE | {"cache_prefix": False})),
                tmp_path / "live", meta={"model": "d"})
     assert [row["cached"] for row in cached.history] == [True, True] and [row["cached"] for row in live.history] == [True, False]
     assert [r["val_loss"] for r in cached.history] == [r["val_loss"] for r in live.history]
@@ -281,3 +293,27 @@ def test_a_bottom_cache_is_keyed_by_what_runs_below_the_boundary_not_by_what_tra
     with torch.no_grad():
         small_net.block1[0].weight.add_(1e-3)
     assert fingerprint(adapter, head_only, adapter.preprocessing, samples, "views=0", entry) != key
+
+
+def test_without_randomness_above_the_boundary_the_head_stage_does_share(tiny_split_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    plan = Plan((Stage("head", 1, ("head",), ConstantLr(3e-3)), Stage("top2", 1, ("-2:",), ConstantLr(1e-3), batchnorm="eval")))
+    torch.manual_seed(0)
+    fit(adapt(RandomInTheTopBlock("none"), num_classes=3), discover(tiny_split_data), plan, TrainConfig(**(BASE | {"quiet": False})),
+        tmp_path / "run", meta={"model": "d"})
+    assert "stage 'top2': trains on the output of the frozen layers below block2 cached in the stage before" in capsys.readouterr().out
+
+
+def test_a_trainable_parameter_outside_the_layers_from_the_boundary_on_is_refused(small_net) -> None:
+    apply_trainable(adapt(small_net, num_classes=3), [], batchnorm="eval")  # every BatchNorm eval-locked
+    entry = Entry("block2", ("block1", "stem"), ("block2", "classifier", "pool"))
+    assert check_skipped(small_net, ("block2.0.weight", "classifier.2.weight"), entry) is entry
+    found = check_skipped(small_net, ("stem.0.weight", "block2.0.weight"), entry)
+    assert found == "stem.0.weight trains but is used before block2"
+
+
+def test_with_augmentation_the_run_says_the_top_trains_on_the_evaluation_view(tiny_split_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    result = _train(tiny_split_data, tmp_path / "run", augment=True, quiet=False)
+    assert [row["cached"] for row in result.history] == [True, True, True]
+    said = capsys.readouterr().out
+    assert "stage 'top2': the top trains on the evaluation view, not a new random crop each epoch" in said
+    assert "stage 'head': the top trains" not in said

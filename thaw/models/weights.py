@@ -10,6 +10,7 @@ import hashlib
 import importlib.metadata
 import os
 import re
+import uuid
 from pathlib import Path
 
 import torch
@@ -75,8 +76,8 @@ def ensure_cached(url: str) -> Path:
     if shipped is not None:
         check_hash_in_name(shipped)
         cached.parent.mkdir(parents=True, exist_ok=True)
-        # A name of this process's own: torchrun's ranks link the same file into one cache at the same moment.
-        temporary = cached.with_name(f"{cached.name}.{os.getpid()}.thaw-link")
+        # A name of this link's own: torchrun's ranks link the same file into one cache at the same moment.
+        temporary = cached.with_name(f"{cached.name}.{uuid.uuid4().hex}.thaw-link")  # machines may share a cache too
         temporary.unlink(missing_ok=True)
         temporary.symlink_to(shipped)
         temporary.replace(cached)  # atomic: a reader sees no file or the whole link

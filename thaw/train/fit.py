@@ -48,7 +48,7 @@ from thaw.train.feature_cache import (
 from thaw.train.mixing import batch_mixer
 from thaw.train.loop import Engine, StageSchedule, evaluate, train_one_epoch
 from thaw.train.metrics import MetricTracker
-from thaw.train.prefix_cache import Entry, check_skipped, disagreement, draws_at_random, find_entry, in_tail, lowest_trainable_group
+from thaw.train.prefix_cache import Entry, check_skipped, disagreement, draws_at_random, find_entry, lowest_trainable_group
 from thaw.train.progress import CACHED, FULL, PREFIX, PlanProgress
 from thaw.train.resizing import progressive_size
 from thaw.train.settings import differences, run_settings
@@ -194,6 +194,7 @@ class Trainer:
             pin_memory=self.pin, persistent=True,  # the same fixed order every epoch; its workers live for the run
         )
         self.cached: CachedStage | None = None
+        self.keep_cache = False  # the current stage cached where the next stage enters: its features outlive it
         self.cache_seconds = 0.0  # building feature caches, over the run (benchmarks/throughput.py reads it)
         self.decode_seconds = 0.0  # decoding every image once into the pixel store
         self.budget_split: Split | None = None  # with --budget: the epochs chosen and the time expected per part
@@ -260,7 +261,8 @@ class Trainer:
         trainable = tuple(n for n, p in self.model.named_parameters() if p.requires_grad)
         reason = why_not_cached(self.adapter, trainable) if self.config.cache else "--no-cache"
         entry = None
-        if reason and self.config.cache and trainable:
+        head_only = all(self.adapter.in_head(name) for name in trainable)
+        if reason and self.config.cache and trainable and not head_only:  # a head stage keeps its own reason
             found = self.prefix_entry(trainable)
             entry, reason = (found, None) if isinstance(found, Entry) else (None, found)
         name = self.plan.stages[stage_index].name
@@ -271,6 +273,7 @@ class Trainer:
             return None
         if entry is None:  # a head stage: where the next stage enters lower, one pass serves both
             entry = self.shared_entry(stage_index, trainable)
+            self.keep_cache = entry is not None
         views = min(self.views, self.plan.stages[stage_index].epochs)  # a view past the stage's last epoch is never used
         key = fingerprint(self.adapter, trainable, self.preprocessing, self.data.train + self.data.val, f"views={views} seed={self.config.seed}", entry)
         if self.cached is not None and self.cached.key == key:
@@ -291,9 +294,9 @@ class Trainer:
             self.cache_seconds += took
             what = f"the frozen layers below {entry.boundary} ran" if entry else "frozen features cached"
             self._say(f"stage {name!r}: {what} once ({counts}) in {took:.1f} s")
-            if entry and not views and self.config.augment and not all(self.adapter.in_head(n) for n in trainable):
-                self._say(f"stage {name!r}: the top trains on the evaluation view, not a new random crop each epoch "
-                          "(--cache-views K caches K augmented views; --no-prefix-cache trains it on the images)")
+        if not head_only and not views and self.config.augment:
+            self._say(f"stage {name!r}: the top trains on the evaluation view, not a new random crop each epoch "
+                      "(--cache-views K caches K augmented views; --no-prefix-cache trains it on the images)")
         return self.cached
 
     def shared_entry(self, stage_index: int, trainable: tuple[str, ...]) -> Entry | None:
@@ -303,6 +306,8 @@ class Trainer:
         again under its own BatchNorm policy, and recomputes if it differs."""
         stages = self.plan.stages
         if stage_index + 1 >= len(stages) or not stages[stage_index + 1].epochs:
+            return None
+        if stages[stage_index + 1].batchnorm in ("train", "adapt"):  # statistics that move: its bottom would differ
             return None
         if min(self.views, stages[stage_index + 1].epochs) != min(self.views, stages[stage_index].epochs):
             return None  # other views: nothing to share
@@ -315,19 +320,24 @@ class Trainer:
         found = self.prefix_entry(tuple(later))
         if not isinstance(found, Entry):
             return None
-        usable = check_skipped(self.model, trainable, found)  # under this stage's policies
+        if not isinstance(check_skipped(self.model, trainable, found), Entry):  # under this stage's policies
+            return None
         # The frozen layers between the two run in train mode here: where they draw at random (dropout, stochastic
-        # depth), the head would no longer train on the fixed features of a frozen extractor.
-        between = [name for name, module in self.model.named_modules()
-                   if in_tail(name, found) and not self.adapter.in_head(name) and draws_at_random(module)]
-        return found if isinstance(usable, Entry) and not between else None
+        # depth, in a layer or in the forward), the head would no longer train on the fixed features of a frozen extractor.
+        drawn: bool | None = None
+        if self.processes.is_main:
+            head = self.model.get_submodule(self.adapter.group("head").modules[0])
+            drawn = draws_at_random(self.model, found, head, self.sample_images(), self.engine)
+        if self.processes.distributed:
+            drawn = distributed.broadcast(drawn)
+        return None if drawn else found
 
     def prefix_entry(self, trainable: tuple[str, ...]) -> Entry | str:
         """Where a stage that trains only the top groups enters the network over cached inputs, or why it trains
         on the images. Options that change the images every epoch keep it on the images. Rank 0 decides for every rank."""
         c = self.config
         if not c.cache_prefix:
-            return "the frozen-bottom cache is off (--no-prefix-cache)"
+            return "--no-prefix-cache"
         if not isinstance(self.data, ImageData):
             return "a text stage that trains layers below the head runs on the tokens"
         if self.mixer is not None:
@@ -349,12 +359,16 @@ class Trainer:
             found = distributed.broadcast(found)
         return found
 
-    def _find_entry(self, trainable: tuple[str, ...]) -> Entry | str:
+    def sample_images(self) -> torch.Tensor | None:
+        """A few val images (evaluation view) on the device: what entries are checked on."""
         sample = make_loader(self.dataset("val"), batch_size=min(self.config.batch_size, 8), shuffle=False, seed=0, workers=0)
         batch = next((batch for batch in sample if len(batch.labels)), None)
-        if batch is None:
+        return None if batch is None else self.engine.to_device(batch.images)
+
+    def _find_entry(self, trainable: tuple[str, ...]) -> Entry | str:
+        images = self.sample_images()
+        if images is None:
             return "no val image decodes to check the entry against"
-        images = self.engine.to_device(batch.images)
         found = find_entry(self.adapter, trainable, images, self.engine)
         if isinstance(found, Entry):
             return disagreement(self.model, found, images, self.engine) or found
@@ -806,6 +820,9 @@ class Trainer:
                 break
             # No checkpoint here: the last epoch's one already says this stage is finished,
             # and its optimizer still holds this stage's groups.
+            if not self.keep_cache:
+                self.release_cache()  # the stage is over: its features (and spill files) go
+            self.keep_cache = False
             state = self.state
             state.stage, state.epoch, state.stale, state.stopped = state.stage + 1, 0, 0, False
         wall = time.perf_counter() - started

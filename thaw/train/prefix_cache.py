@@ -114,14 +114,30 @@ def check_skipped(model: nn.Module, trainable: tuple[str, ...], entry: Entry) ->
     return entry
 
 
-RANDOM_LAYER_NAMES = ("DropPath", "StochasticDepth", "DropBlock2d")  # timm's and torchvision's, besides torch's dropouts
-
-
-def draws_at_random(module: nn.Module) -> bool:
-    """Whether a layer changes its output at random in train mode (dropout, stochastic depth) with a non-zero rate."""
-    if isinstance(module, nn.modules.dropout._DropoutNd) or type(module).__name__ in RANDOM_LAYER_NAMES:
-        return bool(getattr(module, "p", None) or getattr(module, "drop_prob", None))
-    return False
+def draws_at_random(model: nn.Module, entry: Entry, head: nn.Module, images: torch.Tensor | None, engine: Engine) -> bool:
+    """Whether the layers between the boundary and `head`, in train mode, hand the head different tensors on two
+    runs (dropout, stochastic depth, in a layer or in the forward). True where it cannot be checked."""
+    if images is None:
+        return True
+    was_training, rng = model.training, torch.get_rng_state()
+    cuda_rng = torch.cuda.get_rng_state(images.device) if images.device.type == "cuda" else None
+    try:
+        with torch.no_grad(), engine.autocast():
+            model.eval()
+            features = capture(model, entry)(images)
+            model.train()  # frozen BatchNorm layers stay in eval: their hooks win
+            seen = []
+            for seed in (1, 2):
+                torch.manual_seed(seed)
+                with _entered(model, entry, features):
+                    inputs = input_of(model, head, features)
+                seen.append(None if inputs is None else inputs[0][0])
+    finally:
+        model.train(was_training)
+        torch.set_rng_state(rng)
+        if cuda_rng is not None:
+            torch.cuda.set_rng_state(cuda_rng, images.device)
+    return seen[0] is None or seen[1] is None or not torch.equal(seen[0], seen[1])
 
 
 def capture(model: nn.Module, entry: Entry) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -189,7 +205,7 @@ def disagreement(model: nn.Module, entry: Entry, images: torch.Tensor, engine: E
         return f"the network cannot be entered at {entry.boundary} ({type(error).__name__})"
     finally:
         model.train(was_training)
-    scale = whole.abs().max().item() + 1.0
+    scale = whole.abs().max().item() + 1.0  # + 1: logits near zero
     tolerance = AGREEMENT_TOLERANCE[torch.bfloat16 if engine.bf16 else torch.float32]
     if entered.shape != whole.shape or not torch.isfinite(entered).all() or (entered - whole).abs().max().item() > tolerance * scale:
         return f"entered at {entry.boundary}, the network does not give its own logits (its forward computes outside its layers)"
