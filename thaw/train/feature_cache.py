@@ -2,9 +2,9 @@
 
 A stage qualifies when only the head trains and every BatchNorm before it is
 eval-locked (policies frozen and eval), so the features cannot change between
-epochs. A stage that trains the top groups caches the frozen bottom's output the same
-way (thaw.train.prefix_cache says where it enters the network). The frozen part runs in eval mode (dropout and stochastic depth off),
-as a frozen feature extractor should. Features are stored as computed (bf16
+epochs. A stage that trains the top groups caches the frozen bottom's output the
+same way (thaw.train.prefix_cache says where it enters the network). The frozen part
+runs in eval mode (dropout and stochastic depth off), as a frozen feature extractor should. Features are stored as computed (bf16
 under bf16 autocast, fp32 otherwise), in memory up to the run's budget and in a
 memory-mapped file past it (deleted when the stage ends), keyed by a
 fingerprint of everything that produced them.
@@ -28,10 +28,10 @@ from torch.utils.data import Dataset
 from thaw.data.loaders import Batch, make_loader, seeded_order
 from thaw.data.pixel_store import SPILL_SUFFIX
 from thaw.distributed import SINGLE, Processes, collective_device
-from thaw.models.adapter import ModelAdapter, is_within
+from thaw.models.adapter import ModelAdapter
 from thaw.plan.freeze import batchnorm_layers, is_eval_locked
 from thaw.train.loop import Engine
-from thaw.train.prefix_cache import Entry, capture, tail_forward
+from thaw.train.prefix_cache import Entry, capture, in_tail, tail_forward
 from thaw.train.progress import bars_disabled
 
 
@@ -64,8 +64,12 @@ def fingerprint(
     }
     digest.update(json.dumps(description, sort_keys=True).encode())
     changing = set(adapter.group("head").params) | set(trainable)
+
+    def decides(name: str) -> bool:  # head features: every frozen tensor; the bottom's output: every tensor outside the tail
+        return not in_tail(name, entry) if entry is not None else name not in changing
+
     for name, tensor in adapter.model.state_dict().items():
-        if (name not in changing) if entry is None else not any(is_within(name, root) for root in entry.tail):
+        if decides(name):
             digest.update(name.encode())
             digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
     for item, label in samples:

@@ -195,6 +195,7 @@ class Trainer:
         )
         self.cached: CachedStage | None = None
         self.keep_cache = False  # the current stage cached where the next stage enters: its features outlive it
+        self.entry_sample: tuple[torch.Tensor | None] | None = None  # see sample_images()
         self.cache_seconds = 0.0  # building feature caches, over the run (benchmarks/throughput.py reads it)
         self.decode_seconds = 0.0  # decoding every image once into the pixel store
         self.budget_split: Split | None = None  # with --budget: the epochs chosen and the time expected per part
@@ -360,10 +361,12 @@ class Trainer:
         return found
 
     def sample_images(self) -> torch.Tensor | None:
-        """A few val images (evaluation view) on the device: what entries are checked on."""
-        sample = make_loader(self.dataset("val"), batch_size=min(self.config.batch_size, 8), shuffle=False, seed=0, workers=0)
-        batch = next((batch for batch in sample if len(batch.labels)), None)
-        return None if batch is None else self.engine.to_device(batch.images)
+        """A few val images (evaluation view) on the device: what entries are checked on; decoded once per run."""
+        if self.entry_sample is None:
+            sample = make_loader(self.dataset("val"), batch_size=min(self.config.batch_size, 8), shuffle=False, seed=0, workers=0)
+            batch = next((batch for batch in sample if len(batch.labels)), None)
+            self.entry_sample = (None if batch is None else self.engine.to_device(batch.images),)
+        return self.entry_sample[0]
 
     def _find_entry(self, trainable: tuple[str, ...]) -> Entry | str:
         images = self.sample_images()

@@ -72,12 +72,8 @@ def find_entry(adapter: ModelAdapter, trainable: tuple[str, ...], images: torch.
     lowest = lowest_trainable_group(adapter, trainable)
     if lowest == 0:
         return "the lowest layer group trains"
-    was_training = model.training
-    model.eval()
-    try:
+    with _mode(model, training=False):
         events = _trace(model, images, engine)
-    finally:
-        model.train(was_training)
     roots = adapter.groups[lowest].modules
     starts = [index for index, (kind, name) in enumerate(events) if kind == "start" and name in roots]
     if not starts:
@@ -119,21 +115,20 @@ def draws_at_random(model: nn.Module, entry: Entry, head: nn.Module, images: tor
     runs (dropout, stochastic depth, in a layer or in the forward). True where it cannot be checked."""
     if images is None:
         return True
-    was_training, rng = model.training, torch.get_rng_state()
+    rng = torch.get_rng_state()
     cuda_rng = torch.cuda.get_rng_state(images.device) if images.device.type == "cuda" else None
     try:
         with torch.no_grad(), engine.autocast():
-            model.eval()
-            features = capture(model, entry)(images)
-            model.train()  # frozen BatchNorm layers stay in eval: their hooks win
+            with _mode(model, training=False):
+                features = capture(model, entry)(images)
             seen = []
-            for seed in (1, 2):
-                torch.manual_seed(seed)
-                with _entered(model, entry, features):
-                    inputs = input_of(model, head, features)
-                seen.append(None if inputs is None else inputs[0][0])
+            with _mode(model, training=True):  # frozen BatchNorm layers stay in eval: their hooks win
+                for seed in (1, 2):
+                    torch.manual_seed(seed)
+                    with _entered(model, entry, features):
+                        inputs = input_of(model, head, features)
+                    seen.append(None if inputs is None else inputs[0][0])
     finally:
-        model.train(was_training)
         torch.set_rng_state(rng)
         if cuda_rng is not None:
             torch.cuda.set_rng_state(cuda_rng, images.device)
@@ -153,6 +148,17 @@ def capture(model: nn.Module, entry: Entry) -> Callable[[torch.Tensor], torch.Te
         return args[0] if len(args) == 1 and not kwargs and isinstance(args[0], torch.Tensor) else torch.empty(0)
 
     return forward_prefix
+
+
+@contextmanager
+def _mode(model: nn.Module, training: bool) -> Iterator[None]:
+    """`model` in train or eval mode while inside, then back in the mode it was in."""
+    was_training = model.training
+    model.train(training)
+    try:
+        yield
+    finally:
+        model.train(was_training)
 
 
 def _hand_on(first: torch.Tensor, *_args: object, **_kwargs: object) -> torch.Tensor:
@@ -190,10 +196,8 @@ def tail_forward(model: nn.Module, entry: Entry) -> Callable[[torch.Tensor], tor
 
 def disagreement(model: nn.Module, entry: Entry, images: torch.Tensor, engine: Engine) -> str | None:
     """None when the network entered at the boundary gives the whole network's logits on `images` (eval mode)."""
-    was_training = model.training
-    model.eval()
     try:
-        with torch.no_grad(), engine.autocast():
+        with torch.no_grad(), engine.autocast(), _mode(model, training=False):
             whole = model(images).float()
             features = capture(model, entry)(images)
             if not features.numel():
@@ -203,8 +207,6 @@ def disagreement(model: nn.Module, entry: Entry, images: torch.Tensor, engine: E
             entered = tail_forward(model, entry)(features).float()
     except Exception as error:  # noqa: BLE001 - a family whose forward cannot be entered this way trains as before
         return f"the network cannot be entered at {entry.boundary} ({type(error).__name__})"
-    finally:
-        model.train(was_training)
     scale = whole.abs().max().item() + 1.0  # + 1: logits near zero
     tolerance = AGREEMENT_TOLERANCE[torch.bfloat16 if engine.bf16 else torch.float32]
     if entered.shape != whole.shape or not torch.isfinite(entered).all() or (entered - whole).abs().max().item() > tolerance * scale:
