@@ -14,7 +14,9 @@ For each image set, mobilenet_v2 IMAGENET1K_V1, the same images, size and split 
              thaw-budget (the default with --budget, the benchmark's --budget seconds: 180 unless given);
              thaw-progressive (the default with --progressive-resize 0.6); thaw-trivial (--auto-augment trivial),
              thaw-rand (--auto-augment rand), thaw-mixup (--mixup 0.2), thaw-cutmix (--cutmix 1.0), thaw-mix
-             (--mixup 0.2 --cutmix 1.0); these last six augment, so not on digits, which trains unaugmented
+             (--mixup 0.2 --cutmix 1.0); these last six augment, so not on digits, which trains unaugmented;
+             thaw-gradual (head, then the top 2 groups, then all), thaw-gradual-live (the same with
+             --no-prefix-cache), thaw-gradual-progressive (thaw-gradual with --progressive-resize 0.6)
 Every recipe delivers the epoch with the best val accuracy (thaw by its own rule, the hand loop keeps the first
 best, fastai by SaveModelCallback over both fits); test is scored once, on that model, and never chooses anything.
 thaw's model is also scored with `--tta` (mirror images averaged), with the extra evaluation time, and evaluated
@@ -76,8 +78,10 @@ THAW_RECIPES = {
     # gradual as issue 14 measures it: the head, then the top 2 groups, then all (each stage the full phase's epochs)
     "thaw-gradual": ({"plan": "top2-gradual"}, {}),  # the top 2 groups train on the frozen bottom's cached output
     "thaw-gradual-live": ({"plan": "top2-gradual"}, {"cache_prefix": False}),  # ... on the images, every epoch
+    # ... cached, and the "all" stage's epochs at 128, 176 and 224 px (the top 2 groups train on full-size cached views)
+    "thaw-gradual-progressive": ({"plan": "top2-gradual"}, {"progressive_resize": 0.6}),
 }
-AUGMENTING = ("thaw-progressive", "thaw-trivial", "thaw-rand", "thaw-mixup", "thaw-cutmix", "thaw-mix")
+AUGMENTING = ("thaw-progressive", "thaw-gradual-progressive", "thaw-trivial", "thaw-rand", "thaw-mixup", "thaw-cutmix", "thaw-mix")
 IMAGE_RECIPES = (*THAW_RECIPES, "seed", "fastai", "fastai-bf16")
 DEFAULT_IMAGE_RECIPES = ("thaw", "seed", "fastai")
 TEXT_RECIPES = ("two-phase", "feature-extract", "lora")

@@ -19,7 +19,8 @@ from thaw.plan import ConstantLr, Plan, RangeLr, Stage
 from thaw.train import TrainConfig, train_images
 from thaw.data.folders import discover
 from thaw.train.feature_cache import fingerprint
-from thaw.train.fit import RunInterrupted, choose_engine, fit
+from thaw.train.fit import RunInterrupted, Trainer, choose_engine, fit
+from thaw.train.progress import CACHED, FULL, PREFIX
 from thaw.train.prefix_cache import Entry, check_skipped, disagreement, find_entry, tail_forward
 
 HEAD_THEN_TOP = Plan((Stage("head", 1, ("head",), ConstantLr(3e-3)), Stage("top2", 2, ("-2:",), RangeLr(1e-4, 1e-3), batchnorm="eval")))
@@ -141,7 +142,7 @@ def test_cached_bottom_outputs_spill_past_the_memory_budget_and_go_with_the_stag
         ({"augment": True, "cutmix": 1.0}, False),
         ({"augment": True, "auto_augment": "trivial"}, False),  # changes the images every epoch
         ({"augment": True, "auto_augment": "trivial", "cache_views": 2}, True),  # ... inside each cached view
-        ({"augment": True, "progressive_resize": 0.5}, False),  # changes the crop size every epoch
+        ({"augment": True, "progressive_resize": 0.5}, True),  # the evaluation view at the full size, as the head stage
         ({"budget": 600.0}, False),  # plans stages that train layers as running the network
         ({"cache": False}, False),
     ],
@@ -151,6 +152,36 @@ def test_options_that_change_the_images_every_epoch_keep_the_top_on_the_images(
 ) -> None:
     result = _train(tiny_split_data, tmp_path / "run", **options)
     assert {row["cached"] for row in result.history if row["stage"] == "top2"} == {cached}
+
+
+@pytest.mark.parametrize(
+    "options, kinds",
+    [
+        ({}, [CACHED, PREFIX, FULL]),
+        ({"augment": True, "progressive_resize": 0.5}, [CACHED, PREFIX, FULL]),  # only the last stage resizes
+        ({"cache_prefix": False}, [CACHED, FULL, FULL]),
+        ({"augment": True, "mixup": 0.2}, [CACHED, FULL, FULL]),
+    ],
+)
+def test_the_plan_predicts_the_stages_that_train_on_the_cached_bottom(
+    tiny_split_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, options: dict, kinds: list[str],
+) -> None:
+    # The progress bar's time left, the decision to decode every image once and the progressive-resize note
+    # rest on this prediction, made before any stage runs.
+    predicted, ran = [], []
+    run_stage = Trainer.run_stage
+
+    def spy(trainer: Trainer, stage_index: int, callbacks: list) -> None:
+        predicted.append(trainer.engine.progress.kinds[stage_index])
+        run_stage(trainer, stage_index, callbacks)
+        ran.append(trainer.engine.progress.kinds[stage_index])
+
+    monkeypatch.setattr(Trainer, "run_stage", spy)
+    plan = Plan((*HEAD_THEN_TOP.stages, Stage("all", 2, ("all",), ConstantLr(1e-4))))
+    result = _train(tiny_split_data, tmp_path / "run", plan=plan, **options)
+    assert predicted == ran == kinds
+    if "progressive_resize" in options:  # the top stage trained on full-size cached views, the last one resized
+        assert [row["cached"] for row in result.history] == [True, True, True, False, False]
 
 
 def test_augmented_views_of_the_bottom_are_cycled_by_epoch(tiny_split_data: Path, tmp_path: Path) -> None:

@@ -34,7 +34,7 @@ from thaw.errors import ThawError
 from thaw.models.adapter import ModelAdapter, Preprocessing
 from thaw.plan import Plan, enter_stage, plan_to_dict
 from thaw.plan.stages import Stage, resolve_stage
-from thaw.plan.freeze import batchnorm_layers, is_eval_locked
+from thaw.plan.freeze import batchnorm_layers, batchnorm_trains, is_eval_locked, locks_statistics
 from thaw.train import checkpoint as ckpt
 from thaw.train.adapt_bn import adapt_batchnorm, has_statistics
 from thaw.train.config import TrainConfig, check_device, check_image_augments, check_image_size, check_progressive_resize, image_augment_flags
@@ -220,10 +220,11 @@ class Trainer:
         self.views = config.cache_views if config.augment else 0
         if config.cache_views and not config.augment:
             self._say(f"--cache-views {config.cache_views} ignored: with --no-augment the evaluation view is cached once")
-        if config.progressive_resize is not None and config.budget is None and not self.resizes():
-            self._say("--progressive-resize changes nothing here: no stage runs the whole network for more than one epoch")
         # mixup and cutmix blend the images a stage runs the network on: stages on cached features train on them unblended
         self.mixer = batch_mixer(len(data.classes), config.mixup, config.cutmix) if isinstance(data, ImageData) else None
+        if config.progressive_resize is not None and config.budget is None and not self.resizes():
+            self._say("--progressive-resize changes nothing here: no stage runs the whole network for more than one epoch "
+                      "(stages on cached inputs train at the full size)")
         self._say_unused_augments()
 
     def _say_unused_augments(self) -> None:
@@ -333,9 +334,10 @@ class Trainer:
             drawn = distributed.broadcast(drawn)
         return None if drawn else found
 
-    def prefix_entry(self, trainable: tuple[str, ...]) -> Entry | str:
-        """Where a stage that trains only the top groups enters the network over cached inputs, or why it trains
-        on the images. Options that change the images every epoch keep it on the images. Rank 0 decides for every rank."""
+    def prefix_refusal(self, trainable: tuple[str, ...], batchnorm_updates: bool) -> str | None:
+        """Why a stage that trains these parameters (not only the head) cannot train on the frozen bottom's cached
+        output, known before the network runs; None: it may (the entry is then found and checked on the network).
+        Options that change the images every epoch keep it on the images."""
         c = self.config
         if not c.cache_prefix:
             return "--no-prefix-cache"
@@ -345,14 +347,20 @@ class Trainer:
             return "--mixup and --cutmix blend the images this stage trains on"
         if c.auto_augment and not self.views:
             return "--auto-augment changes the images every epoch (--cache-views K caches K augmented views)"
-        if c.progressive_resize is not None:
-            return "--progressive-resize changes the crop size every epoch"
         if c.budget is not None:  # the budget plans a stage that trains layers as running the network every epoch
             return "--budget times stages that train layers on the images"
         if lowest_trainable_group(self.adapter, trainable) == 0:
             return "the lowest layer group trains"
-        if self.processes.distributed and self.batchnorm_updates():  # DDP keeps their statistics in step; cached stages do not run through it
+        if self.processes.distributed and batchnorm_updates:  # DDP keeps their statistics in step; cached stages do not run through it
             return "under torchrun, BatchNorm statistics that update need the network to run through DDP"
+        return None
+
+    def prefix_entry(self, trainable: tuple[str, ...]) -> Entry | str:
+        """Where a stage that trains only the top groups enters the network over cached inputs, or why it trains
+        on the images. Rank 0 decides for every rank."""
+        refused = self.prefix_refusal(trainable, self.batchnorm_updates())
+        if refused:
+            return refused
         found: Entry | str | None = None
         if self.processes.is_main:
             found = self._find_entry(trainable)
@@ -645,8 +653,17 @@ class Trainer:
         except ThawError:  # the stage reports its own problem when it starts, as it always has
             return FULL
         head_only = all(self.adapter.in_head(name) for name in trainable)
-        # policy train: BatchNorm statistics move every step, so the features cannot be cached (why_not_cached)
-        return CACHED if self.config.cache and head_only and stage.batchnorm != "train" else FULL
+        if not self.config.cache:
+            return FULL
+        if head_only:  # policy train: BatchNorm statistics move every step, so the features cannot be cached (why_not_cached)
+            return CACHED if stage.batchnorm != "train" else FULL
+        # The stage itself checks its entry on the network, and may still fall back to the images.
+        return FULL if self.prefix_refusal(trainable, self._statistics_move(stage, set(trainable))) else PREFIX
+
+    def _statistics_move(self, stage: Stage, trainable: set[str]) -> bool:
+        """Whether some BatchNorm layer will normalise with batch statistics in this stage (before it is entered)."""
+        layers = batchnorm_layers(self.model)
+        return any(not locks_statistics(stage.batchnorm, batchnorm_trains(self.adapter, name, layer, trainable)) for name, layer in layers)
 
     def run_stage(self, stage_index: int, callbacks: list[EpochCallback]) -> None:
         stage, state = self.plan.stages[stage_index], self.state
