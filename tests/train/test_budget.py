@@ -78,6 +78,19 @@ def test_measuring_leaves_the_weights_statistics_gradients_and_random_state_as_t
     assert torch.equal(torch.get_rng_state(), rng)
 
 
+@pytest.mark.parametrize("policy, batch_statistics", [("frozen", True), ("eval", False)])
+def test_the_training_step_is_timed_with_the_stages_batchnorm_policy(policy: str, batch_statistics: bool) -> None:
+    # thaw's full stages run BatchNorm eval-locked by default, which costs less than batch statistics: time what runs.
+    adapter = build_model("mobilenet_v3_small", weights=None, num_classes=3)
+    modes: list[bool] = []
+    for layer in adapter.model.modules():
+        if isinstance(layer, torch.nn.BatchNorm2d):
+            layer.register_forward_hook(lambda module, _inputs, _output: modes.append(module.training))  # the copy keeps it
+    batches = [Batch(torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 0]), []) for _ in range(3)]
+    measure_costs(adapter, batches, batches, Engine(torch.device("cpu"), bf16=False, channels_last=False, quiet=True), batchnorm=policy)
+    assert modes and any(modes) == batch_statistics
+
+
 def _budgeted(data: Path, out: Path, budget: float, plan: Plan = TWO_PHASE, **options: object):
     config = TrainConfig(image_size=64, batch_size=8, quiet=True, budget=budget)
     return train_images(data, model="mobilenet_v3_small", weights=None, plan=plan, config=config, out=out, **options)

@@ -14,8 +14,9 @@ from torchvision.models import VisionTransformer, mobilenet_v3_small
 from torchvision.ops import StochasticDepth
 
 from tests.conftest import Crash, cli_config, crash_after
-from thaw import adapt, apply_trainable, resolve
-from thaw.plan import ConstantLr, Plan, RangeLr, Stage
+from thaw import adapt, apply_trainable, build_model, resolve
+from thaw.plan import ConstantLr, Plan, RangeLr, Stage, enter_stage
+from thaw.plan.stages import resolve_stage
 from thaw.train import TrainConfig, train_images
 from thaw.data.folders import discover
 from thaw.train.feature_cache import fingerprint
@@ -178,10 +179,37 @@ def test_the_plan_predicts_the_stages_that_train_on_the_cached_bottom(
 
     monkeypatch.setattr(Trainer, "run_stage", spy)
     plan = Plan((*HEAD_THEN_TOP.stages, Stage("all", 2, ("all",), ConstantLr(1e-4))))
-    result = _train(tiny_split_data, tmp_path / "run", plan=plan, **options)
+    adapter = build_model("mobilenet_v3_small", weights=None, num_classes=3)
+    trained_on: list[int] = []  # the size of every image batch the network trained on
+    adapter.model.register_forward_pre_hook(
+        lambda module, args: trained_on.append(args[0].shape[-1]) if module.training and args[0].shape[1] == 3 else None
+    )
+    config = TrainConfig(**(BASE | options))
+    fit(adapter, discover(tiny_split_data), plan, config, tmp_path / "run", meta={"model": "mobilenet_v3_small"})
     assert predicted == ran == kinds
-    if "progressive_resize" in options:  # the top stage trained on full-size cached views, the last one resized
-        assert [row["cached"] for row in result.history] == [True, True, True, False, False]
+    if "progressive_resize" in options:  # the top stage trained on full-size cached views; only the all stage resized
+        half = len(trained_on) // 2
+        assert half and trained_on == [16] * half + [32] * half
+
+
+def test_a_plan_whose_top_stage_trains_on_the_cached_bottom_says_progressive_resize_changes_nothing(
+    tiny_split_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture,
+) -> None:
+    result = _train(tiny_split_data, tmp_path / "run", augment=True, progressive_resize=0.5, quiet=False)
+    assert "--progressive-resize changes nothing here" in capsys.readouterr().out
+    assert all(row["cached"] for row in result.history)
+
+
+@pytest.mark.parametrize("policy", ["frozen", "eval", "train", "adapt"])
+def test_whether_batchnorm_statistics_move_in_a_stage_is_predicted_as_entering_it_sets_them(tmp_path: Path, tiny_split_data: Path, policy: str) -> None:
+    # Under torchrun this decides, before the stage starts, whether it can train on cached inputs (DDP keeps moving
+    # statistics in step). resnet18: its top 2 groups (layer4, fc) hold BatchNorm layers of their own.
+    adapter = build_model("resnet18", weights=None, num_classes=3)
+    stage = Stage("top2", 1, ("-2:",), ConstantLr(1e-3), batchnorm=policy)
+    trainer = Trainer(adapter, discover(tiny_split_data), Plan((stage,)), TrainConfig(**(BASE | {"workers": 0})), tmp_path, meta={"model": "resnet18"})
+    predicted = trainer._statistics_move(stage, set(resolve_stage(adapter, stage).trainable))
+    enter_stage(adapter, stage)
+    assert predicted == trainer.batchnorm_updates() == (policy in ("frozen", "train"))
 
 
 def test_augmented_views_of_the_bottom_are_cycled_by_epoch(tiny_split_data: Path, tmp_path: Path) -> None:

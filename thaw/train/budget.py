@@ -27,6 +27,7 @@ from thaw.data.loaders import Batch
 from thaw.errors import ThawError
 from thaw.models.adapter import ModelAdapter
 from thaw.plan import Plan
+from thaw.plan.freeze import BatchNormPolicy, batchnorm_layers, batchnorm_trains, locks_statistics
 from thaw.train.loop import Engine
 from thaw.train.progress import CACHED, clock
 
@@ -118,8 +119,10 @@ def with_epochs(plan: Plan, epochs: tuple[int, ...]) -> Plan:
 
 def measure_costs(
     adapter: ModelAdapter, train_batches: Iterable, eval_batches: Iterable, engine: Engine, trainable: frozenset[str] | None = None,
+    batchnorm: BatchNormPolicy = "frozen",
 ) -> Costs:
-    """Seconds per image of a forward pass, a training step of `trainable` (default: every parameter) and a head step.
+    """Seconds per image of a forward pass, a training step of `trainable` (default: every parameter) under the
+    stage's BatchNorm policy `batchnorm`, and a head step.
 
     The training step runs on a copy of the model; the run's own weights, BatchNorm statistics and gradients are
     untouched, and torch's random state (the copy's dropout masks) is restored.
@@ -139,6 +142,11 @@ def measure_costs(
         probe = copy.deepcopy(model).train()
         for name, param in probe.named_parameters():
             param.requires_grad_(trainable is None or name in trainable)
+        # As the stage will run them: a BatchNorm that normalises with batch statistics costs more, forward and backward.
+        chosen = {name for name, param in probe.named_parameters() if param.requires_grad}
+        for name, layer in batchnorm_layers(probe):
+            if locks_statistics(batchnorm, batchnorm_trains(adapter, name, layer, chosen)):
+                layer.eval()
         optimizer = torch.optim.AdamW([param for param in probe.parameters() if param.requires_grad])
         step = lambda images, labels: _train_step(probe, optimizer, images, labels, engine)  # noqa: E731
         train_step = _seconds_per_image((batch for batch in train_batches if len(batch.labels) >= 2), engine, step)

@@ -223,8 +223,8 @@ class Trainer:
         # mixup and cutmix blend the images a stage runs the network on: stages on cached features train on them unblended
         self.mixer = batch_mixer(len(data.classes), config.mixup, config.cutmix) if isinstance(data, ImageData) else None
         if config.progressive_resize is not None and config.budget is None and not self.resizes():
-            self._say("--progressive-resize changes nothing here: no stage runs the whole network for more than one epoch "
-                      "(stages on cached inputs train at the full size)")
+            self._say("--progressive-resize changes nothing here: no stage is expected to run the whole network for more than "
+                      "one epoch (stages on cached inputs train at the full size)")
         self._say_unused_augments()
 
     def _say_unused_augments(self) -> None:
@@ -265,7 +265,7 @@ class Trainer:
         entry = None
         head_only = all(self.adapter.in_head(name) for name in trainable)
         if reason and self.config.cache and trainable and not head_only:  # a head stage keeps its own reason
-            found = self.prefix_entry(trainable)
+            found = self.prefix_entry(trainable, self.batchnorm_updates())
             entry, reason = (found, None) if isinstance(found, Entry) else (None, found)
         name = self.plan.stages[stage_index].name
         if reason:
@@ -319,7 +319,8 @@ class Trainer:
             return None
         if not set(trainable) <= set(later):  # gradual: each stage trains what the one before did, and more
             return None
-        found = self.prefix_entry(tuple(later))
+        # under the next stage's BatchNorm policy, which decides whether that stage may train on cached inputs
+        found = self.prefix_entry(tuple(later), self._statistics_move(stages[stage_index + 1], set(later)))
         if not isinstance(found, Entry):
             return None
         if not isinstance(check_skipped(self.model, trainable, found), Entry):  # under this stage's policies
@@ -355,10 +356,10 @@ class Trainer:
             return "under torchrun, BatchNorm statistics that update need the network to run through DDP"
         return None
 
-    def prefix_entry(self, trainable: tuple[str, ...]) -> Entry | str:
-        """Where a stage that trains only the top groups enters the network over cached inputs, or why it trains
-        on the images. Rank 0 decides for every rank."""
-        refused = self.prefix_refusal(trainable, self.batchnorm_updates())
+    def prefix_entry(self, trainable: tuple[str, ...], statistics_move: bool) -> Entry | str:
+        """Where a stage that trains only the top groups (BatchNorm statistics moving in it or not) enters the network
+        over cached inputs, or why it trains on the images. Rank 0 decides for every rank."""
+        refused = self.prefix_refusal(trainable, statistics_move)
         if refused:
             return refused
         found: Entry | str | None = None
@@ -405,10 +406,12 @@ class Trainer:
 
     def reads_images_again(self) -> bool:
         """Whether the rest of the run reads some image more than once: a stage that runs the network on images
-        every epoch, several cached views, or a BatchNorm adapt pass besides the cache's."""
+        every epoch, several cached views, or a BatchNorm adapt pass besides the cache's. A stage predicted to train
+        its top on the cached bottom counts too: its entry check may still send it to the images, and where the
+        stage before does not share its entry it makes a pass of its own."""
         remaining = self.plan.stages[self.state.stage :]
         kinds = [self._predicted_kind(stage) for stage in remaining]
-        return FULL in kinds or self.views > 1 or any(stage.batchnorm == "adapt" for stage in remaining)
+        return any(kind != CACHED for kind in kinds) or self.views > 1 or any(stage.batchnorm == "adapt" for stage in remaining)
 
     def release_cache(self) -> None:
         """Drop the cached features, give their memory back to the run's budget and delete their spill files."""
@@ -719,11 +722,11 @@ class Trainer:
 
     def _split_budget(self) -> tuple[Plan, Split]:
         kinds = self._predicted_kinds()
-        full = [resolve_stage(self.adapter, stage).trainable for stage, kind in zip(self.plan.stages, kinds) if kind == FULL]
-        costliest = frozenset(max(full, key=len)) if full else frozenset()
+        full = [(resolve_stage(self.adapter, stage).trainable, stage.batchnorm) for stage, kind in zip(self.plan.stages, kinds) if kind == FULL]
+        trainable, batchnorm = max(full, key=lambda found: len(found[0])) if full else ((), "frozen")
         train = make_loader(self.train_set, batch_size=self.config.batch_size, shuffle=True, seed=self.config.seed,
                             workers=self.workers, processes=self.processes)
-        costs = measure_costs(self.adapter, train, self.val_loader, self.engine, costliest)
+        costs = measure_costs(self.adapter, train, self.val_loader, self.engine, frozenset(trainable), batchnorm)
         world = self.processes.world
         sizes = {"train": math.ceil(len(self.data.train) / world), "val": math.ceil(len(self.data.val) / world)}
         return split_budget(self.plan, kinds, costs, sizes, self.config.budget, time.perf_counter() - self.began, self.views)
