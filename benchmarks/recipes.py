@@ -1,21 +1,23 @@
 """Which recipe gives the best model per minute on data nobody tuned on: held-out TEST accuracy over seeds.
 
 For each image set, mobilenet_v2 IMAGENET1K_V1, the same images, size and split for every recipe:
-  thaw       thaw's default: `thaw train DATA --model mobilenet_v2` (two-phase, its default epochs and lrs)
+  thaw       thaw's default: `thaw train DATA --model mobilenet_v2` (head-top-all: the head, then the top 2 groups,
+             then all, each 3 epochs, its default lrs)
   seed       the seed recipe by hand: freeze all, new head, AdamW 1e-3 for 3 epochs (RandomResizedCrop + flip,
              BatchNorm in train mode, as a hand loop leaves it); then everything at 1e-4 for 1 epoch; fp32
   fastai     vision_learner + fine_tune(3, freeze_epochs=3), RandomResizedCrop item transform (the `bench` extra)
   fastai-bf16  the same with bf16 autocast and channels_last on a CPU that runs bf16 natively (fastai's own
              to_bf16() autocasts CUDA only, so a fastai user on the CPU would add a callback like this one)
-  thaw-*     candidates, on request (--recipes): thaw-old (the default before this benchmark chose one: no
-             EMA, no label smoothing) and changes to it: thaw-adapt (--batchnorm adapt), thaw-smooth
+  thaw-*     candidates, on request (--recipes): thaw-two-phase (two-phase 3 + 3, the default before
+             head-top-all), thaw-old (two-phase as it was before this benchmark chose options: no
+             EMA, no label smoothing) and changes to two-phase: thaw-adapt (--batchnorm adapt), thaw-smooth
              (--label-smoothing 0.1), thaw-views (--cache-views 4), thaw-adapt-views, thaw-ema (--ema),
              thaw-ema-views, thaw-ema-smooth (--ema --label-smoothing 0.1: the default since);
-             thaw-budget (the default with --budget, the benchmark's --budget seconds: 180 unless given);
-             thaw-progressive (the default with --progressive-resize 0.6); thaw-trivial (--auto-augment trivial),
+             thaw-budget (two-phase with --budget, thaw's default under a budget; the benchmark's --budget
+             seconds: 180 unless given); thaw-progressive (--progressive-resize 0.6); thaw-trivial (--auto-augment trivial),
              thaw-rand (--auto-augment rand), thaw-mixup (--mixup 0.2), thaw-cutmix (--cutmix 1.0), thaw-mix
              (--mixup 0.2 --cutmix 1.0); these last six augment, so not on digits, which trains unaugmented;
-             thaw-gradual (head, then the top 2 groups, then all), thaw-gradual-live (the same with
+             thaw-gradual (head-top-all: the same as thaw), thaw-gradual-live (the same with
              --no-prefix-cache), thaw-gradual-progressive (thaw-gradual with --progressive-resize 0.6)
 Every recipe delivers the epoch with the best val accuracy (thaw by its own rule, the hand loop keeps the first
 best, fastai by SaveModelCallback over both fits); test is scored once, on that model, and never chooses anything.
@@ -52,11 +54,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import HYMENOPTERA, SHARED_DATA, native_bf16, offline_torch_home, scratch  # noqa: E402
 
 IMAGE_SETS = ("hymenoptera", "caltech40", "digits")
-# thaw's default and candidate changes to it: (plan options, TrainConfig fields)
-# Each candidate states --ema and --label-smoothing, so a row means the same whatever the default is.
+# thaw's default and candidate changes to it: (plan options, TrainConfig fields); "plan" names the strategy
+# (two-phase where none is named). Each candidate states --ema and --label-smoothing, so a row means the same
+# whatever the default is.
 OLD_DEFAULT = {"ema": False, "label_smoothing": 0.0}  # thaw's default before this benchmark chose one
 THAW_RECIPES = {
-    "thaw": ({}, {}),  # the default: since this benchmark, --ema and --label-smoothing 0.1
+    "thaw": ({"plan": "head-top-all"}, {}),  # the default: head-top-all, --ema and --label-smoothing 0.1
+    "thaw-two-phase": ({}, {}),  # the default before head-top-all (two-phase); the rows below change it
     "thaw-old": ({}, OLD_DEFAULT),
     "thaw-adapt": ({"batchnorm": "adapt"}, OLD_DEFAULT),  # AdaBN: statistics re-estimated on the training images
     "thaw-smooth": ({}, OLD_DEFAULT | {"label_smoothing": 0.1}),
@@ -65,7 +69,7 @@ THAW_RECIPES = {
     "thaw-ema": ({}, OLD_DEFAULT | {"ema": True}),
     "thaw-ema-views": ({}, OLD_DEFAULT | {"ema": True, "cache_views": 4}),
     "thaw-ema-smooth": ({}, {"ema": True, "label_smoothing": 0.1}),  # the default's options, stated
-    "thaw-budget": ({}, {}),  # thaw's default with --budget (the benchmark's --budget, in seconds)
+    "thaw-budget": ({}, {}),  # two-phase with --budget (thaw's default under a budget) (the benchmark's --budget, in seconds)
     # fastai's progressive resizing: the full phase's 3 epochs at 128, 176 and 224 px (on 224 px weights);
     # augmented sets only. Under --quick the full phase has 1 epoch, so this row trains as "thaw" does
     "thaw-progressive": ({}, {"progressive_resize": 0.6}),
@@ -76,10 +80,11 @@ THAW_RECIPES = {
     "thaw-cutmix": ({}, {"cutmix": 1.0}),
     "thaw-mix": ({}, {"mixup": 0.2, "cutmix": 1.0}),
     # gradual as issue 14 measures it: the head, then the top 2 groups, then all (each stage the full phase's epochs)
-    "thaw-gradual": ({"plan": "top2-gradual"}, {}),  # the top 2 groups train on the frozen bottom's cached output
-    "thaw-gradual-live": ({"plan": "top2-gradual"}, {"cache_prefix": False}),  # ... on the images, every epoch
+    # (the strategy head-top-all, thaw's default since; "thaw-gradual" is "thaw" under the name it was measured by)
+    "thaw-gradual": ({"plan": "head-top-all"}, {}),  # the top 2 groups train on the frozen bottom's cached output
+    "thaw-gradual-live": ({"plan": "head-top-all"}, {"cache_prefix": False}),  # ... on the images, every epoch
     # ... cached, and the "all" stage's epochs at 128, 176 and 224 px (the top 2 groups train on full-size cached views)
-    "thaw-gradual-progressive": ({"plan": "top2-gradual"}, {"progressive_resize": 0.6}),
+    "thaw-gradual-progressive": ({"plan": "head-top-all"}, {"progressive_resize": 0.6}),
 }
 AUGMENTING = ("thaw-progressive", "thaw-gradual-progressive", "thaw-trivial", "thaw-rand", "thaw-mixup", "thaw-cutmix", "thaw-mix")
 IMAGE_RECIPES = (*THAW_RECIPES, "seed", "fastai", "fastai-bf16")
@@ -140,15 +145,15 @@ def thaw_row(folder: Path, size: int, flips: bool, seed: int, epochs: dict, reci
 
     started = time.perf_counter()
     plan_options, fields = THAW_RECIPES[recipe]
-    plan = top2_gradual(epochs) if plan_options.get("plan") == "top2-gradual" else "two-phase"
-    plan_options = {} if plan != "two-phase" else plan_options
+    plan = plan_options.get("plan", "two-phase")
+    plan_options = {key: value for key, value in plan_options.items() if key != "plan"}
     fields = fields | ({"budget": budget} if recipe == "thaw-budget" else {})
     config = TrainConfig(quiet=True, seed=seed, **fields)
     if not flips:  # the demo's settings for its digits (thaw/demo.py)
         config = TrainConfig(quiet=True, seed=seed, image_size=size, augment=False, batch_size=64, **fields)
     out = scratch("thaw")
     result = train_images(
-        folder, model="mobilenet_v2", weights="IMAGENET1K_V1", plan=plan, plan_options=None if plan != "two-phase" else epochs | plan_options,
+        folder, model="mobilenet_v2", weights="IMAGENET1K_V1", plan=plan, plan_options=epochs | plan_options,
         config=config, out=out,
     )
     wall = time.perf_counter() - started
@@ -173,17 +178,6 @@ def stage_seconds(history: list[dict]) -> dict[str, float]:
     for row in history:
         seconds[row["stage"]] = seconds.get(row["stage"], 0.0) + row["seconds"]
     return seconds
-
-
-def top2_gradual(epochs: dict):
-    """thaw's two-phase plan with a stage between its two: the top 2 groups (the last block and the head), by the
-    same lr rule and BatchNorm policy as the full phase, for as many epochs."""
-    from dataclasses import replace
-
-    from thaw.plan import Plan, build_plan
-
-    head, whole = build_plan("two-phase", num_groups=20, **epochs).stages  # mobilenet_v2: 19 blocks and the head
-    return Plan((head, replace(whole, name="top2", train=("-2:",)), whole))
 
 
 def larger_eval_sizes(adapter) -> tuple[int, ...]:

@@ -135,3 +135,34 @@ def test_demo_runs_offline_and_reports_both_strategies(tmp_path: Path, torch_hom
     for row in rows.values():
         assert row["test_accuracy"] > 0.8  # real ImageNet features on real digits
         assert (Path(row["out"]) / "curves.png").is_file() and (Path(row["out"]) / "confusion.png").is_file()
+
+
+@pytest.mark.parametrize(
+    "argv, strategy, stages",
+    [
+        (["photos", "--model", "mobilenet_v2"], "head-top-all", ["head", "top2", "all"]),
+        # --budget times stages that run the network, as the top stage would there
+        (["photos", "--model", "mobilenet_v2", "--budget", "3m"], "two-phase", ["head", "all"]),
+        (["photos", "--model", "mobilenet_v2", "--strategy", "two-phase"], "two-phase", ["head", "all"]),
+        (["sms.tsv", "--model", "hf/sentence-transformers/all-MiniLM-L6-v2"], "two-phase", ["head", "all"]),  # text: measured so
+    ],
+)
+def test_the_default_strategy_is_head_top_all_for_images_and_two_phase_for_text_and_budgets(
+    argv: list[str], strategy: str, stages: list[str],
+) -> None:
+    from thaw.cli import build_parser
+    from thaw.cli.options import chosen_strategy, plan_from_args
+    from thaw.cli.train_cmd import _out_folder
+
+    args = build_parser().parse_args(["train", *argv])
+    assert chosen_strategy(args) == strategy
+    assert [stage.name for stage in plan_from_args(args, num_groups=20).stages] == stages
+    assert _out_folder(args).name.endswith(f"-{strategy}")
+
+
+def test_the_python_api_trains_images_by_head_top_all_by_default(tiny_split_data: Path, tmp_path: Path) -> None:
+    from thaw.train import TrainConfig, train_images
+
+    result = train_images(tiny_split_data, model="mobilenet_v3_small", weights=None, out=tmp_path / "run",
+                          config=TrainConfig(image_size=32, batch_size=8, quiet=True))
+    assert [row["stage"] for row in result.history] == ["head"] * 3 + ["top2"] * 3 + ["all"] * 3

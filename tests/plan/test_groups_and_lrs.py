@@ -133,8 +133,23 @@ def test_gradual_unfreezes_one_group_per_stage_from_the_top(resnet50) -> None:
     assert {g.name for g in second.groups if g.trainable} == {"layer4", "head"}
 
 
+def test_head_top_all_trains_the_head_then_the_top_two_groups_then_everything(resnet50) -> None:
+    plan = build_plan("head-top-all", num_groups=len(resnet50.groups), head_epochs=2, epochs=3)
+    assert [(s.name, s.epochs, s.batchnorm) for s in plan.stages] == [("head", 2, "frozen"), ("top2", 3, "eval"), ("all", 3, "eval")]
+    top = resolve_stage(resnet50, plan.stages[1])
+    assert {g.name for g in top.groups if g.trainable} == {"layer4", "head"}
+    assert resolve_stage(resnet50, plan.stages[2]).trainable_params == 23_518_277
+    # the top two stages follow two-phase's unfrozen lr rule: the head's lr halved, the stem 100x below it
+    assert plan.stages[1].lr == plan.stages[2].lr == build_plan("two-phase", num_groups=len(resnet50.groups)).stages[1].lr
+
+
+def test_head_top_all_on_a_model_of_two_groups_is_two_phase() -> None:
+    # the top two groups would be all of them: one stage would repeat the next
+    assert [s.name for s in build_plan("head-top-all", num_groups=2).stages] == ["head", "all"]
+
+
 def test_unknown_strategy_lists_the_valid_ones() -> None:
-    with pytest.raises(ThawError, match="feature-extract, fine-tune, two-phase, gradual"):
+    with pytest.raises(ThawError, match="feature-extract, fine-tune, two-phase, head-top-all, gradual, lora"):
         build_plan("freeze-all", num_groups=3)
 
 

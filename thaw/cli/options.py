@@ -8,9 +8,10 @@ import math
 from thaw.models.lora import LoraSpec
 from thaw.plan import Plan, build_plan, load_plan
 from thaw.models.lora import MAX_LORA_RANK
+from thaw.models.sources import task_of
 from thaw.plan.lr import MAX_LR
 from thaw.plan.freeze import BATCHNORM_POLICIES
-from thaw.plan.strategies import DEFAULT_HEAD_LR, STRATEGIES
+from thaw.plan.strategies import DEFAULT_HEAD_LR, STRATEGIES, default_strategy
 
 
 def _whole_number(text: str, low: int, high: int | None) -> int:
@@ -116,7 +117,10 @@ def add_model_options(parser: argparse.ArgumentParser, required: bool = True) ->
 def add_plan_options(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
     """The options that make the plan; returns their group."""
     group = parser.add_argument_group("plan")
-    group.add_argument("--strategy", choices=STRATEGIES, default="two-phase")
+    group.add_argument(
+        "--strategy", choices=STRATEGIES,
+        help="default: head-top-all for images (the head, then the top 2 groups, then all); two-phase for text and under --budget",
+    )
     group.add_argument("--config", type=path_text, metavar="PLAN.yaml", help="a plan file (overrides --strategy and lr options)")
     group.add_argument("--epochs", type=non_negative_int, default=3, help="epochs per stage after the head phase")
     group.add_argument("--head-epochs", type=non_negative_int, default=3, help="epochs of the head-only phase")
@@ -142,13 +146,18 @@ def add_plan_options(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup
     return group
 
 
+def chosen_strategy(args: argparse.Namespace) -> str:
+    """--strategy, else the default for the task (and whether --budget plans the run)."""
+    return args.strategy or default_strategy(task_of(args), getattr(args, "budget", None) is not None)
+
+
 def plan_from_args(args: argparse.Namespace, num_groups: int) -> Plan:
     if args.config:
         return load_plan(args.config)
     head_lr = next((value for name, value in args.lr if name is None), DEFAULT_HEAD_LR)
     named = {name: value for name, value in args.lr if name is not None}
     return build_plan(
-        args.strategy,
+        chosen_strategy(args),
         num_groups=num_groups,
         epochs=args.epochs,
         head_epochs=args.head_epochs,

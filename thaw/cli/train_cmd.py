@@ -10,7 +10,8 @@ from pathlib import Path
 
 from thaw import distributed
 from thaw.cli.options import (
-    add_model_options, add_plan_options, beta_alpha, non_negative_int, path_text, plan_from_args, positive_int, share, share_or_zero,
+    add_model_options, add_plan_options, beta_alpha, chosen_strategy, non_negative_int, path_text, plan_from_args, positive_int, share,
+    share_or_zero,
 )
 from thaw.data.transforms import AUTO_AUGMENTS
 from thaw.models import build_model
@@ -321,7 +322,7 @@ def run(args: argparse.Namespace) -> int:
 def _out_folder(args: argparse.Namespace) -> Path:
     if args.resume:
         return Path(args.resume)
-    return Path(args.out or f"runs/{Path(args.model).name or args.model.replace('/', '_')}-{args.strategy}")
+    return Path(args.out or f"runs/{Path(args.model).name or args.model.replace('/', '_')}-{chosen_strategy(args)}")
 
 
 def _typed_settings(args: argparse.Namespace) -> dict:

@@ -14,6 +14,7 @@ from thaw.models.hf_text import DEFAULT_MAX_LENGTH, build_text_model
 from thaw.models.lora import add_lora
 from thaw.plan import Plan, build_plan, plan_from_dict, plan_to_dict
 from thaw.plan.lora_targets import lora_targets
+from thaw.plan.strategies import default_strategy
 from thaw.errors import ThawError
 from thaw.train import checkpoint
 from thaw.train.config import TrainConfig, check_image_augments
@@ -31,7 +32,7 @@ def train_images(
     model: str,
     out: str | Path,
     weights: str | None = "DEFAULT",
-    plan: Plan | str = "two-phase",
+    plan: Plan | str | None = None,
     plan_options: dict | None = None,
     config: TrainConfig = TrainConfig(),
     val_split: float = 0.2,
@@ -39,7 +40,9 @@ def train_images(
     callbacks: list[EpochCallback] | None = None,
     step_hooks: list[StepHook] | None = None,
 ) -> RunResult:
-    """Fine-tune `model` on the images at `data_path` by `plan` (a Plan or a strategy name)."""
+    """Fine-tune `model` on the images at `data_path` by `plan` (a Plan or a strategy name; by default head-top-all,
+    or two-phase under a --budget)."""
+    plan = plan or default_strategy("image", config.budget is not None)
     data = discover(data_path, val_split=val_split, seed=config.seed)
     torch.manual_seed(config.seed)  # the new head's initial weights are part of the run's seed
     adapter = build_model(model, weights=weights, num_classes=len(data.classes))
