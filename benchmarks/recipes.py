@@ -69,9 +69,9 @@ THAW_RECIPES = {
     "thaw-ema": ({}, OLD_DEFAULT | {"ema": True}),
     "thaw-ema-views": ({}, OLD_DEFAULT | {"ema": True, "cache_views": 4}),
     "thaw-ema-smooth": ({}, {"ema": True, "label_smoothing": 0.1}),  # the default's options, stated
-    "thaw-budget": ({}, {}),  # two-phase with --budget (thaw's default under a budget) (the benchmark's --budget, in seconds)
+    "thaw-budget": ({}, {}),  # two-phase with --budget, thaw's default under a budget (the benchmark's --budget seconds)
     # fastai's progressive resizing: the full phase's 3 epochs at 128, 176 and 224 px (on 224 px weights);
-    # augmented sets only. Under --quick the full phase has 1 epoch, so this row trains as "thaw" does
+    # augmented sets only. Under --quick the full phase has 1 epoch, so this row trains as "thaw-two-phase" does
     "thaw-progressive": ({}, {"progressive_resize": 0.6}),
     # augmentations of the full phase's images (the head phase trains on cached features of the evaluation view)
     "thaw-trivial": ({}, {"auto_augment": "trivial"}),

@@ -13,7 +13,10 @@ from thaw.cli import main
 from thaw.train import TrainConfig, train_images
 from thaw.train.checkpoint import load_checkpoint
 
-TINY = ["--model", "mobilenet_v3_small", "--weights", "none", "--image-size", "32", "--batch-size", "8", "--head-epochs", "1", "--epochs", "1"]
+TINY = [
+    "--model", "mobilenet_v3_small", "--weights", "none", "--image-size", "32", "--batch-size", "8", "--strategy", "two-phase", "--head-epochs", "1",
+    "--epochs", "1",
+]
 
 
 @pytest.fixture

@@ -144,7 +144,7 @@ def test_demo_runs_offline_and_reports_both_strategies(tmp_path: Path, torch_hom
         # --budget times stages that run the network, as the top stage would there
         (["photos", "--model", "mobilenet_v2", "--budget", "3m"], "two-phase", ["head", "all"]),
         (["photos", "--model", "mobilenet_v2", "--strategy", "two-phase"], "two-phase", ["head", "all"]),
-        (["sms.tsv", "--model", "hf/sentence-transformers/all-MiniLM-L6-v2"], "two-phase", ["head", "all"]),  # text: measured so
+        (["sms.tsv", "--model", "hf/sentence-transformers/all-MiniLM-L6-v2"], "two-phase", ["head", "all"]),  # text: head-top-all unmeasured
     ],
 )
 def test_the_default_strategy_is_head_top_all_for_images_and_two_phase_for_text_and_budgets(
@@ -152,12 +152,14 @@ def test_the_default_strategy_is_head_top_all_for_images_and_two_phase_for_text_
 ) -> None:
     from thaw.cli import build_parser
     from thaw.cli.options import chosen_strategy, plan_from_args
-    from thaw.cli.train_cmd import _out_folder
+    from thaw.cli.train_cmd import _out_folder, _plan_options
 
     args = build_parser().parse_args(["train", *argv])
     assert chosen_strategy(args) == strategy
     assert [stage.name for stage in plan_from_args(args, num_groups=20).stages] == stages
     assert _out_folder(args).name.endswith(f"-{strategy}")
+    # what the run folder's command.json (read back by a resume with typed plan options) and MLflow record
+    assert _plan_options(args)["strategy"] == strategy
 
 
 def test_the_python_api_trains_images_by_head_top_all_by_default(tiny_split_data: Path, tmp_path: Path) -> None:

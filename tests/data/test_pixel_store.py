@@ -191,6 +191,20 @@ def test_a_run_that_reads_each_image_once_keeps_no_store(tmp_path: Path, monkeyp
     assert seen == [False] and result.decode_s == 0.0
 
 
+def test_a_top_stage_sent_back_to_the_images_still_decodes_each_image_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A top stage is predicted to train on the frozen bottom's cached output; where its entry check fails it runs
+    the network every epoch, and reads the pixels decoded before the run instead of the files."""
+    data = colours(tmp_path / "data")
+    decoded = count_decodes(monkeypatch)
+    monkeypatch.setattr(fit, "cores_per_process", lambda: 1)  # decode in this process, where the count is seen
+    monkeypatch.setattr(fit.Trainer, "prefix_entry", lambda self, trainable, statistics_move: "the entered network disagrees")
+    plan = Plan((PLAN.stages[0], Stage("top2", 2, ("-2:",), ConstantLr(1e-3), batchnorm="eval")))
+    config = TrainConfig(image_size=32, batch_size=8, quiet=True, workers=0)
+    result = train_images(data, model="mobilenet_v3_small", weights=None, plan=plan, config=config, out=tmp_path / "run")
+    assert [row["cached"] for row in result.history] == [True, False, False]
+    assert sorted(decoded) == sorted(data.rglob("*.png"))
+
+
 @pytest.mark.parametrize("workers", [0, 2])
 def test_the_memory_budget_never_changes_the_trained_weights(tmp_path: Path, workers: int) -> None:
     data = colours(tmp_path / "data")

@@ -250,6 +250,7 @@ def _claimed(args: argparse.Namespace, typed: set[str], settings: dict, run: Pat
         for dest in typed & PLAN_DESTS:
             setattr(started, dest, getattr(args, dest))
         started.model, started.task = settings["model"], settings.get("task")
+        started.budget = settings["config"].get("budget")  # a run started from Python: its default strategy follows it
         claimed["plan"] = plan_to_dict(plan_from_args(started, _group_count(started)))
     return claimed
 
@@ -262,8 +263,14 @@ def _typed_plan_options(run: Path) -> dict:
         return {}
 
 
+def _plan_options(args: argparse.Namespace) -> dict:
+    """The plan options as the run uses them: the strategy resolved where none was typed (it depends on the task
+    and on --budget), so a resume and MLflow see the one that ran."""
+    return {dest: getattr(args, dest) for dest in sorted(PLAN_DESTS)} | {"strategy": chosen_strategy(args)}
+
+
 def _record_plan_options(args: argparse.Namespace, out: Path) -> None:
-    options = {dest: getattr(args, dest) for dest in sorted(PLAN_DESTS)}
+    options = _plan_options(args)
     atomic_write(out / COMMAND, lambda target: target.write_text(json.dumps({"plan_options": options})))
 
 
@@ -327,7 +334,7 @@ def _out_folder(args: argparse.Namespace) -> Path:
 
 def _typed_settings(args: argparse.Namespace) -> dict:
     """What MLflow records as params for a new run: the model, the data and every training and plan option."""
-    plan = {dest: getattr(args, dest) for dest in sorted(PLAN_DESTS)}
+    plan = _plan_options(args)
     return {"model": args.model, "weights": args.weights, "data": args.data, "config": vars(config_from_args(args)), "plan": plan}
 
 
