@@ -168,3 +168,17 @@ def test_the_python_api_trains_images_by_head_top_all_by_default(tiny_split_data
     result = train_images(tiny_split_data, model="mobilenet_v3_small", weights=None, out=tmp_path / "run",
                           config=TrainConfig(image_size=32, batch_size=8, quiet=True))
     assert [row["stage"] for row in result.history] == ["head"] * 3 + ["top2"] * 3 + ["all"] * 3
+
+
+@pytest.mark.parametrize("budget, stages", [(180.0, ["head", "all"]), (None, ["head", "top2", "all"])])
+def test_typed_plan_options_on_a_resume_are_compared_with_the_strategy_the_run_defaulted_to(
+    tmp_path: Path, budget: float | None, stages: list[str],
+) -> None:
+    """A run started from Python records no command: its default strategy follows its own --budget, not the resume's."""
+    from thaw.cli import build_parser
+    from thaw.cli.train_cmd import _claimed
+
+    args = build_parser().parse_args(["train", "--resume", str(tmp_path), "--epochs", "3"])
+    settings = {"config": {"budget": budget}, "model": "mobilenet_v3_small", "task": "image"}
+    claimed = _claimed(args, {"epochs"}, settings, tmp_path)
+    assert [stage["name"] for stage in claimed["plan"]["stages"]] == stages

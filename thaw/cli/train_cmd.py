@@ -266,7 +266,8 @@ def _typed_plan_options(run: Path) -> dict:
 def _plan_options(args: argparse.Namespace) -> dict:
     """The plan options as the run uses them: the strategy resolved where none was typed (it depends on the task
     and on --budget), so a resume and MLflow see the one that ran."""
-    return {dest: getattr(args, dest) for dest in sorted(PLAN_DESTS)} | {"strategy": chosen_strategy(args)}
+    strategy = None if args.config else chosen_strategy(args)  # a plan file's plan names no strategy
+    return {dest: getattr(args, dest) for dest in sorted(PLAN_DESTS)} | {"strategy": strategy}
 
 
 def _record_plan_options(args: argparse.Namespace, out: Path) -> None:
