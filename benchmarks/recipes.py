@@ -13,8 +13,9 @@ For each image set, mobilenet_v2 IMAGENET1K_V1, the same images, size and split 
              EMA, no label smoothing) and changes to two-phase: thaw-adapt (--batchnorm adapt), thaw-smooth
              (--label-smoothing 0.1), thaw-views (--cache-views 4), thaw-adapt-views, thaw-ema (--ema),
              thaw-ema-views, thaw-ema-smooth (--ema --label-smoothing 0.1: the default since);
-             thaw-budget (two-phase with --budget, thaw's default under a budget; the benchmark's --budget
-             seconds: 180 unless given); thaw-progressive (--progressive-resize 0.6); thaw-trivial (--auto-augment trivial),
+             thaw-budget (the default with --budget; the benchmark's --budget seconds: 180 unless given),
+             thaw-budget-two-phase (two-phase with --budget, the default under a budget before);
+             thaw-progressive (--progressive-resize 0.6); thaw-trivial (--auto-augment trivial),
              thaw-rand (--auto-augment rand), thaw-mixup (--mixup 0.2), thaw-cutmix (--cutmix 1.0), thaw-mix
              (--mixup 0.2 --cutmix 1.0); these last six augment, so not on digits, which trains unaugmented;
              thaw-gradual (head-top-all: the same as thaw), thaw-gradual-live (the same with
@@ -69,7 +70,8 @@ THAW_RECIPES = {
     "thaw-ema": ({}, OLD_DEFAULT | {"ema": True}),
     "thaw-ema-views": ({}, OLD_DEFAULT | {"ema": True, "cache_views": 4}),
     "thaw-ema-smooth": ({}, {"ema": True, "label_smoothing": 0.1}),  # the default's options, stated
-    "thaw-budget": ({}, {}),  # two-phase with --budget, thaw's default under a budget (the benchmark's --budget seconds)
+    "thaw-budget": ({"plan": "head-top-all"}, {}),  # the default with --budget (the benchmark's --budget seconds)
+    "thaw-budget-two-phase": ({}, {}),  # two-phase with --budget: the default under a budget before
     # fastai's progressive resizing: the full phase's 3 epochs at 128, 176 and 224 px (on 224 px weights);
     # augmented sets only. Under --quick the full phase has 1 epoch, so this row trains as "thaw-two-phase" does
     "thaw-progressive": ({}, {"progressive_resize": 0.6}),
@@ -147,7 +149,7 @@ def thaw_row(folder: Path, size: int, flips: bool, seed: int, epochs: dict, reci
     plan_options, fields = THAW_RECIPES[recipe]
     plan = plan_options.get("plan", "two-phase")
     plan_options = {key: value for key, value in plan_options.items() if key != "plan"}
-    fields = fields | ({"budget": budget} if recipe == "thaw-budget" else {})
+    fields = fields | ({"budget": budget} if recipe.startswith("thaw-budget") else {})
     config = TrainConfig(quiet=True, seed=seed, **fields)
     if not flips:  # the demo's settings for its digits (thaw/demo.py)
         config = TrainConfig(quiet=True, seed=seed, image_size=size, augment=False, batch_size=64, **fields)
@@ -381,7 +383,7 @@ def jobs(args: argparse.Namespace) -> list[dict]:
                 print(f"{recipe} skipped on digits: it trains without augmentation", file=sys.stderr)
                 continue
             seeds = args.seeds if recipe in (*THAW_RECIPES, *TEXT_RECIPES) else args.baseline_seeds
-            budget = {"budget": 20.0 if args.quick else args.budget} if recipe == "thaw-budget" else {}
+            budget = {"budget": 20.0 if args.quick else args.budget} if recipe.startswith("thaw-budget") else {}
             workers = {"fastai_workers": args.fastai_workers} if recipe.startswith("fastai") else {}
             planned += [{"set": name, "recipe": recipe, "seed": seed, "quick": args.quick} | budget | workers for seed in seeds]
     return planned

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
@@ -14,11 +15,11 @@ from thaw.cli import main
 from thaw.data.loaders import Batch
 from thaw.plan import ConstantLr, Plan, Stage
 from thaw.train import TrainConfig, train_images
-from thaw.train.budget import MARGIN, MAX_EPOCHS, Costs, measure_costs, parse_budget, split_budget
+from thaw.train.budget import HEAD_BACKWARD_FACTOR, MARGIN, MAX_EPOCHS, Costs, TopStage, measure_costs, parse_budget, split_budget
 from thaw.train.checkpoint import load_checkpoint
 from thaw.train.fit import RunInterrupted
 from thaw.train.loop import Engine
-from thaw.train.progress import CACHED, FULL
+from thaw.train.progress import CACHED, FULL, PREFIX
 
 TWO_PHASE = Plan((Stage("head", 3, ("head",), ConstantLr(1e-3)), Stage("full", 3, ("all",), ConstantLr(1e-4), batchnorm="eval")))
 COSTS = Costs(forward=0.01, train_step=0.03, head_step=0.0001)
@@ -56,6 +57,33 @@ def test_several_full_stages_keep_their_ratio_and_no_stage_passes_the_cap() -> N
     assert [stage.epochs for stage in plan.stages] == [MAX_EPOCHS, MAX_EPOCHS]
 
 
+HEAD_TOP_ALL = Plan((
+    Stage("head", 3, ("head",), ConstantLr(1e-3)),
+    Stage("top2", 3, ("-2:",), ConstantLr(1e-4), batchnorm="eval"),
+    Stage("all", 3, ("all",), ConstantLr(1e-4), batchnorm="eval"),
+))
+
+
+def test_a_top_stage_over_cached_inputs_is_planned_at_its_own_cost() -> None:
+    costs = Costs(forward=0.01, train_step=0.03, head_step=0.0001, top_step=0.003)
+    budget, spent = 60.0, 2.0
+    plan, split = split_budget(HEAD_TOP_ALL, [CACHED, PREFIX, FULL], costs, SIZES, budget, spent, views=0)
+    top_forward = costs.top_step / HEAD_BACKWARD_FACTOR
+    assert split.epoch_s[1] == pytest.approx(100 * costs.top_step + 50 * top_forward)
+    assert split.epoch_s[2] == pytest.approx(100 * costs.train_step + 50 * costs.forward)
+    # The head takes its features at the top's entry, so the frozen top runs forward in each of its epochs.
+    assert split.epoch_s[0] == pytest.approx(150 * (costs.head_step + top_forward))
+    assert split.cache_s == pytest.approx(150 * costs.forward)  # one pass of the bottom serves both
+    head, top, every = (stage.epochs for stage in plan.stages)
+    assert head == 3 and top == every > 3  # the head keeps its epochs; the planned 3:3 holds
+    assert sum(split.expected_s.values()) <= budget * (1 - MARGIN)
+    one_more = split.epoch_s[1] + split.epoch_s[2]  # and one more epoch of each would not fit
+    assert sum(split.expected_s.values()) + one_more > budget * (1 - MARGIN)
+    # Timed as if it ran the network, the same top stage would get fewer epochs: the cached bottom is what buys them.
+    as_full, _ = split_budget(HEAD_TOP_ALL, [CACHED, FULL, FULL], costs, SIZES, budget, spent, views=0)
+    assert as_full.stages[1].epochs < top
+
+
 def test_a_budget_that_fits_no_epoch_is_refused_and_a_small_one_keeps_the_head() -> None:
     full_only = Plan((Stage("full", 3, ("all",), ConstantLr(1e-4)),))
     with pytest.raises(ThawError, match="a budget of 0:03 does not fit one epoch here .*give a larger --budget"):
@@ -76,6 +104,46 @@ def test_measuring_leaves_the_weights_statistics_gradients_and_random_state_as_t
     assert all(torch.equal(before[name], after[name]) for name in before)
     assert all(param.grad is None for param in adapter.model.parameters())
     assert torch.equal(torch.get_rng_state(), rng)
+
+
+def test_the_top_step_runs_only_the_layers_from_the_entry_on_and_leaves_the_run_as_it_was() -> None:
+    from thaw import apply_trainable
+    from thaw.plan.stages import resolve_stage
+    from thaw.train.prefix_cache import find_entry
+
+    torch.manual_seed(0)
+    adapter = build_model("mobilenet_v3_small", weights=None, num_classes=3)
+    engine = Engine(torch.device("cpu"), bf16=False, channels_last=False, quiet=True)
+    batches = [Batch(torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 0]), []) for _ in range(3)]
+    top = HEAD_TOP_ALL.stages[1]
+    trainable = resolve_stage(adapter, top).trainable
+    entered = copy.deepcopy(adapter)  # the entry is found with the stage's locks, as the run finds it
+    apply_trainable(entered, list(trainable), top.batchnorm)
+    entry = find_entry(entered, trainable, batches[0].images, engine)
+    calls = {"first layer": 0, "boundary": 0}
+    first = adapter.model.get_submodule("features.0")
+    first.register_forward_hook(lambda *_: calls.__setitem__("first layer", calls["first layer"] + 1))  # copies keep hooks
+    boundary = adapter.model.get_submodule(entry.boundary)
+    boundary.register_forward_hook(lambda *_: calls.__setitem__("boundary", calls["boundary"] + 1))
+    before = {name: tensor.clone() for name, tensor in adapter.model.state_dict().items()}
+    rng = torch.get_rng_state()
+    without = measure_costs(adapter, batches, batches, engine, frozenset())  # no stage on the images: no train step
+    seen = dict(calls)
+    costs = measure_costs(adapter, batches, batches, engine, frozenset(), top=TopStage(frozenset(trainable), top.batchnorm, entry))
+    assert without.top_step == 0 and costs.top_step > 0
+    # The second measurement adds one pass of the bottom (the cached input) and then steps of the top alone.
+    assert calls["first layer"] - seen["first layer"] == seen["first layer"] + 1
+    assert calls["boundary"] - seen["boundary"] > seen["boundary"] + 1
+    assert all(torch.equal(before[name], tensor) for name, tensor in adapter.model.state_dict().items())
+    assert all(param.grad is None for param in adapter.model.parameters())
+    assert torch.equal(torch.get_rng_state(), rng)
+
+
+def test_a_budgeted_head_top_all_run_trains_its_top_over_cached_inputs(tiny_split_data: Path, tmp_path: Path) -> None:
+    result = _budgeted(tiny_split_data, tmp_path / "run", 60.0, HEAD_TOP_ALL)
+    assert {row["cached"] for row in result.history if row["stage"] == "top2"} == {True}
+    head_s, top_s, all_s = result.budget["epoch_s"]
+    assert top_s < all_s  # planned at the cost of a step from the entry on, not of the network
 
 
 @pytest.mark.parametrize("policy, batch_statistics", [("frozen", True), ("eval", False)])

@@ -119,7 +119,7 @@ def add_plan_options(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup
     group = parser.add_argument_group("plan")
     group.add_argument(
         "--strategy", choices=STRATEGIES,
-        help="default: head-top-all for images (the head, then the top 2 groups, then all); two-phase for text and under --budget",
+        help="default: head-top-all for images (the head, then the top 2 groups, then all); two-phase for text",
     )
     group.add_argument("--config", type=path_text, metavar="PLAN.yaml", help="a plan file (overrides --strategy and lr options)")
     group.add_argument("--epochs", type=non_negative_int, default=3, help="epochs per stage after the head phase")
@@ -147,8 +147,8 @@ def add_plan_options(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup
 
 
 def chosen_strategy(args: argparse.Namespace) -> str:
-    """--strategy, else the default for the task (and whether --budget plans the run)."""
-    return args.strategy or default_strategy(task_of(args), getattr(args, "budget", None) is not None)
+    """--strategy, else the default for the task."""
+    return args.strategy or default_strategy(task_of(args))
 
 
 def plan_from_args(args: argparse.Namespace, num_groups: int) -> Plan:

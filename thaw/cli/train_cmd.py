@@ -250,7 +250,6 @@ def _claimed(args: argparse.Namespace, typed: set[str], settings: dict, run: Pat
         for dest in typed & PLAN_DESTS:
             setattr(started, dest, getattr(args, dest))
         started.model, started.task = settings["model"], settings.get("task")
-        started.budget = settings["config"].get("budget")  # a run started from Python: its default strategy follows it
         claimed["plan"] = plan_to_dict(plan_from_args(started, _group_count(started)))
     return claimed
 
@@ -264,8 +263,8 @@ def _typed_plan_options(run: Path) -> dict:
 
 
 def _plan_options(args: argparse.Namespace) -> dict:
-    """The plan options as the run uses them: the strategy resolved where none was typed (it depends on the task
-    and on --budget), so a resume and MLflow see the one that ran."""
+    """The plan options as the run uses them: the strategy resolved where none was typed (it depends on the task),
+    so a resume and MLflow see the one that ran."""
     strategy = None if args.config else chosen_strategy(args)  # a plan file's plan names no strategy
     return {dest: getattr(args, dest) for dest in sorted(PLAN_DESTS)} | {"strategy": strategy}
 

@@ -49,11 +49,10 @@ def unfrozen_rule(
     return RangeLr(head_lr / STEM_TO_HEAD_RATIO, head_lr)
 
 
-def default_strategy(task: str, budget: bool) -> str:
+def default_strategy(task: str) -> str:
     """The strategy when none is given. Images: the head, then the top 2 groups, then all (measured best over
-    three image sets; the top stage trains on the frozen bottom's cached output, so it costs little). Text, and
-    under --budget (which times stages that run the network, as the top stage would there): two-phase."""
-    return "head-top-all" if task == "image" and not budget else "two-phase"
+    three image sets; the top stage trains on the frozen bottom's cached output, so it costs little). Text: two-phase."""
+    return "head-top-all" if task == "image" else "two-phase"
 
 
 def build_plan(

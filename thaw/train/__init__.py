@@ -40,9 +40,8 @@ def train_images(
     callbacks: list[EpochCallback] | None = None,
     step_hooks: list[StepHook] | None = None,
 ) -> RunResult:
-    """Fine-tune `model` on the images at `data_path` by `plan` (a Plan or a strategy name; by default head-top-all,
-    or two-phase under a --budget)."""
-    plan = plan or default_strategy("image", config.budget is not None)
+    """Fine-tune `model` on the images at `data_path` by `plan` (a Plan or a strategy name; by default head-top-all)."""
+    plan = plan or default_strategy("image")
     data = discover(data_path, val_split=val_split, seed=config.seed)
     torch.manual_seed(config.seed)  # the new head's initial weights are part of the run's seed
     adapter = build_model(model, weights=weights, num_classes=len(data.classes))

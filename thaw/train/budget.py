@@ -4,11 +4,13 @@ Before the first stage, a few batches of the run's own data are timed (the run's
 state are left as they were, so the run that follows is the one an unbudgeted run with the same epochs would be):
 a forward pass per image (what the feature cache and every val pass cost), a training step per image (forward,
 backward and an AdamW step on a copy of the model with what the costliest stage trains, decoding and augmentation
-included), and a head step.
+included), a step of the top groups on the frozen bottom's output where a stage trains them over cached inputs
+(head-top-all's top stage), and a head step.
 Stages that train the head alone on cached features are cheap: they keep their planned epochs. The time left goes
-to the stages that run the network, shared in proportion to their planned epochs, up to MAX_EPOCHS each: that is
-where more epochs still change the model. While training, an epoch that the measured time of the stage's last epoch
-says would end past the budget is not started; the run ends there, with the best epoch so far. The first epoch of a run always runs: a run must deliver a model.
+to the stages that train layers (over cached inputs or on the images), shared in proportion to their planned
+epochs, each at its own cost per epoch, up to MAX_EPOCHS each: that is where more epochs still change the model.
+While training, an epoch that the measured time of the stage's last epoch says would end past the budget is not
+started; the run ends there, with the best epoch so far. The first epoch of a run always runs: a run must deliver a model.
 """
 
 from __future__ import annotations
@@ -29,7 +31,8 @@ from thaw.models.adapter import ModelAdapter
 from thaw.plan import Plan
 from thaw.plan.freeze import BatchNormPolicy, batchnorm_layers, batchnorm_trains, locks_statistics
 from thaw.train.loop import Engine
-from thaw.train.progress import CACHED, clock
+from thaw.train.prefix_cache import Entry, capture, tail_forward
+from thaw.train.progress import CACHED, FULL, PREFIX, clock
 
 MAX_EPOCHS = 20  # per stage: past this a longer cosine schedule on a small set mostly overfits
 MARGIN = 0.1  # of the budget, kept back for what the estimates miss (the run's last checkpoint and plots)
@@ -54,6 +57,17 @@ class Costs:
     forward: float  # evaluation view, no gradients: the cache pass and every val pass
     train_step: float  # augmented, forward and backward through the whole network
     head_step: float  # the head alone on features
+    top_step: float = 0.0  # the top groups on the frozen bottom's cached output (a stage that enters mid-network)
+
+
+@dataclass(frozen=True)
+class TopStage:
+    """The costliest stage that trains its top groups over cached inputs: what it trains, its BatchNorm policy,
+    and where it enters the network."""
+
+    trainable: frozenset[str]
+    batchnorm: BatchNormPolicy
+    entry: Entry
 
 
 @dataclass(frozen=True)
@@ -84,32 +98,45 @@ class Split:
 def split_budget(plan: Plan, kinds: list[str], costs: Costs, sizes: dict[str, int], budget_s: float, spent_s: float, views: int) -> tuple[Plan, Split]:
     """Epochs per stage that fit `budget_s`, `spent_s` of it already gone (setup, the measurement).
 
-    `kinds` says which stages will train on cached features; `sizes` holds the train and val image counts.
+    `kinds` says which stages train the head on cached features (CACHED), their top groups on the frozen bottom's
+    cached output (PREFIX) or the network on the images (FULL); `sizes` holds the train and val image counts.
     """
     train, val = sizes["train"], sizes["val"]
-    val_pass = val * costs.forward
-    cached_epoch = train * costs.head_step + val * costs.head_step
-    full_epoch = train * costs.train_step + val_pass
-    cache_pass = (train * max(1, views) + val) * costs.forward if CACHED in kinds else 0.0
-    cached_epochs = sum(stage.epochs for stage, kind in zip(plan.stages, kinds) if kind == CACHED)
-    left = budget_s * (1 - MARGIN) - spent_s - cache_pass - cached_epochs * cached_epoch
-    full = [i for i, kind in enumerate(kinds) if kind != CACHED]
-    planned = sum(plan.stages[i].epochs for i in full)
+    epoch_s = tuple(_epoch_seconds(kinds, index, costs, train, val) for index in range(len(kinds)))
+    passes = sum(1 for index, kind in enumerate(kinds) if kind != FULL and (index == 0 or kinds[index - 1] == FULL))
+    cache_pass = passes * (train * max(1, views) + val) * costs.forward  # a top stage after a head stage shares its pass
+    fixed = sum(stage.epochs * seconds for stage, kind, seconds in zip(plan.stages, kinds, epoch_s) if kind == CACHED)
+    left = budget_s * (1 - MARGIN) - spent_s - cache_pass - fixed
+    scaled = [index for index, kind in enumerate(kinds) if kind != CACHED]
+    planned = sum(plan.stages[index].epochs * epoch_s[index] for index in scaled)
     epochs = [stage.epochs for stage in plan.stages]
-    if full and planned:
-        share = max(left, 0.0) / (planned * full_epoch)  # the planned ratio between full stages is kept
-        for i in full:
-            epochs[i] = min(MAX_EPOCHS, math.floor(plan.stages[i].epochs * share))
+    if scaled and planned:
+        share = max(left, 0.0) / planned  # the planned ratio between these stages is kept
+        for index in scaled:
+            epochs[index] = min(MAX_EPOCHS, math.floor(plan.stages[index].epochs * share))
     if not any(epochs):
+        full_epoch = train * costs.train_step + val * costs.forward
         raise ThawError(
             f"a budget of {clock(budget_s)} does not fit one epoch here (an epoch of the full network takes about "
             f"{clock(full_epoch)}, the set-up took {clock(spent_s)}); give a larger --budget"
         )
-    epoch_s = tuple(cached_epoch if kind == CACHED else full_epoch for kind in kinds)
     expected = {"setup": spent_s} | ({"feature cache": cache_pass} if cache_pass else {})
     for stage, count, seconds in zip(plan.stages, epochs, epoch_s):
         expected[str(stage.name)] = count * seconds
     return with_epochs(plan, tuple(epochs)), Split(budget_s, tuple(epochs), expected, epoch_s, cache_pass)
+
+
+def _epoch_seconds(kinds: list[str], index: int, costs: Costs, train: int, val: int) -> float:
+    """Expected seconds of one epoch of stage `index` (its train images, then val)."""
+    top_forward = costs.top_step / HEAD_BACKWARD_FACTOR
+    if kinds[index] == FULL:
+        return train * costs.train_step + val * costs.forward
+    if kinds[index] == PREFIX:
+        return train * costs.top_step + val * top_forward
+    # A head stage before a top stage takes its features at the top's entry (one pass serves both): then the
+    # frozen top runs forward on every image of its epochs too.
+    shared = index + 1 < len(kinds) and kinds[index + 1] == PREFIX
+    return (train + val) * (costs.head_step + (top_forward if shared else 0.0))
 
 
 def with_epochs(plan: Plan, epochs: tuple[int, ...]) -> Plan:
@@ -119,12 +146,12 @@ def with_epochs(plan: Plan, epochs: tuple[int, ...]) -> Plan:
 
 def measure_costs(
     adapter: ModelAdapter, train_batches: Iterable, eval_batches: Iterable, engine: Engine, trainable: frozenset[str] | None = None,
-    batchnorm: BatchNormPolicy = "frozen",
+    batchnorm: BatchNormPolicy = "frozen", top: TopStage | None = None,
 ) -> Costs:
     """Seconds per image of a forward pass, a training step of `trainable` (default: every parameter) under the
-    stage's BatchNorm policy `batchnorm`, and a head step.
+    stage's BatchNorm policy `batchnorm`, a head step, and with `top` a step of its top groups on cached inputs.
 
-    The training step runs on a copy of the model; the run's own weights, BatchNorm statistics and gradients are
+    The training steps run on a copy of the model; the run's own weights, BatchNorm statistics and gradients are
     untouched, and torch's random state (the copy's dropout masks) is restored.
     """
     rng = torch.get_rng_state()
@@ -133,21 +160,15 @@ def measure_costs(
     try:
         model.eval()
         forward = _seconds_per_image(eval_batches, engine, lambda images, labels: _forward(model, images, engine))
-        features = _features(adapter, next(iter(eval_batches)), engine)
+        first = next(iter(eval_batches))
+        features = _features(adapter, first, engine)
         head_step = HEAD_BACKWARD_FACTOR * _seconds_per_image(
             [features] * (PROBE_BATCHES + 1), engine, lambda images, labels: _forward(adapter.forward_head, images, engine)
         )
-        if trainable is not None and not trainable:  # every stage trains the head on cached features: nothing to time
-            return Costs(forward, HEAD_BACKWARD_FACTOR * forward, head_step)
-        probe = copy.deepcopy(model).train()
-        for name, param in probe.named_parameters():
-            param.requires_grad_(trainable is None or name in trainable)
-        # As the stage will run them: a BatchNorm that normalises with batch statistics costs more, forward and backward.
-        chosen = {name for name, param in probe.named_parameters() if param.requires_grad}
-        for name, layer in batchnorm_layers(probe):
-            if locks_statistics(batchnorm, batchnorm_trains(adapter, name, layer, chosen)):
-                layer.eval()
-        optimizer = torch.optim.AdamW([param for param in probe.parameters() if param.requires_grad])
+        top_step = _top_step(adapter, first, engine, top) if top is not None else 0.0
+        if trainable is not None and not trainable:  # no stage trains layers on the images: nothing more to time
+            return Costs(forward, HEAD_BACKWARD_FACTOR * forward, head_step, top_step)
+        probe, optimizer = _training_copy(adapter, trainable, batchnorm)
         step = lambda images, labels: _train_step(probe, optimizer, images, labels, engine)  # noqa: E731
         train_step = _seconds_per_image((batch for batch in train_batches if len(batch.labels) >= 2), engine, step)
         del probe, optimizer
@@ -156,8 +177,30 @@ def measure_costs(
         torch.set_rng_state(rng)
         if cuda_rng is not None:
             torch.cuda.set_rng_state(cuda_rng, engine.device)
-    return Costs(forward, train_step, head_step)
+    return Costs(forward, train_step, head_step, top_step)
 
+
+def _training_copy(adapter: ModelAdapter, trainable: frozenset[str] | None, batchnorm: BatchNormPolicy) -> tuple[nn.Module, torch.optim.Optimizer]:
+    """A copy of the model in train mode that trains `trainable` (None: everything) with AdamW, its BatchNorm layers
+    as the stage runs them: one that normalises with batch statistics costs more, forward and backward."""
+    probe = copy.deepcopy(adapter.model).train()
+    for name, param in probe.named_parameters():
+        param.requires_grad_(trainable is None or name in trainable)
+    chosen = {name for name, param in probe.named_parameters() if param.requires_grad}
+    for name, layer in batchnorm_layers(probe):
+        if locks_statistics(batchnorm, batchnorm_trains(adapter, name, layer, chosen)):
+            layer.eval()
+    return probe, torch.optim.AdamW([param for param in probe.parameters() if param.requires_grad])
+
+
+def _top_step(adapter: ModelAdapter, batch: Batch, engine: Engine, top: TopStage) -> float:
+    """Seconds per image of a training step of the top groups from the entry on, fed the frozen bottom's output."""
+    with torch.no_grad(), engine.autocast():
+        bottom = capture(adapter.model, top.entry)(engine.to_device(batch.images))  # eval mode, as the cache computes it
+    probe, optimizer = _training_copy(adapter, top.trainable, top.batchnorm)
+    forward = tail_forward(probe, top.entry)
+    step = lambda images, labels: _train_step(forward, optimizer, images, labels, engine)  # noqa: E731
+    return _seconds_per_image([Batch(bottom, batch.labels, [])] * (PROBE_BATCHES + 1), engine, step)
 
 
 @torch.no_grad()
@@ -173,7 +216,7 @@ def _features(adapter: ModelAdapter, batch: Batch, engine: Engine) -> Batch:
     return Batch(features.float(), batch.labels, [])
 
 
-def _train_step(model: nn.Module, optimizer: torch.optim.Optimizer, images: torch.Tensor, labels: torch.Tensor, engine: Engine) -> None:
+def _train_step(model: Callable[[torch.Tensor], torch.Tensor], optimizer: torch.optim.Optimizer, images: torch.Tensor, labels: torch.Tensor, engine: Engine) -> None:
     """What the loop does per batch: forward, backward, an AdamW step (BatchNorm in train mode needs 2 images a batch)."""
     with engine.autocast():
         logits = model(images)

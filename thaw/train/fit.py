@@ -7,6 +7,7 @@ replays exactly what the uninterrupted run would have done.
 
 from __future__ import annotations
 
+import copy
 import math
 import random
 import signal
@@ -34,11 +35,11 @@ from thaw.errors import ThawError
 from thaw.models.adapter import ModelAdapter, Preprocessing
 from thaw.plan import Plan, enter_stage, plan_to_dict
 from thaw.plan.stages import Stage, resolve_stage
-from thaw.plan.freeze import batchnorm_layers, batchnorm_trains, is_eval_locked, locks_statistics
+from thaw.plan.freeze import apply_trainable, batchnorm_layers, batchnorm_trains, is_eval_locked, locks_statistics
 from thaw.train import checkpoint as ckpt
 from thaw.train.adapt_bn import adapt_batchnorm, has_statistics
 from thaw.train.config import TrainConfig, check_device, check_image_augments, check_image_size, check_progressive_resize, image_augment_flags
-from thaw.train.budget import Split, measure_costs, split_budget, with_epochs
+from thaw.train.budget import Split, TopStage, measure_costs, split_budget, with_epochs
 from thaw.train.compiled import compile_problem, compiled_forward
 from thaw.train.ema import require_timm, weight_average
 from thaw.train.feature_cache import (
@@ -348,8 +349,6 @@ class Trainer:
             return "--mixup and --cutmix blend the images this stage trains on"
         if c.auto_augment and not self.views:
             return "--auto-augment changes the images every epoch (--cache-views K caches K augmented views)"
-        if c.budget is not None:  # the budget plans a stage that trains layers as running the network every epoch
-            return "--budget times stages that train layers on the images"
         if lowest_trainable_group(self.adapter, trainable) == 0:
             return "the lowest layer group trains"
         if self.processes.distributed and batchnorm_updates:  # DDP keeps their statistics in step; cached stages do not run through it
@@ -377,13 +376,15 @@ class Trainer:
             self.entry_sample = (None if batch is None else self.engine.to_device(batch.images),)
         return self.entry_sample[0]
 
-    def _find_entry(self, trainable: tuple[str, ...]) -> Entry | str:
+    def _find_entry(self, trainable: tuple[str, ...], adapter: ModelAdapter | None = None) -> Entry | str:
+        """The entry of a stage that trains `trainable`, checked on `adapter` (default: the run's, as it is now)."""
+        adapter = adapter or self.adapter
         images = self.sample_images()
         if images is None:
             return "no val image decodes to check the entry against"
-        found = find_entry(self.adapter, trainable, images, self.engine)
+        found = find_entry(adapter, trainable, images, self.engine)
         if isinstance(found, Entry):
-            return disagreement(self.model, found, images, self.engine) or found
+            return disagreement(adapter.model, found, images, self.engine) or found
         return found
 
     def fill_store(self) -> None:
@@ -716,20 +717,36 @@ class Trainer:
             raise ThawError(outcome.splitlines()[0])
         self.plan, self.budget_split = outcome
         self._say(self.budget_split.describe())
-        starved = [str(stage.name) for stage, kind in zip(self.plan.stages, self._predicted_kinds()) if kind == FULL and not stage.epochs]
+        starved = [str(stage.name) for stage, kind in zip(self.plan.stages, self._predicted_kinds()) if kind != CACHED and not stage.epochs]
         if starved:
-            self._say(f"budget: warning: no epoch fits for {', '.join(starved)} (the full network); only the head will train")
+            self._say(f"budget: warning: no epoch fits for {', '.join(starved)} (stages that train layers); only the head will train")
 
     def _split_budget(self) -> tuple[Plan, Split]:
         kinds = self._predicted_kinds()
+        top = self._top_to_time(kinds)
+        if top is None:  # no top stage, or its entry check sends it to the images: timed as the network
+            kinds = [FULL if kind == PREFIX else kind for kind in kinds]
         full = [(resolve_stage(self.adapter, stage).trainable, stage.batchnorm) for stage, kind in zip(self.plan.stages, kinds) if kind == FULL]
         trainable, batchnorm = max(full, key=lambda found: len(found[0])) if full else ((), "frozen")
         train = make_loader(self.train_set, batch_size=self.config.batch_size, shuffle=True, seed=self.config.seed,
                             workers=self.workers, processes=self.processes)
-        costs = measure_costs(self.adapter, train, self.val_loader, self.engine, frozenset(trainable), batchnorm)
+        costs = measure_costs(self.adapter, train, self.val_loader, self.engine, frozenset(trainable), batchnorm, top)
         world = self.processes.world
         sizes = {"train": math.ceil(len(self.data.train) / world), "val": math.ceil(len(self.data.val) / world)}
         return split_budget(self.plan, kinds, costs, sizes, self.config.budget, time.perf_counter() - self.began, self.views)
+
+    def _top_to_time(self, kinds: list[str]) -> TopStage | None:
+        """The costliest stage predicted to train its top groups over cached inputs, with its entry found and
+        checked on the network as the stage will (on this rank alone: rank 0 plans the budget)."""
+        tops = [stage for stage, kind in zip(self.plan.stages, kinds) if kind == PREFIX]
+        if not tops:
+            return None
+        stage = max(tops, key=lambda stage: len(resolve_stage(self.adapter, stage).trainable))
+        trainable = resolve_stage(self.adapter, stage).trainable
+        entered = copy.deepcopy(self.adapter)  # the stage's freezing and BatchNorm locks, which its entry check needs
+        apply_trainable(entered, list(trainable), stage.batchnorm)
+        found = self.prefix_refusal(trainable, self._statistics_move(stage, set(trainable))) or self._find_entry(trainable, entered)
+        return TopStage(frozenset(trainable), stage.batchnorm, found) if isinstance(found, Entry) else None
 
     def _predicted_kinds(self) -> list[str]:
         return [self._predicted_kind(stage) for stage in self.plan.stages]
@@ -745,7 +762,7 @@ class Trainer:
             expected *= self.pixels(stage_index, self.state.epoch) / self.pixels(stage_index, self.state.epoch - 1)
         if expected is None:
             expected = split.epoch_s[stage_index] if split else max(self.epoch_wall.values(), default=0.0)
-            if starting and split and self._predicted_kind(self.plan.stages[stage_index]) == CACHED and self.cached is None:
+            if starting and split and self._predicted_kind(self.plan.stages[stage_index]) != FULL and self.cached is None:
                 expected += split.cache_s
         overruns = time.perf_counter() + expected > self.deadline
         if self.processes.distributed:  # rank 0's clock decides for every rank
