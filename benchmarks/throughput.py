@@ -9,7 +9,9 @@ For each (set, model), on one device, every row in a process of its own:
              train passes of the second and later epochs, the first epoch's, the time decoding every image
              once before the first epoch, and the run's wall time
   cache      thaw's caching pass (`--strategy feature-extract`, 1 epoch): train + val images decoded once and
-             through the frozen part once, images/s against the forward-only limit
+             through the frozen part once, images/s against the forward-only limit; and preparing those images
+             alone (decode, resize, crop, normalise) in one process, against which the pass without worker
+             processes is the forward and the preparing in series
 With --compile, instead of those: the train-step limit eager and through torch.compile (its first step, the compile,
 timed apart), and the full row with and without thaw's --compile (whole-run wall time, compile included). Each
 compiled row starts with an empty compile cache, as a user's first --compile run does.
@@ -155,7 +157,25 @@ def cache_row(args: argparse.Namespace) -> dict:
     data = discover(args.data)
     images = len(data.train) + len(data.val)
     once = result.decode_s + result.cache_s  # decoding once is part of the one pass a head phase cannot avoid
-    return {"decode_s": result.decode_s, "cache_s": result.cache_s, "cached_images": images, "cache_img_s": images / once}
+    return {"decode_s": result.decode_s, "cache_s": result.cache_s, "cached_images": images, "cache_img_s": images / once,
+            "prepare_img_s": preparing_rate(args, data)}
+
+
+def preparing_rate(args: argparse.Namespace, data) -> float:
+    """Images/s of what the caching pass does to an image before the model sees it (decode at reduced scale, resize,
+    crop, normalise: the evaluation view), alone in this process: without worker processes the pass does this and
+    the forward one after the other, so it cannot run faster than both in series."""
+    from thaw.data.loaders import ImageDataset, configure_threads, default_workers
+    from thaw.data.transforms import eval_transform
+    from thaw.models import build_model
+
+    configure_threads(default_workers() if args.workers is None else args.workers)
+    preprocessing = build_model(args.model, weights=args.weights, num_classes=2, load=False).preprocessing  # as the run had it
+    dataset = ImageDataset(data.train + data.val, eval_transform(preprocessing), draft_size=2 * preprocessing.resize_size)
+    started = time.perf_counter()
+    for index in range(len(dataset)):
+        dataset[index]
+    return len(dataset) / (time.perf_counter() - started)
 
 
 def cold(row):
@@ -202,6 +222,11 @@ def compile_summary(rows: list[dict]) -> str:
     return markdown(lines, header)
 
 
+def in_series(*rates: float) -> float:
+    """Images/s of steps that run one after the other, each at its own rate."""
+    return 1 / sum(1 / rate for rate in rates)
+
+
 def summary(rows: list[dict]) -> str:
     by_key = {(row["data"], row["model"], row["row"]): row for row in rows}
     lines = []
@@ -213,10 +238,13 @@ def summary(rows: list[dict]) -> str:
             f"{full['first_epoch_img_s']:.1f}",
             f"{full['decode_s']:.1f} s",
             f"{limit['forward_img_s']:.1f}", f"{cache['cache_img_s']:.1f}", f"{cache['cache_img_s'] / limit['forward_img_s']:.2f}x",
+            f"{cache['prepare_img_s']:.1f}", f"{in_series(limit['forward_img_s'], cache['prepare_img_s']):.1f}",
+            f"{cache['cache_img_s'] / in_series(limit['forward_img_s'], cache['prepare_img_s']):.2f}x",
             f"{full['wall_s']:.0f} s", f"{full['peak_mb']:.0f} / {cache['peak_mb']:.0f}",
         ])
     header = ["set", "model", "device", "train-step limit img/s", "full phase img/s (epochs 2+)", "ratio",
               "first epoch img/s", "decoding once", "forward limit img/s", "caching pass img/s (decoding included)", "ratio",
+              "preparing alone img/s", "forward + preparing in series img/s", "caching pass / in series",
               "full run wall", "peak MB (PSS) full / cache"]
     return markdown(lines, header)
 
