@@ -8,7 +8,8 @@ included), a step of the top groups on the frozen bottom's output where a stage 
 (head-top-all's top stage), and a head step.
 Stages that train the head alone on cached features are cheap: they keep their planned epochs. The time left goes
 to the stages that train layers (over cached inputs or on the images), shared in proportion to their planned
-epochs, each at its own cost per epoch, up to MAX_EPOCHS each: that is where more epochs still change the model.
+epochs, each at its own cost per epoch, up to MAX_EPOCHS each: that is where more epochs still change the model;
+what rounding down leaves buys one more epoch of each, in stage order, where it fits.
 While training, an epoch that the measured time of the stage's last epoch says would end past the budget is not
 started; the run ends there, with the best epoch so far. The first epoch of a run always runs: a run must deliver a model.
 """
@@ -35,7 +36,7 @@ from thaw.train.prefix_cache import Entry, capture, tail_forward
 from thaw.train.progress import CACHED, FULL, PREFIX, clock
 
 MAX_EPOCHS = 20  # per stage: past this a longer cosine schedule on a small set mostly overfits
-MARGIN = 0.1  # of the budget, kept back for what the estimates miss (the run's last checkpoint and plots)
+MARGIN = 0.1  # of the budget, kept back for what the estimates miss (checkpoints, the weight average's updates, plots)
 PROBE_BATCHES = 3  # timed after one untimed batch (worker start-up, first-call allocations)
 HEAD_BACKWARD_FACTOR = 3  # a forward and a backward step of the head cost about three forwards; the head is a small share anyway
 UNITS = {"s": 1, "m": 60, "h": 3600}
@@ -78,11 +79,16 @@ class Split:
     epochs: tuple[int, ...]
     expected_s: dict[str, float]  # "setup", "feature cache", then each stage by name
     epoch_s: tuple[float, ...]  # expected seconds of one epoch, per stage
-    cache_s: float = 0.0  # expected seconds of the feature cache pass
+    cache_s: float = 0.0  # expected seconds of the feature cache passes, all of them
+    passes: int = 1  # feature cache passes planned (a head stage that shares the next stage's entry makes one for both)
+    full_epoch_s: float = 0.0  # an epoch of the network on the images: a stage planned over cached inputs may fall back to it
 
     @classmethod
     def from_dict(cls, saved: dict) -> Split:
-        return cls(saved["seconds"], tuple(saved["epochs"]), saved["expected_s"], tuple(saved["epoch_s"]), saved.get("cache_s", 0.0))
+        return cls(
+            saved["seconds"], tuple(saved["epochs"]), saved["expected_s"], tuple(saved["epoch_s"]), saved.get("cache_s", 0.0),
+            saved.get("passes", 1), saved.get("full_epoch_s", 0.0),
+        )
 
     def describe(self) -> str:
         parts = ", ".join(f"{name} {clock(seconds)}" for name, seconds in self.expected_s.items())
@@ -91,31 +97,43 @@ class Split:
     def to_dict(self) -> dict:
         return {
             "seconds": self.budget_s, "epochs": list(self.epochs), "expected_s": {k: round(v, 1) for k, v in self.expected_s.items()},
-            "epoch_s": list(self.epoch_s), "cache_s": self.cache_s,
+            "epoch_s": list(self.epoch_s), "cache_s": self.cache_s, "passes": self.passes, "full_epoch_s": self.full_epoch_s,
         }
 
 
-def split_budget(plan: Plan, kinds: list[str], costs: Costs, sizes: dict[str, int], budget_s: float, spent_s: float, views: int) -> tuple[Plan, Split]:
+def split_budget(
+    plan: Plan, kinds: list[str], costs: Costs, sizes: dict[str, int], budget_s: float, spent_s: float, views: int,
+    shared: frozenset[int] = frozenset(),
+) -> tuple[Plan, Split]:
     """Epochs per stage that fit `budget_s`, `spent_s` of it already gone (setup, the measurement).
 
     `kinds` says which stages train the head on cached features (CACHED), their top groups on the frozen bottom's
-    cached output (PREFIX) or the network on the images (FULL); `sizes` holds the train and val image counts.
+    cached output (PREFIX) or the network on the images (FULL); `shared` holds the head stages that take their
+    features at the next stage's entry, so that one pass serves both; `sizes` holds the train and val image counts.
+    Each stage that trains layers gets floor(planned epochs x share) epochs, the share that fills the time left;
+    then, in stage order, one more epoch each where the time still left fits it (so a cheap top stage is not left
+    out when one epoch of everything does not fit).
     """
     train, val = sizes["train"], sizes["val"]
-    epoch_s = tuple(_epoch_seconds(kinds, index, costs, train, val) for index in range(len(kinds)))
-    passes = sum(1 for index, kind in enumerate(kinds) if kind != FULL and (index == 0 or kinds[index - 1] == FULL))
-    cache_pass = passes * (train * max(1, views) + val) * costs.forward  # a top stage after a head stage shares its pass
+    full_epoch = train * costs.train_step + val * costs.forward
+    epoch_s = tuple(_epoch_seconds(kinds, index, costs, train, val, index in shared) for index in range(len(kinds)))
+    passes = sum(1 for index, kind in enumerate(kinds) if kind != FULL and index - 1 not in shared)
+    cache_pass = passes * (train * max(1, views) + val) * costs.forward
     fixed = sum(stage.epochs * seconds for stage, kind, seconds in zip(plan.stages, kinds, epoch_s) if kind == CACHED)
     left = budget_s * (1 - MARGIN) - spent_s - cache_pass - fixed
-    scaled = [index for index, kind in enumerate(kinds) if kind != CACHED]
+    scaled = [index for index, kind in enumerate(kinds) if kind != CACHED and plan.stages[index].epochs]
     planned = sum(plan.stages[index].epochs * epoch_s[index] for index in scaled)
     epochs = [stage.epochs for stage in plan.stages]
     if scaled and planned:
         share = max(left, 0.0) / planned  # the planned ratio between these stages is kept
         for index in scaled:
             epochs[index] = min(MAX_EPOCHS, math.floor(plan.stages[index].epochs * share))
+        unspent = max(left, 0.0) - sum(epochs[index] * epoch_s[index] for index in scaled)
+        for index in scaled:  # the rounding's remainder
+            if epochs[index] < MAX_EPOCHS and epoch_s[index] <= unspent:
+                epochs[index] += 1
+                unspent -= epoch_s[index]
     if not any(epochs):
-        full_epoch = train * costs.train_step + val * costs.forward
         raise ThawError(
             f"a budget of {clock(budget_s)} does not fit one epoch here (an epoch of the full network takes about "
             f"{clock(full_epoch)}, the set-up took {clock(spent_s)}); give a larger --budget"
@@ -123,19 +141,17 @@ def split_budget(plan: Plan, kinds: list[str], costs: Costs, sizes: dict[str, in
     expected = {"setup": spent_s} | ({"feature cache": cache_pass} if cache_pass else {})
     for stage, count, seconds in zip(plan.stages, epochs, epoch_s):
         expected[str(stage.name)] = count * seconds
-    return with_epochs(plan, tuple(epochs)), Split(budget_s, tuple(epochs), expected, epoch_s, cache_pass)
+    return with_epochs(plan, tuple(epochs)), Split(budget_s, tuple(epochs), expected, epoch_s, cache_pass, passes, full_epoch)
 
 
-def _epoch_seconds(kinds: list[str], index: int, costs: Costs, train: int, val: int) -> float:
+def _epoch_seconds(kinds: list[str], index: int, costs: Costs, train: int, val: int, shared: bool) -> float:
     """Expected seconds of one epoch of stage `index` (its train images, then val)."""
     top_forward = costs.top_step / HEAD_BACKWARD_FACTOR
     if kinds[index] == FULL:
         return train * costs.train_step + val * costs.forward
     if kinds[index] == PREFIX:
         return train * costs.top_step + val * top_forward
-    # A head stage before a top stage takes its features at the top's entry (one pass serves both): then the
-    # frozen top runs forward on every image of its epochs too.
-    shared = index + 1 < len(kinds) and kinds[index + 1] == PREFIX
+    # A head stage that takes its features at the next stage's entry runs the frozen top forward in every epoch.
     return (train + val) * (costs.head_step + (top_forward if shared else 0.0))
 
 
@@ -195,12 +211,15 @@ def _training_copy(adapter: ModelAdapter, trainable: frozenset[str] | None, batc
 
 def _top_step(adapter: ModelAdapter, batch: Batch, engine: Engine, top: TopStage) -> float:
     """Seconds per image of a training step of the top groups from the entry on, fed the frozen bottom's output."""
+    images, labels = batch.images, batch.labels
+    if len(labels) < 2:  # BatchNorm with batch statistics in the top needs two images
+        images, labels = torch.cat([images, images]), torch.cat([labels, labels])
     with torch.no_grad(), engine.autocast():
-        bottom = capture(adapter.model, top.entry)(engine.to_device(batch.images))  # eval mode, as the cache computes it
+        bottom = capture(adapter.model, top.entry)(engine.to_device(images))  # eval mode, as the cache computes it
     probe, optimizer = _training_copy(adapter, top.trainable, top.batchnorm)
     forward = tail_forward(probe, top.entry)
     step = lambda images, labels: _train_step(forward, optimizer, images, labels, engine)  # noqa: E731
-    return _seconds_per_image([Batch(bottom, batch.labels, [])] * (PROBE_BATCHES + 1), engine, step)
+    return _seconds_per_image([Batch(bottom, labels, [])] * (PROBE_BATCHES + 1), engine, step)
 
 
 @torch.no_grad()

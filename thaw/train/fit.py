@@ -717,36 +717,67 @@ class Trainer:
             raise ThawError(outcome.splitlines()[0])
         self.plan, self.budget_split = outcome
         self._say(self.budget_split.describe())
-        starved = [str(stage.name) for stage, kind in zip(self.plan.stages, self._predicted_kinds()) if kind != CACHED and not stage.epochs]
+        layers = [stage for stage, kind in zip(self.plan.stages, self._predicted_kinds()) if kind != CACHED]
+        starved = [str(stage.name) for stage in layers if not stage.epochs]
         if starved:
-            self._say(f"budget: warning: no epoch fits for {', '.join(starved)} (stages that train layers); only the head will train")
+            outcome = "only the head will train" if len(starved) == len(layers) else "they are skipped"
+            self._say(f"budget: warning: no epoch fits for {', '.join(starved)} (stages that train layers); {outcome}")
 
     def _split_budget(self) -> tuple[Plan, Split]:
         kinds = self._predicted_kinds()
-        top = self._top_to_time(kinds)
-        if top is None:  # no top stage, or its entry check sends it to the images: timed as the network
-            kinds = [FULL if kind == PREFIX else kind for kind in kinds]
+        entries = self._planned_entries(kinds)
+        kinds = [FULL if kind == PREFIX and index not in entries else kind for index, kind in enumerate(kinds)]  # on the images
         full = [(resolve_stage(self.adapter, stage).trainable, stage.batchnorm) for stage, kind in zip(self.plan.stages, kinds) if kind == FULL]
         trainable, batchnorm = max(full, key=lambda found: len(found[0])) if full else ((), "frozen")
+        top = None
+        if entries:  # the costliest top stage: the one that trains the most
+            index = max(entries, key=lambda index: len(resolve_stage(self.adapter, self.plan.stages[index]).trainable))
+            stage = self.plan.stages[index]
+            top = TopStage(frozenset(resolve_stage(self.adapter, stage).trainable), stage.batchnorm, entries[index])
+        shared = frozenset(index for index, kind in enumerate(kinds) if kind == CACHED and self._shares_at(index, entries.get(index + 1)))
         train = make_loader(self.train_set, batch_size=self.config.batch_size, shuffle=True, seed=self.config.seed,
                             workers=self.workers, processes=self.processes)
         costs = measure_costs(self.adapter, train, self.val_loader, self.engine, frozenset(trainable), batchnorm, top)
         world = self.processes.world
         sizes = {"train": math.ceil(len(self.data.train) / world), "val": math.ceil(len(self.data.val) / world)}
-        return split_budget(self.plan, kinds, costs, sizes, self.config.budget, time.perf_counter() - self.began, self.views)
+        return split_budget(self.plan, kinds, costs, sizes, self.config.budget, time.perf_counter() - self.began, self.views, shared)
 
-    def _top_to_time(self, kinds: list[str]) -> TopStage | None:
-        """The costliest stage predicted to train its top groups over cached inputs, with its entry found and
-        checked on the network as the stage will (on this rank alone: rank 0 plans the budget)."""
-        tops = [stage for stage, kind in zip(self.plan.stages, kinds) if kind == PREFIX]
-        if not tops:
-            return None
-        stage = max(tops, key=lambda stage: len(resolve_stage(self.adapter, stage).trainable))
-        trainable = resolve_stage(self.adapter, stage).trainable
-        entered = copy.deepcopy(self.adapter)  # the stage's freezing and BatchNorm locks, which its entry check needs
-        apply_trainable(entered, list(trainable), stage.batchnorm)
-        found = self.prefix_refusal(trainable, self._statistics_move(stage, set(trainable))) or self._find_entry(trainable, entered)
-        return TopStage(frozenset(trainable), stage.batchnorm, found) if isinstance(found, Entry) else None
+    def _planned_entries(self, kinds: list[str]) -> dict[int, Entry]:
+        """Per stage predicted to train its top groups over cached inputs: its entry, found and checked on a copy of
+        the model with the stage's own freezing and BatchNorm locks, as the stage will find it. A stage missing here
+        trains on the images. On this rank alone: rank 0 plans the budget."""
+        entries = {}
+        for index, (stage, kind) in enumerate(zip(self.plan.stages, kinds)):
+            if kind == PREFIX and stage.epochs:
+                trainable = resolve_stage(self.adapter, stage).trainable
+                refused = self.prefix_refusal(trainable, self._statistics_move(stage, set(trainable)))
+                found = refused or self._find_entry(trainable, self._entered_copy(stage))
+                if isinstance(found, Entry):
+                    entries[index] = found
+        return entries
+
+    def _entered_copy(self, stage: Stage) -> ModelAdapter:
+        """A copy of the model with `stage`'s freezing and BatchNorm locks; the run's own model stays as it is."""
+        entered = copy.deepcopy(self.adapter)
+        apply_trainable(entered, list(resolve_stage(self.adapter, stage).trainable), stage.batchnorm)
+        return entered
+
+    def _shares_at(self, index: int, entry: Entry | None) -> bool:
+        """Whether head stage `index` will take its features at the next stage's `entry` (one pass for both), by the
+        rules shared_entry applies when the stage starts, on this rank alone."""
+        stages = self.plan.stages
+        if entry is None or stages[index + 1].batchnorm in ("train", "adapt"):
+            return False
+        if min(self.views, stages[index + 1].epochs) != min(self.views, stages[index].epochs):
+            return False
+        trainable = resolve_stage(self.adapter, stages[index]).trainable
+        if not set(trainable) <= set(resolve_stage(self.adapter, stages[index + 1]).trainable):
+            return False
+        entered = self._entered_copy(stages[index])
+        if not isinstance(check_skipped(entered.model, trainable, entry), Entry):
+            return False
+        head = entered.model.get_submodule(self.adapter.group("head").modules[0])
+        return not draws_at_random(entered.model, entry, head, self.sample_images(), self.engine)
 
     def _predicted_kinds(self) -> list[str]:
         return [self._predicted_kind(stage) for stage in self.plan.stages]
@@ -763,7 +794,9 @@ class Trainer:
         if expected is None:
             expected = split.epoch_s[stage_index] if split else max(self.epoch_wall.values(), default=0.0)
             if starting and split and self._predicted_kind(self.plan.stages[stage_index]) != FULL and self.cached is None:
-                expected += split.cache_s
+                expected += split.cache_s / max(1, split.passes)
+            if not starting and split and self.engine.progress is not None and self.engine.progress.kinds[stage_index] == FULL:
+                expected = max(expected, split.full_epoch_s)  # planned over cached inputs, its entry check sent it to the images
         overruns = time.perf_counter() + expected > self.deadline
         if self.processes.distributed:  # rank 0's clock decides for every rank
             overruns = bool(distributed.broadcast(overruns))
