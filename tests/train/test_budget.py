@@ -16,7 +16,7 @@ from thaw.cli import main
 from thaw.data.loaders import Batch
 from thaw.plan import ConstantLr, Plan, Stage
 from thaw.train import TrainConfig, train_images
-from thaw.train.budget import HEAD_BACKWARD_FACTOR, MARGIN, MAX_EPOCHS, Costs, TopStage, measure_costs, parse_budget, split_budget
+from thaw.train.budget import HEAD_BACKWARD_FACTOR, MARGIN, MAX_EPOCHS, Costs, TopStage, measure_costs, parse_budget, resplit, split_budget
 from thaw.train.checkpoint import load_checkpoint
 from thaw.train.fit import RunInterrupted
 from thaw.train.loop import Engine
@@ -97,6 +97,24 @@ def test_the_remainder_buys_a_cheap_top_stage_where_no_epoch_of_everything_fits(
     plan, _ = split_budget(HEAD_TOP_ALL, [CACHED, PREFIX, FULL], costs, SIZES, 8.0, 2.0, views=0, shared=frozenset({0}))
     head, top, every = (stage.epochs for stage in plan.stages)
     assert (head, every) == (3, 0) and top >= 1  # 3:3 of both does not fit; the top alone does
+
+
+def test_each_later_stage_refits_the_epochs_from_there_on_to_the_time_actually_left() -> None:
+    costs = Costs(forward=0.01, train_step=0.03, head_step=0.0001, top_step=0.003)
+    _, split = split_budget(HEAD_TOP_ALL, [CACHED, PREFIX, FULL], costs, SIZES, 60.0, 2.0, views=0, shared=frozenset({0}))
+    planned = (3, 3, 3)
+    expected = split.expected_s  # the time left at the top stage's start, where everything before took what was expected
+    at_top = 60.0 * (1 - MARGIN) - expected["setup"] - expected["feature cache"] - expected["head"]
+    assert resplit(split, planned, 1, at_top, cache_ready=True) == split.epochs
+    # The stages before took less than expected: the time saved goes to this stage and the ones after it.
+    more = resplit(split, planned, 1, at_top + 2 * split.epoch_s[2], cache_ready=True)
+    assert more[0] == split.epochs[0] and more[2] >= split.epochs[2] + 1
+    # They took more: fewer epochs, so the run is not cut off inside a stage.
+    fewer = resplit(split, planned, 2, at_top - expected["top2"] - 2 * split.epoch_s[2], cache_ready=False)
+    assert fewer[:2] == split.epochs[:2] and fewer[2] == split.epochs[2] - 2
+    # A stage that must still build its cached inputs pays a pass first.
+    assert resplit(split, planned, 1, at_top, cache_ready=False) == resplit(split, planned, 1, at_top - split.cache_s, cache_ready=True)
+    assert resplit(split, planned, 1, 8.0, cache_ready=False) != resplit(split, planned, 1, 8.0, cache_ready=True)
 
 
 def test_a_budget_that_fits_no_epoch_is_refused_and_a_small_one_keeps_the_head() -> None:
@@ -217,6 +235,25 @@ def test_when_epochs_run_slower_than_measured_the_run_ends_before_the_budget(
     assert result.budget["ended_early"].startswith("before full epoch")
     assert len(result.history) == 1 or result.wall_s <= 4.0 + max(row["seconds"] for row in result.history)
     assert len(result.history) < 3 + MAX_EPOCHS
+
+
+def test_a_stage_whose_estimates_before_it_ran_high_gets_the_time_they_saved(
+    tiny_split_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The measurement puts the feature cache pass at most of the budget; it takes a fraction of a second, so at
+    the full stage's start the epochs are fitted again to the time actually left."""
+    import importlib
+
+    fit_module, planned = importlib.import_module("thaw.train.fit"), []
+    real = fit_module.measure_costs
+    monkeypatch.setattr(fit_module, "measure_costs", lambda *args: replace(real(*args), forward=0.25))
+    real_split = fit_module.split_budget
+    monkeypatch.setattr(fit_module, "split_budget", lambda *args: planned.append(real_split(*args)[1]) or real_split(*args))
+    result = _budgeted(tiny_split_data, tmp_path / "run", 30.0)
+    first = planned[0].epochs
+    assert planned[0].cache_s > 10  # what the split expected of the pass
+    assert result.budget["epochs"][0] == first[0] == 3 and result.budget["epochs"][1] > first[1]
+    assert sum(1 for row in result.history if row["stage"] == "full") == result.budget["epochs"][1] or result.budget["ended_early"]
 
 
 @pytest.mark.parametrize("stop", ["crash after 4 epochs", "Ctrl-C at the first step"])

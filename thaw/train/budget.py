@@ -10,8 +10,10 @@ Stages that train the head alone on cached features are cheap: they keep their p
 to the stages that train layers (over cached inputs or on the images), shared in proportion to their planned
 epochs, each at its own cost per epoch, up to MAX_EPOCHS each: that is where more epochs still change the model;
 what rounding down leaves buys one more epoch of each, in stage order, where it fits.
-While training, an epoch that the measured time of the stage's last epoch says would end past the budget is not
-started; the run ends there, with the best epoch so far. The first epoch of a run always runs: a run must deliver a model.
+At the start of every later stage the epochs from there on are fitted again to the time actually left, at the same
+estimated cost per epoch, so what the estimates of the stages before got wrong (the feature cache pass, say) is
+spent or saved there. While training, an epoch that the measured time of the stage's last epoch says would end past
+the budget is not started; the run ends there, with the best epoch so far. The first epoch of a run always runs: a run must deliver a model.
 """
 
 from __future__ import annotations
@@ -82,12 +84,14 @@ class Split:
     cache_s: float = 0.0  # expected seconds of the feature cache passes, all of them
     passes: int = 1  # feature cache passes planned (a head stage that shares the next stage's entry makes one for both)
     full_epoch_s: float = 0.0  # an epoch of the network on the images: a stage planned over cached inputs may fall back to it
+    kinds: tuple[str, ...] = ()  # per stage, as planned: CACHED, PREFIX or FULL
+    shared: tuple[int, ...] = ()  # the head stages planned to take their features at the next stage's entry
 
     @classmethod
     def from_dict(cls, saved: dict) -> Split:
         return cls(
             saved["seconds"], tuple(saved["epochs"]), saved["expected_s"], tuple(saved["epoch_s"]), saved.get("cache_s", 0.0),
-            saved.get("passes", 1), saved.get("full_epoch_s", 0.0),
+            saved.get("passes", 1), saved.get("full_epoch_s", 0.0), tuple(saved.get("kinds", ())), tuple(saved.get("shared", ())),
         )
 
     def describe(self) -> str:
@@ -98,6 +102,7 @@ class Split:
         return {
             "seconds": self.budget_s, "epochs": list(self.epochs), "expected_s": {k: round(v, 1) for k, v in self.expected_s.items()},
             "epoch_s": list(self.epoch_s), "cache_s": self.cache_s, "passes": self.passes, "full_epoch_s": self.full_epoch_s,
+            "kinds": list(self.kinds), "shared": list(self.shared),
         }
 
 
@@ -121,18 +126,8 @@ def split_budget(
     cache_pass = passes * (train * max(1, views) + val) * costs.forward
     fixed = sum(stage.epochs * seconds for stage, kind, seconds in zip(plan.stages, kinds, epoch_s) if kind == CACHED)
     left = budget_s * (1 - MARGIN) - spent_s - cache_pass - fixed
-    scaled = [index for index, kind in enumerate(kinds) if kind != CACHED and plan.stages[index].epochs]
-    planned = sum(plan.stages[index].epochs * epoch_s[index] for index in scaled)
-    epochs = [stage.epochs for stage in plan.stages]
-    if scaled and planned:
-        share = max(left, 0.0) / planned  # the planned ratio between these stages is kept
-        for index in scaled:
-            epochs[index] = min(MAX_EPOCHS, math.floor(plan.stages[index].epochs * share))
-        unspent = max(left, 0.0) - sum(epochs[index] * epoch_s[index] for index in scaled)
-        for index in scaled:  # the rounding's remainder
-            if epochs[index] < MAX_EPOCHS and epoch_s[index] <= unspent:
-                epochs[index] += 1
-                unspent -= epoch_s[index]
+    planned = [stage.epochs for stage in plan.stages]
+    epochs = _fit_epochs(planned, epoch_s, [index for index, kind in enumerate(kinds) if kind != CACHED], left)
     if not any(epochs):
         raise ThawError(
             f"a budget of {clock(budget_s)} does not fit one epoch here (an epoch of the full network takes about "
@@ -141,7 +136,43 @@ def split_budget(
     expected = {"setup": spent_s} | ({"feature cache": cache_pass} if cache_pass else {})
     for stage, count, seconds in zip(plan.stages, epochs, epoch_s):
         expected[str(stage.name)] = count * seconds
-    return with_epochs(plan, tuple(epochs)), Split(budget_s, tuple(epochs), expected, epoch_s, cache_pass, passes, full_epoch)
+    split = Split(budget_s, tuple(epochs), expected, epoch_s, cache_pass, passes, full_epoch, tuple(kinds), tuple(sorted(shared)))
+    return with_epochs(plan, tuple(epochs)), split
+
+
+def _fit_epochs(planned: list[int], epoch_s: tuple[float, ...], scaled: list[int], left: float) -> list[int]:
+    """`planned` with the stages in `scaled` given floor(planned x share) epochs, the share that fills `left` seconds
+    (the planned ratio between them is kept), then, in stage order, one more each where what is left still fits it."""
+    epochs = list(planned)
+    scaled = [index for index in scaled if planned[index]]
+    total = sum(planned[index] * epoch_s[index] for index in scaled)
+    if not scaled or not total:
+        return epochs
+    share = max(left, 0.0) / total
+    for index in scaled:
+        epochs[index] = min(MAX_EPOCHS, math.floor(planned[index] * share))
+    unspent = max(left, 0.0) - sum(epochs[index] * epoch_s[index] for index in scaled)
+    for index in scaled:  # the rounding's remainder
+        if epochs[index] < MAX_EPOCHS and epoch_s[index] <= unspent:
+            epochs[index] += 1
+            unspent -= epoch_s[index]
+    return epochs
+
+
+def resplit(split: Split, planned: tuple[int, ...], first: int, left_s: float, cache_ready: bool) -> tuple[int, ...]:
+    """The epochs again from stage `first` on, to fit the `left_s` seconds actually left (the margin already kept
+    back): what the estimates of the stages before got wrong, the feature cache pass above all, is spent or saved
+    here. Earlier stages keep their epochs, head stages their planned ones; `cache_ready`: stage `first` finds its
+    cached inputs built by the stage before."""
+    kinds, later = split.kinds, range(first, len(split.kinds))
+    per_pass = split.cache_s / max(1, split.passes)
+    passes = sum(
+        1 for index in later
+        if kinds[index] != FULL and not (cache_ready if index == first else index - 1 in split.shared)
+    )
+    fixed = sum(planned[index] * split.epoch_s[index] for index in later if kinds[index] == CACHED)
+    fitted = _fit_epochs(list(planned), split.epoch_s, [index for index in later if kinds[index] != CACHED], left_s - passes * per_pass - fixed)
+    return tuple(split.epochs[:first]) + tuple(fitted[first:])
 
 
 def _epoch_seconds(kinds: list[str], index: int, costs: Costs, train: int, val: int, shared: bool) -> float:

@@ -39,7 +39,7 @@ from thaw.plan.freeze import apply_trainable, batchnorm_layers, batchnorm_trains
 from thaw.train import checkpoint as ckpt
 from thaw.train.adapt_bn import adapt_batchnorm, has_statistics
 from thaw.train.config import TrainConfig, check_device, check_image_augments, check_image_size, check_progressive_resize, image_augment_flags
-from thaw.train.budget import Split, TopStage, measure_costs, split_budget, with_epochs
+from thaw.train.budget import MARGIN, Split, TopStage, measure_costs, resplit, split_budget, with_epochs
 from thaw.train.compiled import compile_problem, compiled_forward
 from thaw.train.ema import require_timm, weight_average
 from thaw.train.feature_cache import (
@@ -50,7 +50,7 @@ from thaw.train.mixing import batch_mixer
 from thaw.train.loop import Engine, StageSchedule, evaluate, train_one_epoch
 from thaw.train.metrics import MetricTracker
 from thaw.train.prefix_cache import Entry, check_skipped, disagreement, draws_at_random, find_entry, lowest_trainable_group
-from thaw.train.progress import CACHED, FULL, PREFIX, PlanProgress
+from thaw.train.progress import CACHED, FULL, PREFIX, PlanProgress, clock
 from thaw.train.resizing import progressive_size
 from thaw.train.settings import differences, run_settings
 
@@ -670,6 +670,8 @@ class Trainer:
         return any(not locks_statistics(stage.batchnorm, batchnorm_trains(self.adapter, name, layer, trainable)) for name, layer in layers)
 
     def run_stage(self, stage_index: int, callbacks: list[EpochCallback]) -> None:
+        if stage_index and self.state.epoch == 0 and self.budget_split is not None and not self.restored:
+            self.replan_budget(stage_index)
         stage, state = self.plan.stages[stage_index], self.state
         if state.epoch < stage.epochs and not state.stopped and self.out_of_budget(stage_index, starting=True):
             return  # before the stage's set-up: its feature cache alone could pass the budget
@@ -722,6 +724,25 @@ class Trainer:
         if starved:
             outcome = "only the head will train" if len(starved) == len(layers) else "they are skipped"
             self._say(f"budget: warning: no epoch fits for {', '.join(starved)} (stages that train layers); {outcome}")
+
+    def replan_budget(self, stage_index: int) -> None:
+        """--budget, at the start of every stage after the first: its epochs and those after it, from the time actually
+        left. A resumed run keeps the epochs it had. Rank 0 decides for every rank."""
+        split, epochs, left = self.budget_split, None, 0.0
+        if self.processes.is_main:
+            left = self.deadline - MARGIN * split.budget_s - time.perf_counter()
+            planned = tuple(stage.epochs for stage in self.requested_plan.stages)
+            epochs = resplit(split, planned, stage_index, left, cache_ready=self.cached is not None)
+        if self.processes.distributed:
+            epochs = distributed.broadcast(epochs)
+        if epochs == split.epochs:
+            return
+        self.budget_split = replace(split, epochs=epochs)
+        self.plan = with_epochs(self.requested_plan, epochs)
+        for index in range(stage_index, len(epochs)):
+            if self.engine.progress is not None:
+                self.engine.progress.epochs[index] = epochs[index]
+        self._say(f"budget: {clock(max(left, 0.0))} left before the margin; epochs per stage now {list(epochs)} (were {list(split.epochs)})")
 
     def _split_budget(self) -> tuple[Plan, Split]:
         kinds = self._predicted_kinds()
