@@ -249,11 +249,23 @@ def test_a_stage_whose_estimates_before_it_ran_high_gets_the_time_they_saved(
     monkeypatch.setattr(fit_module, "measure_costs", lambda *args: replace(real(*args), forward=0.25))
     real_split = fit_module.split_budget
     monkeypatch.setattr(fit_module, "split_budget", lambda *args: planned.append(real_split(*args)[1]) or real_split(*args))
-    result = _budgeted(tiny_split_data, tmp_path / "run", 30.0)
+    result = _budgeted(tiny_split_data, tmp_path / "run", 60.0)
     first = planned[0].epochs
     assert planned[0].cache_s > 10  # what the split expected of the pass
     assert result.budget["epochs"][0] == first[0] == 3 and result.budget["epochs"][1] > first[1]
     assert sum(1 for row in result.history if row["stage"] == "full") == result.budget["epochs"][1] or result.budget["ended_early"]
+
+
+def test_a_refit_that_leaves_no_epoch_ends_the_run_there_and_says_so(
+    tiny_split_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import importlib
+
+    fit_module = importlib.import_module("thaw.train.fit")
+    monkeypatch.setattr(fit_module, "resplit", lambda split, planned, first, *_args, **_kw: split.epochs[:first] + (0,) * (len(planned) - first))
+    result = _budgeted(tiny_split_data, tmp_path / "run", 60.0, HEAD_TOP_ALL)
+    assert [row["stage"] for row in result.history] == ["head"] * 3  # top2 and all set up nothing, train nothing
+    assert result.budget["epochs"] == [3, 0, 0] and result.budget["ended_early"] == "before top2: no epoch of the stages left fits"
 
 
 @pytest.mark.parametrize("stop", ["crash after 4 epochs", "Ctrl-C at the first step"])

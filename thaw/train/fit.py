@@ -673,6 +673,8 @@ class Trainer:
         if stage_index and self.state.epoch == 0 and self.budget_split is not None and not self.restored:
             self.replan_budget(stage_index)
         stage, state = self.plan.stages[stage_index], self.state
+        if self.budget_split is not None and (not stage.epochs or self.budget_ended):
+            return  # the budget gave it no epoch: nothing to set up (optimizer, statistics, cached features)
         if state.epoch < stage.epochs and not state.stopped and self.out_of_budget(stage_index, starting=True):
             return  # before the stage's set-up: its feature cache alone could pass the budget
         if self.optimizer is None or state.epoch == 0:
@@ -732,12 +734,22 @@ class Trainer:
         if self.processes.is_main:
             left = self.deadline - MARGIN * split.budget_s - time.perf_counter()
             planned = tuple(stage.epochs for stage in self.requested_plan.stages)
-            epochs = resplit(split, planned, stage_index, left, cache_ready=self.cached is not None)
+            # With cached views, a stage whose epochs change may need views the stage before did not cache.
+            ready = self.cached is not None and not self.views
+            epochs = resplit(split, planned, stage_index, left, cache_ready=ready)
+            if not self.state.history and not any(epochs[stage_index:]):  # the first epoch of a run always runs
+                epochs = epochs[:stage_index] + (1,) + epochs[stage_index + 1 :]
         if self.processes.distributed:
             epochs = distributed.broadcast(epochs)
+        if not any(epochs[stage_index:]):
+            self.budget_ended = f"before {self.plan.stages[stage_index].name}: no epoch of the stages left fits"
+            self._say(f"budget: {clock(max(left, 0.0))} left; no epoch of the stages left fits, so the run ends here")
         if epochs == split.epochs:
             return
-        self.budget_split = replace(split, epochs=epochs)
+        expected = dict(split.expected_s) | {
+            str(stage.name): count * seconds for stage, count, seconds in zip(self.plan.stages, epochs, split.epoch_s)
+        }
+        self.budget_split = replace(split, epochs=epochs, expected_s=expected)
         self.plan = with_epochs(self.requested_plan, epochs)
         for index in range(stage_index, len(epochs)):
             if self.engine.progress is not None:
@@ -755,13 +767,26 @@ class Trainer:
             index = max(entries, key=lambda index: len(resolve_stage(self.adapter, self.plan.stages[index]).trainable))
             stage = self.plan.stages[index]
             top = TopStage(frozenset(resolve_stage(self.adapter, stage).trainable), stage.batchnorm, entries[index])
-        shared = frozenset(index for index, kind in enumerate(kinds) if kind == CACHED and self._shares_at(index, entries.get(index + 1)))
+        may_share = [index for index, kind in enumerate(kinds) if kind == CACHED and self._shares_at(index, entries.get(index + 1))]
         train = make_loader(self.train_set, batch_size=self.config.batch_size, shuffle=True, seed=self.config.seed,
                             workers=self.workers, processes=self.processes)
         costs = measure_costs(self.adapter, train, self.val_loader, self.engine, frozenset(trainable), batchnorm, top)
         world = self.processes.world
         sizes = {"train": math.ceil(len(self.data.train) / world), "val": math.ceil(len(self.data.val) / world)}
-        return split_budget(self.plan, kinds, costs, sizes, self.config.budget, time.perf_counter() - self.began, self.views, shared)
+        spent = time.perf_counter() - self.began
+        epochs = tuple(stage.epochs for stage in self.plan.stages)
+        plan, split = split_budget(self.plan, kinds, costs, sizes, self.config.budget, spent, self.views, self._sharing(may_share, epochs))
+        if self._sharing(may_share, split.epochs) != self._sharing(may_share, epochs):  # the chosen epochs decide it
+            plan, split = split_budget(
+                self.plan, kinds, costs, sizes, self.config.budget, spent, self.views, self._sharing(may_share, split.epochs)
+            )
+        return plan, split
+
+    def _sharing(self, may_share: list[int], epochs: tuple[int, ...]) -> frozenset[int]:
+        """The head stages of `may_share` that share their pass with the next stage at these epochs (shared_entry's
+        rules that depend on them: the next stage trains, and both use as many cached views)."""
+        views = self.views
+        return frozenset(index for index in may_share if epochs[index + 1] and min(views, epochs[index + 1]) == min(views, epochs[index]))
 
     def _planned_entries(self, kinds: list[str]) -> dict[int, Entry]:
         """Per stage predicted to train its top groups over cached inputs: its entry, found and checked on a copy of
@@ -784,12 +809,10 @@ class Trainer:
         return entered
 
     def _shares_at(self, index: int, entry: Entry | None) -> bool:
-        """Whether head stage `index` will take its features at the next stage's `entry` (one pass for both), by the
-        rules shared_entry applies when the stage starts, on this rank alone."""
+        """Whether head stage `index` may take its features at the next stage's `entry` (one pass for both), by the
+        rules shared_entry applies when the stage starts that do not depend on epochs, on this rank alone."""
         stages = self.plan.stages
-        if entry is None or stages[index + 1].batchnorm in ("train", "adapt"):
-            return False
-        if min(self.views, stages[index + 1].epochs) != min(self.views, stages[index].epochs):
+        if entry is None or stages[index + 1].batchnorm in ("train", "adapt"):  # the epochs' rules: _sharing
             return False
         trainable = resolve_stage(self.adapter, stages[index]).trainable
         if not set(trainable) <= set(resolve_stage(self.adapter, stages[index + 1]).trainable):
@@ -814,7 +837,8 @@ class Trainer:
             expected *= self.pixels(stage_index, self.state.epoch) / self.pixels(stage_index, self.state.epoch - 1)
         if expected is None:
             expected = split.epoch_s[stage_index] if split else max(self.epoch_wall.values(), default=0.0)
-            if starting and split and self._predicted_kind(self.plan.stages[stage_index]) != FULL and self.cached is None:
+            planned = split.kinds[stage_index] if split and split.kinds else self._predicted_kind(self.plan.stages[stage_index])
+            if starting and split and planned != FULL and self.cached is None:
                 expected += split.cache_s / max(1, split.passes)
             if not starting and split and self.engine.progress is not None and self.engine.progress.kinds[stage_index] == FULL:
                 expected = max(expected, split.full_epoch_s)  # planned over cached inputs, its entry check sent it to the images
