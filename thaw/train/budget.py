@@ -23,7 +23,7 @@ import math
 import re
 import time
 from dataclasses import dataclass, replace
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Sequence
 
 import torch
 from torch import nn
@@ -122,12 +122,17 @@ def split_budget(
     train, val = sizes["train"], sizes["val"]
     full_epoch = train * costs.train_step + val * costs.forward
     epoch_s = tuple(_epoch_seconds(kinds, index, costs, train, val, index in shared) for index in range(len(kinds)))
-    passes = sum(1 for index, kind in enumerate(kinds) if kind != FULL and index - 1 not in shared)
-    cache_pass = passes * (train * max(1, views) + val) * costs.forward
+    per_pass = (train * max(1, views) + val) * costs.forward
     fixed = sum(stage.epochs * seconds for stage, kind, seconds in zip(plan.stages, kinds, epoch_s) if kind == CACHED)
-    left = budget_s * (1 - MARGIN) - spent_s - cache_pass - fixed
     planned = [stage.epochs for stage in plan.stages]
-    epochs = _fit_epochs(planned, epoch_s, [index for index, kind in enumerate(kinds) if kind != CACHED], left)
+    scaled = [index for index, kind in enumerate(kinds) if kind != CACHED]
+    passes = _passes(kinds, planned, range(len(kinds)), shared, None)
+    epochs = _fit_epochs(planned, epoch_s, scaled, budget_s * (1 - MARGIN) - spent_s - passes * per_pass - fixed)
+    if _passes(kinds, epochs, range(len(kinds)), shared, None) < passes:  # a stage left no epoch makes no pass: fit again
+        passes = _passes(kinds, epochs, range(len(kinds)), shared, None)  # the others, it staying at none
+        planned = [0 if index in scaled and not epochs[index] else count for index, count in enumerate(planned)]
+        epochs = _fit_epochs(planned, epoch_s, scaled, budget_s * (1 - MARGIN) - spent_s - passes * per_pass - fixed)
+    cache_pass = passes * per_pass
     if not any(epochs):
         raise ThawError(
             f"a budget of {clock(budget_s)} does not fit one epoch here (an epoch of the full network takes about "
@@ -166,13 +171,30 @@ def resplit(split: Split, planned: tuple[int, ...], first: int, left_s: float, c
     cached inputs built by the stage before."""
     kinds, later = split.kinds, range(first, len(split.kinds))
     per_pass = split.cache_s / max(1, split.passes)
-    passes = sum(
-        1 for index in later
-        if kinds[index] != FULL and not (cache_ready if index == first else index - 1 in split.shared)
-    )
     fixed = sum(planned[index] * split.epoch_s[index] for index in later if kinds[index] == CACHED)
-    fitted = _fit_epochs(list(planned), split.epoch_s, [index for index in later if kinds[index] != CACHED], left_s - passes * per_pass - fixed)
+    scaled = [index for index in later if kinds[index] != CACHED]
+    ready = cache_ready
+    passes = _passes(kinds, planned, later, frozenset(split.shared), ready)
+    fitted = _fit_epochs(list(planned), split.epoch_s, scaled, left_s - passes * per_pass - fixed)
+    if _passes(kinds, fitted, later, frozenset(split.shared), ready) < passes:  # a stage left no epoch makes no pass
+        passes = _passes(kinds, fitted, later, frozenset(split.shared), ready)  # the others, it staying at none
+        kept = [0 if index in scaled and not fitted[index] else count for index, count in enumerate(planned)]
+        fitted = _fit_epochs(kept, split.epoch_s, scaled, left_s - passes * per_pass - fixed)
     return tuple(split.epochs[:first]) + tuple(fitted[first:])
+
+
+def _passes(kinds: Sequence[str], epochs: Sequence[int], stages: range, shared: frozenset[int], ready: bool | None) -> int:
+    """Feature cache passes among `stages` with these epochs: one per stage on cached inputs that has an epoch,
+    unless the stage before it shares its pass (and trains). `ready` (a refit): whether the first of `stages`
+    finds its inputs cached already, which then decides for it alone."""
+    def makes_one(index: int) -> bool:
+        if kinds[index] == FULL or not epochs[index]:
+            return False
+        if ready is not None and index == stages.start:
+            return not ready
+        return not (index - 1 in shared and epochs[index - 1])
+
+    return sum(1 for index in stages if makes_one(index))
 
 
 def _epoch_seconds(kinds: list[str], index: int, costs: Costs, train: int, val: int, shared: bool) -> float:

@@ -737,11 +737,12 @@ class Trainer:
             # With cached views, a stage whose epochs change may need views the stage before did not cache.
             ready = self.cached is not None and not self.views
             epochs = resplit(split, planned, stage_index, left, cache_ready=ready)
-            if not self.state.history and not any(epochs[stage_index:]):  # the first epoch of a run always runs
-                epochs = epochs[:stage_index] + (1,) + epochs[stage_index + 1 :]
+            trains = [index for index in range(stage_index, len(planned)) if planned[index]]
+            if not self.state.history and trains and not any(epochs[stage_index:]):  # the first epoch of a run always runs
+                epochs = epochs[: trains[0]] + (1,) + epochs[trains[0] + 1 :]
         if self.processes.distributed:
             epochs = distributed.broadcast(epochs)
-        if not any(epochs[stage_index:]):
+        if any(split.epochs[stage_index:]) and not any(epochs[stage_index:]):  # a plan with epochs left, now none
             self.budget_ended = f"before {self.plan.stages[stage_index].name}: no epoch of the stages left fits"
             self._say(f"budget: {clock(max(left, 0.0))} left; no epoch of the stages left fits, so the run ends here")
         if epochs == split.epochs:
