@@ -310,31 +310,42 @@ class Trainer:
         stages = self.plan.stages
         if stage_index + 1 >= len(stages) or not stages[stage_index + 1].epochs:
             return None
-        if stages[stage_index + 1].batchnorm in ("train", "adapt"):  # statistics that move: its bottom would differ
-            return None
         if min(self.views, stages[stage_index + 1].epochs) != min(self.views, stages[stage_index].epochs):
             return None  # other views: nothing to share
-        try:
-            later = resolve_stage(self.adapter, stages[stage_index + 1]).trainable
-        except ThawError:  # the next stage reports its own problem when it starts
+        if not self._stages_may_share(stage_index, trainable):
             return None
-        if not set(trainable) <= set(later):  # gradual: each stage trains what the one before did, and more
-            return None
+        later = resolve_stage(self.adapter, stages[stage_index + 1]).trainable
         # under the next stage's BatchNorm policy, which decides whether that stage may train on cached inputs
         found = self.prefix_entry(tuple(later), self._statistics_move(stages[stage_index + 1], set(later)))
         if not isinstance(found, Entry):
             return None
-        if not isinstance(check_skipped(self.model, trainable, found), Entry):  # under this stage's policies
-            return None
-        # The frozen layers between the two run in train mode here: where they draw at random (dropout, stochastic
-        # depth, in a layer or in the forward), the head would no longer train on the fixed features of a frozen extractor.
-        drawn: bool | None = None
+        shareable: bool | None = None
         if self.processes.is_main:
-            head = self.model.get_submodule(self.adapter.group("head").modules[0])
-            drawn = draws_at_random(self.model, found, head, self.sample_images(), self.engine)
+            shareable = self._head_can_share(trainable, found, self.adapter)
         if self.processes.distributed:
-            drawn = distributed.broadcast(drawn)
-        return None if drawn else found
+            shareable = distributed.broadcast(shareable)
+        return found if shareable else None
+
+    def _stages_may_share(self, stage_index: int, trainable: tuple[str, ...]) -> bool:
+        """shared_entry's rules on the two stages' plans: the next one's BatchNorm statistics stay as they are (else
+        its bottom would differ), and it trains what this one (`trainable`) does, and more (gradual)."""
+        stages = self.plan.stages
+        if stages[stage_index + 1].batchnorm in ("train", "adapt"):
+            return False
+        try:
+            later = resolve_stage(self.adapter, stages[stage_index + 1]).trainable
+        except ThawError:  # the next stage reports its own problem when it starts
+            return False
+        return set(trainable) <= set(later)
+
+    def _head_can_share(self, trainable: tuple[str, ...], entry: Entry, adapter: ModelAdapter) -> bool:
+        """shared_entry's rules on the network, with `adapter` locked as the head stage runs (`trainable`): its BatchNorm
+        layers outside the top are eval-locked, and the frozen layers between the entry and the head, which run in
+        train mode there, draw nothing at random (dropout, stochastic depth), so the head trains on fixed features."""
+        if not isinstance(check_skipped(adapter.model, trainable, entry), Entry):
+            return False
+        head = adapter.model.get_submodule(self.adapter.group("head").modules[0])
+        return not draws_at_random(adapter.model, entry, head, self.sample_images(), self.engine)
 
     def prefix_refusal(self, trainable: tuple[str, ...], batchnorm_updates: bool) -> str | None:
         """Why a stage that trains these parameters (not only the head) cannot train on the frozen bottom's cached
@@ -810,19 +821,13 @@ class Trainer:
         return entered
 
     def _shares_at(self, index: int, entry: Entry | None) -> bool:
-        """Whether head stage `index` may take its features at the next stage's `entry` (one pass for both), by the
-        rules shared_entry applies when the stage starts that do not depend on epochs, on this rank alone."""
-        stages = self.plan.stages
-        if entry is None or stages[index + 1].batchnorm in ("train", "adapt"):  # the epochs' rules: _sharing
+        """Whether head stage `index` may take its features at the next stage's `entry` (one pass for both), by
+        shared_entry's rules that do not depend on epochs (those: _sharing), on a copy; on this rank alone."""
+        if entry is None:
             return False
-        trainable = resolve_stage(self.adapter, stages[index]).trainable
-        if not set(trainable) <= set(resolve_stage(self.adapter, stages[index + 1]).trainable):
-            return False
-        entered = self._entered_copy(stages[index])
-        if not isinstance(check_skipped(entered.model, trainable, entry), Entry):
-            return False
-        head = entered.model.get_submodule(self.adapter.group("head").modules[0])
-        return not draws_at_random(entered.model, entry, head, self.sample_images(), self.engine)
+        entered = self._entered_copy(self.plan.stages[index])
+        trainable = tuple(name for name, param in entered.model.named_parameters() if param.requires_grad)
+        return self._stages_may_share(index, trainable) and self._head_can_share(trainable, entry, entered)
 
     def _predicted_kinds(self) -> list[str]:
         return [self._predicted_kind(stage) for stage in self.plan.stages]
