@@ -120,18 +120,13 @@ def split_budget(
     out when one epoch of everything does not fit).
     """
     train, val = sizes["train"], sizes["val"]
-    full_epoch = train * costs.train_step + val * costs.forward
     epoch_s = tuple(_epoch_seconds(kinds, index, costs, train, val, index in shared) for index in range(len(kinds)))
+    full_epoch = _epoch_seconds([FULL], 0, costs, train, val, False)
     per_pass = (train * max(1, views) + val) * costs.forward
     fixed = sum(stage.epochs * seconds for stage, kind, seconds in zip(plan.stages, kinds, epoch_s) if kind == CACHED)
     planned = [stage.epochs for stage in plan.stages]
-    scaled = [index for index, kind in enumerate(kinds) if kind != CACHED]
-    passes = _passes(kinds, planned, range(len(kinds)), shared, None)
-    epochs = _fit_epochs(planned, epoch_s, scaled, budget_s * (1 - MARGIN) - spent_s - passes * per_pass - fixed)
-    if _passes(kinds, epochs, range(len(kinds)), shared, None) < passes:  # a stage left no epoch makes no pass: fit again
-        passes = _passes(kinds, epochs, range(len(kinds)), shared, None)  # the others, it staying at none
-        planned = [0 if index in scaled and not epochs[index] else count for index, count in enumerate(planned)]
-        epochs = _fit_epochs(planned, epoch_s, scaled, budget_s * (1 - MARGIN) - spent_s - passes * per_pass - fixed)
+    left = budget_s * (1 - MARGIN) - spent_s - fixed
+    epochs, passes = _fit_with_passes(kinds, planned, epoch_s, range(len(kinds)), shared, None, per_pass, left)
     cache_pass = passes * per_pass
     if not any(epochs):
         raise ThawError(
@@ -172,15 +167,25 @@ def resplit(split: Split, planned: tuple[int, ...], first: int, left_s: float, c
     kinds, later = split.kinds, range(first, len(split.kinds))
     per_pass = split.cache_s / max(1, split.passes)
     fixed = sum(planned[index] * split.epoch_s[index] for index in later if kinds[index] == CACHED)
-    scaled = [index for index in later if kinds[index] != CACHED]
-    ready = cache_ready
-    passes = _passes(kinds, planned, later, frozenset(split.shared), ready)
-    fitted = _fit_epochs(list(planned), split.epoch_s, scaled, left_s - passes * per_pass - fixed)
-    if _passes(kinds, fitted, later, frozenset(split.shared), ready) < passes:  # a stage left no epoch makes no pass
-        passes = _passes(kinds, fitted, later, frozenset(split.shared), ready)  # the others, it staying at none
-        kept = [0 if index in scaled and not fitted[index] else count for index, count in enumerate(planned)]
-        fitted = _fit_epochs(kept, split.epoch_s, scaled, left_s - passes * per_pass - fixed)
+    fitted, _ = _fit_with_passes(kinds, list(planned), split.epoch_s, later, frozenset(split.shared), cache_ready, per_pass, left_s - fixed)
     return tuple(split.epochs[:first]) + tuple(fitted[first:])
+
+
+def _fit_with_passes(
+    kinds: Sequence[str], planned: list[int], epoch_s: tuple[float, ...], stages: range, shared: frozenset[int],
+    ready: bool | None, per_pass: float, left: float,
+) -> tuple[list[int], int]:
+    """_fit_epochs over the stages in `stages` that train layers, `left` seconds less their feature cache passes;
+    a stage left no epoch makes no pass, so where one is, the others are fitted again without it (it staying at
+    none). Returns the epochs and the passes they make."""
+    scaled = [index for index in stages if kinds[index] != CACHED]
+    passes = _passes(kinds, planned, stages, shared, ready)
+    epochs = _fit_epochs(planned, epoch_s, scaled, left - passes * per_pass)
+    if _passes(kinds, epochs, stages, shared, ready) < passes:
+        passes = _passes(kinds, epochs, stages, shared, ready)
+        kept = [0 if index in scaled and not epochs[index] else count for index, count in enumerate(planned)]
+        epochs = _fit_epochs(kept, epoch_s, scaled, left - passes * per_pass)
+    return epochs, passes
 
 
 def _passes(kinds: Sequence[str], epochs: Sequence[int], stages: range, shared: frozenset[int], ready: bool | None) -> int:
