@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import atexit
 import os
+import socket
 import time
 from dataclasses import dataclass
 from datetime import timedelta
@@ -227,8 +228,19 @@ def broadcast(value: object) -> object:
     return holder[0]
 
 
+def gather_objects(value: object) -> list:
+    """Every rank's value, in rank order, on every rank."""
+    everyone: list = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, value)
+    return everyone
+
+
+def machine_peers() -> list[int]:
+    """The ranks on this rank's machine (itself included), in order: those that report the same host name."""
+    hosts = gather_objects(socket.gethostname())
+    return [rank for rank, host in enumerate(hosts) if host == hosts[dist.get_rank()]]
+
+
 def gather_lists(items: list) -> list:
     """Every rank's items, in rank order without repeats, on every rank (files that failed to decode, say)."""
-    everyone: list[list] = [[] for _ in range(dist.get_world_size())]
-    dist.all_gather_object(everyone, items)
-    return list(dict.fromkeys(item for part in everyone for item in part))
+    return list(dict.fromkeys(item for part in gather_objects(items) for item in part))

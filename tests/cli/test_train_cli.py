@@ -28,7 +28,7 @@ def test_train_json_is_one_line_with_the_documented_keys(tiny_split_data: Path, 
     lines = result.stdout.strip().splitlines()
     assert len(lines) == 1
     summary = json.loads(lines[0])
-    assert set(summary) == {"val_accuracy", "best_epoch", "why", "wall_s", "images_per_s", "skipped_files", "out"}
+    assert set(summary) == {"val_accuracy", "best_epoch", "why", "wall_s", "decode_s", "images_per_s", "skipped_files", "out"}
     assert summary["why"].startswith("highest val accuracy ")
     assert summary["best_epoch"] == 1 and summary["out"] == str(tmp_path / "r") and summary["skipped_files"] == 0
 

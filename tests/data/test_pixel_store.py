@@ -239,3 +239,58 @@ def test_ctrl_c_while_decoding_stops_at_once_and_says_there_is_nothing_to_resume
     with pytest.raises(fit.RunInterrupted, match="before training began: nothing to resume"):
         train(data, tmp_path / "run", workers=0)
     assert len(decoded) < 5 and not (tmp_path / "run" / "checkpoint.pt").exists()
+
+
+def halves(paths: list[Path], tmp_path: Path) -> tuple[PixelStore, PixelStore]:
+    """Two processes' stores on one machine: each decodes every other image into its own file."""
+    stores = []
+    for index in range(2):
+        store = PixelStore(2 * PRE.resize_size, 2**30, tmp_path / "spill" / f"pixels-rank{index}.u8")
+        assert store.fill(paths[index::2], 0, to_disk=True)
+        stores.append(store)
+    return stores[0], stores[1]
+
+
+def test_processes_that_share_a_machine_read_each_others_images_exactly(tmp_path: Path) -> None:
+    broken = tmp_path / "images" / "broken.jpg"
+    paths = [*photos(tmp_path / "images"), broken]
+    broken.write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")  # decoded by the second process only
+    first, second = halves(paths, tmp_path)
+    assert first.used == second.used == 0 and first.spilled > 0  # their shares are in their files, not in memory
+    assert first.adopt(second.part()) and second.adopt(first.part())
+    for store in (first, second):
+        assert store.fill(paths, 0, should_stop=lambda: True)  # nothing left to decode, so nothing to stop
+        for path in paths[:-1]:
+            assert torch.equal(pixels(store, path), torch.from_numpy(np.array(load_rgb(path, 2 * PRE.resize_size))).permute(2, 0, 1))
+        with pytest.raises(UnreadableImage):
+            store.image(broken)
+    assert first.decoded == second.decoded == len(paths) // 2  # the fill above found nothing left to decode
+
+
+def test_a_share_survives_its_writer_ending_first(tmp_path: Path) -> None:
+    """Ranks end at their own pace: one that deletes its file must not take the images from another still reading."""
+    paths = photos(tmp_path / "images")
+    first, second = halves(paths, tmp_path)
+    assert second.adopt(first.part())
+    expected = pixels(second, paths[0])
+    first.release()
+    assert not first.spill_path.exists() and torch.equal(pixels(second, paths[0]), expected)
+    second.release()
+    assert not second.spill_path.exists()
+
+
+@pytest.mark.parametrize("where", ["missing", "shorter"])
+def test_a_share_this_process_cannot_see_is_decoded_here_instead(tmp_path: Path, where: str) -> None:
+    """A rank whose host name matches but whose disk is another machine's: it decodes the images itself."""
+    paths = photos(tmp_path / "images")
+    first, second = halves(paths, tmp_path)
+    part = first.part()
+    if where == "missing":
+        part.file.unlink()
+    else:
+        os.truncate(part.file, part.size - 1)
+    assert not second.adopt(part)
+    assert second.fill(paths, 0)
+    assert second.decoded == len(paths)
+    for path in paths:
+        assert torch.equal(pixels(second, path), torch.from_numpy(np.array(load_rgb(path, 2 * PRE.resize_size))).permute(2, 0, 1))

@@ -7,7 +7,8 @@ code might. `--no-cache` and `--no-dropout` take away the two things that make
 two processes of batch 8 differ from one process of batch 16 (each rank shuffles
 its own shard of cached features; each rank draws its own dropout masks), and
 `--save-final` keeps the initial and final weights, so the test can compare the two runs
-(with `--optimizer sgd`: see the test for why). `--one-epoch` trains one head epoch instead.
+(with `--optimizer sgd`: see the test for why). `--share-fails R` makes rank R fail to write
+the decoded images it shares with the other rank. `--one-epoch` trains one head epoch instead.
 Each rank writes rank{RANK}.json (RANK is global: nodes sharing a disk do not collide).
 """
 
@@ -24,6 +25,8 @@ import torch
 from torch import nn
 
 import thaw.train
+from thaw.data.pixel_store import PixelStore
+from thaw.errors import ThawError
 from thaw.models import ModelAdapter
 from thaw.plan import ConstantLr, Plan, RangeLr, Stage
 from thaw.train import TrainConfig, train_images
@@ -61,6 +64,18 @@ def capture_models(no_dropout: bool) -> tuple[list[ModelAdapter], list[dict]]:
     return built, initial
 
 
+def fail_to_share() -> None:
+    """This rank's pixel store cannot write the share of decoded images it keeps for the others, as on a full disk."""
+    fill = PixelStore.fill
+
+    def failing(self: PixelStore, *args, to_disk: bool = False, **kwargs) -> bool:
+        if to_disk:
+            raise ThawError(f"cannot keep decoded images in {self.spill_path} (No space left on device)")
+        return fill(self, *args, **kwargs)
+
+    PixelStore.fill = failing
+
+
 def parse() -> argparse.Namespace:
     parser = argparse.ArgumentParser()
     parser.add_argument("data")
@@ -75,6 +90,7 @@ def parse() -> argparse.Namespace:
     parser.add_argument("--one-epoch", action="store_true", help="a plan of one head epoch instead of 2 head + 2 full")
     parser.add_argument("--top-2", action="store_true", help="1 head epoch, then 2 epochs of the top 2 groups (on the cached bottom)")
     parser.add_argument("--save-final", action="store_true", help="write initial-rank{RANK}.pt and final-rank{RANK}.pt (state_dicts)")
+    parser.add_argument("--share-fails", type=int, help="rank R cannot write its share of the decoded images (a full disk)")
     parser.add_argument("--device", default="cpu", help="cpu (gloo, the default) or cuda (NCCL, one GPU per process)")
     parser.add_argument(
         "--collectives-at-one", action="store_true",
@@ -92,6 +108,8 @@ def main() -> int:
 
         distributed.Processes.distributed = property(lambda self: True)
     built, initial = capture_models(args.no_dropout)
+    if args.share_fails == rank:
+        fail_to_share()
     log: list[dict] = []
 
     def record(optimizer: torch.optim.Optimizer, step: int, _factor: float) -> None:
@@ -126,6 +144,7 @@ def main() -> int:
     final = {
         "backend": backend, "log": log, "best": result.best.get("value"), "history": [h["val_accuracy"] for h in result.history],
         "cached": [h["cached"] for h in result.history], "skipped": sorted(path for path, _ in result.skipped),
+        "decoded": result.decoded,
     }
     Path(args.out, f"rank{rank}.json").write_text(json.dumps(final))
     return 0

@@ -175,6 +175,8 @@ def test_without_cache_and_dropout_two_processes_of_8_train_like_one_process_of_
     assert len(together["log"]) == len(alone["log"]) == 12  # 3 steps an epoch, 4 epochs
     assert together["cached"] == alone["cached"] == [False] * 4
     assert together["history"] == alone["history"] and together["best"] == alone["best"]
+    # The two ranks share one machine: each decoded half the train images (and its own val shard) for both to read.
+    assert [rank["decoded"] for rank in ranks(runs["together"])] == [24 + 9, 24 + 9] and alone["decoded"] == 48 + 18
 
     start, finish, reference = _weights(runs["alone"], "initial"), _weights(runs["together"], "final"), _weights(runs["alone"], "final")
     assert all(torch.equal(start[n], t) for n, t in _weights(runs["together"], "initial").items())
@@ -261,6 +263,15 @@ def test_a_failing_rank_stops_the_whole_run_with_its_message(setting: dict) -> N
     done = torchrun(str(WORKER), str(setting["data"]), str(setting["root"] / "fail"), "--fail-rank", "1", env=setting["env"])
     assert done.returncode != 0
     assert "user callback failed on rank 1" in done.stderr
+
+
+def test_a_rank_that_cannot_share_its_decoded_images_stops_every_rank_with_its_reason(setting: dict) -> None:
+    out = setting["root"] / "share-fails"
+    done = torchrun(str(WORKER), str(setting["data"]), str(out), "--no-cache", "--share-fails", "1", env=setting["env"])
+    assert done.returncode != 0
+    assert "pixels-rank1.u8 (No space left on device)" in done.stderr  # rank 1's own reason
+    assert "rank 1 could not decode its share of the images: cannot keep decoded images in" in done.stderr  # rank 0's
+    assert not (out / "rank0.json").exists()
 
 
 def test_cli_errors_under_torchrun_say_which_rank(setting: dict, tmp_path: Path) -> None:

@@ -400,7 +400,7 @@ def _summary(args: argparse.Namespace, out: Path, result: RunResult, report: Pat
     if args.json:
         summary = {
             "val_accuracy": best["val"]["accuracy"], "best_epoch": best["epoch"], "why": best.get("why"), "wall_s": round(result.wall_s, 2),
-            "images_per_s": round(result.images_per_s, 1), "skipped_files": len(result.skipped), "out": str(out),
+            "decode_s": round(result.decode_s, 2), "images_per_s": round(result.images_per_s, 1), "skipped_files": len(result.skipped), "out": str(out),
         } | ({"report": str(report)} if report else {}) | ({"budget": result.budget} if result.budget else {})
         print(json.dumps(summary))
         return 0

@@ -7,14 +7,21 @@ evaluation resize: Pillow's draft mode) and handed to the transforms as the same
 decoding the file gives, so every view, augmented or not, has exactly the pixels it would have
 had. They live in memory up to the run's budget and in a file in the run folder past it; both
 hold the same bytes, so results never depend on the budget.
+
+Several processes on one machine (torchrun) share the train images: each decodes its share into
+its own file in the run folder (`fill(..., to_disk=True)`), describes it (`part()`), and every
+process reads the others' files (`adopt()`). Each image is then decoded once per machine, not
+once per process, and its pixels are held once, in the kernel's page cache that all processes
+and their workers read through, not once per process.
 """
 
 from __future__ import annotations
 
 import os
 import signal
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import BinaryIO, Callable, Sequence
 
 import numpy as np
 import torch
@@ -59,6 +66,19 @@ def _as_is(item: tuple) -> tuple:
     return item
 
 
+Shape = tuple[int, int, int]  # HxWx3
+
+
+@dataclass(frozen=True)
+class Part:
+    """What one process decoded into its file for the other processes on its machine."""
+
+    file: Path
+    size: int  # bytes written: a file shorter than this is not the one described (another machine's disk)
+    entries: dict[Path, tuple[int, Shape]]  # offset and shape in `file`
+    unreadable: dict[Path, str]
+
+
 class PixelStore:
     """Decoded pixels by path: in memory up to `budget_bytes`, the rest in a spill file read back per image."""
 
@@ -66,14 +86,20 @@ class PixelStore:
         self.draft_size = draft_size  # the datasets' own: stored pixels are what they would decode
         self.budget, self.used, self.spilled = budget_bytes, 0, 0  # bytes in memory, bytes in the spill file
         self.in_memory: dict[Path, torch.Tensor] = {}
-        self.on_disk: dict[Path, tuple[int, tuple[int, int, int]]] = {}  # offset and HxWx3 shape in the spill file
+        self.on_disk: dict[Path, tuple[Path, int, Shape]] = {}  # file (the spill file, or another process's), offset, shape
         self.unreadable: dict[Path, str] = {}
         self.spill_path = spill_path
-        self._reader: tuple[int, object] | None = None  # (pid, open file): each process reads through its own handle
+        self.decoded = 0  # files this process decoded (or failed to)
+        self.adopted = 0  # bytes of pixels in other processes' files that this store reads
+        self._readers: dict[Path, BinaryIO] = {}
+        self._readers_pid = os.getpid()  # each process reads through handles of its own (a seek is per handle)
 
-    def fill(self, paths: Sequence[Path], workers: int, should_stop: Callable[[], bool] = lambda: False) -> bool:
-        """Decode every path not yet stored, each exactly once, in `workers` processes (in order).
-        Returns False when `should_stop` turned true first (what was decoded stays)."""
+    def fill(
+        self, paths: Sequence[Path], workers: int, should_stop: Callable[[], bool] = lambda: False, to_disk: bool = False,
+    ) -> bool:
+        """Decode every path not yet stored, each exactly once, in `workers` processes (in order); `to_disk`: all of
+        them into the spill file, for other processes to read (see part()). Returns False when `should_stop` turned
+        true first (what was decoded stays)."""
         missing = [path for path in dict.fromkeys(paths) if path not in self]
         decoder = _Decoder(missing, self.draft_size)
         loader = DataLoader(decoder, batch_size=None, num_workers=workers if missing else 0, collate_fn=_as_is,
@@ -81,17 +107,39 @@ class PixelStore:
         for index, pixels, reason in loader:
             if should_stop():
                 return False
+            self.decoded += 1
             if pixels is None:
                 self.unreadable[missing[index]] = reason
             else:
-                self._keep(missing[index], pixels)
+                self._keep(missing[index], pixels, to_disk)
+        return True
+
+    def part(self) -> Part:
+        """This store's spill file as other processes on the machine can read it: call after fill(to_disk=True)."""
+        entries = {path: (offset, shape) for path, (file, offset, shape) in self.on_disk.items() if file == self.spill_path}
+        return Part(self.spill_path, self.spilled, entries, dict(self.unreadable))
+
+    def adopt(self, part: Part) -> bool:
+        """Read `part`'s images from its file from now on. False where this process does not see that file as it was
+        written (its disk is another machine's): those images stay missing, for fill() to decode here."""
+        try:
+            # Opened now: the file stays readable by this process until release(), whenever its writer ends.
+            if os.fstat(self._reader(part.file).fileno()).st_size < part.size:
+                return False
+        except OSError:
+            return False
+        for path, (offset, shape) in part.entries.items():
+            self.on_disk.setdefault(path, (part.file, offset, shape))
+        for path, reason in part.unreadable.items():
+            self.unreadable.setdefault(path, reason)
+        self.adopted += part.size
         return True
 
     def __contains__(self, path: Path) -> bool:
         return path in self.in_memory or path in self.on_disk or path in self.unreadable
 
-    def _keep(self, path: Path, pixels: np.ndarray) -> None:
-        if self.used + pixels.nbytes <= self.budget:
+    def _keep(self, path: Path, pixels: np.ndarray, to_disk: bool) -> None:
+        if not to_disk and self.used + pixels.nbytes <= self.budget:
             self.in_memory[path] = torch.from_numpy(pixels)
             self.used += pixels.nbytes
             return
@@ -105,7 +153,7 @@ class PixelStore:
                 f"cannot keep decoded images in {self.spill_path} ({error.strerror or error}); free disk space there, "
                 f"or give the run more memory for them (decoded_memory_gb, now {self.budget / 2**30:g} GB)"
             ) from None
-        self.on_disk[path] = (offset, pixels.shape)
+        self.on_disk[path] = (self.spill_path, offset, pixels.shape)
         self.spilled += pixels.nbytes
 
     def image(self, path: Path) -> Image.Image:
@@ -116,31 +164,38 @@ class PixelStore:
         if path in self.in_memory:
             return self.in_memory[path]
         if path in self.on_disk:
-            offset, shape = self.on_disk[path]
+            file, offset, shape = self.on_disk[path]
             pixels = np.empty(shape, dtype=np.uint8)
-            reader = self._spill_reader()
-            reader.seek(offset)
-            if reader.readinto(memoryview(pixels).cast("B")) != pixels.nbytes:  # never train on uninitialised memory
-                raise ThawError(f"{self.spill_path} lost decoded images while the run trained; do not delete it until the run ends")
+            try:
+                reader = self._reader(file)
+                reader.seek(offset)
+                complete = reader.readinto(memoryview(pixels).cast("B")) == pixels.nbytes  # never train on uninitialised memory
+            except OSError:
+                complete = False
+            if not complete:
+                raise ThawError(f"{file} lost decoded images while the run trained; do not delete it until the run ends")
             return torch.from_numpy(pixels)
         if path in self.unreadable:
             raise UnreadableImage(self.unreadable[path])
         raise KeyError(f"{path} was never decoded into the store")
 
-    def _spill_reader(self):
-        if self._reader is None or self._reader[0] != os.getpid():  # a worker process seeks its own handle
-            self._reader = (os.getpid(), open(self.spill_path, "rb"))  # noqa: SIM115 - closed by release()
-        return self._reader[1]
+    def _reader(self, file: Path) -> BinaryIO:
+        if self._readers_pid != os.getpid():  # a forked worker: the handles it inherited share their position with its parent's
+            self._readers, self._readers_pid = {}, os.getpid()
+        if file not in self._readers:
+            self._readers[file] = open(file, "rb")  # noqa: SIM115 - closed by release()
+        return self._readers[file]
 
     def __getstate__(self) -> dict:
-        return self.__dict__ | {"_reader": None}  # a worker started by spawn opens the file itself
+        return self.__dict__ | {"_readers": {}, "_readers_pid": None}  # a worker started by spawn opens the files itself
 
     def release(self) -> None:
-        """Free the pixels and delete the spill file (the run is over)."""
-        if self._reader is not None and self._reader[0] == os.getpid():
-            self._reader[1].close()
-        self._reader = None
+        """Free the pixels and delete this process's spill file (the run is over). Other processes' files are theirs to delete."""
+        if self._readers_pid == os.getpid():
+            for reader in self._readers.values():
+                reader.close()
+        self._readers = {}
         self.in_memory.clear()
         self.on_disk.clear()
-        self.used = self.spilled = 0
+        self.used = self.spilled = self.adopted = 0
         self.spill_path.unlink(missing_ok=True)

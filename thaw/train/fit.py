@@ -27,7 +27,7 @@ from thaw import distributed
 from thaw._io import check_writable
 from thaw.data.folders import ImageData, describe_skipped
 from thaw.data.loaders import ImageDataset, configure_threads, cores_per_process, default_workers, make_loader, next_epoch, stop_workers
-from thaw.data.pixel_store import SPILL_SUFFIX, PixelStore
+from thaw.data.pixel_store import SPILL_SUFFIX, Part, PixelStore
 from thaw.data.text import TextData, TextDataset
 from thaw.data.transforms import eval_transform, train_transform, train_transform_at
 from thaw.distributed import Processes, shard
@@ -55,6 +55,7 @@ from thaw.train.resizing import progressive_size
 from thaw.train.settings import differences, run_settings
 
 BEST_WEIGHTS = "model.safetensors"
+INTERRUPTED_DECODING = "interrupted while decoding images, before training began: nothing to resume; run the same command again"
 
 
 @dataclass
@@ -80,6 +81,7 @@ class RunResult:
     budget: dict | None = None  # with --budget: the split it planned, and where it ended the run early
     cache_s: float = 0.0  # seconds spent computing frozen features (the head phase's one pass)
     decode_s: float = 0.0  # seconds spent decoding every image once, before the first epoch
+    decoded: int = 0  # images this process decoded into its pixel store (under torchrun: its share of its machine's)
 
 
 EpochCallback = Callable[[RunState], None]
@@ -401,20 +403,46 @@ class Trainer:
     def fill_store(self) -> None:
         """Decode every train image and this rank's val images once, before the first epoch, where some image
         would otherwise be decoded more than once: later epochs, views and workers read pixels. Decoding uses
-        every core of this process's share (it is all there is to do), or --workers processes where given."""
+        every core of this process's share (it is all there is to do), or --workers processes where given.
+        Under torchrun the processes on a machine split the train images between them (see share_train_pixels)."""
         if self.store is None or not self.reads_images_again():
             return  # the one pass (a cached head stage) decodes each file itself: the same pixels, no store to hold
         started = time.perf_counter()
-        val = [self.data.val[index] for index in shard(len(self.data.val), self.processes, pad=False)]
-        paths = [path for path, _ in self.data.train + tuple(val)]
+        val = [self.data.val[index][0] for index in shard(len(self.data.val), self.processes, pad=False)]
+        train = [path for path, _ in self.data.train]
         decoders = self.config.workers if self.config.workers is not None else (cores_per_process() if cores_per_process() > 1 else 0)
-        if not self.store.fill(paths, decoders, should_stop=lambda: self.stop_requested):
-            raise RunInterrupted("interrupted while decoding images, before training began: nothing to resume; run the same command again")
+        peers = distributed.machine_peers() if self.processes.distributed else [self.processes.rank]
+        shared = self.share_train_pixels(train, peers, decoders) if len(peers) > 1 else 0
+        own_part = self.store.spilled  # this rank's share of the machine's files; what spills from here on is its own
+        if not self.store.fill(train + val, decoders, should_stop=lambda: self.stop_requested):
+            raise RunInterrupted(INTERRUPTED_DECODING)
         self.decode_seconds = time.perf_counter() - started
         where = f"{self.store.used / 2**20:.0f} MB in memory"
-        if self.store.spilled:
-            where += f", {self.store.spilled / 2**20:.0f} MB on disk past the {self.config.decoded_memory_gb:g} GB budget"
-        self._say(f"decoded {len(paths)} images once ({where}) in {self.decode_seconds:.1f} s")
+        if shared:
+            where = f"{shared / 2**20:.0f} MB in the run folder, one copy for the {len(peers)} processes on this machine; rank 0: {where}"
+        if self.store.spilled > own_part:
+            where += f", {(self.store.spilled - own_part) / 2**20:.0f} MB on disk past the {self.config.decoded_memory_gb:g} GB budget"
+        self._say(f"decoded {len(train) + len(val)} images once ({where}) in {self.decode_seconds:.1f} s")
+
+    def share_train_pixels(self, paths: list[Path], peers: list[int], decoders: int) -> int:
+        """Several processes on one machine: this one decodes its share of the train images into its file in the run
+        folder and reads the others' files, so each image is decoded once per machine and its pixels are held once (in
+        the page cache). Every rank learns of any rank's failure here, and stops with it, instead of waiting on it.
+        Returns the bytes the machine's files hold."""
+        share = list(dict.fromkeys(paths))[peers.index(self.processes.rank) :: len(peers)]
+        try:
+            finished = self.store.fill(share, decoders, should_stop=lambda: self.stop_requested, to_disk=True)
+            report: Part | str = self.store.part() if finished else INTERRUPTED_DECODING
+        except ThawError as error:
+            report = str(error)
+        reports = distributed.gather_objects(report)
+        for rank, said in enumerate(reports):
+            if said == INTERRUPTED_DECODING:
+                raise RunInterrupted(INTERRUPTED_DECODING)
+            if isinstance(said, str):
+                raise ThawError(said if rank == self.processes.rank else f"rank {rank} could not decode its share of the images: {said}")
+        others = [reports[rank] for rank in peers if rank != self.processes.rank]
+        return report.size + sum(part.size for part in others if self.store.adopt(part))
 
     def reads_images_again(self) -> bool:
         """Whether the rest of the run reads some image more than once: a stage that runs the network on images
@@ -961,7 +989,11 @@ class Trainer:
         if self.config.budget is not None:
             planned = self.budget_split.to_dict() if self.budget_split else {"seconds": self.config.budget}
             budget = planned | {"ended_early": self.budget_ended}
-        return RunResult(self.out, self.state.best, self.state.history, wall, rate, skipped, self.engine, self.plan, budget, self.cache_seconds, self.decode_seconds)
+        decoded = self.store.decoded if self.store is not None else 0
+        return RunResult(
+            self.out, self.state.best, self.state.history, wall, rate, skipped, self.engine, self.plan, budget, self.cache_seconds,
+            self.decode_seconds, decoded,
+        )
 
 
 def fit(
