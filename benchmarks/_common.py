@@ -43,6 +43,15 @@ def offline_torch_home() -> None:
     ensure_cached(MobileNet_V2_Weights.IMAGENET1K_V1.url)
 
 
+def same_allocator() -> None:
+    """The malloc settings thaw's training gives its own process (thaw/_allocator.py), in this row's process:
+    baselines get them too, since any PyTorch loop can have them (in the environment:
+    GLIBC_TUNABLES=glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=2147483647)."""
+    from thaw._allocator import keep_freed_memory
+
+    keep_freed_memory()
+
+
 def markdown(rows: list[list[str]], header: list[str]) -> str:
     lines = [header, ["---"] * len(header), *rows]
     return "\n".join("| " + " | ".join(cells) + " |" for cells in lines)

@@ -53,7 +53,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import HYMENOPTERA, SHARED_DATA, native_bf16, offline_torch_home, scratch  # noqa: E402
+from _common import HYMENOPTERA, SHARED_DATA, native_bf16, offline_torch_home, same_allocator, scratch  # noqa: E402
 
 IMAGE_SETS = ("hymenoptera", "caltech40", "digits")
 # thaw's default and candidate changes to it: (plan options, TrainConfig fields); "plan" names the strategy
@@ -355,6 +355,7 @@ def quick_table() -> Path:
 def one_run(job: dict) -> dict:
     """In its own process: one recipe, one set, one seed."""
     offline_torch_home()
+    same_allocator()
     if job["set"] == "sms":
         return text_row(job["recipe"], job["seed"], job["quick"])
     folder, size, flips = prepared_set(job["set"], job["seed"], job["quick"])

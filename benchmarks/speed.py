@@ -38,6 +38,7 @@ from _common import (
     native_bf16,
     offline_torch_home,
     run_with_peak_rss,
+    same_allocator,
     scratch,
     shrunk_copy,
 )
@@ -262,6 +263,7 @@ def thaw_row(setup: Setup, workers: int | None) -> dict:
 
 def run_row(name: str, setup: Setup, workers: int | None) -> dict:
     offline_torch_home()
+    same_allocator()
     rows = {
         "floor": floor, "seed": lambda s, w: hand_loop(s, w, optimised=False), "hand-opt": lambda s, w: hand_loop(s, w, optimised=True),
         "fastai": fastai_row, "thaw": thaw_row,

@@ -24,6 +24,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from thaw import distributed
+from thaw._allocator import keep_freed_memory
 from thaw._io import check_writable
 from thaw.data.folders import ImageData, describe_skipped
 from thaw.data.loaders import ImageDataset, configure_threads, cores_per_process, default_workers, make_loader, next_epoch, stop_workers
@@ -182,6 +183,7 @@ class Trainer:
         self.draft_size = 0  # images only: JPEGs decode at reduced scale, no smaller than this
         self.workers = default_workers() if config.workers is None else config.workers
         configure_threads(self.workers)
+        keep_freed_memory()  # every step reuses the pages the step before freed (see thaw._allocator)
         self.store: PixelStore | None = None  # every image decoded once, for every epoch and view (filled when the run starts)
         if isinstance(data, ImageData):
             self.draft_size = 2 * self.preprocessing.resize_size
