@@ -31,6 +31,7 @@ def test_train_json_is_one_line_with_the_documented_keys(tiny_split_data: Path, 
     assert set(summary) == {"val_accuracy", "best_epoch", "why", "wall_s", "decode_s", "images_per_s", "skipped_files", "out"}
     assert summary["why"].startswith("highest val accuracy ")
     assert summary["best_epoch"] == 1 and summary["out"] == str(tmp_path / "r") and summary["skipped_files"] == 0
+    assert summary["decode_s"] == 0  # feature extraction reads each image once: nothing is decoded ahead
 
 
 def test_evaluate_predict_and_export(trained_run: Path, tiny_split_data: Path, capsys: pytest.CaptureFixture[str]) -> None:

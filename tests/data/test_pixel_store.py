@@ -257,7 +257,7 @@ def test_processes_that_share_a_machine_read_each_others_images_exactly(tmp_path
     broken.write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")  # decoded by the second process only
     first, second = halves(paths, tmp_path)
     assert first.used == second.used == 0 and first.spilled > 0  # their shares are in their files, not in memory
-    assert first.adopt(second.part()) and second.adopt(first.part())
+    assert first.adopt(second.shared()) and second.adopt(first.shared())
     for store in (first, second):
         assert store.fill(paths, 0, should_stop=lambda: True)  # nothing left to decode, so nothing to stop
         for path in paths[:-1]:
@@ -271,10 +271,11 @@ def test_a_share_survives_its_writer_ending_first(tmp_path: Path) -> None:
     """Ranks end at their own pace: one that deletes its file must not take the images from another still reading."""
     paths = photos(tmp_path / "images")
     first, second = halves(paths, tmp_path)
-    assert second.adopt(first.part())
-    expected = pixels(second, paths[0])
+    assert second.adopt(first.shared())  # nothing read yet
     first.release()
-    assert not first.spill_path.exists() and torch.equal(pixels(second, paths[0]), expected)
+    assert not first.spill_path.exists()
+    for path in paths[::2]:  # the first process's share, read only now
+        assert torch.equal(pixels(second, path), torch.from_numpy(np.array(load_rgb(path, 2 * PRE.resize_size))).permute(2, 0, 1))
     second.release()
     assert not second.spill_path.exists()
 
@@ -284,13 +285,36 @@ def test_a_share_this_process_cannot_see_is_decoded_here_instead(tmp_path: Path,
     """A rank whose host name matches but whose disk is another machine's: it decodes the images itself."""
     paths = photos(tmp_path / "images")
     first, second = halves(paths, tmp_path)
-    part = first.part()
+    share = first.shared()
     if where == "missing":
-        part.file.unlink()
+        share.file.unlink()
     else:
-        os.truncate(part.file, part.size - 1)
-    assert not second.adopt(part)
+        os.truncate(share.file, share.size - 1)
+    assert not second.adopt(share)
+    assert share.file not in second._readers  # the handle opened to look at it is closed again
     assert second.fill(paths, 0)
     assert second.decoded == len(paths)
     for path in paths:
         assert torch.equal(pixels(second, path), torch.from_numpy(np.array(load_rgb(path, 2 * PRE.resize_size))).permute(2, 0, 1))
+
+
+def test_a_share_of_files_that_all_fail_to_decode_is_read_without_a_file(tmp_path: Path) -> None:
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    writer = PixelStore(2 * PRE.resize_size, 2**30, tmp_path / "spill" / "pixels-rank0.u8")
+    assert writer.fill([broken], 0, to_disk=True)
+    share = writer.shared()
+    assert share.size == 0 and not share.file.exists()
+    reader = PixelStore(2 * PRE.resize_size, 2**30, tmp_path / "spill" / "pixels-rank1.u8")
+    assert reader.adopt(share) and reader.fill([broken], 0) and reader.decoded == 0  # known broken: not decoded again
+    with pytest.raises(UnreadableImage):
+        reader.image(broken)
+
+
+def test_a_share_that_cannot_be_written_does_not_ask_for_more_memory(tmp_path: Path) -> None:
+    """A share for other processes goes to disk whatever the memory budget: only disk space helps."""
+    paths = photos(tmp_path / "images")
+    (tmp_path / "spill" / "pixels.u8").mkdir(parents=True)  # what a full or read-only disk looks like to open()
+    store = PixelStore(2 * PRE.resize_size, 2**30, tmp_path / "spill" / "pixels.u8")
+    with pytest.raises(ThawError, match="free disk space there$"):
+        store.fill(paths, 0, to_disk=True)

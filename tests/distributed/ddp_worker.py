@@ -8,7 +8,8 @@ two processes of batch 8 differ from one process of batch 16 (each rank shuffles
 its own shard of cached features; each rank draws its own dropout masks), and
 `--save-final` keeps the initial and final weights, so the test can compare the two runs
 (with `--optimizer sgd`: see the test for why). `--share-fails R` makes rank R fail to write
-the decoded images it shares with the other rank. `--one-epoch` trains one head epoch instead.
+the decoded images it shares with the other rank; `--share-unseen R` makes the other's share
+invisible to rank R, as a disk of another machine would be. `--one-epoch` trains one head epoch instead.
 Each rank writes rank{RANK}.json (RANK is global: nodes sharing a disk do not collide).
 """
 
@@ -91,6 +92,7 @@ def parse() -> argparse.Namespace:
     parser.add_argument("--top-2", action="store_true", help="1 head epoch, then 2 epochs of the top 2 groups (on the cached bottom)")
     parser.add_argument("--save-final", action="store_true", help="write initial-rank{RANK}.pt and final-rank{RANK}.pt (state_dicts)")
     parser.add_argument("--share-fails", type=int, help="rank R cannot write its share of the decoded images (a full disk)")
+    parser.add_argument("--share-unseen", type=int, help="rank R cannot see the other ranks' shares (another machine's disk)")
     parser.add_argument("--device", default="cpu", help="cpu (gloo, the default) or cuda (NCCL, one GPU per process)")
     parser.add_argument(
         "--collectives-at-one", action="store_true",
@@ -110,6 +112,8 @@ def main() -> int:
     built, initial = capture_models(args.no_dropout)
     if args.share_fails == rank:
         fail_to_share()
+    if args.share_unseen == rank:
+        PixelStore._sees = lambda self, pixels: False
     log: list[dict] = []
 
     def record(optimizer: torch.optim.Optimizer, step: int, _factor: float) -> None:

@@ -274,6 +274,16 @@ def test_a_rank_that_cannot_share_its_decoded_images_stops_every_rank_with_its_r
     assert not (out / "rank0.json").exists()
 
 
+def test_a_rank_that_cannot_see_the_other_share_decodes_it_itself_and_trains_the_same(setting: dict, two_process_run: Path) -> None:
+    out = setting["root"] / "share-unseen"
+    done = torchrun(str(WORKER), str(setting["data"]), str(out), "--batch-size", "8", "--share-unseen", "1", env=setting["env"])
+    assert done.returncode == 0, done.stderr[-3000:]
+    zero, one = ranks(out)
+    assert zero["decoded"] == 24 + 9 and one["decoded"] == 48 + 9  # rank 1 decoded rank 0's share again
+    assert [s["digest"] for s in zero["log"]] == [s["digest"] for s in one["log"]]
+    assert zero["log"][-1]["digest"] == ranks(two_process_run)[0]["log"][-1]["digest"]  # the same pixels, the same run
+
+
 def test_cli_errors_under_torchrun_say_which_rank(setting: dict, tmp_path: Path) -> None:
     done = torchrun("-m", "thaw", "train", str(tmp_path / "missing"), "--model", "mobilenet_v2", "--out", str(tmp_path / "run"),
                     "--device", "cpu", env=setting["env"])

@@ -9,7 +9,7 @@ had. They live in memory up to the run's budget and in a file in the run folder 
 hold the same bytes, so results never depend on the budget.
 
 Several processes on one machine (torchrun) share the train images: each decodes its share into
-its own file in the run folder (`fill(..., to_disk=True)`), describes it (`part()`), and every
+its own file in the run folder (`fill(..., to_disk=True)`), describes it (`shared()`), and every
 process reads the others' files (`adopt()`). Each image is then decoded once per machine, not
 once per process, and its pixels are held once, in the kernel's page cache that all processes
 and their workers read through, not once per process.
@@ -70,7 +70,7 @@ Shape = tuple[int, int, int]  # HxWx3
 
 
 @dataclass(frozen=True)
-class Part:
+class SharedPixels:
     """What one process decoded into its file for the other processes on its machine."""
 
     file: Path
@@ -90,7 +90,6 @@ class PixelStore:
         self.unreadable: dict[Path, str] = {}
         self.spill_path = spill_path
         self.decoded = 0  # files this process decoded (or failed to)
-        self.adopted = 0  # bytes of pixels in other processes' files that this store reads
         self._readers: dict[Path, BinaryIO] = {}
         self._readers_pid = os.getpid()  # each process reads through handles of its own (a seek is per handle)
 
@@ -98,7 +97,7 @@ class PixelStore:
         self, paths: Sequence[Path], workers: int, should_stop: Callable[[], bool] = lambda: False, to_disk: bool = False,
     ) -> bool:
         """Decode every path not yet stored, each exactly once, in `workers` processes (in order); `to_disk`: all of
-        them into the spill file, for other processes to read (see part()). Returns False when `should_stop` turned
+        them into the spill file, for other processes to read (see shared()). Returns False when `should_stop` turned
         true first (what was decoded stays)."""
         missing = [path for path in dict.fromkeys(paths) if path not in self]
         decoder = _Decoder(missing, self.draft_size)
@@ -114,26 +113,32 @@ class PixelStore:
                 self._keep(missing[index], pixels, to_disk)
         return True
 
-    def part(self) -> Part:
+    def shared(self) -> SharedPixels:
         """This store's spill file as other processes on the machine can read it: call after fill(to_disk=True)."""
         entries = {path: (offset, shape) for path, (file, offset, shape) in self.on_disk.items() if file == self.spill_path}
-        return Part(self.spill_path, self.spilled, entries, dict(self.unreadable))
+        return SharedPixels(self.spill_path, self.spilled, entries, dict(self.unreadable))
 
-    def adopt(self, part: Part) -> bool:
-        """Read `part`'s images from its file from now on. False where this process does not see that file as it was
-        written (its disk is another machine's): those images stay missing, for fill() to decode here."""
+    def adopt(self, pixels: SharedPixels) -> bool:
+        """Read another process's images from its file from now on. False where this process does not see that file
+        as it was written (its disk is another machine's): those images stay missing, for fill() to decode here."""
+        if pixels.size and not self._sees(pixels):
+            return False
+        for path, (offset, shape) in pixels.entries.items():
+            self.on_disk.setdefault(path, (pixels.file, offset, shape))
+        for path, reason in pixels.unreadable.items():  # a share of files that all failed to decode has no file at all
+            self.unreadable.setdefault(path, reason)
+        return True
+
+    def _sees(self, pixels: SharedPixels) -> bool:
+        """Whether `pixels.file` is here at its written size. It stays open: this process (not the workers it starts,
+        which open it themselves) reads it until release(), whenever the process that wrote it ends."""
         try:
-            # Opened now: the file stays readable by this process until release(), whenever its writer ends.
-            if os.fstat(self._reader(part.file).fileno()).st_size < part.size:
-                return False
+            if os.fstat(self._reader(pixels.file).fileno()).st_size >= pixels.size:
+                return True
         except OSError:
             return False
-        for path, (offset, shape) in part.entries.items():
-            self.on_disk.setdefault(path, (part.file, offset, shape))
-        for path, reason in part.unreadable.items():
-            self.unreadable.setdefault(path, reason)
-        self.adopted += part.size
-        return True
+        self._readers.pop(pixels.file).close()
+        return False
 
     def __contains__(self, path: Path) -> bool:
         return path in self.in_memory or path in self.on_disk or path in self.unreadable
@@ -149,9 +154,10 @@ class PixelStore:
             with open(self.spill_path, "ab" if offset else "wb") as spill:  # "wb": a file left by an interrupted run is stale
                 spill.write(pixels.data)
         except OSError as error:
+            # A share for other processes is on disk whatever the budget: more memory would not help it.
+            more_memory = "" if to_disk else f", or give the run more memory for them (decoded_memory_gb, now {self.budget / 2**30:g} GB)"
             raise ThawError(
-                f"cannot keep decoded images in {self.spill_path} ({error.strerror or error}); free disk space there, "
-                f"or give the run more memory for them (decoded_memory_gb, now {self.budget / 2**30:g} GB)"
+                f"cannot keep decoded images in {self.spill_path} ({error.strerror or error}); free disk space there{more_memory}"
             ) from None
         self.on_disk[path] = (self.spill_path, offset, pixels.shape)
         self.spilled += pixels.nbytes
@@ -173,7 +179,10 @@ class PixelStore:
             except OSError:
                 complete = False
             if not complete:
-                raise ThawError(f"{file} lost decoded images while the run trained; do not delete it until the run ends")
+                raise ThawError(
+                    f"{file} lost decoded images while the run trained (deleted, or ended with a process of the run that "
+                    "failed first); do not delete files in the run folder while it trains"
+                )
             return torch.from_numpy(pixels)
         if path in self.unreadable:
             raise UnreadableImage(self.unreadable[path])
@@ -197,5 +206,5 @@ class PixelStore:
         self._readers = {}
         self.in_memory.clear()
         self.on_disk.clear()
-        self.used = self.spilled = self.adopted = 0
+        self.used = self.spilled = 0
         self.spill_path.unlink(missing_ok=True)

@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from thaw._allocator import memory_kept_between_steps
 from thaw.data.folders import ImageData, discover, suffix_is_image
 from thaw.data.images import UnreadableImage, load_rgb
 from thaw.data.loaders import ImageDataset, make_loader
@@ -131,6 +132,7 @@ def evaluate_run(
     return score_run(adapter, meta, data_path, split, batch_size, quiet, tta).metrics
 
 
+@memory_kept_between_steps()  # each batch reuses the pages the batch before freed, as in training
 def score_run(
     adapter: ModelAdapter, meta: dict, data_path: str | Path, split: str | None = None, batch_size: int = 64, quiet: bool = True,
     tta: bool = False,
@@ -218,6 +220,7 @@ class Prediction:
 
 
 @torch.no_grad()
+@memory_kept_between_steps()
 def predict_files(
     adapter: ModelAdapter, classes: list[str], files: list[Path], top_k: int = 3, batch_size: int = 32, tta: bool = False
 ) -> tuple[list[Prediction], list[tuple[str, str]]]:

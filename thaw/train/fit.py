@@ -24,11 +24,11 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from thaw import distributed
-from thaw._allocator import keep_freed_memory
+from thaw._allocator import memory_kept_between_steps
 from thaw._io import check_writable
 from thaw.data.folders import ImageData, describe_skipped
 from thaw.data.loaders import ImageDataset, configure_threads, cores_per_process, default_workers, make_loader, next_epoch, stop_workers
-from thaw.data.pixel_store import SPILL_SUFFIX, Part, PixelStore
+from thaw.data.pixel_store import SPILL_SUFFIX, PixelStore, SharedPixels
 from thaw.data.text import TextData, TextDataset
 from thaw.data.transforms import eval_transform, train_transform, train_transform_at
 from thaw.distributed import Processes, shard
@@ -56,7 +56,6 @@ from thaw.train.resizing import progressive_size
 from thaw.train.settings import differences, run_settings
 
 BEST_WEIGHTS = "model.safetensors"
-INTERRUPTED_DECODING = "interrupted while decoding images, before training began: nothing to resume; run the same command again"
 
 
 @dataclass
@@ -183,7 +182,6 @@ class Trainer:
         self.draft_size = 0  # images only: JPEGs decode at reduced scale, no smaller than this
         self.workers = default_workers() if config.workers is None else config.workers
         configure_threads(self.workers)
-        keep_freed_memory()  # every step reuses the pages the step before freed (see thaw._allocator)
         self.store: PixelStore | None = None  # every image decoded once, for every epoch and view (filled when the run starts)
         if isinstance(data, ImageData):
             self.draft_size = 2 * self.preprocessing.resize_size
@@ -414,37 +412,37 @@ class Trainer:
         train = [path for path, _ in self.data.train]
         decoders = self.config.workers if self.config.workers is not None else (cores_per_process() if cores_per_process() > 1 else 0)
         peers = distributed.machine_peers() if self.processes.distributed else [self.processes.rank]
-        shared = self.share_train_pixels(train, peers, decoders) if len(peers) > 1 else 0
-        own_part = self.store.spilled  # this rank's share of the machine's files; what spills from here on is its own
+        shared_bytes, sharing = self.share_train_pixels(train, peers, decoders) if len(peers) > 1 else (0, 1)
+        own_share = self.store.spilled  # this rank's part of the machine's files; what spills from here on is its own
         if not self.store.fill(train + val, decoders, should_stop=lambda: self.stop_requested):
-            raise RunInterrupted(INTERRUPTED_DECODING)
+            raise RunInterrupted("interrupted while decoding images, before training began: nothing to resume; run the same command again")
         self.decode_seconds = time.perf_counter() - started
         where = f"{self.store.used / 2**20:.0f} MB in memory"
-        if shared:
-            where = f"{shared / 2**20:.0f} MB in the run folder, one copy for the {len(peers)} processes on this machine; rank 0: {where}"
-        if self.store.spilled > own_part:
-            where += f", {(self.store.spilled - own_part) / 2**20:.0f} MB on disk past the {self.config.decoded_memory_gb:g} GB budget"
+        if shared_bytes:
+            readers = f", one copy for {sharing} processes on this machine" if sharing > 1 else ""
+            where = f"{shared_bytes / 2**20:.0f} MB in the run folder{readers}; rank 0: {where}"
+        if self.store.spilled > own_share:
+            where += f", {(self.store.spilled - own_share) / 2**20:.0f} MB on disk past the {self.config.decoded_memory_gb:g} GB budget"
         self._say(f"decoded {len(train) + len(val)} images once ({where}) in {self.decode_seconds:.1f} s")
 
-    def share_train_pixels(self, paths: list[Path], peers: list[int], decoders: int) -> int:
+    def share_train_pixels(self, paths: list[Path], peers: list[int], decoders: int) -> tuple[int, int]:
         """Several processes on one machine: this one decodes its share of the train images into its file in the run
         folder and reads the others' files, so each image is decoded once per machine and its pixels are held once (in
-        the page cache). Every rank learns of any rank's failure here, and stops with it, instead of waiting on it.
-        Returns the bytes the machine's files hold."""
+        the page cache). A rank that fails here tells the others, and every rank stops with its reason. (Nothing waits
+        for Ctrl-C: under torchrun no rank handles it, torchrun stops them all.) Returns the bytes of the machine's
+        files this rank reads and the number of processes whose files it reads, itself included."""
         share = list(dict.fromkeys(paths))[peers.index(self.processes.rank) :: len(peers)]
         try:
-            finished = self.store.fill(share, decoders, should_stop=lambda: self.stop_requested, to_disk=True)
-            report: Part | str = self.store.part() if finished else INTERRUPTED_DECODING
+            self.store.fill(share, decoders, to_disk=True)
+            report: SharedPixels | str = self.store.shared()
         except ThawError as error:
             report = str(error)
         reports = distributed.gather_objects(report)
         for rank, said in enumerate(reports):
-            if said == INTERRUPTED_DECODING:
-                raise RunInterrupted(INTERRUPTED_DECODING)
             if isinstance(said, str):
                 raise ThawError(said if rank == self.processes.rank else f"rank {rank} could not decode its share of the images: {said}")
-        others = [reports[rank] for rank in peers if rank != self.processes.rank]
-        return report.size + sum(part.size for part in others if self.store.adopt(part))
+        read = [reports[rank] for rank in peers if rank != self.processes.rank and self.store.adopt(reports[rank])]
+        return report.size + sum(pixels.size for pixels in read), 1 + sum(1 for pixels in read if pixels.size)
 
     def reads_images_again(self) -> bool:
         """Whether the rest of the run reads some image more than once: a stage that runs the network on images
@@ -933,6 +931,7 @@ class Trainer:
         self.stop_requested = True
         print("\nthaw: finishing the current step to save a resumable checkpoint (Ctrl-C again to abort)", flush=True)
 
+    @memory_kept_between_steps()  # every step reuses the pages the step before freed (see thaw._allocator)
     def fit(self, resume: bool, callbacks: list[EpochCallback]) -> RunResult:
         # Under torchrun, Ctrl-C reaches every rank at a different step: let torchrun stop them all,
         # and resume from the last epoch checkpoint.
