@@ -46,7 +46,7 @@ def offline_torch_home() -> None:
 def same_allocator() -> None:
     """The malloc settings thaw's training gives its own process (thaw/_allocator.py), in this row's process:
     baselines get them too, since any PyTorch loop can have them (in the environment:
-    GLIBC_TUNABLES=glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=2147483647)."""
+    GLIBC_TUNABLES=glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=18446744073709551615)."""
     from thaw._allocator import keep_freed_memory
 
     keep_freed_memory()

@@ -148,6 +148,7 @@ def test_cached_two_processes_take_the_steps_of_one_process_with_the_same_global
     assert min(alone["best"], together["best"]) >= 0.8, (alone["history"], together["history"])
     # Only rank 0 wrote the run folder.
     assert (two_process_run / "model.safetensors").is_file() and (two_process_run / "thaw.json").is_file()
+    assert not list(two_process_run.rglob("pixels-rank*"))  # each rank deleted the decoded images it shared
 
 
 def _weights(out: Path, kind: str) -> dict[str, torch.Tensor]:
