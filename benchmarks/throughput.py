@@ -42,6 +42,7 @@ from _common import (
     markdown,
     offline_torch_home,
     run_with_peak_rss,
+    same_allocator,
     scratch,
     shrunk_copy,
 )
@@ -65,7 +66,6 @@ def limit_row(args: argparse.Namespace, compiled: bool = False) -> dict:
     `compiled`: the forward through torch.compile, as `--compile` runs it; its first step (the compile) is timed apart."""
     import torch
 
-    from thaw._allocator import keep_freed_memory
     from thaw.data.folders import discover
     from thaw.data.loaders import configure_threads, default_workers
     from thaw.models import build_model
@@ -75,7 +75,7 @@ def limit_row(args: argparse.Namespace, compiled: bool = False) -> dict:
 
     config = thaw_config(args)
     configure_threads(default_workers() if args.workers is None else args.workers)  # thaw's own thread split
-    keep_freed_memory()  # and its own malloc settings, as every training run has them
+    same_allocator()  # and its own malloc settings, as every training run has them
     classes = len(discover(args.data).classes)
     adapter = build_model(args.model, weights=args.weights, num_classes=classes)
     engine = choose_engine(config, adapter.model)

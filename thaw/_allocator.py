@@ -9,8 +9,8 @@ settings). It changes where memory comes from, never what is computed (tested). 
 process holds the memory of its largest step; when a run, an evaluation or a prediction ends, the
 free memory goes back to the kernel (malloc_trim). The settings stay for the rest of the process:
 glibc cannot be given its dynamic threshold back. THAW_KEEP_FREED_MEMORY=0 leaves malloc as it
-was. Elsewhere than Linux with glibc nothing changes. Only the thread that trains and the worker
-processes it forks reuse the heap this way: glibc serves other threads' large blocks by mmap still.
+was. Elsewhere than Linux with glibc nothing changes. Measured for the thread that trains only (other
+threads allocate from glibc's per-thread heaps); worker processes started by spawn do not inherit it.
 """
 
 from __future__ import annotations
@@ -31,31 +31,27 @@ _applied = False
 given_back = 0  # times the free memory went back to the kernel (tests read it)
 
 
-def _libc() -> ctypes.CDLL | None:
-    if os.environ.get(OPT_OUT, "1") == "0" or not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc":
-        return None
-    return ctypes.CDLL(None)  # the process's own C library
-
-
 def keep_freed_memory() -> bool:
     """Large blocks from the heap and a heap that is never trimmed, once per process (the workers it forks
     inherit it). Returns whether malloc now works so."""
     global _applied
-    libc = _libc()
-    if _applied or libc is None:
+    if _applied or os.environ.get(OPT_OUT, "1") == "0":
         return _applied
-    libc.mallopt.argtypes, libc.mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    _applied = libc.mallopt(M_MMAP_MAX, 0) == 1 and libc.mallopt(M_TRIM_THRESHOLD, NEVER) == 1
+    if not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc":
+        return False
+    mallopt = ctypes.CDLL(None).mallopt  # the process's own C library
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    _applied = mallopt(M_MMAP_MAX, 0) == 1 and mallopt(M_TRIM_THRESHOLD, NEVER) == 1
     return _applied
 
 
 def give_back_free_memory() -> None:
     """Hand the heap's free memory back to the kernel, where keep_freed_memory() kept it."""
     global given_back
-    libc = _libc()
-    if _applied and libc is not None:
-        libc.malloc_trim.argtypes, libc.malloc_trim.restype = [ctypes.c_size_t], ctypes.c_int
-        libc.malloc_trim(0)
+    if _applied:  # so glibc on Linux
+        malloc_trim = ctypes.CDLL(None).malloc_trim
+        malloc_trim.argtypes, malloc_trim.restype = [ctypes.c_size_t], ctypes.c_int
+        malloc_trim(0)
         given_back += 1
 
 
