@@ -39,7 +39,7 @@ def _images(count: int = 6, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
 @pytest.mark.parametrize("policy, kind", [("trivial", v2.TrivialAugmentWide), ("rand", v2.RandAugment)])
 def test_a_policy_runs_after_the_crop_and_flip_and_only_when_asked(policy: str, kind: type) -> None:
     steps = [type(step) for step in train_transform(PREPROCESSING, policy).transforms]
-    assert steps[:3] == [v2.RandomResizedCrop, v2.RandomHorizontalFlip, kind]
+    assert steps[:4] == [v2.ToImage, v2.RandomResizedCrop, v2.RandomHorizontalFlip, kind]
     assert not any(issubclass(step, (v2.TrivialAugmentWide, v2.RandAugment)) for step in map(type, train_transform(PREPROCESSING).transforms))
 
 

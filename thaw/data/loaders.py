@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
 from typing import Callable, Iterator
 
 import torch
+from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from thaw.data.folders import Sample
 from thaw.data.images import UnreadableImage, load_rgb
-from thaw.data.pixel_store import PixelStore, ignore_interrupts
+from thaw.data.pixel_store import PixelStore, decode_at, ignore_interrupts
+from thaw.data.transforms import BatchNormalisation, normalised_per_batch, starts_from_tensor
 from thaw.distributed import SINGLE, Processes, ShardedPermutation, shard
 
 
@@ -28,14 +32,17 @@ class Batch:
 
 
 class ImageDataset(Dataset):
-    """Labelled images through `transform`: decoded from their files, or read from a run's PixelStore."""
+    """Labelled images through `transform`: decoded from their files, or read from a run's PixelStore.
+
+    Where `transform` ends as eval_transform and train_transform do, an item is its uint8 image and the loader's
+    collate does the normalisation for the whole batch (`normalise`): the same values, a third less work."""
 
     def __init__(
         self, samples: tuple[Sample, ...], transform: Callable, draft_size: int | None = None, store: PixelStore | None = None,
         transform_at: Callable[[int], Callable] | None = None,
     ) -> None:
         self.samples = samples
-        self.transform = transform
+        self.transform, self.normalise = normalised_per_batch(transform)
         self.draft_size = draft_size
         self.store = store
         self.transform_at = transform_at  # the transform for another crop size (progressive resizing), where it has one
@@ -50,8 +57,7 @@ class ImageDataset(Dataset):
         transform = self.transform if size is None else self._transform_at(size)
         path, label = self.samples[index]
         try:
-            # Not in the store when the run reads each image once (it is not filled): the file gives the same pixels.
-            image = self.store.image(path) if self.store is not None and path in self.store else load_rgb(path, self.draft_size)
+            image = self._read(path, starts_from_tensor(transform))
         except UnreadableImage as reason:
             return None, label, (str(path), str(reason))
         if seed is None:
@@ -62,20 +68,31 @@ class ImageDataset(Dataset):
             torch.default_generator.manual_seed(seed)
             return transform(image), label, None
 
+    def _read(self, path: Path, as_tensor: bool) -> Image.Image | torch.Tensor:
+        """The decoded image, as a Pillow image or (for a transform that starts from a tensor) 3xHxW uint8 pixels.
+        Not in the store when the run reads each image once (it is not filled): the file gives the same pixels."""
+        stored = self.store is not None and path in self.store
+        if not as_tensor:
+            return self.store.image(path) if stored else load_rgb(path, self.draft_size)
+        pixels = self.store.pixels(path) if stored else torch.from_numpy(decode_at(path, self.draft_size))
+        return pixels.permute(2, 0, 1)
+
     def _transform_at(self, size: int) -> Callable:
         if self.transform_at is None:
             raise ValueError("this dataset has one crop size (progressive resizing needs ImageDataset(transform_at=...))")
         if size not in self.sized:
-            self.sized[size] = self.transform_at(size)
+            self.sized[size] = normalised_per_batch(self.transform_at(size))[0]
         return self.sized[size]
 
 
-def collate(items: list[tuple[torch.Tensor | None, int, tuple[str, str] | None]]) -> Batch:
+def collate(items: list[tuple[torch.Tensor | None, int, tuple[str, str] | None]], normalise: BatchNormalisation | None = None) -> Batch:
     good = [(image, label) for image, label, _ in items if image is not None]
     failed = [failure for _, _, failure in items if failure is not None]
     if not good:
         return Batch(torch.empty(0), torch.empty(0, dtype=torch.long), failed)
-    return Batch(torch.stack([i for i, _ in good]), torch.tensor([label for _, label in good]), failed)
+    images = [image for image, _ in good]
+    stacked = torch.stack(images) if normalise is None else normalise(images)
+    return Batch(stacked, torch.tensor([label for _, label in good]), failed)
 
 
 def cores_per_process() -> int:
@@ -204,7 +221,7 @@ def make_loader(
         batch_size=batch_size,
         sampler=EpochOrder(order) if persistent else order,
         num_workers=workers,
-        collate_fn=collate,
+        collate_fn=partial(collate, normalise=getattr(dataset, "normalise", None)),
         generator=generator,
         persistent_workers=persistent and workers > 0,
         worker_init_fn=ignore_interrupts,

@@ -72,9 +72,11 @@ class Engine:
         if isinstance(images, dict):  # a text batch: token ids and masks, never channels_last
             return {key: value.to(self.device, non_blocking=True) for key, value in images.items()}
         images = images.to(self.device, non_blocking=True)
-        if self.channels_last and images.dim() == 4:
-            return images.contiguous(memory_format=torch.channels_last)
-        return images
+        if images.dim() != 4:
+            return images
+        # Image batches arrive channels_last (BatchNormalisation); without channels_last (--no-channels-last, no convolution)
+        # the model reads them in the layout it always did
+        return images.contiguous(memory_format=torch.channels_last if self.channels_last else torch.contiguous_format)
 
     def note_failures(self, failed: list[tuple[str, str]]) -> None:
         if failed and self.strict:
