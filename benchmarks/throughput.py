@@ -15,9 +15,10 @@ For each (set, model), on one device, every row in a process of its own:
 With --compile, instead of those: the train-step limit eager and through torch.compile (its first step, the compile,
 timed apart), and the full row with and without thaw's --compile (whole-run wall time, compile included). Each
 compiled row starts with an empty compile cache, as a user's first --compile run does.
-Ratios are taken within one run of this script, so a busy machine slows both sides. Peak memory is the
-largest sum of PSS (shared pages split between the processes that share them) over a row's process and
-its children (DataLoader workers), sampled from outside.
+Ratios are taken within one run of this script, so a busy machine slows both sides. Peak memory is sampled
+from outside: a row's RSS where it has no worker processes; with workers, the largest sum of PSS (shared pages
+split between the processes that share them) over the row's process and its children. PSS is not sampled
+without workers: reading it walks the page tables, which slowed a 2-core CPU's train step by about 10%.
 
     .venv/bin/python benchmarks/throughput.py                                  # caltech40 + hymenoptera, mobilenet_v2
     .venv/bin/python benchmarks/throughput.py --models mobilenet_v2 resnet50 --weights none --batch 128   # on a GPU
@@ -49,7 +50,7 @@ from _common import (
 
 SETS = {"caltech40": SHARED_DATA / "caltech40", "hymenoptera": HYMENOPTERA}
 LIMIT_WARMUP_STEPS = 2
-LIMIT_STEPS = 12  # about a minute on 2 CPU cores: a steadier limit than a few steps
+LIMIT_STEPS = 30  # about 15 s of steps on 2 CPU cores (fp32: a few minutes): a steadier limit than a few steps
 
 
 def thaw_config(args: argparse.Namespace, **fields):
@@ -159,9 +160,7 @@ def cache_row(args: argparse.Namespace) -> dict:
     data = discover(args.data)
     images = len(data.train) + len(data.val)
     once = result.decode_s + result.cache_s  # decoding once is part of the one pass a head phase cannot avoid
-    from thaw.data.loaders import default_workers
-
-    workers = default_workers() if args.workers is None else args.workers
+    workers = row_workers(args)
     return {"decode_s": result.decode_s, "cache_s": result.cache_s, "cached_images": images, "cache_img_s": images / once,
             "workers": workers, "prepare_img_s": preparing_rate(args, data)}
 
@@ -205,8 +204,16 @@ def measured(row: str, name: str, data: Path, model: str, args: argparse.Namespa
     command = [sys.executable, __file__, "--row", row, "--data", str(data), "--models", model, "--weights", args.weights,
                "--batch", str(args.batch), "--epochs", str(args.epochs), "--device", args.device]
     command += [] if args.workers is None else ["--workers", str(args.workers)]
-    result, peak = run_with_peak_rss(command, proportional=True)  # forked workers share the parent's pages
+    # Forked workers share the parent's pages: PSS counts them once. Without workers a row is one process and its
+    # RSS is its memory; PSS walks its page tables, which slowed the train step by about 10% here (RSS reads do not).
+    result, peak = run_with_peak_rss(command, proportional=row_workers(args) > 0)
     return {"row": row, "data": name, "model": model} | result | {"peak_mb": peak / 2**20}
+
+
+def row_workers(args: argparse.Namespace) -> int:
+    from thaw.data.loaders import default_workers
+
+    return default_workers() if args.workers is None else args.workers
 
 
 def compile_summary(rows: list[dict]) -> str:
@@ -259,7 +266,7 @@ def summary(rows: list[dict]) -> str:
     header = ["set", "model", "device", "train-step limit img/s", "full phase img/s (epochs 2+)", "ratio",
               "first epoch img/s", "decoding once", "forward limit img/s", "caching pass img/s (decoding included)", "ratio",
               "preparing alone img/s", "forward + preparing in series img/s (no workers)", "caching pass / in series",
-              "full run wall", "peak MB (PSS) full / cache"]
+              "full run wall", "peak MB full / cache (RSS; PSS of the process tree with workers)"]
     return markdown(lines, header)
 
 
@@ -269,7 +276,7 @@ def parse() -> argparse.Namespace:
     parser.add_argument("--models", nargs="+", default=["mobilenet_v2"])
     parser.add_argument("--weights", default="IMAGENET1K_V1", help="weights for every model (none is fine for throughput)")
     parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--epochs", type=int, default=2, help="full-phase epochs; the first is reported apart")
+    parser.add_argument("--epochs", type=int, default=4, help="full-phase epochs; the first is reported apart (the rest: over 700 images on hymenoptera)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--workers", type=int, default=None, help="default: thaw's choice (0 below 4 cores)")
     parser.add_argument("--quick", action="store_true", help="a few images per class: does every row run?")
