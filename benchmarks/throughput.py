@@ -169,7 +169,7 @@ def preparing_rate(args: argparse.Namespace, data) -> float:
     """Images/s of what the caching pass does to an image before the model sees it (decode at reduced scale, resize,
     crop, normalise: the evaluation view), alone in this process: without worker processes the pass does this and
     the forward one after the other, so it cannot run faster than both in series."""
-    from thaw.data.loaders import ImageDataset, configure_threads, default_workers
+    from thaw.data.loaders import ImageDataset, configure_threads, default_workers, make_loader
     from thaw.data.transforms import eval_transform
     from thaw.models import build_model
 
@@ -178,8 +178,8 @@ def preparing_rate(args: argparse.Namespace, data) -> float:
     preprocessing = build_model(args.model, weights=args.weights, num_classes=2, load=False, device="meta").preprocessing
     dataset = ImageDataset(data.train + data.val, eval_transform(preprocessing), draft_size=2 * preprocessing.resize_size)
     started = time.perf_counter()
-    for index in range(len(dataset)):
-        dataset[index]
+    for _ in make_loader(dataset, batch_size=args.batch, shuffle=False, seed=0, workers=0):  # batches: normalised at once
+        pass
     return len(dataset) / (time.perf_counter() - started)
 
 

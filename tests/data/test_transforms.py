@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -13,9 +15,9 @@ from torchvision.transforms import v2
 from tests.conftest import write_class_images
 from thaw.data.folders import discover
 from thaw.data.images import load_rgb
-from thaw.data.loaders import ImageDataset, make_loader, sample_seed
+from thaw.data.loaders import ImageDataset, collate, make_loader, sample_seed
 from thaw.data.pixel_store import PixelStore, decode_at
-from thaw.data.transforms import eval_transform, normalised_per_batch, train_transform
+from thaw.data.transforms import NormaliseBatch, eval_transform, normalised_per_batch, train_transform, train_transform_at
 from thaw.models.adapter import Preprocessing
 from thaw.train.loop import Engine
 
@@ -55,10 +57,21 @@ def test_the_evaluation_batch_is_exactly_the_images_transformed_one_by_one(sampl
     assert batch.is_contiguous(memory_format=torch.channels_last)  # the layout a channels_last model reads
 
 
-def test_the_training_batch_is_exactly_the_images_augmented_one_by_one(samples: tuple) -> None:
-    """Pixels handed over as a tensor (no Pillow image made) and normalised per batch: the same floats as
-    train_transform on each Pillow image under the sample's seed."""
-    dataset = ImageDataset(samples, train_transform(PRE), DRAFT)
+def filled_store(samples: tuple, folder: Path) -> PixelStore:
+    store = PixelStore(DRAFT, 2**30, folder / "pixels.u8")
+    assert store.fill([path for path, _ in samples], 0)
+    return store
+
+
+def test_the_training_batch_is_exactly_the_images_augmented_one_by_one(
+    samples: tuple, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The store's pixels handed over as a tensor (no Pillow image made) and normalised per batch: the same floats
+    as train_transform on each Pillow image under the sample's seed."""
+    store = filled_store(samples, tmp_path)
+    monkeypatch.setattr(PixelStore, "image", lambda *_: pytest.fail("a Pillow image was made for a training crop"))
+    dataset = ImageDataset(samples, train_transform(PRE), DRAFT, store)
+    assert dataset.normalise is not None  # collate normalises whole batches
     order = [index for batch in make_loader(dataset, batch_size=4, shuffle=True, seed=5, workers=0).batch_sampler for index, _ in batch]
     expected = one_by_one(tuple(samples[i] for i in order), train_transform(PRE), [sample_seed(5, i) for i in order])
     assert torch.equal(loader_images(dataset, shuffle=True), expected)
@@ -79,8 +92,7 @@ def test_training_crops_are_cut_where_pillow_cuts_them_within_two_levels(samples
 
 def test_training_never_writes_into_the_stored_pixels(samples: tuple, tmp_path: Path) -> None:
     """The dataset hands the store's own memory to the transforms: after epochs of crops and flips it is unchanged."""
-    store = PixelStore(DRAFT, 2**30, tmp_path / "pixels.u8")
-    assert store.fill([path for path, _ in samples], 0)
+    store = filled_store(samples, tmp_path)
     dataset = ImageDataset(samples, train_transform(PRE, "trivial"), DRAFT, store)
     for seed in range(3):
         for _ in make_loader(dataset, batch_size=4, shuffle=True, seed=seed, workers=0):
@@ -105,3 +117,35 @@ def test_the_engine_gives_the_model_the_layout_it_runs_in(channels_last: bool) -
     moved = Engine(torch.device("cpu"), bf16=False, channels_last=channels_last).to_device(batch)
     assert torch.equal(moved, batch)
     assert moved.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+
+
+def test_progressive_resizing_crops_are_normalised_per_batch_too(samples: tuple) -> None:
+    dataset = ImageDataset(samples, train_transform(PRE), DRAFT, transform_at=partial(train_transform_at, PRE))
+    keys = [(index, 10 + index, 24) for index in range(len(samples))]  # (sample, seed, crop size), as the sampler gives
+    batch = collate([dataset[key] for key in keys], dataset.normalise).images
+    assert torch.equal(batch, one_by_one(samples, train_transform_at(PRE, 24), [seed for _, seed, _ in keys]))
+
+
+def test_a_smaller_crop_that_normalises_otherwise_is_refused(samples: tuple) -> None:
+    other = partial(train_transform_at, replace(PRE, mean=(0.5, 0.5, 0.5)))
+    dataset = ImageDataset(samples, train_transform(PRE), DRAFT, transform_at=other)
+    with pytest.raises(ValueError, match="the same normalisation"):
+        dataset[(0, 1, 24)]
+
+
+def test_float_images_are_normalised_as_torchvisions_steps_do() -> None:
+    """A transform that already gave floats: ToDtype leaves them as they are, Normalize does the rest."""
+    steps = v2.Compose([v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean=list(PRE.mean), std=list(PRE.std))])
+    images = [torch.rand(3, 8, 8) for _ in range(3)]
+    assert torch.equal(NormaliseBatch(PRE.mean, PRE.std)(images), torch.stack([steps(image) for image in images]))
+
+
+@pytest.mark.parametrize("policy", [None, "trivial", "rand"])
+def test_bicubic_weights_train_on_tensor_crops_with_every_policy(samples: tuple, policy: str | None) -> None:
+    """timm's weights (and some torchvision presets) resample bicubic: torchvision rotates tensors with nearest or
+    bilinear only, so a policy there samples bilinear, and no epoch stops on an operation it drew."""
+    bicubic = replace(PRE, interpolation="bicubic")
+    dataset = ImageDataset(samples * 4, train_transform(bicubic, policy), DRAFT)
+    for seed in range(3):
+        for batch in make_loader(dataset, batch_size=8, shuffle=True, seed=seed, workers=0):
+            assert batch.images.shape[1:] == (3, PRE.crop_size, PRE.crop_size) and torch.isfinite(batch.images).all()

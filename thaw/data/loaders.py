@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from thaw.data.folders import Sample
 from thaw.data.images import UnreadableImage, load_rgb
 from thaw.data.pixel_store import PixelStore, decode_at, ignore_interrupts
-from thaw.data.transforms import BatchNormalisation, normalised_per_batch, starts_from_tensor
+from thaw.data.transforms import NormaliseBatch, normalised_per_batch, starts_from_tensor
 from thaw.distributed import SINGLE, Processes, ShardedPermutation, shard
 
 
@@ -35,7 +35,9 @@ class ImageDataset(Dataset):
     """Labelled images through `transform`: decoded from their files, or read from a run's PixelStore.
 
     Where `transform` ends as eval_transform and train_transform do, an item is its uint8 image and the loader's
-    collate does the normalisation for the whole batch (`normalise`): the same values, a third less work."""
+    collate (make_loader) does the normalisation for the whole batch (`normalise`): the same values, less work.
+    A loader over a wrapper of this dataset (a Subset, say) must pass `normalise` on. A transform that starts from
+    a tensor gets the store's own memory, as PixelStore.pixels does: it must not write into its input."""
 
     def __init__(
         self, samples: tuple[Sample, ...], transform: Callable, draft_size: int | None = None, store: PixelStore | None = None,
@@ -81,11 +83,14 @@ class ImageDataset(Dataset):
         if self.transform_at is None:
             raise ValueError("this dataset has one crop size (progressive resizing needs ImageDataset(transform_at=...))")
         if size not in self.sized:
-            self.sized[size] = normalised_per_batch(self.transform_at(size))[0]
+            transform, normalise = normalised_per_batch(self.transform_at(size))
+            if normalise != self.normalise:  # collate normalises every batch one way
+                raise ValueError("transform_at must end as the dataset's transform does (the same normalisation)")
+            self.sized[size] = transform
         return self.sized[size]
 
 
-def collate(items: list[tuple[torch.Tensor | None, int, tuple[str, str] | None]], normalise: BatchNormalisation | None = None) -> Batch:
+def collate(items: list[tuple[torch.Tensor | None, int, tuple[str, str] | None]], normalise: NormaliseBatch | None = None) -> Batch:
     good = [(image, label) for image, label, _ in items if image is not None]
     failed = [failure for _, _, failure in items if failure is not None]
     if not good:

@@ -5,8 +5,9 @@ front, in every core it has, and every epoch, view and worker afterwards reads p
 pixels are kept as the decoder gives them (large JPEGs at reduced scale, at least twice the
 evaluation resize: Pillow's draft mode) and handed to the transforms as the same Pillow image
 decoding the file gives (or, to a transform that starts from a tensor, as the same uint8 pixels),
-so every view, augmented or not, has exactly the pixels it would have had. They live in memory up to the run's budget and in a file in the run folder past it; both
-hold the same bytes, so results never depend on the budget.
+so every view, augmented or not, has exactly the pixels it would have had. They live in memory
+up to the run's budget and in a file in the run folder past it; both hold the same bytes, so
+results never depend on the budget.
 
 Several processes on one machine (torchrun) share the train images: each decodes its share into
 its own file in the run folder (`fill(..., to_disk=True)`), describes it (`shared()`), and every
@@ -167,8 +168,9 @@ class PixelStore:
         return Image.fromarray(self._pixels(path).numpy())
 
     def pixels(self, path: Path) -> torch.Tensor:
-        """The image's HxWx3 uint8 pixels, as decode_at gives them (read-only: in memory, the store's own); no Pillow
-        image is made. Raises UnreadableImage for a file that failed to decode."""
+        """The image's HxWx3 uint8 pixels, as decode_at gives them; no Pillow image is made. In memory they are the
+        store's own, shared by every epoch and view: read them, never write into them. Raises UnreadableImage for a
+        file that failed to decode."""
         return self._pixels(path)
 
     def _pixels(self, path: Path) -> torch.Tensor:

@@ -41,6 +41,15 @@ POLICIES = {
     "trivial": lambda interpolation: v2.TrivialAugmentWide(interpolation=interpolation),
     "rand": lambda interpolation: v2.RandAugment(num_ops=2, magnitude=9, interpolation=interpolation),
 }
+# On tensors torchvision rotates, shears and translates with nearest or bilinear sampling only (bicubic raises)
+ON_TENSORS = (InterpolationMode.NEAREST, InterpolationMode.BILINEAR)
+
+
+def _policy(name: str, preprocessing: Preprocessing) -> v2.Transform:
+    """An auto-augment policy for the training crops (uint8 tensors): the weights' resampling where tensors have it,
+    else bilinear (bicubic weights: timm's and some torchvision presets)."""
+    interpolation = _interpolation(preprocessing)
+    return POLICIES[name](interpolation if interpolation in ON_TENSORS else InterpolationMode.BILINEAR)
 AUTO_AUGMENTS = tuple(POLICIES)
 
 
@@ -57,7 +66,7 @@ def train_transform(preprocessing: Preprocessing, auto_augment: str | None = Non
             v2.ToImage(),
             v2.RandomResizedCrop(preprocessing.crop_size, interpolation=_interpolation(preprocessing), antialias=True),
             v2.RandomHorizontalFlip(),
-            *([POLICIES[auto_augment](_interpolation(preprocessing))] if auto_augment else []),
+            *([_policy(auto_augment, preprocessing)] if auto_augment else []),
             *_to_normalised_tensor(preprocessing)[1:],
         ]
     )
@@ -69,7 +78,7 @@ def train_transform_at(preprocessing: Preprocessing, crop_size: int, auto_augmen
 
 
 @dataclass(frozen=True)
-class BatchNormalisation:
+class NormaliseBatch:
     """The last two steps of the transforms above (ToDtype with scale, then Normalize) done to a whole batch of
     uint8 images at once, then laid out channels_last, as the model reads it.
 
@@ -82,7 +91,7 @@ class BatchNormalisation:
     std: tuple[float, ...]
 
     def __call__(self, images: Sequence[torch.Tensor]) -> torch.Tensor:
-        if any(image.dtype != torch.uint8 for image in images):  # floats already (a tensor transform): as the steps do
+        if any(image.dtype != torch.uint8 for image in images):  # a transform that gave floats: ToDtype only casts them
             return torch.stack([self.one(image) for image in images]).as_subclass(torch.Tensor)
         mean, std = (torch.tensor(values, dtype=torch.float32).view(1, -1, 1, 1) for values in (self.mean, self.std))
         batch = torch.stack(images).as_subclass(torch.Tensor).to(torch.float32).mul_(1.0 / 255).sub_(mean).div_(std)
@@ -92,7 +101,7 @@ class BatchNormalisation:
         return v2.functional.normalize(v2.functional.to_dtype(image, torch.float32, scale=True), list(self.mean), list(self.std))
 
 
-def normalised_per_batch(transform: Callable) -> tuple[Callable, BatchNormalisation | None]:
+def normalised_per_batch(transform: Callable) -> tuple[Callable, NormaliseBatch | None]:
     """`transform` up to its uint8 image, and the normalisation its last steps did, for a whole batch; (transform,
     None) unless it makes a tensor (ToImage) and ends as the transforms above do (ToDtype float32 with scale,
     then Normalize)."""
@@ -102,7 +111,7 @@ def normalised_per_batch(transform: Callable) -> tuple[Callable, BatchNormalisat
     to_dtype, normalize = steps[-2:]
     if not (isinstance(to_dtype, v2.ToDtype) and to_dtype.dtype is torch.float32 and to_dtype.scale and isinstance(normalize, v2.Normalize)):
         return transform, None
-    return v2.Compose(steps[:-2]), BatchNormalisation(tuple(normalize.mean), tuple(normalize.std))
+    return v2.Compose(steps[:-2]), NormaliseBatch(tuple(normalize.mean), tuple(normalize.std))
 
 
 def starts_from_tensor(transform: Callable) -> bool:

@@ -74,7 +74,7 @@ class Engine:
         images = images.to(self.device, non_blocking=True)
         if images.dim() != 4:
             return images
-        # Image batches arrive channels_last (BatchNormalisation); without channels_last (--no-channels-last, no convolution)
+        # Image batches arrive channels_last (NormaliseBatch); without channels_last (--no-channels-last, no convolution)
         # the model reads them in the layout it always did
         return images.contiguous(memory_format=torch.channels_last if self.channels_last else torch.contiguous_format)
 
