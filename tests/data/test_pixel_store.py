@@ -141,6 +141,19 @@ def test_training_crops_from_the_store_are_exactly_those_from_the_file(tmp_path:
         assert torch.equal(from_store, augment(load_rgb(path, 2 * PRE.resize_size))), path.name
 
 
+def test_training_items_from_the_stored_pixels_are_exactly_the_crops_of_the_file(tmp_path: Path) -> None:
+    """What training reads: the store's pixels as a tensor (no Pillow image), EXIF rotation and alpha included."""
+    paths = photos(tmp_path / "images")
+    samples = tuple((path, 0) for path in paths)
+    stored = loaders.ImageDataset(samples, train_transform(PRE), 2 * PRE.resize_size, filled(paths, tmp_path))
+    augment = train_transform(PRE)
+    for index, path in enumerate(paths):
+        torch.manual_seed(3)
+        expected = augment(load_rgb(path, 2 * PRE.resize_size))
+        image, _, failure = stored[(index, 3)]
+        assert failure is None and torch.equal(stored.normalise([image]), expected.unsqueeze(0)), path.name
+
+
 def count_decodes(monkeypatch: pytest.MonkeyPatch) -> list[Path]:
     decoded: list[Path] = []
 

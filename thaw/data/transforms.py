@@ -50,6 +50,8 @@ def _policy(name: str, preprocessing: Preprocessing) -> v2.Transform:
     else bilinear (bicubic weights: timm's and some torchvision presets)."""
     interpolation = _interpolation(preprocessing)
     return POLICIES[name](interpolation if interpolation in ON_TENSORS else InterpolationMode.BILINEAR)
+
+
 AUTO_AUGMENTS = tuple(POLICIES)
 
 
@@ -59,7 +61,7 @@ def train_transform(preprocessing: Preprocessing, auto_augment: str | None = Non
 
     It works on uint8 tensors (a Pillow image is turned into one first): torch's uint8 resampling crops about 3x
     faster than Pillow's on a CPU and gives pixels within 2 levels of it (the same crop boxes: the random draws do
-    not depend on the type). ImageDataset hands it decoded pixels without making a Pillow image at all.
+    not depend on the type). ImageDataset hands it the pixel store's uint8 pixels without making a Pillow image.
     The evaluation view stays on Pillow images: torchvision's preset, exactly as `thaw predict` computes it."""
     return v2.Compose(
         [
