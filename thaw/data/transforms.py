@@ -85,8 +85,8 @@ class NormaliseBatch:
     uint8 images at once, then laid out channels_last, as the model reads it.
 
     The same float32 arithmetic in the same order as those steps (x * (1/255), minus the mean, over the std), so
-    the same values; a few passes over the batch instead of several small ones per image. On a 2-core CPU that
-    was a third of preparing an augmented image, which the training process does between steps.
+    the same values; a few passes over the batch instead of several small ones per image, and no transposed copy
+    per image. Without worker processes (below 4 cores) the training process does this between its steps.
     """
 
     mean: tuple[float, ...]
