@@ -68,14 +68,14 @@ def limit_row(args: argparse.Namespace, compiled: bool = False) -> dict:
     import torch
 
     from thaw.data.folders import discover
-    from thaw.data.loaders import configure_threads, default_workers
+    from thaw.data.loaders import configure_threads
     from thaw.models import build_model
     from thaw.plan.freeze import batchnorm_layers
     from thaw.train.ema import weight_average
     from thaw.train.fit import choose_engine
 
     config = thaw_config(args)
-    configure_threads(default_workers() if args.workers is None else args.workers)  # thaw's own thread split
+    configure_threads(row_workers(args))  # thaw's own thread split
     same_allocator()  # and its own malloc settings, as every training run has them
     classes = len(discover(args.data).classes)
     adapter = build_model(args.model, weights=args.weights, num_classes=classes)
@@ -169,11 +169,11 @@ def preparing_rate(args: argparse.Namespace, data) -> float:
     """Images/s of what the caching pass does to an image before the model sees it (decode at reduced scale, resize,
     crop, normalise: the evaluation view), alone in this process: without worker processes the pass does this and
     the forward one after the other, so it cannot run faster than both in series."""
-    from thaw.data.loaders import ImageDataset, configure_threads, default_workers, make_loader
+    from thaw.data.loaders import ImageDataset, configure_threads, make_loader
     from thaw.data.transforms import eval_transform
     from thaw.models import build_model
 
-    configure_threads(default_workers() if args.workers is None else args.workers)
+    configure_threads(row_workers(args))
     # as the run had it; on the meta device, so it adds nothing to the row's peak memory
     preprocessing = build_model(args.model, weights=args.weights, num_classes=2, load=False, device="meta").preprocessing
     dataset = ImageDataset(data.train + data.val, eval_transform(preprocessing), draft_size=2 * preprocessing.resize_size)
@@ -211,6 +211,7 @@ def measured(row: str, name: str, data: Path, model: str, args: argparse.Namespa
 
 
 def row_workers(args: argparse.Namespace) -> int:
+    """The DataLoader workers a row runs with: thaw's choice unless --workers is given."""
     from thaw.data.loaders import default_workers
 
     return default_workers() if args.workers is None else args.workers

@@ -165,15 +165,12 @@ class PixelStore:
 
     def image(self, path: Path) -> Image.Image:
         """The image as decoding the file gives it. Raises UnreadableImage for a file that failed to decode."""
-        return Image.fromarray(self._pixels(path).numpy())
+        return Image.fromarray(self.pixels(path).numpy())
 
     def pixels(self, path: Path) -> torch.Tensor:
         """The image's HxWx3 uint8 pixels, as decode_at gives them; no Pillow image is made. In memory they are the
         store's own, shared by every epoch and view: read them, never write into them. Raises UnreadableImage for a
         file that failed to decode."""
-        return self._pixels(path)
-
-    def _pixels(self, path: Path) -> torch.Tensor:
         if path in self.in_memory:
             return self.in_memory[path]
         if path in self.on_disk:
