@@ -18,12 +18,13 @@ compiled row starts with an empty compile cache, as a user's first --compile run
 Ratios are taken within one run of this script, so a busy machine slows both sides. Peak memory is sampled
 from outside: a row's RSS where it has no worker processes; with workers, the largest sum of PSS (shared pages
 split between the processes that share them) over the row's process and its children. PSS is not sampled
-without workers: reading it walks the page tables, which slowed a 2-core CPU's train step by about 10%.
+without workers: reading it walks the page tables, which slowed a 2-core CPU's train step by 4 to 7% (--pss).
 
     .venv/bin/python benchmarks/throughput.py                                  # caltech40 + hymenoptera, mobilenet_v2
     .venv/bin/python benchmarks/throughput.py --models mobilenet_v2 resnet50 --weights none --batch 128   # on a GPU
     .venv/bin/python benchmarks/throughput.py --quick                          # a few images, 2 epochs: does it run?
     .venv/bin/python benchmarks/throughput.py --compile --sets caltech40       # eager against torch.compile (--compile)
+    .venv/bin/python benchmarks/throughput.py --sets hymenoptera --pss         # what sampling PSS costs the rows
 """
 
 from __future__ import annotations
@@ -205,8 +206,8 @@ def measured(row: str, name: str, data: Path, model: str, args: argparse.Namespa
                "--batch", str(args.batch), "--epochs", str(args.epochs), "--device", args.device]
     command += [] if args.workers is None else ["--workers", str(args.workers)]
     # Forked workers share the parent's pages: PSS counts them once. Without workers a row is one process and its
-    # RSS is its memory; PSS walks its page tables, which slowed the train step by about 10% here (RSS reads do not).
-    result, peak = run_with_peak_rss(command, proportional=row_workers(args) > 0)
+    # RSS is its memory; PSS walks its page tables, which slowed the train step by 4 to 7% here (RSS reads do not).
+    result, peak = run_with_peak_rss(command, proportional=args.pss or row_workers(args) > 0)
     return {"row": row, "data": name, "model": model} | result | {"peak_mb": peak / 2**20}
 
 
@@ -284,6 +285,7 @@ def parse() -> argparse.Namespace:
     parser.add_argument(
         "--compile", action="store_true", help="instead: the train step and a thaw run, eager against torch.compile (--compile)"
     )
+    parser.add_argument("--pss", action="store_true", help="sample PSS even without workers (to see what sampling it costs)")
     parser.add_argument("--markdown", type=Path, help="also write the table here")
     parser.add_argument("--row", choices=tuple(ROWS), help=argparse.SUPPRESS)
     parser.add_argument("--data", type=Path, help=argparse.SUPPRESS)
