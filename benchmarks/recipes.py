@@ -88,6 +88,10 @@ THAW_RECIPES = {
     "thaw-gradual-live": ({"plan": "head-top-all"}, {"cache_prefix": False}),  # ... on the images, every epoch
     # ... cached, and the "all" stage's epochs at 128, 176 and 224 px (the top 2 groups train on full-size cached views)
     "thaw-gradual-progressive": ({"plan": "head-top-all"}, {"progressive_resize": 0.6}),
+    "thaw-top-half": ({"plan": "head-top-all", "top_groups": 10}, {}),  # mobilenet_v2's top 10 of 20 groups over cached inputs
+    # the default, with each stage ended after 1 (or 2) epochs that do not beat the best val so far (--early-stopping)
+    "thaw-patience1": ({"plan": "head-top-all"}, {"early_stopping": 1}),
+    "thaw-patience2": ({"plan": "head-top-all"}, {"early_stopping": 2}),
 }
 AUGMENTING = ("thaw-progressive", "thaw-gradual-progressive", "thaw-trivial", "thaw-rand", "thaw-mixup", "thaw-cutmix", "thaw-mix")
 IMAGE_RECIPES = (*THAW_RECIPES, "seed", "fastai", "fastai-bf16")
@@ -172,6 +176,7 @@ def thaw_row(folder: Path, size: int, flips: bool, seed: int, epochs: dict, reci
         "wall_s": wall, "test_accuracy": plain["accuracy"], "tta_test_accuracy": mirrored["accuracy"],
         "test_eval_s": plain_s, "tta_eval_s": tta_s, "delivered_epoch": result.best["epoch"],
         "why": result.best.get("why"), "val_accuracy": result.best["val"]["accuracy"], "epochs": len(result.history),
+        "val_history": [round(row["val_accuracy"], 4) for row in result.history],
         "budget": result.budget, "cache_s": result.cache_s, "stage_s": stage_seconds(result.history),
     }
 
@@ -429,6 +434,8 @@ def extra_cells(chosen: list[dict]) -> str:
         said.append(f"seconds per stage, mean: {stages}; caching {statistics.mean(row['cache_s'] for row in chosen):.1f}")
     if "delivered_epoch" in chosen[0]:
         said.append("delivered epochs " + ", ".join(str(row["delivered_epoch"]) for row in chosen))
+    if "val_accuracy" in chosen[0]:  # what a choice between recipes may look at: val, not test
+        said.append(f"val accuracy of the delivered epochs {statistics.mean(row['val_accuracy'] for row in chosen):.4f} mean")
     return "; ".join(said)
 
 

@@ -52,6 +52,22 @@ def test_plan_lr_options(capsys: pytest.CaptureFixture[str]) -> None:
     assert [g["lr"] for g in groups] == [1e-6, 1e-5, 1e-5, 1e-4, 1e-4, 1e-3]
 
 
+def test_plan_top_groups_sets_the_middle_stage_and_one_is_refused_in_one_line(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["plan", "--model", "mobilenet_v2", "--num-classes", "5", "--top-groups", "10", "--json"]) == 0
+    head, top, everything = json.loads(capsys.readouterr().out)["stages"]
+    assert top["name"] == "top10"
+    assert [g["name"] for g in top["groups"] if g["trainable"]] == [f"features.{i}" for i in range(10, 19)] + ["head"]
+    result = thaw("plan", "--model", "mobilenet_v2", "--num-classes", "5", "--top-groups", "1")
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines() == ["thaw: error: top groups must be a whole number of at least 2 (the head alone is the head stage), got 1"]
+    # another strategy would ignore it without a word
+    result = thaw("plan", "--model", "mobilenet_v2", "--num-classes", "5", "--strategy", "two-phase", "--top-groups", "4")
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines() == [
+        "thaw: error: --top-groups sets head-top-all's middle stage; the strategy here is two-phase: drop it or add --strategy head-top-all"
+    ]
+
+
 def test_plan_from_yaml(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     config = tmp_path / "plan.yaml"
     config.write_text("stages:\n  - {name: top, epochs: 2, train: [layer4, head], lr_range: [1.0e-4, 1.0e-3]}\n")

@@ -61,6 +61,7 @@ PLAN_OPTIONS = {
     "--weight-decay": FLOATS,
     "--batchnorm": choices(BATCHNORM_POLICIES),
     "--groups-per-stage": INTS,
+    "--top-groups": INTS,
     "--lora-rank": INTS,
     "--lora-alpha": FLOATS,
     "--lora-dropout": FLOATS,

@@ -143,6 +143,20 @@ def test_head_top_all_trains_the_head_then_the_top_two_groups_then_everything(re
     assert plan.stages[1].lr == plan.stages[2].lr == build_plan("two-phase", num_groups=len(resnet50.groups)).stages[1].lr
 
 
+def test_top_groups_sets_how_many_groups_the_middle_stage_trains(resnet50) -> None:
+    plan = build_plan("head-top-all", num_groups=len(resnet50.groups), top_groups=3)
+    assert [(s.name, s.train) for s in plan.stages] == [("head", ("head",)), ("top3", ("-3:",)), ("all", ("all",))]
+    assert {g.name for g in resolve_stage(resnet50, plan.stages[1]).groups if g.trainable} == {"layer3", "layer4", "head"}
+    # as many top groups as the model has: the middle stage would repeat the last, so the plan is two-phase's
+    assert [s.name for s in build_plan("head-top-all", num_groups=6, top_groups=6).stages] == ["head", "all"]
+
+
+@pytest.mark.parametrize("bad", [0, 1, True, 2.5, "3"])
+def test_top_groups_below_two_or_not_a_count_is_refused(bad) -> None:
+    with pytest.raises(ThawError, match="top groups must be a whole number of at least 2"):
+        build_plan("head-top-all", num_groups=6, top_groups=bad)
+
+
 def test_head_top_all_on_a_model_of_two_groups_is_two_phase() -> None:
     # the top two groups would be all of them: one stage would repeat the next
     assert [s.name for s in build_plan("head-top-all", num_groups=2).stages] == ["head", "all"]

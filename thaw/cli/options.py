@@ -5,13 +5,14 @@ from __future__ import annotations
 import argparse
 import math
 
+from thaw.errors import ThawError
 from thaw.models.lora import LoraSpec
 from thaw.plan import Plan, build_plan, load_plan
 from thaw.models.lora import MAX_LORA_RANK
 from thaw.models.sources import task_of
 from thaw.plan.lr import MAX_LR
 from thaw.plan.freeze import BATCHNORM_POLICIES
-from thaw.plan.strategies import DEFAULT_HEAD_LR, STRATEGIES, default_strategy
+from thaw.plan.strategies import DEFAULT_HEAD_LR, STRATEGIES, TOP_GROUPS, default_strategy
 
 
 def _whole_number(text: str, low: int, high: int | None) -> int:
@@ -136,6 +137,10 @@ def add_plan_options(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup
         help="BatchNorm policy for every stage (default: frozen for head-only stages, eval once pretrained layers train)",
     )
     group.add_argument("--groups-per-stage", type=positive_int, default=1, help="gradual: groups unfrozen per stage")
+    group.add_argument(
+        "--top-groups", type=positive_int, default=None,
+        help=f"head-top-all: groups the middle stage trains, the head included (default {TOP_GROUPS}: the last pretrained one and the head)",
+    )
     group.add_argument("--lora-rank", type=lora_rank, default=8, help="lora: rank of each adapter")
     group.add_argument("--lora-alpha", type=finite_float, default=16.0, help="lora: scaling (alpha / rank multiplies the update)")
     group.add_argument("--lora-dropout", type=finite_float, default=0.0)
@@ -154,10 +159,13 @@ def chosen_strategy(args: argparse.Namespace) -> str:
 def plan_from_args(args: argparse.Namespace, num_groups: int) -> Plan:
     if args.config:
         return load_plan(args.config)
+    strategy = chosen_strategy(args)
+    if args.top_groups is not None and strategy != "head-top-all":  # else it would be ignored without a word
+        raise ThawError(f"--top-groups sets head-top-all's middle stage; the strategy here is {strategy}: drop it or add --strategy head-top-all")
     head_lr = next((value for name, value in args.lr if name is None), DEFAULT_HEAD_LR)
     named = {name: value for name, value in args.lr if name is not None}
     return build_plan(
-        chosen_strategy(args),
+        strategy,
         num_groups=num_groups,
         epochs=args.epochs,
         head_epochs=args.head_epochs,
@@ -168,5 +176,6 @@ def plan_from_args(args: argparse.Namespace, num_groups: int) -> Plan:
         weight_decay=args.weight_decay,
         batchnorm=args.batchnorm,
         groups_per_stage=args.groups_per_stage,
+        top_groups=TOP_GROUPS if args.top_groups is None else args.top_groups,
         lora=LoraSpec(args.lora_rank, args.lora_alpha, args.lora_dropout, tuple(args.lora_targets)) if args.strategy == "lora" else None,
     )

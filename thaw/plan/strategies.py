@@ -68,11 +68,14 @@ def build_plan(
     weight_decay: float = 0.01,
     batchnorm: BatchNormPolicy | None = None,
     groups_per_stage: int = 1,
+    top_groups: int = TOP_GROUPS,
     lora: LoraSpec | None = None,
 ) -> Plan:
     """A plan for one of STRATEGIES. `epochs` is per stage after the head phase (gradual: per stage).
 
     `batchnorm` sets every stage's policy; by default head stages use frozen, the others eval.
+    `top_groups`: how many groups head-top-all's middle stage trains, the head included (the top half of
+    mobilenet_v2's groups was measured against the top 2: benchmarks/recipes.py, README).
     """
     if not isinstance(weight_decay, (int, float)) or not math.isfinite(weight_decay) or weight_decay < 0:
         raise ThawError(f"weight decay must be a finite number >= 0, got {weight_decay!r}")
@@ -92,9 +95,10 @@ def build_plan(
         ]
     elif strategy == "head-top-all":
         later = unfrozen_rule(later_lr, **rule_options)
+        top = _top_group_count(top_groups)
         stages = [Stage("head", head_epochs, ("head",), head_rule, **head_only)]
-        if num_groups > TOP_GROUPS:  # with fewer groups the top ones are all of them: two-phase
-            stages.append(Stage(f"top{TOP_GROUPS}", epochs, (f"-{TOP_GROUPS}:",), later, **unfrozen))
+        if num_groups > top:  # with as many groups or fewer the top ones are all of them: two-phase
+            stages.append(Stage(f"top{top}", epochs, (f"-{top}:",), later, **unfrozen))
         stages.append(Stage("all", epochs, ("all",), later, **unfrozen))
     elif strategy == "gradual":
         later = unfrozen_rule(later_lr, **rule_options)
@@ -105,6 +109,12 @@ def build_plan(
     else:
         raise ThawError(f"unknown strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}, or --config plan.yaml")
     return Plan(tuple(stages))
+
+
+def _top_group_count(count: int) -> int:
+    if isinstance(count, bool) or not isinstance(count, int) or count < 2:
+        raise ThawError(f"top groups must be a whole number of at least 2 (the head alone is the head stage), got {count!r}")
+    return count
 
 
 def _gradual(
