@@ -52,7 +52,9 @@ def test_plan_lr_options(capsys: pytest.CaptureFixture[str]) -> None:
     assert [g["lr"] for g in groups] == [1e-6, 1e-5, 1e-5, 1e-4, 1e-4, 1e-3]
 
 
-def test_plan_top_groups_sets_the_middle_stage_and_one_is_refused_in_one_line(capsys: pytest.CaptureFixture[str]) -> None:
+def test_plan_top_groups_sets_the_middle_stage_and_is_refused_where_it_would_do_nothing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str],
+) -> None:
     assert main(["plan", "--model", "mobilenet_v2", "--num-classes", "5", "--top-groups", "10", "--json"]) == 0
     head, top, everything = json.loads(capsys.readouterr().out)["stages"]
     assert top["name"] == "top10"
@@ -65,6 +67,14 @@ def test_plan_top_groups_sets_the_middle_stage_and_one_is_refused_in_one_line(ca
     assert result.returncode != 0 and "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines() == [
         "thaw: error: --top-groups sets head-top-all's middle stage; the strategy here is two-phase: drop it or add --strategy head-top-all"
+    ]
+
+    plan_file = tmp_path / "plan.yaml"  # the file's stages say what trains
+    plan_file.write_text("stages:\n  - {name: head, epochs: 1, train: [head], lr: 1.0e-3}\n")
+    result = thaw("plan", "--model", "mobilenet_v2", "--num-classes", "5", "--config", str(plan_file), "--top-groups", "4")
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines() == [
+        "thaw: error: --top-groups sets head-top-all's middle stage, and --config gives the stages: drop one of them"
     ]
 
 

@@ -171,6 +171,15 @@ def test_the_python_api_trains_images_by_head_top_all_by_default(tiny_split_data
     assert [row["stage"] for row in result.history] == ["head"] * 3 + ["top2"] * 3 + ["all"] * 3
 
 
+def test_a_deeper_top_stage_from_the_python_api_trains_over_cached_inputs(tiny_split_data: Path, tmp_path: Path) -> None:
+    from thaw.train import TrainConfig, train_images
+
+    result = train_images(tiny_split_data, model="mobilenet_v3_small", weights=None, out=tmp_path / "run",
+                          plan_options={"top_groups": 5, "head_epochs": 1, "epochs": 1},
+                          config=TrainConfig(image_size=32, batch_size=8, quiet=True))
+    assert [(row["stage"], row["cached"]) for row in result.history] == [("head", True), ("top5", True), ("all", False)]
+
+
 @pytest.mark.parametrize("budget", [180.0, None])
 def test_typed_plan_options_on_a_resume_are_compared_with_the_strategy_the_run_defaulted_to(tmp_path: Path, budget: float | None) -> None:
     """A run started from Python records no command: the plan compared is its task's default, head-top-all for

@@ -157,6 +157,15 @@ def test_top_groups_below_two_or_not_a_count_is_refused(bad) -> None:
         build_plan("head-top-all", num_groups=6, top_groups=bad)
 
 
+def test_top_groups_accepts_a_numpy_count_and_is_refused_beside_another_strategy() -> None:
+    import numpy as np
+
+    assert [s.name for s in build_plan("head-top-all", num_groups=6, top_groups=np.int64(3)).stages] == ["head", "top3", "all"]
+    for strategy in ("two-phase", "gradual", "fine-tune"):  # they would ignore it without a word
+        with pytest.raises(ThawError, match=f"the strategy here is {strategy}"):
+            build_plan(strategy, num_groups=6, top_groups=3)
+
+
 def test_head_top_all_on_a_model_of_two_groups_is_two_phase() -> None:
     # the top two groups would be all of them: one stage would repeat the next
     assert [s.name for s in build_plan("head-top-all", num_groups=2).stages] == ["head", "all"]

@@ -157,6 +157,8 @@ def chosen_strategy(args: argparse.Namespace) -> str:
 
 
 def plan_from_args(args: argparse.Namespace, num_groups: int) -> Plan:
+    if args.config and args.top_groups is not None:  # the file's stages say what trains; it would be ignored
+        raise ThawError("--top-groups sets head-top-all's middle stage, and --config gives the stages: drop one of them")
     if args.config:
         return load_plan(args.config)
     strategy = chosen_strategy(args)
@@ -176,6 +178,6 @@ def plan_from_args(args: argparse.Namespace, num_groups: int) -> Plan:
         weight_decay=args.weight_decay,
         batchnorm=args.batchnorm,
         groups_per_stage=args.groups_per_stage,
-        top_groups=TOP_GROUPS if args.top_groups is None else args.top_groups,
+        top_groups=args.top_groups,
         lora=LoraSpec(args.lora_rank, args.lora_alpha, args.lora_dropout, tuple(args.lora_targets)) if args.strategy == "lora" else None,
     )

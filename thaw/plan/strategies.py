@@ -13,6 +13,7 @@ upscaled digits that took val accuracy from 0.83 to 0.28 (benchmarks/batchnorm_p
 from __future__ import annotations
 
 import math
+import operator
 
 from thaw.errors import ThawError
 from thaw.models.lora import LoraSpec
@@ -68,17 +69,20 @@ def build_plan(
     weight_decay: float = 0.01,
     batchnorm: BatchNormPolicy | None = None,
     groups_per_stage: int = 1,
-    top_groups: int = TOP_GROUPS,
+    top_groups: int | None = None,
     lora: LoraSpec | None = None,
 ) -> Plan:
     """A plan for one of STRATEGIES. `epochs` is per stage after the head phase (gradual: per stage).
 
     `batchnorm` sets every stage's policy; by default head stages use frozen, the others eval.
-    `top_groups`: how many groups head-top-all's middle stage trains, the head included (the top half of
-    mobilenet_v2's groups was measured against the top 2: benchmarks/recipes.py, README).
+    `top_groups`: how many groups head-top-all's middle stage trains, the head included (TOP_GROUPS when None; the
+    top half of mobilenet_v2's groups was measured against the top 2: benchmarks/recipes.py, README).
     """
     if not isinstance(weight_decay, (int, float)) or not math.isfinite(weight_decay) or weight_decay < 0:
         raise ThawError(f"weight decay must be a finite number >= 0, got {weight_decay!r}")
+    if top_groups is not None and strategy != "head-top-all":  # else it would be ignored without a word
+        raise ThawError(f"top groups set head-top-all's middle stage; the strategy here is {strategy}: drop them or use head-top-all")
+    top = TOP_GROUPS if top_groups is None else _top_group_count(top_groups)
     head_rule: LrRule = ExplicitLr(dict(lrs)) if lrs else ConstantLr(lr)
     later_lr = lr * AFTER_HEAD_PHASE_FACTOR
     head_only = {"weight_decay": weight_decay, "batchnorm": batchnorm or HEAD_STAGE_BATCHNORM}
@@ -95,7 +99,6 @@ def build_plan(
         ]
     elif strategy == "head-top-all":
         later = unfrozen_rule(later_lr, **rule_options)
-        top = _top_group_count(top_groups)
         stages = [Stage("head", head_epochs, ("head",), head_rule, **head_only)]
         if num_groups > top:  # with as many groups or fewer the top ones are all of them: two-phase
             stages.append(Stage(f"top{top}", epochs, (f"-{top}:",), later, **unfrozen))
@@ -111,10 +114,14 @@ def build_plan(
     return Plan(tuple(stages))
 
 
-def _top_group_count(count: int) -> int:
-    if isinstance(count, bool) or not isinstance(count, int) or count < 2:
+def _top_group_count(count: object) -> int:
+    try:
+        whole = operator.index(count)  # numpy integers too; not floats or strings
+    except TypeError:
+        whole = None
+    if isinstance(count, bool) or whole is None or whole < 2:
         raise ThawError(f"top groups must be a whole number of at least 2 (the head alone is the head stage), got {count!r}")
-    return count
+    return whole
 
 
 def _gradual(
