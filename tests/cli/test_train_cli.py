@@ -180,6 +180,20 @@ def test_a_deeper_top_stage_from_the_python_api_trains_over_cached_inputs(tiny_s
     assert [(row["stage"], row["cached"]) for row in result.history] == [("head", True), ("top5", True), ("all", False)]
 
 
+def test_a_typed_strategy_on_a_resume_of_a_top_groups_run_is_compared_not_blamed_on_top_groups(tmp_path: Path) -> None:
+    """The run recorded --top-groups 10; `--resume RUN --strategy two-phase` claims two-phase's plan (which the
+    resume then refuses as a contradiction), not an error about a --top-groups the user never typed."""
+    from thaw.cli import build_parser
+    from thaw.cli.train_cmd import COMMAND, _claimed
+
+    (tmp_path / COMMAND).write_text(json.dumps({"plan_options": {"strategy": "head-top-all", "top_groups": 10}}))
+    settings = {"config": {}, "model": "mobilenet_v2", "task": "image"}
+    args = build_parser().parse_args(["train", "--resume", str(tmp_path), "--strategy", "two-phase"])
+    assert [stage["name"] for stage in _claimed(args, {"strategy"}, settings, tmp_path)["plan"]["stages"]] == ["head", "all"]
+    args = build_parser().parse_args(["train", "--resume", str(tmp_path), "--epochs", "2"])  # the run's own top stage
+    assert [stage["name"] for stage in _claimed(args, {"epochs"}, settings, tmp_path)["plan"]["stages"]] == ["head", "top10", "all"]
+
+
 @pytest.mark.parametrize("budget", [180.0, None])
 def test_typed_plan_options_on_a_resume_are_compared_with_the_strategy_the_run_defaulted_to(tmp_path: Path, budget: float | None) -> None:
     """A run started from Python records no command: the plan compared is its task's default, head-top-all for
