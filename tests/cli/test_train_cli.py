@@ -9,6 +9,7 @@ import pytest
 
 from tests.cli.test_cli import thaw
 from tests.conftest import write_class_images
+from thaw import ThawError, build_plan
 from thaw.cli import main
 
 TINY = ["--model", "mobilenet_v3_small", "--weights", "none", "--image-size", "32", "--batch-size", "8"]
@@ -192,6 +193,29 @@ def test_a_typed_strategy_on_a_resume_of_a_top_groups_run_is_compared_not_blamed
     assert [stage["name"] for stage in _claimed(args, {"strategy"}, settings, tmp_path)["plan"]["stages"]] == ["head", "all"]
     args = build_parser().parse_args(["train", "--resume", str(tmp_path), "--epochs", "2"])  # the run's own top stage
     assert [stage["name"] for stage in _claimed(args, {"epochs"}, settings, tmp_path)["plan"]["stages"]] == ["head", "top10", "all"]
+    plan_file = tmp_path / "plan.yaml"  # a typed plan file: its stages, not the run's top stage
+    plan_file.write_text("stages:\n  - {name: head, epochs: 1, train: [head], lr: 1.0e-3}\n")
+    args = build_parser().parse_args(["train", "--resume", str(tmp_path), "--config", str(plan_file)])
+    assert [stage["name"] for stage in _claimed(args, {"config"}, settings, tmp_path)["plan"]["stages"]] == ["head"]
+
+
+def test_top_groups_typed_on_a_resume_of_a_plan_file_run_names_the_run_s_plan_file(tmp_path: Path) -> None:
+    from thaw.cli import build_parser
+    from thaw.cli.train_cmd import COMMAND, _claimed
+
+    (tmp_path / COMMAND).write_text(json.dumps({"plan_options": {"strategy": None, "config": "plan.yaml"}}))
+    args = build_parser().parse_args(["train", "--resume", str(tmp_path), "--top-groups", "4"])
+    with pytest.raises(ThawError, match=r"the run was started with --config plan.yaml, whose stages say what trains, so --top-groups does not apply"):
+        _claimed(args, {"top_groups"}, {"config": {}, "model": "mobilenet_v2", "task": "image"}, tmp_path)
+
+
+def test_plan_options_beside_a_plan_object_are_refused(tiny_split_data: Path, tmp_path: Path) -> None:
+    from thaw.train import train_images
+
+    plan = build_plan("two-phase", num_groups=15)
+    with pytest.raises(ThawError, match=r"plan_options \(top_groups\) go with a strategy name; a Plan gives its own stages"):
+        train_images(tiny_split_data, model="mobilenet_v3_small", weights=None, out=tmp_path / "run", plan=plan, plan_options={"top_groups": 4})
+    assert not (tmp_path / "run" / "model.safetensors").exists()
 
 
 @pytest.mark.parametrize("budget", [180.0, None])

@@ -161,9 +161,11 @@ def test_top_groups_accepts_a_numpy_count_and_is_refused_beside_another_strategy
     import numpy as np
 
     assert [s.name for s in build_plan("head-top-all", num_groups=6, top_groups=np.int64(3)).stages] == ["head", "top3", "all"]
-    for strategy in ("two-phase", "gradual", "fine-tune"):  # they would ignore it without a word
+    for strategy in ("two-phase", "gradual", "fine-tune", "feature-extract", "lora"):  # they would ignore it without a word
         with pytest.raises(ThawError, match=f"the strategy here is {strategy}"):
             build_plan(strategy, num_groups=6, top_groups=3)
+    with pytest.raises(ThawError, match="unknown strategy 'two_phase'"):  # the name is what is wrong
+        build_plan("two_phase", num_groups=6, top_groups=3)
 
 
 def test_head_top_all_on_a_model_of_two_groups_is_two_phase() -> None:

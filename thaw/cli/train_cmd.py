@@ -250,6 +250,11 @@ def _claimed(args: argparse.Namespace, typed: set[str], settings: dict, run: Pat
         for dest in typed & PLAN_DESTS:
             setattr(started, dest, getattr(args, dest))
         started.model, started.task = settings["model"], settings.get("task")
+        if "top_groups" in typed and started.config and "config" not in typed:
+            raise ThawError(
+                f"--resume {run}: the run was started with --config {started.config}, whose stages say what trains, so "
+                f"--top-groups does not apply; `thaw train --resume {run}` alone continues the run as it was started"
+            )
         if "top_groups" not in typed and (started.config or chosen_strategy(started) != "head-top-all"):
             started.top_groups = None  # the run's --top-groups went with its plan; the typed one is what differs
         claimed["plan"] = plan_to_dict(plan_from_args(started, _group_count(started)))

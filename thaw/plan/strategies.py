@@ -80,7 +80,7 @@ def build_plan(
     """
     if not isinstance(weight_decay, (int, float)) or not math.isfinite(weight_decay) or weight_decay < 0:
         raise ThawError(f"weight decay must be a finite number >= 0, got {weight_decay!r}")
-    if top_groups is not None and strategy != "head-top-all":  # else it would be ignored without a word
+    if top_groups is not None and strategy in STRATEGIES and strategy != "head-top-all":  # else it would be ignored without a word
         raise ThawError(f"top groups set head-top-all's middle stage; the strategy here is {strategy}: drop them or use head-top-all")
     top = TOP_GROUPS if top_groups is None else _top_group_count(top_groups)
     head_rule: LrRule = ExplicitLr(dict(lrs)) if lrs else ConstantLr(lr)

@@ -94,6 +94,8 @@ def _run(
     adapter: ModelAdapter, data: ImageData | TextData, data_path: str | Path, plan: Plan | str, plan_options: dict | None,
     config: TrainConfig, out: Path, meta: dict, resume: bool, callbacks: list[EpochCallback] | None, step_hooks: list[StepHook] | None,
 ) -> RunResult:
+    if plan_options and not isinstance(plan, str):  # a Plan gives its own stages: the options would be ignored
+        raise ThawError(f"plan_options ({', '.join(sorted(plan_options))}) go with a strategy name; a Plan gives its own stages: drop them")
     if isinstance(plan, str):
         plan = build_plan(plan, num_groups=len(adapter.groups), **(plan_options or {}))
     if plan.lora is not None:
