@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
+import timeit
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -31,12 +31,7 @@ PASSES = 3
 
 def fastest(work, passes: int = PASSES) -> float:
     """Seconds of the fastest of `passes` calls."""
-    best = float("inf")
-    for _ in range(passes):
-        started = time.perf_counter()
-        work()
-        best = min(best, time.perf_counter() - started)
-    return best
+    return min(timeit.repeat(work, setup="gc.enable()", number=1, repeat=passes))  # gc on, as in a training run
 
 
 def measure(root: Path) -> dict:
