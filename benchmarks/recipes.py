@@ -59,6 +59,7 @@ IMAGE_SETS = ("hymenoptera", "caltech40", "digits")
 # thaw's default and candidate changes to it: (plan options, TrainConfig fields); "plan" names the strategy
 # (two-phase where none is named). Each candidate states --ema and --label-smoothing, so a row means the same
 # whatever the default is.
+LORA_TOP = tuple(f"features.{block}*" for block in range(14, 19))
 OLD_DEFAULT = {"ema": False, "label_smoothing": 0.0}  # thaw's default before this benchmark chose one
 THAW_RECIPES = {
     "thaw": ({"plan": "head-top-all"}, {}),  # the default: head-top-all, --ema and --label-smoothing 0.1
@@ -89,6 +90,12 @@ THAW_RECIPES = {
     # ... cached, and the "all" stage's epochs at 128, 176 and 224 px (the top 2 groups train on full-size cached views)
     "thaw-gradual-progressive": ({"plan": "head-top-all"}, {"progressive_resize": 0.6}),
     "thaw-top-half": ({"plan": "head-top-all", "top_groups": 10}, {}),  # mobilenet_v2's top 10 of 20 groups over cached inputs
+    # ... and no "all" stage: the head, then the top 10 groups over cached inputs, nothing below them ever trains
+    "thaw-top-half-only": ({"plan": "head-top-all", "top_groups": 10, "without_all": True}, {}),
+    # LoRA (rank 8, PEFT) on the 1x1 convolutions of mobilenet_v2's top 5 feature blocks and a new head, 3 epochs:
+    # trained over the frozen bottom's cached output (thaw's default for such a plan) or on the images every epoch
+    "thaw-lora-top": ({"plan": "lora", "lora_targets": LORA_TOP}, {}),
+    "thaw-lora-top-live": ({"plan": "lora", "lora_targets": LORA_TOP}, {"cache_prefix": False}),
     # the default, with each stage ended after 1 (or 2) epochs that do not beat the best val so far (--early-stopping)
     "thaw-patience1": ({"plan": "head-top-all"}, {"early_stopping": 1}),
     "thaw-patience2": ({"plan": "head-top-all"}, {"early_stopping": 2}),
@@ -99,6 +106,7 @@ DEFAULT_IMAGE_RECIPES = ("thaw", "seed", "fastai")
 TEXT_RECIPES = ("two-phase", "feature-extract", "lora", "head-top-all")  # two-phase: the text default
 DEFAULT_TEXT_RECIPES = ("two-phase", "feature-extract", "lora")
 BATCH = 32
+MOBILENET_V2_GROUPS = 20  # thaw's groups for mobilenet_v2 (its 19 feature blocks and the head)
 DIGITS_SIZE = 96  # the demo's size (thaw/demo.py)
 SMS = SHARED_DATA / "sms_spam" / "SMSSpamCollection"
 
@@ -154,14 +162,21 @@ def thaw_row(folder: Path, size: int, flips: bool, seed: int, epochs: dict, reci
     started = time.perf_counter()
     plan_options, fields = THAW_RECIPES[recipe]
     plan = plan_options.get("plan", "two-phase")
-    plan_options = {key: value for key, value in plan_options.items() if key != "plan"}
+    plan_options = {key: value for key, value in plan_options.items() if key not in ("plan", "without_all", "lora_targets")}
+    if "lora_targets" in THAW_RECIPES[recipe][0]:
+        from thaw.models.lora import LoraSpec
+
+        plan_options["lora"] = LoraSpec(targets=THAW_RECIPES[recipe][0]["lora_targets"])
+    if THAW_RECIPES[recipe][0].get("without_all"):  # the named plan less its last ("all") stage
+        plan = plan_without_all(plan, epochs | plan_options)
     fields = fields | ({"budget": budget} if recipe.startswith("thaw-budget") else {})
     config = TrainConfig(quiet=True, seed=seed, **fields)
     if not flips:  # the demo's settings for its digits (thaw/demo.py)
         config = TrainConfig(quiet=True, seed=seed, image_size=size, augment=False, batch_size=64, **fields)
     out = scratch("thaw")
     result = train_images(
-        folder, model="mobilenet_v2", weights="IMAGENET1K_V1", plan=plan, plan_options=epochs | plan_options,
+        folder, model="mobilenet_v2", weights="IMAGENET1K_V1", plan=plan,
+        plan_options=epochs | plan_options if isinstance(plan, str) else None,
         config=config, out=out,
     )
     wall = time.perf_counter() - started
@@ -179,6 +194,14 @@ def thaw_row(folder: Path, size: int, flips: bool, seed: int, epochs: dict, reci
         "val_history": [round(row["val_accuracy"], 4) for row in result.history],
         "budget": result.budget, "cache_s": result.cache_s, "stage_s": stage_seconds(result.history),
     }
+
+
+def plan_without_all(strategy: str, options: dict):
+    from thaw.plan import Plan, build_plan
+
+    full = build_plan(strategy, num_groups=MOBILENET_V2_GROUPS, **options)
+    assert full.stages[-1].name == "all", full.stages
+    return Plan(full.stages[:-1])
 
 
 def stage_seconds(history: list[dict]) -> dict[str, float]:

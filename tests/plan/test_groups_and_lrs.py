@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from thaw import ThawError, apply_stage, build_model, build_plan, count_parameters, trainable_line
-from thaw.plan import ConstantLr, DecayLr, ExplicitLr, RangeLr, Stage, audit_optimizer, resolve_stage
+from thaw.plan import ConstantLr, DecayLr, ExplicitLr, RangeLr, Stage, audit_optimizer, load_plan, resolve_stage
 
 
 @pytest.fixture(scope="module")
@@ -166,6 +166,22 @@ def test_top_groups_accepts_a_numpy_count_and_is_refused_beside_another_strategy
             build_plan(strategy, num_groups=6, top_groups=3)
     with pytest.raises(ThawError, match="unknown strategy 'two_phase'"):  # the name is what is wrong
         build_plan("two_phase", num_groups=6, top_groups=3)
+
+
+# The README's plan file for data close to ImageNet: head-top-all with the top 10 groups, less its "all" stage
+TOP_TEN_ONLY_YAML = """
+stages:
+  - {name: head, epochs: 3, train: [head], lr: 1.0e-3}
+  - {name: top10, epochs: 3, train: ["-10:"], lr_range: [5.0e-6, 5.0e-4], batchnorm: eval}
+"""
+
+
+def test_the_readme_top_ten_plan_file_is_head_top_all_less_its_all_stage(tmp_path) -> None:
+    path = tmp_path / "top10.yaml"
+    path.write_text(TOP_TEN_ONLY_YAML)
+    full = build_plan("head-top-all", num_groups=20, top_groups=10)
+    assert load_plan(path).stages == full.stages[:-1]
+    assert full.stages[-1].name == "all"
 
 
 def test_head_top_all_on_a_model_of_two_groups_is_two_phase() -> None:

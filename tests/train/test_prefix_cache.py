@@ -16,6 +16,7 @@ from torchvision.ops import StochasticDepth
 from tests.conftest import Crash, cli_config, crash_after
 from thaw import adapt, apply_trainable, build_model, resolve
 from thaw.plan import ConstantLr, Plan, RangeLr, Stage, enter_stage
+from thaw.models.lora import LoraSpec
 from thaw.plan.stages import resolve_stage
 from thaw.train import TrainConfig, train_images
 from thaw.data.folders import discover
@@ -59,6 +60,22 @@ def test_the_top_trained_on_the_cached_bottom_equals_running_the_network(tiny_sp
     assert [r["val_loss"] for r in cached.history] == [r["val_loss"] for r in live.history]
     for a, b in zip(_weights(tmp_path / "cached"), _weights(tmp_path / "live")):
         assert _same(a, b)
+
+
+LORA_ON_THE_TOP = Plan((Stage("lora", 2, ("head", "adapters"), ConstantLr(3e-3)),), LoraSpec(rank=4, alpha=8, targets=("features.11*", "features.12*")))
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_lora_on_the_top_groups_trains_on_the_cached_bottom_as_if_the_network_ran(tiny_split_data: Path, tmp_path: Path, precision: str) -> None:
+    cached = _train(tiny_split_data, tmp_path / "cached", plan=LORA_ON_THE_TOP, precision=precision)
+    live = _train(tiny_split_data, tmp_path / "live", plan=LORA_ON_THE_TOP, precision=precision, cache_prefix=False)
+    assert [row["cached"] for row in cached.history] == [True, True]
+    assert [row["cached"] for row in live.history] == [False, False]
+    assert [r["val_loss"] for r in cached.history] == [r["val_loss"] for r in live.history]
+    for a, b in zip(_weights(tmp_path / "cached"), _weights(tmp_path / "live")):
+        assert _same(a, b)
+    adapters = [name for name in _weights(tmp_path / "cached")[1] if "lora_" in name]
+    assert adapters and all(name.startswith(("features.11.", "features.12.")) for name in adapters)
 
 
 def test_the_frozen_bottom_stays_bit_identical_and_the_top_trains(tiny_split_data: Path, tmp_path: Path) -> None:
