@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 from pathlib import Path
 
@@ -69,8 +70,9 @@ def test_a_run_with_adapt_changes_the_statistics_once_and_no_weight(tiny_split_d
     assert all(torch.equal(saved[name], pretrained[name]) for name in frozen if name not in statistics and "num_batches" not in name)
     assert all(not torch.equal(saved[name], pretrained[name]) for name in statistics)  # every layer re-estimated
     assert json.loads((runs[0] / "thaw.json").read_text())["plan"]["stages"][0]["batchnorm"] == "adapt"
-    rows = (runs[0] / "metrics.csv").read_text().splitlines()[1:]
-    assert [row.split(",")[-1] for row in rows] == ["True", "True"]  # the head stage still trains on cached features
+    with open(runs[0] / "metrics.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [row["cached"] for row in rows] == ["True", "True"]  # the head stage still trains on cached features
 
 
 def test_another_trainer_refuses_adapt_in_one_line() -> None:

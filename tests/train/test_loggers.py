@@ -49,7 +49,7 @@ def test_tensorboard_events_read_back_with_tensorboards_reader(runs: dict[str, P
     events = EventAccumulator(str(runs["logged"] / "tensorboard"), size_guidance={"scalars": 0, "images": 0}).Reload()
     scalars, images = set(events.Tags()["scalars"]), set(events.Tags()["images"])
     assert {"step/loss", "step/accuracy", "step/images_per_s", "lr/head", "lr/features.0", "epoch/train_loss", "epoch/val_accuracy"} <= scalars
-    assert {"epoch/images_per_s", "epoch/val_loss", "epoch/val_macro_f1", "epoch/train_accuracy"} <= scalars
+    assert {"epoch/images_per_s", "epoch/data_wait_share", "epoch/val_loss", "epoch/val_macro_f1", "epoch/train_accuracy"} <= scalars
     assert [event.step for event in events.Scalars("step/loss")] == [1, 2, 3, 4, 5, 6]  # steps counted over both stages
     assert {event.value * 8 for event in events.Scalars("step/accuracy")} <= set(range(9))  # correct of 8 per step
     assert [event.step for event in events.Scalars("lr/features.0")] == [4, 5, 6]  # the body trains in stage 2 only
@@ -80,7 +80,7 @@ def test_mlflow_run_reads_back_with_get_run(runs: dict[str, Path]) -> None:
     assert params["model"] == "mobilenet_v3_small" and params["config.batch_size"] == "8" and params["plan.strategy"] == "two-phase"
     history = _metrics_rows(runs["logged"])
     assert metrics["epoch.val_accuracy"] == pytest.approx(float(history[-1]["val_accuracy"]))
-    assert {"step.loss", "lr.head", "epoch.train_loss", "epoch.images_per_s"} <= set(metrics)
+    assert {"step.loss", "lr.head", "epoch.train_loss", "epoch.images_per_s", "epoch.data_wait_share"} <= set(metrics)
     stored = {item.path for item in client.list_artifacts(run.info.run_id)}
     assert {"thaw.json", "metrics.csv", "model.safetensors", "report.html", "curves.png"} <= stored and "checkpoint.pt" not in stored
 

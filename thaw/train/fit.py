@@ -647,6 +647,7 @@ class Trainer:
             "images_per_s": train["count"] / max(train["seconds"], 1e-9),
             "seconds": train["seconds"] + val["seconds"],
             "cached": cached,
+            "data_wait_share": train["data_wait_share"],
         }
         state.history.append(row)
         value = val["loss"] if self.config.metric == "loss" else val[self.config.metric]

@@ -27,7 +27,7 @@ TENSORBOARD_FOLDER = "tensorboard"  # in the run folder
 MLFLOW_FOLDER = "mlruns"  # in the current folder, like MLflow's own default (so one store holds every run to compare)
 MLFLOW_EXPERIMENT = "thaw"
 TOP_IMAGES = 8  # val images with the highest loss, shown per epoch
-EPOCH_SCALARS = ("train_loss", "train_accuracy", "val_loss", "val_accuracy", "val_macro_f1", "images_per_s")
+EPOCH_SCALARS = ("train_loss", "train_accuracy", "val_loss", "val_accuracy", "val_macro_f1", "images_per_s", "data_wait_share")
 
 
 def require(package: str, extra: str) -> object:

@@ -127,7 +127,8 @@ def train_one_epoch(
     samples in its accumulation group (over all ranks), so a step is the mean over exactly the
     samples it saw: `--batch-size 8 --accumulate 2` steps like `--batch-size 16`, the last
     partial group included. When `should_stop` turns true the epoch ends after the current
-    optimizer step, and the result says how many batches it consumed.
+    optimizer step, and the result says how many batches it consumed. `data_wait_share`: the
+    share of the epoch spent waiting for the next batch (with no worker processes, preparing it).
     """
     forward = forward or model
     model.train()  # frozen BatchNorm layers stay in eval: their hook wins
@@ -137,7 +138,9 @@ def train_one_epoch(
     optimizer.zero_grad(set_to_none=True)
     progress = tqdm(loader, desc=_bar_label(engine, label), disable=bars_disabled(engine.quiet), leave=False, unit="batch")
     total = len(loader)
+    waited, asked = 0.0, started  # time blocked on the loader: decoding, cropping, or workers that fall behind
     for index, batch in enumerate(progress):
+        waited += time.perf_counter() - asked
         batches = index + 1
         engine.note_failures(batch.failed)
         everywhere, some_rank_short = engine.count_everywhere(len(batch.labels))
@@ -168,7 +171,9 @@ def train_one_epoch(
             if should_stop() and index + 1 < total:
                 progress.close()
                 return {"interrupted": True, "batches": batches, "tracker": tracker, "seconds": time.perf_counter() - started}
-    return engine.finish(tracker).summary() | {"seconds": time.perf_counter() - started, "interrupted": False}
+        asked = time.perf_counter()
+    seconds = time.perf_counter() - started
+    return engine.finish(tracker).summary() | {"seconds": seconds, "data_wait_share": waited / max(seconds, 1e-9), "interrupted": False}
 
 
 def _bar_label(engine: Engine, label: str) -> str:

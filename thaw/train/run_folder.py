@@ -28,7 +28,7 @@ ADAPTER = "adapter.safetensors"
 TEXT_MODEL = "text-model"  # tokenizer files and the encoder's config.json
 CSV_COLUMNS = [
     "epoch", "stage", "stage_index", "stage_epoch", "train_loss", "train_accuracy", "val_loss", "val_accuracy",
-    "val_macro_f1", "val_top5", "images_per_s", "seconds", "cached",
+    "val_macro_f1", "val_top5", "images_per_s", "seconds", "cached", "data_wait_share",
 ]
 
 
