@@ -19,7 +19,10 @@ For each image set, mobilenet_v2 IMAGENET1K_V1, the same images, size and split 
              thaw-rand (--auto-augment rand), thaw-mixup (--mixup 0.2), thaw-cutmix (--cutmix 1.0), thaw-mix
              (--mixup 0.2 --cutmix 1.0); these last six augment, so not on digits, which trains unaugmented;
              thaw-gradual (head-top-all: the same as thaw), thaw-gradual-live (the same with
-             --no-prefix-cache), thaw-gradual-progressive (thaw-gradual with --progressive-resize 0.6)
+             --no-prefix-cache), thaw-gradual-progressive (thaw-gradual with --progressive-resize 0.6);
+             thaw-top-half (the default with --top-groups 10), thaw-top-half-only (the same less its all stage),
+             thaw-lora-top and thaw-lora-top-live (LoRA on the top 5 blocks, over the cached bottom or on the
+             images), thaw-patience1 and thaw-patience2 (the default with --early-stopping 1 and 2)
 Every recipe delivers the epoch with the best val accuracy (thaw by its own rule, the hand loop keeps the first
 best, fastai by SaveModelCallback over both fits); test is scored once, on that model, and never chooses anything.
 thaw's model is also scored with `--tta` (mirror images averaged), with the extra evaluation time, and evaluated
@@ -50,15 +53,19 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+if TYPE_CHECKING:
+    from thaw.plan import Plan
 
 from _common import HYMENOPTERA, SHARED_DATA, native_bf16, offline_torch_home, same_allocator, scratch  # noqa: E402
 
 IMAGE_SETS = ("hymenoptera", "caltech40", "digits")
 # thaw's default and candidate changes to it: (plan options, TrainConfig fields); "plan" names the strategy
-# (two-phase where none is named). Each candidate states --ema and --label-smoothing, so a row means the same
-# whatever the default is.
+# (two-phase where none is named), "without_all" drops the plan's last ("all") stage, "lora_targets" sets LoRA's
+# selectors. The two-phase candidates state --ema and --label-smoothing, so a row means the same whatever the default is.
 LORA_TOP = tuple(f"features.{block}*" for block in range(14, 19))
 OLD_DEFAULT = {"ema": False, "label_smoothing": 0.0}  # thaw's default before this benchmark chose one
 THAW_RECIPES = {
@@ -106,7 +113,6 @@ DEFAULT_IMAGE_RECIPES = ("thaw", "seed", "fastai")
 TEXT_RECIPES = ("two-phase", "feature-extract", "lora", "head-top-all")  # two-phase: the text default
 DEFAULT_TEXT_RECIPES = ("two-phase", "feature-extract", "lora")
 BATCH = 32
-MOBILENET_V2_GROUPS = 20  # thaw's groups for mobilenet_v2 (its 19 feature blocks and the head)
 DIGITS_SIZE = 96  # the demo's size (thaw/demo.py)
 SMS = SHARED_DATA / "sms_spam" / "SMSSpamCollection"
 
@@ -160,24 +166,14 @@ def thaw_row(folder: Path, size: int, flips: bool, seed: int, epochs: dict, reci
     from thaw.train import TrainConfig, train_images
 
     started = time.perf_counter()
-    plan_options, fields = THAW_RECIPES[recipe]
-    plan = plan_options.get("plan", "two-phase")
-    plan_options = {key: value for key, value in plan_options.items() if key not in ("plan", "without_all", "lora_targets")}
-    if "lora_targets" in THAW_RECIPES[recipe][0]:
-        from thaw.models.lora import LoraSpec
-
-        plan_options["lora"] = LoraSpec(targets=THAW_RECIPES[recipe][0]["lora_targets"])
-    if THAW_RECIPES[recipe][0].get("without_all"):  # the named plan less its last ("all") stage
-        plan = plan_without_all(plan, epochs | plan_options)
-    fields = fields | ({"budget": budget} if recipe.startswith("thaw-budget") else {})
+    plan, plan_options = recipe_plan(recipe, epochs)
+    fields = THAW_RECIPES[recipe][1] | ({"budget": budget} if recipe.startswith("thaw-budget") else {})
     config = TrainConfig(quiet=True, seed=seed, **fields)
     if not flips:  # the demo's settings for its digits (thaw/demo.py)
         config = TrainConfig(quiet=True, seed=seed, image_size=size, augment=False, batch_size=64, **fields)
     out = scratch("thaw")
     result = train_images(
-        folder, model="mobilenet_v2", weights="IMAGENET1K_V1", plan=plan,
-        plan_options=epochs | plan_options if isinstance(plan, str) else None,
-        config=config, out=out,
+        folder, model="mobilenet_v2", weights="IMAGENET1K_V1", plan=plan, plan_options=plan_options, config=config, out=out,
     )
     wall = time.perf_counter() - started
     adapter, meta = load_run(out)
@@ -196,12 +192,25 @@ def thaw_row(folder: Path, size: int, flips: bool, seed: int, epochs: dict, reci
     }
 
 
-def plan_without_all(strategy: str, options: dict):
+def recipe_plan(recipe: str, epochs: dict) -> tuple[Plan | str, dict | None]:
+    """(plan, plan_options) for train_images: a strategy name and its options, or a Plan where the recipe drops the
+    strategy's all stage (plan options then go into the Plan)."""
+    from thaw import build_model
+    from thaw.models.lora import LoraSpec
     from thaw.plan import Plan, build_plan
 
-    full = build_plan(strategy, num_groups=MOBILENET_V2_GROUPS, **options)
-    assert full.stages[-1].name == "all", full.stages
-    return Plan(full.stages[:-1])
+    recipe_options = THAW_RECIPES[recipe][0]
+    strategy = recipe_options.get("plan", "two-phase")
+    options = epochs | {key: value for key, value in recipe_options.items() if key not in ("plan", "without_all", "lora_targets")}
+    if "lora_targets" in recipe_options:
+        options["lora"] = LoraSpec(targets=recipe_options["lora_targets"])
+    if not recipe_options.get("without_all"):
+        return strategy, options
+    groups = len(build_model("mobilenet_v2", weights=None, num_classes=2, device="meta", load=False).groups)
+    stages = build_plan(strategy, num_groups=groups, **options).stages
+    if stages[-1].name != "all":
+        raise SystemExit(f"{recipe}: {strategy}'s plan ends with stage {stages[-1].name!r}, not 'all'")
+    return Plan(stages[:-1]), None
 
 
 def stage_seconds(history: list[dict]) -> dict[str, float]:

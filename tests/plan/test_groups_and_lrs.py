@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -168,18 +169,21 @@ def test_top_groups_accepts_a_numpy_count_and_is_refused_beside_another_strategy
         build_plan("two_phase", num_groups=6, top_groups=3)
 
 
-# The README's plan file for data close to ImageNet: head-top-all with the top 10 groups, less its "all" stage
-TOP_TEN_ONLY_YAML = """
-stages:
-  - {name: head, epochs: 3, train: [head], lr: 1.0e-3}
-  - {name: top10, epochs: 3, train: ["-10:"], lr_range: [5.0e-6, 5.0e-4], batchnorm: eval}
-"""
+README = Path(__file__).resolve().parents[2] / "README.md"
 
 
-def test_the_readme_top_ten_plan_file_is_head_top_all_less_its_all_stage(tmp_path) -> None:
+def _readme_yaml_after(marker: str) -> str:
+    """The first YAML block of the README after `marker`."""
+    text = README.read_text()
+    start = text.index("```yaml\n", text.index(marker)) + len("```yaml\n")
+    return text[start:text.index("```", start)]
+
+
+def test_the_readme_top_ten_plan_file_is_head_top_all_less_its_all_stage(tmp_path: Path) -> None:
     path = tmp_path / "top10.yaml"
-    path.write_text(TOP_TEN_ONLY_YAML)
-    full = build_plan("head-top-all", num_groups=20, top_groups=10)
+    path.write_text(_readme_yaml_after("--config top10.yaml"))
+    groups = len(build_model("mobilenet_v2", num_classes=3, device="meta", load=False).groups)  # as the README runs it
+    full = build_plan("head-top-all", num_groups=groups, top_groups=10)
     assert load_plan(path).stages == full.stages[:-1]
     assert full.stages[-1].name == "all"
 

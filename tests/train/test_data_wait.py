@@ -10,34 +10,56 @@ import pytest
 
 from thaw.cli import main
 from thaw.data.loaders import ImageDataset
+from thaw.plan import ConstantLr, Plan, Stage
+from thaw.train import TrainConfig, train_images
 
-SLOW_S = 0.05  # per image, far above what a 32 px crop and a tiny model's step take
 TINY = ["--model", "mobilenet_v3_small", "--weights", "none", "--image-size", "32", "--batch-size", "8", "--no-augment"]
 
 
-def test_a_slow_loader_shows_in_the_epoch_line_and_metrics_and_cached_epochs_wait_for_nothing(
-    tiny_split_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
-) -> None:
+def _slow_reads(monkeypatch: pytest.MonkeyPatch, seconds: float) -> None:
     read = ImageDataset.__getitem__
 
     def slow_read(self: ImageDataset, key: object) -> object:
-        time.sleep(SLOW_S)
+        time.sleep(seconds)
         return read(self, key)
 
     monkeypatch.setattr(ImageDataset, "__getitem__", slow_read)
+
+
+def test_a_slow_loader_shows_in_the_epoch_line_and_metrics_and_cached_epochs_have_none(
+    tiny_split_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _slow_reads(monkeypatch, 0.05)
     out = tmp_path / "run"
     argv = ["train", str(tiny_split_data), *TINY, "--strategy", "two-phase", "--head-epochs", "1", "--epochs", "1", "--workers", "0"]
     assert main([*argv, "--out", str(out)]) == 0
     lines = capsys.readouterr().out.splitlines()
     with open(out / "metrics.csv", newline="") as handle:
-        rows = list(csv.DictReader(handle))
-    head, full = rows
+        head, full = list(csv.DictReader(handle))
     assert head["cached"] == "True" and full["cached"] == "False"
-    # 36 train images at 50 ms each: 1.8 s of the full epoch's training went to waiting, against milliseconds of compute
-    assert float(full["data_wait_share"]) > 0.5
-    assert float(full["data_wait_share"]) <= 1.0
-    assert float(head["data_wait_share"]) < 0.5  # features in memory: the head's epoch reads no image
+    train_seconds = 36 / float(full["images_per_s"])  # 36 train images (tests/conftest.py)
+    assert 36 * 0.05 <= float(full["data_wait_share"]) * train_seconds <= train_seconds
+    assert head["data_wait_share"] == ""  # features in memory: the head's epoch loads nothing
     full_line = next(line for line in lines if line.startswith("all 1:"))
     assert f"waiting for data {float(full['data_wait_share']):.0%})" in full_line
     head_line = next(line for line in lines if line.startswith("head 1:"))
-    assert "waiting for data" not in head_line  # nothing to wait for on cached features
+    assert "waiting for data" not in head_line
+
+
+def test_the_share_counts_the_wait_for_batches_and_not_the_step(tiny_split_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Loading slowed by 30 ms an image and every optimizer step by 240 ms: the wait holds the first, not the second."""
+    per_image, per_step = 0.03, 0.24
+    _slow_reads(monkeypatch, per_image)
+    plan = Plan((Stage("all", 1, ("all",), ConstantLr(1e-3), batchnorm="eval"),))
+    config = TrainConfig(image_size=32, batch_size=8, quiet=True, augment=False, workers=0)
+    result = train_images(
+        tiny_split_data, model="mobilenet_v3_small", weights=None, plan=plan, config=config, out=tmp_path / "run",
+        step_hooks=[lambda optimizer, step, factor: time.sleep(per_step)],
+    )
+    (row,) = result.history
+    images, steps = 36, 5  # 12 train images per class (tests/conftest.py): 4 batches of 8 and one of 4
+    train_seconds = images / row["images_per_s"]
+    waited = row["data_wait_share"] * train_seconds
+    assert train_seconds > images * per_image + steps * per_step  # both slowdowns are in the epoch
+    # the reads' sleep, plus the real reading of 36 tiny crops; the steps' 1.2 s of sleep would double it
+    assert images * per_image <= waited < images * per_image + 0.5

@@ -197,9 +197,9 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 def print_epoch(state: RunState) -> None:
     row = state.history[-1]
     top5 = f" top5 {row['val_top5']:.3f}" if row.get("val_top5") is not None else ""
-    # An epoch on images says how much of it went to waiting for batches: where that is large, the data path,
-    # not the model, sets the speed (--workers). Cached features are in memory: nothing to say.
-    waited = f", waiting for data {row['data_wait_share']:.0%}" if not row["cached"] and "data_wait_share" in row else ""
+    # An epoch that loads its data says how much of it went to waiting for batches: where that is large, the data
+    # path, not the model, sets the speed (--workers). Cached features (and rows of runs before thaw measured it): None.
+    waited = f", waiting for data {row['data_wait_share']:.0%}" if row.get("data_wait_share") is not None else ""
     print(
         f"{row['stage']} {row['stage_epoch']}: train loss {row['train_loss']:.3f} acc {row['train_accuracy']:.3f} | "
         f"val loss {row['val_loss']:.3f} acc {row['val_accuracy']:.3f} f1 {row['val_macro_f1']:.3f}{top5} "

@@ -647,7 +647,7 @@ class Trainer:
             "images_per_s": train["count"] / max(train["seconds"], 1e-9),
             "seconds": train["seconds"] + val["seconds"],
             "cached": cached,
-            "data_wait_share": train["data_wait_share"],
+            "data_wait_share": None if cached else train["data_wait_share"],  # features in memory: no loading to wait for
         }
         state.history.append(row)
         value = val["loss"] if self.config.metric == "loss" else val[self.config.metric]
