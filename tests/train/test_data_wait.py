@@ -47,8 +47,8 @@ def test_a_slow_loader_shows_in_the_epoch_line_and_metrics_and_cached_epochs_hav
 
 
 def test_the_share_counts_the_wait_for_batches_and_not_the_step(tiny_split_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Loading slowed by 30 ms an image and every optimizer step by 240 ms: the wait holds the first, not the second."""
-    per_image, per_step = 0.03, 0.24
+    """Loading slowed by 30 ms an image and every optimizer step by 500 ms: the wait holds the first, not the second."""
+    per_image, per_step = 0.03, 0.5
     _slow_reads(monkeypatch, per_image)
     plan = Plan((Stage("all", 1, ("all",), ConstantLr(1e-3), batchnorm="eval"),))
     config = TrainConfig(image_size=32, batch_size=8, quiet=True, augment=False, workers=0)
@@ -61,5 +61,5 @@ def test_the_share_counts_the_wait_for_batches_and_not_the_step(tiny_split_data:
     train_seconds = images / row["images_per_s"]
     waited = row["data_wait_share"] * train_seconds
     assert train_seconds > images * per_image + steps * per_step  # both slowdowns are in the epoch
-    # the reads' sleep, plus the real reading of 36 tiny crops; the steps' 1.2 s of sleep would double it
-    assert images * per_image <= waited < images * per_image + 0.5
+    # at least the reads' sleep; never the steps' (counting them would add 2.5 s, past what the epoch leaves)
+    assert images * per_image <= waited <= train_seconds - steps * per_step
