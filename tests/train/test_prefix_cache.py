@@ -204,7 +204,9 @@ def test_the_plan_predicts_the_stages_that_train_on_the_cached_bottom(
     adapter.model.register_forward_pre_hook(
         lambda module, args: trained_on.append(args[0].shape[-1]) if module.training and args[0].shape[1] == 3 else None
     )
-    config = TrainConfig(**(BASE | options))
+    # fp32: on random weights the all stage's 16 px crops can drive bf16 depthwise kernels on CPU to NaN (seen once
+    # in CI, where thaw stopped with its one-line NaN error); this test is about which stages run on cached inputs.
+    config = TrainConfig(**(BASE | {"precision": "fp32"} | options))
     fit(adapter, discover(tiny_split_data), plan, config, tmp_path / "run", meta={"model": "mobilenet_v3_small"})
     assert predicted == ran == kinds
     if "progressive_resize" in options:  # the top stage trained on full-size cached views; only the all stage resized
