@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import csv
+import os
+import signal
 import time
 from pathlib import Path
 
@@ -12,6 +14,7 @@ from thaw.cli import main
 from thaw.data.loaders import ImageDataset
 from thaw.plan import ConstantLr, Plan, Stage
 from thaw.train import TrainConfig, train_images
+from thaw.train.fit import RunInterrupted
 
 TINY = ["--model", "mobilenet_v3_small", "--weights", "none", "--image-size", "32", "--batch-size", "8", "--no-augment"]
 
@@ -63,3 +66,28 @@ def test_the_share_counts_the_wait_for_batches_and_not_the_step(tiny_split_data:
     assert train_seconds > images * per_image + steps * per_step  # both slowdowns are in the epoch
     # at least the reads' sleep; never the steps' (counting them would add 2.5 s, past what the epoch leaves)
     assert images * per_image <= waited <= train_seconds - steps * per_step
+
+
+def test_a_resumed_epoch_reports_the_rate_of_the_images_it_trained(tiny_split_data: Path, tmp_path: Path) -> None:
+    """Ctrl-C after the fourth of five steps: the resumed part trains one batch of 4 images (every step slowed by
+    300 ms), so its rate is at most 4 images in 0.3 s."""
+    per_step, out = 0.3, tmp_path / "run"
+    plan = Plan((Stage("all", 1, ("all",), ConstantLr(1e-3), batchnorm="eval"),))
+    config = TrainConfig(image_size=32, batch_size=8, quiet=True, augment=False, workers=0)
+
+    def slow_step(optimizer: object, step: int, factor: float) -> None:
+        time.sleep(per_step)
+
+    def press_ctrl_c_after_step_4(optimizer: object, step: int, factor: float) -> None:
+        if step == 3:  # handled after this step: 4 of the 5 batches done
+            os.kill(os.getpid(), signal.SIGINT)
+
+    run = lambda hooks, resume=False: train_images(  # noqa: E731
+        tiny_split_data, model="mobilenet_v3_small", weights=None, plan=plan, config=config, out=out, step_hooks=hooks, resume=resume,
+    )
+    with pytest.raises(RunInterrupted, match="after batch 4"):
+        run([press_ctrl_c_after_step_4])
+    resumed = run([slow_step], resume=True)
+    (row,) = resumed.history
+    assert 0 < row["images_per_s"] <= 4 / per_step  # the whole epoch's 36 images in the resumed part's time: 120/s
+    assert 0 < resumed.images_per_s <= 4 / per_step  # the run's rate (thaw.json, the report) counts the same images

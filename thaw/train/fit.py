@@ -604,7 +604,7 @@ class Trainer:
             batches = FeatureBatches(cached.val, self.config.batch_size, None, dtype)
             model = self.delivered_model()  # the weight average, where a stage that trains layers keeps one
             val = evaluate(model, batches, self.engine, classes, f"{label} val", forward=cached.forward(self.adapter, model), observe=observe)
-        self.train_images += train["count"]
+        self.train_images += train["images"]
         self.train_seconds += train["seconds"]
         return self._record(stage_index, train, val, cached is not None)
 
@@ -644,7 +644,7 @@ class Trainer:
             "val_accuracy": val["accuracy"],
             "val_macro_f1": val["macro_f1"],
             "val_top5": val.get("top5"),
-            "images_per_s": train["count"] / max(train["seconds"], 1e-9),
+            "images_per_s": train["images"] / max(train["seconds"], 1e-9),  # a resumed epoch: its resumed part
             "seconds": train["seconds"] + val["seconds"],
             "cached": cached,
             "data_wait_share": None if cached else train["data_wait_share"],  # features in memory: no loading to wait for

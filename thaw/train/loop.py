@@ -129,10 +129,13 @@ def train_one_epoch(
     partial group included. When `should_stop` turns true the epoch ends after the current
     optimizer step, and the result says how many batches it consumed. `data_wait_share`: the
     share of the epoch spent waiting for the next batch (with no worker processes, preparing it).
+    `images`: the samples this pass trained on, every rank's (a resumed epoch's `tracker` already counts those
+    before the cut, which this pass's `seconds` do not include).
     """
     forward = forward or model
     model.train()  # frozen BatchNorm layers stay in eval: their hook wins
     tracker = tracker or MetricTracker(num_classes)
+    counted_before = tracker.count  # a resumed epoch's images before the cut (resuming mid-epoch is single-process only)
     step, started, batches, in_group = first_step, time.perf_counter(), 0, 0
     group_loss, group_count, step_started, correct_before = 0.0, 0, started, int(tracker.confusion.trace())
     optimizer.zero_grad(set_to_none=True)
@@ -149,7 +152,7 @@ def train_one_epoch(
             value = _forward_backward(forward, batch, engine, f"{label}, batch {index + 1}", tracker, blend)
             in_group += everywhere
             group_loss, group_count = group_loss + value * len(batch.labels), group_count + len(batch.labels)
-            rate = tracker.count / max(time.perf_counter() - started, 1e-9)
+            rate = (tracker.count - counted_before) / max(time.perf_counter() - started, 1e-9)
             if engine.progress is None:
                 progress.set_postfix(loss=f"{value:.3f}", img_s=f"{rate:.0f}")
             else:
@@ -173,7 +176,8 @@ def train_one_epoch(
                 return {"interrupted": True, "batches": batches, "tracker": tracker, "seconds": time.perf_counter() - started}
         asked = time.perf_counter()
     seconds = time.perf_counter() - started
-    return engine.finish(tracker).summary() | {"seconds": seconds, "data_wait_share": waited / max(seconds, 1e-9), "interrupted": False}
+    images = engine.finish(tracker).count - counted_before
+    return tracker.summary() | {"seconds": seconds, "images": images, "data_wait_share": waited / max(seconds, 1e-9), "interrupted": False}
 
 
 def _bar_label(engine: Engine, label: str) -> str:
