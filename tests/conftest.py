@@ -20,6 +20,28 @@ def shared_data(name: str) -> Path:
 
 torch.set_num_threads(2)
 
+IMAGENET_BEE, IMAGENET_ANT = 309, 310
+
+
+def share_seeing_ants_or_bees(adapter) -> float:
+    """The share of hymenoptera's 153 val photos for which the ImageNet model puts its ant or bee class in its top 5,
+    with the model's own preprocessing: real pretrained weights, loaded right."""
+    from PIL import Image
+
+    from thaw.data import eval_transform
+
+    files = sorted((shared_data("hymenoptera_data") / "val").glob("*/*.jpg"))
+    assert len(files) == 153
+    transform = eval_transform(adapter.preprocessing)
+    adapter.model.eval()
+    hits = 0
+    with torch.no_grad():
+        for start in range(0, len(files), 51):
+            batch = torch.stack([transform(Image.open(f).convert("RGB")) for f in files[start : start + 51]])
+            top5 = adapter.model(batch).topk(5).indices
+            hits += int(((top5 == IMAGENET_BEE) | (top5 == IMAGENET_ANT)).any(dim=1).sum())
+    return hits / len(files)
+
 
 @pytest.fixture
 def torch_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:

@@ -17,10 +17,12 @@ from itertools import count
 from pathlib import Path
 
 import pytest
+import torch
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from tests.conftest import write_class_images
+from thaw import build_model
 from thaw.cli import demo_cmd, main
 from thaw.plan.freeze import BATCHNORM_POLICIES
 from thaw.plan.optim import OPTIMIZERS
@@ -134,6 +136,10 @@ COMMANDS = {
          "--out": ("@fresh.png", "@fresh.xyz", "@fresh", *PATHS), "--json": FLAG},
     ),
     "demo": (["demo", "--out", "@fresh"], {"--out": ("@fresh", *PATHS), "--json": FLAG}),
+    "convert-weights": (
+        ["convert-weights", "@weights", "--model", "mobilenet_v3_small", "--out", "@fresh.safetensors"],
+        {"--model": MODELS, "--out": ("@fresh.safetensors", "@fresh.pth", "@weights", *PATHS)},
+    ),
 }
 # Positionals a command takes, replaced or dropped by a draw.
 POSITIONALS = {
@@ -143,6 +149,7 @@ POSITIONALS = {
     "predict": ("@run", "@images", "@texts", *PATHS),
     "export": ("@run", *PATHS),
     "lr-find": ("@data", "@flat", *PATHS),
+    "convert-weights": ("@weights", "@junk", "@missing.pth", "@plan", *PATHS),
 }
 
 
@@ -190,11 +197,14 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     (root / "plan.yaml").write_text("stages:\n  - {name: head, epochs: 1, train: [head], lr: 1.0e-3}\n")
     (root / "bad_plan.yaml").write_text("stages:\n  - {name: head, epochs: -1, weight_decay: -0.1, lr: fast}\n")
     (root / "texts.txt").write_text("a first text\n\nanother one\n")
+    # mobilenet_v3_small's tensors under another implementation's names, for convert-weights
+    state = build_model("mobilenet_v3_small", weights=None).model.state_dict()
+    torch.save({f"theirs.{index}.{key.rsplit('.', 1)[-1]}": value for index, (key, value) in enumerate(state.items())}, root / "weights.pth")
     return {
         "data": data, "flat": data / "train", "images": data / "val" / "red", "texts": root / "texts.txt",
         "missing": root / "missing", "missing.pth": root / "missing.pth", "folder": root / "folder", "empty": root / "empty",
         "junk": root / "junk", "locked": root / "locked", "locked_folder": root / "locked_folder",
-        "under_file": root / "junk" / "inside", "plan": root / "plan.yaml", "bad_plan": root / "bad_plan.yaml", "root": root,
+        "under_file": root / "junk" / "inside", "plan": root / "plan.yaml", "weights": root / "weights.pth", "bad_plan": root / "bad_plan.yaml", "root": root,
     }
 
 
@@ -364,6 +374,13 @@ def test_lr_find(argv: list[str], world: dict[str, Path], capfd: pytest.CaptureF
 @example(argv=["demo", "--out", "@junk"])
 @example(argv=["demo", "--out", "@under_file"])
 def test_demo(argv: list[str], world: dict[str, Path], capfd: pytest.CaptureFixture[str]) -> None:
+    assert_one_line_or_success(argv, world, capfd)
+
+
+@fuzz(15)
+@given(argv=argument_vectors("convert-weights"))
+@example(argv=[*COMMANDS["convert-weights"][0][:-1], "@weights"])  # --out the source itself
+def test_convert_weights(argv: list[str], world: dict[str, Path], capfd: pytest.CaptureFixture[str]) -> None:
     assert_one_line_or_success(argv, world, capfd)
 
 

@@ -6,30 +6,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from PIL import Image
 
-from tests.conftest import RunsCode, shared_data
+from tests.conftest import RunsCode, share_seeing_ants_or_bees
 from thaw import ThawError, build_model
-from thaw.data import eval_transform
 from thaw.models.weights import packaged_copy
-
-IMAGENET_BEE, IMAGENET_ANT = 309, 310
 
 
 def test_real_mobilenet_weights_recognise_ants_and_bees(torch_home: Path) -> None:
     """The real IMAGENET1K_V1 file, with its own preprocessing, sees ants and bees in the val photos."""
-    adapter = build_model("mobilenet_v2", weights="IMAGENET1K_V1")
-    files = sorted((shared_data("hymenoptera_data") / "val").glob("*/*.jpg"))
-    assert len(files) == 153
-    transform = eval_transform(adapter.preprocessing)
-    adapter.model.eval()
-    hits = 0
-    with torch.no_grad():
-        for start in range(0, len(files), 51):
-            batch = torch.stack([transform(Image.open(f).convert("RGB")) for f in files[start : start + 51]])
-            top5 = adapter.model(batch).topk(5).indices
-            hits += int(((top5 == IMAGENET_BEE) | (top5 == IMAGENET_ANT)).any(dim=1).sum())
-    assert hits / len(files) > 0.8
+    assert share_seeing_ants_or_bees(build_model("mobilenet_v2", weights="IMAGENET1K_V1")) > 0.8
 
 
 def test_packaged_weights_land_in_the_hub_cache_torchvision_reads(torch_home: Path) -> None:

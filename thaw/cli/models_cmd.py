@@ -1,20 +1,30 @@
-"""`thaw models`: the supported architectures and which weights files are available offline."""
+"""`thaw models`: the supported architectures and which weights files are available offline;
+`thaw convert-weights`: another implementation's weights file under a model's own names."""
 
 from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 from torchvision import models as tv_models
 
-from thaw.models import list_torchvision_models
-from thaw.models.weights import hub_cache_path, packaged_copy
+from thaw.errors import ThawError
+from thaw.models import build_model, list_torchvision_models
+from thaw.models.weights import hub_cache_path, load_state_dict_file, packaged_copy, rename_in_order
 
 
 def register(commands: argparse._SubParsersAction) -> None:
     parser = commands.add_parser("models", help="list supported models and offline weights")
     parser.add_argument("--json", action="store_true")
     parser.set_defaults(handler=run)
+    convert = commands.add_parser(
+        "convert-weights", help="rename a weights file saved by another implementation of a model to its names, in order"
+    )
+    convert.add_argument("source", type=Path, help="the weights file (.pth/.pt/.safetensors, tensors only)")
+    convert.add_argument("--model", required=True, help="the architecture it holds: a torchvision name or timm/NAME")
+    convert.add_argument("--out", type=Path, required=True, help="the .safetensors file to write")
+    convert.set_defaults(handler=run_convert)
 
 
 def weights_status(name: str) -> list[dict]:
@@ -44,4 +54,27 @@ def run(args: argparse.Namespace) -> int:
         )
         print(f"{model['name']:20s} {weights}")
     print("\n* DEFAULT weights; [offline] the file is cached or installed. timm models: --model timm/NAME")
+    return 0
+
+
+def run_convert(args: argparse.Namespace) -> int:
+    """The model as its builder makes it (original head included) takes the file's tensors one for one, in order;
+    refused unless every pair has the same shape and kind. Written atomically, as safetensors."""
+    from thaw.train.checkpoint import save_weights
+
+    if args.out.suffix != ".safetensors":
+        raise ThawError(f"--out {args.out} must end in .safetensors (thaw writes converted weights as safetensors)")
+    if args.out.resolve() == args.source.resolve():
+        raise ThawError(f"--out {args.out} is the file being converted; write the converted weights to another file")
+    state = load_state_dict_file(args.source)
+    model = build_model(args.model, weights=None).model
+    model.load_state_dict(rename_in_order(state, model, str(args.source)), strict=True)
+    save_weights(args.out, model)
+    theirs, ours = next(((a, b) for a, b in zip(state, model.state_dict()) if a != b), (None, None))
+    example = f" (e.g. {theirs} -> {ours})" if theirs else " (the names were already the model's)"
+    print(
+        f"wrote {args.out}: {len(state)} tensors of {args.source} renamed in order for {args.model}{example}; "
+        f"use it with --model {args.model} --weights {args.out}. Same shapes and kinds in order cannot tell apart two "
+        "same-shaped layers stored in another order: check the model's predictions before trusting it"
+    )
     return 0

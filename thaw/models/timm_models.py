@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from contextlib import nullcontext
+from pathlib import Path
 
 import torch
 from torch import nn
 
 from thaw.errors import ThawError
+from thaw.models import weights as weights_io
 from thaw.models._structure import is_norm
 from thaw.models.adapter import LayerGroup, ModelAdapter, Preprocessing, is_within
 
@@ -116,16 +118,24 @@ def build_timm(
     on_meta = torch.device(device).type == "meta"
     load = load and not on_meta
     options: dict[str, object] = {}
+    state = None
     if weights and weights.lower() not in ("none", "default") and load:
-        options = {"pretrained": True, "pretrained_cfg_overlay": {"file": weights}}
+        # thaw reads the file (safetensors, or tensors only), and timm loads it as its own download: through the
+        # model's checkpoint filter (layouts of the original release), strictly.
+        state = weights_io.load_state_dict_file(Path(weights))
+        options = {"pretrained": True, "pretrained_cfg_overlay": {"state_dict": state, "source": ""}}
     elif weights and weights.lower() == "default" and load:
         options = {"pretrained": True}
     try:
         with torch.device("meta") if on_meta else nullcontext():
             model = timm.create_model(name, **options)
     except (OSError, RuntimeError) as error:
+        if state is not None:  # say what does not fit (or that only the names differ), as for torchvision
+            weights_io.load_into(timm.create_model(name), state, str(weights))
+            raise ThawError(f"timm could not load {weights} into {name} ({str(error).splitlines()[0]})") from None
         raise ThawError(
             f"could not load timm weights for {name} ({str(error).splitlines()[0]}); "
             "offline, pass a local file with --weights PATH"
         ) from None
+    model.pretrained_cfg.pop("state_dict", None)  # the config stays for preprocessing; the tensors are loaded
     return adapt_timm(model.to(device) if not on_meta else model, num_classes=num_classes)

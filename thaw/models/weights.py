@@ -117,12 +117,20 @@ def load_state_dict_file(path: Path) -> dict[str, torch.Tensor]:
 
 
 def load_into(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
-    """Strict load with an error that says which architecture the file does not fit."""
+    """Strict load with an error that says which architecture the file does not fit, or, where only the names
+    differ (the file's tensors fit the model's one for one, in order), how to rename them."""
     own = model.state_dict()
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
     wrong_shape = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
     if missing or unexpected or wrong_shape:
+        if missing and unexpected and _order_problem(state, own) is None:
+            first = next(i for i, (theirs, ours) in enumerate(zip(state, own)) if theirs != ours)
+            raise ThawError(
+                f"weights {source} hold {len(state)} tensors that fit {type(model).__name__}'s in order and shape under "
+                f"other names (e.g. {list(state)[first]} for {list(own)[first]}); rename them with "
+                "`thaw convert-weights FILE --model MODEL --out NEW.safetensors` and pass that file"
+            )
         example = (wrong_shape or missing or unexpected)[0]
         raise ThawError(
             f"weights {source} do not fit {type(model).__name__} ({len(missing)} missing, "
@@ -130,3 +138,35 @@ def load_into(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> 
             "check --model matches the architecture the file was saved from"
         )
     model.load_state_dict(state, strict=True)
+
+
+def _kind(key: str) -> str:
+    """What a tensor is, whatever its module is called: weight, bias, running_mean, num_batches_tracked..."""
+    return key.rsplit(".", 1)[-1]
+
+
+def _order_problem(theirs: dict[str, torch.Tensor], ours: dict[str, torch.Tensor]) -> str | None:
+    """Why the file's tensors cannot be the model's taken in order; None where they can."""
+    if len(theirs) != len(ours):
+        return f"it holds {len(theirs)} tensors, the model {len(ours)}"
+    for index, ((their_key, their), (our_key, our)) in enumerate(zip(theirs.items(), ours.items())):
+        if their.shape != our.shape or _kind(their_key) != _kind(our_key):
+            return (
+                f"tensor {index + 1}, {their_key} {tuple(their.shape)}, does not match the model's {our_key} "
+                f"{tuple(our.shape)}"
+            )
+    return None
+
+
+def rename_in_order(state: dict[str, torch.Tensor], model: nn.Module, source: str) -> dict[str, torch.Tensor]:
+    """The file's tensors under the model's names, taken one for one in order: for weights saved by another
+    implementation of the same architecture. Refused unless every pair has the same shape and the same kind
+    (weight, bias, running_var...), which catches a different layer order in all but same-shaped neighbours."""
+    own = model.state_dict()
+    problem = _order_problem(state, own)
+    if problem is not None:
+        raise ThawError(
+            f"cannot rename the tensors of {source} in order for {type(model).__name__}: {problem}; "
+            "the file is not this architecture, or its implementation orders layers differently"
+        )
+    return {ours: their.contiguous() for ours, their in zip(own, state.values())}
