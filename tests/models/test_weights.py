@@ -85,6 +85,21 @@ def test_pickle_that_would_run_code_is_refused(tmp_path: Path) -> None:
         build_model("mobilenet_v3_small", weights=str(path))
 
 
+@pytest.mark.parametrize("content", ["damaged safetensors", "empty state dict", "numbered keys"])
+def test_a_weights_file_without_named_tensors_is_one_line(tmp_path: Path, content: str) -> None:
+    if content == "damaged safetensors":
+        path = tmp_path / "cut.safetensors"
+        path.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
+        expected = "cannot read .* as safetensors"
+    else:
+        path = tmp_path / "odd.pth"
+        torch.save({} if content == "empty state dict" else {0: torch.zeros(1)}, path)
+        expected = "holds no state_dict of named tensors"
+    for model in ("mobilenet_v3_small", "timm/resnet18"):  # timm: an empty file must not fall through to its download
+        with pytest.raises(ThawError, match=expected):
+            build_model(model, weights=str(path))
+
+
 def test_missing_weights_file_path() -> None:
     with pytest.raises(ThawError, match="does not exist"):
         build_model("resnet18", weights="/nonexistent/resnet.pth", device="cpu")

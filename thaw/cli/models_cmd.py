@@ -21,7 +21,7 @@ def register(commands: argparse._SubParsersAction) -> None:
     convert = commands.add_parser(
         "convert-weights", help="rename a weights file saved by another implementation of a model to its names, in order"
     )
-    convert.add_argument("source", type=Path, help="the weights file (.pth/.pt/.safetensors, tensors only)")
+    convert.add_argument("source", type=Path, help="the weights file (.pth/.pt/.bin, tensors only: their order is kept)")
     convert.add_argument("--model", required=True, help="the architecture it holds: a torchvision name or timm/NAME")
     convert.add_argument("--out", type=Path, required=True, help="the .safetensors file to write")
     convert.set_defaults(handler=run_convert)
@@ -60,12 +60,15 @@ def run(args: argparse.Namespace) -> int:
 def run_convert(args: argparse.Namespace) -> int:
     """The model as its builder makes it (original head included) takes the file's tensors one for one, in order;
     refused unless every pair has the same shape and kind. Written atomically, as safetensors."""
-    from thaw.train.checkpoint import save_weights
+    from thaw.train.checkpoint import save_weights  # here: the training package is not needed to list models
 
+    if args.source.suffix == ".safetensors":
+        raise ThawError(
+            f"{args.source} is safetensors, which stores no tensor order (it reads keys back sorted), so it cannot "
+            "be renamed in order; save the original implementation's state_dict with torch.save and convert that"
+        )
     if args.out.suffix != ".safetensors":
         raise ThawError(f"--out {args.out} must end in .safetensors (thaw writes converted weights as safetensors)")
-    if args.out.resolve() == args.source.resolve():
-        raise ThawError(f"--out {args.out} is the file being converted; write the converted weights to another file")
     state = load_state_dict_file(args.source)
     model = build_model(args.model, weights=None).model
     model.load_state_dict(rename_in_order(state, model, str(args.source)), strict=True)

@@ -118,24 +118,22 @@ def build_timm(
     on_meta = torch.device(device).type == "meta"
     load = load and not on_meta
     options: dict[str, object] = {}
-    state = None
-    if weights and weights.lower() not in ("none", "default") and load:
-        # thaw reads the file (safetensors, or tensors only), and timm loads it as its own download: through the
-        # model's checkpoint filter (layouts of the original release), strictly.
-        state = weights_io.load_state_dict_file(Path(weights))
-        options = {"pretrained": True, "pretrained_cfg_overlay": {"state_dict": state, "source": ""}}
+    from_file = bool(weights) and weights.lower() not in ("none", "default") and load
+    if from_file:  # timm's own reader (tensors only) and the model's checkpoint filter, as for its downloads
+        options = {"pretrained": True, "pretrained_cfg_overlay": {"file": weights}}
     elif weights and weights.lower() == "default" and load:
         options = {"pretrained": True}
     try:
         with torch.device("meta") if on_meta else nullcontext():
             model = timm.create_model(name, **options)
-    except (OSError, RuntimeError) as error:
-        if state is not None:  # say what does not fit (or that only the names differ), as for torchvision
-            weights_io.load_into(timm.create_model(name), state, str(weights))
+    except Exception as error:  # noqa: BLE001 - timm's filters raise KeyError and others for a file that does not fit
+        if from_file:  # say what does not fit (or that only the names differ), as for torchvision
+            weights_io.load_into(timm.create_model(name), weights_io.load_state_dict_file(Path(weights)), str(weights))
             raise ThawError(f"timm could not load {weights} into {name} ({str(error).splitlines()[0]})") from None
+        if not isinstance(error, (OSError, RuntimeError)):
+            raise
         raise ThawError(
             f"could not load timm weights for {name} ({str(error).splitlines()[0]}); "
             "offline, pass a local file with --weights PATH"
         ) from None
-    model.pretrained_cfg.pop("state_dict", None)  # the config stays for preprocessing; the tensors are loaded
     return adapt_timm(model.to(device) if not on_meta else model, num_classes=num_classes)

@@ -100,7 +100,10 @@ def load_state_dict_file(path: Path) -> dict[str, torch.Tensor]:
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
-        return load_file(str(path))
+        try:
+            return _checked(load_file(str(path)), path)
+        except Exception as error:  # noqa: BLE001 - safetensors raises its own error type for a damaged file
+            raise ThawError(f"cannot read {path} as safetensors ({str(error).splitlines()[0]}); pass an undamaged file") from None
     try:
         loaded = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises several types for unsafe or damaged pickles
@@ -113,7 +116,14 @@ def load_state_dict_file(path: Path) -> dict[str, torch.Tensor]:
             loaded = loaded[key]
     if not isinstance(loaded, dict) or not all(isinstance(v, torch.Tensor) for v in loaded.values()):
         raise ThawError(f"{path} holds no state_dict of tensors; save model.state_dict() instead")
-    return loaded
+    return _checked(loaded, path)
+
+
+def _checked(state: dict, path: Path) -> dict[str, torch.Tensor]:
+    """A state dict has named tensors; an empty one would load nothing (and timm would fetch its own weights)."""
+    if not state or not all(isinstance(key, str) for key in state):
+        raise ThawError(f"{path} holds no state_dict of named tensors; save model.state_dict() instead")
+    return state
 
 
 def load_into(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
@@ -124,7 +134,8 @@ def load_into(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> 
     unexpected = [k for k in state if k not in own]
     wrong_shape = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
     if missing or unexpected or wrong_shape:
-        if missing and unexpected and _order_problem(state, own) is None:
+        # safetensors stores no order (it reads keys back sorted): no rename in order from such a file
+        if missing and unexpected and not source.endswith(".safetensors") and _order_problem(state, own) is None:
             first = next(i for i, (theirs, ours) in enumerate(zip(state, own)) if theirs != ours)
             raise ThawError(
                 f"weights {source} hold {len(state)} tensors that fit {type(model).__name__}'s in order and shape under "
