@@ -129,10 +129,26 @@ def test_convert_weights_refuses_what_it_cannot_do_in_one_line(
     assert not (tmp_path / out).exists()
 
 
-def test_a_timm_weights_file_under_timms_own_names_loads_as_before(tmp_path: Path) -> None:
-    """A checkpoint saved from the timm model itself (the usual case): timm's reader loads it, nothing renamed."""
-    source = build_model("timm/resnet18", weights=None).model
-    path = tmp_path / "resnet18-mine.pth"
+@pytest.mark.parametrize("model", ["timm/resnet18", "timm/vit_tiny_patch16_224"])  # ViT's own downloads are JAX files
+def test_a_timm_weights_file_under_timms_own_names_loads(tmp_path: Path, model: str) -> None:
+    """A file saved from the timm model itself (the usual case): timm's reader loads it, nothing renamed."""
+    source = build_model(model, weights=None).model
+    path = tmp_path / "mine.pth"
     torch.save(source.state_dict(), path)
-    loaded = build_model("timm/resnet18", weights=str(path), num_classes=3).model
-    assert all(torch.equal(tensor, source.state_dict()[name]) for name, tensor in loaded.state_dict().items() if not name.startswith("fc."))
+    loaded = build_model(model, weights=str(path), num_classes=3)
+    assert all(torch.equal(tensor, source.state_dict()[name]) for name, tensor in loaded.model.state_dict().items()
+               if not name.startswith(loaded.head_name))
+
+
+def test_a_timm_training_checkpoint_loads_its_weight_average(tmp_path: Path) -> None:
+    """timm's train.py saves its arguments and the EMA beside the weights, keys prefixed under DDP: timm's reader
+    takes the EMA and strips the prefix; thaw hands it the file."""
+    import argparse
+
+    raw, average = build_model("timm/resnet18", weights=None).model.state_dict(), build_model("timm/resnet18", weights=None).model.state_dict()
+    path = tmp_path / "checkpoint-9.pth.tar"
+    torch.save({"epoch": 9, "args": argparse.Namespace(lr=0.1), "state_dict": {f"module.{k}": v for k, v in raw.items()},
+                "state_dict_ema": average}, path)
+    loaded = build_model("timm/resnet18", weights=str(path)).model.state_dict()
+    assert all(torch.equal(loaded[name], average[name]) for name in average)
+    assert not torch.equal(loaded["conv1.weight"], raw["conv1.weight"])

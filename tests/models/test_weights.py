@@ -95,14 +95,15 @@ def test_a_weights_file_without_named_tensors_is_one_line(tmp_path: Path, conten
         path = tmp_path / "odd.pth"
         torch.save({} if content == "empty state dict" else {0: torch.zeros(1)}, path)
         expected = "holds no state_dict of named tensors"
-    for model in ("mobilenet_v3_small", "timm/resnet18"):  # timm: an empty file must not fall through to its download
+    for model in ("mobilenet_v3_small", "timm/resnet18"):
         with pytest.raises(ThawError, match=expected):
             build_model(model, weights=str(path))
 
 
-def test_missing_weights_file_path() -> None:
+@pytest.mark.parametrize("model", ["resnet18", "timm/resnet18"])
+def test_missing_weights_file_path(model: str) -> None:
     with pytest.raises(ThawError, match="does not exist"):
-        build_model("resnet18", weights="/nonexistent/resnet.pth", device="cpu")
+        build_model(model, weights="/nonexistent/resnet.pth", device="cpu")
 
 
 def _link_when_all_are_ready(barrier, url: str, results) -> None:

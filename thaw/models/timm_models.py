@@ -120,6 +120,8 @@ def build_timm(
     options: dict[str, object] = {}
     from_file = bool(weights) and weights.lower() not in ("none", "default") and load
     if from_file:  # timm's own reader (tensors only) and the model's checkpoint filter, as for its downloads
+        if not Path(weights).is_file():  # before timm, which would log its own line too
+            raise ThawError(f"weights file {weights} does not exist; pass an existing .pth/.pt/.safetensors file")
         options = {"pretrained": True, "pretrained_cfg_overlay": {"file": weights}}
     elif weights and weights.lower() == "default" and load:
         options = {"pretrained": True}
@@ -127,13 +129,21 @@ def build_timm(
         with torch.device("meta") if on_meta else nullcontext():
             model = timm.create_model(name, **options)
     except Exception as error:  # noqa: BLE001 - timm's filters raise KeyError and others for a file that does not fit
-        if from_file:  # say what does not fit (or that only the names differ), as for torchvision
-            weights_io.load_into(timm.create_model(name), weights_io.load_state_dict_file(Path(weights)), str(weights))
-            raise ThawError(f"timm could not load {weights} into {name} ({str(error).splitlines()[0]})") from None
+        said = (str(error).splitlines() or [type(error).__name__])[0]
+        if from_file:
+            _explain_file_failure(timm.create_model(name), Path(weights), said)
+            raise ThawError(f"timm could not load {weights} into {name} ({said})") from None
         if not isinstance(error, (OSError, RuntimeError)):
             raise
-        raise ThawError(
-            f"could not load timm weights for {name} ({str(error).splitlines()[0]}); "
-            "offline, pass a local file with --weights PATH"
-        ) from None
+        raise ThawError(f"could not load timm weights for {name} ({said}); offline, pass a local file with --weights PATH") from None
     return adapt_timm(model.to(device) if not on_meta else model, num_classes=num_classes)
+
+
+def _explain_file_failure(model: nn.Module, path: Path, timm_said: str) -> None:
+    """Say what of the file timm failed on does not fit the model (or that only the names differ), read by thaw's
+    own reader; where that reader refuses the file too, its reason with timm's."""
+    try:
+        state = weights_io.load_state_dict_file(path)
+    except ThawError as refused:
+        raise ThawError(f"{refused} (timm: {timm_said})") from None
+    weights_io.load_into(model, state, str(path))

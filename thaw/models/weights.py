@@ -101,9 +101,10 @@ def load_state_dict_file(path: Path) -> dict[str, torch.Tensor]:
         from safetensors.torch import load_file
 
         try:
-            return _checked(load_file(str(path)), path)
+            state = load_file(str(path))
         except Exception as error:  # noqa: BLE001 - safetensors raises its own error type for a damaged file
             raise ThawError(f"cannot read {path} as safetensors ({str(error).splitlines()[0]}); pass an undamaged file") from None
+        return _checked(state, path)
     try:
         loaded = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises several types for unsafe or damaged pickles
@@ -120,7 +121,7 @@ def load_state_dict_file(path: Path) -> dict[str, torch.Tensor]:
 
 
 def _checked(state: dict, path: Path) -> dict[str, torch.Tensor]:
-    """A state dict has named tensors; an empty one would load nothing (and timm would fetch its own weights)."""
+    """A state dict has named tensors; an empty one would load nothing."""
     if not state or not all(isinstance(key, str) for key in state):
         raise ThawError(f"{path} holds no state_dict of named tensors; save model.state_dict() instead")
     return state
