@@ -11,7 +11,7 @@ from torchvision import models as tv_models
 
 from thaw.errors import ThawError
 from thaw.models import build_model, list_torchvision_models
-from thaw.models.weights import hub_cache_path, load_state_dict_file, packaged_copy, rename_in_order
+from thaw.models.weights import first_renamed, hub_cache_path, load_state_dict_file, packaged_copy, rename_in_order
 
 
 def register(commands: argparse._SubParsersAction) -> None:
@@ -73,8 +73,8 @@ def run_convert(args: argparse.Namespace) -> int:
     model = build_model(args.model, weights=None).model
     model.load_state_dict(rename_in_order(state, model, str(args.source)), strict=True)
     save_weights(args.out, model)
-    theirs, ours = next(((a, b) for a, b in zip(state, model.state_dict()) if a != b), (None, None))
-    example = f" (e.g. {theirs} -> {ours})" if theirs else " (the names were already the model's)"
+    renamed = first_renamed(state, model.state_dict())
+    example = f" (e.g. {renamed[0]} -> {renamed[1]})" if renamed else " (the names were already the model's)"
     print(
         f"wrote {args.out}: {len(state)} tensors of {args.source} renamed in order for {args.model}{example}; "
         f"use it with --model {args.model} --weights {args.out}. Same shapes and kinds in order cannot tell apart two "

@@ -120,8 +120,7 @@ def build_timm(
     options: dict[str, object] = {}
     from_file = bool(weights) and weights.lower() not in ("none", "default") and load
     if from_file:  # timm's own reader (tensors only) and the model's checkpoint filter, as for its downloads
-        if not Path(weights).is_file():  # before timm, which would log its own line too
-            raise ThawError(f"weights file {weights} does not exist; pass an existing .pth/.pt/.safetensors file")
+        weights_io.require_file(Path(weights))  # before timm, which would log its own line too
         options = {"pretrained": True, "pretrained_cfg_overlay": {"file": weights}}
     elif weights and weights.lower() == "default" and load:
         options = {"pretrained": True}

@@ -92,10 +92,14 @@ def ensure_cached(url: str) -> Path:
     return cached
 
 
-def load_state_dict_file(path: Path) -> dict[str, torch.Tensor]:
-    """A state dict from safetensors or a weights-only torch file; never unpickles code."""
+def require_file(path: Path) -> None:
     if not path.is_file():
         raise ThawError(f"weights file {path} does not exist; pass an existing .pth/.pt/.safetensors file")
+
+
+def load_state_dict_file(path: Path) -> dict[str, torch.Tensor]:
+    """A state dict from safetensors or a weights-only torch file; never unpickles code."""
+    require_file(path)
     check_hash_in_name(path)
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
@@ -137,10 +141,10 @@ def load_into(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> 
     if missing or unexpected or wrong_shape:
         # safetensors stores no order (it reads keys back sorted): no rename in order from such a file
         if missing and unexpected and not source.endswith(".safetensors") and _order_problem(state, own) is None:
-            first = next(i for i, (theirs, ours) in enumerate(zip(state, own)) if theirs != ours)
+            theirs, ours = first_renamed(state, own) or ("", "")
             raise ThawError(
                 f"weights {source} hold {len(state)} tensors that fit {type(model).__name__}'s in order and shape under "
-                f"other names (e.g. {list(state)[first]} for {list(own)[first]}); rename them with "
+                f"other names (e.g. {theirs} for {ours}); rename them with "
                 "`thaw convert-weights FILE --model MODEL --out NEW.safetensors` and pass that file"
             )
         example = (wrong_shape or missing or unexpected)[0]
@@ -150,6 +154,11 @@ def load_into(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> 
             "check --model matches the architecture the file was saved from"
         )
     model.load_state_dict(state, strict=True)
+
+
+def first_renamed(theirs: dict[str, torch.Tensor], ours: dict[str, torch.Tensor]) -> tuple[str, str] | None:
+    """The first pair of names, taken in order, that differ; None where every name is the same."""
+    return next(((a, b) for a, b in zip(theirs, ours) if a != b), None)
 
 
 def _kind(key: str) -> str:
