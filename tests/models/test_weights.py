@@ -77,6 +77,14 @@ def test_file_whose_hash_does_not_match_its_name_is_refused(tmp_path: Path) -> N
         build_model("mobilenet_v2", weights=str(path))
 
 
+@pytest.mark.parametrize("name", ["epoch-000120.pth", "squeeze-deadbeef.pth"])
+def test_a_name_with_hex_digits_that_is_no_torchvision_file_is_not_hash_checked(tmp_path: Path, name: str) -> None:
+    source = build_model("squeezenet1_1")
+    path = tmp_path / name
+    torch.save(source.model.state_dict(), path)
+    loaded = build_model("squeezenet1_1", weights=str(path))
+    assert torch.equal(loaded.model.features[0].weight, source.model.features[0].weight)
+
 
 def test_pickle_that_would_run_code_is_refused(tmp_path: Path) -> None:
     path = tmp_path / "evil.pth"

@@ -11,6 +11,7 @@ import importlib.metadata
 import os
 import re
 import uuid
+from functools import cache
 from pathlib import Path
 
 import torch
@@ -47,10 +48,21 @@ def packaged_copy(filename: str) -> Path | None:
     return None
 
 
+@cache
+def torchvision_weight_file_names() -> frozenset[str]:
+    """The names of torchvision's published weight files, e.g. mobilenet_v2-b0353104.pth."""
+    from torchvision.models import get_model_weights, list_models
+
+    return frozenset(Path(weights.url).name for model in list_models() for weights in get_model_weights(model))
+
+
 def check_hash_in_name(path: Path) -> None:
-    """torchvision names files `<arch>-<sha256 prefix>.pth`; a mismatch means a damaged or wrong file."""
+    """torchvision names files `<arch>-<sha256 prefix>.pth`; a mismatch means a damaged or wrong file.
+
+    Only torchvision's own file names are checked: a user's `epoch-000120.pth` carries no hash.
+    """
     match = _HASH_IN_NAME.search(path.name)
-    if match is None:
+    if match is None or path.name not in torchvision_weight_file_names():
         return
     digest = hashlib.sha256()
     with path.open("rb") as handle:
