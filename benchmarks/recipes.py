@@ -16,10 +16,11 @@ timm's preprocessing for it in every row), the same images, size and split for e
              (--label-smoothing 0.1), thaw-views (--cache-views 4), thaw-adapt-views, thaw-ema (--ema),
              thaw-ema-views, thaw-ema-smooth (--ema --label-smoothing 0.1: the default since);
              thaw-budget (the default with --budget; the benchmark's --budget seconds: 180 unless given),
-             thaw-budget-two-phase (two-phase with --budget, the default under a budget before);
+             thaw-budget-two-phase (two-phase with --budget, the default under a budget before), thaw-budget-trivial
+             (thaw-budget with --auto-augment trivial), thaw-budget-256 (thaw-budget trained and evaluated at 256 px);
              thaw-progressive (--progressive-resize 0.6); thaw-trivial (--auto-augment trivial),
              thaw-rand (--auto-augment rand), thaw-mixup (--mixup 0.2), thaw-cutmix (--cutmix 1.0), thaw-mix
-             (--mixup 0.2 --cutmix 1.0); these last six augment, so not on digits, which trains unaugmented;
+             (--mixup 0.2 --cutmix 1.0); these last six and thaw-budget-trivial augment, so not on digits, which trains unaugmented;
              thaw-gradual (head-top-all: the same as thaw), thaw-gradual-live (the same with
              --no-prefix-cache), thaw-gradual-progressive (thaw-gradual with --progressive-resize 0.6);
              thaw-top-half (the default with --top-groups 10), thaw-top-half-only (the same less its all stage),
@@ -88,6 +89,9 @@ THAW_RECIPES = {
     "thaw-ema-smooth": ({}, {"ema": True, "label_smoothing": 0.1}),  # the default's options, stated
     "thaw-budget": ({"plan": "head-top-all"}, {}),  # the default with --budget (the benchmark's --budget seconds)
     "thaw-budget-two-phase": ({}, {}),  # two-phase with --budget: the default under a budget before
+    # what else a budget could buy than epochs: augmentation (which pays in longer runs) or a larger image size
+    "thaw-budget-trivial": ({"plan": "head-top-all"}, {"auto_augment": "trivial"}),
+    "thaw-budget-256": ({"plan": "head-top-all"}, {"image_size": 256}),  # trained and evaluated at 256 px
     # fastai's progressive resizing: the full phase's 3 epochs at 128, 176 and 224 px (on 224 px weights);
     # augmented sets only. Under --quick the full phase has 1 epoch, so this row trains as "thaw-two-phase" does
     "thaw-progressive": ({}, {"progressive_resize": 0.6}),
@@ -114,7 +118,7 @@ THAW_RECIPES = {
     "thaw-patience1": ({"plan": "head-top-all"}, {"early_stopping": 1}),
     "thaw-patience2": ({"plan": "head-top-all"}, {"early_stopping": 2}),
 }
-AUGMENTING = ("thaw-progressive", "thaw-gradual-progressive", "thaw-trivial", "thaw-rand", "thaw-mixup", "thaw-cutmix", "thaw-mix")
+AUGMENTING = ("thaw-budget-trivial", "thaw-progressive", "thaw-gradual-progressive", "thaw-trivial", "thaw-rand", "thaw-mixup", "thaw-cutmix", "thaw-mix")
 IMAGE_RECIPES = (*THAW_RECIPES, "seed", "fastai", "fastai-bf16")
 DEFAULT_IMAGE_RECIPES = ("thaw", "seed", "fastai")
 TEXT_RECIPES = ("two-phase", "feature-extract", "lora", "head-top-all")  # two-phase: the text default
@@ -222,7 +226,7 @@ def thaw_row(
     fields = THAW_RECIPES[recipe][1] | ({"budget": budget} if recipe.startswith("thaw-budget") else {})
     config = TrainConfig(quiet=True, seed=seed, **fields)
     if not flips:  # the demo's settings for its digits (thaw/demo.py)
-        config = TrainConfig(quiet=True, seed=seed, image_size=size, augment=False, batch_size=64, **fields)
+        config = TrainConfig(quiet=True, seed=seed, augment=False, batch_size=64, **({"image_size": size} | fields))
     out = scratch("thaw")
     model, weights = thaw_model(backbone)
     result = train_images(folder, model=model, weights=weights, plan=plan, plan_options=plan_options, config=config, out=out)
