@@ -6,6 +6,10 @@ library callers can catch it. Messages say what is wrong and what to do.
 
 from __future__ import annotations
 
+import re
+
+_TERMINAL_CODES = re.compile(r"\x1b\[[0-9;]*m")
+
 
 class ThawError(Exception):
     """A problem with the user's input or environment, explained in one line."""
@@ -16,3 +20,13 @@ def join_problems(problems: list[str]) -> str:
     if len(problems) == 1:
         return problems[0]
     return f"{len(problems)} problems: " + "; ".join(problems)
+
+
+def first_line(error: BaseException, limit: int = 200) -> str:
+    """What another library's exception says, fit for one line: its first line, without terminal colour codes;
+    its type where it says nothing readable (an empty file's EOFError has no message, a damaged pickle's may be a number)."""
+    lines = [line.strip() for line in _TERMINAL_CODES.sub("", str(error)).splitlines() if line.strip()]
+    line = lines[0] if lines else ""
+    if not re.search(r"[A-Za-z]", line):
+        line = f"{type(error).__name__}: {line}" if line else type(error).__name__
+    return line[:limit]

@@ -18,6 +18,7 @@ from torch import nn
 
 from thaw.data.images import UnreadableImage, load_rgb
 from thaw.data.transforms import eval_transform
+from thaw.errors import first_line
 from thaw.export.inference import ScoredSet
 from thaw.models.adapter import ModelAdapter
 
@@ -145,7 +146,7 @@ def heat_maps(adapter: ModelAdapter, losses: list[TopLoss]) -> tuple[dict[int, s
     try:
         drawn, layer = _draw_heat_maps(adapter, losses)
     except Exception as error:  # noqa: BLE001 - an unusual layer should cost the heat maps, not the report
-        return {}, f"heat maps not shown: Grad-CAM failed on this model ({type(error).__name__}: {str(error).splitlines()[0][:200]})"
+        return {}, f"heat maps not shown: Grad-CAM failed on this model ({type(error).__name__}: {first_line(error)})"
     finally:
         for module, training in modes.items():
             module.train(training)

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from thaw.errors import ThawError
+from thaw.errors import ThawError, first_line
 from thaw.models import ModelAdapter, Preprocessing, build_model
 from thaw.models.hf_text import TextPreprocessing, build_text_model
 from thaw.models.lora import add_lora
@@ -64,7 +64,7 @@ def _read_weights(path: Path) -> dict[str, torch.Tensor]:
     try:
         return load_file(str(path))
     except Exception as error:  # noqa: BLE001 - safetensors raises its own error type for a cut or foreign file
-        raise ThawError(f"{path} is damaged ({str(error).splitlines()[0][:200]}); retrain or restore it from a copy") from None
+        raise ThawError(f"{path} is damaged ({first_line(error)}); retrain or restore it from a copy") from None
 
 
 def load_adapter(adapter: ModelAdapter, path: str | Path) -> None:

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from thaw.errors import ThawError
+from thaw.errors import ThawError, first_line
 from thaw.models.adapter import LayerGroup, ModelAdapter
 
 POOLINGS = ("mean", "cls")
@@ -78,7 +78,7 @@ def _transformers():
 def _load_error(source: str, error: Exception) -> ThawError:
     local = Path(source).expanduser()
     if local.exists():
-        return ThawError(f"cannot load a Hugging Face model from {local} ({type(error).__name__}: {str(error).splitlines()[0][:160]}); it needs config.json, weights and tokenizer files")
+        return ThawError(f"cannot load a Hugging Face model from {local} ({type(error).__name__}: {first_line(error, 160)}); it needs config.json, weights and tokenizer files")
     return ThawError(
         f"cannot load model {source!r}: it is not a local folder and the hub did not provide it "
         f"({type(error).__name__}). Pass the folder of a downloaded model, or go online and unset HF_HUB_OFFLINE"

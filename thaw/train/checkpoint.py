@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import save_file
 
 from thaw._io import atomic_write
-from thaw.errors import ThawError
+from thaw.errors import ThawError, first_line
 
 CHECKPOINT = "checkpoint.pt"
 
@@ -29,4 +29,4 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # damaged files raise several types
-        raise ThawError(f"cannot read checkpoint {path} ({str(error).splitlines()[0]}); start a new run") from None
+        raise ThawError(f"cannot read checkpoint {path} ({first_line(error)}); start a new run") from None
