@@ -19,8 +19,10 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
         raise ThawError(f"could not write {path}: {error.strerror or error}; the previous file is intact") from None
     os.close(handle)
     try:
-        os.chmod(temporary, 0o666 & ~_umask())  # mkstemp makes it private (0600); a saved file reads like any other
         write(Path(temporary))
+        # mkstemp makes it private (0600), and a writer may make a new file of its own (safetensors does): after
+        # the write, a saved file gets the mode any other file would
+        os.chmod(temporary, 0o666 & ~_umask())
         with open(temporary, "rb") as stream:
             os.fsync(stream.fileno())
         os.replace(temporary, path)

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+from safetensors.torch import save_file
 import torch
 from torch import nn
 
@@ -160,6 +161,14 @@ def test_a_checkpoint_that_would_run_code_is_refused(tmp_path: Path) -> None:
         load_checkpoint(path)
 
 
+def test_an_empty_checkpoint_file_is_one_line(tmp_path: Path) -> None:
+    """A file cut to nothing (a full disk outside thaw's writes, a copy that failed): torch's error has no message."""
+    path = tmp_path / "checkpoint.pt"
+    path.write_bytes(b"")
+    with pytest.raises(ThawError, match=r"cannot read checkpoint .* \(EOFError\); start a new run"):
+        load_checkpoint(path)
+
+
 def test_non_finite_weights_are_never_written(tiny_split_data: Path, tmp_path: Path) -> None:
     torch.manual_seed(0)
     adapter = adapt(SmallConvNet(), num_classes=3)
@@ -189,6 +198,9 @@ def test_saved_files_get_the_usual_permissions_and_a_folder_that_cannot_be_made_
     try:
         atomic_write(tmp_path / "saved.txt", lambda target: target.write_text("weights"))
         assert (tmp_path / "saved.txt").stat().st_mode & 0o777 == 0o644
+        # safetensors writes a file of its own in the temporary's place: the model file a server reads
+        atomic_write(tmp_path / "model.safetensors", lambda target: save_file({"w": torch.zeros(2)}, str(target)))
+        assert (tmp_path / "model.safetensors").stat().st_mode & 0o777 == 0o644
         (tmp_path / "a file").write_text("where a folder should be")
         with pytest.raises(ThawError, match=r"could not write .*a file/report.html: .*; the previous file is intact"):
             atomic_write(tmp_path / "a file" / "report.html", lambda target: target.write_text("page"))
