@@ -97,3 +97,19 @@ def test_resume_without_a_checkpoint_and_without_data_says_what_is_missing(tmp_p
     result = thaw("train", "--resume", str(tmp_path / "nothing"))
     assert result.returncode == 2
     assert "holds no checkpoint that records its settings" in result.stderr and "needs DATA and --model" in result.stderr
+
+
+def test_ctrl_c_outside_training_says_whether_there_is_a_checkpoint(
+    cut_run: Path, tiny_split_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Ctrl-C while a run sets up (before training catches it): a new run has nothing to resume, a resumed one names its folder."""
+    from thaw.cli import train_cmd
+
+    def pressed(*_args, **_kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_cmd, "_train", pressed)
+    assert main(["train", str(tiny_split_data), *TINY, "--out", str(tmp_path / "new")]) == 130
+    assert "nothing to resume; run the same command again" in capsys.readouterr().err
+    assert main(["train", "--resume", str(cut_run)]) == 130
+    assert f"checkpoint in {cut_run} is intact: continue with thaw train --resume {cut_run}" in capsys.readouterr().err

@@ -48,7 +48,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"thaw: {stopped}", file=sys.stderr)
         return 130
     except KeyboardInterrupt:
-        print("thaw: interrupted; the last checkpoint is intact (resume with --resume RUN)", file=sys.stderr)
+        print("thaw: interrupted", file=sys.stderr)  # thaw train says itself whether there is a checkpoint
         return 130
     finally:
         distributed.stop()

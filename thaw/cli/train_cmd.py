@@ -324,9 +324,12 @@ def run(args: argparse.Namespace) -> int:
         code = _finish(args, out, result) if main_rank else 0
         ending = "FINISHED"
         return code
-    except (RunInterrupted, KeyboardInterrupt):
+    except RunInterrupted:
         ending = "KILLED"  # stopped by the user, with a checkpoint to resume from: not a failure
         raise
+    except KeyboardInterrupt:  # Ctrl-C where training did not catch it (setting up, saving): is there a checkpoint?
+        ending = "KILLED"
+        raise RunInterrupted(_interrupted_outside_training(out)) from None
     except ThawError:
         refused = main_rank and settings is None and not (out / CHECKPOINT).exists()  # bad input: nothing to resume
         raise
@@ -334,6 +337,12 @@ def run(args: argparse.Namespace) -> int:
         close_loggers(loggers, ending)
         if refused:
             _remove_started_run(out, created)
+
+
+def _interrupted_outside_training(out: Path) -> str:
+    if (out / CHECKPOINT).exists():
+        return f"interrupted; the last checkpoint in {out} is intact: continue with thaw train --resume {out}"
+    return "interrupted before training saved a checkpoint: nothing to resume; run the same command again"
 
 
 def _out_folder(args: argparse.Namespace) -> Path:
