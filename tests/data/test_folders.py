@@ -70,6 +70,18 @@ def test_csv_manifest_with_missing_files(tmp_path: Path) -> None:
         discover(tmp_path / "labels.csv")
 
 
+@pytest.mark.parametrize("header", [True, False])
+def test_csv_manifest_with_an_empty_label_or_a_file_under_two_labels(tmp_path: Path, header: bool) -> None:
+    """An empty label would become a class named ''; a file under two labels would train on both: each is refused."""
+    write_class_images(tmp_path / "images", per_class=3)
+    files = [f"images/{p.parent.name}/{p.name}" for p in sorted((tmp_path / "images").rglob("*.png"))]
+    rows = (["path,label"] if header else []) + [f"{files[0]},blue", f"{files[1]},", f"{files[2]},red", f"{files[2]},green"]
+    (tmp_path / "labels.csv").write_text("\n".join(rows))
+    line = 3 if header else 2  # the empty label's line in the file
+    with pytest.raises(ThawError, match=rf"line {line}: empty label; 1 files are listed under two labels \(first: .*\(green, red\)\)"):
+        discover(tmp_path / "labels.csv")
+
+
 def test_unreadable_files_are_skipped_and_listed(tmp_path: Path) -> None:
     write_class_images(tmp_path, per_class=4)
     (tmp_path / "red" / "notes.jpg").write_text("not an image")

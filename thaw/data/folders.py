@@ -172,13 +172,21 @@ def _manifest_rows(path: Path) -> list[list[str]]:
 
 def _from_manifest(path: Path, val_split: float, seed: int) -> ImageData:
     rows = _manifest_rows(path)
+    first = 1  # the row number of rows[0] among the rows that are not comments
     if rows and [c.strip().lower() for c in rows[0][:2]] == ["path", "label"]:
-        rows = rows[1:]
-    problems = [f"line {i + 2}: expected path,label" for i, row in enumerate(rows) if len(row) < 2]
+        rows, first = rows[1:], 2
+    problems = [f"line {i + first}: expected path,label" for i, row in enumerate(rows) if len(row) < 2]
+    problems += [f"line {i + first}: empty label" for i, row in enumerate(rows) if len(row) >= 2 and not row[1].strip()]
     entries = [(path.parent / row[0].strip(), row[1].strip()) for row in rows if len(row) >= 2]
     missing = [str(p) for p, _ in entries if not p.is_file()]
     if missing:
         problems.append(f"{len(missing)} listed files do not exist (first: {missing[0]})")
+    labels: dict[Path, set[str]] = defaultdict(set)
+    for file, label in entries:
+        labels[file].add(label)
+    twice = [f"{file} ({', '.join(sorted(names))})" for file, names in labels.items() if len(names) > 1]
+    if twice:
+        problems.append(f"{len(twice)} files are listed under two labels (first: {twice[0]}); give each file one label")
     if problems:
         raise ThawError(f"{path}: " + "; ".join(problems[:5]))
     skipped: list[tuple[str, str]] = []
