@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from tests.cli.test_cli import thaw
 from tests.conftest import write_class_images
@@ -52,6 +53,43 @@ def test_evaluate_predict_and_export(trained_run: Path, tiny_split_data: Path, c
         assert main(["export", str(trained_run), "--format", fmt]) == 0
         assert (trained_run / name).is_file()
         assert "outputs match PyTorch within" in capsys.readouterr().out
+    # The .onnx file alone is the model: copied elsewhere without anything beside it, it runs
+    assert not (trained_run / "model.onnx.data").exists()
+    alone = trained_run.parent / "elsewhere" / "model.onnx"
+    alone.parent.mkdir()
+    alone.write_bytes((trained_run / "model.onnx").read_bytes())
+    import onnxruntime
+
+    session = onnxruntime.InferenceSession(str(alone), providers=["CPUExecutionProvider"])
+    assert session.run(None, {"images": torch.zeros(1, 3, 32, 32).numpy()})[0].shape == (1, 3)
+
+
+
+def test_an_onnx_export_too_large_for_one_file_names_both_files(
+    trained_run: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from thaw.export import formats
+
+    monkeypatch.setattr(formats, "ONNX_EMBEDDED_LIMIT", 0)  # as if the weights passed protobuf's 2 GB
+    assert main(["export", str(trained_run), "--format", "onnx"]) == 0
+    weights = trained_run / "model.onnx.data"
+    assert weights.is_file() and f"wrote {trained_run / 'model.onnx'} and its weights {weights}" in capsys.readouterr().out
+    monkeypatch.setattr(formats, "ONNX_EMBEDDED_LIMIT", 1_800_000_000)
+    assert main(["export", str(trained_run), "--format", "onnx"]) == 0
+    assert not weights.exists()  # the small export holds its weights: the old file beside it is gone
+
+
+def test_evaluate_counts_and_warns_of_the_unreadable_files_of_the_split_it_scores(
+    trained_run: Path, tiny_split_data: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tiny_split_data / "train" / "red" / "cut.jpg").write_bytes(b"")  # in train/: not what `evaluate` scores
+    assert main(["evaluate", str(trained_run), str(tiny_split_data), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["skipped_files"] == 0
+    (tiny_split_data / "val" / "blue" / "notes.jpg").write_text("not an image")
+    assert main(["evaluate", str(trained_run), str(tiny_split_data), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["skipped_files"] == 1
+    assert main(["evaluate", str(trained_run), str(tiny_split_data)]) == 0
+    assert "warning: 1 unreadable file(s) in what was scored were skipped" in capsys.readouterr().err
 
 
 def test_evaluate_scores_a_folder_without_split_folders_whole(

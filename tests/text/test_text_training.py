@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import io
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -62,7 +64,9 @@ def test_text_run_evaluates_predicts_and_exports(tmp_path: Path, tiny_encoder: P
     assert meta["task"] == "text" and (run / "text-model" / "config.json").is_file()
 
 
-def test_predict_reads_texts_from_a_file(tmp_path: Path, tiny_encoder: Path, capsys: pytest.CaptureFixture) -> None:
+def test_predict_reads_texts_from_a_file(
+    tmp_path: Path, tiny_encoder: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
     table = write_text_table(tmp_path / "t.tsv")
     train_text(table, model=str(tiny_encoder), out=tmp_path / "run", plan="feature-extract", plan_options={"epochs": 1}, config=QUICK)
     texts = tmp_path / "texts.txt"
@@ -72,6 +76,13 @@ def test_predict_reads_texts_from_a_file(tmp_path: Path, tiny_encoder: Path, cap
     assert [line.split("\t")[2] for line in lines] == ["first message", "second message"]
     assert main(["predict", str(tmp_path / "run")]) == 2  # nothing to classify: one line, not a traceback
     assert "give one or more non-empty texts" in capsys.readouterr().err
+    photo = tmp_path / "photo.jpg"  # a file that is not text, given by mistake; and the same bytes on standard input
+    photo.write_bytes(b"\xff\xd8\xff\xe0\x00\x10JFIF")
+    assert main(["predict", str(tmp_path / "run"), "--file", str(photo)]) == 2
+    assert f"{photo} is not UTF-8 text (byte 0)" in capsys.readouterr().err
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(photo.read_bytes()), errors="surrogateescape"))
+    assert main(["predict", str(tmp_path / "run"), "--file", "-"]) == 2
+    assert "standard input is not UTF-8 text (byte 0)" in capsys.readouterr().err
 
 
 def test_sms_spam_two_phase_meets_the_target_on_a_held_out_test_split(tmp_path: Path, minilm: Path, capsys: pytest.CaptureFixture) -> None:

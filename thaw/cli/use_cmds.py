@@ -10,7 +10,7 @@ from pathlib import Path
 from thaw.cli.options import path_text, positive_int
 from thaw.data.folders import describe_skipped
 from thaw.errors import ThawError
-from thaw.export.formats import FORMATS, ExportCheck, export_model
+from thaw.export.formats import FORMATS, ExportCheck, export_model, onnx_data_file
 from thaw.export.inference import check_images, image_files, predict_files, predict_texts, score_run, with_tta
 from thaw.export.report import save_report
 from thaw.train.plots import plot_confusion
@@ -65,6 +65,8 @@ def run_evaluate(args: argparse.Namespace) -> int:
     what = f"every readable one in {args.data}" if split == "all" else f"the {split} split of {args.data}"
     top5 = f", top-5 {metrics['top5']:.4f}" if "top5" in metrics else ""
     what += ", averaged with mirror images (--tta)" if args.tta else ""
+    if metrics["skipped_files"]:
+        print(f"thaw: warning: {metrics['skipped_files']} unreadable file(s) in what was scored were skipped", file=sys.stderr)
     print(f"{split}: {metrics['count']} {unit} ({what}), accuracy {metrics['accuracy']:.4f}, macro-F1 {metrics['macro_f1']:.4f}{top5}")
     columns = zip(metrics["classes"], metrics["per_class_accuracy"], metrics["per_class_f1"], metrics["confusion"])
     rows = [[name, f"{acc:.3f}", f"{f1:.3f}", *map(str, counts)] for name, acc, f1, counts in columns]
@@ -105,7 +107,12 @@ def _read_texts(args: argparse.Namespace) -> list[str]:
         source = sys.stdin if args.file == "-" else None
         if source is None and not Path(args.file).is_file():
             raise ThawError(f"{args.file} does not exist; pass a file with one text per line, or - for standard input")
-        lines = (source.read() if source else Path(args.file).read_text(encoding="utf-8")).splitlines()
+        raw = source.buffer.read() if source else Path(args.file).read_bytes()
+        try:
+            lines = raw.decode("utf-8").splitlines()
+        except UnicodeDecodeError as error:
+            where = "standard input" if source else args.file
+            raise ThawError(f"{where} is not UTF-8 text (byte {error.start}); pass one UTF-8 text per line") from None
         texts += [line for line in lines if line.strip()]
     return texts
 
@@ -136,7 +143,9 @@ def run_export(args: argparse.Namespace) -> int:
         check = export_model(adapter, output, args.format, images)
     except OSError as error:
         raise ThawError(f"cannot write {output} ({error.strerror or error}); choose another --output") from None
-    print(f"wrote {output}; outputs match PyTorch within {check.difference:.1e}, {_checked_on(check, meta)}")
+    weights = onnx_data_file(output)
+    written = f"{output} and its weights {weights} (keep the two together)" if args.format == "onnx" and weights.is_file() else str(output)
+    print(f"wrote {written}; outputs match PyTorch within {check.difference:.1e}, {_checked_on(check, meta)}")
     return 0
 
 

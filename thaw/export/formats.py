@@ -21,6 +21,7 @@ from thaw.models import ModelAdapter
 from thaw.models.lora import merge_lora
 
 FORMATS = ("onnx", "torchscript")
+ONNX_EMBEDDED_LIMIT = 1_800_000_000  # bytes of weights an .onnx file holds itself (protobuf's limit is 2 GiB)
 TOLERANCE = 1e-3
 TEXT_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 EXAMPLE_TEXTS = ("a short text", "a somewhat longer text to classify, with more tokens in it")
@@ -96,6 +97,15 @@ def _exportable(adapter: ModelAdapter, images: list[torch.Tensor] | None = None)
     return _Exportable(model, _noise(2, size), ("images",), checks)
 
 
+def onnx_data_file(path: Path) -> Path:
+    """Where torch.onnx.export puts the weights of a model too large to hold them in the .onnx file itself."""
+    return path.with_name(path.name + ".data")
+
+
+def _weights_bytes(model: torch.nn.Module) -> int:
+    return sum(tensor.numel() * tensor.element_size() for tensor in model.state_dict().values())
+
+
 def _export_onnx(exportable: _Exportable, path: Path, max_length: int | None) -> Runner:
     try:
         import onnxruntime
@@ -103,12 +113,17 @@ def _export_onnx(exportable: _Exportable, path: Path, max_length: int | None) ->
         raise ThawError("ONNX export needs onnx, onnxscript and onnxruntime: pip install 'thaw[export]'") from None
     batch = torch.export.Dim("batch", min=1)
     dims = {0: batch, 1: torch.export.Dim("tokens", min=2, max=max_length)} if exportable.text else {0: batch}
+    # One file a user can copy alone: the weights inside it, unless they pass protobuf's 2 GB limit (then beside it,
+    # as PATH.data, which torch names; the export line lists both files)
+    external = _weights_bytes(exportable.model) > ONNX_EMBEDDED_LIMIT
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(
             exportable.model, exportable.example, str(path), input_names=list(exportable.names), output_names=["logits"],
-            dynamic_shapes=tuple(dims for _ in exportable.names), dynamo=True, verbose=False,
+            dynamic_shapes=tuple(dims for _ in exportable.names), dynamo=True, verbose=False, external_data=external,
         )
+    if not external:
+        onnx_data_file(path).unlink(missing_ok=True)  # an earlier, larger export's weights: no longer this file's
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     names = exportable.names
     return lambda inputs: torch.from_numpy(session.run(None, {n: t.numpy() for n, t in zip(names, inputs)})[0])
