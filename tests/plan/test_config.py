@@ -56,6 +56,21 @@ def test_every_unknown_key_is_reported_at_once_with_a_suggestion(tmp_path: Path)
     assert message.startswith(f"{path}: 4 problems")
 
 
+def test_a_plan_file_names_itself_once_and_reports_its_stages_and_training_problems_together(tmp_path: Path) -> None:
+    path = tmp_path / "plan.yaml"
+    path.write_text("stagse: [{name: a, epochs: 1, train: [all], lr: 1.0e-3}]\ntrainig: {budget: 3m}\n")
+    with pytest.raises(ThawError) as error:
+        load_plan(path)
+    message = str(error.value)
+    assert message.count(str(path)) == 1
+    assert "unknown key 'stagse' (did you mean 'stages'?)" in message and "unknown key 'trainig' (did you mean 'training'?)" in message
+    path.write_text("stages: [{name: a, epochs: 1, train: [all], lr: 1.0e-3, epoch: 2}]\ntraining: {emma: true}\n")
+    with pytest.raises(ThawError) as error:
+        load_plan(path)
+    message = str(error.value)
+    assert "unknown key 'epoch' (did you mean 'epochs'?)" in message and "training: unknown key 'emma' (did you mean 'ema'?)" in message
+
+
 def test_bad_values_are_reported(tmp_path: Path) -> None:
     path = tmp_path / "plan.yaml"
     path.write_text("stages:\n  - {epochs: -1, lr: fast, batchnorm: sometimes}\n")

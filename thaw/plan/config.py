@@ -30,7 +30,7 @@ def _unknown_keys(mapping: dict, allowed: tuple[str, ...], where: str) -> list[s
         if key not in allowed:
             close = difflib.get_close_matches(str(key), allowed, n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else f" (valid: {', '.join(allowed)})"
-            problems.append(f"{where}: unknown key {key!r}{hint}")
+            problems.append(f"{where}: unknown key {key!r}{hint}" if where else f"unknown key {key!r}{hint}")
     return problems
 
 
@@ -161,13 +161,15 @@ def _plan_defaults(raw: dict, source: str, problems: list[str]) -> dict:
     return defaults
 
 
-def plan_from_dict(raw: Any, source: str = "plan") -> Plan:
-    if not isinstance(raw, dict) or "stages" not in raw:
+def plan_from_dict(raw: Any, source: str = "plan", top_keys: tuple[str, ...] = PLAN_KEYS) -> Plan:
+    """The plan in `raw`; every problem at once, in one line that starts with `source` (`top_keys`: the keys
+    allowed at the top, which a plan file extends by `training`)."""
+    if not isinstance(raw, dict):
         raise ThawError(f"{source}: expected a mapping with a 'stages' list, e.g. {EXAMPLE}")
-    problems = _unknown_keys(raw, PLAN_KEYS, source)
-    if not isinstance(raw["stages"], list) or not raw["stages"]:
-        problems.append(f"{source}.stages: expected a non-empty list of stages")
-        raise ThawError(join_problems(problems))
+    problems = _unknown_keys(raw, top_keys, "")
+    if not isinstance(raw.get("stages"), list) or not raw["stages"]:
+        problems.append(f"expected a non-empty 'stages' list, e.g. {EXAMPLE}")
+        raise ThawError(f"{source}: " + join_problems(problems))
     defaults = _plan_defaults(raw, source, problems)
     stages = [_stage(item, i, defaults, problems) for i, item in enumerate(raw["stages"])]
     lora = _lora(raw["lora"], problems) if raw.get("lora") is not None else None
@@ -210,15 +212,20 @@ def read_plan_file(path: str | Path) -> tuple[Plan, dict[str, Any]]:
         where = f" at line {mark.line + 1}" if mark else ""
         raise ThawError(f"{path} is not valid YAML{where}; check indentation and colons") from None
     training = raw.pop("training", None) if isinstance(raw, dict) else None
-    plan = plan_from_dict(raw, str(path))
-    if training is None:
-        return plan, {}
-    if not isinstance(training, dict):
-        raise ThawError(f"{path}.training: expected a mapping like {{label_smoothing: 0.1, ema: true}}")
-    problems = _unknown_keys(training, TRAINING_KEYS, f"{path}.training")
+    problems: list[str] = []  # the training keys' problems, reported with the plan's
+    if training is not None and not isinstance(training, dict):
+        problems.append("training: expected a mapping like {label_smoothing: 0.1, ema: true}")
+    elif training is not None:
+        problems = _unknown_keys(training, TRAINING_KEYS, "training")
+    try:
+        plan = plan_from_dict(raw, str(path), (*PLAN_KEYS, "training"))
+    except ThawError as error:
+        if problems:
+            raise ThawError(f"{error}; and {join_problems(problems)}") from None
+        raise
     if problems:
-        raise ThawError(join_problems(problems))
-    return plan, training
+        raise ThawError(f"{path}: " + join_problems(problems))
+    return plan, training or {}
 
 
 def _lr_to_dict(rule: LrRule) -> dict[str, Any]:
