@@ -93,10 +93,13 @@ def test_a_run_stopped_mid_epoch_resumes_from_the_command_line_exactly(tiny_spli
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_resume_without_a_checkpoint_and_without_data_says_what_is_missing(tmp_path: Path) -> None:
-    result = thaw("train", "--resume", str(tmp_path / "nothing"))
+def test_resume_without_a_checkpoint_and_without_data_says_what_is_missing(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "empty").mkdir()
+    result = thaw("train", "--resume", str(tmp_path / "empty"))
     assert result.returncode == 2
     assert "holds no checkpoint that records its settings" in result.stderr and "needs DATA and --model" in result.stderr
+    assert main(["train", "--resume", str(tmp_path / "typo")]) == 2
+    assert f"--resume {tmp_path / 'typo'}: no such run folder" in capsys.readouterr().err and not (tmp_path / "typo").exists()
 
 
 def test_ctrl_c_outside_training_says_whether_there_is_a_checkpoint(

@@ -113,9 +113,11 @@ def test_a_weights_file_without_named_tensors_is_one_line(tmp_path: Path, conten
 
 
 @pytest.mark.parametrize("model", ["resnet18", "timm/resnet18"])
-def test_missing_weights_file_path(model: str) -> None:
+def test_missing_weights_file_path(model: str, tmp_path: Path) -> None:
     with pytest.raises(ThawError, match="does not exist"):
         build_model(model, weights="/nonexistent/resnet.pth", device="cpu")
+    with pytest.raises(ThawError, match="is a folder; pass the .pth/.pt/.safetensors file inside it"):
+        build_model(model, weights=str(tmp_path), device="cpu")
 
 
 def _link_when_all_are_ready(barrier, url: str, results) -> None:

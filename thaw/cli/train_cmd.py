@@ -311,6 +311,8 @@ def run(args: argparse.Namespace) -> int:
     callbacks = [] if quiet else [print_epoch]
     settings = saved_settings(args.resume) if args.resume else None
     if settings is None and (args.data is None or args.model is None):  # a new run; or a resume of an older thaw's checkpoint
+        if args.resume and not Path(args.resume).is_dir():
+            raise ThawError(f"--resume {args.resume}: no such run folder; pass the folder a run wrote (its --out)")
         why = f"{args.resume} holds no checkpoint that records its settings, so " if args.resume else ""
         raise ThawError(f"{why}thaw train needs DATA and --model (see `thaw train --help`)")
     out = _out_folder(args)

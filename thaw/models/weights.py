@@ -105,6 +105,8 @@ def ensure_cached(url: str) -> Path:
 
 
 def require_file(path: Path) -> None:
+    if path.is_dir():
+        raise ThawError(f"weights file {path} is a folder; pass the .pth/.pt/.safetensors file inside it")
     if not path.is_file():
         raise ThawError(f"weights file {path} does not exist; pass an existing .pth/.pt/.safetensors file")
 
