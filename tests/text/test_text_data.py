@@ -69,6 +69,15 @@ def test_unknown_column_names_the_columns(tmp_path: Path) -> None:
         read_table(table, TextColumns(text="text", label="label"))
 
 
+def test_a_column_past_the_last_or_text_and_label_in_one_column_is_refused(tmp_path: Path) -> None:
+    table = tmp_path / "t.csv"
+    table.write_text("a,one thing\nb,another\na,more\nb,less\n")
+    with pytest.raises(ThawError, match=r"--label-column 7 is past its last column \(the table has 2: 0 to 1\)"):
+        read_table(table, TextColumns(text=1, label=7))
+    with pytest.raises(ThawError, match=r"the text and the label are the same column \(0\)"):
+        read_table(table, TextColumns(text=0, label=0))  # would train on the answer itself
+
+
 def test_short_and_empty_rows_are_skipped_with_their_line(tmp_path: Path) -> None:
     table = tmp_path / "t.tsv"
     table.write_text("a\tone\nb\ttwo\nbroken line\na\t \na\tthree\nb\tfour\n")

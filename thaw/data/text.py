@@ -134,6 +134,12 @@ def read_table(path: str | Path, columns: TextColumns = TextColumns()) -> tuple[
     guessed = _guess_columns(body, header) if columns.text is None or columns.label is None else (0, 0)
     text_at = guessed[0] if columns.text is None else _column_index(header, columns.text, "text", path)
     label_at = guessed[1] if columns.label is None else _column_index(header, columns.label, "label", path)
+    widest = max(len(row) for row in body)
+    for what, at in (("text", text_at), ("label", label_at)):
+        if at >= widest:
+            raise ThawError(f"{path}: --{what}-column {at} is past its last column (the table has {widest}: 0 to {widest - 1})")
+    if text_at == label_at:
+        raise ThawError(f"{path}: the text and the label are the same column ({text_at}); give them different --text-column and --label-column")
     pairs, skipped = [], []
     first_line = 2 if has_header else 1
     for number, row in enumerate(body, start=first_line):
