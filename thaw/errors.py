@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 
-_TERMINAL_CODES = re.compile(r"\x1b\[[0-9;]*m")
+_TERMINAL_CODES = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")  # colours, clearing a line, moving the cursor
 
 
 class ThawError(Exception):
@@ -23,10 +23,12 @@ def join_problems(problems: list[str]) -> str:
 
 
 def first_line(error: BaseException, limit: int = 200) -> str:
-    """What another library's exception says, fit for one line: its first line, without terminal colour codes;
-    its type where it says nothing readable (an empty file's EOFError has no message, a damaged pickle's may be a number)."""
-    lines = [line.strip() for line in _TERMINAL_CODES.sub("", str(error)).splitlines() if line.strip()]
-    line = lines[0] if lines else ""
-    if not re.search(r"[A-Za-z]", line):
-        line = f"{type(error).__name__}: {line}" if line else type(error).__name__
-    return line[:limit]
+    """What another library's exception says, fit for one line: its first line with a word in it, without terminal
+    escape codes; its type where it says nothing readable (an empty file's EOFError has no message, a damaged
+    pickle's may be a number)."""
+    lines = [line.strip() for line in _TERMINAL_CODES.sub("", str(error)).splitlines()]
+    readable = next((line for line in lines if re.search(r"[A-Za-z]", line)), None)
+    if readable is None:
+        shown = next((line for line in lines if line), "")
+        readable = f"{type(error).__name__}: {shown}" if shown else type(error).__name__
+    return readable[:limit]

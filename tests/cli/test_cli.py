@@ -204,3 +204,17 @@ def test_models_lists_80_builders_and_offline_weights(capsys: pytest.CaptureFixt
     # The real file ships in an installed package, so it is usable offline.
     assert mobilenet["IMAGENET1K_V1"]["offline"] is True
     assert mobilenet["IMAGENET1K_V2"]["default"] is True
+
+
+@pytest.mark.parametrize(
+    ("message", "expected"),
+    [
+        ("", "EOFError"),  # torch's error for an empty file
+        ("174812789", "EOFError: 174812789"),  # a number alone says nothing
+        ("-----\n\x1b[1mWeights only load failed.\x1b[0m\x1b[K\nmore", "Weights only load failed."),
+    ],
+)
+def test_another_librarys_error_is_quoted_by_its_first_readable_line(message: str, expected: str) -> None:
+    from thaw.errors import first_line
+
+    assert first_line(EOFError(message)) == expected

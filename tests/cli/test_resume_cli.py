@@ -114,5 +114,6 @@ def test_ctrl_c_outside_training_says_whether_there_is_a_checkpoint(
     monkeypatch.setattr(train_cmd, "_train", pressed)
     assert main(["train", str(tiny_split_data), *TINY, "--out", str(tmp_path / "new")]) == 130
     assert "nothing to resume; run the same command again" in capsys.readouterr().err
+    assert not (tmp_path / "new").exists()  # the folder it had started is removed again
     assert main(["train", "--resume", str(cut_run)]) == 130
     assert f"checkpoint in {cut_run} is intact: continue with thaw train --resume {cut_run}" in capsys.readouterr().err

@@ -71,14 +71,18 @@ def test_csv_manifest_with_missing_files(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("header", [True, False])
-def test_csv_manifest_with_an_empty_label_or_a_file_under_two_labels(tmp_path: Path, header: bool) -> None:
-    """An empty label would become a class named ''; a file under two labels would train on both: each is refused."""
+def test_csv_manifest_with_an_empty_label_or_a_file_listed_twice(tmp_path: Path, header: bool) -> None:
+    """An empty label would become a class named ''; a file listed twice would be two samples, one of which the split
+    may hold out as val: each is refused, by the line a user's editor shows."""
     write_class_images(tmp_path / "images", per_class=3)
     files = [f"images/{p.parent.name}/{p.name}" for p in sorted((tmp_path / "images").rglob("*.png"))]
-    rows = (["path,label"] if header else []) + [f"{files[0]},blue", f"{files[1]},", f"{files[2]},red", f"{files[2]},green"]
+    rows = ["# made by hand", *(["path,label"] if header else []), f"{files[0]},blue", f"{files[1]},", f"{files[2]},red", f"{files[2]},green"]
     (tmp_path / "labels.csv").write_text("\n".join(rows))
-    line = 3 if header else 2  # the empty label's line in the file
-    with pytest.raises(ThawError, match=rf"line {line}: empty label; 1 files are listed under two labels \(first: .*\(green, red\)\)"):
+    line = 4 if header else 3  # the empty label's line in the file
+    with pytest.raises(ThawError, match=rf"line {line}: empty label; 1 files are listed more than once \(first: .*\(red, green\)\)"):
+        discover(tmp_path / "labels.csv")
+    (tmp_path / "labels.csv").write_text("\n".join([f"{files[0]},blue", f"{files[0]},blue", f"{files[1]},red"]))
+    with pytest.raises(ThawError, match=r"1 files are listed more than once \(first: .*\(blue, blue\)\)"):
         discover(tmp_path / "labels.csv")
 
 

@@ -21,7 +21,7 @@ from thaw.data.transforms import eval_transform, train_transform
 from thaw.errors import ThawError
 from thaw.models.adapter import Preprocessing
 from thaw.plan import ConstantLr, Plan, RangeLr, Stage
-from thaw.train import TrainConfig, train_images
+from thaw.train import TrainConfig, resume_run, train_images
 
 fit = importlib.import_module("thaw.train.fit")  # the module: thaw.train's `fit` is the function
 PRE = Preprocessing(resize_size=40, crop_size=32)
@@ -252,6 +252,14 @@ def test_ctrl_c_while_decoding_stops_at_once_and_says_there_is_nothing_to_resume
     with pytest.raises(fit.RunInterrupted, match="before training began: nothing to resume"):
         train(data, tmp_path / "run", workers=0)
     assert len(decoded) < 5 and not (tmp_path / "run" / "checkpoint.pt").exists()
+    # a resumed run stopped the same way keeps its checkpoint, and says so
+    monkeypatch.setattr(pixel_store, "load_rgb", load_rgb)
+    with pytest.raises(Crash):
+        train(data, tmp_path / "cut", [crash_after(1)], workers=0)
+    decoded.clear()
+    monkeypatch.setattr(pixel_store, "load_rgb", interrupted)
+    with pytest.raises(fit.RunInterrupted, match=f"the checkpoint in {tmp_path / 'cut'} is intact: continue with thaw train --resume"):
+        resume_run(tmp_path / "cut", workers=0)
 
 
 def halves(paths: list[Path], tmp_path: Path) -> tuple[PixelStore, PixelStore]:

@@ -70,7 +70,7 @@ def test_predict_reads_texts_from_a_file(
     table = write_text_table(tmp_path / "t.tsv")
     train_text(table, model=str(tiny_encoder), out=tmp_path / "run", plan="feature-extract", plan_options={"epochs": 1}, config=QUICK)
     texts = tmp_path / "texts.txt"
-    texts.write_text("first message\n\nsecond message\n")
+    texts.write_text("\ufefffirst message\n\nsecond message\n")  # a byte-order mark, as some editors save UTF-8
     assert main(["predict", str(tmp_path / "run"), "--file", str(texts)]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert [line.split("\t")[2] for line in lines] == ["first message", "second message"]

@@ -331,6 +331,7 @@ def run(args: argparse.Namespace) -> int:
         raise
     except KeyboardInterrupt:  # Ctrl-C where training did not catch it (setting up, saving): is there a checkpoint?
         ending = "KILLED"
+        refused = main_rank and settings is None and not (out / CHECKPOINT).exists()  # nothing to resume: undo the start
         raise RunInterrupted(_interrupted_outside_training(out)) from None
     except ThawError:
         refused = main_rank and settings is None and not (out / CHECKPOINT).exists()  # bad input: nothing to resume

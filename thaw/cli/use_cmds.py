@@ -65,7 +65,9 @@ def run_evaluate(args: argparse.Namespace) -> int:
     what = f"every readable one in {args.data}" if split == "all" else f"the {split} split of {args.data}"
     top5 = f", top-5 {metrics['top5']:.4f}" if "top5" in metrics else ""
     what += ", averaged with mirror images (--tta)" if args.tta else ""
-    if metrics["skipped_files"]:
+    if metrics["skipped_files"] and meta.get("task") == "text":
+        print(f"thaw: warning: {metrics['skipped_files']} row(s) of the table were skipped (empty or short)", file=sys.stderr)
+    elif metrics["skipped_files"]:
         print(f"thaw: warning: {metrics['skipped_files']} unreadable file(s) in what was scored were skipped", file=sys.stderr)
     print(f"{split}: {metrics['count']} {unit} ({what}), accuracy {metrics['accuracy']:.4f}, macro-F1 {metrics['macro_f1']:.4f}{top5}")
     columns = zip(metrics["classes"], metrics["per_class_accuracy"], metrics["per_class_f1"], metrics["confusion"])
@@ -104,17 +106,29 @@ def run_predict(args: argparse.Namespace) -> int:
 def _read_texts(args: argparse.Namespace) -> list[str]:
     texts = list(args.paths)
     if args.file:
-        source = sys.stdin if args.file == "-" else None
-        if source is None and not Path(args.file).is_file():
-            raise ThawError(f"{args.file} does not exist; pass a file with one text per line, or - for standard input")
-        raw = source.buffer.read() if source else Path(args.file).read_bytes()
+        raw = _read_bytes(args.file)
         try:
-            lines = raw.decode("utf-8").splitlines()
+            lines = raw.decode("utf-8-sig").splitlines()  # -sig: a byte-order mark is not part of the first text
         except UnicodeDecodeError as error:
-            where = "standard input" if source else args.file
+            where = "standard input" if args.file == "-" else args.file
             raise ThawError(f"{where} is not UTF-8 text (byte {error.start}); pass one UTF-8 text per line") from None
         texts += [line for line in lines if line.strip()]
     return texts
+
+
+def _read_bytes(file: str) -> bytes:
+    """The bytes of `--file` (`-`: standard input), or one line saying why they cannot be read."""
+    if file == "-":
+        stream = getattr(sys.stdin, "buffer", None)
+        if stream is None:
+            raise ThawError("--file -: there is no standard input to read; pass a file with one text per line")
+        return stream.read()
+    if not Path(file).is_file():
+        raise ThawError(f"{file} does not exist; pass a file with one text per line, or - for standard input")
+    try:
+        return Path(file).read_bytes()
+    except OSError as error:
+        raise ThawError(f"cannot read {file} ({error.strerror or error})") from None
 
 
 def _predict_texts(args: argparse.Namespace, adapter: object, meta: dict) -> int:

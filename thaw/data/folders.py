@@ -157,11 +157,13 @@ def _from_class_folders(root: Path, val_split: float, seed: int) -> ImageData:
     return ImageData(classes, tuple(train), tuple(val), None, f"class folders, {val_split:.0%} held out (seed {seed})", tuple(skipped))
 
 
-def _manifest_rows(path: Path) -> list[list[str]]:
-    """The non-comment rows of a CSV manifest; a file that is not UTF-8 CSV is one line saying so."""
+def _manifest_rows(path: Path) -> list[tuple[int, list[str]]]:
+    """The non-comment rows of a CSV manifest with the line each ends on; a file that is not UTF-8 CSV is one line
+    saying so."""
     try:
         with path.open(newline="", encoding="utf-8-sig") as handle:
-            return [row for row in csv.reader(handle) if row and not row[0].startswith("#")]
+            reader = csv.reader(handle)
+            return [(reader.line_num, row) for row in reader if row and not row[0].startswith("#")]
     except UnicodeDecodeError as error:
         raise ThawError(f"{path} is not UTF-8 text (byte {error.start}); save the manifest as UTF-8 CSV (path,label)") from None
     except csv.Error as error:
@@ -172,21 +174,21 @@ def _manifest_rows(path: Path) -> list[list[str]]:
 
 def _from_manifest(path: Path, val_split: float, seed: int) -> ImageData:
     rows = _manifest_rows(path)
-    first = 1  # the row number of rows[0] among the rows that are not comments
-    if rows and [c.strip().lower() for c in rows[0][:2]] == ["path", "label"]:
-        rows, first = rows[1:], 2
-    problems = [f"line {i + first}: expected path,label" for i, row in enumerate(rows) if len(row) < 2]
-    problems += [f"line {i + first}: empty label" for i, row in enumerate(rows) if len(row) >= 2 and not row[1].strip()]
-    entries = [(path.parent / row[0].strip(), row[1].strip()) for row in rows if len(row) >= 2]
+    if rows and [c.strip().lower() for c in rows[0][1][:2]] == ["path", "label"]:
+        rows = rows[1:]
+    problems = [f"line {line}: expected path,label" for line, row in rows if len(row) < 2]
+    problems += [f"line {line}: empty label" for line, row in rows if len(row) >= 2 and not row[1].strip()]
+    entries = [(path.parent / row[0].strip(), row[1].strip()) for _, row in rows if len(row) >= 2]
     missing = [str(p) for p, _ in entries if not p.is_file()]
     if missing:
         problems.append(f"{len(missing)} listed files do not exist (first: {missing[0]})")
-    labels: dict[Path, set[str]] = defaultdict(set)
+    labels: dict[Path, list[str]] = defaultdict(list)
     for file, label in entries:
-        labels[file].add(label)
-    twice = [f"{file} ({', '.join(sorted(names))})" for file, names in labels.items() if len(names) > 1]
-    if twice:
-        problems.append(f"{len(twice)} files are listed under two labels (first: {twice[0]}); give each file one label")
+        labels[file].append(label)
+    # a file listed twice would be two samples, which the split may put one in train and one in val
+    repeated = [f"{file} ({', '.join(names)})" for file, names in labels.items() if len(names) > 1]
+    if repeated:
+        problems.append(f"{len(repeated)} files are listed more than once (first: {repeated[0]}); list each file once, with one label")
     if problems:
         raise ThawError(f"{path}: " + "; ".join(problems[:5]))
     skipped: list[tuple[str, str]] = []

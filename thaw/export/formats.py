@@ -16,12 +16,11 @@ from typing import Callable
 import torch
 from torch import nn
 
-from thaw.errors import ThawError
+from thaw.errors import ThawError, first_line
 from thaw.models import ModelAdapter
 from thaw.models.lora import merge_lora
 
 FORMATS = ("onnx", "torchscript")
-ONNX_EMBEDDED_LIMIT = 1_800_000_000  # bytes of weights an .onnx file holds itself (protobuf's limit is 2 GiB)
 TOLERANCE = 1e-3
 TEXT_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 EXAMPLE_TEXTS = ("a short text", "a somewhat longer text to classify, with more tokens in it")
@@ -102,10 +101,6 @@ def onnx_data_file(path: Path) -> Path:
     return path.with_name(path.name + ".data")
 
 
-def _weights_bytes(model: torch.nn.Module) -> int:
-    return sum(tensor.numel() * tensor.element_size() for tensor in model.state_dict().values())
-
-
 def _export_onnx(exportable: _Exportable, path: Path, max_length: int | None) -> Runner:
     try:
         import onnxruntime
@@ -113,20 +108,27 @@ def _export_onnx(exportable: _Exportable, path: Path, max_length: int | None) ->
         raise ThawError("ONNX export needs onnx, onnxscript and onnxruntime: pip install 'thaw[export]'") from None
     batch = torch.export.Dim("batch", min=1)
     dims = {0: batch, 1: torch.export.Dim("tokens", min=2, max=max_length)} if exportable.text else {0: batch}
-    # One file a user can copy alone: the weights inside it, unless they pass protobuf's 2 GB limit (then beside it,
-    # as PATH.data, which torch names; the export line lists both files)
-    external = _weights_bytes(exportable.model) > ONNX_EMBEDDED_LIMIT
+    # One file a user can copy alone: the weights inside it. torch still puts them beside it, as PATH.data, where
+    # they pass its own limit (about 1.5 GB, below protobuf's 2 GB); the export line then names both files.
+    onnx_data_file(path).unlink(missing_ok=True)  # an earlier export's weights, not this one's
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(
             exportable.model, exportable.example, str(path), input_names=list(exportable.names), output_names=["logits"],
-            dynamic_shapes=tuple(dims for _ in exportable.names), dynamo=True, verbose=False, external_data=external,
+            dynamic_shapes=tuple(dims for _ in exportable.names), dynamo=True, verbose=False, external_data=False,
         )
-    if not external:
-        onnx_data_file(path).unlink(missing_ok=True)  # an earlier, larger export's weights: no longer this file's
-    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    try:
+        session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    except Exception as error:  # noqa: BLE001 - onnxruntime raises its own types for a file it cannot load
+        _remove_onnx(path)
+        raise ThawError(f"onnxruntime cannot load the exported {path} ({first_line(error)}); export refused") from None
     names = exportable.names
     return lambda inputs: torch.from_numpy(session.run(None, {n: t.numpy() for n, t in zip(names, inputs)})[0])
+
+
+def _remove_onnx(path: Path) -> None:
+    path.unlink(missing_ok=True)
+    onnx_data_file(path).unlink(missing_ok=True)
 
 
 def _export_torchscript(exportable: _Exportable, path: Path) -> Runner:
@@ -151,9 +153,8 @@ def _largest_difference(exportable: _Exportable, run_exported: Runner, fmt: str)
         try:
             exported = run_exported(inputs)
         except Exception as error:  # whatever the runtime raises, the file cannot serve this input
-            first_line = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
             shape = _shape(inputs)
-            raise ThawError(f"the exported {fmt} model fails on an input of shape {shape} ({first_line}); export refused") from None
+            raise ThawError(f"the exported {fmt} model fails on an input of shape {shape} ({first_line(error)}); export refused") from None
         if exported.shape != expected.shape:
             raise ThawError(
                 f"the exported {fmt} model returns shape {tuple(exported.shape)} for an input of shape {_shape(inputs)}, "
@@ -203,6 +204,8 @@ def export_model(adapter: ModelAdapter, path: Path, fmt: str, images: list[torch
         if not difference <= TOLERANCE:
             raise ThawError(f"the exported {fmt} model's outputs differ from PyTorch's by {difference:.2e}; export refused")
     except ThawError:
+        if fmt == "onnx":
+            _remove_onnx(path)
         path.unlink(missing_ok=True)
         raise
     return _summary(exportable, difference, len(images or ()))

@@ -91,16 +91,16 @@ def evaluation_set(meta: dict, data_path: str | Path, split: str | None = None) 
     if split in ("train", "val") and not getattr(data, "val_from_folder", False):
         _check_same_samples(meta, data, data_path, split)
     samples = data.everything() if split == "all" else data.split(split)
-    return EvaluationSet(split, samples, data.classes, _skipped_in(data, split, samples))
+    return EvaluationSet(split, samples, data.classes, _skipped_in(data, split, samples, Path(data_path)))
 
 
-def _skipped_in(data: ImageData | TextData, split: str, samples: tuple) -> tuple[tuple[str, str], ...]:
-    """The unreadable files of the split scored: in split folders, those under the scored split's folders (a val
-    split held out of train/ counts train/'s, as any of them might have been held out); otherwise all of them."""
+def _skipped_in(data: ImageData | TextData, split: str, samples: tuple, root: Path) -> tuple[tuple[str, str], ...]:
+    """What was skipped in the split scored: in split folders, the unreadable files under the scored split's folder (a
+    val split held out of train/ counts train/'s, as any of them might have been held out); otherwise all of them."""
     if split == "all" or not getattr(data, "split_folders", False):
         return tuple(data.skipped)
-    folders = {Path(path).parent.parent for path, _ in samples}  # split/class/file
-    return tuple((path, reason) for path, reason in data.skipped if folders & set(Path(path).parents))
+    folders = {Path(path).relative_to(root).parts[0] for path, _ in samples}  # train, val, test (at any depth below)
+    return tuple((path, reason) for path, reason in data.skipped if Path(path).relative_to(root).parts[0] in folders)
 
 
 def _check_same_samples(meta: dict, data: ImageData | TextData, data_path: str | Path, split: str) -> None:
