@@ -20,7 +20,7 @@ from thaw.models.sources import TASKS, hf_source, task_of
 from thaw.errors import ThawError
 from thaw.export.report import write_report
 from thaw.train.checkpoint import CHECKPOINT
-from thaw.train.fit import RunInterrupted
+from thaw.train.fit import RunInterrupted, interrupted_before_training
 from thaw.train.loggers import LOGGERS, close_loggers, make_loggers
 from thaw.plan import plan_to_dict
 from thaw.plan.config import read_plan_file
@@ -329,23 +329,16 @@ def run(args: argparse.Namespace) -> int:
     except RunInterrupted:
         ending = "KILLED"  # stopped by the user, with a checkpoint to resume from: not a failure
         raise
-    except KeyboardInterrupt:  # Ctrl-C where training did not catch it (setting up, saving): is there a checkpoint?
-        ending = "KILLED"
+    except (KeyboardInterrupt, ThawError) as stopped:  # bad input, or Ctrl-C outside the training steps (setting up)
         refused = main_rank and settings is None and not (out / CHECKPOINT).exists()  # nothing to resume: undo the start
-        raise RunInterrupted(_interrupted_outside_training(out)) from None
-    except ThawError:
-        refused = main_rank and settings is None and not (out / CHECKPOINT).exists()  # bad input: nothing to resume
-        raise
+        if isinstance(stopped, ThawError):
+            raise
+        ending = "KILLED"
+        raise RunInterrupted(interrupted_before_training(out, "while the run was set up")) from None
     finally:  # after the report, so MLflow stores it with the run folder
         close_loggers(loggers, ending)
         if refused:
             _remove_started_run(out, created)
-
-
-def _interrupted_outside_training(out: Path) -> str:
-    if (out / CHECKPOINT).exists():
-        return f"interrupted; the last checkpoint in {out} is intact: continue with thaw train --resume {out}"
-    return "interrupted before training saved a checkpoint: nothing to resume; run the same command again"
 
 
 def _out_folder(args: argparse.Namespace) -> Path:

@@ -92,6 +92,13 @@ class RunInterrupted(Exception):
     """Ctrl-C: the run stopped where it safely could; the message says whether there is a checkpoint to resume."""
 
 
+def interrupted_before_training(out: Path, when: str) -> str:
+    """What Ctrl-C outside the training steps leaves: the checkpoint a resumed run had, or nothing to resume."""
+    if (out / ckpt.CHECKPOINT).exists():
+        return f"interrupted {when}; the checkpoint in {out} is intact: continue with thaw train --resume {out}"
+    return f"interrupted {when}, before training began: nothing to resume; run the same command again"
+
+
 def resolve_device(device: str) -> torch.device:
     return torch.device(device if device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
 
@@ -415,7 +422,7 @@ class Trainer:
         shared_bytes, sharing = self.share_train_pixels(train, peers, decoders) if len(peers) > 1 else (0, 1)
         own_share = self.store.spilled  # this rank's part of the machine's files; what spills from here on is its own
         if not self.store.fill(train + val, decoders, should_stop=lambda: self.stop_requested):
-            raise RunInterrupted(self._interrupted_while_decoding())
+            raise RunInterrupted(interrupted_before_training(self.out, "while decoding images"))
         self.decode_seconds = time.perf_counter() - started
         where = f"{self.store.used / 2**20:.0f} MB in memory"
         if shared_bytes:
@@ -607,11 +614,6 @@ class Trainer:
         self.train_images += train["images"]
         self.train_seconds += train["seconds"]
         return self._record(stage_index, train, val, cached is not None)
-
-    def _interrupted_while_decoding(self) -> str:
-        if (self.out / ckpt.CHECKPOINT).exists():  # a resumed run: its checkpoint is as it was
-            return f"interrupted while decoding images; the checkpoint in {self.out} is intact: continue with thaw train --resume {self.out}"
-        return "interrupted while decoding images, before training began: nothing to resume; run the same command again"
 
     def _save_interrupted(self, batches: int, tracker: MetricTracker) -> None:
         cuda_rng = torch.cuda.get_rng_state(self.engine.device) if self.engine.device.type == "cuda" else None
