@@ -298,6 +298,19 @@ def test_a_text_run_refuses_them_in_one_line(tmp_path: Path, tiny_encoder: Path)
         train_text(tmp_path / "missing.tsv", model=str(tiny_encoder), config=TrainConfig(cutmix=1.0), out=tmp_path / "lib")
 
 
+def test_a_text_run_refuses_image_sizes_in_one_line(tmp_path: Path, tiny_encoder: Path) -> None:
+    # Accepted and ignored, --image-size would let a user believe the texts were cut or padded to it.
+    table = write_text_table(tmp_path / "t.tsv", rows_per_class=10)
+    result = _thaw("train", str(table), "--task", "text", "--model", str(tiny_encoder), "--epochs", "1",
+                   "--image-size", "160", "--out", str(tmp_path / "run"))
+    assert result.returncode == 2
+    assert "--image-size sizes images; leave it unset for text (--max-length" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert not (tmp_path / "run").exists()
+    with pytest.raises(ThawError, match="--image-size and --progressive-resize size images"):
+        train_text(tmp_path / "missing.tsv", model=str(tiny_encoder), config=TrainConfig(image_size=160, progressive_resize=0.5), out=tmp_path / "lib")
+
+
 def test_a_plan_on_cached_features_only_says_they_change_nothing(
     tiny_split_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -236,11 +236,19 @@ def check_progressive_resize(adapter: ModelAdapter, config: TrainConfig, stage_e
 
 
 def check_image_augments(config: TrainConfig, task: str) -> None:
-    """Refuse image augmentations for a text run (train_text calls this before it reads the table)."""
+    """Refuse image augmentations and image sizes for a text run (train_text calls this before it reads the
+    table): set there, they would change nothing, and a user would believe they had."""
+    if task != "text":
+        return
     chosen = image_augment_flags(config)
-    if chosen and task == "text":
+    if chosen:
         verb, pronoun = ("augment", "them") if len(chosen) > 1 else ("augments", "it")
         raise ThawError(f"{' and '.join(chosen)} {verb} images; leave {pronoun} unset for text")
+    sizes = (("--image-size", config.image_size), ("--progressive-resize", config.progressive_resize))
+    sized = [flag for flag, value in sizes if value is not None]
+    if sized:
+        verb, pronoun = ("size", "them") if len(sized) > 1 else ("sizes", "it")
+        raise ThawError(f"{' and '.join(sized)} {verb} images; leave {pronoun} unset for text (--max-length sets the tokens kept per text)")
 
 
 def _meta_forward_failure(adapter: ModelAdapter, size: int) -> str | None:
