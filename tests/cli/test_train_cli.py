@@ -274,3 +274,22 @@ def test_typed_plan_options_on_a_resume_are_compared_with_the_strategy_the_run_d
     settings = {"config": {"budget": budget}, "model": "mobilenet_v3_small", "task": "image"}
     claimed = _claimed(args, {"epochs"}, settings, tmp_path)
     assert [stage["name"] for stage in claimed["plan"]["stages"]] == ["head", "top2", "all"]
+
+
+def test_unreadable_files_are_warned_of_on_stderr_before_training(tiny_split_data: Path, tmp_path: Path) -> None:
+    # stdout carries the epochs and the summary; a warning that comes only after training cannot stop a wasted run.
+    (tiny_split_data / "train" / "red" / "cut.jpg").write_bytes(b"")
+    result = thaw("train", str(tiny_split_data), *TINY, "--strategy", "feature-extract", "--epochs", "1", "--out", str(tmp_path / "r"))
+    assert result.returncode == 0, result.stderr
+    assert "cut.jpg" not in result.stdout
+    warnings = [line for line in result.stderr.splitlines() if "skipped 1 unreadable file(s)" in line]
+    assert len(warnings) == 1 and "cut.jpg" in warnings[0], result.stderr
+
+
+def test_predict_warns_of_unreadable_files_on_stderr(trained_run: Path, tiny_split_data: Path, tmp_path: Path) -> None:
+    broken = tmp_path / "broken.jpg"
+    broken.write_text("not an image")
+    result = thaw("predict", str(trained_run), str(next((tiny_split_data / "val" / "red").iterdir())), str(broken))
+    assert result.returncode == 0, result.stderr
+    assert len(result.stdout.strip().splitlines()) == 1 and "broken.jpg" not in result.stdout  # one line per prediction
+    assert "skipped 1 unreadable file(s)" in result.stderr and "broken.jpg" in result.stderr

@@ -97,7 +97,7 @@ def run_predict(args: argparse.Namespace) -> int:
         for prediction in predictions:
             print(prediction.path + ": " + ", ".join(f"{label} {value:.3f}" for label, value in prediction.labels))
         if skipped:
-            print(f"thaw: warning: {describe_skipped(tuple(skipped))}")
+            print(f"thaw: warning: {describe_skipped(tuple(skipped))}", file=sys.stderr)
     if not predictions:
         raise ThawError(describe_skipped(tuple(skipped)))
     return 0

@@ -11,6 +11,7 @@ import copy
 import math
 import random
 import signal
+import sys
 import threading
 import time
 from dataclasses import dataclass, field, replace
@@ -929,6 +930,11 @@ class Trainer:
             return
         self._say(f"stage {name!r}: BatchNorm statistics re-estimated on {seen} training images in {time.perf_counter() - started:.1f} s")
 
+    def _warn_skipped(self, skipped: list[tuple[str, str]]) -> None:
+        """Unreadable files, on stderr: stdout carries the epochs and the summary (one JSON line with --json)."""
+        if skipped and not self.config.quiet:
+            print(f"thaw: warning: {describe_skipped(tuple(skipped))}", file=sys.stderr, flush=True)
+
     def _say(self, message: str) -> None:
         if not self.config.quiet and self.processes.is_main:
             print(message, flush=True)
@@ -969,6 +975,7 @@ class Trainer:
             self.restore()
         elif resume:
             self._say(f"no checkpoint in {self.out} yet: starting the run from the beginning")
+        self._warn_skipped(list(self.data.skipped))  # before training: a user can stop the run and fix the files
         self.fill_store()
         if self.config.budget is not None:
             if not self.restored:  # a resumed run keeps the epochs its budget chose, and gets the budget again
@@ -991,8 +998,7 @@ class Trainer:
         if self.processes.distributed:  # each rank decodes its own shard: report what failed anywhere
             failed = distributed.gather_lists([tuple(item) for item in failed])
         skipped = list(self.data.skipped) + failed
-        if skipped and not self.config.quiet:
-            print(f"thaw: warning: {describe_skipped(tuple(skipped))}", flush=True)
+        self._warn_skipped(failed)  # found only while decoding; the others were reported before training
         rate = self.train_images / self.train_seconds if self.train_seconds else 0.0
         budget = None
         if self.config.budget is not None:
