@@ -99,6 +99,8 @@ PLAN = ["plan", "--num-classes", "5", "--strategy", "fine-tune"]
         (["--model", "resnet50", "--weights", "IMAGENET9"], "has no weights 'IMAGENET9'"),
         (["--model", "resnet50", "--config", "missing.yaml"], "cannot read plan file"),
         (["--model", "resnet50", "--batchnorm", "sometimes"], "invalid choice"),
+        # one class is no classification task: training refuses such data, so the plan must not pass it
+        (["--model", "resnet50", "--num-classes", "1"], "argument --num-classes: expected a whole number >= 2, got 1"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(args: list[str], expected: str) -> None:

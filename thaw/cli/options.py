@@ -43,6 +43,11 @@ def positive_int(text: str) -> int:
     return _whole_number(text, 1, None)
 
 
+def class_count(text: str) -> int:
+    """A number of classes: a classifier tells at least two apart."""
+    return _whole_number(text, 2, None)
+
+
 def lora_rank(text: str) -> int:
     return _whole_number(text, 1, MAX_LORA_RANK)
 

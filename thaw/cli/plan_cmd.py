@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from thaw.cli.options import add_model_options, add_plan_options, plan_from_args, positive_int
+from thaw.cli.options import add_model_options, add_plan_options, class_count, plan_from_args
 from thaw.models import build_model
 from thaw.models.hf_text import build_text_model
 from thaw.models.lora import add_lora
@@ -17,7 +17,7 @@ from thaw.plan.lora_targets import lora_targets
 def register(commands: argparse._SubParsersAction) -> None:
     parser = commands.add_parser("plan", help="dry run: what trains in each stage, at which lr")
     add_model_options(parser)
-    parser.add_argument("--num-classes", type=positive_int, required=True)
+    parser.add_argument("--num-classes", type=class_count, required=True)
     add_plan_options(parser)
     parser.add_argument("--task", choices=("image", "text"), help="default: text for a Hugging Face folder or hf/ID")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
