@@ -29,7 +29,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DistributedSampler, Sampler
 
-from thaw.errors import ThawError
+from thaw.errors import ThawError, first_line
 
 COLLECTIVE_TIMEOUT = timedelta(minutes=10)  # a rank that died mid-collective must not hang the rest forever
 # What stop() watches at exit: gloo names its collective threads so; R and D mean running (or about to).
@@ -105,7 +105,7 @@ def start(processes: Processes, device: str) -> str:
     try:
         dist.init_process_group(backend, timeout=collective_timeout())
     except (ValueError, RuntimeError) as error:  # an unreachable MASTER_ADDR, a port in use, a missing backend
-        reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
+        reason = first_line(error)
         raise ThawError(f"cannot join the {backend} process group ({reason}); check the torchrun launch") from None
     # A script that calls train_images under torchrun and simply ends would leave the group to interpreter exit,
     # where tearing down its threads can abort the process ("terminate called without an active exception").

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from thaw.errors import ThawError
+from thaw.errors import ThawError, first_line
 from thaw.models import weights as weights_io
 from thaw.models._structure import is_norm
 from thaw.models.adapter import LayerGroup, ModelAdapter, Preprocessing, is_within
@@ -128,7 +128,7 @@ def build_timm(
         with torch.device("meta") if on_meta else nullcontext():
             model = timm.create_model(name, **options)
     except Exception as error:  # noqa: BLE001 - timm's filters raise KeyError and others for a file that does not fit
-        said = (str(error).splitlines() or [type(error).__name__])[0]
+        said = first_line(error)
         if from_file:
             _explain_file_failure(timm.create_model(name), Path(weights), said)
             raise ThawError(f"timm could not load {weights} into {name} ({said})") from None

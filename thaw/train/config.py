@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from thaw.data.transforms import AUTO_AUGMENTS
-from thaw.errors import ThawError, join_problems
+from thaw.errors import ThawError, first_line, join_problems
 from thaw.models.adapter import ModelAdapter, Preprocessing
 from thaw.plan.optim import OPTIMIZERS
 from thaw.train.resizing import sizes_used
@@ -261,7 +261,7 @@ def _meta_forward_failure(adapter: ModelAdapter, size: int) -> str | None:
         with torch.no_grad():
             torch.func.functional_call(model, meta, (torch.empty(2, 3, size, size, device="meta"),))
     except (RuntimeError, AssertionError, ValueError) as error:
-        return (str(error).strip().splitlines() or [type(error).__name__])[0][:160]
+        return first_line(error, 160)
     finally:
         model.train(training)
     return None
