@@ -117,3 +117,25 @@ def test_ctrl_c_outside_training_says_whether_there_is_a_checkpoint(
     assert not (tmp_path / "new").exists()  # the folder it had started is removed again
     assert main(["train", "--resume", str(cut_run)]) == 130
     assert f"checkpoint in {cut_run} is intact: continue with thaw train --resume {cut_run}" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("rank, said", [("0", True), ("1", False)])
+def test_under_torchrun_only_rank_0_says_what_ctrl_c_left(
+    rank: str, said: bool, tiny_split_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Ctrl-C reaches every rank: one line for the run, not one per process."""
+    from thaw.cli import train_cmd
+
+    def pressed(*_args, **_kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_cmd, "_train", pressed)
+    layout = {"WORLD_SIZE": "2", "RANK": rank, "LOCAL_RANK": rank, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29999"}
+    for name, value in layout.items():
+        monkeypatch.setenv(name, value)
+    assert main(["train", str(tiny_split_data), *TINY, "--out", str(tmp_path / "new")]) == 130
+    assert ("nothing to resume" in capsys.readouterr().err) == said
+    # any command stopped outside thaw train's own handling: the plain "interrupted" line
+    monkeypatch.setattr(train_cmd, "register", lambda commands: commands.add_parser("train").set_defaults(handler=pressed))
+    assert main(["train"]) == 130
+    assert ("thaw: interrupted" in capsys.readouterr().err) == said

@@ -45,13 +45,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"thaw: error{_which_rank()}: {error}", file=sys.stderr)
         return 2
     except RunInterrupted as stopped:
-        print(f"thaw: {stopped}", file=sys.stderr)
+        _say_once(f"thaw: {stopped}")
         return 130
     except KeyboardInterrupt:
-        print("thaw: interrupted", file=sys.stderr)  # thaw train says itself whether there is a checkpoint
+        _say_once("thaw: interrupted")  # thaw train says itself whether there is a checkpoint
         return 130
     finally:
         distributed.stop()
+
+
+def _say_once(message: str) -> None:
+    """Under torchrun, Ctrl-C reaches every rank: rank 0 alone says what it left, for all of them."""
+    try:
+        main_rank = distributed.from_environment().is_main
+    except ThawError:  # the launch variables are what is wrong: say it here, whatever this process is
+        main_rank = True
+    if main_rank:
+        print(message, file=sys.stderr)
 
 
 def _which_rank() -> str:
