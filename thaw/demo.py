@@ -38,7 +38,9 @@ def run_demo(out: Path, say=print) -> list[DemoRow]:
     for strategy, options in STRATEGIES.items():
         say(f"training {MODEL} ({WEIGHTS}) with {strategy} on {data} ...")
         run = out / strategy
-        result = train_images(data, model=MODEL, weights=WEIGHTS, plan=strategy, plan_options=options, config=CONFIG, out=run)
+        result = train_images(
+            data, model=MODEL, weights=WEIGHTS, plan=strategy, plan_options=options, config=CONFIG, out=run, overwrite=True
+        )  # the demo's own folder: a second demo replaces the first
         adapter, meta = load_run(run)
         test = evaluate_run(adapter, meta, data, "test")
         rows.append(DemoRow(strategy, _trainable_share(adapter, meta), result.wall_s, test["accuracy"], run))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -175,13 +176,64 @@ def test_a_refused_run_removes_only_what_it_created(tiny_split_data: Path, tmp_p
 
 
 def test_demo_runs_offline_and_reports_both_strategies(tmp_path: Path, torch_home: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["demo", "--out", str(tmp_path / "demo"), "--json"]) == 0
-    rows = {row["strategy"]: row for row in json.loads(capsys.readouterr().out)}
-    assert set(rows) == {"feature-extract", "two-phase"}
-    assert rows["feature-extract"]["trainable_share"] < 0.01 and rows["two-phase"]["trainable_share"] == 1.0
-    for row in rows.values():
-        assert row["test_accuracy"] > 0.8  # real ImageNet features on real digits
-        assert (Path(row["out"]) / "curves.png").is_file() and (Path(row["out"]) / "confusion.png").is_file()
+    for attempt in range(2):  # the README's first command, typed again: the demo replaces its own runs
+        assert main(["demo", "--out", str(tmp_path / "demo"), "--json"]) == 0
+        rows = {row["strategy"]: row for row in json.loads(capsys.readouterr().out)}
+        assert set(rows) == {"feature-extract", "two-phase"}
+        assert rows["feature-extract"]["trainable_share"] < 0.01 and rows["two-phase"]["trainable_share"] == 1.0
+        for row in rows.values():
+            assert row["test_accuracy"] > 0.8  # real ImageNet features on real digits
+            assert (Path(row["out"]) / "curves.png").is_file() and (Path(row["out"]) / "confusion.png").is_file()
+
+
+def _run_files(run: Path) -> dict[str, bytes]:
+    return {path.name: path.read_bytes() for path in run.iterdir() if path.is_file()}
+
+
+def test_a_new_run_never_overwrites_another_without_being_told(trained_run: Path, tiny_split_data: Path) -> None:
+    (trained_run / "model.onnx").write_bytes(b"an export of the old run's weights")
+    before = _run_files(trained_run)
+    result = thaw("train", str(tiny_split_data), *TINY, "--strategy", "feature-extract", "--epochs", "1", "--out", str(trained_run))
+    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert f"{trained_run} holds a run already; continue it with --resume {trained_run}" in result.stderr
+    assert "--overwrite" in result.stderr
+    assert _run_files(trained_run) == before  # every file of the old run as it was, its typed options included
+
+
+def test_overwrite_replaces_the_old_run_and_leaves_the_users_files(trained_run: Path, tiny_split_data: Path) -> None:
+    stale = ["model.onnx", "model.pt", "report.html", "confusion-val.png"]
+    for name in stale:
+        (trained_run / name).write_bytes(b"made from the old run")
+    (trained_run / "tensorboard").mkdir()
+    (trained_run / "lr_find.png").write_bytes(b"the user's plot, for the next report")
+    old_weights = (trained_run / "model.safetensors").read_bytes()
+    result = thaw("train", str(tiny_split_data), *TINY, "--strategy", "feature-extract", "--epochs", "1", "--seed", "1",
+                  "--out", str(trained_run), "--overwrite", "--json")
+    assert result.returncode == 0, result.stderr
+    assert not any((trained_run / name).exists() for name in [*stale, "tensorboard"])
+    assert (trained_run / "lr_find.png").read_bytes() == b"the user's plot, for the next report"
+    assert (trained_run / "model.safetensors").read_bytes() != old_weights
+    assert json.loads((trained_run / "thaw.json").read_text())["plan"]["stages"][0]["name"] == "head"
+    assert len(json.loads((trained_run / "thaw.json").read_text())["plan"]["stages"]) == 1  # the new run's plan
+
+
+def test_overwrite_and_resume_together_are_refused(trained_run: Path) -> None:
+    result = thaw("train", "--resume", str(trained_run), "--overwrite")
+    assert result.returncode == 2 and "--overwrite starts a new run and --resume" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_the_python_api_refuses_a_run_folder_too(trained_run: Path, tiny_split_data: Path) -> None:
+    from thaw.train import TrainConfig, train_images
+
+    weights = (trained_run / "model.safetensors").read_bytes()
+    options = {"model": "mobilenet_v3_small", "weights": None, "plan": "feature-extract", "plan_options": {"epochs": 1}}
+    config = TrainConfig(quiet=True, image_size=32, batch_size=8)
+    with pytest.raises(ThawError, match="holds a run already.*overwrite=True"):
+        train_images(tiny_split_data, out=trained_run, config=config, **options)
+    assert (trained_run / "model.safetensors").read_bytes() == weights
+    result = train_images(tiny_split_data, out=trained_run, config=replace(config, seed=1), overwrite=True, **options)
+    assert result.best["epoch"] == 1 and (trained_run / "model.safetensors").read_bytes() != weights
 
 
 @pytest.mark.parametrize(

@@ -22,6 +22,7 @@ from thaw.export.report import write_report
 from thaw.train.checkpoint import CHECKPOINT
 from thaw.train.fit import RunInterrupted, interrupted_before_training
 from thaw.train.loggers import LOGGERS, close_loggers, make_loggers
+from thaw.train.run_folder import check_new_run
 from thaw.plan import plan_to_dict
 from thaw.plan.config import read_plan_file
 from thaw.train.budget import parse_budget
@@ -50,6 +51,11 @@ def register(commands: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--resume", type=path_text, metavar="RUN", help="continue the run in RUN from its last checkpoint, with its own settings"
     )
+    parser.add_argument(
+        "--overwrite", action="store_true",
+        help="start a new run in --out even where a run lies: the old run's weights, checkpoint, plots, report and exports "
+        "are removed first (without it, such a folder is refused)",
+    )
     parser.add_argument("--json", action="store_true", help="end with one JSON line of results")
     add_output_options(parser)
     parser.set_defaults(handler=run, parser=parser)
@@ -58,7 +64,7 @@ def register(commands: argparse._SubParsersAction) -> None:
 PLAN_DESTS: set[str] = set()
 # Options that change how a run goes, not what it computes: free to differ on --resume. What a run
 # writes beside its weights (a report, logs for other tools) is one of them: it never changes the weights.
-RUNTIME_DESTS = RUNTIME_FIELDS | {"json", "resume", "out", "data", "report", "log"}
+RUNTIME_DESTS = RUNTIME_FIELDS | {"json", "resume", "out", "data", "report", "log", "overwrite"}
 TEXT_DESTS = {"text_column": "text", "label_column": "label", "delimiter": "delimiter"}
 COMMAND = "command.json"  # in the run folder: the plan options as typed, so a resume can compare typed ones
 
@@ -215,13 +221,14 @@ def _start(args: argparse.Namespace, config: TrainConfig, out: Path, callbacks: 
         return train_text(
             args.data, model=hf_source(args.model), plan=plan_from_args(args, len(adapter.groups)), config=config, out=out,
             columns=columns, val_split=0.1 if args.val_split is None else args.val_split, test_split=args.test_split,
-            pooling=args.pooling, max_length=args.max_length, resume=bool(args.resume), callbacks=callbacks, step_hooks=step_hooks,
+            pooling=args.pooling, max_length=args.max_length, resume=bool(args.resume), overwrite=args.overwrite, callbacks=callbacks,
+            step_hooks=step_hooks,
         )
     adapter = build_model(args.model, num_classes=2, device="meta")
     return train_images(
         args.data, model=args.model, weights=args.weights, plan=plan_from_args(args, len(adapter.groups)), config=config, out=out,
-        val_split=0.2 if args.val_split is None else args.val_split, resume=bool(args.resume), callbacks=callbacks,
-        step_hooks=step_hooks,
+        val_split=0.2 if args.val_split is None else args.val_split, resume=bool(args.resume), overwrite=args.overwrite,
+        callbacks=callbacks, step_hooks=step_hooks,
     )
 
 
@@ -315,7 +322,11 @@ def run(args: argparse.Namespace) -> int:
             raise ThawError(f"--resume {args.resume}: no such run folder; pass the folder a run wrote (its --out)")
         why = f"{args.resume} holds no checkpoint that records its settings, so " if args.resume else ""
         raise ThawError(f"{why}thaw train needs DATA and --model (see `thaw train --help`)")
+    if args.overwrite and args.resume:
+        raise ThawError(f"--overwrite starts a new run and --resume {args.resume} continues one; drop one of the two")
     out = _out_folder(args)
+    if main_rank and not args.resume:  # before the run writes anything there: the old run stays as it is
+        check_new_run(out, args.overwrite)
     created = _missing_folders(out)  # removed again if the run is refused before its first checkpoint
     if main_rank and args.log:  # before any work: a logger writes into the run folder, and a missing package stops here
         check_writable(out)

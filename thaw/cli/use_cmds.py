@@ -14,6 +14,7 @@ from thaw.export.formats import FORMATS, ExportCheck, export_model, onnx_data_fi
 from thaw.export.inference import check_images, image_files, predict_files, predict_texts, score_run, with_tta
 from thaw.export.report import save_report
 from thaw.train.plots import plot_confusion
+from thaw.train.run_folder import ONNX_EXPORT, TORCHSCRIPT_EXPORT
 from thaw.export.run_dir import load_run
 from thaw.plan.report import render_table
 
@@ -150,7 +151,7 @@ def _predict_texts(args: argparse.Namespace, adapter: object, meta: dict) -> int
 
 def run_export(args: argparse.Namespace) -> int:
     adapter, meta = load_run(args.run)
-    output = Path(args.output or Path(args.run) / ("model.onnx" if args.format == "onnx" else "model.pt"))
+    output = Path(args.output or Path(args.run) / (ONNX_EXPORT if args.format == "onnx" else TORCHSCRIPT_EXPORT))
     _check_output(output)
     images = [] if meta.get("task") == "text" else check_images(meta, adapter.preprocessing)
     try:

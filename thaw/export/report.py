@@ -19,9 +19,9 @@ from thaw.export.inference import ScoredSet, score_run
 from thaw.export.interpret import TopLoss, heat_maps, most_confused, thumbnail, top_losses
 from thaw.export.run_dir import load_run
 from thaw.models import ModelAdapter
+from thaw.train.run_folder import REPORT
 from thaw.plan import plan_from_dict, plan_report
 
-REPORT = "report.html"
 LR_FIND = "lr_find.png"  # `thaw lr-find DATA ... --out RUN/lr_find.png` puts its plot where the report finds it
 CURVES = "curves.png"
 TOP_LOSSES = 16

@@ -37,10 +37,13 @@ def train_images(
     config: TrainConfig = TrainConfig(),
     val_split: float = 0.2,
     resume: bool = False,
+    overwrite: bool = False,
     callbacks: list[EpochCallback] | None = None,
     step_hooks: list[StepHook] | None = None,
 ) -> RunResult:
-    """Fine-tune `model` on the images at `data_path` by `plan` (a Plan or a strategy name; by default head-top-all)."""
+    """Fine-tune `model` on the images at `data_path` by `plan` (a Plan or a strategy name; by default head-top-all).
+
+    `out` must not hold a run already, unless `resume` (continue it) or `overwrite` (replace it)."""
     plan = plan or default_strategy("image")
     data = discover(data_path, val_split=val_split, seed=config.seed)
     torch.manual_seed(config.seed)  # the new head's initial weights are part of the run's seed
@@ -49,7 +52,7 @@ def train_images(
         "format": "thaw-run/1", "task": "image", "model": model, "weights": source_name(weights), "classes": list(data.classes),
         "val_split": val_split, "data_path": str(Path(data_path).resolve()),
     }
-    return _run(adapter, data, data_path, plan, plan_options, config, Path(out), meta, resume, callbacks, step_hooks)
+    return _run(adapter, data, data_path, plan, plan_options, config, Path(out), meta, resume, overwrite, callbacks, step_hooks)
 
 
 def train_text(
@@ -66,13 +69,14 @@ def train_text(
     pooling: str = "mean",
     max_length: int = DEFAULT_MAX_LENGTH,
     resume: bool = False,
+    overwrite: bool = False,
     callbacks: list[EpochCallback] | None = None,
     step_hooks: list[StepHook] | None = None,
 ) -> RunResult:
     """Fine-tune a Hugging Face encoder (`model`: a folder or hub id) on a CSV/TSV table of text and labels.
 
     `test_split` holds out a seeded stratified share first (for `thaw evaluate --split test`);
-    `val_split` of the rest picks the best epoch.
+    `val_split` of the rest picks the best epoch. `resume` and `overwrite` as for train_images.
     """
     check_image_augments(config, "text")  # before the table is read and the model built
     data = load_text_data(data_path, columns=columns, val_split=val_split, test_split=test_split, seed=config.seed)
@@ -84,7 +88,7 @@ def train_text(
         "data_path": str(Path(data_path).resolve()),
     }
     out = Path(out)
-    result = _run(adapter, data, data_path, plan, plan_options, config, out, meta, resume, callbacks, step_hooks)
+    result = _run(adapter, data, data_path, plan, plan_options, config, out, meta, resume, overwrite, callbacks, step_hooks)
     if distributed.from_environment().is_main:
         result.files["text_model"] = save_text_model(out, adapter)
     return result
@@ -92,7 +96,8 @@ def train_text(
 
 def _run(
     adapter: ModelAdapter, data: ImageData | TextData, data_path: str | Path, plan: Plan | str, plan_options: dict | None,
-    config: TrainConfig, out: Path, meta: dict, resume: bool, callbacks: list[EpochCallback] | None, step_hooks: list[StepHook] | None,
+    config: TrainConfig, out: Path, meta: dict, resume: bool, overwrite: bool, callbacks: list[EpochCallback] | None,
+    step_hooks: list[StepHook] | None,
 ) -> RunResult:
     if plan_options and not isinstance(plan, str):  # a Plan gives its own stages: the options would be ignored
         raise ThawError(f"plan_options ({', '.join(sorted(plan_options))}) go with a strategy name; a Plan gives its own stages: drop them")
@@ -100,7 +105,9 @@ def _run(
         plan = build_plan(plan, num_groups=len(adapter.groups), **(plan_options or {}))
     if plan.lora is not None:
         add_lora(adapter, plan.lora, lora_targets(adapter, plan.lora))
-    result = fit(adapter, data, plan, config, out, meta=meta, resume=resume, callbacks=callbacks, step_hooks=step_hooks)
+    result = fit(
+        adapter, data, plan, config, out, meta=meta, resume=resume, overwrite=overwrite, callbacks=callbacks, step_hooks=step_hooks
+    )
     if not distributed.from_environment().is_main:  # under torchrun, rank 0 writes the run folder
         result.files = {}
         return result

@@ -39,6 +39,7 @@ from thaw.plan import Plan, enter_stage, plan_to_dict
 from thaw.plan.stages import Stage, resolve_stage
 from thaw.plan.freeze import apply_trainable, batchnorm_layers, batchnorm_trains, is_eval_locked, locks_statistics
 from thaw.train import checkpoint as ckpt
+from thaw.train.run_folder import check_new_run, remove_run_files
 from thaw.train.adapt_bn import adapt_batchnorm, has_statistics
 from thaw.train.config import TrainConfig, check_device, check_image_augments, check_image_size, check_progressive_resize, image_augment_flags
 from thaw.train.budget import MARGIN, Split, TopStage, measure_costs, resplit, split_budget, with_epochs
@@ -1020,12 +1021,14 @@ def fit(
     *,
     meta: dict,
     resume: bool = False,
+    overwrite: bool = False,
     callbacks: list[EpochCallback] | None = None,
     step_hooks: list[StepHook] | None = None,
 ) -> RunResult:
     """Train `adapter` on `data` by `plan`; RUN/ gets the best weights and a checkpoint every epoch.
 
-    Under torchrun (WORLD_SIZE > 1) every rank calls this; rank 0 writes.
+    A new run (not `resume`) refuses a folder that holds a run, unless `overwrite`: then the old run's files go,
+    once every check has passed. Under torchrun (WORLD_SIZE > 1) every rank calls this; rank 0 writes.
     """
     model_name = meta.get("model", type(adapter.model).__name__)
     check_image_size(adapter, config, model_name)  # before any data is decoded
@@ -1039,9 +1042,13 @@ def fit(
         raise ThawError(problem)
     if processes.is_main:
         check_writable(out)
+        if not resume:
+            check_new_run(out, overwrite)
     if data.skipped and config.strict:
         path, reason = data.skipped[0]
         raise ThawError(f"cannot decode {path} ({reason}); remove it, or drop --strict to skip such files")
+    if processes.is_main and not resume and overwrite:
+        remove_run_files(out)
     trainer = Trainer(adapter, data, plan, config, out, meta, processes)
     trainer.engine.step_hooks.extend(step_hooks or [])
     for hook in step_hooks or []:  # loggers read the trainer (steps, val outputs); they never change it

@@ -21,9 +21,9 @@ import torch
 from thaw.errors import ThawError
 from thaw.train.feature_cache import CACHE_FOLDER
 from thaw.train.fit import RunState, Trainer
+from thaw.train.run_folder import TENSORBOARD_FOLDER
 
 LOGGERS = ("tensorboard", "mlflow")
-TENSORBOARD_FOLDER = "tensorboard"  # in the run folder
 MLFLOW_FOLDER = "mlruns"  # in the current folder, like MLflow's own default (so one store holds every run to compare)
 MLFLOW_EXPERIMENT = "thaw"
 TOP_IMAGES = 8  # val images with the highest loss, shown per epoch

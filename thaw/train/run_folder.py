@@ -8,6 +8,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import shutil
 from dataclasses import asdict
 from pathlib import Path
 
@@ -16,16 +17,28 @@ import torchvision
 from safetensors.torch import load_file, save_file
 
 from thaw._io import atomic_write
+from thaw.errors import ThawError
 from thaw._version import __version__
 from thaw.models import ModelAdapter, Preprocessing
 from thaw.models.hf_text import TextPreprocessing
 from thaw.models.lora import adapter_param_names, tensor_digest
+from thaw.train.checkpoint import CHECKPOINT
 from thaw.train.plots import plot_confusion, plot_curves
 
 METADATA = "thaw.json"
 WEIGHTS = "model.safetensors"
 ADAPTER = "adapter.safetensors"
 TEXT_MODEL = "text-model"  # tokenizer files and the encoder's config.json
+REPORT = "report.html"  # thaw report, or thaw train --report
+TENSORBOARD_FOLDER = "tensorboard"  # --log tensorboard
+ONNX_EXPORT, TORCHSCRIPT_EXPORT = "model.onnx", "model.pt"  # thaw export's default files
+EXPORTS = (ONNX_EXPORT, ONNX_EXPORT + ".data", TORCHSCRIPT_EXPORT)  # .data: where torch puts a large model's ONNX weights
+# What a run and the commands on it write into its folder: a new run there replaces all of it (--overwrite), so
+# that no file of the old run (an export, a report, TensorBoard events) is left beside the new run's weights.
+# The user's own files (an lr-find plot put there for the report, say) stay.
+RUN_FILES = (METADATA, WEIGHTS, ADAPTER, CHECKPOINT, "metrics.csv", "curves.png", "confusion.png", REPORT, *EXPORTS)
+RUN_FOLDERS = (TEXT_MODEL, TENSORBOARD_FOLDER)
+EVALUATE_PLOTS = "confusion-*.png"  # thaw evaluate's, one per split
 CSV_COLUMNS = [
     "epoch", "stage", "stage_index", "stage_epoch", "train_loss", "train_accuracy", "val_loss", "val_accuracy",
     "val_macro_f1", "val_top5", "images_per_s", "seconds", "cached", "data_wait_share",
@@ -91,3 +104,29 @@ def save_text_model(out: Path, adapter: ModelAdapter) -> Path:
 
 def preprocessing_dict(preprocessing: Preprocessing | TextPreprocessing) -> dict:
     return asdict(preprocessing)
+
+
+def holds_run(out: Path) -> bool:
+    """Whether `out` holds a run: its metadata (a finished run) or a checkpoint (one stopped on the way)."""
+    return (out / METADATA).is_file() or (out / CHECKPOINT).is_file()
+
+
+def check_new_run(out: Path, overwrite: bool) -> None:
+    """Refuse to start a new run where another one lies, unless asked to replace it: the new run would overwrite the
+    old one's weights and checkpoint and leave its exports and report beside them, describing another model."""
+    if holds_run(out) and not overwrite:
+        raise ThawError(
+            f"{out} holds a run already; continue it with --resume {out}, write the new run elsewhere with another --out, "
+            "or replace the old one with --overwrite (from Python: resume=True, another out, or overwrite=True)"
+        )
+
+
+def remove_run_files(out: Path) -> None:
+    """Remove what an earlier run in `out` wrote (RUN_FILES, RUN_FOLDERS, evaluate's plots); nothing else."""
+    for name in RUN_FILES:
+        (out / name).unlink(missing_ok=True)
+    for path in out.glob(EVALUATE_PLOTS):
+        path.unlink(missing_ok=True)
+    for name in RUN_FOLDERS:
+        if (out / name).is_dir():
+            shutil.rmtree(out / name)
