@@ -200,18 +200,72 @@ def test_a_new_run_never_overwrites_another_without_being_told(trained_run: Path
     assert _run_files(trained_run) == before  # every file of the old run as it was, its typed options included
 
 
+def test_a_folder_with_only_a_checkpoint_is_a_run_too(trained_run: Path, tiny_split_data: Path) -> None:
+    (trained_run / "thaw.json").unlink()  # a run killed before it finished: its checkpoint is what --resume needs
+    checkpoint = (trained_run / "checkpoint.pt").read_bytes()
+    result = thaw("train", str(tiny_split_data), *TINY, "--strategy", "feature-extract", "--epochs", "1", "--out", str(trained_run))
+    assert result.returncode == 2 and "holds a run already" in result.stderr
+    assert (trained_run / "checkpoint.pt").read_bytes() == checkpoint
+
+
+def test_an_overwrite_refused_before_training_leaves_the_old_run(trained_run: Path, tiny_split_data: Path) -> None:
+    # The device is checked as the trainer is built, after the data is read: the old run must outlive that refusal.
+    before = _run_files(trained_run)
+    result = thaw("train", str(tiny_split_data), *TINY, "--strategy", "feature-extract", "--epochs", "1",
+                  "--out", str(trained_run), "--overwrite", "--device", "cuda:7")
+    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert _run_files(trained_run) == before
+
+
+def test_an_overwrite_that_fails_before_its_first_checkpoint_gives_the_old_run_back(trained_run: Path, tiny_split_data: Path) -> None:
+    """A failure in the first epoch (out of memory, a NaN loss, Ctrl-C): the new run has nothing to resume, so the
+    run it was to replace is put back as it was."""
+    from thaw.train import TrainConfig, train_images
+
+    (trained_run / "model.onnx").write_bytes(b"an export of the old run's weights")
+    before = _run_files(trained_run)
+
+    def out_of_memory(*_args: object) -> None:
+        assert not (trained_run / "model.safetensors").exists()  # set aside while the new run trains
+        raise RuntimeError("CUDA out of memory")
+
+    with pytest.raises(RuntimeError, match="out of memory"):
+        train_images(tiny_split_data, model="mobilenet_v3_small", weights=None, plan="feature-extract", plan_options={"epochs": 1},
+                     config=TrainConfig(quiet=True, image_size=32, batch_size=8, seed=1), out=trained_run, overwrite=True,
+                     step_hooks=[out_of_memory])
+    assert _run_files(trained_run) == before
+    assert sorted(path.name for path in trained_run.iterdir()) == sorted(before)  # nothing set aside is left behind
+
+
+def test_a_replacement_killed_before_its_first_checkpoint_still_holds_the_old_run(trained_run: Path, tiny_split_data: Path) -> None:
+    from thaw.train.run_folder import SET_ASIDE, set_aside_run
+
+    weights = (trained_run / "model.safetensors").read_bytes()
+    set_aside_run(trained_run)  # as a replacement does as it begins to train; kill -9 leaves it so
+    (trained_run / "command.json").write_text("{}")  # what the killed replacement had written
+    result = thaw("train", str(tiny_split_data), *TINY, "--strategy", "feature-extract", "--epochs", "1", "--out", str(trained_run))
+    assert result.returncode == 2 and "holds a run already" in result.stderr
+    assert (trained_run / SET_ASIDE / "model.safetensors").read_bytes() == weights
+    result = thaw("train", str(tiny_split_data), *TINY, "--strategy", "feature-extract", "--epochs", "1", "--seed", "1",
+                  "--out", str(trained_run), "--overwrite")
+    assert result.returncode == 0, result.stderr
+    assert not (trained_run / SET_ASIDE).exists() and (trained_run / "model.safetensors").read_bytes() != weights
+
+
 def test_overwrite_replaces_the_old_run_and_leaves_the_users_files(trained_run: Path, tiny_split_data: Path) -> None:
-    stale = ["model.onnx", "model.pt", "report.html", "confusion-val.png"]
+    stale = ["model.onnx", "model.onnx.data", "model.pt", "report.html", "confusion-val.png", "adapter.safetensors"]
     for name in stale:
         (trained_run / name).write_bytes(b"made from the old run")
     (trained_run / "tensorboard").mkdir()
+    (trained_run / "text-model").mkdir()
     (trained_run / "lr_find.png").write_bytes(b"the user's plot, for the next report")
     old_weights = (trained_run / "model.safetensors").read_bytes()
     result = thaw("train", str(tiny_split_data), *TINY, "--strategy", "feature-extract", "--epochs", "1", "--seed", "1",
                   "--out", str(trained_run), "--overwrite", "--json")
     assert result.returncode == 0, result.stderr
-    assert not any((trained_run / name).exists() for name in [*stale, "tensorboard"])
+    assert not any((trained_run / name).exists() for name in [*stale, "tensorboard", "text-model"])
     assert (trained_run / "lr_find.png").read_bytes() == b"the user's plot, for the next report"
+    assert not (trained_run / ".replaced-run").exists()  # the old run goes for good once the new one has a checkpoint
     assert (trained_run / "model.safetensors").read_bytes() != old_weights
     assert json.loads((trained_run / "thaw.json").read_text())["plan"]["stages"][0]["name"] == "head"
     assert len(json.loads((trained_run / "thaw.json").read_text())["plan"]["stages"]) == 1  # the new run's plan
@@ -234,6 +288,8 @@ def test_the_python_api_refuses_a_run_folder_too(trained_run: Path, tiny_split_d
     assert (trained_run / "model.safetensors").read_bytes() == weights
     result = train_images(tiny_split_data, out=trained_run, config=replace(config, seed=1), overwrite=True, **options)
     assert result.best["epoch"] == 1 and (trained_run / "model.safetensors").read_bytes() != weights
+    # the CLI's record of the old run's typed options went too: a resume must not read them as this run's
+    assert not (trained_run / "command.json").exists()
 
 
 @pytest.mark.parametrize(

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import copy
+import re
 
+import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
 from tests.conftest import SmallConvNet
-from thaw import adapt, apply_stage, apply_trainable, build_model, resolve
+from thaw import ThawError, adapt, apply_stage, apply_trainable, build_model, resolve
 from thaw.plan import Stage, audit_optimizer
 from thaw.plan.freeze import batchnorm_layers, is_eval_locked
 from thaw.plan.lr import RangeLr
@@ -122,3 +124,30 @@ def test_eval_policy_fixes_statistics_even_where_layers_train(small_net) -> None
     small_net(torch.randn(4, 3, 8, 8) + 5)
     assert torch.equal(small_net.block1[1].running_mean, before)
     assert all(is_eval_locked(layer) for _, layer in batchnorm_layers(small_net))
+
+
+def test_apply_trainable_refuses_names_that_are_not_parameters() -> None:
+    # A selector or a typo where a parameter name goes would freeze the whole model and train nothing.
+    adapter = adapt(SmallConvNet(), num_classes=3)
+    before = {name: param.requires_grad for name, param in adapter.model.named_parameters()}
+    for wrong in (["head"], ["fc.weigth"], "fc.weight"[:-1]):
+        with pytest.raises(ThawError, match="apply_trainable takes parameter names"):
+            apply_trainable(adapter, wrong)
+    assert {name: param.requires_grad for name, param in adapter.model.named_parameters()} == before
+
+
+@pytest.mark.parametrize(
+    "options, expected",
+    [
+        ({"epochs": -1}, "epochs must be a whole number >= 0, got -1"),
+        ({"epochs": 1.5}, "epochs must be a whole number >= 0, got 1.5"),
+        ({"weight_decay": -0.1}, "weight decay must be a finite number >= 0, got -0.1"),
+        ({"weight_decay": float("nan")}, "weight decay must be a finite number >= 0, got nan"),
+        ({"batchnorm": "sometimes"}, "batchnorm must be one of frozen, train, eval, adapt"),
+        ({"lr": 1e-3}, "lr must be a rule such as ConstantLr(1e-3)"),
+        ({"train": "head"}, "train must be a list of selectors like ['head']"),
+    ],
+)
+def test_a_stage_built_by_hand_is_checked_like_a_plan_file(options: dict, expected: str) -> None:
+    with pytest.raises(ThawError, match=re.escape(expected)):
+        Stage("s", **({"epochs": 1} | options))

@@ -19,10 +19,9 @@ from thaw.models.hf_text import DEFAULT_MAX_LENGTH, POOLINGS, build_text_model
 from thaw.models.sources import TASKS, hf_source, task_of
 from thaw.errors import ThawError
 from thaw.export.report import write_report
-from thaw.train.checkpoint import CHECKPOINT
 from thaw.train.fit import RunInterrupted, interrupted_before_training
 from thaw.train.loggers import LOGGERS, close_loggers, make_loggers
-from thaw.train.run_folder import check_new_run
+from thaw.train.run_folder import TYPED_OPTIONS as COMMAND, check_new_run, holds_run
 from thaw.plan import plan_to_dict
 from thaw.plan.config import read_plan_file
 from thaw.train.budget import parse_budget
@@ -66,7 +65,6 @@ PLAN_DESTS: set[str] = set()
 # writes beside its weights (a report, logs for other tools) is one of them: it never changes the weights.
 RUNTIME_DESTS = RUNTIME_FIELDS | {"json", "resume", "out", "data", "report", "log", "overwrite"}
 TEXT_DESTS = {"text_column": "text", "label_column": "label", "delimiter": "delimiter"}
-COMMAND = "command.json"  # in the run folder: the plan options as typed, so a resume can compare typed ones
 
 
 def add_training_options(parser: argparse.ArgumentParser) -> None:
@@ -286,9 +284,18 @@ def _plan_options(args: argparse.Namespace) -> dict:
     return {dest: getattr(args, dest) for dest in sorted(PLAN_DESTS)} | {"strategy": strategy}
 
 
-def _record_plan_options(args: argparse.Namespace, out: Path) -> None:
-    options = _plan_options(args)
-    atomic_write(out / COMMAND, lambda target: target.write_text(json.dumps({"plan_options": options})))
+class TypedOptionsRecord:
+    """A step hook that writes RUN/command.json, the plan options as typed, at the run's first step: after an
+    --overwrite has removed the old run's files (this one among them), before the first checkpoint, which is what a
+    resume compares the typed options against."""
+
+    def __init__(self, out: Path, options: dict) -> None:
+        self.out, self.options = out, options
+
+    def __call__(self, _optimizer: object, _step: int, _factor: float) -> None:
+        if self.options is not None:
+            options, self.options = self.options, None
+            atomic_write(self.out / COMMAND, lambda target: target.write_text(json.dumps({"plan_options": options})))
 
 
 def _group_count(args: argparse.Namespace) -> int:
@@ -341,7 +348,7 @@ def run(args: argparse.Namespace) -> int:
         ending = "KILLED"  # stopped by the user, with a checkpoint to resume from: not a failure
         raise
     except (KeyboardInterrupt, ThawError) as stopped:  # bad input, or Ctrl-C outside the training steps (setting up)
-        refused = main_rank and settings is None and not (out / CHECKPOINT).exists()  # nothing to resume: undo the start
+        refused = main_rank and settings is None and not holds_run(out)  # nothing to resume or keep: undo the start
         if isinstance(stopped, ThawError):
             raise
         ending = "KILLED"
@@ -371,7 +378,7 @@ def _train(args: argparse.Namespace, out: Path, settings: dict | None, callbacks
     config = replace(config_from_args(args), quiet=quiet)  # a new run; or a resume before the first checkpoint
     if distributed.from_environment().is_main:
         check_writable(out)
-        _record_plan_options(args, out)
+        step_hooks = [*step_hooks, TypedOptionsRecord(out, _plan_options(args))]
     return _start(args, config, out, callbacks, step_hooks)
 
 

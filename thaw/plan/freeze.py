@@ -88,9 +88,20 @@ def locks_statistics(policy: BatchNormPolicy, trains: bool) -> bool:
 
 
 def apply_trainable(adapter: ModelAdapter, selected: list[str], batchnorm: BatchNormPolicy = "frozen") -> list[str]:
-    """Set requires_grad for exactly what trains and apply the BatchNorm policy; returns what trains."""
+    """Set requires_grad for exactly what trains (`selected`: parameter names) and apply the BatchNorm policy; returns
+    what trains."""
     if batchnorm not in BATCHNORM_POLICIES:
         raise ThawError(f"batchnorm policy must be one of {', '.join(BATCHNORM_POLICIES)}, got {batchnorm!r}")
+    if isinstance(selected, str):
+        selected = [selected]
+    names = {name for name, _ in adapter.model.named_parameters()}
+    unknown = [name for name in selected if name not in names]
+    if unknown:  # a typo would otherwise freeze everything and train nothing, silently
+        raise ThawError(
+            f"apply_trainable takes parameter names, and {', '.join(map(repr, unknown[:3]))} "
+            f"{'is not one' if len(unknown) == 1 else 'are not'} of this model's; for selectors (groups such as 'head', "
+            "module names, slices) pass resolve(adapter, selectors) or use apply_stage"
+        )
     chosen = set(trainable_names(adapter, selected, batchnorm))
     for name, param in adapter.model.named_parameters():
         param.requires_grad_(name in chosen)

@@ -7,14 +7,18 @@ what the training loop applies.
 
 from __future__ import annotations
 
+import math
+import typing
 from dataclasses import dataclass, field
 
 from thaw.errors import ThawError
 from thaw.models.adapter import ModelAdapter
 from thaw.models.lora import LoraSpec
 from thaw.plan import selectors
-from thaw.plan.freeze import BatchNormPolicy, batchnorm_layers, batchnorm_trains, locks_statistics, trainable_names
+from thaw.plan.freeze import BATCHNORM_POLICIES, BatchNormPolicy, batchnorm_layers, batchnorm_trains, locks_statistics, trainable_names
 from thaw.plan.lr import ConstantLr, ExplicitLr, LrRule, check_lr
+
+LR_RULES = typing.get_args(LrRule)
 
 
 @dataclass(frozen=True)
@@ -25,6 +29,24 @@ class Stage:
     lr: LrRule = ConstantLr(1e-3)
     weight_decay: float = 0.01
     batchnorm: BatchNormPolicy = "frozen"
+
+    def __post_init__(self) -> None:
+        """A stage built by hand is held to a plan file's rules, all problems at once (plan files are checked before
+        they build one, with each key's place named)."""
+        problems = []
+        if isinstance(self.epochs, bool) or not isinstance(self.epochs, int) or self.epochs < 0:
+            problems.append(f"epochs must be a whole number >= 0, got {self.epochs!r}")
+        decay = self.weight_decay
+        if isinstance(decay, bool) or not isinstance(decay, (int, float)) or not math.isfinite(decay) or decay < 0:
+            problems.append(f"weight decay must be a finite number >= 0, got {decay!r}")
+        if self.batchnorm not in BATCHNORM_POLICIES:
+            problems.append(f"batchnorm must be one of {', '.join(BATCHNORM_POLICIES)}, got {self.batchnorm!r}")
+        if not isinstance(self.lr, LR_RULES):
+            problems.append(f"lr must be a rule such as ConstantLr(1e-3), RangeLr or DecayLr (thaw.plan.lr), got {self.lr!r}")
+        if isinstance(self.train, str) or not self.train:
+            problems.append(f"train must be a list of selectors like ['head'], got {self.train!r}")
+        if problems:
+            raise ThawError(f"stage {self.name!r}: " + "; ".join(problems))
 
 
 @dataclass(frozen=True)

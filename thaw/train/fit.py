@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import math
 import random
+import shutil
 import signal
 import sys
 import threading
@@ -33,13 +34,13 @@ from thaw.data.pixel_store import SPILL_SUFFIX, PixelStore, SharedPixels
 from thaw.data.text import TextData, TextDataset
 from thaw.data.transforms import eval_transform, train_transform, train_transform_at
 from thaw.distributed import Processes, shard
-from thaw.errors import ThawError
+from thaw.errors import ThawError, first_line
 from thaw.models.adapter import ModelAdapter, Preprocessing
 from thaw.plan import Plan, enter_stage, plan_to_dict
 from thaw.plan.stages import Stage, resolve_stage
 from thaw.plan.freeze import apply_trainable, batchnorm_layers, batchnorm_trains, is_eval_locked, locks_statistics
 from thaw.train import checkpoint as ckpt
-from thaw.train.run_folder import check_new_run, remove_run_files
+from thaw.train.run_folder import check_new_run, restore_run, set_aside_run
 from thaw.train.adapt_bn import adapt_batchnorm, has_statistics
 from thaw.train.config import TrainConfig, check_device, check_image_augments, check_image_size, check_progressive_resize, image_augment_flags
 from thaw.train.budget import MARGIN, Split, TopStage, measure_costs, resplit, split_budget, with_epochs
@@ -215,6 +216,8 @@ class Trainer:
         self.budget_ended: str | None = None  # where the budget ended the run before its plan did
         self.epoch_wall: dict[int, float] = {}  # per stage: seconds of its last epoch, checkpoint included (--budget)
         self.restored = False  # continued from a checkpoint
+        self.replaces_run = False  # a new run in a folder that holds another (--overwrite): set aside as training begins,
+        self.set_aside: Path | None = None  # and deleted at the first checkpoint; put back if the run ends before it
         if config.ema:
             require_timm()
         self.ema: nn.Module | None = None  # the weight average of the current stage (--ema, stages that train pretrained layers)
@@ -673,6 +676,9 @@ class Trainer:
     def _save_checkpoint(self, state: dict) -> None:
         if self.processes.is_main:
             ckpt.save_checkpoint(self.out / ckpt.CHECKPOINT, state)
+        if self.set_aside is not None:  # the new run can be resumed now: the run it replaces goes
+            shutil.rmtree(self.set_aside)
+            self.set_aside = None
 
     def _enter(self, stage_index: int, optimizer: torch.optim.Optimizer | None) -> tuple[object, torch.optim.Optimizer]:
         """enter_stage, then (several processes) a new DDP wrapper over exactly what trains now."""
@@ -931,6 +937,13 @@ class Trainer:
             return
         self._say(f"stage {name!r}: BatchNorm statistics re-estimated on {seen} training images in {time.perf_counter() - started:.1f} s")
 
+    def _restore_replaced_run(self) -> None:
+        try:
+            restore_run(self.out, self.set_aside)
+        except OSError as error:  # never hide why the run ended behind this; say where the old run lies
+            print(f"thaw: warning: the run this one replaced is still in {self.set_aside} ({first_line(error)})", file=sys.stderr)
+        self.set_aside = None
+
     def _warn_skipped(self, skipped: list[tuple[str, str]]) -> None:
         """Unreadable files, on stderr: stdout carries the epochs and the summary (one JSON line with --json)."""
         if skipped and not self.config.quiet:
@@ -955,6 +968,8 @@ class Trainer:
         try:
             return self._fit(resume, callbacks)
         finally:
+            if self.set_aside is not None:  # ended before its first checkpoint: the run it was to replace comes back
+                self._restore_replaced_run()
             try:
                 self.release_cache()
             finally:  # whatever failed above, workers end, pixels go and Ctrl-C is the caller's again
@@ -982,6 +997,8 @@ class Trainer:
             if not self.restored:  # a resumed run keeps the epochs its budget chose, and gets the budget again
                 self.plan_budget()
             self.deadline = (started if self.restored else self.began) + self.config.budget
+        if self.replaces_run:  # every check has passed and the data is ready: only now is the old run moved away
+            self.set_aside = set_aside_run(self.out)
         self.engine.progress = self.plan_progress()
         while self.state.stage < len(self.plan.stages):
             self.run_stage(self.state.stage, callbacks)
@@ -1047,9 +1064,8 @@ def fit(
     if data.skipped and config.strict:
         path, reason = data.skipped[0]
         raise ThawError(f"cannot decode {path} ({reason}); remove it, or drop --strict to skip such files")
-    if processes.is_main and not resume and overwrite:
-        remove_run_files(out)
     trainer = Trainer(adapter, data, plan, config, out, meta, processes)
+    trainer.replaces_run = processes.is_main and not resume and overwrite
     trainer.engine.step_hooks.extend(step_hooks or [])
     for hook in step_hooks or []:  # loggers read the trainer (steps, val outputs); they never change it
         if hasattr(hook, "attach"):

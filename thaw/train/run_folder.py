@@ -30,15 +30,17 @@ WEIGHTS = "model.safetensors"
 ADAPTER = "adapter.safetensors"
 TEXT_MODEL = "text-model"  # tokenizer files and the encoder's config.json
 REPORT = "report.html"  # thaw report, or thaw train --report
+TYPED_OPTIONS = "command.json"  # thaw train's plan options as typed, so a resume can compare typed ones
 TENSORBOARD_FOLDER = "tensorboard"  # --log tensorboard
 ONNX_EXPORT, TORCHSCRIPT_EXPORT = "model.onnx", "model.pt"  # thaw export's default files
 EXPORTS = (ONNX_EXPORT, ONNX_EXPORT + ".data", TORCHSCRIPT_EXPORT)  # .data: where torch puts a large model's ONNX weights
 # What a run and the commands on it write into its folder: a new run there replaces all of it (--overwrite), so
 # that no file of the old run (an export, a report, TensorBoard events) is left beside the new run's weights.
 # The user's own files (an lr-find plot put there for the report, say) stay.
-RUN_FILES = (METADATA, WEIGHTS, ADAPTER, CHECKPOINT, "metrics.csv", "curves.png", "confusion.png", REPORT, *EXPORTS)
+RUN_FILES = (METADATA, WEIGHTS, ADAPTER, CHECKPOINT, TYPED_OPTIONS, "metrics.csv", "curves.png", "confusion.png", REPORT, *EXPORTS)
 RUN_FOLDERS = (TEXT_MODEL, TENSORBOARD_FOLDER)
 EVALUATE_PLOTS = "confusion-*.png"  # thaw evaluate's, one per split
+SET_ASIDE = ".replaced-run"  # in the run folder: the old run, while a new one replaces it, until the new one's first checkpoint
 CSV_COLUMNS = [
     "epoch", "stage", "stage_index", "stage_epoch", "train_loss", "train_accuracy", "val_loss", "val_accuracy",
     "val_macro_f1", "val_top5", "images_per_s", "seconds", "cached", "data_wait_share",
@@ -107,8 +109,9 @@ def preprocessing_dict(preprocessing: Preprocessing | TextPreprocessing) -> dict
 
 
 def holds_run(out: Path) -> bool:
-    """Whether `out` holds a run: its metadata (a finished run) or a checkpoint (one stopped on the way)."""
-    return (out / METADATA).is_file() or (out / CHECKPOINT).is_file()
+    """Whether `out` holds a run: its metadata (a finished run), a checkpoint (one stopped on the way), or a run set
+    aside by a replacement that was killed before its first checkpoint."""
+    return (out / METADATA).is_file() or (out / CHECKPOINT).is_file() or (out / SET_ASIDE).is_dir()
 
 
 def check_new_run(out: Path, overwrite: bool) -> None:
@@ -121,12 +124,36 @@ def check_new_run(out: Path, overwrite: bool) -> None:
         )
 
 
+def run_entries(out: Path) -> list[Path]:
+    """What a run and the commands on it wrote into `out` (RUN_FILES, RUN_FOLDERS, evaluate's plots); nothing else."""
+    named = [out / name for name in (*RUN_FILES, *RUN_FOLDERS) if (out / name).exists()]
+    return named + sorted(out.glob(EVALUATE_PLOTS))
+
+
 def remove_run_files(out: Path) -> None:
-    """Remove what an earlier run in `out` wrote (RUN_FILES, RUN_FOLDERS, evaluate's plots); nothing else."""
-    for name in RUN_FILES:
-        (out / name).unlink(missing_ok=True)
-    for path in out.glob(EVALUATE_PLOTS):
-        path.unlink(missing_ok=True)
-    for name in RUN_FOLDERS:
-        if (out / name).is_dir():
-            shutil.rmtree(out / name)
+    for path in run_entries(out):
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+
+
+def set_aside_run(out: Path) -> Path:
+    """Move the run in `out` into out/SET_ASIDE as a new run replaces it (--overwrite): the new run starts clean, and
+    the old one comes back (restore_run) if the new one ends before its first checkpoint."""
+    aside = out / SET_ASIDE
+    if aside.is_dir():  # a replacement killed before its first checkpoint set the old run aside: what lies beside it is its own
+        remove_run_files(out)
+        return aside
+    aside.mkdir()
+    for path in run_entries(out):
+        path.rename(aside / path.name)
+    return aside
+
+
+def restore_run(out: Path, aside: Path) -> None:
+    """Put the set-aside run back: what the new run wrote before it ended goes."""
+    remove_run_files(out)
+    for path in aside.iterdir():
+        path.rename(out / path.name)
+    aside.rmdir()
