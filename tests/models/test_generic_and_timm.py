@@ -23,6 +23,64 @@ def test_generic_model_gets_last_linear_as_head_and_structural_groups(small_net:
     assert adapter.forward_features(images).shape == (2, 16, 1, 1)
 
 
+class HeadRegisteredFirst(nn.Module):
+    """The classifier is registered before a projection that the forward calls before it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.classify = nn.Linear(16, 10)
+        self.body = nn.Sequential(nn.Conv2d(3, 16, 3), nn.BatchNorm2d(16), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.project = nn.Linear(16, 16)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.classify(self.project(self.body(images)))
+
+
+class BlocksRegisteredBackwards(nn.Module):
+    """Blocks registered last to first; the forward runs them first to last. Built for 32 px grey images."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(16 * 8 * 8, 10)
+        self.block3 = nn.Sequential(nn.Conv2d(8, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(), nn.MaxPool2d(2))
+        self.block2 = nn.Sequential(nn.Conv2d(4, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.MaxPool2d(2))
+        self.block1 = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU())
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.flatten(self.block3(self.block2(self.block1(images))), 1))
+
+
+def test_the_head_is_the_layer_the_forward_ends_with_not_the_last_registered() -> None:
+    # By registration order `project` would become a 3-class layer in the middle of the network, and the real
+    # classifier a frozen "first group": feature extraction would train the wrong layer, or not run at all.
+    model = HeadRegisteredFirst()
+    adapter = adapt(model, num_classes=3)
+    assert adapter.head_name == "classify" and adapter.group_names == ["body", "project", "head"]
+    assert model(torch.randn(2, 3, 24, 24)).shape == (2, 3)
+
+
+def test_groups_follow_the_forward_pass_not_the_order_of_init() -> None:
+    # Groups run stem to head: discriminative lrs give the input layers the smallest lr, and "top 2" the layers
+    # next to the head; registration order would turn both upside down. The model takes 32 px grey images only.
+    adapter = adapt(BlocksRegisteredBackwards(), num_classes=3)
+    assert adapter.group_names == ["block1", "block2", "block3", "head"]
+
+
+def test_a_model_the_probe_cannot_run_keeps_the_registration_order() -> None:
+    class TakesTokens(nn.Module):  # a forward on images fails: the structural rules by registration apply
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed = nn.Embedding(50, 8)
+            self.mix = nn.Linear(8, 8)
+            self.out = nn.Linear(8, 4)
+
+        def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+            return self.out(self.mix(self.embed(tokens)).mean(1))
+
+    adapter = adapt(TakesTokens(), num_classes=2)
+    assert adapter.head_name == "out" and adapter.group_names == ["embed", "mix", "head"]
+
+
 def test_head_named_by_the_user(small_net: SmallConvNet) -> None:
     adapter = adapt(small_net, head="classifier.2", num_classes=9)
     assert small_net(torch.randn(1, 3, 8, 8)).shape == (1, 9)
@@ -70,3 +128,10 @@ def test_timm_vit_groups_blocks_in_order() -> None:
     assert names[0] == "stem" and names[-1] == "head"
     assert names[1:13] == [f"blocks.{i}" for i in range(12)]
     assert timm is not None
+
+
+@pytest.mark.parametrize("name", ["head", "all", "adapters"])
+def test_a_group_cannot_take_a_selectors_name(small_net: SmallConvNet, name: str) -> None:
+    # "head" made two groups called head, the first one empty, and a feature-extract plan then failed to resolve.
+    with pytest.raises(ThawError, match=f"group name '{name}' is taken"):
+        adapt(small_net, groups={"stem": ["stem"], name: ["block1"]}, num_classes=3)

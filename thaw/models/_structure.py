@@ -29,6 +29,7 @@ HEAD_TYPES = (nn.Linear, nn.Conv2d)
 TRUNK_SHARE = 0.9
 # Fewer groups than this cannot express discriminative learning rates.
 MIN_GROUPS = 4
+RESERVED_GROUP_NAMES = ("head", "all", "adapters")  # selectors of their own (thaw.plan.selectors)
 
 
 def has_params(module: nn.Module) -> bool:
@@ -48,6 +49,57 @@ def last_linear_name(model: nn.Module) -> str:
             "name it explicitly, e.g. adapt(model, head='classifier.1') or --head classifier.1"
         )
     return names[-1]
+
+
+PROBE_SIZES = (224, 32, 28, 64, 96, 128, 160, 256, 299, 384)  # image sizes a hand-written model may be built for
+
+
+def forward_order(model: nn.Module, size: int | None = None) -> list[str] | None:
+    """The names of `model`'s modules in the order its forward pass first calls them, on a meta-device batch of images
+    (no memory, no compute): `size` px if given, else the first of PROBE_SIZES the model takes; RGB, else the channels
+    some convolution takes (grayscale, say). None where no such forward runs (a model that takes tokens)."""
+    names = {id(module): name for name, module in reversed(list(model.named_modules()))}  # a shared module: its first name
+    convolutions = [module.in_channels for module in model.modules() if isinstance(module, nn.Conv2d)]
+    shapes = [(channels, side) for channels in dict.fromkeys([3, *convolutions]) for side in ([size] if size else PROBE_SIZES)]
+    for channels, candidate in shapes:
+        order: list[str] = []
+        handles = [
+            module.register_forward_pre_hook(lambda module, _inputs: order.append(names[id(module)]))
+            for module in model.modules()
+        ]
+        try:
+            output = _meta_forward(model, torch.empty(2, channels, candidate, candidate, device="meta"))
+        finally:
+            for handle in handles:
+                handle.remove()
+        if output is not _FAILED:
+            return list(dict.fromkeys(order))
+    return None
+
+
+_FAILED = object()
+
+
+def _meta_forward(model: nn.Module, images: torch.Tensor) -> object:
+    """`model`'s output on `images` with its tensors on the meta device (shapes only), or _FAILED; its mode is kept."""
+    tensors = {name: torch.empty_like(t, device="meta") for name, t in [*model.named_parameters(), *model.named_buffers()]}
+    training = model.training
+    model.eval()  # no running-statistics update, and BatchNorm accepts a 1x1 map
+    try:
+        with torch.no_grad():
+            return torch.func.functional_call(model, tensors, (images,))
+    except Exception:  # noqa: BLE001 - any failure means only that the model does not take such a batch
+        return _FAILED
+    finally:
+        model.train(training)
+
+
+def output_linear_name(model: nn.Module, order: list[str] | None) -> str:
+    """The head of a hand-written model: the last nn.Linear its forward calls (where the forward runs on images),
+    else the last one it registers. Registration order is the order of __init__, which need not be the forward's."""
+    linears = {name for name, module in model.named_modules() if isinstance(module, nn.Linear)}
+    called = [name for name in order or [] if name in linears]
+    return called[-1] if called else last_linear_name(model)
 
 
 def check_head(model: nn.Module, head_name: str) -> nn.Module:
@@ -251,10 +303,13 @@ def _merge_small_units(units: list[_Unit]) -> list[_Unit]:
     return merged
 
 
-def infer_groups(model: nn.Module, head_modules: list[str]) -> list[LayerGroup]:
-    """Ordered groups from stem to head by the general rule (see module docstring)."""
+def infer_groups(model: nn.Module, head_modules: list[str], order: list[str] | None = None) -> list[LayerGroup]:
+    """Ordered groups from stem to head by the general rule (see module docstring); `order` (forward_order): the
+    groups in the order the forward pass calls them, not the order they were registered in."""
     grouper = _Grouper(model, head_modules)
     units = _merge_small_units(_split_trunks(grouper, grouper.units_of(model, "")))
+    if order:
+        units = _in_forward_order(units, order)
     groups = []
     for index, unit in enumerate(units):
         name = "stem" if index == 0 and len(unit.members) > 1 else unit.path
@@ -264,8 +319,26 @@ def infer_groups(model: nn.Module, head_modules: list[str]) -> list[LayerGroup]:
     return groups
 
 
+def _in_forward_order(units: list[_Unit], order: list[str]) -> list[_Unit]:
+    """`units` sorted by the first call of any of their modules; a unit the forward never calls keeps its place
+    after the unit registered before it."""
+    position = {name: index for index, name in enumerate(order)}
+    keys, last = [], -1.0
+    for unit in units:
+        called = [position[name] for name in unit.members or [unit.path] if name in position]
+        last = float(min(called)) if called else last + 1e-6
+        keys.append(last)
+    return [unit for _, unit in sorted(zip(keys, units), key=lambda pair: pair[0])]
+
+
 def explicit_groups(model: nn.Module, spec: dict[str, list[str]], head_modules: list[str]) -> list[LayerGroup]:
     """Groups named by the user, stem first; the head group is added last."""
+    taken = [name for name in spec if name in RESERVED_GROUP_NAMES]
+    if taken:  # a selector of that name means something else: the group could never be chosen by it
+        raise ThawError(
+            f"group name {taken[0]!r} is taken ({', '.join(RESERVED_GROUP_NAMES)} mean the new head, every layer and the "
+            "LoRA layers); the head group is added by itself: name the other groups otherwise"
+        )
     canonical = {id(p): name for name, p in model.named_parameters()}
     groups, problems = [], []
     for group_name, module_names in spec.items():

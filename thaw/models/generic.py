@@ -17,12 +17,15 @@ def adapt_module(
     preprocessing: Preprocessing | None = None,
     family: str = "generic",
 ) -> ModelAdapter:
-    """Wrap any classifier: the last Linear is the head unless `head` names another module.
+    """Wrap any classifier: the last Linear its forward calls is the head unless `head` names another module.
 
     `groups` maps group names (stem first) to module names; without it groups
     come from the model's structure (see thaw.models._structure).
     """
-    head_name = head or _structure.last_linear_name(model)
+    # A hand-written model's __init__ may register its layers in another order than its forward calls them: the head
+    # and the groups follow the forward where it runs on images. torchvision's registration order is its forward's.
+    order = _structure.forward_order(model, preprocessing.crop_size if preprocessing else None) if family == "generic" else None
+    head_name = head or (_structure.output_linear_name(model, order) if order else _structure.last_linear_name(model))
     _structure.check_head(model, head_name)
     if num_classes is not None:
         _structure.replace_head(model, head_name, num_classes)
@@ -30,7 +33,7 @@ def adapt_module(
     if groups:
         layer_groups = _structure.explicit_groups(model, groups, block)
     else:
-        layer_groups = _structure.infer_groups(model, block)
+        layer_groups = _structure.infer_groups(model, block, order)
     features_fn, head_fn = _structure.hook_split(model, block)
     return ModelAdapter(
         model,
