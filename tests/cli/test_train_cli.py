@@ -401,3 +401,20 @@ def test_predict_warns_of_unreadable_files_on_stderr(trained_run: Path, tiny_spl
     assert result.returncode == 0, result.stderr
     assert len(result.stdout.strip().splitlines()) == 1 and "broken.jpg" not in result.stdout  # one line per prediction
     assert "skipped 1 unreadable file(s)" in result.stderr and "broken.jpg" in result.stderr
+
+
+def test_predict_files_takes_a_file_or_a_folder_alone(trained_run: Path, tiny_split_data: Path) -> None:
+    # A single path string was read as a list of one-letter paths: no prediction, one "skipped" entry per letter.
+    from thaw.export.inference import predict_files
+    from thaw.export.run_dir import load_run
+
+    adapter, meta = load_run(trained_run)
+    image = next((tiny_split_data / "val" / "red").iterdir())
+    alone, skipped = predict_files(adapter, meta["classes"], str(image))
+    assert [p.path for p in alone] == [str(image)] and skipped == []
+    folder, _ = predict_files(adapter, meta["classes"], tiny_split_data / "val")
+    assert len(folder) == 18 and str(image) in [p.path for p in folder]
+    listed, _ = predict_files(adapter, meta["classes"], [image])
+    assert listed[0].labels == alone[0].labels
+    with pytest.raises(ThawError, match="top_k must be at least 1"):
+        predict_files(adapter, meta["classes"], image, top_k=0)

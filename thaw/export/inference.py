@@ -231,9 +231,13 @@ class Prediction:
 @torch.no_grad()
 @memory_kept_between_steps()
 def predict_files(
-    adapter: ModelAdapter, classes: list[str], files: list[Path], top_k: int = 3, batch_size: int = 32, tta: bool = False
+    adapter: ModelAdapter, classes: list[str], files: list[Path] | str | Path, top_k: int = 3, batch_size: int = 32, tta: bool = False
 ) -> tuple[list[Prediction], list[tuple[str, str]]]:
-    """Top-k classes of each image file; `tta` averages each image's softmax with its mirror image's."""
+    """Top-k classes of each image file (a file or folder alone, or a list of them; folders are read for their
+    images); `tta` averages each image's softmax with its mirror image's."""
+    if top_k < 1:
+        raise ThawError(f"top_k must be at least 1, got {top_k}")
+    files = image_files([files] if isinstance(files, (str, Path)) else [str(path) for path in files])
     engine = choose_engine(TrainConfig(quiet=True), adapter.model)
     adapter.model.to(engine.device).eval()
     model = FlipAveraged(adapter.model) if tta else adapter.model
@@ -259,8 +263,11 @@ def predict_files(
 
 
 @torch.no_grad()
-def predict_texts(adapter: ModelAdapter, classes: list[str], texts: list[str], top_k: int = 3, batch_size: int = 64) -> list[Prediction]:
-    """Labels and probabilities for each text, in the order given."""
+def predict_texts(adapter: ModelAdapter, classes: list[str], texts: list[str] | str, top_k: int = 3, batch_size: int = 64) -> list[Prediction]:
+    """Labels and probabilities for each text (one text alone, or a list of them), in the order given."""
+    if top_k < 1:
+        raise ThawError(f"top_k must be at least 1, got {top_k}")
+    texts = [texts] if isinstance(texts, str) else list(texts)
     if not texts or not all(text.strip() for text in texts):
         raise ThawError("give one or more non-empty texts to classify")
     engine = choose_engine(TrainConfig(quiet=True), adapter.model)
