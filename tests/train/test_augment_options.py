@@ -307,8 +307,8 @@ def test_a_text_run_refuses_image_sizes_in_one_line(tmp_path: Path, tiny_encoder
     assert "--image-size sizes images; leave it unset for text (--max-length" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr
     assert not (tmp_path / "run").exists()
-    with pytest.raises(ThawError, match="--image-size and --progressive-resize size images"):
-        train_text(tmp_path / "missing.tsv", model=str(tiny_encoder), config=TrainConfig(image_size=160, progressive_resize=0.5), out=tmp_path / "lib")
+    with pytest.raises(ThawError, match="--image-size sizes images"):
+        train_text(tmp_path / "missing.tsv", model=str(tiny_encoder), config=TrainConfig(image_size=160), out=tmp_path / "lib")
 
 
 def test_a_plan_on_cached_features_only_says_they_change_nothing(

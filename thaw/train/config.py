@@ -244,11 +244,8 @@ def check_image_augments(config: TrainConfig, task: str) -> None:
     if chosen:
         verb, pronoun = ("augment", "them") if len(chosen) > 1 else ("augments", "it")
         raise ThawError(f"{' and '.join(chosen)} {verb} images; leave {pronoun} unset for text")
-    sizes = (("--image-size", config.image_size), ("--progressive-resize", config.progressive_resize))
-    sized = [flag for flag, value in sizes if value is not None]
-    if sized:
-        verb, pronoun = ("size", "them") if len(sized) > 1 else ("sizes", "it")
-        raise ThawError(f"{' and '.join(sized)} {verb} images; leave {pronoun} unset for text (--max-length sets the tokens kept per text)")
+    if config.image_size is not None:  # (progressive resize has its own refusal: check_progressive_resize)
+        raise ThawError("--image-size sizes images; leave it unset for text (--max-length sets the tokens kept per text)")
 
 
 def _meta_forward_failure(adapter: ModelAdapter, size: int) -> str | None:
