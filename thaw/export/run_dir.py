@@ -9,10 +9,11 @@ import json
 from pathlib import Path
 
 import torch
+from torch import nn
 from safetensors.torch import load_file
 
 from thaw.errors import ThawError, first_line
-from thaw.models import ModelAdapter, Preprocessing, build_model
+from thaw.models import ModelAdapter, Preprocessing, adapt, build_model
 from thaw.models.hf_text import TextPreprocessing, build_text_model
 from thaw.models.lora import add_lora
 from thaw.models.weights import load_into
@@ -40,8 +41,11 @@ def read_metadata(run: Path) -> dict:
 REQUIRED_METADATA = ("model", "classes", "preprocessing", "plan")  # what loading and reporting a run read
 
 
-def load_run(run: str | Path, device: str | torch.device = "cpu") -> tuple[ModelAdapter, dict]:
-    """The fine-tuned model of a run, ready for inference, and its metadata."""
+def load_run(run: str | Path, device: str | torch.device = "cpu", model: nn.Module | ModelAdapter | None = None) -> tuple[ModelAdapter, dict]:
+    """The fine-tuned model of a run, ready for inference, and its metadata.
+
+    `model`: for a run trained on a model object, the same architecture (a new instance; the run's weights are loaded
+    into it); for a run trained on a named model it may stand in for the name."""
     run = Path(run)
     meta = read_metadata(run)
     weights_path = run / WEIGHTS
@@ -50,7 +54,7 @@ def load_run(run: str | Path, device: str | torch.device = "cpu") -> tuple[Model
     if meta.get("task") == "text":
         adapter = _text_adapter(run, meta)
     else:
-        adapter = build_model(meta["model"], weights=meta.get("weights"), num_classes=len(meta["classes"]), load=False)
+        adapter = _image_model(run, meta, model)
         adapter.preprocessing = Preprocessing(**{k: tuple(v) if isinstance(v, list) else v for k, v in meta["preprocessing"].items()})
     if (meta.get("plan") or {}).get("lora"):  # the same LoRA layers as in training, so the weights fit
         spec = plan_from_dict(meta["plan"], f"{run}/{METADATA} plan").lora
@@ -58,6 +62,22 @@ def load_run(run: str | Path, device: str | torch.device = "cpu") -> tuple[Model
     load_into(adapter.model, _read_weights(weights_path), str(weights_path))
     adapter.model.to(device).eval()
     return adapter, meta
+
+
+def _image_model(run: Path, meta: dict, model: nn.Module | ModelAdapter | None) -> ModelAdapter:
+    """The run's architecture with a head per class, its weights not loaded yet."""
+    classes = len(meta["classes"])
+    if model is None:
+        if meta.get("model_source") == "object":
+            raise ThawError(
+                f"{run} was trained on a model object ({meta['model']}), which no name rebuilds; load it from Python with "
+                f"load_run({str(run)!r}, model=<a new instance of that model>)"
+            )
+        return build_model(meta["model"], weights=meta.get("weights"), num_classes=classes, load=False)
+    adapter = model if isinstance(model, ModelAdapter) else adapt(model, num_classes=classes)
+    if adapter.num_classes != classes:
+        raise ThawError(f"the model given has {adapter.num_classes} outputs and the run {classes} classes; pass the run's architecture")
+    return adapter
 
 
 def _read_weights(path: Path) -> dict[str, torch.Tensor]:

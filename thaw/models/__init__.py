@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from thaw.errors import ThawError
+
 import torch
 
 from thaw.models.adapter import LayerGroup, ModelAdapter, Preprocessing
@@ -33,6 +35,11 @@ def build_model(
 
     load=False builds the architecture `weights` imply without loading them.
     """
+    if not isinstance(name, str):  # a model object goes to adapt(), or straight to train_images
+        raise ThawError(
+            f"build_model takes a model name like 'mobilenet_v2' or 'timm/NAME', got a {type(name).__name__}; "
+            "for a model you built, use thaw.adapt(model)"
+        )
     options = {"weights": weights, "num_classes": num_classes, "device": device, "load": load}
     if name.startswith(TIMM_PREFIX):
         return build_timm(name[len(TIMM_PREFIX) :], **options)

@@ -6,10 +6,11 @@ from dataclasses import asdict
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from thaw.data.folders import ImageData, discover
 from thaw.data.text import TextColumns, TextData, load_text_data
-from thaw.models import ModelAdapter, build_model
+from thaw.models import ModelAdapter, adapt, build_model
 from thaw.models.hf_text import DEFAULT_MAX_LENGTH, build_text_model
 from thaw.models.lora import add_lora
 from thaw.plan import Plan, build_plan, plan_from_dict, plan_to_dict
@@ -26,10 +27,13 @@ from thaw.train.run_folder import preprocessing_dict, save_adapter, save_text_mo
 __all__ = ["EpochCallback", "RunResult", "RunState", "TextColumns", "TrainConfig", "resume_run", "train_images", "train_text"]
 
 
+MODEL_OBJECT = "object"  # metadata "model_source" of a run trained on a model object: no name rebuilds it
+
+
 def train_images(
     data_path: str | Path,
     *,
-    model: str,
+    model: str | nn.Module | ModelAdapter,
     out: str | Path,
     weights: str | None = "DEFAULT",
     plan: Plan | str | None = None,
@@ -43,16 +47,45 @@ def train_images(
 ) -> RunResult:
     """Fine-tune `model` on the images at `data_path` by `plan` (a Plan or a strategy name; by default head-top-all).
 
+    `model`: a name (`weights` says which weights), or a model you built, as an nn.Module (thaw.adapt gives it a new
+    head for the data's classes) or a ModelAdapter whose head already has one output per class; such a run is read
+    back with load_run(out, model=...) and continued with resume_run(out, model=...), given the same architecture.
     `out` must not hold a run already, unless `resume` (continue it) or `overwrite` (replace it)."""
     plan = plan or default_strategy("image")
     data = discover(data_path, val_split=val_split, seed=config.seed)
     torch.manual_seed(config.seed)  # the new head's initial weights are part of the run's seed
-    adapter = build_model(model, weights=weights, num_classes=len(data.classes))
+    adapter = _image_adapter(model, weights, len(data.classes))
     meta = {
-        "format": "thaw-run/1", "task": "image", "model": model, "weights": source_name(weights), "classes": list(data.classes),
-        "val_split": val_split, "data_path": str(Path(data_path).resolve()),
-    }
+        "format": "thaw-run/1", "task": "image", "model": model_name(model), "weights": source_name(weights) if isinstance(model, str) else None,
+        "classes": list(data.classes), "val_split": val_split, "data_path": str(Path(data_path).resolve()),
+    } | ({} if isinstance(model, str) else {"model_source": MODEL_OBJECT})
     return _run(adapter, data, data_path, plan, plan_options, config, Path(out), meta, resume, overwrite, callbacks, step_hooks)
+
+
+def model_name(model: str | nn.Module | ModelAdapter) -> str:
+    """What a run records as its model: the name, or a model object's class (module.QualifiedName)."""
+    if isinstance(model, str):
+        return model
+    module = model.model if isinstance(model, ModelAdapter) else model
+    return f"{type(module).__module__}.{type(module).__qualname__}"
+
+
+def _image_adapter(model: str | nn.Module | ModelAdapter, weights: str | None, num_classes: int) -> ModelAdapter:
+    """The adapter a run trains: built by name, or made from the model object given, with a head per class."""
+    if isinstance(model, str):
+        return build_model(model, weights=weights, num_classes=num_classes)
+    if weights not in ("DEFAULT", None):
+        raise ThawError(f"weights={weights!r} goes with a model name; a model object brings its own weights: drop it")
+    if isinstance(model, ModelAdapter):
+        if model.num_classes != num_classes:
+            raise ThawError(
+                f"the adapter's head has {model.num_classes} outputs and the data {num_classes} classes; "
+                f"pass the model itself, or thaw.adapt(model, num_classes={num_classes})"
+            )
+        return model
+    if isinstance(model, nn.Module):
+        return adapt(model, num_classes=num_classes)
+    raise ThawError(f"model must be a name like 'mobilenet_v2' or 'timm/NAME', an nn.Module or a ModelAdapter, got a {type(model).__name__}")
 
 
 def train_text(
@@ -146,13 +179,15 @@ def resume_run(
     run: str | Path,
     *,
     data_path: str | Path | None = None,
+    model: nn.Module | ModelAdapter | None = None,
     callbacks: list[EpochCallback] | None = None,
     step_hooks: list[StepHook] | None = None,
     **runtime: object,
 ) -> RunResult:
     """Continue the run in `run` with its own settings (model, weights, plan, training options, data).
 
-    `data_path` points at the data when it moved (it must hold the same files); `runtime` may set
+    `data_path` points at the data when it moved (it must hold the same files); `model`: a run trained on a model
+    object needs the same architecture again (a fresh instance: the checkpoint holds the weights); `runtime` may set
     what does not change the recipe: workers, device, quiet, strict, cache_memory_gb, decoded_memory_gb, compile.
     """
     unknown = sorted(set(runtime) - RUNTIME_FIELDS)
@@ -175,4 +210,12 @@ def resume_run(
             data_path, model=settings["model"], columns=TextColumns(**settings["columns"]), val_split=settings["val_split"],
             test_split=settings["test_split"], pooling=settings["pooling"], max_length=settings["max_length"], **options,
         )
-    return train_images(data_path, model=settings["model"], weights=settings["weights"], val_split=settings["val_split"], **options)
+    if settings.get("model_source") == MODEL_OBJECT and model is None:
+        raise ThawError(
+            f"{run} was trained on a model object ({settings['model']}), which no name rebuilds; continue it from Python "
+            f"with resume_run({str(run)!r}, model=<a new instance of that model>)"
+        )
+    if model is not None and model_name(model) != settings["model"]:
+        raise ThawError(f"{run} was trained on {settings['model']}, not {model_name(model)}; pass the same architecture")
+    chosen = settings["model"] if model is None else model
+    return train_images(data_path, model=chosen, weights=settings["weights"], val_split=settings["val_split"], **options)

@@ -1,0 +1,71 @@
+"""A model the user built (any nn.Module, or a ModelAdapter) trained by thaw's own loop, read back and resumed."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.cli.test_cli import thaw
+from tests.conftest import SmallConvNet
+from thaw import ThawError, adapt
+from thaw.export.inference import evaluate_run
+from thaw.export.run_dir import load_run
+from thaw.train import TrainConfig, resume_run, train_images
+
+CONFIG = TrainConfig(quiet=True, image_size=32, batch_size=8)
+PLAN = {"plan": "two-phase", "plan_options": {"head_epochs": 1, "epochs": 1}}
+
+
+@pytest.fixture
+def object_run(tiny_split_data: Path, tmp_path: Path) -> tuple[Path, dict]:
+    torch.manual_seed(0)
+    result = train_images(tiny_split_data, model=SmallConvNet(num_classes=10), out=tmp_path / "run", config=CONFIG, **PLAN)
+    return tmp_path / "run", result.best
+
+
+def test_a_model_object_trains_and_reads_back_into_the_same_architecture(object_run: tuple[Path, dict], tiny_split_data: Path) -> None:
+    run, best = object_run
+    adapter, meta = load_run(run, model=SmallConvNet())  # a fresh instance: the run's weights and new 3-class head
+    assert meta["model"] == "tests.conftest.SmallConvNet" and meta["model_source"] == "object"
+    assert adapter.num_classes == 3 and meta["classes"] == ["blue", "green", "red"]
+    # the model read back is the one delivered: it scores the val split as the run recorded
+    assert evaluate_run(adapter, meta, tiny_split_data, "val")["accuracy"] == best["val"]["accuracy"]
+
+
+def test_without_the_model_a_run_on_an_object_is_one_line_that_says_how_to_load_it(object_run: tuple[Path, dict], tiny_split_data: Path) -> None:
+    run, _ = object_run
+    with pytest.raises(ThawError, match=r"trained on a model object \(tests.conftest.SmallConvNet\).*load_run\("):
+        load_run(run)
+    result = thaw("evaluate", str(run), str(tiny_split_data))
+    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1 and "load_run(" in result.stderr
+
+
+def test_a_resume_needs_the_same_architecture(object_run: tuple[Path, dict]) -> None:
+    run, best = object_run
+    with pytest.raises(ThawError, match=r"resume_run\("):
+        resume_run(run)
+    with pytest.raises(ThawError, match="not torch.nn.modules.container.Sequential; pass the same architecture"):
+        resume_run(run, model=torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 32 * 32, 3)))
+    again = resume_run(run, model=SmallConvNet())  # a finished run: nothing left to train, the same model delivered
+    assert again.best["epoch"] == best["epoch"] and again.best["val"]["accuracy"] == best["val"]["accuracy"]
+
+
+def test_an_adapter_must_have_a_head_per_class_and_objects_take_no_weights_name(tiny_split_data: Path, tmp_path: Path) -> None:
+    adapter = adapt(SmallConvNet(), num_classes=5)
+    with pytest.raises(ThawError, match="the adapter's head has 5 outputs and the data 3 classes"):
+        train_images(tiny_split_data, model=adapter, out=tmp_path / "a", config=CONFIG, **PLAN)
+    with pytest.raises(ThawError, match="goes with a model name; a model object brings its own weights"):
+        train_images(tiny_split_data, model=SmallConvNet(), weights="IMAGENET1K_V1", out=tmp_path / "b", config=CONFIG, **PLAN)
+    with pytest.raises(ThawError, match="model must be a name like 'mobilenet_v2'"):
+        train_images(tiny_split_data, model=Path("mobilenet_v2"), out=tmp_path / "c", config=CONFIG, **PLAN)  # type: ignore[arg-type]
+    assert not any((tmp_path / name).exists() for name in "abc")
+
+
+def test_an_adapter_with_a_head_per_class_trains_as_given(tiny_split_data: Path, tmp_path: Path) -> None:
+    adapter = adapt(SmallConvNet(), num_classes=3)
+    head = adapter.model.get_submodule(adapter.head_name)
+    train_images(tiny_split_data, model=adapter, out=tmp_path / "run", config=CONFIG, **PLAN)
+    assert adapter.model.get_submodule(adapter.head_name) is head  # the user's own head, not a new one
+    assert load_run(tmp_path / "run", model=adapt(SmallConvNet(), num_classes=3))[0].num_classes == 3
