@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -69,3 +70,24 @@ def test_an_adapter_with_a_head_per_class_trains_as_given(tiny_split_data: Path,
     train_images(tiny_split_data, model=adapter, out=tmp_path / "run", config=CONFIG, **PLAN)
     assert adapter.model.get_submodule(adapter.head_name) is head  # the user's own head, not a new one
     assert load_run(tmp_path / "run", model=adapt(SmallConvNet(), num_classes=3))[0].num_classes == 3
+
+
+@pytest.mark.parametrize(
+    "options, expected",
+    [
+        ({"plan": "two-phase", "plan_options": {"epoch": 1}}, "unknown plan option 'epoch' (did you mean 'epochs'?)"),
+        ({"config": {"batch_size": 8}}, "config must be a TrainConfig"),
+        ({"plan": 3}, "plan must be a strategy name like 'two-phase' or a Plan"),
+    ],
+)
+def test_the_python_entry_says_what_is_wrong_in_one_line(tiny_split_data: Path, tmp_path: Path, options: dict, expected: str) -> None:
+    # Python's own errors here were a TypeError or AttributeError from deep inside, after the data was read.
+    with pytest.raises(ThawError, match=re.escape(expected)):
+        train_images(tiny_split_data, model=SmallConvNet(), out=tmp_path / "run", **({"config": CONFIG} | options))
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("count", [1, 0, 2.0, "3"])
+def test_a_head_needs_a_whole_number_of_two_classes_or_more(count: object) -> None:
+    with pytest.raises(ThawError, match="num_classes must be a whole number of at least 2"):
+        adapt(SmallConvNet(), num_classes=count)  # type: ignore[arg-type]

@@ -118,8 +118,8 @@ def check_head(model: nn.Module, head_name: str) -> nn.Module:
 
 def replace_head(model: nn.Module, head_name: str, num_classes: int) -> nn.Module:
     """Swap the head for a fresh N-class layer in place, so dropout and pooling around it stay."""
-    if num_classes < 1:
-        raise ThawError(f"num_classes must be at least 1, got {num_classes}")
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
+        raise ThawError(f"num_classes must be a whole number of at least 2 (a classifier tells classes apart), got {num_classes!r}")
     old = check_head(model, head_name)
     like = {"device": old.weight.device, "dtype": old.weight.dtype, "bias": old.bias is not None}
     if isinstance(old, nn.Linear):

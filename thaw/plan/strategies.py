@@ -12,6 +12,9 @@ upscaled digits that took val accuracy from 0.83 to 0.28 (benchmarks/batchnorm_p
 
 from __future__ import annotations
 
+import difflib
+import inspect
+
 import math
 import operator
 
@@ -144,3 +147,12 @@ def _gradual(
         name = "all" if count == num_groups else f"top{count}"
         stages.append(Stage(name, epochs, train, rule, **unfrozen))
     return stages
+
+
+def check_plan_options(options: dict) -> None:
+    """Refuse plan options build_plan does not take, with the nearest it does (`epoch` for `epochs`, say)."""
+    known = [name for name in inspect.signature(build_plan).parameters if name not in ("strategy", "num_groups")]
+    unknown = [name for name in options if name not in known]
+    if unknown:
+        hints = [f"{name!r}" + (f" (did you mean {close[0]!r}?)" if (close := difflib.get_close_matches(name, known, 1)) else "") for name in unknown]
+        raise ThawError(f"unknown plan option {', '.join(hints)}; the options are {', '.join(known)}")

@@ -15,7 +15,7 @@ from thaw.models.hf_text import DEFAULT_MAX_LENGTH, build_text_model
 from thaw.models.lora import add_lora
 from thaw.plan import Plan, build_plan, plan_from_dict, plan_to_dict
 from thaw.plan.lora_targets import lora_targets
-from thaw.plan.strategies import default_strategy
+from thaw.plan.strategies import check_plan_options, default_strategy
 from thaw.errors import ThawError
 from thaw.train import checkpoint
 from thaw.train.config import TrainConfig, check_image_augments
@@ -52,6 +52,7 @@ def train_images(
     back with load_run(out, model=...) and continued with resume_run(out, model=...), given the same architecture.
     `out` must not hold a run already, unless `resume` (continue it) or `overwrite` (replace it)."""
     plan = plan or default_strategy("image")
+    _check_arguments(plan, plan_options, config)
     data = discover(data_path, val_split=val_split, seed=config.seed)
     torch.manual_seed(config.seed)  # the new head's initial weights are part of the run's seed
     adapter = _image_adapter(model, weights, len(data.classes))
@@ -111,6 +112,7 @@ def train_text(
     `test_split` holds out a seeded stratified share first (for `thaw evaluate --split test`);
     `val_split` of the rest picks the best epoch. `resume` and `overwrite` as for train_images.
     """
+    _check_arguments(plan, plan_options, config)
     check_image_augments(config, "text")  # before the table is read and the model built
     data = load_text_data(data_path, columns=columns, val_split=val_split, test_split=test_split, seed=config.seed)
     torch.manual_seed(config.seed)
@@ -127,13 +129,23 @@ def train_text(
     return result
 
 
+def _check_arguments(plan: object, plan_options: dict | None, config: object) -> None:
+    """What train_images and train_text are given, checked before any data is read: one line for each mistake that
+    would otherwise surface as a TypeError or AttributeError deep inside."""
+    if not isinstance(config, TrainConfig):
+        raise ThawError(f"config must be a TrainConfig (thaw.train.TrainConfig(batch_size=...)), got a {type(config).__name__}")
+    if not isinstance(plan, (str, Plan)):
+        raise ThawError(f"plan must be a strategy name like 'two-phase' or a Plan (thaw.build_plan, thaw.load_plan), got a {type(plan).__name__}")
+    if plan_options and not isinstance(plan, str):  # a Plan gives its own stages: the options would be ignored
+        raise ThawError(f"plan_options ({', '.join(sorted(plan_options))}) go with a strategy name; a Plan gives its own stages: drop them")
+    check_plan_options(plan_options or {})
+
+
 def _run(
     adapter: ModelAdapter, data: ImageData | TextData, data_path: str | Path, plan: Plan | str, plan_options: dict | None,
     config: TrainConfig, out: Path, meta: dict, resume: bool, overwrite: bool, callbacks: list[EpochCallback] | None,
     step_hooks: list[StepHook] | None,
 ) -> RunResult:
-    if plan_options and not isinstance(plan, str):  # a Plan gives its own stages: the options would be ignored
-        raise ThawError(f"plan_options ({', '.join(sorted(plan_options))}) go with a strategy name; a Plan gives its own stages: drop them")
     if isinstance(plan, str):
         plan = build_plan(plan, num_groups=len(adapter.groups), **(plan_options or {}))
     if plan.lora is not None:
