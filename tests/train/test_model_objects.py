@@ -91,3 +91,16 @@ def test_the_python_entry_says_what_is_wrong_in_one_line(tiny_split_data: Path, 
 def test_a_head_needs_a_whole_number_of_two_classes_or_more(count: object) -> None:
     with pytest.raises(ThawError, match="num_classes must be a whole number of at least 2"):
         adapt(SmallConvNet(), num_classes=count)  # type: ignore[arg-type]
+
+
+def test_thaws_loop_stops_at_a_stage_whose_trainable_parameter_gets_no_gradient(tiny_split_data: Path, tmp_path: Path) -> None:
+    # The plan says the unused layer trains and it never would: the run stops at the stage's first step, naming it.
+    class WithUnusedLayer(SmallConvNet):
+        def __init__(self) -> None:
+            super().__init__()
+            self.unused = torch.nn.Conv2d(16, 16, 1)  # a leftover auxiliary head, say: the forward never calls it
+
+    torch.manual_seed(0)
+    adapter = adapt(WithUnusedLayer(), head="classifier.2", num_classes=3)
+    with pytest.raises(ThawError, match=r"first step of stage 'all'.*no gradient \(unused.weight, unused.bias\)"):
+        train_images(tiny_split_data, model=adapter, out=tmp_path / "run", config=CONFIG, **PLAN)
