@@ -332,3 +332,8 @@ def test_a_plan_file_budget_is_read_like_the_flag(tmp_path: Path) -> None:
         budget("soon")
     with pytest.raises(ThawError, match="budget must be a time like 90s, 3m or 1.5h, got 0"):
         budget("0")
+
+
+def test_the_documented_budget_limits() -> None:
+    # The README states these numbers; the tests above take them from the code, so pin them here once.
+    assert (MAX_EPOCHS, MARGIN) == (20, 0.1)

@@ -161,3 +161,8 @@ def test_a_run_recorded_before_the_weight_average_existed_resumes_without_one(ti
     resume_run(tmp_path / "old", quiet=True)
     ended = load_checkpoint(tmp_path / "old" / "checkpoint.pt")
     assert ended["ema"] is None and len(ended["history"]) == 2
+
+
+def test_the_documented_decay_schedule() -> None:
+    # The README states these numbers; the tests above take them from the code, so pin them here once.
+    assert (WARMUP_POWER, MAX_DECAY) == (0.75, 0.9998)
