@@ -98,7 +98,8 @@ class RunInterrupted(Exception):
 def interrupted_before_training(out: Path, when: str) -> str:
     """What Ctrl-C outside the training steps leaves: the checkpoint a resumed run had, or nothing to resume."""
     if (out / ckpt.CHECKPOINT).exists():
-        return f"interrupted {when}; the checkpoint in {out} is intact: continue with thaw train --resume {out}"
+        return (f"interrupted {when}; the checkpoint in {out} is intact: continue with thaw train --resume {out} "
+                f"(from Python: resume_run({str(out)!r}))")
     return f"interrupted {when}, before training began: nothing to resume; run the same command again"
 
 
@@ -526,7 +527,8 @@ class Trainer:
         if changed:
             raise ThawError(
                 f"the run in {self.out} was started with other settings; different now: {'; '.join(changed)}. "
-                f"Resume with the run's own settings: `thaw train --resume {self.out}` reads them from the run"
+                f"Resume with the run's own settings: `thaw train --resume {self.out}` (resume_run({str(self.out)!r}) from Python) "
+                "reads them from the run"
             )
         self.model.load_state_dict(saved["model"])
         self.restored = True
@@ -627,7 +629,8 @@ class Trainer:
         stage = self.plan.stages[self.state.stage]
         raise RunInterrupted(
             f"interrupted in stage {stage.name!r}, epoch {self.state.epoch + 1}, after batch {batches}; "
-            f"a checkpoint is saved. Continue with the same command plus --resume {self.out}"
+            f"a checkpoint is saved. Continue with the same command plus --resume {self.out} (from Python: "
+            f"resume_run({str(self.out)!r}))"
         )
 
     def _check_weights_finite(self, stage_index: int) -> None:
