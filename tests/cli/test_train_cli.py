@@ -218,8 +218,8 @@ def test_an_overwrite_refused_before_training_leaves_the_old_run(trained_run: Pa
 
 
 def test_an_overwrite_that_fails_before_its_first_checkpoint_gives_the_old_run_back(trained_run: Path, tiny_split_data: Path) -> None:
-    """A failure in the first epoch (out of memory, a NaN loss, Ctrl-C): the new run has nothing to resume, so the
-    run it was to replace is put back as it was."""
+    """A failure in the first epoch (out of memory, a NaN loss): the new run has nothing to resume, so the run it was
+    to replace is put back as it was. (Ctrl-C saves a checkpoint of the new run first: that one is kept.)"""
     from thaw.train import TrainConfig, train_images
 
     (trained_run / "model.onnx").write_bytes(b"an export of the old run's weights")
@@ -244,7 +244,10 @@ def test_a_replacement_killed_before_its_first_checkpoint_still_holds_the_old_ru
     set_aside_run(trained_run)  # as a replacement does as it begins to train; kill -9 leaves it so
     (trained_run / "command.json").write_text("{}")  # what the killed replacement had written
     result = thaw("train", str(tiny_split_data), *TINY, "--strategy", "feature-extract", "--epochs", "1", "--out", str(trained_run))
-    assert result.returncode == 2 and "holds a run already" in result.stderr
+    assert result.returncode == 2 and "holds a run set aside by a replacement that stopped" in result.stderr
+    assert f"move the files in {SET_ASIDE} back" in result.stderr
+    result = thaw("train", str(tiny_split_data), *TINY, "--strategy", "feature-extract", "--epochs", "1", "--resume", str(trained_run))
+    assert result.returncode == 2 and "holds a run set aside" in result.stderr  # no checkpoint: a resume would start anew
     assert (trained_run / SET_ASIDE / "model.safetensors").read_bytes() == weights
     result = thaw("train", str(tiny_split_data), *TINY, "--strategy", "feature-extract", "--epochs", "1", "--seed", "1",
                   "--out", str(trained_run), "--overwrite")

@@ -8,6 +8,7 @@ from torch import nn
 
 from tests.conftest import SmallConvNet
 from thaw import ThawError, adapt
+from thaw.models import _structure
 
 
 def test_generic_model_gets_last_linear_as_head_and_structural_groups(small_net: SmallConvNet) -> None:
@@ -77,8 +78,50 @@ def test_a_model_the_probe_cannot_run_keeps_the_registration_order() -> None:
         def forward(self, tokens: torch.Tensor) -> torch.Tensor:
             return self.out(self.mix(self.embed(tokens)).mean(1))
 
+    assert _structure.forward_order(TakesTokens()) is None
     adapter = adapt(TakesTokens(), num_classes=2)
     assert adapter.head_name == "out" and adapter.group_names == ["embed", "mix", "head"]
+
+
+def test_the_probe_leaves_the_model_as_it_was() -> None:
+    """It runs on a meta-device copy: a forward that keeps state, the modes the user set, no hook left behind."""
+
+    class KeepsAMask(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.body = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+            self.fc = nn.Linear(8, 4)
+            self.mask: torch.Tensor | None = None
+
+        def forward(self, images: torch.Tensor) -> torch.Tensor:
+            features = self.body(images)
+            if self.mask is None:  # set on the first call: a meta tensor here would break every later forward
+                self.mask = torch.ones_like(features)
+            return self.fc(features * self.mask)
+
+    model = KeepsAMask().eval()
+    model.body[1].train()  # a mode the user chose for one layer
+    statistics = model.body[1].running_mean.clone()
+    adapt(model, num_classes=3)
+    assert model.mask is None and not model.training and model.body[1].training
+    assert torch.equal(model.body[1].running_mean, statistics)
+    assert not any(module._forward_pre_hooks for module in model.modules())
+    assert model(torch.randn(2, 3, 24, 24)).shape == (2, 3)
+
+
+def test_the_probe_runs_the_forward_as_training_does() -> None:
+    class ClassifiesWhileTraining(nn.Module):  # returns an embedding in eval mode, logits while it trains
+        def __init__(self) -> None:
+            super().__init__()
+            self.body = nn.Sequential(nn.Conv2d(3, 8, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+            self.classifier = nn.Linear(8, 4)
+            self.embed = nn.Linear(8, 8)
+
+        def forward(self, images: torch.Tensor) -> torch.Tensor:
+            features = self.body(images)
+            return self.classifier(features) if self.training else self.embed(features)
+
+    assert adapt(ClassifiesWhileTraining().eval(), num_classes=3).head_name == "classifier"
 
 
 def test_head_named_by_the_user(small_net: SmallConvNet) -> None:

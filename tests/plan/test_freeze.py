@@ -151,3 +151,10 @@ def test_apply_trainable_refuses_names_that_are_not_parameters() -> None:
 def test_a_stage_built_by_hand_is_checked_like_a_plan_file(options: dict, expected: str) -> None:
     with pytest.raises(ThawError, match=re.escape(expected)):
         Stage("s", **({"epochs": 1} | options))
+
+
+def test_a_stage_takes_any_integer_type_for_its_epochs() -> None:
+    import numpy as np
+
+    stage = Stage("s", np.int64(3))
+    assert stage.epochs == 3 and type(stage.epochs) is int  # a plan is written to JSON

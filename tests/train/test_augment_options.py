@@ -298,6 +298,21 @@ def test_a_text_run_refuses_them_in_one_line(tmp_path: Path, tiny_encoder: Path)
         train_text(tmp_path / "missing.tsv", model=str(tiny_encoder), config=TrainConfig(cutmix=1.0), out=tmp_path / "lib")
 
 
+def test_a_text_run_that_recorded_an_image_size_still_resumes(tmp_path: Path, tiny_encoder: Path) -> None:
+    # Runs started before text refused --image-size recorded it; their resume gets no option to drop it.
+    from thaw.train import resume_run
+    from thaw.train.checkpoint import save_checkpoint
+
+    table = write_text_table(tmp_path / "t.tsv", rows_per_class=10)
+    options = {"model": str(tiny_encoder), "plan": "feature-extract", "plan_options": {"epochs": 2}}
+    with pytest.raises(Crash):
+        train_text(table, config=TrainConfig(quiet=True), out=tmp_path / "run", callbacks=[crash_after(1)], **options)
+    saved = load_checkpoint(tmp_path / "run" / "checkpoint.pt")
+    saved["settings"]["config"]["image_size"] = 160  # as such a run recorded it
+    save_checkpoint(tmp_path / "run" / "checkpoint.pt", saved)
+    assert len(resume_run(tmp_path / "run").history) == 2
+
+
 def test_a_text_run_refuses_image_sizes_in_one_line(tmp_path: Path, tiny_encoder: Path) -> None:
     # Accepted and ignored, --image-size would let a user believe the texts were cut or padded to it.
     table = write_text_table(tmp_path / "t.tsv", rows_per_class=10)

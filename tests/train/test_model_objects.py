@@ -43,6 +43,21 @@ def test_without_the_model_a_run_on_an_object_is_one_line_that_says_how_to_load_
     assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1 and "load_run(" in result.stderr
 
 
+def test_load_run_refuses_another_class(object_run: tuple[Path, dict]) -> None:
+    class LooksTheSame(SmallConvNet):  # the same parameter names: it would load without a word
+        pass
+
+    with pytest.raises(ThawError, match="was trained on tests.conftest.SmallConvNet, not .*LooksTheSame; pass the same architecture"):
+        load_run(object_run[0], model=LooksTheSame())
+
+
+def test_a_resume_with_other_groups_is_refused(object_run: tuple[Path, dict]) -> None:
+    # The plan's selectors (two-phase's "all" here, "-2:" elsewhere) would apply to other layers without a word.
+    regrouped = adapt(SmallConvNet(), num_classes=3, groups={"stem": ["stem", "block1"], "top": ["block2"]})
+    with pytest.raises(ThawError, match="different now: model-groups"):
+        resume_run(object_run[0], model=regrouped)
+
+
 def test_a_resume_needs_the_same_architecture(object_run: tuple[Path, dict]) -> None:
     run, best = object_run
     with pytest.raises(ThawError, match=r"resume_run\("):
@@ -104,3 +119,10 @@ def test_thaws_loop_stops_at_a_stage_whose_trainable_parameter_gets_no_gradient(
     adapter = adapt(WithUnusedLayer(), head="classifier.2", num_classes=3)
     with pytest.raises(ThawError, match=r"first step of stage 'all'.*no gradient \(unused.weight, unused.bias\)"):
         train_images(tiny_split_data, model=adapter, out=tmp_path / "run", config=CONFIG, **PLAN)
+
+
+def test_thaw_train_resume_on_an_object_run_says_to_use_python(object_run: tuple[Path, dict]) -> None:
+    for extra in ([], ["--epochs", "2"]):  # typed plan options would rebuild the model by its name first
+        result = thaw("train", "--resume", str(object_run[0]), *extra)
+        assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
+        assert "trained on a model object (tests.conftest.SmallConvNet)" in result.stderr and "resume_run(" in result.stderr

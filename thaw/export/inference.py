@@ -233,11 +233,12 @@ class Prediction:
 def predict_files(
     adapter: ModelAdapter, classes: list[str], files: list[Path] | str | Path, top_k: int = 3, batch_size: int = 32, tta: bool = False
 ) -> tuple[list[Prediction], list[tuple[str, str]]]:
-    """Top-k classes of each image file (a file or folder alone, or a list of them; folders are read for their
-    images); `tta` averages each image's softmax with its mirror image's."""
+    """Top-k classes of each image file (a file or a folder alone, or a list of files); `tta` averages each image's
+    softmax with its mirror image's."""
     if top_k < 1:
         raise ThawError(f"top_k must be at least 1, got {top_k}")
-    files = image_files([files] if isinstance(files, (str, Path)) else [str(path) for path in files])
+    # One path alone may be a folder (read for its images); a list is of files, and one that cannot be read is skipped.
+    files = image_files([str(files)]) if isinstance(files, (str, Path)) else [Path(path) for path in files]
     engine = choose_engine(TrainConfig(quiet=True), adapter.model)
     adapter.model.to(engine.device).eval()
     model = FlipAveraged(adapter.model) if tta else adapter.model

@@ -7,6 +7,7 @@ explicit groups) when they do not.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -55,43 +56,55 @@ PROBE_SIZES = (224, 32, 28, 64, 96, 128, 160, 256, 299, 384)  # image sizes a ha
 
 
 def forward_order(model: nn.Module, size: int | None = None) -> list[str] | None:
-    """The names of `model`'s modules in the order its forward pass first calls them, on a meta-device batch of images
-    (no memory, no compute): `size` px if given, else the first of PROBE_SIZES the model takes; RGB, else the channels
-    some convolution takes (grayscale, say). None where no such forward runs (a model that takes tokens)."""
-    names = {id(module): name for name, module in reversed(list(model.named_modules()))}  # a shared module: its first name
-    convolutions = [module.in_channels for module in model.modules() if isinstance(module, nn.Conv2d)]
+    """The names of `model`'s modules in the order its forward pass first calls them, on a batch of images: `size` px
+    if given, else the first of PROBE_SIZES the model takes; RGB, else the channels some convolution takes (grayscale,
+    say). The forward runs on a copy of the model on the meta device (shapes only: no memory, no compute), in training
+    mode as thaw trains it; the model itself, its state and its modes are not touched. None where no such forward runs
+    (a model that takes tokens) or no copy can be made (TorchScript inside)."""
+    probe = _meta_copy(model)
+    if probe is None:
+        return None
+    names = {id(module): name for name, module in reversed(list(probe.named_modules()))}  # a shared module: its first name
+    convolutions = [module.in_channels for module in probe.modules() if isinstance(module, nn.Conv2d)]
     shapes = [(channels, side) for channels in dict.fromkeys([3, *convolutions]) for side in ([size] if size else PROBE_SIZES)]
-    for channels, candidate in shapes:
-        order: list[str] = []
-        handles = [
-            module.register_forward_pre_hook(lambda module, _inputs: order.append(names[id(module)]))
-            for module in model.modules()
-        ]
-        try:
-            output = _meta_forward(model, torch.empty(2, channels, candidate, candidate, device="meta"))
-        finally:
-            for handle in handles:
-                handle.remove()
-        if output is not _FAILED:
-            return list(dict.fromkeys(order))
+    order: list[str] = []
+    handles = []
+    try:
+        for module in probe.modules():
+            handles.append(module.register_forward_pre_hook(lambda module, _inputs: order.append(names[id(module)])))
+        for channels, side in shapes:
+            order.clear()
+            if _runs(probe, torch.empty(2, channels, side, side, device="meta")):
+                return list(dict.fromkeys(order))
+    except Exception:  # noqa: BLE001 - a module that takes no hooks: the registration order stands
+        return None
+    finally:
+        for handle in handles:
+            handle.remove()
     return None
 
 
-_FAILED = object()
+def _meta_copy(model: nn.Module) -> nn.Module | None:
+    """A copy of `model` whose parameters and buffers are on the meta device; nothing is copied from their storage."""
+    memo: dict[int, object] = {}
+    for param in model.parameters():
+        memo[id(param)] = nn.Parameter(torch.empty_like(param, device="meta"), requires_grad=param.requires_grad)
+    for buffer in model.buffers():
+        memo[id(buffer)] = torch.empty_like(buffer, device="meta")
+    try:
+        return copy.deepcopy(model, memo).train()
+    except Exception:  # noqa: BLE001 - TorchScript modules and other objects that do not copy
+        return None
 
 
-def _meta_forward(model: nn.Module, images: torch.Tensor) -> object:
-    """`model`'s output on `images` with its tensors on the meta device (shapes only), or _FAILED; its mode is kept."""
-    tensors = {name: torch.empty_like(t, device="meta") for name, t in [*model.named_parameters(), *model.named_buffers()]}
-    training = model.training
-    model.eval()  # no running-statistics update, and BatchNorm accepts a 1x1 map
+def _runs(model: nn.Module, images: torch.Tensor) -> bool:
+    """Whether the meta-device `model` takes `images`."""
     try:
         with torch.no_grad():
-            return torch.func.functional_call(model, tensors, (images,))
+            model(images)
+        return True
     except Exception:  # noqa: BLE001 - any failure means only that the model does not take such a batch
-        return _FAILED
-    finally:
-        model.train(training)
+        return False
 
 
 def output_linear_name(model: nn.Module, order: list[str] | None) -> str:

@@ -8,6 +8,7 @@ what the training loop applies.
 from __future__ import annotations
 
 import math
+import operator
 import typing
 from dataclasses import dataclass, field
 
@@ -34,8 +35,14 @@ class Stage:
         """A stage built by hand is held to a plan file's rules, all problems at once (plan files are checked before
         they build one, with each key's place named)."""
         problems = []
-        if isinstance(self.epochs, bool) or not isinstance(self.epochs, int) or self.epochs < 0:
+        try:  # any integer type (numpy's too), kept as a plain int: a plan is written to JSON
+            epochs = None if isinstance(self.epochs, bool) else operator.index(self.epochs)
+        except TypeError:
+            epochs = None
+        if epochs is None or epochs < 0:
             problems.append(f"epochs must be a whole number >= 0, got {self.epochs!r}")
+        else:
+            object.__setattr__(self, "epochs", epochs)
         decay = self.weight_decay
         if isinstance(decay, bool) or not isinstance(decay, (int, float)) or not math.isfinite(decay) or decay < 0:
             problems.append(f"weight decay must be a finite number >= 0, got {decay!r}")

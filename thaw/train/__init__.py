@@ -59,7 +59,7 @@ def train_images(
     meta = {
         "format": "thaw-run/1", "task": "image", "model": model_name(model), "weights": source_name(weights) if isinstance(model, str) else None,
         "classes": list(data.classes), "val_split": val_split, "data_path": str(Path(data_path).resolve()),
-    } | ({} if isinstance(model, str) else {"model_source": MODEL_OBJECT})
+    } | ({} if isinstance(model, str) else {"model_source": MODEL_OBJECT, "model_groups": model_groups(adapter)})
     return _run(adapter, data, data_path, plan, plan_options, config, Path(out), meta, resume, overwrite, callbacks, step_hooks)
 
 
@@ -69,6 +69,12 @@ def model_name(model: str | nn.Module | ModelAdapter) -> str:
         return model
     module = model.model if isinstance(model, ModelAdapter) else model
     return f"{type(module).__module__}.{type(module).__qualname__}"
+
+
+def model_groups(adapter: ModelAdapter) -> dict[str, list[str]]:
+    """A model object's layer groups, each with its modules: a resume or a reload with another grouping (another
+    head, other groups given to adapt) would apply the plan's selectors to other layers."""
+    return {group.name: list(group.modules) for group in adapter.groups}
 
 
 def _image_adapter(model: str | nn.Module | ModelAdapter, weights: str | None, num_classes: int) -> ModelAdapter:
@@ -113,7 +119,7 @@ def train_text(
     `val_split` of the rest picks the best epoch. `resume` and `overwrite` as for train_images.
     """
     _check_arguments(plan, plan_options, config)
-    check_image_augments(config, "text")  # before the table is read and the model built
+    check_image_augments(config, "text", resumed=resume)  # before the table is read and the model built
     data = load_text_data(data_path, columns=columns, val_split=val_split, test_split=test_split, seed=config.seed)
     torch.manual_seed(config.seed)
     adapter = build_text_model(model, num_classes=len(data.classes), pooling=pooling, max_length=max_length)

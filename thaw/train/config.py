@@ -235,7 +235,7 @@ def check_progressive_resize(adapter: ModelAdapter, config: TrainConfig, stage_e
             )
 
 
-def check_image_augments(config: TrainConfig, task: str) -> None:
+def check_image_augments(config: TrainConfig, task: str, resumed: bool = False) -> None:
     """Refuse image augmentations and image sizes for a text run (train_text calls this before it reads the
     table): set there, they would change nothing, and a user would believe they had."""
     if task != "text":
@@ -244,7 +244,9 @@ def check_image_augments(config: TrainConfig, task: str) -> None:
     if chosen:
         verb, pronoun = ("augment", "them") if len(chosen) > 1 else ("augments", "it")
         raise ThawError(f"{' and '.join(chosen)} {verb} images; leave {pronoun} unset for text")
-    if config.image_size is not None:  # (progressive resize has its own refusal: check_progressive_resize)
+    # (progressive resize has its own refusal: check_progressive_resize). A run started before thaw refused it keeps
+    # its recorded size, unused: its resume must not be refused for an option nobody types again.
+    if config.image_size is not None and not resumed:
         raise ThawError("--image-size sizes images; leave it unset for text (--max-length sets the tokens kept per text)")
 
 

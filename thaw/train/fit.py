@@ -40,7 +40,7 @@ from thaw.plan import Plan, enter_stage, plan_to_dict
 from thaw.plan.stages import Stage, resolve_stage
 from thaw.plan.freeze import apply_trainable, batchnorm_layers, batchnorm_trains, is_eval_locked, locks_statistics
 from thaw.train import checkpoint as ckpt
-from thaw.train.run_folder import check_new_run, restore_run, set_aside_run
+from thaw.train.run_folder import check_new_run, check_nothing_set_aside, holds_run, restore_run, set_aside_run
 from thaw.train.adapt_bn import adapt_batchnorm, has_statistics
 from thaw.train.config import TrainConfig, check_device, check_image_augments, check_image_size, check_progressive_resize, image_augment_flags
 from thaw.train.budget import MARGIN, Split, TopStage, measure_costs, resplit, split_budget, with_epochs
@@ -530,7 +530,10 @@ class Trainer:
                 f"Resume with the run's own settings: `thaw train --resume {self.out}` (resume_run({str(self.out)!r}) from Python) "
                 "reads them from the run"
             )
-        self.model.load_state_dict(saved["model"])
+        try:
+            self.model.load_state_dict(saved["model"])
+        except RuntimeError as error:  # a model object of the same class but another size, say
+            raise ThawError(f"the checkpoint in {self.out} does not fit this model ({first_line(error)}); pass the run's architecture") from None
         self.restored = True
         if saved.get("budget"):  # the epochs the budget chose when the run started
             self.budget_split = Split.from_dict(saved["budget"])
@@ -680,8 +683,12 @@ class Trainer:
         if self.processes.is_main:
             ckpt.save_checkpoint(self.out / ckpt.CHECKPOINT, state)
         if self.set_aside is not None:  # the new run can be resumed now: the run it replaces goes
-            shutil.rmtree(self.set_aside)
-            self.set_aside = None
+            aside, self.set_aside = self.set_aside, None  # first: whatever happens below, the new run is the one kept
+            try:
+                shutil.rmtree(aside)
+            except OSError as error:
+                print(f"thaw: warning: could not delete the replaced run in {aside} ({first_line(error)}); delete it by hand",
+                      file=sys.stderr, flush=True)
 
     def _enter(self, stage_index: int, optimizer: torch.optim.Optimizer | None) -> tuple[object, torch.optim.Optimizer]:
         """enter_stage, then (several processes) a new DDP wrapper over exactly what trains now."""
@@ -993,6 +1000,8 @@ class Trainer:
         if resume and exists:
             self.restore()
         elif resume:
+            if self.processes.is_main:
+                check_nothing_set_aside(self.out)
             self._say(f"no checkpoint in {self.out} yet: starting the run from the beginning")
         self._warn_skipped(list(self.data.skipped))  # before training: a user can stop the run and fix the files
         self.fill_store()
@@ -1054,7 +1063,7 @@ def fit(
     check_image_size(adapter, config, model_name)  # before any data is decoded
     check_progressive_resize(adapter, config, [stage.epochs for stage in plan.stages], model_name)
     task = "image" if isinstance(adapter.preprocessing, Preprocessing) else "text"
-    check_image_augments(config, task)
+    check_image_augments(config, task, resumed=resume)
     processes = distributed.from_environment()
     config = replace(config, device=distributed.start(processes, config.device), quiet=config.quiet or not processes.is_main)
     problem = compile_problem(resolve_device(config.device), task) if config.compile else None
@@ -1062,13 +1071,15 @@ def fit(
         raise ThawError(problem)
     if processes.is_main:
         check_writable(out)
+        if resume and overwrite:
+            raise ThawError("overwrite starts a new run and resume continues one; drop one of the two")
         if not resume:
             check_new_run(out, overwrite)
     if data.skipped and config.strict:
         path, reason = data.skipped[0]
         raise ThawError(f"cannot decode {path} ({reason}); remove it, or drop --strict to skip such files")
     trainer = Trainer(adapter, data, plan, config, out, meta, processes)
-    trainer.replaces_run = processes.is_main and not resume and overwrite
+    trainer.replaces_run = processes.is_main and not resume and overwrite and holds_run(out)
     trainer.engine.step_hooks.extend(step_hooks or [])
     for hook in step_hooks or []:  # loggers read the trainer (steps, val outputs); they never change it
         if hasattr(hook, "attach"):

@@ -117,10 +117,22 @@ def holds_run(out: Path) -> bool:
 def check_new_run(out: Path, overwrite: bool) -> None:
     """Refuse to start a new run where another one lies, unless asked to replace it: the new run would overwrite the
     old one's weights and checkpoint and leave its exports and report beside them, describing another model."""
-    if holds_run(out) and not overwrite:
+    if (out / SET_ASIDE).is_dir() and not ((out / METADATA).is_file() or (out / CHECKPOINT).is_file()):
+        check_nothing_set_aside(out, overwrite)
+    elif holds_run(out) and not overwrite:
         raise ThawError(
             f"{out} holds a run already; continue it with --resume {out}, write the new run elsewhere with another --out, "
             "or replace the old one with --overwrite (from Python: resume=True, another out, or overwrite=True)"
+        )
+
+
+def check_nothing_set_aside(out: Path, overwrite: bool = False) -> None:
+    """Refuse a folder whose run a replacement set aside and was killed before its first checkpoint (kill -9, a power
+    cut): that run is the only one there, and neither a new run nor a resume must take its place unasked."""
+    if (out / SET_ASIDE).is_dir() and not overwrite:
+        raise ThawError(
+            f"{out} holds a run set aside by a replacement that stopped before its first checkpoint ({out / SET_ASIDE}); "
+            f"to keep it, move the files in {SET_ASIDE} back into {out}; to replace it, add --overwrite (overwrite=True)"
         )
 
 
@@ -146,8 +158,16 @@ def set_aside_run(out: Path) -> Path:
         remove_run_files(out)
         return aside
     aside.mkdir()
-    for path in run_entries(out):
-        path.rename(aside / path.name)
+    moved = []
+    try:
+        for path in run_entries(out):
+            path.rename(aside / path.name)
+            moved.append(path)
+    except OSError:  # a file that cannot move (locked, say): the old run goes back whole, and the new run stops here
+        for path in moved:
+            (aside / path.name).rename(path)
+        aside.rmdir()
+        raise
     return aside
 
 
