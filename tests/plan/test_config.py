@@ -44,12 +44,17 @@ def test_yaml_plan_describes_any_plan(tmp_path: Path) -> None:
     assert resolve_stage(adapter, plan.stages[1]).trainable_params == 14_964_736 + 7_098_368 + 10_245
 
 
-def test_every_unknown_key_is_reported_at_once_with_a_suggestion(tmp_path: Path) -> None:
-    path = tmp_path / "plan.yaml"
-    path.write_text("stage_defaults: 1\nstages:\n  - name: a\n    epoch: 2\n    learning_rate: 1e-3\n    batchnrom: train\n")
+def _refusal(path: Path, text: str) -> str:
+    """What load_plan says of a plan file holding `text`."""
+    path.write_text(text)
     with pytest.raises(ThawError) as error:
         load_plan(path)
-    message = str(error.value)
+    return str(error.value)
+
+
+def test_every_unknown_key_is_reported_at_once_with_a_suggestion(tmp_path: Path) -> None:
+    path = tmp_path / "plan.yaml"
+    message = _refusal(path, "stage_defaults: 1\nstages:\n  - name: a\n    epoch: 2\n    learning_rate: 1e-3\n    batchnrom: train\n")
     for wrong, right in [("epoch", "epochs"), ("batchnrom", "batchnorm")]:
         assert f"unknown key {wrong!r} (did you mean {right!r}?)" in message
     assert "'learning_rate'" in message and "'stage_defaults'" in message
@@ -58,10 +63,7 @@ def test_every_unknown_key_is_reported_at_once_with_a_suggestion(tmp_path: Path)
 
 def test_a_plan_file_names_itself_once_and_reports_its_stages_and_training_problems_together(tmp_path: Path) -> None:
     path = tmp_path / "plan.yaml"
-    path.write_text("stagse: [{name: a, epochs: 1, train: [all], lr: 1.0e-3}]\ntrainig: {budget: 3m}\n")
-    with pytest.raises(ThawError) as error:
-        load_plan(path)
-    message = str(error.value)
+    message = _refusal(path, "stagse: [{name: a, epochs: 1, train: [all], lr: 1.0e-3}]\ntrainig: {budget: 3m}\n")
     assert message.count(str(path)) == 1
     assert "unknown key 'stagse' (did you mean 'stages'?)" in message and "unknown key 'trainig' (did you mean 'training'?)" in message
     path.write_text("stages: [{name: a, epochs: 1, train: [all], lr: 1.0e-3, epoch: 2}]\ntraining: {emma: true}\n")

@@ -26,7 +26,7 @@ from thaw.plan import plan_to_dict
 from thaw.plan.config import read_plan_file
 from thaw.train.budget import parse_budget
 from thaw._io import atomic_write, check_writable
-from thaw.train import MODEL_OBJECT, RunResult, RunState, TextColumns, TrainConfig, resume_run, saved_settings, train_images, train_text
+from thaw.train import RunResult, check_model_object, RunState, TextColumns, TrainConfig, resume_run, saved_settings, train_images, train_text
 from thaw.train.config import METRICS, PRECISIONS, SCHEDULES
 from thaw.train.fit import resolve_device, uses_bf16
 from thaw.train.settings import ADDED_LATER, RUNTIME_FIELDS, differences, source_name
@@ -308,11 +308,7 @@ def _resume(args: argparse.Namespace, run: Path, settings: dict, callbacks: list
     """Continue RUN with the settings it recorded; typed options must agree with them."""
     if args.out and Path(args.out).resolve() != run.resolve():
         raise ThawError(f"--out {args.out} and --resume {run} name two runs; a resume writes into the run it continues")
-    if settings.get("model_source") == MODEL_OBJECT:  # before typed options are compared: that rebuilds the model by name
-        raise ThawError(
-            f"{run} was trained on a model object ({settings['model']}), which no name rebuilds; continue it from Python "
-            f"with resume_run({str(run)!r}, model=<a new instance of that model>)"
-        )
+    check_model_object(run, settings, None, "resume_run")  # before typed options are compared: that rebuilds the model by name
     claimed = _claimed(args, given_options(args.parser, args.argv), settings, run)
     found = differences({key: settings[key] for key in claimed if key in settings}, claimed)
     if found:

@@ -19,7 +19,7 @@ from thaw.models.lora import add_lora
 from thaw.models.weights import load_into
 from thaw.plan.config import plan_from_dict
 from thaw.plan.lora_targets import lora_targets
-from thaw.train import model_name
+from thaw.train import check_model_object
 from thaw.train.run_folder import ADAPTER, METADATA, TEXT_MODEL, WEIGHTS
 
 __all__ = ["ADAPTER", "METADATA", "TEXT_MODEL", "WEIGHTS", "load_adapter", "load_run", "read_metadata"]
@@ -68,15 +68,9 @@ def load_run(run: str | Path, device: str | torch.device = "cpu", model: nn.Modu
 def _image_model(run: Path, meta: dict, model: nn.Module | ModelAdapter | None) -> ModelAdapter:
     """The run's architecture with a head per class, its weights not loaded yet."""
     classes = len(meta["classes"])
+    check_model_object(run, meta, model, "load_run")
     if model is None:
-        if meta.get("model_source") == "object":
-            raise ThawError(
-                f"{run} was trained on a model object ({meta['model']}), which no name rebuilds; load it from Python with "
-                f"load_run({str(run)!r}, model=<a new instance of that model>)"
-            )
         return build_model(meta["model"], weights=meta.get("weights"), num_classes=classes, load=False)
-    if meta.get("model_source") == "object" and model_name(model) != meta["model"]:
-        raise ThawError(f"{run} was trained on {meta['model']}, not {model_name(model)}; pass the same architecture")
     adapter = model if isinstance(model, ModelAdapter) else adapt(model, num_classes=classes)
     if adapter.num_classes != classes:
         raise ThawError(f"the model given has {adapter.num_classes} outputs and the run {classes} classes; pass the run's architecture")

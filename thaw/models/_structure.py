@@ -14,7 +14,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from thaw.errors import ThawError
+from thaw.errors import ThawError, first_line
 from thaw.models.adapter import LayerGroup, is_within
 
 NORM_TYPES: tuple[type[nn.Module], ...] = (
@@ -61,9 +61,10 @@ def forward_order(model: nn.Module, size: int | None = None) -> list[str] | None
     say). The forward runs on a copy of the model on the meta device (shapes only: no memory, no compute), in training
     mode as thaw trains it; the model itself, its state and its modes are not touched. None where no such forward runs
     (a model that takes tokens) or no copy can be made (TorchScript inside)."""
-    probe = _meta_copy(model)
+    probe = meta_copy(model)
     if probe is None:
         return None
+    probe.train()  # as thaw trains it
     names = {id(module): name for name, module in reversed(list(probe.named_modules()))}  # a shared module: its first name
     convolutions = [module.in_channels for module in probe.modules() if isinstance(module, nn.Conv2d)]
     shapes = [(channels, side) for channels in dict.fromkeys([3, *convolutions]) for side in ([size] if size else PROBE_SIZES)]
@@ -74,7 +75,7 @@ def forward_order(model: nn.Module, size: int | None = None) -> list[str] | None
             handles.append(module.register_forward_pre_hook(lambda module, _inputs: order.append(names[id(module)])))
         for channels, side in shapes:
             order.clear()
-            if _runs(probe, torch.empty(2, channels, side, side, device="meta")):
+            if meta_forward_failure(probe, torch.empty(2, channels, side, side, device="meta")) is None:
                 return list(dict.fromkeys(order))
     except Exception:  # noqa: BLE001 - a module that takes no hooks: the registration order stands
         return None
@@ -84,27 +85,28 @@ def forward_order(model: nn.Module, size: int | None = None) -> list[str] | None
     return None
 
 
-def _meta_copy(model: nn.Module) -> nn.Module | None:
-    """A copy of `model` whose parameters and buffers are on the meta device; nothing is copied from their storage."""
+def meta_copy(model: nn.Module) -> nn.Module | None:
+    """A copy of `model` whose parameters and buffers are on the meta device, nothing copied from their storage: a
+    forward on it computes shapes only, and leaves the model itself (its state, its modes, its hooks) as it was."""
     memo: dict[int, object] = {}
     for param in model.parameters():
         memo[id(param)] = nn.Parameter(torch.empty_like(param, device="meta"), requires_grad=param.requires_grad)
     for buffer in model.buffers():
         memo[id(buffer)] = torch.empty_like(buffer, device="meta")
     try:
-        return copy.deepcopy(model, memo).train()
+        return copy.deepcopy(model, memo)
     except Exception:  # noqa: BLE001 - TorchScript modules and other objects that do not copy
         return None
 
 
-def _runs(model: nn.Module, images: torch.Tensor) -> bool:
-    """Whether the meta-device `model` takes `images`."""
+def meta_forward_failure(probe: nn.Module, images: torch.Tensor, limit: int = 160) -> str | None:
+    """Why a forward of `probe` (a meta_copy) on the meta-device `images` fails, or None where it runs."""
     try:
         with torch.no_grad():
-            model(images)
-        return True
-    except Exception:  # noqa: BLE001 - any failure means only that the model does not take such a batch
-        return False
+            probe(images)
+    except Exception as error:  # noqa: BLE001 - any failure means only that the model does not take such a batch
+        return first_line(error, limit)
+    return None
 
 
 def output_linear_name(model: nn.Module, order: list[str] | None) -> str:

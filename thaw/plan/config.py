@@ -24,13 +24,14 @@ STAGE_KEYS = ("name", "epochs", "train", "lr", "lr_range", "layer_decay", "lrs",
 EXAMPLE = "stages: [{name: head, epochs: 3, train: [head], lr: 1.0e-3}]"
 
 
-def _unknown_keys(mapping: dict, allowed: tuple[str, ...], where: str) -> list[str]:
+def unknown_keys(mapping: dict, allowed: tuple[str, ...], where: str, kind: str = "key") -> list[str]:
+    """A problem for each key of `mapping` outside `allowed`, with the nearest allowed one (or all of them)."""
     problems = []
     for key in mapping:
         if key not in allowed:
             close = difflib.get_close_matches(str(key), allowed, n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else f" (valid: {', '.join(allowed)})"
-            problems.append(f"{where}: unknown key {key!r}{hint}" if where else f"unknown key {key!r}{hint}")
+            problems.append(f"{where}: unknown {kind} {key!r}{hint}" if where else f"unknown {kind} {key!r}{hint}")
     return problems
 
 
@@ -127,7 +128,7 @@ def _stage(raw: Any, index: int, defaults: dict, problems: list[str]) -> Stage |
         problems.append(f"{where}: expected a mapping like {{name: head, epochs: 3, train: [head]}}")
         return None
     before = len(problems)
-    problems.extend(_unknown_keys(raw, STAGE_KEYS, where))
+    problems.extend(unknown_keys(raw, STAGE_KEYS, where))
     name = raw.get("name", f"stage{index + 1}")
     if not isinstance(name, (str, int)) or isinstance(name, bool) or str(name) == "":
         problems.append(f"{where}.name: expected a name like head, got {name!r}")
@@ -166,7 +167,7 @@ def plan_from_dict(raw: Any, source: str = "plan", top_keys: tuple[str, ...] = P
     allowed at the top, which a plan file extends by `training`)."""
     if not isinstance(raw, dict):
         raise ThawError(f"{source}: expected a mapping with a 'stages' list, e.g. {EXAMPLE}")
-    problems = _unknown_keys(raw, top_keys, "")
+    problems = unknown_keys(raw, top_keys, "")
     if not isinstance(raw.get("stages"), list) or not raw["stages"]:
         problems.append(f"expected a non-empty 'stages' list, e.g. {EXAMPLE}")
         raise ThawError(f"{source}: " + join_problems(problems))
@@ -183,7 +184,7 @@ def _lora(raw: Any, problems: list[str]) -> LoraSpec | None:
         problems.append("lora: expected a mapping like {rank: 8, alpha: 16, targets: [layer4]}")
         return None
     before = len(problems)
-    problems.extend(_unknown_keys(raw, LORA_KEYS, "lora"))
+    problems.extend(unknown_keys(raw, LORA_KEYS, "lora"))
     rank = _whole(raw.get("rank", 8), "lora.rank", problems, 1, MAX_LORA_RANK)
     alpha = _in_range(raw.get("alpha", 16.0), "lora.alpha", problems, lambda a: a > 0, "a scaling > 0 like 16")
     dropout = _in_range(raw.get("dropout", 0.0), "lora.dropout", problems, lambda d: 0 <= d < 1, "a dropout in [0, 1)")
@@ -216,7 +217,7 @@ def read_plan_file(path: str | Path) -> tuple[Plan, dict[str, Any]]:
     if training is not None and not isinstance(training, dict):
         problems.append("training: expected a mapping like {label_smoothing: 0.1, ema: true}")
     elif training is not None:
-        problems = _unknown_keys(training, TRAINING_KEYS, "training")
+        problems = unknown_keys(training, TRAINING_KEYS, "training")
     try:
         plan = plan_from_dict(raw, str(path), (*PLAN_KEYS, "training"))
     except ThawError as error:

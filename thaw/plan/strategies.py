@@ -12,7 +12,6 @@ upscaled digits that took val accuracy from 0.83 to 0.28 (benchmarks/batchnorm_p
 
 from __future__ import annotations
 
-import difflib
 import inspect
 
 import math
@@ -20,6 +19,7 @@ import operator
 
 from thaw.errors import ThawError
 from thaw.models.lora import LoraSpec
+from thaw.plan.config import unknown_keys
 from thaw.plan.freeze import BatchNormPolicy
 from thaw.plan.lr import ConstantLr, DecayLr, ExplicitLr, LrRule, RangeLr
 from thaw.plan.stages import Plan, Stage
@@ -151,8 +151,7 @@ def _gradual(
 
 def check_plan_options(options: dict) -> None:
     """Refuse plan options build_plan does not take, with the nearest it does (`epoch` for `epochs`, say)."""
-    known = [name for name in inspect.signature(build_plan).parameters if name not in ("strategy", "num_groups")]
-    unknown = [name for name in options if name not in known]
-    if unknown:
-        hints = [f"{name!r}" + (f" (did you mean {close[0]!r}?)" if (close := difflib.get_close_matches(name, known, 1)) else "") for name in unknown]
-        raise ThawError(f"unknown plan option {', '.join(hints)}; the options are {', '.join(known)}")
+    known = tuple(name for name in inspect.signature(build_plan).parameters if name not in ("strategy", "num_groups"))
+    problems = unknown_keys(options, known, "", kind="plan option")
+    if problems:
+        raise ThawError("; ".join(problems))

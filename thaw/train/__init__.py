@@ -71,6 +71,20 @@ def model_name(model: str | nn.Module | ModelAdapter) -> str:
     return f"{type(module).__module__}.{type(module).__qualname__}"
 
 
+def check_model_object(run: str | Path, recorded: dict, model: object, call: str) -> None:
+    """A run trained on a model object (`recorded`: its settings or metadata) is rebuilt from the same architecture
+    only: refuse none (saying how to pass it to `call`) and another class."""
+    if recorded.get("model_source") != MODEL_OBJECT:
+        return
+    if model is None:
+        raise ThawError(
+            f"{run} was trained on a model object ({recorded['model']}), which no name rebuilds; from Python: "
+            f"{call}({str(run)!r}, model=<a new instance of that model>)"
+        )
+    if model_name(model) != recorded["model"]:  # type: ignore[arg-type]
+        raise ThawError(f"{run} was trained on {recorded['model']}, not {model_name(model)}; pass the same architecture")  # type: ignore[arg-type]
+
+
 def model_groups(adapter: ModelAdapter) -> dict[str, list[str]]:
     """A model object's layer groups, each with its modules: a resume or a reload with another grouping (another
     head, other groups given to adapt) would apply the plan's selectors to other layers."""
@@ -228,12 +242,6 @@ def resume_run(
             data_path, model=settings["model"], columns=TextColumns(**settings["columns"]), val_split=settings["val_split"],
             test_split=settings["test_split"], pooling=settings["pooling"], max_length=settings["max_length"], **options,
         )
-    if settings.get("model_source") == MODEL_OBJECT and model is None:
-        raise ThawError(
-            f"{run} was trained on a model object ({settings['model']}), which no name rebuilds; continue it from Python "
-            f"with resume_run({str(run)!r}, model=<a new instance of that model>)"
-        )
-    if model is not None and model_name(model) != settings["model"]:
-        raise ThawError(f"{run} was trained on {settings['model']}, not {model_name(model)}; pass the same architecture")
+    check_model_object(run, settings, model, "resume_run")
     chosen = settings["model"] if model is None else model
     return train_images(data_path, model=chosen, weights=settings["weights"], val_split=settings["val_split"], **options)

@@ -10,10 +10,13 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from typing import Callable
+
 import torch
 
 from thaw.data.transforms import AUTO_AUGMENTS
-from thaw.errors import ThawError, first_line, join_problems
+from thaw.errors import ThawError, join_problems
+from thaw.models._structure import meta_copy, meta_forward_failure
 from thaw.models.adapter import ModelAdapter, Preprocessing
 from thaw.plan.optim import OPTIMIZERS
 from thaw.train.resizing import sizes_used
@@ -207,8 +210,9 @@ def check_image_size(adapter: ModelAdapter, config: TrainConfig, model_name: str
             f"{model_name} takes {fixed} px images only (its position embeddings are learned for that size); "
             "leave --image-size unset"
         )
-    failure = _meta_forward_failure(adapter, size)
-    if failure and not _meta_forward_failure(adapter, adapter.preprocessing.crop_size):
+    failure_at = _forward_failures(adapter)
+    failure = failure_at(size)
+    if failure and not failure_at(adapter.preprocessing.crop_size):
         raise ThawError(
             f"{model_name} cannot take {size} px images ({failure}); "
             f"use a larger --image-size, or leave it unset for its own {adapter.preprocessing.crop_size} px"
@@ -226,9 +230,10 @@ def check_progressive_resize(adapter: ModelAdapter, config: TrainConfig, stage_e
     final = config.image_size or adapter.preprocessing.crop_size
     if config.budget is not None:  # the budget may give any stage other epoch counts than the plan: check them all
         stage_epochs = [*stage_epochs, *range(2, MAX_PROGRESSIVE_EPOCHS + 1)]
+    failure_at = _forward_failures(adapter)
     for size in sizes_used(final, start, stage_epochs):
-        failure = _meta_forward_failure(adapter, size)
-        if failure and not _meta_forward_failure(adapter, final):
+        failure = failure_at(size)
+        if failure and not failure_at(final):
             raise ThawError(
                 f"{model_name} cannot take the {size} px crops progressive resize {start:g} trains with ({failure}); "
                 "use a larger share, or leave it unset"
@@ -250,17 +255,11 @@ def check_image_augments(config: TrainConfig, task: str, resumed: bool = False) 
         raise ThawError("--image-size sizes images; leave it unset for text (--max-length sets the tokens kept per text)")
 
 
-def _meta_forward_failure(adapter: ModelAdapter, size: int) -> str | None:
-    """Why a forward pass at `size` px fails, or None; costs no memory and no compute."""
-    model = adapter.model
-    meta = {name: torch.empty_like(t, device="meta") for name, t in [*model.named_parameters(), *model.named_buffers()]}
-    training = model.training
-    model.eval()  # no running-statistics update, and BatchNorm accepts a 1x1 map
-    try:
-        with torch.no_grad():
-            torch.func.functional_call(model, meta, (torch.empty(2, 3, size, size, device="meta"),))
-    except (RuntimeError, AssertionError, ValueError) as error:
-        return first_line(error, 160)
-    finally:
-        model.train(training)
-    return None
+def _forward_failures(adapter: ModelAdapter) -> Callable[[int], str | None]:
+    """Why a forward pass at a size in px fails (None where it runs): on one meta-device copy of the model, in eval
+    mode (no running-statistics update, and BatchNorm accepts a 1x1 map); no memory, no compute, the model untouched."""
+    probe = meta_copy(adapter.model)
+    if probe is None:  # a model that cannot be copied: torch's own error comes at the first step instead
+        return lambda _size: None
+    probe.eval()
+    return lambda size: meta_forward_failure(probe, torch.empty(2, 3, size, size, device="meta"))

@@ -117,19 +117,20 @@ def holds_run(out: Path) -> bool:
 def check_new_run(out: Path, overwrite: bool) -> None:
     """Refuse to start a new run where another one lies, unless asked to replace it: the new run would overwrite the
     old one's weights and checkpoint and leave its exports and report beside them, describing another model."""
-    if (out / SET_ASIDE).is_dir() and not ((out / METADATA).is_file() or (out / CHECKPOINT).is_file()):
-        check_nothing_set_aside(out, overwrite)
-    elif holds_run(out) and not overwrite:
+    if overwrite:
+        return
+    check_nothing_set_aside(out)
+    if holds_run(out):
         raise ThawError(
             f"{out} holds a run already; continue it with --resume {out}, write the new run elsewhere with another --out, "
             "or replace the old one with --overwrite (from Python: resume=True, another out, or overwrite=True)"
         )
 
 
-def check_nothing_set_aside(out: Path, overwrite: bool = False) -> None:
+def check_nothing_set_aside(out: Path) -> None:
     """Refuse a folder whose run a replacement set aside and was killed before its first checkpoint (kill -9, a power
     cut): that run is the only one there, and neither a new run nor a resume must take its place unasked."""
-    if (out / SET_ASIDE).is_dir() and not overwrite:
+    if (out / SET_ASIDE).is_dir():
         raise ThawError(
             f"{out} holds a run set aside by a replacement that stopped before its first checkpoint ({out / SET_ASIDE}); "
             f"to keep it, move the files in {SET_ASIDE} back into {out}; to replace it, add --overwrite (overwrite=True)"
