@@ -126,3 +126,26 @@ def test_thaw_train_resume_on_an_object_run_says_to_use_python(object_run: tuple
         result = thaw("train", "--resume", str(object_run[0]), *extra)
         assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
         assert "trained on a model object (tests.conftest.SmallConvNet)" in result.stderr and "resume_run(" in result.stderr
+
+
+class DictOutputNet(SmallConvNet):
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:  # type: ignore[override]
+        return {"logits": super().forward(x)}
+
+
+class TupleOutputNet(SmallConvNet):
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # type: ignore[override]
+        return super().forward(x), x.mean(dim=(2, 3))
+
+
+@pytest.mark.parametrize("network, said", [(DictOutputNet, "returns a dict"), (TupleOutputNet, "returns a tuple")])
+def test_a_model_whose_forward_returns_no_logits_tensor_is_refused_before_any_training(
+    network: type[SmallConvNet], said: str, tiny_split_data: Path, tmp_path: Path
+) -> None:
+    # Before: the head stage trained on cached features (the head's own output is a tensor), and the first stage that
+    # ran the whole network died on `dict.float()`, a traceback after the head's epochs.
+    with pytest.raises(ThawError, match=f"{network.__name__}'s forward {said}; .* wrap the model"):
+        train_images(tiny_split_data, model=network(), out=tmp_path / "run", config=CONFIG, **PLAN)
+    with pytest.raises(ThawError, match=said):
+        train_images(tiny_split_data, model=adapt(network(), num_classes=3), out=tmp_path / "run", config=CONFIG, **PLAN)
+    assert not (tmp_path / "run").exists()

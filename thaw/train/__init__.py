@@ -18,7 +18,7 @@ from thaw.plan.lora_targets import lora_targets
 from thaw.plan.strategies import check_plan_options, default_strategy
 from thaw.errors import ThawError
 from thaw.train import checkpoint
-from thaw.train.config import TrainConfig, check_image_augments
+from thaw.train.config import TrainConfig, check_class_scores, check_image_augments
 from thaw.train.settings import RUNTIME_FIELDS, config_from_settings, samples_digest, source_name
 from thaw import distributed
 from thaw.train.fit import EpochCallback, RunResult, RunState, StepHook, effective_preprocessing, fit
@@ -103,9 +103,12 @@ def _image_adapter(model: str | nn.Module | ModelAdapter, weights: str | None, n
                 f"the adapter's head has {model.num_classes} outputs and the data {num_classes} classes; "
                 f"pass the model itself, or thaw.adapt(model, num_classes={num_classes})"
             )
+        check_class_scores(model, num_classes)
         return model
     if isinstance(model, nn.Module):
-        return adapt(model, num_classes=num_classes)
+        adapter = adapt(model, num_classes=num_classes)
+        check_class_scores(adapter, num_classes)
+        return adapter
     raise ThawError(f"model must be a name like 'mobilenet_v2' or 'timm/NAME', an nn.Module or a ModelAdapter, got a {type(model).__name__}")
 
 

@@ -255,6 +255,32 @@ def check_image_augments(config: TrainConfig, task: str, resumed: bool = False) 
         raise ThawError("--image-size sizes images; leave it unset for text (--max-length sets the tokens kept per text)")
 
 
+def check_class_scores(adapter: ModelAdapter, num_classes: int) -> None:
+    """Refuse a model object whose forward returns something other than one tensor of class scores per image (a
+    dict, a tuple, a Hugging Face ModelOutput, another width), before any data is read: thaw's loss takes logits, and
+    a stage that runs the whole network might otherwise fail only after the head stages have trained. Checked on a
+    meta-device copy at the weights' crop size; a forward that does not run there is left to the first step."""
+    if not isinstance(adapter.preprocessing, Preprocessing):
+        return
+    probe = meta_copy(adapter.model)
+    if probe is None:
+        return
+    probe.eval()
+    size = adapter.preprocessing.crop_size
+    try:
+        with torch.no_grad():
+            output = probe(torch.empty(2, 3, size, size, device="meta"))
+    except Exception:  # noqa: BLE001 - a forward that does not run on the meta device: the first step reports it
+        return
+    if isinstance(output, torch.Tensor) and tuple(output.shape) == (2, num_classes):
+        return
+    what = f"a tensor of shape {list(output.shape)} for 2 images" if isinstance(output, torch.Tensor) else f"a {type(output).__name__}"
+    raise ThawError(
+        f"{type(adapter.model).__name__}'s forward returns {what}; thaw trains on one row of {num_classes} class scores per image: "
+        "wrap the model in a module whose forward returns its logits tensor"
+    )
+
+
 def _forward_failures(adapter: ModelAdapter) -> Callable[[int], str | None]:
     """Why a forward pass at a size in px fails (None where it runs): on one meta-device copy of the model, in eval
     mode (no running-statistics update, and BatchNorm accepts a 1x1 map); no memory, no compute, the model untouched."""
