@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -139,3 +142,29 @@ def test_under_torchrun_only_rank_0_says_what_ctrl_c_left(
     monkeypatch.setattr(train_cmd, "register", lambda commands: commands.add_parser("train").set_defaults(handler=pressed))
     assert main(["train"]) == 130
     assert ("thaw: interrupted" in capsys.readouterr().err) == said
+
+
+CTRL_C_WHILE_TORCH_LOADS = """
+import sys
+
+class PressedWhileTorchLoads:  # the import system asks this finder first: Ctrl-C as torch starts to load
+    def find_spec(self, name, path=None, target=None):
+        if name == "torch":
+            raise KeyboardInterrupt
+        return None
+
+sys.meta_path.insert(0, PressedWhileTorchLoads())
+from thaw.cli import main  # as the installed `thaw` command starts
+
+sys.exit(main(["plan", "--model", "mobilenet_v2", "--num-classes", "2"]))
+"""
+
+
+@pytest.mark.parametrize("rank, said", [(None, True), ("1", False)])
+def test_ctrl_c_while_python_loads_torch_is_one_line_not_a_traceback(rank: str | None, said: bool) -> None:
+    """torch takes seconds to import: the command must start without it, so that Ctrl-C then ends as any other."""
+    env = {key: value for key, value in os.environ.items() if key != "RANK"} | ({"RANK": rank} if rank else {})
+    result = subprocess.run([sys.executable, "-c", CTRL_C_WHILE_TORCH_LOADS], capture_output=True, text=True, env=env, timeout=120)
+    assert result.returncode == 130
+    assert "Traceback" not in result.stderr
+    assert result.stderr == ("thaw: interrupted\n" if said else "")

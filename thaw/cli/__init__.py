@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import NoReturn, Sequence
 
-from thaw import distributed
 from thaw.errors import ThawError
-from thaw.train.fit import RunInterrupted
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -36,6 +35,19 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
+        return _run(argv)
+    except KeyboardInterrupt:  # while Python was still loading torch and the commands: nothing had started
+        if os.environ.get("RANK", "0") == "0":  # torchrun's ranks other than 0 stay quiet, as below
+            print("thaw: interrupted", file=sys.stderr)
+        return 130
+
+
+def _run(argv: list[str]) -> int:
+    # Imported here, not with the module: they load torch (seconds), and a Ctrl-C meanwhile must end as main says.
+    from thaw import distributed
+    from thaw.train.fit import RunInterrupted
+
+    try:
         # Inside the try: argparse turns only its own ArgumentTypeError into a usage line, and an
         # option's type may check its value with the library's own checks, which raise ThawError.
         args = build_parser().parse_args(argv)
@@ -56,6 +68,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _say_once(message: str) -> None:
     """Under torchrun, Ctrl-C reaches every rank: rank 0 alone says what it left, for all of them."""
+    from thaw import distributed
+
     try:
         main_rank = distributed.from_environment().is_main
     except ThawError:  # the launch variables are what is wrong: say it here, whatever this process is
@@ -66,6 +80,8 @@ def _say_once(message: str) -> None:
 
 def _which_rank() -> str:
     """Under torchrun, say which process failed: torchrun stops the others and reports this one's exit."""
+    from thaw import distributed
+
     try:
         processes = distributed.from_environment()
     except ThawError:  # the launch variables themselves are what is wrong; the error says so
