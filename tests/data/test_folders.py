@@ -95,6 +95,38 @@ def test_unreadable_files_are_skipped_and_listed(tmp_path: Path) -> None:
     assert sorted(Path(p).name for p, _ in data.skipped) == ["empty.png", "notes.jpg"]
 
 
+@pytest.mark.parametrize("names", [("Train", "Val", "Test"), ("TRAIN", "Valid", "test"), ("train", "val", "Test")])
+def test_split_folder_names_in_any_case(tmp_path: Path, names: tuple[str, str, str]) -> None:
+    """Train/ and Val/ (a Windows or Kaggle habit) are split folders, not two classes holding the real ones."""
+    train, val, test = names
+    write_class_images(tmp_path / train, per_class=4)
+    write_class_images(tmp_path / val, per_class=2)
+    write_class_images(tmp_path / test, per_class=3)
+    data = discover(tmp_path)
+    assert data.classes == ("blue", "green", "red") and data.val_from_folder
+    assert {path.parent.parent.name for path, _ in data.test} == {test}
+    assert {path.parent.parent.name for path, _ in data.val} == {val}
+    assert (len(data.train), len(data.val), len(data.test)) == (12, 6, 9)
+
+
+def test_two_folders_for_the_val_split_are_refused_naming_both(tmp_path: Path) -> None:
+    # Scoring on whichever folder thaw looked at first would be a silent guess between two sets of images.
+    for split in ("train", "val", "valid"):
+        write_class_images(tmp_path / split, per_class=3)
+    with pytest.raises(ThawError, match=r"holds both val/ and valid/, two val splits; keep one") as refused:
+        discover(tmp_path)
+    assert "\n" not in str(refused.value)
+
+
+def test_a_link_to_nowhere_is_skipped_and_listed_like_any_unreadable_file(tmp_path: Path) -> None:
+    # Listed, it is counted in the warning and refused by --strict, as an empty file is.
+    write_class_images(tmp_path, per_class=4)
+    (tmp_path / "red" / "broken.jpg").symlink_to(tmp_path / "nowhere.jpg")
+    data = discover(tmp_path)
+    assert [(Path(path).name, reason) for path, reason in data.skipped] == [("broken.jpg", f"broken link to {tmp_path / 'nowhere.jpg'}")]
+    assert len(data.train) + len(data.val) == 12
+
+
 @pytest.mark.parametrize(
     "make, message",
     [

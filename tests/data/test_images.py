@@ -82,12 +82,21 @@ def _png_header_only(width: int, height: int) -> bytes:
     ],
 )
 def test_junk_is_refused_from_the_header(tmp_path: Path, name: str, content: bytes, reason: str) -> None:
+    # train probes, predict decodes: a user reading both warnings must see one reason for one file.
     path = tmp_path / name
     path.write_bytes(content)
     with pytest.raises(UnreadableImage, match=reason):
         probe(path)
-    with pytest.raises(UnreadableImage):
+    with pytest.raises(UnreadableImage, match=reason):
         load_rgb(path)
+
+
+def test_a_link_to_nowhere_is_unreadable_with_its_target_named(tmp_path: Path) -> None:
+    link = tmp_path / "broken.jpg"
+    link.symlink_to(tmp_path / "moved" / "photo.jpg")
+    for read in (probe, load_rgb):
+        with pytest.raises(UnreadableImage, match=r"broken link to .*moved/photo\.jpg"):
+            read(link)
 
 
 def test_truncated_jpeg_fails_at_decode(tmp_path: Path) -> None:

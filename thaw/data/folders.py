@@ -1,6 +1,7 @@
 """Finding labelled images: split folders, one folder split by seed, or a CSV manifest.
 
-Split folders are train/ with val/ (or valid/, validation/) and optionally test/.
+Split folders are train/ with val/ (or valid/, validation/) and optionally test/, their names in any case
+(Train/, VAL/). Two folders for one split (val/ and valid/) is an error: which one to score on is the user's call.
 Without a val folder (train/ and test/, as Oxford Pets and many Kaggle sets come,
 or train/ alone) a seeded stratified share of train/ is held out as val, and
 test/ stays the test split.
@@ -18,10 +19,11 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from thaw.data.images import IMAGE_SUFFIXES, UnreadableImage, probe
+from thaw.data.images import UnreadableImage, probe
 from thaw.errors import ThawError
 
-VAL_NAMES = ("val", "valid", "validation")
+# Each folder name beside train/ (compared lower-cased) and the split it holds.
+SPLIT_NAMES = {"train": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
 Sample = tuple[Path, int]
 
 
@@ -63,8 +65,14 @@ def _class_folders(split_dir: Path) -> list[Path]:
     return sorted(p for p in split_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
-def _candidate_files(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith("."))
+def candidate_files(folder: Path) -> list[Path]:
+    """Every file below `folder` that thaw tries to read as an image, whatever its extension; hidden files aside.
+    A link to nowhere is kept, so that it is reported (and refused with --strict) like any unreadable file."""
+    return sorted(p for p in folder.rglob("*") if not p.name.startswith(".") and (p.is_file() or _dangling(p)))
+
+
+def _dangling(path: Path) -> bool:
+    return path.is_symlink() and not path.exists()
 
 
 def _usable(files: list[Path], skipped: list[tuple[str, str]]) -> list[Path]:
@@ -83,7 +91,7 @@ def _usable(files: list[Path], skipped: list[tuple[str, str]]) -> list[Path]:
 def _scan_split(split_dir: Path, skipped: list[tuple[str, str]]) -> dict[str, list[Path]]:
     by_class = {}
     for folder in _class_folders(split_dir):
-        by_class[folder.name] = _usable(_candidate_files(folder), skipped)
+        by_class[folder.name] = _usable(candidate_files(folder), skipped)
     return by_class
 
 
@@ -131,22 +139,36 @@ def stratified_split(samples: list[Sample], fraction: float, seed: int) -> tuple
     return train, held_out
 
 
-def _from_split_folders(root: Path, val_dir: Path | None, val_split: float, seed: int) -> ImageData:
+def _split_folders(root: Path) -> dict[str, Path]:
+    """The split folders in `root` by split (train, val, test; train first), whatever their case. Two folders for one
+    split are refused: scoring on the one thaw happened to pick would be a silent guess."""
+    found: dict[str, list[Path]] = defaultdict(list)
+    for folder in sorted(p for p in root.iterdir() if p.is_dir()):
+        if folder.name.lower() in SPLIT_NAMES:
+            found[SPLIT_NAMES[folder.name.lower()]].append(folder)
+    clashes = [(split, folders) for split, folders in found.items() if len(folders) > 1]
+    if "train" in found and clashes:
+        split, folders = clashes[0]
+        names = " and ".join(f"{folder.name}/" for folder in folders)
+        raise ThawError(f"{root} holds both {names}, two {split} splits; keep one (merge them, or rename the other to a name thaw ignores)")
+    return {split: found[split][0] for split in ("train", "val", "test") if split in found}
+
+
+def _from_split_folders(root: Path, folders: dict[str, Path], val_split: float, seed: int) -> ImageData:
     """train/ with val/ as given; without val/, a seeded stratified share of train/ is held out as val."""
     skipped: list[tuple[str, str]] = []
-    folders = [root / "train", *([val_dir] if val_dir else []), *([root / "test"] if (root / "test").is_dir() else [])]
-    splits = {folder.name: _scan_split(folder, skipped) for folder in folders}
-    classes = _check_classes(splits, root)
+    splits = {split: _scan_split(folder, skipped) for split, folder in folders.items()}
+    classes = _check_classes({folders[split].name: by_class for split, by_class in splits.items()}, root)  # named as on disk
     train = _samples(splits["train"], classes)
     test = _samples(splits["test"], classes) if "test" in splits else None
-    if val_dir is not None:
-        val, layout = _samples(splits[val_dir.name], classes), "split folders"
+    if "val" in splits:
+        val, layout = _samples(splits["val"], classes), "split folders"
     else:
         kept, held_out = stratified_split(list(train), val_split, seed)
         train, val = tuple(kept), tuple(held_out)
         given = "train/test" if test is not None else "train only"
         layout = f"split folders ({given}), {val_split:.0%} of train held out as val (seed {seed})"
-    return ImageData(classes, train, val, test, layout, tuple(skipped), split_folders=True, val_from_folder=val_dir is not None)
+    return ImageData(classes, train, val, test, layout, tuple(skipped), split_folders=True, val_from_folder="val" in splits)
 
 
 def _from_class_folders(root: Path, val_split: float, seed: int) -> ImageData:
@@ -211,9 +233,9 @@ def discover(root: str | Path, *, val_split: float = 0.2, seed: int = 0) -> Imag
         if root.suffix.lower() != ".csv":
             raise ThawError(f"{root} is a file; pass a folder of class folders, a folder with train/ and val/, or a .csv manifest")
         return _from_manifest(root, val_split, seed)
-    if (root / "train").is_dir():
-        val_dir = next((root / name for name in VAL_NAMES if (root / name).is_dir()), None)
-        return _from_split_folders(root, val_dir, val_split, seed)
+    folders = _split_folders(root)
+    if "train" in folders:
+        return _from_split_folders(root, folders, val_split, seed)
     if not _class_folders(root):
         raise ThawError(f"{root} holds no class folders; expected {root}/CLASS/IMAGE or {root}/train/CLASS/IMAGE")
     return _from_class_folders(root, val_split, seed)
@@ -223,7 +245,3 @@ def describe_skipped(skipped: tuple[tuple[str, str], ...], limit: int = 5) -> st
     shown = "; ".join(f"{path} ({reason})" for path, reason in skipped[:limit])
     more = f"; and {len(skipped) - limit} more" if len(skipped) > limit else ""
     return f"skipped {len(skipped)} unreadable file(s): {shown}{more}"
-
-
-def suffix_is_image(path: Path) -> bool:
-    return path.suffix.lower() in IMAGE_SUFFIXES

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
+import os
 import warnings
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".pbm"}
 # Pillow's own bomb threshold (about 89 MP); past it we skip the file instead of risking memory.
 MAX_PIXELS = Image.MAX_IMAGE_PIXELS or 89_478_485
 
@@ -17,10 +17,22 @@ class UnreadableImage(Exception):
     """A file that is not an image thaw can decode; the reason is the message."""
 
 
+def _check_file(path: Path) -> None:
+    """Something to open at all: not a link to nowhere, not empty. Shared by probe and load_rgb, so training and
+    predict give one file the same reason."""
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError:
+        raise UnreadableImage(f"broken link to {os.readlink(path)}" if path.is_symlink() else "file not found") from None
+    except OSError as error:  # a link loop, a file we may not read
+        raise UnreadableImage(error.strerror or str(error)) from None
+    if size == 0:
+        raise UnreadableImage("empty file")
+
+
 def probe(path: Path) -> None:
     """Cheap check from the header: is this an image of a sane size? Raises UnreadableImage."""
-    if path.stat().st_size == 0:
-        raise UnreadableImage("empty file")
+    _check_file(path)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -57,6 +69,7 @@ def _flatten_alpha(image: Image.Image) -> Image.Image:
 
 def load_rgb(path: Path, draft_size: int | None = None) -> Image.Image:
     """An RGB image, upright, first frame; JPEGs decode at reduced size when `draft_size` allows."""
+    _check_file(path)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from thaw._allocator import memory_kept_between_steps
-from thaw.data.folders import ImageData, discover, suffix_is_image
+from thaw.data.folders import ImageData, candidate_files, describe_skipped, discover
 from thaw.data.images import UnreadableImage, load_rgb
 from thaw.data.loaders import ImageDataset, make_loader
 from thaw.data.text import TextColumns, TextData, TextDataset, load_text_data, read_table
@@ -195,7 +195,7 @@ def check_images(meta: dict, preprocessing: Preprocessing, count: int = 4) -> li
         data = _run_data(meta, path)
         candidates = [file for file, _ in data.val[:: max(1, len(data.val) // count)]] + [file for file, _ in data.train]
     except ThawError:  # the folder changed since training: any images in it will do
-        candidates = sorted(p for p in path.rglob("*") if p.is_file() and suffix_is_image(p)) if path.is_dir() else []
+        candidates = candidate_files(path) if path.is_dir() else []
     transform, images = eval_transform(preprocessing), []
     for file in candidates:
         try:
@@ -208,12 +208,14 @@ def check_images(meta: dict, preprocessing: Preprocessing, count: int = 4) -> li
 
 
 def image_files(paths: list[str]) -> list[Path]:
+    """The files to classify: each file named, and in each folder every file training would read there (whatever its
+    extension); the ones that are not images are skipped and listed by predict_files, as training lists them."""
     files: list[Path] = []
     for raw in paths:
         path = Path(raw)
         if path.is_dir():
-            files += sorted(p for p in path.rglob("*") if p.is_file() and suffix_is_image(p))
-        elif path.is_file():
+            files += candidate_files(path)
+        elif path.is_file() or path.is_symlink():  # a link to nowhere is reported as unreadable, not as missing
             files.append(path)
         else:
             raise ThawError(f"{path} does not exist; pass image files or folders")
@@ -239,6 +241,8 @@ def predict_files(
         raise ThawError(f"top_k must be at least 1, got {top_k}")
     # One path alone may be a folder (read for its images); a list is of files, and one that cannot be read is skipped.
     files = image_files([str(files)]) if isinstance(files, (str, Path)) else [Path(path) for path in files]
+    if not files:
+        raise ThawError("no files to classify; pass image files or folders")
     engine = choose_engine(TrainConfig(quiet=True), adapter.model)
     adapter.model.to(engine.device).eval()
     model = FlipAveraged(adapter.model) if tta else adapter.model
@@ -260,6 +264,8 @@ def predict_files(
         top = probabilities.topk(min(top_k, len(classes)), dim=1)
         for path, values, indices in zip(kept, top.values, top.indices):
             predictions.append(Prediction(str(path), [(classes[i], float(v)) for v, i in zip(values, indices)]))
+    if not predictions:  # nothing to show: one error, not a warning of the skipped files and then the same as an error
+        raise ThawError(f"no image to classify: {describe_skipped(tuple(skipped))}")
     return predictions, skipped
 
 
