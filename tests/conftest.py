@@ -176,3 +176,12 @@ def write_text_table(path: Path, rows_per_class: int = 30, seed: int = 0) -> Pat
     rng.shuffle(lines)
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return path
+
+
+@pytest.fixture(scope="module")
+def colours(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Three colour classes in split folders (4 train, 2 val images each, 16 px): the command tests' small data."""
+    root = tmp_path_factory.mktemp("colours")
+    write_class_images(root / "train", per_class=4, size=16, seed=0)
+    write_class_images(root / "val", per_class=2, size=16, seed=1)
+    return root

@@ -117,16 +117,6 @@ LR_FIND = ["lr-find", "DATA", "--model", "mobilenet_v3_small", "--weights", "non
 MOBILENET_PLAN = ["plan", "--model", "mobilenet_v3_small", "--num-classes", "3"]
 
 
-@pytest.fixture(scope="module")
-def colours(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from tests.conftest import write_class_images
-
-    root = tmp_path_factory.mktemp("colours")
-    write_class_images(root / "train", per_class=4, size=16, seed=0)
-    write_class_images(root / "val", per_class=2, size=16, seed=1)
-    return root
-
-
 @pytest.mark.parametrize(
     "args, expected",
     [

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -168,3 +169,34 @@ def test_ctrl_c_while_python_loads_torch_is_one_line_not_a_traceback(rank: str |
     assert result.returncode == 130
     assert "Traceback" not in result.stderr
     assert result.stderr == ("thaw: interrupted\n" if said else "")
+
+
+def test_resume_of_a_finished_run_says_so_and_leaves_every_file_as_it_was(cut_run: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from thaw.train import resume_run
+
+    assert main(["train", "--resume", str(cut_run), "--quiet"]) == 0  # finishes it
+    capsys.readouterr()
+    before = _files(cut_run)
+    assert main(["train", "--resume", str(cut_run)]) == 0
+    assert _files(cut_run) == before  # not one byte rewritten (thaw.json's wall_s and images_per_s were)
+    said = capsys.readouterr().out.strip().splitlines()
+    assert len(said) == 1 and said[0].startswith(f"{cut_run} is complete (delivered epoch ") and "nothing left to resume" in said[0]
+    assert main(["train", "--resume", str(cut_run), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["complete"] is True
+    again = resume_run(cut_run)  # Python: the run's result, as recorded
+    recorded = json.loads((cut_run / "thaw.json").read_text())
+    assert again.best["epoch"] == recorded["best"]["epoch"] and again.wall_s == recorded["wall_s"] and len(again.history) == 2
+    assert _files(cut_run) == before
+
+
+def _files(run: Path) -> dict[str, tuple[bytes, int]]:
+    return {path.name: (path.read_bytes(), path.stat().st_mtime_ns) for path in run.iterdir() if path.is_file()}
+
+
+def test_a_data_path_typed_on_resume_that_does_not_exist_is_blamed_as_typed(
+    cut_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+) -> None:
+    typo = tmp_path / "nope"
+    assert main(["train", "--resume", str(cut_run), str(typo)]) == 2
+    said = capsys.readouterr().err.strip()
+    assert said.startswith(f"thaw: error: {typo} does not exist") and "the run's data was at" not in said

@@ -421,3 +421,52 @@ def test_predict_files_takes_a_file_or_a_folder_alone(trained_run: Path, tiny_sp
     assert listed[0].labels == alone[0].labels
     with pytest.raises(ThawError, match="top_k must be at least 1"):
         predict_files(adapter, meta["classes"], image, top_k=0)
+
+
+LATER_STAGE_TYPO = "stages:\n  - {name: head, epochs: 1, train: [head], lr: 1.0e-3}\n  - {name: all, epochs: 1, train: [al], lr: 5.0e-4}\n"
+
+
+def test_a_selector_typo_in_a_later_stage_is_refused_before_an_overwrite_touches_the_old_run(
+    trained_run: Path, tiny_split_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The typo in stage 2 was found only when stage 2 began: after stage 1 trained and its checkpoint had deleted the
+    run being replaced, leaving a run that every --resume stopped on. Now it is found before anything is read."""
+    plan = tmp_path / "plan.yaml"
+    plan.write_text(LATER_STAGE_TYPO)
+    (trained_run / "model.onnx").write_bytes(b"an export of the old run's weights")
+    before = _run_files(trained_run)
+    code = main(["train", str(tiny_split_data), *TINY, "--config", str(plan), "--out", str(trained_run), "--overwrite", "--quiet"])
+    error = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(error) == 1, error
+    assert error[0].startswith("thaw: error: stage 2/2 'all': selector 'al' matches no parameters; use all, a group")
+    assert _run_files(trained_run) == before
+    assert sorted(path.name for path in trained_run.iterdir()) == sorted(before)  # nothing set aside, nothing trained
+
+
+@pytest.mark.parametrize("command", ["train", "plan"])
+def test_plan_options_beside_a_plan_file_are_refused_not_ignored(
+    command: str, tiny_split_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    plan = tmp_path / "plan.yaml"
+    plan.write_text("stages:\n  - {name: head, epochs: 1, train: [head], lr: 1.0e-3}\n")
+    where = [str(tiny_split_data), "--out", str(tmp_path / "run")] if command == "train" else ["--num-classes", "2"]
+    typed = ["--epochs", "3", "--head-epochs", "4", "--lr", "5e-2", "--strategy", "fine-tune"]
+    assert main([command, *where, "--model", "mobilenet_v2", "--config", str(plan), *typed]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"thaw: error: --config {plan} sets every stage (its epochs, what trains, lrs, weight decay, BatchNorm), so "
+        "--epochs, --head-epochs, --lr, --strategy would be ignored: drop them, or write the change into the plan file"
+    ]
+    assert main([command, *where, "--model", "mobilenet_v2", "--config", str(plan), "--weight-decay=0.01"]) == 2  # the default, typed
+    assert "so --weight-decay would be ignored: drop it" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+def test_feature_extract_takes_head_epochs_and_refuses_a_different_epochs(capsys: pytest.CaptureFixture[str]) -> None:
+    plan = ["plan", "--model", "mobilenet_v2", "--num-classes", "2", "--strategy", "feature-extract", "--json"]
+    for typed, epochs in ((["--head-epochs", "1"], 1), (["--epochs", "2"], 2), ([], 3)):
+        assert main([*plan, *typed]) == 0
+        assert [stage["epochs"] for stage in json.loads(capsys.readouterr().out)["stages"]] == [epochs]
+    assert main([*plan, "--head-epochs", "1", "--epochs", "2"]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "thaw: error: feature-extract has one stage, the head's: --head-epochs 1 and --epochs 2 both set its epochs; give one of them"
+    ]

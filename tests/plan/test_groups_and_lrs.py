@@ -205,3 +205,25 @@ def test_strategies_keep_batchnorm_statistics_once_pretrained_layers_train(resne
     assert {g.batchnorm for g in view.groups if g.name != "head"} == {"eval"}
     chosen = build_plan("two-phase", num_groups=len(resnet50.groups), batchnorm="train").stages
     assert {s.batchnorm for s in chosen} == {"train"}
+
+
+def test_feature_extract_trains_its_head_stage_for_head_epochs_or_epochs_and_refuses_two_numbers() -> None:
+    """Its one stage is the head's: --head-epochs sets it (it was ignored), --epochs still does (scripts pass it)."""
+    assert [stage.epochs for stage in build_plan("feature-extract", num_groups=4, head_epochs=1).stages] == [1]
+    assert [stage.epochs for stage in build_plan("feature-extract", num_groups=4, epochs=2).stages] == [2]
+    assert [stage.epochs for stage in build_plan("feature-extract", num_groups=4, epochs=2, head_epochs=2).stages] == [2]
+    assert [stage.epochs for stage in build_plan("feature-extract", num_groups=4).stages] == [3]
+    with pytest.raises(ThawError, match=r"^feature-extract has one stage, the head's: --head-epochs 1 and --epochs 2 both set"):
+        build_plan("feature-extract", num_groups=4, epochs=2, head_epochs=1)
+    assert [stage.epochs for stage in build_plan("two-phase", num_groups=4, head_epochs=1).stages] == [1, 3]  # the others as before
+
+
+def test_a_mistake_in_a_later_stage_names_that_stage(resnet50) -> None:
+    from thaw.plan import Plan, resolve_plan
+
+    plan = Plan((Stage("head", 1, ("head",)), Stage("all", 1, ("al",), ConstantLr(5e-4))))
+    with pytest.raises(ThawError, match=r"^stage 2/2 'all': selector 'al' matches no parameters; use all, a group"):
+        resolve_plan(resnet50, plan)
+    both = Plan((*plan.stages, Stage("top", 1, ("layer4",), ExplicitLr({"layer9": 1e-4}))))  # every stage's problem at once
+    with pytest.raises(ThawError, match=r"^stage 2/3 'all': selector 'al' .* \| stage 3/3 'top': 'layer9' is neither a layer group"):
+        resolve_plan(resnet50, both)

@@ -5,13 +5,31 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from typing import NoReturn, Sequence
+from typing import Any, NoReturn, Sequence
 
 from thaw.errors import ThawError
 
 
 class OneLineParser(argparse.ArgumentParser):
-    """argparse, but a usage mistake is one line that says where to look, not a usage dump."""
+    """argparse, but a usage mistake is one line that says where to look, not a usage dump.
+
+    `intermixed=True` (a command whose last positional takes any number of values, like thaw predict's paths): options
+    may stand between the positionals. Plain argparse gives such a positional nothing once an option has come
+    (`thaw predict RUN --top-k 1 a.jpg` left a.jpg unrecognized, bpo-14191); intermixed parsing reads the options
+    first, then every positional. Only a command's own parser can: argparse refuses it on a parser with subcommands."""
+
+    def __init__(self, *args: Any, intermixed: bool = False, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.intermixed, self._intermixing = intermixed, False
+
+    def parse_known_args(self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None) -> tuple[argparse.Namespace, list[str]]:
+        if not self.intermixed or self._intermixing:  # the intermixed parse calls this twice itself: plain parsing then
+            return super().parse_known_args(args, namespace)
+        self._intermixing = True
+        try:
+            return self.parse_known_intermixed_args(args, namespace)
+        finally:
+            self._intermixing = False
 
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")

@@ -12,7 +12,9 @@ from thaw.models.lora import MAX_LORA_RANK
 from thaw.models.sources import task_of
 from thaw.plan.lr import MAX_LR
 from thaw.plan.freeze import BATCHNORM_POLICIES
-from thaw.plan.strategies import DEFAULT_HEAD_LR, STRATEGIES, TOP_GROUPS, default_strategy
+from thaw.plan.strategies import DEFAULT_EPOCHS, DEFAULT_HEAD_LR, STRATEGIES, TOP_GROUPS, default_strategy
+
+TYPED_PLAN_FLAGS = "typed_plan_flags"  # the namespace attribute that lists the plan options typed, as their flags
 
 
 def _whole_number(text: str, low: int, high: int | None) -> int:
@@ -113,6 +115,28 @@ def checked_lr(value: float, text: str) -> float:
     return value
 
 
+def _mark_typed(namespace: argparse.Namespace, flag: str) -> None:
+    typed = list(getattr(namespace, TYPED_PLAN_FLAGS, ()))  # a new list: never one shared with another namespace
+    setattr(namespace, TYPED_PLAN_FLAGS, typed if flag in typed else [*typed, flag])
+
+
+class _TypedStore(argparse._StoreAction):
+    """store, recording that the option was typed: a plan file beside it would silently override even a typed
+    value equal to the default (--epochs 3)."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: object, option_string: str | None = None) -> None:
+        super().__call__(parser, namespace, values, option_string)
+        _mark_typed(namespace, self.option_strings[-1])
+
+
+class _TypedAppend(argparse._AppendAction):
+    """append (--lr, --lora-targets), recording that the option was typed."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: object, option_string: str | None = None) -> None:
+        super().__call__(parser, namespace, values, option_string)
+        _mark_typed(namespace, self.option_strings[-1])
+
+
 def add_model_options(parser: argparse.ArgumentParser, required: bool = True) -> None:
     parser.add_argument(
         "--model", required=required, help="torchvision name (resnet50), timm/NAME, or a Hugging Face folder or hf/ORG/NAME (text)"
@@ -121,36 +145,48 @@ def add_model_options(parser: argparse.ArgumentParser, required: bool = True) ->
 
 
 def add_plan_options(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
-    """The options that make the plan; returns their group."""
+    """The options that make the plan; returns their group. Each records that it was typed (TYPED_PLAN_FLAGS), so
+    that those --config would override are refused, not ignored."""
     group = parser.add_argument_group("plan")
+    store, append = {"action": _TypedStore}, {"action": _TypedAppend}
     group.add_argument(
-        "--strategy", choices=STRATEGIES,
+        "--strategy", choices=STRATEGIES, **store,
         help="default: head-top-all for images (the head, then the top 2 groups, then all); two-phase for text",
     )
-    group.add_argument("--config", type=path_text, metavar="PLAN.yaml", help="a plan file (overrides --strategy and lr options)")
-    group.add_argument("--epochs", type=non_negative_int, default=3, help="epochs per stage after the head phase")
-    group.add_argument("--head-epochs", type=non_negative_int, default=3, help="epochs of the head-only phase")
     group.add_argument(
-        "--lr", type=lr_value, action="append", default=[], metavar="LR|NAME=LR",
+        "--config", type=path_text, metavar="PLAN.yaml",
+        help="a plan file: its stages set the epochs, what trains, lrs, weight decay and BatchNorm, so the other plan options are refused beside it",
+    )
+    group.add_argument(
+        "--epochs", type=non_negative_int, default=None, **store,
+        help=f"epochs of each stage after the head-only one (default {DEFAULT_EPOCHS}); fine-tune and lora: of their one stage; "
+        "feature-extract: of its one stage, the head's, like --head-epochs (give one, or the same number)",
+    )
+    group.add_argument(
+        "--head-epochs", type=non_negative_int, default=None, **store,
+        help=f"epochs of the head-only stage (default {DEFAULT_EPOCHS}), feature-extract's one stage included",
+    )
+    group.add_argument(
+        "--lr", type=lr_value, default=[], metavar="LR|NAME=LR", **append,
         help=f"head lr (default {DEFAULT_HEAD_LR:g}); NAME=LR sets one group's lr, repeat for each group",
     )
-    group.add_argument("--lr-range", type=lr_range, metavar="LOW:HIGH", help="geometric lrs from stem to head")
-    group.add_argument("--layer-decay", type=finite_float, help="each group's lr = head lr x decay^depth")
-    group.add_argument("--weight-decay", type=finite_float, default=0.01)
+    group.add_argument("--lr-range", type=lr_range, metavar="LOW:HIGH", **store, help="geometric lrs from stem to head")
+    group.add_argument("--layer-decay", type=finite_float, **store, help="each group's lr = head lr x decay^depth")
+    group.add_argument("--weight-decay", type=finite_float, default=0.01, **store)
     group.add_argument(
-        "--batchnorm", choices=BATCHNORM_POLICIES,
+        "--batchnorm", choices=BATCHNORM_POLICIES, **store,
         help="BatchNorm policy for every stage (default: frozen for head-only stages, eval once pretrained layers train)",
     )
-    group.add_argument("--groups-per-stage", type=positive_int, default=1, help="gradual: groups unfrozen per stage")
+    group.add_argument("--groups-per-stage", type=positive_int, default=1, **store, help="gradual: groups unfrozen per stage")
     group.add_argument(
-        "--top-groups", type=positive_int, default=None,
+        "--top-groups", type=positive_int, default=None, **store,
         help=f"head-top-all: groups the middle stage trains, the head included (default {TOP_GROUPS}: the last pretrained one and the head)",
     )
-    group.add_argument("--lora-rank", type=lora_rank, default=8, help="lora: rank of each adapter")
-    group.add_argument("--lora-alpha", type=finite_float, default=16.0, help="lora: scaling (alpha / rank multiplies the update)")
-    group.add_argument("--lora-dropout", type=finite_float, default=0.0)
+    group.add_argument("--lora-rank", type=lora_rank, default=8, **store, help="lora: rank of each adapter")
+    group.add_argument("--lora-alpha", type=finite_float, default=16.0, **store, help="lora: scaling (alpha / rank multiplies the update)")
+    group.add_argument("--lora-dropout", type=finite_float, default=0.0, **store)
     group.add_argument(
-        "--lora-targets", action="append", default=[], metavar="SELECTOR",
+        "--lora-targets", default=[], metavar="SELECTOR", **append,
         help="lora: layers to adapt (default: attention query/value for text, every Linear/Conv2d for vision); repeatable",
     )
     return group
@@ -162,10 +198,10 @@ def chosen_strategy(args: argparse.Namespace) -> str:
 
 
 def plan_from_args(args: argparse.Namespace, num_groups: int) -> Plan:
-    if args.config and args.top_groups is not None:  # the file's stages say what trains; it would be ignored
-        raise ThawError("--top-groups sets head-top-all's middle stage, and --config gives the stages: drop one of them")
     if args.config:
-        return load_plan(args.config)
+        plan = load_plan(args.config)  # first: a file that cannot be read, or a bad key in it, is the problem to fix first
+        _refuse_plan_options_beside(args)
+        return plan
     strategy = chosen_strategy(args)
     if args.top_groups is not None and strategy != "head-top-all":  # else it would be ignored without a word
         raise ThawError(f"--top-groups sets head-top-all's middle stage; the strategy here is {strategy}: drop it or add --strategy head-top-all")
@@ -186,3 +222,16 @@ def plan_from_args(args: argparse.Namespace, num_groups: int) -> Plan:
         top_groups=args.top_groups,
         lora=LoraSpec(args.lora_rank, args.lora_alpha, args.lora_dropout, tuple(args.lora_targets)) if args.strategy == "lora" else None,
     )
+
+
+def _refuse_plan_options_beside(args: argparse.Namespace) -> None:
+    """The plan file gives every stage its epochs, selectors, lrs, weight decay and BatchNorm policy: a plan option
+    typed beside it would be ignored without a word (a namespace built by hand records none typed)."""
+    typed = list(getattr(args, TYPED_PLAN_FLAGS, ()))
+    if typed == ["--top-groups"]:
+        raise ThawError("--top-groups sets head-top-all's middle stage, and --config gives the stages: drop one of them")
+    if typed:
+        raise ThawError(
+            f"--config {args.config} sets every stage (its epochs, what trains, lrs, weight decay, BatchNorm), so "
+            f"{', '.join(typed)} would be ignored: drop {'it' if len(typed) == 1 else 'them'}, or write the change into the plan file"
+        )

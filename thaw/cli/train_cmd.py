@@ -18,10 +18,11 @@ from thaw.models import build_model
 from thaw.models.hf_text import DEFAULT_MAX_LENGTH, POOLINGS, build_text_model
 from thaw.models.sources import TASKS, hf_source, task_of
 from thaw.errors import ThawError
+from thaw.cli.use_cmds import check_image_table
 from thaw.export.report import write_report
 from thaw.train.fit import RunInterrupted, interrupted_before_training
 from thaw.train.loggers import LOGGERS, close_loggers, make_loggers
-from thaw.train.run_folder import TYPED_OPTIONS as COMMAND, check_new_run, holds_run
+from thaw.train.run_folder import METADATA, TYPED_OPTIONS as COMMAND, check_new_run, holds_run, is_finished, read_finished
 from thaw.plan import plan_to_dict
 from thaw.plan.config import read_plan_file
 from thaw.train.budget import parse_budget
@@ -65,6 +66,7 @@ PLAN_DESTS: set[str] = set()
 # writes beside its weights (a report, logs for other tools) is one of them: it never changes the weights.
 RUNTIME_DESTS = RUNTIME_FIELDS | {"json", "resume", "out", "data", "report", "log", "overwrite"}
 TEXT_DESTS = {"text_column": "text", "label_column": "label", "delimiter": "delimiter"}
+TEXT_HINT = "to train on text, add --task text and a text --model"
 
 
 def add_training_options(parser: argparse.ArgumentParser) -> None:
@@ -222,6 +224,7 @@ def _start(args: argparse.Namespace, config: TrainConfig, out: Path, callbacks: 
             pooling=args.pooling, max_length=args.max_length, resume=bool(args.resume), overwrite=args.overwrite, callbacks=callbacks,
             step_hooks=step_hooks,
         )
+    check_image_table(args.data, TEXT_HINT)
     adapter = build_model(args.model, num_classes=2, device="meta")
     return train_images(
         args.data, model=args.model, weights=args.weights, plan=plan_from_args(args, len(adapter.groups)), config=config, out=out,
@@ -316,6 +319,8 @@ def _resume(args: argparse.Namespace, run: Path, settings: dict, callbacks: list
             f"--resume {run}: the typed options contradict the run's own settings: {'; '.join(found)}; "
             f"`thaw train --resume {run}` alone continues the run as it was started"
         )
+    if args.data and settings.get("task") != "text":
+        check_image_table(args.data, f"{run} is an image run: pass the images it was trained on")
     runtime = {"workers": args.workers, "device": args.device, "quiet": args.quiet or args.json, "strict": args.strict, "compile": args.compile}
     return resume_run(run, data_path=args.data, callbacks=callbacks, step_hooks=step_hooks, **runtime)
 
@@ -324,14 +329,16 @@ def run(args: argparse.Namespace) -> int:
     main_rank = distributed.from_environment().is_main  # under torchrun only rank 0 prints
     quiet = args.json or args.quiet or not main_rank
     callbacks = [] if quiet else [print_epoch]
+    if args.overwrite and args.resume:
+        raise ThawError(f"--overwrite starts a new run and --resume {args.resume} continues one; drop one of the two")
+    if args.resume and is_finished(Path(args.resume)):  # nothing left to train: its files stay as they are
+        return _say_finished(args, Path(args.resume)) if main_rank else 0
     settings = saved_settings(args.resume) if args.resume else None
     if settings is None and (args.data is None or args.model is None):  # a new run; or a resume of an older thaw's checkpoint
         if args.resume and not Path(args.resume).is_dir():
             raise ThawError(f"--resume {args.resume}: no such run folder; pass the folder a run wrote (its --out)")
         why = f"{args.resume} holds no checkpoint that records its settings, so " if args.resume else ""
         raise ThawError(f"{why}thaw train needs DATA and --model (see `thaw train --help`)")
-    if args.overwrite and args.resume:
-        raise ThawError(f"--overwrite starts a new run and --resume {args.resume} continues one; drop one of the two")
     out = _out_folder(args)
     if main_rank and not args.resume:  # before the run writes anything there: the old run stays as it is
         check_new_run(out, args.overwrite)
@@ -358,6 +365,24 @@ def run(args: argparse.Namespace) -> int:
         close_loggers(loggers, ending)
         if refused:
             _remove_started_run(out, created)
+
+
+def _say_finished(args: argparse.Namespace, run: Path) -> int:
+    """`--resume` of a run that has ended: say so, with what it delivered, and leave every file of it as it is."""
+    recorded = read_finished(run / METADATA)
+    check_model_object(run, recorded, None, "resume_run")  # such a run is used from Python only: say how
+    best = recorded["best"]
+    if args.json:
+        print(json.dumps({
+            "complete": True, "val_accuracy": best["val"]["accuracy"], "best_epoch": best["epoch"], "why": best.get("why"),
+            "wall_s": round(recorded.get("wall_s", 0.0), 2), "out": str(run),
+        }))
+        return 0
+    print(
+        f"{run} is complete (delivered epoch {best['epoch']}, val accuracy {best['val']['accuracy']:.4f}): nothing left to "
+        f"resume, its files are as they were; use it with thaw evaluate, predict or export, or train anew with --overwrite"
+    )
+    return 0
 
 
 def _out_folder(args: argparse.Namespace) -> Path:

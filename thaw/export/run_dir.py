@@ -20,7 +20,8 @@ from thaw.models.weights import load_into
 from thaw.plan.config import plan_from_dict
 from thaw.plan.lora_targets import lora_targets
 from thaw.train import check_model_object
-from thaw.train.run_folder import ADAPTER, METADATA, TEXT_MODEL, WEIGHTS
+from thaw.train.checkpoint import CHECKPOINT
+from thaw.train.run_folder import ADAPTER, METADATA, SET_ASIDE, TEXT_MODEL, WEIGHTS
 
 __all__ = ["ADAPTER", "METADATA", "TEXT_MODEL", "WEIGHTS", "load_adapter", "load_run", "read_metadata"]
 
@@ -28,7 +29,7 @@ __all__ = ["ADAPTER", "METADATA", "TEXT_MODEL", "WEIGHTS", "load_adapter", "load
 def read_metadata(run: Path) -> dict:
     path = Path(run) / METADATA
     if not path.is_file():
-        raise ThawError(f"{run} is not a thaw run folder (no {METADATA}); pass the --out folder of thaw train")
+        raise ThawError(_why_no_metadata(Path(run)))
     try:
         meta = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError):
@@ -40,6 +41,15 @@ def read_metadata(run: Path) -> dict:
 
 
 REQUIRED_METADATA = ("model", "classes", "preprocessing", "plan")  # what loading and reporting a run read
+
+
+def _why_no_metadata(run: Path) -> str:
+    """A folder without METADATA: a run stopped before its end (Ctrl-C, a crash) is still a run, and says how to finish."""
+    if (run / CHECKPOINT).is_file():
+        return f"{run} is an unfinished run (a checkpoint, no {METADATA} yet): finish it with thaw train --resume {run}"
+    if (run / SET_ASIDE / METADATA).is_file():  # a replacement (--overwrite) killed before its first checkpoint
+        return f"{run} holds its finished run set aside in {run / SET_ASIDE}: move the files there back into {run}"
+    return f"{run} is not a thaw run folder (no {METADATA}); pass the --out folder of thaw train"
 
 
 def load_run(run: str | Path, device: str | torch.device = "cpu", model: nn.Module | ModelAdapter | None = None) -> tuple[ModelAdapter, dict]:

@@ -13,7 +13,7 @@ from thaw.plan.optim import audit_gradients, audit_optimizer, build_optimizer, p
 from thaw.plan.report import count_parameters, plan_report, render_plan, trainable_line
 from thaw.plan.selectors import resolve
 from thaw.plan.stage_change import enter_stage
-from thaw.plan.stages import Plan, ResolvedStage, Stage, resolve_stage
+from thaw.plan.stages import Plan, ResolvedStage, Stage, resolve_plan, resolve_stage
 from thaw.plan.strategies import STRATEGIES, build_plan
 
 __all__ = [
@@ -40,6 +40,7 @@ __all__ = [
     "plan_report",
     "render_plan",
     "resolve",
+    "resolve_plan",
     "resolve_stage",
     "trainable_line",
 ]

@@ -5,7 +5,7 @@ from __future__ import annotations
 from torch import nn
 
 from thaw.models.adapter import ModelAdapter
-from thaw.plan.stages import Plan, ResolvedStage, resolve_stage
+from thaw.plan.stages import Plan, ResolvedStage, resolve_plan
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:
@@ -46,7 +46,7 @@ def plan_report(adapter: ModelAdapter, plan: Plan, model_name: str) -> dict:
         "num_classes": adapter.num_classes,
         "total_params": total,
         "preprocessing": {key: list(value) if isinstance(value, tuple) else value for key, value in vars(adapter.preprocessing).items()},
-        "stages": [stage_report(resolve_stage(adapter, stage)) for stage in plan.stages],
+        "stages": [stage_report(resolved) for resolved in resolve_plan(adapter, plan)],
     }
 
 

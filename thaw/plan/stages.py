@@ -178,3 +178,18 @@ def resolve_stage(adapter: ModelAdapter, stage: Stage) -> ResolvedStage:
         )
     ordered = tuple(name for name in numel if name in trainable)
     return ResolvedStage(stage, ordered, {v.name: v.lr for v in views if v.lr is not None}, tuple(views))
+
+
+def resolve_plan(adapter: ModelAdapter, plan: Plan) -> tuple[ResolvedStage, ...]:
+    """Every stage resolved for this model, every stage's problem reported at once and named by its stage: a selector
+    that matches nothing or an lr for no group in a later stage is found before the first stage trains, not when the
+    later one starts. Epochs play no part in it, so a budget that changes them later changes nothing here."""
+    resolved, problems = [], []
+    for index, stage in enumerate(plan.stages, 1):
+        try:
+            resolved.append(resolve_stage(adapter, stage))
+        except ThawError as error:
+            problems.append(f"stage {index}/{len(plan.stages)} {stage.name!r}: {error}")
+    if problems:
+        raise ThawError(" | ".join(problems))
+    return tuple(resolved)

@@ -25,6 +25,7 @@ from thaw.plan.lr import ConstantLr, DecayLr, ExplicitLr, LrRule, RangeLr
 from thaw.plan.stages import Plan, Stage
 
 STRATEGIES = ("feature-extract", "fine-tune", "two-phase", "head-top-all", "gradual", "lora")
+DEFAULT_EPOCHS = 3  # per stage, the head stage's and the others', where none are given
 TOP_GROUPS = 2  # head-top-all: the last pretrained group and the head train between the head and everything
 DEFAULT_HEAD_LR = 1e-3
 AFTER_HEAD_PHASE_FACTOR = 0.5  # fastai halves the lr once the head is trained
@@ -63,8 +64,8 @@ def build_plan(
     strategy: str,
     *,
     num_groups: int,
-    epochs: int = 3,
-    head_epochs: int = 3,
+    epochs: int | None = None,
+    head_epochs: int | None = None,
     lr: float = DEFAULT_HEAD_LR,
     lr_range: tuple[float, float] | None = None,
     layer_decay: float | None = None,
@@ -75,7 +76,9 @@ def build_plan(
     top_groups: int | None = None,
     lora: LoraSpec | None = None,
 ) -> Plan:
-    """A plan for one of STRATEGIES. `epochs` is per stage after the head phase (gradual: per stage).
+    """A plan for one of STRATEGIES. `head_epochs`: the head-only stage's epochs; `epochs`: every other stage's
+    (DEFAULT_EPOCHS each where not given). feature-extract's one stage is a head stage, and takes either (see
+    _head_only_epochs); fine-tune's and lora's one stage takes `epochs`.
 
     `batchnorm` sets every stage's policy; by default head stages use frozen, the others eval.
     `top_groups`: how many groups head-top-all's middle stage trains, the head included (TOP_GROUPS when None; the
@@ -86,13 +89,17 @@ def build_plan(
     if top_groups is not None and strategy in STRATEGIES and strategy != "head-top-all":  # else it would be ignored without a word
         raise ThawError(f"top groups set head-top-all's middle stage; the strategy here is {strategy}: drop them or use head-top-all")
     top = TOP_GROUPS if top_groups is None else _top_group_count(top_groups)
+    if strategy == "feature-extract":
+        head_epochs = _head_only_epochs(epochs, head_epochs)
+    epochs = DEFAULT_EPOCHS if epochs is None else epochs
+    head_epochs = DEFAULT_EPOCHS if head_epochs is None else head_epochs
     head_rule: LrRule = ExplicitLr(dict(lrs)) if lrs else ConstantLr(lr)
     later_lr = lr * AFTER_HEAD_PHASE_FACTOR
     head_only = {"weight_decay": weight_decay, "batchnorm": batchnorm or HEAD_STAGE_BATCHNORM}
     unfrozen = {"weight_decay": weight_decay, "batchnorm": batchnorm or UNFROZEN_STAGE_BATCHNORM}
     rule_options = {"lr_range": lr_range, "layer_decay": layer_decay, "lrs": lrs}
     if strategy == "feature-extract":
-        stages = [Stage("head", epochs, ("head",), head_rule, **head_only)]
+        stages = [Stage("head", head_epochs, ("head",), head_rule, **head_only)]
     elif strategy == "fine-tune":
         stages = [Stage("all", epochs, ("all",), unfrozen_rule(lr, **rule_options), **unfrozen)]
     elif strategy == "two-phase":
@@ -115,6 +122,17 @@ def build_plan(
     else:
         raise ThawError(f"unknown strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}, or --config plan.yaml")
     return Plan(tuple(stages))
+
+
+def _head_only_epochs(epochs: int | None, head_epochs: int | None) -> int | None:
+    """feature-extract's one stage trains the head alone, so --head-epochs sets it; --epochs does too, as it did
+    before --head-epochs applied here (scripts pass it). Two different numbers for one stage are refused."""
+    if epochs is not None and head_epochs is not None and epochs != head_epochs:
+        raise ThawError(
+            f"feature-extract has one stage, the head's: --head-epochs {head_epochs} and --epochs {epochs} both set its "
+            "epochs; give one of them"
+        )
+    return epochs if head_epochs is None else head_epochs
 
 
 def _top_group_count(count: object) -> int:

@@ -12,13 +12,11 @@ from thaw.data.folders import ImageData, discover
 from thaw.data.text import TextColumns, TextData, load_text_data
 from thaw.models import ModelAdapter, adapt, build_model
 from thaw.models.hf_text import DEFAULT_MAX_LENGTH, build_text_model
-from thaw.models.lora import add_lora
-from thaw.plan import Plan, build_plan, plan_from_dict, plan_to_dict
-from thaw.plan.lora_targets import lora_targets
+from thaw.plan import Plan, plan_from_dict, plan_to_dict
 from thaw.plan.strategies import check_plan_options, default_strategy
 from thaw.errors import ThawError
 from thaw.train import checkpoint
-from thaw.train.config import TrainConfig, check_class_scores, check_image_augments
+from thaw.train.config import TrainConfig, check_class_scores, check_image_augments, check_plan, check_plan_before_data
 from thaw.train.settings import RUNTIME_FIELDS, config_from_settings, samples_digest, source_name
 from thaw import distributed
 from thaw.train.fit import EpochCallback, RunResult, RunState, StepHook, effective_preprocessing, fit
@@ -53,6 +51,7 @@ def train_images(
     `out` must not hold a run already, unless `resume` (continue it) or `overwrite` (replace it)."""
     plan = plan or default_strategy("image")
     _check_arguments(plan, plan_options, config)
+    check_plan_before_data(model, weights, "image", plan, plan_options)  # a typo in stage 2 stops nothing half-done
     data = discover(data_path, val_split=val_split, seed=config.seed)
     torch.manual_seed(config.seed)  # the new head's initial weights are part of the run's seed
     adapter = _image_adapter(model, weights, len(data.classes))
@@ -137,6 +136,7 @@ def train_text(
     """
     _check_arguments(plan, plan_options, config)
     check_image_augments(config, "text", resumed=resume)  # before the table is read and the model built
+    check_plan_before_data(model, None, "text", plan, plan_options)
     data = load_text_data(data_path, columns=columns, val_split=val_split, test_split=test_split, seed=config.seed)
     torch.manual_seed(config.seed)
     adapter = build_text_model(model, num_classes=len(data.classes), pooling=pooling, max_length=max_length)
@@ -169,10 +169,7 @@ def _run(
     config: TrainConfig, out: Path, meta: dict, resume: bool, overwrite: bool, callbacks: list[EpochCallback] | None,
     step_hooks: list[StepHook] | None,
 ) -> RunResult:
-    if isinstance(plan, str):
-        plan = build_plan(plan, num_groups=len(adapter.groups), **(plan_options or {}))
-    if plan.lora is not None:
-        add_lora(adapter, plan.lora, lora_targets(adapter, plan.lora))
+    plan = check_plan(adapter, plan, plan_options)  # on the model itself (a model object's first check): before fit sets anything aside
     result = fit(
         adapter, data, plan, config, out, meta=meta, resume=resume, overwrite=overwrite, callbacks=callbacks, step_hooks=step_hooks
     )
@@ -225,6 +222,9 @@ def resume_run(
     object needs the same architecture again (a fresh instance: the checkpoint holds the weights); `runtime` may set
     what does not change the recipe: workers, device, quiet, strict, cache_memory_gb, decoded_memory_gb, compile.
     """
+    from thaw.train.run_folder import finished_result, is_finished
+    from thaw.train.settings import differences
+
     unknown = sorted(set(runtime) - RUNTIME_FIELDS)
     if unknown:
         raise ThawError(f"{', '.join(unknown)} would change the run; a resume keeps the run's own settings")
@@ -234,6 +234,16 @@ def resume_run(
             f"{run} holds no checkpoint that records its settings (none yet, or an older thaw wrote it); "
             "give DATA and the run's options to start or resume it"
         )
+    check_model_object(run, settings, model, "resume_run")
+    if is_finished(Path(run)):  # nothing left to train: the run's result as recorded, its files as they are
+        if model is not None and "model_groups" in settings:  # grouped otherwise, a resume that trains would refuse it
+            given = model_groups(_image_adapter(model, None, len(settings["classes"])))
+            found = differences({"model_groups": settings["model_groups"]}, {"model_groups": given})
+            if found:
+                raise ThawError(f"the run in {run} was started with other settings; different now: {'; '.join(found)}")
+        return finished_result(Path(run))
+    if data_path is not None and not Path(data_path).exists():  # the path typed, not the run's own
+        raise ThawError(f"{data_path} does not exist; pass where the run's data is now as DATA, or leave DATA out")
     data_path = data_path or settings["data_path"]
     if data_path is None or not Path(data_path).exists():
         raise ThawError(f"the run's data was at {data_path}, which does not exist now; pass its new place as DATA")
@@ -245,6 +255,5 @@ def resume_run(
             data_path, model=settings["model"], columns=TextColumns(**settings["columns"]), val_split=settings["val_split"],
             test_split=settings["test_split"], pooling=settings["pooling"], max_length=settings["max_length"], **options,
         )
-    check_model_object(run, settings, model, "resume_run")
     chosen = settings["model"] if model is None else model
     return train_images(data_path, model=chosen, weights=settings["weights"], val_split=settings["val_split"], **options)

@@ -17,8 +17,14 @@ import torch
 from thaw.data.transforms import AUTO_AUGMENTS
 from thaw.errors import ThawError, join_problems
 from thaw.models._structure import meta_copy, meta_forward_failure
+from thaw.models import build_model
 from thaw.models.adapter import ModelAdapter, Preprocessing
+from thaw.models.hf_text import build_text_model
+from thaw.models.lora import add_lora
+from thaw.plan.lora_targets import lora_targets
 from thaw.plan.optim import OPTIMIZERS
+from thaw.plan.stages import Plan, resolve_plan
+from thaw.plan.strategies import build_plan
 from thaw.train.resizing import sizes_used
 
 SCHEDULES = ("cosine", "onecycle", "constant")
@@ -238,6 +244,38 @@ def check_progressive_resize(adapter: ModelAdapter, config: TrainConfig, stage_e
                 f"{model_name} cannot take the {size} px crops progressive resize {start:g} trains with ({failure}); "
                 "use a larger share, or leave it unset"
             )
+
+
+def plan_probe(model: object, weights: str | None, task: str) -> ModelAdapter | None:
+    """A stand-in on the meta device for the model a run by name will train, built before any data is read (no
+    weights loaded, no memory): its layer groups are the run's, and the head's width, unknown until the classes are
+    counted, changes no selector. None for a model object: its plan is resolved once it is adapted (check_plan)."""
+    if not isinstance(model, str):
+        return None
+    if task == "text":
+        return build_text_model(model, num_classes=2, device="meta", load=False)
+    return build_model(model, weights=weights, num_classes=2, device="meta", load=False)
+
+
+def check_plan(adapter: ModelAdapter, plan: Plan | str, plan_options: dict | None = None) -> Plan:
+    """The plan built for `adapter` (a strategy name with its options) and every stage resolved against it, LoRA layers
+    added first as a run adds them (to `adapter` itself): what `thaw plan` checks. A run does this before it reads
+    data, sets an old run aside or trains, so a selector that matches nothing in stage 2 is refused before stage 1
+    trains, not after it (with --overwrite, after the old run was deleted). Returns the plan."""
+    if isinstance(plan, str):
+        plan = build_plan(plan, num_groups=len(adapter.groups), **(plan_options or {}))
+    if plan.lora is not None:
+        add_lora(adapter, plan.lora, lora_targets(adapter, plan.lora))
+    resolve_plan(adapter, plan)
+    return plan
+
+
+def check_plan_before_data(model: object, weights: str | None, task: str, plan: Plan | str, plan_options: dict | None) -> None:
+    """check_plan on a meta-device stand-in of a model named by `model`, before the data is listed (which reads every
+    image's header) or read; a model object's plan is checked on the model itself once it is adapted."""
+    probe = plan_probe(model, weights, task)
+    if probe is not None:
+        check_plan(probe, plan, plan_options)
 
 
 def check_image_augments(config: TrainConfig, task: str, resumed: bool = False) -> None:

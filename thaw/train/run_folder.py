@@ -11,6 +11,7 @@ import json
 import shutil
 from dataclasses import asdict
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torchvision
@@ -22,8 +23,12 @@ from thaw._version import __version__
 from thaw.models import ModelAdapter, Preprocessing
 from thaw.models.hf_text import TextPreprocessing
 from thaw.models.lora import adapter_param_names, tensor_digest
-from thaw.train.checkpoint import CHECKPOINT
+from thaw.plan.config import plan_from_dict
+from thaw.train.checkpoint import CHECKPOINT, load_checkpoint
 from thaw.train.plots import plot_confusion, plot_curves
+
+if TYPE_CHECKING:
+    from thaw.train.fit import RunResult
 
 METADATA = "thaw.json"
 WEIGHTS = "model.safetensors"
@@ -112,6 +117,47 @@ def holds_run(out: Path) -> bool:
     """Whether `out` holds a run: its metadata (a finished run), a checkpoint (one stopped on the way), or a run set
     aside by a replacement that was killed before its first checkpoint."""
     return (out / METADATA).is_file() or (out / CHECKPOINT).is_file() or (out / SET_ASIDE).is_dir()
+
+
+def is_finished(run: Path) -> bool:
+    """Whether the run in `run` has ended: only its end writes METADATA, and a replacement (--overwrite) moves the old
+    run's aside before it trains."""
+    return (Path(run) / METADATA).is_file()
+
+
+def finished_result(run: Path) -> RunResult:
+    """A finished run's result as it recorded it, read without writing: a resume of it has nothing left to train, and
+    training "again" would rewrite METADATA with the empty resume's time and speed."""
+    from thaw.train.fit import RunResult  # fit imports this module
+
+    meta = read_finished(run / METADATA)
+    saved = load_checkpoint(run / CHECKPOINT) if (run / CHECKPOINT).is_file() else {}
+    result = RunResult(
+        run, saved.get("best", meta["best"]), saved.get("history", []), meta.get("wall_s", 0.0), meta.get("images_per_s", 0.0),
+        [(item["path"], item["reason"]) for item in meta.get("skipped_files", [])],
+        None,  # type: ignore[arg-type] - nothing ran, so there is no engine to describe
+        plan_from_dict(meta["plan"], f"{run / METADATA} plan"), meta.get("budget"),
+    )
+    result.files = {key: run / name for key, name in FINISHED_FILES.items() if (run / name).exists()}
+    return result
+
+
+def read_finished(path: Path) -> dict:
+    """A finished run's METADATA (at `path`), or one line saying it is damaged."""
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        meta = None
+    if not isinstance(meta, dict) or not {"best", "plan"} <= meta.keys():
+        raise ThawError(f"{path} is damaged; restore it from a copy, or train again with --overwrite")
+    return meta
+
+
+# write_run's keys for the files it writes, and the adapter and text model a LoRA or text run adds
+FINISHED_FILES = {
+    "metadata": METADATA, "metrics": "metrics.csv", "weights": WEIGHTS, "curves": "curves.png", "confusion": "confusion.png",
+    "adapter": ADAPTER, "text_model": TEXT_MODEL,
+}
 
 
 def check_new_run(out: Path, overwrite: bool) -> None:

@@ -1,0 +1,140 @@
+"""evaluate, predict, report and export on a run: what a user types, and one line where it cannot work."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import Crash, crash_after, write_class_images
+from thaw.cli import build_parser, main
+from thaw.train import TrainConfig, train_images
+
+TINY = {"model": "mobilenet_v3_small", "weights": None, "plan": "two-phase", "plan_options": {"head_epochs": 1, "epochs": 1},
+        "config": TrainConfig(image_size=32, batch_size=8, quiet=True)}
+
+
+@pytest.fixture(scope="module")
+def finished_run(colours: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    run = tmp_path_factory.mktemp("runs") / "done"
+    train_images(colours, out=run, **TINY)
+    return run
+
+
+@pytest.fixture(scope="module")
+def stopped_run(colours: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A run stopped after its first epoch (a crash; Ctrl-C leaves the same files): a checkpoint, no thaw.json."""
+    run = tmp_path_factory.mktemp("runs") / "stopped"
+    with pytest.raises(Crash):
+        train_images(colours, out=run, callbacks=[crash_after(1)], **TINY)
+    return run
+
+
+def _one_line_error(argv: list[str], capsys: pytest.CaptureFixture[str]) -> str:
+    try:
+        code = main(argv)
+    except SystemExit as exit:  # argparse's own usage errors
+        code = exit.code
+    stderr = capsys.readouterr().err
+    assert code == 2 and len(stderr.strip().splitlines()) == 1, stderr
+    return stderr.strip()
+
+
+@pytest.mark.parametrize("command", [["evaluate", "RUN", "DATA"], ["predict", "RUN", "DATA"], ["report", "RUN"], ["export", "RUN"]])
+def test_a_run_stopped_before_its_end_is_called_unfinished_with_the_command_that_finishes_it(
+    command: list[str], stopped_run: Path, colours: Path, capsys: pytest.CaptureFixture[str],
+) -> None:
+    argv = [arg.replace("RUN", str(stopped_run)).replace("DATA", str(colours)) for arg in command]
+    said = _one_line_error(argv, capsys)
+    assert said == (
+        f"thaw: error: {stopped_run} is an unfinished run (a checkpoint, no thaw.json yet): "
+        f"finish it with thaw train --resume {stopped_run}"
+    )
+
+
+def test_a_folder_without_a_run_is_still_not_a_run_folder(colours: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert "is not a thaw run folder (no thaw.json); pass the --out folder of thaw train" in _one_line_error(["export", str(colours)], capsys)
+
+
+def test_a_run_set_aside_by_a_killed_replacement_says_where_it_is(finished_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`--overwrite` moves the old run into RUN/.replaced-run until the new run's first checkpoint; killed before it, the
+    finished run is there, whole."""
+    run = tmp_path / "run"
+    (run / ".replaced-run").mkdir(parents=True)
+    for path in finished_run.iterdir():
+        if path.is_file():
+            (run / ".replaced-run" / path.name).write_bytes(path.read_bytes())
+    said = _one_line_error(["evaluate", str(run), str(tmp_path)], capsys)
+    assert said == f"thaw: error: {run} holds its finished run set aside in {run / '.replaced-run'}: move the files there back into {run}"
+
+
+def test_predict_takes_options_between_the_run_and_the_paths(finished_run: Path, colours: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    red, green = sorted((colours / "val" / "red").glob("*.png"))[0], sorted((colours / "val" / "green").glob("*.png"))[0]
+    assert main(["predict", str(finished_run), "--top-k", "1", str(red)]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"{red}: ") and lines[0].count(",") == 0  # one class: top 1
+    assert main(["predict", str(finished_run), "--json", str(red), "--top-k", "2", str(green)]) == 0
+    predictions = json.loads(capsys.readouterr().out)["predictions"]
+    assert [p["path"] for p in predictions] == [str(red), str(green)] and all(len(p["predictions"]) == 2 for p in predictions)
+
+
+def test_texts_after_an_option_are_texts_to_predict() -> None:
+    """A text run's texts are positionals too: `--tta` (a flag) before them must not swallow them or leave them over."""
+    args = build_parser().parse_args(["predict", "RUN", "--tta", "hi", "there"])
+    assert (args.run, args.paths, args.tta) == ("RUN", ["hi", "there"], True)
+
+
+def test_other_commands_still_refuse_extra_positionals(finished_run: Path, colours: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    said = _one_line_error(["evaluate", str(finished_run), "--json", str(colours), "extra"], capsys)
+    assert "unrecognized arguments: extra" in said
+
+
+def _text_table(path: Path) -> Path:
+    """The SMS spam table as Kaggle ships it: a label column, then the message."""
+    rows = [["label", "text"]] + [["ham" if i % 3 else "spam", f"Go until jurong point, crazy.. Available only in bugis {i}"] for i in range(50)]
+    with path.open("w", newline="", encoding="utf-8") as handle:
+        csv.writer(handle).writerows(rows)
+    return path
+
+
+@pytest.mark.parametrize(
+    "command, hint",
+    [
+        (["train", "TABLE", "--model", "mobilenet_v3_small", "--weights", "none", "--out", "TMP/new"], "add --task text"),
+        (["evaluate", "RUN", "TABLE"], "is an image run: score text with a text run"),
+    ],
+)
+def test_a_text_table_given_as_image_data_is_one_short_line(
+    command: list[str], hint: str, finished_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+) -> None:
+    table = _text_table(tmp_path / "text.csv")
+    argv = [arg.replace("TABLE", str(table)).replace("RUN", str(finished_run)).replace("TMP", str(tmp_path)) for arg in command]
+    said = _one_line_error(argv, capsys)
+    assert f"{table} is not an image manifest (path,label rows): its first row is 'label,text'" in said and hint in said
+    assert len(said) < 300 and "jurong" not in said  # not a list of texts as missing files
+    assert not (tmp_path / "new").exists()
+
+
+def _manifest(path: Path, colours: Path, header: str | None) -> Path:
+    rows = [f"{file.relative_to(path.parent)},{file.parent.name}" for file in sorted((colours / "val").glob("*/*.png"))]
+    path.write_text("\n".join(([header] if header else []) + rows) + "\n")
+    return path
+
+
+def test_a_manifest_with_another_header_says_which_header_is_expected(
+    finished_run: Path, colours: Path, capsys: pytest.CaptureFixture[str],
+) -> None:
+    manifest = _manifest(colours / "filename-class.csv", colours, "filename,class")
+    said = _one_line_error(["evaluate", str(finished_run), str(manifest)], capsys)
+    assert said == f"thaw: error: {manifest}: an image manifest's header is path,label, this one's is 'filename,class'; rename its columns path,label"
+
+
+@pytest.mark.parametrize("header", ["path,label", None])
+def test_a_manifest_with_the_path_label_header_or_none_is_scored_whole(
+    header: str | None, finished_run: Path, colours: Path, capsys: pytest.CaptureFixture[str],
+) -> None:
+    manifest = _manifest(colours / f"manifest-{bool(header)}.csv", colours, header)
+    assert main(["evaluate", str(finished_run), str(manifest)]) == 0
+    assert capsys.readouterr().out.startswith(f"all: 6 images (every readable one in {manifest})")

@@ -1,0 +1,53 @@
+"""A plan is resolved against the model, every stage of it, before a run reads data, sets an old run aside or trains."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import SmallConvNet
+from thaw import ThawError
+from thaw.plan import ConstantLr, Plan, Stage
+from thaw.train import TrainConfig, train_images, train_text
+from thaw.train.config import check_plan, plan_probe
+
+CONFIG = TrainConfig(quiet=True, image_size=32, batch_size=8)
+LATER_TYPO = Plan((Stage("head", 1, ("head",)), Stage("all", 1, ("al",), ConstantLr(5e-4))))
+TYPO_LINE = r"^stage 2/2 'all': selector 'al' matches no parameters"
+
+
+def test_a_typo_in_a_later_stage_stops_an_image_run_before_its_data_is_read(tmp_path: Path) -> None:
+    # The data path does not exist: the plan's error comes first, so the images were not listed or read.
+    with pytest.raises(ThawError, match=TYPO_LINE):
+        train_images(tmp_path / "no-data", model="mobilenet_v3_small", weights=None, plan=LATER_TYPO, config=CONFIG, out=tmp_path / "run")
+    with pytest.raises(ThawError, match=r"^stage 1/3 'head': 'layer9' is neither a layer group"):  # a strategy's options too
+        train_images(tmp_path / "no-data", model="mobilenet_v3_small", weights=None, plan="head-top-all",
+                     plan_options={"lrs": {"layer9": 1e-4}}, config=CONFIG, out=tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_typo_in_a_later_stage_stops_a_model_object_run_before_it_trains(tiny_split_data: Path, tmp_path: Path) -> None:
+    """A model object's groups are known once it is adapted to the data's classes: resolved then, still before the
+    first stage trains or writes a checkpoint."""
+    with pytest.raises(ThawError, match=TYPO_LINE):
+        train_images(tiny_split_data, model=SmallConvNet(), plan=LATER_TYPO, config=CONFIG, out=tmp_path / "run")
+    assert not (tmp_path / "run" / "checkpoint.pt").exists()
+
+
+def test_a_typo_in_a_later_stage_stops_a_text_run_before_its_table_is_read(tiny_encoder: Path, tmp_path: Path) -> None:
+    with pytest.raises(ThawError, match=TYPO_LINE):
+        train_text(tmp_path / "missing.csv", model=str(tiny_encoder), plan=LATER_TYPO, config=TrainConfig(quiet=True), out=tmp_path / "run")
+
+
+def test_lora_stages_are_resolved_with_their_adapters_added_as_the_run_adds_them() -> None:
+    """`adapters` matches only once LoRA layers exist: the check adds them first, to a meta-device stand-in."""
+    from thaw.models.lora import LoraSpec
+
+    probe = plan_probe("mobilenet_v3_small", None, "image")
+    stages = (Stage("head", 1, ("head",)), Stage("lora", 1, ("head", "adapters")))
+    plan = check_plan(probe, Plan(stages, LoraSpec()))
+    assert [stage.name for stage in plan.stages] == ["head", "lora"]
+    typo = (Stage("head", 1, ("head",)), Stage("lora", 1, ("head", "adapter")))
+    with pytest.raises(ThawError, match=r"^stage 2/2 'lora': selector 'adapter' matches no parameters"):
+        check_plan(plan_probe("mobilenet_v3_small", None, "image"), Plan(typo, LoraSpec()))
