@@ -117,6 +117,9 @@ THAW_RECIPES = {
     # the default, with each stage ended after 1 (or 2) epochs that do not beat the best val so far (--early-stopping)
     "thaw-patience1": ({"plan": "head-top-all"}, {"early_stopping": 1}),
     "thaw-patience2": ({"plan": "head-top-all"}, {"early_stopping": 2}),
+    # the default with its all stage at a fifth of its lrs (the head 1e-4 instead of 5e-4, the stem 100x below): the
+    # seed recipe's 1e-4 for everything, with thaw's discriminative range below it
+    "thaw-all-fifth": ({"plan": "head-top-all", "all_lr": 1e-4}, {}),
 }
 AUGMENTING = ("thaw-budget-trivial", "thaw-progressive", "thaw-gradual-progressive", "thaw-trivial", "thaw-rand", "thaw-mixup", "thaw-cutmix", "thaw-mix")
 IMAGE_RECIPES = (*THAW_RECIPES, "seed", "fastai", "fastai-bf16")
@@ -215,7 +218,7 @@ def shrunk(folder: Path, per_class: int = 6, classes: int = 3) -> Path:
 
 def thaw_row(
     folder: Path, size: int, flips: bool, seed: int, epochs: dict, recipe: str = "thaw", budget: float | None = None,
-    backbone: str = "mobilenet_v2",
+    backbone: str = "mobilenet_v2", every_epoch: bool = False,
 ) -> dict:
     from thaw.export.inference import evaluate_run
     from thaw.export.run_dir import load_run
@@ -229,7 +232,9 @@ def thaw_row(
         config = TrainConfig(quiet=True, seed=seed, augment=False, batch_size=64, **({"image_size": size} | fields))
     out = scratch("thaw")
     model, weights = thaw_model(backbone)
-    result = train_images(folder, model=model, weights=weights, plan=plan, plan_options=plan_options, config=config, out=out)
+    recorder = EpochWeights() if every_epoch else None
+    hooks = {"callbacks": [recorder.keep], "step_hooks": [recorder]} if recorder else {}
+    result = train_images(folder, model=model, weights=weights, plan=plan, plan_options=plan_options, config=config, out=out, **hooks)
     wall = time.perf_counter() - started
     adapter, meta = load_run(out)
     tested = time.perf_counter()
@@ -238,13 +243,46 @@ def thaw_row(
     mirrored = evaluate_run(adapter, meta, folder, "test", tta=True)
     tta_s = time.perf_counter() - tested
     larger = {f"test_accuracy_at_{pixels}": at_size(adapter, meta, folder, pixels) for pixels in larger_eval_sizes(adapter)}
-    return larger | {
+    # last: it loads each epoch's weights into the run's model
+    per_epoch = {"test_history": recorder.test_accuracies(adapter, meta, folder)} if recorder else {}
+    return larger | per_epoch | {
         "wall_s": wall, "test_accuracy": plain["accuracy"], "tta_test_accuracy": mirrored["accuracy"],
         "test_eval_s": plain_s, "tta_eval_s": tta_s, "delivered_epoch": result.best["epoch"],
         "why": result.best.get("why"), "val_accuracy": result.best["val"]["accuracy"], "epochs": len(result.history),
         "val_history": [round(row["val_accuracy"], 4) for row in result.history],
+        "val_loss_history": [round(row["val_loss"], 5) for row in result.history],
         "budget": result.budget, "cache_s": result.cache_s, "stage_s": stage_seconds(result.history),
     }
+
+
+class EpochWeights:
+    """--test-every-epoch, a diagnostic: keeps the weights val measured after every epoch (the weight average where
+    one is kept, as the run would deliver them) and scores each on test after the run, so that rules for which epoch
+    to deliver can be compared offline (benchmarks/delivery_rules.py). The run itself chooses as it always does; the
+    copies cost memory and a little time, so wall times of such rows are not comparable."""
+
+    def __init__(self) -> None:
+        self.trainer = None
+        self.kept: list[dict] = []
+
+    def attach(self, trainer) -> None:  # a step hook's attach gives the trainer (as thaw's loggers get it)
+        self.trainer = trainer
+
+    def __call__(self, *_step) -> None:
+        pass
+
+    def keep(self, _state) -> None:
+        model = self.trainer.delivered_model()
+        self.kept.append({name: tensor.detach().to("cpu", copy=True) for name, tensor in model.state_dict().items()})
+
+    def test_accuracies(self, adapter, meta: dict, folder: Path) -> list[float]:
+        from thaw.export.inference import evaluate_run
+
+        accuracies = []
+        for state in self.kept:
+            adapter.model.load_state_dict(state)
+            accuracies.append(round(evaluate_run(adapter, meta, folder, "test")["accuracy"], 4))
+        return accuracies
 
 
 def recipe_plan(recipe: str, epochs: dict, backbone: str = "mobilenet_v2") -> tuple[Plan | str, dict | None]:
@@ -252,19 +290,27 @@ def recipe_plan(recipe: str, epochs: dict, backbone: str = "mobilenet_v2") -> tu
     strategy's all stage (plan options then go into the Plan)."""
     from thaw import build_model
     from thaw.models.lora import LoraSpec
+    from dataclasses import replace
+
     from thaw.plan import Plan, build_plan
+    from thaw.plan.lr import RangeLr
+    from thaw.plan.strategies import STEM_TO_HEAD_RATIO
 
     recipe_options = THAW_RECIPES[recipe][0]
     strategy = recipe_options.get("plan", "two-phase")
-    options = epochs | {key: value for key, value in recipe_options.items() if key not in ("plan", "without_all", "lora_targets")}
+    own = ("plan", "without_all", "lora_targets", "all_lr")  # the benchmark's keys, not build_plan's
+    options = epochs | {key: value for key, value in recipe_options.items() if key not in own}
     if "lora_targets" in recipe_options:
         options["lora"] = LoraSpec(targets=recipe_options["lora_targets"])
-    if not recipe_options.get("without_all"):
+    if not (recipe_options.get("without_all") or "all_lr" in recipe_options):
         return strategy, options
     groups = len(build_model(thaw_model(backbone)[0], weights=None, num_classes=2, device="meta", load=False).groups)
     stages = build_plan(strategy, num_groups=groups, **options).stages
     if stages[-1].name != "all":
         raise SystemExit(f"{recipe}: {strategy}'s plan ends with stage {stages[-1].name!r}, not 'all'")
+    if "all_lr" in recipe_options:
+        head_lr = recipe_options["all_lr"]
+        return Plan((*stages[:-1], replace(stages[-1], lr=RangeLr(head_lr / STEM_TO_HEAD_RATIO, head_lr)))), None
     return Plan(stages[:-1]), None
 
 
@@ -475,7 +521,7 @@ def one_run(job: dict) -> dict:
     backbone = job.get("model", "mobilenet_v2")
     if job["recipe"] in THAW_RECIPES:
         quick = {} if not job["quick"] else {"head_epochs": 1, "epochs": 1}
-        return thaw_row(folder, size, flips, job["seed"], quick, job["recipe"], job.get("budget"), backbone)
+        return thaw_row(folder, size, flips, job["seed"], quick, job["recipe"], job.get("budget"), backbone, job.get("every_epoch", False))
     if job["recipe"] == "seed":
         return seed_row(folder, size, flips, job["seed"], epochs, backbone)
     if job["recipe"] == "fastai-bf16" and not native_bf16():
@@ -503,7 +549,8 @@ def jobs(args: argparse.Namespace) -> list[dict]:
             budget = {"budget": 20.0 if args.quick else args.budget} if recipe.startswith("thaw-budget") else {}
             workers = {"fastai_workers": args.fastai_workers} if recipe.startswith("fastai") else {}
             model = "all-MiniLM-L6-v2" if name == "sms" else args.model
-            job = {"set": name, "recipe": recipe, "quick": args.quick, "model": model} | budget | workers
+            every = {"every_epoch": True} if args.test_every_epoch and recipe in THAW_RECIPES else {}
+            job = {"set": name, "recipe": recipe, "quick": args.quick, "model": model} | budget | workers | every
             planned += [job | {"seed": seed} for seed in seeds]
     return planned
 
@@ -565,6 +612,11 @@ def parse() -> argparse.Namespace:
         help="DataLoader workers of the fastai rows (which is faster depends on the machine: benchmarks/speed.py runs both)",
     )
     parser.add_argument("--model", choices=BACKBONES, default="mobilenet_v2", help="the pretrained model of every image row")
+    parser.add_argument(
+        "--test-every-epoch", action="store_true",
+        help="diagnostic: also score thaw's weights after every epoch on test (test_history in the JSON lines), for "
+        "benchmarks/delivery_rules.py; the runs choose as always, but their wall times include the copies",
+    )
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--job", help=argparse.SUPPRESS)
     return parser.parse_args()
