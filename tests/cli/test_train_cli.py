@@ -470,3 +470,17 @@ def test_feature_extract_takes_head_epochs_and_refuses_a_different_epochs(capsys
     assert capsys.readouterr().err.strip().splitlines() == [
         "thaw: error: feature-extract has one stage, the head's: --head-epochs 1 and --epochs 2 both set its epochs; give one of them"
     ]
+
+
+def test_the_first_line_of_a_run_says_how_the_data_was_read(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # A layout read otherwise than meant (two classes named Train and Val, a val split held out of train) shows
+    # before any epoch, where the user can still stop the run.
+    from tests.conftest import write_class_images
+
+    write_class_images(tmp_path / "data" / "Train", per_class=5, size=16, seed=0)
+    write_class_images(tmp_path / "data" / "test", per_class=2, size=16, seed=1)
+    args = ["train", str(tmp_path / "data"), "--model", "mobilenet_v3_small", "--weights", "none", "--image-size", "32",
+            "--strategy", "feature-extract", "--epochs", "1", "--out", str(tmp_path / "run")]
+    assert main(args) == 0
+    first = capsys.readouterr().out.splitlines()[0]
+    assert first == "data: split folders (train/test), 20% of train held out as val (seed 0); 3 classes, 12 train, 3 val, 6 test"

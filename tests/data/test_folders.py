@@ -19,6 +19,7 @@ def test_split_folders_with_any_val_name(tmp_path: Path) -> None:
     data = discover(tmp_path)
     assert data.classes == ("blue", "green", "red")
     assert (len(data.train), len(data.val), len(data.test)) == (12, 6, 9)
+    assert data.layout == "split folders (train/, valid/, test/)"  # the run's first line shows which folders it read
 
 
 def test_train_and_test_without_val_hold_out_a_seeded_stratified_val_from_train(tmp_path: Path) -> None:
@@ -107,6 +108,7 @@ def test_split_folder_names_in_any_case(tmp_path: Path, names: tuple[str, str, s
     assert {path.parent.parent.name for path, _ in data.test} == {test}
     assert {path.parent.parent.name for path, _ in data.val} == {val}
     assert (len(data.train), len(data.val), len(data.test)) == (12, 6, 9)
+    assert data.layout == f"split folders ({train}/, {val}/, {test}/)"
 
 
 def test_two_folders_for_the_val_split_are_refused_naming_both(tmp_path: Path) -> None:

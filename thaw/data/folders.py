@@ -162,7 +162,8 @@ def _from_split_folders(root: Path, folders: dict[str, Path], val_split: float, 
     train = _samples(splits["train"], classes)
     test = _samples(splits["test"], classes) if "test" in splits else None
     if "val" in splits:
-        val, layout = _samples(splits["val"], classes), "split folders"
+        named = ", ".join(f"{folder.name}/" for folder in folders.values())  # as on disk: VAL/ or valid/, say
+        val, layout = _samples(splits["val"], classes), f"split folders ({named})"
     else:
         kept, held_out = stratified_split(list(train), val_split, seed)
         train, val = tuple(kept), tuple(held_out)

@@ -153,6 +153,13 @@ def _is_better(metric: str, value: float, val_loss: float, best: dict) -> bool:
     return value > best["value"] or (value == best["value"] and val_loss < best["val"]["loss"])
 
 
+def data_line(data: ImageData | TextData) -> str:
+    """The run's first line: how the data was read (which folder is val, or what share was held out) and the counts,
+    so a layout thaw read otherwise than the user meant shows before any training."""
+    test = f", {len(data.test)} test" if data.test else ""
+    return f"data: {data.layout}; {len(data.classes)} classes, {len(data.train)} train, {len(data.val)} val{test}"
+
+
 def why_delivered(best: dict, history: list[dict]) -> str:
     """One line for the run summary: the epoch delivered, and how ties were settled."""
     metric, value = best["metric"], best["value"]
@@ -1003,6 +1010,7 @@ class Trainer:
             if self.processes.is_main:
                 check_nothing_set_aside(self.out)
             self._say(f"no checkpoint in {self.out} yet: starting the run from the beginning")
+        self._say(data_line(self.data))
         self._warn_skipped(list(self.data.skipped))  # before training: a user can stop the run and fix the files
         self.fill_store()
         if self.config.budget is not None:
