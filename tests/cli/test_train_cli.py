@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from tests.cli.test_cli import thaw
 from tests.conftest import write_class_images
@@ -484,3 +488,20 @@ def test_the_first_line_of_a_run_says_how_the_data_was_read(tmp_path: Path, caps
     assert main(args) == 0
     first = capsys.readouterr().out.splitlines()[0]
     assert first == "data: split folders (train/test), 20% of train held out as val (seed 0); 3 classes, 12 train, 3 val, 6 test"
+
+
+def test_a_file_found_unreadable_while_decoding_is_warned_of_before_the_first_epoch_ends(tiny_split_data: Path, tmp_path: Path) -> None:
+    # A truncated JPEG passes the header check that lists the data; its pixels fail only when decoded. It was said
+    # after the last epoch, too late to stop a long run and fix the file.
+    pixels = np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(tmp_path / "full.jpg", quality=95)
+    whole = (tmp_path / "full.jpg").read_bytes()
+    (tiny_split_data / "train" / "red" / "cut.jpg").write_bytes(whole[: len(whole) // 3])
+    args = [sys.executable, "-m", "thaw", "train", str(tiny_split_data), *TINY, "--strategy", "feature-extract", "--epochs", "2",
+            "--out", str(tmp_path / "r")]
+    result = subprocess.run(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=300)  # one stream: the order
+    assert result.returncode == 0, result.stdout
+    lines = result.stdout.splitlines()
+    warned = [index for index, line in enumerate(lines) if "skipped 1 unreadable file(s)" in line and "cut.jpg" in line]
+    first_epoch = next(index for index, line in enumerate(lines) if line.startswith("head 1:"))
+    assert len(warned) == 1 and warned[0] < first_epoch, result.stdout

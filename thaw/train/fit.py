@@ -232,6 +232,7 @@ class Trainer:
         self.engine.step_hooks.append(self._update_ema)
         self.optimizer: torch.optim.Optimizer | None = None
         self.stop_requested = False
+        self.warned_failures: list[tuple[str, str]] = []  # files found unreadable while decoding, already said
         self.resume_point: dict | None = None  # where a run interrupted mid-epoch stopped
         self.state = RunState()
         self.train_images, self.train_seconds = 0, 0.0
@@ -757,6 +758,7 @@ class Trainer:
                     self.adapt_statistics(stage_index)
                 self.ema = self.start_ema()
         cached = self.stage_cache(stage_index) if state.epoch < stage.epochs and not state.stopped else None
+        self._warn_found_while_decoding()
         self.engine.stage = stage_index
         head_only = all(self.adapter.in_head(name) for name, p in self.model.named_parameters() if p.requires_grad)
         self.engine.progress.kinds[stage_index] = FULL if cached is None else (CACHED if head_only else PREFIX)
@@ -767,6 +769,7 @@ class Trainer:
                 return
             epoch_started = time.perf_counter()
             self.run_epoch(stage_index, schedule, cached)
+            self._warn_found_while_decoding()
             state.epoch += 1
             patience = self.config.early_stopping
             # Decided before the checkpoint, so a crash after an early stop resumes into the next stage.
@@ -966,6 +969,14 @@ class Trainer:
         if skipped and not self.config.quiet:
             print(f"thaw: warning: {describe_skipped(tuple(skipped))}", file=sys.stderr, flush=True)
 
+    def _warn_found_while_decoding(self) -> None:
+        """Files whose header read but whose pixels did not (a truncated JPEG), said as soon as a pass found them (the
+        stage's caching pass or an epoch), not at the run's end: the user can stop a long run and fix them."""
+        found = [item for item in self.engine.failed if item not in self.warned_failures]
+        if found and self.processes.is_main:
+            self.warned_failures.extend(found)
+            self._warn_skipped(found)
+
     def _say(self, message: str) -> None:
         if not self.config.quiet and self.processes.is_main:
             print(message, flush=True)
@@ -1036,7 +1047,7 @@ class Trainer:
         if self.processes.distributed:  # each rank decodes its own shard: report what failed anywhere
             failed = distributed.gather_lists([tuple(item) for item in failed])
         skipped = list(self.data.skipped) + failed
-        self._warn_skipped(failed)  # found only while decoding; the others were reported before training
+        self._warn_skipped([item for item in failed if item not in self.warned_failures])  # other ranks' (torchrun)
         rate = self.train_images / self.train_seconds if self.train_seconds else 0.0
         budget = None
         if self.config.budget is not None:
