@@ -124,3 +124,17 @@ def test_image_export_says_when_only_noise_was_checked(
     shutil.move(str(data), str(tmp_path / "moved"))
     assert main(["export", str(run), "--format", "torchscript"]) == 0
     assert "checked on noise only (2 noise batches): the run's data folder is gone" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("fmt, named, other", [("torchscript", "model.onnx", "onnx"), ("onnx", "model.PT", "torchscript")])
+def test_an_output_named_for_the_other_format_is_refused_and_left_as_it_was(
+    image_run: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str], fmt: str, named: str, other: str
+) -> None:
+    # A TorchScript archive written over model.onnx replaced a working ONNX file with one no ONNX runtime opens.
+    _, run = image_run
+    existing = tmp_path / named
+    existing.write_bytes(b"an export of the other format")
+    assert main(["export", str(run), "--format", fmt, "--output", str(existing)]) == 2
+    error = capsys.readouterr().err
+    assert f"is named for {other}, and --format is {fmt}" in error and len(error.strip().splitlines()) == 1
+    assert existing.read_bytes() == b"an export of the other format"

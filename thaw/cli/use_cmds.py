@@ -201,7 +201,7 @@ def _predict_texts(args: argparse.Namespace, adapter: object, meta: dict) -> int
 def run_export(args: argparse.Namespace) -> int:
     adapter, meta = load_run(args.run)
     output = Path(args.output or Path(args.run) / (ONNX_EXPORT if args.format == "onnx" else TORCHSCRIPT_EXPORT))
-    _check_output(output)
+    _check_output(output, args.format)
     images = [] if meta.get("task") == "text" else check_images(meta, adapter.preprocessing)
     try:
         check = export_model(adapter, output, args.format, images)
@@ -213,8 +213,16 @@ def run_export(args: argparse.Namespace) -> int:
     return 0
 
 
-def _check_output(output: Path) -> None:
-    """A file the export can write: not a folder; its folder is made when missing."""
+# The suffixes each format's files go by; a file named for the other format would be opened by the wrong runtime.
+EXPORT_SUFFIXES = {"onnx": (".onnx",), "torchscript": (".pt", ".pth", ".ts", ".torchscript")}
+
+
+def _check_output(output: Path, fmt: str) -> None:
+    """A file the export can write: not a folder, not named for the other format; its folder is made when missing."""
+    other = next((name for name, suffixes in EXPORT_SUFFIXES.items() if name != fmt and output.suffix.lower() in suffixes), None)
+    if other:
+        wanted = EXPORT_SUFFIXES[fmt][0]
+        raise ThawError(f"--output {output} is named for {other}, and --format is {fmt}; name it {output.with_suffix(wanted).name}, or use --format {other}")
     if output.is_dir():
         raise ThawError(f"--output {output} is a folder; name the file to write, such as {output / 'model.onnx'}")
     try:
