@@ -10,6 +10,7 @@ without torch, so a Ctrl-C while torch loads is the command's own one-line exit,
 from __future__ import annotations
 
 import importlib
+import importlib.util
 from typing import TYPE_CHECKING
 
 from thaw._version import __version__ as __version__
@@ -29,6 +30,8 @@ __all__ = sorted(["ThawError", *_MODULE_OF])
 
 def __getattr__(name: str) -> object:
     if name not in _MODULE_OF:
+        if not name.startswith("_") and importlib.util.find_spec(f"thaw.{name}") is not None:
+            return importlib.import_module(f"thaw.{name}")  # thaw.plan.ExplicitLr after a bare `import thaw`, as before
         raise AttributeError(f"module 'thaw' has no attribute {name!r}")
     value = getattr(importlib.import_module(_MODULE_OF[name]), name)
     globals()[name] = value  # once: later lookups find it without this function

@@ -200,3 +200,31 @@ def test_a_data_path_typed_on_resume_that_does_not_exist_is_blamed_as_typed(
     assert main(["train", "--resume", str(cut_run), str(typo)]) == 2
     said = capsys.readouterr().err.strip()
     assert said.startswith(f"thaw: error: {typo} does not exist") and "the run's data was at" not in said
+
+
+def test_a_bare_import_thaw_still_reaches_every_name_and_subpackage() -> None:
+    # The package loads its names on first use; what `import thaw` gave before must still be there (thaw.plan.X too).
+    probe = "import thaw; print(thaw.plan.ExplicitLr.__name__, thaw.models.build_model.__name__, thaw.adapt.__name__)"
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["ExplicitLr", "build_model", "adapt"]
+    everything = subprocess.run([sys.executable, "-c", "from thaw import *; print(Plan.__name__, build_plan.__name__)"],
+                                capture_output=True, text=True, timeout=120)
+    assert everything.stdout.split() == ["Plan", "build_plan"], everything.stderr
+    missing = subprocess.run([sys.executable, "-c", "import thaw; thaw.no_such_name"], capture_output=True, text=True, timeout=120)
+    assert "module 'thaw' has no attribute 'no_such_name'" in missing.stderr
+
+
+def test_a_feature_extract_run_an_older_thaw_started_resumes_with_the_same_command(tiny_split_data: Path, tmp_path: Path) -> None:
+    # Before feature-extract took --head-epochs, `--strategy feature-extract --epochs 2` recorded head_epochs 3 (the
+    # default, untyped) beside it; the same command plus --resume met "two numbers for one stage" it never typed.
+    run = tmp_path / "cut"
+    with pytest.raises(Crash):
+        train_images(
+            tiny_split_data, model="mobilenet_v3_small", weights=None, plan="feature-extract", plan_options={"epochs": 2},
+            config=TrainConfig(image_size=32, batch_size=8, quiet=True), out=run, callbacks=[crash_after(1)],
+        )
+    (run / "command.json").write_text(json.dumps({"plan_options": {"strategy": "feature-extract", "epochs": 2, "head_epochs": 3}}))
+    same = [str(tiny_split_data), *TINY[:8], "--strategy", "feature-extract", "--epochs", "2", "--quiet"]
+    assert main(["train", *same, "--resume", str(run)]) == 0
+    assert len(load_checkpoint(run / "checkpoint.pt")["history"]) == 2

@@ -138,3 +138,41 @@ def test_a_manifest_with_the_path_label_header_or_none_is_scored_whole(
     manifest = _manifest(colours / f"manifest-{bool(header)}.csv", colours, header)
     assert main(["evaluate", str(finished_run), str(manifest)]) == 0
     assert capsys.readouterr().out.startswith(f"all: 6 images (every readable one in {manifest})")
+
+
+def test_a_manifest_naming_image_files_that_are_missing_says_they_are_missing(
+    finished_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+) -> None:
+    # Rows that name photos with spaces in their names are a manifest's, not a text table's, even when the photos are gone.
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("my cat photo 1.jpg,cat\nmy dog photo 2.jpg,dog\n")
+    said = _one_line_error(["evaluate", str(finished_run), str(manifest)], capsys)
+    assert "listed files do not exist (first: " in said and "text table" not in said
+
+
+def test_a_resume_of_a_finished_run_still_refuses_what_contradicts_it(finished_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # "Complete" with exit 0 hid a --batch-size or --out that did not match the run, and a --report that was never written.
+    before = {path.name: path.read_bytes() for path in finished_run.iterdir() if path.is_file()}
+    assert "contradict the run's own settings" in _one_line_error(["train", "--resume", str(finished_run), "--batch-size", "99"], capsys)
+    assert "name two runs" in _one_line_error(["train", "--resume", str(finished_run), "--out", str(tmp_path / "else")], capsys)
+    assert f"thaw report {finished_run}" in _one_line_error(["train", "--resume", str(finished_run), "--report"], capsys)
+    assert {path.name: path.read_bytes() for path in finished_run.iterdir() if path.is_file()} == before
+
+
+def test_the_run_summary_is_written_last_so_a_kill_before_it_leaves_a_run_to_resume(
+    colours: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # thaw.json says a run is complete (a resume then changes nothing); written before the plots, a kill between them left
+    # a run that --resume called complete with its plots, or a LoRA run's adapter, missing for good.
+    from thaw.train import run_folder
+
+    def killed(*_args: object, **_kwargs: object) -> None:
+        raise Crash("killed while writing the plots")
+
+    monkeypatch.setattr(run_folder, "plot_curves", killed)
+    with pytest.raises(Crash):
+        train_images(colours, out=tmp_path / "run", **TINY)
+    assert not (tmp_path / "run" / "thaw.json").exists() and (tmp_path / "run" / "checkpoint.pt").exists()
+    monkeypatch.undo()
+    train_images(colours, out=tmp_path / "run", resume=True, **TINY)
+    assert all((tmp_path / "run" / name).is_file() for name in ("thaw.json", "metrics.csv", "curves.png", "confusion.png"))

@@ -149,3 +149,20 @@ def test_meaningless_datasets_fail_before_any_work(tmp_path: Path, make, message
 def test_missing_path() -> None:
     with pytest.raises(ThawError, match="does not exist"):
         discover("/no/such/folder")
+
+
+def test_a_class_named_train_in_a_folder_of_class_folders_stays_a_class(tmp_path: Path) -> None:
+    # Split names in another case count only where every folder is one: Bus/, Car/ and Train/ are a vehicle set's classes.
+    write_class_images(tmp_path, classes=("Bus", "Car", "Train"), per_class=5)
+    data = discover(tmp_path)
+    assert data.classes == ("Bus", "Car", "Train") and not data.split_folders
+
+
+def test_files_in_hidden_folders_are_not_read(tmp_path: Path) -> None:
+    # A notebook's .ipynb_checkpoints or a .git folder beside the images holds no training data.
+    write_class_images(tmp_path, per_class=4)
+    (tmp_path / "red" / ".ipynb_checkpoints").mkdir()
+    (tmp_path / "red" / ".ipynb_checkpoints" / "photo-checkpoint.png").write_bytes((tmp_path / "red" / "000.png").read_bytes())
+    data = discover(tmp_path)
+    assert not any(".ipynb_checkpoints" in str(path) for path, _ in data.train + data.val) and not data.skipped
+    assert len(data.train) + len(data.val) == 12

@@ -149,3 +149,14 @@ def test_a_model_whose_forward_returns_no_logits_tensor_is_refused_before_any_tr
     with pytest.raises(ThawError, match=said):
         train_images(tiny_split_data, model=adapt(network(), num_classes=3), out=tmp_path / "run", config=CONFIG, **PLAN)
     assert not (tmp_path / "run").exists()
+
+
+def test_an_unfinished_model_object_run_says_to_finish_it_from_python(tiny_split_data: Path, tmp_path: Path) -> None:
+    # The command line cannot rebuild such a model, so `thaw train --resume RUN` would be the wrong advice.
+    from tests.conftest import Crash, crash_after
+    from thaw.export.run_dir import read_metadata
+
+    with pytest.raises(Crash):
+        train_images(tiny_split_data, model=SmallConvNet(), out=tmp_path / "run", config=CONFIG, callbacks=[crash_after(1)], **PLAN)
+    with pytest.raises(ThawError, match=re.escape(f"is an unfinished run (a checkpoint, no thaw.json yet): finish it with resume_run('{tmp_path / 'run'}', model=...)")):
+        read_metadata(tmp_path / "run")

@@ -25,6 +25,7 @@ from thaw.train.loggers import LOGGERS, close_loggers, make_loggers
 from thaw.train.run_folder import METADATA, TYPED_OPTIONS as COMMAND, check_new_run, holds_run, is_finished, read_finished
 from thaw.plan import plan_to_dict
 from thaw.plan.config import read_plan_file
+from thaw.plan.strategies import DEFAULT_EPOCHS
 from thaw.train.budget import parse_budget
 from thaw._io import atomic_write, check_writable
 from thaw.train import RunResult, check_model_object, RunState, TextColumns, TrainConfig, resume_run, saved_settings, train_images, train_text
@@ -64,6 +65,7 @@ def register(commands: argparse._SubParsersAction) -> None:
 PLAN_DESTS: set[str] = set()
 # Options that change how a run goes, not what it computes: free to differ on --resume. What a run
 # writes beside its weights (a report, logs for other tools) is one of them: it never changes the weights.
+EPOCH_OPTIONS = ("epochs", "head_epochs")
 RUNTIME_DESTS = RUNTIME_FIELDS | {"json", "resume", "out", "data", "report", "log", "overwrite"}
 TEXT_DESTS = {"text_column": "text", "label_column": "label", "delimiter": "delimiter"}
 TEXT_HINT = "to train on text, add --task text and a text --model"
@@ -268,6 +270,10 @@ def _claimed(args: argparse.Namespace, typed: set[str], settings: dict, run: Pat
             )
         if "top_groups" not in typed and (started.config or chosen_strategy(started) != "head-top-all"):
             started.top_groups = None  # the run's --top-groups went with its plan; the typed one is what differs
+        one_stage = {"epochs", "head_epochs"}
+        if not started.config and chosen_strategy(started) == "feature-extract" and len(typed & one_stage) == 1:
+            # its one stage takes the typed number; a run started before it took either recorded the other's default
+            setattr(started, (one_stage - typed).pop(), None)
         claimed["plan"] = plan_to_dict(plan_from_args(started, _group_count(started)))
     return claimed
 
@@ -307,8 +313,8 @@ def _group_count(args: argparse.Namespace) -> int:
     return len(build_model(args.model, num_classes=2, device="meta").groups)
 
 
-def _resume(args: argparse.Namespace, run: Path, settings: dict, callbacks: list, step_hooks: list) -> RunResult:
-    """Continue RUN with the settings it recorded; typed options must agree with them."""
+def _check_resume_options(args: argparse.Namespace, run: Path, settings: dict) -> None:
+    """Typed options beside --resume must agree with the run's recorded settings, finished or not."""
     if args.out and Path(args.out).resolve() != run.resolve():
         raise ThawError(f"--out {args.out} and --resume {run} name two runs; a resume writes into the run it continues")
     check_model_object(run, settings, None, "resume_run")  # before typed options are compared: that rebuilds the model by name
@@ -319,6 +325,11 @@ def _resume(args: argparse.Namespace, run: Path, settings: dict, callbacks: list
             f"--resume {run}: the typed options contradict the run's own settings: {'; '.join(found)}; "
             f"`thaw train --resume {run}` alone continues the run as it was started"
         )
+
+
+def _resume(args: argparse.Namespace, run: Path, settings: dict, callbacks: list, step_hooks: list) -> RunResult:
+    """Continue RUN with the settings it recorded; typed options must agree with them."""
+    _check_resume_options(args, run, settings)
     if args.data and settings.get("task") != "text":
         check_image_table(args.data, f"{run} is an image run: pass the images it was trained on")
     runtime = {"workers": args.workers, "device": args.device, "quiet": args.quiet or args.json, "strict": args.strict, "compile": args.compile}
@@ -368,9 +379,17 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _say_finished(args: argparse.Namespace, run: Path) -> int:
-    """`--resume` of a run that has ended: say so, with what it delivered, and leave every file of it as it is."""
+    """`--resume` of a run that has ended: say so, with what it delivered, and leave every file of it as it is. Typed
+    options are checked as for a run still going: a contradiction is not "complete"."""
     recorded = read_finished(run / METADATA)
     check_model_object(run, recorded, None, "resume_run")  # such a run is used from Python only: say how
+    settings = saved_settings(run)
+    if settings is not None:
+        _check_resume_options(args, run, settings)
+    if args.report:
+        raise ThawError(f"{run} is complete: there is nothing to train before a report; write it with thaw report {run}")
+    if args.log:
+        raise ThawError(f"{run} is complete: there is no training left to log (--log {' '.join(args.log)})")
     best = recorded["best"]
     if args.json:
         print(json.dumps({
@@ -392,8 +411,12 @@ def _out_folder(args: argparse.Namespace) -> Path:
 
 
 def _typed_settings(args: argparse.Namespace) -> dict:
-    """What MLflow records as params for a new run: the model, the data and every training and plan option."""
+    """What MLflow records as params for a new run: the model, the data and every training and plan option, epochs as
+    they ran (untyped ones are None in command.json, which a resume compares; MLflow compares runs by the number)."""
     plan = _plan_options(args)
+    typed = [plan[key] for key in EPOCH_OPTIONS if plan.get(key) is not None]
+    untyped = typed[0] if typed and plan["strategy"] == "feature-extract" else DEFAULT_EPOCHS  # its one stage takes either
+    plan |= {key: untyped for key in EPOCH_OPTIONS if plan.get(key) is None}
     return {"model": args.model, "weights": args.weights, "data": args.data, "config": vars(config_from_args(args)), "plan": plan}
 
 

@@ -101,7 +101,8 @@ def check_image_table(data: str, text_hint: str) -> None:
     if any(_names_file(Path(data), row) for row in rows[1:]) and not _names_file(Path(data), rows[0]):
         if not Path(rows[0][0].strip()).suffix:  # `filename`, not a missing photo.jpg (the reader names those)
             raise ThawError(f"{data}: an image manifest's header is path,label, this one's is {first}; rename its columns path,label")
-    elif not any(_names_file(Path(data), row) for row in rows) and any(len(cell.split()) >= 3 for row in rows for cell in row):
+    elif (not any(_names_file(Path(data), row) for row in rows) and not any(_names_an_image(row) for row in rows)
+          and any(len(cell.split()) >= 3 for row in rows for cell in row)):  # rows that name photo.jpg: the reader names them missing
         raise ThawError(f"{data} is not an image manifest (path,label rows): its first row is {first}, as in a text table; {text_hint}")
 
 
@@ -122,6 +123,14 @@ def _first_rows(path: Path) -> list[list[str]]:
 
 def _names_file(manifest: Path, row: list[str]) -> bool:
     return (manifest.parent / row[0].strip()).is_file()  # where the manifest reader looks for it
+
+
+def _names_an_image(row: list[str]) -> bool:
+    """A first cell that names an image file (`my cat photo 1.jpg`), found or not: a manifest row, not a text."""
+    return Path(row[0].strip()).suffix.lower() in IMAGE_LIKE_SUFFIXES
+
+
+IMAGE_LIKE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".jfif", ".jpe", ".heic", ".avif")
 
 
 def _quoted(row: list[str], width: int = 40) -> str:
@@ -148,8 +157,6 @@ def run_predict(args: argparse.Namespace) -> int:
             print(prediction.path + ": " + ", ".join(f"{label} {value:.3f}" for label, value in prediction.labels))
         if skipped:
             print(f"thaw: warning: {describe_skipped(tuple(skipped))}", file=sys.stderr)
-    if not predictions:
-        raise ThawError(describe_skipped(tuple(skipped)))
     return 0
 
 

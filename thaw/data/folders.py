@@ -66,9 +66,14 @@ def _class_folders(split_dir: Path) -> list[Path]:
 
 
 def candidate_files(folder: Path) -> list[Path]:
-    """Every file below `folder` that thaw tries to read as an image, whatever its extension; hidden files aside.
-    A link to nowhere is kept, so that it is reported (and refused with --strict) like any unreadable file."""
-    return sorted(p for p in folder.rglob("*") if not p.name.startswith(".") and (p.is_file() or _dangling(p)))
+    """Every file below `folder` that thaw tries to read as an image, whatever its extension; hidden files and whatever
+    lies in hidden folders aside (.git, .ipynb_checkpoints). A link to nowhere is kept, so that it is reported (and
+    refused with --strict) like any unreadable file."""
+    return sorted(p for p in folder.rglob("*") if not _hidden(p.relative_to(folder)) and (p.is_file() or _dangling(p)))
+
+
+def _hidden(relative: Path) -> bool:
+    return any(part.startswith(".") for part in relative.parts)
 
 
 def _dangling(path: Path) -> bool:
@@ -142,8 +147,13 @@ def stratified_split(samples: list[Sample], fraction: float, seed: int) -> tuple
 def _split_folders(root: Path) -> dict[str, Path]:
     """The split folders in `root` by split (train, val, test; train first), whatever their case. Two folders for one
     split are refused: scoring on the one thaw happened to pick would be a silent guess."""
+    folders = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    # train/ as written says split folders, as it always has; another case only where every folder is a split's name:
+    # Bus/, Car/ and Train/ are the classes of a vehicle set, not a train split beside two classes.
+    if not (root / "train").is_dir() and not all(folder.name.lower() in SPLIT_NAMES for folder in folders):
+        return {}
     found: dict[str, list[Path]] = defaultdict(list)
-    for folder in sorted(p for p in root.iterdir() if p.is_dir()):
+    for folder in folders:
         if folder.name.lower() in SPLIT_NAMES:
             found[SPLIT_NAMES[folder.name.lower()]].append(folder)
     clashes = [(split, folders) for split, folders in found.items() if len(folders) > 1]

@@ -19,7 +19,7 @@ from thaw.models.lora import add_lora
 from thaw.models.weights import load_into
 from thaw.plan.config import plan_from_dict
 from thaw.plan.lora_targets import lora_targets
-from thaw.train import check_model_object
+from thaw.train import MODEL_OBJECT, check_model_object, saved_settings
 from thaw.train.checkpoint import CHECKPOINT
 from thaw.train.run_folder import ADAPTER, METADATA, SET_ASIDE, TEXT_MODEL, WEIGHTS
 
@@ -46,7 +46,9 @@ REQUIRED_METADATA = ("model", "classes", "preprocessing", "plan")  # what loadin
 def _why_no_metadata(run: Path) -> str:
     """A folder without METADATA: a run stopped before its end (Ctrl-C, a crash) is still a run, and says how to finish."""
     if (run / CHECKPOINT).is_file():
-        return f"{run} is an unfinished run (a checkpoint, no {METADATA} yet): finish it with thaw train --resume {run}"
+        settings = saved_settings(run) or {}
+        finish = f"resume_run({str(run)!r}, model=...) in Python" if settings.get("model_source") == MODEL_OBJECT else f"thaw train --resume {run}"
+        return f"{run} is an unfinished run (a checkpoint, no {METADATA} yet): finish it with {finish}"
     if (run / SET_ASIDE / METADATA).is_file():  # a replacement (--overwrite) killed before its first checkpoint
         return f"{run} holds its finished run set aside in {run / SET_ASIDE}: move the files there back into {run}"
     return f"{run} is not a thaw run folder (no {METADATA}); pass the --out folder of thaw train"

@@ -145,11 +145,7 @@ def train_text(
         "val_split": val_split, "test_split": test_split, "columns": asdict(columns), "pooling": pooling, "max_length": max_length,
         "data_path": str(Path(data_path).resolve()),
     }
-    out = Path(out)
-    result = _run(adapter, data, data_path, plan, plan_options, config, out, meta, resume, overwrite, callbacks, step_hooks)
-    if distributed.from_environment().is_main:
-        result.files["text_model"] = save_text_model(out, adapter)
-    return result
+    return _run(adapter, data, data_path, plan, plan_options, config, Path(out), meta, resume, overwrite, callbacks, step_hooks)
 
 
 def _check_arguments(plan: object, plan_options: dict | None, config: object) -> None:
@@ -191,9 +187,11 @@ def _run(
         "budget": result.budget,
         "images_per_s": result.images_per_s,
     }
-    result.files = write_run(out, metadata, result.history, list(data.classes), result.best)
-    if plan.lora is not None:
-        result.files["adapter"] = save_adapter(out, adapter)
+    # What loading the run needs besides the weights comes first: write_run's METADATA says the run is complete.
+    saved = {"adapter": save_adapter(out, adapter)} if plan.lora is not None else {}
+    if meta.get("task") == "text":
+        saved["text_model"] = save_text_model(out, adapter)
+    result.files = write_run(out, metadata, result.history, list(data.classes), result.best) | saved
     return result
 
 

@@ -79,7 +79,7 @@ class RunResult:
     wall_s: float
     images_per_s: float
     skipped: list[tuple[str, str]]
-    engine: Engine
+    engine: Engine | None  # None: a finished run's result read back (resume_run on it), where nothing ran
     plan: Plan  # as run: with --budget, the epochs it chose
     budget: dict | None = None  # with --budget: the split it planned, and where it ended the run early
     cache_s: float = 0.0  # seconds spent computing frozen features (the head phase's one pass)

@@ -69,15 +69,16 @@ def versions() -> dict[str, str]:
 
 
 def write_run(out: Path, metadata: dict, history: list[dict], classes: list[str], best: dict) -> dict[str, Path]:
-    """Everything a user reads after a run; returns the files written."""
-    write_text(out / METADATA, json.dumps(metadata | {"versions": versions()}, indent=2))
+    """Everything a user reads after a run; returns the files written. METADATA last: its presence says the run
+    ended (is_finished), so a kill before it leaves a run that --resume finishes, files and all."""
     write_metrics_csv(out / "metrics.csv", history)
-    files = {"metadata": out / METADATA, "metrics": out / "metrics.csv", "weights": out / WEIGHTS}
+    files = {"metrics": out / "metrics.csv", "weights": out / WEIGHTS}
     if history:
         files["curves"] = plot_curves(history, out / "curves.png")
     if best.get("val", {}).get("confusion"):
         files["confusion"] = plot_confusion(best["val"]["confusion"], classes, out / "confusion.png", f"val, epoch {best['epoch']}")
-    return files
+    write_text(out / METADATA, json.dumps(metadata | {"versions": versions()}, indent=2))
+    return {"metadata": out / METADATA} | files
 
 
 def adapter_state_names(adapter: ModelAdapter, state: dict[str, torch.Tensor]) -> list[str]:
@@ -120,8 +121,8 @@ def holds_run(out: Path) -> bool:
 
 
 def is_finished(run: Path) -> bool:
-    """Whether the run in `run` has ended: only its end writes METADATA, and a replacement (--overwrite) moves the old
-    run's aside before it trains."""
+    """Whether the run in `run` has ended: METADATA is the last file its end writes (after the adapter or text model
+    it saves; write_run), and a replacement (--overwrite) moves the old run's aside before it trains."""
     return (Path(run) / METADATA).is_file()
 
 
@@ -135,7 +136,7 @@ def finished_result(run: Path) -> RunResult:
     result = RunResult(
         run, saved.get("best", meta["best"]), saved.get("history", []), meta.get("wall_s", 0.0), meta.get("images_per_s", 0.0),
         [(item["path"], item["reason"]) for item in meta.get("skipped_files", [])],
-        None,  # type: ignore[arg-type] - nothing ran, so there is no engine to describe
+        None,  # nothing ran, so there is no engine to describe
         plan_from_dict(meta["plan"], f"{run / METADATA} plan"), meta.get("budget"),
     )
     result.files = {key: run / name for key, name in FINISHED_FILES.items() if (run / name).exists()}
