@@ -11,6 +11,7 @@ from pathlib import Path
 
 from thaw.cli.options import path_text, positive_int
 from thaw.data.folders import describe_skipped
+from thaw.data.images import IMAGE_SUFFIXES
 from thaw.errors import ThawError
 from thaw.export.formats import FORMATS, ExportCheck, export_model, onnx_data_file
 from thaw.export.inference import check_images, image_files, predict_files, predict_texts, score_run, with_tta
@@ -127,10 +128,8 @@ def _names_file(manifest: Path, row: list[str]) -> bool:
 
 def _names_an_image(row: list[str]) -> bool:
     """A first cell that names an image file (`my cat photo 1.jpg`), found or not: a manifest row, not a text."""
-    return Path(row[0].strip()).suffix.lower() in IMAGE_LIKE_SUFFIXES
+    return Path(row[0].strip()).suffix.lower() in IMAGE_SUFFIXES
 
-
-IMAGE_LIKE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".jfif", ".jpe", ".heic", ".avif")
 
 
 def _quoted(row: list[str], width: int = 40) -> str:

@@ -9,6 +9,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+# Names that say "an image" (a manifest row names photo.jpg); thaw reads a file by its content, whatever its name.
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".jfif", ".jpe", ".heic", ".avif")
 # Pillow's own bomb threshold (about 89 MP); past it we skip the file instead of risking memory.
 MAX_PIXELS = Image.MAX_IMAGE_PIXELS or 89_478_485
 
