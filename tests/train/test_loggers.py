@@ -86,13 +86,22 @@ def test_mlflow_run_reads_back_with_get_run(runs: dict[str, Path]) -> None:
 
 
 def test_resume_with_log_and_report_is_allowed(runs: dict[str, Path], data: Path, tmp_path: Path) -> None:
-    """--log and --report are runtime options: a resume may add them without contradicting the run."""
-    import shutil
+    """--log and --report are runtime options: the resume of an interrupted run may add them without contradicting it."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from tests.conftest import Crash, crash_after
+    from thaw.train import TrainConfig, train_images
 
     run = tmp_path / "run"
-    shutil.copytree(runs["plain"], run)
+    with pytest.raises(Crash):  # the plain run's settings, cut after its first epoch (the head stage)
+        train_images(
+            data, model="mobilenet_v3_small", weights=None, plan="two-phase", plan_options={"head_epochs": 1, "epochs": 1},
+            config=TrainConfig(image_size=32, batch_size=8, quiet=True), out=run, callbacks=[crash_after(1)],
+        )
     assert main(["train", "--resume", str(run), "--log", "tensorboard", "--report", "--quiet"]) == 0
-    assert (run / "report.html").is_file()  # a finished run trains no step, so TensorBoard gets nothing to write
+    assert (run / "report.html").is_file()
+    events = EventAccumulator(str(run / "tensorboard"), size_guidance={"scalars": 0}).Reload()
+    assert [event.step for event in events.Scalars("step/loss")] == [4, 5, 6]  # the steps the resume trained, counted from the run's start
     assert (run / "model.safetensors").read_bytes() == (runs["plain"] / "model.safetensors").read_bytes()
 
 

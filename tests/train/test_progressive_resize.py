@@ -140,17 +140,19 @@ def _thaw(*args: str) -> subprocess.CompletedProcess:
     [
         # torchvision's ViT has position embeddings for one grid of patches: the first of 2 epochs at 112 px is refused
         # before any data is read
-        (["--model", "vit_b_16", "--epochs", "2", "--progressive-resize", "0.5"], "cannot take the 112 px crops progressive resize 0.5 trains with"),
-        (["--model", "mobilenet_v3_small", "--image-size", "32", "--progressive-resize", "0.5", "--no-augment"], "--no-augment"),
-        (["--model", "mobilenet_v3_small", "--progressive-resize", "2"], "expected a share"),
+        (["--model", "vit_b_16", "--head-epochs", "1", "--epochs", "2", "--progressive-resize", "0.5"],
+         "cannot take the 112 px crops progressive resize 0.5 trains with"),
+        (["--model", "mobilenet_v3_small", "--head-epochs", "1", "--image-size", "32", "--progressive-resize", "0.5", "--no-augment"], "--no-augment"),
+        (["--model", "mobilenet_v3_small", "--head-epochs", "1", "--progressive-resize", "2"], "expected a share"),
         # a head stage without the cache runs the network on images too; a budget may give a 1-epoch stage more epochs
-        (["--model", "vit_b_16", "--strategy", "feature-extract", "--epochs", "2", "--no-cache", "--progressive-resize", "0.5"],
+        (["--model", "vit_b_16", "--strategy", "feature-extract", "--head-epochs", "2", "--no-cache", "--progressive-resize", "0.5"],
          "cannot take the 112 px crops"),
-        (["--model", "vit_b_16", "--epochs", "1", "--budget", "60", "--progressive-resize", "0.5"], "cannot take the 112 px crops"),
+        (["--model", "vit_b_16", "--head-epochs", "1", "--epochs", "1", "--budget", "60", "--progressive-resize", "0.5"],
+         "cannot take the 112 px crops"),
     ],
 )
 def test_bad_progressive_resize_is_one_line(tiny_split_data: Path, tmp_path: Path, extra: list[str], expected: str) -> None:
-    result = _thaw("train", str(tiny_split_data), "--weights", "none", "--head-epochs", "1", "--out", str(tmp_path / "run"), *extra)
+    result = _thaw("train", str(tiny_split_data), "--weights", "none", "--out", str(tmp_path / "run"), *extra)
     assert result.returncode == 2
     assert expected in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
     assert not (tmp_path / "run").exists()  # refused before its first checkpoint: no run folder is left
