@@ -104,6 +104,8 @@ def _text_table(path: Path) -> Path:
     [
         (["train", "TABLE", "--model", "mobilenet_v3_small", "--weights", "none", "--out", "TMP/new"], "add --task text"),
         (["evaluate", "RUN", "TABLE"], "is an image run: score text with a text run"),
+        (["report", "RUN", "TABLE"], "is an image run: report on text with a text run"),
+        (["lr-find", "TABLE", "--model", "mobilenet_v3_small", "--weights", "none"], "thaw lr-find runs on images"),
     ],
 )
 def test_a_text_table_given_as_image_data_is_one_short_line(

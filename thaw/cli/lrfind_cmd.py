@@ -10,6 +10,7 @@ import torch
 
 from thaw.cli.options import add_model_options, checked_lr, path_text, positive_int
 from thaw.data.folders import discover
+from thaw.data.manifest_check import check_image_table
 from thaw.errors import ThawError
 from thaw.models import build_model
 from thaw.train.config import TrainConfig
@@ -68,6 +69,7 @@ def plot_path(text: str) -> Path:
 
 def run(args: argparse.Namespace) -> int:
     out = plot_path(args.out)
+    check_image_table(args.data, "thaw lr-find runs on images")
     data = discover(args.data)
     torch.manual_seed(0)
     adapter = build_model(args.model, weights=args.weights, num_classes=len(data.classes))

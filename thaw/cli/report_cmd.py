@@ -6,7 +6,9 @@ import argparse
 import json
 
 from thaw.cli.options import path_text, positive_int
+from thaw.data.manifest_check import check_image_table
 from thaw.export.report import TOP_LOSSES, write_report
+from thaw.export.run_dir import read_metadata
 
 MAX_TOP_LOSSES = 500  # each one is an inline thumbnail (and a Grad-CAM pass): past this the page stops being readable
 
@@ -34,6 +36,8 @@ def top_count(text: str) -> int:
 
 def run(args: argparse.Namespace) -> int:
     split = args.split or ("val" if args.data is None else None)  # DATA given: the same rule as thaw evaluate
+    if args.data is not None and read_metadata(args.run).get("task") != "text":
+        check_image_table(args.data, f"{args.run} is an image run: report on text with a text run")
     path, report = write_report(args.run, args.data, split, args.top_losses)
     metrics = report["metrics"]
     if args.json:

@@ -13,12 +13,12 @@ from thaw.cli.options import (
     add_model_options, add_plan_options, beta_alpha, chosen_strategy, non_negative_int, path_text, plan_from_args, positive_int, share,
     share_or_zero,
 )
+from thaw.data.manifest_check import check_image_table
 from thaw.data.transforms import AUTO_AUGMENTS
 from thaw.models import build_model
 from thaw.models.hf_text import DEFAULT_MAX_LENGTH, POOLINGS, build_text_model
 from thaw.models.sources import TASKS, hf_source, task_of
 from thaw.errors import ThawError
-from thaw.cli.use_cmds import check_image_table
 from thaw.export.report import write_report
 from thaw.train.fit import RunInterrupted, interrupted_before_training
 from thaw.train.loggers import LOGGERS, close_loggers, make_loggers
