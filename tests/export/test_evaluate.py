@@ -56,3 +56,62 @@ def test_a_held_out_split_is_not_rebuilt_from_changed_data(tmp_path: Path, capfd
         assert "\n" not in error and f"{data} differs from the data this run trained on" in error
         assert error.endswith("score held-out data whole (no --split), or its test split")
     assert main(["evaluate", str(run), str(data), "--json"]) == 0  # scored whole, as a held-out set
+
+
+@pytest.fixture
+def colour_run(tiny_split_data: Path, tmp_path: Path) -> Path:
+    """A run on three colour classes: blue, green and red, indices 0, 1 and 2."""
+    from thaw.cli import main
+
+    run = tmp_path / "run"
+    assert main(["train", str(tiny_split_data), "--model", "mobilenet_v3_small", "--weights", "none", "--image-size", "32",
+                 "--batch-size", "8", "--strategy", "feature-extract", "--epochs", "1", "--quiet", "--out", str(run)]) == 0
+    return run
+
+
+def test_a_held_out_set_of_some_of_the_runs_classes_is_scored_by_class_name(
+    colour_run: Path, tiny_split_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A test folder with green and red only: its own class indices would be 0 and 1, the run's are 1 and 2; each image
+    must be scored against the run's index of its class name, and the classes it does not hold count nowhere."""
+    import shutil
+
+    from thaw.export.inference import score_run
+
+    held_out = tmp_path / "held_out"
+    for name in ("green", "red"):
+        shutil.copytree(tiny_split_data / "val" / name, held_out / name)
+    adapter, meta = load_run(colour_run)
+    whole = score_run(adapter, meta, tiny_split_data / "val")  # a folder of class folders: scored whole
+    some = score_run(adapter, meta, held_out)
+    assert meta["classes"] == ["blue", "green", "red"] and some.metrics["classes"] == meta["classes"]
+    assert some.metrics["per_class_support"] == [0, 6, 6]
+    named = lambda scored: {Path(path).relative_to(Path(path).parents[1]): int(p) for (path, _), p in zip(scored.samples, scored.predicted)}  # noqa: E731
+    in_whole, in_some = named(whole), named(some)
+    assert in_some == {key: value for key, value in in_whole.items() if key.parts[0] != "blue"}  # the same model, image by image
+    right = sum(value == meta["classes"].index(key.parts[0]) for key, value in in_some.items())
+    assert some.metrics["accuracy"] == pytest.approx(right / 12)
+    predicted = {value for value in in_some.values()}
+    held = [1, 2] + ([0] if 0 in predicted else [])  # macro F1 over the classes held or predicted, as scikit-learn's
+    per_class = some.metrics["per_class_f1"]
+    assert some.metrics["macro_f1"] == pytest.approx(sum(per_class[i] for i in held) / len(held))
+    one = tmp_path / "one_class"
+    shutil.copytree(tiny_split_data / "val" / "red", one / "red")  # one class is data to score, if not to train on
+    assert evaluate_run(adapter, meta, one)["per_class_support"] == [0, 0, 6]
+    from thaw.cli import main
+
+    capsys.readouterr()
+    assert main(["evaluate", str(colour_run), str(one)]) == 0
+    table = {line.split()[0]: line.split()[1] for line in capsys.readouterr().out.splitlines()[3:6]}
+    assert table["blue"] == table["green"] == "-" and table["red"] != "-"  # no recall for a class it does not hold
+
+
+def test_a_class_the_run_never_learned_is_one_line_naming_it(colour_run: Path, tiny_split_data: Path, tmp_path: Path) -> None:
+    import shutil
+
+    held_out = tmp_path / "held_out"
+    shutil.copytree(tiny_split_data / "val" / "red", held_out / "red")
+    shutil.copytree(tiny_split_data / "val" / "green", held_out / "purple")
+    adapter, meta = load_run(colour_run)
+    with pytest.raises(ThawError, match=r"^the data has 1 class\(es\) this run never learned \(purple\); the run knows blue, green, red"):
+        evaluate_run(adapter, meta, held_out)

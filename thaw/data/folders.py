@@ -100,7 +100,7 @@ def _scan_split(split_dir: Path, skipped: list[tuple[str, str]]) -> dict[str, li
     return by_class
 
 
-def _check_classes(splits: dict[str, dict[str, list[Path]]], root: Path) -> tuple[str, ...]:
+def _check_classes(splits: dict[str, dict[str, list[Path]]], root: Path, min_classes: int = 2) -> tuple[str, ...]:
     problems = []
     reference_name, reference = next(iter(splits.items()))
     for name, by_class in splits.items():
@@ -114,7 +114,7 @@ def _check_classes(splits: dict[str, dict[str, list[Path]]], root: Path) -> tupl
                 f"classes differ between {reference_name} and {name} (only in {name}: {only_here or 'none'}; "
                 f"missing from {name}: {missing or 'none'})"
             )
-    if len(reference) < 2:
+    if len(reference) < min_classes:
         problems.append(f"found {len(reference)} class folder(s) in {root}; a classifier needs at least 2")
     if problems:
         raise ThawError(f"{root}: " + "; ".join(problems))
@@ -164,11 +164,11 @@ def _split_folders(root: Path) -> dict[str, Path]:
     return {split: found[split][0] for split in ("train", "val", "test") if split in found}
 
 
-def _from_split_folders(root: Path, folders: dict[str, Path], val_split: float, seed: int) -> ImageData:
+def _from_split_folders(root: Path, folders: dict[str, Path], val_split: float, seed: int, min_classes: int) -> ImageData:
     """train/ with val/ as given; without val/, a seeded stratified share of train/ is held out as val."""
     skipped: list[tuple[str, str]] = []
     splits = {split: _scan_split(folder, skipped) for split, folder in folders.items()}
-    classes = _check_classes({folders[split].name: by_class for split, by_class in splits.items()}, root)  # named as on disk
+    classes = _check_classes({folders[split].name: by_class for split, by_class in splits.items()}, root, min_classes)  # named as on disk
     train = _samples(splits["train"], classes)
     test = _samples(splits["test"], classes) if "test" in splits else None
     if "val" in splits:
@@ -182,10 +182,10 @@ def _from_split_folders(root: Path, folders: dict[str, Path], val_split: float, 
     return ImageData(classes, train, val, test, layout, tuple(skipped), split_folders=True, val_from_folder="val" in splits)
 
 
-def _from_class_folders(root: Path, val_split: float, seed: int) -> ImageData:
+def _from_class_folders(root: Path, val_split: float, seed: int, min_classes: int) -> ImageData:
     skipped: list[tuple[str, str]] = []
     by_class = _scan_split(root, skipped)
-    classes = _check_classes({"data": by_class}, root)
+    classes = _check_classes({"data": by_class}, root, min_classes)
     train, val = stratified_split(list(_samples(by_class, classes)), val_split, seed)
     return ImageData(classes, tuple(train), tuple(val), None, f"class folders, {val_split:.0%} held out (seed {seed})", tuple(skipped))
 
@@ -205,7 +205,7 @@ def _manifest_rows(path: Path) -> list[tuple[int, list[str]]]:
         raise ThawError(f"cannot read {path} ({error.strerror or error})") from None
 
 
-def _from_manifest(path: Path, val_split: float, seed: int) -> ImageData:
+def _from_manifest(path: Path, val_split: float, seed: int, min_classes: int) -> ImageData:
     rows = _manifest_rows(path)
     if rows and [c.strip().lower() for c in rows[0][1][:2]] == ["path", "label"]:
         rows = rows[1:]
@@ -230,26 +230,27 @@ def _from_manifest(path: Path, val_split: float, seed: int) -> ImageData:
     for file, label in entries:
         if file in usable:
             by_class[label].append(file)
-    classes = _check_classes({"manifest": dict(by_class)}, path)
+    classes = _check_classes({"manifest": dict(by_class)}, path, min_classes)
     train, val = stratified_split(list(_samples(by_class, classes)), val_split, seed)
     return ImageData(classes, tuple(train), tuple(val), None, f"CSV manifest, {val_split:.0%} held out", tuple(skipped))
 
 
-def discover(root: str | Path, *, val_split: float = 0.2, seed: int = 0) -> ImageData:
-    """Find the dataset at `root`; see the module docstring for the layouts."""
+def discover(root: str | Path, *, val_split: float = 0.2, seed: int = 0, min_classes: int = 2) -> ImageData:
+    """Find the dataset at `root`; see the module docstring for the layouts. `min_classes` 1: data to score, not to
+    train on (a held-out folder of one of the run's classes)."""
     root = Path(root)
     if not root.exists():
         raise ThawError(f"data path {root} does not exist")
     if root.is_file():
         if root.suffix.lower() != ".csv":
             raise ThawError(f"{root} is a file; pass a folder of class folders, a folder with train/ and val/, or a .csv manifest")
-        return _from_manifest(root, val_split, seed)
+        return _from_manifest(root, val_split, seed, min_classes)
     folders = _split_folders(root)
     if "train" in folders:
-        return _from_split_folders(root, folders, val_split, seed)
+        return _from_split_folders(root, folders, val_split, seed, min_classes)
     if not _class_folders(root):
         raise ThawError(f"{root} holds no class folders; expected {root}/CLASS/IMAGE or {root}/train/CLASS/IMAGE")
-    return _from_class_folders(root, val_split, seed)
+    return _from_class_folders(root, val_split, seed, min_classes)
 
 
 def describe_skipped(skipped: tuple[tuple[str, str], ...], limit: int = 5) -> str:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -56,7 +56,7 @@ def _run_data(meta: dict, data_path: str | Path) -> ImageData | TextData:
     if meta.get("task") == "text":
         columns = TextColumns(**meta.get("columns", {}))
         return load_text_data(data_path, columns=columns, val_split=meta["val_split"], test_split=meta.get("test_split", 0.0), seed=seed)
-    return discover(data_path, val_split=meta.get("val_split", 0.2), seed=seed)
+    return discover(data_path, val_split=meta.get("val_split", 0.2), seed=seed, min_classes=1)  # scored, not trained on
 
 
 @dataclass(frozen=True)
@@ -101,6 +101,25 @@ def _skipped_in(data: ImageData | TextData, split: str, samples: tuple, root: Pa
         return tuple(data.skipped)
     folders = {Path(path).relative_to(root).parts[0] for path, _ in samples}  # train, val, test (at any depth below)
     return tuple((path, reason) for path, reason in data.skipped if Path(path).relative_to(root).parts[0] in folders)
+
+
+def in_run_classes(chosen: EvaluationSet, run_classes: list[str]) -> EvaluationSet:
+    """The samples labelled with the run's class indices, matched by name: held-out data may hold some of the run's
+    classes only (a test folder of one class). A class the run never learned cannot be scored: one line naming it."""
+    if list(chosen.classes) == list(run_classes):
+        return chosen
+    unknown = [name for name in chosen.classes if name not in run_classes]
+    if unknown:
+        raise ThawError(
+            f"the data has {len(unknown)} class(es) this run never learned ({_listed(unknown)}); the run knows "
+            f"{_listed(run_classes)}: evaluate on data whose class folders or labels are among the run's"
+        )
+    index = [list(run_classes).index(name) for name in chosen.classes]
+    return replace(chosen, samples=tuple((sample, index[label]) for sample, label in chosen.samples), classes=tuple(run_classes))
+
+
+def _listed(names: list[str] | tuple[str, ...], shown: int = 6) -> str:
+    return ", ".join(names[:shown]) + (f", ... ({len(names) - shown} more)" if len(names) > shown else "")
 
 
 def _check_same_samples(meta: dict, data: ImageData | TextData, data_path: str | Path, split: str) -> None:
@@ -148,12 +167,7 @@ def score_run(
 ) -> ScoredSet:
     """evaluate_run, keeping every sample's logits: the report's numbers are the same pass as `thaw evaluate`'s."""
     model = with_tta(adapter.model, meta, tta)  # before any work: --tta on a text run is one line
-    chosen = evaluation_set(meta, data_path, split)
-    if list(chosen.classes) != meta["classes"]:
-        raise ThawError(
-            f"the data's classes ({', '.join(chosen.classes[:6])}) differ from the run's ({', '.join(meta['classes'][:6])}); "
-            "evaluate on data with the same classes"
-        )
+    chosen = in_run_classes(evaluation_set(meta, data_path, split), meta["classes"])
     engine = choose_engine(TrainConfig(quiet=quiet), adapter.model)
     adapter.model.to(engine.device)
     if meta.get("task") == "text":

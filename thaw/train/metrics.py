@@ -61,7 +61,9 @@ class MetricTracker:
         result = {
             "loss": self.loss_sum / max(1, self.count),
             "accuracy": float(true_positive.sum() / max(1, self.count)),
-            "macro_f1": float(f1.mean()),
+            # over the classes the data holds or the model predicts, as scikit-learn's: a held-out set of some of the
+            # run's classes is not marked down for the classes it does not hold
+            "macro_f1": float(f1[(per_class_total + predicted_total) > 0].mean()) if self.count else 0.0,
             "per_class_accuracy": [float(r) for r in recall],
             "per_class_precision": [float(value) for value in precision],
             "per_class_f1": [float(value) for value in f1],
