@@ -189,6 +189,18 @@ def test_resume_of_a_finished_run_says_so_and_leaves_every_file_as_it_was(cut_ru
     assert _files(cut_run) == before
 
 
+@pytest.mark.parametrize("damage, said", [(b"[1, 2]", "damaged (no best, plan)"), (b"{\"best\": ", "damaged (not JSON)")])
+def test_resume_of_a_finished_run_with_a_damaged_record_is_one_line(
+    damage: bytes, said: str, cut_run: Path, capsys: pytest.CaptureFixture[str],
+) -> None:
+    assert main(["train", "--resume", str(cut_run), "--quiet"]) == 0  # finishes it
+    (cut_run / "thaw.json").write_bytes(damage)
+    capsys.readouterr()
+    assert main(["train", "--resume", str(cut_run)]) == 2
+    error = capsys.readouterr().err.strip()
+    assert error == f"thaw: error: {cut_run / 'thaw.json'} is {said}; restore it from a copy, or train again with --overwrite"
+
+
 def _files(run: Path) -> dict[str, tuple[bytes, int]]:
     return {path.name: (path.read_bytes(), path.stat().st_mtime_ns) for path in run.iterdir() if path.is_file()}
 

@@ -5,7 +5,6 @@ thaw.train.run_folder writes the folder and declares its file names.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -21,7 +20,7 @@ from thaw.plan.config import plan_from_dict
 from thaw.plan.lora_targets import lora_targets
 from thaw.train import MODEL_OBJECT, check_model_object, saved_settings
 from thaw.train.checkpoint import CHECKPOINT
-from thaw.train.run_folder import ADAPTER, METADATA, SET_ASIDE, TEXT_MODEL, WEIGHTS
+from thaw.train.run_folder import ADAPTER, METADATA, SET_ASIDE, TEXT_MODEL, WEIGHTS, read_run_json
 
 __all__ = ["ADAPTER", "METADATA", "TEXT_MODEL", "WEIGHTS", "load_adapter", "load_run", "read_metadata"]
 
@@ -30,14 +29,7 @@ def read_metadata(run: Path) -> dict:
     path = Path(run) / METADATA
     if not path.is_file():
         raise ThawError(_why_no_metadata(Path(run)))
-    try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise ThawError(f"{path} is damaged (not JSON); retrain or restore it from a copy") from None
-    missing = [key for key in REQUIRED_METADATA if key not in meta] if isinstance(meta, dict) else list(REQUIRED_METADATA)
-    if missing:
-        raise ThawError(f"{path} is damaged (no {', '.join(missing)}); retrain or restore it from a copy")
-    return meta
+    return read_run_json(path, REQUIRED_METADATA, "retrain or restore it from a copy")
 
 
 REQUIRED_METADATA = ("model", "classes", "preprocessing", "plan")  # what loading and reporting a run read

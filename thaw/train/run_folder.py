@@ -145,12 +145,18 @@ def finished_result(run: Path) -> RunResult:
 
 def read_finished(path: Path) -> dict:
     """A finished run's METADATA (at `path`), or one line saying it is damaged."""
+    return read_run_json(path, ("best", "plan"), "restore it from a copy, or train again with --overwrite")
+
+
+def read_run_json(path: Path, required: tuple[str, ...], remedy: str) -> dict:
+    """METADATA at `path` holding the `required` keys, or one line saying what is damaged and what to do (`remedy`)."""
     try:
         meta = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError):
-        meta = None
-    if not isinstance(meta, dict) or not {"best", "plan"} <= meta.keys():
-        raise ThawError(f"{path} is damaged; restore it from a copy, or train again with --overwrite")
+        raise ThawError(f"{path} is damaged (not JSON); {remedy}") from None
+    missing = [key for key in required if key not in meta] if isinstance(meta, dict) else list(required)
+    if missing:
+        raise ThawError(f"{path} is damaged (no {', '.join(missing)}); {remedy}")
     return meta
 
 
