@@ -189,7 +189,11 @@ def test_resume_of_a_finished_run_says_so_and_leaves_every_file_as_it_was(cut_ru
     assert _files(cut_run) == before
 
 
-@pytest.mark.parametrize("damage, said", [(b"[1, 2]", "damaged (no best, plan)"), (b"{\"best\": ", "damaged (not JSON)")])
+@pytest.mark.parametrize(
+    "damage, said",
+    [(b"[1, 2]", "damaged (no best, plan)"), (b"{\"best\": ", "damaged (not JSON)"),
+     (b"{\"best\": null, \"plan\": {}}", "damaged (best is not a dict)")],
+)
 def test_resume_of_a_finished_run_with_a_damaged_record_is_one_line(
     damage: bytes, said: str, cut_run: Path, capsys: pytest.CaptureFixture[str],
 ) -> None:
@@ -199,6 +203,22 @@ def test_resume_of_a_finished_run_with_a_damaged_record_is_one_line(
     assert main(["train", "--resume", str(cut_run)]) == 2
     error = capsys.readouterr().err.strip()
     assert error == f"thaw: error: {cut_run / 'thaw.json'} is {said}; restore it from a copy, or train again with --overwrite"
+
+
+@pytest.mark.parametrize(
+    "extra, said",
+    [(["--report"], "there is nothing to train before a report; write it with thaw report"),
+     (["--log", "tensorboard"], "there is no training left to log (--log tensorboard)")],
+)
+def test_resume_of_a_finished_run_refuses_what_only_training_would_do(
+    extra: list[str], said: str, cut_run: Path, capsys: pytest.CaptureFixture[str],
+) -> None:
+    assert main(["train", "--resume", str(cut_run), "--quiet"]) == 0  # finishes it
+    before = _files(cut_run)
+    capsys.readouterr()
+    assert main(["train", "--resume", str(cut_run), *extra]) == 2
+    assert capsys.readouterr().err.strip() == f"thaw: error: {cut_run} is complete: {said}" + (f" {cut_run}" if "report" in said else "")
+    assert _files(cut_run) == before and not (cut_run / "tensorboard").exists()
 
 
 def _files(run: Path) -> dict[str, tuple[bytes, int]]:

@@ -35,6 +35,10 @@ def test_a_text_table_is_scored_whole_unless_a_split_is_named(text_run: tuple[Pa
     held_out = tmp_path / "held_out.tsv"
     held_out.write_text("spam\twin a free prize now\nham\tsee you at lunch\nham\tthanks for dinner\n", encoding="utf-8")
     assert evaluate_run(adapter, meta, held_out)["count"] == 3
+    skipped = tmp_path / "no_labels.tsv"  # every row without a label: skipped, so nothing is left to score
+    skipped.write_text("\twin a free prize now\n\tsee you at lunch\n", encoding="utf-8")
+    with pytest.raises(ThawError, match="holds nothing to score"):
+        evaluate_run(adapter, meta, skipped)
 
 
 def test_a_held_out_split_is_not_rebuilt_from_changed_data(tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:

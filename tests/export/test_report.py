@@ -286,6 +286,10 @@ DAMAGE = {
                                                                 if k != "plan"})),
         "thaw.json is damaged (no plan)",
     ),
+    "thaw.json with classes null": (
+        lambda copy: (copy / "thaw.json").write_text(json.dumps(json.loads((copy / "thaw.json").read_text()) | {"classes": None})),
+        "thaw.json is damaged (classes is not a list)",
+    ),
     "weights cut short": (
         lambda copy: (copy / "model.safetensors").write_bytes((copy / "model.safetensors").read_bytes()[:1000]),
         "model.safetensors is damaged (",

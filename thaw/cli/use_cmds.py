@@ -76,9 +76,14 @@ def run_evaluate(args: argparse.Namespace) -> int:
     elif metrics["skipped_files"]:
         print(f"thaw: warning: {metrics['skipped_files']} unreadable file(s) in what was scored were skipped", file=sys.stderr)
     print(f"{split}: {metrics['count']} {unit} ({what}), accuracy {metrics['accuracy']:.4f}, macro-F1 {metrics['macro_f1']:.4f}{top5}")
-    columns = zip(metrics["classes"], metrics["per_class_accuracy"], metrics["per_class_f1"], metrics["confusion"])
-    # a class the scored data does not hold (a held-out set of some classes) has no recall: "-", not 0
-    rows = [[name, f"{acc:.3f}" if sum(counts) else "-", f"{f1:.3f}", *map(str, counts)] for name, acc, f1, counts in columns]
+    predicted = [sum(column) for column in zip(*metrics["confusion"])]
+    columns = zip(metrics["classes"], metrics["per_class_accuracy"], metrics["per_class_f1"], metrics["confusion"], predicted)
+    # A class the scored data does not hold (a held-out set of some classes) has no recall, and no F1 unless the model
+    # predicts it: "-", not 0, as macro-F1 leaves it out.
+    rows = [
+        [name, f"{acc:.3f}" if sum(counts) else "-", f"{f1:.3f}" if sum(counts) or guessed else "-", *map(str, counts)]
+        for name, acc, f1, counts, guessed in columns
+    ]
     print(render_table(rows, ["class", "recall", "F1", *[f"->{c}" for c in metrics["classes"]]]))
     print(f"confusion matrix: {picture}")
     if report:

@@ -114,7 +114,9 @@ def _check_classes(splits: dict[str, dict[str, list[Path]]], root: Path, min_cla
                 f"classes differ between {reference_name} and {name} (only in {name}: {only_here or 'none'}; "
                 f"missing from {name}: {missing or 'none'})"
             )
-    if len(reference) < min_classes:
+    if not reference and min_classes == 1:  # data to score
+        problems.append(f"found no class with readable images in {root}; there is nothing to score")
+    elif len(reference) < min_classes:
         problems.append(f"found {len(reference)} class folder(s) in {root}; a classifier needs at least 2")
     if problems:
         raise ThawError(f"{root}: " + "; ".join(problems))

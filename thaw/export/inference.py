@@ -155,7 +155,8 @@ def evaluate_run(
     adapter: ModelAdapter, meta: dict, data_path: str | Path, split: str | None = None, batch_size: int = 64, quiet: bool = True,
     tta: bool = False,
 ) -> dict:
-    """Metrics of the run's model on `data_path` (see evaluation_set for what is scored); classes must match the run's.
+    """Metrics of the run's model on `data_path` (see evaluation_set for what is scored); its classes must be among the
+    run's, matched by name (in_run_classes).
     `tta`: average the softmax over each image and its mirror (FlipAveraged)."""
     return score_run(adapter, meta, data_path, split, batch_size, quiet, tta).metrics
 
@@ -168,6 +169,8 @@ def score_run(
     """evaluate_run, keeping every sample's logits: the report's numbers are the same pass as `thaw evaluate`'s."""
     model = with_tta(adapter.model, meta, tta)  # before any work: --tta on a text run is one line
     chosen = in_run_classes(evaluation_set(meta, data_path, split), meta["classes"])
+    if not chosen.samples:  # a table whose every row was skipped: a score of nothing would read as accuracy 0
+        raise ThawError(f"{data_path} holds nothing to score (no readable sample with a label); check its rows or files")
     engine = choose_engine(TrainConfig(quiet=quiet), adapter.model)
     adapter.model.to(engine.device)
     if meta.get("task") == "text":

@@ -32,7 +32,7 @@ def read_metadata(run: Path) -> dict:
     return read_run_json(path, REQUIRED_METADATA, "retrain or restore it from a copy")
 
 
-REQUIRED_METADATA = ("model", "classes", "preprocessing", "plan")  # what loading and reporting a run read
+REQUIRED_METADATA = {"model": str, "classes": list, "preprocessing": dict, "plan": dict}  # what loading and reporting a run read
 
 
 def _why_no_metadata(run: Path) -> str:

@@ -145,18 +145,24 @@ def finished_result(run: Path) -> RunResult:
 
 def read_finished(path: Path) -> dict:
     """A finished run's METADATA (at `path`), or one line saying it is damaged."""
-    return read_run_json(path, ("best", "plan"), "restore it from a copy, or train again with --overwrite")
+    return read_run_json(path, {"best": dict, "plan": dict}, "restore it from a copy, or train again with --overwrite")
 
 
-def read_run_json(path: Path, required: tuple[str, ...], remedy: str) -> dict:
-    """METADATA at `path` holding the `required` keys, or one line saying what is damaged and what to do (`remedy`)."""
+def read_run_json(path: Path, required: dict[str, type], remedy: str) -> dict:
+    """METADATA at `path` holding the `required` keys with values of their types, or one line saying what is damaged
+    and what to do (`remedy`): a record edited by hand fails here, not with a traceback where a value is used."""
     try:
         meta = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise ThawError(f"{path} is damaged (not JSON); {remedy}") from None
+    except OSError as error:
+        raise ThawError(f"cannot read {path} ({error.strerror or error}); {remedy}") from None
     missing = [key for key in required if key not in meta] if isinstance(meta, dict) else list(required)
     if missing:
         raise ThawError(f"{path} is damaged (no {', '.join(missing)}); {remedy}")
+    wrong = [f"{key} is not a {kind.__name__}" for key, kind in required.items() if not isinstance(meta[key], kind)]
+    if wrong:
+        raise ThawError(f"{path} is damaged ({', '.join(wrong)}); {remedy}")
     return meta
 
 
