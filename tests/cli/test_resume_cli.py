@@ -192,7 +192,8 @@ def test_resume_of_a_finished_run_says_so_and_leaves_every_file_as_it_was(cut_ru
 @pytest.mark.parametrize(
     "damage, said",
     [(b"[1, 2]", "damaged (no best, plan)"), (b"{\"best\": ", "damaged (not JSON)"),
-     (b"{\"best\": null, \"plan\": {}}", "damaged (best is not a dict)")],
+     (b"{\"best\": null, \"plan\": {}}", "damaged (best is not a dict)"),
+     (b"{\"best\": {}, \"plan\": {}}", "damaged (best has no epoch and val record)")],
 )
 def test_resume_of_a_finished_run_with_a_damaged_record_is_one_line(
     damage: bytes, said: str, cut_run: Path, capsys: pytest.CaptureFixture[str],

@@ -1,7 +1,9 @@
-"""What `thaw evaluate` scores on a text table: the whole table unless a split of the run's is named."""
+"""What `thaw evaluate` scores: a text table whole unless a split of the run's is named; held-out data of some of the
+run's classes, matched by name; nothing readable, one line."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -106,8 +108,13 @@ def test_a_held_out_set_of_some_of_the_runs_classes_is_scored_by_class_name(
 
     capsys.readouterr()
     assert main(["evaluate", str(colour_run), str(one)]) == 0
-    table = {line.split()[0]: line.split()[1] for line in capsys.readouterr().out.splitlines()[3:6]}
-    assert table["blue"] == table["green"] == "-" and table["red"] != "-"  # no recall for a class it does not hold
+    table = {line.split()[0]: line.split()[1:3] for line in capsys.readouterr().out.splitlines()[3:6]}
+    assert table["blue"][0] == table["green"][0] == "-" and table["red"][0] != "-"  # no recall for a class it does not hold
+    assert main(["evaluate", str(colour_run), str(one), "--json"]) == 0
+    predicted = [sum(column) for column in zip(*json.loads(capsys.readouterr().out)["confusion"])]
+    for index, name in enumerate(["blue", "green"]):  # no F1 either, unless the model predicted the class
+        assert (table[name][1] == "-") == (predicted[index] == 0)
+    assert table["red"][1] != "-"
 
 
 def test_a_class_the_run_never_learned_is_one_line_naming_it(colour_run: Path, tiny_split_data: Path, tmp_path: Path) -> None:
@@ -119,3 +126,13 @@ def test_a_class_the_run_never_learned_is_one_line_naming_it(colour_run: Path, t
     adapter, meta = load_run(colour_run)
     with pytest.raises(ThawError, match=r"^the data has 1 class\(es\) this run never learned \(purple\); the run knows blue, green, red"):
         evaluate_run(adapter, meta, held_out)
+
+
+def test_a_manifest_of_no_readable_image_is_one_line(colour_run: Path, tmp_path: Path) -> None:
+    (tmp_path / "a.txt").write_text("not an image")
+    (tmp_path / "b.txt").write_text("nor this")
+    manifest = tmp_path / "held_out.csv"
+    manifest.write_text("path,label\na.txt,red\nb.txt,green\n")
+    adapter, meta = load_run(colour_run)
+    with pytest.raises(ThawError, match=f"^{manifest}: found no class with readable images; there is nothing to score$"):
+        evaluate_run(adapter, meta, manifest)

@@ -290,6 +290,10 @@ DAMAGE = {
         lambda copy: (copy / "thaw.json").write_text(json.dumps(json.loads((copy / "thaw.json").read_text()) | {"classes": None})),
         "thaw.json is damaged (classes is not a list)",
     ),
+    "thaw.json with classes not names": (
+        lambda copy: (copy / "thaw.json").write_text(json.dumps(json.loads((copy / "thaw.json").read_text()) | {"classes": [1, 2]})),
+        "thaw.json is damaged (classes is not a list of names)",
+    ),
     "weights cut short": (
         lambda copy: (copy / "model.safetensors").write_bytes((copy / "model.safetensors").read_bytes()[:1000]),
         "model.safetensors is damaged (",

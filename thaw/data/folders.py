@@ -115,7 +115,7 @@ def _check_classes(splits: dict[str, dict[str, list[Path]]], root: Path, min_cla
                 f"missing from {name}: {missing or 'none'})"
             )
     if not reference and min_classes == 1:  # data to score
-        problems.append(f"found no class with readable images in {root}; there is nothing to score")
+        problems.append("found no class with readable images; there is nothing to score")
     elif len(reference) < min_classes:
         problems.append(f"found {len(reference)} class folder(s) in {root}; a classifier needs at least 2")
     if problems:

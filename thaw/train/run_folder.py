@@ -149,11 +149,11 @@ def read_finished(path: Path) -> dict:
 
 
 def read_run_json(path: Path, required: dict[str, type], remedy: str) -> dict:
-    """METADATA at `path` holding the `required` keys with values of their types, or one line saying what is damaged
-    and what to do (`remedy`): a record edited by hand fails here, not with a traceback where a value is used."""
+    """METADATA at `path` holding the `required` keys with values of their types (top level; the class names and the
+    delivered epoch's record too), or one line saying what is damaged and what to do (`remedy`)."""
     try:
         meta = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError):
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
         raise ThawError(f"{path} is damaged (not JSON); {remedy}") from None
     except OSError as error:
         raise ThawError(f"cannot read {path} ({error.strerror or error}); {remedy}") from None
@@ -161,6 +161,11 @@ def read_run_json(path: Path, required: dict[str, type], remedy: str) -> dict:
     if missing:
         raise ThawError(f"{path} is damaged (no {', '.join(missing)}); {remedy}")
     wrong = [f"{key} is not a {kind.__name__}" for key, kind in required.items() if not isinstance(meta[key], kind)]
+    if "classes" in required and isinstance(meta["classes"], list) and not all(isinstance(name, str) for name in meta["classes"]):
+        wrong.append("classes is not a list of names")
+    best = meta.get("best") if "best" in required else None
+    if isinstance(best, dict) and not (isinstance(best.get("epoch"), int) and isinstance(best.get("val"), dict)):
+        wrong.append("best has no epoch and val record")
     if wrong:
         raise ThawError(f"{path} is damaged ({', '.join(wrong)}); {remedy}")
     return meta
