@@ -54,7 +54,6 @@ def _names_an_image(row: list[str]) -> bool:
     return Path(row[0].strip()).suffix.lower() in IMAGE_SUFFIXES
 
 
-
 def _quoted(row: list[str], width: int = 40) -> str:
     text = ",".join(cell.strip() for cell in row[:2])
     return repr(text if len(text) <= width else text[: width - 3] + "...")
