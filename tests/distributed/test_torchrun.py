@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import re
 import signal
 import socket
@@ -43,17 +44,41 @@ def single(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
 
 
 def free_port() -> int:
-    with socket.socket() as probe_socket:
-        probe_socket.bind(("127.0.0.1", 0))
-        return probe_socket.getsockname()[1]
+    """A free port below the range the system takes client ports from. A port in that range (what binding port 0
+    hands out) can become the source port of a client that retries connect() to it before anyone listens: the client
+    is then connected to itself (TCP self-connect; on Linux 6.18 after about 12,000 refused tries). The second launch
+    retries the rendezvous until the first one listens, so the rendezvous port stays out of that range."""
+    low = ephemeral_low()
+    for port in random.Random().sample(range(20000, low), 200):
+        with socket.socket() as probe_socket:
+            try:
+                probe_socket.bind(("127.0.0.1", port))
+            except OSError:
+                continue  # taken
+            return port
+    raise RuntimeError(f"no free port in 20000-{low - 1}")
+
+
+def ephemeral_low() -> int:
+    """The lowest port the system gives a client socket (Linux); 32768 (Linux's default) where it does not say."""
+    ports = Path("/proc/sys/net/ipv4/ip_local_port_range")
+    return int(ports.read_text().split()[0]) if ports.is_file() else 32768
+
+
+def log_tails(logs: Path, characters: int = 1500) -> str:
+    """The end of each launch's log: what CI prints when a two-node run fails (the logs go with the machine)."""
+    return "\n".join(f"--- {log.name}:\n{log.read_text(errors='replace')[-characters:]}" for log in sorted(logs.glob("node*.log")))
 
 
 def two_nodes(*args: str, logs: Path, env: dict | None = None) -> list[int]:
     """Two launches of one process each, as two machines run them (--nnodes=2, c10d rendezvous at node 0).
 
-    Both run at once; a hang kills both (and their workers) and fails the test. Returns the exit codes.
-    c10d numbers the nodes in the order they join; --node_rank (the README's command passes it) is ignored.
+    Both run at once; a hang kills both (and their workers) and fails the test with the logs' ends. Returns the
+    exit codes. c10d numbers the nodes in the order they join; --node_rank (the README's command passes it) is ignored.
+    A launch waiting for the other in the rendezvous gives up after 120 s, and a rank left waiting in a collective
+    after 120 s (unless `env` says otherwise), so a failure ends in an exit code and a log, not in a hang.
     """
+    env = {"THAW_COLLECTIVE_TIMEOUT_S": "120"} | (env or {})
     port = free_port()
     logs.mkdir(parents=True, exist_ok=True)
     launches = []
@@ -61,7 +86,7 @@ def two_nodes(*args: str, logs: Path, env: dict | None = None) -> list[int]:
         command = [
             sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1", f"--node_rank={node}",
             "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}", f"--rdzv-id=thaw-test-{port}",
-            f"--rdzv-conf=is_host={int(node == 0)}",  # node 0 hosts the rendezvous, as the first machine would
+            f"--rdzv-conf=is_host={int(node == 0)},join_timeout=120",  # node 0 hosts the rendezvous, as the first machine would
             str(WORKER), *args,
         ]
         with open(logs / f"node{node}.log", "w") as log:
@@ -74,7 +99,7 @@ def two_nodes(*args: str, logs: Path, env: dict | None = None) -> list[int]:
         for launch in launches:
             if launch.poll() is None:
                 os.killpg(launch.pid, signal.SIGKILL)  # the launcher and the worker it started
-        pytest.fail(f"the two-node run hung for {TIMEOUT} s; logs in {logs}")
+        pytest.fail(f"the two-node run hung for {TIMEOUT} s; logs in {logs}\n{log_tails(logs)}")
 
 
 def ranks(out: Path) -> list[dict]:
@@ -215,7 +240,8 @@ def test_two_machines_keep_identical_weights_and_resume_exactly(setting: dict) -
     only rank 0 writes the run folder; each rank writes its own rank{RANK}.json)."""
     data, env, root = str(setting["data"]), setting["env"], setting["root"]
     whole, resumed = root / "nodes-whole", root / "nodes-resumed"
-    assert two_nodes(data, str(whole), "--batch-size", "8", logs=root / "nodes-whole-logs", env=env) == [0, 0]
+    done = two_nodes(data, str(whole), "--batch-size", "8", logs=root / "nodes-whole-logs", env=env)
+    assert done == [0, 0], log_tails(root / "nodes-whole-logs")
     zero, one = ranks(whole)
     assert len(zero["log"]) == len(one["log"]) == 12
     assert [s["digest"] for s in zero["log"]] == [s["digest"] for s in one["log"]]  # every step, on both machines
@@ -223,8 +249,9 @@ def test_two_machines_keep_identical_weights_and_resume_exactly(setting: dict) -
 
     short = env | {"THAW_COLLECTIVE_TIMEOUT_S": "60"}  # the machine left waiting for rank 0 gives up within a minute
     cut = two_nodes(data, str(resumed), "--batch-size", "8", "--crash-after", "3", logs=root / "nodes-cut-logs", env=short)
-    assert 0 not in cut and (resumed / "checkpoint.pt").is_file()  # rank 0 stopped; the other machine stopped too
-    assert two_nodes(data, str(resumed), "--batch-size", "8", "--resume", logs=root / "nodes-resumed-logs", env=env) == [0, 0]
+    assert 0 not in cut and (resumed / "checkpoint.pt").is_file(), log_tails(root / "nodes-cut-logs")  # rank 0 stopped; the other too
+    again = two_nodes(data, str(resumed), "--batch-size", "8", "--resume", logs=root / "nodes-resumed-logs", env=env)
+    assert again == [0, 0], log_tails(root / "nodes-resumed-logs")
     after = ranks(resumed)
     assert after[0]["log"][-1]["digest"] == after[1]["log"][-1]["digest"] == zero["log"][-1]["digest"]
 
