@@ -61,11 +61,41 @@ def test_ctrl_c_finishes_the_step_saves_and_resumes_exactly(
     assert len(resumed.history) == 4
 
 
-def _cli_train(data: Path, out: Path, *extra: str) -> subprocess.Popen:
-    args = [sys.executable, "-m", "thaw", "train", str(data), "--model", "mobilenet_v3_small", "--weights", "none",
+def test_sigterm_stops_a_run_as_ctrl_c_does_and_the_handlers_are_given_back(tiny_split_data: Path, tmp_path: Path) -> None:
+    """SIGTERM (kill, timeout, docker stop, a scheduler's preemption) finishes the step, saves and says how to resume;
+    after the run, the caller's own handlers are back."""
+    _train(tiny_split_data, tmp_path / "whole")
+    caught: list[int] = []
+    callers = {signal.SIGINT: signal.getsignal(signal.SIGINT), signal.SIGTERM: lambda number, _frame: caught.append(number)}
+    previous = signal.signal(signal.SIGTERM, callers[signal.SIGTERM])  # as a caller's own handler; a run without one: pytest ends
+
+    def terminate(state) -> None:
+        if len(state.history) == 3:  # inside the full stage
+            os.kill(os.getpid(), signal.SIGTERM)
+            os.kill(os.getpid(), signal.SIGTERM)  # as `timeout` does (the process, then its group): still one stop
+
+    try:
+        with pytest.raises(RunInterrupted, match=f"--resume {tmp_path / 'cut'}") as stopped:
+            _train(tiny_split_data, tmp_path / "cut", callbacks=[terminate])
+        assert {number: signal.getsignal(number) for number in callers} == callers  # the caller's handlers are back
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert caught == [signal.SIGTERM]  # and the run's handler took the two sent during the run
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert stopped.value.signal_number == signal.SIGTERM
+    assert load_checkpoint(tmp_path / "cut" / "checkpoint.pt")["batch"] == 1  # the step in flight finished, then it stopped
+    _train(tiny_split_data, tmp_path / "cut", resume=True)
+    assert _same(_weights(tmp_path / "whole"), _weights(tmp_path / "cut"))
+
+
+def _cli_train_args(data: Path, out: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "thaw", "train", str(data), "--model", "mobilenet_v3_small", "--weights", "none",
             "--image-size", "32", "--batch-size", "4", "--strategy", "two-phase", "--head-epochs", "2", "--epochs", "3",
             "--out", str(out), "--quiet", *extra]
-    return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def _cli_train(data: Path, out: Path, *extra: str) -> subprocess.Popen:
+    return subprocess.Popen(_cli_train_args(data, out, *extra), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
 
 def _wait_for_new_checkpoint(path: Path, previous: int | None, process: subprocess.Popen) -> int | None:
@@ -206,3 +236,30 @@ def test_saved_files_get_the_usual_permissions_and_a_folder_that_cannot_be_made_
             atomic_write(tmp_path / "a file" / "report.html", lambda target: target.write_text("page"))
     finally:
         os.umask(mask)
+
+
+def test_thaw_train_given_sigterm_by_its_group_exits_143_with_a_checkpoint_that_resumes_exactly(tiny_split_data: Path, tmp_path: Path) -> None:
+    """As `timeout` and SLURM stop a job: SIGTERM to the process, then to its whole group, decoding workers included
+    (2 here; the default on 4 cores or more). The step in flight finishes, the checkpoint is saved, the exit is 143."""
+    longer = ("--epochs", "8", "--workers", "2")  # a window after the first checkpoint that a signal cannot miss
+    whole = _cli_train(tiny_split_data, tmp_path / "whole", *longer)
+    assert whole.wait(timeout=300) == 0, whole.stderr.read()
+    run = tmp_path / "stopped"
+    args = [*_cli_train_args(tiny_split_data, run), *longer]
+    process = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    written = None
+    for _epoch in range(3):  # the first epoch of the full stage: its decoding workers live on to the next epoch
+        written = _wait_for_new_checkpoint(run / "checkpoint.pt", written, process)
+    assert written is not None and process.poll() is None, process.stderr.read()
+    os.kill(process.pid, signal.SIGTERM)
+    os.killpg(process.pid, signal.SIGTERM)
+    assert process.wait(timeout=120) == 143, process.stderr.read()  # 128 + SIGTERM, as a shell reports a signal's end
+    said, printed = process.stderr.read().decode(), process.stdout.read().decode()
+    assert "thaw: SIGTERM: finishing the current step" in printed
+    assert f"a checkpoint is saved. Continue with the same command plus --resume {run}" in said and "Traceback" not in said
+    assert load_checkpoint(run / "checkpoint.pt")["batch"] is not None  # stopped inside an epoch, not at its end
+    # Resumed with 2 workers too: the worker count sets the training process's threads, and so the float sums' order.
+    resume = [sys.executable, "-m", "thaw", "train", "--resume", str(run), "--workers", "2", "--quiet"]
+    final = subprocess.run(resume, capture_output=True, text=True, timeout=300)
+    assert final.returncode == 0, final.stderr
+    assert _same(_weights(tmp_path / "whole"), _weights(run))

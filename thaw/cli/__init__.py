@@ -76,7 +76,7 @@ def _run(argv: list[str]) -> int:
         return 2
     except RunInterrupted as stopped:
         _say_once(f"thaw: {stopped}")
-        return 130
+        return 128 + stopped.signal_number  # 130 after Ctrl-C, 143 after SIGTERM, as a shell reports a signal
     except KeyboardInterrupt:
         _say_once("thaw: interrupted")  # thaw train says itself whether there is a checkpoint
         return 130

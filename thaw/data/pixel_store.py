@@ -42,8 +42,12 @@ def decode_at(path: Path, draft_size: int | None) -> np.ndarray:
 
 def ignore_interrupts(_worker: int) -> None:
     """DataLoader worker start-up: Ctrl-C is the training process's to handle (it saves a checkpoint);
-    a worker that ran the trainer's handler too would print its message once more and carry on."""
+    a worker that ran the trainer's handler too would print its message once more and carry on. SIGTERM too:
+    `timeout`, SLURM and systemd send it to every process of the job, and a worker it ended (torch's worker
+    handler exits) would stop the training step with an error instead of the checkpoint it is finishing.
+    Workers end by DataLoader's own shutdown, or when they see the training process gone."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 class _Decoder(Dataset):

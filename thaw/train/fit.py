@@ -92,7 +92,17 @@ StepHook = Callable[[torch.optim.Optimizer, int, float], None]  # (optimizer, st
 
 
 class RunInterrupted(Exception):
-    """Ctrl-C: the run stopped where it safely could; the message says whether there is a checkpoint to resume."""
+    """Ctrl-C or SIGTERM: the run stopped where it safely could; the message says whether there is a checkpoint to
+    resume. `signal_number` is the signal that asked (the command exits 128 + it: 130, 143)."""
+
+    def __init__(self, message: str, signal_number: int = signal.SIGINT) -> None:
+        super().__init__(message)
+        self.signal_number = int(signal_number)
+
+
+# What stops a run gracefully (the current step finishes, a checkpoint is saved): Ctrl-C, and the SIGTERM that
+# `kill`, `timeout`, `docker stop`, Kubernetes and SLURM send before they kill a process outright.
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 def interrupted_before_training(out: Path, when: str) -> str:
@@ -232,6 +242,7 @@ class Trainer:
         self.engine.step_hooks.append(self._update_ema)
         self.optimizer: torch.optim.Optimizer | None = None
         self.stop_requested = False
+        self.stopped_by: int = signal.SIGINT  # the signal that asked the run to stop
         self.warned_failures: list[tuple[str, str]] = []  # files found unreadable while decoding, already said
         self.resume_point: dict | None = None  # where a run interrupted mid-epoch stopped
         self.state = RunState()
@@ -436,7 +447,7 @@ class Trainer:
         shared_bytes, sharing = self.share_train_pixels(train, peers, decoders) if len(peers) > 1 else (0, 1)
         own_share = self.store.spilled  # this rank's part of the machine's files; what spills from here on is its own
         if not self.store.fill(train + val, decoders, should_stop=lambda: self.stop_requested):
-            raise RunInterrupted(interrupted_before_training(self.out, "while decoding images"))
+            raise RunInterrupted(interrupted_before_training(self.out, "while decoding images"), self.stopped_by)
         self.decode_seconds = time.perf_counter() - started
         where = f"{self.store.used / 2**20:.0f} MB in memory"
         if shared_bytes:
@@ -641,7 +652,8 @@ class Trainer:
         raise RunInterrupted(
             f"interrupted in stage {stage.name!r}, epoch {self.state.epoch + 1}, after batch {batches}; "
             f"a checkpoint is saved. Continue with the same command plus --resume {self.out} (from Python: "
-            f"resume_run({str(self.out)!r}))"
+            f"resume_run({str(self.out)!r}))",
+            self.stopped_by,
         )
 
     def _check_weights_finite(self, stage_index: int) -> None:
@@ -981,33 +993,41 @@ class Trainer:
         if not self.config.quiet and self.processes.is_main:
             print(message, flush=True)
 
-    def _on_interrupt(self, _signum: int, _frame: object) -> None:
-        if self.stop_requested:  # a second Ctrl-C: stop now, the last checkpoint stays as it is
-            raise KeyboardInterrupt
-        self.stop_requested = True
-        print("\nthaw: finishing the current step to save a resumable checkpoint (Ctrl-C again to abort)", flush=True)
+    def _on_interrupt(self, signum: int, _frame: object) -> None:
+        if self.stop_requested:
+            if signum == signal.SIGINT:  # a second Ctrl-C: stop now, the last checkpoint stays as it is
+                raise KeyboardInterrupt
+            return  # SIGTERM again: `timeout` sends it to the process, then to its group; the kill that follows is the caller's
+        self.stop_requested, self.stopped_by = True, signum
+        asked = "" if signum == signal.SIGINT else f"{signal.Signals(signum).name}: "
+        print(f"\nthaw: {asked}finishing the current step to save a resumable checkpoint (Ctrl-C again to abort)", flush=True)
 
     @memory_kept_between_steps()  # every step reuses the pages the step before freed (see thaw._allocator)
     def fit(self, resume: bool, callbacks: list[EpochCallback]) -> RunResult:
         # Under torchrun, Ctrl-C reaches every rank at a different step: let torchrun stop them all,
         # and resume from the last epoch checkpoint.
         in_main_thread = threading.current_thread() is threading.main_thread() and not self.processes.distributed
-        previous = signal.signal(signal.SIGINT, self._on_interrupt) if in_main_thread else None
+        previous = {number: signal.signal(number, self._on_interrupt) for number in STOP_SIGNALS} if in_main_thread else {}
         try:
             return self._fit(resume, callbacks)
         finally:
-            if self.set_aside is not None:  # ended before its first checkpoint: the run it was to replace comes back
-                self._restore_replaced_run()
             try:
-                self.release_cache()
-            finally:  # whatever failed above, workers end, pixels go and Ctrl-C is the caller's again
-                stop_workers(self.persistent_train_loader, self.val_loader)  # a traceback may still hold the loaders
-                self.persistent_train_loader = None
-                if self.store is not None:
-                    self.store.release()
-                    remove_if_empty(self.out / CACHE_FOLDER)
-                if in_main_thread:
-                    signal.signal(signal.SIGINT, previous)
+                self._clean_up()
+            finally:  # last (a signal during the clean-up only asks to stop), and whatever the clean-up raised
+                for number, handler in previous.items():
+                    signal.signal(number, handler if handler is not None else signal.SIG_DFL)  # None: not set from Python
+
+    def _clean_up(self) -> None:
+        if self.set_aside is not None:  # ended before its first checkpoint: the run it was to replace comes back
+            self._restore_replaced_run()
+        try:
+            self.release_cache()
+        finally:  # whatever failed above, workers end and pixels go
+            stop_workers(self.persistent_train_loader, self.val_loader)  # a traceback may still hold the loaders
+            self.persistent_train_loader = None
+            if self.store is not None:
+                self.store.release()
+                remove_if_empty(self.out / CACHE_FOLDER)
 
     def _fit(self, resume: bool, callbacks: list[EpochCallback]) -> RunResult:
         started = time.perf_counter()
