@@ -339,3 +339,37 @@ def test_a_share_that_cannot_be_written_does_not_ask_for_more_memory(tmp_path: P
     store = PixelStore(2 * PRE.resize_size, 2**30, tmp_path / "spill" / "pixels.u8")
     with pytest.raises(ThawError, match="free disk space there$"):
         store.fill(paths, 0, to_disk=True)
+
+
+class _Numbers(torch.utils.data.Dataset):
+    def __len__(self) -> int:
+        return 64
+
+    def __getitem__(self, index: int) -> int:
+        return index
+
+
+@pytest.mark.skipif(not hasattr(signal, "sigwaitinfo"), reason="Linux only: elsewhere torch's worker handler ends a worker on any SIGTERM")
+def test_a_decoding_worker_outlives_another_process_s_sigterm_and_ends_on_its_parent_s() -> None:
+    """`timeout` and SLURM send SIGTERM to every process of a job: the training process stops the run (a checkpoint);
+    its workers must outlive that signal, yet still end when the training process itself terminates them (as
+    DataLoader's shutdown does with a stuck one). Sent right after the worker started, five times over."""
+    import subprocess
+    import time
+
+    for _launch in range(5):
+        loader = pixel_store.WorkerLoader(_Numbers(), batch_size=4, num_workers=1, persistent_workers=True,
+                                          worker_init_fn=pixel_store.ignore_interrupts)
+        iterator = iter(loader)
+        assert next(iterator).tolist() == [0, 1, 2, 3]  # the worker has started (and run its init)
+        worker = loader._iterator._workers[0]
+        try:
+            subprocess.run(["kill", "-TERM", str(worker.pid)], check=True)  # sent by another process, as `timeout` does
+            time.sleep(0.5)
+            assert worker.is_alive()
+            assert next(iterator).tolist() == [4, 5, 6, 7]  # and still serves batches
+            os.kill(worker.pid, signal.SIGTERM)  # from its parent, as DataLoader's shutdown and multiprocessing do
+            worker.join(timeout=30)
+            assert worker.exitcode == 0
+        finally:
+            loaders.stop_workers(loader)

@@ -238,9 +238,10 @@ def test_saved_files_get_the_usual_permissions_and_a_folder_that_cannot_be_made_
         os.umask(mask)
 
 
-def test_thaw_train_given_sigterm_by_its_group_exits_143_with_a_checkpoint_that_resumes_exactly(tiny_split_data: Path, tmp_path: Path) -> None:
-    """As `timeout` and SLURM stop a job: SIGTERM to the process, then to its whole group, decoding workers included
-    (2 here; the default on 4 cores or more). The step in flight finishes, the checkpoint is saved, the exit is 143."""
+def test_thaw_train_given_sigterm_by_its_group_exits_143_in_one_line_and_resumes_exactly(tiny_split_data: Path, tmp_path: Path) -> None:
+    """As `timeout` stops a job: SIGTERM to the process, then to its whole group, the 2 decoding workers included
+    (the default on 4 cores or more). The workers outlive it, the step in flight finishes, the checkpoint is saved,
+    one line says so, the exit is 143, and nothing of the group is left running."""
     longer = ("--epochs", "8", "--workers", "2")  # a window after the first checkpoint that a signal cannot miss
     whole = _cli_train(tiny_split_data, tmp_path / "whole", *longer)
     assert whole.wait(timeout=300) == 0, whole.stderr.read()
@@ -248,18 +249,75 @@ def test_thaw_train_given_sigterm_by_its_group_exits_143_with_a_checkpoint_that_
     args = [*_cli_train_args(tiny_split_data, run), *longer]
     process = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
     written = None
-    for _epoch in range(3):  # the first epoch of the full stage: its decoding workers live on to the next epoch
+    for _epoch in range(3):  # into the full stage, where the decoding workers live from epoch to epoch
         written = _wait_for_new_checkpoint(run / "checkpoint.pt", written, process)
     assert written is not None and process.poll() is None, process.stderr.read()
     os.kill(process.pid, signal.SIGTERM)
     os.killpg(process.pid, signal.SIGTERM)
     assert process.wait(timeout=120) == 143, process.stderr.read()  # 128 + SIGTERM, as a shell reports a signal's end
-    said, printed = process.stderr.read().decode(), process.stdout.read().decode()
-    assert "thaw: SIGTERM: finishing the current step" in printed
-    assert f"a checkpoint is saved. Continue with the same command plus --resume {run}" in said and "Traceback" not in said
+    said = process.stderr.read().decode()
+    assert "Traceback" not in said and said.startswith("thaw: interrupted") and said.count("\n") == 1, said
+    assert f"a checkpoint is saved. Continue with the same command plus --resume {run}" in said
     assert load_checkpoint(run / "checkpoint.pt")["batch"] is not None  # stopped inside an epoch, not at its end
+    _wait_until_gone(process.pid)
     # Resumed with 2 workers too: the worker count sets the training process's threads, and so the float sums' order.
     resume = [sys.executable, "-m", "thaw", "train", "--resume", str(run), "--workers", "2", "--quiet"]
     final = subprocess.run(resume, capture_output=True, text=True, timeout=300)
     assert final.returncode == 0, final.stderr
     assert _same(_weights(tmp_path / "whole"), _weights(run))
+
+
+def test_an_error_the_stop_brought_about_ends_the_run_as_the_stop_does(tiny_split_data: Path, tmp_path: Path) -> None:
+    """Where a job's SIGTERM also ends a decoding worker (elsewhere than Linux), the next batch fails: the run ends
+    as stopped, one line naming both, with the last epoch's checkpoint; an error without a stop stays an error."""
+    calls: list[int] = []
+
+    def worker_gone_after_sigterm(_optimizer, step: int, _factor: float) -> None:
+        calls.append(step)
+        if len(calls) == 6:  # in the second epoch: the first one's checkpoint is there
+            os.kill(os.getpid(), signal.SIGTERM)
+            raise RuntimeError("DataLoader worker (pid 1234) is killed by signal: Terminated.")
+
+    with pytest.raises(RunInterrupted, match=r"interrupted by SIGTERM, which also ended this: DataLoader worker .*--resume") as stopped:
+        _train(tiny_split_data, tmp_path / "run", step_hooks=[worker_gone_after_sigterm])
+    assert stopped.value.signal_number == signal.SIGTERM
+    assert "batch" not in load_checkpoint(tmp_path / "run" / "checkpoint.pt")  # an epoch's end: nothing mid-step was saved
+
+    def error_alone(_optimizer, step: int, _factor: float) -> None:
+        calls.append(step)
+        if len(calls) == 12:
+            raise RuntimeError("a bug")
+
+    with pytest.raises(RuntimeError, match="a bug"):
+        _train(tiny_split_data, tmp_path / "other", step_hooks=[error_alone])
+
+
+def _wait_until_gone(group: int) -> None:
+    """Every process of the group has ended (within 30 s): no decoding worker outlives the stopped run."""
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(group, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"processes of group {group} still run 30 s after the run stopped")
+
+
+def test_a_signal_during_the_clean_up_waits_for_it_then_reaches_the_caller(tiny_split_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A Ctrl-C as a finished run ends its workers is not swallowed, and does not cut the clean-up short: it is
+    raised once the run has cleaned up, with the caller's handler back."""
+    fit_module = sys.modules["thaw.train.fit"]  # `thaw.train.fit` the attribute is the function
+
+    real_stop_workers, finished = fit_module.stop_workers, []
+
+    def ctrl_c_meanwhile(*loaders) -> None:
+        os.kill(os.getpid(), signal.SIGINT)
+        real_stop_workers(*loaders)
+        finished.append(True)
+
+    monkeypatch.setattr(fit_module, "stop_workers", ctrl_c_meanwhile)
+    with pytest.raises(KeyboardInterrupt):
+        _train(tiny_split_data, tmp_path / "run")
+    assert finished == [True]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler

@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from thaw.data.folders import Sample
 from thaw.data.images import UnreadableImage, load_rgb
-from thaw.data.pixel_store import PixelStore, decode_at, ignore_interrupts
+from thaw.data.pixel_store import PixelStore, WorkerLoader, decode_at, ignore_interrupts
 from thaw.data.transforms import NormaliseBatch, normalised_per_batch, starts_from_tensor
 from thaw.distributed import SINGLE, Processes, ShardedPermutation, shard
 
@@ -221,7 +221,7 @@ def make_loader(
     workers = default_workers() if workers is None else workers
     generator = torch.Generator().manual_seed(seed)  # seeds the workers; augmentation has its own per-sample seeds
     order = _sampler(len(dataset), shuffle, seed, skip_batches * batch_size, processes, augment_seed)
-    return DataLoader(
+    return WorkerLoader(
         dataset,
         batch_size=batch_size,
         sampler=EpochOrder(order) if persistent else order,

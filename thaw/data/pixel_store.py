@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Callable, Sequence
@@ -42,12 +43,36 @@ def decode_at(path: Path, draft_size: int | None) -> np.ndarray:
 
 def ignore_interrupts(_worker: int) -> None:
     """DataLoader worker start-up: Ctrl-C is the training process's to handle (it saves a checkpoint);
-    a worker that ran the trainer's handler too would print its message once more and carry on. SIGTERM too:
-    `timeout`, SLURM and systemd send it to every process of the job, and a worker it ended (torch's worker
-    handler exits) would stop the training step with an error instead of the checkpoint it is finishing.
-    Workers end by DataLoader's own shutdown, or when they see the training process gone."""
+    a worker that ran the trainer's handler too would print its message once more and carry on. SIGTERM too,
+    unless the training process sends it (DataLoader's shutdown and multiprocessing end a stuck worker so):
+    `timeout`, SLURM and systemd send it to every process of a job, and a worker it ended would stop the
+    training step with an error instead of the checkpoint it is finishing. Linux only (sigwaitinfo); the
+    worker's threads take SIGTERM only through the waiting thread, as WorkerLoader starts them blocked."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    if hasattr(signal, "sigwaitinfo"):
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # where WorkerLoader's block did not carry (spawn)
+        threading.Thread(target=_end_when_the_parent_asks, args=(os.getppid(),), name="thaw-sigterm", daemon=True).start()
+
+
+def _end_when_the_parent_asks(parent: int) -> None:
+    """Take each SIGTERM this worker gets; exit (as torch's worker handler does) when the training process sent it."""
+    while True:
+        if signal.sigwaitinfo({signal.SIGTERM}).si_pid == parent:
+            os._exit(0)
+
+
+class WorkerLoader(DataLoader):
+    """A DataLoader whose worker processes start with SIGTERM blocked in every thread (see ignore_interrupts):
+    a thread a worker starts before its init function, with SIGTERM open, would let a job's SIGTERM end it."""
+
+    def _get_iterator(self):  # where DataLoader starts its workers (once, for persistent ones)
+        if self.num_workers == 0 or not hasattr(signal, "sigwaitinfo"):
+            return super()._get_iterator()
+        held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # one arriving now is handled just after
+        try:
+            return super()._get_iterator()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, held)
 
 
 class _Decoder(Dataset):
@@ -106,8 +131,8 @@ class PixelStore:
         true first (what was decoded stays)."""
         missing = [path for path in dict.fromkeys(paths) if path not in self]
         decoder = _Decoder(missing, self.draft_size)
-        loader = DataLoader(decoder, batch_size=None, num_workers=workers if missing else 0, collate_fn=_as_is,
-                            worker_init_fn=ignore_interrupts)
+        loader = WorkerLoader(decoder, batch_size=None, num_workers=workers if missing else 0, collate_fn=_as_is,
+                              worker_init_fn=ignore_interrupts)
         for index, pixels, reason in loader:
             if should_stop():
                 return False

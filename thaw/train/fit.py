@@ -243,6 +243,8 @@ class Trainer:
         self.optimizer: torch.optim.Optimizer | None = None
         self.stop_requested = False
         self.stopped_by: int = signal.SIGINT  # the signal that asked the run to stop
+        self.held_signal: int | None = None  # one that came during the clean-up: raised again once it is done
+        self.cleaning = False
         self.warned_failures: list[tuple[str, str]] = []  # files found unreadable while decoding, already said
         self.resume_point: dict | None = None  # where a run interrupted mid-epoch stopped
         self.state = RunState()
@@ -994,6 +996,9 @@ class Trainer:
             print(message, flush=True)
 
     def _on_interrupt(self, signum: int, _frame: object) -> None:
+        if self.cleaning:  # the run has ended: put back the run it replaced, end the workers, then act on it
+            self.held_signal = self.held_signal or signum
+            return
         if self.stop_requested:
             if signum == signal.SIGINT:  # a second Ctrl-C: stop now, the last checkpoint stays as it is
                 raise KeyboardInterrupt
@@ -1007,15 +1012,26 @@ class Trainer:
         # Under torchrun, Ctrl-C reaches every rank at a different step: let torchrun stop them all,
         # and resume from the last epoch checkpoint.
         in_main_thread = threading.current_thread() is threading.main_thread() and not self.processes.distributed
-        previous = {number: signal.signal(number, self._on_interrupt) for number in STOP_SIGNALS} if in_main_thread else {}
+        # A handler set outside Python (getsignal gives None) cannot be put back: such a signal stays the caller's.
+        taken = [number for number in STOP_SIGNALS if signal.getsignal(number) is not None] if in_main_thread else []
+        previous = {number: signal.signal(number, self._on_interrupt) for number in taken}
         try:
             return self._fit(resume, callbacks)
+        except Exception as error:
+            if not self.stop_requested or isinstance(error, (RunInterrupted, ThawError)):
+                raise
+            # What the stop brought about: a SIGTERM sent to the whole job (timeout, SLURM) ends the decoding workers too.
+            asked = signal.Signals(self.stopped_by).name
+            raise RunInterrupted(interrupted_before_training(self.out, f"by {asked}, which also ended this: {first_line(error)}"), self.stopped_by) from None
         finally:
+            self.cleaning = True
             try:
                 self._clean_up()
-            finally:  # last (a signal during the clean-up only asks to stop), and whatever the clean-up raised
+            finally:  # whatever the clean-up raised: the caller's handlers are back, then a signal held meanwhile
                 for number, handler in previous.items():
-                    signal.signal(number, handler if handler is not None else signal.SIG_DFL)  # None: not set from Python
+                    signal.signal(number, handler)
+                if self.held_signal is not None and not self.stop_requested:  # a stopping run has its answer already
+                    signal.raise_signal(self.held_signal)
 
     def _clean_up(self) -> None:
         if self.set_aside is not None:  # ended before its first checkpoint: the run it was to replace comes back
