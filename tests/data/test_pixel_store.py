@@ -352,22 +352,26 @@ class _Numbers(torch.utils.data.Dataset):
 @pytest.mark.skipif(not hasattr(signal, "sigwaitinfo"), reason="Linux only: elsewhere torch's worker handler ends a worker on any SIGTERM")
 def test_a_decoding_worker_outlives_another_process_s_sigterm_and_ends_on_its_parent_s() -> None:
     """`timeout` and SLURM send SIGTERM to every process of a job: the training process stops the run (a checkpoint);
-    its workers must outlive that signal, yet still end when the training process itself terminates them (as
-    DataLoader's shutdown does with a stuck one). Sent right after the worker started, five times over."""
+    its workers must outlive that signal, sent as they start (before their init function runs) or later, yet still
+    end when the training process itself terminates them (as DataLoader's shutdown does with a stuck one)."""
     import subprocess
+    import sys
     import time
 
-    for _launch in range(5):
+    def from_another_process(pid: int) -> None:
+        subprocess.run([sys.executable, "-c", f"import os, signal; os.kill({pid}, signal.SIGTERM)"], check=True)
+
+    for _launch in range(3):
         loader = pixel_store.WorkerLoader(_Numbers(), batch_size=4, num_workers=1, persistent_workers=True,
                                           worker_init_fn=pixel_store.ignore_interrupts)
-        iterator = iter(loader)
-        assert next(iterator).tolist() == [0, 1, 2, 3]  # the worker has started (and run its init)
+        iterator = iter(loader)  # the worker is forked here
         worker = loader._iterator._workers[0]
         try:
-            subprocess.run(["kill", "-TERM", str(worker.pid)], check=True)  # sent by another process, as `timeout` does
+            from_another_process(worker.pid)  # as it starts
+            assert [next(iterator).tolist()[0] for _ in range(6)] == [0, 4, 8, 12, 16, 20]  # past what it fetched ahead
+            from_another_process(worker.pid)  # and once it works
             time.sleep(0.5)
-            assert worker.is_alive()
-            assert next(iterator).tolist() == [4, 5, 6, 7]  # and still serves batches
+            assert worker.is_alive() and [next(iterator).tolist()[0] for _ in range(6)] == [24, 28, 32, 36, 40, 44]
             os.kill(worker.pid, signal.SIGTERM)  # from its parent, as DataLoader's shutdown and multiprocessing do
             worker.join(timeout=30)
             assert worker.exitcode == 0

@@ -255,8 +255,8 @@ def test_thaw_train_given_sigterm_by_its_group_exits_143_in_one_line_and_resumes
     os.kill(process.pid, signal.SIGTERM)
     os.killpg(process.pid, signal.SIGTERM)
     assert process.wait(timeout=120) == 143, process.stderr.read()  # 128 + SIGTERM, as a shell reports a signal's end
-    said = process.stderr.read().decode()
-    assert "Traceback" not in said and said.startswith("thaw: interrupted") and said.count("\n") == 1, said
+    said = process.stderr.read().decode()  # (torch may warn first about more workers than cores)
+    assert "Traceback" not in said and said.splitlines()[-1].startswith("thaw: interrupted"), said
     assert f"a checkpoint is saved. Continue with the same command plus --resume {run}" in said
     assert load_checkpoint(run / "checkpoint.pt")["batch"] is not None  # stopped inside an epoch, not at its end
     _wait_until_gone(process.pid)
@@ -278,8 +278,12 @@ def test_an_error_the_stop_brought_about_ends_the_run_as_the_stop_does(tiny_spli
             os.kill(os.getpid(), signal.SIGTERM)
             raise RuntimeError("DataLoader worker (pid 1234) is killed by signal: Terminated.")
 
-    with pytest.raises(RunInterrupted, match=r"interrupted by SIGTERM, which also ended this: DataLoader worker .*--resume") as stopped:
-        _train(tiny_split_data, tmp_path / "run", step_hooks=[worker_gone_after_sigterm])
+    previous = signal.signal(signal.SIGTERM, lambda *_: None)  # without the run's handler, the test fails, not pytest
+    try:
+        with pytest.raises(RunInterrupted, match=r"interrupted by SIGTERM, which also ended this: DataLoader worker .*--resume") as stopped:
+            _train(tiny_split_data, tmp_path / "run", step_hooks=[worker_gone_after_sigterm])
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     assert stopped.value.signal_number == signal.SIGTERM
     assert "batch" not in load_checkpoint(tmp_path / "run" / "checkpoint.pt")  # an epoch's end: nothing mid-step was saved
 

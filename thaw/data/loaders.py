@@ -204,7 +204,12 @@ def stop_workers(*loaders: DataLoader | None) -> None:
     for loader in loaders:
         iterator = getattr(loader, "_iterator", None)  # where DataLoader keeps its persistent workers
         if iterator is not None and hasattr(iterator, "_shutdown_workers"):
+            workers = list(getattr(iterator, "_workers", ()))
             iterator._shutdown_workers()
+            for worker in workers:  # stuck where it cannot take DataLoader's SIGTERM (native code holding the GIL)
+                if worker.is_alive():
+                    worker.kill()
+                    worker.join(timeout=5)
         if loader is not None:
             loader._iterator = None
 

@@ -22,6 +22,7 @@ import os
 import signal
 import threading
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import BinaryIO, Callable, Sequence
 
@@ -43,36 +44,57 @@ def decode_at(path: Path, draft_size: int | None) -> np.ndarray:
 
 def ignore_interrupts(_worker: int) -> None:
     """DataLoader worker start-up: Ctrl-C is the training process's to handle (it saves a checkpoint);
-    a worker that ran the trainer's handler too would print its message once more and carry on. SIGTERM too,
-    unless the training process sends it (DataLoader's shutdown and multiprocessing end a stuck worker so):
-    `timeout`, SLURM and systemd send it to every process of a job, and a worker it ended would stop the
-    training step with an error instead of the checkpoint it is finishing. Linux only (sigwaitinfo); the
-    worker's threads take SIGTERM only through the waiting thread, as WorkerLoader starts them blocked."""
+    a worker that ran the trainer's handler too would print its message once more and carry on."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    if hasattr(signal, "sigwaitinfo"):
-        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # where WorkerLoader's block did not carry (spawn)
-        threading.Thread(target=_end_when_the_parent_asks, args=(os.getppid(),), name="thaw-sigterm", daemon=True).start()
-
-
-def _end_when_the_parent_asks(parent: int) -> None:
-    """Take each SIGTERM this worker gets; exit (as torch's worker handler does) when the training process sent it."""
-    while True:
-        if signal.sigwaitinfo({signal.SIGTERM}).si_pid == parent:
-            os._exit(0)
 
 
 class WorkerLoader(DataLoader):
-    """A DataLoader whose worker processes start with SIGTERM blocked in every thread (see ignore_interrupts):
-    a thread a worker starts before its init function, with SIGTERM open, would let a job's SIGTERM end it."""
+    """A DataLoader whose worker processes outlive a SIGTERM sent to the whole job (`timeout`, SLURM and systemd
+    signal every process of it): a worker it ended would stop the training step with an error instead of the
+    checkpoint the training process is finishing. The training process still ends them with SIGTERM (DataLoader's
+    shutdown, multiprocessing at exit), and so may anyone once it is gone. Linux only (sigwaitinfo): the workers
+    start with SIGTERM blocked in every thread, and one thread of theirs waits for it and asks who sent it."""
+
+    def __init__(self, *args, worker_init_fn: Callable[[int], None] | None = None, **kwargs) -> None:
+        super().__init__(*args, worker_init_fn=partial(_start_worker, os.getpid(), worker_init_fn), **kwargs)
 
     def _get_iterator(self):  # where DataLoader starts its workers (once, for persistent ones)
         if self.num_workers == 0 or not hasattr(signal, "sigwaitinfo"):
             return super()._get_iterator()
-        held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # one arriving now is handled just after
+        # Blocked while the workers fork, so every thread they start inherits the block (one started before the
+        # init function would otherwise take a job's SIGTERM); a signal arriving meanwhile is handled just after.
+        held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
         try:
             return super()._get_iterator()
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, held)
+
+
+def _start_worker(parent: int, then: Callable[[int], None] | None, worker: int) -> None:
+    if hasattr(signal, "sigwaitinfo"):
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # where the loader's block did not carry (forkserver)
+        threading.Thread(target=_end_when_the_parent_asks, args=(parent,), name="thaw-sigterm", daemon=True).start()
+    if then is not None:
+        then(worker)
+
+
+def _end_when_the_parent_asks(parent: int) -> None:
+    """Take each SIGTERM this worker gets; exit (as torch's worker handler does) when the training process sent it,
+    or when that process is gone."""
+    while True:
+        sender = signal.sigwaitinfo({signal.SIGTERM}).si_pid
+        if sender == parent or not _alive(parent):
+            os._exit(0)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process now holds the number: ours is gone
+        return False
+    return True
 
 
 class _Decoder(Dataset):

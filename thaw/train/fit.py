@@ -1012,17 +1012,19 @@ class Trainer:
         # Under torchrun, Ctrl-C reaches every rank at a different step: let torchrun stop them all,
         # and resume from the last epoch checkpoint.
         in_main_thread = threading.current_thread() is threading.main_thread() and not self.processes.distributed
+        self.cleaning, self.held_signal = False, None
         # A handler set outside Python (getsignal gives None) cannot be put back: such a signal stays the caller's.
         taken = [number for number in STOP_SIGNALS if signal.getsignal(number) is not None] if in_main_thread else []
         previous = {number: signal.signal(number, self._on_interrupt) for number in taken}
         try:
             return self._fit(resume, callbacks)
-        except Exception as error:
-            if not self.stop_requested or isinstance(error, (RunInterrupted, ThawError)):
+        except RuntimeError as error:
+            # What the stop brought about: a SIGTERM sent to the whole job (timeout, SLURM) ends decoding workers that
+            # do not outlive it (see WorkerLoader). Any other error, or one without that stop, stays what it is.
+            if not (self.stop_requested and self.stopped_by == signal.SIGTERM and "DataLoader worker" in str(error)):
                 raise
-            # What the stop brought about: a SIGTERM sent to the whole job (timeout, SLURM) ends the decoding workers too.
-            asked = signal.Signals(self.stopped_by).name
-            raise RunInterrupted(interrupted_before_training(self.out, f"by {asked}, which also ended this: {first_line(error)}"), self.stopped_by) from None
+            said = interrupted_before_training(self.out, f"by SIGTERM, which also ended this: {first_line(error)}")
+            raise RunInterrupted(said, self.stopped_by) from error
         finally:
             self.cleaning = True
             try:
@@ -1030,7 +1032,8 @@ class Trainer:
             finally:  # whatever the clean-up raised: the caller's handlers are back, then a signal held meanwhile
                 for number, handler in previous.items():
                     signal.signal(number, handler)
-                if self.held_signal is not None and not self.stop_requested:  # a stopping run has its answer already
+                # A stopping run has its answer already, unless this was the second Ctrl-C (abort: KeyboardInterrupt).
+                if self.held_signal is not None and (not self.stop_requested or self.held_signal == signal.SIGINT):
                     signal.raise_signal(self.held_signal)
 
     def _clean_up(self) -> None:
