@@ -1021,7 +1021,7 @@ class Trainer:
         except RuntimeError as error:
             # What the stop brought about: a SIGTERM sent to the whole job (timeout, SLURM) ends decoding workers that
             # do not outlive it (see WorkerLoader). Any other error, or one without that stop, stays what it is.
-            if not (self.stop_requested and self.stopped_by == signal.SIGTERM and "DataLoader worker" in str(error)):
+            if not (self.stop_requested and self.stopped_by == signal.SIGTERM and "DataLoader worker (pid" in str(error)):
                 raise
             said = interrupted_before_training(self.out, f"by SIGTERM, which also ended this: {first_line(error)}")
             raise RunInterrupted(said, self.stopped_by) from error
@@ -1032,8 +1032,7 @@ class Trainer:
             finally:  # whatever the clean-up raised: the caller's handlers are back, then a signal held meanwhile
                 for number, handler in previous.items():
                     signal.signal(number, handler)
-                # A stopping run has its answer already, unless this was the second Ctrl-C (abort: KeyboardInterrupt).
-                if self.held_signal is not None and (not self.stop_requested or self.held_signal == signal.SIGINT):
+                if self.held_signal is not None and not self.stop_requested:  # a stopping run has its answer already
                     signal.raise_signal(self.held_signal)
 
     def _clean_up(self) -> None:
