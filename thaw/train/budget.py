@@ -152,14 +152,10 @@ def _fit_epochs(planned: list[int], epoch_s: tuple[float, ...], scaled: list[int
     for index in scaled:
         epochs[index] = min(MAX_EPOCHS, math.floor(planned[index] * share))
     unspent = max(left, 0.0) - sum(epochs[index] * epoch_s[index] for index in scaled)
-    bought = True
-    while bought:  # the rounding's remainder, round after round: time a costly epoch cannot use goes to a cheaper stage
-        bought = False
-        for index in scaled:
-            if epochs[index] < MAX_EPOCHS and epoch_s[index] <= unspent:
-                epochs[index] += 1
-                unspent -= epoch_s[index]
-                bought = True
+    for index in scaled:  # the rounding's remainder
+        if epochs[index] < MAX_EPOCHS and epoch_s[index] <= unspent:
+            epochs[index] += 1
+            unspent -= epoch_s[index]
     return epochs
 
 
