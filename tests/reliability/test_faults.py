@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 import pytest
 from safetensors.torch import save_file
@@ -270,41 +271,36 @@ def test_thaw_train_given_sigterm_by_its_group_exits_143_in_one_line_and_resumes
 def test_an_error_the_stop_brought_about_ends_the_run_as_the_stop_does(tiny_split_data: Path, tmp_path: Path) -> None:
     """Where a job's SIGTERM also ends a decoding worker (elsewhere than Linux), the next batch fails: the run ends
     as stopped, one line naming both, with the last epoch's checkpoint; an error without a stop stays an error."""
-    calls: list[int] = []
+    def raising_at_step(count: int, message: str, after_sigterm: bool) -> Callable[[object, int, float], None]:
+        steps: list[int] = []
 
-    def worker_gone_after_sigterm(_optimizer, step: int, _factor: float) -> None:
-        calls.append(step)
-        if len(calls) == 6:  # in the second epoch: the first one's checkpoint is there
-            os.kill(os.getpid(), signal.SIGTERM)
-            raise RuntimeError("DataLoader worker (pid 1234) is killed by signal: Terminated.")
+        def hook(_optimizer, step: int, _factor: float) -> None:
+            steps.append(step)
+            if len(steps) == count:  # 6: in the second epoch, the first one's checkpoint is there
+                if after_sigterm:
+                    os.kill(os.getpid(), signal.SIGTERM)
+                raise RuntimeError(message)
+        return hook
 
     previous = signal.signal(signal.SIGTERM, lambda *_: None)  # without the run's handler, the test fails, not pytest
     try:
         with pytest.raises(RunInterrupted, match=r"interrupted by SIGTERM, which also ended this: DataLoader worker .*--resume") as stopped:
-            _train(tiny_split_data, tmp_path / "run", step_hooks=[worker_gone_after_sigterm])
+            worker_gone = raising_at_step(6, "DataLoader worker (pid 1234) is killed by signal: Terminated.", after_sigterm=True)
+            _train(tiny_split_data, tmp_path / "run", step_hooks=[worker_gone])
     finally:
         signal.signal(signal.SIGTERM, previous)
     assert stopped.value.signal_number == signal.SIGTERM
     assert "batch" not in load_checkpoint(tmp_path / "run" / "checkpoint.pt")  # an epoch's end: nothing mid-step was saved
 
-    def error_alone(_optimizer, step: int, _factor: float) -> None:
-        calls.append(step)
-        if len(calls) == 12:
-            raise RuntimeError("a bug")
-
     with pytest.raises(RuntimeError, match="a bug"):
-        _train(tiny_split_data, tmp_path / "other", step_hooks=[error_alone])
+        _train(tiny_split_data, tmp_path / "other", step_hooks=[raising_at_step(6, "a bug", after_sigterm=False)])
 
-    def dataset_bug_after_sigterm(_optimizer, step: int, _factor: float) -> None:
-        calls.append(step)
-        if len(calls) == 18:  # what torch passes on from a worker whose dataset raised: a bug, stop or not
-            os.kill(os.getpid(), signal.SIGTERM)
-            raise RuntimeError("Caught RuntimeError in DataLoader worker process 0.")
-
+    # What torch passes on from a worker whose dataset raised is a bug, stop or not.
     previous = signal.signal(signal.SIGTERM, lambda *_: None)
     try:
         with pytest.raises(RuntimeError, match="Caught RuntimeError in DataLoader worker process 0"):
-            _train(tiny_split_data, tmp_path / "third", step_hooks=[dataset_bug_after_sigterm])
+            dataset_bug = raising_at_step(6, "Caught RuntimeError in DataLoader worker process 0.", after_sigterm=True)
+            _train(tiny_split_data, tmp_path / "third", step_hooks=[dataset_bug])
     finally:
         signal.signal(signal.SIGTERM, previous)
 

@@ -90,9 +90,7 @@ def _end_when_the_parent_asks(parent: int) -> None:
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process now holds the number: ours is gone
+    except (ProcessLookupError, PermissionError):  # gone, or another user's process now holds the number: ours is gone
         return False
     return True
 
