@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import os
+import signal
 from pathlib import Path
 
 import pytest
@@ -62,6 +63,25 @@ def crash_after(epochs: int):
             raise Crash
 
     return callback
+
+
+def ctrl_c_in_the_next_epoch(after: int, signum: int = signal.SIGINT, times: int = 1) -> dict[str, list]:
+    """train_images options that press Ctrl-C (or send `signum`, `times` times) in the first optimizer step after
+    `after` epochs have ended: a stop inside that epoch, which the run takes after the step. (One sent at an epoch's
+    end stops the run there.)"""
+    armed: list[bool] = []
+
+    def arm(state) -> None:
+        if len(state.history) == after and not armed:
+            armed.append(True)
+
+    def press(_optimizer, _step: int, _factor: float) -> None:
+        if armed == [True]:
+            armed.append(True)
+            for _ in range(times):
+                os.kill(os.getpid(), signum)
+
+    return {"callbacks": [arm], "step_hooks": [press]}
 
 
 class SmallConvNet(nn.Module):

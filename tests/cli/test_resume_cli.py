@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from tests.cli.test_cli import thaw
-from tests.conftest import Crash, crash_after
+from tests.conftest import Crash, crash_after, ctrl_c_in_the_next_epoch
 from thaw.cli import main
 from thaw.train import TrainConfig, train_images
 from thaw.train.checkpoint import load_checkpoint
@@ -73,23 +73,16 @@ def test_typed_options_that_agree_with_the_run_are_accepted(tiny_split_data: Pat
 
 
 def test_a_run_stopped_mid_epoch_resumes_from_the_command_line_exactly(tiny_split_data: Path, tmp_path: Path) -> None:
-    import os
-    import signal
-
     from thaw.train.fit import RunInterrupted
 
     whole = tmp_path / "whole"
     assert main(["train", str(tiny_split_data), *TINY, "--batch-size", "4", "--out", str(whole), "--quiet"]) == 0
 
-    def press_ctrl_c(state) -> None:  # during the second epoch's first steps, after the first epoch's checkpoint
-        if len(state.history) == 1:
-            os.kill(os.getpid(), signal.SIGINT)
-
     cut = tmp_path / "cut"
     with pytest.raises(RunInterrupted):
         train_images(
             tiny_split_data, model="mobilenet_v3_small", weights=None, plan="two-phase", plan_options={"head_epochs": 1, "epochs": 1},
-            config=TrainConfig(image_size=32, batch_size=4, quiet=True), out=cut, callbacks=[press_ctrl_c],
+            config=TrainConfig(image_size=32, batch_size=4, quiet=True), out=cut, **ctrl_c_in_the_next_epoch(1),
         )
     assert load_checkpoint(cut / "checkpoint.pt")["batch"] > 0  # stopped inside an epoch
     assert main(["train", "--resume", str(cut), "--quiet"]) == 0

@@ -11,6 +11,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
+from tests.conftest import ctrl_c_in_the_next_epoch
 from thaw import ThawError, build_model
 from thaw.data.loaders import Batch
 from thaw.distributed import Processes
@@ -97,9 +98,6 @@ def test_no_batch_of_two_images_keeps_the_statistics_as_they_were() -> None:
 def test_ctrl_c_inside_an_adapt_stage_resumes_without_estimating_again(tiny_split_data: Path, tmp_path: Path) -> None:
     """Stopped after the first step of the second adapt stage (the network has trained one step since that stage's
     pass): the resumed run keeps the statistics it saved, and ends with the weights of an uninterrupted run."""
-    import os
-    import signal
-
     from thaw.plan import RangeLr
     from thaw.train.checkpoint import load_checkpoint
     from thaw.train.fit import RunInterrupted
@@ -113,12 +111,8 @@ def test_ctrl_c_inside_an_adapt_stage_resumes_without_estimating_again(tiny_spli
 
     run(tmp_path / "whole")
 
-    def press_ctrl_c(state: object) -> None:
-        if len(state.history) == 2:
-            os.kill(os.getpid(), signal.SIGINT)
-
     with pytest.raises(RunInterrupted):
-        run(tmp_path / "cut", callbacks=[press_ctrl_c])
+        run(tmp_path / "cut", **ctrl_c_in_the_next_epoch(2))
     run(tmp_path / "cut", resume=True)
     whole, cut = (load_checkpoint(tmp_path / name / "checkpoint.pt")["model"] for name in ("whole", "cut"))
     assert whole.keys() == cut.keys() and all(torch.equal(whole[k], cut[k]) for k in whole)

@@ -3,8 +3,6 @@ across a resume, leaves stages on cached features and every evaluation alone, an
 
 from __future__ import annotations
 
-import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -13,7 +11,7 @@ import pytest
 import torch
 from torchvision.transforms import v2
 
-from tests.conftest import Crash, SmallConvNet, crash_after, cli_config, write_text_table
+from tests.conftest import Crash, SmallConvNet, crash_after, cli_config, ctrl_c_in_the_next_epoch, write_text_table
 from thaw import ThawError, adapt
 from thaw.data.folders import discover
 from thaw.data.loaders import Batch, ImageDataset
@@ -193,12 +191,8 @@ def test_a_fixed_seed_repeats_and_ctrl_c_resumes_to_the_same_weights(tiny_split_
     _train(tiny_split_data, tmp_path / "whole", config)
     _train(tiny_split_data, tmp_path / "again", config)
 
-    def press_ctrl_c(state) -> None:
-        if len(state.history) == 2:  # in the full stage's second epoch, which the resumed run finishes
-            os.kill(os.getpid(), signal.SIGINT)
-
-    with pytest.raises(RunInterrupted, match="--resume"):
-        _train(tiny_split_data, tmp_path / "cut", config, callbacks=[press_ctrl_c])
+    with pytest.raises(RunInterrupted, match="--resume"):  # in the full stage's second epoch, which the resumed run finishes
+        _train(tiny_split_data, tmp_path / "cut", config, **ctrl_c_in_the_next_epoch(2))
     assert load_checkpoint(tmp_path / "cut" / "checkpoint.pt")["batch"] == accumulate
     _train(tiny_split_data, tmp_path / "cut", config, resume=True)
     whole, again, cut = (_weights(tmp_path / name) for name in ("whole", "again", "cut"))

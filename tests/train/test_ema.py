@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import Crash, cli_config, crash_after
+from tests.conftest import Crash, cli_config, crash_after, ctrl_c_in_the_next_epoch
 from thaw import ThawError, build_model
 from thaw.cli import main
 from thaw.export.inference import evaluate_run
@@ -81,13 +79,10 @@ def test_frozen_layers_stay_bit_identical_and_a_head_stage_keeps_no_average(tiny
 def test_a_resumed_run_ends_with_the_average_of_an_uninterrupted_one(tiny_split_data: Path, tmp_path: Path, stop: str) -> None:
     train(tiny_split_data, tmp_path / "whole")
 
-    def press_ctrl_c(state: object) -> None:  # handled after the next optimizer step: the top stage's first
-        if len(state.history) == 1:
-            os.kill(os.getpid(), signal.SIGINT)
-
-    callback, raised = (crash_after(2), Crash) if stop.startswith("crash") else (press_ctrl_c, RunInterrupted)
+    crash = stop.startswith("crash")
+    options, raised = ({"callbacks": [crash_after(2)]}, Crash) if crash else (ctrl_c_in_the_next_epoch(1), RunInterrupted)
     with pytest.raises(raised):
-        train(tiny_split_data, tmp_path / "cut", callbacks=[callback])
+        train(tiny_split_data, tmp_path / "cut", **options)
     train(tiny_split_data, tmp_path / "cut", resume=True)
     whole, cut = (load_checkpoint(tmp_path / name / "checkpoint.pt") for name in ("whole", "cut"))
     assert all(torch.equal(whole["ema"][k], cut["ema"][k]) for k in whole["ema"])

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import signal
 from pathlib import Path
 
 import pytest
@@ -13,7 +11,7 @@ from torch import nn
 from torchvision.models import VisionTransformer, mobilenet_v3_small
 from torchvision.ops import StochasticDepth
 
-from tests.conftest import Crash, cli_config, crash_after
+from tests.conftest import Crash, cli_config, crash_after, ctrl_c_in_the_next_epoch
 from thaw import adapt, apply_trainable, build_model, resolve
 from thaw.plan import ConstantLr, Plan, RangeLr, Stage, enter_stage
 from thaw.models.lora import LoraSpec
@@ -98,14 +96,11 @@ def test_the_frozen_bottom_stays_bit_identical_and_the_top_trains(tiny_split_dat
 def test_a_stop_in_a_cached_top_stage_resumes_to_the_uninterrupted_weights(tiny_split_data: Path, tmp_path: Path, stop: str) -> None:
     whole = _train(tiny_split_data, tmp_path / "whole")
 
-    def press_ctrl_c(state: object) -> None:  # handled after the next optimizer step: the top stage's first
-        if len(state.history) == 1:
-            os.kill(os.getpid(), signal.SIGINT)
-
-    callback, raised = (crash_after(2), Crash) if stop.startswith("crash") else (press_ctrl_c, RunInterrupted)
+    crash = stop.startswith("crash")
+    stopping, raised = ({"callbacks": [crash_after(2)]}, Crash) if crash else (ctrl_c_in_the_next_epoch(1), RunInterrupted)
     options = {"model": "mobilenet_v3_small", "weights": None, "plan": HEAD_THEN_TOP, "config": TrainConfig(**BASE), "out": tmp_path / "cut"}
     with pytest.raises(raised):
-        train_images(tiny_split_data, callbacks=[callback], **options)
+        train_images(tiny_split_data, **stopping, **options)
     resumed = train_images(tiny_split_data, resume=True, **options)
     assert [r["val_loss"] for r in resumed.history] == [r["val_loss"] for r in whole.history]
     assert all(row["cached"] for row in resumed.history)

@@ -4,8 +4,6 @@ evaluation; a resumed run ends where a whole one does; sizes the network cannot 
 from __future__ import annotations
 
 import math
-import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -13,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import Crash, SmallConvNet, crash_after, cli_config
+from tests.conftest import Crash, SmallConvNet, crash_after, cli_config, ctrl_c_in_the_next_epoch
 from thaw import ThawError, adapt
 from thaw.data.folders import discover
 from thaw.plan import ConstantLr, Plan, RangeLr, Stage
@@ -97,12 +95,8 @@ def test_ctrl_c_in_a_smaller_epoch_resumes_to_the_same_weights(tiny_split_data: 
     config = TrainConfig(**{**CONFIG.__dict__, "batch_size": 4, "workers": workers})
     _train(tiny_split_data, tmp_path / "whole", config)
 
-    def press_ctrl_c(state) -> None:
-        if len(state.history) == 2:
-            os.kill(os.getpid(), signal.SIGINT)
-
     with pytest.raises(RunInterrupted, match="--resume"):
-        _train(tiny_split_data, tmp_path / "cut", config, callbacks=[press_ctrl_c])
+        _train(tiny_split_data, tmp_path / "cut", config, **ctrl_c_in_the_next_epoch(2))
     assert load_checkpoint(tmp_path / "cut" / "checkpoint.pt")["batch"] == 1
     _train(tiny_split_data, tmp_path / "cut", config, resume=True)
     whole, cut = (load_checkpoint(tmp_path / name / "checkpoint.pt")["model"] for name in ("whole", "cut"))

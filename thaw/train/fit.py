@@ -651,12 +651,12 @@ class Trainer:
         state = self._checkpoint_state() | {"batch": batches, "rng": torch.get_rng_state(), "cuda_rng": cuda_rng, "tracker": tracker.state()}
         self._save_checkpoint(state)
         stage = self.plan.stages[self.state.stage]
-        raise RunInterrupted(
-            f"interrupted in stage {stage.name!r}, epoch {self.state.epoch + 1}, after batch {batches}; "
-            f"a checkpoint is saved. Continue with the same command plus --resume {self.out} (from Python: "
-            f"resume_run({str(self.out)!r}))",
-            self.stopped_by,
-        )
+        where = f"in stage {stage.name!r}, epoch {self.state.epoch + 1}, after batch {batches}"
+        raise RunInterrupted(self._stopped_with_checkpoint(where), self.stopped_by)
+
+    def _stopped_with_checkpoint(self, where: str) -> str:
+        return (f"interrupted {where}; a checkpoint is saved. Continue with the same command plus --resume {self.out} "
+                f"(from Python: resume_run({str(self.out)!r}))")
 
     def _check_weights_finite(self, stage_index: int) -> None:
         """Before anything is written: a finite loss does not prove finite weights (taps that never
@@ -757,6 +757,7 @@ class Trainer:
         return any(not locks_statistics(stage.batchnorm, batchnorm_trains(self.adapter, name, layer, trainable)) for name, layer in layers)
 
     def run_stage(self, stage_index: int, callbacks: list[EpochCallback]) -> None:
+        self._stop_if_asked()  # before the stage's set-up (its feature cache pass)
         if stage_index and self.state.epoch == 0 and self.budget_split is not None and not self.restored:
             self.replan_budget(stage_index)
         stage, state = self.plan.stages[stage_index], self.state
@@ -779,6 +780,7 @@ class Trainer:
         schedule = self._schedule(stage.epochs, cached)
         self.engine.before_step = distributed.average_gradients if (cached is not None and self.processes.distributed) else None
         while state.epoch < stage.epochs and not state.stopped:
+            self._stop_if_asked()
             if self.out_of_budget(stage_index, starting=False):
                 return
             epoch_started = time.perf_counter()
@@ -795,6 +797,16 @@ class Trainer:
             if state.stopped:
                 self.engine.progress.epochs[stage_index] = state.epoch
                 self._say(f"stage {stage.name!r}: no improvement in {patience} epochs, moving on")
+
+    def _stop_if_asked(self) -> None:
+        """A stop asked for in an epoch's last step or its val pass, which end the epoch (one batch an epoch: always):
+        the run stops at the epoch's end, where its checkpoint was just written, not at the next epoch's last step."""
+        if self.stop_requested and self.state.history:
+            stage, epoch = self.plan.stages[self.state.stage], self.state.epoch
+            where = f"in stage {stage.name!r}, after epoch {epoch}"
+            if epoch == 0 and self.state.stage:
+                where = f"after stage {self.plan.stages[self.state.stage - 1].name!r}, before {stage.name!r}"
+            raise RunInterrupted(self._stopped_with_checkpoint(where), self.stopped_by)
 
     def plan_budget(self) -> None:
         """--budget: time a few batches, then choose the epochs per stage; rank 0 decides for every rank."""
