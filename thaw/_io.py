@@ -48,4 +48,6 @@ def check_writable(folder: Path) -> None:
         probe.write_text("ok")
         probe.unlink()
     except OSError as error:
-        raise ThawError(f"output folder {folder} is not writable ({error.strerror or error}); choose another with --out") from None
+        # mkdir's "File exists" for a file there says nothing a user can act on
+        why = "a file, not a folder, is there" if folder.exists() and not folder.is_dir() else (error.strerror or str(error))
+        raise ThawError(f"output folder {folder} is not writable ({why}); choose another with --out") from None

@@ -25,10 +25,14 @@ def join_problems(problems: list[str]) -> str:
 def first_line(error: BaseException, limit: int = 200) -> str:
     """What another library's exception says, fit for one line: its first line with a word in it, without terminal
     escape codes; its type where it says nothing readable (an empty file's EOFError has no message, a damaged
-    pickle's may be a number)."""
+    pickle's may be a number); a long one up to the last sentence that fits in `limit` characters."""
     lines = [line.strip() for line in _TERMINAL_CODES.sub("", str(error)).splitlines()]
     readable = next((line for line in lines if re.search(r"[A-Za-z]", line)), None)
     if readable is None:
         shown = next((line for line in lines if line), "")
         readable = f"{type(error).__name__}: {shown}" if shown else type(error).__name__
-    return readable[:limit]
+    if len(readable) <= limit:
+        return readable
+    cut = readable[:limit]  # at the last whole sentence that fits, else the last whole word: never mid-word
+    end = cut.rfind(". ")
+    return cut[: end + 1] if end > 0 else cut.rsplit(" ", 1)[0] + " ..."

@@ -140,7 +140,7 @@ MOBILENET_PLAN = ["plan", "--model", "mobilenet_v3_small", "--num-classes", "3"]
         ([*LR_FIND, "--out", "TMP"], "is a folder; name the plot file"),
         ([*LR_FIND, "--out", "TMP/plot.xyz"], "cannot draw a .xyz file"),
         ([*LR_FIND, "--end", "1e300"], "argument --end: an lr must be a positive finite number up to 1000"),
-        (["demo", "--out", "TMP/decay.yaml"], "decay.yaml is not writable"),
+        (["demo", "--out", "TMP/decay.yaml"], "decay.yaml is not writable (a file, not a folder, is there)"),
     ],
 )
 def test_impossible_values_are_one_line_and_exit_2(
@@ -204,9 +204,24 @@ def test_models_lists_80_builders_and_offline_weights(capsys: pytest.CaptureFixt
         ("", "EOFError"),  # torch's error for an empty file
         ("174812789", "EOFError: 174812789"),  # a number alone says nothing
         ("-----\n\x1b[1mWeights only load failed.\x1b[0m\x1b[K\nmore", "Weights only load failed."),
+        (  # torch's error for a checkpoint cut short: a paragraph on one line, shown up to its last whole sentence
+            "PytorchStreamReader failed reading zip archive: failed finding central directory. This is an internal miniz "
+            "error. If you are seeing this error, there is a high likelihood that your checkpoint file is corrupted. This can",
+            "PytorchStreamReader failed reading zip archive: failed finding central directory. This is an internal miniz error.",
+        ),
+        ("word " * 60, "word " * 39 + "word ..."),  # no sentence ends within the limit: whole words
     ],
 )
 def test_another_librarys_error_is_quoted_by_its_first_readable_line(message: str, expected: str) -> None:
     from thaw.errors import first_line
 
     assert first_line(EOFError(message)) == expected
+
+
+def test_output_into_a_closed_pipe_ends_quietly() -> None:
+    """`thaw models | head -1`: the reader is gone before thaw writes (it closes its end while torch loads)."""
+    process = subprocess.Popen([sys.executable, "-m", "thaw", "models"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    process.stdout.close()
+    said = process.stderr.read().decode()
+    assert process.wait(timeout=120) == 141, said  # 128 + SIGPIPE, as a shell reports `yes | head -1`
+    assert said == ""  # no traceback, no "Exception ignored" at exit

@@ -294,6 +294,7 @@ DAMAGE = {
         lambda copy: (copy / "thaw.json").write_text(json.dumps(json.loads((copy / "thaw.json").read_text()) | {"classes": [1, 2]})),
         "thaw.json is damaged (classes is not a list of names)",
     ),
+    "weights deleted": (lambda copy: (copy / "model.safetensors").unlink(), "has no model.safetensors, though its thaw.json says the run finished"),
     "weights cut short": (
         lambda copy: (copy / "model.safetensors").write_bytes((copy / "model.safetensors").read_bytes()[:1000]),
         "model.safetensors is damaged (",

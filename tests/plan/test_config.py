@@ -115,3 +115,13 @@ def test_yaml_values_are_checked_as_flags_are(tmp_path: Path, text: str, expecte
         load_plan(path)
     assert expected in str(error.value)
     assert "\n" not in str(error.value)
+
+
+def test_two_stages_with_one_name_are_refused_with_the_files_name(tmp_path: Path) -> None:
+    """The summary's delivered epoch, the budget's split and the progress name a stage by its name."""
+    path = tmp_path / "plan.yaml"
+    path.write_text("stages:\n  - {name: head, epochs: 1, train: [head]}\n  - {name: head, epochs: 1, train: [all], lr: 1.0e-4}\n")
+    with pytest.raises(ThawError, match=rf"^{path}: stage names must differ: 'head' names more than one stage; rename them$"):
+        load_plan(path)
+    path.write_text("stages:\n  - {name: head, epochs: 1, train: [head]}\n  - {name: all, epochs: 1, train: [all], lr: 1.0e-4}\n")
+    assert [stage.name for stage in load_plan(path).stages] == ["head", "all"]

@@ -142,6 +142,8 @@ def test_tied_val_accuracy_delivers_the_epoch_with_the_lowest_val_loss_and_says_
     assert best["epoch"] == 3
     assert why_delivered(best, history) == "highest val accuracy 0.9565, tied with epochs 2, 4: the lowest val loss of them"
     assert why_delivered(best, history[:3]) == "highest val accuracy 0.9565, tied with epoch 2: the lowest val loss of them"
+    many = history + [_epoch(epoch, 0.9565, 0.5) for epoch in range(5, 205)]  # a long run: the line names five
+    assert why_delivered(best, many) == "highest val accuracy 0.9565, tied with epochs 2, 4, 5, 6, 7 and 197 more: the lowest val loss of them"
     assert not _is_better("accuracy", 0.9565, 0.21, best)  # an exact tie in both keeps the earlier epoch
     assert _is_better("accuracy", 0.9600, 0.90, best)  # higher accuracy wins whatever its loss
     assert not _is_better("loss", 0.25, 0.25, {"metric": "loss", "value": 0.21, "val": {"loss": 0.21}})

@@ -58,6 +58,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if os.environ.get("RANK", "0") == "0":  # torchrun's ranks other than 0 stay quiet, as below
             print("thaw: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `thaw models | head -1`: the reader has what it wanted and is gone
+        # Python flushes stdout at exit: with nowhere to go, that would fail again and print a warning.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + 13  # as a shell reports a process ended by SIGPIPE
 
 
 def _run(argv: list[str]) -> int:

@@ -55,7 +55,8 @@ def load_run(run: str | Path, device: str | torch.device = "cpu", model: nn.Modu
     meta = read_metadata(run)
     weights_path = run / WEIGHTS
     if not weights_path.is_file():
-        raise ThawError(f"{run} has no {WEIGHTS}; the run did not finish an epoch")
+        # METADATA is written after the weights, at a run's end: the file was moved or deleted since
+        raise ThawError(f"{run} has no {WEIGHTS}, though its {METADATA} says the run finished; retrain or restore it from a copy")
     if meta.get("task") == "text":
         adapter = _text_adapter(run, meta)
     else:

@@ -176,7 +176,10 @@ def plan_from_dict(raw: Any, source: str = "plan", top_keys: tuple[str, ...] = P
     lora = _lora(raw["lora"], problems) if raw.get("lora") is not None else None
     if problems:
         raise ThawError(f"{source}: " + join_problems(problems))
-    return Plan(tuple(s for s in stages if s is not None), lora)
+    try:
+        return Plan(tuple(s for s in stages if s is not None), lora)
+    except ThawError as error:  # what holds the stages together (names, epochs): said with the file's name too
+        raise ThawError(f"{source}: {error}") from None
 
 
 def _lora(raw: Any, problems: list[str]) -> LoraSpec | None:

@@ -70,6 +70,10 @@ class Plan:
                 f"every stage of the plan ({names}) has 0 epochs, so nothing would train; give a stage 1 epoch or more "
                 "(on the command line: --epochs, --head-epochs)"
             )
+        names = [str(stage.name) for stage in self.stages]
+        repeated = sorted({name for name in names if names.count(name) > 1})
+        if repeated:  # the summary's delivered epoch, the budget's split and the progress name a stage by its name
+            raise ThawError(f"stage names must differ: {', '.join(map(repr, repeated))} names more than one stage; rename them")
 
 
 @dataclass(frozen=True)

@@ -170,6 +170,9 @@ def data_line(data: ImageData | TextData) -> str:
     return f"data: {data.layout}; {len(data.classes)} classes, {len(data.train)} train, {len(data.val)} val{test}"
 
 
+TIES_LISTED = 5  # a long run on a small val split can tie in hundreds of epochs: the line stays one line
+
+
 def why_delivered(best: dict, history: list[dict]) -> str:
     """One line for the run summary: the epoch delivered, and how ties were settled."""
     metric, value = best["metric"], best["value"]
@@ -178,7 +181,8 @@ def why_delivered(best: dict, history: list[dict]) -> str:
     tied = [row["epoch"] for row in history if row.get(f"val_{metric}") == value and row["epoch"] != best["epoch"]]
     said = f"highest val {metric} {value:.4f}"
     if tied:
-        said += f", tied with epoch{'s' if len(tied) > 1 else ''} {', '.join(map(str, tied))}: the lowest val loss of them"
+        listed = ", ".join(map(str, tied[:TIES_LISTED])) + (f" and {len(tied) - TIES_LISTED} more" if len(tied) > TIES_LISTED else "")
+        said += f", tied with epoch{'s' if len(tied) > 1 else ''} {listed}: the lowest val loss of them"
     return said
 
 
