@@ -33,6 +33,9 @@ def first_line(error: BaseException, limit: int = 200) -> str:
         readable = f"{type(error).__name__}: {shown}" if shown else type(error).__name__
     if len(readable) <= limit:
         return readable
-    cut = readable[:limit]  # at the last whole sentence that fits, else the last whole word: never mid-word
+    cut = readable[: limit - 4]  # at the last whole sentence that fits, else the last whole word, then " ..."
     end = cut.rfind(". ")
-    return cut[: end + 1] if end > 0 else cut.rsplit(" ", 1)[0] + " ..."
+    if end >= limit // 2:  # not an "e.g. " early on
+        return cut[: end + 1]
+    words = cut.rsplit(" ", 1)[0] if " " in cut else cut
+    return words + " ..."

@@ -209,7 +209,9 @@ def test_models_lists_80_builders_and_offline_weights(capsys: pytest.CaptureFixt
             "error. If you are seeing this error, there is a high likelihood that your checkpoint file is corrupted. This can",
             "PytorchStreamReader failed reading zip archive: failed finding central directory. This is an internal miniz error.",
         ),
-        ("word " * 60, "word " * 39 + "word ..."),  # no sentence ends within the limit: whole words
+        ("word " * 60, "word " * 38 + "word ..."),  # no sentence ends within the limit: whole words
+        ("Expected input, e.g. a tensor " + "word " * 60, "Expected input, e.g. a tensor " + "word " * 32 + "word ..."),
+        ("x" * 300, "x" * 196 + " ..."),  # no space at all: at the limit
     ],
 )
 def test_another_librarys_error_is_quoted_by_its_first_readable_line(message: str, expected: str) -> None:
@@ -218,9 +220,11 @@ def test_another_librarys_error_is_quoted_by_its_first_readable_line(message: st
     assert first_line(EOFError(message)) == expected
 
 
-def test_output_into_a_closed_pipe_ends_quietly() -> None:
+@pytest.mark.parametrize("unbuffered", ["", "1"])  # Python's default buffers stdout in a pipe: the write fails at the end
+def test_output_into_a_closed_pipe_ends_quietly(unbuffered: str) -> None:
     """`thaw models | head -1`: the reader is gone before thaw writes (it closes its end while torch loads)."""
-    process = subprocess.Popen([sys.executable, "-m", "thaw", "models"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    env = {key: value for key, value in os.environ.items() if key != "PYTHONUNBUFFERED"} | ({"PYTHONUNBUFFERED": "1"} if unbuffered else {})
+    process = subprocess.Popen([sys.executable, "-m", "thaw", "models"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
     process.stdout.close()
     said = process.stderr.read().decode()
     assert process.wait(timeout=120) == 141, said  # 128 + SIGPIPE, as a shell reports `yes | head -1`

@@ -5,7 +5,8 @@ from pathlib import Path
 import pytest
 
 from thaw import ThawError, build_model, load_plan, resolve_stage
-from thaw.plan import DecayLr, ExplicitLr, RangeLr
+from thaw.plan import DecayLr, ExplicitLr, RangeLr, plan_from_dict
+from thaw.train import train_images
 
 GOOD = """
 weight_decay: 0.02
@@ -125,3 +126,8 @@ def test_two_stages_with_one_name_are_refused_with_the_files_name(tmp_path: Path
         load_plan(path)
     path.write_text("stages:\n  - {name: head, epochs: 1, train: [head]}\n  - {name: all, epochs: 1, train: [all], lr: 1.0e-4}\n")
     assert [stage.name for stage in load_plan(path).stages] == ["head", "all"]
+    # A run made before the check still loads its saved plan; a new run of such a Plan is refused before any work.
+    saved = plan_from_dict({"stages": [{"name": "head", "epochs": 1}, {"name": "head", "epochs": 1, "train": ["all"]}]})
+    with pytest.raises(ThawError, match="stage names must differ"):
+        train_images(tmp_path / "no-data", model="mobilenet_v3_small", weights=None, plan=saved, out=tmp_path / "run")
+    assert not (tmp_path / "run").exists()

@@ -60,30 +60,68 @@ def test_ctrl_c_finishes_the_step_saves_and_resumes_exactly(
 
 # One batch an epoch: every step is an epoch's last. after_epoch 2: the head stage's last epoch, so the stop comes
 # between the stages, before the full stage's set-up.
-@pytest.mark.parametrize(("after_epoch", "in_the_last_step"), [(1, False), (1, True), (2, False), (3, True)])
+@pytest.mark.parametrize(
+    ("after_epoch", "when", "said", "entered"),
+    [
+        (1, "after the epoch", "in stage 'head', after epoch 1", [0]),
+        (1, "in its last step", "in stage 'head', after epoch 1", [0]),
+        (1, "in its val pass", "in stage 'head', after epoch 1", [0]),
+        (2, "after the epoch", "after stage 'head', before 'all'", [0]),
+        (3, "in its last step", "in stage 'all', after epoch 1", [0, 1]),
+    ],
+)
 def test_ctrl_c_in_an_epochs_last_step_stops_at_its_end_and_resumes_exactly(
-    tiny_split_data: Path, tmp_path: Path, after_epoch: int, in_the_last_step: bool
+    tiny_split_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, after_epoch: int, when: str, said: str, entered: list[int]
 ) -> None:
     config = TrainConfig(**{**CONFIG.__dict__, "batch_size": 64})
     _train(tiny_split_data, tmp_path / "whole", config)
-    steps: list[int] = []
+    fit_module = sys.modules["thaw.train.fit"]  # `thaw.train.fit` the attribute is the function
+    steps, passes, stages_entered = [], [], []
+    real_evaluate, real_enter = fit_module.evaluate, fit_module.Trainer._enter
 
     def press_in_the_step(_optimizer, step: int, _factor: float) -> None:
         steps.append(step)
-        if in_the_last_step and len(steps) == after_epoch:
+        if when == "in its last step" and len(steps) == after_epoch:
             os.kill(os.getpid(), signal.SIGINT)
+
+    def press_in_the_val_pass(*args, **options):
+        passes.append(True)
+        if when == "in its val pass" and len(passes) == after_epoch:
+            os.kill(os.getpid(), signal.SIGINT)
+        return real_evaluate(*args, **options)
 
     def press_after_the_epoch(state) -> None:
-        if not in_the_last_step and len(state.history) == after_epoch:
+        if when == "after the epoch" and len(state.history) == after_epoch:
             os.kill(os.getpid(), signal.SIGINT)
 
-    with pytest.raises(RunInterrupted, match=rf"interrupted (in stage '\w+', after epoch \d+|after stage 'head', before 'all'); a checkpoint is saved.*--resume {tmp_path / 'cut'}"):
+    def enter(self, stage_index: int, *args):
+        stages_entered.append(stage_index)
+        return real_enter(self, stage_index, *args)
+
+    monkeypatch.setattr(fit_module, "evaluate", press_in_the_val_pass)
+    monkeypatch.setattr(fit_module.Trainer, "_enter", enter)
+    with pytest.raises(RunInterrupted, match=rf"^interrupted {said}; a checkpoint is saved\. .*--resume {tmp_path / 'cut'}"):
         _train(tiny_split_data, tmp_path / "cut", config, callbacks=[press_after_the_epoch], step_hooks=[press_in_the_step])
+    assert stages_entered == entered  # between stages: stopped before the next one's set-up
     saved = load_checkpoint(tmp_path / "cut" / "checkpoint.pt")
     assert "batch" not in saved and len(saved["history"]) == after_epoch  # stopped at that epoch's end
     resumed = _train(tiny_split_data, tmp_path / "cut", config, resume=True)
     assert _same(_weights(tmp_path / "whole"), _weights(tmp_path / "cut"))
     assert len(resumed.history) == 4
+
+
+def test_ctrl_c_in_the_runs_last_step_lets_it_finish(tiny_split_data: Path, tmp_path: Path) -> None:
+    """Nothing is left to stop: the run ends as finished (its model delivered), not as interrupted."""
+    config = TrainConfig(**{**CONFIG.__dict__, "batch_size": 64})  # one step an epoch, 4 epochs
+    steps: list[int] = []
+
+    def press_in_the_last_step(_optimizer, step: int, _factor: float) -> None:
+        steps.append(step)
+        if len(steps) == 4:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    result = _train(tiny_split_data, tmp_path / "run", config, step_hooks=[press_in_the_last_step])
+    assert len(steps) == 4 and len(result.history) == 4 and (tmp_path / "run" / "thaw.json").is_file()
 
 
 def test_sigterm_stops_a_run_as_ctrl_c_does_and_the_handlers_are_given_back(tiny_split_data: Path, tmp_path: Path) -> None:

@@ -113,6 +113,7 @@ def test_ctrl_c_inside_an_adapt_stage_resumes_without_estimating_again(tiny_spli
 
     with pytest.raises(RunInterrupted):
         run(tmp_path / "cut", **ctrl_c_in_the_next_epoch(2))
+    assert load_checkpoint(tmp_path / "cut" / "checkpoint.pt")["batch"] == 1  # inside the stage's first epoch
     run(tmp_path / "cut", resume=True)
     whole, cut = (load_checkpoint(tmp_path / name / "checkpoint.pt")["model"] for name in ("whole", "cut"))
     assert whole.keys() == cut.keys() and all(torch.equal(whole[k], cut[k]) for k in whole)

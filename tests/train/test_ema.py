@@ -83,6 +83,7 @@ def test_a_resumed_run_ends_with_the_average_of_an_uninterrupted_one(tiny_split_
     options, raised = ({"callbacks": [crash_after(2)]}, Crash) if crash else (ctrl_c_in_the_next_epoch(1), RunInterrupted)
     with pytest.raises(raised):
         train(tiny_split_data, tmp_path / "cut", **options)
+    assert crash or load_checkpoint(tmp_path / "cut" / "checkpoint.pt")["batch"] == 1  # inside the top stage's first epoch
     train(tiny_split_data, tmp_path / "cut", resume=True)
     whole, cut = (load_checkpoint(tmp_path / name / "checkpoint.pt") for name in ("whole", "cut"))
     assert all(torch.equal(whole["ema"][k], cut["ema"][k]) for k in whole["ema"])

@@ -17,6 +17,7 @@ from thaw.plan import ConstantLr, Plan, RangeLr, Stage, enter_stage
 from thaw.models.lora import LoraSpec
 from thaw.plan.stages import resolve_stage
 from thaw.train import TrainConfig, train_images
+from thaw.train.checkpoint import load_checkpoint
 from thaw.data.folders import discover
 from thaw.train.feature_cache import fingerprint
 from thaw.train.fit import RunInterrupted, Trainer, choose_engine, fit
@@ -101,6 +102,7 @@ def test_a_stop_in_a_cached_top_stage_resumes_to_the_uninterrupted_weights(tiny_
     options = {"model": "mobilenet_v3_small", "weights": None, "plan": HEAD_THEN_TOP, "config": TrainConfig(**BASE), "out": tmp_path / "cut"}
     with pytest.raises(raised):
         train_images(tiny_split_data, **stopping, **options)
+    assert crash or load_checkpoint(tmp_path / "cut" / "checkpoint.pt")["batch"] == 1  # inside the top stage's first epoch
     resumed = train_images(tiny_split_data, resume=True, **options)
     assert [r["val_loss"] for r in resumed.history] == [r["val_loss"] for r in whole.history]
     assert all(row["cached"] for row in resumed.history)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import select
 import sys
 from typing import Any, NoReturn, Sequence
 
@@ -53,15 +54,30 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
-        return _run(argv)
+        code = _run(argv)
+        sys.stdout.flush()  # here, not at exit: a pipe's reader that is gone shows as below
+        return code
     except KeyboardInterrupt:  # while Python was still loading torch and the commands: nothing had started
         if os.environ.get("RANK", "0") == "0":  # torchrun's ranks other than 0 stay quiet, as below
             print("thaw: interrupted", file=sys.stderr)
         return 130
-    except BrokenPipeError:  # `thaw models | head -1`: the reader has what it wanted and is gone
-        # Python flushes stdout at exit: with nowhere to go, that would fail again and print a warning.
+    except BrokenPipeError:
+        if not _stdout_reader_gone():  # another pipe (a worker's, a logger's): an error like any other
+            raise
+        # `thaw models | head -1`: the reader has what it wanted. Python flushes stdout at exit: with nowhere to go,
+        # that would fail again and print a warning.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 128 + 13  # as a shell reports a process ended by SIGPIPE
+
+
+def _stdout_reader_gone() -> bool:
+    """Whether stdout is a pipe whose reading end is closed (poll says POLLERR there; where poll is missing: no)."""
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(events & select.POLLERR for _, events in poller.poll(0))
+    except (AttributeError, OSError, ValueError):
+        return False
 
 
 def _run(argv: list[str]) -> int:

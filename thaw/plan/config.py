@@ -13,7 +13,7 @@ from thaw.errors import ThawError, join_problems
 from thaw.plan.freeze import BATCHNORM_POLICIES
 from thaw.plan.lr import MAX_LR, ConstantLr, DecayLr, ExplicitLr, LrRule, RangeLr
 from thaw.models.lora import MAX_LORA_RANK, LoraSpec
-from thaw.plan.stages import Plan, Stage
+from thaw.plan.stages import Plan, Stage, check_stage_names
 
 PLAN_KEYS = ("stages", "weight_decay", "batchnorm", "lora")
 # Recipe options a plan file may carry beside its stages (TrainConfig fields; `thaw train` flags typed on the command
@@ -229,6 +229,10 @@ def read_plan_file(path: str | Path) -> tuple[Plan, dict[str, Any]]:
         raise
     if problems:
         raise ThawError(f"{path}: " + join_problems(problems))
+    try:
+        check_stage_names(plan)
+    except ThawError as error:
+        raise ThawError(f"{path}: {error}") from None
     return plan, training or {}
 
 

@@ -70,10 +70,15 @@ class Plan:
                 f"every stage of the plan ({names}) has 0 epochs, so nothing would train; give a stage 1 epoch or more "
                 "(on the command line: --epochs, --head-epochs)"
             )
-        names = [str(stage.name) for stage in self.stages]
-        repeated = sorted({name for name in names if names.count(name) > 1})
-        if repeated:  # the summary's delivered epoch, the budget's split and the progress name a stage by its name
-            raise ThawError(f"stage names must differ: {', '.join(map(repr, repeated))} names more than one stage; rename them")
+
+
+def check_stage_names(plan: Plan) -> None:
+    """A new plan's stages have names of their own: the summary's delivered epoch, the budget's split and the progress
+    name a stage by its name. (Not checked where a saved plan is read back: a run made before this check still loads.)"""
+    names = [str(stage.name) for stage in plan.stages]
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+        raise ThawError(f"stage names must differ: {', '.join(map(repr, repeated))} names more than one stage; rename them")
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,7 @@ from thaw.data.text import TextColumns, TextData, load_text_data
 from thaw.models import ModelAdapter, adapt, build_model
 from thaw.models.hf_text import DEFAULT_MAX_LENGTH, build_text_model
 from thaw.plan import Plan, plan_from_dict, plan_to_dict
+from thaw.plan.stages import check_stage_names
 from thaw.plan.strategies import check_plan_options, default_strategy
 from thaw.errors import ThawError
 from thaw.train import checkpoint
@@ -155,6 +156,8 @@ def _check_arguments(plan: object, plan_options: dict | None, config: object) ->
         raise ThawError(f"config must be a TrainConfig (thaw.train.TrainConfig(batch_size=...)), got a {type(config).__name__}")
     if not isinstance(plan, (str, Plan)):
         raise ThawError(f"plan must be a strategy name like 'two-phase' or a Plan (thaw.build_plan, thaw.load_plan), got a {type(plan).__name__}")
+    if isinstance(plan, Plan):
+        check_stage_names(plan)
     if plan_options and not isinstance(plan, str):  # a Plan gives its own stages: the options would be ignored
         raise ThawError(f"plan_options ({', '.join(sorted(plan_options))}) go with a strategy name; a Plan gives its own stages: drop them")
     check_plan_options(plan_options or {})

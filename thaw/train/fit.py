@@ -761,7 +761,6 @@ class Trainer:
         return any(not locks_statistics(stage.batchnorm, batchnorm_trains(self.adapter, name, layer, trainable)) for name, layer in layers)
 
     def run_stage(self, stage_index: int, callbacks: list[EpochCallback]) -> None:
-        self._stop_if_asked()  # before the stage's set-up (its feature cache pass)
         if stage_index and self.state.epoch == 0 and self.budget_split is not None and not self.restored:
             self.replan_budget(stage_index)
         stage, state = self.plan.stages[stage_index], self.state
@@ -769,6 +768,8 @@ class Trainer:
             return  # the budget gave it no epoch: nothing to set up (optimizer, statistics, cached features)
         if state.epoch < stage.epochs and not state.stopped and self.out_of_budget(stage_index, starting=True):
             return  # before the stage's set-up: its feature cache alone could pass the budget
+        if state.epoch < stage.epochs and not state.stopped:
+            self._stop_if_asked()  # before the stage's set-up (its feature cache pass), where it has an epoch to run
         if self.optimizer is None or state.epoch == 0:
             _, self.optimizer = self._enter(stage_index, self.optimizer)
             # A run resumed inside the stage's first epoch restored the statistics this pass gave it, and its average.
@@ -784,9 +785,9 @@ class Trainer:
         schedule = self._schedule(stage.epochs, cached)
         self.engine.before_step = distributed.average_gradients if (cached is not None and self.processes.distributed) else None
         while state.epoch < stage.epochs and not state.stopped:
-            self._stop_if_asked()
             if self.out_of_budget(stage_index, starting=False):
-                return
+                return  # the budget ends the run here: a stop asked for meanwhile changes nothing
+            self._stop_if_asked()
             epoch_started = time.perf_counter()
             self.run_epoch(stage_index, schedule, cached)
             self._warn_found_while_decoding()
@@ -805,7 +806,8 @@ class Trainer:
     def _stop_if_asked(self) -> None:
         """A stop asked for in an epoch's last step or its val pass, which end the epoch (one batch an epoch: always):
         the run stops at the epoch's end, where its checkpoint was just written, not at the next epoch's last step."""
-        if self.stop_requested and self.state.history:
+        # A resumed run's pending mid-epoch position: the stop comes in that epoch's first step, and says so.
+        if self.stop_requested and self.state.history and self.resume_point is None:
             stage, epoch = self.plan.stages[self.state.stage], self.state.epoch
             where = f"in stage {stage.name!r}, after epoch {epoch}"
             if epoch == 0 and self.state.stage:
