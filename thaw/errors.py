@@ -37,5 +37,5 @@ def first_line(error: BaseException, limit: int = 200) -> str:
     end = cut.rfind(". ")
     if end >= limit // 2:  # not an "e.g. " early on
         return cut[: end + 1]
-    words = cut.rsplit(" ", 1)[0] if " " in cut else cut
+    words = readable[: limit - 3].rsplit(" ", 1)[0] if " " in cut else cut  # a space just past the cut keeps the word
     return words + " ..."

@@ -130,4 +130,18 @@ def test_two_stages_with_one_name_are_refused_with_the_files_name(tmp_path: Path
     saved = plan_from_dict({"stages": [{"name": "head", "epochs": 1}, {"name": "head", "epochs": 1, "train": ["all"]}]})
     with pytest.raises(ThawError, match="stage names must differ"):
         train_images(tmp_path / "no-data", model="mobilenet_v3_small", weights=None, plan=saved, out=tmp_path / "run")
-    assert not (tmp_path / "run").exists()
+
+
+def test_a_run_made_before_names_had_to_differ_still_resumes(tiny_split_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    from tests.conftest import Crash, crash_after
+    from thaw.train import TrainConfig, resume_run
+
+    plan = plan_from_dict({"stages": [{"name": "head", "epochs": 1}, {"name": "head", "epochs": 1, "train": ["all"], "lr": 1.0e-4}]})
+    monkeypatch.setattr(sys.modules["thaw.train"], "check_stage_names", lambda plan: None)  # as thaw did before the check
+    with pytest.raises(Crash):
+        train_images(tiny_split_data, model="mobilenet_v3_small", weights=None, plan=plan, out=tmp_path / "old",
+                     config=TrainConfig(image_size=32, batch_size=8, quiet=True), callbacks=[crash_after(1)])
+    monkeypatch.undo()
+    assert len(resume_run(tmp_path / "old").history) == 2

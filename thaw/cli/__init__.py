@@ -71,11 +71,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _stdout_reader_gone() -> bool:
-    """Whether stdout is a pipe whose reading end is closed (poll says POLLERR there; where poll is missing: no)."""
+    """Whether stdout is a pipe whose reading end is closed (poll says so; where poll is missing, as on Windows: no)."""
     try:
         poller = select.poll()
         poller.register(sys.stdout.fileno(), select.POLLOUT)
-        return any(events & select.POLLERR for _, events in poller.poll(0))
+        return any(events & (select.POLLERR | select.POLLHUP) for _, events in poller.poll(0))  # Linux: ERR; macOS: HUP
     except (AttributeError, OSError, ValueError):
         return False
 

@@ -51,7 +51,7 @@ def train_images(
     back with load_run(out, model=...) and continued with resume_run(out, model=...), given the same architecture.
     `out` must not hold a run already, unless `resume` (continue it) or `overwrite` (replace it)."""
     plan = plan or default_strategy("image")
-    _check_arguments(plan, plan_options, config)
+    _check_arguments(plan, plan_options, config, resume)
     check_plan_before_data(model, weights, "image", plan, plan_options)  # a typo in stage 2 stops nothing half-done
     data = discover(data_path, val_split=val_split, seed=config.seed)
     torch.manual_seed(config.seed)  # the new head's initial weights are part of the run's seed
@@ -135,7 +135,7 @@ def train_text(
     `test_split` holds out a seeded stratified share first (for `thaw evaluate --split test`);
     `val_split` of the rest picks the best epoch. `resume` and `overwrite` as for train_images.
     """
-    _check_arguments(plan, plan_options, config)
+    _check_arguments(plan, plan_options, config, resume)
     check_image_augments(config, "text", resumed=resume)  # before the table is read and the model built
     check_plan_before_data(model, None, "text", plan, plan_options)
     data = load_text_data(data_path, columns=columns, val_split=val_split, test_split=test_split, seed=config.seed)
@@ -149,14 +149,14 @@ def train_text(
     return _run(adapter, data, data_path, plan, plan_options, config, Path(out), meta, resume, overwrite, callbacks, step_hooks)
 
 
-def _check_arguments(plan: object, plan_options: dict | None, config: object) -> None:
+def _check_arguments(plan: object, plan_options: dict | None, config: object, resume: bool) -> None:
     """What train_images and train_text are given, checked before any data is read: one line for each mistake that
     would otherwise surface as a TypeError or AttributeError deep inside."""
     if not isinstance(config, TrainConfig):
         raise ThawError(f"config must be a TrainConfig (thaw.train.TrainConfig(batch_size=...)), got a {type(config).__name__}")
     if not isinstance(plan, (str, Plan)):
         raise ThawError(f"plan must be a strategy name like 'two-phase' or a Plan (thaw.build_plan, thaw.load_plan), got a {type(plan).__name__}")
-    if isinstance(plan, Plan):
+    if isinstance(plan, Plan) and not resume:  # a run's saved plan, made before names had to differ, still resumes
         check_stage_names(plan)
     if plan_options and not isinstance(plan, str):  # a Plan gives its own stages: the options would be ignored
         raise ThawError(f"plan_options ({', '.join(sorted(plan_options))}) go with a strategy name; a Plan gives its own stages: drop them")

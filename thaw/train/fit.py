@@ -810,8 +810,8 @@ class Trainer:
         if self.stop_requested and self.state.history and self.resume_point is None:
             stage, epoch = self.plan.stages[self.state.stage], self.state.epoch
             where = f"in stage {stage.name!r}, after epoch {epoch}"
-            if epoch == 0 and self.state.stage:
-                where = f"after stage {self.plan.stages[self.state.stage - 1].name!r}, before {stage.name!r}"
+            if epoch == 0 and self.state.stage:  # the stage that last trained (one between may have had no epoch)
+                where = f"after stage {self.state.history[-1]['stage']!r}, before {stage.name!r}"
             raise RunInterrupted(self._stopped_with_checkpoint(where), self.stopped_by)
 
     def plan_budget(self) -> None:
