@@ -141,6 +141,10 @@ MOBILENET_PLAN = ["plan", "--model", "mobilenet_v3_small", "--num-classes", "3"]
         ([*LR_FIND, "--out", "TMP/plot.xyz"], "cannot draw a .xyz file"),
         ([*LR_FIND, "--end", "1e300"], "argument --end: an lr must be a positive finite number up to 1000"),
         (["demo", "--out", "TMP/decay.yaml"], "decay.yaml is not writable (a file, not a folder, is there)"),
+        # argparse reads a value that starts with '-' as an option: say so, and how to pass it
+        (["train", "DATA", *TINY_RUN, "--budget", "-5s"], "argument --budget: '-5s' starts with '-', so it reads as an option; write --budget=-5s"),
+        (["train", "DATA", *TINY_RUN, "--budget=-5s"], "argument --budget: budget must be a time like 90s, 3m or 1.5h, got '-5s'"),
+        (["train", "DATA", *TINY_RUN, "--budget"], "argument --budget: expected one argument"),
     ],
 )
 def test_impossible_values_are_one_line_and_exit_2(

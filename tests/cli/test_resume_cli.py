@@ -13,6 +13,7 @@ import torch
 
 from tests.cli.test_cli import thaw
 from tests.conftest import Crash, crash_after, ctrl_c_in_the_next_epoch
+from thaw import ThawError
 from thaw.cli import main
 from thaw.train import TrainConfig, train_images
 from thaw.train.checkpoint import load_checkpoint
@@ -197,6 +198,38 @@ def test_resume_of_a_finished_run_with_a_damaged_record_is_one_line(
     assert main(["train", "--resume", str(cut_run)]) == 2
     error = capsys.readouterr().err.strip()
     assert error == f"thaw: error: {cut_run / 'thaw.json'} is {said}; restore it from a copy, or train again with --overwrite"
+
+
+def test_resume_of_a_finished_run_with_other_data_says_that_data_was_not_read(
+    cut_run: Path, tiny_split_data: Path, colours: Path, capsys: pytest.CaptureFixture[str],
+) -> None:
+    assert main(["train", "--resume", str(cut_run), "--quiet"]) == 0  # finishes it
+    capsys.readouterr()
+    assert main(["train", str(colours), "--resume", str(cut_run)]) == 0
+    said = capsys.readouterr().out.strip()
+    assert said.endswith(f"({colours} was not read: the run was trained on {tiny_split_data.resolve()}; a new run on it needs another --out)")
+    assert main(["train", str(tiny_split_data), "--resume", str(cut_run)]) == 0  # its own data: nothing to add
+    assert capsys.readouterr().out.strip().endswith("or train anew with --overwrite")
+
+
+def test_resume_of_a_finished_run_with_a_damaged_checkpoint_says_its_model_is_intact(
+    cut_run: Path, tiny_split_data: Path, capsys: pytest.CaptureFixture[str],
+) -> None:
+    """The checkpoint holds what training on needs; a finished run delivered its model in other files. Starting anew
+    (what an unfinished run's damaged checkpoint calls for) would throw that model away."""
+    from thaw.train import resume_run
+
+    assert main(["train", "--resume", str(cut_run), "--quiet"]) == 0  # finishes it
+    (cut_run / "checkpoint.pt").write_bytes(b"")
+    capsys.readouterr()
+    assert main(["train", "--resume", str(cut_run)]) == 2
+    error = capsys.readouterr().err.strip()
+    assert error == (f"thaw: error: cannot read checkpoint {cut_run / 'checkpoint.pt'} (EOFError); the run is complete and the model "
+                     "it delivered is in its other files: use the run with thaw evaluate, predict or export")
+    with pytest.raises(ThawError, match="the run is complete and the model it delivered is in its other files"):
+        resume_run(cut_run)
+    assert main(["evaluate", str(cut_run), str(tiny_split_data), "--json"]) == 0  # as the line says
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["accuracy"] >= 0
 
 
 @pytest.mark.parametrize(

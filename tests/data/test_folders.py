@@ -71,6 +71,33 @@ def test_csv_manifest_with_missing_files(tmp_path: Path) -> None:
         discover(tmp_path / "labels.csv")
 
 
+@pytest.mark.parametrize(
+    "lines, said",
+    [
+        (["path,label"], "labels.csv lists no images; expected lines of path,label"),
+        (["# all commented out", "# images/a.png,cat"], "labels.csv lists no images"),
+        (["path,label", "images,blue"], ": 1 listed paths are folders, not image files (first: "),
+        # a third column would be dropped without a word: a split column's test rows would train
+        (["path,label,split", "FILE,blue,test"], ": line 2: 3 columns, expected path,label (quote a path or label that holds a comma)"),
+    ],
+)
+def test_csv_manifest_that_would_be_misread_is_refused(tmp_path: Path, lines: list[str], said: str) -> None:
+    write_class_images(tmp_path / "images", per_class=2)
+    file = f"images/blue/{sorted((tmp_path / 'images' / 'blue').iterdir())[0].name}"
+    (tmp_path / "labels.csv").write_text("\n".join(line.replace("FILE", file) for line in lines))
+    with pytest.raises(ThawError) as error:
+        discover(tmp_path / "labels.csv")
+    assert said in str(error.value)
+
+
+def test_csv_manifest_with_an_empty_trailing_column_is_read(tmp_path: Path) -> None:
+    """`path,label,` (a spreadsheet's export with an empty column) loses nothing: it reads as path,label."""
+    write_class_images(tmp_path / "images", per_class=3)
+    rows = [f"images/{p.parent.name}/{p.name},{p.parent.name}," for p in sorted((tmp_path / "images").rglob("*.png"))]
+    (tmp_path / "labels.csv").write_text("\n".join(rows))
+    assert len(discover(tmp_path / "labels.csv").train) + len(discover(tmp_path / "labels.csv").val) == 9
+
+
 @pytest.mark.parametrize("header", [True, False])
 def test_csv_manifest_with_an_empty_label_or_a_file_listed_twice(tmp_path: Path, header: bool) -> None:
     """An empty label would become a class named ''; a file listed twice would be two samples, one of which the split

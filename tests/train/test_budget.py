@@ -328,10 +328,23 @@ def test_a_plan_file_budget_is_read_like_the_flag(tmp_path: Path) -> None:
     assert budget("1.5h") == 5400.0
     assert budget("90") == 90.0  # a bare number is seconds, as on the command line
     assert budget("3m", "--budget", "90s") == 90.0  # typed on the command line: the flag wins
-    with pytest.raises(ThawError, match=r"plan\.yaml\.training: budget must be a time like 90s, 3m or 1\.5h, got 'soon'"):
+    with pytest.raises(ThawError, match=r"plan\.yaml: training: budget must be a time like 90s, 3m or 1\.5h, got 'soon'"):
         budget("soon")
     with pytest.raises(ThawError, match="budget must be a time like 90s, 3m or 1.5h, got 0"):
         budget("0")
+
+
+def test_every_bad_training_value_in_a_plan_file_is_reported_with_the_file(tmp_path: Path) -> None:
+    plan = tmp_path / "plan.yaml"
+    plan.write_text("stages: [{name: all, epochs: 1, train: [all], lr: 1.0e-4}]\ntraining: {budget: soon, label_smoothing: 2, ema: maybe}\n")
+    with pytest.raises(ThawError) as error:
+        cli_config("data", "--model", "mobilenet_v2", "--config", str(plan))
+    message = str(error.value)
+    assert message.startswith(f"{plan}: training: 3 problems: budget must be a time like")
+    assert "label smoothing must be a share in [0, 1), got 2" in message and "ema must be true or false, got 'maybe'" in message
+    # The same options typed on the command line replace the file's, so its bad values no longer matter.
+    typed = cli_config("data", "--model", "mobilenet_v2", "--config", str(plan), "--budget", "90s", "--label-smoothing", "0", "--no-ema")
+    assert (typed.budget, typed.label_smoothing, typed.ema) == (90.0, 0.0, False)
 
 
 def test_the_documented_budget_limits() -> None:

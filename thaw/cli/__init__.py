@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import select
 import sys
 from typing import Any, NoReturn, Sequence
@@ -24,6 +25,7 @@ class OneLineParser(argparse.ArgumentParser):
         self.intermixed, self._intermixing = intermixed, False
 
     def parse_known_args(self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None) -> tuple[argparse.Namespace, list[str]]:
+        self._arguments = list(sys.argv[1:] if args is None else args)  # for error(): what was typed after an option
         if not self.intermixed or self._intermixing:  # the intermixed parse calls this twice itself: plain parsing then
             return super().parse_known_args(args, namespace)
         self._intermixing = True
@@ -33,7 +35,19 @@ class OneLineParser(argparse.ArgumentParser):
             self._intermixing = False
 
     def error(self, message: str) -> NoReturn:
-        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+        self.exit(2, f"{self.prog}: error: {self._dash_value_hint(message) or message} (see `{self.prog} --help`)\n")
+
+    def _dash_value_hint(self, message: str) -> str | None:
+        """`--budget -5s`: argparse reads a value that starts with '-' (and is not a plain negative number) as another
+        option and says only "expected one argument". Say which value it was and how to pass it."""
+        missing = re.fullmatch(r"argument (\S+): expected one argument", message)
+        typed = getattr(self, "_arguments", [])
+        for option in missing.group(1).split("/") if missing else ():
+            if option in typed[:-1]:
+                value = typed[typed.index(option) + 1]
+                if value.startswith("-") and value not in self._option_string_actions:
+                    return f"argument {option}: {value!r} starts with '-', so it reads as an option; write {option}={value} to give it as the value"
+        return None
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -7,6 +7,8 @@ import json
 import sys
 from dataclasses import fields, replace
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
 from thaw import distributed
 from thaw.cli.options import (
@@ -18,7 +20,7 @@ from thaw.data.transforms import AUTO_AUGMENTS
 from thaw.models import build_model
 from thaw.models.hf_text import DEFAULT_MAX_LENGTH, POOLINGS, build_text_model
 from thaw.models.sources import TASKS, hf_source, task_of
-from thaw.errors import ThawError
+from thaw.errors import ThawError, join_problems
 from thaw.export.report import write_report
 from thaw.train.fit import RunInterrupted, interrupted_before_training
 from thaw.train.loggers import LOGGERS, close_loggers, make_loggers
@@ -29,7 +31,7 @@ from thaw.plan.strategies import DEFAULT_EPOCHS
 from thaw.train.budget import parse_budget
 from thaw._io import atomic_write, check_writable
 from thaw.train import RunResult, check_model_object, RunState, TextColumns, TrainConfig, resume_run, saved_settings, train_images, train_text
-from thaw.train.config import METRICS, PRECISIONS, SCHEDULES
+from thaw.train.config import METRICS, PRECISIONS, SCHEDULES, config_problems
 from thaw.train.fit import resolve_device, uses_bf16
 from thaw.train.settings import ADDED_LATER, RUNTIME_FIELDS, differences, source_name
 from thaw.plan.optim import OPTIMIZERS
@@ -192,14 +194,23 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     values = {name: getattr(args, name) for name in names if hasattr(args, name)}
     if getattr(args, "config", None):
         typed = given_options(args.parser, args.argv)
-        from_file = {key: value for key, value in read_plan_file(args.config)[1].items() if key not in typed}
-        if from_file.get("budget") is not None:  # written like the flag (3m, 90s) or as seconds
-            try:
-                from_file["budget"] = parse_budget(from_file["budget"])
-            except ThawError as error:
-                raise ThawError(f"{args.config}.training: {error}") from None
-        values |= from_file
+        values |= checked_training_options(args.config, {k: v for k, v in read_plan_file(args.config)[1].items() if k not in typed})
     return TrainConfig(**values)
+
+
+def checked_training_options(plan_file: str, from_file: dict[str, Any]) -> dict[str, Any]:
+    """A plan file's `training:` options, checked on their own so that every problem with them names the file."""
+    problems = []
+    if from_file.get("budget") is not None:  # written like the flag (3m, 90s) or as seconds
+        try:
+            from_file = from_file | {"budget": parse_budget(from_file["budget"])}
+        except ThawError as error:
+            problems.append(str(error))
+    checked = {key: value for key, value in from_file.items() if not (key == "budget" and problems)}
+    problems += config_problems(SimpleNamespace(**(vars(TrainConfig()) | checked)))
+    if problems:
+        raise ThawError(f"{plan_file}: training: " + join_problems(problems))
+    return from_file
 
 
 def print_epoch(state: RunState) -> None:
@@ -400,8 +411,17 @@ def _say_finished(args: argparse.Namespace, run: Path) -> int:
     print(
         f"{run} is complete (delivered epoch {best['epoch']}, val accuracy {best['val']['accuracy']:.4f}): nothing left to "
         f"resume, its files are as they were; use it with thaw evaluate, predict or export, or train anew with --overwrite"
+        + _other_data_unread(args.data, recorded.get("data_path"))
     )
     return 0
+
+
+def _other_data_unread(typed: str | None, trained_on: str | None) -> str:
+    """Where DATA typed with --resume of a finished run is not what it trained on: say that it was not read, so that
+    a user who meant to train on it does not take "complete" for an answer about that data."""
+    if typed is None or trained_on is None or Path(typed).resolve() == Path(trained_on).resolve():
+        return ""
+    return f" ({typed} was not read: the run was trained on {trained_on}; a new run on it needs another --out)"
 
 
 def _out_folder(args: argparse.Namespace) -> Path:

@@ -211,10 +211,20 @@ def _from_manifest(path: Path, val_split: float, seed: int, min_classes: int) ->
     rows = _manifest_rows(path)
     if rows and [c.strip().lower() for c in rows[0][1][:2]] == ["path", "label"]:
         rows = rows[1:]
+    if not rows:
+        raise ThawError(f"{path} lists no images; expected lines of path,label (a header line path,label may come first)")
     problems = [f"line {line}: expected path,label" for line, row in rows if len(row) < 2]
     problems += [f"line {line}: empty label" for line, row in rows if len(row) >= 2 and not row[1].strip()]
+    # A third column (a split, a second label) or a path with an unquoted comma would be dropped without a word.
+    problems += [
+        f"line {line}: {len(row)} columns, expected path,label (quote a path or label that holds a comma)"
+        for line, row in rows if any(cell.strip() for cell in row[2:])
+    ]
     entries = [(path.parent / row[0].strip(), row[1].strip()) for _, row in rows if len(row) >= 2]
-    missing = [str(p) for p, _ in entries if not p.is_file()]
+    folders = [str(p) for p, _ in entries if p.is_dir()]
+    if folders:
+        problems.append(f"{len(folders)} listed paths are folders, not image files (first: {folders[0]})")
+    missing = [str(p) for p, _ in entries if not p.exists()]
     if missing:
         problems.append(f"{len(missing)} listed files do not exist (first: {missing[0]})")
     labels: dict[Path, list[str]] = defaultdict(list)

@@ -201,10 +201,12 @@ def _run(
 def saved_settings(run: str | Path) -> dict | None:
     """The settings a run's checkpoint recorded (what `resume_run` continues with) and its data path;
     None when there is no checkpoint yet, or an older thaw wrote it."""
+    from thaw.train.run_folder import FINISHED_CHECKPOINT_REMEDY, is_finished
+
     path = Path(run) / checkpoint.CHECKPOINT
     if not path.is_file():
         return None
-    saved = checkpoint.load_checkpoint(path)
+    saved = checkpoint.load_checkpoint(path, *([FINISHED_CHECKPOINT_REMEDY] if is_finished(Path(run)) else []))
     return saved["settings"] | {"data_path": saved.get("data_path")} if "settings" in saved else None
 
 

@@ -23,10 +23,11 @@ def save_weights(path: Path, model: torch.nn.Module) -> None:
     atomic_write(path, lambda target: save_file(tensors, str(target)))
 
 
-def load_checkpoint(path: Path) -> dict[str, Any]:
+def load_checkpoint(path: Path, remedy: str = "start a new run") -> dict[str, Any]:
+    """The checkpoint at `path`, or one line saying it is missing or damaged and what to do (`remedy`)."""
     if not path.is_file():
         raise ThawError(f"no checkpoint at {path}; --resume needs a run folder that thaw train wrote")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # damaged files raise several types
-        raise ThawError(f"cannot read checkpoint {path} ({first_line(error)}); start a new run") from None
+        raise ThawError(f"cannot read checkpoint {path} ({first_line(error)}); {remedy}") from None

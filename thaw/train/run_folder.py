@@ -126,13 +126,19 @@ def is_finished(run: Path) -> bool:
     return (Path(run) / METADATA).is_file()
 
 
+# A finished run's damaged checkpoint loses nothing that was delivered: no need to start again.
+FINISHED_CHECKPOINT_REMEDY = (
+    "the run is complete and the model it delivered is in its other files: use the run with thaw evaluate, predict or export"
+)
+
+
 def finished_result(run: Path) -> RunResult:
     """A finished run's result as it recorded it, read without writing: a resume of it has nothing left to train, and
     training "again" would rewrite METADATA with the empty resume's time and speed."""
     from thaw.train.fit import RunResult  # fit imports this module
 
     meta = read_finished(run / METADATA)
-    saved = load_checkpoint(run / CHECKPOINT) if (run / CHECKPOINT).is_file() else {}
+    saved = load_checkpoint(run / CHECKPOINT, FINISHED_CHECKPOINT_REMEDY) if (run / CHECKPOINT).is_file() else {}
     result = RunResult(
         run, saved.get("best", meta["best"]), saved.get("history", []), meta.get("wall_s", 0.0), meta.get("images_per_s", 0.0),
         [(item["path"], item["reason"]) for item in meta.get("skipped_files", [])],
