@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import shutil
@@ -19,9 +20,17 @@ PSS_EVERY_S = 0.5  # PSS walks the page tables (milliseconds for a few GB): samp
 SCAN_EVERY_S = 0.5  # finding new child processes reads every /proc entry (about 8 ms on a small VM)
 
 
+_SCRATCH_ROOT: list[Path] = []  # this process's one folder of scratch folders, made on first use
+
+
 def scratch(name: str) -> Path:
-    """A fresh folder for run outputs, outside the repository."""
-    return Path(tempfile.mkdtemp(prefix=f"thaw-bench-{name}-"))
+    """A fresh folder for run outputs, outside the repository. All of a benchmark's are deleted when it exits (each
+    run folder is tens of MB, and the figures are read from them before); THAW_BENCH_KEEP=1 keeps them."""
+    if not _SCRATCH_ROOT:
+        _SCRATCH_ROOT.append(Path(tempfile.mkdtemp(prefix="thaw-bench-")))
+        if os.environ.get("THAW_BENCH_KEEP") != "1":
+            atexit.register(shutil.rmtree, _SCRATCH_ROOT[0], ignore_errors=True)
+    return Path(tempfile.mkdtemp(prefix=f"{name}-", dir=_SCRATCH_ROOT[0]))
 
 
 def native_bf16() -> bool:
