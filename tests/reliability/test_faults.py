@@ -100,7 +100,7 @@ def test_ctrl_c_in_an_epochs_last_step_stops_at_its_end_and_resumes_exactly(
 
     monkeypatch.setattr(fit_module, "evaluate", press_in_the_val_pass)
     monkeypatch.setattr(fit_module.Trainer, "_enter", enter)
-    with pytest.raises(RunInterrupted, match=rf"^interrupted {said}; a checkpoint is saved\. .*--resume {tmp_path / 'cut'}"):
+    with pytest.raises(RunInterrupted, match=rf"^interrupted {said}; a checkpoint is saved: continue with thaw train --resume {tmp_path / 'cut'} "):
         _train(tiny_split_data, tmp_path / "cut", config, callbacks=[press_after_the_epoch], step_hooks=[press_in_the_step])
     assert stages_entered == entered  # between stages: stopped before the next one's set-up
     saved = load_checkpoint(tmp_path / "cut" / "checkpoint.pt")
@@ -108,6 +108,49 @@ def test_ctrl_c_in_an_epochs_last_step_stops_at_its_end_and_resumes_exactly(
     resumed = _train(tiny_split_data, tmp_path / "cut", config, resume=True)
     assert _same(_weights(tmp_path / "whole"), _weights(tmp_path / "cut"))
     assert len(resumed.history) == 4
+
+
+@pytest.mark.parametrize(
+    ("stages", "said", "entered"),
+    [
+        # a stage of 0 epochs between: not set up before the stop is taken
+        ((("head", 2), ("nothing", 0), ("all", 2)), "interrupted after stage 'head', before 'nothing'", [0]),
+        # a stage of 0 epochs at the end: nothing is left to run, so the run finishes
+        ((("head", 2), ("all", 2), ("nothing", 0)), None, [0, 1, 2]),
+    ],
+)
+def test_ctrl_c_before_a_stage_of_no_epochs(
+    tiny_split_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, stages: tuple, said: str | None, entered: list[int]
+) -> None:
+    config = TrainConfig(**{**CONFIG.__dict__, "batch_size": 64})  # one step an epoch
+    plan = Plan(tuple(Stage(name, epochs, ("head",) if name == "head" else ("all",), ConstantLr(1e-3), batchnorm="eval")
+                      for name, epochs in stages))
+    fit_module = sys.modules["thaw.train.fit"]
+    stages_entered, real_enter = [], fit_module.Trainer._enter
+
+    def enter(self, stage_index: int, *args):
+        stages_entered.append(stage_index)
+        return real_enter(self, stage_index, *args)
+
+    monkeypatch.setattr(fit_module.Trainer, "_enter", enter)
+    last_step_of_the_trained_stage = 2 if said else 4
+    steps: list[int] = []
+
+    def press(_optimizer, step: int, _factor: float) -> None:
+        steps.append(step)
+        if len(steps) == last_step_of_the_trained_stage:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    run = lambda **options: train_images(tiny_split_data, model="mobilenet_v3_small", weights=None, plan=plan, config=config,
+                                         out=tmp_path / "run", **options)
+    if said is None:
+        assert len(run(step_hooks=[press]).history) == 4 and (tmp_path / "run" / "thaw.json").is_file()
+        assert stages_entered == entered
+        return
+    with pytest.raises(RunInterrupted, match=f"^{said}; a checkpoint is saved"):
+        run(step_hooks=[press])
+    assert stages_entered == entered
+    assert len(run(resume=True).history) == 4
 
 
 def test_ctrl_c_in_the_runs_last_step_lets_it_finish(tiny_split_data: Path, tmp_path: Path) -> None:
@@ -317,7 +360,7 @@ def test_thaw_train_given_sigterm_by_its_group_exits_143_in_one_line_and_resumes
     assert process.wait(timeout=120) == 143, process.stderr.read()  # 128 + SIGTERM, as a shell reports a signal's end
     said = process.stderr.read().decode()  # (torch may warn first about more workers than cores)
     assert "Traceback" not in said and said.count("thaw: ") == 1 and "thaw: interrupted" in said, said
-    assert f"a checkpoint is saved. Continue with the same command plus --resume {run}" in said
+    assert f"a checkpoint is saved: continue with thaw train --resume {run}" in said
     # Stopped inside an epoch, or at its end where the signal came in its last step or val pass (the in-process tests
     # above cover each): the resume is exact either way.
     _wait_until_gone(process.pid)

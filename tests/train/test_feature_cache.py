@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 from pathlib import Path
 
 import pytest
@@ -70,6 +71,48 @@ def test_spill_files_a_killed_run_left_are_removed(tiny_split_data: Path, tmp_pa
     (out / "feature-cache" / "0123456789-train0.npy").write_bytes(b"left by kill -9")
     _train(tiny_split_data, out)
     assert not (out / "feature-cache").exists()
+
+
+@pytest.mark.parametrize(
+    ("stages", "press_at", "said"),
+    [
+        # a new run's first pass: view 1 (5 batches of 8) done, view 2 under way
+        ((("head", 2),), 7, "interrupted while caching features for stage 'head', before training began: nothing to resume"),
+        # a pass after a checkpoint (one view and val for a 1-epoch stage, two views for the next): that checkpoint is the way on
+        ((("head", 1), ("more", 2)), 5 + 3 + 2, "interrupted while caching features for stage 'more'; the checkpoint in"),
+    ],
+)
+def test_ctrl_c_in_a_caching_pass_stops_there_and_leaves_no_features(
+    tiny_split_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, stages: tuple, press_at: int, said: str,
+) -> None:
+    """A pass over a large set takes minutes: a stop asked for in it is taken at the next batch, not after the pass."""
+    from thaw.train import feature_cache
+    from thaw.train.fit import RunInterrupted
+
+    batches, real_tqdm = [], feature_cache.tqdm
+
+    def pressing_tqdm(iterable, **options):
+        for batch in real_tqdm(iterable, **options):
+            batches.append(options["desc"])
+            if len(batches) == press_at:
+                os.kill(os.getpid(), signal.SIGINT)
+            yield batch
+
+    monkeypatch.setattr(feature_cache, "tqdm", pressing_tqdm)
+    plan = Plan(tuple(Stage(name, epochs, ("head",), ConstantLr(3e-3)) for name, epochs in stages))
+    out = tmp_path / "run"
+    options = BASE | {"augment": True, "cache_views": 2, "cache_memory_gb": 1e-9}  # every view spills to a file
+    with pytest.raises(RunInterrupted, match=f"^{said}"):
+        train_images(tiny_split_data, model="mobilenet_v3_small", weights=None, plan=plan, config=TrainConfig(**options), out=out)
+    # The batch in whose hand-over the press came was the last one read: the pass stopped there, its files deleted.
+    assert len(batches) == press_at and not (out / "feature-cache").exists()
+    if len(stages) == 1:
+        assert not out.exists() or not (out / "checkpoint.pt").exists()
+    else:  # the resume caches the stage's views again and ends where an uninterrupted run does
+        monkeypatch.setattr(feature_cache, "tqdm", real_tqdm)
+        resumed = train_images(tiny_split_data, model="mobilenet_v3_small", weights=None, plan=plan, config=TrainConfig(**options),
+                               out=out, resume=True)
+        assert [row["stage"] for row in resumed.history] == ["head", "more", "more"]
 
 
 def test_cache_views_without_augmentation_cache_the_evaluation_view_once(tiny_split_data: Path, tmp_path: Path) -> None:

@@ -154,18 +154,28 @@ class _Store:
         self.count += len(rows)
 
 
+class CachingStopped(Exception):
+    """A stop was asked for while features were computed: what was computed so far is dropped, its file deleted."""
+
+
 @torch.no_grad()
 def compute_features(
     adapter: ModelAdapter, dataset: Dataset, engine: Engine, *, batch_size: int, workers: int | None, budget: MemoryBudget,
     spill_path: Path, label: str, processes: Processes = SINGLE, augment_seed: int | None = None, entry: Entry | None = None,
+    should_stop: Callable[[], bool] = lambda: False,
 ) -> FeatureSet:
     """forward_features (with `entry`: the boundary's input) for every decodable sample (under several processes:
-    this rank's shard), once, in eval mode. `augment_seed` fixes the random augmentation of an augmented view."""
+    this rank's shard), once, in eval mode. `augment_seed` fixes the random augmentation of an augmented view.
+    Raises CachingStopped between batches once `should_stop` turns true: a pass over a large set takes minutes."""
     adapter.model.eval()
     forward = adapter.forward_features if entry is None else capture(adapter.model, entry)
     store, labels = None, []
     loader = make_loader(dataset, batch_size=batch_size, shuffle=False, seed=0, workers=workers, processes=processes, augment_seed=augment_seed)
     for batch in tqdm(loader, desc=label, disable=bars_disabled(engine.quiet), leave=False, unit="batch"):
+        if should_stop():
+            if store is not None:
+                FeatureSet(store.tensor, torch.empty(0), store.budget, store.reserved, store.spill).release()
+            raise CachingStopped
         engine.note_failures(batch.failed)
         if not len(batch.labels):
             continue
@@ -233,24 +243,30 @@ def build_cache(
     seed: int,
     processes: Processes = SINGLE,
     entry: Entry | None = None,
+    should_stop: Callable[[], bool] = lambda: False,
 ) -> CachedStage:
     """Train features (the eval view, or `views` augmented views) and val features (eval view).
 
     Under several processes each rank computes only its shard; train shards are then padded to
     the same length (DistributedSampler does the same), so every rank takes as many steps.
     """
-    options = {"batch_size": batch_size, "workers": workers, "budget": budget, "processes": processes, "entry": entry}
+    options = {"batch_size": batch_size, "workers": workers, "budget": budget, "processes": processes, "entry": entry, "should_stop": should_stop}
     suffix = f"-rank{processes.rank}" if processes.distributed else ""
-    train_views = []
-    for view in range(max(1, views)):
-        dataset = make_dataset("train" if views else "train-eval")
-        features = compute_features(
-            adapter, dataset, engine, spill_path=folder / f"{key}-train{view}{suffix}.npy", label=f"caching train view {view + 1}",
-            augment_seed=seed * 7919 + view if views else None,  # each view fixed by its seed, so a resumed run sees the same
-            **options,
-        )
-        train_views.append(_pad_to_longest_shard(features) if processes.distributed else features)
-    val = compute_features(adapter, make_dataset("val"), engine, spill_path=folder / f"{key}-val{suffix}.npy", label="caching val", **options)
+    train_views: list[FeatureSet] = []
+    try:
+        for view in range(max(1, views)):
+            dataset = make_dataset("train" if views else "train-eval")
+            features = compute_features(
+                adapter, dataset, engine, spill_path=folder / f"{key}-train{view}{suffix}.npy", label=f"caching train view {view + 1}",
+                augment_seed=seed * 7919 + view if views else None,  # each view fixed by its seed, so a resumed run sees the same
+                **options,
+            )
+            train_views.append(_pad_to_longest_shard(features) if processes.distributed else features)
+        val = compute_features(adapter, make_dataset("val"), engine, spill_path=folder / f"{key}-val{suffix}.npy", label="caching val", **options)
+    except CachingStopped:
+        for features in train_views:  # the views done before the stop: nothing will read them
+            features.release()
+        raise
     return CachedStage(key, train_views, val, entry)
 
 

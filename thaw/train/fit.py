@@ -47,8 +47,8 @@ from thaw.train.budget import MARGIN, Split, TopStage, measure_costs, resplit, s
 from thaw.train.compiled import compile_problem, compiled_forward
 from thaw.train.ema import require_timm, weight_average
 from thaw.train.feature_cache import (
-    CACHE_FOLDER, CachedStage, FeatureBatches, MemoryBudget, build_cache, fingerprint, remove_if_empty, remove_spill_files,
-    why_not_cached,
+    CACHE_FOLDER, CachedStage, CachingStopped, FeatureBatches, MemoryBudget, build_cache, fingerprint, remove_if_empty,
+    remove_spill_files, why_not_cached,
 )
 from thaw.train.mixing import batch_mixer
 from thaw.train.loop import Engine, StageSchedule, evaluate, train_one_epoch
@@ -108,9 +108,13 @@ STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 def interrupted_before_training(out: Path, when: str) -> str:
     """What Ctrl-C outside the training steps leaves: the checkpoint a resumed run had, or nothing to resume."""
     if (out / ckpt.CHECKPOINT).exists():
-        return (f"interrupted {when}; the checkpoint in {out} is intact: continue with thaw train --resume {out} "
-                f"(from Python: resume_run({str(out)!r}))")
+        return f"interrupted {when}; the checkpoint in {out} is intact: {how_to_continue(out)}"
     return f"interrupted {when}, before training began: nothing to resume; run the same command again"
+
+
+def how_to_continue(out: Path) -> str:
+    """The one way every stop with a checkpoint says to go on: the run's own settings need no other option."""
+    return f"continue with thaw train --resume {out} (from Python: resume_run({str(out)!r}))"
 
 
 def resolve_device(device: str) -> torch.device:
@@ -325,11 +329,15 @@ class Trainer:
         else:
             self.release_cache()  # what the frozen part computed before no longer holds
             started = time.perf_counter()
-            self.cached = build_cache(
-                self.adapter, key, self.dataset, views, self.engine, batch_size=self.config.batch_size,
-                workers=self.workers, budget=self.cache_budget, folder=self.out / CACHE_FOLDER, seed=self.config.seed,
-                processes=self.processes, entry=entry,
-            )
+            try:
+                self.cached = build_cache(
+                    self.adapter, key, self.dataset, views, self.engine, batch_size=self.config.batch_size,
+                    workers=self.workers, budget=self.cache_budget, folder=self.out / CACHE_FOLDER, seed=self.config.seed,
+                    processes=self.processes, entry=entry, should_stop=lambda: self.stop_requested,
+                )
+            except CachingStopped:  # the pass is not worth finishing: nothing it computed is kept or checkpointed
+                said = interrupted_before_training(self.out, f"while caching features for stage {name!r}")
+                raise RunInterrupted(said, self.stopped_by) from None
             counts = f"{len(self.cached.train_views[0].labels)} train x {max(1, views)} view(s), {len(self.cached.val.labels)} val"
             if self.processes.distributed:
                 counts += f" on rank 0 of {self.processes.world}, each rank caching its shard"
@@ -659,8 +667,7 @@ class Trainer:
         raise RunInterrupted(self._stopped_with_checkpoint(where), self.stopped_by)
 
     def _stopped_with_checkpoint(self, where: str) -> str:
-        return (f"interrupted {where}; a checkpoint is saved. Continue with the same command plus --resume {self.out} "
-                f"(from Python: resume_run({str(self.out)!r}))")
+        return f"interrupted {where}; a checkpoint is saved: {how_to_continue(self.out)}"
 
     def _check_weights_finite(self, stage_index: int) -> None:
         """Before anything is written: a finite loss does not prove finite weights (taps that never
@@ -768,8 +775,8 @@ class Trainer:
             return  # the budget gave it no epoch: nothing to set up (optimizer, statistics, cached features)
         if state.epoch < stage.epochs and not state.stopped and self.out_of_budget(stage_index, starting=True):
             return  # before the stage's set-up: its feature cache alone could pass the budget
-        if state.epoch < stage.epochs and not state.stopped:
-            self._stop_if_asked()  # before the stage's set-up (its feature cache pass), where it has an epoch to run
+        if not state.stopped and self._epochs_from(stage_index):
+            self._stop_if_asked()  # before the stage's set-up (its feature cache pass), where an epoch is still to run
         if self.optimizer is None or state.epoch == 0:
             _, self.optimizer = self._enter(stage_index, self.optimizer)
             # A run resumed inside the stage's first epoch restored the statistics this pass gave it, and its average.
@@ -802,6 +809,10 @@ class Trainer:
             if state.stopped:
                 self.engine.progress.epochs[stage_index] = state.epoch
                 self._say(f"stage {stage.name!r}: no improvement in {patience} epochs, moving on")
+
+    def _epochs_from(self, stage_index: int) -> int:
+        """Epochs left to run in this stage and the ones after it (a stage of 0 epochs between two others has none)."""
+        return self.plan.stages[stage_index].epochs - self.state.epoch + sum(s.epochs for s in self.plan.stages[stage_index + 1:])
 
     def _stop_if_asked(self) -> None:
         """A stop asked for in an epoch's last step or its val pass, which end the epoch (one batch an epoch: always):
