@@ -210,6 +210,8 @@ def test_resume_of_a_finished_run_with_other_data_says_that_data_was_not_read(
     assert said.endswith(f"({colours} was not read: the run was trained on {tiny_split_data.resolve()}; a new run on it needs another --out)")
     assert main(["train", str(tiny_split_data), "--resume", str(cut_run)]) == 0  # its own data: nothing to add
     assert capsys.readouterr().out.strip().endswith("or train anew with --overwrite")
+    assert main(["train", str(colours), "--resume", str(cut_run), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["data_not_read"] == str(colours)
 
 
 def test_resume_of_a_finished_run_with_a_damaged_checkpoint_says_its_model_is_intact(

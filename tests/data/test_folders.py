@@ -78,7 +78,9 @@ def test_csv_manifest_with_missing_files(tmp_path: Path) -> None:
         (["# all commented out", "# images/a.png,cat"], "labels.csv lists no images"),
         (["path,label", "images,blue"], ": 1 listed paths are folders, not image files (first: "),
         # a third column would be dropped without a word: a split column's test rows would train
-        (["path,label,split", "FILE,blue,test"], ": line 2: 3 columns, expected path,label (quote a path or label that holds a comma)"),
+        (["path,label,split", "FILE,blue,test"], ": line 2: 3 columns, expected path,label (remove the others, or quote a path"),
+        (["FILE,blue", ",red"], ": line 2: empty path"),
+        (["FILE,blue", f"{'a' * 300}.png,red"], ": 1 listed files do not exist (first: "),  # a name too long for the file system
     ],
 )
 def test_csv_manifest_that_would_be_misread_is_refused(tmp_path: Path, lines: list[str], said: str) -> None:

@@ -153,6 +153,19 @@ def test_ctrl_c_before_a_stage_of_no_epochs(
     assert len(run(resume=True).history) == 4
 
 
+def test_the_resume_line_under_torchrun_keeps_the_launcher(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A run of several processes resumes with as many: `thaw train --resume` alone would start one."""
+    from thaw.train.fit import interrupted_before_training
+
+    (tmp_path / "checkpoint.pt").write_bytes(b"")
+    alone = interrupted_before_training(tmp_path, "while the run was set up")
+    assert alone.endswith(f"continue with thaw train --resume {tmp_path} (from Python: resume_run({str(tmp_path)!r}))")
+    for name, value in {"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"}.items():
+        monkeypatch.setenv(name, value)
+    said = interrupted_before_training(tmp_path, "under torchrun")
+    assert said == f"interrupted under torchrun; the checkpoint in {tmp_path} is intact: continue with the same torchrun command plus --resume {tmp_path}"
+
+
 def test_ctrl_c_in_the_runs_last_step_lets_it_finish(tiny_split_data: Path, tmp_path: Path) -> None:
     """Nothing is left to stop: the run ends as finished (its model delivered), not as interrupted."""
     config = TrainConfig(**{**CONFIG.__dict__, "batch_size": 64})  # one step an epoch, 4 epochs

@@ -110,9 +110,35 @@ def test_ctrl_c_in_a_caching_pass_stops_there_and_leaves_no_features(
         assert not out.exists() or not (out / "checkpoint.pt").exists()
     else:  # the resume caches the stage's views again and ends where an uninterrupted run does
         monkeypatch.setattr(feature_cache, "tqdm", real_tqdm)
-        resumed = train_images(tiny_split_data, model="mobilenet_v3_small", weights=None, plan=plan, config=TrainConfig(**options),
-                               out=out, resume=True)
+        run = lambda folder, **resume: train_images(  # noqa: E731
+            tiny_split_data, model="mobilenet_v3_small", weights=None, plan=plan, config=TrainConfig(**options), out=folder, **resume)
+        resumed, whole = run(out, resume=True), run(tmp_path / "whole")
         assert [row["stage"] for row in resumed.history] == ["head", "more", "more"]
+        assert [row["val_loss"] for row in resumed.history] == [row["val_loss"] for row in whole.history]
+        a, b = _final_weights(out), _final_weights(tmp_path / "whole")
+        assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_caching_pass_that_fails_part_way_leaves_no_feature_files(tiny_split_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """As a decoding worker ended by a scheduler's SIGTERM fails the pass: the views done and the one under way go."""
+    from thaw.train import feature_cache
+
+    real_tqdm, batches = feature_cache.tqdm, []
+
+    def failing_tqdm(iterable, **options):
+        for batch in real_tqdm(iterable, **options):
+            batches.append(batch)
+            if len(batches) == 7:
+                raise RuntimeError("DataLoader worker (pid 1234) is killed by signal: Terminated.")
+            yield batch
+
+    monkeypatch.setattr(feature_cache, "tqdm", failing_tqdm)
+    out = tmp_path / "run"
+    options = BASE | {"augment": True, "cache_views": 2, "cache_memory_gb": 1e-9}
+    with pytest.raises(RuntimeError, match="DataLoader worker"):
+        train_images(tiny_split_data, model="mobilenet_v3_small", weights=None, plan=Plan((Stage("head", 2, ("head",), ConstantLr(3e-3)),)),
+                     config=TrainConfig(**options), out=out)
+    assert len(batches) == 7 and _spill_files(out) == []
 
 
 def test_cache_views_without_augmentation_cache_the_evaluation_view_once(tiny_split_data: Path, tmp_path: Path) -> None:

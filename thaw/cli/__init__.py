@@ -43,11 +43,19 @@ class OneLineParser(argparse.ArgumentParser):
         missing = re.fullmatch(r"argument (\S+): expected one argument", message)
         typed = getattr(self, "_arguments", [])
         for option in missing.group(1).split("/") if missing else ():
-            if option in typed[:-1]:
-                value = typed[typed.index(option) + 1]
-                if value.startswith("-") and value not in self._option_string_actions:
-                    return f"argument {option}: {value!r} starts with '-', so it reads as an option; write {option}={value} to give it as the value"
+            after = [typed[index + 1] for index, word in enumerate(typed[:-1]) if word == option]
+            if after and after[-1].startswith("-") and not self._names_an_option(after[-1]):
+                value = after[-1]  # a flag typed twice: argparse stopped at the last one
+                return f"argument {option}: {value!r} starts with '-', so it reads as an option; write {option}={value} to give it as the value"
         return None
+
+    def _names_an_option(self, word: str) -> bool:
+        """Whether argparse takes `word` for one of this parser's options (`--out=x`, `--js` for --json, `--`): then the
+        value was left out, and "expected one argument" says it right."""
+        name = word.split("=", 1)[0]
+        if word == "--" or name in self._option_string_actions:
+            return True
+        return self.allow_abbrev and word.startswith("--") and bool(self._get_option_tuples(word))
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -382,7 +382,9 @@ def run(args: argparse.Namespace) -> int:
         if isinstance(stopped, ThawError):
             raise
         ending = "KILLED"
-        raise RunInterrupted(interrupted_before_training(out, "while the run was set up")) from None
+        # Under torchrun thaw leaves Ctrl-C to the launcher (fit), so a rank may meet it anywhere, training included.
+        when = "under torchrun" if distributed.from_environment().distributed else "while the run was set up"
+        raise RunInterrupted(interrupted_before_training(out, when)) from None
     finally:  # after the report, so MLflow stores it with the run folder
         close_loggers(loggers, ending)
         if refused:
@@ -401,17 +403,17 @@ def _say_finished(args: argparse.Namespace, run: Path) -> int:
         raise ThawError(f"{run} is complete: there is nothing to train before a report; write it with thaw report {run}")
     if args.log:
         raise ThawError(f"{run} is complete: there is no training left to log (--log {' '.join(args.log)})")
-    best = recorded["best"]
+    best, unread = recorded["best"], _other_data_unread(args.data, recorded.get("data_path"))
     if args.json:
         print(json.dumps({
             "complete": True, "val_accuracy": best["val"]["accuracy"], "best_epoch": best["epoch"], "why": best.get("why"),
             "wall_s": round(recorded.get("wall_s", 0.0), 2), "out": str(run),
-        }))
+        } | ({"data_not_read": args.data} if unread else {})))
         return 0
     print(
         f"{run} is complete (delivered epoch {best['epoch']}, val accuracy {best['val']['accuracy']:.4f}): nothing left to "
         f"resume, its files are as they were; use it with thaw evaluate, predict or export, or train anew with --overwrite"
-        + _other_data_unread(args.data, recorded.get("data_path"))
+        + unread
     )
     return 0
 
@@ -419,7 +421,7 @@ def _say_finished(args: argparse.Namespace, run: Path) -> int:
 def _other_data_unread(typed: str | None, trained_on: str | None) -> str:
     """Where DATA typed with --resume of a finished run is not what it trained on: say that it was not read, so that
     a user who meant to train on it does not take "complete" for an answer about that data."""
-    if typed is None or trained_on is None or Path(typed).resolve() == Path(trained_on).resolve():
+    if typed is None or not isinstance(trained_on, str) or Path(typed).resolve() == Path(trained_on).resolve():
         return ""
     return f" ({typed} was not read: the run was trained on {trained_on}; a new run on it needs another --out)"
 

@@ -207,6 +207,20 @@ def _manifest_rows(path: Path) -> list[tuple[int, list[str]]]:
         raise ThawError(f"cannot read {path} ({error.strerror or error})") from None
 
 
+def _is_folder(path: Path) -> bool:
+    try:
+        return path.is_dir()
+    except OSError:  # a name too long for the file system: reported as missing
+        return False
+
+
+def _exists(path: Path) -> bool:
+    try:
+        return path.exists()
+    except OSError:
+        return False
+
+
 def _from_manifest(path: Path, val_split: float, seed: int, min_classes: int) -> ImageData:
     rows = _manifest_rows(path)
     if rows and [c.strip().lower() for c in rows[0][1][:2]] == ["path", "label"]:
@@ -217,14 +231,15 @@ def _from_manifest(path: Path, val_split: float, seed: int, min_classes: int) ->
     problems += [f"line {line}: empty label" for line, row in rows if len(row) >= 2 and not row[1].strip()]
     # A third column (a split, a second label) or a path with an unquoted comma would be dropped without a word.
     problems += [
-        f"line {line}: {len(row)} columns, expected path,label (quote a path or label that holds a comma)"
+        f"line {line}: {len(row)} columns, expected path,label (remove the others, or quote a path or label that holds a comma)"
         for line, row in rows if any(cell.strip() for cell in row[2:])
     ]
-    entries = [(path.parent / row[0].strip(), row[1].strip()) for _, row in rows if len(row) >= 2]
-    folders = [str(p) for p, _ in entries if p.is_dir()]
+    problems += [f"line {line}: empty path" for line, row in rows if len(row) >= 2 and not row[0].strip()]
+    entries = [(path.parent / row[0].strip(), row[1].strip()) for _, row in rows if len(row) >= 2 and row[0].strip()]
+    folders = [str(p) for p, _ in entries if _is_folder(p)]
     if folders:
         problems.append(f"{len(folders)} listed paths are folders, not image files (first: {folders[0]})")
-    missing = [str(p) for p, _ in entries if not p.exists()]
+    missing = [str(p) for p, _ in entries if not _exists(p)]
     if missing:
         problems.append(f"{len(missing)} listed files do not exist (first: {missing[0]})")
     labels: dict[Path, list[str]] = defaultdict(list)

@@ -171,21 +171,27 @@ def compute_features(
     forward = adapter.forward_features if entry is None else capture(adapter.model, entry)
     store, labels = None, []
     loader = make_loader(dataset, batch_size=batch_size, shuffle=False, seed=0, workers=workers, processes=processes, augment_seed=augment_seed)
-    for batch in tqdm(loader, desc=label, disable=bars_disabled(engine.quiet), leave=False, unit="batch"):
-        if should_stop():
-            if store is not None:
-                FeatureSet(store.tensor, torch.empty(0), store.budget, store.reserved, store.spill).release()
-            raise CachingStopped
-        engine.note_failures(batch.failed)
-        if not len(batch.labels):
-            continue
-        with engine.autocast():
-            features = forward(engine.to_device(batch.images))
-        if store is None:
-            # Kept as computed (bf16 under bf16 autocast, else fp32): the head sees exactly what it would see live.
-            store = _Store(len(dataset), tuple(features.shape[1:]), features.dtype, budget, spill_path)
-        store.add(features)
-        labels.append(batch.labels)
+    try:
+        for batch in tqdm(loader, desc=label, disable=bars_disabled(engine.quiet), leave=False, unit="batch"):
+            if should_stop():
+                raise CachingStopped
+            engine.note_failures(batch.failed)
+            if not len(batch.labels):
+                continue
+            with engine.autocast():
+                features = forward(engine.to_device(batch.images))
+            if store is None:
+                # Kept as computed (bf16 under bf16 autocast, else fp32): the head sees exactly what it would see live.
+                store = _Store(len(dataset), tuple(features.shape[1:]), features.dtype, budget, spill_path)
+            store.add(features)
+            labels.append(batch.labels)
+    except BaseException:  # a stop, a worker ended by SIGTERM, a second Ctrl-C: the rows so far go, with their file
+        if store is not None:
+            budget.give_back(store.reserved)
+            spill, store = store.spill, None  # the last reference to the mapping first: a mapped file cannot be deleted on Windows
+            if spill is not None:
+                spill.unlink(missing_ok=True)
+        raise
     if store is None:
         return FeatureSet(torch.empty(0), torch.empty(0, dtype=torch.long))
     return FeatureSet(store.tensor[: store.count], torch.cat(labels), store.budget, store.reserved, store.spill)
@@ -263,8 +269,8 @@ def build_cache(
             )
             train_views.append(_pad_to_longest_shard(features) if processes.distributed else features)
         val = compute_features(adapter, make_dataset("val"), engine, spill_path=folder / f"{key}-val{suffix}.npy", label="caching val", **options)
-    except CachingStopped:
-        for features in train_views:  # the views done before the stop: nothing will read them
+    except BaseException:  # stopped (or failed) part way: the views done before, nothing will read
+        for features in train_views:
             features.release()
         raise
     return CachedStage(key, train_views, val, entry)

@@ -113,7 +113,10 @@ def interrupted_before_training(out: Path, when: str) -> str:
 
 
 def how_to_continue(out: Path) -> str:
-    """The one way every stop with a checkpoint says to go on: the run's own settings need no other option."""
+    """The one way every stop with a checkpoint says to go on: the run's own settings need no other option, but a
+    run of several processes resumes with as many, so under torchrun the launcher's command stays."""
+    if distributed.from_environment().distributed:
+        return f"continue with the same torchrun command plus --resume {out}"
     return f"continue with thaw train --resume {out} (from Python: resume_run({str(out)!r}))"
 
 
@@ -336,6 +339,7 @@ class Trainer:
                     processes=self.processes, entry=entry, should_stop=lambda: self.stop_requested,
                 )
             except CachingStopped:  # the pass is not worth finishing: nothing it computed is kept or checkpointed
+                remove_if_empty(self.out / CACHE_FOLDER)
                 said = interrupted_before_training(self.out, f"while caching features for stage {name!r}")
                 raise RunInterrupted(said, self.stopped_by) from None
             counts = f"{len(self.cached.train_views[0].labels)} train x {max(1, views)} view(s), {len(self.cached.val.labels)} val"
