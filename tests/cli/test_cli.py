@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import write_class_images
 from thaw.cli import main
 
 
@@ -135,6 +136,8 @@ MOBILENET_PLAN = ["plan", "--model", "mobilenet_v3_small", "--num-classes", "3"]
         (["train", "DATA", *TINY_RUN, "--lr", "1e300"], "argument --lr: an lr must be a positive finite number up to 1000"),
         (["train", "DATA", *TINY_RUN, "--val-split", "nan"], "argument --val-split: expected a share above 0 and below 1"),
         (["train", "DATA", *TINY_RUN, "--out", ""], "argument --out: expected a path, got an empty string"),
+        (["train", "DATA", *TINY_RUN, "--weights", ""], "argument --weights: expected a weights name, a file path or none, got an empty string"),
+        ([*MOBILENET_PLAN, "--weights", " "], "argument --weights: expected a weights name"),
         ([*MOBILENET_PLAN, "--strategy", "lora", "--lora-alpha", "nan"], "argument --lora-alpha: expected a finite number, got nan"),
         ([*MOBILENET_PLAN, "--config", "TMP/decay.yaml"], "weight_decay: expected a weight decay >= 0"),
         ([*LR_FIND, "--out", "TMP"], "is a folder; name the plot file"),
@@ -145,6 +148,7 @@ MOBILENET_PLAN = ["plan", "--model", "mobilenet_v3_small", "--num-classes", "3"]
         (["train", "DATA", *TINY_RUN, "--budget", "-5s"], "argument --budget: '-5s' starts with '-', so it reads as an option; write --budget=-5s"),
         (["train", "DATA", *TINY_RUN, "--budget=-5s"], "argument --budget: budget must be a time like 90s, 3m or 1.5h, got '-5s'"),
         (["train", "DATA", *TINY_RUN, "--budget"], "argument --budget: expected one argument"),
+        (["train", "DATA", *TINY_RUN, "--out", "DATA/red/run"], "is inside the data folder"),  # its plots would be read as red images
         # where the word after it is an option after all, the value was left out: no hint
         (["train", "DATA", *TINY_RUN, "--budget", "--model=mobilenet_v2"], "argument --budget: expected one argument ("),
         (["train", "DATA", *TINY_RUN, "--budget", "--"], "argument --budget: expected one argument ("),
@@ -167,6 +171,18 @@ def test_impossible_values_are_one_line_and_exit_2(
     assert code == 2, stderr
     assert expected in stderr
     assert len(stderr.strip().splitlines()) == 1, stderr
+
+
+def test_a_run_started_inside_its_data_folder_is_refused_and_leaves_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`cd photos && thaw train .`: the default --out (runs/...) would be a class folder of the next run's data."""
+    write_class_images(tmp_path / "photos", per_class=4, size=16)
+    monkeypatch.chdir(tmp_path / "photos")
+    before = sorted(path.name for path in (tmp_path / "photos").iterdir())
+    assert main(["train", ".", "--model", "mobilenet_v3_small", "--weights", "none"]) == 2
+    assert "is inside the data folder .: the run's files would be read as images" in capsys.readouterr().err
+    assert sorted(path.name for path in (tmp_path / "photos").iterdir()) == before  # no runs/ left behind
 
 
 @pytest.mark.parametrize(

@@ -138,3 +138,29 @@ def test_an_output_named_for_the_other_format_is_refused_and_left_as_it_was(
     error = capsys.readouterr().err
     assert f"is named for {other}, and --format is {fmt}" in error and len(error.strip().splitlines()) == 1
     assert existing.read_bytes() == b"an export of the other format"
+
+
+@pytest.mark.parametrize(
+    "fmt, target, said",
+    [
+        ("torchscript", "RUN/model.safetensors", "is one of the run's own files"),  # the trained weights
+        ("onnx", "RUN/thaw.json", "is one of the run's own files"),  # a refused export used to delete it
+        ("torchscript", "RUN/checkpoint.pt", "is one of the run's own files"),  # named like a TorchScript file
+        ("torchscript", "TMP/notes", "exists and is not a torchscript file"),
+        ("onnx", "TMP/photo.png", "exists and is not a onnx file"),
+    ],
+)
+def test_export_never_writes_over_a_run_file_or_a_file_that_is_no_export(
+    image_run: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str], fmt: str, target: str, said: str
+) -> None:
+    _, run = image_run
+    output = Path(target.replace("RUN", str(run)).replace("TMP", str(tmp_path)))
+    if not output.exists():
+        output.write_bytes(b"the user's own file")
+    before = output.read_bytes()
+    assert main(["export", str(run), "--format", fmt, "--output", str(output)]) == 2
+    error = capsys.readouterr().err
+    assert said in error and len(error.strip().splitlines()) == 1
+    assert output.read_bytes() == before
+    assert main(["export", str(run), "--format", "torchscript", "--output", str(tmp_path / "again.pt")]) == 0  # an earlier export
+    assert main(["export", str(run), "--format", "torchscript", "--output", str(tmp_path / "again.pt")]) == 0  # is written over

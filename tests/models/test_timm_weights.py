@@ -129,6 +129,21 @@ def test_convert_weights_refuses_what_it_cannot_do_in_one_line(
     assert not (tmp_path / out).exists()
 
 
+def test_convert_weights_never_writes_over_a_runs_weights(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    state = build_model("mobilenet_v3_small", weights=None).model.state_dict()
+    torch.save(state, tmp_path / "theirs.pth")
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "thaw.json").write_text("{}")  # a finished run's record: the folder holds a run
+    (run / "model.safetensors").write_bytes(b"the run's trained weights")
+    assert main(["convert-weights", str(tmp_path / "theirs.pth"), "--model", "mobilenet_v3_small", "--out", str(run / "model.safetensors")]) == 2
+    assert "is a run's own weights file; write the converted weights elsewhere" in capsys.readouterr().err
+    assert (run / "model.safetensors").read_bytes() == b"the run's trained weights"
+    # elsewhere, an earlier conversion is written over: that is what the command is for
+    for _ in range(2):
+        assert main(["convert-weights", str(tmp_path / "theirs.pth"), "--model", "mobilenet_v3_small", "--out", str(tmp_path / "ours.safetensors")]) == 0
+
+
 @pytest.mark.parametrize("model", ["timm/resnet18", "timm/vit_tiny_patch16_224"])  # ViT's own downloads are JAX files
 def test_a_timm_weights_file_under_timms_own_names_loads(tmp_path: Path, model: str) -> None:
     """A file saved from the timm model itself (the usual case): timm's reader loads it, nothing renamed."""

@@ -150,3 +150,10 @@ def test_processes_linking_the_packaged_weights_at_once_all_succeed(tmp_path: Pa
         for worker in workers:
             worker.join(timeout=60)
         assert outcomes == [str(shipped.resolve())] * processes, outcomes
+
+
+@pytest.mark.parametrize("weights", ["", "  "])
+def test_empty_weights_are_refused_not_read_as_none(weights: str) -> None:
+    """An unset variable (`weights=os.environ.get("W", "")`) trained from random weights without a word."""
+    with pytest.raises(ThawError, match="weights is an empty string"):
+        build_model("mobilenet_v3_small", weights=weights)

@@ -158,7 +158,8 @@ def test_the_resume_line_under_torchrun_keeps_the_launcher(tmp_path: Path, monke
     from thaw.train.fit import interrupted_before_training
 
     (tmp_path / "checkpoint.pt").write_bytes(b"")
-    alone = interrupted_before_training(tmp_path, "while the run was set up")
+    alone = interrupted_before_training(tmp_path, None)
+    assert alone == f"interrupted; the checkpoint in {tmp_path} is intact: continue with thaw train --resume {tmp_path} (from Python: resume_run({str(tmp_path)!r}))"
     assert alone.endswith(f"continue with thaw train --resume {tmp_path} (from Python: resume_run({str(tmp_path)!r}))")
     for name, value in {"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"}.items():
         monkeypatch.setenv(name, value)

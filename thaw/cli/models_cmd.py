@@ -69,6 +69,10 @@ def run_convert(args: argparse.Namespace) -> int:
         )
     if args.out.suffix != ".safetensors":
         raise ThawError(f"--out {args.out} must end in .safetensors (thaw writes converted weights as safetensors)")
+    from thaw.train.run_folder import is_run_file
+
+    if is_run_file(args.out):
+        raise ThawError(f"--out {args.out} is a run's own weights file; write the converted weights elsewhere")
     state = load_state_dict_file(args.source)
     model = build_model(args.model, weights=None).model
     model.load_state_dict(rename_in_order(state, model, str(args.source)), strict=True)

@@ -35,6 +35,14 @@ def path_text(text: str) -> str:
     return text
 
 
+def weights_text(text: str) -> str:
+    """--weights as typed; an empty one (`--weights "$W"` with W unset) was read as the current folder and trained
+    from scratch without a word."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("expected a weights name, a file path or none, got an empty string")
+    return text
+
+
 def non_negative_int(text: str) -> int:
     """Counts where 0 means something: epochs (none in that stage), workers (decode in-process), cached views."""
     return _whole_number(text, 0, None)
@@ -141,7 +149,7 @@ def add_model_options(parser: argparse.ArgumentParser, required: bool = True) ->
     parser.add_argument(
         "--model", required=required, help="torchvision name (resnet50), timm/NAME, or a Hugging Face folder or hf/ORG/NAME (text)"
     )
-    parser.add_argument("--weights", help="weights name (DEFAULT, IMAGENET1K_V1), a file path, or none")
+    parser.add_argument("--weights", type=weights_text, help="weights name (DEFAULT, IMAGENET1K_V1), a file path, or none")
 
 
 def add_plan_options(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:

@@ -382,8 +382,9 @@ def run(args: argparse.Namespace) -> int:
         if isinstance(stopped, ThawError):
             raise
         ending = "KILLED"
-        # Under torchrun thaw leaves Ctrl-C to the launcher (fit), so a rank may meet it anywhere, training included.
-        when = "under torchrun" if distributed.from_environment().distributed else "while the run was set up"
+        # Not only while the run was set up: a second Ctrl-C, one after the last step (held through the clean-up, then
+        # acted on) or while the finished run was written; and under torchrun thaw leaves Ctrl-C to the launcher.
+        when = "under torchrun" if distributed.from_environment().distributed else None
         raise RunInterrupted(interrupted_before_training(out, when)) from None
     finally:  # after the report, so MLflow stores it with the run folder
         close_loggers(loggers, ending)

@@ -40,6 +40,8 @@ def build_model(
             f"build_model takes a model name like 'mobilenet_v2' or 'timm/NAME', got a {type(name).__name__}; "
             "for a model you built, use thaw.adapt(model)"
         )
+    if isinstance(weights, str) and not weights.strip():  # an unset variable: read as no weights, it trained from scratch
+        raise ThawError("weights is an empty string; give a weights name (DEFAULT, IMAGENET1K_V1), a file path, or None for random weights")
     options = {"weights": weights, "num_classes": num_classes, "device": device, "load": load}
     if name.startswith(TIMM_PREFIX):
         return build_timm(name[len(TIMM_PREFIX) :], **options)

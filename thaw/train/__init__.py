@@ -53,6 +53,8 @@ def train_images(
     plan = plan or default_strategy("image")
     _check_arguments(plan, plan_options, config, resume)
     check_plan_before_data(model, weights, "image", plan, plan_options)  # a typo in stage 2 stops nothing half-done
+    if not resume:
+        check_out_outside_data(Path(out), Path(data_path))
     data = discover(data_path, val_split=val_split, seed=config.seed)
     torch.manual_seed(config.seed)  # the new head's initial weights are part of the run's seed
     adapter = _image_adapter(model, weights, len(data.classes))
@@ -61,6 +63,16 @@ def train_images(
         "classes": list(data.classes), "val_split": val_split, "data_path": str(Path(data_path).resolve()),
     } | ({} if isinstance(model, str) else {"model_source": MODEL_OBJECT, "model_groups": model_groups(adapter)})
     return _run(adapter, data, data_path, plan, plan_options, config, Path(out), meta, resume, overwrite, callbacks, step_hooks)
+
+
+def check_out_outside_data(out: Path, data_path: Path) -> None:
+    """A run folder inside an image folder would become part of the data: its plots read as images of a class (or
+    its folder as a class) by the next run on that folder. Refused for a new run (a manifest lists its own files)."""
+    if data_path.is_dir() and out.resolve().is_relative_to(data_path.resolve()):
+        raise ThawError(
+            f"--out {out} is inside the data folder {data_path}: the run's files would be read as images by the next run "
+            "on it; put the run folder elsewhere (with --out)"
+        )
 
 
 def model_name(model: str | nn.Module | ModelAdapter) -> str:

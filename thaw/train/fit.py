@@ -105,10 +105,13 @@ class RunInterrupted(Exception):
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
-def interrupted_before_training(out: Path, when: str) -> str:
-    """What Ctrl-C outside the training steps leaves: the checkpoint a resumed run had, or nothing to resume."""
+def interrupted_before_training(out: Path, when: str | None) -> str:
+    """What Ctrl-C outside the training steps leaves: the checkpoint a resumed run had, or nothing to resume.
+    `when` None: the stop may have come anywhere (a second Ctrl-C, one while the finished run was written)."""
     if (out / ckpt.CHECKPOINT).exists():
-        return f"interrupted {when}; the checkpoint in {out} is intact: {how_to_continue(out)}"
+        return f"interrupted{f' {when}' if when else ''}; the checkpoint in {out} is intact: {how_to_continue(out)}"
+    if when is None:
+        return "interrupted before the run's first checkpoint: nothing to resume; run the same command again"
     return f"interrupted {when}, before training began: nothing to resume; run the same command again"
 
 

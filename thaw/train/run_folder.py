@@ -120,6 +120,15 @@ def holds_run(out: Path) -> bool:
     return (out / METADATA).is_file() or (out / CHECKPOINT).is_file() or (out / SET_ASIDE).is_dir()
 
 
+def is_run_file(path: Path) -> bool:
+    """Whether `path` is one of a run's own files (its weights, record, checkpoint, text model: what only training
+    writes), which a command that writes a file on request (export, convert-weights) must not replace."""
+    path = Path(path)
+    if path.parent.name in RUN_FOLDERS and holds_run(path.parent.parent):
+        return True
+    return path.name in RUN_FILES and path.name not in EXPORTS and holds_run(path.parent)
+
+
 def is_finished(run: Path) -> bool:
     """Whether the run in `run` has ended: METADATA is the last file its end writes (after the adapter or text model
     it saves; write_run), and a replacement (--overwrite) moves the old run's aside before it trains."""
