@@ -148,12 +148,13 @@ MOBILENET_PLAN = ["plan", "--model", "mobilenet_v3_small", "--num-classes", "3"]
         (["train", "DATA", *TINY_RUN, "--budget", "-5s"], "argument --budget: '-5s' starts with '-', so it reads as an option; write --budget=-5s"),
         (["train", "DATA", *TINY_RUN, "--budget=-5s"], "argument --budget: budget must be a time like 90s, 3m or 1.5h, got '-5s'"),
         (["train", "DATA", *TINY_RUN, "--budget"], "argument --budget: expected one argument"),
-        (["train", "DATA", *TINY_RUN, "--out", "DATA/red/run"], "is inside the data folder"),  # its plots would be read as red images
+        (["train", "DATA", *TINY_RUN, "--out", "DATA/train/red/run"], "is inside the data folder"),  # its plots: red images
         # where the word after it is an option after all, the value was left out: no hint
         (["train", "DATA", *TINY_RUN, "--budget", "--model=mobilenet_v2"], "argument --budget: expected one argument ("),
         (["train", "DATA", *TINY_RUN, "--budget", "--"], "argument --budget: expected one argument ("),
         ([*LR_FIND, "--out", "--ste", "4"], "argument --out: expected one argument ("),  # --ste: --steps, abbreviated
         (["train", "DATA", *TINY_RUN, "--budget", "5s", "--budget", "-5s"], "argument --budget: '-5s' starts with '-'"),
+        (["train", "DATA", *TINY_RUN, "--budget", "-5s", "--budget", "-9s"], "argument --budget: '-5s' starts with '-'"),  # the first
     ],
 )
 def test_impossible_values_are_one_line_and_exit_2(

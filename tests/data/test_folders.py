@@ -9,7 +9,7 @@ import pytest
 
 from tests.conftest import shared_data, write_class_images
 from thaw import ThawError
-from thaw.data.folders import discover
+from thaw.data.folders import discover, would_be_read
 
 
 def test_split_folders_with_any_val_name(tmp_path: Path) -> None:
@@ -195,3 +195,23 @@ def test_files_in_hidden_folders_are_not_read(tmp_path: Path) -> None:
     data = discover(tmp_path)
     assert not any(".ipynb_checkpoints" in str(path) for path, _ in data.train + data.val) and not data.skipped
     assert len(data.train) + len(data.val) == 12
+
+
+def test_a_path_under_the_data_is_told_read_only_where_discover_reads_it(tmp_path: Path) -> None:
+    """What decides whether a run folder put under the data would become part of it."""
+    classes, splits = tmp_path / "classes", tmp_path / "splits"
+    write_class_images(classes, per_class=2)
+    write_class_images(splits / "train", per_class=2)
+    assert would_be_read(classes, classes / "runs" / "a") and would_be_read(classes, classes)
+    assert not would_be_read(classes, classes / ".runs" / "a")  # hidden folders are not read
+    assert not would_be_read(classes, tmp_path / "runs")  # beside it
+    assert would_be_read(splits, splits / "train" / "red" / "run") and would_be_read(splits, splits / "Val" / "run")
+    assert not would_be_read(splits, splits / "runs" / "a")  # train/ fixes the layout: other folders are not read
+    manifest = tmp_path / "labels.csv"
+    manifest.write_text("path,label\n")
+    assert not would_be_read(manifest, tmp_path / "runs")  # a manifest lists its own files
+    # and discover agrees: a folder of files beside train/ is not read, one among the classes is a class
+    write_class_images(splits / "runs", classes=("stray",), per_class=2)
+    assert discover(splits).classes == ("blue", "green", "red")
+    write_class_images(classes / "runs", classes=("stray",), per_class=2)
+    assert "runs" in discover(classes).classes

@@ -143,10 +143,10 @@ def test_an_output_named_for_the_other_format_is_refused_and_left_as_it_was(
 @pytest.mark.parametrize(
     "fmt, target, said",
     [
-        ("torchscript", "RUN/model.safetensors", "is one of the run's own files"),  # the trained weights
-        ("onnx", "RUN/thaw.json", "is one of the run's own files"),  # a refused export used to delete it
+        ("torchscript", "RUN/model.safetensors", "is one of the run's own files; write the export beside them, such as RUN/model.pt"),
+        ("onnx", "RUN/thaw.json", "is one of the run's own files; write the export beside them, such as RUN/model.onnx"),  # was deleted
         ("torchscript", "RUN/checkpoint.pt", "is one of the run's own files"),  # named like a TorchScript file
-        ("torchscript", "TMP/notes", "exists and is not a torchscript file"),
+        ("torchscript", "TMP/notes.txt", "exists and is not a torchscript file"),
         ("onnx", "TMP/photo.png", "exists and is not a onnx file"),
     ],
 )
@@ -160,7 +160,8 @@ def test_export_never_writes_over_a_run_file_or_a_file_that_is_no_export(
     before = output.read_bytes()
     assert main(["export", str(run), "--format", fmt, "--output", str(output)]) == 2
     error = capsys.readouterr().err
-    assert said in error and len(error.strip().splitlines()) == 1
+    assert said.replace("RUN", str(run)) in error and len(error.strip().splitlines()) == 1
     assert output.read_bytes() == before
-    assert main(["export", str(run), "--format", "torchscript", "--output", str(tmp_path / "again.pt")]) == 0  # an earlier export
-    assert main(["export", str(run), "--format", "torchscript", "--output", str(tmp_path / "again.pt")]) == 0  # is written over
+    for name in ("again.pt", "classifier"):  # an earlier export, named as one or with no suffix, is written over
+        for _ in range(2):
+            assert main(["export", str(run), "--format", "torchscript", "--output", str(tmp_path / name)]) == 0

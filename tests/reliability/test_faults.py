@@ -160,11 +160,11 @@ def test_the_resume_line_under_torchrun_keeps_the_launcher(tmp_path: Path, monke
     (tmp_path / "checkpoint.pt").write_bytes(b"")
     alone = interrupted_before_training(tmp_path, None)
     assert alone == f"interrupted; the checkpoint in {tmp_path} is intact: continue with thaw train --resume {tmp_path} (from Python: resume_run({str(tmp_path)!r}))"
-    assert alone.endswith(f"continue with thaw train --resume {tmp_path} (from Python: resume_run({str(tmp_path)!r}))")
     for name, value in {"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"}.items():
         monkeypatch.setenv(name, value)
     said = interrupted_before_training(tmp_path, "under torchrun")
-    assert said == f"interrupted under torchrun; the checkpoint in {tmp_path} is intact: continue with the same torchrun command plus --resume {tmp_path}"
+    assert said == (f"interrupted under torchrun; the checkpoint in {tmp_path} is intact: continue with the same torchrun command plus "
+                    f"--resume {tmp_path}, without --overwrite (from Python: resume_run({str(tmp_path)!r}))")
 
 
 def test_ctrl_c_in_the_runs_last_step_lets_it_finish(tiny_split_data: Path, tmp_path: Path) -> None:

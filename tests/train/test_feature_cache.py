@@ -123,21 +123,23 @@ def test_a_caching_pass_that_fails_part_way_leaves_no_feature_files(tiny_split_d
     """As a decoding worker ended by a scheduler's SIGTERM fails the pass: the views done and the one under way go."""
     from thaw.train import feature_cache
 
-    real_tqdm, batches = feature_cache.tqdm, []
+    real_tqdm, batches, on_disk = feature_cache.tqdm, [], []
+    out = tmp_path / "run"
 
     def failing_tqdm(iterable, **options):
         for batch in real_tqdm(iterable, **options):
             batches.append(batch)
             if len(batches) == 7:
+                on_disk.extend(_spill_files(out))
                 raise RuntimeError("DataLoader worker (pid 1234) is killed by signal: Terminated.")
             yield batch
 
     monkeypatch.setattr(feature_cache, "tqdm", failing_tqdm)
-    out = tmp_path / "run"
     options = BASE | {"augment": True, "cache_views": 2, "cache_memory_gb": 1e-9}
     with pytest.raises(RuntimeError, match="DataLoader worker"):
         train_images(tiny_split_data, model="mobilenet_v3_small", weights=None, plan=Plan((Stage("head", 2, ("head",), ConstantLr(3e-3)),)),
                      config=TrainConfig(**options), out=out)
+    assert len(on_disk) == 2  # view 1's file and the one under way were there when it failed
     assert len(batches) == 7 and _spill_files(out) == []
 
 

@@ -43,9 +43,9 @@ class OneLineParser(argparse.ArgumentParser):
         missing = re.fullmatch(r"argument (\S+): expected one argument", message)
         typed = getattr(self, "_arguments", [])
         for option in missing.group(1).split("/") if missing else ():
-            after = [typed[index + 1] for index, word in enumerate(typed[:-1]) if word == option]
-            if after and after[-1].startswith("-") and not self._names_an_option(after[-1]):
-                value = after[-1]  # a flag typed twice: argparse stopped at the last one
+            # argparse reads from the left: a flag typed twice stopped at the first one without a value
+            value = next((typed[i + 1] for i, word in enumerate(typed[:-1]) if word == option and typed[i + 1].startswith("-")), None)
+            if value is not None and not self._names_an_option(value):
                 return f"argument {option}: {value!r} starts with '-', so it reads as an option; write {option}={value} to give it as the value"
         return None
 

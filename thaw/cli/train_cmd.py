@@ -30,7 +30,7 @@ from thaw.plan.config import read_plan_file
 from thaw.plan.strategies import DEFAULT_EPOCHS
 from thaw.train.budget import parse_budget
 from thaw._io import atomic_write, check_writable
-from thaw.train import RunResult, check_model_object, RunState, TextColumns, TrainConfig, resume_run, saved_settings, train_images, train_text
+from thaw.train import RunResult, check_model_object, check_out_outside_data, RunState, TextColumns, TrainConfig, resume_run, saved_settings, train_images, train_text
 from thaw.train.config import METRICS, PRECISIONS, SCHEDULES, config_problems
 from thaw.train.fit import resolve_device, uses_bf16
 from thaw.train.settings import ADDED_LATER, RUNTIME_FIELDS, differences, source_name
@@ -364,6 +364,8 @@ def run(args: argparse.Namespace) -> int:
     out = _out_folder(args)
     if main_rank and not args.resume:  # before the run writes anything there: the old run stays as it is
         check_new_run(out, args.overwrite)
+    if not args.resume and args.data:  # before a logger writes into it (mlruns/): the library checks again
+        check_out_outside_data(out, Path(args.data))
     created = _missing_folders(out)  # removed again if the run is refused before its first checkpoint
     if main_rank and args.log:  # before any work: a logger writes into the run folder, and a missing package stops here
         check_writable(out)

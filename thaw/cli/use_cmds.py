@@ -15,7 +15,7 @@ from thaw.export.formats import FORMATS, ExportCheck, export_model, onnx_data_fi
 from thaw.export.inference import check_images, image_files, predict_files, predict_texts, score_run, with_tta
 from thaw.export.report import save_report
 from thaw.train.plots import plot_confusion
-from thaw.train.run_folder import ONNX_EXPORT, TORCHSCRIPT_EXPORT, is_run_file
+from thaw.train.run_folder import ONNX_EXPORT, RUN_FOLDERS, TORCHSCRIPT_EXPORT, is_run_file
 from thaw.export.run_dir import load_run
 from thaw.plan.report import render_table
 
@@ -186,8 +186,11 @@ def _check_output(output: Path, fmt: str) -> None:
     if output.is_dir():
         raise ThawError(f"--output {output} is a folder; name the file to write, such as {output / 'model.onnx'}")
     if is_run_file(output):
-        raise ThawError(f"--output {output} is one of the run's own files; write the export beside them, such as {output.parent / ONNX_EXPORT}")
-    if output.is_file() and output.suffix.lower() not in EXPORT_SUFFIXES[fmt]:  # an earlier export is written over; nothing else
+        run = output.parent.parent if output.parent.name in RUN_FOLDERS else output.parent
+        default = run / (ONNX_EXPORT if fmt == "onnx" else TORCHSCRIPT_EXPORT)
+        raise ThawError(f"--output {output} is one of the run's own files; write the export beside them, such as {default}")
+    # An earlier export (a file named as one of this format, or with no suffix) is written over; a file of another kind is not.
+    if output.is_file() and output.suffix and output.suffix.lower() not in EXPORT_SUFFIXES[fmt]:
         raise ThawError(f"--output {output} exists and is not a {fmt} file ({', '.join(EXPORT_SUFFIXES[fmt])}); choose another --output")
     try:
         output.parent.mkdir(parents=True, exist_ok=True)

@@ -146,6 +146,22 @@ def stratified_split(samples: list[Sample], fraction: float, seed: int) -> tuple
     return train, held_out
 
 
+def would_be_read(root: Path, path: Path) -> bool:
+    """Whether a file or folder at `path` would be read as data by discover(root): it lies under the image folder
+    `root`, not in a hidden folder, and (beside a train/ folder as written, which fixes the layout) in a split."""
+    if not root.is_dir():
+        return False  # a manifest lists its own files
+    try:
+        parts = path.resolve().relative_to(root.resolve()).parts
+    except ValueError:
+        return False
+    if not parts:
+        return True
+    if parts[0].startswith("."):
+        return False
+    return parts[0].lower() in SPLIT_NAMES if (root / "train").is_dir() else True
+
+
 def _split_folders(root: Path) -> dict[str, Path]:
     """The split folders in `root` by split (train, val, test; train first), whatever their case. Two folders for one
     split are refused: scoring on the one thaw happened to pick would be a silent guess."""

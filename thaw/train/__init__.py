@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from thaw.data.folders import ImageData, discover
+from thaw.data.folders import ImageData, discover, would_be_read
 from thaw.data.text import TextColumns, TextData, load_text_data
 from thaw.models import ModelAdapter, adapt, build_model
 from thaw.models.hf_text import DEFAULT_MAX_LENGTH, build_text_model
@@ -66,9 +66,9 @@ def train_images(
 
 
 def check_out_outside_data(out: Path, data_path: Path) -> None:
-    """A run folder inside an image folder would become part of the data: its plots read as images of a class (or
-    its folder as a class) by the next run on that folder. Refused for a new run (a manifest lists its own files)."""
-    if data_path.is_dir() and out.resolve().is_relative_to(data_path.resolve()):
+    """A run folder where discover reads the data would become part of it: its plots read as images of a class (or
+    its folder as a class) by the next run on that folder. Refused for a new run."""
+    if would_be_read(data_path, out):
         raise ThawError(
             f"--out {out} is inside the data folder {data_path}: the run's files would be read as images by the next run "
             "on it; put the run folder elsewhere (with --out)"

@@ -190,7 +190,10 @@ def compute_features(
             budget.give_back(store.reserved)
             spill, store = store.spill, None  # the last reference to the mapping first: a mapped file cannot be deleted on Windows
             if spill is not None:
-                spill.unlink(missing_ok=True)
+                try:
+                    spill.unlink(missing_ok=True)
+                except OSError:  # still mapped (Windows) or the disk went away: the next run here removes it
+                    pass
         raise
     if store is None:
         return FeatureSet(torch.empty(0), torch.empty(0, dtype=torch.long))

@@ -118,9 +118,10 @@ def interrupted_before_training(out: Path, when: str | None) -> str:
 def how_to_continue(out: Path) -> str:
     """The one way every stop with a checkpoint says to go on: the run's own settings need no other option, but a
     run of several processes resumes with as many, so under torchrun the launcher's command stays."""
+    python = f"from Python: resume_run({str(out)!r})"
     if distributed.from_environment().distributed:
-        return f"continue with the same torchrun command plus --resume {out}"
-    return f"continue with thaw train --resume {out} (from Python: resume_run({str(out)!r}))"
+        return f"continue with the same torchrun command plus --resume {out}, without --overwrite ({python})"
+    return f"continue with thaw train --resume {out} ({python})"
 
 
 def resolve_device(device: str) -> torch.device:

@@ -123,10 +123,10 @@ def holds_run(out: Path) -> bool:
 def is_run_file(path: Path) -> bool:
     """Whether `path` is one of a run's own files (its weights, record, checkpoint, text model: what only training
     writes), which a command that writes a file on request (export, convert-weights) must not replace."""
-    path = Path(path)
-    if path.parent.name in RUN_FOLDERS and holds_run(path.parent.parent):
+    path, own = Path(path), {name.lower() for name in RUN_FILES} - {name.lower() for name in EXPORTS}
+    if path.parent.name.lower() in RUN_FOLDERS and holds_run(path.parent.parent):
         return True
-    return path.name in RUN_FILES and path.name not in EXPORTS and holds_run(path.parent)
+    return path.name.lower() in own and holds_run(path.parent)  # in any case: macOS and Windows names ignore it
 
 
 def is_finished(run: Path) -> bool:
