@@ -140,6 +140,7 @@ MOBILENET_PLAN = ["plan", "--model", "mobilenet_v3_small", "--num-classes", "3"]
         ([*MOBILENET_PLAN, "--weights", " "], "argument --weights: expected a weights name"),
         ([*MOBILENET_PLAN, "--strategy", "lora", "--lora-alpha", "nan"], "argument --lora-alpha: expected a finite number, got nan"),
         ([*MOBILENET_PLAN, "--config", "TMP/decay.yaml"], "weight_decay: expected a weight decay >= 0"),
+        ([*MOBILENET_PLAN, "--config", "TMP/smoothing.yaml"], "smoothing.yaml: training: label smoothing must be a share in [0, 1), got 2"),
         ([*LR_FIND, "--out", "TMP"], "is a folder; name the plot file"),
         ([*LR_FIND, "--out", "TMP/plot.xyz"], "cannot draw a .xyz file"),
         ([*LR_FIND, "--end", "1e300"], "argument --end: an lr must be a positive finite number up to 1000"),
@@ -163,6 +164,7 @@ def test_impossible_values_are_one_line_and_exit_2(
     """Values that crashed (or trained on nonsense) before: refused before any work, in one line."""
     monkeypatch.chdir(tmp_path)  # an empty path would otherwise mean the folder the tests run in
     (tmp_path / "decay.yaml").write_text("weight_decay: -0.1\nstages:\n  - {name: head, epochs: 1}\n")
+    (tmp_path / "smoothing.yaml").write_text("stages: [{name: head, epochs: 1, train: [head], lr: 1.0e-3}]\ntraining: {label_smoothing: 2}\n")
     argv = [arg.replace("DATA", str(colours)).replace("TMP", str(tmp_path)) for arg in args]
     try:
         code = main(argv)

@@ -200,6 +200,21 @@ def test_resume_of_a_finished_run_with_a_damaged_record_is_one_line(
     assert error == f"thaw: error: {cut_run / 'thaw.json'} is {said}; restore it from a copy, or train again with --overwrite"
 
 
+@pytest.mark.parametrize("damage, said", [(None, "has no model.safetensors, though its thaw.json says the run finished"),
+                                          (b"cut", "model.safetensors is damaged (")])
+def test_resume_of_a_finished_run_without_usable_weights_is_not_called_complete(
+    damage: bytes | None, said: str, cut_run: Path, capsys: pytest.CaptureFixture[str],
+) -> None:
+    """thaw evaluate, predict and export refuse such a run: --resume must not send the user there."""
+    assert main(["train", "--resume", str(cut_run), "--quiet"]) == 0  # finishes it
+    weights = cut_run / "model.safetensors"
+    weights.unlink() if damage is None else weights.write_bytes(damage)
+    capsys.readouterr()
+    assert main(["train", "--resume", str(cut_run)]) == 2
+    error = capsys.readouterr().err.strip()
+    assert said in error and error.endswith("; retrain or restore it from a copy") and "is complete" not in error
+
+
 def test_resume_of_a_finished_run_with_other_data_says_that_data_was_not_read(
     cut_run: Path, tiny_split_data: Path, colours: Path, capsys: pytest.CaptureFixture[str],
 ) -> None:

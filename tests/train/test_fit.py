@@ -115,7 +115,8 @@ def test_resume_refuses_changed_data_and_accepts_other_workers(tiny_split_data: 
         run(tiny_split_data, tmp_path / "cut", callbacks=[crash_after(1)])
     write_class_images(tmp_path / "extra", per_class=1, seed=5)
     (tmp_path / "extra" / "red" / "000.png").rename(tiny_split_data / "train" / "red" / "new.png")
-    with pytest.raises(ThawError, match="different now: the data: its files, sizes or labels changed"):
+    with pytest.raises(ThawError, match=r"different now: the data: its files, sizes or labels changed\. Put the data back as the run had it, "
+                                         "or start a new run on this data with another --out$"):
         run(tiny_split_data, tmp_path / "cut", resume=True)
     (tiny_split_data / "train" / "red" / "new.png").unlink()
     moved = tmp_path / "moved"

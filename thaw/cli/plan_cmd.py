@@ -31,6 +31,11 @@ def run(args: argparse.Namespace) -> int:
     else:
         adapter = build_model(args.model, weights=args.weights, num_classes=args.num_classes, device="meta")
     plan = plan_from_args(args, len(adapter.groups))
+    if args.config:  # the dry run checks the whole file, as thaw train would: its training: values too
+        from thaw.cli.train_cmd import checked_training_options
+        from thaw.plan.config import read_plan_file
+
+        checked_training_options(args.config, read_plan_file(args.config)[1])
     if plan.lora is not None:
         add_lora(adapter, plan.lora, lora_targets(adapter, plan.lora))
     report = plan_report(adapter, plan, args.model)

@@ -22,6 +22,7 @@ from thaw.models.hf_text import DEFAULT_MAX_LENGTH, POOLINGS, build_text_model
 from thaw.models.sources import TASKS, hf_source, task_of
 from thaw.errors import ThawError, join_problems
 from thaw.export.report import write_report
+from thaw.export.run_dir import check_delivered_weights
 from thaw.train.fit import RunInterrupted, interrupted_before_training
 from thaw.train.loggers import LOGGERS, close_loggers, make_loggers
 from thaw.train.run_folder import METADATA, TYPED_OPTIONS as COMMAND, check_new_run, holds_run, is_finished, read_finished
@@ -398,6 +399,7 @@ def _say_finished(args: argparse.Namespace, run: Path) -> int:
     """`--resume` of a run that has ended: say so, with what it delivered, and leave every file of it as it is. Typed
     options are checked as for a run still going: a contradiction is not "complete"."""
     recorded = read_finished(run / METADATA)
+    check_delivered_weights(run)  # "complete" only where evaluate, predict and export can use it
     check_model_object(run, recorded, None, "resume_run")  # such a run is used from Python only: say how
     settings = saved_settings(run)
     if settings is not None:

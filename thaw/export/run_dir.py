@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from safetensors import safe_open
 from safetensors.torch import load_file
 
 from thaw.errors import ThawError, first_line
@@ -53,10 +54,7 @@ def load_run(run: str | Path, device: str | torch.device = "cpu", model: nn.Modu
     into it); for a run trained on a named model it may stand in for the name."""
     run = Path(run)
     meta = read_metadata(run)
-    weights_path = run / WEIGHTS
-    if not weights_path.is_file():
-        # METADATA is written after the weights, at a run's end: the file was moved or deleted since
-        raise ThawError(f"{run} has no {WEIGHTS}, though its {METADATA} says the run finished; retrain or restore it from a copy")
+    weights_path = check_delivered_weights(run)
     if meta.get("task") == "text":
         adapter = _text_adapter(run, meta)
     else:
@@ -68,6 +66,20 @@ def load_run(run: str | Path, device: str | torch.device = "cpu", model: nn.Modu
     load_into(adapter.model, _read_weights(weights_path), str(weights_path))
     adapter.model.to(device).eval()
     return adapter, meta
+
+
+def check_delivered_weights(run: Path) -> Path:
+    """The weights file a finished run delivered, there and readable as safetensors (its header: no tensor is read)."""
+    weights_path = run / WEIGHTS
+    if not weights_path.is_file():
+        # METADATA is written after the weights, at a run's end: the file was moved or deleted since
+        raise ThawError(f"{run} has no {WEIGHTS}, though its {METADATA} says the run finished; retrain or restore it from a copy")
+    try:
+        with safe_open(str(weights_path), framework="pt"):
+            pass
+    except Exception as error:  # noqa: BLE001 - safetensors raises its own error type for a cut or foreign file
+        raise ThawError(f"{weights_path} is damaged ({first_line(error)}); retrain or restore it from a copy") from None
+    return weights_path
 
 
 def _image_model(run: Path, meta: dict, model: nn.Module | ModelAdapter | None) -> ModelAdapter:

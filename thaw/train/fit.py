@@ -56,7 +56,7 @@ from thaw.train.metrics import MetricTracker
 from thaw.train.prefix_cache import Entry, check_skipped, disagreement, draws_at_random, find_entry, lowest_trainable_group
 from thaw.train.progress import CACHED, FULL, PREFIX, PlanProgress, clock
 from thaw.train.resizing import progressive_size
-from thaw.train.settings import differences, run_settings
+from thaw.train.settings import DATA_CHANGED, differences, run_settings
 
 BEST_WEIGHTS = "model.safetensors"
 
@@ -566,11 +566,14 @@ class Trainer:
         if saved.get("plan") != plan_to_dict(self.plan) or saved.get("model_name") != self.meta["model"]:
             changed = changed or ["the model or the plan"]
         if changed:
-            raise ThawError(
-                f"the run in {self.out} was started with other settings; different now: {'; '.join(changed)}. "
+            # Only the data changed: the run's own settings read the same data again, so that advice would fail too.
+            advice = (
+                "Put the data back as the run had it, or start a new run on this data with another --out"
+                if changed == [DATA_CHANGED] else
                 f"Resume with the run's own settings: `thaw train --resume {self.out}` (resume_run({str(self.out)!r}) from Python) "
                 "reads them from the run"
             )
+            raise ThawError(f"the run in {self.out} was started with other settings; different now: {'; '.join(changed)}. {advice}")
         try:
             self.model.load_state_dict(saved["model"])
         except RuntimeError as error:  # a model object of the same class but another size, say

@@ -81,9 +81,12 @@ def differences(saved: dict, now: dict) -> list[str]:
     return found
 
 
+DATA_CHANGED = "the data: its files, sizes or labels changed"
+
+
 def _describe(key: str, then: object, now: object) -> str:
     if key == "samples":
-        return "the data: its files, sizes or labels changed"
+        return DATA_CHANGED
     if key in ("plan", "classes"):
         return f"the {key}"
     return f"{key.replace('_', '-')} (the run: {then!r}, now: {now!r})"
