@@ -451,3 +451,37 @@ def test_a_signal_during_the_clean_up_waits_for_it_then_reaches_the_caller(tiny_
         _train(tiny_split_data, tmp_path / "run")
     assert finished == [True]
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    # The run had trained to its end: the signal waited for its files too, so it is complete, not left unfinished.
+    assert (tmp_path / "run" / "thaw.json").is_file() and (tmp_path / "run" / "model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_while_the_finished_run_is_written_comes_after_its_last_file(
+    tiny_split_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], signum: int
+) -> None:
+    """Cut between two files, the run lost its end (no thaw.json) though it had trained to it."""
+    import thaw.train as train_module
+    from thaw.cli import main
+
+    real_write_run, written = train_module.write_run, []
+
+    def signal_meanwhile(*args, **options):
+        os.kill(os.getpid(), signum)
+        written.append(real_write_run(*args, **options))
+        return written[-1]
+
+    caught: list[int] = []
+    previous = signal.signal(signal.SIGTERM, lambda number, _frame: caught.append(number))  # as a caller's own handler
+    try:
+        monkeypatch.setattr(train_module, "write_run", signal_meanwhile)
+        run = tmp_path / "run"
+        code = main(["train", str(tiny_split_data), "--model", "mobilenet_v3_small", "--weights", "none", "--image-size", "32",
+                     "--batch-size", "8", "--head-epochs", "1", "--epochs", "1", "--quiet", "--out", str(run)])
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert written and (run / "thaw.json").is_file()
+    if signum == signal.SIGINT:  # to the default handler: the command exits 130, saying the run is complete
+        assert code == 130
+        assert capsys.readouterr().err.strip() == f"thaw: interrupted as the run ended, after its files were written: {run} is complete; use it with thaw evaluate, predict or export"
+    else:  # delivered to the caller's handler once the files were there
+        assert code == 0 and caught == [signal.SIGTERM]

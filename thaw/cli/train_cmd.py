@@ -15,6 +15,7 @@ from thaw.cli.options import (
     add_model_options, add_plan_options, beta_alpha, chosen_strategy, non_negative_int, path_text, plan_from_args, positive_int, share,
     share_or_zero,
 )
+from thaw.data.folders import split_folders
 from thaw.data.manifest_check import check_image_table
 from thaw.data.transforms import AUTO_AUGMENTS
 from thaw.models import build_model
@@ -239,6 +240,11 @@ def _start(args: argparse.Namespace, config: TrainConfig, out: Path, callbacks: 
             step_hooks=step_hooks,
         )
     check_image_table(args.data, TEXT_HINT)
+    if args.val_split is not None and "val" in split_folders(Path(args.data)):  # typed, and it would change nothing
+        raise ThawError(
+            f"--val-split {args.val_split:g} would do nothing: {args.data} has a val folder, which is the val split; "
+            "drop --val-split, or move those images into train/ to have a share held out"
+        )
     adapter = build_model(args.model, num_classes=2, device="meta")
     return train_images(
         args.data, model=args.model, weights=args.weights, plan=plan_from_args(args, len(adapter.groups)), config=config, out=out,
@@ -385,8 +391,12 @@ def run(args: argparse.Namespace) -> int:
         if isinstance(stopped, ThawError):
             raise
         ending = "KILLED"
-        # Not only while the run was set up: a second Ctrl-C, one after the last step (held through the clean-up, then
-        # acted on) or while the finished run was written; and under torchrun thaw leaves Ctrl-C to the launcher.
+        if main_rank and is_finished(out):  # it came as the run ended, and was held until its files were written
+            raise RunInterrupted(
+                f"interrupted as the run ended, after its files were written: {out} is complete; use it with thaw evaluate, "
+                "predict or export"
+            ) from None
+        # Not only while the run was set up: a second Ctrl-C, for one; and under torchrun thaw leaves Ctrl-C to the launcher.
         when = "under torchrun" if distributed.from_environment().distributed else None
         raise RunInterrupted(interrupted_before_training(out, when)) from None
     finally:  # after the report, so MLflow stores it with the run folder

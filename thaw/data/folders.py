@@ -149,17 +149,27 @@ def stratified_split(samples: list[Sample], fraction: float, seed: int) -> tuple
 def would_be_read(root: Path, path: Path) -> bool:
     """Whether a file or folder at `path` would be read as data by discover(root): it lies under the image folder
     `root`, not in a hidden folder, and (beside a train/ folder as written, which fixes the layout) in a split."""
-    if not root.is_dir():
-        return False  # a manifest lists its own files
     try:
+        if not root.is_dir():
+            return False  # a manifest lists its own files
         parts = path.resolve().relative_to(root.resolve()).parts
-    except ValueError:
+        train_fixes_layout = (root / "train").is_dir()
+    except (ValueError, OSError):  # not under it; or a name the file system refuses, which discover reports
         return False
     if not parts:
         return True
     if parts[0].startswith("."):
         return False
-    return parts[0].lower() in SPLIT_NAMES if (root / "train").is_dir() else True
+    return parts[0].lower() in SPLIT_NAMES if train_fixes_layout else True
+
+
+def split_folders(root: Path) -> dict[str, Path]:
+    """The split folders discover(root) reads (train, val, test), or none: a manifest, class folders, or no folder
+    (or one that cannot be listed: discover says why)."""
+    try:
+        return _split_folders(root) if root.is_dir() else {}
+    except OSError:
+        return {}
 
 
 def _split_folders(root: Path) -> dict[str, Path]:

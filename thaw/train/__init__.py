@@ -20,7 +20,7 @@ from thaw.train import checkpoint
 from thaw.train.config import TrainConfig, check_class_scores, check_image_augments, check_plan, check_plan_before_data
 from thaw.train.settings import RUNTIME_FIELDS, config_from_settings, samples_digest, source_name
 from thaw import distributed
-from thaw.train.fit import EpochCallback, RunResult, RunState, StepHook, effective_preprocessing, fit
+from thaw.train.fit import EpochCallback, RunResult, RunState, StepHook, effective_preprocessing, fit, signals_held
 from thaw.train.run_folder import preprocessing_dict, save_adapter, save_text_model, write_run
 
 __all__ = ["EpochCallback", "RunResult", "RunState", "TextColumns", "TrainConfig", "resume_run", "train_images", "train_text"]
@@ -202,11 +202,12 @@ def _run(
         "budget": result.budget,
         "images_per_s": result.images_per_s,
     }
-    # What loading the run needs besides the weights comes first: write_run's METADATA says the run is complete.
-    saved = {"adapter": save_adapter(out, adapter)} if plan.lora is not None else {}
-    if meta.get("task") == "text":
-        saved["text_model"] = save_text_model(out, adapter)
-    result.files = write_run(out, metadata, result.history, list(data.classes), result.best) | saved
+    with signals_held(result.held_signal):  # a Ctrl-C now comes after the last file, not between two of them
+        # What loading the run needs besides the weights comes first: write_run's METADATA says the run is complete.
+        saved = {"adapter": save_adapter(out, adapter)} if plan.lora is not None else {}
+        if meta.get("task") == "text":
+            saved["text_model"] = save_text_model(out, adapter)
+        result.files = write_run(out, metadata, result.history, list(data.classes), result.best) | saved
     return result
 
 

@@ -8,6 +8,7 @@ replays exactly what the uninterrupted run would have done.
 from __future__ import annotations
 
 import copy
+from contextlib import contextmanager
 import math
 import random
 import shutil
@@ -18,7 +19,7 @@ import time
 from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -85,6 +86,7 @@ class RunResult:
     cache_s: float = 0.0  # seconds spent computing frozen features (the head phase's one pass)
     decode_s: float = 0.0  # seconds spent decoding every image once, before the first epoch
     decoded: int = 0  # images this process decoded into its pixel store (under torchrun: its share of its machine's)
+    held_signal: int | None = None  # Ctrl-C or SIGTERM that came as the run cleaned up: delivered once its files are written
 
 
 EpochCallback = Callable[[RunState], None]
@@ -103,6 +105,24 @@ class RunInterrupted(Exception):
 # What stops a run gracefully (the current step finishes, a checkpoint is saved): Ctrl-C, and the SIGTERM that
 # `kill`, `timeout`, `docker stop`, Kubernetes and SLURM send before they kill a process outright.
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+@contextmanager
+def signals_held(first: int | None = None) -> Iterator[None]:
+    """Ctrl-C or SIGTERM while a finished run's files are written (`first`: one that came before, as the training
+    cleaned up): held until every file is written, then delivered with the caller's handlers back. Cut short, the
+    run would lose its end; resumed, it would only write them again."""
+    held = [first] if first is not None else []
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    taken = [number for number in STOP_SIGNALS if signal.getsignal(number) is not None] if in_main_thread else []
+    previous = {number: signal.signal(number, lambda number, _frame: held.append(number)) for number in taken}
+    try:
+        yield
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+    if held:  # only once the files are written: an error while writing stays that error
+        signal.raise_signal(held[0])
 
 
 def interrupted_before_training(out: Path, when: str | None) -> str:
@@ -1056,8 +1076,10 @@ class Trainer:
         # A handler set outside Python (getsignal gives None) cannot be put back: such a signal stays the caller's.
         taken = [number for number in STOP_SIGNALS if signal.getsignal(number) is not None] if in_main_thread else []
         previous = {number: signal.signal(number, self._on_interrupt) for number in taken}
+        result: RunResult | None = None
         try:
-            return self._fit(resume, callbacks)
+            result = self._fit(resume, callbacks)
+            return result
         except RuntimeError as error:
             # What the stop brought about: a SIGTERM sent to the whole job (timeout, SLURM) ends decoding workers that
             # do not outlive it (see WorkerLoader). Any other error, or one without that stop, stays what it is.
@@ -1073,7 +1095,10 @@ class Trainer:
                 for number, handler in previous.items():
                     signal.signal(number, handler)
                 if self.held_signal is not None and not self.stop_requested:  # a stopping run has its answer already
-                    signal.raise_signal(self.held_signal)
+                    if result is not None:  # trained to its end: delivered once the run's files are written
+                        result.held_signal = self.held_signal
+                    else:
+                        signal.raise_signal(self.held_signal)
 
     def _clean_up(self) -> None:
         if self.set_aside is not None:  # ended before its first checkpoint: the run it was to replace comes back
