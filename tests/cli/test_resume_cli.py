@@ -115,6 +115,13 @@ def test_ctrl_c_outside_training_says_whether_there_is_a_checkpoint(
     assert not (tmp_path / "new").exists()  # the folder it had started is removed again
     assert main(["train", "--resume", str(cut_run)]) == 130
     assert f"checkpoint in {cut_run} is intact: continue with thaw train --resume {cut_run}" in capsys.readouterr().err
+    # Replacing a finished run: its thaw.json is still there while the new one sets up; the new run is not "complete".
+    monkeypatch.undo()
+    assert main(["train", str(tiny_split_data), *TINY, "--out", str(tmp_path / "old"), "--quiet"]) == 0
+    monkeypatch.setattr(train_cmd, "_train", pressed)
+    assert main(["train", str(tiny_split_data), *TINY, "--out", str(tmp_path / "old"), "--overwrite"]) == 130
+    said = capsys.readouterr().err
+    assert "thaw: interrupted" in said and "is complete" not in said
 
 
 @pytest.mark.parametrize("rank, said", [("0", True), ("1", False)])

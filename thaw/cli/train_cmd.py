@@ -24,7 +24,7 @@ from thaw.models.sources import TASKS, hf_source, task_of
 from thaw.errors import ThawError, join_problems
 from thaw.export.report import write_report
 from thaw.export.run_dir import check_delivered_weights
-from thaw.train.fit import RunInterrupted, interrupted_before_training
+from thaw.train.fit import InterruptedAfterWriting, RunInterrupted, interrupted_before_training
 from thaw.train.loggers import LOGGERS, close_loggers, make_loggers
 from thaw.train.run_folder import METADATA, TYPED_OPTIONS as COMMAND, check_new_run, holds_run, is_finished, read_finished
 from thaw.plan import plan_to_dict
@@ -391,7 +391,7 @@ def run(args: argparse.Namespace) -> int:
         if isinstance(stopped, ThawError):
             raise
         ending = "KILLED"
-        if main_rank and is_finished(out):  # it came as the run ended, and was held until its files were written
+        if isinstance(stopped, InterruptedAfterWriting):  # it came as the run ended, and was held until its files were written
             raise RunInterrupted(
                 f"interrupted as the run ended, after its files were written: {out} is complete; use it with thaw evaluate, "
                 "predict or export"

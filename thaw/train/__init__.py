@@ -187,6 +187,15 @@ def _run(
     if not distributed.from_environment().is_main:  # under torchrun, rank 0 writes the run folder
         result.files = {}
         return result
+    with signals_held(result.held_signal):  # a Ctrl-C now comes after the last file, not between two of them
+        result.files = _write_finished_run(adapter, data, data_path, plan, config, out, meta, result)
+    return result
+
+
+def _write_finished_run(
+    adapter: ModelAdapter, data: ImageData | TextData, data_path: str | Path, plan: Plan, config: TrainConfig, out: Path, meta: dict,
+    result: RunResult,
+) -> dict[str, Path]:
     metadata = meta | {
         "family": adapter.family,
         "head": adapter.head_name,
@@ -202,13 +211,11 @@ def _run(
         "budget": result.budget,
         "images_per_s": result.images_per_s,
     }
-    with signals_held(result.held_signal):  # a Ctrl-C now comes after the last file, not between two of them
-        # What loading the run needs besides the weights comes first: write_run's METADATA says the run is complete.
-        saved = {"adapter": save_adapter(out, adapter)} if plan.lora is not None else {}
-        if meta.get("task") == "text":
-            saved["text_model"] = save_text_model(out, adapter)
-        result.files = write_run(out, metadata, result.history, list(data.classes), result.best) | saved
-    return result
+    # What loading the run needs besides the weights comes first: write_run's METADATA says the run is complete.
+    saved = {"adapter": save_adapter(out, adapter)} if plan.lora is not None else {}
+    if meta.get("task") == "text":
+        saved["text_model"] = save_text_model(out, adapter)
+    return write_run(out, metadata, result.history, list(data.classes), result.best) | saved
 
 
 def saved_settings(run: str | Path) -> dict | None:

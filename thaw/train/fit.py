@@ -107,6 +107,10 @@ class RunInterrupted(Exception):
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
+class InterruptedAfterWriting(KeyboardInterrupt):
+    """Ctrl-C held while a finished run's files were written, raised once they were: the run is complete."""
+
+
 @contextmanager
 def signals_held(first: int | None = None) -> Iterator[None]:
     """Ctrl-C or SIGTERM while a finished run's files are written (`first`: one that came before, as the training
@@ -122,7 +126,10 @@ def signals_held(first: int | None = None) -> Iterator[None]:
         for number, handler in previous.items():
             signal.signal(number, handler)
     if held:  # only once the files are written: an error while writing stays that error
-        signal.raise_signal(held[0])
+        try:
+            signal.raise_signal(held[0])
+        except KeyboardInterrupt:  # the default Ctrl-C handler's: said apart from one that cut the run short
+            raise InterruptedAfterWriting from None
 
 
 def interrupted_before_training(out: Path, when: str | None) -> str:
@@ -589,7 +596,7 @@ class Trainer:
             # Only the data changed: the run's own settings read the same data again, so that advice would fail too.
             advice = (
                 "Put the data back as the run had it, or start a new run on this data with another --out"
-                if changed == [DATA_CHANGED] else
+                if DATA_CHANGED in changed else
                 f"Resume with the run's own settings: `thaw train --resume {self.out}` (resume_run({str(self.out)!r}) from Python) "
                 "reads them from the run"
             )
