@@ -234,6 +234,24 @@ def test_mlflow_where_it_cannot_write_is_one_line_before_any_work(
     assert not (tmp_path / "run" / "checkpoint.pt").exists()
 
 
+def test_mlflow_store_inside_the_image_folder_is_refused_before_any_work(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """`cd photos && thaw train . --log mlflow`: ./mlruns, with the run's plots in it, would be a class of the next run."""
+    write_class_images(tmp_path / "photos", per_class=4, size=16)
+    monkeypatch.chdir(tmp_path / "photos")
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    before = sorted(path.name for path in (tmp_path / "photos").iterdir())
+    capfd.readouterr()
+    assert main(["train", ".", *TINY, *PLAN, "--out", str(tmp_path / "run"), "--log", "mlflow"]) == 2
+    error = capfd.readouterr().err.strip()
+    assert error == (
+        f"thaw: error: --log mlflow would store its runs in {tmp_path / 'photos' / 'mlruns'}, inside the data folder ., where the next "
+        "run on it would read them as images; run thaw from another folder or set MLFLOW_TRACKING_URI"
+    )
+    assert sorted(path.name for path in (tmp_path / "photos").iterdir()) == before and not (tmp_path / "run").exists()
+
+
 def test_ctrl_c_ends_the_mlflow_run_as_killed_and_the_run_resumes(data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Stopped by the user is not a failure: MLflow's KILLED, and the checkpoint resumes to the end."""
     import os

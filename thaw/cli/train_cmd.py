@@ -25,7 +25,7 @@ from thaw.errors import ThawError, join_problems
 from thaw.export.report import write_report
 from thaw.export.run_dir import check_delivered_weights
 from thaw.train.fit import InterruptedAfterWriting, RunInterrupted, interrupted_before_training
-from thaw.train.loggers import LOGGERS, close_loggers, make_loggers
+from thaw.train.loggers import LOGGERS, check_store_outside_data, close_loggers, make_loggers
 from thaw.train.run_folder import METADATA, TYPED_OPTIONS as COMMAND, check_new_run, holds_run, is_finished, read_finished
 from thaw.plan import plan_to_dict
 from thaw.plan.config import read_plan_file
@@ -373,6 +373,9 @@ def run(args: argparse.Namespace) -> int:
         check_new_run(out, args.overwrite)
     if not args.resume and args.data:  # before a logger writes into it (mlruns/): the library checks again
         check_out_outside_data(out, Path(args.data))
+    data_path = args.data or (settings or {}).get("data_path")  # a resume reads the recorded data by default
+    if main_rank and data_path:
+        check_store_outside_data(args.log, Path(data_path))
     created = _missing_folders(out)  # removed again if the run is refused before its first checkpoint
     if main_rank and args.log:  # before any work: a logger writes into the run folder, and a missing package stops here
         check_writable(out)

@@ -18,6 +18,7 @@ from typing import Callable
 
 import torch
 
+from thaw.data.folders import would_be_read
 from thaw.errors import ThawError
 from thaw.train.feature_cache import CACHE_FOLDER
 from thaw.train.fit import RunState, Trainer
@@ -248,6 +249,18 @@ class MLflowLogger(RunLogger):
             self.client.set_terminated(self.run_id, "FAILED" if self.broken and ending == "FINISHED" else ending)
 
 
+def check_store_outside_data(names: list[str] | None, data_path: Path) -> None:
+    """--log mlflow with no MLFLOW_TRACKING_URI stores its runs, plots among them, in ./mlruns: from inside an image
+    folder (`cd photos && thaw train . --out ../run`) that folder would be a class of the next run on it. Refused."""
+    if "mlflow" not in (names or ()) or os.environ.get("MLFLOW_TRACKING_URI"):
+        return
+    if would_be_read(data_path, Path(MLFLOW_FOLDER)):
+        raise ThawError(
+            f"--log mlflow would store its runs in {Path(MLFLOW_FOLDER).resolve()}, inside the data folder {data_path}, where the "
+            "next run on it would read them as images; run thaw from another folder or set MLFLOW_TRACKING_URI"
+        )
+
+
 def tracking_uri() -> str:
     """MLFLOW_TRACKING_URI, else SQLite in ./mlruns; a folder that cannot be made is one line, before any work."""
     if os.environ.get("MLFLOW_TRACKING_URI"):
@@ -298,4 +311,4 @@ def close_loggers(loggers: list[RunLogger], ending: str) -> None:
             print(f"thaw: warning: --log {logger.name} could not finish ({line}); the run folder {logger.out} is complete", file=sys.stderr)
 
 
-__all__ = ["LOGGERS", "MLflowLogger", "RunLogger", "TensorBoardLogger", "close_loggers", "make_loggers"]
+__all__ = ["LOGGERS", "MLflowLogger", "RunLogger", "TensorBoardLogger", "check_store_outside_data", "close_loggers", "make_loggers"]
