@@ -490,6 +490,21 @@ def test_the_first_line_of_a_run_says_how_the_data_was_read(tmp_path: Path, caps
     assert first == "data: split folders (train/test), 20% of train held out as val (seed 0); 3 classes, 12 train, 3 val, 6 test"
 
 
+def test_classes_that_differ_only_in_case_are_warned_of_as_the_run_starts(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # dog/ and Dog/ (two folders merged, or a typo in a manifest) are two classes: said before any epoch, where the
+    # user can stop the run; trained as asked, since a and A may well be two letters.
+    write_class_images(tmp_path / "data", classes=("dog", "Dog", "cat"), per_class=4, size=16)
+    args = ["train", str(tmp_path / "data"), "--model", "mobilenet_v3_small", "--weights", "none", "--image-size", "32",
+            "--strategy", "feature-extract", "--epochs", "1", "--out", str(tmp_path / "run")]
+    assert main(args) == 0
+    captured = capsys.readouterr()
+    assert captured.out.splitlines()[0].endswith("; 3 classes, 9 train, 3 val")
+    assert captured.err.splitlines() == [
+        "thaw: warning: classes Dog and dog differ only in case, so they are 2 classes; rename them to one name if they are one"
+    ]
+    assert json.loads((tmp_path / "run" / "thaw.json").read_text())["classes"] == ["Dog", "cat", "dog"]
+
+
 def test_a_file_found_unreadable_while_decoding_is_warned_of_before_the_first_epoch_ends(tiny_split_data: Path, tmp_path: Path) -> None:
     # A truncated JPEG passes the header check that lists the data; its pixels fail only when decoded. It was said
     # after the last epoch, too late to stop a long run and fix the file.

@@ -215,3 +215,10 @@ def test_a_path_under_the_data_is_told_read_only_where_discover_reads_it(tmp_pat
     assert discover(splits).classes == ("blue", "green", "red")
     write_class_images(classes / "runs", classes=("stray",), per_class=2)
     assert "runs" in discover(classes).classes
+
+
+def test_only_class_names_that_differ_in_case_alone_are_noted(tmp_path: Path) -> None:
+    write_class_images(tmp_path / "folders", classes=("cat", "Cat", "CAT", "dog"), per_class=2, size=8)
+    (tmp_path / "list.csv").write_text("".join(f"folders/cat/00{i}.png,{label}\n" for i, label in enumerate(["dog", "dogs"])))
+    assert discover(tmp_path / "folders").notes == ("classes CAT and Cat and cat differ only in case, so they are 3 classes; rename them to one name if they are one",)
+    assert discover(tmp_path / "list.csv", val_split=0.5).notes == ()  # dog and dogs: two names, not one in two cases

@@ -54,6 +54,22 @@ class LabelledData:
         """Every readable sample, whatever split it was put in."""
         return self.train + self.val + (self.test or ())
 
+    @property
+    def notes(self) -> tuple[str, ...]:
+        """What the user may not have meant, said as a run starts: class names that differ only in case (`dog`, `Dog`;
+        a merge of two folders, a typo in a manifest) are two classes. Not an error: `a` and `A` may be two letters."""
+        return case_clashes(self.classes)
+
+
+def case_clashes(classes: tuple[str, ...]) -> tuple[str, ...]:
+    by_folded: dict[str, list[str]] = defaultdict(list)
+    for name in classes:
+        by_folded[name.casefold()].append(name)
+    return tuple(
+        f"classes {' and '.join(names)} differ only in case, so they are {len(names)} classes; rename them to one name if they are one"
+        for names in by_folded.values() if len(names) > 1
+    )
+
 
 class ImageData(LabelledData):
     """Samples are (image path, class index)."""

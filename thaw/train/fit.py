@@ -1133,6 +1133,8 @@ class Trainer:
             self._say(f"no checkpoint in {self.out} yet: starting the run from the beginning")
         self._say(data_line(self.data))
         self._warn_skipped(list(self.data.skipped))  # before training: a user can stop the run and fix the files
+        for note in self.data.notes if not self.config.quiet else ():
+            print(f"thaw: warning: {note}", file=sys.stderr, flush=True)
         self.fill_store()
         if self.config.budget is not None:
             if not self.restored:  # a resumed run keeps the epochs its budget chose, and gets the budget again
