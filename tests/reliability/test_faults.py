@@ -167,9 +167,10 @@ def test_the_resume_line_under_torchrun_keeps_the_launcher(tmp_path: Path, monke
                     f"--resume {tmp_path}, without --overwrite (from Python: resume_run({str(tmp_path)!r}))")
 
 
-def test_ctrl_c_in_the_runs_last_step_lets_it_finish(tiny_split_data: Path, tmp_path: Path) -> None:
-    """Nothing is left to stop: the run ends as finished (its model delivered), not as interrupted."""
-    config = TrainConfig(**{**CONFIG.__dict__, "batch_size": 64})  # one step an epoch, 4 epochs
+def test_ctrl_c_in_the_runs_last_step_lets_it_finish(tiny_split_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Nothing is left to stop: the run ends as finished (its model delivered), not as interrupted, and says so
+    after the line that promised a checkpoint to resume from."""
+    config = TrainConfig(**{**CONFIG.__dict__, "batch_size": 64, "quiet": False})  # one step an epoch, 4 epochs
     steps: list[int] = []
 
     def press_in_the_last_step(_optimizer, step: int, _factor: float) -> None:
@@ -179,6 +180,9 @@ def test_ctrl_c_in_the_runs_last_step_lets_it_finish(tiny_split_data: Path, tmp_
 
     result = _train(tiny_split_data, tmp_path / "run", config, step_hooks=[press_in_the_last_step])
     assert len(steps) == 4 and len(result.history) == 4 and (tmp_path / "run" / "thaw.json").is_file()
+    said = capsys.readouterr().out.splitlines()
+    promised = said.index("thaw: finishing the current step to save a resumable checkpoint (Ctrl-C again to abort)")
+    assert said[promised + 1:] == ["the stop came as the run's last epoch ended: nothing was left to train, so the run ends complete"]
 
 
 def test_sigterm_stops_a_run_as_ctrl_c_does_and_the_handlers_are_given_back(tiny_split_data: Path, tmp_path: Path) -> None:

@@ -1154,6 +1154,8 @@ class Trainer:
             self.keep_cache = False
             state = self.state
             state.stage, state.epoch, state.stale, state.stopped = state.stage + 1, 0, 0, False
+        if self.stop_requested:  # asked for in the run's last step or val pass, after "finishing the current step"
+            self._say("the stop came as the run's last epoch ended: nothing was left to train, so the run ends complete")
         wall = time.perf_counter() - started
         failed = self.engine.failed
         if self.processes.distributed:  # each rank decodes its own shard: report what failed anywhere
