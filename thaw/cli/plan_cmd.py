@@ -32,8 +32,8 @@ def run(args: argparse.Namespace) -> int:
         adapter = build_model(args.model, weights=args.weights, num_classes=args.num_classes, device="meta")
     plan = plan_from_args(args, len(adapter.groups))
     if args.config:  # the dry run checks the whole file, as thaw train would: its training: values too
-        from thaw.cli.train_cmd import checked_training_options
         from thaw.plan.config import read_plan_file
+        from thaw.train.config import checked_training_options
 
         checked_training_options(args.config, read_plan_file(args.config)[1])
     if plan.lora is not None:

@@ -7,8 +7,6 @@ import json
 import sys
 from dataclasses import fields, replace
 from pathlib import Path
-from types import SimpleNamespace
-from typing import Any
 
 from thaw import distributed
 from thaw.cli.options import (
@@ -21,7 +19,7 @@ from thaw.data.transforms import AUTO_AUGMENTS
 from thaw.models import build_model
 from thaw.models.hf_text import DEFAULT_MAX_LENGTH, POOLINGS, build_text_model
 from thaw.models.sources import TASKS, hf_source, task_of
-from thaw.errors import ThawError, join_problems
+from thaw.errors import ThawError
 from thaw.export.report import write_report
 from thaw.export.run_dir import check_delivered_weights
 from thaw.train.fit import InterruptedAfterWriting, RunInterrupted, interrupted_before_training
@@ -33,7 +31,7 @@ from thaw.plan.strategies import DEFAULT_EPOCHS
 from thaw.train.budget import parse_budget
 from thaw._io import atomic_write, check_writable
 from thaw.train import RunResult, check_model_object, check_out_outside_data, RunState, TextColumns, TrainConfig, resume_run, saved_settings, train_images, train_text
-from thaw.train.config import METRICS, PRECISIONS, SCHEDULES, config_problems
+from thaw.train.config import METRICS, PRECISIONS, SCHEDULES, checked_training_options
 from thaw.train.fit import resolve_device, uses_bf16
 from thaw.train.settings import ADDED_LATER, RUNTIME_FIELDS, differences, source_name
 from thaw.plan.optim import OPTIMIZERS
@@ -198,21 +196,6 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         typed = given_options(args.parser, args.argv)
         values |= checked_training_options(args.config, {k: v for k, v in read_plan_file(args.config)[1].items() if k not in typed})
     return TrainConfig(**values)
-
-
-def checked_training_options(plan_file: str, from_file: dict[str, Any]) -> dict[str, Any]:
-    """A plan file's `training:` options, checked on their own so that every problem with them names the file."""
-    problems = []
-    if from_file.get("budget") is not None:  # written like the flag (3m, 90s) or as seconds
-        try:
-            from_file = from_file | {"budget": parse_budget(from_file["budget"])}
-        except ThawError as error:
-            problems.append(str(error))
-    checked = {key: value for key, value in from_file.items() if not (key == "budget" and problems)}
-    problems += config_problems(SimpleNamespace(**(vars(TrainConfig()) | checked)))
-    if problems:
-        raise ThawError(f"{plan_file}: training: " + join_problems(problems))
-    return from_file
 
 
 def print_epoch(state: RunState) -> None:

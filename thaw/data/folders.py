@@ -18,6 +18,7 @@ import random
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 from thaw.data.images import UnreadableImage, probe
 from thaw.errors import ThawError
@@ -249,16 +250,10 @@ def _manifest_rows(path: Path) -> list[tuple[int, list[str]]]:
         raise ThawError(f"cannot read {path} ({error.strerror or error})") from None
 
 
-def _is_folder(path: Path) -> bool:
+def _answers(question: Callable[[], bool]) -> bool:
+    """`path.is_dir()` or `path.exists()`, False where the file system refuses the name (too long): reported as missing."""
     try:
-        return path.is_dir()
-    except OSError:  # a name too long for the file system: reported as missing
-        return False
-
-
-def _exists(path: Path) -> bool:
-    try:
-        return path.exists()
+        return question()
     except OSError:
         return False
 
@@ -278,10 +273,10 @@ def _from_manifest(path: Path, val_split: float, seed: int, min_classes: int) ->
     ]
     problems += [f"line {line}: empty path" for line, row in rows if len(row) >= 2 and not row[0].strip()]
     entries = [(path.parent / row[0].strip(), row[1].strip()) for _, row in rows if len(row) >= 2 and row[0].strip()]
-    folders = [str(p) for p, _ in entries if _is_folder(p)]
+    folders = [str(p) for p, _ in entries if _answers(p.is_dir)]
     if folders:
         problems.append(f"{len(folders)} listed paths are folders, not image files (first: {folders[0]})")
-    missing = [str(p) for p, _ in entries if not _exists(p)]
+    missing = [str(p) for p, _ in entries if not _answers(p.exists)]
     if missing:
         problems.append(f"{len(missing)} listed files do not exist (first: {missing[0]})")
     labels: dict[Path, list[str]] = defaultdict(list)

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-
-from typing import Callable
+from types import SimpleNamespace
+from typing import Any, Callable
 
 import torch
 
@@ -25,6 +25,7 @@ from thaw.plan.lora_targets import lora_targets
 from thaw.plan.optim import OPTIMIZERS
 from thaw.plan.stages import Plan, resolve_plan
 from thaw.plan.strategies import build_plan
+from thaw.train.budget import parse_budget
 from thaw.train.resizing import sizes_used
 
 SCHEDULES = ("cosine", "onecycle", "constant")
@@ -157,6 +158,21 @@ def config_problems(config: TrainConfig) -> list[str]:
         if not (_finite(value) and value >= 0):
             problems.append(f"{name} must be a finite number of GB >= 0, got {value!r}")
     return [problem for problem in problems if problem is not None]
+
+
+def checked_training_options(plan_file: str, from_file: dict[str, Any]) -> dict[str, Any]:
+    """A plan file's `training:` options, checked on their own so that every problem with them names the file."""
+    problems = []
+    if from_file.get("budget") is not None:  # written like the flag (3m, 90s) or as seconds
+        try:
+            from_file = from_file | {"budget": parse_budget(from_file["budget"])}
+        except ThawError as error:
+            problems.append(str(error))
+    checked = {key: value for key, value in from_file.items() if not (key == "budget" and problems)}
+    problems += config_problems(SimpleNamespace(**(vars(TrainConfig()) | checked)))
+    if problems:
+        raise ThawError(f"{plan_file}: training: " + join_problems(problems))
+    return from_file
 
 
 def image_augment_flags(config: TrainConfig) -> list[str]:

@@ -8,7 +8,6 @@ replays exactly what the uninterrupted run would have done.
 from __future__ import annotations
 
 import copy
-from contextlib import contextmanager
 import math
 import random
 import shutil
@@ -16,6 +15,7 @@ import signal
 import sys
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
@@ -593,7 +593,7 @@ class Trainer:
         if saved.get("plan") != plan_to_dict(self.plan) or saved.get("model_name") != self.meta["model"]:
             changed = changed or ["the model or the plan"]
         if changed:
-            # Only the data changed: the run's own settings read the same data again, so that advice would fail too.
+            # Where the data changed, the run's own settings would read the same changed data: that advice would fail too.
             advice = (
                 "Put the data back as the run had it, or start a new run on this data with another --out"
                 if DATA_CHANGED in changed else
