@@ -67,8 +67,9 @@ def test_csv_manifest(tmp_path: Path) -> None:
 
 def test_csv_manifest_with_missing_files(tmp_path: Path) -> None:
     (tmp_path / "labels.csv").write_text("path,label\nnope.png,cat\n")
-    with pytest.raises(ThawError, match="1 listed files do not exist"):
+    with pytest.raises(ThawError, match="1 listed files do not exist") as error:
         discover(tmp_path / "labels.csv")
+    assert "swapped" not in str(error.value)  # cat names no file: nothing says the columns are the other way round
 
 
 @pytest.mark.parametrize(
@@ -81,6 +82,10 @@ def test_csv_manifest_with_missing_files(tmp_path: Path) -> None:
         (["path,label,split", "FILE,blue,test"], ": line 2: 3 columns, expected path,label (remove the others, or quote a path"),
         (["FILE,blue", ",red"], ": line 2: empty path"),
         (["FILE,blue", f"{'a' * 300}.png,red"], ": 1 listed files do not exist (first: "),  # a name too long for the file system
+        # the columns the other way round, with the header or without it
+        (["label,path", "blue,FILE"], "labels.csv: the header is label,path; thaw reads path,label: swap the two columns"),
+        (["blue,FILE"], ": 1 listed files do not exist (first: "),
+        (["blue,FILE"], "; the columns look swapped: thaw reads path,label"),
     ],
 )
 def test_csv_manifest_that_would_be_misread_is_refused(tmp_path: Path, lines: list[str], said: str) -> None:
@@ -162,10 +167,12 @@ def test_a_link_to_nowhere_is_skipped_and_listed_like_any_unreadable_file(tmp_pa
     "make, message",
     [
         (lambda root: (write_class_images(root, per_class=3), (root / "empty").mkdir()), "no readable images: empty"),
-        (lambda root: write_class_images(root, classes=("only",)), "needs at least 2"),
+        (lambda root: write_class_images(root, classes=("only",)), "found 1 class \\(only\\) in .*; a classifier needs at least 2"),
         (lambda root: (write_class_images(root / "train"), write_class_images(root / "val", classes=("red", "green", "cyan"))), "only in val: \\['cyan'\\]"),
         (lambda root: (write_class_images(root / "train"), write_class_images(root / "test", classes=("red", "green"))), "missing from test: \\['blue'\\]"),
         (lambda root: root.mkdir(), "holds no class folders"),
+        # one level too high: animals/ would be the only class, of every image
+        (lambda root: write_class_images(root / "animals", classes=("cat", "dog")), "holds one folder, animals/, whose folders \\(cat/, dog/\\) look like the classes; pass .*animals$"),
     ],
 )
 def test_meaningless_datasets_fail_before_any_work(tmp_path: Path, make, message: str) -> None:
@@ -222,3 +229,10 @@ def test_only_class_names_that_differ_in_case_alone_are_noted(tmp_path: Path) ->
     (tmp_path / "list.csv").write_text("".join(f"folders/cat/00{i}.png,{label}\n" for i, label in enumerate(["dog", "dogs"])))
     assert discover(tmp_path / "folders").notes == ("classes CAT and Cat and cat differ only in case, so they are 3 classes; rename them to one name if they are one",)
     assert discover(tmp_path / "list.csv", val_split=0.5).notes == ()  # dog and dogs: two names, not one in two cases
+
+
+def test_one_class_folder_with_folders_of_its_own_is_data_to_score(tmp_path: Path) -> None:
+    """cat/indoor/ and cat/outdoor/ held out to score: one class, cat, not a folder passed one level too high."""
+    write_class_images(tmp_path / "held" / "cat", classes=("indoor", "outdoor"), per_class=2, size=8)
+    data = discover(tmp_path / "held", min_classes=1)
+    assert data.classes == ("cat",) and len(data.everything()) == 4

@@ -134,7 +134,8 @@ def _check_classes(splits: dict[str, dict[str, list[Path]]], root: Path, min_cla
     if not reference and min_classes == 1:  # data to score
         problems.append("found no class with readable images; there is nothing to score")
     elif len(reference) < min_classes:
-        problems.append(f"found {len(reference)} class folder(s) in {root}; a classifier needs at least 2")
+        found = f"{len(reference)} class ({', '.join(reference)})" if reference else "no class"
+        problems.append(f"found {found} in {root}; a classifier needs at least 2")
     if problems:
         raise ThawError(f"{root}: " + "; ".join(problems))
     return tuple(sorted(reference))
@@ -228,11 +229,22 @@ def _from_split_folders(root: Path, folders: dict[str, Path], val_split: float, 
 
 
 def _from_class_folders(root: Path, val_split: float, seed: int, min_classes: int) -> ImageData:
+    if min_classes > 1:  # data to score may well be one class folder, with folders of its own
+        _check_not_one_level_up(root)
     skipped: list[tuple[str, str]] = []
     by_class = _scan_split(root, skipped)
     classes = _check_classes({"data": by_class}, root, min_classes)
     train, val = stratified_split(list(_samples(by_class, classes)), val_split, seed)
     return ImageData(classes, tuple(train), tuple(val), None, f"class folders, {val_split:.0%} held out (seed {seed})", tuple(skipped))
+
+
+def _check_not_one_level_up(root: Path) -> None:
+    """DATA/animals/{cat,dog}/ passed as DATA would be one class, animals, of every image: name the folder meant."""
+    only = _class_folders(root)
+    inner = _class_folders(only[0]) if len(only) == 1 else []
+    if len(inner) >= 2:
+        names = ", ".join(f"{folder.name}/" for folder in inner[:5]) + (", ..." if len(inner) > 5 else "")
+        raise ThawError(f"{root} holds one folder, {only[0].name}/, whose folders ({names}) look like the classes; pass {only[0]}")
 
 
 def _manifest_rows(path: Path) -> list[tuple[int, list[str]]]:
@@ -260,7 +272,10 @@ def _answers(question: Callable[[], bool]) -> bool:
 
 def _from_manifest(path: Path, val_split: float, seed: int, min_classes: int) -> ImageData:
     rows = _manifest_rows(path)
-    if rows and [c.strip().lower() for c in rows[0][1][:2]] == ["path", "label"]:
+    header = [c.strip().lower() for c in rows[0][1][:2]] if rows else []
+    if header == ["label", "path"]:
+        raise ThawError(f"{path}: the header is label,path; thaw reads path,label: swap the two columns")
+    if header == ["path", "label"]:
         rows = rows[1:]
     if not rows:
         raise ThawError(f"{path} lists no images; expected lines of path,label (a header line path,label may come first)")
@@ -278,7 +293,9 @@ def _from_manifest(path: Path, val_split: float, seed: int, min_classes: int) ->
         problems.append(f"{len(folders)} listed paths are folders, not image files (first: {folders[0]})")
     missing = [str(p) for p, _ in entries if not _answers(p.exists)]
     if missing:
-        problems.append(f"{len(missing)} listed files do not exist (first: {missing[0]})")
+        # every path missing where the labels name files: label,path without its header
+        swapped = len(missing) == len(entries) and _answers((path.parent / entries[0][1]).is_file)
+        problems.append(f"{len(missing)} listed files do not exist (first: {missing[0]})" + ("; the columns look swapped: thaw reads path,label" if swapped else ""))
     labels: dict[Path, list[str]] = defaultdict(list)
     for file, label in entries:
         labels[file].append(label)
