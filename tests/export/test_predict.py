@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 from PIL import Image
 
 from tests.conftest import SmallConvNet, write_class_images
+from thaw import ThawError
 from thaw.cli import main
 from thaw.data.folders import discover
 from thaw.export.inference import image_files, predict_files
@@ -74,3 +76,11 @@ def test_predict_on_no_readable_image_is_one_error_line(
     assert out == ""
     assert len(err.strip().splitlines()) == 1, err  # not a warning and then the same words again as the error
     assert err.startswith("thaw: error: ") and f"{name} ({reason}" in err
+
+
+def test_a_path_that_is_neither_file_nor_folder_is_named_as_such(tmp_path: Path) -> None:
+    os.mkfifo(tmp_path / "pipe")  # as /dev/null or `<(...)` would be: there, but no image file to open by name
+    with pytest.raises(ThawError, match="pipe is neither a file nor a folder; pass image files or folders"):
+        image_files([str(tmp_path / "pipe")])
+    with pytest.raises(ThawError, match="gone.png does not exist; pass image files or folders"):
+        image_files([str(tmp_path / "gone.png")])

@@ -234,6 +234,8 @@ def image_files(paths: list[str]) -> list[Path]:
             files += candidate_files(path)
         elif path.is_file() or path.is_symlink():  # a link to nowhere is reported as unreadable, not as missing
             files.append(path)
+        elif path.exists():  # /dev/null, a pipe (`<(...)`): there is no image file to open by name
+            raise ThawError(f"{path} is neither a file nor a folder; pass image files or folders")
         else:
             raise ThawError(f"{path} does not exist; pass image files or folders")
     if not files:
