@@ -142,6 +142,8 @@ MOBILENET_PLAN = ["plan", "--model", "mobilenet_v3_small", "--num-classes", "3"]
         ([*MOBILENET_PLAN, "--strategy", "lora", "--lora-alpha", "nan"], "argument --lora-alpha: expected a finite number, got nan"),
         ([*MOBILENET_PLAN, "--config", "TMP/decay.yaml"], "weight_decay: expected a weight decay >= 0"),
         ([*MOBILENET_PLAN, "--config", "TMP/smoothing.yaml"], "smoothing.yaml: training: label smoothing must be a share in [0, 1), got 2"),
+        # a file's value against a typed flag: the file is named
+        (["train", "DATA", *TINY_RUN[:6], "--config", "TMP/mixup.yaml", "--no-augment"], "--no-augment turns off; drop one of the two (mixup: from "),
         ([*LR_FIND, "--out", "TMP"], "is a folder; name the plot file"),
         ([*LR_FIND, "--out", "TMP/plot.xyz"], "cannot draw a .xyz file"),
         ([*LR_FIND, "--end", "1e300"], "argument --end: an lr must be a positive finite number up to 1000"),
@@ -166,6 +168,7 @@ def test_impossible_values_are_one_line_and_exit_2(
     monkeypatch.chdir(tmp_path)  # an empty path would otherwise mean the folder the tests run in
     (tmp_path / "decay.yaml").write_text("weight_decay: -0.1\nstages:\n  - {name: head, epochs: 1}\n")
     (tmp_path / "smoothing.yaml").write_text("stages: [{name: head, epochs: 1, train: [head], lr: 1.0e-3}]\ntraining: {label_smoothing: 2}\n")
+    (tmp_path / "mixup.yaml").write_text("stages: [{name: head, epochs: 1, train: [head], lr: 1.0e-3}]\ntraining: {mixup: 0.2}\n")
     argv = [arg.replace("DATA", str(colours)).replace("TMP", str(tmp_path)) for arg in args]
     try:
         code = main(argv)

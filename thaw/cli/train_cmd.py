@@ -192,10 +192,18 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     """The training options typed, else the plan file's `training:` ones, else the defaults."""
     names = {f.name for f in fields(TrainConfig)}
     values = {name: getattr(args, name) for name in names if hasattr(args, name)}
+    from_file: dict = {}
     if getattr(args, "config", None):
         typed = given_options(args.parser, args.argv)
-        values |= checked_training_options(args.config, {k: v for k, v in read_plan_file(args.config)[1].items() if k not in typed})
-    return TrainConfig(**values)
+        from_file = checked_training_options(args.config, {k: v for k, v in read_plan_file(args.config)[1].items() if k not in typed})
+        values |= from_file
+    try:
+        return TrainConfig(**values)
+    except ThawError as error:  # a file's value against a typed flag (mixup: in the file, --no-augment typed): say where
+        named = [key for key in from_file if f"--{key.replace('_', '-')}" in str(error)]
+        if not named:
+            raise
+        raise ThawError(f"{error} ({', '.join(named)}: from {args.config}'s training:)") from None
 
 
 def print_epoch(state: RunState) -> None:
