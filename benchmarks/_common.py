@@ -6,6 +6,8 @@ import atexit
 import json
 import os
 import shutil
+import signal
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -30,6 +32,8 @@ def scratch(name: str) -> Path:
         _SCRATCH_ROOT.append(Path(tempfile.mkdtemp(prefix="thaw-bench-")))
         if os.environ.get("THAW_BENCH_KEEP") != "1":
             atexit.register(shutil.rmtree, _SCRATCH_ROOT[0], ignore_errors=True)
+            if signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:  # killed (timeout, kill): exit, so atexit runs
+                signal.signal(signal.SIGTERM, lambda number, _frame: sys.exit(128 + number))
     return Path(tempfile.mkdtemp(prefix=f"{name}-", dir=_SCRATCH_ROOT[0]))
 
 
