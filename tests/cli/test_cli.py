@@ -146,6 +146,8 @@ MOBILENET_PLAN = ["plan", "--model", "mobilenet_v3_small", "--num-classes", "3"]
         (["train", "DATA", *TINY_RUN[:6], "--config", "TMP/mixup.yaml", "--no-augment"], "--no-augment turns off; drop one of the two (mixup: from "),
         ([*LR_FIND, "--out", "TMP"], "is a folder; name the plot file"),
         ([*LR_FIND, "--out", "TMP/plot.xyz"], "cannot draw a .xyz file"),
+        # the plot as an image of the data it tests: the next run would train on it
+        ([*LR_FIND, "--out", "DATA/train/red/lr.png"], "is inside the data folder DATA: the plot would be read as an image of it"),
         ([*LR_FIND, "--end", "1e300"], "argument --end: an lr must be a positive finite number up to 1000"),
         (["demo", "--out", "TMP/decay.yaml"], "decay.yaml is not writable (a file, not a folder, is there)"),
         # argparse reads a value that starts with '-' as an option: say so, and how to pass it
@@ -178,6 +180,23 @@ def test_impossible_values_are_one_line_and_exit_2(
     assert code == 2, stderr
     assert expected.replace("DATA", str(colours)) in stderr
     assert len(stderr.strip().splitlines()) == 1, stderr
+
+
+def test_lr_find_never_writes_over_a_training_image_or_a_runs_file(colours: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    image = sorted((colours / "train" / "red").iterdir())[0]
+    before = image.read_bytes()
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "thaw.json").write_text("{}")  # what makes a folder a run's, to every command
+    (tmp_path / "run" / "curves.png").write_bytes(b"the run's curves")
+    for out, said in [
+        (image, "is inside the data folder"),
+        (colours / "train" / "new" / "lr.png", "is inside the data folder"),  # its folder would be an empty class
+        (tmp_path / "run" / "curves.png", f"is a file of the run in {tmp_path / 'run'}; name another file"),
+    ]:
+        assert main([*LR_FIND[:1], str(colours), *LR_FIND[2:], "--out", str(out)]) == 2
+        assert said in capsys.readouterr().err
+    assert image.read_bytes() == before and not (colours / "train" / "new").exists()
+    assert (tmp_path / "run" / "curves.png").read_bytes() == b"the run's curves"
 
 
 def test_a_run_started_inside_its_data_folder_is_refused_and_leaves_nothing(

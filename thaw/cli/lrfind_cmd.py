@@ -9,12 +9,13 @@ from pathlib import Path
 import torch
 
 from thaw.cli.options import add_model_options, checked_lr, path_text, positive_int
-from thaw.data.folders import discover
+from thaw.data.folders import discover, would_be_read
 from thaw.data.manifest_check import check_image_table
 from thaw.errors import ThawError
 from thaw.models import build_model
 from thaw.train.config import TrainConfig
 from thaw.train.lr_find import lr_range_test, plot_lr_find, suggest
+from thaw.train.run_folder import holds_run
 
 MAX_STEPS = 10_000  # the lr moves start -> end over the steps: beyond this it barely moves per step
 
@@ -49,8 +50,9 @@ def steps(text: str) -> int:
     return value
 
 
-def plot_path(text: str) -> Path:
-    """Where the plot goes, checked before the test runs: a file matplotlib can write, in a folder that exists."""
+def plot_path(text: str, data: Path) -> Path:
+    """Where the plot goes, checked before the test runs: a file matplotlib can write, in a folder that exists, where
+    it harms nothing."""
     from matplotlib.backend_bases import FigureCanvasBase
 
     path = Path(text)
@@ -60,6 +62,7 @@ def plot_path(text: str) -> Path:
         path = path.with_name(path.name + ".png")
     if path.suffix[1:].lower() not in FigureCanvasBase.get_supported_filetypes():
         raise ThawError(f"--out {text}: cannot draw a {path.suffix} file; name it .png, .svg or .pdf")
+    check_plot_harms_nothing(path, data)  # before its folder is made: a new folder in the data would be a class
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as error:
@@ -67,8 +70,17 @@ def plot_path(text: str) -> Path:
     return path
 
 
+def check_plot_harms_nothing(out: Path, data: Path) -> None:
+    """The plot must not become an image of the data it tests (the next run would train on it, or lose the image it
+    replaced), nor replace a file of a run (its curves.png, say)."""
+    if would_be_read(data, out):
+        raise ThawError(f"--out {out} is inside the data folder {data}: the plot would be read as an image of it; put it elsewhere")
+    if out.exists() and holds_run(out.parent):
+        raise ThawError(f"--out {out} is a file of the run in {out.parent}; name another file")
+
+
 def run(args: argparse.Namespace) -> int:
-    out = plot_path(args.out)
+    out = plot_path(args.out, Path(args.data))
     check_image_table(args.data, "thaw lr-find runs on images")
     data = discover(args.data)
     torch.manual_seed(0)
