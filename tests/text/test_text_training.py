@@ -83,6 +83,12 @@ def test_predict_reads_texts_from_a_file(
     monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(photo.read_bytes()), errors="surrogateescape"))
     assert main(["predict", str(tmp_path / "run"), "--file", "-"]) == 2
     assert "standard input is not UTF-8 text (byte 0)" in capsys.readouterr().err
+    # the file named without --file: its name is no text to classify
+    assert main(["predict", str(tmp_path / "run"), "a message", str(texts)]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"thaw: error: {texts} is a file, and a text run classifies the texts given; to classify its lines, pass --file {texts}"
+    )
+    assert main(["predict", str(tmp_path / "run"), "x" * 5000]) == 0  # a long text is no file name: classified
 
 
 def test_sms_spam_two_phase_meets_the_target_on_a_held_out_test_split(tmp_path: Path, minilm: Path, capsys: pytest.CaptureFixture) -> None:

@@ -115,6 +115,9 @@ def run_predict(args: argparse.Namespace) -> int:
 
 def _read_texts(args: argparse.Namespace) -> list[str]:
     texts = list(args.paths)
+    named = next((text for text in texts if _names_a_file(text)), None)
+    if named is not None:  # `thaw predict RUN messages.txt` would classify the words "messages.txt"
+        raise ThawError(f"{named} is a file, and a text run classifies the texts given; to classify its lines, pass --file {named}")
     if args.file:
         raw = _read_bytes(args.file)
         try:
@@ -124,6 +127,13 @@ def _read_texts(args: argparse.Namespace) -> list[str]:
             raise ThawError(f"{where} is not UTF-8 text (byte {error.start}); pass one UTF-8 text per line") from None
         texts += [line for line in lines if line.strip()]
     return texts
+
+
+def _names_a_file(text: str) -> bool:
+    try:
+        return Path(text).is_file()
+    except (OSError, ValueError):  # a text too long to be a file name
+        return False
 
 
 def _read_bytes(file: str) -> bytes:
