@@ -171,6 +171,9 @@ def test_a_link_to_nowhere_is_skipped_and_listed_like_any_unreadable_file(tmp_pa
         (lambda root: (write_class_images(root / "train"), write_class_images(root / "val", classes=("red", "green", "cyan"))), "only in val: \\['cyan'\\]"),
         (lambda root: (write_class_images(root / "train"), write_class_images(root / "test", classes=("red", "green"))), "missing from test: \\['blue'\\]"),
         (lambda root: root.mkdir(), "holds no class folders"),
+        # one image a class: none left for val, whose accuracy (0 of 0) would choose the epoch delivered
+        (lambda root: write_class_images(root, per_class=1), "no sample is left for val: every class has a single one; a class needs 2"),
+        (lambda root: write_class_images(root / "train", per_class=1), "no sample is left for val"),
         # one level too high: animals/ would be the only class, of every image
         (lambda root: write_class_images(root / "animals", classes=("cat", "dog")), "holds one folder, animals/, whose folders \\(cat/, dog/\\) look like the classes; pass .*animals$"),
     ],
@@ -226,7 +229,7 @@ def test_a_path_under_the_data_is_told_read_only_where_discover_reads_it(tmp_pat
 
 def test_only_class_names_that_differ_in_case_alone_are_noted(tmp_path: Path) -> None:
     write_class_images(tmp_path / "folders", classes=("cat", "Cat", "CAT", "dog"), per_class=2, size=8)
-    (tmp_path / "list.csv").write_text("".join(f"folders/cat/00{i}.png,{label}\n" for i, label in enumerate(["dog", "dogs"])))
+    (tmp_path / "list.csv").write_text("".join(f"folders/{folder}/00{i}.png,{label}\n" for folder, label in [("cat", "dog"), ("dog", "dogs")] for i in (0, 1)))
     assert discover(tmp_path / "folders").notes == ("classes CAT and Cat and cat differ only in case, so they are 3 classes; rename them to one name if they are one",)
     assert discover(tmp_path / "list.csv", val_split=0.5).notes == ()  # dog and dogs: two names, not one in two cases
 
@@ -236,3 +239,8 @@ def test_one_class_folder_with_folders_of_its_own_is_data_to_score(tmp_path: Pat
     write_class_images(tmp_path / "held" / "cat", classes=("indoor", "outdoor"), per_class=2, size=8)
     data = discover(tmp_path / "held", min_classes=1)
     assert data.classes == ("cat",) and len(data.everything()) == 4
+
+
+def test_one_image_a_class_is_data_to_score(tmp_path: Path) -> None:
+    write_class_images(tmp_path, per_class=1, size=8)
+    assert len(discover(tmp_path, min_classes=1).everything()) == 3  # scored whole: no val needed

@@ -102,6 +102,15 @@ def test_unusable_tables_are_one_clear_error(tmp_path: Path, content: str, messa
         load_text_data(table)
 
 
+def test_a_test_share_that_leaves_no_val_row_is_refused(tmp_path: Path) -> None:
+    """Two rows a class, one taken as test: none left for val, which chose epochs by nothing (then a traceback)."""
+    table = tmp_path / "t.tsv"
+    table.write_text("a\tone\nb\tone\nc\ttwo\nd\ttwo\n")
+    with pytest.raises(ThawError, match="t.tsv: no sample is left for val: every class has a single one once the test share is held out"):
+        load_text_data(table, test_split=0.5)
+    assert len(load_text_data(table).val) == 2  # without the test share: one val row a class
+
+
 def test_non_utf8_file_is_refused(tmp_path: Path) -> None:
     table = tmp_path / "t.csv"
     table.write_bytes("label,text\na,caf\xe9\n".encode("latin-1"))

@@ -146,8 +146,21 @@ def _samples(by_class: dict[str, list[Path]], classes: tuple[str, ...]) -> tuple
     return tuple((path, index[name]) for name in classes for path in by_class.get(name, []))
 
 
+def split_off_val(
+    samples: list[Sample], fraction: float, seed: int, source: Path, rows_left: str = "", min_classes: int = 2
+) -> tuple[list[Sample], list[Sample]]:
+    """stratified_split for the val set a run chooses its epoch by: none at all (every class a single sample) would
+    train a run that reports val accuracy 0 and delivers an arbitrary epoch. Refused, except in data to score
+    (`min_classes` 1), which is scored whole."""
+    train, val = stratified_split(samples, fraction, seed)
+    if not val and min_classes > 1:
+        raise ThawError(f"{source}: no sample is left for val: every class has a single one{rows_left}; a class needs 2, one to train on and one to validate")
+    return train, val
+
+
 def stratified_split(samples: list[Sample], fraction: float, seed: int) -> tuple[list[Sample], list[Sample]]:
-    """A seeded split that keeps each class's share, with at least one sample per class on each side."""
+    """A seeded split that keeps each class's share, with at least one sample per class on each side (a class of one
+    sample: on the training side)."""
     if not 0 < fraction < 1:
         raise ThawError(f"--val-split must be between 0 and 1, got {fraction}")
     by_label: dict[int, list[Sample]] = defaultdict(list)
@@ -221,7 +234,7 @@ def _from_split_folders(root: Path, folders: dict[str, Path], val_split: float, 
         named = ", ".join(f"{folder.name}/" for folder in folders.values())  # as on disk: VAL/ or valid/, say
         val, layout = _samples(splits["val"], classes), f"split folders ({named})"
     else:
-        kept, held_out = stratified_split(list(train), val_split, seed)
+        kept, held_out = split_off_val(list(train), val_split, seed, folders["train"], min_classes=min_classes)
         train, val = tuple(kept), tuple(held_out)
         given = "train/test" if test is not None else "train only"
         layout = f"split folders ({given}), {val_split:.0%} of train held out as val (seed {seed})"
@@ -234,7 +247,7 @@ def _from_class_folders(root: Path, val_split: float, seed: int, min_classes: in
     skipped: list[tuple[str, str]] = []
     by_class = _scan_split(root, skipped)
     classes = _check_classes({"data": by_class}, root, min_classes)
-    train, val = stratified_split(list(_samples(by_class, classes)), val_split, seed)
+    train, val = split_off_val(list(_samples(by_class, classes)), val_split, seed, root, min_classes=min_classes)
     return ImageData(classes, tuple(train), tuple(val), None, f"class folders, {val_split:.0%} held out (seed {seed})", tuple(skipped))
 
 
@@ -312,7 +325,7 @@ def _from_manifest(path: Path, val_split: float, seed: int, min_classes: int) ->
         if file in usable:
             by_class[label].append(file)
     classes = _check_classes({"manifest": dict(by_class)}, path, min_classes)
-    train, val = stratified_split(list(_samples(by_class, classes)), val_split, seed)
+    train, val = split_off_val(list(_samples(by_class, classes)), val_split, seed, path, min_classes=min_classes)
     return ImageData(classes, tuple(train), tuple(val), None, f"CSV manifest, {val_split:.0%} held out", tuple(skipped))
 
 

@@ -22,7 +22,7 @@ from typing import Iterator
 import torch
 from torch.utils.data import Dataset, Sampler
 
-from thaw.data.folders import LabelledData, stratified_split
+from thaw.data.folders import LabelledData, split_off_val, stratified_split
 from thaw.data.loaders import Batch
 from thaw.errors import ThawError
 from thaw.distributed import SINGLE, Processes
@@ -177,7 +177,7 @@ def load_text_data(
     if test_split:
         samples, held = stratified_split(samples, test_split, seed)
         test = tuple(held)
-    train, val = stratified_split(samples, val_split, seed)
+    train, val = split_off_val(samples, val_split, seed, path, " once the test share is held out" if test_split else "")
     held_out = f"{test_split:.0%} test then {val_split:.0%} val" if test_split else f"{val_split:.0%} val"
     layout = f"text table, {held_out} held out (seed {seed})"
     return TextData(classes, tuple(train), tuple(val), test, layout, tuple(skipped))
