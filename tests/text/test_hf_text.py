@@ -76,3 +76,19 @@ def test_plan_shows_layer_decay_and_gradual_unfreezing_from_the_top(minilm: Path
     lrs = [g["lr"] for g in stages[-1]["groups"]]
     assert all(lower < upper for lower, upper in zip(lrs, lrs[1:]))  # every group slower than the one above it
     assert lrs[-2] == pytest.approx(lrs[-1] * 0.8)
+
+
+@pytest.mark.parametrize("max_length", [0, 1, 2, "32", 2.5, True])
+def test_a_max_length_with_no_room_for_text_is_refused(tiny_encoder: Path, max_length: object) -> None:
+    """At or below the tokenizer's own [CLS] and [SEP] it would not truncate at all: a long text reached the model
+    whole, past its positions (a traceback), while thaw.json recorded the limit."""
+    with pytest.raises(ThawError, match=rf"max length must be a whole number of at least 3 tokens \(the tokenizer adds 2 of its own\), got {max_length!r}$"):
+        build_text_model(str(tiny_encoder), num_classes=2, max_length=max_length)
+
+
+def test_the_shortest_max_length_truncates_every_text(tiny_encoder: Path) -> None:
+    from thaw.data.text import TextDataset
+
+    adapter = build_text_model(str(tiny_encoder), num_classes=2, max_length=3)
+    texts = TextDataset((("a long text " * 500, 0), ("short", 1)), adapter.model.tokenizer, adapter.preprocessing.max_length)
+    assert texts.lengths == [3, 3]
