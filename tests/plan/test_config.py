@@ -118,6 +118,28 @@ def test_yaml_values_are_checked_as_flags_are(tmp_path: Path, text: str, expecte
     assert "\n" not in str(error.value)
 
 
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        # a second stages: would replace the first plan, unseen
+        ("stages:\n  - {name: a, epochs: 1, train: [head]}\nstages:\n  - {name: b, epochs: 5, train: [all]}\n",
+         "'stages' is written twice (lines 1 and 3); YAML would keep only the last: keep one"),
+        ("stages:\n  - {name: a, epochs: 1, train: [head], lr: 1.0e-3, lr: 2.0e-3}\n", "'lr' is written twice (line 2)"),
+    ],
+)
+def test_a_key_written_twice_is_refused(tmp_path: Path, text: str, expected: str) -> None:
+    (tmp_path / "plan.yaml").write_text(text)
+    with pytest.raises(ThawError) as error:
+        load_plan(tmp_path / "plan.yaml")
+    assert str(error.value).startswith(f"{tmp_path / 'plan.yaml'}: {expected}")
+
+
+def test_a_merge_key_may_override_what_it_merges(tmp_path: Path) -> None:
+    """`<<: *base` then a key of its own is YAML's way to override: not a key written twice."""
+    (tmp_path / "plan.yaml").write_text("stages:\n  - &head {name: a, epochs: 1, train: [head]}\n  - {<<: *head, name: b, epochs: 2}\n")
+    assert [(stage.name, stage.epochs) for stage in load_plan(tmp_path / "plan.yaml").stages] == [("a", 1), ("b", 2)]
+
+
 def test_two_stages_with_one_name_are_refused_with_the_files_name(tmp_path: Path) -> None:
     """The summary's delivered epoch, the budget's split and the progress name a stage by its name."""
     path = tmp_path / "plan.yaml"

@@ -197,6 +197,31 @@ def _lora(raw: Any, problems: list[str]) -> LoraSpec | None:
     return LoraSpec(rank, alpha, dropout, targets)  # type: ignore[arg-type]
 
 
+class RepeatedKey(yaml.YAMLError):
+    def __init__(self, key: object, first: int, second: int) -> None:
+        where = f"line {first}" if first == second else f"lines {first} and {second}"
+        super().__init__(f"{key!r} is written twice ({where})")
+
+
+class UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, except that a key written twice in one mapping is an error: PyYAML keeps the last without a
+    word, so a second `stages:` would replace the first plan unseen."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        lines: dict[object, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base`: its keys may be overridden, that is its use
+                continue
+            key, line = self.construct_object(key_node, deep=True), key_node.start_mark.line + 1
+            try:
+                if key in lines:
+                    raise RepeatedKey(key, lines[key], line)
+                lines[key] = line
+            except TypeError:  # a key YAML allows and Python cannot hash: the loader says so
+                continue
+        return super().construct_mapping(node, deep)
+
+
 def load_plan(path: str | Path) -> Plan:
     """The plan in a YAML file; its `training:` options, if any, come from read_plan_file."""
     return read_plan_file(path)[0]
@@ -206,7 +231,9 @@ def read_plan_file(path: str | Path) -> tuple[Plan, dict[str, Any]]:
     """The plan in a YAML file and its `training:` options (TRAINING_KEYS)."""
     path = Path(path)
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        raw = yaml.load(path.read_text(encoding="utf-8"), Loader=UniqueKeyLoader)
+    except RepeatedKey as error:
+        raise ThawError(f"{path}: {error}; YAML would keep only the last: keep one") from None
     except OSError as error:
         raise ThawError(f"cannot read plan file {path}: {error.strerror}") from None
     except UnicodeDecodeError as error:
