@@ -227,3 +227,18 @@ def test_a_mistake_in_a_later_stage_names_that_stage(resnet50) -> None:
     both = Plan((*plan.stages, Stage("top", 1, ("layer4",), ExplicitLr({"layer9": 1e-4}))))  # every stage's problem at once
     with pytest.raises(ThawError, match=r"^stage 2/3 'all': selector 'al' .* \| stage 3/3 'top': 'layer9' is neither a layer group"):
         resolve_plan(resnet50, both)
+
+
+def test_a_reversed_lr_range_or_no_groups_is_refused_from_python_as_from_the_flags(tmp_path: Path) -> None:
+    """build_plan by hand gets the checks --lr-range and a plan file make: a reversed range trained the stem at 1e-2
+    and the head at 1e-6; num_groups 0 built a plan for no model."""
+    from thaw import build_plan
+    from thaw.train import train_images
+
+    reversed_range = build_plan("fine-tune", num_groups=14, epochs=1, lr_range=(1e-2, 1e-6))
+    with pytest.raises(ThawError, match=r"^stage 1/1 .all.: an lr range goes from the stem to the head, low to high; got 0.01 to 1e-06$"):
+        train_images(tmp_path / "no-data-needed", model="mobilenet_v3_small", weights=None, plan=reversed_range, out=tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+    for groups in (0, -1, "5", 2.0):
+        with pytest.raises(ThawError, match="num_groups must be a whole number of at least 1"):
+            build_plan("gradual", num_groups=groups)

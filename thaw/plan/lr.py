@@ -40,6 +40,8 @@ class RangeLr:
 
     def lrs(self, group_names: list[str]) -> dict[str, float]:
         low, high = check_lr(self.low, "lr range start"), check_lr(self.high, "lr range end")
+        if low > high:  # the stem would train faster than the head: what --lr-range and a plan file refuse
+            raise ThawError(f"an lr range goes from the stem to the head, low to high; got {low:g} to {high:g}")
         steps = max(len(group_names) - 1, 1)
         return {name: low * (high / low) ** (index / steps) for index, name in enumerate(group_names)}
 

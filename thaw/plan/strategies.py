@@ -84,6 +84,8 @@ def build_plan(
     `top_groups`: how many groups head-top-all's middle stage trains, the head included (TOP_GROUPS when None; the
     top half of mobilenet_v2's groups was measured against the top 2: benchmarks/recipes.py, README).
     """
+    if isinstance(num_groups, bool) or not isinstance(num_groups, int) or num_groups < 1:  # a model's groups: the head at least
+        raise ThawError(f"num_groups must be a whole number of at least 1 (the model's parameter groups), got {num_groups!r}")
     if not isinstance(weight_decay, (int, float)) or not math.isfinite(weight_decay) or weight_decay < 0:
         raise ThawError(f"weight decay must be a finite number >= 0, got {weight_decay!r}")
     if top_groups is not None and strategy in STRATEGIES and strategy != "head-top-all":  # else it would be ignored without a word
