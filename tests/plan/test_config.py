@@ -96,6 +96,7 @@ def test_not_yaml_and_missing_file(tmp_path: Path) -> None:
     "text, expected",
     [
         ("weight_decay: -0.1\nstages: [{name: head, epochs: 1}]", "weight_decay: expected a weight decay >= 0 like 0.01, got -0.1"),
+        ("batchnorm: Frozen\nstages: [{name: head, epochs: 1}]", "yaml: batchnorm: expected one of"),
         ("stages: [{name: head, epochs: 1, weight_decay: -1}]", "stages[0].weight_decay: expected a weight decay >= 0"),
         ("stages: [{name: head, epochs: 1, weight_decay: .nan}]", "stages[0].weight_decay: expected a finite number, got nan"),
         ("stages: [{name: head, epochs: 1, lr: 1e400}]", "stages[0].lr: expected a finite number, got '1e400'"),
@@ -116,6 +117,7 @@ def test_yaml_values_are_checked_as_flags_are(tmp_path: Path, text: str, expecte
         load_plan(path)
     assert expected in str(error.value)
     assert "\n" not in str(error.value)
+    assert str(error.value).startswith(f"{path}: ") and str(error.value).count(str(path)) == 1  # named once, first
 
 
 @pytest.mark.parametrize(

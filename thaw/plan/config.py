@@ -148,17 +148,17 @@ def _stage(raw: Any, index: int, defaults: dict, problems: list[str]) -> Stage |
     return Stage(str(name), epochs, train, rule, weight_decay, batchnorm)  # type: ignore[arg-type]
 
 
-def _plan_defaults(raw: dict, source: str, problems: list[str]) -> dict:
+def _plan_defaults(raw: dict, problems: list[str]) -> dict:
     """The plan-level weight_decay and batchnorm, checked once here rather than in every stage."""
     defaults = {"weight_decay": 0.01}
     if "weight_decay" in raw:
-        value = _weight_decay(raw["weight_decay"], f"{source}.weight_decay", problems)
+        value = _weight_decay(raw["weight_decay"], "weight_decay", problems)
         defaults["weight_decay"] = 0.0 if value is None else value  # a stand-in: the plan is refused anyway
     if "batchnorm" in raw:
         if raw["batchnorm"] in BATCHNORM_POLICIES:
             defaults["batchnorm"] = raw["batchnorm"]
         else:
-            problems.append(f"{source}.batchnorm: expected one of {', '.join(BATCHNORM_POLICIES)}, got {raw['batchnorm']!r}")
+            problems.append(f"batchnorm: expected one of {', '.join(BATCHNORM_POLICIES)}, got {raw['batchnorm']!r}")
     return defaults
 
 
@@ -171,7 +171,7 @@ def plan_from_dict(raw: Any, source: str = "plan", top_keys: tuple[str, ...] = P
     if not isinstance(raw.get("stages"), list) or not raw["stages"]:
         problems.append(f"expected a non-empty 'stages' list, e.g. {EXAMPLE}")
         raise ThawError(f"{source}: " + join_problems(problems))
-    defaults = _plan_defaults(raw, source, problems)
+    defaults = _plan_defaults(raw, problems)
     stages = [_stage(item, i, defaults, problems) for i, item in enumerate(raw["stages"])]
     lora = _lora(raw["lora"], problems) if raw.get("lora") is not None else None
     if problems:
