@@ -146,6 +146,8 @@ def test_explicit_groups_must_cover_every_parameter(small_net: SmallConvNet) -> 
     assert adapter.group_names == ["early", "late", "head"]
     with pytest.raises(ThawError, match="in no layer group"):
         adapt(small_net, groups={"early": ["stem"]})
+    with pytest.raises(ThawError, match=r"^group 'late': expected a list of module names like \['layer1'\], got 'block2'$"):
+        adapt(small_net, groups={"early": ["stem", "block1"], "late": "block2"})  # not b, l, o, c, k, 2
 
 
 def test_timm_model_uses_timm_contract() -> None:

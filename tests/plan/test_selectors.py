@@ -35,6 +35,11 @@ def test_selector_matching_nothing_names_the_valid_groups(resnet50) -> None:
     assert "stem, layer1, layer2, layer3, layer4, head" in str(error.value)
 
 
+def test_one_selector_as_a_plain_string_is_refused_not_split_into_characters(resnet50) -> None:
+    with pytest.raises(ThawError, match=r"^expected a list of selectors like \['head'\], got 'head'$"):
+        resolve(resnet50, "head")
+
+
 def test_every_bad_selector_is_reported(resnet50) -> None:
     with pytest.raises(ThawError) as error:
         resolve(resnet50, ["layer9", "head", "blocks.*"])

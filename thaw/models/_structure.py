@@ -354,6 +354,9 @@ def explicit_groups(model: nn.Module, spec: dict[str, list[str]], head_modules: 
             f"group name {taken[0]!r} is taken ({', '.join(RESERVED_GROUP_NAMES)} mean the new head, every layer and the "
             "LoRA layers); the head group is added by itself: name the other groups otherwise"
         )
+    named_one = [name for name, modules in spec.items() if isinstance(modules, str)]
+    if named_one:  # each character would be a module name of its own
+        raise ThawError(f"group {named_one[0]!r}: expected a list of module names like ['layer1'], got {spec[named_one[0]]!r}")
     canonical = {id(p): name for name, p in model.named_parameters()}
     groups, problems = [], []
     for group_name, module_names in spec.items():

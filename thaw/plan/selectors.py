@@ -86,6 +86,8 @@ def resolve_one(adapter: ModelAdapter, selector: str) -> list[str]:
 
 def resolve(adapter: ModelAdapter, selectors: list[str] | tuple[str, ...]) -> list[str]:
     """The union of several selectors, in model order; every selector that matches nothing is reported."""
+    if isinstance(selectors, str):  # each character would be a selector of its own
+        raise ThawError(f"expected a list of selectors like ['head'], got {selectors!r}")
     chosen: set[str] = set()
     problems = []
     for selector in selectors:
