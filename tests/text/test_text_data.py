@@ -76,6 +76,16 @@ def test_a_column_past_the_last_or_text_and_label_in_one_column_is_refused(tmp_p
         read_table(table, TextColumns(text=1, label=7))
     with pytest.raises(ThawError, match=r"the text and the label are the same column \(0\)"):
         read_table(table, TextColumns(text=0, label=0))  # would train on the answer itself
+    with pytest.raises(ThawError, match=r"t.csv: --text-column -1 is no column; positions count from 0, or name the column$"):
+        read_table(table, TextColumns(text=-1, label=0))  # counted from the end: the label column, trained on as text
+
+
+def test_a_table_of_one_column_names_the_file_and_the_delimiter(tmp_path: Path) -> None:
+    table = tmp_path / "t.csv"
+    table.write_text("hello\tthere friend,greeting\nbye now,farewell\nhi,greeting\nsee you,farewell\n")  # a tab in the first text: read as TSV
+    with pytest.raises(ThawError, match=r"t.csv: the table needs a text column and a label column; split by tab, it has one \(another delimiter\? --delimiter\)$"):
+        read_table(table)
+    assert read_table(table, TextColumns(delimiter=","))[0][1] == ("bye now", "farewell")
 
 
 def test_short_and_empty_rows_are_skipped_with_their_line(tmp_path: Path) -> None:

@@ -91,6 +91,8 @@ def _first_bad_byte(path: Path) -> int:
 
 
 def _column_index(header: list[str] | None, wanted: str | int, what: str, path: Path) -> int:
+    if isinstance(wanted, int) and (wanted < 0 or isinstance(wanted, bool)):  # -1 would count from the end: another column
+        raise ThawError(f"{path}: --{what}-column {wanted!r} is no column; positions count from 0, or name the column")
     if isinstance(wanted, int) or (isinstance(wanted, str) and wanted.isdigit()):
         return int(wanted)
     names = [cell.strip() for cell in header or []]
@@ -100,7 +102,7 @@ def _column_index(header: list[str] | None, wanted: str | int, what: str, path: 
     return names.index(wanted)
 
 
-def _guess_columns(rows: list[list[str]], header: list[str] | None) -> tuple[int, int]:
+def _guess_columns(rows: list[list[str]], header: list[str] | None, path: Path, delimiter: str) -> tuple[int, int]:
     """(text, label) positions: header names first, else the column with the fewest distinct values is the label."""
     if header:
         lowered = [cell.strip().lower() for cell in header]
@@ -112,7 +114,8 @@ def _guess_columns(rows: list[list[str]], header: list[str] | None) -> tuple[int
     width = Counter(len(row) for row in sample).most_common(1)[0][0]  # a broken line must not decide
     sample = [row for row in sample if len(row) == width]
     if width < 2:
-        raise ThawError("the table needs a text column and a label column; found one column")
+        shown = "tab" if delimiter == "\t" else repr(delimiter)
+        raise ThawError(f"{path}: the table needs a text column and a label column; split by {shown}, it has one (another delimiter? --delimiter)")
     distinct = [len({row[i] for row in sample}) for i in range(width)]
     label = distinct.index(min(distinct))
     lengths = [sum(len(row[i]) for row in sample) for i in range(width)]
@@ -125,13 +128,13 @@ def read_table(path: str | Path, columns: TextColumns = TextColumns()) -> tuple[
     path = Path(path)
     if not path.is_file():
         raise ThawError(f"text data {path} does not exist or is not a file; pass a CSV or TSV file")
-    rows, _ = read_rows(path, columns.delimiter)
+    rows, delimiter = read_rows(path, columns.delimiter)
     named = any(isinstance(c, str) and not c.isdigit() for c in (columns.text, columns.label))
     has_header = named or any(cell.strip().lower() in TEXT_HEADERS + LABEL_HEADERS for cell in rows[0])
     header, body = (rows[0], rows[1:]) if has_header else (None, rows)
     if not body:
         raise ThawError(f"{path} has a header but no rows")
-    guessed = _guess_columns(body, header) if columns.text is None or columns.label is None else (0, 0)
+    guessed = _guess_columns(body, header, path, delimiter) if columns.text is None or columns.label is None else (0, 0)
     text_at = guessed[0] if columns.text is None else _column_index(header, columns.text, "text", path)
     label_at = guessed[1] if columns.label is None else _column_index(header, columns.label, "label", path)
     widest = max(len(row) for row in body)
