@@ -10,7 +10,8 @@ import pytest
 
 from tests.conftest import Crash, crash_after, write_class_images
 from thaw.cli import build_parser, main
-from thaw.train import TrainConfig, train_images
+from thaw import ThawError
+from thaw.train import TrainConfig, resume_run, train_images
 
 TINY = {"model": "mobilenet_v3_small", "weights": None, "plan": "two-phase", "plan_options": {"head_epochs": 1, "epochs": 1},
         "config": TrainConfig(image_size=32, batch_size=8, quiet=True)}
@@ -56,6 +57,14 @@ def test_a_run_stopped_before_its_end_is_called_unfinished_with_the_command_that
 
 def test_a_folder_without_a_run_is_still_not_a_run_folder(colours: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert "is not a thaw run folder (no thaw.json); pass the --out folder of thaw train" in _one_line_error(["export", str(colours)], capsys)
+
+
+def test_a_missing_run_or_a_file_of_a_run_is_named_as_such(finished_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    gone, record = tmp_path / "gone", finished_run / "thaw.json"
+    assert _one_line_error(["export", str(gone)], capsys) == f"thaw: error: {gone} does not exist; pass the --out folder of thaw train"
+    assert _one_line_error(["export", str(record)], capsys) == f"thaw: error: {record} is a file of the run in {finished_run}; pass the folder, {finished_run}"
+    with pytest.raises(ThawError, match=f"^{gone}: no such run folder; pass the folder a run wrote"):
+        resume_run(gone)
 
 
 def test_a_run_set_aside_by_a_killed_replacement_says_where_it_is(finished_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

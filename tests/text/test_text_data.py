@@ -167,3 +167,10 @@ def test_length_grouped_batches_split_evenly_across_ranks() -> None:
     assert set(seen) == set(range(203))  # together they cover the epoch (a few batches repeat as padding)
     evaluation = [list(LengthGroupedBatches(lengths, 16, seed=None, processes=Processes(rank, 3))) for rank in range(3)]
     assert sorted(i for share in evaluation for batch in share for i in batch) == list(range(203))  # exact, no padding
+
+
+def test_a_folder_or_a_missing_file_given_as_text_data_is_named_as_such(tmp_path: Path) -> None:
+    with pytest.raises(ThawError, match=f"^{tmp_path} is a folder; text data is one CSV or TSV table of texts and labels$"):
+        read_table(tmp_path)  # an image folder, given to a text run
+    with pytest.raises(ThawError, match="^text data .*gone.csv does not exist or is not a file; pass a CSV or TSV file$"):
+        read_table(tmp_path / "gone.csv")

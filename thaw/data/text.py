@@ -126,6 +126,8 @@ def _guess_columns(rows: list[list[str]], header: list[str] | None, path: Path, 
 def read_table(path: str | Path, columns: TextColumns = TextColumns()) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
     """(text, label name) pairs, and the lines skipped with a reason."""
     path = Path(path)
+    if path.is_dir():  # an image folder, given to a text run (or to --task text)
+        raise ThawError(f"{path} is a folder; text data is one CSV or TSV table of texts and labels")
     if not path.is_file():
         raise ThawError(f"text data {path} does not exist or is not a file; pass a CSV or TSV file")
     rows, delimiter = read_rows(path, columns.delimiter)

@@ -44,6 +44,10 @@ def _why_no_metadata(run: Path) -> str:
         return f"{run} is an unfinished run (a checkpoint, no {METADATA} yet): finish it with {finish}"
     if (run / SET_ASIDE / METADATA).is_file():  # a replacement (--overwrite) killed before its first checkpoint
         return f"{run} holds its finished run set aside in {run / SET_ASIDE}: move the files there back into {run}"
+    if not run.exists():
+        return f"{run} does not exist; pass the --out folder of thaw train"
+    if run.is_file() and (run.parent / METADATA).is_file():  # RUN/thaw.json or RUN/model.safetensors, say
+        return f"{run} is a file of the run in {run.parent}; pass the folder, {run.parent}"
     return f"{run} is not a thaw run folder (no {METADATA}); pass the --out folder of thaw train"
 
 

@@ -251,6 +251,8 @@ def resume_run(
     unknown = sorted(set(runtime) - RUNTIME_FIELDS)
     if unknown:
         raise ThawError(f"{', '.join(unknown)} would change the run; a resume keeps the run's own settings")
+    if not Path(run).is_dir():
+        raise ThawError(f"{run}: no such run folder; pass the folder a run wrote (its --out)")
     settings = saved_settings(run)
     if settings is None:
         raise ThawError(
