@@ -423,8 +423,14 @@ def test_predict_files_takes_a_file_or_a_folder_alone(trained_run: Path, tiny_sp
     assert len(folder) == 18 and str(image) in [p.path for p in folder]
     listed, _ = predict_files(adapter, meta["classes"], [image])
     assert listed[0].labels == alone[0].labels
+    in_a_list, _ = predict_files(adapter, meta["classes"], [tiny_split_data / "val"])  # a folder in a list: its images too
+    assert [p.path for p in in_a_list] == [p.path for p in folder]
     with pytest.raises(ThawError, match="top_k must be at least 1"):
         predict_files(adapter, meta["classes"], image, top_k=0)
+    with pytest.raises(ThawError, match="^batch_size must be at least 1, got 0$"):
+        predict_files(adapter, meta["classes"], image, batch_size=0)
+    with pytest.raises(ThawError, match=r"^2 class names for a model of 3 outputs; pass the run's classes \(load_run's meta\['classes'\]\)$"):
+        predict_files(adapter, meta["classes"][:2], image)  # the third class would be named by no name, or the wrong one
 
 
 LATER_STAGE_TYPO = "stages:\n  - {name: head, epochs: 1, train: [head], lr: 1.0e-3}\n  - {name: all, epochs: 1, train: [al], lr: 5.0e-4}\n"

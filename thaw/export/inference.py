@@ -256,10 +256,9 @@ def predict_files(
 ) -> tuple[list[Prediction], list[tuple[str, str]]]:
     """Top-k classes of each image file (a file or a folder alone, or a list of files); `tta` averages each image's
     softmax with its mirror image's."""
-    if top_k < 1:
-        raise ThawError(f"top_k must be at least 1, got {top_k}")
-    # One path alone may be a folder (read for its images); a list is of files, and one that cannot be read is skipped.
-    files = image_files([str(files)]) if isinstance(files, (str, Path)) else [Path(path) for path in files]
+    _check_request(top_k, batch_size)
+    # A path alone or in a list may be a folder (read for its images); a file that cannot be read is skipped.
+    files = image_files([str(files)]) if isinstance(files, (str, Path)) else [f for path in files for f in _files_in(Path(path))]
     if not files:
         raise ThawError("no files to classify; pass image files or folders")
     engine = choose_engine(TrainConfig(quiet=True), adapter.model)
@@ -279,8 +278,7 @@ def predict_files(
             continue
         with engine.autocast():
             logits = model(engine.to_device(torch.stack(batch)))
-        probabilities = logits.float().softmax(dim=1).cpu()
-        top = probabilities.topk(min(top_k, len(classes)), dim=1)
+        top = _top_classes(logits, classes, top_k)
         for path, values, indices in zip(kept, top.values, top.indices):
             predictions.append(Prediction(str(path), [(classes[i], float(v)) for v, i in zip(values, indices)]))
     if not predictions:  # nothing to show: one error, not a warning of the skipped files and then the same as an error
@@ -288,11 +286,28 @@ def predict_files(
     return predictions, skipped
 
 
+def _check_request(top_k: object, batch_size: object) -> None:
+    for name, value in (("top_k", top_k), ("batch_size", batch_size)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ThawError(f"{name} must be at least 1, got {value!r}")
+
+
+def _files_in(path: Path) -> list[Path]:
+    return candidate_files(path) if path.is_dir() else [path]
+
+
+def _top_classes(logits: torch.Tensor, classes: list[str], top_k: int) -> torch.return_types.topk:
+    """The top-k probabilities and their classes' indices; class names that do not match the model's outputs one to one
+    would name the wrong class (or none): refused."""
+    if logits.shape[1] != len(classes):
+        raise ThawError(f"{len(classes)} class names for a model of {logits.shape[1]} outputs; pass the run's classes (load_run's meta['classes'])")
+    return logits.float().softmax(dim=1).cpu().topk(min(top_k, len(classes)), dim=1)
+
+
 @torch.no_grad()
 def predict_texts(adapter: ModelAdapter, classes: list[str], texts: list[str] | str, top_k: int = 3, batch_size: int = 64) -> list[Prediction]:
     """Labels and probabilities for each text (one text alone, or a list of them), in the order given."""
-    if top_k < 1:
-        raise ThawError(f"top_k must be at least 1, got {top_k}")
+    _check_request(top_k, batch_size)
     texts = [texts] if isinstance(texts, str) else list(texts)
     if not texts or not all(text.strip() for text in texts):
         raise ThawError("give one or more non-empty texts to classify")
@@ -304,7 +319,7 @@ def predict_texts(adapter: ModelAdapter, classes: list[str], texts: list[str] | 
         inputs = adapter.tokenizer(chunk, truncation=True, max_length=adapter.preprocessing.max_length, padding=True, return_tensors="pt")
         with engine.autocast():
             logits = adapter.model(engine.to_device(dict(inputs)))
-        top = logits.float().softmax(dim=1).cpu().topk(min(top_k, len(classes)), dim=1)
+        top = _top_classes(logits, classes, top_k)
         for text, values, indices in zip(chunk, top.values, top.indices):
             predictions.append(Prediction(text, [(classes[i], float(v)) for v, i in zip(values, indices)]))
     return predictions
