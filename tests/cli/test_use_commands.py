@@ -187,3 +187,13 @@ def test_the_run_summary_is_written_last_so_a_kill_before_it_leaves_a_run_to_res
     monkeypatch.undo()
     train_images(colours, out=tmp_path / "run", resume=True, **TINY)
     assert all((tmp_path / "run" / name).is_file() for name in ("thaw.json", "metrics.csv", "curves.png", "confusion.png"))
+
+
+@pytest.mark.parametrize("device", ["banana", "cuda:99"])
+def test_load_run_on_a_device_this_machine_lacks_is_one_line(finished_run: Path, device: str) -> None:
+    from thaw.export.run_dir import load_run
+
+    with pytest.raises(ThawError, match="device"):  # torch's own error came from deep inside the first .to()
+        load_run(finished_run, device=device)
+    adapter, _ = load_run(finished_run, device="auto")  # what the commands' --device takes
+    assert next(adapter.model.parameters()).device.type in ("cpu", "cuda")

@@ -56,6 +56,11 @@ def load_run(run: str | Path, device: str | torch.device = "cpu", model: nn.Modu
 
     `model`: for a run trained on a model object, the same architecture (a new instance; the run's weights are loaded
     into it); for a run trained on a named model it may stand in for the name."""
+    from thaw.train.config import check_device
+    from thaw.train.fit import resolve_device
+
+    check_device(str(device))  # one line for a device this machine lacks, not torch's error from the first .to()
+    device = resolve_device(str(device))
     run = Path(run)
     meta = read_metadata(run)
     weights_path = check_delivered_weights(run)
