@@ -74,20 +74,28 @@ def test_an_onnx_export_whose_weights_torch_puts_beside_it_names_both_files(
     trained_run: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """torch writes PATH.data past its own size limit (about 1.5 GB, too large to test here): the line names it, and
-    an earlier export's PATH.data is removed first, so a file beside the model is always this export's."""
+    an earlier export's PATH.data is removed, so a file beside the model is always this export's; a NAME.data beside
+    no earlier export NAME may be anyone's, and is left alone."""
+    assert main(["export", str(trained_run), "--format", "onnx"]) == 0  # the earlier export
     weights = trained_run / "model.onnx.data"
     weights.write_bytes(b"an earlier export's weights")
     assert main(["export", str(trained_run), "--format", "onnx"]) == 0
     assert not weights.exists() and "and its weights" not in capsys.readouterr().out
+    precious = trained_run.parent / "results.data"
+    precious.write_bytes(b"the user's own results")
+    assert main(["export", str(trained_run), "--format", "onnx", "--output", str(trained_run.parent / "results")]) == 0
+    assert precious.read_bytes() == b"the user's own results"
+    capsys.readouterr()
     real_export = torch.onnx.export
 
-    def export_with_weights_beside(*args, **kwargs):
-        real_export(*args, **kwargs)
-        weights.write_bytes(b"as torch writes them for a large model")
+    def export_with_weights_beside(model, example, path, **kwargs):
+        real_export(model, example, path, **kwargs)
+        Path(f"{path}.data").write_bytes(b"as torch writes them for a large model")  # where torch was told to write
 
     monkeypatch.setattr(torch.onnx, "export", export_with_weights_beside)
     assert main(["export", str(trained_run), "--format", "onnx"]) == 0
     assert f"wrote {trained_run / 'model.onnx'} and its weights {weights}" in capsys.readouterr().out
+    assert weights.read_bytes() == b"as torch writes them for a large model"  # moved beside the model with it
 
 
 def test_evaluate_counts_and_warns_of_the_unreadable_files_of_the_split_it_scores(

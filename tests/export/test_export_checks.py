@@ -3,6 +3,7 @@ other token lengths and batch sizes for text, real images in the run's preproces
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
@@ -41,6 +42,27 @@ def test_onnx_text_export_with_a_fixed_token_length_is_refused(
     with pytest.raises(ThawError, match="exported onnx model fails on an input of shape 1x3 .*export refused"):
         export_model(text_adapter, path, "onnx")
     assert not path.exists()
+
+
+def test_a_refused_export_leaves_the_file_it_would_have_replaced(text_adapter, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Written and checked beside the target, then renamed into place: a refusal deleted an earlier good export
+    (and, as root, `--output /dev/null` deleted the device)."""
+    real_export = torch.onnx.export
+
+    def export_with_a_fixed_length(*args, dynamic_shapes, **kwargs):
+        return real_export(*args, dynamic_shapes=tuple({0: dims[0]} for dims in dynamic_shapes), **kwargs)
+
+    earlier = tmp_path / "model.onnx"
+    earlier.write_bytes(b"an earlier export that works")
+    monkeypatch.setattr(torch.onnx, "export", export_with_a_fixed_length)
+    with pytest.raises(ThawError, match="export refused"):
+        export_model(text_adapter, earlier, "onnx")
+    assert earlier.read_bytes() == b"an earlier export that works"
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["model.onnx"]  # no staging folder left
+    os.mkfifo(tmp_path / "pipe.onnx")
+    with pytest.raises(ThawError, match="pipe.onnx is not a regular file"):
+        export_model(text_adapter, tmp_path / "pipe.onnx", "onnx")
+    assert (tmp_path / "pipe.onnx").is_fifo()
 
 
 def test_torchscript_text_export_wrong_at_other_lengths_is_refused(
@@ -109,11 +131,15 @@ def test_image_export_is_checked_on_real_images_of_the_run_data(
     assert "checked on 4 real images of the run's data and 2 noise batches" in capsys.readouterr().out
     checked = [image for batch in seen for image in batch if any(torch.equal(image, known) for known in real)]
     assert len(checked) == 4
+    good = (run / "model.pt").read_bytes()
 
-    # An export that is right on noise but wrong on real images is refused.
+    # An export that is right on noise but wrong on real images is refused; the good export before it stays.
     _record_exported_inputs(monkeypatch, wrong_on=real)
     assert main(["export", str(run), "--format", "torchscript"]) == 2
     assert "outputs differ from PyTorch's by 1.00e+00; export refused" in capsys.readouterr().err
+    assert (run / "model.pt").read_bytes() == good
+    (run / "model.pt").unlink()
+    assert main(["export", str(run), "--format", "torchscript"]) == 2  # with none before it: nothing is left
     assert not (run / "model.pt").exists()
 
 
@@ -124,6 +150,26 @@ def test_image_export_says_when_only_noise_was_checked(
     shutil.move(str(data), str(tmp_path / "moved"))
     assert main(["export", str(run), "--format", "torchscript"]) == 0
     assert "checked on noise only (2 noise batches): the run's data folder is gone" in capsys.readouterr().out
+
+
+def test_export_refuses_an_empty_output_a_pipe_and_another_runs_folder(
+    image_run: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _, run = image_run
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "thaw.json").write_text("{}")  # what makes a folder a run's, to every command
+    (other / "model.onnx").write_bytes(b"the other run's own export")
+    os.mkfifo(tmp_path / "pipe.onnx")  # written to, it hung; renamed over, it would be gone
+    for output, said in [
+        ("", "--output is empty; name the file to write, or leave --output out for the run's own export"),
+        (str(tmp_path / "pipe.onnx"), f"--output {tmp_path / 'pipe.onnx'} is not a regular file (a device or a pipe); name a file, such as {run / 'model.onnx'}"),
+        (str(other / "model.onnx"), f"--output {other / 'model.onnx'} is in the folder of another run, {other}; write the export elsewhere, such as {run / 'model.onnx'}"),
+    ]:
+        assert main(["export", str(run), "--output", output]) == 2
+        assert capsys.readouterr().err.strip() == f"thaw: error: {said}"
+    assert (other / "model.onnx").read_bytes() == b"the other run's own export" and (tmp_path / "pipe.onnx").is_fifo()
+    assert not (run / "model.onnx").exists()  # the empty --output did not become the run's default export
 
 
 @pytest.mark.parametrize("fmt, named, other", [("torchscript", "model.onnx", "onnx"), ("onnx", "model.PT", "torchscript")])

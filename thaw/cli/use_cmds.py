@@ -11,11 +11,11 @@ from thaw.cli.options import path_text, positive_int
 from thaw.data.folders import describe_skipped
 from thaw.data.manifest_check import check_image_table
 from thaw.errors import ThawError
-from thaw.export.formats import FORMATS, ExportCheck, export_model, onnx_data_file
+from thaw.export.formats import FORMATS, ExportCheck, export_model
 from thaw.export.inference import check_images, image_files, predict_files, predict_texts, score_run, with_tta
 from thaw.export.report import save_report
 from thaw.train.plots import plot_confusion
-from thaw.train.run_folder import ONNX_EXPORT, RUN_FOLDERS, TORCHSCRIPT_EXPORT, is_run_file
+from thaw.train.run_folder import ONNX_EXPORT, RUN_FOLDERS, TORCHSCRIPT_EXPORT, holds_run, is_run_file
 from thaw.export.run_dir import load_run
 from thaw.plan.report import render_table
 
@@ -170,15 +170,16 @@ def _predict_texts(args: argparse.Namespace, adapter: object, meta: dict) -> int
 
 def run_export(args: argparse.Namespace) -> int:
     adapter, meta = load_run(args.run)
+    if args.output is not None and not args.output.strip():  # an unset variable: not the run's default export, unseen
+        raise ThawError("--output is empty; name the file to write, or leave --output out for the run's own export")
     output = Path(args.output or Path(args.run) / (ONNX_EXPORT if args.format == "onnx" else TORCHSCRIPT_EXPORT))
-    _check_output(output, args.format)
+    _check_output(output, args.format, Path(args.run))
     images = [] if meta.get("task") == "text" else check_images(meta, adapter.preprocessing)
     try:
         check = export_model(adapter, output, args.format, images)
     except OSError as error:
         raise ThawError(f"cannot write {output} ({error.strerror or error}); choose another --output") from None
-    weights = onnx_data_file(output)
-    written = f"{output} and its weights {weights} (keep the two together)" if args.format == "onnx" and weights.is_file() else str(output)
+    written = f"{output} and its weights {check.weights_file} (keep the two together)" if check.weights_file else str(output)
     print(f"wrote {written}; outputs match PyTorch within {check.difference:.1e}, {_checked_on(check, meta)}")
     return 0
 
@@ -187,17 +188,22 @@ def run_export(args: argparse.Namespace) -> int:
 EXPORT_SUFFIXES = {"onnx": (".onnx",), "torchscript": (".pt", ".pth", ".ts", ".torchscript")}
 
 
-def _check_output(output: Path, fmt: str) -> None:
-    """A file the export can write: not a folder, not named for the other format; its folder is made when missing."""
+def _check_output(output: Path, fmt: str, run: Path) -> None:
+    """A file the export can write: not a folder, not named for the other format, not another run's; its folder is made
+    when missing."""
     other = next((name for name, suffixes in EXPORT_SUFFIXES.items() if name != fmt and output.suffix.lower() in suffixes), None)
     if other:
         wanted = EXPORT_SUFFIXES[fmt][0]
         raise ThawError(f"--output {output} is named for {other}, and --format is {fmt}; name it {output.with_suffix(wanted).name}, or use --format {other}")
     if output.is_dir():
         raise ThawError(f"--output {output} is a folder; name the file to write, such as {output / 'model.onnx'}")
+    default = run / (ONNX_EXPORT if fmt == "onnx" else TORCHSCRIPT_EXPORT)
+    if output.exists() and not output.is_file():
+        raise ThawError(f"--output {output} is not a regular file (a device or a pipe); name a file, such as {default}")
+    holder = output.parent.parent if output.parent.name in RUN_FOLDERS else output.parent
+    if holds_run(holder) and holder.resolve() != run.resolve():  # its model.onnx is that run's model, for whoever uses it
+        raise ThawError(f"--output {output} is in the folder of another run, {holder}; write the export elsewhere, such as {default}")
     if is_run_file(output):
-        run = output.parent.parent if output.parent.name in RUN_FOLDERS else output.parent
-        default = run / (ONNX_EXPORT if fmt == "onnx" else TORCHSCRIPT_EXPORT)
         raise ThawError(f"--output {output} is one of the run's own files; write the export beside them, such as {default}")
     # An earlier export (a file named as one of this format, or with no suffix) is written over; a file of another kind is not.
     if output.is_file() and output.suffix and output.suffix.lower() not in EXPORT_SUFFIXES[fmt]:

@@ -8,6 +8,8 @@ failures that only show on real pixel statistics).
 
 from __future__ import annotations
 
+import os
+import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +41,7 @@ class ExportCheck:
     noise_batches: int = 0
     token_lengths: tuple[int, ...] = ()
     batch_sizes: tuple[int, ...] = ()
+    weights_file: Path | None = None  # an ONNX model past torch's size limit keeps its weights beside it, in this file
 
 
 class _PositionalText(nn.Module):
@@ -110,7 +113,6 @@ def _export_onnx(exportable: _Exportable, path: Path, max_length: int | None) ->
     dims = {0: batch, 1: torch.export.Dim("tokens", min=2, max=max_length)} if exportable.text else {0: batch}
     # One file a user can copy alone: the weights inside it. torch still puts them beside it, as PATH.data, where
     # they pass its own limit (about 1.5 GB, below protobuf's 2 GB); the export line then names both files.
-    onnx_data_file(path).unlink(missing_ok=True)  # an earlier export's weights, not this one's
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(
@@ -120,15 +122,9 @@ def _export_onnx(exportable: _Exportable, path: Path, max_length: int | None) ->
     try:
         session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     except Exception as error:  # noqa: BLE001 - onnxruntime raises its own types for a file it cannot load
-        _remove_onnx(path)
         raise ThawError(f"onnxruntime cannot load the exported {path} ({first_line(error)}); export refused") from None
     names = exportable.names
     return lambda inputs: torch.from_numpy(session.run(None, {n: t.numpy() for n, t in zip(names, inputs)})[0])
-
-
-def _remove_onnx(path: Path) -> None:
-    path.unlink(missing_ok=True)
-    onnx_data_file(path).unlink(missing_ok=True)
 
 
 def _export_torchscript(exportable: _Exportable, path: Path) -> Runner:
@@ -181,31 +177,40 @@ def merge_adapters(adapter: ModelAdapter) -> float | None:
     return difference
 
 
-def _summary(exportable: _Exportable, difference: float, real_images: int) -> ExportCheck:
+def _summary(exportable: _Exportable, difference: float, real_images: int, weights_file: Path | None) -> ExportCheck:
     if exportable.text:
         lengths = tuple(inputs[0].shape[1] for inputs in exportable.checks)
-        return ExportCheck(difference, token_lengths=lengths, batch_sizes=tuple(inputs[0].shape[0] for inputs in exportable.checks))
-    return ExportCheck(difference, real_images=real_images, noise_batches=len(NOISE_BATCH_SIZES))
+        batches = tuple(inputs[0].shape[0] for inputs in exportable.checks)
+        return ExportCheck(difference, token_lengths=lengths, batch_sizes=batches, weights_file=weights_file)
+    return ExportCheck(difference, real_images=real_images, noise_batches=len(NOISE_BATCH_SIZES), weights_file=weights_file)
 
 
 def export_model(adapter: ModelAdapter, path: Path, fmt: str, images: list[torch.Tensor] | None = None) -> ExportCheck:
-    """Write `path` in `fmt`, compare its outputs with PyTorch's, and refuse (deleting the file) past TOLERANCE.
+    """Write `path` in `fmt`, compare its outputs with PyTorch's, and refuse past TOLERANCE.
 
+    The file is written and checked in a hidden folder beside `path`, then renamed into place: a refused export
+    leaves whatever was at `path` as it was (an earlier export, or what a mistyped --output named).
     `images`: preprocessed image tensors (C, H, W) of the run's data, compared on besides noise.
     """
     if fmt not in FORMATS:
         raise ThawError(f"unknown export format {fmt!r}; choose {', '.join(FORMATS)}")
+    if path.exists() and not path.is_file():  # /dev/null, a pipe: renamed over, it would be gone
+        raise ThawError(f"{path} is not a regular file (a device or a pipe); name a file to write")
     merge_adapters(adapter)
     exportable = _exportable(adapter, images)
     max_length = adapter.preprocessing.max_length if exportable.text else None
-    run_exported = _export_onnx(exportable, path, max_length) if fmt == "onnx" else _export_torchscript(exportable, path)
-    try:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    earlier = path.is_file()  # an earlier export here: a weights file beside it is that export's, stale after this one
+    with tempfile.TemporaryDirectory(prefix=".thaw-export-", dir=path.parent) as folder:
+        staged = Path(folder) / path.name  # the final name: an ONNX file names its weights file by it
+        run_exported = _export_onnx(exportable, staged, max_length) if fmt == "onnx" else _export_torchscript(exportable, staged)
         difference = _largest_difference(exportable, run_exported, fmt)
         if not difference <= TOLERANCE:
             raise ThawError(f"the exported {fmt} model's outputs differ from PyTorch's by {difference:.2e}; export refused")
-    except ThawError:
-        if fmt == "onnx":
-            _remove_onnx(path)
-        path.unlink(missing_ok=True)
-        raise
-    return _summary(exportable, difference, len(images or ()))
+        weights = onnx_data_file(staged) if onnx_data_file(staged).is_file() else None
+        if weights is not None:
+            os.replace(weights, onnx_data_file(path))
+        elif earlier and fmt == "onnx":  # never a PATH.data beside no earlier export: that may be anyone's file
+            onnx_data_file(path).unlink(missing_ok=True)
+        os.replace(staged, path)
+    return _summary(exportable, difference, len(images or ()), onnx_data_file(path) if weights is not None else None)
