@@ -198,6 +198,21 @@ def test_lr_find_never_writes_over_a_training_image_or_a_runs_file(colours: Path
     assert image.read_bytes() == before and not (colours / "train" / "new").exists()
     assert (tmp_path / "run" / "curves.png").read_bytes() == b"the run's curves"
 
+    # allowed: the user's own plot in the run folder, made again; and the default lr_find.png from inside the data,
+    # beside its class folders, where nothing is read
+    (tmp_path / "run" / "lr_find.png").write_bytes(b"an earlier plot")
+    assert main([*LR_FIND[:1], str(colours), *LR_FIND[2:], "--out", str(tmp_path / "run" / "lr_find.png")]) == 0
+    write_class_images(tmp_path / "photos", per_class=4, size=16)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(tmp_path / "photos")
+        assert main([*LR_FIND[:1], ".", *LR_FIND[2:]]) == 0
+    assert (tmp_path / "photos" / "lr_find.png").is_file() and (tmp_path / "run" / "lr_find.png").read_bytes() != b"an earlier plot"
+    listed = sorted((tmp_path / "photos" / "red").iterdir())[0]  # a manifest's image, outside any image folder given
+    (tmp_path / "labels.csv").write_text("".join(f"{path},{path.parent.name}\n" for path in sorted((tmp_path / "photos").glob("*/*.png"))))
+    kept = listed.read_bytes()
+    assert main([*LR_FIND[:1], str(tmp_path / "labels.csv"), *LR_FIND[2:], "--out", str(listed)]) == 2
+    assert f"--out {listed} is an image of the data" in capsys.readouterr().err and listed.read_bytes() == kept
+
 
 def test_a_run_started_inside_its_data_folder_is_refused_and_leaves_nothing(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]

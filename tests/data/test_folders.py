@@ -227,6 +227,20 @@ def test_a_path_under_the_data_is_told_read_only_where_discover_reads_it(tmp_pat
     assert "runs" in discover(classes).classes
 
 
+
+def test_a_file_under_the_data_is_told_read_only_where_discover_reads_it(tmp_path: Path) -> None:
+    """A plot beside the class folders (or in train/ beside its classes) is not read; one in a class folder is."""
+    classes, splits = tmp_path / "classes", tmp_path / "splits"
+    write_class_images(classes, per_class=2)
+    write_class_images(splits / "train", per_class=2)
+    for root, beside, inside in [(classes, classes / "lr.png", classes / "red" / "lr.png"), (splits, splits / "train" / "lr.png", splits / "train" / "red" / "lr.png")]:
+        assert not would_be_read(root, beside, is_file=True) and would_be_read(root, inside, is_file=True)
+        before = discover(root).everything()
+        beside.write_bytes((classes / "red" / "000.png").read_bytes())  # a real image, even
+        assert discover(root).everything() == before  # discover agrees
+    assert not would_be_read(classes, classes / "red" / ".hidden" / "lr.png", is_file=True)
+
+
 def test_only_class_names_that_differ_in_case_alone_are_noted(tmp_path: Path) -> None:
     write_class_images(tmp_path / "folders", classes=("cat", "Cat", "CAT", "dog"), per_class=2, size=8)
     (tmp_path / "list.csv").write_text("".join(f"folders/{folder}/00{i}.png,{label}\n" for folder, label in [("cat", "dog"), ("dog", "dogs")] for i in (0, 1)))

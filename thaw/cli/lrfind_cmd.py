@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import json
 from pathlib import Path
 
@@ -15,7 +16,7 @@ from thaw.errors import ThawError
 from thaw.models import build_model
 from thaw.train.config import TrainConfig
 from thaw.train.lr_find import lr_range_test, plot_lr_find, suggest
-from thaw.train.run_folder import holds_run
+from thaw.train.run_folder import EVALUATE_PLOTS, holds_run, is_run_file
 
 MAX_STEPS = 10_000  # the lr moves start -> end over the steps: beyond this it barely moves per step
 
@@ -72,17 +73,22 @@ def plot_path(text: str, data: Path) -> Path:
 
 def check_plot_harms_nothing(out: Path, data: Path) -> None:
     """The plot must not become an image of the data it tests (the next run would train on it, or lose the image it
-    replaced), nor replace a file of a run (its curves.png, say)."""
-    if would_be_read(data, out):
+    replaced), nor make a folder there (a class of no images), nor replace a file of a run (its curves.png, say)."""
+    new_folder = next((folder for folder in reversed(out.parents) if not folder.exists()), None)
+    if would_be_read(data, out, is_file=True) or (new_folder is not None and would_be_read(data, new_folder)):
         raise ThawError(f"--out {out} is inside the data folder {data}: the plot would be read as an image of it; put it elsewhere")
-    if out.exists() and holds_run(out.parent):
+    if is_run_file(out) or (holds_run(out.parent) and fnmatch.fnmatch(out.name.lower(), EVALUATE_PLOTS)):
         raise ThawError(f"--out {out} is a file of the run in {out.parent}; name another file")
+    if out.exists() and not out.is_file():  # a pipe: matplotlib's error would say (None)
+        raise ThawError(f"--out {out} is not a regular file (a device or a pipe); name a plot file")
 
 
 def run(args: argparse.Namespace) -> int:
     out = plot_path(args.out, Path(args.data))
     check_image_table(args.data, "thaw lr-find runs on images")
     data = discover(args.data)
+    if any(path.resolve() == out.resolve() for path, _ in data.everything()):  # a manifest's image, wherever it lies
+        raise ThawError(f"--out {out} is an image of the data {args.data}; put the plot elsewhere")
     torch.manual_seed(0)
     adapter = build_model(args.model, weights=args.weights, num_classes=len(data.classes))
     config = TrainConfig(batch_size=args.batch_size, quiet=True)

@@ -177,9 +177,10 @@ def stratified_split(samples: list[Sample], fraction: float, seed: int) -> tuple
     return train, held_out
 
 
-def would_be_read(root: Path, path: Path) -> bool:
-    """Whether a file or folder at `path` would be read as data by discover(root): it lies under the image folder
-    `root`, not in a hidden folder, and (beside a train/ folder as written, which fixes the layout) in a split."""
+def would_be_read(root: Path, path: Path, is_file: bool = False) -> bool:
+    """Whether a folder (or, `is_file`, a file) at `path` would be read as data by discover(root): it lies under the
+    image folder `root`, not in a hidden folder, (beside a train/ folder as written, which fixes the layout) in a
+    split, and a file within a class folder: a file beside the class folders (or the splits) is not read."""
     try:
         if not root.is_dir():
             return False  # a manifest lists its own files
@@ -188,10 +189,12 @@ def would_be_read(root: Path, path: Path) -> bool:
     except (ValueError, OSError):  # not under it; or a name the file system refuses, which discover reports
         return False
     if not parts:
-        return True
-    if parts[0].startswith("."):
+        return not is_file
+    if parts[0].startswith(".") or (is_file and _hidden(Path(*parts))):
         return False
-    return parts[0].lower() in SPLIT_NAMES if train_fixes_layout else True
+    if train_fixes_layout:
+        return parts[0].lower() in SPLIT_NAMES and (not is_file or len(parts) >= 3)  # train/CLASS/file
+    return not is_file or len(parts) >= 2  # CLASS/file
 
 
 def split_folders(root: Path) -> dict[str, Path]:
