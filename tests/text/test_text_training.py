@@ -83,12 +83,15 @@ def test_predict_reads_texts_from_a_file(
     monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(photo.read_bytes()), errors="surrogateescape"))
     assert main(["predict", str(tmp_path / "run"), "--file", "-"]) == 2
     assert "standard input is not UTF-8 text (byte 0)" in capsys.readouterr().err
-    # the file named without --file: its name is no text to classify
-    assert main(["predict", str(tmp_path / "run"), "a message", str(texts)]) == 2
-    assert capsys.readouterr().err.strip() == (
-        f"thaw: error: {texts} is a file, and a text run classifies the texts given; to classify its lines, pass --file {texts}"
+    # the file named without --file: classified as the text it is (it may be meant: "notes"), with a warning
+    assert main(["predict", str(tmp_path / "run"), "a message", str(texts)]) == 0
+    said = capsys.readouterr()
+    assert said.err.strip() == (
+        f"thaw: warning: {str(texts)!r} is also a file here; it is classified as a text. To classify the file's lines, pass --file {texts}"
     )
-    assert main(["predict", str(tmp_path / "run"), "x" * 5000]) == 0  # a long text is no file name: classified
+    assert [line.split("\t")[2] for line in said.out.strip().splitlines()] == ["a message", str(texts)]
+    assert main(["predict", str(tmp_path / "run"), "x" * 5000]) == 0  # a long text is no file name: no warning
+    assert capsys.readouterr().err == ""
 
 
 def test_sms_spam_two_phase_meets_the_target_on_a_held_out_test_split(tmp_path: Path, minilm: Path, capsys: pytest.CaptureFixture) -> None:

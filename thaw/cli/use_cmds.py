@@ -116,8 +116,8 @@ def run_predict(args: argparse.Namespace) -> int:
 def _read_texts(args: argparse.Namespace) -> list[str]:
     texts = list(args.paths)
     named = next((text for text in texts if _names_a_file(text)), None)
-    if named is not None:  # `thaw predict RUN messages.txt` would classify the words "messages.txt"
-        raise ThawError(f"{named} is a file, and a text run classifies the texts given; to classify its lines, pass --file {named}")
+    if named is not None:  # `thaw predict RUN messages.txt` classifies the words "messages.txt": said, as it may be meant
+        print(f"thaw: warning: {named!r} is also a file here; it is classified as a text. To classify the file's lines, pass --file {named}", file=sys.stderr)
     if args.file:
         raw = _read_bytes(args.file)
         try:
