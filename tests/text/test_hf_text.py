@@ -78,11 +78,22 @@ def test_plan_shows_layer_decay_and_gradual_unfreezing_from_the_top(minilm: Path
     assert lrs[-2] == pytest.approx(lrs[-1] * 0.8)
 
 
-@pytest.mark.parametrize("max_length", [0, 1, 2, "32", 2.5, True])
-def test_a_max_length_with_no_room_for_text_is_refused(tiny_encoder: Path, max_length: object) -> None:
+@pytest.mark.parametrize("max_length", [1, 2])
+def test_a_max_length_with_no_room_for_text_is_refused(tiny_encoder: Path, tmp_path: Path, max_length: int) -> None:
     """At or below the tokenizer's own [CLS] and [SEP] it would not truncate at all: a long text reached the model
     whole, past its positions (a traceback), while thaw.json recorded the limit."""
-    with pytest.raises(ThawError, match=rf"max length must be a whole number of at least 3 tokens \(the tokenizer adds 2 of its own\), got {max_length!r}$"):
+    from tests.conftest import write_text_table
+    from thaw.train import train_text
+
+    table = write_text_table(tmp_path / "t.tsv")
+    with pytest.raises(ThawError, match=rf"max length must be a whole number of tokens, at least 3 \(the tokenizer adds 2 of its own\), got {max_length}$"):
+        train_text(table, model=str(tiny_encoder), out=tmp_path / "run", plan="feature-extract", max_length=max_length)
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("max_length", [0, "32", 2.5, True])
+def test_a_max_length_that_is_no_count_of_tokens_is_refused(tiny_encoder: Path, max_length: object) -> None:
+    with pytest.raises(ThawError, match=rf"max length must be a whole number of tokens, at least 1 .*, got {max_length!r}$"):
         build_text_model(str(tiny_encoder), num_classes=2, max_length=max_length)
 
 

@@ -154,12 +154,13 @@ def adapt_text_model(model: TextClassifier, preprocessing: TextPreprocessing, fa
     return adapter
 
 
-def check_max_length(max_length: object, tokenizer: object) -> None:
-    """Room for one token of text beside the tokenizer's own ([CLS], [SEP]): below it the tokenizer does not truncate at
-    all (with a warning), so a long text reaches the model whole, past its positions."""
+def check_max_length(max_length: object, tokenizer: object = None) -> None:
+    """A whole number of tokens; given the `tokenizer` a run trains with, room for one token of text beside its own
+    ([CLS], [SEP]): below it the tokenizer does not truncate at all (with a warning), so a long text reaches the model
+    whole, past its positions. (A finished run is loaded with what it trained with, whatever that was.)"""
     special = tokenizer.num_special_tokens_to_add() if hasattr(tokenizer, "num_special_tokens_to_add") else 0
     if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length <= special:
-        raise ThawError(f"max length must be a whole number of at least {special + 1} tokens (the tokenizer adds {special} of its own), got {max_length!r}")
+        raise ThawError(f"max length must be a whole number of tokens, at least {special + 1} (the tokenizer adds {special} of its own), got {max_length!r}")
 
 
 def build_text_model(
@@ -179,7 +180,7 @@ def build_text_model(
     encoder, tokenizer = load_encoder(source, load=load and str(device) != "meta")
     model = TextClassifier(encoder, num_classes, pooling).to(device)
     model.tokenizer = tokenizer
-    check_max_length(max_length, tokenizer)
+    check_max_length(max_length)
     limit = getattr(tokenizer, "model_max_length", max_length) or max_length
     preprocessing = TextPreprocessing(str(Path(source).resolve()) if os.path.isdir(source) else source, min(max_length, limit), pooling)
     return adapt_text_model(model, preprocessing, f"hf-text:{encoder.config.model_type}")

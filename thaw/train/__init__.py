@@ -11,7 +11,7 @@ from torch import nn
 from thaw.data.folders import ImageData, discover, would_be_read
 from thaw.data.text import TextColumns, TextData, load_text_data
 from thaw.models import ModelAdapter, adapt, build_model
-from thaw.models.hf_text import DEFAULT_MAX_LENGTH, build_text_model
+from thaw.models.hf_text import DEFAULT_MAX_LENGTH, build_text_model, check_max_length
 from thaw.plan import Plan, plan_from_dict, plan_to_dict
 from thaw.plan.stages import check_stage_names
 from thaw.plan.strategies import check_plan_options, default_strategy
@@ -153,6 +153,8 @@ def train_text(
     data = load_text_data(data_path, columns=columns, val_split=val_split, test_split=test_split, seed=config.seed)
     torch.manual_seed(config.seed)
     adapter = build_text_model(model, num_classes=len(data.classes), pooling=pooling, max_length=max_length)
+    if not resume:  # a run already trained keeps what it trained with
+        check_max_length(max_length, adapter.model.tokenizer)
     meta = {
         "format": "thaw-run/1", "task": "text", "model": source_name(model), "weights": None, "classes": list(data.classes),
         "val_split": val_split, "test_split": test_split, "columns": asdict(columns), "pooling": pooling, "max_length": max_length,
