@@ -144,6 +144,7 @@ MOBILENET_PLAN = ["plan", "--model", "mobilenet_v3_small", "--num-classes", "3"]
         ([*MOBILENET_PLAN, "--config", "TMP/smoothing.yaml"], "smoothing.yaml: training: label smoothing must be a share in [0, 1), got 2"),
         # a file's value against a typed flag: the file is named
         (["train", "DATA", *TINY_RUN[:6], "--config", "TMP/mixup.yaml", "--no-augment"], "--no-augment turns off; drop one of the two (mixup: from "),
+        (["train", "DATA", *TINY_RUN[:6], "--config", "TMP/budget.yaml", "--compile"], "cannot run with a budget: the budget is planned from eager training steps and does not count compile time (budget: from "),  # the file key, and it alone
         ([*LR_FIND, "--out", "TMP"], "is a folder; name the plot file"),
         ([*LR_FIND, "--out", "TMP/plot.xyz"], "cannot draw a .xyz file"),
         # the plot as an image of the data it tests: the next run would train on it
@@ -171,6 +172,7 @@ def test_impossible_values_are_one_line_and_exit_2(
     (tmp_path / "decay.yaml").write_text("weight_decay: -0.1\nstages:\n  - {name: head, epochs: 1}\n")
     (tmp_path / "smoothing.yaml").write_text("stages: [{name: head, epochs: 1, train: [head], lr: 1.0e-3}]\ntraining: {label_smoothing: 2}\n")
     (tmp_path / "mixup.yaml").write_text("stages: [{name: head, epochs: 1, train: [head], lr: 1.0e-3}]\ntraining: {mixup: 0.2}\n")
+    (tmp_path / "budget.yaml").write_text("stages: [{name: head, epochs: 1, train: [head], lr: 1.0e-3}]\ntraining: {budget: 3m, label_smoothing: 0.1}\n")
     argv = [arg.replace("DATA", str(colours)).replace("TMP", str(tmp_path)) for arg in args]
     try:
         code = main(argv)

@@ -431,8 +431,8 @@ def test_predict_files_takes_a_file_or_a_folder_alone(trained_run: Path, tiny_sp
     assert len(folder) == 18 and str(image) in [p.path for p in folder]
     listed, _ = predict_files(adapter, meta["classes"], [image])
     assert listed[0].labels == alone[0].labels
-    in_a_list, _ = predict_files(adapter, meta["classes"], [tiny_split_data / "val"])  # a folder in a list: its images too
-    assert [p.path for p in in_a_list] == [p.path for p in folder]
+    in_a_list, skipped = predict_files(adapter, meta["classes"], [tiny_split_data / "val", "x" * 300])  # a folder in a list: its images
+    assert [p.path for p in in_a_list] == [p.path for p in folder] and [path for path, _ in skipped] == ["x" * 300]  # a name too long: skipped
     with pytest.raises(ThawError, match="top_k must be at least 1"):
         predict_files(adapter, meta["classes"], image, top_k=0)
     with pytest.raises(ThawError, match="^batch_size must be at least 1, got 0$"):

@@ -65,6 +65,8 @@ def test_a_missing_run_or_a_file_of_a_run_is_named_as_such(finished_run: Path, t
     assert _one_line_error(["export", str(record)], capsys) == f"thaw: error: {record} is a file of the run in {finished_run}; pass the folder, {finished_run}"
     with pytest.raises(ThawError, match=f"^{gone}: no such run folder; pass the folder a run wrote"):
         resume_run(gone)
+    with pytest.raises(ThawError, match=f"^{record} is a file of a run; pass the run's folder, {finished_run}$"):
+        resume_run(record)
 
 
 def test_a_run_set_aside_by_a_killed_replacement_says_where_it_is(finished_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

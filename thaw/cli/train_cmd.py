@@ -192,7 +192,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     """The training options typed, else the plan file's `training:` ones, else the defaults."""
     names = {f.name for f in fields(TrainConfig)}
     values = {name: getattr(args, name) for name in names if hasattr(args, name)}
-    from_file: dict = {}
+    from_file: dict[str, object] = {}
     if getattr(args, "config", None):
         typed = given_options(args.parser, args.argv)
         from_file = checked_training_options(args.config, {k: v for k, v in read_plan_file(args.config)[1].items() if k not in typed})
@@ -200,10 +200,19 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     try:
         return TrainConfig(**values)
     except ThawError as error:  # a file's value against a typed flag (mixup: in the file, --no-augment typed): say where
-        named = [key for key in from_file if f"--{key.replace('_', '-')}" in str(error)]
+        named = [key for key in from_file if _problem(values | {key: getattr(TrainConfig(), key)}) != str(error)]
         if not named:
             raise
         raise ThawError(f"{error} ({', '.join(named)}: from {args.config}'s training:)") from None
+
+
+def _problem(values: dict) -> str | None:
+    """What TrainConfig says of these values, or None: a file's key whose default changes it takes part in the problem."""
+    try:
+        TrainConfig(**values)
+    except ThawError as error:
+        return str(error)
+    return None
 
 
 def print_epoch(state: RunState) -> None:

@@ -293,7 +293,10 @@ def _check_request(top_k: object, batch_size: object) -> None:
 
 
 def _files_in(path: Path) -> list[Path]:
-    return candidate_files(path) if path.is_dir() else [path]
+    try:
+        return candidate_files(path) if path.is_dir() else [path]
+    except OSError:  # a name too long for the file system: skipped as unreadable, as a file that is not there
+        return [path]
 
 
 def _top_classes(logits: torch.Tensor, classes: list[str], top_k: int) -> torch.return_types.topk:

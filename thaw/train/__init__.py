@@ -253,6 +253,8 @@ def resume_run(
     unknown = sorted(set(runtime) - RUNTIME_FIELDS)
     if unknown:
         raise ThawError(f"{', '.join(unknown)} would change the run; a resume keeps the run's own settings")
+    if Path(run).is_file():  # RUN/thaw.json, say: as load_run says it
+        raise ThawError(f"{run} is a file of a run; pass the run's folder, {Path(run).parent}")
     if not Path(run).is_dir():
         raise ThawError(f"{run}: no such run folder; pass the folder a run wrote (its --out)")
     settings = saved_settings(run)

@@ -1133,7 +1133,7 @@ class Trainer:
             self._say(f"no checkpoint in {self.out} yet: starting the run from the beginning")
         self._say(data_line(self.data))
         self._warn_skipped(list(self.data.skipped))  # before training: a user can stop the run and fix the files
-        for note in self.data.notes if not self.config.quiet else ():
+        for note in self.data.notes if not self.config.quiet and self.processes.is_main else ():
             print(f"thaw: warning: {note}", file=sys.stderr, flush=True)
         self.fill_store()
         if self.config.budget is not None:
