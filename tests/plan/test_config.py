@@ -140,6 +140,11 @@ def test_a_merge_key_may_override_what_it_merges(tmp_path: Path) -> None:
     """`<<: *base` then a key of its own is YAML's way to override: not a key written twice."""
     (tmp_path / "plan.yaml").write_text("stages:\n  - &head {name: a, epochs: 1, train: [head]}\n  - {<<: *head, name: b, epochs: 2}\n")
     assert [(stage.name, stage.epochs) for stage in load_plan(tmp_path / "plan.yaml").stages] == [("a", 1), ("b", 2)]
+    # an anchor that merges and overrides, merged in again later: PyYAML rewrites it in place, merged keys beside its own
+    nested = "lrs:\n      <<: &lrs\n        <<: {head: 1.0e-3, layer4: 1.0e-4}\n        layer4: 2.0e-4\n      head: 5.0e-3\n"
+    (tmp_path / "plan.yaml").write_text(f"stages:\n  - name: a\n    epochs: 1\n    {nested}  - {{name: b, epochs: 1, lrs: *lrs}}\n")
+    first, second = load_plan(tmp_path / "plan.yaml").stages
+    assert first.lr.by_name == {"head": 5.0e-3, "layer4": 2.0e-4} and second.lr.by_name == {"head": 1.0e-3, "layer4": 2.0e-4}
 
 
 def test_two_stages_with_one_name_are_refused_with_the_files_name(tmp_path: Path) -> None:

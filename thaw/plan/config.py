@@ -198,6 +198,8 @@ def _lora(raw: Any, problems: list[str]) -> LoraSpec | None:
 
 
 class RepeatedKey(yaml.YAMLError):
+    """A key written twice in one mapping of a plan file, with the lines of both."""
+
     def __init__(self, key: object, first: int, second: int) -> None:
         where = f"line {first}" if first == second else f"lines {first} and {second}"
         super().__init__(f"{key!r} is written twice ({where})")
@@ -207,19 +209,24 @@ class UniqueKeyLoader(yaml.SafeLoader):
     """PyYAML's safe loader, except that a key written twice in one mapping is an error: PyYAML keeps the last without a
     word, so a second `stages:` would replace the first plan unseen."""
 
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
-        lines: dict[object, int] = {}
-        for key_node, _ in node.value:
-            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base`: its keys may be overridden, that is its use
-                continue
-            key, line = self.construct_object(key_node, deep=True), key_node.start_mark.line + 1
-            try:
-                if key in lines:
-                    raise RepeatedKey(key, lines[key], line)
-                lines[key] = line
-            except TypeError:  # a key YAML allows and Python cannot hash: the loader says so
-                continue
-        return super().construct_mapping(node, deep)
+    def flatten_mapping(self, node: yaml.MappingNode) -> None:
+        # Each mapping's own keys, once, before PyYAML folds `<<:` merges into it (in place: a merged-in anchor may be
+        # seen again, flattened, holding its merged keys beside its own overrides, which is YAML's way to override).
+        checked = self.__dict__.setdefault("_checked_nodes", set())
+        if id(node) not in checked:
+            checked.add(id(node))
+            lines: dict[object, int] = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key, line = self.construct_object(key_node, deep=True), key_node.start_mark.line + 1
+                try:
+                    if key in lines:
+                        raise RepeatedKey(key, lines[key], line)
+                    lines[key] = line
+                except TypeError:  # a key YAML allows and Python cannot hash: the loader says so
+                    continue
+        super().flatten_mapping(node)
 
 
 def load_plan(path: str | Path) -> Plan:
