@@ -12,11 +12,12 @@ from thaw.errors import ThawError
 
 def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     """Write through a temporary file in the same folder, fsync, then rename over the old file."""
+    kept = "; the previous file is intact" if path.is_file() else ""  # said only where there was one
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     except OSError as error:
-        raise ThawError(f"could not write {path}: {error.strerror or error}; the previous file is intact") from None
+        raise ThawError(f"could not write {path}: {error.strerror or error}{kept}") from None
     os.close(handle)
     try:
         write(Path(temporary))
@@ -28,7 +29,7 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
         os.replace(temporary, path)
     except OSError as error:
         Path(temporary).unlink(missing_ok=True)
-        raise ThawError(f"could not write {path}: {error.strerror or error}; the previous file is intact") from None
+        raise ThawError(f"could not write {path}: {error.strerror or error}{kept}") from None
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
         raise

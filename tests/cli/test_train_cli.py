@@ -109,7 +109,29 @@ def test_evaluate_counts_and_warns_of_the_unreadable_files_of_the_split_it_score
     assert main(["evaluate", str(trained_run), str(tiny_split_data), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["skipped_files"] == 1
     assert main(["evaluate", str(trained_run), str(tiny_split_data)]) == 0
-    assert "warning: 1 unreadable file(s) in what was scored were skipped" in capsys.readouterr().err
+    notes = tiny_split_data / "val" / "blue" / "deeper" / "notes.jpg"
+    said = capsys.readouterr().err.strip()
+    assert said.startswith(f"thaw: warning: skipped 1 unreadable file(s): {notes} (") and said.endswith(" (in what was scored)")
+
+
+def test_evaluate_in_a_run_folder_it_cannot_write_still_prints_the_scores(
+    trained_run: Path, tiny_split_data: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A read-only run folder (a shared model): the picture and the report are extras, the scores are what was asked."""
+    import thaw.cli.use_cmds as use_cmds
+
+    def read_only(*_args, **_kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(use_cmds, "plot_confusion", read_only)
+    assert main(["evaluate", str(trained_run), str(tiny_split_data)]) == 0
+    said = capsys.readouterr()
+    assert said.out.startswith("val: 18 images") and "confusion matrix:" not in said.out
+    assert said.err.strip() == f"thaw: warning: could not write the confusion matrix {trained_run / 'confusion-val.png'} (Permission denied); the scores follow"
+    monkeypatch.setattr(use_cmds, "save_report", lambda *_args, **_kwargs: (_ for _ in ()).throw(ThawError("could not write RUN/report.html: Permission denied")))
+    assert main(["evaluate", str(trained_run), str(tiny_split_data), "--report", "--json"]) == 1
+    said = capsys.readouterr()
+    assert json.loads(said.out)["confusion_png"] is None and said.err.strip().endswith("thaw: error: could not write RUN/report.html: Permission denied")
 
 
 def test_evaluate_scores_a_folder_without_split_folders_whole(

@@ -353,7 +353,7 @@ def test_saved_files_get_the_usual_permissions_and_a_folder_that_cannot_be_made_
         atomic_write(tmp_path / "model.safetensors", lambda target: save_file({"w": torch.zeros(2)}, str(target)))
         assert (tmp_path / "model.safetensors").stat().st_mode & 0o777 == 0o644
         (tmp_path / "a file").write_text("where a folder should be")
-        with pytest.raises(ThawError, match=r"could not write .*a file/report.html: .*; the previous file is intact"):
+        with pytest.raises(ThawError, match=r"could not write .*a file/report.html: [^;]*$"):  # no previous file to call intact
             atomic_write(tmp_path / "a file" / "report.html", lambda target: target.write_text("page"))
     finally:
         os.umask(mask)

@@ -60,21 +60,25 @@ def run_evaluate(args: argparse.Namespace) -> int:
         check_image_table(args.data, f"{args.run} is an image run: score text with a text run")
     scored = score_run(adapter, meta, args.data, args.split, tta=args.tta)
     metrics, split = scored.metrics, scored.metrics["split"]
-    report = save_report(Path(args.run), adapter, meta, scored)[0] if args.report else None
+    report, problem = None, None
+    try:  # the scores are printed whatever the run folder takes: it may be read-only
+        report = save_report(Path(args.run), adapter, meta, scored)[0] if args.report else None
+    except ThawError as error:
+        problem = str(error)
     suffix = "-tta" if args.tta else ""  # the plain scores' picture stays
-    picture = plot_confusion(metrics["confusion"], metrics["classes"], Path(args.run) / f"confusion-{split}{suffix}.png", f"{split} split")
+    picture = _confusion_picture(metrics, Path(args.run) / f"confusion-{split}{suffix}.png", f"{split} split")
     if args.json:
-        extra = {"confusion_png": str(picture)} | ({"report": str(report)} if report else {})
+        extra = {"confusion_png": str(picture) if picture else None} | ({"report": str(report)} if report else {})
         print(json.dumps({k: v for k, v in metrics.items() if k != "seconds"} | extra))
-        return 0
+        return _said_problem(problem)
     unit = "texts" if meta.get("task") == "text" else "images"
     what = f"every readable one in {args.data}" if split == "all" else f"the {split} split of {args.data}"
     top5 = f", top-5 {metrics['top5']:.4f}" if "top5" in metrics else ""
     what += ", averaged with mirror images (--tta)" if args.tta else ""
     if metrics["skipped_files"] and meta.get("task") == "text":
         print(f"thaw: warning: {metrics['skipped_files']} row(s) of the table were skipped (empty or short)", file=sys.stderr)
-    elif metrics["skipped_files"]:
-        print(f"thaw: warning: {metrics['skipped_files']} unreadable file(s) in what was scored were skipped", file=sys.stderr)
+    elif metrics["skipped_files"]:  # named, as training and predict name them
+        print(f"thaw: warning: {describe_skipped(scored.skipped)} (in what was scored)", file=sys.stderr)
     print(f"{split}: {metrics['count']} {unit} ({what}), accuracy {metrics['accuracy']:.4f}, macro-F1 {metrics['macro_f1']:.4f}{top5}")
     predicted = [sum(column) for column in zip(*metrics["confusion"])]
     columns = zip(metrics["classes"], metrics["per_class_accuracy"], metrics["per_class_f1"], metrics["confusion"], predicted)
@@ -85,10 +89,28 @@ def run_evaluate(args: argparse.Namespace) -> int:
         for name, acc, f1, counts, guessed in columns
     ]
     print(render_table(rows, ["class", "recall", "F1", *[f"->{c}" for c in metrics["classes"]]]))
-    print(f"confusion matrix: {picture}")
+    if picture:
+        print(f"confusion matrix: {picture}")
     if report:
         print(f"report: {report}")
-    return 0
+    return _said_problem(problem)
+
+
+def _confusion_picture(metrics: dict, path: Path, title: str) -> Path | None:
+    """The confusion matrix drawn into the run folder; where it cannot be written, a warning, and the scores follow."""
+    try:
+        return plot_confusion(metrics["confusion"], metrics["classes"], path, title)
+    except OSError as error:
+        print(f"thaw: warning: could not write the confusion matrix {path} ({error.strerror or error}); the scores follow", file=sys.stderr)
+        return None
+
+
+def _said_problem(problem: str | None) -> int:
+    """The report that could not be written, said after the scores: exit 1, as `thaw train --report` does."""
+    if problem is None:
+        return 0
+    print(f"thaw: error: {problem}", file=sys.stderr)
+    return 1
 
 
 def run_predict(args: argparse.Namespace) -> int:

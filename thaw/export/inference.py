@@ -149,6 +149,7 @@ class ScoredSet:
     predicted: torch.Tensor  # class index
     probability: torch.Tensor  # of the predicted class
     true_probability: torch.Tensor
+    skipped: tuple[tuple[str, str], ...] = ()  # (file or table line, reason): what could not be scored
 
 
 def evaluate_run(
@@ -190,7 +191,7 @@ def score_run(
         raise ThawError(f"scored {len(scores)} samples but can name {len(order)}; please report this as a thaw bug")
     metrics = metrics | {"split": chosen.split, "classes": list(chosen.classes), "skipped_files": len(skipped), "tta": "flip" if tta else None}
     losses, predicted, probability, true_probability = scores.T
-    return ScoredSet(metrics, tuple(chosen.samples[i] for i in order), losses, predicted.long(), probability, true_probability)
+    return ScoredSet(metrics, tuple(chosen.samples[i] for i in order), losses, predicted.long(), probability, true_probability, tuple(skipped))
 
 
 def _per_sample(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
