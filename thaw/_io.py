@@ -12,8 +12,9 @@ from thaw.errors import ThawError
 
 def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     """Write through a temporary file in the same folder, fsync, then rename over the old file."""
-    kept = "; the previous file is intact" if path.is_file() else ""  # said only where there was one
+    kept = ""
     try:
+        kept = "; the previous file is intact" if path.is_file() else ""  # said only where there was one
         path.parent.mkdir(parents=True, exist_ok=True)
         handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     except OSError as error:

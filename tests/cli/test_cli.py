@@ -190,15 +190,19 @@ def test_lr_find_never_writes_over_a_training_image_or_a_runs_file(colours: Path
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "thaw.json").write_text("{}")  # what makes a folder a run's, to every command
     (tmp_path / "run" / "curves.png").write_bytes(b"the run's curves")
+    (tmp_path / "run" / "confusion-val.png").write_bytes(b"evaluate's picture")
+    os.mkfifo(tmp_path / "pipe.png")
     for out, said in [
         (image, "is inside the data folder"),
         (colours / "train" / "new" / "lr.png", "is inside the data folder"),  # its folder would be an empty class
         (tmp_path / "run" / "curves.png", f"is a file of the run in {tmp_path / 'run'}; name another file"),
+        (tmp_path / "run" / "confusion-val.png", f"is a file of the run in {tmp_path / 'run'}; name another file"),
+        (tmp_path / "pipe.png", "is not a regular file (a device or a pipe); name a plot file"),
     ]:
         assert main([*LR_FIND[:1], str(colours), *LR_FIND[2:], "--out", str(out)]) == 2
         assert said in capsys.readouterr().err
     assert image.read_bytes() == before and not (colours / "train" / "new").exists()
-    assert (tmp_path / "run" / "curves.png").read_bytes() == b"the run's curves"
+    assert (tmp_path / "run" / "curves.png").read_bytes() == b"the run's curves" and (tmp_path / "pipe.png").is_fifo()
 
     # allowed: the user's own plot in the run folder, made again; and the default lr_find.png from inside the data,
     # beside its class folders, where nothing is read

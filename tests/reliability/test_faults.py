@@ -355,6 +355,8 @@ def test_saved_files_get_the_usual_permissions_and_a_folder_that_cannot_be_made_
         (tmp_path / "a file").write_text("where a folder should be")
         with pytest.raises(ThawError, match=r"could not write .*a file/report.html: [^;]*$"):  # no previous file to call intact
             atomic_write(tmp_path / "a file" / "report.html", lambda target: target.write_text("page"))
+        with pytest.raises(ThawError, match=r"could not write .*: File name too long$"):  # one line, not the OSError
+            atomic_write(tmp_path / ("x" * 300) / "report.html", lambda target: target.write_text("page"))
     finally:
         os.umask(mask)
 

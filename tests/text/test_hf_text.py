@@ -88,6 +88,8 @@ def test_a_max_length_with_no_room_for_text_is_refused(tiny_encoder: Path, tmp_p
     table = write_text_table(tmp_path / "t.tsv")
     with pytest.raises(ThawError, match=rf"max length must be a whole number of tokens, at least 3 \(the tokenizer adds 2 of its own\), got {max_length}$"):
         train_text(table, model=str(tiny_encoder), out=tmp_path / "run", plan="feature-extract", max_length=max_length)
+    with pytest.raises(ThawError, match="max length must be a whole number of tokens, at least 3"):  # a resume with nothing to resume
+        train_text(table, model=str(tiny_encoder), out=tmp_path / "run", plan="feature-extract", max_length=max_length, resume=True)
     assert not (tmp_path / "run").exists()
 
 

@@ -104,7 +104,8 @@ def onnx_data_file(path: Path) -> Path:
     return path.with_name(path.name + ".data")
 
 
-def _export_onnx(exportable: _Exportable, path: Path, max_length: int | None) -> Runner:
+def _export_onnx(exportable: _Exportable, path: Path, max_length: int | None, named: Path) -> Runner:
+    """Write `path` (staged: the user's file is `named`, as messages say) and open it with onnxruntime."""
     try:
         import onnxruntime
     except ImportError:
@@ -122,7 +123,7 @@ def _export_onnx(exportable: _Exportable, path: Path, max_length: int | None) ->
     try:
         session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     except Exception as error:  # noqa: BLE001 - onnxruntime raises its own types for a file it cannot load
-        raise ThawError(f"onnxruntime cannot load the exported {path} ({first_line(error)}); export refused") from None
+        raise ThawError(f"onnxruntime cannot load the exported {named} ({first_line(error)}); export refused") from None
     names = exportable.names
     return lambda inputs: torch.from_numpy(session.run(None, {n: t.numpy() for n, t in zip(names, inputs)})[0])
 
@@ -203,7 +204,7 @@ def export_model(adapter: ModelAdapter, path: Path, fmt: str, images: list[torch
     earlier = path.is_file()  # an earlier export here: a weights file beside it is that export's, stale after this one
     with tempfile.TemporaryDirectory(prefix=".thaw-export-", dir=path.parent) as folder:
         staged = Path(folder) / path.name  # the final name: an ONNX file names its weights file by it
-        run_exported = _export_onnx(exportable, staged, max_length) if fmt == "onnx" else _export_torchscript(exportable, staged)
+        run_exported = _export_onnx(exportable, staged, max_length, path) if fmt == "onnx" else _export_torchscript(exportable, staged)
         difference = _largest_difference(exportable, run_exported, fmt)
         if not difference <= TOLERANCE:
             raise ThawError(f"the exported {fmt} model's outputs differ from PyTorch's by {difference:.2e}; export refused")

@@ -36,8 +36,10 @@ def plot_curves(history: list[dict], path: Path) -> Path:
 
 def plot_confusion(confusion: list[list[int]], classes: list[str], path: Path, title: str = "confusion matrix") -> Path:
     figure = confusion_figure(confusion, classes, title)
-    figure.savefig(path, dpi=100)
-    plt.close(figure)
+    try:
+        figure.savefig(path, dpi=100)
+    finally:  # a folder it cannot write to (evaluate goes on): the figure is not kept open
+        plt.close(figure)
     return path
 
 
