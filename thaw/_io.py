@@ -53,3 +53,12 @@ def check_writable(folder: Path) -> None:
         # mkdir's "File exists" for a file there says nothing a user can act on
         why = "a file, not a folder, is there" if folder.exists() and not folder.is_dir() else (error.strerror or str(error))
         raise ThawError(f"output folder {folder} is not writable ({why}); choose another with --out") from None
+
+
+def answers(question: Callable[[], bool]) -> bool:
+    """`path.is_file()` and the like, False where the name cannot be a path (too long for the file system, a NUL in
+    it): such a name is reported as missing, or taken for what it is (a text), never a traceback."""
+    try:
+        return question()
+    except (OSError, ValueError):
+        return False

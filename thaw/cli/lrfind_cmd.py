@@ -87,7 +87,8 @@ def run(args: argparse.Namespace) -> int:
     out = plot_path(args.out, Path(args.data))
     check_image_table(args.data, "thaw lr-find runs on images")
     data = discover(args.data)
-    if any(path.resolve() == out.resolve() for path, _ in data.everything()):  # a manifest's image, wherever it lies
+    listed = Path(args.data).is_file() and any(path.resolve() == out.resolve() for path, _ in data.everything())
+    if listed:  # a manifest's image, wherever it lies (a folder's images: checked above, without a pass over them)
         raise ThawError(f"--out {out} is an image of the data {args.data}; put the plot elsewhere")
     torch.manual_seed(0)
     adapter = build_model(args.model, weights=args.weights, num_classes=len(data.classes))

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from thaw.cli.options import path_text, positive_int
+from thaw._io import answers
 from thaw.data.folders import describe_skipped
 from thaw.data.manifest_check import check_image_table
 from thaw.errors import ThawError
@@ -137,7 +138,7 @@ def run_predict(args: argparse.Namespace) -> int:
 
 def _read_texts(args: argparse.Namespace) -> list[str]:
     texts = list(args.paths)
-    named = next((text for text in texts if _names_a_file(text)), None)
+    named = next((text for text in texts if answers(Path(text).is_file)), None)
     if named is not None:  # `thaw predict RUN messages.txt` classifies the words "messages.txt": said, as it may be meant
         print(f"thaw: warning: {named!r} is also a file here; it is classified as a text. To classify the file's lines, pass --file {named}", file=sys.stderr)
     if args.file:
@@ -149,13 +150,6 @@ def _read_texts(args: argparse.Namespace) -> list[str]:
             raise ThawError(f"{where} is not UTF-8 text (byte {error.start}); pass one UTF-8 text per line") from None
         texts += [line for line in lines if line.strip()]
     return texts
-
-
-def _names_a_file(text: str) -> bool:
-    try:
-        return Path(text).is_file()
-    except (OSError, ValueError):  # a text too long to be a file name
-        return False
 
 
 def _read_bytes(file: str) -> bytes:

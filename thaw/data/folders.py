@@ -18,8 +18,8 @@ import random
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
+from thaw._io import answers
 from thaw.data.images import UnreadableImage, probe
 from thaw.errors import ThawError
 
@@ -278,14 +278,6 @@ def _manifest_rows(path: Path) -> list[tuple[int, list[str]]]:
         raise ThawError(f"cannot read {path} ({error.strerror or error})") from None
 
 
-def _answers(question: Callable[[], bool]) -> bool:
-    """`path.is_dir()` or `path.exists()`, False where the file system refuses the name (too long): reported as missing."""
-    try:
-        return question()
-    except OSError:
-        return False
-
-
 def _from_manifest(path: Path, val_split: float, seed: int, min_classes: int) -> ImageData:
     rows = _manifest_rows(path)
     header = [c.strip().lower() for c in rows[0][1][:2]] if rows else []
@@ -304,13 +296,13 @@ def _from_manifest(path: Path, val_split: float, seed: int, min_classes: int) ->
     ]
     problems += [f"line {line}: empty path" for line, row in rows if len(row) >= 2 and not row[0].strip()]
     entries = [(path.parent / row[0].strip(), row[1].strip()) for _, row in rows if len(row) >= 2 and row[0].strip()]
-    folders = [str(p) for p, _ in entries if _answers(p.is_dir)]
+    folders = [str(p) for p, _ in entries if answers(p.is_dir)]
     if folders:
         problems.append(f"{len(folders)} listed paths are folders, not image files (first: {folders[0]})")
-    missing = [str(p) for p, _ in entries if not _answers(p.exists)]
+    missing = [str(p) for p, _ in entries if not answers(p.exists)]
     if missing:
         # every path missing where the labels name files: label,path without its header
-        swapped = len(missing) == len(entries) and _answers((path.parent / entries[0][1]).is_file)
+        swapped = len(missing) == len(entries) and answers((path.parent / entries[0][1]).is_file)
         problems.append(f"{len(missing)} listed files do not exist (first: {missing[0]})" + ("; the columns look swapped: thaw reads path,label" if swapped else ""))
     labels: dict[Path, list[str]] = defaultdict(list)
     for file, label in entries:

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from thaw._allocator import memory_kept_between_steps
+from thaw._io import answers
 from thaw.data.folders import ImageData, candidate_files, describe_skipped, discover
 from thaw.data.images import UnreadableImage, load_rgb
 from thaw.data.loaders import ImageDataset, make_loader
@@ -294,10 +295,8 @@ def _check_request(top_k: object, batch_size: object) -> None:
 
 
 def _files_in(path: Path) -> list[Path]:
-    try:
-        return candidate_files(path) if path.is_dir() else [path]
-    except OSError:  # a name too long for the file system: skipped as unreadable, as a file that is not there
-        return [path]
+    """A folder's images, or the path itself (a name too long for the file system is then skipped as unreadable)."""
+    return candidate_files(path) if answers(path.is_dir) else [path]
 
 
 def _top_classes(logits: torch.Tensor, classes: list[str], top_k: int) -> torch.return_types.topk:
