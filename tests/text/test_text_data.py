@@ -174,3 +174,53 @@ def test_a_folder_or_a_missing_file_given_as_text_data_is_named_as_such(tmp_path
         read_table(tmp_path)  # an image folder, given to a text run
     with pytest.raises(ThawError, match="^text data .*gone.csv does not exist or is not a file; pass a CSV or TSV file$"):
         read_table(tmp_path / "gone.csv")
+
+
+def test_rows_swallowed_by_an_unclosed_quote_are_said_with_the_line_it_opens_on(tmp_path: Path) -> None:
+    table = tmp_path / "t.csv"
+    rows = ["label,text", 'ham,"oops', "spam,win cash", 'ham,see you"', "spam,free prize", "ham,ok", "spam,call now", "ham,later"]
+    table.write_text("\n".join(rows) + "\n")
+    data = load_text_data(table, val_split=0.5)
+    assert len(data.everything()) == 5  # what csv reads: the three lines from the quote on are one text
+    (caution,) = data.notes
+    assert f"{table}:2:" in caution and "runs over 2 more line(s), 2 of which read as rows" in caution
+
+
+def test_a_text_that_spans_lines_without_looking_like_rows_is_not_a_caution(tmp_path: Path) -> None:
+    table = tmp_path / "t.csv"
+    table.write_text('label,text\nspam,"win a prize\ncall now, today"\nham,"Dear Ann,\nham, eggs and tea\nBob"\nspam,free\nham,ok\n')
+    data = load_text_data(table, val_split=0.5)
+    assert len(data.everything()) == 4 and not data.notes
+
+
+def test_skipped_rows_name_the_line_they_start_on_after_a_text_that_spans_lines(tmp_path: Path) -> None:
+    table = tmp_path / "t.csv"
+    table.write_text('label,text\nspam,"win a prize\ncall now"\nbroken\nham,ok\n')
+    _, skipped = read_table(table)
+    assert skipped == [(f"{table}:4", "1 column(s), expected at least 2")]
+
+
+def test_held_out_texts_that_also_sit_in_train_are_counted(tmp_path: Path) -> None:
+    table = tmp_path / "t.tsv"
+    unique = [f"{label}\t{label} message {index}" for index in range(10) for label in ("ham", "spam")]
+    table.write_text("\n".join(unique) + "\n")
+    assert not load_text_data(table, val_split=0.3, test_split=0.3).notes
+    table.write_text("\n".join(unique + ["ham\tsee you later"] * 12) + "\n")  # one text, twelve rows: some in each split
+    data = load_text_data(table, val_split=0.3, test_split=0.3)
+    val_repeats = sum(text == "see you later" for text, _ in data.val)
+    test_repeats = sum(text == "see you later" for text, _ in data.test)
+    assert val_repeats and test_repeats
+    assert data.notes == (
+        f"{val_repeats} of the {len(data.val)} val texts also appear in train (repeated rows in the table), so val scores are "
+        "partly scores on training data; remove the repeats from the table for a fair score",
+        f"{test_repeats} of the {len(data.test)} test texts also appear in train (repeated rows in the table), so test scores are "
+        "partly scores on training data; remove the repeats from the table for a fair score",
+    )
+
+
+def test_a_quote_left_open_to_the_end_of_the_file_is_said(tmp_path: Path) -> None:
+    table = tmp_path / "t.csv"
+    rows = ["spam,win", "ham,ok", "spam,free", 'ham,"see you', "spam,call now", "", "ham,later", "spam,prize", "ham,fine"]
+    table.write_text("\n".join(rows) + "\n")
+    (caution,) = load_text_data(table, val_split=0.5).notes
+    assert f"{table}:4:" in caution and "runs over 5 more line(s), 4 of which" in caution

@@ -29,6 +29,8 @@ def test_time_left_uses_each_kinds_own_speed_and_says_when_it_is_estimating() ->
     progress.record(FULL, 2.0)  # full steps are 10x dearer: the estimate must not use the cached speed for them
     assert progress.seconds_left(0, 5) == (pytest.approx(15 * 0.2 + 30 * 2.0), [])
     assert progress.postfix(1, 10, 0.25, 12) == "step 30/50, loss 0.250, 12 img/s, plan left 0:40"
+    progress.unit = "texts"  # a text run's samples are texts
+    assert progress.postfix(1, 10, 0.25, 12) == "step 30/50, loss 0.250, 12 texts/s, plan left 0:40"
 
 
 def test_bars_are_off_when_quiet_or_not_at_a_terminal(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 from dataclasses import fields, replace
+from functools import partial
 from pathlib import Path
 
 from thaw import distributed
@@ -215,7 +216,8 @@ def _problem(values: dict) -> str | None:
     return None
 
 
-def print_epoch(state: RunState) -> None:
+def print_epoch(state: RunState, unit: str = "img") -> None:
+    """One line per epoch; `unit` names a sample in the rate ("texts" for a text run)."""
     row = state.history[-1]
     top5 = f" top5 {row['val_top5']:.3f}" if row.get("val_top5") is not None else ""
     # An epoch that loads its data says how much of it went to waiting for batches: where that is large, the data
@@ -224,7 +226,7 @@ def print_epoch(state: RunState) -> None:
     print(
         f"{row['stage']} {row['stage_epoch']}: train loss {row['train_loss']:.3f} acc {row['train_accuracy']:.3f} | "
         f"val loss {row['val_loss']:.3f} acc {row['val_accuracy']:.3f} f1 {row['val_macro_f1']:.3f}{top5} "
-        f"({row['seconds']:.1f} s, {row['images_per_s']:.0f} img/s{waited})",
+        f"({row['seconds']:.1f} s, {row['images_per_s']:.0f} {unit}/s{waited})",
         flush=True,
     )
 
@@ -357,12 +359,13 @@ def _resume(args: argparse.Namespace, run: Path, settings: dict, callbacks: list
 def run(args: argparse.Namespace) -> int:
     main_rank = distributed.from_environment().is_main  # under torchrun only rank 0 prints
     quiet = args.json or args.quiet or not main_rank
-    callbacks = [] if quiet else [print_epoch]
     if args.overwrite and args.resume:
         raise ThawError(f"--overwrite starts a new run and --resume {args.resume} continues one; drop one of the two")
     if args.resume and is_finished(Path(args.resume)):  # nothing left to train: its files stay as they are
         return _say_finished(args, Path(args.resume)) if main_rank else 0
     settings = saved_settings(args.resume) if args.resume else None
+    text = (settings or {}).get("task") == "text" if settings else bool(args.model) and task_of(args) == "text"
+    callbacks = [] if quiet else [partial(print_epoch, unit="texts" if text else "img")]
     if settings is None and (args.data is None or args.model is None):  # a new run; or a resume of an older thaw's checkpoint
         if args.resume and not Path(args.resume).is_dir():
             raise ThawError(f"--resume {args.resume}: no such run folder; pass the folder a run wrote (its --out)")

@@ -41,6 +41,7 @@ class LabelledData:
     # True when the data came as train/ (+ val/, test/) folders: evaluation then scores one split, not the whole.
     split_folders: bool = False
     val_from_folder: bool = False  # val/ was given; else val is a seeded share held out of the training samples
+    cautions: tuple[str, ...] = field(default=())  # what the reader found suspicious in the data, said as a run starts
 
     no_test_hint = "hold one out with --test-split"
 
@@ -58,8 +59,9 @@ class LabelledData:
     @property
     def notes(self) -> tuple[str, ...]:
         """What the user may not have meant, said as a run starts: class names that differ only in case (`dog`, `Dog`;
-        a merge of two folders, a typo in a manifest) are two classes. Not an error: `a` and `A` may be two letters."""
-        return case_clashes(self.classes)
+        a merge of two folders, a typo in a manifest) are two classes. Not an error: `a` and `A` may be two letters.
+        Then the reader's own cautions (a text table's unclosed quote, texts in both train and val)."""
+        return case_clashes(self.classes) + self.cautions
 
 
 def case_clashes(classes: tuple[str, ...]) -> tuple[str, ...]:

@@ -30,6 +30,7 @@ from thaw.distributed import SINGLE, Processes
 TextSample = tuple[str, int]
 TEXT_HEADERS = ("text", "sentence", "message", "sms", "review", "content")
 LABEL_HEADERS = ("label", "labels", "class", "category", "target")
+SWALLOWED_ROWS = 3  # lines of one text that read as rows of the table: past this, a quote was surely left open
 LENGTH_GROUP_BATCHES = 50  # batches per length-sorted chunk (the HF Trainer's group_by_length uses 50 too)
 
 
@@ -57,28 +58,34 @@ def _delimiter(path: Path, first_line: str, wanted: str | None) -> str:
     return ","
 
 
-def read_rows(path: Path, delimiter: str | None) -> tuple[list[list[str]], str]:
-    """All non-empty rows of the table, and the delimiter used.
+def read_rows(path: Path, delimiter: str | None) -> tuple[list[list[str]], list[int], str]:
+    """All non-empty rows of the table, the line each starts on, and the delimiter used.
 
     `csv` reads the file object itself (newline=""), so a quoted CSV field may span lines, and
     only a line feed or carriage return ends a row: a vertical tab, a file separator or a Unicode
     line separator inside a text stays in the text (str.splitlines() would cut the row there).
     """
     csv.field_size_limit(sys.maxsize)
+    rows, lines = [], []
     try:
         with path.open(newline="", encoding="utf-8-sig") as handle:
             first_line = handle.readline()  # the delimiter is sniffed from it, then it is read again as a row
             chosen = _delimiter(path, first_line, delimiter)
             quoting = csv.QUOTE_NONE if chosen == "\t" else csv.QUOTE_MINIMAL
             reader = csv.reader(itertools.chain([first_line], handle), delimiter=chosen, quoting=quoting)
-            rows = [row for row in reader if any(cell.strip() for cell in row)]
+            starts = 1
+            for row in reader:
+                if any(cell.strip() for cell in row):
+                    rows.append(row)
+                    lines.append(starts)
+                starts = reader.line_num + 1
     except UnicodeDecodeError:
         raise ThawError(f"{path} is not UTF-8 text (byte {_first_bad_byte(path)}); save it as UTF-8 CSV or TSV") from None
     except csv.Error as error:
         raise ThawError(f"{path}: unreadable table ({error}); check its quotes, or pass --delimiter") from None
     if not rows:
         raise ThawError(f"{path} is empty; expected one text and one label per line")
-    return rows, chosen
+    return rows, lines, chosen
 
 
 def _first_bad_byte(path: Path) -> int:
@@ -125,15 +132,20 @@ def _guess_columns(rows: list[list[str]], header: list[str] | None, path: Path, 
 
 def read_table(path: str | Path, columns: TextColumns = TextColumns()) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
     """(text, label name) pairs, and the lines skipped with a reason."""
-    path = Path(path)
+    pairs, skipped, _ = _read_table(Path(path), columns)
+    return pairs, skipped
+
+
+def _read_table(path: Path, columns: TextColumns) -> tuple[list[tuple[str, str]], list[tuple[str, str]], tuple[str, ...]]:
+    """read_table, and what it found suspicious: rows that an unclosed quote swallowed."""
     if path.is_dir():  # an image folder, given to a text run (or to --task text)
         raise ThawError(f"{path} is a folder; text data is one CSV or TSV table of texts and labels")
     if not path.is_file():
         raise ThawError(f"text data {path} does not exist or is not a file; pass a CSV or TSV file")
-    rows, delimiter = read_rows(path, columns.delimiter)
+    rows, lines, delimiter = read_rows(path, columns.delimiter)
     named = any(isinstance(c, str) and not c.isdigit() for c in (columns.text, columns.label))
     has_header = named or any(cell.strip().lower() in TEXT_HEADERS + LABEL_HEADERS for cell in rows[0])
-    header, body = (rows[0], rows[1:]) if has_header else (None, rows)
+    header, body, lines = (rows[0], rows[1:], lines[1:]) if has_header else (None, rows, lines)
     if not body:
         raise ThawError(f"{path} has a header but no rows")
     guessed = _guess_columns(body, header, path, delimiter) if columns.text is None or columns.label is None else (0, 0)
@@ -145,16 +157,47 @@ def read_table(path: str | Path, columns: TextColumns = TextColumns()) -> tuple[
             raise ThawError(f"{path}: --{what}-column {at} is past its last column (the table has {widest}: 0 to {widest - 1})")
     if text_at == label_at:
         raise ThawError(f"{path}: the text and the label are the same column ({text_at}); give them different --text-column and --label-column")
-    pairs, skipped = [], []
-    first_line = 2 if has_header else 1
-    for number, row in enumerate(body, start=first_line):
+    pairs, skipped, starts = [], [], []
+    for line, row in zip(lines, body):
         if max(text_at, label_at) >= len(row):
-            skipped.append((f"{path}:{number}", f"{len(row)} column(s), expected at least {max(text_at, label_at) + 1}"))
+            skipped.append((f"{path}:{line}", f"{len(row)} column(s), expected at least {max(text_at, label_at) + 1}"))
         elif not row[text_at].strip() or not row[label_at].strip():
-            skipped.append((f"{path}:{number}", "empty text or label"))
+            skipped.append((f"{path}:{line}", "empty text or label"))
         else:
             pairs.append((row[text_at], row[label_at].strip()))
-    return pairs, skipped
+            starts.append(line)
+    width = Counter(len(row) for row in body).most_common(1)[0][0]
+    return pairs, skipped, _swallowed_rows(pairs, starts, path, delimiter, width, label_at)
+
+
+def _swallowed_rows(
+    pairs: list[tuple[str, str]], starts: list[int], path: Path, delimiter: str, width: int, label_at: int
+) -> tuple[str, ...]:
+    """A quote opened and never closed (`ham,"Hello`) makes csv read every line after it, up to the next quote or
+    the end of the file, as that one row's text: those rows are lost and one long text is trained on. Said where a
+    text's lines after its first read as rows of the table themselves (its width, a known label in the label column):
+    all of them, or SWALLOWED_ROWS of them. A text that merely spans lines (an address, a letter) is not, even if
+    one of its lines happens to read as a row."""
+    labels = {label for _, label in pairs}
+    found = []
+    for (text, _), line in zip(pairs, starts):
+        spanned = text.splitlines()[1:]
+        inner = [part for part in spanned if part.strip()]
+        if not inner:
+            continue
+        as_rows = [cells for cells in csv.reader(inner, delimiter=delimiter) if len(cells) == width]
+        count = sum(1 for cells in as_rows if cells[label_at].strip() in labels)
+        if count == len(inner) or count >= SWALLOWED_ROWS:
+            found.append((line, len(spanned), count))
+    if not found:
+        return ()
+    line, spans, count = found[0]
+    more = f" ({len(found) - 1} more such row(s) after it)" if len(found) > 1 else ""
+    return (
+        f"{path}:{line}: a quote opened in this row runs over {spans} more line(s), {count} of which read as rows of their "
+        f"own, so they are trained as part of this one text{more}; close the quote, or save the table as TSV (read "
+        "without quotes)",
+    )
 
 
 def _classes(pairs: list[tuple[str, str]], path: Path) -> tuple[str, ...]:
@@ -174,7 +217,7 @@ def load_text_data(
 ) -> TextData:
     """Read the table, then hold out a seeded stratified test share, then a val share of the rest."""
     path = Path(path)
-    pairs, skipped = read_table(path, columns)
+    pairs, skipped, cautions = _read_table(path, columns)
     classes = _classes(pairs, path)
     index = {name: i for i, name in enumerate(classes)}
     samples = [(text, index[label]) for text, label in pairs]
@@ -185,7 +228,23 @@ def load_text_data(
     train, val = split_off_val(samples, val_split, seed, path, " once the test share is held out" if test_split else "")
     held_out = f"{test_split:.0%} test then {val_split:.0%} val" if test_split else f"{val_split:.0%} val"
     layout = f"text table, {held_out} held out (seed {seed})"
-    return TextData(classes, tuple(train), tuple(val), test, layout, tuple(skipped))
+    cautions += _repeated_texts(train, val, test)
+    return TextData(classes, tuple(train), tuple(val), test, layout, tuple(skipped), cautions=cautions)
+
+
+def _repeated_texts(train: list[TextSample], val: list[TextSample], test: tuple[TextSample, ...] | None) -> tuple[str, ...]:
+    """Texts held out for val or test that also sit in train (a table with repeated rows: SMS collections have
+    hundreds): those scores are partly scores on training data, too high. Said, not removed: the table is the user's."""
+    seen = {text.strip() for text, _ in train}
+    found = []
+    for name, held in (("val", val), ("test", test or ())):
+        repeated = sum(1 for text, _ in held if text.strip() in seen)
+        if repeated:
+            found.append(
+                f"{repeated} of the {len(held)} {name} texts also appear in train (repeated rows in the table), so {name} "
+                "scores are partly scores on training data; remove the repeats from the table for a fair score"
+            )
+    return tuple(found)
 
 
 class TextDataset(Dataset):

@@ -13,6 +13,7 @@ features at least as good as the [CLS] token. `cls` is the alternative.
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -163,6 +164,14 @@ def check_max_length(max_length: object, tokenizer: object = None) -> None:
         raise ThawError(f"max length must be a whole number of tokens, at least {special + 1} (the tokenizer adds {special} of its own), got {max_length!r}")
 
 
+def readable_tokens(encoder: nn.Module, tokenizer: object) -> int:
+    """The most tokens the model reads: its position embeddings (a longer input is a shape error inside the model,
+    not a truncation), and the tokenizer's own limit where it sets one (RoBERTa's 512 of 514 positions)."""
+    limits = [getattr(tokenizer, "model_max_length", None), getattr(getattr(encoder, "config", None), "max_position_embeddings", None)]
+    found = [limit for limit in limits if isinstance(limit, int) and not isinstance(limit, bool) and limit > 0]
+    return min(found, default=sys.maxsize)
+
+
 def build_text_model(
     source: str,
     *,
@@ -181,6 +190,6 @@ def build_text_model(
     model = TextClassifier(encoder, num_classes, pooling).to(device)
     model.tokenizer = tokenizer
     check_max_length(max_length)
-    limit = getattr(tokenizer, "model_max_length", max_length) or max_length
-    preprocessing = TextPreprocessing(str(Path(source).resolve()) if os.path.isdir(source) else source, min(max_length, limit), pooling)
+    length = min(max_length, readable_tokens(encoder, tokenizer))
+    preprocessing = TextPreprocessing(str(Path(source).resolve()) if os.path.isdir(source) else source, length, pooling)
     return adapt_text_model(model, preprocessing, f"hf-text:{encoder.config.model_type}")

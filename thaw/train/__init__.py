@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from dataclasses import asdict
 from pathlib import Path
 
@@ -155,6 +156,9 @@ def train_text(
     adapter = build_text_model(model, num_classes=len(data.classes), pooling=pooling, max_length=max_length)
     if not (resume and (Path(out) / checkpoint.CHECKPOINT).is_file()):  # a run already trained keeps what it trained with
         check_max_length(max_length, adapter.model.tokenizer)
+        read = adapter.preprocessing.max_length
+        if read < max_length and not config.quiet and distributed.from_environment().is_main:
+            print(f"thaw: warning: max length {max_length} is more than {source_name(model)} reads; texts are cut at {read} tokens", file=sys.stderr, flush=True)
     meta = {
         "format": "thaw-run/1", "task": "text", "model": source_name(model), "weights": None, "classes": list(data.classes),
         "val_split": val_split, "test_split": test_split, "columns": asdict(columns), "pooling": pooling, "max_length": max_length,

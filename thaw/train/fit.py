@@ -785,7 +785,8 @@ class Trainer:
         epochs = [stage.epochs for stage in self.plan.stages]
         for index in range(self.state.stage + self.state.stopped):
             epochs[index] = sum(1 for row in self.state.history if row["stage_index"] == index)
-        return PlanProgress(epochs, [self._predicted_kind(stage) for stage in self.plan.stages], self.steps_per_epoch())
+        unit = "texts" if isinstance(self.data, TextData) else "img"
+        return PlanProgress(epochs, [self._predicted_kind(stage) for stage in self.plan.stages], self.steps_per_epoch(), unit=unit)
 
     def _predicted_kind(self, stage: Stage) -> str:
         try:

@@ -19,6 +19,7 @@ class PlanProgress:
     kinds: list[str]  # per stage: CACHED, PREFIX (only the top trains, on the frozen bottom's cached output) or FULL, predicted at the start, the real one once the stage begins
     steps_per_epoch: int
     timed: dict[str, tuple[float, int]] = field(default_factory=dict)  # kind -> (seconds, steps)
+    unit: str = "img"  # what a sample is called in the rate: "img", or "texts" for a text run
 
     @property
     def total_steps(self) -> int:
@@ -50,7 +51,7 @@ class PlanProgress:
             left = f">{clock(seconds)}, estimating {' and '.join(untimed)} steps"
         else:
             left = clock(seconds)
-        return f"step {self.done(stage, stage_step)}/{self.total_steps}, loss {loss:.3f}, {images_per_s:.0f} img/s, plan left {left}"
+        return f"step {self.done(stage, stage_step)}/{self.total_steps}, loss {loss:.3f}, {images_per_s:.0f} {self.unit}/s, plan left {left}"
 
 
 def clock(seconds: float) -> str:
