@@ -169,11 +169,24 @@ def test_train_and_test_folders_without_val_train_and_evaluate(tmp_path: Path, c
 
 def test_lr_find_suggests_an_lr_and_plots(tiny_split_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     plot = tmp_path / "lr.png"
-    args = ["lr-find", str(tiny_split_data / "train"), "--model", "mobilenet_v3_small", "--weights", "none", "--steps", "20", "--batch-size", "8"]
+    args = ["lr-find", str(tiny_split_data / "train"), "--model", "mobilenet_v2", "--weights", "IMAGENET1K_V1",
+            "--steps", "30", "--batch-size", "8", "--start", "1e-5"]
     assert main([*args, "--out", str(plot), "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["lrs"][0] < report["suggested_lr"] < report["lrs"][-1]
     assert report["lrs"] == sorted(report["lrs"]) and plot.is_file()
+
+
+def test_lr_find_on_a_loss_that_does_not_fall_suggests_nothing(tiny_split_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A random mobilenet_v3_small gives every image the same features: the head learns nothing, and the steepest
+    step of a flat curve was noise, suggested as an lr."""
+    plot = tmp_path / "lr.png"
+    args = ["lr-find", str(tiny_split_data / "train"), "--model", "mobilenet_v3_small", "--weights", "none", "--steps", "20", "--batch-size", "8"]
+    assert main([*args, "--out", str(plot)]) == 0
+    said = capsys.readouterr().out
+    assert said.startswith("no lr suggested: the loss did not fall over the range (from ") and plot.is_file()
+    assert main([*args, "--out", str(plot), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["suggested_lr"] is None
 
 
 @pytest.mark.parametrize(

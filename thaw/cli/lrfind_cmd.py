@@ -101,6 +101,12 @@ def run(args: argparse.Namespace) -> int:
         raise ThawError(f"cannot write the plot to {out} ({error.strerror}); choose another --out") from None
     if args.json:
         print(json.dumps({"suggested_lr": suggestion, "plot": str(picture), "lrs": lrs, "losses": losses}))
+    elif suggestion is None:  # a flat or rising curve: its steepest step would be noise
+        lowest = min(losses)
+        print(
+            f"no lr suggested: the loss did not fall over the range (from {losses[0]:.3f}, lowest {lowest:.3f}); plot: {picture}. "
+            "Try a wider range (--start, --end), more --steps, or check the labels"
+        )
     else:
         print(f"suggested lr {suggestion:.2e} (steepest fall of the loss); plot: {picture}")
     return 0

@@ -20,6 +20,7 @@ from thaw.train.fit import choose_engine
 from thaw.plan import enter_stage
 
 SMOOTHING = 0.9  # exponential moving average of the loss, as fastai and Leslie Smith do
+FLAT_FALL = 0.05  # of the starting loss: a smaller fall over the whole range is no fall to suggest an lr from
 
 
 def lr_range_test(
@@ -56,27 +57,33 @@ def lr_range_test(
     return lrs, losses
 
 
-def suggest(lrs: list[float], losses: list[float]) -> float:
-    """The lr where the smoothed loss falls fastest (per log-lr), before its minimum."""
+def suggest(lrs: list[float], losses: list[float]) -> float | None:
+    """The lr where the smoothed loss falls fastest (per log-lr), before its minimum; None where it never falls by
+    FLAT_FALL of where it started (a flat or rising curve: its steepest step is noise, and no lr to train with)."""
     if len(lrs) < 5:
         raise ThawError("lr-find ran too few steps to suggest an lr; use more data or --steps")
     stop = min(range(len(losses)), key=losses.__getitem__)
+    if not losses[0] - losses[stop] >= FLAT_FALL * abs(losses[0]):
+        return None
     window = range(1, max(2, stop))
     slopes = [(losses[i] - losses[i - 1]) / (math.log(lrs[i]) - math.log(lrs[i - 1])) for i in window]
     steepest = min(range(len(slopes)), key=slopes.__getitem__)
     return lrs[list(window)[steepest]]
 
 
-def plot_lr_find(lrs: list[float], losses: list[float], suggestion: float, path: Path) -> Path:
+def plot_lr_find(lrs: list[float], losses: list[float], suggestion: float | None, path: Path) -> Path:
     from thaw.train.plots import plt
 
     figure, axis = plt.subplots(figsize=(6, 4))
     axis.plot(lrs, losses)
-    axis.axvline(suggestion, color="red", linestyle="--", label=f"suggested {suggestion:.2g}")
+    if suggestion is not None:
+        axis.axvline(suggestion, color="red", linestyle="--", label=f"suggested {suggestion:.2g}")
+        axis.legend()
+    else:
+        axis.set_title("the loss did not fall: no lr suggested")
     axis.set_xscale("log")
     axis.set_xlabel("learning rate")
     axis.set_ylabel("loss (smoothed)")
-    axis.legend()
     figure.tight_layout()
     figure.savefig(path, dpi=100)
     plt.close(figure)
