@@ -224,3 +224,14 @@ def test_a_quote_left_open_to_the_end_of_the_file_is_said(tmp_path: Path) -> Non
     table.write_text("\n".join(rows) + "\n")
     (caution,) = load_text_data(table, val_split=0.5).notes
     assert f"{table}:4:" in caution and "runs over 5 more line(s), 4 of which" in caution
+
+
+def test_a_header_of_unknown_names_read_as_a_row_is_named_in_the_error(tmp_path: Path) -> None:
+    table = tmp_path / "t.csv"
+    table.write_text("msg,tag\nwin cash,spam\nsee you,ham\nfree prize,spam\nlunch?,ham\n")
+    with pytest.raises(ThawError, match=r"label\(s\) tag occur once; .* if line 1 \(msg, tag\) is a header, name its columns with --text-column"):
+        load_text_data(table)
+    assert load_text_data(table, columns=TextColumns(text="msg", label="tag")).classes == ("ham", "spam")
+    table.write_text("win cash,spam\nsee you,ham\nfree prize,spam\nlunch?,ham\nhello,other\n")  # no header: a rare label
+    with pytest.raises(ThawError, match=r"label\(s\) other occur once; each class needs 2 rows to be split into train and val$"):
+        load_text_data(table)

@@ -132,12 +132,23 @@ def _guess_columns(rows: list[list[str]], header: list[str] | None, path: Path, 
 
 def read_table(path: str | Path, columns: TextColumns = TextColumns()) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
     """(text, label name) pairs, and the lines skipped with a reason."""
-    pairs, skipped, _ = _read_table(Path(path), columns)
-    return pairs, skipped
+    table = _read_table(Path(path), columns)
+    return table.pairs, table.skipped
 
 
-def _read_table(path: Path, columns: TextColumns) -> tuple[list[tuple[str, str]], list[tuple[str, str]], tuple[str, ...]]:
-    """read_table, and what it found suspicious: rows that an unclosed quote swallowed."""
+@dataclass(frozen=True)
+class Table:
+    """A table as read: (text, label name) pairs, the lines skipped with a reason, what looked wrong (rows an unclosed
+    quote swallowed), and the first row read as data where no header was recognised (a header of other names)."""
+
+    pairs: list[tuple[str, str]]
+    skipped: list[tuple[str, str]]
+    cautions: tuple[str, ...]
+    unnamed_first_row: list[str] | None  # set only where that row gave the first pair
+
+
+def _read_table(path: Path, columns: TextColumns) -> Table:
+    """read_table, and what it found suspicious."""
     if path.is_dir():  # an image folder, given to a text run (or to --task text)
         raise ThawError(f"{path} is a folder; text data is one CSV or TSV table of texts and labels")
     if not path.is_file():
@@ -167,7 +178,8 @@ def _read_table(path: Path, columns: TextColumns) -> tuple[list[tuple[str, str]]
             pairs.append((row[text_at], row[label_at].strip()))
             starts.append(line)
     width = Counter(len(row) for row in body).most_common(1)[0][0]
-    return pairs, skipped, _swallowed_rows(pairs, starts, path, delimiter, width, label_at)
+    first_pair_is_first_row = not has_header and bool(starts) and starts[0] == lines[0]
+    return Table(pairs, skipped, _swallowed_rows(pairs, starts, path, delimiter, width, label_at), body[0] if first_pair_is_first_row else None)
 
 
 def _swallowed_rows(
@@ -200,7 +212,8 @@ def _swallowed_rows(
     )
 
 
-def _classes(pairs: list[tuple[str, str]], path: Path) -> tuple[str, ...]:
+def _classes(table: Table, path: Path) -> tuple[str, ...]:
+    pairs = table.pairs
     counts = Counter(label for _, label in pairs)
     if len(counts) < 2:
         raise ThawError(f"{path} has {len(counts)} label value(s) ({', '.join(counts)}); classification needs at least 2")
@@ -208,7 +221,11 @@ def _classes(pairs: list[tuple[str, str]], path: Path) -> tuple[str, ...]:
         raise ThawError(f"{path}: {len(counts)} distinct labels in {len(pairs)} rows; is --label-column the right column?")
     few = [name for name, count in counts.items() if count < 2]
     if few:
-        raise ThawError(f"{path}: label(s) {', '.join(few[:5])} occur once; each class needs 2 rows to be split into train and val")
+        header = table.unnamed_first_row  # a header of names thaw does not know (`msg,tag`) is read as a row
+        hint = "" if header is None or pairs[0][1] not in few else (
+            f"; if line 1 ({', '.join(header)}) is a header, name its columns with --text-column and --label-column (TextColumns in Python)"
+        )
+        raise ThawError(f"{path}: label(s) {', '.join(few[:5])} occur once; each class needs 2 rows to be split into train and val{hint}")
     return tuple(sorted(counts))
 
 
@@ -217,8 +234,9 @@ def load_text_data(
 ) -> TextData:
     """Read the table, then hold out a seeded stratified test share, then a val share of the rest."""
     path = Path(path)
-    pairs, skipped, cautions = _read_table(path, columns)
-    classes = _classes(pairs, path)
+    table = _read_table(path, columns)
+    pairs, skipped, cautions = table.pairs, table.skipped, table.cautions
+    classes = _classes(table, path)
     index = {name: i for i, name in enumerate(classes)}
     samples = [(text, index[label]) for text, label in pairs]
     test = None
