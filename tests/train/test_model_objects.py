@@ -13,7 +13,7 @@ from tests.conftest import SmallConvNet
 from thaw import ThawError, adapt
 from thaw.export.inference import evaluate_run
 from thaw.export.run_dir import load_run
-from thaw.train import TrainConfig, resume_run, train_images
+from thaw.train import TrainConfig, resume_run, train_images, train_text
 
 CONFIG = TrainConfig(quiet=True, image_size=32, batch_size=8)
 PLAN = {"plan": "two-phase", "plan_options": {"head_epochs": 1, "epochs": 1}}
@@ -93,13 +93,28 @@ def test_an_adapter_with_a_head_per_class_trains_as_given(tiny_split_data: Path,
         ({"plan": "two-phase", "plan_options": {"epoch": 1}}, "unknown plan option 'epoch' (did you mean 'epochs'?)"),
         ({"config": {"batch_size": 8}}, "config must be a TrainConfig"),
         ({"plan": 3}, "plan must be a strategy name like 'two-phase' or a Plan"),
+        ({"val_split": "0.2"}, "val_split must be a number like 0.2, got '0.2'"),
+        ({"val_split": True}, "val_split must be a number like 0.2, got True"),
+        ({"callbacks": print}, "callbacks must be a list of functions, got <built-in function print>"),
+        ({"step_hooks": ["not a function"]}, "step_hooks must be a list of functions, got ['not a function']"),
+        ({"out": None}, "out must be a path (a str or pathlib.Path) that is not empty, got None"),
+        ({"out": ""}, "out must be a path (a str or pathlib.Path) that is not empty, got ''"),
     ],
 )
 def test_the_python_entry_says_what_is_wrong_in_one_line(tiny_split_data: Path, tmp_path: Path, options: dict, expected: str) -> None:
     # Python's own errors here were a TypeError or AttributeError from deep inside, after the data was read.
     with pytest.raises(ThawError, match=re.escape(expected)):
-        train_images(tiny_split_data, model=SmallConvNet(), out=tmp_path / "run", **({"config": CONFIG} | options))
+        train_images(tiny_split_data, model=SmallConvNet(), **({"config": CONFIG, "out": tmp_path / "run"} | options))
     assert not (tmp_path / "run").exists()
+
+
+def test_the_text_and_resume_entries_check_their_arguments_too(tmp_path: Path) -> None:
+    with pytest.raises(ThawError, match=re.escape("test_split must be a number like 0.2, got None")):
+        train_text(tmp_path / "t.csv", model="unused", out=tmp_path / "run", test_split=None)  # type: ignore[arg-type]
+    with pytest.raises(ThawError, match=re.escape("data_path must be a path (a str or pathlib.Path) that is not empty, got 3")):
+        train_text(3, model="unused", out=tmp_path / "run")  # type: ignore[arg-type]
+    with pytest.raises(ThawError, match=re.escape("callbacks must be a list of functions, got 'print'")):
+        resume_run(tmp_path, callbacks="print")  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize("count", [1, 0, 2.0, "3"])

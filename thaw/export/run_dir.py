@@ -5,16 +5,20 @@ thaw.train.run_folder writes the folder and declares its file names.
 
 from __future__ import annotations
 
+from dataclasses import fields
 from pathlib import Path
+from typing import Callable
 
 import torch
 from torch import nn
 from safetensors import safe_open
 from safetensors.torch import load_file
+from torchvision.transforms import InterpolationMode
 
+from thaw.data.text import TextColumns
 from thaw.errors import ThawError, first_line
 from thaw.models import ModelAdapter, Preprocessing, adapt, build_model
-from thaw.models.hf_text import TextPreprocessing, build_text_model
+from thaw.models.hf_text import POOLINGS, TextPreprocessing, build_text_model
 from thaw.models.lora import add_lora
 from thaw.models.weights import load_into
 from thaw.plan.config import plan_from_dict
@@ -27,13 +31,148 @@ __all__ = ["ADAPTER", "METADATA", "TEXT_MODEL", "WEIGHTS", "load_adapter", "load
 
 
 def read_metadata(run: Path) -> dict:
+    """A run's METADATA, checked: every value that loading, scoring, exporting or reporting the run reads is one
+    thaw could have written, else one line naming the key (a hand edit would fail later in a traceback, or answer
+    wrong without a word)."""
     path = Path(run) / METADATA
     if not path.is_file():
         raise ThawError(_why_no_metadata(Path(run)))
-    return read_run_json(path, REQUIRED_METADATA, "retrain or restore it from a copy")
+    meta = read_run_json(path, REQUIRED_METADATA, DAMAGED_REMEDY)
+    problems = metadata_problems(meta)
+    if problems:
+        raise ThawError(f"{path} is damaged ({'; '.join(problems)}); {DAMAGED_REMEDY}")
+    return meta
 
 
 REQUIRED_METADATA = {"model": str, "classes": list, "preprocessing": dict, "plan": dict}  # what loading and reporting a run read
+DAMAGED_REMEDY = "retrain or restore it from a copy"
+TASKS = ("image", "text")  # an older run has no task: an image run
+
+
+def metadata_problems(meta: dict) -> list[str]:
+    """What is wrong in `meta` beyond read_run_json's top-level types: all of it, so one edit fixes the file."""
+    task = meta.get("task", "image")
+    if task not in TASKS:
+        return [f"task is {_shown(task)}, not one of {', '.join(TASKS)}"]
+    checks = TEXT_FIELDS if task == "text" else IMAGE_FIELDS
+    problems = _class_problems(meta["classes"])
+    problems += _unknown_keys(meta, "preprocessing", TextPreprocessing if task == "text" else Preprocessing)
+    problems += _unknown_keys(meta, "columns", TextColumns)
+    for key, (fits, wanted, required) in (COMMON_FIELDS | checks).items():  # the task's own check of a key wins
+        value = _lookup(meta, key)
+        if value is _ABSENT:
+            problems += [f"no {key}"] if required else []
+        elif not fits(value):
+            problems.append(f"{key} is {_shown(value)}, not {wanted}")
+    return problems
+
+
+def _class_problems(classes: list[str]) -> list[str]:
+    """Two outputs under one name would be told apart by nobody; a classifier tells at least 2 classes apart."""
+    repeated = sorted({name for name in classes if classes.count(name) > 1})
+    problems = [f"classes names {', '.join(map(repr, repeated))} more than once"] if repeated else []
+    if len(classes) < 2:
+        problems.append(f"classes has {len(classes)} name{'' if len(classes) == 1 else 's'}, not at least 2")
+    return problems
+
+
+def _unknown_keys(meta: dict, key: str, kind: type) -> list[str]:
+    """Keys of `meta[key]` that its dataclass `kind` (built from them on loading) has no field for."""
+    known = {field.name for field in fields(kind)}
+    found = meta.get(key)
+    unknown = sorted(str(name) for name in found if name not in known) if isinstance(found, dict) else []
+    return [f"{key} has unknown key{'s' if len(unknown) > 1 else ''} {', '.join(unknown)}"] if unknown else []
+
+
+_ABSENT = object()
+
+
+def _lookup(meta: dict, dotted: str) -> object:
+    """meta["a"]["b"] for "a.b"; _ABSENT where a key is missing, or a parent is not a mapping (reported on its own)."""
+    value: object = meta
+    for key in dotted.split("."):
+        if not isinstance(value, dict) or key not in value:
+            return _ABSENT
+        value = value[key]
+    return value
+
+
+def _shown(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _is_whole(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_positive_whole(value: object) -> bool:
+    return _is_whole(value) and value > 0  # type: ignore[operator]
+
+
+def _is_text_or_null(value: object) -> bool:
+    return value is None or isinstance(value, str)
+
+
+def _channel_values(value: object) -> bool:
+    """One number per colour channel, or one for all three (torchvision's Normalize takes either; images load as RGB)."""
+    return isinstance(value, list) and len(value) in (1, 3) and all(_is_number(item) for item in value)
+
+
+def _divisors(value: object) -> bool:
+    return _channel_values(value) and all(item > 0 for item in value)  # type: ignore[union-attr]
+
+
+def _column(value: object) -> bool:
+    return _is_text_or_null(value) or _is_whole(value)
+
+
+def _skipped_files(value: object) -> bool:
+    return isinstance(value, list) and all(
+        isinstance(item, dict) and isinstance(item.get("path"), str) and isinstance(item.get("reason"), str) for item in value
+    )
+
+
+Check = tuple[Callable[[object], bool], str, bool]  # test, what the value must be, whether every run thaw wrote has it
+INTERPOLATIONS = tuple(mode.value for mode in InterpolationMode)
+# Preprocessing and TextPreprocessing as asdict writes them (every thaw version, all fields; `source` only describes)
+IMAGE_FIELDS: dict[str, Check] = {
+    "preprocessing.mean": (_channel_values, "1 or 3 numbers (one per colour channel)", True),
+    "preprocessing.std": (_divisors, "1 or 3 numbers above 0 (inputs are divided by them)", True),
+    "preprocessing.resize_size": (_is_positive_whole, "a whole number of pixels above 0", True),
+    "preprocessing.crop_size": (_is_positive_whole, "a whole number of pixels above 0", True),
+    "preprocessing.interpolation": (lambda value: value in INTERPOLATIONS, f"one of {', '.join(INTERPOLATIONS)}", True),
+    "preprocessing.source": (lambda value: isinstance(value, str), "a text", False),
+}
+TEXT_FIELDS: dict[str, Check] = {
+    "preprocessing.tokenizer": (lambda value: isinstance(value, str), "a folder or model id", True),
+    "preprocessing.max_length": (_is_positive_whole, "a whole number of tokens above 0", True),
+    "preprocessing.pooling": (lambda value: value in POOLINGS, f"one of {', '.join(POOLINGS)}", True),
+    "preprocessing.source": (lambda value: isinstance(value, str), "a text", False),
+    "val_split": (_is_number, "a share like 0.1", True),  # scoring a split of a text table reads it
+    "columns.text": (_column, "a column name, position or null", False),
+    "columns.label": (_column, "a column name, position or null", False),
+    "columns.delimiter": (_is_text_or_null, "a delimiter or null", False),
+}
+# What scoring and reporting a run read where present (older runs lack some); a parent that is not a mapping is
+# reported, and its keys are not looked for
+COMMON_FIELDS: dict[str, Check] = {
+    "weights": (_is_text_or_null, "a weights name, a path or null", False),
+    "data_path": (_is_text_or_null, "a path", False),
+    "data": (lambda value: isinstance(value, dict), "a mapping", False),
+    "data.path": (_is_text_or_null, "a path", False),
+    "data.samples": (_is_text_or_null, "a digest", False),  # null: not compared
+    "val_split": (_is_number, "a share like 0.2", False),
+    "test_split": (_is_number, "a share like 0.1", False),
+    "train_config": (lambda value: isinstance(value, dict), "a mapping", False),
+    "train_config.seed": (_is_whole, "a whole number", False),
+    "columns": (lambda value: isinstance(value, dict), "a mapping", False),
+    "skipped_files": (_skipped_files, "a list of {path, reason} records", False),
+}
 
 
 def _why_no_metadata(run: Path) -> str:
@@ -72,7 +211,9 @@ def load_run(run: str | Path, device: str | torch.device = "cpu", model: nn.Modu
     if (meta.get("plan") or {}).get("lora"):  # the same LoRA layers as in training, so the weights fit
         spec = plan_from_dict(meta["plan"], f"{run}/{METADATA} plan").lora
         add_lora(adapter, spec, lora_targets(adapter, spec))
-    load_into(adapter.model, _read_weights(weights_path), str(weights_path))
+    state = _read_weights(weights_path)
+    check_head_fits_classes(run, adapter, state, meta["classes"])
+    load_into(adapter.model, state, str(weights_path))
     adapter.model.to(device).eval()
     return adapter, meta
 
@@ -89,6 +230,17 @@ def check_delivered_weights(run: Path) -> Path:
     except Exception as error:  # noqa: BLE001 - safetensors raises its own error type for a cut or foreign file
         raise ThawError(f"{weights_path} is damaged ({first_line(error)}); retrain or restore it from a copy") from None
     return weights_path
+
+
+def check_head_fits_classes(run: Path, adapter: ModelAdapter, state: dict[str, torch.Tensor], classes: list[str]) -> None:
+    """One saved head output per class name: a name added to METADATA or dropped from it would otherwise surface
+    as weights that do not fit the architecture, and the advice to check --model."""
+    head = state.get(f"{adapter.head_name}.weight")
+    if head is not None and head.shape[0] != len(classes):
+        raise ThawError(
+            f"{run / METADATA} is damaged (classes has {len(classes)} names, the head in {WEIGHTS} has {head.shape[0]} outputs); "
+            f"{DAMAGED_REMEDY}"
+        )
 
 
 def _image_model(run: Path, meta: dict, model: nn.Module | ModelAdapter | None) -> ModelAdapter:

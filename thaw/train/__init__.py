@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import numbers
+import os
 import sys
 from dataclasses import asdict
 from pathlib import Path
@@ -52,6 +54,7 @@ def train_images(
     back with load_run(out, model=...) and continued with resume_run(out, model=...), given the same architecture.
     `out` must not hold a run already, unless `resume` (continue it) or `overwrite` (replace it)."""
     plan = plan or default_strategy("image")
+    _check_call_types({"data_path": data_path, "out": out}, {"val_split": val_split}, callbacks, step_hooks)
     _check_arguments(plan, plan_options, config, resume)
     check_plan_before_data(model, weights, "image", plan, plan_options)  # a typo in stage 2 stops nothing half-done
     if not resume:
@@ -148,6 +151,7 @@ def train_text(
     `test_split` holds out a seeded stratified share first (for `thaw evaluate --split test`);
     `val_split` of the rest picks the best epoch. `resume` and `overwrite` as for train_images.
     """
+    _check_call_types({"data_path": data_path, "out": out}, {"val_split": val_split, "test_split": test_split}, callbacks, step_hooks)
     _check_arguments(plan, plan_options, config, resume)
     check_image_augments(config, "text", resumed=resume)  # before the table is read and the model built
     check_plan_before_data(model, None, "text", plan, plan_options)
@@ -165,6 +169,21 @@ def train_text(
         "data_path": str(Path(data_path).resolve()),
     }
     return _run(adapter, data, data_path, plan, plan_options, config, Path(out), meta, resume, overwrite, callbacks, step_hooks)
+
+
+def _check_call_types(paths: dict[str, object], shares: dict[str, object], callbacks: object, step_hooks: object) -> None:
+    """The Python API's arguments of the wrong type, one line each, before any work: they ended in Python's own
+    TypeError from deep inside (`out=None`, `val_split="0.2"`, `callbacks=print`). An empty path is refused as the
+    CLI refuses it: an unset variable, that would be the current folder."""
+    for name, value in paths.items():
+        if not isinstance(value, (str, os.PathLike)) or not str(value).strip():
+            raise ThawError(f"{name} must be a path (a str or pathlib.Path) that is not empty, got {value!r}")
+    for name, value in shares.items():
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise ThawError(f"{name} must be a number like 0.2, got {value!r}")
+    for name, hooks in (("callbacks", callbacks), ("step_hooks", step_hooks)):
+        if hooks is not None and (not isinstance(hooks, (list, tuple)) or not all(callable(hook) for hook in hooks)):
+            raise ThawError(f"{name} must be a list of functions, got {hooks!r}")
 
 
 def _check_arguments(plan: object, plan_options: dict | None, config: object, resume: bool) -> None:
@@ -257,6 +276,7 @@ def resume_run(
     unknown = sorted(set(runtime) - RUNTIME_FIELDS)
     if unknown:
         raise ThawError(f"{', '.join(unknown)} would change the run; a resume keeps the run's own settings")
+    _check_call_types({"run": run} | ({"data_path": data_path} if data_path is not None else {}), {}, callbacks, step_hooks)
     if Path(run).is_file():  # RUN/thaw.json, say: as load_run says it
         raise ThawError(f"{run} is a file of a run; pass the run's folder, {Path(run).parent}")
     if not Path(run).is_dir():
