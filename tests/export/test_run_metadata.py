@@ -113,6 +113,7 @@ def test_every_problem_is_named_at_once(image_run: Path, tmp_path: Path) -> None
         ["predict", "{run}", "{image}"],  # a traceback from the transform before
         ["evaluate", "{run}", "{data}"],
         ["export", "{run}", "--format", "onnx", "--output", "{out}"],  # a traceback from the check on real images before
+        ["report", "{run}", "{data}"],
     ],
     ids=lambda command: command[0],
 )

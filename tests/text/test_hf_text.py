@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
+from torch import nn
 
 from tests.conftest import write_tiny_encoder
 from thaw.cli import main
 from thaw.errors import ThawError
 from thaw.models.adapter import check_groups_cover_model
-from thaw.models.hf_text import build_text_model
+from thaw.models.hf_text import build_text_model, readable_tokens
 
 
 def test_minilm_groups_run_embeddings_then_each_layer_then_head(minilm: Path) -> None:
@@ -105,3 +108,25 @@ def test_the_shortest_max_length_truncates_every_text(tiny_encoder: Path) -> Non
     adapter = build_text_model(str(tiny_encoder), num_classes=2, max_length=3)
     texts = TextDataset((("a long text " * 500, 0), ("short", 1)), adapter.model.tokenizer, adapter.preprocessing.max_length)
     assert texts.lengths == [3, 3]
+
+
+def _encoder_with(positions: nn.Module | None) -> nn.Module:
+    encoder, embeddings = nn.Module(), nn.Module()
+    embeddings.position_embeddings = positions
+    encoder.embeddings = embeddings
+    return encoder
+
+
+@pytest.mark.parametrize(
+    ("positions", "tokenizer_limit", "expected"),
+    [
+        (nn.Embedding(128, 4), 512, 128),  # BERT-like: one row per position
+        (nn.Embedding(130, 4, padding_idx=1), None, 128),  # RoBERTa-like: positions start after the padding index
+        (nn.Embedding(514, 4, padding_idx=1), 512, 512),
+        (None, None, sys.maxsize),  # DeBERTa-v3: relative positions, no table; any length
+        (None, 1024, 1024),
+    ],
+)
+def test_readable_tokens_are_what_the_position_table_and_tokenizer_allow(positions, tokenizer_limit, expected) -> None:
+    tokenizer = SimpleNamespace(model_max_length=tokenizer_limit) if tokenizer_limit else object()
+    assert readable_tokens(_encoder_with(positions), tokenizer) == expected

@@ -212,10 +212,18 @@ def test_held_out_texts_that_also_sit_in_train_are_counted(tmp_path: Path) -> No
     assert val_repeats and test_repeats
     assert data.notes == (
         f"{val_repeats} of the {len(data.val)} val texts also appear in train (repeated rows in the table), so val scores are "
-        "partly scores on training data; remove the repeats from the table for a fair score",
+        "partly scores on training data; if they are copies, remove them for a fair score",
         f"{test_repeats} of the {len(data.test)} test texts also appear in train (repeated rows in the table), so test scores are "
-        "partly scores on training data; remove the repeats from the table for a fair score",
+        "partly scores on training data; if they are copies, remove them for a fair score",
     )
+
+
+def test_a_text_repeated_in_under_one_percent_of_a_split_is_not_a_caution(tmp_path: Path) -> None:
+    table = tmp_path / "t.tsv"
+    unique = [f"{label}\t{label} message {index}" for index in range(400) for label in ("ham", "spam")]
+    table.write_text("\n".join(unique + ["ham\tok"] * 3) + "\n")  # "ok" thrice in 803 rows: at most 1 of 241 val texts
+    data = load_text_data(table, val_split=0.3)
+    assert sum(text == "ok" for text, _ in data.val) <= 1 and not data.notes
 
 
 def test_a_quote_left_open_to_the_end_of_the_file_is_said(tmp_path: Path) -> None:
@@ -234,4 +242,44 @@ def test_a_header_of_unknown_names_read_as_a_row_is_named_in_the_error(tmp_path:
     assert load_text_data(table, columns=TextColumns(text="msg", label="tag")).classes == ("ham", "spam")
     table.write_text("win cash,spam\nsee you,ham\nfree prize,spam\nlunch?,ham\nhello,other\n")  # no header: a rare label
     with pytest.raises(ThawError, match=r"label\(s\) other occur once; each class needs 2 rows to be split into train and val$"):
+        load_text_data(table)
+
+
+def test_a_quote_left_open_in_a_text_first_table_is_said_in_the_skipped_row_and_the_caution(tmp_path: Path) -> None:
+    table = tmp_path / "t.csv"
+    good = [f"message {index},{('ham', 'spam')[index % 2]}" for index in range(10)]
+    table.write_text("text,label\n" + "\n".join(good + ['"Hello,ham'] + good) + "\n")
+    data = load_text_data(table, val_split=0.5)
+    assert len(data.everything()) == 10  # the ten rows after the quote are one cell of a one-column row, skipped
+    assert data.skipped == ((f"{table}:12", "1 column(s), expected at least 2; a quote opened on this line runs over 10 more line(s)"),)
+    (caution,) = data.notes
+    assert caution.startswith(f"{table}:12: a quote opened in this row runs over 10 more line(s), 10 of which read as rows")
+
+
+def test_a_quote_left_open_in_the_first_row_names_its_line_in_the_shape_error(tmp_path: Path) -> None:
+    table = tmp_path / "t.csv"
+    table.write_text('text,label\n"Hello,ham\nwin,spam\nok,ham\n')
+    with pytest.raises(ThawError, match="past its last column .*; line 2 opens a quote that runs over 2 more line"):
+        load_text_data(table)
+
+
+def test_the_classes_error_names_the_quote_that_swallowed_the_rows(tmp_path: Path) -> None:
+    table = tmp_path / "t.csv"
+    table.write_text('label,text\nham,"oops\nspam,win cash\nspam,free prize\nham,see you"\nham,ok\n')
+    with pytest.raises(ThawError, match="1 label value.*; line 2 opens a quote that runs over 3 more line"):
+        load_text_data(table)
+
+
+@pytest.mark.parametrize("text", ['"Great film.\nI give it 10/10, 1"', '"one\u2028two,1"', '"a\u2028b,1\u2028c,0"'])
+def test_a_text_with_one_line_that_reads_as_a_row_or_a_unicode_line_separator_is_no_caution(tmp_path: Path, text: str) -> None:
+    table = tmp_path / "t.csv"
+    rows = [f"review {index},{index % 2}" for index in range(8)]
+    table.write_text("text,label\n" + "\n".join(rows + [f"{text},1"]) + "\n", encoding="utf-8")
+    assert not load_text_data(table, val_split=0.5).notes
+
+
+def test_the_header_hint_names_the_line_the_header_is_on(tmp_path: Path) -> None:
+    table = tmp_path / "t.csv"
+    table.write_text("\n\nmsg,tag\nwin cash,spam\nsee you,ham\nfree prize,spam\nlunch?,ham\n")
+    with pytest.raises(ThawError, match=r"if line 3 \(msg, tag\) is a header"):
         load_text_data(table)

@@ -36,3 +36,9 @@ def test_a_fall_of_flat_fall_or_more_gets_one() -> None:
 def test_too_few_steps_are_one_line() -> None:
     with pytest.raises(ThawError, match="too few steps"):
         suggest(LRS[:4], [1.0, 0.9, 0.8, 0.7])
+
+
+def test_a_first_batch_below_the_curve_does_not_hide_its_fall() -> None:
+    """The first smoothed value is one batch's loss: a lucky batch below the curve made a real fall look like none."""
+    losses = [0.45, 1.0, 1.0, 0.99, 0.98, 0.9, 0.8, 0.5, 0.45, 0.44, 0.6, 1.0, 2.0, 3.0, 4.0]
+    assert suggest(LRS, losses) == LRS[7]  # 0.8 -> 0.5; measured from 0.45, the fall to 0.44 was "no fall"

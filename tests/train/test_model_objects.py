@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -175,3 +177,12 @@ def test_an_unfinished_model_object_run_says_to_finish_it_from_python(tiny_split
         train_images(tiny_split_data, model=SmallConvNet(), out=tmp_path / "run", config=CONFIG, callbacks=[crash_after(1)], **PLAN)
     with pytest.raises(ThawError, match=re.escape(f"is an unfinished run (a checkpoint, no thaw.json yet): finish it with resume_run('{tmp_path / 'run'}', model=...)")):
         read_metadata(tmp_path / "run")
+
+
+def test_a_numpy_share_and_a_tuple_of_callbacks_are_taken_and_the_run_is_written(tiny_split_data: Path, tmp_path: Path) -> None:
+    # numpy's float32 passed the type check, trained, then failed to be written into thaw.json: the run lost its end.
+    seen: list[int] = []
+    train_images(tiny_split_data, model=SmallConvNet(), out=tmp_path / "run", config=CONFIG, val_split=np.float32(0.3),
+                 callbacks=(lambda state: seen.append(len(state.history)),), **PLAN)
+    meta = json.loads((tmp_path / "run" / "thaw.json").read_text())
+    assert seen == [1, 2] and meta["val_split"] == pytest.approx(0.3)

@@ -364,7 +364,7 @@ def run(args: argparse.Namespace) -> int:
     if args.resume and is_finished(Path(args.resume)):  # nothing left to train: its files stay as they are
         return _say_finished(args, Path(args.resume)) if main_rank else 0
     settings = saved_settings(args.resume) if args.resume else None
-    text = (settings or {}).get("task") == "text" if settings else bool(args.model) and task_of(args) == "text"
+    text = settings.get("task") == "text" if settings else bool(args.model) and task_of(args) == "text"
     callbacks = [] if quiet else [partial(print_epoch, unit="texts" if text else "img")]
     if settings is None and (args.data is None or args.model is None):  # a new run; or a resume of an older thaw's checkpoint
         if args.resume and not Path(args.resume).is_dir():

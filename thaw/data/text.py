@@ -13,6 +13,7 @@ from __future__ import annotations
 import csv
 import itertools
 import random
+import re
 import sys
 from collections import Counter
 from dataclasses import dataclass
@@ -30,6 +31,7 @@ from thaw.distributed import SINGLE, Processes
 TextSample = tuple[str, int]
 TEXT_HEADERS = ("text", "sentence", "message", "sms", "review", "content")
 LABEL_HEADERS = ("label", "labels", "class", "category", "target")
+REPEATS_SHARE = 0.01  # of a held-out split, found in train: below it, a few recurring short texts are no leak to speak of
 SWALLOWED_ROWS = 3  # lines of one text that read as rows of the table: past this, a quote was surely left open
 LENGTH_GROUP_BATCHES = 50  # batches per length-sorted chunk (the HF Trainer's group_by_length uses 50 too)
 
@@ -139,12 +141,14 @@ def read_table(path: str | Path, columns: TextColumns = TextColumns()) -> tuple[
 @dataclass(frozen=True)
 class Table:
     """A table as read: (text, label name) pairs, the lines skipped with a reason, what looked wrong (rows an unclosed
-    quote swallowed), and the first row read as data where no header was recognised (a header of other names)."""
+    quote swallowed), and the first row read as data, with its line, where no header was recognised and that row
+    gave the first pair (a header of other names)."""
 
     pairs: list[tuple[str, str]]
     skipped: list[tuple[str, str]]
     cautions: tuple[str, ...]
-    unnamed_first_row: list[str] | None  # set only where that row gave the first pair
+    unnamed_first_row: tuple[int, list[str]] | None = None
+    open_quote: str = ""  # the first row that spans lines, for an error about too few labels: a quote may be why
 
 
 def _read_table(path: Path, columns: TextColumns) -> Table:
@@ -165,41 +169,59 @@ def _read_table(path: Path, columns: TextColumns) -> Table:
     widest = max(len(row) for row in body)
     for what, at in (("text", text_at), ("label", label_at)):
         if at >= widest:
-            raise ThawError(f"{path}: --{what}-column {at} is past its last column (the table has {widest}: 0 to {widest - 1})")
+            raise ThawError(f"{path}: --{what}-column {at} is past its last column (the table has {widest}: 0 to {widest - 1}){_open_quote(body, lines, delimiter)}")
     if text_at == label_at:
         raise ThawError(f"{path}: the text and the label are the same column ({text_at}); give them different --text-column and --label-column")
     pairs, skipped, starts = [], [], []
     for line, row in zip(lines, body):
         if max(text_at, label_at) >= len(row):
-            skipped.append((f"{path}:{line}", f"{len(row)} column(s), expected at least {max(text_at, label_at) + 1}"))
+            spans = len(_physical_lines(delimiter.join(row))) - 1
+            quote = f"; a quote opened on this line runs over {spans} more line(s)" if spans else ""
+            skipped.append((f"{path}:{line}", f"{len(row)} column(s), expected at least {max(text_at, label_at) + 1}{quote}"))
         elif not row[text_at].strip() or not row[label_at].strip():
             skipped.append((f"{path}:{line}", "empty text or label"))
         else:
             pairs.append((row[text_at], row[label_at].strip()))
             starts.append(line)
     width = Counter(len(row) for row in body).most_common(1)[0][0]
-    first_pair_is_first_row = not has_header and bool(starts) and starts[0] == lines[0]
-    return Table(pairs, skipped, _swallowed_rows(pairs, starts, path, delimiter, width, label_at), body[0] if first_pair_is_first_row else None)
+    labels = {label for _, label in pairs}
+    cautions = _swallowed_rows(list(zip(lines, body)), labels, path, delimiter, width, label_at)
+    first_row = (lines[0], body[0]) if not has_header and starts[:1] == lines[:1] else None
+    return Table(pairs, skipped, cautions, first_row, _open_quote(body, lines, delimiter))
+
+
+def _physical_lines(text: str) -> list[str]:
+    """`text` cut at line ends only, as the table reader cuts rows (str.splitlines() also cuts at a vertical tab or a
+    Unicode line separator, which stay inside a row); a quote left open to the file's end holds its last line end."""
+    return re.split(r"\r\n|\r|\n", text.rstrip("\r\n"))
+
+
+def _open_quote(body: list[list[str]], lines: list[int], delimiter: str) -> str:
+    """For an error about the table's shape: the first row that spans lines, where a quote left open may have
+    swallowed the rest of the file into one cell."""
+    for line, row in zip(lines, body):
+        spans = len(_physical_lines(delimiter.join(row))) - 1
+        if spans:
+            return f"; line {line} opens a quote that runs over {spans} more line(s): close it if it was left open"
+    return ""
 
 
 def _swallowed_rows(
-    pairs: list[tuple[str, str]], starts: list[int], path: Path, delimiter: str, width: int, label_at: int
+    rows: list[tuple[int, list[str]]], labels: set[str], path: Path, delimiter: str, width: int, label_at: int
 ) -> tuple[str, ...]:
     """A quote opened and never closed (`ham,"Hello`) makes csv read every line after it, up to the next quote or
-    the end of the file, as that one row's text: those rows are lost and one long text is trained on. Said where a
-    text's lines after its first read as rows of the table themselves (its width, a known label in the label column):
-    all of them, or SWALLOWED_ROWS of them. A text that merely spans lines (an address, a letter) is not, even if
-    one of its lines happens to read as a row."""
-    labels = {label for _, label in pairs}
+    the end of the file, as part of that one row: those rows are lost, and one long text is trained on (or the row
+    is skipped, short of columns). Said where a row's lines after its first read as rows of the table themselves
+    (its width, a known label in the label column): two or more, and all of them or SWALLOWED_ROWS. A text that
+    merely spans lines (an address, a review that ends `I give it 10/10, 1`) is not, even if one of its lines
+    happens to read as a row."""
     found = []
-    for (text, _), line in zip(pairs, starts):
-        spanned = text.splitlines()[1:]
+    for line, row in rows:
+        spanned = _physical_lines(delimiter.join(row))[1:]
         inner = [part for part in spanned if part.strip()]
-        if not inner:
-            continue
         as_rows = [cells for cells in csv.reader(inner, delimiter=delimiter) if len(cells) == width]
         count = sum(1 for cells in as_rows if cells[label_at].strip() in labels)
-        if count == len(inner) or count >= SWALLOWED_ROWS:
+        if count >= 2 and (count == len(inner) or count >= SWALLOWED_ROWS):
             found.append((line, len(spanned), count))
     if not found:
         return ()
@@ -207,7 +229,7 @@ def _swallowed_rows(
     more = f" ({len(found) - 1} more such row(s) after it)" if len(found) > 1 else ""
     return (
         f"{path}:{line}: a quote opened in this row runs over {spans} more line(s), {count} of which read as rows of their "
-        f"own, so they are trained as part of this one text{more}; close the quote, or save the table as TSV (read "
+        f"own, so they are read as part of this one row{more}; close the quote, or save the table as TSV (read "
         "without quotes)",
     )
 
@@ -215,17 +237,18 @@ def _swallowed_rows(
 def _classes(table: Table, path: Path) -> tuple[str, ...]:
     pairs = table.pairs
     counts = Counter(label for _, label in pairs)
+    also = f"; {table.cautions[0]}" if table.cautions else table.open_quote  # rows a quote swallowed may be why
     if len(counts) < 2:
-        raise ThawError(f"{path} has {len(counts)} label value(s) ({', '.join(counts)}); classification needs at least 2")
+        raise ThawError(f"{path} has {len(counts)} label value(s) ({', '.join(counts)}); classification needs at least 2{also}")
     if len(counts) > max(100, len(pairs) // 2):
-        raise ThawError(f"{path}: {len(counts)} distinct labels in {len(pairs)} rows; is --label-column the right column?")
+        raise ThawError(f"{path}: {len(counts)} distinct labels in {len(pairs)} rows; is --label-column the right column?{also}")
     few = [name for name, count in counts.items() if count < 2]
     if few:
-        header = table.unnamed_first_row  # a header of names thaw does not know (`msg,tag`) is read as a row
-        hint = "" if header is None or pairs[0][1] not in few else (
-            f"; if line 1 ({', '.join(header)}) is a header, name its columns with --text-column and --label-column (TextColumns in Python)"
+        first = table.unnamed_first_row  # a header of names thaw does not know (`msg,tag`) is read as a row
+        hint = "" if first is None or pairs[0][1] not in few else (
+            f"; if line {first[0]} ({', '.join(first[1])}) is a header, name its columns with --text-column and --label-column (TextColumns in Python)"
         )
-        raise ThawError(f"{path}: label(s) {', '.join(few[:5])} occur once; each class needs 2 rows to be split into train and val{hint}")
+        raise ThawError(f"{path}: label(s) {', '.join(few[:5])} occur once; each class needs 2 rows to be split into train and val{hint}{also}")
     return tuple(sorted(counts))
 
 
@@ -251,16 +274,17 @@ def load_text_data(
 
 
 def _repeated_texts(train: list[TextSample], val: list[TextSample], test: tuple[TextSample, ...] | None) -> tuple[str, ...]:
-    """Texts held out for val or test that also sit in train (a table with repeated rows: SMS collections have
-    hundreds): those scores are partly scores on training data, too high. Said, not removed: the table is the user's."""
+    """Texts held out for val or test that also sit in train, where they are REPEATS_SHARE of the split or more (a
+    table with repeated rows: the SMS collection has hundreds): those scores are then partly scores on training data,
+    too high. Said, not removed: short texts (`ok`, `thanks`) may recur on purpose, and the table is the user's."""
     seen = {text.strip() for text, _ in train}
     found = []
     for name, held in (("val", val), ("test", test or ())):
         repeated = sum(1 for text, _ in held if text.strip() in seen)
-        if repeated:
+        if repeated and repeated >= REPEATS_SHARE * len(held):
             found.append(
                 f"{repeated} of the {len(held)} {name} texts also appear in train (repeated rows in the table), so {name} "
-                "scores are partly scores on training data; remove the repeats from the table for a fair score"
+                "scores are partly scores on training data; if they are copies, remove them for a fair score"
             )
     return tuple(found)
 

@@ -165,11 +165,15 @@ def check_max_length(max_length: object, tokenizer: object = None) -> None:
 
 
 def readable_tokens(encoder: nn.Module, tokenizer: object) -> int:
-    """The most tokens the model reads: its position embeddings (a longer input is a shape error inside the model,
-    not a truncation), and the tokenizer's own limit where it sets one (RoBERTa's 512 of 514 positions)."""
-    limits = [getattr(tokenizer, "model_max_length", None), getattr(getattr(encoder, "config", None), "max_position_embeddings", None)]
-    found = [limit for limit in limits if isinstance(limit, int) and not isinstance(limit, bool) and limit > 0]
-    return min(found, default=sys.maxsize)
+    """The most tokens the model reads: the rows of its absolute position embeddings (a longer input is a shape error
+    inside the model, not a truncation), less the rows before the first position where positions start after the
+    padding index (RoBERTa, MPNet: 514 rows, 512 positions); and the tokenizer's own limit where it sets one. A model
+    without such a table (DeBERTa-v2/v3's relative positions) reads any length its tokenizer allows."""
+    table = getattr(getattr(encoder, "embeddings", None), "position_embeddings", None)
+    found = [getattr(tokenizer, "model_max_length", None)]
+    if isinstance(table, nn.Embedding):
+        found.append(table.num_embeddings - (table.padding_idx + 1 if table.padding_idx is not None else 0))
+    return min((limit for limit in found if isinstance(limit, int) and not isinstance(limit, bool) and limit > 0), default=sys.maxsize)
 
 
 def build_text_model(

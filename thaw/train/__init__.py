@@ -55,6 +55,7 @@ def train_images(
     `out` must not hold a run already, unless `resume` (continue it) or `overwrite` (replace it)."""
     plan = plan or default_strategy("image")
     _check_call_types({"data_path": data_path, "out": out}, {"val_split": val_split}, callbacks, step_hooks)
+    val_split = float(val_split)  # numpy's float32 is no JSON number: thaw.json could not be written at the run's end
     _check_arguments(plan, plan_options, config, resume)
     check_plan_before_data(model, weights, "image", plan, plan_options)  # a typo in stage 2 stops nothing half-done
     if not resume:
@@ -152,6 +153,7 @@ def train_text(
     `val_split` of the rest picks the best epoch. `resume` and `overwrite` as for train_images.
     """
     _check_call_types({"data_path": data_path, "out": out}, {"val_split": val_split, "test_split": test_split}, callbacks, step_hooks)
+    val_split, test_split = float(val_split), float(test_split)  # as in train_images: thaw.json records them
     _check_arguments(plan, plan_options, config, resume)
     check_image_augments(config, "text", resumed=resume)  # before the table is read and the model built
     check_plan_before_data(model, None, "text", plan, plan_options)
@@ -173,8 +175,9 @@ def train_text(
 
 def _check_call_types(paths: dict[str, object], shares: dict[str, object], callbacks: object, step_hooks: object) -> None:
     """The Python API's arguments of the wrong type, one line each, before any work: they ended in Python's own
-    TypeError from deep inside (`out=None`, `val_split="0.2"`, `callbacks=print`). An empty path is refused as the
-    CLI refuses it: an unset variable, that would be the current folder."""
+    TypeError from deep inside (`out=None`, `val_split="0.2"`, `callbacks=print`). An empty string as a path is
+    refused as the CLI refuses it: an unset variable, that would be the current folder. Shares of another number
+    type (numpy's float32) are taken: the callers turn them into floats, which thaw.json can record."""
     for name, value in paths.items():
         if not isinstance(value, (str, os.PathLike)) or not str(value).strip():
             raise ThawError(f"{name} must be a path (a str or pathlib.Path) that is not empty, got {value!r}")

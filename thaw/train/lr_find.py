@@ -20,6 +20,7 @@ from thaw.train.fit import choose_engine
 from thaw.plan import enter_stage
 
 SMOOTHING = 0.9  # exponential moving average of the loss, as fastai and Leslie Smith do
+START_STEPS = 5  # the curve's start: the highest of its first smoothed values
 FLAT_FALL = 0.05  # of the starting loss: a smaller fall over the whole range is no fall to suggest an lr from
 
 
@@ -58,14 +59,17 @@ def lr_range_test(
 
 
 def suggest(lrs: list[float], losses: list[float]) -> float | None:
-    """The lr where the smoothed loss falls fastest (per log-lr), before its minimum; None where it never falls by
-    FLAT_FALL of where it started (a flat or rising curve: its steepest step is noise, and no lr to train with)."""
+    """The lr where the smoothed loss falls fastest (per log-lr), between where it started and its minimum after
+    that; None where it never falls by FLAT_FALL of where it started (a flat or rising curve: its steepest step is
+    noise, and no lr to train with). Where it started is the highest of its first START_STEPS values: the first
+    is one batch's loss alone (the average's bias correction), which may sit well below the curve."""
     if len(lrs) < 5:
         raise ThawError("lr-find ran too few steps to suggest an lr; use more data or --steps")
-    stop = min(range(len(losses)), key=losses.__getitem__)
-    if not losses[0] - losses[stop] >= FLAT_FALL * abs(losses[0]):
+    start = max(range(min(START_STEPS, len(losses))), key=losses.__getitem__)
+    stop = min(range(start, len(losses)), key=losses.__getitem__)
+    if not losses[start] - losses[stop] >= FLAT_FALL * abs(losses[start]):
         return None
-    window = range(1, max(2, stop))
+    window = range(start + 1, max(start + 2, stop))
     slopes = [(losses[i] - losses[i - 1]) / (math.log(lrs[i]) - math.log(lrs[i - 1])) for i in window]
     steepest = min(range(len(slopes)), key=slopes.__getitem__)
     return lrs[list(window)[steepest]]
