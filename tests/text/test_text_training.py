@@ -141,3 +141,15 @@ def test_a_max_length_past_the_models_positions_is_cut_to_them_and_said(
     assert adapter.preprocessing.max_length == 128 and meta["max_length"] == 300
     train_text(table, model=str(tiny_encoder), out=tmp_path / "fits", plan="feature-extract", plan_options={"epochs": 1}, config=config, max_length=128)
     assert "warning" not in capsys.readouterr().err
+
+
+def test_the_bar_of_a_text_run_counts_texts(tmp_path: Path, tiny_encoder: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from tests.train.test_progress import Terminal
+
+    terminal = Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    table = write_text_table(tmp_path / "t.tsv")
+    train_text(table, model=str(tiny_encoder), out=tmp_path / "run", plan="two-phase", plan_options={"epochs": 1, "head_epochs": 1},
+               config=TrainConfig(batch_size=8, seed=3))
+    shown = terminal.getvalue()
+    assert " texts/s, plan left" in shown and "img/s" not in shown
