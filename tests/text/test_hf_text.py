@@ -130,3 +130,37 @@ def _encoder_with(positions: nn.Module | None) -> nn.Module:
 def test_readable_tokens_are_what_the_position_table_and_tokenizer_allow(positions, tokenizer_limit, expected) -> None:
     tokenizer = SimpleNamespace(model_max_length=tokenizer_limit) if tokenizer_limit else object()
     assert readable_tokens(_encoder_with(positions), tokenizer) == expected
+
+
+TINY = {"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 37, "vocab_size": 100, "max_position_embeddings": 16}
+
+
+@pytest.mark.parametrize(
+    ("model_type", "options", "readable"),
+    [
+        ("bert", TINY, 16),
+        ("roberta", TINY, 14),  # positions start after the padding index
+        ("distilbert", {"dim": 32, "n_layers": 1, "n_heads": 2, "hidden_dim": 37, "vocab_size": 100, "max_position_embeddings": 16}, 16),
+        ("xlm", {"emb_dim": 32, "n_layers": 1, "n_heads": 2, "vocab_size": 100, "max_position_embeddings": 16}, 16),  # the model's own table
+        ("yoso", TINY, 16),  # a table of 18 rows that reads 16
+        ("deberta-v2", TINY | {"relative_attention": True, "position_biased_input": False}, None),  # relative positions: any length
+    ],
+)
+def test_readable_tokens_of_real_encoders_are_the_longest_input_they_take(model_type: str, options: dict, readable: int | None) -> None:
+    from transformers import AutoConfig, AutoModel
+
+    encoder = AutoModel.from_config(AutoConfig.for_model(model_type, **options)).eval()
+
+    def takes(length: int) -> bool:
+        try:
+            with torch.no_grad():
+                encoder(input_ids=torch.full((1, length), 5), attention_mask=torch.ones(1, length, dtype=torch.long))
+        except (IndexError, RuntimeError):
+            return False
+        return True
+
+    found = readable_tokens(encoder, object())
+    if readable is None:
+        assert found == sys.maxsize and takes(40)  # past max_position_embeddings
+    else:
+        assert found == readable and takes(readable) and not takes(readable + 1)

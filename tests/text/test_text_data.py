@@ -283,3 +283,24 @@ def test_the_header_hint_names_the_line_the_header_is_on(tmp_path: Path) -> None
     table.write_text("\n\nmsg,tag\nwin cash,spam\nsee you,ham\nfree prize,spam\nlunch?,ham\n")
     with pytest.raises(ThawError, match=r"if line 3 \(msg, tag\) is a header"):
         load_text_data(table)
+
+
+def test_a_label_column_past_the_common_width_does_not_break_the_quote_check(tmp_path: Path) -> None:
+    table = tmp_path / "t.csv"  # most rows have 2 columns; the label is the third, in the rows that have one
+    table.write_text("x,y\n" * 6 + 'a,b,ham\nc,d,spam\ne,f,ham\ng,h,spam\n"m\np,q\nz",r\n')
+    pairs, skipped = read_table(table, TextColumns(text=0, label=2))
+    assert len(pairs) == 4 and len(skipped) == 7
+
+
+def test_a_closed_two_line_quote_is_not_named_as_left_open(tmp_path: Path) -> None:
+    table = tmp_path / "t.csv"
+    table.write_text('text,label\n"Dear sir,\nthanks",0\nhi,0\nyo,1\nbye,1\nrare,2\n')
+    with pytest.raises(ThawError, match=r"label\(s\) 2 occur once; each class needs 2 rows to be split into train and val$"):
+        load_text_data(table)
+
+
+def test_a_headerless_table_whose_first_line_opens_a_quote_says_so(tmp_path: Path) -> None:
+    table = tmp_path / "t.csv"
+    table.write_text('"Hello,ham\nwin,spam\nok,ham\n')
+    with pytest.raises(ThawError, match="it has one .*; line 1 opens a quote that runs over 2 more line"):
+        read_table(table)

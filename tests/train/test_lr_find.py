@@ -1,44 +1,65 @@
-"""The lr suggestion: the steepest fall of the smoothed loss, and none where the loss never falls."""
+"""The lr suggestion: the steepest fall of the smoothed loss, and none where the loss never falls past its noise."""
 
 from __future__ import annotations
+
+import random
 
 import pytest
 
 from thaw.errors import ThawError
-from thaw.train.lr_find import FLAT_FALL, suggest
+from thaw.train.lr_find import FLAT_FALL, batch_losses, smoothed_losses, suggest
 
-LRS = [10 ** (-7 + index * 0.5) for index in range(15)]
+LRS = [1e-7 * 1e7 ** (index / 99) for index in range(100)]
 
 
-def test_the_suggestion_is_where_the_loss_falls_fastest_before_its_minimum() -> None:
-    losses = [2.0, 1.99, 1.95, 1.6, 1.0, 0.9, 0.85, 0.8, 0.82, 1.0, 1.5, 3.0, 6.0, 9.0, 12.0]
-    assert suggest(LRS, losses) == LRS[4]  # 1.6 -> 1.0, the largest drop; the rise past the minimum is not looked at
+def falling(noise: float, seed: int) -> list[float]:
+    """Batch losses flat at 0.7, falling to 0.2 from step 40 to 60, flat, then exploding from step 80."""
+    rng = random.Random(seed)
+    level = [0.7 if i < 40 else max(0.2, 0.7 - 0.025 * (i - 40)) if i < 80 else 0.2 + 0.2 * (i - 80) for i in range(100)]
+    return [value + rng.gauss(0, noise) for value in level]
+
+
+def test_the_curve_is_undone_into_its_batch_losses() -> None:
+    batch = [0.7, 1.3, 0.2, 0.9, 0.4]
+    assert batch_losses(smoothed_losses(batch)) == pytest.approx(batch)
+
+
+def test_the_suggestion_is_on_the_fall_before_the_minimum() -> None:
+    suggestion = suggest(LRS, smoothed_losses(falling(0.0, 0)))
+    assert LRS[40] <= suggestion <= LRS[60]  # where the loss falls; the explosion past step 80 is not looked at
 
 
 @pytest.mark.parametrize(
-    "losses",
+    "batch",
     [
-        [0.693] * 15,  # flat: nothing learnt
-        [0.693 + 0.001 * ((-1) ** index) for index in range(15)],  # flat with noise, whose steepest step is a jitter
-        [0.7 + 0.05 * index for index in range(15)],  # rising from the first step
-        [1.0 - (FLAT_FALL * 0.9) * index / 14 for index in range(15)],  # falls, but by less than FLAT_FALL of its start
+        [0.693] * 100,  # flat: nothing learnt
+        [0.7 + 0.005 * index for index in range(100)],  # rising from the first step
+        [1.0 - (FLAT_FALL * 0.8) * index / 99 for index in range(100)],  # falls, but by less than FLAT_FALL of its start
     ],
+    ids=["flat", "rising", "small-fall"],
 )
-def test_a_loss_that_never_falls_by_flat_fall_gets_no_suggestion(losses: list[float]) -> None:
-    assert suggest(LRS, losses) is None
+def test_a_loss_that_never_falls_gets_no_suggestion(batch: list[float]) -> None:
+    assert suggest(LRS, smoothed_losses(batch)) is None
 
 
-def test_a_fall_of_flat_fall_or_more_gets_one() -> None:
-    losses = [1.0 - (FLAT_FALL * 1.2) * index / 14 for index in range(15)]
-    assert suggest(LRS, losses) in LRS
+@pytest.mark.parametrize("noise", [0.05, 0.1, 0.2])
+def test_a_flat_curve_with_batch_noise_seldom_gets_one(noise: float) -> None:
+    """Its lowest point lies below its level by noise alone: measured from the first batch, or by 5% alone, half of
+    such curves got an lr (the review's simulation); here at most 3 of 100 do."""
+    suggested = 0
+    for seed in range(100):
+        rng = random.Random(seed)
+        suggested += suggest(LRS, smoothed_losses([1.0 + rng.gauss(0, noise) for _ in range(100)])) is not None
+    assert suggested <= 3
+
+
+def test_a_real_fall_in_batch_noise_gets_one() -> None:
+    suggestions = [suggest(LRS, smoothed_losses(falling(noise, seed))) for noise in (0.05, 0.1) for seed in range(20)]
+    assert None not in suggestions
+    # At a noise of 0.05 the steepest step is on the fall; at 0.1 a step of noise may be steeper (as in any such rule).
+    assert all(LRS[30] <= suggestion <= LRS[70] for suggestion in suggestions[:20])
 
 
 def test_too_few_steps_are_one_line() -> None:
     with pytest.raises(ThawError, match="too few steps"):
         suggest(LRS[:4], [1.0, 0.9, 0.8, 0.7])
-
-
-def test_a_first_batch_below_the_curve_does_not_hide_its_fall() -> None:
-    """The first smoothed value is one batch's loss: a lucky batch below the curve made a real fall look like none."""
-    losses = [0.45, 1.0, 1.0, 0.99, 0.98, 0.9, 0.8, 0.5, 0.45, 0.44, 0.6, 1.0, 2.0, 3.0, 4.0]
-    assert suggest(LRS, losses) == LRS[7]  # 0.8 -> 0.5; measured from 0.45, the fall to 0.44 was "no fall"

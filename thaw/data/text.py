@@ -32,6 +32,7 @@ TextSample = tuple[str, int]
 TEXT_HEADERS = ("text", "sentence", "message", "sms", "review", "content")
 LABEL_HEADERS = ("label", "labels", "class", "category", "target")
 REPEATS_SHARE = 0.01  # of a held-out split, found in train: below it, a few recurring short texts are no leak to speak of
+OPEN_QUOTE_LINES = 2  # line ends inside one row, for an error to name it as a quote perhaps left open
 SWALLOWED_ROWS = 3  # lines of one text that read as rows of the table: past this, a quote was surely left open
 LENGTH_GROUP_BATCHES = 50  # batches per length-sorted chunk (the HF Trainer's group_by_length uses 50 too)
 
@@ -111,7 +112,7 @@ def _column_index(header: list[str] | None, wanted: str | int, what: str, path: 
     return names.index(wanted)
 
 
-def _guess_columns(rows: list[list[str]], header: list[str] | None, path: Path, delimiter: str) -> tuple[int, int]:
+def _guess_columns(rows: list[list[str]], header: list[str] | None, path: Path, delimiter: str, quote_hint: str = "") -> tuple[int, int]:
     """(text, label) positions: header names first, else the column with the fewest distinct values is the label."""
     if header:
         lowered = [cell.strip().lower() for cell in header]
@@ -124,7 +125,7 @@ def _guess_columns(rows: list[list[str]], header: list[str] | None, path: Path, 
     sample = [row for row in sample if len(row) == width]
     if width < 2:
         shown = "tab" if delimiter == "\t" else repr(delimiter)
-        raise ThawError(f"{path}: the table needs a text column and a label column; split by {shown}, it has one (another delimiter? --delimiter)")
+        raise ThawError(f"{path}: the table needs a text column and a label column; split by {shown}, it has one (another delimiter? --delimiter){quote_hint}")
     distinct = [len({row[i] for row in sample}) for i in range(width)]
     label = distinct.index(min(distinct))
     lengths = [sum(len(row[i]) for row in sample) for i in range(width)]
@@ -163,19 +164,21 @@ def _read_table(path: Path, columns: TextColumns) -> Table:
     header, body, lines = (rows[0], rows[1:], lines[1:]) if has_header else (None, rows, lines)
     if not body:
         raise ThawError(f"{path} has a header but no rows")
-    guessed = _guess_columns(body, header, path, delimiter) if columns.text is None or columns.label is None else (0, 0)
+    spanning = _rows_spanning_lines(body, lines, delimiter)
+    quote_hint = _open_quote(spanning)
+    guessed = _guess_columns(body, header, path, delimiter, quote_hint) if columns.text is None or columns.label is None else (0, 0)
     text_at = guessed[0] if columns.text is None else _column_index(header, columns.text, "text", path)
     label_at = guessed[1] if columns.label is None else _column_index(header, columns.label, "label", path)
     widest = max(len(row) for row in body)
     for what, at in (("text", text_at), ("label", label_at)):
         if at >= widest:
-            raise ThawError(f"{path}: --{what}-column {at} is past its last column (the table has {widest}: 0 to {widest - 1}){_open_quote(body, lines, delimiter)}")
+            raise ThawError(f"{path}: --{what}-column {at} is past its last column (the table has {widest}: 0 to {widest - 1}){quote_hint}")
     if text_at == label_at:
         raise ThawError(f"{path}: the text and the label are the same column ({text_at}); give them different --text-column and --label-column")
     pairs, skipped, starts = [], [], []
     for line, row in zip(lines, body):
         if max(text_at, label_at) >= len(row):
-            spans = len(_physical_lines(delimiter.join(row))) - 1
+            spans = spanning.get(line)
             quote = f"; a quote opened on this line runs over {spans} more line(s)" if spans else ""
             skipped.append((f"{path}:{line}", f"{len(row)} column(s), expected at least {max(text_at, label_at) + 1}{quote}"))
         elif not row[text_at].strip() or not row[label_at].strip():
@@ -185,9 +188,9 @@ def _read_table(path: Path, columns: TextColumns) -> Table:
             starts.append(line)
     width = Counter(len(row) for row in body).most_common(1)[0][0]
     labels = {label for _, label in pairs}
-    cautions = _swallowed_rows(list(zip(lines, body)), labels, path, delimiter, width, label_at)
+    cautions = _swallowed_rows([(line, row) for line, row in zip(lines, body) if line in spanning], labels, path, delimiter, width, label_at)
     first_row = (lines[0], body[0]) if not has_header and starts[:1] == lines[:1] else None
-    return Table(pairs, skipped, cautions, first_row, _open_quote(body, lines, delimiter))
+    return Table(pairs, skipped, cautions, first_row, quote_hint)
 
 
 def _physical_lines(text: str) -> list[str]:
@@ -196,14 +199,25 @@ def _physical_lines(text: str) -> list[str]:
     return re.split(r"\r\n|\r|\n", text.rstrip("\r\n"))
 
 
-def _open_quote(body: list[list[str]], lines: list[int], delimiter: str) -> str:
-    """For an error about the table's shape: the first row that spans lines, where a quote left open may have
-    swallowed the rest of the file into one cell."""
-    for line, row in zip(lines, body):
-        spans = len(_physical_lines(delimiter.join(row))) - 1
-        if spans:
-            return f"; line {line} opens a quote that runs over {spans} more line(s): close it if it was left open"
-    return ""
+def _rows_spanning_lines(body: list[list[str]], lines: list[int], delimiter: str) -> dict[int, int]:
+    """{line a row starts on: the line ends inside it}, for the rows that hold one (quoted cells); the rest are not
+    looked at twice, since a large table is mostly one-line rows."""
+    return {
+        line: len(_physical_lines(delimiter.join(row))) - 1
+        for line, row in zip(lines, body) if any("\n" in cell or "\r" in cell for cell in row)
+    }
+
+
+def _open_quote(spanning: dict[int, int]) -> str:
+    """For an error about the table's shape or its labels: the row that spans the most lines, where it spans
+    OPEN_QUOTE_LINES or more. A quote left open swallows the rest of the file, or up to the next quote, into one
+    cell: a row of many lines. A text of two lines (a letter's greeting) is not named."""
+    if not spanning:
+        return ""
+    line = max(spanning, key=spanning.__getitem__)
+    if spanning[line] < OPEN_QUOTE_LINES:
+        return ""
+    return f"; line {line} opens a quote that runs over {spanning[line]} more line(s): close it if it was left open"
 
 
 def _swallowed_rows(
@@ -219,7 +233,7 @@ def _swallowed_rows(
     for line, row in rows:
         spanned = _physical_lines(delimiter.join(row))[1:]
         inner = [part for part in spanned if part.strip()]
-        as_rows = [cells for cells in csv.reader(inner, delimiter=delimiter) if len(cells) == width]
+        as_rows = [cells for cells in csv.reader(inner, delimiter=delimiter) if len(cells) == width and label_at < width]
         count = sum(1 for cells in as_rows if cells[label_at].strip() in labels)
         if count >= 2 and (count == len(inner) or count >= SWALLOWED_ROWS):
             found.append((line, len(spanned), count))

@@ -165,14 +165,19 @@ def check_max_length(max_length: object, tokenizer: object = None) -> None:
 
 
 def readable_tokens(encoder: nn.Module, tokenizer: object) -> int:
-    """The most tokens the model reads: the rows of its absolute position embeddings (a longer input is a shape error
-    inside the model, not a truncation), less the rows before the first position where positions start after the
-    padding index (RoBERTa, MPNet: 514 rows, 512 positions); and the tokenizer's own limit where it sets one. A model
-    without such a table (DeBERTa-v2/v3's relative positions) reads any length its tokenizer allows."""
-    table = getattr(getattr(encoder, "embeddings", None), "position_embeddings", None)
+    """The most tokens the model reads. Where it has a table of absolute positions (an embedding named
+    `*position_embeddings`: `embeddings.` in BERT's family, the model's own in XLM's), a longer input is a shape
+    error inside the model, not a truncation: the table's rows, less those before the first position where positions
+    start after the padding index (RoBERTa, MPNet: 514 rows, 512 positions), and at most the config's
+    max_position_embeddings (YOSO's table has 2 rows more than it reads, with no padding index). A model with no such
+    table (DeBERTa-v2/v3's relative positions) reads any length its tokenizer allows. The tokenizer's own limit,
+    where it sets one, holds too."""
     found = [getattr(tokenizer, "model_max_length", None)]
-    if isinstance(table, nn.Embedding):
+    tables = [module for name, module in encoder.named_modules() if name.endswith("position_embeddings") and isinstance(module, nn.Embedding)]
+    if tables:
+        table = tables[0]
         found.append(table.num_embeddings - (table.padding_idx + 1 if table.padding_idx is not None else 0))
+        found.append(getattr(getattr(encoder, "config", None), "max_position_embeddings", None))
     return min((limit for limit in found if isinstance(limit, int) and not isinstance(limit, bool) and limit > 0), default=sys.maxsize)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import statistics
 from pathlib import Path
 
 import torch
@@ -20,7 +21,8 @@ from thaw.train.fit import choose_engine
 from thaw.plan import enter_stage
 
 SMOOTHING = 0.9  # exponential moving average of the loss, as fastai and Leslie Smith do
-START_STEPS = 5  # the curve's start: the highest of its first smoothed values
+NOISE_STEPS = 10  # first steps whose batch losses give the start level and the batch-to-batch noise (a tenth of a short test)
+NOISE_SIGMAS = 4  # a flat curve's lowest point over 100 steps lies about 3 of its own spreads below its level
 FLAT_FALL = 0.05  # of the starting loss: a smaller fall over the whole range is no fall to suggest an lr from
 
 
@@ -59,20 +61,43 @@ def lr_range_test(
 
 
 def suggest(lrs: list[float], losses: list[float]) -> float | None:
-    """The lr where the smoothed loss falls fastest (per log-lr), between where it started and its minimum after
-    that; None where it never falls by FLAT_FALL of where it started (a flat or rising curve: its steepest step is
-    noise, and no lr to train with). Where it started is the highest of its first START_STEPS values: the first
-    is one batch's loss alone (the average's bias correction), which may sit well below the curve."""
+    """The lr where the smoothed loss falls fastest (per log-lr), between the first steps and its minimum; None where the loss never falls
+    below where it started by FLAT_FALL of it and by NOISE_SIGMAS of the smoothed curve's own noise (a flat or
+    rising curve, whose lowest point is noise, as is its steepest step). Where it started, and how much the loss
+    varies from batch to batch, are read off the batch losses of the first steps, at lrs too small to change much."""
     if len(lrs) < 5:
         raise ThawError("lr-find ran too few steps to suggest an lr; use more data or --steps")
-    start = max(range(min(START_STEPS, len(losses))), key=losses.__getitem__)
-    stop = min(range(start, len(losses)), key=losses.__getitem__)
-    if not losses[start] - losses[stop] >= FLAT_FALL * abs(losses[start]):
+    first = batch_losses(losses)[: max(3, min(NOISE_STEPS, len(losses) // 10))]
+    level, spread = statistics.fmean(first), statistics.pstdev(first)
+    # The curve's own spread (an average's) and the level's (a mean of few batches); the curve's first values, barely
+    # averaged yet, are as noisy as one batch: its lowest point is looked for after them.
+    noise = math.hypot(spread * math.sqrt((1 - SMOOTHING) / (1 + SMOOTHING)), spread / math.sqrt(len(first)))
+    stop = min(range(len(first), len(losses)), key=losses.__getitem__, default=len(losses) - 1)
+    if not level - losses[stop] >= max(FLAT_FALL * abs(level), NOISE_SIGMAS * noise):
         return None
-    window = range(start + 1, max(start + 2, stop))
+    window = range(len(first), max(len(first) + 1, stop))  # steps whose slope is taken from the one before
     slopes = [(losses[i] - losses[i - 1]) / (math.log(lrs[i]) - math.log(lrs[i - 1])) for i in window]
     steepest = min(range(len(slopes)), key=slopes.__getitem__)
     return lrs[list(window)[steepest]]
+
+
+def smoothed_losses(batch: list[float]) -> list[float]:
+    """The curve lr-find draws: an exponential moving average of the batch losses, corrected for its start at 0."""
+    curve, average = [], 0.0
+    for step, loss in enumerate(batch):
+        average = SMOOTHING * average + (1 - SMOOTHING) * loss
+        curve.append(average / (1 - SMOOTHING ** (step + 1)))
+    return curve
+
+
+def batch_losses(curve: list[float]) -> list[float]:
+    """The batch losses a smoothed curve was made of (smoothed_losses undone)."""
+    batch, before = [], 0.0
+    for step, value in enumerate(curve):
+        average = value * (1 - SMOOTHING ** (step + 1))
+        batch.append((average - SMOOTHING * before) / (1 - SMOOTHING))
+        before = average
+    return batch
 
 
 def plot_lr_find(lrs: list[float], losses: list[float], suggestion: float | None, path: Path) -> Path:
