@@ -149,7 +149,7 @@ class Table:
     skipped: list[tuple[str, str]]
     cautions: tuple[str, ...]
     unnamed_first_row: tuple[int, list[str]] | None = None
-    open_quote: str = ""  # the first row that spans lines, for an error about too few labels: a quote may be why
+    open_quote: str = ""  # the row of most lines (2 or more), for an error about too few labels: a quote may be why
 
 
 def _read_table(path: Path, columns: TextColumns) -> Table:

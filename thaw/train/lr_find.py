@@ -50,8 +50,7 @@ def lr_range_test(
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
-            average = SMOOTHING * average + (1 - SMOOTHING) * loss.item()
-            smoothed = average / (1 - SMOOTHING ** (len(lrs) + 1))
+            average, smoothed = smoothing_step(average, loss.item(), len(lrs))
             lrs.append(lr)
             losses.append(smoothed)
             best = min(best, smoothed)
@@ -85,9 +84,16 @@ def smoothed_losses(batch: list[float]) -> list[float]:
     """The curve lr-find draws: an exponential moving average of the batch losses, corrected for its start at 0."""
     curve, average = [], 0.0
     for step, loss in enumerate(batch):
-        average = SMOOTHING * average + (1 - SMOOTHING) * loss
-        curve.append(average / (1 - SMOOTHING ** (step + 1)))
+        average, smoothed = smoothing_step(average, loss, step)
+        curve.append(smoothed)
     return curve
+
+
+def smoothing_step(average: float, loss: float, step: int) -> tuple[float, float]:
+    """The moving average after one more batch loss, and the curve's value: the average corrected for its start at 0.
+    The one formula lr_range_test draws with and batch_losses undoes."""
+    average = SMOOTHING * average + (1 - SMOOTHING) * loss
+    return average, average / (1 - SMOOTHING ** (step + 1))
 
 
 def batch_losses(curve: list[float]) -> list[float]:
