@@ -22,6 +22,27 @@ def test_split_folders_with_any_val_name(tmp_path: Path) -> None:
     assert data.layout == "split folders (train/, valid/, test/)"  # the run's first line shows which folders it read
 
 
+def test_a_folder_of_class_folders_beside_train_that_is_no_split_is_named_as_not_read(tmp_path: Path) -> None:
+    """dev/ or holdout/ beside train/ may be the user's val or test split; thaw reads neither, and says so. Other
+    folders (runs kept beside the data, docs) are no split and not mentioned."""
+    write_class_images(tmp_path / "train", per_class=4)
+    assert discover(tmp_path).notes == ()
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "README.txt").write_text("not a split")  # files only: no split of class folders
+    (tmp_path / ".cache" / "red").mkdir(parents=True)  # hidden: never data
+    (tmp_path / "runs" / "first" / "feature-cache").mkdir(parents=True)  # a run folder kept beside the data
+    assert discover(tmp_path).notes == ()
+    write_class_images(tmp_path / "dev", per_class=2)
+    data = discover(tmp_path)
+    assert len(data.val) == 3 and {path.parts[-3] for path, _ in data.train + data.val} == {"train"}  # dev/ is not read
+    assert data.notes == (
+        "dev/ beside train/ is not read: thaw reads train/, val/ (or valid/, validation/) and test/; "
+        "rename a folder to val/ or test/ if it is one of those",
+    )
+    write_class_images(tmp_path / "holdout", per_class=2)
+    assert discover(tmp_path).notes[0].startswith("dev/, holdout/ beside train/ are not read: ")
+
+
 def test_train_and_test_without_val_hold_out_a_seeded_stratified_val_from_train(tmp_path: Path) -> None:
     """Oxford Pets and many Kaggle sets come as train/ and test/: val comes from train/, test/ stays test."""
     write_class_images(tmp_path / "train", per_class=10)

@@ -243,7 +243,31 @@ def _from_split_folders(root: Path, folders: dict[str, Path], val_split: float, 
         train, val = tuple(kept), tuple(held_out)
         given = "train/test" if test is not None else "train only"
         layout = f"split folders ({given}), {val_split:.0%} of train held out as val (seed {seed})"
-    return ImageData(classes, train, val, test, layout, tuple(skipped), split_folders=True, val_from_folder="val" in splits)
+    return ImageData(
+        classes, train, val, test, layout, tuple(skipped), split_folders=True, val_from_folder="val" in splits,
+        cautions=_unread_splits(root, classes),
+    )
+
+
+def _unread_splits(root: Path, classes: tuple[str, ...]) -> tuple[str, ...]:
+    """Folders beside train/ whose names are no split's (dev/, holdout/) but which hold folders named as the classes:
+    thaw does not read them, and the user may have meant one as val or test. A folder of anything else (runs/,
+    mlruns/, docs/) is not a split and not mentioned."""
+    unread = []
+    for folder in _class_folders(root):
+        if folder.name.lower() in SPLIT_NAMES:
+            continue
+        try:
+            if any(child.name in classes and child.is_dir() for child in folder.iterdir()):
+                unread.append(f"{folder.name}/")
+        except OSError:  # unlistable: not data thaw could read either way
+            continue
+    if not unread:
+        return ()
+    return (
+        f"{', '.join(unread)} beside train/ {'is' if len(unread) == 1 else 'are'} not read: thaw reads train/, val/ (or valid/, "
+        "validation/) and test/; rename a folder to val/ or test/ if it is one of those",
+    )
 
 
 def _from_class_folders(root: Path, val_split: float, seed: int, min_classes: int) -> ImageData:
