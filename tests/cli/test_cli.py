@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
+from PIL import Image
 
 from tests.conftest import write_class_images
 from thaw.cli import main
@@ -218,6 +221,31 @@ def test_lr_find_never_writes_over_a_training_image_or_a_runs_file(colours: Path
     kept = listed.read_bytes()
     assert main([*LR_FIND[:1], str(tmp_path / "labels.csv"), *LR_FIND[2:], "--out", str(listed)]) == 2
     assert f"--out {listed} is an image of the data" in capsys.readouterr().err and listed.read_bytes() == kept
+
+
+def test_lr_find_warns_of_the_files_it_leaves_out(colours: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A file that is no image (found as the data is listed) and a truncated JPEG (found as it is decoded) are said on
+    stderr, as train says them; the test runs on the rest. Where no training image decodes: one line, exit 2."""
+    data = tmp_path / "data"
+    shutil.copytree(colours, data)
+    (data / "train" / "red" / "notes.jpg").write_text("not an image")
+    pixels = np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)  # its header is whole in a third
+    Image.fromarray(pixels).save(tmp_path / "whole.jpg", quality=95)
+    whole = (tmp_path / "whole.jpg").read_bytes()
+    (data / "train" / "blue" / "cut.jpg").write_bytes(whole[: len(whole) // 3])
+    assert main([*LR_FIND[:1], str(data), *LR_FIND[2:], "--out", str(tmp_path / "lr.png")]) == 0
+    warned = capsys.readouterr().err.strip().splitlines()
+    assert len(warned) == 2, warned
+    assert warned[0].startswith("thaw: warning: skipped 1 unreadable file(s): ") and "notes.jpg" in warned[0]
+    assert warned[1].startswith("thaw: warning: skipped 1 unreadable file(s): ") and "cut.jpg" in warned[1]
+
+    for image in (data / "train").rglob("*.png"):
+        image.unlink()
+    for name in ("red", "green"):
+        (data / "train" / name / "cut.jpg").write_bytes(whole[: len(whole) // 3])
+    assert main([*LR_FIND[:1], str(data), *LR_FIND[2:], "--out", str(tmp_path / "lr.png")]) == 2
+    said = capsys.readouterr().err.strip().splitlines()
+    assert said[-1] == "thaw: error: lr-find: no training image of the data decoded; check the files (thaw train --strict names the first)"
 
 
 def test_a_run_started_inside_its_data_folder_is_refused_and_leaves_nothing(

@@ -5,12 +5,13 @@ from __future__ import annotations
 import argparse
 import fnmatch
 import json
+import sys
 from pathlib import Path
 
 import torch
 
 from thaw.cli.options import add_model_options, checked_lr, path_text, positive_int
-from thaw.data.folders import discover, would_be_read
+from thaw.data.folders import describe_skipped, discover, would_be_read
 from thaw.data.manifest_check import check_image_table
 from thaw.errors import ThawError
 from thaw.models import build_model
@@ -83,6 +84,12 @@ def check_plot_harms_nothing(out: Path, data: Path) -> None:
         raise ThawError(f"--out {out} is not a regular file (a device or a pipe); name a plot file")
 
 
+def warn_skipped(skipped: tuple[tuple[str, str], ...]) -> None:
+    """Unreadable files are left out of the test, with a warning on stderr (stdout carries the result, or its JSON)."""
+    if skipped:
+        print(f"thaw: warning: {describe_skipped(skipped)}", file=sys.stderr, flush=True)
+
+
 def run(args: argparse.Namespace) -> int:
     out = plot_path(args.out, Path(args.data))
     check_image_table(args.data, "thaw lr-find runs on images")
@@ -90,10 +97,15 @@ def run(args: argparse.Namespace) -> int:
     listed = Path(args.data).is_file() and any(path.resolve() == out.resolve() for path, _ in data.everything())
     if listed:  # a manifest's image, wherever it lies (a folder's images: checked above, without a pass over them)
         raise ThawError(f"--out {out} is an image of the data {args.data}; put the plot elsewhere")
+    warn_skipped(data.skipped)  # before the test, as train says it: the user can stop and fix the files
     torch.manual_seed(0)
     adapter = build_model(args.model, weights=args.weights, num_classes=len(data.classes))
     config = TrainConfig(batch_size=args.batch_size, quiet=True)
-    lrs, losses = lr_range_test(adapter, data, train=tuple(args.train), start=args.start, end=args.end, steps=args.steps, config=config)
+    undecodable: list[tuple[str, str]] = []
+    lrs, losses = lr_range_test(
+        adapter, data, train=tuple(args.train), start=args.start, end=args.end, steps=args.steps, config=config, undecodable=undecodable
+    )
+    warn_skipped(tuple(undecodable))
     suggestion = suggest(lrs, losses)
     try:
         picture = plot_lr_find(lrs, losses, suggestion, out)

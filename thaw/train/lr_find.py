@@ -27,9 +27,11 @@ FLAT_FALL = 0.05  # of the starting loss: a smaller fall over the whole range is
 
 
 def lr_range_test(
-    adapter: ModelAdapter, data: ImageData, *, train: tuple[str, ...] = ("head",), start: float = 1e-7, end: float = 1.0, steps: int = 100, config: TrainConfig = TrainConfig()
+    adapter: ModelAdapter, data: ImageData, *, train: tuple[str, ...] = ("head",), start: float = 1e-7, end: float = 1.0, steps: int = 100,
+    config: TrainConfig = TrainConfig(), undecodable: list[tuple[str, str]] | None = None,
 ) -> tuple[list[float], list[float]]:
-    """(lrs, smoothed losses), stopping once the loss explodes."""
+    """(lrs, smoothed losses), stopping once the loss explodes. Files whose pixels did not decode (a truncated JPEG:
+    its header passed the listing) are left out of their batch and, once each, appended to `undecodable`."""
     if not (math.isfinite(end) and 0 < start < end <= MAX_LR):
         raise ThawError(f"lr-find needs 0 < start < end <= {MAX_LR:g}, got {start} and {end}")
     engine = choose_engine(config, adapter.model)
@@ -40,7 +42,12 @@ def lr_range_test(
     lrs, losses, average, best = [], [], 0.0, math.inf
     adapter.model.train()
     while len(lrs) < steps:
+        before = len(lrs)
         for batch in make_loader(dataset, batch_size=config.batch_size, shuffle=True, seed=config.seed + len(lrs)):
+            if undecodable is not None:
+                undecodable.extend(failure for failure in batch.failed if failure not in undecodable)
+            if not len(batch.labels):  # every image of the batch failed to decode
+                continue
             lr = start * (end / start) ** (len(lrs) / max(1, steps - 1))
             for group in optimizer.param_groups:
                 group["lr"] = lr
@@ -56,6 +63,8 @@ def lr_range_test(
             best = min(best, smoothed)
             if not math.isfinite(smoothed) or smoothed > 4 * best or len(lrs) >= steps:
                 return lrs, losses
+        if len(lrs) == before:  # a whole pass and no image decoded: another pass would find none either
+            raise ThawError("lr-find: no training image of the data decoded; check the files (thaw train --strict names the first)")
     return lrs, losses
 
 
