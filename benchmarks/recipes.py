@@ -36,7 +36,9 @@ Sets: hymenoptera (its val/ is the test set; a seeded stratified 20% of train/ i
 seed, the same for every recipe), caltech40 (train/val/test as shipped), digits (the demo's set: 8x8 scans at
 96 px, no flips for any recipe since digits are not mirror-symmetric, thaw with the demo's settings).
 Text: SMS spam with all-MiniLM-L6-v2, thaw's two-phase (the text default), feature-extract and lora (20% test held
-out per seed); --text-recipes also head-top-all (the image default).
+out per seed); --text-recipes also head-top-all (the image default). sms-unique: the same table with each text once
+(its first row kept: 414 of the 5,574 rows repeat a text, none with another label), so that no val or test text was
+also trained on; on request (--sets sms-unique).
 
 Each run is a process of its own; one JSON line per run is printed as it ends, then the tables (markdown), which
 are also written to --markdown. Wall time is the run's training, model build and data set-up included, test
@@ -131,6 +133,7 @@ IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 BACKBONES = ("mobilenet_v2", "tf_efficientnet_lite0")
 DIGITS_SIZE = 96  # the demo's size (thaw/demo.py)
 SMS = SHARED_DATA / "sms_spam" / "SMSSpamCollection"
+TEXT_SETS = ("sms", "sms-unique")
 
 
 @functools.cache
@@ -478,7 +481,7 @@ def fastai_row(
     return {"wall_s": wall, "test_accuracy": test_accuracy, "val_accuracy": float(best.best), "precision": "bf16" if bf16 else "fp32"}
 
 
-def text_row(recipe: str, seed: int, quick: bool) -> dict:
+def text_row(recipe: str, seed: int, quick: bool, unique: bool = False) -> dict:
     from thaw.export.inference import evaluate_run
     from thaw.export.run_dir import load_run
     from thaw.train import TrainConfig, train_text
@@ -489,7 +492,7 @@ def text_row(recipe: str, seed: int, quick: bool) -> dict:
     options: dict = {}  # every strategy at its defaults (lora: LoraSpec())
     if quick:
         options |= {"epochs": 1} | ({"head_epochs": 1} if recipe in ("two-phase", "head-top-all") else {})
-    data = SMS if not quick else quick_table()
+    data = quick_table() if quick else unique_table() if unique else SMS
     started, out = time.perf_counter(), scratch(f"sms-{recipe}")
     result = train_text(data, model=model, out=out, plan=recipe, plan_options=options, config=TrainConfig(quiet=True, seed=seed), test_split=0.2)
     wall = time.perf_counter() - started
@@ -499,6 +502,16 @@ def text_row(recipe: str, seed: int, quick: bool) -> dict:
         "wall_s": wall, "test_accuracy": test["accuracy"], "spam_f1": test["per_class_f1"][test["classes"].index("spam")],
         "delivered_epoch": result.best["epoch"], "why": result.best.get("why"), "epochs": len(result.history),
     }
+
+
+def unique_table() -> Path:
+    """SMS with each text once, the first of its rows kept: held-out scores on texts never trained on."""
+    kept: dict[str, str] = {}
+    for line in SMS.read_text(encoding="utf-8").splitlines():
+        kept.setdefault(line.split("\t", 1)[1].strip(), line)
+    path = scratch("sms-unique") / "sms.tsv"
+    path.write_text("\n".join(kept.values()) + "\n", encoding="utf-8")
+    return path
 
 
 def quick_table() -> Path:
@@ -514,8 +527,8 @@ def one_run(job: dict) -> dict:
     """In its own process: one recipe, one set, one seed."""
     offline_torch_home()
     same_allocator()
-    if job["set"] == "sms":
-        return text_row(job["recipe"], job["seed"], job["quick"])
+    if job["set"] in TEXT_SETS:
+        return text_row(job["recipe"], job["seed"], job["quick"], unique=job["set"] == "sms-unique")
     folder, size, flips = prepared_set(job["set"], job["seed"], job["quick"])
     epochs = {"head_epochs": 1, "full_epochs": 1} if job["quick"] else {"head_epochs": 3, "full_epochs": 1 if job["recipe"] == "seed" else 3}
     backbone = job.get("model", "mobilenet_v2")
@@ -540,7 +553,7 @@ def run_in_process(job: dict) -> dict:
 def jobs(args: argparse.Namespace) -> list[dict]:
     planned = []
     for name in args.sets:
-        recipes = args.text_recipes if name == "sms" else args.recipes
+        recipes = args.text_recipes if name in TEXT_SETS else args.recipes
         for recipe in recipes:
             if recipe in AUGMENTING and name == "digits":  # trained unaugmented (the demo's settings)
                 print(f"{recipe} skipped on digits: it trains without augmentation", file=sys.stderr)
@@ -548,7 +561,7 @@ def jobs(args: argparse.Namespace) -> list[dict]:
             seeds = args.seeds if recipe in (*THAW_RECIPES, *TEXT_RECIPES) else args.baseline_seeds
             budget = {"budget": 20.0 if args.quick else args.budget} if recipe.startswith("thaw-budget") else {}
             workers = {"fastai_workers": args.fastai_workers} if recipe.startswith("fastai") else {}
-            model = "all-MiniLM-L6-v2" if name == "sms" else args.model
+            model = "all-MiniLM-L6-v2" if name in TEXT_SETS else args.model
             every = {"every_epoch": True} if args.test_every_epoch and recipe in THAW_RECIPES else {}
             job = {"set": name, "recipe": recipe, "quick": args.quick, "model": model} | budget | workers | every
             planned += [job | {"seed": seed} for seed in seeds]
@@ -600,9 +613,9 @@ def extra_cells(chosen: list[dict]) -> str:
 
 def parse() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sets", nargs="+", choices=(*IMAGE_SETS, "sms"), default=[*IMAGE_SETS, "sms"])
+    parser.add_argument("--sets", nargs="+", choices=(*IMAGE_SETS, *TEXT_SETS), default=[*IMAGE_SETS, "sms"])
     parser.add_argument("--recipes", nargs="+", choices=IMAGE_RECIPES, default=list(DEFAULT_IMAGE_RECIPES))
-    parser.add_argument("--text-recipes", nargs="+", choices=TEXT_RECIPES, default=list(DEFAULT_TEXT_RECIPES), help="strategies on sms")
+    parser.add_argument("--text-recipes", nargs="+", choices=TEXT_RECIPES, default=list(DEFAULT_TEXT_RECIPES), help="strategies on sms and sms-unique")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="seeds of thaw's rows (and the text rows)")
     parser.add_argument("--baseline-seeds", nargs="+", type=int, default=[0, 1, 2], help="seeds of the seed-recipe and fastai rows")
     parser.add_argument("--markdown", type=Path, help="also write the tables here")
