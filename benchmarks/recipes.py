@@ -38,7 +38,7 @@ seed, the same for every recipe), caltech40 (train/val/test as shipped), digits 
 Text: SMS spam with all-MiniLM-L6-v2, thaw's two-phase (the text default), feature-extract and lora (20% test held
 out per seed); --text-recipes also head-top-all (the image default). sms-unique: the same table with each text once
 (its first row kept: 414 of the 5,574 rows repeat a text, none with another label), so that no val or test text was
-also trained on; on request (--sets sms-unique).
+also trained on; on request (--sets sms-unique). --quick trains either on the same 120 rows of the table as shipped.
 
 Each run is a process of its own; one JSON line per run is printed as it ends, then the tables (markdown), which
 are also written to --markdown. Wall time is the run's training, model build and data set-up included, test

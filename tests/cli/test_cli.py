@@ -245,7 +245,8 @@ def test_lr_find_warns_of_the_files_it_leaves_out(colours: Path, tmp_path: Path,
         (data / "train" / name / "cut.jpg").write_bytes(whole[: len(whole) // 3])
     assert main([*LR_FIND[:1], str(data), *LR_FIND[2:], "--out", str(tmp_path / "lr.png")]) == 2
     said = capsys.readouterr().err.strip().splitlines()
-    assert said[-1] == "thaw: error: lr-find: no training image of the data decoded; check the files (thaw train --strict names the first)"
+    assert said[-1] == "thaw: error: lr-find: no training image of the data decoded; replace or remove the files"
+    assert said[-2].startswith("thaw: warning: skipped 3 unreadable file(s): ") and said[-2].count("cut.jpg") == 3  # named
 
 
 def test_a_run_started_inside_its_data_folder_is_refused_and_leaves_nothing(

@@ -525,6 +525,12 @@ def test_feature_extract_takes_head_epochs_and_refuses_a_different_epochs(capsys
     ]
 
 
+def _one_quick_epoch(tmp_path: Path) -> list[str]:
+    """`thaw train TMP/data` for one cheap epoch into TMP/run: what the data-reading tests below need of a run."""
+    return ["train", str(tmp_path / "data"), "--model", "mobilenet_v3_small", "--weights", "none", "--image-size", "32",
+            "--strategy", "feature-extract", "--epochs", "1", "--out", str(tmp_path / "run")]
+
+
 def test_the_first_line_of_a_run_says_how_the_data_was_read(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     # A layout read otherwise than meant (two classes named Train and Val, a val split held out of train) shows
     # before any epoch, where the user can still stop the run.
@@ -532,20 +538,31 @@ def test_the_first_line_of_a_run_says_how_the_data_was_read(tmp_path: Path, caps
 
     write_class_images(tmp_path / "data" / "Train", per_class=5, size=16, seed=0)
     write_class_images(tmp_path / "data" / "test", per_class=2, size=16, seed=1)
-    args = ["train", str(tmp_path / "data"), "--model", "mobilenet_v3_small", "--weights", "none", "--image-size", "32",
-            "--strategy", "feature-extract", "--epochs", "1", "--out", str(tmp_path / "run")]
-    assert main(args) == 0
+    assert main(_one_quick_epoch(tmp_path)) == 0
     first = capsys.readouterr().out.splitlines()[0]
     assert first == "data: split folders (train/test), 20% of train held out as val (seed 0); 3 classes, 12 train, 3 val, 6 test"
+
+
+def test_a_split_folder_thaw_does_not_read_is_warned_of_as_the_run_starts(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # dev/ beside train/ may be the user's val split: trained without it (val held out of train/), said before any epoch.
+    from tests.conftest import write_class_images
+
+    write_class_images(tmp_path / "data" / "train", per_class=5, size=16, seed=0)
+    write_class_images(tmp_path / "data" / "dev", per_class=2, size=16, seed=1)
+    assert main(_one_quick_epoch(tmp_path)) == 0
+    captured = capsys.readouterr()
+    assert captured.out.splitlines()[0].startswith("data: split folders (train only), 20% of train held out as val")
+    assert captured.err.splitlines() == [
+        "thaw: warning: dev/ beside train/ is not read: thaw reads train/, val/ (or valid/, validation/) and test/; "
+        "rename a folder to val/ or test/ if it is one of those"
+    ]
 
 
 def test_classes_that_differ_only_in_case_are_warned_of_as_the_run_starts(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     # dog/ and Dog/ (two folders merged, or a typo in a manifest) are two classes: said before any epoch, where the
     # user can stop the run; trained as asked, since a and A may well be two letters.
     write_class_images(tmp_path / "data", classes=("dog", "Dog", "cat"), per_class=4, size=16)
-    args = ["train", str(tmp_path / "data"), "--model", "mobilenet_v3_small", "--weights", "none", "--image-size", "32",
-            "--strategy", "feature-extract", "--epochs", "1", "--out", str(tmp_path / "run")]
-    assert main(args) == 0
+    assert main(_one_quick_epoch(tmp_path)) == 0
     captured = capsys.readouterr()
     assert captured.out.splitlines()[0].endswith("; 3 classes, 9 train, 3 val")
     assert captured.err.splitlines() == [

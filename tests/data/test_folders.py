@@ -39,8 +39,20 @@ def test_a_folder_of_class_folders_beside_train_that_is_no_split_is_named_as_not
         "dev/ beside train/ is not read: thaw reads train/, val/ (or valid/, validation/) and test/; "
         "rename a folder to val/ or test/ if it is one of those",
     )
-    write_class_images(tmp_path / "holdout", per_class=2)
+    write_class_images(tmp_path / "holdout", classes=("RED", "Green"), per_class=2)  # the classes in another case
     assert discover(tmp_path).notes[0].startswith("dev/, holdout/ beside train/ are not read: ")
+
+
+def test_mlruns_beside_train_with_classes_named_as_its_experiments_is_no_split(tmp_path: Path) -> None:
+    """MLflow's file store keeps experiments 0/, 1/ (a meta.yaml, then run folders) beside train/ when run from the
+    data folder: classes 0 and 1 (a binary set, digits) must not make it look like a split; nor a folder that holds
+    one class folder beside folders of other names."""
+    write_class_images(tmp_path / "train", classes=("0", "1"), per_class=4)
+    for experiment in ("0", "1"):
+        (tmp_path / "mlruns" / experiment / "5f3a" / "artifacts").mkdir(parents=True)
+        (tmp_path / "mlruns" / experiment / "meta.yaml").write_text("name: Default")
+    write_class_images(tmp_path / "notebooks", classes=("0", "drafts"), per_class=1)
+    assert discover(tmp_path).notes == ()
 
 
 def test_train_and_test_without_val_hold_out_a_seeded_stratified_val_from_train(tmp_path: Path) -> None:

@@ -102,10 +102,12 @@ def run(args: argparse.Namespace) -> int:
     adapter = build_model(args.model, weights=args.weights, num_classes=len(data.classes))
     config = TrainConfig(batch_size=args.batch_size, quiet=True)
     undecodable: list[tuple[str, str]] = []
-    lrs, losses = lr_range_test(
-        adapter, data, train=tuple(args.train), start=args.start, end=args.end, steps=args.steps, config=config, undecodable=undecodable
-    )
-    warn_skipped(tuple(undecodable))
+    try:
+        lrs, losses = lr_range_test(
+            adapter, data, train=tuple(args.train), start=args.start, end=args.end, steps=args.steps, config=config, undecodable=undecodable
+        )
+    finally:  # where no image decoded too: the error says so, the warning names the files
+        warn_skipped(tuple(undecodable))
     suggestion = suggest(lrs, losses)
     try:
         picture = plot_lr_find(lrs, losses, suggestion, out)

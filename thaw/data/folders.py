@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from thaw._io import answers
-from thaw.data.images import UnreadableImage, probe
+from thaw.data.images import IMAGE_SUFFIXES, UnreadableImage, probe
 from thaw.errors import ThawError
 
 # Each folder name beside train/ (compared lower-cased) and the split it holds.
@@ -250,24 +250,32 @@ def _from_split_folders(root: Path, folders: dict[str, Path], val_split: float, 
 
 
 def _unread_splits(root: Path, classes: tuple[str, ...]) -> tuple[str, ...]:
-    """Folders beside train/ whose names are no split's (dev/, holdout/) but which hold folders named as the classes:
-    thaw does not read them, and the user may have meant one as val or test. A folder of anything else (runs/,
-    mlruns/, docs/) is not a split and not mentioned."""
+    """Folders beside train/ whose names are no split's (dev/, holdout/) but which look like a split: thaw does not
+    read them, and the user may have meant one as val or test. Folders of anything else (runs/, docs/; mlruns/ with
+    its experiments 0/ and 1/ beside classes named 0 and 1) are not mentioned."""
     unread = []
     for folder in _class_folders(root):
-        if folder.name.lower() in SPLIT_NAMES:
-            continue
-        try:
-            if any(child.name in classes and child.is_dir() for child in folder.iterdir()):
-                unread.append(f"{folder.name}/")
-        except OSError:  # unlistable: not data thaw could read either way
-            continue
+        if folder.name.lower() not in SPLIT_NAMES and _looks_like_split(folder, classes):
+            unread.append(f"{folder.name}/")
     if not unread:
         return ()
     return (
         f"{', '.join(unread)} beside train/ {'is' if len(unread) == 1 else 'are'} not read: thaw reads train/, val/ (or valid/, "
         "validation/) and test/; rename a folder to val/ or test/ if it is one of those",
     )
+
+
+def _looks_like_split(folder: Path, classes: tuple[str, ...]) -> bool:
+    """Every folder in it named as a class (in any case), two or more of them (one, where there is one class), and
+    images directly in one of them."""
+    known = {name.casefold() for name in classes}
+    try:
+        inside = _class_folders(folder)
+        if not inside or any(child.name.casefold() not in known for child in inside) or len(inside) < min(2, len(known)):
+            return False
+        return any(path.suffix.lower() in IMAGE_SUFFIXES and path.is_file() for child in inside for path in child.iterdir())
+    except OSError:  # unlistable: not data thaw could read either way
+        return False
 
 
 def _from_class_folders(root: Path, val_split: float, seed: int, min_classes: int) -> ImageData:

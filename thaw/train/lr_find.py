@@ -64,7 +64,7 @@ def lr_range_test(
             if not math.isfinite(smoothed) or smoothed > 4 * best or len(lrs) >= steps:
                 return lrs, losses
         if len(lrs) == before:  # a whole pass and no image decoded: another pass would find none either
-            raise ThawError("lr-find: no training image of the data decoded; check the files (thaw train --strict names the first)")
+            raise ThawError("lr-find: no training image of the data decoded; replace or remove the files")
     return lrs, losses
 
 
