@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 from collections import Counter
 from pathlib import Path
 
@@ -24,9 +25,12 @@ def test_test_split_is_seeded_stratified_and_disjoint() -> None:
     data = load_text_data(shared_data("sms_spam/SMSSpamCollection"), val_split=0.1, test_split=0.2, seed=0)
     again = load_text_data(shared_data("sms_spam/SMSSpamCollection"), val_split=0.1, test_split=0.2, seed=0)
     assert data.test == again.test and data.train == again.train
-    assert len(data.test) == round(4827 * 0.2) + round(747 * 0.2)
+    distinct = Counter(label for _, label in {(text.strip(), label) for text, label in data.everything()})  # its copies aside
+    assert len({(text.strip(), label) for text, label in data.test}) == sum(round(count * 0.2) for count in distinct.values())
+    assert not {text.strip() for text, _ in data.test} & {text.strip() for text, _ in data.train + data.val}
     spam = data.classes.index("spam")
-    assert abs(sum(label == spam for _, label in data.test) / len(data.test) - 747 / 5574) < 0.002
+    held = Counter(label for _, label in {(text.strip(), label) for text, label in data.test})
+    assert abs(held[spam] / sum(held.values()) - distinct[spam] / sum(distinct.values())) < 0.002  # stratified by distinct text
     assert len(data.train) + len(data.val) + len(data.test) == 5574
 
 
@@ -200,13 +204,52 @@ def test_skipped_rows_name_the_line_they_start_on_after_a_text_that_spans_lines(
     assert skipped == [(f"{table}:4", "1 column(s), expected at least 2")]
 
 
+def test_a_texts_copies_go_to_one_split_so_nothing_held_out_was_trained_on(tmp_path: Path) -> None:
+    table = tmp_path / "t.tsv"
+    unique = [f"{label}\t{label} message {index}" for index in range(10) for label in ("ham", "spam")]
+    table.write_text("\n".join(unique + ["ham\tsee you later"] * 11 + ["ham\t see you later "]) + "\n")  # spaces at the ends aside
+    for seed in range(5):
+        data = load_text_data(table, val_split=0.3, test_split=0.3, seed=seed)
+        sides = [{text.strip() for text, _ in split} for split in (data.train, data.val, data.test)]
+        assert not (sides[0] & sides[1] or sides[0] & sides[2] or sides[1] & sides[2])
+        assert sorted(data.everything()) == sorted(load_text_data(table, val_split=0.3, test_split=0.3, seed=seed, copies_together=False).everything())
+        assert data.layout.endswith("; 11 rows copy another's text, kept in its split") and not data.notes
+
+
+def test_without_copies_the_split_is_the_same_as_row_by_row(tmp_path: Path) -> None:
+    """Runs made before copies were kept together are rebuilt row by row: on a table without copies, both are one split."""
+    table = tmp_path / "t.tsv"
+    rng = random.Random(0)
+    table.write_text("".join(f"{rng.choice(['a', 'b', 'c'])}\ttext {index}\n" for index in range(200)))
+    for seed in range(3):
+        together = load_text_data(table, val_split=0.2, test_split=0.1, seed=seed)
+        apart = load_text_data(table, val_split=0.2, test_split=0.1, seed=seed, copies_together=False)
+        assert (together.train, together.val, together.test) == (apart.train, apart.val, apart.test)
+
+
+def test_a_text_under_two_labels_on_both_sides_is_still_counted(tmp_path: Path) -> None:
+    """Copies are kept together within a label: the same text labelled ham and spam (a labelling slip) may be split."""
+    table = tmp_path / "t.tsv"
+    unique = [f"{label}\t{label} message {index}" for index in range(10) for label in ("ham", "spam")]
+    table.write_text("\n".join(unique + ["ham\tsee you later"] * 6 + ["spam\tsee you later"] * 6) + "\n")
+    crossed = 0
+    for seed in range(10):
+        data = load_text_data(table, val_split=0.3, seed=seed)
+        val_repeats = sum(text == "see you later" for text, _ in data.val)
+        in_train = any(text == "see you later" for text, _ in data.train)
+        crossed += bool(val_repeats and in_train)
+        assert bool(val_repeats and in_train) == any(note.startswith(f"{val_repeats} of the {len(data.val)} val texts") for note in data.notes)
+    assert crossed
+
+
 def test_held_out_texts_that_also_sit_in_train_are_counted(tmp_path: Path) -> None:
+    """Where copies are split row by row (an older run's split, rebuilt to score it), the repeats are counted."""
     table = tmp_path / "t.tsv"
     unique = [f"{label}\t{label} message {index}" for index in range(10) for label in ("ham", "spam")]
     table.write_text("\n".join(unique) + "\n")
-    assert not load_text_data(table, val_split=0.3, test_split=0.3).notes
+    assert not load_text_data(table, val_split=0.3, test_split=0.3, copies_together=False).notes
     table.write_text("\n".join(unique + ["ham\tsee you later"] * 12) + "\n")  # one text, twelve rows: some in each split
-    data = load_text_data(table, val_split=0.3, test_split=0.3)
+    data = load_text_data(table, val_split=0.3, test_split=0.3, copies_together=False)
     val_repeats = sum(text == "see you later" for text, _ in data.val)
     test_repeats = sum(text == "see you later" for text, _ in data.test)
     assert val_repeats and test_repeats
@@ -222,7 +265,7 @@ def test_a_text_repeated_in_under_one_percent_of_a_split_is_not_a_caution(tmp_pa
     table = tmp_path / "t.tsv"
     unique = [f"{label}\t{label} message {index}" for index in range(400) for label in ("ham", "spam")]
     table.write_text("\n".join(unique + ["ham\tok"] * 3) + "\n")  # "ok" thrice in 803 rows: at most 1 of 241 val texts
-    data = load_text_data(table, val_split=0.3)
+    data = load_text_data(table, val_split=0.3, copies_together=False)
     assert sum(text == "ok" for text, _ in data.val) <= 1 and not data.notes
 
 

@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 
 from tests.conftest import Crash, crash_after, shared_data, write_text_table
 from thaw.cli import main
+from thaw.data.text import load_text_data
 from thaw.export.run_dir import load_run
 from thaw.train import TrainConfig, train_text
 
@@ -41,6 +42,36 @@ def test_resumed_text_run_ends_with_the_same_weights(tmp_path: Path, tiny_encode
     train_text(table, model=str(tiny_encoder), out=tmp_path / "cut", resume=True, **options)
     whole, resumed = load_file(str(tmp_path / "whole" / "model.safetensors")), load_file(str(tmp_path / "cut" / "model.safetensors"))
     assert whole.keys() == resumed.keys() and all(torch.equal(whole[k], resumed[k]) for k in whole)
+
+
+def test_a_run_split_before_copies_were_kept_together_resumes_and_scores_on_its_own_split(
+    tmp_path: Path, tiny_encoder: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A thaw before copies_together split row by row and recorded nothing: such a run is resumed, and scored, on
+    the split it was made with. A split made anew would hold other texts out: the resume would be refused (other
+    samples), and test scores would count texts it trained on."""
+    import thaw.train
+    import thaw.train.settings
+    from thaw.export.inference import _run_data
+
+    table = write_text_table(tmp_path / "t.tsv")
+    with table.open("a") as rows:
+        rows.write("ham\tsee you later\n" * 12)
+    options = {"plan": "two-phase", "plan_options": {"epochs": 2, "head_epochs": 1}, "config": QUICK}
+    with monkeypatch.context() as patch:  # what the thaw before wrote: no such setting in the checkpoint
+        patch.setattr(thaw.train, "_copies_together", lambda out, resume: False)
+        patch.setattr(thaw.train.settings, "META_KEYS", tuple(key for key in thaw.train.settings.META_KEYS if key != "copies_together"))
+        with pytest.raises(Crash):
+            train_text(table, model=str(tiny_encoder), out=tmp_path / "run", callbacks=[crash_after(2)], **options)
+    result = train_text(table, model=str(tiny_encoder), out=tmp_path / "run", resume=True, **options)
+    assert len(result.history) == 3
+    meta = json.loads((tmp_path / "run" / "thaw.json").read_text())
+    assert meta["copies_together"] is False
+    older = {key: value for key, value in meta.items() if key != "copies_together"}  # its thaw.json had no such key either
+    apart = load_text_data(table, val_split=0.1, seed=QUICK.seed, copies_together=False)
+    together = load_text_data(table, val_split=0.1, seed=QUICK.seed)
+    assert _run_data(older, table).val == apart.val != together.val
+    assert _run_data(older | {"copies_together": True}, table).val == together.val
 
 
 def test_text_run_evaluates_predicts_and_exports(tmp_path: Path, tiny_encoder: Path, capsys: pytest.CaptureFixture) -> None:
@@ -105,7 +136,7 @@ def test_sms_spam_two_phase_meets_the_target_on_a_held_out_test_split(tmp_path: 
     assert main(["evaluate", str(run), str(sms), "--split", "test", "--json"]) == 0
     metrics = json.loads(capsys.readouterr().out)
     spam = metrics["classes"].index("spam")
-    assert metrics["count"] == round(4827 * 0.2) + round(747 * 0.2)
+    assert metrics["count"] == len(load_text_data(sms, val_split=0.1, test_split=0.2).test)  # the run's own test split
     assert metrics["accuracy"] >= 0.98
     assert metrics["per_class_f1"][spam] >= 0.92
 

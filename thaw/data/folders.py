@@ -18,6 +18,7 @@ import random
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable, Hashable
 
 from thaw._io import answers
 from thaw.data.images import IMAGE_SUFFIXES, UnreadableImage, probe
@@ -149,20 +150,25 @@ def _samples(by_class: dict[str, list[Path]], classes: tuple[str, ...]) -> tuple
 
 
 def split_off_val(
-    samples: list[Sample], fraction: float, seed: int, source: Path, rows_left: str = "", min_classes: int = 2
+    samples: list[Sample], fraction: float, seed: int, source: Path, rows_left: str = "", min_classes: int = 2,
+    same: Callable[[Sample], Hashable] | None = None,
 ) -> tuple[list[Sample], list[Sample]]:
     """stratified_split for the val set a run chooses its epoch by: none at all (every class a single sample) would
     train a run that reports val accuracy 0 and delivers an arbitrary epoch. Refused, except in data to score
     (`min_classes` 1), which is scored whole."""
-    train, val = stratified_split(samples, fraction, seed)
+    train, val = stratified_split(samples, fraction, seed, same)
     if not val and min_classes > 1:
         raise ThawError(f"{source}: no sample is left for val: every class has a single one{rows_left}; a class needs 2, one to train on and one to validate")
     return train, val
 
 
-def stratified_split(samples: list[Sample], fraction: float, seed: int) -> tuple[list[Sample], list[Sample]]:
+def stratified_split(
+    samples: list[Sample], fraction: float, seed: int, same: Callable[[Sample], Hashable] | None = None
+) -> tuple[list[Sample], list[Sample]]:
     """A seeded split that keeps each class's share, with at least one sample per class on each side (a class of one
-    sample: on the training side)."""
+    sample: on the training side). `same`: samples of one key (a text's copies) go to one side together, so that
+    nothing held out is also trained on; the shares then count keys. Without copies the split is the same as
+    without `same`: each key's samples in sorted order, shuffled as the samples would be."""
     if not 0 < fraction < 1:
         raise ThawError(f"--val-split must be between 0 and 1, got {fraction}")
     by_label: dict[int, list[Sample]] = defaultdict(list)
@@ -171,12 +177,23 @@ def stratified_split(samples: list[Sample], fraction: float, seed: int) -> tuple
     rng = random.Random(seed)
     train, held_out = [], []
     for label in sorted(by_label):
-        group = sorted(by_label[label])
-        rng.shuffle(group)
-        count = min(max(1, round(len(group) * fraction)), len(group) - 1)
-        held_out += group[:count]
-        train += group[count:]
+        copies = _copies(sorted(by_label[label]), same)
+        rng.shuffle(copies)
+        count = min(max(1, round(len(copies) * fraction)), len(copies) - 1)
+        held_out += [sample for group in copies[:count] for sample in group]
+        train += [sample for group in copies[count:] for sample in group]
     return train, held_out
+
+
+def _copies(samples: list[Sample], same: Callable[[Sample], Hashable] | None) -> list[list[Sample]]:
+    """The samples in groups of one key, in the order of each group's first sample (each sample its own group
+    without `same`)."""
+    if same is None:
+        return [[sample] for sample in samples]
+    groups: dict[Hashable, list[Sample]] = {}
+    for sample in samples:
+        groups.setdefault(same(sample), []).append(sample)
+    return list(groups.values())
 
 
 def would_be_read(root: Path, path: Path, is_file: bool = False) -> bool:

@@ -267,30 +267,41 @@ def _classes(table: Table, path: Path) -> tuple[str, ...]:
 
 
 def load_text_data(
-    path: str | Path, *, columns: TextColumns = TextColumns(), val_split: float = 0.2, test_split: float = 0.0, seed: int = 0
+    path: str | Path, *, columns: TextColumns = TextColumns(), val_split: float = 0.2, test_split: float = 0.0, seed: int = 0,
+    copies_together: bool = True,
 ) -> TextData:
-    """Read the table, then hold out a seeded stratified test share, then a val share of the rest."""
+    """Read the table, then hold out a seeded stratified test share, then a val share of the rest. `copies_together`:
+    rows of one text (its copies, spaces at its ends aside) go to one split, so that no val or test text is also
+    trained on; False splits row by row, as runs made before it did (their splits are rebuilt so)."""
     path = Path(path)
     table = _read_table(path, columns)
     pairs, skipped, cautions = table.pairs, table.skipped, table.cautions
     classes = _classes(table, path)
     index = {name: i for i, name in enumerate(classes)}
     samples = [(text, index[label]) for text, label in pairs]
+    same = _text_of if copies_together else None
     test = None
     if test_split:
-        samples, held = stratified_split(samples, test_split, seed)
+        samples, held = stratified_split(samples, test_split, seed, same)
         test = tuple(held)
-    train, val = split_off_val(samples, val_split, seed, path, " once the test share is held out" if test_split else "")
+    train, val = split_off_val(samples, val_split, seed, path, " once the test share is held out" if test_split else "", same=same)
     held_out = f"{test_split:.0%} test then {val_split:.0%} val" if test_split else f"{val_split:.0%} val"
-    layout = f"text table, {held_out} held out (seed {seed})"
+    copied = len(pairs) - len({_text_of(sample) for sample in pairs})
+    kept = f"; {copied} rows copy another's text, kept in its split" if copies_together and copied else ""
+    layout = f"text table, {held_out} held out (seed {seed}){kept}"
     cautions += _repeated_texts(train, val, test)
     return TextData(classes, tuple(train), tuple(val), test, layout, tuple(skipped), cautions=cautions)
+
+
+def _text_of(sample: tuple[str, object]) -> str:
+    return sample[0].strip()
 
 
 def _repeated_texts(train: list[TextSample], val: list[TextSample], test: tuple[TextSample, ...] | None) -> tuple[str, ...]:
     """Texts held out for val or test that also sit in train, where they are REPEATS_SHARE of the split or more (a
     table with repeated rows: the SMS collection has hundreds): those scores are then partly scores on training data,
-    too high. Said, not removed: short texts (`ok`, `thanks`) may recur on purpose, and the table is the user's."""
+    too high. Said, not removed: short texts (`ok`, `thanks`) may recur on purpose, and the table is the user's. With
+    copies kept together only a text under two labels can be on both sides."""
     seen = {text.strip() for text, _ in train}
     found = []
     for name, held in (("val", val), ("test", test or ())):

@@ -56,7 +56,10 @@ def _run_data(meta: dict, data_path: str | Path) -> ImageData | TextData:
     seed = meta.get("train_config", {}).get("seed", 0)
     if meta.get("task") == "text":
         columns = TextColumns(**meta.get("columns", {}))
-        return load_text_data(data_path, columns=columns, val_split=meta["val_split"], test_split=meta.get("test_split", 0.0), seed=seed)
+        together = meta.get("copies_together", False)  # a run made before thaw kept copies together split row by row
+        return load_text_data(
+            data_path, columns=columns, val_split=meta["val_split"], test_split=meta.get("test_split", 0.0), seed=seed, copies_together=together
+        )
     return discover(data_path, val_split=meta.get("val_split", 0.2), seed=seed, min_classes=1)  # scored, not trained on
 
 

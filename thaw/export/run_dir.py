@@ -158,6 +158,7 @@ TEXT_FIELDS: dict[str, Check] = {
     "columns.text": (_column, "a column name, position or null", False),
     "columns.label": (_column, "a column name, position or null", False),
     "columns.delimiter": (_is_text_or_null, "a delimiter or null", False),
+    "copies_together": (lambda value: isinstance(value, bool), "true or false", False),  # scoring a split reads it
 }
 # What scoring and reporting a run read where present (older runs lack some); a parent that is not a mapping is
 # reported, and its keys are not looked for

@@ -157,7 +157,8 @@ def train_text(
     _check_arguments(plan, plan_options, config, resume)
     check_image_augments(config, "text", resumed=resume)  # before the table is read and the model built
     check_plan_before_data(model, None, "text", plan, plan_options)
-    data = load_text_data(data_path, columns=columns, val_split=val_split, test_split=test_split, seed=config.seed)
+    together = _copies_together(Path(out), resume)
+    data = load_text_data(data_path, columns=columns, val_split=val_split, test_split=test_split, seed=config.seed, copies_together=together)
     torch.manual_seed(config.seed)
     adapter = build_text_model(model, num_classes=len(data.classes), pooling=pooling, max_length=max_length)
     if not (resume and (Path(out) / checkpoint.CHECKPOINT).is_file()):  # a run already trained keeps what it trained with
@@ -168,9 +169,16 @@ def train_text(
     meta = {
         "format": "thaw-run/1", "task": "text", "model": source_name(model), "weights": None, "classes": list(data.classes),
         "val_split": val_split, "test_split": test_split, "columns": asdict(columns), "pooling": pooling, "max_length": max_length,
-        "data_path": str(Path(data_path).resolve()),
+        "data_path": str(Path(data_path).resolve()), "copies_together": together,
     }
     return _run(adapter, data, data_path, plan, plan_options, config, Path(out), meta, resume, overwrite, callbacks, step_hooks)
+
+
+def _copies_together(out: Path, resume: bool) -> bool:
+    """Whether the run's split keeps a text's copies together: yes, except in a run resumed from a checkpoint made
+    before thaw did (it records no such setting), which continues on the split it started with."""
+    settings = saved_settings(out) if resume else None
+    return settings is None or bool(settings.get("copies_together", False))
 
 
 def _check_call_types(paths: dict[str, object], shares: dict[str, object], callbacks: object, step_hooks: object) -> None:

@@ -19,7 +19,10 @@ from thaw.train.config import TrainConfig
 # How a run computes, not what: free to differ on --resume (like the device, --compile changes the floating-point
 # rounding of the steps after it, not the recipe).
 RUNTIME_FIELDS = frozenset({"workers", "device", "quiet", "strict", "cache_memory_gb", "decoded_memory_gb", "compile"})
-META_KEYS = ("task", "model", "model_source", "model_groups", "weights", "val_split", "test_split", "columns", "pooling", "max_length")
+META_KEYS = (
+    "task", "model", "model_source", "model_groups", "weights", "val_split", "test_split", "columns", "pooling", "max_length",
+    "copies_together",
+)
 
 
 def source_name(value: str | None) -> str | None:
