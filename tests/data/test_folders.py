@@ -9,7 +9,7 @@ import pytest
 
 from tests.conftest import shared_data, write_class_images
 from thaw import ThawError
-from thaw.data.folders import discover, would_be_read
+from thaw.data.folders import discover, stratified_split, would_be_read
 
 
 def test_split_folders_with_any_val_name(tmp_path: Path) -> None:
@@ -80,6 +80,16 @@ def test_train_alone_holds_out_val_as_a_folder_of_class_folders_would(tmp_path: 
 def test_real_hymenoptera_layout() -> None:
     data = discover(shared_data("hymenoptera_data"))
     assert data.classes == ("ants", "bees") and (len(data.train), len(data.val)) == (245, 153)
+
+
+def test_the_seeded_split_is_the_one_earlier_runs_were_made_with() -> None:
+    """A resumed or scored run rebuilds its val (and test) split from its seed: a change to the split would move
+    samples between train and val under every earlier run. Pinned to the split thaw has always made."""
+    samples = [(f"item {index}", index % 3) for index in range(30)]
+    train, held = stratified_split(samples, 0.2, 0)
+    assert [name for name, _ in held] == ["item 3", "item 6", "item 7", "item 19", "item 29", "item 11"]
+    assert stratified_split(samples, 0.2, 0, same=lambda sample: sample[0]) == (train, held)  # no copies: the same split
+    assert sorted(train + held) == sorted(samples)
 
 
 def test_class_folders_split_stratified_and_seeded(tmp_path: Path) -> None:

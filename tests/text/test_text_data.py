@@ -25,12 +25,10 @@ def test_test_split_is_seeded_stratified_and_disjoint() -> None:
     data = load_text_data(shared_data("sms_spam/SMSSpamCollection"), val_split=0.1, test_split=0.2, seed=0)
     again = load_text_data(shared_data("sms_spam/SMSSpamCollection"), val_split=0.1, test_split=0.2, seed=0)
     assert data.test == again.test and data.train == again.train
-    distinct = Counter(label for _, label in {(text.strip(), label) for text, label in data.everything()})  # its copies aside
-    assert len({(text.strip(), label) for text, label in data.test}) == sum(round(count * 0.2) for count in distinct.values())
+    assert len(data.test) == round(4827 * 0.2) + round(747 * 0.2)  # rows, its copies kept together
     assert not {text.strip() for text, _ in data.test} & {text.strip() for text, _ in data.train + data.val}
     spam = data.classes.index("spam")
-    held = Counter(label for _, label in {(text.strip(), label) for text, label in data.test})
-    assert abs(held[spam] / sum(held.values()) - distinct[spam] / sum(distinct.values())) < 0.002  # stratified by distinct text
+    assert abs(sum(label == spam for _, label in data.test) / len(data.test) - 747 / 5574) < 0.002
     assert len(data.train) + len(data.val) + len(data.test) == 5574
 
 
@@ -212,8 +210,27 @@ def test_a_texts_copies_go_to_one_split_so_nothing_held_out_was_trained_on(tmp_p
         data = load_text_data(table, val_split=0.3, test_split=0.3, seed=seed)
         sides = [{text.strip() for text, _ in split} for split in (data.train, data.val, data.test)]
         assert not (sides[0] & sides[1] or sides[0] & sides[2] or sides[1] & sides[2])
-        assert sorted(data.everything()) == sorted(load_text_data(table, val_split=0.3, test_split=0.3, seed=seed, copies_together=False).everything())
-        assert data.layout.endswith("; 11 rows copy another's text, kept in its split") and not data.notes
+        assert len(data.everything()) == 32
+        assert data.layout.endswith("; 11 rows repeat a text of their label, kept in one split with it") and not data.notes
+    table.write_text("\n".join(unique + ["ham\tsee you later"] * 2) + "\n")
+    assert load_text_data(table, val_split=0.3).layout.endswith("; 1 row repeats a text of its label, kept in one split with it")
+
+
+def test_copies_held_out_keep_to_the_share_of_rows(tmp_path: Path) -> None:
+    """A label of one text in 500 rows and 9 others: its 500 rows are no 10% val share; 9 others are held out instead."""
+    table = tmp_path / "t.tsv"
+    rows = ["ham\tok"] * 500 + [f"ham\tham {index}" for index in range(9)] + [f"spam\tspam {index}" for index in range(50)]
+    table.write_text("\n".join(rows) + "\n")
+    for seed in range(10):
+        data = load_text_data(table, val_split=0.1, seed=seed)
+        assert not any(text == "ok" for text, _ in data.val) and len(data.val) == 9 + 5  # of ham's 51 rows the 9 others fit
+
+
+def test_a_table_whose_labels_are_each_one_text_is_refused_in_one_line(tmp_path: Path) -> None:
+    table = tmp_path / "t.tsv"
+    table.write_text("ham\thi\n" * 5 + "spam\twin\n" * 5)
+    with pytest.raises(ThawError, match="no row is left for val: every label's rows are copies of one text; a label needs 2 different texts"):
+        load_text_data(table)
 
 
 def test_without_copies_the_split_is_the_same_as_row_by_row(tmp_path: Path) -> None:
@@ -231,7 +248,7 @@ def test_a_text_under_two_labels_on_both_sides_is_still_counted(tmp_path: Path) 
     """Copies are kept together within a label: the same text labelled ham and spam (a labelling slip) may be split."""
     table = tmp_path / "t.tsv"
     unique = [f"{label}\t{label} message {index}" for index in range(10) for label in ("ham", "spam")]
-    table.write_text("\n".join(unique + ["ham\tsee you later"] * 6 + ["spam\tsee you later"] * 6) + "\n")
+    table.write_text("\n".join(unique + ["ham\tsee you later"] * 2 + ["spam\tsee you later"] * 2) + "\n")
     crossed = 0
     for seed in range(10):
         data = load_text_data(table, val_split=0.3, seed=seed)

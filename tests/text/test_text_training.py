@@ -74,6 +74,19 @@ def test_a_run_split_before_copies_were_kept_together_resumes_and_scores_on_its_
     assert _run_data(older | {"copies_together": True}, table).val == together.val
 
 
+def test_a_checkpoint_that_records_no_copies_setting_keeps_its_row_by_row_split(tmp_path: Path) -> None:
+    """Checkpoints from before settings were recorded, and from before copies_together, resume row by row."""
+    from thaw.train import _copies_together
+
+    run = tmp_path / "run"
+    assert _copies_together(run, resume=True) and _copies_together(run, resume=False)  # nothing to resume: a new split
+    run.mkdir()
+    for saved, together in [({"model": {}}, False), ({"settings": {"task": "text"}}, False), ({"settings": {"copies_together": True}}, True)]:
+        torch.save(saved, run / "checkpoint.pt")
+        assert _copies_together(run, resume=True) is together
+        assert _copies_together(run, resume=False)  # --overwrite: a new run
+
+
 def test_text_run_evaluates_predicts_and_exports(tmp_path: Path, tiny_encoder: Path, capsys: pytest.CaptureFixture) -> None:
     table = write_text_table(tmp_path / "t.tsv", rows_per_class=40)
     run = tmp_path / "run"

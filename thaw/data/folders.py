@@ -153,11 +153,13 @@ def split_off_val(
     samples: list[Sample], fraction: float, seed: int, source: Path, rows_left: str = "", min_classes: int = 2,
     same: Callable[[Sample], Hashable] | None = None,
 ) -> tuple[list[Sample], list[Sample]]:
-    """stratified_split for the val set a run chooses its epoch by: none at all (every class a single sample) would
-    train a run that reports val accuracy 0 and delivers an arbitrary epoch. Refused, except in data to score
-    (`min_classes` 1), which is scored whole."""
+    """stratified_split for the val set a run chooses its epoch by: none at all (every class a single sample, or with
+    `same` a single key) would train a run that reports val accuracy 0 and delivers an arbitrary epoch. Refused,
+    except in data to score (`min_classes` 1), which is scored whole."""
     train, val = stratified_split(samples, fraction, seed, same)
     if not val and min_classes > 1:
+        if same is not None and len(samples) > len({label for _, label in samples}):  # not a sample per class: copies
+            raise ThawError(f"{source}: no row is left for val: every label's rows are copies of one text{rows_left}; a label needs 2 different texts, one to train on and one to validate")
         raise ThawError(f"{source}: no sample is left for val: every class has a single one{rows_left}; a class needs 2, one to train on and one to validate")
     return train, val
 
@@ -167,8 +169,9 @@ def stratified_split(
 ) -> tuple[list[Sample], list[Sample]]:
     """A seeded split that keeps each class's share, with at least one sample per class on each side (a class of one
     sample: on the training side). `same`: samples of one key (a text's copies) go to one side together, so that
-    nothing held out is also trained on; the shares then count keys. Without copies the split is the same as
-    without `same`: each key's samples in sorted order, shuffled as the samples would be."""
+    nothing held out is also trained on; a class's groups are then held out in a seeded order while they fit its
+    share of samples. Without copies this is the split without `same`: groups of one sample, shuffled as the
+    samples were."""
     if not 0 < fraction < 1:
         raise ThawError(f"--val-split must be between 0 and 1, got {fraction}")
     by_label: dict[int, list[Sample]] = defaultdict(list)
@@ -177,15 +180,29 @@ def stratified_split(
     rng = random.Random(seed)
     train, held_out = [], []
     for label in sorted(by_label):
-        copies = _copies(sorted(by_label[label]), same)
-        rng.shuffle(copies)
-        count = min(max(1, round(len(copies) * fraction)), len(copies) - 1)
-        held_out += [sample for group in copies[:count] for sample in group]
-        train += [sample for group in copies[count:] for sample in group]
+        groups = _groups(sorted(by_label[label]), same)
+        rng.shuffle(groups)
+        count = len(by_label[label])
+        held = _held_groups(groups, min(max(1, round(count * fraction)), count - 1))
+        held_out += [sample for index in sorted(held) for sample in groups[index]]
+        train += [sample for index, group in enumerate(groups) if index not in held for sample in group]
     return train, held_out
 
 
-def _copies(samples: list[Sample], same: Callable[[Sample], Hashable] | None) -> list[list[Sample]]:
+def _held_groups(groups: list[list[Sample]], share: int) -> set[int]:
+    """The groups held out: in order, each that fits in what is left of `share` samples; where none fits (a class of
+    a few large groups), its smallest, if another group is left to train on."""
+    held, left = set(), share
+    for index, group in enumerate(groups):
+        if len(group) <= left:
+            held.add(index)
+            left -= len(group)
+    if not held and len(groups) > 1:
+        held.add(min(range(len(groups)), key=lambda index: len(groups[index])))
+    return held
+
+
+def _groups(samples: list[Sample], same: Callable[[Sample], Hashable] | None) -> list[list[Sample]]:
     """The samples in groups of one key, in the order of each group's first sample (each sample its own group
     without `same`)."""
     if same is None:

@@ -286,15 +286,21 @@ def load_text_data(
         test = tuple(held)
     train, val = split_off_val(samples, val_split, seed, path, " once the test share is held out" if test_split else "", same=same)
     held_out = f"{test_split:.0%} test then {val_split:.0%} val" if test_split else f"{val_split:.0%} val"
-    copied = len(pairs) - len({_text_of(sample) for sample in pairs})
-    kept = f"; {copied} rows copy another's text, kept in its split" if copies_together and copied else ""
-    layout = f"text table, {held_out} held out (seed {seed}){kept}"
+    layout = f"text table, {held_out} held out (seed {seed}){_copies_said(pairs) if copies_together else ''}"
     cautions += _repeated_texts(train, val, test)
     return TextData(classes, tuple(train), tuple(val), test, layout, tuple(skipped), cautions=cautions)
 
 
 def _text_of(sample: tuple[str, object]) -> str:
     return sample[0].strip()
+
+
+def _copies_said(pairs: list[tuple[str, str]]) -> str:
+    """For the data line: how many rows repeat a text of their label (kept in one split with it), if any."""
+    copies = len(pairs) - len({(_text_of(pair), pair[1]) for pair in pairs})
+    if not copies:
+        return ""
+    return f"; {copies} row{'s' if copies > 1 else ''} repeat{'' if copies > 1 else 's'} a text of {'their' if copies > 1 else 'its'} label, kept in one split with it"
 
 
 def _repeated_texts(train: list[TextSample], val: list[TextSample], test: tuple[TextSample, ...] | None) -> tuple[str, ...]:

@@ -176,9 +176,11 @@ def train_text(
 
 def _copies_together(out: Path, resume: bool) -> bool:
     """Whether the run's split keeps a text's copies together: yes, except in a run resumed from a checkpoint made
-    before thaw did (it records no such setting), which continues on the split it started with."""
-    settings = saved_settings(out) if resume else None
-    return settings is None or bool(settings.get("copies_together", False))
+    before thaw did (it records no such setting, or no settings at all), which continues on the split it started with."""
+    if not (resume and (out / checkpoint.CHECKPOINT).is_file()):
+        return True
+    settings = saved_settings(out)
+    return bool(settings and settings.get("copies_together", False))
 
 
 def _check_call_types(paths: dict[str, object], shares: dict[str, object], callbacks: object, step_hooks: object) -> None:
