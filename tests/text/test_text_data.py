@@ -226,6 +226,15 @@ def test_copies_held_out_keep_to_the_share_of_rows(tmp_path: Path) -> None:
         assert not any(text == "ok" for text, _ in data.val) and len(data.val) == 9 + 5  # of ham's 51 rows the 9 others fit
 
 
+def test_where_no_text_fits_a_labels_share_its_smallest_is_held_out(tmp_path: Path) -> None:
+    table = tmp_path / "t.tsv"
+    rows = ["ham\ta"] * 3 + ["ham\tb"] * 4 + ["ham\tc"] * 5 + [f"spam\tspam {index}" for index in range(10)]
+    table.write_text("\n".join(rows) + "\n")  # ham's 20% of 12 rows is 2: no text fits
+    for seed in range(5):
+        data = load_text_data(table, val_split=0.2, seed=seed)
+        assert [text for text, _ in data.val if text in ("a", "b", "c")] == ["a"] * 3
+
+
 def test_a_table_whose_labels_are_each_one_text_is_refused_in_one_line(tmp_path: Path) -> None:
     table = tmp_path / "t.tsv"
     table.write_text("ham\thi\n" * 5 + "spam\twin\n" * 5)
