@@ -25,7 +25,11 @@ def test_test_split_is_seeded_stratified_and_disjoint() -> None:
     data = load_text_data(shared_data("sms_spam/SMSSpamCollection"), val_split=0.1, test_split=0.2, seed=0)
     again = load_text_data(shared_data("sms_spam/SMSSpamCollection"), val_split=0.1, test_split=0.2, seed=0)
     assert data.test == again.test and data.train == again.train
-    assert len(data.test) == round(4827 * 0.2) + round(747 * 0.2)  # rows, its copies kept together
+    # Copies kept together: each label's test share keeps within its share of rows and of different texts (ham's
+    # texts bind, 904 of 4,518; spam's rows, 149 of 747 in 124 texts).
+    for name, rows, texts in (("ham", 4827, 4518), ("spam", 747, 642)):
+        held = [text.strip() for text, label in data.test if data.classes[label] == name]
+        assert 0.9 * round(texts * 0.2) < len(set(held)) <= round(texts * 0.2) and len(held) <= round(rows * 0.2)
     assert not {text.strip() for text, _ in data.test} & {text.strip() for text, _ in data.train + data.val}
     spam = data.classes.index("spam")
     assert abs(sum(label == spam for _, label in data.test) / len(data.test) - 747 / 5574) < 0.002
@@ -216,14 +220,42 @@ def test_a_texts_copies_go_to_one_split_so_nothing_held_out_was_trained_on(tmp_p
     assert load_text_data(table, val_split=0.3).layout.endswith("; 1 row repeats a text of its label, kept in one split with it")
 
 
-def test_copies_held_out_keep_to_the_share_of_rows(tmp_path: Path) -> None:
-    """A label of one text in 500 rows and 9 others: its 500 rows are no 10% val share; 9 others are held out instead."""
+def test_copies_held_out_keep_to_the_share_of_rows_and_of_texts(tmp_path: Path) -> None:
+    """A label of one text in 500 rows and 9 others: its 500 rows are no 10% val share, nor are its 9 others (90% of
+    its texts): one of its 10 texts is held out."""
     table = tmp_path / "t.tsv"
     rows = ["ham\tok"] * 500 + [f"ham\tham {index}" for index in range(9)] + [f"spam\tspam {index}" for index in range(50)]
     table.write_text("\n".join(rows) + "\n")
     for seed in range(10):
         data = load_text_data(table, val_split=0.1, seed=seed)
-        assert not any(text == "ok" for text, _ in data.val) and len(data.val) == 9 + 5  # of ham's 51 rows the 9 others fit
+        ham = [text for text, label in data.val if data.classes[label] == "ham"]
+        assert len(ham) == 1 and ham[0] != "ok" and len(data.val) == 1 + 5 and not data.notes
+
+
+def test_a_text_copied_many_times_leaves_other_texts_of_its_label_for_val_after_the_test_share(tmp_path: Path) -> None:
+    """The test share takes 2 of ham's 10 texts, not all 9 that fit in its rows: val still gets one of the others."""
+    table = tmp_path / "t.tsv"
+    rows = ["ham\tok"] * 500 + [f"ham\tham {index}" for index in range(9)] + [f"spam\tspam {index}" for index in range(50)]
+    table.write_text("\n".join(rows) + "\n")
+    for seed in range(10):
+        data = load_text_data(table, val_split=0.1, test_split=0.2, seed=seed)
+        ham_test = [text for text, label in data.test if data.classes[label] == "ham"]
+        ham_val = [text for text, label in data.val if data.classes[label] == "ham"]
+        assert len(ham_test) == 2 and len(ham_val) == 1 and "ok" not in ham_test + ham_val and not data.notes
+
+
+def test_a_label_no_split_can_hold_out_is_said(tmp_path: Path) -> None:
+    """A label of one text copied stays in train; one of two texts gives its other to test, none to val: said."""
+    table = tmp_path / "t.tsv"
+    unique = [f"{label}\t{label} message {index}" for index in range(10) for label in ("ham", "spam")]
+    table.write_text("\n".join(unique + ["promo\tbuy now"] * 6) + "\n")
+    data = load_text_data(table, val_split=0.2, test_split=0.2)
+    assert [note.split(":")[0] for note in data.notes] == ["val has no row of label(s) promo", "test has no row of label(s) promo"]
+    assert all("too few different texts to hold one out for each split" in note for note in data.notes)
+    table.write_text("\n".join(unique + ["promo\tbuy now", "promo\tbuy today"]) + "\n")
+    data = load_text_data(table, val_split=0.2, test_split=0.2)
+    assert [note.split(":")[0] for note in data.notes] == ["val has no row of label(s) promo"]
+    assert not load_text_data(table, val_split=0.2).notes  # without a test share one of its texts goes to val
 
 
 def test_where_no_text_fits_a_labels_share_its_smallest_is_held_out(tmp_path: Path) -> None:

@@ -170,8 +170,9 @@ def stratified_split(
     """A seeded split that keeps each class's share, with at least one sample per class on each side (a class of one
     sample: on the training side). `same`: samples of one key (a text's copies) go to one side together, so that
     nothing held out is also trained on; a class's groups are then held out in a seeded order while they fit its
-    share of samples. Without copies this is the split without `same`: groups of one sample, shuffled as the
-    samples were."""
+    share of samples and its share of groups (so one text copied 500 times does not send every other text of its
+    class to the first split held out). Without copies this is the split without `same`: groups of one sample,
+    shuffled as the samples were."""
     if not 0 < fraction < 1:
         raise ThawError(f"--val-split must be between 0 and 1, got {fraction}")
     by_label: dict[int, list[Sample]] = defaultdict(list)
@@ -183,17 +184,24 @@ def stratified_split(
         groups = _groups(sorted(by_label[label]), same)
         rng.shuffle(groups)
         count = len(by_label[label])
-        held = _held_groups(groups, min(max(1, round(count * fraction)), count - 1))
+        held = _held_groups(groups, _share(count, fraction), _share(len(groups), fraction))
         held_out += [sample for index in sorted(held) for sample in groups[index]]
         train += [sample for index, group in enumerate(groups) if index not in held for sample in group]
     return train, held_out
 
 
-def _held_groups(groups: list[list[Sample]], share: int) -> set[int]:
-    """The groups held out: in order, each that fits in what is left of `share` samples; where none fits (a class of
-    a few large groups), its smallest, if another group is left to train on."""
+def _share(count: int, fraction: float) -> int:
+    """`fraction` of `count` held out, rounded: at least one, and one fewer than all (one is left to train on)."""
+    return min(max(1, round(count * fraction)), count - 1)
+
+
+def _held_groups(groups: list[list[Sample]], share: int, most_groups: int) -> set[int]:
+    """The groups held out: in order, each that fits in what is left of `share` samples, up to `most_groups` of them;
+    where none fits (a class of a few large groups), its smallest, if another group is left to train on."""
     held, left = set(), share
     for index, group in enumerate(groups):
+        if len(held) == most_groups:
+            break
         if len(group) <= left:
             held.add(index)
             left -= len(group)

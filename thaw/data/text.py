@@ -287,7 +287,7 @@ def load_text_data(
     train, val = split_off_val(samples, val_split, seed, path, " once the test share is held out" if test_split else "", same=same)
     held_out = f"{test_split:.0%} test then {val_split:.0%} val" if test_split else f"{val_split:.0%} val"
     layout = f"text table, {held_out} held out (seed {seed}){_copies_said(pairs) if copies_together else ''}"
-    cautions += _repeated_texts(train, val, test)
+    cautions += _repeated_texts(train, val, test) + _labels_not_held_out(classes, val, test)
     return TextData(classes, tuple(train), tuple(val), test, layout, tuple(skipped), cautions=cautions)
 
 
@@ -301,6 +301,22 @@ def _copies_said(pairs: list[tuple[str, str]]) -> str:
     if not copies:
         return ""
     return f"; {copies} row{'s' if copies > 1 else ''} repeat{'' if copies > 1 else 's'} a text of {'their' if copies > 1 else 'its'} label, kept in one split with it"
+
+
+def _labels_not_held_out(classes: tuple[str, ...], val: list[TextSample], test: tuple[TextSample, ...] | None) -> tuple[str, ...]:
+    """Labels a held-out split has no row of: a label of too few different texts (one text copied, whose copies are
+    kept together; or two with a test share, the test taking one) keeps them in train."""
+    found = []
+    for name, held in (("val", val), ("test", test)):
+        if held is None:
+            continue
+        missing = [classes[label] for label in range(len(classes)) if label not in {label for _, label in held}]
+        if missing:
+            found.append(
+                f"{name} has no row of label(s) {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}: they have too few "
+                f"different texts to hold one out for each split, so {name} scores say nothing of them; add more texts of them"
+            )
+    return tuple(found)
 
 
 def _repeated_texts(train: list[TextSample], val: list[TextSample], test: tuple[TextSample, ...] | None) -> tuple[str, ...]:
