@@ -122,7 +122,7 @@ def test_a_test_share_that_leaves_no_val_row_is_refused(tmp_path: Path) -> None:
     """Two rows a class, one taken as test: none left for val, which chose epochs by nothing (then a traceback)."""
     table = tmp_path / "t.tsv"
     table.write_text("a\tone\nb\tone\nc\ttwo\nd\ttwo\n")
-    with pytest.raises(ThawError, match="t.tsv: no sample is left for val: every class has a single one once the test share is held out"):
+    with pytest.raises(ThawError, match="t.tsv: no sample is left for val: every class has a single one once the test share is held out; a class needs 3, one each to train on, validate and test"):
         load_text_data(table, test_split=0.5)
     assert len(load_text_data(table).val) == 2  # without the test share: one val row a class
 
@@ -270,8 +270,11 @@ def test_where_no_text_fits_a_labels_share_its_smallest_is_held_out(tmp_path: Pa
 def test_a_table_whose_labels_are_each_one_text_is_refused_in_one_line(tmp_path: Path) -> None:
     table = tmp_path / "t.tsv"
     table.write_text("ham\thi\n" * 5 + "spam\twin\n" * 5)
-    with pytest.raises(ThawError, match="no row is left for val: every label's rows are copies of one text; a label needs 2 different texts"):
+    with pytest.raises(ThawError, match="no row is left for val: every label's rows are copies of one text; a label needs different texts, 2, one to train on and one to validate"):
         load_text_data(table)
+    table.write_text("ham\thi\n" * 5 + "ham\tho\n" + "spam\twin\n" * 5 + "spam\twon\n")
+    with pytest.raises(ThawError, match="copies of one text once the test share is held out; a label needs different texts, 3, one each to train on, validate and test"):
+        load_text_data(table, test_split=0.2)
 
 
 def test_without_copies_the_split_is_the_same_as_row_by_row(tmp_path: Path) -> None:
