@@ -122,7 +122,7 @@ def test_a_test_share_that_leaves_no_val_row_is_refused(tmp_path: Path) -> None:
     """Two rows a class, one taken as test: none left for val, which chose epochs by nothing (then a traceback)."""
     table = tmp_path / "t.tsv"
     table.write_text("a\tone\nb\tone\nc\ttwo\nd\ttwo\n")
-    with pytest.raises(ThawError, match="t.tsv: no sample is left for val: every class has a single one once the test share is held out; a class needs 3, one each to train on, validate and test"):
+    with pytest.raises(ThawError, match="t.tsv: no sample is left for val: every class has a single one once the test share is held out; a class needs 3 at the least, one each to train on, validate and test; or lower --test-split"):
         load_text_data(table, test_split=0.5)
     assert len(load_text_data(table).val) == 2  # without the test share: one val row a class
 
@@ -252,6 +252,7 @@ def test_a_label_no_split_can_hold_out_is_said(tmp_path: Path) -> None:
     data = load_text_data(table, val_split=0.2, test_split=0.2)
     assert [note.split(":")[0] for note in data.notes] == ["val has no row of label(s) promo", "test has no row of label(s) promo"]
     assert all("too few different texts to hold one out for each split" in note for note in data.notes)
+    assert all(note.endswith("add more texts of them or lower --test-split") for note in data.notes)
     table.write_text("\n".join(unique + ["promo\tbuy now", "promo\tbuy today"]) + "\n")
     data = load_text_data(table, val_split=0.2, test_split=0.2)
     assert [note.split(":")[0] for note in data.notes] == ["val has no row of label(s) promo"]
@@ -270,10 +271,10 @@ def test_where_no_text_fits_a_labels_share_its_smallest_is_held_out(tmp_path: Pa
 def test_a_table_whose_labels_are_each_one_text_is_refused_in_one_line(tmp_path: Path) -> None:
     table = tmp_path / "t.tsv"
     table.write_text("ham\thi\n" * 5 + "spam\twin\n" * 5)
-    with pytest.raises(ThawError, match="no row is left for val: every label's rows are copies of one text; a label needs different texts, 2, one to train on and one to validate"):
+    with pytest.raises(ThawError, match="no row is left for val: every label's rows are copies of one text; a label needs 2 different texts at the least, one to train on and one to validate"):
         load_text_data(table)
     table.write_text("ham\thi\n" * 5 + "ham\tho\n" + "spam\twin\n" * 5 + "spam\twon\n")
-    with pytest.raises(ThawError, match="copies of one text once the test share is held out; a label needs different texts, 3, one each to train on, validate and test"):
+    with pytest.raises(ThawError, match="copies of one text once the test share is held out; a label needs 3 different texts at the least, one each to train on, validate and test; or lower --test-split"):
         load_text_data(table, test_split=0.2)
 
 

@@ -158,10 +158,10 @@ def split_off_val(
     except in data to score (`min_classes` 1), which is scored whole."""
     train, val = stratified_split(samples, fraction, seed, same)
     if not val and min_classes > 1:
-        needed = "3, one each to train on, validate and test" if rows_left else "2, one to train on and one to validate"
+        count, purpose = (3, "one each to train on, validate and test; or lower --test-split") if rows_left else (2, "one to train on and one to validate")
         if same is not None and len(samples) > len({label for _, label in samples}):  # not a sample per class: copies
-            raise ThawError(f"{source}: no row is left for val: every label's rows are copies of one text{rows_left}; a label needs different texts, {needed}")
-        raise ThawError(f"{source}: no sample is left for val: every class has a single one{rows_left}; a class needs {needed}")
+            raise ThawError(f"{source}: no row is left for val: every label's rows are copies of one text{rows_left}; a label needs {count} different texts at the least, {purpose}")
+        raise ThawError(f"{source}: no sample is left for val: every class has a single one{rows_left}; a class needs {count} at the least, {purpose}")
     return train, val
 
 

@@ -307,14 +307,17 @@ def _labels_not_held_out(classes: tuple[str, ...], val: list[TextSample], test: 
     """Labels a held-out split has no row of: a label of too few different texts (one text copied, whose copies are
     kept together; or two with a test share, the test taking one) keeps them in train."""
     found = []
+    lower = " or lower --test-split" if test is not None else ""
     for name, held in (("val", val), ("test", test)):
         if held is None:
             continue
-        missing = [classes[label] for label in range(len(classes)) if label not in {label for _, label in held}]
+        present = {label for _, label in held}
+        missing = [classes[index] for index in range(len(classes)) if index not in present]
         if missing:
+            more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
             found.append(
-                f"{name} has no row of label(s) {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}: they have too few "
-                f"different texts to hold one out for each split, so {name} scores say nothing of them; add more texts of them"
+                f"{name} has no row of label(s) {', '.join(missing[:5])}{more}: they have too few "
+                f"different texts to hold one out for each split, so {name} scores say nothing of them; add more texts of them{lower}"
             )
     return tuple(found)
 
