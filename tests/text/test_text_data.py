@@ -244,6 +244,23 @@ def test_a_text_copied_many_times_leaves_other_texts_of_its_label_for_val_after_
         assert len(ham_test) == 2 and len(ham_val) == 1 and "ok" not in ham_test + ham_val and not data.notes
 
 
+def test_the_earlier_rule_rebuilds_the_split_runs_made_with_it_trained_on(tmp_path: Path) -> None:
+    """Runs split with copies held out within the share of rows alone (before the share of texts) are rebuilt so: there
+    the test share took all 9 other texts of ham, which fit in its rows, and left val none of ham."""
+    table = tmp_path / "t.tsv"
+    rows = ["ham\tok"] * 500 + [f"ham\tham {index}" for index in range(9)] + [f"spam\tspam {index}" for index in range(50)]
+    table.write_text("\n".join(rows) + "\n")
+    for seed in range(3):
+        data = load_text_data(table, val_split=0.1, test_split=0.2, seed=seed, split_rule="copies-within-rows")
+        assert sorted(text for text, label in data.test if data.classes[label] == "ham") == [f"ham {index}" for index in range(9)]
+        assert not [text for text, label in data.val if data.classes[label] == "ham"]
+        assert data.notes == ("val has no row of label(s) ham: they have too few different texts to hold one out for each "
+                              "split, so val scores say nothing of them; add more texts of them or lower --test-split",)
+        assert data.layout.endswith("kept in one split with it")
+    with pytest.raises(ThawError, match="unknown split rule 'copies'; use one of copies-within-rows-and-texts, copies-within-rows, row-by-row"):
+        load_text_data(table, split_rule="copies")
+
+
 def test_a_label_no_split_can_hold_out_is_said(tmp_path: Path) -> None:
     """A label of one text copied stays in train; one of two texts gives its other to test, none to val: said."""
     table = tmp_path / "t.tsv"
@@ -285,7 +302,7 @@ def test_without_copies_the_split_is_the_same_as_row_by_row(tmp_path: Path) -> N
     table.write_text("".join(f"{rng.choice(['a', 'b', 'c'])}\ttext {index}\n" for index in range(200)))
     for seed in range(3):
         together = load_text_data(table, val_split=0.2, test_split=0.1, seed=seed)
-        apart = load_text_data(table, val_split=0.2, test_split=0.1, seed=seed, copies_together=False)
+        apart = load_text_data(table, val_split=0.2, test_split=0.1, seed=seed, split_rule="row-by-row")
         assert (together.train, together.val, together.test) == (apart.train, apart.val, apart.test)
 
 
@@ -309,9 +326,9 @@ def test_held_out_texts_that_also_sit_in_train_are_counted(tmp_path: Path) -> No
     table = tmp_path / "t.tsv"
     unique = [f"{label}\t{label} message {index}" for index in range(10) for label in ("ham", "spam")]
     table.write_text("\n".join(unique) + "\n")
-    assert not load_text_data(table, val_split=0.3, test_split=0.3, copies_together=False).notes
+    assert not load_text_data(table, val_split=0.3, test_split=0.3, split_rule="row-by-row").notes
     table.write_text("\n".join(unique + ["ham\tsee you later"] * 12) + "\n")  # one text, twelve rows: some in each split
-    data = load_text_data(table, val_split=0.3, test_split=0.3, copies_together=False)
+    data = load_text_data(table, val_split=0.3, test_split=0.3, split_rule="row-by-row")
     val_repeats = sum(text == "see you later" for text, _ in data.val)
     test_repeats = sum(text == "see you later" for text, _ in data.test)
     assert val_repeats and test_repeats
@@ -327,7 +344,7 @@ def test_a_text_repeated_in_under_one_percent_of_a_split_is_not_a_caution(tmp_pa
     table = tmp_path / "t.tsv"
     unique = [f"{label}\t{label} message {index}" for index in range(400) for label in ("ham", "spam")]
     table.write_text("\n".join(unique + ["ham\tok"] * 3) + "\n")  # "ok" thrice in 803 rows: at most 1 of 241 val texts
-    data = load_text_data(table, val_split=0.3, copies_together=False)
+    data = load_text_data(table, val_split=0.3, split_rule="row-by-row")
     assert sum(text == "ok" for text, _ in data.val) <= 1 and not data.notes
 
 

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 from tests.conftest import Crash, crash_after, shared_data, write_text_table
 from thaw.cli import main
-from thaw.data.text import load_text_data
+from thaw.data.text import SPLIT_RULE, SPLIT_RULES, load_text_data
 from thaw.export.run_dir import load_run
 from thaw.train import TrainConfig, train_text
 
@@ -44,47 +44,66 @@ def test_resumed_text_run_ends_with_the_same_weights(tmp_path: Path, tiny_encode
     assert whole.keys() == resumed.keys() and all(torch.equal(whole[k], resumed[k]) for k in whole)
 
 
-def test_a_run_split_before_copies_were_kept_together_resumes_and_scores_on_its_own_split(
-    tmp_path: Path, tiny_encoder: Path, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize("rule", ["row-by-row", "copies-within-rows"])
+def test_a_run_split_by_an_earlier_rule_resumes_and_scores_on_its_own_split(
+    tmp_path: Path, tiny_encoder: Path, monkeypatch: pytest.MonkeyPatch, rule: str
 ) -> None:
-    """A thaw before copies_together split row by row and recorded nothing: such a run is resumed, and scored, on
-    the split it was made with. A split made anew would hold other texts out: the resume would be refused (other
-    samples), and test scores would count texts it trained on."""
+    """Runs made with an earlier split rule are resumed, and scored, on the split they were made with: row by row
+    (a thaw that recorded nothing of it), or copies within the share of rows (one that recorded copies_together). A
+    split made anew would hold other texts out: the resume would be refused (other samples), and val scores would
+    count texts it trained on."""
+    import importlib
+
     import thaw.train
-    import thaw.train.settings
     from thaw.export.inference import _run_data
 
+    fit_module = importlib.import_module("thaw.train.fit")  # thaw.train.fit is also the name of a function
+
     table = write_text_table(tmp_path / "t.tsv")
-    with table.open("a") as rows:
-        rows.write("ham\tsee you later\n" * 12)
-    options = {"plan": "two-phase", "plan_options": {"epochs": 2, "head_epochs": 1}, "config": QUICK}
-    with monkeypatch.context() as patch:  # what the thaw before wrote: no such setting in the checkpoint
-        patch.setattr(thaw.train, "_copies_together", lambda out, resume: False)
-        patch.setattr(thaw.train.settings, "META_KEYS", tuple(key for key in thaw.train.settings.META_KEYS if key != "copies_together"))
+    with table.open("a") as rows:  # ham: one text in 60 rows besides its others, so the three rules split it apart
+        rows.write("ham\tsee you later\n" * 60)
+    earlier = {"row-by-row": {}, "copies-within-rows": {"copies_together": True}}[rule]
+    options = {"plan": "two-phase", "plan_options": {"epochs": 2, "head_epochs": 1}, "config": QUICK, "test_split": 0.2}
+    with monkeypatch.context() as patch:  # what the thaw before wrote: its own rule, no split_rule in the checkpoint
+        patch.setattr(thaw.train, "_split_rule", lambda out, resume: rule)
+        patch.setattr(fit_module, "run_settings", _recording(fit_module.run_settings, earlier))
         with pytest.raises(Crash):
             train_text(table, model=str(tiny_encoder), out=tmp_path / "run", callbacks=[crash_after(2)], **options)
     result = train_text(table, model=str(tiny_encoder), out=tmp_path / "run", resume=True, **options)
     assert len(result.history) == 3
     meta = json.loads((tmp_path / "run" / "thaw.json").read_text())
-    assert meta["copies_together"] is False
-    older = {key: value for key, value in meta.items() if key != "copies_together"}  # its thaw.json had no such key either
-    apart = load_text_data(table, val_split=0.1, seed=QUICK.seed, copies_together=False)
-    together = load_text_data(table, val_split=0.1, seed=QUICK.seed)
-    assert _run_data(older, table).val == apart.val != together.val
-    assert _run_data(older | {"copies_together": True}, table).val == together.val
+    assert meta["split_rule"] == rule
+    older = {key: value for key, value in meta.items() if key != "split_rule"} | earlier  # its thaw.json as the thaw before wrote it
+    splits = {name: load_text_data(table, val_split=0.1, test_split=0.2, seed=QUICK.seed, split_rule=name) for name in SPLIT_RULES}
+    assert len({(data.val, data.test) for data in splits.values()}) == 3  # the table tells the rules apart
+    assert (_run_data(older, table).val, _run_data(older, table).test) == (splits[rule].val, splits[rule].test)
+    assert _run_data(meta, table).val == splits[rule].val
+    assert _run_data(older | {"split_rule": SPLIT_RULE}, table).val == splits[SPLIT_RULE].val
 
 
-def test_a_checkpoint_that_records_no_copies_setting_keeps_its_row_by_row_split(tmp_path: Path) -> None:
-    """Checkpoints from before settings were recorded, and from before copies_together, resume row by row."""
-    from thaw.train import _copies_together
+def _recording(run_settings, earlier: dict):
+    """run_settings as a thaw before split_rule recorded them: with `earlier`'s keys in place of split_rule."""
+    def older(*args, **kwargs) -> dict:
+        return {key: value for key, value in run_settings(*args, **kwargs).items() if key != "split_rule"} | earlier
+    return older
+
+
+def test_a_checkpoint_records_its_split_rule_or_tells_it_by_what_it_lacks(tmp_path: Path) -> None:
+    """Checkpoints from before settings were recorded, and from before copies_together, resume row by row; those
+    that say copies_together, within the share of rows; those that record split_rule, by it."""
+    from thaw.train import _split_rule
 
     run = tmp_path / "run"
-    assert _copies_together(run, resume=True) and _copies_together(run, resume=False)  # nothing to resume: a new split
+    assert _split_rule(run, resume=True) == _split_rule(run, resume=False) == SPLIT_RULE  # nothing to resume: a new split
     run.mkdir()
-    for saved, together in [({"model": {}}, False), ({"settings": {"task": "text"}}, False), ({"settings": {"copies_together": True}}, True)]:
+    for saved, rule in [
+        ({"model": {}}, "row-by-row"), ({"settings": {"task": "text"}}, "row-by-row"),
+        ({"settings": {"copies_together": True}}, "copies-within-rows"), ({"settings": {"split_rule": "row-by-row"}}, "row-by-row"),
+        ({"settings": {"split_rule": SPLIT_RULE}}, SPLIT_RULE),
+    ]:
         torch.save(saved, run / "checkpoint.pt")
-        assert _copies_together(run, resume=True) is together
-        assert _copies_together(run, resume=False)  # --overwrite: a new run
+        assert _split_rule(run, resume=True) == rule
+        assert _split_rule(run, resume=False) == SPLIT_RULE  # --overwrite: a new run
 
 
 def test_text_run_evaluates_predicts_and_exports(tmp_path: Path, tiny_encoder: Path, capsys: pytest.CaptureFixture) -> None:

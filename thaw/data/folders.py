@@ -151,12 +151,12 @@ def _samples(by_class: dict[str, list[Path]], classes: tuple[str, ...]) -> tuple
 
 def split_off_val(
     samples: list[Sample], fraction: float, seed: int, source: Path, rows_left: str = "", min_classes: int = 2,
-    same: Callable[[Sample], Hashable] | None = None,
+    same: Callable[[Sample], Hashable] | None = None, share_of_groups: bool = True,
 ) -> tuple[list[Sample], list[Sample]]:
     """stratified_split for the val set a run chooses its epoch by: none at all (every class a single sample, or with
     `same` a single key) would train a run that reports val accuracy 0 and delivers an arbitrary epoch. Refused,
     except in data to score (`min_classes` 1), which is scored whole."""
-    train, val = stratified_split(samples, fraction, seed, same)
+    train, val = stratified_split(samples, fraction, seed, same, share_of_groups)
     if not val and min_classes > 1:
         count, purpose = (3, "one each to train on, validate and test; or lower --test-split") if rows_left else (2, "one to train on and one to validate")
         if same is not None and len(samples) > len({label for _, label in samples}):  # not a sample per class: copies
@@ -166,14 +166,15 @@ def split_off_val(
 
 
 def stratified_split(
-    samples: list[Sample], fraction: float, seed: int, same: Callable[[Sample], Hashable] | None = None
+    samples: list[Sample], fraction: float, seed: int, same: Callable[[Sample], Hashable] | None = None,
+    share_of_groups: bool = True,
 ) -> tuple[list[Sample], list[Sample]]:
     """A seeded split that keeps each class's share, with at least one sample per class on each side (a class of one
     sample: on the training side). `same`: samples of one key (a text's copies) go to one side together, so that
     nothing held out is also trained on; a class's groups are then held out in a seeded order while they fit its
-    share of samples and its share of groups (so one text copied 500 times does not send every other text of its
-    class to the first split held out). Without copies this is the split without `same`: groups of one sample,
-    shuffled as the samples were."""
+    share of samples and (`share_of_groups`) its share of groups (so one text copied 500 times does not send every
+    other text of its class to the first split held out; False is the rule of runs split before, rebuilt for them).
+    Without copies this is the split without `same`: groups of one sample, shuffled as the samples were."""
     if not 0 < fraction < 1:
         raise ThawError(f"--val-split must be between 0 and 1, got {fraction}")
     by_label: dict[int, list[Sample]] = defaultdict(list)
@@ -185,7 +186,8 @@ def stratified_split(
         groups = _groups(sorted(by_label[label]), same)
         rng.shuffle(groups)
         count = len(by_label[label])
-        held = _held_groups(groups, _share(count, fraction), _share(len(groups), fraction))
+        most_groups = _share(len(groups), fraction) if share_of_groups else len(groups)
+        held = _held_groups(groups, _share(count, fraction), most_groups)
         held_out += [sample for index in sorted(held) for sample in groups[index]]
         train += [sample for index, group in enumerate(groups) if index not in held for sample in group]
     return train, held_out

@@ -35,6 +35,10 @@ REPEATS_SHARE = 0.01  # of a held-out split, found in train: below it, a few rec
 OPEN_QUOTE_LINES = 2  # line ends inside one row, for an error to name it as a quote perhaps left open
 SWALLOWED_ROWS = 3  # lines of one text that read as rows of the table: past this, a quote was surely left open
 LENGTH_GROUP_BATCHES = 50  # batches per length-sorted chunk (the HF Trainer's group_by_length uses 50 too)
+# How a table is split into train, val and test, as a run records it (`split_rule` in thaw.json): today's rule, and
+# the rules runs were made with before, rebuilt for them so that they resume and score on the split they trained on.
+SPLIT_RULE = "copies-within-rows-and-texts"  # a text's copies in one split, held out within a label's share of rows and of texts
+SPLIT_RULES = (SPLIT_RULE, "copies-within-rows", "row-by-row")  # before: copies within the share of rows; copies anywhere
 
 
 @dataclass(frozen=True)
@@ -268,27 +272,41 @@ def _classes(table: Table, path: Path) -> tuple[str, ...]:
 
 def load_text_data(
     path: str | Path, *, columns: TextColumns = TextColumns(), val_split: float = 0.2, test_split: float = 0.0, seed: int = 0,
-    copies_together: bool = True,
+    split_rule: str = SPLIT_RULE,
 ) -> TextData:
-    """Read the table, then hold out a seeded stratified test share, then a val share of the rest. `copies_together`:
+    """Read the table, then hold out a seeded stratified test share, then a val share of the rest. By SPLIT_RULE the
     rows of one text (its copies, spaces at its ends aside) go to one split, so that no val or test text is also
-    trained on; False splits row by row, as runs made before it did (their splits are rebuilt so)."""
+    trained on; the earlier rules of SPLIT_RULES rebuild the splits of runs made with them."""
+    if split_rule not in SPLIT_RULES:
+        raise ThawError(f"unknown split rule {split_rule!r}; use one of {', '.join(SPLIT_RULES)}")
     path = Path(path)
     table = _read_table(path, columns)
     pairs, skipped, cautions = table.pairs, table.skipped, table.cautions
     classes = _classes(table, path)
     index = {name: i for i, name in enumerate(classes)}
     samples = [(text, index[label]) for text, label in pairs]
-    same = _text_of if copies_together else None
+    same = None if split_rule == "row-by-row" else _text_of
+    share_of_texts = split_rule == SPLIT_RULE
     test = None
     if test_split:
-        samples, held = stratified_split(samples, test_split, seed, same)
+        samples, held = stratified_split(samples, test_split, seed, same, share_of_texts)
         test = tuple(held)
-    train, val = split_off_val(samples, val_split, seed, path, " once the test share is held out" if test_split else "", same=same)
+    rows_left = " once the test share is held out" if test_split else ""
+    train, val = split_off_val(samples, val_split, seed, path, rows_left, same=same, share_of_groups=share_of_texts)
     held_out = f"{test_split:.0%} test then {val_split:.0%} val" if test_split else f"{val_split:.0%} val"
-    layout = f"text table, {held_out} held out (seed {seed}){_copies_said(pairs) if copies_together else ''}"
+    layout = f"text table, {held_out} held out (seed {seed}){_copies_said(pairs) if same else ''}"
     cautions += _repeated_texts(train, val, test) + _labels_not_held_out(classes, val, test)
     return TextData(classes, tuple(train), tuple(val), test, layout, tuple(skipped), cautions=cautions)
+
+
+def recorded_split_rule(recorded: dict | None) -> str:
+    """The split rule a run's settings (or thaw.json) record: `split_rule` since it was recorded; before it, runs that
+    kept copies together said `copies_together` (then held out within the share of rows), and earlier ones nothing
+    (row by row)."""
+    recorded = recorded or {}
+    if "split_rule" in recorded:
+        return recorded["split_rule"]
+    return "copies-within-rows" if recorded.get("copies_together") else "row-by-row"
 
 
 def _text_of(sample: tuple[str, object]) -> str:

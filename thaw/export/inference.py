@@ -13,7 +13,7 @@ from thaw._io import answers
 from thaw.data.folders import ImageData, candidate_files, describe_skipped, discover
 from thaw.data.images import UnreadableImage, load_rgb
 from thaw.data.loaders import ImageDataset, make_loader
-from thaw.data.text import TextColumns, TextData, TextDataset, load_text_data, read_table
+from thaw.data.text import TextColumns, TextData, TextDataset, load_text_data, read_table, recorded_split_rule
 from thaw.data.transforms import eval_transform
 from thaw.errors import ThawError
 from thaw.models import ModelAdapter
@@ -56,9 +56,9 @@ def _run_data(meta: dict, data_path: str | Path) -> ImageData | TextData:
     seed = meta.get("train_config", {}).get("seed", 0)
     if meta.get("task") == "text":
         columns = TextColumns(**meta.get("columns", {}))
-        together = meta.get("copies_together", False)  # a run made before thaw kept copies together split row by row
+        rule = recorded_split_rule(meta)  # a run made with an earlier rule is scored on the split it was made with
         return load_text_data(
-            data_path, columns=columns, val_split=meta["val_split"], test_split=meta.get("test_split", 0.0), seed=seed, copies_together=together
+            data_path, columns=columns, val_split=meta["val_split"], test_split=meta.get("test_split", 0.0), seed=seed, split_rule=rule
         )
     return discover(data_path, val_split=meta.get("val_split", 0.2), seed=seed, min_classes=1)  # scored, not trained on
 

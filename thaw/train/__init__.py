@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from thaw.data.folders import ImageData, discover, would_be_read
-from thaw.data.text import TextColumns, TextData, load_text_data
+from thaw.data.text import SPLIT_RULE, TextColumns, TextData, load_text_data, recorded_split_rule
 from thaw.models import ModelAdapter, adapt, build_model
 from thaw.models.hf_text import DEFAULT_MAX_LENGTH, build_text_model, check_max_length
 from thaw.plan import Plan, plan_from_dict, plan_to_dict
@@ -157,8 +157,8 @@ def train_text(
     _check_arguments(plan, plan_options, config, resume)
     check_image_augments(config, "text", resumed=resume)  # before the table is read and the model built
     check_plan_before_data(model, None, "text", plan, plan_options)
-    together = _copies_together(Path(out), resume)
-    data = load_text_data(data_path, columns=columns, val_split=val_split, test_split=test_split, seed=config.seed, copies_together=together)
+    rule = _split_rule(Path(out), resume)
+    data = load_text_data(data_path, columns=columns, val_split=val_split, test_split=test_split, seed=config.seed, split_rule=rule)
     torch.manual_seed(config.seed)
     adapter = build_text_model(model, num_classes=len(data.classes), pooling=pooling, max_length=max_length)
     if not (resume and (Path(out) / checkpoint.CHECKPOINT).is_file()):  # a run already trained keeps what it trained with
@@ -169,18 +169,17 @@ def train_text(
     meta = {
         "format": "thaw-run/1", "task": "text", "model": source_name(model), "weights": None, "classes": list(data.classes),
         "val_split": val_split, "test_split": test_split, "columns": asdict(columns), "pooling": pooling, "max_length": max_length,
-        "data_path": str(Path(data_path).resolve()), "copies_together": together,
+        "data_path": str(Path(data_path).resolve()), "split_rule": rule,
     }
     return _run(adapter, data, data_path, plan, plan_options, config, Path(out), meta, resume, overwrite, callbacks, step_hooks)
 
 
-def _copies_together(out: Path, resume: bool) -> bool:
-    """Whether the run's split keeps a text's copies together: yes, except in a run resumed from a checkpoint made
-    before thaw did (it records no such setting, or no settings at all), which continues on the split it started with."""
+def _split_rule(out: Path, resume: bool) -> str:
+    """How the run's table is split: today's rule, except in a run resumed from a checkpoint made with an earlier one
+    (recorded in its settings, or known by what they lack), which continues on the split it started with."""
     if not (resume and (out / checkpoint.CHECKPOINT).is_file()):
-        return True
-    settings = saved_settings(out)
-    return bool(settings and settings.get("copies_together", False))
+        return SPLIT_RULE
+    return recorded_split_rule(saved_settings(out))
 
 
 def _check_call_types(paths: dict[str, object], shares: dict[str, object], callbacks: object, step_hooks: object) -> None:

@@ -21,7 +21,7 @@ from thaw.train.config import TrainConfig
 RUNTIME_FIELDS = frozenset({"workers", "device", "quiet", "strict", "cache_memory_gb", "decoded_memory_gb", "compile"})
 META_KEYS = (
     "task", "model", "model_source", "model_groups", "weights", "val_split", "test_split", "columns", "pooling", "max_length",
-    "copies_together",
+    "copies_together", "split_rule",  # copies_together: recorded by runs made before split_rule
 )
 
 
