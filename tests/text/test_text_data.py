@@ -426,3 +426,17 @@ def test_a_headerless_table_whose_first_line_opens_a_quote_says_so(tmp_path: Pat
     table.write_text('"Hello,ham\nwin,spam\nok,ham\n')
     with pytest.raises(ThawError, match="it has one .*; line 1 opens a quote that runs over 2 more line"):
         read_table(table)
+
+
+@pytest.mark.parametrize(("shares", "named"), [
+    ({"test_split": 1.5}, r"test_split \(--test-split\) must be from 0 \(none held out\) and below 1, like 0.2, got 1.5"),
+    ({"test_split": -0.1}, r"test_split \(--test-split\) must be from 0"),
+    ({"val_split": 1.0}, r"val_split \(--val-split\) must be above 0 and below 1, like 0.2, got 1.0"),
+    ({"val_split": 0.0, "test_split": 0.2}, r"val_split \(--val-split\) must be above 0"),
+])
+def test_a_share_out_of_range_names_the_argument_it_came_from(tmp_path: Path, shares: dict, named: str) -> None:
+    """The Python API is not checked by the CLI's option types: a test share out of range was said as --val-split."""
+    table = tmp_path / "t.tsv"
+    table.write_text("".join(f"{label}\t{label} text {index}\n" for index in range(10) for label in ("ham", "spam")))
+    with pytest.raises(ThawError, match=named):
+        load_text_data(table, **shares)

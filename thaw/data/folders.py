@@ -176,7 +176,7 @@ def stratified_split(
     other text of its class to the first split held out; False is the rule of runs split before, rebuilt for them).
     Without copies this is the split without `same`: groups of one sample, shuffled as the samples were."""
     if not 0 < fraction < 1:
-        raise ThawError(f"--val-split must be between 0 and 1, got {fraction}")
+        raise ThawError(f"val_split (--val-split) must be above 0 and below 1, like 0.2, got {fraction}")
     by_label: dict[int, list[Sample]] = defaultdict(list)
     for sample in samples:
         by_label[sample[1]].append(sample)

@@ -277,6 +277,8 @@ def load_text_data(
     """Read the table, then hold out a seeded stratified test share, then a val share of the rest. By SPLIT_RULE the
     rows of one text (its copies, spaces at its ends aside) go to one split, so that no val or test text is also
     trained on; the earlier rules of SPLIT_RULES rebuild the splits of runs made with them."""
+    if not 0 <= test_split < 1:  # checked here, not by the split, which would name val_split
+        raise ThawError(f"test_split (--test-split) must be from 0 (none held out) and below 1, like 0.2, got {test_split}")
     if split_rule not in SPLIT_RULES:
         raise ThawError(f"unknown split rule {split_rule!r}; use one of {', '.join(SPLIT_RULES)}")
     path = Path(path)
