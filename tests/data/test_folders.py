@@ -301,3 +301,25 @@ def test_one_class_folder_with_folders_of_its_own_is_data_to_score(tmp_path: Pat
 def test_one_image_a_class_is_data_to_score(tmp_path: Path) -> None:
     write_class_images(tmp_path, per_class=1, size=8)
     assert len(discover(tmp_path, min_classes=1).everything()) == 3  # scored whole: no val needed
+
+
+@pytest.mark.parametrize("layout", ["class folders", "train folder", "manifest"])
+def test_a_class_of_one_image_that_val_has_none_of_is_said(tmp_path: Path, layout: str) -> None:
+    """A class of a single image stays in train: val, which chooses the epoch delivered, has none of it. Said as a
+    run starts, in each layout thaw holds val out of; data to score (min_classes 1) is scored whole, so not there."""
+    root = tmp_path / "data"
+    images = root / "train" if layout == "train folder" else root
+    write_class_images(images, classes=("red", "green"), per_class=4)
+    write_class_images(images, classes=("blue",), per_class=1, seed=1)
+    source = root
+    if layout == "manifest":
+        source = root / "labels.csv"
+        source.write_text("path,label\n" + "".join(f"{image.relative_to(root)},{image.parent.name}\n" for image in sorted(root.rglob("*.png"))))
+    data = discover(source, val_split=0.25)
+    assert {data.classes[label] for _, label in data.val} == {"red", "green"}
+    assert data.notes == ("val has no image of class(es) blue: each has a single image, kept to train on, so val scores say nothing of them; add images of them",)
+    assert discover(source, val_split=0.25, min_classes=1).notes == ()
+    write_class_images(images, classes=("blue",), per_class=2, seed=1)  # a second image: one for val
+    if layout == "manifest":
+        source.write_text("path,label\n" + "".join(f"{image.relative_to(root)},{image.parent.name}\n" for image in sorted(root.rglob("*.png"))))
+    assert discover(source, val_split=0.25).notes == ()

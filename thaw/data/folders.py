@@ -165,6 +165,20 @@ def split_off_val(
     return train, val
 
 
+def classes_not_held_out(classes: tuple[str, ...], val: list[Sample], min_classes: int = 2) -> tuple[str, ...]:
+    """A class of a single image stays in train (stratified_split): the val share held out, which chooses the epoch
+    delivered, then has none of it, and its scores say nothing of that class. Said for data to train on, not to score."""
+    present = {label for _, label in val}
+    missing = [name for index, name in enumerate(classes) if index not in present]
+    if not missing or min_classes < 2:
+        return ()
+    more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+    return (
+        f"val has no image of class(es) {', '.join(missing[:5])}{more}: each has a single image, kept to train on, so "
+        "val scores say nothing of them; add images of them",
+    )
+
+
 def stratified_split(
     samples: list[Sample], fraction: float, seed: int, same: Callable[[Sample], Hashable] | None = None,
     share_of_groups: bool = True,
@@ -288,9 +302,10 @@ def _from_split_folders(root: Path, folders: dict[str, Path], val_split: float, 
         train, val = tuple(kept), tuple(held_out)
         given = "train/test" if test is not None else "train only"
         layout = f"split folders ({given}), {val_split:.0%} of train held out as val (seed {seed})"
+    held_out = () if "val" in splits else classes_not_held_out(classes, val, min_classes)
     return ImageData(
         classes, train, val, test, layout, tuple(skipped), split_folders=True, val_from_folder="val" in splits,
-        cautions=_unread_splits(root, classes),
+        cautions=_unread_splits(root, classes) + held_out,
     )
 
 
@@ -330,7 +345,8 @@ def _from_class_folders(root: Path, val_split: float, seed: int, min_classes: in
     by_class = _scan_split(root, skipped)
     classes = _check_classes({"data": by_class}, root, min_classes)
     train, val = split_off_val(list(_samples(by_class, classes)), val_split, seed, root, min_classes=min_classes)
-    return ImageData(classes, tuple(train), tuple(val), None, f"class folders, {val_split:.0%} held out (seed {seed})", tuple(skipped))
+    layout = f"class folders, {val_split:.0%} held out (seed {seed})"
+    return ImageData(classes, tuple(train), tuple(val), None, layout, tuple(skipped), cautions=classes_not_held_out(classes, val, min_classes))
 
 
 def _check_not_one_level_up(root: Path) -> None:
@@ -400,7 +416,8 @@ def _from_manifest(path: Path, val_split: float, seed: int, min_classes: int) ->
             by_class[label].append(file)
     classes = _check_classes({"manifest": dict(by_class)}, path, min_classes)
     train, val = split_off_val(list(_samples(by_class, classes)), val_split, seed, path, min_classes=min_classes)
-    return ImageData(classes, tuple(train), tuple(val), None, f"CSV manifest, {val_split:.0%} held out", tuple(skipped))
+    layout = f"CSV manifest, {val_split:.0%} held out"
+    return ImageData(classes, tuple(train), tuple(val), None, layout, tuple(skipped), cautions=classes_not_held_out(classes, val, min_classes))
 
 
 def discover(root: str | Path, *, val_split: float = 0.2, seed: int = 0, min_classes: int = 2) -> ImageData:
