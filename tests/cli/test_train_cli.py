@@ -571,6 +571,20 @@ def test_classes_that_differ_only_in_case_are_warned_of_as_the_run_starts(tmp_pa
     assert json.loads((tmp_path / "run" / "thaw.json").read_text())["classes"] == ["Dog", "cat", "dog"]
 
 
+def test_a_class_of_one_image_is_warned_of_as_the_run_starts(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # Its single image stays in train, so val (which chooses the epoch delivered) says nothing of it: said before any
+    # epoch, where the user can stop the run and add images.
+    write_class_images(tmp_path / "data", classes=("red", "green"), per_class=4, size=16)
+    write_class_images(tmp_path / "data", classes=("blue",), per_class=1, size=16, seed=1)
+    assert main(_one_quick_epoch(tmp_path)) == 0
+    captured = capsys.readouterr()
+    assert captured.out.splitlines()[0].endswith("; 3 classes, 7 train, 2 val")
+    assert captured.err.splitlines() == [
+        "thaw: warning: val has no image of class(es) blue: each has a single image, kept to train on, so val scores "
+        "say nothing of them; add images of them"
+    ]
+
+
 def test_a_file_found_unreadable_while_decoding_is_warned_of_before_the_first_epoch_ends(tiny_split_data: Path, tmp_path: Path) -> None:
     # A truncated JPEG passes the header check that lists the data; its pixels fail only when decoded. It was said
     # after the last epoch, too late to stop a long run and fix the file.
