@@ -144,6 +144,9 @@ def test_the_commands_say_it_in_one_line(
         ({"val_split": ABSENT}, "no val_split"),  # scoring a split reads it
         ({"columns.text": [1]}, "columns.text is [1], not a column name, position or null"),
         ({"columns.header": True}, "columns has unknown key header"),
+        ({"split_rule": "by-hand"}, "split_rule is 'by-hand', not one of copies-within-rows-and-texts, copies-within-rows"),  # scoring a split reads it
+        ({"split_rule": None}, "split_rule is None, not one of"),
+        ({"copies_together": "yes"}, "copies_together is 'yes', not true or false"),  # runs made before split_rule wrote it
     ],
     ids=lambda value: "-".join(value) if isinstance(value, dict) else None,
 )

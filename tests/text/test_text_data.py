@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import random
+import re
 from collections import Counter
 from pathlib import Path
 
 import pytest
 
 from tests.conftest import shared_data
-from thaw.data.text import LengthGroupedBatches, TextColumns, load_text_data, read_table
+from thaw.data.text import SPLIT_RULE, SPLIT_RULES, LengthGroupedBatches, TextColumns, load_text_data, read_table, recorded_split_rules
 from thaw.errors import ThawError
+from thaw.train.settings import samples_digest
 
 
 def test_sms_collection_reads_every_message_with_the_label_column_inferred() -> None:
@@ -257,8 +259,67 @@ def test_the_earlier_rule_rebuilds_the_split_runs_made_with_it_trained_on(tmp_pa
         assert data.notes == ("val has no row of label(s) ham: they have too few different texts to hold one out for each "
                               "split, so val scores say nothing of them; add more texts of them or lower --test-split",)
         assert data.layout.endswith("kept in one split with it")
-    with pytest.raises(ThawError, match="unknown split rule 'copies'; use one of copies-within-rows-and-texts, copies-within-rows, row-by-row"):
+    with pytest.raises(ThawError, match="unknown split rule 'copies'; use one of copies-within-rows-and-texts, copies-within-rows, copies-within-texts, row-by-row"):
         load_text_data(table, split_rule="copies")
+
+
+# What each version of thaw split this table into (val_split 0.2, test_split 0.2, seed 0; found by running those
+# versions): runs they made are resumed and scored on these splits, so each rule must rebuild them exactly. The digest
+# is the train and val samples' as the runs recorded it, by which a run that said copies_together is told apart.
+PINNED_TABLE = ["ham\tok"] * 12 + [f"ham\tham {index}" for index in range(8)] + ["ham\tham 0", "ham\tham 1"] + [
+    f"spam\tspam {index}" for index in range(10)] + ["spam\tspam 0"] * 3
+PINNED_SPLITS = {  # rule: (the last version that split by it, val texts, test texts, samples digest)
+    "row-by-row": ("9716ca0", ["ham 0", "ok", "ok", "ok", "spam 1", "spam 5"], ["ham 4", "ok", "ok", "ok", "spam 0", "spam 6", "spam 9"], "3849f11076a257448c5d"),
+    "copies-within-texts": ("fb08371", ["ham 4", "spam 0", "spam 0", "spam 0", "spam 0", "spam 1"], ["ham 5", "ham 7", "spam 6", "spam 9"], "7420685a3fb4edf59697"),
+    "copies-within-rows": ("a0189b9", ["ham 2", "ham 3", "ham 4", "ham 6", "spam 1", "spam 4"], ["ham 1", "ham 1", "ham 5", "ham 7", "spam 6", "spam 8", "spam 9"], "ae998e223d8824790aba"),
+    SPLIT_RULE: ("0900b69", ["ham 4", "spam 1", "spam 4"], ["ham 5", "ham 7", "spam 6", "spam 9"], "c9ebfd85bd2ad5b35097"),
+}
+
+
+def pinned_table(folder: Path) -> Path:
+    table = folder / "pinned.tsv"
+    table.write_text("\n".join(PINNED_TABLE) + "\n")
+    return table
+
+
+@pytest.mark.parametrize("rule", SPLIT_RULES)
+def test_each_split_rule_rebuilds_the_split_the_thaw_that_used_it_made(tmp_path: Path, rule: str) -> None:
+    _, val, test, digest = PINNED_SPLITS[rule]
+    data = load_text_data(pinned_table(tmp_path), val_split=0.2, test_split=0.2, seed=0, split_rule=rule)
+    assert (sorted(text for text, _ in data.val), sorted(text for text, _ in data.test)) == (val, test)
+    assert samples_digest(data) == digest
+
+
+def test_the_rules_a_run_records_are_read_and_one_this_thaw_does_not_know_is_one_line() -> None:
+    assert recorded_split_rules({}, "thaw.json") == recorded_split_rules(None, "thaw.json") == ("row-by-row",)  # before copies
+    assert recorded_split_rules({"copies_together": False}, "thaw.json") == ("row-by-row",)
+    assert recorded_split_rules({"copies_together": True}, "thaw.json") == (SPLIT_RULE, "copies-within-rows", "copies-within-texts")
+    assert recorded_split_rules({"split_rule": "copies-within-rows", "copies_together": True}, "thaw.json") == ("copies-within-rows",)
+    for value in ("by-hand", None, ["row-by-row"]):
+        with pytest.raises(ThawError, match=f"^the checkpoint in run records split_rule {re.escape(repr(value))}, which this thaw does "
+                           "not know .*: it was written by a newer thaw, or damaged; use the thaw that made the run$"):
+            recorded_split_rules({"split_rule": value}, "the checkpoint in run")
+
+
+@pytest.mark.parametrize("rule", ["copies-within-rows", "copies-within-texts", SPLIT_RULE])
+def test_a_run_that_said_copies_together_is_scored_on_the_split_its_samples_recorded(tmp_path: Path, rule: str) -> None:
+    """Three versions of thaw recorded copies_together: true, each splitting its own way; the train and val samples
+    the run recorded tell which, and evaluate rebuilds that split. Samples that match no rule (the table changed):
+    today's rule, which evaluate's own check then refuses as changed data."""
+    from thaw.export.inference import _run_data, evaluation_set
+
+    table = pinned_table(tmp_path)
+    _, val, test, digest = PINNED_SPLITS[rule]
+    meta = {"task": "text", "val_split": 0.2, "test_split": 0.2, "train_config": {"seed": 0}, "copies_together": True,
+            "data": {"samples": digest, "path": str(table)}}
+    data = _run_data(meta, table)
+    assert (sorted(text for text, _ in data.val), sorted(text for text, _ in data.test)) == (val, test)
+    changed = meta | {"data": {"samples": "0" * 20, "path": str(table)}}
+    assert sorted(text for text, _ in _run_data(changed, table).val) == PINNED_SPLITS[SPLIT_RULE][1]
+    for split in ("val", "test"):  # a text run's test share is rebuilt by its seed too: not from changed data
+        with pytest.raises(ThawError, match=f"differs from the data this run trained on .* the run's {split} split cannot be rebuilt .*"
+                           r"score held-out data whole \(no --split\)$"):
+            evaluation_set(changed, table, split)
 
 
 def test_a_label_no_split_can_hold_out_is_said(tmp_path: Path) -> None:

@@ -44,14 +44,14 @@ def test_resumed_text_run_ends_with_the_same_weights(tmp_path: Path, tiny_encode
     assert whole.keys() == resumed.keys() and all(torch.equal(whole[k], resumed[k]) for k in whole)
 
 
-@pytest.mark.parametrize("rule", ["row-by-row", "copies-within-rows"])
+@pytest.mark.parametrize("rule", ["row-by-row", "copies-within-rows", "copies-within-texts"])
 def test_a_run_split_by_an_earlier_rule_resumes_and_scores_on_its_own_split(
     tmp_path: Path, tiny_encoder: Path, monkeypatch: pytest.MonkeyPatch, rule: str
 ) -> None:
     """Runs made with an earlier split rule are resumed, and scored, on the split they were made with: row by row
-    (a thaw that recorded nothing of it), or copies within the share of rows (one that recorded copies_together). A
-    split made anew would hold other texts out: the resume would be refused (other samples), and val scores would
-    count texts it trained on."""
+    (a thaw that recorded nothing of it), or one of the two rules that recorded copies_together, told apart by the
+    samples the checkpoint and thaw.json recorded. A split made anew would hold other texts out: the resume would be
+    refused (other samples), and val scores would count texts it trained on."""
     import importlib
 
     import thaw.train
@@ -60,12 +60,14 @@ def test_a_run_split_by_an_earlier_rule_resumes_and_scores_on_its_own_split(
     fit_module = importlib.import_module("thaw.train.fit")  # thaw.train.fit is also the name of a function
 
     table = write_text_table(tmp_path / "t.tsv")
-    with table.open("a") as rows:  # ham: one text in 60 rows besides its others, so the three rules split it apart
-        rows.write("ham\tsee you later\n" * 60)
-    earlier = {"row-by-row": {}, "copies-within-rows": {"copies_together": True}}[rule]
+    with table.open("a") as rows:  # ham: two texts of 10 rows each besides its others, so the rules split it apart
+        rows.write("ham\tsee you later\n" * 10 + "ham\tsee you soon\n" * 10)
+    splits = {name: load_text_data(table, val_split=0.1, test_split=0.2, seed=QUICK.seed, split_rule=name) for name in SPLIT_RULES}
+    assert len({data.val for data in splits.values()}) == 4  # the table tells the rules apart by val, which the digest covers
+    earlier = {} if rule == "row-by-row" else {"copies_together": True}
     options = {"plan": "two-phase", "plan_options": {"epochs": 2, "head_epochs": 1}, "config": QUICK, "test_split": 0.2}
     with monkeypatch.context() as patch:  # what the thaw before wrote: its own rule, no split_rule in the checkpoint
-        patch.setattr(thaw.train, "_split_rule", lambda out, resume: rule)
+        patch.setattr(thaw.train, "_recorded_split", lambda out, resume: ((rule,), None))
         patch.setattr(fit_module, "run_settings", _recording(fit_module.run_settings, earlier))
         with pytest.raises(Crash):
             train_text(table, model=str(tiny_encoder), out=tmp_path / "run", callbacks=[crash_after(2)], **options)
@@ -74,8 +76,6 @@ def test_a_run_split_by_an_earlier_rule_resumes_and_scores_on_its_own_split(
     meta = json.loads((tmp_path / "run" / "thaw.json").read_text())
     assert meta["split_rule"] == rule
     older = {key: value for key, value in meta.items() if key != "split_rule"} | earlier  # its thaw.json as the thaw before wrote it
-    splits = {name: load_text_data(table, val_split=0.1, test_split=0.2, seed=QUICK.seed, split_rule=name) for name in SPLIT_RULES}
-    assert len({(data.val, data.test) for data in splits.values()}) == 3  # the table tells the rules apart
     assert (_run_data(older, table).val, _run_data(older, table).test) == (splits[rule].val, splits[rule].test)
     assert _run_data(meta, table).val == splits[rule].val
     assert _run_data(older | {"split_rule": SPLIT_RULE}, table).val == splits[SPLIT_RULE].val
@@ -90,20 +90,26 @@ def _recording(run_settings, earlier: dict):
 
 def test_a_checkpoint_records_its_split_rule_or_tells_it_by_what_it_lacks(tmp_path: Path) -> None:
     """Checkpoints from before settings were recorded, and from before copies_together, resume row by row; those
-    that say copies_together, within the share of rows; those that record split_rule, by it."""
-    from thaw.train import _split_rule
+    that say copies_together, by whichever of its rules gives the samples they recorded; those that record split_rule,
+    by it; one naming a rule this thaw does not know is one line."""
+    from thaw.errors import ThawError
+    from thaw.train import _recorded_split
 
     run = tmp_path / "run"
-    assert _split_rule(run, resume=True) == _split_rule(run, resume=False) == SPLIT_RULE  # nothing to resume: a new split
+    assert _recorded_split(run, resume=True) == _recorded_split(run, resume=False) == ((SPLIT_RULE,), None)  # a new split
     run.mkdir()
-    for saved, rule in [
-        ({"model": {}}, "row-by-row"), ({"settings": {"task": "text"}}, "row-by-row"),
-        ({"settings": {"copies_together": True}}, "copies-within-rows"), ({"settings": {"split_rule": "row-by-row"}}, "row-by-row"),
-        ({"settings": {"split_rule": SPLIT_RULE}}, SPLIT_RULE),
+    together = (SPLIT_RULE, "copies-within-rows", "copies-within-texts")
+    for saved, rules in [
+        ({"model": {}}, ("row-by-row",)), ({"settings": {"task": "text"}}, ("row-by-row",)),
+        ({"settings": {"copies_together": True}}, together), ({"settings": {"split_rule": "row-by-row"}}, ("row-by-row",)),
+        ({"settings": {"split_rule": SPLIT_RULE}}, (SPLIT_RULE,)),
     ]:
-        torch.save(saved, run / "checkpoint.pt")
-        assert _split_rule(run, resume=True) == rule
-        assert _split_rule(run, resume=False) == SPLIT_RULE  # --overwrite: a new run
+        torch.save(saved | {"settings": saved.get("settings", {}) | {"samples": "abc"}} if "settings" in saved else saved, run / "checkpoint.pt")
+        assert _recorded_split(run, resume=True) == (rules, "abc" if "settings" in saved else None)
+        assert _recorded_split(run, resume=False) == ((SPLIT_RULE,), None)  # --overwrite: a new run
+    torch.save({"settings": {"split_rule": "by-hand"}}, run / "checkpoint.pt")
+    with pytest.raises(ThawError, match=f"^the checkpoint in {run} records split_rule 'by-hand', which this thaw does not know"):
+        _recorded_split(run, resume=True)
 
 
 def test_text_run_evaluates_predicts_and_exports(tmp_path: Path, tiny_encoder: Path, capsys: pytest.CaptureFixture) -> None:

@@ -151,12 +151,12 @@ def _samples(by_class: dict[str, list[Path]], classes: tuple[str, ...]) -> tuple
 
 def split_off_val(
     samples: list[Sample], fraction: float, seed: int, source: Path, rows_left: str = "", min_classes: int = 2,
-    same: Callable[[Sample], Hashable] | None = None, share_of_groups: bool = True,
+    same: Callable[[Sample], Hashable] | None = None, within: tuple[str, ...] = ("samples", "groups"),
 ) -> tuple[list[Sample], list[Sample]]:
     """stratified_split for the val set a run chooses its epoch by: none at all (every class a single sample, or with
     `same` a single key) would train a run that reports val accuracy 0 and delivers an arbitrary epoch. Refused,
     except in data to score (`min_classes` 1), which is scored whole."""
-    train, val = stratified_split(samples, fraction, seed, same, share_of_groups)
+    train, val = stratified_split(samples, fraction, seed, same, within)
     if not val and min_classes > 1:
         count, purpose = (3, "one each to train on, validate and test; or lower --test-split") if rows_left else (2, "one to train on and one to validate")
         if same is not None and len(samples) > len({label for _, label in samples}):  # not a sample per class: copies
@@ -181,13 +181,14 @@ def classes_not_held_out(classes: tuple[str, ...], val: list[Sample], min_classe
 
 def stratified_split(
     samples: list[Sample], fraction: float, seed: int, same: Callable[[Sample], Hashable] | None = None,
-    share_of_groups: bool = True,
+    within: tuple[str, ...] = ("samples", "groups"),
 ) -> tuple[list[Sample], list[Sample]]:
     """A seeded split that keeps each class's share, with at least one sample per class on each side (a class of one
     sample: on the training side). `same`: samples of one key (a text's copies) go to one side together, so that
     nothing held out is also trained on; a class's groups are then held out in a seeded order while they fit its
-    share of samples and (`share_of_groups`) its share of groups (so one text copied 500 times does not send every
-    other text of its class to the first split held out; False is the rule of runs split before, rebuilt for them).
+    share of samples and its share of groups (so one text copied 500 times does not send every other text of its
+    class to the first split held out). `within` names the shares held to: one of them alone is the rule of runs
+    split before (thaw.data.text.SPLIT_RULES), rebuilt for them.
     Without copies this is the split without `same`: groups of one sample, shuffled as the samples were."""
     if not 0 < fraction < 1:
         raise ThawError(f"val_split (--val-split) must be above 0 and below 1, like 0.2, got {fraction}")
@@ -200,8 +201,9 @@ def stratified_split(
         groups = _groups(sorted(by_label[label]), same)
         rng.shuffle(groups)
         count = len(by_label[label])
-        most_groups = _share(len(groups), fraction) if share_of_groups else len(groups)
-        held = _held_groups(groups, _share(count, fraction), most_groups)
+        most_samples = _share(count, fraction) if "samples" in within else count
+        most_groups = _share(len(groups), fraction) if "groups" in within else len(groups)
+        held = _held_groups(groups, most_samples, most_groups)
         held_out += [sample for index in sorted(held) for sample in groups[index]]
         train += [sample for index, group in enumerate(groups) if index not in held for sample in group]
     return train, held_out

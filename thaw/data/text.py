@@ -37,8 +37,16 @@ SWALLOWED_ROWS = 3  # lines of one text that read as rows of the table: past thi
 LENGTH_GROUP_BATCHES = 50  # batches per length-sorted chunk (the HF Trainer's group_by_length uses 50 too)
 # How a table is split into train, val and test, as a run records it (`split_rule` in thaw.json): today's rule, and
 # the rules runs were made with before, rebuilt for them so that they resume and score on the split they trained on.
-SPLIT_RULE = "copies-within-rows-and-texts"  # a text's copies in one split, held out within a label's share of rows and of texts
-SPLIT_RULES = (SPLIT_RULE, "copies-within-rows", "row-by-row")  # before: copies within the share of rows; copies anywhere
+# Each names the shares of a label a split's copies are held out within (rows of one text go to one split), or that
+# copies go anywhere (row-by-row, the first rule).
+SPLIT_RULE = "copies-within-rows-and-texts"
+SPLIT_RULES = (SPLIT_RULE, "copies-within-rows", "copies-within-texts", "row-by-row")
+SPLIT_WITHIN = {  # the shares stratified_split holds to: row by row, a group is one row, so rows and groups are one share
+    SPLIT_RULE: ("samples", "groups"), "copies-within-rows": ("samples",), "copies-within-texts": ("groups",), "row-by-row": ("samples", "groups"),
+}
+# Runs that recorded `copies_together: true` (before split_rule) were split by one of these, newest first: three
+# versions of thaw wrote the same key. The samples the run recorded tell which (thaw.train.settings.split_as_recorded).
+COPIES_TOGETHER_RULES = (SPLIT_RULE, "copies-within-rows", "copies-within-texts")
 
 
 @dataclass(frozen=True)
@@ -288,27 +296,33 @@ def load_text_data(
     index = {name: i for i, name in enumerate(classes)}
     samples = [(text, index[label]) for text, label in pairs]
     same = None if split_rule == "row-by-row" else _text_of
-    share_of_texts = split_rule == SPLIT_RULE
+    within = SPLIT_WITHIN[split_rule]
     test = None
     if test_split:
-        samples, held = stratified_split(samples, test_split, seed, same, share_of_texts)
+        samples, held = stratified_split(samples, test_split, seed, same, within)
         test = tuple(held)
     rows_left = " once the test share is held out" if test_split else ""
-    train, val = split_off_val(samples, val_split, seed, path, rows_left, same=same, share_of_groups=share_of_texts)
+    train, val = split_off_val(samples, val_split, seed, path, rows_left, same=same, within=within)
     held_out = f"{test_split:.0%} test then {val_split:.0%} val" if test_split else f"{val_split:.0%} val"
     layout = f"text table, {held_out} held out (seed {seed}){_copies_said(pairs) if same else ''}"
     cautions += _repeated_texts(train, val, test) + _labels_not_held_out(classes, val, test)
     return TextData(classes, tuple(train), tuple(val), test, layout, tuple(skipped), cautions=cautions)
 
 
-def recorded_split_rule(recorded: dict | None) -> str:
-    """The split rule a run's settings (or thaw.json) record: `split_rule` since it was recorded; before it, runs that
-    kept copies together said `copies_together` (then held out within the share of rows), and earlier ones nothing
-    (row by row)."""
+def recorded_split_rules(recorded: dict | None, source: str) -> tuple[str, ...]:
+    """The split rules a run's settings (or thaw.json, named by `source`) say it may have been made with: the one
+    `split_rule` names; before it was recorded, the three that wrote `copies_together: true`; before that, nothing
+    (row by row). A rule this thaw does not know (a newer thaw's, or a damaged file) is one line."""
     recorded = recorded or {}
-    if "split_rule" in recorded:
-        return recorded["split_rule"]
-    return "copies-within-rows" if recorded.get("copies_together") else "row-by-row"
+    if "split_rule" not in recorded:
+        return COPIES_TOGETHER_RULES if recorded.get("copies_together") is True else ("row-by-row",)
+    rule = recorded["split_rule"]
+    if rule not in SPLIT_RULES:
+        raise ThawError(
+            f"{source} records split_rule {rule!r}, which this thaw does not know ({', '.join(SPLIT_RULES)}): it was "
+            "written by a newer thaw, or damaged; use the thaw that made the run"
+        )
+    return (rule,)
 
 
 def _text_of(sample: tuple[str, object]) -> str:

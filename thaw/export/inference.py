@@ -13,7 +13,7 @@ from thaw._io import answers
 from thaw.data.folders import ImageData, candidate_files, describe_skipped, discover
 from thaw.data.images import UnreadableImage, load_rgb
 from thaw.data.loaders import ImageDataset, make_loader
-from thaw.data.text import TextColumns, TextData, TextDataset, load_text_data, read_table, recorded_split_rule
+from thaw.data.text import TextColumns, TextData, TextDataset, load_text_data, read_table, recorded_split_rules
 from thaw.data.transforms import eval_transform
 from thaw.errors import ThawError
 from thaw.models import ModelAdapter
@@ -21,7 +21,7 @@ from thaw.models.adapter import Preprocessing
 from thaw.train.config import TrainConfig
 from thaw.train.fit import choose_engine
 from thaw.train.loop import evaluate
-from thaw.train.settings import samples_digest
+from thaw.train.settings import samples_digest, split_as_recorded
 
 
 class FlipAveraged(nn.Module):
@@ -55,11 +55,12 @@ def _run_data(meta: dict, data_path: str | Path) -> ImageData | TextData:
     """The run's data, split exactly as in training (same shares, same seed)."""
     seed = meta.get("train_config", {}).get("seed", 0)
     if meta.get("task") == "text":
-        columns = TextColumns(**meta.get("columns", {}))
-        rule = recorded_split_rule(meta)  # a run made with an earlier rule is scored on the split it was made with
-        return load_text_data(
-            data_path, columns=columns, val_split=meta["val_split"], test_split=meta.get("test_split", 0.0), seed=seed, split_rule=rule
-        )
+        columns, test_split = TextColumns(**meta.get("columns", {})), meta.get("test_split", 0.0)
+        rules = recorded_split_rules(meta, "thaw.json")  # a run made with an earlier rule is scored on the split it was made with
+        return split_as_recorded(
+            lambda rule: load_text_data(data_path, columns=columns, val_split=meta["val_split"], test_split=test_split, seed=seed, split_rule=rule),
+            rules, meta.get("data", {}).get("samples"),
+        )[0]
     return discover(data_path, val_split=meta.get("val_split", 0.2), seed=seed, min_classes=1)  # scored, not trained on
 
 
@@ -92,7 +93,8 @@ def evaluation_set(meta: dict, data_path: str | Path, split: str | None = None) 
     data = _run_data(meta, data_path)
     if split is None:
         split = "val" if data.split_folders else "all"
-    if split in ("train", "val") and not getattr(data, "val_from_folder", False):
+    text = meta.get("task") == "text"  # a text run's test share is held out of the table too, by its seed
+    if (split in ("train", "val") or (split == "test" and text)) and not getattr(data, "val_from_folder", False):
         _check_same_samples(meta, data, data_path, split)
     samples = data.everything() if split == "all" else data.split(split)
     return EvaluationSet(split, samples, data.classes, _skipped_in(data, split, samples, Path(data_path)))
@@ -127,8 +129,9 @@ def _listed(names: list[str] | tuple[str, ...], shown: int = 6) -> str:
 
 
 def _check_same_samples(meta: dict, data: ImageData | TextData, data_path: str | Path, split: str) -> None:
-    """A val split held out of the training samples is rebuilt by its seed: from other samples (files added,
-    removed, changed or now unreadable) it would be another split, holding samples the model trained on."""
+    """A val split held out of the training samples (and a text table's test share) is rebuilt by its seed: from other
+    samples (files added, removed, changed or now unreadable) it would be another split, holding samples the model
+    trained on."""
     recorded = meta.get("data", {}).get("samples")  # runs written before thaw recorded it are not checked
     # Another folder is the user's own data to split (a held-out set, say); the run's folder changed in place is not.
     same_place = Path(data_path).resolve() == Path(meta.get("data", {}).get("path") or "/nonexistent").resolve()
@@ -136,7 +139,7 @@ def _check_same_samples(meta: dict, data: ImageData | TextData, data_path: str |
         raise ThawError(
             f"{data_path} differs from the data this run trained on (samples added, removed, changed or now unreadable), "
             f"so the run's {split} split cannot be rebuilt from it and could hold samples the model trained on; "
-            "score held-out data whole (no --split), or its test split"
+            "score held-out data whole (no --split)" + ("" if meta.get("task") == "text" else ", or its test split")
         )
 
 

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from thaw.data.folders import ImageData, discover, would_be_read
-from thaw.data.text import SPLIT_RULE, TextColumns, TextData, load_text_data, recorded_split_rule
+from thaw.data.text import SPLIT_RULE, TextColumns, TextData, load_text_data, recorded_split_rules
 from thaw.models import ModelAdapter, adapt, build_model
 from thaw.models.hf_text import DEFAULT_MAX_LENGTH, build_text_model, check_max_length
 from thaw.plan import Plan, plan_from_dict, plan_to_dict
@@ -21,7 +21,7 @@ from thaw.plan.strategies import check_plan_options, default_strategy
 from thaw.errors import ThawError
 from thaw.train import checkpoint
 from thaw.train.config import TrainConfig, check_class_scores, check_image_augments, check_plan, check_plan_before_data
-from thaw.train.settings import RUNTIME_FIELDS, config_from_settings, samples_digest, source_name
+from thaw.train.settings import RUNTIME_FIELDS, config_from_settings, samples_digest, source_name, split_as_recorded
 from thaw import distributed
 from thaw.train.fit import EpochCallback, RunResult, RunState, StepHook, effective_preprocessing, fit, signals_held
 from thaw.train.run_folder import preprocessing_dict, save_adapter, save_text_model, write_run
@@ -157,8 +157,11 @@ def train_text(
     _check_arguments(plan, plan_options, config, resume)
     check_image_augments(config, "text", resumed=resume)  # before the table is read and the model built
     check_plan_before_data(model, None, "text", plan, plan_options)
-    rule = _split_rule(Path(out), resume)
-    data = load_text_data(data_path, columns=columns, val_split=val_split, test_split=test_split, seed=config.seed, split_rule=rule)
+    rules, digest = _recorded_split(Path(out), resume)
+    data, rule = split_as_recorded(
+        lambda rule: load_text_data(data_path, columns=columns, val_split=val_split, test_split=test_split, seed=config.seed, split_rule=rule),
+        rules, digest,
+    )
     torch.manual_seed(config.seed)
     adapter = build_text_model(model, num_classes=len(data.classes), pooling=pooling, max_length=max_length)
     if not (resume and (Path(out) / checkpoint.CHECKPOINT).is_file()):  # a run already trained keeps what it trained with
@@ -174,12 +177,14 @@ def train_text(
     return _run(adapter, data, data_path, plan, plan_options, config, Path(out), meta, resume, overwrite, callbacks, step_hooks)
 
 
-def _split_rule(out: Path, resume: bool) -> str:
-    """How the run's table is split: today's rule, except in a run resumed from a checkpoint made with an earlier one
-    (recorded in its settings, or known by what they lack), which continues on the split it started with."""
+def _recorded_split(out: Path, resume: bool) -> tuple[tuple[str, ...], str | None]:
+    """The rules the run's table may be split by, and the digest of the samples its checkpoint trained on: today's
+    rule, except in a run resumed from a checkpoint made with an earlier one (recorded in its settings, or known by
+    what they lack), which continues on the split it started with."""
     if not (resume and (out / checkpoint.CHECKPOINT).is_file()):
-        return SPLIT_RULE
-    return recorded_split_rule(saved_settings(out))
+        return (SPLIT_RULE,), None
+    settings = saved_settings(out) or {}
+    return recorded_split_rules(settings, f"the checkpoint in {out}"), settings.get("samples")
 
 
 def _check_call_types(paths: dict[str, object], shares: dict[str, object], callbacks: object, step_hooks: object) -> None:

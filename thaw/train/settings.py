@@ -12,8 +12,10 @@ import hashlib
 import os
 from dataclasses import asdict, fields
 from pathlib import Path
+from typing import Callable
 
 from thaw.data.folders import LabelledData
+from thaw.errors import ThawError
 from thaw.train.config import TrainConfig
 
 # How a run computes, not what: free to differ on --resume (like the device, --compile changes the floating-point
@@ -51,6 +53,28 @@ def samples_digest(data: LabelledData) -> str:
                 entry = f"{len(item)}|{item}|{label}"
             digest.update(entry.encode() + b"\n")
     return digest.hexdigest()[:20]
+
+
+def split_as_recorded(split_by: Callable[[str], LabelledData], rules: tuple[str, ...], digest: str | None) -> tuple[LabelledData, str]:
+    """The data split by the rule a run was made with, and that rule. Where its record leaves several (a run that said
+    `copies_together`: three versions of thaw wrote it, each splitting its own way), the one whose train and val
+    samples have the digest it recorded. Where none has (the data changed), the first: the run's own check of its
+    samples then refuses it, saying the data changed. A rule that cannot split the data is passed over while
+    another is left."""
+    found: list[tuple[LabelledData, str]] = []
+    problem: ThawError | None = None
+    for rule in rules:
+        try:
+            data = split_by(rule)
+        except ThawError as error:
+            problem = problem or error
+            continue
+        if len(rules) == 1 or samples_digest(data) == digest:
+            return data, rule
+        found.append((data, rule))
+    if not found:
+        raise problem  # every rule refused the data: the first refusal says why
+    return found[0]
 
 
 def training_config(config: TrainConfig, bf16: bool) -> dict:
