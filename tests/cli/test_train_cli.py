@@ -580,7 +580,7 @@ def test_a_class_of_one_image_is_warned_of_as_the_run_starts(tmp_path: Path, cap
     captured = capsys.readouterr()
     assert captured.out.splitlines()[0].endswith("; 3 classes, 7 train, 2 val")
     assert captured.err.splitlines() == [
-        "thaw: warning: val has no image of class(es) blue: each has a single image, kept to train on, so val scores "
+        "thaw: warning: val has no image of class(es) blue: each has a single training image, kept to train on, so val scores "
         "say nothing of them; add images of them"
     ]
 

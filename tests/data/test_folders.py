@@ -317,7 +317,7 @@ def test_a_class_of_one_image_that_val_has_none_of_is_said(tmp_path: Path, layou
         source.write_text("path,label\n" + "".join(f"{image.relative_to(root)},{image.parent.name}\n" for image in sorted(root.rglob("*.png"))))
     data = discover(source, val_split=0.25)
     assert {data.classes[label] for _, label in data.val} == {"red", "green"}
-    assert data.notes == ("val has no image of class(es) blue: each has a single image, kept to train on, so val scores say nothing of them; add images of them",)
+    assert data.notes == ("val has no image of class(es) blue: each has a single training image, kept to train on, so val scores say nothing of them; add images of them",)
     assert discover(source, val_split=0.25, min_classes=1).notes == ()
     write_class_images(images, classes=("blue",), per_class=2, seed=1)  # a second image: one for val
     if layout == "manifest":

@@ -144,8 +144,7 @@ def test_the_commands_say_it_in_one_line(
         ({"val_split": ABSENT}, "no val_split"),  # scoring a split reads it
         ({"columns.text": [1]}, "columns.text is [1], not a column name, position or null"),
         ({"columns.header": True}, "columns has unknown key header"),
-        ({"split_rule": "by-hand"}, "split_rule is 'by-hand', not one of copies-within-rows-and-texts, copies-within-rows"),  # scoring a split reads it
-        ({"split_rule": None}, "split_rule is None, not one of"),
+        ({"split_rule": None}, "split_rule is None, not a split rule's name"),  # scoring a split reads it
         ({"copies_together": "yes"}, "copies_together is 'yes', not true or false"),  # runs made before split_rule wrote it
     ],
     ids=lambda value: "-".join(value) if isinstance(value, dict) else None,
@@ -154,6 +153,24 @@ def test_an_edited_text_run_is_one_line_naming_the_key(text_run: Path, tmp_path:
     run = edited(text_run, tmp_path, edits)
     with pytest.raises(ThawError, match=damaged(run, words)):
         load_run(run)
+
+
+def test_a_split_rule_this_thaw_does_not_know_refuses_scoring_a_split_only(
+    text_run: Path, tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """A newer thaw's rule: predict and scoring the table whole never split it, so they work; scoring a split says
+    which rule it cannot rebuild, in one line, not that the file is damaged."""
+    run = edited(text_run, tmp_path, {"split_rule": "by-hand"})
+    table = json.loads((run / "thaw.json").read_text())["data_path"]
+    capfd.readouterr()
+    assert main(["predict", str(run), "win a free prize now"]) == 0
+    assert main(["evaluate", str(run), table]) == 0
+    assert main(["evaluate", str(run), table, "--split", "val"]) == 2
+    error = capfd.readouterr().err.strip().splitlines()[-1]
+    assert error == (
+        "thaw: error: thaw.json records split_rule 'by-hand', which this thaw does not know (copies-within-rows-and-texts, "
+        "copies-within-rows, copies-within-texts, row-by-row): it was written by a newer thaw, or damaged; use the thaw that made the run"
+    )
 
 
 @pytest.mark.parametrize("model", ["mobilenet_v3_small", "timm/resnet10t"])

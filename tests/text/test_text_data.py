@@ -320,6 +320,10 @@ def test_a_run_that_said_copies_together_is_scored_on_the_split_its_samples_reco
         with pytest.raises(ThawError, match=f"differs from the data this run trained on .* the run's {split} split cannot be rebuilt .*"
                            r"score held-out data whole \(no --split\)$"):
             evaluation_set(changed, table, split)
+    with pytest.raises(ThawError, match="^this dataset has no 'test' split"):  # a run without a test share: said so
+        evaluation_set(changed | {"test_split": 0.0}, table, "test")
+    with pytest.raises(ThawError, match="records copies_together, .* but no digest of its samples to tell which: its split cannot be rebuilt"):
+        _run_data(meta | {"data": {"samples": None, "path": str(table)}}, table)  # a hand-edited record: not guessed
 
 
 def test_a_label_no_split_can_hold_out_is_said(tmp_path: Path) -> None:

@@ -174,7 +174,7 @@ def classes_not_held_out(classes: tuple[str, ...], val: list[Sample], min_classe
         return ()
     more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
     return (
-        f"val has no image of class(es) {', '.join(missing[:5])}{more}: each has a single image, kept to train on, so "
+        f"val has no image of class(es) {', '.join(missing[:5])}{more}: each has a single training image, kept to train on, so "
         "val scores say nothing of them; add images of them",
     )
 

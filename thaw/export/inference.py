@@ -94,7 +94,8 @@ def evaluation_set(meta: dict, data_path: str | Path, split: str | None = None) 
     if split is None:
         split = "val" if data.split_folders else "all"
     text = meta.get("task") == "text"  # a text run's test share is held out of the table too, by its seed
-    if (split in ("train", "val") or (split == "test" and text)) and not getattr(data, "val_from_folder", False):
+    rebuilt_test = split == "test" and text and data.test is not None  # without a test share: data.split says so
+    if (split in ("train", "val") or rebuilt_test) and not getattr(data, "val_from_folder", False):
         _check_same_samples(meta, data, data_path, split)
     samples = data.everything() if split == "all" else data.split(split)
     return EvaluationSet(split, samples, data.classes, _skipped_in(data, split, samples, Path(data_path)))

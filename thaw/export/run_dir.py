@@ -16,7 +16,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from torchvision.transforms import InterpolationMode
 
-from thaw.data.text import SPLIT_RULES, TextColumns
+from thaw.data.text import TextColumns
 from thaw.errors import ThawError, first_line
 from thaw.models import ModelAdapter, Preprocessing, adapt, build_model
 from thaw.models.hf_text import POOLINGS, TextPreprocessing, build_text_model
@@ -159,7 +159,9 @@ TEXT_FIELDS: dict[str, Check] = {
     "columns.label": (_column, "a column name, position or null", False),
     "columns.delimiter": (_is_text_or_null, "a delimiter or null", False),
     "copies_together": (lambda value: isinstance(value, bool), "true or false", False),  # scoring a split reads it
-    "split_rule": (lambda value: value in SPLIT_RULES, f"one of {', '.join(SPLIT_RULES)}", False),  # this too
+    # this too; a name this thaw does not know (a newer thaw's) is said where a split is scored, not here, where it
+    # would refuse predict and export too, which never split the table
+    "split_rule": (lambda value: isinstance(value, str), "a split rule's name", False),
 }
 # What scoring and reporting a run read where present (older runs lack some); a parent that is not a mapping is
 # reported, and its keys are not looked for

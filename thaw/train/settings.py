@@ -61,6 +61,11 @@ def split_as_recorded(split_by: Callable[[str], LabelledData], rules: tuple[str,
     samples have the digest it recorded. Where none has (the data changed), the first: the run's own check of its
     samples then refuses it, saying the data changed. A rule that cannot split the data is passed over while
     another is left."""
+    if len(rules) > 1 and not digest:  # a hand-edited record: guessing would score a split holding trained samples
+        raise ThawError(
+            "the run records copies_together, which three versions of thaw wrote, each splitting its own way, but no "
+            "digest of its samples to tell which: its split cannot be rebuilt; score held-out data whole (no --split)"
+        )
     found: list[tuple[LabelledData, str]] = []
     problem: ThawError | None = None
     for rule in rules:
