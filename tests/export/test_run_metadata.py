@@ -10,11 +10,14 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
+from safetensors import safe_open
 
 from tests.conftest import SmallConvNet, write_text_table
 from thaw import ThawError, adapt
 from thaw.cli import main
 from thaw.export.run_dir import load_run
+from thaw.train.checkpoint import CLASSES_KEY
 from thaw.models import Preprocessing
 from thaw.train import TrainConfig, train_images, train_text
 
@@ -71,6 +74,9 @@ def damaged(run: Path, words: str) -> str:
         ({"classes": ["blue", "blue", "red"]}, "classes names 'blue' more than once"),  # loaded before: two outputs, one name
         ({"classes": ["blue", "green", "red", "white"]}, "classes has 4 names, the head in model.safetensors has 3 outputs"),
         ({"classes": ["blue"]}, "classes has 1 name, not at least 2"),
+        # predictions named wrongly without a word before: the head's outputs are the weights' classes, in their order
+        ({"classes": ["red", "green", "blue"]}, "class 0 is 'red' there and 'blue' in model.safetensors, which records the classes"),
+        ({"classes": ["blue", "green", "crimson"]}, "class 2 is 'crimson' there and 'red' in model.safetensors"),
         ({"preprocessing.mean": "abc"}, "preprocessing.mean is 'abc', not 1 or 3 numbers"),
         ({"preprocessing.mean": [0.5, 0.5]}, "preprocessing.mean is [0.5, 0.5], not 1 or 3 numbers"),
         ({"preprocessing.mean": [0.5, None, 0.5]}, "preprocessing.mean is [0.5, None, 0.5], not 1 or 3 numbers"),
@@ -107,6 +113,44 @@ def test_every_problem_is_named_at_once(image_run: Path, tmp_path: Path) -> None
     assert all(key in str(caught.value) for key in ("preprocessing.std is", "preprocessing.crop_size is", "data_path is"))
 
 
+def test_weights_copied_in_from_another_run_are_refused(image_run: Path, colours: Path, tmp_path: Path) -> None:
+    """The same architecture and head size, trained on other classes: each output would be named by this run's
+    thaw.json, so every prediction would carry another class's name."""
+    other_data = tmp_path / "other"
+    for split in ("train", "val"):
+        for source, name in zip(("blue", "green", "red"), ("cat", "dog", "fox")):
+            shutil.copytree(colours / split / source, other_data / split / name)
+    other = _train_by_name(other_data, tmp_path / "other-run", "mobilenet_v3_small")
+    run = tmp_path / "run"
+    shutil.copytree(image_run, run)
+    shutil.copy(other / "model.safetensors", run / "model.safetensors")
+    with pytest.raises(ThawError, match=damaged(run, "class 0 is 'blue' there and 'cat' in model.safetensors") + r".*; retrain or restore"):
+        load_run(run)
+
+
+def test_weights_saved_without_their_classes_still_load(image_run: Path, tmp_path: Path) -> None:
+    """Runs made before the weights recorded their classes load as they did, and give the same logits."""
+    from safetensors.torch import load_file, save_file
+
+    run = tmp_path / "run"
+    shutil.copytree(image_run, run)
+    save_file(load_file(str(run / "model.safetensors")), str(run / "model.safetensors"))  # the header without thaw.classes
+    with safe_open(str(run / "model.safetensors"), framework="pt") as opened:
+        assert CLASSES_KEY not in (opened.metadata() or {})
+    old, _ = load_run(run)
+    new, _ = load_run(image_run)
+    batch = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(old.model(batch), new.model(batch))
+
+
+def test_a_run_records_its_classes_in_its_weights(image_run: Path, text_run: Path) -> None:
+    for run in (image_run, text_run):
+        with safe_open(str(run / "model.safetensors"), framework="pt") as opened:
+            recorded = json.loads(opened.metadata()[CLASSES_KEY])
+        assert recorded == json.loads((run / "thaw.json").read_text())["classes"]
+
+
 @pytest.mark.parametrize(
     "command",
     [
@@ -135,6 +179,7 @@ def test_the_commands_say_it_in_one_line(
     [
         ({"classes": ["ham", "ham"]}, "classes names 'ham' more than once"),
         ({"classes": ["ham", "spam", "eggs"]}, "classes has 3 names, the head in model.safetensors has 2 outputs"),
+        ({"classes": ["spam", "ham"]}, "class 0 is 'spam' there and 'ham' in model.safetensors"),
         ({"preprocessing.max_length": 0}, "preprocessing.max_length is 0, not a whole number of tokens above 0"),
         ({"preprocessing.max_length": ABSENT}, "no preprocessing.max_length"),  # a KeyError before
         ({"preprocessing.pooling": "max"}, "preprocessing.pooling is 'max', not one of mean, cls"),

@@ -5,7 +5,9 @@ thaw.train.run_folder writes the folder and declares its file names.
 
 from __future__ import annotations
 
+import json
 from collections import Counter
+from itertools import zip_longest
 from dataclasses import fields
 from pathlib import Path
 from typing import Callable
@@ -25,7 +27,7 @@ from thaw.models.weights import load_into
 from thaw.plan.config import plan_from_dict
 from thaw.plan.lora_targets import lora_targets
 from thaw.train import MODEL_OBJECT, check_model_object, saved_settings
-from thaw.train.checkpoint import CHECKPOINT
+from thaw.train.checkpoint import CHECKPOINT, CLASSES_KEY
 from thaw.train.run_folder import ADAPTER, METADATA, SET_ASIDE, TEXT_MODEL, WEIGHTS, read_run_json
 
 __all__ = ["ADAPTER", "METADATA", "TEXT_MODEL", "WEIGHTS", "load_adapter", "load_run", "read_metadata"]
@@ -218,6 +220,7 @@ def load_run(run: str | Path, device: str | torch.device = "cpu", model: nn.Modu
         add_lora(adapter, spec, lora_targets(adapter, spec))
     state = _read_weights(weights_path)
     check_head_fits_classes(run, adapter, state, meta["classes"])
+    check_weights_trained_on_classes(run, weights_path, meta["classes"])
     load_into(adapter.model, state, str(weights_path))
     adapter.model.to(device).eval()
     return adapter, meta
@@ -245,6 +248,29 @@ def check_head_fits_classes(run: Path, adapter: ModelAdapter, state: dict[str, t
         raise ThawError(
             f"{run / METADATA} is damaged (classes has {len(classes)} names, the head in {WEIGHTS} has {head.shape[0]} outputs); "
             f"{DAMAGED_REMEDY}"
+        )
+
+
+def check_weights_trained_on_classes(run: Path, weights_path: Path, classes: list[str]) -> None:
+    """The class names thaw.json gives the head's outputs are those the weights were trained on, in the same order:
+    classes reordered or renamed by hand, or weights copied in from another run, would label every prediction wrongly
+    without a word. Weights saved before thaw recorded their classes (no header entry) are not checked."""
+    with safe_open(str(weights_path), framework="pt") as opened:
+        recorded = (opened.metadata() or {}).get(CLASSES_KEY)
+    if recorded is None:
+        return
+    try:
+        trained = json.loads(recorded)
+    except ValueError:
+        trained = None
+    if not (isinstance(trained, list) and all(isinstance(name, str) for name in trained)):
+        raise ThawError(f"{weights_path} is damaged (its header's {CLASSES_KEY} is not a list of class names); {DAMAGED_REMEDY}")
+    differ = next((index for index, pair in enumerate(zip_longest(classes, trained)) if pair[0] != pair[1]), None)
+    if differ is not None:
+        given, was = (names[differ] if differ < len(names) else None for names in (classes, trained))
+        raise ThawError(
+            f"{run / METADATA} is damaged (class {differ} is {given!r} there and {was!r} in {WEIGHTS}, which records the classes "
+            f"it was trained on: classes were edited, or {WEIGHTS} was copied from another run); {DAMAGED_REMEDY}"
         )
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -12,15 +14,19 @@ from thaw._io import atomic_write
 from thaw.errors import ThawError, first_line
 
 CHECKPOINT = "checkpoint.pt"
+CLASSES_KEY = "thaw.classes"  # in a run's model.safetensors header: its class names, as JSON, in head order
 
 
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
     atomic_write(path, lambda target: torch.save(state, target))
 
 
-def save_weights(path: Path, model: torch.nn.Module) -> None:
+def save_weights(path: Path, model: torch.nn.Module, classes: Sequence[str] | None = None) -> None:
+    """The model's tensors as safetensors; a run's `classes`, in head order, go into the file's header, so that a
+    thaw.json edited by hand or weights copied in from another run are found where the run is loaded."""
     tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    atomic_write(path, lambda target: save_file(tensors, str(target)))
+    header = None if classes is None else {CLASSES_KEY: json.dumps(list(classes))}
+    atomic_write(path, lambda target: save_file(tensors, str(target), metadata=header))
 
 
 def load_checkpoint(path: Path, remedy: str = "start a new run") -> dict[str, Any]:

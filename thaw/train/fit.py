@@ -744,7 +744,7 @@ class Trainer:
             state.best = {"metric": self.config.metric, "value": value, "epoch": row["epoch"], "stage": stage.name, "val": {k: v for k, v in val.items() if k != "seconds"}}
             state.stale = 0
             if self.processes.is_main:
-                ckpt.save_weights(self.out / BEST_WEIGHTS, self.delivered_model())
+                ckpt.save_weights(self.out / BEST_WEIGHTS, self.delivered_model(), self.data.classes)
         else:
             state.stale += 1
         state.best["why"] = why_delivered(state.best, state.history)  # a later tie with a higher loss changes only the reason
