@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import json
 from collections import Counter
-from itertools import zip_longest
 from dataclasses import fields
+from itertools import zip_longest
 from pathlib import Path
 from typing import Callable
 
@@ -254,23 +254,25 @@ def check_head_fits_classes(run: Path, adapter: ModelAdapter, state: dict[str, t
 def check_weights_trained_on_classes(run: Path, weights_path: Path, classes: list[str]) -> None:
     """The class names thaw.json gives the head's outputs are those the weights were trained on, in the same order:
     classes reordered or renamed by hand, or weights copied in from another run, would label every prediction wrongly
-    without a word. Weights saved before thaw recorded their classes (no header entry) are not checked."""
+    without a word. A rename cannot be told from weights of another run, so it is refused too. Weights saved before
+    thaw recorded their classes (no header entry) are not checked."""
     with safe_open(str(weights_path), framework="pt") as opened:
         recorded = (opened.metadata() or {}).get(CLASSES_KEY)
     if recorded is None:
         return
     try:
         trained = json.loads(recorded)
-    except ValueError:
+    except (ValueError, RecursionError):  # a header made by hand: nested past Python's stack, say
         trained = None
     if not (isinstance(trained, list) and all(isinstance(name, str) for name in trained)):
         raise ThawError(f"{weights_path} is damaged (its header's {CLASSES_KEY} is not a list of class names); {DAMAGED_REMEDY}")
     differ = next((index for index, pair in enumerate(zip_longest(classes, trained)) if pair[0] != pair[1]), None)
     if differ is not None:
-        given, was = (names[differ] if differ < len(names) else None for names in (classes, trained))
+        given, was = (repr(names[differ]) if differ < len(names) else "no name" for names in (classes, trained))
         raise ThawError(
-            f"{run / METADATA} is damaged (class {differ} is {given!r} there and {was!r} in {WEIGHTS}, which records the classes "
-            f"it was trained on: classes were edited, or {WEIGHTS} was copied from another run); {DAMAGED_REMEDY}"
+            f"{run / METADATA} and {WEIGHTS} disagree: class {differ} is {given} in {METADATA} and {was} in {WEIGHTS}, which "
+            f"records the classes it was trained on (classes were edited, or one file was copied from another run); restore "
+            f"both files from the same run, or retrain"
         )
 
 
