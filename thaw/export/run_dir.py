@@ -218,9 +218,9 @@ def load_run(run: str | Path, device: str | torch.device = "cpu", model: nn.Modu
     if (meta.get("plan") or {}).get("lora"):  # the same LoRA layers as in training, so the weights fit
         spec = plan_from_dict(meta["plan"], f"{run}/{METADATA} plan").lora
         add_lora(adapter, spec, lora_targets(adapter, spec))
-    state = _read_weights(weights_path)
+    state, header = _read_weights(weights_path)
     check_head_fits_classes(run, adapter, state, meta["classes"])
-    check_weights_trained_on_classes(run, weights_path, meta["classes"])
+    check_weights_trained_on_classes(run, weights_path, header.get(CLASSES_KEY), meta["classes"])
     load_into(adapter.model, state, str(weights_path))
     adapter.model.to(device).eval()
     return adapter, meta
@@ -251,13 +251,11 @@ def check_head_fits_classes(run: Path, adapter: ModelAdapter, state: dict[str, t
         )
 
 
-def check_weights_trained_on_classes(run: Path, weights_path: Path, classes: list[str]) -> None:
+def check_weights_trained_on_classes(run: Path, weights_path: Path, recorded: str | None, classes: list[str]) -> None:
     """The class names thaw.json gives the head's outputs are those the weights were trained on, in the same order:
     classes reordered or renamed by hand, or weights copied in from another run, would label every prediction wrongly
     without a word. A rename cannot be told from weights of another run, so it is refused too. Weights saved before
-    thaw recorded their classes (no header entry) are not checked."""
-    with safe_open(str(weights_path), framework="pt") as opened:
-        recorded = (opened.metadata() or {}).get(CLASSES_KEY)
+    thaw recorded their classes (`recorded`, the header entry, None) are not checked."""
     if recorded is None:
         return
     try:
@@ -288,9 +286,11 @@ def _image_model(run: Path, meta: dict, model: nn.Module | ModelAdapter | None) 
     return adapter
 
 
-def _read_weights(path: Path) -> dict[str, torch.Tensor]:
+def _read_weights(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The tensors and the header's metadata, in one opening of the file."""
     try:
-        return load_file(str(path))
+        with safe_open(str(path), framework="pt") as opened:
+            return {name: opened.get_tensor(name) for name in opened.keys()}, opened.metadata() or {}
     except Exception as error:  # noqa: BLE001 - safetensors raises its own error type for a cut or foreign file
         raise ThawError(f"{path} is damaged ({first_line(error)}); retrain or restore it from a copy") from None
 
