@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
 from tests.conftest import write_class_images, write_text_table
 from thaw.cli import main
@@ -70,6 +71,67 @@ def test_adapter_file_restores_the_model_including_batchnorm_statistics(lora_run
         assert not torch.allclose(_base_with_adapter(run, with_batchnorm=False)(images), expected, atol=1e-3)
 
 
+def test_adapter_file_records_its_classes_and_load_adapter_returns_them(lora_run: tuple[Path, Path]) -> None:
+    _, run = lora_run
+    meta = json.loads((run / "thaw.json").read_text())
+    base = _base_model(LoraSpec(rank=4))
+    assert load_adapter(base, run / ADAPTER, classes=meta["classes"]) == meta["classes"] == sorted(["red", "green", "blue"])
+
+
+@pytest.mark.parametrize(
+    ("classes", "position"),
+    [(["green", "blue", "red"], "class 0 is 'green' in the classes given and 'blue'"), (["blue", "green"], "class 2 is no name")],
+    ids=["reordered", "one fewer"],
+)
+def test_load_adapter_refuses_classes_the_adapter_was_not_trained_on(lora_run: tuple[Path, Path], classes: list[str], position: str) -> None:
+    _, run = lora_run
+    base = _base_model(LoraSpec(rank=4))
+    before = {name: tensor.clone() for name, tensor in base.model.state_dict().items()}
+    with pytest.raises(ThawError, match=f"was trained on other classes: {position}") as refused:
+        load_adapter(base, run / ADAPTER, classes=classes)
+    assert "\n" not in str(refused.value)
+    assert all(torch.equal(before[name], tensor) for name, tensor in base.model.state_dict().items())  # nothing half-loaded
+
+
+def test_load_adapter_refuses_a_model_of_another_shape_in_one_line(lora_run: tuple[Path, Path]) -> None:
+    _, run = lora_run
+    torch.manual_seed(QUICK.seed)
+    four_classes = add_lora(build_model("resnet18", weights=None, num_classes=4), LoraSpec(rank=4))
+    with pytest.raises(ThawError, match="trained on 3 classes and this model's head has 4 outputs; build the model with num_classes=3"):
+        load_adapter(four_classes, run / ADAPTER)
+    other_rank = _base_model(LoraSpec(rank=8))
+    with pytest.raises(ThawError, match="lora_A.default.weight of shape \\(4, .*this model's is \\(8, .*same LoRA options") as refused:
+        load_adapter(other_rank, run / ADAPTER)
+    assert "\n" not in str(refused.value)
+
+
+def test_load_adapter_says_what_is_wrong_with_a_missing_or_damaged_file(lora_run: tuple[Path, Path], tmp_path: Path) -> None:
+    _, run = lora_run
+    with pytest.raises(ThawError, match="no adapter file at .*; pass the adapter.safetensors a LoRA run wrote"):
+        load_adapter(_base_model(LoraSpec(rank=4)), tmp_path / "nothing.safetensors")
+    cut = tmp_path / "cut.safetensors"
+    cut.write_bytes((run / ADAPTER).read_bytes()[:200])
+    with pytest.raises(ThawError, match="cut.safetensors is damaged"):
+        load_adapter(_base_model(LoraSpec(rank=4)), cut)
+    tensors = load_file(str(run / ADAPTER))
+    for header in ({"thaw.classes": "not json"}, {"thaw.classes": json.dumps({"red": 0})}):
+        save_file(tensors, str(tmp_path / "odd.safetensors"), metadata=header)
+        with pytest.raises(ThawError, match="odd.safetensors is damaged \\(its header's thaw.classes is not a list of class names\\)"):
+            load_adapter(_base_model(LoraSpec(rank=4)), tmp_path / "odd.safetensors", classes=["blue", "green", "red"])
+
+
+def test_an_adapter_saved_before_classes_were_recorded_loads_as_before(lora_run: tuple[Path, Path], tmp_path: Path) -> None:
+    _, run = lora_run
+    older = tmp_path / "older.safetensors"
+    save_file(load_file(str(run / ADAPTER)), str(older), metadata={"format": "thaw-lora/1"})
+    recorded, unrecorded = _base_model(LoraSpec(rank=4)), _base_model(LoraSpec(rank=4))
+    assert load_adapter(recorded, run / ADAPTER) is not None
+    assert load_adapter(unrecorded, older, classes=["any", "names", "here"]) is None  # nothing to check them against
+    images = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(recorded.model.eval()(images), unrecorded.model.eval()(images))
+
+
 def test_export_merges_the_adapter_and_outputs_match(lora_run: tuple[Path, Path], capsys: pytest.CaptureFixture) -> None:
     _, run = lora_run
     adapter, _ = load_run(run)
@@ -91,6 +153,8 @@ def test_lora_on_a_text_encoder_adapts_attention_query_and_value(tmp_path: Path,
     saved = load_file(str(run / ADAPTER))
     assert set(saved) == set(names) | {"head.weight", "head.bias"}
     assert meta["plan"]["lora"]["rank"] == 8
+    with safe_open(str(run / ADAPTER), framework="pt") as opened:  # the text run's classes, in head order, as for images
+        assert json.loads(opened.metadata()["thaw.classes"]) == meta["classes"] == ["ham", "spam"]
 
 
 def test_plan_reports_adapter_parameters_in_their_groups(capsys: pytest.CaptureFixture) -> None:

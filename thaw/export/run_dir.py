@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import fields
 from itertools import zip_longest
 from pathlib import Path
@@ -15,7 +16,6 @@ from typing import Callable
 import torch
 from torch import nn
 from safetensors import safe_open
-from safetensors.torch import load_file
 from torchvision.transforms import InterpolationMode
 
 from thaw.data.text import TextColumns
@@ -256,22 +256,37 @@ def check_weights_trained_on_classes(run: Path, weights_path: Path, recorded: st
     classes reordered or renamed by hand, or weights copied in from another run, would label every prediction wrongly
     without a word. A rename cannot be told from weights of another run, so it is refused too. Weights saved before
     thaw recorded their classes (`recorded`, the header entry, None) are not checked."""
+    trained = recorded_classes(weights_path, recorded)
+    differ = None if trained is None else first_difference(classes, trained)
+    if differ is not None:
+        index, given, was = differ
+        raise ThawError(
+            f"{run / METADATA} and {WEIGHTS} disagree: class {index} is {given} in {METADATA} and {was} in {WEIGHTS}, which "
+            f"records the classes it was trained on (classes were edited, or one file was copied from another run); restore "
+            f"both files from the same run, or retrain"
+        )
+
+
+def recorded_classes(path: Path, recorded: str | None) -> list[str] | None:
+    """The class names a weights file's header records (`recorded`, its CLASSES_KEY entry), or None where it has none."""
     if recorded is None:
-        return
+        return None
     try:
         trained = json.loads(recorded)
     except (ValueError, RecursionError):  # a header made by hand: nested past Python's stack, say
         trained = None
     if not (isinstance(trained, list) and all(isinstance(name, str) for name in trained)):
-        raise ThawError(f"{weights_path} is damaged (its header's {CLASSES_KEY} is not a list of class names); {DAMAGED_REMEDY}")
-    differ = next((index for index, pair in enumerate(zip_longest(classes, trained)) if pair[0] != pair[1]), None)
-    if differ is not None:
-        given, was = (repr(names[differ]) if differ < len(names) else "no name" for names in (classes, trained))
-        raise ThawError(
-            f"{run / METADATA} and {WEIGHTS} disagree: class {differ} is {given} in {METADATA} and {was} in {WEIGHTS}, which "
-            f"records the classes it was trained on (classes were edited, or one file was copied from another run); restore "
-            f"both files from the same run, or retrain"
-        )
+        raise ThawError(f"{path} is damaged (its header's {CLASSES_KEY} is not a list of class names); {DAMAGED_REMEDY}")
+    return trained
+
+
+def first_difference(given: Sequence[str], trained: Sequence[str]) -> tuple[int, str, str] | None:
+    """The first position where two class lists differ, with each side's name there (quoted, or "no name")."""
+    index = next((index for index, pair in enumerate(zip_longest(given, trained)) if pair[0] != pair[1]), None)
+    if index is None:
+        return None
+    one, other = (repr(names[index]) if index < len(names) else "no name" for names in (given, trained))
+    return index, one, other
 
 
 def _image_model(run: Path, meta: dict, model: nn.Module | ModelAdapter | None) -> ModelAdapter:
@@ -295,15 +310,42 @@ def _read_weights(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         raise ThawError(f"{path} is damaged ({first_line(error)}); retrain or restore it from a copy") from None
 
 
-def load_adapter(adapter: ModelAdapter, path: str | Path) -> None:
-    """Put a saved adapter onto a base model that already has the same LoRA layers."""
-    state = load_file(str(path))
-    unknown = sorted(set(state) - set(adapter.model.state_dict()))
+def load_adapter(adapter: ModelAdapter, path: str | Path, classes: Sequence[str] | None = None) -> list[str] | None:
+    """Put a saved adapter onto a base model that already has the same LoRA layers. Returns the class names it was
+    trained on, in head order (None for an adapter saved before thaw recorded them). `classes`, where given, must be
+    those names in that order: an adapter from a run on other classes would label every output wrongly."""
+    path = Path(path)
+    if not path.is_file():
+        raise ThawError(f"no adapter file at {path}; pass the {ADAPTER} a LoRA run wrote")
+    state, header = _read_weights(path)
+    trained = recorded_classes(path, header.get(CLASSES_KEY))
+    model_state = adapter.model.state_dict()
+    unknown = sorted(set(state) - set(model_state))
     if unknown:
         raise ThawError(
             f"{path} holds tensors this model lacks ({', '.join(unknown[:3])}); build the same model with the same LoRA options"
         )
+    head = f"{adapter.head_name}.weight"
+    if head in state and state[head].shape[0] != model_state[head].shape[0]:
+        raise ThawError(
+            f"{path} was trained on {state[head].shape[0]} classes and this model's head has {model_state[head].shape[0]} "
+            f"outputs; build the model with num_classes={state[head].shape[0]}"
+        )
+    misfit = next((name for name in state if state[name].shape != model_state[name].shape), None)
+    if misfit is not None:  # another LoRA rank, say: torch's error would run to many lines
+        raise ThawError(
+            f"{path} holds {misfit} of shape {tuple(state[misfit].shape)}, this model's is {tuple(model_state[misfit].shape)}; "
+            f"build the same model with the same LoRA options"
+        )
+    differ = None if classes is None or trained is None else first_difference(list(classes), trained)
+    if differ is not None:
+        index, given, was = differ
+        raise ThawError(
+            f"{path} was trained on other classes: class {index} is {given} in the classes given and {was} in the adapter; "
+            f"pass the classes of the run that wrote it, in its order ({METADATA} there lists them), or train on yours"
+        )
     adapter.model.load_state_dict(state, strict=False)
+    return trained
 
 
 def _text_adapter(run: Path, meta: dict) -> ModelAdapter:

@@ -254,7 +254,7 @@ def _write_finished_run(
         "images_per_s": result.images_per_s,
     }
     # What loading the run needs besides the weights comes first: write_run's METADATA says the run is complete.
-    saved = {"adapter": save_adapter(out, adapter)} if plan.lora is not None else {}
+    saved = {"adapter": save_adapter(out, adapter, data.classes)} if plan.lora is not None else {}
     if meta.get("task") == "text":
         saved["text_model"] = save_text_model(out, adapter)
     return write_run(out, metadata, result.history, list(data.classes), result.best) | saved

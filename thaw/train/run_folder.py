@@ -9,6 +9,7 @@ import csv
 import io
 import json
 import shutil
+from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -24,7 +25,7 @@ from thaw.models import ModelAdapter, Preprocessing
 from thaw.models.hf_text import TextPreprocessing
 from thaw.models.lora import adapter_param_names, tensor_digest
 from thaw.plan.config import plan_from_dict
-from thaw.train.checkpoint import CHECKPOINT, load_checkpoint
+from thaw.train.checkpoint import CHECKPOINT, CLASSES_KEY, load_checkpoint
 from thaw.train.plots import plot_confusion, plot_curves
 
 if TYPE_CHECKING:
@@ -94,11 +95,14 @@ def _differs(tensor: torch.Tensor, base_digest: str | None) -> bool:
     return base_digest is None or tensor_digest(tensor) != base_digest
 
 
-def save_adapter(out: Path, adapter: ModelAdapter) -> Path:
-    """ADAPTER beside the full weights: the best epoch's changed tensors only, for use on the base model."""
+def save_adapter(out: Path, adapter: ModelAdapter, classes: Sequence[str]) -> Path:
+    """ADAPTER beside the full weights: the best epoch's changed tensors only, for use on the base model. Its header
+    records the run's `classes` in head order, as the full weights do, so `load_adapter` can label the outputs and
+    refuse an adapter from a run on other classes."""
     best = load_file(str(out / WEIGHTS))
     kept = {name: best[name] for name in adapter_state_names(adapter, best)}
-    atomic_write(out / ADAPTER, lambda target: save_file(kept, str(target), metadata={"format": "thaw-lora/1"}))
+    header = {"format": "thaw-lora/1", CLASSES_KEY: json.dumps(list(classes))}
+    atomic_write(out / ADAPTER, lambda target: save_file(kept, str(target), metadata=header))
     return out / ADAPTER
 
 
