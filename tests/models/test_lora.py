@@ -74,22 +74,30 @@ def test_adapter_file_restores_the_model_including_batchnorm_statistics(lora_run
 def test_adapter_file_records_its_classes_and_load_adapter_returns_them(lora_run: tuple[Path, Path]) -> None:
     _, run = lora_run
     meta = json.loads((run / "thaw.json").read_text())
-    base = _base_model(LoraSpec(rank=4))
-    assert load_adapter(base, run / ADAPTER, classes=meta["classes"]) == meta["classes"] == sorted(["red", "green", "blue"])
+    assert load_adapter(_base_model(LoraSpec(rank=4)), run / ADAPTER) == meta["classes"] == ["blue", "green", "red"]
+    assert load_adapter(_base_model(LoraSpec(rank=4)), run / ADAPTER, classes=tuple(meta["classes"])) == meta["classes"]
+
+
+def _refused_in_one_line(match: str, *args: object, **kwargs: object) -> None:
+    with pytest.raises(ThawError, match=match) as refused:
+        load_adapter(*args, **kwargs)
+    assert "\n" not in str(refused.value)
 
 
 @pytest.mark.parametrize(
     ("classes", "position"),
-    [(["green", "blue", "red"], "class 0 is 'green' in the classes given and 'blue'"), (["blue", "green"], "class 2 is no name")],
-    ids=["reordered", "one fewer"],
+    [
+        (["green", "blue", "red"], "class 0 is 'green' in the classes given and 'blue'"),
+        (["blue", "green", "fox"], "class 2 is 'fox' in the classes given and 'red'"),  # a rename, or another run's
+        (["blue", "green"], "class 2 is no name"),
+    ],
+    ids=["reordered", "renamed", "one fewer"],
 )
 def test_load_adapter_refuses_classes_the_adapter_was_not_trained_on(lora_run: tuple[Path, Path], classes: list[str], position: str) -> None:
     _, run = lora_run
     base = _base_model(LoraSpec(rank=4))
     before = {name: tensor.clone() for name, tensor in base.model.state_dict().items()}
-    with pytest.raises(ThawError, match=f"was trained on other classes: {position}") as refused:
-        load_adapter(base, run / ADAPTER, classes=classes)
-    assert "\n" not in str(refused.value)
+    _refused_in_one_line(f"was trained on other classes: {position}", base, run / ADAPTER, classes=classes)
     assert all(torch.equal(before[name], tensor) for name, tensor in base.model.state_dict().items())  # nothing half-loaded
 
 
@@ -97,27 +105,35 @@ def test_load_adapter_refuses_a_model_of_another_shape_in_one_line(lora_run: tup
     _, run = lora_run
     torch.manual_seed(QUICK.seed)
     four_classes = add_lora(build_model("resnet18", weights=None, num_classes=4), LoraSpec(rank=4))
-    with pytest.raises(ThawError, match="trained on 3 classes and this model's head has 4 outputs; build the model with num_classes=3"):
-        load_adapter(four_classes, run / ADAPTER)
-    other_rank = _base_model(LoraSpec(rank=8))
-    with pytest.raises(ThawError, match="lora_A.default.weight of shape \\(4, .*this model's is \\(8, .*same LoRA options") as refused:
-        load_adapter(other_rank, run / ADAPTER)
-    assert "\n" not in str(refused.value)
+    match = "trained on 3 classes and this model's head has 4 outputs; build the model with num_classes=3"
+    _refused_in_one_line(match, four_classes, run / ADAPTER)
+    _refused_in_one_line("lora_A.default.weight of shape \\(4, .*this model's is \\(8, .*same LoRA options", _base_model(LoraSpec(rank=8)), run / ADAPTER)
+    _refused_in_one_line("holds tensors this model lacks .*lora_", build_model("resnet18", weights=None, num_classes=3), run / ADAPTER)
+    _refused_in_one_line("takes the base model as a ModelAdapter", _base_model(LoraSpec(rank=4)).model, run / ADAPTER)
+    _refused_in_one_line("classes must be a list of class names, got the string 'bgr'", _base_model(LoraSpec(rank=4)), run / ADAPTER, classes="bgr")
 
 
 def test_load_adapter_says_what_is_wrong_with_a_missing_or_damaged_file(lora_run: tuple[Path, Path], tmp_path: Path) -> None:
     _, run = lora_run
-    with pytest.raises(ThawError, match="no adapter file at .*; pass the adapter.safetensors a LoRA run wrote"):
-        load_adapter(_base_model(LoraSpec(rank=4)), tmp_path / "nothing.safetensors")
+    base = _base_model(LoraSpec(rank=4))
+    _refused_in_one_line("no adapter file at .*; pass the adapter.safetensors a LoRA run wrote", base, tmp_path / "nothing.safetensors")
     cut = tmp_path / "cut.safetensors"
     cut.write_bytes((run / ADAPTER).read_bytes()[:200])
-    with pytest.raises(ThawError, match="cut.safetensors is damaged"):
-        load_adapter(_base_model(LoraSpec(rank=4)), cut)
+    _refused_in_one_line("cut.safetensors is damaged", base, cut)
     tensors = load_file(str(run / ADAPTER))
+    odd = tmp_path / "odd.safetensors"
     for header in ({"thaw.classes": "not json"}, {"thaw.classes": json.dumps({"red": 0})}):
-        save_file(tensors, str(tmp_path / "odd.safetensors"), metadata=header)
-        with pytest.raises(ThawError, match="odd.safetensors is damaged \\(its header's thaw.classes is not a list of class names\\)"):
-            load_adapter(_base_model(LoraSpec(rank=4)), tmp_path / "odd.safetensors", classes=["blue", "green", "red"])
+        save_file(tensors, str(odd), metadata=header)
+        match = "odd.safetensors is damaged \\(its header's thaw.classes is not a list of class names\\)"
+        _refused_in_one_line(match, base, odd, classes=["blue", "green", "red"])
+    for names in (["a", "b"], ["a", "b", "c", "d"]):  # the header would name outputs the head lacks, or leave one unnamed
+        save_file(tensors, str(odd), metadata={"thaw.classes": json.dumps(names)})
+        _refused_in_one_line(f"odd.safetensors is damaged \\(its header names {len(names)} classes, its head has 3 outputs\\)", base, odd)
+    for lost in ("fc.", "lora_A"):  # loaded without them, the model would keep its random head or no adaptation
+        save_file({k: v for k, v in tensors.items() if lost not in k}, str(odd), metadata={"thaw.classes": json.dumps(["blue", "green", "red"])})
+        _refused_in_one_line(f"odd.safetensors lacks \\d+ tensors an adapter file always holds \\(.*{lost}", base, odd)
+    untouched = _base_model(LoraSpec(rank=4)).model.state_dict()
+    assert all(torch.equal(untouched[name], tensor) for name, tensor in base.model.state_dict().items())  # nothing half-loaded
 
 
 def test_an_adapter_saved_before_classes_were_recorded_loads_as_before(lora_run: tuple[Path, Path], tmp_path: Path) -> None:

@@ -22,7 +22,7 @@ from thaw.data.text import TextColumns
 from thaw.errors import ThawError, first_line
 from thaw.models import ModelAdapter, Preprocessing, adapt, build_model
 from thaw.models.hf_text import POOLINGS, TextPreprocessing, build_text_model
-from thaw.models.lora import add_lora
+from thaw.models.lora import adapter_param_names, add_lora
 from thaw.models.weights import load_into
 from thaw.plan.config import plan_from_dict
 from thaw.plan.lora_targets import lora_targets
@@ -256,18 +256,17 @@ def check_weights_trained_on_classes(run: Path, weights_path: Path, recorded: st
     classes reordered or renamed by hand, or weights copied in from another run, would label every prediction wrongly
     without a word. A rename cannot be told from weights of another run, so it is refused too. Weights saved before
     thaw recorded their classes (`recorded`, the header entry, None) are not checked."""
-    trained = recorded_classes(weights_path, recorded)
-    differ = None if trained is None else first_difference(classes, trained)
-    if differ is not None:
-        index, given, was = differ
+    trained = _recorded_classes(weights_path, recorded)
+    index = None if trained is None else _first_difference(classes, trained)
+    if index is not None:
         raise ThawError(
-            f"{run / METADATA} and {WEIGHTS} disagree: class {index} is {given} in {METADATA} and {was} in {WEIGHTS}, which "
-            f"records the classes it was trained on (classes were edited, or one file was copied from another run); restore "
-            f"both files from the same run, or retrain"
+            f"{run / METADATA} and {WEIGHTS} disagree: class {index} is {_name_at(classes, index)} in {METADATA} and "
+            f"{_name_at(trained, index)} in {WEIGHTS}, which records the classes it was trained on (classes were edited, or "
+            f"one file was copied from another run); restore both files from the same run, or retrain"
         )
 
 
-def recorded_classes(path: Path, recorded: str | None) -> list[str] | None:
+def _recorded_classes(path: Path, recorded: str | None) -> list[str] | None:
     """The class names a weights file's header records (`recorded`, its CLASSES_KEY entry), or None where it has none."""
     if recorded is None:
         return None
@@ -280,13 +279,13 @@ def recorded_classes(path: Path, recorded: str | None) -> list[str] | None:
     return trained
 
 
-def first_difference(given: Sequence[str], trained: Sequence[str]) -> tuple[int, str, str] | None:
-    """The first position where two class lists differ, with each side's name there (quoted, or "no name")."""
-    index = next((index for index, pair in enumerate(zip_longest(given, trained)) if pair[0] != pair[1]), None)
-    if index is None:
-        return None
-    one, other = (repr(names[index]) if index < len(names) else "no name" for names in (given, trained))
-    return index, one, other
+def _first_difference(given: Sequence[str], trained: Sequence[str]) -> int | None:
+    """The first position where two class lists differ (a name, or one list ending before the other)."""
+    return next((index for index, pair in enumerate(zip_longest(given, trained)) if pair[0] != pair[1]), None)
+
+
+def _name_at(names: Sequence[str], index: int) -> str:
+    return repr(names[index]) if index < len(names) else "no name"
 
 
 def _image_model(run: Path, meta: dict, model: nn.Module | ModelAdapter | None) -> ModelAdapter:
@@ -314,11 +313,30 @@ def load_adapter(adapter: ModelAdapter, path: str | Path, classes: Sequence[str]
     """Put a saved adapter onto a base model that already has the same LoRA layers. Returns the class names it was
     trained on, in head order (None for an adapter saved before thaw recorded them). `classes`, where given, must be
     those names in that order: an adapter from a run on other classes would label every output wrongly."""
+    if not isinstance(adapter, ModelAdapter):
+        raise ThawError("load_adapter takes the base model as a ModelAdapter (build_model or adapt) with add_lora applied")
+    if isinstance(classes, str):  # a str is a Sequence of one-letter names: "abc" would pass for ["a", "b", "c"]
+        raise ThawError(f"classes must be a list of class names, got the string {classes!r}")
     path = Path(path)
     if not path.is_file():
         raise ThawError(f"no adapter file at {path}; pass the {ADAPTER} a LoRA run wrote")
     state, header = _read_weights(path)
-    trained = recorded_classes(path, header.get(CLASSES_KEY))
+    trained = _recorded_classes(path, header.get(CLASSES_KEY))
+    _check_adapter_fits(adapter, path, state, trained)
+    index = None if classes is None or trained is None else _first_difference(list(classes), trained)
+    if index is not None:
+        raise ThawError(
+            f"{path} was trained on other classes: class {index} is {_name_at(list(classes), index)} in the classes given "
+            f"and {_name_at(trained, index)} in the adapter; pass the classes of the run that wrote it, in its order "
+            f"({METADATA} there lists them), or train on yours"
+        )
+    adapter.model.load_state_dict(state, strict=False)
+    return trained
+
+
+def _check_adapter_fits(adapter: ModelAdapter, path: Path, state: dict[str, torch.Tensor], trained: list[str] | None) -> None:
+    """The adapter file fits the model: nothing the model lacks, every tensor of the right shape, and the adapter
+    weights and head it always holds all there (loaded without them, the model would keep random ones)."""
     model_state = adapter.model.state_dict()
     unknown = sorted(set(state) - set(model_state))
     if unknown:
@@ -326,10 +344,13 @@ def load_adapter(adapter: ModelAdapter, path: str | Path, classes: Sequence[str]
             f"{path} holds tensors this model lacks ({', '.join(unknown[:3])}); build the same model with the same LoRA options"
         )
     head = f"{adapter.head_name}.weight"
-    if head in state and state[head].shape[0] != model_state[head].shape[0]:
+    outputs = state[head].shape[0] if head in state else None
+    if trained is not None and outputs is not None and len(trained) != outputs:
+        raise ThawError(f"{path} is damaged (its header names {len(trained)} classes, its head has {outputs} outputs); {DAMAGED_REMEDY}")
+    if outputs is not None and outputs != model_state[head].shape[0]:
         raise ThawError(
-            f"{path} was trained on {state[head].shape[0]} classes and this model's head has {model_state[head].shape[0]} "
-            f"outputs; build the model with num_classes={state[head].shape[0]}"
+            f"{path} was trained on {outputs} classes and this model's head has {model_state[head].shape[0]} outputs; "
+            f"build the model with num_classes={outputs}"
         )
     misfit = next((name for name in state if state[name].shape != model_state[name].shape), None)
     if misfit is not None:  # another LoRA rank, say: torch's error would run to many lines
@@ -337,15 +358,9 @@ def load_adapter(adapter: ModelAdapter, path: str | Path, classes: Sequence[str]
             f"{path} holds {misfit} of shape {tuple(state[misfit].shape)}, this model's is {tuple(model_state[misfit].shape)}; "
             f"build the same model with the same LoRA options"
         )
-    differ = None if classes is None or trained is None else first_difference(list(classes), trained)
-    if differ is not None:
-        index, given, was = differ
-        raise ThawError(
-            f"{path} was trained on other classes: class {index} is {given} in the classes given and {was} in the adapter; "
-            f"pass the classes of the run that wrote it, in its order ({METADATA} there lists them), or train on yours"
-        )
-    adapter.model.load_state_dict(state, strict=False)
-    return trained
+    missing = sorted(name for name in [*adapter_param_names(adapter.model), *adapter.group("head").params] if name not in state)
+    if missing:
+        raise ThawError(f"{path} lacks {len(missing)} tensors an adapter file always holds ({', '.join(missing[:3])}); {DAMAGED_REMEDY}")
 
 
 def _text_adapter(run: Path, meta: dict) -> ModelAdapter:
