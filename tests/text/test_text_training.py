@@ -222,3 +222,19 @@ def test_the_bar_of_a_text_run_counts_texts(tmp_path: Path, tiny_encoder: Path, 
                config=TrainConfig(batch_size=8, seed=3))
     shown = terminal.getvalue()
     assert " texts/s, plan left" in shown and "img/s" not in shown
+
+
+def test_a_label_val_cannot_hold_out_is_warned_of_as_the_text_run_starts(tmp_path: Path, tiny_encoder: Path, capsys: pytest.CaptureFixture) -> None:
+    # One text copied stays in train with its copies, so val (which chooses the epoch delivered) says nothing of that
+    # label: said on stderr as the run starts, as for a class of one image.
+    table = tmp_path / "t.tsv"
+    unique = [f"{label}\t{label} message {index}" for index in range(10) for label in ("ham", "spam")]
+    table.write_text("\n".join(unique + ["promo\tbuy now"] * 6) + "\n")
+    args = ["train", str(table), "--model", str(tiny_encoder), "--strategy", "feature-extract", "--epochs", "1",
+            "--batch-size", "8", "--out", str(tmp_path / "run")]
+    assert main(args) == 0
+    captured = capsys.readouterr()
+    warnings = [line for line in captured.err.splitlines() if line.startswith("thaw: warning: ")]
+    assert [line.split(":")[2].strip() for line in warnings] == ["val has no row of label(s) promo"], captured.err
+    assert "too few different texts to hold one out for each split" in warnings[0]
+    assert any(" train loss " in line for line in captured.out.splitlines())  # the run went on: a warning, not a refusal
