@@ -44,7 +44,7 @@ def unfrozen_rule(
     """The lr rule for a stage that trains more than the head."""
     chosen = [option for option in (lr_range, layer_decay, lrs) if option]
     if len(chosen) > 1:
-        raise ThawError("give only one of --lr-range, --layer-decay and per-group --lr NAME=LR")
+        raise ThawError("give only one of lr_range (--lr-range), layer_decay (--layer-decay) and per-group lrs (--lr NAME=LR)")
     if lrs:
         return ExplicitLr(dict(lrs))
     if lr_range:
@@ -122,7 +122,7 @@ def build_plan(
         # Pretrained weights stay frozen (BatchNorm too, unless --batchnorm train); adapters and head train.
         return Plan((Stage("lora", epochs, ("head", "adapters"), head_rule, **head_only),), lora or LoraSpec())
     else:
-        raise ThawError(f"unknown strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}, or --config plan.yaml")
+        raise ThawError(f"unknown strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}, or a YAML plan (--config plan.yaml, or load_plan)")
     return Plan(tuple(stages))
 
 
