@@ -16,6 +16,7 @@ from thaw.errors import ThawError
 from thaw.export.formats import merge_adapters
 from thaw.export.run_dir import ADAPTER, WEIGHTS, load_adapter, load_run
 from thaw.models import ModelAdapter, build_model
+from thaw.models.hf_text import build_text_model
 from thaw.models.lora import LoraSpec, add_lora, adapter_param_names
 from thaw.plan import Plan, plan_from_dict, plan_to_dict
 from thaw.plan.lora_targets import lora_targets
@@ -110,7 +111,23 @@ def test_load_adapter_refuses_a_model_of_another_shape_in_one_line(lora_run: tup
     _refused_in_one_line("lora_A.default.weight of shape \\(4, .*this model's is \\(8, .*same LoRA options", _base_model(LoraSpec(rank=8)), run / ADAPTER)
     _refused_in_one_line("holds tensors this model lacks .*lora_", build_model("resnet18", weights=None, num_classes=3), run / ADAPTER)
     _refused_in_one_line("takes the base model as a ModelAdapter", _base_model(LoraSpec(rank=4)).model, run / ADAPTER)
-    _refused_in_one_line("classes must be a list of class names, got the string 'bgr'", _base_model(LoraSpec(rank=4)), run / ADAPTER, classes="bgr")
+    for classes in ("bgr", {"blue", "green", "red"}, 3):  # one-letter names; no order; not names at all
+        _refused_in_one_line(f"classes must be a list of class names in head order, got {type(classes).__name__} ", _base_model(LoraSpec(rank=4)), run / ADAPTER, classes=classes)
+
+
+def test_an_adapter_onto_a_model_with_more_lora_targets_says_to_build_it_with_the_runs(tmp_path: Path, torch_home: Path) -> None:
+    data = write_class_images(tmp_path / "data", per_class=6, size=32)
+    spec = LoraSpec(rank=4, targets=("layer4",))
+    train_images(data, model="resnet18", weights=None, out=tmp_path / "run", plan="lora", plan_options={"epochs": 1, "lora": spec}, config=QUICK)
+    _refused_in_one_line("lacks adapter weights this model has .*build the model with the LoRA options of the run that wrote it \\(its targets\\)",
+                         _base_model(LoraSpec(rank=4)), tmp_path / "run" / ADAPTER)
+    assert load_adapter(_base_model(spec), tmp_path / "run" / ADAPTER) == ["blue", "green", "red"]
+
+
+def test_lora_targets_inside_the_head_are_refused() -> None:
+    adapter = build_model("resnet18", weights=None, num_classes=3, device="meta")
+    with pytest.raises(ThawError, match="LoRA targets inside the head \\(fc\\): the new head trains in full"):
+        add_lora(adapter, LoraSpec(rank=4), ["fc", "layer4.1.conv2"])
 
 
 def test_load_adapter_says_what_is_wrong_with_a_missing_or_damaged_file(lora_run: tuple[Path, Path], tmp_path: Path) -> None:
@@ -129,9 +146,13 @@ def test_load_adapter_says_what_is_wrong_with_a_missing_or_damaged_file(lora_run
     for names in (["a", "b"], ["a", "b", "c", "d"]):  # the header would name outputs the head lacks, or leave one unnamed
         save_file(tensors, str(odd), metadata={"thaw.classes": json.dumps(names)})
         _refused_in_one_line(f"odd.safetensors is damaged \\(its header names {len(names)} classes, its head has 3 outputs\\)", base, odd)
-    for lost in ("fc.", "lora_A"):  # loaded without them, the model would keep its random head or no adaptation
-        save_file({k: v for k, v in tensors.items() if lost not in k}, str(odd), metadata={"thaw.classes": json.dumps(["blue", "green", "red"])})
-        _refused_in_one_line(f"odd.safetensors lacks \\d+ tensors an adapter file always holds \\(.*{lost}", base, odd)
+    record = {"thaw.classes": json.dumps(["blue", "green", "red"])}
+    save_file({k: v for k, v in tensors.items() if not k.startswith("fc.")}, str(odd), metadata=record)  # loaded, the head would stay random
+    _refused_in_one_line("odd.safetensors lacks the head \\(fc.bias, fc.weight\\), which an adapter file always holds; retrain", base, odd)
+    save_file({k: v for k, v in tensors.items() if "lora_A" not in k}, str(odd), metadata=record)  # the adaptation half lost
+    _refused_in_one_line("odd.safetensors lacks adapter weights this model has \\(.*lora_A.*in all\\); build the model with the LoRA", base, odd)
+    save_file(tensors | {"fc.weight": torch.tensor(1.0)}, str(odd), metadata=record)  # a 0-d head: no outputs to count
+    _refused_in_one_line("odd.safetensors holds fc.weight of shape \\(\\), this model's is \\(3, 512\\)", base, odd)
     untouched = _base_model(LoraSpec(rank=4)).model.state_dict()
     assert all(torch.equal(untouched[name], tensor) for name, tensor in base.model.state_dict().items())  # nothing half-loaded
 
@@ -171,6 +192,10 @@ def test_lora_on_a_text_encoder_adapts_attention_query_and_value(tmp_path: Path,
     assert meta["plan"]["lora"]["rank"] == 8
     with safe_open(str(run / ADAPTER), framework="pt") as opened:  # the text run's classes, in head order, as for images
         assert json.loads(opened.metadata()["thaw.classes"]) == meta["classes"] == ["ham", "spam"]
+    base = add_lora(build_text_model(str(tiny_encoder), num_classes=2), LoraSpec(**meta["plan"]["lora"]))
+    assert load_adapter(base, run / ADAPTER, classes=["ham", "spam"]) == ["ham", "spam"]
+    with pytest.raises(ThawError, match="was trained on other classes: class 0 is 'spam' in the classes given and 'ham'"):
+        load_adapter(base, run / ADAPTER, classes=["spam", "ham"])
 
 
 def test_plan_reports_adapter_parameters_in_their_groups(capsys: pytest.CaptureFixture) -> None:

@@ -169,7 +169,7 @@ def test_top_groups_accepts_a_numpy_count_and_is_refused_beside_another_strategy
         build_plan("two_phase", num_groups=6, top_groups=3)
 
 
-def test_two_lr_rules_at_once_are_refused_naming_the_arguments_given() -> None:
+def test_two_lr_rules_at_once_are_refused_naming_the_api_arguments_and_the_flags() -> None:
     # Through the API the user typed no flag: the message names the argument first, the flag beside it.
     rules = {"lr_range": (1e-5, 1e-3), "layer_decay": 0.7, "lrs": {"head": 1e-3}}
     for left_out in rules:

@@ -315,8 +315,9 @@ def load_adapter(adapter: ModelAdapter, path: str | Path, classes: Sequence[str]
     those names in that order: an adapter from a run on other classes would label every output wrongly."""
     if not isinstance(adapter, ModelAdapter):
         raise ThawError("load_adapter takes the base model as a ModelAdapter (build_model or adapt) with add_lora applied")
-    if isinstance(classes, str):  # a str is a Sequence of one-letter names: "abc" would pass for ["a", "b", "c"]
-        raise ThawError(f"classes must be a list of class names, got the string {classes!r}")
+    if classes is not None and (isinstance(classes, (str, bytes)) or not isinstance(classes, Sequence)):
+        # a str is a Sequence of one-letter names ("abc" would pass for ["a", "b", "c"]); a set has no order to check
+        raise ThawError(f"classes must be a list of class names in head order, got {type(classes).__name__} {classes!r}")
     path = Path(path)
     if not path.is_file():
         raise ThawError(f"no adapter file at {path}; pass the {ADAPTER} a LoRA run wrote")
@@ -344,7 +345,7 @@ def _check_adapter_fits(adapter: ModelAdapter, path: Path, state: dict[str, torc
             f"{path} holds tensors this model lacks ({', '.join(unknown[:3])}); build the same model with the same LoRA options"
         )
     head = f"{adapter.head_name}.weight"
-    outputs = state[head].shape[0] if head in state else None
+    outputs = state[head].shape[0] if head in state and state[head].dim() else None  # 0-d: the shape check says so
     if trained is not None and outputs is not None and len(trained) != outputs:
         raise ThawError(f"{path} is damaged (its header names {len(trained)} classes, its head has {outputs} outputs); {DAMAGED_REMEDY}")
     if outputs is not None and outputs != model_state[head].shape[0]:
@@ -358,9 +359,15 @@ def _check_adapter_fits(adapter: ModelAdapter, path: Path, state: dict[str, torc
             f"{path} holds {misfit} of shape {tuple(state[misfit].shape)}, this model's is {tuple(model_state[misfit].shape)}; "
             f"build the same model with the same LoRA options"
         )
-    missing = sorted(name for name in [*adapter_param_names(adapter.model), *adapter.group("head").params] if name not in state)
-    if missing:
-        raise ThawError(f"{path} lacks {len(missing)} tensors an adapter file always holds ({', '.join(missing[:3])}); {DAMAGED_REMEDY}")
+    head_params = sorted(name for name in adapter.group("head").params if name not in state)
+    if head_params:
+        raise ThawError(f"{path} lacks the head ({', '.join(head_params)}), which an adapter file always holds; {DAMAGED_REMEDY}")
+    lora_params = [name for name in adapter_param_names(adapter.model) if name not in state]
+    if lora_params:  # a model given more targets than the run's, most likely; or a damaged file
+        raise ThawError(
+            f"{path} lacks adapter weights this model has ({', '.join(sorted(lora_params)[:3])}, {len(lora_params)} in all); build "
+            f"the model with the LoRA options of the run that wrote it (its targets), or restore the file from a copy"
+        )
 
 
 def _text_adapter(run: Path, meta: dict) -> ModelAdapter:

@@ -91,6 +91,9 @@ def add_lora(adapter: ModelAdapter, spec: LoraSpec, targets: list[str] | None = 
         targets = default_targets(adapter)
     if not targets:
         raise ThawError(f"found no Linear or Conv2d layer to adapt in {type(adapter.model).__name__}; name targets with --lora-targets")
+    in_head = [target for target in targets if adapter.in_head(target)]
+    if in_head:  # the new head trains in full; wrapped, its weight would move under another name and escape head checks
+        raise ThawError(f"LoRA targets inside the head ({', '.join(in_head)}): the new head trains in full; leave it out of the targets")
     before = {id(p): n for n, p in adapter.model.named_parameters()}
     owner = {n: g.name for g in adapter.groups for n in g.params}
     config = peft.LoraConfig(r=spec.rank, lora_alpha=spec.alpha, lora_dropout=spec.dropout, target_modules=list(targets))
