@@ -35,6 +35,21 @@ def test_missing_weights_offline_say_which_file_and_where(torch_home: Path) -> N
     assert "--weights PATH" in message and "\n" not in message
 
 
+def test_a_first_download_into_a_fresh_hub_cache_lands_there(torch_home: Path, tmp_path: Path) -> None:
+    """The download path a user online takes, over a file:// URL: torch writes into the cache's folder, which a
+    first use of torch hub has not made yet (that failed with "No such file or directory")."""
+    from thaw.models.weights import ensure_cached
+
+    published = tmp_path / "published" / "tiny-0123abcd.pth"
+    published.parent.mkdir()
+    torch.save({"weight": torch.arange(6.0)}, published)
+    assert not torch_home.exists()
+    cached = ensure_cached(published.as_uri())
+    assert cached == torch_home / "hub" / "checkpoints" / "tiny-0123abcd.pth"
+    assert cached.read_bytes() == published.read_bytes()
+    assert ensure_cached(published.as_uri()) == cached  # the second use reads the cache
+
+
 def test_unknown_weights_name_lists_the_valid_ones() -> None:
     with pytest.raises(ThawError, match="IMAGENET1K_V1, IMAGENET1K_V2"):
         build_model("resnet50", weights="IMAGENET2K", device="meta")

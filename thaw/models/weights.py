@@ -94,6 +94,9 @@ def ensure_cached(url: str) -> Path:
         temporary.symlink_to(shipped)
         temporary.replace(cached)  # atomic: a reader sees no file or the whole link
         return cached
+    # torch writes the download to a temporary file beside `cached` and does not make its folder:
+    # a first download into a fresh torch hub cache failed with "No such file or directory".
+    cached.parent.mkdir(parents=True, exist_ok=True)
     try:
         torch.hub.download_url_to_file(url, str(cached), hash_prefix=None, progress=False)
     except (OSError, RuntimeError) as error:
