@@ -11,6 +11,13 @@ from torch import nn
 from thaw.models.adapter import ModelAdapter
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+REPO = Path(__file__).resolve().parents[1]
+
+
+def python_path_with_repo() -> str:
+    """PYTHONPATH for a child process: this checkout first, then the caller's own entries, which may hold
+    thaw's dependencies (a machine whose packages come from PYTHONPATH lost them when the repo replaced it)."""
+    return os.pathsep.join([str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])])
 
 
 def shared_data(name: str) -> Path:

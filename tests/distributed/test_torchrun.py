@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import write_class_images
+from tests.conftest import python_path_with_repo, write_class_images
 from thaw import ThawError, distributed
 from thaw.data.folders import discover
 from thaw.data.images import UnreadableImage, load_rgb, probe
@@ -34,7 +34,7 @@ NODES_TIMEOUT = 420
 
 
 def environment(env: dict | None) -> dict:
-    return os.environ | {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"} | (env or {})
+    return os.environ | {"PYTHONPATH": python_path_with_repo(), "OMP_NUM_THREADS": "1"} | (env or {})
 
 
 def torchrun(*args: str, processes: int = 2, env: dict | None = None) -> subprocess.CompletedProcess:
@@ -43,7 +43,7 @@ def torchrun(*args: str, processes: int = 2, env: dict | None = None) -> subproc
 
 
 def single(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    alone = os.environ | {"PYTHONPATH": str(ROOT)} | (env or {})
+    alone = os.environ | {"PYTHONPATH": python_path_with_repo()} | (env or {})
     return subprocess.run([sys.executable, str(WORKER), *args], capture_output=True, text=True, timeout=TIMEOUT, env=alone, cwd=ROOT)
 
 

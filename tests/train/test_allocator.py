@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import write_class_images
+from tests.conftest import python_path_with_repo, write_class_images
 from thaw._allocator import OPT_OUT
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -62,7 +62,7 @@ print(inside - resident())
 
 
 def python(code: str, *args: str, opt_out: bool = False, env: dict | None = None) -> subprocess.CompletedProcess:
-    environment = {key: value for key, value in os.environ.items() if key != OPT_OUT} | {"PYTHONPATH": str(ROOT)} | (env or {})
+    environment = {key: value for key, value in os.environ.items() if key != OPT_OUT} | {"PYTHONPATH": python_path_with_repo()} | (env or {})
     if opt_out:
         environment[OPT_OUT] = "0"
     return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, env=environment, cwd=ROOT, timeout=300)
