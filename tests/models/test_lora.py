@@ -143,6 +143,10 @@ def test_load_adapter_says_what_is_wrong_with_a_missing_or_damaged_file(lora_run
         save_file(tensors, str(odd), metadata=header)
         match = "odd.safetensors is damaged \\(its header's thaw.classes is not a list of class names\\)"
         _refused_in_one_line(match, base, odd, classes=["blue", "green", "red"])
+    save_file(tensors, str(odd), metadata={"thaw.classes": json.dumps(["blue", "red", "blue"])})  # two outputs, one name
+    _refused_in_one_line("odd.safetensors is damaged \\(its header's thaw.classes names 'blue' more than once\\)", base, odd)
+    for missing in (None, 3):
+        _refused_in_one_line(f"load_adapter takes the path of an adapter.safetensors file, got {type(missing).__name__} {missing}$", base, missing)
     for names in (["a", "b"], ["a", "b", "c", "d"]):  # the header would name outputs the head lacks, or leave one unnamed
         save_file(tensors, str(odd), metadata={"thaw.classes": json.dumps(names)})
         _refused_in_one_line(f"odd.safetensors is damaged \\(its header names {len(names)} classes, its head has 3 outputs\\)", base, odd)

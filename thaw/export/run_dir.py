@@ -6,6 +6,7 @@ thaw.train.run_folder writes the folder and declares its file names.
 from __future__ import annotations
 
 import json
+import os
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import fields
@@ -276,6 +277,9 @@ def _recorded_classes(path: Path, recorded: str | None) -> list[str] | None:
         trained = None
     if not (isinstance(trained, list) and all(isinstance(name, str) for name in trained)):
         raise ThawError(f"{path} is damaged (its header's {CLASSES_KEY} is not a list of class names); {DAMAGED_REMEDY}")
+    repeated = sorted(name for name, count in Counter(trained).items() if count > 1)  # thaw records each class once
+    if repeated:
+        raise ThawError(f"{path} is damaged (its header's {CLASSES_KEY} names {', '.join(map(repr, repeated))} more than once); {DAMAGED_REMEDY}")
     return trained
 
 
@@ -318,6 +322,8 @@ def load_adapter(adapter: ModelAdapter, path: str | Path, classes: Sequence[str]
     if classes is not None and (isinstance(classes, (str, bytes)) or not isinstance(classes, Sequence)):
         # a str is a Sequence of one-letter names ("abc" would pass for ["a", "b", "c"]); a set has no order to check
         raise ThawError(f"classes must be a list of class names in head order, got {type(classes).__name__} {classes!r}")
+    if not isinstance(path, (str, os.PathLike)):
+        raise ThawError(f"load_adapter takes the path of an {ADAPTER} file, got {type(path).__name__} {path!r}")
     path = Path(path)
     if not path.is_file():
         raise ThawError(f"no adapter file at {path}; pass the {ADAPTER} a LoRA run wrote")
