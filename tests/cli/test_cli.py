@@ -134,7 +134,7 @@ MOBILENET_PLAN = ["plan", "--model", "mobilenet_v3_small", "--num-classes", "3"]
         (["train", "DATA", *TINY_RUN, "--workers", "1000000000000"], "workers must be a whole number from 0 to 256"),
         (["train", "DATA", *TINY_RUN, "--cache-views", "1000000000000"], "cache views must be a whole number from 0 to 1000"),
         (["train", "DATA", *TINY_RUN, "--warmup", "nan", "--grad-clip", "0"], "2 problems: warmup must be a share"),
-        (["train", "DATA", *TINY_RUN, "--device", "cuda:99"], "--device cuda:99: this machine has"),
+        (["train", "DATA", *TINY_RUN, "--device", "cuda:99"], "device 'cuda:99' (--device cuda:99): this machine has"),
         (["train", "DATA", *TINY_RUN, "--device", "bogus"], "device must be auto, cpu, cuda"),
         (["train", "DATA", *TINY_RUN, "--lr", "1e300"], "argument --lr: an lr must be a positive finite number up to 1000"),
         (["train", "DATA", *TINY_RUN, "--val-split", "nan"], "argument --val-split: expected a share above 0 and below 1"),

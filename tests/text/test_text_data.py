@@ -91,7 +91,7 @@ def test_a_column_past_the_last_or_text_and_label_in_one_column_is_refused(tmp_p
 def test_a_table_of_one_column_names_the_file_and_the_delimiter(tmp_path: Path) -> None:
     table = tmp_path / "t.csv"
     table.write_text("hello\tthere friend,greeting\nbye now,farewell\nhi,greeting\nsee you,farewell\n")  # a tab in the first text: read as TSV
-    with pytest.raises(ThawError, match=r"t.csv: the table needs a text column and a label column; split by tab, it has one \(another delimiter\? --delimiter\)$"):
+    with pytest.raises(ThawError, match=r"t.csv: the table needs a text column and a label column; split by tab, it has one \(another delimiter\? TextColumns.delimiter, --delimiter\)$"):
         read_table(table)
     assert read_table(table, TextColumns(delimiter=","))[0][1] == ("bye now", "farewell")
 
@@ -144,7 +144,7 @@ def test_non_utf8_file_is_refused(tmp_path: Path) -> None:
 def test_a_delimiter_of_several_characters_is_one_line(tmp_path: Path) -> None:
     table = tmp_path / "t.csv"
     table.write_text("a;;one\nb;;two\n")
-    with pytest.raises(ThawError, match="--delimiter must be one character"):
+    with pytest.raises(ThawError, match=r"delimiter \(--delimiter\) must be one character"):
         read_table(table, TextColumns(delimiter=";;"))
 
 

@@ -122,7 +122,7 @@ def test_a_last_batch_of_one_is_left_out_where_batchnorm_trains(tiny_split_data:
         step_hooks=[lambda optimizer, step, factor: steps.append(step)],
     )
     assert steps == list(range(7)) and len(result.history) == 1  # 35 images in 7 steps; the lone last one is left out
-    with pytest.raises(ThawError, match="BatchNorm layers use batch statistics .* one image per batch does not have; use --batch-size 2"):
+    with pytest.raises(ThawError, match="BatchNorm layers use batch statistics .* one image per batch does not have; use batch_size 2 or more \\(--batch-size\\)"):
         train_images(tiny_split_data, model="mobilenet_v3_small", weights=None, plan=plan, out=tmp_path / "one",
                      config=TrainConfig(image_size=32, batch_size=1, quiet=True, augment=False))
 
@@ -183,3 +183,18 @@ def test_label_smoothing_leaves_the_val_loss_plain() -> None:
     plain = torch.nn.functional.cross_entropy(head(batches[0].images), batches[0].labels).item()
     engine = Engine(torch.device("cpu"), bf16=False, channels_last=False, quiet=True, label_smoothing=0.3)
     assert evaluate(head, batches, engine, 4)["loss"] == pytest.approx(plain, rel=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("device", "first_words"),
+    [("meta", "the meta device holds shapes, not numbers: it cannot train; use device 'cpu' or 'cuda' (--device cpu or cuda)"),
+     ("cuda:99", "device 'cuda:99' (--device cuda:99): this machine has")],
+)
+def test_a_device_that_cannot_train_is_named_as_the_api_and_the_flag_spell_it(tiny_split_data: Path, tmp_path: Path, device: str,
+                                                                             first_words: str) -> None:
+    """A user of the Python API typed device='cuda:99', no flag: the message names the argument and the flag beside it."""
+    with pytest.raises(ThawError) as refused:
+        train_images(tiny_split_data, model="mobilenet_v3_small", weights=None, plan="feature-extract", out=tmp_path / "run",
+                     config=TrainConfig(device=device, quiet=True))
+    assert str(refused.value).startswith(first_words) and "\n" not in str(refused.value)
+    assert not any((tmp_path / "run").rglob("*"))  # refused before anything was written

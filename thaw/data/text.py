@@ -66,7 +66,7 @@ def _delimiter(path: Path, first_line: str, wanted: str | None) -> str:
     if wanted:
         chosen = "\t" if wanted in ("tab", "\\t") else wanted
         if len(chosen) != 1:
-            raise ThawError(f"--delimiter must be one character (or tab), got {wanted!r}")
+            raise ThawError(f"delimiter (--delimiter) must be one character (or tab), got {wanted!r}")
         return chosen
     if path.suffix.lower() in (".tsv", ".tab") or "\t" in first_line:
         return "\t"
@@ -97,7 +97,7 @@ def read_rows(path: Path, delimiter: str | None) -> tuple[list[list[str]], list[
     except UnicodeDecodeError:
         raise ThawError(f"{path} is not UTF-8 text (byte {_first_bad_byte(path)}); save it as UTF-8 CSV or TSV") from None
     except csv.Error as error:
-        raise ThawError(f"{path}: unreadable table ({error}); check its quotes, or pass --delimiter") from None
+        raise ThawError(f"{path}: unreadable table ({error}); check its quotes, or pass a delimiter (--delimiter)") from None
     if not rows:
         raise ThawError(f"{path} is empty; expected one text and one label per line")
     return rows, lines, chosen
@@ -137,7 +137,7 @@ def _guess_columns(rows: list[list[str]], header: list[str] | None, path: Path, 
     sample = [row for row in sample if len(row) == width]
     if width < 2:
         shown = "tab" if delimiter == "\t" else repr(delimiter)
-        raise ThawError(f"{path}: the table needs a text column and a label column; split by {shown}, it has one (another delimiter? --delimiter){quote_hint}")
+        raise ThawError(f"{path}: the table needs a text column and a label column; split by {shown}, it has one (another delimiter? TextColumns.delimiter, --delimiter){quote_hint}")
     distinct = [len({row[i] for row in sample}) for i in range(width)]
     label = distinct.index(min(distinct))
     lengths = [sum(len(row[i]) for row in sample) for i in range(width)]
@@ -186,7 +186,7 @@ def _read_table(path: Path, columns: TextColumns) -> Table:
         if at >= widest:
             raise ThawError(f"{path}: --{what}-column {at} is past its last column (the table has {widest}: 0 to {widest - 1}){quote_hint}")
     if text_at == label_at:
-        raise ThawError(f"{path}: the text and the label are the same column ({text_at}); give them different --text-column and --label-column")
+        raise ThawError(f"{path}: the text and the label are the same column ({text_at}); give them different columns (TextColumns text and label, --text-column and --label-column)")
     pairs, skipped, starts = [], [], []
     for line, row in zip(lines, body):
         if max(text_at, label_at) >= len(row):
@@ -267,7 +267,7 @@ def _classes(table: Table, path: Path) -> tuple[str, ...]:
     if len(counts) < 2:
         raise ThawError(f"{path} has {len(counts)} label value(s) ({', '.join(counts)}); classification needs at least 2{also}")
     if len(counts) > max(100, len(pairs) // 2):
-        raise ThawError(f"{path}: {len(counts)} distinct labels in {len(pairs)} rows; is --label-column the right column?{also}")
+        raise ThawError(f"{path}: {len(counts)} distinct labels in {len(pairs)} rows; is the label column (TextColumns.label, --label-column) the right one?{also}")
     few = [name for name, count in counts.items() if count < 2]
     if few:
         first = table.unnamed_first_row  # a header of names thaw does not know (`msg,tag`) is read as a row

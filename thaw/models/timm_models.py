@@ -134,7 +134,7 @@ def build_timm(
             raise ThawError(f"timm could not load {weights} into {name} ({said})") from None
         if not isinstance(error, (OSError, RuntimeError)):
             raise
-        raise ThawError(f"could not load timm weights for {name} ({said}); offline, pass a local file with --weights PATH") from None
+        raise ThawError(f"could not load timm weights for {name} ({said}); offline, pass a local file (weights=PATH, --weights PATH)") from None
     return adapt_timm(model.to(device) if not on_meta else model, num_classes=num_classes)
 
 

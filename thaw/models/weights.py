@@ -102,7 +102,7 @@ def ensure_cached(url: str) -> Path:
     except (OSError, RuntimeError) as error:
         raise ThawError(
             f"weights file {cached.name} is not cached and could not be downloaded ({error}); "
-            f"put it at {cached} (or set TORCH_HOME), or pass a local file with --weights PATH"
+            f"put it at {cached} (or set TORCH_HOME), or pass a local file (weights=PATH, --weights PATH)"
         ) from None
     return cached
 

@@ -208,13 +208,13 @@ def check_device(device: str) -> None:
         return
     kind = torch.device(device)
     if kind.type == "meta":
-        raise ThawError("the meta device holds shapes, not numbers: it cannot train; use --device cpu or cuda")
+        raise ThawError("the meta device holds shapes, not numbers: it cannot train; use device 'cpu' or 'cuda' (--device cpu or cuda)")
     if kind.type == "cuda" and not torch.cuda.is_available():
-        raise ThawError(f"--device {device}: this machine has no CUDA device that torch can use; use --device cpu or auto")
+        raise ThawError(f"device {device!r} (--device {device}): this machine has no CUDA device that torch can use; use 'cpu' or 'auto'")
     if kind.type == "cuda" and kind.index is not None and kind.index >= torch.cuda.device_count():
-        raise ThawError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s), numbered from 0")
+        raise ThawError(f"device {device!r} (--device {device}): this machine has {torch.cuda.device_count()} CUDA device(s), numbered from 0")
     if kind.type == "mps" and not torch.backends.mps.is_available():
-        raise ThawError(f"--device {device}: MPS (Apple GPUs) is not available here; use --device cpu or auto")
+        raise ThawError(f"device {device!r} (--device {device}): MPS (Apple GPUs) is not available here; use 'cpu' or 'auto'")
 
 
 def check_image_size(adapter: ModelAdapter, config: TrainConfig, model_name: str) -> None:
@@ -230,14 +230,14 @@ def check_image_size(adapter: ModelAdapter, config: TrainConfig, model_name: str
     if isinstance(fixed, int) and fixed != size:  # torchvision's ViT: position embeddings for one grid of patches
         raise ThawError(
             f"{model_name} takes {fixed} px images only (its position embeddings are learned for that size); "
-            "leave --image-size unset"
+            "leave image_size (--image-size) unset"
         )
     failure_at = _forward_failures(adapter)
     failure = failure_at(size)
     if failure and not failure_at(adapter.preprocessing.crop_size):
         raise ThawError(
             f"{model_name} cannot take {size} px images ({failure}); "
-            f"use a larger --image-size, or leave it unset for its own {adapter.preprocessing.crop_size} px"
+            f"use a larger image_size (--image-size), or leave it unset for its own {adapter.preprocessing.crop_size} px"
         )
 
 

@@ -716,7 +716,7 @@ class Trainer:
             raise ThawError(
                 f"{len(bad)} trainable tensors hold NaN or inf after stage {stage.name!r} epoch {self.state.epoch + 1} "
                 f"(first: {bad[0]}); nothing was written and the last checkpoint is kept. Lower the lr, or try "
-                "--precision fp32 or --no-channels-last, or a larger --image-size"
+                "precision 'fp32' (--precision fp32) or channels_last=False (--no-channels-last), or a larger image_size (--image-size)"
             )
 
     def _record(self, stage_index: int, train: dict, val: dict, cached: bool) -> dict:
@@ -770,7 +770,7 @@ class Trainer:
         if self.engine.min_batch > self.config.batch_size:
             raise ThawError(
                 f"stage {stage.name!r}: BatchNorm layers use batch statistics (policy train), which one image per batch "
-                "does not have; use --batch-size 2 or more, or --batchnorm eval"
+                "does not have; use batch_size 2 or more (--batch-size), or the BatchNorm policy eval (--batchnorm eval)"
             )
         self.wrapped = None
         if self.processes.distributed:
@@ -1211,7 +1211,7 @@ def fit(
             check_new_run(out, overwrite)
     if data.skipped and config.strict:
         path, reason = data.skipped[0]
-        raise ThawError(f"cannot decode {path} ({reason}); remove it, or drop --strict to skip such files")
+        raise ThawError(f"cannot decode {path} ({reason}); remove it, or drop strict (--strict) to skip such files")
     trainer = Trainer(adapter, data, plan, config, out, meta, processes)
     trainer.replaces_run = processes.is_main and not resume and overwrite and holds_run(out)
     trainer.engine.step_hooks.extend(step_hooks or [])

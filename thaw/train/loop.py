@@ -81,7 +81,7 @@ class Engine:
     def note_failures(self, failed: list[tuple[str, str]]) -> None:
         if failed and self.strict:
             path, reason = failed[0]
-            raise ThawError(f"cannot decode {path} ({reason}); remove it, or drop --strict to skip such files")
+            raise ThawError(f"cannot decode {path} ({reason}); remove it, or drop strict (--strict) to skip such files")
         self.failed.extend(f for f in failed if f not in self.failed)
 
 
@@ -102,7 +102,7 @@ def _check_finite(value: float, where: str) -> None:
     if not math.isfinite(value):
         raise ThawError(
             f"loss became {value} at {where}; the stage stopped and no checkpoint was overwritten. "
-            "Lower the lr (e.g. --lr 1e-4) or add --grad-clip 1.0"
+            "Lower the lr (e.g. --lr 1e-4) or clip gradients (grad_clip=1.0, --grad-clip 1.0)"
         )
 
 
