@@ -47,7 +47,24 @@ def test_a_first_download_into_a_fresh_hub_cache_lands_there(torch_home: Path, t
     cached = ensure_cached(published.as_uri())
     assert cached == torch_home / "hub" / "checkpoints" / "tiny-0123abcd.pth"
     assert cached.read_bytes() == published.read_bytes()
-    assert ensure_cached(published.as_uri()) == cached  # the second use reads the cache
+    published.unlink()
+    assert ensure_cached(published.as_uri()) == cached  # the second use reads the cache: the source is gone
+
+
+@pytest.mark.parametrize("packaged", [False, True], ids=["download", "offline-package"])
+def test_a_hub_cache_that_cannot_be_made_is_one_line(torch_home: Path, packaged: bool) -> None:
+    from torchvision.models import MobileNet_V2_Weights, ResNet18_Weights
+
+    from thaw.models.weights import ensure_cached
+
+    torch_home.mkdir()
+    (torch_home / "hub").write_text("a file where the cache folder goes")
+    url = (MobileNet_V2_Weights if packaged else ResNet18_Weights).IMAGENET1K_V1.url  # mobilenet_v2's file ships in a package
+    with pytest.raises(ThawError) as refused:
+        ensure_cached(url)
+    message = str(refused.value)
+    assert message.startswith(f"cannot use the torch hub cache {torch_home / 'hub' / 'checkpoints'} (") and "\n" not in message
+    assert message.endswith("set TORCH_HOME to a folder you can write, or pass a local file (weights=PATH, --weights PATH)")
 
 
 def test_unknown_weights_name_lists_the_valid_ones() -> None:
@@ -172,3 +189,15 @@ def test_empty_weights_are_refused_not_read_as_none(weights: str) -> None:
     """An unset variable (`weights=os.environ.get("W", "")`) trained from random weights without a word."""
     with pytest.raises(ThawError, match="weights is an empty string"):
         build_model("mobilenet_v3_small", weights=weights)
+
+
+def test_a_folder_where_the_packaged_weights_go_is_one_line(torch_home: Path) -> None:
+    from torchvision.models import MobileNet_V2_Weights
+
+    from thaw.models.weights import ensure_cached
+
+    blocking = torch_home / "hub" / "checkpoints" / "mobilenet_v2-b0353104.pth"
+    (blocking / "inside").mkdir(parents=True)
+    with pytest.raises(ThawError, match=f"^cannot put mobilenet_v2-b0353104.pth into the torch hub cache {blocking.parent} \\("):
+        ensure_cached(MobileNet_V2_Weights.IMAGENET1K_V1.url)
+    assert not [path.name for path in blocking.parent.iterdir() if path.name.endswith(".thaw-link")]  # no link left behind

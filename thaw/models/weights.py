@@ -87,16 +87,21 @@ def ensure_cached(url: str) -> Path:
     shipped = packaged_copy(cached.name)
     if shipped is not None:
         check_hash_in_name(shipped)
-        cached.parent.mkdir(parents=True, exist_ok=True)
+        _make_cache_folder(cached)
         # A name of this link's own: torchrun's ranks link the same file into one cache at the same moment.
         temporary = cached.with_name(f"{cached.name}.{uuid.uuid4().hex}.thaw-link")  # machines may share a cache too
-        temporary.unlink(missing_ok=True)
-        temporary.symlink_to(shipped)
-        temporary.replace(cached)  # atomic: a reader sees no file or the whole link
+        try:
+            temporary.unlink(missing_ok=True)
+            temporary.symlink_to(shipped)
+            temporary.replace(cached)  # atomic: a reader sees no file or the whole link
+        except OSError as error:
+            temporary.unlink(missing_ok=True)
+            raise ThawError(f"cannot put {cached.name} into the torch hub cache {cached.parent} ({error.strerror or error}); "
+                            f"{CACHE_REMEDY}") from None
         return cached
     # torch writes the download to a temporary file beside `cached` and does not make its folder:
     # a first download into a fresh torch hub cache failed with "No such file or directory".
-    cached.parent.mkdir(parents=True, exist_ok=True)
+    _make_cache_folder(cached)
     try:
         torch.hub.download_url_to_file(url, str(cached), hash_prefix=None, progress=False)
     except (OSError, RuntimeError) as error:
@@ -105,6 +110,17 @@ def ensure_cached(url: str) -> Path:
             f"put it at {cached} (or set TORCH_HOME), or pass a local file (weights=PATH, --weights PATH)"
         ) from None
     return cached
+
+
+CACHE_REMEDY = "set TORCH_HOME to a folder you can write, or pass a local file (weights=PATH, --weights PATH)"
+
+
+def _make_cache_folder(cached: Path) -> None:
+    """The hub cache's checkpoints folder, made where missing; a file in its way or no permission is one line."""
+    try:
+        cached.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise ThawError(f"cannot use the torch hub cache {cached.parent} ({error.strerror or error}); {CACHE_REMEDY}") from None
 
 
 def require_file(path: Path) -> None:
