@@ -20,7 +20,7 @@ from thaw.plan.stages import check_stage_names
 from thaw.plan.strategies import check_plan_options, default_strategy
 from thaw.errors import ThawError
 from thaw.train import checkpoint
-from thaw.train.config import TrainConfig, check_class_scores, check_image_augments, check_plan, check_plan_before_data
+from thaw.train.config import TrainConfig, check_class_scores, check_device, check_image_augments, check_plan, check_plan_before_data
 from thaw.train.settings import RUNTIME_FIELDS, config_from_settings, samples_digest, source_name, split_as_recorded
 from thaw import distributed
 from thaw.train.fit import EpochCallback, RunResult, RunState, StepHook, effective_preprocessing, fit, signals_held
@@ -208,6 +208,7 @@ def _check_arguments(plan: object, plan_options: dict | None, config: object, re
     would otherwise surface as a TypeError or AttributeError deep inside."""
     if not isinstance(config, TrainConfig):
         raise ThawError(f"config must be a TrainConfig (thaw.train.TrainConfig(batch_size=...)), got a {type(config).__name__}")
+    check_device(config.device)  # a device this machine lacks: said before the data is read and the run folder made
     if not isinstance(plan, (str, Plan)):
         raise ThawError(f"plan must be a strategy name like 'two-phase' or a Plan (thaw.build_plan, thaw.load_plan), got a {type(plan).__name__}")
     if isinstance(plan, Plan) and not resume:  # a run's saved plan, made before names had to differ, still resumes
