@@ -146,7 +146,7 @@ MOBILENET_PLAN = ["plan", "--model", "mobilenet_v3_small", "--num-classes", "3"]
         ([*MOBILENET_PLAN, "--config", "TMP/decay.yaml"], "weight_decay: expected a weight decay >= 0"),
         ([*MOBILENET_PLAN, "--config", "TMP/smoothing.yaml"], "smoothing.yaml: training: label smoothing must be a share in [0, 1), got 2"),
         # a file's value against a typed flag: the file is named
-        (["train", "DATA", *TINY_RUN[:6], "--config", "TMP/mixup.yaml", "--no-augment"], "--no-augment turns off; drop one of the two (mixup: from "),
+        (["train", "DATA", *TINY_RUN[:6], "--config", "TMP/mixup.yaml", "--no-augment"], "(--no-augment) turns off; drop one of the two (mixup: from "),
         (["train", "DATA", *TINY_RUN[:6], "--config", "TMP/budget.yaml", "--compile"], "cannot run with a budget: the budget is planned from eager training steps and does not count compile time (budget: from "),  # the file key, and it alone
         ([*LR_FIND, "--out", "TMP"], "is a folder; name the plot file"),
         ([*LR_FIND, "--out", "TMP/plot.xyz"], "cannot draw a .xyz file"),

@@ -57,6 +57,7 @@ def test_a_hub_cache_that_cannot_be_made_is_one_line(torch_home: Path, packaged:
 
     from thaw.models.weights import ensure_cached
 
+    assert packaged_copy("mobilenet_v2-b0353104.pth") is not None  # the offline-package case takes the packaged path
     torch_home.mkdir()
     (torch_home / "hub").write_text("a file where the cache folder goes")
     url = (MobileNet_V2_Weights if packaged else ResNet18_Weights).IMAGENET1K_V1.url  # mobilenet_v2's file ships in a package
@@ -191,13 +192,20 @@ def test_empty_weights_are_refused_not_read_as_none(weights: str) -> None:
         build_model("mobilenet_v3_small", weights=weights)
 
 
-def test_a_folder_where_the_packaged_weights_go_is_one_line(torch_home: Path) -> None:
+@pytest.mark.parametrize("packaged", [False, True], ids=["download", "offline-package"])
+def test_a_folder_where_the_weights_file_goes_is_one_line(torch_home: Path, tmp_path: Path, packaged: bool) -> None:
     from torchvision.models import MobileNet_V2_Weights
 
     from thaw.models.weights import ensure_cached
 
-    blocking = torch_home / "hub" / "checkpoints" / "mobilenet_v2-b0353104.pth"
+    assert packaged_copy("mobilenet_v2-b0353104.pth") is not None  # the offline-package case takes the packaged path
+    published = tmp_path / "published" / "tiny-0123abcd.pth"
+    published.parent.mkdir()
+    torch.save({"weight": torch.arange(6.0)}, published)
+    url = MobileNet_V2_Weights.IMAGENET1K_V1.url if packaged else published.as_uri()
+    blocking = torch_home / "hub" / "checkpoints" / Path(url).name
     (blocking / "inside").mkdir(parents=True)
-    with pytest.raises(ThawError, match=f"^cannot put mobilenet_v2-b0353104.pth into the torch hub cache {blocking.parent} \\("):
-        ensure_cached(MobileNet_V2_Weights.IMAGENET1K_V1.url)
-    assert not [path.name for path in blocking.parent.iterdir() if path.name.endswith(".thaw-link")]  # no link left behind
+    with pytest.raises(ThawError, match=f"^cannot put {Path(url).name} into the torch hub cache {blocking.parent} \\("):
+        ensure_cached(url)
+    assert sorted(path.name for path in blocking.parent.iterdir()) == [blocking.name]  # no link or download left behind
+    assert [path.name for path in blocking.iterdir()] == ["inside"]

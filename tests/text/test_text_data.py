@@ -80,11 +80,11 @@ def test_unknown_column_names_the_columns(tmp_path: Path) -> None:
 def test_a_column_past_the_last_or_text_and_label_in_one_column_is_refused(tmp_path: Path) -> None:
     table = tmp_path / "t.csv"
     table.write_text("a,one thing\nb,another\na,more\nb,less\n")
-    with pytest.raises(ThawError, match=r"--label-column 7 is past its last column \(the table has 2: 0 to 1\)"):
+    with pytest.raises(ThawError, match=r"the label column \(TextColumns.label, --label-column\) 7 is past its last column \(the table has 2: 0 to 1\)"):
         read_table(table, TextColumns(text=1, label=7))
     with pytest.raises(ThawError, match=r"the text and the label are the same column \(0\)"):
         read_table(table, TextColumns(text=0, label=0))  # would train on the answer itself
-    with pytest.raises(ThawError, match=r"t.csv: --text-column -1 is no column; positions count from 0, or name the column$"):
+    with pytest.raises(ThawError, match=r"t.csv: the text column \(TextColumns.text, --text-column\) -1 is no column; positions count from 0, or name the column$"):
         read_table(table, TextColumns(text=-1, label=0))  # counted from the end: the label column, trained on as text
 
 

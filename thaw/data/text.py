@@ -114,13 +114,13 @@ def _first_bad_byte(path: Path) -> int:
 
 def _column_index(header: list[str] | None, wanted: str | int, what: str, path: Path) -> int:
     if isinstance(wanted, int) and (wanted < 0 or isinstance(wanted, bool)):  # -1 would count from the end: another column
-        raise ThawError(f"{path}: --{what}-column {wanted!r} is no column; positions count from 0, or name the column")
+        raise ThawError(f"{path}: the {what} column (TextColumns.{what}, --{what}-column) {wanted!r} is no column; positions count from 0, or name the column")
     if isinstance(wanted, int) or (isinstance(wanted, str) and wanted.isdigit()):
         return int(wanted)
     names = [cell.strip() for cell in header or []]
     if wanted not in names:
         shown = ", ".join(names) if names else "none: the file has no header row"
-        raise ThawError(f"{path}: no {what} column named {wanted!r}; columns are {shown}. Name one with --{what}-column")
+        raise ThawError(f"{path}: no {what} column named {wanted!r}; columns are {shown}. Name one with TextColumns.{what} (--{what}-column)")
     return names.index(wanted)
 
 
@@ -184,7 +184,7 @@ def _read_table(path: Path, columns: TextColumns) -> Table:
     widest = max(len(row) for row in body)
     for what, at in (("text", text_at), ("label", label_at)):
         if at >= widest:
-            raise ThawError(f"{path}: --{what}-column {at} is past its last column (the table has {widest}: 0 to {widest - 1}){quote_hint}")
+            raise ThawError(f"{path}: the {what} column (TextColumns.{what}, --{what}-column) {at} is past its last column (the table has {widest}: 0 to {widest - 1}){quote_hint}")
     if text_at == label_at:
         raise ThawError(f"{path}: the text and the label are the same column ({text_at}); give them different columns (TextColumns text and label, --text-column and --label-column)")
     pairs, skipped, starts = [], [], []

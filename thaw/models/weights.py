@@ -84,6 +84,9 @@ def ensure_cached(url: str) -> Path:
     cached = hub_cache_path(url)
     if cached.is_file():
         return cached
+    if cached.is_dir():  # a download would be moved inside it, and the folder handed on as the weights
+        raise ThawError(f"cannot put {cached.name} into the torch hub cache {cached.parent} (a folder of that name is there); "
+                        f"{CACHE_REMEDY}")
     shipped = packaged_copy(cached.name)
     if shipped is not None:
         check_hash_in_name(shipped)

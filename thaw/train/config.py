@@ -141,7 +141,7 @@ def config_problems(config: TrainConfig) -> list[str]:
                 "0.6 starts at 60% of it, or leave it unset"
             )
         elif not c.augment:
-            problems.append("progressive resize resizes the random training crops, which --no-augment turns off; drop one of the two")
+            problems.append("progressive resize resizes the random training crops, which augment=False (--no-augment) turns off; drop one of the two")
     problems += _augment_problems(c)
     if not isinstance(c.ema, bool):
         problems.append(f"ema must be true or false, got {c.ema!r}")
@@ -150,7 +150,7 @@ def config_problems(config: TrainConfig) -> list[str]:
     if not isinstance(c.compile, bool):
         problems.append(f"compile must be true or false, got {c.compile!r}")
     elif c.compile and c.budget is not None:  # the budget times eager steps; a compile's first batches would overrun it
-        problems.append("--compile cannot run with a budget: the budget is planned from eager training steps and does not count compile time")
+        problems.append("compile (--compile) cannot run with a budget: the budget is planned from eager training steps and does not count compile time")
     if c.grad_clip is not None and not (_finite(c.grad_clip) and c.grad_clip > 0):
         problems.append(f"grad clip must be a positive finite norm, got {c.grad_clip!r}; 1.0 is usual, or leave it unset")
     for name in ("cache_memory_gb", "decoded_memory_gb"):
@@ -193,7 +193,7 @@ def _augment_problems(c: TrainConfig) -> list[str]:
         if not (_finite(value) and value >= 0):
             problems.append(f"{name} must be a Beta alpha >= 0, got {value!r}; {MIX_HINTS[name]}, 0 turns it off")
     if not c.augment:
-        problems += [f"{flag} augments the training images, which --no-augment turns off; drop one of the two" for flag in image_augment_flags(c)]
+        problems += [f"{flag} augments the training images, which augment=False (--no-augment) turns off; drop one of the two" for flag in image_augment_flags(c)]
     return problems
 
 
@@ -306,7 +306,7 @@ def check_image_augments(config: TrainConfig, task: str, resumed: bool = False) 
     # (progressive resize has its own refusal: check_progressive_resize). A run started before thaw refused it keeps
     # its recorded size, unused: its resume must not be refused for an option nobody types again.
     if config.image_size is not None and not resumed:
-        raise ThawError("--image-size sizes images; leave it unset for text (--max-length sets the tokens kept per text)")
+        raise ThawError("image_size (--image-size) sizes images; leave it unset for text (max_length, --max-length, sets the tokens kept per text)")
 
 
 def check_class_scores(adapter: ModelAdapter, num_classes: int) -> None:

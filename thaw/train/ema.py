@@ -24,7 +24,7 @@ def require_timm() -> type:
     try:
         from timm.utils import ModelEmaV3
     except ImportError:
-        raise ThawError("--ema uses timm's ModelEmaV3; install it with pip install timm, or train with ema=False (--no-ema)") from None
+        raise ThawError("the weight average (ema=True, --ema) uses timm's ModelEmaV3; install it with pip install timm, or train with ema=False (--no-ema)") from None
     return ModelEmaV3
 
 

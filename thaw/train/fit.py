@@ -770,7 +770,7 @@ class Trainer:
         if self.engine.min_batch > self.config.batch_size:
             raise ThawError(
                 f"stage {stage.name!r}: BatchNorm layers use batch statistics (policy train), which one image per batch "
-                "does not have; use batch_size 2 or more (--batch-size), or the BatchNorm policy eval (--batchnorm eval)"
+                "does not have; use batch_size 2 or more (--batch-size), or batchnorm='eval' (plan_options or build_plan, --batchnorm eval)"
             )
         self.wrapped = None
         if self.processes.distributed:

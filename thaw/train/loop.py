@@ -102,7 +102,7 @@ def _check_finite(value: float, where: str) -> None:
     if not math.isfinite(value):
         raise ThawError(
             f"loss became {value} at {where}; the stage stopped and no checkpoint was overwritten. "
-            "Lower the lr (e.g. --lr 1e-4) or clip gradients (grad_clip=1.0, --grad-clip 1.0)"
+            "Lower the lr (e.g. lr=1e-4 in plan_options, --lr 1e-4) or clip gradients (grad_clip=1.0, --grad-clip 1.0)"
         )
 
 
