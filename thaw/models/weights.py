@@ -85,8 +85,7 @@ def ensure_cached(url: str) -> Path:
     if cached.is_file():
         return cached
     if cached.is_dir():  # a download would be moved inside it, and the folder handed on as the weights
-        raise ThawError(f"cannot put {cached.name} into the torch hub cache {cached.parent} (a folder of that name is there); "
-                        f"{CACHE_REMEDY}")
+        raise _cannot_cache(f"put {cached.name} into", cached.parent, "a folder of that name is there")
     shipped = packaged_copy(cached.name)
     if shipped is not None:
         check_hash_in_name(shipped)
@@ -99,8 +98,7 @@ def ensure_cached(url: str) -> Path:
             temporary.replace(cached)  # atomic: a reader sees no file or the whole link
         except OSError as error:
             temporary.unlink(missing_ok=True)
-            raise ThawError(f"cannot put {cached.name} into the torch hub cache {cached.parent} ({error.strerror or error}); "
-                            f"{CACHE_REMEDY}") from None
+            raise _cannot_cache(f"put {cached.name} into", cached.parent, error.strerror or str(error)) from None
         return cached
     # torch writes the download to a temporary file beside `cached` and does not make its folder:
     # a first download into a fresh torch hub cache failed with "No such file or directory".
@@ -115,7 +113,9 @@ def ensure_cached(url: str) -> Path:
     return cached
 
 
-CACHE_REMEDY = "set TORCH_HOME to a folder you can write, or pass a local file (weights=PATH, --weights PATH)"
+def _cannot_cache(action: str, folder: Path, why: str) -> ThawError:
+    return ThawError(f"cannot {action} the torch hub cache {folder} ({why}); "
+                     "set TORCH_HOME to a folder you can write, or pass a local file (weights=PATH, --weights PATH)")
 
 
 def _make_cache_folder(cached: Path) -> None:
@@ -123,7 +123,7 @@ def _make_cache_folder(cached: Path) -> None:
     try:
         cached.parent.mkdir(parents=True, exist_ok=True)
     except OSError as error:
-        raise ThawError(f"cannot use the torch hub cache {cached.parent} ({error.strerror or error}); {CACHE_REMEDY}") from None
+        raise _cannot_cache("use", cached.parent, error.strerror or str(error)) from None
 
 
 def require_file(path: Path) -> None:

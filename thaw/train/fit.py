@@ -52,7 +52,7 @@ from thaw.train.feature_cache import (
     remove_spill_files, why_not_cached,
 )
 from thaw.train.mixing import batch_mixer
-from thaw.train.loop import Engine, StageSchedule, evaluate, train_one_epoch
+from thaw.train.loop import Engine, StageSchedule, evaluate, train_one_epoch, undecodable
 from thaw.train.metrics import MetricTracker
 from thaw.train.prefix_cache import Entry, check_skipped, disagreement, draws_at_random, find_entry, lowest_trainable_group
 from thaw.train.progress import CACHED, FULL, PREFIX, PlanProgress, clock
@@ -1210,8 +1210,7 @@ def fit(
         if not resume:
             check_new_run(out, overwrite)
     if data.skipped and config.strict:
-        path, reason = data.skipped[0]
-        raise ThawError(f"cannot decode {path} ({reason}); remove it, or drop strict (--strict) to skip such files")
+        raise undecodable(*data.skipped[0])
     trainer = Trainer(adapter, data, plan, config, out, meta, processes)
     trainer.replaces_run = processes.is_main and not resume and overwrite and holds_run(out)
     trainer.engine.step_hooks.extend(step_hooks or [])

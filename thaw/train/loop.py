@@ -80,8 +80,7 @@ class Engine:
 
     def note_failures(self, failed: list[tuple[str, str]]) -> None:
         if failed and self.strict:
-            path, reason = failed[0]
-            raise ThawError(f"cannot decode {path} ({reason}); remove it, or drop strict (--strict) to skip such files")
+            raise undecodable(*failed[0])
         self.failed.extend(f for f in failed if f not in self.failed)
 
 
@@ -96,6 +95,11 @@ class StageSchedule:
 
     def factor(self, step: int) -> float:
         return multiplier(self.name, step, self.total_steps, self.warmup)
+
+
+def undecodable(path: str, reason: str) -> ThawError:
+    """The refusal under strict of a file that does not decode: where the data is read and where a batch is made."""
+    return ThawError(f"cannot decode {path} ({reason}); remove it, or drop strict (--strict) to skip such files")
 
 
 def _check_finite(value: float, where: str) -> None:
