@@ -52,7 +52,7 @@ def check_writable(folder: Path) -> None:
     except OSError as error:
         # mkdir's "File exists" for a file there says nothing a user can act on
         why = "a file, not a folder, is there" if folder.exists() and not folder.is_dir() else (error.strerror or str(error))
-        raise ThawError(f"output folder {folder} is not writable ({why}); choose another with --out") from None
+        raise ThawError(f"output folder {folder} is not writable ({why}); choose another (out, --out)") from None
 
 
 def answers(question: Callable[[], bool]) -> bool:

@@ -199,3 +199,11 @@ def test_load_run_on_a_device_this_machine_lacks_is_one_line(finished_run: Path,
         load_run(finished_run, device=device)
     adapter, _ = load_run(finished_run, device="auto")  # what the commands' --device takes
     assert next(adapter.model.parameters()).device.type in ("cpu", "cuda")
+
+
+def test_load_run_on_the_meta_device_says_it_cannot_run_the_model(finished_run: Path) -> None:
+    from thaw.export.run_dir import load_run
+
+    # a loaded run predicts: "cannot train" alone would not say why a user's load_run failed
+    with pytest.raises(ThawError, match=r"^the meta device holds shapes, not numbers: it cannot train or run a model; use device 'cpu'"):
+        load_run(finished_run, device="meta")

@@ -96,4 +96,4 @@ def test_tta_on_a_text_run_is_one_line(tmp_path: Path, tiny_encoder: Path, capfd
         capfd.readouterr()
         assert main(command) == 2
         error = capfd.readouterr().err.strip()
-        assert error == "thaw: error: --tta averages over mirrored images; a text run has no views to average: drop --tta"
+        assert error == "thaw: error: --tta averages over mirrored images; a text run has no views to average: drop it (tta=False, no --tta)"

@@ -238,7 +238,7 @@ def test_adapters_selector_without_lora_says_what_to_do() -> None:
     adapter = build_model("resnet18", weights=None, num_classes=3, device="meta")
     from thaw.plan.selectors import resolve
 
-    with pytest.raises(ThawError, match="no LoRA layers; use --strategy lora"):
+    with pytest.raises(ThawError, match=r"no LoRA layers; use the lora strategy \(plan .lora., --strategy lora\)"):
         resolve(adapter, ["adapters"])
 
 

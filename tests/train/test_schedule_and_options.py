@@ -187,7 +187,7 @@ def test_label_smoothing_leaves_the_val_loss_plain() -> None:
 
 @pytest.mark.parametrize(
     ("device", "first_words"),
-    [("meta", "the meta device holds shapes, not numbers: it cannot train; use device 'cpu' or 'cuda' (--device cpu or cuda)"),
+    [("meta", "the meta device holds shapes, not numbers: it cannot train or run a model; use device 'cpu' or 'cuda' (--device cpu or cuda)"),
      ("cuda:99", "device 'cuda:99' (--device cuda:99): this machine has")],
 )
 def test_a_device_that_cannot_train_is_named_as_the_api_and_the_flag_spell_it(tiny_split_data: Path, tmp_path: Path, device: str,

@@ -47,7 +47,7 @@ def with_tta(model: nn.Module, meta: dict, tta: bool) -> nn.Module:
     if not tta:
         return model
     if meta.get("task") == "text":
-        raise ThawError("--tta averages over mirrored images; a text run has no views to average: drop --tta")
+        raise ThawError("--tta averages over mirrored images; a text run has no views to average: drop it (tta=False, no --tta)")
     return FlipAveraged(model)
 
 

@@ -68,7 +68,7 @@ def resolve_one(adapter: ModelAdapter, selector: str) -> list[str]:
     elif selector == ADAPTERS_SELECTOR:
         names = adapter_param_names(adapter.model)
         if not names:
-            raise ThawError("selector 'adapters' matches no parameters: this model has no LoRA layers; use --strategy lora")
+            raise ThawError("selector 'adapters' matches no parameters: this model has no LoRA layers; use the lora strategy (plan 'lora', --strategy lora)")
     elif selector in adapter.group_names:
         names = list(adapter.group(selector).params)
     else:

@@ -298,7 +298,7 @@ def resume_run(
     if Path(run).is_file():  # RUN/thaw.json, say: as load_run says it
         raise ThawError(f"{run} is a file of a run; pass the run's folder, {Path(run).parent}")
     if not Path(run).is_dir():
-        raise ThawError(f"{run}: no such run folder; pass the folder a run wrote (its --out)")
+        raise ThawError(f"{run}: no such run folder; pass the folder a run wrote (its out, --out)")
     settings = saved_settings(run)
     if settings is None:
         raise ThawError(

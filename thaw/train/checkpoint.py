@@ -32,7 +32,7 @@ def save_weights(path: Path, model: torch.nn.Module, classes: Sequence[str] | No
 def load_checkpoint(path: Path, remedy: str = "start a new run") -> dict[str, Any]:
     """The checkpoint at `path`, or one line saying it is missing or damaged and what to do (`remedy`)."""
     if not path.is_file():
-        raise ThawError(f"no checkpoint at {path}; --resume needs a run folder that thaw train wrote")
+        raise ThawError(f"no checkpoint at {path}; a resume (resume=True, --resume) needs a run folder that thaw train wrote")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # damaged files raise several types

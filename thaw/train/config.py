@@ -208,7 +208,7 @@ def check_device(device: str) -> None:
         return
     kind = torch.device(device)
     if kind.type == "meta":
-        raise ThawError("the meta device holds shapes, not numbers: it cannot train; use device 'cpu' or 'cuda' (--device cpu or cuda)")
+        raise ThawError("the meta device holds shapes, not numbers: it cannot train or run a model; use device 'cpu' or 'cuda' (--device cpu or cuda)")
     if kind.type == "cuda" and not torch.cuda.is_available():
         raise ThawError(f"device {device!r} (--device {device}): this machine has no CUDA device that torch can use; use 'cpu' or 'auto'")
     if kind.type == "cuda" and kind.index is not None and kind.index >= torch.cuda.device_count():

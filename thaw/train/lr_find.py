@@ -74,7 +74,7 @@ def suggest(lrs: list[float], losses: list[float]) -> float | None:
     rising curve, whose lowest point is noise, as is its steepest step). Where it started, and how much the loss
     varies from batch to batch, are read off the batch losses of the first steps, at lrs too small to change much."""
     if len(lrs) < 5:
-        raise ThawError("lr-find ran too few steps to suggest an lr; use more data or --steps")
+        raise ThawError("lr-find ran too few steps to suggest an lr; use more data or more steps (steps, --steps)")
     first = batch_losses(losses)[: max(3, min(NOISE_STEPS, len(losses) // 10))]
     level, spread = statistics.fmean(first), statistics.pstdev(first)
     # The curve's own spread (an average's) and the level's (a mean of few batches); the curve's first values, barely
