@@ -224,8 +224,8 @@ def test_off_by_default_in_the_library_and_the_cli() -> None:
         ({"auto_augment": "auto"}, "auto augment must be one of trivial, rand, got 'auto'"),
         ({"mixup": -0.1}, "mixup must be a Beta alpha >= 0, got -0.1"),
         ({"cutmix": float("inf")}, "cutmix must be a Beta alpha >= 0, got inf"),
-        ({"mixup": 0.2, "augment": False}, "--mixup augments the training images, which augment=False (--no-augment) turns off"),
-        ({"auto_augment": "rand", "augment": False}, "--auto-augment augments the training images"),
+        ({"mixup": 0.2, "augment": False}, "mixup (--mixup) augments the training images, which augment=False (--no-augment) turns off"),
+        ({"auto_augment": "rand", "augment": False}, "auto_augment (--auto-augment) augments the training images"),
     ],
 )
 def test_impossible_values_are_refused_when_the_config_is_made(options: dict, expected: str) -> None:
@@ -271,7 +271,7 @@ def _thaw(*args: str) -> subprocess.CompletedProcess:
         (["--mixup", "-1"], "expected an alpha >= 0"),
         (["--cutmix", "nan"], "expected a finite number"),
         (["--auto-augment", "wide"], "expected one of trivial, rand, none, got 'wide'"),
-        (["--mixup", "0.2", "--no-augment"], "--mixup augments the training images, which augment=False (--no-augment) turns off"),
+        (["--mixup", "0.2", "--no-augment"], "mixup (--mixup) augments the training images, which augment=False (--no-augment) turns off"),
     ],
 )
 def test_bad_values_are_one_line(tiny_split_data: Path, tmp_path: Path, extra: list[str], expected: str) -> None:
@@ -286,10 +286,10 @@ def test_a_text_run_refuses_them_in_one_line(tmp_path: Path, tiny_encoder: Path)
     result = _thaw("train", str(table), "--task", "text", "--model", str(tiny_encoder), "--epochs", "1",
                    "--mixup", "0.2", "--auto-augment", "trivial", "--out", str(tmp_path / "run"))
     assert result.returncode == 2
-    assert "--auto-augment and --mixup augment images; leave them unset for text" in result.stderr
+    assert "auto_augment (--auto-augment) and mixup (--mixup) augment images; leave them unset for text" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr
     assert not (tmp_path / "run").exists()
-    with pytest.raises(ThawError, match="--cutmix augments images"):  # refused before the table is read: there is none
+    with pytest.raises(ThawError, match=r"cutmix \(--cutmix\) augments images"):  # refused before the table is read: there is none
         train_text(tmp_path / "missing.tsv", model=str(tiny_encoder), config=TrainConfig(cutmix=1.0), out=tmp_path / "lib")
 
 
@@ -327,4 +327,8 @@ def test_a_plan_on_cached_features_only_says_they_change_nothing(
     head_only = Plan((Stage("head", 2, ("head",), ConstantLr(3e-3)),))
     config = TrainConfig(**{**CONFIG.__dict__, "quiet": False})
     fit(_adapter(), discover(tiny_split_data), head_only, config, tmp_path / "run", meta={"model": "small"})
-    assert "--auto-augment, --mixup, --cutmix change nothing here: every stage trains on cached features" in capsys.readouterr().out
+    assert "auto_augment (--auto-augment), mixup (--mixup), cutmix (--cutmix) change nothing here: every stage trains on cached features" in capsys.readouterr().out
+    # augmented cached views are drawn with the policy: it changes them, and only mixing goes unused
+    views = TrainConfig(**{**CONFIG.__dict__, "quiet": False, "cache_views": 2})
+    fit(_adapter(), discover(tiny_split_data), head_only, views, tmp_path / "views", meta={"model": "small"})
+    assert "\nmixup (--mixup), cutmix (--cutmix) change nothing here: every stage trains on cached features, which are not mixed" in "\n" + capsys.readouterr().out

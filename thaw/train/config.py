@@ -176,9 +176,9 @@ def checked_training_options(plan_file: str, from_file: dict[str, Any]) -> dict[
 
 
 def image_augment_flags(config: TrainConfig) -> list[str]:
-    """The image augmentations `config` turns on, as their flags."""
-    chosen = (("--auto-augment", config.auto_augment), ("--mixup", config.mixup), ("--cutmix", config.cutmix))
-    return [flag for flag, value in chosen if value]
+    """The image augmentations `config` turns on, each named as an argument and as a flag: API and CLI users both read it."""
+    chosen = (("auto_augment (--auto-augment)", config.auto_augment), ("mixup (--mixup)", config.mixup), ("cutmix (--cutmix)", config.cutmix))
+    return [name for name, value in chosen if value]
 
 
 def _augment_problems(c: TrainConfig) -> list[str]:

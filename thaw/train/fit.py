@@ -310,11 +310,13 @@ class Trainer:
         """Augmentations that no stage of this plan would see: every stage trains on cached features."""
         if FULL in self._predicted_kinds() or not isinstance(self.data, ImageData):
             return
-        unused = [flag for flag in image_augment_flags(self.config) if flag != "--auto-augment" or not self.views]
+        unused = [flag for flag in image_augment_flags(self.config) if not flag.startswith("auto_augment") or not self.views]
         if unused:
             verb = "change" if len(unused) > 1 else "changes"
-            self._say(f"{', '.join(unused)} {verb} nothing here: every stage trains on cached features of the evaluation view"
-                      " (--cache-views K caches augmented views; --no-cache trains on the images)")
+            # with views the policy drew them; mixing is never applied to cached features
+            what = "cached features, which are not mixed" if self.views else "cached features of the evaluation view"
+            hint = "" if self.views else "--cache-views K caches augmented views; "
+            self._say(f"{', '.join(unused)} {verb} nothing here: every stage trains on {what} ({hint}--no-cache trains on the images)")
 
     def resizes(self) -> bool:
         """Whether --progressive-resize shrinks some epoch of this plan: a stage that runs the network on images for
