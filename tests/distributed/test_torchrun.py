@@ -37,9 +37,9 @@ def environment(env: dict | None) -> dict:
     return os.environ | {"PYTHONPATH": python_path_with_repo(), "OMP_NUM_THREADS": "1"} | (env or {})
 
 
-def torchrun(*args: str, processes: int = 2, env: dict | None = None) -> subprocess.CompletedProcess:
+def torchrun(*args: str, processes: int = 2, env: dict | None = None, cwd: Path = ROOT) -> subprocess.CompletedProcess:
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}", *args]
-    return subprocess.run(command, capture_output=True, text=True, timeout=TIMEOUT, env=environment(env), cwd=ROOT)
+    return subprocess.run(command, capture_output=True, text=True, timeout=TIMEOUT, env=environment(env), cwd=cwd)
 
 
 def single(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
@@ -344,13 +344,15 @@ def test_under_torchrun_only_rank_0_writes_logs_and_the_report(setting: dict, tm
     env = setting["env"] | {"MLFLOW_TRACKING_URI": f"sqlite:///{store}"}
     done = torchrun("-m", "thaw", "train", str(setting["data"]), "--model", "mobilenet_v3_small", "--weights", "none",
                     "--image-size", "32", "--batch-size", "8", "--strategy", "two-phase", "--head-epochs", "1", "--epochs", "1",
-                    "--device", "cpu", "--out", str(out), "--log-to", "tensorboard", "--log-to", "mlflow", "--report", env=env)
+                    "--device", "cpu", "--out", str(out), "--log-to", "tensorboard", "--log-to", "mlflow", "--report", env=env,
+                    cwd=tmp_path)  # MLflow's SQLite store keeps artifacts in ./mlruns: not in the checkout
     assert done.returncode == 0, done.stderr[-3000:]
     assert len(list((out / "tensorboard").glob("events.out.tfevents.*"))) == 1
     assert (out / "report.html").is_file() and done.stdout.count("report.html") == 1
     client = mlflow.MlflowClient(f"sqlite:///{store}")
     found = client.search_runs([client.get_experiment_by_name("thaw").experiment_id])
     assert [run.info.status for run in found] == ["FINISHED"]
+    assert len(list((tmp_path / "mlruns").glob("*/*/artifacts/report.html"))) == 1  # rank 0's artifacts, once
     last_epoch = (out / "metrics.csv").read_text().splitlines()[-1].split(",")
     header = (out / "metrics.csv").read_text().splitlines()[0].split(",")
     assert found[0].data.metrics["epoch.val_accuracy"] == pytest.approx(float(last_epoch[header.index("val_accuracy")]))
