@@ -101,6 +101,7 @@ def test_an_adapter_with_a_head_per_class_trains_as_given(tiny_split_data: Path,
         ({"step_hooks": ["not a function"]}, "step_hooks must be a list of functions, got ['not a function']"),
         ({"out": None}, "out must be a path (a str or pathlib.Path) that is not empty, got None"),
         ({"out": ""}, "out must be a path (a str or pathlib.Path) that is not empty, got ''"),
+        ({"resume": "false"}, "resume must be True or False, got 'false'"),
     ],
 )
 def test_the_python_entry_says_what_is_wrong_in_one_line(tiny_split_data: Path, tmp_path: Path, options: dict, expected: str) -> None:
@@ -110,6 +111,21 @@ def test_the_python_entry_says_what_is_wrong_in_one_line(tiny_split_data: Path, 
     assert not (tmp_path / "run").exists()
 
 
+def test_a_torch_device_is_refused_before_any_training() -> None:
+    # it trained the whole run, then thaw.json could not record it: the run was left unfinished
+    with pytest.raises(ThawError, match=re.escape("device must be a name like 'cpu' or 'cuda:0' (str(device) gives one), got device(type='cpu')")):
+        TrainConfig(device=torch.device("cpu"))  # type: ignore[arg-type]
+
+
+def test_overwrite_as_a_string_is_refused_and_the_finished_run_is_kept(tiny_split_data: Path, tmp_path: Path) -> None:
+    train_images(tiny_split_data, model=SmallConvNet(), out=tmp_path / "run", config=CONFIG, **PLAN)
+    weights = (tmp_path / "run" / "model.safetensors").read_bytes()
+    # "no" is true in Python: it replaced the finished run
+    with pytest.raises(ThawError, match=re.escape("overwrite must be True or False, got 'no'")):
+        train_images(tiny_split_data, model=SmallConvNet(), out=tmp_path / "run", config=CONFIG, overwrite="no", **PLAN)  # type: ignore[arg-type]
+    assert (tmp_path / "run" / "model.safetensors").read_bytes() == weights
+
+
 def test_the_text_and_resume_entries_check_their_arguments_too(tmp_path: Path) -> None:
     with pytest.raises(ThawError, match=re.escape("test_split must be a number like 0.2, got None")):
         train_text(tmp_path / "t.csv", model="unused", out=tmp_path / "run", test_split=None)  # type: ignore[arg-type]
@@ -117,6 +133,8 @@ def test_the_text_and_resume_entries_check_their_arguments_too(tmp_path: Path) -
         train_text(3, model="unused", out=tmp_path / "run")  # type: ignore[arg-type]
     with pytest.raises(ThawError, match=re.escape("callbacks must be a list of functions, got 'print'")):
         resume_run(tmp_path, callbacks="print")  # type: ignore[arg-type]
+    with pytest.raises(ThawError, match=re.escape("overwrite must be True or False, got 'yes'")):
+        train_text(tmp_path / "t.csv", model="unused", out=tmp_path / "run", overwrite="yes")  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize("count", [1, 0, 2.0, "3"])

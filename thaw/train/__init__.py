@@ -56,6 +56,7 @@ def train_images(
     plan = plan or default_strategy("image")
     _check_call_types({"data_path": data_path, "out": out}, {"val_split": val_split}, callbacks, step_hooks)
     val_split = float(val_split)  # numpy's float32 is no JSON number: thaw.json could not be written at the run's end
+    _check_switches(resume=resume, overwrite=overwrite)
     _check_arguments(plan, plan_options, config, resume)
     check_plan_before_data(model, weights, "image", plan, plan_options)  # a typo in stage 2 stops nothing half-done
     if not resume:
@@ -154,6 +155,7 @@ def train_text(
     """
     _check_call_types({"data_path": data_path, "out": out}, {"val_split": val_split, "test_split": test_split}, callbacks, step_hooks)
     val_split, test_split = float(val_split), float(test_split)  # as in train_images: thaw.json records them
+    _check_switches(resume=resume, overwrite=overwrite)
     _check_arguments(plan, plan_options, config, resume)
     check_image_augments(config, "text", resumed=resume)  # before the table is read and the model built
     check_plan_before_data(model, None, "text", plan, plan_options)
@@ -201,6 +203,14 @@ def _check_call_types(paths: dict[str, object], shares: dict[str, object], callb
     for name, hooks in (("callbacks", callbacks), ("step_hooks", step_hooks)):
         if hooks is not None and (not isinstance(hooks, (list, tuple)) or not all(callable(hook) for hook in hooks)):
             raise ThawError(f"{name} must be a list of functions, got {hooks!r}")
+
+
+def _check_switches(**switches: object) -> None:
+    """resume and overwrite as True or False: a string ("no", "false", from a config or the environment) is true in
+    Python, and overwrite="no" replaced a finished run."""
+    for name, value in switches.items():
+        if not isinstance(value, bool):
+            raise ThawError(f"{name} must be True or False, got {value!r}")
 
 
 def _check_arguments(plan: object, plan_options: dict | None, config: object, resume: bool) -> None:

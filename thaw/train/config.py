@@ -101,6 +101,8 @@ def _choice_problem(name: str, value: object, valid: tuple[str, ...]) -> str | N
 def _device_problem(device: object) -> str | None:
     if device == "auto":
         return None
+    if not isinstance(device, str):  # a torch.device trained the whole run, then could not be recorded in thaw.json
+        return f"device must be a name like 'cpu' or 'cuda:0' (str(device) gives one), got {device!r}"
     try:
         torch.device(device)  # type: ignore[arg-type]
     except (RuntimeError, TypeError):
