@@ -116,6 +116,10 @@ def _run(argv: list[str]) -> int:
     except ThawError as error:
         print(f"thaw: error{_which_rank()}: {error}", file=sys.stderr)
         return 2
+    except PermissionError as error:  # a folder or file of another user's (a shared server): one line, not a traceback
+        where = error.filename if error.filename is not None else error
+        print(f"thaw: error{_which_rank()}: cannot access {where} (permission denied); check its permissions", file=sys.stderr)
+        return 2
     except RunInterrupted as stopped:
         _say_once(f"thaw: {stopped}")
         return 128 + stopped.signal_number  # 130 after Ctrl-C, 143 after SIGTERM, as a shell reports a signal

@@ -1,0 +1,43 @@
+"""Folders and files thaw may not read (another user's, on a shared server): one line and exit 2, not a traceback."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import write_class_images
+
+# Root reads any file whatever its mode: setpriv drops that bypass for the command, so it meets the modes as a user does.
+AS_A_USER = ["setpriv", "--bounding-set", "-dac_override,-dac_read_search", "--"] if os.geteuid() == 0 else []
+
+
+@pytest.fixture
+def unreadable(tmp_path: Path) -> Iterator[Path]:
+    if AS_A_USER and shutil.which("setpriv") is None:
+        pytest.skip("running as root, and without setpriv (util-linux) to drop root's bypass of file modes")
+    folder = write_class_images(tmp_path / "data", per_class=4, size=32)
+    folder.chmod(0)
+    yield folder
+    folder.chmod(0o755)  # so that pytest can remove it
+
+
+def _thaw(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([*AS_A_USER, sys.executable, "-m", "thaw", *args], capture_output=True, text=True, timeout=300)
+
+
+def test_an_unreadable_data_folder_is_one_line(unreadable: Path, tmp_path: Path) -> None:
+    done = _thaw("train", str(unreadable), "--model", "mobilenet_v3_small", "--weights", "none", "--out", str(tmp_path / "run"))
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.strip() == f"thaw: error: cannot access {unreadable} (permission denied); check its permissions"
+
+
+def test_an_unreadable_run_folder_is_one_line(unreadable: Path) -> None:
+    done = _thaw("predict", str(unreadable), "photo.jpg")  # a run folder whose thaw.json cannot be looked at
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.strip().startswith(f"thaw: error: cannot access {unreadable}") and "\n" not in done.stderr.strip()
