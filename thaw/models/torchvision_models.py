@@ -34,6 +34,12 @@ def check_model_name(name: str) -> None:
         raise ThawError(f"unknown model {name!r}; {hint}run `thaw models` for the list (timm models: timm/NAME)")
 
 
+def _existing_file(name: str, weights: str) -> bool:
+    """A file that is there, under another ending (Lightning's .ckpt, .PTH, none): a path, not an unknown weights
+    name. A weights name comes first: a file named DEFAULT in the current folder does not shadow it."""
+    return weights not in tv_models.get_model_weights(name).__members__ and Path(weights).is_file()
+
+
 def weights_enum(name: str, weights: str) -> torchvision.models.WeightsEnum:
     enum = tv_models.get_model_weights(name)
     try:
@@ -86,7 +92,7 @@ def build_torchvision(
     """
     check_model_name(name)
     default = tv_models.get_model_weights(name).DEFAULT
-    is_path = weights is not None and (Path(weights).suffix in {".pth", ".pt", ".bin", ".safetensors"} or "/" in weights)
+    is_path = weights is not None and (Path(weights).suffix in {".pth", ".pt", ".bin", ".safetensors"} or "/" in weights or _existing_file(name, weights))
     entry = weights_enum(name, weights) if weights and not is_path and weights.lower() != "none" else None
     on_meta = torch.device(device).type == "meta"
     load = load and not on_meta
