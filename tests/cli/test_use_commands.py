@@ -207,3 +207,25 @@ def test_load_run_on_the_meta_device_says_it_cannot_run_the_model(finished_run: 
     # a loaded run predicts: "cannot train" alone would not say why a user's load_run failed
     with pytest.raises(ThawError, match=r"^the meta device holds shapes, not numbers: it cannot train or run a model; use device 'cpu'"):
         load_run(finished_run, device="meta")
+
+
+def test_a_run_whose_weights_give_nan_is_refused_by_predict_and_evaluate(
+    finished_run: Path, colours: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import shutil
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    damaged = tmp_path / "damaged"
+    shutil.copytree(finished_run, damaged)
+    with safe_open(str(damaged / "model.safetensors"), "pt") as stored:
+        header, tensors = stored.metadata(), {key: stored.get_tensor(key) for key in stored.keys()}
+    head_weight = next(key for key in tensors if key.startswith("classifier") and key.endswith("weight"))
+    tensors[head_weight][0, 0] = float("nan")  # a flipped exponent reads as NaN: the file itself is whole
+    save_file(tensors, str(damaged / "model.safetensors"), metadata=header)
+    image = str(next(colours.rglob("*.png")))
+    expected = "the model's outputs are NaN or infinite: its weights are damaged"
+    # it printed "probability nan" with exit 0, and NaN in --json, which no JSON reader takes
+    assert _one_line_error(["predict", str(damaged), image, "--json"], capsys).startswith(f"thaw: error: {expected}")
+    assert _one_line_error(["evaluate", str(damaged), str(colours)], capsys).startswith(f"thaw: error: {expected}")

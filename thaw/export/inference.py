@@ -202,8 +202,17 @@ def score_run(
     return ScoredSet(metrics, tuple(chosen.samples[i] for i in order), losses, predicted.long(), probability, true_probability, tuple(skipped))
 
 
+def check_finite_outputs(logits: torch.Tensor) -> None:
+    """A trained run's outputs are finite (training stops at a non-finite loss): NaN here means damaged weights, and it
+    printed as probability nan, exit 0, and as NaN in --json, which is no JSON."""
+    if not torch.isfinite(logits).all():
+        raise ThawError("the model's outputs are NaN or infinite: its weights are damaged (a bit flip, a partial copy); "
+                        "restore the run's model.safetensors or train it again")
+
+
 def _per_sample(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """[batch, 4]: loss of the true class, predicted class, its probability, the true class's probability."""
+    check_finite_outputs(logits)
     probabilities = logits.softmax(dim=1)
     best, predicted = probabilities.max(dim=1)
     losses = nn.functional.cross_entropy(logits, labels, reduction="none")
@@ -311,6 +320,7 @@ def _top_classes(logits: torch.Tensor, classes: list[str], top_k: int) -> torch.
     would name the wrong class (or none): refused."""
     if logits.shape[1] != len(classes):
         raise ThawError(f"{len(classes)} class names for a model of {logits.shape[1]} outputs; pass the run's classes (load_run's meta['classes'])")
+    check_finite_outputs(logits)
     return logits.float().softmax(dim=1).cpu().topk(min(top_k, len(classes)), dim=1)
 
 
