@@ -111,6 +111,23 @@ def test_the_python_entry_says_what_is_wrong_in_one_line(tiny_split_data: Path, 
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize(
+    "network, why",
+    [
+        (lambda: torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(4, 10)),
+         "expected input[2, 3, 32, 32] to have 1 channels"),  # a 1-channel (MNIST-style) network
+        (lambda: torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 64 * 64, 10)), "mat1 and mat2 shapes cannot be multiplied"),
+    ],
+)
+def test_a_model_that_takes_no_rgb_image_at_the_runs_size_is_one_line_before_any_work(
+    tiny_split_data: Path, tmp_path: Path, network, why: str
+) -> None:
+    # torch's own error came once the features were being cached, and left an empty run folder
+    with pytest.raises(ThawError, match=r"^torch.nn.modules.container.Sequential cannot take a batch of RGB images of 32 px \(.*" + re.escape(why)):
+        train_images(tiny_split_data, model=network(), out=tmp_path / "run", config=CONFIG, **PLAN)
+    assert not (tmp_path / "run").exists()
+
+
 def test_a_torch_device_is_refused_before_any_training() -> None:
     # it trained the whole run, then thaw.json could not record it: the run was left unfinished
     with pytest.raises(ThawError, match=re.escape("device must be a name like 'cpu' or 'cuda:0' (str(device) gives one), got device(type='cpu')")):

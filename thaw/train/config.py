@@ -7,15 +7,17 @@ a division by an accumulation of 0).
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Any, Callable
 
 import torch
+from torch import nn
 
 from thaw.data.transforms import AUTO_AUGMENTS
-from thaw.errors import ThawError, join_problems
+from thaw.errors import ThawError, first_line, join_problems
 from thaw.models._structure import meta_copy, meta_forward_failure
 from thaw.models import build_model
 from thaw.models.adapter import ModelAdapter, Preprocessing
@@ -220,27 +222,52 @@ def check_device(device: str) -> None:
 
 
 def check_image_size(adapter: ModelAdapter, config: TrainConfig, model_name: str) -> None:
-    """Refuse an `image_size` the network cannot take, before any data is read.
+    """Refuse an `image_size` the network cannot take, and a network that takes no RGB image at the run's size (a
+    1-channel model, a Linear sized for other images), before any data is read.
 
     A forward pass on the meta device computes only shapes: it fails where a real one would
     (a torchvision ViT asserts its own size; AlexNet or Inception v3 pool a small image to nothing).
     """
-    size = config.image_size
-    if size is None or not isinstance(adapter.preprocessing, Preprocessing) or size == adapter.preprocessing.crop_size:
+    if not isinstance(adapter.preprocessing, Preprocessing):
         return
+    crop = adapter.preprocessing.crop_size
+    size = config.image_size or crop
     fixed = getattr(adapter.model, "image_size", None)
-    if isinstance(fixed, int) and fixed != size:  # torchvision's ViT: position embeddings for one grid of patches
+    if size != crop and isinstance(fixed, int) and fixed != size:  # torchvision's ViT: position embeddings for one grid of patches
         raise ThawError(
             f"{model_name} takes {fixed} px images only (its position embeddings are learned for that size); "
             "leave image_size (--image-size) unset"
         )
     failure_at = _forward_failures(adapter)
     failure = failure_at(size)
-    if failure and not failure_at(adapter.preprocessing.crop_size):
+    if not failure:
+        return
+    if size != crop and not failure_at(crop):
         raise ThawError(
             f"{model_name} cannot take {size} px images ({failure}); "
-            f"use a larger image_size (--image-size), or leave it unset for its own {adapter.preprocessing.crop_size} px"
+            f"use a larger image_size (--image-size), or leave it unset for its own {crop} px"
         )
+    failure = real_forward_failure(adapter.model, size)  # some forwards run for real only (data-dependent shapes)
+    if failure:  # it failed only once the features were cached, leaving an empty run folder
+        raise ThawError(
+            f"{model_name} cannot take a batch of RGB images of {size} px ({failure}); thaw feeds it 3-channel images: "
+            "change the model's input layers, or set an image_size (--image-size) it takes"
+        )
+
+
+def real_forward_failure(model: nn.Module, size: int) -> str | None:
+    """Why a forward of a CPU copy of `model` on 2 RGB images of `size` px fails, or None where it runs (or where the
+    model cannot be copied: the first step then says it). For models whose meta-device forward fails."""
+    try:
+        probe = copy.deepcopy(model).cpu().eval()
+    except Exception:  # noqa: BLE001 - TorchScript modules and other objects that do not copy
+        return None
+    try:
+        with torch.no_grad():
+            probe(torch.zeros(2, 3, size, size))
+    except Exception as error:  # noqa: BLE001 - any failure means only that the model does not take such a batch
+        return first_line(error, 160)
+    return None
 
 
 def check_progressive_resize(adapter: ModelAdapter, config: TrainConfig, stage_epochs: list[int], model_name: str) -> None:
