@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 from pathlib import Path
 
 import pytest
 
 from tests.conftest import Crash, crash_after, write_class_images
 from thaw.cli import build_parser, main
-from thaw import ThawError
+from thaw import ThawError, adapt
+from thaw.export.run_dir import load_run
 from thaw.train import TrainConfig, resume_run, train_images
 
 TINY = {"model": "mobilenet_v3_small", "weights": None, "plan": "two-phase", "plan_options": {"head_epochs": 1, "epochs": 1},
@@ -229,3 +231,17 @@ def test_a_run_whose_weights_give_nan_is_refused_by_predict_and_evaluate(
     # it printed "probability nan" with exit 0, and NaN in --json, which no JSON reader takes
     assert _one_line_error(["predict", str(damaged), image, "--json"], capsys).startswith(f"thaw: error: {expected}")
     assert _one_line_error(["evaluate", str(damaged), str(colours)], capsys).startswith(f"thaw: error: {expected}")
+
+
+@pytest.mark.parametrize(
+    "call, expected",
+    [
+        (lambda run: load_run(None), "run must be a run folder's path (a str or pathlib.Path), got None"),
+        (lambda run: load_run(run, model="resnet18"), "model must be an nn.Module or a ModelAdapter of the run's architecture"),
+        (lambda run: adapt("mobilenet_v2"), "adapt takes a model you built (an nn.Module), got 'mobilenet_v2'; for a model by name use thaw.build_model"),
+    ],
+)
+def test_python_calls_with_a_name_or_none_where_an_object_goes_are_one_line(finished_run: Path, call, expected: str) -> None:
+    # pathlib's TypeError and "'str' object has no attribute 'parameters'" named no argument
+    with pytest.raises(ThawError, match=re.escape(expected)):
+        call(finished_run)

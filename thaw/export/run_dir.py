@@ -206,6 +206,10 @@ def load_run(run: str | Path, device: str | torch.device = "cpu", model: nn.Modu
     from thaw.train.config import check_device
     from thaw.train.fit import resolve_device
 
+    if not isinstance(run, (str, os.PathLike)) or not str(run).strip():  # pathlib's TypeError named no argument
+        raise ThawError(f"run must be a run folder's path (a str or pathlib.Path), got {run!r}")
+    if model is not None and not isinstance(model, (nn.Module, ModelAdapter)):  # a name: the run records its own
+        raise ThawError(f"model must be an nn.Module or a ModelAdapter of the run's architecture (or left out), got {model!r}")
     check_device(str(device))  # one line for a device this machine lacks, not torch's error from the first .to()
     device = resolve_device(str(device))
     run = Path(run)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from thaw.errors import ThawError
 from thaw.models import _structure
 from thaw.models.adapter import ModelAdapter, Preprocessing
 
@@ -56,6 +57,8 @@ def is_torchvision_model(model: nn.Module) -> bool:
 
 def adapt(model: nn.Module, **options: object) -> ModelAdapter:
     """The one entry point for a model you already built: picks the family's adapter."""
+    if not isinstance(model, nn.Module):  # a name: build_model takes names, and "str has no parameters" said nothing
+        raise ThawError(f"adapt takes a model you built (an nn.Module), got {model!r}; for a model by name use thaw.build_model")
     if is_timm_model(model) and not options.get("head") and not options.get("groups"):
         from thaw.models.timm_models import adapt_timm
 
