@@ -35,6 +35,7 @@ def test_an_unreadable_data_folder_is_one_line(unreadable: Path, tmp_path: Path)
     done = _thaw("train", str(unreadable), "--model", "mobilenet_v3_small", "--weights", "none", "--out", str(tmp_path / "run"))
     assert done.returncode == 2, done.stderr
     assert done.stderr.strip() == f"thaw: error: cannot access {unreadable} (permission denied); check its permissions"
+    assert not (tmp_path / "run").exists()  # a refused start leaves no run folder behind
 
 
 def test_an_unreadable_run_folder_is_one_line(unreadable: Path) -> None:

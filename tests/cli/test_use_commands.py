@@ -227,10 +227,11 @@ def test_a_run_whose_weights_give_nan_is_refused_by_predict_and_evaluate(
     tensors[head_weight][0, 0] = float("nan")  # a flipped exponent reads as NaN: the file itself is whole
     save_file(tensors, str(damaged / "model.safetensors"), metadata=header)
     image = str(next(colours.rglob("*.png")))
-    expected = "the model's outputs are NaN or infinite: its weights are damaged"
+    expected = "the model's outputs are NaN or infinite: its weights are likely damaged"
     # it printed "probability nan" with exit 0, and NaN in --json, which no JSON reader takes
     assert _one_line_error(["predict", str(damaged), image, "--json"], capsys).startswith(f"thaw: error: {expected}")
     assert _one_line_error(["evaluate", str(damaged), str(colours)], capsys).startswith(f"thaw: error: {expected}")
+    assert _one_line_error(["report", str(damaged)], capsys).startswith(f"thaw: error: {expected}")
 
 
 @pytest.mark.parametrize(

@@ -90,18 +90,22 @@ def test_a_weights_file_of_another_ending_loads_by_its_name(tmp_path: Path, monk
     # `--weights sd.ckpt` (Lightning's ending) was refused as an unknown weights name: "choose ... a file path"
     source = build_model("mobilenet_v3_small")
     torch.save(source.model.state_dict(), tmp_path / "sd.ckpt")
-    torch.save({}, tmp_path / "DEFAULT")  # a file named like a weights name does not shadow the name
+    for name in ("DEFAULT", "none"):  # a file named like a weights name, or none, does not shadow it
+        torch.save({}, tmp_path / name)
     monkeypatch.chdir(tmp_path)
     loaded = build_model("mobilenet_v3_small", weights="sd.ckpt", num_classes=3)
     assert torch.equal(loaded.model.features[0][0].weight, source.model.features[0][0].weight)
     assert "MobileNet_V3_Small_Weights" in build_model("mobilenet_v3_small", weights="DEFAULT", device="meta").preprocessing.source
+    assert "no weights loaded" in build_model("mobilenet_v3_small", weights="none", device="meta").preprocessing.source
 
 
-def test_a_run_folder_as_weights_says_how_to_continue_it_or_start_from_its_weights(tmp_path: Path) -> None:
+def test_a_run_folder_as_weights_says_how_to_continue_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "thaw.json").write_text("{}")
-    with pytest.raises(ThawError, match=rf"weights {tmp_path / 'run'} is a thaw run; `thaw train --resume {tmp_path / 'run'}` continues it"):
-        build_model("mobilenet_v3_small", weights=str(tmp_path / "run"))
+    monkeypatch.chdir(tmp_path)
+    for given in (str(tmp_path / "run"), "run"):  # a bare name in the current folder too: it was "has no weights 'run'"
+        with pytest.raises(ThawError, match=rf"^weights {given} is a thaw run, not a weights file: `thaw train --resume {given}` continues it"):
+            build_model("mobilenet_v3_small", weights=given)
 
 
 def test_safetensors_file_loads_by_path(tmp_path: Path) -> None:

@@ -115,8 +115,9 @@ def test_the_python_entry_says_what_is_wrong_in_one_line(tiny_split_data: Path, 
     "network, why",
     [
         (lambda: torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(4, 10)),
-         "expected input[2, 3, 32, 32] to have 1 channels"),  # a 1-channel (MNIST-style) network
-        (lambda: torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 64 * 64, 10)), "mat1 and mat2 shapes cannot be multiplied"),
+         "Invalid channel dimensions); thaw feeds it 3-channel images: change its first layer to take 3 channels"),
+        (lambda: torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 64 * 64, 10)),
+         "a and b must have same reduction dim, but got [2, 3072] X [12288, 3].); a layer is sized for another image size"),
     ],
 )
 def test_a_model_that_takes_no_rgb_image_at_the_runs_size_is_one_line_before_any_work(
@@ -126,6 +127,24 @@ def test_a_model_that_takes_no_rgb_image_at_the_runs_size_is_one_line_before_any
     with pytest.raises(ThawError, match=r"^torch.nn.modules.container.Sequential cannot take a batch of RGB images of 32 px \(.*" + re.escape(why)):
         train_images(tiny_split_data, model=network(), out=tmp_path / "run", config=CONFIG, **PLAN)
     assert not (tmp_path / "run").exists()
+
+
+class CountsItsActivations(torch.nn.Module):
+    """Trains on real images; its forward uses nonzero, which the meta device cannot run: the check must let it train."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())
+        self.head = torch.nn.Linear(4, 3)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        features = self.features(images)
+        return self.head(features) + 0.0 * features.nonzero().shape[0]
+
+
+def test_a_model_whose_forward_the_meta_device_cannot_run_still_trains(tiny_split_data: Path, tmp_path: Path) -> None:
+    train_images(tiny_split_data, model=CountsItsActivations(), out=tmp_path / "run", config=CONFIG, **PLAN)
+    assert (tmp_path / "run" / "model.safetensors").is_file()
 
 
 def test_a_torch_device_is_refused_before_any_training() -> None:
@@ -141,6 +160,9 @@ def test_overwrite_as_a_string_is_refused_and_the_finished_run_is_kept(tiny_spli
     with pytest.raises(ThawError, match=re.escape("overwrite must be True or False, got 'no'")):
         train_images(tiny_split_data, model=SmallConvNet(), out=tmp_path / "run", config=CONFIG, overwrite="no", **PLAN)  # type: ignore[arg-type]
     assert (tmp_path / "run" / "model.safetensors").read_bytes() == weights
+    # numpy's bools and 0/1 (a sweep read from a table) are switches as before
+    train_images(tiny_split_data, model=SmallConvNet(), out=tmp_path / "run", config=CONFIG, overwrite=np.bool_(True), **PLAN)
+    train_images(tiny_split_data, model=SmallConvNet(), out=tmp_path / "other", config=CONFIG, overwrite=0, resume=False, **PLAN)
 
 
 def test_the_text_and_resume_entries_check_their_arguments_too(tmp_path: Path) -> None:

@@ -117,8 +117,8 @@ def _run(argv: list[str]) -> int:
         print(f"thaw: error{_which_rank()}: {error}", file=sys.stderr)
         return 2
     except PermissionError as error:  # a folder or file of another user's (a shared server): one line, not a traceback
-        where = error.filename if error.filename is not None else error
-        print(f"thaw: error{_which_rank()}: cannot access {where} (permission denied); check its permissions", file=sys.stderr)
+        what = f"cannot access {error.filename} (permission denied)" if error.filename is not None else f"permission denied ({error})"
+        print(f"thaw: error{_which_rank()}: {what}; check its permissions", file=sys.stderr)
         return 2
     except RunInterrupted as stopped:
         _say_once(f"thaw: {stopped}")

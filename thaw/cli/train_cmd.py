@@ -392,9 +392,9 @@ def run(args: argparse.Namespace) -> int:
     except RunInterrupted:
         ending = "KILLED"  # stopped by the user, with a checkpoint to resume from: not a failure
         raise
-    except (KeyboardInterrupt, ThawError) as stopped:  # bad input, or Ctrl-C outside the training steps (setting up)
+    except (KeyboardInterrupt, ThawError, PermissionError) as stopped:  # bad input (unreadable data), or Ctrl-C while setting up
         refused = main_rank and settings is None and not holds_run(out)  # nothing to resume or keep: undo the start
-        if isinstance(stopped, ThawError):
+        if isinstance(stopped, (ThawError, PermissionError)):  # main says a PermissionError in one line
             raise
         ending = "KILLED"
         if isinstance(stopped, InterruptedAfterWriting):  # it came as the run ended, and was held until its files were written

@@ -206,8 +206,8 @@ def check_finite_outputs(logits: torch.Tensor) -> None:
     """A trained run's outputs are finite (training stops at a non-finite loss): NaN here means damaged weights, and it
     printed as probability nan, exit 0, and as NaN in --json, which is no JSON."""
     if not torch.isfinite(logits).all():
-        raise ThawError("the model's outputs are NaN or infinite: its weights are damaged (a bit flip, a partial copy); "
-                        "restore the run's model.safetensors or train it again")
+        raise ThawError("the model's outputs are NaN or infinite: its weights are likely damaged (a bit flip; training "
+                        "stops at a non-finite loss, so a trained run's outputs are finite); restore the run's model.safetensors or train it again")
 
 
 def _per_sample(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -90,7 +90,7 @@ def add_lora(adapter: ModelAdapter, spec: LoraSpec, targets: list[str] | None = 
             )
         targets = default_targets(adapter)
     if not targets:
-        raise ThawError(f"found no Linear or Conv2d layer to adapt in {type(adapter.model).__name__}; name targets (lora.targets in a plan, --lora-targets)")
+        raise ThawError(f"found no Linear or Conv2d layer to adapt in {type(adapter.model).__name__}; name targets (LoraSpec.targets, lora.targets in a plan, --lora-targets)")
     in_head = [target for target in targets if adapter.in_head(target)]
     if in_head:  # the new head trains in full; wrapped, its weight would move under another name and escape head checks
         raise ThawError(f"LoRA targets inside the head ({', '.join(in_head)}): the new head trains in full; leave it out of the targets")

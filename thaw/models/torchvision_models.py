@@ -35,9 +35,12 @@ def check_model_name(name: str) -> None:
 
 
 def _existing_file(name: str, weights: str) -> bool:
-    """A file that is there, under another ending (Lightning's .ckpt, .PTH, none): a path, not an unknown weights
-    name. A weights name comes first: a file named DEFAULT in the current folder does not shadow it."""
-    return weights not in tv_models.get_model_weights(name).__members__ and Path(weights).is_file()
+    """A file or folder that is there, a file under another ending (Lightning's .ckpt, .PTH, none): a path, not an
+    unknown weights name (a folder: one line from require_file). A weights name, or none, comes first: a file named
+    DEFAULT or none in the current folder does not shadow it."""
+    if weights.lower() == "none" or weights in tv_models.get_model_weights(name).__members__:
+        return False
+    return Path(weights).exists()
 
 
 def weights_enum(name: str, weights: str) -> torchvision.models.WeightsEnum:

@@ -128,8 +128,8 @@ def _make_cache_folder(cached: Path) -> None:
 
 def require_file(path: Path) -> None:
     if path.is_dir() and (path / "thaw.json").is_file():  # a run folder: its weights have a head for its own classes
-        raise ThawError(f"weights {path} is a thaw run; `thaw train --resume {path}` continues it, and its model.safetensors "
-                        f"starts a new run on the same classes (--weights {path / 'model.safetensors'})")
+        raise ThawError(f"weights {path} is a thaw run, not a weights file: `thaw train --resume {path}` continues it "
+                        "(a new run does not start from a run's weights: their head has that run's outputs)")
     if path.is_dir():
         raise ThawError(f"weights file {path} is a folder; pass the .pth/.pt/.safetensors file inside it")
     if not path.is_file():

@@ -8,6 +8,7 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
+import numpy
 import torch
 from torch import nn
 
@@ -206,10 +207,10 @@ def _check_call_types(paths: dict[str, object], shares: dict[str, object], callb
 
 
 def _check_switches(**switches: object) -> None:
-    """resume and overwrite as True or False: a string ("no", "false", from a config or the environment) is true in
-    Python, and overwrite="no" replaced a finished run."""
+    """resume and overwrite as True or False (numpy's bools, 0 and 1 too): a string ("no", "false", from a config or the
+    environment) is true in Python, and overwrite="no" replaced a finished run."""
     for name, value in switches.items():
-        if not isinstance(value, bool):
+        if not (isinstance(value, (bool, numpy.bool_)) or (isinstance(value, numbers.Integral) and value in (0, 1))):
             raise ThawError(f"{name} must be True or False, got {value!r}")
 
 

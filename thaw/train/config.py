@@ -7,17 +7,16 @@ a division by an accumulation of 0).
 
 from __future__ import annotations
 
-import copy
 import math
+import re
 from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Any, Callable
 
 import torch
-from torch import nn
 
 from thaw.data.transforms import AUTO_AUGMENTS
-from thaw.errors import ThawError, first_line, join_problems
+from thaw.errors import ThawError, join_problems
 from thaw.models._structure import meta_copy, meta_forward_failure
 from thaw.models import build_model
 from thaw.models.adapter import ModelAdapter, Preprocessing
@@ -247,26 +246,20 @@ def check_image_size(adapter: ModelAdapter, config: TrainConfig, model_name: str
             f"{model_name} cannot take {size} px images ({failure}); "
             f"use a larger image_size (--image-size), or leave it unset for its own {crop} px"
         )
-    failure = real_forward_failure(adapter.model, size)  # some forwards run for real only (data-dependent shapes)
-    if failure:  # it failed only once the features were cached, leaving an empty run folder
-        raise ThawError(
-            f"{model_name} cannot take a batch of RGB images of {size} px ({failure}); thaw feeds it 3-channel images: "
-            "change the model's input layers, or set an image_size (--image-size) it takes"
-        )
+    advice = _input_mismatch_advice(failure)
+    if advice:  # it failed only once the features were being cached, leaving an empty run folder
+        raise ThawError(f"{model_name} cannot take a batch of RGB images of {size} px ({failure}); {advice}")
 
 
-def real_forward_failure(model: nn.Module, size: int) -> str | None:
-    """Why a forward of a CPU copy of `model` on 2 RGB images of `size` px fails, or None where it runs (or where the
-    model cannot be copied: the first step then says it). For models whose meta-device forward fails."""
-    try:
-        probe = copy.deepcopy(model).cpu().eval()
-    except Exception:  # noqa: BLE001 - TorchScript modules and other objects that do not copy
-        return None
-    try:
-        with torch.no_grad():
-            probe(torch.zeros(2, 3, size, size))
-    except Exception as error:  # noqa: BLE001 - any failure means only that the model does not take such a batch
-        return first_line(error, 160)
+def _input_mismatch_advice(failure: str) -> str | None:
+    """What to do where a meta-device forward failed because the network takes other images (shape errors, which the
+    meta device reports as a real forward would); None for any other failure (an op the meta device lacks, such as
+    nonzero): that model may well train, and its first step says what is wrong if not."""
+    # the meta device's wording first, then a real forward's (the same checks, worded by other code)
+    if re.search(r"Invalid channel dimensions|expected input\[.*\] to have \d+ channels", failure):
+        return "thaw feeds it 3-channel images: change its first layer to take 3 channels"
+    if re.search(r"must have same reduction dim|shapes cannot be multiplied", failure):
+        return "a layer is sized for another image size: set the image_size (--image-size) it was built for, or change that layer"
     return None
 
 
