@@ -209,6 +209,42 @@ def test_unknown_strategy_lists_the_valid_ones() -> None:
         build_plan("freeze-all", num_groups=3)
 
 
+def test_a_plan_file_name_given_as_the_strategy_points_to_load_plan() -> None:
+    with pytest.raises(ThawError, match=r"names a file.*thaw.load_plan\('cfg/plan.yaml'\)"):
+        build_plan("cfg/plan.yaml", num_groups=3)
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"lr": "1e-3"}, "lr must be a positive finite number"),  # a string from a config file, not a float
+        ({"lr": math.nan}, "lr must be a positive finite number"),
+        ({"lr_range": ("a", 1e-3)}, "lr range start must be"),
+        ({"lr_range": (1e-3,)}, "must be a pair"),
+        ({"layer_decay": "0.5"}, "layer decay must be in"),
+        ({"layer_decay": math.nan}, "layer decay must be in"),
+        ({"lrs": [1e-3]}, "must be a mapping"),
+        ({"lrs": {"head": "fast"}}, "lr for head must be"),
+        ({"groups_per_stage": "2"}, "groups per stage must be a whole number"),
+    ],
+)
+def test_build_plan_refuses_bad_option_values_in_one_line(options: dict, message: str) -> None:
+    """Values that are not numbers are refused by build_plan itself, naming the option, not by a TypeError from
+    arithmetic on them, nor stages later when the rule is first used."""
+    strategy = "gradual" if "groups_per_stage" in options else "two-phase"
+    with pytest.raises(ThawError, match=message):
+        build_plan(strategy, num_groups=4, **options)
+
+
+def test_lr_rules_built_by_hand_are_checked_when_built() -> None:
+    with pytest.raises(ThawError, match="lr range goes from the stem to the head"):
+        RangeLr(1e-3, 1e-5)
+    with pytest.raises(ThawError, match="layer decay"):
+        DecayLr(1e-3, 1.5)
+    with pytest.raises(ThawError, match="lr for head"):
+        ExplicitLr({"head": -1.0})
+
+
 def test_strategies_keep_batchnorm_statistics_once_pretrained_layers_train(resnet50) -> None:
     head, everything = build_plan("two-phase", num_groups=len(resnet50.groups)).stages
     assert head.batchnorm == "frozen" and everything.batchnorm == "eval"
@@ -246,9 +282,13 @@ def test_a_reversed_lr_range_or_no_groups_is_refused_from_python_as_from_the_fla
     from thaw import build_plan
     from thaw.train import train_images
 
-    reversed_range = build_plan("fine-tune", num_groups=14, epochs=1, lr_range=(1e-2, 1e-6))
-    with pytest.raises(ThawError, match=r"^stage 1/1 .all.: an lr range goes from the stem to the head, low to high; got 0.01 to 1e-06$"):
-        train_images(tmp_path / "no-data-needed", model="mobilenet_v3_small", weights=None, plan=reversed_range, out=tmp_path / "run")
+    with pytest.raises(ThawError, match=r"^an lr range goes from the stem to the head, low to high; got 0.01 to 1e-06$"):
+        build_plan("fine-tune", num_groups=14, epochs=1, lr_range=(1e-2, 1e-6))
+    with pytest.raises(ThawError, match=r"^an lr range goes from the stem to the head, low to high; got 0.01 to 1e-06$"):
+        train_images(
+            tmp_path / "no-data-needed", model="mobilenet_v3_small", weights=None, plan="fine-tune",
+            plan_options={"lr_range": (1e-2, 1e-6)}, out=tmp_path / "run",
+        )
     assert not (tmp_path / "run").exists()
     for groups in (0, -1, "5", 2.0):
         with pytest.raises(ThawError, match="num_groups must be a whole number of at least 1"):

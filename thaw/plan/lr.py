@@ -27,8 +27,11 @@ class ConstantLr:
 
     lr: float
 
+    def __post_init__(self) -> None:  # refused where it is built, not stages later
+        object.__setattr__(self, "lr", check_lr(self.lr, "lr"))
+
     def lrs(self, group_names: list[str]) -> dict[str, float]:
-        return {name: check_lr(self.lr, "lr") for name in group_names}
+        return {name: self.lr for name in group_names}
 
 
 @dataclass(frozen=True)
@@ -38,10 +41,15 @@ class RangeLr:
     low: float
     high: float
 
-    def lrs(self, group_names: list[str]) -> dict[str, float]:
+    def __post_init__(self) -> None:
         low, high = check_lr(self.low, "lr range start"), check_lr(self.high, "lr range end")
         if low > high:  # the stem would train faster than the head: what --lr-range and a plan file refuse
             raise ThawError(f"an lr range goes from the stem to the head, low to high; got {low:g} to {high:g}")
+        object.__setattr__(self, "low", low)
+        object.__setattr__(self, "high", high)
+
+    def lrs(self, group_names: list[str]) -> dict[str, float]:
+        low, high = self.low, self.high
         steps = max(len(group_names) - 1, 1)
         return {name: low * (high / low) ** (index / steps) for index, name in enumerate(group_names)}
 
@@ -53,10 +61,15 @@ class DecayLr:
     head_lr: float
     decay: float
 
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "head_lr", check_lr(self.head_lr, "lr"))
+        decay = self.decay
+        if isinstance(decay, bool) or not isinstance(decay, (int, float)) or not 0 < decay <= 1:  # NaN fails too
+            raise ThawError(f"layer decay must be in (0, 1], got {decay!r}; 0.75 is a common choice")
+        object.__setattr__(self, "decay", float(decay))
+
     def lrs(self, group_names: list[str]) -> dict[str, float]:
-        head_lr = check_lr(self.head_lr, "lr")
-        if not 0 < self.decay <= 1:
-            raise ThawError(f"layer decay must be in (0, 1], got {self.decay!r}; 0.75 is a common choice")
+        head_lr = self.head_lr
         last = len(group_names) - 1
         return {name: head_lr * self.decay ** (last - index) for index, name in enumerate(group_names)}
 
@@ -67,9 +80,14 @@ class ExplicitLr:
 
     by_name: dict[str, float] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        if not isinstance(self.by_name, dict):
+            raise ThawError(f"per-group lrs must be a mapping of group or module names to lrs, got {self.by_name!r}")
+        object.__setattr__(self, "by_name", {name: check_lr(lr, f"lr for {name}") for name, lr in self.by_name.items()})
+
     def lrs(self, group_names: list[str]) -> dict[str, float]:
         # Names are mapped to groups by the plan resolver, which knows the model.
-        return {name: check_lr(lr, f"lr for {name}") for name, lr in self.by_name.items() if name in group_names}
+        return {name: lr for name, lr in self.by_name.items() if name in group_names}
 
 
 LrRule = ConstantLr | RangeLr | DecayLr | ExplicitLr

@@ -21,7 +21,7 @@ from thaw.errors import ThawError
 from thaw.models.lora import LoraSpec
 from thaw.plan.config import unknown_keys
 from thaw.plan.freeze import BatchNormPolicy
-from thaw.plan.lr import ConstantLr, DecayLr, ExplicitLr, LrRule, RangeLr
+from thaw.plan.lr import ConstantLr, DecayLr, ExplicitLr, LrRule, RangeLr, check_lr
 from thaw.plan.stages import Plan, Stage
 
 STRATEGIES = ("feature-extract", "fine-tune", "two-phase", "head-top-all", "gradual", "lora")
@@ -48,6 +48,8 @@ def unfrozen_rule(
     if lrs:
         return ExplicitLr(dict(lrs))
     if lr_range:
+        if isinstance(lr_range, (str, bytes)) or not hasattr(lr_range, "__len__") or len(lr_range) != 2:
+            raise ThawError(f"lr_range (--lr-range) must be a pair (low, high) from the stem to the head, got {lr_range!r}")
         return RangeLr(*lr_range)
     if layer_decay is not None:
         return DecayLr(head_lr, layer_decay)
@@ -91,6 +93,9 @@ def build_plan(
     if top_groups is not None and strategy in STRATEGIES and strategy != "head-top-all":  # else it would be ignored without a word
         raise ThawError(f"top groups set head-top-all's middle stage; the strategy here is {strategy}: drop them or use head-top-all")
     top = TOP_GROUPS if top_groups is None else _top_group_count(top_groups)
+    lr = check_lr(lr, "lr")  # here, before arithmetic on it turns a string into a TypeError
+    if lrs is not None and not isinstance(lrs, dict):
+        raise ThawError(f"lrs (--lr NAME=LR) must be a mapping of group or module names to lrs, got {lrs!r}")
     if strategy == "feature-extract":
         head_epochs = _head_only_epochs(epochs, head_epochs)
     epochs = DEFAULT_EPOCHS if epochs is None else epochs
@@ -121,6 +126,11 @@ def build_plan(
     elif strategy == "lora":
         # Pretrained weights stay frozen (BatchNorm too, unless --batchnorm train); adapters and head train.
         return Plan((Stage("lora", epochs, ("head", "adapters"), head_rule, **head_only),), lora or LoraSpec())
+    elif isinstance(strategy, str) and strategy.lower().endswith((".yaml", ".yml")):
+        raise ThawError(
+            f"plan {strategy!r} names a file, not a strategy: pass thaw.load_plan({strategy!r}) as the plan "
+            f"(on the command line, --config {strategy})"
+        )
     else:
         raise ThawError(f"unknown strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}, or a YAML plan (--config plan.yaml, or load_plan)")
     return Plan(tuple(stages))
@@ -158,8 +168,13 @@ def _gradual(
     unfrozen: dict,
 ) -> list[Stage]:
     """ULMFiT-style: the head, then one more group from the top each stage, until all train."""
-    if step < 1:
-        raise ThawError(f"groups per stage must be at least 1, got {step}")
+    try:
+        whole = None if isinstance(step, bool) else operator.index(step)
+    except TypeError:
+        whole = None
+    if whole is None or whole < 1:
+        raise ThawError(f"groups per stage must be a whole number of at least 1, got {step!r}")
+    step = whole
     stages = [Stage("head", head_epochs, ("head",), head_rule, **head_only)]
     for count in range(1 + step, num_groups + step, step):
         count = min(count, num_groups)
