@@ -42,3 +42,54 @@ def test_an_unreadable_run_folder_is_one_line(unreadable: Path) -> None:
     done = _thaw("predict", str(unreadable), "photo.jpg")  # a run folder whose thaw.json cannot be looked at
     assert done.returncode == 2, done.stderr
     assert done.stderr.strip().startswith(f"thaw: error: cannot access {unreadable}") and "\n" not in done.stderr.strip()
+
+
+def test_an_unreadable_class_folder_is_named(unreadable: Path, tmp_path: Path) -> None:
+    unreadable.chmod(0o755)
+    (unreadable / "red").chmod(0)
+    try:
+        done = _thaw("train", str(unreadable), "--model", "mobilenet_v3_small", "--weights", "none", "--out", str(tmp_path / "run"))
+    finally:
+        (unreadable / "red").chmod(0o755)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.strip() == f"thaw: error: cannot access {unreadable / 'red'} (permission denied); check its permissions"
+
+
+def test_an_unreadable_folder_inside_a_class_is_listed_as_skipped_not_passed_over(unreadable: Path, tmp_path: Path) -> None:
+    """rglob passed over a folder it could not list: its images were left out of training without a word."""
+    unreadable.chmod(0o755)
+    inside = unreadable / "red" / "more"
+    inside.mkdir()
+    inside.chmod(0)
+    try:
+        done = _thaw(
+            "train", str(unreadable), "--model", "mobilenet_v3_small", "--weights", "none", "--strategy", "feature-extract",
+            "--epochs", "1", "--image-size", "32", "--out", str(tmp_path / "run"),
+        )
+        strict = _thaw("train", str(unreadable), "--model", "mobilenet_v3_small", "--weights", "none", "--strict", "--out", str(tmp_path / "strict"))
+    finally:
+        inside.chmod(0o755)
+    assert done.returncode == 0, done.stderr
+    assert f"thaw: warning: skipped 1 unreadable file(s): {inside} (a folder thaw may not list, permission denied)" in done.stderr
+    assert strict.returncode == 2 and str(inside) in strict.stderr and not (tmp_path / "strict").exists()
+
+
+def test_an_unreadable_weights_file_in_a_run_is_named_as_such_not_as_damaged(tmp_path: Path) -> None:
+    """safetensors says 'No such file' for a file it may not read: thaw said the run's weights were damaged."""
+    if AS_A_USER and shutil.which("setpriv") is None:
+        pytest.skip("running as root, and without setpriv (util-linux) to drop root's bypass of file modes")
+    data = write_class_images(tmp_path / "data", per_class=4, size=32)
+    trained = subprocess.run(
+        [sys.executable, "-m", "thaw", "train", str(data), "--model", "mobilenet_v3_small", "--weights", "none", "--strategy",
+         "feature-extract", "--epochs", "1", "--image-size", "32", "--quiet", "--out", str(tmp_path / "run")],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert trained.returncode == 0, trained.stderr
+    weights = tmp_path / "run" / "model.safetensors"
+    weights.chmod(0)
+    try:
+        done = _thaw("predict", str(tmp_path / "run"), str(data / "red"))
+    finally:
+        weights.chmod(0o644)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.strip() == f"thaw: error: cannot access {weights} (permission denied); check its permissions"

@@ -210,7 +210,7 @@ def test_a_link_to_nowhere_is_skipped_and_listed_like_any_unreadable_file(tmp_pa
     "make, message",
     [
         (lambda root: (write_class_images(root, per_class=3), (root / "empty").mkdir()), "no readable images: empty"),
-        (lambda root: write_class_images(root, classes=("only",)), "found 1 class \\(only\\) in .*; a classifier needs at least 2"),
+        (lambda root: write_class_images(root, classes=("only",)), "found 1 class \\(only\\); a classifier needs at least 2"),
         (lambda root: (write_class_images(root / "train"), write_class_images(root / "val", classes=("red", "green", "cyan"))), "only in val: \\['cyan'\\]"),
         (lambda root: (write_class_images(root / "train"), write_class_images(root / "test", classes=("red", "green"))), "missing from test: \\['blue'\\]"),
         (lambda root: root.mkdir(), "holds no class folders"),
@@ -226,6 +226,31 @@ def test_meaningless_datasets_fail_before_any_work(tmp_path: Path, make, message
     make(root)
     with pytest.raises(ThawError, match=message):
         discover(root)
+
+
+def test_an_empty_class_folder_is_named_once_under_the_data_path(tmp_path: Path) -> None:
+    root = write_class_images(tmp_path / "data", per_class=3)
+    (root / "empty").mkdir()
+    with pytest.raises(ThawError, match=f"^{root}: class folders with no readable images: empty$"):  # not "data: data: ..."
+        discover(root)
+
+
+def test_images_straight_in_train_without_class_folders_are_said_to_carry_no_labels(tmp_path: Path) -> None:
+    write_class_images(tmp_path / "photos", per_class=3)
+    train = tmp_path / "data" / "train"
+    train.mkdir(parents=True)
+    for image in (tmp_path / "photos" / "red").iterdir():
+        image.rename(train / image.name)
+    with pytest.raises(ThawError, match=f"^{train} holds 3 image\\(s\\) but no class folders, so no labels; .*{train}/CLASS/IMAGE$"):
+        discover(tmp_path / "data")
+
+
+def test_a_val_link_to_nowhere_is_refused_not_replaced_by_a_share_of_train(tmp_path: Path) -> None:
+    """val/ linked to a disk that is not mounted: holding out a share of train/ instead would change the run unseen."""
+    write_class_images(tmp_path / "data" / "train", per_class=4)
+    (tmp_path / "data" / "val").symlink_to(tmp_path / "unmounted")
+    with pytest.raises(ThawError, match=f"^{tmp_path / 'data' / 'val'} is a link to {tmp_path / 'unmounted'}, which does not exist; fix"):
+        discover(tmp_path / "data")
 
 
 def test_missing_path() -> None:

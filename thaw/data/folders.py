@@ -14,6 +14,7 @@ Files that are not decodable images are skipped and listed.
 from __future__ import annotations
 
 import csv
+import os
 import random
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -88,8 +89,21 @@ def _class_folders(split_dir: Path) -> list[Path]:
 def candidate_files(folder: Path) -> list[Path]:
     """Every file below `folder` that thaw tries to read as an image, whatever its extension; hidden files and whatever
     lies in hidden folders aside (.git, .ipynb_checkpoints). A link to nowhere is kept, so that it is reported (and
-    refused with --strict) like any unreadable file."""
-    return sorted(p for p in folder.rglob("*") if not _hidden(p.relative_to(folder)) and (p.is_file() or _dangling(p)))
+    refused with --strict) like any unreadable file; so is a folder inside that cannot be listed (another user's),
+    which rglob passed over without a word. `folder` itself unlistable raises its PermissionError (one line in the CLI).
+    Links to folders are not followed, as rglob did not."""
+    found: list[Path] = []
+
+    def unlistable(error: OSError) -> None:
+        if Path(error.filename) == folder:
+            raise error
+        found.append(Path(error.filename))
+
+    for parent, folders, files in os.walk(folder, onerror=unlistable):
+        folders[:] = [name for name in folders if not name.startswith(".")]
+        paths = (Path(parent) / name for name in files if not name.startswith("."))
+        found.extend(path for path in paths if path.is_file() or _dangling(path))
+    return sorted(found)
 
 
 def _hidden(relative: Path) -> bool:
@@ -125,8 +139,8 @@ def _check_classes(splits: dict[str, dict[str, list[Path]]], root: Path, min_cla
     reference_name, reference = next(iter(splits.items()))
     for name, by_class in splits.items():
         empty = [c for c, files in by_class.items() if not files]
-        if empty:
-            problems.append(f"{name}: class folders with no readable images: {', '.join(empty)}")
+        if empty:  # named by split where there are splits; class folders alone are `root`'s, which names itself
+            problems.append(f"{name + ': ' if name else ''}class folders with no readable images: {', '.join(empty)}")
         if set(by_class) != set(reference):
             only_here = sorted(set(by_class) - set(reference))
             missing = sorted(set(reference) - set(by_class))
@@ -138,7 +152,7 @@ def _check_classes(splits: dict[str, dict[str, list[Path]]], root: Path, min_cla
         problems.append("found no class with readable images; there is nothing to score")
     elif len(reference) < min_classes:
         found = f"{len(reference)} class ({', '.join(reference)})" if reference else "no class"
-        problems.append(f"found {found} in {root}; a classifier needs at least 2")
+        problems.append(f"found {found}; a classifier needs at least 2")
     if problems:
         raise ThawError(f"{root}: " + "; ".join(problems))
     return tuple(sorted(reference))
@@ -272,7 +286,11 @@ def split_folders(root: Path) -> dict[str, Path]:
 def _split_folders(root: Path) -> dict[str, Path]:
     """The split folders in `root` by split (train, val, test; train first), whatever their case. Two folders for one
     split are refused: scoring on the one thaw happened to pick would be a silent guess."""
-    folders = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    entries = list(root.iterdir())
+    broken = [p for p in entries if p.name.lower() in SPLIT_NAMES and _dangling(p)]
+    if broken:  # val/ linked to a disk not mounted: training on a share of train/ instead would go unnoticed
+        raise ThawError(f"{broken[0]} is a link to {os.readlink(broken[0])}, which does not exist; fix the link or remove it")
+    folders = sorted(p for p in entries if p.is_dir() and not p.name.startswith("."))
     # train/ as written says split folders, as it always has; another case only where every folder is a split's name:
     # Bus/, Car/ and Train/ are the classes of a vehicle set, not a train split beside two classes.
     if not (root / "train").is_dir() and not all(folder.name.lower() in SPLIT_NAMES for folder in folders):
@@ -291,6 +309,8 @@ def _split_folders(root: Path) -> dict[str, Path]:
 
 def _from_split_folders(root: Path, folders: dict[str, Path], val_split: float, seed: int, min_classes: int) -> ImageData:
     """train/ with val/ as given; without val/, a seeded stratified share of train/ is held out as val."""
+    for folder in folders.values():
+        _check_holds_class_folders(folder)
     skipped: list[tuple[str, str]] = []
     splits = {split: _scan_split(folder, skipped) for split, folder in folders.items()}
     classes = _check_classes({folders[split].name: by_class for split, by_class in splits.items()}, root, min_classes)  # named as on disk
@@ -309,6 +329,18 @@ def _from_split_folders(root: Path, folders: dict[str, Path], val_split: float, 
         classes, train, val, test, layout, tuple(skipped), split_folders=True, val_from_folder="val" in splits,
         cautions=_unread_splits(root, classes) + held_out,
     )
+
+
+def _check_holds_class_folders(split_dir: Path) -> None:
+    """Images straight in train/ (no class folders) carry no labels: said as such, not as 'no class found'."""
+    if _class_folders(split_dir):
+        return
+    loose = [path for path in split_dir.iterdir() if path.suffix.lower() in IMAGE_SUFFIXES and path.is_file()]
+    if loose:
+        raise ThawError(
+            f"{split_dir} holds {len(loose)} image(s) but no class folders, so no labels; "
+            f"put each class's images in a folder named after it: {split_dir}/CLASS/IMAGE"
+        )
 
 
 def _unread_splits(root: Path, classes: tuple[str, ...]) -> tuple[str, ...]:
@@ -345,7 +377,7 @@ def _from_class_folders(root: Path, val_split: float, seed: int, min_classes: in
         _check_not_one_level_up(root)
     skipped: list[tuple[str, str]] = []
     by_class = _scan_split(root, skipped)
-    classes = _check_classes({"data": by_class}, root, min_classes)
+    classes = _check_classes({"": by_class}, root, min_classes)
     train, val = split_off_val(list(_samples(by_class, classes)), val_split, seed, root, min_classes=min_classes)
     layout = f"class folders, {val_split:.0%} held out (seed {seed})"
     return ImageData(classes, tuple(train), tuple(val), None, layout, tuple(skipped), cautions=classes_not_held_out(classes, val, min_classes))

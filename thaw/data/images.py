@@ -22,6 +22,8 @@ class UnreadableImage(Exception):
 def _check_file(path: Path) -> None:
     """Something to open at all: not a link to nowhere, not empty. Shared by probe and load_rgb, so training and
     predict give one file the same reason."""
+    if path.is_dir():  # candidate_files lists a folder only where it cannot be listed
+        raise UnreadableImage("a folder thaw may not list, permission denied")
     try:
         size = path.stat().st_size
     except FileNotFoundError:
