@@ -98,6 +98,9 @@ def test_resume_without_a_checkpoint_and_without_data_says_what_is_missing(tmp_p
     assert "holds no checkpoint that records its settings" in result.stderr and "needs DATA and --model" in result.stderr
     assert main(["train", "--resume", str(tmp_path / "typo")]) == 2
     assert f"--resume {tmp_path / 'typo'}: no such run folder" in capsys.readouterr().err and not (tmp_path / "typo").exists()
+    (tmp_path / "empty" / "thaw.json").write_text("{}")  # a file of a run, not its folder
+    assert main(["train", "--resume", str(tmp_path / "empty" / "thaw.json")]) == 2
+    assert f"--resume {tmp_path / 'empty' / 'thaw.json'} is a file of a run; pass the run's folder, {tmp_path / 'empty'}" in capsys.readouterr().err
 
 
 def test_ctrl_c_outside_training_says_whether_there_is_a_checkpoint(

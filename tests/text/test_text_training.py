@@ -150,6 +150,8 @@ def test_predict_reads_texts_from_a_file(
     photo.write_bytes(b"\xff\xd8\xff\xe0\x00\x10JFIF")
     assert main(["predict", str(tmp_path / "run"), "--file", str(photo)]) == 2
     assert f"{photo} is not UTF-8 text (byte 0)" in capsys.readouterr().err
+    assert main(["predict", str(tmp_path / "run"), "--file", str(tmp_path)]) == 2  # a folder: said as such, not "does not exist"
+    assert f"{tmp_path} is a folder; --file takes a file with one text per line" in capsys.readouterr().err
     monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(photo.read_bytes()), errors="surrogateescape"))
     assert main(["predict", str(tmp_path / "run"), "--file", "-"]) == 2
     assert "standard input is not UTF-8 text (byte 0)" in capsys.readouterr().err

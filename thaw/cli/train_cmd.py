@@ -96,7 +96,7 @@ def add_training_options(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument(
         "--budget", type=budget_seconds, metavar="TIME",
-        help="choose the epochs per stage to finish training within TIME (90s, 3m, 1.5h), measured on this machine",
+        help="choose the epochs per stage to finish training within TIME (90s, 3m, 1.5h; a bare number is seconds), measured on this machine",
     )
     group.add_argument(
         "--compile", action="store_true",
@@ -367,6 +367,8 @@ def run(args: argparse.Namespace) -> int:
     text = settings.get("task") == "text" if settings else bool(args.model) and task_of(args) == "text"
     callbacks = [] if quiet else [partial(print_epoch, unit="texts" if text else "img")]
     if settings is None and (args.data is None or args.model is None):  # a new run; or a resume of an older thaw's checkpoint
+        if args.resume and Path(args.resume).is_file():  # RUN/thaw.json, say: as train.resume says it
+            raise ThawError(f"--resume {args.resume} is a file of a run; pass the run's folder, {Path(args.resume).parent}")
         if args.resume and not Path(args.resume).is_dir():
             raise ThawError(f"--resume {args.resume}: no such run folder; pass the folder a run wrote (its --out)")
         why = f"{args.resume} holds no checkpoint that records its settings, so " if args.resume else ""

@@ -159,6 +159,8 @@ def _read_bytes(file: str) -> bytes:
         if stream is None:
             raise ThawError("--file -: there is no standard input to read; pass a file with one text per line")
         return stream.read()
+    if Path(file).is_dir():
+        raise ThawError(f"{file} is a folder; --file takes a file with one text per line, or - for standard input")
     if not Path(file).is_file():
         raise ThawError(f"{file} does not exist; pass a file with one text per line, or - for standard input")
     try:

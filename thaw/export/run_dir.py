@@ -241,8 +241,21 @@ def check_delivered_weights(run: Path) -> Path:
         with safe_open(str(weights_path), framework="pt"):
             pass
     except Exception as error:  # noqa: BLE001 - safetensors raises its own error type for a cut or foreign file
-        raise ThawError(f"{weights_path} is damaged ({first_line(error)}); retrain or restore it from a copy") from None
+        raise _damaged(weights_path, error) from None
     return weights_path
+
+
+def _damaged(path: Path, error: Exception) -> ThawError:
+    """safetensors' error for a file it could not read, as a refusal; but a file thaw may not read raises Python's own
+    PermissionError (one line in the CLI: check its permissions), where safetensors says 'No such file'."""
+    try:
+        with open(path, "rb"):
+            pass
+    except PermissionError:
+        raise
+    except OSError:  # gone since, say: the refusal below names the path
+        pass
+    return ThawError(f"{path} is damaged ({first_line(error)}); retrain or restore it from a copy")
 
 
 def check_head_fits_classes(run: Path, adapter: ModelAdapter, state: dict[str, torch.Tensor], classes: list[str]) -> None:
@@ -314,7 +327,7 @@ def _read_weights(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         with safe_open(str(path), framework="pt") as opened:
             return {name: opened.get_tensor(name) for name in opened.keys()}, opened.metadata() or {}
     except Exception as error:  # noqa: BLE001 - safetensors raises its own error type for a cut or foreign file
-        raise ThawError(f"{path} is damaged ({first_line(error)}); retrain or restore it from a copy") from None
+        raise _damaged(path, error) from None
 
 
 def load_adapter(adapter: ModelAdapter, path: str | Path, classes: Sequence[str] | None = None) -> list[str] | None:
