@@ -22,6 +22,11 @@ def join_problems(problems: list[str]) -> str:
     return f"{len(problems)} problems: " + "; ".join(problems)
 
 
+def denied(error: PermissionError) -> str:
+    """A PermissionError in words: the path it names, where it names one."""
+    return f"cannot access {error.filename} (permission denied)" if error.filename is not None else f"permission denied ({error})"
+
+
 def first_line(error: BaseException, limit: int = 200) -> str:
     """What another library's exception says, fit for one line: its first line with a word in it, without terminal
     escape codes; its type where it says nothing readable (an empty file's EOFError has no message, a damaged

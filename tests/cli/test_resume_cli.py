@@ -314,3 +314,28 @@ def test_a_feature_extract_run_an_older_thaw_started_resumes_with_the_same_comma
     same = [str(tiny_split_data), *TINY[:8], "--strategy", "feature-extract", "--epochs", "2", "--quiet"]
     assert main(["train", *same, "--resume", str(run)]) == 0
     assert len(load_checkpoint(run / "checkpoint.pt")["history"]) == 2
+
+
+def test_a_permission_refusal_after_a_checkpoint_says_how_to_continue(
+    tiny_split_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The run folder made read-only mid-run (a quota script, another user): one line that keeps the way back."""
+    import thaw.train.checkpoint as checkpoint
+
+    run, save = tmp_path / "run", checkpoint.save_checkpoint
+    saved: list[Path] = []
+
+    def read_only_after_the_first(path: Path, state: dict) -> None:
+        if saved:
+            raise PermissionError(13, "Permission denied", str(path))
+        save(path, state)
+        saved.append(path)
+
+    monkeypatch.setattr(checkpoint, "save_checkpoint", read_only_after_the_first)
+    assert main(["train", str(tiny_split_data), *TINY, "--out", str(run), "--quiet"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"thaw: error: cannot access {run / 'checkpoint.pt'} (permission denied); check its permissions, then continue with "
+        f"thaw train --resume {run} (from Python: resume_run({str(run)!r}))"
+    )
+    monkeypatch.setattr(checkpoint, "save_checkpoint", save)
+    assert main(["train", "--resume", str(run), "--quiet"]) == 0  # the way it names works

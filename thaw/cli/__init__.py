@@ -9,7 +9,7 @@ import select
 import sys
 from typing import Any, NoReturn, Sequence
 
-from thaw.errors import ThawError
+from thaw.errors import ThawError, denied
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -117,8 +117,7 @@ def _run(argv: list[str]) -> int:
         print(f"thaw: error{_which_rank()}: {error}", file=sys.stderr)
         return 2
     except PermissionError as error:  # a folder or file of another user's (a shared server): one line, not a traceback
-        what = f"cannot access {error.filename} (permission denied)" if error.filename is not None else f"permission denied ({error})"
-        print(f"thaw: error{_which_rank()}: {what}; check its permissions", file=sys.stderr)
+        print(f"thaw: error{_which_rank()}: {denied(error)}; check its permissions", file=sys.stderr)
         return 2
     except RunInterrupted as stopped:
         _say_once(f"thaw: {stopped}")

@@ -20,17 +20,18 @@ from thaw.data.transforms import AUTO_AUGMENTS
 from thaw.models import build_model
 from thaw.models.hf_text import DEFAULT_MAX_LENGTH, POOLINGS, build_text_model
 from thaw.models.sources import TASKS, hf_source, task_of
-from thaw.errors import ThawError
+from thaw.errors import ThawError, denied
 from thaw.export.report import write_report
 from thaw.export.run_dir import check_delivered_weights
-from thaw.train.fit import InterruptedAfterWriting, RunInterrupted, interrupted_before_training
+from thaw.train.checkpoint import CHECKPOINT
+from thaw.train.fit import InterruptedAfterWriting, RunInterrupted, how_to_continue, interrupted_before_training
 from thaw.train.loggers import LOGGERS, check_store_outside_data, close_loggers, make_loggers
 from thaw.train.run_folder import METADATA, TYPED_OPTIONS as COMMAND, check_new_run, holds_run, is_finished, read_finished
 from thaw.plan import plan_to_dict
 from thaw.plan.config import read_plan_file
 from thaw.plan.strategies import DEFAULT_EPOCHS
 from thaw.train.budget import parse_budget
-from thaw._io import atomic_write, check_writable
+from thaw._io import answers, atomic_write, check_writable
 from thaw.train import RunResult, check_model_object, check_out_outside_data, RunState, TextColumns, TrainConfig, resume_run, saved_settings, train_images, train_text
 from thaw.train.config import METRICS, PRECISIONS, SCHEDULES, checked_training_options
 from thaw.train.fit import resolve_device, uses_bf16
@@ -396,6 +397,8 @@ def run(args: argparse.Namespace) -> int:
         raise
     except (KeyboardInterrupt, ThawError, PermissionError) as stopped:  # bad input (unreadable data), or Ctrl-C while setting up
         refused = main_rank and settings is None and not holds_run(out)  # nothing to resume or keep: undo the start
+        if isinstance(stopped, PermissionError) and main_rank and answers((out / CHECKPOINT).is_file):
+            raise ThawError(f"{denied(stopped)}; check its permissions, then {how_to_continue(out)}") from None
         if isinstance(stopped, (ThawError, PermissionError)):  # main says a PermissionError in one line
             raise
         ending = "KILLED"
