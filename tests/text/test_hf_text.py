@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import subprocess
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -11,7 +14,7 @@ import pytest
 import torch
 from torch import nn
 
-from tests.conftest import write_tiny_encoder
+from tests.conftest import python_path_with_repo, write_tiny_encoder
 from thaw.cli import main
 from thaw.errors import ThawError
 from thaw.models.adapter import check_groups_cover_model
@@ -57,6 +60,38 @@ def test_a_missing_model_is_one_clear_error(tmp_path: Path, monkeypatch: pytest.
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # read at import: the variable alone is too late
     with pytest.raises(ThawError, match="not a local folder and the hub did not provide it"):
         build_text_model("no-such-org/no-such-model", num_classes=2)
+
+
+def test_a_hub_model_in_the_local_cache_loads_without_asking_the_hub(tmp_path: Path, tiny_encoder: Path) -> None:
+    """hf/ORG/NAME downloaded once: read from the cache, with the hub unreachable and HF_HUB_OFFLINE unset; asking the
+    hub first cost five retries (a warning line each) before transformers fell back to the cache."""
+    snapshot = tmp_path / "hub" / "models--thaw-test--tiny" / "snapshots" / ("0" * 40)  # the hub cache's own layout
+    shutil.copytree(tiny_encoder, snapshot)
+    (snapshot.parents[1] / "refs").mkdir()
+    (snapshot.parents[1] / "refs" / "main").write_text("0" * 40)
+    unreachable = {"HF_HUB_CACHE": str(tmp_path / "hub"), "HF_ENDPOINT": "http://127.0.0.1:9", "HF_HUB_OFFLINE": "0"}
+    done = subprocess.run(
+        [sys.executable, "-m", "thaw", "plan", "--model", "hf/thaw-test/tiny", "--num-classes", "2", "--json"],
+        capture_output=True, text=True, timeout=300, env=os.environ | unreachable | {"PYTHONPATH": python_path_with_repo()},
+    )
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["stages"] and done.stderr == ""  # no retry lines, no "fetching"
+
+
+def test_a_hub_model_not_in_the_cache_is_fetched_in_one_line_and_refused_in_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
+) -> None:
+    import huggingface_hub.constants
+    import huggingface_hub.utils._http as hub_http
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", "http://127.0.0.1:9")  # unreachable, whatever the machine
+    monkeypatch.setattr(hub_http.time, "sleep", lambda _seconds: None)  # the hub's back-off between its retries
+    with pytest.raises(ThawError, match="^cannot load model 'thaw-test/absent': it is not a local folder and the hub did not provide it"):
+        build_text_model("thaw-test/absent", num_classes=2)
+    said = capfd.readouterr().err
+    assert said.strip() == "thaw: thaw-test/absent is not in the Hugging Face cache; fetching it from the hub"  # no retry lines
 
 
 def test_a_folder_without_weights_is_one_clear_error(tmp_path: Path, minilm: Path) -> None:

@@ -12,8 +12,11 @@ features at least as good as the [CLS] token. `cls` is the alternative.
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -87,18 +90,52 @@ def _load_error(source: str, error: Exception) -> ThawError:
 
 
 def load_encoder(source: str, *, load: bool = True) -> tuple[nn.Module, object]:
-    """The encoder (without any pooler: thaw pools itself) and its tokenizer."""
+    """The encoder (without any pooler: thaw pools itself) and its tokenizer. A hub ID is read from the local Hugging
+    Face cache where it is there, without asking the hub (which offline retried for most of a minute, a line each
+    time); only a model not in the cache is fetched, said in one line, with the hub's retry lines held back."""
     transformers = _transformers()
     try:
-        tokenizer = transformers.AutoTokenizer.from_pretrained(source)
-        if not load:
-            config = transformers.AutoConfig.from_pretrained(source)
-            return _without_pooler(lambda **kw: transformers.AutoModel.from_config(config, **kw)), tokenizer
-        return _without_pooler(lambda **kw: transformers.AutoModel.from_pretrained(source, **kw)), tokenizer
+        return _read_encoder(transformers, source, load, local_files_only=True)
+    except ThawError:
+        raise
+    except (OSError, ValueError, KeyError) as error:
+        if Path(source).expanduser().exists() or _hub_offline():
+            raise _load_error(source, error) from None
+    print(f"thaw: {source} is not in the Hugging Face cache; fetching it from the hub", file=sys.stderr, flush=True)
+    try:
+        with _hub_retries_unsaid():
+            return _read_encoder(transformers, source, load, local_files_only=False)
     except ThawError:
         raise
     except (OSError, ValueError, KeyError) as error:
         raise _load_error(source, error) from None
+
+
+def _read_encoder(transformers: object, source: str, load: bool, local_files_only: bool) -> tuple[nn.Module, object]:
+    tokenizer = transformers.AutoTokenizer.from_pretrained(source, local_files_only=local_files_only)
+    if not load:
+        config = transformers.AutoConfig.from_pretrained(source, local_files_only=local_files_only)
+        return _without_pooler(lambda **kw: transformers.AutoModel.from_config(config, **kw)), tokenizer
+    make = lambda **kw: transformers.AutoModel.from_pretrained(source, local_files_only=local_files_only, **kw)  # noqa: E731
+    return _without_pooler(make), tokenizer
+
+
+def _hub_offline() -> bool:
+    import huggingface_hub.constants
+
+    return bool(huggingface_hub.constants.HF_HUB_OFFLINE)
+
+
+@contextmanager
+def _hub_retries_unsaid() -> Iterator[None]:
+    """huggingface_hub logs a warning per retry of a failed request (five, offline): thaw's one line says the outcome."""
+    hub_http = logging.getLogger("huggingface_hub.utils._http")
+    level = hub_http.level
+    hub_http.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        hub_http.setLevel(level)
 
 
 def _without_pooler(make: object) -> nn.Module:
