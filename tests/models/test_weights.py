@@ -104,7 +104,8 @@ def test_a_run_folder_as_weights_says_how_to_continue_it(tmp_path: Path, monkeyp
     (tmp_path / "run" / "thaw.json").write_text("{}")
     monkeypatch.chdir(tmp_path)
     for given in (str(tmp_path / "run"), "run"):  # a bare name in the current folder too: it was "has no weights 'run'"
-        with pytest.raises(ThawError, match=rf"^weights {given} is a thaw run, not a weights file: `thaw train --resume {given}` continues it"):
+        with pytest.raises(ThawError, match=rf"^weights {given} is a thaw run, not a weights file: `thaw train --resume {given}` continues it; "
+                           rf"a new run starts from its weights with --weights {given}/model.safetensors \(a new head replaces its head\)$"):
             build_model("mobilenet_v3_small", weights=given)
 
 

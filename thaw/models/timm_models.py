@@ -124,25 +124,35 @@ def build_timm(
         options = {"pretrained": True, "pretrained_cfg_overlay": {"file": weights}}
     elif weights and weights.lower() == "default" and load:
         options = {"pretrained": True}
+    left_out = None
     try:
         with torch.device("meta") if on_meta else nullcontext():
             model = timm.create_model(name, **options)
     except Exception as error:  # noqa: BLE001 - timm's filters raise KeyError and others for a file that does not fit
         said = first_line(error)
-        if from_file:
-            _explain_file_failure(timm.create_model(name), Path(weights), said)
+        if not from_file:
+            if not isinstance(error, (OSError, RuntimeError)):
+                raise
+            raise ThawError(f"could not load timm weights for {name} ({said}); offline, pass a local file (weights=PATH, --weights PATH)") from None
+        model = timm.create_model(name)
+        left_out = _load_without_head(model, Path(weights), said)
+        if left_out is None:
             raise ThawError(f"timm could not load {weights} into {name} ({said})") from None
-        if not isinstance(error, (OSError, RuntimeError)):
-            raise
-        raise ThawError(f"could not load timm weights for {name} ({said}); offline, pass a local file (weights=PATH, --weights PATH)") from None
-    return adapt_timm(model.to(device) if not on_meta else model, num_classes=num_classes)
+    adapter = adapt_timm(model.to(device) if not on_meta else model, num_classes=num_classes)
+    if left_out is not None:
+        weights_io.say_head_left_out(str(weights), left_out, adapter.num_classes)
+    return adapter
 
 
-def _explain_file_failure(model: nn.Module, path: Path, timm_said: str) -> None:
-    """Say what of the file timm failed on does not fit the model (or that only the names differ), read by thaw's
-    own reader; where that reader refuses the file too, its reason with timm's."""
+def _load_without_head(model: nn.Module, path: Path, timm_said: str) -> int | None:
+    """A file timm failed on, read by thaw's own reader: where its head alone has another class count (a thaw run's
+    weights, which timm loads strictly into its stock head), the body loads and that count is returned. Otherwise
+    one line on what does not fit the model (or that only the names differ); where the reader refuses the file too,
+    its reason with timm's. None where the whole file fits, and timm failed on something else."""
     try:
         state = weights_io.load_state_dict_file(path)
     except ThawError as refused:
         raise ThawError(f"{refused} (timm: {timm_said})") from None
-    weights_io.load_into(model, state, str(path))
+    classifier = model.get_classifier()  # a distilled model's is a pair: then no head is left out
+    head = _module_name(model, classifier) if isinstance(classifier, nn.Module) else None
+    return weights_io.load_into(model, state, str(path), head=head)

