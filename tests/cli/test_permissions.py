@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import torch
 
 from tests.conftest import write_class_images
 
@@ -93,3 +94,28 @@ def test_an_unreadable_weights_file_in_a_run_is_named_as_such_not_as_damaged(tmp
         weights.chmod(0o644)
     assert done.returncode == 2, done.stderr
     assert done.stderr.strip() == f"thaw: error: cannot access {weights} (permission denied); check its permissions"
+
+
+def test_a_download_into_a_hub_cache_thaw_may_not_write_says_so(tmp_path: Path) -> None:
+    """Online, into a torch hub cache another user owns: the cache is the problem, not the download."""
+    if AS_A_USER and shutil.which("setpriv") is None:
+        pytest.skip("running as root, and without setpriv (util-linux) to drop root's bypass of file modes")
+    published = tmp_path / "published" / "tiny-0123abcd.pth"
+    published.parent.mkdir()
+    torch.save({"weight": torch.arange(6.0)}, published)
+    checkpoints = tmp_path / "torch" / "hub" / "checkpoints"
+    checkpoints.mkdir(parents=True)
+    checkpoints.chmod(0o555)
+    fetch = (
+        "from thaw.errors import ThawError\nfrom thaw.models.weights import ensure_cached\n"
+        f"try:\n    ensure_cached({published.as_uri()!r})\nexcept ThawError as error:\n    print(error)\n"
+    )
+    try:
+        done = subprocess.run(
+            [*AS_A_USER, sys.executable, "-c", fetch], capture_output=True, text=True, timeout=120,
+            env=os.environ | {"TORCH_HOME": str(tmp_path / "torch")},
+        )
+    finally:
+        checkpoints.chmod(0o755)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().startswith(f"cannot write the torch hub cache {checkpoints} (Permission denied); set TORCH_HOME")

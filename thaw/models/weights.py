@@ -108,6 +108,8 @@ def ensure_cached(url: str) -> Path:
     _make_cache_folder(cached)
     try:
         torch.hub.download_url_to_file(url, str(cached), hash_prefix=None, progress=False)
+    except PermissionError as error:  # online, into a cache another user owns: the download was not the problem
+        raise _cannot_cache("write", cached.parent, error.strerror or "permission denied") from None
     except (OSError, RuntimeError) as error:
         raise ThawError(
             f"weights file {cached.name} is not cached and could not be downloaded ({error}); "
