@@ -100,12 +100,15 @@ def test_class_folders_split_stratified_and_seeded(tmp_path: Path) -> None:
     assert not set(first.train) & set(first.val)
 
 
-def test_csv_manifest(tmp_path: Path) -> None:
+def test_csv_manifest(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     write_class_images(tmp_path / "images", per_class=5)
     rows = ["path,label"] + [f"images/{p.parent.name}/{p.name},{p.parent.name}" for p in sorted((tmp_path / "images").rglob("*.png"))]
     (tmp_path / "labels.csv").write_text("\n".join(rows))
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")  # relative paths are the manifest's, whatever the working folder
     data = discover(tmp_path / "labels.csv")
     assert data.classes == ("blue", "green", "red") and len(data.train) + len(data.val) == 15
+    assert all(path.is_relative_to(tmp_path / "images") for path, _ in data.train)
 
 
 def test_csv_manifest_with_missing_files(tmp_path: Path) -> None:
