@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import stat
 import warnings
 from pathlib import Path
 
@@ -22,14 +23,15 @@ class UnreadableImage(Exception):
 def _check_file(path: Path) -> None:
     """Something to open at all: not a link to nowhere, not empty. Shared by probe and load_rgb, so training and
     predict give one file the same reason."""
-    if path.is_dir():  # candidate_files lists a folder only where it cannot be listed
-        raise UnreadableImage("a folder thaw may not list, permission denied")
     try:
-        size = path.stat().st_size
+        status = path.stat()
     except FileNotFoundError:
         raise UnreadableImage(f"broken link to {os.readlink(path)}" if path.is_symlink() else "file not found") from None
     except OSError as error:  # a link loop, a file we may not read
         raise UnreadableImage(error.strerror or str(error)) from None
+    if stat.S_ISDIR(status.st_mode):  # candidate_files lists a folder only where it cannot be listed
+        raise UnreadableImage("a folder thaw may not list, permission denied")
+    size = status.st_size
     if size == 0:
         raise UnreadableImage("empty file")
 
