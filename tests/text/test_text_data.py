@@ -104,6 +104,15 @@ def test_short_and_empty_rows_are_skipped_with_their_line(tmp_path: Path) -> Non
     assert [where.rsplit(":", 1)[1] for where, _ in skipped] == ["3", "4"]
 
 
+def test_a_row_with_more_columns_than_the_table_is_skipped_not_read_as_a_new_label(tmp_path: Path) -> None:
+    """An unquoted comma inside a text: its second half was read as the label, a class of its own, without a word."""
+    table = tmp_path / "t.csv"
+    table.write_text("text,label\nhello,ham\nwin now,spam\nurgent prize, ok then,spam\nhi,ham,\nfree cash,spam\n")
+    pairs, skipped = read_table(table)
+    assert sorted({label for _, label in pairs}) == ["ham", "spam"] and ("hi", "ham") in pairs  # a trailing comma is no column
+    assert skipped == [(f"{table}:4", "3 columns, the table has 2: a ',' inside a text? quote the text")]
+
+
 @pytest.mark.parametrize(
     ("content", "message"),
     [

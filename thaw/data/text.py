@@ -187,9 +187,17 @@ def _read_table(path: Path, columns: TextColumns) -> Table:
             raise ThawError(f"{path}: the {what} column (TextColumns.{what}, --{what}-column) {at} is past its last column (the table has {widest}: 0 to {widest - 1}){quote_hint}")
     if text_at == label_at:
         raise ThawError(f"{path}: the text and the label are the same column ({text_at}); give them different columns (TextColumns text and label, --text-column and --label-column)")
+    columns_count = len(_filled(header)) if header else Counter(len(_filled(row)) for row in body).most_common(1)[0][0]
+    columns_count = max(columns_count, text_at + 1, label_at + 1)  # columns named past it are the user's word
     pairs, skipped, starts = [], [], []
     for line, row in zip(lines, body):
-        if max(text_at, label_at) >= len(row):
+        if len(_filled(row)) > columns_count:  # the text's own delimiter, unquoted: a cell of it could pass as the label
+            shown = "tab" if delimiter == "\t" else repr(delimiter)
+            skipped.append((
+                f"{path}:{line}",
+                f"{len(_filled(row))} columns, the table has {columns_count}: a {shown} inside a text? quote the text",
+            ))
+        elif max(text_at, label_at) >= len(row):
             spans = spanning.get(line)
             quote = f"; a quote opened on this line runs over {spans} more line(s)" if spans else ""
             skipped.append((f"{path}:{line}", f"{len(row)} column(s), expected at least {max(text_at, label_at) + 1}{quote}"))
@@ -203,6 +211,14 @@ def _read_table(path: Path, columns: TextColumns) -> Table:
     cautions = _swallowed_rows([(line, row) for line, row in zip(lines, body) if line in spanning], labels, path, delimiter, width, label_at)
     first_row = (lines[0], body[0]) if not has_header and starts[:1] == lines[:1] else None
     return Table(pairs, skipped, cautions, first_row, quote_hint)
+
+
+def _filled(row: list[str]) -> list[str]:
+    """The row without its empty trailing cells (`text,label,`: a trailing delimiter, no third column)."""
+    end = len(row)
+    while end and not row[end - 1].strip():
+        end -= 1
+    return row[:end]
 
 
 def _physical_lines(text: str) -> list[str]:
