@@ -256,6 +256,12 @@ def test_a_val_link_to_nowhere_is_refused_not_replaced_by_a_share_of_train(tmp_p
         discover(tmp_path / "data")
 
 
+def test_the_held_out_share_is_said_as_given_not_rounded_to_a_whole_percent(tmp_path: Path) -> None:
+    root = write_class_images(tmp_path / "data", per_class=6)
+    assert discover(root, val_split=0.999).layout == "class folders, 99.9% held out (seed 0)"  # not "100%" beside 3 train images
+    assert discover(root, val_split=0.125).layout == "class folders, 12.5% held out (seed 0)"
+
+
 def test_missing_path() -> None:
     with pytest.raises(ThawError, match="does not exist"):
         discover("/no/such/folder")

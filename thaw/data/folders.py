@@ -163,6 +163,11 @@ def _samples(by_class: dict[str, list[Path]], classes: tuple[str, ...]) -> tuple
     return tuple((path, index[name]) for name in classes for path in by_class.get(name, []))
 
 
+def as_percent(fraction: float) -> str:
+    """A held-out share as a percentage, to 3 digits: 0.999 is 99.9%, not the 100% that read beside 3 train images."""
+    return f"{fraction * 100:.3g}%"
+
+
 def split_off_val(
     samples: list[Sample], fraction: float, seed: int, source: Path, rows_left: str = "", min_classes: int = 2,
     same: Callable[[Sample], Hashable] | None = None, within: tuple[str, ...] = ("samples", "groups"),
@@ -323,7 +328,7 @@ def _from_split_folders(root: Path, folders: dict[str, Path], val_split: float, 
         kept, held_out = split_off_val(list(train), val_split, seed, folders["train"], min_classes=min_classes)
         train, val = tuple(kept), tuple(held_out)
         given = "train/test" if test is not None else "train only"
-        layout = f"split folders ({given}), {val_split:.0%} of train held out as val (seed {seed})"
+        layout = f"split folders ({given}), {as_percent(val_split)} of train held out as val (seed {seed})"
     held_out = () if "val" in splits else classes_not_held_out(classes, val, min_classes)
     return ImageData(
         classes, train, val, test, layout, tuple(skipped), split_folders=True, val_from_folder="val" in splits,
@@ -379,7 +384,7 @@ def _from_class_folders(root: Path, val_split: float, seed: int, min_classes: in
     by_class = _scan_split(root, skipped)
     classes = _check_classes({"": by_class}, root, min_classes)
     train, val = split_off_val(list(_samples(by_class, classes)), val_split, seed, root, min_classes=min_classes)
-    layout = f"class folders, {val_split:.0%} held out (seed {seed})"
+    layout = f"class folders, {as_percent(val_split)} held out (seed {seed})"
     return ImageData(classes, tuple(train), tuple(val), None, layout, tuple(skipped), cautions=classes_not_held_out(classes, val, min_classes))
 
 
@@ -450,7 +455,7 @@ def _from_manifest(path: Path, val_split: float, seed: int, min_classes: int) ->
             by_class[label].append(file)
     classes = _check_classes({"manifest": dict(by_class)}, path, min_classes)
     train, val = split_off_val(list(_samples(by_class, classes)), val_split, seed, path, min_classes=min_classes)
-    layout = f"CSV manifest, {val_split:.0%} held out"
+    layout = f"CSV manifest, {as_percent(val_split)} held out"
     return ImageData(classes, tuple(train), tuple(val), None, layout, tuple(skipped), cautions=classes_not_held_out(classes, val, min_classes))
 
 

@@ -23,7 +23,7 @@ from typing import Iterator
 import torch
 from torch.utils.data import Dataset, Sampler
 
-from thaw.data.folders import LabelledData, split_off_val, stratified_split
+from thaw.data.folders import LabelledData, as_percent, split_off_val, stratified_split
 from thaw.data.loaders import Batch
 from thaw.errors import ThawError
 from thaw.distributed import SINGLE, Processes
@@ -319,7 +319,7 @@ def load_text_data(
         test = tuple(held)
     rows_left = " once the test share is held out" if test_split else ""
     train, val = split_off_val(samples, val_split, seed, path, rows_left, same=same, within=within)
-    held_out = f"{test_split:.0%} test then {val_split:.0%} val" if test_split else f"{val_split:.0%} val"
+    held_out = f"{as_percent(test_split)} test then {as_percent(val_split)} val" if test_split else f"{as_percent(val_split)} val"
     layout = f"text table, {held_out} held out (seed {seed}){_copies_said(pairs) if same else ''}"
     cautions += _repeated_texts(train, val, test) + _labels_not_held_out(classes, val, test)
     return TextData(classes, tuple(train), tuple(val), test, layout, tuple(skipped), cautions=cautions)
