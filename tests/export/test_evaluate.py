@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import write_text_table
+from thaw.data.text import TextColumns
 from thaw.errors import ThawError
 from thaw.export.inference import evaluate_run
 from thaw.export.run_dir import load_run
@@ -126,6 +127,12 @@ def test_a_class_the_run_never_learned_is_one_line_naming_it(colour_run: Path, t
     adapter, meta = load_run(colour_run)
     with pytest.raises(ThawError, match=r"^the data has 1 class\(es\) this run never learned \(purple\); the run knows blue, green, red"):
         evaluate_run(adapter, meta, held_out)
+
+
+def test_text_columns_for_an_image_run_are_one_line(colour_run: Path, tiny_split_data: Path) -> None:
+    adapter, meta = load_run(colour_run)
+    with pytest.raises(ThawError, match=r"^text columns and a delimiter .* read text tables; this is an image run$"):
+        evaluate_run(adapter, meta, tiny_split_data, columns=TextColumns(delimiter=";"))
 
 
 def test_a_manifest_of_no_readable_image_is_one_line(colour_run: Path, tmp_path: Path) -> None:

@@ -123,6 +123,21 @@ def test_text_run_evaluates_predicts_and_exports(tmp_path: Path, tiny_encoder: P
     assert main(["evaluate", str(run), str(table), "--split", "test", "--json"]) == 0
     metrics = json.loads(capsys.readouterr().out)
     assert metrics["count"] == 20 and len(metrics["per_class_f1"]) == 2
+    # A held-out table of the user's own, laid out unlike the training table: its own columns, scored whole.
+    other = tmp_path / "other.csv"
+    other.write_text("id;message;kind\n" + "".join(f"{i};{text};{label}\n" for i, (label, text) in enumerate(
+        line.split("\t") for line in table.read_text().splitlines()[:12])))
+    assert main(["evaluate", str(run), str(other), "--json"]) == 2  # read as the run's table, it has one column
+    assert "(another delimiter? TextColumns.delimiter, --delimiter)" in capsys.readouterr().err
+    typed = ["--delimiter", ";", "--text-column", "message", "--label-column", "kind"]
+    assert main(["evaluate", str(run), str(other), *typed, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["count"] == 12
+    assert main(["report", str(run), str(other), *typed, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["count"] == 12
+    assert main(["evaluate", str(run), str(table), "--split", "test", "--delimiter", "\t"]) == 2  # the run's split: its own columns
+    assert "drop the split to score the whole table with its own columns" in capsys.readouterr().err
+    assert main(["report", str(run), "--delimiter", ";"]) == 2
+    assert "lay out a table given as DATA" in capsys.readouterr().err
     assert main(["predict", str(run), "win a free prize now", "see you at lunch", "--json"]) == 0
     predictions = json.loads(capsys.readouterr().out)["predictions"]
     assert [p["text"] for p in predictions] == ["win a free prize now", "see you at lunch"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import math
 
+from thaw.data.text import TextColumns
 from thaw.errors import ThawError
 from thaw.models.lora import LoraSpec
 from thaw.plan import Plan, build_plan, load_plan
@@ -245,3 +246,18 @@ def _refuse_plan_options_beside(args: argparse.Namespace) -> None:
             f"--config {args.config} sets every stage (its epochs, what trains, lrs, weight decay, BatchNorm), so "
             f"{', '.join(typed)} would be ignored: drop {'it' if len(typed) == 1 else 'them'}, or write the change into the plan file{hint}"
         )
+
+
+def add_table_columns(parser: argparse.ArgumentParser, scored_whole: bool = False) -> None:
+    """--text-column, --label-column and --delimiter: how a text table is laid out. `scored_whole`: for evaluate and
+    report, a table laid out unlike the run's, scored whole."""
+    group = parser.add_argument_group("text tables" + (" laid out unlike the run's (scored whole)" if scored_whole else ""))
+    group.add_argument("--text-column", help="name or 0-based position of the text column (default: inferred)")
+    group.add_argument("--label-column", help="name or 0-based position of the label column (default: inferred)")
+    group.add_argument("--delimiter", help="column separator (default: tab for .tsv or tab-separated files, else comma)")
+
+
+def table_columns(args: argparse.Namespace) -> TextColumns | None:
+    """The columns typed, or None where none was: then the run's own."""
+    typed = (args.text_column, args.label_column, args.delimiter)
+    return None if typed == (None, None, None) else TextColumns(*typed)

@@ -5,8 +5,9 @@ from __future__ import annotations
 import argparse
 import json
 
-from thaw.cli.options import path_text, positive_int
+from thaw.cli.options import add_table_columns, path_text, positive_int, table_columns
 from thaw.data.manifest_check import check_image_table
+from thaw.errors import ThawError
 from thaw.export.report import TOP_LOSSES, write_report
 from thaw.export.run_dir import read_metadata
 
@@ -24,6 +25,7 @@ def register(commands: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--top-losses", type=top_count, default=TOP_LOSSES, metavar="N", help="images or texts in the gallery")
     parser.add_argument("--json", action="store_true", help="one JSON line: the file and the metrics it shows")
+    add_table_columns(parser, scored_whole=True)
     parser.set_defaults(handler=run)
 
 
@@ -38,7 +40,10 @@ def run(args: argparse.Namespace) -> int:
     split = args.split or ("val" if args.data is None else None)  # DATA given: the same rule as thaw evaluate
     if args.data is not None and read_metadata(args.run).get("task") != "text":
         check_image_table(args.data, f"{args.run} is an image run: report on text with a text run")
-    path, report = write_report(args.run, args.data, split, args.top_losses)
+    columns = table_columns(args)
+    if columns is not None and args.data is None:
+        raise ThawError("--text-column, --label-column and --delimiter lay out a table given as DATA; the run's own data is read as the run read it")
+    path, report = write_report(args.run, args.data, split, args.top_losses, columns)
     metrics = report["metrics"]
     if args.json:
         print(json.dumps({"report": str(path), "split": metrics["split"], "count": metrics["count"], "accuracy": metrics["accuracy"]}))

@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from thaw.cli.options import path_text, positive_int
+from thaw.cli.options import add_table_columns, path_text, positive_int, table_columns
 from thaw._io import answers
 from thaw.data.folders import describe_skipped
 from thaw.data.manifest_check import check_image_table
@@ -35,6 +35,7 @@ def register(commands: argparse._SubParsersAction) -> None:
     evaluate.add_argument("--json", action="store_true")
     evaluate.add_argument("--tta", action="store_true", help=TTA_HELP)
     evaluate.add_argument("--report", action="store_true", help="also write RUN/report.html for this split (thaw report)")
+    add_table_columns(evaluate, scored_whole=True)
     evaluate.set_defaults(handler=run_evaluate)
 
     predict = commands.add_parser(
@@ -59,7 +60,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
     adapter, meta = load_run(args.run)
     if meta.get("task") != "text":
         check_image_table(args.data, f"{args.run} is an image run: score text with a text run")
-    scored = score_run(adapter, meta, args.data, args.split, tta=args.tta)
+    scored = score_run(adapter, meta, args.data, args.split, tta=args.tta, columns=table_columns(args))
     metrics, split = scored.metrics, scored.metrics["split"]
     report, problem = None, None
     try:  # the scores are printed whatever the run folder takes: it may be read-only

@@ -74,22 +74,36 @@ class EvaluationSet:
     skipped: tuple[tuple[str, str], ...]
 
 
-def _whole_table(meta: dict, data_path: str | Path) -> EvaluationSet:
-    """Every usable row of a text table; no split, so no split's rules (such as two rows per label)."""
-    pairs, skipped = read_table(data_path, TextColumns(**meta.get("columns", {})))
+def _whole_table(meta: dict, data_path: str | Path, columns: TextColumns | None = None) -> EvaluationSet:
+    """Every usable row of a text table; no split, so no split's rules (such as two rows per label). `columns`: the
+    table's own, where it is laid out unlike the run's (another delimiter, other column names); else the run's."""
+    pairs, skipped = read_table(data_path, columns or TextColumns(**meta.get("columns", {})))
     classes = tuple(sorted({label for _, label in pairs}))
     index = {name: i for i, name in enumerate(classes)}
     return EvaluationSet("all", tuple((text, index[label]) for text, label in pairs), classes, tuple(skipped))
 
 
-def evaluation_set(meta: dict, data_path: str | Path, split: str | None = None) -> EvaluationSet:
+def _check_own_columns(meta: dict, split: str | None) -> None:
+    if meta.get("task") != "text":
+        raise ThawError("text columns and a delimiter (columns, --text-column, --label-column, --delimiter) read text tables; this is an image run")
+    if split is not None:
+        raise ThawError(
+            f"split {split} (--split) is the run's own split of its table, read as the run read it; drop the split to score "
+            "the whole table with its own columns, or drop the columns (--text-column, --label-column, --delimiter)"
+        )
+
+
+def evaluation_set(meta: dict, data_path: str | Path, split: str | None = None, columns: TextColumns | None = None) -> EvaluationSet:
     """The samples to score. `split` None: val where the data comes in split folders, else all of it.
 
     A folder of class folders, a CSV manifest or a text table is scored whole by default (a held-out
-    set of the user's own); naming a split there reproduces the training run's split of it.
+    set of the user's own); naming a split there reproduces the training run's split of it. `columns`: how a text
+    table scored whole is laid out, where not as the run's table was.
     """
+    if columns is not None:
+        _check_own_columns(meta, split)
     if split is None and meta.get("task") == "text":
-        return _whole_table(meta, data_path)
+        return _whole_table(meta, data_path, columns)
     data = _run_data(meta, data_path)
     if split is None:
         split = "val" if data.split_folders else "all"
@@ -162,22 +176,22 @@ class ScoredSet:
 
 def evaluate_run(
     adapter: ModelAdapter, meta: dict, data_path: str | Path, split: str | None = None, batch_size: int = 64, quiet: bool = True,
-    tta: bool = False,
+    tta: bool = False, columns: TextColumns | None = None,
 ) -> dict:
-    """Metrics of the run's model on `data_path` (see evaluation_set for what is scored); its classes must be among the
-    run's, matched by name (in_run_classes).
+    """Metrics of the run's model on `data_path` (see evaluation_set for what is scored, and `columns`); its classes
+    must be among the run's, matched by name (in_run_classes).
     `tta`: average the softmax over each image and its mirror (FlipAveraged)."""
-    return score_run(adapter, meta, data_path, split, batch_size, quiet, tta).metrics
+    return score_run(adapter, meta, data_path, split, batch_size, quiet, tta, columns).metrics
 
 
 @memory_kept_between_steps()  # each batch reuses the pages the batch before freed, as in training
 def score_run(
     adapter: ModelAdapter, meta: dict, data_path: str | Path, split: str | None = None, batch_size: int = 64, quiet: bool = True,
-    tta: bool = False,
+    tta: bool = False, columns: TextColumns | None = None,
 ) -> ScoredSet:
     """evaluate_run, keeping every sample's logits: the report's numbers are the same pass as `thaw evaluate`'s."""
     model = with_tta(adapter.model, meta, tta)  # before any work: --tta on a text run is one line
-    chosen = in_run_classes(evaluation_set(meta, data_path, split), meta["classes"])
+    chosen = in_run_classes(evaluation_set(meta, data_path, split, columns), meta["classes"])
     if not chosen.samples:  # a table whose every row was skipped: a score of nothing would read as accuracy 0
         raise ThawError(f"{data_path} holds nothing to score (no readable sample with a label); check its rows or files")
     engine = choose_engine(TrainConfig(quiet=quiet), adapter.model)

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from thaw._io import atomic_write
 from thaw.errors import ThawError
+from thaw.data.text import TextColumns
 from thaw.export.inference import ScoredSet, score_run
 from thaw.export.interpret import TopLoss, heat_maps, most_confused, thumbnail, top_losses
 from thaw.export.run_dir import load_run
@@ -39,12 +40,14 @@ def run_data_path(run: Path, meta: dict, data_path: str | Path | None) -> Path:
 
 
 def write_report(
-    run: str | Path, data_path: str | Path | None = None, split: str | None = "val", top: int = TOP_LOSSES
+    run: str | Path, data_path: str | Path | None = None, split: str | None = "val", top: int = TOP_LOSSES,
+    columns: TextColumns | None = None,
 ) -> tuple[Path, dict]:
-    """Score the run on `split` of its data and write RUN/report.html; returns the file and the report's data."""
+    """Score the run on `split` of its data and write RUN/report.html; returns the file and the report's data.
+    `columns`: a text table's own layout, for one scored whole (evaluation_set)."""
     run = Path(run)
     adapter, meta = load_run(run)
-    scored = score_run(adapter, meta, run_data_path(run, meta, data_path), split)
+    scored = score_run(adapter, meta, run_data_path(run, meta, data_path), split, columns=columns)
     return save_report(run, adapter, meta, scored, top)
 
 
