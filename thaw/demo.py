@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -9,7 +10,9 @@ from thaw.data.digits import write_digits_folder
 from thaw.export.inference import evaluate_run
 from thaw.export.run_dir import load_run
 from thaw.plan import count_parameters, resolve_stage
-from thaw.train import TrainConfig, train_images
+from thaw.errors import ThawError
+from thaw.train import TrainConfig, saved_settings, train_images
+from thaw.train.run_folder import METADATA, holds_run
 
 MODEL, WEIGHTS = "mobilenet_v2", "IMAGENET1K_V1"
 # 8x8 scans carry no detail of their own; 96 px gives the network room (two-phase test accuracy
@@ -33,6 +36,8 @@ class DemoRow:
 
 
 def run_demo(out: Path, say=print) -> list[DemoRow]:
+    for strategy in STRATEGIES:  # before any work: the demo replaces its own runs, never a user's
+        check_demo_run_folder(out / strategy, out / "digits")
     data = write_digits_folder(out / "digits")
     rows = []
     for strategy, options in STRATEGIES.items():
@@ -45,6 +50,24 @@ def run_demo(out: Path, say=print) -> list[DemoRow]:
         test = evaluate_run(adapter, meta, data, "test")
         rows.append(DemoRow(strategy, _trainable_share(adapter, meta), result.wall_s, test["accuracy"], run))
     return rows
+
+
+def check_demo_run_folder(run: Path, digits: Path) -> None:
+    """A folder the demo may write its run into: none yet, empty, or a demo's run on these digits (its checkpoint
+    says so). `thaw demo --out runs` beside `thaw train ... --out runs/two-phase` deleted that run without a word."""
+    if not holds_run(run):  # anything else there is train_images' to refuse or keep, as for any --out
+        return
+    if _recorded_data_path(run) != str(digits.resolve()):
+        raise ThawError(f"{run} holds files the demo did not write; the demo replaces only its own runs: choose another --out")
+
+
+def _recorded_data_path(run: Path) -> str | None:
+    """Where a run's data was: its thaw.json's record (a finished run), else its checkpoint's; None where neither says."""
+    try:
+        recorded = json.loads((run / METADATA).read_text()).get("data_path") if (run / METADATA).is_file() else None
+        return recorded if recorded is not None else (saved_settings(run) or {}).get("data_path")
+    except (OSError, ValueError, AttributeError, ThawError):  # damaged: not known to be the demo's
+        return None
 
 
 def _trainable_share(adapter, meta) -> float:

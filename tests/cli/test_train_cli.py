@@ -237,6 +237,30 @@ def _run_files(run: Path) -> dict[str, bytes]:
     return {path.name: path.read_bytes() for path in run.iterdir() if path.is_file()}
 
 
+def test_the_demo_never_replaces_a_run_of_the_users(trained_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`thaw train DATA --out runs/two-phase`, then `thaw demo --out runs`: the demo replaced that run without a word."""
+    import shutil
+
+    mine = tmp_path / "runs" / "two-phase"
+    shutil.copytree(trained_run, mine)
+    before = _run_files(mine)
+    assert main(["demo", "--out", str(tmp_path / "runs")]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"thaw: error: {mine} holds files the demo did not write; the demo replaces only its own runs: choose another --out"
+    )
+    assert _run_files(mine) == before and not (tmp_path / "runs" / "digits").exists()  # refused before any work
+
+
+def test_the_demo_scores_only_its_own_digits(tiny_split_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A digits/ folder holding other images (or a demo stopped while writing it) was scored as the 1,797 digits."""
+    import shutil
+
+    shutil.copytree(tiny_split_data, tmp_path / "runs" / "digits")
+    shutil.copytree(tiny_split_data / "val", tmp_path / "runs" / "digits" / "test")
+    assert main(["demo", "--out", str(tmp_path / "runs")]) == 2
+    assert f"{tmp_path / 'runs' / 'digits'} holds files that are not the demo's digits" in capsys.readouterr().err
+
+
 def test_a_new_run_never_overwrites_another_without_being_told(trained_run: Path, tiny_split_data: Path) -> None:
     (trained_run / "model.onnx").write_bytes(b"an export of the old run's weights")
     before = _run_files(trained_run)
