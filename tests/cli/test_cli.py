@@ -54,6 +54,11 @@ def test_plan_lr_options(capsys: pytest.CaptureFixture[str]) -> None:
     main([*base, *per_group])
     groups = json.loads(capsys.readouterr().out)["stages"][0]["groups"]
     assert [g["lr"] for g in groups] == [1e-6, 1e-5, 1e-5, 1e-4, 1e-4, 1e-3]
+    # typed twice (an override appended to a command): the last wins, plain or named, as for any other flag
+    main([*base, "--strategy", "feature-extract", "--lr", "1e-3", "--lr", "1e-2"])
+    assert json.loads(capsys.readouterr().out)["stages"][0]["groups"][-1]["lr"] == pytest.approx(1e-2)
+    main([*base, "--strategy", "feature-extract", "--lr", "fc=1e-3", "--lr", "fc=1e-2"])
+    assert json.loads(capsys.readouterr().out)["stages"][0]["groups"][-1]["lr"] == pytest.approx(1e-2)
 
 
 def test_plan_top_groups_sets_the_middle_stage_and_is_refused_where_it_would_do_nothing(

@@ -214,7 +214,9 @@ def plan_from_args(args: argparse.Namespace, num_groups: int) -> Plan:
     strategy = chosen_strategy(args)
     if args.top_groups is not None and strategy != "head-top-all":  # else it would be ignored without a word
         raise ThawError(f"--top-groups sets head-top-all's middle stage; the strategy here is {strategy}: drop it or add --strategy head-top-all")
-    head_lr = next((value for name, value in args.lr if name is None), DEFAULT_HEAD_LR)
+    # The last of each wins, as for every other flag typed twice (an override appended to a command): a plain --lr
+    # kept its first value while NAME=LR kept its last.
+    head_lr = next((value for name, value in reversed(args.lr) if name is None), DEFAULT_HEAD_LR)
     named = {name: value for name, value in args.lr if name is not None}
     return build_plan(
         strategy,
