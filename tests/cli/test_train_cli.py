@@ -479,7 +479,9 @@ def test_predict_warns_of_unreadable_files_on_stderr(trained_run: Path, tiny_spl
 
 def test_predict_files_takes_a_file_or_a_folder_alone(trained_run: Path, tiny_split_data: Path) -> None:
     # A single path string was read as a list of one-letter paths: no prediction, one "skipped" entry per letter.
-    from thaw.export.inference import predict_files
+    import re
+
+    from thaw.export.inference import evaluate_run, predict_files, predict_texts
     from thaw.export.run_dir import load_run
 
     adapter, meta = load_run(trained_run)
@@ -492,10 +494,27 @@ def test_predict_files_takes_a_file_or_a_folder_alone(trained_run: Path, tiny_sp
     assert listed[0].labels == alone[0].labels
     in_a_list, skipped = predict_files(adapter, meta["classes"], [tiny_split_data / "val", "x" * 300])  # a folder in a list: its images
     assert [p.path for p in in_a_list] == [p.path for p in folder] and [path for path, _ in skipped] == ["x" * 300]  # a name too long: skipped
-    with pytest.raises(ThawError, match="top_k must be at least 1"):
+    with pytest.raises(ThawError, match="top_k must be a whole number of at least 1"):
         predict_files(adapter, meta["classes"], image, top_k=0)
-    with pytest.raises(ThawError, match="^batch_size must be at least 1, got 0$"):
+    with pytest.raises(ThawError, match="^batch_size must be a whole number of at least 1, got 0$"):
         predict_files(adapter, meta["classes"], image, batch_size=0)
+    assert predict_files(adapter, meta["classes"], image, top_k=np.int64(2))[0][0].labels == alone[0].labels[:2]  # numpy's ints count
+    for wrong, said in [
+        ({"classes": "abc"}, "classes must be a list of the run's class names"),  # three one-letter names, before
+        ({"files": None}, "files must be an image file or folder, or a list of them, got None"),
+        ({"tta": "no"}, "tta must be True or False, got 'no'"),  # "no" is true in Python: TTA went on
+        ({"adapter": None}, "adapter must be a run's model"),
+    ]:
+        call = {"adapter": adapter, "classes": meta["classes"], "files": image} | wrong
+        with pytest.raises(ThawError, match=f"^{re.escape(said)}"):
+            predict_files(**call)
+    with pytest.raises(ThawError, match="^predict_texts classifies texts; this is an image run's model: use predict_files$"):
+        predict_texts(adapter, meta["classes"], ["hello"])
+    with pytest.raises(ThawError, match="^tta must be True or False, got 'no'$"):
+        evaluate_run(adapter, meta, tiny_split_data, tta="no")
+    for wrong, said in [({"data_path": None}, "data_path must be"), ({"batch_size": 0}, "batch_size must be"), ({"columns": {"delimiter": ";"}}, "columns must be")]:
+        with pytest.raises(ThawError, match=f"^{said}"):
+            evaluate_run(**({"adapter": adapter, "meta": meta, "data_path": tiny_split_data} | wrong))
     with pytest.raises(ThawError, match=r"^2 class names for a model of 3 outputs; pass the run's classes \(load_run's meta\['classes'\]\)$"):
         predict_files(adapter, meta["classes"][:2], image)  # the third class would be named by no name, or the wrong one
 

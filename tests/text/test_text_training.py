@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 
 from tests.conftest import Crash, crash_after, shared_data, write_text_table
 from thaw.cli import main
+from thaw.errors import ThawError
 from thaw.data.text import SPLIT_RULE, SPLIT_RULES, load_text_data
 from thaw.export.run_dir import load_run
 from thaw.train import TrainConfig, train_text
@@ -147,6 +148,15 @@ def test_text_run_evaluates_predicts_and_exports(tmp_path: Path, tiny_encoder: P
     # The run folder alone rebuilds the model: tokenizer and config travel with it.
     adapter, meta = load_run(run)
     assert meta["task"] == "text" and (run / "text-model" / "config.json").is_file()
+    from thaw.export.inference import predict_files, predict_texts
+
+    with pytest.raises(ThawError, match="^predict_files classifies images; this is a text run's model: use predict_texts$"):
+        predict_files(adapter, meta["classes"], table)
+    with pytest.raises(ThawError, match=r"^texts must be a text or a list of texts, got \[1, 2\]$"):
+        predict_texts(adapter, meta["classes"], [1, 2])
+    with pytest.raises(ThawError, match="^columns must be a TextColumns"):  # a dict: an AttributeError once the table was open
+        train_text(table, model=str(tiny_encoder), out=tmp_path / "other", columns={"delimiter": ";"})
+    assert not (tmp_path / "other").exists()
 
 
 def test_predict_reads_texts_from_a_file(

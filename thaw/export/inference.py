@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -18,7 +19,7 @@ from thaw.data.transforms import eval_transform
 from thaw.errors import ThawError
 from thaw.models import ModelAdapter
 from thaw.models.adapter import Preprocessing
-from thaw.train.config import TrainConfig
+from thaw.train.config import TrainConfig, check_switch
 from thaw.train.fit import choose_engine
 from thaw.train.loop import evaluate
 from thaw.train.settings import samples_digest, split_as_recorded
@@ -44,6 +45,7 @@ class FlipAveraged(nn.Module):
 
 def with_tta(model: nn.Module, meta: dict, tta: bool) -> nn.Module:
     """The model, or (`tta`) the model averaged over mirror images; a text run has no mirror: one line."""
+    check_switch("tta", tta)
     if not tta:
         return model
     if meta.get("task") == "text":
@@ -190,6 +192,7 @@ def score_run(
     tta: bool = False, columns: TextColumns | None = None,
 ) -> ScoredSet:
     """evaluate_run, keeping every sample's logits: the report's numbers are the same pass as `thaw evaluate`'s."""
+    _check_score_call(adapter, meta, data_path, batch_size, columns)
     model = with_tta(adapter.model, meta, tta)  # before any work: --tta on a text run is one line
     chosen = in_run_classes(evaluation_set(meta, data_path, split, columns), meta["classes"])
     if not chosen.samples:  # a table whose every row was skipped: a score of nothing would read as accuracy 0
@@ -214,6 +217,17 @@ def score_run(
     metrics = metrics | {"split": chosen.split, "classes": list(chosen.classes), "skipped_files": len(skipped), "tta": "flip" if tta else None}
     losses, predicted, probability, true_probability = scores.T
     return ScoredSet(metrics, tuple(chosen.samples[i] for i in order), losses, predicted.long(), probability, true_probability, tuple(skipped))
+
+
+def _check_score_call(adapter: object, meta: object, data_path: object, batch_size: object, columns: object) -> None:
+    """What evaluate_run and score_run are given, one line each, before any data is read."""
+    if not isinstance(adapter, ModelAdapter) or not isinstance(meta, dict):
+        raise ThawError("adapter and meta must be what load_run(RUN) returns: adapter, meta = load_run(RUN)")
+    if not isinstance(data_path, (str, Path)) or not str(data_path):
+        raise ThawError(f"data_path must be the data's folder or table, got {data_path!r}")
+    _check_count("batch_size", batch_size)
+    if columns is not None and not isinstance(columns, TextColumns):
+        raise ThawError(f"columns must be a TextColumns (thaw.data.text.TextColumns(delimiter=';')), got {columns!r}")
 
 
 def check_finite_outputs(logits: torch.Tensor) -> None:
@@ -289,6 +303,10 @@ def predict_files(
     """Top-k classes of each image file (a file or a folder alone, or a list of files); `tta` averages each image's
     softmax with its mirror image's."""
     _check_request(top_k, batch_size)
+    _check_predict_call(adapter, classes, "image")
+    check_switch("tta", tta)
+    if not isinstance(files, (str, Path, list, tuple)) or (isinstance(files, (list, tuple)) and not all(isinstance(f, (str, Path)) for f in files)):
+        raise ThawError(f"files must be an image file or folder, or a list of them, got {files!r}")
     # A path alone or in a list may be a folder (read for its images); a file that cannot be read is skipped.
     files = image_files([str(files)]) if isinstance(files, (str, Path)) else [f for path in files for f in _files_in(Path(path))]
     if not files:
@@ -320,8 +338,27 @@ def predict_files(
 
 def _check_request(top_k: object, batch_size: object) -> None:
     for name, value in (("top_k", top_k), ("batch_size", batch_size)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ThawError(f"{name} must be at least 1, got {value!r}")
+        _check_count(name, value)
+
+
+def _check_count(name: str, value: object) -> int:
+    """A whole number of at least 1 (numpy's integers too), as a plain int."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ThawError(f"{name} must be a whole number of at least 1, got {value!r}")
+    return int(value)
+
+
+def _check_predict_call(adapter: object, classes: object, task: str) -> None:
+    """What predict_files and predict_texts are given: a run's adapter of their kind and its class names, one line each."""
+    if not isinstance(adapter, ModelAdapter):
+        raise ThawError(f"adapter must be a run's model (load_run(RUN)[0]), got a {type(adapter).__name__}")
+    if isinstance(classes, (str, bytes)) or not isinstance(classes, (list, tuple)) or not all(isinstance(name, str) for name in classes):
+        raise ThawError(f"classes must be a list of the run's class names (load_run's meta['classes']), got {classes!r}")
+    is_text = getattr(adapter, "tokenizer", None) is not None
+    if task == "image" and is_text:
+        raise ThawError("predict_files classifies images; this is a text run's model: use predict_texts")
+    if task == "text" and not is_text:
+        raise ThawError("predict_texts classifies texts; this is an image run's model: use predict_files")
 
 
 def _files_in(path: Path) -> list[Path]:
@@ -342,6 +379,9 @@ def _top_classes(logits: torch.Tensor, classes: list[str], top_k: int) -> torch.
 def predict_texts(adapter: ModelAdapter, classes: list[str], texts: list[str] | str, top_k: int = 3, batch_size: int = 64) -> list[Prediction]:
     """Labels and probabilities for each text (one text alone, or a list of them), in the order given."""
     _check_request(top_k, batch_size)
+    _check_predict_call(adapter, classes, "text")
+    if not isinstance(texts, (str, list, tuple)) or (not isinstance(texts, str) and not all(isinstance(text, str) for text in texts)):
+        raise ThawError(f"texts must be a text or a list of texts, got {texts!r}")
     texts = [texts] if isinstance(texts, str) else list(texts)
     if not texts or not all(text.strip() for text in texts):
         raise ThawError("give one or more non-empty texts to classify")

@@ -8,7 +8,6 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
-import numpy
 import torch
 from torch import nn
 
@@ -21,7 +20,7 @@ from thaw.plan.stages import check_stage_names
 from thaw.plan.strategies import check_plan_options, default_strategy
 from thaw.errors import ThawError
 from thaw.train import checkpoint
-from thaw.train.config import TrainConfig, check_class_scores, check_device, check_image_augments, check_plan, check_plan_before_data
+from thaw.train.config import TrainConfig, check_class_scores, check_device, check_image_augments, check_plan, check_plan_before_data, check_switch
 from thaw.train.settings import RUNTIME_FIELDS, config_from_settings, samples_digest, source_name, split_as_recorded
 from thaw import distributed
 from thaw.train.fit import EpochCallback, RunResult, RunState, StepHook, effective_preprocessing, fit, signals_held
@@ -157,6 +156,8 @@ def train_text(
     _check_call_types({"data_path": data_path, "out": out}, {"val_split": val_split, "test_split": test_split}, callbacks, step_hooks)
     val_split, test_split = float(val_split), float(test_split)  # as in train_images: thaw.json records them
     _check_switches(resume=resume, overwrite=overwrite)
+    if not isinstance(columns, TextColumns):  # a dict, or None: an AttributeError once the table was opened
+        raise ThawError(f"columns must be a TextColumns (thaw.data.text.TextColumns(text='message', label='kind')), got {columns!r}")
     _check_arguments(plan, plan_options, config, resume)
     check_image_augments(config, "text", resumed=resume)  # before the table is read and the model built
     check_plan_before_data(model, None, "text", plan, plan_options)
@@ -210,8 +211,7 @@ def _check_switches(**switches: object) -> None:
     """resume and overwrite as True or False (numpy's bools, 0 and 1 too): a string ("no", "false", from a config or the
     environment) is true in Python, and overwrite="no" replaced a finished run."""
     for name, value in switches.items():
-        if not (isinstance(value, (bool, numpy.bool_)) or (isinstance(value, numbers.Integral) and value in (0, 1))):
-            raise ThawError(f"{name} must be True or False, got {value!r}")
+        check_switch(name, value)
 
 
 def _check_arguments(plan: object, plan_options: dict | None, config: object, resume: bool) -> None:

@@ -8,11 +8,13 @@ a division by an accumulation of 0).
 from __future__ import annotations
 
 import math
+import numbers
 import re
 from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Any, Callable
 
+import numpy
 import torch
 
 from thaw.data.transforms import AUTO_AUGMENTS
@@ -365,3 +367,10 @@ def _forward_failures(adapter: ModelAdapter) -> Callable[[int], str | None]:
         return lambda _size: None
     probe.eval()
     return lambda size: meta_forward_failure(probe, torch.empty(2, 3, size, size, device="meta"))
+
+
+def check_switch(name: str, value: object) -> None:
+    """True or False (numpy's bools, 0 and 1 too): a string such as "no" is true in Python (overwrite="no" replaced a
+    finished run; tta="no" switched test-time augmentation on)."""
+    if not (isinstance(value, (bool, numpy.bool_)) or (isinstance(value, numbers.Integral) and value in (0, 1))):
+        raise ThawError(f"{name} must be True or False, got {value!r}")
