@@ -104,6 +104,17 @@ def test_short_and_empty_rows_are_skipped_with_their_line(tmp_path: Path) -> Non
     assert [where.rsplit(":", 1)[1] for where, _ in skipped] == ["3", "4"]
 
 
+def test_a_column_the_header_names_stays_what_it_names_when_the_other_is_guessed(tmp_path: Path) -> None:
+    """review,stars: the review column has fewer distinct values than the stars here, and was taken as the label."""
+    table = tmp_path / "t.csv"
+    rows = [("great product", "5"), ("great product", "4"), ("terrible service", "1"), ("terrible service", "2"), ("great product", "3")]
+    table.write_text("review,stars\n" + "".join(f"{text},{stars}\n" for text, stars in rows * 2))
+    pairs, _ = read_table(table)
+    assert sorted({label for _, label in pairs}) == ["1", "2", "3", "4", "5"] and pairs[0] == ("great product", "5")
+    table.write_text("category,comment\n" + "".join(f"{'ham' if i % 2 else 'spam'},message number {i}\n" for i in range(6)))
+    assert read_table(table)[0][0] == ("message number 0", "spam")  # a recognised label header: the other column is the text
+
+
 def test_a_row_with_more_columns_than_the_table_is_skipped_not_read_as_a_new_label(tmp_path: Path) -> None:
     """An unquoted comma inside a text: its second half was read as the label, a class of its own, without a word."""
     table = tmp_path / "t.csv"

@@ -30,7 +30,7 @@ from thaw.distributed import SINGLE, Processes
 
 TextSample = tuple[str, int]
 TEXT_HEADERS = ("text", "sentence", "message", "sms", "review", "content")
-LABEL_HEADERS = ("label", "labels", "class", "category", "target")
+LABEL_HEADERS = ("label", "labels", "class", "category", "target", "sentiment", "intent", "topic")
 REPEATS_SHARE = 0.01  # of a held-out split, found in train: below it, a few recurring short texts are no leak to speak of
 OPEN_QUOTE_LINES = 2  # line ends inside one row, for an error to name it as a quote perhaps left open
 SWALLOWED_ROWS = 3  # lines of one text that read as rows of the table: past this, a quote was surely left open
@@ -126,6 +126,7 @@ def _column_index(header: list[str] | None, wanted: str | int, what: str, path: 
 
 def _guess_columns(rows: list[list[str]], header: list[str] | None, path: Path, delimiter: str, quote_hint: str = "") -> tuple[int, int]:
     """(text, label) positions: header names first, else the column with the fewest distinct values is the label."""
+    text = label = None
     if header:
         lowered = [cell.strip().lower() for cell in header]
         text = next((i for i, n in enumerate(lowered) if n in TEXT_HEADERS), None)
@@ -138,10 +139,14 @@ def _guess_columns(rows: list[list[str]], header: list[str] | None, path: Path, 
     if width < 2:
         shown = "tab" if delimiter == "\t" else repr(delimiter)
         raise ThawError(f"{path}: the table needs a text column and a label column; split by {shown}, it has one (another delimiter? TextColumns.delimiter, --delimiter){quote_hint}")
+    # A column the header names stays what it names (review,sentiment: the review is the text even where it has
+    # fewer distinct values than the sentiment); the other is guessed among the rest.
     distinct = [len({row[i] for row in sample}) for i in range(width)]
-    label = distinct.index(min(distinct))
+    if label is None:
+        label = min((i for i in range(width) if i != text), key=lambda i: distinct[i])
     lengths = [sum(len(row[i]) for row in sample) for i in range(width)]
-    text = max((i for i in range(width) if i != label), key=lambda i: lengths[i])
+    if text is None:
+        text = max((i for i in range(width) if i != label), key=lambda i: lengths[i])
     return text, label
 
 
