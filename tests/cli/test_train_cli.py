@@ -237,6 +237,16 @@ def _run_files(run: Path) -> dict[str, bytes]:
     return {path.name: path.read_bytes() for path in run.iterdir() if path.is_file()}
 
 
+def test_text_options_on_an_image_run_are_refused_not_ignored(tiny_split_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """--test-split on image data held no test set out, without a word; --pooling and the column options did nothing."""
+    typed = ["--test-split", "0.2", "--pooling", "cls", "--delimiter", ";"]
+    assert main(["train", str(tiny_split_data), *TINY, "--strategy", "feature-extract", *typed, "--out", str(tmp_path / "run")]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "thaw: error: --delimiter, --pooling, --test-split: text options, and this is an image run (--task text for a text table); drop them"
+    )
+    assert not (tmp_path / "run").exists()
+
+
 def test_the_demo_never_replaces_a_run_of_the_users(trained_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """`thaw train DATA --out runs/two-phase`, then `thaw demo --out runs`: the demo replaced that run without a word."""
     import shutil

@@ -72,6 +72,7 @@ PLAN_DESTS: set[str] = set()
 EPOCH_OPTIONS = ("epochs", "head_epochs")
 RUNTIME_DESTS = RUNTIME_FIELDS | {"json", "resume", "out", "data", "report", "log", "overwrite"}
 TEXT_DESTS = {"text_column": "text", "label_column": "label", "delimiter": "delimiter"}
+TEXT_ONLY_DESTS = {*TEXT_DESTS, "test_split", "max_length", "pooling"}  # options an image run has no use for
 TEXT_HINT = "to train on text, add --task text and a text --model"
 
 
@@ -243,6 +244,7 @@ def _start(args: argparse.Namespace, config: TrainConfig, out: Path, callbacks: 
             step_hooks=step_hooks,
         )
     check_image_table(args.data, TEXT_HINT)
+    _refuse_text_options(args)
     if args.val_split is not None and "val" in split_folders(Path(args.data)):  # typed, and it would change nothing
         raise ThawError(
             f"--val-split {args.val_split:g} would do nothing: {args.data} has a val folder, which is the val split; "
@@ -254,6 +256,16 @@ def _start(args: argparse.Namespace, config: TrainConfig, out: Path, callbacks: 
         val_split=0.2 if args.val_split is None else args.val_split, resume=bool(args.resume), overwrite=args.overwrite,
         callbacks=callbacks, step_hooks=step_hooks,
     )
+
+
+def _refuse_text_options(args: argparse.Namespace) -> None:
+    """Text options typed for an image run did nothing: --test-split held no test set out, without a word."""
+    if not hasattr(args, "parser") or not hasattr(args, "argv"):  # a namespace built by hand records nothing typed
+        return
+    typed = given_options(args.parser, args.argv) & TEXT_ONLY_DESTS
+    if typed:
+        flags = ", ".join(f"--{dest.replace('_', '-')}" for dest in sorted(typed))
+        raise ThawError(f"{flags}: text options, and this is an image run (--task text for a text table); drop them")
 
 
 def given_options(parser: argparse.ArgumentParser, argv: list[str]) -> set[str]:
