@@ -166,6 +166,8 @@ def test_a_delimiter_of_several_characters_is_one_line(tmp_path: Path) -> None:
     table.write_text("a;;one\nb;;two\n")
     with pytest.raises(ThawError, match=r"delimiter \(--delimiter\) must be one character"):
         read_table(table, TextColumns(delimiter=";;"))
+    with pytest.raises(ThawError, match=r"^delimiter \(--delimiter\) must be one character \(or tab\), got ''$"):
+        read_table(table, TextColumns(delimiter=""))  # an unset shell variable: not "find it out"
 
 
 def test_length_grouped_batches_cover_each_sample_once_and_cut_padding() -> None:

@@ -171,6 +171,8 @@ def test_predict_reads_texts_from_a_file(
     assert [line.split("\t")[2] for line in lines] == ["first message", "second message"]
     assert main(["predict", str(tmp_path / "run")]) == 2  # nothing to classify: one line, not a traceback
     assert "give one or more non-empty texts" in capsys.readouterr().err
+    assert main(["predict", str(tmp_path / "run"), "a", " ", "b"]) == 2  # which one is empty: named
+    assert capsys.readouterr().err.strip() == "thaw: error: give one or more non-empty texts to classify; text 2 of 3 is empty"
     photo = tmp_path / "photo.jpg"  # a file that is not text, given by mistake; and the same bytes on standard input
     photo.write_bytes(b"\xff\xd8\xff\xe0\x00\x10JFIF")
     assert main(["predict", str(tmp_path / "run"), "--file", str(photo)]) == 2

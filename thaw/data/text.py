@@ -63,7 +63,7 @@ class TextData(LabelledData):
 
 
 def _delimiter(path: Path, first_line: str, wanted: str | None) -> str:
-    if wanted:
+    if wanted is not None:  # "" too: an unset shell variable (--delimiter "$SEP") is refused, not read as "sniff it"
         chosen = "\t" if wanted in ("tab", "\\t") else wanted
         if len(chosen) != 1:
             raise ThawError(f"delimiter (--delimiter) must be one character (or tab), got {wanted!r}")

@@ -383,8 +383,12 @@ def predict_texts(adapter: ModelAdapter, classes: list[str], texts: list[str] | 
     if not isinstance(texts, (str, list, tuple)) or (not isinstance(texts, str) and not all(isinstance(text, str) for text in texts)):
         raise ThawError(f"texts must be a text or a list of texts, got {texts!r}")
     texts = [texts] if isinstance(texts, str) else list(texts)
-    if not texts or not all(text.strip() for text in texts):
+    if not texts:
         raise ThawError("give one or more non-empty texts to classify")
+    empty = [str(number) for number, text in enumerate(texts, 1) if not text.strip()]
+    if empty:
+        which = f"text {empty[0]} of {len(texts)} is" if len(empty) == 1 else f"texts {', '.join(empty)} of {len(texts)} are"
+        raise ThawError(f"give one or more non-empty texts to classify; {which} empty")
     engine = choose_engine(TrainConfig(quiet=True), adapter.model)
     adapter.model.to(engine.device).eval()
     predictions = []
