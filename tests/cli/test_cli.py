@@ -161,7 +161,7 @@ MOBILENET_PLAN = ["plan", "--model", "mobilenet_v3_small", "--num-classes", "3"]
         (["demo", "--out", "TMP/decay.yaml"], "decay.yaml is not writable (a file, not a folder, is there)"),
         # argparse reads a value that starts with '-' as an option: say so, and how to pass it
         (["train", "DATA", *TINY_RUN, "--budget", "-5s"], "argument --budget: '-5s' starts with '-', so it reads as an option; write --budget=-5s"),
-        (["train", "DATA", *TINY_RUN, "--budget=-5s"], "argument --budget: budget must be a time like 90s, 3m or 1.5h, got '-5s'"),
+        (["train", "DATA", *TINY_RUN, "--budget=-5s"], "argument --budget: budget must be a time above 0, like 90s, 3m or 1.5h (a bare number is seconds), got '-5s'"),
         (["train", "DATA", *TINY_RUN, "--budget"], "argument --budget: expected one argument"),
         (["train", "DATA", *TINY_RUN, "--out", "DATA/train/red/run"], "is inside the data folder"),  # its plots: red images
         # where the word after it is an option after all, the value was left out: no hint
@@ -226,6 +226,13 @@ def test_lr_find_never_writes_over_a_training_image_or_a_runs_file(colours: Path
     kept = listed.read_bytes()
     assert main([*LR_FIND[:1], str(tmp_path / "labels.csv"), *LR_FIND[2:], "--out", str(listed)]) == 2
     assert f"--out {listed} is an image of the data" in capsys.readouterr().err and listed.read_bytes() == kept
+
+
+def test_lr_find_offers_only_image_models(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        main(["lr-find", "--help"])
+    said = capsys.readouterr().out
+    assert "timm/NAME" in said and "hf/ORG/NAME" not in said  # it refuses text tables: its help offered text encoders
 
 
 def test_lr_find_warns_of_the_files_it_leaves_out(colours: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -35,7 +36,7 @@ def test_a_budget_reads_seconds_minutes_and_hours(text: str, seconds: float) -> 
 
 @pytest.mark.parametrize("text", ["3x", "0m", "-1s", "", "m", "1e3s", "nan"])
 def test_a_budget_that_is_not_a_time_is_one_line(text: str) -> None:
-    with pytest.raises(ThawError, match="budget must be a time like 90s, 3m or 1.5h"):
+    with pytest.raises(ThawError, match=r"^budget must be a time above 0, like 90s, 3m or 1.5h \(a bare number is seconds\), got "):
         parse_budget(text)
 
 
@@ -322,7 +323,7 @@ def test_budget_on_the_command_line(tiny_split_data: Path, tmp_path: Path, capsy
     with pytest.raises(SystemExit) as refused:  # argparse's usage error: one line, exit 2
         main(["train", str(tiny_split_data), "--model", "mobilenet_v3_small", "--weights", "none", "--budget", "soon"])
     assert refused.value.code == 2
-    assert "budget must be a time like 90s, 3m or 1.5h, got 'soon'" in capsys.readouterr().err
+    assert "budget must be a time above 0, like 90s, 3m or 1.5h (a bare number is seconds), got 'soon'" in capsys.readouterr().err
     args = [str(tiny_split_data), "--model", "mobilenet_v3_small", "--weights", "none", "--image-size", "32", "--batch-size", "8",
             "--budget", "20s", "--json", "--out", str(tmp_path / "run")]
     assert main(["train", *args]) == 0
@@ -343,9 +344,9 @@ def test_a_plan_file_budget_is_read_like_the_flag(tmp_path: Path) -> None:
     assert budget("1.5h") == 5400.0
     assert budget("90") == 90.0  # a bare number is seconds, as on the command line
     assert budget("3m", "--budget", "90s") == 90.0  # typed on the command line: the flag wins
-    with pytest.raises(ThawError, match=r"plan\.yaml: training: budget must be a time like 90s, 3m or 1\.5h, got 'soon'"):
+    with pytest.raises(ThawError, match=r"plan\.yaml: training: budget must be a time above 0, like 90s, 3m or 1\.5h \(a bare number is seconds\), got 'soon'"):
         budget("soon")
-    with pytest.raises(ThawError, match="budget must be a time like 90s, 3m or 1.5h, got 0"):
+    with pytest.raises(ThawError, match=re.escape("budget must be a time above 0, like 90s, 3m or 1.5h (a bare number is seconds), got 0")):
         budget("0")
 
 
@@ -355,7 +356,7 @@ def test_every_bad_training_value_in_a_plan_file_is_reported_with_the_file(tmp_p
     with pytest.raises(ThawError) as error:
         cli_config("data", "--model", "mobilenet_v2", "--config", str(plan))
     message = str(error.value)
-    assert message.startswith(f"{plan}: training: 3 problems: budget must be a time like")
+    assert message.startswith(f"{plan}: training: 3 problems: budget must be a time above 0, like")
     assert "label smoothing must be a share in [0, 1), got 2" in message and "ema must be true or false, got 'maybe'" in message
     # The same options typed on the command line replace the file's, so its bad values no longer matter.
     typed = cli_config("data", "--model", "mobilenet_v2", "--config", str(plan), "--budget", "90s", "--label-smoothing", "0", "--no-ema")

@@ -25,7 +25,7 @@ MAX_STEPS = 10_000  # the lr moves start -> end over the steps: beyond this it b
 def register(commands: argparse._SubParsersAction) -> None:
     parser = commands.add_parser("lr-find", help="lr range test: plot loss against lr and suggest one")
     parser.add_argument("data", type=path_text)
-    add_model_options(parser)
+    add_model_options(parser, text=False)  # lr-find runs on images
     parser.set_defaults(weights="DEFAULT")
     parser.add_argument("--train", nargs="+", default=["head"], help="selectors that train during the test (default: head)")
     parser.add_argument("--start", type=positive_lr, default=1e-7)

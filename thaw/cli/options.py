@@ -146,10 +146,10 @@ class _TypedAppend(argparse._AppendAction):
         _mark_typed(namespace, self.option_strings[-1])
 
 
-def add_model_options(parser: argparse.ArgumentParser, required: bool = True) -> None:
-    parser.add_argument(
-        "--model", required=required, help="torchvision name (resnet50), timm/NAME, or a Hugging Face folder or hf/ORG/NAME (text)"
-    )
+def add_model_options(parser: argparse.ArgumentParser, required: bool = True, text: bool = True) -> None:
+    """`text` False: a command for image models alone (lr-find), whose help does not offer text encoders."""
+    models = "torchvision name (resnet50), timm/NAME" + (", or a Hugging Face folder or hf/ORG/NAME (text)" if text else "")
+    parser.add_argument("--model", required=required, help=models)
     parser.add_argument("--weights", type=weights_text, help="weights name (DEFAULT, IMAGENET1K_V1), a file path, or none")
 
 

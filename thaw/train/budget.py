@@ -49,7 +49,7 @@ def parse_budget(text: str) -> float:
     match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smh]?)\s*", str(text))
     seconds = float(match.group(1)) * UNITS[match.group(2) or "s"] if match else 0.0
     if not seconds > 0 or not math.isfinite(seconds):
-        raise ThawError(f"budget must be a time like 90s, 3m or 1.5h, got {text!r}")
+        raise ThawError(f"budget must be a time above 0, like 90s, 3m or 1.5h (a bare number is seconds), got {text!r}")
     return seconds
 
 
