@@ -501,6 +501,7 @@ def test_predict_files_takes_a_file_or_a_folder_alone(trained_run: Path, tiny_sp
     folder, _ = predict_files(adapter, meta["classes"], tiny_split_data / "val")
     assert len(folder) == 18 and str(image) in [p.path for p in folder]
     listed, _ = predict_files(adapter, meta["classes"], [image])
+    assert [p.path for p in predict_files(adapter, meta["classes"], (path for path in [image]))[0]] == [str(image)]  # any iterable
     assert listed[0].labels == alone[0].labels
     in_a_list, skipped = predict_files(adapter, meta["classes"], [tiny_split_data / "val", "x" * 300])  # a folder in a list: its images
     assert [p.path for p in in_a_list] == [p.path for p in folder] and [path for path, _ in skipped] == ["x" * 300]  # a name too long: skipped

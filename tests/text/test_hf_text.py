@@ -91,7 +91,7 @@ def test_a_hub_model_not_in_the_cache_is_fetched_in_one_line_and_refused_in_one(
     with pytest.raises(ThawError, match="^cannot load model 'thaw-test/absent': it is not a local folder and the hub did not provide it"):
         build_text_model("thaw-test/absent", num_classes=2)
     said = capfd.readouterr().err
-    assert said.strip() == "thaw: thaw-test/absent is not in the Hugging Face cache; fetching it from the hub"  # no retry lines
+    assert said.strip() == "thaw: thaw-test/absent is not wholly in the Hugging Face cache; fetching it from the hub"  # no retry lines
 
 
 def test_a_folder_without_weights_is_one_clear_error(tmp_path: Path, minilm: Path) -> None:

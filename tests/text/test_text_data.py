@@ -122,6 +122,8 @@ def test_a_row_with_more_columns_than_the_table_is_skipped_not_read_as_a_new_lab
     pairs, skipped = read_table(table)
     assert sorted({label for _, label in pairs}) == ["ham", "spam"] and ("hi", "ham") in pairs  # a trailing comma is no column
     assert skipped == [(f"{table}:4", "3 columns, the table has 2: a ',' inside a text? quote the text")]
+    table.write_text("text,label\nhello there,ham,0.9\nwin now,spam,0.1\nsee you,ham,0.8\n")  # a header shorter than its rows
+    assert read_table(table) == ([("hello there", "ham"), ("win now", "spam"), ("see you", "ham")], [])
 
 
 @pytest.mark.parametrize(

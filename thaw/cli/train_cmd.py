@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from dataclasses import fields, replace
 from functools import partial
 from pathlib import Path
@@ -31,7 +32,7 @@ from thaw.plan import plan_to_dict
 from thaw.plan.config import read_plan_file
 from thaw.plan.strategies import DEFAULT_EPOCHS
 from thaw.train.budget import parse_budget
-from thaw._io import answers, atomic_write, check_writable
+from thaw._io import atomic_write, check_writable
 from thaw.train import RunResult, check_model_object, check_out_outside_data, RunState, TextColumns, TrainConfig, resume_run, saved_settings, train_images, train_text
 from thaw.train.config import METRICS, PRECISIONS, SCHEDULES, checked_training_options
 from thaw.train.fit import resolve_device, uses_bf16
@@ -399,6 +400,7 @@ def run(args: argparse.Namespace) -> int:
         check_writable(out)
     loggers = make_loggers(args.log, out, settings or _typed_settings(args)) if main_rank else []
     ending, refused = "FAILED", False
+    started = time.time()  # a checkpoint written since is this run's: only then is "--resume" the way on
     try:
         result = _train(args, out, settings, callbacks + [logger.epoch for logger in loggers], loggers)
         code = _finish(args, out, result) if main_rank else 0
@@ -409,7 +411,7 @@ def run(args: argparse.Namespace) -> int:
         raise
     except (KeyboardInterrupt, ThawError, PermissionError) as stopped:  # bad input (unreadable data), or Ctrl-C while setting up
         refused = main_rank and settings is None and not holds_run(out)  # nothing to resume or keep: undo the start
-        if isinstance(stopped, PermissionError) and main_rank and answers((out / CHECKPOINT).is_file):
+        if isinstance(stopped, PermissionError) and main_rank and _checkpoint_since(out, started, bool(args.resume)):
             raise ThawError(f"{denied(stopped)}; check its permissions, then {how_to_continue(out)}") from None
         if isinstance(stopped, (ThawError, PermissionError)):  # main says a PermissionError in one line
             raise
@@ -426,6 +428,15 @@ def run(args: argparse.Namespace) -> int:
         close_loggers(loggers, ending)
         if refused:
             _remove_started_run(out, created)
+
+
+def _checkpoint_since(out: Path, started: float, resumed: bool) -> bool:
+    """Whether `out` holds a checkpoint of the run this command trains: a resumed run's, or one written since it
+    started (with --overwrite, an old run's checkpoint still in place is the run being replaced, not this one)."""
+    try:
+        return (out / CHECKPOINT).is_file() and (resumed or (out / CHECKPOINT).stat().st_mtime >= started - 1)  # coarse file clocks
+    except OSError:
+        return False
 
 
 def _say_finished(args: argparse.Namespace, run: Path) -> int:

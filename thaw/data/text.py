@@ -192,7 +192,9 @@ def _read_table(path: Path, columns: TextColumns) -> Table:
             raise ThawError(f"{path}: the {what} column (TextColumns.{what}, --{what}-column) {at} is past its last column (the table has {widest}: 0 to {widest - 1}){quote_hint}")
     if text_at == label_at:
         raise ThawError(f"{path}: the text and the label are the same column ({text_at}); give them different columns (TextColumns text and label, --text-column and --label-column)")
-    columns_count = len(_filled(header)) if header else Counter(len(_filled(row)) for row in body).most_common(1)[0][0]
+    # The header's width, or the rows' usual width where wider (text,label over rows with an unnamed score column).
+    usual = Counter(len(_filled(row)) for row in body).most_common(1)[0][0]
+    columns_count = max(len(_filled(header)), usual) if header else usual
     columns_count = max(columns_count, text_at + 1, label_at + 1)  # columns named past it are the user's word
     pairs, skipped, starts = [], [], []
     for line, row in zip(lines, body):

@@ -305,8 +305,9 @@ def predict_files(
     _check_request(top_k, batch_size)
     _check_predict_call(adapter, classes, "image")
     check_switch("tta", tta)
-    if not isinstance(files, (str, Path, list, tuple)) or (isinstance(files, (list, tuple)) and not all(isinstance(f, (str, Path)) for f in files)):
-        raise ThawError(f"files must be an image file or folder, or a list of them, got {files!r}")
+    given, files = files, files if isinstance(files, (str, Path)) else _listed(files)  # a generator (Path.glob), a Series
+    if not isinstance(files, (str, Path)) and not all(isinstance(f, (str, Path)) for f in files):
+        raise ThawError(f"files must be an image file or folder, or a list of them, got {given!r}")
     # A path alone or in a list may be a folder (read for its images); a file that cannot be read is skipped.
     files = image_files([str(files)]) if isinstance(files, (str, Path)) else [f for path in files for f in _files_in(Path(path))]
     if not files:
@@ -339,6 +340,16 @@ def predict_files(
 def _check_request(top_k: object, batch_size: object) -> None:
     for name, value in (("top_k", top_k), ("batch_size", batch_size)):
         _check_count(name, value)
+
+
+def _listed(items: object) -> list:
+    """Any iterable as a list (bytes and None are no list of paths or texts: [] then, refused by the caller's check)."""
+    if items is None or isinstance(items, bytes):
+        return [items]
+    try:
+        return list(items)
+    except TypeError:
+        return [items]
 
 
 def _check_count(name: str, value: object) -> int:
@@ -380,8 +391,9 @@ def predict_texts(adapter: ModelAdapter, classes: list[str], texts: list[str] | 
     """Labels and probabilities for each text (one text alone, or a list of them), in the order given."""
     _check_request(top_k, batch_size)
     _check_predict_call(adapter, classes, "text")
-    if not isinstance(texts, (str, list, tuple)) or (not isinstance(texts, str) and not all(isinstance(text, str) for text in texts)):
-        raise ThawError(f"texts must be a text or a list of texts, got {texts!r}")
+    given, texts = texts, texts if isinstance(texts, str) else _listed(texts)  # a generator, a pandas Series
+    if not isinstance(texts, str) and not all(isinstance(text, str) for text in texts):
+        raise ThawError(f"texts must be a text or a list of texts, got {given!r}")
     texts = [texts] if isinstance(texts, str) else list(texts)
     if not texts:
         raise ThawError("give one or more non-empty texts to classify")

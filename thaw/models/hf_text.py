@@ -83,6 +83,8 @@ def _load_error(source: str, error: Exception) -> ThawError:
     local = Path(source).expanduser()
     if local.exists():
         return ThawError(f"cannot load a Hugging Face model from {local} ({type(error).__name__}: {first_line(error, 160)}); it needs config.json, weights and tokenizer files")
+    if not isinstance(error, OSError):  # it was there, and could not be read
+        return ThawError(f"cannot load model {source!r} ({type(error).__name__}: {first_line(error, 160)}); check that transformers knows its model type")
     return ThawError(
         f"cannot load model {source!r}: it is not a local folder and the hub did not provide it "
         f"({type(error).__name__}). Pass the folder of a downloaded model, or go online and unset HF_HUB_OFFLINE"
@@ -99,9 +101,12 @@ def load_encoder(source: str, *, load: bool = True) -> tuple[nn.Module, object]:
     except ThawError:
         raise
     except (OSError, ValueError, KeyError) as error:
-        if Path(source).expanduser().exists() or _hub_offline():
+        # Only a file missing from the cache (OSError) is the hub's to provide; a cached model transformers cannot
+        # read (a model type newer than it) says why at once, not after minutes of asking the hub.
+        if Path(source).expanduser().exists() or _hub_offline() or not isinstance(error, OSError):
             raise _load_error(source, error) from None
-    print(f"thaw: {source} is not in the Hugging Face cache; fetching it from the hub", file=sys.stderr, flush=True)
+    if os.environ.get("RANK", "0") == "0":  # torchrun's other ranks fetch the same files
+        print(f"thaw: {source} is not wholly in the Hugging Face cache; fetching it from the hub", file=sys.stderr, flush=True)
     try:
         with _hub_retries_unsaid():
             return _read_encoder(transformers, source, load, local_files_only=False)
