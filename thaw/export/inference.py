@@ -305,7 +305,7 @@ def predict_files(
     _check_request(top_k, batch_size)
     _check_predict_call(adapter, classes, "image")
     check_switch("tta", tta)
-    given, files = files, files if isinstance(files, (str, Path)) else _listed(files)  # a generator (Path.glob), a Series
+    given, files = files, files if isinstance(files, (str, Path)) else _as_list(files)  # a generator (Path.glob), a Series
     if not isinstance(files, (str, Path)) and not all(isinstance(f, (str, Path)) for f in files):
         raise ThawError(f"files must be an image file or folder, or a list of them, got {given!r}")
     # A path alone or in a list may be a folder (read for its images); a file that cannot be read is skipped.
@@ -342,7 +342,7 @@ def _check_request(top_k: object, batch_size: object) -> None:
         _check_count(name, value)
 
 
-def _listed(items: object) -> list:
+def _as_list(items: object) -> list:
     """Any iterable as a list (bytes and None are no list of paths or texts: [] then, refused by the caller's check)."""
     if items is None or isinstance(items, bytes):
         return [items]
@@ -391,7 +391,7 @@ def predict_texts(adapter: ModelAdapter, classes: list[str], texts: list[str] | 
     """Labels and probabilities for each text (one text alone, or a list of them), in the order given."""
     _check_request(top_k, batch_size)
     _check_predict_call(adapter, classes, "text")
-    given, texts = texts, texts if isinstance(texts, str) else _listed(texts)  # a generator, a pandas Series
+    given, texts = texts, texts if isinstance(texts, str) else _as_list(texts)  # a generator, a pandas Series
     if not isinstance(texts, str) and not all(isinstance(text, str) for text in texts):
         raise ThawError(f"texts must be a text or a list of texts, got {given!r}")
     texts = [texts] if isinstance(texts, str) else list(texts)
