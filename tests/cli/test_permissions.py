@@ -19,9 +19,14 @@ AS_A_USER = ["setpriv", "--bounding-set", "-dac_override,-dac_read_search", "--"
 
 
 @pytest.fixture
-def unreadable(tmp_path: Path) -> Iterator[Path]:
+def file_modes_apply() -> None:
+    """Root without setpriv reads every file whatever its mode: no file can be made unreadable to test with."""
     if AS_A_USER and shutil.which("setpriv") is None:
         pytest.skip("running as root, and without setpriv (util-linux) to drop root's bypass of file modes")
+
+
+@pytest.fixture
+def unreadable(tmp_path: Path, file_modes_apply: None) -> Iterator[Path]:
     folder = write_class_images(tmp_path / "data", per_class=4, size=32)
     folder.chmod(0)
     yield folder
@@ -75,10 +80,8 @@ def test_an_unreadable_folder_inside_a_class_is_listed_as_skipped_not_passed_ove
     assert strict.returncode == 2 and str(inside) in strict.stderr and not (tmp_path / "strict").exists()
 
 
-def test_an_unreadable_weights_file_in_a_run_is_named_as_such_not_as_damaged(tmp_path: Path) -> None:
+def test_an_unreadable_weights_file_in_a_run_is_named_as_such_not_as_damaged(tmp_path: Path, file_modes_apply: None) -> None:
     """safetensors says 'No such file' for a file it may not read: thaw said the run's weights were damaged."""
-    if AS_A_USER and shutil.which("setpriv") is None:
-        pytest.skip("running as root, and without setpriv (util-linux) to drop root's bypass of file modes")
     data = write_class_images(tmp_path / "data", per_class=4, size=32)
     trained = subprocess.run(
         [sys.executable, "-m", "thaw", "train", str(data), "--model", "mobilenet_v3_small", "--weights", "none", "--strategy",
@@ -96,10 +99,8 @@ def test_an_unreadable_weights_file_in_a_run_is_named_as_such_not_as_damaged(tmp
     assert done.stderr.strip() == f"thaw: error: cannot access {weights} (permission denied); check its permissions"
 
 
-def test_a_download_into_a_hub_cache_thaw_may_not_write_says_so(tmp_path: Path) -> None:
+def test_a_download_into_a_hub_cache_thaw_may_not_write_says_so(tmp_path: Path, file_modes_apply: None) -> None:
     """Online, into a torch hub cache another user owns: the cache is the problem, not the download."""
-    if AS_A_USER and shutil.which("setpriv") is None:
-        pytest.skip("running as root, and without setpriv (util-linux) to drop root's bypass of file modes")
     published = tmp_path / "published" / "tiny-0123abcd.pth"
     published.parent.mkdir()
     torch.save({"weight": torch.arange(6.0)}, published)
