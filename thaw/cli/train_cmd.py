@@ -99,7 +99,7 @@ def add_training_options(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument(
         "--budget", type=budget_seconds, metavar="TIME",
-        help="choose the epochs per stage to finish training within TIME (90s, 3m, 1.5h; a bare number is seconds), measured on this machine",
+        help="choose the epochs per stage to finish training within TIME (90s, 3m, 1.5h, 1h30m; a bare number is seconds), measured on this machine",
     )
     group.add_argument(
         "--compile", action="store_true",
@@ -352,6 +352,8 @@ def _check_resume_options(args: argparse.Namespace, run: Path, settings: dict) -
     if args.out and Path(args.out).resolve() != run.resolve():
         raise ThawError(f"--out {args.out} and --resume {run} name two runs; a resume writes into the run it continues")
     check_model_object(run, settings, None, "resume_run")  # before typed options are compared: that rebuilds the model by name
+    if settings.get("task") != "text":  # an image run records no text options, so none would be compared: refuse them
+        _refuse_text_options(args)
     claimed = _claimed(args, given_options(args.parser, args.argv), settings, run)
     found = differences({key: settings[key] for key in claimed if key in settings}, claimed)
     if found:
