@@ -12,7 +12,7 @@ from thaw.export.run_dir import load_run
 from thaw.plan import count_parameters, resolve_stage
 from thaw.errors import ThawError
 from thaw.train import TrainConfig, saved_settings, train_images
-from thaw.train.run_folder import METADATA, holds_run
+from thaw.train.run_folder import METADATA, SET_ASIDE, holds_run
 
 MODEL, WEIGHTS = "mobilenet_v2", "IMAGENET1K_V1"
 # 8x8 scans carry no detail of their own; 96 px gives the network room (two-phase test accuracy
@@ -57,8 +57,14 @@ def check_demo_run_folder(run: Path, digits: Path) -> None:
     says so). `thaw demo --out runs` beside `thaw train ... --out runs/two-phase` deleted that run without a word."""
     if not holds_run(run):  # anything else there is train_images' to refuse or keep, as for any --out
         return
-    if _recorded_data_path(run) != str(digits.resolve()):
-        raise ThawError(f"{run} holds files the demo did not write; the demo replaces only its own runs: choose another --out")
+    # A demo killed while it replaced its run, before the new one's first checkpoint, left only the old run, set aside.
+    recorded = _recorded_data_path(run) or _recorded_data_path(run / SET_ASIDE)
+    if recorded != str(digits.resolve()):
+        trained_on = f" (it trained on {recorded})" if recorded else ""
+        raise ThawError(
+            f"{run} holds a run that is not this demo's{trained_on}; the demo replaces only the runs it made in this folder: "
+            "choose another --out"
+        )
 
 
 def _recorded_data_path(run: Path) -> str | None:

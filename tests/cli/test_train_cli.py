@@ -247,7 +247,7 @@ def test_text_options_on_an_image_run_are_refused_not_ignored(tiny_split_data: P
     assert not (tmp_path / "run").exists()
 
 
-def test_the_demo_never_replaces_a_run_of_the_users(trained_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_the_demo_never_replaces_a_run_of_the_users(trained_run: Path, tiny_split_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """`thaw train DATA --out runs/two-phase`, then `thaw demo --out runs`: the demo replaced that run without a word."""
     import shutil
 
@@ -256,9 +256,27 @@ def test_the_demo_never_replaces_a_run_of_the_users(trained_run: Path, tmp_path:
     before = _run_files(mine)
     assert main(["demo", "--out", str(tmp_path / "runs")]) == 2
     assert capsys.readouterr().err.strip() == (
-        f"thaw: error: {mine} holds files the demo did not write; the demo replaces only its own runs: choose another --out"
+        f"thaw: error: {mine} holds a run that is not this demo's (it trained on {tiny_split_data.resolve()}); "
+        "the demo replaces only the runs it made in this folder: choose another --out"
     )
     assert _run_files(mine) == before and not (tmp_path / "runs" / "digits").exists()  # refused before any work
+
+
+@pytest.mark.parametrize("where", ["the run", "set aside"])
+def test_the_demo_takes_its_own_run_back_even_after_a_kill_mid_replacement(tmp_path: Path, where: str) -> None:
+    """A demo killed while it replaced its run (before the new run's first checkpoint) leaves the old run in
+    .replaced-run/; the next demo refused it as a user's run, so the README's first command could not run again."""
+    from thaw.demo import check_demo_run_folder
+    from thaw.train.run_folder import METADATA, SET_ASIDE
+
+    run, digits = tmp_path / "runs" / "two-phase", tmp_path / "runs" / "digits"
+    record = run / SET_ASIDE if where == "set aside" else run
+    record.mkdir(parents=True)
+    (record / METADATA).write_text(json.dumps({"data_path": str(digits.resolve())}))
+    check_demo_run_folder(run, digits)  # the demo's own: taken back, no refusal
+    (record / METADATA).write_text(json.dumps({"data_path": str(tmp_path / "my-photos")}))
+    with pytest.raises(ThawError, match=r"two-phase holds a run that is not this demo's \(it trained on .*my-photos\)"):
+        check_demo_run_folder(run, digits)
 
 
 def test_the_demo_scores_only_its_own_digits(tiny_split_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
