@@ -76,7 +76,7 @@ def test_an_unreadable_folder_inside_a_class_is_listed_as_skipped_not_passed_ove
     finally:
         inside.chmod(0o755)
     assert done.returncode == 0, done.stderr
-    assert f"thaw: warning: skipped 1 unreadable file(s): {inside} (a folder thaw may not list, permission denied)" in done.stderr
+    assert f"thaw: warning: skipped 1 unreadable file(s): {inside} (a folder thaw cannot list (permission denied))" in done.stderr
     assert strict.returncode == 2 and str(inside) in strict.stderr and not (tmp_path / "strict").exists()
 
 

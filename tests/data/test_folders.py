@@ -9,7 +9,7 @@ import pytest
 
 from tests.conftest import shared_data, write_class_images
 from thaw import ThawError
-from thaw.data.folders import discover, stratified_split, would_be_read
+from thaw.data.folders import as_percent, discover, stratified_split, would_be_read
 
 
 def test_split_folders_with_any_val_name(tmp_path: Path) -> None:
@@ -248,6 +248,19 @@ def test_images_straight_in_train_without_class_folders_are_said_to_carry_no_lab
         discover(tmp_path / "data")
 
 
+def test_a_kaggle_style_unlabelled_test_folder_is_sent_to_predict(tmp_path: Path) -> None:
+    """Kaggle ships train/CLASS/ beside test/ of loose images to predict: 'put each class's images in a folder'
+    asked the user to label what they want thaw to label."""
+    root = tmp_path / "data"
+    write_class_images(root / "train", per_class=3)
+    write_class_images(tmp_path / "loose", per_class=2)
+    (root / "test").mkdir()
+    for image in (tmp_path / "loose" / "red").iterdir():
+        image.rename(root / "test" / image.name)
+    with pytest.raises(ThawError, match=f"^{root / 'test'} holds 2 image\\(s\\) but no class folders: .*thaw predict RUN test/$"):
+        discover(root)
+
+
 def test_a_val_link_to_nowhere_is_refused_not_replaced_by_a_share_of_train(tmp_path: Path) -> None:
     """val/ linked to a disk that is not mounted: holding out a share of train/ instead would change the run unseen."""
     write_class_images(tmp_path / "data" / "train", per_class=4)
@@ -260,6 +273,7 @@ def test_the_held_out_share_is_said_as_given_not_rounded_to_a_whole_percent(tmp_
     root = write_class_images(tmp_path / "data", per_class=6)
     assert discover(root, val_split=0.999).layout == "class folders, 99.9% held out (seed 0)"  # not "100%" beside 3 train images
     assert discover(root, val_split=0.125).layout == "class folders, 12.5% held out (seed 0)"
+    assert as_percent(0.9996) == "99.96%" and as_percent(0.99999) == "99.999%" and as_percent(1.0) == "100%"
 
 
 def test_missing_path() -> None:

@@ -164,8 +164,13 @@ def _samples(by_class: dict[str, list[Path]], classes: tuple[str, ...]) -> tuple
 
 
 def as_percent(fraction: float) -> str:
-    """A held-out share as a percentage, to 3 digits: 0.999 is 99.9%, not the 100% that read beside 3 train images."""
-    return f"{fraction * 100:.3g}%"
+    """A held-out share as a percentage, to 3 digits, or more where 3 would round a share below 1 up to 100%:
+    0.999 is 99.9% and 0.9996 is 99.96%, not the 100% that read beside 3 train images."""
+    percent = fraction * 100
+    digits = 3
+    while percent < 100 and float(f"{percent:.{digits}g}") >= 100 and digits < 12:
+        digits += 1
+    return f"{percent:.{digits}g}%"
 
 
 def split_off_val(
@@ -341,6 +346,11 @@ def _check_holds_class_folders(split_dir: Path) -> None:
     if _class_folders(split_dir):
         return
     loose = [path for path in split_dir.iterdir() if path.suffix.lower() in IMAGE_SUFFIXES and path.is_file()]
+    if loose and SPLIT_NAMES.get(split_dir.name.lower()) == "test":  # Kaggle's layout: the images to predict, unlabelled
+        raise ThawError(
+            f"{split_dir} holds {len(loose)} image(s) but no class folders: unlabelled images cannot score a model; "
+            f"move {split_dir.name}/ out of {split_dir.parent} and label them with thaw predict RUN {split_dir.name}/"
+        )
     if loose:
         raise ThawError(
             f"{split_dir} holds {len(loose)} image(s) but no class folders, so no labels; "

@@ -30,10 +30,19 @@ def _check_file(path: Path) -> None:
     except OSError as error:  # a link loop, a file we may not read
         raise UnreadableImage(error.strerror or str(error)) from None
     if stat.S_ISDIR(status.st_mode):  # candidate_files lists a folder only where it cannot be listed
-        raise UnreadableImage("a folder thaw may not list, permission denied")
+        raise UnreadableImage(f"a folder thaw cannot list ({_listing_error(path)})")
     size = status.st_size
     if size == 0:
         raise UnreadableImage("empty file")
+
+
+def _listing_error(folder: Path) -> str:
+    """Why `folder` cannot be listed, as the system says it (permission denied, an I/O error)."""
+    try:
+        with os.scandir(folder):
+            return "it could not be listed when the data was read"  # listable now: it was not a moment ago
+    except OSError as error:
+        return (error.strerror or str(error)).lower()
 
 
 def probe(path: Path) -> None:
