@@ -112,10 +112,13 @@ def test_a_held_out_set_of_some_of_the_runs_classes_is_scored_by_class_name(
     table = {line.split()[0]: line.split()[1:3] for line in capsys.readouterr().out.splitlines()[3:6]}
     assert table["blue"][0] == table["green"][0] == "-" and table["red"][0] != "-"  # no recall for a class it does not hold
     assert main(["evaluate", str(colour_run), str(one), "--json"]) == 0
-    predicted = [sum(column) for column in zip(*json.loads(capsys.readouterr().out)["confusion"])]
+    said = json.loads(capsys.readouterr().out)
+    predicted = [sum(column) for column in zip(*said["confusion"])]
     for index, name in enumerate(["blue", "green"]):  # no F1 either, unless the model predicted the class
         assert (table[name][1] == "-") == (predicted[index] == 0)
-    assert table["red"][1] != "-"
+        assert (said["per_class_f1"][index] is None) == (predicted[index] == 0)  # the JSON says it as the table does
+        assert said["per_class_accuracy"][index] is None and (said["per_class_precision"][index] is None) == (predicted[index] == 0)
+    assert table["red"][1] != "-" and said["per_class_accuracy"][2] is not None and said["per_class_f1"][2] is not None
 
 
 def test_a_class_the_run_never_learned_is_one_line_naming_it(colour_run: Path, tiny_split_data: Path, tmp_path: Path) -> None:

@@ -157,6 +157,21 @@ def test_evaluate_report_writes_the_split_it_scored(image_run: tuple[Path, Path]
     assert len(reader.losses) == 16  # the default gallery
 
 
+def test_scores_of_a_class_the_data_does_not_hold_are_dashes_in_the_page_and_null_in_json(
+    image_run: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A set of one of the run's classes: the other classes' recall is 0/0; it was 0.0 in --json and 0.0000 on the page."""
+    run, data = image_run
+    copy, one = tmp_path / "run", tmp_path / "one-class"
+    shutil.copytree(run, copy)
+    held = sorted(path for path in (data / "test").iterdir() if path.is_dir())[0]
+    shutil.copytree(held, one / held.name)
+    assert main(["evaluate", str(copy), str(one), "--report", "--json"]) == 0
+    metrics = json.loads(capsys.readouterr().out)
+    assert metrics["per_class_accuracy"].count(None) == len(metrics["classes"]) - 1  # recall of every class not held
+    assert_same_numbers(read_page(copy / "report.html"), metrics)
+
+
 def test_report_without_its_data_is_one_line(image_run: tuple[Path, Path], tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
     run, _ = image_run
     copy = tmp_path / "run"

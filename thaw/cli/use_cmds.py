@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from thaw.errors import ThawError
 from thaw.export.formats import FORMATS, ExportCheck, export_model
 from thaw.export.inference import check_images, image_files, predict_files, predict_texts, score_run, with_tta
 from thaw.export.report import save_report
+from thaw.train.metrics import undefined_as_null
 from thaw.train.plots import plot_confusion
 from thaw.train.run_folder import ONNX_EXPORT, RUN_FOLDERS, TORCHSCRIPT_EXPORT, holds_run, is_run_file
 from thaw.export.run_dir import load_run
@@ -71,7 +73,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
     picture = _confusion_picture(metrics, Path(args.run) / f"confusion-{split}{suffix}.png", f"{split} split")
     if args.json:
         extra = {"confusion_png": str(picture) if picture else None} | ({"report": str(report)} if report else {})
-        print(json.dumps({k: v for k, v in metrics.items() if k != "seconds"} | extra))
+        print(json.dumps({k: v for k, v in undefined_as_null(metrics).items() if k != "seconds"} | extra))
         return _said_problem(problem)
     unit = "texts" if meta.get("task") == "text" else "images"
     what = f"every readable one in {args.data}" if split == "all" else f"the {split} split of {args.data}"
@@ -191,6 +193,10 @@ def run_export(args: argparse.Namespace) -> int:
     adapter, meta = load_run(args.run)
     if args.output is not None and not args.output.strip():  # an unset variable: not the run's default export, unseen
         raise ThawError("--output is empty; name the file to write, or leave --output out for the run's own export")
+    if args.output == "-":  # a runtime loads an export from a file (the ONNX one may need its weights file beside it)
+        raise ThawError("--output - : an export is written to a file, not to standard output; name the file, such as model.onnx")
+    if args.output is not None and args.output.endswith(("/", os.sep)):  # Path() drops the slash: model.onnx/ became a file
+        raise ThawError(f"--output {args.output} names a folder; name the file to write, such as {Path(args.output) / 'model.onnx'}")
     output = Path(args.output or Path(args.run) / (ONNX_EXPORT if args.format == "onnx" else TORCHSCRIPT_EXPORT))
     _check_output(output, args.format, Path(args.run))
     images = [] if meta.get("task") == "text" else check_images(meta, adapter.preprocessing)

@@ -20,6 +20,7 @@ from thaw.export.inference import ScoredSet, score_run
 from thaw.export.interpret import TopLoss, heat_maps, most_confused, thumbnail, top_losses
 from thaw.export.run_dir import load_run
 from thaw.models import ModelAdapter
+from thaw.train.metrics import undefined_as_null
 from thaw.train.run_folder import REPORT
 from thaw.plan import plan_from_dict, plan_report
 
@@ -133,9 +134,10 @@ def _e(value: object) -> str:
     return html.escape(str(value), quote=True)
 
 
-def _number(value: float, key: str) -> str:
-    """A number shown to 4 places, with its exact value in data-value for readers that check it."""
-    return f'<td data-key="{_e(key)}" data-value="{value!r}">{value:.4f}</td>'
+def _number(value: float | None, key: str) -> str:
+    """A number shown to 4 places, with its exact value in data-value for readers that check it; None (a score that
+    is 0/0) as "-"."""
+    return f'<td data-key="{_e(key)}" data-value="{value!r}">{"-" if value is None else f"{value:.4f}"}</td>'
 
 
 def _table(header: list[str], rows: list[str]) -> str:
@@ -226,7 +228,7 @@ def _short(text: str | None) -> str:
 
 
 def _metrics_html(report: dict) -> str:
-    m = report["metrics"]
+    m = undefined_as_null(report["metrics"])  # as `thaw evaluate --json` says them
     unit = "texts" if report["task"] == "text" else "images"
     summary = (
         f"<p>{_e(m['split'])} split: {m['count']} {unit}, {m['skipped_files']} skipped"

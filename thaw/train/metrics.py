@@ -73,3 +73,16 @@ class MetricTracker:
         if self.num_classes > 5:
             result["top5"] = self.top5_hits / max(1, self.count)
         return result
+
+
+def undefined_as_null(metrics: dict) -> dict:
+    """Per-class scores that are 0/0 as null, as the table's "-": recall of a class the data does not hold, precision
+    of one the model never predicted, F1 of one neither holds nor predicts (a 0 read as a score the model earned)."""
+    held = metrics["per_class_support"]
+    predicted = [sum(column) for column in zip(*metrics["confusion"])]
+    keep = lambda values, defined: [value if ok else None for value, ok in zip(values, defined)]  # noqa: E731
+    return metrics | {
+        "per_class_accuracy": keep(metrics["per_class_accuracy"], [count > 0 for count in held]),
+        "per_class_precision": keep(metrics["per_class_precision"], [count > 0 for count in predicted]),
+        "per_class_f1": keep(metrics["per_class_f1"], [a > 0 or b > 0 for a, b in zip(held, predicted)]),
+    }
