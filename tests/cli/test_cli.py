@@ -154,6 +154,7 @@ MOBILENET_PLAN = ["plan", "--model", "mobilenet_v3_small", "--num-classes", "3"]
         (["train", "DATA", *TINY_RUN[:6], "--config", "TMP/mixup.yaml", "--no-augment"], "(--no-augment) turns off; drop one of the two (mixup: from "),
         (["train", "DATA", *TINY_RUN[:6], "--config", "TMP/budget.yaml", "--compile"], "cannot run with a budget: the budget is planned from eager training steps and does not count compile time (budget: from "),  # the file key, and it alone
         ([*LR_FIND, "--out", "TMP"], "is a folder; name the plot file"),
+        ([*LR_FIND, "--out", "TMP/plots.png/"], "plots.png/ is a folder; name the plot file"),  # wrote a file plots.png
         ([*LR_FIND, "--out", "TMP/plot.xyz"], "cannot draw a .xyz file"),
         # the plot as an image of the data it tests: the next run would train on it
         ([*LR_FIND, "--out", "DATA/train/red/lr.png"], "is inside the data folder DATA: the plot would be read as an image of it"),
@@ -161,7 +162,7 @@ MOBILENET_PLAN = ["plan", "--model", "mobilenet_v3_small", "--num-classes", "3"]
         (["demo", "--out", "TMP/decay.yaml"], "decay.yaml is not writable (a file, not a folder, is there)"),
         # argparse reads a value that starts with '-' as an option: say so, and how to pass it
         (["train", "DATA", *TINY_RUN, "--budget", "-5s"], "argument --budget: '-5s' starts with '-', so it reads as an option; write --budget=-5s"),
-        (["train", "DATA", *TINY_RUN, "--budget=-5s"], "argument --budget: budget must be a time above 0, like 90s, 3m or 1.5h (a bare number is seconds), got '-5s'"),
+        (["train", "DATA", *TINY_RUN, "--budget=-5s"], "argument --budget: budget must be a time above 0, like 90s, 3m, 1.5h or 1h30m (a bare number is seconds), got '-5s'"),
         (["train", "DATA", *TINY_RUN, "--budget"], "argument --budget: expected one argument"),
         (["train", "DATA", *TINY_RUN, "--out", "DATA/train/red/run"], "is inside the data folder"),  # its plots: red images
         # where the word after it is an option after all, the value was left out: no hint

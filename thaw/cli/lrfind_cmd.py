@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import fnmatch
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -58,7 +59,7 @@ def plot_path(text: str, data: Path) -> Path:
     from matplotlib.backend_bases import FigureCanvasBase
 
     path = Path(text)
-    if path.is_dir():
+    if path.is_dir() or text.endswith(("/", os.sep)):  # Path() drops the slash: plots/ would have become a file "plots"
         raise ThawError(f"--out {text} is a folder; name the plot file, like {path / 'lr_find.png'}")
     if not path.suffix:  # matplotlib would add .png itself; say the name it really writes
         path = path.with_name(path.name + ".png")
