@@ -45,6 +45,17 @@ def test_yaml_plan_describes_any_plan(tmp_path: Path) -> None:
     assert resolve_stage(adapter, plan.stages[1]).trainable_params == 14_964_736 + 7_098_368 + 10_245
 
 
+def test_a_stage_of_0_epochs_is_said_to_be_skipped(tmp_path: Path) -> None:
+    """A YAML stage with epochs: 0 runs nothing; the plan said '0 epochs' and showed what it would train."""
+    from thaw.plan import plan_report, render_plan
+
+    path = tmp_path / "plan.yaml"
+    path.write_text("stages:\n  - {name: head, epochs: 2, train: [head]}\n  - {name: all, epochs: 0, train: [all], lr: 1e-4}\n")
+    said = render_plan(plan_report(build_model("resnet18", num_classes=3, device="meta"), load_plan(path), "resnet18"))
+    assert "Stage 2/2 'all': 0 epochs (skipped: nothing trains in a stage of 0 epochs)" in said
+    assert "Stage 1/2 'head': 2 epochs\n" in said
+
+
 def _refusal(path: Path, text: str) -> str:
     """What load_plan says of a plan file holding `text`."""
     path.write_text(text)

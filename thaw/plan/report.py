@@ -72,7 +72,8 @@ def render_plan(report: dict) -> str:
     header = ["group", "params", "trainable", "lr", "weight decay", "batchnorm"]
     for index, stage in enumerate(report["stages"], 1):
         out.append("")
-        out.append(f"Stage {index}/{len(report['stages'])} {stage['name']!r}: {stage['epochs']} epochs")
+        skipped = " (skipped: nothing trains in a stage of 0 epochs)" if stage["epochs"] == 0 else ""
+        out.append(f"Stage {index}/{len(report['stages'])} {stage['name']!r}: {stage['epochs']} epochs{skipped}")
         out.append(trainable_line(stage["trainable_params"], report["total_params"]))
         rows = [[_cell(g[k]) for k in ("name", "params", "trainable", "lr", "weight_decay", "batchnorm")] for g in stage["groups"]]
         out.append(render_table(rows, header))

@@ -44,13 +44,27 @@ HEAD_BACKWARD_FACTOR = 3  # a forward and a backward step of the head cost about
 UNITS = {"s": 1, "m": 60, "h": 3600}
 
 
+NUMBER = r"\d+(?:\.\d+)?"
+
+
 def parse_budget(text: str) -> float:
-    """'90s', '3m', '1.5h' (or a bare number of seconds) as seconds; one clear line for anything else."""
-    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smh]?)\s*", str(text))
-    seconds = float(match.group(1)) * UNITS[match.group(2) or "s"] if match else 0.0
+    """'90s', '3m', '1.5h', '1h30m' (or a bare number of seconds) as seconds; one clear line for anything else."""
+    written = str(text)  # a plan file's bare number arrives as a number
+    if re.fullmatch(rf"\s*{NUMBER}\s*", written):
+        seconds = float(written)
+    elif re.fullmatch(rf"(?:\s*{NUMBER}\s*[smh])+\s*", written) and _units_in_order(written):
+        seconds = sum(float(number) * UNITS[unit] for number, unit in re.findall(rf"({NUMBER})\s*([smh])", written))
+    else:
+        seconds = 0.0
     if not seconds > 0 or not math.isfinite(seconds):
-        raise ThawError(f"budget must be a time above 0, like 90s, 3m or 1.5h (a bare number is seconds), got {text!r}")
+        raise ThawError(f"budget must be a time above 0, like 90s, 3m, 1.5h or 1h30m (a bare number is seconds), got {text!r}")
     return seconds
+
+
+def _units_in_order(text: str) -> bool:
+    """Each unit once, largest first: 1h30m, not 30m1h or 3m3m (a typo, read as some sum, would plan the wrong time)."""
+    units = re.findall(r"[smh]", text)
+    return units == sorted(set(units), key="hms".index)
 
 
 @dataclass(frozen=True)
