@@ -247,6 +247,21 @@ def test_text_options_on_an_image_run_are_refused_not_ignored(tiny_split_data: P
     assert not (tmp_path / "run").exists()
 
 
+def test_an_image_file_name_that_is_not_utf8_trains_and_reports(tiny_split_data: Path, tmp_path: Path) -> None:
+    """An old zip's Latin-1 'caf\\xe9.png' crashed the run's data digest and then its report (tracebacks)."""
+    import os
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(tiny_split_data, data)
+    for split in ("train", "val"):  # val's is in the report's gallery of top losses
+        first = sorted((data / split / "red").iterdir())[0]
+        os.rename(first, os.fsencode(first.parent) + b"/caf\xe9.png")
+    run = tmp_path / "run"
+    assert main(["train", str(data), *TINY, "--strategy", "feature-extract", "--epochs", "1", "--out", str(run), "--quiet", "--report"]) == 0
+    assert (run / "report.html").is_file() and json.loads((run / "thaw.json").read_text())["classes"] == ["blue", "green", "red"]
+
+
 def test_the_demo_never_replaces_a_run_of_the_users(trained_run: Path, tiny_split_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """`thaw train DATA --out runs/two-phase`, then `thaw demo --out runs`: the demo replaced that run without a word."""
     import shutil

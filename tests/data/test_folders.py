@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections import Counter
 from pathlib import Path
 
@@ -215,7 +216,8 @@ def test_a_link_to_nowhere_is_skipped_and_listed_like_any_unreadable_file(tmp_pa
         (lambda root: (write_class_images(root, per_class=3), (root / "empty").mkdir()), "no readable images: empty"),
         (lambda root: write_class_images(root, classes=("only",)), "found 1 class \\(only\\); a classifier needs at least 2"),
         (lambda root: (write_class_images(root / "train"), write_class_images(root / "val", classes=("red", "green", "cyan"))), "only in val: \\['cyan'\\]"),
-        (lambda root: (write_class_images(root / "train"), write_class_images(root / "test", classes=("red", "green"))), "missing from test: \\['blue'\\]"),
+        (lambda root: (write_class_images(root / "train"), write_class_images(root / "val", classes=("red", "green"))), "missing from val: \\['blue'\\]\\); give val/ the same class folders as train/, or remove val/ to have a share of train/ held out$"),
+        (lambda root: (write_class_images(root / "train"), write_class_images(root / "test", classes=("red", "green", "cyan"))), "only in test: \\['cyan'\\]"),
         (lambda root: root.mkdir(), "holds no class folders"),
         # one image a class: none left for val, whose accuracy (0 of 0) would choose the epoch delivered
         (lambda root: write_class_images(root, per_class=1), "no sample is left for val: every class has a single one; a class needs 2"),
@@ -246,6 +248,26 @@ def test_images_straight_in_train_without_class_folders_are_said_to_carry_no_lab
         image.rename(train / image.name)
     with pytest.raises(ThawError, match=f"^{train} holds 3 image\\(s\\) but no class folders, so no labels; .*{train}/CLASS/IMAGE$"):
         discover(tmp_path / "data")
+
+
+def test_a_test_folder_of_some_of_the_classes_is_kept_not_refused(tmp_path: Path) -> None:
+    """test/ trains nothing; one lacking a rare class refused the whole run, though evaluate scores such a set."""
+    root = tmp_path / "data"
+    write_class_images(root / "train", per_class=3)
+    write_class_images(root / "val", per_class=2)
+    write_class_images(root / "test", classes=("red", "green"), per_class=2)
+    data = discover(root)
+    assert data.classes == ("blue", "green", "red") and len(data.test) == 4
+    assert {data.classes[label] for _, label in data.test} == {"red", "green"}
+
+
+def test_a_class_folder_name_that_is_not_utf8_is_refused_in_one_line(tmp_path: Path) -> None:
+    """An old zip's Latin-1 'abeill\\xe9' crashed the run's record (a traceback); its plots and report could not say it."""
+    root = tmp_path / "data"
+    write_class_images(root, per_class=3)
+    os.rename(root / "red", os.fsencode(root) + b"/abeill\xe9")
+    with pytest.raises(ThawError, match="class folder names that are not UTF-8: abeill\ufffd; rename them"):
+        discover(root)
 
 
 def test_a_kaggle_style_unlabelled_test_folder_is_sent_to_predict(tmp_path: Path) -> None:

@@ -141,13 +141,18 @@ def _check_classes(splits: dict[str, dict[str, list[Path]]], root: Path, min_cla
         empty = [c for c, files in by_class.items() if not files]
         if empty:  # named by split where there are splits; class folders alone are `root`'s, which names itself
             problems.append(f"{name + ': ' if name else ''}class folders with no readable images: {', '.join(empty)}")
-        if set(by_class) != set(reference):
+        # A test set of some of the classes trains nothing and is scored as evaluate scores any such set.
+        if set(by_class) != set(reference) and not (SPLIT_NAMES.get(name.lower()) == "test" and set(by_class) < set(reference)):
             only_here = sorted(set(by_class) - set(reference))
             missing = sorted(set(reference) - set(by_class))
             problems.append(
                 f"classes differ between {reference_name} and {name} (only in {name}: {only_here or 'none'}; "
-                f"missing from {name}: {missing or 'none'})"
+                f"missing from {name}: {missing or 'none'}); give {name}/ the same class folders as {reference_name}/"
+                + (f", or remove {name}/ to have a share of {reference_name}/ held out" if SPLIT_NAMES.get(name.lower()) == "val" else "")
             )
+    not_utf8 = [c.encode("utf-8", "surrogateescape").decode("utf-8", "replace") for c in reference if not _is_utf8(c)]
+    if not_utf8:  # an old zip's encoding: the name would reach the record, the plots and the report undecodable
+        problems.append(f"class folder names that are not UTF-8: {', '.join(not_utf8)}; rename them")
     if not reference and min_classes == 1:  # data to score
         problems.append("found no class with readable images; there is nothing to score")
     elif len(reference) < min_classes:
@@ -156,6 +161,15 @@ def _check_classes(splits: dict[str, dict[str, list[Path]]], root: Path, min_cla
     if problems:
         raise ThawError(f"{root}: " + "; ".join(problems))
     return tuple(sorted(reference))
+
+
+def _is_utf8(name: str) -> bool:
+    """Whether a name read from the file system is valid UTF-8 (Python keeps other bytes as lone surrogates)."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _samples(by_class: dict[str, list[Path]], classes: tuple[str, ...]) -> tuple[Sample, ...]:

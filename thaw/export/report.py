@@ -54,7 +54,9 @@ def write_report(
 
 def save_report(run: Path, adapter: ModelAdapter, meta: dict, scored: ScoredSet, top: int = TOP_LOSSES) -> tuple[Path, dict]:
     report = build_report(run, adapter, meta, scored, top)
-    atomic_write(run / REPORT, lambda target: target.write_text(render_html(report), encoding="utf-8"))
+    # A file name that is not UTF-8 (an old zip's) is shown with a replacement character, not a failed report.
+    page = render_html(report).encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+    atomic_write(run / REPORT, lambda target: target.write_text(page, encoding="utf-8"))
     return run / REPORT, report
 
 

@@ -70,14 +70,14 @@ def fingerprint(
 
     for name, tensor in adapter.model.state_dict().items():
         if decides(name):
-            digest.update(name.encode())
+            digest.update(name.encode("utf-8", "surrogateescape"))
             digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
     for item, label in samples:
         if isinstance(item, Path):  # an image file: its size and time stand for its content
             stat = item.stat()
-            digest.update(f"{item}|{label}|{stat.st_size}|{stat.st_mtime_ns}".encode())
+            digest.update(f"{item}|{label}|{stat.st_size}|{stat.st_mtime_ns}".encode("utf-8", "surrogateescape"))  # a name that is not UTF-8: its bytes
         else:  # a text sample is its own content
-            digest.update(f"{label}|{len(item)}|{item}".encode())
+            digest.update(f"{label}|{len(item)}|{item}".encode("utf-8", "surrogateescape"))
     return digest.hexdigest()[:20]
 
 

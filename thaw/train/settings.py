@@ -51,7 +51,7 @@ def samples_digest(data: LabelledData) -> str:
                 entry = f"{os.path.relpath(os.path.abspath(item), root)}|{item.stat().st_size}|{label}"
             else:
                 entry = f"{len(item)}|{item}|{label}"
-            digest.update(entry.encode() + b"\n")
+            digest.update(entry.encode("utf-8", "surrogateescape") + b"\n")  # a name that is not UTF-8 (an old zip): its bytes
     return digest.hexdigest()[:20]
 
 
