@@ -153,8 +153,10 @@ MOBILENET_PLAN = ["plan", "--model", "mobilenet_v3_small", "--num-classes", "3"]
         # a file's value against a typed flag: the file is named
         (["train", "DATA", *TINY_RUN[:6], "--config", "TMP/mixup.yaml", "--no-augment"], "(--no-augment) turns off; drop one of the two (mixup: from "),
         (["train", "DATA", *TINY_RUN[:6], "--config", "TMP/budget.yaml", "--compile"], "cannot run with a budget: the budget is planned from eager training steps and does not count compile time (budget: from "),  # the file key, and it alone
-        ([*LR_FIND, "--out", "TMP"], "is a folder; name the plot file"),
-        ([*LR_FIND, "--out", "TMP/plots.png/"], "plots.png/ is a folder; name the plot file"),  # wrote a file plots.png
+        ([*LR_FIND, "--out", "TMP"], "names a folder; name the plot file"),
+        ([*LR_FIND, "--out", "TMP/plots.png/"], "plots.png/ names a folder; name the plot file"),  # wrote a file plots.png
+        ([*LR_FIND, "--out", "TMP/plots/."], "plots/. names a folder; name the plot file"),  # wrote a file plots.png
+        ([*LR_FIND, "--out", "-"], "--out - : the plot is written to a file, not to standard output"),  # wrote -.png
         ([*LR_FIND, "--out", "TMP/plot.xyz"], "cannot draw a .xyz file"),
         # the plot as an image of the data it tests: the next run would train on it
         ([*LR_FIND, "--out", "DATA/train/red/lr.png"], "is inside the data folder DATA: the plot would be read as an image of it"),

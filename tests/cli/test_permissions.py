@@ -76,8 +76,26 @@ def test_an_unreadable_folder_inside_a_class_is_listed_as_skipped_not_passed_ove
     finally:
         inside.chmod(0o755)
     assert done.returncode == 0, done.stderr
-    assert f"thaw: warning: skipped 1 unreadable file(s): {inside} (a folder thaw cannot list (permission denied))" in done.stderr
+    assert f"thaw: warning: skipped 1 unreadable file(s): {inside} (a folder thaw cannot list: permission denied)" in done.stderr
     assert strict.returncode == 2 and str(inside) in strict.stderr and not (tmp_path / "strict").exists()
+
+
+def test_a_folder_inside_a_class_that_may_be_listed_but_not_entered_is_skipped_not_a_traceback(unreadable: Path, tmp_path: Path) -> None:
+    """Mode 644 on a folder: its names can be read, its files not even looked at; is_file() raised PermissionError."""
+    unreadable.chmod(0o755)
+    inside = unreadable / "red" / "more"
+    inside.mkdir()
+    (inside / "a.png").write_bytes((unreadable / "red" / sorted(p.name for p in (unreadable / "red").iterdir() if p.is_file())[0]).read_bytes())
+    inside.chmod(0o644)
+    try:
+        done = _thaw(
+            "train", str(unreadable), "--model", "mobilenet_v3_small", "--weights", "none", "--strategy", "feature-extract",
+            "--epochs", "1", "--image-size", "32", "--out", str(tmp_path / "run"),
+        )
+    finally:
+        inside.chmod(0o755)
+    assert done.returncode == 0, done.stderr
+    assert f"thaw: warning: skipped 1 unreadable file(s): {inside / 'a.png'} (Permission denied)" in done.stderr
 
 
 def test_an_unreadable_weights_file_in_a_run_is_named_as_such_not_as_damaged(tmp_path: Path, file_modes_apply: None) -> None:

@@ -57,7 +57,7 @@ def test_the_same_command_plus_resume_is_accepted(cut_run: Path, tiny_split_data
         (["--model", "resnet18"], "model (the run: 'mobilenet_v3_small', now: 'resnet18')"),
         (["--no-augment"], "augment (the run: True, now: False)"),
         (["--out", "elsewhere"], "name two runs"),
-        (["--test-split", "0.2"], "--test-split: text options, and this is an image run"),  # an image run records none: it was ignored
+        (["--test-split", "0.2"], "--test-split: text options, and this is an image run (a resume cannot change it); drop them"),  # an image run records none: it was ignored
     ],
 )
 def test_options_that_contradict_the_run_are_one_line(cut_run: Path, extra: list[str], expected: str) -> None:

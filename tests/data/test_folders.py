@@ -279,7 +279,7 @@ def test_a_kaggle_style_unlabelled_test_folder_is_sent_to_predict(tmp_path: Path
     (root / "test").mkdir()
     for image in (tmp_path / "loose" / "red").iterdir():
         image.rename(root / "test" / image.name)
-    with pytest.raises(ThawError, match=f"^{root / 'test'} holds 2 image\\(s\\) but no class folders: .*thaw predict RUN test/$"):
+    with pytest.raises(ThawError, match=f"^{root / 'test'} holds 2 image\\(s\\) but no class folders: .*or train on {root / 'train'} alone.*thaw predict RUN {root / 'test'}$"):
         discover(root)
 
 
@@ -296,6 +296,7 @@ def test_the_held_out_share_is_said_as_given_not_rounded_to_a_whole_percent(tmp_
     assert discover(root, val_split=0.999).layout == "class folders, 99.9% held out (seed 0)"  # not "100%" beside 3 train images
     assert discover(root, val_split=0.125).layout == "class folders, 12.5% held out (seed 0)"
     assert as_percent(0.9996) == "99.96%" and as_percent(0.99999) == "99.999%" and as_percent(1.0) == "100%"
+    assert as_percent(0.9999999999999) != "100%" and as_percent(1 - 2**-53) != "100%"  # the largest share below 1
 
 
 def test_missing_path() -> None:

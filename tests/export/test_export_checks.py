@@ -164,6 +164,7 @@ def test_export_refuses_an_empty_output_a_pipe_and_another_runs_folder(
     for output, said in [
         ("", "--output is empty; name the file to write, or leave --output out for the run's own export"),
         ("-", "--output - : an export is written to a file, not to standard output; name the file, such as model.onnx"),  # wrote ./-
+        (f"{tmp_path}/dot.onnx/.", f"--output {tmp_path}/dot.onnx/. names a folder; name the file to write, such as {tmp_path / 'dot.onnx' / 'model.onnx'}"),
         (f"{tmp_path}/new.onnx/", f"--output {tmp_path}/new.onnx/ names a folder; name the file to write, such as {tmp_path / 'new.onnx' / 'model.onnx'}"),
         (str(tmp_path / "pipe.onnx"), f"--output {tmp_path / 'pipe.onnx'} is not a regular file (a device or a pipe); name a file, such as {run / 'model.onnx'}"),
         (str(other / "model.onnx"), f"--output {other / 'model.onnx'} is in the folder of another run, {other}; write the export elsewhere, such as {run / 'model.onnx'}"),
@@ -172,7 +173,9 @@ def test_export_refuses_an_empty_output_a_pipe_and_another_runs_folder(
         assert capsys.readouterr().err.strip() == f"thaw: error: {said}"
     assert (other / "model.onnx").read_bytes() == b"the other run's own export" and (tmp_path / "pipe.onnx").is_fifo()
     assert not (run / "model.onnx").exists()  # the empty --output did not become the run's default export
-    assert not Path("-").exists() and not (tmp_path / "new.onnx").exists()
+    assert not Path("-").exists() and not (tmp_path / "new.onnx").exists() and not (tmp_path / "dot.onnx").exists()
+    assert main(["export", str(run), "--format", "torchscript", "--output", "-"]) == 2  # the name suggested fits the format
+    assert capsys.readouterr().err.strip().endswith("name the file, such as model.pt")
 
 
 @pytest.mark.parametrize("fmt, named, other", [("torchscript", "model.onnx", "onnx"), ("onnx", "model.PT", "torchscript")])

@@ -89,7 +89,7 @@ def assert_same_numbers(reader: PageReader, metrics: dict) -> None:
     for key in ("per_class_precision", "per_class_accuracy", "per_class_f1", "per_class_support"):
         expected |= {f"{key}.{i}": value for i, value in enumerate(metrics[key])}
     expected |= {f"confusion.{t}.{p}": n for t, row in enumerate(metrics["confusion"]) for p, n in enumerate(row)}
-    assert {key: reader.numbers[key] for key in expected} == {key: repr(value) for key, value in expected.items()}
+    assert {key: reader.numbers[key] for key in expected} == {key: json.dumps(value) if value is None else repr(value) for key, value in expected.items()}
 
 
 @pytest.fixture(scope="module")
@@ -170,6 +170,8 @@ def test_scores_of_a_class_the_data_does_not_hold_are_dashes_in_the_page_and_nul
     metrics = json.loads(capsys.readouterr().out)
     assert metrics["per_class_accuracy"].count(None) == len(metrics["classes"]) - 1  # recall of every class not held
     assert_same_numbers(read_page(copy / "report.html"), metrics)
+    page = (copy / "report.html").read_text()
+    assert page.count('data-value="null">-</td>') == sum(value is None for key in ("per_class_accuracy", "per_class_precision", "per_class_f1") for value in metrics[key])
 
 
 def test_report_without_its_data_is_one_line(image_run: tuple[Path, Path], tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:

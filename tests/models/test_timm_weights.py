@@ -112,6 +112,7 @@ def test_renaming_in_order_refuses_a_file_that_is_not_the_architecture(change: C
     "source, out, expected",
     [
         ("theirs.pth", "converted.pth", "must end in .safetensors"),
+        ("theirs.pth", "converted.safetensors/", "converted.safetensors/ names a folder"),  # wrote converted.safetensors
         ("theirs.safetensors", "converted.safetensors", "stores no tensor order"),  # keys come back sorted
     ],
 )
@@ -123,10 +124,10 @@ def test_convert_weights_refuses_what_it_cannot_do_in_one_line(
     state = build_model("mobilenet_v3_small", weights=None).model.state_dict()
     path = tmp_path / source
     save_file(state, str(path)) if path.suffix == ".safetensors" else torch.save(state, path)
-    assert main(["convert-weights", str(path), "--model", "mobilenet_v3_small", "--out", str(tmp_path / out)]) == 2
+    assert main(["convert-weights", str(path), "--model", "mobilenet_v3_small", "--out", f"{tmp_path}/{out}"]) == 2
     error = capsys.readouterr().err
     assert expected in error and error.count("\n") == 1
-    assert not (tmp_path / out).exists()
+    assert not (tmp_path / out.rstrip("/")).exists()
 
 
 def test_convert_weights_never_writes_over_a_runs_weights(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

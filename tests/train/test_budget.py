@@ -349,6 +349,8 @@ def test_a_plan_file_budget_is_read_like_the_flag(tmp_path: Path) -> None:
         budget("soon")
     with pytest.raises(ThawError, match=re.escape("budget must be a time above 0, like 90s, 3m, 1.5h or 1h30m (a bare number is seconds), got 0")):
         budget("0")
+    with pytest.raises(ThawError, match=re.escape("got '1:30'")):  # YAML 1.1 read it as the base-60 number 90: 90 seconds
+        budget("1:30")
 
 
 def test_every_bad_training_value_in_a_plan_file_is_reported_with_the_file(tmp_path: Path) -> None:

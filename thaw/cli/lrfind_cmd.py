@@ -5,13 +5,12 @@ from __future__ import annotations
 import argparse
 import fnmatch
 import json
-import os
 import sys
 from pathlib import Path
 
 import torch
 
-from thaw.cli.options import add_model_options, checked_lr, path_text, positive_int
+from thaw.cli.options import add_model_options, checked_lr, names_a_folder, path_text, positive_int
 from thaw.data.folders import describe_skipped, discover, would_be_read
 from thaw.data.manifest_check import check_image_table
 from thaw.errors import ThawError
@@ -59,8 +58,10 @@ def plot_path(text: str, data: Path) -> Path:
     from matplotlib.backend_bases import FigureCanvasBase
 
     path = Path(text)
-    if path.is_dir() or text.endswith(("/", os.sep)):  # Path() drops the slash: plots/ would have become a file "plots"
-        raise ThawError(f"--out {text} is a folder; name the plot file, like {path / 'lr_find.png'}")
+    if path.is_dir() or names_a_folder(text):  # Path() drops a last / or /.: plots/ would have become a file "plots"
+        raise ThawError(f"--out {text} names a folder; name the plot file, like {path / 'lr_find.png'}")
+    if text == "-":  # matplotlib would write a file "-.png"
+        raise ThawError("--out - : the plot is written to a file, not to standard output; name it, like lr_find.png")
     if not path.suffix:  # matplotlib would add .png itself; say the name it really writes
         path = path.with_name(path.name + ".png")
     if path.suffix[1:].lower() not in FigureCanvasBase.get_supported_filetypes():

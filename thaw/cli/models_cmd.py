@@ -9,6 +9,7 @@ from pathlib import Path
 
 from torchvision import models as tv_models
 
+from thaw.cli.options import names_a_folder, path_text
 from thaw.errors import ThawError
 from thaw.models import build_model, list_torchvision_models
 from thaw.models.weights import first_renamed, hub_cache_path, load_state_dict_file, packaged_copy, rename_in_order
@@ -23,7 +24,7 @@ def register(commands: argparse._SubParsersAction) -> None:
     )
     convert.add_argument("source", type=Path, help="the weights file (.pth/.pt/.bin, tensors only: their order is kept)")
     convert.add_argument("--model", required=True, help="the architecture it holds: a torchvision name or timm/NAME")
-    convert.add_argument("--out", type=Path, required=True, help="the .safetensors file to write")
+    convert.add_argument("--out", type=path_text, required=True, help="the .safetensors file to write")
     convert.set_defaults(handler=run_convert)
 
 
@@ -67,6 +68,9 @@ def run_convert(args: argparse.Namespace) -> int:
             f"{args.source} is safetensors, which stores no tensor order (it reads keys back sorted), so it cannot "
             "be renamed in order; save the original implementation's state_dict with torch.save and convert that"
         )
+    if names_a_folder(args.out):  # Path() drops a last / or /.: the file would be written where a folder was meant
+        raise ThawError(f"--out {args.out} names a folder; name the file to write, such as {Path(args.out) / 'weights.safetensors'}")
+    args.out = Path(args.out)
     if args.out.suffix != ".safetensors":
         raise ThawError(f"--out {args.out} must end in .safetensors (thaw writes converted weights as safetensors)")
     from thaw.train.run_folder import is_run_file

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 
 from thaw.data.text import TextColumns
 from thaw.errors import ThawError
@@ -34,6 +35,13 @@ def path_text(text: str) -> str:
     if not text.strip():
         raise argparse.ArgumentTypeError("expected a path, got an empty string")
     return text
+
+
+def names_a_folder(text: str) -> bool:
+    """Whether a path typed for a file ends as a folder does (plots/, out/.): Path() drops the ending, so the file would
+    be written where the folder was meant."""
+    separators = ("/", os.sep) + ((os.altsep,) if os.altsep else ())
+    return text.endswith(separators) or any(text.endswith(sep + ".") for sep in separators) or text in (".", "..")
 
 
 def weights_text(text: str) -> str:

@@ -259,14 +259,15 @@ def _start(args: argparse.Namespace, config: TrainConfig, out: Path, callbacks: 
     )
 
 
-def _refuse_text_options(args: argparse.Namespace) -> None:
+def _refuse_text_options(args: argparse.Namespace, resumed: bool = False) -> None:
     """Text options typed for an image run did nothing: --test-split held no test set out, without a word."""
     if not hasattr(args, "parser") or not hasattr(args, "argv"):  # a namespace built by hand records nothing typed
         return
     typed = given_options(args.parser, args.argv) & TEXT_ONLY_DESTS
     if typed:
         flags = ", ".join(f"--{dest.replace('_', '-')}" for dest in sorted(typed))
-        raise ThawError(f"{flags}: text options, and this is an image run (--task text for a text table); drop them")
+        hint = "a resume cannot change it" if resumed else "--task text for a text table"
+        raise ThawError(f"{flags}: text options, and this is an image run ({hint}); drop them")
 
 
 def given_options(parser: argparse.ArgumentParser, argv: list[str]) -> set[str]:
@@ -353,7 +354,7 @@ def _check_resume_options(args: argparse.Namespace, run: Path, settings: dict) -
         raise ThawError(f"--out {args.out} and --resume {run} name two runs; a resume writes into the run it continues")
     check_model_object(run, settings, None, "resume_run")  # before typed options are compared: that rebuilds the model by name
     if settings.get("task") != "text":  # an image run records no text options, so none would be compared: refuse them
-        _refuse_text_options(args)
+        _refuse_text_options(args, resumed=True)
     claimed = _claimed(args, given_options(args.parser, args.argv), settings, run)
     found = differences({key: settings[key] for key in claimed if key in settings}, claimed)
     if found:

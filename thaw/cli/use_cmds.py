@@ -8,7 +8,7 @@ import os
 import sys
 from pathlib import Path
 
-from thaw.cli.options import add_table_columns, path_text, positive_int, table_columns
+from thaw.cli.options import add_table_columns, names_a_folder, path_text, positive_int, table_columns
 from thaw._io import answers
 from thaw.data.folders import describe_skipped
 from thaw.data.manifest_check import check_image_table
@@ -194,9 +194,9 @@ def run_export(args: argparse.Namespace) -> int:
     if args.output is not None and not args.output.strip():  # an unset variable: not the run's default export, unseen
         raise ThawError("--output is empty; name the file to write, or leave --output out for the run's own export")
     if args.output == "-":  # a runtime loads an export from a file (the ONNX one may need its weights file beside it)
-        raise ThawError("--output - : an export is written to a file, not to standard output; name the file, such as model.onnx")
-    if args.output is not None and args.output.endswith(("/", os.sep)):  # Path() drops the slash: model.onnx/ became a file
-        raise ThawError(f"--output {args.output} names a folder; name the file to write, such as {Path(args.output) / 'model.onnx'}")
+        raise ThawError(f"--output - : an export is written to a file, not to standard output; name the file, such as {_export_name(args.format)}")
+    if args.output is not None and names_a_folder(args.output):  # Path() drops a last / or /.: model.onnx/ became a file
+        raise ThawError(f"--output {args.output} names a folder; name the file to write, such as {Path(args.output) / _export_name(args.format)}")
     output = Path(args.output or Path(args.run) / (ONNX_EXPORT if args.format == "onnx" else TORCHSCRIPT_EXPORT))
     _check_output(output, args.format, Path(args.run))
     images = [] if meta.get("task") == "text" else check_images(meta, adapter.preprocessing)
@@ -213,6 +213,10 @@ def run_export(args: argparse.Namespace) -> int:
 EXPORT_SUFFIXES = {"onnx": (".onnx",), "torchscript": (".pt", ".pth", ".ts", ".torchscript")}
 
 
+def _export_name(fmt: str) -> str:
+    return ONNX_EXPORT if fmt == "onnx" else TORCHSCRIPT_EXPORT
+
+
 def _check_output(output: Path, fmt: str, run: Path) -> None:
     """A file the export can write: not a folder, not named for the other format, not another run's; its folder is made
     when missing."""
@@ -221,7 +225,7 @@ def _check_output(output: Path, fmt: str, run: Path) -> None:
         wanted = EXPORT_SUFFIXES[fmt][0]
         raise ThawError(f"--output {output} is named for {other}, and --format is {fmt}; name it {output.with_suffix(wanted).name}, or use --format {other}")
     if output.is_dir():
-        raise ThawError(f"--output {output} is a folder; name the file to write, such as {output / 'model.onnx'}")
+        raise ThawError(f"--output {output} is a folder; name the file to write, such as {output / _export_name(fmt)}")
     default = run / (ONNX_EXPORT if fmt == "onnx" else TORCHSCRIPT_EXPORT)
     if output.exists() and not output.is_file():
         raise ThawError(f"--output {output} is not a regular file (a device or a pipe); name a file, such as {default}")

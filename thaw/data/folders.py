@@ -102,8 +102,17 @@ def candidate_files(folder: Path) -> list[Path]:
     for parent, folders, files in os.walk(folder, onerror=unlistable):
         folders[:] = [name for name in folders if not name.startswith(".")]
         paths = (Path(parent) / name for name in files if not name.startswith("."))
-        found.extend(path for path in paths if path.is_file() or _dangling(path))
+        found.extend(path for path in paths if _is_file_or_unreadable(path) or _dangling(path))
     return sorted(found)
+
+
+def _is_file_or_unreadable(path: Path) -> bool:
+    """A file, or a name in a folder that may be read but not entered (mode 644): listed, so that the first look
+    skips it with the system's reason; is_file() raised PermissionError there, a traceback."""
+    try:
+        return path.is_file()
+    except OSError:
+        return True
 
 
 def _hidden(relative: Path) -> bool:
@@ -182,7 +191,7 @@ def as_percent(fraction: float) -> str:
     0.999 is 99.9% and 0.9996 is 99.96%, not the 100% that read beside 3 train images."""
     percent = fraction * 100
     digits = 3
-    while percent < 100 and float(f"{percent:.{digits}g}") >= 100 and digits < 12:
+    while percent < 100 and float(f"{percent:.{digits}g}") >= 100 and digits < 17:  # 17 digits tell any float from 100
         digits += 1
     return f"{percent:.{digits}g}%"
 
@@ -363,7 +372,8 @@ def _check_holds_class_folders(split_dir: Path) -> None:
     if loose and SPLIT_NAMES.get(split_dir.name.lower()) == "test":  # Kaggle's layout: the images to predict, unlabelled
         raise ThawError(
             f"{split_dir} holds {len(loose)} image(s) but no class folders: unlabelled images cannot score a model; "
-            f"move {split_dir.name}/ out of {split_dir.parent} and label them with thaw predict RUN {split_dir.name}/"
+            f"move it out of {split_dir.parent} (or train on {split_dir.parent / 'train'} alone), and label its images "
+            f"with thaw predict RUN {split_dir}"
         )
     if loose:
         raise ThawError(

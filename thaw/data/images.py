@@ -30,7 +30,7 @@ def _check_file(path: Path) -> None:
     except OSError as error:  # a link loop, a file we may not read
         raise UnreadableImage(error.strerror or str(error)) from None
     if stat.S_ISDIR(status.st_mode):  # candidate_files lists a folder only where it cannot be listed
-        raise UnreadableImage(f"a folder thaw cannot list ({_listing_error(path)})")
+        raise UnreadableImage(f"a folder thaw cannot list: {_listing_error(path)}")
     size = status.st_size
     if size == 0:
         raise UnreadableImage("empty file")

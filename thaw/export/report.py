@@ -138,8 +138,10 @@ def _e(value: object) -> str:
 
 def _number(value: float | None, key: str) -> str:
     """A number shown to 4 places, with its exact value in data-value for readers that check it; None (a score that
-    is 0/0) as "-"."""
-    return f'<td data-key="{_e(key)}" data-value="{value!r}">{"-" if value is None else f"{value:.4f}"}</td>'
+    is 0/0) as "-", its data-value null."""
+    if value is None:  # as JSON says it
+        return f'<td data-key="{_e(key)}" data-value="null">-</td>'
+    return f'<td data-key="{_e(key)}" data-value="{value!r}">{value:.4f}</td>'
 
 
 def _table(header: list[str], rows: list[str]) -> str:

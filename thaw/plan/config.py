@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import difflib
 import math
+import re
 from pathlib import Path
 from typing import Any, Callable
 
@@ -227,6 +228,14 @@ class UniqueKeyLoader(yaml.SafeLoader):
                 except TypeError:  # a key YAML allows and Python cannot hash: the loader says so
                     continue
         super().flatten_mapping(node)
+
+
+# YAML 1.1 reads 1:30 as the base-60 number 90: `budget: 1:30` meant as an hour and a half planned 90 seconds. Such a
+# value stays the text it is, so the key's own check refuses it.
+SEXAGESIMAL = re.compile(r"^[-+]?[0-9][0-9_]*(?::[0-5]?[0-9])+(?:\.[0-9_]*)?$")
+UniqueKeyLoader.yaml_implicit_resolvers = {first: list(rules) for first, rules in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+for _first in "+-0123456789":
+    UniqueKeyLoader.yaml_implicit_resolvers.setdefault(_first, []).insert(0, ("tag:yaml.org,2002:str", SEXAGESIMAL))
 
 
 def load_plan(path: str | Path) -> Plan:
