@@ -30,7 +30,26 @@ def test_grayscale_palette_cmyk_and_16_bit(tmp_path: Path) -> None:
     red = _rgb(tmp_path / "cmyk.jpg").getpixel((5, 4))
     assert red[0] > 200 and red[1] < 60 and red[2] < 60
     deep = _rgb(tmp_path / "deep.png")
-    assert deep.getpixel((0, 0))[0] == 0 and deep.getpixel((9, 7))[0] == 255  # scaled by its own range
+    assert deep.getpixel((0, 0))[0] == 0 and deep.getpixel((9, 7))[0] == round(79 * 800 / 257)  # by its type's range
+
+
+def test_deep_greyscale_decodes_as_its_8_bit_copy_not_stretched_by_its_own_range(tmp_path: Path) -> None:
+    """Stretched by each image's own darkest and brightest pixel, a white 16-bit image decoded black, a faint one at
+    full contrast, and a float image with one NaN pixel all black."""
+    eight = np.random.default_rng(0).integers(100, 140, size=(8, 10), dtype=np.uint8)  # a faint picture
+    Image.fromarray(eight).save(tmp_path / "eight.png")
+    Image.fromarray(eight.astype(np.uint16) * 257).save(tmp_path / "sixteen.png")  # the same picture, 16 bits
+    Image.fromarray(np.full((8, 10), 65535, np.uint16)).save(tmp_path / "white.png")
+    floats = eight.astype(np.float32) / 255
+    floats[0, 0] = np.nan
+    Image.fromarray(floats).save(tmp_path / "float.tiff")
+    Image.fromarray(eight.astype(np.int32)).save(tmp_path / "int32.tiff")  # 8-bit values in a 32-bit type
+    expected = np.asarray(_rgb(tmp_path / "eight.png"))
+    assert np.array_equal(np.asarray(_rgb(tmp_path / "sixteen.png")), expected)
+    assert np.array_equal(np.asarray(_rgb(tmp_path / "int32.tiff")), expected)
+    assert set(np.asarray(_rgb(tmp_path / "white.png")).ravel()) == {255}
+    float_rgb = np.asarray(_rgb(tmp_path / "float.tiff")).astype(int)
+    assert float_rgb[0, 0, 0] == 0 and np.abs(float_rgb[1:] - expected[1:]).max() <= 1  # the NaN pixel alone is 0
 
 
 def test_transparency_becomes_white(tmp_path: Path) -> None:

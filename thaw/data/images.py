@@ -68,11 +68,21 @@ def _reason(error: Exception) -> str:
 
 
 def _to_8bit(image: Image.Image) -> Image.Image:
-    """16- and 32-bit greyscale (medical, scientific PNGs) scaled to 8 bits by their own range."""
-    array = np.asarray(image, dtype=np.float64)
+    """16- and 32-bit greyscale (medical, scientific PNGs) scaled to 8 bits by the range their type holds, so that a
+    16-bit and an 8-bit copy of one picture decode alike (stretching each image by its own darkest and brightest pixel
+    made a white image black and a faint one full contrast). Only values no fixed range holds (negative, or past 16
+    bits) are stretched by their own range; pixels that are not finite count as 0."""
+    array = np.nan_to_num(np.asarray(image, dtype=np.float64), nan=0.0, posinf=0.0, neginf=0.0)
     low, high = float(array.min()), float(array.max())
-    scaled = (array - low) / (high - low) * 255.0 if high > low else np.zeros_like(array)
-    return Image.fromarray(scaled.astype(np.uint8), mode="L")
+    if image.mode == "F" and low >= 0 and high <= 1:  # floats in [0, 1]: the usual scale of a float image
+        scaled = array * 255.0
+    elif image.mode.startswith("I;16") or (low >= 0 and 255 < high <= 65535):  # 16 bits, in the type or in the values
+        scaled = array / 257.0
+    elif low >= 0 and high <= 255:  # 8-bit values in a wider type
+        scaled = array
+    else:
+        scaled = (array - low) / (high - low) * 255.0 if high > low else np.zeros_like(array)
+    return Image.fromarray(np.clip(np.rint(scaled), 0, 255).astype(np.uint8), mode="L")
 
 
 def _flatten_alpha(image: Image.Image) -> Image.Image:
