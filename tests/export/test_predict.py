@@ -84,3 +84,35 @@ def test_a_path_that_is_neither_file_nor_folder_is_named_as_such(tmp_path: Path)
         image_files([str(tmp_path / "pipe")])
     with pytest.raises(ThawError, match="gone.png does not exist; pass image files or folders"):
         image_files([str(tmp_path / "gone.png")])
+
+
+def test_predict_and_evaluate_compute_an_fp32_run_in_fp32(tiny_split_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A run trained with --precision fp32 was used in bf16 where the CPU has it: its probabilities moved by up to
+    0.025 from its own fp32 export. (Where the CPU has no bf16, both paths are fp32 and this holds either way.)"""
+    import json
+    import warnings
+
+    import torch
+
+    from thaw.data.images import load_rgb
+    from thaw.data.transforms import eval_transform
+    from thaw.export.run_dir import load_run
+
+    run = tmp_path / "run"
+    tiny = ["--model", "mobilenet_v3_small", "--weights", "none", "--image-size", "32", "--batch-size", "8", "--strategy", "feature-extract"]
+    assert main(["train", str(tiny_split_data), *tiny, "--epochs", "1", "--precision", "fp32", "--out", str(run), "--quiet"]) == 0
+    image = sorted((tiny_split_data / "val" / "red").iterdir())[0]
+    capsys.readouterr()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a forward outside no_grad warned as the scores were read (and built a graph)
+        assert main(["predict", str(run), str(image), "--json", "--top-k", "3"]) == 0
+    said = json.loads(capsys.readouterr().out)["predictions"][0]
+    adapter, meta = load_run(run)
+    with torch.no_grad():
+        pixels = eval_transform(adapter.preprocessing)(load_rgb(image, 2 * adapter.preprocessing.resize_size)).unsqueeze(0)
+        expected = torch.softmax(adapter.model.eval().float()(pixels).float(), dim=1)[0]
+    assert main(["evaluate", str(run), str(tiny_split_data), "--split", "val", "--json"]) == 0  # as its own val pass
+    assert json.loads(capsys.readouterr().out)["loss"] == pytest.approx(meta["best"]["val"]["loss"], abs=1e-5)
+    assert len(said["predictions"]) == 3
+    for row in said["predictions"]:
+        assert row["probability"] == pytest.approx(float(expected[meta["classes"].index(row["label"])]), abs=1e-5)

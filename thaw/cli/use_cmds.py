@@ -14,7 +14,7 @@ from thaw.data.folders import describe_skipped
 from thaw.data.manifest_check import check_image_table
 from thaw.errors import ThawError
 from thaw.export.formats import FORMATS, ExportCheck, export_model
-from thaw.export.inference import check_images, image_files, predict_files, predict_texts, score_run, with_tta
+from thaw.export.inference import check_images, image_files, predict_files, predict_texts, run_precision, score_run, with_tta
 from thaw.export.report import save_report
 from thaw.train.metrics import undefined_as_null
 from thaw.train.plots import plot_confusion
@@ -127,7 +127,7 @@ def run_predict(args: argparse.Namespace) -> int:
         raise ThawError("give image files or folders to classify")
     if not all(path.strip() for path in args.paths):  # an unset shell variable; it would mean the current folder
         raise ThawError("an empty path names no image; give image files or folders to classify")
-    predictions, skipped = predict_files(adapter, meta["classes"], image_files(args.paths), args.top_k, tta=args.tta)
+    predictions, skipped = predict_files(adapter, meta["classes"], image_files(args.paths), args.top_k, tta=args.tta, precision=run_precision(meta))
     if args.json:
         entries = [{"path": p.path, "predictions": [{"label": l, "probability": v} for l, v in p.labels]} for p in predictions]
         print(json.dumps({"predictions": entries, "skipped": [{"path": p, "reason": r} for p, r in skipped]}))
@@ -174,7 +174,7 @@ def _read_bytes(file: str) -> bytes:
 
 def _predict_texts(args: argparse.Namespace, adapter: object, meta: dict) -> int:
     with_tta(adapter.model, meta, args.tta)  # --tta on a text run is one line
-    predictions = predict_texts(adapter, meta["classes"], _read_texts(args), args.top_k)
+    predictions = predict_texts(adapter, meta["classes"], _read_texts(args), args.top_k, precision=run_precision(meta))
     if args.json:
         entries = [
             {"text": p.path, "label": p.labels[0][0], "probability": p.labels[0][1],

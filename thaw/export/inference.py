@@ -197,7 +197,7 @@ def score_run(
     chosen = in_run_classes(evaluation_set(meta, data_path, split, columns), meta["classes"])
     if not chosen.samples:  # a table whose every row was skipped: a score of nothing would read as accuracy 0
         raise ThawError(f"{data_path} holds nothing to score (no readable sample with a label); check its rows or files")
-    engine = choose_engine(TrainConfig(quiet=quiet), adapter.model)
+    engine = choose_engine(TrainConfig(quiet=quiet, precision=run_precision(meta)), adapter.model)
     adapter.model.to(engine.device)
     if meta.get("task") == "text":
         dataset = TextDataset(chosen.samples, adapter.tokenizer, adapter.preprocessing.max_length)
@@ -295,13 +295,20 @@ class Prediction:
     labels: list[tuple[str, float]]
 
 
+def run_precision(meta: dict) -> str:
+    """The precision to use a run in: fp32 where it trained in fp32 (bf16 would move its probabilities by up to a few
+    hundredths from its own val pass and from its fp32 export), else auto (bf16 where the device does it natively)."""
+    return "fp32" if (meta.get("train_config") or {}).get("precision") == "fp32" else "auto"
+
+
 @torch.no_grad()
 @memory_kept_between_steps()
 def predict_files(
-    adapter: ModelAdapter, classes: list[str], files: list[Path] | str | Path, top_k: int = 3, batch_size: int = 32, tta: bool = False
+    adapter: ModelAdapter, classes: list[str], files: list[Path] | str | Path, top_k: int = 3, batch_size: int = 32, tta: bool = False,
+    precision: str = "auto",
 ) -> tuple[list[Prediction], list[tuple[str, str]]]:
     """Top-k classes of each image file (a file or a folder alone, or a list of files); `tta` averages each image's
-    softmax with its mirror image's."""
+    softmax with its mirror image's; `precision` as `run_precision(meta)` gives it, to compute as the run trained."""
     _check_request(top_k, batch_size)
     _check_predict_call(adapter, classes, "image")
     check_switch("tta", tta)
@@ -312,7 +319,7 @@ def predict_files(
     files = image_files([str(files)]) if isinstance(files, (str, Path)) else [f for path in files for f in _files_in(Path(path))]
     if not files:
         raise ThawError("no files to classify; pass image files or folders")
-    engine = choose_engine(TrainConfig(quiet=True), adapter.model)
+    engine = choose_engine(TrainConfig(quiet=True, precision=precision), adapter.model)
     adapter.model.to(engine.device).eval()
     model = FlipAveraged(adapter.model) if tta else adapter.model
     transform = eval_transform(adapter.preprocessing)
@@ -387,8 +394,11 @@ def _top_classes(logits: torch.Tensor, classes: list[str], top_k: int) -> torch.
 
 
 @torch.no_grad()
-def predict_texts(adapter: ModelAdapter, classes: list[str], texts: list[str] | str, top_k: int = 3, batch_size: int = 64) -> list[Prediction]:
-    """Labels and probabilities for each text (one text alone, or a list of them), in the order given."""
+def predict_texts(
+    adapter: ModelAdapter, classes: list[str], texts: list[str] | str, top_k: int = 3, batch_size: int = 64, precision: str = "auto"
+) -> list[Prediction]:
+    """Labels and probabilities for each text (one text alone, or a list of them), in the order given; `precision` as
+    for predict_files."""
     _check_request(top_k, batch_size)
     _check_predict_call(adapter, classes, "text")
     given, texts = texts, texts if isinstance(texts, str) else _as_list(texts)  # a generator, a pandas Series
@@ -401,7 +411,7 @@ def predict_texts(adapter: ModelAdapter, classes: list[str], texts: list[str] | 
     if empty:
         which = f"text {empty[0]} of {len(texts)} is" if len(empty) == 1 else f"texts {', '.join(empty)} of {len(texts)} are"
         raise ThawError(f"give one or more non-empty texts to classify; {which} empty")
-    engine = choose_engine(TrainConfig(quiet=True), adapter.model)
+    engine = choose_engine(TrainConfig(quiet=True, precision=precision), adapter.model)
     adapter.model.to(engine.device).eval()
     predictions = []
     for start in range(0, len(texts), batch_size):
