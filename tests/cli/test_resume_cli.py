@@ -340,3 +340,29 @@ def test_a_permission_refusal_after_a_checkpoint_says_how_to_continue(
     )
     monkeypatch.setattr(checkpoint, "save_checkpoint", save)
     assert main(["train", "--resume", str(run), "--quiet"]) == 0  # the way it names works
+
+
+def test_a_second_run_into_the_folder_another_thaw_trains_into_is_refused_and_touches_nothing(
+    tiny_split_data: Path, tmp_path: Path
+) -> None:
+    """Two runs started into one --out both ran to the end: the folder held one of them, the other was lost unsaid."""
+    import socket
+
+    from thaw.train.run_folder import LOCK
+
+    run = tmp_path / "run"
+    run.mkdir()
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])  # a live process: the one training
+    try:
+        (run / LOCK).write_text(json.dumps({"pid": sleeper.pid, "host": socket.gethostname(), "since": 0}))
+        (run / "command.json").write_text('{"plan_options": {}}')  # the first run's typed options: a refusal must keep them
+        second = thaw("train", str(tiny_split_data), *TINY, "--out", str(run), "--overwrite")
+        assert second.returncode == 2 and len(second.stderr.strip().splitlines()) == 1, second.stderr
+        assert f"{run} is being trained into by another thaw (process {sleeper.pid}, since " in second.stderr
+        assert sorted(path.name for path in run.iterdir()) == sorted([LOCK, "command.json"])  # nothing written, nothing undone
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    # The process gone (kill -9 left its lock): the next run takes the lock over, trains, and leaves no lock behind.
+    assert main(["train", str(tiny_split_data), *TINY, "--out", str(run), "--overwrite", "--quiet"]) == 0
+    assert (run / "thaw.json").is_file() and not (run / LOCK).exists()

@@ -27,7 +27,7 @@ from thaw.export.run_dir import check_delivered_weights
 from thaw.train.checkpoint import CHECKPOINT
 from thaw.train.fit import InterruptedAfterWriting, RunInterrupted, how_to_continue, interrupted_before_training
 from thaw.train.loggers import LOGGERS, check_store_outside_data, close_loggers, make_loggers
-from thaw.train.run_folder import METADATA, TYPED_OPTIONS as COMMAND, check_new_run, holds_run, is_finished, read_finished
+from thaw.train.run_folder import METADATA, TYPED_OPTIONS as COMMAND, RunInUse, check_new_run, holds_run, is_finished, read_finished
 from thaw.plan import plan_to_dict
 from thaw.plan.config import read_plan_file
 from thaw.plan.strategies import DEFAULT_EPOCHS
@@ -413,7 +413,8 @@ def run(args: argparse.Namespace) -> int:
         ending = "KILLED"  # stopped by the user, with a checkpoint to resume from: not a failure
         raise
     except (KeyboardInterrupt, ThawError, PermissionError) as stopped:  # bad input (unreadable data), or Ctrl-C while setting up
-        refused = main_rank and settings is None and not holds_run(out)  # nothing to resume or keep: undo the start
+        # Nothing to resume or keep: undo the start; but a folder another thaw trains into is that run's, untouched.
+        refused = main_rank and settings is None and not holds_run(out) and not isinstance(stopped, RunInUse)
         if isinstance(stopped, PermissionError) and main_rank and _checkpoint_since(out, started, bool(args.resume)):
             raise ThawError(f"{denied(stopped)}; check its permissions, then {how_to_continue(out)}") from None
         if isinstance(stopped, (ThawError, PermissionError)):  # main says a PermissionError in one line

@@ -15,7 +15,7 @@ import signal
 import sys
 import threading
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
@@ -41,7 +41,7 @@ from thaw.plan import Plan, enter_stage, plan_to_dict
 from thaw.plan.stages import Stage, resolve_stage
 from thaw.plan.freeze import apply_trainable, batchnorm_layers, batchnorm_trains, is_eval_locked, locks_statistics
 from thaw.train import checkpoint as ckpt
-from thaw.train.run_folder import check_new_run, check_nothing_set_aside, holds_run, restore_run, set_aside_run
+from thaw.train.run_folder import check_new_run, check_nothing_set_aside, holds_run, restore_run, set_aside_run, training_lock
 from thaw.train.adapt_bn import adapt_batchnorm, has_statistics
 from thaw.train.config import TrainConfig, check_device, check_image_augments, check_image_size, check_progressive_resize, image_augment_flags
 from thaw.train.budget import MARGIN, Split, TopStage, measure_costs, resplit, split_budget, with_epochs
@@ -1209,15 +1209,16 @@ def fit(
         check_writable(out)
         if resume and overwrite:
             raise ThawError("overwrite starts a new run and resume continues one; drop one of the two")
-        if not resume:
+    with training_lock(out) if processes.is_main else nullcontext():
+        if processes.is_main and not resume:  # under the lock: a second run started beside it sees the first
             check_new_run(out, overwrite)
-    if data.skipped and config.strict:
-        raise undecodable(*data.skipped[0])
-    trainer = Trainer(adapter, data, plan, config, out, meta, processes)
-    trainer.replaces_run = processes.is_main and not resume and overwrite and holds_run(out)
-    trainer.engine.step_hooks.extend(step_hooks or [])
-    for hook in step_hooks or []:  # loggers read the trainer (steps, val outputs); they never change it
-        if hasattr(hook, "attach"):
-            hook.attach(trainer)
-    return trainer.fit(resume, callbacks or [])
+        if data.skipped and config.strict:
+            raise undecodable(*data.skipped[0])
+        trainer = Trainer(adapter, data, plan, config, out, meta, processes)
+        trainer.replaces_run = processes.is_main and not resume and overwrite and holds_run(out)
+        trainer.engine.step_hooks.extend(step_hooks or [])
+        for hook in step_hooks or []:  # loggers read the trainer (steps, val outputs); they never change it
+            if hasattr(hook, "attach"):
+                hook.attach(trainer)
+        return trainer.fit(resume, callbacks or [])
 

@@ -8,8 +8,12 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 import shutil
-from collections.abc import Sequence
+import socket
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -46,6 +50,7 @@ EXPORTS = (ONNX_EXPORT, ONNX_EXPORT + ".data", TORCHSCRIPT_EXPORT)  # .data: whe
 RUN_FILES = (METADATA, WEIGHTS, ADAPTER, CHECKPOINT, TYPED_OPTIONS, "metrics.csv", "curves.png", "confusion.png", REPORT, *EXPORTS)
 RUN_FOLDERS = (TEXT_MODEL, TENSORBOARD_FOLDER)
 EVALUATE_PLOTS = "confusion-*.png"  # thaw evaluate's, one per split
+LOCK = ".thaw-training"  # in the run folder while a process trains into it: a second one there would lose one of the two runs
 SET_ASIDE = ".replaced-run"  # in the run folder: the old run, while a new one replaces it, until the new one's first checkpoint
 CSV_COLUMNS = [
     "epoch", "stage", "stage_index", "stage_epoch", "train_loss", "train_accuracy", "val_loss", "val_accuracy",
@@ -261,3 +266,71 @@ def restore_run(out: Path, aside: Path) -> None:
     for path in aside.iterdir():
         path.rename(out / path.name)
     aside.rmdir()
+
+
+class RunInUse(ThawError):
+    """Another process trains into the run folder: refused, and nothing of the folder is touched (not even undone)."""
+
+
+@contextmanager
+def training_lock(out: Path) -> Iterator[None]:
+    """Hold RUN/LOCK while training: two runs started into one --out both ran to the end, and one was lost without a
+    word. A lock left by a process that is gone (kill -9, a power cut) on this machine is taken over."""
+    lock = out / LOCK
+    _take_lock(lock)
+    try:
+        yield
+    finally:
+        if _lock_holder(lock).get("pid") == os.getpid():
+            lock.unlink(missing_ok=True)
+
+
+def _take_lock(lock: Path) -> None:
+    for _ in range(3):  # a stale lock removed, then taken: another process may take it in between
+        try:
+            descriptor = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            holder = _lock_holder(lock)
+            if _is_held(holder, lock):
+                where = f" on {holder['host']}" if holder.get("host") not in (None, socket.gethostname()) else ""
+                since = time.strftime("%H:%M", time.localtime(holder["since"])) if isinstance(holder.get("since"), (int, float)) else "?"
+                raise RunInUse(
+                    f"{lock.parent} is being trained into by another thaw (process {holder.get('pid', '?')}{where}, since {since}); "
+                    f"wait for it to end, or choose another --out (if no thaw runs there, remove {lock})"
+                ) from None
+            lock.unlink(missing_ok=True)
+            continue
+        with os.fdopen(descriptor, "w") as file:
+            json.dump({"pid": os.getpid(), "host": socket.gethostname(), "since": time.time()}, file)
+        return
+    raise RunInUse(f"{lock.parent}: another thaw keeps starting a run there; choose another --out")
+
+
+def _lock_holder(lock: Path) -> dict:
+    try:
+        holder = json.loads(lock.read_text())
+    except (OSError, ValueError):
+        return {}
+    return holder if isinstance(holder, dict) else {}
+
+
+def _is_held(holder: dict, lock: Path) -> bool:
+    """Whether the process named in a lock may still be training. One on another machine (a shared disk) cannot be
+    checked: held. A lock not yet written is held for a few seconds (its process is writing it), then stale."""
+    if not holder:
+        try:
+            return time.time() - lock.stat().st_mtime < 10
+        except OSError:
+            return False
+    if holder.get("host") != socket.gethostname():
+        return True
+    pid = holder.get("pid")
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True

@@ -119,9 +119,27 @@ DATA_CHANGED = "the data: its files, sizes or labels changed"
 def _describe(key: str, then: object, now: object) -> str:
     if key == "samples":
         return DATA_CHANGED
-    if key in ("plan", "classes"):
+    if key == "plan":
+        return _plan_difference(then, now)
+    if key == "classes":
         return f"the {key}"
     return f"{key.replace('_', '-')} (the run: {then!r}, now: {now!r})"
+
+
+def _plan_difference(then: object, now: object) -> str:
+    """What differs between two recorded plans, as a user typed it: `--epochs 5` said only 'the plan'."""
+    try:
+        before, after = then["stages"], now["stages"]  # type: ignore[index]
+        names = [stage["name"] for stage in before], [stage["name"] for stage in after]
+        if names[0] != names[1]:
+            return f"the plan's stages (the run: {names[0]}, now: {names[1]})"
+        changed = sorted({key for old, new in zip(before, after) for key in set(old) | set(new) if old.get(key) != new.get(key)})
+        if changed == ["epochs"]:
+            epochs = [stage["epochs"] for stage in before], [stage["epochs"] for stage in after]
+            return f"the plan's epochs per stage {names[0]} (the run: {epochs[0]}, now: {epochs[1]})"
+        return f"the plan ({', '.join(changed) or 'its options'} of its stages)"
+    except (KeyError, TypeError, AttributeError):  # a record of another shape: say no more than that
+        return "the plan"
 
 
 # Fields a later thaw added, with the value that reproduces a run recorded before them (a run resumed with

@@ -1,0 +1,25 @@
+"""What a resume says of the typed options that contradict a run: each difference as the user typed it."""
+
+from __future__ import annotations
+
+from thaw.train.settings import differences
+
+HEAD = {"name": "head", "epochs": 3, "train": ["head"]}
+ALL = {"name": "all", "epochs": 3, "train": ["all"]}
+
+
+def test_a_plan_that_differs_in_its_epochs_says_them_per_stage() -> None:
+    """`--resume RUN --epochs 5` said only 'the plan', not what differs."""
+    now = {"stages": [HEAD, ALL | {"epochs": 5}]}
+    assert differences({"plan": {"stages": [HEAD, ALL]}}, {"plan": now}) == [
+        "the plan's epochs per stage ['head', 'all'] (the run: [3, 3], now: [3, 5])"
+    ]
+
+
+def test_a_plan_that_differs_otherwise_names_what_differs() -> None:
+    assert differences({"plan": {"stages": [HEAD, ALL]}}, {"plan": {"stages": [HEAD]}}) == [
+        "the plan's stages (the run: ['head', 'all'], now: ['head'])"
+    ]
+    changed = {"stages": [HEAD, ALL | {"epochs": 4, "train": ["-2:"]}]}
+    assert differences({"plan": {"stages": [HEAD, ALL]}}, {"plan": changed}) == ["the plan (epochs, train of its stages)"]
+    assert differences({"plan": {"odd": 1}}, {"plan": {"odd": 2}}) == ["the plan"]  # a record of another shape
