@@ -84,14 +84,12 @@ def run_evaluate(args: argparse.Namespace) -> int:
     elif metrics["skipped_files"]:  # named, as training and predict name them
         print(f"thaw: warning: {describe_skipped(scored.skipped)} (in what was scored)", file=sys.stderr)
     print(f"{split}: {metrics['count']} {unit} ({what}), accuracy {metrics['accuracy']:.4f}, macro-F1 {metrics['macro_f1']:.4f}{top5}")
-    predicted = [sum(column) for column in zip(*metrics["confusion"])]
-    columns = zip(metrics["classes"], metrics["per_class_accuracy"], metrics["per_class_f1"], metrics["confusion"], predicted)
     # A class the scored data does not hold (a held-out set of some classes) has no recall, and no F1 unless the model
-    # predicts it: "-", not 0, as macro-F1 leaves it out.
-    rows = [
-        [name, f"{acc:.3f}" if sum(counts) else "-", f"{f1:.3f}" if sum(counts) or guessed else "-", *map(str, counts)]
-        for name, acc, f1, counts, guessed in columns
-    ]
+    # predicts it: "-", not 0, as macro-F1 leaves it out; the same rule as --json's nulls.
+    defined = undefined_as_null(metrics)
+    columns = zip(metrics["classes"], defined["per_class_accuracy"], defined["per_class_f1"], metrics["confusion"])
+    shown = lambda value: "-" if value is None else f"{value:.3f}"  # noqa: E731
+    rows = [[name, shown(acc), shown(f1), *map(str, counts)] for name, acc, f1, counts in columns]
     print(render_table(rows, ["class", "recall", "F1", *[f"->{c}" for c in metrics["classes"]]]))
     if picture:
         print(f"confusion matrix: {picture}")
