@@ -53,7 +53,7 @@ def test_the_same_command_plus_resume_is_accepted(cut_run: Path, tiny_split_data
     [
         (["--batch-size", "16"], "batch-size (the run: 8, now: 16)"),
         (["--seed", "1", "--accumulate", "2"], "accumulate (the run: 1, now: 2); seed (the run: 0, now: 1)"),
-        (["--strategy", "two-phase", "--epochs", "4"], "the plan"),
+        (["--strategy", "two-phase", "--epochs", "4"], "the plan's epochs per stage ['head', 'all'] (the run: [1, 1], now: [3, 4])"),  # untyped --head-epochs is the default, 3
         (["--model", "resnet18"], "model (the run: 'mobilenet_v3_small', now: 'resnet18')"),
         (["--no-augment"], "augment (the run: True, now: False)"),
         (["--out", "elsewhere"], "name two runs"),
