@@ -67,6 +67,16 @@ def test_evaluate_predict_and_export(trained_run: Path, tiny_split_data: Path, c
 
     session = onnxruntime.InferenceSession(str(alone), providers=["CPUExecutionProvider"])
     assert session.run(None, {"images": torch.zeros(1, 3, 32, 32).numpy()})[0].shape == (1, 3)
+    # ... and says which output is which class and how its input is prepared, as the run recorded them.
+    meta = json.loads((trained_run / "thaw.json").read_text())
+    carried = {key: json.loads(value) for key, value in session.get_modelmeta().custom_metadata_map.items()}
+    assert carried["thaw.classes"] == meta["classes"] == ["blue", "green", "red"]
+    assert carried["thaw.preprocessing"] == meta["preprocessing"] and carried["thaw.preprocessing"]["crop_size"] == 32
+    assert carried["thaw.task"] == "image" and carried["thaw.model"] == meta["model"]
+    extra = {"thaw.json": ""}
+    torch.jit.load(str(trained_run / "model.pt"), _extra_files=extra)
+    described = json.loads(extra["thaw.json"])
+    assert described["classes"] == meta["classes"] and described["preprocessing"] == meta["preprocessing"]
 
 
 

@@ -145,6 +145,11 @@ def test_text_run_evaluates_predicts_and_exports(tmp_path: Path, tiny_encoder: P
     assert all(p["label"] in ("ham", "spam") and 0.5 <= p["probability"] <= 1 for p in predictions)
     assert main(["export", str(run), "--format", "onnx"]) == 0
     assert "outputs match PyTorch" in capsys.readouterr().out
+    import onnx
+
+    carried = {entry.key: json.loads(entry.value) for entry in onnx.load(str(run / "model.onnx")).metadata_props}
+    assert carried["thaw.classes"] == ["ham", "spam"] and carried["thaw.task"] == "text"
+    assert carried["thaw.preprocessing"]["max_length"] == json.loads((run / "thaw.json").read_text())["preprocessing"]["max_length"]
     # The run folder alone rebuilds the model: tokenizer and config travel with it.
     adapter, meta = load_run(run)
     assert meta["task"] == "text" and (run / "text-model" / "config.json").is_file()

@@ -13,7 +13,7 @@ from thaw._io import answers
 from thaw.data.folders import describe_skipped
 from thaw.data.manifest_check import check_image_table
 from thaw.errors import ThawError
-from thaw.export.formats import FORMATS, ExportCheck, export_model
+from thaw.export.formats import FORMATS, ExportCheck, export_description, export_model
 from thaw.export.inference import check_images, image_files, predict_files, predict_texts, run_precision, score_run, with_tta
 from thaw.export.report import save_report
 from thaw.train.metrics import undefined_as_null
@@ -199,7 +199,7 @@ def run_export(args: argparse.Namespace) -> int:
     _check_output(output, args.format, Path(args.run))
     images = [] if meta.get("task") == "text" else check_images(meta, adapter.preprocessing)
     try:
-        check = export_model(adapter, output, args.format, images)
+        check = export_model(adapter, output, args.format, images, export_description(meta))
     except OSError as error:
         raise ThawError(f"cannot write {output} ({error.strerror or error}); choose another --output") from None
     written = f"{output} and its weights {check.weights_file} (keep the two together)" if check.weights_file else str(output)

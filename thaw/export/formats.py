@@ -8,6 +8,7 @@ failures that only show on real pixel statistics).
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 import warnings
@@ -104,7 +105,25 @@ def onnx_data_file(path: Path) -> Path:
     return path.with_name(path.name + ".data")
 
 
-def _export_onnx(exportable: _Exportable, path: Path, max_length: int | None, named: Path) -> Runner:
+def export_description(meta: dict) -> dict[str, str]:
+    """What a copied export needs besides its weights, from the run's metadata: which output is which class, and the
+    preprocessing its input expects (the model takes normalised tensors). Each value is JSON text."""
+    keys = ("task", "model", "classes", "preprocessing")
+    return {f"thaw.{key}": json.dumps(meta.get(key, "image" if key == "task" else None)) for key in keys}
+
+
+def _describe_onnx(path: Path, description: dict[str, str]) -> None:
+    """Add `description` to the file's metadata_props (onnxruntime: session.get_modelmeta().custom_metadata_map)."""
+    import onnx
+
+    proto = onnx.load(str(path), load_external_data=False)  # weights torch put beside it stay there, named as they were
+    for key, value in description.items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = key, value
+    onnx.save(proto, str(path))
+
+
+def _export_onnx(exportable: _Exportable, path: Path, max_length: int | None, named: Path, description: dict[str, str]) -> Runner:
     """Write `path` (staged: the user's file is `named`, as messages say) and open it with onnxruntime."""
     try:
         import onnxruntime
@@ -120,6 +139,7 @@ def _export_onnx(exportable: _Exportable, path: Path, max_length: int | None, na
             exportable.model, exportable.example, str(path), input_names=list(exportable.names), output_names=["logits"],
             dynamic_shapes=tuple(dims for _ in exportable.names), dynamo=True, verbose=False, external_data=False,
         )
+    _describe_onnx(path, description)
     try:
         session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     except Exception as error:  # noqa: BLE001 - onnxruntime raises its own types for a file it cannot load
@@ -128,11 +148,15 @@ def _export_onnx(exportable: _Exportable, path: Path, max_length: int | None, na
     return lambda inputs: torch.from_numpy(session.run(None, {n: t.numpy() for n, t in zip(names, inputs)})[0])
 
 
-def _export_torchscript(exportable: _Exportable, path: Path) -> Runner:
+TORCHSCRIPT_DESCRIPTION = "thaw.json"  # torch.jit.load(path, _extra_files={"thaw.json": ""}) reads it back
+
+
+def _export_torchscript(exportable: _Exportable, path: Path, description: dict[str, str]) -> Runner:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         traced = torch.jit.trace(exportable.model, exportable.example, strict=False)
-        traced.save(str(path))
+        described = {key.removeprefix("thaw."): json.loads(value) for key, value in description.items()}
+        traced.save(str(path), _extra_files={TORCHSCRIPT_DESCRIPTION: json.dumps(described)})
         loaded = torch.jit.load(str(path))
     return lambda inputs: loaded(*inputs)
 
@@ -186,12 +210,15 @@ def _summary(exportable: _Exportable, difference: float, real_images: int, weigh
     return ExportCheck(difference, real_images=real_images, noise_batches=len(NOISE_BATCH_SIZES), weights_file=weights_file)
 
 
-def export_model(adapter: ModelAdapter, path: Path, fmt: str, images: list[torch.Tensor] | None = None) -> ExportCheck:
+def export_model(
+    adapter: ModelAdapter, path: Path, fmt: str, images: list[torch.Tensor] | None = None, description: dict[str, str] | None = None
+) -> ExportCheck:
     """Write `path` in `fmt`, compare its outputs with PyTorch's, and refuse past TOLERANCE.
 
     The file is written and checked in a hidden folder beside `path`, then renamed into place: a refused export
     leaves whatever was at `path` as it was (an earlier export, or what a mistyped --output named).
     `images`: preprocessed image tensors (C, H, W) of the run's data, compared on besides noise.
+    `description`: what the file carries besides the model (export_description of the run's metadata).
     """
     if fmt not in FORMATS:
         raise ThawError(f"unknown export format {fmt!r}; choose {', '.join(FORMATS)}")
@@ -204,7 +231,11 @@ def export_model(adapter: ModelAdapter, path: Path, fmt: str, images: list[torch
     earlier = path.is_file()  # an earlier export here: a weights file beside it is that export's, stale after this one
     with tempfile.TemporaryDirectory(prefix=".thaw-export-", dir=path.parent) as folder:
         staged = Path(folder) / path.name  # the final name: an ONNX file names its weights file by it
-        run_exported = _export_onnx(exportable, staged, max_length, path) if fmt == "onnx" else _export_torchscript(exportable, staged)
+        described = description or {}
+        if fmt == "onnx":
+            run_exported = _export_onnx(exportable, staged, max_length, path, described)
+        else:
+            run_exported = _export_torchscript(exportable, staged, described)
         difference = _largest_difference(exportable, run_exported, fmt)
         if not difference <= TOLERANCE:
             raise ThawError(f"the exported {fmt} model's outputs differ from PyTorch's by {difference:.2e}; export refused")
