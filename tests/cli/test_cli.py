@@ -345,3 +345,21 @@ def test_output_into_a_closed_pipe_ends_quietly(unbuffered: str) -> None:
     said = process.stderr.read().decode()
     assert process.wait(timeout=120) == 141, said  # 128 + SIGPIPE, as a shell reports `yes | head -1`
     assert said == ""  # no traceback, no "Exception ignored" at exit
+
+
+def test_names_the_terminal_cannot_encode_are_written_escaped_not_a_traceback(tmp_path: Path) -> None:
+    """PYTHONIOENCODING=ascii (or a Latin-1 locale) and a class or file name outside it: the work was done, then a
+    UnicodeEncodeError traceback lost the output."""
+    data = tmp_path / "d"
+    for split, seed in (("train", 0), ("val", 1)):
+        write_class_images(data / split, classes=("café", "tea"), per_class=3, size=16, seed=seed)
+    run = tmp_path / "run"
+    tiny = ["--model", "mobilenet_v3_small", "--weights", "none", "--image-size", "16", "--head-epochs", "1", "--epochs", "0"]
+    assert main(["train", str(data), *tiny, "--out", str(run), "--quiet"]) == 0
+    env = {**os.environ, "PYTHONIOENCODING": "ascii"}
+    command = [sys.executable, "-m", "thaw"]
+    predicted = subprocess.run([*command, "predict", str(run), str(data / "val" / "café")], capture_output=True, text=True, env=env, timeout=300)
+    assert predicted.returncode == 0, predicted.stderr
+    assert len(predicted.stdout.splitlines()) == 3 and "caf\\xe9" in predicted.stdout
+    missing = subprocess.run([*command, "predict", str(run), str(data / "café.png")], capture_output=True, text=True, env=env, timeout=300)
+    assert missing.returncode == 2 and missing.stderr.count("\n") == 1 and "caf\\xe9.png does not exist" in missing.stderr

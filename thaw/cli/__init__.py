@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import io
 import os
 import re
 import select
@@ -75,6 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    _write_any_character()
     try:
         code = _run(argv)
         sys.stdout.flush()  # here, not at exit: a pipe's reader that is gone shows as below
@@ -90,6 +92,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         # that would fail again and print a warning.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 128 + 13  # as a shell reports a process ended by SIGPIPE
+
+
+def _write_any_character() -> None:
+    """A class name, path or text the terminal's encoding lacks (PYTHONIOENCODING=ascii, a Latin-1 locale) is written
+    escaped, as \\xe9: it was a UnicodeEncodeError traceback after the work was done."""
+    for stream in (sys.stdout, sys.stderr):
+        if isinstance(stream, io.TextIOWrapper) and stream.errors == "strict":
+            stream.reconfigure(errors="backslashreplace")
 
 
 def _stdout_reader_gone() -> bool:
