@@ -182,7 +182,9 @@ def evaluate_run(
 ) -> dict:
     """Metrics of the run's model on `data_path` (see evaluation_set for what is scored, and `columns`); its classes
     must be among the run's, matched by name (in_run_classes).
-    `tta`: average the softmax over each image and its mirror (FlipAveraged)."""
+    `tta`: average the softmax over each image and its mirror (FlipAveraged).
+    A per-class score that is 0/0 (a class the data lacks, or never predicted) is 0.0 here;
+    thaw.train.metrics.undefined_as_null turns those into None, as `thaw evaluate --json` writes them."""
     return score_run(adapter, meta, data_path, split, batch_size, quiet, tta, columns).metrics
 
 
