@@ -218,6 +218,10 @@ def test_a_link_to_nowhere_is_skipped_and_listed_like_any_unreadable_file(tmp_pa
         (lambda root: (write_class_images(root / "train"), write_class_images(root / "val", classes=("red", "green", "cyan"))), "only in val: \\['cyan'\\]"),
         (lambda root: (write_class_images(root / "train"), write_class_images(root / "val", classes=("red", "green"))), "missing from val: \\['blue'\\]\\); give val/ the same class folders as train/, or remove val/ to have a share of train/ held out$"),
         (lambda root: (write_class_images(root / "train"), write_class_images(root / "test", classes=("red", "green", "cyan"))), "only in test: \\['cyan'\\]"),
+        # café typed on Linux (one code point) and café unzipped on macOS (e plus an accent): it read "only in val:
+        # ['café']; missing from val: ['café']"
+        (lambda root: (write_class_images(root / "train", classes=("caf\u00e9", "tea")), write_class_images(root / "val", classes=("cafe\u0301", "tea"))),
+         "remove val/ to have a share of train/ held out; cafe\u0301: the same letters as train/'s, encoded otherwise \\(Unicode NFD against NFC"),
         (lambda root: root.mkdir(), "holds no class folders"),
         # one image a class: none left for val, whose accuracy (0 of 0) would choose the epoch delivered
         (lambda root: write_class_images(root, per_class=1), "no sample is left for val: every class has a single one; a class needs 2"),

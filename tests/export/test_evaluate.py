@@ -132,6 +132,18 @@ def test_a_class_the_run_never_learned_is_one_line_naming_it(colour_run: Path, t
         evaluate_run(adapter, meta, held_out)
 
 
+def test_a_class_that_differs_from_a_learned_one_only_in_its_unicode_form_is_named_so() -> None:
+    """café learned from a folder typed on Linux (one code point), scored on one unzipped on macOS (e plus an accent)."""
+    from thaw.export.inference import EvaluationSet, in_run_classes
+
+    held_out = EvaluationSet("all", (("a.png", 0), ("b.png", 1)), ("cafe\u0301", "tea"), ())
+    with pytest.raises(ThawError, match="never learned \\(cafe\u0301\\); .*; cafe\u0301: the same letters as the run's, encoded otherwise"):
+        in_run_classes(held_out, ["caf\u00e9", "tea"])
+    with pytest.raises(ThawError) as plain:  # a class that is simply unknown gets no such sentence
+        in_run_classes(EvaluationSet("all", (("a.png", 0),), ("coffee",), ()), ["caf\u00e9", "tea"])
+    assert "encoded otherwise" not in str(plain.value)
+
+
 def test_text_columns_for_an_image_run_are_one_line(colour_run: Path, tiny_split_data: Path) -> None:
     adapter, meta = load_run(colour_run)
     with pytest.raises(ThawError, match=r"^text columns and a delimiter .* read text tables; this is an image run$"):

@@ -16,6 +16,7 @@ from __future__ import annotations
 import csv
 import os
 import random
+import unicodedata
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -143,6 +144,18 @@ def _scan_split(split_dir: Path, skipped: list[tuple[str, str]]) -> dict[str, li
     return by_class
 
 
+def unicode_form_hint(these: list[str], known: list[str] | tuple[str, ...], where: str) -> str:
+    """A sentence for names of `these` that match one of `known` only once both are Unicode-normalised: the same
+    letters, written apart (é as one code point in one folder, e plus an accent in the other; macOS tools write the
+    latter). Empty where there are none; they would read as 'only in val: café; missing from val: café'."""
+    normal = {unicodedata.normalize("NFC", name) for name in known}
+    twins = [name for name in these if name not in known and unicodedata.normalize("NFC", name) in normal]
+    if not twins:
+        return ""
+    return (f"; {', '.join(twins)}: the same letters as {where}'s, encoded otherwise (Unicode NFD against NFC, as macOS "
+            "tools may write accents): rename one of them so the two names match")
+
+
 def _check_classes(splits: dict[str, dict[str, list[Path]]], root: Path, min_classes: int = 2) -> tuple[str, ...]:
     problems = []
     reference_name, reference = next(iter(splits.items()))
@@ -158,6 +171,7 @@ def _check_classes(splits: dict[str, dict[str, list[Path]]], root: Path, min_cla
                 f"classes differ between {reference_name} and {name} (only in {name}: {only_here or 'none'}; "
                 f"missing from {name}: {missing or 'none'}); give {name}/ the same class folders as {reference_name}/"
                 + (f", or remove {name}/ to have a share of {reference_name}/ held out" if SPLIT_NAMES.get(name.lower()) == "val" else "")
+                + unicode_form_hint(only_here, list(reference), f"{reference_name}/")
             )
     not_utf8 = [c.encode("utf-8", "surrogateescape").decode("utf-8", "replace") for c in reference if not _is_utf8(c)]
     if not_utf8:  # an old zip's encoding: the name would reach the record, the plots and the report undecodable

@@ -11,7 +11,7 @@ from torch import nn
 
 from thaw._allocator import memory_kept_between_steps
 from thaw._io import answers
-from thaw.data.folders import ImageData, candidate_files, describe_skipped, discover
+from thaw.data.folders import ImageData, candidate_files, describe_skipped, discover, unicode_form_hint
 from thaw.data.images import UnreadableImage, load_rgb
 from thaw.data.loaders import ImageDataset, make_loader
 from thaw.data.text import TextColumns, TextData, TextDataset, load_text_data, read_table, recorded_split_rules
@@ -136,6 +136,7 @@ def in_run_classes(chosen: EvaluationSet, run_classes: list[str]) -> EvaluationS
         raise ThawError(
             f"the data has {len(unknown)} class(es) this run never learned ({_listed(unknown)}); the run knows "
             f"{_listed(run_classes)}: evaluate on data whose class folders or labels are among the run's"
+            + unicode_form_hint(unknown, run_classes, "the run")
         )
     index = [list(run_classes).index(name) for name in chosen.classes]
     return replace(chosen, samples=tuple((sample, index[label]) for sample, label in chosen.samples), classes=tuple(run_classes))
