@@ -64,7 +64,7 @@ def probe(path: Path) -> None:
 def _reason(error: Exception) -> str:
     if isinstance(error, UnidentifiedImageError):
         return "not an image"
-    return f"too large ({error})"
+    return f"too large: {str(error).rstrip('.')}"  # Pillow's own words name the size and the limit
 
 
 def _to_8bit(image: Image.Image) -> Image.Image:
