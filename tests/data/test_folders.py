@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from collections import Counter
 from pathlib import Path
 
@@ -398,3 +399,35 @@ def test_a_class_of_one_image_that_val_has_none_of_is_said(tmp_path: Path, layou
     if layout == "manifest":
         source.write_text("path,label\n" + "".join(f"{image.relative_to(root)},{image.parent.name}\n" for image in sorted(root.rglob("*.png"))))
     assert discover(source, val_split=0.25).notes == ()
+
+
+def test_held_out_images_that_are_copies_of_training_images_are_cautioned(tmp_path: Path) -> None:
+    """val/ made by copying train/ scores memory and chooses the delivered epoch by it: said as the run starts."""
+    root = tmp_path / "data"
+    write_class_images(root / "train", per_class=4, seed=0)
+    write_class_images(root / "val", per_class=2, seed=1)
+    write_class_images(root / "test", per_class=2, seed=2)
+    assert discover(root).cautions == ()
+    shutil.copy(root / "train" / "red" / "000.png", root / "val" / "red" / "copied.png")
+    for name in ("001.png", "002.png"):
+        shutil.copy(root / "train" / "blue" / name, root / "test" / "blue" / f"also-{name}")
+    val_said, test_said = discover(root).cautions
+    assert val_said.startswith(f"1 of 7 val images are copies of training images (the same bytes, such as {root / 'val' / 'red' / 'copied.png'} and {root / 'train' / 'red' / '000.png'})")
+    assert "val's choose the epoch delivered" in val_said
+    assert test_said.startswith("2 of 8 test images are copies of training images") and "epoch" not in test_said
+
+
+def test_images_of_the_same_size_in_bytes_are_no_copies(tmp_path: Path) -> None:
+    """Uncompressed BMPs of one shape all have one size: only the same bytes make a copy."""
+    import numpy as np
+    from PIL import Image
+
+    root = tmp_path / "data"
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        for label in ("a", "b"):
+            (root / split / label).mkdir(parents=True)
+            for item in range(2):
+                Image.fromarray(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)).save(root / split / label / f"{item}.bmp")
+    assert len({path.stat().st_size for path in root.rglob("*.bmp")}) == 1
+    assert discover(root).cautions == ()

@@ -14,6 +14,7 @@ Files that are not decodable images are skipped and listed.
 from __future__ import annotations
 
 import csv
+import hashlib
 import os
 import random
 import unicodedata
@@ -372,10 +373,51 @@ def _from_split_folders(root: Path, folders: dict[str, Path], val_split: float, 
         given = "train/test" if test is not None else "train only"
         layout = f"split folders ({given}), {as_percent(val_split)} of train held out as val (seed {seed})"
     held_out = () if "val" in splits else classes_not_held_out(classes, val, min_classes)
+    copies = copies_of_training_images(train, {"val": val} if "val" in splits else {}) + copies_of_training_images(train, {"test": test or ()})
     return ImageData(
         classes, train, val, test, layout, tuple(skipped), split_folders=True, val_from_folder="val" in splits,
-        cautions=_unread_splits(root, classes) + held_out,
+        cautions=_unread_splits(root, classes) + held_out + copies,
     )
+
+
+def _file_digest(path: Path) -> bytes | None:
+    try:
+        with open(path, "rb") as file:
+            return hashlib.file_digest(file, "blake2b").digest()
+    except OSError:  # unreadable now: the decoder will say so, in its own words
+        return None
+
+
+def _size(path: Path) -> int | None:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return None
+
+
+def copies_of_training_images(train: tuple[Sample, ...], held: dict[str, tuple[Sample, ...]]) -> tuple[str, ...]:
+    """A caution for held-out images that are byte-for-byte copies of training images (val/ made by copying train/,
+    or photos filed twice): their scores count what the model memorised, and val's choose the epoch delivered. Only
+    files of a size some training file has are read, so a split without copies costs a stat per file."""
+    cautions = []
+    train_sizes = {path: _size(path) for path, _ in train} if any(held.values()) else {}
+    known_sizes = set(train_sizes.values()) - {None}
+    for name, samples in held.items():
+        candidates = [path for path, _ in samples if _size(path) in known_sizes]
+        if not candidates:
+            continue
+        sizes = {_size(path) for path in candidates}
+        seen = {digest: path for path, size in train_sizes.items() if size in sizes and (digest := _file_digest(path))}
+        copies = [(path, seen[digest]) for path in candidates if (digest := _file_digest(path)) in seen]
+        if copies:
+            held_path, train_path = copies[0]
+            purpose = "; val's choose the epoch delivered" if name == "val" else ""
+            cautions.append(
+                f"{len(copies)} of {len(samples)} {name} images are copies of training images (the same bytes, such as "
+                f"{held_path} and {train_path}): their scores count what the model memorised{purpose}; keep each image "
+                "in one split"
+            )
+    return tuple(cautions)
 
 
 def _check_holds_class_folders(split_dir: Path) -> None:
