@@ -168,7 +168,10 @@ def test_a_manifest_naming_image_files_that_are_missing_says_they_are_missing(
 def test_a_resume_of_a_finished_run_still_refuses_what_contradicts_it(finished_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     # "Complete" with exit 0 hid a --batch-size or --out that did not match the run, and a --report that was never written.
     before = {path.name: path.read_bytes() for path in finished_run.iterdir() if path.is_file()}
-    assert "contradict the run's own settings" in _one_line_error(["train", "--resume", str(finished_run), "--batch-size", "99"], capsys)
+    refused = _one_line_error(["train", "--resume", str(finished_run), "--batch-size", "99"], capsys)
+    assert "contradict the run's own settings" in refused
+    # ... and says how to train with them: not "--resume alone continues the run", which would only say it is complete
+    assert refused.endswith(f"the run is complete, so a resume trains nothing more: to train with these options, start a new run (another --out), or train anew into {finished_run} with --overwrite")
     assert "name two runs" in _one_line_error(["train", "--resume", str(finished_run), "--out", str(tmp_path / "else")], capsys)
     assert f"thaw report {finished_run}" in _one_line_error(["train", "--resume", str(finished_run), "--report"], capsys)
     assert {path.name: path.read_bytes() for path in finished_run.iterdir() if path.is_file()} == before

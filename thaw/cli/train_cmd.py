@@ -348,8 +348,9 @@ def _group_count(args: argparse.Namespace) -> int:
     return len(build_model(args.model, num_classes=2, device="meta").groups)
 
 
-def _check_resume_options(args: argparse.Namespace, run: Path, settings: dict) -> None:
-    """Typed options beside --resume must agree with the run's recorded settings, finished or not."""
+def _check_resume_options(args: argparse.Namespace, run: Path, settings: dict, finished: bool = False) -> None:
+    """Typed options beside --resume must agree with the run's recorded settings, finished or not. A finished run's
+    refusal says how to train longer: `--resume` alone would only say it is complete."""
     if args.out and Path(args.out).resolve() != run.resolve():
         raise ThawError(f"--out {args.out} and --resume {run} name two runs; a resume writes into the run it continues")
     check_model_object(run, settings, None, "resume_run")  # before typed options are compared: that rebuilds the model by name
@@ -360,7 +361,9 @@ def _check_resume_options(args: argparse.Namespace, run: Path, settings: dict) -
     if found:
         raise ThawError(
             f"--resume {run}: the typed options contradict the run's own settings: {'; '.join(found)}; "
-            f"`thaw train --resume {run}` alone continues the run as it was started"
+            + (f"the run is complete, so a resume trains nothing more: to train with these options, start a new run "
+               f"(another --out), or train anew into {run} with --overwrite" if finished else
+               f"`thaw train --resume {run}` alone continues the run as it was started")
         )
 
 
@@ -451,7 +454,7 @@ def _say_finished(args: argparse.Namespace, run: Path) -> int:
     check_model_object(run, recorded, None, "resume_run")  # such a run is used from Python only: say how
     settings = saved_settings(run)
     if settings is not None:
-        _check_resume_options(args, run, settings)
+        _check_resume_options(args, run, settings, finished=True)
     if args.report:
         raise ThawError(f"{run} is complete: there is nothing to train before a report; write it with thaw report {run}")
     if args.log:
