@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import unicodedata
+
 from torch import nn
 
 from thaw.models.adapter import ModelAdapter
@@ -60,9 +62,20 @@ def _cell(value: object) -> str:
     return str(value)
 
 
+def display_width(text: str) -> int:
+    """Terminal columns `text` takes: wide (CJK, most emoji) characters two, combining accents none; len() counted
+    one each, and a table of such class names went out of line."""
+    return sum(0 if unicodedata.combining(c) else 2 if unicodedata.east_asian_width(c) in "WF" else 1 for c in text)
+
+
+def _padded(cell: str, width: int, left: bool) -> str:
+    padding = " " * (width - display_width(cell))
+    return cell + padding if left else padding + cell
+
+
 def render_table(rows: list[list[str]], header: list[str]) -> str:
-    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
-    lines = ["  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths))) for row in [header, *rows]]
+    widths = [max(display_width(row[i]) for row in [header, *rows]) for i in range(len(header))]
+    lines = ["  ".join(_padded(cell, w, left=i == 0) for i, (cell, w) in enumerate(zip(row, widths))) for row in [header, *rows]]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
 

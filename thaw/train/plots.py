@@ -2,13 +2,30 @@
 
 from __future__ import annotations
 
+from functools import lru_cache
 from pathlib import Path
 
 import matplotlib
 
 matplotlib.use("Agg")  # files only; no display on servers
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib import font_manager  # noqa: E402
+from matplotlib.ft2font import FT2Font  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
+
+
+@lru_cache(maxsize=1)
+def _plot_font() -> FT2Font:
+    return FT2Font(font_manager.findfont(font_manager.FontProperties()))
+
+
+def drawable(name: str) -> str:
+    """`name` as the plot font can draw it: where the font lacks a character (CJK or emoji class names, with only
+    DejaVu Sans installed), the name is written with escapes (\\u732b): matplotlib drew every such character as the
+    same empty box, so two classes' labels looked alike, and warned once per character."""
+    if all(character.isspace() or _plot_font().get_char_index(ord(character)) for character in name):
+        return name
+    return ascii(name)[1:-1]
 
 
 def plot_curves(history: list[dict], path: Path) -> Path:
@@ -22,7 +39,7 @@ def plot_curves(history: list[dict], path: Path) -> Path:
         if row["stage_index"] != previous["stage_index"]:
             for axis in (loss_axis, accuracy_axis):
                 axis.axvline(row["epoch"] - 0.5, color="grey", linestyle="--")
-                axis.text(row["epoch"] - 0.45, axis.get_ylim()[1], row["stage"], va="top", fontsize=8, color="grey")
+                axis.text(row["epoch"] - 0.45, axis.get_ylim()[1], drawable(row["stage"]), va="top", fontsize=8, color="grey")
     for axis, title in ((loss_axis, "loss"), (accuracy_axis, "accuracy")):
         axis.set_xlabel("epoch")
         axis.xaxis.set_major_locator(MaxNLocator(integer=True))
@@ -48,8 +65,9 @@ def confusion_figure(confusion: list[list[int]], classes: list[str], title: str 
     size = max(4.0, 0.5 * len(classes) + 2)
     figure, axis = plt.subplots(figsize=(size, size))
     axis.imshow(confusion, cmap="Blues")
-    axis.set_xticks(range(len(classes)), classes, rotation=45, ha="right")
-    axis.set_yticks(range(len(classes)), classes)
+    labels = [drawable(name) for name in classes]
+    axis.set_xticks(range(len(classes)), labels, rotation=45, ha="right")
+    axis.set_yticks(range(len(classes)), labels)
     axis.set_xlabel("predicted")
     axis.set_ylabel("true")
     peak = max((max(row) for row in confusion), default=0)

@@ -1,0 +1,27 @@
+"""Plots and tables of class names in any script: every label readable, every column in line."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+from thaw.plan.report import display_width, render_table
+from thaw.train.plots import _plot_font, drawable, plot_confusion
+
+
+def test_a_name_the_plot_font_lacks_is_drawn_escaped_and_two_such_names_stay_apart(tmp_path: Path) -> None:
+    cat, dog = "\u732b", "\u72ac"  # 猫 and 犬: DejaVu Sans, matplotlib's font, has neither: both were the same empty box
+    assert _plot_font().get_char_index(ord(cat)) == 0
+    assert drawable(cat) == "\\u732b" and drawable(dog) == "\\u72ac"
+    assert drawable("caf\u00e9 au lait") == "caf\u00e9 au lait"  # a character the font has stays as it is
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # matplotlib's "Glyph ... missing from font(s)" warning, once per character
+        assert plot_confusion([[1, 0], [0, 1]], [cat, dog], tmp_path / "confusion.png").stat().st_size > 0
+
+
+def test_a_table_of_wide_and_accented_names_stays_in_line() -> None:
+    rows = [["\u732b\u732b", "1"], ["cafe\u0301", "22"], ["dog", "333"]]  # two wide characters; e plus a combining accent
+    assert [display_width(row[0]) for row in rows] == [4, 4, 3]
+    lines = render_table(rows, ["class", "n"]).splitlines()
+    assert len({display_width(line) for line in lines}) == 1  # every line as wide on screen as the header
+    assert lines[2:] == ["\u732b\u732b     1", "cafe\u0301    22", "dog    333"]  # padded to "class", then "  ", then n
