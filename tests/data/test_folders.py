@@ -417,17 +417,28 @@ def test_held_out_images_that_are_copies_of_training_images_are_cautioned(tmp_pa
     assert test_said.startswith("2 of 8 test images are copies of training images") and "epoch" not in test_said
 
 
-def test_images_of_the_same_size_in_bytes_are_no_copies(tmp_path: Path) -> None:
-    """Uncompressed BMPs of one shape all have one size: only the same bytes make a copy."""
+def test_images_of_the_same_size_in_bytes_are_no_copies_and_are_not_read_whole(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Uncompressed BMPs of one shape all have one size: only the same bytes make a copy. Files that differ in their
+    first 64 KiB are never read whole (a data set of large TIFFs would be read again before training)."""
     import numpy as np
     from PIL import Image
 
+    from thaw.data import folders
+
     root = tmp_path / "data"
     rng = np.random.default_rng(0)
+    top = rng.integers(0, 255, (120, 200, 3), dtype=np.uint8)  # the first 72,000 bytes of pixels, alike in some files
     for split in ("train", "val"):
         for label in ("a", "b"):
             (root / split / label).mkdir(parents=True)
             for item in range(2):
-                Image.fromarray(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)).save(root / split / label / f"{item}.bmp")
+                pixels = rng.integers(0, 255, (200, 200, 3), dtype=np.uint8)
+                if label == "b":
+                    pixels[-120:] = top  # a BMP stores its rows bottom first: these files begin alike
+                Image.fromarray(pixels).save(root / split / label / f"{item}.bmp")
     assert len({path.stat().st_size for path in root.rglob("*.bmp")}) == 1
+    read_whole = []
+    digest = folders._digest
+    monkeypatch.setattr(folders, "_digest", lambda path, limit=None: (read_whole.append(path) if limit is None else None) or digest(path, limit))
     assert discover(root).cautions == ()
+    assert sorted(path.parent.name for path in read_whole) == ["b"] * 4  # only the files alike in their first 64 KiB

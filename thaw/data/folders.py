@@ -380,11 +380,16 @@ def _from_split_folders(root: Path, folders: dict[str, Path], val_split: float, 
     )
 
 
-def _file_digest(path: Path) -> bytes | None:
+HEAD_BYTES = 1 << 16  # what is read of each file of a training file's size before any file is read whole
+
+
+def _digest(path: Path, limit: int | None = None) -> bytes | None:
+    """blake2b of the file's first `limit` bytes (all of it without one); None where it cannot be read now: the
+    decoder will say why, in its own words."""
     try:
         with open(path, "rb") as file:
-            return hashlib.file_digest(file, "blake2b").digest()
-    except OSError:  # unreadable now: the decoder will say so, in its own words
+            return hashlib.file_digest(file, "blake2b").digest() if limit is None else hashlib.blake2b(file.read(limit)).digest()
+    except OSError:
         return None
 
 
@@ -395,20 +400,30 @@ def _size(path: Path) -> int | None:
         return None
 
 
+def _copies(held: list[Path], train_sizes: dict[Path, int | None]) -> list[tuple[Path, Path]]:
+    """(held-out file, training file) pairs of the same bytes. Files are compared by size, then by their first
+    HEAD_BYTES, and only those still alike are read whole: uncompressed images of one shape (BMP, TIFF) all have one
+    size, and reading every one of them whole would read the data set again before training."""
+    held_sizes = {path: _size(path) for path in held}
+    shared = (set(held_sizes.values()) & set(train_sizes.values())) - {None}
+    if not shared:
+        return []
+    held_heads, train_heads = ({path: (size, _digest(path, HEAD_BYTES)) for path, size in sizes.items() if size in shared}
+                               for sizes in (held_sizes, train_sizes))
+    alike = set(held_heads.values()) & set(train_heads.values())
+    whole = {_digest(path): path for path, head in train_heads.items() if head in alike}
+    whole.pop(None, None)
+    return [(path, whole[digest]) for path, head in held_heads.items() if head in alike and (digest := _digest(path)) in whole]
+
+
 def copies_of_training_images(train: tuple[Sample, ...], held: dict[str, tuple[Sample, ...]]) -> tuple[str, ...]:
     """A caution for held-out images that are byte-for-byte copies of training images (val/ made by copying train/,
-    or photos filed twice): their scores count what the model memorised, and val's choose the epoch delivered. Only
-    files of a size some training file has are read, so a split without copies costs a stat per file."""
+    or photos filed twice): their scores count what the model memorised, and val's choose the epoch delivered. A
+    split without copies costs a stat per file, and HEAD_BYTES of each file whose size a training file has."""
     cautions = []
     train_sizes = {path: _size(path) for path, _ in train} if any(held.values()) else {}
-    known_sizes = set(train_sizes.values()) - {None}
     for name, samples in held.items():
-        candidates = [path for path, _ in samples if _size(path) in known_sizes]
-        if not candidates:
-            continue
-        sizes = {_size(path) for path in candidates}
-        seen = {digest: path for path, size in train_sizes.items() if size in sizes and (digest := _file_digest(path))}
-        copies = [(path, seen[digest]) for path in candidates if (digest := _file_digest(path)) in seen]
+        copies = _copies([path for path, _ in samples], train_sizes)
         if copies:
             held_path, train_path = copies[0]
             purpose = "; val's choose the epoch delivered" if name == "val" else ""
