@@ -363,3 +363,7 @@ def test_names_the_terminal_cannot_encode_are_written_escaped_not_a_traceback(tm
     assert len(predicted.stdout.splitlines()) == 3 and "caf\\xe9" in predicted.stdout
     missing = subprocess.run([*command, "predict", str(run), str(data / "café.png")], capture_output=True, text=True, env=env, timeout=300)
     assert missing.returncode == 2 and missing.stderr.count("\n") == 1 and "caf\\xe9.png does not exist" in missing.stderr
+    c_locale = {**os.environ, "LC_ALL": "C", "PYTHONUTF8": "0", "PYTHONCOERCECLOCALE": "0", "PYTHONIOENCODING": ""}  # ascii, surrogateescape
+    predicted = subprocess.run([*command, "predict", str(run), str(data / "val" / "café")], capture_output=True, env=c_locale, timeout=300)
+    assert predicted.returncode == 0, predicted.stderr
+    assert len(predicted.stdout.splitlines()) == 3 and b"caf\\xe9" in predicted.stdout

@@ -73,6 +73,7 @@ def test_evaluate_predict_and_export(trained_run: Path, tiny_split_data: Path, c
     assert carried["thaw.classes"] == meta["classes"] == ["blue", "green", "red"]
     assert carried["thaw.preprocessing"] == meta["preprocessing"] and carried["thaw.preprocessing"]["crop_size"] == 32
     assert carried["thaw.task"] == "image" and carried["thaw.model"] == meta["model"]
+    assert carried["thaw.input"].startswith("images: float32, N x 3 x H x W, RGB scaled to 0-1")
     extra = {"thaw.json": ""}
     torch.jit.load(str(trained_run / "model.pt"), _extra_files=extra)
     described = json.loads(extra["thaw.json"])
@@ -106,6 +107,24 @@ def test_an_onnx_export_whose_weights_torch_puts_beside_it_names_both_files(
     assert main(["export", str(trained_run), "--format", "onnx"]) == 0
     assert f"wrote {trained_run / 'model.onnx'} and its weights {weights}" in capsys.readouterr().out
     assert weights.read_bytes() == b"as torch writes them for a large model"  # moved beside the model with it
+
+
+def test_an_onnx_export_with_its_weights_beside_it_still_carries_the_runs_description(
+    trained_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """torch's own limit lowered to 0: the weights go to PATH.data as for a model past 1.5 GB; the description is
+    added without loading them, and the two files, moved elsewhere together, still load and say the classes."""
+    import onnxruntime
+    from torch.onnx._internal.exporter import _onnx_program
+
+    monkeypatch.setattr(_onnx_program, "_LARGE_MODEL_THRESHOLD", 0)
+    assert main(["export", str(trained_run), "--format", "onnx", "--output", str(tmp_path / "big" / "model.onnx")]) == 0
+    assert "and its weights" in capsys.readouterr().out
+    moved = tmp_path / "moved"
+    (tmp_path / "big").rename(moved)
+    session = onnxruntime.InferenceSession(str(moved / "model.onnx"), providers=["CPUExecutionProvider"])
+    assert json.loads(session.get_modelmeta().custom_metadata_map["thaw.classes"]) == ["blue", "green", "red"]
+    assert session.run(None, {"images": torch.zeros(1, 3, 32, 32).numpy()})[0].shape == (1, 3)
 
 
 def test_evaluate_counts_and_warns_of_the_unreadable_files_of_the_split_it_scores(

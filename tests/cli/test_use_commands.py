@@ -17,6 +17,8 @@ from thaw.train import TrainConfig, resume_run, train_images
 
 TINY = {"model": "mobilenet_v3_small", "weights": None, "plan": "two-phase", "plan_options": {"head_epochs": 1, "epochs": 1},
         "config": TrainConfig(image_size=32, batch_size=8, quiet=True)}
+FINISHED_OPTIONS = ["--model", "mobilenet_v3_small", "--weights", "none", "--strategy", "two-phase", "--head-epochs", "1", "--epochs", "1",
+                    "--image-size", "32"]  # TINY, typed
 
 
 @pytest.fixture(scope="module")
@@ -171,7 +173,11 @@ def test_a_resume_of_a_finished_run_still_refuses_what_contradicts_it(finished_r
     refused = _one_line_error(["train", "--resume", str(finished_run), "--batch-size", "99"], capsys)
     assert "contradict the run's own settings" in refused
     # ... and says how to train with them: not "--resume alone continues the run", which would only say it is complete
-    assert refused.endswith(f"the run is complete, so a resume trains nothing more: to train with these options, start a new run (another --out), or train anew into {finished_run} with --overwrite")
+    data = json.loads((finished_run / "thaw.json").read_text())["data_path"]
+    assert refused.endswith(f"drop --resume and start a new run, `thaw train {data} --out NEW_RUN` and the options, or replace this one with --out {finished_run} --overwrite")
+    # ... and the commands it names run: no "--overwrite and --resume" or "name two runs" refusal in their place
+    assert main(["train", data, *FINISHED_OPTIONS, "--batch-size", "4", "--out", str(tmp_path / "new"), "--quiet"]) == 0
+    capsys.readouterr()
     assert "name two runs" in _one_line_error(["train", "--resume", str(finished_run), "--out", str(tmp_path / "else")], capsys)
     assert f"thaw report {finished_run}" in _one_line_error(["train", "--resume", str(finished_run), "--report"], capsys)
     assert {path.name: path.read_bytes() for path in finished_run.iterdir() if path.is_file()} == before

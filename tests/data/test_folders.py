@@ -222,7 +222,7 @@ def test_a_link_to_nowhere_is_skipped_and_listed_like_any_unreadable_file(tmp_pa
         # café typed on Linux (one code point) and café unzipped on macOS (e plus an accent): it read "only in val:
         # ['café']; missing from val: ['café']"
         (lambda root: (write_class_images(root / "train", classes=("caf\u00e9", "tea")), write_class_images(root / "val", classes=("cafe\u0301", "tea"))),
-         "remove val/ to have a share of train/ held out; cafe\u0301: the same letters as train/'s, encoded otherwise \\(Unicode NFD against NFC"),
+         "remove val/ to have a share of train/ held out; 'cafe\\\\u0301' and train/'s 'caf\\\\xe9' are the same letters encoded otherwise"),
         (lambda root: root.mkdir(), "holds no class folders"),
         # one image a class: none left for val, whose accuracy (0 of 0) would choose the epoch delivered
         (lambda root: write_class_images(root, per_class=1), "no sample is left for val: every class has a single one; a class needs 2"),
@@ -401,8 +401,10 @@ def test_a_class_of_one_image_that_val_has_none_of_is_said(tmp_path: Path, layou
     assert discover(source, val_split=0.25).notes == ()
 
 
-def test_held_out_images_that_are_copies_of_training_images_are_cautioned(tmp_path: Path) -> None:
+def test_held_out_images_that_are_copies_of_training_images_are_cautioned(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """val/ made by copying train/ scores memory and chooses the delivered epoch by it: said as the run starts."""
+    from thaw.data import folders
+
     root = tmp_path / "data"
     write_class_images(root / "train", per_class=4, seed=0)
     write_class_images(root / "val", per_class=2, seed=1)
@@ -415,11 +417,15 @@ def test_held_out_images_that_are_copies_of_training_images_are_cautioned(tmp_pa
     assert val_said.startswith(f"1 of 7 val images are copies of training images (the same bytes, such as {root / 'val' / 'red' / 'copied.png'} and {root / 'train' / 'red' / '000.png'})")
     assert "val's choose the epoch delivered" in val_said
     assert test_said.startswith("2 of 8 test images are copies of training images") and "epoch" not in test_said
+    monkeypatch.setattr(folders, "_digest", lambda *_: pytest.fail("a file was read"))
+    assert discover(root, min_classes=1).cautions == ()  # data to score (thaw evaluate): nothing trains on it, nothing read
+    monkeypatch.setattr(folders, "MAX_HEAD_READS", 10)  # more files of a shared size than that: left out, nothing read
+    assert discover(root).cautions == ()
 
 
 def test_images_of_the_same_size_in_bytes_are_no_copies_and_are_not_read_whole(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Uncompressed BMPs of one shape all have one size: only the same bytes make a copy. Files that differ in their
-    first 64 KiB are never read whole (a data set of large TIFFs would be read again before training)."""
+    first 4 KiB are never read whole (a data set of large TIFFs would be read again before training)."""
     import numpy as np
     from PIL import Image
 
@@ -441,4 +447,4 @@ def test_images_of_the_same_size_in_bytes_are_no_copies_and_are_not_read_whole(t
     digest = folders._digest
     monkeypatch.setattr(folders, "_digest", lambda path, limit=None: (read_whole.append(path) if limit is None else None) or digest(path, limit))
     assert discover(root).cautions == ()
-    assert sorted(path.parent.name for path in read_whole) == ["b"] * 4  # only the files alike in their first 64 KiB
+    assert sorted(path.parent.name for path in read_whole) == ["b"] * 4  # only the files alike in their first 4 KiB

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import codecs
 import io
 import os
 import re
@@ -95,11 +96,16 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _write_any_character() -> None:
-    """A class name, path or text the terminal's encoding lacks (PYTHONIOENCODING=ascii, a Latin-1 locale) is written
-    escaped, as \\xe9: it was a UnicodeEncodeError traceback after the work was done."""
+    """A class name, path or text the terminal's encoding lacks (PYTHONIOENCODING=ascii, a C or Latin-1 locale) is
+    written escaped, as \\xe9: it was a UnicodeEncodeError traceback after the work was done. A UTF-8 stream writes a
+    file name that is not UTF-8 as its own bytes (surrogateescape), where strict raised on it."""
     for stream in (sys.stdout, sys.stderr):
-        if isinstance(stream, io.TextIOWrapper) and stream.errors == "strict":
+        if not isinstance(stream, io.TextIOWrapper):
+            continue
+        if codecs.lookup(stream.encoding).name != "utf-8":
             stream.reconfigure(errors="backslashreplace")
+        elif stream.errors == "strict":
+            stream.reconfigure(errors="surrogateescape")
 
 
 def _stdout_reader_gone() -> bool:

@@ -348,7 +348,7 @@ def _group_count(args: argparse.Namespace) -> int:
     return len(build_model(args.model, num_classes=2, device="meta").groups)
 
 
-def _check_resume_options(args: argparse.Namespace, run: Path, settings: dict, finished: bool = False) -> None:
+def _check_resume_options(args: argparse.Namespace, run: Path, settings: dict, *, finished: bool = False) -> None:
     """Typed options beside --resume must agree with the run's recorded settings, finished or not. A finished run's
     refusal says how to train longer: `--resume` alone would only say it is complete."""
     if args.out and Path(args.out).resolve() != run.resolve():
@@ -359,12 +359,17 @@ def _check_resume_options(args: argparse.Namespace, run: Path, settings: dict, f
     claimed = _claimed(args, given_options(args.parser, args.argv), settings, run)
     found = differences({key: settings[key] for key in claimed if key in settings}, claimed)
     if found:
-        raise ThawError(
-            f"--resume {run}: the typed options contradict the run's own settings: {'; '.join(found)}; "
-            + (f"the run is complete, so a resume trains nothing more: to train with these options, start a new run "
-               f"(another --out), or train anew into {run} with --overwrite" if finished else
-               f"`thaw train --resume {run}` alone continues the run as it was started")
-        )
+        raise ThawError(f"--resume {run}: the typed options contradict the run's own settings: {'; '.join(found)}; {_resume_hint(run, settings, finished)}")
+
+
+def _resume_hint(run: Path, settings: dict, finished: bool) -> str:
+    """What to type instead: a run still going continues as started; a finished one trains nothing more, so options
+    meant for more training need a new run (typed with --resume, or with --out elsewhere, they are refused)."""
+    if not finished:
+        return f"`thaw train --resume {run}` alone continues the run as it was started"
+    data = settings.get("data_path") or "DATA"
+    return (f"the run is complete, so a resume trains nothing more: to train with these options, drop --resume and "
+            f"start a new run, `thaw train {data} --out NEW_RUN` and the options, or replace this one with --out {run} --overwrite")
 
 
 def _resume(args: argparse.Namespace, run: Path, settings: dict, callbacks: list, step_hooks: list) -> RunResult:

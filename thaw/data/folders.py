@@ -148,13 +148,15 @@ def _scan_split(split_dir: Path, skipped: list[tuple[str, str]]) -> dict[str, li
 def unicode_form_hint(these: list[str], known: list[str] | tuple[str, ...], where: str) -> str:
     """A sentence for names of `these` that match one of `known` only once both are Unicode-normalised: the same
     letters, written apart (é as one code point in one folder, e plus an accent in the other; macOS tools write the
-    latter). Empty where there are none; they would read as 'only in val: café; missing from val: café'."""
-    normal = {unicodedata.normalize("NFC", name) for name in known}
-    twins = [name for name in these if name not in known and unicodedata.normalize("NFC", name) in normal]
+    latter). Shown escaped, as on screen the two look alike. Empty where there are none."""
+    normal = {unicodedata.normalize("NFC", name): name for name in known}
+    twins = [(name, normal[unicodedata.normalize("NFC", name)]) for name in these
+             if name not in known and unicodedata.normalize("NFC", name) in normal]
     if not twins:
         return ""
-    return (f"; {', '.join(twins)}: the same letters as {where}'s, encoded otherwise (Unicode NFD against NFC, as macOS "
-            "tools may write accents): rename one of them so the two names match")
+    pairs = ", ".join(f"{ascii(name)} and {where}'s {ascii(match)}" for name, match in twins)
+    return (f"; {pairs} are the same letters encoded otherwise (an accent as a character of its own, as macOS tools may "
+            "write names): rename one of them so the two names match")
 
 
 def _check_classes(splits: dict[str, dict[str, list[Path]]], root: Path, min_classes: int = 2) -> tuple[str, ...]:
@@ -373,14 +375,17 @@ def _from_split_folders(root: Path, folders: dict[str, Path], val_split: float, 
         given = "train/test" if test is not None else "train only"
         layout = f"split folders ({given}), {as_percent(val_split)} of train held out as val (seed {seed})"
     held_out = () if "val" in splits else classes_not_held_out(classes, val, min_classes)
-    copies = copies_of_training_images(train, {"val": val} if "val" in splits else {}) + copies_of_training_images(train, {"test": test or ()})
+    # Data to score (min_classes 1) trains nothing: no copy of training images to warn of, so no file read for it.
+    held = {"val": val if "val" in splits else (), "test": test or ()}
+    copies = copies_of_training_images(train, held) if min_classes >= 2 else ()
     return ImageData(
         classes, train, val, test, layout, tuple(skipped), split_folders=True, val_from_folder="val" in splits,
         cautions=_unread_splits(root, classes) + held_out + copies,
     )
 
 
-HEAD_BYTES = 1 << 16  # what is read of each file of a training file's size before any file is read whole
+HEAD_BYTES = 4096  # read of each file whose size a file on the other side has, before any file is read whole
+MAX_HEAD_READS = 20_000  # past this, the check is left out: on an ImageNet-sized set a fifth of the files share a size
 
 
 def _digest(path: Path, limit: int | None = None) -> bytes | None:
@@ -400,35 +405,40 @@ def _size(path: Path) -> int | None:
         return None
 
 
-def _copies(held: list[Path], train_sizes: dict[Path, int | None]) -> list[tuple[Path, Path]]:
-    """(held-out file, training file) pairs of the same bytes. Files are compared by size, then by their first
-    HEAD_BYTES, and only those still alike are read whole: uncompressed images of one shape (BMP, TIFF) all have one
-    size, and reading every one of them whole would read the data set again before training."""
-    held_sizes = {path: _size(path) for path in held}
-    shared = (set(held_sizes.values()) & set(train_sizes.values())) - {None}
-    if not shared:
-        return []
-    held_heads, train_heads = ({path: (size, _digest(path, HEAD_BYTES)) for path, size in sizes.items() if size in shared}
-                               for sizes in (held_sizes, train_sizes))
-    alike = set(held_heads.values()) & set(train_heads.values())
-    whole = {_digest(path): path for path, head in train_heads.items() if head in alike}
+def _copies(held: dict[str, list[Path]], train: list[Path]) -> dict[str, list[tuple[Path, Path]]]:
+    """Per held-out split, its (file, training file) pairs of the same bytes. Files are compared by size, then by
+    their first HEAD_BYTES, and only those still alike are read whole: uncompressed images of one shape (BMP, TIFF)
+    all have one size, and reading each whole would read the data set again before training."""
+    sizes = {path: _size(path) for path in [*train, *(path for paths in held.values() for path in paths)]}
+    shared = ({sizes[path] for paths in held.values() for path in paths} & {sizes[path] for path in train}) - {None}
+    alike_in_size = [path for path, size in sizes.items() if size in shared]
+    if not alike_in_size or len(alike_in_size) > MAX_HEAD_READS:
+        return {}
+    heads = {path: (sizes[path], _digest(path, HEAD_BYTES)) for path in alike_in_size}
+    held_heads = {heads[path] for paths in held.values() for path in paths if path in heads}
+    whole = {_digest(path): path for path in train if heads.get(path) in held_heads}
     whole.pop(None, None)
-    return [(path, whole[digest]) for path, head in held_heads.items() if head in alike and (digest := _digest(path)) in whole]
+    train_heads = {heads[path] for path in train if path in heads}
+    return {
+        name: [(path, whole[digest]) for path in paths if heads.get(path) in train_heads and (digest := _digest(path)) in whole]
+        for name, paths in held.items()
+    }
 
 
 def copies_of_training_images(train: tuple[Sample, ...], held: dict[str, tuple[Sample, ...]]) -> tuple[str, ...]:
-    """A caution for held-out images that are byte-for-byte copies of training images (val/ made by copying train/,
-    or photos filed twice): their scores count what the model memorised, and val's choose the epoch delivered. A
-    split without copies costs a stat per file, and HEAD_BYTES of each file whose size a training file has."""
+    """A caution per held-out split holding byte-for-byte copies of training images (val/ made by copying train/, or
+    photos filed twice): their scores count what the model memorised, and val's choose the epoch delivered. A split
+    without copies costs a stat per file and HEAD_BYTES of each file whose size the other side has (left out past
+    MAX_HEAD_READS such files)."""
+    paths = {name: [path for path, _ in samples] for name, samples in held.items() if samples}
+    found = _copies(paths, [path for path, _ in train]) if paths else {}
     cautions = []
-    train_sizes = {path: _size(path) for path, _ in train} if any(held.values()) else {}
-    for name, samples in held.items():
-        copies = _copies([path for path, _ in samples], train_sizes)
+    for name, copies in found.items():
         if copies:
             held_path, train_path = copies[0]
             purpose = "; val's choose the epoch delivered" if name == "val" else ""
             cautions.append(
-                f"{len(copies)} of {len(samples)} {name} images are copies of training images (the same bytes, such as "
+                f"{len(copies)} of {len(paths[name])} {name} images are copies of training images (the same bytes, such as "
                 f"{held_path} and {train_path}): their scores count what the model memorised{purpose}; keep each image "
                 "in one split"
             )

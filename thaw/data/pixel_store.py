@@ -24,7 +24,7 @@ import threading
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import BinaryIO, Callable, Sequence
+from typing import BinaryIO, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -78,7 +78,8 @@ _EARLIER_QUEUES: list = []
 QUEUE_THREAD_JOIN_S = 10.0
 
 
-def _keep_queues(iterator: object) -> object:
+def _keep_queues(iterator: Iterator) -> Iterator:
+    """Note the queues the iterator's workers were just forked with, for the next fork to wait on once closed."""
     _EARLIER_QUEUES.extend(getattr(iterator, "_index_queues", ()))
     return iterator
 

@@ -108,8 +108,15 @@ def onnx_data_file(path: Path) -> Path:
 def export_description(meta: dict) -> dict[str, str]:
     """What a copied export needs besides its weights, from the run's metadata: which output is which class, and the
     preprocessing its input expects (the model takes normalised tensors). Each value is JSON text."""
-    keys = ("task", "model", "classes", "preprocessing")
-    return {f"thaw.{key}": json.dumps(meta.get(key, "image" if key == "task" else None)) for key in keys}
+    task = meta.get("task", "image")  # runs before text support recorded no task
+    described = {key: meta.get(key) for key in ("model", "classes", "preprocessing")} | {"task": task, "input": EXPORT_INPUTS[task == "text"]}
+    return {f"thaw.{key}": json.dumps(value) for key, value in described.items()}
+
+
+EXPORT_INPUTS = (  # what thaw.preprocessing leaves unsaid: the tensors' layout, type and scale
+    "images: float32, N x 3 x H x W, RGB scaled to 0-1, resized, centre-cropped, then normalised by mean and std",
+    "input_ids, attention_mask, token_type_ids: int64, N x tokens, from the tokenizer in the run folder's text-model/",
+)
 
 
 def _describe_onnx(path: Path, description: dict[str, str]) -> None:
