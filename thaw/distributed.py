@@ -32,7 +32,8 @@ from torch.utils.data import DistributedSampler, Sampler
 from thaw.errors import ThawError, first_line
 
 COLLECTIVE_TIMEOUT = timedelta(minutes=10)  # a rank that died mid-collective must not hang the rest forever
-# What stop() watches at exit: gloo names its collective threads so; R and D mean running (or about to).
+# What stop() and settle_collective_threads() watch: gloo names its collective threads so;
+# R and D mean running (or about to).
 TASKS = "/proc/self/task"
 COLLECTIVE_THREAD = "pt_gloo_runloop"
 BUSY_STATES = ("R", "D")
@@ -137,6 +138,20 @@ def stop() -> None:
     gloo = dist.get_backend() == "gloo"
     dist.destroy_process_group()
     if gloo:
+        _wait_for_idle_collective_threads()
+
+
+def settle_collective_threads() -> None:
+    """Before forking loader workers under gloo: wait until its threads have dropped the finished collectives.
+
+    A gloo thread drops a finished collective's tensors a moment after the caller sees it complete. For a tensor
+    Python made, that drop enters Python from the gloo thread, which first creates a thread state under the
+    interpreter's list lock, without the GIL (seen in gdb: ~AsyncWork -> gil_scoped_acquire -> PyThreadState_New).
+    A fork at that instant hands the child that lock held, and before Python 3.12 (CPython gh-112275) the child waits
+    for it forever in its after-fork clean-up (_PyThreadState_DeleteExcept): a DataLoader worker that never starts,
+    and a rank that waits for it with no end (seen twice in CI under torchrun). No drop starts again until this
+    process issues another collective, and it issues none while it forks. NCCL's threads are not watched here."""
+    if dist.is_initialized() and dist.get_backend() == "gloo":
         _wait_for_idle_collective_threads()
 
 

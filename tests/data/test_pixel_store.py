@@ -5,7 +5,6 @@ from __future__ import annotations
 import importlib
 import os
 import signal
-import threading
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +16,7 @@ import thaw.data.loaders as loaders
 import thaw.data.pixel_store as pixel_store
 from tests.conftest import Crash, crash_after, write_class_images
 from thaw.data.images import UnreadableImage, load_rgb
-from thaw.data.pixel_store import PixelStore, WorkerLoader
+from thaw.data.pixel_store import PixelStore
 from thaw.data.transforms import eval_transform, train_transform
 from thaw.errors import ThawError
 from thaw.models.adapter import Preprocessing
@@ -378,32 +377,3 @@ def test_a_decoding_worker_outlives_another_process_s_sigterm_and_ends_on_its_pa
             assert worker.exitcode == 0
         finally:
             loaders.stop_workers(loader)
-
-
-class _EndedQueue:
-    """A closed queue (as DataLoader's shutdown leaves its index queues) whose feeder thread is still ending."""
-
-    def __init__(self, closed: bool, ends_after_s: float) -> None:
-        self._closed = closed
-        self.end = threading.Event()
-        self._thread = threading.Thread(target=self.end.wait, args=(ends_after_s,))
-        self._thread.start()
-
-
-def test_workers_fork_only_once_the_threads_of_closed_queues_have_ended(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A worker forked while an earlier loader's queue thread was ending deadlocked in Python's after-fork clean-up,
-    and the training process waited for it with no end (a torchrun rank, its second decoding loader)."""
-    closed, still_running = _EndedQueue(closed=True, ends_after_s=0.3), _EndedQueue(closed=False, ends_after_s=60)
-    monkeypatch.setattr(pixel_store, "_EARLIER_QUEUES", [closed, still_running])
-    alive_at_fork = []
-    real_iterator = torch.utils.data.DataLoader._get_iterator
-
-    def fork_workers(loader):
-        alive_at_fork.append((closed._thread.is_alive(), still_running._thread.is_alive()))
-        return real_iterator(loader)
-
-    monkeypatch.setattr(torch.utils.data.DataLoader, "_get_iterator", fork_workers)
-    assert list(WorkerLoader(list(range(6)), batch_size=None, num_workers=2)) == list(range(6))
-    assert alive_at_fork == [(False, True)]  # waited for the closed queue's thread, not for the running loader's
-    assert pixel_store._EARLIER_QUEUES[0] is still_running and len(pixel_store._EARLIER_QUEUES) == 3  # + the 2 new ones
-    still_running.end.set()

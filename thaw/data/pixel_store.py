@@ -24,13 +24,14 @@ import threading
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import BinaryIO, Callable, Iterator, Sequence
+from typing import BinaryIO, Callable, Sequence
 
 import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
+from thaw import distributed
 from thaw.data.images import UnreadableImage, load_rgb
 from thaw.errors import ThawError
 
@@ -61,44 +62,16 @@ class WorkerLoader(DataLoader):
     def _get_iterator(self):  # where DataLoader starts its workers (once, for persistent ones)
         if self.num_workers == 0:
             return super()._get_iterator()
-        _join_threads_of_closed_queues()
+        distributed.settle_collective_threads()  # a fork while one enters Python can deadlock the worker
         if not hasattr(signal, "sigwaitinfo"):
-            return _keep_queues(super()._get_iterator())
+            return super()._get_iterator()
         # Blocked while the workers fork, so every thread they start inherits the block (one started before the
         # init function would otherwise take a job's SIGTERM); a signal arriving meanwhile is handled just after.
         held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
         try:
-            return _keep_queues(super()._get_iterator())
+            return super()._get_iterator()
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, held)
-
-
-# The queues earlier loaders' iterators send work through: each has a feeder thread in this process.
-_EARLIER_QUEUES: list = []
-QUEUE_THREAD_JOIN_S = 10.0
-
-
-def _keep_queues(iterator: Iterator) -> Iterator:
-    """Note the queues the iterator's workers were just forked with, for the next fork to wait on once closed."""
-    _EARLIER_QUEUES.extend(getattr(iterator, "_index_queues", ()))
-    return iterator
-
-
-def _join_threads_of_closed_queues() -> None:
-    """Wait for the feeder threads of the earlier loaders' closed queues to end before forking new workers. A fork
-    while such a thread was ending left the new worker deadlocked in Python's after-fork clean-up (CPython 3.11,
-    _PyThreadState_DeleteExcept) and the training process waiting for it with no end: seen under torchrun, where a
-    rank's second decoding loader forked just after its first one ended. Queues still open (a loader still running)
-    are left alone. A private attribute of multiprocessing's Queue (_closed, _thread); where missing, no wait."""
-    still_open = []
-    for queue in _EARLIER_QUEUES:
-        if not getattr(queue, "_closed", True):
-            still_open.append(queue)
-            continue
-        thread = getattr(queue, "_thread", None)
-        if thread is not None and thread.is_alive():
-            thread.join(QUEUE_THREAD_JOIN_S)
-    _EARLIER_QUEUES[:] = still_open
 
 
 def _start_worker(parent: int, then: Callable[[int], None] | None, worker: int) -> None:
