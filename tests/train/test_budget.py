@@ -29,7 +29,7 @@ COSTS = Costs(forward=0.01, train_step=0.03, head_step=0.0001)
 SIZES = {"train": 100, "val": 50}
 
 
-@pytest.mark.parametrize("text, seconds", [("90s", 90), ("3m", 180), ("1.5h", 5400), ("120", 120), (" 2m ", 120), ("1h30m", 5400), ("2m 30s", 150), ("1h0.5m", 3630)]
+@pytest.mark.parametrize("text, seconds", [("90s", 90), ("3m", 180), ("1.5h", 5400), ("120", 120), (" 2m ", 120), ("1h30m", 5400), ("2m 30s", 150), ("1h0.5m", 3630), ("90m", 5400), ("1h59.5m", 7170)]
 )
 def test_a_budget_reads_seconds_minutes_and_hours(text: str, seconds: float) -> None:
     assert parse_budget(text) == seconds
@@ -38,6 +38,12 @@ def test_a_budget_reads_seconds_minutes_and_hours(text: str, seconds: float) -> 
 @pytest.mark.parametrize("text", ["3x", "0m", "-1s", "", "m", "1e3s", "nan", "30m1h", "3m3m", "1 30", "1h30", "0h0m"])
 def test_a_budget_that_is_not_a_time_is_one_line(text: str) -> None:
     with pytest.raises(ThawError, match=r"^budget must be a time above 0, like 90s, 3m, 1.5h or 1h30m \(a bare number is seconds\), got "):
+        parse_budget(text)
+
+
+@pytest.mark.parametrize("text, overflowing", [("1h90m", "90m"), ("2m60s", "60s"), ("1h 0m 75s", "75s")])
+def test_minutes_or_seconds_of_60_or_more_after_a_larger_unit_are_refused(text: str, overflowing: str) -> None:
+    with pytest.raises(ThawError, match=rf"^budget '{text}': {overflowing} after a larger unit must be below 60"):
         parse_budget(text)
 
 

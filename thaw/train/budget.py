@@ -53,12 +53,23 @@ def parse_budget(text: str) -> float:
     if re.fullmatch(rf"\s*{NUMBER}\s*", written):
         seconds = float(written)
     elif re.fullmatch(rf"(?:\s*{NUMBER}\s*[smh])+\s*", written) and _units_in_order(written):
-        seconds = sum(float(number) * UNITS[unit] for number, unit in re.findall(rf"({NUMBER})\s*([smh])", written))
+        parts = re.findall(rf"({NUMBER})\s*([smh])", written)
+        _refuse_overflowing_parts(text, parts)
+        seconds = sum(float(number) * UNITS[unit] for number, unit in parts)
     else:
         seconds = 0.0
     if not seconds > 0 or not math.isfinite(seconds):
         raise ThawError(f"budget must be a time above 0, like 90s, 3m, 1.5h or 1h30m (a bare number is seconds), got {text!r}")
     return seconds
+
+
+def _refuse_overflowing_parts(text: str, parts: list[tuple[str, str]]) -> None:
+    """After a larger unit, minutes and seconds stay below 60: '1h90m' is more likely a typo of 1h09m or 1h50m
+    than a way to write 2h30m, and planning the wrong time costs a whole run."""
+    for number, unit in parts[1:]:
+        if float(number) >= 60:
+            raise ThawError(f"budget {text!r}: {number}{unit} after a larger unit must be below 60{unit}, "
+                            f"like 1h30m; or give the time in one unit, like 150m")
 
 
 def _units_in_order(text: str) -> bool:
