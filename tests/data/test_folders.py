@@ -211,6 +211,20 @@ def test_a_link_to_nowhere_is_skipped_and_listed_like_any_unreadable_file(tmp_pa
     assert len(data.train) + len(data.val) == 12
 
 
+def test_a_named_pipe_or_a_socket_in_a_class_folder_is_skipped_and_listed_without_being_opened(tmp_path: Path) -> None:
+    # Opening a named pipe waits for a writer forever; passed over, it was never said to be left out.
+    import socket
+
+    write_class_images(tmp_path, per_class=4)
+    os.mkfifo(tmp_path / "red" / "pipe.jpg")
+    with socket.socket(socket.AF_UNIX) as listening:
+        listening.bind(str(tmp_path / "red" / "sock.png"))
+        data = discover(tmp_path)
+    assert sorted((Path(path).name, reason) for path, reason in data.skipped) == [
+        ("pipe.jpg", "a named pipe, not a regular file"), ("sock.png", "a socket, not a regular file")]
+    assert len(data.train) + len(data.val) == 12
+
+
 @pytest.mark.parametrize(
     "make, message",
     [

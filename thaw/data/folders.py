@@ -104,25 +104,26 @@ def candidate_files(folder: Path) -> list[Path]:
     for parent, folders, files in os.walk(folder, onerror=unlistable):
         folders[:] = [name for name in folders if not name.startswith(".")]
         paths = (Path(parent) / name for name in files if not name.startswith("."))
-        found.extend(path for path in paths if _is_file_or_unreadable(path) or _dangling(path))
+        found.extend(path for path in paths if not _listable_folder(path))
     return sorted(found)
 
 
-def _is_file_or_unreadable(path: Path) -> bool:
-    """A file, or a name in a folder that may be read but not entered (mode 644): listed, so that the first look
-    skips it with the system's reason; is_file() raised PermissionError there, a traceback."""
+def _listable_folder(path: Path) -> bool:
+    """Whatever is not a folder is listed, so that the first look reads it or skips it with a reason: a link to
+    nowhere, a named pipe or a socket (which were passed over without a word), or a name in a folder that may be read
+    but not entered (mode 644, where is_dir() raises PermissionError)."""
     try:
-        return path.is_file()
+        return path.is_dir()
     except OSError:
-        return True
-
-
-def _hidden(relative: Path) -> bool:
-    return any(part.startswith(".") for part in relative.parts)
+        return False
 
 
 def _dangling(path: Path) -> bool:
     return path.is_symlink() and not path.exists()
+
+
+def _hidden(relative: Path) -> bool:
+    return any(part.startswith(".") for part in relative.parts)
 
 
 def _usable(files: list[Path], skipped: list[tuple[str, str]]) -> list[Path]:

@@ -31,9 +31,17 @@ def _check_file(path: Path) -> None:
         raise UnreadableImage(error.strerror or str(error)) from None
     if stat.S_ISDIR(status.st_mode):  # candidate_files lists a folder only where it cannot be listed
         raise UnreadableImage(f"a folder thaw cannot list: {_listing_error(path)}")
+    if not stat.S_ISREG(status.st_mode):  # opening a named pipe would wait for a writer forever
+        raise UnreadableImage(f"{_special_kind(status.st_mode)}, not a regular file")
     size = status.st_size
     if size == 0:
         raise UnreadableImage("empty file")
+
+
+def _special_kind(mode: int) -> str:
+    kinds = {stat.S_ISFIFO: "a named pipe", stat.S_ISSOCK: "a socket", stat.S_ISCHR: "a character device",
+             stat.S_ISBLK: "a block device"}
+    return next((name for is_kind, name in kinds.items() if is_kind(mode)), "a special file")
 
 
 def _listing_error(folder: Path) -> str:
