@@ -278,11 +278,23 @@ def training_lock(out: Path) -> Iterator[None]:
     word. A lock left by a process that is gone (kill -9, a power cut) on this machine is taken over."""
     lock = out / LOCK
     _take_lock(lock)
+    _remove_killed_writes(out)
     try:
         yield
     finally:
         if _lock_holder(lock).get("pid") == os.getpid():
             lock.unlink(missing_ok=True)
+
+
+# The files only training writes into its folder: a temporary copy of one (atomic_write's) found while the lock is
+# held was left by a process killed mid-write (kill -9, a power cut), and would stay beside the run for good.
+TRAINING_WRITES = (METADATA, WEIGHTS, ADAPTER, CHECKPOINT, TYPED_OPTIONS, "metrics.csv", "curves.png", "confusion.png")
+
+
+def _remove_killed_writes(out: Path) -> None:
+    for name in TRAINING_WRITES:
+        for leftover in out.glob(f".{name}.*.tmp"):
+            leftover.unlink(missing_ok=True)
 
 
 def _take_lock(lock: Path) -> None:
