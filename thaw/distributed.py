@@ -133,12 +133,17 @@ def stop() -> None:
     "terminate called without an active exception" (a rank that finished its work exits -6).
     destroy_process_group does not join those threads while a DDP wrapper still holds the group.
     """
-    if not dist.is_initialized():
+    if not _in_process_group():
         return
     gloo = dist.get_backend() == "gloo"
     dist.destroy_process_group()
     if gloo:
         _wait_for_idle_collective_threads()
+
+
+def _in_process_group() -> bool:
+    """A torch built without distributed support has no dist.is_initialized: asking it would break every command."""
+    return dist.is_available() and dist.is_initialized()
 
 
 def settle_collective_threads() -> None:
@@ -147,11 +152,14 @@ def settle_collective_threads() -> None:
     A gloo thread drops a finished collective's tensors a moment after the caller sees it complete. For a tensor
     Python made, that drop enters Python from the gloo thread, which first creates a thread state under the
     interpreter's list lock, without the GIL (seen in gdb: ~AsyncWork -> gil_scoped_acquire -> PyThreadState_New).
-    A fork at that instant hands the child that lock held, and before Python 3.12 (CPython gh-112275) the child waits
-    for it forever in its after-fork clean-up (_PyThreadState_DeleteExcept): a DataLoader worker that never starts,
-    and a rank that waits for it with no end (seen twice in CI under torchrun). No drop starts again until this
-    process issues another collective, and it issues none while it forks. NCCL's threads are not watched here."""
-    if dist.is_initialized() and dist.get_backend() == "gloo":
+    A fork at that instant hands the child that lock held, and on a Python without the fix of CPython gh-112275
+    (3.11.9 and older; fixed in 3.11.10 and 3.12) the child waits for it forever in its after-fork clean-up
+    (_PyThreadState_DeleteExcept): a DataLoader worker that never starts, and a rank that waits for it with no end
+    (seen twice in CI under torchrun, on 3.11.7). No drop starts again until this process issues another
+    collective, and it issues none while it forks. The wait is kept on fixed Pythons too: it costs about 20 ms a
+    loader start. A thread still busy after IDLE_WAIT_LIMIT_S is not finishing a drop: the fork goes ahead.
+    NCCL's threads are not watched here."""
+    if _in_process_group() and dist.get_backend() == "gloo":
         _wait_for_idle_collective_threads()
 
 
