@@ -62,3 +62,15 @@ def answers(question: Callable[[], bool]) -> bool:
         return question()
     except (OSError, ValueError):
         return False
+
+
+def process_gone(pid: int) -> bool:
+    """Whether no process `pid` runs on this machine: one killed (kill -9, a power cut) left what it held behind.
+    Another user's process is there (signalling it is refused); a pid reused since counts as there."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False

@@ -65,6 +65,24 @@ def test_a_refused_export_leaves_the_file_it_would_have_replaced(text_adapter, t
     assert (tmp_path / "pipe.onnx").is_fifo()
 
 
+def test_an_export_removes_the_staging_folders_of_killed_exports_on_this_machine_and_no_other(text_adapter, tmp_path: Path) -> None:
+    """kill -9 mid-export left a hidden folder holding a whole model beside the output, for good."""
+    import socket
+    import subprocess
+    import sys
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True, check=True)
+    here = socket.gethostname()
+    killed = tmp_path / f".thaw-export-{here}-{int(dead.stdout)}-abc123"
+    running = tmp_path / f".thaw-export-{here}-{os.getpid()}-def456"  # an export of a process still alive
+    elsewhere = tmp_path / f".thaw-export-another-host-{int(dead.stdout)}-ghi789"  # its process cannot be checked
+    for staged in (killed, running, elsewhere):
+        staged.mkdir()
+        (staged / "model.pt").write_bytes(b"half a model")
+    export_model(text_adapter, tmp_path / "model.pt", "torchscript")
+    assert sorted(path.name for path in tmp_path.iterdir()) == sorted(["model.pt", running.name, elsewhere.name])
+
+
 def test_torchscript_text_export_wrong_at_other_lengths_is_refused(
     text_adapter, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

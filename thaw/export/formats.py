@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import socket
 import tempfile
 import warnings
 from dataclasses import dataclass
@@ -19,6 +21,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from thaw._io import process_gone
 from thaw.errors import ThawError, first_line
 from thaw.models import ModelAdapter
 from thaw.models.lora import merge_lora
@@ -87,6 +90,23 @@ def _text_checks(adapter: ModelAdapter) -> tuple[tuple[str, ...], ...]:
 
 def _noise(batch: int, size: int) -> Inputs:
     return (torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(batch)),)
+
+
+STAGING = ".thaw-export-"  # then this machine's name and the exporting process's id, so a killed one's is known
+
+
+def _staging_prefix() -> str:
+    return f"{STAGING}{socket.gethostname()}-{os.getpid()}-"
+
+
+def _remove_killed_exports(folder: Path) -> None:
+    """Remove the staging folders that exports killed mid-way (kill -9) on this machine left in `folder`: they hold
+    a whole model each, and would stay for good. Another machine's (a shared disk) cannot be checked: left alone."""
+    ours = f"{STAGING}{socket.gethostname()}-"
+    for staged in folder.glob(f"{STAGING}*"):
+        pid = staged.name[len(ours):].split("-", 1)[0] if staged.name.startswith(ours) else ""
+        if pid.isdigit() and staged.is_dir() and process_gone(int(pid)):
+            shutil.rmtree(staged, ignore_errors=True)
 
 
 def _exportable(adapter: ModelAdapter, images: list[torch.Tensor] | None = None) -> _Exportable:
@@ -236,7 +256,8 @@ def export_model(
     max_length = adapter.preprocessing.max_length if exportable.text else None
     path.parent.mkdir(parents=True, exist_ok=True)
     earlier = path.is_file()  # an earlier export here: a weights file beside it is that export's, stale after this one
-    with tempfile.TemporaryDirectory(prefix=".thaw-export-", dir=path.parent) as folder:
+    _remove_killed_exports(path.parent)
+    with tempfile.TemporaryDirectory(prefix=_staging_prefix(), dir=path.parent) as folder:
         staged = Path(folder) / path.name  # the final name: an ONNX file names its weights file by it
         described = description or {}
         if fmt == "onnx":

@@ -22,7 +22,7 @@ import torch
 import torchvision
 from safetensors.torch import load_file, save_file
 
-from thaw._io import atomic_write
+from thaw._io import atomic_write, process_gone
 from thaw.errors import ThawError
 from thaw._version import __version__
 from thaw.models import ModelAdapter, Preprocessing
@@ -337,12 +337,4 @@ def _is_held(holder: dict, lock: Path) -> bool:
     if holder.get("host") != socket.gethostname():
         return True
     pid = holder.get("pid")
-    if not isinstance(pid, int) or pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process
-        return True
-    return True
+    return isinstance(pid, int) and pid > 0 and not process_gone(pid)
