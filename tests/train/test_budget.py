@@ -290,6 +290,14 @@ def test_a_stage_whose_estimates_before_it_ran_high_gets_the_time_they_saved(
     assert sum(1 for row in result.history if row["stage"] == "full") == result.budget["epochs"][1] or result.budget["ended_early"]
 
 
+def test_a_budget_plans_a_run_of_one_image_batches_where_statistics_are_fixed(tiny_split_data: Path, tmp_path: Path) -> None:
+    # The train step was timed on batches of two images or more only: batch size 1 gave "no batch to time".
+    config = TrainConfig(image_size=32, batch_size=1, quiet=True, budget=60.0)
+    result = train_images(tiny_split_data, model="mobilenet_v3_small", weights=None, plan=TWO_PHASE, config=config,
+                          out=tmp_path / "run")
+    assert result.budget["epochs"][1] >= 1 and any(row["stage"] == "full" for row in result.history)
+
+
 def test_a_refit_that_leaves_no_epoch_ends_the_run_there_and_says_so(
     tiny_split_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
 ) -> None:

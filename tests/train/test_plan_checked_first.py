@@ -51,3 +51,22 @@ def test_lora_stages_are_resolved_with_their_adapters_added_as_the_run_adds_them
     typo = (Stage("head", 1, ("head",)), Stage("lora", 1, ("head", "adapter")))
     with pytest.raises(ThawError, match=r"^stage 2/2 'lora': selector 'adapter' matches no parameters"):
         check_plan(plan_probe("mobilenet_v3_small", None, "image"), Plan(typo, LoraSpec()))
+
+
+def test_one_image_batches_for_a_later_stage_that_needs_batch_statistics_are_refused_before_an_old_run_is_touched(
+    tiny_split_data: Path, tmp_path: Path,
+) -> None:
+    """Found when the second stage began, it stopped a run whose head had trained: with overwrite, after the old run
+    was set aside for good, and no resume could get past it."""
+    run = tmp_path / "run"
+    old = train_images(tiny_split_data, model="mobilenet_v3_small", weights=None, plan="feature-extract", config=CONFIG, out=run)
+    old_weights = (run / "model.safetensors").read_bytes()
+    plan = Plan((Stage("head", 1, ("head",)), Stage("top", 1, ("-3:",), ConstantLr(1e-4))))  # frozen policy: its BN trains
+    one_image = TrainConfig(quiet=True, image_size=32, batch_size=1)
+    with pytest.raises(ThawError, match=r"^stage 2/2 'top': BatchNorm layers use batch statistics .* batch_size 2 or more"):
+        train_images(tiny_split_data, model="mobilenet_v3_small", weights=None, plan=plan, config=one_image, out=run, overwrite=True)
+    assert (run / "model.safetensors").read_bytes() == old_weights and (run / "thaw.json").is_file() and old.history
+    eval_top = Plan((Stage("head", 1, ("head",)), Stage("top", 1, ("-3:",), ConstantLr(1e-4), batchnorm="eval")))
+    result = train_images(tiny_split_data, model="mobilenet_v3_small", weights=None, plan=eval_top, config=one_image,
+                          out=tmp_path / "fixed")
+    assert [row["stage"] for row in result.history] == ["head", "top"]  # statistics fixed: one image a batch trains

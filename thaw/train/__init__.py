@@ -20,7 +20,7 @@ from thaw.plan.stages import check_stage_names
 from thaw.plan.strategies import check_plan_options, default_strategy
 from thaw.errors import ThawError
 from thaw.train import checkpoint
-from thaw.train.config import TrainConfig, check_class_scores, check_device, check_image_augments, check_plan, check_plan_before_data, check_switch
+from thaw.train.config import TrainConfig, check_batch_statistics, check_class_scores, check_device, check_image_augments, check_plan, check_plan_before_data, check_switch
 from thaw.train.settings import RUNTIME_FIELDS, config_from_settings, samples_digest, source_name, split_as_recorded
 from thaw import distributed
 from thaw.train.fit import EpochCallback, RunResult, RunState, StepHook, effective_preprocessing, fit, signals_held
@@ -235,6 +235,7 @@ def _run(
     step_hooks: list[StepHook] | None,
 ) -> RunResult:
     plan = check_plan(adapter, plan, plan_options)  # on the model itself (a model object's first check): before fit sets anything aside
+    check_batch_statistics(adapter, plan, config.batch_size)
     result = fit(
         adapter, data, plan, config, out, meta=meta, resume=resume, overwrite=overwrite, callbacks=callbacks, step_hooks=step_hooks
     )

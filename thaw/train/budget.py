@@ -269,7 +269,10 @@ def measure_costs(
             return Costs(forward, HEAD_BACKWARD_FACTOR * forward, head_step, top_step)
         probe, optimizer = _training_copy(adapter, trainable, batchnorm)
         step = lambda images, labels: _train_step(probe, optimizer, images, labels, engine)  # noqa: E731
-        train_step = _seconds_per_image((batch for batch in train_batches if len(batch.labels) >= 2), engine, step)
+        # A batch of one image cannot pass a BatchNorm layer that normalises with batch statistics; where none does
+        # (batch size 1 with statistics fixed), batches of one are what the run trains on
+        fewest = 2 if any(layer.training for _, layer in batchnorm_layers(probe)) else 1
+        train_step = _seconds_per_image((batch for batch in train_batches if len(batch.labels) >= fewest), engine, step)
         del probe, optimizer
     finally:
         model.train(training)

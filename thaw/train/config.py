@@ -24,6 +24,7 @@ from thaw.models import build_model
 from thaw.models.adapter import ModelAdapter, Preprocessing
 from thaw.models.hf_text import build_text_model
 from thaw.models.lora import add_lora
+from thaw.plan.freeze import batchnorm_layers, batchnorm_trains, locks_statistics
 from thaw.plan.lora_targets import lora_targets
 from thaw.plan.optim import OPTIMIZERS
 from thaw.plan.stages import Plan, resolve_plan
@@ -308,6 +309,25 @@ def check_plan(adapter: ModelAdapter, plan: Plan | str, plan_options: dict | Non
         add_lora(adapter, plan.lora, lora_targets(adapter, plan.lora))
     resolve_plan(adapter, plan)
     return plan
+
+
+def check_batch_statistics(adapter: ModelAdapter, plan: Plan, batch_size: int) -> None:
+    """Refuse, before any work, a batch of one image for a stage whose BatchNorm layers normalise with batch
+    statistics (policy train, or frozen where they train): found only when that stage began, it stopped a run whose
+    first stages had trained, an --overwrite's old run already gone, and a resume could never get past it."""
+    if batch_size >= 2:
+        return
+    layers = batchnorm_layers(adapter.model)
+    for index, resolved in enumerate(resolve_plan(adapter, plan), 1):
+        trainable = set(resolved.trainable)
+        policy = resolved.stage.batchnorm
+        if resolved.stage.epochs and any(not locks_statistics(policy, batchnorm_trains(adapter, name, layer, trainable)) for name, layer in layers):
+            raise ThawError(f"stage {index}/{len(plan.stages)} {resolved.stage.name!r}: {ONE_IMAGE_BATCHES}")
+
+
+ONE_IMAGE_BATCHES = ("BatchNorm layers use batch statistics (policy train), which one image per batch does not have; use "
+                     "batch_size 2 or more (--batch-size), or batchnorm='eval' (plan_options or build_plan, --batchnorm eval, "
+                     "or batchnorm: eval in a plan file's stage)")
 
 
 def check_plan_before_data(model: object, weights: str | None, task: str, plan: Plan | str, plan_options: dict | None) -> None:

@@ -43,7 +43,7 @@ from thaw.plan.freeze import apply_trainable, batchnorm_layers, batchnorm_trains
 from thaw.train import checkpoint as ckpt
 from thaw.train.run_folder import check_new_run, check_nothing_set_aside, holds_run, restore_run, set_aside_run, training_lock
 from thaw.train.adapt_bn import adapt_batchnorm, has_statistics
-from thaw.train.config import TrainConfig, check_device, check_image_augments, check_image_size, check_progressive_resize, image_augment_flags
+from thaw.train.config import ONE_IMAGE_BATCHES, TrainConfig, check_device, check_image_augments, check_image_size, check_progressive_resize, image_augment_flags
 from thaw.train.budget import MARGIN, Split, TopStage, measure_costs, resplit, split_budget, with_epochs
 from thaw.train.compiled import compile_problem, compiled_forward
 from thaw.train.ema import require_timm, weight_average
@@ -770,10 +770,7 @@ class Trainer:
         self.engine.audit_next_step = f"the first step of stage {stage.name!r}"
         self.engine.min_batch = 2 if self.batchnorm_updates() else 1
         if self.engine.min_batch > self.config.batch_size:
-            raise ThawError(
-                f"stage {stage.name!r}: BatchNorm layers use batch statistics (policy train), which one image per batch "
-                "does not have; use batch_size 2 or more (--batch-size), or batchnorm='eval' (plan_options or build_plan, --batchnorm eval)"
-            )
+            raise ThawError(f"stage {stage.name!r}: {ONE_IMAGE_BATCHES}")  # check_batch_statistics refuses it before any work
         self.wrapped = None
         if self.processes.distributed:
             self.wrapped = distributed.wrap(self.model, self.engine.device)
