@@ -23,3 +23,8 @@ def test_a_plan_that_differs_otherwise_names_what_differs() -> None:
     changed = {"stages": [HEAD, ALL | {"epochs": 4, "train": ["-2:"]}]}
     assert differences({"plan": {"stages": [HEAD, ALL]}}, {"plan": changed}) == ["the plan (epochs, train of its stages)"]
     assert differences({"plan": {"odd": 1}}, {"plan": {"odd": 2}}) == ["the plan"]  # a record of another shape
+
+
+def test_a_resume_names_settings_as_a_user_types_them_not_as_python_prints_them() -> None:
+    assert differences({"config": {"budget": None}}, {"config": {"budget": 30.0}}) == ["budget (the run: none, now: 30s)"]
+    assert differences({"config": {"budget": 90.0}}, {"config": {"budget": 150.5}}) == ["budget (the run: 90s, now: 150.5s)"]

@@ -123,7 +123,16 @@ def _describe(key: str, then: object, now: object) -> str:
         return _plan_difference(then, now)
     if key == "classes":
         return f"the {key}"
-    return f"{key.replace('_', '-')} (the run: {then!r}, now: {now!r})"
+    return f"{key.replace('_', '-')} (the run: {_shown(key, then)}, now: {_shown(key, now)})"
+
+
+def _shown(key: str, value: object) -> str:
+    """A setting as a user types it: a budget in seconds (30s, not 30.0), none where unset (not Python's None)."""
+    if value is None:
+        return "none"
+    if key == "budget" and isinstance(value, (int, float)):
+        return f"{value:g}s"
+    return repr(value)
 
 
 def _plan_difference(then: object, now: object) -> str:
