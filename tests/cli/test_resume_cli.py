@@ -66,6 +66,22 @@ def test_options_that_contradict_the_run_are_one_line(cut_run: Path, extra: list
     assert expected in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
 
 
+def test_a_strategy_typed_on_resume_is_refused_for_its_plan_not_for_epochs_typed_when_the_run_began(
+    tiny_split_data: Path, tmp_path: Path,
+) -> None:
+    # The run's own --head-epochs 1 --epochs 2, given to feature-extract's one stage, were blamed as typed together.
+    run = tmp_path / "cut"
+    with pytest.raises(Crash):
+        train_images(
+            tiny_split_data, model="mobilenet_v3_small", weights=None, plan="two-phase", plan_options={"head_epochs": 1, "epochs": 2},
+            config=TrainConfig(image_size=32, batch_size=8, quiet=True), out=run, callbacks=[crash_after(1)],
+        )
+    (run / "command.json").write_text(json.dumps({"plan_options": {"strategy": "two-phase", "head_epochs": 1, "epochs": 2}}))
+    result = thaw("train", "--resume", str(run), "--strategy", "feature-extract")
+    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert "the plan's stages (the run: ['head', 'all'], now: ['head'])" in result.stderr, result.stderr
+
+
 def test_typed_options_that_agree_with_the_run_are_accepted(tiny_split_data: Path, tmp_path: Path) -> None:
     run = tmp_path / "run"
     one_epoch = ["--model", "mobilenet_v3_small", "--weights", "none", "--image-size", "32", "--head-epochs", "1", "--epochs", "0"]
