@@ -43,6 +43,10 @@ def test_yaml_plan_describes_any_plan(tmp_path: Path) -> None:
     assert isinstance(plan.stages[3].lr, ExplicitLr)
     adapter = build_model("resnet50", num_classes=5, device="meta")
     assert resolve_stage(adapter, plan.stages[1]).trainable_params == 14_964_736 + 7_098_368 + 10_245
+    # No batchnorm key: frozen (the README says so), which lets the trained groups' layers use batch statistics
+    assert plan.stages[1].batchnorm == "frozen"
+    policies = {group.name: group.batchnorm for group in resolve_stage(adapter, plan.stages[1]).groups}
+    assert policies["layer4"] == "train" and policies["layer1"] == "frozen"
 
 
 def test_a_stage_of_0_epochs_is_said_to_be_skipped(tmp_path: Path) -> None:
@@ -92,6 +96,13 @@ def test_bad_values_are_reported(tmp_path: Path) -> None:
         load_plan(path)
     assert "epochs" in str(error.value) and "lr: expected a number" in str(error.value)
     assert "batchnorm" in str(error.value)
+
+
+def test_a_mapping_of_lrs_under_lr_points_to_lrs(tmp_path: Path) -> None:
+    path = tmp_path / "plan.yaml"
+    path.write_text("stages:\n  - {name: top, epochs: 1, train: [all], lr: {features.18: 1.0e-4, head: 1.0e-3}}\n")
+    with pytest.raises(ThawError, match=r"stages\[0\]\.lr: one lr for the stage; give each group its own under lrs, like lrs: "):
+        load_plan(path)
 
 
 def test_not_yaml_and_missing_file(tmp_path: Path) -> None:

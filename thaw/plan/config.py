@@ -114,6 +114,9 @@ def _lr_rule(raw: dict, where: str, problems: list[str]) -> LrRule | None:
             problems.append(f"{where}.lr_range: expected [low, high] from stem to head with low <= high, got {pair!r}")
             return None
         return RangeLr(low, high)
+    if isinstance(raw.get("lr"), dict):  # one lr per group is its own key: say so, not just "expected a number"
+        problems.append(f"{where}.lr: one lr for the stage; give each group its own under lrs, like lrs: {{features.18: 1.0e-4, head: 1.0e-3}}")
+        return None
     lr = _lr(raw.get("lr", 1e-3), f"{where}.lr", problems)
     if lr is None:
         return None
