@@ -98,7 +98,7 @@ def test_renaming_in_order_takes_each_tensor_one_for_one() -> None:
         (lambda s: dict(list(s.items())[:-1]), "it holds 8 tensors, the model 9"),
         (lambda s: {**s, "other.0.weight": torch.zeros(4, 3, 5, 5)}, r"tensor 1, other.0.weight \(4, 3, 5, 5\), does not match the model's conv.weight"),
         # the norm's bias and running mean swapped: the same shape, another kind of tensor
-        (lambda s: dict([*list(s.items())[:3], list(s.items())[4], list(s.items())[3], *list(s.items())[5:]]), "tensor 4, other.4.running_mean"),
+        (lambda s: dict([*list(s.items())[:3], list(s.items())[4], list(s.items())[3], *list(s.items())[5:]]), r"tensor 4, other.4.running_mean, is a 'running_mean' by its name, the model's norm.bias a 'bias' \(both \(4,\)\)"),
     ],
 )
 def test_renaming_in_order_refuses_a_file_that_is_not_the_architecture(change: Callable[[dict], dict], problem: str) -> None:

@@ -264,10 +264,15 @@ def _order_problem(theirs: dict[str, torch.Tensor], ours: dict[str, torch.Tensor
     if len(theirs) != len(ours):
         return f"it holds {len(theirs)} tensors, the model {len(ours)}"
     for index, ((their_key, their), (our_key, our)) in enumerate(zip(theirs.items(), ours.items())):
-        if their.shape != our.shape or _kind(their_key) != _kind(our_key):
+        if their.shape != our.shape:
             return (
                 f"tensor {index + 1}, {their_key} {tuple(their.shape)}, does not match the model's {our_key} "
                 f"{tuple(our.shape)}"
+            )
+        if _kind(their_key) != _kind(our_key):  # same shape: say what differs, the kind its name ends in
+            return (
+                f"tensor {index + 1}, {their_key}, is a '{_kind(their_key)}' by its name, the model's {our_key} a "
+                f"'{_kind(our_key)}' (both {tuple(our.shape)}); thaw reads a tensor's kind from its name's last part"
             )
     return None
 
