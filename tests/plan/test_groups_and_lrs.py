@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from thaw import ThawError, apply_stage, build_model, build_plan, count_parameters, trainable_line
-from thaw.plan import ConstantLr, DecayLr, ExplicitLr, RangeLr, Stage, audit_optimizer, load_plan, resolve_stage
+from thaw.plan import ConstantLr, DecayLr, ExplicitLr, Plan, RangeLr, Stage, audit_optimizer, load_plan, resolve_plan, resolve_stage
 
 
 @pytest.fixture(scope="module")
@@ -293,3 +293,23 @@ def test_a_reversed_lr_range_or_no_groups_is_refused_from_python_as_from_the_fla
     for groups in (0, -1, "5", 2.0):
         with pytest.raises(ThawError, match="num_groups must be a whole number of at least 1"):
             build_plan("gradual", num_groups=groups)
+
+
+def test_an_lr_named_for_a_group_no_stage_trains_is_refused_not_ignored(resnet50) -> None:
+    lrs = {"layer1.0": 1e-5, "fc": 1e-3}  # a module inside layer1, and the head
+    with pytest.raises(ThawError, match=r"^an lr is given for layer1\.0 \(in group layer1\), which no stage of the plan trains"):
+        resolve_plan(resnet50, build_plan("feature-extract", num_groups=len(resnet50.groups), lrs=lrs))
+    head_then_layer1 = Plan((Stage("head", 1, ("head",), ExplicitLr(lrs)), Stage("more", 1, ("layer1", "head"), ExplicitLr(lrs))))
+    assert [stage.group_lrs for stage in resolve_plan(resnet50, head_then_layer1)][1] == {"layer1": 1e-5, "head": 1e-3}
+
+
+def test_a_mistake_repeated_in_many_stages_is_shown_for_the_first_three_and_counted_for_the_rest() -> None:
+    # gradual's stages each left groups without an lr: one line of every stage's problem ran to 6 KB
+    mobilenet = build_model("mobilenet_v2", weights=None, num_classes=2, device="meta")
+    plan = build_plan("gradual", num_groups=len(mobilenet.groups), lrs={"features.18": 1e-4, "head": 1e-3})
+    with pytest.raises(ThawError) as refused:
+        resolve_plan(mobilenet, plan)
+    parts = str(refused.value).split(" | ")
+    assert [part.split(":")[0] for part in parts[:3]] == [f"stage {i}/20 '{plan.stages[i - 1].name}'" for i in (3, 4, 5)]
+    assert parts[3:] == ["and 15 more stages with problems"]  # stages 6 to 20
+    assert len(str(refused.value)) < 1000

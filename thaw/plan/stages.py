@@ -200,5 +200,32 @@ def resolve_plan(adapter: ModelAdapter, plan: Plan) -> tuple[ResolvedStage, ...]
         except ThawError as error:
             problems.append(f"stage {index}/{len(plan.stages)} {stage.name!r}: {error}")
     if problems:
-        raise ThawError(" | ".join(problems))
+        raise ThawError(" | ".join(_first_problems(problems)))
+    _check_named_lrs_are_trained(adapter, resolved)
     return tuple(resolved)
+
+
+PROBLEMS_SHOWN = 3  # a gradual plan of 19 stages repeated one mistake 18 times: a 6 KB line nobody reads
+
+
+def _first_problems(problems: list[str]) -> list[str]:
+    if len(problems) <= PROBLEMS_SHOWN:
+        return problems
+    hidden = len(problems) - PROBLEMS_SHOWN
+    return problems[:PROBLEMS_SHOWN] + [f"and {hidden} more stage{'s' if hidden > 1 else ''} with problems"]
+
+
+def _check_named_lrs_are_trained(adapter: ModelAdapter, resolved: list[ResolvedStage]) -> None:
+    """An lr named for a group that no stage trains was ignored without a word: whoever named it meant it to train
+    (`--strategy feature-extract --lr features.0=1e-4`). An lr for a group a later stage trains is in use."""
+    trained = {group.name for stage in resolved for group in stage.groups if group.trainable}
+    unused: dict[str, str] = {}
+    for stage in resolved:
+        if isinstance(stage.stage.lr, ExplicitLr):
+            for name in stage.stage.lr.by_name:
+                group = name if name in adapter.group_names else selectors.group_of_module(adapter, name)
+                if group not in trained:
+                    unused[name] = group
+    if unused:
+        named = ", ".join(name if name == group else f"{name} (in group {group})" for name, group in unused.items())
+        raise ThawError(f"an lr is given for {named}, which no stage of the plan trains; drop it, or train it in a stage")
