@@ -82,6 +82,18 @@ def test_a_strategy_typed_on_resume_is_refused_for_its_plan_not_for_epochs_typed
     assert "the plan's stages (the run: ['head', 'all'], now: ['head'])" in result.stderr, result.stderr
 
 
+def test_a_feature_extract_run_started_with_epochs_resumes_with_its_strategy_typed_again(tiny_split_data: Path, tmp_path: Path) -> None:
+    # Its --epochs 2 set the head stage; typing the strategy again rebuilt that stage with the default 3 epochs.
+    run = tmp_path / "cut"
+    with pytest.raises(Crash):
+        train_images(
+            tiny_split_data, model="mobilenet_v3_small", weights=None, plan="feature-extract", plan_options={"epochs": 2},
+            config=TrainConfig(image_size=32, batch_size=8, quiet=True), out=run, callbacks=[crash_after(1)],
+        )
+    (run / "command.json").write_text(json.dumps({"plan_options": {"strategy": "feature-extract", "epochs": 2}}))
+    assert main(["train", "--resume", str(run), "--strategy", "feature-extract", "--quiet"]) == 0
+
+
 def test_typed_options_that_agree_with_the_run_are_accepted(tiny_split_data: Path, tmp_path: Path) -> None:
     run = tmp_path / "run"
     one_epoch = ["--model", "mobilenet_v3_small", "--weights", "none", "--image-size", "32", "--head-epochs", "1", "--epochs", "0"]

@@ -32,7 +32,7 @@ def gloo_group(tmp_path: Path) -> Iterator[None]:
 
 def test_settling_returns_only_once_gloo_has_dropped_the_tensors_of_finished_collectives(gloo_group: None) -> None:
     still_held = tries = 0
-    while still_held < 3 and tries < 500:  # how often gloo's thread is still at it depends on the machine's load
+    while still_held < 1 and tries < 2000:  # how often gloo's thread is still at it depends on the machine's load
         tries += 1
         tensor = torch.ones(1000)
         made_by_python = weakref.ref(tensor)
@@ -42,7 +42,7 @@ def test_settling_returns_only_once_gloo_has_dropped_the_tensors_of_finished_col
         distributed.settle_collective_threads()
         assert made_by_python() is None, "a gloo thread still held a Python tensor, to drop it later"
     # Without this the test could not fail: gloo's thread, not this one, was the last to hold the tensors.
-    assert still_held == 3
+    assert still_held == 1
 
 
 def test_the_collective_threads_watched_are_found_by_the_name_gloo_gives_them(gloo_group: None) -> None:

@@ -76,11 +76,13 @@ def test_an_export_removes_the_staging_folders_of_killed_exports_on_this_machine
     killed = tmp_path / f".thaw-export-{here}-{int(dead.stdout)}-abc123"
     running = tmp_path / f".thaw-export-{here}-{os.getpid()}-def456"  # an export of a process still alive
     elsewhere = tmp_path / f".thaw-export-another-host-{int(dead.stdout)}-ghi789"  # its process cannot be checked
-    for staged in (killed, running, elsewhere):
+    # another machine whose name begins with this one's and a dash: its "-99999" is part of its name, not a pid
+    longer_name = tmp_path / f".thaw-export-{here}-99999-{int(dead.stdout)}-jkl012"
+    for staged in (killed, running, elsewhere, longer_name):
         staged.mkdir()
         (staged / "model.pt").write_bytes(b"half a model")
     export_model(text_adapter, tmp_path / "model.pt", "torchscript")
-    assert sorted(path.name for path in tmp_path.iterdir()) == sorted(["model.pt", running.name, elsewhere.name])
+    assert sorted(path.name for path in tmp_path.iterdir()) == sorted(["model.pt", running.name, elsewhere.name, longer_name.name])
 
 
 def test_torchscript_text_export_wrong_at_other_lengths_is_refused(

@@ -10,6 +10,7 @@ import torch
 
 from thaw import ThawError, apply_stage, build_model, build_plan, count_parameters, trainable_line
 from thaw.plan import ConstantLr, DecayLr, ExplicitLr, Plan, RangeLr, Stage, audit_optimizer, load_plan, resolve_plan, resolve_stage
+from thaw.plan.stages import check_named_lrs_are_trained
 
 
 @pytest.fixture(scope="module")
@@ -297,10 +298,16 @@ def test_a_reversed_lr_range_or_no_groups_is_refused_from_python_as_from_the_fla
 
 def test_an_lr_named_for_a_group_no_stage_trains_is_refused_not_ignored(resnet50) -> None:
     lrs = {"layer1.0": 1e-5, "fc": 1e-3}  # a module inside layer1, and the head
-    with pytest.raises(ThawError, match=r"^an lr is given for layer1\.0 \(in group layer1\), which no stage of the plan trains"):
-        resolve_plan(resnet50, build_plan("feature-extract", num_groups=len(resnet50.groups), lrs=lrs))
+    refusal = r"^an lr is given for layer1\.0 \(in group layer1\), which no stage of the plan trains"
+    with pytest.raises(ThawError, match=refusal):
+        check_named_lrs_are_trained(resnet50, build_plan("feature-extract", num_groups=len(resnet50.groups), lrs=lrs))
     head_then_layer1 = Plan((Stage("head", 1, ("head",), ExplicitLr(lrs)), Stage("more", 1, ("layer1", "head"), ExplicitLr(lrs))))
-    assert [stage.group_lrs for stage in resolve_plan(resnet50, head_then_layer1)][1] == {"layer1": 1e-5, "head": 1e-3}
+    check_named_lrs_are_trained(resnet50, head_then_layer1)  # a later stage trains layer1: in use
+    skipped = Plan((head_then_layer1.stages[0], Stage("more", 0, ("layer1", "head"), ExplicitLr(lrs))))
+    with pytest.raises(ThawError, match=refusal):  # a stage of 0 epochs trains nothing
+        check_named_lrs_are_trained(resnet50, skipped)
+    # resolving alone never refuses it: a run saved before the check still reports and resumes
+    resolve_plan(resnet50, build_plan("feature-extract", num_groups=len(resnet50.groups), lrs=lrs))
 
 
 def test_a_mistake_repeated_in_many_stages_is_shown_for_the_first_three_and_counted_for_the_rest() -> None:

@@ -70,3 +70,25 @@ def test_one_image_batches_for_a_later_stage_that_needs_batch_statistics_are_ref
     result = train_images(tiny_split_data, model="mobilenet_v3_small", weights=None, plan=eval_top, config=one_image,
                           out=tmp_path / "fixed")
     assert [row["stage"] for row in result.history] == ["head", "top"]  # statistics fixed: one image a batch trains
+    adapt = Plan((Stage("head", 1, ("head",), batchnorm="adapt"),))  # its estimate skips one-image batches: nothing
+    with pytest.raises(ThawError, match=r"^stage 1/1 'head': batchnorm 'adapt' estimates the statistics over batches of 2"):
+        train_images(tiny_split_data, model="mobilenet_v3_small", weights=None, plan=adapt, config=one_image, out=tmp_path / "adapt")
+
+
+def test_a_run_saved_with_an_lr_no_stage_uses_still_resumes(tiny_split_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Such an lr is refused for new runs; a run a thaw before that check started was accepted then, and resumes."""
+    from tests.conftest import Crash, crash_after
+    from thaw.plan import ExplicitLr
+    from thaw.train import config as train_config
+
+    unused_lr = Plan((Stage("head", 2, ("head",), ExplicitLr({"features.0": 1e-4, "head": 1e-3})),))
+    with pytest.raises(ThawError, match="an lr is given for features.0, which no stage of the plan trains"):
+        train_images(tiny_split_data, model="mobilenet_v3_small", weights=None, plan=unused_lr, config=CONFIG, out=tmp_path / "new")
+    with monkeypatch.context() as before_the_check:
+        before_the_check.setattr(train_config, "check_named_lrs_are_trained", lambda adapter, plan: None)
+        with pytest.raises(Crash):
+            train_images(tiny_split_data, model="mobilenet_v3_small", weights=None, plan=unused_lr, config=CONFIG,
+                         out=tmp_path / "old", callbacks=[crash_after(1)])
+    resumed = train_images(tiny_split_data, model="mobilenet_v3_small", weights=None, plan=unused_lr, config=CONFIG,
+                           out=tmp_path / "old", resume=True)
+    assert len(resumed.history) == 2

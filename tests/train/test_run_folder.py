@@ -2,21 +2,43 @@
 
 from __future__ import annotations
 
+import json
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 from thaw.train.run_folder import LOCK, training_lock
 
+KILLED_WRITES = [".checkpoint.pt.k2j3x8.tmp", ".model.safetensors.a1b2c3.tmp", ".thaw.json.zz9.tmp"]
+KEPT = [
+    ".report.html.q1w2e3.tmp",  # thaw report may be writing it now: it holds no training lock
+    ".model.onnx.r4t5y6.tmp",  # and thaw export this
+    ".notes.tmp", "checkpoint.pt", "model.safetensors", "mine.txt",  # the run's files and the user's own
+]
 
-def test_taking_the_lock_removes_the_temporary_copies_a_killed_training_left_and_nothing_else(tmp_path: Path) -> None:
+
+def _write(folder: Path, names: list[str]) -> None:
+    for name in names:
+        (folder / name).write_bytes(b"x")
+
+
+def _names(folder: Path) -> list[str]:
+    return sorted(path.name for path in folder.iterdir())
+
+
+def test_taking_over_a_dead_process_lock_removes_the_temporary_copies_it_left_and_nothing_else(tmp_path: Path) -> None:
     # kill -9 mid-write leaves atomic_write's temporary file: a half-written checkpoint, kept for good beside the run.
-    killed_writes = [".checkpoint.pt.k2j3x8.tmp", ".model.safetensors.a1b2c3.tmp", ".thaw.json.zz9.tmp"]
-    kept = [
-        ".report.html.q1w2e3.tmp",  # thaw report may be writing it now: it holds no training lock
-        ".model.onnx.r4t5y6.tmp",  # and thaw export this
-        ".notes.tmp", "checkpoint.pt", "model.safetensors", "mine.txt",  # the run's files and the user's own
-    ]
-    for name in killed_writes + kept:
-        (tmp_path / name).write_bytes(b"x")
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True, check=True)
+    (tmp_path / LOCK).write_text(json.dumps({"pid": int(dead.stdout), "host": socket.gethostname(), "since": 0}))
+    _write(tmp_path, KILLED_WRITES + KEPT)
     with training_lock(tmp_path):
-        assert sorted(path.name for path in tmp_path.iterdir()) == sorted(kept + [LOCK])
-    assert sorted(path.name for path in tmp_path.iterdir()) == sorted(kept)
+        assert _names(tmp_path) == sorted(KEPT + [LOCK])
+    assert _names(tmp_path) == sorted(KEPT)
+
+
+def test_an_unlocked_folder_keeps_its_temporary_files(tmp_path: Path) -> None:
+    # No lock: the last run may still be writing its final files (it leaves the lock before them), so nothing goes.
+    _write(tmp_path, KILLED_WRITES + KEPT)
+    with training_lock(tmp_path):
+        assert _names(tmp_path) == sorted(KILLED_WRITES + KEPT + [LOCK])

@@ -28,3 +28,4 @@ def test_a_plan_that_differs_otherwise_names_what_differs() -> None:
 def test_a_resume_names_settings_as_a_user_types_them_not_as_python_prints_them() -> None:
     assert differences({"config": {"budget": None}}, {"config": {"budget": 30.0}}) == ["budget (the run: none, now: 30s)"]
     assert differences({"config": {"budget": 90.0}}, {"config": {"budget": 150.5}}) == ["budget (the run: 90s, now: 150.5s)"]
+    assert differences({"config": {"budget": 1e6}}, {"config": {"budget": 60.0}}) == ["budget (the run: 1000000s, now: 60s)"]

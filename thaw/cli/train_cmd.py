@@ -306,11 +306,14 @@ def _claimed(args: argparse.Namespace, typed: set[str], settings: dict, run: Pat
         if "top_groups" not in typed and (started.config or chosen_strategy(started) != "head-top-all"):
             started.top_groups = None  # the run's --top-groups went with its plan; the typed one is what differs
         one_stage = {"epochs", "head_epochs"}
-        if not started.config and chosen_strategy(started) == "feature-extract" and len(typed & one_stage) <= 1:
-            # its one stage takes the typed number; a run started before it took either recorded the other's default.
-            # Neither typed now: the run's own two numbers would be refused as typed together (by a command that typed
-            # neither), so the head's is taken, and the plans compared say what differs
-            setattr(started, (one_stage - typed).pop() if typed & one_stage else "epochs", None)
+        if not started.config and chosen_strategy(started) == "feature-extract":
+            if len(typed & one_stage) == 1:
+                # its one stage takes the typed number; a run started before it took either recorded the other's default
+                setattr(started, (one_stage - typed).pop(), None)
+            elif not typed & one_stage and started.epochs is not None and started.head_epochs is not None:
+                # the run's own two numbers (another strategy's) would be refused as typed together, by a command that
+                # typed neither: the head's is taken, and the plans compared say what differs
+                started.epochs = None
         claimed["plan"] = plan_to_dict(plan_from_args(started, _group_count(started)))
     return claimed
 

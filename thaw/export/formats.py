@@ -102,10 +102,11 @@ def _staging_prefix() -> str:
 def _remove_killed_exports(folder: Path) -> None:
     """Remove the staging folders that exports killed mid-way (kill -9) on this machine left in `folder`: they hold
     a whole model each, and would stay for good. Another machine's (a shared disk) cannot be checked: left alone."""
-    ours = f"{STAGING}{socket.gethostname()}-"
     for staged in folder.glob(f"{STAGING}*"):
-        pid = staged.name[len(ours):].split("-", 1)[0] if staged.name.startswith(ours) else ""
-        if pid.isdigit() and staged.is_dir() and process_gone(int(pid)):
+        # host-pid-suffix, read from the right: a host name may hold "-" (node and node-2 share a prefix), and
+        # tempfile's random suffix holds none
+        host, pid, _ = ([""] * 3 + staged.name[len(STAGING):].rsplit("-", 2))[-3:]
+        if host == socket.gethostname() and pid.isdigit() and staged.is_dir() and process_gone(int(pid)):
             shutil.rmtree(staged, ignore_errors=True)
 
 

@@ -201,7 +201,6 @@ def resolve_plan(adapter: ModelAdapter, plan: Plan) -> tuple[ResolvedStage, ...]
             problems.append(f"stage {index}/{len(plan.stages)} {stage.name!r}: {error}")
     if problems:
         raise ThawError(" | ".join(_first_problems(problems)))
-    _check_named_lrs_are_trained(adapter, resolved)
     return tuple(resolved)
 
 
@@ -215,10 +214,13 @@ def _first_problems(problems: list[str]) -> list[str]:
     return problems[:PROBLEMS_SHOWN] + [f"and {hidden} more stage{'s' if hidden > 1 else ''} with problems"]
 
 
-def _check_named_lrs_are_trained(adapter: ModelAdapter, resolved: list[ResolvedStage]) -> None:
+def check_named_lrs_are_trained(adapter: ModelAdapter, plan: Plan) -> None:
     """An lr named for a group that no stage trains was ignored without a word: whoever named it meant it to train
-    (`--strategy feature-extract --lr features.0=1e-4`). An lr for a group a later stage trains is in use."""
-    trained = {group.name for stage in resolved for group in stage.groups if group.trainable}
+    (`--strategy feature-extract --lr features.0=1e-4`). An lr for a group a later stage trains is in use; a stage of
+    0 epochs trains nothing. For new plans only (thaw plan, a new run): a run saved before this check still reports
+    and resumes."""
+    resolved = resolve_plan(adapter, plan)
+    trained = {group.name for stage in resolved if stage.stage.epochs for group in stage.groups if group.trainable}
     unused: dict[str, str] = {}
     for stage in resolved:
         if isinstance(stage.stage.lr, ExplicitLr):

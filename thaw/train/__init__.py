@@ -58,7 +58,7 @@ def train_images(
     val_split = float(val_split)  # numpy's float32 is no JSON number: thaw.json could not be written at the run's end
     _check_switches(resume=resume, overwrite=overwrite)
     _check_arguments(plan, plan_options, config, resume)
-    check_plan_before_data(model, weights, "image", plan, plan_options)  # a typo in stage 2 stops nothing half-done
+    check_plan_before_data(model, weights, "image", plan, plan_options, not resume)  # a typo in stage 2 stops nothing half-done
     if not resume:
         check_out_outside_data(Path(out), Path(data_path))
     data = discover(data_path, val_split=val_split, seed=config.seed)
@@ -160,7 +160,7 @@ def train_text(
         raise ThawError(f"columns must be a TextColumns (thaw.data.text.TextColumns(text='message', label='kind')), got {columns!r}")
     _check_arguments(plan, plan_options, config, resume)
     check_image_augments(config, "text", resumed=resume)  # before the table is read and the model built
-    check_plan_before_data(model, None, "text", plan, plan_options)
+    check_plan_before_data(model, None, "text", plan, plan_options, not resume)
     rules, digest = _recorded_split(Path(out), resume)
     data, rule = split_as_recorded(
         lambda rule: load_text_data(data_path, columns=columns, val_split=val_split, test_split=test_split, seed=config.seed, split_rule=rule),
@@ -234,7 +234,7 @@ def _run(
     config: TrainConfig, out: Path, meta: dict, resume: bool, overwrite: bool, callbacks: list[EpochCallback] | None,
     step_hooks: list[StepHook] | None,
 ) -> RunResult:
-    plan = check_plan(adapter, plan, plan_options)  # on the model itself (a model object's first check): before fit sets anything aside
+    plan = check_plan(adapter, plan, plan_options, not resume)  # on the model itself (a model object's first check): before fit sets anything aside
     check_batch_statistics(adapter, plan, config.batch_size)
     result = fit(
         adapter, data, plan, config, out, meta=meta, resume=resume, overwrite=overwrite, callbacks=callbacks, step_hooks=step_hooks

@@ -27,7 +27,7 @@ from thaw.models.lora import add_lora
 from thaw.plan.freeze import batchnorm_layers, batchnorm_trains, locks_statistics
 from thaw.plan.lora_targets import lora_targets
 from thaw.plan.optim import OPTIMIZERS
-from thaw.plan.stages import Plan, resolve_plan
+from thaw.plan.stages import Plan, check_named_lrs_are_trained, resolve_plan
 from thaw.plan.strategies import build_plan
 from thaw.train.budget import parse_budget
 from thaw.train.resizing import sizes_used
@@ -298,7 +298,7 @@ def plan_probe(model: object, weights: str | None, task: str) -> ModelAdapter | 
     return build_model(model, weights=weights, num_classes=2, device="meta", load=False)
 
 
-def check_plan(adapter: ModelAdapter, plan: Plan | str, plan_options: dict | None = None) -> Plan:
+def check_plan(adapter: ModelAdapter, plan: Plan | str, plan_options: dict | None = None, new_run: bool = True) -> Plan:
     """The plan built for `adapter` (a strategy name with its options) and every stage resolved against it, LoRA layers
     added first as a run adds them (to `adapter` itself): what `thaw plan` checks. A run does this before it reads
     data, sets an old run aside or trains, so a selector that matches nothing in stage 2 is refused before stage 1
@@ -308,6 +308,8 @@ def check_plan(adapter: ModelAdapter, plan: Plan | str, plan_options: dict | Non
     if plan.lora is not None:
         add_lora(adapter, plan.lora, lora_targets(adapter, plan.lora))
     resolve_plan(adapter, plan)
+    if new_run:  # a resumed run's plan was accepted when it began
+        check_named_lrs_are_trained(adapter, plan)
     return plan
 
 
@@ -323,6 +325,10 @@ def check_batch_statistics(adapter: ModelAdapter, plan: Plan, batch_size: int) -
         policy = resolved.stage.batchnorm
         if resolved.stage.epochs and any(not locks_statistics(policy, batchnorm_trains(adapter, name, layer, trainable)) for name, layer in layers):
             raise ThawError(f"stage {index}/{len(plan.stages)} {resolved.stage.name!r}: {ONE_IMAGE_BATCHES}")
+        if resolved.stage.epochs and policy == "adapt" and layers:  # its pass skips batches of one: it would adapt nothing
+            raise ThawError(f"stage {index}/{len(plan.stages)} {resolved.stage.name!r}: batchnorm 'adapt' estimates the "
+                            "statistics over batches of 2 images or more, and one image per batch gives none; use "
+                            "batch_size 2 or more (--batch-size), or another policy")
 
 
 ONE_IMAGE_BATCHES = ("BatchNorm layers use batch statistics (policy train), which one image per batch does not have; use "
@@ -330,12 +336,14 @@ ONE_IMAGE_BATCHES = ("BatchNorm layers use batch statistics (policy train), whic
                      "or batchnorm: eval in a plan file's stage)")
 
 
-def check_plan_before_data(model: object, weights: str | None, task: str, plan: Plan | str, plan_options: dict | None) -> None:
+def check_plan_before_data(
+    model: object, weights: str | None, task: str, plan: Plan | str, plan_options: dict | None, new_run: bool = True,
+) -> None:
     """check_plan on a meta-device stand-in of a model named by `model`, before the data is listed (which reads every
     image's header) or read; a model object's plan is checked on the model itself once it is adapted."""
     probe = plan_probe(model, weights, task)
     if probe is not None:
-        check_plan(probe, plan, plan_options)
+        check_plan(probe, plan, plan_options, new_run)
 
 
 def check_image_augments(config: TrainConfig, task: str, resumed: bool = False) -> None:

@@ -277,8 +277,8 @@ def training_lock(out: Path) -> Iterator[None]:
     """Hold RUN/LOCK while training: two runs started into one --out both ran to the end, and one was lost without a
     word. A lock left by a process that is gone (kill -9, a power cut) on this machine is taken over."""
     lock = out / LOCK
-    _take_lock(lock)
-    _remove_killed_writes(out)
+    if _take_lock(lock):  # only then: with no lock here, the last run may be writing its final files, unlocked
+        _remove_killed_writes(out)
     try:
         yield
     finally:
@@ -286,8 +286,8 @@ def training_lock(out: Path) -> Iterator[None]:
             lock.unlink(missing_ok=True)
 
 
-# The files only training writes into its folder: a temporary copy of one (atomic_write's) found while the lock is
-# held was left by a process killed mid-write (kill -9, a power cut), and would stay beside the run for good.
+# The files only training writes into its folder: a temporary copy of one (atomic_write's) found on taking over the
+# lock of a process that is gone was left by it, killed mid-write (kill -9, a power cut), and would stay for good.
 TRAINING_WRITES = (METADATA, WEIGHTS, ADAPTER, CHECKPOINT, TYPED_OPTIONS, "metrics.csv", "curves.png", "confusion.png")
 
 
@@ -297,7 +297,9 @@ def _remove_killed_writes(out: Path) -> None:
             leftover.unlink(missing_ok=True)
 
 
-def _take_lock(lock: Path) -> None:
+def _take_lock(lock: Path) -> bool:
+    """Take the lock; True where it was taken over from a process that is gone."""
+    took_over = False
     for _ in range(3):  # a stale lock removed, then taken: another process may take it in between
         try:
             descriptor = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
@@ -311,10 +313,11 @@ def _take_lock(lock: Path) -> None:
                     f"wait for it to end, or choose another --out (if no thaw runs there, remove {lock})"
                 ) from None
             lock.unlink(missing_ok=True)
+            took_over = True
             continue
         with os.fdopen(descriptor, "w") as file:
             json.dump({"pid": os.getpid(), "host": socket.gethostname(), "since": time.time()}, file)
-        return
+        return took_over
     raise RunInUse(f"{lock.parent}: another thaw keeps starting a run there; choose another --out")
 
 

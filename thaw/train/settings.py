@@ -131,7 +131,7 @@ def _shown(key: str, value: object) -> str:
     if value is None:
         return "none"
     if key == "budget" and isinstance(value, (int, float)):
-        return f"{value:g}s"
+        return f"{int(value)}s" if float(value).is_integer() else f"{value}s"  # 1000000s, as parse_budget reads it back
     return repr(value)
 
 
