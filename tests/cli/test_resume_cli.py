@@ -24,16 +24,20 @@ TINY = [
 ]
 
 
-@pytest.fixture
-def cut_run(tiny_split_data: Path, tmp_path: Path) -> Path:
-    """A two-phase run (the CLI's settings above) that crashed after its first epoch."""
-    run = tmp_path / "cut"
+def _crashed_after_one_epoch(data: Path, run: Path, strategy: str, plan_options: dict) -> Path:
+    """A run of the CLI's settings above, by `strategy`, that crashed after its first epoch."""
     with pytest.raises(Crash):
         train_images(
-            tiny_split_data, model="mobilenet_v3_small", weights=None, plan="two-phase", plan_options={"head_epochs": 1, "epochs": 1},
+            data, model="mobilenet_v3_small", weights=None, plan=strategy, plan_options=plan_options,
             config=TrainConfig(image_size=32, batch_size=8, quiet=True), out=run, callbacks=[crash_after(1)],
         )
     return run
+
+
+@pytest.fixture
+def cut_run(tiny_split_data: Path, tmp_path: Path) -> Path:
+    """A two-phase run (the CLI's settings above) that crashed after its first epoch."""
+    return _crashed_after_one_epoch(tiny_split_data, tmp_path / "cut", "two-phase", {"head_epochs": 1, "epochs": 1})
 
 
 def test_resume_needs_no_other_flag_and_ends_like_the_uninterrupted_run(cut_run: Path, tiny_split_data: Path, tmp_path: Path) -> None:
@@ -70,12 +74,7 @@ def test_a_strategy_typed_on_resume_is_refused_for_its_plan_not_for_epochs_typed
     tiny_split_data: Path, tmp_path: Path,
 ) -> None:
     # The run's own --head-epochs 1 --epochs 2, given to feature-extract's one stage, were blamed as typed together.
-    run = tmp_path / "cut"
-    with pytest.raises(Crash):
-        train_images(
-            tiny_split_data, model="mobilenet_v3_small", weights=None, plan="two-phase", plan_options={"head_epochs": 1, "epochs": 2},
-            config=TrainConfig(image_size=32, batch_size=8, quiet=True), out=run, callbacks=[crash_after(1)],
-        )
+    run = _crashed_after_one_epoch(tiny_split_data, tmp_path / "cut", "two-phase", {"head_epochs": 1, "epochs": 2})
     (run / "command.json").write_text(json.dumps({"plan_options": {"strategy": "two-phase", "head_epochs": 1, "epochs": 2}}))
     result = thaw("train", "--resume", str(run), "--strategy", "feature-extract")
     assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
@@ -84,12 +83,7 @@ def test_a_strategy_typed_on_resume_is_refused_for_its_plan_not_for_epochs_typed
 
 def test_a_feature_extract_run_started_with_epochs_resumes_with_its_strategy_typed_again(tiny_split_data: Path, tmp_path: Path) -> None:
     # Its --epochs 2 set the head stage; typing the strategy again rebuilt that stage with the default 3 epochs.
-    run = tmp_path / "cut"
-    with pytest.raises(Crash):
-        train_images(
-            tiny_split_data, model="mobilenet_v3_small", weights=None, plan="feature-extract", plan_options={"epochs": 2},
-            config=TrainConfig(image_size=32, batch_size=8, quiet=True), out=run, callbacks=[crash_after(1)],
-        )
+    run = _crashed_after_one_epoch(tiny_split_data, tmp_path / "cut", "feature-extract", {"epochs": 2})
     (run / "command.json").write_text(json.dumps({"plan_options": {"strategy": "feature-extract", "epochs": 2}}))
     assert main(["train", "--resume", str(run), "--strategy", "feature-extract", "--quiet"]) == 0
 
@@ -333,12 +327,7 @@ def test_a_bare_import_thaw_still_reaches_every_name_and_subpackage() -> None:
 def test_a_feature_extract_run_an_older_thaw_started_resumes_with_the_same_command(tiny_split_data: Path, tmp_path: Path) -> None:
     # Before feature-extract took --head-epochs, `--strategy feature-extract --epochs 2` recorded head_epochs 3 (the
     # default, untyped) beside it; the same command plus --resume met "two numbers for one stage" it never typed.
-    run = tmp_path / "cut"
-    with pytest.raises(Crash):
-        train_images(
-            tiny_split_data, model="mobilenet_v3_small", weights=None, plan="feature-extract", plan_options={"epochs": 2},
-            config=TrainConfig(image_size=32, batch_size=8, quiet=True), out=run, callbacks=[crash_after(1)],
-        )
+    run = _crashed_after_one_epoch(tiny_split_data, tmp_path / "cut", "feature-extract", {"epochs": 2})
     (run / "command.json").write_text(json.dumps({"plan_options": {"strategy": "feature-extract", "epochs": 2, "head_epochs": 3}}))
     same = [str(tiny_split_data), *TINY[:8], "--strategy", "feature-extract", "--epochs", "2", "--quiet"]
     assert main(["train", *same, "--resume", str(run)]) == 0
