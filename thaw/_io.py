@@ -71,6 +71,6 @@ def process_gone(pid: int) -> bool:
         os.kill(pid, 0)
     except ProcessLookupError:
         return True
-    except PermissionError:
-        return False
+    except PermissionError:  # there, but another user's
+        pass
     return False

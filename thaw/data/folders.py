@@ -118,12 +118,12 @@ def _listable_folder(path: Path) -> bool:
         return False
 
 
-def _dangling(path: Path) -> bool:
-    return path.is_symlink() and not path.exists()
-
-
 def _hidden(relative: Path) -> bool:
     return any(part.startswith(".") for part in relative.parts)
+
+
+def _dangling(path: Path) -> bool:
+    return path.is_symlink() and not path.exists()
 
 
 def _usable(files: list[Path], skipped: list[tuple[str, str]]) -> list[Path]:

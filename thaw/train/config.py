@@ -314,9 +314,10 @@ def check_plan(adapter: ModelAdapter, plan: Plan | str, plan_options: dict | Non
 
 
 def check_batch_statistics(adapter: ModelAdapter, plan: Plan, batch_size: int) -> None:
-    """Refuse, before any work, a batch of one image for a stage whose BatchNorm layers normalise with batch
-    statistics (policy train, or frozen where they train): found only when that stage began, it stopped a run whose
-    first stages had trained, an --overwrite's old run already gone, and a resume could never get past it."""
+    """Refuse, before anything trains or an old run is set aside, a batch of one image for a stage whose BatchNorm
+    layers normalise with batch statistics (policy train, or frozen where they train) or are re-estimated (adapt):
+    found only when that stage began, it stopped a run whose first stages had trained, an --overwrite's old run
+    already gone, and a resume could never get past it. fit's own check at the stage's start stays as the last guard."""
     if batch_size >= 2:
         return
     layers = batchnorm_layers(adapter.model)
