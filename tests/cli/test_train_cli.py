@@ -716,3 +716,13 @@ def test_a_file_found_unreadable_while_decoding_is_warned_of_before_the_first_ep
     warned = [index for index, line in enumerate(lines) if "skipped 1 unreadable file(s)" in line and "cut.jpg" in line]
     first_epoch = next(index for index, line in enumerate(lines) if line.startswith("head 1:"))
     assert len(warned) == 1 and warned[0] < first_epoch, result.stdout
+
+
+def test_a_budget_reads_the_same_at_the_start_and_in_the_summary(tiny_split_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The plan line and the summary line show the budget in one form (1:30), so a user can match them."""
+    code = main(["train", str(tiny_split_data), *TINY, "--strategy", "feature-extract", "--budget", "90s", "--out", str(tmp_path / "r")])
+    assert code == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert any(line.startswith("budget 1:30: epochs per stage [") and "expected" in line for line in lines), lines
+    summary = [line for line in lines if line.startswith("budget ") and "expected" not in line]
+    assert len(summary) == 1 and summary[0].startswith("budget 1:30: epochs per stage ["), lines

@@ -32,6 +32,7 @@ from thaw.plan import plan_to_dict
 from thaw.plan.config import read_plan_file
 from thaw.plan.strategies import DEFAULT_EPOCHS
 from thaw.train.budget import parse_budget
+from thaw.train.progress import clock
 from thaw._io import atomic_write, check_writable
 from thaw.train import RunResult, check_model_object, check_out_outside_data, RunState, TextColumns, TrainConfig, resume_run, saved_settings, train_images, train_text
 from thaw.train.config import METRICS, PRECISIONS, SCHEDULES, checked_training_options
@@ -578,6 +579,6 @@ def _summary(args: argparse.Namespace, out: Path, result: RunResult, report: Pat
     print(f"delivered epoch {best['epoch']} ({best['stage']}): {why}; {result.wall_s:.1f} s")
     if result.budget:
         ended = f", ended {result.budget['ended_early']} by the budget" if result.budget["ended_early"] else ""
-        print(f"budget {result.budget['seconds']:.0f} s: epochs per stage {result.budget.get('epochs', 'as resumed')}{ended}")
+        print(f"budget {clock(result.budget['seconds'])}: epochs per stage {result.budget.get('epochs', 'as resumed')}{ended}")
     print("wrote " + ", ".join(str(p) for p in [*result.files.values(), *([report] if report else [])]))
     return 0
