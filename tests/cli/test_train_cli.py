@@ -726,3 +726,16 @@ def test_a_budget_reads_the_same_at_the_start_and_in_the_summary(tiny_split_data
     assert any(line.startswith("budget 1:30: epochs per stage [") and "expected" in line for line in lines), lines
     summary = [line for line in lines if line.startswith("budget ") and "expected" not in line]
     assert len(summary) == 1 and summary[0].startswith("budget 1:30: epochs per stage ["), lines
+
+
+@pytest.mark.parametrize("size, weights, warned", [(56, "IMAGENET1K_V1", True), (57, "IMAGENET1K_V1", False), (32, "none", False)])
+def test_an_image_size_a_quarter_of_the_weights_own_or_less_is_warned_of(
+    tiny_split_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], size: int, weights: str, warned: bool
+) -> None:
+    """1 px trains without an error, at chance: a user who typed a small size hears that pretrained features see little
+    there. Random weights (none) learned no size."""
+    args = ["--model", "mobilenet_v2", "--weights", weights, "--image-size", str(size), "--strategy", "feature-extract", "--epochs", "1"]
+    assert main(["train", str(tiny_split_data), *args, "--out", str(tmp_path / "r")]) == 0
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "a quarter or less of the 224 px" in line]
+    assert warnings == ([f"thaw: warning: image size {size} px is a quarter or less of the 224 px the IMAGENET1K_V1 weights were trained at; "
+                         "their features see little at that size: a larger --image-size enlarges small images"] if warned else [])

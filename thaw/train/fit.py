@@ -209,6 +209,7 @@ def data_line(data: ImageData | TextData) -> str:
 
 
 TIES_LISTED = 5  # a long run on a small val split can tie in hundreds of epochs: the line stays one line
+SMALL_SIZE_SHARE = 4  # an image size at or below 1/4 of the weights' own is warned of (a 224 px network shown 56 px or less)
 
 
 def why_delivered(best: dict, history: list[dict]) -> str:
@@ -305,6 +306,20 @@ class Trainer:
             self._say("--progressive-resize changes nothing here: no stage is expected to run the whole network for more than "
                       "one epoch (stages on cached inputs train at the full size)")
         self._say_unused_augments()
+        self._warn_small_image_size()
+
+    def _warn_small_image_size(self) -> None:
+        """Pretrained weights shown images a quarter of their size or less see few of the patterns they learned: a 1 px
+        run trains without an error, at chance. Random weights (none) learned no size."""
+        size, crop = self.config.image_size, self.adapter.preprocessing.crop_size if isinstance(self.data, ImageData) else None
+        if size is None or crop is None or self.meta.get("weights") is None or size * SMALL_SIZE_SHARE > crop:
+            return
+        if not self.config.quiet:
+            print(
+                f"thaw: warning: image size {size} px is a quarter or less of the {crop} px the {self.meta['weights']} weights "
+                "were trained at; their features see little at that size: a larger --image-size enlarges small images",
+                file=sys.stderr, flush=True,
+            )
 
     def _say_unused_augments(self) -> None:
         """Augmentations that no stage of this plan would see: every stage trains on cached features."""
