@@ -68,6 +68,11 @@ def test_plan_top_groups_sets_the_middle_stage_and_is_refused_where_it_would_do_
     head, top, everything = json.loads(capsys.readouterr().out)["stages"]
     assert top["name"] == "top10"
     assert [g["name"] for g in top["groups"] if g["trainable"]] == [f"features.{i}" for i in range(10, 19)] + ["head"]
+    result = thaw("plan", "--model", "mobilenet_v2", "--num-classes", "5", "--top-groups", "20")  # all 20 groups: no top stage
+    assert result.returncode == 2 and result.stderr.strip().splitlines() == [
+        "thaw: error: top groups 20: the model has 20 groups, the head included, so that stage would train all of them, "
+        "as the all stage after it does; give fewer than 20, or use two-phase"
+    ]
     result = thaw("plan", "--model", "mobilenet_v2", "--num-classes", "5", "--top-groups", "1")
     assert result.returncode != 0 and "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines() == ["thaw: error: top groups must be a whole number of at least 2 (the head alone is the head stage), got 1"]

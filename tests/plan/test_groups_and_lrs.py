@@ -149,8 +149,18 @@ def test_top_groups_sets_how_many_groups_the_middle_stage_trains(resnet50) -> No
     plan = build_plan("head-top-all", num_groups=len(resnet50.groups), top_groups=3)
     assert [(s.name, s.train) for s in plan.stages] == [("head", ("head",)), ("top3", ("-3:",)), ("all", ("all",))]
     assert {g.name for g in resolve_stage(resnet50, plan.stages[1]).groups if g.trainable} == {"layer3", "layer4", "head"}
-    # as many top groups as the model has: the middle stage would repeat the last, so the plan is two-phase's
-    assert [s.name for s in build_plan("head-top-all", num_groups=6, top_groups=6).stages] == ["head", "all"]
+    # as many top groups as the model has, or more: the middle stage would repeat the last, and dropping it would
+    # give two-phase's plan where the user asked for a top stage, so it is refused
+    assert [s.name for s in build_plan("head-top-all", num_groups=6, top_groups=5).stages] == ["head", "top5", "all"]
+    for top in (6, 7):
+        with pytest.raises(ThawError) as refused:
+            build_plan("head-top-all", num_groups=6, top_groups=top)
+        assert str(refused.value) == (
+            f"top groups {top}: the model has 6 groups, the head included, so that stage would train all of them, "
+            "as the all stage after it does; give fewer than 6, or use two-phase"
+        )
+    # left to its default, a model of two groups or fewer gets two-phase, as documented
+    assert [s.name for s in build_plan("head-top-all", num_groups=2).stages] == ["head", "all"]
 
 
 @pytest.mark.parametrize("bad", [0, 1, True, 2.5, "3"])

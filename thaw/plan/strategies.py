@@ -93,6 +93,11 @@ def build_plan(
     if top_groups is not None and strategy in STRATEGIES and strategy != "head-top-all":  # else it would be ignored without a word
         raise ThawError(f"top groups set head-top-all's middle stage; the strategy here is {strategy}: drop them or use head-top-all")
     top = TOP_GROUPS if top_groups is None else _top_group_count(top_groups)
+    if top_groups is not None and strategy == "head-top-all" and top >= num_groups:  # else the top stage would go without a word
+        raise ThawError(
+            f"top groups {top}: the model has {num_groups} groups, the head included, so that stage would train all of them, "
+            f"as the all stage after it does; give fewer than {num_groups}, or use two-phase"
+        )
     lr = check_lr(lr, "lr")  # here, before arithmetic on it turns a string into a TypeError
     if lrs is not None and not isinstance(lrs, dict):
         raise ThawError(f"lrs (--lr NAME=LR) must be a mapping of group or module names to lrs, got {lrs!r}")
