@@ -739,3 +739,31 @@ def test_an_image_size_a_quarter_of_the_weights_own_or_less_is_warned_of(
     warnings = [line for line in capsys.readouterr().err.splitlines() if "a quarter or less of the 224 px" in line]
     assert warnings == ([f"thaw: warning: image size {size} px is a quarter or less of the 224 px the IMAGENET1K_V1 weights were trained at; "
                          "their features see little at that size: a larger --image-size enlarges small images"] if warned else [])
+
+
+def test_a_runs_weights_keep_its_head_for_the_same_classes_and_train_a_new_one_for_others(
+    trained_run: Path, tiny_split_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """More data for the same classes starts from the run's head, which scores them already; other classes (here the
+    same count, other names) get a new head, as said."""
+    from safetensors.torch import load_file
+
+    weights = str(trained_run / "model.safetensors")
+    frozen_lr = ["--model", "mobilenet_v3_small", "--weights", weights, "--image-size", "32", "--batch-size", "8",
+                 "--strategy", "feature-extract", "--epochs", "1", "--lr", "1e-12"]  # the head moves by far less than a float32 step
+    head = {key: tensor for key, tensor in load_file(weights).items() if key.startswith("classifier.3.")}
+    assert set(head) == {"classifier.3.weight", "classifier.3.bias"}
+
+    assert main(["train", str(tiny_split_data), *frozen_lr, "--out", str(tmp_path / "same")]) == 0
+    said = capsys.readouterr().err
+    assert f"thaw: the head in {weights} (3 classes) is kept: it was trained on these classes, in this order" in said
+    assert "a quarter or less" not in said  # a file's training size is not known: no warning about 32 px
+    kept = load_file(str(tmp_path / "same" / "model.safetensors"))
+    assert all(torch.equal(kept[key], tensor) for key, tensor in head.items())
+
+    others = write_class_images(tmp_path / "others" / "train", classes=("cyan", "magenta", "yellow")).parent
+    write_class_images(others / "val", classes=("cyan", "magenta", "yellow"), per_class=6, seed=1)
+    assert main(["train", str(others), *frozen_lr, "--out", str(tmp_path / "others-run")]) == 0
+    assert f"thaw: warning: the head in {weights} (3 classes) is not used; a new 3-class head is trained" in capsys.readouterr().err
+    new = load_file(str(tmp_path / "others-run" / "model.safetensors"))
+    assert not torch.equal(new["classifier.3.weight"], head["classifier.3.weight"])

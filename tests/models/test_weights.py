@@ -105,7 +105,7 @@ def test_a_run_folder_as_weights_says_how_to_continue_it(tmp_path: Path, monkeyp
     monkeypatch.chdir(tmp_path)
     for given in (str(tmp_path / "run"), "run"):  # a bare name in the current folder too: it was "has no weights 'run'"
         with pytest.raises(ThawError, match=rf"^weights {given} is a thaw run, not a weights file: `thaw train --resume {given}` continues it; "
-                           rf"a new run starts from its weights with --weights {given}/model.safetensors \(a new head replaces its head\)$"):
+                           rf"a new run starts from its weights with --weights {given}/model.safetensors \(its head is kept for the same classes in the same order, else a new one is trained\)$"):
             build_model("mobilenet_v3_small", weights=given)
 
 

@@ -29,3 +29,12 @@ def test_a_resume_names_settings_as_a_user_types_them_not_as_python_prints_them(
     assert differences({"config": {"budget": None}}, {"config": {"budget": 30.0}}) == ["budget (the run: none, now: 30s)"]
     assert differences({"config": {"budget": 90.0}}, {"config": {"budget": 150.5}}) == ["budget (the run: 90s, now: 150.5s)"]
     assert differences({"config": {"budget": 1e6}}, {"config": {"budget": 60.0}}) == ["budget (the run: 1000000s, now: 60s)"]
+
+
+def test_other_classes_are_named_gone_and_new() -> None:
+    """A label renamed in the data (spam to junk) reads as one class gone and one new, so a user sees which."""
+    assert differences({"classes": ["ham", "spam"]}, {"classes": ["ham", "junk"]}) == ["the classes ('spam' is gone, 'junk' is new)"]
+    assert differences({"classes": ["a", "b"]}, {"classes": ["b", "a"]}) == ["the classes (the same classes in another order)"]
+    many = [f"c{i}" for i in range(5)]
+    assert differences({"classes": ["a"]}, {"classes": ["a", *many]}) == ["the classes ('c0', 'c1', 'c2' and 2 more are new)"]
+    assert differences({"classes": ["a", "b"]}, {"classes": ["a", "b"]}) == []

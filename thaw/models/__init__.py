@@ -30,10 +30,13 @@ def build_model(
     num_classes: int | None = None,
     device: str | torch.device = "cpu",
     load: bool = True,
+    keep_head: bool = False,
 ) -> ModelAdapter:
     """A torchvision model by name, or a timm one as ``timm/NAME``, adapted to `num_classes`.
 
-    load=False builds the architecture `weights` imply without loading them.
+    load=False builds the architecture `weights` imply without loading them. `keep_head`: where `weights` is a file
+    whose head has `num_classes` outputs (a thaw run's model.safetensors, for the same classes in the same order: the
+    caller's to check), that head is kept instead of a new one.
     """
     if not isinstance(name, str):  # a model object goes to adapt(), or straight to train_images
         raise ThawError(
@@ -42,7 +45,7 @@ def build_model(
         )
     if isinstance(weights, str) and not weights.strip():  # an unset variable: read as no weights, it trained from scratch
         raise ThawError("weights is an empty string; give a weights name (DEFAULT, IMAGENET1K_V1), a file path, or None for random weights")
-    options = {"weights": weights, "num_classes": num_classes, "device": device, "load": load}
+    options = {"weights": weights, "num_classes": num_classes, "device": device, "load": load, "keep_head": keep_head}
     if name.startswith(TIMM_PREFIX):
         return build_timm(name[len(TIMM_PREFIX) :], **options)
     return build_torchvision(name, **options)

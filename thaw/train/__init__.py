@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import numbers
 import os
 import sys
@@ -24,7 +25,7 @@ from thaw.train.config import TrainConfig, check_batch_statistics, check_class_s
 from thaw.train.settings import RUNTIME_FIELDS, config_from_settings, samples_digest, source_name, split_as_recorded
 from thaw import distributed
 from thaw.train.fit import EpochCallback, RunResult, RunState, StepHook, effective_preprocessing, fit, signals_held
-from thaw.train.run_folder import preprocessing_dict, save_adapter, save_text_model, write_run
+from thaw.train.run_folder import METADATA, preprocessing_dict, save_adapter, save_text_model, write_run
 
 __all__ = ["EpochCallback", "RunResult", "RunState", "TextColumns", "TrainConfig", "resume_run", "train_images", "train_text"]
 
@@ -63,12 +64,24 @@ def train_images(
         check_out_outside_data(Path(out), Path(data_path))
     data = discover(data_path, val_split=val_split, seed=config.seed)
     torch.manual_seed(config.seed)  # the new head's initial weights are part of the run's seed
-    adapter = _image_adapter(model, weights, len(data.classes))
+    adapter = _image_adapter(model, weights, list(data.classes))
     meta = {
         "format": "thaw-run/1", "task": "image", "model": model_name(model), "weights": source_name(weights) if isinstance(model, str) else None,
         "classes": list(data.classes), "val_split": val_split, "data_path": str(Path(data_path).resolve()),
     } | ({} if isinstance(model, str) else {"model_source": MODEL_OBJECT, "model_groups": model_groups(adapter)})
     return _run(adapter, data, data_path, plan, plan_options, config, Path(out), meta, resume, overwrite, callbacks, step_hooks)
+
+
+def _trained_on(weights: str | None, classes: list[str]) -> bool:
+    """Whether `weights` is a file in a thaw run folder whose run was trained on these classes in this order (more
+    data for the same classes, say): its head scores them already, so a new run keeps it rather than start a new one."""
+    if not isinstance(weights, str) or weights.lower() in ("none", "default"):
+        return False
+    try:
+        recorded = json.loads((Path(weights).expanduser().parent / METADATA).read_text(encoding="utf-8"))
+    except (OSError, ValueError):  # no run folder (a downloaded file), or one whose record is damaged: a new head
+        return False
+    return isinstance(recorded, dict) and recorded.get("task") == "image" and recorded.get("classes") == list(classes)
 
 
 def check_out_outside_data(out: Path, data_path: Path) -> None:
@@ -109,10 +122,11 @@ def model_groups(adapter: ModelAdapter) -> dict[str, list[str]]:
     return {group.name: list(group.modules) for group in adapter.groups}
 
 
-def _image_adapter(model: str | nn.Module | ModelAdapter, weights: str | None, num_classes: int) -> ModelAdapter:
+def _image_adapter(model: str | nn.Module | ModelAdapter, weights: str | None, classes: list[str]) -> ModelAdapter:
     """The adapter a run trains: built by name, or made from the model object given, with a head per class."""
+    num_classes = len(classes)
     if isinstance(model, str):
-        return build_model(model, weights=weights, num_classes=num_classes)
+        return build_model(model, weights=weights, num_classes=num_classes, keep_head=_trained_on(weights, classes))
     if weights not in ("DEFAULT", None):
         raise ThawError(f"weights={weights!r} goes with a model name; a model object brings its own weights: drop it")
     if isinstance(model, ModelAdapter):
@@ -320,7 +334,7 @@ def resume_run(
     check_model_object(run, settings, model, "resume_run")
     if is_finished(Path(run)):  # nothing left to train: the run's result as recorded, its files as they are
         if model is not None and "model_groups" in settings:  # grouped otherwise, a resume that trains would refuse it
-            given = model_groups(_image_adapter(model, None, len(settings["classes"])))
+            given = model_groups(_image_adapter(model, None, list(settings["classes"])))
             found = differences({"model_groups": settings["model_groups"]}, {"model_groups": given})
             if found:
                 raise ThawError(f"the run in {run} was started with other settings; different now: {'; '.join(found)}")

@@ -57,7 +57,7 @@ from thaw.train.metrics import MetricTracker
 from thaw.train.prefix_cache import Entry, check_skipped, disagreement, draws_at_random, find_entry, lowest_trainable_group
 from thaw.train.progress import CACHED, FULL, PREFIX, PlanProgress, clock
 from thaw.train.resizing import progressive_size
-from thaw.train.settings import DATA_CHANGED, differences, run_settings
+from thaw.train.settings import DATA_CHANGED, class_change, differences, run_settings
 
 BEST_WEIGHTS = "model.safetensors"
 
@@ -310,9 +310,11 @@ class Trainer:
 
     def _warn_small_image_size(self) -> None:
         """Pretrained weights shown images a quarter of their size or less see few of the patterns they learned: a 1 px
-        run trains without an error, at chance. Random weights (none) learned no size."""
+        run trains without an error, at chance. Random weights (none) learned no size, and a file's size is not known
+        (a thaw run's may have been trained at this one)."""
         size, crop = self.config.image_size, self.adapter.preprocessing.crop_size if isinstance(self.data, ImageData) else None
-        if size is None or crop is None or self.meta.get("weights") is None or size * SMALL_SIZE_SHARE > crop:
+        weights = self.meta.get("weights")
+        if size is None or crop is None or weights is None or Path(weights).exists() or size * SMALL_SIZE_SHARE > crop:
             return
         if not self.config.quiet:
             print(
@@ -601,9 +603,10 @@ class Trainer:
         if self.processes.distributed:  # rank 0 reads it; every rank continues from the same state
             saved = distributed.broadcast(saved)
         if saved.get("classes") != list(self.data.classes):
+            then = list(saved.get("classes", []))
             raise ThawError(
-                f"the run in {self.out} was trained on {len(saved.get('classes', []))} classes "
-                f"({', '.join(saved.get('classes', [])[:5])}), this data has {len(self.data.classes)}; "
+                f"the run in {self.out} was trained on {len(then)} classes ({', '.join(then[:5])}{', ...' if len(then) > 5 else ''}), "
+                f"this data has {len(self.data.classes)} ({class_change(then, list(self.data.classes))}); "
                 "resume with the same data, or start a new run with another --out"
             )
         changed = differences(saved["settings"], self.settings) if "settings" in saved else []

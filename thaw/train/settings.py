@@ -122,8 +122,21 @@ def _describe(key: str, then: object, now: object) -> str:
     if key == "plan":
         return _plan_difference(then, now)
     if key == "classes":
-        return f"the {key}"
+        return f"the classes ({class_change(then, now)})"  # type: ignore[arg-type]
     return f"{key.replace('_', '-')} (the run: {_shown(key, then)}, now: {_shown(key, now)})"
+
+
+def class_change(then: list[str], now: list[str]) -> str:
+    """What sets two class lists apart, by name: a label renamed in the data reads as one gone and one new."""
+    gone, new = [name for name in then if name not in now], [name for name in now if name not in then]
+    if not gone and not new:
+        return "the same classes in another order"
+    return ", ".join(f"{_few(names)} {'is' if len(names) == 1 else 'are'} {what}" for names, what in ((gone, "gone"), (new, "new")) if names)
+
+
+def _few(names: list[str]) -> str:
+    more = f" and {len(names) - 3} more" if len(names) > 3 else ""
+    return ", ".join(repr(name) for name in names[:3]) + more
 
 
 def _shown(key: str, value: object) -> str:
