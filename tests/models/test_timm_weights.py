@@ -168,3 +168,39 @@ def test_a_timm_training_checkpoint_loads_its_weight_average(tmp_path: Path) -> 
     loaded = build_model("timm/resnet18", weights=str(path)).model.state_dict()
     assert all(torch.equal(loaded[name], average[name]) for name in average)
     assert not torch.equal(loaded["conv1.weight"], raw["conv1.weight"])
+
+
+def test_a_fine_tuned_file_without_batch_counters_converts_with_its_head_and_trains(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], tiny_split_data: Path
+) -> None:
+    """Another library's fine-tuned model: other names, no BatchNorm num_batches_tracked, a 5-class head. Each
+    tensor lands bit for bit under the model's name, the head at its own width, the counters at the model's own;
+    a run then starts from the body and says the 5-class head is not used for its 3 classes."""
+    from torchvision.models import mobilenet_v3_small
+
+    torch.manual_seed(0)
+    original = mobilenet_v3_small(num_classes=5).state_dict()
+    theirs = {f"net.{key}": tensor for key, tensor in original.items() if not key.endswith("num_batches_tracked")}
+    torch.save(theirs, tmp_path / "theirs.pth")
+    out = tmp_path / "ours.safetensors"
+    assert main(["convert-weights", str(tmp_path / "theirs.pth"), "--model", "mobilenet_v3_small", "--out", str(out)]) == 0
+    said = capsys.readouterr().out
+    assert f"{len(theirs)} tensors of {tmp_path / 'theirs.pth'} renamed in order for mobilenet_v3_small (e.g. net.features.0.0.weight -> features.0.0.weight), its head of 5 classes included;" in said
+    converted = load_file(str(out))
+    assert converted.keys() == original.keys() and all(torch.equal(converted[key], original[key]) for key in original)
+
+    argv = ["train", str(tiny_split_data), "--model", "mobilenet_v3_small", "--weights", str(out), "--image-size", "32",
+            "--strategy", "feature-extract", "--epochs", "1", "--out", str(tmp_path / "run"), "--quiet"]
+    assert main(argv) == 0
+    assert f"thaw: warning: the head in {out} (5 classes) is not used; a new 3-class head is trained" in capsys.readouterr().err
+    trained = load_file(str(tmp_path / "run" / "model.safetensors"))
+    assert torch.equal(trained["features.0.0.weight"], original["features.0.0.weight"])  # frozen, as loaded
+
+
+def test_a_weights_file_without_batch_counters_loads_bit_for_bit(tmp_path: Path) -> None:
+    """Some libraries save no num_batches_tracked: the file fits all the same, and the counters are the model's own."""
+    torch.manual_seed(0)
+    original = build_model("mobilenet_v3_small", weights=None).model.state_dict()
+    torch.save({key: tensor for key, tensor in original.items() if not key.endswith("num_batches_tracked")}, tmp_path / "no-counters.pth")
+    loaded = build_model("mobilenet_v3_small", weights=str(tmp_path / "no-counters.pth")).model.state_dict()
+    assert all(torch.equal(loaded[key], original[key]) for key in original if not key.startswith("classifier.3"))

@@ -12,7 +12,7 @@ from torchvision import models as tv_models
 from thaw.cli.options import names_a_folder, path_text
 from thaw.errors import ThawError
 from thaw.models import build_model, list_torchvision_models
-from thaw.models.weights import first_renamed, hub_cache_path, load_state_dict_file, packaged_copy, rename_in_order
+from thaw.models.weights import first_renamed, head_rows_in_order, paired_with, hub_cache_path, load_state_dict_file, packaged_copy, rename_in_order
 
 
 def register(commands: argparse._SubParsersAction) -> None:
@@ -78,13 +78,18 @@ def run_convert(args: argparse.Namespace) -> int:
     if is_run_file(args.out):
         raise ThawError(f"--out {args.out} is a run's own weights file; write the converted weights elsewhere")
     state = load_state_dict_file(args.source)
-    model = build_model(args.model, weights=None).model
+    adapter = build_model(args.model, weights=None)
+    classes = head_rows_in_order(state, adapter.model, adapter.head_name)
+    if classes is not None:  # a fine-tuned model's head: the model gets one of that width, under the same names
+        adapter = build_model(args.model, weights=None, num_classes=classes)
+    model = adapter.model
     model.load_state_dict(rename_in_order(state, model, str(args.source)), strict=True)
     save_weights(args.out, model)
-    renamed = first_renamed(state, model.state_dict())
+    renamed = first_renamed(state, paired_with(state, model.state_dict()))
     example = f" (e.g. {renamed[0]} -> {renamed[1]})" if renamed else " (the names were already the model's)"
+    head = f", its head of {classes} classes included" if classes is not None else ""
     print(
-        f"wrote {args.out}: {len(state)} tensors of {args.source} renamed in order for {args.model}{example}; "
+        f"wrote {args.out}: {len(state)} tensors of {args.source} renamed in order for {args.model}{example}{head}; "
         f"use it with --model {args.model} --weights {args.out}. Same shapes and kinds in order cannot tell apart two "
         "same-shaped layers stored in another order: check the model's predictions before trusting it"
     )

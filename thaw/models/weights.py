@@ -183,6 +183,10 @@ def load_into(model: nn.Module, state: dict[str, torch.Tensor], source: str, hea
     thaw run's weights, say), the body still loads strictly, the model keeps its own head, and the file's class
     count is returned; None where the whole file loaded."""
     own = model.state_dict()
+    if not any(_kind(key) == COUNTER for key in state):  # a file that keeps no BatchNorm batch counters: the model's own
+        counted = _with_versions(state, own)  # a copy that keeps the file's module versions
+        counted.update((key, tensor) for key, tensor in own.items() if _kind(key) == COUNTER)
+        state = counted
     left_out = _other_head_classes(own, state, head) if head else None
     if left_out is not None:  # the head's rows are the file's classes, not these: the model's own tensors stand in
         state = _with_versions(state, own)
@@ -271,6 +275,9 @@ def first_renamed(theirs: dict[str, torch.Tensor], ours: dict[str, torch.Tensor]
     return next(((a, b) for a, b in zip(theirs, ours) if a != b), None)
 
 
+COUNTER = "num_batches_tracked"  # BatchNorm's count of the batches it has seen
+
+
 def _kind(key: str) -> str:
     """What a tensor is, whatever its module is called: weight, bias, running_mean, num_batches_tracked..."""
     return key.rsplit(".", 1)[-1]
@@ -294,15 +301,42 @@ def _order_problem(theirs: dict[str, torch.Tensor], ours: dict[str, torch.Tensor
     return None
 
 
+def paired_with(state: dict[str, torch.Tensor], own: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The model's tensors a file's are paired with in order: all of them, or all but the BatchNorm batch counters
+    where the file keeps none."""
+    return own if any(_kind(key) == COUNTER for key in state) else {k: v for k, v in own.items() if _kind(k) != COUNTER}
+
+
 def rename_in_order(state: dict[str, torch.Tensor], model: nn.Module, source: str) -> dict[str, torch.Tensor]:
     """The file's tensors under the model's names, taken one for one in order: for weights saved by another
     implementation of the same architecture. Refused unless every pair has the same shape and the same kind
-    (weight, bias, running_var...), which catches a different layer order in all but same-shaped neighbours."""
+    (weight, bias, running_var...), which catches a different layer order in all but same-shaped neighbours.
+
+    A file that keeps no BatchNorm batch counters (num_batches_tracked: TensorFlow ports and some other libraries
+    leave them out) is paired with the model's other tensors, and the counters keep the model's own values."""
     own = model.state_dict()
-    problem = _order_problem(state, own)
+    paired = paired_with(state, own)
+    problem = _order_problem(state, paired)
     if problem is not None:
         raise ThawError(
             f"cannot rename the tensors of {source} in order for {type(model).__name__}: {problem}; "
             "the file is not this architecture, or its implementation orders layers differently"
         )
-    return {ours: their.contiguous() for ours, their in zip(own, state.values())}
+    renamed = {ours: their.contiguous() for ours, their in zip(paired, state.values())}
+    return {key: renamed[key] if key in renamed else tensor for key, tensor in own.items()}
+
+
+def head_rows_in_order(state: dict[str, torch.Tensor], model: nn.Module, head: str) -> int | None:
+    """The class count of the file's head where, taken in order, its tensors differ from the model's at the head
+    alone and there only in their rows (one per class: a fine-tuned model's); None otherwise."""
+    paired = paired_with(state, model.state_dict())
+    if len(state) != len(paired):
+        return None
+    rows = set()
+    for ours, our, their in zip(paired, paired.values(), state.values()):
+        if their.shape == our.shape:
+            continue
+        if not is_within(ours, head) or their.dim() == 0 or their.shape[1:] != our.shape[1:]:
+            return None
+        rows.add(their.shape[0])
+    return rows.pop() if len(rows) == 1 else None
