@@ -180,3 +180,35 @@ def test_a_group_cannot_take_a_selectors_name(small_net: SmallConvNet, name: str
     # "head" made two groups called head, the first one empty, and a feature-extract plan then failed to resolve.
     with pytest.raises(ThawError, match=f"group name '{name}' is taken"):
         adapt(small_net, groups={"stem": ["stem"], name: ["block1"]}, num_classes=3)
+
+
+class _ScaledNet(nn.Module):
+    """A parameter held by the model itself, outside any module: only its name can place it in a group."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(1))
+        self.body = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.fc = nn.Linear(8, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.body(x * self.scale))
+
+
+def test_explicit_groups_place_a_parameter_held_by_the_model_itself_by_its_name(tmp_path, tiny_split_data) -> None:
+    from thaw.plan import Plan, Stage
+    from thaw.plan.lr import ConstantLr
+    from thaw.train import TrainConfig, train_images
+
+    adapter = adapt(_ScaledNet(), num_classes=3, groups={"scale": ["scale"], "body": ["body"]})
+    assert [(g.name, g.params) for g in adapter.groups] == [
+        ("scale", ("scale",)), ("body", ("body.0.weight", "body.0.bias")), ("head", ("fc.weight", "fc.bias"))
+    ]
+    with pytest.raises(ThawError, match=r"^group 'stem': no module or parameter named 'scal'$"):
+        adapt(_ScaledNet(), num_classes=3, groups={"stem": ["scal"], "body": ["body"]})
+    # a stage that trains that group alone moves the scale and nothing else but the head
+    before = {name: tensor.clone() for name, tensor in adapter.model.state_dict().items()}
+    plan = Plan((Stage("scale", 1, ("scale", "head"), ConstantLr(1e-2)),))
+    train_images(tiny_split_data, model=adapter, out=tmp_path / "run", plan=plan, config=TrainConfig(batch_size=8, image_size=32, quiet=True))
+    after = adapter.model.state_dict()
+    assert not torch.equal(after["scale"], before["scale"]) and torch.equal(after["body.0.weight"], before["body.0.weight"])

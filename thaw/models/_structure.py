@@ -363,11 +363,14 @@ def explicit_groups(model: nn.Module, spec: dict[str, list[str]], head_modules: 
         params: list[str] = []
         for module_name in module_names:
             try:
-                module = model.get_submodule(module_name)
-            except AttributeError:
-                problems.append(f"group {group_name!r}: no module named {module_name!r}")
+                params.extend(canonical[id(p)] for p in model.get_submodule(module_name).parameters())
                 continue
-            params.extend(canonical[id(p)] for p in module.parameters())
+            except AttributeError:
+                pass
+            try:  # a parameter held by the model itself (a learned scale, say) is no module: it is named as itself
+                params.append(canonical[id(model.get_parameter(module_name))])
+            except AttributeError:
+                problems.append(f"group {group_name!r}: no module or parameter named {module_name!r}")
         groups.append(LayerGroup(group_name, tuple(module_names), tuple(dict.fromkeys(params))))
     if problems:
         raise ThawError("; ".join(problems))
