@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import glob
 import os
+import socket
 import tempfile
 from pathlib import Path
 from typing import Callable
@@ -16,7 +18,8 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     try:
         kept = "; the previous file is intact" if path.is_file() else ""  # said only where there was one
         path.parent.mkdir(parents=True, exist_ok=True)
-        handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        _remove_killed_writes(path)
+        handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.{writer_tag()}", suffix=".tmp", dir=path.parent)
     except OSError as error:
         raise ThawError(f"could not write {path}: {error.strerror or error}{kept}") from None
     os.close(handle)
@@ -34,6 +37,29 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
         raise
+
+
+def _remove_killed_writes(path: Path) -> None:
+    """The temporary copies of `path` that writers killed mid-write (kill -9, a power cut) on this machine left:
+    a killed `thaw report` or export would leave one per kill, for good. A live writer's, or another machine's (a
+    shared disk, where no process can be checked), stay."""
+    prefix = f".{path.name}."
+    for leftover in path.parent.glob(f"{glob.escape(prefix)}*.tmp"):
+        if left_by_killed_writer(leftover.name[len(prefix):-len(".tmp")]):
+            leftover.unlink(missing_ok=True)
+
+
+def writer_tag() -> str:
+    """This machine's name and this process's id, then "-": put in a temporary file's name, so that one a killed
+    process left is known as such."""
+    return f"{socket.gethostname()}-{os.getpid()}-"
+
+
+def left_by_killed_writer(tagged: str) -> bool:
+    """Whether `tagged` (writer_tag() then tempfile's random suffix, which holds no "-") names a process of this
+    machine that is gone. Read from the right: a host name may hold "-" (node and node-2 share a prefix)."""
+    host, pid, _ = ([""] * 3 + tagged.rsplit("-", 2))[-3:]
+    return host == socket.gethostname() and pid.isdigit() and process_gone(int(pid))
 
 
 def _umask() -> int:

@@ -491,3 +491,29 @@ def test_a_signal_while_the_finished_run_is_written_comes_after_its_last_file(
         assert capsys.readouterr().err.strip() == f"thaw: interrupted as the run ended, after its files were written: {run} is complete; use it with thaw evaluate, predict or export"
     else:  # delivered to the caller's handler (the command's default one ends the process) once the files were there
         assert code == 0 and caught == [(signal.SIGTERM, True)]
+
+
+def test_a_write_removes_the_temporary_copies_that_killed_writers_of_its_file_left_and_no_other(tmp_path: Path) -> None:
+    """kill -9 mid-write (a `thaw report`, an export's metadata) left a hidden `.report.html.*.tmp` for good: the next
+    write of that file removes those of processes gone on this machine; a live writer's, another machine's and
+    another file's stay."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    from thaw._io import atomic_write
+
+    dead = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True, check=True).stdout)
+    here = socket.gethostname()
+    killed = tmp_path / f".report.html.{here}-{dead}-abc123.tmp"
+    live = tmp_path / f".report.html.{here}-{os.getpid()}-def456.tmp"  # a write still going on
+    elsewhere = tmp_path / f".report.html.another-host-{dead}-ghi789.tmp"  # its process cannot be checked
+    longer_name = tmp_path / f".report.html.{here}-99999-{dead}-jkl012.tmp"  # a machine named {here}-99999
+    other_file = tmp_path / f".thaw.json.{here}-{dead}-mno345.tmp"  # another file's: its own write removes it
+    for leftover in (killed, live, elsewhere, longer_name, other_file):
+        leftover.write_text("half a page")
+    atomic_write(tmp_path / "report.html", lambda target: target.write_text("the page"))
+    assert sorted(path.name for path in tmp_path.iterdir()) == sorted(["report.html", live.name, elsewhere.name, longer_name.name, other_file.name])
+    atomic_write(tmp_path / "thaw.json", lambda target: target.write_text("{}"))
+    assert not other_file.exists()

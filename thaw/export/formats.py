@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import tempfile
 import warnings
 from dataclasses import dataclass
@@ -21,7 +20,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from thaw._io import process_gone
+from thaw._io import left_by_killed_writer, writer_tag
 from thaw.errors import ThawError, first_line
 from thaw.models import ModelAdapter
 from thaw.models.lora import merge_lora
@@ -96,17 +95,14 @@ STAGING = ".thaw-export-"  # then this machine's name and the exporting process'
 
 
 def _staging_prefix() -> str:
-    return f"{STAGING}{socket.gethostname()}-{os.getpid()}-"
+    return f"{STAGING}{writer_tag()}"
 
 
 def _remove_killed_exports(folder: Path) -> None:
     """Remove the staging folders that exports killed mid-way (kill -9) on this machine left in `folder`: they hold
     a whole model each, and would stay for good. Another machine's (a shared disk) cannot be checked: left alone."""
     for staged in folder.glob(f"{STAGING}*"):
-        # host-pid-suffix, read from the right: a host name may hold "-" (node and node-2 share a prefix), and
-        # tempfile's random suffix holds none
-        host, pid, _ = ([""] * 3 + staged.name[len(STAGING):].rsplit("-", 2))[-3:]
-        if host == socket.gethostname() and pid.isdigit() and staged.is_dir() and process_gone(int(pid)):
+        if staged.is_dir() and left_by_killed_writer(staged.name[len(STAGING):]):
             shutil.rmtree(staged, ignore_errors=True)
 
 
