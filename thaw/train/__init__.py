@@ -75,7 +75,7 @@ def train_images(
 def _trained_on(weights: str | None, classes: list[str]) -> bool:
     """Whether `weights` is a file in a thaw run folder whose run was trained on these classes in this order (more
     data for the same classes, say): its head scores them already, so a new run keeps it rather than start a new one."""
-    if not isinstance(weights, str) or weights.lower() in ("none", "default"):
+    if not isinstance(weights, str) or not Path(weights).expanduser().is_file():  # a weights name: no run's
         return False
     try:
         recorded = json.loads((Path(weights).expanduser().parent / METADATA).read_text(encoding="utf-8"))
