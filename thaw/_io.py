@@ -5,6 +5,7 @@ from __future__ import annotations
 import glob
 import os
 import socket
+import stat
 import tempfile
 from pathlib import Path
 from typing import Callable
@@ -100,3 +101,20 @@ def process_gone(pid: int) -> bool:
     except PermissionError:  # there, but another user's
         pass
     return False
+
+
+def special_kind(mode: int) -> str:
+    """What a path that is neither a regular file nor a folder is, as a user would call it."""
+    kinds = {stat.S_ISFIFO: "a named pipe", stat.S_ISSOCK: "a socket", stat.S_ISCHR: "a character device",
+             stat.S_ISBLK: "a block device"}
+    return next((name for is_kind, name in kinds.items() if is_kind(mode)), "a special file")
+
+
+def special_file(path: Path) -> str | None:
+    """`special_kind` of a path that exists and is neither a regular file nor a folder (a pipe from `<(...)`,
+    /dev/null); None for any other path."""
+    try:
+        mode = path.stat().st_mode
+    except OSError:
+        return None
+    return None if stat.S_ISREG(mode) or stat.S_ISDIR(mode) else special_kind(mode)

@@ -372,3 +372,25 @@ def test_names_the_terminal_cannot_encode_are_written_escaped_not_a_traceback(tm
     predicted = subprocess.run([*command, "predict", str(run), str(data / "val" / "café")], capture_output=True, env=c_locale, timeout=300)
     assert predicted.returncode == 0, predicted.stderr
     assert len(predicted.stdout.splitlines()) == 3 and b"caf\\xe9" in predicted.stdout
+
+
+@pytest.mark.parametrize("special", ["/dev/null", "FIFO"])
+def test_a_pipe_or_a_device_given_as_data_or_weights_is_one_line(tmp_path: Path, colours: Path, special: str) -> None:
+    """`thaw evaluate RUN <(make-manifest)` and /dev/null ended in NotADirectoryError's traceback; weights said 'does
+    not exist'. A pipe is read once, and a run reads its data again (resume, the copy check): it is refused."""
+    import os
+
+    path = special
+    if special == "FIFO":
+        path = str(tmp_path / "fifo")
+        os.mkfifo(path)
+    kind = "a character device" if special == "/dev/null" else "a named pipe"
+    tiny = ["--model", "mobilenet_v3_small", "--weights", "none", "--image-size", "32", "--out", str(tmp_path / "run")]
+    for args, expected in (
+        (["train", path, *tiny], f"thaw: error: data path {path} is {kind}, not a folder or a file; pass a folder, or save the manifest as a .csv file and pass that"),
+        (["lr-find", path, *tiny[:4]], f"thaw: error: data path {path} is {kind}, not a folder or a file; pass a folder, or save the manifest as a .csv file and pass that"),
+        (["train", str(colours), *tiny[:2], "--weights", path, *tiny[4:]], f"thaw: error: weights file {path} is {kind}, not a regular file; pass a .pth/.pt/.safetensors file"),
+    ):
+        result = thaw(*args)
+        assert result.returncode == 2 and result.stderr.strip().splitlines() == [expected], result.stderr
+    assert not (tmp_path / "run").exists()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import os
 import json
 import sys
 from pathlib import Path
@@ -174,6 +175,15 @@ def test_predict_reads_texts_from_a_file(
     assert main(["predict", str(tmp_path / "run"), "--file", str(texts)]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert [line.split("\t")[2] for line in lines] == ["first message", "second message"]
+    # a pipe, as `--file <(grep ... log)` gives: read as standard input is ("does not exist" before)
+    import threading
+
+    os.mkfifo(tmp_path / "pipe")
+    writer = threading.Thread(target=(tmp_path / "pipe").write_text, args=("piped message\n",))
+    writer.start()
+    assert main(["predict", str(tmp_path / "run"), "--file", str(tmp_path / "pipe")]) == 0
+    writer.join(timeout=10)
+    assert [line.split("\t")[2] for line in capsys.readouterr().out.strip().splitlines()] == ["piped message"]
     assert main(["predict", str(tmp_path / "run")]) == 2  # nothing to classify: one line, not a traceback
     assert "give one or more non-empty texts" in capsys.readouterr().err
     assert main(["predict", str(tmp_path / "run"), "a", " ", "b"]) == 2  # which one is empty: named

@@ -162,7 +162,7 @@ def _read_bytes(file: str) -> bytes:
         return stream.read()
     if Path(file).is_dir():
         raise ThawError(f"{file} is a folder; --file takes a file with one text per line, or - for standard input")
-    if not Path(file).is_file():
+    if not Path(file).exists():  # a pipe (<(...)) is read as standard input would be
         raise ThawError(f"{file} does not exist; pass a file with one text per line, or - for standard input")
     try:
         return Path(file).read_bytes()

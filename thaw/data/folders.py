@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Hashable
 
-from thaw._io import answers
+from thaw._io import answers, special_file
 from thaw.data.images import IMAGE_SUFFIXES, UnreadableImage, probe
 from thaw.errors import ThawError
 
@@ -581,6 +581,9 @@ def discover(root: str | Path, *, val_split: float = 0.2, seed: int = 0, min_cla
     root = Path(root)
     if not root.exists():
         raise ThawError(f"data path {root} does not exist")
+    special = special_file(root)
+    if special:  # a manifest piped in by <(...), /dev/null: read once, it could not be read again on a resume
+        raise ThawError(f"data path {root} is {special}, not a folder or a file; pass a folder, or save the manifest as a .csv file and pass that")
     if root.is_file():
         if root.suffix.lower() != ".csv":
             raise ThawError(f"{root} is a file; pass a folder of class folders, a folder with train/ and val/, or a .csv manifest")

@@ -10,6 +10,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from thaw._io import special_kind
+
 # Names that say "an image" (a manifest row names photo.jpg); thaw reads a file by its content, whatever its name.
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".jfif", ".jpe", ".heic", ".avif")
 # Pillow's own bomb threshold (about 89 MP); past it we skip the file instead of risking memory.
@@ -32,16 +34,10 @@ def _check_file(path: Path) -> None:
     if stat.S_ISDIR(status.st_mode):  # candidate_files lists a folder only where it cannot be listed
         raise UnreadableImage(f"a folder thaw cannot list: {_listing_error(path)}")
     if not stat.S_ISREG(status.st_mode):  # opening a named pipe would wait for a writer forever
-        raise UnreadableImage(f"{_special_kind(status.st_mode)}, not a regular file")
+        raise UnreadableImage(f"{special_kind(status.st_mode)}, not a regular file")
     size = status.st_size
     if size == 0:
         raise UnreadableImage("empty file")
-
-
-def _special_kind(mode: int) -> str:
-    kinds = {stat.S_ISFIFO: "a named pipe", stat.S_ISSOCK: "a socket", stat.S_ISCHR: "a character device",
-             stat.S_ISBLK: "a block device"}
-    return next((name for is_kind, name in kinds.items() if is_kind(mode)), "a special file")
 
 
 def _listing_error(folder: Path) -> str:

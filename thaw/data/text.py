@@ -23,6 +23,7 @@ from typing import Iterator
 import torch
 from torch.utils.data import Dataset, Sampler
 
+from thaw._io import special_file
 from thaw.data.folders import LabelledData, as_percent, split_off_val, stratified_split
 from thaw.data.loaders import Batch
 from thaw.errors import ThawError
@@ -173,8 +174,11 @@ def _read_table(path: Path, columns: TextColumns) -> Table:
     """read_table, and what it found suspicious."""
     if path.is_dir():  # an image folder, given to a text run (or to --task text)
         raise ThawError(f"{path} is a folder; text data is one CSV or TSV table of texts and labels")
+    special = special_file(path)
+    if special:  # a table piped in by <(...): read once, it could not be read again on a resume
+        raise ThawError(f"text data {path} is {special}, not a regular file; save the table as a CSV or TSV file and pass that")
     if not path.is_file():
-        raise ThawError(f"text data {path} does not exist or is not a file; pass a CSV or TSV file")
+        raise ThawError(f"text data {path} does not exist; pass a CSV or TSV file")
     rows, lines, delimiter = read_rows(path, columns.delimiter)
     named = any(isinstance(c, str) and not c.isdigit() for c in (columns.text, columns.label))
     has_header = named or any(cell.strip().lower() in TEXT_HEADERS + LABEL_HEADERS for cell in rows[0])

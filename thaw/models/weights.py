@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from thaw._io import special_file
 from thaw.errors import ThawError, first_line
 from thaw.models.adapter import ModelAdapter, is_within
 
@@ -137,6 +138,9 @@ def require_file(path: Path) -> None:
                         f"a new run starts from its weights with --weights {path / 'model.safetensors'} (its head is kept for the same classes in the same order, else a new one is trained)")
     if path.is_dir():
         raise ThawError(f"weights file {path} is a folder; pass the .pth/.pt/.safetensors file inside it")
+    special = special_file(path)
+    if special:
+        raise ThawError(f"weights file {path} is {special}, not a regular file; pass a .pth/.pt/.safetensors file")
     if not path.is_file():
         raise ThawError(f"weights file {path} does not exist; pass an existing .pth/.pt/.safetensors file")
 
