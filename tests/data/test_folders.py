@@ -328,6 +328,30 @@ def test_a_class_named_train_in_a_folder_of_class_folders_stays_a_class(tmp_path
     write_class_images(tmp_path, classes=("Bus", "Car", "Train"), per_class=5)
     data = discover(tmp_path)
     assert data.classes == ("Bus", "Car", "Train") and not data.split_folders
+    # written in lower case too: a train/ of images, with no class folders, beside bus/ and car/ is the class train
+    # ("veh/train holds 6 image(s) but no class folders" before)
+    lower = write_class_images(tmp_path / "lower", classes=("bus", "car", "train"), per_class=5)
+    data = discover(lower)
+    assert data.classes == ("bus", "car", "train") and not data.split_folders and not data.notes
+    # alone, or beside split folders only, such a train/ is still a split that lacks its class folders
+    alone = tmp_path / "alone"
+    write_class_images(alone, classes=("train",), per_class=3)
+    write_class_images(alone / "val", classes=("bus", "car"), per_class=2)
+    with pytest.raises(ThawError, match="train holds 3 image\\(s\\) but no class folders, so no labels"):
+        discover(alone)
+
+
+def test_class_folders_beside_train_split_are_warned_of_as_not_read(tmp_path: Path) -> None:
+    """cat/ and dog/ of images beside train/cat/ and train/dog/: the split layout reads train/ alone, which a user
+    who added the new photos beside it would not know."""
+    write_class_images(tmp_path / "train", classes=("cat", "dog"), per_class=4)
+    write_class_images(tmp_path, classes=("cat", "dog"), per_class=2, seed=1)
+    data = discover(tmp_path)
+    assert data.classes == ("cat", "dog") and len(data.train) + len(data.val) == 8
+    assert data.notes == (
+        "cat/, dog/ beside train/ hold images that are not read: with train/ thaw reads the classes in train/, val/ and "
+        "test/; move them into train/ (train/CLASS/IMAGE) to train on them",
+    )
 
 
 def test_files_in_hidden_folders_are_not_read(tmp_path: Path) -> None:

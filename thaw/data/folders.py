@@ -346,6 +346,8 @@ def _split_folders(root: Path) -> dict[str, Path]:
     # Bus/, Car/ and Train/ are the classes of a vehicle set, not a train split beside two classes.
     if not (root / "train").is_dir() and not all(folder.name.lower() in SPLIT_NAMES for folder in folders):
         return {}
+    if _holds_images_only(root / "train") and any(folder.name.lower() not in SPLIT_NAMES for folder in folders):
+        return {}  # bus/, car/ and train/ of images: a vehicle class named train, not a split without class folders
     found: dict[str, list[Path]] = defaultdict(list)
     for folder in folders:
         if folder.name.lower() in SPLIT_NAMES:
@@ -464,20 +466,40 @@ def _check_holds_class_folders(split_dir: Path) -> None:
         )
 
 
+def _holds_images_only(folder: Path) -> bool:
+    """Images straight in `folder`, and no folder of classes beside them."""
+    try:
+        return folder.is_dir() and not _class_folders(folder) and any(_is_image_file(path) for path in folder.iterdir())
+    except OSError:  # unlistable: said where it is read
+        return False
+
+
+def _is_image_file(path: Path) -> bool:
+    return path.suffix.lower() in IMAGE_SUFFIXES and path.is_file()
+
+
 def _unread_splits(root: Path, classes: tuple[str, ...]) -> tuple[str, ...]:
     """Folders beside train/ whose names are no split's (dev/, holdout/) but which look like a split: thaw does not
     read them, and the user may have meant one as val or test. Folders of anything else (runs/, docs/; mlruns/ with
     its experiments 0/ and 1/ beside classes named 0 and 1) are not mentioned."""
-    unread = []
+    unread, loose = [], []
     for folder in _class_folders(root):
         if folder.name.lower() not in SPLIT_NAMES and _looks_like_split(folder, classes):
             unread.append(f"{folder.name}/")
-    if not unread:
-        return ()
-    return (
-        f"{', '.join(unread)} beside train/ {'is' if len(unread) == 1 else 'are'} not read: thaw reads train/, val/ (or valid/, "
-        "validation/) and test/; rename a folder to val/ or test/ if it is one of those",
-    )
+        elif folder.name.lower() not in SPLIT_NAMES and _holds_images_only(folder):
+            loose.append(f"{folder.name}/")
+    said = ()
+    if unread:
+        said += (
+            f"{', '.join(unread)} beside train/ {'is' if len(unread) == 1 else 'are'} not read: thaw reads train/, val/ (or valid/, "
+            "validation/) and test/; rename a folder to val/ or test/ if it is one of those",
+        )
+    if loose:  # cat/ and dog/ of images beside train/cat/: classes left out of the split layout
+        said += (
+            f"{', '.join(loose[:5])}{' ...' if len(loose) > 5 else ''} beside train/ {'holds' if len(loose) == 1 else 'hold'} images that are not read: with train/ "
+            "thaw reads the classes in train/, val/ and test/; move them into train/ (train/CLASS/IMAGE) to train on them",
+        )
+    return said
 
 
 def _looks_like_split(folder: Path, classes: tuple[str, ...]) -> bool:
