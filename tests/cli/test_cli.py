@@ -109,6 +109,8 @@ PLAN = ["plan", "--num-classes", "5", "--strategy", "fine-tune"]
         (["--model", "resnet50", "--lr", "layer1=1e-5", "--lr", "layer4=1e-4", "--lr", "fc=1e-3"], "leave 8,327,488 of 23,518,277"),
         (["--model", "resnet5"], "did you mean resnet50"),
         (["--model", "resnet50", "--lr", "-1"], "positive finite"),
+        # "$GROUP=5e-2" with GROUP unset: it set the head's lr without a word
+        (["--model", "resnet50", "--lr", "=5e-2"], "argument --lr: '=5e-2' names no group before '='; give NAME=LR (a group or module name), or LR alone for the head"),
         (["--model", "resnet50", "--lr", "layer9=1e-3"], "'layer9' is neither a layer group nor a module"),
         (["--model", "resnet50", "--weights", "IMAGENET9"], "has no weights 'IMAGENET9'"),
         (["--model", "resnet50", "--config", "missing.yaml"], "cannot read plan file"),

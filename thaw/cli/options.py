@@ -107,11 +107,13 @@ def share_or_zero(text: str) -> float:
 
 def lr_value(text: str) -> tuple[str | None, float]:
     """`1e-3` (the head lr) or `NAME=1e-3` (one group's lr, by group or module name)."""
-    name, _, number = text.rpartition("=")
+    name, equals, number = text.rpartition("=")
     try:
         value = float(number)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected LR or NAME=LR, got {text!r}") from None
+    if equals and not name:  # "$GROUP=5e-2" with GROUP unset: read as the head's lr, it set another group's never
+        raise argparse.ArgumentTypeError(f"{text!r} names no group before '='; give NAME=LR (a group or module name), or LR alone for the head")
     return (name or None), checked_lr(value, number)
 
 
