@@ -112,6 +112,9 @@ def test_not_yaml_and_missing_file(tmp_path: Path) -> None:
         load_plan(path)
     with pytest.raises(ThawError, match="cannot read plan file"):
         load_plan(tmp_path / "missing.yaml")
+    path.write_text("stages: " + "[" * 2000 + "]" * 2000 + "\n")  # PyYAML's recursion ran out: a RecursionError traceback
+    with pytest.raises(ThawError, match=r"plan.yaml nests lists or mappings hundreds deep, which is no plan; see the README's plan file example$"):
+        load_plan(path)
 
 
 @pytest.mark.parametrize(

@@ -261,6 +261,8 @@ def read_plan_file(path: str | Path) -> tuple[Plan, dict[str, Any]]:
         mark = getattr(error, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""
         raise ThawError(f"{path} is not valid YAML{where}; check indentation and colons") from None
+    except RecursionError:  # PyYAML composes nested lists and mappings recursively
+        raise ThawError(f"{path} nests lists or mappings hundreds deep, which is no plan; see the README's plan file example") from None
     training = raw.pop("training", None) if isinstance(raw, dict) else None
     problems: list[str] = []  # the training keys' problems, reported with the plan's
     if training is not None and not isinstance(training, dict):
