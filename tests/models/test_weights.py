@@ -145,16 +145,28 @@ def test_a_name_with_hex_digits_that_is_no_torchvision_file_is_not_hash_checked(
 def test_pickle_that_would_run_code_is_refused(tmp_path: Path) -> None:
     path = tmp_path / "evil.pth"
     torch.save({"weight": RunsCode()}, path)
-    with pytest.raises(ThawError, match="cannot load .* safely"):
+    with pytest.raises(ThawError, match=r"^cannot load .*evil.pth safely: Trying to load unsupported GLOBAL .* whose module .* is blocked; "
+                       r"thaw loads only tensors \(weights_only=True\) - save a state_dict or use safetensors$"):
         build_model("mobilenet_v3_small", weights=str(path))
 
 
-@pytest.mark.parametrize("content", ["damaged safetensors", "empty state dict", "numbered keys", "zero bytes"])
+@pytest.mark.parametrize("content", ["damaged safetensors", "empty state dict", "numbered keys", "zero bytes", "cut short", "other bytes"])
 def test_a_weights_file_without_named_tensors_is_one_line(tmp_path: Path, content: str) -> None:
+    """A broken download is said to be damaged: the advice for an unsafe pickle (save a state_dict) would mislead."""
+    damaged = r"; download or save it again( \(timm: .*\))?$"  # timm's own reader's reason after thaw's
     if content == "zero bytes":  # torch's error for it has no message at all
         path = tmp_path / "zero.pth"
         path.write_bytes(b"")
-        expected = r"cannot load .*zero.pth safely: EOFError"
+        expected = r"^cannot read .*zero.pth: it is damaged, cut short or no torch file \(an empty file\)" + damaged
+    elif content == "cut short":  # a download that stopped half-way
+        path = tmp_path / "cut.pth"
+        torch.save(build_model("mobilenet_v3_small", weights=None).model.state_dict(), path)
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+        expected = r"^cannot read .*cut.pth: it is damaged, cut short or no torch file \(.*\)" + damaged
+    elif content == "other bytes":  # torch's paragraph on weights_only is left out: its reason is what is said
+        path = tmp_path / "noise.pth"
+        path.write_bytes(bytes(range(45, 256)) * 20)
+        expected = r"^cannot read .*noise.pth: it is damaged, cut short or no torch file \(Unsupported operand 45\)" + damaged
     elif content == "damaged safetensors":
         path = tmp_path / "cut.safetensors"
         path.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")

@@ -160,16 +160,32 @@ def load_state_dict_file(path: Path) -> dict[str, torch.Tensor]:
     try:
         loaded = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises several types for unsafe or damaged pickles
-        raise ThawError(
-            f"cannot load {path} safely: {first_line(error)}; thaw loads only tensors "
-            "(weights_only=True) - save a state_dict or use safetensors"
-        ) from None
+        raise _load_failure(path, error) from None
     for key in ("state_dict", "model"):
         if isinstance(loaded, dict) and isinstance(loaded.get(key), dict):
             loaded = loaded[key]
     if not isinstance(loaded, dict) or not all(isinstance(v, torch.Tensor) for v in loaded.values()):
         raise ThawError(f"{path} holds no state_dict of tensors; save model.state_dict() instead")
     return _checked(loaded, path)
+
+
+def _load_failure(path: Path, error: Exception) -> ThawError:
+    """Why torch.load refused `path`: an object that is no tensor (a GLOBAL: code could run) is the user's to re-save;
+    a file cut short, empty or of other bytes is damaged (a broken download), where re-saving advice would mislead.
+    torch's paragraph on weights_only is left out: the line that gives the reason is said."""
+    said = str(error)
+    blocked = next((line.strip() for line in said.splitlines() if "GLOBAL" in line), None)
+    if blocked is not None:
+        reason = blocked.removeprefix(WEIGHTS_UNPICKLER).strip().split(". ")[0].rstrip(".")
+        return ThawError(
+            f"cannot load {path} safely: {reason}; thaw loads only tensors (weights_only=True) - save a state_dict or use safetensors"
+        )
+    unpickler = said[said.find(WEIGHTS_UNPICKLER) + len(WEIGHTS_UNPICKLER):].strip() if WEIGHTS_UNPICKLER in said else None
+    reason = "an empty file" if isinstance(error, EOFError) and not said else first_line(Exception(unpickler) if unpickler else error)
+    return ThawError(f"cannot read {path}: it is damaged, cut short or no torch file ({reason}); download or save it again")
+
+
+WEIGHTS_UNPICKLER = "WeightsUnpickler error:"  # where torch's paragraph on weights_only gives the reason itself
 
 
 def _checked(state: dict, path: Path) -> dict[str, torch.Tensor]:
