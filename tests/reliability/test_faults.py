@@ -428,6 +428,46 @@ def test_an_error_the_stop_brought_about_ends_the_run_as_the_stop_does(tiny_spli
         signal.signal(signal.SIGTERM, previous)
 
 
+@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGINT])
+def test_a_stop_that_ends_torch_compiles_compiler_ends_the_run_as_the_stop_does(tiny_split_data: Path, tmp_path: Path, stop: int) -> None:
+    """`timeout` (SIGTERM to the job) or Ctrl-C (SIGINT to the terminal's group) while --compile builds its C++ kills
+    the compiler too: the step fails with the compiler's error (from the forward's catch, or raw from the lazily
+    compiled backward), which was a 1,200-line traceback or a line blaming --compile. The run ends as stopped, with
+    the last epoch's checkpoint; without a stop, the failure is torch.compile's one line."""
+    import torch._inductor.exc
+
+    from thaw.train.compiled import compile_failed
+
+    killed = torch._inductor.exc.CppCompileError(["g++", "kernel.cpp"], "g++: fatal error: Killed signal terminated program cc1plus")
+
+    def failing_at_step(count: int, error: Exception, signum: int | None) -> Callable[[object, int, float], None]:
+        steps: list[int] = []
+
+        def hook(_optimizer, step: int, _factor: float) -> None:
+            steps.append(step)
+            if len(steps) == count:  # in the second epoch: the first one's checkpoint is there
+                if signum is not None:
+                    os.kill(os.getpid(), signum)
+                raise error
+        return hook
+
+    previous = signal.signal(stop, lambda *_: None)  # without the run's handler, the test fails, not pytest
+    try:
+        for name, error in (("forward", compile_failed(killed)), ("backward", killed)):
+            with pytest.raises(RunInterrupted) as stopped:
+                _train(tiny_split_data, tmp_path / name, step_hooks=[failing_at_step(6, error, stop)])
+            assert str(stopped.value) == (
+                f"interrupted by {signal.Signals(stop).name}, which also ended torch.compile's compiler (CppCompileError: C++ compile error); "
+                f"the checkpoint in {tmp_path / name} is intact: continue with thaw train --resume {tmp_path / name} "
+                f"(from Python: resume_run({str(tmp_path / name)!r}))"
+            )
+            assert stopped.value.signal_number == stop
+    finally:
+        signal.signal(stop, previous)
+    with pytest.raises(ThawError, match=r"^torch.compile failed \(CppCompileError: C\+\+ compile error; TORCHDYNAMO_VERBOSE=1"):
+        _train(tiny_split_data, tmp_path / "no-stop", step_hooks=[failing_at_step(6, killed, None)])
+
+
 def _wait_until_gone(group: int) -> None:
     """Every process of the group has ended (within 30 s): no decoding worker outlives the stopped run."""
     deadline = time.monotonic() + 30

@@ -39,6 +39,33 @@ def compile_problem(device: torch.device, task: str) -> str | None:
     return None
 
 
+class CompileFailed(ThawError):
+    """torch.compile failed, said in one line; where a stop (Ctrl-C, SIGTERM) ended its compiler, the run says the
+    stop instead (Trainer.fit), with `reason`."""
+
+    def __init__(self, message: str, reason: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+def compile_failures() -> tuple[type[BaseException], ...]:
+    """What torch raises where a compile fails: dynamo's own errors (inductor's arrive wrapped in them, from the
+    forward or, compiled lazily, the backward), and a failing C++ compiler."""
+    import torch._dynamo.exc
+    import torch._inductor.exc
+
+    return (torch._dynamo.exc.TorchDynamoException, torch._inductor.exc.InvalidCxxCompiler, torch._inductor.exc.CppCompileError)
+
+
+def compile_failed(error: BaseException) -> CompileFailed:
+    reason = _reason(error)
+    return CompileFailed(
+        f"torch.compile failed ({reason}; TORCHDYNAMO_VERBOSE=1 shows torch's own trace); train without "
+        "--compile (the epochs checkpointed so far stay: thaw train --resume RUN, without --compile, continues)",
+        reason,
+    )
+
+
 def compiled_forward(module: nn.Module) -> Callable[..., torch.Tensor]:
     """`module`'s forward through torch.compile, for one stage; a compile that fails becomes one line that says what to do.
 
@@ -46,11 +73,8 @@ def compiled_forward(module: nn.Module) -> Callable[..., torch.Tensor]:
     their recompiles would count against dynamo's limit, past which it silently runs eager.
     """
     import torch._dynamo
-    import torch._dynamo.exc
-    import torch._inductor.exc
 
-    # dynamo's own errors (inductor's arrive wrapped in them), and a failing C++ compiler
-    failures = (torch._dynamo.exc.TorchDynamoException, torch._inductor.exc.InvalidCxxCompiler, torch._inductor.exc.CppCompileError)
+    failures = compile_failures()
     torch._dynamo.reset()
     compiled = torch.compile(module)
 
@@ -58,10 +82,7 @@ def compiled_forward(module: nn.Module) -> Callable[..., torch.Tensor]:
         try:
             return compiled(*inputs)
         except failures as error:
-            raise ThawError(
-                f"torch.compile failed ({_reason(error)}; TORCHDYNAMO_VERBOSE=1 shows torch's own trace); train without "
-                "--compile (the epochs checkpointed so far stay: thaw train --resume RUN, without --compile, continues)"
-            ) from None
+            raise compile_failed(error) from None
 
     return forward
 

@@ -45,7 +45,7 @@ from thaw.train.run_folder import check_new_run, check_nothing_set_aside, holds_
 from thaw.train.adapt_bn import adapt_batchnorm, has_statistics
 from thaw.train.config import ONE_IMAGE_BATCHES, TrainConfig, check_device, check_image_augments, check_image_size, check_progressive_resize, image_augment_flags
 from thaw.train.budget import MARGIN, Split, TopStage, measure_costs, resplit, split_budget, with_epochs
-from thaw.train.compiled import compile_problem, compiled_forward
+from thaw.train.compiled import CompileFailed, compile_failed, compile_failures, compile_problem, compiled_forward
 from thaw.train.ema import require_timm, weight_average
 from thaw.train.feature_cache import (
     CACHE_FOLDER, CachedStage, CachingStopped, FeatureBatches, MemoryBudget, build_cache, fingerprint, remove_if_empty,
@@ -1105,13 +1105,20 @@ class Trainer:
         try:
             result = self._fit(resume, callbacks)
             return result
-        except RuntimeError as error:
-            # What the stop brought about: a SIGTERM sent to the whole job (timeout, SLURM) ends decoding workers that
-            # do not outlive it (see WorkerLoader). Any other error, or one without that stop, stays what it is.
-            if not (self.stop_requested and self.stopped_by == signal.SIGTERM and "DataLoader worker (pid" in str(error)):
-                raise
-            said = interrupted_before_training(self.out, f"by SIGTERM, which also ended this: {first_line(error)}")
-            raise RunInterrupted(said, self.stopped_by) from error
+        except (RuntimeError, CompileFailed) as error:
+            # What the stop brought about: a signal sent to the whole job (timeout, SLURM, Ctrl-C at a terminal) ends
+            # decoding workers that do not outlive it (see WorkerLoader; SIGTERM) and torch.compile's C++ compilers
+            # (the backward compiles lazily, outside the forward's own catch). Any other error, or one without that
+            # stop, stays what it is; a compile failure without a stop is one line.
+            failed = error if isinstance(error, CompileFailed) else compile_failed(error) if isinstance(error, compile_failures()) else None
+            worker = self.stopped_by == signal.SIGTERM and "DataLoader worker (pid" in str(error)
+            if self.stop_requested and (worker or failed):
+                ended = f"torch.compile's compiler ({failed.reason})" if failed else f"this: {first_line(error)}"
+                said = interrupted_before_training(self.out, f"by {signal.Signals(self.stopped_by).name}, which also ended {ended}")
+                raise RunInterrupted(said, self.stopped_by) from error
+            if failed is not None and failed is not error:
+                raise failed from None
+            raise
         finally:
             self.cleaning = True
             try:
