@@ -767,3 +767,15 @@ def test_a_runs_weights_keep_its_head_for_the_same_classes_and_train_a_new_one_f
     assert f"thaw: warning: the head in {weights} (3 classes) is not used; a new 3-class head is trained" in capsys.readouterr().err
     new = load_file(str(tmp_path / "others-run" / "model.safetensors"))
     assert not torch.equal(new["classifier.3.weight"], head["classifier.3.weight"])
+
+
+def test_a_split_that_draws_nothing_from_a_small_manifest_says_so(trained_run: Path, tiny_split_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """One labelled row, `--split val`: the row is fine, the split drawn from one row is empty ("check its rows" misled)."""
+    manifest = tmp_path / "one.csv"
+    manifest.write_text(f"path,label\n{tiny_split_data / 'val' / 'red' / '000.png'},red\n")
+    assert main(["evaluate", str(trained_run), str(manifest), "--split", "val"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"thaw: error: {manifest}: its val split holds nothing to score (no readable sample with a label); "
+        "score the data whole without --split, or check its rows or files"
+    )
+    assert main(["evaluate", str(trained_run), str(manifest), "--json"]) == 0 and json.loads(capsys.readouterr().out)["count"] == 1

@@ -232,7 +232,7 @@ def test_a_named_pipe_or_a_socket_in_a_class_folder_is_skipped_and_listed_withou
         (lambda root: write_class_images(root, classes=("only",)), "found 1 class \\(only\\); a classifier needs at least 2"),
         (lambda root: (write_class_images(root / "train"), write_class_images(root / "val", classes=("red", "green", "cyan"))), "only in val: \\['cyan'\\]"),
         (lambda root: (write_class_images(root / "train"), write_class_images(root / "val", classes=("red", "green"))), "missing from val: \\['blue'\\]\\); give val/ the same class folders as train/, or remove val/ to have a share of train/ held out$"),
-        (lambda root: (write_class_images(root / "train"), write_class_images(root / "test", classes=("red", "green", "cyan"))), "only in test: \\['cyan'\\]"),
+        (lambda root: (write_class_images(root / "train"), write_class_images(root / "test", classes=("red", "green", "cyan"))), "test/ holds classes that train/ lacks \\(\\['cyan'\\]\\), which no model trained on train/ can predict; remove them from test/ or add them to train/ \\(a test split may hold some of train/'s classes\\)"),
         # café typed on Linux (one code point) and café unzipped on macOS (e plus an accent): it read "only in val:
         # ['café']; missing from val: ['café']"
         (lambda root: (write_class_images(root / "train", classes=("caf\u00e9", "tea")), write_class_images(root / "val", classes=("cafe\u0301", "tea"))),

@@ -171,6 +171,13 @@ def _check_classes(splits: dict[str, dict[str, list[Path]]], root: Path, min_cla
         if set(by_class) != set(reference) and not (SPLIT_NAMES.get(name.lower()) == "test" and set(by_class) < set(reference)):
             only_here = sorted(set(by_class) - set(reference))
             missing = sorted(set(reference) - set(by_class))
+            if SPLIT_NAMES.get(name.lower()) == "test":  # some of the classes are fine there: the extra ones are the problem
+                problems.append(
+                    f"{name}/ holds classes that {reference_name}/ lacks ({only_here}), which no model trained on "
+                    f"{reference_name}/ can predict; remove them from {name}/ or add them to {reference_name}/ (a test split "
+                    f"may hold some of {reference_name}/'s classes)" + unicode_form_hint(only_here, list(reference), f"{reference_name}/")
+                )
+                continue
             problems.append(
                 f"classes differ between {reference_name} and {name} (only in {name}: {only_here or 'none'}; "
                 f"missing from {name}: {missing or 'none'}); give {name}/ the same class folders as {reference_name}/"

@@ -199,6 +199,9 @@ def score_run(
     model = with_tta(adapter.model, meta, tta)  # before any work: --tta on a text run is one line
     chosen = in_run_classes(evaluation_set(meta, data_path, split, columns), meta["classes"])
     if not chosen.samples:  # a table whose every row was skipped: a score of nothing would read as accuracy 0
+        if split is not None:  # a split drawn from a few rows can be empty where the rows are fine
+            raise ThawError(f"{data_path}: its {split} split holds nothing to score (no readable sample with a label); "
+                            "score the data whole without --split, or check its rows or files")
         raise ThawError(f"{data_path} holds nothing to score (no readable sample with a label); check its rows or files")
     engine = choose_engine(TrainConfig(quiet=quiet, precision=run_precision(meta)), adapter.model)
     adapter.model.to(engine.device)
