@@ -76,6 +76,11 @@ def test_plan_top_groups_sets_the_middle_stage_and_is_refused_where_it_would_do_
     result = thaw("plan", "--model", "mobilenet_v2", "--num-classes", "5", "--top-groups", "1")
     assert result.returncode != 0 and "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines() == ["thaw: error: top groups must be a whole number of at least 2 (the head alone is the head stage), got 1"]
+    # LoRA's options beside another strategy were ignored without a word (a dropout of 2 passed unchecked)
+    result = thaw("plan", "--model", "mobilenet_v2", "--num-classes", "5", "--lora-dropout", "2", "--lora-rank", "4")
+    assert result.returncode == 2 and result.stderr.strip().splitlines() == [
+        "thaw: error: --lora-dropout, --lora-rank set the LoRA adapters; the strategy here is head-top-all: drop them or add --strategy lora"
+    ]
     # another strategy would ignore it without a word
     result = thaw("plan", "--model", "mobilenet_v2", "--num-classes", "5", "--strategy", "two-phase", "--top-groups", "4")
     assert result.returncode != 0 and "Traceback" not in result.stderr

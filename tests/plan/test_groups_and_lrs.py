@@ -178,6 +178,11 @@ def test_top_groups_accepts_a_numpy_count_and_is_refused_beside_another_strategy
             build_plan(strategy, num_groups=6, top_groups=3)
     with pytest.raises(ThawError, match="unknown strategy 'two_phase'"):  # the name is what is wrong
         build_plan("two_phase", num_groups=6, top_groups=3)
+    from thaw.models.lora import LoraSpec
+
+    with pytest.raises(ThawError, match="^lora sets the LoRA adapters; the strategy here is two-phase: drop it or use lora$"):
+        build_plan("two-phase", num_groups=6, lora=LoraSpec(rank=4))
+    assert build_plan("lora", num_groups=6, lora=LoraSpec(rank=4)).lora.rank == 4
 
 
 def test_two_lr_rules_at_once_are_refused_naming_the_api_arguments_and_the_flags() -> None:

@@ -224,6 +224,10 @@ def plan_from_args(args: argparse.Namespace, num_groups: int) -> Plan:
     strategy = chosen_strategy(args)
     if args.top_groups is not None and strategy != "head-top-all":  # else it would be ignored without a word
         raise ThawError(f"--top-groups sets head-top-all's middle stage; the strategy here is {strategy}: drop it or add --strategy head-top-all")
+    lora_flags = [flag for flag in getattr(args, TYPED_PLAN_FLAGS, ()) if flag.startswith("--lora-")]
+    if lora_flags and strategy != "lora":  # else they would be ignored without a word (a dropout of 2 passed, unchecked)
+        raise ThawError(f"{', '.join(lora_flags)} set{'s' if len(lora_flags) == 1 else ''} the LoRA adapters; the strategy here is "
+                        f"{strategy}: drop {'it' if len(lora_flags) == 1 else 'them'} or add --strategy lora")
     # The last of each wins, as for every other flag typed twice (an override appended to a command): a plain --lr
     # kept its first value while NAME=LR kept its last.
     head_lr = next((value for name, value in reversed(args.lr) if name is None), DEFAULT_HEAD_LR)

@@ -92,6 +92,8 @@ def build_plan(
         raise ThawError(f"weight decay must be a finite number >= 0, got {weight_decay!r}")
     if top_groups is not None and strategy in STRATEGIES and strategy != "head-top-all":  # else it would be ignored without a word
         raise ThawError(f"top groups set head-top-all's middle stage; the strategy here is {strategy}: drop them or use head-top-all")
+    if lora is not None and strategy in STRATEGIES and strategy != "lora":  # else it would be ignored without a word
+        raise ThawError(f"lora sets the LoRA adapters; the strategy here is {strategy}: drop it or use lora")
     top = TOP_GROUPS if top_groups is None else _top_group_count(top_groups)
     if top_groups is not None and strategy == "head-top-all" and top >= num_groups:  # else the top stage would go without a word
         raise ThawError(
