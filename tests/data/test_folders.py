@@ -486,3 +486,25 @@ def test_images_of_the_same_size_in_bytes_are_no_copies_and_are_not_read_whole(t
     monkeypatch.setattr(folders, "_digest", lambda path, limit=None: (read_whole.append(path) if limit is None else None) or digest(path, limit))
     assert discover(root).cautions == ()
     assert sorted(path.parent.name for path in read_whole) == ["b"] * 4  # only the files alike in their first 4 KiB
+
+
+def test_images_beside_the_class_folders_are_warned_of_as_not_read(tmp_path: Path) -> None:
+    """A photo dropped straight into train/ (or DATA/) has no class: it was passed over without a word."""
+    split = tmp_path / "split"
+    write_class_images(split / "train", per_class=4)
+    write_class_images(split / "val", per_class=2, seed=1)
+    (split / "train" / "stray.png").write_bytes((split / "train" / "red" / "000.png").read_bytes())
+    data = discover(split)
+    assert len(data.train) == 12 and all(path.name != "stray.png" for path, _ in data.train + data.val)
+    assert data.notes == (
+        f"{split / 'train'}/ holds 1 image file(s) beside its class folders (first: stray.png); they have no class, "
+        "so they are not read: move them into a class folder to use them",
+    )
+    classes = write_class_images(tmp_path / "classes", per_class=4)
+    (classes / "IMG_0001.jpg").write_bytes((classes / "red" / "000.png").read_bytes())
+    (classes / "notes.txt").write_text("not an image")  # other files there are not photos left out
+    assert [note for note in discover(classes).notes if "beside its class folders" in note] == [
+        f"{classes}/ holds 1 image file(s) beside its class folders (first: IMG_0001.jpg); they have no class, "
+        "so they are not read: move them into a class folder to use them"
+    ]
+    assert not [note for note in discover(write_class_images(tmp_path / "clean", per_class=4)).notes if "beside" in note]

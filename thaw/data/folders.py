@@ -390,8 +390,23 @@ def _from_split_folders(root: Path, folders: dict[str, Path], val_split: float, 
     copies = copies_of_training_images(train, held) if min_classes >= 2 else ()
     return ImageData(
         classes, train, val, test, layout, tuple(skipped), split_folders=True, val_from_folder="val" in splits,
-        cautions=_unread_splits(root, classes) + held_out + copies,
+        cautions=_unread_splits(root, classes) + _loose_images(*folders.values()) + held_out + copies,
     )
+
+
+def _loose_images(*folders: Path) -> tuple[str, ...]:
+    """A caution for image files straight in a folder of class folders (train/, or DATA/): no class folder gives
+    them a label, so they are not read, which a user who dropped new photos there would not know."""
+    said = []
+    for folder in folders:
+        try:
+            loose = [path for path in folder.iterdir() if not path.name.startswith(".") and _is_image_file(path)]
+        except OSError:  # unlistable: said where it is read
+            continue
+        if loose:
+            said.append(f"{folder}/ holds {len(loose)} image file(s) beside its class folders (first: {loose[0].name}); "
+                        "they have no class, so they are not read: move them into a class folder to use them")
+    return tuple(said)
 
 
 HEAD_BYTES = 4096  # read of each file whose size a file on the other side has, before any file is read whole
@@ -530,7 +545,8 @@ def _from_class_folders(root: Path, val_split: float, seed: int, min_classes: in
     classes = _check_classes({"": by_class}, root, min_classes)
     train, val = split_off_val(list(_samples(by_class, classes)), val_split, seed, root, min_classes=min_classes)
     layout = f"class folders, {as_percent(val_split)} held out (seed {seed})"
-    return ImageData(classes, tuple(train), tuple(val), None, layout, tuple(skipped), cautions=classes_not_held_out(classes, val, min_classes))
+    cautions = _loose_images(root) + classes_not_held_out(classes, val, min_classes)
+    return ImageData(classes, tuple(train), tuple(val), None, layout, tuple(skipped), cautions=cautions)
 
 
 def _check_not_one_level_up(root: Path) -> None:
