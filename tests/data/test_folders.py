@@ -508,3 +508,11 @@ def test_images_beside_the_class_folders_are_warned_of_as_not_read(tmp_path: Pat
         "so they are not read: move them into a class folder to use them"
     ]
     assert not [note for note in discover(write_class_images(tmp_path / "clean", per_class=4)).notes if "beside" in note]
+
+
+@pytest.mark.parametrize("name, hint", [("photos.zip", ""), ("manifest.tsv", " (a manifest is read as CSV: save a tab-separated one with commas, as .csv)")])
+def test_a_file_that_is_no_manifest_is_one_line_saying_what_to_pass(tmp_path: Path, name: str, hint: str) -> None:
+    (tmp_path / name).write_text("path\tlabel\n")
+    with pytest.raises(ThawError) as refused:
+        discover(tmp_path / name)
+    assert str(refused.value) == f"{tmp_path / name} is a file; pass a folder of class folders, a folder with train/ and val/, or a .csv manifest{hint}"

@@ -631,7 +631,8 @@ def discover(root: str | Path, *, val_split: float = 0.2, seed: int = 0, min_cla
         raise ThawError(f"data path {root} is {special}, not a folder or a file; pass a folder, or save the manifest as a .csv file and pass that")
     if root.is_file():
         if root.suffix.lower() != ".csv":
-            raise ThawError(f"{root} is a file; pass a folder of class folders, a folder with train/ and val/, or a .csv manifest")
+            tsv = " (a manifest is read as CSV: save a tab-separated one with commas, as .csv)" if root.suffix.lower() == ".tsv" else ""
+            raise ThawError(f"{root} is a file; pass a folder of class folders, a folder with train/ and val/, or a .csv manifest{tsv}")
         return _from_manifest(root, val_split, seed, min_classes)
     folders = _split_folders(root)
     if "train" in folders:
