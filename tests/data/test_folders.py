@@ -328,24 +328,26 @@ def test_a_class_named_train_in_a_folder_of_class_folders_stays_a_class(tmp_path
     write_class_images(tmp_path, classes=("Bus", "Car", "Train"), per_class=5)
     data = discover(tmp_path)
     assert data.classes == ("Bus", "Car", "Train") and not data.split_folders
-    # written in lower case too: a train/ of images, with no class folders, beside bus/ and car/ is the class train
-    # ("veh/train holds 6 image(s) but no class folders" before)
+    # written in lower case, train/ is the split (Kaggle's train/ of unlabelled images beside test1/ must stay refused):
+    # beside two or more folders of images the refusal says how to keep it a class
     lower = write_class_images(tmp_path / "lower", classes=("bus", "car", "train"), per_class=5)
-    data = discover(lower)
-    assert data.classes == ("bus", "car", "train") and not data.split_folders and not data.notes
-    # alone, or beside split folders only, such a train/ is still a split that lacks its class folders
-    alone = tmp_path / "alone"
-    write_class_images(alone, classes=("train",), per_class=3)
-    write_class_images(alone / "val", classes=("bus", "car"), per_class=2)
-    with pytest.raises(ThawError, match="train holds 3 image\\(s\\) but no class folders, so no labels"):
-        discover(alone)
+    with pytest.raises(ThawError) as refused:
+        discover(lower)
+    assert str(refused.value) == (
+        f"{lower / 'train'} holds 5 image(s) but no class folders, so no labels; put each class's images in a folder named "
+        f"after it: {lower / 'train'}/CLASS/IMAGE; if train/ is a class beside bus/, car/, name it Train/: thaw reads a "
+        "split's name in another case as a class where other folders are no split's"
+    )
+    kaggle = write_class_images(tmp_path / "kaggle", classes=("train", "test1"), per_class=3)  # dogs-vs-cats as it comes
+    with pytest.raises(ThawError, match=r"train holds 3 image\(s\) but no class folders, so no labels; put each class's images in a folder named after it: .*train/CLASS/IMAGE$"):
+        discover(kaggle)
 
 
 def test_class_folders_beside_train_split_are_warned_of_as_not_read(tmp_path: Path) -> None:
     """cat/ and dog/ of images beside train/cat/ and train/dog/: the split layout reads train/ alone, which a user
-    who added the new photos beside it would not know."""
+    who added the new photos beside it would not know. STL-10's unlabeled/ or a figures/ folder is no class's: no word."""
     write_class_images(tmp_path / "train", classes=("cat", "dog"), per_class=4)
-    write_class_images(tmp_path, classes=("cat", "dog"), per_class=2, seed=1)
+    write_class_images(tmp_path, classes=("cat", "dog", "unlabeled"), per_class=2, seed=1)
     data = discover(tmp_path)
     assert data.classes == ("cat", "dog") and len(data.train) + len(data.val) == 8
     assert data.notes == (

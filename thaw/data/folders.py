@@ -353,8 +353,6 @@ def _split_folders(root: Path) -> dict[str, Path]:
     # Bus/, Car/ and Train/ are the classes of a vehicle set, not a train split beside two classes.
     if not (root / "train").is_dir() and not all(folder.name.lower() in SPLIT_NAMES for folder in folders):
         return {}
-    if _holds_images_only(root / "train") and any(folder.name.lower() not in SPLIT_NAMES for folder in folders):
-        return {}  # bus/, car/ and train/ of images: a vehicle class named train, not a split without class folders
     found: dict[str, list[Path]] = defaultdict(list)
     for folder in folders:
         if folder.name.lower() in SPLIT_NAMES:
@@ -482,9 +480,14 @@ def _check_holds_class_folders(split_dir: Path) -> None:
             f"with thaw predict RUN {split_dir}"
         )
     if loose:
+        # bus/, car/ and train/ of images: a vehicle set whose class train reads as the split (its other cases stay
+        # classes). One such folder beside it is more likely Kaggle's unlabelled test1/ or train_masks/: no hint
+        others = [p.name for p in _class_folders(split_dir.parent) if p.name.lower() not in SPLIT_NAMES and _holds_images_only(p)]
+        hint = (f"; if {split_dir.name}/ is a class beside {', '.join(f'{name}/' for name in others[:3])}, name it Train/: "
+                "thaw reads a split's name in another case as a class where other folders are no split's") if len(others) >= 2 else ""
         raise ThawError(
             f"{split_dir} holds {len(loose)} image(s) but no class folders, so no labels; "
-            f"put each class's images in a folder named after it: {split_dir}/CLASS/IMAGE"
+            f"put each class's images in a folder named after it: {split_dir}/CLASS/IMAGE{hint}"
         )
 
 
@@ -505,10 +508,11 @@ def _unread_splits(root: Path, classes: tuple[str, ...]) -> tuple[str, ...]:
     read them, and the user may have meant one as val or test. Folders of anything else (runs/, docs/; mlruns/ with
     its experiments 0/ and 1/ beside classes named 0 and 1) are not mentioned."""
     unread, loose = [], []
+    known = {name.casefold() for name in classes}
     for folder in _class_folders(root):
         if folder.name.lower() not in SPLIT_NAMES and _looks_like_split(folder, classes):
             unread.append(f"{folder.name}/")
-        elif folder.name.lower() not in SPLIT_NAMES and _holds_images_only(folder):
+        elif folder.name.casefold() in known and _holds_images_only(folder):  # unlabeled/ or figures/ are no class's
             loose.append(f"{folder.name}/")
     said = ()
     if unread:
