@@ -23,7 +23,8 @@ timm's preprocessing for it in every row), the same images, size and split for e
              (--mixup 0.2 --cutmix 1.0); these last six and thaw-budget-trivial augment, so not on digits, which trains unaugmented;
              thaw-gradual (head-top-all: the same as thaw), thaw-gradual-live (the same with
              --no-prefix-cache), thaw-gradual-progressive (thaw-gradual with --progressive-resize 0.6);
-             thaw-top-half (the default with --top-groups 10), thaw-top-half-only (the same less its all stage),
+             thaw-top-half (the default with the top half of the groups: --top-groups 10 on
+             mobilenet_v2), thaw-top-half-only (the same less its all stage),
              thaw-lora-top and thaw-lora-top-live (LoRA on the top 5 blocks, over the cached bottom or on the
              images), thaw-patience1 and thaw-patience2 (the default with --early-stopping 1 and 2)
 Every recipe delivers the epoch with the best val accuracy (thaw by its own rule, the hand loop keeps the first
@@ -109,9 +110,9 @@ THAW_RECIPES = {
     "thaw-gradual-live": ({"plan": "head-top-all"}, {"cache_prefix": False}),  # ... on the images, every epoch
     # ... cached, and the "all" stage's epochs at 128, 176 and 224 px (the top 2 groups train on full-size cached views)
     "thaw-gradual-progressive": ({"plan": "head-top-all"}, {"progressive_resize": 0.6}),
-    "thaw-top-half": ({"plan": "head-top-all", "top_groups": 10}, {}),  # mobilenet_v2's top 10 of 20 groups over cached inputs
+    "thaw-top-half": ({"plan": "head-top-all", "top_half": True}, {}),  # the top half of the groups (mobilenet_v2: 10 of 20) over cached inputs
     # ... and no "all" stage: the head, then the top 10 groups over cached inputs, nothing below them ever trains
-    "thaw-top-half-only": ({"plan": "head-top-all", "top_groups": 10, "without_all": True}, {}),
+    "thaw-top-half-only": ({"plan": "head-top-all", "top_half": True, "without_all": True}, {}),
     # LoRA (rank 8, PEFT) on the 1x1 convolutions of mobilenet_v2's top 5 feature blocks and a new head, 3 epochs:
     # trained over the frozen bottom's cached output (thaw's default for such a plan) or on the images every epoch
     "thaw-lora-top": ({"plan": "lora", "lora_targets": LORA_TOP}, {}),
@@ -301,13 +302,15 @@ def recipe_plan(recipe: str, epochs: dict, backbone: str = "mobilenet_v2") -> tu
 
     recipe_options = THAW_RECIPES[recipe][0]
     strategy = recipe_options.get("plan", "two-phase")
-    own = ("plan", "without_all", "lora_targets", "all_lr")  # the benchmark's keys, not build_plan's
+    own = ("plan", "without_all", "lora_targets", "all_lr", "top_half")  # the benchmark's keys, not build_plan's
     options = epochs | {key: value for key, value in recipe_options.items() if key not in own}
     if "lora_targets" in recipe_options:
         options["lora"] = LoraSpec(targets=recipe_options["lora_targets"])
+    groups = len(build_model(thaw_model(backbone)[0], weights=None, num_classes=2, device="meta", load=False).groups)
+    if recipe_options.get("top_half"):  # of this backbone's groups: a fixed 10 would be all of a smaller model's
+        options["top_groups"] = groups // 2
     if not (recipe_options.get("without_all") or "all_lr" in recipe_options):
         return strategy, options
-    groups = len(build_model(thaw_model(backbone)[0], weights=None, num_classes=2, device="meta", load=False).groups)
     stages = build_plan(strategy, num_groups=groups, **options).stages
     if stages[-1].name != "all":
         raise SystemExit(f"{recipe}: {strategy}'s plan ends with stage {stages[-1].name!r}, not 'all'")

@@ -16,6 +16,7 @@ from PIL import Image
 from tests.cli.test_cli import thaw
 from tests.conftest import write_class_images
 from thaw import ThawError, build_plan
+from thaw.plan import plan_to_dict
 from thaw.cli import main
 
 TINY = ["--model", "mobilenet_v3_small", "--weights", "none", "--image-size", "32", "--batch-size", "8"]
@@ -496,6 +497,12 @@ def test_a_typed_strategy_on_a_resume_of_a_top_groups_run_is_compared_not_blamed
     plan_file.write_text("stages:\n  - {name: head, epochs: 1, train: [head], lr: 1.0e-3}\n")
     args = build_parser().parse_args(["train", "--resume", str(tmp_path), "--config", str(plan_file)])
     assert [stage["name"] for stage in _claimed(args, {"config"}, settings, tmp_path)["plan"]["stages"]] == ["head"]
+    # A run an older thaw started with a top stage of every group (20 here), which it dropped for two-phase's plan:
+    # rebuilt as it ran, not refused as a new plan would be (then no resume with a typed option could go on)
+    (tmp_path / COMMAND).write_text(json.dumps({"plan_options": {"strategy": "head-top-all", "top_groups": 20}}))
+    args = build_parser().parse_args(["train", "--resume", str(tmp_path), "--epochs", "2"])
+    claimed = _claimed(args, {"epochs"}, settings, tmp_path)["plan"]
+    assert claimed == plan_to_dict(build_plan("two-phase", num_groups=20, epochs=2))
 
 
 def test_top_groups_typed_on_a_resume_of_a_plan_file_run_names_the_run_s_plan_file(tmp_path: Path) -> None:

@@ -216,7 +216,9 @@ def chosen_strategy(args: argparse.Namespace) -> str:
     return args.strategy or default_strategy(task_of(args))
 
 
-def plan_from_args(args: argparse.Namespace, num_groups: int) -> Plan:
+def plan_from_args(args: argparse.Namespace, num_groups: int, recorded: bool = False) -> Plan:
+    """The plan the options make; `recorded`: a run's own options, rebuilt to compare a resume's with (what an older
+    thaw accepted is rebuilt as it ran, not refused)."""
     if args.config:
         plan = load_plan(args.config)  # first: a file that cannot be read, or a bad key in it, is the problem to fix first
         _refuse_plan_options_beside(args)
@@ -230,6 +232,9 @@ def plan_from_args(args: argparse.Namespace, num_groups: int) -> Plan:
                         f"{strategy}: drop {'it' if len(lora_flags) == 1 else 'them'} or add --strategy lora")
     # The last of each wins, as for every other flag typed twice (an override appended to a command): a plain --lr
     # kept its first value while NAME=LR kept its last.
+    top_groups = args.top_groups
+    if recorded and strategy == "head-top-all" and top_groups is not None and top_groups >= num_groups:
+        strategy, top_groups = "two-phase", None  # a top stage of every group, which thaw then dropped: two-phase's plan
     head_lr = next((value for name, value in reversed(args.lr) if name is None), DEFAULT_HEAD_LR)
     named = {name: value for name, value in args.lr if name is not None}
     return build_plan(
@@ -244,7 +249,7 @@ def plan_from_args(args: argparse.Namespace, num_groups: int) -> Plan:
         weight_decay=args.weight_decay,
         batchnorm=args.batchnorm,
         groups_per_stage=args.groups_per_stage,
-        top_groups=args.top_groups,
+        top_groups=top_groups,
         lora=LoraSpec(args.lora_rank, args.lora_alpha, args.lora_dropout, tuple(args.lora_targets)) if args.strategy == "lora" else None,
     )
 

@@ -315,7 +315,7 @@ def _claimed(args: argparse.Namespace, typed: set[str], settings: dict, run: Pat
                 # the run's own two numbers (another strategy's) would be refused as typed together, by a command that
                 # typed neither: the head's is taken, and the plans compared say what differs
                 started.epochs = None
-        claimed["plan"] = plan_to_dict(plan_from_args(started, _group_count(started)))
+        claimed["plan"] = plan_to_dict(plan_from_args(started, _group_count(started), recorded=True))
     return claimed
 
 
