@@ -20,7 +20,7 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
         kept = "; the previous file is intact" if path.is_file() else ""  # said only where there was one
         path.parent.mkdir(parents=True, exist_ok=True)
         _remove_killed_writes(path)
-        handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.{writer_tag()}", suffix=".tmp", dir=path.parent)
+        handle, temporary = tempfile.mkstemp(prefix=_temporary_prefix(path), suffix=".tmp", dir=path.parent)
     except OSError as error:
         raise ThawError(f"could not write {path}: {error.strerror or error}{kept}") from None
     os.close(handle)
@@ -45,9 +45,23 @@ def _remove_killed_writes(path: Path) -> None:
     a killed `thaw report` or export would leave one per kill, for good. A live writer's, or another machine's (a
     shared disk, where no process can be checked), stay."""
     prefix = f".{path.name}."
-    for leftover in path.parent.glob(f"{glob.escape(prefix)}*.tmp"):
-        if left_by_killed_writer(leftover.name[len(prefix):-len(".tmp")]):
-            leftover.unlink(missing_ok=True)
+    try:
+        for leftover in path.parent.glob(f"{glob.escape(prefix)}*.tmp"):
+            if left_by_killed_writer(leftover.name[len(prefix):-len(".tmp")]):
+                leftover.unlink(missing_ok=True)
+    except OSError:  # another user's leftover in a shared folder (sticky /tmp): theirs to remove; the write goes on
+        pass
+
+
+def _temporary_prefix(path: Path) -> str:
+    """`.NAME.` and writer_tag(), where the name leaves room for it: a name near the file system's limit (255 bytes)
+    that wrote before gets the untagged prefix, whose leftovers no later write can tell from a live writer's."""
+    tagged = f".{path.name}.{writer_tag()}"
+    return tagged if len(os.fsencode(tagged)) + TEMPORARY_SUFFIX_BYTES <= NAME_MAX else f".{path.name}."
+
+
+NAME_MAX = 255  # bytes in one file name on the usual Linux and macOS file systems
+TEMPORARY_SUFFIX_BYTES = len("abcdefgh.tmp")  # tempfile's 8 random characters, then .tmp
 
 
 def writer_tag() -> str:

@@ -557,3 +557,34 @@ def test_a_write_removes_the_temporary_copies_that_killed_writers_of_its_file_le
     assert sorted(path.name for path in tmp_path.iterdir()) == sorted(["report.html", live.name, elsewhere.name, longer_name.name, other_file.name])
     atomic_write(tmp_path / "thaw.json", lambda target: target.write_text("{}"))
     assert not other_file.exists()
+
+
+def test_a_write_goes_on_where_a_leftover_cannot_be_removed_or_the_name_leaves_no_room_for_the_tag(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another user's killed write in a shared folder (sticky /tmp) cannot be removed: this write still happens. A name
+    near the 255-byte limit that wrote before the temporary copies were tagged still writes."""
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path as RealPath
+
+    from thaw._io import atomic_write
+
+    dead = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True, check=True).stdout)
+    theirs = tmp_path / f".out.safetensors.{socket.gethostname()}-{dead}-abc123.tmp"
+    theirs.write_text("another user's")
+    real_unlink = RealPath.unlink
+
+    def refused(self: RealPath, missing_ok: bool = False) -> None:
+        if self == theirs:
+            raise PermissionError(1, "Operation not permitted")
+        real_unlink(self, missing_ok=missing_ok)
+
+    monkeypatch.setattr(RealPath, "unlink", refused)
+    atomic_write(tmp_path / "out.safetensors", lambda target: target.write_text("mine"))
+    assert (tmp_path / "out.safetensors").read_text() == "mine" and theirs.exists()
+    monkeypatch.undo()
+    longest = tmp_path / ("n" * 241)  # "." + name + "." + 8 random + ".tmp" = 255 bytes: the most one name may hold
+    atomic_write(longest, lambda target: target.write_text("fits"))
+    assert longest.read_text() == "fits"
