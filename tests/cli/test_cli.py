@@ -393,9 +393,11 @@ def test_a_pipe_or_a_device_given_as_data_or_weights_is_one_line(tmp_path: Path,
         os.mkfifo(path)
     kind = "a character device" if special == "/dev/null" else "a named pipe"
     tiny = ["--model", "mobilenet_v3_small", "--weights", "none", "--image-size", "32", "--out", str(tmp_path / "run")]
+    assert main(["train", str(colours), *tiny[:-1], str(tmp_path / "trained"), "--strategy", "feature-extract", "--epochs", "1", "--quiet"]) == 0
     for args, expected in (
         (["train", path, *tiny], f"thaw: error: data path {path} is {kind}, not a folder or a file; pass a folder, or save the manifest as a .csv file and pass that"),
         (["lr-find", path, *tiny[:4]], f"thaw: error: data path {path} is {kind}, not a folder or a file; pass a folder, or save the manifest as a .csv file and pass that"),
+        (["evaluate", str(tmp_path / "trained"), path], f"thaw: error: data path {path} is {kind}, not a folder or a file; pass a folder, or save the manifest as a .csv file and pass that"),
         (["train", str(colours), *tiny[:2], "--weights", path, *tiny[4:]], f"thaw: error: weights file {path} is {kind}, not a regular file; pass a .pth/.pt/.safetensors file"),
     ):
         result = thaw(*args)

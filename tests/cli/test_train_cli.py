@@ -735,13 +735,16 @@ def test_a_budget_reads_the_same_at_the_start_and_in_the_summary(tiny_split_data
     assert len(summary) == 1 and summary[0].startswith("budget 1:30: epochs per stage ["), lines
 
 
-@pytest.mark.parametrize("size, weights, warned", [(56, "IMAGENET1K_V1", True), (57, "IMAGENET1K_V1", False), (32, "none", False)])
+@pytest.mark.parametrize(
+    "size, weights, quiet, warned",
+    [(56, "IMAGENET1K_V1", [], True), (57, "IMAGENET1K_V1", [], False), (32, "none", [], False), (56, "IMAGENET1K_V1", ["--quiet"], False)],
+)
 def test_an_image_size_a_quarter_of_the_weights_own_or_less_is_warned_of(
-    tiny_split_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], size: int, weights: str, warned: bool
+    tiny_split_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], size: int, weights: str, quiet: list[str], warned: bool
 ) -> None:
     """1 px trains without an error, at chance: a user who typed a small size hears that pretrained features see little
-    there. Random weights (none) learned no size."""
-    args = ["--model", "mobilenet_v2", "--weights", weights, "--image-size", str(size), "--strategy", "feature-extract", "--epochs", "1"]
+    there. Random weights (none) learned no size; --quiet says nothing."""
+    args = ["--model", "mobilenet_v2", "--weights", weights, "--image-size", str(size), "--strategy", "feature-extract", "--epochs", "1", *quiet]
     assert main(["train", str(tiny_split_data), *args, "--out", str(tmp_path / "r")]) == 0
     warnings = [line for line in capsys.readouterr().err.splitlines() if "a quarter or less of the 224 px" in line]
     assert warnings == ([f"thaw: warning: image size {size} px is a quarter or less of the 224 px the IMAGENET1K_V1 weights were trained at; "
@@ -767,6 +770,22 @@ def test_a_runs_weights_keep_its_head_for_the_same_classes_and_train_a_new_one_f
     assert "a quarter or less" not in said  # a file's training size is not known: no warning about 32 px
     kept = load_file(str(tmp_path / "same" / "model.safetensors"))
     assert all(torch.equal(kept[key], tensor) for key, tensor in head.items())
+
+    # copied out of its run folder, the file still says its classes (its header records them): the head is kept
+    copied = tmp_path / "copied.safetensors"
+    copied.write_bytes((trained_run / "model.safetensors").read_bytes())
+    assert main(["train", str(tiny_split_data), *frozen_lr[:3], str(copied), *frozen_lr[4:], "--out", str(tmp_path / "copy-run")]) == 0
+    assert f"thaw: the head in {copied} (3 classes) is kept" in capsys.readouterr().err
+    # the same classes in another order: the head's rows would score the wrong classes, so a new head is trained
+    from thaw.export.run_dir import load_run
+    from thaw.train.checkpoint import save_weights
+
+    adapter, meta = load_run(trained_run)
+    reordered = tmp_path / "reordered" / "model.safetensors"
+    reordered.parent.mkdir()
+    save_weights(reordered, adapter.model, classes=list(reversed(meta["classes"])))
+    assert main(["train", str(tiny_split_data), *frozen_lr[:3], str(reordered), *frozen_lr[4:], "--out", str(tmp_path / "reordered-run")]) == 0
+    assert f"thaw: warning: the head in {reordered} (3 classes) is not used; a new 3-class head is trained" in capsys.readouterr().err
 
     others = write_class_images(tmp_path / "others" / "train", classes=("cyan", "magenta", "yellow")).parent
     write_class_images(others / "val", classes=("cyan", "magenta", "yellow"), per_class=6, seed=1)

@@ -244,3 +244,16 @@ def test_a_folder_where_the_weights_file_goes_is_one_line(torch_home: Path, tmp_
         ensure_cached(url)
     assert sorted(path.name for path in blocking.parent.iterdir()) == [blocking.name]  # no link or download left behind
     assert [path.name for path in blocking.iterdir()] == ["inside"]
+
+
+def test_a_weights_file_that_cannot_be_read_is_not_called_damaged(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No permission to read it, or a disk error: saying "damaged, download it again" would send the user the wrong way."""
+    path = tmp_path / "theirs.pth"
+    torch.save(build_model("mobilenet_v3_small", weights=None).model.state_dict(), path)
+
+    def refused(*_args, **_kwargs):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(torch, "load", refused)
+    with pytest.raises(ThawError, match=r"^cannot read .*theirs.pth: Permission denied$"):
+        build_model("mobilenet_v3_small", weights=str(path))

@@ -429,7 +429,9 @@ def test_an_error_the_stop_brought_about_ends_the_run_as_the_stop_does(tiny_spli
 
 
 @pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGINT])
-def test_a_stop_that_ends_torch_compiles_compiler_ends_the_run_as_the_stop_does(tiny_split_data: Path, tmp_path: Path, stop: int) -> None:
+def test_a_stop_that_ends_torch_compiles_compiler_ends_the_run_as_the_stop_does(
+    tiny_split_data: Path, tmp_path: Path, stop: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """`timeout` (SIGTERM to the job) or Ctrl-C (SIGINT to the terminal's group) while --compile builds its C++ kills
     the compiler too: the step fails with the compiler's error (from the forward's catch, or raw from the lazily
     compiled backward), which was a 1,200-line traceback or a line blaming --compile. The run ends as stopped, with
@@ -439,6 +441,11 @@ def test_a_stop_that_ends_torch_compiles_compiler_ends_the_run_as_the_stop_does(
     from thaw.train.compiled import compile_failed
 
     killed = torch._inductor.exc.CppCompileError(["g++", "kernel.cpp"], "g++: fatal error: Killed signal terminated program cc1plus")
+    # --compile's run, its forward eager: the failures come from the hook, as a killed compiler's would
+    trainer_module = sys.modules["thaw.train.fit"]  # the package's `fit` names the function, not this module
+    monkeypatch.setattr(trainer_module, "compiled_forward", lambda module: module)
+    monkeypatch.setattr(trainer_module, "compile_problem", lambda device, task: None)
+    compiling = TrainConfig(**{**CONFIG.__dict__, "compile": True})
 
     def failing_at_step(count: int, error: Exception, signum: int | None) -> Callable[[object, int, float], None]:
         steps: list[int] = []
@@ -455,7 +462,7 @@ def test_a_stop_that_ends_torch_compiles_compiler_ends_the_run_as_the_stop_does(
     try:
         for name, error in (("forward", compile_failed(killed)), ("backward", killed)):
             with pytest.raises(RunInterrupted) as stopped:
-                _train(tiny_split_data, tmp_path / name, step_hooks=[failing_at_step(6, error, stop)])
+                _train(tiny_split_data, tmp_path / name, compiling, step_hooks=[failing_at_step(6, error, stop)])
             assert str(stopped.value) == (
                 f"interrupted by {signal.Signals(stop).name}, which also ended torch.compile's compiler (CppCompileError: C++ compile error); "
                 f"the checkpoint in {tmp_path / name} is intact: continue with thaw train --resume {tmp_path / name} "
@@ -465,7 +472,10 @@ def test_a_stop_that_ends_torch_compiles_compiler_ends_the_run_as_the_stop_does(
     finally:
         signal.signal(stop, previous)
     with pytest.raises(ThawError, match=r"^torch.compile failed \(CppCompileError: C\+\+ compile error; TORCHDYNAMO_VERBOSE=1"):
-        _train(tiny_split_data, tmp_path / "no-stop", step_hooks=[failing_at_step(6, killed, None)])
+        _train(tiny_split_data, tmp_path / "no-stop", compiling, step_hooks=[failing_at_step(6, killed, None)])
+    # without --compile, such an error is not thaw's compile (a model's own compiled part): it stays what it is
+    with pytest.raises(torch._inductor.exc.CppCompileError):
+        _train(tiny_split_data, tmp_path / "not-compiling", step_hooks=[failing_at_step(6, killed, None)])
 
 
 def _wait_until_gone(group: int) -> None:

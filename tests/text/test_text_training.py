@@ -184,6 +184,10 @@ def test_predict_reads_texts_from_a_file(
     assert main(["predict", str(tmp_path / "run"), "--file", str(tmp_path / "pipe")]) == 0
     writer.join(timeout=10)
     assert [line.split("\t")[2] for line in capsys.readouterr().out.strip().splitlines()] == ["piped message"]
+    assert main(["predict", str(tmp_path / "run"), "--file", "/dev/zero"]) == 2  # a device would be read forever
+    assert capsys.readouterr().err.strip() == (
+        "thaw: error: /dev/zero is a character device, not a file; pass a file with one text per line, or - for standard input"
+    )
     assert main(["predict", str(tmp_path / "run")]) == 2  # nothing to classify: one line, not a traceback
     assert "give one or more non-empty texts" in capsys.readouterr().err
     assert main(["predict", str(tmp_path / "run"), "a", " ", "b"]) == 2  # which one is empty: named

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from thaw.cli.options import add_table_columns, names_a_folder, path_text, positive_int, table_columns
-from thaw._io import answers
+from thaw._io import answers, special_file
 from thaw.data.folders import describe_skipped
 from thaw.data.manifest_check import check_image_table
 from thaw.errors import ThawError
@@ -162,8 +162,11 @@ def _read_bytes(file: str) -> bytes:
         return stream.read()
     if Path(file).is_dir():
         raise ThawError(f"{file} is a folder; --file takes a file with one text per line, or - for standard input")
-    if not Path(file).exists():  # a pipe (<(...)) is read as standard input would be
+    if not Path(file).exists():
         raise ThawError(f"{file} does not exist; pass a file with one text per line, or - for standard input")
+    special = special_file(Path(file))
+    if special and special != "a named pipe":  # a pipe (<(...)) is read as standard input is; /dev/zero never ends
+        raise ThawError(f"{file} is {special}, not a file; pass a file with one text per line, or - for standard input")
     try:
         return Path(file).read_bytes()
     except OSError as error:

@@ -159,6 +159,8 @@ def load_state_dict_file(path: Path) -> dict[str, torch.Tensor]:
         return _checked(state, path)
     try:
         loaded = torch.load(path, map_location="cpu", weights_only=True)
+    except OSError as error:  # the file cannot be read (no permission, a disk error): not a damaged one
+        raise ThawError(f"cannot read {path}: {error.strerror or first_line(error)}") from None
     except Exception as error:  # torch raises several types for unsafe or damaged pickles
         raise _load_failure(path, error) from None
     for key in ("state_dict", "model"):

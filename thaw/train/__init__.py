@@ -73,15 +73,36 @@ def train_images(
 
 
 def _trained_on(weights: str | None, classes: list[str]) -> bool:
-    """Whether `weights` is a file in a thaw run folder whose run was trained on these classes in this order (more
-    data for the same classes, say): its head scores them already, so a new run keeps it rather than start a new one."""
+    """Whether `weights` is a thaw run's weights file, trained on these classes in this order (more data for the same
+    classes, say): its head scores them already, so a new run keeps it rather than start a new one. The classes are
+    the ones the file's own header records (a copied file keeps them), else those of the run's thaw.json beside it."""
     if not isinstance(weights, str) or not Path(weights).expanduser().is_file():  # a weights name: no run's
         return False
+    path = Path(weights).expanduser()
+    return _header_classes(path) == list(classes) or (_header_classes(path) is None and _folder_classes(path) == list(classes))
+
+
+def _header_classes(path: Path) -> list | None:
+    """The class names a thaw run wrote into its model.safetensors header (save_weights); None for any other file."""
+    if path.suffix != ".safetensors":
+        return None
+    from safetensors import safe_open
+
     try:
-        recorded = json.loads((Path(weights).expanduser().parent / METADATA).read_text(encoding="utf-8"))
-    except (OSError, ValueError):  # no run folder (a downloaded file), or one whose record is damaged: a new head
-        return False
-    return isinstance(recorded, dict) and recorded.get("task") == "image" and recorded.get("classes") == list(classes)
+        with safe_open(str(path), framework="pt") as handle:
+            recorded = json.loads((handle.metadata() or {}).get(checkpoint.CLASSES_KEY, "null"))
+    except Exception:  # noqa: BLE001 - a damaged file or header: its load says what is wrong
+        return None
+    return recorded if isinstance(recorded, list) else None
+
+
+def _folder_classes(path: Path) -> list | None:
+    """The classes of the image run whose thaw.json lies beside `path`; None without one (a downloaded file)."""
+    try:
+        recorded = json.loads((path.parent / METADATA).read_text(encoding="utf-8"))
+    except (OSError, ValueError):  # no run folder, or one whose record is damaged: a new head
+        return None
+    return recorded.get("classes") if isinstance(recorded, dict) and recorded.get("task") == "image" else None
 
 
 def check_out_outside_data(out: Path, data_path: Path) -> None:

@@ -314,9 +314,9 @@ class Trainer:
         (a thaw run's may have been trained at this one)."""
         size, crop = self.config.image_size, self.adapter.preprocessing.crop_size if isinstance(self.data, ImageData) else None
         weights = self.meta.get("weights")
-        if size is None or crop is None or weights is None or Path(weights).exists() or size * SMALL_SIZE_SHARE > crop:
+        if size is None or crop is None or weights is None or Path(weights).is_file() or size * SMALL_SIZE_SHARE > crop:
             return
-        if not self.config.quiet:
+        if not self.config.quiet and self.processes.is_main:  # torchrun's other ranks train the same run
             print(
                 f"thaw: warning: image size {size} px is a quarter or less of the {crop} px the {self.meta['weights']} weights "
                 "were trained at; their features see little at that size: a larger --image-size enlarges small images",
@@ -1110,7 +1110,8 @@ class Trainer:
             # decoding workers that do not outlive it (see WorkerLoader; SIGTERM) and torch.compile's C++ compilers
             # (the backward compiles lazily, outside the forward's own catch). Any other error, or one without that
             # stop, stays what it is; a compile failure without a stop is one line.
-            failed = error if isinstance(error, CompileFailed) else compile_failed(error) if isinstance(error, compile_failures()) else None
+            compiled = self.config.compile and isinstance(error, compile_failures())  # not a model's own compiled part
+            failed = error if isinstance(error, CompileFailed) else compile_failed(error) if compiled else None
             worker = self.stopped_by == signal.SIGTERM and "DataLoader worker (pid" in str(error)
             if self.stop_requested and (worker or failed):
                 ended = f"torch.compile's compiler ({failed.reason})" if failed else f"this: {first_line(error)}"
