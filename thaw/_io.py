@@ -46,11 +46,15 @@ def _remove_killed_writes(path: Path) -> None:
     shared disk, where no process can be checked), stay."""
     prefix = f".{path.name}."
     try:
-        for leftover in path.parent.glob(f"{glob.escape(prefix)}*.tmp"):
+        leftovers = list(path.parent.glob(f"{glob.escape(prefix)}*.tmp"))
+    except OSError:  # a folder that cannot be listed: the write says so if it cannot write either
+        return
+    for leftover in leftovers:
+        try:
             if left_by_killed_writer(leftover.name[len(prefix):-len(".tmp")]):
                 leftover.unlink(missing_ok=True)
-    except OSError:  # another user's leftover in a shared folder (sticky /tmp): theirs to remove; the write goes on
-        pass
+        except OSError:  # another user's leftover in a shared folder (sticky /tmp): theirs to remove; the write goes on
+            continue
 
 
 def _temporary_prefix(path: Path) -> str:
@@ -74,7 +78,8 @@ def left_by_killed_writer(tagged: str) -> bool:
     """Whether `tagged` (writer_tag() then tempfile's random suffix, which holds no "-") names a process of this
     machine that is gone. Read from the right: a host name may hold "-" (node and node-2 share a prefix)."""
     host, pid, _ = ([""] * 3 + tagged.rsplit("-", 2))[-3:]
-    return host == socket.gethostname() and pid.isdigit() and process_gone(int(pid))
+    # a pid is a few ASCII digits: anything else (a huge number, a Unicode digit) is no writer's tag
+    return host == socket.gethostname() and pid.isascii() and pid.isdigit() and len(pid) <= 10 and process_gone(int(pid))
 
 
 def _umask() -> int:

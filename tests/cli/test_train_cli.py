@@ -503,6 +503,15 @@ def test_a_typed_strategy_on_a_resume_of_a_top_groups_run_is_compared_not_blamed
     args = build_parser().parse_args(["train", "--resume", str(tmp_path), "--epochs", "2"])
     claimed = _claimed(args, {"epochs"}, settings, tmp_path)["plan"]
     assert claimed == plan_to_dict(build_plan("two-phase", num_groups=20, epochs=2))
+    # ... but typed on the resume, such a count is checked as a new plan's would be, not taken for the run's
+    args = build_parser().parse_args(["train", "--resume", str(tmp_path), "--top-groups", "99"])
+    with pytest.raises(ThawError, match="^top groups 99: the model has 20 groups"):
+        _claimed(args, {"top_groups"}, settings, tmp_path)
+    # a record of another type is refused as build_plan refuses it, not a TypeError from comparing it
+    (tmp_path / COMMAND).write_text(json.dumps({"plan_options": {"strategy": "head-top-all", "top_groups": "20"}}))
+    args = build_parser().parse_args(["train", "--resume", str(tmp_path), "--epochs", "2"])
+    with pytest.raises(ThawError, match="^top groups must be a whole number of at least 2"):
+        _claimed(args, {"epochs"}, settings, tmp_path)
 
 
 def test_top_groups_typed_on_a_resume_of_a_plan_file_run_names_the_run_s_plan_file(tmp_path: Path) -> None:
@@ -783,9 +792,18 @@ def test_a_runs_weights_keep_its_head_for_the_same_classes_and_train_a_new_one_f
     adapter, meta = load_run(trained_run)
     reordered = tmp_path / "reordered" / "model.safetensors"
     reordered.parent.mkdir()
-    save_weights(reordered, adapter.model, classes=list(reversed(meta["classes"])))
+    (reordered.parent / "thaw.json").write_bytes((trained_run / "thaw.json").read_bytes())  # the folder's record says these classes
+    save_weights(reordered, adapter.model, classes=list(reversed(meta["classes"])))  # the file's own header, which decides
     assert main(["train", str(tiny_split_data), *frozen_lr[:3], str(reordered), *frozen_lr[4:], "--out", str(tmp_path / "reordered-run")]) == 0
     assert f"thaw: warning: the head in {reordered} (3 classes) is not used; a new 3-class head is trained" in capsys.readouterr().err
+
+    # a file whose header records no classes (an older thaw's) keeps the head where its run's thaw.json says these
+    unrecorded = tmp_path / "older" / "model.safetensors"
+    unrecorded.parent.mkdir()
+    (unrecorded.parent / "thaw.json").write_bytes((trained_run / "thaw.json").read_bytes())
+    save_weights(unrecorded, adapter.model)
+    assert main(["train", str(tiny_split_data), *frozen_lr[:3], str(unrecorded), *frozen_lr[4:], "--out", str(tmp_path / "older-run")]) == 0
+    assert f"thaw: the head in {unrecorded} (3 classes) is kept" in capsys.readouterr().err
 
     others = write_class_images(tmp_path / "others" / "train", classes=("cyan", "magenta", "yellow")).parent
     write_class_images(others / "val", classes=("cyan", "magenta", "yellow"), per_class=6, seed=1)

@@ -338,6 +338,12 @@ def test_a_class_named_train_in_a_folder_of_class_folders_stays_a_class(tmp_path
         f"after it: {lower / 'train'}/CLASS/IMAGE; if train/ is a class beside bus/, car/, name it Train/: thaw reads a "
         "split's name in another case as a class where other folders are no split's"
     )
+    # the hint is for a class named train: a val/ of loose images beside such folders gets none
+    loose_val = tmp_path / "loose-val"
+    write_class_images(loose_val / "train", classes=("cat", "dog"), per_class=3)
+    write_class_images(loose_val, classes=("val", "extra1", "extra2"), per_class=2)
+    with pytest.raises(ThawError, match=r"val holds 2 image\(s\) but no class folders, so no labels; put each class's images in a folder named after it: .*val/CLASS/IMAGE$"):
+        discover(loose_val)
     kaggle = write_class_images(tmp_path / "kaggle", classes=("train", "test1"), per_class=3)  # dogs-vs-cats as it comes
     with pytest.raises(ThawError, match=r"train holds 3 image\(s\) but no class folders, so no labels; put each class's images in a folder named after it: .*train/CLASS/IMAGE$"):
         discover(kaggle)

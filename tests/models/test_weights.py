@@ -246,14 +246,22 @@ def test_a_folder_where_the_weights_file_goes_is_one_line(torch_home: Path, tmp_
     assert [path.name for path in blocking.iterdir()] == ["inside"]
 
 
-def test_a_weights_file_that_cannot_be_read_is_not_called_damaged(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """No permission to read it, or a disk error: saying "damaged, download it again" would send the user the wrong way."""
-    path = tmp_path / "theirs.pth"
-    torch.save(build_model("mobilenet_v3_small", weights=None).model.state_dict(), path)
+@pytest.mark.parametrize("name", ["theirs.pth", "model.safetensors"])
+def test_a_weights_file_that_cannot_be_read_is_not_called_damaged(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, name: str) -> None:
+    """No permission to read it, or a disk error: "damaged, download it again" (torch) or "no such file" (safetensors)
+    would send the user the wrong way. (Tests run as root, whom file modes do not stop: the refusal is simulated.)"""
+    from safetensors.torch import save_file
 
-    def refused(*_args, **_kwargs):
-        raise PermissionError(13, "Permission denied", str(path))
+    path = tmp_path / name
+    state = build_model("mobilenet_v3_small", weights=None).model.state_dict()
+    save_file(state, str(path)) if path.suffix == ".safetensors" else torch.save(state, path)
+    real_open = Path.open
 
-    monkeypatch.setattr(torch, "load", refused)
-    with pytest.raises(ThawError, match=r"^cannot read .*theirs.pth: Permission denied$"):
+    def refused(self: Path, *args, **kwargs):
+        if self == path:
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_open(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "open", refused)
+    with pytest.raises(ThawError, match=rf"^cannot read .*{name}: Permission denied$"):
         build_model("mobilenet_v3_small", weights=str(path))

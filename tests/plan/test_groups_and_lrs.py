@@ -335,3 +335,18 @@ def test_a_mistake_repeated_in_many_stages_is_shown_for_the_first_three_and_coun
     assert [part.split(":")[0] for part in parts[:3]] == [f"stage {i}/20 '{plan.stages[i - 1].name}'" for i in (3, 4, 5)]
     assert parts[3:] == ["and 15 more stages with problems"]  # stages 6 to 20
     assert len(str(refused.value)) < 1000
+
+
+@pytest.mark.parametrize("backbone, top", [("mobilenet_v2", 10), ("tf_efficientnet_lite0", 4)])
+def test_the_benchmarks_top_half_recipes_take_half_the_backbones_groups(backbone: str, top: int) -> None:
+    """A fixed 10 was every group of a 9-group model, which build_plan refuses: the recipe would not run there."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("recipes", Path(__file__).parents[2] / "benchmarks" / "recipes.py")
+    recipes = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(recipes)
+    strategy, options = recipes.recipe_plan("thaw-top-half", {"epochs": 3, "head_epochs": 3}, backbone)
+    assert strategy == "head-top-all" and options["top_groups"] == top
+    plan, _ = recipes.recipe_plan("thaw-top-half-only", {"epochs": 3, "head_epochs": 3}, backbone)
+    assert [stage.name for stage in plan.stages] == ["head", f"top{top}"]

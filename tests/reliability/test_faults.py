@@ -561,10 +561,13 @@ def test_a_write_removes_the_temporary_copies_that_killed_writers_of_its_file_le
     elsewhere = tmp_path / f".report.html.another-host-{dead}-ghi789.tmp"  # its process cannot be checked
     longer_name = tmp_path / f".report.html.{here}-99999-{dead}-jkl012.tmp"  # a machine named {here}-99999
     other_file = tmp_path / f".thaw.json.{here}-{dead}-mno345.tmp"  # another file's: its own write removes it
-    for leftover in (killed, live, elsewhere, longer_name, other_file):
+    # no writer's tag: a pid past any process's (int() of it overflowed the kill) and a Unicode digit (int() refused it)
+    huge, unicode_digit = tmp_path / f".report.html.{here}-{'9' * 30}-pqr678.tmp", tmp_path / f".report.html.{here}-\u00b2-stu901.tmp"
+    for leftover in (killed, live, elsewhere, longer_name, other_file, huge, unicode_digit):
         leftover.write_text("half a page")
     atomic_write(tmp_path / "report.html", lambda target: target.write_text("the page"))
-    assert sorted(path.name for path in tmp_path.iterdir()) == sorted(["report.html", live.name, elsewhere.name, longer_name.name, other_file.name])
+    kept = [live.name, elsewhere.name, longer_name.name, other_file.name, huge.name, unicode_digit.name]
+    assert sorted(path.name for path in tmp_path.iterdir()) == sorted(["report.html", *kept])
     atomic_write(tmp_path / "thaw.json", lambda target: target.write_text("{}"))
     assert not other_file.exists()
 

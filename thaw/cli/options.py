@@ -233,7 +233,8 @@ def plan_from_args(args: argparse.Namespace, num_groups: int, recorded: bool = F
     # The last of each wins, as for every other flag typed twice (an override appended to a command): a plain --lr
     # kept its first value while NAME=LR kept its last.
     top_groups = args.top_groups
-    if recorded and strategy == "head-top-all" and top_groups is not None and top_groups >= num_groups:
+    as_run = recorded and "--top-groups" not in getattr(args, TYPED_PLAN_FLAGS, ())  # a typed one is checked as new
+    if as_run and strategy == "head-top-all" and type(top_groups) is int and top_groups >= num_groups:
         strategy, top_groups = "two-phase", None  # a top stage of every group, which thaw then dropped: two-phase's plan
     head_lr = next((value for name, value in reversed(args.lr) if name is None), DEFAULT_HEAD_LR)
     named = {name: value for name, value in args.lr if name is not None}

@@ -351,7 +351,8 @@ def _split_folders(root: Path) -> dict[str, Path]:
     folders = sorted(p for p in entries if p.is_dir() and not p.name.startswith("."))
     # train/ as written says split folders, as it always has; another case only where every folder is a split's name:
     # Bus/, Car/ and Train/ are the classes of a vehicle set, not a train split beside two classes.
-    if not (root / "train").is_dir() and not all(folder.name.lower() in SPLIT_NAMES for folder in folders):
+    # train/ by its name on disk: a case-insensitive file system (macOS, Windows) finds Train/ as train/ too
+    if not any(folder.name == "train" for folder in folders) and not all(folder.name.lower() in SPLIT_NAMES for folder in folders):
         return {}
     found: dict[str, list[Path]] = defaultdict(list)
     for folder in folders:
@@ -484,7 +485,7 @@ def _check_holds_class_folders(split_dir: Path) -> None:
         # classes). One such folder beside it is more likely Kaggle's unlabelled test1/ or train_masks/: no hint
         others = [p.name for p in _class_folders(split_dir.parent) if p.name.lower() not in SPLIT_NAMES and _holds_images_only(p)]
         hint = (f"; if {split_dir.name}/ is a class beside {', '.join(f'{name}/' for name in others[:3])}, name it Train/: "
-                "thaw reads a split's name in another case as a class where other folders are no split's") if len(others) >= 2 else ""
+                "thaw reads a split's name in another case as a class where other folders are no split's") if len(others) >= 2 and split_dir.name == "train" else ""
         raise ThawError(
             f"{split_dir} holds {len(loose)} image(s) but no class folders, so no labels; "
             f"put each class's images in a folder named after it: {split_dir}/CLASS/IMAGE{hint}"

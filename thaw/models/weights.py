@@ -149,6 +149,10 @@ def load_state_dict_file(path: Path) -> dict[str, torch.Tensor]:
     """A state dict from safetensors or a weights-only torch file; never unpickles code."""
     require_file(path)
     check_hash_in_name(path)
+    try:  # no permission, a disk error: said as such (safetensors would call it missing, torch a damaged file)
+        path.open("rb").close()
+    except OSError as error:
+        raise ThawError(f"cannot read {path}: {error.strerror or first_line(error)}") from None
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 

@@ -76,9 +76,12 @@ def _trained_on(weights: str | None, classes: list[str]) -> bool:
     """Whether `weights` is a thaw run's weights file, trained on these classes in this order (more data for the same
     classes, say): its head scores them already, so a new run keeps it rather than start a new one. The classes are
     the ones the file's own header records (a copied file keeps them), else those of the run's thaw.json beside it."""
-    if not isinstance(weights, str) or not Path(weights).expanduser().is_file():  # a weights name: no run's
+    try:
+        path = Path(weights).expanduser() if isinstance(weights, str) else None
+    except RuntimeError:  # ~nosuchuser/: no home to expand; the load says the file is missing
         return False
-    path = Path(weights).expanduser()
+    if path is None or not path.is_file():  # a weights name: no run's
+        return False
     return _header_classes(path) == list(classes) or (_header_classes(path) is None and _folder_classes(path) == list(classes))
 
 
