@@ -473,7 +473,7 @@ def _check_holds_class_folders(split_dir: Path) -> None:
     """Images straight in train/ (no class folders) carry no labels: said as such, not as 'no class found'."""
     if _class_folders(split_dir):
         return
-    loose = [path for path in split_dir.iterdir() if path.suffix.lower() in IMAGE_SUFFIXES and path.is_file()]
+    loose = [path for path in split_dir.iterdir() if _is_image_file(path)]
     if loose and SPLIT_NAMES.get(split_dir.name.lower()) == "test":  # Kaggle's layout: the images to predict, unlabelled
         raise ThawError(
             f"{split_dir} holds {len(loose)} image(s) but no class folders: unlabelled images cannot score a model; "
@@ -483,9 +483,10 @@ def _check_holds_class_folders(split_dir: Path) -> None:
     if loose:
         # bus/, car/ and train/ of images: a vehicle set whose class train reads as the split (its other cases stay
         # classes). One such folder beside it is more likely Kaggle's unlabelled test1/ or train_masks/: no hint
-        others = [p.name for p in _class_folders(split_dir.parent) if p.name.lower() not in SPLIT_NAMES and _holds_images_only(p)]
+        others = [p.name for p in _class_folders(split_dir.parent) if p.name.lower() not in SPLIT_NAMES and _holds_images_only(p)] \
+            if split_dir.name == "train" else []
         hint = (f"; if {split_dir.name}/ is a class beside {', '.join(f'{name}/' for name in others[:3])}, name it Train/: "
-                "thaw reads a split's name in another case as a class where other folders are no split's") if len(others) >= 2 and split_dir.name == "train" else ""
+                "thaw reads a split's name in another case as a class where other folders are no split's") if len(others) >= 2 else ""
         raise ThawError(
             f"{split_dir} holds {len(loose)} image(s) but no class folders, so no labels; "
             f"put each class's images in a folder named after it: {split_dir}/CLASS/IMAGE{hint}"
@@ -537,7 +538,7 @@ def _looks_like_split(folder: Path, classes: tuple[str, ...]) -> bool:
         inside = _class_folders(folder)
         if not inside or any(child.name.casefold() not in known for child in inside) or len(inside) < min(2, len(known)):
             return False
-        return any(path.suffix.lower() in IMAGE_SUFFIXES and path.is_file() for child in inside for path in child.iterdir())
+        return any(_is_image_file(path) for child in inside for path in child.iterdir())
     except OSError:  # unlistable: not data thaw could read either way
         return False
 

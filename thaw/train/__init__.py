@@ -82,7 +82,8 @@ def _trained_on(weights: str | None, classes: list[str]) -> bool:
         return False
     if path is None or not path.is_file():  # a weights name: no run's
         return False
-    return _header_classes(path) == list(classes) or (_header_classes(path) is None and _folder_classes(path) == list(classes))
+    recorded = _header_classes(path)
+    return (recorded if recorded is not None else _folder_classes(path)) == list(classes)
 
 
 def _header_classes(path: Path) -> list | None:

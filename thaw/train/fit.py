@@ -318,7 +318,7 @@ class Trainer:
             return
         if not self.config.quiet and self.processes.is_main:  # torchrun's other ranks train the same run
             print(
-                f"thaw: warning: image size {size} px is a quarter or less of the {crop} px the {self.meta['weights']} weights "
+                f"thaw: warning: image size {size} px is a quarter or less of the {crop} px the {weights} weights "
                 "were trained at; their features see little at that size: a larger --image-size enlarges small images",
                 file=sys.stderr, flush=True,
             )
