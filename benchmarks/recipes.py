@@ -123,8 +123,12 @@ THAW_RECIPES = {
     # the default with its all stage at a fifth of its lrs (the head 1e-4 instead of 5e-4, the stem 100x below): the
     # seed recipe's 1e-4 for everything, with thaw's discriminative range below it
     "thaw-all-fifth": ({"plan": "head-top-all", "all_lr": 1e-4}, {}),
+    # the default with its head and top-2 stages on 3 augmented views of the frozen bottom's output (one per epoch)
+    # instead of the evaluation view's: the top-2 stage's epochs are the ones most often delivered
+    "thaw-top-views": ({"plan": "head-top-all"}, {"cache_views": 3}),
+    "thaw-budget-top-views": ({"plan": "head-top-all"}, {"cache_views": 3}),  # ... with --budget
 }
-AUGMENTING = ("thaw-budget-trivial", "thaw-progressive", "thaw-gradual-progressive", "thaw-trivial", "thaw-rand", "thaw-mixup", "thaw-cutmix", "thaw-mix")
+AUGMENTING = ("thaw-top-views", "thaw-budget-top-views", "thaw-budget-trivial", "thaw-progressive", "thaw-gradual-progressive", "thaw-trivial", "thaw-rand", "thaw-mixup", "thaw-cutmix", "thaw-mix")
 IMAGE_RECIPES = (*THAW_RECIPES, "seed", "fastai", "fastai-bf16")
 DEFAULT_IMAGE_RECIPES = ("thaw", "seed", "fastai")
 TEXT_RECIPES = ("two-phase", "feature-extract", "lora", "head-top-all")  # two-phase: the text default
