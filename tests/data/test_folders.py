@@ -113,6 +113,34 @@ def test_csv_manifest(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     assert all(path.is_relative_to(tmp_path / "images") for path, _ in data.train)
 
 
+@pytest.mark.parametrize("suffix", [".tsv", ".TAB"])
+def test_a_tab_separated_manifest_is_read_by_its_suffix_commas_in_names_and_all(tmp_path: Path, suffix: str) -> None:
+    """pandas' to_csv(sep="\\t") and spreadsheets write .tsv: read with tabs, a comma in a file name is part of it."""
+    write_class_images(tmp_path / "images", per_class=4)
+    for image in sorted((tmp_path / "images").rglob("*.png"))[::2]:
+        image.rename(image.with_name(f"shot, {image.name}"))  # a comma that a .csv manifest would have to quote
+    images = sorted((tmp_path / "images").rglob("*.png"))
+    rows = ["path\tlabel"] + [f"images/{p.parent.name}/{p.name}\t{p.parent.name}" for p in images]
+    (tmp_path / f"labels{suffix}").write_text("\n".join(rows))
+    data = discover(tmp_path / f"labels{suffix}")
+    assert data.classes == ("blue", "green", "red")
+    assert sorted(path for path, _ in data.train + data.val) == images
+    assert all(data.classes[label] == path.parent.name for path, label in data.train + data.val)
+    assert data.layout.startswith(f"{suffix[1:].upper()} manifest")
+
+
+def test_a_tab_separated_manifest_with_a_third_column_says_its_columns_with_a_tab(tmp_path: Path) -> None:
+    write_class_images(tmp_path / "images", per_class=2)
+    file = f"images/blue/{sorted((tmp_path / 'images' / 'blue').iterdir())[0].name}"
+    (tmp_path / "labels.tsv").write_text(f"path\tlabel\tsplit\n{file}\tblue\ttest\n")
+    with pytest.raises(ThawError) as error:
+        discover(tmp_path / "labels.tsv")
+    assert str(error.value) == (
+        f"{tmp_path / 'labels.tsv'}: line 2: 3 columns, expected path<TAB>label (remove the others, or quote a path or "
+        "label that holds a tab)"
+    )
+
+
 def test_csv_manifest_with_missing_files(tmp_path: Path) -> None:
     (tmp_path / "labels.csv").write_text("path,label\nnope.png,cat\n")
     with pytest.raises(ThawError, match="1 listed files do not exist") as error:
@@ -518,9 +546,11 @@ def test_images_beside_the_class_folders_are_warned_of_as_not_read(tmp_path: Pat
     assert not [note for note in discover(write_class_images(tmp_path / "clean", per_class=4)).notes if "beside" in note]
 
 
-@pytest.mark.parametrize("name, hint", [("photos.zip", ""), ("manifest.tsv", " (a manifest is read as CSV: save a tab-separated one with commas, as .csv)")])
-def test_a_file_that_is_no_manifest_is_one_line_saying_what_to_pass(tmp_path: Path, name: str, hint: str) -> None:
+@pytest.mark.parametrize("name", ["photos.zip", "labels.txt"])
+def test_a_file_that_is_no_manifest_is_one_line_saying_what_to_pass(tmp_path: Path, name: str) -> None:
     (tmp_path / name).write_text("path\tlabel\n")
     with pytest.raises(ThawError) as refused:
         discover(tmp_path / name)
-    assert str(refused.value) == f"{tmp_path / name} is a file; pass a folder of class folders, a folder with train/ and val/, or a .csv manifest{hint}"
+    assert str(refused.value) == (
+        f"{tmp_path / name} is a file; pass a folder of class folders, a folder with train/ and val/, or a .csv (or .tsv) manifest"
+    )

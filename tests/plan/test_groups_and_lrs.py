@@ -32,6 +32,11 @@ def test_seed_strategy_2_leaving_groups_out_is_refused_with_counts(resnet50) -> 
     assert "leave 8,327,488 of 23,518,277 trainable parameters" in message
     assert "stem (conv1, bn1): 9,536" in message
     assert "layer2: 1,219,584" in message and "layer3: 7,098,368" in message
+    # a plan file's user and a command line's are each told the words they write
+    assert message.endswith(
+        "give each an lr (lrs in a plan file, --lr NAME=LR on the command line), use lr_range or "
+        "layer_decay (--lr-range, --layer-decay), or freeze them"
+    )
 
 
 def test_seed_strategy_2_with_every_group_named_is_accepted(resnet50) -> None:

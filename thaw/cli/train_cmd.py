@@ -46,7 +46,7 @@ def register(commands: argparse._SubParsersAction) -> None:
     parser = commands.add_parser("train", help="fine-tune a model on labelled images or text", allow_abbrev=False)
     parser.add_argument(
         "data", nargs="?", type=path_text,
-        help="images: folder with train/ and val/, folder of class folders, or CSV manifest; text: a CSV/TSV table "
+        help="images: folder with train/ and val/, folder of class folders, or CSV (or TSV) manifest; text: a CSV/TSV table "
         "(with --resume: optional)",
     )
     add_model_options(parser, required=False)

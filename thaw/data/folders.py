@@ -1,4 +1,4 @@
-"""Finding labelled images: split folders, one folder split by seed, or a CSV manifest.
+"""Finding labelled images: split folders, one folder split by seed, or a CSV (or TSV) manifest.
 
 Split folders are train/ with val/ (or valid/, validation/) and optionally test/, their names in any case
 (Train/, VAL/). Two folders for one split (val/ and valid/) is an error: which one to score on is the user's call.
@@ -483,14 +483,22 @@ def _check_holds_class_folders(split_dir: Path) -> None:
     if loose:
         # bus/, car/ and train/ of images: a vehicle set whose class train reads as the split (its other cases stay
         # classes). One such folder beside it is more likely Kaggle's unlabelled test1/ or train_masks/: no hint
-        others = [p.name for p in _class_folders(split_dir.parent) if p.name.lower() not in SPLIT_NAMES and _holds_images_only(p)] \
-            if split_dir.name == "train" else []
+        others = _image_folders_beside(split_dir) if split_dir.name == "train" else []
         hint = (f"; if {split_dir.name}/ is a class beside {', '.join(f'{name}/' for name in others[:3])}, name it Train/: "
                 "thaw reads a split's name in another case as a class where other folders are no split's") if len(others) >= 2 else ""
         raise ThawError(
             f"{split_dir} holds {len(loose)} image(s) but no class folders, so no labels; "
             f"put each class's images in a folder named after it: {split_dir}/CLASS/IMAGE{hint}"
         )
+
+
+def _image_folders_beside(split_dir: Path) -> list[str]:
+    """The names of the folders next to split_dir that are no split's and hold images only: candidate classes."""
+    return [
+        folder.name
+        for folder in _class_folders(split_dir.parent)
+        if folder.name.lower() not in SPLIT_NAMES and _holds_images_only(folder)
+    ]
 
 
 def _holds_images_only(folder: Path) -> bool:
@@ -564,35 +572,46 @@ def _check_not_one_level_up(root: Path) -> None:
         raise ThawError(f"{root} holds one folder, {only[0].name}/, whose folders ({names}) look like the classes; pass {only[0]}")
 
 
+# A manifest's separator by its suffix: .tsv and .tab are what spreadsheets and pandas write tab-separated tables as.
+MANIFEST_DELIMITERS = {".csv": ",", ".tsv": "\t", ".tab": "\t"}
+
+
+def _manifest_columns(path: Path) -> str:
+    """The two columns as the manifest writes them, for the messages: path,label, or path<TAB>label."""
+    return "path,label" if MANIFEST_DELIMITERS[path.suffix.lower()] == "," else "path<TAB>label"
+
+
 def _manifest_rows(path: Path) -> list[tuple[int, list[str]]]:
-    """The non-comment rows of a CSV manifest with the line each ends on; a file that is not UTF-8 CSV is one line
-    saying so."""
+    """The non-comment rows of a manifest with the line each ends on; a file that is not UTF-8 CSV (or TSV) is one
+    line saying so."""
+    kind, columns = path.suffix[1:].upper(), _manifest_columns(path)
     try:
         with path.open(newline="", encoding="utf-8-sig") as handle:
-            reader = csv.reader(handle)
+            reader = csv.reader(handle, delimiter=MANIFEST_DELIMITERS[path.suffix.lower()])
             return [(reader.line_num, row) for row in reader if row and not row[0].startswith("#")]
     except UnicodeDecodeError as error:
-        raise ThawError(f"{path} is not UTF-8 text (byte {error.start}); save the manifest as UTF-8 CSV (path,label)") from None
+        raise ThawError(f"{path} is not UTF-8 text (byte {error.start}); save the manifest as UTF-8 {kind} ({columns})") from None
     except csv.Error as error:
-        raise ThawError(f"{path} is not a readable CSV manifest ({error}); expected lines of path,label") from None
+        raise ThawError(f"{path} is not a readable {kind} manifest ({error}); expected lines of {columns}") from None
     except OSError as error:
         raise ThawError(f"cannot read {path} ({error.strerror or error})") from None
 
 
 def _from_manifest(path: Path, val_split: float, seed: int, min_classes: int) -> ImageData:
-    rows = _manifest_rows(path)
+    rows, columns = _manifest_rows(path), _manifest_columns(path)
     header = [c.strip().lower() for c in rows[0][1][:2]] if rows else []
     if header == ["label", "path"]:
         raise ThawError(f"{path}: the header is label,path; thaw reads path,label: swap the two columns")
     if header == ["path", "label"]:
         rows = rows[1:]
     if not rows:
-        raise ThawError(f"{path} lists no images; expected lines of path,label (a header line path,label may come first)")
-    problems = [f"line {line}: expected path,label" for line, row in rows if len(row) < 2]
+        raise ThawError(f"{path} lists no images; expected lines of {columns} (a header line {columns} may come first)")
+    problems = [f"line {line}: expected {columns}" for line, row in rows if len(row) < 2]
     problems += [f"line {line}: empty label" for line, row in rows if len(row) >= 2 and not row[1].strip()]
     # A third column (a split, a second label) or a path with an unquoted comma would be dropped without a word.
     problems += [
-        f"line {line}: {len(row)} columns, expected path,label (remove the others, or quote a path or label that holds a comma)"
+        f"line {line}: {len(row)} columns, expected {columns} (remove the others, or quote a path or label that holds a "
+        f"{'comma' if columns == 'path,label' else 'tab'})"
         for line, row in rows if any(cell.strip() for cell in row[2:])
     ]
     problems += [f"line {line}: empty path" for line, row in rows if len(row) >= 2 and not row[0].strip()]
@@ -622,7 +641,7 @@ def _from_manifest(path: Path, val_split: float, seed: int, min_classes: int) ->
             by_class[label].append(file)
     classes = _check_classes({"manifest": dict(by_class)}, path, min_classes)
     train, val = split_off_val(list(_samples(by_class, classes)), val_split, seed, path, min_classes=min_classes)
-    layout = f"CSV manifest, {as_percent(val_split)} held out"
+    layout = f"{path.suffix[1:].upper()} manifest, {as_percent(val_split)} held out"
     return ImageData(classes, tuple(train), tuple(val), None, layout, tuple(skipped), cautions=classes_not_held_out(classes, val, min_classes))
 
 
@@ -636,9 +655,8 @@ def discover(root: str | Path, *, val_split: float = 0.2, seed: int = 0, min_cla
     if special:  # a manifest piped in by <(...), /dev/null: read once, it could not be read again on a resume
         raise ThawError(f"data path {root} is {special}, not a folder or a file; pass a folder, or save the manifest as a .csv file and pass that")
     if root.is_file():
-        if root.suffix.lower() != ".csv":
-            tsv = " (a manifest is read as CSV: save a tab-separated one with commas, as .csv)" if root.suffix.lower() == ".tsv" else ""
-            raise ThawError(f"{root} is a file; pass a folder of class folders, a folder with train/ and val/, or a .csv manifest{tsv}")
+        if root.suffix.lower() not in MANIFEST_DELIMITERS:
+            raise ThawError(f"{root} is a file; pass a folder of class folders, a folder with train/ and val/, or a .csv (or .tsv) manifest")
         return _from_manifest(root, val_split, seed, min_classes)
     folders = _split_folders(root)
     if "train" in folders:

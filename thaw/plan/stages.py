@@ -139,8 +139,8 @@ def _check_every_trainable_group_has_lr(
         listed = ", ".join(f"{name}: {count:,}" for name, count in left_out)
         raise ThawError(
             f"lrs given for {', '.join(rule.by_name)} leave {missing:,} of {total:,} trainable parameters "
-            f"in no optimizer group: {listed}; give each an lr (--lr NAME=LR), use --lr-range or "
-            "--layer-decay, or freeze them"
+            f"in no optimizer group: {listed}; give each an lr (lrs in a plan file, --lr NAME=LR on the"
+            " command line), use lr_range or layer_decay (--lr-range, --layer-decay), or freeze them"
         )
 
 
