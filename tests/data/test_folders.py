@@ -111,6 +111,7 @@ def test_csv_manifest(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     data = discover(tmp_path / "labels.csv")
     assert data.classes == ("blue", "green", "red") and len(data.train) + len(data.val) == 15
     assert all(path.is_relative_to(tmp_path / "images") for path, _ in data.train)
+    assert data.layout == "CSV manifest, 20% held out"
 
 
 @pytest.mark.parametrize("suffix", [".tsv", ".TAB"])
@@ -126,7 +127,7 @@ def test_a_tab_separated_manifest_is_read_by_its_suffix_commas_in_names_and_all(
     assert data.classes == ("blue", "green", "red")
     assert sorted(path for path, _ in data.train + data.val) == images
     assert all(data.classes[label] == path.parent.name for path, label in data.train + data.val)
-    assert data.layout.startswith(f"{suffix[1:].upper()} manifest")
+    assert data.layout.startswith("TSV manifest")
 
 
 def test_a_tab_separated_manifest_with_a_third_column_says_its_columns_with_a_tab(tmp_path: Path) -> None:

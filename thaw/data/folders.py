@@ -578,13 +578,21 @@ MANIFEST_DELIMITERS = {".csv": ",", ".tsv": "\t", ".tab": "\t"}
 
 def _manifest_columns(path: Path) -> str:
     """The two columns as the manifest writes them, for the messages: path,label, or path<TAB>label."""
-    return "path,label" if MANIFEST_DELIMITERS[path.suffix.lower()] == "," else "path<TAB>label"
+    return "path,label" if _is_comma_separated(path) else "path<TAB>label"
+
+
+def _manifest_kind(path: Path) -> str:
+    return "CSV" if _is_comma_separated(path) else "TSV"
+
+
+def _is_comma_separated(path: Path) -> bool:
+    return MANIFEST_DELIMITERS[path.suffix.lower()] == ","
 
 
 def _manifest_rows(path: Path) -> list[tuple[int, list[str]]]:
     """The non-comment rows of a manifest with the line each ends on; a file that is not UTF-8 CSV (or TSV) is one
     line saying so."""
-    kind, columns = path.suffix[1:].upper(), _manifest_columns(path)
+    kind, columns = _manifest_kind(path), _manifest_columns(path)
     try:
         with path.open(newline="", encoding="utf-8-sig") as handle:
             reader = csv.reader(handle, delimiter=MANIFEST_DELIMITERS[path.suffix.lower()])
@@ -611,7 +619,7 @@ def _from_manifest(path: Path, val_split: float, seed: int, min_classes: int) ->
     # A third column (a split, a second label) or a path with an unquoted comma would be dropped without a word.
     problems += [
         f"line {line}: {len(row)} columns, expected {columns} (remove the others, or quote a path or label that holds a "
-        f"{'comma' if columns == 'path,label' else 'tab'})"
+        f"{'comma' if _is_comma_separated(path) else 'tab'})"
         for line, row in rows if any(cell.strip() for cell in row[2:])
     ]
     problems += [f"line {line}: empty path" for line, row in rows if len(row) >= 2 and not row[0].strip()]
@@ -641,7 +649,7 @@ def _from_manifest(path: Path, val_split: float, seed: int, min_classes: int) ->
             by_class[label].append(file)
     classes = _check_classes({"manifest": dict(by_class)}, path, min_classes)
     train, val = split_off_val(list(_samples(by_class, classes)), val_split, seed, path, min_classes=min_classes)
-    layout = f"{path.suffix[1:].upper()} manifest, {as_percent(val_split)} held out"
+    layout = f"{_manifest_kind(path)} manifest, {as_percent(val_split)} held out"
     return ImageData(classes, tuple(train), tuple(val), None, layout, tuple(skipped), cautions=classes_not_held_out(classes, val, min_classes))
 
 
