@@ -148,6 +148,19 @@ def test_a_manifest_with_another_header_says_which_header_is_expected(
     assert said == f"thaw: error: {manifest}: an image manifest's header is path,label, this one's is 'filename,class'; rename its columns path,label"
 
 
+def test_a_tab_separated_manifest_with_another_header_is_told_its_columns_with_a_tab(
+    finished_run: Path, colours: Path, capsys: pytest.CaptureFixture[str],
+) -> None:
+    rows = [f"{file.relative_to(colours)}\t{file.parent.name}" for file in sorted((colours / "val").glob("*/*.png"))]
+    manifest = colours / "filename-class.tsv"
+    manifest.write_text("\n".join(["filename\tclass", *rows]) + "\n")
+    said = _one_line_error(["evaluate", str(finished_run), str(manifest)], capsys)
+    assert said == (
+        f"thaw: error: {manifest}: an image manifest's header is path<TAB>label, this one's is 'filename<TAB>class'; "
+        "rename its columns path<TAB>label"
+    )
+
+
 @pytest.mark.parametrize("header", ["path,label", None])
 def test_a_manifest_with_the_path_label_header_or_none_is_scored_whole(
     header: str | None, finished_run: Path, colours: Path, capsys: pytest.CaptureFixture[str],

@@ -142,6 +142,63 @@ def test_a_tab_separated_manifest_with_a_third_column_says_its_columns_with_a_ta
     )
 
 
+@pytest.mark.parametrize(
+    "suffix, separator, said",
+    [
+        (".tsv", ",", "its lines are separated by commas, and a .tsv manifest's by tabs; name it .csv"),
+        (".csv", "\t", "its lines are separated by tabs, and a .csv manifest's by commas; name it .tsv"),
+        (".csv", ";", "its lines are separated by semicolons, and a .csv manifest's by commas; save it with commas as .csv"),
+    ],
+)
+def test_a_manifest_written_with_another_separator_is_one_line_naming_it(
+    tmp_path: Path, suffix: str, separator: str, said: str,
+) -> None:
+    """Each line would read as one column: one line for the file, not an 'expected path,label' for each of its lines."""
+    write_class_images(tmp_path / "images", per_class=3)
+    rows = [f"path{separator}label"] + [f"images/{p.parent.name}/{p.name}{separator}{p.parent.name}" for p in (tmp_path / "images").rglob("*.png")]
+    (tmp_path / f"labels{suffix}").write_text("\n".join(rows))
+    with pytest.raises(ThawError) as refused:
+        discover(tmp_path / f"labels{suffix}")
+    assert str(refused.value) == f"{tmp_path / f'labels{suffix}'}: {said}"
+
+
+def test_a_tab_separated_manifest_headed_label_path_is_told_to_swap_in_its_own_notation(tmp_path: Path) -> None:
+    (tmp_path / "labels.tsv").write_text("label\tpath\nred\timages/red/0.png\n")
+    with pytest.raises(ThawError) as refused:
+        discover(tmp_path / "labels.tsv")
+    assert str(refused.value) == f"{tmp_path / 'labels.tsv'}: the header is label<TAB>path; thaw reads path<TAB>label: swap the two columns"
+
+
+@pytest.mark.parametrize("suffix, separator", [(".csv", ","), (".tsv", "\t")])
+def test_a_manifest_line_of_blanks_reads_as_an_empty_line(tmp_path: Path, suffix: str, separator: str) -> None:
+    """A spreadsheet's last row of spaces, or a stray tab, is no row naming an image with an empty label."""
+    write_class_images(tmp_path / "images", per_class=3)
+    rows = [f"images/{p.parent.name}/{p.name}{separator}{p.parent.name}" for p in sorted((tmp_path / "images").rglob("*.png"))]
+    (tmp_path / f"labels{suffix}").write_text("\n".join([*rows[:4], "   ", *rows[4:], "\t", f" {separator} ", ""]))
+    data = discover(tmp_path / f"labels{suffix}")
+    assert len(data.train) + len(data.val) == 9 and data.classes == ("blue", "green", "red")
+
+
+def test_a_manifest_whose_paths_are_written_from_the_working_folder_says_where_they_are_read_from(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    write_class_images(tmp_path / "images", per_class=3)
+    (tmp_path / "lists").mkdir()
+    rows = [f"images/{p.parent.name}/{p.name},{p.parent.name}" for p in sorted((tmp_path / "images").rglob("*.png"))]
+    (tmp_path / "lists" / "labels.csv").write_text("\n".join(rows))
+    monkeypatch.chdir(tmp_path)  # where images/... would be found
+    with pytest.raises(ThawError) as refused:
+        discover(Path("lists/labels.csv"))
+    assert str(refused.value) == (
+        f"lists/labels.csv: 9 listed files do not exist (first: lists/{rows[0].split(',')[0]}); a relative path is read "
+        "from the manifest's folder (lists), not the working folder: write the paths from there"
+    )
+    monkeypatch.chdir(tmp_path / "images")  # from here the paths name nothing: no guess at why
+    with pytest.raises(ThawError) as refused:
+        discover(tmp_path / "lists" / "labels.csv")
+    assert str(refused.value).endswith(f"9 listed files do not exist (first: {tmp_path / 'lists' / rows[0].split(',')[0]})")
+
+
 def test_csv_manifest_with_missing_files(tmp_path: Path) -> None:
     (tmp_path / "labels.csv").write_text("path,label\nnope.png,cat\n")
     with pytest.raises(ThawError, match="1 listed files do not exist") as error:
@@ -196,6 +253,22 @@ def test_csv_manifest_with_an_empty_label_or_a_file_listed_twice(tmp_path: Path,
     (tmp_path / "labels.csv").write_text("\n".join([f"{files[0]},blue", f"{files[0]},blue", f"{files[1]},red"]))
     with pytest.raises(ThawError, match=r"1 files are listed more than once \(first: .*\(blue, blue\)\)"):
         discover(tmp_path / "labels.csv")
+
+
+@pytest.mark.parametrize("other", ["./FILE", "images/../FILE", "ABSOLUTE"])
+def test_a_file_listed_twice_under_two_spellings_is_refused(tmp_path: Path, other: str) -> None:
+    """images/a.png and ./images/a.png (or images/../images/a.png, or its absolute path) are one image: two labels for
+    it would train it as both classes, and the split could hold one copy out as val."""
+    write_class_images(tmp_path / "images", per_class=3)
+    files = [f"images/{p.parent.name}/{p.name}" for p in sorted((tmp_path / "images").rglob("*.png"))]
+    spelled = str(tmp_path / files[0]) if other == "ABSOLUTE" else other.replace("FILE", files[0])
+    (tmp_path / "labels.tsv").write_text("\n".join([f"{files[0]}\tblue", f"{spelled}\tgreen", *(f"{f}\tred" for f in files[1:])]))
+    with pytest.raises(ThawError) as refused:
+        discover(tmp_path / "labels.tsv")
+    assert str(refused.value) == (
+        f"{tmp_path / 'labels.tsv'}: 1 files are listed more than once (first: {tmp_path / files[0]} (blue, green)); "
+        "list each file once, with one label"
+    )
 
 
 def test_unreadable_files_are_skipped_and_listed(tmp_path: Path) -> None:

@@ -576,9 +576,9 @@ def _check_not_one_level_up(root: Path) -> None:
 MANIFEST_DELIMITERS = {".csv": ",", ".tsv": "\t", ".tab": "\t"}
 
 
-def _manifest_columns(path: Path) -> str:
-    """The two columns as the manifest writes them, for the messages: path,label, or path<TAB>label."""
-    return "path,label" if _is_comma_separated(path) else "path<TAB>label"
+def _manifest_columns(path: Path, first: str = "path", second: str = "label") -> str:
+    """Two columns as the manifest writes them, for the messages: path,label, or path<TAB>label."""
+    return f"{first}{',' if _is_comma_separated(path) else '<TAB>'}{second}"
 
 
 def _manifest_kind(path: Path) -> str:
@@ -596,7 +596,8 @@ def _manifest_rows(path: Path) -> list[tuple[int, list[str]]]:
     try:
         with path.open(newline="", encoding="utf-8-sig") as handle:
             reader = csv.reader(handle, delimiter=MANIFEST_DELIMITERS[path.suffix.lower()])
-            return [(reader.line_num, row) for row in reader if row and not row[0].startswith("#")]
+            # a line of blanks (a spreadsheet's last row, a stray tab) is an empty line, as a line with nothing is
+            return [(reader.line_num, row) for row in reader if any(cell.strip() for cell in row) and not row[0].startswith("#")]
     except UnicodeDecodeError as error:
         raise ThawError(f"{path} is not UTF-8 text (byte {error.start}); save the manifest as UTF-8 {kind} ({columns})") from None
     except csv.Error as error:
@@ -605,11 +606,39 @@ def _manifest_rows(path: Path) -> list[tuple[int, list[str]]]:
         raise ThawError(f"cannot read {path} ({error.strerror or error})") from None
 
 
+SEPARATORS = ((",", "commas", "name it .csv"), ("\t", "tabs", "name it .tsv"), (";", "semicolons", "save it with commas as .csv"))
+
+
+def _check_separator(path: Path, rows: list[tuple[int, list[str]]]) -> None:
+    """A .tsv written with commas (or a .csv with tabs, or a spreadsheet's semicolons) reads as one column a line: one
+    line naming the separator its lines hold, not an 'expected path,label' for each of them."""
+    if not rows or any(len(row) >= 2 for _, row in rows):
+        return
+    found = next(((name, fix) for separator, name, fix in SEPARATORS if separator in rows[0][1][0]), None)
+    if found is not None:
+        expected = "commas" if _is_comma_separated(path) else "tabs"
+        raise ThawError(f"{path}: its lines are separated by {found[0]}, and a {path.suffix} manifest's by {expected}; {found[1]}")
+
+
+def _why_missing(path: Path, entries: list[tuple[Path, str]], missing: list[str], columns: str) -> str:
+    """Where every listed file is missing, the likely reason: the columns the other way round (label,path without its
+    header), or paths written from the working folder, where the manifest's own folder is what they are read from."""
+    if len(missing) < len(entries):
+        return ""
+    if answers((path.parent / entries[0][1]).is_file):
+        return f"; the columns look swapped: thaw reads {columns}"
+    written = entries[0][0].relative_to(path.parent) if entries[0][0].is_relative_to(path.parent) else None
+    if written is not None and not written.is_absolute() and path.parent.resolve() != Path.cwd().resolve() and answers(written.is_file):
+        return f"; a relative path is read from the manifest's folder ({path.parent}), not the working folder: write the paths from there"
+    return ""
+
+
 def _from_manifest(path: Path, val_split: float, seed: int, min_classes: int) -> ImageData:
     rows, columns = _manifest_rows(path), _manifest_columns(path)
+    _check_separator(path, rows)
     header = [c.strip().lower() for c in rows[0][1][:2]] if rows else []
     if header == ["label", "path"]:
-        raise ThawError(f"{path}: the header is label,path; thaw reads path,label: swap the two columns")
+        raise ThawError(f"{path}: the header is {_manifest_columns(path, 'label', 'path')}; thaw reads {columns}: swap the two columns")
     if header == ["path", "label"]:
         rows = rows[1:]
     if not rows:
@@ -629,14 +658,13 @@ def _from_manifest(path: Path, val_split: float, seed: int, min_classes: int) ->
         problems.append(f"{len(folders)} listed paths are folders, not image files (first: {folders[0]})")
     missing = [str(p) for p, _ in entries if not answers(p.exists)]
     if missing:
-        # every path missing where the labels name files: label,path without its header
-        swapped = len(missing) == len(entries) and answers((path.parent / entries[0][1]).is_file)
-        problems.append(f"{len(missing)} listed files do not exist (first: {missing[0]})" + ("; the columns look swapped: thaw reads path,label" if swapped else ""))
-    labels: dict[Path, list[str]] = defaultdict(list)
+        problems.append(f"{len(missing)} listed files do not exist (first: {missing[0]})" + _why_missing(path, entries, missing, columns))
+    listings: dict[str, list[tuple[Path, str]]] = defaultdict(list)
     for file, label in entries:
-        labels[file].append(label)
+        # images/a.png, ./images/a.png, images/../images/a.png and its absolute path are one file, however spelled
+        listings[os.path.normpath(file.absolute())].append((file, label))
     # a file listed twice would be two samples, which the split may put one in train and one in val
-    repeated = [f"{file} ({', '.join(names)})" for file, names in labels.items() if len(names) > 1]
+    repeated = [f"{listed[0][0]} ({', '.join(label for _, label in listed)})" for listed in listings.values() if len(listed) > 1]
     if repeated:
         problems.append(f"{len(repeated)} files are listed more than once (first: {repeated[0]}); list each file once, with one label")
     if problems:

@@ -18,31 +18,32 @@ def check_image_table(data: str, text_hint: str) -> None:
     """Image data given as a table that is not a path,label manifest: one line that says so, before the manifest
     reader takes every row for an image and lists the texts as missing files (a 2.6 KB line, once). A header other
     than path,label would be taken as a row too. Anything else is left to the reader, which says what is wrong."""
-    rows = _first_rows(Path(data))
+    rows, delimiter = _first_rows(Path(data))
     if not rows or [cell.strip().lower() for cell in rows[0][:2]] == MANIFEST_HEADER:
         return
-    first = _quoted(rows[0])
+    shown = "<TAB>" if delimiter == "\t" else delimiter  # the columns as the user's file writes them
+    first, header = _quoted(rows[0], shown), shown.join(MANIFEST_HEADER)
     if any(_names_file(Path(data), row) for row in rows[1:]) and not _names_file(Path(data), rows[0]):
         if not Path(rows[0][0].strip()).suffix:  # `filename`, not a missing photo.jpg (the reader names those)
-            raise ThawError(f"{data}: an image manifest's header is path,label, this one's is {first}; rename its columns path,label")
+            raise ThawError(f"{data}: an image manifest's header is {header}, this one's is {first}; rename its columns {header}")
     elif (not any(_names_file(Path(data), row) for row in rows) and not any(_names_an_image(row) for row in rows)
           and any(len(cell.split()) >= 3 for row in rows for cell in row)):  # rows that name photo.jpg: the reader names them missing
-        raise ThawError(f"{data} is not an image manifest (path,label rows): its first row is {first}, as in a text table; {text_hint}")
+        raise ThawError(f"{data} is not an image manifest ({header} rows): its first row is {first}, as in a text table; {text_hint}")
 
 
-def _first_rows(path: Path) -> list[list[str]]:
-    """The first non-empty, non-comment rows of a table (tab-separated as thaw's text tables are sniffed); none for a
-    folder or an unreadable file, whose reader says why."""
+def _first_rows(path: Path) -> tuple[list[list[str]], str]:
+    """The first non-empty, non-comment rows of a table (tab-separated as thaw's text tables are sniffed) and the
+    separator they were read with; no rows for a folder or an unreadable file, whose reader says why."""
     if not path.is_file():
-        return []
+        return [], ","
     try:
         with path.open(newline="", encoding="utf-8-sig") as handle:
             first = handle.readline()
             delimiter = "\t" if path.suffix.lower() in (".tsv", ".tab") or "\t" in first else ","
             rows = csv.reader(itertools.chain([first], handle), delimiter=delimiter)
-            return list(itertools.islice((row for row in rows if row and not row[0].startswith("#")), ROWS_LOOKED_AT))
+            return list(itertools.islice((row for row in rows if row and not row[0].startswith("#")), ROWS_LOOKED_AT)), delimiter
     except (OSError, UnicodeDecodeError, csv.Error):
-        return []
+        return [], ","
 
 
 def _names_file(manifest: Path, row: list[str]) -> bool:
@@ -54,6 +55,6 @@ def _names_an_image(row: list[str]) -> bool:
     return Path(row[0].strip()).suffix.lower() in IMAGE_SUFFIXES
 
 
-def _quoted(row: list[str], width: int = 40) -> str:
-    text = ",".join(cell.strip() for cell in row[:2])
+def _quoted(row: list[str], separator: str, width: int = 40) -> str:
+    text = separator.join(cell.strip() for cell in row[:2])
     return repr(text if len(text) <= width else text[: width - 3] + "...")
