@@ -130,6 +130,21 @@ def test_a_tab_separated_manifest_is_read_by_its_suffix_commas_in_names_and_all(
     assert data.layout.startswith("TSV manifest")
 
 
+def test_asking_a_manifest_for_its_test_split_says_how_to_score_held_out_images(tmp_path: Path) -> None:
+    """A manifest's images are split into train and val only: a test/ folder beside train/ is no advice for it."""
+    write_class_images(tmp_path / "images", per_class=3)
+    rows = [f"images/{p.parent.name}/{p.name},{p.parent.name}" for p in sorted((tmp_path / "images").rglob("*.png"))]
+    (tmp_path / "labels.csv").write_text("\n".join(rows))
+    with pytest.raises(ThawError) as refused:
+        discover(tmp_path / "labels.csv").split("test")
+    assert str(refused.value) == (
+        "this dataset has no 'test' split; splits: train, val (list held-out images in a manifest of their own and "
+        "score it whole: thaw evaluate RUN THAT_MANIFEST)"
+    )
+    with pytest.raises(ThawError, match=r"\(put test images in a test/ folder beside train/\)$"):
+        discover(tmp_path / "images").split("test")
+
+
 def test_a_tab_separated_manifest_with_a_third_column_says_its_columns_with_a_tab(tmp_path: Path) -> None:
     write_class_images(tmp_path / "images", per_class=2)
     file = f"images/blue/{sorted((tmp_path / 'images' / 'blue').iterdir())[0].name}"
@@ -197,6 +212,19 @@ def test_a_manifest_whose_paths_are_written_from_the_working_folder_says_where_t
     with pytest.raises(ThawError) as refused:
         discover(tmp_path / "lists" / "labels.csv")
     assert str(refused.value).endswith(f"9 listed files do not exist (first: {tmp_path / 'lists' / rows[0].split(',')[0]})")
+
+
+@pytest.mark.parametrize("ending", ["\n", "\r\n", "\r"])
+def test_a_quote_left_open_in_a_manifest_is_said_at_the_line_it_opens_on(tmp_path: Path, ending: str) -> None:
+    """The reader takes every line after an open quote as one field: the line to fix is the quote's, not the last."""
+    lines = ["a.png,red", '"b.png,red', "c.png,blue", "d.png,blue", ""]
+    (tmp_path / "labels.csv").write_bytes(ending.join(lines).encode())
+    with pytest.raises(ThawError) as refused:
+        discover(tmp_path / "labels.csv")
+    assert str(refused.value) == (
+        f"{tmp_path / 'labels.csv'}: line 2: a quote (\") opened there runs on to line 4, so those lines read as one field; "
+        "close it on its line, or remove it"
+    )
 
 
 def test_csv_manifest_with_missing_files(tmp_path: Path) -> None:

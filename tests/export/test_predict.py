@@ -78,6 +78,21 @@ def test_predict_on_no_readable_image_is_one_error_line(
     assert err.startswith("thaw: error: ") and f"{name} ({reason}" in err
 
 
+@pytest.mark.parametrize("name", ["labels.csv", "labels.tsv"])
+def test_predict_on_a_manifest_says_how_to_use_the_images_it_lists(
+    image_run: Path, tmp_path: Path, capfd: pytest.CaptureFixture[str], name: str,
+) -> None:
+    manifest = tmp_path / name
+    manifest.write_text("path,label\nimages/a.png,red\n")
+    capfd.readouterr()
+    assert main(["predict", str(image_run), str(manifest)]) == 2
+    out, err = capfd.readouterr()
+    assert out == "" and err == (
+        f"thaw: error: no image to classify: skipped 1 unreadable file(s): {manifest} (not an image); {manifest} is a list "
+        f"of images, not one: score them against its labels with thaw evaluate RUN {manifest}, or pass the images\n"
+    )
+
+
 def test_a_path_that_is_neither_file_nor_folder_is_named_as_such(tmp_path: Path) -> None:
     os.mkfifo(tmp_path / "pipe")  # as /dev/null or `<(...)` would be: there, but no image file to open by name
     with pytest.raises(ThawError, match="pipe is neither a file nor a folder; pass image files or folders"):

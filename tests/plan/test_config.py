@@ -105,6 +105,31 @@ def test_a_mapping_of_lrs_under_lr_points_to_lrs(tmp_path: Path) -> None:
         load_plan(path)
 
 
+def test_a_python_tag_in_a_plan_is_named_as_a_tag_and_never_run(tmp_path: Path) -> None:
+    """Valid YAML that the safe loader will not construct: said as a tag to remove, not as broken indentation."""
+    path, proof = tmp_path / "plan.yaml", tmp_path / "ran"
+    path.write_text(f'stages: !!python/object/apply:os.system ["touch {proof}"]\n')
+    with pytest.raises(ThawError) as refused:
+        load_plan(path)
+    assert str(refused.value) == f"{path} at line 1 holds a YAML tag thaw does not read (a !! tag); a plan holds plain values: remove it"
+    assert not proof.exists()
+
+
+@pytest.mark.parametrize("word, read_as", [("off", "False"), ("no", "False"), ("on", "True")])
+@pytest.mark.parametrize("level", ["plan", "stage"])
+def test_batchnorm_written_as_a_yaml_boolean_word_says_how_yaml_read_it(tmp_path: Path, word: str, read_as: str, level: str) -> None:
+    path = tmp_path / "plan.yaml"
+    stage = "{name: head, epochs: 1, train: [head], lr: 0.001" + (f", batchnorm: {word}" if level == "stage" else "") + "}"
+    path.write_text((f"batchnorm: {word}\n" if level == "plan" else "") + f"stages:\n  - {stage}\n")
+    with pytest.raises(ThawError) as refused:
+        load_plan(path)
+    where = "batchnorm" if level == "plan" else "stages[0].batchnorm"
+    assert str(refused.value).endswith(
+        f"{where}: expected one of frozen, train, eval, adapt, got {read_as} (YAML reads an unquoted off, no or false as "
+        "false, and on, yes or true as true)"
+    )
+
+
 def test_not_yaml_and_missing_file(tmp_path: Path) -> None:
     path = tmp_path / "plan.yaml"
     path.write_text("stages: [\n  - a: b\n")

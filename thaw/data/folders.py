@@ -81,7 +81,11 @@ def case_clashes(classes: tuple[str, ...]) -> tuple[str, ...]:
 class ImageData(LabelledData):
     """Samples are (image path, class index)."""
 
-    no_test_hint = "put test images in a test/ folder beside train/"
+    @property
+    def no_test_hint(self) -> str:
+        if self.layout.startswith(MANIFEST_KINDS):  # a manifest's images are all train or val: held-out ones are another file
+            return "list held-out images in a manifest of their own and score it whole: thaw evaluate RUN THAT_MANIFEST"
+        return "put test images in a test/ folder beside train/"
 
 
 def _class_folders(split_dir: Path) -> list[Path]:
@@ -581,6 +585,9 @@ def _manifest_columns(path: Path, first: str = "path", second: str = "label") ->
     return f"{first}{',' if _is_comma_separated(path) else '<TAB>'}{second}"
 
 
+MANIFEST_KINDS = ("CSV manifest", "TSV manifest")  # how a manifest's layout line starts
+
+
 def _manifest_kind(path: Path) -> str:
     return "CSV" if _is_comma_separated(path) else "TSV"
 
@@ -604,6 +611,21 @@ def _manifest_rows(path: Path) -> list[tuple[int, list[str]]]:
         raise ThawError(f"{path} is not a readable {kind} manifest ({error}); expected lines of {columns}") from None
     except OSError as error:
         raise ThawError(f"cannot read {path} ({error.strerror or error})") from None
+
+
+def _check_quotes_closed(path: Path, rows: list[tuple[int, list[str]]]) -> None:
+    """A quote never closed (`"photo.jpg,cat`) makes the reader take the lines after it as one field: said at the
+    line it opens on, not as a count of columns at the file's end. No file name holds a line break."""
+    for line, row in rows:
+        # a field the file's end closed keeps the last line's break, which ends no line of its own
+        breaks = sum(_line_breaks(cell.rstrip("\r\n")) for cell in row)
+        if breaks:
+            raise ThawError(f"{path}: line {line - breaks}: a quote (\") opened there runs on to line {line}, so those lines read "
+                            "as one field; close it on its line, or remove it")
+
+
+def _line_breaks(text: str) -> int:
+    return text.count("\n") + text.count("\r") - text.count("\r\n")
 
 
 SEPARATORS = ((",", "commas", "name it .csv"), ("\t", "tabs", "name it .tsv"), (";", "semicolons", "save it with commas as .csv"))
@@ -635,6 +657,7 @@ def _why_missing(path: Path, entries: list[tuple[Path, str]], missing: list[str]
 
 def _from_manifest(path: Path, val_split: float, seed: int, min_classes: int) -> ImageData:
     rows, columns = _manifest_rows(path), _manifest_columns(path)
+    _check_quotes_closed(path, rows)
     _check_separator(path, rows)
     header = [c.strip().lower() for c in rows[0][1][:2]] if rows else []
     if header == ["label", "path"]:

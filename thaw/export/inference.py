@@ -11,7 +11,7 @@ from torch import nn
 
 from thaw._allocator import memory_kept_between_steps
 from thaw._io import answers
-from thaw.data.folders import ImageData, candidate_files, describe_skipped, discover, unicode_form_hint
+from thaw.data.folders import MANIFEST_DELIMITERS, ImageData, candidate_files, describe_skipped, discover, unicode_form_hint
 from thaw.data.images import UnreadableImage, load_rgb
 from thaw.data.loaders import ImageDataset, make_loader
 from thaw.data.text import TextColumns, TextData, TextDataset, load_text_data, read_table, recorded_split_rules
@@ -307,6 +307,14 @@ def run_precision(meta: dict) -> str:
     return "fp32" if (meta.get("train_config") or {}).get("precision") == "fp32" else "auto"
 
 
+def _manifest_hint(skipped: list[tuple[str, str]]) -> str:
+    """A manifest given to predict lists images rather than being one: say how to use its images."""
+    manifest = next((path for path, _ in skipped if Path(path).suffix.lower() in MANIFEST_DELIMITERS), None)
+    if manifest is None:
+        return ""
+    return f"; {manifest} is a list of images, not one: score them against its labels with thaw evaluate RUN {manifest}, or pass the images"
+
+
 @torch.no_grad()
 @memory_kept_between_steps()
 def predict_files(
@@ -346,7 +354,7 @@ def predict_files(
         for path, values, indices in zip(kept, top.values, top.indices):
             predictions.append(Prediction(str(path), [(classes[i], float(v)) for v, i in zip(values, indices)]))
     if not predictions:  # nothing to show: one error, not a warning of the skipped files and then the same as an error
-        raise ThawError(f"no image to classify: {describe_skipped(tuple(skipped))}")
+        raise ThawError(f"no image to classify: {describe_skipped(tuple(skipped))}{_manifest_hint(skipped)}")
     return predictions, skipped
 
 

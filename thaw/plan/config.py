@@ -142,7 +142,7 @@ def _stage(raw: Any, index: int, defaults: dict, problems: list[str]) -> Stage |
         problems.append(f"{where}.train: expected at least one selector, like [head]")
     batchnorm = raw.get("batchnorm", defaults.get("batchnorm", "frozen"))
     if batchnorm not in BATCHNORM_POLICIES:
-        problems.append(f"{where}.batchnorm: expected one of {', '.join(BATCHNORM_POLICIES)}, got {batchnorm!r}")
+        problems.append(_batchnorm_problem(f"{where}.batchnorm", batchnorm))
     weight_decay = defaults["weight_decay"]
     if "weight_decay" in raw:
         weight_decay = _weight_decay(raw["weight_decay"], f"{where}.weight_decay", problems)
@@ -162,8 +162,14 @@ def _plan_defaults(raw: dict, problems: list[str]) -> dict:
         if raw["batchnorm"] in BATCHNORM_POLICIES:
             defaults["batchnorm"] = raw["batchnorm"]
         else:
-            problems.append(f"batchnorm: expected one of {', '.join(BATCHNORM_POLICIES)}, got {raw['batchnorm']!r}")
+            problems.append(_batchnorm_problem("batchnorm", raw["batchnorm"]))
     return defaults
+
+
+def _batchnorm_problem(where: str, value: object) -> str:
+    # YAML 1.1 reads an unquoted off, no or false as False (on, yes, true as True): the user wrote a word, not a flag
+    word = " (YAML reads an unquoted off, no or false as false, and on, yes or true as true)" if isinstance(value, bool) else ""
+    return f"{where}: expected one of {', '.join(BATCHNORM_POLICIES)}, got {value!r}{word}"
 
 
 def plan_from_dict(raw: Any, source: str = "plan", top_keys: tuple[str, ...] = PLAN_KEYS) -> Plan:
@@ -260,6 +266,8 @@ def read_plan_file(path: str | Path) -> tuple[Plan, dict[str, Any]]:
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""
+        if isinstance(error, yaml.constructor.ConstructorError):  # !!python/object and the like: valid YAML, but no plain value
+            raise ThawError(f"{path}{where} holds a YAML tag thaw does not read (a !! tag); a plan holds plain values: remove it") from None
         raise ThawError(f"{path} is not valid YAML{where}; check indentation and colons") from None
     except RecursionError:  # PyYAML composes nested lists and mappings recursively
         raise ThawError(f"{path} nests lists or mappings hundreds deep, which is no plan; see the README's plan file example") from None
