@@ -556,6 +556,25 @@ def test_unreadable_files_are_warned_of_on_stderr_before_training(tiny_split_dat
     assert len(warnings) == 1 and "cut.jpg" in warnings[0], result.stderr
 
 
+@pytest.mark.parametrize("flag", ["--quiet", "--json"])
+def test_quiet_and_json_leave_out_the_data_warnings_and_thaw_json_still_records_the_skipped_files(
+    flag: str, tiny_split_data: Path, tmp_path: Path,
+) -> None:
+    """As the README says: --quiet and --json leave the warning lines out; the run's record keeps what was skipped."""
+    (tiny_split_data / "train" / "red" / "cut.jpg").write_bytes(b"")
+    (tiny_split_data / "train" / "Red").mkdir()  # a class whose name differs from red only in case: a warning line too
+    for image in sorted((tiny_split_data / "train" / "red").glob("*.png"))[:3]:
+        image.rename(tiny_split_data / "train" / "Red" / image.name)
+    (tiny_split_data / "val" / "Red").mkdir()
+    next((tiny_split_data / "val" / "red").glob("*.png")).rename(tiny_split_data / "val" / "Red" / "moved.png")
+    out = tmp_path / "r"
+    result = thaw("train", str(tiny_split_data), *TINY, "--strategy", "feature-extract", "--epochs", "1", flag, "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    assert "warning" not in result.stderr and "cut.jpg" not in result.stderr, result.stderr
+    recorded = json.loads((out / "thaw.json").read_text())["skipped_files"]
+    assert [Path(item["path"]).name for item in recorded] == ["cut.jpg"]
+
+
 def test_predict_warns_of_unreadable_files_on_stderr(trained_run: Path, tiny_split_data: Path, tmp_path: Path) -> None:
     broken = tmp_path / "broken.jpg"
     broken.write_text("not an image")

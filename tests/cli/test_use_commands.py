@@ -170,6 +170,17 @@ def test_a_manifest_with_the_path_label_header_or_none_is_scored_whole(
     assert capsys.readouterr().out.startswith(f"all: 6 images (every readable one in {manifest})")
 
 
+@pytest.mark.parametrize("blank", ["   ", " , ", ","])
+def test_a_manifest_that_starts_with_a_line_of_blanks_is_scored_whole(
+    blank: str, finished_run: Path, colours: Path, capsys: pytest.CaptureFixture[str],
+) -> None:
+    """The check before the reader skips what the reader skips: a line of blanks is no header."""
+    manifest = _manifest(colours / "blank-first.csv", colours, None)
+    manifest.write_text(f"{blank}\n" + manifest.read_text())
+    assert main(["evaluate", str(finished_run), str(manifest)]) == 0
+    assert capsys.readouterr().out.startswith(f"all: 6 images (every readable one in {manifest})")
+
+
 def test_a_manifest_naming_image_files_that_are_missing_says_they_are_missing(
     finished_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
 ) -> None:

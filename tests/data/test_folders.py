@@ -215,16 +215,44 @@ def test_a_manifest_whose_paths_are_written_from_the_working_folder_says_where_t
 
 
 @pytest.mark.parametrize("ending", ["\n", "\r\n", "\r"])
-def test_a_quote_left_open_in_a_manifest_is_said_at_the_line_it_opens_on(tmp_path: Path, ending: str) -> None:
+@pytest.mark.parametrize("opened", ['"b.png,red', '#todo,"check these'])  # a comment's quote takes the rows after it too
+def test_a_quote_left_open_in_a_manifest_is_said_at_the_line_it_opens_on(tmp_path: Path, ending: str, opened: str) -> None:
     """The reader takes every line after an open quote as one field: the line to fix is the quote's, not the last."""
-    lines = ["a.png,red", '"b.png,red', "c.png,blue", "d.png,blue", ""]
+    lines = ["a.png,red", opened, "c.png,blue", "d.png,blue", ""]
     (tmp_path / "labels.csv").write_bytes(ending.join(lines).encode())
     with pytest.raises(ThawError) as refused:
         discover(tmp_path / "labels.csv")
     assert str(refused.value) == (
-        f"{tmp_path / 'labels.csv'}: line 2: a quote (\") opened there runs on to line 4, so those lines read as one field; "
-        "close it on its line, or remove it"
+        f"{tmp_path / 'labels.csv'}: line 2: a quote (\") opened there is never closed, so every line from there to the end "
+        "reads as one field; close it on its line, or remove it"
     )
+
+
+@pytest.mark.parametrize(
+    "lines, said",
+    [
+        (["a.png,red", '"b.png', 'x",red', "c.png,blue"], "line 2: a quote (\") opened there runs on to line 3, so those lines read as one field"),
+        (["a.png,red", "c.png,blue", '"d.png,blue', ""], "line 3: a quote (\") opened there is never closed, so every line from there"),
+    ],
+)
+def test_a_quote_that_spans_lines_or_opens_on_the_last_one_is_said_at_its_line(tmp_path: Path, lines: list[str], said: str) -> None:
+    (tmp_path / "labels.csv").write_text("\n".join(lines))
+    with pytest.raises(ThawError) as refused:
+        discover(tmp_path / "labels.csv")
+    assert said in str(refused.value)
+
+
+def test_a_manifest_of_missing_files_read_from_a_removed_working_folder_is_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    (tmp_path / "lists").mkdir()
+    (tmp_path / "lists" / "labels.csv").write_text("images/a.png,red\nimages/b.png,blue\n")
+    (tmp_path / "gone").mkdir()
+    monkeypatch.chdir(tmp_path / "gone")
+    (tmp_path / "gone").rmdir()  # the working folder of a shell whose folder was deleted
+    with pytest.raises(ThawError) as refused:
+        discover(tmp_path / "lists" / "labels.csv")
+    assert str(refused.value) == f"{tmp_path / 'lists' / 'labels.csv'}: 2 listed files do not exist (first: {tmp_path / 'lists' / 'images' / 'a.png'})"
 
 
 def test_csv_manifest_with_missing_files(tmp_path: Path) -> None:
@@ -283,13 +311,14 @@ def test_csv_manifest_with_an_empty_label_or_a_file_listed_twice(tmp_path: Path,
         discover(tmp_path / "labels.csv")
 
 
-@pytest.mark.parametrize("other", ["./FILE", "images/../FILE", "ABSOLUTE"])
+@pytest.mark.parametrize("other", ["./FILE", "images/../FILE", "ABSOLUTE", "LINK"])
 def test_a_file_listed_twice_under_two_spellings_is_refused(tmp_path: Path, other: str) -> None:
     """images/a.png and ./images/a.png (or images/../images/a.png, or its absolute path) are one image: two labels for
     it would train it as both classes, and the split could hold one copy out as val."""
     write_class_images(tmp_path / "images", per_class=3)
     files = [f"images/{p.parent.name}/{p.name}" for p in sorted((tmp_path / "images").rglob("*.png"))]
-    spelled = str(tmp_path / files[0]) if other == "ABSOLUTE" else other.replace("FILE", files[0])
+    (tmp_path / "alias.png").symlink_to(tmp_path / files[0])  # a link to it is the same image under another name
+    spelled = {"ABSOLUTE": str(tmp_path / files[0]), "LINK": "alias.png"}.get(other, other.replace("FILE", files[0]))
     (tmp_path / "labels.tsv").write_text("\n".join([f"{files[0]}\tblue", f"{spelled}\tgreen", *(f"{f}\tred" for f in files[1:])]))
     with pytest.raises(ThawError) as refused:
         discover(tmp_path / "labels.tsv")

@@ -111,8 +111,23 @@ def test_a_python_tag_in_a_plan_is_named_as_a_tag_and_never_run(tmp_path: Path) 
     path.write_text(f'stages: !!python/object/apply:os.system ["touch {proof}"]\n')
     with pytest.raises(ThawError) as refused:
         load_plan(path)
-    assert str(refused.value) == f"{path} at line 1 holds a YAML tag thaw does not read (a !! tag); a plan holds plain values: remove it"
+    assert str(refused.value) == f"{path} at line 1 holds a YAML tag thaw does not read; a plan holds plain values: remove it"
     assert not proof.exists()
+
+
+@pytest.mark.parametrize(
+    "text, said",
+    [
+        ("stages: !!float abc\n", "holds a value its YAML tag cannot make (could not convert string to float: 'abc'); remove the tag or fix the value"),
+        ("? [a, b]\n: 1\n", "at line 1 holds what no plan holds (found unhashable key); a plan holds plain values: remove it"),
+    ],
+)
+def test_a_plan_value_yaml_cannot_build_is_one_line(tmp_path: Path, text: str, said: str) -> None:
+    path = tmp_path / "plan.yaml"
+    path.write_text(text)
+    with pytest.raises(ThawError) as refused:
+        load_plan(path)
+    assert str(refused.value) == f"{path} {said}"
 
 
 @pytest.mark.parametrize("word, read_as", [("off", "False"), ("no", "False"), ("on", "True")])
@@ -128,6 +143,12 @@ def test_batchnorm_written_as_a_yaml_boolean_word_says_how_yaml_read_it(tmp_path
         f"{where}: expected one of frozen, train, eval, adapt, got {read_as} (YAML reads an unquoted off, no or false as "
         "false, and on, yes or true as true)"
     )
+
+
+def test_a_stage_without_epochs_runs_one_and_without_an_lr_runs_at_1e_3() -> None:
+    """The two defaults the README states for a plan file's stage."""
+    stage = plan_from_dict({"stages": [{"name": "head", "train": ["head"]}]}).stages[0]
+    assert stage.epochs == 1 and stage.lr.lr == 1e-3
 
 
 def test_not_yaml_and_missing_file(tmp_path: Path) -> None:

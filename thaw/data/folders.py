@@ -603,25 +603,30 @@ def _manifest_rows(path: Path) -> list[tuple[int, list[str]]]:
     try:
         with path.open(newline="", encoding="utf-8-sig") as handle:
             reader = csv.reader(handle, delimiter=MANIFEST_DELIMITERS[path.suffix.lower()])
-            # a line of blanks (a spreadsheet's last row, a stray tab) is an empty line, as a line with nothing is
-            return [(reader.line_num, row) for row in reader if any(cell.strip() for cell in row) and not row[0].startswith("#")]
+            rows = [(reader.line_num, row) for row in reader]
     except UnicodeDecodeError as error:
         raise ThawError(f"{path} is not UTF-8 text (byte {error.start}); save the manifest as UTF-8 {kind} ({columns})") from None
     except csv.Error as error:
         raise ThawError(f"{path} is not a readable {kind} manifest ({error}); expected lines of {columns}") from None
     except OSError as error:
         raise ThawError(f"cannot read {path} ({error.strerror or error})") from None
+    _check_quotes_closed(path, rows)  # comments too: a quote opened in one takes the rows after it
+    # a line of blanks (a spreadsheet's last row, a stray tab) is an empty line, as a line with nothing is
+    return [(line, row) for line, row in rows if any(cell.strip() for cell in row) and not row[0].startswith("#")]
 
 
 def _check_quotes_closed(path: Path, rows: list[tuple[int, list[str]]]) -> None:
     """A quote never closed (`"photo.jpg,cat`) makes the reader take the lines after it as one field: said at the
     line it opens on, not as a count of columns at the file's end. No file name holds a line break."""
     for line, row in rows:
-        # a field the file's end closed keeps the last line's break, which ends no line of its own
-        breaks = sum(_line_breaks(cell.rstrip("\r\n")) for cell in row)
-        if breaks:
-            raise ThawError(f"{path}: line {line - breaks}: a quote (\") opened there runs on to line {line}, so those lines read "
-                            "as one field; close it on its line, or remove it")
+        breaks = sum(_line_breaks(cell) for cell in row)
+        if not breaks:
+            continue
+        if any(cell.endswith(("\n", "\r")) for cell in row):  # only the file's end closed it: its last break is in the field
+            raise ThawError(f"{path}: line {line - breaks + 1}: a quote (\") opened there is never closed, so every line from there "
+                            "to the end reads as one field; close it on its line, or remove it")
+        raise ThawError(f"{path}: line {line - breaks}: a quote (\") opened there runs on to line {line}, so those lines read "
+                        "as one field; close it on its line, or remove it")
 
 
 def _line_breaks(text: str) -> int:
@@ -650,14 +655,17 @@ def _why_missing(path: Path, entries: list[tuple[Path, str]], missing: list[str]
     if answers((path.parent / entries[0][1]).is_file):
         return f"; the columns look swapped: thaw reads {columns}"
     written = entries[0][0].relative_to(path.parent) if entries[0][0].is_relative_to(path.parent) else None
-    if written is not None and not written.is_absolute() and path.parent.resolve() != Path.cwd().resolve() and answers(written.is_file):
+    try:
+        elsewhere = path.parent.resolve() != Path.cwd().resolve()
+    except OSError:  # the working folder was removed: no paths are read from it
+        return ""
+    if written is not None and not written.is_absolute() and elsewhere and answers(written.is_file):
         return f"; a relative path is read from the manifest's folder ({path.parent}), not the working folder: write the paths from there"
     return ""
 
 
 def _from_manifest(path: Path, val_split: float, seed: int, min_classes: int) -> ImageData:
     rows, columns = _manifest_rows(path), _manifest_columns(path)
-    _check_quotes_closed(path, rows)
     _check_separator(path, rows)
     header = [c.strip().lower() for c in rows[0][1][:2]] if rows else []
     if header == ["label", "path"]:
@@ -684,8 +692,8 @@ def _from_manifest(path: Path, val_split: float, seed: int, min_classes: int) ->
         problems.append(f"{len(missing)} listed files do not exist (first: {missing[0]})" + _why_missing(path, entries, missing, columns))
     listings: dict[str, list[tuple[Path, str]]] = defaultdict(list)
     for file, label in entries:
-        # images/a.png, ./images/a.png, images/../images/a.png and its absolute path are one file, however spelled
-        listings[os.path.normpath(file.absolute())].append((file, label))
+        # images/a.png, ./images/a.png, images/../images/a.png, its absolute path and a link to it are one file
+        listings[os.path.realpath(file)].append((file, label))
     # a file listed twice would be two samples, which the split may put one in train and one in val
     repeated = [f"{listed[0][0]} ({', '.join(label for _, label in listed)})" for listed in listings.values() if len(listed) > 1]
     if repeated:

@@ -41,7 +41,8 @@ def _first_rows(path: Path) -> tuple[list[list[str]], str]:
             first = handle.readline()
             delimiter = "\t" if path.suffix.lower() in (".tsv", ".tab") or "\t" in first else ","
             rows = csv.reader(itertools.chain([first], handle), delimiter=delimiter)
-            return list(itertools.islice((row for row in rows if row and not row[0].startswith("#")), ROWS_LOOKED_AT)), delimiter
+            read = (row for row in rows if any(cell.strip() for cell in row) and not row[0].startswith("#"))  # as the reader skips
+            return list(itertools.islice(read, ROWS_LOOKED_AT)), delimiter
     except (OSError, UnicodeDecodeError, csv.Error):
         return [], ","
 

@@ -267,8 +267,12 @@ def read_plan_file(path: str | Path) -> tuple[Plan, dict[str, Any]]:
         mark = getattr(error, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""
         if isinstance(error, yaml.constructor.ConstructorError):  # !!python/object and the like: valid YAML, but no plain value
-            raise ThawError(f"{path}{where} holds a YAML tag thaw does not read (a !! tag); a plan holds plain values: remove it") from None
+            tag = "could not determine a constructor" in (error.problem or "")
+            what = "a YAML tag thaw does not read" if tag else f"what no plan holds ({error.problem})"
+            raise ThawError(f"{path}{where} holds {what}; a plan holds plain values: remove it") from None
         raise ThawError(f"{path} is not valid YAML{where}; check indentation and colons") from None
+    except (ValueError, TypeError) as error:  # `!!float abc`: a tag's own conversion fails
+        raise ThawError(f"{path} holds a value its YAML tag cannot make ({error}); remove the tag or fix the value") from None
     except RecursionError:  # PyYAML composes nested lists and mappings recursively
         raise ThawError(f"{path} nests lists or mappings hundreds deep, which is no plan; see the README's plan file example") from None
     training = raw.pop("training", None) if isinstance(raw, dict) else None
