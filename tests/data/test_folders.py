@@ -177,6 +177,17 @@ def test_a_manifest_written_with_another_separator_is_one_line_naming_it(
     assert str(refused.value) == f"{tmp_path / f'labels{suffix}'}: {said}"
 
 
+def test_a_one_column_csv_is_not_said_to_be_separated_by_what_its_paths_hold(tmp_path: Path) -> None:
+    (tmp_path / "labels.csv").write_text('"a,b.png"\n"c.png"\n')  # labels forgotten; the comma is the file name's own
+    with pytest.raises(ThawError) as refused:
+        discover(tmp_path / "labels.csv")
+    assert str(refused.value) == f"{tmp_path / 'labels.csv'}: line 1: expected path,label; line 2: expected path,label"
+    (tmp_path / "labels.csv").write_text("a;1.png\nc.png\nd.png\n")  # one path with a semicolon: no semicolon-separated file
+    with pytest.raises(ThawError) as refused:
+        discover(tmp_path / "labels.csv")
+    assert "semicolons" not in str(refused.value)
+
+
 def test_a_tab_separated_manifest_headed_label_path_is_told_to_swap_in_its_own_notation(tmp_path: Path) -> None:
     (tmp_path / "labels.tsv").write_text("label\tpath\nred\timages/red/0.png\n")
     with pytest.raises(ThawError) as refused:

@@ -578,14 +578,12 @@ def _check_not_one_level_up(root: Path) -> None:
 
 # A manifest's separator by its suffix: .tsv and .tab are what spreadsheets and pandas write tab-separated tables as.
 MANIFEST_DELIMITERS = {".csv": ",", ".tsv": "\t", ".tab": "\t"}
+MANIFEST_KINDS = ("CSV manifest", "TSV manifest")  # how a manifest's layout line starts
 
 
 def _manifest_columns(path: Path, first: str = "path", second: str = "label") -> str:
     """Two columns as the manifest writes them, for the messages: path,label, or path<TAB>label."""
     return f"{first}{',' if _is_comma_separated(path) else '<TAB>'}{second}"
-
-
-MANIFEST_KINDS = ("CSV manifest", "TSV manifest")  # how a manifest's layout line starts
 
 
 def _manifest_kind(path: Path) -> str:
@@ -641,7 +639,10 @@ def _check_separator(path: Path, rows: list[tuple[int, list[str]]]) -> None:
     line naming the separator its lines hold, not an 'expected path,label' for each of them."""
     if not rows or any(len(row) >= 2 for _, row in rows):
         return
-    found = next(((name, fix) for separator, name, fix in SEPARATORS if separator in rows[0][1][0]), None)
+    own = MANIFEST_DELIMITERS[path.suffix.lower()]  # a quoted "a,b.png" alone on its line holds the file's own: no hint
+    # most lines hold it: one path with a semicolon in a list whose labels were forgotten is no separator
+    found = next(((name, fix) for separator, name, fix in SEPARATORS
+                  if separator != own and 2 * sum(separator in row[0] for _, row in rows) > len(rows)), None)
     if found is not None:
         expected = "commas" if _is_comma_separated(path) else "tabs"
         raise ThawError(f"{path}: its lines are separated by {found[0]}, and a {path.suffix} manifest's by {expected}; {found[1]}")
