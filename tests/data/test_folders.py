@@ -14,6 +14,13 @@ from thaw import ThawError
 from thaw.data.folders import as_percent, discover, stratified_split, would_be_read
 
 
+def _refusal(data: Path) -> str:
+    """The one line discover refuses `data` with."""
+    with pytest.raises(ThawError) as refused:
+        discover(data)
+    return str(refused.value)
+
+
 def test_split_folders_with_any_val_name(tmp_path: Path) -> None:
     write_class_images(tmp_path / "train", per_class=4)
     write_class_images(tmp_path / "valid", per_class=2)
@@ -149,9 +156,7 @@ def test_a_tab_separated_manifest_with_a_third_column_says_its_columns_with_a_ta
     write_class_images(tmp_path / "images", per_class=2)
     file = f"images/blue/{sorted((tmp_path / 'images' / 'blue').iterdir())[0].name}"
     (tmp_path / "labels.tsv").write_text(f"path\tlabel\tsplit\n{file}\tblue\ttest\n")
-    with pytest.raises(ThawError) as error:
-        discover(tmp_path / "labels.tsv")
-    assert str(error.value) == (
+    assert _refusal(tmp_path / "labels.tsv") == (
         f"{tmp_path / 'labels.tsv'}: line 2: 3 columns, expected path<TAB>label (remove the others, or quote a path or "
         "label that holds a tab)"
     )
@@ -172,27 +177,19 @@ def test_a_manifest_written_with_another_separator_is_one_line_naming_it(
     write_class_images(tmp_path / "images", per_class=3)
     rows = [f"path{separator}label"] + [f"images/{p.parent.name}/{p.name}{separator}{p.parent.name}" for p in (tmp_path / "images").rglob("*.png")]
     (tmp_path / f"labels{suffix}").write_text("\n".join(rows))
-    with pytest.raises(ThawError) as refused:
-        discover(tmp_path / f"labels{suffix}")
-    assert str(refused.value) == f"{tmp_path / f'labels{suffix}'}: {said}"
+    assert _refusal(tmp_path / f"labels{suffix}") == f"{tmp_path / f'labels{suffix}'}: {said}"
 
 
 def test_a_one_column_csv_is_not_said_to_be_separated_by_what_its_paths_hold(tmp_path: Path) -> None:
     (tmp_path / "labels.csv").write_text('"a,b.png"\n"c.png"\n')  # labels forgotten; the comma is the file name's own
-    with pytest.raises(ThawError) as refused:
-        discover(tmp_path / "labels.csv")
-    assert str(refused.value) == f"{tmp_path / 'labels.csv'}: line 1: expected path,label; line 2: expected path,label"
+    assert _refusal(tmp_path / "labels.csv") == f"{tmp_path / 'labels.csv'}: line 1: expected path,label; line 2: expected path,label"
     (tmp_path / "labels.csv").write_text("a;1.png\nc.png\nd.png\n")  # one path with a semicolon: no semicolon-separated file
-    with pytest.raises(ThawError) as refused:
-        discover(tmp_path / "labels.csv")
-    assert "semicolons" not in str(refused.value)
+    assert "semicolons" not in _refusal(tmp_path / "labels.csv")
 
 
 def test_a_tab_separated_manifest_headed_label_path_is_told_to_swap_in_its_own_notation(tmp_path: Path) -> None:
     (tmp_path / "labels.tsv").write_text("label\tpath\nred\timages/red/0.png\n")
-    with pytest.raises(ThawError) as refused:
-        discover(tmp_path / "labels.tsv")
-    assert str(refused.value) == f"{tmp_path / 'labels.tsv'}: the header is label<TAB>path; thaw reads path<TAB>label: swap the two columns"
+    assert _refusal(tmp_path / "labels.tsv") == f"{tmp_path / 'labels.tsv'}: the header is label<TAB>path; thaw reads path<TAB>label: swap the two columns"
 
 
 @pytest.mark.parametrize("suffix, separator", [(".csv", ","), (".tsv", "\t")])
@@ -213,16 +210,12 @@ def test_a_manifest_whose_paths_are_written_from_the_working_folder_says_where_t
     rows = [f"images/{p.parent.name}/{p.name},{p.parent.name}" for p in sorted((tmp_path / "images").rglob("*.png"))]
     (tmp_path / "lists" / "labels.csv").write_text("\n".join(rows))
     monkeypatch.chdir(tmp_path)  # where images/... would be found
-    with pytest.raises(ThawError) as refused:
-        discover(Path("lists/labels.csv"))
-    assert str(refused.value) == (
+    assert _refusal(Path("lists/labels.csv")) == (
         f"lists/labels.csv: 9 listed files do not exist (first: lists/{rows[0].split(',')[0]}); a relative path is read "
         "from the manifest's folder (lists), not the working folder: write the paths from there"
     )
     monkeypatch.chdir(tmp_path / "images")  # from here the paths name nothing: no guess at why
-    with pytest.raises(ThawError) as refused:
-        discover(tmp_path / "lists" / "labels.csv")
-    assert str(refused.value).endswith(f"9 listed files do not exist (first: {tmp_path / 'lists' / rows[0].split(',')[0]})")
+    assert _refusal(tmp_path / "lists" / "labels.csv").endswith(f"9 listed files do not exist (first: {tmp_path / 'lists' / rows[0].split(',')[0]})")
 
 
 @pytest.mark.parametrize("ending", ["\n", "\r\n", "\r"])
@@ -231,9 +224,7 @@ def test_a_quote_left_open_in_a_manifest_is_said_at_the_line_it_opens_on(tmp_pat
     """The reader takes every line after an open quote as one field: the line to fix is the quote's, not the last."""
     lines = ["a.png,red", opened, "c.png,blue", "d.png,blue", ""]
     (tmp_path / "labels.csv").write_bytes(ending.join(lines).encode())
-    with pytest.raises(ThawError) as refused:
-        discover(tmp_path / "labels.csv")
-    assert str(refused.value) == (
+    assert _refusal(tmp_path / "labels.csv") == (
         f"{tmp_path / 'labels.csv'}: line 2: a quote (\") opened there is never closed, so every line from there to the end "
         "reads as one field; close it on its line, or remove it"
     )
@@ -248,9 +239,7 @@ def test_a_quote_left_open_in_a_manifest_is_said_at_the_line_it_opens_on(tmp_pat
 )
 def test_a_quote_that_spans_lines_or_opens_on_the_last_one_is_said_at_its_line(tmp_path: Path, lines: list[str], said: str) -> None:
     (tmp_path / "labels.csv").write_text("\n".join(lines))
-    with pytest.raises(ThawError) as refused:
-        discover(tmp_path / "labels.csv")
-    assert said in str(refused.value)
+    assert said in _refusal(tmp_path / "labels.csv")
 
 
 def test_a_manifest_of_missing_files_read_from_a_removed_working_folder_is_one_line(
@@ -261,9 +250,7 @@ def test_a_manifest_of_missing_files_read_from_a_removed_working_folder_is_one_l
     (tmp_path / "gone").mkdir()
     monkeypatch.chdir(tmp_path / "gone")
     (tmp_path / "gone").rmdir()  # the working folder of a shell whose folder was deleted
-    with pytest.raises(ThawError) as refused:
-        discover(tmp_path / "lists" / "labels.csv")
-    assert str(refused.value) == f"{tmp_path / 'lists' / 'labels.csv'}: 2 listed files do not exist (first: {tmp_path / 'lists' / 'images' / 'a.png'})"
+    assert _refusal(tmp_path / "lists" / "labels.csv") == f"{tmp_path / 'lists' / 'labels.csv'}: 2 listed files do not exist (first: {tmp_path / 'lists' / 'images' / 'a.png'})"
 
 
 def test_csv_manifest_with_missing_files(tmp_path: Path) -> None:
@@ -293,9 +280,7 @@ def test_csv_manifest_that_would_be_misread_is_refused(tmp_path: Path, lines: li
     write_class_images(tmp_path / "images", per_class=2)
     file = f"images/blue/{sorted((tmp_path / 'images' / 'blue').iterdir())[0].name}"
     (tmp_path / "labels.csv").write_text("\n".join(line.replace("FILE", file) for line in lines))
-    with pytest.raises(ThawError) as error:
-        discover(tmp_path / "labels.csv")
-    assert said in str(error.value)
+    assert said in _refusal(tmp_path / "labels.csv")
 
 
 def test_csv_manifest_with_an_empty_trailing_column_is_read(tmp_path: Path) -> None:
@@ -331,9 +316,7 @@ def test_a_file_listed_twice_under_two_spellings_is_refused(tmp_path: Path, othe
     (tmp_path / "alias.png").symlink_to(tmp_path / files[0])  # a link to it is the same image under another name
     spelled = {"ABSOLUTE": str(tmp_path / files[0]), "LINK": "alias.png"}.get(other, other.replace("FILE", files[0]))
     (tmp_path / "labels.tsv").write_text("\n".join([f"{files[0]}\tblue", f"{spelled}\tgreen", *(f"{f}\tred" for f in files[1:])]))
-    with pytest.raises(ThawError) as refused:
-        discover(tmp_path / "labels.tsv")
-    assert str(refused.value) == (
+    assert _refusal(tmp_path / "labels.tsv") == (
         f"{tmp_path / 'labels.tsv'}: 1 files are listed more than once (first: {tmp_path / files[0]} (blue, green)); "
         "list each file once, with one label"
     )
@@ -501,9 +484,7 @@ def test_a_class_named_train_in_a_folder_of_class_folders_stays_a_class(tmp_path
     # written in lower case, train/ is the split (Kaggle's train/ of unlabelled images beside test1/ must stay refused):
     # beside two or more folders of images the refusal says how to keep it a class
     lower = write_class_images(tmp_path / "lower", classes=("bus", "car", "train"), per_class=5)
-    with pytest.raises(ThawError) as refused:
-        discover(lower)
-    assert str(refused.value) == (
+    assert _refusal(lower) == (
         f"{lower / 'train'} holds 5 image(s) but no class folders, so no labels; put each class's images in a folder named "
         f"after it: {lower / 'train'}/CLASS/IMAGE; if train/ is a class beside bus/, car/, name it Train/: thaw reads a "
         "split's name in another case as a class where other folders are no split's"
@@ -691,8 +672,6 @@ def test_images_beside_the_class_folders_are_warned_of_as_not_read(tmp_path: Pat
 @pytest.mark.parametrize("name", ["photos.zip", "labels.txt"])
 def test_a_file_that_is_no_manifest_is_one_line_saying_what_to_pass(tmp_path: Path, name: str) -> None:
     (tmp_path / name).write_text("path\tlabel\n")
-    with pytest.raises(ThawError) as refused:
-        discover(tmp_path / name)
-    assert str(refused.value) == (
+    assert _refusal(tmp_path / name) == (
         f"{tmp_path / name} is a file; pass a folder of class folders, a folder with train/ and val/, or a .csv (or .tsv) manifest"
     )

@@ -578,7 +578,8 @@ def _check_not_one_level_up(root: Path) -> None:
 
 # A manifest's separator by its suffix: .tsv and .tab are what spreadsheets and pandas write tab-separated tables as.
 MANIFEST_DELIMITERS = {".csv": ",", ".tsv": "\t", ".tab": "\t"}
-MANIFEST_KINDS = ("CSV manifest", "TSV manifest")  # how a manifest's layout line starts
+KIND_BY_DELIMITER = {",": "CSV", "\t": "TSV"}
+MANIFEST_KINDS = tuple(f"{kind} manifest" for kind in KIND_BY_DELIMITER.values())  # how a manifest's layout line starts
 
 
 def _manifest_columns(path: Path, first: str = "path", second: str = "label") -> str:
@@ -587,7 +588,7 @@ def _manifest_columns(path: Path, first: str = "path", second: str = "label") ->
 
 
 def _manifest_kind(path: Path) -> str:
-    return "CSV" if _is_comma_separated(path) else "TSV"
+    return KIND_BY_DELIMITER[MANIFEST_DELIMITERS[path.suffix.lower()]]
 
 
 def _is_comma_separated(path: Path) -> bool:
@@ -609,8 +610,13 @@ def _manifest_rows(path: Path) -> list[tuple[int, list[str]]]:
     except OSError as error:
         raise ThawError(f"cannot read {path} ({error.strerror or error})") from None
     _check_quotes_closed(path, rows)  # comments too: a quote opened in one takes the rows after it
-    # a line of blanks (a spreadsheet's last row, a stray tab) is an empty line, as a line with nothing is
-    return [(line, row) for line, row in rows if any(cell.strip() for cell in row) and not row[0].startswith("#")]
+    return [(line, row) for line, row in rows if is_listed_row(row)]
+
+
+def is_listed_row(row: list[str]) -> bool:
+    """A manifest row that lists something: no comment (#...), and no line of blanks (a spreadsheet's last row, a stray
+    tab), which is an empty line as a line with nothing is."""
+    return any(cell.strip() for cell in row) and not row[0].startswith("#")
 
 
 def _check_quotes_closed(path: Path, rows: list[tuple[int, list[str]]]) -> None:

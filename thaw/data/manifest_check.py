@@ -7,6 +7,7 @@ import csv
 import itertools
 from pathlib import Path
 
+from thaw.data.folders import is_listed_row
 from thaw.data.images import IMAGE_SUFFIXES
 from thaw.errors import ThawError
 
@@ -41,8 +42,7 @@ def _first_rows(path: Path) -> tuple[list[list[str]], str]:
             first = handle.readline()
             delimiter = "\t" if path.suffix.lower() in (".tsv", ".tab") or "\t" in first else ","
             rows = csv.reader(itertools.chain([first], handle), delimiter=delimiter)
-            read = (row for row in rows if any(cell.strip() for cell in row) and not row[0].startswith("#"))  # as the reader skips
-            return list(itertools.islice(read, ROWS_LOOKED_AT)), delimiter
+            return list(itertools.islice(filter(is_listed_row, rows), ROWS_LOOKED_AT)), delimiter  # what the reader reads
     except (OSError, UnicodeDecodeError, csv.Error):
         return [], ","
 
