@@ -557,10 +557,11 @@ def test_unreadable_files_are_warned_of_on_stderr_before_training(tiny_split_dat
 
 
 @pytest.mark.parametrize("flag", ["--quiet", "--json"])
-def test_quiet_and_json_leave_out_the_data_warnings_and_thaw_json_still_records_the_skipped_files(
+def test_quiet_and_json_keep_the_data_warnings_on_stderr_and_thaw_json_records_the_skipped_files(
     flag: str, tiny_split_data: Path, tmp_path: Path,
 ) -> None:
-    """As the README says: --quiet and --json leave the warning lines out; the run's record keeps what was skipped."""
+    """As the README says: --quiet and --json leave out the progress, never the warnings about the data (on stderr, so
+    --json's stdout stays one JSON line); the run's record keeps what was skipped."""
     (tiny_split_data / "train" / "red" / "cut.jpg").write_bytes(b"")
     (tiny_split_data / "train" / "Red").mkdir()  # a class whose name differs from red only in case: a warning line too
     for image in sorted((tiny_split_data / "train" / "red").glob("*.png"))[:3]:
@@ -570,7 +571,13 @@ def test_quiet_and_json_leave_out_the_data_warnings_and_thaw_json_still_records_
     out = tmp_path / "r"
     result = thaw("train", str(tiny_split_data), *TINY, "--strategy", "feature-extract", "--epochs", "1", flag, "--out", str(out))
     assert result.returncode == 0, result.stderr
-    assert "warning" not in result.stderr and "cut.jpg" not in result.stderr, result.stderr
+    warnings = [line for line in result.stderr.splitlines() if line.startswith("thaw: warning: ")]
+    assert len(warnings) == 2, result.stderr
+    assert "cut.jpg" in warnings[0] and "skipped 1 unreadable file(s)" in warnings[0], warnings
+    assert "classes Red and red differ only in case" in warnings[1], warnings
+    assert "cut.jpg" not in result.stdout and "warning" not in result.stdout, result.stdout
+    if flag == "--json":
+        assert len(result.stdout.splitlines()) == 1 and json.loads(result.stdout)["skipped_files"] == 1, result.stdout
     recorded = json.loads((out / "thaw.json").read_text())["skipped_files"]
     assert [Path(item["path"]).name for item in recorded] == ["cut.jpg"]
 
@@ -765,13 +772,13 @@ def test_a_budget_reads_the_same_at_the_start_and_in_the_summary(tiny_split_data
 
 @pytest.mark.parametrize(
     "size, weights, quiet, warned",
-    [(56, "IMAGENET1K_V1", [], True), (57, "IMAGENET1K_V1", [], False), (32, "none", [], False), (56, "IMAGENET1K_V1", ["--quiet"], False)],
+    [(56, "IMAGENET1K_V1", [], True), (57, "IMAGENET1K_V1", [], False), (32, "none", [], False), (56, "IMAGENET1K_V1", ["--quiet"], True)],
 )
 def test_an_image_size_a_quarter_of_the_weights_own_or_less_is_warned_of(
     tiny_split_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], size: int, weights: str, quiet: list[str], warned: bool
 ) -> None:
     """1 px trains without an error, at chance: a user who typed a small size hears that pretrained features see little
-    there. Random weights (none) learned no size; --quiet says nothing."""
+    there. Random weights (none) learned no size; --quiet leaves out the progress, not this warning."""
     args = ["--model", "mobilenet_v2", "--weights", weights, "--image-size", str(size), "--strategy", "feature-extract", "--epochs", "1", *quiet]
     assert main(["train", str(tiny_split_data), *args, "--out", str(tmp_path / "r")]) == 0
     warnings = [line for line in capsys.readouterr().err.splitlines() if "a quarter or less of the 224 px" in line]

@@ -210,7 +210,7 @@ def train_text(
     if not (resume and (Path(out) / checkpoint.CHECKPOINT).is_file()):  # a run already trained keeps what it trained with
         check_max_length(max_length, adapter.model.tokenizer)
         read = adapter.preprocessing.max_length
-        if read < max_length and not config.quiet and distributed.from_environment().is_main:
+        if read < max_length and distributed.from_environment().is_main:  # a warning, --quiet or not
             print(f"thaw: warning: max length {max_length} is more than {source_name(model)} reads; texts are cut at {read} tokens", file=sys.stderr, flush=True)
     meta = {
         "format": "thaw-run/1", "task": "text", "model": source_name(model), "weights": None, "classes": list(data.classes),

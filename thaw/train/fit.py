@@ -316,12 +316,10 @@ class Trainer:
         weights = self.meta.get("weights")
         if size is None or crop is None or weights is None or Path(weights).is_file() or size * SMALL_SIZE_SHARE > crop:
             return
-        if not self.config.quiet and self.processes.is_main:  # torchrun's other ranks train the same run
-            print(
-                f"thaw: warning: image size {size} px is a quarter or less of the {crop} px the {weights} weights "
-                "were trained at; their features see little at that size: a larger --image-size enlarges small images",
-                file=sys.stderr, flush=True,
-            )
+        self._warn(
+            f"image size {size} px is a quarter or less of the {crop} px the {weights} weights "
+            "were trained at; their features see little at that size: a larger --image-size enlarges small images"
+        )
 
     def _say_unused_augments(self) -> None:
         """Augmentations that no stage of this plan would see: every stage trains on cached features."""
@@ -1063,10 +1061,15 @@ class Trainer:
             print(f"thaw: warning: the run this one replaced is still in {self.set_aside} ({first_line(error)})", file=sys.stderr)
         self.set_aside = None
 
+    def _warn(self, message: str) -> None:
+        """A warning, on stderr whatever `quiet` (--quiet, --json) says: quiet leaves out the progress, never what is
+        wrong with the run's data or settings. stdout carries the epochs and the summary (one JSON line with --json)."""
+        if self.processes.is_main:  # torchrun's other ranks train the same run
+            print(f"thaw: warning: {message}", file=sys.stderr, flush=True)
+
     def _warn_skipped(self, skipped: list[tuple[str, str]]) -> None:
-        """Unreadable files, on stderr: stdout carries the epochs and the summary (one JSON line with --json)."""
-        if skipped and not self.config.quiet:
-            print(f"thaw: warning: {describe_skipped(tuple(skipped))}", file=sys.stderr, flush=True)
+        if skipped:
+            self._warn(describe_skipped(tuple(skipped)))
 
     def _warn_found_while_decoding(self) -> None:
         """Files whose header read but whose pixels did not (a truncated JPEG), said as soon as a pass found them (the
@@ -1159,8 +1162,8 @@ class Trainer:
             self._say(f"no checkpoint in {self.out} yet: starting the run from the beginning")
         self._say(data_line(self.data))
         self._warn_skipped(list(self.data.skipped))  # before training: a user can stop the run and fix the files
-        for note in self.data.notes if not self.config.quiet and self.processes.is_main else ():
-            print(f"thaw: warning: {note}", file=sys.stderr, flush=True)
+        for note in self.data.notes:
+            self._warn(note)
         self.fill_store()
         if self.config.budget is not None:
             if not self.restored:  # a resumed run keeps the epochs its budget chose, and gets the budget again
