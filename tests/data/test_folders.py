@@ -218,6 +218,21 @@ def test_a_manifest_whose_paths_are_written_from_the_working_folder_says_where_t
     assert _refusal(tmp_path / "lists" / "labels.csv").endswith(f"9 listed files do not exist (first: {tmp_path / 'lists' / rows[0].split(',')[0]})")
 
 
+@pytest.mark.parametrize("suffix, separator", [(".csv", ","), (".tsv", "\t")])
+def test_a_manifest_written_with_windows_separators_says_to_write_them_with_slashes(tmp_path: Path, suffix: str, separator: str) -> None:
+    """images\\red\\0.png is one file name on Linux and macOS: each such path is missing, and the line says why."""
+    write_class_images(tmp_path / "images", per_class=3)
+    rows = [f"images\\{p.parent.name}\\{p.name}{separator}{p.parent.name}" for p in sorted((tmp_path / "images").rglob("*.png"))]
+    (tmp_path / f"labels{suffix}").write_text("\n".join([*rows[:8], rows[8].replace("\\", "/")]))  # the last written with /
+    refusal = _refusal(tmp_path / f"labels{suffix}")
+    assert refusal == (
+        f"{tmp_path / f'labels{suffix}'}: 8 listed files do not exist (first: {tmp_path / rows[0].split(separator)[0]}); its paths are "
+        "written with \\ (Windows): write them with / (images/a.png), which Windows reads too"
+    )
+    (tmp_path / f"labels{suffix}").write_text("\n".join(row.replace("\\", "/") for row in rows))
+    assert len(discover(tmp_path / f"labels{suffix}").classes) == 3
+
+
 @pytest.mark.parametrize("ending", ["\n", "\r\n", "\r"])
 @pytest.mark.parametrize("opened", ['"b.png,red', '#todo,"check these'])  # a comment's quote takes the rows after it too
 def test_a_quote_left_open_in_a_manifest_is_said_at_the_line_it_opens_on(tmp_path: Path, ending: str, opened: str) -> None:
@@ -616,6 +631,9 @@ def test_held_out_images_that_are_copies_of_training_images_are_cautioned(tmp_pa
     assert test_said.startswith("2 of 8 test images are copies of training images") and "epoch" not in test_said
     monkeypatch.setattr(folders, "_digest", lambda *_: pytest.fail("a file was read"))
     assert discover(root, min_classes=1).cautions == ()  # data to score (thaw evaluate): nothing trains on it, nothing read
+    monkeypatch.setenv("RANK", "1")  # torchrun's second process: the first says the cautions, this one reads nothing for them
+    assert discover(root).cautions == ()
+    monkeypatch.delenv("RANK")
     monkeypatch.setattr(folders, "MAX_HEAD_READS", 10)  # more files of a shared size than that: left out, nothing read
     assert discover(root).cautions == ()
 

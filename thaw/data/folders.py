@@ -389,8 +389,9 @@ def _from_split_folders(root: Path, folders: dict[str, Path], val_split: float, 
         layout = f"split folders ({given}), {as_percent(val_split)} of train held out as val (seed {seed})"
     held_out = () if "val" in splits else classes_not_held_out(classes, val, min_classes)
     # Data to score (min_classes 1) trains nothing: no copy of training images to warn of, so no file read for it.
+    # Under torchrun only the first process says the cautions, so only it reads files for them.
     held = {"val": val if "val" in splits else (), "test": test or ()}
-    copies = copies_of_training_images(train, held) if min_classes >= 2 else ()
+    copies = copies_of_training_images(train, held) if min_classes >= 2 and os.environ.get("RANK", "0") == "0" else ()
     return ImageData(
         classes, train, val, test, layout, tuple(skipped), split_folders=True, val_from_folder="val" in splits,
         cautions=_unread_splits(root, classes) + _loose_images(*folders.values()) + held_out + copies,
@@ -655,8 +656,12 @@ def _check_separator(path: Path, rows: list[tuple[int, list[str]]]) -> None:
 
 
 def _why_missing(path: Path, entries: list[tuple[Path, str]], missing: list[str], columns: str) -> str:
-    """Where every listed file is missing, the likely reason: the columns the other way round (label,path without its
-    header), or paths written from the working folder, where the manifest's own folder is what they are read from."""
+    """The likely reason listed files are missing: paths written with Windows separators (images\\a.png: one file
+    name here, where \\ is a letter like any other); where every one is missing, the columns the other way round
+    (label,path without its header), or paths written from the working folder, where the manifest's own folder is
+    what they are read from."""
+    if os.sep == "/" and "\\" in missing[0] and answers(Path(missing[0].replace("\\", "/")).is_file):
+        return "; its paths are written with \\ (Windows): write them with / (images/a.png), which Windows reads too"
     if len(missing) < len(entries):
         return ""
     if answers((path.parent / entries[0][1]).is_file):
