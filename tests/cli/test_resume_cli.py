@@ -118,7 +118,8 @@ def test_resume_without_a_checkpoint_and_without_data_says_what_is_missing(tmp_p
     (tmp_path / "empty").mkdir()
     result = thaw("train", "--resume", str(tmp_path / "empty"))
     assert result.returncode == 2
-    assert "holds no checkpoint that records its settings" in result.stderr and "needs DATA and --model" in result.stderr
+    assert "holds no checkpoint of a run (--resume takes the folder a run wrote, its --out)" in result.stderr
+    assert "needs DATA and --model" in result.stderr
     assert main(["train", "--resume", str(tmp_path / "typo")]) == 2
     assert f"--resume {tmp_path / 'typo'}: no such run folder" in capsys.readouterr().err and not (tmp_path / "typo").exists()
     (tmp_path / "empty" / "thaw.json").write_text("{}")  # a file of a run, not its folder
@@ -383,3 +384,14 @@ def test_a_second_run_into_the_folder_another_thaw_trains_into_is_refused_and_to
     # The process gone (kill -9 left its lock): the next run takes the lock over, trains, and leaves no lock behind.
     assert main(["train", str(tiny_split_data), *TINY, "--out", str(run), "--overwrite", "--quiet"]) == 0
     assert (run / "thaw.json").is_file() and not (run / LOCK).exists()
+
+
+def test_resume_given_the_data_folder_is_refused_and_writes_nothing_there(tiny_split_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`--resume DATA` with DATA and --model (as the line for --resume DATA alone reads) starts a run in the folder it
+    names: in the data folder its plots would be read as images of a class by the next run, as --out DATA is refused."""
+    before = sorted(path.relative_to(tiny_split_data) for path in tiny_split_data.rglob("*"))
+    args = ["train", str(tiny_split_data), "--model", "mobilenet_v3_small", "--weights", "none", "--image-size", "32", "--epochs", "1"]
+    assert main([*args, "--resume", str(tiny_split_data)]) == 2
+    assert f"--resume {tiny_split_data} is inside the data folder {tiny_split_data}" in capsys.readouterr().err
+    assert main([*args, "--resume", str(tiny_split_data / "train" / "red" / "run")]) == 2  # where its folder is a class
+    assert sorted(path.relative_to(tiny_split_data) for path in tiny_split_data.rglob("*")) == before

@@ -286,3 +286,41 @@ def test_a_label_val_cannot_hold_out_is_warned_of_as_the_text_run_starts(tmp_pat
     assert [line.split(":")[2].strip() for line in warnings] == ["val has no row of label(s) promo"], captured.err
     assert "too few different texts to hold one out for each split" in warnings[0]
     assert any(" train loss " in line for line in captured.out.splitlines())  # the run went on: a warning, not a refusal
+
+
+@pytest.mark.parametrize("weights", ["none", "IMAGENET1K_V1", "model.safetensors"])
+def test_weights_for_a_text_run_are_refused_as_read_by_nothing(tmp_path: Path, tiny_encoder: Path, capsys: pytest.CaptureFixture, weights: str) -> None:
+    """A text encoder's weights are its --model folder's: --weights (a run's file, none, an image weights name) trained
+    the same model as without it, without a word."""
+    table = write_text_table(tmp_path / "t.tsv")
+    args = ["train", str(table), "--model", str(tiny_encoder), "--weights", weights, "--epochs", "1", "--out", str(tmp_path / "run")]
+    assert main(args) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"thaw: error: --weights {weights}: a text run's weights are the ones in --model (a Hugging Face folder or hf/ORG/NAME); drop --weights"
+    )
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize(
+    "model, said",
+    [
+        ("resnet18", "resnet18 is an image model; text runs take a Hugging Face encoder"),
+        ("timm/resnet18", "timm/resnet18 is an image model; text runs take a Hugging Face encoder"),
+        ("/no/such/encoder", "model folder /no/such/encoder does not exist; pass the folder of a downloaded Hugging Face model"),
+        ("RUN", "is a thaw run folder; a text run cannot start from another run yet"),
+    ],
+)
+def test_a_text_model_that_no_hub_could_provide_is_refused_before_asking_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch, model: str, said: str,
+) -> None:
+    """Each went to the hub, which offline took most of a minute to say it did not provide the model."""
+    from thaw.models import hf_text
+
+    monkeypatch.setattr(hf_text, "_transformers", lambda: pytest.fail("the model was looked for"))
+    if model == "RUN":
+        (tmp_path / "run").mkdir()
+        (tmp_path / "run" / "thaw.json").write_text("{}")
+        model = str(tmp_path / "run")
+    table = write_text_table(tmp_path / "t.tsv")
+    assert main(["train", str(table), "--task", "text", "--model", model, "--epochs", "1", "--out", str(tmp_path / "out")]) == 2
+    assert said in capsys.readouterr().err

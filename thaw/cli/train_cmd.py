@@ -237,6 +237,7 @@ def print_epoch(state: RunState, unit: str = "img") -> None:
 
 def _start(args: argparse.Namespace, config: TrainConfig, out: Path, callbacks: list, step_hooks: list) -> RunResult:
     if task_of(args) == "text":
+        _refuse_weights_for_text(args)
         adapter = build_text_model(hf_source(args.model), num_classes=2, device="meta", load=False)
         columns = TextColumns(args.text_column, args.label_column, args.delimiter)
         return train_text(
@@ -258,6 +259,15 @@ def _start(args: argparse.Namespace, config: TrainConfig, out: Path, callbacks: 
         val_split=0.2 if args.val_split is None else args.val_split, resume=bool(args.resume), overwrite=args.overwrite,
         callbacks=callbacks, step_hooks=step_hooks,
     )
+
+
+def _refuse_weights_for_text(args: argparse.Namespace) -> None:
+    """A text encoder's weights are the ones in its --model folder: --weights was read by nothing, a file and none alike."""
+    if hasattr(args, "parser") and hasattr(args, "argv") and "weights" in given_options(args.parser, args.argv):
+        raise ThawError(
+            f"--weights {args.weights}: a text run's weights are the ones in --model (a Hugging Face folder or hf/ORG/NAME); "
+            "drop --weights"
+        )
 
 
 def _refuse_text_options(args: argparse.Namespace, resumed: bool = False) -> None:
@@ -402,13 +412,13 @@ def run(args: argparse.Namespace) -> int:
             raise ThawError(f"--resume {args.resume} is a file of a run; pass the run's folder, {Path(args.resume).parent}")
         if args.resume and not Path(args.resume).is_dir():
             raise ThawError(f"--resume {args.resume}: no such run folder; pass the folder a run wrote (its --out)")
-        why = f"{args.resume} holds no checkpoint that records its settings, so " if args.resume else ""
+        why = f"{args.resume} holds no checkpoint of a run (--resume takes the folder a run wrote, its --out), so " if args.resume else ""
         raise ThawError(f"{why}thaw train needs DATA and --model (see `thaw train --help`)")
     out = _out_folder(args)
     if main_rank and not args.resume:  # before the run writes anything there: the old run stays as it is
         check_new_run(out, args.overwrite)
-    if not args.resume and args.data:  # before a logger writes into it (mlruns/): the library checks again
-        check_out_outside_data(out, Path(args.data))
+    if args.data and settings is None:  # a new run, or a resume with no checkpoint (which starts one): before a logger
+        check_out_outside_data(out, Path(args.data), "--resume" if args.resume else "--out")  # writes into it (mlruns/)
     data_path = args.data or (settings or {}).get("data_path")  # a resume reads the recorded data by default
     if main_rank and data_path:
         check_store_outside_data(args.log, Path(data_path))

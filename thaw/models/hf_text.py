@@ -91,10 +91,31 @@ def _load_error(source: str, error: Exception) -> ThawError:
     )
 
 
+def check_encoder_source(source: str) -> None:
+    """Sources that cannot be a Hugging Face encoder, said at once: each went to the hub, which offline took most of
+    a minute to say it did not provide a model it never could have (a path has no hub ID, nor has an image model)."""
+    local = Path(source).expanduser()
+    if (local / "thaw.json").is_file():
+        raise ThawError(
+            f"{source} is a thaw run folder; a text run cannot start from another run yet: --model takes a Hugging Face "
+            "encoder (a folder with config.json, or hf/ORG/NAME)"
+        )
+    if source.startswith(("/", "./", "../", "~")) and not local.exists():
+        raise ThawError(f"model folder {source} does not exist; pass the folder of a downloaded Hugging Face model, or hf/ORG/NAME")
+    from thaw.models.torchvision_models import list_torchvision_models
+
+    if source in list_torchvision_models() or source.startswith("timm/"):
+        raise ThawError(
+            f"{source} is an image model; text runs take a Hugging Face encoder (a folder with config.json, or "
+            "hf/ORG/NAME): drop --task text to train it on images"
+        )
+
+
 def load_encoder(source: str, *, load: bool = True) -> tuple[nn.Module, object]:
     """The encoder (without any pooler: thaw pools itself) and its tokenizer. A hub ID is read from the local Hugging
     Face cache where it is there, without asking the hub (which offline retried for most of a minute, a line each
     time); only a model not in the cache is fetched, said in one line, with the hub's retry lines held back."""
+    check_encoder_source(source)
     transformers = _transformers()
     try:
         return _read_encoder(transformers, source, load, local_files_only=True)

@@ -60,7 +60,7 @@ def train_images(
     _check_switches(resume=resume, overwrite=overwrite)
     _check_arguments(plan, plan_options, config, resume)
     check_plan_before_data(model, weights, "image", plan, plan_options, not resume)  # a typo in stage 2 stops nothing half-done
-    if not resume:
+    if not (resume and (Path(out) / checkpoint.CHECKPOINT).is_file()):  # a resume without a checkpoint starts the run
         check_out_outside_data(Path(out), Path(data_path))
     data = discover(data_path, val_split=val_split, seed=config.seed)
     torch.manual_seed(config.seed)  # the new head's initial weights are part of the run's seed
@@ -109,12 +109,12 @@ def _folder_classes(path: Path) -> list | None:
     return recorded.get("classes") if isinstance(recorded, dict) and recorded.get("task") == "image" else None
 
 
-def check_out_outside_data(out: Path, data_path: Path) -> None:
+def check_out_outside_data(out: Path, data_path: Path, flag: str = "--out") -> None:
     """A run folder where discover reads the data would become part of it: its plots read as images of a class (or
-    its folder as a class) by the next run on that folder. Refused for a new run."""
+    its folder as a class) by the next run on that folder. Refused for a new run (`flag` named the folder)."""
     if would_be_read(data_path, out):
         raise ThawError(
-            f"--out {out} is inside the data folder {data_path}: the run's files would be read as images by the next run "
+            f"{flag} {out} is inside the data folder {data_path}: the run's files would be read as images by the next run "
             "on it; put the run folder elsewhere (with --out)"
         )
 
