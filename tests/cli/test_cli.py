@@ -403,3 +403,21 @@ def test_a_pipe_or_a_device_given_as_data_or_weights_is_one_line(tmp_path: Path,
         result = thaw(*args)
         assert result.returncode == 2 and result.stderr.strip().splitlines() == [expected], result.stderr
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize(
+    "argv, said",
+    [
+        (["evaluate", "RUN", "DATA", "--splt", "test"], "thaw evaluate: error: unrecognized arguments: --splt test; did you mean --split? (see `thaw evaluate --help`)"),
+        (["train", "DATA", "--plan", "plan.yaml"], "thaw train: error: unrecognized arguments: --plan plan.yaml; did you mean --config? (see `thaw train --help`)"),
+        (["predict", "RUN", "a.png", "--topk", "2"], "thaw predict: error: unrecognized arguments: --topk 2; did you mean --top-k? (see `thaw predict --help`)"),
+        (["train", "DATA", "--foo", "1"], "thaw train: error: unrecognized arguments: --foo 1 (see `thaw train --help`)"),
+    ],
+)
+def test_an_unknown_option_points_at_its_commands_help_and_the_option_it_likely_meant(
+    argv: list[str], said: str, capsys: pytest.CaptureFixture[str],
+) -> None:
+    """`thaw --help` lists no command's options: the line names the command's own help, and a near miss."""
+    with pytest.raises(SystemExit) as exited:
+        main(argv)
+    assert exited.value.code == 2 and capsys.readouterr().err.strip() == said

@@ -80,8 +80,9 @@ def test_evaluate_and_predict_with_tta_record_it_and_use_both_views(
     assert mirrored["count"] == plain["count"] == 12 and sum(seen) == 12
     seen.clear()
     assert main(["predict", str(run), str(data / "val"), "--json", "--tta"]) == 0
-    predictions = json.loads(capsys.readouterr().out)["predictions"]
-    assert len(predictions) == 12 and sum(seen) == 12
+    predicted = json.loads(capsys.readouterr().out)
+    predictions = predicted["predictions"]
+    assert len(predictions) == 12 and sum(seen) == 12 and predicted["tta"] == "flip"  # recorded, as the README says
     assert all(abs(sum(p["probability"] for p in entry["predictions"]) - 1) < 1e-4 for entry in predictions)  # 3 classes, top 3
 
 

@@ -210,6 +210,18 @@ def test_predict_reads_texts_from_a_file(
     assert [line.split("\t")[2] for line in said.out.strip().splitlines()] == ["a message", str(texts)]
     assert main(["predict", str(tmp_path / "run"), "x" * 5000]) == 0  # a long text is no file name: no warning
     assert capsys.readouterr().err == ""
+    # an image given to a text run: its file name was classified, then --file advised, which cannot read an image
+    assert main(["predict", str(tmp_path / "run"), str(photo)]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"thaw: error: {photo} is an image, and {tmp_path / 'run'} is a text run, which classifies texts; predict images with an image run"
+    )
+    assert main(["predict", str(tmp_path / "run"), str(tmp_path)]) == 0  # a folder: its name is classified, said
+    assert capsys.readouterr().err.strip() == f"thaw: warning: {str(tmp_path)!r} is also a folder here; its name is classified as a text, not the files in it"
+    (tmp_path / "gaps.txt").write_text("win cash\n\n   \nhello\n")  # predictions no longer line up with the lines: said
+    assert main(["predict", str(tmp_path / "run"), "--file", str(tmp_path / "gaps.txt")]) == 0
+    said = capsys.readouterr()
+    assert [line.split("\t")[2] for line in said.out.strip().splitlines()] == ["win cash", "hello"]
+    assert said.err.strip() == f"thaw: warning: 2 blank line(s) of {tmp_path / 'gaps.txt'} skipped: one prediction per line that holds a text"
 
 
 def test_sms_spam_two_phase_meets_the_target_on_a_held_out_test_split(tmp_path: Path, minilm: Path, capsys: pytest.CaptureFixture) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import codecs
+import difflib
 import io
 import os
 import re
@@ -12,6 +13,10 @@ import sys
 from typing import Any, NoReturn, Sequence
 
 from thaw.errors import ThawError, denied
+
+
+# Options of other tools that a user may type for one of thaw's: a plan file is --config here.
+OPTION_ALIASES = {"--plan": "--config", "--plan-file": "--config"}
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -35,6 +40,26 @@ class OneLineParser(argparse.ArgumentParser):
             return self.parse_known_intermixed_args(args, namespace)
         finally:
             self._intermixing = False
+
+    def parse_args(self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None) -> argparse.Namespace:  # type: ignore[override]
+        """As argparse's, but an option no parser knows is said by the command's parser, whose --help lists the
+        command's options (`thaw --help` lists none), with the option it most likely meant."""
+        parsed, extras = self.parse_known_args(args, namespace)
+        if extras:
+            command = next((action.choices.get(getattr(parsed, action.dest, None)) for action in self._actions
+                            if isinstance(action, argparse._SubParsersAction)), None)
+            (command or self).error(f"unrecognized arguments: {' '.join(extras)}{(command or self)._meant(extras)}")
+        return parsed
+
+    def _meant(self, extras: list[str]) -> str:
+        options = [option for action in self._actions for option in action.option_strings if option.startswith("--")]
+        for word in extras:
+            name = word.split("=", 1)[0]
+            close = OPTION_ALIASES.get(name) if OPTION_ALIASES.get(name) in options else None
+            close = close or next(iter(difflib.get_close_matches(name, options, n=1, cutoff=0.75)), None) if name.startswith("--") else None
+            if close:
+                return f"; did you mean {close}?"
+        return ""
 
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"{self.prog}: error: {self._dash_value_hint(message) or message} (see `{self.prog} --help`)\n")

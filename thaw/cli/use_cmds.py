@@ -11,6 +11,7 @@ from pathlib import Path
 from thaw.cli.options import add_table_columns, names_a_folder, path_text, positive_int, table_columns
 from thaw._io import answers, special_file
 from thaw.data.folders import describe_skipped
+from thaw.data.images import IMAGE_SUFFIXES
 from thaw.data.manifest_check import check_image_table
 from thaw.errors import ThawError
 from thaw.export.formats import FORMATS, ExportCheck, export_description, export_model
@@ -128,7 +129,8 @@ def run_predict(args: argparse.Namespace) -> int:
     predictions, skipped = predict_files(adapter, meta["classes"], image_files(args.paths), args.top_k, tta=args.tta, precision=run_precision(meta))
     if args.json:
         entries = [{"path": p.path, "predictions": [{"label": l, "probability": v} for l, v in p.labels]} for p in predictions]
-        print(json.dumps({"predictions": entries, "skipped": [{"path": p, "reason": r} for p, r in skipped]}))
+        tta = "flip" if args.tta else None  # as evaluate --json records it
+        print(json.dumps({"predictions": entries, "skipped": [{"path": p, "reason": r} for p, r in skipped], "tta": tta}))
     else:
         for prediction in predictions:
             print(prediction.path + ": " + ", ".join(f"{label} {value:.3f}" for label, value in prediction.labels))
@@ -139,9 +141,15 @@ def run_predict(args: argparse.Namespace) -> int:
 
 def _read_texts(args: argparse.Namespace) -> list[str]:
     texts = list(args.paths)
+    image = next((text for text in texts if Path(text).suffix.lower() in IMAGE_SUFFIXES and answers(Path(text).is_file)), None)
+    if image is not None:  # an image run's command given a text run: its file name classified as words, then --file advised
+        raise ThawError(f"{image} is an image, and {args.run} is a text run, which classifies texts; predict images with an image run")
     named = next((text for text in texts if answers(Path(text).is_file)), None)
     if named is not None:  # `thaw predict RUN messages.txt` classifies the words "messages.txt": said, as it may be meant
         print(f"thaw: warning: {named!r} is also a file here; it is classified as a text. To classify the file's lines, pass --file {named}", file=sys.stderr)
+    folder = next((text for text in texts if answers(Path(text).is_dir)), None)
+    if folder is not None:  # a folder of images (or of texts) given to a text run: its name is what is classified
+        print(f"thaw: warning: {folder!r} is also a folder here; its name is classified as a text, not the files in it", file=sys.stderr)
     if args.file:
         raw = _read_bytes(args.file)
         try:
@@ -150,6 +158,10 @@ def _read_texts(args: argparse.Namespace) -> list[str]:
             where = "standard input" if args.file == "-" else args.file
             raise ThawError(f"{where} is not UTF-8 text (byte {error.start}); pass one UTF-8 text per line") from None
         texts += [line for line in lines if line.strip()]
+        blank = len(lines) - sum(1 for line in lines if line.strip())
+        if blank:  # the predictions no longer line up with the file's lines (paste, a spreadsheet): said
+            where = "standard input" if args.file == "-" else args.file
+            print(f"thaw: warning: {blank} blank line(s) of {where} skipped: one prediction per line that holds a text", file=sys.stderr)
     return texts
 
 
