@@ -101,6 +101,15 @@ def test_texts_after_an_option_are_texts_to_predict() -> None:
     assert (args.run, args.paths, args.tta) == ("RUN", ["hi", "there"], True)
 
 
+@pytest.mark.parametrize("command", ["evaluate", "report"])
+def test_data_after_an_option_is_the_data_to_score(command: str) -> None:
+    """DATA is optional for evaluate and report (the run's own): argparse gave an optional positional nothing once an
+    option had come, and `thaw report RUN --split test DATA` was refused with DATA unrecognized."""
+    args = build_parser().parse_args([command, "RUN", "--split", "test", "DATA"])
+    assert (args.run, args.data, args.split) == ("RUN", "DATA", "test")
+    assert build_parser().parse_args([command, "RUN", "--split", "test"]).data is None
+
+
 def test_other_commands_still_refuse_extra_positionals(finished_run: Path, colours: Path, capsys: pytest.CaptureFixture[str]) -> None:
     said = _one_line_error(["evaluate", str(finished_run), "--json", str(colours), "extra"], capsys)
     assert "unrecognized arguments: extra" in said

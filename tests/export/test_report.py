@@ -186,6 +186,22 @@ def test_report_without_its_data_is_one_line(image_run: tuple[Path, Path], tmp_p
     error = capfd.readouterr().err.strip()
     gone = tmp_path / "gone"
     assert error == f"thaw: error: the run's data was at {gone}, which does not exist now; pass its place: thaw report {copy} DATA"
+    assert main(["evaluate", str(copy)]) == 2  # evaluate without DATA reads the same record
+    error = capfd.readouterr().err.strip()
+    assert error == f"thaw: error: the run's data was at {gone}, which does not exist now; pass its place: thaw evaluate {copy} DATA"
+
+
+def test_evaluate_without_data_scores_the_runs_own_val_split_as_with_it(image_run: tuple[Path, Path], capsys: pytest.CaptureFixture[str]) -> None:
+    """As thaw report does: no DATA, the run's recorded data and its val split (or the split named)."""
+    run, data = image_run
+    scores = {}
+    for name, argv in {"own": [], "own test": ["--split", "test"], "given": [str(data)], "given test": [str(data), "--split", "test"]}.items():
+        assert main(["evaluate", str(run), *argv, "--json"]) == 0
+        scores[name] = json.loads(capsys.readouterr().out)
+    assert scores["own"] == scores["given"] and scores["own"]["split"] == "val"
+    assert scores["own test"] == scores["given test"] and scores["own test"]["split"] == "test"
+    assert main(["evaluate", str(run), "--delimiter", ";"]) == 2  # a layout for a table given as DATA: none was
+    assert "lay out a table given as DATA" in capsys.readouterr().err
 
 
 def test_report_on_a_lora_run(image_run: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

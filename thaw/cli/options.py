@@ -283,3 +283,12 @@ def table_columns(args: argparse.Namespace) -> TextColumns | None:
     """The columns typed, or None where none was: then the run's own."""
     typed = (args.text_column, args.label_column, args.delimiter)
     return None if typed == (None, None, None) else TextColumns(*typed)
+
+
+def scored_columns_and_split(args: argparse.Namespace) -> tuple[TextColumns | None, str | None]:
+    """What `thaw evaluate` and `thaw report` score: without DATA the run's own data, as the run read it, and its val
+    split unless --split names another; DATA given is scored whole unless --split names a split of the run's."""
+    columns = table_columns(args)
+    if columns is not None and args.data is None:
+        raise ThawError("--text-column, --label-column and --delimiter lay out a table given as DATA; the run's own data is read as the run read it")
+    return columns, args.split or ("val" if args.data is None else None)

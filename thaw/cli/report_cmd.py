@@ -5,9 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 
-from thaw.cli.options import add_table_columns, path_text, positive_int, table_columns
+from thaw.cli.options import add_table_columns, path_text, positive_int, scored_columns_and_split
 from thaw.data.manifest_check import check_image_table
-from thaw.errors import ThawError
 from thaw.export.report import TOP_LOSSES, write_report
 from thaw.export.run_dir import read_metadata
 
@@ -15,7 +14,9 @@ MAX_TOP_LOSSES = 500  # each one is an inline thumbnail (and a Grad-CAM pass): p
 
 
 def register(commands: argparse._SubParsersAction) -> None:
-    parser = commands.add_parser("report", help="write RUN/report.html: curves, per-class scores, confusions, the top losses")
+    parser = commands.add_parser(  # intermixed: `thaw report RUN --split test DATA` gives DATA to the optional positional
+        "report", help="write RUN/report.html: curves, per-class scores, confusions, the top losses", intermixed=True
+    )
     parser.add_argument("run", type=path_text)
     parser.add_argument("data", nargs="?", type=path_text, help="the data (default: where the run recorded it)")
     parser.add_argument(
@@ -37,12 +38,9 @@ def top_count(text: str) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    split = args.split or ("val" if args.data is None else None)  # DATA given: the same rule as thaw evaluate
     if args.data is not None and read_metadata(args.run).get("task") != "text":
         check_image_table(args.data, f"{args.run} is an image run: report on text with a text run")
-    columns = table_columns(args)
-    if columns is not None and args.data is None:
-        raise ThawError("--text-column, --label-column and --delimiter lay out a table given as DATA; the run's own data is read as the run read it")
+    columns, split = scored_columns_and_split(args)  # the same rule as thaw evaluate
     path, report = write_report(args.run, args.data, split, args.top_losses, columns)
     metrics = report["metrics"]
     if args.json:

@@ -8,7 +8,7 @@ import os
 import sys
 from pathlib import Path
 
-from thaw.cli.options import add_table_columns, names_a_folder, path_text, positive_int, table_columns
+from thaw.cli.options import add_table_columns, names_a_folder, path_text, positive_int, scored_columns_and_split
 from thaw._io import answers, special_file
 from thaw.data.folders import describe_skipped
 from thaw.data.images import IMAGE_SUFFIXES
@@ -16,7 +16,7 @@ from thaw.data.manifest_check import check_image_table
 from thaw.errors import ThawError
 from thaw.export.formats import FORMATS, ExportCheck, export_description, export_model
 from thaw.export.inference import check_images, image_files, predict_files, predict_texts, run_precision, score_run, with_tta
-from thaw.export.report import save_report
+from thaw.export.report import run_data_path, save_report
 from thaw.train.metrics import undefined_as_null
 from thaw.train.plots import plot_confusion
 from thaw.train.run_folder import ONNX_EXPORT, RUN_FOLDERS, TORCHSCRIPT_EXPORT, holds_run, is_run_file
@@ -24,16 +24,18 @@ from thaw.export.run_dir import load_run
 from thaw.plan.report import render_table
 
 
-TTA_HELP = "test-time augmentation: average the softmax over each image and its mirror image (two forward passes)"
+TTA_HELP = "test-time augmentation: average the softmax over each image and its mirror image (a second forward per image)"
 
 
 def register(commands: argparse._SubParsersAction) -> None:
-    evaluate = commands.add_parser("evaluate", help="accuracy, macro-F1, per-class accuracy and confusion matrix of a run")
+    # intermixed: DATA is optional, and argparse gives an optional positional nothing once an option has come
+    evaluate = commands.add_parser("evaluate", help="accuracy, macro-F1, per-class accuracy and confusion matrix of a run", intermixed=True)
     evaluate.add_argument("run")
-    evaluate.add_argument("data")
+    evaluate.add_argument("data", nargs="?", help="images or a text table to score (default: the run's own data, as recorded)")
     evaluate.add_argument(
         "--split", choices=("train", "val", "test"),
-        help="data in split folders: which one (default val); other data is scored whole unless a split of the run's is named",
+        help="data in split folders, or no DATA: which split (default val); other data is scored whole unless a split of "
+        "the run's is named",
     )
     evaluate.add_argument("--json", action="store_true")
     evaluate.add_argument("--tta", action="store_true", help=TTA_HELP)
@@ -61,9 +63,11 @@ def register(commands: argparse._SubParsersAction) -> None:
 
 def run_evaluate(args: argparse.Namespace) -> int:
     adapter, meta = load_run(args.run)
-    if meta.get("task") != "text":
+    if meta.get("task") != "text" and args.data is not None:
         check_image_table(args.data, f"{args.run} is an image run: score text with a text run")
-    scored = score_run(adapter, meta, args.data, args.split, tta=args.tta, columns=table_columns(args))
+    columns, split = scored_columns_and_split(args)
+    data = run_data_path(Path(args.run), meta, args.data, "evaluate")
+    scored = score_run(adapter, meta, data, split, tta=args.tta, columns=columns)
     metrics, split = scored.metrics, scored.metrics["split"]
     report, problem = None, None
     try:  # the scores are printed whatever the run folder takes: it may be read-only
@@ -77,7 +81,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
         print(json.dumps({k: v for k, v in undefined_as_null(metrics).items() if k != "seconds"} | extra))
         return _said_problem(problem)
     unit = "texts" if meta.get("task") == "text" else "images"
-    what = f"every readable one in {args.data}" if split == "all" else f"the {split} split of {args.data}"
+    what = f"every readable one in {data}" if split == "all" else f"the {split} split of {data}"
     top5 = f", top-5 {metrics['top5']:.4f}" if "top5" in metrics else ""
     what += ", averaged with mirror images (--tta)" if args.tta else ""
     if metrics["skipped_files"] and meta.get("task") == "text":

@@ -29,14 +29,14 @@ CURVES = "curves.png"
 TOP_LOSSES = 16
 
 
-def run_data_path(run: Path, meta: dict, data_path: str | Path | None) -> Path:
+def run_data_path(run: Path, meta: dict, data_path: str | Path | None, command: str = "report") -> Path:
     """DATA as given, else where the run recorded its data; one line when neither exists."""
     recorded = meta.get("data", {}).get("path") or meta.get("data_path")
     if not data_path and not recorded:  # Path("") would be the current folder
-        raise ThawError(f"the run does not record where its data is; pass it: thaw report {run} DATA")
+        raise ThawError(f"the run does not record where its data is; pass it: thaw {command} {run} DATA")
     path = Path(data_path) if data_path else Path(recorded)
     if not data_path and not path.exists():
-        raise ThawError(f"the run's data was at {path}, which does not exist now; pass its place: thaw report {run} DATA")
+        raise ThawError(f"the run's data was at {path}, which does not exist now; pass its place: thaw {command} {run} DATA")
     return path
 
 
