@@ -412,6 +412,8 @@ def test_a_pipe_or_a_device_given_as_data_or_weights_is_one_line(tmp_path: Path,
         (["train", "DATA", "--plan", "plan.yaml"], "thaw train: error: unrecognized arguments: --plan plan.yaml; did you mean --config? (see `thaw train --help`)"),
         (["predict", "RUN", "a.png", "--topk", "2"], "thaw predict: error: unrecognized arguments: --topk 2; did you mean --top-k? (see `thaw predict --help`)"),
         (["train", "DATA", "--foo", "1"], "thaw train: error: unrecognized arguments: --foo 1 (see `thaw train --help`)"),
+        (["evaluate", "RUN", "DATA", "--", "--json"], "thaw evaluate: error: unrecognized arguments: --json (see `thaw evaluate --help`)"),
+        (["evaluate", "RUN", ""], "thaw evaluate: error: argument data: expected a path, got an empty string (see `thaw evaluate --help`)"),
     ],
 )
 def test_an_unknown_option_points_at_its_commands_help_and_the_option_it_likely_meant(

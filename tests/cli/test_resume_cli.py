@@ -392,6 +392,10 @@ def test_resume_given_the_data_folder_is_refused_and_writes_nothing_there(tiny_s
     before = sorted(path.relative_to(tiny_split_data) for path in tiny_split_data.rglob("*"))
     args = ["train", str(tiny_split_data), "--model", "mobilenet_v3_small", "--weights", "none", "--image-size", "32", "--epochs", "1"]
     assert main([*args, "--resume", str(tiny_split_data)]) == 2
-    assert f"--resume {tiny_split_data} is inside the data folder {tiny_split_data}" in capsys.readouterr().err
+    assert capsys.readouterr().err.strip() == (
+        f"thaw: error: --resume {tiny_split_data} is the data folder: the run's files would be read as images by the next run "
+        "on it; --resume takes the folder a run wrote; drop it to start a run in --out"
+    )
     assert main([*args, "--resume", str(tiny_split_data / "train" / "red" / "run")]) == 2  # where its folder is a class
+    assert f"is inside the data folder {tiny_split_data}" in capsys.readouterr().err
     assert sorted(path.relative_to(tiny_split_data) for path in tiny_split_data.rglob("*")) == before

@@ -219,8 +219,12 @@ def test_a_manifest_whose_paths_are_written_from_the_working_folder_says_where_t
 
 
 @pytest.mark.parametrize("suffix, separator", [(".csv", ","), (".tsv", "\t")])
-def test_a_manifest_written_with_windows_separators_says_to_write_them_with_slashes(tmp_path: Path, suffix: str, separator: str) -> None:
+@pytest.mark.parametrize("folder", ["plain", "with\\backslash"])  # the manifest's own folder's name is no row's
+def test_a_manifest_written_with_windows_separators_says_to_write_them_with_slashes(
+    tmp_path: Path, suffix: str, separator: str, folder: str,
+) -> None:
     """images\\red\\0.png is one file name on Linux and macOS: each such path is missing, and the line says why."""
+    tmp_path = tmp_path / folder
     write_class_images(tmp_path / "images", per_class=3)
     rows = [f"images\\{p.parent.name}\\{p.name}{separator}{p.parent.name}" for p in sorted((tmp_path / "images").rglob("*.png"))]
     (tmp_path / f"labels{suffix}").write_text("\n".join([*rows[:8], rows[8].replace("\\", "/")]))  # the last written with /

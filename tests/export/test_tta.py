@@ -83,6 +83,8 @@ def test_evaluate_and_predict_with_tta_record_it_and_use_both_views(
     predicted = json.loads(capsys.readouterr().out)
     predictions = predicted["predictions"]
     assert len(predictions) == 12 and sum(seen) == 12 and predicted["tta"] == "flip"  # recorded, as the README says
+    assert main(["predict", str(run), str(data / "val"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["tta"] is None
     assert all(abs(sum(p["probability"] for p in entry["predictions"]) - 1) < 1e-4 for entry in predictions)  # 3 classes, top 3
 
 

@@ -342,7 +342,7 @@ def test_a_run_that_said_copies_together_is_scored_on_the_split_its_samples_reco
     assert sorted(text for text, _ in _run_data(changed, table).val) == PINNED_SPLITS[SPLIT_RULE][1]
     for split in ("val", "test"):  # a text run's test share is rebuilt by its seed too: not from changed data
         with pytest.raises(ThawError, match=f"differs from the data this run trained on .* the run's {split} split cannot be rebuilt .*"
-                           r"score held-out data whole \(no --split\)$"):
+                           r"pass held-out data as DATA, scored whole \(no --split\)$"):
             evaluation_set(changed, table, split)
     with pytest.raises(ThawError, match="^this dataset has no 'test' split"):  # a run without a test share: said so
         evaluation_set(changed | {"test_split": 0.0}, table, "test")

@@ -222,6 +222,9 @@ def test_predict_reads_texts_from_a_file(
     said = capsys.readouterr()
     assert [line.split("\t")[2] for line in said.out.strip().splitlines()] == ["win cash", "hello"]
     assert said.err.strip() == f"thaw: warning: 2 blank line(s) of {tmp_path / 'gaps.txt'} skipped: one prediction per line that holds a text"
+    (tmp_path / "gaps.txt").write_text("\n  \n")  # nothing but blanks: the one error line says it
+    assert main(["predict", str(tmp_path / "run"), "--file", str(tmp_path / "gaps.txt")]) == 2
+    assert capsys.readouterr().err.strip() == "thaw: error: give one or more non-empty texts to classify"
 
 
 def test_sms_spam_two_phase_meets_the_target_on_a_held_out_test_split(tmp_path: Path, minilm: Path, capsys: pytest.CaptureFixture) -> None:
@@ -268,7 +271,7 @@ def test_a_max_length_past_the_models_positions_is_cut_to_them_and_said(
     assert f"thaw: warning: max length 300 is more than {tiny_encoder} reads; texts are cut at 128 tokens" in capsys.readouterr().err
     adapter, meta = load_run(tmp_path / "run")
     assert adapter.preprocessing.max_length == 128 and meta["max_length"] == 300
-    train_text(table, model=str(tiny_encoder), out=tmp_path / "fits", plan="feature-extract", plan_options={"epochs": 1}, config=config, max_length=128)
+    train_text(table, model=tiny_encoder, out=tmp_path / "fits", plan="feature-extract", plan_options={"epochs": 1}, config=config, max_length=128)  # a Path too
     assert "warning" not in capsys.readouterr().err
 
 
@@ -316,9 +319,10 @@ def test_weights_for_a_text_run_are_refused_as_read_by_nothing(tmp_path: Path, t
 @pytest.mark.parametrize(
     "model, said",
     [
-        ("resnet18", "resnet18 is an image model; text runs take a Hugging Face encoder"),
-        ("timm/resnet18", "timm/resnet18 is an image model; text runs take a Hugging Face encoder"),
+        ("resnet18", "resnet18 is a torchvision image model; text runs take a Hugging Face encoder"),
         ("/no/such/encoder", "model folder /no/such/encoder does not exist; pass the folder of a downloaded Hugging Face model"),
+        ("models/minilm/v2", "model folder models/minilm/v2 does not exist"),  # two slashes: no hub ID (ORG/NAME)
+        ("~no-such-user-here/enc", "model folder ~no-such-user-here/enc does not exist"),  # expanduser raised on it
         ("RUN", "is a thaw run folder; a text run cannot start from another run yet"),
     ],
 )

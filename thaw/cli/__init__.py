@@ -55,8 +55,10 @@ class OneLineParser(argparse.ArgumentParser):
         options = [option for action in self._actions for option in action.option_strings if option.startswith("--")]
         for word in extras:
             name = word.split("=", 1)[0]
-            close = OPTION_ALIASES.get(name) if OPTION_ALIASES.get(name) in options else None
-            close = close or next(iter(difflib.get_close_matches(name, options, n=1, cutoff=0.75)), None) if name.startswith("--") else None
+            if not name.startswith("--") or name in options:  # an option after `--` is a positional: no option to mean
+                continue
+            alias = OPTION_ALIASES.get(name)
+            close = alias if alias in options else next(iter(difflib.get_close_matches(name, options, n=1, cutoff=0.75)), None)
             if close:
                 return f"; did you mean {close}?"
         return ""

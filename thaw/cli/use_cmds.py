@@ -31,7 +31,7 @@ def register(commands: argparse._SubParsersAction) -> None:
     # intermixed: DATA is optional, and argparse gives an optional positional nothing once an option has come
     evaluate = commands.add_parser("evaluate", help="accuracy, macro-F1, per-class accuracy and confusion matrix of a run", intermixed=True)
     evaluate.add_argument("run")
-    evaluate.add_argument("data", nargs="?", help="images or a text table to score (default: the run's own data, as recorded)")
+    evaluate.add_argument("data", nargs="?", type=path_text, help="images or a text table to score (default: the run's own data, as recorded)")
     evaluate.add_argument(
         "--split", choices=("train", "val", "test"),
         help="data in split folders, or no DATA: which split (default val); other data is scored whole unless a split of "
@@ -163,7 +163,7 @@ def _read_texts(args: argparse.Namespace) -> list[str]:
             raise ThawError(f"{where} is not UTF-8 text (byte {error.start}); pass one UTF-8 text per line") from None
         texts += [line for line in lines if line.strip()]
         blank = len(lines) - sum(1 for line in lines if line.strip())
-        if blank:  # the predictions no longer line up with the file's lines (paste, a spreadsheet): said
+        if blank and texts:  # the predictions no longer line up with the file's lines (paste, a spreadsheet): said
             where = "standard input" if args.file == "-" else args.file
             print(f"thaw: warning: {blank} blank line(s) of {where} skipped: one prediction per line that holds a text", file=sys.stderr)
     return texts

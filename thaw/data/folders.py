@@ -660,7 +660,9 @@ def _why_missing(path: Path, entries: list[tuple[Path, str]], missing: list[str]
     name here, where \\ is a letter like any other); where every one is missing, the columns the other way round
     (label,path without its header), or paths written from the working folder, where the manifest's own folder is
     what they are read from."""
-    if os.sep == "/" and "\\" in missing[0] and answers(Path(missing[0].replace("\\", "/")).is_file):
+    folder = str(path.parent) + os.sep
+    written = missing[0][len(folder):] if missing[0].startswith(folder) else missing[0]  # as the row has it
+    if os.sep == "/" and "\\" in written and answers((path.parent / written.replace("\\", "/")).is_file):
         return "; its paths are written with \\ (Windows): write them with / (images/a.png), which Windows reads too"
     if len(missing) < len(entries):
         return ""

@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from thaw._io import answers
 from thaw.errors import ThawError, first_line
 from thaw.models.adapter import LayerGroup, ModelAdapter
 
@@ -80,8 +81,8 @@ def _transformers():
 
 
 def _load_error(source: str, error: Exception) -> ThawError:
-    local = Path(source).expanduser()
-    if local.exists():
+    local = _local(source)
+    if answers(local.exists):
         return ThawError(f"cannot load a Hugging Face model from {local} ({type(error).__name__}: {first_line(error, 160)}); it needs config.json, weights and tokenizer files")
     if not isinstance(error, OSError):  # it was there, and could not be read
         return ThawError(f"cannot load model {source!r} ({type(error).__name__}: {first_line(error, 160)}); check that transformers knows its model type")
@@ -91,23 +92,32 @@ def _load_error(source: str, error: Exception) -> ThawError:
     )
 
 
+def _local(source: str) -> Path:
+    """`source` as a local path; `~user` of no such user stays as typed (expanduser raised)."""
+    try:
+        return Path(source).expanduser()
+    except RuntimeError:
+        return Path(source)
+
+
 def check_encoder_source(source: str) -> None:
     """Sources that cannot be a Hugging Face encoder, said at once: each went to the hub, which offline took most of
-    a minute to say it did not provide a model it never could have (a path has no hub ID, nor has an image model)."""
-    local = Path(source).expanduser()
-    if (local / "thaw.json").is_file():
+    a minute to say it did not provide a model it never could have. A hub ID is NAME or ORG/NAME: a path written as
+    one (/, ./, ../, ~, or two slashes or more) is not, nor is a torchvision model's name."""
+    local = _local(source)
+    if answers((local / "thaw.json").is_file):
         raise ThawError(
             f"{source} is a thaw run folder; a text run cannot start from another run yet: --model takes a Hugging Face "
             "encoder (a folder with config.json, or hf/ORG/NAME)"
         )
-    if source.startswith(("/", "./", "../", "~")) and not local.exists():
+    if (source.startswith(("/", "./", "../", "~")) or source.count("/") >= 2) and not answers(local.exists):
         raise ThawError(f"model folder {source} does not exist; pass the folder of a downloaded Hugging Face model, or hf/ORG/NAME")
     from thaw.models.torchvision_models import list_torchvision_models
 
-    if source in list_torchvision_models() or source.startswith("timm/"):
+    if source in list_torchvision_models():
         raise ThawError(
-            f"{source} is an image model; text runs take a Hugging Face encoder (a folder with config.json, or "
-            "hf/ORG/NAME): drop --task text to train it on images"
+            f"{source} is a torchvision image model; text runs take a Hugging Face encoder (a folder with config.json, "
+            "or hf/ORG/NAME): to train it on images, leave out --task text"
         )
 
 
@@ -115,6 +125,7 @@ def load_encoder(source: str, *, load: bool = True) -> tuple[nn.Module, object]:
     """The encoder (without any pooler: thaw pools itself) and its tokenizer. A hub ID is read from the local Hugging
     Face cache where it is there, without asking the hub (which offline retried for most of a minute, a line each
     time); only a model not in the cache is fetched, said in one line, with the hub's retry lines held back."""
+    source = str(source)  # the Python API takes a Path too
     check_encoder_source(source)
     transformers = _transformers()
     try:
@@ -124,7 +135,7 @@ def load_encoder(source: str, *, load: bool = True) -> tuple[nn.Module, object]:
     except (OSError, ValueError, KeyError) as error:
         # Only a file missing from the cache (OSError) is the hub's to provide; a cached model transformers cannot
         # read (a model type newer than it) says why at once, not after minutes of asking the hub.
-        if Path(source).expanduser().exists() or _hub_offline() or not isinstance(error, OSError):
+        if answers(_local(source).exists) or _hub_offline() or not isinstance(error, OSError):
             raise _load_error(source, error) from None
     if os.environ.get("RANK", "0") == "0":  # torchrun's other ranks fetch the same files
         print(f"thaw: {source} is not wholly in the Hugging Face cache; fetching it from the hub", file=sys.stderr, flush=True)

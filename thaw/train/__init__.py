@@ -113,10 +113,10 @@ def check_out_outside_data(out: Path, data_path: Path, flag: str = "--out") -> N
     """A run folder where discover reads the data would become part of it: its plots read as images of a class (or
     its folder as a class) by the next run on that folder. Refused for a new run (`flag` named the folder)."""
     if would_be_read(data_path, out):
-        raise ThawError(
-            f"{flag} {out} is inside the data folder {data_path}: the run's files would be read as images by the next run "
-            "on it; put the run folder elsewhere (with --out)"
-        )
+        where = "is the data folder" if out.resolve() == data_path.resolve() else f"is inside the data folder {data_path}"
+        # --resume names the run's folder whatever --out says: the way out is another folder for it, or no resume
+        fix = "--resume takes the folder a run wrote; drop it to start a run in --out" if flag == "--resume" else "put the run folder elsewhere (with --out)"
+        raise ThawError(f"{flag} {out} {where}: the run's files would be read as images by the next run on it; {fix}")
 
 
 def model_name(model: str | nn.Module | ModelAdapter) -> str:

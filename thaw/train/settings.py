@@ -64,7 +64,7 @@ def split_as_recorded(split_by: Callable[[str], LabelledData], rules: tuple[str,
     if len(rules) > 1 and not digest:  # a hand-edited record: guessing would score a split holding trained samples
         raise ThawError(
             "the run records copies_together, which three versions of thaw wrote, each splitting its own way, but no "
-            "digest of its samples to tell which: its split cannot be rebuilt; score held-out data whole (no --split)"
+            "digest of its samples to tell which: its split cannot be rebuilt; pass held-out data as DATA, scored whole (no --split)"
         )
     found: list[tuple[LabelledData, str]] = []
     problem: ThawError | None = None
