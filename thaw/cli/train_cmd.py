@@ -263,7 +263,7 @@ def _start(args: argparse.Namespace, config: TrainConfig, out: Path, callbacks: 
 
 def _refuse_weights_for_text(args: argparse.Namespace) -> None:
     """A text encoder's weights are the ones in its --model folder: --weights was read by nothing, a file and none alike."""
-    if hasattr(args, "parser") and hasattr(args, "argv") and "weights" in given_options(args.parser, args.argv):
+    if "weights" in typed_options(args):
         raise ThawError(
             f"--weights {args.weights}: a text run's weights are the ones in --model (a Hugging Face folder or hf/ORG/NAME); "
             "drop --weights"
@@ -272,13 +272,16 @@ def _refuse_weights_for_text(args: argparse.Namespace) -> None:
 
 def _refuse_text_options(args: argparse.Namespace, resumed: bool = False) -> None:
     """Text options typed for an image run did nothing: --test-split held no test set out, without a word."""
-    if not hasattr(args, "parser") or not hasattr(args, "argv"):  # a namespace built by hand records nothing typed
-        return
-    typed = given_options(args.parser, args.argv) & TEXT_ONLY_DESTS
+    typed = typed_options(args) & TEXT_ONLY_DESTS
     if typed:
         flags = ", ".join(f"--{dest.replace('_', '-')}" for dest in sorted(typed))
         hint = "a resume cannot change it" if resumed else "--task text for a text table"
         raise ThawError(f"{flags}: text options, and this is an image run ({hint}); drop them")
+
+
+def typed_options(args: argparse.Namespace) -> set[str]:
+    """The dests of the options typed; none for a namespace built by hand, which records nothing typed."""
+    return given_options(args.parser, args.argv) if hasattr(args, "parser") and hasattr(args, "argv") else set()
 
 
 def given_options(parser: argparse.ArgumentParser, argv: list[str]) -> set[str]:

@@ -156,16 +156,15 @@ def _read_texts(args: argparse.Namespace) -> list[str]:
         print(f"thaw: warning: {folder!r} is also a folder here; its name is classified as a text, not the files in it", file=sys.stderr)
     if args.file:
         raw = _read_bytes(args.file)
+        where = "standard input" if args.file == "-" else args.file
         try:
             lines = raw.decode("utf-8-sig").splitlines()  # -sig: a byte-order mark is not part of the first text
         except UnicodeDecodeError as error:
-            where = "standard input" if args.file == "-" else args.file
             raise ThawError(f"{where} is not UTF-8 text (byte {error.start}); pass one UTF-8 text per line") from None
-        texts += [line for line in lines if line.strip()]
-        blank = len(lines) - sum(1 for line in lines if line.strip())
-        if blank and texts:  # the predictions no longer line up with the file's lines (paste, a spreadsheet): said
-            where = "standard input" if args.file == "-" else args.file
-            print(f"thaw: warning: {blank} blank line(s) of {where} skipped: one prediction per line that holds a text", file=sys.stderr)
+        held = [line for line in lines if line.strip()]
+        texts += held
+        if len(held) < len(lines) and texts:  # the predictions no longer line up with the file's lines (paste): said
+            print(f"thaw: warning: {len(lines) - len(held)} blank line(s) of {where} skipped: one prediction per line that holds a text", file=sys.stderr)
     return texts
 
 
