@@ -15,6 +15,7 @@ from PIL import Image
 
 from tests.conftest import write_class_images
 from thaw.cli import main
+from thaw.cli.models_cmd import TEXT_MODELS
 
 
 def thaw(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
@@ -324,6 +325,11 @@ def test_models_lists_80_builders_and_offline_weights(capsys: pytest.CaptureFixt
     # The real file ships in an installed package, so it is usable offline.
     assert mobilenet["IMAGENET1K_V1"]["offline"] is True
     assert mobilenet["IMAGENET1K_V2"]["default"] is True
+    # Text encoders are not in the list; how to name one is, in both outputs.
+    assert main(["models"]) == 0
+    assert capsys.readouterr().out.strip().splitlines()[-1] == "text: " + TEXT_MODELS
+    assert main(["models", "--json"]) == 0 and json.loads(capsys.readouterr().out)["text"] == TEXT_MODELS
+    assert "--task text --model FOLDER" in TEXT_MODELS and "hf/ORG/NAME" in TEXT_MODELS
 
 
 @pytest.mark.parametrize(

@@ -175,7 +175,7 @@ def test_image_export_says_when_only_noise_was_checked(
 def test_export_refuses_an_empty_output_a_pipe_and_another_runs_folder(
     image_run: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    _, run = image_run
+    data, run = image_run
     other = tmp_path / "other"
     other.mkdir()
     (other / "thaw.json").write_text("{}")  # what makes a folder a run's, to every command
@@ -186,6 +186,10 @@ def test_export_refuses_an_empty_output_a_pipe_and_another_runs_folder(
         ("-", "--output - : an export is written to a file, not to standard output; name the file, such as model.onnx"),  # wrote ./-
         (f"{tmp_path}/dot.onnx/.", f"--output {tmp_path}/dot.onnx/. names a folder; name the file to write, such as {tmp_path / 'dot.onnx' / 'model.onnx'}"),
         (f"{tmp_path}/new.onnx/", f"--output {tmp_path}/new.onnx/ names a folder; name the file to write, such as {tmp_path / 'new.onnx' / 'model.onnx'}"),
+        # The run's data folder, or one in it: the suggested file is the run's own export, not a model among the images.
+        (str(data), f"--output {data} is a folder; name the file to write, such as {run / 'model.onnx'}"),
+        (f"{data}/", f"--output {data}/ names a folder; name the file to write, such as {run / 'model.onnx'}"),
+        (str(next(data.iterdir())), f"--output {next(data.iterdir())} is a folder; name the file to write, such as {run / 'model.onnx'}"),
         (str(tmp_path / "pipe.onnx"), f"--output {tmp_path / 'pipe.onnx'} is not a regular file (a device or a pipe); name a file, such as {run / 'model.onnx'}"),
         (str(other / "model.onnx"), f"--output {other / 'model.onnx'} is in the folder of another run, {other}; write the export elsewhere, such as {run / 'model.onnx'}"),
     ]:

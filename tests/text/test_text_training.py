@@ -175,6 +175,12 @@ def test_predict_reads_texts_from_a_file(
     assert main(["predict", str(tmp_path / "run"), "--file", str(texts)]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert [line.split("\t")[2] for line in lines] == ["first message", "second message"]
+    # --top-k on the plain lines: each class's label and probability, most likely first, the text still last.
+    assert main(["predict", str(tmp_path / "run"), "--file", str(texts), "--top-k", "2"]) == 0
+    for line in capsys.readouterr().out.strip().splitlines():
+        first, p_first, second, p_second, text = line.split("\t")
+        assert {first, second} == {"ham", "spam"} and float(p_first) >= float(p_second)
+        assert abs(float(p_first) + float(p_second) - 1) <= 0.002 and text in ("first message", "second message")
     # a pipe, as `--file <(grep ... log)` gives: read as standard input is ("does not exist" before)
     import threading
 

@@ -15,6 +15,10 @@ from thaw.models import build_model, list_torchvision_models
 from thaw.models.weights import first_renamed, head_rows_in_order, paired_with, hub_cache_path, load_state_dict_file, packaged_copy, rename_in_order
 
 
+# Text encoders are not listed one by one: any transformers encoder works, from a folder or the hub.
+TEXT_MODELS = "--task text --model FOLDER (a transformers encoder saved locally) or hf/ORG/NAME (the hub, or its local cache offline)"
+
+
 def register(commands: argparse._SubParsersAction) -> None:
     parser = commands.add_parser("models", help="list supported models and offline weights")
     parser.add_argument("--json", action="store_true")
@@ -47,7 +51,7 @@ def catalogue() -> list[dict]:
 def run(args: argparse.Namespace) -> int:
     models = catalogue()
     if args.json:
-        print(json.dumps({"models": models, "timm": "any timm model as timm/NAME (timm installs with thaw)"}))
+        print(json.dumps({"models": models, "timm": "any timm model as timm/NAME (timm installs with thaw)", "text": TEXT_MODELS}))
         return 0
     for model in models:
         weights = ", ".join(
@@ -55,6 +59,7 @@ def run(args: argparse.Namespace) -> int:
         )
         print(f"{model['name']:20s} {weights}")
     print("\n* DEFAULT weights; [offline] the file is cached or installed. timm models: --model timm/NAME")
+    print(f"text: {TEXT_MODELS}")
     return 0
 
 

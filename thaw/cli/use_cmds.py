@@ -24,6 +24,7 @@ from thaw.export.run_dir import load_run
 from thaw.plan.report import render_table
 
 
+TOP_K = 3  # classes per prediction in --json, and on an image's plain line
 TTA_HELP = "test-time augmentation: average the softmax over each image and its mirror image (a second forward per image)"
 
 
@@ -49,7 +50,10 @@ def register(commands: argparse._SubParsersAction) -> None:
     predict.add_argument("run", type=path_text)
     predict.add_argument("paths", nargs="*", help="image files or folders; for a text run, the texts themselves")
     predict.add_argument("--file", help="text runs: a file with one text per line (- for standard input)")
-    predict.add_argument("--top-k", type=positive_int, default=3)
+    predict.add_argument(
+        "--top-k", type=positive_int,
+        help=f"how many classes to show per image or text (default {TOP_K}; a text's plain line shows the top one unless given)",
+    )
     predict.add_argument("--json", action="store_true")
     predict.add_argument("--tta", action="store_true", help=TTA_HELP)
     predict.set_defaults(handler=run_predict)
@@ -130,7 +134,7 @@ def run_predict(args: argparse.Namespace) -> int:
         raise ThawError("give image files or folders to classify")
     if not all(path.strip() for path in args.paths):  # an unset shell variable; it would mean the current folder
         raise ThawError("an empty path names no image; give image files or folders to classify")
-    predictions, skipped = predict_files(adapter, meta["classes"], image_files(args.paths), args.top_k, tta=args.tta, precision=run_precision(meta))
+    predictions, skipped = predict_files(adapter, meta["classes"], image_files(args.paths), args.top_k or TOP_K, tta=args.tta, precision=run_precision(meta))
     if args.json:
         entries = [{"path": p.path, "predictions": [{"label": l, "probability": v} for l, v in p.labels]} for p in predictions]
         tta = "flip" if args.tta else None  # as evaluate --json records it
@@ -190,7 +194,7 @@ def _read_bytes(file: str) -> bytes:
 
 def _predict_texts(args: argparse.Namespace, adapter: object, meta: dict) -> int:
     with_tta(adapter.model, meta, args.tta)  # --tta on a text run is one line
-    predictions = predict_texts(adapter, meta["classes"], _read_texts(args), args.top_k, precision=run_precision(meta))
+    predictions = predict_texts(adapter, meta["classes"], _read_texts(args), args.top_k or TOP_K, precision=run_precision(meta))
     if args.json:
         entries = [
             {"text": p.path, "label": p.labels[0][0], "probability": p.labels[0][1],
@@ -199,9 +203,11 @@ def _predict_texts(args: argparse.Namespace, adapter: object, meta: dict) -> int
         ]
         print(json.dumps({"predictions": entries}))
         return 0
+    # Tab-separated, the text last (it may hold anything): label and probability first, as `cut -f1,2` reads them;
+    # with --top-k, the next classes' pairs follow in order.
     for prediction in predictions:
-        label, probability = prediction.labels[0]
-        print(f"{label}\t{probability:.3f}\t{prediction.path}")
+        shown = prediction.labels[: args.top_k or 1]
+        print("\t".join([*(f"{label}\t{probability:.3f}" for label, probability in shown), prediction.path]))
     return 0
 
 
@@ -212,9 +218,10 @@ def run_export(args: argparse.Namespace) -> int:
     if args.output == "-":  # a runtime loads an export from a file (the ONNX one may need its weights file beside it)
         raise ThawError(f"--output - : an export is written to a file, not to standard output; name the file, such as {_export_name(args.format)}")
     if args.output is not None and names_a_folder(args.output):  # Path() drops a last / or /.: model.onnx/ became a file
-        raise ThawError(f"--output {args.output} names a folder; name the file to write, such as {Path(args.output) / _export_name(args.format)}")
+        suggested = _file_in(Path(args.output), args.format, Path(args.run), meta)
+        raise ThawError(f"--output {args.output} names a folder; name the file to write, such as {suggested}")
     output = Path(args.output or Path(args.run) / (ONNX_EXPORT if args.format == "onnx" else TORCHSCRIPT_EXPORT))
-    _check_output(output, args.format, Path(args.run))
+    _check_output(output, args.format, Path(args.run), meta)
     images = [] if meta.get("task") == "text" else check_images(meta, adapter.preprocessing)
     try:
         check = export_model(adapter, output, args.format, images, export_description(meta))
@@ -233,7 +240,18 @@ def _export_name(fmt: str) -> str:
     return ONNX_EXPORT if fmt == "onnx" else TORCHSCRIPT_EXPORT
 
 
-def _check_output(output: Path, fmt: str, run: Path) -> None:
+def _file_in(folder: Path, fmt: str, run: Path, meta: dict) -> Path:
+    """The file to suggest for an --output that names a folder: one in it, unless it is (or is in) the run's data
+    folder, where a model has no place (the data is what users copy, share and train on again): the run's own then."""
+    data = meta.get("data", {}).get("path")
+    try:
+        in_data = bool(data) and folder.resolve().is_relative_to(Path(data).resolve())
+    except (OSError, RuntimeError):  # a name the file system refuses, a symlink loop: said by the write itself
+        in_data = False
+    return run / _export_name(fmt) if in_data else folder / _export_name(fmt)
+
+
+def _check_output(output: Path, fmt: str, run: Path, meta: dict) -> None:
     """A file the export can write: not a folder, not named for the other format, not another run's; its folder is made
     when missing."""
     other = next((name for name, suffixes in EXPORT_SUFFIXES.items() if name != fmt and output.suffix.lower() in suffixes), None)
@@ -241,7 +259,7 @@ def _check_output(output: Path, fmt: str, run: Path) -> None:
         wanted = EXPORT_SUFFIXES[fmt][0]
         raise ThawError(f"--output {output} is named for {other}, and --format is {fmt}; name it {output.with_suffix(wanted).name}, or use --format {other}")
     if output.is_dir():
-        raise ThawError(f"--output {output} is a folder; name the file to write, such as {output / _export_name(fmt)}")
+        raise ThawError(f"--output {output} is a folder; name the file to write, such as {_file_in(output, fmt, run, meta)}")
     default = run / (ONNX_EXPORT if fmt == "onnx" else TORCHSCRIPT_EXPORT)
     if output.exists() and not output.is_file():
         raise ThawError(f"--output {output} is not a regular file (a device or a pipe); name a file, such as {default}")
