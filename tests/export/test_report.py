@@ -17,6 +17,7 @@ from torch import nn
 
 from tests.conftest import write_text_table
 from thaw.cli import main
+from thaw.errors import ThawError
 from thaw.export.interpret import feature_layer, grad_cam, is_convolutional
 from thaw.models import build_model
 from thaw.models.generic import adapt
@@ -144,6 +145,35 @@ def test_report_on_a_copied_run_and_another_split(
         assert sum(src.startswith("data:image/png") for src in reader.images) == 2 and "lr finder" in " ".join(reader.text)
     finally:
         moved_away.rename(run)
+
+
+def test_report_output_writes_the_page_elsewhere_and_a_run_it_cannot_write_says_so(
+    image_run: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A run folder that is read-only (shared, another user's) keeps its page; --output puts a new one elsewhere."""
+    run, data = image_run
+    before = (run / "report.html").read_bytes()
+    page = tmp_path / "pages" / "test.html"
+    assert main(["report", str(run), "--split", "test", "--output", str(page), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["report"] == str(page)
+    assert_same_numbers(read_page(page), evaluate_json(run, data, "test", capsys))
+    assert (run / "report.html").read_bytes() == before  # the run's own page is left as it was
+    for output, said in [
+        (str(tmp_path), f"--output {tmp_path} names a folder; name the file to write, such as {tmp_path / 'report.html'}"),
+        (str(run / "model.safetensors"), f"--output {run / 'model.safetensors'} is one of a run's own files; write the page elsewhere, such as {run / 'report.html'}"),
+    ]:
+        assert main(["report", str(run), "--output", output]) == 2
+        assert capsys.readouterr().err.strip() == f"thaw: error: {said}"
+    import thaw.export.report as report_module
+
+    def read_only(path: Path, write: object) -> None:
+        raise ThawError(f"could not write {path}: Permission denied; the previous file is intact")
+
+    monkeypatch.setattr(report_module, "atomic_write", read_only)
+    assert main(["report", str(run)]) == 2
+    said = capsys.readouterr().err.strip()
+    assert said.endswith("Permission denied; the previous file is intact; write the page elsewhere with --output FILE.html")
+    assert len(said.splitlines()) == 1
 
 
 def test_evaluate_report_writes_the_split_it_scored(image_run: tuple[Path, Path], capsys: pytest.CaptureFixture[str]) -> None:

@@ -42,22 +42,26 @@ def run_data_path(run: Path, meta: dict, data_path: str | Path | None, command: 
 
 def write_report(
     run: str | Path, data_path: str | Path | None = None, split: str | None = "val", top: int = TOP_LOSSES,
-    columns: TextColumns | None = None,
+    columns: TextColumns | None = None, output: str | Path | None = None,
 ) -> tuple[Path, dict]:
-    """Score the run on `split` of its data and write RUN/report.html; returns the file and the report's data.
+    """Score the run on `split` of its data and write RUN/report.html (or `output`: the page is self-contained, so it
+    can live anywhere, say beside a run that is read-only); returns the file and the report's data.
     `columns`: a text table's own layout, for one scored whole (evaluation_set)."""
     run = Path(run)
     adapter, meta = load_run(run)
     scored = score_run(adapter, meta, run_data_path(run, meta, data_path), split, columns=columns)
-    return save_report(run, adapter, meta, scored, top)
+    return save_report(run, adapter, meta, scored, top, output)
 
 
-def save_report(run: Path, adapter: ModelAdapter, meta: dict, scored: ScoredSet, top: int = TOP_LOSSES) -> tuple[Path, dict]:
+def save_report(
+    run: Path, adapter: ModelAdapter, meta: dict, scored: ScoredSet, top: int = TOP_LOSSES, output: str | Path | None = None
+) -> tuple[Path, dict]:
     report = build_report(run, adapter, meta, scored, top)
     # A file name that is not UTF-8 (an old zip's) is shown with a replacement character, not a failed report.
     page = render_html(report).encode("utf-8", "surrogateescape").decode("utf-8", "replace")
-    atomic_write(run / REPORT, lambda target: target.write_text(page, encoding="utf-8"))
-    return run / REPORT, report
+    target = Path(output) if output is not None else run / REPORT
+    atomic_write(target, lambda temporary: temporary.write_text(page, encoding="utf-8"))
+    return target, report
 
 
 def build_report(run: Path, adapter: ModelAdapter, meta: dict, scored: ScoredSet, top: int = TOP_LOSSES) -> dict:
