@@ -137,3 +137,10 @@ def special_file(path: Path) -> str | None:
     except OSError:
         return None
     return None if stat.S_ISREG(mode) or stat.S_ISDIR(mode) else special_kind(mode)
+
+
+def names_a_folder(text: str) -> bool:
+    """Whether a path typed for a file ends as a folder does (plots/, out/.): Path() drops the ending, so the file would
+    be written where the folder was meant."""
+    separators = ("/", os.sep) + ((os.altsep,) if os.altsep else ())
+    return text.endswith(separators) or any(text.endswith(sep + ".") for sep in separators) or text in (".", "..")

@@ -120,7 +120,8 @@ COMMANDS = {
     "evaluate": (["evaluate", "@run", "@data"], {"--split": choices(("train", "val", "test")), "--json": FLAG, "--report": FLAG, "--tta": FLAG}),
     "report": (
         ["report", "@run", "@data", "--top-losses", "2"],
-        {"--split": choices(("train", "val", "test")), "--top-losses": (*INTS, "500", "501"), "--json": FLAG},
+        {"--split": choices(("train", "val", "test")), "--top-losses": (*INTS, "500", "501"), "--json": FLAG,
+         "--output": ("@fresh.html", "@fresh", "@weights", *PATHS)},
     ),
     "predict": (
         ["predict", "@run", "@images"],

@@ -190,6 +190,9 @@ def test_export_refuses_an_empty_output_a_pipe_and_another_runs_folder(
         (str(data), f"--output {data} is a folder; name the file to write, such as {run / 'model.onnx'}"),
         (f"{data}/", f"--output {data}/ names a folder; name the file to write, such as {run / 'model.onnx'}"),
         (str(next(data.iterdir())), f"--output {next(data.iterdir())} is a folder; name the file to write, such as {run / 'model.onnx'}"),
+        # A file there: a new folder among the class folders would be read as an empty class by the next run.
+        (str(data / "exports" / "m.onnx"), f"--output {data / 'exports' / 'm.onnx'} is in the run's data ({data}), where the next run would read it; write the export elsewhere, such as {run / 'model.onnx'}"),
+        ("a" * 300 + ".onnx", f"cannot use --output {'a' * 300}.onnx (File name too long); name another file, such as {run / 'model.onnx'}"),
         (str(tmp_path / "pipe.onnx"), f"--output {tmp_path / 'pipe.onnx'} is not a regular file (a device or a pipe); name a file, such as {run / 'model.onnx'}"),
         (str(other / "model.onnx"), f"--output {other / 'model.onnx'} is in the folder of another run, {other}; write the export elsewhere, such as {run / 'model.onnx'}"),
     ]:
@@ -197,6 +200,7 @@ def test_export_refuses_an_empty_output_a_pipe_and_another_runs_folder(
         assert capsys.readouterr().err.strip() == f"thaw: error: {said}"
     assert (other / "model.onnx").read_bytes() == b"the other run's own export" and (tmp_path / "pipe.onnx").is_fifo()
     assert not (run / "model.onnx").exists()  # the empty --output did not become the run's default export
+    assert not (data / "exports").exists()
     assert not Path("-").exists() and not (tmp_path / "new.onnx").exists() and not (tmp_path / "dot.onnx").exists()
     assert main(["export", str(run), "--format", "torchscript", "--output", "-"]) == 2  # the name suggested fits the format
     assert capsys.readouterr().err.strip().endswith("name the file, such as model.pt")

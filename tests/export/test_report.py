@@ -19,6 +19,7 @@ from tests.conftest import write_text_table
 from thaw.cli import main
 from thaw.errors import ThawError
 from thaw.export.interpret import feature_layer, grad_cam, is_convolutional
+from thaw.export.report import write_report
 from thaw.models import build_model
 from thaw.models.generic import adapt
 
@@ -148,7 +149,7 @@ def test_report_on_a_copied_run_and_another_split(
 
 
 def test_report_output_writes_the_page_elsewhere_and_a_run_it_cannot_write_says_so(
-    image_run: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+    image_run: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """A run folder that is read-only (shared, another user's) keeps its page; --output puts a new one elsewhere."""
     run, data = image_run
@@ -158,22 +159,53 @@ def test_report_output_writes_the_page_elsewhere_and_a_run_it_cannot_write_says_
     assert json.loads(capsys.readouterr().out)["report"] == str(page)
     assert_same_numbers(read_page(page), evaluate_json(run, data, "test", capsys))
     assert (run / "report.html").read_bytes() == before  # the run's own page is left as it was
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "thaw.json").write_text("{}")  # what makes a folder a run's
+    table = tmp_path / "t.tsv"
+    table.write_text("a text\tham\n")
+    elsewhere = f"{run.name}-report.html"
     for output, said in [
-        (str(tmp_path), f"--output {tmp_path} names a folder; name the file to write, such as {tmp_path / 'report.html'}"),
-        (str(run / "model.safetensors"), f"--output {run / 'model.safetensors'} is one of a run's own files; write the page elsewhere, such as {run / 'report.html'}"),
+        (str(tmp_path), f"--output {tmp_path} is a folder; name the file to write, such as {tmp_path / 'report.html'}"),
+        (f"{tmp_path}/", f"--output {tmp_path}/ names a folder; name the file to write, such as {tmp_path / 'report.html'}"),
+        (str(data), f"--output {data} is a folder; name the file to write, such as {elsewhere}"),  # not a page among the images
+        ("-", f"--output - : the report is a page written to a file, not to standard output; name the file, such as {elsewhere}"),
+        # Written over, any of these lost what it held: the weights, an export, a text run's table.
+        (str(run / "model.safetensors"), f"--output {run / 'model.safetensors'} must end in .html: the report is one HTML page (a file of another kind would be written over); such as {elsewhere}"),
+        (str(run / "model.pt"), f"--output {run / 'model.pt'} must end in .html: the report is one HTML page (a file of another kind would be written over); such as {elsewhere}"),
+        (str(table), f"--output {table} must end in .html: the report is one HTML page (a file of another kind would be written over); such as {elsewhere}"),
+        (str(data / "train" / "red" / "page.html"),  # a class folder: the next run on the data would read it
+         f"--output {data / 'train' / 'red' / 'page.html'} is in the run's data ({data}), where the next run would read it; write the page elsewhere, such as {elsewhere}"),
+        (str(other / "report.html"), f"--output {other / 'report.html'} is in the folder of another run, {other}; write the page elsewhere, such as {elsewhere}"),
+        ("a" * 300 + ".html", f"cannot use --output {'a' * 300}.html (File name too long); name another file, such as {elsewhere}"),
     ]:
         assert main(["report", str(run), "--output", output]) == 2
         assert capsys.readouterr().err.strip() == f"thaw: error: {said}"
-    import thaw.export.report as report_module
-
-    def read_only(path: Path, write: object) -> None:
-        raise ThawError(f"could not write {path}: Permission denied; the previous file is intact")
-
-    monkeypatch.setattr(report_module, "atomic_write", read_only)
-    assert main(["report", str(run)]) == 2
+    assert table.read_text() == "a text\tham\n" and not Path("-").exists() and not (other / "report.html").exists()
+    assert main(["report", str(run), "--output", str(run / "report.html")]) == 0  # the default, named: taken
+    capsys.readouterr()
+    # From Python the same checks, before the scoring: a page written over the weights lost the model.
+    weights = (run / "model.safetensors").read_bytes()
+    with pytest.raises(ThawError, match="must end in .html"):
+        write_report(run, output=run / "model.safetensors")
+    assert (run / "model.safetensors").read_bytes() == weights
+    for top in ("5", 0, 501):
+        with pytest.raises(ThawError, match=rf"^top \(the top losses shown\) must be a whole number from 1 to 500, got {top!r}$"):
+            write_report(run, top=top)
+    assert not (data / "train" / "red" / "page.html").exists()
+    # A run folder whose page cannot be written (here report.html is a folder; read-only folders fail the same way):
+    # the line that says why names --output, and evaluate --report names the report line that writes it elsewhere.
+    blocked = tmp_path / "blocked"
+    shutil.copytree(run, blocked)
+    (blocked / "report.html").unlink()
+    (blocked / "report.html").mkdir()
+    assert main(["report", str(blocked)]) == 2
     said = capsys.readouterr().err.strip()
-    assert said.endswith("Permission denied; the previous file is intact; write the page elsewhere with --output FILE.html")
-    assert len(said.splitlines()) == 1
+    assert said == f"thaw: error: could not write {blocked / 'report.html'}: Is a directory; write the page elsewhere with --output FILE.html"
+    assert main(["evaluate", str(blocked), str(data), "--split", "train", "--report"]) == 1
+    captured = capsys.readouterr()
+    assert "train: 24 images" in captured.out  # the scores first, whatever the folder takes
+    assert captured.err.strip().endswith(f"Is a directory; write the page elsewhere: thaw report {blocked} {data} --split train --output FILE.html")
 
 
 def test_evaluate_report_writes_the_split_it_scored(image_run: tuple[Path, Path], capsys: pytest.CaptureFixture[str]) -> None:
@@ -421,3 +453,16 @@ def test_a_grad_cam_failure_costs_the_heat_maps_not_the_report(
     assert main(["report", str(copy), str(data)]) == 0
     text = " ".join(read_page(copy / "report.html").text)
     assert "heat maps not shown: Grad-CAM failed on this model (RuntimeError: hooks do not fire on this layer)" in text
+
+
+def test_score_calls_with_something_else_than_load_runs_pair_are_one_line(image_run: tuple[Path, Path]) -> None:
+    # An empty meta was a bare KeyError: 'classes' from inside.
+    from thaw.export.inference import evaluate_run
+    from thaw.export.run_dir import load_run
+
+    run, data = image_run
+    adapter, meta = load_run(run)
+    for wrong in [(adapter, {}), (str(run), meta), (adapter, [meta])]:
+        with pytest.raises(ThawError, match=r"^adapter and meta must be what load_run\(RUN\) returns: adapter, meta = load_run\(RUN\)$"):
+            evaluate_run(*wrong, data)
+    assert evaluate_run(adapter, meta, data, "val")["count"] == 12

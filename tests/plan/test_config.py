@@ -245,3 +245,16 @@ def test_a_run_made_before_names_had_to_differ_still_resumes(tiny_split_data: Pa
                      config=TrainConfig(image_size=32, batch_size=8, quiet=True), callbacks=[crash_after(1)])
     monkeypatch.undo()
     assert len(resume_run(tmp_path / "old").history) == 2
+
+
+@pytest.mark.parametrize("trained, refused", [("[head]", True), ("[head, adapters]", False), ("[all]", False)])
+def test_a_lora_block_that_no_stage_trains_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str], trained: str, refused: bool) -> None:
+    # The adapters were added and saved untrained (B = 0: they change nothing), the head alone trained, without a word.
+    from thaw.cli import main
+
+    path = tmp_path / "plan.yaml"
+    path.write_text(f"stages:\n  - {{name: a, train: {trained}, epochs: 1}}\nlora: {{rank: 4}}\n")
+    assert main(["plan", "--model", "mobilenet_v3_small", "--num-classes", "2", "--config", str(path)]) == (2 if refused else 0)
+    said = capsys.readouterr().err.strip()
+    expected = "thaw: error: the plan's lora: adds adapters that no stage trains; add 'adapters' to a stage's train list (as the lora strategy's [head, adapters]), or drop lora:"
+    assert said == (expected if refused else "")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from pathlib import Path
 
 import pytest
@@ -231,8 +232,21 @@ def test_unknown_strategy_lists_the_valid_ones() -> None:
 
 
 def test_a_plan_file_name_given_as_the_strategy_points_to_load_plan() -> None:
-    with pytest.raises(ThawError, match=r"names a file.*thaw.load_plan\('cfg/plan.yaml'\)"):
+    with pytest.raises(ThawError, match=r"names a file.*thaw.load_plan\('cfg/plan.yaml'\).*training: options of it as TrainConfig"):
         build_plan("cfg/plan.yaml", num_groups=3)
+
+
+def test_load_plan_warns_of_the_training_options_a_plan_does_not_carry(tmp_path: Path) -> None:
+    # Followed alone, the advice above trained with label_smoothing 0.1 and ema on where the file said 0 and false.
+    path = tmp_path / "plan.yaml"
+    path.write_text("stages:\n  - {name: head, train: [head], epochs: 1}\ntraining: {label_smoothing: 0.0, ema: false}\n")
+    with pytest.warns(UserWarning, match=r"has training: options \(label_smoothing, ema\), which a plan does not carry"):
+        plan = load_plan(path)
+    assert [stage.name for stage in plan.stages] == ["head"]
+    path.write_text("stages:\n  - {name: head, train: [head], epochs: 1}\n")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a file without them: no warning
+        load_plan(path)
 
 
 @pytest.mark.parametrize(

@@ -62,6 +62,18 @@ def test_a_missing_model_is_one_clear_error(tmp_path: Path, monkeypatch: pytest.
         build_text_model("no-such-org/no-such-model", num_classes=2)
 
 
+def test_train_text_takes_the_hf_prefix_as_the_command_line_does(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # From Python "hf/ORG/NAME" was read as a folder: "model folder hf/... does not exist; pass ... or hf/ORG/NAME".
+    import huggingface_hub.constants
+    from tests.conftest import write_text_table
+    from thaw.train import train_text
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    table = write_text_table(tmp_path / "t.tsv")
+    with pytest.raises(ThawError, match="^cannot load model 'no-such-org/no-such-model': it is not a local folder and the hub did not provide it"):
+        train_text(table, model="hf/no-such-org/no-such-model", out=tmp_path / "run")
+
+
 def test_a_hub_model_in_the_local_cache_loads_without_asking_the_hub(tmp_path: Path, tiny_encoder: Path) -> None:
     """hf/ORG/NAME downloaded once: read from the cache, with the hub unreachable and HF_HUB_OFFLINE unset; asking the
     hub first cost five retries (a warning line each) before transformers fell back to the cache."""

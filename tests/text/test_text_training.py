@@ -181,6 +181,14 @@ def test_predict_reads_texts_from_a_file(
         first, p_first, second, p_second, text = line.split("\t")
         assert {first, second} == {"ham", "spam"} and float(p_first) >= float(p_second)
         assert abs(float(p_first) + float(p_second) - 1) <= 0.002 and text in ("first message", "second message")
+    # A tab or line break in a text is shown as a space: one line per text, its columns where they were.
+    assert main(["predict", str(tmp_path / "run"), "a\ttabbed\nmessage"]) == 0
+    line = capsys.readouterr().out
+    assert line.count("\n") == 1 and line.rstrip("\n").split("\t")[2:] == ["a tabbed message"]
+    # --json: up to 3 classes (both of this run's two) unless --top-k says otherwise.
+    for top_k, listed in ((None, 2), ("1", 1), ("9", 2)):
+        assert main(["predict", str(tmp_path / "run"), "a message", "--json", *(["--top-k", top_k] if top_k else [])]) == 0
+        assert len(json.loads(capsys.readouterr().out)["predictions"][0]["predictions"]) == listed
     # a pipe, as `--file <(grep ... log)` gives: read as standard input is ("does not exist" before)
     import threading
 

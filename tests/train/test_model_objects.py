@@ -89,6 +89,13 @@ def test_an_adapter_with_a_head_per_class_trains_as_given(tiny_split_data: Path,
     assert load_run(tmp_path / "run", model=adapt(SmallConvNet(), num_classes=3))[0].num_classes == 3
 
 
+class EpochLogger:
+    """A callback class whose instances are the callbacks: passed itself, it was called with the state and refused it."""
+
+    def __call__(self, state: object) -> None:
+        pass
+
+
 @pytest.mark.parametrize(
     "options, expected",
     [
@@ -97,8 +104,14 @@ def test_an_adapter_with_a_head_per_class_trains_as_given(tiny_split_data: Path,
         ({"plan": 3}, "plan must be a strategy name like 'two-phase' or a Plan"),
         ({"val_split": "0.2"}, "val_split must be a number like 0.2, got '0.2'"),
         ({"val_split": True}, "val_split must be a number like 0.2, got True"),
+        ({"val_split": 1.5}, "val_split must be a share above 0 and below 1, like 0.2, got 1.5"),  # unread beside val/: ran unsaid
+        ({"val_split": 0}, "val_split must be a share above 0 and below 1, like 0.2, got 0"),
         ({"callbacks": print}, "callbacks must be a list of functions, got <built-in function print>"),
         ({"step_hooks": ["not a function"]}, "step_hooks must be a list of functions, got ['not a function']"),
+        # A hook that cannot take its arguments failed as a TypeError after the first epoch, the run folder left unfinished.
+        ({"callbacks": [lambda: None]}, "callbacks[0] (<lambda>) cannot be called as callback(state): too many positional arguments"),
+        ({"callbacks": [EpochLogger]}, "callbacks[0] (EpochLogger) cannot be called as callback(state): too many positional arguments; pass an instance, not the class"),
+        ({"step_hooks": [lambda: None]}, "step_hooks[0] (<lambda>) cannot be called as hook(optimizer, step, lr_multiplier): too many positional arguments"),
         ({"out": None}, "out must be a path (a str or pathlib.Path) that is not empty, got None"),
         ({"out": ""}, "out must be a path (a str or pathlib.Path) that is not empty, got ''"),
         ({"resume": "false"}, "resume must be True or False, got 'false'"),

@@ -198,3 +198,12 @@ def test_a_device_that_cannot_train_is_named_as_the_api_and_the_flag_spell_it(ti
                      config=TrainConfig(device=device, quiet=True))
     assert str(refused.value).startswith(first_words) and "\n" not in str(refused.value)
     assert not (tmp_path / "run").exists()  # refused before the data was read and the run folder made
+
+
+@pytest.mark.parametrize("name", ["channels_last", "augment", "strict", "quiet", "cache", "cache_prefix", "ema", "compile"])
+@pytest.mark.parametrize("value", ["no", 0, None])
+def test_every_switch_of_train_config_takes_true_or_false_only(name: str, value: object) -> None:
+    # "no" is true in Python: augment="no" trained with augmentation on, and recorded "no" as the run's setting.
+    with pytest.raises(ThawError, match=f"^{name.replace('_', ' ')} must be true or false, got {value!r}$"):
+        TrainConfig(**{name: value})
+    assert getattr(TrainConfig(**{name: False}), name) is False

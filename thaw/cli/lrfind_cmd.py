@@ -10,7 +10,8 @@ from pathlib import Path
 
 import torch
 
-from thaw.cli.options import add_model_options, checked_lr, names_a_folder, path_text, positive_int
+from thaw._io import names_a_folder
+from thaw.cli.options import add_model_options, checked_lr, path_text, positive_int
 from thaw.data.folders import describe_skipped, discover, would_be_read
 from thaw.data.manifest_check import check_image_table
 from thaw.errors import ThawError

@@ -9,7 +9,8 @@ from pathlib import Path
 
 from torchvision import models as tv_models
 
-from thaw.cli.options import names_a_folder, path_text
+from thaw._io import names_a_folder
+from thaw.cli.options import path_text
 from thaw.errors import ThawError
 from thaw.models import build_model, list_torchvision_models
 from thaw.models.weights import first_renamed, head_rows_in_order, paired_with, hub_cache_path, load_state_dict_file, packaged_copy, rename_in_order

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 
 from thaw.data.text import TextColumns
 from thaw.errors import ThawError
 from thaw.models.lora import LoraSpec
-from thaw.plan import Plan, build_plan, load_plan
+from thaw.plan import Plan, build_plan
+from thaw.plan.config import read_plan_file
 from thaw.models.lora import MAX_LORA_RANK
 from thaw.models.sources import task_of
 from thaw.plan.lr import MAX_LR
@@ -35,13 +35,6 @@ def path_text(text: str) -> str:
     if not text.strip():
         raise argparse.ArgumentTypeError("expected a path, got an empty string")
     return text
-
-
-def names_a_folder(text: str) -> bool:
-    """Whether a path typed for a file ends as a folder does (plots/, out/.): Path() drops the ending, so the file would
-    be written where the folder was meant."""
-    separators = ("/", os.sep) + ((os.altsep,) if os.altsep else ())
-    return text.endswith(separators) or any(text.endswith(sep + ".") for sep in separators) or text in (".", "..")
 
 
 def weights_text(text: str) -> str:
@@ -220,7 +213,7 @@ def plan_from_args(args: argparse.Namespace, num_groups: int, recorded: bool = F
     """The plan the options make; `recorded`: a run's own options, rebuilt to compare a resume's with (what an older
     thaw accepted is rebuilt as it ran, not refused)."""
     if args.config:
-        plan = load_plan(args.config)  # first: a file that cannot be read, or a bad key in it, is the problem to fix first
+        plan = read_plan_file(args.config)[0]  # first: a file that cannot be read, or a bad key in it, is the problem to fix first
         _refuse_plan_options_beside(args)
         return plan
     strategy = chosen_strategy(args)

@@ -4,16 +4,12 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 
-from thaw.cli.options import add_table_columns, names_a_folder, path_text, positive_int, scored_columns_and_split
+from thaw.cli.options import add_table_columns, path_text, positive_int, scored_columns_and_split
 from thaw.data.manifest_check import check_image_table
 from thaw.errors import ThawError
-from thaw.export.report import TOP_LOSSES, write_report
+from thaw.export.report import MAX_TOP_LOSSES, TOP_LOSSES, check_report_output, write_report
 from thaw.export.run_dir import read_metadata
-from thaw.train.run_folder import REPORT, is_run_file
-
-MAX_TOP_LOSSES = 500  # each one is an inline thumbnail (and a Grad-CAM pass): past this the page stops being readable
 
 
 def register(commands: argparse._SubParsersAction) -> None:
@@ -34,18 +30,6 @@ def register(commands: argparse._SubParsersAction) -> None:
     parser.set_defaults(handler=run)
 
 
-def checked_output(text: str, run: Path) -> Path:
-    """A file the page can be written to: not a folder, not one of a run's own files (its weights, its record)."""
-    if names_a_folder(text) or Path(text).is_dir():
-        raise ThawError(f"--output {text} names a folder; name the file to write, such as {Path(text) / REPORT}")
-    output = Path(text)
-    if is_run_file(output):
-        raise ThawError(f"--output {output} is one of a run's own files; write the page elsewhere, such as {run / REPORT}")
-    if output.exists() and not output.is_file():
-        raise ThawError(f"--output {output} is not a regular file (a device or a pipe); name a file, such as {REPORT}")
-    return output
-
-
 def top_count(text: str) -> int:
     value = positive_int(text)
     if value > MAX_TOP_LOSSES:
@@ -57,7 +41,7 @@ def run(args: argparse.Namespace) -> int:
     if args.data is not None and read_metadata(args.run).get("task") != "text":
         check_image_table(args.data, f"{args.run} is an image run: report on text with a text run")
     columns, split = scored_columns_and_split(args)  # the same rule as thaw evaluate
-    output = checked_output(args.output, Path(args.run)) if args.output is not None else None
+    output = check_report_output(args.output, args.run) if args.output is not None else None  # before the scoring
     try:
         path, report = write_report(args.run, args.data, split, args.top_losses, columns, output)
     except ThawError as error:  # a run folder that is read-only (a shared one, another user's): where else to write

@@ -8,8 +8,8 @@ import os
 import sys
 from pathlib import Path
 
-from thaw.cli.options import add_table_columns, names_a_folder, path_text, positive_int, scored_columns_and_split
-from thaw._io import answers, special_file
+from thaw.cli.options import add_table_columns, path_text, positive_int, scored_columns_and_split
+from thaw._io import answers, names_a_folder, special_file
 from thaw.data.folders import describe_skipped
 from thaw.data.images import IMAGE_SUFFIXES
 from thaw.data.manifest_check import check_image_table
@@ -24,6 +24,7 @@ from thaw.export.run_dir import load_run
 from thaw.plan.report import render_table
 
 
+ONE_LINE = str.maketrans({"\t": " ", "\n": " ", "\r": " "})
 TOP_K = 3  # classes per prediction in --json, and on an image's plain line
 TTA_HELP = "test-time augmentation: average the softmax over each image and its mirror image (a second forward per image)"
 
@@ -77,7 +78,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
     try:  # the scores are printed whatever the run folder takes: it may be read-only
         report = save_report(Path(args.run), adapter, meta, scored)[0] if args.report else None
     except ThawError as error:
-        problem = str(error)
+        problem = str(error) + (f"; write the page elsewhere: {_report_elsewhere(args, split)}" if str(error).startswith("could not write") else "")
     suffix = "-tta" if args.tta else ""  # the plain scores' picture stays
     picture = _confusion_picture(metrics, Path(args.run) / f"confusion-{split}{suffix}.png", f"{split} split")
     if args.json:
@@ -105,6 +106,13 @@ def run_evaluate(args: argparse.Namespace) -> int:
     if report:
         print(f"report: {report}")
     return _said_problem(problem)
+
+
+def _report_elsewhere(args: argparse.Namespace, split: str) -> str:
+    """The `thaw report` line that writes the same page to a file of the user's choosing."""
+    data = f" {args.data}" if args.data else ""
+    chosen = f" --split {split}" if split != "all" else ""
+    return f"thaw report {args.run}{data}{chosen} --output FILE.html"
 
 
 def _confusion_picture(metrics: dict, path: Path, title: str) -> Path | None:
@@ -203,11 +211,12 @@ def _predict_texts(args: argparse.Namespace, adapter: object, meta: dict) -> int
         ]
         print(json.dumps({"predictions": entries}))
         return 0
-    # Tab-separated, the text last (it may hold anything): label and probability first, as `cut -f1,2` reads them;
-    # with --top-k, the next classes' pairs follow in order.
+    # Tab-separated, the text last: label and probability first, as `cut -f1,2` reads them; with --top-k, the next
+    # classes' pairs follow in order. A tab or line break in the text is shown as a space: one line, its columns fixed.
     for prediction in predictions:
         shown = prediction.labels[: args.top_k or 1]
-        print("\t".join([*(f"{label}\t{probability:.3f}" for label, probability in shown), prediction.path]))
+        text = prediction.path.translate(ONE_LINE)
+        print("\t".join([*(f"{label}\t{probability:.3f}" for label, probability in shown), text]))
     return 0
 
 
@@ -221,7 +230,10 @@ def run_export(args: argparse.Namespace) -> int:
         suggested = _file_in(Path(args.output), args.format, Path(args.run), meta)
         raise ThawError(f"--output {args.output} names a folder; name the file to write, such as {suggested}")
     output = Path(args.output or Path(args.run) / (ONNX_EXPORT if args.format == "onnx" else TORCHSCRIPT_EXPORT))
-    _check_output(output, args.format, Path(args.run), meta)
+    try:
+        _check_output(output, args.format, Path(args.run), meta)
+    except OSError as error:  # a name the file system refuses (too long): said, not a traceback
+        raise ThawError(f"cannot use --output {output} ({error.strerror or error}); name another file, such as {Path(args.run) / _export_name(args.format)}") from None
     images = [] if meta.get("task") == "text" else check_images(meta, adapter.preprocessing)
     try:
         check = export_model(adapter, output, args.format, images, export_description(meta))
@@ -240,15 +252,19 @@ def _export_name(fmt: str) -> str:
     return ONNX_EXPORT if fmt == "onnx" else TORCHSCRIPT_EXPORT
 
 
-def _file_in(folder: Path, fmt: str, run: Path, meta: dict) -> Path:
-    """The file to suggest for an --output that names a folder: one in it, unless it is (or is in) the run's data
-    folder, where a model has no place (the data is what users copy, share and train on again): the run's own then."""
+def _in_data(path: Path, meta: dict) -> bool:
+    """Whether `path` is the run's data folder or lies in it, where a model has no place: the data is what users copy,
+    share and train on again (a new folder among class folders is read as an empty class)."""
     data = meta.get("data", {}).get("path")
     try:
-        in_data = bool(data) and folder.resolve().is_relative_to(Path(data).resolve())
+        return bool(data) and path.resolve().is_relative_to(Path(data).resolve())
     except (OSError, RuntimeError):  # a name the file system refuses, a symlink loop: said by the write itself
-        in_data = False
-    return run / _export_name(fmt) if in_data else folder / _export_name(fmt)
+        return False
+
+
+def _file_in(folder: Path, fmt: str, run: Path, meta: dict) -> Path:
+    """The file to suggest for an --output that names a folder: one in it, unless it is in the run's data."""
+    return run / _export_name(fmt) if _in_data(folder, meta) else folder / _export_name(fmt)
 
 
 def _check_output(output: Path, fmt: str, run: Path, meta: dict) -> None:
@@ -261,6 +277,8 @@ def _check_output(output: Path, fmt: str, run: Path, meta: dict) -> None:
     if output.is_dir():
         raise ThawError(f"--output {output} is a folder; name the file to write, such as {_file_in(output, fmt, run, meta)}")
     default = run / (ONNX_EXPORT if fmt == "onnx" else TORCHSCRIPT_EXPORT)
+    if _in_data(output, meta) and not answers(lambda: output.resolve().is_relative_to(run.resolve())):  # a run kept in a hidden folder of its data
+        raise ThawError(f"--output {output} is in the run's data ({meta['data']['path']}), where the next run would read it; write the export elsewhere, such as {default}")
     if output.exists() and not output.is_file():
         raise ThawError(f"--output {output} is not a regular file (a device or a pipe); name a file, such as {default}")
     holder = output.parent.parent if output.parent.name in RUN_FOLDERS else output.parent

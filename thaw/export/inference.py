@@ -227,7 +227,7 @@ def score_run(
 
 def _check_score_call(adapter: object, meta: object, data_path: object, batch_size: object, columns: object) -> None:
     """What evaluate_run and score_run are given, one line each, before any data is read."""
-    if not isinstance(adapter, ModelAdapter) or not isinstance(meta, dict):
+    if not isinstance(adapter, ModelAdapter) or not isinstance(meta, dict) or "classes" not in meta:  # {}: a KeyError
         raise ThawError("adapter and meta must be what load_run(RUN) returns: adapter, meta = load_run(RUN)")
     if not isinstance(data_path, (str, Path)) or not str(data_path):
         raise ThawError(f"data_path must be the data's folder or table, got {data_path!r}")

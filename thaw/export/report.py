@@ -13,20 +13,27 @@ import html
 import time
 from pathlib import Path
 
-from thaw._io import atomic_write
+from thaw._io import atomic_write, names_a_folder
 from thaw.errors import ThawError
 from thaw.data.text import TextColumns
 from thaw.export.inference import ScoredSet, score_run
 from thaw.export.interpret import TopLoss, heat_maps, most_confused, thumbnail, top_losses
-from thaw.export.run_dir import load_run
+from thaw.export.run_dir import load_run, read_metadata
 from thaw.models import ModelAdapter
 from thaw.train.metrics import undefined_as_null
-from thaw.train.run_folder import REPORT
+from thaw.train.run_folder import REPORT, RUN_FOLDERS, holds_run
 from thaw.plan import plan_from_dict, plan_report
 
 LR_FIND = "lr_find.png"  # `thaw lr-find DATA ... --out RUN/lr_find.png` puts its plot where the report finds it
 CURVES = "curves.png"
 TOP_LOSSES = 16
+MAX_TOP_LOSSES = 500  # each one is an inline thumbnail (and a Grad-CAM pass): past this the page stops being readable
+
+
+def check_top_losses(top: object) -> None:
+    """The gallery's size: a whole number from 1 to MAX_TOP_LOSSES (a string failed after the scoring, as a TypeError)."""
+    if isinstance(top, bool) or not isinstance(top, int) or not 1 <= top <= MAX_TOP_LOSSES:
+        raise ThawError(f"top (the top losses shown) must be a whole number from 1 to {MAX_TOP_LOSSES}, got {top!r}")
 
 
 def run_data_path(run: Path, meta: dict, data_path: str | Path | None, command: str = "report") -> Path:
@@ -48,18 +55,63 @@ def write_report(
     can live anywhere, say beside a run that is read-only); returns the file and the report's data.
     `columns`: a text table's own layout, for one scored whole (evaluation_set)."""
     run = Path(run)
+    check_top_losses(top)  # before the scoring, which the page's size and place would otherwise waste
+    output = check_report_output(output, run) if output is not None else None
     adapter, meta = load_run(run)
     scored = score_run(adapter, meta, run_data_path(run, meta, data_path), split, columns=columns)
     return save_report(run, adapter, meta, scored, top, output)
 
 
+PAGE_SUFFIXES = (".html", ".htm")
+
+
+def check_report_output(output: str | Path, run: str | Path) -> Path:
+    """A file the page can be written to, checked before any scoring: an HTML file (a page written over anything else
+    lost it: a run's weights or export, a text run's table), not a folder, not a device, not in another run's folder
+    and not in the run's data (the next run on it would read it). RUN/report.html, the default, is taken."""
+    text, run = str(output), Path(run)
+    elsewhere = f"{run.resolve().name}-report.html"  # in the current folder: a run's own folder may be read-only
+    if not text.strip():
+        raise ThawError(f"--output is empty; name the file to write, such as {elsewhere}")
+    if text == "-":
+        raise ThawError(f"--output - : the report is a page written to a file, not to standard output; name the file, such as {elsewhere}")
+    try:
+        return _checked_page(Path(text), text, run, elsewhere)
+    except OSError as error:  # a name the file system refuses (too long): said, not a traceback
+        raise ThawError(f"cannot use --output {text} ({error.strerror or error}); name another file, such as {elsewhere}") from None
+
+
+def _checked_page(output: Path, text: str, run: Path, elsewhere: str) -> Path:
+    data = read_metadata(run).get("data", {}).get("path")
+    # (a run kept in a hidden folder of its data may hold its own pages)
+    in_data = bool(data) and output.resolve().is_relative_to(Path(data).resolve()) and not output.resolve().is_relative_to(run.resolve())
+    if names_a_folder(text) or output.is_dir():
+        suggested = elsewhere if in_data else output / REPORT
+        said = "names a folder" if names_a_folder(text) else "is a folder"
+        raise ThawError(f"--output {text} {said}; name the file to write, such as {suggested}")
+    if output.suffix.lower() not in PAGE_SUFFIXES:
+        raise ThawError(f"--output {output} must end in .html: the report is one HTML page (a file of another kind would be written over); such as {elsewhere}")
+    if output.exists() and not output.is_file():
+        raise ThawError(f"--output {output} is not a regular file (a device or a pipe); name a file, such as {elsewhere}")
+    if in_data:
+        raise ThawError(f"--output {output} is in the run's data ({data}), where the next run would read it; write the page elsewhere, such as {elsewhere}")
+    holder = output.parent.parent if output.parent.name in RUN_FOLDERS else output.parent
+    if holds_run(holder) and holder.resolve() != run.resolve():  # that run's report.html is that run's page
+        raise ThawError(f"--output {output} is in the folder of another run, {holder}; write the page elsewhere, such as {elsewhere}")
+    return output
+
+
 def save_report(
     run: Path, adapter: ModelAdapter, meta: dict, scored: ScoredSet, top: int = TOP_LOSSES, output: str | Path | None = None
 ) -> tuple[Path, dict]:
+    """Write the page of a scored set: RUN/report.html, or `output` (checked first: a page written over the run's
+    weights would lose the model)."""
+    check_top_losses(top)
+    output = check_report_output(output, run) if output is not None else None
     report = build_report(run, adapter, meta, scored, top)
     # A file name that is not UTF-8 (an old zip's) is shown with a replacement character, not a failed report.
     page = render_html(report).encode("utf-8", "surrogateescape").decode("utf-8", "replace")
-    target = Path(output) if output is not None else run / REPORT
+    target = output if output is not None else run / REPORT
     atomic_write(target, lambda temporary: temporary.write_text(page, encoding="utf-8"))
     return target, report
 

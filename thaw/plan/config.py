@@ -5,6 +5,7 @@ from __future__ import annotations
 import difflib
 import math
 import re
+import warnings
 from pathlib import Path
 from typing import Any, Callable
 
@@ -248,8 +249,16 @@ for _first in "+-0123456789":
 
 
 def load_plan(path: str | Path) -> Plan:
-    """The plan in a YAML file; its `training:` options, if any, come from read_plan_file."""
-    return read_plan_file(path)[0]
+    """The plan in a YAML file; its `training:` options, if any, come from read_plan_file (a warning says so: passed
+    as the plan alone, a file's label_smoothing or ema would silently be the defaults)."""
+    plan, options = read_plan_file(path)
+    if options:
+        warnings.warn(
+            f"{path} has training: options ({', '.join(options)}), which a plan does not carry: pass them as "
+            "TrainConfig(**options), with plan, options = thaw.plan.config.read_plan_file(path)",
+            stacklevel=2,
+        )
+    return plan
 
 
 def read_plan_file(path: str | Path) -> tuple[Plan, dict[str, Any]]:

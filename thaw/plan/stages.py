@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 from thaw.errors import ThawError
 from thaw.models.adapter import ModelAdapter
-from thaw.models.lora import LoraSpec
+from thaw.models.lora import LoraSpec, adapter_param_names
 from thaw.plan import selectors
 from thaw.plan.freeze import BATCHNORM_POLICIES, BatchNormPolicy, batchnorm_layers, batchnorm_trains, locks_statistics, trainable_names
 from thaw.plan.lr import ConstantLr, ExplicitLr, LrRule, check_lr
@@ -201,7 +201,21 @@ def resolve_plan(adapter: ModelAdapter, plan: Plan) -> tuple[ResolvedStage, ...]
             problems.append(f"stage {index}/{len(plan.stages)} {stage.name!r}: {error}")
     if problems:
         raise ThawError(" | ".join(_first_problems(problems)))
+    _check_adapters_train(adapter, plan, resolved)
     return tuple(resolved)
+
+
+def _check_adapters_train(adapter: ModelAdapter, plan: Plan, resolved: list[ResolvedStage]) -> None:
+    """A plan's lora: adds adapters; where no stage trains them they stay at their start (B = 0: they change nothing)
+    and the run saves them as if they had learned: refused, as the --lora-* flags beside another strategy are."""
+    if plan.lora is None:
+        return
+    adapters = set(adapter_param_names(adapter.model))
+    if adapters and not any(adapters.intersection(stage.trainable) for stage in resolved):
+        raise ThawError(
+            "the plan's lora: adds adapters that no stage trains; add 'adapters' to a stage's train list "
+            "(as the lora strategy's [head, adapters]), or drop lora:"
+        )
 
 
 PROBLEMS_SHOWN = 3  # a gradual plan of 19 stages repeated one mistake 18 times: a 6 KB line nobody reads

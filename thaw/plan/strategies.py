@@ -135,8 +135,9 @@ def build_plan(
         return Plan((Stage("lora", epochs, ("head", "adapters"), head_rule, **head_only),), lora or LoraSpec())
     elif isinstance(strategy, str) and strategy.lower().endswith((".yaml", ".yml")):
         raise ThawError(
-            f"plan {strategy!r} names a file, not a strategy: pass thaw.load_plan({strategy!r}) as the plan "
-            f"(on the command line, --config {strategy})"
+            f"plan {strategy!r} names a file, not a strategy: pass thaw.load_plan({strategy!r}) as the plan, and any "
+            f"training: options of it as TrainConfig(**options) (plan, options = thaw.plan.config.read_plan_file(...)); "
+            f"on the command line, --config {strategy} reads both"
         )
     else:
         raise ThawError(f"unknown strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}, or a YAML plan (--config plan.yaml, or load_plan)")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import numbers
 import os
@@ -16,6 +17,7 @@ from thaw.data.folders import ImageData, discover, would_be_read
 from thaw.data.text import SPLIT_RULE, TextColumns, TextData, load_text_data, recorded_split_rules
 from thaw.models import ModelAdapter, adapt, build_model
 from thaw.models.hf_text import DEFAULT_MAX_LENGTH, build_text_model, check_max_length
+from thaw.models.sources import hf_source
 from thaw.plan import Plan, plan_from_dict, plan_to_dict
 from thaw.plan.stages import check_stage_names
 from thaw.plan.strategies import check_plan_options, default_strategy
@@ -187,13 +189,15 @@ def train_text(
     callbacks: list[EpochCallback] | None = None,
     step_hooks: list[StepHook] | None = None,
 ) -> RunResult:
-    """Fine-tune a Hugging Face encoder (`model`: a folder or hub id) on a CSV/TSV table of text and labels.
+    """Fine-tune a Hugging Face encoder (`model`: a folder, a hub id, or hf/ORG/NAME as the command line takes it) on a
+    CSV/TSV table of text and labels.
 
     `test_split` holds out a seeded stratified share first (for `thaw evaluate --split test`);
     `val_split` of the rest picks the best epoch. `resume` and `overwrite` as for train_images.
     """
     _check_call_types({"data_path": data_path, "out": out}, {"val_split": val_split, "test_split": test_split}, callbacks, step_hooks)
     val_split, test_split = float(val_split), float(test_split)  # as in train_images: thaw.json records them
+    model = hf_source(model) if isinstance(model, str) else model  # "hf/ORG/NAME" was read as a missing folder
     _check_switches(resume=resume, overwrite=overwrite)
     if not isinstance(columns, TextColumns):  # a dict, or None: an AttributeError once the table was opened
         raise ThawError(f"columns must be a TextColumns (thaw.data.text.TextColumns(text='message', label='kind')), got {columns!r}")
@@ -241,9 +245,33 @@ def _check_call_types(paths: dict[str, object], shares: dict[str, object], callb
     for name, value in shares.items():
         if isinstance(value, bool) or not isinstance(value, numbers.Real):
             raise ThawError(f"{name} must be a number like 0.2, got {value!r}")
+    # Checked here too: data with a val/ folder never reads the share, so val_split=1.5 ran to the end unsaid.
+    if "val_split" in shares and not 0 < shares["val_split"] < 1:
+        raise ThawError(f"val_split must be a share above 0 and below 1, like 0.2, got {shares['val_split']!r}")
     for name, hooks in (("callbacks", callbacks), ("step_hooks", step_hooks)):
         if hooks is not None and (not isinstance(hooks, (list, tuple)) or not all(callable(hook) for hook in hooks)):
             raise ThawError(f"{name} must be a list of functions, got {hooks!r}")
+        for index, hook in enumerate(hooks or ()):
+            _check_hook_takes(f"{name}[{index}]", hook, HOOK_CALLS[name])
+
+
+# How each kind of hook is called (thaw.train.fit.EpochCallback, StepHook): a hook that cannot take that failed only
+# after the first epoch (or step) had trained, as a TypeError, leaving an unfinished run folder behind.
+HOOK_CALLS = {"callbacks": ("callback", ("state",)), "step_hooks": ("hook", ("optimizer", "step", "lr_multiplier"))}
+
+
+def _check_hook_takes(name: str, hook: object, call: tuple[str, tuple[str, ...]]) -> None:
+    try:
+        signature = inspect.signature(hook)
+    except (TypeError, ValueError):  # a builtin or extension function without a signature: called as it is
+        return
+    function, arguments = call
+    try:
+        signature.bind(*arguments)
+    except TypeError as error:
+        hint = "; pass an instance, not the class" if isinstance(hook, type) else ""
+        named = getattr(hook, "__qualname__", type(hook).__qualname__)
+        raise ThawError(f"{name} ({named}) cannot be called as {function}({', '.join(arguments)}): {error}{hint}") from None
 
 
 def _check_switches(**switches: object) -> None:

@@ -40,6 +40,7 @@ MAX_WORKERS = 256  # each worker is a process holding a copy of the dataset
 MAX_CACHE_VIEWS = 1000  # every view is one pass over the train set, computed before the stage starts
 MAX_PROGRESSIVE_EPOCHS = 64  # above the most epochs --budget gives a stage (thaw.train.budget.MAX_EPOCHS)
 MIX_HINTS = {"mixup": "0.2 is usual", "cutmix": "1.0 is usual"}
+SWITCHES = ("channels_last", "augment", "strict", "quiet", "cache", "cache_prefix", "ema", "compile")  # TrainConfig's booleans
 MAX_SEED = 2**63  # torch's generators take seeds below 2**64; leave headroom for per-epoch offsets
 
 
@@ -149,13 +150,11 @@ def config_problems(config: TrainConfig) -> list[str]:
         elif not c.augment:
             problems.append("progressive resize resizes the random training crops, which augment=False (--no-augment) turns off; drop one of the two")
     problems += _augment_problems(c)
-    if not isinstance(c.ema, bool):
-        problems.append(f"ema must be true or false, got {c.ema!r}")
-    if not isinstance(c.cache_prefix, bool):
-        problems.append(f"cache prefix must be true or false, got {c.cache_prefix!r}")
-    if not isinstance(c.compile, bool):
-        problems.append(f"compile must be true or false, got {c.compile!r}")
-    elif c.compile and c.budget is not None:  # the budget times eager steps; a compile's first batches would overrun it
+    # A string such as "no" is true in Python: augment="no" trained with augmentation on, and was recorded as "no".
+    for name in SWITCHES:
+        if not isinstance(getattr(c, name), bool):
+            problems.append(f"{name.replace('_', ' ')} must be true or false, got {getattr(c, name)!r}")
+    if c.compile is True and c.budget is not None:  # the budget times eager steps; a compile's first batches would overrun it
         problems.append("compile (--compile) cannot run with a budget: the budget is planned from eager training steps and does not count compile time")
     if c.grad_clip is not None and not (_finite(c.grad_clip) and c.grad_clip > 0):
         problems.append(f"grad clip must be a positive finite norm, got {c.grad_clip!r}; 1.0 is usual, or leave it unset")
