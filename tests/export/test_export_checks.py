@@ -191,7 +191,7 @@ def test_export_refuses_an_empty_output_a_pipe_and_another_runs_folder(
         (f"{data}/", f"--output {data}/ names a folder; name the file to write, such as {run / 'model.onnx'}"),
         (str(next(data.iterdir())), f"--output {next(data.iterdir())} is a folder; name the file to write, such as {run / 'model.onnx'}"),
         # A file there: a new folder among the class folders would be read as an empty class by the next run.
-        (str(data / "exports" / "m.onnx"), f"--output {data / 'exports' / 'm.onnx'} is in the run's data ({data}), where the next run would read it; write the export elsewhere, such as {run / 'model.onnx'}"),
+        (str(data / "exports" / "m.onnx"), f"--output {data / 'exports' / 'm.onnx'} is among the images of {data}, where the next run on it would read it; write the export elsewhere, such as {run / 'model.onnx'}"),
         ("a" * 300 + ".onnx", f"cannot use --output {'a' * 300}.onnx (File name too long); name another file, such as {run / 'model.onnx'}"),
         (str(tmp_path / "pipe.onnx"), f"--output {tmp_path / 'pipe.onnx'} is not a regular file (a device or a pipe); name a file, such as {run / 'model.onnx'}"),
         (str(other / "model.onnx"), f"--output {other / 'model.onnx'} is in the folder of another run, {other}; write the export elsewhere, such as {run / 'model.onnx'}"),

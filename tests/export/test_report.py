@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import os
 import re
 import shutil
 from html.parser import HTMLParser
@@ -15,7 +16,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from tests.conftest import write_text_table
+from tests.conftest import write_class_images, write_text_table
 from thaw.cli import main
 from thaw.errors import ThawError
 from thaw.export.interpret import feature_layer, grad_cam, is_convolutional
@@ -164,6 +165,8 @@ def test_report_output_writes_the_page_elsewhere_and_a_run_it_cannot_write_says_
     (other / "thaw.json").write_text("{}")  # what makes a folder a run's
     table = tmp_path / "t.tsv"
     table.write_text("a text\tham\n")
+    pipe = tmp_path / "pipe.html"
+    os.mkfifo(pipe)
     elsewhere = f"{run.name}-report.html"
     for output, said in [
         (str(tmp_path), f"--output {tmp_path} is a folder; name the file to write, such as {tmp_path / 'report.html'}"),
@@ -175,12 +178,22 @@ def test_report_output_writes_the_page_elsewhere_and_a_run_it_cannot_write_says_
         (str(run / "model.pt"), f"--output {run / 'model.pt'} must end in .html: the report is one HTML page (a file of another kind would be written over); such as {elsewhere}"),
         (str(table), f"--output {table} must end in .html: the report is one HTML page (a file of another kind would be written over); such as {elsewhere}"),
         (str(data / "train" / "red" / "page.html"),  # a class folder: the next run on the data would read it
-         f"--output {data / 'train' / 'red' / 'page.html'} is in the run's data ({data}), where the next run would read it; write the page elsewhere, such as {elsewhere}"),
+         f"--output {data / 'train' / 'red' / 'page.html'} is among the images of {data}, where the next run on it would read it; write the page elsewhere, such as {elsewhere}"),
+        (str(data / "train" / "pages" / "page.html"),  # a new folder among the class folders: an empty class
+         f"--output {data / 'train' / 'pages' / 'page.html'} is among the images of {data}, where the next run on it would read it; write the page elsewhere, such as {elsewhere}"),
+        (str(other), f"--output {other} is a folder; name the file to write, such as {elsewhere}"),  # not other/report.html, refused next
+        (str(pipe), f"--output {pipe} is not a regular file (a device or a pipe); name a file, such as {elsewhere}"),
         (str(other / "report.html"), f"--output {other / 'report.html'} is in the folder of another run, {other}; write the page elsewhere, such as {elsewhere}"),
-        ("a" * 300 + ".html", f"cannot use --output {'a' * 300}.html (File name too long); name another file, such as {elsewhere}"),
+        ("a" * 300 + ".html", f"cannot use --output {'a' * 300 + '.html'!r} (File name too long); name another file, such as {elsewhere}"),
     ]:
         assert main(["report", str(run), "--output", output]) == 2
         assert capsys.readouterr().err.strip() == f"thaw: error: {said}"
+    # The data scored, as well as the run's own: a page in its class folder would be read by the next run on it.
+    scored = write_class_images(tmp_path / "scored", classes=("red", "blue"), per_class=2, size=32)
+    assert main(["report", str(run), str(scored), "--output", str(scored / "red" / "p.html")]) == 2
+    assert f"is among the images of {scored}" in capsys.readouterr().err
+    with pytest.raises(ThawError, match="^" + re.escape(f"cannot use --output {'a' + chr(0) + '.html'!r} (embedded null byte)")):  # Python only
+        write_report(run, output="a\x00.html")
     assert table.read_text() == "a text\tham\n" and not Path("-").exists() and not (other / "report.html").exists()
     assert main(["report", str(run), "--output", str(run / "report.html")]) == 0  # the default, named: taken
     capsys.readouterr()

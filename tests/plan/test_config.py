@@ -247,7 +247,10 @@ def test_a_run_made_before_names_had_to_differ_still_resumes(tiny_split_data: Pa
     assert len(resume_run(tmp_path / "old").history) == 2
 
 
-@pytest.mark.parametrize("trained, refused", [("[head]", True), ("[head, adapters]", False), ("[all]", False)])
+@pytest.mark.parametrize("trained, refused", [
+    ("[head]", True), ("[head, adapters]", False), ("[all]", False),
+    ("[adapters], epochs: 0}\n  - {name: b, train: [head]", True),  # a stage of 0 epochs trains nothing
+])
 def test_a_lora_block_that_no_stage_trains_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str], trained: str, refused: bool) -> None:
     # The adapters were added and saved untrained (B = 0: they change nothing), the head alone trained, without a word.
     from thaw.cli import main

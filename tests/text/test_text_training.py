@@ -185,6 +185,10 @@ def test_predict_reads_texts_from_a_file(
     assert main(["predict", str(tmp_path / "run"), "a\ttabbed\nmessage"]) == 0
     line = capsys.readouterr().out
     assert line.count("\n") == 1 and line.rstrip("\n").split("\t")[2:] == ["a tabbed message"]
+    assert main(["predict", str(tmp_path / "run"), "a\ttabbed\nmessage\x85too", "--json"]) == 0  # --json: as given
+    assert json.loads(capsys.readouterr().out)["predictions"][0]["text"] == "a\ttabbed\nmessage\x85too"
+    assert main(["predict", str(tmp_path / "run"), "next\x85line", "--top-k", "9"]) == 0  # at most the 2 classes' pairs
+    assert capsys.readouterr().out.rstrip("\n").split("\t")[4:] == ["next line"]
     # --json: up to 3 classes (both of this run's two) unless --top-k says otherwise.
     for top_k, listed in ((None, 2), ("1", 1), ("9", 2)):
         assert main(["predict", str(tmp_path / "run"), "a message", "--json", *(["--top-k", top_k] if top_k else [])]) == 0

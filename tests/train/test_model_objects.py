@@ -105,7 +105,7 @@ class EpochLogger:
         ({"val_split": "0.2"}, "val_split must be a number like 0.2, got '0.2'"),
         ({"val_split": True}, "val_split must be a number like 0.2, got True"),
         ({"val_split": 1.5}, "val_split must be a share above 0 and below 1, like 0.2, got 1.5"),  # unread beside val/: ran unsaid
-        ({"val_split": 0}, "val_split must be a share above 0 and below 1, like 0.2, got 0"),
+        ({"val_split": 0}, "val_split must be a share above 0 and below 1, like 0.2, got 0.0"),
         ({"callbacks": print}, "callbacks must be a list of functions, got <built-in function print>"),
         ({"step_hooks": ["not a function"]}, "step_hooks must be a list of functions, got ['not a function']"),
         # A hook that cannot take its arguments failed as a TypeError after the first epoch, the run folder left unfinished.

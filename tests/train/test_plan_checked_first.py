@@ -75,20 +75,35 @@ def test_one_image_batches_for_a_later_stage_that_needs_batch_statistics_are_ref
         train_images(tiny_split_data, model="mobilenet_v3_small", weights=None, plan=adapt, config=one_image, out=tmp_path / "adapt")
 
 
-def test_a_run_saved_with_an_lr_no_stage_uses_still_resumes(tiny_split_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Such an lr is refused for new runs; a run a thaw before that check started was accepted then, and resumes."""
+def _refused_new_but_resumed_when_older(plan: Plan, refusal: str, data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """The plan is refused for a new run; a run a thaw before that check started (accepted then) resumes to its end."""
     from tests.conftest import Crash, crash_after
-    from thaw.plan import ExplicitLr
     from thaw.train import config as train_config
 
-    unused_lr = Plan((Stage("head", 2, ("head",), ExplicitLr({"features.0": 1e-4, "head": 1e-3})),))
-    with pytest.raises(ThawError, match="an lr is given for features.0, which no stage of the plan trains"):
-        train_images(tiny_split_data, model="mobilenet_v3_small", weights=None, plan=unused_lr, config=CONFIG, out=tmp_path / "new")
+    with pytest.raises(ThawError, match=refusal):
+        train_images(data, model="mobilenet_v3_small", weights=None, plan=plan, config=CONFIG, out=tmp_path / "new")
     with monkeypatch.context() as before_the_check:
-        before_the_check.setattr(train_config, "check_named_lrs_are_trained", lambda adapter, plan: None)
+        before_the_check.setattr(train_config, "check_new_plan", lambda adapter, plan: None)
         with pytest.raises(Crash):
-            train_images(tiny_split_data, model="mobilenet_v3_small", weights=None, plan=unused_lr, config=CONFIG,
-                         out=tmp_path / "old", callbacks=[crash_after(1)])
-    resumed = train_images(tiny_split_data, model="mobilenet_v3_small", weights=None, plan=unused_lr, config=CONFIG,
-                           out=tmp_path / "old", resume=True)
+            train_images(data, model="mobilenet_v3_small", weights=None, plan=plan, config=CONFIG, out=tmp_path / "old", callbacks=[crash_after(1)])
+    resumed = train_images(data, model="mobilenet_v3_small", weights=None, plan=plan, config=CONFIG, out=tmp_path / "old", resume=True)
     assert len(resumed.history) == 2
+    return tmp_path / "old"
+
+
+def test_a_run_saved_with_an_lr_no_stage_uses_still_resumes(tiny_split_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from thaw.plan import ExplicitLr
+
+    unused_lr = Plan((Stage("head", 2, ("head",), ExplicitLr({"features.0": 1e-4, "head": 1e-3})),))
+    _refused_new_but_resumed_when_older(unused_lr, "an lr is given for features.0, which no stage of the plan trains", tiny_split_data, tmp_path, monkeypatch)
+
+
+def test_a_run_saved_with_adapters_no_stage_trains_still_resumes_and_reports(
+    tiny_split_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from thaw.cli import main
+    from thaw.models.lora import LoraSpec
+
+    untrained = Plan((Stage("head", 2, ("head",)), Stage("adapters", 0, ("adapters",))), LoraSpec(rank=4))  # 0 epochs: none
+    run = _refused_new_but_resumed_when_older(untrained, "^the plan's lora: adds adapters that no stage trains", tiny_split_data, tmp_path, monkeypatch)
+    assert main(["report", str(run), "--top-losses", "1"]) == 0

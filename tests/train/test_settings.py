@@ -38,3 +38,11 @@ def test_other_classes_are_named_gone_and_new() -> None:
     many = [f"c{i}" for i in range(5)]
     assert differences({"classes": ["a"]}, {"classes": ["a", *many]}) == ["the classes ('c0', 'c1', 'c2' and 2 more are new)"]
     assert differences({"classes": ["a", "b"]}, {"classes": ["a", "b"]}) == []
+
+
+def test_a_run_recorded_with_a_switch_that_was_not_a_bool_resumes_as_it_trained() -> None:
+    # A thaw before the switches were checked recorded augment=1 and strict=0; TrainConfig now refuses those.
+    from thaw.train.settings import config_from_settings
+
+    config = config_from_settings({"config": {"augment": 1, "strict": 0, "cache": "yes", "batch_size": 8}})
+    assert (config.augment, config.strict, config.cache, config.batch_size) == (True, False, True, 8)

@@ -12,7 +12,7 @@ import torch
 
 from thaw._io import names_a_folder
 from thaw.cli.options import add_model_options, checked_lr, path_text, positive_int
-from thaw.data.folders import describe_skipped, discover, would_be_read
+from thaw.data.folders import describe_skipped, discover, file_would_be_read
 from thaw.data.manifest_check import check_image_table
 from thaw.errors import ThawError
 from thaw.models import build_model
@@ -78,8 +78,7 @@ def plot_path(text: str, data: Path) -> Path:
 def check_plot_harms_nothing(out: Path, data: Path) -> None:
     """The plot must not become an image of the data it tests (the next run would train on it, or lose the image it
     replaced), nor make a folder there (a class of no images), nor replace a file of a run (its curves.png, say)."""
-    new_folder = next((folder for folder in reversed(out.parents) if not folder.exists()), None)
-    if would_be_read(data, out, is_file=True) or (new_folder is not None and would_be_read(data, new_folder)):
+    if file_would_be_read(data, out):
         raise ThawError(f"--out {out} is inside the data folder {data}: the plot would be read as an image of it; put it elsewhere")
     if is_run_file(out) or (holds_run(out.parent) and fnmatch.fnmatch(out.name.lower(), EVALUATE_PLOTS)):
         raise ThawError(f"--out {out} is a file of the run in {out.parent}; name another file")

@@ -12,7 +12,7 @@ from thaw.models.lora import add_lora
 from thaw.models.sources import task_of, hf_source
 from thaw.plan import plan_report, render_plan
 from thaw.plan.lora_targets import lora_targets
-from thaw.plan.stages import check_named_lrs_are_trained
+from thaw.plan.stages import check_new_plan
 
 
 def register(commands: argparse._SubParsersAction) -> None:
@@ -39,7 +39,7 @@ def run(args: argparse.Namespace) -> int:
         checked_training_options(args.config, read_plan_file(args.config)[1])
     if plan.lora is not None:
         add_lora(adapter, plan.lora, lora_targets(adapter, plan.lora))
-    check_named_lrs_are_trained(adapter, plan)  # thaw train refuses such a plan: its dry run does too
+    check_new_plan(adapter, plan)  # thaw train refuses such a plan: its dry run does too
     report = plan_report(adapter, plan, args.model)
     print(json.dumps(report) if args.json else render_plan(report))
     return 0

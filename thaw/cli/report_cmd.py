@@ -41,7 +41,7 @@ def run(args: argparse.Namespace) -> int:
     if args.data is not None and read_metadata(args.run).get("task") != "text":
         check_image_table(args.data, f"{args.run} is an image run: report on text with a text run")
     columns, split = scored_columns_and_split(args)  # the same rule as thaw evaluate
-    output = check_report_output(args.output, args.run) if args.output is not None else None  # before the scoring
+    output = check_report_output(args.output, args.run, args.data) if args.output is not None else None  # before the scoring
     try:
         path, report = write_report(args.run, args.data, split, args.top_losses, columns, output)
     except ThawError as error:  # a run folder that is read-only (a shared one, another user's): where else to write

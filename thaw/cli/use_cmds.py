@@ -10,7 +10,7 @@ from pathlib import Path
 
 from thaw.cli.options import add_table_columns, path_text, positive_int, scored_columns_and_split
 from thaw._io import answers, names_a_folder, special_file
-from thaw.data.folders import describe_skipped
+from thaw.data.folders import describe_skipped, file_would_be_read
 from thaw.data.images import IMAGE_SUFFIXES
 from thaw.data.manifest_check import check_image_table
 from thaw.errors import ThawError
@@ -24,7 +24,6 @@ from thaw.export.run_dir import load_run
 from thaw.plan.report import render_table
 
 
-ONE_LINE = str.maketrans({"\t": " ", "\n": " ", "\r": " "})
 TOP_K = 3  # classes per prediction in --json, and on an image's plain line
 TTA_HELP = "test-time augmentation: average the softmax over each image and its mirror image (a second forward per image)"
 
@@ -215,7 +214,7 @@ def _predict_texts(args: argparse.Namespace, adapter: object, meta: dict) -> int
     # classes' pairs follow in order. A tab or line break in the text is shown as a space: one line, its columns fixed.
     for prediction in predictions:
         shown = prediction.labels[: args.top_k or 1]
-        text = prediction.path.translate(ONE_LINE)
+        text = " ".join(prediction.path.replace("\t", " ").splitlines())
         print("\t".join([*(f"{label}\t{probability:.3f}" for label, probability in shown), text]))
     return 0
 
@@ -255,7 +254,7 @@ def _export_name(fmt: str) -> str:
 def _in_data(path: Path, meta: dict) -> bool:
     """Whether `path` is the run's data folder or lies in it, where a model has no place: the data is what users copy,
     share and train on again (a new folder among class folders is read as an empty class)."""
-    data = meta.get("data", {}).get("path")
+    data = meta.get("data", {}).get("path") or meta.get("data_path")
     try:
         return bool(data) and path.resolve().is_relative_to(Path(data).resolve())
     except (OSError, RuntimeError):  # a name the file system refuses, a symlink loop: said by the write itself
@@ -277,8 +276,9 @@ def _check_output(output: Path, fmt: str, run: Path, meta: dict) -> None:
     if output.is_dir():
         raise ThawError(f"--output {output} is a folder; name the file to write, such as {_file_in(output, fmt, run, meta)}")
     default = run / (ONNX_EXPORT if fmt == "onnx" else TORCHSCRIPT_EXPORT)
-    if _in_data(output, meta) and not answers(lambda: output.resolve().is_relative_to(run.resolve())):  # a run kept in a hidden folder of its data
-        raise ThawError(f"--output {output} is in the run's data ({meta['data']['path']}), where the next run would read it; write the export elsewhere, such as {default}")
+    data = meta.get("data", {}).get("path") or meta.get("data_path")
+    if data and file_would_be_read(Path(data), output):  # in a class folder, or a new folder among them (an empty class)
+        raise ThawError(f"--output {output} is among the images of {data}, where the next run on it would read it; write the export elsewhere, such as {default}")
     if output.exists() and not output.is_file():
         raise ThawError(f"--output {output} is not a regular file (a device or a pipe); name a file, such as {default}")
     holder = output.parent.parent if output.parent.name in RUN_FOLDERS else output.parent

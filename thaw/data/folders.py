@@ -336,6 +336,16 @@ def would_be_read(root: Path, path: Path, is_file: bool = False) -> bool:
     return not is_file or len(parts) >= 2  # CLASS/file
 
 
+def file_would_be_read(root: Path, file: Path) -> bool:
+    """Whether writing `file` (and any folders it needs made) puts something discover(root) reads: the file in a class
+    folder, or a new folder where a class folder would be (a class of no images)."""
+    try:
+        made = next((folder for folder in reversed(file.parents) if not folder.exists()), None)
+    except (OSError, ValueError):  # a name the file system refuses: the write itself says so
+        return False
+    return would_be_read(root, file, is_file=True) or (made is not None and would_be_read(root, made))
+
+
 def split_folders(root: Path) -> dict[str, Path]:
     """The split folders discover(root) reads (train, val, test), or none: a manifest, class folders, or no folder
     (or one that cannot be listed: discover says why)."""

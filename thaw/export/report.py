@@ -16,6 +16,7 @@ from pathlib import Path
 from thaw._io import atomic_write, names_a_folder
 from thaw.errors import ThawError
 from thaw.data.text import TextColumns
+from thaw.data.folders import file_would_be_read
 from thaw.export.inference import ScoredSet, score_run
 from thaw.export.interpret import TopLoss, heat_maps, most_confused, thumbnail, top_losses
 from thaw.export.run_dir import load_run, read_metadata
@@ -56,7 +57,7 @@ def write_report(
     `columns`: a text table's own layout, for one scored whole (evaluation_set)."""
     run = Path(run)
     check_top_losses(top)  # before the scoring, which the page's size and place would otherwise waste
-    output = check_report_output(output, run) if output is not None else None
+    output = check_report_output(output, run, data_path) if output is not None else None
     adapter, meta = load_run(run)
     scored = score_run(adapter, meta, run_data_path(run, meta, data_path), split, columns=columns)
     return save_report(run, adapter, meta, scored, top, output)
@@ -65,36 +66,40 @@ def write_report(
 PAGE_SUFFIXES = (".html", ".htm")
 
 
-def check_report_output(output: str | Path, run: str | Path) -> Path:
+def check_report_output(output: str | Path, run: str | Path, data: str | Path | None = None) -> Path:
     """A file the page can be written to, checked before any scoring: an HTML file (a page written over anything else
     lost it: a run's weights or export, a text run's table), not a folder, not a device, not in another run's folder
-    and not in the run's data (the next run on it would read it). RUN/report.html, the default, is taken."""
+    and not where the run's data or the `data` scored would read it (a class folder). RUN/report.html is taken."""
     text, run = str(output), Path(run)
     elsewhere = f"{run.resolve().name}-report.html"  # in the current folder: a run's own folder may be read-only
     if not text.strip():
         raise ThawError(f"--output is empty; name the file to write, such as {elsewhere}")
     if text == "-":
         raise ThawError(f"--output - : the report is a page written to a file, not to standard output; name the file, such as {elsewhere}")
+    recorded = read_metadata(run).get("data", {}).get("path") or read_metadata(run).get("data_path")
+    roots = [Path(root) for root in (recorded, data) if root]
     try:
-        return _checked_page(Path(text), text, run, elsewhere)
-    except OSError as error:  # a name the file system refuses (too long): said, not a traceback
-        raise ThawError(f"cannot use --output {text} ({error.strerror or error}); name another file, such as {elsewhere}") from None
+        return _checked_page(Path(text), text, run, roots, elsewhere)
+    except (OSError, ValueError) as error:  # a name the file system refuses (too long, a NUL): said, not a traceback
+        raise ThawError(f"cannot use --output {text!r} ({getattr(error, 'strerror', None) or error}); name another file, such as {elsewhere}") from None
 
 
-def _checked_page(output: Path, text: str, run: Path, elsewhere: str) -> Path:
-    data = read_metadata(run).get("data", {}).get("path")
-    # (a run kept in a hidden folder of its data may hold its own pages)
-    in_data = bool(data) and output.resolve().is_relative_to(Path(data).resolve()) and not output.resolve().is_relative_to(run.resolve())
+def _checked_page(output: Path, text: str, run: Path, roots: list[Path], elsewhere: str) -> Path:
+    if "\x00" in text:  # no file can be named so; pathlib's questions answer False, and the write raised late
+        raise ValueError("embedded null byte")
     if names_a_folder(text) or output.is_dir():
-        suggested = elsewhere if in_data else output / REPORT
+        # a page among the images, or in another run's folder, would be refused next: the suggestion is elsewhere
+        taken = holds_run(output) or any(output.resolve().is_relative_to(root.resolve()) for root in roots)
+        suggested = elsewhere if taken and output.resolve() != run.resolve() else output / REPORT
         said = "names a folder" if names_a_folder(text) else "is a folder"
         raise ThawError(f"--output {text} {said}; name the file to write, such as {suggested}")
     if output.suffix.lower() not in PAGE_SUFFIXES:
         raise ThawError(f"--output {output} must end in .html: the report is one HTML page (a file of another kind would be written over); such as {elsewhere}")
     if output.exists() and not output.is_file():
         raise ThawError(f"--output {output} is not a regular file (a device or a pipe); name a file, such as {elsewhere}")
-    if in_data:
-        raise ThawError(f"--output {output} is in the run's data ({data}), where the next run would read it; write the page elsewhere, such as {elsewhere}")
+    read_by = next((root for root in roots if file_would_be_read(root, output)), None)
+    if read_by is not None:
+        raise ThawError(f"--output {output} is among the images of {read_by}, where the next run on it would read it; write the page elsewhere, such as {elsewhere}")
     holder = output.parent.parent if output.parent.name in RUN_FOLDERS else output.parent
     if holds_run(holder) and holder.resolve() != run.resolve():  # that run's report.html is that run's page
         raise ThawError(f"--output {output} is in the folder of another run, {holder}; write the page elsewhere, such as {elsewhere}")

@@ -201,17 +201,25 @@ def resolve_plan(adapter: ModelAdapter, plan: Plan) -> tuple[ResolvedStage, ...]
             problems.append(f"stage {index}/{len(plan.stages)} {stage.name!r}: {error}")
     if problems:
         raise ThawError(" | ".join(_first_problems(problems)))
-    _check_adapters_train(adapter, plan, resolved)
     return tuple(resolved)
 
 
-def _check_adapters_train(adapter: ModelAdapter, plan: Plan, resolved: list[ResolvedStage]) -> None:
-    """A plan's lora: adds adapters; where no stage trains them they stay at their start (B = 0: they change nothing)
-    and the run saves them as if they had learned: refused, as the --lora-* flags beside another strategy are."""
+def check_new_plan(adapter: ModelAdapter, plan: Plan) -> None:
+    """What a new plan (thaw plan, a new run) must hold beyond resolving: a run saved before these checks still
+    reports and resumes."""
+    resolved = resolve_plan(adapter, plan)
+    check_named_lrs_are_trained(adapter, plan)
+    _check_adapters_train(adapter, plan, resolved)
+
+
+def _check_adapters_train(adapter: ModelAdapter, plan: Plan, resolved: tuple[ResolvedStage, ...]) -> None:
+    """A plan's lora: adds adapters; where no stage trains them (a stage of 0 epochs trains nothing) they stay at their
+    start (B = 0: they change nothing) and the run saves them as if they had learned: refused, as the --lora-* flags
+    beside another strategy are."""
     if plan.lora is None:
         return
     adapters = set(adapter_param_names(adapter.model))
-    if adapters and not any(adapters.intersection(stage.trainable) for stage in resolved):
+    if adapters and not any(adapters.intersection(stage.trainable) for stage in resolved if stage.stage.epochs):
         raise ThawError(
             "the plan's lora: adds adapters that no stage trains; add 'adapters' to a stage's train list "
             "(as the lora strategy's [head, adapters]), or drop lora:"

@@ -60,6 +60,7 @@ def train_images(
     _check_call_types({"data_path": data_path, "out": out}, {"val_split": val_split}, callbacks, step_hooks)
     val_split = float(val_split)  # numpy's float32 is no JSON number: thaw.json could not be written at the run's end
     _check_switches(resume=resume, overwrite=overwrite)
+    _check_val_share(val_split, resume)
     _check_arguments(plan, plan_options, config, resume)
     check_plan_before_data(model, weights, "image", plan, plan_options, not resume)  # a typo in stage 2 stops nothing half-done
     if not (resume and (Path(out) / checkpoint.CHECKPOINT).is_file()):  # a resume without a checkpoint starts the run
@@ -199,6 +200,7 @@ def train_text(
     val_split, test_split = float(val_split), float(test_split)  # as in train_images: thaw.json records them
     model = hf_source(model) if isinstance(model, str) else model  # "hf/ORG/NAME" was read as a missing folder
     _check_switches(resume=resume, overwrite=overwrite)
+    _check_val_share(val_split, resume)
     if not isinstance(columns, TextColumns):  # a dict, or None: an AttributeError once the table was opened
         raise ThawError(f"columns must be a TextColumns (thaw.data.text.TextColumns(text='message', label='kind')), got {columns!r}")
     _check_arguments(plan, plan_options, config, resume)
@@ -245,9 +247,6 @@ def _check_call_types(paths: dict[str, object], shares: dict[str, object], callb
     for name, value in shares.items():
         if isinstance(value, bool) or not isinstance(value, numbers.Real):
             raise ThawError(f"{name} must be a number like 0.2, got {value!r}")
-    # Checked here too: data with a val/ folder never reads the share, so val_split=1.5 ran to the end unsaid.
-    if "val_split" in shares and not 0 < shares["val_split"] < 1:
-        raise ThawError(f"val_split must be a share above 0 and below 1, like 0.2, got {shares['val_split']!r}")
     for name, hooks in (("callbacks", callbacks), ("step_hooks", step_hooks)):
         if hooks is not None and (not isinstance(hooks, (list, tuple)) or not all(callable(hook) for hook in hooks)):
             raise ThawError(f"{name} must be a list of functions, got {hooks!r}")
@@ -272,6 +271,13 @@ def _check_hook_takes(name: str, hook: object, call: tuple[str, tuple[str, ...]]
         hint = "; pass an instance, not the class" if isinstance(hook, type) else ""
         named = getattr(hook, "__qualname__", type(hook).__qualname__)
         raise ThawError(f"{name} ({named}) cannot be called as {function}({', '.join(arguments)}): {error}{hint}") from None
+
+
+def _check_val_share(val_split: float, resume: bool) -> None:
+    """Checked for a new run even where unread: beside a val/ folder val_split=1.5 ran to the end unsaid. A resume
+    passes the share its run recorded, which an older thaw accepted unchecked there: it continues as it began."""
+    if not resume and not 0 < val_split < 1:
+        raise ThawError(f"val_split must be a share above 0 and below 1, like 0.2, got {val_split!r}")
 
 
 def _check_switches(**switches: object) -> None:

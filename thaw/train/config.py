@@ -27,7 +27,7 @@ from thaw.models.lora import add_lora
 from thaw.plan.freeze import batchnorm_layers, batchnorm_trains, locks_statistics
 from thaw.plan.lora_targets import lora_targets
 from thaw.plan.optim import OPTIMIZERS
-from thaw.plan.stages import Plan, check_named_lrs_are_trained, resolve_plan
+from thaw.plan.stages import Plan, check_new_plan, resolve_plan
 from thaw.plan.strategies import build_plan
 from thaw.train.budget import parse_budget
 from thaw.train.resizing import sizes_used
@@ -308,7 +308,7 @@ def check_plan(adapter: ModelAdapter, plan: Plan | str, plan_options: dict | Non
         add_lora(adapter, plan.lora, lora_targets(adapter, plan.lora))
     resolve_plan(adapter, plan)
     if new_run:  # a resumed run's plan was accepted when it began
-        check_named_lrs_are_trained(adapter, plan)
+        check_new_plan(adapter, plan)
     return plan
 
 

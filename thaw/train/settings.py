@@ -16,7 +16,7 @@ from typing import Callable
 
 from thaw.data.folders import LabelledData
 from thaw.errors import ThawError
-from thaw.train.config import TrainConfig
+from thaw.train.config import SWITCHES, TrainConfig
 
 # How a run computes, not what: free to differ on --resume (like the device, --compile changes the floating-point
 # rounding of the steps after it, not the recipe).
@@ -176,4 +176,7 @@ def config_from_settings(settings: dict, **runtime: object) -> TrainConfig:
     """The run's own TrainConfig, with runtime fields (workers, device, quiet, ...) as given."""
     known = {f.name for f in fields(TrainConfig)}
     saved = {k: v for k, v in settings["config"].items() if k in known}
+    # A thaw before the switches were checked recorded what it was given (augment=1, strict=0) and trained by its truth:
+    # rebuilt as it trained, so such a run still resumes.
+    saved |= {k: bool(saved[k]) for k in SWITCHES if k in saved and saved[k] is not None}
     return TrainConfig(**{k: v for k, v in ADDED_LATER.items() if k not in saved} | saved, **runtime)
