@@ -10,7 +10,7 @@ import tempfile
 from pathlib import Path
 from typing import Callable
 
-from thaw.errors import ThawError
+from thaw.errors import ThawError, WriteError
 
 
 def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
@@ -22,7 +22,7 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
         _remove_killed_writes(path)
         handle, temporary = tempfile.mkstemp(prefix=_temporary_prefix(path), suffix=".tmp", dir=path.parent)
     except OSError as error:
-        raise ThawError(f"could not write {path}: {error.strerror or error}{kept}") from None
+        raise WriteError(f"could not write {path}: {error.strerror or error}{kept}") from None
     os.close(handle)
     try:
         write(Path(temporary))
@@ -34,7 +34,7 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
         os.replace(temporary, path)
     except OSError as error:
         Path(temporary).unlink(missing_ok=True)
-        raise ThawError(f"could not write {path}: {error.strerror or error}{kept}") from None
+        raise WriteError(f"could not write {path}: {error.strerror or error}{kept}") from None
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
         raise
@@ -144,3 +144,12 @@ def names_a_folder(text: str) -> bool:
     be written where the folder was meant."""
     separators = ("/", os.sep) + ((os.altsep,) if os.altsep else ())
     return text.endswith(separators) or any(text.endswith(sep + ".") for sep in separators) or text in (".", "..")
+
+
+def lies_within(path: Path, root: Path) -> bool:
+    """Whether `path` is `root` or lies in it, links resolved; False where either cannot be resolved (a name the file
+    system refuses, a symlink loop): the write that follows says why."""
+    try:
+        return path.resolve().is_relative_to(root.resolve())
+    except (OSError, RuntimeError, ValueError):
+        return False

@@ -15,6 +15,10 @@ class ThawError(Exception):
     """A problem with the user's input or environment, explained in one line."""
 
 
+class WriteError(ThawError):
+    """A file that could not be written where it was asked (a read-only folder): a caller may name another place."""
+
+
 def join_problems(problems: list[str]) -> str:
     """Report every problem at once (torchtune-style), not just the first."""
     if len(problems) == 1:

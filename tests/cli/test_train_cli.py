@@ -16,6 +16,7 @@ from PIL import Image
 from tests.cli.test_cli import thaw
 from tests.conftest import write_class_images
 from thaw import ThawError, build_plan
+from thaw.errors import WriteError
 from thaw.plan import plan_to_dict
 from thaw.cli import main
 
@@ -158,7 +159,7 @@ def test_evaluate_in_a_run_folder_it_cannot_write_still_prints_the_scores(
     said = capsys.readouterr()
     assert said.out.startswith("val: 18 images") and "confusion matrix:" not in said.out
     assert said.err.strip() == f"thaw: warning: could not write the confusion matrix {trained_run / 'confusion-val.png'} (Permission denied); the scores follow"
-    monkeypatch.setattr(use_cmds, "save_report", lambda *_args, **_kwargs: (_ for _ in ()).throw(ThawError("could not write RUN/report.html: Permission denied")))
+    monkeypatch.setattr(use_cmds, "save_report", lambda *_args, **_kwargs: (_ for _ in ()).throw(WriteError("could not write RUN/report.html: Permission denied")))
     assert main(["evaluate", str(trained_run), str(tiny_split_data), "--report", "--json"]) == 1
     said = capsys.readouterr()
     assert json.loads(said.out)["confusion_png"] is None and "thaw: error: could not write RUN/report.html: Permission denied; write the page elsewhere: thaw report " in said.err

@@ -7,7 +7,7 @@ import json
 
 from thaw.cli.options import add_table_columns, path_text, positive_int, scored_columns_and_split
 from thaw.data.manifest_check import check_image_table
-from thaw.errors import ThawError
+from thaw.errors import ThawError, WriteError
 from thaw.export.report import MAX_TOP_LOSSES, TOP_LOSSES, check_report_output, write_report
 from thaw.export.run_dir import read_metadata
 
@@ -44,8 +44,8 @@ def run(args: argparse.Namespace) -> int:
     output = check_report_output(args.output, args.run, args.data) if args.output is not None else None  # before the scoring
     try:
         path, report = write_report(args.run, args.data, split, args.top_losses, columns, output)
-    except ThawError as error:  # a run folder that is read-only (a shared one, another user's): where else to write
-        if output is None and str(error).startswith("could not write"):
+    except WriteError as error:  # a run folder that is read-only (a shared one, another user's): where else to write
+        if output is None:
             raise ThawError(f"{error}; write the page elsewhere with --output FILE.html") from None
         raise
     metrics = report["metrics"]

@@ -9,18 +9,18 @@ import sys
 from pathlib import Path
 
 from thaw.cli.options import add_table_columns, path_text, positive_int, scored_columns_and_split
-from thaw._io import answers, names_a_folder, special_file
+from thaw._io import answers, lies_within, names_a_folder, special_file
 from thaw.data.folders import describe_skipped, file_would_be_read
 from thaw.data.images import IMAGE_SUFFIXES
 from thaw.data.manifest_check import check_image_table
-from thaw.errors import ThawError
+from thaw.errors import ThawError, WriteError
 from thaw.export.formats import FORMATS, ExportCheck, export_description, export_model
 from thaw.export.inference import check_images, image_files, predict_files, predict_texts, run_precision, score_run, with_tta
 from thaw.export.report import run_data_path, save_report
 from thaw.train.metrics import undefined_as_null
 from thaw.train.plots import plot_confusion
 from thaw.train.run_folder import ONNX_EXPORT, RUN_FOLDERS, TORCHSCRIPT_EXPORT, holds_run, is_run_file
-from thaw.export.run_dir import load_run
+from thaw.export.run_dir import load_run, recorded_data_path
 from thaw.plan.report import render_table
 
 
@@ -76,8 +76,10 @@ def run_evaluate(args: argparse.Namespace) -> int:
     report, problem = None, None
     try:  # the scores are printed whatever the run folder takes: it may be read-only
         report = save_report(Path(args.run), adapter, meta, scored)[0] if args.report else None
+    except WriteError as error:  # a read-only run folder: the report line that writes the page elsewhere
+        problem = f"{error}; write the page elsewhere: {_report_elsewhere(args, split)}"
     except ThawError as error:
-        problem = str(error) + (f"; write the page elsewhere: {_report_elsewhere(args, split)}" if str(error).startswith("could not write") else "")
+        problem = str(error)
     suffix = "-tta" if args.tta else ""  # the plain scores' picture stays
     picture = _confusion_picture(metrics, Path(args.run) / f"confusion-{split}{suffix}.png", f"{split} split")
     if args.json:
@@ -251,19 +253,11 @@ def _export_name(fmt: str) -> str:
     return ONNX_EXPORT if fmt == "onnx" else TORCHSCRIPT_EXPORT
 
 
-def _in_data(path: Path, meta: dict) -> bool:
-    """Whether `path` is the run's data folder or lies in it, where a model has no place: the data is what users copy,
-    share and train on again (a new folder among class folders is read as an empty class)."""
-    data = meta.get("data", {}).get("path") or meta.get("data_path")
-    try:
-        return bool(data) and path.resolve().is_relative_to(Path(data).resolve())
-    except (OSError, RuntimeError):  # a name the file system refuses, a symlink loop: said by the write itself
-        return False
-
-
 def _file_in(folder: Path, fmt: str, run: Path, meta: dict) -> Path:
-    """The file to suggest for an --output that names a folder: one in it, unless it is in the run's data."""
-    return run / _export_name(fmt) if _in_data(folder, meta) else folder / _export_name(fmt)
+    """The file to suggest for an --output that names a folder: one in it, unless it is (or is in) the run's data,
+    where a model has no place (the data is what users copy, share and train on again): the run's own then."""
+    data = recorded_data_path(meta)
+    return run / _export_name(fmt) if data and lies_within(folder, Path(data)) else folder / _export_name(fmt)
 
 
 def _check_output(output: Path, fmt: str, run: Path, meta: dict) -> None:
@@ -276,7 +270,7 @@ def _check_output(output: Path, fmt: str, run: Path, meta: dict) -> None:
     if output.is_dir():
         raise ThawError(f"--output {output} is a folder; name the file to write, such as {_file_in(output, fmt, run, meta)}")
     default = run / (ONNX_EXPORT if fmt == "onnx" else TORCHSCRIPT_EXPORT)
-    data = meta.get("data", {}).get("path") or meta.get("data_path")
+    data = recorded_data_path(meta)
     if data and file_would_be_read(Path(data), output):  # in a class folder, or a new folder among them (an empty class)
         raise ThawError(f"--output {output} is among the images of {data}, where the next run on it would read it; write the export elsewhere, such as {default}")
     if output.exists() and not output.is_file():

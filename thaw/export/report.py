@@ -13,13 +13,13 @@ import html
 import time
 from pathlib import Path
 
-from thaw._io import atomic_write, names_a_folder
+from thaw._io import atomic_write, lies_within, names_a_folder
 from thaw.errors import ThawError
 from thaw.data.text import TextColumns
 from thaw.data.folders import file_would_be_read
 from thaw.export.inference import ScoredSet, score_run
 from thaw.export.interpret import TopLoss, heat_maps, most_confused, thumbnail, top_losses
-from thaw.export.run_dir import load_run, read_metadata
+from thaw.export.run_dir import load_run, read_metadata, recorded_data_path
 from thaw.models import ModelAdapter
 from thaw.train.metrics import undefined_as_null
 from thaw.train.run_folder import REPORT, RUN_FOLDERS, holds_run
@@ -39,7 +39,7 @@ def check_top_losses(top: object) -> None:
 
 def run_data_path(run: Path, meta: dict, data_path: str | Path | None, command: str = "report") -> Path:
     """DATA as given, else where the run recorded its data; one line when neither exists."""
-    recorded = meta.get("data", {}).get("path") or meta.get("data_path")
+    recorded = recorded_data_path(meta)
     if not data_path and not recorded:  # Path("") would be the current folder
         raise ThawError(f"the run does not record where its data is; pass it: thaw {command} {run} DATA")
     path = Path(data_path) if data_path else Path(recorded)
@@ -76,8 +76,7 @@ def check_report_output(output: str | Path, run: str | Path, data: str | Path | 
         raise ThawError(f"--output is empty; name the file to write, such as {elsewhere}")
     if text == "-":
         raise ThawError(f"--output - : the report is a page written to a file, not to standard output; name the file, such as {elsewhere}")
-    recorded = read_metadata(run).get("data", {}).get("path") or read_metadata(run).get("data_path")
-    roots = [Path(root) for root in (recorded, data) if root]
+    roots = [Path(root) for root in (recorded_data_path(read_metadata(run)), data) if root]
     try:
         return _checked_page(Path(text), text, run, roots, elsewhere)
     except (OSError, ValueError) as error:  # a name the file system refuses (too long, a NUL): said, not a traceback
@@ -89,7 +88,7 @@ def _checked_page(output: Path, text: str, run: Path, roots: list[Path], elsewhe
         raise ValueError("embedded null byte")
     if names_a_folder(text) or output.is_dir():
         # a page among the images, or in another run's folder, would be refused next: the suggestion is elsewhere
-        taken = holds_run(output) or any(output.resolve().is_relative_to(root.resolve()) for root in roots)
+        taken = holds_run(output) or any(lies_within(output, root) for root in roots)
         suggested = elsewhere if taken and output.resolve() != run.resolve() else output / REPORT
         said = "names a folder" if names_a_folder(text) else "is a folder"
         raise ThawError(f"--output {text} {said}; name the file to write, such as {suggested}")

@@ -34,6 +34,11 @@ from thaw.train.run_folder import ADAPTER, METADATA, SET_ASIDE, TEXT_MODEL, WEIG
 __all__ = ["ADAPTER", "METADATA", "TEXT_MODEL", "WEIGHTS", "load_adapter", "load_run", "read_metadata"]
 
 
+def recorded_data_path(meta: dict) -> str | None:
+    """Where a run recorded its data: `data.path`, or `data_path` in runs made before it."""
+    return meta.get("data", {}).get("path") or meta.get("data_path")
+
+
 def read_metadata(run: Path) -> dict:
     """A run's METADATA, checked: every value that loading, scoring, exporting or reporting the run reads is one
     thaw could have written, else one line naming the key (a hand edit would fail later in a traceback, or answer
