@@ -251,6 +251,34 @@ def test_lr_find_offers_only_image_models(capsys: pytest.CaptureFixture[str]) ->
     assert "timm/NAME" in said and "hf/ORG/NAME" not in said  # it refuses text tables: its help offered text encoders
 
 
+def test_lr_find_tests_at_the_image_size_given(colours: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """`--image-size` as train takes it: the test runs at the size the run will train at, and a size the network
+    cannot take is one line before any image is decoded."""
+    import thaw.cli.lrfind_cmd as lrfind_cmd
+
+    seen: list[tuple[int, ...]] = []
+    built = lrfind_cmd.build_model
+
+    def recording(*args, **kwargs):
+        adapter = built(*args, **kwargs)
+        adapter.model.register_forward_pre_hook(lambda _module, inputs: seen.append(tuple(inputs[0].shape[-2:])))
+        return adapter
+
+    monkeypatch.setattr(lrfind_cmd, "build_model", recording)
+    for size in (48, None):
+        seen.clear()
+        sized = ["--image-size", str(size)] if size else []
+        assert main([*LR_FIND[:1], str(colours), *LR_FIND[2:], *sized, "--out", str(tmp_path / "lr.png"), "--json"]) == 0
+        assert set(seen) == {(size or 224, size or 224)}, seen  # mobilenet_v3_small's own crop is 224 px
+    capsys.readouterr()
+    seen.clear()
+    assert main([*LR_FIND[:1], str(colours), "--model", "vit_b_16", "--weights", "none", "--image-size", "64", "--out", str(tmp_path / "v.png")]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "thaw: error: vit_b_16 takes 224 px images only (its position embeddings are learned for that size); leave image_size (--image-size) unset"
+    )
+    assert seen == [] and not (tmp_path / "v.png").exists()
+
+
 def test_lr_find_warns_of_the_files_it_leaves_out(colours: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """A file that is no image (found as the data is listed) and a truncated JPEG (found as it is decoded) are said on
     stderr, as train says them; the test runs on the rest. Where no training image decodes: one line, exit 2."""

@@ -181,6 +181,27 @@ def test_evaluate_scores_a_folder_without_split_folders_whole(
     assert metrics["split"] == "val" and metrics["count"] == 3
 
 
+def test_evaluate_on_other_data_keeps_the_runs_own_confusion_picture(
+    trained_run: Path, tiny_split_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Scoring another folder with the run's split name wrote over the run's confusion-val.png."""
+    assert main(["evaluate", str(trained_run), "--json"]) == 0  # the run's own data, as recorded
+    own = Path(json.loads(capsys.readouterr().out)["confusion_png"])
+    assert own == trained_run / "confusion-val.png"
+    before = own.read_bytes()
+    other = tmp_path / "field photos"  # a user's own held-out folder; its name made safe for a file name
+    write_class_images(other / "train", per_class=10, seed=3)
+    write_class_images(other / "val", per_class=4, seed=4)
+    assert main(["evaluate", str(trained_run), str(other), "--split", "val", "--json"]) == 0
+    scored = json.loads(capsys.readouterr().out)
+    assert Path(scored["confusion_png"]) == trained_run / "confusion-val-field_photos.png"
+    assert own.read_bytes() == before
+    assert main(["evaluate", str(trained_run), str(other / "val"), "--json", "--tta"]) == 0  # scored whole
+    assert Path(json.loads(capsys.readouterr().out)["confusion_png"]) == trained_run / "confusion-all-val-tta.png"
+    assert main(["evaluate", str(trained_run), str(tiny_split_data), "--json"]) == 0  # the run's own data, named
+    assert Path(json.loads(capsys.readouterr().out)["confusion_png"]) == own
+
+
 def test_train_and_test_folders_without_val_train_and_evaluate(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     data = tmp_path / "pets"
     write_class_images(data / "train", per_class=10)

@@ -19,6 +19,7 @@ from thaw.data.loaders import Batch, ImageDataset
 from thaw.data.transforms import train_transform
 from thaw.models.adapter import Preprocessing
 from thaw.plan import ConstantLr, Plan, RangeLr, Stage
+from thaw.plan.config import read_plan_file
 from thaw.train import TrainConfig, train_text
 from thaw.train.checkpoint import load_checkpoint
 from thaw.train.fit import RunInterrupted, fit
@@ -244,6 +245,29 @@ def test_a_plan_file_sets_them_and_a_typed_flag_wins(tmp_path: Path) -> None:
     chosen = config("--auto-augment", "trivial", "--mixup", "0")
     assert (chosen.auto_augment, chosen.mixup, chosen.cutmix) == ("trivial", 0.0, 1.0)
     assert config("--auto-augment", "none").auto_augment is None  # typed: turns the file's policy off
+
+
+def test_a_plan_file_number_in_quotes_is_the_number_as_its_lrs_are(tmp_path: Path) -> None:
+    """YAML reads 1e-1 (no dot) as text, and a quoted "3" is text too: the plan's lrs were read as the numbers meant,
+    its epochs and training numbers were refused as 'got '3''. Now all are read alike; text that is no number is not."""
+    plan = tmp_path / "plan.yaml"
+    plan.write_text(
+        'stages: [{name: all, epochs: "3", train: [all], lr: 1e-4}]\n'
+        'training: {label_smoothing: 1e-1, mixup: "0.2", cache_views: "2", progressive_resize: " 0.5 "}\n'
+    )
+    chosen = cli_config("data", "--model", "mobilenet_v2", "--config", str(plan))
+    assert (chosen.label_smoothing, chosen.mixup, chosen.cache_views, chosen.progressive_resize) == (0.1, 0.2, 2, 0.5)
+    assert type(chosen.cache_views) is int and type(chosen.mixup) is float
+    read, options = read_plan_file(plan)  # the Python API's reading: TrainConfig(**options) takes them as they are
+    assert read.stages[0].epochs == 3 and TrainConfig(**options) == TrainConfig(label_smoothing=0.1, mixup=0.2, cache_views=2, progressive_resize=0.5)
+    plan.write_text('stages: [{name: all, epochs: "3.5", train: [all], lr: 1e-4}]\ntraining: {cache_views: "2.5", mixup: "some"}\n')
+    with pytest.raises(ThawError) as refused:
+        read_plan_file(plan)
+    assert "stages[0].epochs: expected a whole number >= 0, got '3.5'" in str(refused.value)
+    plan.write_text('stages: [{name: all, epochs: 3, train: [all], lr: 1e-4}]\ntraining: {cache_views: "2.5", mixup: "some"}\n')
+    with pytest.raises(ThawError) as refused:
+        cli_config("data", "--model", "mobilenet_v2", "--config", str(plan))
+    assert "cache views" in str(refused.value) and "'2.5'" in str(refused.value) and "got 'some'" in str(refused.value)
 
 
 @pytest.mark.parametrize(

@@ -16,7 +16,7 @@ from thaw.data.folders import describe_skipped, discover, file_would_be_read
 from thaw.data.manifest_check import check_image_table
 from thaw.errors import ThawError
 from thaw.models import build_model
-from thaw.train.config import TrainConfig
+from thaw.train.config import TrainConfig, check_image_size
 from thaw.train.lr_find import lr_range_test, plot_lr_find, suggest
 from thaw.train.run_folder import EVALUATE_PLOTS, holds_run, is_run_file
 
@@ -33,6 +33,10 @@ def register(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--end", type=positive_lr, default=1.0)
     parser.add_argument("--steps", type=steps, default=100)
     parser.add_argument("--batch-size", type=positive_int, default=32)
+    parser.add_argument(
+        "--image-size", type=positive_int,
+        help="override the weights' input size, as thaw train --image-size does (test at the size you will train at)",
+    )
     parser.add_argument("--out", type=path_text, default="lr_find.png", help="where to write the plot (.png, .svg, .pdf)")
     parser.add_argument("--json", action="store_true")
     parser.set_defaults(handler=run)
@@ -102,7 +106,8 @@ def run(args: argparse.Namespace) -> int:
     warn_skipped(data.skipped)  # before the test, as train says it: the user can stop and fix the files
     torch.manual_seed(0)
     adapter = build_model(args.model, weights=args.weights, num_classes=len(data.classes))
-    config = TrainConfig(batch_size=args.batch_size, quiet=True)
+    config = TrainConfig(batch_size=args.batch_size, image_size=args.image_size, quiet=True)
+    check_image_size(adapter, config, args.model)  # before any image is decoded
     undecodable: list[tuple[str, str]] = []
     try:
         lrs, losses = lr_range_test(

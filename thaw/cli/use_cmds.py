@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -24,6 +25,7 @@ from thaw.export.run_dir import load_run, recorded_data_path
 from thaw.plan.report import render_table
 
 
+MAX_NAME_PART = 60  # of DATA's name in a picture's file name: the whole name stays well below the file system's limit
 TOP_K = 3  # classes per prediction in --json, and on an image's plain line
 TTA_HELP = "test-time augmentation: average the softmax over each image and its mirror image (a second forward per image)"
 
@@ -80,8 +82,8 @@ def run_evaluate(args: argparse.Namespace) -> int:
         problem = f"{error}; write the page elsewhere: {_report_elsewhere(args, split)}"
     except ThawError as error:
         problem = str(error)
-    suffix = "-tta" if args.tta else ""  # the plain scores' picture stays
-    picture = _confusion_picture(metrics, Path(args.run) / f"confusion-{split}{suffix}.png", f"{split} split")
+    picture_path = Path(args.run) / _confusion_name(split, args.tta, _other_data_name(args.data, meta))
+    picture = _confusion_picture(metrics, picture_path, f"{split} split")
     if args.json:
         extra = {"confusion_png": str(picture) if picture else None} | ({"report": str(report)} if report else {})
         print(json.dumps({k: v for k, v in undefined_as_null(metrics).items() if k != "seconds"} | extra))
@@ -114,6 +116,21 @@ def _report_elsewhere(args: argparse.Namespace, split: str) -> str:
     data = f" {args.data}" if args.data else ""
     chosen = f" --split {split}" if split != "all" else ""
     return f"thaw report {args.run}{data}{chosen} --output FILE.html"
+
+
+def _confusion_name(split: str, tta: bool, other_data: str | None) -> str:
+    """confusion-SPLIT[-DATA][-tta].png: the plain scores' picture stays beside the TTA one, and the run's own
+    split's picture beside that of other data scored with the same split name (it was written over)."""
+    return f"confusion-{split}{f'-{other_data}' if other_data else ''}{'-tta' if tta else ''}.png"
+
+
+def _other_data_name(data: str | None, meta: dict) -> str | None:
+    """DATA's name, for a file name, where DATA is not the run's own recorded data; None where it is, or none given."""
+    recorded = recorded_data_path(meta)
+    if data is None or (recorded and Path(data).resolve() == Path(recorded).resolve()):
+        return None
+    name = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(data).resolve().stem).strip("._")
+    return name[:MAX_NAME_PART] or "data"
 
 
 def _confusion_picture(metrics: dict, path: Path, title: str) -> Path | None:

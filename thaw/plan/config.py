@@ -20,6 +20,7 @@ from thaw.plan.stages import Plan, Stage, check_stage_names
 PLAN_KEYS = ("stages", "weight_decay", "batchnorm", "lora")
 # Recipe options a plan file may carry beside its stages (TrainConfig fields; `thaw train` flags typed on the command
 # line win). Their values are checked where the TrainConfig is made, like the flags'.
+TRAINING_NUMBERS: dict[str, type] = {"label_smoothing": float, "progressive_resize": float, "mixup": float, "cutmix": float, "cache_views": int}
 TRAINING_KEYS = ("label_smoothing", "ema", "cache_views", "cache_prefix", "progressive_resize", "auto_augment", "mixup", "cutmix", "budget")
 LORA_KEYS = ("rank", "alpha", "dropout", "targets")
 STAGE_KEYS = ("name", "epochs", "train", "lr", "lr_range", "layer_decay", "lrs", "weight_decay", "batchnorm")
@@ -73,6 +74,8 @@ def _weight_decay(value: Any, where: str, problems: list[str]) -> float | None:
 
 
 def _whole(value: Any, where: str, problems: list[str], low: int, high: int | None = None) -> int | None:
+    if isinstance(value, str) and re.fullmatch(r"\s*\d+\s*", value):  # `epochs: "3"`: the number meant, as an lr in quotes is
+        value = int(value)
     if isinstance(value, int) and not isinstance(value, bool) and value >= low and (high is None or value <= high):
         return value
     bound = f">= {low}" if high is None else f"from {low} to {high}"
@@ -302,7 +305,20 @@ def read_plan_file(path: str | Path) -> tuple[Plan, dict[str, Any]]:
         check_stage_names(plan)
     except ThawError as error:
         raise ThawError(f"{path}: {error}") from None
-    return plan, training or {}
+    return plan, {key: _number_written(value, TRAINING_NUMBERS.get(key)) for key, value in (training or {}).items()}
+
+
+def _number_written(value: Any, kind: type | None) -> Any:
+    """A number the file wrote as text (`"0.1"`; YAML reads `1e-1`, without a dot, as text too) as that number, as
+    the plan's lrs are read; anything else as it is, for the options' check to name."""
+    if not isinstance(value, str) or kind is None:
+        return value
+    if kind is int:
+        return int(value) if re.fullmatch(r"\s*\d+\s*", value) else value
+    try:
+        return float(value)
+    except ValueError:
+        return value
 
 
 def _lr_to_dict(rule: LrRule) -> dict[str, Any]:

@@ -17,7 +17,7 @@ from thaw.models import ModelAdapter
 from thaw.plan import Stage
 from thaw.plan.lr import MAX_LR, ConstantLr
 from thaw.train.config import TrainConfig
-from thaw.train.fit import choose_engine
+from thaw.train.fit import choose_engine, effective_preprocessing
 from thaw.plan import enter_stage
 
 SMOOTHING = 0.9  # exponential moving average of the loss, as fastai and Leslie Smith do
@@ -37,7 +37,8 @@ def lr_range_test(
     engine = choose_engine(config, adapter.model)
     adapter.model.to(engine.device)
     _, optimizer = enter_stage(adapter, Stage("lr-find", 1, train, ConstantLr(start)), optimizer_name=config.optimizer)
-    dataset = ImageDataset(data.train, train_transform(adapter.preprocessing), 2 * adapter.preprocessing.resize_size)
+    preprocessing = effective_preprocessing(adapter, config)  # config.image_size: the size the run will train at
+    dataset = ImageDataset(data.train, train_transform(preprocessing), 2 * preprocessing.resize_size)
     torch.manual_seed(config.seed)
     lrs, losses, average, best = [], [], 0.0, math.inf
     adapter.model.train()
