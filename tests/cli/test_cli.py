@@ -156,7 +156,7 @@ MOBILENET_PLAN = ["plan", "--model", "mobilenet_v3_small", "--num-classes", "3"]
         (["train", "DATA", *TINY_RUN, "--device", "bogus"], "device must be auto, cpu, cuda"),
         (["train", "DATA", *TINY_RUN, "--lr", "1e300"], "argument --lr: an lr must be a positive finite number up to 1000"),
         (["train", "DATA", *TINY_RUN, "--val-split", "nan"], "argument --val-split: expected a share above 0 and below 1"),
-        (["train", "DATA", *TINY_RUN, "--val-split", "0.5"], "--val-split 0.5 would do nothing: DATA has a val folder, which is the val split"),
+        (["train", "DATA", *TINY_RUN, "--val-split", "0.5"], "val_split (--val-split) 0.5 would do nothing: DATA has a val folder, which is the val split"),
         (["train", "DATA", *TINY_RUN, "--out", ""], "argument --out: expected a path, got an empty string"),
         (["train", "DATA", *TINY_RUN, "--weights", ""], "argument --weights: expected a weights name, a file path or none, got an empty string"),
         ([*MOBILENET_PLAN, "--weights", " "], "argument --weights: expected a weights name"),

@@ -106,6 +106,8 @@ class EpochLogger:
         ({"val_split": True}, "val_split must be a number like 0.2, got True"),
         ({"val_split": 1.5}, "val_split must be a share above 0 and below 1, like 0.2, got 1.5"),  # unread beside val/: ran unsaid
         ({"val_split": 0}, "val_split must be a share above 0 and below 1, like 0.2, got 0.0"),
+        # The data has a val folder, which is the val split: a share given beside it was unread, unsaid, from Python.
+        ({"val_split": 0.3}, "val_split (--val-split) 0.3 would do nothing: "),
         ({"callbacks": print}, "callbacks must be a list of functions, got <built-in function print>"),
         ({"step_hooks": ["not a function"]}, "step_hooks must be a list of functions, got ['not a function']"),
         # A hook that cannot take its arguments failed as a TypeError after the first epoch, the run folder left unfinished.
@@ -187,6 +189,10 @@ def test_the_text_and_resume_entries_check_their_arguments_too(tmp_path: Path) -
         resume_run(tmp_path, callbacks="print")  # type: ignore[arg-type]
     with pytest.raises(ThawError, match=re.escape("overwrite must be True or False, got 'yes'")):
         train_text(tmp_path / "t.csv", model="unused", out=tmp_path / "run", overwrite="yes")  # type: ignore[arg-type]
+    for model in (None, "", 3):  # None was looked up on the hub as a model named 'None'
+        with pytest.raises(ThawError, match=re.escape(f"model must be a text encoder's folder or hub ID, like hf/sentence-transformers/all-MiniLM-L6-v2, got {model!r}")):
+            train_text(tmp_path / "t.csv", model=model, out=tmp_path / "run")  # type: ignore[arg-type]
+    assert not (tmp_path / "run").exists()
 
 
 @pytest.mark.parametrize("count", [1, 0, 2.0, "3"])
@@ -252,7 +258,7 @@ def test_an_unfinished_model_object_run_says_to_finish_it_from_python(tiny_split
 def test_a_numpy_share_and_a_tuple_of_callbacks_are_taken_and_the_run_is_written(tiny_split_data: Path, tmp_path: Path) -> None:
     # numpy's float32 passed the type check, trained, then failed to be written into thaw.json: the run lost its end.
     seen: list[int] = []
-    train_images(tiny_split_data, model=SmallConvNet(), out=tmp_path / "run", config=CONFIG, val_split=np.float32(0.3),
+    train_images(tiny_split_data / "train", model=SmallConvNet(), out=tmp_path / "run", config=CONFIG, val_split=np.float32(0.3),
                  callbacks=(lambda state: seen.append(len(state.history)),), **PLAN)
     meta = json.loads((tmp_path / "run" / "thaw.json").read_text())
     assert seen == [1, 2] and meta["val_split"] == pytest.approx(0.3)

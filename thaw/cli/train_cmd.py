@@ -15,7 +15,6 @@ from thaw.cli.options import (
     add_model_options, add_plan_options, beta_alpha, chosen_strategy, non_negative_int, path_text, plan_from_args, positive_int, share,
     share_or_zero,
 )
-from thaw.data.folders import split_folders
 from thaw.data.manifest_check import check_image_table
 from thaw.data.transforms import AUTO_AUGMENTS
 from thaw.models import build_model
@@ -34,7 +33,7 @@ from thaw.plan.strategies import DEFAULT_EPOCHS
 from thaw.train.budget import parse_budget
 from thaw.train.progress import clock
 from thaw._io import atomic_write, check_writable
-from thaw.train import RunResult, check_model_object, check_out_outside_data, RunState, TextColumns, TrainConfig, resume_run, saved_settings, train_images, train_text
+from thaw.train import RunResult, check_model_object, check_val_split_is_read, check_out_outside_data, RunState, TextColumns, TrainConfig, resume_run, saved_settings, train_images, train_text
 from thaw.train.config import METRICS, PRECISIONS, SCHEDULES, checked_training_options
 from thaw.train.fit import resolve_device, uses_bf16
 from thaw.train.settings import ADDED_LATER, RUNTIME_FIELDS, differences, source_name
@@ -248,15 +247,12 @@ def _start(args: argparse.Namespace, config: TrainConfig, out: Path, callbacks: 
         )
     check_image_table(args.data, TEXT_HINT)
     _refuse_text_options(args)
-    if args.val_split is not None and "val" in split_folders(Path(args.data)):  # typed, and it would change nothing
-        raise ThawError(
-            f"--val-split {args.val_split:g} would do nothing: {args.data} has a val folder, which is the val split; "
-            "drop --val-split, or move those images into train/ to have a share held out"
-        )
+    if args.val_split is not None:  # typed: refused before the model is built
+        check_val_split_is_read(args.val_split, Path(args.data))
     adapter = build_model(args.model, num_classes=2, device="meta")
     return train_images(
         args.data, model=args.model, weights=args.weights, plan=plan_from_args(args, len(adapter.groups)), config=config, out=out,
-        val_split=0.2 if args.val_split is None else args.val_split, resume=bool(args.resume), overwrite=args.overwrite,
+        val_split=args.val_split, resume=bool(args.resume), overwrite=args.overwrite,
         callbacks=callbacks, step_hooks=step_hooks,
     )
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from thaw.data.folders import ImageData, discover, would_be_read
+from thaw.data.folders import ImageData, discover, split_folders, would_be_read
 from thaw.data.text import SPLIT_RULE, TextColumns, TextData, load_text_data, recorded_split_rules
 from thaw.models import ModelAdapter, adapt, build_model
 from thaw.models.hf_text import DEFAULT_MAX_LENGTH, build_text_model, check_max_length
@@ -32,6 +32,7 @@ from thaw.train.run_folder import METADATA, preprocessing_dict, save_adapter, sa
 __all__ = ["EpochCallback", "RunResult", "RunState", "TextColumns", "TrainConfig", "resume_run", "train_images", "train_text"]
 
 
+DEFAULT_IMAGE_VAL_SPLIT = 0.2  # of the training images, held out where the data has no val folder
 MODEL_OBJECT = "object"  # metadata "model_source" of a run trained on a model object: no name rebuilds it
 
 
@@ -44,7 +45,7 @@ def train_images(
     plan: Plan | str | None = None,
     plan_options: dict | None = None,
     config: TrainConfig = TrainConfig(),
-    val_split: float = 0.2,
+    val_split: float | None = None,
     resume: bool = False,
     overwrite: bool = False,
     callbacks: list[EpochCallback] | None = None,
@@ -52,15 +53,22 @@ def train_images(
 ) -> RunResult:
     """Fine-tune `model` on the images at `data_path` by `plan` (a Plan or a strategy name; by default head-top-all).
 
+    `val_split`: the share of the training images held out to pick the best epoch (default 0.2), where the data has
+    no val folder; beside one it would do nothing, and is refused.
+
     `model`: a name (`weights` says which weights), or a model you built, as an nn.Module (thaw.adapt gives it a new
     head for the data's classes) or a ModelAdapter whose head already has one output per class; such a run is read
     back with load_run(out, model=...) and continued with resume_run(out, model=...), given the same architecture.
     `out` must not hold a run already, unless `resume` (continue it) or `overwrite` (replace it)."""
     plan = plan or default_strategy("image")
+    given = val_split is not None
+    val_split = DEFAULT_IMAGE_VAL_SPLIT if val_split is None else val_split
     _check_call_types({"data_path": data_path, "out": out}, {"val_split": val_split}, callbacks, step_hooks)
     val_split = float(val_split)  # numpy's float32 is no JSON number: thaw.json could not be written at the run's end
     _check_switches(resume=resume, overwrite=overwrite)
     _check_val_share(val_split, resume)
+    if given and not resume:  # a resume passes the share its run recorded, which that run's val folder left unread
+        check_val_split_is_read(val_split, Path(data_path))
     _check_arguments(plan, plan_options, config, resume)
     check_plan_before_data(model, weights, "image", plan, plan_options, not resume)  # a typo in stage 2 stops nothing half-done
     if not (resume and (Path(out) / checkpoint.CHECKPOINT).is_file()):  # a resume without a checkpoint starts the run
@@ -198,6 +206,8 @@ def train_text(
     """
     _check_call_types({"data_path": data_path, "out": out}, {"val_split": val_split, "test_split": test_split}, callbacks, step_hooks)
     val_split, test_split = float(val_split), float(test_split)  # as in train_images: thaw.json records them
+    if not isinstance(model, (str, os.PathLike)) or not str(model).strip():  # None was looked up on the hub as 'None'
+        raise ThawError(f"model must be a text encoder's folder or hub ID, like hf/sentence-transformers/all-MiniLM-L6-v2, got {model!r}")
     model = hf_source(model) if isinstance(model, str) else model  # "hf/ORG/NAME" was read as a missing folder
     _check_switches(resume=resume, overwrite=overwrite)
     _check_val_share(val_split, resume)
@@ -271,6 +281,15 @@ def _check_hook_takes(name: str, hook: object, call: tuple[str, tuple[str, ...]]
         hint = "; pass an instance, not the class" if isinstance(hook, type) else ""
         named = getattr(hook, "__qualname__", type(hook).__qualname__)
         raise ThawError(f"{name} ({named}) cannot be called as {function}({', '.join(arguments)}): {error}{hint}") from None
+
+
+def check_val_split_is_read(val_split: float, data_path: Path) -> None:
+    """A share given for data with a val folder would change nothing (that folder is the val split), unsaid."""
+    if "val" in split_folders(data_path):
+        raise ThawError(
+            f"val_split (--val-split) {val_split:g} would do nothing: {data_path} has a val folder, which is the val split; "
+            "leave it unset, or move those images into train/ to have a share held out"
+        )
 
 
 def _check_val_share(val_split: float, resume: bool) -> None:
