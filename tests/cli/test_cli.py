@@ -270,6 +270,7 @@ def test_lr_find_tests_at_the_image_size_given(colours: Path, tmp_path: Path, mo
         sized = ["--image-size", str(size)] if size else []
         assert main([*LR_FIND[:1], str(colours), *LR_FIND[2:], *sized, "--out", str(tmp_path / "lr.png"), "--json"]) == 0
         assert set(seen) == {(size or 224, size or 224)}, seen  # mobilenet_v3_small's own crop is 224 px
+        assert json.loads(capsys.readouterr().out)["image_size"] == (size or 224)
     capsys.readouterr()
     seen.clear()
     assert main([*LR_FIND[:1], str(colours), "--model", "vit_b_16", "--weights", "none", "--image-size", "64", "--out", str(tmp_path / "v.png")]) == 2

@@ -182,24 +182,30 @@ def test_evaluate_scores_a_folder_without_split_folders_whole(
 
 
 def test_evaluate_on_other_data_keeps_the_runs_own_confusion_picture(
-    trained_run: Path, tiny_split_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    trained_run: Path, tiny_split_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """Scoring another folder with the run's split name wrote over the run's confusion-val.png."""
-    assert main(["evaluate", str(trained_run), "--json"]) == 0  # the run's own data, as recorded
-    own = Path(json.loads(capsys.readouterr().out)["confusion_png"])
-    assert own == trained_run / "confusion-val.png"
-    before = own.read_bytes()
+    def picture(*argv: str) -> Path:
+        assert main(["evaluate", str(trained_run), *argv, "--json"]) == 0
+        return Path(json.loads(capsys.readouterr().out)["confusion_png"])
+
+    own, own_tta = picture(), picture("--tta")  # the run's own data, as recorded
+    assert (own, own_tta) == (trained_run / "confusion-val.png", trained_run / "confusion-val-tta.png")
+    before = (own.read_bytes(), own_tta.read_bytes())
     other = tmp_path / "field photos"  # a user's own held-out folder; its name made safe for a file name
     write_class_images(other / "train", per_class=10, seed=3)
     write_class_images(other / "val", per_class=4, seed=4)
-    assert main(["evaluate", str(trained_run), str(other), "--split", "val", "--json"]) == 0
-    scored = json.loads(capsys.readouterr().out)
-    assert Path(scored["confusion_png"]) == trained_run / "confusion-val-field_photos.png"
-    assert own.read_bytes() == before
-    assert main(["evaluate", str(trained_run), str(other / "val"), "--json", "--tta"]) == 0  # scored whole
-    assert Path(json.loads(capsys.readouterr().out)["confusion_png"]) == trained_run / "confusion-all-val-tta.png"
-    assert main(["evaluate", str(trained_run), str(tiny_split_data), "--json"]) == 0  # the run's own data, named
-    assert Path(json.loads(capsys.readouterr().out)["confusion_png"]) == own
+    assert picture(str(other), "--split", "val") == trained_run / "confusion-val--field_photos.png"
+    # Names that spelled another picture's name, or lost what set them apart: a folder `tta`, dotted and other scripts.
+    named = {name: tmp_path / name for name in ("tta", "set.v1", "set.v2", "фото", "写真")}
+    for folder in named.values():
+        write_class_images(folder, per_class=2, seed=5)
+    written = {name: picture(str(folder)) for name, folder in named.items()}  # class folders: scored whole
+    assert written == {name: trained_run / f"confusion-all--{name}.png" for name in named}
+    assert picture(str(other / "val"), "--tta") == trained_run / "confusion-all-tta--val.png"
+    assert (own.read_bytes(), own_tta.read_bytes()) == before
+    monkeypatch.chdir(tiny_split_data.parent)  # the run's own data, named relatively: its own picture
+    assert picture(f"./{tiny_split_data.name}/") == own
 
 
 def test_train_and_test_folders_without_val_train_and_evaluate(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -268,6 +268,18 @@ def test_a_plan_file_number_in_quotes_is_the_number_as_its_lrs_are(tmp_path: Pat
     with pytest.raises(ThawError) as refused:
         cli_config("data", "--model", "mobilenet_v2", "--config", str(plan))
     assert "cache views" in str(refused.value) and "'2.5'" in str(refused.value) and "got 'some'" in str(refused.value)
+    plan.write_text('stages: [{name: all, epochs: "+3", train: [all], lr: 1e-4}]\n')
+    assert read_plan_file(plan)[0].stages[0].epochs == 3
+    # Digits of other scripts, and '_', which Python's int() and float() take and no YAML number holds; a count of
+    # 5,000 digits, which int() refuses with a traceback: refused as the text they are.
+    huge = "9" * 5000
+    for epochs, training in (('"３"', '{mixup: "0_2"}'), (f'"{huge}"', f'{{cache_views: "{huge}"}}')):
+        plan.write_text(f"stages: [{{name: all, epochs: {epochs}, train: [all], lr: 1e-4}}]\ntraining: {training}\n")
+        with pytest.raises(ThawError, match=r"stages\[0\]\.epochs: expected a whole number >= 0, got '"):
+            read_plan_file(plan)
+        plan.write_text(f"stages: [{{name: all, epochs: 3, train: [all], lr: 1e-4}}]\ntraining: {training}\n")
+        with pytest.raises(ThawError, match=r"got '(0_2|9{5000})'"):
+            cli_config("data", "--model", "mobilenet_v2", "--config", str(plan))
 
 
 @pytest.mark.parametrize(

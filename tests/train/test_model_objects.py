@@ -108,6 +108,7 @@ class EpochLogger:
         ({"val_split": 0}, "val_split must be a share above 0 and below 1, like 0.2, got 0.0"),
         # The data has a val folder, which is the val split: a share given beside it was unread, unsaid, from Python.
         ({"val_split": 0.3}, "val_split (--val-split) 0.3 would do nothing: "),
+        ({"val_split": 0.3, "resume": True}, "val_split (--val-split) 0.3 would do nothing: "),  # nothing to resume: a new run
         ({"callbacks": print}, "callbacks must be a list of functions, got <built-in function print>"),
         ({"step_hooks": ["not a function"]}, "step_hooks must be a list of functions, got ['not a function']"),
         # A hook that cannot take its arguments failed as a TypeError after the first epoch, the run folder left unfinished.

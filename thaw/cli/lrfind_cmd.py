@@ -121,7 +121,8 @@ def run(args: argparse.Namespace) -> int:
     except OSError as error:
         raise ThawError(f"cannot write the plot to {out} ({error.strerror}); choose another --out") from None
     if args.json:
-        print(json.dumps({"suggested_lr": suggestion, "plot": str(picture), "lrs": lrs, "losses": losses}))
+        size = args.image_size or adapter.preprocessing.crop_size  # the size it ran at, as a run records its own
+        print(json.dumps({"suggested_lr": suggestion, "plot": str(picture), "image_size": size, "lrs": lrs, "losses": losses}))
     elif suggestion is None:  # a flat or rising curve: its steepest step would be noise
         lowest = min(losses)
         print(

@@ -25,7 +25,7 @@ from thaw.export.run_dir import load_run, recorded_data_path
 from thaw.plan.report import render_table
 
 
-MAX_NAME_PART = 60  # of DATA's name in a picture's file name: the whole name stays well below the file system's limit
+MAX_NAME_PART = 60  # characters of DATA's name in a picture's file name: at 4 bytes each, below the file system's 255
 TOP_K = 3  # classes per prediction in --json, and on an image's plain line
 TTA_HELP = "test-time augmentation: average the softmax over each image and its mirror image (a second forward per image)"
 
@@ -119,17 +119,19 @@ def _report_elsewhere(args: argparse.Namespace, split: str) -> str:
 
 
 def _confusion_name(split: str, tta: bool, other_data: str | None) -> str:
-    """confusion-SPLIT[-DATA][-tta].png: the plain scores' picture stays beside the TTA one, and the run's own
-    split's picture beside that of other data scored with the same split name (it was written over)."""
-    return f"confusion-{split}{f'-{other_data}' if other_data else ''}{'-tta' if tta else ''}.png"
+    """confusion-SPLIT[-tta][--DATA].png: the plain scores' picture stays beside the TTA one, and the run's own
+    split's picture beside that of other data scored with the same split name (it was written over). DATA comes
+    last, after the one `--` of the name, so no name of data can spell the run's own picture (a folder `tta`)."""
+    return f"confusion-{split}{'-tta' if tta else ''}{f'--{other_data}' if other_data else ''}.png"
 
 
 def _other_data_name(data: str | None, meta: dict) -> str | None:
-    """DATA's name, for a file name, where DATA is not the run's own recorded data; None where it is, or none given."""
+    """DATA's file or folder name, for a file name, where DATA is not the run's own recorded data; None where it
+    is, or none is given. Letters of any script are kept, so that two names differ as they did."""
     recorded = recorded_data_path(meta)
     if data is None or (recorded and Path(data).resolve() == Path(recorded).resolve()):
         return None
-    name = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(data).resolve().stem).strip("._")
+    name = re.sub(r"[^\w.-]+", "_", Path(data).resolve().name).strip("._-")
     return name[:MAX_NAME_PART] or "data"
 
 

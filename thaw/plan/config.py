@@ -74,8 +74,7 @@ def _weight_decay(value: Any, where: str, problems: list[str]) -> float | None:
 
 
 def _whole(value: Any, where: str, problems: list[str], low: int, high: int | None = None) -> int | None:
-    if isinstance(value, str) and re.fullmatch(r"\s*\d+\s*", value):  # `epochs: "3"`: the number meant, as an lr in quotes is
-        value = int(value)
+    value = _whole_written(value)  # `epochs: "3"`: the number meant, as an lr in quotes is
     if isinstance(value, int) and not isinstance(value, bool) and value >= low and (high is None or value <= high):
         return value
     bound = f">= {low}" if high is None else f"from {low} to {high}"
@@ -314,11 +313,17 @@ def _number_written(value: Any, kind: type | None) -> Any:
     if not isinstance(value, str) or kind is None:
         return value
     if kind is int:
-        return int(value) if re.fullmatch(r"\s*\d+\s*", value) else value
-    try:
-        return float(value)
-    except ValueError:
-        return value
+        return _whole_written(value)
+    return float(value) if re.fullmatch(DECIMAL, value, re.ASCII) else value
+
+
+WHOLE = r"\s*\+?[0-9]{1,18}\s*"  # ASCII digits, as YAML writes them; past 18 digits no count is meant (and int() refuses 4,300)
+DECIMAL = r"\s*[+-]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?\s*"  # no '_' or other scripts' digits, which float() takes
+
+
+def _whole_written(value: Any) -> Any:
+    """A whole number written as text (`"3"`) as that number; anything else as it is."""
+    return int(value) if isinstance(value, str) and re.fullmatch(WHOLE, value, re.ASCII) else value
 
 
 def _lr_to_dict(rule: LrRule) -> dict[str, Any]:

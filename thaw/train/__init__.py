@@ -27,7 +27,7 @@ from thaw.train.config import TrainConfig, check_batch_statistics, check_class_s
 from thaw.train.settings import RUNTIME_FIELDS, config_from_settings, samples_digest, source_name, split_as_recorded
 from thaw import distributed
 from thaw.train.fit import EpochCallback, RunResult, RunState, StepHook, effective_preprocessing, fit, signals_held
-from thaw.train.run_folder import METADATA, preprocessing_dict, save_adapter, save_text_model, write_run
+from thaw.train.run_folder import METADATA, is_finished, preprocessing_dict, save_adapter, save_text_model, write_run
 
 __all__ = ["EpochCallback", "RunResult", "RunState", "TextColumns", "TrainConfig", "resume_run", "train_images", "train_text"]
 
@@ -67,7 +67,9 @@ def train_images(
     val_split = float(val_split)  # numpy's float32 is no JSON number: thaw.json could not be written at the run's end
     _check_switches(resume=resume, overwrite=overwrite)
     _check_val_share(val_split, resume)
-    if given and not resume:  # a resume passes the share its run recorded, which that run's val folder left unread
+    # A run that continues passes the share it recorded, which its val folder left unread; a resume with nothing to
+    # continue starts a new run, and is checked as one.
+    if given and not (resume and _holds_run_to_continue(Path(out))):
         check_val_split_is_read(val_split, Path(data_path))
     _check_arguments(plan, plan_options, config, resume)
     check_plan_before_data(model, weights, "image", plan, plan_options, not resume)  # a typo in stage 2 stops nothing half-done
@@ -281,6 +283,11 @@ def _check_hook_takes(name: str, hook: object, call: tuple[str, tuple[str, ...]]
         hint = "; pass an instance, not the class" if isinstance(hook, type) else ""
         named = getattr(hook, "__qualname__", type(hook).__qualname__)
         raise ThawError(f"{name} ({named}) cannot be called as {function}({', '.join(arguments)}): {error}{hint}") from None
+
+
+def _holds_run_to_continue(out: Path) -> bool:
+    """Whether a resume into `out` continues a run (its checkpoint) or finds it finished (its METADATA)."""
+    return (out / checkpoint.CHECKPOINT).is_file() or is_finished(out)
 
 
 def check_val_split_is_read(val_split: float, data_path: Path) -> None:
