@@ -33,7 +33,7 @@ from thaw.plan.strategies import DEFAULT_EPOCHS
 from thaw.train.budget import parse_budget
 from thaw.train.progress import clock
 from thaw._io import atomic_write, check_writable
-from thaw.train import RunResult, check_model_object, check_val_split_is_read, check_out_outside_data, RunState, TextColumns, TrainConfig, resume_run, saved_settings, train_images, train_text
+from thaw.train import RunResult, check_model_object, check_out_outside_data, RunState, TextColumns, TrainConfig, resume_run, saved_settings, train_images, train_text
 from thaw.train.config import METRICS, PRECISIONS, SCHEDULES, checked_training_options
 from thaw.train.fit import resolve_device, uses_bf16
 from thaw.train.settings import ADDED_LATER, RUNTIME_FIELDS, differences, source_name
@@ -247,8 +247,6 @@ def _start(args: argparse.Namespace, config: TrainConfig, out: Path, callbacks: 
         )
     check_image_table(args.data, TEXT_HINT)
     _refuse_text_options(args)
-    if args.val_split is not None:  # typed: refused before the model is built
-        check_val_split_is_read(args.val_split, Path(args.data))
     adapter = build_model(args.model, num_classes=2, device="meta")
     return train_images(
         args.data, model=args.model, weights=args.weights, plan=plan_from_args(args, len(adapter.groups)), config=config, out=out,

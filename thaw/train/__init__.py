@@ -70,7 +70,7 @@ def train_images(
     # A run that continues passes the share it recorded, which its val folder left unread; a resume with nothing to
     # continue starts a new run, and is checked as one.
     if given and not (resume and _holds_run_to_continue(Path(out))):
-        check_val_split_is_read(val_split, Path(data_path))
+        _check_val_split_is_read(val_split, Path(data_path))
     _check_arguments(plan, plan_options, config, resume)
     check_plan_before_data(model, weights, "image", plan, plan_options, not resume)  # a typo in stage 2 stops nothing half-done
     if not (resume and (Path(out) / checkpoint.CHECKPOINT).is_file()):  # a resume without a checkpoint starts the run
@@ -290,7 +290,7 @@ def _holds_run_to_continue(out: Path) -> bool:
     return (out / checkpoint.CHECKPOINT).is_file() or is_finished(out)
 
 
-def check_val_split_is_read(val_split: float, data_path: Path) -> None:
+def _check_val_split_is_read(val_split: float, data_path: Path) -> None:
     """A share given for data with a val folder would change nothing (that folder is the val split), unsaid."""
     if "val" in split_folders(data_path):
         raise ThawError(
