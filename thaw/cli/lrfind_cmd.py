@@ -17,6 +17,7 @@ from thaw.data.manifest_check import check_image_table
 from thaw.errors import ThawError
 from thaw.models import build_model
 from thaw.train.config import TrainConfig, check_image_size
+from thaw.train.fit import effective_preprocessing
 from thaw.train.lr_find import lr_range_test, plot_lr_find, suggest
 from thaw.train.run_folder import EVALUATE_PLOTS, holds_run, is_run_file
 
@@ -121,7 +122,7 @@ def run(args: argparse.Namespace) -> int:
     except OSError as error:
         raise ThawError(f"cannot write the plot to {out} ({error.strerror}); choose another --out") from None
     if args.json:
-        size = args.image_size or adapter.preprocessing.crop_size  # the size it ran at, as a run records its own
+        size = effective_preprocessing(adapter, config).crop_size  # the size it ran at
         print(json.dumps({"suggested_lr": suggestion, "plot": str(picture), "image_size": size, "lrs": lrs, "losses": losses}))
     elif suggestion is None:  # a flat or rising curve: its steepest step would be noise
         lowest = min(losses)

@@ -128,10 +128,12 @@ def _confusion_name(split: str, tta: bool, other_data: str | None) -> str:
 def _other_data_name(data: str | None, meta: dict) -> str | None:
     """DATA's file or folder name, for a file name, where DATA is not the run's own recorded data; None where it
     is, or none is given. Letters of any script are kept, so that two names differ as they did."""
-    recorded = recorded_data_path(meta)
-    if data is None or (recorded and Path(data).resolve() == Path(recorded).resolve()):
+    if data is None:
         return None
-    name = re.sub(r"[^\w.-]+", "_", Path(data).resolve().name).strip("._-")
+    recorded, scored = recorded_data_path(meta), Path(data).resolve()
+    if recorded and scored == Path(recorded).resolve():
+        return None
+    name = re.sub(r"[^\w.-]+", "_", scored.name).strip("._-")
     return name[:MAX_NAME_PART] or "data"
 
 

@@ -41,14 +41,12 @@ def unknown_keys(mapping: dict, allowed: tuple[str, ...], where: str, kind: str 
 def _number(value: Any, where: str, problems: list[str]) -> float | None:
     """A finite number, or None with the problem noted. YAML reads 1e-3 (no dot) as a string:
     it is accepted as the number users meant; true/false, NaN and infinities are not numbers here."""
-    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+    read = _decimal_written(value)
+    if isinstance(read, bool) or not isinstance(read, (int, float)):
         problems.append(f"{where}: expected a number, got {value!r}")
         return None
     try:
-        number = float(value)
-    except ValueError:
-        problems.append(f"{where}: expected a number, got {value!r}")
-        return None
+        number = float(read)
     except OverflowError:  # an int too large for a float
         number = math.inf
     if not math.isfinite(number):
@@ -312,13 +310,16 @@ def _number_written(value: Any, kind: type | None) -> Any:
     the plan's lrs are read; anything else as it is, for the options' check to name."""
     if not isinstance(value, str) or kind is None:
         return value
-    if kind is int:
-        return _whole_written(value)
-    return float(value) if re.fullmatch(DECIMAL, value, re.ASCII) else value
+    return _whole_written(value) if kind is int else _decimal_written(value)
 
 
 WHOLE = r"\s*\+?[0-9]{1,18}\s*"  # ASCII digits, as YAML writes them; past 18 digits no count is meant (and int() refuses 4,300)
 DECIMAL = r"\s*[+-]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?\s*"  # no '_' or other scripts' digits, which float() takes
+
+
+def _decimal_written(value: Any) -> Any:
+    """A number written as text (`"0.1"`, `1e-3`) as that number; anything else as it is."""
+    return float(value) if isinstance(value, str) and re.fullmatch(DECIMAL, value, re.ASCII) else value
 
 
 def _whole_written(value: Any) -> Any:
