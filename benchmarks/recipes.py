@@ -31,7 +31,8 @@ Every recipe delivers the epoch with the best val accuracy (thaw by its own rule
 best, fastai by SaveModelCallback over both fits); test is scored once, on that model, and never chooses anything.
 thaw's model is also scored with `--tta` (mirror images averaged), with the extra evaluation time, and evaluated
 at 8/7 and 9/7 of its size (256 and 288 px for 224 px weights, resize in the weights' ratio; nothing retrained):
-FixRes's observation that a model trained on random crops may score higher evaluated at a larger size.
+FixRes's observation that a model trained on random crops may score higher evaluated at a larger size. Both are
+scored on val too, and whether either is worth turning on is read from val (test chooses nothing).
 
 Sets: hymenoptera (its val/ is the test set; a seeded stratified 20% of train/ is the val split, a new one per
 seed, the same for every recipe), caltech40 (train/val/test as shipped), digits (the demo's set: 8x8 scans at
@@ -250,10 +251,15 @@ def thaw_row(
     plain_s, tested = time.perf_counter() - tested, time.perf_counter()
     mirrored = evaluate_run(adapter, meta, folder, "test", tta=True)
     tta_s = time.perf_counter() - tested
-    larger = {f"test_accuracy_at_{pixels}": at_size(adapter, meta, folder, pixels) for pixels in larger_eval_sizes(adapter)}
+    sizes = larger_eval_sizes(adapter)
+    larger = {f"{split}_accuracy_at_{pixels}": at_size(adapter, meta, folder, pixels, split) for split in ("test", "val") for pixels in sizes}
+    # TTA and the larger sizes scored on val too: whether either is worth turning on is decided there, never on test
+    # (val also chose the delivered epoch, by its plain score, which leans val's plain figure up, not TTA's)
+    val_views = {"val_accuracy_scored": evaluate_run(adapter, meta, folder, "val")["accuracy"],
+                 "tta_val_accuracy": evaluate_run(adapter, meta, folder, "val", tta=True)["accuracy"]}
     # last: it loads each epoch's weights into the run's model
     per_epoch = {"test_history": recorder.test_accuracies(adapter, meta, folder)} if recorder else {}
-    return larger | per_epoch | {
+    return larger | val_views | per_epoch | {
         "wall_s": wall, "test_accuracy": plain["accuracy"], "tta_test_accuracy": mirrored["accuracy"],
         "test_eval_s": plain_s, "tta_eval_s": tta_s, "delivered_epoch": result.best["epoch"],
         "why": result.best.get("why"), "val_accuracy": result.best["val"]["accuracy"], "epochs": len(result.history),
@@ -339,8 +345,8 @@ def larger_eval_sizes(adapter) -> tuple[int, ...]:
     return (round(size * 8 / 7 / 16) * 16, round(size * 9 / 7 / 16) * 16) if size >= 64 else ()
 
 
-def at_size(adapter, meta: dict, folder: Path, size: int) -> float:
-    """Test accuracy of the run's model evaluated at `size` px (nothing retrained)."""
+def at_size(adapter, meta: dict, folder: Path, size: int, split: str = "test") -> float:
+    """Accuracy on `split` of the run's model evaluated at `size` px (nothing retrained)."""
     import copy
     from dataclasses import replace
 
@@ -349,7 +355,7 @@ def at_size(adapter, meta: dict, folder: Path, size: int) -> float:
     weights = adapter.preprocessing
     resized = copy.copy(adapter)  # the same model, another preprocessing; the run's adapter is left as it was
     resized.preprocessing = replace(weights, crop_size=size, resize_size=round(size * weights.resize_size / weights.crop_size))
-    return evaluate_run(resized, meta, folder, "test")["accuracy"]
+    return evaluate_run(resized, meta, folder, split)["accuracy"]
 
 
 def seed_row(folder: Path, size: int, flips: bool, seed: int, epochs: dict, backbone: str = "mobilenet_v2") -> dict:
@@ -606,6 +612,11 @@ def extra_cells(chosen: list[dict]) -> str:
         said.append(f"with --tta: {statistics.mean(tta):.4f} mean, {cost:.1f}x the evaluation time")
     for key in sorted(k for k in chosen[0] if k.startswith("test_accuracy_at_")):
         said.append(f"evaluated at {key.rsplit('_', 1)[1]} px: {statistics.mean(row[key] for row in chosen):.4f} mean")
+    if "tta_val_accuracy" in chosen[0]:  # what decides whether --tta or a larger size is worth it: val, not test
+        sizes = ", ".join(f"at {key.rsplit('_', 1)[1]} px {statistics.mean(row[key] for row in chosen):.4f}"
+                          for key in sorted(k for k in chosen[0] if k.startswith("val_accuracy_at_")))
+        said.append(f"on val: plain {statistics.mean(row['val_accuracy_scored'] for row in chosen):.4f}, --tta "
+                    f"{statistics.mean(row['tta_val_accuracy'] for row in chosen):.4f}" + (f", {sizes}" if sizes else "") + " mean")
     if "spam_f1" in chosen[0]:
         said.append(f"spam F1 {statistics.mean(row['spam_f1'] for row in chosen):.3f} mean")
     if chosen[0].get("stage_s"):
