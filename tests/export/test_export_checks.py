@@ -53,11 +53,12 @@ def test_a_refused_export_leaves_the_file_it_would_have_replaced(text_adapter, t
         return real_export(*args, dynamic_shapes=tuple({0: dims[0]} for dims in dynamic_shapes), **kwargs)
 
     earlier = tmp_path / "model.onnx"
-    earlier.write_bytes(b"an earlier export that works")
+    export_model(text_adapter, earlier, "onnx")
+    works = earlier.read_bytes()
     monkeypatch.setattr(torch.onnx, "export", export_with_a_fixed_length)
     with pytest.raises(ThawError, match="export refused"):
         export_model(text_adapter, earlier, "onnx")
-    assert earlier.read_bytes() == b"an earlier export that works"
+    assert earlier.read_bytes() == works
     assert sorted(path.name for path in tmp_path.iterdir()) == ["model.onnx"]  # no staging folder left
     os.mkfifo(tmp_path / "pipe.onnx")
     with pytest.raises(ThawError, match="pipe.onnx is not a regular file"):
@@ -245,3 +246,42 @@ def test_export_never_writes_over_a_run_file_or_a_file_that_is_no_export(
     for name in ("again.pt", "classifier"):  # an earlier export, named as one or with no suffix, is written over
         for _ in range(2):
             assert main(["export", str(run), "--format", "torchscript", "--output", str(tmp_path / name)]) == 0
+
+
+def test_export_writes_over_its_own_earlier_exports_and_no_other_file(image_run, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """Only the suffix was checked: a checkpoint saved as .pt was written over, and another tool's .onnx too, with the
+    .onnx.data beside it deleted."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    from thaw.export.formats import onnx_data_file
+
+    _, run = image_run
+    (tmp_path / "mine").mkdir()
+    checkpoint = tmp_path / "mine" / "weights.pt"
+    torch.save({"weight": torch.ones(3)}, checkpoint)
+    theirs = tmp_path / "mine" / "theirs.onnx"
+    identity = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "theirs",
+                                 [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+                                 [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
+    onnx.save(helper.make_model(identity), str(theirs))
+    onnx_data_file(theirs).write_bytes(b"their weights")
+    untouched = {path: path.read_bytes() for path in (checkpoint, theirs, onnx_data_file(theirs))}
+    capsys.readouterr()
+    assert main(["export", str(run), "--format", "torchscript", "--output", str(checkpoint)]) != 0
+    assert main(["export", str(run), "--output", str(theirs)]) != 0
+    said = capsys.readouterr().err.strip().splitlines()
+    assert said == [f"thaw: error: {checkpoint} exists and is no torchscript model thaw exported; it is left as it was: "
+                    "write the export to another file, or move that one away first",
+                    f"thaw: error: {theirs} exists and is no onnx model thaw exported; it is left as it was: "
+                    "write the export to another file, or move that one away first"]
+    assert {path: path.read_bytes() for path in untouched} == untouched
+    # thaw's own exports are replaced, from the command line and from Python (a path as text, no description)
+    for name, fmt in (("mine.pt", "torchscript"), ("mine.onnx", "onnx")):
+        assert main(["export", str(run), "--format", fmt, "--output", str(tmp_path / name)]) == 0
+        assert main(["export", str(run), "--format", fmt, "--output", str(tmp_path / name)]) == 0
+        adapter, _ = load_run(run)
+        export_model(adapter, str(tmp_path / f"api-{name}"), fmt)
+        export_model(adapter, str(tmp_path / f"api-{name}"), fmt)
+        with pytest.raises(ThawError, match="exists and is no"):  # the other format's file is no export of this one
+            export_model(adapter, tmp_path / name, "onnx" if fmt == "torchscript" else "torchscript")

@@ -20,7 +20,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from thaw._io import left_by_killed_writer, writer_tag
+from thaw._io import left_by_killed_writer, writer_tag, zip_entry_names
 from thaw.errors import ThawError, first_line
 from thaw.models import ModelAdapter
 from thaw.models.lora import merge_lora
@@ -136,12 +136,15 @@ EXPORT_INPUTS = (  # what thaw.preprocessing leaves unsaid: the tensors' layout,
 )
 
 
+ONNX_MARK = "thaw.export"  # in every ONNX file thaw writes, described or not: an export may replace only thaw's own
+
+
 def _describe_onnx(path: Path, description: dict[str, str]) -> None:
     """Add `description` to the file's metadata_props (onnxruntime: session.get_modelmeta().custom_metadata_map)."""
     import onnx
 
     proto = onnx.load(str(path), load_external_data=False)  # weights torch put beside it stay there, named as they were
-    for key, value in description.items():
+    for key, value in ({ONNX_MARK: json.dumps(True)} | description).items():
         entry = proto.metadata_props.add()
         entry.key, entry.value = key, value
     onnx.save(proto, str(path))
@@ -234,20 +237,40 @@ def _summary(exportable: _Exportable, difference: float, real_images: int, weigh
     return ExportCheck(difference, real_images=real_images, noise_batches=len(NOISE_BATCH_SIZES), weights_file=weights_file)
 
 
+def is_thaw_export(path: Path, fmt: str) -> bool:
+    """Whether the file at `path` is one thaw exported in `fmt`, read from what thaw writes into each: thaw.json in a
+    TorchScript archive, thaw.* metadata in an ONNX file (its graph read, its weights not)."""
+    if fmt == "torchscript":
+        return any(name.endswith(f"/extra/{TORCHSCRIPT_DESCRIPTION}") for name in zip_entry_names(path))
+    import onnx
+    from google.protobuf.message import DecodeError
+
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except (DecodeError, OSError, ValueError):  # not ONNX at all
+        return False
+    return any(entry.key.startswith("thaw.") for entry in proto.metadata_props)  # thaw.classes: before ONNX_MARK was
+
+
 def export_model(
-    adapter: ModelAdapter, path: Path, fmt: str, images: list[torch.Tensor] | None = None, description: dict[str, str] | None = None
+    adapter: ModelAdapter, path: Path | str, fmt: str, images: list[torch.Tensor] | None = None, description: dict[str, str] | None = None
 ) -> ExportCheck:
     """Write `path` in `fmt`, compare its outputs with PyTorch's, and refuse past TOLERANCE.
 
     The file is written and checked in a hidden folder beside `path`, then renamed into place: a refused export
-    leaves whatever was at `path` as it was (an earlier export, or what a mistyped --output named).
+    leaves whatever was at `path` as it was. Only an earlier thaw export of `fmt` is replaced: any other file there (a
+    checkpoint saved as .pt, another tool's .onnx and its .onnx.data) is refused before any work, untouched.
     `images`: preprocessed image tensors (C, H, W) of the run's data, compared on besides noise.
     `description`: what the file carries besides the model (export_description of the run's metadata).
     """
     if fmt not in FORMATS:
         raise ThawError(f"unknown export format {fmt!r}; choose {', '.join(FORMATS)}")
+    path = Path(path)
     if path.exists() and not path.is_file():  # /dev/null, a pipe: renamed over, it would be gone
         raise ThawError(f"{path} is not a regular file (a device or a pipe); name a file to write")
+    if path.is_file() and not is_thaw_export(path, fmt):  # a suffix says little: .pt is torch.save's usual name too
+        raise ThawError(f"{path} exists and is no {fmt} model thaw exported; it is left as it was: write the export to "
+                        "another file, or move that one away first")
     merge_adapters(adapter)
     exportable = _exportable(adapter, images)
     max_length = adapter.preprocessing.max_length if exportable.text else None
