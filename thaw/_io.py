@@ -7,6 +7,7 @@ import os
 import socket
 import stat
 import tempfile
+import zipfile
 from pathlib import Path
 from typing import Callable
 
@@ -137,6 +138,16 @@ def special_file(path: Path) -> str | None:
     except OSError:
         return None
     return None if stat.S_ISREG(mode) or stat.S_ISDIR(mode) else special_kind(mode)
+
+
+def zip_entry_names(path: Path) -> tuple[str, ...]:
+    """The names inside a zip file (torch.save's and torch.jit.save's files are zips), read from its index alone;
+    () for a file that is no zip or cannot be read."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return tuple(archive.namelist())
+    except (zipfile.BadZipFile, OSError, ValueError):
+        return ()
 
 
 def names_a_folder(text: str) -> bool:

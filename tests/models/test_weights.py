@@ -265,3 +265,20 @@ def test_a_weights_file_that_cannot_be_read_is_not_called_damaged(tmp_path: Path
     monkeypatch.setattr(Path, "open", refused)
     with pytest.raises(ThawError, match=rf"^cannot read .*{name}: Permission denied$"):
         build_model("mobilenet_v3_small", weights=str(path))
+
+
+def test_an_exported_model_given_as_weights_is_named_for_what_it_is(tmp_path: Path, recwarn: pytest.WarningsRecorder) -> None:
+    """`thaw export`'s model.pt (TorchScript) or model.onnx given as --weights was called damaged, after a torch warning."""
+    model = build_model("mobilenet_v3_small", weights=None).model.eval()
+    scripted = tmp_path / "model.pt"
+    torch.jit.trace(model, torch.zeros(1, 3, 32, 32)).save(str(scripted))
+    onnx_file = tmp_path / "model.onnx"
+    onnx_file.write_bytes(b"\x08\x09")  # the suffix says it: the bytes are not read
+    for path, kind in ((scripted, "a TorchScript model"), (onnx_file, "an ONNX model")):
+        with pytest.raises(ThawError, match=rf"^{path} is {kind} \(as thaw export writes\), not a weights file; pass the weights it "
+                           r"came from, such as a run's model.safetensors, or a state_dict saved with torch.save$"):
+            build_model("mobilenet_v3_small", weights=str(path))
+    assert not [w for w in recwarn if "TorchScript" in str(w.message)]
+    plain = tmp_path / "plain.pt"  # a state dict is a zip too, without TorchScript's constants
+    torch.save(model.state_dict(), plain)
+    assert build_model("mobilenet_v3_small", weights=str(plain)).model is not None

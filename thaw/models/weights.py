@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from thaw._io import special_file
+from thaw._io import special_file, zip_entry_names
 from thaw.errors import ThawError, first_line
 from thaw.models.adapter import ModelAdapter, is_within
 
@@ -161,6 +161,7 @@ def load_state_dict_file(path: Path) -> dict[str, torch.Tensor]:
         except Exception as error:  # noqa: BLE001 - safetensors raises its own error type for a damaged file
             raise ThawError(f"cannot read {path} as safetensors ({first_line(error)}); pass an undamaged file") from None
         return _checked(state, path)
+    _refuse_exported_model(path)
     try:
         loaded = torch.load(path, map_location="cpu", weights_only=True)
     except OSError as error:  # the file cannot be read (no permission, a disk error): not a damaged one
@@ -173,6 +174,19 @@ def load_state_dict_file(path: Path) -> dict[str, torch.Tensor]:
     if not isinstance(loaded, dict) or not all(isinstance(v, torch.Tensor) for v in loaded.values()):
         raise ThawError(f"{path} holds no state_dict of tensors; save model.state_dict() instead")
     return _checked(loaded, path)
+
+
+def _refuse_exported_model(path: Path) -> None:
+    """A TorchScript or ONNX model (what `thaw export` writes, to run elsewhere) holds weights under no module names:
+    torch.load refuses it with a warning and a paragraph, which read as a damaged file."""
+    if path.suffix.lower() == ".onnx":
+        kind = "an ONNX model"
+    elif any(name.endswith("/constants.pkl") for name in zip_entry_names(path)):  # torch.jit.save's archive
+        kind = "a TorchScript model"
+    else:
+        return
+    raise ThawError(f"{path} is {kind} (as thaw export writes), not a weights file; pass the weights it came from, "
+                    "such as a run's model.safetensors, or a state_dict saved with torch.save")
 
 
 def _load_failure(path: Path, error: Exception) -> ThawError:
