@@ -60,6 +60,12 @@ def test_plan_lr_options(capsys: pytest.CaptureFixture[str]) -> None:
     assert json.loads(capsys.readouterr().out)["stages"][0]["groups"][-1]["lr"] == pytest.approx(1e-2)
     main([*base, "--strategy", "feature-extract", "--lr", "fc=1e-3", "--lr", "fc=1e-2"])
     assert json.loads(capsys.readouterr().out)["stages"][0]["groups"][-1]["lr"] == pytest.approx(1e-2)
+    # a plain --lr beside named ones went unused and unsaid (per-group lrs name every group's, the head's too)
+    for order in (["--lr", "5e-3", "--lr", "head=1e-3"], ["--lr", "head=1e-3", "--lr", "5e-3"]):
+        result = thaw("plan", "--model", "resnet50", "--num-classes", "5", "--strategy", "feature-extract", *order)
+        assert result.returncode == 2 and result.stderr.strip().splitlines() == [
+            "thaw: error: --lr 0.005 sets the head lr where no group's lr is named; beside --lr NAME=LR name it too, as --lr head=0.005"
+        ]
 
 
 def test_plan_top_groups_sets_the_middle_stage_and_is_refused_where_it_would_do_nothing(
