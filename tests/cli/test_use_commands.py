@@ -143,6 +143,18 @@ def test_a_text_table_given_as_image_data_is_one_short_line(
     assert not (tmp_path / "new").exists()
 
 
+def test_evaluate_run_from_python_tells_a_text_table_as_the_command_does(finished_run: Path, tmp_path: Path) -> None:
+    """From Python the table's header was read as a row and every row as a missing image file."""
+    from thaw.export.inference import evaluate_run
+    from thaw.export.run_dir import load_run
+
+    table = _text_table(tmp_path / "text.csv")
+    adapter, meta = load_run(finished_run)
+    with pytest.raises(ThawError, match=re.escape(f"{table} is not an image manifest (path,label rows): its first row is 'label,text', "
+                                                  "as in a text table; the run is an image run: score text with a text run")):
+        evaluate_run(adapter, meta, table)
+
+
 def _manifest(path: Path, colours: Path, header: str | None) -> Path:
     rows = [f"{file.relative_to(path.parent)},{file.parent.name}" for file in sorted((colours / "val").glob("*/*.png"))]
     path.write_text("\n".join(([header] if header else []) + rows) + "\n")

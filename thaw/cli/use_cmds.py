@@ -13,7 +13,6 @@ from thaw.cli.options import add_table_columns, path_text, positive_int, scored_
 from thaw._io import answers, lies_within, names_a_folder, special_file
 from thaw.data.folders import describe_skipped, file_would_be_read
 from thaw.data.images import IMAGE_SUFFIXES
-from thaw.data.manifest_check import check_image_table
 from thaw.errors import ThawError, WriteError
 from thaw.export.formats import FORMATS, ExportCheck, export_description, export_model
 from thaw.export.inference import check_images, image_files, predict_files, predict_texts, run_precision, score_run, with_tta
@@ -69,8 +68,6 @@ def register(commands: argparse._SubParsersAction) -> None:
 
 def run_evaluate(args: argparse.Namespace) -> int:
     adapter, meta = load_run(args.run)
-    if meta.get("task") != "text" and args.data is not None:
-        check_image_table(args.data, f"{args.run} is an image run: score text with a text run")
     columns, split = scored_columns_and_split(args)
     data = run_data_path(Path(args.run), meta, args.data, "evaluate")
     scored = score_run(adapter, meta, data, split, tta=args.tta, columns=columns)

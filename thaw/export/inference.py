@@ -14,6 +14,7 @@ from thaw._io import answers
 from thaw.data.folders import MANIFEST_DELIMITERS, ImageData, candidate_files, describe_skipped, discover, unicode_form_hint
 from thaw.data.images import UnreadableImage, load_rgb
 from thaw.data.loaders import ImageDataset, make_loader
+from thaw.data.manifest_check import check_image_table
 from thaw.data.text import TextColumns, TextData, TextDataset, load_text_data, read_table, recorded_split_rules
 from thaw.data.transforms import eval_transform
 from thaw.errors import ThawError
@@ -63,6 +64,7 @@ def _run_data(meta: dict, data_path: str | Path) -> ImageData | TextData:
             lambda rule: load_text_data(data_path, columns=columns, val_split=meta["val_split"], test_split=test_split, seed=seed, split_rule=rule),
             rules, meta.get("data", {}).get("samples"),
         )[0]
+    check_image_table(str(data_path), "the run is an image run: score text with a text run")  # not its rows as missing files
     return discover(data_path, val_split=meta.get("val_split", 0.2), seed=seed, min_classes=1)  # scored, not trained on
 
 

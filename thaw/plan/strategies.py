@@ -92,6 +92,8 @@ def build_plan(
         raise ThawError(f"weight decay must be a finite number >= 0, got {weight_decay!r}")
     if top_groups is not None and strategy in STRATEGIES and strategy != "head-top-all":  # else it would be ignored without a word
         raise ThawError(f"top groups set head-top-all's middle stage; the strategy here is {strategy}: drop them or use head-top-all")
+    if lora is not None and not isinstance(lora, LoraSpec):  # a dict was an AttributeError once the model was built
+        raise ThawError(f"lora must be a LoraSpec (thaw.models.lora.LoraSpec(rank=4)), got {lora!r}")
     if lora is not None and strategy in STRATEGIES and strategy != "lora":  # else it would be ignored without a word
         raise ThawError(f"lora sets the LoRA adapters; the strategy here is {strategy}: drop it or use lora")
     top = TOP_GROUPS if top_groups is None else _top_group_count(top_groups)
@@ -194,6 +196,8 @@ def _gradual(
 
 def check_plan_options(options: dict) -> None:
     """Refuse plan options build_plan does not take, with the nearest it does (`epoch` for `epochs`, say)."""
+    if not isinstance(options, dict):  # a string was read letter by letter, as unknown options 'e', 'p', ...
+        raise ThawError(f"plan_options must be a dict of build_plan's options, like {{'epochs': 3}}, got {options!r}")
     known = tuple(name for name in inspect.signature(build_plan).parameters if name not in ("strategy", "num_groups"))
     problems = unknown_keys(options, known, "", kind="plan option")
     if problems:

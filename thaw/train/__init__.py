@@ -64,6 +64,8 @@ def train_images(
     given = val_split is not None
     val_split = DEFAULT_IMAGE_VAL_SPLIT if val_split is None else val_split
     _check_call_types({"data_path": data_path, "out": out}, {"val_split": val_split}, callbacks, step_hooks)
+    if weights is not None and not isinstance(weights, (str, os.PathLike)):  # a number was a TypeError from pathlib
+        raise ThawError(f"weights must be a weights name like 'IMAGENET1K_V1', a file's path, or None, got {weights!r}")
     val_split = float(val_split)  # numpy's float32 is no JSON number: thaw.json could not be written at the run's end
     _check_switches(resume=resume, overwrite=overwrite)
     _check_val_share(val_split, resume)
@@ -323,9 +325,9 @@ def _check_arguments(plan: object, plan_options: dict | None, config: object, re
         raise ThawError(f"plan must be a strategy name like 'two-phase' or a Plan (thaw.build_plan, thaw.load_plan), got a {type(plan).__name__}")
     if isinstance(plan, Plan) and not resume:  # a run's saved plan, made before names had to differ, still resumes
         check_stage_names(plan)
+    check_plan_options(plan_options or {})
     if plan_options and not isinstance(plan, str):  # a Plan gives its own stages: the options would be ignored
         raise ThawError(f"plan_options ({', '.join(sorted(plan_options))}) go with a strategy name; a Plan gives its own stages: drop them")
-    check_plan_options(plan_options or {})
 
 
 def _run(
