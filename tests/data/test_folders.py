@@ -697,3 +697,28 @@ def test_a_file_that_is_no_manifest_is_one_line_saying_what_to_pass(tmp_path: Pa
     assert _refusal(tmp_path / name) == (
         f"{tmp_path / name} is a file; pass a folder of class folders, a folder with train/ and val/, or a .csv (or .tsv) manifest"
     )
+
+
+def test_a_linked_folder_inside_a_class_folder_is_read_once_and_a_loop_ends(tmp_path: Path) -> None:
+    """A link to a folder of more images inside a class folder was passed over without a word: a class whose images
+    all lay behind one was called empty."""
+    data = write_class_images(tmp_path / "data", per_class=3)
+    more = write_class_images(tmp_path / "elsewhere", classes=("red",), per_class=2, seed=1) / "red"
+    (data / "red" / "batch2").symlink_to(more)
+    (data / "red" / "again").symlink_to(more)  # the same folder twice: its images once
+    (data / "red" / "loop").symlink_to(data / "red")  # a link to the folder it is in: no endless listing
+    (data / "green" / "all").symlink_to(write_class_images(tmp_path / "only-linked", classes=("green",), per_class=3) / "green")
+    (data / "green" / "000.png").unlink(), (data / "green" / "001.png").unlink(), (data / "green" / "002.png").unlink()
+    found = discover(data)
+    by_class = Counter(found.classes[label] for _, label in found.everything())
+    assert by_class == {"red": 5, "green": 3, "blue": 3}
+    assert sorted(Path(path).name for path, label in found.everything() if found.classes[label] == "red") == [
+        "000.png", "000.png", "001.png", "001.png", "002.png"]
+
+
+def test_an_image_in_two_class_folders_is_refused_as_a_manifest_listing_it_twice_is(tmp_path: Path) -> None:
+    """A class folder linked to another trained the same images under two labels, without a word."""
+    data = write_class_images(tmp_path / "data", classes=("cat", "dog"), per_class=3)
+    (data / "kitty").symlink_to(data / "cat")
+    assert _refusal(data) == (f"{data}: 3 images are in more than one class folder (first: {data}/cat/000.png (cat, kitty)), as a "
+                              "class folder that links to another puts them; keep each image in one class folder")

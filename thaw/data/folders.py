@@ -97,15 +97,22 @@ def candidate_files(folder: Path) -> list[Path]:
     lies in hidden folders aside (.git, .ipynb_checkpoints). A link to nowhere is kept, so that it is reported (and
     refused with --strict) like any unreadable file; so is a folder inside that cannot be listed (another user's),
     which rglob passed over without a word. `folder` itself unlistable raises its PermissionError (one line in the CLI).
-    Links to folders are not followed, as rglob did not."""
+    Links to folders are followed (their images were passed over without a word), each folder once: a link to a
+    folder above it, or to one listed already, adds nothing."""
     found: list[Path] = []
+    listed: set[str] = set()
 
     def unlistable(error: OSError) -> None:
         if Path(error.filename) == folder:
             raise error
         found.append(Path(error.filename))
 
-    for parent, folders, files in os.walk(folder, onerror=unlistable):
+    for parent, folders, files in os.walk(folder, onerror=unlistable, followlinks=True):
+        real = os.path.realpath(parent)
+        if real in listed:  # a loop (a link to a folder above), or a folder reached twice
+            folders[:] = []
+            continue
+        listed.add(real)
         folders[:] = [name for name in folders if not name.startswith(".")]
         paths = (Path(parent) / name for name in files if not name.startswith("."))
         found.extend(path for path in paths if not _listable_folder(path))
@@ -164,6 +171,20 @@ def unicode_form_hint(these: list[str], known: list[str] | tuple[str, ...], wher
             "write names): rename one of them so the two names match")
 
 
+def _in_two_classes(by_class: dict[str, list[Path]]) -> list[str]:
+    """One image in two class folders (a class folder that links to another, a file linked into both) would train
+    under both labels; a manifest that lists a file twice is refused the same way."""
+    classes_of: dict[str, list[tuple[Path, str]]] = defaultdict(list)
+    for label, files in by_class.items():
+        for file in files:
+            classes_of[os.path.realpath(file)].append((file, label))
+    repeated = [f"{found[0][0]} ({', '.join(label for _, label in found)})" for found in classes_of.values() if len(found) > 1]
+    if not repeated:
+        return []
+    return [f"{len(repeated)} images are in more than one class folder (first: {repeated[0]}), as a class folder that links "
+            "to another puts them; keep each image in one class folder"]
+
+
 def _check_classes(splits: dict[str, dict[str, list[Path]]], root: Path, min_classes: int = 2) -> tuple[str, ...]:
     problems = []
     reference_name, reference = next(iter(splits.items()))
@@ -171,6 +192,7 @@ def _check_classes(splits: dict[str, dict[str, list[Path]]], root: Path, min_cla
         empty = [c for c, files in by_class.items() if not files]
         if empty:  # named by split where there are splits; class folders alone are `root`'s, which names itself
             problems.append(f"{name + ': ' if name else ''}class folders with no readable images: {', '.join(empty)}")
+        problems += [f"{name + ': ' if name else ''}{said}" for said in _in_two_classes(by_class)]
         # A test set of some of the classes trains nothing and is scored as evaluate scores any such set.
         if set(by_class) != set(reference) and not (SPLIT_NAMES.get(name.lower()) == "test" and set(by_class) < set(reference)):
             only_here = sorted(set(by_class) - set(reference))
