@@ -612,7 +612,7 @@ def extra_cells(chosen: list[dict]) -> str:
         said.append(f"with --tta: {statistics.mean(tta):.4f} mean, {cost:.1f}x the evaluation time")
     for key in sorted(k for k in chosen[0] if k.startswith("test_accuracy_at_")):
         said.append(f"evaluated at {key.rsplit('_', 1)[1]} px: {statistics.mean(row[key] for row in chosen):.4f} mean")
-    if "tta_val_accuracy" in chosen[0]:  # what decides whether --tta or a larger size is worth it: val, not test
+    if all("tta_val_accuracy" in row for row in chosen):  # what decides whether --tta or a larger size is worth it: val, not test
         sizes = ", ".join(f"at {key.rsplit('_', 1)[1]} px {statistics.mean(row[key] for row in chosen):.4f}"
                           for key in sorted(k for k in chosen[0] if k.startswith("val_accuracy_at_")))
         said.append(f"on val: plain {statistics.mean(row['val_accuracy_scored'] for row in chosen):.4f}, --tta "

@@ -66,6 +66,12 @@ def test_plan_lr_options(capsys: pytest.CaptureFixture[str]) -> None:
         assert result.returncode == 2 and result.stderr.strip().splitlines() == [
             "thaw: error: --lr 0.005 sets the head lr where no group's lr is named; beside --lr NAME=LR name it too, as --lr head=0.005"
         ]
+    # ... but a run an older thaw started with both is rebuilt as it ran when a resume compares its options: named lrs
+    from thaw.cli import build_parser
+    from thaw.cli.options import plan_from_args
+
+    recorded = build_parser().parse_args(["train", "DATA", "--model", "resnet50", "--strategy", "feature-extract", "--lr", "5e-3", "--lr", "head=1e-3"])
+    assert plan_from_args(recorded, num_groups=6, recorded=True).stages[0].lr.by_name == {"head": 1e-3}
 
 
 def test_plan_top_groups_sets_the_middle_stage_and_is_refused_where_it_would_do_nothing(

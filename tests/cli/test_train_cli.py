@@ -858,6 +858,12 @@ def test_a_runs_weights_keep_its_head_for_the_same_classes_and_train_a_new_one_f
     save_weights(unrecorded, adapter.model)
     assert main(["train", str(tiny_split_data), *frozen_lr[:3], str(unrecorded), *frozen_lr[4:], "--out", str(tmp_path / "older-run")]) == 0
     assert f"thaw: the head in {unrecorded} (3 classes) is kept" in capsys.readouterr().err
+    # from Python a pathlib.Path names the file as its text does (it trained a new head: only text was looked at)
+    from thaw.train import TrainConfig, train_images
+
+    train_images(tiny_split_data, model="mobilenet_v3_small", weights=copied, out=tmp_path / "path-run", plan="feature-extract",
+                 plan_options={"epochs": 1, "lr": 1e-12}, config=TrainConfig(image_size=32, batch_size=8))
+    assert f"thaw: the head in {copied} (3 classes) is kept" in capsys.readouterr().err
 
     others = write_class_images(tmp_path / "others" / "train", classes=("cyan", "magenta", "yellow")).parent
     write_class_images(others / "val", classes=("cyan", "magenta", "yellow"), per_class=6, seed=1)

@@ -707,13 +707,16 @@ def test_a_linked_folder_inside_a_class_folder_is_read_once_and_a_loop_ends(tmp_
     (data / "red" / "batch2").symlink_to(more)
     (data / "red" / "again").symlink_to(more)  # the same folder twice: its images once
     (data / "red" / "loop").symlink_to(data / "red")  # a link to the folder it is in: no endless listing
+    (data / "blue" / "up").symlink_to(tmp_path)  # a folder around the data: not listed (it holds elsewhere/, only-linked/)
+    (data / "blue" / "again.png").symlink_to(data / "blue" / "000.png")  # a file twice in one class: two samples, as before
     (data / "green" / "all").symlink_to(write_class_images(tmp_path / "only-linked", classes=("green",), per_class=3) / "green")
     (data / "green" / "000.png").unlink(), (data / "green" / "001.png").unlink(), (data / "green" / "002.png").unlink()
     found = discover(data)
     by_class = Counter(found.classes[label] for _, label in found.everything())
-    assert by_class == {"red": 5, "green": 3, "blue": 3}
-    assert sorted(Path(path).name for path, label in found.everything() if found.classes[label] == "red") == [
-        "000.png", "000.png", "001.png", "001.png", "002.png"]
+    assert by_class == {"red": 5, "green": 3, "blue": 4}
+    red = sorted(str(Path(path).relative_to(data)) for path, label in found.everything() if found.classes[label] == "red")
+    # the folder linked twice is named by the first link in name order, whatever order the disk lists them in
+    assert red == ["red/000.png", "red/001.png", "red/002.png", "red/again/000.png", "red/again/001.png"]
 
 
 def test_an_image_in_two_class_folders_is_refused_as_a_manifest_listing_it_twice_is(tmp_path: Path) -> None:
@@ -722,3 +725,10 @@ def test_an_image_in_two_class_folders_is_refused_as_a_manifest_listing_it_twice
     (data / "kitty").symlink_to(data / "cat")
     assert _refusal(data) == (f"{data}: 3 images are in more than one class folder (first: {data}/cat/000.png (cat, kitty)), as a "
                               "class folder that links to another puts them; keep each image in one class folder")
+    (data / "kitty").unlink()
+    os.link(data / "cat" / "001.png", data / "dog" / "hard.png")  # a hard link: the same file under two names
+    (data / "dog" / "soft.png").symlink_to(data / "cat" / "002.png")
+    assert _refusal(data).startswith(f"{data}: 2 images are in more than one class folder (first: {data}/cat/001.png (cat, dog))")
+    (data / "dog" / "hard.png").unlink(), (data / "dog" / "soft.png").unlink()
+    shutil.copy(data / "cat" / "001.png", data / "dog" / "copy.png")  # equal bytes, another file: trains (warned as a copy)
+    assert len(discover(data).everything()) == 7

@@ -266,16 +266,21 @@ def test_export_writes_over_its_own_earlier_exports_and_no_other_file(image_run,
                                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
     onnx.save(helper.make_model(identity), str(theirs))
     onnx_data_file(theirs).write_bytes(b"their weights")
-    untouched = {path: path.read_bytes() for path in (checkpoint, theirs, onnx_data_file(theirs))}
+    notes = tmp_path / "mine" / "notes.onnx"
+    notes.write_text("not a model: its first byte says so, and the rest is not read")
+    untouched = {path: path.read_bytes() for path in (checkpoint, theirs, onnx_data_file(theirs), notes)}
     capsys.readouterr()
     assert main(["export", str(run), "--format", "torchscript", "--output", str(checkpoint)]) != 0
     assert main(["export", str(run), "--output", str(theirs)]) != 0
+    assert main(["export", str(run), "--output", str(notes)]) != 0
     said = capsys.readouterr().err.strip().splitlines()
-    assert said == [f"thaw: error: {checkpoint} exists and is no torchscript model thaw exported; it is left as it was: "
-                    "write the export to another file, or move that one away first",
-                    f"thaw: error: {theirs} exists and is no onnx model thaw exported; it is left as it was: "
-                    "write the export to another file, or move that one away first"]
+    assert said == [f"thaw: error: {path} exists and is no {fmt} model thaw exported; it is left as it was: "
+                    "write the export to another file, or move that one away first"
+                    for path, fmt in ((checkpoint, "torchscript"), (theirs, "onnx"), (notes, "onnx"))]
     assert {path: path.read_bytes() for path in untouched} == untouched
+    empty = tmp_path / "mine" / "empty.onnx"  # as mktemp leaves it: nothing to lose
+    empty.touch()
+    assert main(["export", str(run), "--output", str(empty)]) == 0 and empty.stat().st_size > 0
     # thaw's own exports are replaced, from the command line and from Python (a path as text, no description)
     for name, fmt in (("mine.pt", "torchscript"), ("mine.onnx", "onnx")):
         assert main(["export", str(run), "--format", fmt, "--output", str(tmp_path / name)]) == 0

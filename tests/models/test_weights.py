@@ -279,6 +279,10 @@ def test_an_exported_model_given_as_weights_is_named_for_what_it_is(tmp_path: Pa
                            r"came from, such as a run's model.safetensors, or a state_dict saved with torch.save$"):
             build_model("mobilenet_v3_small", weights=str(path))
     assert not [w for w in recwarn if "TorchScript" in str(w.message)]
+    from thaw.cli import main
+
+    assert main(["convert-weights", str(scripted), "--model", "mobilenet_v3_small", "--out", str(tmp_path / "w.safetensors")]) == 2
+    assert not (tmp_path / "w.safetensors").exists()
     plain = tmp_path / "plain.pt"  # a state dict is a zip too, without TorchScript's constants
     torch.save(model.state_dict(), plain)
     assert build_model("mobilenet_v3_small", weights=str(plain)).model is not None

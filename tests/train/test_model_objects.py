@@ -120,6 +120,7 @@ class EpochLogger:
         ({"resume": "false"}, "resume must be True or False, got 'false'"),
         ({"weights": 1}, "weights must be a weights name like 'IMAGENET1K_V1', a file's path, or None, got 1"),  # pathlib's TypeError
         # a string was read letter by letter (unknown plan options 'e', 'p', ...); a dict for lora an AttributeError
+        ({"plan": "two-phase", "plan_options": ""}, "plan_options must be a dict of build_plan's options, like {'epochs': 3}, got ''"),
         ({"plan": "two-phase", "plan_options": "epochs=1"}, "plan_options must be a dict of build_plan's options, like {'epochs': 3}, got 'epochs=1'"),
         ({"plan": "lora", "plan_options": {"lora": {"rank": 4}}}, "lora must be a LoraSpec (thaw.models.lora.LoraSpec(rank=4)), got {'rank': 4}"),
     ],

@@ -14,7 +14,7 @@ from thaw._io import answers, lies_within, names_a_folder, special_file
 from thaw.data.folders import describe_skipped, file_would_be_read
 from thaw.data.images import IMAGE_SUFFIXES
 from thaw.errors import ThawError, WriteError
-from thaw.export.formats import FORMATS, ExportCheck, export_description, export_model
+from thaw.export.formats import FORMATS, ExportCheck, check_replaceable, export_description, export_model
 from thaw.export.inference import check_images, image_files, predict_files, predict_texts, run_precision, score_run, with_tta
 from thaw.export.report import run_data_path, save_report
 from thaw.train.metrics import undefined_as_null
@@ -298,9 +298,11 @@ def _check_output(output: Path, fmt: str, run: Path, meta: dict) -> None:
         raise ThawError(f"--output {output} is in the folder of another run, {holder}; write the export elsewhere, such as {default}")
     if is_run_file(output):
         raise ThawError(f"--output {output} is one of the run's own files; write the export beside them, such as {default}")
-    # An earlier export (a file named as one of this format, or with no suffix) is written over; a file of another kind is not.
+    # Only an earlier export of this format is written over: a file of another kind, by its suffix, and then any file
+    # thaw did not export, by what thaw writes into its exports (before the run's data is read for the check).
     if output.is_file() and output.suffix and output.suffix.lower() not in EXPORT_SUFFIXES[fmt]:
         raise ThawError(f"--output {output} exists and is not a {fmt} file ({', '.join(EXPORT_SUFFIXES[fmt])}); choose another --output")
+    check_replaceable(output, fmt)
     try:
         output.parent.mkdir(parents=True, exist_ok=True)
     except OSError as error:

@@ -97,10 +97,12 @@ def candidate_files(folder: Path) -> list[Path]:
     lies in hidden folders aside (.git, .ipynb_checkpoints). A link to nowhere is kept, so that it is reported (and
     refused with --strict) like any unreadable file; so is a folder inside that cannot be listed (another user's),
     which rglob passed over without a word. `folder` itself unlistable raises its PermissionError (one line in the CLI).
-    Links to folders are followed (their images were passed over without a word), each folder once: a link to a
-    folder above it, or to one listed already, adds nothing."""
+    Links to folders are followed (their images were passed over without a word), each folder once, real folders
+    before links to them; a link to `folder` or a folder it lies in (`up -> ../..`, `/`) is not: it would list
+    everything around the data."""
     found: list[Path] = []
     listed: set[str] = set()
+    around = Path(os.path.realpath(folder))
 
     def unlistable(error: OSError) -> None:
         if Path(error.filename) == folder:
@@ -109,11 +111,12 @@ def candidate_files(folder: Path) -> list[Path]:
 
     for parent, folders, files in os.walk(folder, onerror=unlistable, followlinks=True):
         real = os.path.realpath(parent)
-        if real in listed:  # a loop (a link to a folder above), or a folder reached twice
+        if real in listed or (listed and around.is_relative_to(real)):  # reached twice, or a link to a folder around
             folders[:] = []
             continue
         listed.add(real)
-        folders[:] = [name for name in folders if not name.startswith(".")]
+        shown = [name for name in folders if not name.startswith(".")]
+        folders[:] = sorted(shown, key=lambda name: (os.path.islink(os.path.join(parent, name)), name))
         paths = (Path(parent) / name for name in files if not name.startswith("."))
         found.extend(path for path in paths if not _listable_folder(path))
     return sorted(found)
@@ -172,27 +175,34 @@ def unicode_form_hint(these: list[str], known: list[str] | tuple[str, ...], wher
 
 
 def _in_two_classes(by_class: dict[str, list[Path]]) -> list[str]:
-    """One image in two class folders (a class folder that links to another, a file linked into both) would train
-    under both labels; a manifest that lists a file twice is refused the same way."""
-    classes_of: dict[str, list[tuple[Path, str]]] = defaultdict(list)
+    """One image file in two class folders (a class folder that links to another, a file linked into both, by a
+    symbolic or a hard link) would train under both labels; a manifest that lists a file twice is refused the same way.
+    Copies with equal bytes are other files: the duplicate check warns of those."""
+    classes_of: dict[tuple[int, int], dict[str, Path]] = defaultdict(dict)
     for label, files in by_class.items():
         for file in files:
-            classes_of[os.path.realpath(file)].append((file, label))
-    repeated = [f"{found[0][0]} ({', '.join(label for _, label in found)})" for found in classes_of.values() if len(found) > 1]
+            try:
+                info = file.stat()
+            except OSError:  # gone since it was read: its reader says so
+                continue
+            classes_of[(info.st_dev, info.st_ino)].setdefault(label, file)
+    repeated = [f"{next(iter(found.values()))} ({', '.join(found)})" for found in classes_of.values() if len(found) > 1]
     if not repeated:
         return []
-    return [f"{len(repeated)} images are in more than one class folder (first: {repeated[0]}), as a class folder that links "
-            "to another puts them; keep each image in one class folder"]
+    count = f"{len(repeated)} image{'s are' if len(repeated) > 1 else ' is'}"
+    return [f"{count} in more than one class folder (first: {repeated[0]}), as a class folder that links to another "
+            "puts them; keep each image in one class folder"]
 
 
-def _check_classes(splits: dict[str, dict[str, list[Path]]], root: Path, min_classes: int = 2) -> tuple[str, ...]:
+def _check_classes(splits: dict[str, dict[str, list[Path]]], root: Path, min_classes: int = 2, in_folders: bool = True) -> tuple[str, ...]:
+    """`in_folders`: the classes are folders, where one file may lie in two (a manifest checks its own rows)."""
     problems = []
     reference_name, reference = next(iter(splits.items()))
     for name, by_class in splits.items():
         empty = [c for c, files in by_class.items() if not files]
         if empty:  # named by split where there are splits; class folders alone are `root`'s, which names itself
             problems.append(f"{name + ': ' if name else ''}class folders with no readable images: {', '.join(empty)}")
-        problems += [f"{name + ': ' if name else ''}{said}" for said in _in_two_classes(by_class)]
+        problems += [f"{name + ': ' if name else ''}{said}" for said in (_in_two_classes(by_class) if in_folders else [])]
         # A test set of some of the classes trains nothing and is scored as evaluate scores any such set.
         if set(by_class) != set(reference) and not (SPLIT_NAMES.get(name.lower()) == "test" and set(by_class) < set(reference)):
             only_here = sorted(set(by_class) - set(reference))
@@ -752,7 +762,7 @@ def _from_manifest(path: Path, val_split: float, seed: int, min_classes: int) ->
     for file, label in entries:
         if file in usable:
             by_class[label].append(file)
-    classes = _check_classes({"manifest": dict(by_class)}, path, min_classes)
+    classes = _check_classes({"manifest": dict(by_class)}, path, min_classes, in_folders=False)
     train, val = split_off_val(list(_samples(by_class, classes)), val_split, seed, path, min_classes=min_classes)
     layout = f"{_manifest_kind(path)} manifest, {as_percent(val_split)} held out"
     return ImageData(classes, tuple(train), tuple(val), None, layout, tuple(skipped), cautions=classes_not_held_out(classes, val, min_classes))

@@ -155,7 +155,7 @@ def _export_onnx(exportable: _Exportable, path: Path, max_length: int | None, na
     try:
         import onnxruntime
     except ImportError:
-        raise ThawError("ONNX export needs onnx, onnxscript and onnxruntime: pip install 'thaw[export]'") from None
+        raise ThawError(ONNX_NEEDS) from None
     batch = torch.export.Dim("batch", min=1)
     dims = {0: batch, 1: torch.export.Dim("tokens", min=2, max=max_length)} if exportable.text else {0: batch}
     # One file a user can copy alone: the weights inside it. torch still puts them beside it, as PATH.data, where
@@ -242,7 +242,14 @@ def is_thaw_export(path: Path, fmt: str) -> bool:
     TorchScript archive, thaw.* metadata in an ONNX file (its graph read, its weights not)."""
     if fmt == "torchscript":
         return any(name.endswith(f"/extra/{TORCHSCRIPT_DESCRIPTION}") for name in zip_entry_names(path))
-    import onnx
+    try:
+        with path.open("rb") as handle:
+            first = handle.read(1)
+    except OSError:  # unreadable: not known to be thaw's, so not replaced
+        return False
+    if first != ONNX_FIRST_BYTE:  # no ONNX model: not read whole to learn that (it may be gigabytes)
+        return False
+    onnx = _onnx_module()
     from google.protobuf.message import DecodeError
 
     try:
@@ -250,6 +257,28 @@ def is_thaw_export(path: Path, fmt: str) -> bool:
     except (DecodeError, OSError, ValueError):  # not ONNX at all
         return False
     return any(entry.key.startswith("thaw.") for entry in proto.metadata_props)  # thaw.classes: before ONNX_MARK was
+
+
+ONNX_FIRST_BYTE = b"\x08"  # a ModelProto starts with its ir_version, field 1 as a varint, as torch and onnx write it
+
+
+def _onnx_module():
+    try:
+        import onnx
+    except ImportError:
+        raise ThawError(ONNX_NEEDS) from None
+    return onnx
+
+
+ONNX_NEEDS = "ONNX export needs onnx, onnxscript and onnxruntime: pip install 'thaw[export]'"
+
+
+def check_replaceable(path: Path, fmt: str) -> None:
+    """Refuse a file at `path` that an export would replace though thaw did not export it in `fmt` (a suffix says
+    little: .pt is torch.save's usual name too). An empty file (mktemp's) loses nothing and is replaced."""
+    if path.is_file() and path.stat().st_size and not is_thaw_export(path, fmt):
+        raise ThawError(f"{path} exists and is no {fmt} model thaw exported; it is left as it was: write the export to "
+                        "another file, or move that one away first")
 
 
 def export_model(
@@ -268,9 +297,7 @@ def export_model(
     path = Path(path)
     if path.exists() and not path.is_file():  # /dev/null, a pipe: renamed over, it would be gone
         raise ThawError(f"{path} is not a regular file (a device or a pipe); name a file to write")
-    if path.is_file() and not is_thaw_export(path, fmt):  # a suffix says little: .pt is torch.save's usual name too
-        raise ThawError(f"{path} exists and is no {fmt} model thaw exported; it is left as it was: write the export to "
-                        "another file, or move that one away first")
+    check_replaceable(path, fmt)
     merge_adapters(adapter)
     exportable = _exportable(adapter, images)
     max_length = adapter.preprocessing.max_length if exportable.text else None

@@ -92,7 +92,7 @@ def _trained_on(weights: str | None, classes: list[str]) -> bool:
     classes, say): its head scores them already, so a new run keeps it rather than start a new one. The classes are
     the ones the file's own header records (a copied file keeps them), else those of the run's thaw.json beside it."""
     try:
-        path = Path(weights).expanduser() if isinstance(weights, str) else None
+        path = Path(weights).expanduser() if isinstance(weights, (str, os.PathLike)) else None
     except RuntimeError:  # ~nosuchuser/: no home to expand; the load says the file is missing
         return False
     if path is None or not path.is_file():  # a weights name: no run's
@@ -325,7 +325,7 @@ def _check_arguments(plan: object, plan_options: dict | None, config: object, re
         raise ThawError(f"plan must be a strategy name like 'two-phase' or a Plan (thaw.build_plan, thaw.load_plan), got a {type(plan).__name__}")
     if isinstance(plan, Plan) and not resume:  # a run's saved plan, made before names had to differ, still resumes
         check_stage_names(plan)
-    check_plan_options(plan_options or {})
+    check_plan_options({} if plan_options is None else plan_options)
     if plan_options and not isinstance(plan, str):  # a Plan gives its own stages: the options would be ignored
         raise ThawError(f"plan_options ({', '.join(sorted(plan_options))}) go with a strategy name; a Plan gives its own stages: drop them")
 
