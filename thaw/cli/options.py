@@ -231,7 +231,9 @@ def plan_from_args(args: argparse.Namespace, num_groups: int, recorded: bool = F
         strategy, top_groups = "two-phase", None  # a top stage of every group, which thaw then dropped: two-phase's plan
     head_lr = next((value for name, value in reversed(args.lr) if name is None), DEFAULT_HEAD_LR)
     named = {name: value for name, value in args.lr if name is not None}
-    if named and any(name is None for name, _ in args.lr) and not recorded:  # an older thaw's run resumes as it ran  # per-group lrs name every group's: the plain one went unused, unsaid
+    # Per-group lrs name every group's, so a plain one beside them went unused, unsaid; a run an older thaw recorded
+    # with both resumes as it ran.
+    if named and any(name is None for name, _ in args.lr) and not recorded:
         raise ThawError(f"--lr {head_lr:g} sets the head lr where no group's lr is named; beside --lr NAME=LR name it too, "
                         f"as --lr head={head_lr:g}")
     return build_plan(
