@@ -255,8 +255,8 @@ def thaw_row(
     larger = {f"{split}_accuracy_at_{pixels}": at_size(adapter, meta, folder, pixels, split) for split in ("test", "val") for pixels in sizes}
     # TTA and the larger sizes scored on val too: whether either is worth turning on is decided there, never on test
     # (val also chose the delivered epoch, by its plain score, which leans val's plain figure up, not TTA's)
-    val_views = {"val_accuracy_scored": evaluate_run(adapter, meta, folder, "val")["accuracy"],
-                 "tta_val_accuracy": evaluate_run(adapter, meta, folder, "val", tta=True)["accuracy"]}
+    # the plain val score is the delivered epoch's own (val_accuracy below): scored once, in training
+    val_views = {"tta_val_accuracy": evaluate_run(adapter, meta, folder, "val", tta=True)["accuracy"]}
     # last: it loads each epoch's weights into the run's model
     per_epoch = {"test_history": recorder.test_accuracies(adapter, meta, folder)} if recorder else {}
     return larger | val_views | per_epoch | {
@@ -615,7 +615,7 @@ def extra_cells(chosen: list[dict]) -> str:
     if all("tta_val_accuracy" in row for row in chosen):  # what decides whether --tta or a larger size is worth it: val, not test
         sizes = ", ".join(f"at {key.rsplit('_', 1)[1]} px {statistics.mean(row[key] for row in chosen):.4f}"
                           for key in sorted(k for k in chosen[0] if k.startswith("val_accuracy_at_")))
-        said.append(f"on val: plain {statistics.mean(row['val_accuracy_scored'] for row in chosen):.4f}, --tta "
+        said.append(f"on val: plain {statistics.mean(row['val_accuracy'] for row in chosen):.4f}, --tta "
                     f"{statistics.mean(row['tta_val_accuracy'] for row in chosen):.4f}" + (f", {sizes}" if sizes else "") + " mean")
     if "spam_f1" in chosen[0]:
         said.append(f"spam F1 {statistics.mean(row['spam_f1'] for row in chosen):.3f} mean")
