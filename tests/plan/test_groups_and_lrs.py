@@ -12,6 +12,7 @@ import torch
 from thaw import ThawError, apply_stage, build_model, build_plan, count_parameters, trainable_line
 from thaw.plan import ConstantLr, DecayLr, ExplicitLr, Plan, RangeLr, Stage, audit_optimizer, load_plan, resolve_plan, resolve_stage
 from thaw.plan.stages import check_named_lrs_are_trained
+from thaw.plan.strategies import DEFAULT_HEAD_LR
 
 
 @pytest.fixture(scope="module")
@@ -328,6 +329,16 @@ def test_a_reversed_lr_range_or_no_groups_is_refused_from_python_as_from_the_fla
     for groups in (0, -1, "5", 2.0):
         with pytest.raises(ThawError, match="num_groups must be a whole number of at least 1"):
             build_plan("gradual", num_groups=groups)
+
+
+def test_a_head_lr_beside_per_group_lrs_is_refused_in_python_as_on_the_command_line() -> None:
+    # lrs name every group's lr, so lr=0.5 beside them went unused without a word
+    lrs = {"head": 1e-3, "stem": 1e-5}
+    with pytest.raises(ThawError, match=r"^lr 0\.5 sets the head lr where no group's lr is named; beside lrs name it too"):
+        build_plan("two-phase", num_groups=3, lr=0.5, lrs=lrs)
+    plan = build_plan("two-phase", num_groups=3, lrs=lrs)
+    assert [stage.lr for stage in plan.stages] == [ExplicitLr(lrs), ExplicitLr(lrs)]
+    assert build_plan("feature-extract", num_groups=3).stages[0].lr == ConstantLr(DEFAULT_HEAD_LR)
 
 
 def test_an_lr_named_for_a_group_no_stage_trains_is_refused_not_ignored(resnet50) -> None:

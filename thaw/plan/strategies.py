@@ -68,7 +68,7 @@ def build_plan(
     num_groups: int,
     epochs: int | None = None,
     head_epochs: int | None = None,
-    lr: float = DEFAULT_HEAD_LR,
+    lr: float | None = None,
     lr_range: tuple[float, float] | None = None,
     layer_decay: float | None = None,
     lrs: dict[str, float] | None = None,
@@ -102,9 +102,11 @@ def build_plan(
             f"top groups {top}: the model has {num_groups} groups, the head included, so that stage would train all of them, "
             f"as the all stage after it does; give fewer than {num_groups}, or use two-phase"
         )
-    lr = check_lr(lr, "lr")  # here, before arithmetic on it turns a string into a TypeError
     if lrs is not None and not isinstance(lrs, dict):
         raise ThawError(f"lrs (--lr NAME=LR) must be a mapping of group or module names to lrs, got {lrs!r}")
+    if lrs and lr is not None:  # per-group lrs name every group's: the head lr would go unused, unsaid
+        raise ThawError(f"lr {lr!r} sets the head lr where no group's lr is named; beside lrs name it too, as lrs={{'head': {lr!r}, ...}}")
+    lr = DEFAULT_HEAD_LR if lr is None else check_lr(lr, "lr")  # here, before arithmetic on it turns a string into a TypeError
     if strategy == "feature-extract":
         head_epochs = _head_only_epochs(epochs, head_epochs)
     epochs = DEFAULT_EPOCHS if epochs is None else epochs
