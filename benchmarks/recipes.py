@@ -314,6 +314,8 @@ def recipe_plan(recipe: str, epochs: dict, backbone: str = "mobilenet_v2") -> tu
     strategy = recipe_options.get("plan", "two-phase")
     own = ("plan", "without_all", "lora_targets", "all_lr", "top_half")  # the benchmark's keys, not build_plan's
     options = epochs | {key: value for key, value in recipe_options.items() if key not in own}
+    if strategy in ("fine-tune", "lora"):  # one stage, no head stage: --quick's head epoch is none of theirs
+        options.pop("head_epochs", None)
     if "lora_targets" in recipe_options:
         options["lora"] = LoraSpec(targets=recipe_options["lora_targets"])
     groups = len(build_model(thaw_model(backbone)[0], weights=None, num_classes=2, device="meta", load=False).groups)

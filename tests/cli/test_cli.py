@@ -74,6 +74,29 @@ def test_plan_lr_options(capsys: pytest.CaptureFixture[str]) -> None:
     assert plan_from_args(recorded, num_groups=6, recorded=True).stages[0].lr.by_name == {"head": 1e-3}
 
 
+def test_plan_flags_the_strategy_does_not_use_are_refused_and_a_run_started_with_them_rebuilds_as_it_ran() -> None:
+    result = thaw("plan", "--model", "resnet18", "--num-classes", "2", "--strategy", "feature-extract", "--lr-range", "1e-5:1e-2")
+    assert result.returncode == 2 and result.stderr.strip().splitlines() == [
+        "thaw: error: lr_range (--lr-range) does nothing for feature-extract: its one stage trains the head at one lr, "
+        "which lr (--lr) sets; drop it, or choose a strategy that uses it"
+    ]
+    result = thaw("plan", "--model", "resnet18", "--num-classes", "2", "--strategy", "fine-tune", "--head-epochs", "7", "--groups-per-stage", "5")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.startswith("thaw: error: head_epochs (--head-epochs) and groups_per_stage (--groups-per-stage) do nothing for fine-tune")
+    # a run an older thaw started so is rebuilt as it ran (without them) when a resume compares its options
+    from thaw.cli import build_parser
+    from thaw import ThawError
+    from thaw.cli.options import TYPED_PLAN_FLAGS, plan_from_args
+
+    recorded = build_parser().parse_args(["train", "DATA", "--model", "resnet18", "--strategy", "fine-tune", "--head-epochs", "7", "--epochs", "2"])
+    setattr(recorded, TYPED_PLAN_FLAGS, [])  # none typed beside the resume
+    plan = plan_from_args(recorded, num_groups=6, recorded=True)
+    assert [(stage.name, stage.epochs) for stage in plan.stages] == [("all", 2)]
+    setattr(recorded, TYPED_PLAN_FLAGS, ["--head-epochs"])  # typed beside the resume: checked as new
+    with pytest.raises(ThawError, match=r"^head_epochs \(--head-epochs\) does nothing for fine-tune"):
+        plan_from_args(recorded, num_groups=6, recorded=True)
+
+
 def test_plan_top_groups_sets_the_middle_stage_and_is_refused_where_it_would_do_nothing(
     tmp_path: Path, capsys: pytest.CaptureFixture[str],
 ) -> None:

@@ -7,6 +7,7 @@ import warnings
 import pytest
 import torch
 
+from thaw import ThawError
 from thaw.models import build_model, list_torchvision_models
 
 ALL_BUILDERS = list_torchvision_models()
@@ -65,3 +66,22 @@ def test_new_head_gives_n_outputs_and_split_matches_forward(name: str) -> None:
         split = adapter.forward_head(adapter.forward_features(images))
     assert full.shape == (2, NUM_CLASSES)
     torch.testing.assert_close(split, full, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("options, refusal", [
+    ({"weights": 1}, r"^weights must be a weights name like 'IMAGENET1K_V1', a file's path, or None, got 1$"),  # pathlib's TypeError
+    ({"weights": None, "device": "gpu"}, r"^device must be auto, cpu, cuda"),
+])
+def test_build_model_names_a_wrong_weights_or_device_in_one_line(options: dict, refusal: str) -> None:
+    with pytest.raises(ThawError, match=refusal):
+        build_model("resnet18", num_classes=2, **options)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+def test_build_model_on_a_missing_cuda_device_is_one_line_not_torchs_driver_error() -> None:
+    with pytest.raises(ThawError, match=r"^device 'cuda' \(--device cuda\): this machine has no CUDA device"):
+        build_model("resnet18", weights=None, num_classes=2, device="cuda")
+    with pytest.raises(ThawError, match=r"^device 'cuda:0' \(--device cuda:0\): this machine has no CUDA device"):
+        build_model("resnet18", weights=None, num_classes=2, device=0)  # torch's index for cuda:0
+    adapter = build_model("resnet18", weights=None, num_classes=2, device="auto")  # as training resolves it: the CPU here
+    assert next(adapter.model.parameters()).device.type == "cpu"

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
 
 from tests.conftest import SmallConvNet
 from thaw import ThawError, adapt
-from thaw.models import _structure
+from thaw.models import Preprocessing, _structure
 
 
 def test_generic_model_gets_last_linear_as_head_and_structural_groups(small_net: SmallConvNet) -> None:
@@ -212,3 +213,47 @@ def test_explicit_groups_place_a_parameter_held_by_the_model_itself_by_its_name(
     train_images(tiny_split_data, model=adapter, out=tmp_path / "run", plan=plan, config=TrainConfig(batch_size=8, image_size=32, quiet=True))
     after = adapter.model.state_dict()
     assert not torch.equal(after["scale"], before["scale"]) and torch.equal(after["body.0.weight"], before["body.0.weight"])
+
+
+def test_adapt_takes_family_for_a_torchvision_model_and_names_an_unknown_option() -> None:
+    import torchvision
+
+    # family= was passed twice on the way to adapt_module: a TypeError for every torchvision model
+    adapter = adapt(torchvision.models.resnet18(), family="torchvision", num_classes=2)
+    assert adapter.family == "torchvision" and adapter.num_classes == 2
+    with pytest.raises(ThawError, match=r"^adapt takes num_classes, head, groups, preprocessing, family; bogus is none of them$"):
+        adapt(torchvision.models.resnet18(), bogus=1)
+
+
+@pytest.mark.parametrize("preprocessing, problem", [
+    (Preprocessing(mean="abc"), r"^preprocessing: mean must be 1 or 3 finite numbers"),  # was a ValueError in a transform
+    (Preprocessing(std=(0, 0, 0)), r"^preprocessing: std must be 1 or 3 finite numbers above 0"),  # was a NaN loss
+    (Preprocessing(crop_size=0, interpolation="cubic"), r"crop_size must be a whole number of pixels above 0, got 0; interpolation must be one of"),
+    ({"mean": 1}, r"^preprocessing must be a thaw\.Preprocessing"),  # was read as a text run's
+])
+def test_a_preprocessing_given_by_hand_is_checked_before_a_run_folder_is_made(
+    tmp_path, tiny_split_data, small_net: SmallConvNet, preprocessing: object, problem: str,
+) -> None:
+    from thaw.train import TrainConfig, train_images
+    from thaw.models.adapter import ModelAdapter
+
+    with pytest.raises(ThawError, match=problem):
+        adapt(small_net, num_classes=2, preprocessing=preprocessing)
+    built = adapt(small_net, num_classes=2)
+    built.preprocessing = preprocessing  # a ModelAdapter's, set by hand, is held to the same
+    assert isinstance(built, ModelAdapter)
+    with pytest.raises(ThawError, match=problem):
+        train_images(tiny_split_data, model=built, out=tmp_path / "run", config=TrainConfig(quiet=True), plan="feature-extract")
+    assert not (tmp_path / "run").exists()  # an empty run folder was left behind
+    adapt(small_net, num_classes=2, preprocessing=Preprocessing(mean=(np.float32(0.5),), std=(np.float32(0.25),)))  # numpy numbers, one channel
+
+
+def test_a_preprocessing_given_for_a_timm_model_is_the_adapters() -> None:
+    import timm
+
+    mine = Preprocessing(resize_size=72, crop_size=64, source="mine")
+    assert adapt(timm.create_model("resnet18", pretrained=False, num_classes=3), preprocessing=mine).preprocessing == mine  # was dropped
+    vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=3)
+    assert adapt(vit, family="timm").preprocessing.mean == (0.5, 0.5, 0.5)  # timm's own config, as without family
+    with pytest.raises(ThawError, match=r"^a timm model is adapted by timm's own contract \(family 'timm'\), not 'generic'"):
+        adapt(vit, family="generic")  # would have normalised a ViT with ImageNet's mean, without a word

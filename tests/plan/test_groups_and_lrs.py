@@ -6,11 +6,12 @@ import math
 import warnings
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
-from thaw import ThawError, apply_stage, build_model, build_plan, count_parameters, trainable_line
-from thaw.plan import ConstantLr, DecayLr, ExplicitLr, Plan, RangeLr, Stage, audit_optimizer, load_plan, resolve_plan, resolve_stage
+from thaw import ThawError, apply_stage, build_model, build_plan, count_parameters, plan_report, trainable_line
+from thaw.plan import ConstantLr, DecayLr, ExplicitLr, Plan, RangeLr, Stage, audit_optimizer, load_plan, resolve, resolve_plan, resolve_stage
 from thaw.plan.stages import check_named_lrs_are_trained
 from thaw.plan.strategies import DEFAULT_HEAD_LR
 
@@ -341,6 +342,24 @@ def test_a_head_lr_beside_per_group_lrs_is_refused_in_python_as_on_the_command_l
     assert build_plan("feature-extract", num_groups=3).stages[0].lr == ConstantLr(DEFAULT_HEAD_LR)
 
 
+@pytest.mark.parametrize("strategy, options, refusal", [
+    ("feature-extract", {"lr_range": (1e-5, 1e-2)}, r"^lr_range \(--lr-range\) does nothing for feature-extract: its one stage trains the head"),
+    ("lora", {"layer_decay": 0.5}, r"^layer_decay \(--layer-decay\) does nothing for lora: its one stage trains the head and the adapters at one lr"),
+    ("fine-tune", {"head_epochs": 7}, r"^head_epochs \(--head-epochs\) does nothing for fine-tune: its one stage is no head stage"),
+    ("two-phase", {"groups_per_stage": 3}, r"^groups_per_stage \(--groups-per-stage\) does nothing for two-phase: only gradual"),
+    ("lora", {"head_epochs": 5, "lr_range": (1e-5, 1e-2)}, r"^head_epochs \(--head-epochs\) and lr_range \(--lr-range\) do nothing for lora: .*; drop them"),
+])
+def test_an_option_the_strategy_does_not_use_is_refused_not_dropped(strategy: str, options: dict, refusal: str) -> None:
+    # each was dropped without a word: feature-extract trained its head at 1e-3 where --lr-range asked up to 1e-2
+    with pytest.raises(ThawError, match=refusal):
+        build_plan(strategy, num_groups=5, **options)
+    build_plan("gradual", num_groups=5, groups_per_stage=3, layer_decay=0.5, head_epochs=2)  # where each is used
+    build_plan("two-phase", num_groups=5, lr_range=(1e-5, 1e-2), head_epochs=2)
+    build_plan("feature-extract", num_groups=5, head_epochs=2, groups_per_stage=1)  # 1, the default, changes nothing
+    with pytest.raises(ThawError, match=r"^lr_range \(--lr-range\) does nothing for feature-extract: its one stage trains the head at one lr"):
+        build_plan("feature-extract", num_groups=5, lr_range=np.array([1e-5, 1e-2]))  # an array has no truth value: was a ValueError
+
+
 def test_an_lr_named_for_a_group_no_stage_trains_is_refused_not_ignored(resnet50) -> None:
     lrs = {"layer1.0": 1e-5, "fc": 1e-3}  # a module inside layer1, and the head
     refusal = r"^an lr is given for layer1\.0 \(in group layer1\), which no stage of the plan trains"
@@ -380,3 +399,23 @@ def test_the_benchmarks_top_half_recipes_take_half_the_backbones_groups(backbone
     assert strategy == "head-top-all" and options["top_groups"] == top
     plan, _ = recipes.recipe_plan("thaw-top-half-only", {"epochs": 3, "head_epochs": 3}, backbone)
     assert [stage.name for stage in plan.stages] == ["head", f"top{top}"]
+
+
+def test_the_plan_api_names_a_wrong_argument_in_one_line(resnet50) -> None:
+    # each was an AttributeError or TypeError from deep inside (no group_names on a module, .strip on an int, ...)
+    refusals = {
+        r"^resolve takes a ModelAdapter, got a ResNet; wrap the model with thaw\.adapt\(model\)$": lambda: resolve(resnet50.model, ["head"]),
+        r"^apply_stage takes a ModelAdapter, got a ResNet": lambda: apply_stage(resnet50.model, Stage("a", 1)),
+        r"^expected a list of selectors like \['head', 'layer4'\], got \[5\]$": lambda: resolve(resnet50, [5]),
+        r"^expected a list of selectors like \['head', 'layer4'\], got None$": lambda: resolve(resnet50, None),
+        r"^apply_stage takes a thaw\.Stage \(a plan's stages are some\), got 'two-phase'$": lambda: apply_stage(resnet50, "two-phase"),
+        r"^resolve_stage takes a thaw\.Stage": lambda: resolve_stage(resnet50, "head"),
+        r"^plan_report takes a thaw\.Plan, got 'two-phase'; for a strategy: thaw\.build_plan": lambda: plan_report(resnet50, "two-phase", "resnet50"),
+        r"^a plan's stages are thaw\.Stage objects, got \('a',\)$": lambda: Plan(("a",)),
+        r"^a plan file is a path to a YAML file, got None$": lambda: load_plan(None),
+        r"^count_parameters takes a model \(an nn\.Module or a ModelAdapter\), got 'x'$": lambda: count_parameters("x"),
+    }
+    for refusal, call in refusals.items():
+        with pytest.raises(ThawError, match=refusal):
+            call()
+    assert count_parameters(resnet50) == count_parameters(resnet50.model)  # the adapter's model, counted

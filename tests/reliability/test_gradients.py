@@ -61,7 +61,8 @@ def plans(draw, family: str, group_count: int) -> Plan:
     strategy = draw(st.sampled_from(["feature-extract", "fine-tune", "two-phase", "gradual", "custom"]))
     policy = draw(st.sampled_from([None, *POLICIES]))
     if strategy != "custom":
-        return build_plan(strategy, num_groups=group_count, epochs=1, head_epochs=1, lr=2e-3, batchnorm=policy)
+        head = {} if strategy == "fine-tune" else {"head_epochs": 1}  # fine-tune has no head stage
+        return build_plan(strategy, num_groups=group_count, epochs=1, lr=2e-3, batchnorm=policy, **head)
     stages = []
     for index in range(draw(st.integers(2, 3))):
         train = draw(st.lists(st.sampled_from(SELECTORS[family] + ["head"]), min_size=1, max_size=2, unique=True))

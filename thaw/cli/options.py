@@ -14,7 +14,7 @@ from thaw.models.lora import MAX_LORA_RANK
 from thaw.models.sources import task_of
 from thaw.plan.lr import MAX_LR
 from thaw.plan.freeze import BATCHNORM_POLICIES
-from thaw.plan.strategies import DEFAULT_EPOCHS, DEFAULT_HEAD_LR, STRATEGIES, TOP_GROUPS, default_strategy
+from thaw.plan.strategies import DEFAULT_EPOCHS, DEFAULT_HEAD_LR, STRATEGIES, TOP_GROUPS, UNUSED_WHEN_UNSET, default_strategy, unused_options
 
 TYPED_PLAN_FLAGS = "typed_plan_flags"  # the namespace attribute that lists the plan options typed, as their flags
 
@@ -229,6 +229,10 @@ def plan_from_args(args: argparse.Namespace, num_groups: int, recorded: bool = F
     as_run = recorded and "--top-groups" not in getattr(args, TYPED_PLAN_FLAGS, ())  # a typed one is checked as new
     if as_run and strategy == "head-top-all" and type(top_groups) is int and top_groups >= num_groups:
         strategy, top_groups = "two-phase", None  # a top stage of every group, which thaw then dropped: two-phase's plan
+    options = {name: getattr(args, name) for name in UNUSED_WHEN_UNSET}
+    if recorded:  # a run an older thaw started with options its strategy ignored resumes as it ran; typed ones are checked
+        typed = {flag[2:].replace("-", "_") for flag in getattr(args, TYPED_PLAN_FLAGS, ())}
+        options |= {name: UNUSED_WHEN_UNSET[name] for name in unused_options(strategy, **options) if name not in typed}
     head_lr = next((value for name, value in reversed(args.lr) if name is None), DEFAULT_HEAD_LR)
     named = {name: value for name, value in args.lr if name is not None}
     # Per-group lrs name every group's, so a plain one beside them went unused, unsaid; a run an older thaw recorded
@@ -240,15 +244,12 @@ def plan_from_args(args: argparse.Namespace, num_groups: int, recorded: bool = F
         strategy,
         num_groups=num_groups,
         epochs=args.epochs,
-        head_epochs=args.head_epochs,
         lr=None if named else head_lr,  # a recorded run's plain lr beside named ones went unused, as it still does
-        lr_range=args.lr_range,
-        layer_decay=args.layer_decay,
         lrs=named or None,
         weight_decay=args.weight_decay,
         batchnorm=args.batchnorm,
-        groups_per_stage=args.groups_per_stage,
         top_groups=top_groups,
+        **options,
         lora=LoraSpec(args.lora_rank, args.lora_alpha, args.lora_dropout, tuple(args.lora_targets)) if args.strategy == "lora" else None,
     )
 

@@ -17,11 +17,11 @@ from typing import Callable
 import torch
 from torch import nn
 from safetensors import safe_open
-from torchvision.transforms import InterpolationMode
 
 from thaw.data.text import TextColumns
 from thaw.errors import ThawError, first_line
 from thaw.models import ModelAdapter, Preprocessing, adapt, build_model
+from thaw.models.adapter import INTERPOLATIONS
 from thaw.models.hf_text import POOLINGS, TextPreprocessing, build_text_model
 from thaw.models.lora import adapter_param_names, add_lora
 from thaw.models.weights import load_into
@@ -147,7 +147,6 @@ def _skipped_files(value: object) -> bool:
 
 
 Check = tuple[Callable[[object], bool], str, bool]  # test, what the value must be, whether every run thaw wrote has it
-INTERPOLATIONS = tuple(mode.value for mode in InterpolationMode)
 # Preprocessing and TextPreprocessing as asdict writes them (every thaw version, all fields; `source` only describes)
 IMAGE_FIELDS: dict[str, Check] = {
     "preprocessing.mean": (_channel_values, "1 or 3 numbers (one per colour channel)", True),

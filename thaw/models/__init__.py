@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-from thaw.errors import ThawError
+import os
 
 import torch
+
+from thaw.errors import ThawError
 
 from thaw.models.adapter import LayerGroup, ModelAdapter, Preprocessing
 from thaw.models.generic import adapt
@@ -21,6 +23,20 @@ __all__ = [
     "build_model",
     "list_torchvision_models",
 ]
+
+
+def _checked_device(device: object) -> str | torch.device:
+    """One line for a device this machine lacks (not torch's driver error from the first .to()); 'auto' as training
+    resolves it; a CUDA index (0) as torch reads it. The meta device builds shapes only (thaw's own probes)."""
+    from thaw.train.config import check_device  # here: the models come before training
+    from thaw.train.fit import resolve_device
+
+    if isinstance(device, int) and not isinstance(device, bool):
+        device = torch.device(device)
+    if str(device).split(":")[0] == "meta":
+        return device  # type: ignore[return-value]
+    check_device(str(device))
+    return resolve_device(str(device))
 
 
 def build_model(
@@ -43,6 +59,9 @@ def build_model(
             f"build_model takes a model name like 'mobilenet_v2' or 'timm/NAME', got a {type(name).__name__}; "
             "for a model you built, use thaw.adapt(model)"
         )
+    if weights is not None and not isinstance(weights, (str, os.PathLike)):  # a number was a TypeError from pathlib
+        raise ThawError(f"weights must be a weights name like 'IMAGENET1K_V1', a file's path, or None, got {weights!r}")
+    device = _checked_device(device)
     if isinstance(weights, str) and not weights.strip():  # an unset variable: read as no weights, it trained from scratch
         raise ThawError("weights is an empty string; give a weights name (DEFAULT, IMAGENET1K_V1), a file path, or None for random weights")
     options = {"weights": weights, "num_classes": num_classes, "device": device, "load": load, "keep_head": keep_head}

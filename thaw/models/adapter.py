@@ -8,16 +8,20 @@ which preprocessing its weights expect.
 
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
 from torch import nn
+from torchvision.transforms import InterpolationMode
 
 from thaw.errors import ThawError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+INTERPOLATIONS = tuple(mode.value for mode in InterpolationMode)
 
 
 def is_within(name: str, root: str) -> bool:
@@ -35,6 +39,41 @@ class Preprocessing:
     crop_size: int = 224
     interpolation: str = "bilinear"
     source: str = "ImageNet defaults"
+
+
+def _channel_numbers(value: object, above_zero: bool) -> bool:
+    """One finite number per colour channel, or one for all three (images load as RGB)."""
+    if isinstance(value, (str, bytes)) or not isinstance(value, (tuple, list)) or len(value) not in (1, 3):
+        return False
+    finite = all(isinstance(item, numbers.Real) and not isinstance(item, bool) and math.isfinite(item) for item in value)
+    return finite and (not above_zero or all(item > 0 for item in value))
+
+
+def check_image_preprocessing(preprocessing: object) -> None:
+    """A Preprocessing given by hand (thaw.adapt, a ModelAdapter) is held to what a run's thaw.json is: 'abc' as the
+    mean was a ValueError deep in a transform, and a std of 0 a NaN loss blamed on the lr."""
+    if not isinstance(preprocessing, Preprocessing):
+        raise ThawError(f"preprocessing must be a thaw.Preprocessing(mean=..., std=..., ...), got {preprocessing!r}")
+    p, problems = preprocessing, []
+    if not _channel_numbers(p.mean, above_zero=False):
+        problems.append(f"mean must be 1 or 3 finite numbers (one per colour channel), got {p.mean!r}")
+    if not _channel_numbers(p.std, above_zero=True):
+        problems.append(f"std must be 1 or 3 finite numbers above 0 (inputs are divided by them), got {p.std!r}")
+    for name in ("resize_size", "crop_size"):
+        size = getattr(p, name)
+        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+            problems.append(f"{name} must be a whole number of pixels above 0, got {size!r}")
+    if p.interpolation not in INTERPOLATIONS:
+        problems.append(f"interpolation must be one of {', '.join(INTERPOLATIONS)}, got {p.interpolation!r}")
+    if problems:
+        raise ThawError("preprocessing: " + "; ".join(problems))
+
+
+def check_adapter(value: object, call: str) -> None:
+    """`call` takes a ModelAdapter: a bare nn.Module or a name was an AttributeError (no group_names) deep inside."""
+    if not isinstance(value, ModelAdapter):
+        hint = "wrap the model with thaw.adapt(model)" if isinstance(value, nn.Module) else "thaw.build_model or thaw.adapt gives one"
+        raise ThawError(f"{call} takes a ModelAdapter, got a {type(value).__name__}; {hint}")
 
 
 @dataclass(frozen=True)

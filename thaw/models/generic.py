@@ -6,7 +6,7 @@ from torch import nn
 
 from thaw.errors import ThawError
 from thaw.models import _structure
-from thaw.models.adapter import ModelAdapter, Preprocessing
+from thaw.models.adapter import ModelAdapter, Preprocessing, check_image_preprocessing
 
 
 def adapt_module(
@@ -55,14 +55,29 @@ def is_torchvision_model(model: nn.Module) -> bool:
     return type(model).__module__.startswith("torchvision.models")
 
 
+ADAPT_OPTIONS = ("num_classes", "head", "groups", "preprocessing", "family")  # adapt_module's
+
+
 def adapt(model: nn.Module, **options: object) -> ModelAdapter:
     """The one entry point for a model you already built: picks the family's adapter."""
     if not isinstance(model, nn.Module):  # a name: build_model takes names, and "str has no parameters" said nothing
         raise ThawError(f"adapt takes a model you built (an nn.Module), got {model!r}; for a model by name use thaw.build_model")
+    unknown = sorted(set(options) - set(ADAPT_OPTIONS))
+    if unknown:  # a TypeError from the function adapt passes them to named neither
+        raise ThawError(f"adapt takes {', '.join(ADAPT_OPTIONS)}; {', '.join(unknown)} {'is' if len(unknown) == 1 else 'are'} none of them")
+    if options.get("preprocessing") is not None:
+        check_image_preprocessing(options["preprocessing"])
     if is_timm_model(model) and not options.get("head") and not options.get("groups"):
         from thaw.models.timm_models import adapt_timm
 
-        return adapt_timm(model, num_classes=options.get("num_classes"))  # type: ignore[arg-type]
+        if options.get("family") not in (None, "timm"):  # else it would be dropped without a word
+            raise ThawError(f"a timm model is adapted by timm's own contract (family 'timm'), not {options['family']!r}: "
+                            "drop family, or give head= and groups= to adapt it by hand")
+
+        adapter = adapt_timm(model, num_classes=options.get("num_classes"))  # type: ignore[arg-type]
+        if options.get("preprocessing") is not None:  # given by hand: it wins over timm's config, as for any family
+            adapter.preprocessing = options["preprocessing"]  # type: ignore[assignment]
+        return adapter
     if is_torchvision_model(model):
         from thaw.models.torchvision_models import adapt_torchvision
 

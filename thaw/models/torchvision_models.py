@@ -83,7 +83,8 @@ def head_of(model: nn.Module) -> str:
 def adapt_torchvision(model: nn.Module, **options: object):
     drop_aux_heads(model)
     options.setdefault("head", head_of(model))
-    return adapt_module(model, family="torchvision", **options)  # type: ignore[arg-type]
+    options.setdefault("family", "torchvision")  # family= given to thaw.adapt was a TypeError (given twice)
+    return adapt_module(model, **options)  # type: ignore[arg-type]
 
 
 def build_torchvision(

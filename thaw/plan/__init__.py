@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from thaw.errors import ThawError
-from thaw.models.adapter import ModelAdapter
+from thaw.models.adapter import ModelAdapter, check_adapter
 from thaw.plan.config import load_plan, plan_from_dict, plan_to_dict
 from thaw.plan.freeze import apply_trainable
 from thaw.plan.lr import ConstantLr, DecayLr, ExplicitLr, RangeLr
@@ -50,6 +50,9 @@ def apply_stage(adapter: ModelAdapter, stage: Stage, optimizer: str = "adamw") -
     """Freeze, set the BatchNorm policy and build an audited optimizer (`optimizer` names it) for one stage:
     thaw's one stage change, `enter_stage`, with a new optimizer. `batchnorm: adapt` needs the pass over the
     training images that thaw's own loop makes (thaw.train.adapt_bn), so it is refused here."""
+    check_adapter(adapter, "apply_stage")
+    if not isinstance(stage, Stage):
+        raise ThawError(f"apply_stage takes a thaw.Stage (a plan's stages are some), got {stage!r}")
     if stage.batchnorm == "adapt":
         raise ThawError(
             f"stage {stage.name!r} uses batchnorm: adapt, which re-estimates statistics in thaw's own loop; "

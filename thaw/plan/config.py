@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import os
 import math
 import re
 import warnings
@@ -263,6 +264,8 @@ def load_plan(path: str | Path) -> Plan:
 
 def read_plan_file(path: str | Path) -> tuple[Plan, dict[str, Any]]:
     """The plan in a YAML file and its `training:` options (TRAINING_KEYS)."""
+    if not isinstance(path, (str, os.PathLike)):  # None was pathlib's TypeError
+        raise ThawError(f"a plan file is a path to a YAML file, got {path!r}")
     path = Path(path)
     try:
         raw = yaml.load(path.read_text(encoding="utf-8"), Loader=UniqueKeyLoader)

@@ -6,12 +6,17 @@ import unicodedata
 
 from torch import nn
 
-from thaw.models.adapter import ModelAdapter
+from thaw.errors import ThawError
+from thaw.models.adapter import ModelAdapter, check_adapter
 from thaw.plan.stages import Plan, ResolvedStage, resolve_plan
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:
-    """(trainable, total), each shared parameter counted once."""
+    """(trainable, total), each shared parameter counted once; of an adapter's model where given one."""
+    if isinstance(model, ModelAdapter):
+        model = model.model
+    if not isinstance(model, nn.Module):
+        raise ThawError(f"count_parameters takes a model (an nn.Module or a ModelAdapter), got {model!r}")
     params = list(model.parameters())
     return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
 
@@ -42,6 +47,9 @@ def stage_report(resolved: ResolvedStage) -> dict:
 
 def plan_report(adapter: ModelAdapter, plan: Plan, model_name: str) -> dict:
     """The whole plan for one model as data; resolving every stage also validates it."""
+    check_adapter(adapter, "plan_report")
+    if not isinstance(plan, Plan):
+        raise ThawError(f"plan_report takes a thaw.Plan, got {plan!r}; for a strategy: thaw.build_plan({plan!r}, num_groups=len(adapter.groups))")
     _, total = count_parameters(adapter.model)
     return {
         "model": model_name,

@@ -18,7 +18,7 @@ import re
 from torch import nn
 
 from thaw.errors import ThawError
-from thaw.models.adapter import ModelAdapter, is_within
+from thaw.models.adapter import ModelAdapter, check_adapter, is_within
 from thaw.models.lora import ADAPTERS_SELECTOR, adapter_param_names
 from thaw.models._structure import NORM_TYPES
 
@@ -86,8 +86,11 @@ def resolve_one(adapter: ModelAdapter, selector: str) -> list[str]:
 
 def resolve(adapter: ModelAdapter, selectors: list[str] | tuple[str, ...]) -> list[str]:
     """The union of several selectors, in model order; every selector that matches nothing is reported."""
+    check_adapter(adapter, "resolve")
     if isinstance(selectors, str):  # each character would be a selector of its own
         raise ThawError(f"expected a list of selectors like ['head'], got {selectors!r}")
+    if not isinstance(selectors, (list, tuple)) or not all(isinstance(selector, str) for selector in selectors):
+        raise ThawError(f"expected a list of selectors like ['head', 'layer4'], got {selectors!r}")
     chosen: set[str] = set()
     problems = []
     for selector in selectors:

@@ -13,7 +13,7 @@ import typing
 from dataclasses import dataclass, field
 
 from thaw.errors import ThawError
-from thaw.models.adapter import ModelAdapter
+from thaw.models.adapter import ModelAdapter, check_adapter
 from thaw.models.lora import LoraSpec, adapter_param_names
 from thaw.plan import selectors
 from thaw.plan.freeze import BATCHNORM_POLICIES, BatchNormPolicy, batchnorm_layers, batchnorm_trains, locks_statistics, trainable_names
@@ -62,6 +62,8 @@ class Plan:
     lora: LoraSpec | None = None  # adapters added to the model before the first stage
 
     def __post_init__(self) -> None:
+        if not isinstance(self.stages, (list, tuple)) or not all(isinstance(stage, Stage) for stage in self.stages):
+            raise ThawError(f"a plan's stages are thaw.Stage objects, got {self.stages!r}")
         if not self.stages:
             raise ThawError("a plan needs at least one stage")
         if all(stage.epochs == 0 for stage in self.stages):  # the run would end with no epoch and no best model
@@ -163,6 +165,9 @@ def _statistics(policy: BatchNormPolicy, trains: bool) -> str:
 
 def resolve_stage(adapter: ModelAdapter, stage: Stage) -> ResolvedStage:
     """What a stage means for this model: trainable parameters and each group's lr, wd and BatchNorm policy."""
+    check_adapter(adapter, "resolve_stage")
+    if not isinstance(stage, Stage):  # a strategy's name was an AttributeError on a str
+        raise ThawError(f"resolve_stage takes a thaw.Stage (a plan's stages are some), got {stage!r}")
     if stage.epochs < 0:
         raise ThawError(f"stage {stage.name!r}: epochs must be 0 or more, got {stage.epochs}")
     trainable = set(trainable_names(adapter, selectors.resolve(adapter, stage.train), stage.batchnorm))

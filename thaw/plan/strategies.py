@@ -96,6 +96,14 @@ def build_plan(
         raise ThawError(f"lora must be a LoraSpec (thaw.models.lora.LoraSpec(rank=4)), got {lora!r}")
     if lora is not None and strategy in STRATEGIES and strategy != "lora":  # else it would be ignored without a word
         raise ThawError(f"lora sets the LoRA adapters; the strategy here is {strategy}: drop it or use lora")
+    unused = unused_options(strategy, head_epochs=head_epochs, lr_range=lr_range, layer_decay=layer_decay, groups_per_stage=groups_per_stage)
+    if unused:  # else they would be ignored without a word
+        them = "it" if len(unused) == 1 else "them"
+        named = " and ".join(f"{name} (--{name.replace('_', '-')})" for name in unused)
+        trained = "the head and the adapters" if strategy == "lora" else "the head"
+        reasons = "; ".join(dict.fromkeys(UNUSED_BECAUSE[name].format(trained=trained) for name in unused))
+        raise ThawError(f"{named} {'does' if len(unused) == 1 else 'do'} nothing for {strategy}: {reasons}; "
+                        f"drop {them}, or choose a strategy that uses {them}")
     top = TOP_GROUPS if top_groups is None else _top_group_count(top_groups)
     if top_groups is not None and strategy == "head-top-all" and top >= num_groups:  # else the top stage would go without a word
         raise ThawError(
@@ -146,6 +154,34 @@ def build_plan(
     else:
         raise ThawError(f"unknown strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}, or a YAML plan (--config plan.yaml, or load_plan)")
     return Plan(tuple(stages))
+
+
+# Options a strategy has no use for, and why: given, they were dropped without a word.
+UNUSED_BECAUSE = {
+    "head_epochs": "its one stage is no head stage (--epochs sets it)",
+    "lr_range": "its one stage trains {trained} at one lr, which lr (--lr) sets",
+    "layer_decay": "its one stage trains {trained} at one lr, which lr (--lr) sets",
+    "groups_per_stage": "only gradual unfreezes groups stage by stage",
+}
+UNUSED_WHEN_UNSET = {"head_epochs": None, "lr_range": None, "layer_decay": None, "groups_per_stage": 1}
+HEAD_ONLY_LR = ("feature-extract", "lora")  # their one stage trains the head (and adapters) at one lr
+
+
+def unused_options(strategy: str, **given: object) -> list[str]:
+    """The options of UNUSED_WHEN_UNSET in `given`, set to other than that, which `strategy` does not use."""
+    uses = {
+        "head_epochs": strategy not in ("fine-tune", "lora"),
+        "lr_range": strategy not in HEAD_ONLY_LR,
+        "layer_decay": strategy not in HEAD_ONLY_LR,
+        "groups_per_stage": strategy == "gradual",
+    }
+    if strategy not in STRATEGIES:  # refused as unknown below
+        return []
+    def is_set(name: str, value: object) -> bool:  # `is` for None: an lr range given as a numpy array has no truth value
+        unset = UNUSED_WHEN_UNSET[name]
+        return value is not None if unset is None else value != unset
+
+    return [name for name, value in given.items() if not uses[name] and is_set(name, value)]
 
 
 def _head_only_epochs(epochs: int | None, head_epochs: int | None) -> int | None:

@@ -16,6 +16,7 @@ from torch import nn
 from thaw.data.folders import ImageData, discover, split_folders, would_be_read
 from thaw.data.text import SPLIT_RULE, TextColumns, TextData, load_text_data, recorded_split_rules
 from thaw.models import ModelAdapter, adapt, build_model
+from thaw.models.adapter import check_image_preprocessing
 from thaw.models.hf_text import DEFAULT_MAX_LENGTH, build_text_model, check_max_length
 from thaw.models.sources import hf_source
 from thaw.plan import Plan, plan_from_dict, plan_to_dict
@@ -170,6 +171,7 @@ def _image_adapter(model: str | nn.Module | ModelAdapter, weights: str | None, c
     if weights not in ("DEFAULT", None):
         raise ThawError(f"weights={weights!r} goes with a model name; a model object brings its own weights: drop it")
     if isinstance(model, ModelAdapter):
+        check_image_preprocessing(model.preprocessing)  # one built by hand: checked before the run folder is made
         if model.num_classes != num_classes:
             raise ThawError(
                 f"the adapter's head has {model.num_classes} outputs and the data {num_classes} classes; "
