@@ -428,7 +428,7 @@ def test_a_replacement_killed_before_its_first_checkpoint_still_holds_the_old_ru
 
 
 def test_overwrite_replaces_the_old_run_and_leaves_the_users_files(trained_run: Path, tiny_split_data: Path) -> None:
-    stale = ["model.onnx", "model.onnx.data", "model.pt", "report.html", "confusion-val.png", "adapter.safetensors"]
+    stale = ["model.onnx", "model.onnx.data", "model.pt", "report.html", "report--other.html", "confusion-val.png", "adapter.safetensors"]
     for name in stale:
         (trained_run / name).write_bytes(b"made from the old run")
     (trained_run / "tensorboard").mkdir()

@@ -221,6 +221,77 @@ def test_report_output_writes_the_page_elsewhere_and_a_run_it_cannot_write_says_
     assert captured.err.strip().endswith(f"Is a directory; write the page elsewhere: thaw report {blocked} {data} --split train --output FILE.html")
 
 
+def test_report_output_replaces_only_a_page_thaw_wrote(
+    image_run: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Only the .html suffix was checked: another tool's page was written over without a word. Now it is refused
+    before any scoring and left byte for byte; thaw's own earlier page (recognised by its generator tag, or the
+    opening an older thaw wrote) and an empty file are replaced."""
+    from thaw.export import report
+
+    run, _ = image_run
+    theirs = tmp_path / "mine.html"
+    theirs.write_bytes(b"<html>my page</html>\n")
+    tagged_late = tmp_path / "tagged.html"  # thaw's tag, but not where thaw writes it: not thaw's page
+    tagged_late.write_text('<!DOCTYPE html><html><head><title>x</title><meta name="generator" content="thaw report"></head></html>')
+    scored: list[object] = []
+    real_score_run = report.score_run
+    monkeypatch.setattr(report, "score_run", lambda *args, **kwargs: scored.append(args) or real_score_run(*args, **kwargs))
+    for page in (theirs, tagged_late):
+        before = page.read_bytes()
+        capsys.readouterr()
+        assert main(["report", str(run), "--output", str(page)]) == 2
+        said = capsys.readouterr().err
+        assert said == (f"thaw: error: {page} exists and is no page thaw report wrote; it is left as it was: write the page to "
+                        f"another file, such as --output {run.name}-report.html, or delete that file first\n")
+        assert page.read_bytes() == before
+        with pytest.raises(ThawError, match="exists and is no page thaw report wrote"):  # Python too
+            write_report(run, output=page)
+        assert page.read_bytes() == before
+    assert not scored  # refused before the scoring
+    empty = tmp_path / "empty.html"  # mktemp's: nothing to lose
+    empty.touch()
+    assert main(["report", str(run), "--output", str(empty), "--split", "test"]) == 0
+    assert "test split: 9 images" in " ".join(read_page(empty).text)
+    assert '<meta name="generator" content="thaw report ' in empty.read_bytes()[:4096].decode()
+    assert main(["report", str(run), "--output", str(empty)]) == 0  # thaw's own page: replaced
+    assert "val split: 12 images" in " ".join(read_page(empty).text)
+    older = tmp_path / "older.html"  # a page from before the generator tag: its opening tells it
+    older.write_text(re.sub(r'<meta name="generator"[^>]*>', "", empty.read_text(encoding="utf-8")), encoding="utf-8")
+    assert main(["report", str(run), "--output", str(older), "--split", "test"]) == 0
+    assert "test split: 9 images" in " ".join(read_page(older).text) and len(scored) == 3
+
+
+def test_report_on_other_data_keeps_the_runs_own_page(
+    image_run: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`thaw report RUN DATA` on a held-out set wrote RUN/report.html over the report of the run's own data; it is
+    RUN/report--NAME.html now, named as evaluate names its pictures. RUN/report.html is always thaw's to replace,
+    even where an older thaw wrote it without the generator tag."""
+    run, data = image_run
+    copy, held_out = tmp_path / "run", tmp_path / "held out"
+    shutil.copytree(run, copy)
+    shutil.copytree(data / "test", held_out)
+    (copy / "report.html").write_text("<html>a page an older thaw wrote</html>")
+    assert main(["report", str(copy), "--json"]) == 0  # the default path: replaced whatever it holds
+    assert json.loads(capsys.readouterr().out)["report"] == str(copy / "report.html")
+    own = (copy / "report.html").read_bytes()
+    assert "val split: 12 images" in " ".join(read_page(copy / "report.html").text)
+    for _ in range(2):  # the second time over its own page
+        assert main(["report", str(copy), str(held_out), "--json"]) == 0
+        said = json.loads(capsys.readouterr().out)
+        assert said["report"] == str(copy / "report--held_out.html") and said["count"] == 9
+        assert "all split: 9 images" in " ".join(read_page(copy / "report--held_out.html").text)
+    assert (copy / "report.html").read_bytes() == own
+    assert main(["report", str(copy), str(data), "--json"]) == 0  # the run's own data, named: its own page
+    assert json.loads(capsys.readouterr().out)["report"] == str(copy / "report.html")
+    (copy / "report--held_out.html").write_text("<html>mine</html>")  # not thaw's: the default path refuses it too
+    assert main(["report", str(copy), str(held_out)]) == 2
+    assert capsys.readouterr().err == (f"thaw: error: {copy / 'report--held_out.html'} exists and is no page thaw report wrote; it is "
+                                       "left as it was: write the page elsewhere with --output FILE.html, or delete that file first\n")
+    assert (copy / "report--held_out.html").read_text() == "<html>mine</html>"
+
+
 def test_evaluate_report_writes_the_split_it_scored(image_run: tuple[Path, Path], capsys: pytest.CaptureFixture[str]) -> None:
     run, data = image_run
     assert main(["evaluate", str(run), str(data), "--split", "train", "--report", "--json"]) == 0
@@ -244,8 +315,9 @@ def test_scores_of_a_class_the_data_does_not_hold_are_dashes_in_the_page_and_nul
     assert main(["evaluate", str(copy), str(one), "--report", "--json"]) == 0
     metrics = json.loads(capsys.readouterr().out)
     assert metrics["per_class_accuracy"].count(None) == len(metrics["classes"]) - 1  # recall of every class not held
-    assert_same_numbers(read_page(copy / "report.html"), metrics)
-    page = (copy / "report.html").read_text()
+    assert metrics["report"] == str(copy / "report--one-class.html")  # other data: the run's own page stays (as thaw report names it)
+    assert_same_numbers(read_page(copy / "report--one-class.html"), metrics)
+    page = (copy / "report--one-class.html").read_text()
     assert page.count('data-value="null">-</td>') == sum(value is None for key in ("per_class_accuracy", "per_class_precision", "per_class_f1") for value in metrics[key])
 
 

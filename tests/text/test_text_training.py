@@ -235,6 +235,8 @@ def test_predict_reads_texts_from_a_file(
     )
     assert main(["predict", str(tmp_path / "run"), str(tmp_path)]) == 0  # a folder: its name is classified, said
     assert capsys.readouterr().err.strip() == f"thaw: warning: {str(tmp_path)!r} is also a folder here; its name is classified as a text, not the files in it"
+    assert main(["predict", str(tmp_path / "run"), ""]) == 2  # "" is no folder's name (Path("") is the working folder)
+    assert capsys.readouterr().err.strip() == "thaw: error: give one or more non-empty texts to classify; text 1 of 1 is empty"
     (tmp_path / "gaps.txt").write_text("win cash\n\n   \nhello\n")  # predictions no longer line up with the lines: said
     assert main(["predict", str(tmp_path / "run"), "--file", str(tmp_path / "gaps.txt")]) == 0
     said = capsys.readouterr()

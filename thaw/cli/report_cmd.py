@@ -1,4 +1,4 @@
-"""`thaw report RUN [DATA]`: RUN/report.html, a page that shows what the run learned."""
+"""`thaw report RUN [DATA]`: RUN/report.html (RUN/report--NAME.html for other data), a page that shows what the run learned."""
 
 from __future__ import annotations
 
@@ -25,7 +25,11 @@ def register(commands: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--top-losses", type=top_count, default=TOP_LOSSES, metavar="N", help="images or texts in the gallery")
     parser.add_argument("--json", action="store_true", help="one JSON line: the file and the metrics it shows")
-    parser.add_argument("--output", type=path_text, help="the file to write (default RUN/report.html): the page is self-contained")
+    parser.add_argument(
+        "--output", type=path_text,
+        help="the file to write (default RUN/report.html; RUN/report--NAME.html for DATA not the run's own): the page is "
+        "self-contained; a file there is replaced only if it is an earlier report (or empty)",
+    )
     add_table_columns(parser, scored_whole=True)
     parser.set_defaults(handler=run)
 
@@ -41,7 +45,8 @@ def run(args: argparse.Namespace) -> int:
     if args.data is not None and read_metadata(args.run).get("task") != "text":
         check_image_table(args.data, f"{args.run} is an image run: report on text with a text run")
     columns, split = scored_columns_and_split(args)  # the same rule as thaw evaluate
-    output = check_report_output(args.output, args.run, args.data) if args.output is not None else None  # before the scoring
+    # before the scoring: a place refused (another tool's page there) wastes none; write_report checks the default's
+    output = check_report_output(args.output, args.run, args.data) if args.output is not None else None
     try:
         path, report = write_report(args.run, args.data, split, args.top_losses, columns, output)
     except WriteError as error:  # a run folder that is read-only (a shared one, another user's): where else to write

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import sys
 from pathlib import Path
 
@@ -16,7 +15,7 @@ from thaw.data.images import IMAGE_SUFFIXES
 from thaw.errors import ThawError, WriteError
 from thaw.export.formats import FORMATS, ExportCheck, check_replaceable, export_description, export_model
 from thaw.export.inference import check_images, image_files, predict_files, predict_texts, run_precision, score_run, with_tta
-from thaw.export.report import run_data_path, save_report
+from thaw.export.report import other_data_name, run_data_path, save_report
 from thaw.train.metrics import undefined_as_null
 from thaw.train.plots import plot_confusion
 from thaw.train.run_folder import ONNX_EXPORT, RUN_FOLDERS, TORCHSCRIPT_EXPORT, holds_run, is_run_file
@@ -24,7 +23,6 @@ from thaw.export.run_dir import load_run, recorded_data_path
 from thaw.plan.report import render_table
 
 
-MAX_NAME_PART = 60  # characters of DATA's name in a picture's file name: at 4 bytes each, below the file system's 255
 TOP_K = 3  # classes per prediction in --json, and on an image's plain line
 TTA_HELP = "test-time augmentation: average the softmax over each image and its mirror image (a second forward per image)"
 
@@ -74,12 +72,12 @@ def run_evaluate(args: argparse.Namespace) -> int:
     metrics, split = scored.metrics, scored.metrics["split"]
     report, problem = None, None
     try:  # the scores are printed whatever the run folder takes: it may be read-only
-        report = save_report(Path(args.run), adapter, meta, scored)[0] if args.report else None
+        report = save_report(Path(args.run), adapter, meta, scored, data=args.data)[0] if args.report else None
     except WriteError as error:  # a read-only run folder: the report line that writes the page elsewhere
         problem = f"{error}; write the page elsewhere: {_report_elsewhere(args, split)}"
     except ThawError as error:
         problem = str(error)
-    picture_path = Path(args.run) / _confusion_name(split, args.tta, _other_data_name(args.data, meta))
+    picture_path = Path(args.run) / _confusion_name(split, args.tta, other_data_name(args.data, meta))
     picture = _confusion_picture(metrics, picture_path, f"{split} split")
     if args.json:
         extra = {"confusion_png": str(picture) if picture else None} | ({"report": str(report)} if report else {})
@@ -120,18 +118,6 @@ def _confusion_name(split: str, tta: bool, other_data: str | None) -> str:
     split's picture beside that of other data scored with the same split name (it was written over). DATA comes
     last, after the one `--` of the name, so no name of data can spell the run's own picture (a folder `tta`)."""
     return f"confusion-{split}{'-tta' if tta else ''}{f'--{other_data}' if other_data else ''}.png"
-
-
-def _other_data_name(data: str | None, meta: dict) -> str | None:
-    """DATA's file or folder name, for a file name, where DATA is not the run's own recorded data; None where it
-    is, or none is given. Letters of any script are kept, so that two names differ as they did."""
-    if data is None:
-        return None
-    recorded, scored = recorded_data_path(meta), Path(data).resolve()
-    if recorded and scored == Path(recorded).resolve():
-        return None
-    name = re.sub(r"[^\w.-]+", "_", scored.name).strip("._-")
-    return name[:MAX_NAME_PART] or "data"
 
 
 def _confusion_picture(metrics: dict, path: Path, title: str) -> Path | None:
@@ -179,10 +165,11 @@ def _read_texts(args: argparse.Namespace) -> list[str]:
     image = next((text for text in texts if Path(text).suffix.lower() in IMAGE_SUFFIXES and answers(Path(text).is_file)), None)
     if image is not None:  # an image run's command given a text run: its file name classified as words, then --file advised
         raise ThawError(f"{image} is an image, and {args.run} is a text run, which classifies texts; predict images with an image run")
-    named = next((text for text in texts if answers(Path(text).is_file)), None)
+    texts_with_names = [text for text in texts if text.strip()]  # Path("") is the working folder: no name was given
+    named = next((text for text in texts_with_names if answers(Path(text).is_file)), None)
     if named is not None:  # `thaw predict RUN messages.txt` classifies the words "messages.txt": said, as it may be meant
         print(f"thaw: warning: {named!r} is also a file here; it is classified as a text. To classify the file's lines, pass --file {named}", file=sys.stderr)
-    folder = next((text for text in texts if answers(Path(text).is_dir)), None)
+    folder = next((text for text in texts_with_names if answers(Path(text).is_dir)), None)
     if folder is not None:  # a folder of images (or of texts) given to a text run: its name is what is classified
         print(f"thaw: warning: {folder!r} is also a folder here; its name is classified as a text, not the files in it", file=sys.stderr)
     if args.file:

@@ -10,10 +10,12 @@ from __future__ import annotations
 import base64
 import csv
 import html
+import re
 import time
 from pathlib import Path
 
 from thaw._io import atomic_write, lies_within, names_a_folder
+from thaw._version import __version__
 from thaw.errors import ThawError
 from thaw.data.text import TextColumns
 from thaw.data.folders import file_would_be_read
@@ -29,6 +31,13 @@ LR_FIND = "lr_find.png"  # `thaw lr-find DATA ... --out RUN/lr_find.png` puts it
 CURVES = "curves.png"
 TOP_LOSSES = 16
 MAX_TOP_LOSSES = 500  # each one is an inline thumbnail (and a Grad-CAM pass): past this the page stops being readable
+MAX_NAME_PART = 60  # characters of DATA's name in the page's file name: at 4 bytes each, below the file system's 255
+GENERATOR = f"thaw report {__version__}"  # the page's <meta name="generator">: what tells thaw's page from any other .html
+PAGE_OPENING = '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+# thaw's page: the generator tag, or the opening an older thaw wrote before it (its title, then the style sheet)
+THAW_PAGE = re.compile(re.escape(PAGE_OPENING) + r'(<meta name="generator" content="thaw report[ "]|<title>thaw report: [^<]*</title><style>\nbody\{)')
+HEAD_BYTES = 4096  # what is read of a file the page would replace: thaw's head fits, and a file of any size may be named
+ELSEWHERE = "write the page elsewhere with --output FILE.html"  # where the default place is refused
 
 
 def check_top_losses(top: object) -> None:
@@ -52,15 +61,59 @@ def write_report(
     run: str | Path, data_path: str | Path | None = None, split: str | None = "val", top: int = TOP_LOSSES,
     columns: TextColumns | None = None, output: str | Path | None = None,
 ) -> tuple[Path, dict]:
-    """Score the run on `split` of its data and write RUN/report.html (or `output`: the page is self-contained, so it
-    can live anywhere, say beside a run that is read-only); returns the file and the report's data.
+    """Score the run on `split` of its data and write RUN/report.html, RUN/report--NAME.html for other data
+    (report_path), or `output` (the page is self-contained, so it can live anywhere, say beside a run that is
+    read-only); returns the file and the report's data.
     `columns`: a text table's own layout, for one scored whole (evaluation_set)."""
     run = Path(run)
     check_top_losses(top)  # before the scoring, which the page's size and place would otherwise waste
     output = check_report_output(output, run, data_path) if output is not None else None
     adapter, meta = load_run(run)
+    if output is None:  # the default page's place is checked before the scoring too
+        check_replaceable(report_path(run, meta, data_path), run, ELSEWHERE)
     scored = score_run(adapter, meta, run_data_path(run, meta, data_path), split, columns=columns)
-    return save_report(run, adapter, meta, scored, top, output)
+    return save_report(run, adapter, meta, scored, top, output, data_path)
+
+
+def report_path(run: Path, meta: dict, data: str | Path | None = None) -> Path:
+    """Where the page goes without --output: RUN/report.html for the run's own data, RUN/report--NAME.html for other
+    data (as thaw evaluate names its confusion-SPLIT--NAME.png): a report on a held-out set was written over the
+    report of the run's own data."""
+    name = other_data_name(data, meta)
+    return Path(run) / (REPORT if name is None else f"{Path(REPORT).stem}--{name}{Path(REPORT).suffix}")
+
+
+def other_data_name(data: str | Path | None, meta: dict) -> str | None:
+    """DATA's file or folder name, for a file name, where DATA is not the run's own recorded data; None where it
+    is, or none is given. thaw evaluate's rule for its pictures: letters of any script are kept, so that two names
+    differ as they did."""
+    if data is None or str(data) == "":
+        return None
+    recorded, scored = recorded_data_path(meta), Path(data).resolve()
+    if recorded and scored == Path(recorded).resolve():
+        return None
+    name = re.sub(r"[^\w.-]+", "_", scored.name).strip("._-")
+    return name[:MAX_NAME_PART] or "data"
+
+
+def is_thaw_report(path: Path) -> bool:
+    """Whether the file at `path` is a page thaw report wrote, read from its first HEAD_BYTES only."""
+    try:
+        with path.open("rb") as handle:
+            head = handle.read(HEAD_BYTES)
+    except OSError:  # unreadable: not known to be thaw's, so not replaced
+        return False
+    return THAW_PAGE.match(head.decode("utf-8", "replace")) is not None  # a cut character at the end is no matter
+
+
+def check_replaceable(path: Path, run: Path, instead: str) -> None:
+    """Refuse a file at `path` that the page would replace though thaw report did not write it (a suffix says little:
+    .html is every page's). An earlier report is replaced, and so is an empty file (mktemp's): it loses nothing.
+    RUN/report.html is the run's own page whatever it holds: older thaws wrote it without the generator tag."""
+    if not path.is_file() or not path.stat().st_size or path.resolve() == (Path(run) / REPORT).resolve():
+        return
+    if not is_thaw_report(path):
+        raise ThawError(f"{path} exists and is no page thaw report wrote; it is left as it was: {instead}, or delete that file first")
 
 
 PAGE_SUFFIXES = (".html", ".htm")
@@ -69,7 +122,8 @@ PAGE_SUFFIXES = (".html", ".htm")
 def check_report_output(output: str | Path, run: str | Path, data: str | Path | None = None) -> Path:
     """A file the page can be written to, checked before any scoring: an HTML file (a page written over anything else
     lost it: a run's weights or export, a text run's table), not a folder, not a device, not in another run's folder
-    and not where the run's data or the `data` scored would read it (a class folder). RUN/report.html is taken."""
+    and not where the run's data or the `data` scored would read it (a class folder), and no file but an earlier
+    report (or an empty one): a page of another tool's is kept. RUN/report.html is taken."""
     text, run = str(output), Path(run)
     elsewhere = f"{run.resolve().name}-report.html"  # in the current folder: a run's own folder may be read-only
     if not text.strip():
@@ -102,20 +156,26 @@ def _checked_page(output: Path, text: str, run: Path, roots: list[Path], elsewhe
     holder = output.parent.parent if output.parent.name in RUN_FOLDERS else output.parent
     if holds_run(holder) and holder.resolve() != run.resolve():  # that run's report.html is that run's page
         raise ThawError(f"--output {output} is in the folder of another run, {holder}; write the page elsewhere, such as {elsewhere}")
+    named = Path(elsewhere).resolve() != output.resolve()  # the file refused is not suggested
+    check_replaceable(output, run, f"write the page to another file, such as --output {elsewhere}" if named else "name another file with --output")
     return output
 
 
 def save_report(
-    run: Path, adapter: ModelAdapter, meta: dict, scored: ScoredSet, top: int = TOP_LOSSES, output: str | Path | None = None
+    run: Path, adapter: ModelAdapter, meta: dict, scored: ScoredSet, top: int = TOP_LOSSES, output: str | Path | None = None,
+    data: str | Path | None = None,
 ) -> tuple[Path, dict]:
-    """Write the page of a scored set: RUN/report.html, or `output` (checked first: a page written over the run's
-    weights would lose the model)."""
+    """Write the page of a scored set: `output`, else report_path's (RUN/report.html, or RUN/report--NAME.html where
+    `data`, what was scored, is not the run's own). Checked again here, just before the write: a page written over
+    the run's weights would lose the model, over another tool's page that page."""
     check_top_losses(top)
-    output = check_report_output(output, run) if output is not None else None
+    output = check_report_output(output, run, data) if output is not None else None
+    target = output if output is not None else report_path(run, meta, data)
+    if output is None:
+        check_replaceable(target, run, ELSEWHERE)
     report = build_report(run, adapter, meta, scored, top)
     # A file name that is not UTF-8 (an old zip's) is shown with a replacement character, not a failed report.
     page = render_html(report).encode("utf-8", "surrogateescape").decode("utf-8", "replace")
-    target = output if output is not None else run / REPORT
     atomic_write(target, lambda temporary: temporary.write_text(page, encoding="utf-8"))
     return target, report
 
@@ -216,7 +276,7 @@ def _image(data: str, mime: str, alt: str) -> str:
 def render_html(report: dict) -> str:
     sections = [_glance_html(report), _curves_html(report), _metrics_html(report), _confused_html(report), _gallery_html(report)]
     return (
-        f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>thaw report: {_e(report["run"])}</title>'
+        f'{PAGE_OPENING}<meta name="generator" content="{_e(GENERATOR)}"><title>thaw report: {_e(report["run"])}</title>'
         f"<style>{STYLE}</style></head><body>"
         f"<h1>thaw report: {_e(report['run'])}</h1><p class=\"note\">written {_e(report['written'])}</p>"
         + "".join(sections) + "</body></html>\n"

@@ -50,6 +50,7 @@ EXPORTS = (ONNX_EXPORT, ONNX_EXPORT + ".data", TORCHSCRIPT_EXPORT)  # .data: whe
 RUN_FILES = (METADATA, WEIGHTS, ADAPTER, CHECKPOINT, TYPED_OPTIONS, "metrics.csv", "curves.png", "confusion.png", REPORT, *EXPORTS)
 RUN_FOLDERS = (TEXT_MODEL, TENSORBOARD_FOLDER)
 EVALUATE_PLOTS = "confusion-*.png"  # thaw evaluate's, one per split
+OTHER_DATA_REPORTS = "report--*.html"  # thaw report's on data other than the run's own, one per data name
 LOCK = ".thaw-training"  # in the run folder while a process trains into it: a second one there would lose one of the two runs
 SET_ASIDE = ".replaced-run"  # in the run folder: the old run, while a new one replaces it, until the new one's first checkpoint
 CSV_COLUMNS = [
@@ -226,9 +227,10 @@ def check_nothing_set_aside(out: Path) -> None:
 
 
 def run_entries(out: Path) -> list[Path]:
-    """What a run and the commands on it wrote into `out` (RUN_FILES, RUN_FOLDERS, evaluate's plots); nothing else."""
+    """What a run and the commands on it wrote into `out` (RUN_FILES, RUN_FOLDERS, evaluate's plots, reports on other
+    data); nothing else."""
     named = [out / name for name in (*RUN_FILES, *RUN_FOLDERS) if (out / name).exists()]
-    return named + sorted(out.glob(EVALUATE_PLOTS))
+    return named + sorted(out.glob(EVALUATE_PLOTS)) + sorted(out.glob(OTHER_DATA_REPORTS))
 
 
 def remove_run_files(out: Path) -> None:
