@@ -35,7 +35,8 @@ from thaw.train.progress import clock
 from thaw._io import atomic_write, check_writable
 from thaw.train import RunResult, check_model_object, check_out_outside_data, RunState, TextColumns, TrainConfig, resume_run, saved_settings, train_images, train_text
 from thaw.train.config import METRICS, PRECISIONS, SCHEDULES, checked_training_options
-from thaw.train.fit import resolve_device, uses_bf16
+from thaw._device import resolve_device
+from thaw.train.fit import uses_bf16
 from thaw.train.settings import ADDED_LATER, RUNTIME_FIELDS, differences, source_name
 from thaw.plan.optim import OPTIMIZERS
 

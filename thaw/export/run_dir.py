@@ -18,6 +18,7 @@ import torch
 from torch import nn
 from safetensors import safe_open
 
+from thaw._device import check_device, resolve_device
 from thaw.data.text import TextColumns
 from thaw.errors import ThawError, first_line
 from thaw.models import ModelAdapter, Preprocessing, adapt, build_model
@@ -207,9 +208,6 @@ def load_run(run: str | Path, device: str | torch.device = "cpu", model: nn.Modu
 
     `model`: for a run trained on a model object, the same architecture (a new instance; the run's weights are loaded
     into it); for a run trained on a named model it may stand in for the name."""
-    from thaw.train.config import check_device
-    from thaw.train.fit import resolve_device
-
     if not isinstance(run, (str, os.PathLike)) or not str(run).strip():  # pathlib's TypeError named no argument
         raise ThawError(f"run must be a run folder's path (a str or pathlib.Path), got {run!r}")
     if model is not None and not isinstance(model, (nn.Module, ModelAdapter)):  # a name: the run records its own

@@ -6,6 +6,7 @@ import os
 
 import torch
 
+from thaw._device import check_device, resolve_device
 from thaw.errors import ThawError
 
 from thaw.models.adapter import LayerGroup, ModelAdapter, Preprocessing
@@ -28,9 +29,6 @@ __all__ = [
 def _checked_device(device: object) -> str | torch.device:
     """One line for a device this machine lacks (not torch's driver error from the first .to()); 'auto' as training
     resolves it; a CUDA index (0) as torch reads it. The meta device builds shapes only (thaw's own probes)."""
-    from thaw.train.config import check_device  # here: the models come before training
-    from thaw.train.fit import resolve_device
-
     if isinstance(device, int) and not isinstance(device, bool):
         device = torch.device(device)
     if str(device).split(":")[0] == "meta":

@@ -22,9 +22,10 @@ from thaw.models.sources import hf_source
 from thaw.plan import Plan, plan_from_dict, plan_to_dict
 from thaw.plan.stages import check_stage_names
 from thaw.plan.strategies import check_plan_options, default_strategy
+from thaw._device import check_device
 from thaw.errors import ThawError
 from thaw.train import checkpoint
-from thaw.train.config import TrainConfig, check_batch_statistics, check_class_scores, check_device, check_image_augments, check_plan, check_plan_before_data, check_switch
+from thaw.train.config import TrainConfig, check_batch_statistics, check_class_scores, check_image_augments, check_plan, check_plan_before_data, check_switch
 from thaw.train.settings import RUNTIME_FIELDS, config_from_settings, samples_digest, source_name, split_as_recorded
 from thaw import distributed
 from thaw.train.fit import EpochCallback, RunResult, RunState, StepHook, effective_preprocessing, fit, signals_held

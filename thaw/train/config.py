@@ -18,6 +18,7 @@ import numpy
 import torch
 
 from thaw.data.transforms import AUTO_AUGMENTS
+from thaw._device import device_problem
 from thaw.errors import ThawError, join_problems
 from thaw.models._structure import meta_copy, meta_forward_failure
 from thaw.models import build_model
@@ -103,18 +104,6 @@ def _choice_problem(name: str, value: object, valid: tuple[str, ...]) -> str | N
     return None if value in valid else f"{name} must be one of {', '.join(valid)}, got {value!r}"
 
 
-def _device_problem(device: object) -> str | None:
-    if device == "auto":
-        return None
-    if not isinstance(device, str):  # a torch.device trained the whole run, then could not be recorded in thaw.json
-        return f"device must be a name like 'cpu' or 'cuda:0' (str(device) gives one), got {device!r}"
-    try:
-        torch.device(device)  # type: ignore[arg-type]
-    except (RuntimeError, TypeError):
-        return f"device must be auto, cpu, cuda, cuda:N or another torch device name, got {device!r}"
-    return None
-
-
 def config_problems(config: TrainConfig) -> list[str]:
     """Every impossible value of `config`, each as what is wrong and what to do."""
     c = config
@@ -127,7 +116,7 @@ def config_problems(config: TrainConfig) -> list[str]:
         _choice_problem("schedule", c.schedule, SCHEDULES),
         _choice_problem("precision", c.precision, PRECISIONS),
         _choice_problem("metric", c.metric, METRICS),
-        _device_problem(c.device),
+        device_problem(c.device),
     ]
     if c.workers is not None:
         problems.append(_count_problem("workers", c.workers, 0, MAX_WORKERS, "; 0 decodes in the training process"))
@@ -200,26 +189,6 @@ def _augment_problems(c: TrainConfig) -> list[str]:
     if not c.augment:
         problems += [f"{flag} augments the training images, which augment=False (--no-augment) turns off; drop one of the two" for flag in image_augment_flags(c)]
     return problems
-
-
-def check_device(device: str) -> None:
-    """Refuse a device this machine does not have, before the model is moved there (torch's own
-    error comes from deep inside the first `.to()`). Not part of TrainConfig's checks: a config
-    may be written on one machine and run on another."""
-    problem = _device_problem(device)
-    if problem:
-        raise ThawError(problem)
-    if device in ("auto", "cpu"):
-        return
-    kind = torch.device(device)
-    if kind.type == "meta":
-        raise ThawError("the meta device holds shapes, not numbers: it cannot train or run a model; use device 'cpu' or 'cuda' (--device cpu or cuda)")
-    if kind.type == "cuda" and not torch.cuda.is_available():
-        raise ThawError(f"device {device!r} (--device {device}): this machine has no CUDA device that torch can use; use 'cpu' or 'auto'")
-    if kind.type == "cuda" and kind.index is not None and kind.index >= torch.cuda.device_count():
-        raise ThawError(f"device {device!r} (--device {device}): this machine has {torch.cuda.device_count()} CUDA device(s), numbered from 0")
-    if kind.type == "mps" and not torch.backends.mps.is_available():
-        raise ThawError(f"device {device!r} (--device {device}): MPS (Apple GPUs) is not available here; use 'cpu' or 'auto'")
 
 
 def check_image_size(adapter: ModelAdapter, config: TrainConfig, model_name: str) -> None:

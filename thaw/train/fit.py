@@ -28,6 +28,7 @@ from torch.utils.data import DataLoader
 
 from thaw import distributed
 from thaw._allocator import memory_kept_between_steps
+from thaw._device import check_device, resolve_device
 from thaw._io import check_writable
 from thaw.data.folders import ImageData, describe_skipped
 from thaw.data.loaders import ImageDataset, configure_threads, cores_per_process, default_workers, make_loader, next_epoch, stop_workers
@@ -43,7 +44,7 @@ from thaw.plan.freeze import apply_trainable, batchnorm_layers, batchnorm_trains
 from thaw.train import checkpoint as ckpt
 from thaw.train.run_folder import check_new_run, check_nothing_set_aside, holds_run, restore_run, set_aside_run, training_lock
 from thaw.train.adapt_bn import adapt_batchnorm, has_statistics
-from thaw.train.config import ONE_IMAGE_BATCHES, TrainConfig, check_device, check_image_augments, check_image_size, check_progressive_resize, image_augment_flags
+from thaw.train.config import ONE_IMAGE_BATCHES, TrainConfig, check_image_augments, check_image_size, check_progressive_resize, image_augment_flags
 from thaw.train.budget import MARGIN, Split, TopStage, measure_costs, resplit, split_budget, with_epochs
 from thaw.train.compiled import CompileFailed, compile_failed, compile_failures, compile_problem, compiled_forward
 from thaw.train.ema import require_timm, weight_average
@@ -149,10 +150,6 @@ def how_to_continue(out: Path) -> str:
     if distributed.from_environment().distributed:
         return f"continue with the same torchrun command plus --resume {out}, without --overwrite ({python})"
     return f"continue with thaw train --resume {out} ({python})"
-
-
-def resolve_device(device: str) -> torch.device:
-    return torch.device(device if device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
 
 
 def uses_bf16(precision: str, device: torch.device) -> bool:
