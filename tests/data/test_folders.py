@@ -583,6 +583,21 @@ def test_only_class_names_that_differ_in_case_alone_are_noted(tmp_path: Path) ->
     assert discover(tmp_path / "list.csv", val_split=0.5).notes == ()  # dog and dogs: two names, not one in two cases
 
 
+def test_class_names_that_are_one_number_written_two_ways_are_noted(tmp_path: Path) -> None:
+    """A label column a spreadsheet rewrote in part (`1`, `1.0`) splits one class in two: said as the run starts."""
+    write_class_images(tmp_path / "folders", classes=("a", "b"), per_class=4, size=8)
+    labels = {"a": ["1", "1.0", "1", "1.0"], "b": ["2", "02", "02", "2"]}
+    rows = [f"folders/{folder}/00{i}.png,{labels[folder][i]}\n" for folder in ("a", "b") for i in range(4)]
+    (tmp_path / "list.csv").write_text("".join(rows))
+    notes = discover(tmp_path / "list.csv", val_split=0.5).notes
+    assert notes == (
+        "classes 02 and 2 are one number written 2 ways, so they are 2 classes; write them alike if they are one",
+        "classes 1 and 1.0 are one number written 2 ways, so they are 2 classes; write them alike if they are one",
+    )
+    (tmp_path / "other.csv").write_text("".join(f"folders/{f}/00{i}.png,{label}\n" for f, label in [("a", "1"), ("b", "10")] for i in range(4)))
+    assert discover(tmp_path / "other.csv", val_split=0.5).notes == ()  # two numbers, and nan or inf equal nothing
+
+
 def test_one_class_folder_with_folders_of_its_own_is_data_to_score(tmp_path: Path) -> None:
     """cat/indoor/ and cat/outdoor/ held out to score: one class, cat, not a folder passed one level too high."""
     write_class_images(tmp_path / "held" / "cat", classes=("indoor", "outdoor"), per_class=2, size=8)

@@ -529,3 +529,13 @@ def test_a_share_out_of_range_names_the_argument_it_came_from(tmp_path: Path, sh
     table.write_text("".join(f"{label}\t{label} text {index}\n" for index in range(10) for label in ("ham", "spam")))
     with pytest.raises(ThawError, match=named):
         load_text_data(table, **shares)
+
+
+def test_labels_that_are_one_number_written_two_ways_are_said_as_the_table_is_read(tmp_path: Path) -> None:
+    """`1` and `1.0` in one label column (a spreadsheet rewrote some rows) train as two classes: the run says so."""
+    table = tmp_path / "t.csv"
+    rows = [f"text {index},{label}" for index, label in enumerate(["1", "1.0", "0"] * 6)]
+    table.write_text("\n".join(rows) + "\n")
+    data = load_text_data(table)
+    assert data.classes == ("0", "1", "1.0")
+    assert data.notes == ("classes 1 and 1.0 are one number written 2 ways, so they are 2 classes; write them alike if they are one",)

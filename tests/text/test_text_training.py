@@ -323,6 +323,20 @@ def test_a_label_val_cannot_hold_out_is_warned_of_as_the_text_run_starts(tmp_pat
     assert any(" train loss " in line for line in captured.out.splitlines())  # the run went on: a warning, not a refusal
 
 
+def test_rows_skipped_from_a_text_table_are_called_rows_with_their_line_and_reason(
+    tmp_path: Path, tiny_encoder: Path, capsys: pytest.CaptureFixture,
+) -> None:
+    """An empty text is a row left out, not an "unreadable file": the warning says which line and why."""
+    table = write_text_table(tmp_path / "t.tsv")
+    with table.open("a", encoding="utf-8") as handle:
+        handle.write("spam\t \n")  # a label with no text: line 61
+    args = ["train", str(table), "--model", str(tiny_encoder), "--strategy", "feature-extract", "--epochs", "1",
+            "--batch-size", "8", "--out", str(tmp_path / "run")]
+    assert main(args) == 0
+    warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("thaw: warning: skipped")]
+    assert warnings == [f"thaw: warning: skipped 1 row(s) of the table: {table}:61 (empty text or label)"]
+
+
 @pytest.mark.parametrize("weights", ["none", "IMAGENET1K_V1", "model.safetensors"])
 def test_weights_for_a_text_run_are_refused_as_read_by_nothing(tmp_path: Path, tiny_encoder: Path, capsys: pytest.CaptureFixture, weights: str) -> None:
     """A text encoder's weights are its --model folder's: --weights (a run's file, none, an image weights name) trained
@@ -360,3 +374,15 @@ def test_a_text_model_that_no_hub_could_provide_is_refused_before_asking_it(
     table = write_text_table(tmp_path / "t.tsv")
     assert main(["train", str(table), "--task", "text", "--model", model, "--epochs", "1", "--out", str(tmp_path / "out")]) == 2
     assert said in capsys.readouterr().err
+
+
+def test_a_text_models_adapter_given_to_train_images_is_pointed_to_train_text(
+    tmp_path: Path, tiny_encoder: Path, tiny_split_data: Path,
+) -> None:
+    from thaw.models.hf_text import build_text_model
+    from thaw.train import train_images
+
+    adapter = build_text_model(str(tiny_encoder), num_classes=3)
+    with pytest.raises(ThawError, match=r"^this adapter is a text model's \(its preprocessing tokenizes\); train it on a table with train_text$"):
+        train_images(tiny_split_data, model=adapter, out=tmp_path / "run", config=QUICK)
+    assert not (tmp_path / "run").exists()

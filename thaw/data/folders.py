@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import math
 import os
 import random
 import unicodedata
@@ -65,7 +66,25 @@ class LabelledData:
         """What the user may not have meant, said as a run starts: class names that differ only in case (`dog`, `Dog`;
         a merge of two folders, a typo in a manifest) are two classes. Not an error: `a` and `A` may be two letters.
         Then the reader's own cautions (a text table's unclosed quote, texts in both train and val)."""
-        return case_clashes(self.classes) + self.cautions
+        return case_clashes(self.classes) + number_clashes(self.classes) + self.cautions
+
+
+def number_clashes(classes: tuple[str, ...]) -> tuple[str, ...]:
+    """Class names that are one number written two ways (`1` and `1.0`: a label column a spreadsheet rewrote in part)
+    are two classes; said, not refused, as for names that differ only in case."""
+    by_value: dict[float, list[str]] = defaultdict(list)
+    for name in classes:
+        try:
+            value = float(name)
+        except ValueError:
+            continue
+        if math.isfinite(value):  # nan and inf never equal another name's number
+            by_value[value].append(name)
+    return tuple(
+        f"classes {' and '.join(names)} are one number written {len(names)} ways, so they are {len(names)} classes; "
+        f"write them alike if they are one"
+        for names in by_value.values() if len(names) > 1
+    )
 
 
 def case_clashes(classes: tuple[str, ...]) -> tuple[str, ...]:
@@ -789,7 +808,8 @@ def discover(root: str | Path, *, val_split: float = 0.2, seed: int = 0, min_cla
     return _from_class_folders(root, val_split, seed, min_classes)
 
 
-def describe_skipped(skipped: tuple[tuple[str, str], ...], limit: int = 5) -> str:
+def describe_skipped(skipped: tuple[tuple[str, str], ...], limit: int = 5, what: str = "unreadable file(s)") -> str:
+    """`what`: a text table's rows are skipped for being empty or short, not unreadable ("row(s) of the table")."""
     shown = "; ".join(f"{path} ({reason})" for path, reason in skipped[:limit])
     more = f"; and {len(skipped) - limit} more" if len(skipped) > limit else ""
-    return f"skipped {len(skipped)} unreadable file(s): {shown}{more}"
+    return f"skipped {len(skipped)} {what}: {shown}{more}"

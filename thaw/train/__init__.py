@@ -17,7 +17,7 @@ from thaw.data.folders import ImageData, discover, split_folders, would_be_read
 from thaw.data.text import SPLIT_RULE, TextColumns, TextData, load_text_data, recorded_split_rules
 from thaw.models import ModelAdapter, adapt, build_model
 from thaw.models.adapter import check_image_preprocessing
-from thaw.models.hf_text import DEFAULT_MAX_LENGTH, build_text_model, check_max_length
+from thaw.models.hf_text import DEFAULT_MAX_LENGTH, TextPreprocessing, build_text_model, check_max_length
 from thaw.models.sources import hf_source
 from thaw.plan import Plan, plan_from_dict, plan_to_dict
 from thaw.plan.stages import check_stage_names
@@ -172,6 +172,8 @@ def _image_adapter(model: str | nn.Module | ModelAdapter, weights: str | None, c
     if weights not in ("DEFAULT", None):
         raise ThawError(f"weights={weights!r} goes with a model name; a model object brings its own weights: drop it")
     if isinstance(model, ModelAdapter):
+        if isinstance(model.preprocessing, TextPreprocessing):  # its check would only say it is no Preprocessing
+            raise ThawError("this adapter is a text model's (its preprocessing tokenizes); train it on a table with train_text")
         check_image_preprocessing(model.preprocessing)  # one built by hand: checked before the run folder is made
         if model.num_classes != num_classes:
             raise ThawError(

@@ -1066,7 +1066,8 @@ class Trainer:
 
     def _warn_skipped(self, skipped: list[tuple[str, str]]) -> None:
         if skipped:
-            self._warn(describe_skipped(tuple(skipped)))
+            what = "row(s) of the table" if isinstance(self.data, TextData) else "unreadable file(s)"
+            self._warn(describe_skipped(tuple(skipped), what=what))
 
     def _warn_found_while_decoding(self) -> None:
         """Files whose header read but whose pixels did not (a truncated JPEG), said as soon as a pass found them (the
