@@ -132,6 +132,8 @@ def test_audit_catches_left_out_and_frozen_parameters() -> None:
     with_frozen = torch.optim.AdamW(adapter.model.parameters())
     with pytest.raises(ThawError, match="frozen parameter layer1"):
         audit_optimizer(adapter.model, with_frozen)
+    with pytest.raises(ThawError, match="frozen parameter layer1"):
+        audit_optimizer(adapter, with_frozen)  # the adapter's model, audited the same
 
 
 def test_gradual_unfreezes_one_group_per_stage_from_the_top(resnet50) -> None:
@@ -414,6 +416,9 @@ def test_the_plan_api_names_a_wrong_argument_in_one_line(resnet50) -> None:
         r"^a plan's stages are thaw\.Stage objects, got \('a',\)$": lambda: Plan(("a",)),
         r"^a plan file is a path to a YAML file, got None$": lambda: load_plan(None),
         r"^count_parameters takes a model \(an nn\.Module or a ModelAdapter\), got 'x'$": lambda: count_parameters("x"),
+        r"^audit_optimizer takes a torch optimizer \(thaw\.build_optimizer gives one\), got 'adam'$": lambda: audit_optimizer(resnet50, "adam"),
+        r"^audit_optimizer takes a model \(an nn\.Module or a ModelAdapter\), got 'resnet50'$": lambda: audit_optimizer("resnet50", None),
+        r"^trainable_line takes two parameter counts \(count_parameters gives them\), got '1' and 2$": lambda: trainable_line("1", 2),
     }
     for refusal, call in refusals.items():
         with pytest.raises(ThawError, match=refusal):

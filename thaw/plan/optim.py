@@ -117,9 +117,15 @@ def _shown(names: list[str]) -> str:
     return ", ".join(names[:5]) + (" ..." if len(names) > 5 else "")
 
 
-def audit_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+def audit_optimizer(model: nn.Module | ModelAdapter, optimizer: torch.optim.Optimizer) -> None:
     """Every trainable parameter in exactly one group, no state for frozen ones. Frozen parameters
     sit in no group; in fixed groups (is_fixed) they sit at lr 0 with no gradient."""
+    if isinstance(model, ModelAdapter):  # as count_parameters takes either
+        model = model.model
+    if not isinstance(model, nn.Module):
+        raise ThawError(f"audit_optimizer takes a model (an nn.Module or a ModelAdapter), got {model!r}")
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise ThawError(f"audit_optimizer takes a torch optimizer (thaw.build_optimizer gives one), got {optimizer!r}")
     names = {id(p): n for n, p in model.named_parameters()}
     fixed = is_fixed(optimizer)
     seen: dict[int, int] = {}
