@@ -223,8 +223,10 @@ def test_off_by_default_in_the_library_and_the_cli() -> None:
     "options, expected",
     [
         ({"auto_augment": "auto"}, "auto augment must be one of trivial, rand, got 'auto'"),
-        ({"mixup": -0.1}, "mixup must be a Beta alpha >= 0, got -0.1"),
-        ({"cutmix": float("inf")}, "cutmix must be a Beta alpha >= 0, got inf"),
+        ({"mixup": -0.1}, "mixup must be a Beta alpha from 0.001 to 1000, got -0.1"),
+        ({"cutmix": float("inf")}, "cutmix must be a Beta alpha from 0.001 to 1000, got inf"),
+        ({"mixup": 1e-50}, "mixup must be a Beta alpha from 0.001 to 1000, got 1e-50"),  # 0 in float32: a traceback in the first batch
+        ({"cutmix": 1e20}, "cutmix must be a Beta alpha from 0.001 to 1000, got 1e+20"),
         ({"mixup": 0.2, "augment": False}, "mixup (--mixup) augments the training images, which augment=False (--no-augment) turns off"),
         ({"auto_augment": "rand", "augment": False}, "auto_augment (--auto-augment) augments the training images"),
     ],
@@ -285,8 +287,9 @@ def test_a_plan_file_number_in_quotes_is_the_number_as_its_lrs_are(tmp_path: Pat
 @pytest.mark.parametrize(
     "training, expected",
     [
-        ("{mixup: true}", "mixup must be a Beta alpha >= 0, got True"),
-        ("{cutmix: abc}", "cutmix must be a Beta alpha >= 0, got 'abc'"),
+        ("{mixup: true}", "mixup must be a Beta alpha from 0.001 to 1000, got True"),
+        ("{cutmix: abc}", "cutmix must be a Beta alpha from 0.001 to 1000, got 'abc'"),
+        ("{cutmix: 100000000000000000000}", "cutmix must be a Beta alpha from 0.001 to 1000, got 100000000000000000000"),
         ("{auto_augment: 3}", "auto augment must be one of trivial, rand, got 3"),
     ],
 )
@@ -304,7 +307,8 @@ def _thaw(*args: str) -> subprocess.CompletedProcess:
 @pytest.mark.parametrize(
     "extra, expected",
     [
-        (["--mixup", "-1"], "expected an alpha >= 0"),
+        (["--mixup", "-1"], "expected an alpha from 0.001 to 1000"),
+        (["--mixup=1e-50"], "expected an alpha from 0.001 to 1000"),
         (["--cutmix", "nan"], "expected a finite number"),
         (["--auto-augment", "wide"], "expected one of trivial, rand, none, got 'wide'"),
         (["--mixup", "0.2", "--no-augment"], "mixup (--mixup) augments the training images, which augment=False (--no-augment) turns off"),

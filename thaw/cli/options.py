@@ -14,6 +14,7 @@ from thaw.models.lora import MAX_LORA_RANK
 from thaw.models.sources import task_of
 from thaw.plan.lr import MAX_LR
 from thaw.plan.freeze import BATCHNORM_POLICIES
+from thaw.train.config import MIX_ALPHA_RANGE
 from thaw.plan.strategies import DEFAULT_EPOCHS, DEFAULT_HEAD_LR, STRATEGIES, TOP_GROUPS, UNUSED_WHEN_UNSET, default_strategy, unused_options
 
 TYPED_PLAN_FLAGS = "typed_plan_flags"  # the namespace attribute that lists the plan options typed, as their flags
@@ -78,8 +79,11 @@ def finite_float(text: str) -> float:
 def beta_alpha(text: str) -> float:
     """Mixup's and cutmix's alpha: a finite number >= 0 (0 turns the blending off)."""
     value = finite_float(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an alpha >= 0 (0.2 is usual for mixup, 1.0 for cutmix; 0 turns it off), got {text}")
+    low, high = MIX_ALPHA_RANGE
+    if not (value == 0 or low <= value <= high):
+        raise argparse.ArgumentTypeError(
+            f"expected an alpha from {low:g} to {high:g} (0.2 is usual for mixup, 1.0 for cutmix; 0 turns it off), got {text}"
+        )
     return value
 
 
