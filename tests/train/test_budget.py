@@ -29,7 +29,7 @@ COSTS = Costs(forward=0.01, train_step=0.03, head_step=0.0001)
 SIZES = {"train": 100, "val": 50}
 
 
-@pytest.mark.parametrize("text, seconds", [("90s", 90), ("3m", 180), ("1.5h", 5400), ("120", 120), (" 2m ", 120), ("1h30m", 5400), ("2m 30s", 150), ("1h0.5m", 3630), ("90m", 5400), ("1h59.5m", 7170)]
+@pytest.mark.parametrize("text, seconds", [("90s", 90), ("3m", 180), ("1.5h", 5400), ("120", 120), (" 2m ", 120), ("1h30m", 5400), ("2m 30s", 150), ("1h0.5m", 3630), ("90m", 5400), ("1h59.5m", 7170), ("6e2", 600), ("1.5E+3", 1500)]
 )
 def test_a_budget_reads_seconds_minutes_and_hours(text: str, seconds: float) -> None:
     assert parse_budget(text) == seconds
@@ -361,6 +361,7 @@ def test_a_plan_file_budget_is_read_like_the_flag(tmp_path: Path) -> None:
     assert budget("3m") == 180.0
     assert budget("1.5h") == 5400.0
     assert budget("90") == 90.0  # a bare number is seconds, as on the command line
+    assert budget("6e2") == 600.0  # YAML 1.1 reads it as text; a number everywhere in the file, as the README says
     assert budget("3m", "--budget", "90s") == 90.0  # typed on the command line: the flag wins
     with pytest.raises(ThawError, match=r"plan\.yaml: training: budget must be a time above 0, like 90s, 3m, 1\.5h or 1h30m \(a bare number is seconds\), got 'soon'"):
         budget("soon")
