@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from thaw import ThawError, apply_stage, build_model, build_plan, count_parameters, plan_report, trainable_line
+from thaw import ThawError, apply_stage, apply_trainable, build_model, build_optimizer, build_plan, count_parameters, plan_report, trainable_line
 from thaw.plan import ConstantLr, DecayLr, ExplicitLr, Plan, RangeLr, Stage, audit_optimizer, load_plan, resolve, resolve_plan, resolve_stage
 from thaw.plan.stages import check_named_lrs_are_trained
 from thaw.plan.strategies import DEFAULT_HEAD_LR
@@ -418,6 +418,10 @@ def test_the_plan_api_names_a_wrong_argument_in_one_line(resnet50) -> None:
         r"^count_parameters takes a model \(an nn\.Module or a ModelAdapter\), got 'x'$": lambda: count_parameters("x"),
         r"^audit_optimizer takes a torch optimizer \(thaw\.build_optimizer gives one\), got 'adam'$": lambda: audit_optimizer(resnet50, "adam"),
         r"^audit_optimizer takes a model \(an nn\.Module or a ModelAdapter\), got 'resnet50'$": lambda: audit_optimizer("resnet50", None),
+        r"^build_optimizer takes a resolved stage \(thaw\.resolve_stage\(adapter, stage\) gives one\), got Stage$": lambda: build_optimizer(resnet50, Stage("a", 1)),
+        r"^build_optimizer takes a ModelAdapter, got a ResNet; wrap the model with thaw\.adapt\(model\)$": lambda: build_optimizer(resnet50.model, None),
+        r"^apply_trainable takes a ModelAdapter, got a ResNet": lambda: apply_trainable(resnet50.model, ["fc.weight"]),
+        r"^apply_trainable takes a list of parameter names, like \['fc\.weight', 'fc\.bias'\], got 5$": lambda: apply_trainable(resnet50, 5),
         r"^trainable_line takes two parameter counts \(count_parameters gives them\), got '1' and 2$": lambda: trainable_line("1", 2),
     }
     for refusal, call in refusals.items():

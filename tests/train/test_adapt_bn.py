@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from tests.conftest import ctrl_c_in_the_next_epoch
-from thaw import ThawError, build_model
+from thaw import ThawError, adapt, build_model
 from thaw.data.loaders import Batch
 from thaw.distributed import Processes
 from thaw.plan import ConstantLr, Plan, Stage, apply_trainable
@@ -30,7 +30,7 @@ def test_the_statistics_become_the_average_over_the_training_batches_and_the_res
     model(torch.randn(2, 3, 4, 4))  # materialise the lazy layer
     batches = [Batch(torch.randn(5, 3, 4, 4) * 3 + 2, torch.zeros(5, dtype=torch.long), []) for _ in range(3)]
     batches.append(Batch(torch.randn(1, 3, 4, 4), torch.zeros(1, dtype=torch.long), []))  # one image: no statistics, left out
-    apply_trainable(_Adapter(model), ["4.weight", "4.bias"], "adapt")  # what the stage does first: everything else locked
+    apply_trainable(adapt(model), ["4.weight", "4.bias"], "adapt")  # what the stage does first: everything else locked
     weights = {name: tensor.clone() for name, tensor in model.state_dict().items() if "running" not in name and "num_batches" not in name}
     model.train()
     seen = adapt_batchnorm(model, batches, ENGINE, Processes(rank=0, world=1, local_rank=0))
@@ -43,16 +43,6 @@ def test_the_statistics_become_the_average_over_the_training_batches_and_the_res
     assert torch.allclose(norm.running_mean, expected_mean, atol=1e-5) and torch.allclose(norm.running_var, expected_var, atol=1e-4)
     assert all(torch.equal(model.state_dict()[name], tensor) for name, tensor in weights.items())  # weights untouched
     assert norm.momentum == 0.3 and is_eval_locked(norm) and model.training and not norm.training  # as it was: locked
-
-
-class _Adapter:
-    """Just enough of a ModelAdapter for apply_trainable on a bare nn.Sequential."""
-
-    def __init__(self, model: nn.Module) -> None:
-        self.model = model
-
-    def group(self, name: str) -> None:
-        raise ThawError("no groups")
 
 
 def test_a_run_with_adapt_changes_the_statistics_once_and_no_weight(tiny_split_data: Path, tmp_path: Path, torch_home: Path) -> None:

@@ -24,7 +24,7 @@ from typing import Iterator, Literal
 from torch import nn
 
 from thaw.errors import ThawError
-from thaw.models.adapter import ModelAdapter
+from thaw.models.adapter import ModelAdapter, check_adapter
 from thaw.plan.selectors import group_of_module
 
 BatchNormPolicy = Literal["frozen", "train", "eval", "adapt"]
@@ -92,8 +92,11 @@ def apply_trainable(adapter: ModelAdapter, selected: list[str], batchnorm: Batch
     what trains."""
     if batchnorm not in BATCHNORM_POLICIES:
         raise ThawError(f"batchnorm policy must be one of {', '.join(BATCHNORM_POLICIES)}, got {batchnorm!r}")
+    check_adapter(adapter, "apply_trainable")
     if isinstance(selected, str):
         selected = [selected]
+    if not isinstance(selected, (list, tuple, set, frozenset)) or not all(isinstance(name, str) for name in selected):
+        raise ThawError(f"apply_trainable takes a list of parameter names, like ['fc.weight', 'fc.bias'], got {selected!r}")
     names = {name for name, _ in adapter.model.named_parameters()}
     unknown = [name for name in selected if name not in names]
     if unknown:  # a typo would otherwise freeze everything and train nothing, silently

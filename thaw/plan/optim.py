@@ -11,7 +11,7 @@ from torch import nn
 
 from thaw.errors import ThawError
 from thaw.models._structure import is_norm
-from thaw.models.adapter import ModelAdapter
+from thaw.models.adapter import ModelAdapter, check_adapter
 from thaw.plan.stages import ResolvedStage
 
 
@@ -108,6 +108,9 @@ def make_optimizer(groups: list[dict], name: str = "adamw") -> torch.optim.Optim
 
 
 def build_optimizer(adapter: ModelAdapter, resolved: ResolvedStage, name: str = "adamw") -> torch.optim.Optimizer:
+    check_adapter(adapter, "build_optimizer")
+    if not isinstance(resolved, ResolvedStage):  # a Stage is the easy mistake: its lrs are rules, not per-group values yet
+        raise ThawError(f"build_optimizer takes a resolved stage (thaw.resolve_stage(adapter, stage) gives one), got {type(resolved).__name__}")
     optimizer = make_optimizer(param_groups(adapter, resolved), name)
     audit_optimizer(adapter.model, optimizer)
     return optimizer
