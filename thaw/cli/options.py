@@ -234,14 +234,9 @@ def plan_from_args(args: argparse.Namespace, num_groups: int, recorded: bool = F
     if as_run and strategy == "head-top-all" and type(top_groups) is int and top_groups >= num_groups:
         strategy, top_groups = "two-phase", None  # a top stage of every group, which thaw then dropped: two-phase's plan
     options = {name: getattr(args, name) for name in UNUSED_WHEN_UNSET}
-    if recorded:  # a run an older thaw started with options its strategy ignored resumes as it ran; typed ones are refused
+    if recorded:  # a run an older thaw started with options its strategy ignored resumes as it ran; typed ones are checked
         typed = {flag[2:].replace("-", "_") for flag in getattr(args, TYPED_PLAN_FLAGS, ())}
-        unused = unused_options(strategy, **options)
-        typed_unused = [f"--{name.replace('_', '-')}" for name in unused if name in typed]
-        if typed_unused:  # build_plan's line would say to choose another strategy, which a resume cannot
-            raise ThawError(f"{' and '.join(typed_unused)} {'does' if len(typed_unused) == 1 else 'do'} nothing for {strategy}, the run's "
-                            f"strategy, which a resume keeps; drop {'it' if len(typed_unused) == 1 else 'them'}")
-        options |= {name: UNUSED_WHEN_UNSET[name] for name in unused}
+        options |= {name: UNUSED_WHEN_UNSET[name] for name in unused_options(strategy, **options) if name not in typed}
     head_lr = next((value for name, value in reversed(args.lr) if name is None), DEFAULT_HEAD_LR)
     named = {name: value for name, value in args.lr if name is not None}
     # Per-group lrs name every group's, so a plain one beside them went unused, unsaid; a run an older thaw recorded

@@ -41,9 +41,9 @@ MAX_WORKERS = 256  # each worker is a process holding a copy of the dataset
 MAX_CACHE_VIEWS = 1000  # every view is one pass over the train set, computed before the stage starts
 MAX_PROGRESSIVE_EPOCHS = 64  # above the most epochs --budget gives a stage (thaw.train.budget.MAX_EPOCHS)
 MIX_HINTS = {"mixup": "0.2 is usual", "cutmix": "1.0 is usual"}
-# Beta alphas torchvision's MixUp and CutMix can draw from: 1e-50 is 0 in float32 (a Dirichlet of zeros) and 1e20 no
-# 64-bit integer; past these ends the mixing weight is near-always 0 or 1 (a tiny alpha) or 0.5 (a huge one) anyway.
-MIX_ALPHA_RANGE = (1e-3, 1e3)
+# Beta alphas torchvision's MixUp and CutMix draw from in float32: 1e-50 is 0 there (a Dirichlet of zeros, a traceback
+# in the first batch) and 1e39 infinite; anything between trains, as it always did.
+MIX_ALPHA_RANGE = (1e-38, 1e38)
 SWITCHES = ("channels_last", "augment", "strict", "quiet", "cache", "cache_prefix", "ema", "compile")  # TrainConfig's booleans
 MAX_SEED = 2**63  # torch's generators take seeds below 2**64; leave headroom for per-epoch offsets
 

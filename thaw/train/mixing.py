@@ -26,10 +26,10 @@ class BatchMixer:
 
     def __init__(self, num_classes: int, mixup: float, cutmix: float) -> None:
         choices: list[v2.Transform] = []
-        if mixup:
-            choices.append(v2.MixUp(alpha=mixup, num_classes=num_classes))
+        if mixup:  # float: an int alpha (a plan file's `cutmix: 1`) was a Dirichlet of Long, a traceback in the first batch
+            choices.append(v2.MixUp(alpha=float(mixup), num_classes=num_classes))
         if cutmix:
-            choices.append(v2.CutMix(alpha=cutmix, num_classes=num_classes))
+            choices.append(v2.CutMix(alpha=float(cutmix), num_classes=num_classes))
         if not choices:
             raise ValueError("BatchMixer needs mixup or cutmix above 0")
         self.transform = choices[0] if len(choices) == 1 else v2.RandomChoice(choices)
