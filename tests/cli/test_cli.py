@@ -92,8 +92,8 @@ def test_plan_flags_the_strategy_does_not_use_are_refused_and_a_run_started_with
     setattr(recorded, TYPED_PLAN_FLAGS, [])  # none typed beside the resume
     plan = plan_from_args(recorded, num_groups=6, recorded=True)
     assert [(stage.name, stage.epochs) for stage in plan.stages] == [("all", 2)]
-    setattr(recorded, TYPED_PLAN_FLAGS, ["--head-epochs"])  # typed beside the resume: refused, without "choose a strategy"
-    with pytest.raises(ThawError, match=r"^--head-epochs does nothing for fine-tune, the run's strategy, which a resume keeps; drop it$"):
+    setattr(recorded, TYPED_PLAN_FLAGS, ["--head-epochs"])  # typed beside the resume: checked as new
+    with pytest.raises(ThawError, match=r"^head_epochs \(--head-epochs\) does nothing for fine-tune"):
         plan_from_args(recorded, num_groups=6, recorded=True)
 
 

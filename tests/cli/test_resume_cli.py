@@ -249,19 +249,6 @@ def test_resume_of_a_finished_run_without_usable_weights_is_not_called_complete(
     assert said in error and error.endswith("; retrain or restore it from a copy") and "is complete" not in error
 
 
-def test_a_plan_option_the_runs_strategy_does_not_use_typed_on_resume_is_refused_as_a_resume_would_have_it(
-    cut_run: Path, capsys: pytest.CaptureFixture[str],
-) -> None:
-    (cut_run / "command.json").write_text(json.dumps({"plan_options": {"strategy": "two-phase", "head_epochs": 1, "epochs": 1}}))  # as the CLI
-    before = _files(cut_run)
-    capsys.readouterr()
-    assert main(["train", "--resume", str(cut_run), "--groups-per-stage", "2"]) == 2
-    assert capsys.readouterr().err.strip() == (
-        "thaw: error: --groups-per-stage does nothing for two-phase, the run's strategy, which a resume keeps; drop it"
-    )
-    assert _files(cut_run) == before
-
-
 def test_resume_of_a_finished_run_with_other_data_says_that_data_was_not_read(
     cut_run: Path, tiny_split_data: Path, colours: Path, capsys: pytest.CaptureFixture[str],
 ) -> None:
