@@ -591,11 +591,13 @@ def test_class_names_that_are_one_number_written_two_ways_are_noted(tmp_path: Pa
     (tmp_path / "list.csv").write_text("".join(rows))
     notes = discover(tmp_path / "list.csv", val_split=0.5).notes
     assert notes == (
-        "classes 02 and 2 are one number written 2 ways, so they are 2 classes; write them alike if they are one",
-        "classes 1 and 1.0 are one number written 2 ways, so they are 2 classes; write them alike if they are one",
+        "classes 02 and 2 are the same number written 2 ways, so they are 2 classes; give them one name if they are one",
+        "classes 1 and 1.0 are the same number written 2 ways, so they are 2 classes; give them one name if they are one",
     )
-    (tmp_path / "other.csv").write_text("".join(f"folders/{f}/00{i}.png,{label}\n" for f, label in [("a", "1"), ("b", "10")] for i in range(4)))
-    assert discover(tmp_path / "other.csv", val_split=0.5).notes == ()  # two numbers, and nan or inf equal nothing
+    other = [("1", "10"), ("inf", "Infinity"), ("9007199254740993", "9007199254740992")]  # two numbers; no number; exact digits
+    for first, second in other:
+        (tmp_path / "other.csv").write_text("".join(f"folders/{f}/00{i}.png,{label}\n" for f, label in [("a", first), ("b", second)] for i in range(4)))
+        assert discover(tmp_path / "other.csv", val_split=0.5).notes == (), (first, second)
 
 
 def test_one_class_folder_with_folders_of_its_own_is_data_to_score(tmp_path: Path) -> None:

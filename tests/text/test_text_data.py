@@ -538,4 +538,4 @@ def test_labels_that_are_one_number_written_two_ways_are_said_as_the_table_is_re
     table.write_text("\n".join(rows) + "\n")
     data = load_text_data(table)
     assert data.classes == ("0", "1", "1.0")
-    assert data.notes == ("classes 1 and 1.0 are one number written 2 ways, so they are 2 classes; write them alike if they are one",)
+    assert data.notes == ("classes 1 and 1.0 are the same number written 2 ways, so they are 2 classes; give them one name if they are one",)

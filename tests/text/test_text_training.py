@@ -335,6 +335,9 @@ def test_rows_skipped_from_a_text_table_are_called_rows_with_their_line_and_reas
     assert main(args) == 0
     warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("thaw: warning: skipped")]
     assert warnings == [f"thaw: warning: skipped 1 row(s) of the table: {table}:61 (empty text or label)"]
+    assert main(["evaluate", str(tmp_path / "run"), str(table)]) == 0  # scored whole: the same row, named the same way
+    warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("thaw: warning: skipped")]
+    assert warnings == [f"thaw: warning: skipped 1 row(s) of the table: {table}:61 (empty text or label) (in what was scored)"]
 
 
 @pytest.mark.parametrize("weights", ["none", "IMAGENET1K_V1", "model.safetensors"])

@@ -15,12 +15,13 @@ from __future__ import annotations
 
 import csv
 import hashlib
-import math
 import os
 import random
+import re
 import unicodedata
 from collections import defaultdict
 from dataclasses import dataclass, field
+from decimal import Decimal
 from pathlib import Path
 from typing import Callable, Hashable
 
@@ -69,20 +70,20 @@ class LabelledData:
         return case_clashes(self.classes) + number_clashes(self.classes) + self.cautions
 
 
+DECIMAL_NAME = re.compile(r"[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?", re.ASCII)  # a class name that is a number
+
+
 def number_clashes(classes: tuple[str, ...]) -> tuple[str, ...]:
-    """Class names that are one number written two ways (`1` and `1.0`: a label column a spreadsheet rewrote in part)
-    are two classes; said, not refused, as for names that differ only in case."""
-    by_value: dict[float, list[str]] = defaultdict(list)
+    """Class names that are the same number written two ways (`1` and `1.0`: a label column a spreadsheet rewrote in
+    part) are two classes; said, not refused, as for names that differ only in case (`1.1` and `1.10` may be two
+    sections). Exact decimals of ASCII digits: no float rounding makes two large numbers one."""
+    by_value: dict[Decimal, list[str]] = defaultdict(list)
     for name in classes:
-        try:
-            value = float(name)
-        except ValueError:
-            continue
-        if math.isfinite(value):  # nan and inf never equal another name's number
-            by_value[value].append(name)
+        if DECIMAL_NAME.fullmatch(name):
+            by_value[Decimal(name)].append(name)  # equal values hash alike (1 and 1.0), exactly, whatever the digits
     return tuple(
-        f"classes {' and '.join(names)} are one number written {len(names)} ways, so they are {len(names)} classes; "
-        f"write them alike if they are one"
+        f"classes {' and '.join(names)} are the same number written {len(names)} ways, so they are {len(names)} classes; "
+        f"give them one name if they are one"
         for names in by_value.values() if len(names) > 1
     )
 
