@@ -428,3 +428,6 @@ def test_the_plan_api_names_a_wrong_argument_in_one_line(resnet50) -> None:
         with pytest.raises(ThawError, match=refusal):
             call()
     assert count_parameters(resnet50) == count_parameters(resnet50.model)  # the adapter's model, counted
+    assert trainable_line(np.int64(5), np.int64(10)) == trainable_line(5, 10) == "Trainable: 5 / 10 (50.0%)"  # numpy counts are counts
+    head = [name for name, _ in resnet50.model.named_parameters() if name.startswith("fc.")]
+    assert apply_trainable(resnet50, dict.fromkeys(head).keys()) == apply_trainable(resnet50, (name for name in head))  # any iterable

@@ -35,7 +35,7 @@ def test_a_budget_reads_seconds_minutes_and_hours(text: str, seconds: float) -> 
     assert parse_budget(text) == seconds
 
 
-@pytest.mark.parametrize("text", ["3x", "0m", "-1s", "", "m", "1e3s", "nan", "30m1h", "3m3m", "1 30", "1h30", "0h0m"])
+@pytest.mark.parametrize("text", ["3x", "0m", "-1s", "", "m", "1e3s", "nan", "30m1h", "3m3m", "1 30", "1h30", "0h0m", "\u0666\u0660\u0660"])
 def test_a_budget_that_is_not_a_time_is_one_line(text: str) -> None:
     with pytest.raises(ThawError, match=r"^budget must be a time above 0, like 90s, 3m, 1.5h or 1h30m \(a bare number is seconds\), got "):
         parse_budget(text)

@@ -18,6 +18,7 @@ Nothing else about a BatchNorm layer (momentum, track_running_stats) is touched.
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 from contextlib import contextmanager
 from typing import Iterator, Literal
 
@@ -95,7 +96,9 @@ def apply_trainable(adapter: ModelAdapter, selected: list[str], batchnorm: Batch
     check_adapter(adapter, "apply_trainable")
     if isinstance(selected, str):
         selected = [selected]
-    if not isinstance(selected, (list, tuple, set, frozenset)) or not all(isinstance(name, str) for name in selected):
+    if isinstance(selected, Iterable) and not isinstance(selected, Mapping):  # dict keys, a generator: read once, here
+        selected = list(selected)
+    if not isinstance(selected, list) or not all(isinstance(name, str) for name in selected):
         raise ThawError(f"apply_trainable takes a list of parameter names, like ['fc.weight', 'fc.bias'], got {selected!r}")
     names = {name for name, _ in adapter.model.named_parameters()}
     unknown = [name for name in selected if name not in names]

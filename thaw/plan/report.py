@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 import unicodedata
 
 from torch import nn
@@ -23,7 +24,7 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
 
 def trainable_line(trainable: int, total: int) -> str:
     for value in (trainable, total):  # counts: a string here was a ValueError from the number format
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:  # numpy's integers too
             raise ThawError(f"trainable_line takes two parameter counts (count_parameters gives them), got {trainable!r} and {total!r}")
     share = 100.0 * trainable / total if total else 0.0
     return f"Trainable: {trainable:,} / {total:,} ({share:.1f}%)"
