@@ -263,15 +263,31 @@ def test_lr_find_never_writes_over_a_training_image_or_a_runs_file(colours: Path
     assert image.read_bytes() == before and not (colours / "train" / "new").exists()
     assert (tmp_path / "run" / "curves.png").read_bytes() == b"the run's curves" and (tmp_path / "pipe.png").is_fifo()
 
+    # the user's files of a plot's name: a photo, a thesis, a JPEG (whose maker thaw cannot read) are never replaced
+    Image.new("RGB", (8, 8), "blue").save(tmp_path / "holiday.png")
+    (tmp_path / "thesis.pdf").write_bytes(b"%PDF-1.7 the only copy")
+    Image.new("RGB", (8, 8), "blue").save(tmp_path / "photo.jpg")
+    for name, said in [
+        ("holiday.png", "exists and is not a plot thaw lr-find wrote; name another file, or remove it first"),
+        ("thesis.pdf", "exists and is not a plot thaw lr-find wrote; name another file, or remove it first"),
+        ("photo.jpg", "exists and a .jpg file keeps no mark of the program that wrote it"),
+    ]:
+        kept = (tmp_path / name).read_bytes()
+        assert main([*LR_FIND[:1], str(colours), *LR_FIND[2:], "--out", str(tmp_path / name)]) == 2
+        stderr = capsys.readouterr().err
+        assert said in stderr and len(stderr.strip().splitlines()) == 1, stderr
+        assert (tmp_path / name).read_bytes() == kept
+
     # allowed: the user's own plot in the run folder, made again; and the default lr_find.png from inside the data,
     # beside its class folders, where nothing is read
-    (tmp_path / "run" / "lr_find.png").write_bytes(b"an earlier plot")
+    assert main([*LR_FIND[:1], str(colours), *LR_FIND[2:], "--out", str(tmp_path / "run" / "lr_find.png"), "--steps", "7"]) == 0
+    earlier = (tmp_path / "run" / "lr_find.png").read_bytes()
     assert main([*LR_FIND[:1], str(colours), *LR_FIND[2:], "--out", str(tmp_path / "run" / "lr_find.png")]) == 0
     write_class_images(tmp_path / "photos", per_class=4, size=16)
     with pytest.MonkeyPatch.context() as patch:
         patch.chdir(tmp_path / "photos")
         assert main([*LR_FIND[:1], ".", *LR_FIND[2:]]) == 0
-    assert (tmp_path / "photos" / "lr_find.png").is_file() and (tmp_path / "run" / "lr_find.png").read_bytes() != b"an earlier plot"
+    assert (tmp_path / "photos" / "lr_find.png").is_file() and (tmp_path / "run" / "lr_find.png").read_bytes() != earlier
     listed = sorted((tmp_path / "photos" / "red").iterdir())[0]  # a manifest's image, outside any image folder given
     (tmp_path / "labels.csv").write_text("".join(f"{path},{path.parent.name}\n" for path in sorted((tmp_path / "photos").glob("*/*.png"))))
     kept = listed.read_bytes()

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import gzip
 import random
+from pathlib import Path
 
 import pytest
+from PIL import Image
 
 from thaw.errors import ThawError
-from thaw.train.lr_find import FLAT_FALL, batch_losses, smoothed_losses, suggest
+from thaw.train.lr_find import FLAT_FALL, MAKER_FIELDS, batch_losses, is_lr_find_plot, plot_lr_find, smoothed_losses, suggest
 
 LRS = [1e-7 * 1e7 ** (index / 99) for index in range(100)]
 
@@ -63,3 +66,31 @@ def test_a_real_fall_in_batch_noise_gets_one() -> None:
 def test_too_few_steps_are_one_line() -> None:
     with pytest.raises(ThawError, match="too few steps"):
         suggest(LRS[:4], [1.0, 0.9, 0.8, 0.7])
+
+
+@pytest.mark.parametrize("kind", sorted(MAKER_FIELDS))
+def test_a_plot_carries_thaws_mark_and_a_users_file_does_not(kind: str, tmp_path: Path) -> None:
+    """What lets `thaw lr-find --out` replace its own plot and refuse anything else of that name."""
+    plot = plot_lr_find(LRS, smoothed_losses(falling(0.0, 0)), LRS[50], tmp_path / f"lr.{kind}")
+    assert plot == tmp_path / f"lr.{kind}" and is_lr_find_plot(plot)
+    assert [path.name for path in tmp_path.iterdir()] == [plot.name]  # written through a temporary file, none left
+    from thaw.train.plots import plt
+
+    figure, axis = plt.subplots()
+    axis.plot([1, 2])
+    figure.savefig(tmp_path / f"theirs.{kind}")  # matplotlib's own mark, as any other script's plot
+    plt.close(figure)
+    assert not is_lr_find_plot(tmp_path / f"theirs.{kind}")
+    (tmp_path / f"broken.{kind}").write_bytes(b"not a plot at all")
+    assert not is_lr_find_plot(tmp_path / f"broken.{kind}")
+
+
+def test_a_plot_without_a_suffix_is_a_png_and_formats_without_metadata_are_never_ours(tmp_path: Path) -> None:
+    plot = plot_lr_find(LRS, smoothed_losses(falling(0.0, 0)), None, tmp_path / "lr")
+    assert plot == tmp_path / "lr.png" and is_lr_find_plot(plot)
+    with Image.open(plot) as image:
+        assert image.format == "PNG" and image.text["Software"] == "thaw lr-find"
+    jpeg = plot_lr_find(LRS, smoothed_losses(falling(0.0, 0)), None, tmp_path / "lr.jpg")
+    assert not is_lr_find_plot(jpeg)  # a JPEG keeps no maker's name: thaw cannot tell it from a photo
+    (tmp_path / "wrapped.svgz").write_bytes(gzip.compress(b"<dc:title>thaw lr-find</dc:title>"))
+    assert is_lr_find_plot(tmp_path / "wrapped.svgz")

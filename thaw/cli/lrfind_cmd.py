@@ -14,11 +14,11 @@ from thaw._io import names_a_folder
 from thaw.cli.options import add_model_options, checked_lr, path_text, positive_int
 from thaw.data.folders import describe_skipped, discover, file_would_be_read
 from thaw.data.manifest_check import check_image_table
-from thaw.errors import ThawError
+from thaw.errors import ThawError, WriteError
 from thaw.models import build_model
 from thaw.train.config import TrainConfig, check_image_size
 from thaw.train.fit import effective_preprocessing
-from thaw.train.lr_find import lr_range_test, plot_lr_find, suggest
+from thaw.train.lr_find import MAKER_FIELDS, is_lr_find_plot, lr_range_test, plot_lr_find, suggest
 from thaw.train.run_folder import EVALUATE_PLOTS, holds_run, is_run_file
 
 MAX_STEPS = 10_000  # the lr moves start -> end over the steps: beyond this it barely moves per step
@@ -91,6 +91,18 @@ def check_plot_harms_nothing(out: Path, data: Path) -> None:
         raise ThawError(f"--out {out} is not a regular file (a device or a pipe); name a plot file")
 
 
+def check_plot_replaceable(out: Path) -> None:
+    """A file already at --out is replaced only if it is an earlier plot of ours: a photo, a thesis.pdf would be lost."""
+    if out.is_file() and not is_lr_find_plot(out):
+        raise ThawError(f"--out {out} exists and {_not_ours(out)}; name another file, or remove it first")
+
+
+def _not_ours(out: Path) -> str:
+    if out.suffix[1:].lower() in MAKER_FIELDS:
+        return "is not a plot thaw lr-find wrote"
+    return f"a {out.suffix} file keeps no mark of the program that wrote it, so thaw cannot tell its plot from yours (a .png, .svg or .pdf plot can be replaced)"
+
+
 def warn_skipped(skipped: tuple[tuple[str, str], ...]) -> None:
     """Unreadable files are left out of the test, with a warning on stderr (stdout carries the result, or its JSON)."""
     if skipped:
@@ -104,6 +116,7 @@ def run(args: argparse.Namespace) -> int:
     listed = Path(args.data).is_file() and any(path.resolve() == out.resolve() for path, _ in data.everything())
     if listed:  # a manifest's image, wherever it lies (a folder's images: checked above, without a pass over them)
         raise ThawError(f"--out {out} is an image of the data {args.data}; put the plot elsewhere")
+    check_plot_replaceable(out)  # after the checks that say more (an image of the data, a run's file)
     warn_skipped(data.skipped)  # before the test, as train says it: the user can stop and fix the files
     torch.manual_seed(0)
     adapter = build_model(args.model, weights=args.weights, num_classes=len(data.classes))
@@ -119,8 +132,8 @@ def run(args: argparse.Namespace) -> int:
     suggestion = suggest(lrs, losses)
     try:
         picture = plot_lr_find(lrs, losses, suggestion, out)
-    except OSError as error:
-        raise ThawError(f"cannot write the plot to {out} ({error.strerror}); choose another --out") from None
+    except WriteError as error:
+        raise ThawError(f"{error}; choose another --out") from None
     if args.json:
         size = effective_preprocessing(adapter, config).crop_size  # the size it ran at
         print(json.dumps({"suggested_lr": suggestion, "plot": str(picture), "image_size": size, "lrs": lrs, "losses": losses}))

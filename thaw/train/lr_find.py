@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import math
 import statistics
 from pathlib import Path
@@ -9,6 +10,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from thaw._io import atomic_write
 from thaw.data.folders import ImageData
 from thaw.data.loaders import ImageDataset, make_loader
 from thaw.data.transforms import train_transform
@@ -24,6 +26,18 @@ SMOOTHING = 0.9  # exponential moving average of the loss, as fastai and Leslie 
 NOISE_STEPS = 10  # first steps whose batch losses give the start level and the batch-to-batch noise (a tenth of a short test)
 NOISE_SIGMAS = 4  # a flat curve's lowest point over 100 steps lies about 3 of its own spreads below its level
 FLAT_FALL = 0.05  # of the starting loss: a smaller fall over the whole range is no fall to suggest an lr from
+PLOT_MAKER = "thaw lr-find"  # written into the plot's metadata: what tells a plot of ours from a user's file of that name
+# The formats whose files keep a maker's name: the metadata key matplotlib writes it under, and the bytes before it in
+# the file (a PNG text chunk, a PDF info entry, SVG's dc:title, a PostScript comment).
+MAKER_FIELDS = {
+    "png": ("Software", b"tEXtSoftware\x00"),
+    "pdf": ("Creator", b"/Creator ("),
+    "svg": ("Creator", b"<dc:title>"),
+    "svgz": ("Creator", b"<dc:title>"),
+    "ps": ("Creator", b"%%Creator: "),
+    "eps": ("Creator", b"%%Creator: "),
+}
+MAX_PLOT_BYTES = 4 << 20  # an lr-find plot is tens of KB in any of these formats: a larger file is none of ours
 
 
 def lr_range_test(
@@ -130,6 +144,28 @@ def plot_lr_find(lrs: list[float], losses: list[float], suggestion: float | None
     axis.set_xlabel("learning rate")
     axis.set_ylabel("loss (smoothed)")
     figure.tight_layout()
-    figure.savefig(path, dpi=100)
-    plt.close(figure)
+    if not path.suffix:  # as matplotlib names it
+        path = path.with_name(path.name + ".png")
+    kind = path.suffix[1:].lower()
+    metadata = {MAKER_FIELDS[kind][0]: PLOT_MAKER} if kind in MAKER_FIELDS else None
+    try:  # atomic: an earlier plot stays whole if this one cannot be written
+        atomic_write(path, lambda temporary: figure.savefig(temporary, dpi=100, format=kind, metadata=metadata))
+    finally:
+        plt.close(figure)
     return path
+
+
+def is_lr_find_plot(path: Path) -> bool:
+    """Whether the file at `path` is a plot thaw lr-find wrote (and may replace): the maker's name in its metadata."""
+    kind = path.suffix[1:].lower()
+    if kind not in MAKER_FIELDS:
+        return False
+    try:
+        if path.stat().st_size > MAX_PLOT_BYTES:
+            return False
+        content = path.read_bytes()
+        if kind == "svgz":
+            content = gzip.decompress(content)
+    except (OSError, EOFError, gzip.BadGzipFile):  # unreadable, or no gzip file: none of ours
+        return False
+    return MAKER_FIELDS[kind][1] + PLOT_MAKER.encode() in content
