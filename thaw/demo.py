@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from thaw.data.digits import write_digits_folder
+from thaw.data.folders import holds_image_files
 from thaw.export.inference import evaluate_run
 from thaw.export.run_dir import load_run
 from thaw.plan import count_parameters, resolve_stage
@@ -36,6 +37,7 @@ class DemoRow:
 
 
 def run_demo(out: Path, say=print) -> list[DemoRow]:
+    check_not_in_class_folders(out)
     for strategy in STRATEGIES:  # before any work: the demo replaces its own runs, never a user's
         check_demo_run_folder(out / strategy, out / "digits")
     data = write_digits_folder(out / "digits")
@@ -50,6 +52,41 @@ def run_demo(out: Path, say=print) -> list[DemoRow]:
         test = evaluate_run(adapter, meta, data, "test")
         rows.append(DemoRow(strategy, _trainable_share(adapter, meta), result.wall_s, test["accuracy"], run))
     return rows
+
+
+def check_not_in_class_folders(out: Path) -> None:
+    """The demo's folders must not land in a user's image data: `thaw train photos` after `thaw demo --out photos`
+    read digits/ and the runs' plots as classes; inside a class folder, at any depth, they would be that class's
+    images. Class folders are told by the images straight in them, two or more side by side (thaw's least); a run's
+    folder and the demo's own are none. A new folder beside class folders is not refused: a home folder may hold two
+    folders of pictures, and the README's first command writes runs/demo there."""
+    classes = _class_folders_in(out)
+    if len(classes) >= 2:
+        shown = ", ".join(f"{name}/" for name in classes[:3]) + (", ..." if len(classes) > 3 else "")
+        raise ThawError(
+            f"--out {out} holds class folders of images ({shown}): thaw train on it would read the demo's folders as "
+            "classes; choose another --out (the default is runs/demo)"
+        )
+    for folder in (out.resolve(), *out.resolve().parents):  # a class folder's images are read at any depth
+        siblings = _class_folders_in(folder.parent)
+        if folder.name in siblings and len(siblings) >= 2:
+            raise ThawError(
+                f"--out {out} is in the class folder {folder.name}/ of the images in {folder.parent}: thaw train on them "
+                f"would read the demo's digits as images of {folder.name}; choose another --out (the default is runs/demo)"
+            )
+
+
+def _class_folders_in(folder: Path) -> list[str]:
+    """The folders straight in `folder` that hold images, as class folders do; hidden, the demo's and runs' aside."""
+    try:
+        inside = sorted(path for path in folder.iterdir() if path.is_dir())
+    except OSError:  # none yet, or unlistable: the write says so if it cannot write either
+        return []
+    own = {"digits", *STRATEGIES}
+    return [
+        path.name for path in inside
+        if not path.name.startswith(".") and path.name not in own and not holds_run(path) and holds_image_files(path)
+    ]
 
 
 def check_demo_run_folder(run: Path, digits: Path) -> None:

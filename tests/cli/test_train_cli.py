@@ -335,6 +335,42 @@ def test_the_demo_never_replaces_a_run_of_the_users(trained_run: Path, tiny_spli
     assert _run_files(mine) == before and not (tmp_path / "runs" / "digits").exists()  # refused before any work
 
 
+def test_the_demo_never_writes_into_class_folders(tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """`thaw demo --out photos` among class folders: the next `thaw train photos` read digits/ and the runs as classes."""
+    photos = tmp_path / "photos"
+    write_class_images(photos, per_class=2, size=8)
+    (photos / "red" / "notes").mkdir()  # a folder inside a class folder does not make it a data root
+    classes = sorted(path.name for path in photos.iterdir())
+    before = sorted(str(path) for path in tmp_path.rglob("*"))
+    assert main(["demo", "--out", str(photos)]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"thaw: error: --out {photos} holds class folders of images ({', '.join(f'{name}/' for name in classes[:3])}"
+        f"{', ...' if len(classes) > 3 else ''}): thaw train on it would read the demo's folders as classes; "
+        "choose another --out (the default is runs/demo)"
+    )
+    for inside, out in [(photos / "red", "."), (photos / "red" / "notes", "."), (tmp_path, "photos/red/notes/demo")]:
+        monkeypatch.chdir(inside)  # `--out .` has no name of its own
+        assert main(["demo", "--out", out]) == 2
+        assert capsys.readouterr().err.strip() == (
+            f"thaw: error: --out {out} is in the class folder red/ of the images in {photos}: thaw train on them "
+            "would read the demo's digits as images of red; choose another --out (the default is runs/demo)"
+        )
+    assert sorted(str(path) for path in tmp_path.rglob("*")) == before  # refused before anything was written
+
+
+def test_the_demo_may_write_beside_runs_and_into_a_folder_of_one_image_folder(tmp_path: Path) -> None:
+    """Runs hold plots straight in them, a home folder may hold one Pictures/ folder: neither is class folders."""
+    from thaw.demo import check_not_in_class_folders
+
+    for name in ("run-a", "run-b"):
+        (tmp_path / "runs" / name).mkdir(parents=True)
+        (tmp_path / "runs" / name / "thaw.json").write_text("{}")
+        (tmp_path / "runs" / name / "curves.png").write_bytes(b"a plot")
+    write_class_images(tmp_path / "home", per_class=1, size=8, classes=("Pictures",))
+    for out in (tmp_path / "runs", tmp_path / "home", tmp_path / "home" / "demo", tmp_path / "new"):
+        check_not_in_class_folders(out)  # no refusal
+
+
 @pytest.mark.parametrize("where", ["the run", "set aside"])
 def test_the_demo_takes_its_own_run_back_even_after_a_kill_mid_replacement(tmp_path: Path, where: str) -> None:
     """A demo killed while it replaced its run (before the new run's first checkpoint) leaves the old run in

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 from thaw.cli.options import path_text
-from thaw.demo import IMAGE_SIZE, MODEL, WEIGHTS, run_demo
+from thaw.demo import IMAGE_SIZE, MODEL, WEIGHTS, check_not_in_class_folders, run_demo
 from thaw._io import check_writable
 from thaw.plan.report import render_table
 
@@ -22,6 +22,7 @@ def register(commands: argparse._SubParsersAction) -> None:
 def writable_folder(text: str) -> Path:
     """Checked before the demo spends its minute training: a folder thaw can create and write in."""
     folder = Path(text)
+    check_not_in_class_folders(folder)  # before the check makes the folder
     check_writable(folder)
     return folder
 

@@ -571,8 +571,16 @@ def _image_folders_beside(split_dir: Path) -> list[str]:
 def _holds_images_only(folder: Path) -> bool:
     """Images straight in `folder`, and no folder of classes beside them."""
     try:
-        return folder.is_dir() and not _class_folders(folder) and any(_is_image_file(path) for path in folder.iterdir())
+        return folder.is_dir() and not _class_folders(folder) and holds_image_files(folder)
     except OSError:  # unlistable: said where it is read
+        return False
+
+
+def holds_image_files(folder: Path) -> bool:
+    """Whether image files (by their suffix) lie straight in `folder`; False for a folder that cannot be listed."""
+    try:
+        return folder.is_dir() and any(_is_image_file(path) for path in folder.iterdir())
+    except OSError:
         return False
 
 
