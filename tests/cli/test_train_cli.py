@@ -181,6 +181,31 @@ def test_evaluate_scores_a_folder_without_split_folders_whole(
     assert metrics["split"] == "val" and metrics["count"] == 3
 
 
+def test_evaluate_and_report_warn_when_the_data_scored_whole_is_the_runs_own(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`thaw evaluate RUN photos` on the class folders it trained on scored the training images too, without a word."""
+    photos, run = tmp_path / "photos", tmp_path / "run"
+    write_class_images(photos, per_class=6, size=16)
+    write_class_images(tmp_path / "held-out", per_class=2, size=16, seed=7)
+    assert main(["train", str(photos), *TINY, "--strategy", "feature-extract", "--epochs", "1", "--out", str(run), "--quiet"]) == 0
+    capsys.readouterr()
+    warning = (
+        "thaw: warning: {data} is the data this run trained on, scored whole: its training images are among those scored, "
+        "so the accuracy is no held-out figure; omit DATA to score the run's val split, or pass held-out data"
+    )
+    monkeypatch.chdir(tmp_path)
+    for data in (str(photos), "./photos/"):  # the same place, however it is written
+        assert main(["evaluate", str(run), data]) == 0
+        said = capsys.readouterr()
+        assert said.err.strip() == warning.format(data=data) and said.out.startswith("all: 18 images")
+    assert main(["report", str(run), "photos", "--output", str(tmp_path / "page.html")]) == 0
+    assert capsys.readouterr().err.strip() == warning.format(data="photos")
+    for argv in ([str(run)], [str(run), "photos", "--split", "val"], [str(run), "held-out"]):  # held out: no warning
+        assert main(["evaluate", *argv]) == 0
+        assert capsys.readouterr().err == ""
+
+
 def test_evaluate_on_other_data_keeps_the_runs_own_confusion_picture(
     trained_run: Path, tiny_split_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -70,6 +70,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
     data = run_data_path(Path(args.run), meta, args.data, "evaluate")
     scored = score_run(adapter, meta, data, split, tta=args.tta, columns=columns)
     metrics, split = scored.metrics, scored.metrics["split"]
+    warn_if_training_data(meta, args.data, split)
     report, problem = None, None
     try:  # the scores are printed whatever the run folder takes: it may be read-only
         report = save_report(Path(args.run), adapter, meta, scored, data=args.data)[0] if args.report else None
@@ -103,6 +104,27 @@ def run_evaluate(args: argparse.Namespace) -> int:
     if report:
         print(f"report: {report}")
     return _said_problem(problem)
+
+
+def warn_if_training_data(meta: dict, data: str | None, split: str) -> None:
+    """DATA that is the run's own data, scored whole: its training samples are among those scored, so the accuracy
+    is no held-out figure. Said on stderr; the scores follow, as the user may want the training fit."""
+    recorded = recorded_data_path(meta)
+    if data is None or split != "all" or not recorded or not _same_place(data, recorded):
+        return
+    unit = "rows" if meta.get("task") == "text" else "images"
+    print(
+        f"thaw: warning: {data} is the data this run trained on, scored whole: its training {unit} are among those "
+        f"scored, so the accuracy is no held-out figure; omit DATA to score the run's val split, or pass held-out data",
+        file=sys.stderr, flush=True,
+    )
+
+
+def _same_place(path: str, other: str) -> bool:
+    try:
+        return Path(path).resolve() == Path(other).resolve()
+    except (OSError, RuntimeError, ValueError):  # a loop of links, a NUL: not the same place as far as can be told
+        return False
 
 
 def _report_elsewhere(args: argparse.Namespace, split: str) -> str:
