@@ -178,8 +178,10 @@ MOBILENET_PLAN = ["plan", "--model", "mobilenet_v3_small", "--num-classes", "3"]
     "args, expected",
     [
         (["train", "DATA", *TINY_RUN, "--accumulate", "0"], "argument --accumulate: expected a whole number >= 1, got 0"),
-        (["train", "DATA", *TINY_RUN, "--batch-size", "0"], "argument --batch-size: expected a whole number >= 1, got 0"),
-        (["train", "DATA", *TINY_RUN, "--batch-size", "-1"], "argument --batch-size: expected a whole number >= 1, got -1"),
+        (["train", "DATA", *TINY_RUN, "--batch-size", "0"], "argument --batch-size: expected a whole number from 1 to 1048576, got 0"),
+        (["train", "DATA", *TINY_RUN, "--batch-size", "-1"], "argument --batch-size: expected a whole number from 1 to 1048576, got -1"),
+        (["train", "DATA", *TINY_RUN, "--batch-size", str(2**63)], f"argument --batch-size: expected a whole number from 1 to 1048576, got {2**63}"),
+        ([*LR_FIND, "--batch-size", str(2**63)], f"argument --batch-size: expected a whole number from 1 to 1048576, got {2**63}"),
         (["train", "DATA", *TINY_RUN, "--head-epochs", "0", "--epochs", "0"], "has 0 epochs, so nothing would train"),
         (["train", "DATA", *TINY_RUN, "--model", "vit_b_16"], "vit_b_16 takes 224 px images only"),
         (["train", "DATA", *TINY_RUN, "--model", "alexnet", "--image-size", "16"], "alexnet cannot take 16 px images"),

@@ -207,3 +207,11 @@ def test_every_switch_of_train_config_takes_true_or_false_only(name: str, value:
     with pytest.raises(ThawError, match=f"^{name.replace('_', ' ')} must be true or false, got {value!r}$"):
         TrainConfig(**{name: value})
     assert getattr(TrainConfig(**{name: False}), name) is False
+
+
+@pytest.mark.parametrize("batch_size", [0, 2**20 + 1, 2**63])
+def test_a_batch_size_out_of_range_is_one_line(batch_size: int) -> None:
+    """2**63 reached the loader's slicing as a traceback; a million samples a step is past any machine's memory."""
+    with pytest.raises(ThawError, match=rf"^batch size must be a whole number from 1 to 1048576, got {batch_size}; try 32"):
+        TrainConfig(batch_size=batch_size)
+    assert TrainConfig(batch_size=2**20).batch_size == 2**20

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from thaw._io import names_a_folder
-from thaw.cli.options import add_model_options, checked_lr, path_text, positive_int
+from thaw.cli.options import add_model_options, checked_batch_size, checked_lr, path_text, positive_int
 from thaw.data.folders import describe_skipped, discover, file_would_be_read
 from thaw.data.manifest_check import check_image_table
 from thaw.errors import ThawError, WriteError
@@ -33,7 +33,7 @@ def register(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--start", type=positive_lr, default=1e-7)
     parser.add_argument("--end", type=positive_lr, default=1.0)
     parser.add_argument("--steps", type=steps, default=100)
-    parser.add_argument("--batch-size", type=positive_int, default=32)
+    parser.add_argument("--batch-size", type=checked_batch_size, default=32)
     parser.add_argument(
         "--image-size", type=positive_int,
         help="override the weights' input size, as thaw train --image-size does (test at the size you will train at)",

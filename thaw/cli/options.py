@@ -14,7 +14,7 @@ from thaw.models.lora import MAX_LORA_RANK
 from thaw.models.sources import task_of
 from thaw.plan.lr import MAX_LR
 from thaw.plan.freeze import BATCHNORM_POLICIES
-from thaw.train.config import MIX_ALPHA_RANGE
+from thaw.train.config import MAX_BATCH_SIZE, MIX_ALPHA_RANGE
 from thaw.plan.strategies import DEFAULT_EPOCHS, DEFAULT_HEAD_LR, STRATEGIES, TOP_GROUPS, UNUSED_WHEN_UNSET, default_strategy, unused_options
 
 TYPED_PLAN_FLAGS = "typed_plan_flags"  # the namespace attribute that lists the plan options typed, as their flags
@@ -54,6 +54,10 @@ def non_negative_int(text: str) -> int:
 def positive_int(text: str) -> int:
     """Sizes and counts that must be at least 1: batch size, accumulation, LoRA rank, steps, top-k."""
     return _whole_number(text, 1, None)
+
+
+def checked_batch_size(text: str) -> int:
+    return _whole_number(text, 1, MAX_BATCH_SIZE)
 
 
 def class_count(text: str) -> int:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from thaw import distributed
 from thaw.cli.options import (
-    add_model_options, add_plan_options, beta_alpha, chosen_strategy, non_negative_int, path_text, plan_from_args, positive_int, share,
+    add_model_options, add_plan_options, beta_alpha, checked_batch_size, chosen_strategy, non_negative_int, path_text, plan_from_args, positive_int, share,
     share_or_zero,
 )
 from thaw.data.manifest_check import check_image_table
@@ -80,7 +80,7 @@ TEXT_HINT = "to train on text, add --task text and a text --model"
 
 def add_training_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("training")
-    group.add_argument("--batch-size", type=positive_int, default=32)
+    group.add_argument("--batch-size", type=checked_batch_size, default=32)
     group.add_argument("--val-split", type=share, help="share held out for validation when DATA has no val/ (images 0.2, text 0.1)")
     group.add_argument("--optimizer", choices=OPTIMIZERS, default="adamw")
     group.add_argument("--schedule", choices=SCHEDULES, default="cosine")

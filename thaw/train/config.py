@@ -38,6 +38,7 @@ PRECISIONS = ("auto", "bf16", "fp32")
 METRICS = ("accuracy", "macro_f1", "loss")
 MAX_IMAGE_SIZE = 4096  # a 4096 px batch of one already needs tens of GB of activations in a ResNet
 MAX_WORKERS = 256  # each worker is a process holding a copy of the dataset
+MAX_BATCH_SIZE = 1 << 20  # a million samples a step: far above any memory's; a larger count broke the loader's slicing
 MAX_CACHE_VIEWS = 1000  # every view is one pass over the train set, computed before the stage starts
 MAX_PROGRESSIVE_EPOCHS = 64  # above the most epochs --budget gives a stage (thaw.train.budget.MAX_EPOCHS)
 MIX_HINTS = {"mixup": "0.2 is usual", "cutmix": "1.0 is usual"}
@@ -111,7 +112,7 @@ def config_problems(config: TrainConfig) -> list[str]:
     """Every impossible value of `config`, each as what is wrong and what to do."""
     c = config
     problems = [
-        _count_problem("batch size", c.batch_size, 1, hint="; try 32, or 8 on small machines"),
+        _count_problem("batch size", c.batch_size, 1, MAX_BATCH_SIZE, "; try 32, or 8 on small machines"),
         _count_problem("accumulate", c.accumulate, 1, hint="; 1 steps after every batch"),
         _count_problem("seed", c.seed, 0, MAX_SEED - 1),
         _count_problem("cache views", c.cache_views, 0, MAX_CACHE_VIEWS, "; 0 caches the evaluation view once"),
