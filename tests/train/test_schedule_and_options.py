@@ -215,3 +215,10 @@ def test_a_batch_size_out_of_range_is_one_line(batch_size: int) -> None:
     with pytest.raises(ThawError, match=rf"^batch size must be a whole number from 1 to 1048576, got {batch_size}; try 32"):
         TrainConfig(batch_size=batch_size)
     assert TrainConfig(batch_size=2**20).batch_size == 2**20
+
+
+@pytest.mark.parametrize("name", ["mixup", "cutmix", "budget", "grad_clip", "warmup", "label_smoothing", "cache_memory_gb"])
+def test_a_whole_number_beyond_floats_is_one_line(name: str) -> None:
+    """A plan file's `cutmix: 1000...0` (400 digits) is a Python int no float holds: an OverflowError in the check."""
+    with pytest.raises(ThawError, match=f"^({name}|{name.replace('_', ' ')}) must be .*got 1000"):
+        TrainConfig(**{name: 10**400})

@@ -93,7 +93,13 @@ def _whole(value: object) -> bool:
 
 
 def _finite(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    """A number (no bool) that a float holds: a plan file's whole number 10**400 has no float, and was a traceback."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
 
 
 def _count_problem(name: str, value: object, low: int, high: int | None = None, hint: str = "") -> str | None:
