@@ -273,6 +273,24 @@ def test_nan_loss_stops_the_stage_and_keeps_the_last_good_checkpoint(tiny_split_
     assert saved["epoch"] == 1 and all(torch.isfinite(t.float()).all() for t in saved["model"].values())
 
 
+@pytest.mark.parametrize("weight_decay, blamed", [(1e30, True), (0.05, False)])
+def test_a_nan_loss_from_a_huge_weight_decay_says_to_lower_it(tiny_split_data: Path, tmp_path: Path, weight_decay: float, blamed: bool) -> None:
+    """`--weight-decay 1e30` ended in a NaN line that named only the lr."""
+    from thaw.train.loop import decay_advice
+
+    torch.manual_seed(0)
+    adapter = adapt(SmallConvNet(), num_classes=3)
+    plan = Plan((Stage("all", 2, ("all",), ConstantLr(1e-3), batchnorm="eval", weight_decay=weight_decay),))
+    config = TrainConfig(batch_size=8, quiet=True, cache=False, image_size=16)
+    if blamed:
+        with pytest.raises(ThawError, match=r"(loss became|hold NaN or inf).*lower the weight decay \(weight_decay, --weight-decay\): lr x weight decay is 1e\+27"):
+            fit(adapter, discover(tiny_split_data), plan, config, tmp_path / "run", meta={"model": "small"})
+    else:
+        fit(adapter, discover(tiny_split_data), plan, config, tmp_path / "run", meta={"model": "small"})
+        optimizer = torch.optim.AdamW([{"params": [torch.zeros(1)], "lr": 1e-3, "weight_decay": weight_decay}])
+        assert decay_advice(optimizer) == ""  # a usual decay is never blamed
+
+
 def test_full_disk_while_checkpointing_leaves_the_previous_checkpoint(tiny_split_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     real_save, calls = torch.save, {"n": 0}
 

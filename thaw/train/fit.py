@@ -53,7 +53,7 @@ from thaw.train.feature_cache import (
     remove_spill_files, why_not_cached,
 )
 from thaw.train.mixing import batch_mixer
-from thaw.train.loop import Engine, StageSchedule, evaluate, train_one_epoch, undecodable
+from thaw.train.loop import Engine, StageSchedule, decay_advice, evaluate, train_one_epoch, undecodable
 from thaw.train.metrics import MetricTracker
 from thaw.train.prefix_cache import Entry, check_skipped, disagreement, draws_at_random, find_entry, lowest_trainable_group
 from thaw.train.progress import CACHED, FULL, PREFIX, PlanProgress, clock
@@ -732,6 +732,7 @@ class Trainer:
                 f"{len(bad)} trainable tensors hold NaN or inf after stage {stage.name!r} epoch {self.state.epoch + 1} "
                 f"(first: {bad[0]}); nothing was written and the last checkpoint is kept. Lower the lr, or try "
                 "precision 'fp32' (--precision fp32) or channels_last=False (--no-channels-last), or a larger image_size (--image-size)"
+                + (decay_advice(self.optimizer) if self.optimizer is not None else "")
             )
 
     def _record(self, stage_index: int, train: dict, val: dict, cached: bool) -> dict:

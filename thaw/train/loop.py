@@ -102,12 +102,23 @@ def undecodable(path: str, reason: str) -> ThawError:
     return ThawError(f"cannot decode {path} ({reason}); remove it, or drop strict (--strict) to skip such files")
 
 
-def _check_finite(value: float, where: str) -> None:
+def _check_finite(value: float, where: str, advice: str = "") -> None:
     if not math.isfinite(value):
         raise ThawError(
             f"loss became {value} at {where}; the stage stopped and no checkpoint was overwritten. "
-            "Lower the lr (e.g. lr=1e-4 in plan_options, --lr 1e-4) or clip gradients (grad_clip=1.0, --grad-clip 1.0)"
+            f"Lower the lr (e.g. lr=1e-4 in plan_options, --lr 1e-4) or clip gradients (grad_clip=1.0, --grad-clip 1.0){advice}"
         )
+
+
+def decay_advice(optimizer: torch.optim.Optimizer) -> str:
+    """Where a group's lr times its weight decay reaches 1, each step moves every weight past zero (AdamW's decoupled
+    decay and SGD's alike), and the weights blow up whatever the gradients: `--weight-decay 1e30` ended in a NaN line
+    that named only the lr. Said with the product, so the user sees which of the two to lower."""
+    products = [group.get("thaw_base_lr", group["lr"]) * group.get("weight_decay", 0.0) for group in optimizer.param_groups]
+    worst = max(products, default=0.0)
+    if not worst >= 1:
+        return ""
+    return f"; above all, lower the weight decay (weight_decay, --weight-decay): lr x weight decay is {worst:.3g} and must stay well below 1"
 
 
 def train_one_epoch(
@@ -137,6 +148,7 @@ def train_one_epoch(
     before the cut, which this pass's `seconds` do not include).
     """
     forward = forward or model
+    advice = decay_advice(optimizer)  # for the line a NaN loss ends the stage with
     model.train()  # frozen BatchNorm layers stay in eval: their hook wins
     tracker = tracker or MetricTracker(num_classes)
     counted_before = tracker.count  # a resumed epoch's images before the cut (resuming mid-epoch is single-process only)
@@ -153,7 +165,7 @@ def train_one_epoch(
         everywhere, some_rank_short = engine.count_everywhere(len(batch.labels))
         if not some_rank_short:
             blend = None if mix is None else partial(mix, index=index)
-            value = _forward_backward(forward, batch, engine, f"{label}, batch {index + 1}", tracker, blend)
+            value = _forward_backward(forward, batch, engine, f"{label}, batch {index + 1}", tracker, blend, advice)
             in_group += everywhere
             group_loss, group_count = group_loss + value * len(batch.labels), group_count + len(batch.labels)
             rate = (tracker.count - counted_before) / max(time.perf_counter() - started, 1e-9)
@@ -190,7 +202,7 @@ def _bar_label(engine: Engine, label: str) -> str:
 
 def _forward_backward(
     forward: Callable, batch: Batch, engine: Engine, where: str, tracker: MetricTracker,
-    blend: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None,
+    blend: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None, advice: str = "",
 ) -> float:
     """Backward of the batch's summed loss (where `blend` is given, of its blended images against its soft targets;
     train accuracy still counts the labels the images had); returns its mean loss per sample."""
@@ -203,7 +215,7 @@ def _forward_backward(
         logits = forward(images)
     loss = nn.functional.cross_entropy(logits.float(), targets, reduction="sum", label_smoothing=engine.label_smoothing)
     value = loss.item() / len(labels)  # one device sync a batch, shared by the check, the metrics and the bar
-    _check_finite(value, where)
+    _check_finite(value, where, advice)
     loss.backward()
     tracker.update(logits, labels, value)
     return value
