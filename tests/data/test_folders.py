@@ -484,8 +484,8 @@ def test_a_val_link_to_nowhere_is_refused_not_replaced_by_a_share_of_train(tmp_p
 
 def test_the_held_out_share_is_said_as_given_not_rounded_to_a_whole_percent(tmp_path: Path) -> None:
     root = write_class_images(tmp_path / "data", per_class=6)
-    assert discover(root, val_split=0.999).layout == "class folders, 99.9% held out (seed 0)"  # not "100%" beside 3 train images
-    assert discover(root, val_split=0.125).layout == "class folders, 12.5% held out (seed 0)"
+    assert discover(root, val_split=0.125).layout == "class folders, 12.5% held out (seed 0)"  # 1 of 6 a class: near enough
+    assert discover(root, val_split=0.45).layout == "class folders, 45% held out (seed 0)"
     assert as_percent(0.9996) == "99.96%" and as_percent(0.99999) == "99.999%" and as_percent(1.0) == "100%"
     assert as_percent(0.9999999999999) != "100%" and as_percent(1 - 2**-53) != "100%"  # the largest share below 1
 
@@ -749,3 +749,15 @@ def test_an_image_in_two_class_folders_is_refused_as_a_manifest_listing_it_twice
     (data / "dog" / "hard.png").unlink(), (data / "dog" / "soft.png").unlink()
     shutil.copy(data / "cat" / "001.png", data / "dog" / "copy.png")  # equal bytes, another file: trains (warned as a copy)
     assert len(discover(data).everything()) == 7
+
+
+@pytest.mark.parametrize("asked, real", [(1e-9, "33.3%"), (0.999, "83.3%")])
+def test_a_share_that_whole_images_per_class_cannot_hold_says_the_real_one(tmp_path: Path, asked: float, real: str) -> None:
+    """`--val-split 1e-9` said '1e-07% held out' beside 6 train and 3 val images: each class holds one out at the least."""
+    root = write_class_images(tmp_path / "data", per_class=3 if asked < 0.5 else 6)
+    note = f"({as_percent(asked)} asked: a class keeps one to train on and holds out one at the least)"
+    data = discover(root, val_split=asked)
+    assert data.layout == f"class folders, {real} held out {note} (seed 0)"
+    assert f"{100 * len(data.val) / (len(data.train) + len(data.val)):.3g}%" == real
+    write_class_images(tmp_path / "split" / "train", per_class=3 if asked < 0.5 else 6)
+    assert discover(tmp_path / "split", val_split=asked).layout == f"split folders (train only), {real} of train held out as val {note} (seed 0)"

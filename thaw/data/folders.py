@@ -277,6 +277,17 @@ def as_percent(fraction: float) -> str:
     return f"{percent:.{digits}g}%"
 
 
+def held_out_said(asked: float, kept: int, held: int, what: str = "held out") -> str:
+    """'20% held out': the share asked, or the share really held out where rounding to whole samples per class (one
+    held out at the least, one kept to train on) put it far from the one asked: `--val-split 1e-9` said '1e-07%
+    held out' beside 9 train and 3 val images."""
+    real = held / (kept + held) if kept + held else asked
+    near = asked / 1.5 <= real <= asked * 1.5 and (1 - asked) / 1.5 <= 1 - real <= (1 - asked) * 1.5
+    if near:
+        return f"{as_percent(asked)} {what}"
+    return f"{as_percent(real)} {what} ({as_percent(asked)} asked: a class keeps one to train on and holds out one at the least)"
+
+
 def split_off_val(
     samples: list[Sample], fraction: float, seed: int, source: Path, rows_left: str = "", min_classes: int = 2,
     same: Callable[[Sample], Hashable] | None = None, within: tuple[str, ...] = ("samples", "groups"),
@@ -448,7 +459,7 @@ def _from_split_folders(root: Path, folders: dict[str, Path], val_split: float, 
         kept, held_out = split_off_val(list(train), val_split, seed, folders["train"], min_classes=min_classes)
         train, val = tuple(kept), tuple(held_out)
         given = "train/test" if test is not None else "train only"
-        layout = f"split folders ({given}), {as_percent(val_split)} of train held out as val (seed {seed})"
+        layout = f"split folders ({given}), {held_out_said(val_split, len(train), len(val), 'of train held out as val')} (seed {seed})"
     held_out = () if "val" in splits else classes_not_held_out(classes, val, min_classes)
     # Data to score (min_classes 1) trains nothing: no copy of training images to warn of, so no file read for it.
     # Under torchrun only the first process says the cautions, so only it reads files for them.
@@ -633,7 +644,7 @@ def _from_class_folders(root: Path, val_split: float, seed: int, min_classes: in
     by_class = _scan_split(root, skipped)
     classes = _check_classes({"": by_class}, root, min_classes)
     train, val = split_off_val(list(_samples(by_class, classes)), val_split, seed, root, min_classes=min_classes)
-    layout = f"class folders, {as_percent(val_split)} held out (seed {seed})"
+    layout = f"class folders, {held_out_said(val_split, len(train), len(val))} (seed {seed})"
     cautions = _loose_images(root) + classes_not_held_out(classes, val, min_classes)
     return ImageData(classes, tuple(train), tuple(val), None, layout, tuple(skipped), cautions=cautions)
 
@@ -792,7 +803,7 @@ def _from_manifest(path: Path, val_split: float, seed: int, min_classes: int) ->
             by_class[label].append(file)
     classes = _check_classes({"manifest": dict(by_class)}, path, min_classes, in_folders=False)
     train, val = split_off_val(list(_samples(by_class, classes)), val_split, seed, path, min_classes=min_classes)
-    layout = f"{_manifest_kind(path)} manifest, {as_percent(val_split)} held out"
+    layout = f"{_manifest_kind(path)} manifest, {held_out_said(val_split, len(train), len(val))}"
     return ImageData(classes, tuple(train), tuple(val), None, layout, tuple(skipped), cautions=classes_not_held_out(classes, val, min_classes))
 
 
