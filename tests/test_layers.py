@@ -13,7 +13,7 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parents[1] / "thaw"  # parsed, never imported: fast, and no import error can hide a violation
 FACADE = "thaw"  # thaw/__init__.py re-exports the public API; nothing inside the package imports it by name
 LAYERS: list[set[str]] = [
-    {"errors", "_io", "_version", "_allocator", "_device"},
+    {"errors", "_io", "_numbers", "_version", "_allocator", "_device"},
     {"distributed"},
     {"models"},
     {"data"},

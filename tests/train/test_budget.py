@@ -29,13 +29,13 @@ COSTS = Costs(forward=0.01, train_step=0.03, head_step=0.0001)
 SIZES = {"train": 100, "val": 50}
 
 
-@pytest.mark.parametrize("text, seconds", [("90s", 90), ("3m", 180), ("1.5h", 5400), ("120", 120), (" 2m ", 120), ("1h30m", 5400), ("2m 30s", 150), ("1h0.5m", 3630), ("90m", 5400), ("1h59.5m", 7170), ("6e2", 600), ("1.5E+3", 1500)]
+@pytest.mark.parametrize("text, seconds", [("90s", 90), ("3m", 180), ("1.5h", 5400), ("120", 120), (" 2m ", 120), ("1h30m", 5400), ("2m 30s", 150), ("1h0.5m", 3630), ("90m", 5400), ("1h59.5m", 7170), ("6e2", 600), ("1.5E+3", 1500), ("+600", 600), (".5e3", 500)]
 )
 def test_a_budget_reads_seconds_minutes_and_hours(text: str, seconds: float) -> None:
     assert parse_budget(text) == seconds
 
 
-@pytest.mark.parametrize("text", ["3x", "0m", "-1s", "", "m", "1e3s", "nan", "30m1h", "3m3m", "1 30", "1h30", "0h0m", "\u0666\u0660\u0660"])
+@pytest.mark.parametrize("text", ["3x", "0m", "-1s", "-600", "", "m", "1e3s", "nan", "30m1h", "3m3m", "1 30", "1h30", "0h0m", "\u0666\u0660\u0660", "6_00"])
 def test_a_budget_that_is_not_a_time_is_one_line(text: str) -> None:
     with pytest.raises(ThawError, match=r"^budget must be a time above 0, like 90s, 3m, 1.5h or 1h30m \(a bare number is seconds\), got "):
         parse_budget(text)

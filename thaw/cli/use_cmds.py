@@ -89,8 +89,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
     top5 = f", top-5 {metrics['top5']:.4f}" if "top5" in metrics else ""
     what += ", averaged with mirror images (--tta)" if args.tta else ""
     if metrics["skipped_files"]:  # named, as training and predict name them
-        skipped = "row(s) of the table" if meta.get("task") == "text" else "unreadable file(s)"
-        print(f"thaw: warning: {describe_skipped(scored.skipped, what=skipped)} (in what was scored)", file=sys.stderr)
+        print(f"thaw: warning: {describe_skipped(scored.skipped, rows=meta.get('task') == 'text')} (in what was scored)", file=sys.stderr)
     print(f"{split}: {metrics['count']} {unit} ({what}), accuracy {metrics['accuracy']:.4f}, macro-F1 {metrics['macro_f1']:.4f}{top5}")
     # A class the scored data does not hold (a held-out set of some classes) has no recall, and no F1 unless the model
     # predicts it: "-", not 0, as macro-F1 leaves it out; the same rule as --json's nulls.

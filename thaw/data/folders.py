@@ -17,7 +17,6 @@ import csv
 import hashlib
 import os
 import random
-import re
 import unicodedata
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -26,6 +25,7 @@ from pathlib import Path
 from typing import Callable, Hashable
 
 from thaw._io import answers, special_file
+from thaw._numbers import DECIMAL
 from thaw.data.images import IMAGE_SUFFIXES, UnreadableImage, probe
 from thaw.errors import ThawError
 
@@ -70,16 +70,13 @@ class LabelledData:
         return case_clashes(self.classes) + number_clashes(self.classes) + self.cautions
 
 
-DECIMAL_NAME = re.compile(r"[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?", re.ASCII)  # a class name that is a number
-
-
 def number_clashes(classes: tuple[str, ...]) -> tuple[str, ...]:
     """Class names that are the same number written two ways (`1` and `1.0`: a label column a spreadsheet rewrote in
     part) are two classes; said, not refused, as for names that differ only in case (`1.1` and `1.10` may be two
     sections). Exact decimals of ASCII digits: no float rounding makes two large numbers one."""
     by_value: dict[Decimal, list[str]] = defaultdict(list)
     for name in classes:
-        if DECIMAL_NAME.fullmatch(name):
+        if DECIMAL.fullmatch(name):  # a class name that is a number
             by_value[Decimal(name)].append(name)  # equal values hash alike (1 and 1.0), exactly, whatever the digits
     return tuple(
         f"classes {' and '.join(names)} are the same number written {len(names)} ways, so they are {len(names)} classes; "
@@ -828,8 +825,9 @@ def discover(root: str | Path, *, val_split: float = 0.2, seed: int = 0, min_cla
     return _from_class_folders(root, val_split, seed, min_classes)
 
 
-def describe_skipped(skipped: tuple[tuple[str, str], ...], limit: int = 5, what: str = "unreadable file(s)") -> str:
-    """`what`: a text table's rows are skipped for being empty or short, not unreadable ("row(s) of the table")."""
+def describe_skipped(skipped: tuple[tuple[str, str], ...], limit: int = 5, rows: bool = False) -> str:
+    """`rows`: what was skipped are a text table's rows, left out for being empty or short, not unreadable files."""
+    what = "row(s) of the table" if rows else "unreadable file(s)"
     shown = "; ".join(f"{path} ({reason})" for path, reason in skipped[:limit])
     more = f"; and {len(skipped) - limit} more" if len(skipped) > limit else ""
     return f"skipped {len(skipped)} {what}: {shown}{more}"

@@ -12,6 +12,7 @@ from typing import Any, Callable
 
 import yaml
 
+from thaw._numbers import is_decimal
 from thaw.errors import ThawError, join_problems
 from thaw.plan.freeze import BATCHNORM_POLICIES
 from thaw.plan.lr import MAX_LR, ConstantLr, DecayLr, ExplicitLr, LrRule, RangeLr
@@ -317,12 +318,11 @@ def _number_written(value: Any, kind: type | None) -> Any:
 
 
 WHOLE = r"\s*\+?[0-9]{1,18}\s*"  # ASCII digits, as YAML writes them; past 18 digits no count is meant (and int() refuses 4,300)
-DECIMAL = r"\s*[+-]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?\s*"  # no '_' or other scripts' digits, which float() takes
 
 
 def _decimal_written(value: Any) -> Any:
     """A number written as text (`"0.1"`, `1e-3`) as that number; anything else as it is."""
-    return float(value) if isinstance(value, str) and re.fullmatch(DECIMAL, value, re.ASCII) else value
+    return float(value) if isinstance(value, str) and is_decimal(value) else value
 
 
 def _whole_written(value: Any) -> Any:

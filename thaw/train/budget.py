@@ -28,6 +28,7 @@ from typing import Callable, Iterable, Sequence
 import torch
 from torch import nn
 
+from thaw._numbers import is_decimal
 from thaw.data.loaders import Batch
 from thaw.errors import ThawError
 from thaw.models.adapter import ModelAdapter
@@ -50,7 +51,7 @@ NUMBER = r"\d+(?:\.\d+)?"
 def parse_budget(text: str) -> float:
     """'90s', '3m', '1.5h', '1h30m' (or a bare number of seconds) as seconds; one clear line for anything else."""
     written = str(text)  # a plan file's bare number arrives as a number, or as text where YAML 1.1 reads 6e2 as text
-    if re.fullmatch(rf"\s*{NUMBER}(?:[eE][+-]?\d+)?\s*", written, re.ASCII):  # a bare number, as float() writes it too (1e-07)
+    if is_decimal(written):  # a bare number, as float() writes it too (1e-07)
         seconds = float(written)
     elif re.fullmatch(rf"(?:\s*{NUMBER}\s*[smh])+\s*", written, re.ASCII) and _units_in_order(written):
         parts = re.findall(rf"({NUMBER})\s*([smh])", written)

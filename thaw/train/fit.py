@@ -1067,8 +1067,7 @@ class Trainer:
 
     def _warn_skipped(self, skipped: list[tuple[str, str]]) -> None:
         if skipped:
-            what = "row(s) of the table" if isinstance(self.data, TextData) else "unreadable file(s)"
-            self._warn(describe_skipped(tuple(skipped), what=what))
+            self._warn(describe_skipped(tuple(skipped), rows=isinstance(self.data, TextData)))
 
     def _warn_found_while_decoding(self) -> None:
         """Files whose header read but whose pixels did not (a truncated JPEG), said as soon as a pass found them (the
