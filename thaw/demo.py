@@ -56,37 +56,44 @@ def run_demo(out: Path, say=print) -> list[DemoRow]:
 
 def check_not_in_class_folders(out: Path) -> None:
     """The demo's folders must not land in a user's image data: `thaw train photos` after `thaw demo --out photos`
-    read digits/ and the runs' plots as classes; inside a class folder, at any depth, they would be that class's
-    images. Class folders are told by the images straight in them, two or more side by side (thaw's least); a run's
-    folder and the demo's own are none. A new folder beside class folders is not refused: a home folder may hold two
-    folders of pictures, and the README's first command writes runs/demo there."""
+    read digits/ and the runs' plots as classes; inside a class folder they would be that class's images. A folder
+    of class folders is told by two or more folders with images straight in them, that make up most of its folders
+    (a home's Desktop/ and Pictures/ beside its Documents/ and Music/ are no classes); a run's folder and the demo's
+    own count as none. Only the folders `out` names are looked at, not those above the working folder: the
+    README's first command writes runs/demo wherever it is typed."""
     classes = _class_folders_in(out)
-    if len(classes) >= 2:
+    if classes:
         shown = ", ".join(f"{name}/" for name in classes[:3]) + (", ..." if len(classes) > 3 else "")
         raise ThawError(
             f"--out {out} holds class folders of images ({shown}): thaw train on it would read the demo's folders as "
-            "classes; choose another --out (the default is runs/demo)"
+            "classes; choose another --out"
         )
-    for folder in (out.resolve(), *out.resolve().parents):  # a class folder's images are read at any depth
-        siblings = _class_folders_in(folder.parent)
-        if folder.name in siblings and len(siblings) >= 2:
+    for folder in _named_folders(out):
+        if folder.name in _class_folders_in(folder.parent):
             raise ThawError(
                 f"--out {out} is in the class folder {folder.name}/ of the images in {folder.parent}: thaw train on them "
-                f"would read the demo's digits as images of {folder.name}; choose another --out (the default is runs/demo)"
+                f"would read the demo's digits as images of {folder.name}; choose another --out"
             )
 
 
+def _named_folders(out: Path) -> list[Path]:
+    """The folders the path `out` names, each resolved: photos/red/demo names photos, photos/red and photos/red/demo;
+    `.` the working folder; an absolute path every folder from the root."""
+    parts = out.parts or (".",)
+    return [Path(*parts[:end]).resolve() for end in range(1, len(parts) + 1)]
+
+
 def _class_folders_in(folder: Path) -> list[str]:
-    """The folders straight in `folder` that hold images, as class folders do; hidden, the demo's and runs' aside."""
+    """The class folders straight in `folder`: its folders with images in them, where there are two or more and they
+    are most of its folders (hidden ones, the demo's and runs' aside); none otherwise."""
     try:
-        inside = sorted(path for path in folder.iterdir() if path.is_dir())
+        inside = sorted(path for path in folder.iterdir() if path.is_dir() and not path.name.startswith("."))
     except OSError:  # none yet, or unlistable: the write says so if it cannot write either
         return []
     own = {"digits", *STRATEGIES}
-    return [
-        path.name for path in inside
-        if not path.name.startswith(".") and path.name not in own and not holds_run(path) and holds_image_files(path)
-    ]
+    counted = [path for path in inside if path.name not in own and not holds_run(path)]
+    with_images = [path.name for path in counted if holds_image_files(path)]
+    return with_images if len(with_images) >= 2 and 2 * len(with_images) > len(counted) else []
 
 
 def check_demo_run_folder(run: Path, digits: Path) -> None:

@@ -192,6 +192,7 @@ MOBILENET_PLAN = ["plan", "--model", "mobilenet_v3_small", "--num-classes", "3"]
         (["train", "DATA", *TINY_RUN, "--device", "cuda:99"], "device 'cuda:99' (--device cuda:99): this machine has"),
         (["train", "DATA", *TINY_RUN, "--device", "bogus"], "device must be auto, cpu, cuda"),
         (["train", "DATA", *TINY_RUN, "--lr", "1e300"], "argument --lr: an lr must be a positive finite number up to 1000"),
+        (["train", "DATA", *TINY_RUN, "--weight-decay", "1e30"], "lr x weight decay is 1e+27 in group 'head' (lr 0.001, weight decay 1e+30): each step"),
         (["train", "DATA", *TINY_RUN, "--val-split", "nan"], "argument --val-split: expected a share above 0 and below 1"),
         (["train", "DATA", *TINY_RUN, "--val-split", "0.5"], "val_split (--val-split) 0.5 would do nothing: DATA has a val folder, which is the val split"),
         (["train", "DATA", *TINY_RUN, "--out", ""], "argument --out: expected a path, got an empty string"),
@@ -269,10 +270,13 @@ def test_lr_find_never_writes_over_a_training_image_or_a_runs_file(colours: Path
     Image.new("RGB", (8, 8), "blue").save(tmp_path / "holiday.png")
     (tmp_path / "thesis.pdf").write_bytes(b"%PDF-1.7 the only copy")
     Image.new("RGB", (8, 8), "blue").save(tmp_path / "photo.jpg")
+    Image.new("RGB", (8, 8), "blue").save(tmp_path / "photo.webp")
+    not_ours = "exists and carries no mark of thaw lr-find (a plot from a thaw before the mark carries none, except a lr_find.png); name another file, or remove it first"
     for name, said in [
-        ("holiday.png", "exists and is not a plot thaw lr-find wrote; name another file, or remove it first"),
-        ("thesis.pdf", "exists and is not a plot thaw lr-find wrote; name another file, or remove it first"),
-        ("photo.jpg", "exists and a .jpg file keeps no mark of the program that wrote it"),
+        ("holiday.png", not_ours),
+        ("thesis.pdf", not_ours),
+        ("photo.jpg", not_ours),
+        ("photo.webp", "exists and a .webp file keeps no mark thaw writes, so thaw cannot tell its plot from yours"),
     ]:
         kept = (tmp_path / name).read_bytes()
         assert main([*LR_FIND[:1], str(colours), *LR_FIND[2:], "--out", str(tmp_path / name)]) == 2

@@ -206,6 +206,17 @@ def test_evaluate_and_report_warn_when_the_data_scored_whole_is_the_runs_own(
         assert capsys.readouterr().err == ""
 
 
+def test_the_training_data_warning_names_a_text_runs_rows(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from thaw.cli.use_cmds import warn_if_training_data
+
+    table = tmp_path / "sms.tsv"
+    table.write_text("text\tlabel\n")
+    warn_if_training_data({"task": "text", "data": {"path": str(table)}}, str(table), "all")
+    assert "its training rows are among those scored" in capsys.readouterr().err
+    warn_if_training_data({"task": "text", "data": {"path": str(table)}}, str(table), "test")  # the run's own test share
+    assert capsys.readouterr().err == ""
+
+
 def test_evaluate_on_other_data_keeps_the_runs_own_confusion_picture(
     trained_run: Path, tiny_split_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -365,35 +376,41 @@ def test_the_demo_never_writes_into_class_folders(tmp_path: Path, capsys: pytest
     photos = tmp_path / "photos"
     write_class_images(photos, per_class=2, size=8)
     (photos / "red" / "notes").mkdir()  # a folder inside a class folder does not make it a data root
-    classes = sorted(path.name for path in photos.iterdir())
+    (photos / "labels").mkdir()  # nor does a folder without images beside the classes stop them being classes
     before = sorted(str(path) for path in tmp_path.rglob("*"))
     assert main(["demo", "--out", str(photos)]) == 2
     assert capsys.readouterr().err.strip() == (
-        f"thaw: error: --out {photos} holds class folders of images ({', '.join(f'{name}/' for name in classes[:3])}"
-        f"{', ...' if len(classes) > 3 else ''}): thaw train on it would read the demo's folders as classes; "
-        "choose another --out (the default is runs/demo)"
+        f"thaw: error: --out {photos} holds class folders of images (blue/, green/, red/): thaw train on it would read "
+        "the demo's folders as classes; choose another --out"
     )
-    for inside, out in [(photos / "red", "."), (photos / "red" / "notes", "."), (tmp_path, "photos/red/notes/demo")]:
-        monkeypatch.chdir(inside)  # `--out .` has no name of its own
+    for inside, out in [(photos / "red", "."), (tmp_path, "photos/red/notes/demo"), (photos / "red" / "notes", "../../red/x")]:
+        monkeypatch.chdir(inside)
         assert main(["demo", "--out", out]) == 2
         assert capsys.readouterr().err.strip() == (
             f"thaw: error: --out {out} is in the class folder red/ of the images in {photos}: thaw train on them "
-            "would read the demo's digits as images of red; choose another --out (the default is runs/demo)"
+            "would read the demo's digits as images of red; choose another --out"
         )
     assert sorted(str(path) for path in tmp_path.rglob("*")) == before  # refused before anything was written
 
 
-def test_the_demo_may_write_beside_runs_and_into_a_folder_of_one_image_folder(tmp_path: Path) -> None:
-    """Runs hold plots straight in them, a home folder may hold one Pictures/ folder: neither is class folders."""
+def test_the_demo_may_write_beside_runs_and_pictures(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Runs hold plots straight in them; a home holds Desktop/ and Pictures/ with images among its other folders;
+    a folder of projects each with a logo is no data, and the working folder's surroundings are never looked at."""
     from thaw.demo import check_not_in_class_folders
 
     for name in ("run-a", "run-b"):
         (tmp_path / "runs" / name).mkdir(parents=True)
         (tmp_path / "runs" / name / "thaw.json").write_text("{}")
         (tmp_path / "runs" / name / "curves.png").write_bytes(b"a plot")
-    write_class_images(tmp_path / "home", per_class=1, size=8, classes=("Pictures",))
-    for out in (tmp_path / "runs", tmp_path / "home", tmp_path / "home" / "demo", tmp_path / "new"):
+    home = tmp_path / "home"
+    write_class_images(home, per_class=1, size=8, classes=("Desktop", "Pictures"))
+    for name in ("Documents", "Music", "Videos"):
+        (home / name).mkdir()
+    write_class_images(tmp_path / "work", per_class=1, size=8, classes=("projA", "projB"))  # lr_find.png, a logo
+    for out in (tmp_path / "runs", home, home / "Desktop" / "demo", tmp_path / "new"):
         check_not_in_class_folders(out)  # no refusal
+    monkeypatch.chdir(tmp_path / "work" / "projA")
+    check_not_in_class_folders(Path("runs/demo"))  # the README's first command, in a project beside another
 
 
 @pytest.mark.parametrize("where", ["the run", "set aside"])

@@ -755,9 +755,12 @@ def test_an_image_in_two_class_folders_is_refused_as_a_manifest_listing_it_twice
 def test_a_share_that_whole_images_per_class_cannot_hold_says_the_real_one(tmp_path: Path, asked: float, real: str) -> None:
     """`--val-split 1e-9` said '1e-07% held out' beside 6 train and 3 val images: each class holds one out at the least."""
     root = write_class_images(tmp_path / "data", per_class=3 if asked < 0.5 else 6)
-    note = f"({as_percent(asked)} asked: a class keeps one to train on and holds out one at the least)"
+    note = f"({as_percent(asked)} asked, in whole images per class)"
     data = discover(root, val_split=asked)
     assert data.layout == f"class folders, {real} held out {note} (seed 0)"
     assert f"{100 * len(data.val) / (len(data.train) + len(data.val)):.3g}%" == real
     write_class_images(tmp_path / "split" / "train", per_class=3 if asked < 0.5 else 6)
     assert discover(tmp_path / "split", val_split=asked).layout == f"split folders (train only), {real} of train held out as val {note} (seed 0)"
+    manifest = tmp_path / "labels.csv"
+    manifest.write_text("".join(f"{path},{path.parent.name}\n" for path in sorted(root.glob("*/*.png"))))
+    assert discover(manifest, val_split=asked).layout == f"CSV manifest, {real} held out {note}"

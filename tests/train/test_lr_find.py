@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from thaw.errors import ThawError
-from thaw.train.lr_find import FLAT_FALL, MAKER_FIELDS, batch_losses, is_lr_find_plot, plot_lr_find, smoothed_losses, suggest
+from thaw.errors import ThawError, WriteError
+from thaw.train.lr_find import FLAT_FALL, MARK_WRITERS, MAX_PLOT_BYTES, batch_losses, is_lr_find_plot, plot_lr_find, smoothed_losses, suggest
+from thaw.train.plots import plt
 
 LRS = [1e-7 * 1e7 ** (index / 99) for index in range(100)]
 
@@ -68,14 +69,12 @@ def test_too_few_steps_are_one_line() -> None:
         suggest(LRS[:4], [1.0, 0.9, 0.8, 0.7])
 
 
-@pytest.mark.parametrize("kind", sorted(MAKER_FIELDS))
+@pytest.mark.parametrize("kind", sorted(MARK_WRITERS))
 def test_a_plot_carries_thaws_mark_and_a_users_file_does_not(kind: str, tmp_path: Path) -> None:
     """What lets `thaw lr-find --out` replace its own plot and refuse anything else of that name."""
     plot = plot_lr_find(LRS, smoothed_losses(falling(0.0, 0)), LRS[50], tmp_path / f"lr.{kind}")
     assert plot == tmp_path / f"lr.{kind}" and is_lr_find_plot(plot)
     assert [path.name for path in tmp_path.iterdir()] == [plot.name]  # written through a temporary file, none left
-    from thaw.train.plots import plt
-
     figure, axis = plt.subplots()
     axis.plot([1, 2])
     figure.savefig(tmp_path / f"theirs.{kind}")  # matplotlib's own mark, as any other script's plot
@@ -85,12 +84,59 @@ def test_a_plot_carries_thaws_mark_and_a_users_file_does_not(kind: str, tmp_path
     assert not is_lr_find_plot(tmp_path / f"broken.{kind}")
 
 
+@pytest.mark.parametrize("kind, metadata", [("svg", {"Title": "thaw lr-find vs my own sweep"}), ("png", {"Software": "thaw lr-finder-compare 2.0"}),
+                                             ("pdf", {"Creator": "thaw lr-find, edited"}), ("ps", {"Creator": "thaw lr-find 2"})])
+def test_a_mark_that_only_begins_like_ours_is_not_ours(kind: str, metadata: dict, tmp_path: Path) -> None:
+    figure, axis = plt.subplots()
+    axis.plot([1, 2])
+    figure.savefig(tmp_path / f"mine.{kind}", metadata=metadata)
+    plt.close(figure)
+    assert not is_lr_find_plot(tmp_path / f"mine.{kind}")
+
+
+def test_an_earlier_thaws_default_plot_is_ours_by_its_name_alone(tmp_path: Path) -> None:
+    """Plots written before the mark: the default lr_find.png (a matplotlib PNG) may be replaced, no other name."""
+    figure, axis = plt.subplots()
+    axis.plot([1, 2])
+    for name in ("lr_find.png", "holiday.png"):
+        figure.savefig(tmp_path / name)
+    plt.close(figure)
+    (tmp_path / "other").mkdir()
+    Image.new("RGB", (4, 4)).save(tmp_path / "other" / "lr_find.png")
+    assert is_lr_find_plot(tmp_path / "lr_find.png") and not is_lr_find_plot(tmp_path / "holiday.png")
+    assert not is_lr_find_plot(tmp_path / "other" / "lr_find.png")  # a photo of that name, made by no matplotlib
+
+
 def test_a_plot_without_a_suffix_is_a_png_and_formats_without_metadata_are_never_ours(tmp_path: Path) -> None:
     plot = plot_lr_find(LRS, smoothed_losses(falling(0.0, 0)), None, tmp_path / "lr")
     assert plot == tmp_path / "lr.png" and is_lr_find_plot(plot)
     with Image.open(plot) as image:
-        assert image.format == "PNG" and image.text["Software"] == "thaw lr-find"
-    jpeg = plot_lr_find(LRS, smoothed_losses(falling(0.0, 0)), None, tmp_path / "lr.jpg")
-    assert not is_lr_find_plot(jpeg)  # a JPEG keeps no maker's name: thaw cannot tell it from a photo
+        assert image.format == "PNG" and image.info["Software"] == "thaw lr-find"
+    webp = plot_lr_find(LRS, smoothed_losses(falling(0.0, 0)), None, tmp_path / "lr.webp")
+    assert not is_lr_find_plot(webp)  # a WebP keeps no maker's name that thaw writes: it cannot tell it from a photo
     (tmp_path / "wrapped.svgz").write_bytes(gzip.compress(b"<dc:title>thaw lr-find</dc:title>"))
     assert is_lr_find_plot(tmp_path / "wrapped.svgz")
+
+
+def test_a_damaged_or_inflating_svgz_is_not_ours_and_no_traceback(tmp_path: Path) -> None:
+    packed = bytearray(gzip.compress(b"<svg>" + b"x" * 5000 + b"<dc:title>thaw lr-find</dc:title>"))
+    packed[10:30] = b"\xff" * 20  # a valid gzip header, then a deflate stream that is not
+    (tmp_path / "broken.svgz").write_bytes(bytes(packed))
+    assert not is_lr_find_plot(tmp_path / "broken.svgz")
+    bomb = gzip.compress(b" " * (MAX_PLOT_BYTES + 1) + b"<dc:title>thaw lr-find</dc:title>")  # its mark past the cap
+    (tmp_path / "bomb.svgz").write_bytes(bomb)
+    assert len(bomb) < MAX_PLOT_BYTES and not is_lr_find_plot(tmp_path / "bomb.svgz")
+
+
+def test_a_plot_that_cannot_be_written_leaves_the_earlier_one_whole(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    plot = plot_lr_find(LRS, smoothed_losses(falling(0.0, 0)), LRS[50], tmp_path / "lr.png")
+    before = plot.read_bytes()
+
+    def disk_full(self, target, **kwargs):
+        Path(target).write_bytes(b"half a plot")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(plt.Figure, "savefig", disk_full)
+    with pytest.raises(WriteError, match="No space left on device; the previous file is intact"):
+        plot_lr_find(LRS, smoothed_losses(falling(0.0, 1)), LRS[40], plot)
+    assert plot.read_bytes() == before and [path.name for path in tmp_path.iterdir()] == ["lr.png"]

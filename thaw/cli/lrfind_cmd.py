@@ -18,7 +18,7 @@ from thaw.errors import ThawError, WriteError
 from thaw.models import build_model
 from thaw.train.config import TrainConfig, check_image_size
 from thaw.train.fit import effective_preprocessing
-from thaw.train.lr_find import MAKER_FIELDS, is_lr_find_plot, lr_range_test, plot_lr_find, suggest
+from thaw.train.lr_find import DEFAULT_PLOT, MARK_WRITERS, is_lr_find_plot, lr_range_test, plot_lr_find, suggest
 from thaw.train.run_folder import EVALUATE_PLOTS, holds_run, is_run_file
 
 MAX_STEPS = 10_000  # the lr moves start -> end over the steps: beyond this it barely moves per step
@@ -38,7 +38,7 @@ def register(commands: argparse._SubParsersAction) -> None:
         "--image-size", type=positive_int,
         help="override the weights' input size, as thaw train --image-size does (test at the size you will train at)",
     )
-    parser.add_argument("--out", type=path_text, default="lr_find.png", help="where to write the plot (.png, .svg, .pdf)")
+    parser.add_argument("--out", type=path_text, default=DEFAULT_PLOT, help="where to write the plot (.png, .svg, .pdf)")
     parser.add_argument("--json", action="store_true")
     parser.set_defaults(handler=run)
 
@@ -98,9 +98,9 @@ def check_plot_replaceable(out: Path) -> None:
 
 
 def _not_ours(out: Path) -> str:
-    if out.suffix[1:].lower() in MAKER_FIELDS:
-        return "is not a plot thaw lr-find wrote"
-    return f"a {out.suffix} file keeps no mark of the program that wrote it, so thaw cannot tell its plot from yours (a .png, .svg or .pdf plot can be replaced)"
+    if out.suffix[1:].lower() in MARK_WRITERS:
+        return f"carries no mark of thaw lr-find (a plot from a thaw before the mark carries none, except a {DEFAULT_PLOT})"
+    return f"a {out.suffix} file keeps no mark thaw writes, so thaw cannot tell its plot from yours (a .png, .pdf, .svg or .jpg plot can be replaced)"
 
 
 def warn_skipped(skipped: tuple[tuple[str, str], ...]) -> None:

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-import gzip
 import math
 import statistics
+import zlib
 from pathlib import Path
 
 import torch
+from PIL import Image
 from torch import nn
 
 from thaw._io import atomic_write
@@ -27,16 +28,20 @@ NOISE_STEPS = 10  # first steps whose batch losses give the start level and the 
 NOISE_SIGMAS = 4  # a flat curve's lowest point over 100 steps lies about 3 of its own spreads below its level
 FLAT_FALL = 0.05  # of the starting loss: a smaller fall over the whole range is no fall to suggest an lr from
 PLOT_MAKER = "thaw lr-find"  # written into the plot's metadata: what tells a plot of ours from a user's file of that name
-# The formats whose files keep a maker's name: the metadata key matplotlib writes it under, and the bytes before it in
-# the file (a PNG text chunk, a PDF info entry, SVG's dc:title, a PostScript comment).
-MAKER_FIELDS = {
-    "png": ("Software", b"tEXtSoftware\x00"),
-    "pdf": ("Creator", b"/Creator ("),
-    "svg": ("Creator", b"<dc:title>"),
-    "svgz": ("Creator", b"<dc:title>"),
-    "ps": ("Creator", b"%%Creator: "),
-    "eps": ("Creator", b"%%Creator: "),
+_BY_METADATA = {"metadata": {"Creator": PLOT_MAKER}}
+# What savefig writes the maker's name with, per format; the formats not here (webp, gif, raw...) carry none.
+MARK_WRITERS = {
+    "png": {"metadata": {"Software": PLOT_MAKER}},
+    "pdf": _BY_METADATA, "svg": _BY_METADATA, "svgz": _BY_METADATA, "ps": _BY_METADATA, "eps": _BY_METADATA,
+    "jpg": {"pil_kwargs": {"comment": PLOT_MAKER.encode()}}, "jpeg": {"pil_kwargs": {"comment": PLOT_MAKER.encode()}},
+    "tif": {"pil_kwargs": {"tiffinfo": {305: PLOT_MAKER}}}, "tiff": {"pil_kwargs": {"tiffinfo": {305: PLOT_MAKER}}},  # 305: Software
 }
+# The text formats' marks, with their delimiters: a user's title "thaw lr-find vs mine" is no mark of ours.
+_TEXT_MARKS = {
+    "pdf": b"/Creator (thaw lr-find)", "svg": b"<dc:title>thaw lr-find</dc:title>", "svgz": b"<dc:title>thaw lr-find</dc:title>",
+    "ps": b"%%Creator: thaw lr-find\n", "eps": b"%%Creator: thaw lr-find\n",
+}
+DEFAULT_PLOT = "lr_find.png"  # lr-find's default --out: a matplotlib PNG of this name is an earlier thaw's plot, made before the mark
 MAX_PLOT_BYTES = 4 << 20  # an lr-find plot is tens of KB in any of these formats: a larger file is none of ours
 
 
@@ -147,25 +152,47 @@ def plot_lr_find(lrs: list[float], losses: list[float], suggestion: float | None
     if not path.suffix:  # as matplotlib names it
         path = path.with_name(path.name + ".png")
     kind = path.suffix[1:].lower()
-    metadata = {MAKER_FIELDS[kind][0]: PLOT_MAKER} if kind in MAKER_FIELDS else None
+    marked = MARK_WRITERS.get(kind, {})
     try:  # atomic: an earlier plot stays whole if this one cannot be written
-        atomic_write(path, lambda temporary: figure.savefig(temporary, dpi=100, format=kind, metadata=metadata))
+        atomic_write(path, lambda temporary: figure.savefig(temporary, dpi=100, format=kind, **marked))
     finally:
         plt.close(figure)
     return path
 
 
 def is_lr_find_plot(path: Path) -> bool:
-    """Whether the file at `path` is a plot thaw lr-find wrote (and may replace): the maker's name in its metadata."""
+    """Whether the file at `path` is a plot thaw lr-find wrote (and may replace): the maker's name in its metadata,
+    read exactly (PIL's reading of a PNG, JPEG or TIFF; the delimited bytes of a PDF, SVG or PostScript file)."""
     kind = path.suffix[1:].lower()
-    if kind not in MAKER_FIELDS:
+    if kind not in MARK_WRITERS:
         return False
     try:
         if path.stat().st_size > MAX_PLOT_BYTES:
             return False
-        content = path.read_bytes()
-        if kind == "svgz":
-            content = gzip.decompress(content)
-    except (OSError, EOFError, gzip.BadGzipFile):  # unreadable, or no gzip file: none of ours
+        if kind in _TEXT_MARKS:
+            return _TEXT_MARKS[kind] in _plot_text(path, kind)
+        maker = _raster_maker(path)
+    except (OSError, EOFError, ValueError, SyntaxError, zlib.error, Image.DecompressionBombError):  # none of ours
         return False
-    return MAKER_FIELDS[kind][1] + PLOT_MAKER.encode() in content
+    return maker == PLOT_MAKER or (path.name == DEFAULT_PLOT and str(maker).startswith("Matplotlib version"))
+
+
+def _plot_text(path: Path, kind: str) -> bytes:
+    """The file's bytes; an svgz's inflated, at most MAX_PLOT_BYTES of them (a small file may inflate to gigabytes)."""
+    content = path.read_bytes()
+    if kind != "svgz":
+        return content
+    return zlib.decompressobj(16 + zlib.MAX_WBITS).decompress(content, MAX_PLOT_BYTES)  # 16: a gzip header
+
+
+def _raster_maker(path: Path) -> str | None:
+    """The program a PNG (Software), JPEG (its comment) or TIFF (Software tag) names as its maker."""
+    with Image.open(path) as image:
+        if image.format == "PNG":
+            return image.info.get("Software")  # the text chunks before the pixels, read without decoding them
+        if image.format == "JPEG":
+            comment = image.info.get("comment")
+            return comment.decode("latin-1") if isinstance(comment, bytes) else comment
+        if image.format == "TIFF":
+            return image.tag_v2.get(305)
+    return None
