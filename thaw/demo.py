@@ -78,9 +78,15 @@ def check_not_in_class_folders(out: Path) -> None:
 
 def _named_folders(out: Path) -> list[Path]:
     """The folders the path `out` names, each resolved: photos/red/demo names photos, photos/red and photos/red/demo;
-    `.` the working folder; an absolute path every folder from the root."""
-    parts = out.parts or (".",)
-    return [Path(*parts[:end]).resolve() for end in range(1, len(parts) + 1)]
+    `.` the working folder. A path into the working folder, however written ($PWD/runs/demo, ../here/runs/demo), names
+    what its relative form does; another absolute path, every folder from the root."""
+    try:
+        here, where = Path.cwd().resolve(), out.resolve()
+    except (OSError, RuntimeError):  # a loop of links (`ln -s loop loop`): Python's own message is a traceback
+        raise ThawError(f"--out {out} cannot be followed (a loop of links, or a folder that cannot be read); choose another --out") from None
+    parts = (where.relative_to(here).parts or (".",)) if where.is_relative_to(here) else (out.parts or (".",))
+    base = here if where.is_relative_to(here) else Path()
+    return [(base / Path(*parts[:end])).resolve() for end in range(1, len(parts) + 1)]
 
 
 def _class_folders_in(folder: Path) -> list[str]:

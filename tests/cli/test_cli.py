@@ -193,6 +193,7 @@ MOBILENET_PLAN = ["plan", "--model", "mobilenet_v3_small", "--num-classes", "3"]
         (["train", "DATA", *TINY_RUN, "--device", "bogus"], "device must be auto, cpu, cuda"),
         (["train", "DATA", *TINY_RUN, "--lr", "1e300"], "argument --lr: an lr must be a positive finite number up to 1000"),
         (["train", "DATA", *TINY_RUN, "--weight-decay", "1e30"], "lr x weight decay is 1e+27 in group 'head' (lr 0.001, weight decay 1e+30): each step"),
+        ([*MOBILENET_PLAN, "--weight-decay", "1e30"], "lr x weight decay is 1e+27 in group 'head' (lr 0.001, weight decay 1e+30): each step"),
         (["train", "DATA", *TINY_RUN, "--val-split", "nan"], "argument --val-split: expected a share above 0 and below 1"),
         (["train", "DATA", *TINY_RUN, "--val-split", "0.5"], "val_split (--val-split) 0.5 would do nothing: DATA has a val folder, which is the val split"),
         (["train", "DATA", *TINY_RUN, "--out", ""], "argument --out: expected a path, got an empty string"),

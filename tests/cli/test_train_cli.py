@@ -410,7 +410,11 @@ def test_the_demo_may_write_beside_runs_and_pictures(tmp_path: Path, monkeypatch
     for out in (tmp_path / "runs", home, home / "Desktop" / "demo", tmp_path / "new"):
         check_not_in_class_folders(out)  # no refusal
     monkeypatch.chdir(tmp_path / "work" / "projA")
-    check_not_in_class_folders(Path("runs/demo"))  # the README's first command, in a project beside another
+    for out in ("runs/demo", "./runs/demo", str(Path.cwd() / "runs" / "demo"), "../projA/runs/demo"):
+        check_not_in_class_folders(Path(out))  # the README's first command in a project beside another, however typed
+    (tmp_path / "loop").symlink_to(tmp_path / "loop")
+    with pytest.raises(ThawError, match=r"^--out .*loop/demo cannot be followed \(a loop of links"):
+        check_not_in_class_folders(tmp_path / "loop" / "demo")
 
 
 @pytest.mark.parametrize("where", ["the run", "set aside"])

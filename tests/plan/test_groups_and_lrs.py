@@ -121,6 +121,28 @@ def test_a_weight_matrix_held_outside_torch_nn_layers_still_decays() -> None:
     assert decay[id(model[0].weight)] == 0.05 and decay[id(model[0].bias)] == 0.0
 
 
+def test_a_stage_whose_lr_times_weight_decay_reaches_one_is_refused_where_anything_decays() -> None:
+    """`--weight-decay 1e30` trained to weights 1e27 times too large; norms and biases, which never decay, are no cause."""
+    from torch import nn
+
+    from thaw import adapt
+    from thaw.plan.optim import check_decay_below_lr
+
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3))
+    adapter = adapt(model, num_classes=3)
+    huge = Plan((Stage("all", 1, ("all",), ConstantLr(1e-3), weight_decay=1e30),))
+    with pytest.raises(ThawError, match=r"^stage 'all': lr x weight decay is 1e\+27 in group '.*' \(lr 0.001, weight decay 1e\+30\): each step"):
+        check_decay_below_lr(adapter, resolve_plan(adapter, huge))
+    norm = next(name for name, module in model.named_modules() if isinstance(module, nn.BatchNorm2d))
+    norms_only = Plan((Stage("norms", 1, (norm,), ExplicitLr({"stem": 10.0, "head": 1e-3}), weight_decay=0.1, batchnorm="train"),))
+    check_decay_below_lr(adapter, resolve_plan(adapter, norms_only))  # the stem trains its norm alone: 10 x 0.1 decays nothing
+    convolution_too = Plan((Stage("stem", 1, ("stem",), ExplicitLr({"stem": 10.0, "head": 1e-3}), weight_decay=0.1, batchnorm="train"),))
+    with pytest.raises(ThawError, match=r"^stage 'stem': lr x weight decay is 1 in group 'stem' \(lr 10, weight decay 0.1\)"):
+        check_decay_below_lr(adapter, resolve_plan(adapter, convolution_too))
+    usual = Plan((Stage("all", 1, ("all",), ConstantLr(1e-3), weight_decay=0.05), Stage("none", 0, ("all",), ConstantLr(1e3), weight_decay=1.0)))
+    check_decay_below_lr(adapter, resolve_plan(adapter, usual))  # a stage of 0 epochs trains nothing
+
+
 def test_audit_catches_left_out_and_frozen_parameters() -> None:
     adapter = build_model("resnet18", num_classes=4)
     for param in adapter.model.parameters():

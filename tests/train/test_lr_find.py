@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import random
+import warnings
 from pathlib import Path
 
 import pytest
@@ -84,8 +85,9 @@ def test_a_plot_carries_thaws_mark_and_a_users_file_does_not(kind: str, tmp_path
     assert not is_lr_find_plot(tmp_path / f"broken.{kind}")
 
 
-@pytest.mark.parametrize("kind, metadata", [("svg", {"Title": "thaw lr-find vs my own sweep"}), ("png", {"Software": "thaw lr-finder-compare 2.0"}),
-                                             ("pdf", {"Creator": "thaw lr-find, edited"}), ("ps", {"Creator": "thaw lr-find 2"})])
+@pytest.mark.parametrize("kind, metadata", [("svg", {"Title": "thaw lr-find vs my own sweep"}), ("svg", {"Title": "thaw lr-find"}),
+                                             ("png", {"Software": "thaw lr-finder-compare 2.0"}), ("pdf", {"Creator": "thaw lr-find, edited"}),
+                                             ("ps", {"Creator": "thaw lr-find 2"})])
 def test_a_mark_that_only_begins_like_ours_is_not_ours(kind: str, metadata: dict, tmp_path: Path) -> None:
     figure, axis = plt.subplots()
     axis.plot([1, 2])
@@ -96,15 +98,18 @@ def test_a_mark_that_only_begins_like_ours_is_not_ours(kind: str, metadata: dict
 
 def test_an_earlier_thaws_default_plot_is_ours_by_its_name_alone(tmp_path: Path) -> None:
     """Plots written before the mark: the default lr_find.png (a matplotlib PNG) may be replaced, no other name."""
-    figure, axis = plt.subplots()
-    axis.plot([1, 2])
-    for name in ("lr_find.png", "holiday.png"):
-        figure.savefig(tmp_path / name)
-    plt.close(figure)
-    (tmp_path / "other").mkdir()
-    Image.new("RGB", (4, 4)).save(tmp_path / "other" / "lr_find.png")
-    assert is_lr_find_plot(tmp_path / "lr_find.png") and not is_lr_find_plot(tmp_path / "holiday.png")
-    assert not is_lr_find_plot(tmp_path / "other" / "lr_find.png")  # a photo of that name, made by no matplotlib
+    for folder, size in (("ours", (6, 4)), ("fastai", (6.4, 4.8))):  # lr-find's figure; matplotlib's default one
+        (tmp_path / folder).mkdir()
+        figure, axis = plt.subplots(figsize=size)
+        axis.plot([1, 2])
+        for name in ("lr_find.png", "holiday.png"):
+            figure.savefig(tmp_path / folder / name, dpi=100)
+        plt.close(figure)
+    (tmp_path / "photo").mkdir()
+    Image.new("RGB", (600, 400)).save(tmp_path / "photo" / "lr_find.png")
+    assert is_lr_find_plot(tmp_path / "ours" / "lr_find.png") and not is_lr_find_plot(tmp_path / "ours" / "holiday.png")
+    assert not is_lr_find_plot(tmp_path / "fastai" / "lr_find.png")  # another tool's plot of that name, 640x480
+    assert not is_lr_find_plot(tmp_path / "photo" / "lr_find.png")  # a picture of that name, made by no matplotlib
 
 
 def test_a_plot_without_a_suffix_is_a_png_and_formats_without_metadata_are_never_ours(tmp_path: Path) -> None:
@@ -114,7 +119,8 @@ def test_a_plot_without_a_suffix_is_a_png_and_formats_without_metadata_are_never
         assert image.format == "PNG" and image.info["Software"] == "thaw lr-find"
     webp = plot_lr_find(LRS, smoothed_losses(falling(0.0, 0)), None, tmp_path / "lr.webp")
     assert not is_lr_find_plot(webp)  # a WebP keeps no maker's name that thaw writes: it cannot tell it from a photo
-    (tmp_path / "wrapped.svgz").write_bytes(gzip.compress(b"<dc:title>thaw lr-find</dc:title>"))
+    svg = plot_lr_find(LRS, smoothed_losses(falling(0.0, 0)), None, tmp_path / "lr.svg")
+    (tmp_path / "wrapped.svgz").write_bytes(gzip.compress(svg.read_bytes()))  # gzip's own, not matplotlib's
     assert is_lr_find_plot(tmp_path / "wrapped.svgz")
 
 
@@ -140,3 +146,32 @@ def test_a_plot_that_cannot_be_written_leaves_the_earlier_one_whole(tmp_path: Pa
     with pytest.raises(WriteError, match="No space left on device; the previous file is intact"):
         plot_lr_find(LRS, smoothed_losses(falling(0.0, 1)), LRS[40], plot)
     assert plot.read_bytes() == before and [path.name for path in tmp_path.iterdir()] == ["lr.png"]
+
+
+def test_our_plot_inside_a_users_document_does_not_make_it_ours(tmp_path: Path) -> None:
+    """A poster that embeds our SVG, a PostScript thesis that includes our EPS, a PDF whose one Creator is another's."""
+    svg = plot_lr_find(LRS, smoothed_losses(falling(0.0, 0)), None, tmp_path / "lr.svg").read_bytes()
+    (tmp_path / "poster.svg").write_bytes(b'<svg xmlns="http://www.w3.org/2000/svg"><g id="poster"><text>my poster</text></g>' + svg + b"</svg>")
+    eps = plot_lr_find(LRS, smoothed_losses(falling(0.0, 0)), None, tmp_path / "lr.eps").read_bytes()
+    (tmp_path / "thesis.ps").write_bytes(b"%!PS-Adobe-3.0\n%%Creator: dvips(k)\n%%EndComments\n%%BeginDocument: lr.eps\n" + eps + b"%%EndDocument\n")
+    (tmp_path / "notes.pdf").write_bytes(b"%PDF-1.7\n% /Creator (thaw lr-find)\n1 0 obj << /Creator (LibreOffice) >> endobj\n%%EOF\n")
+    for name in ("poster.svg", "thesis.ps", "notes.pdf"):
+        assert not is_lr_find_plot(tmp_path / name), name
+    assert is_lr_find_plot(tmp_path / "lr.svg") and is_lr_find_plot(tmp_path / "lr.eps")
+
+
+def test_a_damaged_raster_is_refused_without_pils_own_lines(tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    """A PNG whose header claims 10000x10000 pixels: PIL's DecompressionBombWarning reached the screen before the refusal."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", 10000, 10000, 8, 2, 0, 0, 0)
+    (tmp_path / "huge.png").write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IEND", b""))
+    with warnings.catch_warnings(record=True) as shown:  # pytest would otherwise collect them, unseen
+        warnings.simplefilter("always")
+        assert not is_lr_find_plot(tmp_path / "huge.png")
+    said = capfd.readouterr()
+    assert shown == [] and said.err == "" and said.out == ""

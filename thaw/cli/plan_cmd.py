@@ -12,7 +12,8 @@ from thaw.models.lora import add_lora
 from thaw.models.sources import task_of, hf_source
 from thaw.plan import plan_report, render_plan
 from thaw.plan.lora_targets import lora_targets
-from thaw.plan.stages import check_new_plan
+from thaw.plan.optim import check_decay_below_lr
+from thaw.plan.stages import check_new_plan, resolve_plan
 
 
 def register(commands: argparse._SubParsersAction) -> None:
@@ -40,6 +41,7 @@ def run(args: argparse.Namespace) -> int:
     if plan.lora is not None:
         add_lora(adapter, plan.lora, lora_targets(adapter, plan.lora))
     check_new_plan(adapter, plan)  # thaw train refuses such a plan: its dry run does too
+    check_decay_below_lr(adapter, resolve_plan(adapter, plan))
     report = plan_report(adapter, plan, args.model)
     print(json.dumps(report) if args.json else render_plan(report))
     return 0

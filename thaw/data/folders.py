@@ -385,7 +385,7 @@ def would_be_read(root: Path, path: Path, is_file: bool = False) -> bool:
             return False  # a manifest lists its own files
         parts = path.resolve().relative_to(root.resolve()).parts
         train_fixes_layout = (root / "train").is_dir()
-    except (ValueError, OSError):  # not under it; or a name the file system refuses, which discover reports
+    except (ValueError, OSError, RuntimeError):  # not under it; a name the file system refuses, or a loop of links
         return False
     if not parts:
         return not is_file

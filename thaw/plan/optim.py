@@ -69,6 +69,23 @@ def param_groups(adapter: ModelAdapter, resolved: ResolvedStage) -> list[dict]:
     return groups
 
 
+def check_decay_below_lr(adapter: ModelAdapter, resolved: tuple[ResolvedStage, ...]) -> None:
+    """Where an optimizer group's lr times its weight decay reaches 1, each step moves every weight it decays past zero
+    (AdamW's decoupled decay and SGD's alike): `--weight-decay 1e30` trained to weights 1e27 times too large, or ended
+    in a NaN line that blamed the lr. Refused for a new plan before any work, naming the stage, the group and both
+    numbers; groups that decay nothing (norms, biases) are not counted."""
+    for stage in resolved:
+        decayed = [group for group in param_groups(adapter, stage) if group["weight_decay"]] if stage.stage.epochs else []
+        worst = max(decayed, key=lambda group: group["lr"] * group["weight_decay"], default=None)
+        if worst is not None and worst["lr"] * worst["weight_decay"] >= 1:
+            raise ThawError(
+                f"stage {stage.stage.name!r}: lr x weight decay is {worst['lr'] * worst['weight_decay']:.3g} in group "
+                f"{worst['thaw_group']!r} (lr {worst['lr']:g}, weight decay {worst['weight_decay']:g}): each step would move "
+                "every decayed weight past zero; lower the weight decay (weight_decay, --weight-decay) or the lr until their "
+                "product is well below 1 (AdamW's usual: lr 1e-3, weight decay 0.01 to 0.1)"
+            )
+
+
 def _group(params: list[nn.Parameter], lr: float, weight_decay: float, name: str, decays: bool, fixed: bool = False) -> dict:
     return {
         "params": params, "lr": lr, "thaw_base_lr": lr, "weight_decay": weight_decay,

@@ -215,22 +215,6 @@ def check_new_plan(adapter: ModelAdapter, plan: Plan) -> None:
     resolved = resolve_plan(adapter, plan)
     check_named_lrs_are_trained(adapter, plan)
     _check_adapters_train(adapter, plan, resolved)
-    _check_decay_below_lr(resolved)
-
-
-def _check_decay_below_lr(resolved: tuple[ResolvedStage, ...]) -> None:
-    """Where a stage's lr times its weight decay reaches 1, each step moves every decayed weight past zero (AdamW's
-    decoupled decay and SGD's alike): `--weight-decay 1e30` trained to weights 1e27 times too large, or a NaN line
-    that blamed the lr. Refused before any work, naming the stage and both numbers."""
-    for stage in resolved:
-        decayed = [group for group in stage.groups if group.trainable and group.lr and group.weight_decay]
-        worst = max(decayed, key=lambda group: group.lr * group.weight_decay, default=None)
-        if stage.stage.epochs and worst is not None and worst.lr * worst.weight_decay >= 1:
-            raise ThawError(
-                f"stage {stage.stage.name!r}: lr x weight decay is {worst.lr * worst.weight_decay:.3g} in group {worst.name!r} "
-                f"(lr {worst.lr:g}, weight decay {worst.weight_decay:g}): each step would move every decayed weight past zero; "
-                "lower the weight decay (weight_decay, --weight-decay; 0.01 to 0.1 is usual) or the lr"
-            )
 
 
 def _check_adapters_train(adapter: ModelAdapter, plan: Plan, resolved: tuple[ResolvedStage, ...]) -> None:

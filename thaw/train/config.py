@@ -27,7 +27,7 @@ from thaw.models.hf_text import build_text_model
 from thaw.models.lora import add_lora
 from thaw.plan.freeze import batchnorm_layers, batchnorm_trains, locks_statistics
 from thaw.plan.lora_targets import lora_targets
-from thaw.plan.optim import OPTIMIZERS
+from thaw.plan.optim import OPTIMIZERS, check_decay_below_lr
 from thaw.plan.stages import Plan, check_new_plan, resolve_plan
 from thaw.plan.strategies import build_plan
 from thaw.train.budget import parse_budget
@@ -286,9 +286,10 @@ def check_plan(adapter: ModelAdapter, plan: Plan | str, plan_options: dict | Non
         plan = build_plan(plan, num_groups=len(adapter.groups), **(plan_options or {}))
     if plan.lora is not None:
         add_lora(adapter, plan.lora, lora_targets(adapter, plan.lora))
-    resolve_plan(adapter, plan)
+    resolved = resolve_plan(adapter, plan)
     if new_run:  # a resumed run's plan was accepted when it began
         check_new_plan(adapter, plan)
+        check_decay_below_lr(adapter, resolved)
     return plan
 
 

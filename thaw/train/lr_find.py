@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import logging
 import math
+import re
 import statistics
+import warnings
 import zlib
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import torch
 from PIL import Image
@@ -35,11 +40,6 @@ MARK_WRITERS = {
     "pdf": _BY_METADATA, "svg": _BY_METADATA, "svgz": _BY_METADATA, "ps": _BY_METADATA, "eps": _BY_METADATA,
     "jpg": {"pil_kwargs": {"comment": PLOT_MAKER.encode()}}, "jpeg": {"pil_kwargs": {"comment": PLOT_MAKER.encode()}},
     "tif": {"pil_kwargs": {"tiffinfo": {305: PLOT_MAKER}}}, "tiff": {"pil_kwargs": {"tiffinfo": {305: PLOT_MAKER}}},  # 305: Software
-}
-# The text formats' marks, with their delimiters: a user's title "thaw lr-find vs mine" is no mark of ours.
-_TEXT_MARKS = {
-    "pdf": b"/Creator (thaw lr-find)", "svg": b"<dc:title>thaw lr-find</dc:title>", "svgz": b"<dc:title>thaw lr-find</dc:title>",
-    "ps": b"%%Creator: thaw lr-find\n", "eps": b"%%Creator: thaw lr-find\n",
 }
 DEFAULT_PLOT = "lr_find.png"  # lr-find's default --out: a matplotlib PNG of this name is an earlier thaw's plot, made before the mark
 MAX_PLOT_BYTES = 4 << 20  # an lr-find plot is tens of KB in any of these formats: a larger file is none of ours
@@ -161,20 +161,24 @@ def plot_lr_find(lrs: list[float], losses: list[float], suggestion: float | None
 
 
 def is_lr_find_plot(path: Path) -> bool:
-    """Whether the file at `path` is a plot thaw lr-find wrote (and may replace): the maker's name in its metadata,
-    read exactly (PIL's reading of a PNG, JPEG or TIFF; the delimited bytes of a PDF, SVG or PostScript file)."""
+    """Whether the file at `path` is a plot thaw lr-find wrote (and may replace): the maker's name, exactly, where
+    its format keeps it (PIL's reading of a PNG, JPEG or TIFF; a PDF's one Creator entry, an SVG's creator in its
+    metadata before any drawing, PostScript's first Creator comment in its header). A user's title "thaw lr-find",
+    or our plot embedded inside another document, is no mark."""
     kind = path.suffix[1:].lower()
     if kind not in MARK_WRITERS:
         return False
     try:
         if path.stat().st_size > MAX_PLOT_BYTES:
             return False
-        if kind in _TEXT_MARKS:
-            return _TEXT_MARKS[kind] in _plot_text(path, kind)
-        maker = _raster_maker(path)
+        if kind in ("pdf", "svg", "svgz", "ps", "eps"):
+            return _TEXT_MAKERS[kind](_plot_text(path, kind))
+        maker, size = _raster_maker(path)
     except (OSError, EOFError, ValueError, SyntaxError, zlib.error, Image.DecompressionBombError):  # none of ours
         return False
-    return maker == PLOT_MAKER or (path.name == DEFAULT_PLOT and str(maker).startswith("Matplotlib version"))
+    # An earlier thaw's default plot, made before the mark: matplotlib's name for itself, at lr-find's 6x4 in, 100 dpi.
+    earlier = path.name == DEFAULT_PLOT and str(maker).startswith("Matplotlib version") and size == (600, 400)
+    return maker == PLOT_MAKER or earlier
 
 
 def _plot_text(path: Path, kind: str) -> bytes:
@@ -185,14 +189,51 @@ def _plot_text(path: Path, kind: str) -> bytes:
     return zlib.decompressobj(16 + zlib.MAX_WBITS).decompress(content, MAX_PLOT_BYTES)  # 16: a gzip header
 
 
-def _raster_maker(path: Path) -> str | None:
-    """The program a PNG (Software), JPEG (its comment) or TIFF (Software tag) names as its maker."""
-    with Image.open(path) as image:
-        if image.format == "PNG":
-            return image.info.get("Software")  # the text chunks before the pixels, read without decoding them
-        if image.format == "JPEG":
-            comment = image.info.get("comment")
-            return comment.decode("latin-1") if isinstance(comment, bytes) else comment
-        if image.format == "TIFF":
-            return image.tag_v2.get(305)
-    return None
+def _pdf_made_by_us(content: bytes) -> bool:
+    return content.count(b"/Creator (") == 1 and b"/Creator (thaw lr-find)" in content
+
+
+def _svg_made_by_us(content: bytes) -> bool:
+    found = re.search(rb"<metadata>(.*?)</metadata>", content, re.DOTALL)
+    drawing = content.find(b"<g")
+    return (
+        found is not None and (drawing == -1 or found.start() < drawing)
+        and re.search(rb"<dc:creator>\s*<cc:Agent>\s*<dc:title>thaw lr-find</dc:title>", found.group(1)) is not None
+    )
+
+
+def _ps_made_by_us(content: bytes) -> bool:
+    header = content.split(b"%%EndComments", 1)[0]
+    creators = [line.rstrip(b"\r") for line in header.split(b"\n") if line.startswith(b"%%Creator:")]
+    return bool(creators) and creators[0] == b"%%Creator: thaw lr-find"
+
+
+_TEXT_MAKERS = {"pdf": _pdf_made_by_us, "svg": _svg_made_by_us, "svgz": _svg_made_by_us, "ps": _ps_made_by_us, "eps": _ps_made_by_us}
+
+
+def _raster_maker(path: Path) -> tuple[str | None, tuple[int, int]]:
+    """The program a PNG (Software), JPEG (its comment) or TIFF (Software tag) names as its maker, and its size; PIL's
+    warnings and log lines about a damaged file are kept off the user's screen (the refusal is the one line)."""
+    with warnings.catch_warnings(), _pil_log_muted():
+        warnings.simplefilter("ignore")
+        with Image.open(path) as image:
+            maker = None
+            if image.format == "PNG":
+                maker = image.info.get("Software")  # the text chunks before the pixels, read without decoding them
+            elif image.format == "JPEG":
+                comment = image.info.get("comment")
+                maker = comment.decode("latin-1") if isinstance(comment, bytes) else comment
+            elif image.format == "TIFF":
+                maker = image.tag_v2.get(305)
+            return maker, image.size
+
+
+@contextmanager
+def _pil_log_muted() -> Iterator[None]:
+    log = logging.getLogger("PIL")
+    was = log.disabled
+    log.disabled = True
+    try:
+        yield
+    finally:
+        log.disabled = was
