@@ -171,7 +171,7 @@ def is_lr_find_plot(path: Path) -> bool:
     try:
         if path.stat().st_size > MAX_PLOT_BYTES:
             return False
-        if kind in ("pdf", "svg", "svgz", "ps", "eps"):
+        if kind in _TEXT_MAKERS:
             return _TEXT_MAKERS[kind](_plot_text(path, kind))
         maker, size = _raster_maker(path)
     except (OSError, EOFError, ValueError, SyntaxError, zlib.error, Image.DecompressionBombError):  # none of ours
