@@ -83,7 +83,7 @@ def _refused_new_but_resumed_when_older(plan: Plan, refusal: str, data: Path, tm
     with pytest.raises(ThawError, match=refusal):
         train_images(data, model="mobilenet_v3_small", weights=None, plan=plan, config=CONFIG, out=tmp_path / "new")
     with monkeypatch.context() as before_the_check:
-        before_the_check.setattr(train_config, "check_new_plan", lambda adapter, plan: None)
+        before_the_check.setattr(train_config, "check_new_plan", lambda *args: None)
         with pytest.raises(Crash):
             train_images(data, model="mobilenet_v3_small", weights=None, plan=plan, config=CONFIG, out=tmp_path / "old", callbacks=[crash_after(1)])
     resumed = train_images(data, model="mobilenet_v3_small", weights=None, plan=plan, config=CONFIG, out=tmp_path / "old", resume=True)

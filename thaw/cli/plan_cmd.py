@@ -40,8 +40,9 @@ def run(args: argparse.Namespace) -> int:
         checked_training_options(args.config, read_plan_file(args.config)[1])
     if plan.lora is not None:
         add_lora(adapter, plan.lora, lora_targets(adapter, plan.lora))
-    check_new_plan(adapter, plan)  # thaw train refuses such a plan: its dry run does too
-    check_decay_below_lr(adapter, resolve_plan(adapter, plan))
+    resolved = resolve_plan(adapter, plan)
+    check_new_plan(adapter, plan, resolved)  # thaw train refuses such a plan: its dry run does too
+    check_decay_below_lr(adapter, resolved)
     report = plan_report(adapter, plan, args.model)
     print(json.dumps(report) if args.json else render_plan(report))
     return 0

@@ -209,11 +209,11 @@ def resolve_plan(adapter: ModelAdapter, plan: Plan) -> tuple[ResolvedStage, ...]
     return tuple(resolved)
 
 
-def check_new_plan(adapter: ModelAdapter, plan: Plan) -> None:
+def check_new_plan(adapter: ModelAdapter, plan: Plan, resolved: tuple[ResolvedStage, ...] | None = None) -> None:
     """What a new plan (thaw plan, a new run) must hold beyond resolving: a run saved before these checks still
-    reports and resumes."""
-    resolved = resolve_plan(adapter, plan)
-    check_named_lrs_are_trained(adapter, plan)
+    reports and resumes. `resolved`: the plan already resolved for `adapter`, where the caller has it."""
+    resolved = resolved if resolved is not None else resolve_plan(adapter, plan)
+    check_named_lrs_are_trained(adapter, plan, resolved)
     _check_adapters_train(adapter, plan, resolved)
 
 
@@ -241,12 +241,12 @@ def _first_problems(problems: list[str]) -> list[str]:
     return problems[:PROBLEMS_SHOWN] + [f"and {hidden} more stage{'s' if hidden > 1 else ''} with problems"]
 
 
-def check_named_lrs_are_trained(adapter: ModelAdapter, plan: Plan) -> None:
+def check_named_lrs_are_trained(adapter: ModelAdapter, plan: Plan, resolved: tuple[ResolvedStage, ...] | None = None) -> None:
     """An lr named for a group that no stage trains was ignored without a word: whoever named it meant it to train
     (`--strategy feature-extract --lr features.0=1e-4`). An lr for a group a later stage trains is in use; a stage of
     0 epochs trains nothing. For new plans only (thaw plan, a new run): a run saved before this check still reports
     and resumes."""
-    resolved = resolve_plan(adapter, plan)
+    resolved = resolved if resolved is not None else resolve_plan(adapter, plan)
     trained = {group.name for stage in resolved if stage.stage.epochs for group in stage.groups if group.trainable}
     unused: dict[str, str] = {}
     for stage in resolved:

@@ -288,7 +288,7 @@ def check_plan(adapter: ModelAdapter, plan: Plan | str, plan_options: dict | Non
         add_lora(adapter, plan.lora, lora_targets(adapter, plan.lora))
     resolved = resolve_plan(adapter, plan)
     if new_run:  # a resumed run's plan was accepted when it began
-        check_new_plan(adapter, plan)
+        check_new_plan(adapter, plan, resolved)
         check_decay_below_lr(adapter, resolved)
     return plan
 
