@@ -210,6 +210,8 @@ MOBILENET_PLAN = ["plan", "--model", "mobilenet_v3_small", "--num-classes", "3"]
         ([*LR_FIND, "--out", "TMP/plots/."], "plots/. names a folder; name the plot file"),  # wrote a file plots.png
         ([*LR_FIND, "--out", "-"], "--out - : the plot is written to a file, not to standard output"),  # wrote -.png
         ([*LR_FIND, "--out", "TMP/plot.xyz"], "cannot draw a .xyz file"),
+        # a file (or a loop of links) where the plot's folder would be: "(File exists)" named neither
+        ([*LR_FIND, "--out", "TMP/decay.yaml/lr.png"], "decay.yaml is there and is no folder (a file, or a link that leads to none)"),
         # the plot as an image of the data it tests: the next run would train on it
         ([*LR_FIND, "--out", "DATA/train/red/lr.png"], "is inside the data folder DATA: the plot would be read as an image of it"),
         ([*LR_FIND, "--end", "1e300"], "argument --end: an lr must be a positive finite number up to 1000"),

@@ -75,6 +75,11 @@ def plot_path(text: str, data: Path) -> Path:
     check_plot_harms_nothing(path, data)  # before its folder is made: a new folder in the data would be a class
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:  # the errno's own words, "File exists", named neither what is there nor the remedy
+        raise ThawError(
+            f"cannot create the folder of --out {text}: {path.parent} is there and is no folder (a file, or a link that "
+            "leads to none); choose another --out"
+        ) from None
     except OSError as error:
         raise ThawError(f"cannot create the folder of --out {text} ({error.strerror}); choose another --out") from None
     return path
