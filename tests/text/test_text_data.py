@@ -539,3 +539,19 @@ def test_labels_that_are_one_number_written_two_ways_are_said_as_the_table_is_re
     data = load_text_data(table)
     assert data.classes == ("0", "1", "1.0")
     assert data.notes == ("classes 1 and 1.0 are the same number written 2 ways, so they are 2 classes; give them one name if they are one",)
+
+
+def test_a_share_that_whole_rows_per_label_cannot_hold_says_the_real_one(tmp_path: Path) -> None:
+    """`--val-split 1e-9` on a table said '1e-07% val held out' beside the rows really held out: one a label at least."""
+    from tests.conftest import write_text_table
+
+    table = write_text_table(tmp_path / "texts.tsv", rows_per_class=10)
+    data = load_text_data(table, val_split=1e-9)
+    real = f"{100 * len(data.val) / (len(data.train) + len(data.val)):.3g}%"
+    assert len(data.val) == 2 and data.layout == f"text table, {real} val held out (1e-07% asked, in whole texts per label) (seed 0)"
+    data = load_text_data(table, val_split=0.2, test_split=1e-9)
+    test = f"{100 * len(data.test) / (len(data.train) + len(data.val) + len(data.test)):.3g}%"
+    assert data.layout == f"text table, {test} test (1e-07% asked, in whole texts per label) then 20% val held out (seed 0)"
+    rows = load_text_data(table, val_split=1e-9, split_rule="row-by-row")
+    assert "(1e-07% asked, in whole rows per label)" in rows.layout
+    assert load_text_data(table, val_split=0.2, test_split=0.2).layout == "text table, 20% test then 20% val held out (seed 0)"

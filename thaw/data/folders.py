@@ -274,15 +274,15 @@ def as_percent(fraction: float) -> str:
     return f"{percent:.{digits}g}%"
 
 
-def held_out_said(asked: float, kept: int, held: int, what: str = "held out") -> str:
-    """'20% held out': the share asked, or the share really held out where whole samples per class (one held out at
+def held_out_said(asked: float, kept: int, held: int, what: str = "held out", whole: str = "images per class") -> str:
+    """'20% held out': the share asked, or the share really held out where `whole` samples per class (one held out at
     the least where a class has two or more, one kept to train on) put it far from the one asked: `--val-split 1e-9`
     said '1e-07% held out' beside 9 train and 3 val images."""
     real = held / (kept + held) if kept + held else asked
     near = asked / 1.5 <= real <= asked * 1.5 and (1 - asked) / 1.5 <= 1 - real <= (1 - asked) * 1.5
     if near:
         return f"{as_percent(asked)} {what}"
-    return f"{as_percent(real)} {what} ({as_percent(asked)} asked, in whole images per class)"
+    return f"{as_percent(real)} {what} ({as_percent(asked)} asked, in whole {whole})"
 
 
 def split_off_val(

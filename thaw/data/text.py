@@ -24,7 +24,7 @@ import torch
 from torch.utils.data import Dataset, Sampler
 
 from thaw._io import special_file
-from thaw.data.folders import LabelledData, as_percent, split_off_val, stratified_split
+from thaw.data.folders import LabelledData, held_out_said, split_off_val, stratified_split
 from thaw.data.loaders import Batch
 from thaw.errors import ThawError
 from thaw.distributed import SINGLE, Processes
@@ -330,8 +330,11 @@ def load_text_data(
         test = tuple(held)
     rows_left = " once the test share is held out" if test_split else ""
     train, val = split_off_val(samples, val_split, seed, path, rows_left, same=same, within=within)
-    held_out = f"{as_percent(test_split)} test then {as_percent(val_split)} val" if test_split else f"{as_percent(val_split)} val"
-    layout = f"text table, {held_out} held out (seed {seed}){_copies_said(pairs) if same else ''}"
+    # the shares really held out where whole rows (whole texts, copies together) per label put them far from those asked
+    whole = "texts per label" if same else "rows per label"
+    val_said = held_out_said(val_split, len(train), len(val), "val held out", whole)
+    held_out = f"{held_out_said(test_split, len(samples), len(test or ()), 'test', whole)} then {val_said}" if test_split else val_said
+    layout = f"text table, {held_out} (seed {seed}){_copies_said(pairs) if same else ''}"
     cautions += _repeated_texts(train, val, test) + _labels_not_held_out(classes, val, test)
     return TextData(classes, tuple(train), tuple(val), test, layout, tuple(skipped), cautions=cautions)
 
