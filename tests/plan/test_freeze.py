@@ -158,3 +158,30 @@ def test_a_stage_takes_any_integer_type_for_its_epochs() -> None:
 
     stage = Stage("s", np.int64(3))
     assert stage.epochs == 3 and type(stage.epochs) is int  # a plan is written to JSON
+
+
+class _NormInNoGroup(nn.Module):
+    """An affine-free BatchNorm of the model's own, between two blocks: it has no parameters, so no group holds it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU())
+        self.norm = nn.BatchNorm2d(8, affine=False)
+        self.block1 = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.ReLU())
+        self.block2 = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.ReLU())
+        self.fc = nn.Linear(8, 10)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.block2(self.block1(self.norm(self.stem(images)))).mean((2, 3)))
+
+
+@pytest.mark.parametrize("train, moves", [(["head"], False), (["block1", "head"], False), (["all"], True)])
+def test_a_batchnorm_in_no_group_updates_only_where_every_group_trains(train: list[str], moves: bool) -> None:
+    """Its statistics moved in a head-only stage: the frozen model changed without a word."""
+    torch.manual_seed(0)
+    adapter = adapt(_NormInNoGroup(), num_classes=3)
+    _, optimizer = apply_stage(adapter, Stage("s", 1, tuple(train), RangeLr(1e-3, 1e-2)))
+    before = _bn_buffers(adapter, frozen_only=False)
+    _train_steps(adapter, optimizer)
+    after = _bn_buffers(adapter, frozen_only=False)
+    assert all(torch.equal(after[name], before[name]) for name in before) is not moves

@@ -71,15 +71,16 @@ def trainable_names(adapter: ModelAdapter, selected: list[str], batchnorm: Batch
 
 def batchnorm_trains(adapter: ModelAdapter, name: str, layer: nn.Module, trainable: set[str]) -> bool:
     """Whether a BatchNorm layer trains in a stage: when its own parameters do (affine-free layers:
-    when their group does; outside every group: always, as in plain PyTorch). apply_trainable
+    when their group does; outside every group: only where every group trains). apply_trainable
     acts on this rule and resolve_stage reports it, so the two cannot disagree."""
     own = [f"{name}.{p}" for p, _ in layer.named_parameters()]
     if own:
         return any(p in trainable for p in own)
     try:
         group = adapter.group(group_of_module(adapter, name))
-    except ThawError:
-        return True
+    except ThawError:  # an affine-free layer no group holds (a model's own `self.norm`): no group says it trains, and
+        # updating its statistics in a head-only stage changed the frozen model (plain PyTorch's train mode did so)
+        return all(p in trainable for each in adapter.groups for p in each.params)
     return any(p in trainable for p in group.params)
 
 
