@@ -190,3 +190,35 @@ def test_fingerprint_follows_weights_trainable_set_and_files(small_net, tiny_spl
     with torch.no_grad():
         small_net.stem[0].weight.add_(1e-3)
     assert fingerprint(adapter, head, adapter.preprocessing, data.train, "views=0") != key
+
+
+class _ScaledLogits(torch.nn.Module):
+    """A forward that computes after its head (logits over a temperature): the head alone is another function."""
+
+    def __init__(self, temperature: float) -> None:
+        super().__init__()
+        self.body = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(8, 8, 3, padding=1), torch.nn.ReLU())
+        self.fc = torch.nn.Linear(8, 10)
+        self.register_buffer("temperature", torch.tensor(temperature))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.body(images).mean((2, 3))) / self.temperature
+
+
+@pytest.mark.parametrize("temperature, cached", [(0.05, False), (1.0, True)])
+def test_a_forward_that_computes_after_its_head_trains_the_head_on_the_images(
+    tiny_split_data: Path, tmp_path: Path, temperature: float, cached: bool, capsys: pytest.CaptureFixture[str],
+) -> None:
+    """The cached head trained on the head alone and recorded a val loss 4x below the delivered model's."""
+    from thaw.export.inference import evaluate_run
+    from thaw.export.run_dir import load_run
+
+    torch.manual_seed(0)
+    config = TrainConfig(**(BASE | {"quiet": False, "ema": False, "precision": "fp32"}))
+    result = train_images(tiny_split_data, model=_ScaledLogits(temperature), plan=HEAD_ONLY, config=config, out=tmp_path / "run")
+    assert [row["cached"] for row in result.history] == [cached] * 3
+    said = "frozen-feature cache off (the head on the frozen features does not give the model's own logits"
+    assert (said in capsys.readouterr().out) is not cached
+    adapter, meta = load_run(tmp_path / "run", model=_ScaledLogits(temperature))
+    delivered = evaluate_run(adapter, meta, tiny_split_data, split="val")["loss"]
+    assert delivered == pytest.approx(result.best["val"]["loss"], rel=1e-4)

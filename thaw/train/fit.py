@@ -55,7 +55,7 @@ from thaw.train.feature_cache import (
 from thaw.train.mixing import batch_mixer
 from thaw.train.loop import Engine, StageSchedule, decay_advice, evaluate, train_one_epoch, undecodable
 from thaw.train.metrics import MetricTracker
-from thaw.train.prefix_cache import Entry, check_skipped, disagreement, draws_at_random, find_entry, lowest_trainable_group
+from thaw.train.prefix_cache import Entry, check_skipped, disagreement, draws_at_random, head_split_disagreement, find_entry, lowest_trainable_group
 from thaw.train.progress import CACHED, FULL, PREFIX, PlanProgress, clock
 from thaw.train.resizing import progressive_size
 from thaw.train.settings import DATA_CHANGED, class_change, differences, run_settings
@@ -357,6 +357,8 @@ class Trainer:
         reason = why_not_cached(self.adapter, trainable) if self.config.cache else "--no-cache"
         entry = None
         head_only = all(self.adapter.in_head(name) for name in trainable)
+        if not reason and head_only and isinstance(self.data, ImageData):
+            reason = self.head_split_refusal()
         if reason and self.config.cache and trainable and not head_only:  # a head stage keeps its own reason
             found = self.prefix_entry(trainable, self.batchnorm_updates())
             entry, reason = (found, None) if isinstance(found, Entry) else (None, found)
@@ -398,6 +400,17 @@ class Trainer:
             self._say(f"stage {name!r}: the top trains on the evaluation view, not a new random crop each epoch "
                       "(--cache-views K caches K augmented views; --no-prefix-cache trains it on the images)")
         return self.cached
+
+    def head_split_refusal(self) -> str | None:
+        """Why the head cannot train on cached features though only it trains: the model's forward does more than
+        its head on the features (checked on a few val images). Rank 0 decides for every rank."""
+        found = None
+        if self.processes.is_main:
+            images = self.sample_images()
+            found = None if images is None else head_split_disagreement(self.adapter, images, self.engine)
+        if self.processes.distributed:
+            found = distributed.broadcast(found)
+        return found
 
     def shared_entry(self, stage_index: int, trainable: tuple[str, ...]) -> Entry | None:
         """For a head stage: the next stage's entry, where this stage can take its features there too, so one pass

@@ -207,8 +207,28 @@ def disagreement(model: nn.Module, entry: Entry, images: torch.Tensor, engine: E
             entered = tail_forward(model, entry)(features).float()
     except Exception as error:  # noqa: BLE001 - a family whose forward cannot be entered this way trains as before
         return f"the network cannot be entered at {entry.boundary} ({type(error).__name__})"
-    scale = whole.abs().max().item() + 1.0  # + 1: logits near zero
-    tolerance = AGREEMENT_TOLERANCE[torch.bfloat16 if engine.bf16 else torch.float32]
-    if entered.shape != whole.shape or not torch.isfinite(entered).all() or (entered - whole).abs().max().item() > tolerance * scale:
+    if not _agrees(entered, whole, engine):
         return f"entered at {entry.boundary}, the network does not give its own logits (its forward computes outside its layers)"
     return None
+
+
+def head_split_disagreement(adapter: ModelAdapter, images: torch.Tensor, engine: Engine) -> str | None:
+    """None when the head run on the features a head stage caches gives the whole network's logits on `images` (eval
+    mode). A forward that computes after its head (logits divided by a temperature, a class prior added) trained the
+    cached head on another function than the model's, and recorded a val loss the delivered model never had."""
+    try:
+        with torch.no_grad(), engine.autocast(), _mode(adapter.model, training=False):
+            whole = adapter.model(images).float()
+            split = adapter.forward_head(adapter.forward_features(images)).float()
+    except Exception as error:  # noqa: BLE001 - a head that cannot run on its own trains on the images, as before the cache
+        return f"the head cannot run on the features alone ({type(error).__name__})"
+    if not _agrees(split, whole, engine):
+        return "the head on the frozen features does not give the model's own logits (its forward computes after the head)"
+    return None
+
+
+def _agrees(part: torch.Tensor, whole: torch.Tensor, engine: Engine) -> bool:
+    """Whether logits computed in parts are the whole network's, to the engine's precision."""
+    scale = whole.abs().max().item() + 1.0  # + 1: logits near zero
+    tolerance = AGREEMENT_TOLERANCE[torch.bfloat16 if engine.bf16 else torch.float32]
+    return part.shape == whole.shape and bool(torch.isfinite(part).all()) and (part - whole).abs().max().item() <= tolerance * scale
