@@ -1,8 +1,9 @@
 """Numbers written as text: one pattern for what thaw reads as a decimal number, wherever it reads one (a plan
-file's values, a budget, class names that are numbers)."""
+file's values, a budget, class names that are numbers); and numbers passed from Python, of any real type."""
 
 from __future__ import annotations
 
+import numbers
 import re
 
 # ASCII digits only (with re.ASCII): float() also takes '1_0' and other scripts' digits ('٦٠٠'), which no one types
@@ -13,3 +14,11 @@ DECIMAL = re.compile(r"[+-]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?", r
 def is_decimal(text: str) -> bool:
     """Whether `text`, blanks around it aside, is a decimal number as DECIMAL writes it."""
     return DECIMAL.fullmatch(text.strip(" \t\r\n\f\v")) is not None
+
+
+def as_real(value: object) -> float | None:
+    """`value` as a plain float where it is a real number of any type (numpy's np.float32 too, as a value read from an
+    array is; a plan is written to JSON, which takes plain floats only), else None. A bool is no number here."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        return None
+    return float(value)

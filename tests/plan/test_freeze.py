@@ -160,6 +160,29 @@ def test_a_stage_takes_any_integer_type_for_its_epochs() -> None:
     assert stage.epochs == 3 and type(stage.epochs) is int  # a plan is written to JSON
 
 
+def test_numpy_numbers_are_taken_wherever_a_number_is_and_kept_as_python_ones() -> None:
+    """np.float32(1e-3) as an lr was refused as 'not a positive finite number' (a value read from an array is one)."""
+    import json
+
+    import numpy as np
+
+    from thaw import build_plan
+    from thaw.plan import DecayLr, ExplicitLr
+    from thaw.plan.config import plan_to_dict
+    from thaw.train import TrainConfig
+
+    plan = build_plan("head-top-all", num_groups=np.int64(5), lr=np.float32(1e-3), weight_decay=np.float32(0.01), lr_range=(np.float64(1e-5), np.float32(1e-3)))
+    assert json.loads(json.dumps(plan_to_dict(plan)))["stages"][0]["lr"] == pytest.approx(1e-3)  # plain floats: JSON takes them
+    assert type(plan.stages[0].weight_decay) is float and len(plan.stages) == 3
+    rules = [DecayLr(np.float32(1e-3), np.float64(0.75)), ExplicitLr({"head": np.float32(1e-3)}), Stage("s", 1, weight_decay=np.float16(0.5))]
+    assert [type(value) for value in (rules[0].head_lr, rules[0].decay, rules[1].by_name["head"], rules[2].weight_decay)] == [float] * 4
+    config = TrainConfig(batch_size=np.int64(8), label_smoothing=np.float32(0.1), mixup=np.float64(0.2), augment=np.bool_(True))
+    assert [type(value) for value in (config.batch_size, config.label_smoothing, config.mixup, config.augment)] == [int, float, float, bool]
+    for refused in (True, "1e-3", np.float32("nan")):  # a bool, text and NaN stay refused
+        with pytest.raises(ThawError, match="lr must be a positive finite number"):
+            build_plan("two-phase", num_groups=5, lr=refused)
+
+
 class _NormInNoGroup(nn.Module):
     """An affine-free BatchNorm of the model's own, between two blocks: it has no parameters, so no group holds it."""
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from thaw._numbers import as_real
 from thaw.errors import ThawError
 
 
@@ -16,9 +17,10 @@ MAX_LR = 1e3  # far above any fine-tuning lr; past float32's range (3e38) the op
 
 
 def check_lr(value: float, what: str) -> float:
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or not 0 < value <= MAX_LR:
+    lr = as_real(value)
+    if lr is None or not math.isfinite(lr) or not 0 < lr <= MAX_LR:
         raise ThawError(f"{what} must be a positive finite number up to {MAX_LR:g}, got {value!r}; try 1e-3 for a head")
-    return float(value)
+    return lr
 
 
 @dataclass(frozen=True)
@@ -63,10 +65,10 @@ class DecayLr:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "head_lr", check_lr(self.head_lr, "lr"))
-        decay = self.decay
-        if isinstance(decay, bool) or not isinstance(decay, (int, float)) or not 0 < decay <= 1:  # NaN fails too
-            raise ThawError(f"layer decay must be in (0, 1], got {decay!r}; 0.75 is a common choice")
-        object.__setattr__(self, "decay", float(decay))
+        decay = as_real(self.decay)
+        if decay is None or not 0 < decay <= 1:  # NaN fails too
+            raise ThawError(f"layer decay must be in (0, 1], got {self.decay!r}; 0.75 is a common choice")
+        object.__setattr__(self, "decay", decay)
 
     def lrs(self, group_names: list[str]) -> dict[str, float]:
         head_lr = self.head_lr

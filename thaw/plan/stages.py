@@ -12,6 +12,7 @@ import operator
 import typing
 from dataclasses import dataclass, field
 
+from thaw._numbers import as_real
 from thaw.errors import ThawError
 from thaw.models.adapter import ModelAdapter, check_adapter
 from thaw.models.lora import LoraSpec, adapter_param_names
@@ -43,9 +44,11 @@ class Stage:
             problems.append(f"epochs must be a whole number >= 0, got {self.epochs!r}")
         else:
             object.__setattr__(self, "epochs", epochs)
-        decay = self.weight_decay
-        if isinstance(decay, bool) or not isinstance(decay, (int, float)) or not math.isfinite(decay) or decay < 0:
-            problems.append(f"weight decay must be a finite number >= 0, got {decay!r}")
+        decay = as_real(self.weight_decay)  # any real type (numpy's too), kept as a plain float
+        if decay is None or not math.isfinite(decay) or decay < 0:
+            problems.append(f"weight decay must be a finite number >= 0, got {self.weight_decay!r}")
+        else:
+            object.__setattr__(self, "weight_decay", decay)
         if self.batchnorm not in BATCHNORM_POLICIES:
             problems.append(f"batchnorm must be one of {', '.join(BATCHNORM_POLICIES)}, got {self.batchnorm!r}")
         if not isinstance(self.lr, LR_RULES):

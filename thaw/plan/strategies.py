@@ -17,6 +17,7 @@ import inspect
 import math
 import operator
 
+from thaw._numbers import as_real
 from thaw.errors import ThawError
 from thaw.models.lora import LoraSpec
 from thaw.plan.config import unknown_keys
@@ -86,10 +87,17 @@ def build_plan(
     `top_groups`: how many groups head-top-all's middle stage trains, the head included (TOP_GROUPS when None; the
     top half of mobilenet_v2's groups was measured against the top 2: benchmarks/recipes.py, README).
     """
-    if isinstance(num_groups, bool) or not isinstance(num_groups, int) or num_groups < 1:  # a model's groups: the head at least
+    try:  # any integer type (numpy's too), as epochs take
+        groups = None if isinstance(num_groups, bool) else operator.index(num_groups)
+    except TypeError:
+        groups = None
+    if groups is None or groups < 1:  # a model's groups: the head at least
         raise ThawError(f"num_groups must be a whole number of at least 1 (the model's parameter groups), got {num_groups!r}")
-    if not isinstance(weight_decay, (int, float)) or not math.isfinite(weight_decay) or weight_decay < 0:
+    num_groups = groups
+    decay = as_real(weight_decay)
+    if decay is None or not math.isfinite(decay) or decay < 0:
         raise ThawError(f"weight decay must be a finite number >= 0, got {weight_decay!r}")
+    weight_decay = decay
     if top_groups is not None and strategy in STRATEGIES and strategy != "head-top-all":  # else it would be ignored without a word
         raise ThawError(f"top groups set head-top-all's middle stage; the strategy here is {strategy}: drop them or use head-top-all")
     if lora is not None and not isinstance(lora, LoraSpec):  # a dict was an AttributeError once the model was built

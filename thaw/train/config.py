@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import numbers
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from types import SimpleNamespace
 from typing import Any, Callable
 
@@ -83,9 +83,21 @@ class TrainConfig:
     compile: bool = False  # torch.compile the training forward of stages that run the network (thaw.train.compiled)
 
     def __post_init__(self) -> None:
+        for item in fields(self):  # numpy's numbers (np.int64(8), np.float32(0.1)) as Python's: a run writes them to JSON
+            object.__setattr__(self, item.name, plain_number(getattr(self, item.name)))
         problems = config_problems(self)
         if problems:
             raise ThawError(join_problems(problems))
+
+
+def plain_number(value: object) -> object:
+    """A number or bool of another type than Python's (numpy's, as a value read from an array is) as Python's int,
+    float or bool; anything else (a str, None) as it is, for the checks to judge."""
+    if isinstance(value, numpy.bool_):
+        return bool(value)
+    if isinstance(value, bool) or type(value) in (int, float) or not isinstance(value, numbers.Real):
+        return value
+    return int(value) if isinstance(value, numbers.Integral) else float(value)
 
 
 def _whole(value: object) -> bool:
