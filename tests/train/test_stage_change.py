@@ -51,3 +51,26 @@ def test_a_bad_stage_leaves_the_model_unchanged() -> None:
         enter_stage(adapter, Stage("bad", 1, ("nothing*",), ConstantLr(1e-3)), optimizer)
     assert [n for n, p in adapter.model.named_parameters() if p.requires_grad] == trainable
     audit_optimizer(adapter.model, optimizer)
+
+
+def test_a_stage_that_would_train_a_module_added_after_adapt_is_refused_before_the_model_changes() -> None:
+    """The audit found it after requires_grad was set: the model was left 100% trainable by a stage that failed."""
+    adapter = adapt(SmallConvNet(), num_classes=3)
+    _, optimizer = enter_stage(adapter, Stage("head", 1, ("head",), ConstantLr(1e-3)), None)
+    adapter.model.add_module("extra", nn.Linear(3, 3))
+    trainable = [n for n, p in adapter.model.named_parameters() if p.requires_grad]
+    with pytest.raises(ThawError, match=r"stage 'all' trains 12 parameters that no layer group holds, so no optimizer group would: "
+                                        r"extra.weight, extra.bias; a module added to the model after thaw.adapt"):
+        enter_stage(adapter, Stage("all", 1, ("all",), RangeLr(1e-5, 1e-3)), optimizer)
+    assert [n for n, p in adapter.model.named_parameters() if p.requires_grad] == trainable
+
+
+def test_an_optimizer_of_another_model_is_one_line_per_group_not_per_tensor() -> None:
+    adapter, other = adapt(SmallConvNet(), num_classes=3), adapt(SmallConvNet(), num_classes=3)
+    _, optimizer = enter_stage(other, Stage("all", 1, ("all",), RangeLr(1e-5, 1e-3)), None)
+    with pytest.raises(ThawError) as refused:
+        audit_optimizer(adapter.model, optimizer)
+    said = str(refused.value)
+    groups = {group["thaw_group"] for group in optimizer.param_groups}
+    assert said.count("of the model (an optimizer made for another model?)") == len(groups)
+    assert "group head holds 2 tensors that are not parameters of the model" in said

@@ -133,7 +133,7 @@ def build_optimizer(adapter: ModelAdapter, resolved: ResolvedStage, name: str = 
     return optimizer
 
 
-def _shown(names: list[str]) -> str:
+def shown_names(names: list[str]) -> str:
     return ", ".join(names[:5]) + (" ..." if len(names) > 5 else "")
 
 
@@ -150,26 +150,31 @@ def audit_optimizer(model: nn.Module | ModelAdapter, optimizer: torch.optim.Opti
     fixed = is_fixed(optimizer)
     seen: dict[int, int] = {}
     problems = []
+    strangers: dict[str, int] = {}  # per group: a tensor a line, over a whole model, was one line of thousands
     for index, group in enumerate(optimizer.param_groups):
         label = group.get("thaw_group", f"#{index}")
         for param in group["params"]:
             seen[id(param)] = seen.get(id(param), 0) + 1
             if id(param) not in names:
-                problems.append(f"group {label} holds a tensor that is not a parameter of the model")
+                strangers[label] = strangers.get(label, 0) + 1
             elif not param.requires_grad and not fixed:
                 problems.append(f"frozen parameter {names[id(param)]} is in optimizer group {label}")
             elif not param.requires_grad and param.grad is not None:
                 problems.append(f"frozen parameter {names[id(param)]} has a gradient")
+    problems += [
+        f"group {label} holds {count:,} tensor{'s that are not parameters' if count > 1 else ' that is not a parameter'} of the model "
+        "(an optimizer made for another model?)" for label, count in strangers.items()
+    ]
     twice = [names.get(i, "?") for i, count in seen.items() if count > 1]
     if twice:
-        problems.append(f"parameters in more than one group: {_shown(twice)}")
+        problems.append(f"parameters in more than one group: {shown_names(twice)}")
     left_out = [(n, p.numel()) for n, p in model.named_parameters() if (p.requires_grad or fixed) and id(p) not in seen]
     if left_out:
         count = sum(c for _, c in left_out)
-        problems.append(f"{count:,} trainable parameters are in no optimizer group and would never train: {_shown([n for n, _ in left_out])}")
+        problems.append(f"{count:,} trainable parameters are in no optimizer group and would never train: {shown_names([n for n, _ in left_out])}")
     stale = [names[id(p)] for p in optimizer.state if id(p) in names and not p.requires_grad]
     if stale:
-        problems.append(f"optimizer holds state for frozen parameters: {_shown(stale)}")
+        problems.append(f"optimizer holds state for frozen parameters: {shown_names(stale)}")
     if problems:
         raise ThawError("optimizer audit failed: " + "; ".join(problems))
 
@@ -191,12 +196,12 @@ def audit_gradients(model: nn.Module, where: str, require_finite: bool = True) -
     problems = []
     if missing:
         problems.append(
-            f"{len(missing)} trainable parameters got no gradient ({_shown(missing)}): the forward pass does not use them, "
+            f"{len(missing)} trainable parameters got no gradient ({shown_names(missing)}): the forward pass does not use them, "
             "so they would never train; leave them out of the stage's selectors"
         )
     if non_finite:
-        problems.append(f"{len(non_finite)} parameters got a NaN or inf gradient ({_shown(non_finite)}); lower the lr or try --precision fp32")
+        problems.append(f"{len(non_finite)} parameters got a NaN or inf gradient ({shown_names(non_finite)}); lower the lr or try --precision fp32")
     if frozen:
-        problems.append(f"frozen parameters got a gradient ({_shown(frozen)})")
+        problems.append(f"frozen parameters got a gradient ({shown_names(frozen)})")
     if problems:
         raise ThawError(f"gradient audit failed at {where}: " + "; ".join(problems))

@@ -14,7 +14,8 @@ import torch
 
 from thaw.models.adapter import ModelAdapter
 from thaw.plan.freeze import apply_trainable
-from thaw.plan.optim import audit_optimizer, is_fixed, make_optimizer, param_groups
+from thaw.errors import ThawError
+from thaw.plan.optim import audit_optimizer, is_fixed, make_optimizer, param_groups, shown_names
 from thaw.plan.stages import ResolvedStage, Stage, resolve_stage
 
 
@@ -50,6 +51,7 @@ def enter_stage(
     (thaw.plan.optim.fixed_param_groups, for external trainers) keeps its groups.
     """
     resolved = resolve_stage(adapter, stage)
+    _check_trained_in_groups(adapter, resolved)
     apply_trainable(adapter, list(resolved.trainable), stage.batchnorm)
     if optimizer is not None and is_fixed(optimizer):
         _set_fixed_groups(optimizer, resolved)
@@ -61,3 +63,18 @@ def enter_stage(
             retarget(optimizer, groups)
     audit_optimizer(adapter.model, optimizer)
     return resolved, optimizer
+
+
+def _check_trained_in_groups(adapter: ModelAdapter, resolved: ResolvedStage) -> None:
+    """Optimizer groups are made from layer groups, so a parameter the stage trains outside every layer group (a module
+    added after thaw.adapt) would be in none: refused before the model is touched. The audit found it only after
+    requires_grad was set, and left the model with the stage half entered."""
+    grouped = {name for group in adapter.groups for name in group.params}
+    outside = [name for name in resolved.trainable if name not in grouped]
+    if outside:
+        count = sum(adapter.model.get_parameter(name).numel() for name in outside)
+        raise ThawError(
+            f"stage {resolved.stage.name!r} trains {count:,} parameters that no layer group holds, so no optimizer group "
+            f"would: {shown_names(outside)}; a module added to the model after thaw.adapt is in none of its groups: "
+            "adapt the model again after changing it"
+        )
