@@ -268,3 +268,21 @@ def test_a_numpy_share_and_a_tuple_of_callbacks_are_taken_and_the_run_is_written
                  callbacks=(lambda state: seen.append(len(state.history)),), **PLAN)
     meta = json.loads((tmp_path / "run" / "thaw.json").read_text())
     assert seen == [1, 2] and meta["val_split"] == pytest.approx(0.3)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_a_model_of_another_float_type_is_one_line_before_any_folder(
+    object_run: tuple[Path, dict], tiny_split_data: Path, tmp_path: Path, dtype: torch.dtype,
+) -> None:
+    """model.double() met float32 images in torch's own words, deep in the first caching pass, and left an empty folder."""
+    said = f"the model's weights are {str(dtype).removeprefix('torch.')} (stem.0.weight, first of them); thaw trains"
+    adapter = adapt(SmallConvNet(), num_classes=3)
+    adapter.model.to(dtype)
+    for model in (SmallConvNet().to(dtype), adapter):  # a module, and an adapter made before the model was cast
+        with pytest.raises(ThawError, match=re.escape(said) + r".*pass model.float\(\)"):
+            train_images(tiny_split_data, model=model, config=CONFIG, out=tmp_path / "new", **PLAN)
+        assert not (tmp_path / "new").exists()
+    with pytest.raises(ThawError, match=re.escape(said)):
+        load_run(object_run[0], model=SmallConvNet().to(dtype))
+    adapter, _ = load_run(object_run[0], model=SmallConvNet().double().float())  # back to float32: loads
+    assert next(adapter.model.parameters()).dtype == torch.float32

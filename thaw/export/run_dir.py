@@ -22,7 +22,7 @@ from thaw._device import check_device, resolve_device
 from thaw.data.text import TextColumns
 from thaw.errors import ThawError, first_line
 from thaw.models import ModelAdapter, Preprocessing, adapt, build_model
-from thaw.models.adapter import INTERPOLATIONS
+from thaw.models.adapter import INTERPOLATIONS, check_float32
 from thaw.models.hf_text import POOLINGS, TextPreprocessing, build_text_model
 from thaw.models.lora import adapter_param_names, add_lora
 from thaw.models.weights import load_into
@@ -317,6 +317,7 @@ def _image_model(run: Path, meta: dict, model: nn.Module | ModelAdapter | None) 
     check_model_object(run, meta, model, "load_run")
     if model is None:
         return build_model(meta["model"], weights=meta.get("weights"), num_classes=classes, load=False)
+    check_float32(model.model if isinstance(model, ModelAdapter) else model)
     adapter = model if isinstance(model, ModelAdapter) else adapt(model, num_classes=classes)
     if adapter.num_classes != classes:
         raise ThawError(f"the model given has {adapter.num_classes} outputs and the run {classes} classes; pass the run's architecture")

@@ -154,3 +154,20 @@ def check_groups_cover_model(model: nn.Module, groups: list[LayerGroup]) -> None
         problems.append(f"groups name parameters the model does not have: {', '.join(sorted(unknown)[:5])}")
     if problems:
         raise ThawError("layer groups do not cover the model: " + "; ".join(problems))
+
+
+def check_float32(model: nn.Module) -> None:
+    """A model whose weights are another float type (model.double(), model.to(torch.bfloat16)) met float32 images in
+    torch's own words, deep in the first caching pass: "Input type (float) and bias type (double) should be the same".
+    thaw trains and scores float32 weights (bf16 runs through autocast, --precision), so it is refused up front."""
+    other = next(
+        ((name, tensor.dtype) for name, tensor in [*model.named_parameters(), *model.named_buffers()]
+         if tensor.is_floating_point() and tensor.dtype != torch.float32),
+        None,
+    )
+    if other is not None:
+        name, dtype = other
+        raise ThawError(
+            f"the model's weights are {str(dtype).removeprefix('torch.')} ({name}, first of them); thaw trains and scores "
+            "float32 weights, in bf16 through autocast (precision, --precision): pass model.float()"
+        )

@@ -16,7 +16,7 @@ from torch import nn
 from thaw.data.folders import ImageData, discover, split_folders, would_be_read
 from thaw.data.text import SPLIT_RULE, TextColumns, TextData, load_text_data, recorded_split_rules
 from thaw.models import ModelAdapter, adapt, build_model
-from thaw.models.adapter import check_image_preprocessing
+from thaw.models.adapter import check_float32, check_image_preprocessing
 from thaw.models.hf_text import DEFAULT_MAX_LENGTH, TextPreprocessing, build_text_model, check_max_length
 from thaw.models.sources import hf_source
 from thaw.plan import Plan, plan_from_dict, plan_to_dict
@@ -175,6 +175,7 @@ def _image_adapter(model: str | nn.Module | ModelAdapter, weights: str | None, c
         if isinstance(model.preprocessing, TextPreprocessing):  # its check would only say it is no Preprocessing
             raise ThawError("this adapter is a text model's (its preprocessing tokenizes); train it on a table with train_text")
         check_image_preprocessing(model.preprocessing)  # one built by hand: checked before the run folder is made
+        check_float32(model.model)
         if model.num_classes != num_classes:
             raise ThawError(
                 f"the adapter's head has {model.num_classes} outputs and the data {num_classes} classes; "
@@ -183,6 +184,7 @@ def _image_adapter(model: str | nn.Module | ModelAdapter, weights: str | None, c
         check_class_scores(model, num_classes)
         return model
     if isinstance(model, nn.Module):
+        check_float32(model)
         adapter = adapt(model, num_classes=num_classes)
         check_class_scores(adapter, num_classes)
         return adapter
