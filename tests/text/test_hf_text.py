@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import os
 import shutil
 import subprocess
@@ -145,8 +146,17 @@ def test_a_max_length_with_no_room_for_text_is_refused(tiny_encoder: Path, tmp_p
 
 @pytest.mark.parametrize("max_length", [0, "32", 2.5, True])
 def test_a_max_length_that_is_no_count_of_tokens_is_refused(tiny_encoder: Path, max_length: object) -> None:
-    with pytest.raises(ThawError, match=rf"max length must be a whole number of tokens, at least 1 .*, got {max_length!r}$"):
+    with pytest.raises(ThawError, match=rf"max length must be a whole number of tokens, at least 1, got {max_length!r}$"):
         build_text_model(str(tiny_encoder), num_classes=2, max_length=max_length)
+
+
+def test_build_text_model_counts_the_tokenizers_own_tokens_and_checks_the_classes(tiny_encoder: Path) -> None:
+    """It said 'the tokenizer adds 0 of its own' (it adds 2) and took max_length 2; num_classes '2' was a TypeError."""
+    with pytest.raises(ThawError, match=r"at least 3 \(the tokenizer adds 2 of its own\), got 2$"):
+        build_text_model(str(tiny_encoder), num_classes=2, max_length=2)
+    for classes in ("2", 2.5, True, 1):
+        with pytest.raises(ThawError, match=rf"num_classes must be a whole number of at least 2 \(a classifier tells classes apart\), got {re.escape(repr(classes))}$"):
+            build_text_model(str(tiny_encoder), num_classes=classes)
 
 
 def test_the_shortest_max_length_truncates_every_text(tiny_encoder: Path) -> None:

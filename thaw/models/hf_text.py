@@ -233,9 +233,11 @@ def check_max_length(max_length: object, tokenizer: object = None) -> None:
     """A whole number of tokens; given the `tokenizer` a run trains with, room for one token of text beside its own
     ([CLS], [SEP]): below it the tokenizer does not truncate at all (with a warning), so a long text reaches the model
     whole, past its positions. (A finished run is loaded with what it trained with, whatever that was.)"""
-    special = tokenizer.num_special_tokens_to_add() if hasattr(tokenizer, "num_special_tokens_to_add") else 0
+    known = hasattr(tokenizer, "num_special_tokens_to_add")
+    special = tokenizer.num_special_tokens_to_add() if known else 0
     if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length <= special:
-        raise ThawError(f"max length must be a whole number of tokens, at least {special + 1} (the tokenizer adds {special} of its own), got {max_length!r}")
+        adds = f" (the tokenizer adds {special} of its own)" if known else ""  # without it, its count is not known yet
+        raise ThawError(f"max length must be a whole number of tokens, at least {special + 1}{adds}, got {max_length!r}")
 
 
 def readable_tokens(encoder: nn.Module, tokenizer: object) -> int:
@@ -267,12 +269,13 @@ def build_text_model(
     """A Hugging Face encoder from `source` (folder or hub id) with a new `num_classes` head."""
     if pooling not in POOLINGS:
         raise ThawError(f"unknown pooling {pooling!r}; choose {', '.join(POOLINGS)}")
-    if num_classes < 2:
-        raise ThawError(f"a classifier needs at least 2 classes, got {num_classes}")
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:  # before the encoder loads
+        raise ThawError(f"num_classes must be a whole number of at least 2 (a classifier tells classes apart), got {num_classes!r}")
+    check_max_length(max_length)
     encoder, tokenizer = load_encoder(source, load=load and str(device) != "meta")
+    check_max_length(max_length, tokenizer)  # room for a token of text beside the tokenizer's own
     model = TextClassifier(encoder, num_classes, pooling).to(device)
     model.tokenizer = tokenizer
-    check_max_length(max_length)
     length = min(max_length, readable_tokens(encoder, tokenizer))
     preprocessing = TextPreprocessing(str(Path(source).resolve()) if os.path.isdir(source) else source, length, pooling)
     return adapt_text_model(model, preprocessing, f"hf-text:{encoder.config.model_type}")
