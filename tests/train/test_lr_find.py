@@ -175,3 +175,34 @@ def test_a_damaged_raster_is_refused_without_pils_own_lines(tmp_path: Path, capf
         assert not is_lr_find_plot(tmp_path / "huge.png")
     said = capfd.readouterr()
     assert shown == [] and said.err == "" and said.out == ""
+
+
+def _pooled_batchnorm_net():
+    """BatchNorm after the pooling: one value per channel in a batch of one image, which torch refuses in train mode."""
+    import torch
+    from torch import nn
+
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+        nn.BatchNorm1d(8), nn.Linear(8, 4),
+    )
+
+
+def test_a_last_batch_of_one_image_is_left_out_where_batchnorm_trains(tmp_path: Path) -> None:
+    """17 images in batches of 16 ended in torch's 'Expected more than 1 value per channel' traceback."""
+    from tests.conftest import write_class_images
+    from thaw import adapt
+    from thaw.data.folders import discover
+    from thaw.train import TrainConfig
+    from thaw.train.lr_find import lr_range_test
+
+    data = discover(write_class_images(tmp_path / "data", classes=("a", "b"), per_class=4, size=16), val_split=0.25)
+    assert len(data.train) == 6
+    config = TrainConfig(batch_size=5, image_size=16, quiet=True, precision="fp32")  # batches of 5 and 1
+    lrs, _ = lr_range_test(adapt(_pooled_batchnorm_net(), num_classes=2), data, train=("all",), steps=6, config=config)
+    assert len(lrs) == 6
+    lrs, _ = lr_range_test(adapt(_pooled_batchnorm_net(), num_classes=2), data, train=("head",), steps=6, config=config)
+    assert len(lrs) == 6  # frozen BatchNorm: its batch of one trains the head
+    with pytest.raises(ThawError, match=r"lr-find: BatchNorm layers that train use batch statistics, which one image per batch does not have; use --batch-size 2"):
+        lr_range_test(adapt(_pooled_batchnorm_net(), num_classes=2), data, train=("all",), steps=6, config=TrainConfig(batch_size=1, image_size=16))

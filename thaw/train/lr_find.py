@@ -27,6 +27,7 @@ from thaw.plan.lr import MAX_LR, ConstantLr
 from thaw.train.config import TrainConfig
 from thaw.train.fit import choose_engine, effective_preprocessing
 from thaw.plan import enter_stage
+from thaw.plan.freeze import batchnorm_layers, is_eval_locked
 
 SMOOTHING = 0.9  # exponential moving average of the loss, as fastai and Leslie Smith do
 NOISE_STEPS = 10  # first steps whose batch losses give the start level and the batch-to-batch noise (a tenth of a short test)
@@ -61,12 +62,20 @@ def lr_range_test(
     torch.manual_seed(config.seed)
     lrs, losses, average, best = [], [], 0.0, math.inf
     adapter.model.train()
+    # BatchNorm layers that train normalise with the batch's statistics, which a batch of one image has not (a
+    # traceback from torch): such a batch is left out, as training leaves out a last batch of one
+    batch_statistics = any(not is_eval_locked(layer) for _, layer in batchnorm_layers(adapter.model))
+    if batch_statistics and config.batch_size < 2:
+        raise ThawError(
+            "lr-find: BatchNorm layers that train use batch statistics, which one image per batch does not have; "
+            "use --batch-size 2 or more (batch_size), or train only layers without BatchNorm (--train head)"
+        )
     while len(lrs) < steps:
         before = len(lrs)
         for batch in make_loader(dataset, batch_size=config.batch_size, shuffle=True, seed=config.seed + len(lrs)):
             if undecodable is not None:
                 undecodable.extend(failure for failure in batch.failed if failure not in undecodable)
-            if not len(batch.labels):  # every image of the batch failed to decode
+            if len(batch.labels) < (2 if batch_statistics else 1):  # every image failed to decode, or one is left
                 continue
             lr = start * (end / start) ** (len(lrs) / max(1, steps - 1))
             for group in optimizer.param_groups:
