@@ -42,3 +42,24 @@ def test_an_unlocked_folder_keeps_its_temporary_files(tmp_path: Path) -> None:
     _write(tmp_path, KILLED_WRITES + KEPT)
     with training_lock(tmp_path):
         assert _names(tmp_path) == sorted(KILLED_WRITES + KEPT + [LOCK])
+
+
+def test_a_new_run_never_writes_over_files_of_a_runs_names_that_no_run_wrote(tiny_split_data: Path, tmp_path: Path) -> None:
+    """The user's own metrics.csv, curves.png and report.html in --out were replaced by the new run's without a word."""
+    import pytest
+
+    from thaw.errors import ThawError
+    from thaw.train import TrainConfig, train_images
+
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "metrics.csv").write_text("my own metrics\n")
+    (out / "report.html").write_text("<html>my page</html>")
+    (out / "command.json").write_text("{}")  # what a start killed before its first checkpoint leaves: not a user's file
+    config = TrainConfig(image_size=32, batch_size=8, quiet=True)
+    with pytest.raises(ThawError, match=r"mine holds metrics.csv, report.html but no run: the new run would write over them; move them away"):
+        train_images(tiny_split_data, model="mobilenet_v3_small", weights=None, plan="feature-extract", plan_options={"epochs": 1}, config=config, out=out)
+    assert (out / "metrics.csv").read_text() == "my own metrics\n" and (out / "report.html").read_text() == "<html>my page</html>"
+    (out / "metrics.csv").unlink(), (out / "report.html").unlink()
+    train_images(tiny_split_data, model="mobilenet_v3_small", weights=None, plan="feature-extract", plan_options={"epochs": 1}, config=config, out=out)
+    assert (out / "thaw.json").is_file()

@@ -214,6 +214,14 @@ def check_new_run(out: Path, overwrite: bool) -> None:
             f"{out} holds a run already; continue it with --resume {out}, write the new run elsewhere with another --out, "
             "or replace the old one with --overwrite (from Python: resume=True, another out, or overwrite=True)"
         )
+    taken = [name for name in RUN_FILES if name != TYPED_OPTIONS and (out / name).exists()]  # command.json: a killed start's
+    if taken:  # no run's: the user's own metrics.csv, curves.png or report.html, which the new run's would replace
+        them = "it" if len(taken) == 1 else "them"
+        raise ThawError(
+            f"{out} holds {', '.join(taken[:4])}{' ...' if len(taken) > 4 else ''} but no run: the new run would write over "
+            f"{them}; move {them} away, write the run elsewhere with another --out, or replace {them} with --overwrite "
+            "(from Python: another out, or overwrite=True)"
+        )
 
 
 def check_nothing_set_aside(out: Path) -> None:
