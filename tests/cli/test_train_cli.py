@@ -502,6 +502,8 @@ def test_a_replacement_killed_before_its_first_checkpoint_still_holds_the_old_ru
     assert f"move the files in {SET_ASIDE} back" in result.stderr
     result = thaw("train", str(tiny_split_data), *TINY, "--strategy", "feature-extract", "--epochs", "1", "--resume", str(trained_run))
     assert result.returncode == 2 and "holds a run set aside" in result.stderr  # no checkpoint: a resume would start anew
+    result = thaw("train", "--resume", str(trained_run))  # the resume alone said "holds no checkpoint of a run"
+    assert result.returncode == 2 and "holds a run set aside by a replacement that stopped" in result.stderr, result.stderr
     assert (trained_run / SET_ASIDE / "model.safetensors").read_bytes() == weights
     result = thaw("train", str(tiny_split_data), *TINY, "--strategy", "feature-extract", "--epochs", "1", "--seed", "1",
                   "--out", str(trained_run), "--overwrite")

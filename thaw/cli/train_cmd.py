@@ -26,7 +26,7 @@ from thaw.export.run_dir import check_delivered_weights
 from thaw.train.checkpoint import CHECKPOINT
 from thaw.train.fit import InterruptedAfterWriting, RunInterrupted, how_to_continue, interrupted_before_training
 from thaw.train.loggers import LOGGERS, check_store_outside_data, close_loggers, make_loggers
-from thaw.train.run_folder import METADATA, TYPED_OPTIONS as COMMAND, RunInUse, check_new_run, holds_run, is_finished, read_finished
+from thaw.train.run_folder import METADATA, TYPED_OPTIONS as COMMAND, RunInUse, check_new_run, check_nothing_set_aside, holds_run, is_finished, read_finished
 from thaw.plan import plan_to_dict
 from thaw.plan.config import read_plan_file
 from thaw.plan.strategies import DEFAULT_EPOCHS
@@ -410,6 +410,8 @@ def run(args: argparse.Namespace) -> int:
             raise ThawError(f"--resume {args.resume} is a file of a run; pass the run's folder, {Path(args.resume).parent}")
         if args.resume and not Path(args.resume).is_dir():
             raise ThawError(f"--resume {args.resume}: no such run folder; pass the folder a run wrote (its --out)")
+        if args.resume:  # a run a killed --overwrite set aside is the folder's only run: say so, not "no checkpoint"
+            check_nothing_set_aside(Path(args.resume))
         why = f"{args.resume} holds no checkpoint of a run (--resume takes the folder a run wrote, its --out), so " if args.resume else ""
         raise ThawError(f"{why}thaw train needs DATA and --model (see `thaw train --help`)")
     out = _out_folder(args)
