@@ -143,6 +143,9 @@ def test_evaluate_counts_and_warns_of_the_unreadable_files_of_the_split_it_score
     notes = tiny_split_data / "val" / "blue" / "deeper" / "notes.jpg"
     said = capsys.readouterr().err.strip()
     assert said.startswith(f"thaw: warning: skipped 1 unreadable file(s): {notes} (") and said.endswith(" (in what was scored)")
+    assert main(["report", str(trained_run), str(tiny_split_data), "--output", str(trained_run.parent / "page.html")]) == 0
+    said = capsys.readouterr().err.strip()  # the page counted them; the command said nothing
+    assert said.startswith(f"thaw: warning: skipped 1 unreadable file(s): {notes} (") and said.endswith(" (in what was scored)")
 
 
 def test_evaluate_in_a_run_folder_it_cannot_write_still_prints_the_scores(

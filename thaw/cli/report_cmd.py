@@ -6,7 +6,7 @@ import argparse
 import json
 
 from thaw.cli.options import add_table_columns, path_text, positive_int, scored_columns_and_split
-from thaw.cli.use_cmds import warn_if_training_data
+from thaw.cli.use_cmds import warn_if_training_data, warn_scored_skipped
 from thaw.data.manifest_check import check_image_table
 from thaw.errors import ThawError, WriteError
 from thaw.export.report import MAX_TOP_LOSSES, TOP_LOSSES, check_report_output, write_report
@@ -55,6 +55,8 @@ def run(args: argparse.Namespace) -> int:
             raise ThawError(f"{error}; write the page elsewhere with --output FILE.html") from None
         raise
     metrics = report["metrics"]
+    if report["scored_skipped"]:  # named, as thaw evaluate names them (the page counts them)
+        warn_scored_skipped(tuple(report["scored_skipped"]), report["task"] == "text")
     warn_if_training_data(read_metadata(args.run), args.data, metrics["split"])
     if args.json:
         print(json.dumps({"report": str(path), "split": metrics["split"], "count": metrics["count"], "accuracy": metrics["accuracy"]}))

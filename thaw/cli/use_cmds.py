@@ -89,7 +89,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
     top5 = f", top-5 {metrics['top5']:.4f}" if "top5" in metrics else ""
     what += ", averaged with mirror images (--tta)" if args.tta else ""
     if metrics["skipped_files"]:  # named, as training and predict name them
-        print(f"thaw: warning: {describe_skipped(scored.skipped, rows=meta.get('task') == 'text')} (in what was scored)", file=sys.stderr)
+        warn_scored_skipped(scored.skipped, meta.get("task") == "text")
     print(f"{split}: {metrics['count']} {unit} ({what}), accuracy {metrics['accuracy']:.4f}, macro-F1 {metrics['macro_f1']:.4f}{top5}")
     # A class the scored data does not hold (a held-out set of some classes) has no recall, and no F1 unless the model
     # predicts it: "-", not 0, as macro-F1 leaves it out; the same rule as --json's nulls.
@@ -103,6 +103,11 @@ def run_evaluate(args: argparse.Namespace) -> int:
     if report:
         print(f"report: {report}")
     return _said_problem(problem)
+
+
+def warn_scored_skipped(skipped: tuple[tuple[str, str], ...], text: bool) -> None:
+    """Files (or rows of a text table) of what evaluate or report scored that did not read: named on stderr."""
+    print(f"thaw: warning: {describe_skipped(skipped, rows=text)} (in what was scored)", file=sys.stderr)
 
 
 def warn_if_training_data(meta: dict, data: str | None, split: str) -> None:

@@ -191,6 +191,7 @@ def build_report(run: Path, adapter: ModelAdapter, meta: dict, scored: ScoredSet
         "written": time.strftime("%Y-%m-%d %H:%M"),
         "glance": _glance(adapter, meta),
         "metrics": metrics,
+        "scored_skipped": list(scored.skipped),  # the files of what was scored that did not read: the command names them
         "confused": most_confused(metrics["confusion"], classes),
         "gallery": [_gallery_item(item, classes, maps.get(i)) for i, item in enumerate(losses)],
         "heat_note": heat_note,
