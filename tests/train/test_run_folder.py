@@ -63,3 +63,23 @@ def test_a_new_run_never_writes_over_files_of_a_runs_names_that_no_run_wrote(tin
     (out / "metrics.csv").unlink(), (out / "report.html").unlink()
     train_images(tiny_split_data, model="mobilenet_v3_small", weights=None, plan="feature-extract", plan_options={"epochs": 1}, config=config, out=out)
     assert (out / "thaw.json").is_file()
+
+
+def test_the_commands_a_message_suggests_quote_a_folder_with_spaces(tmp_path: Path) -> None:
+    """`continue with thaw train --resume moved/rk 2`, pasted into a shell, resumed nothing."""
+    import shlex
+
+    import pytest
+
+    from thaw.errors import ThawError
+    from thaw.train.fit import how_to_continue
+    from thaw.train.run_folder import check_new_run
+
+    out = tmp_path / "my runs" / "rk 2"
+    out.mkdir(parents=True)
+    (out / "thaw.json").write_text("{}")
+    with pytest.raises(ThawError, match=f"continue it with --resume {shlex.quote(str(out))}, write"):
+        check_new_run(out, overwrite=False)
+    said = how_to_continue(out)
+    assert f"thaw train --resume '{out}'" in said
+    assert shlex.split(said.split("thaw train ")[1].split(" (")[0]) == ["--resume", str(out)]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import shlex
 
 from thaw.data.text import TextColumns
 from thaw.errors import ThawError
@@ -270,7 +271,7 @@ def _refuse_plan_options_beside(args: argparse.Namespace) -> None:
         raise ThawError("--top-groups sets head-top-all's middle stage, and --config gives the stages: drop one of them")
     if typed:
         resumed = getattr(args, "resume", None)  # a run started so before thaw refused it: the resume needs no flag
-        hint = f"; `thaw train --resume {resumed}` alone continues the run as it was started" if resumed else ""
+        hint = f"; `thaw train --resume {shlex.quote(str(resumed))}` alone continues the run as it was started" if resumed else ""
         raise ThawError(
             f"--config {args.config} sets every stage (its epochs, what trains, lrs, weight decay, BatchNorm), so "
             f"{', '.join(typed)} would be ignored: drop {'it' if len(typed) == 1 else 'them'}, or write the change into the plan file{hint}"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 import time
 from dataclasses import fields, replace
@@ -310,7 +311,7 @@ def _claimed(args: argparse.Namespace, typed: set[str], settings: dict, run: Pat
         if "top_groups" in typed and started.config and "config" not in typed:
             raise ThawError(
                 f"--resume {run}: the run was started with --config {started.config}, whose stages say what trains, so "
-                f"--top-groups does not apply; `thaw train --resume {run}` alone continues the run as it was started"
+                f"--top-groups does not apply; `thaw train --resume {shlex.quote(str(run))}` alone continues the run as it was started"
             )
         if "top_groups" not in typed and (started.config or chosen_strategy(started) != "head-top-all"):
             started.top_groups = None  # the run's --top-groups went with its plan; the typed one is what differs
@@ -380,7 +381,7 @@ def _resume_hint(run: Path, settings: dict, finished: bool) -> str:
     """What to type instead: a run still going continues as started; a finished one trains nothing more, so options
     meant for more training need a new run (typed with --resume, or with --out elsewhere, they are refused)."""
     if not finished:
-        return f"`thaw train --resume {run}` alone continues the run as it was started"
+        return f"`thaw train --resume {shlex.quote(str(run))}` alone continues the run as it was started"
     data = settings.get("data_path") or "DATA"
     return (f"the run is complete, so a resume trains nothing more: to train with these options, drop --resume and "
             f"start a new run, `thaw train {data} --out NEW_RUN` and the options, or replace this one with --out {run} --overwrite")

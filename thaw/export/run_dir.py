@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import fields
@@ -192,7 +193,7 @@ def _why_no_metadata(run: Path) -> str:
     """A folder without METADATA: a run stopped before its end (Ctrl-C, a crash) is still a run, and says how to finish."""
     if (run / CHECKPOINT).is_file():
         settings = saved_settings(run) or {}
-        finish = f"resume_run({str(run)!r}, model=...) in Python" if settings.get("model_source") == MODEL_OBJECT else f"thaw train --resume {run}"
+        finish = f"resume_run({str(run)!r}, model=...) in Python" if settings.get("model_source") == MODEL_OBJECT else f"thaw train --resume {shlex.quote(str(run))}"
         return f"{run} is an unfinished run (a checkpoint, no {METADATA} yet): finish it with {finish}"
     if (run / SET_ASIDE / METADATA).is_file():  # a replacement (--overwrite) killed before its first checkpoint
         return f"{run} holds its finished run set aside in {run / SET_ASIDE}: move the files there back into {run}"

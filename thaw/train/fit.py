@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import math
 import random
+import shlex
 import shutil
 import signal
 import sys
@@ -148,8 +149,8 @@ def how_to_continue(out: Path) -> str:
     run of several processes resumes with as many, so under torchrun the launcher's command stays."""
     python = f"from Python: resume_run({str(out)!r})"
     if distributed.from_environment().distributed:
-        return f"continue with the same torchrun command plus --resume {out}, without --overwrite ({python})"
-    return f"continue with thaw train --resume {out} ({python})"
+        return f"continue with the same torchrun command plus --resume {shlex.quote(str(out))}, without --overwrite ({python})"
+    return f"continue with thaw train --resume {shlex.quote(str(out))} ({python})"
 
 
 def uses_bf16(precision: str, device: torch.device) -> bool:
@@ -625,7 +626,7 @@ class Trainer:
             advice = (
                 "Put the data back as the run had it, or start a new run on this data with another --out"
                 if DATA_CHANGED in changed else
-                f"Resume with the run's own settings: `thaw train --resume {self.out}` (resume_run({str(self.out)!r}) from Python) "
+                f"Resume with the run's own settings: `thaw train --resume {shlex.quote(str(self.out))}` (resume_run({str(self.out)!r}) from Python) "
                 "reads them from the run"
             )
             raise ThawError(f"the run in {self.out} was started with other settings; different now: {'; '.join(changed)}. {advice}")

@@ -9,6 +9,7 @@ import csv
 import io
 import json
 import os
+import shlex
 import shutil
 import socket
 import time
@@ -211,7 +212,7 @@ def check_new_run(out: Path, overwrite: bool) -> None:
     check_nothing_set_aside(out)
     if holds_run(out):
         raise ThawError(
-            f"{out} holds a run already; continue it with --resume {out}, write the new run elsewhere with another --out, "
+            f"{out} holds a run already; continue it with --resume {shlex.quote(str(out))}, write the new run elsewhere with another --out, "
             "or replace the old one with --overwrite (from Python: resume=True, another out, or overwrite=True)"
         )
     taken = [name for name in RUN_FILES if name != TYPED_OPTIONS and (out / name).exists()]  # command.json: a killed start's
