@@ -195,7 +195,8 @@ def test_evaluate_and_report_warn_when_the_data_scored_whole_is_the_runs_own(
     capsys.readouterr()
     warning = (
         "thaw: warning: {data} is the data this run trained on, scored whole: its training images are among those scored, "
-        "so the accuracy is no held-out figure; omit DATA to score the run's val split, or pass held-out data"
+        "so the accuracy is no held-out figure; pass held-out data, or omit DATA to score the run's val split (which the data "
+        "as the run trained on rebuilds)"
     )
     monkeypatch.chdir(tmp_path)
     for data in (str(photos), "./photos/"):  # the same place, however it is written

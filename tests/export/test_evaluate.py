@@ -61,7 +61,7 @@ def test_a_held_out_split_is_not_rebuilt_from_changed_data(tmp_path: Path, capfd
         assert main(command) == 2
         error = capfd.readouterr().err.strip()
         assert "\n" not in error and f"{data} differs from the data this run trained on" in error
-        assert error.endswith("pass held-out data as DATA, scored whole (no --split), or score its test split")
+        assert error.endswith("pass held-out data as DATA, scored whole (no --split)")  # no test split to suggest here
     assert main(["evaluate", str(run), str(data), "--json"]) == 0  # scored whole, as a held-out set
 
 

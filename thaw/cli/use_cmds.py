@@ -119,7 +119,8 @@ def warn_if_training_data(meta: dict, data: str | None, split: str) -> None:
     unit = "rows" if meta.get("task") == "text" else "images"
     print(
         f"thaw: warning: {data} is the data this run trained on, scored whole: its training {unit} are among those "
-        f"scored, so the accuracy is no held-out figure; omit DATA to score the run's val split, or pass held-out data",
+        f"scored, so the accuracy is no held-out figure; pass held-out data, or omit DATA to score the run's val split "
+        "(which the data as the run trained on rebuilds)",
         file=sys.stderr, flush=True,
     )
 

@@ -159,7 +159,7 @@ def _check_same_samples(meta: dict, data: ImageData | TextData, data_path: str |
         raise ThawError(
             f"{data_path} differs from the data this run trained on (samples added, removed, changed or now unreadable), "
             f"so the run's {split} split cannot be rebuilt from it and could hold samples the model trained on; "
-            "pass held-out data as DATA, scored whole (no --split)" + ("" if meta.get("task") == "text" else ", or score its test split")
+            "pass held-out data as DATA, scored whole (no --split)" + (", or score its test split (--split test)" if data.test and meta.get("task") != "text" else "")  # a test/ folder, not a share
         )
 
 
