@@ -164,3 +164,24 @@ def lies_within(path: Path, root: Path) -> bool:
         return path.resolve().is_relative_to(root.resolve())
     except (OSError, RuntimeError, ValueError):
         return False
+
+
+def missing_folders(path: Path) -> list[Path]:
+    """`path` and its parents that do not exist yet, deepest first: what making `path` creates."""
+    missing = []
+    for folder in (path, *path.parents):
+        if folder.exists():
+            break
+        missing.append(folder)
+    return missing
+
+
+def remove_made_folders(made: list[Path]) -> None:
+    """Remove the folders a command made (missing_folders' list, deepest first) where nothing else is in them."""
+    for folder in made:
+        try:
+            folder.rmdir()
+        except FileNotFoundError:  # never made: the command stopped before
+            continue
+        except OSError:  # something else is in it now: not ours to remove
+            break

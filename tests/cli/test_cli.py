@@ -518,3 +518,13 @@ def test_an_unknown_option_points_at_its_commands_help_and_the_option_it_likely_
     with pytest.raises(SystemExit) as exited:
         main(argv)
     assert exited.value.code == 2 and capsys.readouterr().err.strip() == said
+
+
+def test_lr_find_that_fails_leaves_no_folder_it_made_for_the_plot(colours: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`--model bogus --out new/sub/plot.png` was one line, and left new/sub/ behind."""
+    (tmp_path / "kept").mkdir()
+    for out in (tmp_path / "new" / "sub" / "plot.png", tmp_path / "kept" / "sub" / "plot.png"):
+        assert main(["lr-find", str(colours), "--model", "bogus", "--out", str(out)]) == 2
+        assert "unknown model 'bogus'" in capsys.readouterr().err
+    assert not (tmp_path / "new").exists() and sorted(tmp_path.iterdir()) == [tmp_path / "kept"]
+    assert not any((tmp_path / "kept").iterdir())  # the folder that was there stays; the one made in it goes

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from thaw._io import names_a_folder
+from thaw._io import missing_folders, names_a_folder, remove_made_folders
 from thaw.cli.options import add_model_options, checked_batch_size, checked_lr, path_text, positive_int
 from thaw.data.folders import describe_skipped, discover, file_would_be_read
 from thaw.data.manifest_check import check_image_table
@@ -115,7 +115,15 @@ def warn_skipped(skipped: tuple[tuple[str, str], ...]) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    out = plot_path(args.out, Path(args.data))
+    made = missing_folders(Path(args.out).parent)  # plot_path makes them; a test that fails leaves none behind
+    try:
+        return _find_lr(args, plot_path(args.out, Path(args.data)))
+    except BaseException:
+        remove_made_folders(made)
+        raise
+
+
+def _find_lr(args: argparse.Namespace, out: Path) -> int:
     check_image_table(args.data, "thaw lr-find runs on images")
     data = discover(args.data)
     listed = Path(args.data).is_file() and any(path.resolve() == out.resolve() for path, _ in data.everything())

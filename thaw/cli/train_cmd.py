@@ -33,7 +33,7 @@ from thaw.plan.config import read_plan_file
 from thaw.plan.strategies import DEFAULT_EPOCHS
 from thaw.train.budget import parse_budget
 from thaw.train.progress import clock
-from thaw._io import atomic_write, check_writable
+from thaw._io import atomic_write, check_writable, missing_folders, remove_made_folders
 from thaw.train import RunResult, check_model_object, check_out_outside_data, RunState, TextColumns, TrainConfig, resume_run, saved_settings, train_images, train_text
 from thaw.train.config import METRICS, PRECISIONS, SCHEDULES, checked_training_options
 from thaw._device import resolve_device
@@ -423,7 +423,7 @@ def run(args: argparse.Namespace) -> int:
     data_path = args.data or (settings or {}).get("data_path")  # a resume reads the recorded data by default
     if main_rank and data_path:
         check_store_outside_data(args.log, Path(data_path))
-    created = _missing_folders(out)  # removed again if the run is refused before its first checkpoint
+    created = missing_folders(out)  # removed again if the run is refused before its first checkpoint
     if main_rank and args.log:  # before any work: a logger writes into the run folder, and a missing package stops here
         check_writable(out)
     loggers = make_loggers(args.log, out, settings or _typed_settings(args)) if main_rank else []
@@ -531,16 +531,6 @@ def _train(args: argparse.Namespace, out: Path, settings: dict | None, callbacks
     return _start(args, config, out, callbacks, step_hooks)
 
 
-def _missing_folders(out: Path) -> list[Path]:
-    """`out` and its parents that do not exist yet, deepest first: what starting a run there creates."""
-    missing = []
-    for folder in (out, *out.parents):
-        if folder.exists():
-            break
-        missing.append(folder)
-    return missing
-
-
 def _remove_started_run(out: Path, created: list[Path]) -> None:
     """Undo what starting the run wrote: the typed options, and the folders it made where nothing else is in them
     (a logger's files stay, with their folder)."""
@@ -548,11 +538,7 @@ def _remove_started_run(out: Path, created: list[Path]) -> None:
         (out / COMMAND).unlink(missing_ok=True)
     except OSError:  # out never became a folder (its parent is a file, say): there is nothing to undo
         return
-    for folder in created:
-        try:
-            folder.rmdir()
-        except OSError:  # something else is in it now: not ours to remove
-            break
+    remove_made_folders(created)
 
 
 def _finish(args: argparse.Namespace, out: Path, result: RunResult) -> int:
