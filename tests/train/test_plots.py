@@ -25,3 +25,14 @@ def test_a_table_of_wide_and_accented_names_stays_in_line() -> None:
     lines = render_table(rows, ["class", "n"]).splitlines()
     assert len({display_width(line) for line in lines}) == 1  # every line as wide on screen as the header
     assert lines[2:] == ["\u732b\u732b     1", "cafe\u0301    22", "dog    333"]  # padded to "class", then "  ", then n
+
+
+def test_a_name_with_a_tab_or_a_line_break_stays_on_one_line_and_draws_without_a_warning(tmp_path: Path) -> None:
+    """A class named with a tab warned 'Glyph 9 missing from font(s)' on stderr; with a line break it split the table."""
+    tab, lines = "tab\tx", "two\nlines"
+    assert drawable(tab) == "tab\\tx" and drawable("a b") == "a b"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert plot_confusion([[1, 0], [0, 1]], [tab, lines], tmp_path / "confusion.png").stat().st_size > 0
+    table = render_table([[tab, "1"], [lines, "22"]], ["class", "n"]).splitlines()
+    assert table[2:] == ["tab\\tx       1", "two\\nlines  22"] and len({display_width(line) for line in table}) == 1

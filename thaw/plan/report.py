@@ -85,7 +85,14 @@ def _padded(cell: str, width: int, left: bool) -> str:
     return cell + padding if left else padding + cell
 
 
+def one_line(text: str) -> str:
+    """`text` with its control characters (a tab, a line break in a class name) written as escapes: a table cell that
+    held one broke the table across lines, or out of line."""
+    return "".join(character if character.isprintable() else ascii(character)[1:-1] for character in text)
+
+
 def render_table(rows: list[list[str]], header: list[str]) -> str:
+    rows = [[one_line(cell) for cell in row] for row in rows]
     widths = [max(display_width(row[i]) for row in [header, *rows]) for i in range(len(header))]
     lines = ["  ".join(_padded(cell, w, left=i == 0) for i, (cell, w) in enumerate(zip(row, widths))) for row in [header, *rows]]
     lines.insert(1, "  ".join("-" * w for w in widths))

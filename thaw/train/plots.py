@@ -23,7 +23,8 @@ def drawable(name: str) -> str:
     """`name` as the plot font can draw it: where the font lacks a character (CJK or emoji class names, with only
     DejaVu Sans installed), the name is written with escapes (\\u732b): matplotlib drew every such character as the
     same empty box, so two classes' labels looked alike, and warned once per character."""
-    if all(character.isspace() or _plot_font().get_char_index(ord(character)) for character in name):
+    # a space draws as one; other blanks (a tab) the font has no glyph for, and matplotlib warned of each
+    if all(character == " " or _plot_font().get_char_index(ord(character)) for character in name):
         return name
     return ascii(name)[1:-1]
 
