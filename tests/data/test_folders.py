@@ -431,6 +431,22 @@ def test_an_empty_class_folder_is_named_once_under_the_data_path(tmp_path: Path)
         discover(root)
 
 
+
+def test_a_class_folder_of_files_that_do_not_read_names_them(tmp_path: Path) -> None:
+    """'class folders with no readable images: blue' said neither which files nor why (a .heic no decoder here reads)."""
+    root = write_class_images(tmp_path / "data", per_class=3)
+    (root / "photos").mkdir()
+    for index in range(2):
+        (root / "photos" / f"{index}.heic").write_bytes(b"no image a decoder here reads" * 4)
+    with pytest.raises(ThawError, match=rf"^{root}: class folders with no readable images: photos \(2 file\(s\) there did not read, first {root}/photos/0.heic: "):
+        discover(root)
+    split = tmp_path / "split"
+    write_class_images(split / "train", per_class=3), write_class_images(split / "val", per_class=1)
+    (split / "val" / "red" / "000.png").write_bytes(b"")
+    with pytest.raises(ThawError, match=rf"val: class folders with no readable images: red \(1 file\(s\) there did not read, first {split}/val/red/000.png: "):
+        discover(split)
+
+
 def test_images_straight_in_train_without_class_folders_are_said_to_carry_no_labels(tmp_path: Path) -> None:
     write_class_images(tmp_path / "photos", per_class=3)
     train = tmp_path / "data" / "train"

@@ -22,7 +22,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from decimal import Decimal
 from pathlib import Path
-from typing import Callable, Hashable
+from typing import Callable, Hashable, Sequence
 
 from thaw._io import answers, special_file
 from thaw._numbers import DECIMAL
@@ -211,14 +211,19 @@ def _in_two_classes(by_class: dict[str, list[Path]]) -> list[str]:
             "puts them; keep each image in one class folder"]
 
 
-def _check_classes(splits: dict[str, dict[str, list[Path]]], root: Path, min_classes: int = 2, in_folders: bool = True) -> tuple[str, ...]:
-    """`in_folders`: the classes are folders, where one file may lie in two (a manifest checks its own rows)."""
+def _check_classes(
+    splits: dict[str, dict[str, list[Path]]], root: Path, min_classes: int = 2, in_folders: bool = True,
+    skipped: Sequence[tuple[str, str]] = (),
+) -> tuple[str, ...]:
+    """`in_folders`: the classes are folders, where one file may lie in two (a manifest checks its own rows).
+    `skipped`: the files left out as unreadable, named where a class folder holds only such files."""
     problems = []
     reference_name, reference = next(iter(splits.items()))
     for name, by_class in splits.items():
         empty = [c for c, files in by_class.items() if not files]
         if empty:  # named by split where there are splits; class folders alone are `root`'s, which names itself
-            problems.append(f"{name + ': ' if name else ''}class folders with no readable images: {', '.join(empty)}")
+            problems.append(f"{name + ': ' if name else ''}class folders with no readable images: {', '.join(empty)}"
+                            + (_unread_in(root / name, empty, skipped) if in_folders else ""))
         problems += [f"{name + ': ' if name else ''}{said}" for said in (_in_two_classes(by_class) if in_folders else [])]
         # A test set of some of the classes trains nothing and is scored as evaluate scores any such set.
         if set(by_class) != set(reference) and not (SPLIT_NAMES.get(name.lower()) == "test" and set(by_class) < set(reference)):
@@ -248,6 +253,15 @@ def _check_classes(splits: dict[str, dict[str, list[Path]]], root: Path, min_cla
     if problems:
         raise ThawError(f"{root}: " + "; ".join(problems))
     return tuple(sorted(reference))
+
+
+def _unread_in(split_dir: Path, classes: list[str], skipped: Sequence[tuple[str, str]]) -> str:
+    """What the empty class folders held that did not read (a .heic no decoder here reads, say): the first, and how many."""
+    unread = [(path, reason) for path, reason in skipped if any(Path(path).is_relative_to(split_dir / name) for name in classes)]
+    if not unread:
+        return ""
+    path, reason = unread[0]
+    return f" ({len(unread)} file(s) there did not read, first {path}: {reason})"
 
 
 def _is_utf8(name: str) -> bool:
@@ -446,7 +460,7 @@ def _from_split_folders(root: Path, folders: dict[str, Path], val_split: float, 
         _check_holds_class_folders(folder)
     skipped: list[tuple[str, str]] = []
     splits = {split: _scan_split(folder, skipped) for split, folder in folders.items()}
-    classes = _check_classes({folders[split].name: by_class for split, by_class in splits.items()}, root, min_classes)  # named as on disk
+    classes = _check_classes({folders[split].name: by_class for split, by_class in splits.items()}, root, min_classes, skipped=skipped)  # named as on disk
     train = _samples(splits["train"], classes)
     test = _samples(splits["test"], classes) if "test" in splits else None
     if "val" in splits:
@@ -639,7 +653,7 @@ def _from_class_folders(root: Path, val_split: float, seed: int, min_classes: in
         _check_not_one_level_up(root)
     skipped: list[tuple[str, str]] = []
     by_class = _scan_split(root, skipped)
-    classes = _check_classes({"": by_class}, root, min_classes)
+    classes = _check_classes({"": by_class}, root, min_classes, skipped=skipped)
     train, val = split_off_val(list(_samples(by_class, classes)), val_split, seed, root, min_classes=min_classes)
     layout = f"class folders, {held_out_said(val_split, len(train), len(val))} (seed {seed})"
     cautions = _loose_images(root) + classes_not_held_out(classes, val, min_classes)
