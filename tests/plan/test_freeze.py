@@ -146,11 +146,21 @@ def test_apply_trainable_refuses_names_that_are_not_parameters() -> None:
         ({"batchnorm": "sometimes"}, "batchnorm must be one of frozen, train, eval, adapt"),
         ({"lr": 1e-3}, "lr must be a rule such as ConstantLr(1e-3)"),
         ({"train": "head"}, "train must be a list of selectors like ['head']"),
+        ({"name": None}, "name must be a name like 'head', got None"),  # every message names the stage by it
+        ({"name": ""}, "name must be a name like 'head', got ''"),
     ],
 )
 def test_a_stage_built_by_hand_is_checked_like_a_plan_file(options: dict, expected: str) -> None:
     with pytest.raises(ThawError, match=re.escape(expected)):
-        Stage("s", **({"epochs": 1} | options))
+        Stage(**({"name": "s", "epochs": 1} | options))
+
+
+@pytest.mark.parametrize("by_name", [{1: 1e-3}, {"": 1e-3}, {None: 1e-3}])
+def test_per_group_lrs_are_named_by_group_or_module_names(by_name: dict) -> None:
+    from thaw.plan import ExplicitLr
+
+    with pytest.raises(ThawError, match="per-group lrs must be a mapping of group or module names to lrs"):
+        ExplicitLr(by_name)
 
 
 def test_a_stage_takes_any_integer_type_for_its_epochs() -> None:

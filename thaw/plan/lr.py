@@ -83,7 +83,7 @@ class ExplicitLr:
     by_name: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if not isinstance(self.by_name, dict):
+        if not isinstance(self.by_name, dict) or not all(isinstance(name, str) and name for name in self.by_name):
             raise ThawError(f"per-group lrs must be a mapping of group or module names to lrs, got {self.by_name!r}")
         object.__setattr__(self, "by_name", {name: check_lr(lr, f"lr for {name}") for name, lr in self.by_name.items()})
 

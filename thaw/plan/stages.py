@@ -36,6 +36,8 @@ class Stage:
         """A stage built by hand is held to a plan file's rules, all problems at once (plan files are checked before
         they build one, with each key's place named)."""
         problems = []
+        if not isinstance(self.name, str) or not self.name:  # every message and the run's record name the stage by it
+            problems.append(f"name must be a name like 'head', got {self.name!r}")
         try:  # any integer type (numpy's too), kept as a plain int: a plan is written to JSON
             epochs = None if isinstance(self.epochs, bool) else operator.index(self.epochs)
         except TypeError:
