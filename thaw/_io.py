@@ -89,7 +89,13 @@ def _umask() -> int:
     return mask
 
 
-def check_writable(folder: Path) -> None:
+# What to do about a folder that cannot be written: for a new run, another; where a run is resumed, another --out is
+# no choice
+NEW_RUN_NOT_WRITABLE = "choose another (out, --out)"
+RESUME_NOT_WRITABLE = "make it writable, or copy the run to a folder you can write and resume that copy"
+
+
+def check_writable(folder: Path, remedy: str = NEW_RUN_NOT_WRITABLE) -> None:
     """Before any work: a folder thaw can create and write in (a run that cannot save is lost work)."""
     try:
         folder.mkdir(parents=True, exist_ok=True)
@@ -99,7 +105,7 @@ def check_writable(folder: Path) -> None:
     except OSError as error:
         # mkdir's "File exists" for a file there says nothing a user can act on
         why = "a file, not a folder, is there" if folder.exists() and not folder.is_dir() else (error.strerror or str(error))
-        raise ThawError(f"output folder {folder} is not writable ({why}); choose another (out, --out)") from None
+        raise ThawError(f"output folder {folder} is not writable ({why}); {remedy}") from None
 
 
 def answers(question: Callable[[], bool]) -> bool:

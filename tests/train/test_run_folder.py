@@ -83,3 +83,33 @@ def test_the_commands_a_message_suggests_quote_a_folder_with_spaces(tmp_path: Pa
     said = how_to_continue(out)
     assert f"thaw train --resume '{out}'" in said
     assert shlex.split(said.split("thaw train ")[1].split(" (")[0]) == ["--resume", str(out)]
+
+
+def test_a_run_that_cannot_be_written_is_not_told_to_choose_another_out_on_resume(
+    tiny_split_data: Path, tmp_path: Path, monkeypatch,
+) -> None:
+    """A resume of a run on a read-only mount said 'choose another (out, --out)', which a resume cannot do."""
+    import errno
+
+    import pytest
+
+    from tests.conftest import Crash, crash_after
+    from thaw.errors import ThawError
+    from thaw.train import TrainConfig, train_images
+
+    run, config = tmp_path / "run", TrainConfig(image_size=32, batch_size=8, quiet=True)
+    plan = {"plan": "feature-extract", "plan_options": {"epochs": 2}}
+    with pytest.raises(Crash):
+        train_images(tiny_split_data, model="mobilenet_v3_small", weights=None, config=config, out=run, callbacks=[crash_after(1)], **plan)
+    written = Path.write_text
+
+    def read_only(path: Path, *args: object, **kwargs: object) -> int:
+        if path.name == ".thaw-write-test":
+            raise OSError(errno.EROFS, "Read-only file system")
+        return written(path, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "write_text", read_only)
+    with pytest.raises(ThawError, match=r"is not writable \(Read-only file system\); make it writable, or copy the run to a folder you can write"):
+        train_images(tiny_split_data, model="mobilenet_v3_small", weights=None, config=config, out=run, resume=True, **plan)
+    with pytest.raises(ThawError, match=r"is not writable \(Read-only file system\); choose another \(out, --out\)"):
+        train_images(tiny_split_data, model="mobilenet_v3_small", weights=None, config=config, out=tmp_path / "new", **plan)

@@ -33,7 +33,7 @@ from thaw.plan.config import read_plan_file
 from thaw.plan.strategies import DEFAULT_EPOCHS
 from thaw.train.budget import parse_budget
 from thaw.train.progress import clock
-from thaw._io import atomic_write, check_writable, missing_folders, remove_made_folders
+from thaw._io import NEW_RUN_NOT_WRITABLE, RESUME_NOT_WRITABLE, atomic_write, check_writable, missing_folders, remove_made_folders
 from thaw.train import RunResult, check_model_object, check_out_outside_data, RunState, TextColumns, TrainConfig, resume_run, saved_settings, train_images, train_text
 from thaw.train.config import METRICS, PRECISIONS, SCHEDULES, checked_training_options
 from thaw._device import resolve_device
@@ -425,7 +425,7 @@ def run(args: argparse.Namespace) -> int:
         check_store_outside_data(args.log, Path(data_path))
     created = missing_folders(out)  # removed again if the run is refused before its first checkpoint
     if main_rank and args.log:  # before any work: a logger writes into the run folder, and a missing package stops here
-        check_writable(out)
+        check_writable(out, RESUME_NOT_WRITABLE if settings is not None else NEW_RUN_NOT_WRITABLE)
     loggers = make_loggers(args.log, out, settings or _typed_settings(args)) if main_rank else []
     ending, refused = "FAILED", False
     started = time.time()  # a checkpoint written since is this run's: only then is "--resume" the way on

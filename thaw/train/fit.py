@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader
 from thaw import distributed
 from thaw._allocator import memory_kept_between_steps
 from thaw._device import check_device, resolve_device
-from thaw._io import check_writable
+from thaw._io import NEW_RUN_NOT_WRITABLE, RESUME_NOT_WRITABLE, check_writable
 from thaw.data.folders import ImageData, describe_skipped
 from thaw.data.loaders import ImageDataset, configure_threads, cores_per_process, default_workers, make_loader, next_epoch, stop_workers
 from thaw.data.pixel_store import SPILL_SUFFIX, PixelStore, SharedPixels
@@ -1244,7 +1244,7 @@ def fit(
     if problem:
         raise ThawError(problem)
     if processes.is_main:
-        check_writable(out)
+        check_writable(out, RESUME_NOT_WRITABLE if resume and holds_run(out) else NEW_RUN_NOT_WRITABLE)
         if resume and overwrite:
             raise ThawError("overwrite starts a new run and resume continues one; drop one of the two")
     with training_lock(out) if processes.is_main else nullcontext():
