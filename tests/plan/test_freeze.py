@@ -218,3 +218,14 @@ def test_a_batchnorm_in_no_group_updates_only_where_every_group_trains(train: li
     _train_steps(adapter, optimizer)
     after = _bn_buffers(adapter, frozen_only=False)
     assert all(torch.equal(after[name], before[name]) for name in before) is not moves
+
+
+def test_a_stage_decides_requires_grad_whatever_the_model_came_with() -> None:
+    """A parameter frozen by hand before adapt trains where a stage's selectors take it, and stays fixed where none does."""
+    model = SmallConvNet()
+    model.stem[0].weight.requires_grad_(False)
+    adapter = adapt(model, num_classes=3, groups={"fixed": ["stem"], "body": ["block1", "block2"]})
+    apply_stage(adapter, Stage("top", 1, ("body", "head"), RangeLr(1e-4, 1e-3)))
+    assert not model.stem[0].weight.requires_grad and not model.stem[0].bias.requires_grad  # no selector takes it
+    apply_stage(adapter, Stage("all", 1, ("all",), RangeLr(1e-4, 1e-3)))
+    assert model.stem[0].weight.requires_grad  # `all` takes every parameter
