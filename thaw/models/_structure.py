@@ -376,9 +376,5 @@ def explicit_groups(model: nn.Module, spec: dict[str, list[str]], head_modules: 
         raise ThawError("; ".join(problems))
     head_params = [n for n, _ in model.named_parameters() if any(is_within(n, h) for h in head_modules)]
     groups = [LayerGroup(g.name, g.modules, tuple(p for p in g.params if p not in head_params)) for g in groups]
-    empty = [group.name for group in groups if not group.params]
-    if empty:  # a group of no parameters trains nothing: its lr and its place in a range or a decay would mean nothing
-        raise ThawError(f"group {empty[0]!r} holds no parameters (none of its own, or only the head's); give it modules "
-                        "with parameters, or leave it out")
     groups.append(LayerGroup("head", tuple(head_modules), tuple(head_params)))
     return groups
