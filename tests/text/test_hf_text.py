@@ -144,16 +144,33 @@ def test_a_max_length_with_no_room_for_text_is_refused(tiny_encoder: Path, tmp_p
     assert not (tmp_path / "run").exists()
 
 
+def test_a_finished_run_with_no_room_beside_the_tokenizers_tokens_still_loads(tiny_encoder: Path, tmp_path: Path) -> None:
+    """A run an older thaw trained with max_length 2 (before the check) loads with what it trained with."""
+    from tests.conftest import write_text_table
+    from thaw.export.run_dir import load_run
+    from thaw.train import TrainConfig, train_text
+
+    table, run = write_text_table(tmp_path / "t.tsv", rows_per_class=6), tmp_path / "run"
+    train_text(table, model=str(tiny_encoder), out=run, plan="feature-extract", plan_options={"epochs": 1}, max_length=8,
+               config=TrainConfig(quiet=True, batch_size=8))
+    meta = json.loads((run / "thaw.json").read_text())
+    meta["preprocessing"]["max_length"] = 2
+    (run / "thaw.json").write_text(json.dumps(meta))
+    adapter, _ = load_run(run)
+    assert adapter.preprocessing.max_length == 2
+
+
 @pytest.mark.parametrize("max_length", [0, "32", 2.5, True])
 def test_a_max_length_that_is_no_count_of_tokens_is_refused(tiny_encoder: Path, max_length: object) -> None:
     with pytest.raises(ThawError, match=rf"max length must be a whole number of tokens, at least 1, got {max_length!r}$"):
         build_text_model(str(tiny_encoder), num_classes=2, max_length=max_length)
 
 
-def test_build_text_model_counts_the_tokenizers_own_tokens_and_checks_the_classes(tiny_encoder: Path) -> None:
-    """It said 'the tokenizer adds 0 of its own' (it adds 2) and took max_length 2; num_classes '2' was a TypeError."""
-    with pytest.raises(ThawError, match=r"at least 3 \(the tokenizer adds 2 of its own\), got 2$"):
-        build_text_model(str(tiny_encoder), num_classes=2, max_length=2)
+def test_build_text_model_checks_the_classes_before_the_encoder_loads(tiny_encoder: Path) -> None:
+    """num_classes '2' was a TypeError, 2.5 torch's error after the whole encoder loaded; numpy's integers are taken."""
+    import numpy as np
+
+    assert build_text_model(str(tiny_encoder), num_classes=np.int64(3)).num_classes == 3
     for classes in ("2", 2.5, True, 1):
         with pytest.raises(ThawError, match=rf"num_classes must be a whole number of at least 2 \(a classifier tells classes apart\), got {re.escape(repr(classes))}$"):
             build_text_model(str(tiny_encoder), num_classes=classes)

@@ -13,6 +13,7 @@ features at least as good as the [CLS] token. `cls` is the alternative.
 from __future__ import annotations
 
 import logging
+import operator
 import os
 import sys
 from collections.abc import Iterator
@@ -269,12 +270,17 @@ def build_text_model(
     """A Hugging Face encoder from `source` (folder or hub id) with a new `num_classes` head."""
     if pooling not in POOLINGS:
         raise ThawError(f"unknown pooling {pooling!r}; choose {', '.join(POOLINGS)}")
-    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:  # before the encoder loads
+    try:  # any integer type (numpy's too), checked before the encoder loads
+        classes = None if isinstance(num_classes, bool) else operator.index(num_classes)
+    except TypeError:
+        classes = None
+    if classes is None or classes < 2:
         raise ThawError(f"num_classes must be a whole number of at least 2 (a classifier tells classes apart), got {num_classes!r}")
+    # A whole number here; room beside the tokenizer's own tokens is a new run's check (train_text): a finished run
+    # loads, and a stopped one resumes, with what it trained with
     check_max_length(max_length)
     encoder, tokenizer = load_encoder(source, load=load and str(device) != "meta")
-    check_max_length(max_length, tokenizer)  # room for a token of text beside the tokenizer's own
-    model = TextClassifier(encoder, num_classes, pooling).to(device)
+    model = TextClassifier(encoder, classes, pooling).to(device)
     model.tokenizer = tokenizer
     length = min(max_length, readable_tokens(encoder, tokenizer))
     preprocessing = TextPreprocessing(str(Path(source).resolve()) if os.path.isdir(source) else source, length, pooling)
