@@ -54,15 +54,19 @@ def test_a_new_run_never_writes_over_files_of_a_runs_names_that_no_run_wrote(tin
     out = tmp_path / "mine"
     out.mkdir()
     (out / "metrics.csv").write_text("my own metrics\n")
-    (out / "report.html").write_text("<html>my page</html>")
+    (out / "curves.png").write_bytes(b"my own plot")
+    (out / "report.html").write_text("<html>my page</html>")  # thaw train --report wrote over it
+    (out / "model.pt").write_bytes(b"my own model")  # an export's name: training never writes it
     (out / "command.json").write_text("{}")  # what a start killed before its first checkpoint leaves: not a user's file
     config = TrainConfig(image_size=32, batch_size=8, quiet=True)
-    with pytest.raises(ThawError, match=r"mine holds metrics.csv, report.html but no run: the new run would write over them; move them away"):
-        train_images(tiny_split_data, model="mobilenet_v3_small", weights=None, plan="feature-extract", plan_options={"epochs": 1}, config=config, out=out)
-    assert (out / "metrics.csv").read_text() == "my own metrics\n" and (out / "report.html").read_text() == "<html>my page</html>"
-    (out / "metrics.csv").unlink(), (out / "report.html").unlink()
+    for resume in (False, True):  # a resume with no checkpoint there starts a new run
+        with pytest.raises(ThawError, match=r"mine holds metrics.csv, curves.png, report.html but no run: the new run would write over them; move them away"):
+            train_images(tiny_split_data, model="mobilenet_v3_small", weights=None, plan="feature-extract", plan_options={"epochs": 1},
+                         config=config, out=out, resume=resume)
+    assert (out / "metrics.csv").read_text() == "my own metrics\n" and (out / "curves.png").read_bytes() == b"my own plot"
+    (out / "metrics.csv").unlink(), (out / "curves.png").unlink(), (out / "report.html").unlink()
     train_images(tiny_split_data, model="mobilenet_v3_small", weights=None, plan="feature-extract", plan_options={"epochs": 1}, config=config, out=out)
-    assert (out / "thaw.json").is_file()
+    assert (out / "thaw.json").is_file() and (out / "model.pt").read_bytes() == b"my own model"
 
 
 def test_the_commands_a_message_suggests_quote_a_folder_with_spaces(tmp_path: Path) -> None:

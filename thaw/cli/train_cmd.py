@@ -416,7 +416,8 @@ def run(args: argparse.Namespace) -> int:
         why = f"{args.resume} holds no checkpoint of a run (--resume takes the folder a run wrote, its --out), so " if args.resume else ""
         raise ThawError(f"{why}thaw train needs DATA and --model (see `thaw train --help`)")
     out = _out_folder(args)
-    if main_rank and not args.resume:  # before the run writes anything there: the old run stays as it is
+    # before the run writes anything there: the old run stays as it is; a resume with no checkpoint starts a new run
+    if main_rank and (not args.resume or not holds_run(out)):
         check_new_run(out, args.overwrite)
     if args.data and settings is None:  # a new run, or a resume with no checkpoint (which starts one): before a logger
         check_out_outside_data(out, Path(args.data), "--resume" if args.resume else "--out")  # writes into it (mlruns/)

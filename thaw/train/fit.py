@@ -1248,7 +1248,8 @@ def fit(
         if resume and overwrite:
             raise ThawError("overwrite starts a new run and resume continues one; drop one of the two")
     with training_lock(out) if processes.is_main else nullcontext():
-        if processes.is_main and not resume:  # under the lock: a second run started beside it sees the first
+        # under the lock: a second run started beside it sees the first; a resume with no checkpoint starts a new run
+        if processes.is_main and (not resume or not holds_run(out)):
             check_new_run(out, overwrite)
         if data.skipped and config.strict:
             raise undecodable(*data.skipped[0])

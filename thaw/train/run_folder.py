@@ -215,7 +215,9 @@ def check_new_run(out: Path, overwrite: bool) -> None:
             f"{out} holds a run already; continue it with --resume {shlex.quote(str(out))}, write the new run elsewhere with another --out, "
             "or replace the old one with --overwrite (from Python: resume=True, another out, or overwrite=True)"
         )
-    taken = [name for name in RUN_FILES if name != TYPED_OPTIONS and (out / name).exists()]  # command.json: a killed start's
+    # What training writes (its report with --report; thaw report RUN takes report.html as the run's), not an export's
+    # name; not command.json, which a start killed before its first checkpoint leaves
+    taken = [name for name in (*TRAINING_WRITES, REPORT) if name != TYPED_OPTIONS and (out / name).exists()]
     if taken:  # no run's: the user's own metrics.csv, curves.png or report.html, which the new run's would replace
         them = "it" if len(taken) == 1 else "them"
         raise ThawError(
