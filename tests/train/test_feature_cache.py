@@ -214,11 +214,13 @@ def test_a_forward_that_computes_after_its_head_trains_the_head_on_the_images(
     from thaw.export.run_dir import load_run
 
     torch.manual_seed(0)
-    config = TrainConfig(**(BASE | {"quiet": False, "ema": False, "precision": "fp32"}))
+    config = TrainConfig(**(BASE | {"quiet": False, "ema": False, "precision": "fp32", "augment": True, "mixup": 0.2}))
     result = train_images(tiny_split_data, model=_ScaledLogits(temperature), plan=HEAD_ONLY, config=config, out=tmp_path / "run")
     assert [row["cached"] for row in result.history] == [cached] * 3
-    said = "frozen-feature cache off (the head on the frozen features does not give the model's own logits"
-    assert (said in capsys.readouterr().out) is not cached
+    said = capsys.readouterr().out
+    assert ("frozen-feature cache off (the head on the frozen features does not give the model's own logits" in said) is not cached
+    # the stages are predicted as they run: mixup is said to change nothing only where every stage is on cached features
+    assert ("mixup (--mixup) changes nothing here" in said) is cached
     adapter, meta = load_run(tmp_path / "run", model=_ScaledLogits(temperature))
     delivered = evaluate_run(adapter, meta, tiny_split_data, split="val")["loss"]
     assert delivered == pytest.approx(result.best["val"]["loss"], rel=1e-4)

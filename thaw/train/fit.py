@@ -268,6 +268,7 @@ class Trainer:
         self.cached: CachedStage | None = None
         self.keep_cache = False  # the current stage cached where the next stage enters: its features outlive it
         self.entry_sample: tuple[torch.Tensor | None] | None = None  # see sample_images()
+        self.head_split: tuple[str | None] | None = None  # see head_split_refusal()
         self.cache_seconds = 0.0  # building feature caches, over the run (benchmarks/throughput.py reads it)
         self.decode_seconds = 0.0  # decoding every image once into the pixel store
         self.budget_split: Split | None = None  # with --budget: the epochs chosen and the time expected per part
@@ -404,14 +405,17 @@ class Trainer:
 
     def head_split_refusal(self) -> str | None:
         """Why the head cannot train on cached features though only it trains: the model's forward does more than
-        its head on the features (checked on a few val images). Rank 0 decides for every rank."""
-        found = None
-        if self.processes.is_main:
-            images = self.sample_images()
-            found = None if images is None else head_split_disagreement(self.adapter, images, self.engine)
-        if self.processes.distributed:
-            found = distributed.broadcast(found)
-        return found
+        its head on the features (checked on a few val images). Rank 0 decides for every rank, once: the first call
+        comes from every rank alike (the stage predictions made as the run is set up), later ones read the answer."""
+        if self.head_split is None:
+            found = None
+            if self.processes.is_main:
+                images = self.sample_images()
+                found = None if images is None else head_split_disagreement(self.adapter, images, self.engine)
+            if self.processes.distributed:
+                found = distributed.broadcast(found)
+            self.head_split = (found,)
+        return self.head_split[0]
 
     def shared_entry(self, stage_index: int, trainable: tuple[str, ...]) -> Entry | None:
         """For a head stage: the next stage's entry, where this stage can take its features there too, so one pass
@@ -824,7 +828,9 @@ class Trainer:
         if not self.config.cache:
             return FULL
         if head_only:  # policy train: BatchNorm statistics move every step, so the features cannot be cached (why_not_cached)
-            return CACHED if stage.batchnorm != "train" else FULL
+            if stage.batchnorm == "train" or (isinstance(self.data, ImageData) and self.head_split_refusal()):
+                return FULL
+            return CACHED
         # The stage itself checks its entry on the network, and may still fall back to the images.
         return FULL if self.prefix_refusal(trainable, self._statistics_move(stage, set(trainable))) else PREFIX
 
