@@ -21,4 +21,7 @@ def as_real(value: object) -> float | None:
     array is; a plan is written to JSON, which takes plain floats only), else None. A bool is no number here."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         return None
-    return float(value)
+    try:
+        return float(value)
+    except OverflowError:  # a whole number no float holds (10**400, from a plan file): no number here either
+        return None

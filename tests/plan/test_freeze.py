@@ -15,7 +15,7 @@ from tests.conftest import SmallConvNet
 from thaw import ThawError, adapt, apply_stage, apply_trainable, build_model, resolve
 from thaw.plan import Stage, audit_optimizer
 from thaw.plan.freeze import batchnorm_layers, is_eval_locked
-from thaw.plan.lr import RangeLr
+from thaw.plan.lr import ConstantLr, RangeLr
 
 
 def _small_models():
@@ -224,8 +224,19 @@ def test_a_stage_decides_requires_grad_whatever_the_model_came_with() -> None:
     """A parameter frozen by hand before adapt trains where a stage's selectors take it, and stays fixed where none does."""
     model = SmallConvNet()
     model.stem[0].weight.requires_grad_(False)
+    model.block1[0].weight.requires_grad_(False)
     adapter = adapt(model, num_classes=3, groups={"fixed": ["stem"], "body": ["block1", "block2"]})
     apply_stage(adapter, Stage("top", 1, ("body", "head"), RangeLr(1e-4, 1e-3)))
+    assert model.block1[0].weight.requires_grad  # frozen by hand, in a group the stage trains: it trains
     assert not model.stem[0].weight.requires_grad and not model.stem[0].bias.requires_grad  # no selector takes it
     apply_stage(adapter, Stage("all", 1, ("all",), RangeLr(1e-4, 1e-3)))
     assert model.stem[0].weight.requires_grad  # `all` takes every parameter
+
+
+def test_a_number_no_float_holds_is_one_line_where_a_real_is_taken() -> None:
+    from thaw.plan import DecayLr
+
+    with pytest.raises(ThawError, match="layer decay must be in"):
+        DecayLr(1e-3, 10**400)
+    with pytest.raises(ThawError, match="lr must be a positive finite number"):
+        ConstantLr(10**400)

@@ -36,3 +36,9 @@ def test_a_name_with_a_tab_or_a_line_break_stays_on_one_line_and_draws_without_a
         assert plot_confusion([[1, 0], [0, 1]], [tab, lines], tmp_path / "confusion.png").stat().st_size > 0
     table = render_table([[tab, "1"], [lines, "22"]], ["class", "n"]).splitlines()
     assert table[2:] == ["tab\\tx       1", "two\\nlines  22"] and len({display_width(line) for line in table}) == 1
+
+
+def test_a_no_break_space_or_a_joined_emoji_stays_as_it_is_in_a_table() -> None:
+    names = ["New\u00a0York", "\U0001f468\u200d\U0001f469\u200d\U0001f467"]
+    assert render_table([[name, "1"] for name in names], ["class", "n"]).splitlines()[2].startswith("New\u00a0York")
+    assert render_table([[names[1], "1"]], ["class", "n"]).splitlines()[2].startswith(names[1])

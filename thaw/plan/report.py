@@ -85,10 +85,14 @@ def _padded(cell: str, width: int, left: bool) -> str:
     return cell + padding if left else padding + cell
 
 
+LINE_BREAKING = ("Cc", "Zl", "Zp")  # control characters (a tab, a line break) and Unicode's line and paragraph separators
+
+
 def one_line(text: str) -> str:
     """`text` with its control characters (a tab, a line break in a class name) written as escapes: a table cell that
-    held one broke the table across lines, or out of line."""
-    return "".join(character if character.isprintable() else ascii(character)[1:-1] for character in text)
+    held one broke the table across lines, or out of line. Other characters (a no-break space, a zero-width joiner in
+    an emoji) stay as they are."""
+    return "".join(ascii(character)[1:-1] if unicodedata.category(character) in LINE_BREAKING else character for character in text)
 
 
 def render_table(rows: list[list[str]], header: list[str]) -> str:

@@ -70,12 +70,14 @@ def lr_range_test(
             "lr-find: BatchNorm layers that train use batch statistics, which one image per batch does not have; "
             "use --batch-size 2 or more (batch_size), or train only layers without BatchNorm (--train head)"
         )
+    singles = 0  # images left out as batches of one
     while len(lrs) < steps:
         before = len(lrs)
         for batch in make_loader(dataset, batch_size=config.batch_size, shuffle=True, seed=config.seed + len(lrs)):
             if undecodable is not None:
                 undecodable.extend(failure for failure in batch.failed if failure not in undecodable)
             if len(batch.labels) < (2 if batch_statistics else 1):  # every image failed to decode, or one is left
+                singles += len(batch.labels)
                 continue
             lr = start * (end / start) ** (len(lrs) / max(1, steps - 1))
             for group in optimizer.param_groups:
@@ -92,6 +94,9 @@ def lr_range_test(
             best = min(best, smoothed)
             if not math.isfinite(smoothed) or smoothed > 4 * best or len(lrs) >= steps:
                 return lrs, losses
+        if len(lrs) == before and singles:  # every batch that decoded held one image, which BatchNorm cannot use
+            raise ThawError("lr-find: every batch that decoded held one image, which BatchNorm layers that train cannot "
+                            "use; give it more readable images, or train only layers without BatchNorm (--train head)")
         if len(lrs) == before:  # a whole pass and no image decoded: another pass would find none either
             raise ThawError("lr-find: no training image of the data decoded; replace or remove the files")
     return lrs, losses
