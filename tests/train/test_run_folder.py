@@ -86,6 +86,11 @@ def test_the_commands_a_message_suggests_quote_a_folder_with_spaces(tmp_path: Pa
         check_new_run(out, overwrite=False)
     said = how_to_continue(out)
     assert f"thaw train --resume '{out}'" in said
+    from thaw.cli.train_cmd import _resume_hint
+
+    hint = _resume_hint(out, {"data_path": "/data/my photos"}, True)
+    assert "`thaw train '/data/my photos' --out NEW_RUN`" in hint and f"--out '{out}' --overwrite" in hint
+    assert f"`thaw train --resume '{out}'` alone" in _resume_hint(out, {}, False)
     assert shlex.split(said.split("thaw train ")[1].split(" (")[0]) == ["--resume", str(out)]
 
 

@@ -382,9 +382,9 @@ def _resume_hint(run: Path, settings: dict, finished: bool) -> str:
     meant for more training need a new run (typed with --resume, or with --out elsewhere, they are refused)."""
     if not finished:
         return f"`thaw train --resume {shlex.quote(str(run))}` alone continues the run as it was started"
-    data = settings.get("data_path") or "DATA"
+    data = shlex.quote(settings["data_path"]) if settings.get("data_path") else "DATA"
     return (f"the run is complete, so a resume trains nothing more: to train with these options, drop --resume and "
-            f"start a new run, `thaw train {data} --out NEW_RUN` and the options, or replace this one with --out {run} --overwrite")
+            f"start a new run, `thaw train {data} --out NEW_RUN` and the options, or replace this one with --out {shlex.quote(str(run))} --overwrite")
 
 
 def _resume(args: argparse.Namespace, run: Path, settings: dict, callbacks: list, step_hooks: list) -> RunResult:
@@ -547,7 +547,7 @@ def _finish(args: argparse.Namespace, out: Path, result: RunResult) -> int:
     report, problem = _try_report(out, args.data) if args.report else (None, None)
     code = _summary(args, out, result, report)
     if problem:  # after the summary: the trained run is saved and reported before the report's failure
-        print(f"thaw: error: the run in {out} is saved, but its report failed ({problem}); `thaw report {out}` tries again",
+        print(f"thaw: error: the run in {out} is saved, but its report failed ({problem}); `thaw report {shlex.quote(str(out))}` tries again",
               file=sys.stderr)
         return 1
     return code

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import sys
 from pathlib import Path
 
@@ -134,9 +135,9 @@ def _same_place(path: str, other: str) -> bool:
 
 def _report_elsewhere(args: argparse.Namespace, split: str) -> str:
     """The `thaw report` line that writes the same page to a file of the user's choosing."""
-    data = f" {args.data}" if args.data else ""
+    data = f" {shlex.quote(str(args.data))}" if args.data else ""
     chosen = f" --split {split}" if split != "all" else ""
-    return f"thaw report {args.run}{data}{chosen} --output FILE.html"
+    return f"thaw report {shlex.quote(str(args.run))}{data}{chosen} --output FILE.html"
 
 
 def _confusion_name(split: str, tta: bool, other_data: str | None) -> str:

@@ -136,7 +136,7 @@ def _make_cache_folder(cached: Path) -> None:
 def require_file(path: Path) -> None:
     if path.is_dir() and (path / "thaw.json").is_file():  # a run folder: a resume is as likely meant as its weights
         raise ThawError(f"weights {path} is a thaw run, not a weights file: `thaw train --resume {shlex.quote(str(path))}` continues it; "
-                        f"a new run starts from its weights with --weights {path / 'model.safetensors'} (its head is kept for the same classes in the same order, else a new one is trained)")
+                        f"a new run starts from its weights with --weights {shlex.quote(str(path / 'model.safetensors'))} (its head is kept for the same classes in the same order, else a new one is trained)")
     if path.is_dir():
         raise ThawError(f"weights file {path} is a folder; pass the .pth/.pt/.safetensors file inside it")
     special = special_file(path)
