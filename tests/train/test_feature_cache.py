@@ -224,3 +224,35 @@ def test_a_forward_that_computes_after_its_head_trains_the_head_on_the_images(
     adapter, meta = load_run(tmp_path / "run", model=_ScaledLogits(temperature))
     delivered = evaluate_run(adapter, meta, tiny_split_data, split="val")["loss"]
     assert delivered == pytest.approx(result.best["val"]["loss"], rel=1e-4)
+
+
+class _LearnedScale(torch.nn.Module):
+    """A learned scale after the head: 1 at the start (the head alone agrees), changed once a stage trains it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU())
+        self.fc = torch.nn.Linear(8, 3)
+        self.scale = torch.nn.Parameter(torch.ones(()))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.body(images).mean((2, 3))) * self.scale
+
+
+def test_a_head_stage_checks_the_split_on_the_weights_it_starts_with(tiny_split_data: Path, tmp_path: Path) -> None:
+    """Checked once as the run was set up (scale 1: the head alone agreed), a head stage after the scale had trained
+    cached features of another function, and recorded a val loss 16x below the delivered model's."""
+    from thaw.export.inference import evaluate_run
+    from thaw.export.run_dir import load_run
+
+    def model():
+        torch.manual_seed(0)
+        return adapt(_LearnedScale(), groups={"body": ["body", "scale"]}, head="fc")
+
+    plan = Plan((Stage("all", 1, ("all",), ConstantLr(0.3)), Stage("head", 2, ("head",), ConstantLr(3e-3))))
+    config = TrainConfig(**(BASE | {"ema": False, "precision": "fp32", "image_size": 24}))
+    result = train_images(tiny_split_data, model=model(), plan=plan, config=config, out=tmp_path / "run")
+    assert [row["cached"] for row in result.history] == [False, False, False]
+    adapter, meta = load_run(tmp_path / "run", model=model())
+    assert adapter.model.scale.item() != 1.0  # the first stage moved it
+    assert evaluate_run(adapter, meta, tiny_split_data, split="val")["loss"] == pytest.approx(result.best["val"]["loss"], rel=1e-4)

@@ -207,7 +207,7 @@ def test_a_last_batch_of_one_image_is_left_out_where_batchnorm_trains(tmp_path: 
     with pytest.raises(ThawError, match=r"lr-find: BatchNorm layers that train use batch statistics, which one image per batch does not have; use --batch-size 2"):
         lr_range_test(adapt(_pooled_batchnorm_net(), num_classes=2), data, train=("all",), steps=6, config=TrainConfig(batch_size=1, image_size=16))
     one_each = discover(write_class_images(tmp_path / "one", classes=("a", "b"), per_class=2, size=16), val_split=0.5)
-    assert len(one_each.train) == 2  # batches of 2 that decode one image each: the other file is no image
+    assert len(one_each.train) == 2  # one batch of the 2 files, which decodes one image: the other file is no image
     for path, _ in one_each.train[:1]:
         path.write_bytes(b"not an image any more")
     with pytest.raises(ThawError, match=r"lr-find: every batch that decoded held one image, which BatchNorm layers that train cannot use"):

@@ -65,7 +65,9 @@ def test_a_new_run_never_writes_over_files_of_a_runs_names_that_no_run_wrote(tin
                          config=config, out=out, resume=resume)
     assert (out / "metrics.csv").read_text() == "my own metrics\n" and (out / "curves.png").read_bytes() == b"my own plot"
     (out / "metrics.csv").unlink(), (out / "curves.png").unlink(), (out / "report.html").unlink()
-    train_images(tiny_split_data, model="mobilenet_v3_small", weights=None, plan="feature-extract", plan_options={"epochs": 1}, config=config, out=out)
+    (out / "model.safetensors").write_bytes(b"best weights of a start killed before its first checkpoint")
+    train_images(tiny_split_data, model="mobilenet_v3_small", weights=None, plan="feature-extract", plan_options={"epochs": 1},
+                 config=config, out=out, resume=True)  # such a start resumes afresh, as it always did
     assert (out / "thaw.json").is_file() and (out / "model.pt").read_bytes() == b"my own model"
 
 

@@ -360,7 +360,7 @@ class Trainer:
         entry = None
         head_only = all(self.adapter.in_head(name) for name in trainable)
         if not reason and head_only and isinstance(self.data, ImageData):
-            reason = self.head_split_refusal()
+            reason = self.head_split_refusal(now=True)
         if reason and self.config.cache and trainable and not head_only:  # a head stage keeps its own reason
             found = self.prefix_entry(trainable, self.batchnorm_updates())
             entry, reason = (found, None) if isinstance(found, Entry) else (None, found)
@@ -403,11 +403,13 @@ class Trainer:
                       "(--cache-views K caches K augmented views; --no-prefix-cache trains it on the images)")
         return self.cached
 
-    def head_split_refusal(self) -> str | None:
+    def head_split_refusal(self, now: bool = False) -> str | None:
         """Why the head cannot train on cached features though only it trains: the model's forward does more than
-        its head on the features (checked on a few val images). Rank 0 decides for every rank, once: the first call
-        comes from every rank alike (the stage predictions made as the run is set up), later ones read the answer."""
-        if self.head_split is None:
+        its head on the features (checked on a few val images). Rank 0 decides for every rank. The stage predictions
+        read the answer of the first check; `now` checks again, on the weights as they are when a head stage starts
+        (an earlier stage or a resume may have changed a learned scale after the head), as stage_cache does on every
+        rank alike."""
+        if self.head_split is None or now:
             found = None
             if self.processes.is_main:
                 images = self.sample_images()

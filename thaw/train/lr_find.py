@@ -70,9 +70,8 @@ def lr_range_test(
             "lr-find: BatchNorm layers that train use batch statistics, which one image per batch does not have; "
             "use --batch-size 2 or more (batch_size), or train only layers without BatchNorm (--train head)"
         )
-    singles = 0  # images left out as batches of one
     while len(lrs) < steps:
-        before = len(lrs)
+        before, singles = len(lrs), 0  # singles: images this pass left out as batches of one
         for batch in make_loader(dataset, batch_size=config.batch_size, shuffle=True, seed=config.seed + len(lrs)):
             if undecodable is not None:
                 undecodable.extend(failure for failure in batch.failed if failure not in undecodable)

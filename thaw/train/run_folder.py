@@ -215,9 +215,10 @@ def check_new_run(out: Path, overwrite: bool) -> None:
             f"{out} holds a run already; continue it with --resume {shlex.quote(str(out))}, write the new run elsewhere with another --out, "
             "or replace the old one with --overwrite (from Python: resume=True, another out, or overwrite=True)"
         )
-    # What training writes (its report with --report; thaw report RUN takes report.html as the run's), not an export's
-    # name; not command.json, which a start killed before its first checkpoint leaves
-    taken = [name for name in (*TRAINING_WRITES, REPORT) if name != TYPED_OPTIONS and (out / name).exists()]
+    # What training writes once a checkpoint exists (its report with --report; thaw report RUN takes report.html as the
+    # run's): a start killed before its first checkpoint leaves command.json and may leave model.safetensors, and an
+    # export's name (model.pt) training never writes
+    taken = [name for name in AFTER_CHECKPOINT if (out / name).exists()]
     if taken:  # no run's: the user's own metrics.csv, curves.png or report.html, which the new run's would replace
         them = "it" if len(taken) == 1 else "them"
         raise ThawError(
@@ -301,6 +302,7 @@ def training_lock(out: Path) -> Iterator[None]:
 
 # The files only training writes into its folder: a temporary copy of one (atomic_write's) found on taking over the
 # lock of a process that is gone was left by it, killed mid-write (kill -9, a power cut), and would stay for good.
+AFTER_CHECKPOINT = ("metrics.csv", "curves.png", "confusion.png", REPORT)  # written by write_run, or the report after it
 TRAINING_WRITES = (METADATA, WEIGHTS, ADAPTER, CHECKPOINT, TYPED_OPTIONS, "metrics.csv", "curves.png", "confusion.png")
 
 
