@@ -405,19 +405,25 @@ class Trainer:
 
     def head_split_refusal(self, now: bool = False) -> str | None:
         """Why the head cannot train on cached features though only it trains: the model's forward does more than
-        its head on the features (checked on a few val images). Rank 0 decides for every rank. The stage predictions
-        read the answer of the first check; `now` checks again, on the weights as they are when a head stage starts
+        its head on the features (checked on noise_images). Rank 0 decides for every rank. The stage predictions read
+        the answer of the first check; `now` checks again, on the weights as they are when a head stage starts
         (an earlier stage or a resume may have changed a learned scale after the head), as stage_cache does on every
         rank alike."""
         if self.head_split is None or now:
             found = None
             if self.processes.is_main:
-                images = self.sample_images()
-                found = None if images is None else head_split_disagreement(self.adapter, images, self.engine)
+                found = head_split_disagreement(self.adapter, self.noise_images(), self.engine)
             if self.processes.distributed:
                 found = distributed.broadcast(found)
             self.head_split = (found,)
         return self.head_split[0]
+
+    def noise_images(self) -> torch.Tensor:
+        """Two seeded images of noise at the run's size, on the device: what the head split is checked on. Whether the
+        head alone gives the model's logits is the forward's arithmetic, not the images'; and decoding val images for it
+        as the run is set up decoded them twice (the run decodes each image once)."""
+        size = self.preprocessing.crop_size
+        return self.engine.to_device(torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0)))
 
     def shared_entry(self, stage_index: int, trainable: tuple[str, ...]) -> Entry | None:
         """For a head stage: the next stage's entry, where this stage can take its features there too, so one pass

@@ -214,7 +214,7 @@ def disagreement(model: nn.Module, entry: Entry, images: torch.Tensor, engine: E
 
 def head_split_disagreement(adapter: ModelAdapter, images: torch.Tensor, engine: Engine) -> str | None:
     """None when the head run on the features a head stage caches gives the whole network's logits on `images` (eval
-    mode). A forward that computes after its head (logits divided by a temperature, a class prior added) trained the
+    mode; noise serves). A forward that computes after its head (logits divided by a temperature, a class prior added) trained the
     cached head on another function than the model's, and recorded a val loss the delivered model never had."""
     try:
         with torch.no_grad(), engine.autocast(), _mode(adapter.model, training=False):
