@@ -22,7 +22,7 @@ from thaw.plan import ConstantLr, Plan, RangeLr, Stage
 from thaw.plan.config import read_plan_file
 from thaw.train import TrainConfig, train_text
 from thaw.train.checkpoint import load_checkpoint
-from thaw.train.fit import RunInterrupted, fit
+from thaw.train.fit import RunInterrupted, fit, split_check_noise
 from thaw.train.loop import Engine, MetricTracker, _forward_backward
 from thaw.train.mixing import BatchMixer
 
@@ -144,9 +144,10 @@ def _weights(run: Path) -> dict[str, torch.Tensor]:
 def _recorded(data: Path, out: Path, config: TrainConfig, plan: Plan = PLAN) -> tuple[list[float], list[torch.Tensor], list[torch.Tensor]]:
     """The run's train losses, and the images its network was given in training and in evaluation, in order."""
     adapter, trained, evaluated = _adapter(), [], []
+    noise = split_check_noise(config.image_size)  # the head-split check's: no image of the data
 
     def record(module, args) -> None:
-        if not args[0].is_meta:
+        if not args[0].is_meta and not (args[0].shape == noise.shape and torch.equal(args[0].float().cpu(), noise)):
             (trained if module.training else evaluated).append(args[0].clone())
 
     adapter.model.register_forward_pre_hook(record)

@@ -199,6 +199,11 @@ def _is_better(metric: str, value: float, val_loss: float, best: dict) -> bool:
     return value > best["value"] or (value == best["value"] and val_loss < best["val"]["loss"])
 
 
+def split_check_noise(size: int) -> torch.Tensor:
+    """The two seeded images of noise the head split is checked on (Trainer.noise_images), on the CPU."""
+    return torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0))
+
+
 def data_line(data: ImageData | TextData) -> str:
     """The run's first line: how the data was read (which folder is val, or what share was held out) and the counts,
     so a layout thaw read otherwise than the user meant shows before any training."""
@@ -422,8 +427,7 @@ class Trainer:
         """Two seeded images of noise at the run's size, on the device: what the head split is checked on. Whether the
         head alone gives the model's logits is the forward's arithmetic, not the images'; and decoding val images for it
         as the run is set up decoded them twice (the run decodes each image once)."""
-        size = self.preprocessing.crop_size
-        return self.engine.to_device(torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0)))
+        return self.engine.to_device(split_check_noise(self.preprocessing.crop_size))
 
     def shared_entry(self, stage_index: int, trainable: tuple[str, ...]) -> Entry | None:
         """For a head stage: the next stage's entry, where this stage can take its features there too, so one pass
