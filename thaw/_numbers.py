@@ -4,6 +4,7 @@ file's values, a budget, class names that are numbers); and numbers passed from 
 from __future__ import annotations
 
 import numbers
+import operator
 import re
 
 # ASCII digits only (with re.ASCII): float() also takes '1_0' and other scripts' digits ('٦٠٠'), which no one types
@@ -24,4 +25,15 @@ def as_real(value: object) -> float | None:
     try:
         return float(value)
     except OverflowError:  # a whole number no float holds (10**400, from a plan file): no number here either
+        return None
+
+
+def as_whole(value: object) -> int | None:
+    """`value` as a plain int where it is a whole number of any integer type (numpy's too), else None (a bool, a
+    float, a str): a plan and a run's record are JSON."""
+    if isinstance(value, bool):
+        return None
+    try:
+        return operator.index(value)
+    except TypeError:
         return None

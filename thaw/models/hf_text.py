@@ -13,7 +13,6 @@ features at least as good as the [CLS] token. `cls` is the alternative.
 from __future__ import annotations
 
 import logging
-import operator
 import os
 import sys
 from collections.abc import Iterator
@@ -25,6 +24,7 @@ import torch
 from torch import nn
 
 from thaw._io import answers
+from thaw._numbers import as_whole
 from thaw.errors import ThawError, first_line
 from thaw.models.adapter import LayerGroup, ModelAdapter
 
@@ -270,10 +270,7 @@ def build_text_model(
     """A Hugging Face encoder from `source` (folder or hub id) with a new `num_classes` head."""
     if pooling not in POOLINGS:
         raise ThawError(f"unknown pooling {pooling!r}; choose {', '.join(POOLINGS)}")
-    try:  # any integer type (numpy's too), checked before the encoder loads
-        classes = None if isinstance(num_classes, bool) else operator.index(num_classes)
-    except TypeError:
-        classes = None
+    classes = as_whole(num_classes)  # any integer type (numpy's too), checked before the encoder loads
     if classes is None or classes < 2:
         raise ThawError(f"num_classes must be a whole number of at least 2 (a classifier tells classes apart), got {num_classes!r}")
     # A whole number here; room beside the tokenizer's own tokens is a new run's check (train_text): a finished run

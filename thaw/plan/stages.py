@@ -8,11 +8,10 @@ what the training loop applies.
 from __future__ import annotations
 
 import math
-import operator
 import typing
 from dataclasses import dataclass, field
 
-from thaw._numbers import as_real
+from thaw._numbers import as_real, as_whole
 from thaw.errors import ThawError
 from thaw.models.adapter import ModelAdapter, check_adapter
 from thaw.models.lora import LoraSpec, adapter_param_names
@@ -38,10 +37,7 @@ class Stage:
         problems = []
         if not isinstance(self.name, str) or not self.name:  # every message and the run's record name the stage by it
             problems.append(f"name must be a name like 'head', got {self.name!r}")
-        try:  # any integer type (numpy's too), kept as a plain int: a plan is written to JSON
-            epochs = None if isinstance(self.epochs, bool) else operator.index(self.epochs)
-        except TypeError:
-            epochs = None
+        epochs = as_whole(self.epochs)  # any integer type (numpy's too), kept as a plain int: a plan is written to JSON
         if epochs is None or epochs < 0:
             problems.append(f"epochs must be a whole number >= 0, got {self.epochs!r}")
         else:

@@ -17,7 +17,7 @@ import inspect
 import math
 import operator
 
-from thaw._numbers import as_real
+from thaw._numbers import as_real, as_whole
 from thaw.errors import ThawError
 from thaw.models.lora import LoraSpec
 from thaw.plan.config import unknown_keys
@@ -87,10 +87,7 @@ def build_plan(
     `top_groups`: how many groups head-top-all's middle stage trains, the head included (TOP_GROUPS when None; the
     top half of mobilenet_v2's groups was measured against the top 2: benchmarks/recipes.py, README).
     """
-    try:  # any integer type (numpy's too), as epochs take
-        groups = None if isinstance(num_groups, bool) else operator.index(num_groups)
-    except TypeError:
-        groups = None
+    groups = as_whole(num_groups)  # any integer type (numpy's too), as epochs take
     if groups is None or groups < 1:  # a model's groups: the head at least
         raise ThawError(f"num_groups must be a whole number of at least 1 (the model's parameter groups), got {num_groups!r}")
     num_groups = groups
