@@ -205,6 +205,8 @@ def test_top_groups_accepts_a_numpy_count_and_is_refused_beside_another_strategy
     import numpy as np
 
     assert [s.name for s in build_plan("head-top-all", num_groups=6, top_groups=np.int64(3)).stages] == ["head", "top3", "all"]
+    gradual = build_plan("gradual", num_groups=5, groups_per_stage=np.int64(2)).stages  # the same rule for its step
+    assert [s.name for s in gradual] == ["head", "top3", "all"]
     for strategy in ("two-phase", "gradual", "fine-tune", "feature-extract", "lora"):  # they would ignore it without a word
         with pytest.raises(ThawError, match=f"the strategy here is {strategy}"):
             build_plan(strategy, num_groups=6, top_groups=3)
@@ -287,6 +289,8 @@ def test_load_plan_warns_of_the_training_options_a_plan_does_not_carry(tmp_path:
         ({"lrs": [1e-3]}, "must be a mapping"),
         ({"lrs": {"head": "fast"}}, "lr for head must be"),
         ({"groups_per_stage": "2"}, "groups per stage must be a whole number"),
+        ({"groups_per_stage": True}, "groups per stage must be a whole number"),  # a bool is no count
+        ({"groups_per_stage": 2.0}, "groups per stage must be a whole number"),
     ],
 )
 def test_build_plan_refuses_bad_option_values_in_one_line(options: dict, message: str) -> None:

@@ -13,9 +13,7 @@ upscaled digits that took val accuracy from 0.83 to 0.28 (benchmarks/batchnorm_p
 from __future__ import annotations
 
 import inspect
-
 import math
-import operator
 
 from thaw._numbers import as_real, as_whole
 from thaw.errors import ThawError
@@ -201,11 +199,8 @@ def _head_only_epochs(epochs: int | None, head_epochs: int | None) -> int | None
 
 
 def _top_group_count(count: object) -> int:
-    try:
-        whole = operator.index(count)  # numpy integers too; not floats or strings
-    except TypeError:
-        whole = None
-    if isinstance(count, bool) or whole is None or whole < 2:
+    whole = as_whole(count)  # numpy integers too; not floats, strings or bools
+    if whole is None or whole < 2:
         raise ThawError(f"top groups must be a whole number of at least 2 (the head alone is the head stage), got {count!r}")
     return whole
 
@@ -221,10 +216,7 @@ def _gradual(
     unfrozen: dict,
 ) -> list[Stage]:
     """ULMFiT-style: the head, then one more group from the top each stage, until all train."""
-    try:
-        whole = None if isinstance(step, bool) else operator.index(step)
-    except TypeError:
-        whole = None
+    whole = as_whole(step)
     if whole is None or whole < 1:
         raise ThawError(f"groups per stage must be a whole number of at least 1, got {step!r}")
     step = whole
