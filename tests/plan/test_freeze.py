@@ -240,3 +240,30 @@ def test_a_number_no_float_holds_is_one_line_where_a_real_is_taken() -> None:
         DecayLr(1e-3, 10**400)
     with pytest.raises(ThawError, match="lr must be a positive finite number"):
         ConstantLr(10**400)
+
+
+class _InstanceNormNet(nn.Module):
+    """A style-transfer-like trunk: InstanceNorm that tracks running statistics, as BatchNorm does."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.InstanceNorm2d(8, affine=True, track_running_stats=True), nn.ReLU())
+        self.block = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.InstanceNorm2d(8), nn.ReLU())  # no statistics kept
+        self.fc = nn.Linear(8, 10)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.block(self.stem(images)).mean((2, 3)))
+
+
+@pytest.mark.parametrize("train, moves", [(["head"], False), (["all"], True)])
+def test_an_instancenorm_that_tracks_statistics_is_frozen_as_batchnorm_is(train: list[str], moves: bool) -> None:
+    """Its running statistics moved in a head-only stage of a user's own loop (apply_stage, model.train())."""
+    torch.manual_seed(0)
+    adapter = adapt(_InstanceNormNet(), num_classes=3)
+    _, optimizer = apply_stage(adapter, Stage("s", 1, tuple(train), RangeLr(1e-3, 1e-2), batchnorm="frozen"))
+    norm = adapter.model.stem[1]
+    before = norm.running_mean.clone(), norm.running_var.clone()
+    _train_steps(adapter, optimizer)
+    unchanged = torch.equal(norm.running_mean, before[0]) and torch.equal(norm.running_var, before[1])
+    assert unchanged is not moves
+    assert [name for name, _ in batchnorm_layers(adapter.model)] == ["stem.1"]  # the one without statistics is left as it is

@@ -63,6 +63,7 @@ def test_geometric_range_and_layer_decay() -> None:
     assert ranged["a"] == pytest.approx(1e-5) and ranged["e"] == pytest.approx(1e-3)
     ratios = [ranged[y] / ranged[x] for x, y in zip(names, names[1:])]
     assert all(r == pytest.approx(ratios[0]) for r in ratios)
+    assert RangeLr(1e-5, 1e-3).lrs(["head"]) == {"head": 1e-3}  # one group is the head: the head end, not the stem's
     decayed = DecayLr(1e-3, 0.5).lrs(names)
     assert [decayed[n] for n in names] == pytest.approx([1e-3 * 0.5**k for k in (4, 3, 2, 1, 0)])
 

@@ -13,7 +13,8 @@ BatchNorm policy for frozen layers:
           train mode, eval view, no gradients; thaw.train.adapt_bn), then
           holds them fixed as `eval` does. The one policy that changes the
           statistics of frozen layers, once, on purpose.
-Nothing else about a BatchNorm layer (momentum, track_running_stats) is touched.
+Nothing else about a BatchNorm layer (momentum, track_running_stats) is touched. An InstanceNorm that tracks
+running statistics is one here too: train mode updates them as it does a BatchNorm's.
 """
 
 from __future__ import annotations
@@ -52,8 +53,16 @@ def _unlock(module: nn.Module, training: bool) -> None:
     module.train(training)
 
 
-def batchnorm_layers(model: nn.Module) -> list[tuple[str, nn.modules.batchnorm._BatchNorm]]:
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+def keeps_batch_statistics(module: nn.Module) -> bool:
+    """BatchNorm, and InstanceNorm where it tracks running statistics: the norms whose statistics train mode updates
+    (an InstanceNorm in a frozen layer changed in a head-only stage). Each policy treats both alike."""
+    if isinstance(module, nn.modules.instancenorm._InstanceNorm):
+        return module.track_running_stats
+    return isinstance(module, nn.modules.batchnorm._BatchNorm)
+
+
+def batchnorm_layers(model: nn.Module) -> list[tuple[str, nn.modules.batchnorm._NormBase]]:
+    return [(n, m) for n, m in model.named_modules() if keeps_batch_statistics(m)]
 
 
 def is_eval_locked(module: nn.Module) -> bool:

@@ -52,7 +52,9 @@ class RangeLr:
 
     def lrs(self, group_names: list[str]) -> dict[str, float]:
         low, high = self.low, self.high
-        steps = max(len(group_names) - 1, 1)
+        if len(group_names) == 1:  # the head alone: the range's head end (it had the stem's, 100x below by default)
+            return {group_names[0]: high}
+        steps = len(group_names) - 1
         return {name: low * (high / low) ** (index / steps) for index, name in enumerate(group_names)}
 
 

@@ -24,7 +24,7 @@ from torch import nn
 
 from thaw.models._structure import input_of
 from thaw.models.adapter import ModelAdapter, is_within
-from thaw.plan.freeze import is_eval_locked
+from thaw.plan.freeze import is_eval_locked, keeps_batch_statistics
 from thaw.train.loop import Engine
 
 # Caching a tensor larger than the image it replaces (an early boundary: 32 x 112 x 112 values
@@ -105,7 +105,7 @@ def check_skipped(model: nn.Module, trainable: tuple[str, ...], entry: Entry) ->
         if not in_tail(name, entry):
             return f"{name} trains but is used before {entry.boundary}"
     for name, layer in model.named_modules():
-        if isinstance(layer, nn.modules.batchnorm._BatchNorm) and not in_tail(name, entry) and not is_eval_locked(layer):
+        if keeps_batch_statistics(layer) and not in_tail(name, entry) and not is_eval_locked(layer):
             return f"BatchNorm {name} below {entry.boundary} updates its statistics (policy train)"
     return entry
 
