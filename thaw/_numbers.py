@@ -37,3 +37,9 @@ def as_whole(value: object) -> int | None:
         return operator.index(value)
     except TypeError:
         return None
+
+
+def short_repr(value: object, longest: int = 24) -> str:
+    """repr(value), cut where it is longer than `longest` (a 400-digit number in a one-line message)."""
+    text = repr(value)
+    return text if len(text) <= longest else f"{text[:12]}... ({len(text)} characters)"

@@ -183,6 +183,7 @@ MOBILENET_PLAN = ["plan", "--model", "mobilenet_v3_small", "--num-classes", "3"]
         (["train", "DATA", *TINY_RUN, "--batch-size", str(2**63)], f"argument --batch-size: expected a whole number from 1 to 1048576, got {2**63}"),
         ([*LR_FIND, "--batch-size", str(2**63)], f"argument --batch-size: expected a whole number from 1 to 1048576, got {2**63}"),
         (["train", "DATA", *TINY_RUN, "--head-epochs", "0", "--epochs", "0"], "has 0 epochs, so nothing would train"),
+        (["train", "DATA", *TINY_RUN, "--epochs", "1" + "0" * 400], "argument --epochs: expected a whole number from 0 to 1000000, got 100000000000... (401 digits)"),
         (["train", "DATA", *TINY_RUN, "--model", "vit_b_16"], "vit_b_16 takes 224 px images only"),
         (["train", "DATA", *TINY_RUN, "--model", "alexnet", "--image-size", "16"], "alexnet cannot take 16 px images"),
         (["train", "DATA", *TINY_RUN, "--image-size", "100000"], "image size must be a whole number from 1 to 4096"),

@@ -177,6 +177,7 @@ def test_not_yaml_and_missing_file(tmp_path: Path) -> None:
         ("stages: [{name: head, epochs: 1, lr: 1.0e-3, lrs: {head: 1.0e-3}}]", "lr and lrs both set the lrs; keep one"),
         ("stages: [{name: head, epochs: 0}, {name: all, epochs: 0}]", "every stage of the plan (head, all) has 0 epochs"),
         ("stages: [{name: lora, epochs: 1}]\nlora: {rank: 2.5}", "lora.rank: expected a whole number from 1 to 4096, got 2.5"),
+        ("stages: [{name: head, epochs: 1" + "0" * 400 + "}]", "stages[0].epochs: expected a whole number from 0 to 1000000, got 100000000000... (401 characters)"),
         ("stages: [{name: lora, epochs: 1}]\nlora: {alpha: .nan, targets: {a: 1}}", "2 problems: lora.alpha: expected a finite number"),
     ],
 )

@@ -139,8 +139,11 @@ def test_apply_trainable_refuses_names_that_are_not_parameters() -> None:
 @pytest.mark.parametrize(
     "options, expected",
     [
-        ({"epochs": -1}, "epochs must be a whole number >= 0, got -1"),
-        ({"epochs": 1.5}, "epochs must be a whole number >= 0, got 1.5"),
+        ({"epochs": -1}, "epochs must be a whole number from 0 to 1,000,000, got -1"),
+        ({"epochs": 1.5}, "epochs must be a whole number from 0 to 1,000,000, got 1.5"),
+        # a typo's count (1e11), and one no float holds, which stopped the run with a traceback once the data was read
+        ({"epochs": 10**11}, "epochs must be a whole number from 0 to 1,000,000, got 100000000000"),
+        ({"epochs": 10**400}, "epochs must be a whole number from 0 to 1,000,000, got 100000000000... (401 characters)"),
         ({"weight_decay": -0.1}, "weight decay must be a finite number >= 0, got -0.1"),
         ({"weight_decay": float("nan")}, "weight decay must be a finite number >= 0, got nan"),
         ({"batchnorm": "sometimes"}, "batchnorm must be one of frozen, train, eval, adapt"),

@@ -10,6 +10,7 @@ from thaw.data.text import TextColumns
 from thaw.errors import ThawError
 from thaw.models.lora import LoraSpec
 from thaw.plan import Plan, build_plan
+from thaw.plan.stages import MAX_EPOCHS
 from thaw.plan.config import read_plan_file
 from thaw.models.lora import MAX_LORA_RANK
 from thaw.models.sources import task_of
@@ -28,7 +29,8 @@ def _whole_number(text: str, low: int, high: int | None) -> int:
         raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
     if value < low or (high is not None and value > high):
         bound = f">= {low}" if high is None else f"from {low} to {high}"
-        raise argparse.ArgumentTypeError(f"expected a whole number {bound}, got {text}")
+        shown = text if len(text) <= 24 else f"{text[:12]}... ({len(text)} digits)"
+        raise argparse.ArgumentTypeError(f"expected a whole number {bound}, got {shown}")
     return value
 
 
@@ -50,6 +52,11 @@ def weights_text(text: str) -> str:
 def non_negative_int(text: str) -> int:
     """Counts where 0 means something: epochs (none in that stage), workers (decode in-process), cached views."""
     return _whole_number(text, 0, None)
+
+
+def epoch_count(text: str) -> int:
+    """A stage's epochs: 0 (none in that stage) up to MAX_EPOCHS, beyond which a count is a typo."""
+    return _whole_number(text, 0, MAX_EPOCHS)
 
 
 def positive_int(text: str) -> int:
@@ -179,12 +186,12 @@ def add_plan_options(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup
         help="a plan file: its stages set the epochs, what trains, lrs, weight decay and BatchNorm, so the other plan options are refused beside it",
     )
     group.add_argument(
-        "--epochs", type=non_negative_int, default=None, **store,
+        "--epochs", type=epoch_count, default=None, **store,
         help=f"epochs of each stage after the head-only one (default {DEFAULT_EPOCHS}); fine-tune and lora: of their one stage; "
         "feature-extract: of its one stage, the head's, like --head-epochs (give one, or the same number)",
     )
     group.add_argument(
-        "--head-epochs", type=non_negative_int, default=None, **store,
+        "--head-epochs", type=epoch_count, default=None, **store,
         help=f"epochs of the head-only stage (default {DEFAULT_EPOCHS}), feature-extract's one stage included",
     )
     group.add_argument(

@@ -12,12 +12,12 @@ from typing import Any, Callable
 
 import yaml
 
-from thaw._numbers import is_decimal
+from thaw._numbers import is_decimal, short_repr
 from thaw.errors import ThawError, join_problems
 from thaw.plan.freeze import BATCHNORM_POLICIES
 from thaw.plan.lr import MAX_LR, ConstantLr, DecayLr, ExplicitLr, LrRule, RangeLr
 from thaw.models.lora import MAX_LORA_RANK, LoraSpec
-from thaw.plan.stages import Plan, Stage, check_stage_names
+from thaw.plan.stages import MAX_EPOCHS, Plan, Stage, check_stage_names
 
 PLAN_KEYS = ("stages", "weight_decay", "batchnorm", "lora")
 # Recipe options a plan file may carry beside its stages (TrainConfig fields; `thaw train` flags typed on the command
@@ -78,7 +78,7 @@ def _whole(value: Any, where: str, problems: list[str], low: int, high: int | No
     if isinstance(value, int) and not isinstance(value, bool) and value >= low and (high is None or value <= high):
         return value
     bound = f">= {low}" if high is None else f"from {low} to {high}"
-    problems.append(f"{where}: expected a whole number {bound}, got {value!r}")
+    problems.append(f"{where}: expected a whole number {bound}, got {short_repr(value)}")
     return None
 
 
@@ -139,7 +139,7 @@ def _stage(raw: Any, index: int, defaults: dict, problems: list[str]) -> Stage |
     name = raw.get("name", f"stage{index + 1}")
     if not isinstance(name, (str, int)) or isinstance(name, bool) or str(name) == "":
         problems.append(f"{where}.name: expected a name like head, got {name!r}")
-    epochs = _whole(raw.get("epochs", 1), f"{where}.epochs", problems, 0)
+    epochs = _whole(raw.get("epochs", 1), f"{where}.epochs", problems, 0, MAX_EPOCHS)
     train = _names(raw.get("train", ["head"]), f"{where}.train", problems, "[head, layer4]")
     if train == ():
         problems.append(f"{where}.train: expected at least one selector, like [head]")

@@ -11,7 +11,7 @@ import math
 import typing
 from dataclasses import dataclass, field
 
-from thaw._numbers import as_real, as_whole
+from thaw._numbers import as_real, as_whole, short_repr
 from thaw.errors import ThawError
 from thaw.models.adapter import ModelAdapter, check_adapter
 from thaw.models.lora import LoraSpec, adapter_param_names
@@ -20,6 +20,9 @@ from thaw.plan.freeze import BATCHNORM_POLICIES, BatchNormPolicy, batchnorm_laye
 from thaw.plan.lr import ConstantLr, ExplicitLr, LrRule, check_lr
 
 LR_RULES = typing.get_args(LrRule)
+# Far beyond any fine-tune; above it a count is a typo (1e11), and one no float holds stopped the run in its schedule
+# after the data was read, with a traceback.
+MAX_EPOCHS = 1_000_000
 
 
 @dataclass(frozen=True)
@@ -38,8 +41,8 @@ class Stage:
         if not isinstance(self.name, str) or not self.name:  # every message and the run's record name the stage by it
             problems.append(f"name must be a name like 'head', got {self.name!r}")
         epochs = as_whole(self.epochs)  # any integer type (numpy's too), kept as a plain int: a plan is written to JSON
-        if epochs is None or epochs < 0:
-            problems.append(f"epochs must be a whole number >= 0, got {self.epochs!r}")
+        if epochs is None or not 0 <= epochs <= MAX_EPOCHS:
+            problems.append(f"epochs must be a whole number from 0 to {MAX_EPOCHS:,}, got {short_repr(self.epochs)}")
         else:
             object.__setattr__(self, "epochs", epochs)
         decay = as_real(self.weight_decay)  # any real type (numpy's too), kept as a plain float
