@@ -85,3 +85,17 @@ def test_build_model_on_a_missing_cuda_device_is_one_line_not_torchs_driver_erro
         build_model("resnet18", weights=None, num_classes=2, device=0)  # torch's index for cuda:0
     adapter = build_model("resnet18", weights=None, num_classes=2, device="auto")  # as training resolves it: the CPU here
     assert next(adapter.model.parameters()).device.type == "cpu"
+
+
+@pytest.mark.parametrize("name", [name for name in ALL_BUILDERS if name.startswith("vit_")])
+def test_a_vit_is_grouped_stem_then_each_encoder_layer_then_head(name: str) -> None:
+    """The README's groups: a ViT's stem, each encoder layer, the head. The encoder's own position embedding beside its
+    layers kept all of them in one group (3 groups: gradual and layer decay had nothing to spread over)."""
+    from thaw.plan.selectors import group_of_module
+
+    adapter = _meta_adapter(name)
+    layers = [f"encoder.layers.encoder_layer_{index}" for index in range(len(adapter.model.encoder.layers))]
+    assert adapter.group_names == ["stem", *layers, "head"]
+    assert "encoder.pos_embedding" in adapter.group("stem").params and "encoder.ln.weight" in adapter.groups[-2].params
+    assert group_of_module(adapter, layers[5]) == layers[5]  # a layer named for its lr is its own group, not the stem
+    assert group_of_module(adapter, "encoder.pos_embedding") == "stem"

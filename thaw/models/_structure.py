@@ -251,8 +251,9 @@ class _Grouper:
     def units_of(self, module: nn.Module, prefix: str) -> list[_Unit]:
         units = []
         direct = self._params_of(module, prefix, recurse=False)
-        if direct:
-            units.append(_Unit(prefix or "<root>", direct, None))
+        if direct:  # a module's own parameters beside its children's (a ViT encoder's position embedding): named by
+            # themselves, as the module's name would also take in every child, each in a group of its own
+            units.append(_Unit(prefix, direct, None, list(direct)) if prefix else _Unit("<root>", direct, None))
         for name, child in module.named_children():
             path = f"{prefix}.{name}" if prefix else name
             if path in self.head_modules or not has_params(child):
@@ -286,8 +287,10 @@ def _split_trunks(grouper: _Grouper, units: list[_Unit]) -> list[_Unit]:
         if len(units) >= MIN_GROUPS and weight(biggest) <= TRUNK_SHARE * total:
             return units
         pieces = grouper.expand(biggest)
-        if sum(not _joins_neighbour(piece) for piece in pieces) <= 1:
-            # Splitting would only rename the group (conv + its norm): keep it whole.
+        standing = [piece for piece in pieces if not _joins_neighbour(piece)]
+        if len(standing) == 0 or (len(standing) == 1 and standing[0].is_leaf):
+            # Splitting would only rename the group (conv + its norm): keep it whole. A lone piece that holds layers
+            # of its own is split on (a torchvision ViT's encoder: its position embedding, its 12 layers, a norm).
             grouper.claimed.update(biggest.params)
             settled.add(id(biggest))
             continue
