@@ -270,3 +270,30 @@ def test_an_instancenorm_that_tracks_statistics_is_frozen_as_batchnorm_is(train:
     unchanged = torch.equal(norm.running_mean, before[0]) and torch.equal(norm.running_var, before[1])
     assert unchanged is not moves
     assert [name for name, _ in batchnorm_layers(adapter.model)] == ["stem.1"]  # the one without statistics is left as it is
+
+
+class _TiedNet(nn.Module):
+    """An embedding tied to the output layer, as language models do."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.head = nn.Linear(16, 16, bias=False)
+        self.embed = nn.Linear(16, 16, bias=False)
+        self.embed.weight = self.head.weight
+        self.body = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU())
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        return self.head(self.body(self.embed(inputs)))
+
+
+def test_a_weight_tied_across_groups_is_refused_naming_both() -> None:
+    """A head-only stage trained the tied embedding, which no group held: a layer reported frozen changed."""
+    with pytest.raises(ThawError, match=r"^embed\.weight is the same tensor as head\.weight \(tied weights\): it would train and "
+                       r"freeze with group 'head', while its module lies in no group"):
+        adapt(_TiedNet(), head="head")
+    model = _TiedNet()
+    model.body[2].weight = model.body[0].weight  # tied inside one model, across two groups
+    with pytest.raises(ThawError, match=r"body\.2\.weight is the same tensor as body\.0\.weight .* group 'body\.0', while its module lies in group 'body\.2'"):
+        adapt(model, num_classes=3, head="head")
+    untied = adapt(_TiedNet(), num_classes=3, head="head")  # a new head unties them: the embedding is a group of its own
+    assert untied.group_names == ["embed", "body.0", "body.2", "head"]

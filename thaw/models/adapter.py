@@ -154,6 +154,25 @@ def check_groups_cover_model(model: nn.Module, groups: list[LayerGroup]) -> None
         problems.append(f"groups name parameters the model does not have: {', '.join(sorted(unknown)[:5])}")
     if problems:
         raise ThawError("layer groups do not cover the model: " + "; ".join(problems))
+    _check_tied_within_groups(model, groups, owner)
+
+
+def _check_tied_within_groups(model: nn.Module, groups: list[LayerGroup], owner: dict[str, str]) -> None:
+    """A weight shared by two modules (tied) trains and freezes with the group of the name registered first: where
+    the other module lies in another group, or in none, a stage that froze that module changed it without a word."""
+    canonical = {id(param): name for name, param in model.named_parameters()}
+    for alias, param in model.named_parameters(remove_duplicate=False):
+        first = canonical[id(param)]
+        if alias == first:
+            continue
+        holder = next((group.name for group in groups if any(is_within(alias, root) for root in group.modules)), None)
+        if holder != owner[first]:
+            where = f"group {holder!r}" if holder else "no group"
+            raise ThawError(
+                f"{alias} is the same tensor as {first} (tied weights): it would train and freeze with group "
+                f"{owner[first]!r}, while its module lies in {where}; put both modules in one group "
+                "(adapt(model, groups={...})) or untie them"
+            )
 
 
 def check_float32(model: nn.Module) -> None:
