@@ -286,3 +286,19 @@ def test_a_model_of_another_float_type_is_one_line_before_any_folder(
         load_run(object_run[0], model=SmallConvNet().to(dtype))
     adapter, _ = load_run(object_run[0], model=SmallConvNet().double().float())  # back to float32: loads
     assert next(adapter.model.parameters()).dtype == torch.float32
+
+
+def test_a_model_object_comes_back_as_plain_pytorch_after_its_run(tiny_split_data: Path, tmp_path: Path) -> None:
+    """After a feature-extract run the object kept thaw's eval locks (BatchNorm stayed in eval mode in the user's own
+    loop, its statistics fixed) and every layer but the head frozen."""
+    torch.manual_seed(0)
+    model = SmallConvNet(num_classes=10)
+    model.stem[0].bias.requires_grad_(False)  # frozen by hand before the run: so it comes back
+    plan = {"plan": "feature-extract", "plan_options": {"head_epochs": 1}}
+    train_images(tiny_split_data, model=model, out=tmp_path / "run", config=CONFIG, **plan)
+    frozen = [name for name, param in model.named_parameters() if not param.requires_grad]
+    assert frozen == ["stem.0.bias"]
+    model.train()
+    before = model.stem[1].running_mean.clone()
+    model(torch.randn(4, 3, 32, 32) + 3)
+    assert model.stem[1].training and not torch.equal(model.stem[1].running_mean, before)  # the user's loop updates it

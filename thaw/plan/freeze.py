@@ -61,6 +61,17 @@ def keeps_batch_statistics(module: nn.Module) -> bool:
     return isinstance(module, nn.modules.batchnorm._BatchNorm)
 
 
+def release(model: nn.Module, requires_grad: Mapping[str, bool]) -> None:
+    """Give a model back as plain PyTorch: no eval lock on any BatchNorm (each layer in the model's mode), and each
+    parameter's requires_grad as `requires_grad` says (True for one it does not name: a new head, an adapter). A model
+    object passed to a run kept the locks after it, and BatchNorm stayed in eval mode in the user's own loop."""
+    for module in model.modules():
+        if is_eval_locked(module):
+            _unlock(module, model.training)
+    for name, param in model.named_parameters():
+        param.requires_grad_(requires_grad.get(name, True))
+
+
 def batchnorm_layers(model: nn.Module) -> list[tuple[str, nn.modules.batchnorm._NormBase]]:
     return [(n, m) for n, m in model.named_modules() if keeps_batch_statistics(m)]
 

@@ -20,6 +20,7 @@ from thaw.models.adapter import check_float32, check_image_preprocessing
 from thaw.models.hf_text import DEFAULT_MAX_LENGTH, TextPreprocessing, build_text_model, check_max_length
 from thaw.models.sources import hf_source
 from thaw.plan import Plan, plan_from_dict, plan_to_dict
+from thaw.plan.freeze import release
 from thaw.plan.stages import check_stage_names
 from thaw.plan.strategies import check_plan_options, default_strategy
 from thaw._device import check_device
@@ -344,9 +345,13 @@ def _run(
 ) -> RunResult:
     plan = check_plan(adapter, plan, plan_options, not resume)  # on the model itself (a model object's first check): before fit sets anything aside
     check_batch_statistics(adapter, plan, config.batch_size)
-    result = fit(
-        adapter, data, plan, config, out, meta=meta, resume=resume, overwrite=overwrite, callbacks=callbacks, step_hooks=step_hooks
-    )
+    given = {name: param.requires_grad for name, param in adapter.model.named_parameters()}
+    try:
+        result = fit(
+            adapter, data, plan, config, out, meta=meta, resume=resume, overwrite=overwrite, callbacks=callbacks, step_hooks=step_hooks
+        )
+    finally:  # a model object the caller passed comes back without thaw's stage on it (see release)
+        release(adapter.model, given)
     if not distributed.from_environment().is_main:  # under torchrun, rank 0 writes the run folder
         result.files = {}
         return result
