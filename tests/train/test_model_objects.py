@@ -302,3 +302,14 @@ def test_a_model_object_comes_back_as_plain_pytorch_after_its_run(tiny_split_dat
     before = model.stem[1].running_mean.clone()
     model(torch.randn(4, 3, 32, 32) + 3)
     assert model.stem[1].training and not torch.equal(model.stem[1].running_mean, before)  # the user's loop updates it
+
+
+def test_a_model_object_holds_the_last_step_trained_after_its_run(tiny_split_data: Path, tmp_path: Path) -> None:
+    """As the README says: the weights of the last step (the last checkpoint's), not the delivered model's."""
+    from thaw.train.checkpoint import load_checkpoint
+
+    torch.manual_seed(0)
+    model = SmallConvNet(num_classes=10)
+    train_images(tiny_split_data, model=model, out=tmp_path / "run", config=CONFIG, **PLAN)
+    last = load_checkpoint(tmp_path / "run" / "checkpoint.pt")["model"]
+    assert all(torch.equal(tensor, last[name]) for name, tensor in model.state_dict().items())
