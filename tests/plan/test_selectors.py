@@ -44,3 +44,22 @@ def test_every_bad_selector_is_reported(resnet50) -> None:
     with pytest.raises(ThawError) as error:
         resolve(resnet50, ["layer9", "head", "blocks.*"])
     assert "layer9" in str(error.value) and "blocks.*" in str(error.value)
+
+
+def test_a_group_named_by_digits_that_is_also_another_groups_index_is_refused() -> None:
+    """An nn.Sequential's groups are named '3' and '4': `train: [3]` took group '3' (index 1), not index 3 (the head)."""
+    from torch import nn
+
+    from thaw import ThawError, adapt
+    from thaw.plan import resolve
+
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Sequential(nn.Conv2d(8, 8, 3), nn.BatchNorm2d(8), nn.ReLU()),
+        nn.Conv2d(8, 16, 3), nn.BatchNorm2d(16), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10),
+    )
+    adapter = adapt(model, num_classes=3)
+    assert adapter.group_names == ["stem", "3", "4", "head"]
+    with pytest.raises(ThawError, match=r"^selector '3' names group '3' \(index 1\) and is the index of group 'head': write 1:2 for group '3', or 3:4 for 'head'$"):
+        resolve(adapter, ["3"])
+    assert resolve(adapter, ["1:2"]) == list(adapter.group("3").params)  # the way to say either
+    assert resolve(adapter, ["4"]) == list(adapter.group("4").params)  # no group has index 4: the name alone

@@ -60,6 +60,23 @@ def _module_params(adapter: ModelAdapter, selector: str) -> list[str]:
     return names
 
 
+def _check_not_also_an_index(adapter: ModelAdapter, selector: str) -> None:
+    """A group named by digits (an nn.Sequential's child '3') whose name is also another group's index: it meant the
+    name without a word, where the user may have meant the index."""
+    if not re.fullmatch(r"-?\d+", selector):
+        return
+    named = adapter.group_names.index(selector)
+    index = int(selector)
+    if not -len(adapter.groups) <= index < len(adapter.groups) or adapter.groups[index].name == selector:
+        return
+    other = adapter.groups[index].name
+    at = index % len(adapter.groups)
+    raise ThawError(
+        f"selector {selector!r} names group {selector!r} (index {named}) and is the index of group {other!r}: write "
+        f"{named}:{named + 1} for group {selector!r}, or {at}:{at + 1} for {other!r}"
+    )
+
+
 def resolve_one(adapter: ModelAdapter, selector: str) -> list[str]:
     """The parameter names one selector means, in model order; an error if it means none."""
     selector = selector.strip()
@@ -70,6 +87,7 @@ def resolve_one(adapter: ModelAdapter, selector: str) -> list[str]:
         if not names:
             raise ThawError("selector 'adapters' matches no parameters: this model has no LoRA layers; use the lora strategy (plan 'lora', --strategy lora)")
     elif selector in adapter.group_names:
+        _check_not_also_an_index(adapter, selector)
         names = list(adapter.group(selector).params)
     else:
         names = _group_range(adapter, selector)
