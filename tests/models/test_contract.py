@@ -33,6 +33,8 @@ def test_groups_are_ordered_and_cover_every_parameter_once(name: str) -> None:
     grouped = [p for g in adapter.groups for p in g.params]
     assert sorted(grouped) == sorted(names)
     assert len(grouped) == len(set(grouped))
+    # no weight tied between two modules: thaw checks ties in hand-built models only (check_tied_within_groups)
+    assert len(list(adapter.model.named_parameters(remove_duplicate=False))) == len(names)
     assert adapter.groups[-1].name == "head" and len(adapter.groups) >= 3
     # Stem to head: each group's parameters come after the previous group's in registration order.
     position = {n: i for i, n in enumerate(names)}

@@ -297,3 +297,23 @@ def test_a_weight_tied_across_groups_is_refused_naming_both() -> None:
         adapt(model, num_classes=3, head="head")
     untied = adapt(_TiedNet(), num_classes=3, head="head")  # a new head unties them: the embedding is a group of its own
     assert untied.group_names == ["embed", "body.0", "body.2", "head"]
+
+
+def test_adabn_and_one_image_batches_leave_an_instancenorm_as_it_is() -> None:
+    """AdaBN's estimate (momentum None: a cumulative average) reset an InstanceNorm's statistics to 0 and 1 for good
+    (InstanceNorm takes None as 0); and one image a batch, which an InstanceNorm normalises by itself, was refused."""
+    from thaw.plan import build_plan
+    from thaw.plan.freeze import estimating_statistics
+    from thaw.train.config import check_batch_statistics
+
+    torch.manual_seed(0)
+    adapter = adapt(_InstanceNormNet(), num_classes=3)
+    norm = adapter.model.stem[1]
+    adapter.model.train()
+    with torch.no_grad():
+        adapter.model(torch.randn(4, 3, 16, 16) * 3 + 2)  # statistics of its own, away from 0 and 1
+        before = norm.running_mean.clone()
+        with estimating_statistics(adapter.model):
+            adapter.model(torch.randn(4, 3, 16, 16))
+    assert torch.equal(norm.running_mean, before)
+    check_batch_statistics(adapter, build_plan("fine-tune", num_groups=len(adapter.groups), batchnorm="train"), 1)  # no refusal

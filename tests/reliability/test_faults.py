@@ -185,7 +185,9 @@ def test_ctrl_c_in_the_runs_last_step_lets_it_finish(tiny_split_data: Path, tmp_
     assert said[promised + 1:] == ["the stop came as the run's last epoch ended: nothing was left to train, so the run ends complete"]
 
 
-def test_sigterm_stops_a_run_as_ctrl_c_does_and_the_handlers_are_given_back(tiny_split_data: Path, tmp_path: Path) -> None:
+def test_sigterm_stops_a_run_as_ctrl_c_does_and_the_handlers_are_given_back(
+    tiny_split_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     """SIGTERM (kill, timeout, docker stop, a scheduler's preemption) finishes the step, saves and says how to resume;
     after the run, the caller's own handlers are back."""
     _train(tiny_split_data, tmp_path / "whole")
@@ -204,6 +206,8 @@ def test_sigterm_stops_a_run_as_ctrl_c_does_and_the_handlers_are_given_back(tiny
     finally:
         signal.signal(signal.SIGTERM, previous)
     assert stopped.value.signal_number == signal.SIGTERM
+    # what aborts it: a second SIGTERM does nothing, and a scheduler's user may have no Ctrl-C to press again
+    assert "thaw: SIGTERM: finishing the current step to save a resumable checkpoint (SIGINT (Ctrl-C) or SIGKILL to abort)" in capsys.readouterr().out
     assert load_checkpoint(tmp_path / "cut" / "checkpoint.pt")["batch"] == 1  # the step in flight finished, then it stopped
     _train(tiny_split_data, tmp_path / "cut", resume=True)
     assert _same(_weights(tmp_path / "whole"), _weights(tmp_path / "cut"))

@@ -288,16 +288,17 @@ def test_a_model_of_another_float_type_is_one_line_before_any_folder(
     assert next(adapter.model.parameters()).dtype == torch.float32
 
 
-def test_a_model_object_comes_back_as_plain_pytorch_after_its_run(tiny_split_data: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("plan", [{"plan": "feature-extract", "plan_options": {"head_epochs": 1}}, {"plan": "lora", "plan_options": {"epochs": 1}}])
+def test_a_model_object_comes_back_as_plain_pytorch_after_its_run(tiny_split_data: Path, tmp_path: Path, plan: dict) -> None:
     """After a feature-extract run the object kept thaw's eval locks (BatchNorm stayed in eval mode in the user's own
-    loop, its statistics fixed) and every layer but the head frozen."""
+    loop, its statistics fixed) and every layer but the head frozen; after a lora run, every weight but the adapters'
+    (PEFT froze them as it added the adapters)."""
     torch.manual_seed(0)
     model = SmallConvNet(num_classes=10)
     model.stem[0].bias.requires_grad_(False)  # frozen by hand before the run: so it comes back
-    plan = {"plan": "feature-extract", "plan_options": {"head_epochs": 1}}
     train_images(tiny_split_data, model=model, out=tmp_path / "run", config=CONFIG, **plan)
     frozen = [name for name, param in model.named_parameters() if not param.requires_grad]
-    assert frozen == ["stem.0.bias"]
+    assert [name.replace(".base_layer", "") for name in frozen] == ["stem.0.bias"]  # lora wraps layers as base_layer
     model.train()
     before = model.stem[1].running_mean.clone()
     model(torch.randn(4, 3, 32, 32) + 3)
@@ -313,3 +314,19 @@ def test_a_model_object_holds_the_last_step_trained_after_its_run(tiny_split_dat
     train_images(tiny_split_data, model=model, out=tmp_path / "run", config=CONFIG, **PLAN)
     last = load_checkpoint(tmp_path / "run" / "checkpoint.pt")["model"]
     assert all(torch.equal(tensor, last[name]) for name, tensor in model.state_dict().items())
+
+
+def test_a_checkpoint_for_other_layer_groups_is_one_line_on_resume(tiny_split_data: Path, tmp_path: Path) -> None:
+    """A run checkpointed while a torchvision ViT had 3 groups met 14 on resume: torch's ValueError, a traceback."""
+    from tests.conftest import Crash, crash_after
+    from thaw.train.checkpoint import load_checkpoint, save_checkpoint
+
+    torch.manual_seed(0)
+    with pytest.raises(Crash):
+        train_images(tiny_split_data, model=SmallConvNet(num_classes=10), out=tmp_path / "run", config=CONFIG,
+                     callbacks=[crash_after(2)], plan="fine-tune", plan_options={"epochs": 3})
+    saved = load_checkpoint(tmp_path / "run" / "checkpoint.pt")
+    saved["optimizer"]["param_groups"] = saved["optimizer"]["param_groups"][:-1]  # as if the model had one group less
+    save_checkpoint(tmp_path / "run" / "checkpoint.pt", saved)
+    with pytest.raises(ThawError, match=r"holds an optimizer for other layer groups than this model has now .*start it again \(--overwrite\)$"):
+        resume_run(tmp_path / "run", model=SmallConvNet())

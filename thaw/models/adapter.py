@@ -154,12 +154,15 @@ def check_groups_cover_model(model: nn.Module, groups: list[LayerGroup]) -> None
         problems.append(f"groups name parameters the model does not have: {', '.join(sorted(unknown)[:5])}")
     if problems:
         raise ThawError("layer groups do not cover the model: " + "; ".join(problems))
-    _check_tied_within_groups(model, groups, owner)
 
 
-def _check_tied_within_groups(model: nn.Module, groups: list[LayerGroup], owner: dict[str, str]) -> None:
+def check_tied_within_groups(model: nn.Module, groups: list[LayerGroup]) -> None:
     """A weight shared by two modules (tied) trains and freezes with the group of the name registered first: where
-    the other module lies in another group, or in none, a stage that froze that module changed it without a word."""
+    the other module lies in another group, or in none, a stage that froze that module changed it without a word.
+    For groups thaw's structural rule or adapt(groups=...) made, whose modules cover every layer with parameters
+    (timm's and Hugging Face's groups name only the modules that own each tensor: an encoder-decoder's shared
+    embedding would read as a module in no group)."""
+    owner = {name: group.name for group in groups for name in group.params}
     canonical = {id(param): name for name, param in model.named_parameters()}
     for alias, param in model.named_parameters(remove_duplicate=False):
         first = canonical[id(param)]

@@ -6,7 +6,7 @@ from torch import nn
 
 from thaw.errors import ThawError
 from thaw.models import _structure
-from thaw.models.adapter import ModelAdapter, Preprocessing, check_image_preprocessing
+from thaw.models.adapter import ModelAdapter, Preprocessing, check_image_preprocessing, check_tied_within_groups
 
 
 def adapt_module(
@@ -35,6 +35,8 @@ def adapt_module(
         layer_groups = _structure.explicit_groups(model, groups, block)
     else:
         layer_groups = _structure.infer_groups(model, block, order)
+    if family == "generic":  # a model built by hand; torchvision's ties none (all 80 classifiers, tested)
+        check_tied_within_groups(model, layer_groups)
     features_fn, head_fn = _structure.hook_split(model, block)
     return ModelAdapter(
         model,

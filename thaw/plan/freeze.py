@@ -61,15 +61,22 @@ def keeps_batch_statistics(module: nn.Module) -> bool:
     return isinstance(module, nn.modules.batchnorm._BatchNorm)
 
 
-def release(model: nn.Module, requires_grad: Mapping[str, bool]) -> None:
+def release(model: nn.Module, requires_grad: Mapping[int, bool]) -> None:
     """Give a model back as plain PyTorch: no eval lock on any BatchNorm (each layer in the model's mode), and each
-    parameter's requires_grad as `requires_grad` says (True for one it does not name: a new head, an adapter). A model
-    object passed to a run kept the locks after it, and BatchNorm stayed in eval mode in the user's own loop."""
+    parameter's requires_grad as `requires_grad` (by id: LoRA renames the layers it wraps) says, True for one it does
+    not hold (an adapter). A model object passed to a run kept the locks after it, and BatchNorm stayed in eval mode
+    in the user's own loop."""
     for module in model.modules():
         if is_eval_locked(module):
             _unlock(module, model.training)
-    for name, param in model.named_parameters():
-        param.requires_grad_(requires_grad.get(name, True))
+    for param in model.parameters():
+        param.requires_grad_(requires_grad.get(id(param), True))
+
+
+def batch_norms(model: nn.Module) -> list[tuple[str, nn.modules.batchnorm._BatchNorm]]:
+    """BatchNorm layers alone: those that need 2 images or more a batch in train mode, and those AdaBN estimates (an
+    InstanceNorm normalises each image by itself, and takes a momentum of None as 0: its statistics would stay reset)."""
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
 
 
 def batchnorm_layers(model: nn.Module) -> list[tuple[str, nn.modules.batchnorm._NormBase]]:
@@ -146,7 +153,7 @@ def estimating_statistics(model: nn.Module) -> Iterator[list[nn.modules.batchnor
     """For AdaBN: the model in eval mode (dropout off) but every BatchNorm layer that tracks statistics in train
     mode, its statistics reset and averaged over every batch that follows (momentum None); afterwards each layer's
     momentum, mode and eval lock as they were. Yields the layers."""
-    layers = [layer for _, layer in batchnorm_layers(model) if layer.track_running_stats]
+    layers = [layer for _, layer in batch_norms(model) if layer.track_running_stats]
     modes = {module: module.training for module in model.modules()}
     kept = [(layer.momentum, is_eval_locked(layer)) for layer in layers]
     model.eval()

@@ -15,7 +15,7 @@ from __future__ import annotations
 import inspect
 import math
 
-from thaw._numbers import as_real, as_whole
+from thaw._numbers import as_real, as_whole, short_repr
 from thaw.errors import ThawError
 from thaw.models.lora import LoraSpec
 from thaw.plan.config import unknown_keys
@@ -201,7 +201,7 @@ def _head_only_epochs(epochs: int | None, head_epochs: int | None) -> int | None
 def _top_group_count(count: object) -> int:
     whole = as_whole(count)  # numpy integers too; not floats, strings or bools
     if whole is None or whole < 2:
-        raise ThawError(f"top groups must be a whole number of at least 2 (the head alone is the head stage), got {count!r}")
+        raise ThawError(f"top groups must be a whole number of at least 2 (the head alone is the head stage), got {short_repr(count)}")
     return whole
 
 
@@ -218,7 +218,7 @@ def _gradual(
     """ULMFiT-style: the head, then one more group from the top each stage, until all train."""
     whole = as_whole(step)
     if whole is None or whole < 1:
-        raise ThawError(f"groups per stage must be a whole number of at least 1, got {step!r}")
+        raise ThawError(f"groups per stage must be a whole number of at least 1, got {short_repr(step)}")
     step = whole
     stages = [Stage("head", head_epochs, ("head",), head_rule, **head_only)]
     for count in range(1 + step, num_groups + step, step):

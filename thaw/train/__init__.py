@@ -343,9 +343,10 @@ def _run(
     config: TrainConfig, out: Path, meta: dict, resume: bool, overwrite: bool, callbacks: list[EpochCallback] | None,
     step_hooks: list[StepHook] | None,
 ) -> RunResult:
+    # before check_plan, which adds a lora plan's adapters (PEFT freezes every other weight there, the head too)
+    given = {id(param): param.requires_grad for param in adapter.model.parameters()}
     plan = check_plan(adapter, plan, plan_options, not resume)  # on the model itself (a model object's first check): before fit sets anything aside
     check_batch_statistics(adapter, plan, config.batch_size)
-    given = {name: param.requires_grad for name, param in adapter.model.named_parameters()}
     try:
         result = fit(
             adapter, data, plan, config, out, meta=meta, resume=resume, overwrite=overwrite, callbacks=callbacks, step_hooks=step_hooks

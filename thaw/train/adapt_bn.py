@@ -17,12 +17,12 @@ from torch import distributed as dist
 
 from thaw.data.loaders import Batch
 from thaw.distributed import Processes
-from thaw.plan.freeze import batchnorm_layers, estimating_statistics
+from thaw.plan.freeze import batch_norms, estimating_statistics
 from thaw.train.loop import Engine
 
 
 def has_statistics(model: nn.Module) -> bool:
-    return any(layer.track_running_stats for _, layer in batchnorm_layers(model))
+    return any(layer.track_running_stats for _, layer in batch_norms(model))
 
 
 @torch.no_grad()
@@ -31,7 +31,7 @@ def adapt_batchnorm(model: nn.Module, batches: Iterable[Batch], engine: Engine, 
     processes each rank sees its shard and the ranks' estimates are averaged weighted by the images each saw,
     so every rank holds the same. Where no batch had two images (no batch statistics at all) the statistics
     are left as they were."""
-    layers = [layer for _, layer in batchnorm_layers(model) if layer.track_running_stats]
+    layers = [layer for _, layer in batch_norms(model) if layer.track_running_stats]
     before = [(layer.running_mean.clone(), layer.running_var.clone(), layer.num_batches_tracked.clone()) for layer in layers]
     seen = 0
     with estimating_statistics(model):

@@ -33,7 +33,7 @@ from thaw.data.loaders import Batch
 from thaw.errors import ThawError
 from thaw.models.adapter import ModelAdapter
 from thaw.plan import Plan
-from thaw.plan.freeze import BatchNormPolicy, batchnorm_layers, batchnorm_trains, locks_statistics
+from thaw.plan.freeze import BatchNormPolicy, batch_norms, batchnorm_layers, batchnorm_trains, locks_statistics
 from thaw.train.loop import Engine
 from thaw.train.prefix_cache import Entry, capture, tail_forward
 from thaw.train.progress import CACHED, FULL, PREFIX, clock
@@ -272,7 +272,7 @@ def measure_costs(
         step = lambda images, labels: _train_step(probe, optimizer, images, labels, engine)  # noqa: E731
         # A batch of one image cannot pass a BatchNorm layer that normalises with batch statistics; where none does
         # (batch size 1 with statistics fixed), batches of one are what the run trains on
-        fewest = 2 if any(layer.training for _, layer in batchnorm_layers(probe)) else 1
+        fewest = 2 if any(layer.training for _, layer in batch_norms(probe)) else 1
         train_step = _seconds_per_image((batch for batch in train_batches if len(batch.labels) >= fewest), engine, step)
         del probe, optimizer
     finally:

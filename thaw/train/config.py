@@ -25,7 +25,7 @@ from thaw.models import build_model
 from thaw.models.adapter import ModelAdapter, Preprocessing
 from thaw.models.hf_text import build_text_model
 from thaw.models.lora import add_lora
-from thaw.plan.freeze import batchnorm_layers, batchnorm_trains, locks_statistics
+from thaw.plan.freeze import batch_norms, batchnorm_trains, locks_statistics
 from thaw.plan.lora_targets import lora_targets
 from thaw.plan.optim import OPTIMIZERS, check_decay_below_lr
 from thaw.plan.stages import Plan, check_new_plan, resolve_plan
@@ -312,7 +312,7 @@ def check_batch_statistics(adapter: ModelAdapter, plan: Plan, batch_size: int) -
     already gone, and a resume could never get past it. fit's own check at the stage's start stays as the last guard."""
     if batch_size >= 2:
         return
-    layers = batchnorm_layers(adapter.model)
+    layers = batch_norms(adapter.model)
     for index, resolved in enumerate(resolve_plan(adapter, plan), 1):
         trainable = set(resolved.trainable)
         policy = resolved.stage.batchnorm

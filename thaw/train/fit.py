@@ -41,7 +41,7 @@ from thaw.errors import ThawError, first_line
 from thaw.models.adapter import ModelAdapter, Preprocessing
 from thaw.plan import Plan, enter_stage, plan_to_dict
 from thaw.plan.stages import Stage, resolve_stage
-from thaw.plan.freeze import apply_trainable, batchnorm_layers, batchnorm_trains, is_eval_locked, locks_statistics
+from thaw.plan.freeze import apply_trainable, batch_norms, batchnorm_layers, batchnorm_trains, is_eval_locked, locks_statistics
 from thaw.train import checkpoint as ckpt
 from thaw.train.run_folder import check_new_run, check_nothing_set_aside, holds_run, restore_run, set_aside_run, training_lock
 from thaw.train.adapt_bn import adapt_batchnorm, has_statistics
@@ -660,7 +660,14 @@ class Trainer:
         if saved.get("batch"):
             self.resume_point = {key: saved.get(key) for key in ("batch", "rng", "cuda_rng", "tracker")}
         _, self.optimizer = self._enter(self.state.stage, None)
-        self.optimizer.load_state_dict(saved["optimizer"])
+        try:
+            self.optimizer.load_state_dict(saved["optimizer"])
+        except ValueError as error:  # torch's "different number of parameter groups": the model's groups changed since
+            # the checkpoint (a torchvision ViT, 3 groups before thaw grouped it by its encoder layers)
+            raise ThawError(
+                f"the checkpoint in {self.out} holds an optimizer for other layer groups than this model has now "
+                f"({first_line(error)}); the run cannot continue: start it again (--overwrite)"
+            ) from None
         if saved.get("ema") is not None:  # the average so far: restarting it from the restored weights would change the run
             self.ema = weight_average(self.model)
             self.ema.module.load_state_dict(saved["ema"])
@@ -812,7 +819,7 @@ class Trainer:
         stage = self.plan.stages[stage_index]
         resolved, optimizer = enter_stage(self.adapter, stage, optimizer, self.config.optimizer)
         self.engine.audit_next_step = f"the first step of stage {stage.name!r}"
-        self.engine.min_batch = 2 if self.batchnorm_updates() else 1
+        self.engine.min_batch = 2 if any(not is_eval_locked(layer) for _, layer in batch_norms(self.model)) else 1
         if self.engine.min_batch > self.config.batch_size:
             raise ThawError(f"stage {stage.name!r}: {ONE_IMAGE_BATCHES}")  # check_batch_statistics refuses it before any work
         self.wrapped = None
@@ -1123,7 +1130,8 @@ class Trainer:
             return  # SIGTERM again: `timeout` sends it to the process, then to its group; the kill that follows is the caller's
         self.stop_requested, self.stopped_by = True, signum
         asked = "" if signum == signal.SIGINT else f"{signal.Signals(signum).name}: "
-        print(f"\nthaw: {asked}finishing the current step to save a resumable checkpoint (Ctrl-C again to abort)", flush=True)
+        abort = "Ctrl-C again" if signum == signal.SIGINT else "SIGINT (Ctrl-C) or SIGKILL"  # a second SIGTERM does nothing
+        print(f"\nthaw: {asked}finishing the current step to save a resumable checkpoint ({abort} to abort)", flush=True)
 
     @memory_kept_between_steps()  # every step reuses the pages the step before freed (see thaw._allocator)
     def fit(self, resume: bool, callbacks: list[EpochCallback]) -> RunResult:
