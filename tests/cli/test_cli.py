@@ -1,7 +1,10 @@
-"""The command line as a user runs it: real processes, exit codes, one-line errors."""
+"""The command line as a user runs it: exit codes and one-line errors through thaw's entry point (`main`, in this
+process), and real processes where the process is the point (the environment, the terminal's encoding, pipes)."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import shutil
@@ -18,12 +21,25 @@ from thaw.cli import main
 from thaw.cli.models_cmd import TEXT_MODELS
 
 
-def thaw(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+def thaw_process(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """`python -m thaw ARGS` in a child process: what a user's shell sees (about 8 s of it loads torch)."""
     return subprocess.run([sys.executable, "-m", "thaw", *args], capture_output=True, text=True, cwd=cwd, timeout=300)
 
 
+def thaw(*args: str) -> subprocess.CompletedProcess:
+    """The command as thaw's entry point runs it (main's return is the exit code), in this process: the same
+    lines and codes as thaw_process without loading torch again. A traceback here fails the test, as it should."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = main(list(args))
+        except SystemExit as exit_:  # argparse's own exits (--help); main turns the rest into codes
+            code = exit_.code if isinstance(exit_.code, int) else 1
+    return subprocess.CompletedProcess(list(args), code, out.getvalue(), err.getvalue())
+
+
 def test_plan_prints_the_seed_line_and_a_table_per_stage() -> None:
-    result = thaw("plan", "--model", "resnet50", "--num-classes", "5", "--strategy", "feature-extract")
+    result = thaw_process("plan", "--model", "resnet50", "--num-classes", "5", "--strategy", "feature-extract")
     assert result.returncode == 0, result.stderr
     assert "Trainable: 10,245 / 23,518,277 (0.0%)" in result.stdout
     assert "group" in result.stdout and "batchnorm" in result.stdout and "layer4" in result.stdout

@@ -243,9 +243,6 @@ def test_export_never_writes_over_a_run_file_or_a_file_that_is_no_export(
     error = capsys.readouterr().err
     assert said.replace("RUN", str(run)) in error and len(error.strip().splitlines()) == 1
     assert output.read_bytes() == before
-    for name in ("again.pt", "classifier"):  # an earlier export, named as one or with no suffix, is written over
-        for _ in range(2):
-            assert main(["export", str(run), "--format", "torchscript", "--output", str(tmp_path / name)]) == 0
 
 
 def test_export_writes_over_its_own_earlier_exports_and_no_other_file(image_run, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
@@ -281,9 +278,12 @@ def test_export_writes_over_its_own_earlier_exports_and_no_other_file(image_run,
     empty = tmp_path / "mine" / "empty.onnx"  # as mktemp leaves it: nothing to lose
     empty.touch()
     assert main(["export", str(run), "--output", str(empty)]) == 0 and empty.stat().st_size > 0
-    # thaw's own exports are replaced, from the command line and from Python (a path as text, no description)
+    for name in ("again.pt", "classifier"):  # an earlier export, named as one or with no suffix, is written over
+        for _ in range(2):
+            assert main(["export", str(run), "--format", "torchscript", "--output", str(tmp_path / name)]) == 0
+    # thaw's own exports are replaced, from Python too (a path as text, no description); the command line's own
+    # replacing is just above (torchscript) and in tests/cli (onnx)
     for name, fmt in (("mine.pt", "torchscript"), ("mine.onnx", "onnx")):
-        assert main(["export", str(run), "--format", fmt, "--output", str(tmp_path / name)]) == 0
         assert main(["export", str(run), "--format", fmt, "--output", str(tmp_path / name)]) == 0
         adapter, _ = load_run(run)
         export_model(adapter, str(tmp_path / f"api-{name}"), fmt)

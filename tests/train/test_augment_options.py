@@ -4,7 +4,6 @@ across a resume, leaves stages on cached features and every evaluation alone, an
 from __future__ import annotations
 
 import re
-import subprocess
 import sys
 from pathlib import Path
 
@@ -12,6 +11,7 @@ import pytest
 import torch
 from torchvision.transforms import v2
 
+from tests.cli.test_cli import thaw
 from tests.conftest import Crash, SmallConvNet, crash_after, cli_config, ctrl_c_in_the_next_epoch, write_text_table
 from thaw import ThawError, adapt
 from thaw.data.folders import discover
@@ -309,10 +309,6 @@ def test_bad_plan_file_values_are_refused_by_name(tmp_path: Path, training: str,
         cli_config("data", "--model", "mobilenet_v2", "--config", str(plan))
 
 
-def _thaw(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "thaw", *args], capture_output=True, text=True, timeout=300)
-
-
 @pytest.mark.parametrize(
     "extra, expected",
     [
@@ -324,7 +320,7 @@ def _thaw(*args: str) -> subprocess.CompletedProcess:
     ],
 )
 def test_bad_values_are_one_line(tiny_split_data: Path, tmp_path: Path, extra: list[str], expected: str) -> None:
-    result = _thaw("train", str(tiny_split_data), "--model", "mobilenet_v3_small", "--weights", "none", "--out", str(tmp_path / "run"), *extra)
+    result = thaw("train", str(tiny_split_data), "--model", "mobilenet_v3_small", "--weights", "none", "--out", str(tmp_path / "run"), *extra)
     assert result.returncode == 2
     assert expected in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
     assert not (tmp_path / "run").exists()
@@ -332,7 +328,7 @@ def test_bad_values_are_one_line(tiny_split_data: Path, tmp_path: Path, extra: l
 
 def test_a_text_run_refuses_them_in_one_line(tmp_path: Path, tiny_encoder: Path) -> None:
     table = write_text_table(tmp_path / "t.tsv", rows_per_class=10)
-    result = _thaw("train", str(table), "--task", "text", "--model", str(tiny_encoder), "--epochs", "1",
+    result = thaw("train", str(table), "--task", "text", "--model", str(tiny_encoder), "--epochs", "1",
                    "--mixup", "0.2", "--auto-augment", "trivial", "--out", str(tmp_path / "run"))
     assert result.returncode == 2
     assert "auto_augment (--auto-augment) and mixup (--mixup) augment images; leave them unset for text" in result.stderr
@@ -360,7 +356,7 @@ def test_a_text_run_that_recorded_an_image_size_still_resumes(tmp_path: Path, ti
 def test_a_text_run_refuses_image_sizes_in_one_line(tmp_path: Path, tiny_encoder: Path) -> None:
     # Accepted and ignored, --image-size would let a user believe the texts were cut or padded to it.
     table = write_text_table(tmp_path / "t.tsv", rows_per_class=10)
-    result = _thaw("train", str(table), "--task", "text", "--model", str(tiny_encoder), "--epochs", "1",
+    result = thaw("train", str(table), "--task", "text", "--model", str(tiny_encoder), "--epochs", "1",
                    "--image-size", "160", "--out", str(tmp_path / "run"))
     assert result.returncode == 2
     assert "image_size (--image-size) sizes images; leave it unset for text (max_length, --max-length" in result.stderr

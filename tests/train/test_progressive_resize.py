@@ -4,13 +4,13 @@ evaluation; a resumed run ends where a whole one does; sizes the network cannot 
 from __future__ import annotations
 
 import math
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+from tests.cli.test_cli import thaw
 from tests.conftest import Crash, SmallConvNet, crash_after, cli_config, ctrl_c_in_the_next_epoch
 from thaw import ThawError, adapt
 from thaw.data.folders import discover
@@ -125,10 +125,6 @@ def test_impossible_shares_are_refused_when_the_config_is_made(options: dict, ex
         TrainConfig(**options)
 
 
-def _thaw(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "thaw", *args], capture_output=True, text=True, timeout=300)
-
-
 @pytest.mark.parametrize(
     "extra, expected",
     [
@@ -146,7 +142,7 @@ def _thaw(*args: str) -> subprocess.CompletedProcess:
     ],
 )
 def test_bad_progressive_resize_is_one_line(tiny_split_data: Path, tmp_path: Path, extra: list[str], expected: str) -> None:
-    result = _thaw("train", str(tiny_split_data), "--weights", "none", "--out", str(tmp_path / "run"), *extra)
+    result = thaw("train", str(tiny_split_data), "--weights", "none", "--out", str(tmp_path / "run"), *extra)
     assert result.returncode == 2
     assert expected in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
     assert not (tmp_path / "run").exists()  # refused before its first checkpoint: no run folder is left
@@ -170,7 +166,7 @@ def test_a_text_run_refuses_progressive_resize_in_one_line(tmp_path: Path, tiny_
     from tests.conftest import write_text_table
 
     table = write_text_table(tmp_path / "t.tsv", rows_per_class=10)
-    result = _thaw("train", str(table), "--task", "text", "--model", str(tiny_encoder), "--epochs", "2",
+    result = thaw("train", str(table), "--task", "text", "--model", str(tiny_encoder), "--epochs", "2",
                    "--progressive-resize", "0.5", "--out", str(tmp_path / "run"))
     assert result.returncode != 0
     assert "progressive resize resizes images; leave it unset for text" in result.stderr
