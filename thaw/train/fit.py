@@ -585,9 +585,12 @@ class Trainer:
             self.cached = None
             remove_if_empty(self.out / CACHE_FOLDER)
 
-    def batchnorm_updates(self) -> bool:
-        """Whether some BatchNorm layer normalises with batch statistics in this stage (policy train)."""
-        return any(not is_eval_locked(layer) for _, layer in batchnorm_layers(self.model))
+    def batchnorm_updates(self, batchnorm_alone: bool = False) -> bool:
+        """Whether some BatchNorm layer normalises with batch statistics in this stage (policy train); by default an
+        InstanceNorm that tracks statistics counts too, as it is held like BatchNorm. With `batchnorm_alone`: BatchNorm
+        only, the layer a one-image batch breaks (InstanceNorm normalises each image by itself)."""
+        layers = batch_norms(self.model) if batchnorm_alone else batchnorm_layers(self.model)
+        return any(not is_eval_locked(layer) for _, layer in layers)
 
     def steps_per_epoch(self, cached: CachedStage | None = None) -> int:
         """Optimizer steps in one epoch of this rank (every rank takes as many)."""
@@ -819,7 +822,7 @@ class Trainer:
         stage = self.plan.stages[stage_index]
         resolved, optimizer = enter_stage(self.adapter, stage, optimizer, self.config.optimizer)
         self.engine.audit_next_step = f"the first step of stage {stage.name!r}"
-        self.engine.min_batch = 2 if any(not is_eval_locked(layer) for _, layer in batch_norms(self.model)) else 1
+        self.engine.min_batch = 2 if self.batchnorm_updates(batchnorm_alone=True) else 1
         if self.engine.min_batch > self.config.batch_size:
             raise ThawError(f"stage {stage.name!r}: {ONE_IMAGE_BATCHES}")  # check_batch_statistics refuses it before any work
         self.wrapped = None
