@@ -8,6 +8,7 @@ import io
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -21,20 +22,35 @@ from thaw.cli import main
 from thaw.cli.models_cmd import TEXT_MODELS
 
 
-def thaw_process(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    """`python -m thaw ARGS` in a child process: what a user's shell sees (about 8 s of it loads torch)."""
-    return subprocess.run([sys.executable, "-m", "thaw", *args], capture_output=True, text=True, cwd=cwd, timeout=300)
+def thaw_process(*args: str) -> subprocess.CompletedProcess:
+    """`python -m thaw ARGS` in a child process: what a user's shell sees, down to what C code or a DataLoader
+    worker writes to the file descriptors (about 8 s of it loads torch)."""
+    return subprocess.run([sys.executable, "-m", "thaw", *args], capture_output=True, text=True, timeout=TIMEOUT_S)
+
+
+TIMEOUT_S = 300  # a command that hangs (a pipe opened, say) fails its test, not the whole run
+
+
+def _timed_out(_signum: int, _frame: object) -> None:
+    raise TimeoutError(f"thaw did not finish within {TIMEOUT_S} s")
 
 
 def thaw(*args: str) -> subprocess.CompletedProcess:
-    """The command as thaw's entry point runs it (main's return is the exit code), in this process: the same
-    lines and codes as thaw_process without loading torch again. A traceback here fails the test, as it should."""
+    """The command as thaw's entry point runs it (main's return is the exit code), in this process: the lines Python
+    prints and the exit code thaw_process would see, without loading torch again. A traceback here fails the test.
+    What reaches the file descriptors only (C code, worker processes) is thaw_process's to check."""
     out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            code = main(list(args))
-        except SystemExit as exit_:  # argparse's own exits (--help); main turns the rest into codes
-            code = exit_.code if isinstance(exit_.code, int) else 1
+    previous = signal.signal(signal.SIGALRM, _timed_out)
+    signal.alarm(TIMEOUT_S)
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                code = main(list(args))
+            except SystemExit as exit_:  # argparse's own exits (--help); main turns the rest into codes
+                code = 0 if exit_.code is None else exit_.code if isinstance(exit_.code, int) else 1
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
     return subprocess.CompletedProcess(list(args), code, out.getvalue(), err.getvalue())
 
 

@@ -282,7 +282,7 @@ def test_export_writes_over_its_own_earlier_exports_and_no_other_file(image_run,
         for _ in range(2):
             assert main(["export", str(run), "--format", "torchscript", "--output", str(tmp_path / name)]) == 0
     # thaw's own exports are replaced, from Python too (a path as text, no description); the command line's own
-    # replacing is just above (torchscript) and in tests/cli (onnx)
+    # replacing is just above (torchscript) and in tests/cli/test_train_cli.py::test_an_onnx_export_whose_weights_torch_puts_beside_it_names_both_files (onnx)
     for name, fmt in (("mine.pt", "torchscript"), ("mine.onnx", "onnx")):
         assert main(["export", str(run), "--format", fmt, "--output", str(tmp_path / name)]) == 0
         adapter, _ = load_run(run)
