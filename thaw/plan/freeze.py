@@ -87,6 +87,12 @@ def is_eval_locked(module: nn.Module) -> bool:
     return getattr(module, _HOOK_ATTR, None) is not None
 
 
+def needs_two_images(model: nn.Module) -> bool:
+    """Whether some BatchNorm layer normalises with the batch's own statistics (not eval-locked), which a batch of one
+    image has not (torch raises). InstanceNorm normalises each image by itself: it never counts."""
+    return any(not is_eval_locked(layer) for _, layer in batch_norms(model))
+
+
 def trainable_names(adapter: ModelAdapter, selected: list[str], batchnorm: BatchNormPolicy) -> list[str]:
     """What trains in a stage: the selected parameters, plus every BatchNorm's affine ones under `train`."""
     chosen = set(selected)

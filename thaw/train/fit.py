@@ -41,7 +41,7 @@ from thaw.errors import ThawError, first_line
 from thaw.models.adapter import ModelAdapter, Preprocessing
 from thaw.plan import Plan, enter_stage, plan_to_dict
 from thaw.plan.stages import Stage, resolve_stage
-from thaw.plan.freeze import apply_trainable, batch_norms, batchnorm_layers, batchnorm_trains, is_eval_locked, locks_statistics
+from thaw.plan.freeze import apply_trainable, batchnorm_layers, batchnorm_trains, is_eval_locked, locks_statistics, needs_two_images
 from thaw.train import checkpoint as ckpt
 from thaw.train.run_folder import check_new_run, check_nothing_set_aside, holds_run, restore_run, set_aside_run, training_lock
 from thaw.train.adapt_bn import adapt_batchnorm, has_statistics
@@ -585,12 +585,10 @@ class Trainer:
             self.cached = None
             remove_if_empty(self.out / CACHE_FOLDER)
 
-    def batchnorm_updates(self, batchnorm_alone: bool = False) -> bool:
-        """Whether some BatchNorm layer normalises with batch statistics in this stage (policy train); by default an
-        InstanceNorm that tracks statistics counts too, as it is held like BatchNorm. With `batchnorm_alone`: BatchNorm
-        only, the layer a one-image batch breaks (InstanceNorm normalises each image by itself)."""
-        layers = batch_norms(self.model) if batchnorm_alone else batchnorm_layers(self.model)
-        return any(not is_eval_locked(layer) for _, layer in layers)
+    def batchnorm_updates(self) -> bool:
+        """Whether some BatchNorm layer (or InstanceNorm that tracks statistics, held as BatchNorm is) normalises with
+        batch statistics in this stage (policy train)."""
+        return any(not is_eval_locked(layer) for _, layer in batchnorm_layers(self.model))
 
     def steps_per_epoch(self, cached: CachedStage | None = None) -> int:
         """Optimizer steps in one epoch of this rank (every rank takes as many)."""
@@ -822,7 +820,7 @@ class Trainer:
         stage = self.plan.stages[stage_index]
         resolved, optimizer = enter_stage(self.adapter, stage, optimizer, self.config.optimizer)
         self.engine.audit_next_step = f"the first step of stage {stage.name!r}"
-        self.engine.min_batch = 2 if self.batchnorm_updates(batchnorm_alone=True) else 1
+        self.engine.min_batch = 2 if needs_two_images(self.model) else 1
         if self.engine.min_batch > self.config.batch_size:
             raise ThawError(f"stage {stage.name!r}: {ONE_IMAGE_BATCHES}")  # check_batch_statistics refuses it before any work
         self.wrapped = None

@@ -27,7 +27,7 @@ from thaw.plan.lr import MAX_LR, ConstantLr
 from thaw.train.config import TrainConfig
 from thaw.train.fit import choose_engine, effective_preprocessing
 from thaw.plan import enter_stage
-from thaw.plan.freeze import batch_norms, is_eval_locked
+from thaw.plan.freeze import needs_two_images
 
 SMOOTHING = 0.9  # exponential moving average of the loss, as fastai and Leslie Smith do
 NOISE_STEPS = 10  # first steps whose batch losses give the start level and the batch-to-batch noise (a tenth of a short test)
@@ -64,7 +64,7 @@ def lr_range_test(
     adapter.model.train()
     # BatchNorm layers that train normalise with the batch's statistics, which a batch of one image has not (a
     # traceback from torch): such a batch is left out, as training leaves out a last batch of one
-    batch_statistics = any(not is_eval_locked(layer) for _, layer in batch_norms(adapter.model))
+    batch_statistics = needs_two_images(adapter.model)
     if batch_statistics and config.batch_size < 2:
         raise ThawError(
             "lr-find: BatchNorm layers that train use batch statistics, which one image per batch does not have; "
