@@ -191,3 +191,9 @@ def remove_made_folders(made: list[Path]) -> None:
             continue
         except OSError:  # something else is in it now: not ours to remove
             break
+
+
+def on_one_line(name: str) -> str:
+    """A file name as a line of output shows it: control characters (a line break or tab, which a Linux file name may
+    hold) written as Python escapes, so one file stays one line and its columns stay where a reader expects them."""
+    return "".join(character if character.isprintable() else repr(character)[1:-1] for character in name)

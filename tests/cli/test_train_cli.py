@@ -877,6 +877,33 @@ def test_a_file_found_unreadable_while_decoding_is_warned_of_before_the_first_ep
     assert len(warned) == 1 and warned[0] < first_epoch, result.stdout
 
 
+@pytest.mark.parametrize("strategy, split", [("feature-extract", "train"), ("fine-tune", "val")])
+def test_a_class_whose_every_image_fails_to_decode_is_refused_before_training(
+    tiny_split_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], strategy: str, split: str
+) -> None:
+    """Truncated JPEGs pass the listing's header check, so a class of them was listed and then trained as a class with
+    no image (exit 0). Refused as the listing refuses an empty class folder, once decoding shows it: the features'
+    cache pass (feature-extract) or the pixel store (fine-tune), before any epoch. A run the new one was to replace
+    (--overwrite) is left as it was."""
+    out = tmp_path / "r"
+    assert main(["train", str(tiny_split_data), *TINY, "--strategy", "feature-extract", "--epochs", "1", "--out", str(out), "--quiet"]) == 0
+    before = {path.name: path.read_bytes() for path in out.iterdir() if path.is_file()}
+    pixels = np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(tmp_path / "full.jpg", quality=95)
+    whole = (tmp_path / "full.jpg").read_bytes()
+    emptied = tiny_split_data / split / "green"
+    for index, image in enumerate(sorted(emptied.iterdir())):
+        image.unlink()
+        (emptied / f"cut{index}.jpg").write_bytes(whole[: len(whole) // 3])
+    args = ["train", str(tiny_split_data), *TINY, "--strategy", strategy, "--epochs", "1", "--out", str(out), "--overwrite"]
+    assert main(args) == 2
+    captured = capsys.readouterr()
+    assert captured.err.startswith(f"thaw: error: {split}: class with no image that decodes: green (first: {emptied / 'cut0.jpg'}: ")
+    assert captured.err.strip().endswith("; replace or remove the broken files, then train again") and captured.err.count("\n") == 1
+    assert not any(line.startswith(("head 1:", "all 1:", "fine-tune 1:")) for line in captured.out.splitlines()), captured.out
+    assert {path.name: path.read_bytes() for path in out.iterdir() if path.is_file()} == before
+
+
 def test_a_budget_reads_the_same_at_the_start_and_in_the_summary(tiny_split_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """The plan line and the summary line show the budget in one form (1:30), so a user can match them."""
     code = main(["train", str(tiny_split_data), *TINY, "--strategy", "feature-extract", "--budget", "90s", "--out", str(tmp_path / "r")])

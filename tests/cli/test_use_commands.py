@@ -95,6 +95,26 @@ def test_predict_takes_options_between_the_run_and_the_paths(finished_run: Path,
     assert [p["path"] for p in predictions] == [str(red), str(green)] and all(len(p["predictions"]) == 2 for p in predictions)
 
 
+def test_predict_shows_a_file_name_with_a_line_break_on_one_line(
+    finished_run: Path, colours: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A Linux file name may hold a line break or a tab: printed raw, one prediction (or one skipped file) read as two
+    lines. Shown escaped (\\n) in the plain output and its warning; --json keeps the name as it is."""
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    image = photos / "red\nphoto\t1.png"
+    image.write_bytes(sorted((colours / "val" / "red").glob("*.png"))[0].read_bytes())
+    (photos / "broken\n.png").write_bytes(b"not an image")
+    assert main(["predict", str(finished_run), str(photos)]) == 0
+    captured = capsys.readouterr()
+    assert captured.out.splitlines() == [line for line in captured.out.splitlines() if line] and len(captured.out.splitlines()) == 1
+    assert captured.out.startswith(f"{photos}/red\\nphoto\\t1.png: ")
+    assert len(captured.err.splitlines()) == 1 and f"{photos}/broken\\n.png (" in captured.err
+    assert main(["predict", str(finished_run), "--json", str(photos)]) == 0
+    said = json.loads(capsys.readouterr().out)
+    assert [p["path"] for p in said["predictions"]] == [str(image)] and [s["path"] for s in said["skipped"]] == [str(photos / "broken\n.png")]
+
+
 def test_texts_after_an_option_are_texts_to_predict() -> None:
     """A text run's texts are positionals too: `--tta` (a flag) before them must not swallow them or leave them over."""
     args = build_parser().parse_args(["predict", "RUN", "--tta", "hi", "there"])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import os
 import re
 import shutil
@@ -262,6 +263,21 @@ def test_a_quote_that_spans_lines_or_opens_on_the_last_one_is_said_at_its_line(t
     assert said in _refusal(tmp_path / "labels.csv")
 
 
+def test_a_manifest_lists_a_file_whose_name_holds_a_line_break_quoted_as_csv_writes_it(tmp_path: Path) -> None:
+    """A Linux file name may hold a line break; Python's csv module (and a spreadsheet) quote the field so it spans two
+    lines. That row names the file, so it is read as the file, not refused as a quote left open."""
+    write_class_images(tmp_path / "images", per_class=3, size=16)
+    red = sorted((tmp_path / "images" / "red").iterdir())
+    odd = red[0].with_name("one\nred.png")
+    red[0].rename(odd)
+    files = [odd, *red[1:], *sorted((tmp_path / "images").glob("[!r]*/*.png"))]
+    with (tmp_path / "labels.csv").open("w", newline="") as handle:
+        csv.writer(handle).writerows([(str(file.relative_to(tmp_path)), file.parent.name) for file in files])
+    assert '"images/red/one\nred.png",red' in (tmp_path / "labels.csv").read_text()  # quoted over two lines
+    data = discover(tmp_path / "labels.csv", val_split=1 / 3)
+    assert odd in {path for path, _ in data.train + data.val} and len(data.train + data.val) == len(files)
+
+
 def test_a_manifest_of_missing_files_read_from_a_removed_working_folder_is_one_line(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -275,7 +291,7 @@ def test_a_manifest_of_missing_files_read_from_a_removed_working_folder_is_one_l
 
 def test_csv_manifest_with_missing_files(tmp_path: Path) -> None:
     (tmp_path / "labels.csv").write_text("path,label\nnope.png,cat\n")
-    with pytest.raises(ThawError, match="1 listed files do not exist") as error:
+    with pytest.raises(ThawError, match="1 listed file does not exist") as error:
         discover(tmp_path / "labels.csv")
     assert "swapped" not in str(error.value)  # cat names no file: nothing says the columns are the other way round
 
@@ -285,14 +301,14 @@ def test_csv_manifest_with_missing_files(tmp_path: Path) -> None:
     [
         (["path,label"], "labels.csv lists no images; expected lines of path,label"),
         (["# all commented out", "# images/a.png,cat"], "labels.csv lists no images"),
-        (["path,label", "images,blue"], ": 1 listed paths are folders, not image files (first: "),
+        (["path,label", "images,blue"], ": 1 listed path is a folder, not an image file (first: "),
         # a third column would be dropped without a word: a split column's test rows would train
         (["path,label,split", "FILE,blue,test"], ": line 2: 3 columns, expected path,label (remove the others, or quote a path"),
         (["FILE,blue", ",red"], ": line 2: empty path"),
-        (["FILE,blue", f"{'a' * 300}.png,red"], ": 1 listed files do not exist (first: "),  # a name too long for the file system
+        (["FILE,blue", f"{'a' * 300}.png,red"], ": 1 listed file does not exist (first: "),  # a name too long for the file system
         # the columns the other way round, with the header or without it
         (["label,path", "blue,FILE"], "labels.csv: the header is label,path; thaw reads path,label: swap the two columns"),
-        (["blue,FILE"], ": 1 listed files do not exist (first: "),
+        (["blue,FILE"], ": 1 listed file does not exist (first: "),
         (["blue,FILE"], "; the columns look swapped: thaw reads path,label"),
     ],
 )
@@ -320,10 +336,10 @@ def test_csv_manifest_with_an_empty_label_or_a_file_listed_twice(tmp_path: Path,
     rows = ["# made by hand", *(["path,label"] if header else []), f"{files[0]},blue", f"{files[1]},", f"{files[2]},red", f"{files[2]},green"]
     (tmp_path / "labels.csv").write_text("\n".join(rows))
     line = 4 if header else 3  # the empty label's line in the file
-    with pytest.raises(ThawError, match=rf"line {line}: empty label; 1 files are listed more than once \(first: .*\(red, green\)\)"):
+    with pytest.raises(ThawError, match=rf"line {line}: empty label; 1 file is listed more than once \(first: .*\(red, green\)\)"):
         discover(tmp_path / "labels.csv")
     (tmp_path / "labels.csv").write_text("\n".join([f"{files[0]},blue", f"{files[0]},blue", f"{files[1]},red"]))
-    with pytest.raises(ThawError, match=r"1 files are listed more than once \(first: .*\(blue, blue\)\)"):
+    with pytest.raises(ThawError, match=r"1 file is listed more than once \(first: .*\(blue, blue\)\)"):
         discover(tmp_path / "labels.csv")
 
 
@@ -337,7 +353,7 @@ def test_a_file_listed_twice_under_two_spellings_is_refused(tmp_path: Path, othe
     spelled = {"ABSOLUTE": str(tmp_path / files[0]), "LINK": "alias.png"}.get(other, other.replace("FILE", files[0]))
     (tmp_path / "labels.tsv").write_text("\n".join([f"{files[0]}\tblue", f"{spelled}\tgreen", *(f"{f}\tred" for f in files[1:])]))
     assert _refusal(tmp_path / "labels.tsv") == (
-        f"{tmp_path / 'labels.tsv'}: 1 files are listed more than once (first: {tmp_path / files[0]} (blue, green)); "
+        f"{tmp_path / 'labels.tsv'}: 1 file is listed more than once (first: {tmp_path / files[0]} (blue, green)); "
         "list each file once, with one label"
     )
 

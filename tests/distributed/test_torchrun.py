@@ -296,6 +296,20 @@ def test_a_batch_that_fails_to_decode_on_one_rank_only_is_skipped_by_every_rank(
     assert {str(path) for path in corrupt} <= reported, "thaw.json must list files that failed on any rank, not only rank 0"
 
 
+def test_a_val_class_every_image_of_which_fails_to_decode_stops_every_rank_before_training(tmp_path: Path, setting: dict) -> None:
+    """Val is split between the ranks, so each decodes half of the class's broken files and alone sees the other half
+    as fine: the failures are gathered, and every rank refuses the class before its first epoch (no rank trains)."""
+    root = write_data(tmp_path / "data")
+    emptied = sorted((root / "val").iterdir())[0]
+    for path in emptied.iterdir():
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])  # a valid header, then the data stops
+    out = tmp_path / "run"
+    done = torchrun(str(WORKER), str(root), str(out), "--batch-size", "8", "--no-cache", env=setting["env"])
+    assert done.returncode != 0
+    assert f"val: class with no image that decodes: {emptied.name} (first: " in done.stderr, done.stderr[-3000:]
+    assert not (out / "rank0.json").exists() and not (out / "rank1.json").exists()
+
+
 def test_a_failing_rank_stops_the_whole_run_with_its_message(setting: dict) -> None:
     done = torchrun(str(WORKER), str(setting["data"]), str(setting["root"] / "fail"), "--fail-rank", "1", env=setting["env"])
     assert done.returncode != 0

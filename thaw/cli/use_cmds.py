@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 from thaw.cli.options import add_table_columns, path_text, positive_int, scored_columns_and_split
-from thaw._io import answers, lies_within, names_a_folder, special_file
+from thaw._io import answers, lies_within, names_a_folder, on_one_line, special_file
 from thaw.data.folders import describe_skipped, file_would_be_read
 from thaw.data.images import IMAGE_SUFFIXES
 from thaw.errors import ThawError, WriteError
@@ -181,7 +181,7 @@ def run_predict(args: argparse.Namespace) -> int:
         print(json.dumps({"predictions": entries, "skipped": [{"path": p, "reason": r} for p, r in skipped], "tta": tta}))
     else:
         for prediction in predictions:
-            print(prediction.path + ": " + ", ".join(f"{label} {value:.3f}" for label, value in prediction.labels))
+            print(on_one_line(prediction.path) + ": " + ", ".join(f"{label} {value:.3f}" for label, value in prediction.labels))
         if skipped:
             print(f"thaw: warning: {describe_skipped(tuple(skipped))}", file=sys.stderr)
     return 0

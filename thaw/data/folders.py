@@ -24,7 +24,7 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Callable, Hashable, Sequence
 
-from thaw._io import answers, special_file
+from thaw._io import answers, on_one_line, special_file
 from thaw._numbers import DECIMAL
 from thaw.data.images import IMAGE_SUFFIXES, UnreadableImage, probe
 from thaw.errors import ThawError
@@ -714,10 +714,11 @@ def is_listed_row(row: list[str]) -> bool:
 
 def _check_quotes_closed(path: Path, rows: list[tuple[int, list[str]]]) -> None:
     """A quote never closed (`"photo.jpg,cat`) makes the reader take the lines after it as one field: said at the
-    line it opens on, not as a count of columns at the file's end. No file name holds a line break."""
+    line it opens on, not as a count of columns at the file's end. A quoted path that holds a line break (RFC 4180
+    quotes one so) and names a file, in a row of two columns, is that file: a Linux file name may hold one."""
     for line, row in rows:
         breaks = sum(_line_breaks(cell) for cell in row)
-        if not breaks:
+        if not breaks or (len(row) == 2 and not _line_breaks(row[1]) and answers((path.parent / row[0].strip()).is_file)):
             continue
         if any(cell.endswith(("\n", "\r")) for cell in row):  # only the file's end closed it: its last break is in the field
             raise ThawError(f"{path}: line {line - breaks + 1}: a quote (\") opened there is never closed, so every line from there "
@@ -792,18 +793,22 @@ def _from_manifest(path: Path, val_split: float, seed: int, min_classes: int) ->
     entries = [(path.parent / row[0].strip(), row[1].strip()) for _, row in rows if len(row) >= 2 and row[0].strip()]
     folders = [str(p) for p, _ in entries if answers(p.is_dir)]
     if folders:
-        problems.append(f"{len(folders)} listed paths are folders, not image files (first: {folders[0]})")
+        many = len(folders) > 1
+        problems.append(f"{len(folders)} listed path{'s are folders' if many else ' is a folder'}, not {'image files' if many else 'an image file'} "
+                        f"(first: {on_one_line(folders[0])})")
     missing = [str(p) for p, _ in entries if not answers(p.exists)]
     if missing:
-        problems.append(f"{len(missing)} listed files do not exist (first: {missing[0]})" + _why_missing(path, entries, missing, columns))
+        problems.append(f"{len(missing)} listed {'files do not' if len(missing) > 1 else 'file does not'} exist (first: {on_one_line(missing[0])})"
+                        + _why_missing(path, entries, missing, columns))
     listings: dict[str, list[tuple[Path, str]]] = defaultdict(list)
     for file, label in entries:
         # images/a.png, ./images/a.png, images/../images/a.png, its absolute path and a link to it are one file
         listings[os.path.realpath(file)].append((file, label))
     # a file listed twice would be two samples, which the split may put one in train and one in val
-    repeated = [f"{listed[0][0]} ({', '.join(label for _, label in listed)})" for listed in listings.values() if len(listed) > 1]
+    repeated = [f"{on_one_line(str(listed[0][0]))} ({', '.join(label for _, label in listed)})" for listed in listings.values() if len(listed) > 1]
     if repeated:
-        problems.append(f"{len(repeated)} files are listed more than once (first: {repeated[0]}); list each file once, with one label")
+        problems.append(f"{len(repeated)} {'files are' if len(repeated) > 1 else 'file is'} listed more than once (first: {repeated[0]}); "
+                        "list each file once, with one label")
     if problems:
         raise ThawError(f"{path}: " + "; ".join(problems[:5]))
     skipped: list[tuple[str, str]] = []
@@ -839,9 +844,29 @@ def discover(root: str | Path, *, val_split: float = 0.2, seed: int = 0, min_cla
     return _from_class_folders(root, val_split, seed, min_classes)
 
 
+def classes_emptied_by_decoding(data: LabelledData, failed: dict[str, str]) -> str:
+    """Classes every train (or val) image of which failed to decode, by path in `failed` (path: reason). A truncated
+    JPEG's header reads, so listing keeps the file and only decoding finds it broken; a class of such files would train
+    (or be scored) with no image of it. The listing refuses a class folder with no readable images, and this is the
+    same refusal once decoding shows it. Empty where no class lost every image."""
+    problems = []
+    for split in ("train", "val") if failed else ():
+        samples = data.split(split)
+        readable = {label for path, label in samples if str(path) not in failed}
+        emptied = sorted({label for _, label in samples} - readable)
+        if emptied:
+            first = next(str(path) for path, label in samples if label == emptied[0])
+            names = ", ".join(data.classes[label] for label in emptied)
+            problems.append(f"{split}: class{'es' if len(emptied) > 1 else ''} with no image that decodes: {names} "
+                            f"(first: {first}: {failed[first]})")
+    if not problems:
+        return ""
+    return "; ".join(problems) + "; replace or remove the broken files, then train again"
+
+
 def describe_skipped(skipped: tuple[tuple[str, str], ...], limit: int = 5, rows: bool = False) -> str:
     """`rows`: what was skipped are a text table's rows, left out for being empty or short, not unreadable files."""
     what = "row(s) of the table" if rows else "unreadable file(s)"
-    shown = "; ".join(f"{path} ({reason})" for path, reason in skipped[:limit])
+    shown = "; ".join(f"{on_one_line(str(path))} ({reason})" for path, reason in skipped[:limit])
     more = f"; and {len(skipped) - limit} more" if len(skipped) > limit else ""
     return f"skipped {len(skipped)} {what}: {shown}{more}"

@@ -31,7 +31,7 @@ from thaw import distributed
 from thaw._allocator import memory_kept_between_steps
 from thaw._device import check_device, resolve_device
 from thaw._io import NEW_RUN_NOT_WRITABLE, RESUME_NOT_WRITABLE, check_writable
-from thaw.data.folders import ImageData, describe_skipped
+from thaw.data.folders import ImageData, classes_emptied_by_decoding, describe_skipped
 from thaw.data.loaders import ImageDataset, configure_threads, cores_per_process, default_workers, make_loader, next_epoch, stop_workers
 from thaw.data.pixel_store import SPILL_SUFFIX, PixelStore, SharedPixels
 from thaw.data.text import TextData, TextDataset
@@ -1109,9 +1109,24 @@ class Trainer:
         if skipped:
             self._warn(describe_skipped(tuple(skipped), rows=isinstance(self.data, TextData)))
 
+    def _refuse_emptied_classes(self) -> None:
+        """A class that decoding left with no image (every file of it truncated, say) is refused as the listing refuses
+        an empty class folder: where images are decoded before the first epoch (the pixel store, a stage's feature
+        cache), before any training. Every rank asks (its shard's failures are gathered), so every rank stops alike."""
+        failed = dict(self.engine.failed)
+        if self.store is not None:
+            failed.update((str(path), reason) for path, reason in self.store.unreadable.items())
+        if self.processes.distributed:
+            failed = dict(distributed.gather_lists(sorted(failed.items())))
+        problem = classes_emptied_by_decoding(self.data, failed)
+        if problem:
+            raise ThawError(problem)
+
     def _warn_found_while_decoding(self) -> None:
         """Files whose header read but whose pixels did not (a truncated JPEG), said as soon as a pass found them (the
-        stage's caching pass or an epoch), not at the run's end: the user can stop a long run and fix them."""
+        stage's caching pass or an epoch), not at the run's end: the user can stop a long run and fix them. A class
+        they emptied ends the run."""
+        self._refuse_emptied_classes()
         found = [item for item in self.engine.failed if item not in self.warned_failures]
         if found and self.processes.is_main:
             self.warned_failures.extend(found)
@@ -1204,6 +1219,7 @@ class Trainer:
         for note in self.data.notes:
             self._warn(note)
         self.fill_store()
+        self._refuse_emptied_classes()
         if self.config.budget is not None:
             if not self.restored:  # a resumed run keeps the epochs its budget chose, and gets the budget again
                 self.plan_budget()
