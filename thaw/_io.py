@@ -7,6 +7,7 @@ import os
 import socket
 import stat
 import tempfile
+import unicodedata
 import zipfile
 from pathlib import Path
 from typing import Callable
@@ -194,6 +195,7 @@ def remove_made_folders(made: list[Path]) -> None:
 
 
 def on_one_line(name: str) -> str:
-    """A file name as a line of output shows it: control characters (a line break or tab, which a Linux file name may
-    hold) written as Python escapes, so one file stays one line and its columns stay where a reader expects them."""
-    return "".join(character if character.isprintable() else repr(character)[1:-1] for character in name)
+    """A file name as a line of output shows it: control characters and Unicode's line separators (a line break or tab,
+    which a Linux file name may hold) written as Python escapes, so one file stays one line and its columns stay where
+    a reader expects them. Every other character is kept, a no-break space or an emoji's joiner as well."""
+    return "".join(repr(character)[1:-1] if unicodedata.category(character) in ("Cc", "Zl", "Zp") else character for character in name)

@@ -102,13 +102,13 @@ def test_predict_shows_a_file_name_with_a_line_break_on_one_line(
     lines. Shown escaped (\\n) in the plain output and its warning; --json keeps the name as it is."""
     photos = tmp_path / "photos"
     photos.mkdir()
-    image = photos / "red\nphoto\t1.png"
+    image = photos / "red\nphoto\t1\u202fAM.png"  # a macOS screenshot's narrow no-break space is kept as it is
     image.write_bytes(sorted((colours / "val" / "red").glob("*.png"))[0].read_bytes())
     (photos / "broken\n.png").write_bytes(b"not an image")
     assert main(["predict", str(finished_run), str(photos)]) == 0
     captured = capsys.readouterr()
     assert captured.out.splitlines() == [line for line in captured.out.splitlines() if line] and len(captured.out.splitlines()) == 1
-    assert captured.out.startswith(f"{photos}/red\\nphoto\\t1.png: ")
+    assert captured.out.startswith(f"{photos}/red\\nphoto\\t1\u202fAM.png: ")
     assert len(captured.err.splitlines()) == 1 and f"{photos}/broken\\n.png (" in captured.err
     assert main(["predict", str(finished_run), "--json", str(photos)]) == 0
     said = json.loads(capsys.readouterr().out)

@@ -308,6 +308,7 @@ def test_a_val_class_every_image_of_which_fails_to_decode_stops_every_rank_befor
     assert done.returncode != 0
     assert f"val: class with no image that decodes: {emptied.name} (first: " in done.stderr, done.stderr[-3000:]
     assert not (out / "rank0.json").exists() and not (out / "rank1.json").exists()
+    assert not (out / "checkpoint.pt").exists() and not (out / "metrics.csv").exists()  # no epoch ended
 
 
 def test_a_failing_rank_stops_the_whole_run_with_its_message(setting: dict) -> None:

@@ -858,7 +858,7 @@ def classes_emptied_by_decoding(data: LabelledData, failed: dict[str, str]) -> s
             first = next(str(path) for path, label in samples if label == emptied[0])
             names = ", ".join(data.classes[label] for label in emptied)
             problems.append(f"{split}: class{'es' if len(emptied) > 1 else ''} with no image that decodes: {names} "
-                            f"(first: {first}: {failed[first]})")
+                            f"(first: {on_one_line(first)}: {failed[first]})")
     if not problems:
         return ""
     return "; ".join(problems) + "; replace or remove the broken files, then train again"
