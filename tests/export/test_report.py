@@ -116,8 +116,9 @@ def test_train_report_holds_the_numbers_of_evaluate_json(image_run: tuple[Path, 
     assert_same_numbers(reader, evaluate_json(run, data, "val", capsys))
     assert len(reader.losses) == 12 and reader.losses == sorted(reader.losses, reverse=True)  # every val image, worst first
     text = " ".join(reader.text)
-    # the hint names the run's own folder, where the report reads the plot from: not its last name alone
-    assert f"run thaw lr-find DATA ... --out {run / 'lr_find.png'} to add one." in text
+    # the hint says the plot goes in the run's own folder, where the report reads it: not a folder named as the run is
+    # (img/lr_find.png, beside the data). The page names no path of this machine, so the folder is RUN.
+    assert f"run thaw lr-find DATA ... --out RUN/lr_find.png to add one, RUN being this run's folder ({run.name})" in text
     for shown in ("The plan as run", "what trained", "Per class", "Most confused", "Grad-CAM of the predicted class", "torch 2."):
         assert shown in text
     for name in HOSTILE_CLASSES:  # shown as typed, in the per-class table, both matrices and the gallery

@@ -187,7 +187,6 @@ def build_report(run: Path, adapter: ModelAdapter, meta: dict, scored: ScoredSet
     maps, heat_note = heat_maps(adapter, losses)
     return {
         "run": run.name,
-        "lr_find_path": str(run / LR_FIND),  # where lr-find's plot is read from, as the run was named to the command
         "task": meta.get("task", "image"),
         "written": time.strftime("%Y-%m-%d %H:%M"),
         "glance": _glance(adapter, meta),
@@ -342,7 +341,7 @@ def _curves_html(report: dict) -> str:
     if LR_FIND in pictures:
         parts.append("<h3>lr finder</h3>" + _image(pictures[LR_FIND], "image/png", "loss against lr"))
     else:
-        parts.append(f'<p class="note">No lr-finder plot: run thaw lr-find DATA ... --out {_e(report["lr_find_path"])} to add one.</p>')
+        parts.append(f'<p class="note">No lr-finder plot: run thaw lr-find DATA ... --out RUN/{LR_FIND} to add one, RUN being this run\'s folder ({_e(report["run"])}), where the report reads it from.</p>')
     return "".join(parts)
 
 
